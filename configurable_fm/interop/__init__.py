@@ -1,0 +1,1 @@
+"""Checkpoint formats: Hugging Face safetensors, GGUF, and the lazy tensor store under them."""

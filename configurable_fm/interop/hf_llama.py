@@ -1,0 +1,122 @@
+"""HF <-> llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM."""
+from __future__ import annotations
+
+from configurable_fm.interop.hf import Family, linear, register_family, reject_unknown_config, same, stacked_linear
+from configurable_fm.models.attention import RopeScaling
+from configurable_fm.models.llama import Llama, LlamaConfig
+
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "MixtralForCausalLM": "mixtral"}
+
+HANDLED = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+    "attention_bias", "mlp_bias", "tie_word_embeddings", "max_position_embeddings", "hidden_act",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types", "num_local_experts",
+    "num_experts_per_tok", "pretraining_tp", "output_router_logits", "router_aux_loss_coef",
+    "router_jitter_noise", "partial_rotary_factor",
+}
+
+
+def config_from_hf(c: dict) -> LlamaConfig:
+    arch = next(a for a in c.get("architectures", []) if a in MODEL_TYPES)
+    reject_unknown_config(c, HANDLED, "llama")
+    rope = dict(c.get("rope_parameters") or {})
+    theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if c.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError(f"partial_rotary_factor={c['partial_rotary_factor']} is not implemented")
+    window = c.get("sliding_window")
+    if arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
+        window = None
+    elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
+        raise NotImplementedError("Qwen2 use_sliding_window=True (per-layer windows) is not implemented")
+    layer_types = set(c.get("layer_types") or [])
+    if layer_types - {"full_attention", "sliding_attention"} or ("sliding_attention" in layer_types and window is None):
+        raise NotImplementedError(f"layer_types {sorted(layer_types)} are not implemented")
+    if layer_types == {"full_attention"}:
+        window = None
+    experts = c.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0
+    return LlamaConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=RopeScaling.from_hf(scaling),
+        attention_bias=c.get("attention_bias", arch == "Qwen2ForCausalLM"), mlp_bias=c.get("mlp_bias", False),
+        tie_word_embeddings=c.get("tie_word_embeddings", False),
+        max_position_embeddings=c.get("max_position_embeddings", 2048), hidden_act=c.get("hidden_act", "silu"),
+        sliding_window=window, num_experts=experts, num_experts_per_tok=c.get("num_experts_per_tok", 2),
+        architecture=arch)
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    c = {
+        "architectures": [cfg.architecture], "model_type": MODEL_TYPES[cfg.architecture],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.dim_per_head, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling.to_hf() if cfg.rope_scaling else None,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": cfg.hidden_act,
+    }
+    if cfg.architecture == "LlamaForCausalLM":
+        c.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
+    elif cfg.attention_bias != (cfg.architecture == "Qwen2ForCausalLM") or cfg.mlp_bias:
+        raise NotImplementedError(f"{cfg.architecture} cannot express attention_bias={cfg.attention_bias}, "
+                                  f"mlp_bias={cfg.mlp_bias}; write it as LlamaForCausalLM instead")
+    if cfg.architecture == "MistralForCausalLM":
+        c["sliding_window"] = cfg.sliding_window
+    if cfg.architecture == "Qwen2ForCausalLM":
+        c.update(use_sliding_window=False, sliding_window=None)
+    if cfg.architecture == "MixtralForCausalLM":
+        c.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                 sliding_window=cfg.sliding_window)
+        if cfg.router != "topk_softmax":
+            raise NotImplementedError("MixtralForCausalLM routes top-k then softmax; this model uses "
+                                      f"router={cfg.router!r}")
+    elif cfg.num_experts:
+        raise NotImplementedError(f"{cfg.architecture} has no experts; write MoE models as MixtralForCausalLM")
+    return c
+
+
+def tensor_map(cfg: LlamaConfig) -> list:
+    maps = [same("embed_tokens.embedding", "model.embed_tokens.weight"), same("norm.weight", "model.norm.weight")]
+    if not cfg.tie_word_embeddings:
+        maps.append(linear("lm_head.kernel", "lm_head.weight"))
+    for i in range(cfg.num_layers):
+        p, h = f"layers.{i}", f"model.layers.{i}"
+        maps += [same(f"{p}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
+                 same(f"{p}.post_attention_layernorm.weight", f"{h}.post_attention_layernorm.weight")]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            maps.append(linear(f"{p}.self_attn.{name}.kernel", f"{h}.self_attn.{name}.weight"))
+        if cfg.attention_bias:
+            maps += [same(f"{p}.self_attn.{n}.bias", f"{h}.self_attn.{n}.bias") for n in ("q_proj", "k_proj", "v_proj")]
+        if cfg.num_experts:
+            e = f"{h}.block_sparse_moe"
+            maps.append(linear(f"{p}.mlp.router.kernel", f"{e}.gate.weight"))
+            for ours, theirs in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+                maps.append(stacked_linear(f"{p}.mlp.experts.{ours}",
+                                           [f"{e}.experts.{j}.{theirs}.weight" for j in range(cfg.num_experts)]))
+        else:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                maps.append(linear(f"{p}.mlp.{name}.kernel", f"{h}.mlp.{name}.weight"))
+                if cfg.mlp_bias:
+                    maps.append(same(f"{p}.mlp.{name}.bias", f"{h}.mlp.{name}.bias"))
+    return maps
+
+
+def ignored_keys(cfg: LlamaConfig) -> list[str]:
+    keys = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
+    if cfg.tie_word_embeddings:
+        keys.append(r"lm_head\.weight")  # some tied checkpoints store the head anyway
+    return keys
+
+
+def build(cfg, *, rngs, param_dtype):
+    return Llama(cfg, rngs=rngs, param_dtype=param_dtype)
+
+
+LLAMA = register_family(Family(
+    name="llama", architectures=tuple(MODEL_TYPES), module_type=Llama, config_from_hf=config_from_hf,
+    config_to_hf=config_to_hf, build=build, tensor_map=tensor_map, ignored_keys=ignored_keys))

@@ -1,0 +1,171 @@
+"""Reading and writing (sharded) safetensors checkpoints, lazily and atomically.
+
+* `TensorStore(dir_or_file)` opens `model.safetensors` or `model.safetensors.index.json` + shards, memory-maps
+  them, and reads one tensor at a time (`store[key]` -> numpy array); corrupt or truncated files raise
+  `CheckpointError` naming the file.
+* `write_sharded(tensors, out_dir, max_shard_bytes)` writes shards plus an index when more than one.
+* `atomic_directory(out_dir)` yields a temporary sibling directory that is renamed to `out_dir` only when
+  the block completes, so a failed write leaves nothing partial behind.
+Nothing here uses pickle.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory is missing, truncated, corrupt or inconsistent."""
+
+
+class TensorStore(Mapping[str, np.ndarray]):
+    """Lazy read-only view {tensor name: numpy array} over one safetensors file or a sharded directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_dir():
+            index = path / INDEX_FILE
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+                files = {k: path / f for k, f in weight_map.items()}
+            elif (path / SINGLE_FILE).exists():
+                files = None
+                path = path / SINGLE_FILE
+            else:
+                found = sorted(p.name for p in path.glob("*.safetensors"))
+                raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}"
+                                      + (f" (found {found})" if found else ""))
+        elif path.exists():
+            files = None
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+        self._handles: dict[Path, object] = {}
+        if files is None:
+            self._files = {k: path for k in self._open(path).keys()}
+        else:
+            missing = sorted({str(f) for f in files.values() if not f.exists()})
+            if missing:
+                raise CheckpointError(f"index {path / INDEX_FILE} names missing shard(s): {missing}")
+            self._files = {}
+            for shard in sorted(set(files.values())):
+                present = set(self._open(shard).keys())
+                claimed = {k for k, f in files.items() if f == shard}
+                if claimed - present:
+                    raise CheckpointError(f"{shard}: the index lists tensors the shard lacks: {sorted(claimed - present)[:10]}")
+            self._files = files
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types for bad headers / sizes
+                raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+        return self._handles[file]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            file = self._files[key]
+        except KeyError:
+            raise KeyError(f"tensor {key!r} is not in the checkpoint") from None
+        try:
+            return self._open(file).get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self._files[key]).get_slice(key).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def metadata(self) -> dict:
+        out = {}
+        for f in sorted(set(self._files.values())):
+            out.update(self._open(f).metadata() or {})
+        return out
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / '100KB' / int bytes -> bytes (decimal units, as transformers uses)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathLike, *,
+                  max_shard_bytes: int | str = "5GB", metadata: dict | None = None) -> list[str]:
+    """Writes `tensors` as safetensors into `out_dir` (which must exist); returns the file names.
+
+    One file `model.safetensors` when everything fits in `max_shard_bytes`, else
+    `model-0000i-of-0000n.safetensors` shards (tensors kept in order) plus `model.safetensors.index.json`.
+    """
+    limit = parse_size(max_shard_bytes)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for key, value in tensors.items():
+        value = np.ascontiguousarray(value)
+        if shards[-1] and size + value.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    meta = {"format": "np", **(metadata or {})}
+    out_dir = Path(out_dir)
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(out_dir / name), metadata=meta)
+    index = {"metadata": {"total_size": int(sum(v.nbytes for s in shards for v in s.values()))},
+             "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names + [INDEX_FILE]
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success.
+
+    An existing `out_dir` is refused unless `overwrite`, in which case it is replaced only after the new
+    content is complete. On error the temporary directory is removed and `out_dir` is untouched.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, old / "x")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,151 @@
+"""Rotary embeddings, attention masks, the KV cache, and the attention kernel shared by all families.
+
+Shapes: B batch, T query length, S key length, N query heads, K key/value heads (N % K == 0), H head dim.
+Attention itself is `jax.nn.dot_product_attention` (cuDNN where the shapes and dtypes allow, XLA otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+# --------------------------------------------------------------------------------------------- rope
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as in transformers' `rope_scaling` ("linear" or "llama3")."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    SUPPORTED = ("default", "linear", "llama3")
+
+    @classmethod
+    def from_hf(cls, d: dict | None) -> "RopeScaling | None":
+        if not d:
+            return None
+        kind = d.get("rope_type", d.get("type"))
+        if kind not in cls.SUPPORTED:
+            raise NotImplementedError(
+                f"rope_scaling type {kind!r} is not implemented; supported: {list(cls.SUPPORTED)}")
+        if kind == "default":
+            return None
+        known = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings", "rope_theta"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NotImplementedError(f"rope_scaling keys {unknown} are not implemented (type {kind!r})")
+        fields = {k: d[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                    "original_max_position_embeddings") if k in d}
+        return cls(rope_type=kind, **fields)
+
+    def to_hf(self) -> dict:
+        d = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            d.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                     original_max_position_embeddings=self.original_max_position_embeddings)
+        return d
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """inv_freq[i] = theta^(-2i/H), i < H/2, then scaled (linear: / factor; llama3: by wavelength band)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in transformers' rotate-half layout: x*cos + rotate_half(x)*sin, in float32."""
+    angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # B,T,H/2
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # B,T,1,H
+    x = x_BxTxNxH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BxTxNxH.dtype)
+
+
+# --------------------------------------------------------------------------------------------- cache
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values of every layer for decoding. k, v: per layer (B, S_max, K, H).
+
+    `valid_BxS` marks filled, non-padding key slots; `index` is the next slot to write.
+    """
+
+    k: list
+    v: list
+    valid_BxS: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+              dtype=jnp.float32) -> "KVCache":
+        zeros = lambda: jnp.zeros((batch, max_len, num_kv_heads, head_dim), dtype)
+        return cls(k=[zeros() for _ in range(num_layers)], v=[zeros() for _ in range(num_layers)],
+                   valid_BxS=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid_BxS.shape[1]
+
+
+def write_cache(cache: KVCache, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array):
+    """Returns (cache with layer's new keys/values at cache.index, all keys, all values)."""
+    start = (0, cache.index, 0, 0)
+    k_all = jax.lax.dynamic_update_slice(cache.k[layer], k_BxTxKxH.astype(cache.k[layer].dtype), start)
+    v_all = jax.lax.dynamic_update_slice(cache.v[layer], v_BxTxKxH.astype(cache.v[layer].dtype), start)
+    k, v = list(cache.k), list(cache.v)
+    k[layer], v[layer] = k_all, v_all
+    return dataclasses.replace(cache, k=k, v=v), k_all, v_all
+
+
+def advance_cache(cache: KVCache, attention_mask_BxT: jax.Array | None, length: int) -> KVCache:
+    """Marks `length` new key slots valid (or as `attention_mask` says) and moves the write index."""
+    batch = cache.valid_BxS.shape[0]
+    new = jnp.ones((batch, length), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+    valid = jax.lax.dynamic_update_slice(cache.valid_BxS, new, (0, cache.index))
+    return dataclasses.replace(cache, valid_BxS=valid, index=cache.index + length)
+
+
+# --------------------------------------------------------------------------------------------- masks
+def attention_mask(query_pos_T: jax.Array, key_pos_S: jax.Array, *, causal: bool,
+                   key_valid_BxS: jax.Array | None = None, sliding_window: int | None = None) -> jax.Array:
+    """Boolean mask (B or 1, 1, T, S): True where query t may attend to key s."""
+    allowed = jnp.ones((query_pos_T.shape[0], key_pos_S.shape[0]), bool)
+    if causal:
+        allowed &= key_pos_S[None, :] <= query_pos_T[:, None]
+    if sliding_window is not None:
+        allowed &= query_pos_T[:, None] - key_pos_S[None, :] < sliding_window
+    mask = allowed[None, None]
+    if key_valid_BxS is not None:
+        mask = mask & key_valid_BxS[:, None, None, :].astype(bool)
+    return mask
+
+
+def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask=None, is_causal: bool = False,
+                          scale: float | None = None, implementation: str | None = None) -> jax.Array:
+    """softmax(q k^T * scale + mask) v with grouped key/value heads. Returns (B, T, N, H)."""
+    dtype = q_BxTxNxH.dtype
+    k_BxSxKxH, v_BxSxKxH = k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype)
+    if implementation is None and dtype not in (jnp.bfloat16, jnp.float16):
+        implementation = "xla"  # cuDNN takes only half precision; skip the failed attempt
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=is_causal,
+                                        scale=scale, implementation=implementation)

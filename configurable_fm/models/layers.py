@@ -1,0 +1,112 @@
+"""Small building blocks shared by every model family.
+
+Every parameter is an `nnx.Param` whose metadata `out_sharding` holds its *logical* axis names
+(`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `experts`, ...). `configurable_fm.sharding` maps them
+onto mesh axes through one rules table; nothing here needs a mesh (eager sharding is off per variable).
+
+Shapes: `x_BxTxD` is batch x time x model width; a kernel is `(in, out)` (Flax convention, the transpose
+of torch's `nn.Linear.weight`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """A parameter that carries its logical axis names (one per dimension)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match a parameter of shape {value.shape}")
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal(rngs: nnx.Rngs, shape: Sequence[int], dtype, std: float = 0.02) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), tuple(shape), dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias). kernel: (in, out) with logical axes `axes`."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = False,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None, std: float = 0.02):
+        self.kernel = param(normal(rngs, (in_features, out_features), param_dtype, std), axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), axes[-1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...]
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table (vocab, embed). `attend` gives tied output logits without sharing a Variable."""
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 dtype=None, axes: Axes = ("vocab", "embed"), std: float = 0.02):
+        self.embedding = param(normal(rngs, (num_embeddings, features), param_dtype, std), axes)
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding[...]
+        return jnp.take(table, ids, axis=0).astype(self.dtype or table.dtype)
+
+    def attend(self, x_BxTxD: jax.Array) -> jax.Array:
+        table = self.embedding[...]
+        dtype = self.dtype or jnp.result_type(x_BxTxD, table)
+        return jnp.einsum("btd,vd->btv", x_BxTxD.astype(dtype), table.astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as transformers does)."""
+
+    def __init__(self, features: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.weight = param(jnp.ones((features,), param_dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, computed in float32."""
+
+    def __init__(self, features: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
+        self.weight = param(jnp.ones((features,), param_dtype), ("norm",))
+        self.bias = param(jnp.zeros((features,), param_dtype), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None

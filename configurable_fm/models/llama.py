@@ -1,0 +1,158 @@
+"""The llama decoder family: Llama 2/3, Mistral, Qwen2, SmolLM2, and Mixtral-style sparse MoE.
+
+RMSNorm -> attention (RoPE, MHA/GQA/MQA, optional q/k/v bias, optional sliding window) -> residual ->
+RMSNorm -> SwiGLU MLP or sparse MoE -> residual; final RMSNorm; tied (embedding.attend) or untied head.
+
+Parameter paths mirror transformers' module names without the `model.` prefix, e.g.
+`layers.3.self_attn.q_proj.kernel` (embed, heads) or `layers.3.mlp.down_proj.kernel` (mlp, embed).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configurable_fm.models import attention as attn
+from configurable_fm.models.layers import Embed, Linear, RMSNorm, activation
+from configurable_fm.models.moe import SparseMoE
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: attn.RopeScaling | None = None
+    attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    # Mixtral-style sparse MoE in place of the MLP (num_experts == 0 means dense).
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    router: str = "topk_softmax"  # or "softmax_topk" (no renormalisation over the chosen experts)
+    # Informational: which HF architecture this config came from / is written as.
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.router not in ("topk_softmax", "softmax_topk"):
+            raise ValueError(f"router must be 'topk_softmax' or 'softmax_topk', got {self.router!r}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        d, h = cfg.hidden_size, cfg.dim_per_head
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.q_proj = Linear(d, cfg.num_heads * h, axes=("embed", "heads"), use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(cfg.num_heads * h, d, axes=("heads", "embed"), **kw)
+        self.cfg = cfg
+
+    def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
+        cfg = self.cfg
+        b, t, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.dim_per_head)
+        k = self.k_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
+        v = self.v_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
+        inv_freq = attn.rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
+        q, k = attn.apply_rope(q, positions_BxT, inv_freq), attn.apply_rope(k, positions_BxT, inv_freq)
+        if cache is not None:
+            cache, k, v = attn.write_cache(cache, layer, k, v)
+        out = attn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=cfg.mlp_bias)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+        self.act = cfg.hidden_act
+
+    def __call__(self, x_BxTxD):
+        return self.down_proj(activation(self.act)(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = SparseMoE(cfg, **kw) if cfg.num_experts else LlamaMLP(cfg, **kw)
+
+    def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
+        h, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask=mask,
+                                  is_causal=is_causal, cache=cache, layer=layer)
+        x_BxTxD = x_BxTxD + h
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
+
+
+class Llama(nnx.Module):
+    """Causal LM. `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), **kw)
+
+    def hidden_states(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
+        """Final-norm hidden states (B, T, D), and the updated cache (None without one)."""
+        cfg = self.cfg
+        b, t = ids_BxT.shape
+        offset = cache.index if cache is not None else 0
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
+        x = self.embed_tokens(ids_BxT)
+        mask, is_causal = None, False
+        if cache is not None:
+            cache = attn.advance_cache(cache, attention_mask, t)
+            slots = jnp.arange(cache.max_len)
+            mask = attn.attention_mask(offset + jnp.arange(t), slots, causal=True,
+                                       key_valid_BxS=cache.valid_BxS, sliding_window=cfg.sliding_window)
+        elif attention_mask is not None or (cfg.sliding_window is not None and t > cfg.sliding_window):
+            pos = jnp.arange(t)
+            mask = attn.attention_mask(pos, pos, causal=True, key_valid_BxS=attention_mask,
+                                       sliding_window=cfg.sliding_window)
+        else:
+            is_causal = True
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        return self.norm(x), cache
+
+    def logits(self, h_BxTxD):
+        return self.embed_tokens.attend(h_BxTxD) if self.lm_head is None else self.lm_head(h_BxTxD)
+
+    def __call__(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
+        h, new_cache = self.hidden_states(ids_BxT, attention_mask=attention_mask, positions=positions, cache=cache)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> attn.KVCache:
+        cfg = self.cfg
+        return attn.KVCache.empty(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head, dtype)

@@ -1,0 +1,24 @@
+"""Test-wide settings: 8 fake CPU devices for sharding tests, float32 matmuls, slow/gpu markers."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow") or os.environ.get("CFM_RUN_SLOW") == "1"
+    has_gpu = any(d.platform == "gpu" for d in jax.devices()) if "cpu" not in os.environ["JAX_PLATFORMS"] else False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: use --runslow or CFM_RUN_SLOW=1"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU"))
