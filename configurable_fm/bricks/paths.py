@@ -53,4 +53,4 @@ def with_params(model: nnx.Module, new: Mapping[str, jax.Array], *, check_shapes
         items[by_path[key]] = (p, var.replace(value))
     if problems:
         raise ValueError("shape mismatch: " + "; ".join(problems))
-    return nnx.merge(graphdef, nnx.State.from_flat_path(items), rest)
+    return nnx.merge(graphdef, nnx.from_flat_state(items), rest)

@@ -37,13 +37,14 @@ def config_from_hf(c: dict) -> LlamaConfig:
     if layer_types == {"full_attention"}:
         window = None
     experts = c.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0
+    attention_bias = c.get("attention_bias", arch == "Qwen2ForCausalLM")
     return LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
         rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=RopeScaling.from_hf(scaling),
-        attention_bias=c.get("attention_bias", arch == "Qwen2ForCausalLM"), mlp_bias=c.get("mlp_bias", False),
+        attention_bias=attention_bias, o_proj_bias=attention_bias and arch == "LlamaForCausalLM", mlp_bias=c.get("mlp_bias", False),
         tie_word_embeddings=c.get("tie_word_embeddings", False),
         max_position_embeddings=c.get("max_position_embeddings", 2048), hidden_act=c.get("hidden_act", "silu"),
         sliding_window=window, num_experts=experts, num_experts_per_tok=c.get("num_experts_per_tok", 2),
@@ -61,8 +62,11 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         "hidden_act": cfg.hidden_act,
     }
     if cfg.architecture == "LlamaForCausalLM":
+        if cfg.attention_bias != cfg.o_proj_bias:
+            raise NotImplementedError("LlamaForCausalLM biases q, k, v and o together; this model has "
+                                      f"attention_bias={cfg.attention_bias}, o_proj_bias={cfg.o_proj_bias}")
         c.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
-    elif cfg.attention_bias != (cfg.architecture == "Qwen2ForCausalLM") or cfg.mlp_bias:
+    elif cfg.attention_bias != (cfg.architecture == "Qwen2ForCausalLM") or cfg.o_proj_bias or cfg.mlp_bias:
         raise NotImplementedError(f"{cfg.architecture} cannot express attention_bias={cfg.attention_bias}, "
                                   f"mlp_bias={cfg.mlp_bias}; write it as LlamaForCausalLM instead")
     if cfg.architecture == "MistralForCausalLM":
@@ -92,6 +96,8 @@ def tensor_map(cfg: LlamaConfig) -> list:
             maps.append(linear(f"{p}.self_attn.{name}.kernel", f"{h}.self_attn.{name}.weight"))
         if cfg.attention_bias:
             maps += [same(f"{p}.self_attn.{n}.bias", f"{h}.self_attn.{n}.bias") for n in ("q_proj", "k_proj", "v_proj")]
+        if cfg.o_proj_bias:
+            maps.append(same(f"{p}.self_attn.o_proj.bias", f"{h}.self_attn.o_proj.bias"))
         if cfg.num_experts:
             e = f"{h}.block_sparse_moe"
             maps.append(linear(f"{p}.mlp.router.kernel", f"{e}.gate.weight"))

@@ -31,7 +31,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: attn.RopeScaling | None = None
-    attention_bias: bool = False  # q/k/v bias (Qwen2); o_proj never has one
+    attention_bias: bool = False  # q/k/v bias (Qwen2, Llama's attention_bias)
+    o_proj_bias: bool = False  # Llama's attention_bias also biases o_proj; Qwen2's does not
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 2048
@@ -62,7 +63,7 @@ class LlamaAttention(nnx.Module):
         self.q_proj = Linear(d, cfg.num_heads * h, axes=("embed", "heads"), use_bias=cfg.attention_bias, **kw)
         self.k_proj = Linear(d, cfg.num_kv_heads * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
         self.v_proj = Linear(d, cfg.num_kv_heads * h, axes=("embed", "kv_heads"), use_bias=cfg.attention_bias, **kw)
-        self.o_proj = Linear(cfg.num_heads * h, d, axes=("heads", "embed"), **kw)
+        self.o_proj = Linear(cfg.num_heads * h, d, axes=("heads", "embed"), use_bias=cfg.o_proj_bias, **kw)
         self.cfg = cfg
 
     def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
@@ -131,10 +132,11 @@ class Llama(nnx.Module):
         x = self.embed_tokens(ids_BxT)
         mask, is_causal = None, False
         if cache is not None:
-            cache = attn.advance_cache(cache, attention_mask, t)
+            # The layers write their keys/values at slots offset..offset+t-1; the index moves after them.
+            key_valid_BxS = attn.advance_cache(cache, attention_mask, t).valid_BxS
             slots = jnp.arange(cache.max_len)
             mask = attn.attention_mask(offset + jnp.arange(t), slots, causal=True,
-                                       key_valid_BxS=cache.valid_BxS, sliding_window=cfg.sliding_window)
+                                       key_valid_BxS=key_valid_BxS, sliding_window=cfg.sliding_window)
         elif attention_mask is not None or (cfg.sliding_window is not None and t > cfg.sliding_window):
             pos = jnp.arange(t)
             mask = attn.attention_mask(pos, pos, causal=True, key_valid_BxS=attention_mask,
@@ -143,6 +145,8 @@ class Llama(nnx.Module):
             is_causal = True
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        if cache is not None:
+            cache = attn.advance_cache(cache, attention_mask, t)
         return self.norm(x), cache
 
     def logits(self, h_BxTxD):
