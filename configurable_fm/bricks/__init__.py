@@ -1,4 +1,16 @@
-"""Bricks: named sub-trees of a model's state, addressed by dotted paths and selectors."""
-from configurable_fm.bricks.paths import flat_params, flat_state, param_count, path_str, with_params
+"""Bricks: named sub-trees of a model's state, addressed by dotted paths and selectors.
 
-__all__ = ["flat_params", "flat_state", "param_count", "path_str", "with_params"]
+    select(model).at("layers.*.mlp").apply(fn)     # a new model with every MLP replaced by fn(mlp)
+    tree_at(model, "layers.0.mlp", new_mlp)        # one replacement, by exact path
+    bricks = extract(model, "layers.*.mlp", source="tiny")
+    save_bricks(bricks, "out/mlps"); insert(other, load_bricks("out/mlps"))
+"""
+from configurable_fm.bricks.brickset import Brick, BrickSet, extract, insert, load_bricks, save_bricks
+from configurable_fm.bricks.paths import flat_params, flat_state, param_count, path_str, with_params
+from configurable_fm.bricks.select import Selection, SelectionError, select, tree_at
+
+__all__ = [
+    "flat_params", "flat_state", "param_count", "path_str", "with_params",
+    "Selection", "SelectionError", "select", "tree_at",
+    "Brick", "BrickSet", "extract", "insert", "load_bricks", "save_bricks",
+]
