@@ -98,15 +98,7 @@ def register_family(family: Family) -> Family:
 def families() -> dict[str, Family]:
     """{HF architecture name: Family} for every supported architecture."""
     # Importing the family modules registers them.
-    from configurable_fm.interop import hf_llama  # noqa: F401
-    try:
-        from configurable_fm.interop import hf_gpt2  # noqa: F401
-    except ImportError:
-        pass
-    try:
-        from configurable_fm.interop import hf_bert  # noqa: F401
-    except ImportError:
-        pass
+    from configurable_fm.interop import hf_bert, hf_gpt2, hf_llama  # noqa: F401
     return dict(_FAMILIES)
 
 

@@ -118,7 +118,11 @@ def write_cache(cache: KVCache, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax
 
 
 def advance_cache(cache: KVCache, attention_mask_BxT: jax.Array | None, length: int) -> KVCache:
-    """Marks `length` new key slots valid (or as `attention_mask` says) and moves the write index."""
+    """Marks `length` new key slots valid (or as `attention_mask` says) and moves the write index.
+
+    Call it after every layer has called `write_cache` (which writes at the current `cache.index`); build the
+    attention mask for the new tokens from `advance_cache(cache, ...).valid_BxS` before that.
+    """
     batch = cache.valid_BxS.shape[0]
     new = jnp.ones((batch, length), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
     valid = jax.lax.dynamic_update_slice(cache.valid_BxS, new, (0, cache.index))
@@ -138,6 +142,25 @@ def attention_mask(query_pos_T: jax.Array, key_pos_S: jax.Array, *, causal: bool
     if key_valid_BxS is not None:
         mask = mask & key_valid_BxS[:, None, None, :].astype(bool)
     return mask
+
+
+def decoder_mask(t: int, *, attention_mask_BxT=None, cache: KVCache | None = None,
+                 sliding_window: int | None = None) -> tuple[jax.Array | None, bool]:
+    """(mask, is_causal) for `t` new tokens of a causal decoder.
+
+    With a cache the new tokens sit at slots index..index+t-1 (the layers write there; call
+    `advance_cache` after all of them) and may see every earlier valid slot. Without a cache and without
+    padding or an active sliding window, no mask is built and `is_causal` lets the kernel use its fast path.
+    """
+    if cache is not None:
+        valid_BxS = advance_cache(cache, attention_mask_BxT, t).valid_BxS
+        return attention_mask(cache.index + jnp.arange(t), jnp.arange(cache.max_len), causal=True,
+                              key_valid_BxS=valid_BxS, sliding_window=sliding_window), False
+    if attention_mask_BxT is not None or (sliding_window is not None and t > sliding_window):
+        pos = jnp.arange(t)
+        return attention_mask(pos, pos, causal=True, key_valid_BxS=attention_mask_BxT,
+                              sliding_window=sliding_window), False
+    return None, True
 
 
 def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask=None, is_causal: bool = False,

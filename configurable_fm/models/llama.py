@@ -130,19 +130,8 @@ class Llama(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
         x = self.embed_tokens(ids_BxT)
-        mask, is_causal = None, False
-        if cache is not None:
-            # The layers write their keys/values at slots offset..offset+t-1; the index moves after them.
-            key_valid_BxS = attn.advance_cache(cache, attention_mask, t).valid_BxS
-            slots = jnp.arange(cache.max_len)
-            mask = attn.attention_mask(offset + jnp.arange(t), slots, causal=True,
-                                       key_valid_BxS=key_valid_BxS, sliding_window=cfg.sliding_window)
-        elif attention_mask is not None or (cfg.sliding_window is not None and t > cfg.sliding_window):
-            pos = jnp.arange(t)
-            mask = attn.attention_mask(pos, pos, causal=True, key_valid_BxS=attention_mask,
-                                       sliding_window=cfg.sliding_window)
-        else:
-            is_causal = True
+        mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache,
+                                            sliding_window=cfg.sliding_window)
         for i, layer in enumerate(self.layers):
             x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
