@@ -1,11 +1,30 @@
 """Model families (Flax NNX) and loading them from real checkpoints.
 
     model = from_hf("path/to/hf_dir")          # LlamaForCausalLM, Mistral, Qwen2, Mixtral, GPT2LMHeadModel, BertModel
+    model = from_gguf("model.gguf")            # llama GGUF files, dequantized
+    model, tokenizer = load_pretrained("smollm2-135m-instruct")   # packaged real models (see registry.py)
     logits = model(ids_BxT)                    # (B, T, V) for causal LMs; last hidden states for encoders
+    ids = generate(model, ids_BxT, max_new_tokens=16)
     to_hf(model, "out_dir")                    # config.json + safetensors that transformers loads
 """
-from configurable_fm.interop.hf import from_hf, to_hf
 from configurable_fm.models.attention import KVCache, RopeScaling
+from configurable_fm.models.bert import Bert, BertConfig, mean_pool, sentence_embedding
+from configurable_fm.models.generation import generate
+from configurable_fm.models.gpt2 import GPT2, GPT2Config
 from configurable_fm.models.llama import Llama, LlamaConfig
 
-__all__ = ["from_hf", "to_hf", "Llama", "LlamaConfig", "KVCache", "RopeScaling"]
+# Checkpoint interop imports the model modules, so it is exported lazily (no import cycle).
+_LAZY = {"from_hf": "configurable_fm.interop.hf", "to_hf": "configurable_fm.interop.hf",
+         "from_gguf": "configurable_fm.interop.gguf", "load_pretrained": "configurable_fm.models.registry",
+         "model_path": "configurable_fm.models.registry"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = ["from_hf", "to_hf", "from_gguf", "load_pretrained", "model_path", "generate", "Llama", "LlamaConfig",
+           "GPT2", "GPT2Config", "Bert", "BertConfig", "mean_pool", "sentence_embedding", "KVCache", "RopeScaling"]

@@ -176,10 +176,11 @@ class GPT2(nnx.Module):
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> attn.KVCache:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> attn.KVCache:
         """An empty KV cache for `max_len` tokens (at most n_positions: wpe has no rows beyond)."""
         cfg = self.cfg
         if max_len > cfg.n_positions:
             raise ValueError(f"cache length {max_len} exceeds n_positions={cfg.n_positions}")
-        return attn.KVCache.empty(cfg.n_layer, batch, max_len, cfg.n_head, cfg.dim_per_head, dtype)
+        return attn.KVCache.empty(cfg.n_layer, batch, max_len, cfg.n_head, cfg.dim_per_head,
+                                  dtype or self.wte.embedding.dtype)
 

@@ -146,6 +146,7 @@ class Llama(nnx.Module):
         logits = self.logits(h)
         return logits if cache is None else (logits, new_cache)
 
-    def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> attn.KVCache:
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> attn.KVCache:
         cfg = self.cfg
-        return attn.KVCache.empty(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head, dtype)
+        return attn.KVCache.empty(cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head,
+                                   dtype or self.embed_tokens.embedding.dtype)

@@ -1,0 +1,168 @@
+"""Autoregressive generation with a KV cache, compiled into one XLA program.
+
+    out_BxL = generate(model, ids_BxT, max_new_tokens=32)                                     # greedy
+    out_BxL = generate(model, ids_BxT, max_new_tokens=32, temperature=0.8, top_p=0.95,
+                       rng=jax.random.key(0), eos_token_id=2)                                   # nucleus sampling
+
+Any causal LM with Llama's interface works: `model(ids_BxT, attention_mask=, positions=, cache=)` returns
+(logits (B, T, V), new cache) when given a cache, and `model.init_cache(batch, max_len)` makes an empty one.
+
+Batches are left-padded: row b's prompt is `ids[b][mask[b] == 1]`, right-aligned, and its positions are
+`cumsum(mask) - 1` (as transformers computes them), so a padded row generates what its prompt alone would.
+
+Program (L = T + max_new_tokens): `nnx.split` the model outside; inside one `jax.jit` merge it, prefill the
+prompt into a cache of L slots, choose the first new token from the last logits, then a `lax.while_loop` feeds
+one token per step until max_new_tokens tokens or every row has emitted an eos; after its eos a row emits
+`pad_token_id`. Static (one compilation each): the graphdef, the shapes, max_new_tokens, greedy or sampling.
+Traced (no recompilation): the weights, temperature, top_k, top_p, up to 8 eos ids, pad_token_id, the key.
+
+Token choice from the logits z (V,) of one row, in float32:
+    greedy (temperature == 0):  argmax z
+    sampling:  z <- z / temperature
+               top_k:  z_v <- -inf unless z_v is among the k largest
+               top_p:  sort descending; keep v when the probability mass ranked above it is < top_p
+                       (the smallest set of most probable tokens whose mass reaches top_p)
+               v ~ softmax(z), with key fold_in(rng, step)
+This is the order of transformers' logits warpers (temperature, top-k, top-p). Tokens tied with the last kept
+logit are kept too.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool):
+    """One token per row (B,) int32 from float logits (B, V); see the module docstring.
+
+    temperature, top_k (1..V; V keeps all) and top_p ((0, 1]; 1 keeps all) are traced scalars, so every
+    sampling configuration shares one compiled program.
+    """
+    z = logits_BxV.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(z, axis=-1).astype(jnp.int32)
+    z = z / temperature
+    sorted_BxV = -jnp.sort(-z, axis=-1)
+    kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, top_k - 1, 1, axis=-1)
+    in_top_k = sorted_BxV >= kth_Bx1
+    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)  # renormalised over the top k
+    mass_above = jnp.cumsum(probs, axis=-1) - probs
+    # The most probable token always stays (the mass above it is 0).
+    keep = in_top_k & ((mass_above < top_p) | (top_p >= 1))
+    threshold_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    z = jnp.where(z < threshold_Bx1, -jnp.inf, z)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
+              max_new_tokens: int, greedy: bool):
+    model = nnx.merge(graphdef, state)
+    b, t = ids_BxT.shape
+    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
+
+    cache = model.init_cache(b, t + max_new_tokens)
+    positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
+    logits, cache = model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
+    tok_B = choose(logits[:, -1], jax.random.fold_in(rng, 0))
+    out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
+    carry = (jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, is_eos(tok_B), out_BxN)
+
+    def cond(carry):
+        step, _, _, _, done_B, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(carry):
+        step, tok_B, pos_B, cache, done_B, out_BxN = carry
+        logits, cache = model(tok_B[:, None], positions=pos_B[:, None], cache=cache)
+        tok_B = choose(logits[:, -1], jax.random.fold_in(rng, step))
+        emitted_B = jnp.where(done_B, pad_id, tok_B)
+        out_BxN = jax.lax.dynamic_update_slice(out_BxN, emitted_B[:, None], (0, step))
+        # A finished row keeps decoding its own (ignored) tokens: rows never interact.
+        return step + 1, tok_B, pos_B + 1, cache, done_B | is_eos(emitted_B), out_BxN
+
+    out_BxN = jax.lax.while_loop(cond, body, carry)[-1]
+    return jnp.concatenate([ids_BxT, out_BxN], axis=1)
+
+
+def _check_left_padded(mask: np.ndarray) -> None:
+    if np.any(mask[:, -1] == 0):
+        rows = np.flatnonzero(mask[:, -1] == 0).tolist()
+        raise ValueError(f"attention_mask rows {rows} end in padding: generate needs left padding "
+                         "(padding first, then the prompt, ending in a real token)")
+    if np.any(np.diff(mask, axis=1) < 0):
+        rows = np.flatnonzero(np.any(np.diff(mask, axis=1) < 0, axis=1)).tolist()
+        raise ValueError(f"attention_mask rows {rows} have padding inside the prompt: generate needs left padding")
+
+
+def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> jax.Array:
+    """Continues each prompt by `max_new_tokens` tokens; returns ids (B, T + max_new_tokens) int32.
+
+    ids_BxT: int prompt ids, left-padded; attention_mask (B, T): 1 for prompt tokens, 0 for padding (default
+    all ones). temperature == 0 decodes greedily; temperature > 0 samples (optionally restricted by top_k
+    and/or top_p) and needs an explicit `rng` key. eos_token_id (one id or several): a row stops after its
+    first eos and is filled with `pad_token_id`. The model is not modified.
+    """
+    if not callable(getattr(model, "init_cache", None)):
+        raise TypeError(f"generate needs a causal LM with init_cache(batch, max_len); "
+                        f"{type(model).__name__} has none")
+    ids = jnp.asarray(ids_BxT)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"ids_BxT must be a non-empty (batch, time) integer array, got {ids.dtype} {ids.shape}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if attention_mask is None:
+        mask = jnp.ones(ids.shape, jnp.int32)
+    else:
+        mask = jnp.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape} but ids_BxT has shape {ids.shape}")
+        mask = mask.astype(jnp.int32)
+        try:
+            concrete = np.asarray(mask)
+        except jax.errors.TracerArrayConversionError:  # called under a trace: the caller vouches for it
+            concrete = None
+        if concrete is not None:
+            _check_left_padded(concrete)
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    greedy = temperature == 0
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if greedy and (top_k is not None or top_p is not None):
+        raise ValueError(f"top_k={top_k!r} / top_p={top_p!r} only apply when sampling: set temperature > 0")
+    if not greedy and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit rng key, e.g. rng=jax.random.key(0)")
+    if rng is not None:
+        dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+        is_key = dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key) and shape == ()
+                                        or dtype == jnp.uint32 and shape == (2,))
+        if not is_key:
+            raise ValueError(f"rng must be one jax.random key (jax.random.key(seed)), got {rng!r}")
+    eos = [] if eos_token_id is None else (
+        [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
+    if not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos):
+        raise ValueError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}")
+    ids = ids.astype(jnp.int32)
+    if max_new_tokens == 0:
+        return ids
+
+    graphdef, state = nnx.split(model)
+    # eos ids padded with -1 (never a token) to a multiple of 8: one compilation for 0..8 eos ids.
+    eos_E = np.full(max(8, -(-len(eos) // 8) * 8), -1, np.int32)
+    eos_E[:len(eos)] = eos
+    top_k = min(np.iinfo(np.int32).max if top_k is None else int(top_k), np.iinfo(np.int32).max)  # V at most, inside
+    return _generate(state, ids, mask, jax.random.key(0) if rng is None else rng,
+                     jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
+                     jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
+                     graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy))

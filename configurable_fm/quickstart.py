@@ -1,0 +1,117 @@
+"""The default end-to-end job run by `bash scripts/quickstart.sh`.
+
+Loads the packaged SmolLM2-135M-Instruct, lists its bricks and parameter counts, generates text, measures
+perplexity on a fixed English passage, and writes a report (markdown + PNG plots) into the work directory.
+Later issues add their steps here (pretraining a tiny model, merging, growing, editing).
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+
+from configurable_fm.bricks import flat_params
+from configurable_fm.data.texts import english_passage
+from configurable_fm.evaluation import token_nll
+from configurable_fm.models.generation import generate
+from configurable_fm.models.registry import load_pretrained
+from configurable_fm.report import Report
+
+PROMPTS = ("The capital of France is", "A large language model is built from", "def fibonacci(n):")
+
+
+def brick_groups(model) -> "OrderedDict[str, int]":
+    """Parameter counts per brick: `embed_tokens`, `layers.N.self_attn`, `layers.N.mlp`, `layers.N.norms`, `norm`."""
+    groups: OrderedDict[str, int] = OrderedDict()
+    for path, value in flat_params(model).items():
+        m = re.match(r"(layers\.\d+)\.(\w+)", path)
+        if m:
+            name = m.group(2)
+            key = f"{m.group(1)}.{'norms' if name.endswith('layernorm') else name}"
+        else:
+            key = path.split(".")[0]
+        groups[key] = groups.get(key, 0) + int(value.size)
+    return groups
+
+
+def _layer_plot(groups):
+    layers = sorted({int(k.split(".")[1]) for k in groups if k.startswith("layers.")})
+    fig, ax = plt.subplots(figsize=(8, 3))
+    bottom = np.zeros(len(layers))
+    for part in ("self_attn", "mlp", "norms"):
+        vals = np.array([groups.get(f"layers.{i}.{part}", 0) for i in layers]) / 1e6
+        ax.bar(layers, vals, bottom=bottom, label=part)
+        bottom += vals
+    ax.set_xlabel("layer")
+    ax.set_ylabel("parameters (M)")
+    ax.set_title("Parameters per layer brick")
+    ax.legend()
+    return fig
+
+
+def _nll_plot(tokens, nll):
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(np.arange(1, len(nll) + 1), nll, lw=0.8)
+    window = min(16, len(nll))
+    ax.plot(np.arange(window, len(nll) + 1), np.convolve(nll, np.ones(window) / window, mode="valid"),
+            lw=2, label=f"{window}-token mean")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("NLL (nats)")
+    ax.set_title(f"Per-token negative log-likelihood ({len(tokens)} tokens)")
+    ax.legend()
+    return fig
+
+
+def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-135m-instruct",
+        max_new_tokens: int = 24, log=print) -> Path:
+    report = Report(workdir, title="configurable_fm quickstart")
+    t0 = time.perf_counter()
+    model, tokenizer = load_pretrained(model_name)
+    load_s = time.perf_counter() - t0
+    groups = brick_groups(model)
+    total = sum(groups.values())
+    log(f"loaded {model_name} in {load_s:.1f}s: {total:,} parameters in {len(groups)} bricks")
+    report.section("Model", f"`{model_name}` ({type(model).__name__}, {total:,} parameters), "
+                            f"loaded and dequantized in {load_s:.1f} s.")
+    report.code(repr(model.cfg))
+    report.record(model=model_name, parameters=total, load_seconds=load_s)
+
+    head = [(k, v) for k, v in groups.items() if not k.startswith("layers.")]
+    layer0 = [(k, v) for k, v in groups.items() if k.startswith("layers.0.")]
+    report.section("Bricks", f"{len(groups)} bricks; the top-level ones and those of layer 0 "
+                             "(every layer has the same):")
+    report.table(["brick", "parameters"], head + layer0)
+    report.figure("bricks.png", _layer_plot(groups), caption="Parameter count of each layer's bricks")
+    for k, v in head + layer0:
+        log(f"  {k:28s} {v:>12,}")
+
+    report.section("Generation", f"Greedy continuation, {max_new_tokens} new tokens, KV-cache decoding.")
+    rows = []
+    for prompt in PROMPTS:
+        ids = jnp.asarray([tokenizer.encode(prompt).ids])
+        t0 = time.perf_counter()
+        out = generate(model, ids, max_new_tokens=max_new_tokens)
+        dt = time.perf_counter() - t0
+        text = tokenizer.decode(np.asarray(out[0, ids.shape[1]:]).tolist())
+        log(f"  {prompt!r} -> {text!r} ({dt:.1f}s)")
+        rows.append((f"`{prompt}`", "`" + text.replace("\n", "\\n") + "`", f"{dt:.1f}"))
+    report.table(["prompt", "continuation", "seconds (incl. compile)"], rows)
+    report.record(generations={p: r[1].strip("`") for p, r in zip(PROMPTS, rows)})
+
+    title, passage = english_passage()
+    ids = np.asarray([tokenizer.encode(passage).ids])
+    nll = token_nll(model, ids)[0]
+    ppl = float(np.exp(nll.mean()))
+    log(f"perplexity on {title} ({ids.shape[1]} tokens): {ppl:.2f}")
+    report.section("Perplexity", f"On a fixed English passage ({title}, {ids.shape[1]} tokens): "
+                                 f"**perplexity {ppl:.2f}** (mean NLL {nll.mean():.3f} nats).")
+    report.figure("nll.png", _nll_plot(ids[0], nll), caption="Per-token NLL on the passage")
+    report.record(perplexity=ppl, passage=title, passage_tokens=int(ids.shape[1]))
+    path = report.write()
+    log(f"report: {path}")
+    return path

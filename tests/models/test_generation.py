@@ -1,0 +1,238 @@
+"""KV-cache generation: greedy equals a naive full-forward argmax loop and transformers' greedy generate;
+left padding; sampling filters (top-k, top-p) and reproducibility; eos handling; argument errors.
+
+Token sequences are compared exactly (float32 logits of tiny random models; no near-ties at these seeds).
+"""
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configurable_fm.bricks.paths import flat_state, with_params
+from configurable_fm.models.generation import generate
+from configurable_fm.models.llama import Llama, LlamaConfig
+
+# The module itself (the package `configurable_fm.models` re-exports the function under the same name).
+gen_mod = importlib.import_module("configurable_fm.models.generation")
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                  max_position_embeddings=64)
+NEW = 7  # new tokens in most tests; prompts (2, 5): shared shapes share compilations
+
+
+def random_llama(cfg, seed):
+    """Llama with N(0, 0.02) weights and N(1, 0.1) norms, drawn with numpy (no per-shape XLA compilations)."""
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    rs = np.random.RandomState(seed)
+    return with_params(abstract, {k: jnp.asarray(rs.normal(1.0, 0.1, v.shape) if "norm" in k else
+                                                 rs.normal(0.0, 0.02, v.shape), jnp.float32)
+                                  for k, v in flat_state(abstract).items()})
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llama(CFG, 0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, ids_BxT):
+    return nnx.merge(graphdef, state)(ids_BxT)
+
+
+def naive_greedy(model, prompt_BxT, n, buffer=16):
+    """Reference without a cache: full causal forward over the whole sequence, argmax of the logits at the
+    last filled position, n times. The buffer has a fixed length (one compilation per batch size); causal
+    attention keeps the not-yet-filled slots from influencing earlier positions."""
+    graphdef, state = nnx.split(model)
+    b, t = prompt_BxT.shape
+    x = np.zeros((b, max(buffer, t + n)), np.int32)
+    x[:, :t] = prompt_BxT
+    for i in range(t, t + n):
+        x[:, i] = np.argmax(np.asarray(_forward(graphdef, state, jnp.asarray(x)))[:, i - 1], axis=-1)
+    return x[:, :t + n]
+
+
+def test_greedy_equals_naive_argmax_loop(model):
+    ids = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 5))
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    out = generate(model, ids, max_new_tokens=NEW)
+    assert out.shape == (2, 5 + NEW) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out), naive_greedy(model, ids, NEW))
+    after = nnx.state(model, nnx.Param)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_left_padded_rows_equal_their_unpadded_generations(model):
+    rs = np.random.RandomState(1)
+    prompts = [rs.randint(0, CFG.vocab_size, n) for n in (2, 5, 1)]
+    t = max(len(p) for p in prompts)
+    ids = rs.randint(0, CFG.vocab_size, (3, t))  # junk in the padding slots: the mask must hide it
+    mask = np.zeros((3, t), np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):], mask[i, t - len(p):] = p, 1
+    out = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=NEW))
+    np.testing.assert_array_equal(out[:, :t], ids)
+    single = np.asarray(generate(model, prompts[1][None], max_new_tokens=NEW))  # the unpadded row
+    np.testing.assert_array_equal(out[1, t:], single[0, t:])
+    for i, p in enumerate(prompts):
+        np.testing.assert_array_equal(out[i, t:], naive_greedy(model, p[None], NEW)[0, len(p):], err_msg=f"row {i}")
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(model):
+    ids = np.random.RandomState(2).randint(0, CFG.vocab_size, (2, 5))
+    kw = dict(max_new_tokens=NEW, temperature=2.0)
+    a = generate(model, ids, rng=jax.random.key(7), **kw)
+    b = generate(model, ids, rng=jax.random.key(7), **kw)
+    c = generate(model, ids, rng=jax.random.key(8), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = generate(model, ids, max_new_tokens=NEW)
+    np.testing.assert_array_equal(generate(model, ids, rng=jax.random.key(3), top_k=1, **kw), greedy)
+    # top_p this small keeps only the most probable token.
+    np.testing.assert_array_equal(generate(model, ids, rng=jax.random.key(4), top_p=1e-6, **kw), greedy)
+
+
+def _samples(logits, n=4000, temperature=1.0, top_k=10**6, top_p=1.0):
+    logits_NxV = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, len(logits)))
+    return np.asarray(_choose(logits_NxV, jax.random.key(0), jnp.float32(temperature), jnp.int32(top_k),
+                              jnp.float32(top_p)))
+
+
+_choose = jax.jit(functools.partial(gen_mod._choose, greedy=False))
+
+
+def test_top_k_and_top_p_filters_on_known_distribution():
+    probs = np.array([0.1, 0.4, 0.05, 0.3, 0.15])
+    logits = np.log(probs)
+    # top_k=2 keeps tokens 1 and 3, renormalised: 0.4/0.7 and 0.3/0.7.
+    s = _samples(logits, top_k=2)
+    assert set(np.unique(s)) == {1, 3}
+    assert abs(np.mean(s == 1) - 4 / 7) < 0.03  # ~4 standard errors at n=4000
+    # top_p=0.75: mass above tokens 1, 3, 4, 0 is 0, 0.4, 0.7, 0.85 -> keep {1, 3, 4}.
+    s = _samples(logits, top_p=0.75)
+    assert set(np.unique(s)) == {1, 3, 4}
+    assert abs(np.mean(s == 4) - 0.15 / 0.85) < 0.03
+    # Temperature 0.5 squares the probabilities: p ~ probs**2.
+    s = _samples(logits, temperature=0.5)
+    sq = probs ** 2 / np.sum(probs ** 2)
+    np.testing.assert_allclose(np.bincount(s, minlength=5) / len(s), sq, atol=0.03)
+
+
+def test_eos_stops_each_row_and_pads(model):
+    ids = np.random.RandomState(3).randint(0, CFG.vocab_size, (2, 5))
+    ref = np.asarray(generate(model, ids, max_new_tokens=NEW))[:, 5:]
+    eos = int(ref[0, 2])  # row 0 emits it at step <= 2
+    out = np.asarray(generate(model, ids, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=-1))[:, 5:]
+    for row in range(2):
+        hits = np.flatnonzero(ref[row] == eos)
+        stop = hits[0] + 1 if len(hits) else NEW
+        np.testing.assert_array_equal(out[row, :stop], ref[row, :stop])
+        assert np.all(out[row, stop:] == -1), f"row {row}: {out[row]}"
+    # Several eos ids; every row stops at its first token: the loop exits early, the shape stays full.
+    firsts = [int(t) for t in ref[:, 0]]
+    out = np.asarray(generate(model, ids, max_new_tokens=NEW, eos_token_id=firsts, pad_token_id=-1))
+    assert out.shape == (2, 5 + NEW)
+    np.testing.assert_array_equal(out[:, 5], ref[:, 0])
+    assert np.all(out[:, 6:] == -1)
+
+
+def test_compiled_once_per_structure_and_shape(model):
+    ids = np.random.RandomState(5).randint(0, CFG.vocab_size, (2, 5))
+    generate(model, ids, max_new_tokens=NEW)
+    size = gen_mod._generate._cache_size()
+    graphdef, state = nnx.split(model)
+    other = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.5, state))  # other weights, same graph
+    assert not np.array_equal(generate(other, ids, max_new_tokens=NEW), generate(model, ids, max_new_tokens=NEW))
+    generate(other, ids, max_new_tokens=NEW, eos_token_id=[1, 2, 3])  # up to 8 eos ids: same program
+    assert gen_mod._generate._cache_size() == size
+    kw = dict(max_new_tokens=NEW, temperature=0.7, rng=jax.random.key(0))
+    generate(model, ids, **kw)
+    size = gen_mod._generate._cache_size()
+    generate(model, ids, top_k=3, top_p=0.5, **kw)  # sampling options are traced: same program
+    assert gen_mod._generate._cache_size() == size
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from configurable_fm.models import from_hf
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      initializer_range=0.1)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf")
+    rs = np.random.RandomState(4)
+    ids = rs.randint(1, 96, (2, 7))  # no pad id 0 (transformers would infer a mask from it)
+    padded, mask = ids.copy(), np.ones_like(ids)
+    padded[1, :3], mask[1, :3] = 0, 0  # row 1 left-padded
+    n = 8
+    for x, m in ((ids, None), (padded, mask)):
+        kw = {} if m is None else {"attention_mask": torch.tensor(m)}
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                              eos_token_id=None, pad_token_id=0, **kw).numpy()
+        out = generate(ours, x, max_new_tokens=n, attention_mask=m)
+        np.testing.assert_array_equal(np.asarray(out), ref, err_msg=f"mask={m}")
+
+
+def test_gpt2_left_padded_greedy_equals_naive_loop():
+    """Any causal LM with Llama's interface works; GPT-2's learned positions follow cumsum(mask) - 1."""
+    gpt2 = pytest.importorskip("configurable_fm.models.gpt2")
+    cfg = gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    abstract = nnx.eval_shape(lambda: gpt2.GPT2(cfg, rngs=nnx.Rngs(0)))
+    rs = np.random.RandomState(6)
+    model = with_params(abstract, {k: jnp.asarray(rs.normal(1.0 if "ln" in k and "weight" in k else 0.0, 0.1, v.shape),
+                                                  jnp.float32) for k, v in flat_state(abstract).items()})
+    prompts = [rs.randint(0, 64, 5), rs.randint(0, 64, 2)]
+    ids, mask = np.stack([prompts[0], np.r_[[7, 7, 7], prompts[1]]]), np.array([[1] * 5, [0, 0, 0, 1, 1]])
+    out = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=NEW))
+    for i, p in enumerate(prompts):
+        np.testing.assert_array_equal(out[i, 5:], naive_greedy(model, p[None], NEW)[0, len(p):], err_msg=f"row {i}")
+
+
+class NoCache(nnx.Module):
+    def __call__(self, ids):
+        return ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 0"),
+    (dict(max_new_tokens=2, temperature=-0.5), "temperature must be >= 0"),
+    (dict(max_new_tokens=2, temperature=1.0), "needs an explicit rng key"),
+    (dict(max_new_tokens=2, temperature=1.0, rng=0), "rng must be one jax.random key"),
+    (dict(max_new_tokens=2, temperature=1.0, rng=jax.random.split(jax.random.key(0))), "rng must be one"),
+    (dict(max_new_tokens=2, top_k=5), "only apply when sampling"),
+    (dict(max_new_tokens=2, top_p=0.9), "only apply when sampling"),
+    (dict(max_new_tokens=2, temperature=1.0, rng=jax.random.key(0), top_k=0), "top_k must be an int >= 1"),
+    (dict(max_new_tokens=2, temperature=1.0, rng=jax.random.key(0), top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=2, temperature=1.0, rng=jax.random.key(0), top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(max_new_tokens=2, attention_mask=np.ones((2, 3))), r"attention_mask has shape \(2, 3\)"),
+    (dict(max_new_tokens=2, attention_mask=np.array([[1, 1, 1, 0], [1, 1, 1, 1]])), r"rows \[0\] end in padding"),
+    (dict(max_new_tokens=2, attention_mask=np.array([[1, 1, 1, 1], [0, 1, 0, 1]])), r"rows \[1\] have padding"),
+    (dict(max_new_tokens=2, eos_token_id="2"), "eos_token_id must be an int"),
+])
+def test_bad_arguments_raise_clear_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, np.zeros((2, 4), np.int32), **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    with pytest.raises(ValueError, match=r"non-empty \(batch, time\) integer array"):
+        generate(model, np.zeros((4,), np.int32), max_new_tokens=1)
+    with pytest.raises(ValueError, match="integer array"):
+        generate(model, np.zeros((1, 4), np.float32), max_new_tokens=1)
+    with pytest.raises(TypeError, match="NoCache has none"):
+        generate(NoCache(), np.zeros((1, 4), np.int32), max_new_tokens=1)
+
+
+def test_zero_new_tokens_returns_the_prompt(model):
+    ids = np.arange(6).reshape(2, 3)
+    np.testing.assert_array_equal(generate(model, ids, max_new_tokens=0), ids)
