@@ -6,6 +6,7 @@ Attention itself is `jax.nn.dot_product_attention` (cuDNN where the shapes and d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -165,10 +166,22 @@ def decoder_mask(t: int, *, attention_mask_BxT=None, cache: KVCache | None = Non
 
 def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask=None, is_causal: bool = False,
                           scale: float | None = None, implementation: str | None = None) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with grouped key/value heads. Returns (B, T, N, H)."""
+    """softmax(q k^T * scale + mask) v with grouped key/value heads. Returns (B, T, N, H).
+
+    implementation=None picks cuDNN's fused attention on GPU for half-precision inputs whose head dim it
+    supports (a multiple of 8, at most 128), and XLA otherwise or when cuDNN refuses the shapes/mask.
+    """
     dtype = q_BxTxNxH.dtype
     k_BxSxKxH, v_BxSxKxH = k_BxSxKxH.astype(dtype), v_BxSxKxH.astype(dtype)
-    if implementation is None and dtype not in (jnp.bfloat16, jnp.float16):
-        implementation = "xla"  # cuDNN takes only half precision; skip the failed attempt
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=is_causal,
-                                        scale=scale, implementation=implementation)
+    call = functools.partial(jax.nn.dot_product_attention, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask,
+                             is_causal=is_causal, scale=scale)
+    if implementation is not None:
+        return call(implementation=implementation)
+    head_dim = q_BxTxNxH.shape[-1]
+    if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        try:
+            return call(implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError, TypeError):
+            pass  # shapes, mask or cuDNN version not supported: fall back to XLA
+    return call(implementation="xla")

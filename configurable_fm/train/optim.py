@@ -1,0 +1,53 @@
+"""Optimizers and learning-rate schedules.
+
+Schedules (step s, peak lr eta, warmup W, total S, floor eta_min = min_lr_ratio * eta):
+  cosine:   linear warmup 0 -> eta over W steps, then eta_min + (eta - eta_min) * (1 + cos(pi * t)) / 2, t = (s-W)/(S-W)
+  wsd:      warmup-stable-decay: linear warmup, constant eta, then linear decay to eta_min over the last
+            `decay_fraction` of the steps (Hu et al., MiniCPM, 2024)
+  constant: linear warmup then eta
+Optimizer: AdamW (decoupled weight decay on matrices only: parameters with ndim >= 2), after clipping the
+global gradient norm to `grad_clip` (0 disables).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    peak, warmup = opt.lr, int(opt.warmup_steps)
+    floor = peak * opt.get("min_lr_ratio", 0.1)
+    if warmup >= total_steps and total_steps > 0:
+        raise ValueError(f"optimizer.warmup_steps={warmup} must be smaller than steps={total_steps}")
+    warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
+    if opt.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=floor / peak if peak else 0.0)
+    elif opt.schedule == "wsd":
+        decay = max(int(round(opt.get("decay_fraction", 0.2) * total_steps)), 1)
+        stable = max(total_steps - warmup - decay, 0)
+        rest = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
+                                    [stable])
+    elif opt.schedule == "constant":
+        rest = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"optimizer.schedule={opt.schedule!r} is unknown; choose one of {SCHEDULES}")
+    return optax.join_schedules([warm, rest], [warmup]) if warmup else rest
+
+
+def decay_mask(params):
+    """True for parameters that get weight decay (matrices and embeddings; not norms or biases)."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    if opt.name != "adamw":
+        raise ValueError(f"optimizer.name={opt.name!r} is unknown; supported: ['adamw']")
+    schedule = learning_rate_schedule(opt, total_steps)
+    parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
+    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts), schedule
