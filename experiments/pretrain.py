@@ -34,6 +34,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_every = 100 if arg == "tiny" else 1000
     c.checkpoint_every = 100 if arg == "tiny" else 1000
     c.compute_dtype = compute
+    c.remat = "none"  # per-layer rematerialisation: none | dots | full (see models/llama.py REMAT_POLICIES)
     c.progress = True
     c.init_from = ""  # a registry name, .gguf file, HF dir or orbax checkpoint to fine-tune instead
     c.trainable = ("**",)  # globs over parameter paths; the rest is frozen (and has no optimizer state)

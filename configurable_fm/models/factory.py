@@ -58,12 +58,14 @@ def config_from_dict(spec: Mapping[str, Any]):
     return config_type(**spec)
 
 
-def build_model(cfg, *, seed: int = 0, param_dtype=jnp.float32, dtype=None) -> nnx.Module:
-    """A freshly initialised model of the config's family (parameters from PRNG key `seed`)."""
+def build_model(cfg, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, **options) -> nnx.Module:
+    """A freshly initialised model of the config's family (parameters from PRNG key `seed`).
+
+    options: module options that are not architecture (e.g. llama's `remat` policy)."""
     if isinstance(cfg, Mapping):
         cfg = config_from_dict(cfg)
     module_type = FAMILIES[family_name(cfg)][1]
-    return module_type(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype)
+    return module_type(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, **options)
 
 
 def load_model(source: str | Path, *, dtype=jnp.float32) -> nnx.Module:

@@ -110,12 +110,36 @@ class LlamaDecoderLayer(nnx.Module):
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
 
 
-class Llama(nnx.Module):
-    """Causal LM. `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache)."""
+# Rematerialisation policies for training: what each decoder layer keeps for the backward pass.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the layer inputs
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
 
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
+
+def _remat_layer(layer, x, positions, mask, is_causal, policy):
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, positions, mask):
+        return nnx.merge(graphdef, state)(x, positions, mask=mask, is_causal=is_causal)[0]
+
+    return jax.checkpoint(run, policy=policy)(state, x, positions, mask)
+
+
+class Llama(nnx.Module):
+    """Causal LM. `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache).
+
+    remat: one of REMAT_POLICIES, applied per decoder layer in cache-free (training) forwards.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
+                 remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is unknown; choose one of {sorted(REMAT_POLICIES)}")
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.cfg = cfg
+        self.remat = remat
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -133,7 +157,10 @@ class Llama(nnx.Module):
         mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache,
                                             sliding_window=cfg.sliding_window)
         for i, layer in enumerate(self.layers):
-            x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+            if cache is None and self.remat != "none":
+                x = _remat_layer(layer, x, positions, mask, is_causal, REMAT_POLICIES[self.remat])
+            else:
+                x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
             cache = attn.advance_cache(cache, attention_mask, t)
         return self.norm(x), cache

@@ -63,9 +63,10 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def with_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
-    """The same parameters (as float32 masters) in a model whose layers compute in `dtype`."""
-    abstract = nnx.eval_shape(lambda: build_model(model.cfg, param_dtype=jnp.float32, dtype=dtype))
+def with_compute_dtype(model: nnx.Module, dtype, **options) -> nnx.Module:
+    """The same parameters (as float32 masters) in a model whose layers compute in `dtype` (and module
+    `options`, e.g. remat='dots')."""
+    abstract = nnx.eval_shape(lambda: build_model(model.cfg, param_dtype=jnp.float32, dtype=dtype, **options))
     return with_params(abstract, {k: jnp.asarray(v, jnp.float32) for k, v in flat_params(model).items()},
                        check_shapes=False)
 
@@ -206,7 +207,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
 
     # Model: from scratch (seeded) or from a checkpoint; float32 masters computing in `compute_dtype`.
     model = load_model(cfg.init_from) if cfg.init_from else build_model(cfg.model.to_dict(), seed=cfg.seed)
-    model = with_compute_dtype(model, compute_dtype)
+    options = {"remat": cfg.remat} if cfg.get("remat", "none") != "none" else {}  # llama only
+    model = with_compute_dtype(model, compute_dtype, **options)
     parts = ModelParts.of(model)
     everything = flat_params(model)
     trainable_paths = select_trainable(list(everything), cfg.trainable)

