@@ -1,8 +1,11 @@
 """The default end-to-end job run by `bash scripts/quickstart.sh`.
 
-Loads the packaged SmolLM2-135M-Instruct, lists its bricks and parameter counts, generates text, measures
-perplexity on a fixed English passage, and writes a report (markdown + PNG plots) into the work directory.
-Later issues add their steps here (pretraining a tiny model, merging, growing, editing).
+1. Loads the packaged SmolLM2-135M-Instruct, lists its bricks and parameter counts, generates text and
+   measures perplexity on a fixed English passage.
+2. Pre-trains the `tiny` llama of experiments/pretrain.py on the Python standard library (token shards built
+   on first use into data/stdlib) for a couple of minutes, and shows its loss curve.
+Everything goes into a report (markdown + PNG plots) in the work directory. Later issues add their steps here
+(merging, growing, editing).
 """
 from __future__ import annotations
 
@@ -67,8 +70,42 @@ def _nll_plot(tokens, nll):
     return fig
 
 
+def pretrain_tiny(report: Report, workdir: Path, *, steps: int, log=print) -> None:
+    """Trains experiments/pretrain.py:tiny on the stdlib shards and adds its loss curve to the report."""
+    import shutil
+
+    from configurable_fm.train.trainer import train
+    from experiments.pretrain import get_config
+
+    cfg = get_config("tiny")
+    cfg.steps = steps
+    cfg.checkpoint_every = steps
+    cfg.eval_every = max(steps // 3, 1)
+    cfg.optimizer.warmup_steps = max(steps // 20, 1)
+    if workdir.exists():  # the quickstart always shows a fresh run
+        shutil.rmtree(workdir)
+    log(f"pre-training the tiny llama for {steps} steps on the Python standard library (data: {cfg.data.dir})")
+    t0 = time.perf_counter()
+    result = train(cfg, workdir, log=log)
+    seconds = time.perf_counter() - t0
+    first, last = result.losses[min(result.losses)], result.losses[result.step]
+    log(f"  loss {first:.3f} -> {last:.3f}, best validation loss {result.best_val_loss:.3f} ({seconds:.0f}s)")
+    tokens = steps * cfg.batch_size * cfg.seq_len
+    report.section("Pre-training a tiny model", (
+        f"`experiments/pretrain.py:tiny` ({cfg.model.num_layers} layers, width {cfg.model.hidden_size}, "
+        f"SmolLM2's 49152-token vocabulary) on the Python standard library: {steps} steps of "
+        f"{cfg.batch_size} x {cfg.seq_len} tokens ({tokens:,} tokens) in {seconds:.0f} s on this machine. "
+        f"Training loss {first:.3f} -> {last:.3f}; best validation loss {result.best_val_loss:.3f} "
+        f"(perplexity {np.exp(result.best_val_loss):.1f}). Run directory: `{workdir}` "
+        "(metrics.jsonl, TensorBoard events, checkpoints)."))
+    shutil.copy(workdir / "loss.png", report.workdir / "pretrain_loss.png")
+    report.text("![Tiny model loss curve](pretrain_loss.png)\n")
+    report.record(pretrain={"steps": steps, "first_loss": first, "last_loss": last,
+                            "best_val_loss": result.best_val_loss, "seconds": seconds})
+
+
 def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-135m-instruct",
-        max_new_tokens: int = 24, log=print) -> Path:
+        max_new_tokens: int = 24, pretrain_steps: int = 300, log=print) -> Path:
     report = Report(workdir, title="configurable_fm quickstart")
     t0 = time.perf_counter()
     model, tokenizer = load_pretrained(model_name)
@@ -112,6 +149,9 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
                                  f"**perplexity {ppl:.2f}** (mean NLL {nll.mean():.3f} nats).")
     report.figure("nll.png", _nll_plot(ids[0], nll), caption="Per-token NLL on the passage")
     report.record(perplexity=ppl, passage=title, passage_tokens=int(ids.shape[1]))
+
+    if pretrain_steps:
+        pretrain_tiny(report, Path(workdir) / "pretrain_tiny", steps=pretrain_steps, log=log)
     path = report.write()
     log(f"report: {path}")
     return path
