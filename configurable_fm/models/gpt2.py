@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.models import attention as attn
-from configurable_fm.models.layers import ACTIVATIONS, Embed, LayerNorm, Linear, activation
+from configurable_fm.models.layers import ACTIVATIONS, CausalLM, Embed, LayerNorm, Linear, activation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ class GPT2Block(nnx.Module):
         return x_BxTxD + self.mlp(self.ln_2(x_BxTxD)), cache
 
 
-class GPT2(nnx.Module):
+class GPT2(CausalLM):
     """Causal LM. `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache).
 
     `attention_mask` (B, T): 1 for real tokens, 0 for padding (keys at 0 are never attended to).
@@ -170,11 +170,6 @@ class GPT2(nnx.Module):
 
     def logits(self, h_BxTxD):
         return self.wte.attend(h_BxTxD) if self.lm_head is None else self.lm_head(h_BxTxD)
-
-    def __call__(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
-        h, new_cache = self.hidden_states(ids_BxT, attention_mask=attention_mask, positions=positions, cache=cache)
-        logits = self.logits(h)
-        return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> attn.KVCache:
         """An empty KV cache for `max_len` tokens (at most n_positions: wpe has no rows beyond)."""

@@ -94,6 +94,18 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class CausalLM(nnx.Module):
+    """The call shared by decoder families, which define `hidden_states(ids, ...) -> (h, cache)` and `logits(h)`.
+
+    `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache).
+    """
+
+    def __call__(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
+        h, new_cache = self.hidden_states(ids_BxT, attention_mask=attention_mask, positions=positions, cache=cache)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
+
+
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.models import attention as attn
-from configurable_fm.models.layers import Embed, Linear, RMSNorm, activation
+from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation
 from configurable_fm.models.moe import SparseMoE
 
 
@@ -127,7 +127,7 @@ def _remat_layer(layer, x, positions, mask, is_causal, policy):
     return jax.checkpoint(run, policy=policy)(state, x, positions, mask)
 
 
-class Llama(nnx.Module):
+class Llama(CausalLM):
     """Causal LM. `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache).
 
     remat: one of REMAT_POLICIES, applied per decoder layer in cache-free (training) forwards.
@@ -167,11 +167,6 @@ class Llama(nnx.Module):
 
     def logits(self, h_BxTxD):
         return self.embed_tokens.attend(h_BxTxD) if self.lm_head is None else self.lm_head(h_BxTxD)
-
-    def __call__(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
-        h, new_cache = self.hidden_states(ids_BxT, attention_mask=attention_mask, positions=positions, cache=cache)
-        logits = self.logits(h)
-        return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> attn.KVCache:
         cfg = self.cfg
