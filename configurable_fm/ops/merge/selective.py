@@ -1,0 +1,192 @@
+"""Element-selective merge kernels: nearswap, arcee_fusion, ram, ramplus_tl, and passthrough (with scale).
+
+Each kernel follows mergekit 0.1.5 (``mergekit/merge_methods/<name>.py``) to float32 rounding, in the notation
+of shared/research/merging.md section 1.3: base ``b`` (shape ``S``), inputs ``xs`` stacked ``(N, *S)``,
+task vectors ``τ_i = x_i - b``, per-model parameters ``(N,)`` float32, shared parameters scalars. Computed and
+returned in float32. The kernels are pure and wrapped in ``jax.jit`` (an eager call compiles once per shape; inside
+another jit they inline); only ``arcee_fusion``'s ``sample_size`` is static.
+
+Importing this module registers the methods in ``configurable_fm.ops.merge.registry``.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configurable_fm.ops.merge.geometric import _check_inputs, _f32
+from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
+
+F32 = jnp.float32
+ARCEE_FUSION_SAMPLE = 1_000_000  # mergekit's _QUANTILE_SAMPLE_SIZE
+
+
+# --------------------------------------------------------------------------------------------------- nearswap
+@jax.jit
+def nearswap(base, xs, *, key=None, t):
+    """NearSwap, mergekit ``nearswap``: take the other model where it is close to the base.
+
+        w = clamp(t / max(|b - x|, 1e-6), 0, 1);   y = w x + (1 - w) b
+
+    (entries within t of the base move fully to x; far ones stay near b). xs (1, *S), t scalar (may be traced).
+    """
+    _check_inputs("nearswap", base, xs, base_use="required", n_min=1, n_max=1)
+    b = _f32(base)
+    x = _f32(xs[0])
+    w = jnp.clip(_f32(t) / jnp.maximum(jnp.abs(b - x), 1e-6), 0.0, 1.0)
+    return w * x + (1 - w) * b
+
+
+# ----------------------------------------------------------------------------------------------- arcee_fusion
+def _quantile_indices(n: int) -> np.ndarray:
+    """mergekit's indices into the sorted values: int(q (n-1)) for q = 0.25, 0.5, 0.75, computed in float32."""
+    q = np.array([0.25, 0.5, 0.75], np.float32)
+    return (q * np.float32(n - 1)).astype(np.int64)
+
+
+def arcee_importance(b, x):
+    """imp = |x - b| · KL(softmax(x) ‖ softmax(b)), softmax and KL over the last axis (1e-8 added to both
+    distributions), the per-row KL broadcast over the row. b, x (*S) float32 -> (*S)."""
+    p = jax.nn.softmax(x, axis=-1) + 1e-8
+    q = jax.nn.softmax(b, axis=-1) + 1e-8
+    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
+    return jnp.abs(x - b) * kl
+
+
+@functools.partial(jax.jit, static_argnames=("sample_size",))
+def arcee_fusion(base, xs, *, key=None, sample_size: int = ARCEE_FUSION_SAMPLE):
+    """Arcee Fusion, mergekit ``arcee_fusion``: keep only the most important changes of the other model.
+
+        imp = |x - b| · KL(softmax(x) ‖ softmax(b))            (per row over the last axis, see arcee_importance)
+        q_k = sort(imp)[int(k (n - 1))]  for k = 0.25, 0.5, 0.75  (no interpolation; float32 products)
+        y = b + (x - b) · [imp ≥ q_.5 + 1.5 (q_.75 - q_.25)]
+
+    When n = imp.size exceeds ``sample_size`` (mergekit: 10^6, static), the quantiles are taken over
+    ``sample_size`` entries drawn uniformly *with replacement* (as mergekit's torch.randint), here with the
+    explicit ``key`` (jax.random.randint), so the threshold is reproducible from (seed, tensor path) but not
+    bit-equal to mergekit's torch draw; for n ≤ sample_size the result is deterministic and ``key`` unused.
+    The threshold is sensitive to rounding: entries with imp within float32 rounding of it may flip.
+    xs (1, *S); a 0-d tensor is treated as a 1-element row.
+    """
+    _check_inputs("arcee_fusion", base, xs, base_use="required", n_min=1, n_max=1)
+    b = _f32(base)
+    x = _f32(xs[0])
+    shape = b.shape
+    if b.ndim == 0:
+        b, x = b.reshape(1), x.reshape(1)
+    imp = arcee_importance(b, x)
+    flat = imp.reshape(-1)
+    n = flat.size
+    if n > sample_size:
+        if key is None:
+            raise ValueError(
+                f"arcee_fusion: a tensor of {n} elements (> sample_size={sample_size}) needs a PRNG key to "
+                "subsample the importance scores for the quantiles"
+            )
+        flat = flat[jax.random.randint(key, (sample_size,), 0, n)]
+    ordered = jnp.sort(flat)
+    q1, median, q3 = (ordered[int(i)] for i in _quantile_indices(flat.size))
+    threshold = median + 1.5 * (q3 - q1)
+    mask = (imp >= threshold).astype(F32)
+    return (b + (x - b) * mask).reshape(shape)
+
+
+# -------------------------------------------------------------------------------------------- ram, ramplus_tl
+def _ram_parts(b, xs, epsilon):
+    """τ (N, n) with entries |τ| ≤ ε zeroed, the nonzero mask (N, n), contributor counts c (n,)."""
+    tv = (xs - b).reshape(xs.shape[0], -1)
+    nonzero = jnp.abs(tv) > epsilon
+    counts = jnp.sum(nonzero, axis=0)
+    return tv * nonzero, nonzero, counts
+
+
+@jax.jit
+def ram(base, xs, *, key=None, epsilon: float = 1e-5):
+    """Reinforced Agent Merging (arXiv 2601.13572), mergekit ``ram``.
+
+        nz_i = |τ_i| > ε;  c = Σ_i nz_i;  y = b + Σ_i τ_i nz_i ([c = 1] + [c > 1]/c)
+
+    (entries changed by one model are taken whole, entries changed by several are averaged over those).
+    xs (N ≥ 0, *S); with no input the base is returned.
+    """
+    _check_inputs("ram", base, xs, base_use="required", n_min=0)
+    b = _f32(base)
+    xs = _f32(xs)
+    if xs.shape[0] == 0:
+        return b
+    tv, _, counts = _ram_parts(b, xs, epsilon)
+    unique = (counts == 1).astype(F32)
+    overlap = (counts > 1).astype(F32)
+    merged = jnp.sum(tv * unique + tv * overlap / jnp.maximum(counts, 1).astype(F32), axis=0)
+    return b + merged.reshape(b.shape)
+
+
+@jax.jit
+def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5):
+    """RAM+ tensor-local (arXiv 2601.13572), mergekit ``ramplus_tl``: RAM with the unique entries of model i
+    scaled by λ_i = 1 + r · clamp(ρ_i, 0, α),  ρ_i = #shared_i / max(#unique_i, ε)  (counted in this tensor):
+
+        y = b + Σ_i τ_i nz_i ([c = 1] λ_i + [c > 1]/c)
+
+    xs (N ≥ 0, *S); r, alpha, epsilon scalars.
+    """
+    _check_inputs("ramplus_tl", base, xs, base_use="required", n_min=0)
+    b = _f32(base)
+    xs = _f32(xs)
+    if xs.shape[0] == 0:
+        return b
+    tv, nonzero, counts = _ram_parts(b, xs, epsilon)
+    unique = counts == 1
+    overlap = counts > 1
+    shared_counts = jnp.sum(nonzero & overlap, axis=1).astype(F32)
+    unique_counts = jnp.sum(nonzero & unique, axis=1).astype(F32)
+    rho = shared_counts / jnp.maximum(unique_counts, _f32(epsilon))
+    lam = 1 + _f32(r) * jnp.clip(rho, 0.0, alpha)
+    merged = jnp.sum(
+        tv * unique.astype(F32) * lam[:, None] + tv * overlap.astype(F32) / jnp.maximum(counts, 1).astype(F32),
+        axis=0,
+    )
+    return b + merged.reshape(b.shape)
+
+
+# ------------------------------------------------------------------------------------------------ passthrough
+@jax.jit
+def passthrough(base, xs, *, key=None, scale=None):
+    """Passthrough, mergekit ``passthrough``: y = x, or y = x · scale when a scale is given.
+
+    xs (1, *S); scale None, a scalar or a (1,) array (per-model parameter; a value resolved per tensor, e.g.
+    0 for o_proj/down_proj of duplicated layers). The base is ignored.
+    """
+    _check_inputs("passthrough", None, xs, base_use="ignored", n_min=1, n_max=1)
+    x = _f32(xs[0])
+    if scale is None:
+        return x
+    s = _f32(scale)
+    if s.size != 1:
+        raise ValueError(f"passthrough: parameter 'scale' must be one value for the single input, got shape {s.shape}")
+    return x * s.reshape(())
+
+
+# --------------------------------------------------------------------------------------------------- registry
+register(MergeMethod(
+    name="nearswap", kernel=nearswap, base="required", min_inputs=1, max_inputs=1,
+    shared={"t": REQUIRED},
+    doc="move to the other model where it is within t of the base"))
+register(MergeMethod(
+    name="arcee_fusion", kernel=arcee_fusion, base="required", min_inputs=1, max_inputs=1,
+    randomized=True,  # only tensors over 10^6 elements draw a quantile subsample from the key
+    doc="keep the other model's changes whose importance |Δ|·KL exceeds median + 1.5 IQR"))
+register(MergeMethod(
+    name="ram", kernel=ram, base="required", min_inputs=0,
+    shared={"epsilon": 1e-5},
+    doc="task vectors: unique changes summed, shared changes averaged"))
+register(MergeMethod(
+    name="ramplus_tl", kernel=ramplus_tl, base="required", min_inputs=0,
+    shared={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    doc="RAM with unique changes rescaled by the tensor-local overlap ratio"))
+register(MergeMethod(
+    name="passthrough", kernel=passthrough, base="ignored", min_inputs=1, max_inputs=1,
+    per_model={"scale": None},
+    doc="copy the single input, optionally times a per-tensor scale"))
