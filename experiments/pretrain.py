@@ -45,8 +45,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         rope_theta=10000.0, rms_norm_eps=1e-5))
 
     c.optimizer = ml_collections.ConfigDict(dict(
-        name="adamw", lr=lr, schedule="cosine", warmup_steps=max(steps // 20, 1), min_lr_ratio=0.1,
+        name="adamw", lr=lr, schedule="cosine", warmup_steps=0, min_lr_ratio=0.1,
         decay_fraction=0.2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0))
+
+    c.optimizer.warmup_steps = c.get_ref("steps") // 20  # follows --config.steps overrides (5% warmup)
 
     c.data = ml_collections.ConfigDict(dict(
         kind="shards", dir="data/stdlib", prepare="stdlib", eval_batch_size=batch, max_eval_batches=8))

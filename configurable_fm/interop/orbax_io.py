@@ -60,7 +60,10 @@ def load_model(path: str | Path, *, dtype=jnp.float32) -> nnx.Module:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path / MODEL_CONFIG}: invalid JSON ({e})") from None
     abstract = nnx.eval_shape(lambda: build_model(config_from_dict(spec), param_dtype=dtype))
-    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_state(abstract).items()}
+    # An explicit target device: a checkpoint saved sharded over other devices or processes (a multi-host run's
+    # best/) restores here too, whatever topology wrote it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in flat_state(abstract).items()}
     try:
         values = restore_params(path / PARAMS_DIR, target)
     except Exception as e:  # orbax raises assorted errors for missing/mis-shaped entries

@@ -40,9 +40,9 @@ from flax import nnx
 from configurable_fm import sharding as shd
 from configurable_fm.bricks.paths import flat_params, flat_state, path_str, with_params
 from configurable_fm.bricks.select import glob_to_regex
-from configurable_fm.interop import orbax_io
 from configurable_fm.models.factory import build_model, config_to_dict, load_model
 from configurable_fm.train import flops as flops_lib
+from configurable_fm.train.distributed import save_model_collective
 from configurable_fm.train.metrics import MetricWriter, ProgressBar, plot_loss_curve, read_metrics
 from configurable_fm.train.optim import make_optimizer
 
@@ -191,9 +191,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
     data: an object with `train_batches(process_index, process_count)` -> the training iterator (with
     get_state/set_state) and `eval_batches()` -> an iterable of evaluation batches, plus `manifest` (dict or
     None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) -> {metric: value}}
-    evaluated with the validation loss.
+    evaluated with the validation loss, added to those of `config.task_metrics` (synthetic task names: exact
+    match of greedy generations, logged as '<task>/exact_match'; see train/data.py make_task_metrics).
     """
-    from configurable_fm.train.data import make_data
+    from configurable_fm.train.data import make_data, make_task_metrics
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -219,8 +220,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
     del everything
 
     tx, schedule = make_optimizer(cfg.optimizer, cfg.steps)
+    # Pin the optimizer state's shardings (replicated where the init left them unset), and below make the step
+    # return exactly the shardings it was given, so its first call is the only compilation.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_state = jax.jit(tx.init)(params)
+    opt_shardings = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+        else replicated, opt_state)
+    opt_state = jax.device_put(opt_state, opt_shardings)
+    param_shardings = {k: shardings[k] for k in params}
     data = data or make_data(cfg)
+    # config.task_metrics (task names) plus the callables passed in; the task data's tokenizer is reused.
+    task_metrics = {**make_task_metrics(cfg, getattr(data, "tokenizer", None)), **(task_metrics or {})}
     train_iter = data.train_batches(jax.process_index(), jax.process_count())
 
     # Resume from the last complete checkpoint, if any (orbax only exposes finalized steps).
@@ -247,7 +258,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
             "trainable": trainable_paths if len(trainable_paths) < len(parts.keys) else "all",
             "data_manifest": data.manifest})
 
-    train_step = jax.jit(make_train_step(parts, tx, cfg.grad_accum_steps), donate_argnums=(0, 1))
+    train_step = jax.jit(make_train_step(parts, tx, cfg.grad_accum_steps), donate_argnums=(0, 1),
+                         out_shardings=(param_shardings, opt_shardings, replicated))
     eval_step = jax.jit(make_eval_step(parts))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flop_count = flops_lib.flops_per_token(model.cfg, cfg.seq_len)
@@ -318,8 +330,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
                 val_loss = ev["val_loss"]
                 if best_val is None or val_loss < best_val:
                     best_val = val_loss
-                    if jax.process_index() == 0:
-                        orbax_io.save_model(parts.merge(params, frozen), workdir / "best", overwrite=True)
+                    # every process takes part: the arrays may be sharded over all processes' devices
+                    save_model_collective(parts.merge(params, frozen), workdir / "best", overwrite=True)
             if writer:
                 writer.write(step, **record)
             bar.update(step, loss=loss, tokens_per_s=tps, mfu=record.get("mfu"))

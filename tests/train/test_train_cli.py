@@ -1,0 +1,194 @@
+"""scripts/train.py through its real command line: the config file's docstring command runs, a mistyped key fails
+naming the key and the valid keys, a bad variant fails naming the known ones.
+
+The helpers here (a tiny character-level token dataset, the child environment, running the CLI) are shared with
+test_resume_kill.py and test_multiprocess.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = ROOT / "scripts" / "train.py"
+PRETRAIN = ROOT / "experiments" / "pretrain.py"
+CHARS = ["<eos>", "<unk>"] + list(string.printable[:95])  # ids 0, 1, then digits, letters, punctuation, space
+VOCAB = len(CHARS)  # 97
+WORDS = ("the a model learns tokens from text and data in steps with loss over time each batch of small "
+         "checkpoints resume after kill").split()
+
+
+def build_tiny_dataset(root: Path) -> Path:
+    """A character-level tokenizer (tokenizer.json, 97 ids) and ~5k tokens of seeded word salad, built with
+    `shards.build_dataset` from a `files` source; returns the dataset directory (train ~4.4k, validation ~0.9k)."""
+    from tokenizers import Tokenizer, models
+
+    from configurable_fm.data.shards import build_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[], unk_token="<unk>"))
+    tok.save(str(root / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    (root / "text").mkdir(exist_ok=True)
+    for d in range(6):
+        (root / "text" / f"doc{d}.txt").write_text(" ".join(rng.choice(WORDS, 170)) + ".\n")
+    build_dataset({"name": "tiny_chars", "sources": ("files",), "tokenizer": str(root / "tokenizer.json"),
+                   "eos_id": 0, "files": {"root": str(root / "text")}, "validation_fraction": 0.2},
+                  root / "data")
+    return root / "data"
+
+
+def tiny_overrides(data_dir: Path, **extra) -> list[str]:
+    """--config.* flags making experiments/pretrain.py:tiny a seconds-long CPU run on `data_dir`."""
+    values = {"data.dir": str(data_dir), "model.vocab_size": VOCAB, "model.hidden_size": 32,
+              "model.intermediate_size": 64, "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+              "seq_len": 16, "batch_size": 8, "steps": 30, "checkpoint_every": 5, "log_every": 1,
+              "eval_every": 10, "data.max_eval_batches": 2, "progress": False, "mesh.shape": "(1,1,1)",
+              "optimizer.warmup_steps": 3, **extra}
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def child_env(cache_dir: Path | None = None, devices: int = 1, **extra: str) -> dict:
+    """The environment of a training subprocess: CPU, `devices` host devices, and (optionally) a persistent
+    compilation cache shared by the runs of a test module (the same executables, compiled once)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CFM_"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    if cache_dir is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.update(extra)
+    return env
+
+
+def compile_cache(tmp_path_factory) -> Path:
+    """A persistent JAX compilation cache shared by the training subprocesses of this pytest session (runs with
+    the same config reuse executables: only compile time changes, never results)."""
+    path = tmp_path_factory.getbasetemp() / "jax_compilation_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def train_command(workdir: Path, overrides: list[str], *, variant: str = "tiny") -> list[str]:
+    return [sys.executable, str(TRAIN), "--config", f"{PRETRAIN}:{variant}", "--workdir", str(workdir), *overrides]
+
+
+def run_train(args: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def metric_records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses_by_step(workdir: Path) -> dict[int, dict]:
+    """{step: {'loss', 'val_loss'?}} from metrics.jsonl; a duplicated step is an error."""
+    out = {}
+    for r in metric_records(workdir):
+        assert r["step"] not in out, f"step {r['step']} is logged twice in {workdir / 'metrics.jsonl'}"
+        out[r["step"]] = {k: r[k] for k in ("loss", "val_loss", "grad_norm") if k in r}
+    return out
+
+
+def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                                  f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny_chars"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return child_env(compile_cache(tmp_path_factory))
+
+
+# --------------------------------------------------------------------------------------------------- the tests
+def docstring_commands(path: Path) -> list[str]:
+    """The `python scripts/train.py ...` lines of a config file's module docstring (comments removed)."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    return [line.split("#")[0].strip() for line in doc.splitlines()
+            if line.strip().startswith("python scripts/train.py")]
+
+
+def test_docstring_command_runs(dataset, env, tmp_path):
+    """The tiny command of experiments/pretrain.py's docstring, made seconds long by overrides, trains and writes
+    its workdir."""
+    (command,) = [c for c in docstring_commands(PRETRAIN) if ":tiny " in c + " "]
+    args = shlex.split(command)
+    assert args[:2] == ["python", "scripts/train.py"] and "--workdir" in args, command
+    args[0] = sys.executable
+    args[args.index("--workdir") + 1] = str(tmp_path / "run")
+    proc = checked(run_train(args + tiny_overrides(dataset), env))  # 30 steps, as the other modules' runs
+    assert re.search(r"done: step 30, last loss \d+\.\d+", proc.stdout), proc.stdout
+    steps = [r["step"] for r in metric_records(tmp_path / "run")]
+    assert steps == list(range(1, 31))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["steps"] == 30 and config["model"]["vocab_size"] == VOCAB and config["data"]["dir"] == str(dataset)
+    for name in ("run_info.json", "loss.png", "best/model_config.json", "checkpoints/30", "tensorboard"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert "Finished saving checkpoint" not in proc.stdout + proc.stderr  # orbax's INFO logs stay quiet
+
+
+@pytest.mark.parametrize("flag, bad, level", [
+    ("--config.stpes=3", "stpes", "config"),
+    ("--config.optimizer.lrr=1e-3", "lrr", "config.optimizer"),
+    ("--config.mesh.shapes=(1,1,1)", "shapes", "config.mesh"),
+])
+def test_mistyped_key_names_it_and_the_valid_keys(tmp_path, flag, bad, level):
+    from experiments.pretrain import get_config
+
+    proc = run_train(train_command(tmp_path / "run", [flag]), child_env(), timeout=120)
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert f"{flag.split('=')[0]}: {level} has no key {bad!r}" in err, err[-3000:]
+    listed = re.search(rf"valid keys of {re.escape(level)}: (.*)", err)
+    assert listed, err[-3000:]
+    node = get_config("tiny")
+    for key in level.split(".")[1:]:
+        node = node[key]
+    assert [k.strip() for k in listed.group(1).split(",")] == sorted(node.keys())
+    assert "Traceback" not in err  # a usage error, not a crash
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_mistyped_key_suggests_the_close_one(tmp_path):
+    proc = run_train(train_command(tmp_path / "run", ["--config.stpes=3"]), child_env(), timeout=120)
+    assert "did you mean 'steps'?" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_override_below_a_leaf_is_refused(tmp_path):
+    proc = run_train(train_command(tmp_path / "run", ["--config.steps.x=3"]), child_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "--config.steps.x: config.steps is a value of type int, not a config with keys" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+def test_bad_variant_names_the_known_ones(tmp_path):
+    proc = run_train(train_command(tmp_path / "run", [], variant="tinyy"), child_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "unknown pretrain variant 'tinyy'; known: ['125m', '1b', 'small', 'tiny']" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    proc = run_train([sys.executable, str(TRAIN), "--config", "experiments/nope.py:tiny", "--workdir",
+                      str(tmp_path / "run"), "--config.steps=3"], child_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "--config=experiments/nope.py:tiny: no such config file 'experiments/nope.py'" in proc.stderr, proc.stderr
