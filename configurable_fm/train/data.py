@@ -55,9 +55,10 @@ class TokenData:
         return pipeline.PackedBatches(self.train_tokens, seq_len=self.seq_len, global_batch_size=self.batch_size,
                                       seed=self.seed, process_index=process_index, process_count=process_count)
 
-    def eval_batches(self) -> Iterator[dict]:
+    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
         return pipeline.eval_batches(self.val_tokens, self.seq_len, self.eval_batch_size,
-                                     max_batches=self.max_eval_batches)
+                                     max_batches=self.max_eval_batches, process_index=process_index,
+                                     process_count=process_count)
 
 
 @dataclasses.dataclass
@@ -79,9 +80,10 @@ class ExampleData:
         return pipeline.from_examples(self.train, batch_size=self.batch_size, seed=self.seed,
                                       process_index=process_index, process_count=process_count)
 
-    def eval_batches(self) -> Iterator[dict]:
+    def eval_batches(self, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
         """Every held-out row once, in order; the last batch padded with rows of 'mask' 0."""
-        return pipeline.eval_example_batches(self.val, self.eval_batch_size, self.max_eval_batches)
+        return pipeline.eval_example_batches(self.val, self.eval_batch_size, self.max_eval_batches,
+                                             process_index=process_index, process_count=process_count)
 
 
 # ------------------------------------------------------------------------------------------ shards

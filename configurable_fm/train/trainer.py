@@ -189,7 +189,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
     """Runs (or resumes) the training described by `config` in `workdir`.
 
     data: an object with `train_batches(process_index, process_count)` -> the training iterator (with
-    get_state/set_state) and `eval_batches()` -> an iterable of evaluation batches, plus `manifest` (dict or
+    get_state/set_state) and `eval_batches(process_index, process_count)` -> this process's rows of the
+    evaluation batches, plus `manifest` (dict or
     None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) -> {metric: value}}
     evaluated with the validation loss, added to those of `config.task_metrics` (synthetic task names: exact
     match of greedy generations, logged as '<task>/exact_match'; see train/data.py make_task_metrics).
@@ -270,7 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
 
     def evaluate(step):
         nll = count = 0.0
-        for batch in data.eval_batches():
+        for batch in data.eval_batches(jax.process_index(), jax.process_count()):
             s, c = eval_step(params, frozen, _to_global(batch, mesh, rules))
             nll, count = nll + float(s), count + float(c)
         metrics = {"val_loss": nll / max(count, 1.0)}
