@@ -1,0 +1,288 @@
+"""Sparsifiers of task vectors, as in mergekit 0.1.5 (`mergekit/sparsify.py`), in jit-able JAX.
+
+Notation (merging.md 1.3): a task vector δ (any shape S, n elements), density d, computed in float32.
+
+- ``magnitude`` (TIES trim): keep the k = max(1, int(d·n)) entries of largest |δ| over the flattened tensor.
+- ``magnitude_outliers`` (Model Breadcrumbs, 0.1.5 window): target = int(d·n), n_top = int(γ·n),
+  n_bot = max(0, n − target − n_top); sort |δ| ascending and keep ranks [n_bot, n_bot + target).
+- ``random`` (DARE): keep each entry with probability d, mask ~ Bernoulli(d).
+- ``della_magprune`` (DELLA MagPrune): per row (axis 1 of a >=2-D tensor, the whole tensor if 1-D), rank |δ|
+  ascending (1..m); p = (d − ε) + 2ε·(rank − 1)/(m − 1); mask ~ Bernoulli(p). Requires 0 < d − ε, d + ε < 1.
+
+Common rules: d ≥ 1 returns δ unchanged (no mask, no rescale); d ≤ 0 returns zeros (mergekit 0.1.5 does this for
+magnitude and della; for random/outliers it follows from the empty mask, except that mergekit raises for a negative
+DARE density and keeps an odd window for a negative breadcrumbs density: we return zeros).
+
+Rescaling the kept entries, m = δ ⊙ mask:
+- ``"l1"`` (mergekit's `rescale: true`): m · ‖δ‖₁/‖m‖₁, skipped when either norm < 1e-7;
+- ``"inv_p"`` (the DARE/DELLA papers): m / p with p the keep probability (d; DELLA's per-entry p);
+- ``None``: m.
+
+Ties in magnitude. Ranks are taken in a *stable* order: among equal |δ| the lower flattened index ranks first
+(descending order for ``magnitude``: it is kept first; ascending for the others). mergekit uses torch's
+unstable CPU sort (`torch.argsort`), which is stable (and so identical to this) for tensors of at most 16 elements,
+but orders ties arbitrarily above that; with distinct magnitudes the results are identical at every size.
+
+Counts. mergekit computes int(d·n) in Python double precision. Kernels get densities as float32 arrays; when they
+are concrete (not traced by jit), the decimal the user wrote is recovered from the float32 (its shortest repr,
+e.g. 0.58) and the count is computed exactly as mergekit does. When densities are traced (passed as jit
+arguments) the count is trunc(f32(d)·f32(n)) in float32, which can differ by one in rare cases (d=0.58, n=50:
+28 in mergekit, 29 in float32). Pass densities concretely (close over them) for bit-exact agreement.
+
+`int8_mask` in mergekit only changes the dtype of masks (memory); it has no effect on results here.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SparsifyMethod = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
+Rescale = Optional[Literal["l1", "inv_p"]]
+SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
+RANDOM_METHODS = ("random", "della_magprune")
+L1_EPS = 1e-7
+
+
+def normalize_rescale(rescale) -> Rescale:
+    """mergekit's boolean `rescale` (True -> "l1", False -> None) or an explicit "l1" | "inv_p" | None."""
+    if rescale is None or rescale is False:
+        return None
+    if rescale is True:
+        return "l1"
+    if isinstance(rescale, str) and rescale.lower() in ("l1", "inv_p"):
+        return rescale.lower()  # type: ignore[return-value]
+    if isinstance(rescale, str) and rescale.lower() in ("none", "false"):
+        return None
+    raise ValueError(f"parameter rescale must be 'l1', 'inv_p', None or a bool, got {rescale!r}")
+
+
+def concrete(x) -> Optional[np.ndarray]:
+    """`x` as a numpy array when it is concrete, None when it is a tracer."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def as_double(x) -> Optional[np.ndarray]:
+    """Concrete values as float64, recovering the decimal a float32 was rounded from (float32(0.7) -> 0.7)."""
+    arr = concrete(x)
+    if arr is None:
+        return None
+    if arr.dtype == np.float64 or arr.dtype.kind in "iub":
+        return arr.astype(np.float64)
+    f32 = arr.astype(np.float32)
+    return np.vectorize(lambda v: float(str(np.float32(v))), otypes=[np.float64])(f32) if f32.size else f32.astype(
+        np.float64
+    )
+
+
+def trunc_count(frac, n: int) -> jax.Array:
+    """int(frac · n) as mergekit computes it (Python double, truncation toward zero), int32, frac's shape.
+
+    Exact when `frac` is concrete; trunc(f32(frac)·f32(n)) when traced (see the module docstring)."""
+    d = as_double(frac)
+    if d is not None:
+        return jnp.asarray(np.clip(np.trunc(d * float(n)), -(2**31), 2**31 - 1).astype(np.int32))
+    return jnp.trunc(jnp.asarray(frac, jnp.float32) * jnp.float32(n)).astype(jnp.int32)
+
+
+def magnitude_window(density, n: int):
+    """The rank window [0, k) of `magnitude` (ranks in descending |δ|), k = max(1, int(d·n))."""
+    k = jnp.maximum(trunc_count(density, n), 1)
+    return jnp.zeros_like(k), k
+
+
+def outliers_window(density, gamma, n: int):
+    """The rank window [n_bot, n_bot + target) of `magnitude_outliers` (ranks in ascending |δ|)."""
+    target = trunc_count(density, n)
+    n_top = trunc_count(gamma, n)
+    n_bot = jnp.maximum(0, n - target - n_top)
+    return n_bot, n_bot + target
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 with the same order (the usual sign flip; -0.0 is made +0.0 first, NaN sorts last)."""
+    x = x.astype(jnp.float32)
+    b = jax.lax.bitcast_convert_type(jnp.where(x == 0, jnp.float32(0), x), jnp.uint32)
+    return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _select(keys: jax.Array, ranks) -> jax.Array:
+    """The ranks[j]-th smallest of `keys` (uint32, 0-based ranks, a short static list), by a 32-step radix
+    search: the largest p with #(keys < p) <= rank, built bit by bit from the top. O(32 n), no sort; the
+    ranks share each pass over the data."""
+    ranks = jnp.stack([jnp.asarray(r, jnp.int32) for r in ranks])
+
+    def step(i, prefix):
+        cand = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        counts = jnp.stack([jnp.sum(keys < cand[j], dtype=jnp.int32) for j in range(ranks.shape[0])])
+        return jnp.where(counts <= ranks, cand, prefix)
+
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros(ranks.shape, jnp.uint32))
+
+
+@jax.jit
+def rank_window_mask(v: jax.Array, lo, hi) -> jax.Array:
+    """Mask (shape of v) of the entries whose rank r in the stable ascending order of v.ravel() has lo <= r < hi.
+
+    Stable: equal values rank by flattened index. No sort: t_lo, t_hi = the values of rank lo and hi − 1 (radix
+    selection); an entry has r >= lo iff v > t_lo, or v == t_lo and #(v < t_lo) + #(v == t_lo before it) >= lo
+    (and symmetrically r < hi at t_hi)."""
+    keys = _order_keys(v.reshape(-1))
+    n = keys.shape[0]
+    if n == 0:
+        return jnp.zeros(v.shape, bool)
+    lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, n)
+    hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
+
+    def rank_of_ties(t):  # rank of each entry equal to t (garbage elsewhere)
+        eq = keys == t
+        return jnp.sum(keys < t, dtype=jnp.int32) + jnp.cumsum(eq, dtype=jnp.int32) - 1, eq
+
+    t_lo, t_hi = _select(keys, (jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)))
+    r_lo, eq_lo = rank_of_ties(t_lo)
+    r_hi, eq_hi = rank_of_ties(t_hi)
+    above_lo = (keys > t_lo) | (eq_lo & (r_lo >= lo))
+    below_hi = (keys < t_hi) | (eq_hi & (r_hi < hi))
+    return (above_lo & below_hi & (lo < hi)).reshape(v.shape)
+
+
+def magnitude_mask(delta: jax.Array, density) -> jax.Array:
+    """Bool mask of the k = max(1, int(d·n)) largest |δ| (ties: lower flat index first). d scalar."""
+    lo, hi = magnitude_window(density, delta.size)
+    return rank_window_mask(-jnp.abs(delta.astype(jnp.float32)), lo, hi)
+
+
+def magnitude_outliers_mask(delta: jax.Array, density, gamma) -> jax.Array:
+    """Bool mask of Breadcrumbs' window: drop the int(γ·n) largest |δ| and the smallest, keep int(d·n)."""
+    lo, hi = outliers_window(density, gamma, delta.size)
+    return rank_window_mask(jnp.abs(delta.astype(jnp.float32)), lo, hi)
+
+
+def random_mask(key: jax.Array, density, shape) -> jax.Array:
+    """DARE mask ~ Bernoulli(d) (bool), drawn from `key`."""
+    return _random_mask(key, jnp.asarray(density, jnp.float32), tuple(int(s) for s in shape))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _random_mask(key, density, shape):
+    return jax.random.bernoulli(key, jnp.clip(density, 0.0, 1.0), shape)
+
+
+@jax.jit
+def della_probabilities(delta: jax.Array, density, epsilon) -> jax.Array:
+    """DELLA MagPrune keep probabilities p = (d − ε) + 2ε·(rank − 1)/(m − 1), float32, shape of δ.
+
+    Ranks (1..m) of |δ| ascending along axis 1 (axis 0 for a 1-D tensor; a 0-D tensor is one entry), stable
+    (ties: lower index ranks first). A row of one entry (m = 1) gets p = d."""
+    a = jnp.abs(delta.astype(jnp.float32))
+    axis = 1 if a.ndim >= 2 else 0
+    a1 = a.reshape(1) if a.ndim == 0 else a
+    m = a1.shape[axis]
+    perm = jnp.argsort(a1, axis=axis, stable=True)
+    iota = jax.lax.broadcasted_iota(perm.dtype, perm.shape, axis)
+    ranks = jnp.put_along_axis(jnp.zeros_like(perm), perm, iota, axis=axis, inplace=False).astype(jnp.float32)  # r-1
+    rank_norm = jnp.clip(ranks / jnp.float32(m - 1), 0.0, 1.0) if m > 1 else jnp.full(a1.shape, 0.5, jnp.float32)
+    d = jnp.asarray(density, jnp.float32)
+    eps = jnp.asarray(epsilon, jnp.float32)
+    return ((d - eps) + rank_norm * 2 * eps).reshape(a.shape)
+
+
+@jax.jit
+def della_mask(key: jax.Array, delta: jax.Array, density, epsilon) -> jax.Array:
+    """DELLA mask ~ Bernoulli(p) with `della_probabilities` (bool), drawn from `key`."""
+    p = della_probabilities(delta, density, epsilon)
+    return jax.random.bernoulli(key, jnp.clip(p, 0.0, 1.0), p.shape)
+
+
+def rescale_masked(delta: jax.Array, mask: jax.Array, rescale: Rescale, keep_prob=None) -> jax.Array:
+    """m = δ ⊙ mask, rescaled: "l1" -> m·‖δ‖₁/‖m‖₁ (unless a norm < 1e-7); "inv_p" -> m/p; None -> m."""
+    delta = delta.astype(jnp.float32)
+    masked = delta * mask.astype(jnp.float32)
+    if rescale is None:
+        return masked
+    if rescale == "l1":
+        before = jnp.sum(jnp.abs(delta))
+        after = jnp.sum(jnp.abs(masked))
+        skip = (before < L1_EPS) | (after < L1_EPS)
+        return jnp.where(skip, masked, masked * (before / jnp.where(skip, 1.0, after)))
+    if rescale == "inv_p":
+        if keep_prob is None:
+            raise ValueError("rescale='inv_p' needs the keep probability")
+        p = jnp.broadcast_to(jnp.asarray(keep_prob, jnp.float32), masked.shape)
+        return jnp.where(p > 0, masked / jnp.where(p > 0, p, 1.0), 0.0)
+    raise ValueError(f"parameter rescale must be 'l1', 'inv_p' or None, got {rescale!r}")
+
+
+def check_della(density, epsilon, *, what: str = "della_magprune") -> None:
+    """mergekit's check 0 < d − ε and d + ε < 1 for every 0 < d < 1 (only when the values are concrete)."""
+    d, e = as_double(density), as_double(epsilon)
+    if d is None or e is None:
+        return
+    d, e = np.broadcast_arrays(np.atleast_1d(d), np.atleast_1d(e))
+    for i, (di, ei) in enumerate(zip(d.ravel(), e.ravel())):
+        if 0 < di < 1 and (di + ei >= 1 or di - ei <= 0):
+            raise ValueError(
+                f"{what}: model {i}: density ± epsilon must lie in (0, 1), got density={di:g}, epsilon={ei:g}"
+            )
+
+
+@functools.partial(jax.jit, static_argnames=("method", "rescale"))
+def sparsify_core(delta, density, method: SparsifyMethod, window, *, epsilon=None, rescale: Rescale = None,
+                  key=None, mask=None) -> jax.Array:
+    """One task vector with precomputed rank window (lo, hi) (for magnitude/outliers); vmap-able over models."""
+    delta = delta.astype(jnp.float32)
+    d = jnp.asarray(density, jnp.float32)
+    keep_prob = d
+    if method == "magnitude":
+        m = rank_window_mask(-jnp.abs(delta), *window) if mask is None else mask
+    elif method == "magnitude_outliers":
+        m = rank_window_mask(jnp.abs(delta), *window) if mask is None else mask
+    elif method == "random":
+        m = _random_mask(key, d, delta.shape) if mask is None else mask
+    elif method == "della_magprune":
+        if mask is None or rescale == "inv_p":  # an injected mask needs the probabilities only for inv_p
+            keep_prob = della_probabilities(delta, d, epsilon)
+        m = jax.random.bernoulli(key, jnp.clip(keep_prob, 0.0, 1.0), delta.shape) if mask is None else mask
+    else:
+        raise ValueError(f"unknown sparsification method {method!r}; known: {SPARSIFY_METHODS}")
+    out = rescale_masked(delta, m.astype(bool), rescale, keep_prob)
+    return jnp.where(d >= 1, delta, jnp.where(d <= 0, 0.0, out))
+
+
+def window_for(method: SparsifyMethod, density, n: int, gamma=None):
+    """Rank windows (lo, hi) for `method` (arrays of density's shape); None for random methods."""
+    if method == "magnitude":
+        return magnitude_window(density, n)
+    if method == "magnitude_outliers":
+        if gamma is None:
+            raise ValueError("magnitude_outliers needs gamma")
+        return outliers_window(density, gamma, n)
+    return None
+
+
+def sparsify(delta: jax.Array, density, method: SparsifyMethod, *, gamma=0.01, epsilon=0.15, rescale=None,
+             key: Optional[jax.Array] = None, mask: Optional[jax.Array] = None) -> jax.Array:
+    """Sparsify one task vector δ (shape S) as mergekit's `sparsify(...)`; float32 (S).
+
+    density, gamma, epsilon: scalars; rescale: "l1" | "inv_p" | None (or mergekit's bool);
+    key: PRNG key for "random"/"della_magprune"; mask: a bool/0-1 mask (S) used instead of the drawn/ranked one.
+    """
+    if method not in SPARSIFY_METHODS:
+        raise ValueError(f"unknown sparsification method {method!r}; known: {SPARSIFY_METHODS}")
+    rescale = normalize_rescale(rescale)
+    if method in RANDOM_METHODS and mask is None and key is None:
+        raise ValueError(f"sparsification {method!r} needs key= (a PRNG key) or mask=")
+    if mask is not None and tuple(jnp.shape(mask)) != tuple(delta.shape):
+        raise ValueError(f"mask has shape {tuple(jnp.shape(mask))} but the task vector has {tuple(delta.shape)}")
+    if method == "della_magprune":
+        check_della(density, epsilon)
+    window = window_for(method, density, delta.size, gamma)
+    return sparsify_core(jnp.asarray(delta), jnp.asarray(density, jnp.float32), method, window,
+                         epsilon=None if method != "della_magprune" else jnp.asarray(epsilon, jnp.float32),
+                         rescale=rescale, key=key, mask=None if mask is None else jnp.asarray(mask))

@@ -1,0 +1,313 @@
+"""The task-vector family: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA (mergekit's generalized task
+arithmetic) and SCE, as per-tensor kernels registered in `registry.METHODS`.
+
+Notation (merging.md 1.3): base b (shape S), inputs x_i stacked as xs (N, *S), task vectors δ_i = x_i − b,
+per-model weight w_i and density d_i, all computed in float32.
+
+Generalized task arithmetic (mergekit 0.1.5 `GeneralizedTaskArithmeticMerge.merge_group`):
+  1. δ_i ← sparsify(δ_i, d_i, γ_i | ε_i, rescale)                      (sparsify.py; skipped without a sparsifier)
+  2. D_i = w_i δ_i                                                     (weights applied before the election)
+  3. election (consensus methods only), s = ±1 per entry (+1 where the statistic is >= 0):
+       "weighted_sum" (mergekit, TIES "mass"):  s = sign(Σ_i D_i),       M_i = [sign(D_i) == s]
+       "sum"          (TIES paper / PEFT "total"): s = sign(Σ_i δ_i),    M_i = [sign(δ_i) == s]
+       "weighted_count" (mergekit's unused "count"): s = sign(Σ_i sign(D_i)), M_i = [sign(D_i) == s]
+       "count"        (PEFT "frequency"):        s = sign(Σ_i sign(δ_i)),  M_i = [sign(δ_i) == s]
+     exact zeros never agree (sign 0 ≠ ±1). mixed = Σ_i M_i D_i, div = Σ_i M_i w_i (divisor="weights", mergekit)
+     or Σ_i M_i (divisor="count", PEFT's disjoint mean); div == 0 -> 1.
+     Without election: mixed = Σ_i D_i, div = Σ_i w_i (|div| < 1e-8 -> 1) or N (divisor="count").
+  4. if normalize: mixed /= div;  mixed *= λ;  y = b + mixed.
+
+Registered methods and mergekit's defaults (consensus, sparsifier, normalize, rescale):
+  task_arithmetic (none, none, False, -)      ties (sum, magnitude, True, None)
+  dare_linear (none, random, False, "l1")     dare_ties (sum, random, False, "l1")
+  breadcrumbs (none, outliers, False, None)   breadcrumbs_ties (sum, outliers, False, None)
+  della_linear (none, della, False, "l1")     della (sum, della, True, "l1")
+with density = 1, λ = 1, γ = 0.01, ε = 0.15. `int8_mask` is accepted and ignored (memory only in mergekit).
+`rescale` takes mergekit's bool (True = "l1") or "l1" | "inv_p" | None.
+
+Randomised kernels (dare_*, della*) draw the mask of input i from `fold_in(key, i)` (see keys.py), or take the
+masks as `masks=` (N, *S) (bool or 0/1), e.g. to reproduce a torch run. A no-input call (N = 0) returns b.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configurable_fm.ops.merge import sparsify as sp
+from configurable_fm.ops.merge.keys import model_keys
+from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
+
+Election = Optional[Literal["weighted_sum", "sum", "weighted_count", "count"]]
+Divisor = Literal["weights", "count"]
+ELECTIONS = ("weighted_sum", "sum", "weighted_count", "count")
+DIVISORS = ("weights", "count")
+
+
+def _inputs(method: str, base, xs):
+    if base is None:
+        raise ValueError(f"{method}: a base tensor is required")
+    base = jnp.asarray(base).astype(jnp.float32)
+    xs = jnp.asarray(xs).astype(jnp.float32)
+    if xs.ndim != base.ndim + 1 or tuple(xs.shape[1:]) != tuple(base.shape):
+        raise ValueError(
+            f"{method}: inputs are stacked as {tuple(xs.shape)} but the base is {tuple(base.shape)}; "
+            f"expected (N, {', '.join(map(str, base.shape))})"
+        )
+    return base, xs
+
+
+def _per_model(method: str, name: str, value, n: int) -> jax.Array:
+    """A per-model parameter as float32 (N,): a scalar broadcasts, else its length must be N."""
+    if value is None:
+        raise ValueError(f"{method}: parameter {name!r} is required")
+    v = jnp.asarray(value, jnp.float32)
+    if v.ndim == 0:
+        return jnp.broadcast_to(v, (n,))
+    if v.shape != (n,):
+        raise ValueError(f"{method}: parameter {name!r} has shape {tuple(v.shape)}, expected ({n},), one per model")
+    return v
+
+
+def _keep_source(method: str, name: str, value, n: int):
+    """Like _per_model, but keeps a concrete value concrete (exact mergekit counts, see sparsify.trunc_count)."""
+    arr = sp.concrete(value)
+    if arr is None:
+        return _per_model(method, name, value, n)
+    if arr.ndim == 0:
+        return np.broadcast_to(arr, (n,))
+    if arr.shape != (n,):
+        raise ValueError(f"{method}: parameter {name!r} has shape {arr.shape}, expected ({n},), one per model")
+    return arr
+
+
+def _sum(terms):
+    """Σ over the (static, small) model axis, unrolled: XLA:CPU compiles reductions over a leading axis fused
+    with a per-model broadcast into loops orders of magnitude slower; a chain of adds is memory-bound."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total
+
+
+def _elect(deltas, weighted, election: str):
+    """Agreement masks M_i (lists over models) with the elected sign."""
+    src = weighted if election.startswith("weighted") else deltas
+    signs = [jnp.sign(t) for t in src]
+    stat = _sum(src if election.endswith("sum") else signs)
+    majority = jnp.where(stat >= 0, 1.0, -1.0)
+    return [sg == majority for sg in signs]
+
+
+def generalized_task_arithmetic(
+    base,
+    xs,
+    *,
+    weight,
+    density=1.0,
+    gamma=0.01,
+    epsilon=0.15,
+    normalize: bool = False,
+    lam: float = 1.0,
+    rescale=None,
+    sparsification: Optional[sp.SparsifyMethod] = None,
+    election: Election = None,
+    divisor: Divisor = "weights",
+    key: Optional[jax.Array] = None,
+    masks=None,
+    method: str = "generalized_task_arithmetic",
+) -> jax.Array:
+    """y = b + λ · combine_i(w_i · sparsify(x_i − b)) (module docstring); base (S), xs (N, *S) -> y (S) float32.
+
+    weight, density, gamma, epsilon: per model (N,) or scalars; masks: optional (N, *S) injected sparsity masks.
+    """
+    base, xs = _inputs(method, base, xs)
+    n_models = xs.shape[0]
+    if n_models == 0:
+        return base
+    if election is not None and election not in ELECTIONS:
+        raise ValueError(f"{method}: parameter election must be one of {ELECTIONS} or None, got {election!r}")
+    if divisor not in DIVISORS:
+        raise ValueError(f"{method}: parameter divisor must be one of {DIVISORS}, got {divisor!r}")
+    if sparsification is not None and sparsification not in sp.SPARSIFY_METHODS:
+        raise ValueError(f"{method}: unknown sparsification {sparsification!r}; known: {sp.SPARSIFY_METHODS}")
+    rescale = sp.normalize_rescale(rescale)
+    w = _per_model(method, "weight", weight, n_models)
+    d = window = eps = keys = None
+    if sparsification is not None:
+        # Counts are computed here, outside the jitted core, so that concrete densities give mergekit's exact
+        # int(d·n) (sparsify.trunc_count); traced ones fall back to float32.
+        d_src = _keep_source(method, "density", density, n_models)
+        d = jnp.asarray(d_src, jnp.float32)
+        if sparsification == "magnitude_outliers":
+            window = sp.window_for(sparsification, d_src, base.size, _keep_source(method, "gamma", gamma, n_models))
+        elif sparsification == "magnitude":
+            window = sp.window_for(sparsification, d_src, base.size)
+        elif sparsification == "della_magprune":
+            eps = _per_model(method, "epsilon", epsilon, n_models)
+            sp.check_della(d_src, _keep_source(method, "epsilon", epsilon, n_models), what=method)
+        if masks is not None:
+            masks = jnp.asarray(masks)
+            if tuple(masks.shape) != tuple(xs.shape):
+                raise ValueError(f"{method}: masks have shape {tuple(masks.shape)}, expected {tuple(xs.shape)}")
+            masks = masks.astype(bool)
+        elif sparsification in sp.RANDOM_METHODS:
+            if key is None:
+                raise ValueError(f"{method}: randomised sparsification {sparsification!r} needs key= or masks=")
+            keys = model_keys(key, n_models)
+    elif masks is not None:
+        raise ValueError(f"{method}: masks= given, but this method has no sparsifier")
+    return _gta_core(base, xs, w, d, window, eps, keys, masks, jnp.asarray(lam, jnp.float32),
+                     jnp.asarray(normalize, bool), sparsification=sparsification, election=election,
+                     divisor=divisor, rescale=rescale)
+
+
+@functools.partial(jax.jit, static_argnames=("sparsification", "election", "divisor", "rescale"))
+def _gta_core(base, xs, w, d, window, eps, keys, masks, lam, normalize, *, sparsification, election, divisor,
+              rescale):
+    n_models = xs.shape[0]
+    deltas = [xs[i] - base for i in range(n_models)]
+    if sparsification is not None:
+        deltas = [
+            sp.sparsify_core(deltas[i], d[i], sparsification, None if window is None else (window[0][i], window[1][i]),
+                             epsilon=None if eps is None else eps[i], rescale=rescale,
+                             key=None if keys is None else keys[i], mask=None if masks is None else masks[i])
+            for i in range(n_models)
+        ]
+    weighted = [deltas[i] * w[i] for i in range(n_models)]
+    if election is not None:
+        agree = [a.astype(jnp.float32) for a in _elect(deltas, weighted, election)]
+        mixed = _sum([weighted[i] * agree[i] for i in range(n_models)])
+        div = _sum([agree[i] * w[i] for i in range(n_models)] if divisor == "weights" else agree)
+        div = jnp.where(div == 0, 1.0, div)
+    else:
+        mixed = _sum(weighted)
+        div = jnp.sum(w) if divisor == "weights" else jnp.float32(n_models)
+        div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
+    mixed = jnp.where(normalize, mixed / div, mixed)
+    return base + mixed * lam
+
+
+def _pop_lambda(method: str, kw: dict) -> float:
+    lam = kw.pop("lambda", None)
+    lam_ = kw.pop("lambda_", None)
+    if lam is not None and lam_ is not None:
+        raise ValueError(f"{method}: give 'lambda' or 'lambda_', not both")
+    if kw:
+        raise TypeError(f"{method}: unknown parameter(s) {sorted(kw)}")
+    return 1.0 if lam is None and lam_ is None else (lam if lam is not None else lam_)
+
+
+def _make_kernel(name: str, sparsification, consensus: bool, default_normalize: bool, default_rescale):
+    """A mergekit GTA method as a kernel `f(base, xs, *, key=None, masks=None, weight, density, ...)`."""
+
+    def kernel(base, xs, *, key=None, masks=None, weight=None, density=1.0, normalize=default_normalize,
+               rescale=default_rescale, int8_mask=False, election=None, divisor="weights",
+               gamma=0.01, epsilon=0.15, **kw):
+        del int8_mask  # mergekit: only the mask dtype (memory); no effect on the result
+        lam = _pop_lambda(name, kw)
+        if not consensus and election is not None:
+            raise ValueError(f"{name}: has no sign election; parameter election={election!r} is not accepted")
+        return generalized_task_arithmetic(
+            base, xs, weight=weight, density=density, gamma=gamma, epsilon=epsilon, normalize=normalize,
+            lam=lam, rescale=rescale, sparsification=sparsification,
+            election=(election or "weighted_sum") if consensus else None, divisor=divisor, key=key, masks=masks,
+            method=name)
+
+    kernel.__name__ = kernel.__qualname__ = name
+    kernel.__doc__ = (
+        f"{name}: generalized task arithmetic with sparsifier {sparsification!r} and "
+        f"{'a TIES sign election (election=, divisor=)' if consensus else 'no election (divisor=)'}; "
+        f"defaults normalize={default_normalize}, rescale={default_rescale!r}, density=1, lambda=1. "
+        "base (S), xs (N, *S) -> y (S) float32; see the module docstring for the math."
+    )
+    return kernel
+
+
+task_arithmetic = _make_kernel("task_arithmetic", None, False, False, None)
+ties = _make_kernel("ties", "magnitude", True, True, None)
+dare_linear = _make_kernel("dare_linear", "random", False, False, "l1")
+dare_ties = _make_kernel("dare_ties", "random", True, False, "l1")
+breadcrumbs = _make_kernel("breadcrumbs", "magnitude_outliers", False, False, None)
+breadcrumbs_ties = _make_kernel("breadcrumbs_ties", "magnitude_outliers", True, False, None)
+della_linear = _make_kernel("della_linear", "della_magprune", False, False, "l1")
+della = _make_kernel("della", "della_magprune", True, True, "l1")
+
+
+def sce(base, xs, *, key=None, select_topk: float = 1.0, int8_mask: bool = False) -> jax.Array:
+    """SCE (FuseChat, arXiv 2408.07990), as mergekit 0.1.5 `sce.py`; base (S), xs (N, *S) -> y (S) float32.
+
+    τ_i = x_i − b. Select: if select_topk < 1, keep (for every model) the k = int(f32(nnz(v))·f32(topk)) entries
+    of largest population variance v = Var_i(τ_i) (k == 0 or topk <= 0 keeps none; ties: lower flat index first,
+    torch.topk's order is unspecified). Elect: M_i = [sign(τ_i) == s], s = sign(Σ_i τ_i) (>= 0 -> +1).
+    Weights ω_i = mean(τ_i²)/Σ_j mean(τ_j²) (uniform 1/N if the sum < 1e-6), computed after selection.
+    y = b + Σ_i ω_i M_i τ_i / max(Σ_i ω_i M_i, 1e-6). `int8_mask` is ignored (memory only); no per-model weight.
+    """
+    del key, int8_mask
+    base, xs = _inputs("sce", base, xs)
+    if xs.shape[0] == 0:
+        return base
+    return _sce_core(base, xs, topk=float(select_topk))
+
+
+@functools.partial(jax.jit, static_argnames=("topk",))
+def _sce_core(base, xs, *, topk):
+    n_models = xs.shape[0]
+    tv = [xs[i] - base for i in range(n_models)]
+    if topk < 1:
+        if topk <= 0:
+            tv = [jnp.zeros_like(t) for t in tv]
+        else:
+            mean = _sum(tv) / n_models
+            var = _sum([jnp.square(t - mean) for t in tv]) / n_models  # population variance over models
+            nnz = jnp.count_nonzero(var)
+            k = jnp.trunc(nnz.astype(jnp.float32) * jnp.float32(topk)).astype(jnp.int32)
+            sel = sp.rank_window_mask(-jnp.abs(var), 0, k).astype(jnp.float32)
+            tv = [t * sel for t in tv]
+    agree = [a.astype(jnp.float32) for a in _elect(tv, tv, "sum")]
+    omega = jnp.stack([jnp.mean(jnp.square(t)) for t in tv])
+    total = jnp.sum(omega)
+    omega = jnp.where(jnp.abs(total) < 1e-6, jnp.full_like(omega, 1.0 / n_models), omega / total)
+    ew = [omega[i] * agree[i] for i in range(n_models)]
+    merged = _sum([tv[i] * ew[i] for i in range(n_models)])
+    return base + merged / jnp.maximum(_sum(ew), 1e-6)
+
+
+_GTA_SHARED = {"normalize": None, "rescale": None, "lambda": 1.0, "int8_mask": False}
+
+
+def _register_gta(kernel, *, sparsification, consensus, normalize, rescale, randomized, doc):
+    per_model = {"weight": REQUIRED, "density": 1.0}
+    if sparsification == "magnitude_outliers":
+        per_model["gamma"] = 0.01
+    if sparsification == "della_magprune":
+        per_model["epsilon"] = 0.15
+    shared = dict(_GTA_SHARED, normalize=normalize, rescale=rescale, divisor="weights")
+    if consensus:
+        shared["election"] = "weighted_sum"
+    register(MergeMethod(name=kernel.__name__, kernel=kernel, base="required", min_inputs=1, per_model=per_model,
+                         shared=shared, randomized=randomized, doc=doc))
+
+
+_register_gta(task_arithmetic, sparsification=None, consensus=False, normalize=False, rescale=None, randomized=False,
+              doc="Task arithmetic (Ilharco et al., arXiv 2212.04089): y = b + λ Σ w_i (x_i − b).")
+_register_gta(ties, sparsification="magnitude", consensus=True, normalize=True, rescale=None, randomized=False,
+              doc="TIES (Yadav et al., arXiv 2306.01708): trim to top-d magnitudes, elect signs, disjoint mean.")
+_register_gta(dare_linear, sparsification="random", consensus=False, normalize=False, rescale="l1", randomized=True,
+              doc="DARE (Yu et al., arXiv 2311.03099): Bernoulli(d) drop with L1 rescale, weighted sum.")
+_register_gta(dare_ties, sparsification="random", consensus=True, normalize=False, rescale="l1", randomized=True,
+              doc="DARE-TIES: Bernoulli(d) drop with L1 rescale, TIES sign election.")
+_register_gta(breadcrumbs, sparsification="magnitude_outliers", consensus=False, normalize=False, rescale=None,
+              randomized=False, doc="Model Breadcrumbs (arXiv 2312.06795): drop top-γ outliers and small entries.")
+_register_gta(breadcrumbs_ties, sparsification="magnitude_outliers", consensus=True, normalize=False, rescale=None,
+              randomized=False, doc="Model Breadcrumbs with the TIES sign election.")
+_register_gta(della_linear, sparsification="della_magprune", consensus=False, normalize=False, rescale="l1",
+              randomized=True, doc="DELLA (arXiv 2406.11617) MagPrune with L1 rescale, weighted sum.")
+_register_gta(della, sparsification="della_magprune", consensus=True, normalize=True, rescale="l1", randomized=True,
+              doc="DELLA MagPrune with L1 rescale and the TIES sign election.")
+register(MergeMethod(name="sce", kernel=sce, base="required", min_inputs=1, per_model={},
+                     shared={"select_topk": 1.0, "int8_mask": False}, randomized=False,
+                     doc="SCE (FuseChat, arXiv 2408.07990): variance select, sign elect, energy-weighted erase."))

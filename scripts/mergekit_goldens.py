@@ -1,0 +1,555 @@
+"""Write golden files from mergekit 0.1.5's own per-tensor merge code, for tests/ops/merge.
+
+Run ONLY by hand, in a throwaway virtualenv outside the repository (never a project dependency):
+
+    python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 && /tmp/mk/bin/pip install mergekit==0.1.5
+    /tmp/mk/bin/python scripts/mergekit_goldens.py                 # every method in METHOD_CASES
+    /tmp/mk/bin/python scripts/mergekit_goldens.py ties della      # only these
+
+For each method it calls `mergekit.merge_methods.api.merge_tensors` on small deterministic tensors (inputs built
+from a numpy generator seeded by the case name) and writes
+
+    tests/golden/mergekit_0.1.5/<method>.safetensors   "<case>/base" (S, absent without a base), "<case>/xs" (N, *S),
+                                                       "<case>/y" (S), and for randomised methods "<case>/masks"
+                                                       (N, *S; the masks mergekit drew) and "<case>/probs" (della)
+    tests/golden/mergekit_0.1.5/<method>.json          {"mergekit": version, "torch": version,
+                                                        "cases": {case: {"params": {...}, "shape": [...], "n": N,
+                                                                         "base": bool, "note": "..."}}}
+
+`params` are exactly the parameters given to mergekit (per-model ones as lists in input order).
+Randomised sparsifiers (dare_*, della*) call `torch.bernoulli`; the script seeds torch and records every call's
+input (della's keep probabilities) and output (the mask), so tests can inject the very masks mergekit used.
+
+Extending: add a function returning a list of `Case` and an entry in METHOD_CASES (one row per method).
+Sizes stay small (each file well under 1 MB). Exact ties in magnitude are built from dyadic numbers (so x − b is
+exact) on tensors of at most 16 elements, where torch's CPU sort is stable; above that its tie order is arbitrary.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import zlib
+from typing import Callable, Optional
+
+import numpy as np
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "golden", "mergekit_0.1.5")
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    xs: np.ndarray  # (N, *S) float32, the non-base inputs in order
+    params: dict
+    base: Optional[np.ndarray] = None  # (S) float32, or None for methods without a base
+    note: str = ""
+    seed: int = 0  # torch seed for randomised methods
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input builders
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rng_for(name: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def gaussian(name: str, shape, n: int, scale: float = 0.1, zero: tuple = ()) -> tuple[np.ndarray, np.ndarray]:
+    """base ~ N(0, 1), x_i = base + scale·N(0, 1) (x_i = base exactly for i in `zero`): distinct magnitudes."""
+    r = rng_for(name)
+    base = r.standard_normal(shape).astype(np.float32)
+    xs = np.stack([base + (scale * r.standard_normal(shape)).astype(np.float32) for _ in range(n)])
+    for i in zero:
+        xs[i] = base
+    return base, xs.astype(np.float32)
+
+
+def dyadic(name: str, shape, n: int, levels=(-2, -1, 0, 1, 2)) -> tuple[np.ndarray, np.ndarray]:
+    """base = k/8, δ = level/4: x − b is exact in float32, so equal |δ| are exact ties."""
+    r = rng_for(name)
+    base = (r.integers(-16, 17, size=shape) / 8).astype(np.float32)
+    deltas = (r.choice(np.asarray(levels), size=(n, *shape)) / 4).astype(np.float32)
+    return base, (base[None] + deltas).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases of the task-vector family (task_arithmetic, ties, dare_*, breadcrumbs*, della*, sce)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def task_arithmetic_cases() -> list[Case]:
+    c = []
+    b, x = gaussian("ta/basic", (4, 6), 2)
+    c.append(Case("basic", x, {"weight": [0.7, 0.3]}, b))
+    b, x = gaussian("ta/normalize_lambda", (3, 4, 5), 3)
+    c.append(Case("normalize_lambda", x, {"weight": [0.5, 1.2, -0.3], "normalize": True, "lambda": 0.6}, b))
+    b, x = gaussian("ta/weight0", (5, 4), 2)
+    c.append(Case("weight0", x, {"weight": [0.0, 0.0]}, b, "weight 0 returns the base"))
+    b, x = gaussian("ta/weights_sum0", (5, 4), 2)
+    c.append(Case("weights_sum0", x, {"weight": [1.0, -1.0], "normalize": True}, b, "|Σw| < 1e-8 -> divisor 1"))
+    b, x = gaussian("ta/one_model_norm", (64,), 1)
+    c.append(Case("one_model_norm", x, {"weight": 1.0}, b))
+    b, x = gaussian("ta/zero_tv", (4, 6), 3, zero=(1,))
+    c.append(Case("zero_tv", x, {"weight": [0.4, 0.4, 0.2], "normalize": True}, b))
+    return c
+
+
+def ties_cases() -> list[Case]:
+    c = []
+    b, x = gaussian("ties/basic", (4, 6), 2)
+    c.append(Case("basic", x, {"weight": [1.0, 1.0], "density": 0.5}, b))
+    b, x = gaussian("ties/per_model", (10, 5), 3)
+    c.append(Case("per_model", x, {"weight": [0.5, 0.8, 0.3], "density": [0.3, 0.7, 0.58]}, b,
+                  "density 0.58 on 50 entries: int(0.58*50) = 28 in double precision, 29 in float32"))
+    b, x = gaussian("ties/density_1_0", (4, 6), 2)
+    c.append(Case("density_1_0", x, {"weight": [0.6, 0.4], "density": [1.0, 0.0]}, b))
+    b, x = gaussian("ties/density_tiny", (4, 6), 2)
+    c.append(Case("density_tiny", x, {"weight": [1.0, 1.0], "density": 0.01}, b, "k = max(1, int(d n)) = 1"))
+    b, x = dyadic("ties/ties16", (16,), 3)
+    c.append(Case("ties16", x, {"weight": [1.0, 0.5, 1.0], "density": 0.4}, b, "ties in magnitude, n = 16"))
+    b, x = dyadic("ties/ties2x8", (2, 8), 2)
+    c.append(Case("ties2x8", x, {"weight": [1.0, 1.0], "density": 0.3}, b, "ties in magnitude, n = 16"))
+    b, x = gaussian("ties/rescale_lambda", (6, 5), 2)
+    c.append(Case("rescale_lambda", x, {"weight": [0.9, 0.6], "density": 0.4, "rescale": True, "normalize": False,
+                                        "lambda": 1.3}, b))
+    b, x = gaussian("ties/neg_weights", (4, 6), 3)
+    c.append(Case("neg_weights", x, {"weight": [1.0, -1.0, 0.5], "density": 0.6}, b))
+    b, x = gaussian("ties/weights_sum0", (4, 6), 2)
+    c.append(Case("weights_sum0", x, {"weight": [0.5, -0.5], "density": 0.8}, b))
+    b, x = gaussian("ties/zero_tv", (4, 6), 2, zero=(0,))
+    c.append(Case("zero_tv", x, {"weight": [1.0, 1.0], "density": 0.5}, b))
+    b, x = gaussian("ties/norm64", (64,), 2)
+    c.append(Case("norm64", x, {"weight": [1.0, 1.0], "density": 0.2}, b))
+    b, x = gaussian("ties/one_model", (3, 7), 1)
+    c.append(Case("one_model", x, {"weight": 0.8, "density": 0.5}, b))
+    return c
+
+
+def _dare_cases(tag: str) -> list[Case]:
+    c = []
+    b, x = gaussian(f"{tag}/basic", (4, 6), 2)
+    c.append(Case("basic", x, {"weight": [1.0, 1.0], "density": 0.5}, b, seed=1))
+    b, x = gaussian(f"{tag}/per_model", (5, 8), 3)
+    c.append(Case("per_model", x, {"weight": [0.5, 0.8, 0.3], "density": [0.3, 0.7, 0.9]}, b, seed=2))
+    b, x = gaussian(f"{tag}/density_1_0", (4, 6), 2)
+    c.append(Case("density_1_0", x, {"weight": [0.6, 0.4], "density": [1.0, 0.0]}, b, seed=3))
+    b, x = gaussian(f"{tag}/no_rescale_norm", (6, 5), 2)
+    c.append(Case("no_rescale_norm", x, {"weight": [0.7, 0.5], "density": 0.6, "rescale": False,
+                                         "normalize": True, "lambda": 0.8}, b, seed=4))
+    b, x = gaussian(f"{tag}/norm64", (64,), 2)
+    c.append(Case("norm64", x, {"weight": [1.0, -0.5], "density": 0.3}, b, seed=5))
+    b, x = gaussian(f"{tag}/zero_tv", (4, 6), 2, zero=(1,))
+    c.append(Case("zero_tv", x, {"weight": [1.0, 1.0], "density": 0.5}, b, seed=6))
+    return c
+
+
+def _breadcrumbs_cases(tag: str) -> list[Case]:
+    c = []
+    b, x = gaussian(f"{tag}/basic", (5, 6), 2)
+    c.append(Case("basic", x, {"weight": [1.0, 1.0], "density": 0.8, "gamma": 0.1}, b))
+    b, x = gaussian(f"{tag}/norm64_default_gamma", (64,), 2)
+    c.append(Case("norm64_default_gamma", x, {"weight": [1.0, 0.5], "density": 0.5}, b,
+                  "gamma 0.01 on 64 entries: n_top = 0 (0.1.4 dropped the whole tensor)"))
+    b, x = gaussian(f"{tag}/per_model", (8, 5), 3)
+    c.append(Case("per_model", x, {"weight": [0.5, 0.8, 0.3], "density": [0.3, 0.7, 0.9],
+                                   "gamma": [0.05, 0.2, 0.15]}, b))
+    b, x = gaussian(f"{tag}/density_1_0", (4, 6), 2)
+    c.append(Case("density_1_0", x, {"weight": [0.6, 0.4], "density": [1.0, 0.0]}, b))
+    b, x = gaussian(f"{tag}/big_gamma", (4, 6), 2)
+    c.append(Case("big_gamma", x, {"weight": [1.0, 1.0], "density": 0.5, "gamma": 0.7}, b,
+                  "n_top > n - target: n_bot = 0, the window keeps the target smallest entries"))
+    b, x = dyadic(f"{tag}/ties16", (16,), 3)
+    c.append(Case("ties16", x, {"weight": [1.0, 0.5, 1.0], "density": 0.5, "gamma": 0.125}, b,
+                  "ties in magnitude, n = 16"))
+    b, x = gaussian(f"{tag}/rescale_normalize", (6, 5), 2)
+    c.append(Case("rescale_normalize", x, {"weight": [0.9, 0.6], "density": 0.6, "gamma": 0.1, "rescale": True,
+                                           "normalize": True, "lambda": 1.2}, b))
+    return c
+
+
+def _della_cases(tag: str) -> list[Case]:
+    c = []
+    b, x = gaussian(f"{tag}/basic", (4, 6), 2)
+    c.append(Case("basic", x, {"weight": [1.0, 1.0], "density": 0.5, "epsilon": 0.2}, b, seed=11))
+    b, x = gaussian(f"{tag}/rank3", (2, 3, 5), 2)
+    c.append(Case("rank3", x, {"weight": [0.7, 0.6], "density": 0.4}, b, "3-D: ranks along axis 1", seed=12))
+    b, x = gaussian(f"{tag}/norm16", (16,), 3)
+    c.append(Case("norm16", x, {"weight": [1.0, 0.5, -0.4], "density": [0.5, 0.3, 0.7], "epsilon": [0.1, 0.2, 0.25]},
+                  b, seed=13))
+    b, x = gaussian(f"{tag}/density_1_0", (4, 6), 2)
+    c.append(Case("density_1_0", x, {"weight": [0.6, 0.4], "density": [1.0, 0.0]}, b, seed=14))
+    b, x = gaussian(f"{tag}/no_rescale", (6, 5), 2)
+    c.append(Case("no_rescale", x, {"weight": [0.8, 0.5], "density": 0.6, "epsilon": 0.1, "rescale": False,
+                                    "normalize": True, "lambda": 1.1}, b, seed=15))
+    b, x = gaussian(f"{tag}/zero_tv", (4, 6), 2, zero=(0,))
+    c.append(Case("zero_tv", x, {"weight": [1.0, 1.0], "density": 0.5}, b, seed=16))
+    return c
+
+
+def sce_cases() -> list[Case]:
+    c = []
+    b, x = gaussian("sce/basic", (4, 6), 2)
+    c.append(Case("basic", x, {}, b))
+    b, x = gaussian("sce/topk", (5, 6), 3)
+    c.append(Case("topk", x, {"select_topk": 0.5}, b))
+    b, x = gaussian("sce/topk07_n10", (10,), 2)
+    c.append(Case("topk07_n10", x, {"select_topk": 0.7}, b, "k = int(f32(10)·f32(0.7)) = 7"))
+    b, x = gaussian("sce/topk_small", (4, 6), 2)
+    c.append(Case("topk_small", x, {"select_topk": 0.03}, b, "k = int(24·0.03) = 0: nothing selected"))
+    b, x = gaussian("sce/topk0", (4, 6), 2)
+    c.append(Case("topk0", x, {"select_topk": 0.0}, b))
+    b, x = gaussian("sce/zero_tvs", (4, 6), 2, zero=(0, 1))
+    c.append(Case("zero_tvs", x, {"select_topk": 1.0}, b, "all task vectors zero: uniform weights"))
+    b, x = gaussian("sce/zero_tv_norm", (64,), 3, zero=(1,))
+    c.append(Case("zero_tv_norm", x, {"select_topk": 0.8, "int8_mask": True}, b))
+    b, x = gaussian("sce/one_model", (3, 7), 1)
+    c.append(Case("one_model", x, {}, b))
+    return c
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases of the geometric methods (linear, slerp, nuslerp, multislerp, karcher, model_stock) and the selective ones
+# (nearswap, arcee_fusion, ram, ramplus_tl, passthrough)
+# ---------------------------------------------------------------------------------------------------------------
+
+GEO_SHAPES = [(5, 7), (9,), (6, 3, 5)]  # a matrix, a 1-D norm, a 3-D tensor (slices of >= 5 entries: no nearly
+#                                         antipodal random pair, where slerp's 1/sin θ amplifies rounding)
+
+
+def randn(name: str, shape, n: int) -> np.ndarray:
+    """n independent N(0, 1) float32 tensors of `shape`, stacked (n, *shape)."""
+    return rng_for(name).standard_normal((n, *shape)).astype(np.float32)
+
+
+def linear_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        x = randn(f"linear/{len(s)}d", s, 3)
+        c.append(Case(f"three_{len(s)}d", x, {"weight": [0.2, 0.5, 0.3]}))
+        c.append(Case(f"weights_sum_2.5_{len(s)}d", x, {"weight": [1.0, 2.0, -0.5]}, note="normalize divides by 2.5"))
+        c.append(Case(f"no_normalize_{len(s)}d", x, {"weight": [0.7, 0.6, 0.1], "normalize": False}))
+    x = randn("linear/misc", (4, 5), 2)
+    c.append(Case("single", x[:1], {"weight": [2.5]}, note="one model: y = x"))
+    c.append(Case("self", np.stack([x[0], x[0]]), {"weight": [0.4, 0.6]}, note="a model with itself: y = x"))
+    c.append(Case("zero_weight", x, {"weight": [1.0, 0.0]}))
+    return c
+
+
+def slerp_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        x = randn(f"slerp/{len(s)}d", s, 2)
+        for t in (0.0, 0.3, 0.5, 1.0):
+            c.append(Case(f"random_{len(s)}d_t{t}", x[1:], {"t": t}, x[0]))
+    b, x, y = randn("slerp/misc", (6, 4), 3)
+    zero = np.zeros_like(b)
+    c.append(Case("colinear", (2 * b)[None], {"t": 0.4}, b, "|dot| > 0.9995: lerp"))
+    c.append(Case("antipodal", (-3 * b)[None], {"t": 0.4}, b, "|dot| > 0.9995: lerp"))
+    c.append(Case("near_colinear", (b + 1e-3 * x)[None], {"t": 0.6}, b, "dot ~ 1 - 1e-7: lerp"))
+    c.append(Case("zero_base", b[None], {"t": 0.3}, zero, "a zero norm counts as 1: dot = 0, theta = pi/2"))
+    c.append(Case("zero_other", zero[None], {"t": 0.3}, b))
+    c.append(Case("both_zero", np.zeros((1, 5), np.float32), {"t": 0.5}, np.zeros(5, np.float32)))
+    c.append(Case("identical", b[None], {"t": 0.7}, b))
+    c.append(Case("extrapolate", y[None], {"t": 1.3}, b))
+    return c
+
+
+def nuslerp_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        b, x1, x2 = randn(f"nuslerp/{len(s)}d", s, 3)
+        for flat, row in ((True, False), (False, False), (False, True)):
+            p = {"weight": [0.3, 0.9], "nuslerp_flatten": flat, "nuslerp_row_wise": row}
+            c.append(Case(f"base_{len(s)}d_flat{int(flat)}_row{int(row)}", np.stack([x1, x2]), p, b))
+            if len(s) != 1:  # (a 1-D tensor is one vector in every layout)
+                c.append(Case(f"nobase_{len(s)}d_flat{int(flat)}_row{int(row)}", np.stack([x1, x2]), p))
+    b, x1, x2 = randn("nuslerp/misc", (4, 6), 3)
+    x = np.stack([x1, x2])
+    c.append(Case("weights_sum_zero", x, {"weight": [1.0, -1.0]}, b, "|w1 + w2| < 1e-6: t = 0.5"))
+    c.append(Case("t0", x, {"weight": [1.0, 0.0]}, b, "t = 0: y = x_1"))
+    c.append(Case("t1", x, {"weight": [0.0, 2.0]}, b, "t = 1: y = x_2"))
+    # rows with exactly representable unit vectors (cos exactly +-1 in float32), and a zero row
+    v0, v1 = randn("nuslerp/rows", (4, 6), 2)
+    v0[0] = [0.5, -0.5, 0.5, 0.5, 0.0, 0.0]
+    v0[1] = [0.0, 2.0, 0.0, -2.0, 2.0, 2.0]
+    v1[0] = 2.0 * v0[0]
+    v1[1] = -0.25 * v0[1]
+    v0[2] = 0.0
+    c.append(Case("rows_colinear_antipodal_zero", np.stack([v0, v1]), {"weight": [0.6, 0.4], "nuslerp_flatten": False},
+                  note="row 0 colinear, row 1 antipodal (lerp), row 2 zero (theta = pi/2)"))
+    e = np.full((4, 4), 0.25, np.float32)  # norm 1 exactly
+    c.append(Case("flat_colinear", np.stack([e, 4 * e]), {"weight": [0.6, 0.4]}))
+    c.append(Case("flat_antipodal", np.stack([e, -2 * e]), {"weight": [0.25, 0.75]}))
+    return c
+
+
+def multislerp_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        b, *xs = randn(f"multislerp/{len(s)}d", s, 4)
+        xs = np.stack(xs)
+        c.append(Case(f"base_three_{len(s)}d", xs, {"weight": [0.2, 0.5, 0.3]}, b))
+        c.append(Case(f"nobase_three_{len(s)}d", xs, {"weight": [1.0, 2.0, 1.0]}))
+        c.append(Case(f"nobase_two_{len(s)}d", xs[:2], {"weight": [0.3, 0.7]}))
+    b, x, z = randn("multislerp/misc", (5, 3), 3)
+    c.append(Case("single_with_base", x[None], {"weight": [0.5]}, b, "one model: y = x"))
+    c.append(Case("no_normalize", np.stack([x, z]), {"weight": [0.4, 0.4], "normalize_weights": False}, b))
+    c.append(Case("antipodal_two_lerp", np.stack([x, -x]), {"weight": [0.5, 0.5]},
+                  note="the weighted mean of the units vanishes: 2 inputs fall back to lerp"))
+    c.append(Case("identical", np.stack([x, x, x]), {"weight": [0.2, 0.3, 0.5]}, b))
+    c.append(Case("eps", np.stack([x, z]), {"weight": [0.5, 0.5], "eps": 1e-3}, b))
+    return c
+
+
+def karcher_cases() -> list[Case]:
+    c = []
+    for s, n in zip(GEO_SHAPES + [(5, 7)], (2, 3, 4, 3)):
+        x = randn(f"karcher/{len(s)}d_{n}", s, n) * np.arange(1, n + 1, dtype=np.float32).reshape(-1, *[1] * len(s))
+        c.append(Case(f"n{n}_{len(s)}d", x, {}))
+    x = randn("karcher/misc", (6, 5), 3)
+    zero = np.zeros((6, 5), np.float32)
+    c.append(Case("max_iter1", x, {"max_iter": 1}))
+    c.append(Case("max_iter50_tol1e-7", x, {"max_iter": 50, "tol": 1e-7}))
+    c.append(Case("with_zero_input", np.stack([x[0], zero, x[1]]), {},
+                  note="a zero input takes no part in the direction but counts in the mean norm"))
+    c.append(Case("all_zero", np.zeros((2, 4), np.float32), {}, note="y = 0"))
+    c.append(Case("identical", np.stack([x[0]] * 3), {}))
+    c.append(Case("single", x[2:], {}))
+    c.append(Case("colinear_scaled", np.stack([x[0], 2 * x[0]]), {}))
+    return c
+
+
+def model_stock_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        for n in (2, 3):
+            b, *d = randn(f"model_stock/{len(s)}d_{n}", s, n + 1)
+            xs = np.stack([b + 0.1 * d[i] + 0.05 * i for i in range(n)]).astype(np.float32)
+            c.append(Case(f"n{n}_{len(s)}d", xs, {}, b))
+            c.append(Case(f"n{n}_{len(s)}d_filter_wise", xs, {"filter_wise": True}, b))
+    b, d, d2, d3 = randn("model_stock/misc", (4, 6), 4)
+    d, d2 = 0.1 * d, 0.1 * d2
+    c.append(Case("opposite_offsets_singular", np.stack([b + d, b - d]), {}, b,
+                  "cos = -1, 1 + (N-1) cos = 0: t = 0, y = base (0.1.5 guard)"))
+    c.append(Case("identical_offsets", np.stack([b + d, b + d]), {}, b, "cos = 1: t = 1"))
+    d2[1] = -d[1]
+    d2[2] = 0.0
+    c.append(Case("rows_singular_and_zero", np.stack([b + d, b + d2]), {"filter_wise": True}, b,
+                  "row 1 opposite (t = 0), row 2 a zero offset (cos = 0)"))
+    c.append(Case("four_models", np.stack([b + d, b + d2, b + 0.5 * d - 0.2 * d2, b + 0.3 * d3]), {}, b))
+    return c
+
+
+def nearswap_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        b, d = randn(f"nearswap/{len(s)}d", s, 2)
+        for t in (0.0, 0.01, 0.05, 1.0):
+            c.append(Case(f"{len(s)}d_t{t}", (b + 0.05 * d)[None], {"t": t}, b))
+    b = randn("nearswap/identical", (3, 4), 1)[0]
+    c.append(Case("identical", b[None], {"t": 0.001}, b))
+    return c
+
+
+def _ram_cases(tag: str) -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        r = rng_for(f"{tag}/{len(s)}d")
+        b = r.standard_normal(s).astype(np.float32)
+        d = (0.1 * r.standard_normal((3, *s))).astype(np.float32)
+        d[r.random((3, *s)) < 0.4] = 0.0  # zero task-vector entries: unique, shared and untouched entries
+        xs = (b + d).astype(np.float32)
+        for n in (1, 2, 3):
+            c.append(Case(f"n{n}_{len(s)}d", xs[:n], {}, b))
+        if tag == "ramplus_tl":
+            c.append(Case(f"r_alpha_{len(s)}d", xs, {"r": 0.5, "alpha": 1.5}, b))
+        c.append(Case(f"eps_{len(s)}d", xs, {"epsilon": 0.05}, b, "|tau| <= epsilon counts as unchanged"))
+    b, d = randn(f"{tag}/misc", (4, 5), 2)
+    c.append(Case("base_only", np.zeros((0, 4, 5), np.float32), {}, b, "no other model: y = base"))
+    c.append(Case("identical_to_base", np.stack([b, b]), {}, b))
+    c.append(Case("all_shared", np.stack([b + 0.1 * d] * 2), {}, b))
+    return c
+
+
+def arcee_importance_margin(b: np.ndarray, x: np.ndarray) -> float:
+    """Smallest distance of an importance score to arcee_fusion's threshold, relative to the threshold
+    (a float64 estimate of mergekit's float32 computation)."""
+    b, x = b.astype(np.float64), x.astype(np.float64)
+
+    def softmax(v):
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(x) + 1e-8, softmax(b) + 1e-8
+    imp = np.abs(x - b) * np.sum(p * np.log(p / q), -1, keepdims=True)
+    ordered = np.sort(imp.reshape(-1))
+    idx = (np.array([0.25, 0.5, 0.75], np.float32) * np.float32(ordered.size - 1)).astype(np.int64)
+    q1, median, q3 = ordered[idx]
+    threshold = median + 1.5 * (q3 - q1)
+    return float(np.min(np.abs(imp - threshold)) / max(abs(threshold), 1e-30))
+
+
+def arcee_fusion_cases() -> list[Case]:
+    """arcee_fusion's mask flips where an importance is within rounding of the threshold: the inputs are redrawn
+    (next attempt number in the name seed) until no score lies within a relative 1e-3 of it."""
+    c = []
+    for s in [(6, 32), (64,), (2, 4, 16), (16, 8), (3, 50)]:
+        for scale in (0.05, 0.5):
+            name = f"{'x'.join(map(str, s))}_scale{scale}"
+            for attempt in range(100):
+                r = rng_for(f"arcee_fusion/{name}/{attempt}")
+                b = r.standard_normal(s).astype(np.float32)
+                x = (b + scale * r.standard_normal(s)).astype(np.float32)
+                same = r.random(s) < 0.2
+                x[same] = b[same]  # unchanged entries (importance 0)
+                margin = arcee_importance_margin(b, x)
+                if margin > 1e-3:
+                    break
+            else:
+                raise RuntimeError(f"arcee_fusion/{name}: no input without near-threshold scores")
+            c.append(Case(name, x[None], {}, b, f"min |imp - threshold| / threshold = {margin:.2e}"))
+    return c
+
+
+def passthrough_cases() -> list[Case]:
+    c = []
+    for s in GEO_SHAPES:
+        x = randn(f"passthrough/{len(s)}d", s, 1)
+        c.append(Case(f"{len(s)}d_noscale", x, {}))
+        c.append(Case(f"{len(s)}d_scale", x, {"scale": [0.5]}))
+        c.append(Case(f"{len(s)}d_scale0", x, {"scale": [0.0]}))
+    return c
+
+
+# One row per method: name -> case builder. Other method families add their rows here.
+METHOD_CASES: dict[str, Callable[[], list[Case]]] = {
+    "task_arithmetic": task_arithmetic_cases,
+    "ties": ties_cases,
+    "dare_linear": lambda: _dare_cases("dare_linear"),
+    "dare_ties": lambda: _dare_cases("dare_ties"),
+    "breadcrumbs": lambda: _breadcrumbs_cases("breadcrumbs"),
+    "breadcrumbs_ties": lambda: _breadcrumbs_cases("breadcrumbs_ties"),
+    "della": lambda: _della_cases("della"),
+    "della_linear": lambda: _della_cases("della_linear"),
+    "sce": sce_cases,
+    "linear": linear_cases,
+    "slerp": slerp_cases,
+    "nuslerp": nuslerp_cases,
+    "multislerp": multislerp_cases,
+    "karcher": karcher_cases,
+    "model_stock": model_stock_cases,
+    "nearswap": nearswap_cases,
+    "arcee_fusion": arcee_fusion_cases,
+    "ram": lambda: _ram_cases("ram"),
+    "ramplus_tl": lambda: _ram_cases("ramplus_tl"),
+    "passthrough": passthrough_cases,
+}
+
+# Methods whose sparsifier draws with torch.bernoulli: which inputs draw (given their density), and whether the
+# recorded bernoulli input (della's keep probabilities) is stored.
+RANDOMIZED = {
+    "dare_linear": ("random", False),
+    "dare_ties": ("random", False),
+    "della": ("della_magprune", True),
+    "della_linear": ("della_magprune", True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running mergekit and writing files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _draws(kind: str, density: float) -> bool:
+    """Whether mergekit's sparsifier calls torch.bernoulli for this density (mergekit/sparsify.py)."""
+    if density >= 1:
+        return False
+    return kind == "random" or density > 0
+
+
+def run_case(method: str, case: Case) -> dict[str, np.ndarray]:
+    import torch
+    from mergekit.merge_methods.api import merge_tensors
+
+    tensors = ([] if case.base is None else [torch.from_numpy(case.base.copy())])
+    tensors += [torch.from_numpy(x.copy()) for x in case.xs]
+    calls = []
+    original = torch.bernoulli
+
+    def recording_bernoulli(input, *args, **kwargs):
+        out = original(input, *args, **kwargs)
+        calls.append((input.detach().clone(), out.detach().clone()))
+        return out
+
+    torch.manual_seed(case.seed)
+    torch.bernoulli = recording_bernoulli
+    try:
+        y = merge_tensors(tensors, method, parameters=case.params, base_index=None if case.base is None else 0)
+    finally:
+        torch.bernoulli = original
+    arrays = {"xs": case.xs, "y": y.numpy().astype(np.float32)}
+    if case.base is not None:
+        arrays["base"] = case.base
+    if method in RANDOMIZED:
+        kind, store_probs = RANDOMIZED[method]
+        n = case.xs.shape[0]
+        dens = case.params.get("density", 1.0)
+        dens = list(dens) if isinstance(dens, (list, tuple)) else [dens] * n
+        masks = np.ones(case.xs.shape, np.float32)
+        probs = np.full(case.xs.shape, np.nan, np.float32)
+        drawing = [i for i in range(n) if _draws(kind, float(dens[i]))]
+        if len(drawing) != len(calls):
+            raise RuntimeError(f"{method}/{case.name}: expected {len(drawing)} bernoulli draws, got {len(calls)}")
+        for i, (p, m) in zip(drawing, calls):
+            masks[i] = m.reshape(case.xs.shape[1:]).numpy()
+            probs[i] = p.reshape(case.xs.shape[1:]).numpy()
+        arrays["masks"] = masks
+        if store_probs:
+            arrays["probs"] = probs
+    elif calls:
+        raise RuntimeError(f"{method}/{case.name}: deterministic method drew {len(calls)} random masks")
+    return arrays
+
+
+def write_method(method: str, cases: list[Case], out_dir: str) -> str:
+    import mergekit  # noqa: F401
+    import torch
+    from importlib.metadata import version
+    from safetensors.numpy import save_file
+
+    tensors, meta = {}, {}
+    for case in cases:
+        if case.name in meta:
+            raise ValueError(f"{method}: duplicate case {case.name!r}")
+        for k, v in run_case(method, case).items():
+            tensors[f"{case.name}/{k}"] = np.ascontiguousarray(v, np.float32)
+        meta[case.name] = {"params": case.params, "shape": list(case.xs.shape[1:]), "n": int(case.xs.shape[0]),
+                           "base": case.base is not None, "note": case.note, "torch_seed": case.seed}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{method}.safetensors")
+    save_file(tensors, path)
+    with open(os.path.join(out_dir, f"{method}.json"), "w") as f:
+        json.dump({"mergekit": version("mergekit"), "torch": torch.__version__, "method": method, "cases": meta}, f,
+                  indent=1, sort_keys=True)
+        f.write("\n")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("methods", nargs="*", help=f"methods to write (default: all of {sorted(METHOD_CASES)})")
+    ap.add_argument("--out", default=OUT_DIR)
+    args = ap.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHOD_CASES]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(METHOD_CASES)}")
+    for method in args.methods or list(METHOD_CASES):
+        path = write_method(method, METHOD_CASES[method](), args.out)
+        print(f"{method}: {os.path.getsize(path)} bytes -> {os.path.relpath(path)}")
+
+
+if __name__ == "__main__":
+    main()
