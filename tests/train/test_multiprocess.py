@@ -70,8 +70,7 @@ def runs(tmp_path_factory):
     return one, two, env, data
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(runs):
+def test_two_processes_match_one(runs):  # runs in CI: the multi-host path is exercised, not only described
     one, two, _, _ = runs
     a, b = losses_by_step(one), losses_by_step(two)  # each step logged once: only process 0 writes
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
