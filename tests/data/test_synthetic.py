@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from tests.helpers import random_llama
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.data import synthetic
 from configurable_fm.data.synthetic import evaluate as ev
@@ -257,13 +258,6 @@ def test_encode_examples_with_smollm2_tokenizer():
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def random_llama(cfg, seed):
-    """Llama with N(0, 0.02) weights and N(1, 0.1) norms, drawn with numpy (no per-shape compilations)."""
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    rs = np.random.RandomState(seed)
-    return with_params(abstract, {k: jnp.asarray(rs.normal(1.0, 0.1, v.shape) if "norm" in k else
-                                                 rs.normal(0.0, 0.02, v.shape), jnp.float32)
-                                  for k, v in flat_state(abstract).items()})
 
 
 CFG = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

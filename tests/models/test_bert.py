@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
 
+from tests.helpers import hf_dir_with_config_change
 from configurable_fm.bricks.paths import flat_params, flat_state  # noqa: E402
 from configurable_fm.interop.hf import from_hf, to_hf  # noqa: E402
 from configurable_fm.models.bert import Bert, BertConfig, mean_pool, sentence_embedding  # noqa: E402
@@ -174,12 +175,7 @@ def test_masked_lm_checkpoint_loads_its_encoder(tmp_path):
     ("embedding_size", 16, "embedding_size"),
 ])
 def test_unsupported_config_is_refused(tmp_path, tiny, key, value, needle):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    config = json.loads((tiny[1] / "config.json").read_text())
-    config[key] = value
-    (bad / "config.json").write_text(json.dumps(config))
-    (bad / "model.safetensors").symlink_to(tiny[1] / "model.safetensors")
+    bad = hf_dir_with_config_change(tiny[1], tmp_path / "bad", key, value)
     with pytest.raises(NotImplementedError, match=needle):
         from_hf(bad)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import random_llama
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.models.generation import generate
 from configurable_fm.models.llama import Llama, LlamaConfig
@@ -24,13 +25,6 @@ CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layer
 NEW = 7  # new tokens in most tests; prompts (2, 5): shared shapes share compilations
 
 
-def random_llama(cfg, seed):
-    """Llama with N(0, 0.02) weights and N(1, 0.1) norms, drawn with numpy (no per-shape XLA compilations)."""
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    rs = np.random.RandomState(seed)
-    return with_params(abstract, {k: jnp.asarray(rs.normal(1.0, 0.1, v.shape) if "norm" in k else
-                                                 rs.normal(0.0, 0.02, v.shape), jnp.float32)
-                                  for k, v in flat_state(abstract).items()})
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from tests.helpers import hf_dir_with_config_change
 from configurable_fm.bricks.paths import flat_params, flat_state  # noqa: E402
 from configurable_fm.interop.hf import from_hf, to_hf  # noqa: E402
 from configurable_fm.interop.safetensors_io import CheckpointError  # noqa: E402
@@ -181,12 +182,7 @@ def test_kv_cache_with_left_padding(tiny):
     ("rotary_dim", 8, "rotary_dim"),
 ])
 def test_unsupported_config_is_refused(tmp_path, tiny, key, value, needle):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    config = json.loads((tiny[1] / "config.json").read_text())
-    config[key] = value
-    (bad / "config.json").write_text(json.dumps(config))
-    (bad / "model.safetensors").symlink_to(tiny[1] / "model.safetensors")
+    bad = hf_dir_with_config_change(tiny[1], tmp_path / "bad", key, value)
     with pytest.raises(NotImplementedError, match=needle):
         from_hf(bad)
 

@@ -1,0 +1,28 @@
+"""Helpers shared by several test modules (import as `from tests.helpers import ...`)."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configurable_fm.bricks.paths import flat_state, with_params
+from configurable_fm.models.llama import Llama
+
+
+def random_llama(cfg, seed):
+    """Llama with N(0, 0.02) weights and N(1, 0.1) norms, drawn with numpy (no per-shape XLA compilations)."""
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    rs = np.random.RandomState(seed)
+    return with_params(abstract, {k: jnp.asarray(rs.normal(1.0, 0.1, v.shape) if "norm" in k else
+                                                 rs.normal(0.0, 0.02, v.shape), jnp.float32)
+                                  for k, v in flat_state(abstract).items()})
+
+
+def hf_dir_with_config_change(src, dst, key, value):
+    """A copy of the HF directory `src` at `dst` (weights linked, not copied) with config[key] = value."""
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    config[key] = value
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    return dst
