@@ -39,3 +39,11 @@ __all__ = [
     "generalized_task_arithmetic", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "sce",
 ]
+
+# Tree-level API (tree.py) and mergekit's parameter resolution (params.py). The whole-model wrappers share the
+# kernels' names, so they stay in the submodule: `from configurable_fm.ops.merge import tree; tree.ties(...)`.
+from configurable_fm.ops.merge import params, tree  # noqa: E402
+from configurable_fm.ops.merge.params import ParameterError, resolve_for_tensor  # noqa: E402
+from configurable_fm.ops.merge.tree import MergeInputError, merge  # noqa: E402
+
+__all__ += ["params", "tree", "merge", "MergeInputError", "ParameterError", "resolve_for_tensor"]
