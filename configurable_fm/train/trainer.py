@@ -189,9 +189,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data
     """Runs (or resumes) the training described by `config` in `workdir`.
 
     data: an object with `train_batches(process_index, process_count)` -> the training iterator (with
-    get_state/set_state) and `eval_batches(process_index, process_count)` -> this process's rows of the
-    evaluation batches, plus `manifest` (dict or
-    None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) -> {metric: value}}
+    get_state/set_state), `eval_batches(process_index, process_count)` -> this process's rows of the evaluation
+    batches, and `manifest` (dict or None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) -> {metric: value}}
     evaluated with the validation loss, added to those of `config.task_metrics` (synthetic task names: exact
     match of greedy generations, logged as '<task>/exact_match'; see train/data.py make_task_metrics).
     """
