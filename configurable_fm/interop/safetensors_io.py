@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetensors read as numpy arrays)
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -145,6 +146,16 @@ def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathLike,
     return names + [INDEX_FILE]
 
 
+def _usual_permissions(directory: Path) -> None:
+    """mkdtemp makes the directory 0700 (and some writers make 0600 files): give the modes the umask allows."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success.
@@ -159,6 +170,7 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield tmp
+        _usual_permissions(tmp)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.rename(out_dir, old / "x")

@@ -1,0 +1,312 @@
+"""mergekit 0.1.5 YAML files (merging.md 1.5) -> a plain, validated merge plan.
+
+    plan = load_mergekit_yaml("ties.yml")      # MergePlan(method, base, models, parameters, dtype, out_dtype)
+    stream.merge_checkpoints(plan, "out_dir")
+
+Supported keys (everything else is a `MergekitYamlError` naming the key and its line, never ignored):
+
+    merge_method: ties                 # a method of our registry (registry.get_method)
+    base_model: path-or-registry-name
+    models:                            # each: {model: REF, parameters: {name: setting}}
+      - model: ./ft_a
+        parameters: {weight: [0.0, 1.0], density: 0.5}
+    parameters: {normalize: true, weight: [{filter: mlp, value: 0.3}, {value: 0.5}]}
+    dtype: bfloat16                    # inputs are cast to it on load (float16|bfloat16|float32|float64)
+    out_dtype: bfloat16                # output cast (default: dtype, else the reference input's dtype)
+
+`slices`, `modules`, `tokenizer`, `tokenizer_source` and `chat_template` raise NotImplementedError naming the
+key and the line (the base's tokenizer files are copied to the output, as mergekit's default --copy-tokenizer).
+A model reference is a local HF directory (config.json; relative paths are tried from the working directory,
+then from the YAML's directory) or a name of models.registry.MODELS; LoRA (`a+b`) and revision (`a@rev`)
+references are refused.
+
+Model order as mergekit (plan.py normalize_config): the `models:` order; for methods that use the base, the
+entry equal to `base_model` is removed from the inputs and becomes the base (its parameters are unused, as in
+mergekit); for methods that ignore the base (linear, ...), `base_model` is an ordinary input, appended last when
+`models:` does not list it. Setting values are validated for form here (scalar, gradient, {filter, value}
+entries) and resolved per tensor later by params.py; parameter names are checked against the method.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from configurable_fm.ops.merge.registry import MergeMethod, get_method
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
+NOT_IMPLEMENTED_KEYS = {
+    "slices": "layer slices (frankenmerges, passthrough stacks) are not implemented; list whole models under "
+              "'models:'",
+    "modules": "per-module merges ('modules:') are not implemented; list whole models under 'models:'",
+    "tokenizer": "tokenizer configuration (vocabulary union/permutation) is not implemented; the base's "
+                 "tokenizer files are copied and every input must have the same tensor shapes",
+    "tokenizer_source": "tokenizer_source (vocabulary union/permutation) is not implemented; the base's "
+                        "tokenizer files are copied and every input must have the same tensor shapes",
+    "chat_template": "chat_template is not implemented",
+}
+MODEL_KEYS = ("model", "parameters")
+
+
+class MergekitYamlError(ValueError):
+    """An invalid or unsupported mergekit YAML; the message names the file, the key and the line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """One input: `name` as written in the YAML; `path` (an HF directory) or `registry` (a registry name)."""
+
+    name: str
+    path: Optional[Path] = None
+    registry: Optional[str] = None
+    line: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MergePlan:
+    """A validated merge: `models` are the non-base inputs in mergekit's order, `model_parameters` one dict (or
+    None) per model, `parameters` the global settings (raw settings, resolved per tensor by params.py)."""
+
+    method: str
+    base: Optional[ModelRef]
+    models: tuple[ModelRef, ...]
+    model_parameters: tuple[Optional[dict], ...]
+    parameters: dict
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    source: str = "<plan>"
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+class _Doc:
+    """Converts composed YAML nodes to Python values while keeping their lines for error messages."""
+
+    def __init__(self, text: str, source: str):
+        self.source = source
+        self.loader = yaml.SafeLoader(text)
+        try:
+            self.root = self.loader.get_single_node()
+        except yaml.YAMLError as e:
+            raise MergekitYamlError(f"{source}: not a valid single YAML document ({e})") from None
+
+    def line(self, node) -> int:
+        return node.start_mark.line + 1
+
+    def error(self, node, msg: str, cls=MergekitYamlError):
+        return cls(f"{self.source}, line {self.line(node)}: {msg}")
+
+    def value(self, node) -> Any:
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            raise self.error(node, f"cannot read value ({e})") from None
+
+    def mapping(self, node, what: str) -> list[tuple[str, Any]]:
+        """[(key, value node)] of a mapping node; duplicate or non-string keys are errors."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{what} must be a mapping")
+        seen, out = set(), []
+        for k, v in node.value:
+            key = self.value(k)
+            if not isinstance(key, str):
+                raise self.error(k, f"{what}: keys must be strings, got {key!r}")
+            if key in seen:
+                raise self.error(k, f"{what}: duplicate key {key!r}")
+            seen.add(key)
+            out.append((key, v))
+        return out
+
+
+_FLOAT = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
+
+
+def _number(v: Any) -> Any:
+    """YAML 1.1 reads '1e-3' as a string; mergekit's pydantic validation makes it a number for numeric params."""
+    return float(v) if isinstance(v, str) and _FLOAT.match(v.strip()) else v
+
+
+def _setting(doc: _Doc, node, where: str, numeric: bool = False) -> Any:
+    """A parameter setting checked for form: scalar | [scalars] | {filter?, value} | [{filter?, value}...].
+    With `numeric`, number-like strings ('1e-3') become floats (as mergekit's type validation)."""
+    scalar = (bool, int, float, str)
+    conv = _number if numeric else (lambda v: v)
+
+    def cond(n):
+        entries = dict(doc.mapping(n, where))
+        extra = sorted(set(entries) - {"filter", "value"})
+        if extra:
+            raise doc.error(n, f"{where}: unsupported key(s) {extra} in a conditional entry (only 'filter', "
+                               "'value')")
+        if "value" not in entries:
+            raise doc.error(n, f"{where}: a conditional entry needs 'value'")
+        out = {"value": value_or_gradient(entries["value"])}
+        if "filter" in entries:
+            flt = doc.value(entries["filter"])
+            if flt is not None and not isinstance(flt, str):
+                raise doc.error(entries["filter"], f"{where}: filter must be a string, got {flt!r}")
+            out["filter"] = flt
+        return out
+
+    def value_or_gradient(n):
+        v = doc.value(n)
+        if isinstance(v, scalar):
+            return conv(v)
+        if isinstance(v, list) and v and all(isinstance(e, scalar) for e in v):
+            return [conv(e) for e in v]
+        raise doc.error(n, f"{where}: a conditional value must be a scalar or a gradient list, got {v!r}")
+
+    if isinstance(node, yaml.MappingNode):
+        return cond(node)
+    if isinstance(node, yaml.SequenceNode):
+        if node.value and all(isinstance(n, yaml.MappingNode) for n in node.value):
+            return [cond(n) for n in node.value]
+        v = doc.value(node)
+        if all(isinstance(e, scalar) for e in v):
+            return [conv(e) for e in v]
+        raise doc.error(node, f"{where}: a list must be a gradient (scalars) or {{filter, value}} entries, "
+                              f"got {v!r}")
+    v = doc.value(node)
+    if isinstance(v, scalar):
+        return conv(v)
+    raise doc.error(node, f"{where}: unsupported value {v!r}")
+
+
+def _parameters(doc: _Doc, node, where: str, valid: set[str], method: MergeMethod) -> dict:
+    out = {}
+    if isinstance(node, yaml.ScalarNode) and doc.value(node) is None:
+        return out
+    for key, vnode in doc.mapping(node, where):
+        if key not in valid:
+            hint = (" (a shared parameter: give it in the top-level 'parameters')" if key in method.shared
+                    else f"; valid here: {sorted(valid)}")
+            raise doc.error(vnode, f"unsupported key {key!r} in {where} for merge_method {method.name!r}{hint}")
+        name = "lambda" if key == "lambda_" else key
+        numeric = name in method.per_model or not isinstance(method.shared.get(name), str)
+        out[key] = _setting(doc, vnode, f"{where}.{key}", numeric)
+    return out
+
+
+def _model_ref(doc: _Doc, node, yaml_dir: Optional[Path]) -> ModelRef:
+    from configurable_fm.models import registry
+
+    ref = doc.value(node)
+    if not isinstance(ref, str) or not ref:
+        raise doc.error(node, f"a model reference must be a non-empty string, got {ref!r}")
+    if ref in registry.MODELS:
+        return ModelRef(ref, registry=ref, line=doc.line(node))
+    candidates = [Path(ref).expanduser()]
+    if yaml_dir is not None and not Path(ref).is_absolute():
+        candidates.append(yaml_dir / ref)
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return ModelRef(ref, path=c.resolve(), line=doc.line(node))
+    hint = ""
+    if "+" in ref:
+        hint = " (LoRA references 'model+lora' are not implemented)"
+    elif "@" in ref:
+        hint = " (revisions 'model@rev' are not implemented)"
+    raise doc.error(node, f"model {ref!r} is neither an HF directory with config.json nor a registry name "
+                          f"{sorted(registry.MODELS)}{hint}")
+
+
+def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional[Path] = None) -> MergePlan:
+    """The MergePlan of a mergekit YAML text (module docstring); MergekitYamlError / NotImplementedError name the
+    key and its line; params.ParameterError / ValueError for the method's contract."""
+    doc = _Doc(text, source)
+    top = doc.mapping(doc.root, "the top level")
+    nodes = {}
+    for key, vnode in top:
+        if key in NOT_IMPLEMENTED_KEYS:
+            raise doc.error(vnode, f"{key!r}: {NOT_IMPLEMENTED_KEYS[key]}", NotImplementedError)
+        if key not in TOP_KEYS:
+            raise doc.error(vnode, f"unsupported key {key!r}; supported: {list(TOP_KEYS)} (not implemented: "
+                                   f"{sorted(NOT_IMPLEMENTED_KEYS)})")
+        nodes[key] = vnode
+    if "merge_method" not in nodes:
+        raise doc.error(doc.root, "'merge_method' is required")
+    method_name = doc.value(nodes["merge_method"])
+    try:
+        method = get_method(str(method_name))
+    except ValueError as e:
+        raise doc.error(nodes["merge_method"], str(e)) from None
+    if "models" not in nodes:
+        raise doc.error(doc.root, "'models' is required (a list of {model, parameters})")
+
+    dtypes = {}
+    for key in ("dtype", "out_dtype"):
+        if key in nodes:
+            v = doc.value(nodes[key])
+            v = v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v
+            if v is not None and v not in DTYPES:
+                raise doc.error(nodes[key], f"{key} must be one of {list(DTYPES)}, got {v!r}")
+            dtypes[key] = v
+
+    valid_model = set(method.per_model)
+    valid_global = set(method.per_model) | set(method.shared) | ({"lambda_"} if "lambda" in method.shared else set())
+    parameters = _parameters(doc, nodes["parameters"], "parameters", valid_global, method) \
+        if "parameters" in nodes else {}
+
+    base = _model_ref(doc, nodes["base_model"], yaml_dir) if "base_model" in nodes else None
+    mnode = nodes["models"]
+    if not isinstance(mnode, yaml.SequenceNode) or not mnode.value:
+        raise doc.error(mnode, "'models' must be a non-empty list of {model, parameters}")
+    entries: list[tuple[ModelRef, Optional[dict]]] = []
+    for item in mnode.value:
+        if isinstance(item, yaml.ScalarNode):
+            raise doc.error(item, "each entry of 'models' must be a mapping {model: REF, parameters: {...}}")
+        fields = dict(doc.mapping(item, "a 'models' entry"))
+        for key, vnode in fields.items():
+            if key not in MODEL_KEYS:
+                raise doc.error(vnode, f"unsupported key {key!r} in a 'models' entry; supported: {list(MODEL_KEYS)}")
+        if "model" not in fields:
+            raise doc.error(item, "a 'models' entry needs 'model'")
+        ref = _model_ref(doc, fields["model"], yaml_dir)
+        mp = _parameters(doc, fields["parameters"], f"models[{ref.name!r}].parameters", valid_model, method) \
+            if "parameters" in fields else None
+        if ref.name in [r.name for r, _ in entries]:
+            raise doc.error(item, f"model {ref.name!r} is listed twice in 'models'")
+        entries.append((ref, mp or None))
+
+    if method.base == "ignored":
+        if base is not None and base.name not in [r.name for r, _ in entries]:
+            entries.append((base, None))
+        base = None
+    elif base is not None:
+        entries = [(r, mp) for r, mp in entries if r.name != base.name]
+    models = tuple(r for r, _ in entries)
+    model_parameters = tuple(mp for _, mp in entries)
+    plan = MergePlan(method.name, base, models, model_parameters, parameters, dtypes.get("dtype"),
+                     dtypes.get("out_dtype"), source)
+    check_contract(plan)
+    return plan
+
+
+def check_contract(plan: MergePlan) -> None:
+    """The method's contract (base, input count, parameter names), by a dry run of tree.merge on empty inputs."""
+    from configurable_fm.ops.merge import tree
+
+    names = plan.model_names
+    if len(set(names)) != len(names):
+        raise ValueError(f"{plan.source}: duplicate models {names}")
+    tree.merge(plan.method, None if plan.base is None else {}, {n: {} for n in names},
+               parameters=plan.parameters, model_parameters=list(plan.model_parameters))
+
+
+def load_mergekit_yaml(path: str | Path) -> MergePlan:
+    """Reads and validates a mergekit YAML file (relative model paths: working directory, then the file's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mergekit YAML {path} does not exist")
+    return parse_mergekit_yaml(path.read_text(), source=str(path), yaml_dir=path.parent)
+
+
+def plan_from_dict(config: Mapping[str, Any], *, source: str = "<dict>") -> MergePlan:
+    """The same validation for an already-loaded dict (e.g. from an experiment config)."""
+    return parse_mergekit_yaml(yaml.safe_dump(dict(config), sort_keys=False), source=source)

@@ -1,0 +1,234 @@
+"""Streaming merge of HF checkpoints: one tensor at a time from memory-mapped safetensors to sharded output.
+
+    plan = mergekit_yaml.load_mergekit_yaml("ties.yml")
+    merge_checkpoints(plan, "out/", max_shard_size="2GB")
+
+Steps: open every input (TensorStore: memory-mapped, nothing read yet); check names and shapes of all inputs at
+once (tree's checks: one MergeInputError listing every missing tensor and mismatch, naming tensor and model);
+then for every tensor name p in the reference's order (the base, else the first input): read p from each input,
+cast it to `plan.dtype` if given (mergekit's load dtype), and run `tree.merge` on the single tensor {p: ...}
+(the same parameter resolution for the HF name p: layer index from `model.layers.N.`, depth over
+num_layers = 1 + the largest layer index; PRNG key tensor_key(seed, p); float32 kernel; cast to out_dtype,
+default plan.dtype, else the reference's dtype; integer tensors copied when identical). The result is appended to
+the current output shard, which is written as soon as the next tensor would push it past `max_shard_size`.
+Host memory: about (inputs + 1) x the largest tensor (+ its float32 copies) + one output shard.
+At the end: the index (when more than one shard), the reference's config.json with torch_dtype updated, and its
+tokenizer files; all of it inside `atomic_directory` (an existing output is refused unless overwrite; a failure
+leaves nothing). Inputs are only read.
+
+Registry models stored as GGUF (e.g. smollm2-135m-instruct) are loaded whole and converted to HF tensors in
+memory (no memory bound for those inputs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorStore, atomic_directory, \
+    parse_size
+from configurable_fm.ops.merge import params as P
+from configurable_fm.ops.merge import tree
+from configurable_fm.ops.merge.mergekit_yaml import MergePlan, ModelRef, check_contract
+from configurable_fm.ops.merge.registry import get_method
+
+NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json")
+
+
+@dataclasses.dataclass
+class _Input:
+    name: str
+    tensors: Mapping[str, np.ndarray]  # lazy (TensorStore) or in memory (GGUF registry models)
+    shape: Callable[[str], tuple]
+    config: dict
+    directory: Optional[Path]
+
+
+def _open(ref: ModelRef) -> _Input:
+    from configurable_fm.interop import hf
+
+    if ref.path is not None:
+        store = TensorStore(ref.path)
+        return _Input(ref.name, store, store.shape, hf.read_config(ref.path), ref.path)
+    from configurable_fm.models import registry
+
+    entry, path = registry.MODELS[ref.registry], registry.model_path(ref.registry)
+    if entry.format == "hf":
+        store = TensorStore(path)
+        return _Input(ref.name, store, store.shape, hf.read_config(path), path)
+    from configurable_fm.models.factory import load_model
+
+    model = load_model(ref.registry)
+    tensors = hf.hf_tensors(model)
+    config = hf.family_for(model).config_to_hf(model.cfg)
+    return _Input(ref.name, tensors, lambda k: tuple(tensors[k].shape), config, None)
+
+
+class ShardWriter:
+    """Appends tensors to an output shard; writes it when the next tensor would exceed `limit` bytes.
+
+    Shards are first written as `model-0000k.safetensors.part` and renamed by `finish()` to transformers'
+    `model-0000k-of-0000n.safetensors` (+ index), or `model.safetensors` when there is a single shard.
+    """
+
+    def __init__(self, out_dir: Path, limit: int):
+        self.out_dir, self.limit = Path(out_dir), int(limit)
+        self.current: dict[str, np.ndarray] = {}
+        self.size = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        value = np.ascontiguousarray(value)
+        if self.current and self.size + value.nbytes > self.limit:
+            self.flush()
+        self.current[name] = value
+        self.size += value.nbytes
+        self.total += value.nbytes
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        file = self.out_dir / f"model-{len(self.files) + 1:05d}.safetensors.part"
+        save_file(self.current, str(file), metadata={"format": "pt"})
+        self.files.append((file, list(self.current)))
+        self.current, self.size = {}, 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        if len(self.files) == 1:
+            os.rename(self.files[0][0], self.out_dir / SINGLE_FILE)
+            return [SINGLE_FILE]
+        n = len(self.files)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (file, keys), name in zip(self.files, names):
+            os.rename(file, self.out_dir / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": int(self.total)}, "weight_map": weight_map}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names + [INDEX_FILE]
+
+
+def _check_inputs(inputs: list[_Input], has_base: bool) -> None:
+    """All names and shapes at once (tree's checks on shape-only stand-ins; nothing is read)."""
+    shapes = [{k: jax.ShapeDtypeStruct(inp.shape(k), np.float32) for k in inp.tensors} for inp in inputs]
+    tree._check([inp.name for inp in inputs], shapes, vocab_tensors=tree.VOCAB_TENSORS, embed_alignment=None,
+                has_base=has_base)
+
+
+def _check_parameters(plan: MergePlan, names: list[str], num_layers: int) -> None:
+    """Resolves every tensor's parameters before anything is read, so that a setting missing for some tensors
+    (e.g. a weight given only under a filter) fails at once, listing the tensors."""
+    method = get_method(plan.method)
+    problems = []
+    for name in names:
+        try:
+            P.resolve_for_tensor(method, name, parameters=plan.parameters,
+                                 model_parameters=list(plan.model_parameters), model_names=plan.model_names,
+                                 num_layers=num_layers)
+        except P.ParameterError as e:
+            problems.append(str(e))
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise P.ParameterError(f"{plan.source}: {len(problems)} tensor(s) cannot be merged with these "
+                               "parameters:\n  " + "\n  ".join(problems[:20]) + more)
+
+
+def _dtype_name(dtype) -> str:
+    for name, d in NP_DTYPES.items():
+        if np.dtype(dtype) == d:
+            return name
+    return str(np.dtype(dtype))
+
+
+def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                      max_shard_size: int | str = "5GB", progress: bool = True, seed: int = 0) -> Path:
+    """Runs `plan` (mergekit_yaml.MergePlan) over HF checkpoints, streaming; returns the output directory.
+
+    Raises tree.MergeInputError (names/shapes, all at once, before anything is written), FileExistsError
+    (existing output without overwrite), params.ParameterError / ValueError (settings, contract).
+    """
+    check_contract(plan)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    limit = parse_size(max_shard_size)
+    if limit <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    load_dtype = NP_DTYPES[plan.dtype] if plan.dtype else None
+    out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else load_dtype
+
+    base = _open(plan.base) if plan.base is not None else None
+    models = [_open(r) for r in plan.models]
+    inputs = ([base] if base is not None else []) + models
+    _check_inputs(inputs, base is not None)
+    ref = inputs[0]
+    names = list(ref.tensors)
+    num_layers = P.num_layers_of(names)
+    _check_parameters(plan, names, num_layers)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(names), unit="tensor", desc=f"merge {plan.method}")
+
+    def read(inp: _Input, name: str) -> np.ndarray:
+        x = inp.tensors[name]
+        if load_dtype is not None and (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+            x = x.astype(load_dtype)
+        return x
+
+    dtypes_written = set()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, limit)
+        try:
+            for name in names:
+                b = {name: read(base, name)} if base is not None else None
+                xs = {m.name: {name: read(m, name)} for m in models}
+                y = tree.merge(plan.method, b, xs, parameters=plan.parameters,
+                               model_parameters=list(plan.model_parameters), seed=seed, out_dtype=out_dtype,
+                               num_layers=num_layers)[name]
+                y = np.asarray(y)
+                dtypes_written.add(_dtype_name(y.dtype))
+                writer.add(name, y)
+                del b, xs
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{writer.total / 1e6:.1f} MB written, {len(writer.files)} shard(s) flushed")
+            writer.finish()
+        finally:
+            if bar is not None:
+                bar.close()
+        config = dict(ref.config)
+        floats = sorted(d for d in dtypes_written if d in NP_DTYPES)
+        if floats:
+            config["torch_dtype"] = floats[0] if len(floats) == 1 else "float32"
+            if "dtype" in config:
+                config["dtype"] = config["torch_dtype"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tok_dir = ref.directory
+        if tok_dir is not None:
+            for f in TOKENIZER_FILES:
+                if (tok_dir / f).is_file():
+                    shutil.copyfile(tok_dir / f, tmp / f)
+    return out_dir
+
+
+def merge_yaml(yaml_path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any) -> Path:
+    """`merge_checkpoints(load_mergekit_yaml(yaml_path), out_dir, **kwargs)`."""
+    from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
+
+    return merge_checkpoints(load_mergekit_yaml(yaml_path), out_dir, **kwargs)
