@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 import configurable_fm.models.attention as attn

@@ -8,7 +8,6 @@ or CFM_COORDINATOR / CFM_NUM_PROCESSES / CFM_PROCESS_ID); see README "Multi-host
 A `--config.KEY=VALUE` naming no key of the config is refused with the valid keys of that level.
 absl logs at WARNING unless `--verbosity` / `-v` is given (orbax logs every checkpoint step at INFO).
 """
-import difflib
 import os
 import re
 import sys
@@ -16,6 +15,8 @@ import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
+
+from configurable_fm.config_errors import bad_override
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (path.py:variant)", lock_config=True)
 flags.DEFINE_string("workdir", None, "run directory (created; resumed when it holds checkpoints)")
@@ -32,29 +33,6 @@ def _config_arg(argv: list[str]) -> str | None:
         m = re.fullmatch(r"--?config=(.*)", arg)
         if m:
             return m.group(1)
-    return None
-
-
-def bad_override(config, argv: list[str]) -> str | None:
-    """A message for the first `--config.a.b=...` in `argv` whose path is not in `config`: it names the missing
-    key, the closest valid one, and every valid key of that level; None when every override path exists."""
-    for arg in argv:
-        m = re.match(r"--?config\.([^=]+)", arg)
-        if not m:
-            continue
-        node, where = config, "config"
-        for key in m.group(1).split("."):
-            name = re.sub(r"\[.*\]$", "", key)  # a tuple element override: field[0]
-            if not isinstance(node, (config_dict.ConfigDict, dict)):
-                return (f"{arg.split('=')[0]}: {where} is a value of type {type(node).__name__}, "
-                        "not a config with keys")
-            if name not in node:
-                valid = sorted(node.keys())
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                return (f"{arg.split('=')[0]}: {where} has no key {name!r}{hint}; "
-                        f"valid keys of {where}: {', '.join(valid)}")
-            node, where = node[name], f"{where}.{name}"
     return None
 
 

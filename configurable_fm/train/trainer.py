@@ -19,7 +19,6 @@ optimizer state are restored, so the following steps reproduce an uninterrupted 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
