@@ -26,3 +26,13 @@ def hf_dir_with_config_change(src, dst, key, value):
     (dst / "config.json").write_text(json.dumps(config))
     (dst / "model.safetensors").symlink_to(src / "model.safetensors")
     return dst
+
+
+def assert_params_equal(model_a, model_b):
+    """Same parameter paths in the same order, and bit-identical arrays."""
+    from configurable_fm.bricks.paths import flat_params
+
+    a, b = flat_params(model_a), flat_params(model_b)
+    assert list(a) == list(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)

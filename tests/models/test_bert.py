@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from tests.helpers import hf_dir_with_config_change
+from tests.helpers import assert_params_equal, hf_dir_with_config_change
 from configurable_fm.bricks.paths import flat_params, flat_state  # noqa: E402
 from configurable_fm.interop.hf import from_hf, to_hf  # noqa: E402
 from configurable_fm.models.bert import Bert, BertConfig, mean_pool, sentence_embedding  # noqa: E402
@@ -132,10 +132,7 @@ def test_round_trip_is_exact_and_transformers_loads_it(tmp_path, tiny):
     out = to_hf(model, tmp_path / "ours")
     again = from_hf(out)
     assert again.cfg == model.cfg
-    a, b = flat_params(model), flat_params(again)
-    assert list(a) == list(b)
-    for k in a:
-        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    assert_params_equal(model, again)
     reloaded, info = transformers.BertModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     ids, mask, types = batch(seed=2)

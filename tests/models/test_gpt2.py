@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from tests.helpers import hf_dir_with_config_change
+from tests.helpers import assert_params_equal, hf_dir_with_config_change
 from configurable_fm.bricks.paths import flat_params, flat_state  # noqa: E402
 from configurable_fm.interop.hf import from_hf, to_hf  # noqa: E402
 from configurable_fm.interop.safetensors_io import CheckpointError  # noqa: E402
@@ -106,10 +106,7 @@ def test_round_trip_is_exact_and_transformers_loads_it(tmp_path, tied):
     out = to_hf(model, tmp_path / "ours")
     again = from_hf(out)
     assert again.cfg == model.cfg
-    a, b = flat_params(model), flat_params(again)
-    assert list(a) == list(b)
-    for k in a:
-        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    assert_params_equal(model, again)
     written = load_file(out / "model.safetensors")
     assert ("lm_head.weight" in written) == (not tied) and "wte.weight" in written
     reloaded, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
