@@ -11,11 +11,16 @@ import numpy as np
 from flax import nnx
 
 
+def next_token_nll(logits_BxTxV, targets_BxT) -> jax.Array:
+    """-log softmax(logits)[target] per position, in float32: logsumexp(logits) - logits[target]."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    target = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target
+
+
 @nnx.jit
 def _nll(model, ids_BxT, mask_BxT):
-    logits = model(ids_BxT, attention_mask=mask_BxT).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    return -jnp.take_along_axis(logp, ids_BxT[:, 1:, None], axis=-1)[..., 0]
+    return next_token_nll(model(ids_BxT, attention_mask=mask_BxT)[:, :-1], ids_BxT[:, 1:])
 
 
 def token_nll(model, ids_BxT, attention_mask_BxT=None) -> np.ndarray:

@@ -81,7 +81,6 @@ def pretrain_tiny(report: Report, workdir: Path, *, steps: int, log=print) -> No
     cfg.steps = steps
     cfg.checkpoint_every = steps
     cfg.eval_every = max(steps // 3, 1)
-    cfg.optimizer.warmup_steps = max(steps // 20, 1)
     if workdir.exists():  # the quickstart always shows a fresh run
         shutil.rmtree(workdir)
     log(f"pre-training the tiny llama for {steps} steps on the Python standard library (data: {cfg.data.dir})")

@@ -39,6 +39,7 @@ from flax import nnx
 from configurable_fm import sharding as shd
 from configurable_fm.bricks.paths import flat_params, flat_state, path_str, with_params
 from configurable_fm.bricks.select import glob_to_regex
+from configurable_fm.evaluation import next_token_nll
 from configurable_fm.models.factory import build_model, config_to_dict, load_model
 from configurable_fm.train import flops as flops_lib
 from configurable_fm.train.distributed import save_model_collective
@@ -101,13 +102,11 @@ class ModelParts:
 # ------------------------------------------------------------------------------------------ the step
 def loss_sums(model, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token NLL, sum of weights) in float32 for one batch."""
-    logits = model(batch["inputs"]).astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    weights = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(logz)
+    nll = next_token_nll(model(batch["inputs"]), batch["targets"])
+    weights = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(nll)
     if "mask" in batch:  # row mask of padded evaluation batches
         weights = weights * batch["mask"].astype(jnp.float32)[:, None]
-    return jnp.sum((logz - target) * weights), jnp.sum(weights)
+    return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def global_norm(tree) -> jax.Array:
