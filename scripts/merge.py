@@ -5,7 +5,8 @@
         [--format hf|orbax] [--overwrite] [--config.parameters.weight=0.3 ...]
 
 --mergekit_yaml: the YAML is mergekit 0.1.5's format (ops/merge/mergekit_yaml.py lists the supported keys; any
-other key is an error naming it and its line). Inputs: HF directories or registry names; output: sharded
+other key is an error naming it and its line), with `models:` or `slices:` (frankenmerges, depth up-scaling,
+slice-wise merges; the output config gets the new num_hidden_layers). Inputs: HF directories or registry names; output: sharded
 safetensors + config.json (+ the base's tokenizer files), written under a temporary name and renamed when complete.
 --config: a merge config (configurable_fm/ops/merge/stage.py: method, base, models, parameters, model_parameters,
 seed, out_dtype, embed_alignment) with ml_collections `--config.KEY=VALUE` overrides (a key that the config does
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
         plan = load_mergekit_yaml(args.mergekit_yaml)
         out = merge_checkpoints(plan, args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                                 progress=not args.no_progress, seed=0 if args.seed is None else args.seed)
-        print(f"merged {len(plan.models) + (plan.base is not None)} models with {plan.method} into {out}")
+        what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
+        print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
         return 0
 
     if args.seed is not None:

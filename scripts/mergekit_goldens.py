@@ -5,6 +5,7 @@ Run ONLY by hand, in a throwaway virtualenv outside the repository (never a proj
     python3 -m venv /tmp/mk && /tmp/mk/bin/pip install torch==2.13.0 && /tmp/mk/bin/pip install mergekit==0.1.5
     /tmp/mk/bin/python scripts/mergekit_goldens.py                 # every method in METHOD_CASES
     /tmp/mk/bin/python scripts/mergekit_goldens.py ties della      # only these
+    /tmp/mk/bin/python scripts/mergekit_goldens.py slices          # the `slices:` configs (SLICE_CASES)
 
 For each method it calls `mergekit.merge_methods.api.merge_tensors` on small deterministic tensors (inputs built
 from a numpy generator seeded by the case name) and writes
@@ -19,6 +20,16 @@ from a numpy generator seeded by the case name) and writes
 `params` are exactly the parameters given to mergekit (per-model ones as lists in input order).
 Randomised sparsifiers (dare_*, della*) call `torch.bernoulli`; the script seeds torch and records every call's
 input (della's keep probabilities) and output (the mask), so tests can inject the very masks mergekit used.
+
+`slices` runs mergekit's whole pipeline (`mergekit.merge.run_merge`) on the YAML configs of SLICE_CASES over two
+tiny random llama checkpoints A and B (transformers, every parameter ~ N(0, 1) from torch seeds 0 and 1) and writes
+
+    tests/golden/mergekit_0.1.5/slices.safetensors   "inputs/A/<hf name>", "inputs/B/<hf name>" (the inputs) and
+                                                     "<case>/<hf name>" (mergekit's output tensors)
+    tests/golden/mergekit_0.1.5/slices.json          {"mergekit", "torch", "transformers", "input_config": the
+                                                      inputs' config.json, "cases": {case: {"yaml": text with {A}
+                                                      and {B} for the model paths, "num_hidden_layers": n,
+                                                      "tensors": [output names]}}}
 
 Extending: add a function returning a list of `Case` and an entry in METHOD_CASES (one row per method).
 Sizes stay small (each file well under 1 MB). Exact ties in magnitude are built from dyadic numbers (so x − b is
@@ -538,16 +549,199 @@ def write_method(method: str, cases: list[Case], out_dir: str) -> str:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# `slices:` configs, run through mergekit's full merge on tiny llama checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+SLICE_MODEL_CONFIG = dict(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=4,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                          tie_word_embeddings=False)
+
+SLICE_CASES = {
+    # SOLAR-style depth up-scaling of one model (4 -> 6 layers), passthrough with scale filters: o_proj/down_proj
+    # of the duplicated layers zeroed (source level), layer norms scaled by a gradient (slice level, which also
+    # reaches model.norm.weight at t = 0, merged from the last slice), embeddings scaled by the first slice.
+    "solar_scale": """
+slices:
+  - sources:
+      - model: {A}
+        layer_range: [0, 3]
+    parameters:
+      scale: [{filter: embed_tokens, value: 0.5}]
+  - sources:
+      - model: {A}
+        layer_range: [1, 4]
+        parameters:
+          scale:
+            - filter: o_proj
+              value: 0.0
+            - filter: down_proj
+              value: 0.0
+    parameters:
+      scale:
+        - filter: norm
+          value: [2.0, 0.5]
+merge_method: passthrough
+dtype: float32
+""",
+    # Goliath-style frankenmerge: interleaved layer ranges of two models (embeddings from A, final norm and
+    # lm_head from B)
+    "frankenmerge": """
+slices:
+  - sources: [{model: {A}, layer_range: [0, 2]}]
+  - sources: [{model: {B}, layer_range: [1, 3]}]
+  - sources: [{model: {A}, layer_range: [2, 4]}]
+  - sources: [{model: {B}, layer_range: [3, 4]}]
+merge_method: passthrough
+dtype: float32
+""",
+    # the classic slerp config: one slice over all layers, t by filter with gradients
+    "slerp_classic": """
+slices:
+  - sources:
+      - model: {A}
+        layer_range: [0, 4]
+      - model: {B}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {A}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float32
+""",
+    # slerp over two slices: a slice-level gradient (t over the slice's own 2 layers) before the global setting
+    "slerp_two_slices": """
+slices:
+  - sources:
+      - {model: {A}, layer_range: [0, 2]}
+      - {model: {B}, layer_range: [2, 4]}
+    parameters:
+      t: [{filter: mlp, value: [0.1, 0.9]}]
+  - sources:
+      - {model: {A}, layer_range: [2, 4]}
+      - {model: {B}, layer_range: [0, 2]}
+merge_method: slerp
+base_model: {A}
+parameters:
+  t: [{filter: self_attn, value: [0.2, 0.6]}, {value: 0.3}]
+dtype: float32
+""",
+    # linear: precedence source > slice > global, per-model filters on the input names, a one-layer slice
+    # (t = 1), the source order changing between slices
+    "linear_precedence": """
+slices:
+  - sources:
+      - {model: {A}, layer_range: [0, 2], parameters: {weight: [1.0, 0.0]}}
+      - {model: {B}, layer_range: [1, 3]}
+    parameters: {weight: 0.5}
+  - sources:
+      - {model: {B}, layer_range: [3, 4]}
+      - {model: {A}, layer_range: [2, 3], parameters: {weight: [{filter: layers.2.mlp, value: 2.0}]}}
+merge_method: linear
+parameters: {weight: 1.0, normalize: true}
+dtype: float32
+""",
+    # mergekit merges the tensors after the layers from the last slice's sources cut to as many as the first
+    # slice has (its zip with the first slice's weight list): here model.norm and lm_head come from A alone
+    "linear_truncated_post": """
+slices:
+  - sources:
+      - {model: {A}, layer_range: [0, 2]}
+  - sources:
+      - {model: {A}, layer_range: [2, 4]}
+      - {model: {B}, layer_range: [2, 4], parameters: {weight: 3.0}}
+merge_method: linear
+parameters: {weight: 1.0}
+dtype: float32
+""",
+    # task arithmetic with a slice-level base_model
+    "task_arithmetic_slice_base": """
+slices:
+  - sources:
+      - {model: {A}, layer_range: [0, 2]}
+      - {model: {B}, layer_range: [0, 2], parameters: {weight: [0.5, 1.0]}}
+  - sources:
+      - {model: {A}, layer_range: [2, 4], parameters: {weight: 0.25}}
+      - {model: {B}, layer_range: [2, 4]}
+    base_model: {B}
+merge_method: task_arithmetic
+base_model: {A}
+parameters: {weight: 0.7}
+dtype: float32
+""",
+}
+
+
+def _tiny_llama(path: str, seed: int) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SLICE_MODEL_CONFIG))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def write_slices(out_dir: str) -> str:
+    import tempfile
+    from importlib.metadata import version
+
+    import torch
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors.numpy import load_file, save_file
+
+    tensors, meta = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"A": os.path.join(tmp, "A"), "B": os.path.join(tmp, "B")}
+        for seed, (name, path) in enumerate(paths.items()):
+            _tiny_llama(path, seed)
+            for k, v in load_file(os.path.join(path, "model.safetensors")).items():
+                tensors[f"inputs/{name}/{k}"] = v
+        with open(os.path.join(paths["A"], "config.json")) as f:
+            input_config = json.load(f)
+        for case, text in SLICE_CASES.items():
+            out = os.path.join(tmp, f"out_{case}")
+            config = MergeConfiguration.model_validate(yaml.safe_load(text.replace("{A}", paths["A"])
+                                                                      .replace("{B}", paths["B"])))
+            run_merge(config, out, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+            result = load_file(os.path.join(out, "model.safetensors"))
+            for k, v in result.items():
+                tensors[f"{case}/{k}"] = np.ascontiguousarray(v, np.float32)
+            with open(os.path.join(out, "config.json")) as f:
+                layers = json.load(f)["num_hidden_layers"]
+            meta[case] = {"yaml": text, "num_hidden_layers": layers, "tensors": sorted(result)}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "slices.safetensors")
+    save_file(tensors, path)
+    with open(os.path.join(out_dir, "slices.json"), "w") as f:
+        json.dump({"mergekit": version("mergekit"), "torch": torch.__version__,
+                   "transformers": version("transformers"), "input_config": input_config, "cases": meta}, f,
+                  indent=1, sort_keys=True)
+        f.write("\n")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("methods", nargs="*", help=f"methods to write (default: all of {sorted(METHOD_CASES)})")
+    ap.add_argument("methods", nargs="*",
+                    help=f"methods to write (default: all of {sorted(METHOD_CASES)} and 'slices')")
     ap.add_argument("--out", default=OUT_DIR)
     args = ap.parse_args(argv)
-    unknown = [m for m in args.methods if m not in METHOD_CASES]
+    unknown = [m for m in args.methods if m not in METHOD_CASES and m != "slices"]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(METHOD_CASES)}")
-    for method in args.methods or list(METHOD_CASES):
-        path = write_method(method, METHOD_CASES[method](), args.out)
+        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(METHOD_CASES)} and 'slices'")
+    for method in args.methods or list(METHOD_CASES) + ["slices"]:
+        path = write_slices(args.out) if method == "slices" else write_method(method, METHOD_CASES[method](),
+                                                                              args.out)
         print(f"{method}: {os.path.getsize(path)} bytes -> {os.path.relpath(path)}")
 
 

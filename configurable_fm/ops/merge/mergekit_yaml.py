@@ -10,12 +10,18 @@ Supported keys (everything else is a `MergekitYamlError` naming the key and its 
     models:                            # each: {model: REF, parameters: {name: setting}}
       - model: ./ft_a
         parameters: {weight: [0.0, 1.0], density: 0.5}
+    slices:                            # instead of `models` (exactly one of the two): layer ranges per slice
+      - sources:                       # each: {model: REF, layer_range: [start, end), parameters: {...}}
+          - model: ./ft_a
+            layer_range: [0, 24]
+        parameters: {scale: [{filter: o_proj, value: 0.0}, {value: 1.0}]}   # per-model and shared settings
+        base_model: ./ft_a             # optional, overrides the global base_model for this slice
     parameters: {normalize: true, weight: [{filter: mlp, value: 0.3}, {value: 0.5}]}
     dtype: bfloat16                    # inputs are cast to it on load (float16|bfloat16|float32|float64)
     out_dtype: bfloat16                # output cast (default: dtype, else the reference input's dtype)
 
-`slices`, `modules`, `tokenizer`, `tokenizer_source` and `chat_template` raise NotImplementedError naming the
-key and the line (the base's tokenizer files are copied to the output, as mergekit's default --copy-tokenizer).
+`modules`, `tokenizer`, `tokenizer_source` and `chat_template` raise NotImplementedError naming the key and
+the line (the base's tokenizer files are copied to the output, as mergekit's default --copy-tokenizer).
 A model reference is a local HF directory (config.json; relative paths are tried from the working directory,
 then from the YAML's directory) or a name of models.registry.MODELS; LoRA (`a+b`) and revision (`a@rev`)
 references are refused.
@@ -25,6 +31,14 @@ entry equal to `base_model` is removed from the inputs and becomes the base (its
 mergekit); for methods that ignore the base (linear, ...), `base_model` is an ordinary input, appended last when
 `models:` does not list it. Setting values are validated for form here (scalar, gradient, {filter, value}
 entries) and resolved per tensor later by params.py; parameter names are checked against the method.
+
+`slices:` (ops/merge/slices.py has the semantics) gives a plan with `slices` set: `base` is the global
+`base_model` as written (the config and tokenizer donor; for methods that ignore the base its tensors are not
+read), `models` every other model referenced (sources and slice-level base models, in order of appearance),
+`model_parameters` None for each (settings live in the slices). Checked here, naming the line: a layer_range
+outside the model's layers (from its config.json), sources of one slice with different spans, a model twice in
+one slice, the method's input count per slice (passthrough: exactly one source), a base that is not one of the
+slice's sources, parameter names (sources: per-model ones; slices: per-model and shared).
 """
 from __future__ import annotations
 
@@ -35,13 +49,12 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
 NOT_IMPLEMENTED_KEYS = {
-    "slices": "layer slices (frankenmerges, passthrough stacks) are not implemented; list whole models under "
-              "'models:'",
     "modules": "per-module merges ('modules:') are not implemented; list whole models under 'models:'",
     "tokenizer": "tokenizer configuration (vocabulary union/permutation) is not implemented; the base's "
                  "tokenizer files are copied and every input must have the same tensor shapes",
@@ -50,6 +63,9 @@ NOT_IMPLEMENTED_KEYS = {
     "chat_template": "chat_template is not implemented",
 }
 MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "parameters", "base_model")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 class MergekitYamlError(ValueError):
@@ -79,10 +95,16 @@ class MergePlan:
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     source: str = "<plan>"
+    slices: Optional[tuple] = None  # tuple[slices.OutputSlice, ...] for a `slices:` merge (module docstring)
 
     @property
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    @property
+    def refs(self) -> dict[str, ModelRef]:
+        """{name: ModelRef} of every model of the plan (the base first)."""
+        return {r.name: r for r in ([self.base] if self.base is not None else []) + list(self.models)}
 
 
 class _Doc:
@@ -236,8 +258,12 @@ def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional
         method = get_method(str(method_name))
     except ValueError as e:
         raise doc.error(nodes["merge_method"], str(e)) from None
-    if "models" not in nodes:
-        raise doc.error(doc.root, "'models' is required (a list of {model, parameters})")
+    if "models" in nodes and "slices" in nodes:
+        raise doc.error(nodes["slices"], "give exactly one of 'models' and 'slices', not both (line "
+                                         f"{doc.line(nodes['models'])} has 'models')")
+    if "models" not in nodes and "slices" not in nodes:
+        raise doc.error(doc.root, "'models' (a list of {model, parameters}) or 'slices' (a list of {sources, "
+                                  "parameters}) is required")
 
     dtypes = {}
     for key in ("dtype", "out_dtype"):
@@ -254,6 +280,8 @@ def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional
         if "parameters" in nodes else {}
 
     base = _model_ref(doc, nodes["base_model"], yaml_dir) if "base_model" in nodes else None
+    if "slices" in nodes:
+        return _slices_plan(doc, nodes["slices"], method, base, parameters, dtypes, yaml_dir)
     mnode = nodes["models"]
     if not isinstance(mnode, yaml.SequenceNode) or not mnode.value:
         raise doc.error(mnode, "'models' must be a non-empty list of {model, parameters}")
@@ -288,10 +316,103 @@ def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional
     return plan
 
 
+def _config_layers(ref: ModelRef) -> Optional[int]:
+    """The layer count in an HF directory's config.json (None for registry models or without the key)."""
+    import json
+
+    if ref.path is None:
+        return None
+    try:
+        config = json.loads((ref.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in LAYER_COUNT_KEYS:
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _slices_plan(doc: _Doc, snode, method: MergeMethod, base: Optional[ModelRef], parameters: dict,
+                 dtypes: dict, yaml_dir: Optional[Path]) -> MergePlan:
+    """The MergePlan of a `slices:` list (module docstring); every problem of slices.problems with its line."""
+    from configurable_fm.ops.merge import slices as S
+
+    if not isinstance(snode, yaml.SequenceNode) or not snode.value:
+        raise doc.error(snode, "'slices' must be a non-empty list of {sources, parameters}")
+    valid_model = set(method.per_model)
+    valid_slice = set(method.per_model) | set(method.shared) | ({"lambda_"} if "lambda" in method.shared else set())
+    refs: dict[str, ModelRef] = {} if base is None else {base.name: base}
+    lines: dict[tuple, int] = {}
+    out = []
+    for i, item in enumerate(snode.value):
+        where = f"slices[{i}]"
+        fields = dict(doc.mapping(item, where))
+        for key, vnode in fields.items():
+            if key == "residual_weight":
+                raise doc.error(vnode, f"'residual_weight' in {where} is not used by mergekit 0.1.5's merge plan; "
+                                       "remove it")
+            if key not in SLICE_KEYS:
+                raise doc.error(vnode, f"unsupported key {key!r} in {where}; supported: {list(SLICE_KEYS)}")
+        if "sources" not in fields:
+            raise doc.error(item, f"{where} needs 'sources' (a list of {{model, layer_range}})")
+        srcs = fields["sources"]
+        if not isinstance(srcs, yaml.SequenceNode) or not srcs.value:
+            raise doc.error(srcs, f"{where}.sources must be a non-empty list of {{model, layer_range, parameters}}")
+        lines[(i,)] = doc.line(item)
+        sources = []
+        for j, snode_j in enumerate(srcs.value):
+            w = f"{where}.sources[{j}]"
+            if not isinstance(snode_j, yaml.MappingNode):
+                raise doc.error(snode_j, f"{w} must be a mapping {{model: REF, layer_range: [start, end]}}")
+            sf = dict(doc.mapping(snode_j, w))
+            for key, vnode in sf.items():
+                if key not in SOURCE_KEYS:
+                    raise doc.error(vnode, f"unsupported key {key!r} in {w}; supported: {list(SOURCE_KEYS)}")
+            for key in ("model", "layer_range"):
+                if key not in sf:
+                    raise doc.error(snode_j, f"{w} needs {key!r}")
+            ref = _model_ref(doc, sf["model"], yaml_dir)
+            refs.setdefault(ref.name, ref)
+            lr = doc.value(sf["layer_range"])
+            if not (isinstance(lr, list) and len(lr) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in lr)):
+                raise doc.error(sf["layer_range"], f"{w}.layer_range must be two integers [start, end), got {lr!r}")
+            mp = _parameters(doc, sf["parameters"], f"{w}.parameters", valid_model, method) \
+                if "parameters" in sf else None
+            sources.append(S.SliceSource(ref.name, (lr[0], lr[1]), mp or None, doc.line(snode_j)))
+            lines[(i, j)] = doc.line(snode_j)
+            lines[(i, j, "layer_range")] = doc.line(sf["layer_range"])
+        sp = _parameters(doc, fields["parameters"], f"{where}.parameters", valid_slice, method) \
+            if "parameters" in fields else None
+        sbase = None
+        if "base_model" in fields:
+            bref = _model_ref(doc, fields["base_model"], yaml_dir)
+            refs.setdefault(bref.name, bref)
+            sbase = bref.name
+        out.append(S.OutputSlice(tuple(sources), sp or None, sbase, doc.line(item)))
+    counts = {n: c for n, c in ((n, _config_layers(r)) for n, r in refs.items()) if c is not None}
+    found = S.problems(method, out, base=None if base is None else base.name, num_layers=counts)
+    if found:
+        first = f"{doc.source}, line {lines[found[0][0]]}: {found[0][1]}"
+        rest = [f"line {lines[loc]}: {msg}" for loc, msg in found[1:]]
+        raise MergekitYamlError("\n  ".join([first] + rest))
+    models = tuple(r for n, r in refs.items() if base is None or n != base.name)
+    return MergePlan(method.name, base, models, (None,) * len(models), parameters, dtypes.get("dtype"),
+                     dtypes.get("out_dtype"), doc.source, tuple(out))
+
+
 def check_contract(plan: MergePlan) -> None:
-    """The method's contract (base, input count, parameter names), by a dry run of tree.merge on empty inputs."""
+    """The method's contract (base, input count, parameter names), by a dry run of tree.merge on empty inputs
+    (for a `slices:` plan: slices.check on every slice)."""
     from configurable_fm.ops.merge import tree
 
+    if plan.slices is not None:
+        from configurable_fm.ops.merge import slices as S
+
+        method = get_method(plan.method)
+        S.check(method, plan.slices, base=None if plan.base is None else plan.base.name)
+        P.check_names(method, plan.parameters, None, [])
+        return
     names = plan.model_names
     if len(set(names)) != len(names):
         raise ValueError(f"{plan.source}: duplicate models {names}")

@@ -16,7 +16,8 @@ s = t·(m−1), i = int(s), y = (1 − (s−i))·v_i + (s−i)·v_{min(i+1, m−
 Precedence (highest first): the model's own parameters, then the global `parameters`, then the method's
 default; a setting that resolves to None (an empty list, or no conditional entry matching) falls through to the
 next level. Shared (non per-model) parameters come from the global `parameters` only.
-Layer indices are read from our dotted paths (`layers.3.mlp...`) and mergekit/HF names (`model.layers.3.mlp...`).
+`resolve_levels` takes the levels and t explicitly (used by `slices:` merges: source > slice > global, t per
+slice). Layer indices are read from our dotted paths (`layers.3.mlp...`) and mergekit/HF names (`model.layers.3.mlp...`).
 """
 from __future__ import annotations
 
@@ -163,22 +164,46 @@ def resolve_for_tensor(method: MergeMethod, path: str, *, parameters: Optional[M
     A per-model parameter whose default is None (e.g. passthrough's `scale`) is omitted when no model and no
     global setting gives it.
     """
-    parameters = dict(parameters or {})
-    if "lambda_" in parameters and "lambda" in method.shared:
-        parameters.setdefault("lambda", parameters.pop("lambda_"))
     model_parameters = list(model_parameters or [None] * len(model_names))
     if len(model_parameters) != len(model_names):
         raise ParameterError(
             f"{method.name}: {len(model_parameters)} model_parameters entries for {len(model_names)} models "
             f"{list(model_names)}"
         )
-    t = depth_t(path, num_layers)
+    return resolve_levels(method, path, t=depth_t(path, num_layers), shared_levels=[parameters],
+                          model_levels=[[mp, parameters] for mp in model_parameters], model_names=model_names)
+
+
+def _lambda_alias(method: MergeMethod, level: Optional[Mapping[str, Any]]) -> Optional[Mapping[str, Any]]:
+    if level is None or "lambda_" not in level or "lambda" not in method.shared:
+        return level
+    level = dict(level)
+    level.setdefault("lambda", level.pop("lambda_"))
+    return level
+
+
+def resolve_levels(method: MergeMethod, path: str, *, t: float,
+                   shared_levels: Sequence[Optional[Mapping[str, Any]]],
+                   model_levels: Sequence[Sequence[Optional[Mapping[str, Any]]]], model_names: Sequence[str],
+                   model_paths: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Keyword arguments for `method.kernel` on output tensor `path` at depth `t`, from explicit levels.
+
+    shared_levels: settings dicts, highest precedence first, for the shared parameters (evaluated for `path`);
+    model_levels[i]: the same for input i's per-model parameters, evaluated for model_paths[i] (the input's own
+    tensor name, as mergekit does; default `path`). Values as `resolve_for_tensor`: shared ones Python scalars,
+    per-model ones a float64 array (N,), omitted when the default is None and nothing gives them.
+    """
+    if len(model_levels) != len(model_names):
+        raise ParameterError(f"{method.name}: {len(model_levels)} model levels for {len(model_names)} models "
+                             f"{list(model_names)}")
+    paths = list(model_paths) if model_paths is not None else [path] * len(model_names)
+    shared_levels = [_lambda_alias(method, lv) for lv in shared_levels]
     kwargs: dict[str, Any] = {}
     for pname, default in method.shared.items():
-        kwargs[pname] = resolve(pname, [parameters], path, t, default=default)
+        kwargs[pname] = resolve(pname, shared_levels, path, t, default=default)
     for pname, default in method.per_model.items():
-        values = [resolve(pname, [mp, parameters], path, t, default=default, model=m)
-                  for m, mp in zip(model_names, model_parameters)]
+        values = [resolve(pname, levels, p, t, default=default, model=m)
+                  for m, levels, p in zip(model_names, model_levels, paths)]
         if all(v is None for v in values):
             continue
         bad = [(m, v) for m, v in zip(model_names, values) if not _is_number(v) and not isinstance(v, bool)]

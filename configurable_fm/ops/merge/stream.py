@@ -16,6 +16,12 @@ At the end: the index (when more than one shard), the reference's config.json wi
 tokenizer files; all of it inside `atomic_directory` (an existing output is refused unless overwrite; a failure
 leaves nothing). Inputs are only read.
 
+A `slices:` plan (ops/merge/slices.py) runs the same way over the tensor plan of slices.plan_tensors: each
+output tensor (renumbered `model.layers.N.`) is made from its inputs' tensors (read, cast to plan.dtype) by
+tree.merge_task, in the order: tensors before the layers, the layers, the tensors after them. The config.json is
+the donor's (the global base_model, else the first slice's first source) with the new `num_hidden_layers`
+(n_layer / num_layers) and, where it has one, a `layer_types` list taken from each layer's first source.
+
 Registry models stored as GGUF (e.g. smollm2-135m-instruct) are loaded whole and converted to HF tensors in
 memory (no memory bound for those inputs).
 """
@@ -36,12 +42,14 @@ from safetensors.numpy import save_file
 from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorStore, atomic_directory, \
     parse_size
 from configurable_fm.ops.merge import params as P
+from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import tree
 from configurable_fm.ops.merge.mergekit_yaml import MergePlan, ModelRef, check_contract
 from configurable_fm.ops.merge.registry import get_method
 
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+SLICE_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json")
 
@@ -170,6 +178,9 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     load_dtype = NP_DTYPES[plan.dtype] if plan.dtype else None
     out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else load_dtype
 
+    if plan.slices is not None:
+        return _merge_slices(plan, out_dir, overwrite=overwrite, limit=limit, progress=progress, seed=seed,
+                             load_dtype=load_dtype, out_dtype=out_dtype)
     base = _open(plan.base) if plan.base is not None else None
     models = [_open(r) for r in plan.models]
     inputs = ([base] if base is not None else []) + models
@@ -186,10 +197,7 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         bar = tqdm(total=len(names), unit="tensor", desc=f"merge {plan.method}")
 
     def read(inp: _Input, name: str) -> np.ndarray:
-        x = inp.tensors[name]
-        if load_dtype is not None and (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
-            x = x.astype(load_dtype)
-        return x
+        return _read(inp, name, load_dtype)
 
     dtypes_written = set()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -212,18 +220,100 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         finally:
             if bar is not None:
                 bar.close()
-        config = dict(ref.config)
-        floats = sorted(d for d in dtypes_written if d in NP_DTYPES)
-        if floats:
-            config["torch_dtype"] = floats[0] if len(floats) == 1 else "float32"
-            if "dtype" in config:
-                config["dtype"] = config["torch_dtype"]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tok_dir = ref.directory
-        if tok_dir is not None:
-            for f in TOKENIZER_FILES:
-                if (tok_dir / f).is_file():
-                    shutil.copyfile(tok_dir / f, tmp / f)
+        _write_config_and_tokenizer(tmp, ref, dict(ref.config), dtypes_written)
+    return out_dir
+
+
+def _read(inp: _Input, name: str, load_dtype) -> np.ndarray:
+    """Tensor `name` of `inp`, floating ones cast to `load_dtype` when given (mergekit's `dtype`)."""
+    x = inp.tensors[name]
+    if load_dtype is not None and (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+        x = x.astype(load_dtype)
+    return x
+
+
+def _write_config_and_tokenizer(tmp: Path, ref: _Input, config: dict, dtypes_written: set) -> None:
+    """config.json (torch_dtype set to the written float dtype) and the reference's tokenizer files."""
+    floats = sorted(d for d in dtypes_written if d in NP_DTYPES)
+    if floats:
+        config["torch_dtype"] = floats[0] if len(floats) == 1 else "float32"
+        if "dtype" in config:
+            config["dtype"] = config["torch_dtype"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tok_dir = ref.directory
+    if tok_dir is not None:
+        for f in TOKENIZER_FILES:
+            if (tok_dir / f).is_file():
+                shutil.copyfile(tok_dir / f, tmp / f)
+
+
+def _slices_config(plan: MergePlan, inputs: Mapping[str, _Input], donor: str, num_layers: int) -> dict:
+    """The donor's config with the new layer count (and, where the config has one, a `layer_types` list taken
+    from each output layer's first source)."""
+    config = dict(inputs[donor].config)
+    keys = [k for k in SLICE_LAYER_KEYS if isinstance(config.get(k), int)]
+    if not keys:
+        raise ValueError(f"{plan.source}: the config of {donor} has no layer count ({list(SLICE_LAYER_KEYS)}); "
+                         "cannot write the merged model's config")
+    config[keys[0]] = num_layers
+    if isinstance(config.get("layer_types"), list):
+        types = []
+        for i, sl in enumerate(plan.slices):
+            src = sl.sources[0]
+            theirs = inputs[src.model].config.get("layer_types")
+            if not isinstance(theirs, list) or len(theirs) < src.layer_range[1]:
+                raise ValueError(f"{plan.source}: slices[{i}]: the config of {src.model} has no layer_types entry "
+                                 f"for layers {list(src.layer_range)} (the donor {donor} has layer_types)")
+            types += theirs[src.layer_range[0]:src.layer_range[1]]
+        config["layer_types"] = types
+    return config
+
+
+def _merge_slices(plan: MergePlan, out_dir: Path, *, overwrite: bool, limit: int, progress: bool, seed: int,
+                  load_dtype, out_dtype) -> Path:
+    """merge_checkpoints for a `slices:` plan: the tensor plan of slices.plan_tensors (renumbered layers; the
+    tensors outside the layers from the first/last slice), executed one output tensor at a time."""
+    method = get_method(plan.method)
+    inputs = {name: _open(ref) for name, ref in plan.refs.items()}
+    names = {name: list(inp.tensors) for name, inp in inputs.items()}
+    base = None if plan.base is None else plan.base.name
+    found = S.problems(method, plan.slices, base=base, num_layers={n: P.num_layers_of(v) for n, v in names.items()})
+    if found:
+        def line(loc):
+            sl = plan.slices[loc[0]]
+            return (sl.sources[loc[1]] if len(loc) > 1 else sl).line
+
+        raise S.SliceError(f"{plan.source}: " + "\n  ".join(f"line {line(loc)}: {msg}" for loc, msg in found))
+    donor = base if base is not None else plan.slices[0].sources[0].model
+    tasks, num_layers = S.plan_tensors(method, plan.slices, names, base=base, parameters=plan.parameters,
+                                       reference=donor)
+    S.check_shapes(tasks, lambda m, n: inputs[m].shape(n))
+    resolved = S.resolve_all(method, tasks, source=plan.source)
+    config = _slices_config(plan, inputs, donor, num_layers)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), unit="tensor", desc=f"merge {plan.method} ({num_layers} layers)")
+    dtypes_written = set()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, limit)
+        try:
+            for task, kwargs in zip(tasks, resolved):
+                y = tree.merge_task(method, task, lambda m, n: _read(inputs[m], n, load_dtype), kwargs, seed=seed,
+                                    out_dtype=out_dtype)
+                y = np.asarray(y)
+                dtypes_written.add(_dtype_name(y.dtype))
+                writer.add(task.name, y)
+                del y
+                if bar is not None:
+                    bar.update(1)
+            writer.finish()
+        finally:
+            if bar is not None:
+                bar.close()
+        _write_config_and_tokenizer(tmp, inputs[donor], config, dtypes_written)
     return out_dir
 
 

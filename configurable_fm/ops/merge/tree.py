@@ -11,14 +11,19 @@ the float32 result is cast to `out_dtype` (default: the base's dtype, or the fir
 
 Checks at the boundary, all problems reported at once in one MergeInputError: every input has the same paths and
 shapes; a vocabulary tensor (embeddings, lm_head) whose size differs along one axis is a vocabulary mismatch,
-refused unless `embed_alignment="base"` (each input truncated or padded to the base's vocabulary, pad rows taken
-from the base); integer/bool tensors are copied only when identical in every input. Inputs are never modified.
+refused unless an alignment is asked for: `embed_alignment="base"` truncates or pads each input to the base's
+vocabulary (pad rows taken from the base); `embed_alignment="union"` or a model's name (with `tokenizers=`), or a
+prebuilt vocab.VocabularyAlignment, is mergekit's `tokenizer_source` / `tokenizer:` (vocab.py): every input's
+vocabulary rows are permuted, by token, into the output vocabulary before the method runs (the vocabulary axis of
+a path is 0, or the last axis for a `*.kernel`). Integer/bool tensors are copied only when identical in every
+input. Inputs are never modified.
 The convenience wrappers (`ties`, `task_arithmetic`, `linear`, `slerp`, `dare_ties`, `dare_linear`) are
-`merge` with the method's parameters as keyword arguments.
+`merge` with the method's parameters as keyword arguments. `merge_slices` is mergekit's `slices:` (frankenmerges,
+depth up-scaling, slice-wise merges; ops/merge/slices.py) in memory, returning a model with the new layer count.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +34,10 @@ from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.keys import tensor_key
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
+from configurable_fm.ops.merge.vocab import VocabularyAlignment, vocab_axis_of_path, vocabulary_alignment
 
 State = Union[Mapping[str, Any], nnx.Module]
-EmbedAlignment = Optional[Literal["base"]]
+EmbedAlignment = Union[None, str, "VocabularyAlignment"]  # None | 'base' | 'union' | a model name | alignment
 
 # Substrings naming tensors with a vocabulary axis (ours, HF/mergekit's, GPT-2's, BERT's, GPT-NeoX's).
 VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings")
@@ -74,6 +80,56 @@ def _align_to_base(x, base, axis: int):
     return jnp.concatenate([jnp.asarray(x), tail], axis=axis)
 
 
+def _is_truncation(embed_alignment) -> bool:
+    return isinstance(embed_alignment, str) and embed_alignment == "base"
+
+
+def _tokenizer_alignment(embed_alignment, tokenizers, all_names, all_flats, names, *, vocab_tensors, has_base,
+                         module_template) -> Optional[VocabularyAlignment]:
+    """The vocab.VocabularyAlignment for a tokenizer-aware embed_alignment (else None). Each input's vocabulary
+    size is the length of the vocabulary axis of its vocabulary tensors (which must agree); the alignment's
+    inputs are the models then the base (mergekit's order), the tokenizer base is the base, else the first model."""
+    if embed_alignment is None or _is_truncation(embed_alignment):
+        return None
+    sizes, problems = {}, []
+    for nm, f in zip(all_names, all_flats):
+        found = {p: _shape(v)[vocab_axis_of_path(p, len(_shape(v)))] for p, v in f.items()
+                 if _is_vocab(p, vocab_tensors) and len(_shape(v)) >= 1}
+        if len(set(found.values())) > 1:
+            problems.append(f"{nm}: vocabulary tensors disagree on the vocabulary size: {found}")
+        elif found:
+            sizes[nm] = next(iter(found.values()))
+    if not sizes:
+        problems.append(f"no vocabulary tensor (names containing one of {list(vocab_tensors)})")
+    if problems:
+        raise MergeInputError(f"cannot align vocabularies of {', '.join(all_names)}:\n  " + "\n  ".join(problems))
+    if isinstance(embed_alignment, VocabularyAlignment):
+        al = embed_alignment
+        if set(al.names) != set(all_names):
+            raise MergeInputError(f"the VocabularyAlignment is over {list(al.names)} but the inputs are {all_names}")
+    else:
+        if tokenizers is None:
+            raise ValueError(f"merge: embed_alignment={embed_alignment!r} needs tokenizers= (one per input)")
+        if isinstance(tokenizers, Mapping):
+            toks = {str(k): v for k, v in tokenizers.items()}
+            if set(toks) != set(all_names):
+                raise ValueError(f"merge: tokenizers for {sorted(toks)} but the inputs are {all_names}")
+        else:
+            tokenizers = list(tokenizers)
+            if len(tokenizers) != len(all_names):
+                raise ValueError(f"merge: {len(tokenizers)} tokenizers for {len(all_names)} inputs {all_names}")
+            toks = dict(zip(all_names, tokenizers))
+        order = list(names) + (["base"] if has_base else [])
+        al = vocabulary_alignment(embed_alignment, {nm: toks[nm] for nm in order},
+                                  base="base" if has_base else None, vocab_sizes=sizes)
+    ref = all_names[0]
+    if module_template and sizes.get(ref) != al.padded_size:
+        raise MergeInputError(f"the merged vocabulary has {al.padded_size} rows but the template module "
+                              f"({ref}) has {sizes.get(ref)}; merge flat dicts (bricks.paths.flat_params) and build "
+                              f"a model with vocab_size={al.padded_size}")
+    return al
+
+
 def _check(names, flats, *, vocab_tensors, embed_alignment, has_base):
     """Validates paths, shapes and vocabularies; returns {path: vocab axis} of the tensors to align."""
     problems = []
@@ -93,6 +149,8 @@ def _check(names, flats, *, vocab_tensors, embed_alignment, has_base):
         described = ", ".join(f"{s} in {n}" for n, s in zip(names, shapes))
         axis = _vocab_axis(shapes)
         if axis is not None and _is_vocab(p, vocab_tensors):
+            if embed_alignment is not None and not _is_truncation(embed_alignment):
+                continue  # tokenizer-aware alignment (vocab.py) handles every vocabulary tensor
             if embed_alignment == "base" and has_base:
                 align[p] = axis
                 continue
@@ -104,6 +162,30 @@ def _check(names, flats, *, vocab_tensors, embed_alignment, has_base):
     if problems:
         raise MergeInputError(f"cannot merge {', '.join(names)}:\n  " + "\n  ".join(problems))
     return align
+
+
+def _copy_integer(path: str, values: Sequence[Any], names: Sequence[str]):
+    """An integer/bool tensor is copied from the first input, and only when every input has the same one."""
+    ref = np.asarray(values[0])
+    different = [nm for nm, v in zip(names[1:], values[1:]) if not np.array_equal(np.asarray(v), ref)]
+    if different:
+        raise MergeInputError(f"{path} is a {ref.dtype} tensor (copied, never merged) but differs between "
+                              f"{names[0]} and {', '.join(different)}")
+    return values[0]
+
+
+def merge_tensor(method: MergeMethod, path: str, base, inputs: Sequence[Any], kwargs: Mapping[str, Any], *,
+                 seed: int, out_dtype):
+    """One output tensor: y = kernel(b, xs (N, *S), key=tensor_key(seed, path) if randomised, **kwargs), the
+    inputs cast to float32 and stacked, y cast to `out_dtype`. kwargs: resolved parameters
+    (params.resolve_for_tensor / resolve_levels). Errors of the kernel are re-raised naming method and tensor."""
+    xs = jnp.stack([jnp.asarray(x, jnp.float32) for x in inputs])
+    key = tensor_key(seed, path) if method.randomized else None
+    try:
+        y = method.kernel(None if base is None else jnp.asarray(base, jnp.float32), xs, key=key, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"merge {method.name}: tensor {path}: {e}") from e
+    return jnp.asarray(y).astype(out_dtype)
 
 
 def merge(
@@ -118,7 +200,8 @@ def merge(
     embed_alignment: EmbedAlignment = None,
     num_layers: Optional[int] = None,
     vocab_tensors: Sequence[str] = VOCAB_TENSORS,
-) -> State:
+    tokenizers: Union[Sequence[Any], Mapping[str, Any], None] = None,
+) -> Union[State, tuple[State, Any]]:
     """Merges `models` (and `base`) with a registered method, tensor by tensor (module docstring).
 
     base: the base model (required/optional/must be None according to the method's contract).
@@ -131,6 +214,11 @@ def merge(
       (settings: scalars, gradients, {filter, value} lists; params.py).
     seed: for randomised methods, key = tensor_key(seed, path) (order independent).
     num_layers: depth for gradients (default: 1 + the largest `layers.N` index in the paths).
+    embed_alignment: None, 'base' (truncate/pad to the base's vocabulary), or tokenizer-aware: 'union' / a
+      model name (with `tokenizers`: {input name: tokenizers.Tokenizer} with "base" for the base, or a list in
+      [base] + models order), or a vocab.VocabularyAlignment over the names ["base"] + model names (built by
+      vocab.vocabulary_alignment, e.g. with `tokens` overrides and `pad_to_multiple_of`).
+    Returns the merged state; for embed_alignment 'union' / a model name: (merged state, output tokenizer).
     Raises MergeInputError (mismatched inputs), params.ParameterError (settings), ValueError (contract).
     """
     m = get_method(method) if isinstance(method, str) else method
@@ -149,8 +237,12 @@ def merge(
     if m.base == "ignored" and base is not None:
         raise ValueError(f"merge {m.name}: the method ignores the base model; pass base=None and list every "
                          "input in models")
-    if embed_alignment not in (None, "base"):
-        raise ValueError(f"merge: embed_alignment must be None or 'base', got {embed_alignment!r}")
+    if embed_alignment is not None and not isinstance(embed_alignment, (str, VocabularyAlignment)):
+        raise ValueError(f"merge: embed_alignment must be None, 'base', 'union', a model name or a "
+                         f"VocabularyAlignment, got {embed_alignment!r}")
+    if _is_truncation(embed_alignment) and tokenizers is not None:
+        raise ValueError("merge: tokenizers= is used with embed_alignment='union', a model name or a "
+                         "VocabularyAlignment; embed_alignment='base' truncates without them")
     if isinstance(model_parameters, Mapping):
         unknown = sorted(set(model_parameters) - set(names))
         if unknown:
@@ -169,6 +261,9 @@ def merge(
     all_flats = ([base_flat] if base_flat is not None else []) + flats
     align = _check(all_names, all_flats, vocab_tensors=vocab_tensors, embed_alignment=embed_alignment,
                    has_base=base_flat is not None)
+    vocab_al = _tokenizer_alignment(embed_alignment, tokenizers, all_names, all_flats, names,
+                                    vocab_tensors=vocab_tensors, has_base=base_flat is not None,
+                                    module_template=isinstance(template, nnx.Module))
     ref = all_flats[0]
     depth = P.num_layers_of(ref) if num_layers is None else num_layers
 
@@ -176,28 +271,25 @@ def merge(
     for path, ref_value in ref.items():
         dtype = jnp.asarray(ref_value).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
-            different = [nm for nm, f in zip(all_names, all_flats) if not np.array_equal(np.asarray(f[path]),
-                                                                                        np.asarray(ref_value))]
-            if different:
-                raise MergeInputError(f"{path} is a {dtype} tensor (copied, never merged) but differs between "
-                                      f"{all_names[0]} and {', '.join(different)}")
-            out[path] = ref_value
+            out[path] = _copy_integer(path, [ref_value] + [f[path] for f in all_flats[1:]], all_names)
             continue
         b = None if base_flat is None or m.base == "ignored" else base_flat[path]
         inputs = [f[path] for f in flats]
         if path in align:
             inputs = [_align_to_base(x, base_flat[path], align[path]) for x in inputs]
-        xs = jnp.stack([jnp.asarray(x, jnp.float32) for x in inputs])
+        if vocab_al is not None and _is_vocab(path, vocab_tensors):
+            aligned = vocab_al.align_all({nm: f[path] for nm, f in zip(all_names, all_flats)}, tensor=path,
+                                         axis=vocab_axis_of_path(path, len(_shape(ref_value))))
+            b = None if b is None else aligned["base"]
+            inputs = [aligned[nm] for nm in names]
         kwargs = P.resolve_for_tensor(m, path, parameters=parameters, model_parameters=model_parameters,
                                       model_names=names, num_layers=depth)
-        key = tensor_key(seed, path) if m.randomized else None
-        try:
-            y = m.kernel(None if b is None else jnp.asarray(b, jnp.float32), xs, key=key, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"merge {m.name}: tensor {path}: {e}") from e
-        out[path] = jnp.asarray(y).astype(out_dtype if out_dtype is not None else dtype)
+        out[path] = merge_tensor(m, path, b, inputs, kwargs, seed=seed,
+                                 out_dtype=out_dtype if out_dtype is not None else dtype)
     if isinstance(template, nnx.Module):
-        return with_params(template, out)
+        out = with_params(template, out)
+    if isinstance(embed_alignment, str) and not _is_truncation(embed_alignment):
+        return out, vocab_al.tokenizer
     return out
 
 
@@ -267,3 +359,90 @@ def slerp(base: State, other: State, *, t, out_dtype=None) -> State:
     """Spherical interpolation from `base` (t = 0) to `other` (t = 1), per tensor; t may be a gradient or a
     list of {filter, value} entries."""
     return merge("slerp", base, [other], parameters={"t": t}, out_dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- slices
+def merge_task(method: MergeMethod, task, read, kwargs: Mapping[str, Any], *, seed: int = 0, out_dtype=None):
+    """The output tensor of one slices.TensorTask: read(model, tensor name) gives each input; integer tensors
+    are copied when identical; floating ones go through `merge_tensor` (out_dtype default: the base's dtype,
+    else the first input's)."""
+    b = read(*task.base) if task.base is not None else None
+    xs = [read(m, n) for m, n in task.inputs]
+    first = b if b is not None else xs[0]
+    dtype = jnp.asarray(first).dtype if not isinstance(first, np.ndarray) else first.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
+        return _copy_integer(task.name, ([b] if b is not None else []) + xs, [f"{n} of {m}" for m, n in pairs])
+    return merge_tensor(method, task.name, b, xs, kwargs, seed=seed,
+                        out_dtype=out_dtype if out_dtype is not None else dtype)
+
+
+def _num_layers_field(cfg) -> str:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for name in ("num_layers", "n_layer", "num_hidden_layers"):
+        if name in fields:
+            return name
+    raise TypeError(f"merge_slices: {type(cfg).__name__} has no layer-count field (num_layers / n_layer)")
+
+
+def merge_slices(
+    method: Union[str, MergeMethod],
+    slices: Sequence[Any],
+    models: Mapping[str, State],
+    *,
+    base: Optional[str] = None,
+    parameters: Optional[Mapping[str, Any]] = None,
+    seed: int = 0,
+    out_dtype=None,
+    pre_tensors: Optional[Sequence[str]] = None,
+) -> State:
+    """mergekit `slices:` in memory: a new stack of layers, each output layer merged from one layer of every
+    source of its slice (ops/merge/slices.py has the semantics: renumbering, depth t = k/(L − 1) per slice,
+    precedence source > slice > `parameters`, the tensors outside the layers from the first/last slice).
+
+        # SOLAR-style depth up-scaling: layers 0..23 then 8..31 of one model, 48 layers
+        up = merge_slices("passthrough", [{"sources": [{"model": "m", "layer_range": [0, 24]}]},
+                                          {"sources": [{"model": "m", "layer_range": [8, 32]}]}], {"m": model})
+
+    slices: slices.OutputSlice objects or mergekit-style dicts {"sources": [{"model": NAME, "layer_range":
+      [a, b], "parameters": {...}}], "parameters": {...}, "base_model": NAME}.
+    models: {name: flat {path: array} dict (our `layers.N.` or HF `model.layers.N.` paths) or nnx.Module}.
+    base: the name of the base model (a source of every slice, for methods that use it); it is also the
+      reference whose config/tensors outside the layers define the output (default: the first source).
+    Returns a flat dict, or, for nnx.Module inputs, a new module of the reference's family whose config has the
+    new layer count (built with factory.build_model, then every parameter set from the merge).
+    Raises slices.SliceError (invalid slices), MergeInputError (missing tensors, shapes), ParameterError.
+    """
+    from configurable_fm.ops.merge import slices as S
+
+    m = get_method(method) if isinstance(method, str) else method
+    if not isinstance(models, Mapping) or not models:
+        raise TypeError(f"merge_slices: models must be a non-empty {{name: model}} mapping, got {type(models).__name__}")
+    outs = S.as_slices(slices)
+    P.check_names(m, parameters, None, [])
+    flats = {str(n): _flat(x, f"model {n!r}") for n, x in models.items()}
+    kw = {"pre_tensors": tuple(pre_tensors)} if pre_tensors is not None else {}
+    reference = base if base is not None else outs[0].sources[0].model
+    tasks, num_layers = S.plan_tensors(m, outs, {n: list(f) for n, f in flats.items()}, base=base,
+                                       parameters=parameters, reference=reference, **kw)
+    S.check_shapes(tasks, lambda mdl, n: _shape(flats[mdl][n]))
+    resolved = S.resolve_all(m, tasks)
+    out = {task.name: merge_task(m, task, lambda mdl, n: flats[mdl][n], kwargs, seed=seed, out_dtype=out_dtype)
+           for task, kwargs in zip(tasks, resolved)}
+    template = models[reference]
+    if not isinstance(template, nnx.Module):
+        return out
+    import dataclasses
+
+    from configurable_fm.models.factory import build_model
+
+    cfg = dataclasses.replace(template.cfg, **{_num_layers_field(template.cfg): num_layers})
+    fresh = build_model(cfg)
+    expected = set(flat_params(fresh))
+    if expected != set(out):
+        raise MergeInputError(f"merge_slices: the merged tensors do not match a {type(template).__name__} with "
+                              f"{num_layers} layers: missing {sorted(expected - set(out))[:5]}, unexpected "
+                              f"{sorted(set(out) - expected)[:5]}")
+    return with_params(fresh, out)

@@ -87,7 +87,7 @@ def test_unsupported_or_invalid_yaml_names_the_key_and_line(dirs, text, words):
     assert str(e.value).startswith("t.yml")
 
 
-@pytest.mark.parametrize("key, value, line", [("slices", "[{{sources: [{{model: {a}, layer_range: [0, 2]}}]}}]", 3),
+@pytest.mark.parametrize("key, value, line", [
                                               ("tokenizer_source", "union", 3), ("tokenizer", "{{source: base}}", 3),
                                               ("chat_template", "chatml", 3), ("modules", "{{text: {{}}}}", 3)])
 def test_not_implemented_keys_raise_not_implemented_naming_the_key(dirs, key, value, line):
