@@ -15,7 +15,22 @@ Config keys (a merge config; as a study stage it also has `name` and kind 'merge
     seed             : PRNG seed of randomised methods (keys are order independent)
     out_dtype        : '' (the base's dtype, else the first model's) or a dtype name ('float32', 'bfloat16')
     embed_alignment  : '' (a vocabulary mismatch is an error) or 'base' (inputs cut/padded to the base's)
+    data             : only for the data-dependent methods below: a make_data config (train/data.py: `data.kind`
+                       'shards' or 'tasks', seq_len, batch_size, seed, tokenizer, token_ids, ...), e.g.
+                       experiments/finetune.py's config; absent for the mergekit-style methods
 The merged model is `tree.merge(method, load_model(base), [load_model(m) for m in models], ...)`.
+
+Data-dependent methods (not mergekit methods; no base, no embed_alignment): 'fisher' (ops/merge/fisher.py) and
+'regmean' (ops/merge/regmean.py). Every model's statistics come from its own forward over the same batches of
+`make_data(data)`: split 'train' (default) reads `train_batches()` (the seeded shuffled order; `max_batches`
+batches, default one epoch `batches_per_epoch`), split 'eval' reads `eval_batches()` (all of them, or
+`max_batches`). model_parameters may give each model a `weight` (default 1).
+    fisher  parameters: kind 'empirical'|'sampled' (default 'empirical'; sampled keys: jax.random.key(seed) folded
+                        with the model index), fisher_floor (1e-6), normalize (False), chunk (1), split, max_batches
+            merged = fisher_merge(models, [diagonal_fisher(m, batches, ...) for m in models], weights, ...)
+    regmean parameters: alpha (0.9), split, max_batches
+            merged = regmean_merge(models, [gram_matrices(m, batches)[0] for m in models], alpha, weights)
+The result is the first model with the merged parameters (cast to `out_dtype` when set).
 
 Stage kind 'merge' (registered on import; a study lists 'configurable_fm.ops.merge.stage' in `stage_modules`):
 runs `merge_from_config` on the resolved stage config and writes the result as the stage's output model
@@ -29,14 +44,23 @@ import ml_collections
 
 from configurable_fm.pipeline import StageContext, StageOutput, register_stage, to_plain
 
-MERGE_KEYS = ("method", "base", "models", "parameters", "model_parameters", "seed", "out_dtype", "embed_alignment")
+MERGE_KEYS = ("method", "base", "models", "parameters", "model_parameters", "seed", "out_dtype", "embed_alignment",
+              "data")
 STAGE_KEYS = ("name", "kind")
+# Data-dependent methods: {method: {parameter: default}} (None: see the module docstring).
+DATA_METHODS = {
+    "fisher": {"kind": "empirical", "fisher_floor": 1e-6, "normalize": False, "chunk": 1, "split": "train",
+               "max_batches": None},
+    "regmean": {"alpha": 0.9, "split": "train", "max_batches": None},
+}
 
 
 def merge_config(method: str, models: Sequence[str], base: str = "", *, parameters: Mapping | None = None,
                  model_parameters: Sequence[Mapping] | None = None, seed: int = 0, out_dtype: str = "",
-                 embed_alignment: str = "", name: str | None = None) -> ml_collections.ConfigDict:
-    """A merge config (module docstring); with `name`, a study stage of kind 'merge'."""
+                 embed_alignment: str = "", name: str | None = None,
+                 data: ml_collections.ConfigDict | Mapping | None = None) -> ml_collections.ConfigDict:
+    """A merge config (module docstring); with `name`, a study stage of kind 'merge'. `data` (a make_data
+    config) is set only when given (the data-dependent methods 'fisher' and 'regmean' need it)."""
     c = ml_collections.ConfigDict()
     if name is not None:
         c.name, c.kind = name, "merge"
@@ -48,6 +72,8 @@ def merge_config(method: str, models: Sequence[str], base: str = "", *, paramete
     c.seed = int(seed)
     c.out_dtype = out_dtype or ""
     c.embed_alignment = embed_alignment or ""
+    if data is not None:
+        c.data = ml_collections.ConfigDict(to_plain(data, "merge config data"))
     return c
 
 
@@ -89,9 +115,119 @@ def _plain_config(cfg) -> dict[str, Any]:
     seed = d.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"merge config: `seed` must be an integer, got {seed!r}")
+    data = d.get("data") or None
+    if d["method"] in DATA_METHODS:
+        params = _data_method_parameters(d["method"], params, per_model, models, base, align, data)
+    elif data is not None:
+        raise ValueError(f"merge config: `data` applies to the data-dependent methods {sorted(DATA_METHODS)} only, "
+                         f"not to {d['method']!r}; remove it")
     return dict(method=d["method"], base=base, models=list(models), parameters=params,
                 model_parameters=[p or {} for p in per_model] or None, seed=seed,
-                out_dtype=d.get("out_dtype") or None, embed_alignment=align)
+                out_dtype=d.get("out_dtype") or None, embed_alignment=align, data=data)
+
+
+def _data_method_parameters(method, params, per_model, models, base, align, data) -> dict[str, Any]:
+    """The parameters of 'fisher'/'regmean' with their defaults, every setting checked (errors name the key)."""
+    where = f"merge config ({method})"
+    if base:
+        raise ValueError(f"{where}: `base` must be '' ({method} merges the models themselves), got {base!r}")
+    if align is not None:
+        raise ValueError(f"{where}: `embed_alignment` must be '' (vocabularies must match), got {align!r}")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), dict) or not data["data"].get("kind"):
+        raise ValueError(f"{where}: needs `data`, a make_data config with data.kind ('shards' or 'tasks'), "
+                         "seq_len, batch_size, seed, ... (e.g. experiments/finetune.py's config)")
+    defaults = DATA_METHODS[method]
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(defaults)}")
+    p = {**defaults, **params}
+    if p["split"] not in ("train", "eval"):
+        raise ValueError(f"{where}: parameters.split must be 'train' or 'eval', got {p['split']!r}")
+    mb = p["max_batches"]
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 0):
+        raise ValueError(f"{where}: parameters.max_batches must be an integer >= 1 (0 or None: the default), "
+                         f"got {mb!r}")
+    p["max_batches"] = mb or None
+    numbers = {"fisher_floor": (0.0, None), "alpha": (0.0, 1.0)}
+    for key, (low, high) in numbers.items():
+        if key in p:
+            v = p[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low or (high is not None and v > high) \
+                    or (key == "fisher_floor" and v <= 0):
+                span = f"in [{low}, {high}]" if high is not None else "> 0"
+                raise ValueError(f"{where}: parameters.{key} must be a number {span}, got {v!r}")
+    if "kind" in p and p["kind"] not in ("empirical", "sampled"):
+        raise ValueError(f"{where}: parameters.kind must be 'empirical' or 'sampled', got {p['kind']!r}")
+    if "normalize" in p and not isinstance(p["normalize"], bool):
+        raise ValueError(f"{where}: parameters.normalize must be true or false, got {p['normalize']!r}")
+    if "chunk" in p and (isinstance(p["chunk"], bool) or not isinstance(p["chunk"], int) or p["chunk"] < 1):
+        raise ValueError(f"{where}: parameters.chunk must be an integer >= 1, got {p['chunk']!r}")
+    for i, mp in enumerate(per_model):
+        extra = sorted(set(mp or {}) - {"weight"})
+        if extra:
+            raise ValueError(f"{where}: model_parameters[{i}] (for {models[i]!r}) has unknown key(s) {extra}; "
+                             "valid: ['weight']")
+        wv = (mp or {}).get("weight", 1.0)
+        if isinstance(wv, bool) or not isinstance(wv, (int, float)) or wv < 0:
+            raise ValueError(f"{where}: model_parameters[{i}].weight (for {models[i]!r}) must be a number >= 0, "
+                             f"got {wv!r}")
+    return p
+
+
+def _statistic_batches(data, split: str, max_batches):
+    """(a fresh iterator over the batches, the number to read): the same batches on every call."""
+    if split == "eval":
+        return data.eval_batches(), max_batches
+    it = data.train_batches()
+    return it, max_batches or it.batches_per_epoch
+
+
+def _data_merge(d: dict, log=None):
+    """Fisher / RegMean merge of a checked config (module docstring)."""
+    import jax
+    import ml_collections as mlc
+
+    from configurable_fm.bricks.paths import with_params
+    from configurable_fm.models.factory import load_model
+    from configurable_fm.train.data import make_data
+
+    method, p = d["method"], d["parameters"]
+    data = make_data(mlc.ConfigDict(d["data"]))
+    weights = [float((mp or {}).get("weight", 1.0)) for mp in (d["model_parameters"] or [{}] * len(d["models"]))]
+    if log is not None:
+        log(f"merging {len(d['models'])} model(s) with {method} (statistics on the {p['split']} split of "
+            f"data.kind={d['data']['data']['kind']!r})")
+    models = [load_model(m) for m in d["models"]]
+    if method == "fisher":
+        from configurable_fm.ops.merge.fisher import diagonal_fisher, fisher_merge
+
+        fishers = []
+        for i, m in enumerate(models):
+            batches, n = _statistic_batches(data, p["split"], p["max_batches"])
+            key = jax.random.fold_in(jax.random.key(d["seed"]), i) if p["kind"] == "sampled" else None
+            fishers.append(diagonal_fisher(m, batches, kind=p["kind"], key=key, max_batches=n, chunk=p["chunk"]))
+        merged = fisher_merge(models, fishers, weights=weights, fisher_floor=p["fisher_floor"],
+                              normalize=p["normalize"])
+    else:
+        from configurable_fm.ops.merge.regmean import gram_matrices, regmean_merge
+
+        grams = []
+        for m in models:
+            batches, n = _statistic_batches(data, p["split"], p["max_batches"])
+            g, n_tokens = gram_matrices(m, batches, max_batches=n)
+            if log is not None:
+                log(f"  Gram matrices of {len(g)} linear layers over {n_tokens} tokens")
+            grams.append(g)
+        merged = regmean_merge(models, grams, alpha=p["alpha"], weights=weights)
+    if d["out_dtype"] is not None:
+        merged = {k: v.astype(d["out_dtype"]) if _is_floating(v) else v for k, v in merged.items()}
+    return with_params(models[0], merged)
+
+
+def _is_floating(x) -> bool:
+    import jax.numpy as jnp
+
+    return bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 
 
 def merge_from_config(cfg, *, log=None):
@@ -105,13 +241,21 @@ def merge_from_config(cfg, *, log=None):
     from configurable_fm.ops.merge.tree import merge
 
     d = _plain_config(cfg)
-    method = get_method(d["method"])
+    if d["method"] in DATA_METHODS:
+        method = None
+    else:
+        try:
+            method = get_method(d["method"])
+        except ValueError as e:
+            raise ValueError(f"{e} (or the data-dependent {sorted(DATA_METHODS)})") from None
     out_dtype = None
     if d["out_dtype"] is not None:
         try:
             out_dtype = jnp.dtype(d["out_dtype"])
         except TypeError:
             raise ValueError(f"merge config: unknown `out_dtype` {d['out_dtype']!r}") from None
+    if method is None:
+        return _data_merge({**d, "out_dtype": out_dtype}, log=log)
     if log is not None:
         log(f"merging {len(d['models'])} model(s) with {d['method']}" + (f" onto base {d['base']}" if d["base"]
                                                                            else " (no base)"))
