@@ -277,6 +277,10 @@ class GGUFTensors(Mapping[str, np.ndarray]):
     def gguf_name(self, key: str) -> str:
         return self._tensors[key].name
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """HF shape (out, in) of tensor `key` = reversed GGUF dims, from the header (no data read)."""
+        return tuple(int(d) for d in reversed(self._tensors[key].shape.tolist()))
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 

@@ -25,6 +25,10 @@ from safetensors.numpy import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+                      "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32,
+                      "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
 
 class CheckpointError(ValueError):
@@ -90,6 +94,13 @@ class TensorStore(Mapping[str, np.ndarray]):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self._files[key]).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> np.dtype:
+        """The numpy dtype of tensor `key`, from the file header (no data read)."""
+        code = self._open(self._files[key]).get_slice(key).get_dtype()
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self._files[key]}: tensor {key!r} has dtype {code}, which numpy cannot hold")
+        return np.dtype(SAFETENSORS_DTYPES[code])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
