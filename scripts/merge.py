@@ -6,8 +6,10 @@
 
 --mergekit_yaml: the YAML is mergekit 0.1.5's format (ops/merge/mergekit_yaml.py lists the supported keys; any
 other key is an error naming it and its line), with `models:` or `slices:` (frankenmerges, depth up-scaling,
-slice-wise merges; the output config gets the new num_hidden_layers). Inputs: HF directories or registry names; output: sharded
-safetensors + config.json (+ the base's tokenizer files), written under a temporary name and renamed when complete.
+slice-wise merges; the output config gets the new num_hidden_layers), `tokenizer_source` / `tokenizer`
+(vocabularies aligned by token; the merged tokenizer is written, config vocab_size updated) and `chat_template`.
+Inputs: HF directories or registry names; output: sharded safetensors + config.json + tokenizer files (the base's,
+or the merged vocabulary's), written under a temporary name and renamed when complete.
 --config: a merge config (configurable_fm/ops/merge/stage.py: method, base, models, parameters, model_parameters,
 seed, out_dtype, embed_alignment) with ml_collections `--config.KEY=VALUE` overrides (a key that the config does
 not have is refused with the valid keys of its level, as in scripts/train.py); inputs are any sources

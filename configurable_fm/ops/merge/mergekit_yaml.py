@@ -19,9 +19,21 @@ Supported keys (everything else is a `MergekitYamlError` naming the key and its 
     parameters: {normalize: true, weight: [{filter: mlp, value: 0.3}, {value: 0.5}]}
     dtype: bfloat16                    # inputs are cast to it on load (float16|bfloat16|float32|float64)
     out_dtype: bfloat16                # output cast (default: dtype, else the reference input's dtype)
+    tokenizer_source: union            # or base, or a model of the plan: the output vocabulary (vocab.py)
+    tokenizer:                         # instead of tokenizer_source (at most one of the two)
+      source: union                    # union (default) | base | a model of the plan
+      pad_to_multiple_of: 64           # pad the vocabulary rows (and config vocab_size) to a multiple
+      tokens:                          # per-token rows: {source: MODEL | {kind: zero} | {kind: model_token,
+        <|im_start|>: {source: ft_a, force: true}    #  model, token | token_id}, force: bool}
+    chat_template: auto                # auto | chatml | llama3 | alpaca | mistral | exaone | a Jinja string
 
-`modules`, `tokenizer`, `tokenizer_source` and `chat_template` raise NotImplementedError naming the key and
-the line (the base's tokenizer files are copied to the output, as mergekit's default --copy-tokenizer).
+`tokenizer_source` / `tokenizer` -> `MergePlan.tokenizer` (a TokenizerPlan; model names in `source` and `tokens`
+must be models of the plan, as written or as the same directory); the vocabulary tensors are aligned by token
+before the merge (stream.py). `chat_template` -> `MergePlan.chat_template` (a name is checked here and resolved
+to its text by `chat_template_text`; 'auto' is resolved from the inputs when writing). Without them the
+tokenizer donor's files are copied (mergekit's default --copy-tokenizer). `modules` raises NotImplementedError
+naming the key and the line.
+
 A model reference is a local HF directory (config.json; relative paths are tried from the working directory,
 then from the YAML's directory) or a name of models.registry.MODELS; LoRA (`a+b`) and revision (`a@rev`)
 references are refused.
@@ -53,14 +65,67 @@ from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype")
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "tokenizer", "chat_template")
 NOT_IMPLEMENTED_KEYS = {
     "modules": "per-module merges ('modules:') are not implemented; list whole models under 'models:'",
-    "tokenizer": "tokenizer configuration (vocabulary union/permutation) is not implemented; the base's "
-                 "tokenizer files are copied and every input must have the same tensor shapes",
-    "tokenizer_source": "tokenizer_source (vocabulary union/permutation) is not implemented; the base's "
-                        "tokenizer files are copied and every input must have the same tensor shapes",
-    "chat_template": "chat_template is not implemented",
+}
+TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+
+# mergekit 0.1.5's named chat templates (mergekit/_data/chat_templates), written here from the public formats.
+CHAT_TEMPLATES = {
+    # ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message
+    "chatml": (
+        r"{%- for message in messages %}"
+        r"{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        r"{%- endfor %}"
+        r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"),
+    # Llama 3: bos, then <|start_header_id|>{role}<|end_header_id|>\n\n{content, trimmed}<|eot_id|> per message
+    "llama3": (
+        r"{{- bos_token }}"
+        r"{%- for message in messages %}"
+        r"{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+        r" + '<|eot_id|>' }}"
+        r"{%- endfor %}"
+        r"{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"),
+    # Alpaca: an optional system preamble, '### Instruction:' / '### Input:' (role user_context) /
+    # '### Response:' blocks separated by a blank line
+    "alpaca": (
+        r"{%- set ns = namespace(started=false) %}"
+        r"{%- for message in messages %}"
+        r"{%- set head = {'system': '', 'user': '### Instruction:\n', 'user_context': '### Input:\n',"
+        r" 'assistant': '### Response:\n'}.get(message['role']) %}"
+        r"{%- if head is not none %}"
+        r"{{- '\n\n' if ns.started else '' }}{{- head + message['content'] | trim }}"
+        r"{%- set ns.started = true %}"
+        r"{%- endif %}"
+        r"{%- endfor %}"
+        r"{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
+        r"{{- '\n\n### Response:\n' if ns.started else '### Response:\n' }}{%- endif %}"),
+    # Mistral instruct (v1): bos [INST] {user} [/INST] {assistant}</s> ..., roles alternating after an optional
+    # system message, which is put before the first user message
+    "mistral": (
+        r"{%- if messages and messages[0]['role'] == 'system' %}"
+        r"{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
+        r"{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
+        r"{{- bos_token }}"
+        r"{%- for message in turns %}"
+        r"{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        r"{{- raise_exception('mistral chat template: after an optional system message the roles must alternate "
+        r"user/assistant') }}{%- endif %}"
+        r"{%- if message['role'] == 'user' %}"
+        r"{{- '[INST] ' + (system + '\n\n' if loop.first and system else '') + message['content'] + ' [/INST]' }}"
+        r"{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+        r"{%- endfor %}"),
+    # EXAONE 3: [|{role}|]{content}, user turns end with a newline, others with [|endofturn|]\n; an empty
+    # system turn first when there is none
+    "exaone": (
+        r"{%- for message in messages %}"
+        r"{%- if loop.first and message['role'] != 'system' %}{{- '[|system|][|endofturn|]\n' }}{%- endif %}"
+        r"{{- '[|' + message['role'] + '|]' + message['content'] }}"
+        r"{{- '\n' if message['role'] == 'user' else '[|endofturn|]\n' }}"
+        r"{%- endfor %}"
+        r"{%- if add_generation_prompt %}{{- '[|assistant|]' }}{%- endif %}"),
 }
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model")
@@ -83,6 +148,20 @@ class ModelRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class TokenizerPlan:
+    """mergekit's `tokenizer_source: X` (= {source: X}) or `tokenizer: {source, tokens, pad_to_multiple_of}`.
+
+    source: 'union' | 'base' | a model name of the plan; tokens: {token: vocab.TokenOverride} (model names are
+    the plan's); base: the YAML's `base_model` name (the tokenizer base and the row rules' merge base, also for
+    methods that ignore the base; None: the first model, or for `slices:` the config donor)."""
+
+    source: str = "union"
+    tokens: Optional[dict] = None
+    pad_to_multiple_of: Optional[int] = None
+    base: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class MergePlan:
     """A validated merge: `models` are the non-base inputs in mergekit's order, `model_parameters` one dict (or
     None) per model, `parameters` the global settings (raw settings, resolved per tensor by params.py)."""
@@ -96,6 +175,8 @@ class MergePlan:
     out_dtype: Optional[str] = None
     source: str = "<plan>"
     slices: Optional[tuple] = None  # tuple[slices.OutputSlice, ...] for a `slices:` merge (module docstring)
+    tokenizer: Optional[TokenizerPlan] = None  # None: the tokenizer donor's files are copied
+    chat_template: Optional[str] = None  # 'auto', a name of CHAT_TEMPLATES or a Jinja template
 
     @property
     def model_names(self) -> list[str]:
@@ -281,7 +362,9 @@ def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional
 
     base = _model_ref(doc, nodes["base_model"], yaml_dir) if "base_model" in nodes else None
     if "slices" in nodes:
-        return _slices_plan(doc, nodes["slices"], method, base, parameters, dtypes, yaml_dir)
+        plan = _slices_plan(doc, nodes["slices"], method, base, parameters, dtypes, yaml_dir)
+        return _with_tokenizer(doc, nodes, plan, None if base is None else base.name, yaml_dir)
+    yaml_base = None if base is None else base.name
     mnode = nodes["models"]
     if not isinstance(mnode, yaml.SequenceNode) or not mnode.value:
         raise doc.error(mnode, "'models' must be a non-empty list of {model, parameters}")
@@ -313,7 +396,106 @@ def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional
     plan = MergePlan(method.name, base, models, model_parameters, parameters, dtypes.get("dtype"),
                      dtypes.get("out_dtype"), source)
     check_contract(plan)
-    return plan
+    return _with_tokenizer(doc, nodes, plan, yaml_base, yaml_dir)
+
+
+def chat_template_text(value: str) -> Optional[str]:
+    """The Jinja text of a `chat_template` setting, by mergekit 0.1.5's rules: 'auto' -> None (chosen from the
+    inputs when writing); a short single-line string without '{' -> a name of CHAT_TEMPLATES; otherwise a
+    literal template, which must contain '{' and have at least 20 characters. ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"chat_template must be a string, got {value!r}")
+    if value == "auto":
+        return None
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        if value in CHAT_TEMPLATES:
+            return CHAT_TEMPLATES[value]
+        raise ValueError(f"chat_template {value!r} is not 'auto', a known template name {sorted(CHAT_TEMPLATES)} "
+                         "or a Jinja template")
+    if len(value) < 20 or "{" not in value:
+        raise ValueError(f"chat_template {value[:40]!r}... is neither a template name nor a Jinja template (a "
+                         "template has '{' and at least 20 characters)")
+    return value
+
+
+def _plan_model(doc: _Doc, node, value: Any, refs: Mapping[str, ModelRef], yaml_dir: Optional[Path],
+                where: str) -> str:
+    """The plan's name of a model named in the tokenizer settings: as written, or the same directory."""
+    if isinstance(value, str) and value in refs:
+        return value
+    if isinstance(value, str) and value:
+        candidates = [Path(value).expanduser()]
+        if yaml_dir is not None and not Path(value).is_absolute():
+            candidates.append(yaml_dir / value)
+        for c in candidates:
+            if (c / "config.json").is_file():
+                for name, r in refs.items():
+                    if r.path is not None and r.path == c.resolve():
+                        return name
+    raise doc.error(node, f"{where}: {value!r} is not a model of the merge ({list(refs)})")
+
+
+def _tokenizer_plan(doc: _Doc, nodes: Mapping[str, Any], refs: Mapping[str, ModelRef], yaml_base: Optional[str],
+                    yaml_dir: Optional[Path]) -> Optional[TokenizerPlan]:
+    """TokenizerPlan of `tokenizer_source` / `tokenizer` (module docstring), or None."""
+    from configurable_fm.ops.merge.vocab import VocabularyError, parse_token_overrides
+
+    ts = nodes.get("tokenizer_source")
+    ts_value = None if ts is None else doc.value(ts)
+    tk = nodes.get("tokenizer")
+    tk_value = None if tk is None else doc.value(tk)
+    if ts_value is not None and tk_value is not None:
+        raise doc.error(tk, f"give at most one of 'tokenizer_source' (line {doc.line(ts)}) and 'tokenizer'")
+
+    def source(node, value, where):
+        if not isinstance(value, str) or not value:
+            raise doc.error(node, f"{where} must be 'union', 'base' or a model of the merge, got {value!r}")
+        if value in ("union", "base"):
+            return value
+        return _plan_model(doc, node, value, refs, yaml_dir, where)
+
+    if ts_value is not None:
+        return TokenizerPlan(source(ts, ts_value, "tokenizer_source"), base=yaml_base)
+    if tk_value is None:
+        return None
+    fields = dict(doc.mapping(tk, "tokenizer"))
+    for key, vnode in fields.items():
+        if key not in TOKENIZER_KEYS:
+            raise doc.error(vnode, f"unsupported key {key!r} in 'tokenizer'; supported: {list(TOKENIZER_KEYS)}")
+    src = source(fields["source"], doc.value(fields["source"]), "tokenizer.source") if "source" in fields \
+        else "union"
+    pad = doc.value(fields["pad_to_multiple_of"]) if "pad_to_multiple_of" in fields else None
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise doc.error(fields["pad_to_multiple_of"], f"tokenizer.pad_to_multiple_of must be a positive integer, "
+                                                      f"got {pad!r}")
+    tokens = None
+    if "tokens" in fields and doc.value(fields["tokens"]) is not None:
+        tokens = {}
+        for tok, vnode in doc.mapping(fields["tokens"], "tokenizer.tokens"):
+            try:
+                cfg = parse_token_overrides({tok: doc.value(vnode)})[tok]
+            except VocabularyError as e:
+                raise doc.error(vnode, f"tokenizer.{e}") from None
+            if cfg.model is not None:
+                cfg = dataclasses.replace(cfg, model=_plan_model(doc, vnode, cfg.model, refs, yaml_dir,
+                                                                 f"tokenizer.tokens[{tok!r}].source"))
+            tokens[tok] = cfg
+    return TokenizerPlan(src, tokens or None, pad, yaml_base)
+
+
+def _with_tokenizer(doc: _Doc, nodes: Mapping[str, Any], plan: MergePlan, yaml_base: Optional[str],
+                    yaml_dir: Optional[Path]) -> MergePlan:
+    """`plan` with its `tokenizer` and `chat_template` from the YAML (validated, naming the line)."""
+    tokenizer = _tokenizer_plan(doc, nodes, plan.refs, yaml_base, yaml_dir)
+    chat = None
+    if "chat_template" in nodes:
+        chat = doc.value(nodes["chat_template"])
+        if chat is not None:
+            try:
+                chat_template_text(chat)
+            except ValueError as e:
+                raise doc.error(nodes["chat_template"], str(e)) from None
+    return dataclasses.replace(plan, tokenizer=tokenizer, chat_template=chat)
 
 
 def _config_layers(ref: ModelRef) -> Optional[int]:

@@ -22,6 +22,19 @@ tree.merge_task, in the order: tensors before the layers, the layers, the tensor
 the donor's (the global base_model, else the first slice's first source) with the new `num_hidden_layers`
 (n_layer / num_layers) and, where it has one, a `layer_types` list taken from each layer's first source.
 
+`plan.tokenizer` (mergekit's `tokenizer_source` / `tokenizer:`): the vocab.VocabularyAlignment of every input is
+built once (vocab.alignment_for_checkpoints: tokenizer.json and config vocab_size of each input directory; the
+tokenizer base is the YAML's base_model, else the first model / the slices' config donor). Every vocabulary tensor
+(a floating tensor whose name contains one of tree.VOCAB_TENSORS; HF layout, vocabulary axis 0) is read from
+all its inputs, each aligned into the output vocabulary (padded_size rows) and then merged as usual; for a
+`slices:` plan the row rules see only that tensor's inputs (the first / last slice's sources, as mergekit).
+Written: tokenizer.json of the alignment, the tokenizer donor's (the source model, else the tokenizer base)
+tokenizer_config.json (`added_tokens_decoder` rebuilt when it has one) and special_tokens_map.json, and
+config.json's vocab_size = padded_size. `plan.chat_template` ('auto': the most common template among the
+inputs' chat_template.jinja / tokenizer_config.json, ties to the first in plan order; a name; a Jinja string)
+is written into tokenizer_config.json (and no chat_template.jinja, which transformers would prefer); without
+it the donor's chat_template.jinja is copied.
+
 Registry models stored as GGUF (e.g. smollm2-135m-instruct) are loaded whole and converted to HF tensors in
 memory (no memory bound for those inputs).
 """
@@ -29,8 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -44,14 +59,17 @@ from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, Tens
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import tree
-from configurable_fm.ops.merge.mergekit_yaml import MergePlan, ModelRef, check_contract
+from configurable_fm.ops.merge import vocab as VOC
+from configurable_fm.ops.merge.mergekit_yaml import MergePlan, ModelRef, chat_template_text, check_contract
 from configurable_fm.ops.merge.registry import get_method
 
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+LOG = logging.getLogger(__name__)
 SLICE_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # transformers prefers them to the config's
 
 
 @dataclasses.dataclass
@@ -129,11 +147,86 @@ class ShardWriter:
         return names + [INDEX_FILE]
 
 
-def _check_inputs(inputs: list[_Input], has_base: bool) -> None:
-    """All names and shapes at once (tree's checks on shape-only stand-ins; nothing is read)."""
+def _check_inputs(inputs: list[_Input], has_base: bool, aligned: bool = False) -> None:
+    """All names and shapes at once (tree's checks on shape-only stand-ins; nothing is read). aligned: the
+    vocabulary tensors are aligned by token (their vocabulary sizes may differ)."""
     shapes = [{k: jax.ShapeDtypeStruct(inp.shape(k), np.float32) for k in inp.tensors} for inp in inputs]
-    tree._check([inp.name for inp in inputs], shapes, vocab_tensors=tree.VOCAB_TENSORS, embed_alignment=None,
-                has_base=has_base)
+    tree._check([inp.name for inp in inputs], shapes, vocab_tensors=tree.VOCAB_TENSORS,
+                embed_alignment="union" if aligned else None, has_base=has_base)
+
+
+def _is_vocab(name: str, inp: _Input) -> bool:
+    """A tensor with a vocabulary axis (HF layout: axis 0): a floating tensor named like tree.VOCAB_TENSORS."""
+    x = inp.tensors[name]
+    floating = np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
+    return floating and len(inp.shape(name)) >= 1 and any(s in name for s in tree.VOCAB_TENSORS)
+
+
+def _alignment(plan: MergePlan, inputs: Mapping[str, _Input], *, first: str) -> Optional[VOC.VocabularyAlignment]:
+    """The vocabulary alignment of `plan.tokenizer` over every input of the plan (None without one).
+
+    The tokenizer base (and the merge base of the row rules) is the YAML's base_model; without one, `first`
+    (the first model, or the config donor of a `slices:` plan) is the tokenizer base and no input is the merge
+    base. Inputs in the plan's order (mergekit's order within a tensor: the models, then the base)."""
+    tk = plan.tokenizer
+    if tk is None:
+        return None
+    no_dir = [n for n, inp in inputs.items() if inp.directory is None]
+    if no_dir:
+        raise VOC.VocabularyError(f"{plan.source}: tokenizer settings need HF directories (tokenizer.json, "
+                                  f"config.json) for every input; {no_dir} are registry models stored as GGUF")
+    tok_base = tk.base if tk.base is not None else first
+    dirs = {n: inp.directory for n, inp in inputs.items() if n != tok_base}
+    if tk.base is None:
+        dirs = {tok_base: inputs[tok_base].directory, **dirs}
+    return VOC.alignment_for_checkpoints(tk.source, inputs[tok_base].directory if tk.base is not None else None,
+                                         dirs, base_name=tok_base, tokens=tk.tokens,
+                                         pad_to_multiple_of=tk.pad_to_multiple_of)
+
+
+def _restricted(al: VOC.VocabularyAlignment, names: tuple, base: Optional[str], tokens: Optional[Mapping],
+                tensor: str) -> VOC.VocabularyAlignment:
+    """`al` for a tensor made from only the inputs `names` (merge base `base`, or None): the same vocabulary
+    and index maps, the fill rows decided over these inputs (as mergekit, whose row rules see only the tensor's
+    inputs): a token's override (`tokens`) as in `al`, needing its source among them; otherwise exactly one holder:
+    its row; none: zero; `base` holds it: the base's row; else the average over the holders."""
+    if names == al.names and base == al.base:
+        return al
+    index = {n: al.index[n] for n in names}
+    present = np.stack([index[n] >= 0 for n in names])  # (N, V)
+    count = present.sum(0)
+    need = ~present.all(0) | al.force
+    kind = np.full(al.size, VOC.KEEP, dtype=np.int8)
+    model = np.full(al.size, -1, dtype=np.int64)
+    row = np.full(al.size, -1, dtype=np.int64)
+    holder = np.argmax(present, axis=0)
+    one = need & (count == 1)
+    kind[one], model[one] = VOC.ROW, holder[one]
+    row[one] = np.stack([index[n] for n in names])[holder[one], np.flatnonzero(one)]
+    kind[need & (count == 0)] = VOC.ZERO
+    if (need & (count == 0)).any():
+        LOG.warning("%s: %d token(s) are in none of its inputs %s: zero rows", tensor, int((need & (count == 0)).sum()),
+                    list(names))
+    many = need & (count >= 2)
+    kind[many] = VOC.AVERAGE
+    if base is not None and base in names:
+        from_base = many & (index[base] >= 0)
+        kind[from_base], model[from_base], row[from_base] = VOC.ROW, names.index(base), index[base][from_base]
+    for tok in tokens or {}:
+        t = al.vocab[tok]
+        if not need[t]:
+            continue
+        kind[t], model[t], row[t] = al.fill_kind[t], -1, al.fill_row[t]
+        if al.fill_kind[t] == VOC.ROW:
+            src = al.names[al.fill_model[t]]
+            if src not in names:
+                raise VOC.VocabularyError(f"{tensor}: tokens[{tok!r}] needs a vocabulary row from model {src!r}, "
+                                          f"which is not an input of this tensor ({list(names)})")
+            model[t] = names.index(src)
+    for a in (kind, model, row):
+        a.setflags(write=False)
+    return dataclasses.replace(al, names=names, base=base, index=index, fill_kind=kind, fill_model=model,
+                               fill_row=row)
 
 
 def _check_parameters(plan: MergePlan, names: list[str], num_layers: int) -> None:
@@ -184,11 +277,12 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     base = _open(plan.base) if plan.base is not None else None
     models = [_open(r) for r in plan.models]
     inputs = ([base] if base is not None else []) + models
-    _check_inputs(inputs, base is not None)
+    _check_inputs(inputs, base is not None, aligned=plan.tokenizer is not None)
     ref = inputs[0]
     names = list(ref.tensors)
     num_layers = P.num_layers_of(names)
     _check_parameters(plan, names, num_layers)
+    alignment = _alignment(plan, {inp.name: inp for inp in inputs}, first=plan.models[0].name)
 
     bar = None
     if progress:
@@ -204,8 +298,14 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         writer = ShardWriter(tmp, limit)
         try:
             for name in names:
-                b = {name: read(base, name)} if base is not None else None
-                xs = {m.name: {name: read(m, name)} for m in models}
+                if alignment is not None and _is_vocab(name, ref):
+                    aligned = alignment.align_all({inp.name: read(inp, name) for inp in inputs}, axis=0, tensor=name)
+                    b = {name: aligned[base.name]} if base is not None else None
+                    xs = {m.name: {name: aligned[m.name]} for m in models}
+                    del aligned
+                else:
+                    b = {name: read(base, name)} if base is not None else None
+                    xs = {m.name: {name: read(m, name)} for m in models}
                 y = tree.merge(plan.method, b, xs, parameters=plan.parameters,
                                model_parameters=list(plan.model_parameters), seed=seed, out_dtype=out_dtype,
                                num_layers=num_layers)[name]
@@ -220,7 +320,8 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         finally:
             if bar is not None:
                 bar.close()
-        _write_config_and_tokenizer(tmp, ref, dict(ref.config), dtypes_written)
+        _write_config_and_tokenizer(tmp, plan, ref, dict(ref.config), dtypes_written, alignment,
+                                    {inp.name: inp for inp in inputs})
     return out_dir
 
 
@@ -232,19 +333,105 @@ def _read(inp: _Input, name: str, load_dtype) -> np.ndarray:
     return x
 
 
-def _write_config_and_tokenizer(tmp: Path, ref: _Input, config: dict, dtypes_written: set) -> None:
-    """config.json (torch_dtype set to the written float dtype) and the reference's tokenizer files."""
+def _write_config_and_tokenizer(tmp: Path, plan: MergePlan, ref: _Input, config: dict, dtypes_written: set,
+                                alignment: Optional[VOC.VocabularyAlignment] = None,
+                                inputs: Optional[Mapping[str, _Input]] = None) -> None:
+    """config.json (torch_dtype set to the written float dtype; vocab_size = the aligned vocabulary's padded
+    size) and the tokenizer files: without an alignment, the reference's (`ref`: the config donor) files; with
+    one, the alignment's tokenizer.json and the tokenizer donor's (the source model, else the tokenizer base)
+    tokenizer_config.json / special_tokens_map.json. `plan.chat_template` goes into tokenizer_config.json."""
+    inputs = inputs or {ref.name: ref}
     floats = sorted(d for d in dtypes_written if d in NP_DTYPES)
     if floats:
         config["torch_dtype"] = floats[0] if len(floats) == 1 else "float32"
         if "dtype" in config:
             config["dtype"] = config["torch_dtype"]
+    if alignment is not None:
+        text = config.get("text_config")
+        if "vocab_size" not in config and isinstance(text, dict) and "vocab_size" in text:
+            config["text_config"] = dict(text, vocab_size=alignment.padded_size)  # a copy: the input's is kept
+        else:
+            config["vocab_size"] = alignment.padded_size
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tok_dir = ref.directory
-    if tok_dir is not None:
-        for f in TOKENIZER_FILES:
+    chat = _chat_template(plan, inputs)
+    if alignment is None:
+        tok_dir = ref.directory
+        if tok_dir is None:
+            if chat is not None:
+                LOG.warning("%s: chat_template given but %s has no tokenizer files; not written", plan.source,
+                            ref.name)
+            return
+        for f in TOKENIZER_FILES + (CHAT_TEMPLATE_FILES if chat is None else ()):
             if (tok_dir / f).is_file():
                 shutil.copyfile(tok_dir / f, tmp / f)
+        if chat is not None:
+            cfg_path = tmp / "tokenizer_config.json"
+            tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+            tok_cfg["chat_template"] = chat
+            cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+        return
+    tk = plan.tokenizer
+    tok_base = tk.base if tk.base is not None else ref.name
+    donor = inputs[tk.source].directory if tk.source in inputs else inputs[tok_base].directory
+    if not (donor / "tokenizer_config.json").is_file():
+        donor = inputs[tok_base].directory
+    alignment.tokenizer.save(str(tmp / "tokenizer.json"))
+    cfg_path = donor / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if "added_tokens_decoder" in tok_cfg:  # the donor's ids are stale: the output's added tokens
+        tok_cfg["added_tokens_decoder"] = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(alignment.tokenizer.get_added_tokens_decoder().items())}
+    missing = [f"{k}={v!r}" for k, v in tok_cfg.items()
+               if k.endswith("_token") and isinstance(v, str) and v not in alignment.vocab]
+    if missing:
+        LOG.warning("%s: tokenizer_config.json of %s names special tokens missing from the merged vocabulary: %s",
+                    plan.source, donor, ", ".join(missing))
+    if chat is not None:
+        tok_cfg["chat_template"] = chat
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+    extra = ("special_tokens_map.json",) + (CHAT_TEMPLATE_FILES if chat is None else ())
+    for f in extra:
+        if (donor / f).is_file():
+            shutil.copyfile(donor / f, tmp / f)
+    if ref.directory is not None and (ref.directory / "generation_config.json").is_file():
+        shutil.copyfile(ref.directory / "generation_config.json", tmp / "generation_config.json")
+
+
+def _input_chat_template(directory: Optional[Path]) -> Optional[str]:
+    """The chat template of an HF directory as transformers loads it: chat_template.jinja, else
+    tokenizer_config.json's `chat_template` (a list of {name, template}: the 'default' one); stripped."""
+    if directory is None:
+        return None
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text().strip() or None
+    for f, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+        if (directory / f).is_file():
+            try:
+                t = json.loads((directory / f).read_text()).get(key)
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(t, list):
+                t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+            if isinstance(t, str) and t.strip():
+                return t.strip()
+    return None
+
+
+def _chat_template(plan: MergePlan, inputs: Mapping[str, _Input]) -> Optional[str]:
+    """The chat template to write (None: keep the donor's). 'auto' (mergekit 0.1.5): the most common template
+    among the inputs (ties: the first in the plan's order, base first; mergekit's order is a set's); none: None."""
+    if plan.chat_template is None:
+        return None
+    text = chat_template_text(plan.chat_template)
+    if text is not None:
+        return text
+    found = [t for t in (_input_chat_template(inp.directory) for inp in inputs.values()) if t is not None]
+    if not found:
+        LOG.warning("%s: chat_template: auto, but no input has a chat template", plan.source)
+        return None
+    return Counter(found).most_common(1)[0][0]
 
 
 def _slices_config(plan: MergePlan, inputs: Mapping[str, _Input], donor: str, num_layers: int) -> dict:
@@ -287,8 +474,19 @@ def _merge_slices(plan: MergePlan, out_dir: Path, *, overwrite: bool, limit: int
     donor = base if base is not None else plan.slices[0].sources[0].model
     tasks, num_layers = S.plan_tensors(method, plan.slices, names, base=base, parameters=plan.parameters,
                                        reference=donor)
-    S.check_shapes(tasks, lambda m, n: inputs[m].shape(n))
+    alignment = _alignment(plan, inputs, first=donor)
+
+    def shape(m: str, n: str) -> tuple:  # aligned vocabulary tensors have padded_size rows
+        s = tuple(inputs[m].shape(n))
+        return (alignment.padded_size, *s[1:]) if alignment is not None and _is_vocab(n, inputs[m]) else s
+
+    S.check_shapes(tasks, shape)
     resolved = S.resolve_all(method, tasks, source=plan.source)
+    task_alignments = {}  # task index -> the alignment over that task's inputs (checked before writing)
+    for i, task in enumerate(tasks):
+        m, n = task.inputs[0] if task.inputs else task.base
+        if alignment is not None and _is_vocab(n, inputs[m]):
+            task_alignments[i] = _task_alignment(alignment, plan, task)
     config = _slices_config(plan, inputs, donor, num_layers)
 
     bar = None
@@ -300,9 +498,14 @@ def _merge_slices(plan: MergePlan, out_dir: Path, *, overwrite: bool, limit: int
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, limit)
         try:
-            for task, kwargs in zip(tasks, resolved):
-                y = tree.merge_task(method, task, lambda m, n: _read(inputs[m], n, load_dtype), kwargs, seed=seed,
-                                    out_dtype=out_dtype)
+            for i, (task, kwargs) in enumerate(zip(tasks, resolved)):
+                read = lambda m, n: _read(inputs[m], n, load_dtype)  # noqa: E731
+                if i in task_alignments:
+                    pairs = list(task.inputs) + ([task.base] if task.base is not None else [])
+                    aligned = task_alignments[i].align_all({m: read(m, n) for m, n in pairs}, axis=0,
+                                                           tensor=task.name)
+                    read = lambda m, n: aligned[m]  # noqa: E731
+                y = tree.merge_task(method, task, read, kwargs, seed=seed, out_dtype=out_dtype)
                 y = np.asarray(y)
                 dtypes_written.add(_dtype_name(y.dtype))
                 writer.add(task.name, y)
@@ -313,8 +516,18 @@ def _merge_slices(plan: MergePlan, out_dir: Path, *, overwrite: bool, limit: int
         finally:
             if bar is not None:
                 bar.close()
-        _write_config_and_tokenizer(tmp, inputs[donor], config, dtypes_written)
+        _write_config_and_tokenizer(tmp, plan, inputs[donor], config, dtypes_written, alignment, inputs)
     return out_dir
+
+
+def _task_alignment(alignment: VOC.VocabularyAlignment, plan: MergePlan, task) -> VOC.VocabularyAlignment:
+    """The alignment of a vocabulary tensor task of a `slices:` plan: the row rules over this task's inputs
+    (mergekit: the slice's sources), merge base: the task's base, else the YAML base_model if an input."""
+    pairs = list(task.inputs) + ([task.base] if task.base is not None else [])
+    names = tuple(dict.fromkeys(m for m, _ in pairs))
+    rule_base = task.base[0] if task.base is not None else plan.tokenizer.base
+    return _restricted(alignment, names, rule_base if rule_base in names else None, plan.tokenizer.tokens,
+                       task.name)
 
 
 def merge_yaml(yaml_path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any) -> Path:

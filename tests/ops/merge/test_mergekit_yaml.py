@@ -3,8 +3,10 @@ import json
 
 import pytest
 
-from configurable_fm.ops.merge.mergekit_yaml import (MergekitYamlError, load_mergekit_yaml, parse_mergekit_yaml,
+from configurable_fm.ops.merge.mergekit_yaml import (CHAT_TEMPLATES, MergekitYamlError, TokenizerPlan,
+                                                     chat_template_text, load_mergekit_yaml, parse_mergekit_yaml,
                                                      plan_from_dict)
+from configurable_fm.ops.merge.vocab import TokenOverride
 
 
 @pytest.fixture()
@@ -87,13 +89,84 @@ def test_unsupported_or_invalid_yaml_names_the_key_and_line(dirs, text, words):
     assert str(e.value).startswith("t.yml")
 
 
-@pytest.mark.parametrize("key, value, line", [
-                                              ("tokenizer_source", "union", 3), ("tokenizer", "{{source: base}}", 3),
-                                              ("chat_template", "chatml", 3), ("modules", "{{text: {{}}}}", 3)])
-def test_not_implemented_keys_raise_not_implemented_naming_the_key(dirs, key, value, line):
+def test_modules_raise_not_implemented_naming_the_key_and_line(dirs):
     with pytest.raises(NotImplementedError) as e:
-        _parse(f"merge_method: passthrough\nmodels: [{{{{model: {{a}}}}}}]\n{key}: {value}\n", dirs)
-    assert f"'{key}'" in str(e.value) and f"line {line}" in str(e.value)
+        _parse("merge_method: passthrough\nmodels: [{{model: {a}}}]\nmodules: {{text: {{}}}}\n", dirs)
+    assert "'modules'" in str(e.value) and "line 3" in str(e.value)
+
+
+def test_tokenizer_source_and_tokenizer_become_a_tokenizer_plan(dirs):
+    plan = _parse("merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+                  "tokenizer_source: union\nchat_template: chatml\n", dirs)
+    assert plan.tokenizer == TokenizerPlan("union", None, None, str(dirs["base"]))
+    assert plan.chat_template == "chatml" and chat_template_text("chatml") == CHAT_TEMPLATES["chatml"]
+    # a model of the plan by name or by the same directory (relative to the YAML), tokens parsed and normalised
+    yml = dirs["a"].parent / "m.yml"
+    yml.write_text(f"""merge_method: linear
+base_model: base
+models:
+  - model: a
+    parameters: {{weight: 1.0}}
+  - model: {dirs['b']}
+    parameters: {{weight: 1.0}}
+tokenizer:
+  source: ./a
+  pad_to_multiple_of: 8
+  tokens:
+    <x>: {{source: {dirs['b']}/, force: true}}
+    y: {{source: {{kind: model_token, model: base, token_id: 3}}}}
+    z: {{source: {{kind: zero}}}}
+""")
+    plan = load_mergekit_yaml(yml)
+    tk = plan.tokenizer
+    assert (tk.source, tk.pad_to_multiple_of, tk.base) == ("a", 8, "base")  # linear: the base is an input
+    assert plan.model_names == ["a", str(dirs["b"]), "base"]
+    assert tk.tokens == {"<x>": TokenOverride("model", model=str(dirs["b"]), force=True),
+                         "y": TokenOverride("model_token", model="base", token_id=3),
+                         "z": TokenOverride("zero")}
+    # slices plans take them too; tokenizer without source: union (mergekit's default)
+    plan = _parse("merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 1]}}]\n"
+                  "tokenizer: {{pad_to_multiple_of: 4}}\nchat_template: auto\n", dirs)
+    assert plan.tokenizer == TokenizerPlan("union", None, 4, None) and plan.chat_template == "auto"
+    assert plan.slices is not None
+    # explicit nulls: nothing
+    plan = _parse("merge_method: linear\nmodels: [{{model: {a}}}]\nparameters: {{weight: 1}}\n"
+                  "tokenizer_source: null\nchat_template: null\n", dirs)
+    assert plan.tokenizer is None and plan.chat_template is None
+
+
+HEAD = "merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+
+
+@pytest.mark.parametrize("tail, words", [
+    ("tokenizer_source: union\ntokenizer: {{source: base}}\n", ["at most one", "line 5", "line 4"]),
+    ("tokenizer_source: nowhere\n", ["tokenizer_source", "'nowhere' is not a model of the merge", "line 4"]),
+    ("tokenizer_source: [union]\n", ["tokenizer_source must be", "line 4"]),
+    ("tokenizer:\n  source: union\n  pad: 8\n", ["unsupported key 'pad'", "line 6"]),
+    ("tokenizer:\n  pad_to_multiple_of: 0\n", ["pad_to_multiple_of must be a positive integer", "line 5"]),
+    ("tokenizer:\n  tokens:\n    t: {{source: {{kind: model_token, model: {a}}}}}\n",
+     ["tokenizer.tokens['t']", "exactly one of token, token_id", "line 6"]),
+    ("tokenizer:\n  tokens:\n    t: {{source: {{kind: one}}}}\n", ["kind must be 'zero' or 'model_token'", "line 6"]),
+    ("tokenizer:\n  tokens:\n    t: {{source: x, forse: true}}\n", ["unknown key(s) ['forse']", "line 6"]),
+    ("tokenizer:\n  tokens:\n    t: {{source: other}}\n", ["tokens['t'].source", "'other' is not a model", "line 6"]),
+    ("chat_template: chatmlx\n", ["'chatmlx' is not 'auto', a known template name", "chatml", "line 4"]),
+    ("chat_template: '{{{{ x }}}}'\n", ["neither a template name nor a Jinja template", "line 4"]),
+    ("chat_template: 3\n", ["chat_template must be a string", "line 4"]),
+])
+def test_invalid_tokenizer_settings_name_the_key_and_line(dirs, tail, words):
+    with pytest.raises(MergekitYamlError) as e:
+        _parse(HEAD + tail, dirs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+    assert str(e.value).startswith("t.yml")
+
+
+def test_chat_template_rules_follow_mergekit():
+    assert chat_template_text("auto") is None
+    literal = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert chat_template_text(literal) == literal
+    assert set(CHAT_TEMPLATES) == {"alpaca", "chatml", "exaone", "llama3", "mistral"}  # mergekit 0.1.5's names
+    with pytest.raises(ValueError, match="neither a template name"):
+        chat_template_text("line one\nline two without braces")
 
 
 def test_method_contract_is_checked(dirs):
