@@ -139,7 +139,8 @@ class MergekitYamlError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
-    """One input: `name` as written in the YAML; `path` (an HF directory) or `registry` (a registry name)."""
+    """One input: `name` as written in the YAML; `path` (an HF directory, a .gguf file or an orbax model
+    checkpoint: whatever sources.open_source opens) or `registry` (a registry name)."""
 
     name: str
     path: Optional[Path] = None
@@ -307,15 +308,18 @@ def _model_ref(doc: _Doc, node, yaml_dir: Optional[Path]) -> ModelRef:
     candidates = [Path(ref).expanduser()]
     if yaml_dir is not None and not Path(ref).is_absolute():
         candidates.append(yaml_dir / ref)
+    from configurable_fm.interop.orbax_io import is_model_checkpoint
+
     for c in candidates:
-        if (c / "config.json").is_file():
+        if (c / "config.json").is_file() or (c.suffix == ".gguf" and c.is_file()) or is_model_checkpoint(c):
             return ModelRef(ref, path=c.resolve(), line=doc.line(node))
     hint = ""
     if "+" in ref:
         hint = " (LoRA references 'model+lora' are not implemented)"
     elif "@" in ref:
         hint = " (revisions 'model@rev' are not implemented)"
-    raise doc.error(node, f"model {ref!r} is neither an HF directory with config.json nor a registry name "
+    raise doc.error(node, f"model {ref!r} is neither an HF directory with config.json, a .gguf file, an orbax "
+                          f"model checkpoint (model_config.json + params/) nor a registry name "
                           f"{sorted(registry.MODELS)}{hint}")
 
 

@@ -3,7 +3,7 @@
     plan = mergekit_yaml.load_mergekit_yaml("ties.yml")
     merge_checkpoints(plan, "out/", max_shard_size="2GB")
 
-Steps: open every input (TensorStore: memory-mapped, nothing read yet); check names and shapes of all inputs at
+Steps: open every input (sources.open_source: lazy, nothing read yet); check names and shapes of all inputs at
 once (tree's checks: one MergeInputError listing every missing tensor and mismatch, naming tensor and model);
 then for every tensor name p in the reference's order (the base, else the first input): read p from each input,
 cast it to `plan.dtype` if given (mergekit's load dtype), and run `tree.merge` on the single tensor {p: ...}
@@ -35,8 +35,9 @@ inputs' chat_template.jinja / tokenizer_config.json, ties to the first in plan o
 is written into tokenizer_config.json (and no chat_template.jinja, which transformers would prefer); without
 it the donor's chat_template.jinja is copied.
 
-Registry models stored as GGUF (e.g. smollm2-135m-instruct) are loaded whole and converted to HF tensors in
-memory (no memory bound for those inputs).
+Inputs are opened by sources.open_source: HF directories (memory-mapped safetensors), GGUF files (dequantized
+tensor by tensor), orbax model checkpoints (restored parameter by parameter) and registry names, all lazy; the
+tokenizer is the reference's (copied, or rebuilt from GGUF metadata).
 """
 from __future__ import annotations
 
@@ -54,51 +55,34 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorStore, atomic_directory, \
-    parse_size
+from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, atomic_directory, parse_size
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import tree
 from configurable_fm.ops.merge import vocab as VOC
 from configurable_fm.ops.merge.mergekit_yaml import MergePlan, ModelRef, chat_template_text, check_contract
 from configurable_fm.ops.merge.registry import get_method
+from configurable_fm.ops.merge.sources import TOKENIZER_FILES, TensorSource, open_source
 
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 LOG = logging.getLogger(__name__)
 SLICE_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # transformers prefers them to the config's
 
 
 @dataclasses.dataclass
 class _Input:
     name: str
-    tensors: Mapping[str, np.ndarray]  # lazy (TensorStore) or in memory (GGUF registry models)
+    tensors: TensorSource  # lazy: ops/merge/sources.py
     shape: Callable[[str], tuple]
     config: dict
-    directory: Optional[Path]
+    directory: Optional[Path]  # the directory of its tokenizer files (HF / orbax), None for GGUF
 
 
 def _open(ref: ModelRef) -> _Input:
-    from configurable_fm.interop import hf
-
-    if ref.path is not None:
-        store = TensorStore(ref.path)
-        return _Input(ref.name, store, store.shape, hf.read_config(ref.path), ref.path)
-    from configurable_fm.models import registry
-
-    entry, path = registry.MODELS[ref.registry], registry.model_path(ref.registry)
-    if entry.format == "hf":
-        store = TensorStore(path)
-        return _Input(ref.name, store, store.shape, hf.read_config(path), path)
-    from configurable_fm.models.factory import load_model
-
-    model = load_model(ref.registry)
-    tensors = hf.hf_tensors(model)
-    config = hf.family_for(model).config_to_hf(model.cfg)
-    return _Input(ref.name, tensors, lambda k: tuple(tensors[k].shape), config, None)
+    src = open_source(ref.path if ref.path is not None else ref.registry)
+    return _Input(ref.name, src, src.shape, src.config, src.tokenizer_dir)
 
 
 class ShardWriter:
@@ -356,14 +340,16 @@ def _write_config_and_tokenizer(tmp: Path, plan: MergePlan, ref: _Input, config:
     chat = _chat_template(plan, inputs)
     if alignment is None:
         tok_dir = ref.directory
-        if tok_dir is None:
-            if chat is not None:
-                LOG.warning("%s: chat_template given but %s has no tokenizer files; not written", plan.source,
-                            ref.name)
-            return
-        for f in TOKENIZER_FILES + (CHAT_TEMPLATE_FILES if chat is None else ()):
-            if (tok_dir / f).is_file():
-                shutil.copyfile(tok_dir / f, tmp / f)
+        if tok_dir is None:  # e.g. a GGUF input: its tokenizer is rebuilt from the metadata
+            if not ref.tensors.write_tokenizer(tmp):
+                if chat is not None:
+                    LOG.warning("%s: chat_template given but %s has no tokenizer; not written", plan.source,
+                                ref.name)
+                return
+        else:
+            for f in TOKENIZER_FILES + (CHAT_TEMPLATE_FILES if chat is None else ()):
+                if (tok_dir / f).is_file():
+                    shutil.copyfile(tok_dir / f, tmp / f)
         if chat is not None:
             cfg_path = tmp / "tokenizer_config.json"
             tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

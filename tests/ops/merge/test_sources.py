@@ -372,3 +372,22 @@ def test_orbax_unreadable_array_names_the_parameter(tiny_orbax, tmp_path):
         shutil.rmtree(d)
     with pytest.raises(CheckpointError, match=r"cannot restore parameter layers\.0\.mlp\.up_proj\.kernel"):
         src["model.layers.0.mlp.up_proj.weight"]
+
+
+def test_yaml_merge_streams_gguf_orbax_and_hf_inputs(formats, tmp_path):
+    """The YAML route opens every format lazily: task arithmetic of a .gguf base with its orbax and HF copies
+    (zero task vectors) gives the base; linear of the three gives it too (float32 everywhere)."""
+    from configurable_fm.ops.merge.stream import merge_yaml
+
+    root = formats["root"]
+    for method, base_line in [("task_arithmetic", f"base_model: {root / 'f32.gguf'}\n"), ("linear", "")]:
+        models = [root / "orbax", root / "hf"] + ([root / "f32.gguf"] if method == "linear" else [])
+        text = (f"merge_method: {method}\n{base_line}parameters: {{weight: 0.5}}\nmodels:\n"
+                + "".join(f"  - model: {m}\n" for m in models))
+        (tmp_path / f"{method}.yml").write_text(text)
+        out = merge_yaml(tmp_path / f"{method}.yml", tmp_path / method, progress=False)
+        merged = open_source(out)
+        assert sorted(merged) == sorted(formats["ref"])
+        for name, want in formats["ref"].items():
+            np.testing.assert_allclose(merged[name], want, rtol=0, atol=1e-6, err_msg=f"{method} {name}")
+        assert hf.family_of_config(merged.config).config_from_hf(merged.config) == formats["cfg"]
