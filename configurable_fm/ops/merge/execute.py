@@ -1,0 +1,525 @@
+"""Fast per-tensor executor for streaming merges: cached fused kernels, a read-ahead thread, planned shards.
+
+    groups = [TensorGroup(name, shape, out_dtype, read=..., params=P.resolve_for_tensor(...), key=...), ...]
+    files = merge_to_shards(get_method("ties"), groups, out_dir, limit=parse_size("2GB"), load_dtype=None)
+
+One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(cast_load(x_i)), key, **params)),
+the same computation as `tree.merge` on the single tensor (bitwise: the same float32 ops, the casts done by XLA
+instead of numpy / ml_dtypes), but:
+* the whole function (load casts, stack, kernel, output cast) is one `jax.jit` per (method, resolved parameters,
+  load dtype, output dtype), compiled once per input shape/dtype and reused for every tensor with the same setting
+  (`KernelCache`); the parameters are baked in as constants (count-based kernels need them concrete), so a depth
+  gradient compiles once per distinct value;
+* inputs are read by `PreadStore` (os.preadv of each tensor's bytes into a fresh buffer: no memory map, so file
+  pages never count in the process's RSS, and the read releases the GIL) on a read-ahead thread, `prefetch`
+  groups ahead, and moved to the device there (host -> device overlaps compute on an accelerator);
+* the output layout is planned up front from the groups' names, shapes and dtypes (the same split as
+  stream.ShardWriter: a new shard when the next tensor would push it past `limit` bytes), so every shard's header
+  is written first and each result is written at its offset by a writer thread as soon as it is ready: no shard
+  is ever held in memory.
+Host memory: about (prefetch + 2) x (inputs + 1) x the largest tensor, plus the kernel's float32 temporaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
+from configurable_fm.ops.merge.registry import MergeMethod
+
+SAFETENSORS_DTYPES = {
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "I16": np.dtype(np.int16), "I32": np.dtype(np.int32),
+    "I64": np.dtype(np.int64), "U8": np.dtype(np.uint8), "U16": np.dtype(np.uint16), "U32": np.dtype(np.uint32),
+    "U64": np.dtype(np.uint64), "BOOL": np.dtype(np.bool_),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+_CHUNK = 1 << 30  # bytes per preadv/pwrite call (Linux moves at most ~2 GiB per call)
+
+
+def is_float(dtype) -> bool:
+    return bool(jnp.issubdtype(np.dtype(dtype), jnp.floating))
+
+
+# --------------------------------------------------------------------------------------------------- reading
+def _read_header(file: Path) -> tuple[dict, int]:
+    """(header {name: {dtype, shape, data_offsets}}, offset of the data section) of one safetensors file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file}: too short for a safetensors file ({size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{file}: header length {n} does not fit the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: cannot read the safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has an unsupported entry {info!r}")
+        begin, end = info["data_offsets"]
+        want = int(np.prod(info["shape"], dtype=np.int64)) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+        if end - begin != want or data_start + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} has offsets {begin}..{end} for {want} bytes in a file "
+                                  f"of {size} bytes (truncated or corrupt)")
+    return header, data_start
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:done + _CHUNK]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{what}: unexpected end of file after {done} of {len(view)} bytes")
+        done += n
+
+
+class PreadStore(Mapping[str, np.ndarray]):
+    """Read-only {tensor name: numpy array} over a safetensors file or a sharded HF directory, without mmap.
+
+    `store[name]` reads the tensor's bytes with os.preadv into a new array (one copy from the page cache; the
+    GIL is released during the read). Headers are parsed once; a tensor whose offsets do not fit its file raises
+    CheckpointError naming the file and the tensor. `shape(name)` and `dtype(name)` read nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if path.is_dir():
+            if (path / INDEX_FILE).exists():
+                try:
+                    weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
+                files = sorted({path / f for f in weight_map.values()})
+            elif (path / SINGLE_FILE).exists():
+                files, weight_map = [path / SINGLE_FILE], None
+            else:
+                raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+        elif path.exists():
+            files, weight_map = [path], None
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+        self._entries: dict[str, tuple[Path, int, np.dtype, tuple]] = {}
+        for file in files:
+            if not file.exists():
+                raise CheckpointError(f"index {path / INDEX_FILE} names a missing shard {file.name}")
+            header, start = _read_header(file)
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                if weight_map is None or Path(path / weight_map.get(name, "")) == file:
+                    self._entries[name] = (file, start + info["data_offsets"][0],
+                                           SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._entries))
+            if missing:
+                raise CheckpointError(f"{path}: the index lists tensors its shards lack: {missing[:10]}")
+            self._entries = {k: self._entries[k] for k in weight_map}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            file, offset, dtype, shape = self._entries[name]
+        except KeyError:
+            raise KeyError(f"tensor {name!r} is not in the checkpoint") from None
+        out = np.empty(shape, dtype)
+        _pread_into(self._fd(file), out, offset, f"{file}: tensor {name!r}")
+        return out
+
+    def shape(self, name: str) -> tuple:
+        return self._entries[name][3]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][2]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001: interpreter shutdown
+            pass
+
+
+# ------------------------------------------------------------------------------------------------- kernels
+def _freeze(value: Any):
+    """A hashable, exact stand-in for a resolved parameter value (numpy arrays by dtype, shape and values)."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, tuple(value.reshape(-1).tolist()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, Mapping):
+        return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+    if isinstance(value, np.generic):
+        return ("np", value.dtype.str, value.item())
+    return (type(value).__name__, value)
+
+
+class KernelCache:
+    """Jitted `fused(base, xs_tuple, key) -> y` per (method, parameters, load dtype, output dtype).
+
+    fused: each input cast to `load_dtype` (floating inputs only; mergekit's load dtype) then to float32, the
+    inputs stacked (N, *S), `method.kernel(b, xs, key=key, **params)`, the result cast to the output dtype.
+    jit adds its own cache per input shapes/dtypes below that.
+    """
+
+    def __init__(self):
+        self._fns: dict[tuple, Callable] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._fns)
+
+    def get(self, method: MergeMethod, params: Mapping[str, Any], load_dtype, out_dtype) -> Callable:
+        load_dtype = None if load_dtype is None else np.dtype(load_dtype)
+        out_dtype = np.dtype(out_dtype)
+        key = (method.name, _freeze(dict(params)), None if load_dtype is None else load_dtype.str, out_dtype.str)
+        with self._lock:
+            fn = self._fns.get(key)
+            if fn is None:
+                fn = self._fns[key] = _fused(method, dict(params), load_dtype, out_dtype)
+            return fn
+
+
+def _fused(method: MergeMethod, params: dict, load_dtype, out_dtype) -> Callable:
+    def load(x):
+        if load_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(load_dtype)
+        return x.astype(jnp.float32)
+
+    def fused(b, xs, key):
+        stacked = jnp.stack([load(x) for x in xs])
+        y = method.kernel(None if b is None else load(b), stacked, key=key, **params)
+        return jnp.asarray(y).astype(out_dtype)
+
+    return jax.jit(fused)
+
+
+DEFAULT_CACHE = KernelCache()
+
+
+def output_dtype(stored_dtype, load_dtype=None, out_dtype=None) -> np.dtype:
+    """The dtype stream/tree write for a tensor stored as `stored_dtype`: integer/bool tensors keep theirs;
+    floating ones take out_dtype, else the load dtype, else their own."""
+    stored_dtype = np.dtype(stored_dtype)
+    if not is_float(stored_dtype):
+        return stored_dtype
+    return np.dtype(out_dtype if out_dtype is not None else load_dtype if load_dtype is not None else stored_dtype)
+
+
+def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[str, Any], *, out_dtype,
+                 load_dtype=None, key: Optional[jax.Array] = None, name: str = "<tensor>",
+                 input_names: Optional[Sequence[str]] = None, cache: Optional[KernelCache] = None) -> jax.Array:
+    """One output tensor, as `tree.merge(method, {name: base}, [{name: x} ...], ...)[name]` computes it.
+
+    base: the base's tensor (S) or None (no base, or the method ignores it; pass None then); inputs: the other
+    models' tensors, each (S), numpy or jax, stored dtype (cast to `load_dtype` inside the jitted function);
+    params: the kernel's resolved keyword arguments (params.resolve_for_tensor); key: tensor_key(seed, name) for
+    randomised methods. Integer/bool tensors are returned unchanged when identical in every input, else
+    MergeInputError. The result is a jax array of `out_dtype` (dispatched asynchronously).
+    """
+    ref = base if base is not None else inputs[0]
+    if not is_float(ref.dtype):
+        from configurable_fm.ops.merge.tree import MergeInputError
+
+        names = list(input_names or [f"model_{i}" for i in range(len(inputs))])
+        different = [nm for nm, x in zip(names, inputs) if not np.array_equal(np.asarray(x), np.asarray(ref))]
+        if different:
+            raise MergeInputError(f"{name} is a {np.dtype(ref.dtype)} tensor (copied, never merged) but differs "
+                                  f"between the inputs: {', '.join(different)}")
+        return jnp.asarray(ref)
+    fn = (cache if cache is not None else DEFAULT_CACHE).get(method, params, load_dtype, out_dtype)
+    try:
+        return fn(base, tuple(inputs), key)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"merge {method.name}: tensor {name}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+@dataclasses.dataclass(frozen=True)
+class TensorGroup:
+    """Everything needed for one output tensor; `read()` -> (base array or None, [input arrays]) is called on
+    the read-ahead thread (so it should do the file reads, e.g. PreadStore lookups)."""
+
+    name: str
+    shape: tuple
+    out_dtype: np.dtype
+    read: Callable[[], tuple[Optional[np.ndarray], Sequence[np.ndarray]]]
+    params: Mapping[str, Any]
+    key: Optional[jax.Array] = None
+    input_names: Optional[Sequence[str]] = None
+
+
+class Timers:
+    """Busy seconds per stage (summed over threads; stages overlap, so the sum exceeds the wall time)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.bytes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stage: str, seconds: float, nbytes: int = 0) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+            self.bytes[stage] = self.bytes.get(stage, 0) + nbytes
+
+    def summary(self) -> dict:
+        return {k: {"s": round(v, 3), "GB": round(self.bytes.get(k, 0) / 1e9, 3)} for k, v in self.seconds.items()}
+
+
+_DONE = object()
+
+
+def _background(produce: Iterable, maxsize: int) -> Iterator:
+    """Iterates `produce` on a daemon thread, at most `maxsize` items ahead; re-raises its exception here."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in produce:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, _DONE))
+        except BaseException as e:  # noqa: BLE001: handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=run, name="merge-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dtype=None, prefetch: int = 2,
+                 device: Optional[jax.Device] = None, timers: Optional[Timers] = None,
+                 cache: Optional[KernelCache] = None) -> Iterator[tuple[str, jax.Array]]:
+    """Yields (name, y) for every group, in order; y is dispatched, not waited for.
+
+    A read-ahead thread runs `group.read()` up to `prefetch` groups ahead and puts the arrays on `device`
+    (default: jax's default device); the caller's thread dispatches the cached fused kernel (merge_tensor).
+    """
+    device = device or jax.devices()[0]
+
+    def loaded():
+        for g in groups:
+            t0 = time.perf_counter()
+            b, xs = g.read()
+            t1 = time.perf_counter()
+            arrays = [a for a in ([b] if b is not None else []) + list(xs)]
+            if all(is_float(a.dtype) for a in arrays):
+                put = jax.device_put(arrays, device)
+                jax.block_until_ready(put)
+                b, xs = (put[0], put[1:]) if b is not None else (None, put)
+            if timers is not None:
+                nbytes = sum(a.nbytes for a in arrays)
+                timers.add("read", t1 - t0, nbytes)
+                timers.add("to_device", time.perf_counter() - t1, nbytes)
+            yield g, b, list(xs)
+
+    for g, b, xs in _background(loaded(), prefetch):
+        t0 = time.perf_counter()
+        y = merge_tensor(method, b, xs, g.params, out_dtype=g.out_dtype, load_dtype=load_dtype, key=g.key,
+                         name=g.name, input_names=g.input_names, cache=cache)
+        if timers is not None:
+            timers.add("dispatch", time.perf_counter() - t0)
+        yield g.name, y
+
+
+# --------------------------------------------------------------------------------------------------- writing
+@dataclasses.dataclass(frozen=True)
+class _Shard:
+    file: str
+    header: bytes
+    offsets: dict  # name -> absolute byte offset of its data in the file
+    size: int  # total file size
+
+
+def plan_shards(specs: Sequence[tuple[str, tuple, Any]], limit: int,
+                metadata: Optional[Mapping[str, str]] = None) -> list[_Shard]:
+    """Shards for (name, shape, dtype) specs in order: a new shard when the next tensor would push the current
+    one past `limit` bytes (stream.ShardWriter's rule). Names: model.safetensors for one shard, else
+    model-0000k-of-0000n.safetensors. Each header is the safetensors JSON, space-padded to 8 bytes."""
+    groups: list[list[tuple[str, tuple, np.dtype]]] = [[]]
+    size = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, tuple(int(s) for s in shape), np.dtype(dtype)))
+        size += nbytes
+    n = len(groups)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shards = []
+    for file, group in zip(files, groups):
+        header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        pos = 0
+        rel = {}
+        for name, shape, dtype in group:
+            if dtype not in _CODES:
+                raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+            rel[name] = pos
+            pos += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        start = 8 + len(text)
+        shards.append(_Shard(file, len(text).to_bytes(8, "little") + text,
+                             {k: start + v for k, v in rel.items()}, start + pos))
+    return shards
+
+
+class PlannedShardWriter:
+    """Writes planned shards (plan_shards): headers first, then each tensor at its offset from a writer thread.
+
+    add(name, y) queues y (numpy or a dispatched jax array; at most `queue_size` waiting); the writer thread
+    waits for it, moves it to the host, checks shape and dtype against the plan, and pwrites it. finish() waits
+    for every write, checks that every planned tensor was written once, writes the index (several shards) and
+    returns the file names. Errors from the writer thread are raised by the next add() or by finish().
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, specs: Sequence[tuple[str, tuple, Any]], limit: int, *,
+                 queue_size: int = 2, timers: Optional[Timers] = None):
+        self.out_dir = Path(out_dir)
+        self.specs = {name: (tuple(shape), np.dtype(dtype)) for name, shape, dtype in specs}
+        if len(self.specs) != len(specs):
+            raise ValueError("PlannedShardWriter: duplicate tensor names in the plan")
+        self.shards = plan_shards(specs, limit)
+        self.where = {name: (i, off) for i, s in enumerate(self.shards) for name, off in s.offsets.items()}
+        self.fds = []
+        for s in self.shards:
+            fd = os.open(self.out_dir / s.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, s.size)
+            os.pwrite(fd, s.header, 0)
+            self.fds.append(fd)
+        self.written: set[str] = set()
+        self.timers = timers
+        self.error: Optional[BaseException] = None
+        self.q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            name, y = item
+            try:
+                t0 = time.perf_counter()
+                arr = np.asarray(jax.block_until_ready(y)) if isinstance(y, jax.Array) else np.asarray(y)
+                t1 = time.perf_counter()
+                shape, dtype = self.specs[name]
+                if arr.shape != shape or arr.dtype != dtype:
+                    raise ValueError(f"tensor {name}: result is {arr.shape} {arr.dtype}, planned {shape} {dtype}")
+                shard, offset = self.where[name]
+                data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(self.fds[shard], data[done:done + _CHUNK], offset + done)
+                if self.timers is not None:
+                    self.timers.add("compute_wait", t1 - t0)
+                    self.timers.add("write", time.perf_counter() - t1, arr.nbytes)
+            except BaseException as e:  # noqa: BLE001: re-raised in the caller's thread
+                self.error = e
+
+    def add(self, name: str, y) -> None:
+        if self.error is not None:
+            self.close()
+            raise self.error
+        if name not in self.specs:
+            raise KeyError(f"tensor {name!r} is not in the shard plan")
+        if name in self.written:
+            raise ValueError(f"tensor {name!r} was already written")
+        self.written.add(name)
+        self.q.put((name, y))
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def finish(self) -> list[str]:
+        self.close()
+        if self.error is not None:
+            raise self.error
+        missing = [n for n in self.specs if n not in self.written]
+        if missing:
+            raise ValueError(f"PlannedShardWriter: {len(missing)} planned tensor(s) never written: {missing[:10]}")
+        names = [s.file for s in self.shards]
+        if len(self.shards) > 1:
+            weight_map = {name: s.file for s in self.shards for name in s.offsets}
+            total = sum(s.size - len(s.header) for s in self.shards)
+            index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            names.append(INDEX_FILE)
+        return names
+
+
+def merge_to_shards(method: MergeMethod, groups: Sequence[TensorGroup], out_dir: str | os.PathLike, *, limit: int,
+                    load_dtype=None, prefetch: int = 2, write_queue: int = 2, device: Optional[jax.Device] = None,
+                    timers: Optional[Timers] = None, cache: Optional[KernelCache] = None) -> list[str]:
+    """Merges every group and writes the results as planned safetensors shards in `out_dir` (an existing,
+    preferably temporary directory: on error the partial files stay there); returns the file names written."""
+    writer = PlannedShardWriter(out_dir, [(g.name, g.shape, g.out_dtype) for g in groups], limit,
+                                queue_size=write_queue, timers=timers)
+    try:
+        for name, y in merge_groups(method, groups, load_dtype=load_dtype, prefetch=prefetch, device=device,
+                                    timers=timers, cache=cache):
+            writer.add(name, y)
+    except BaseException:
+        writer.close()
+        raise
+    return writer.finish()
