@@ -61,13 +61,18 @@ def linear(base, xs, *, key=None, weight, normalize: bool = True):
 
         y = Σ_i w_i x_i / (Σ_i w_i  if normalize else 1)
 
-    xs (N, *S), weight (N,); accumulated in float32. The base is ignored. As in mergekit there is no guard
-    against Σ w_i = 0 with ``normalize`` (the result is then inf/nan). ``normalize`` is static.
+    xs (N, *S), weight (N,); accumulated in float32 in mergekit's order: ((w_1 x_1 + w_2 x_2) + ...) then
+    divided by Σ w_i. The sum is unrolled over the (static, small) model axis: XLA:CPU runs a chain of fused
+    adds at memory speed, about twice as fast as a tensordot over the stacked inputs. The base is ignored. As
+    in mergekit there is no guard against Σ w_i = 0 with ``normalize`` (the result is then inf/nan).
+    ``normalize`` is static.
     """
     _check_inputs("linear", None, xs, base_use="ignored", n_min=1)
     xs = _f32(xs)
     w = _per_model("linear", "weight", weight, xs.shape[0])
-    y = jnp.tensordot(w, xs, axes=1)
+    y = w[0] * xs[0]
+    for i in range(1, xs.shape[0]):
+        y = y + w[i] * xs[i]
     if normalize:
         y = y / jnp.sum(w)
     return y

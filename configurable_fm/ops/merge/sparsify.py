@@ -112,44 +112,148 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where((b >> 31) == 1, ~b, b | jnp.uint32(0x80000000))
 
 
-def _select(keys: jax.Array, ranks) -> jax.Array:
-    """The ranks[j]-th smallest of `keys` (uint32, 0-based ranks, a short static list), by a 32-step radix
-    search: the largest p with #(keys < p) <= rank, built bit by bit from the top. O(32 n), no sort; the
-    ranks share each pass over the data."""
-    ranks = jnp.stack([jnp.asarray(r, jnp.int32) for r in ranks])
+_BLOCK = 4096  # block length of the tie resolution (< 2^16: two counts are packed in one uint32)
+
+
+_HIST_SPLIT = 2  # independent scatters over halves of the data, then added: XLA:CPU runs them concurrently
+
+
+def _histogram(idx: jax.Array, bins: int) -> jax.Array:
+    """Counts (bins,) int32 of idx (1-D int32, all in [0, bins)), by scatter-adds over `_HIST_SPLIT` slices."""
+    n = idx.shape[0]
+    cuts = sorted({n * c // _HIST_SPLIT for c in range(_HIST_SPLIT + 1)})
+    total = jnp.zeros(bins, jnp.int32)
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        total = total + jnp.zeros(bins, jnp.int32).at[idx[a:b]].add(1, mode="promise_in_bounds")
+    return total
+
+
+def _locate(counts: jax.Array, r: jax.Array):
+    """For bin counts (B,) (int32, >= 0) and ranks r (m,): the bin j holding rank r, i.e. the largest j in
+    [0, B] with Σ counts[:j] <= r (B when r >= Σ counts), and that count before it, Σ counts[:j].
+
+    A bisection on the bits of j with masked sums (no cumulative sum: XLA:CPU compiles scans slowly)."""
+    iota = jnp.arange(counts.shape[0], dtype=jnp.int32)
+
+    def prefix(j):  # Σ counts[:j] for each j (m,)
+        return jnp.sum(jnp.where(iota[None, :] < j[:, None], counts[None, :], 0), axis=1, dtype=jnp.int32)
+
+    def step(i, j):
+        cand = j | (jnp.int32(1) << i)
+        return jnp.where((cand <= counts.shape[0]) & (prefix(cand) <= r), cand, j)
+
+    bits = int(counts.shape[0]).bit_length()
+    j = jax.lax.fori_loop(0, bits, lambda i, j: step(bits - 1 - i, j), jnp.zeros(r.shape, jnp.int32))
+    return j, prefix(j)
+
+
+def _select_radix(keys: jax.Array, ranks: jax.Array):
+    """Values t (2,) uint32 of ranks (2,) (0-based, in [0, n)) in ascending `keys`, and #(keys < t) (2,), by a
+    two-pass radix select: a 2^16-bin histogram of the high 16 bits gives each rank's bucket; a second one of
+    the low 16 bits of the entries in those buckets (one histogram per rank, one pass) the exact value."""
+    high = (keys >> 16).astype(jnp.int32)
+    bucket, below = _locate(_histogram(high, 1 << 16), ranks)
+    low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
+    trash = 2 << 16
+    idx = jnp.where(high == bucket[0], low, jnp.where(high == bucket[1], low + (1 << 16), trash))
+    h = _histogram(idx, trash + 1)
+    h = jnp.stack([h[: 1 << 16], jnp.where(bucket[0] == bucket[1], h[: 1 << 16], h[1 << 16: trash])])
+    found = [_locate(h[j], ranks[j:j + 1] - below[j]) for j in range(2)]
+    t = (bucket.astype(jnp.uint32) << 16) | jnp.concatenate([f[0] for f in found]).astype(jnp.uint32)
+    return t, below + jnp.concatenate([f[1] for f in found])
+
+
+def _select_bisect(keys: jax.Array, ranks: jax.Array) -> jax.Array:
+    """The values (2,) uint32 of ranks (2,) in ascending `keys`, by a 32-step bisection on the value (the
+    largest p with #(keys < p) <= rank, built bit by bit from the top): 32 fused count reductions, no scatter."""
 
     def step(i, prefix):
         cand = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        counts = jnp.stack([jnp.sum(keys < cand[j], dtype=jnp.int32) for j in range(ranks.shape[0])])
+        counts = jnp.stack([jnp.sum(keys < cand[j], dtype=jnp.int32) for j in range(2)])
         return jnp.where(counts <= ranks, cand, prefix)
 
-    return jax.lax.fori_loop(0, 32, step, jnp.zeros(ranks.shape, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros((2,), jnp.uint32))
+
+
+def _nth_equal(keys: jax.Array, t: jax.Array, block_counts: jax.Array, s: jax.Array) -> jax.Array:
+    """Flat index of the s-th (0-based) entry equal to t (n if there are at most s): the block from the
+    per-block counts, then the position inside that one block."""
+    n = keys.shape[0]
+    size = min(_BLOCK, n)
+    b, before = _locate(block_counts, s[None])
+    begin = jnp.minimum(b[0], block_counts.shape[0] - 1) * size
+    start = jnp.minimum(begin, n - size)  # the last block may be short: read the last `size` entries
+    row = jax.lax.dynamic_slice_in_dim(keys, start, size)
+    pos = start + jnp.arange(size, dtype=jnp.int32)
+    p, _ = _locate(((row == t) & (pos >= begin)).astype(jnp.int32), s - before)
+    return jnp.where(b[0] >= block_counts.shape[0], n, start + p[0])
+
+
+def _tie_cuts(keys: jax.Array, t: jax.Array, s: jax.Array) -> jax.Array:
+    """`_nth_equal` for the two thresholds t (2,) and counts s (2,), with one packed pass for both's block counts."""
+    n = keys.shape[0]
+    size = min(_BLOCK, n)
+    m = n // size * size
+
+    def packed(k):
+        return (k == t[0]).astype(jnp.uint32) + ((k == t[1]).astype(jnp.uint32) << 16)
+
+    counts = jnp.sum(packed(keys[:m].reshape(-1, size)), axis=1, dtype=jnp.uint32)
+    if m < n:
+        counts = jnp.concatenate([counts, jnp.sum(packed(keys[m:]), dtype=jnp.uint32)[None]])
+    per = [(counts & jnp.uint32(0xFFFF)).astype(jnp.int32), (counts >> 16).astype(jnp.int32)]
+    return jnp.stack([_nth_equal(keys, t[j], per[j], s[j]) for j in range(2)])
+
+
+def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """rank_window_mask on flat keys for CPUs: radix select, then the tie cut from block counts. A handful of
+    O(n) passes (two scatter histograms, one block reduction, the mask), no cumulative sum over n."""
+    n = keys.shape[0]
+    ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
+    t, below = _select_radix(keys, ranks)
+    cut = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)  # equal to t_lo: kept from cut[0]; t_hi: below cut[1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    above_lo = (keys > t[0]) | ((keys == t[0]) & (idx >= cut[0]))
+    below_hi = (keys < t[1]) | ((keys == t[1]) & (idx < cut[1]))
+    return above_lo & below_hi & (lo < hi)
+
+
+def _window_scan(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """rank_window_mask on flat keys for GPUs (where scatter histograms contend on a few bins and scans are
+    cheap): bisection select, then the rank of each tied entry by a cumulative count."""
+    n = keys.shape[0]
+    t = _select_bisect(keys, jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)]))
+
+    def rank_of_ties(tv):  # rank of each entry equal to tv (garbage elsewhere)
+        eq = keys == tv
+        return jnp.sum(keys < tv, dtype=jnp.int32) + jnp.cumsum(eq, dtype=jnp.int32) - 1, eq
+
+    r_lo, eq_lo = rank_of_ties(t[0])
+    r_hi, eq_hi = rank_of_ties(t[1])
+    above_lo = (keys > t[0]) | (eq_lo & (r_lo >= lo))
+    below_hi = (keys < t[1]) | (eq_hi & (r_hi < hi))
+    return above_lo & below_hi & (lo < hi)
 
 
 @jax.jit
 def rank_window_mask(v: jax.Array, lo, hi) -> jax.Array:
     """Mask (shape of v) of the entries whose rank r in the stable ascending order of v.ravel() has lo <= r < hi.
 
-    Stable: equal values rank by flattened index. No sort: t_lo, t_hi = the values of rank lo and hi − 1 (radix
-    selection); an entry has r >= lo iff v > t_lo, or v == t_lo and #(v < t_lo) + #(v == t_lo before it) >= lo
-    (and symmetrically r < hi at t_hi)."""
+    Stable: equal values rank by flattened index. No sort, O(n): with t_lo, t_hi the values of rank lo and
+    hi − 1 (selection on order-preserving uint32 keys), an entry has r >= lo iff v > t_lo, or v == t_lo and
+    #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. Two implementations with
+    identical results, chosen by the platform at lowering time: on CPU `_window_radix` (two 2^16-bin
+    histograms give t and #(v < t); the tied entry at the cut is found from per-block counts, then inside one
+    block), elsewhere `_window_scan` (32-step bisection, cumulative counts). lo, hi: int scalars, may be traced.
+    """
     keys = _order_keys(v.reshape(-1))
     n = keys.shape[0]
     if n == 0:
         return jnp.zeros(v.shape, bool)
     lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, n)
     hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
-
-    def rank_of_ties(t):  # rank of each entry equal to t (garbage elsewhere)
-        eq = keys == t
-        return jnp.sum(keys < t, dtype=jnp.int32) + jnp.cumsum(eq, dtype=jnp.int32) - 1, eq
-
-    t_lo, t_hi = _select(keys, (jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)))
-    r_lo, eq_lo = rank_of_ties(t_lo)
-    r_hi, eq_hi = rank_of_ties(t_hi)
-    above_lo = (keys > t_lo) | (eq_lo & (r_lo >= lo))
-    below_hi = (keys < t_hi) | (eq_hi & (r_hi < hi))
-    return (above_lo & below_hi & (lo < hi)).reshape(v.shape)
+    mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=_window_scan)
+    return mask.reshape(v.shape)
 
 
 def magnitude_mask(delta: jax.Array, density) -> jax.Array:

@@ -217,3 +217,95 @@ def test_jit_with_traced_density():
     f = jax.jit(lambda x, d, k: sp.sparsify(x, d, "della_magprune", epsilon=0.1, key=k))
     np.testing.assert_array_equal(arr(f(delta, jnp.float32(0.5), tensor_key(0, "a"))),
                                   arr(sp.sparsify(delta, 0.5, "della_magprune", epsilon=0.1, key=tensor_key(0, "a"))))
+
+
+# ------------------------------------------------------------------ selection kernels vs a stable-argsort reference
+def stable_window_ref(v, lo, hi):
+    """Reference rank_window_mask: ranks from numpy's stable argsort of v.ravel() (-0.0 == 0.0 as in numpy)."""
+    flat = v.reshape(-1)
+    ranks = np.empty(flat.size, np.int64)
+    ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size)
+    return ((ranks >= lo) & (ranks < hi)).reshape(v.shape)
+
+
+def tied_values(rng, shape, kind):
+    """Random float32 tensors with many ties: bf16-rounded normals over several scales (ties inside and across
+    the 2^16-key radix buckets), or small integers with signed zeros."""
+    if kind == "bf16":
+        x = rng.standard_normal(shape) * 10.0 ** rng.integers(-4, 2, size=shape)
+        return np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))
+    x = rng.integers(-3, 4, size=shape).astype(np.float32)
+    x[rng.random(shape) < 0.2] = -0.0
+    return x
+
+
+# 300 and 4096: one block; (70, 130) = 9100: two full 4096-blocks and a short last one
+@pytest.mark.parametrize("shape", [(300,), (4096,), (70, 130)])
+def test_window_kernels_match_stable_argsort(shape):
+    rng = np.random.default_rng(sum(shape))
+    n = int(np.prod(shape))
+    cpu = jax.jit(lambda k, lo, hi: sp._window_radix(k, lo, hi))  # the CPU kernel (what rank_window_mask runs here)
+    scan = jax.jit(lambda k, lo, hi: sp._window_scan(k, lo, hi))  # the GPU kernel, run on CPU
+    for trial in range(12):
+        v = tied_values(rng, shape, ("bf16", "int")[trial % 2])
+        lo, hi = sorted(rng.integers(0, n + 1, size=2).tolist())
+        if trial == 0:
+            lo, hi = 0, n
+        expected = stable_window_ref(v, lo, hi)
+        keys = sp._order_keys(jnp.asarray(v).reshape(-1))
+        lo_, hi_ = jnp.int32(lo), jnp.int32(hi)
+        msg = f"shape {shape}, trial {trial}, window [{lo}, {hi})"
+        np.testing.assert_array_equal(arr(sp.rank_window_mask(jnp.asarray(v), lo, hi)), expected, err_msg=msg)
+        np.testing.assert_array_equal(arr(cpu(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
+        np.testing.assert_array_equal(arr(scan(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
+
+
+def test_selects_match_sorted_keys():
+    rng = np.random.default_rng(7)
+    for kind in ("bf16", "int"):
+        v = tied_values(rng, (9100,), kind)
+        keys = sp._order_keys(jnp.asarray(v))
+        ks = np.sort(arr(keys))
+        radix, bisect = jax.jit(sp._select_radix), jax.jit(sp._select_bisect)
+        for r in ([0, 9099], [17, 17], [4500, 8000], [9099, 0]):
+            r = np.asarray(r, np.int32)
+            t, below = radix(keys, jnp.asarray(r))
+            np.testing.assert_array_equal(arr(t), ks[r])
+            np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
+            np.testing.assert_array_equal(arr(bisect(keys, jnp.asarray(r))), ks[r])
+
+
+@pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9])
+def test_magnitude_and_outliers_masks_match_reference(density):
+    rng = np.random.default_rng(int(density * 1000))
+    gammas = (0.0, 0.01, 0.2)
+    for kind in ("bf16", "int"):
+        delta = tied_values(rng, (70, 130), kind)
+        n = delta.size
+        a = np.abs(delta)
+        k = max(1, int(density * n))  # mergekit: int(d·n) in double precision
+        np.testing.assert_array_equal(arr(magnitude_mask(jnp.asarray(delta), np.float32(density))),
+                                      stable_window_ref(-a, 0, k), err_msg=f"magnitude {kind} d={density}")
+        for gamma in gammas:
+            target, n_top = int(density * n), int(gamma * n)
+            n_bot = max(0, n - target - n_top)
+            got = arr(magnitude_outliers_mask(jnp.asarray(delta), np.float32(density), np.float32(gamma)))
+            np.testing.assert_array_equal(got, stable_window_ref(a, n_bot, n_bot + target),
+                                          err_msg=f"outliers {kind} d={density} g={gamma}")
+
+
+def test_traced_windows_match_reference():
+    # densities traced by jit: counts in float32 (trunc_count), the window itself exact
+    rng = np.random.default_rng(11)
+    delta = tied_values(rng, (70, 130), "bf16")
+    n = delta.size
+    f = jax.jit(lambda x, d: magnitude_mask(x, d))
+    g = jax.jit(lambda x, d, gm: magnitude_outliers_mask(x, d, gm))
+    for d, gm in ((0.3, 0.01), (0.75, 0.1)):
+        k = max(1, int(np.trunc(np.float32(d) * np.float32(n))))
+        np.testing.assert_array_equal(arr(f(jnp.asarray(delta), jnp.float32(d))),
+                                      stable_window_ref(-np.abs(delta), 0, k))
+        target, n_top = (int(np.trunc(np.float32(x) * np.float32(n))) for x in (d, gm))
+        n_bot = max(0, n - target - n_top)
+        np.testing.assert_array_equal(arr(g(jnp.asarray(delta), jnp.float32(d), jnp.float32(gm))),
+                                      stable_window_ref(np.abs(delta), n_bot, n_bot + target))
