@@ -3,24 +3,27 @@
     groups = [TensorGroup(name, shape, out_dtype, read=..., params=P.resolve_for_tensor(...), key=...), ...]
     files = merge_to_shards(get_method("ties"), groups, out_dir, limit=parse_size("2GB"), load_dtype=None)
 
-One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(cast_load(x_i)), key, **params)),
-the same computation as `tree.merge` on the single tensor (bitwise: the same float32 ops, the casts done by XLA
-instead of numpy / ml_dtypes), but:
-* the whole function (load casts, stack, kernel, output cast) is one `jax.jit` per (method, resolved parameters,
+One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(cast_load(x_i)), key, **params)).
+`merge_tensor` is the only implementation of this per-tensor step: tree.merge / tree.merge_task call it too.
+* the whole function (load casts, stack, kernel, output cast) is one `jax.jit` per (method, scalar parameters,
   load dtype, output dtype), compiled once per input shape/dtype and reused for every tensor with the same setting
-  (`KernelCache`); the parameters are baked in as constants (count-based kernels need them concrete), so a depth
-  gradient compiles once per distinct value;
+  (`KernelCache`, least recently used functions dropped beyond `maxsize`); per-model parameter arrays are traced
+  arguments (a depth gradient of weights or densities compiles once), scalar ones baked in as constants (a
+  gradient of a shared scalar, e.g. slerp's t, compiles once per distinct value), and a kernel that needs its
+  arrays concrete gets them baked in as well;
 * inputs are read by `PreadStore` (os.preadv of each tensor's bytes into a fresh buffer: no memory map, so file
-  pages never count in the process's RSS, and the read releases the GIL) on a read-ahead thread, `prefetch`
-  groups ahead, and moved to the device there (host -> device overlaps compute on an accelerator);
-* the output layout is planned up front from the groups' names, shapes and dtypes (the same split as
-  stream.ShardWriter: a new shard when the next tensor would push it past `limit` bytes), so every shard's header
-  is written first and each result is written at its offset by a writer thread as soon as it is ready: no shard
-  is ever held in memory.
-Host memory: about (prefetch + 2) x (inputs + 1) x the largest tensor, plus the kernel's float32 temporaries.
+  pages never count in the process's RSS, and the read releases the GIL) on a read-ahead thread, at most
+  `prefetch` groups ahead of the one being merged, and moved to the device there (host -> device overlaps
+  compute on an accelerator);
+* the output layout is planned up front from the groups' names, shapes and dtypes (a new shard when the next
+  tensor would push the current one past `limit` bytes), so every shard's header is written first and each
+  result is written at its offset by a writer thread as soon as it is ready: no shard is ever held in memory.
+Host memory: about (prefetch + 1) x the inputs of the largest group + (write_queue + 1) x the largest output,
+plus the kernel's float32 temporaries.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -176,6 +179,8 @@ class PreadStore(Mapping[str, np.ndarray]):
 # ------------------------------------------------------------------------------------------------- kernels
 def _freeze(value: Any):
     """A hashable, exact stand-in for a resolved parameter value (numpy arrays by dtype, shape and values)."""
+    if isinstance(value, jax.Array):
+        value = np.asarray(value)
     if isinstance(value, np.ndarray):
         return ("ndarray", value.dtype.str, value.shape, tuple(value.reshape(-1).tolist()))
     if isinstance(value, (list, tuple)):
@@ -187,41 +192,79 @@ def _freeze(value: Any):
     return (type(value).__name__, value)
 
 
+_NEEDS_CONCRETE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                   jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
 class KernelCache:
-    """Jitted `fused(base, xs_tuple, key) -> y` per (method, parameters, load dtype, output dtype).
+    """Jitted `fused(base, xs_tuple, key, arrays) -> y` per (method, parameters, load dtype, output dtype).
 
     fused: each input cast to `load_dtype` (floating inputs only; mergekit's load dtype) then to float32, the
     inputs stacked (N, *S), `method.kernel(b, xs, key=key, **params)`, the result cast to the output dtype.
-    jit adds its own cache per input shapes/dtypes below that.
+    Scalar parameters (and strings, flags) are baked in as constants; the per-model parameter arrays (N,)
+    (weights, densities: they change with depth under a gradient) are traced arguments, so one compiled
+    function serves every layer. A method whose kernel needs them concrete (tracing raises a concretization
+    error) gets them baked in too, from then on. jit adds its own cache per input shapes/dtypes below that.
+    Methods are told apart by identity (two methods of one name, e.g. a test's, never share a function); at
+    most `maxsize` functions are kept (least recently used dropped: a long grid does not accumulate code).
     """
 
-    def __init__(self):
-        self._fns: dict[tuple, Callable] = {}
+    def __init__(self, maxsize: int = 256):
+        self.maxsize = int(maxsize)
+        self._fns: "collections.OrderedDict[tuple, tuple[MergeMethod, Callable]]" = collections.OrderedDict()
+        self._concrete: dict[int, MergeMethod] = {}  # id -> method (held, so the id stays unique)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._fns)
 
     def get(self, method: MergeMethod, params: Mapping[str, Any], load_dtype, out_dtype) -> Callable:
+        """`call(base, xs_tuple, key) -> y` for this setting."""
+        params = dict(params)
         load_dtype = None if load_dtype is None else np.dtype(load_dtype)
         out_dtype = np.dtype(out_dtype)
-        key = (method.name, _freeze(dict(params)), None if load_dtype is None else load_dtype.str, out_dtype.str)
+        arrays = {k: v for k, v in params.items()
+                  if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == 1}
         with self._lock:
-            fn = self._fns.get(key)
-            if fn is None:
-                fn = self._fns[key] = _fused(method, dict(params), load_dtype, out_dtype)
-            return fn
+            traced = bool(arrays) and id(method) not in self._concrete
+        if not traced:
+            arrays = {}
+        static = {k: v for k, v in params.items() if k not in arrays}
+        key = (method.name, id(method), _freeze(static), tuple(sorted((k, v.dtype.str, v.shape)
+                                                                      for k, v in arrays.items())),
+               None if load_dtype is None else load_dtype.str, out_dtype.str)
+        with self._lock:
+            entry = self._fns.get(key)
+            if entry is None:  # the entry holds the method, so its id cannot be reused while cached
+                entry = self._fns[key] = (method, _fused(method, static, load_dtype, out_dtype))
+                while len(self._fns) > self.maxsize:
+                    self._fns.popitem(last=False)
+            else:
+                self._fns.move_to_end(key)
+        fn = entry[1]
+        if not traced:
+            return lambda b, xs, k: fn(b, xs, k, {})
+
+        def call(b, xs, k):
+            try:
+                return fn(b, xs, k, arrays)
+            except _NEEDS_CONCRETE:
+                with self._lock:
+                    self._concrete[id(method)] = method
+                return self.get(method, params, load_dtype, out_dtype)(b, xs, k)
+
+        return call
 
 
-def _fused(method: MergeMethod, params: dict, load_dtype, out_dtype) -> Callable:
+def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype) -> Callable:
     def load(x):
         if load_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(load_dtype)
         return x.astype(jnp.float32)
 
-    def fused(b, xs, key):
+    def fused(b, xs, key, arrays):
         stacked = jnp.stack([load(x) for x in xs])
-        y = method.kernel(None if b is None else load(b), stacked, key=key, **params)
+        y = method.kernel(None if b is None else load(b), stacked, key=key, **static, **arrays)
         return jnp.asarray(y).astype(out_dtype)
 
     return jax.jit(fused)
@@ -232,46 +275,68 @@ DEFAULT_CACHE = KernelCache()
 
 def output_dtype(stored_dtype, load_dtype=None, out_dtype=None) -> np.dtype:
     """The dtype stream/tree write for a tensor stored as `stored_dtype`: integer/bool tensors keep theirs;
-    floating ones take out_dtype, else the load dtype, else their own."""
+    floating ones take out_dtype, else the load dtype, else their own, as jax computes it (float64 is float32
+    unless jax_enable_x64)."""
     stored_dtype = np.dtype(stored_dtype)
     if not is_float(stored_dtype):
         return stored_dtype
-    return np.dtype(out_dtype if out_dtype is not None else load_dtype if load_dtype is not None else stored_dtype)
+    want = out_dtype if out_dtype is not None else load_dtype if load_dtype is not None else stored_dtype
+    return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(want)))
+
+
+def copy_integer(name: str, values: Sequence[Any], names: Sequence[str]):
+    """An integer/bool tensor is copied (unchanged, the first value itself) only when every input has the same
+    one; else MergeInputError naming the tensor and the inputs that differ from the first."""
+    from configurable_fm.ops.merge.tree import MergeInputError
+
+    ref = np.asarray(values[0])
+    different = [nm for nm, v in zip(names[1:], values[1:]) if not np.array_equal(np.asarray(v), ref)]
+    if different:
+        raise MergeInputError(f"{name} is a {ref.dtype} tensor (copied, never merged) but differs between "
+                              f"{names[0]} and {', '.join(different)}")
+    return values[0]
 
 
 def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[str, Any], *, out_dtype,
                  load_dtype=None, key: Optional[jax.Array] = None, name: str = "<tensor>",
-                 input_names: Optional[Sequence[str]] = None, cache: Optional[KernelCache] = None) -> jax.Array:
-    """One output tensor, as `tree.merge(method, {name: base}, [{name: x} ...], ...)[name]` computes it.
+                 input_names: Optional[Sequence[str]] = None, cache: Optional[KernelCache] = None):
+    """One output tensor: the per-tensor step of tree.merge, tree.merge_task and the streaming executor.
 
     base: the base's tensor (S) or None (no base, or the method ignores it; pass None then); inputs: the other
     models' tensors, each (S), numpy or jax, stored dtype (cast to `load_dtype` inside the jitted function);
     params: the kernel's resolved keyword arguments (params.resolve_for_tensor); key: tensor_key(seed, name) for
-    randomised methods. Integer/bool tensors are returned unchanged when identical in every input, else
-    MergeInputError. The result is a jax array of `out_dtype` (dispatched asynchronously).
+    randomised methods. Floating tensors: y = kernel(f32(b), stack_i f32(x_i) (N, *S), key, **params) cast to
+    `out_dtype`, a jax array (dispatched asynchronously); errors of the kernel name the method and the tensor.
+    Integer/bool tensors: returned unchanged (`copy_integer`) when identical in every input (base included),
+    else MergeInputError; input_names: names of the base (when given) and the inputs, for that message.
     """
     ref = base if base is not None else inputs[0]
     if not is_float(ref.dtype):
-        from configurable_fm.ops.merge.tree import MergeInputError
-
-        names = list(input_names or [f"model_{i}" for i in range(len(inputs))])
-        different = [nm for nm, x in zip(names, inputs) if not np.array_equal(np.asarray(x), np.asarray(ref))]
-        if different:
-            raise MergeInputError(f"{name} is a {np.dtype(ref.dtype)} tensor (copied, never merged) but differs "
-                                  f"between the inputs: {', '.join(different)}")
-        return jnp.asarray(ref)
+        values = ([base] if base is not None else []) + list(inputs)
+        names = list(input_names) if input_names is not None else (
+            (["base"] if base is not None else []) + [f"model_{i}" for i in range(len(inputs))])
+        return copy_integer(name, values, names)
+    if load_dtype is not None and all(np.dtype(x.dtype) == np.dtype(load_dtype)
+                                      for x in ([base] if base is not None else []) + list(inputs)):
+        load_dtype = None  # the cast is a no-op: share the function of uncast inputs
     fn = (cache if cache is not None else DEFAULT_CACHE).get(method, params, load_dtype, out_dtype)
     try:
         return fn(base, tuple(inputs), key)
     except (ValueError, TypeError) as e:
-        raise type(e)(f"merge {method.name}: tensor {name}: {e}") from e
+        try:
+            err = type(e)(f"merge {method.name}: tensor {name}: {e}")
+        except Exception:  # noqa: BLE001: an exception type that takes other arguments: keep the original
+            raise e from None
+        raise err from e
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
 @dataclasses.dataclass(frozen=True)
 class TensorGroup:
     """Everything needed for one output tensor; `read()` -> (base array or None, [input arrays]) is called on
-    the read-ahead thread (so it should do the file reads, e.g. PreadStore lookups)."""
+    the read-ahead thread (so it should do the file reads, e.g. PreadStore lookups). out_dtype: the planned
+    output dtype (output_dtype(...)); input_names: the base's (when read() gives one) and the inputs' names,
+    for messages."""
 
     name: str
     shape: tuple
@@ -299,25 +364,51 @@ class Timers:
         return {k: {"s": round(v, 3), "GB": round(self.bytes.get(k, 0) / 1e9, 3)} for k, v in self.seconds.items()}
 
 
+class Progress:
+    """A tqdm bar over the output tensors, its postfix the bytes read and written so far; `update` is called
+    by the writer thread after each tensor is written (tqdm serialises its own output)."""
+
+    def __init__(self, total: int, desc: str, total_bytes: Optional[int] = None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="tensor", desc=desc)
+        self.read = self.written = 0
+        self.total_bytes = total_bytes
+        self._lock = threading.Lock()
+
+    def update(self, name: str, read_bytes: int, written_bytes: int) -> None:
+        with self._lock:
+            self.read += read_bytes
+            self.written += written_bytes
+            of = f"/{self.total_bytes / 1e9:.2f}" if self.total_bytes else ""
+            self.bar.set_postfix_str(f"read {self.read / 1e9:.2f} GB, written {self.written / 1e9:.2f}{of} GB",
+                                     refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 _DONE = object()
 
 
-def _background(produce: Iterable, maxsize: int) -> Iterator:
-    """Iterates `produce` on a daemon thread, at most `maxsize` items ahead; re-raises its exception here."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+def _read_ahead(items: Iterable, load: Callable[[Any], Any], depth: int) -> Iterator:
+    """Yields load(item) for every item, in order; a daemon thread runs `load` at most `depth` items ahead of
+    the one the caller holds (a slot is freed when the caller takes the next item); its exceptions are
+    re-raised here. Leaving the loop early stops the thread at its next item."""
+    q: queue.Queue = queue.Queue()
+    slots = threading.Semaphore(max(1, int(depth)))
     stop = threading.Event()
 
     def run():
         try:
-            for item in produce:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            for item in items:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
+                q.put((True, load(item)))
             q.put((True, _DONE))
         except BaseException as e:  # noqa: BLE001: handed to the consumer
             q.put((False, e))
@@ -326,49 +417,53 @@ def _background(produce: Iterable, maxsize: int) -> Iterator:
     thread.start()
     try:
         while True:
-            ok, item = q.get()
+            ok, value = q.get()
             if not ok:
-                raise item
-            if item is _DONE:
+                raise value
+            if value is _DONE:
                 return
-            yield item
+            slots.release()
+            yield value
     finally:
         stop.set()
 
 
-def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dtype=None, prefetch: int = 2,
+def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dtype=None, prefetch: int = 1,
                  device: Optional[jax.Device] = None, timers: Optional[Timers] = None,
-                 cache: Optional[KernelCache] = None) -> Iterator[tuple[str, jax.Array]]:
-    """Yields (name, y) for every group, in order; y is dispatched, not waited for.
+                 cache: Optional[KernelCache] = None) -> Iterator[tuple[str, Any, int]]:
+    """Yields (name, y, bytes read) for every group, in order; y is computed (a jax array, or the input itself
+    for a copied integer tensor) and its inputs released before it is yielded.
 
-    A read-ahead thread runs `group.read()` up to `prefetch` groups ahead and puts the arrays on `device`
-    (default: jax's default device); the caller's thread dispatches the cached fused kernel (merge_tensor).
+    A read-ahead thread runs `group.read()` up to `prefetch` groups ahead and puts floating inputs on `device`
+    (default: jax's default device); the caller's thread runs the cached fused kernel (merge_tensor).
     """
     device = device or jax.devices()[0]
 
-    def loaded():
-        for g in groups:
-            t0 = time.perf_counter()
-            b, xs = g.read()
-            t1 = time.perf_counter()
-            arrays = [a for a in ([b] if b is not None else []) + list(xs)]
-            if all(is_float(a.dtype) for a in arrays):
-                put = jax.device_put(arrays, device)
-                jax.block_until_ready(put)
-                b, xs = (put[0], put[1:]) if b is not None else (None, put)
-            if timers is not None:
-                nbytes = sum(a.nbytes for a in arrays)
-                timers.add("read", t1 - t0, nbytes)
-                timers.add("to_device", time.perf_counter() - t1, nbytes)
-            yield g, b, list(xs)
+    def load(g: TensorGroup):
+        t0 = time.perf_counter()
+        b, xs = g.read()
+        t1 = time.perf_counter()
+        arrays = ([b] if b is not None else []) + list(xs)
+        nbytes = sum(int(np.asarray(a).nbytes) if not isinstance(a, jax.Array) else int(a.nbytes) for a in arrays)
+        if all(is_float(a.dtype) for a in arrays):
+            put = jax.device_put(arrays, device)
+            jax.block_until_ready(put)
+            b, xs = (put[0], put[1:]) if b is not None else (None, put)
+        if timers is not None:
+            timers.add("read", t1 - t0, nbytes)
+            timers.add("to_device", time.perf_counter() - t1, nbytes)
+        return g, b, list(xs), nbytes
 
-    for g, b, xs in _background(loaded(), prefetch):
+    for g, b, xs, nbytes in _read_ahead(groups, load, prefetch):
         t0 = time.perf_counter()
         y = merge_tensor(method, b, xs, g.params, out_dtype=g.out_dtype, load_dtype=load_dtype, key=g.key,
                          name=g.name, input_names=g.input_names, cache=cache)
+        if isinstance(y, jax.Array):
+            y = jax.block_until_ready(y)  # the inputs can go now: memory stays at the read-ahead's bound
+        del b, xs
         if timers is not None:
-            timers.add("dispatch", time.perf_counter() - t0)
-        yield g.name, y
+            timers.add("compute", time.perf_counter() - t0)
+        yield g.name, y, nbytes
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -383,8 +478,8 @@ class _Shard:
 def plan_shards(specs: Sequence[tuple[str, tuple, Any]], limit: int,
                 metadata: Optional[Mapping[str, str]] = None) -> list[_Shard]:
     """Shards for (name, shape, dtype) specs in order: a new shard when the next tensor would push the current
-    one past `limit` bytes (stream.ShardWriter's rule). Names: model.safetensors for one shard, else
-    model-0000k-of-0000n.safetensors. Each header is the safetensors JSON, space-padded to 8 bytes."""
+    one past `limit` bytes (a tensor larger than `limit` gets a shard of its own). Names: model.safetensors for
+    one shard, else model-0000k-of-0000n.safetensors. Each header is the safetensors JSON, space-padded to 8 bytes."""
     groups: list[list[tuple[str, tuple, np.dtype]]] = [[]]
     size = 0
     for name, shape, dtype in specs:
@@ -419,14 +514,16 @@ def plan_shards(specs: Sequence[tuple[str, tuple, Any]], limit: int,
 class PlannedShardWriter:
     """Writes planned shards (plan_shards): headers first, then each tensor at its offset from a writer thread.
 
-    add(name, y) queues y (numpy or a dispatched jax array; at most `queue_size` waiting); the writer thread
-    waits for it, moves it to the host, checks shape and dtype against the plan, and pwrites it. finish() waits
+    add(name, y, read_bytes) queues y (numpy or a dispatched jax array; at most `queue_size` waiting); the writer
+    thread waits for it, moves it to the host, checks shape and dtype against the plan, pwrites it and calls
+    `on_written(name, read_bytes, bytes written)` when given (e.g. Progress.update). finish() waits
     for every write, checks that every planned tensor was written once, writes the index (several shards) and
     returns the file names. Errors from the writer thread are raised by the next add() or by finish().
     """
 
     def __init__(self, out_dir: str | os.PathLike, specs: Sequence[tuple[str, tuple, Any]], limit: int, *,
-                 queue_size: int = 2, timers: Optional[Timers] = None):
+                 queue_size: int = 2, timers: Optional[Timers] = None,
+                 on_written: Optional[Callable[[str, int, int], None]] = None):
         self.out_dir = Path(out_dir)
         self.specs = {name: (tuple(shape), np.dtype(dtype)) for name, shape, dtype in specs}
         if len(self.specs) != len(specs):
@@ -441,6 +538,7 @@ class PlannedShardWriter:
             self.fds.append(fd)
         self.written: set[str] = set()
         self.timers = timers
+        self.on_written = on_written
         self.error: Optional[BaseException] = None
         self.q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self.thread = threading.Thread(target=self._run, name="merge-writer", daemon=True)
@@ -453,7 +551,7 @@ class PlannedShardWriter:
                 return
             if self.error is not None:
                 continue
-            name, y = item
+            name, y, read_bytes = item
             try:
                 t0 = time.perf_counter()
                 arr = np.asarray(jax.block_until_ready(y)) if isinstance(y, jax.Array) else np.asarray(y)
@@ -469,10 +567,12 @@ class PlannedShardWriter:
                 if self.timers is not None:
                     self.timers.add("compute_wait", t1 - t0)
                     self.timers.add("write", time.perf_counter() - t1, arr.nbytes)
+                if self.on_written is not None:
+                    self.on_written(name, read_bytes, arr.nbytes)
             except BaseException as e:  # noqa: BLE001: re-raised in the caller's thread
                 self.error = e
 
-    def add(self, name: str, y) -> None:
+    def add(self, name: str, y, read_bytes: int = 0) -> None:
         if self.error is not None:
             self.close()
             raise self.error
@@ -481,7 +581,7 @@ class PlannedShardWriter:
         if name in self.written:
             raise ValueError(f"tensor {name!r} was already written")
         self.written.add(name)
-        self.q.put((name, y))
+        self.q.put((name, y, read_bytes))
 
     def close(self) -> None:
         if self.thread.is_alive():
@@ -509,16 +609,18 @@ class PlannedShardWriter:
 
 
 def merge_to_shards(method: MergeMethod, groups: Sequence[TensorGroup], out_dir: str | os.PathLike, *, limit: int,
-                    load_dtype=None, prefetch: int = 2, write_queue: int = 2, device: Optional[jax.Device] = None,
-                    timers: Optional[Timers] = None, cache: Optional[KernelCache] = None) -> list[str]:
+                    load_dtype=None, prefetch: int = 1, write_queue: int = 2, device: Optional[jax.Device] = None,
+                    timers: Optional[Timers] = None, cache: Optional[KernelCache] = None,
+                    progress: Optional[Callable[[str, int, int], None]] = None) -> list[str]:
     """Merges every group and writes the results as planned safetensors shards in `out_dir` (an existing,
-    preferably temporary directory: on error the partial files stay there); returns the file names written."""
+    preferably temporary directory: on error the partial files stay there); returns the file names written.
+    progress(name, bytes read, bytes written) is called from the writer thread after each tensor."""
     writer = PlannedShardWriter(out_dir, [(g.name, g.shape, g.out_dtype) for g in groups], limit,
-                                queue_size=write_queue, timers=timers)
+                                queue_size=write_queue, timers=timers, on_written=progress)
     try:
-        for name, y in merge_groups(method, groups, load_dtype=load_dtype, prefetch=prefetch, device=device,
-                                    timers=timers, cache=cache):
-            writer.add(name, y)
+        for name, y, nbytes in merge_groups(method, groups, load_dtype=load_dtype, prefetch=prefetch,
+                                            device=device, timers=timers, cache=cache):
+            writer.add(name, y, nbytes)
     except BaseException:
         writer.close()
         raise

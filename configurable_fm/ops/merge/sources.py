@@ -11,7 +11,8 @@ HF's layout (torch Linear weights (out, in)), in the family's tensor order. Open
 only; each access reads and converts one tensor (or one group, below), so a consumer that holds a few tensors
 at a time needs memory for those tensors only, never for whole models.
 
-* HF directory (config.json + safetensors): `TensorStore`, memory-mapped; values in their stored dtype.
+* HF directory (config.json + safetensors): `execute.PreadStore` (each tensor read with os.preadv into a fresh
+  array: no memory map, so the file's pages never count in the process's RSS); values in their stored dtype.
 * GGUF file (llama.cpp, llama architecture): the file is memory-mapped; tensor t is dequantized on access to
   float32 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: `interop.gguf.SUPPORTED_TYPES`), its
   GGUF name mapped to the HF name, and the q/k rows un-permuted back to rotate-half order
@@ -38,7 +39,7 @@ from typing import Iterator, Mapping, Optional
 
 import numpy as np
 
-from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore
+from configurable_fm.interop.safetensors_io import CheckpointError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "generation_config.json")
@@ -110,14 +111,16 @@ def _tokenizer_dir(directory: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------------ HF directories
 class HFSource(TensorSource):
-    """An HF checkpoint directory: `TensorStore` (memory-mapped safetensors) + config.json; stored dtypes."""
+    """An HF checkpoint directory: `execute.PreadStore` (positioned reads of each tensor, no memory map) +
+    config.json; stored dtypes."""
 
     def __init__(self, path: Path, *, location: str | None = None):
         from configurable_fm.interop.hf import read_config
+        from configurable_fm.ops.merge.execute import PreadStore
 
         self.path = Path(path)
         config = read_config(self.path)
-        self._store = TensorStore(self.path)
+        self._store = PreadStore(self.path)
         super().__init__(location or str(self.path), config, {k: self._store.shape(k) for k in self._store},
                          {k: self._store.dtype(k) for k in self._store}, _tokenizer_dir(self.path))
 

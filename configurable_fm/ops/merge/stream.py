@@ -1,24 +1,29 @@
-"""Streaming merge of HF checkpoints: one tensor at a time from memory-mapped safetensors to sharded output.
+"""Streaming merge of model checkpoints: one tensor at a time from the inputs to sharded safetensors output.
 
     plan = mergekit_yaml.load_mergekit_yaml("ties.yml")
     merge_checkpoints(plan, "out/", max_shard_size="2GB")
 
 Steps: open every input (sources.open_source: lazy, nothing read yet); check names and shapes of all inputs at
 once (tree's checks: one MergeInputError listing every missing tensor and mismatch, naming tensor and model);
-then for every tensor name p in the reference's order (the base, else the first input): read p from each input,
-cast it to `plan.dtype` if given (mergekit's load dtype), and run `tree.merge` on the single tensor {p: ...}
-(the same parameter resolution for the HF name p: layer index from `model.layers.N.`, depth over
-num_layers = 1 + the largest layer index; PRNG key tensor_key(seed, p); float32 kernel; cast to out_dtype,
-default plan.dtype, else the reference's dtype; integer tensors copied when identical). The result is appended to
-the current output shard, which is written as soon as the next tensor would push it past `max_shard_size`.
-Host memory: about (inputs + 1) x the largest tensor (+ its float32 copies) + one output shard.
+resolve every tensor's parameters (one ParameterError listing every tensor that fails); then one
+execute.TensorGroup per output tensor p, in the reference's order (the base, else the first input), run by
+execute.merge_to_shards: a read-ahead thread reads p from each input (`prefetch` groups ahead; HF inputs with
+positioned reads, no memory map), the cached jitted kernel of (method, parameters, dtypes) casts them to
+`plan.dtype` if given (mergekit's load dtype) and to float32, merges and casts the result to out_dtype (default
+plan.dtype, else the reference's dtype) -- execute.merge_tensor, the same step as `tree.merge` on the single
+tensor {p: ...}: parameters resolved for the HF name p (layer index from `model.layers.N.`, depth over
+num_layers = 1 + the largest layer index), PRNG key tensor_key(seed, p), integer tensors copied when identical
+-- and a writer thread writes each result at its place in output shards planned up front (a new shard when
+the next tensor would push it past `max_shard_size`). A tqdm bar counts tensors and bytes (progress=False: none).
+Host memory: about (prefetch + 1) x (inputs) x the largest tensor + a few output tensors + the kernel's float32
+temporaries; never a whole shard or model.
 At the end: the index (when more than one shard), the reference's config.json with torch_dtype updated, and its
 tokenizer files; all of it inside `atomic_directory` (an existing output is refused unless overwrite; a failure
 leaves nothing). Inputs are only read.
 
 A `slices:` plan (ops/merge/slices.py) runs the same way over the tensor plan of slices.plan_tensors: each
-output tensor (renumbered `model.layers.N.`) is made from its inputs' tensors (read, cast to plan.dtype) by
-tree.merge_task, in the order: tensors before the layers, the layers, the tensors after them. The config.json is
+output tensor (renumbered `model.layers.N.`) is one TensorGroup made from its inputs' tensors (tree.merge_task's
+semantics), in the order: tensors before the layers, the layers, the tensors after them. The config.json is
 the donor's (the global base_model, else the first slice's first source) with the new `num_hidden_layers`
 (n_layer / num_layers) and, where it has one, a `layer_types` list taken from each layer's first source.
 
@@ -35,13 +40,14 @@ inputs' chat_template.jinja / tokenizer_config.json, ties to the first in plan o
 is written into tokenizer_config.json (and no chat_template.jinja, which transformers would prefer); without
 it the donor's chat_template.jinja is copied.
 
-Inputs are opened by sources.open_source: HF directories (memory-mapped safetensors), GGUF files (dequantized
-tensor by tensor), orbax model checkpoints (restored parameter by parameter) and registry names, all lazy; the
+Inputs are opened by sources.open_source: HF directories (execute.PreadStore: positioned reads), GGUF files
+(dequantized tensor by tensor), orbax model checkpoints (restored parameter by parameter) and registry names, all lazy; the
 tokenizer is the reference's (copied, or rebuilt from GGUF metadata).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -53,15 +59,16 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
-from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, atomic_directory, parse_size
+from configurable_fm.interop.safetensors_io import atomic_directory, parse_size
+from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import tree
 from configurable_fm.ops.merge import vocab as VOC
 from configurable_fm.ops.merge.mergekit_yaml import MergePlan, ModelRef, chat_template_text, check_contract
-from configurable_fm.ops.merge.registry import get_method
+from configurable_fm.ops.merge.keys import tensor_key
+from configurable_fm.ops.merge.registry import MergeMethod, get_method
 from configurable_fm.ops.merge.sources import TOKENIZER_FILES, TensorSource, open_source
 
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -85,52 +92,6 @@ def _open(ref: ModelRef) -> _Input:
     return _Input(ref.name, src, src.shape, src.config, src.tokenizer_dir)
 
 
-class ShardWriter:
-    """Appends tensors to an output shard; writes it when the next tensor would exceed `limit` bytes.
-
-    Shards are first written as `model-0000k.safetensors.part` and renamed by `finish()` to transformers'
-    `model-0000k-of-0000n.safetensors` (+ index), or `model.safetensors` when there is a single shard.
-    """
-
-    def __init__(self, out_dir: Path, limit: int):
-        self.out_dir, self.limit = Path(out_dir), int(limit)
-        self.current: dict[str, np.ndarray] = {}
-        self.size = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, value: np.ndarray) -> None:
-        value = np.ascontiguousarray(value)
-        if self.current and self.size + value.nbytes > self.limit:
-            self.flush()
-        self.current[name] = value
-        self.size += value.nbytes
-        self.total += value.nbytes
-
-    def flush(self) -> None:
-        if not self.current:
-            return
-        file = self.out_dir / f"model-{len(self.files) + 1:05d}.safetensors.part"
-        save_file(self.current, str(file), metadata={"format": "pt"})
-        self.files.append((file, list(self.current)))
-        self.current, self.size = {}, 0
-
-    def finish(self) -> list[str]:
-        self.flush()
-        if len(self.files) == 1:
-            os.rename(self.files[0][0], self.out_dir / SINGLE_FILE)
-            return [SINGLE_FILE]
-        n = len(self.files)
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for (file, keys), name in zip(self.files, names):
-            os.rename(file, self.out_dir / name)
-            weight_map.update({k: name for k in keys})
-        index = {"metadata": {"total_size": int(self.total)}, "weight_map": weight_map}
-        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return names + [INDEX_FILE]
-
-
 def _check_inputs(inputs: list[_Input], has_base: bool, aligned: bool = False) -> None:
     """All names and shapes at once (tree's checks on shape-only stand-ins; nothing is read). aligned: the
     vocabulary tensors are aligned by token (their vocabulary sizes may differ)."""
@@ -140,10 +101,10 @@ def _check_inputs(inputs: list[_Input], has_base: bool, aligned: bool = False) -
 
 
 def _is_vocab(name: str, inp: _Input) -> bool:
-    """A tensor with a vocabulary axis (HF layout: axis 0): a floating tensor named like tree.VOCAB_TENSORS."""
-    x = inp.tensors[name]
-    floating = np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16
-    return floating and len(inp.shape(name)) >= 1 and any(s in name for s in tree.VOCAB_TENSORS)
+    """A tensor with a vocabulary axis (HF layout: axis 0): a floating tensor named like tree.VOCAB_TENSORS
+    (from the source's header / metadata: nothing is read)."""
+    return (X.is_float(inp.tensors.dtype(name)) and len(inp.shape(name)) >= 1
+            and any(s in name for s in tree.VOCAB_TENSORS))
 
 
 def _alignment(plan: MergePlan, inputs: Mapping[str, _Input], *, first: str) -> Optional[VOC.VocabularyAlignment]:
@@ -213,22 +174,24 @@ def _restricted(al: VOC.VocabularyAlignment, names: tuple, base: Optional[str], 
                                fill_row=row)
 
 
-def _check_parameters(plan: MergePlan, names: list[str], num_layers: int) -> None:
-    """Resolves every tensor's parameters before anything is read, so that a setting missing for some tensors
-    (e.g. a weight given only under a filter) fails at once, listing the tensors."""
+def _check_parameters(plan: MergePlan, names: list[str], num_layers: int) -> list[dict[str, Any]]:
+    """Every tensor's resolved parameters (params.resolve_for_tensor), all resolved before anything is read, so
+    that a setting missing for some tensors (e.g. a weight given only under a filter) fails at once, listing
+    the tensors."""
     method = get_method(plan.method)
-    problems = []
+    problems, resolved = [], []
     for name in names:
         try:
-            P.resolve_for_tensor(method, name, parameters=plan.parameters,
-                                 model_parameters=list(plan.model_parameters), model_names=plan.model_names,
-                                 num_layers=num_layers)
+            resolved.append(P.resolve_for_tensor(method, name, parameters=plan.parameters,
+                                                 model_parameters=list(plan.model_parameters),
+                                                 model_names=plan.model_names, num_layers=num_layers))
         except P.ParameterError as e:
             problems.append(str(e))
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise P.ParameterError(f"{plan.source}: {len(problems)} tensor(s) cannot be merged with these "
                                "parameters:\n  " + "\n  ".join(problems[:20]) + more)
+    return resolved
 
 
 def _dtype_name(dtype) -> str:
@@ -239,9 +202,13 @@ def _dtype_name(dtype) -> str:
 
 
 def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                      max_shard_size: int | str = "5GB", progress: bool = True, seed: int = 0) -> Path:
+                      max_shard_size: int | str = "5GB", progress: bool = True, seed: int = 0, prefetch: int = 1,
+                      device: Optional[jax.Device] = None, timers: Optional[X.Timers] = None) -> Path:
     """Runs `plan` (mergekit_yaml.MergePlan) over HF checkpoints, streaming; returns the output directory.
 
+    progress: a tqdm bar (tensors; bytes read and written); prefetch: how many tensor groups the read-ahead
+    thread reads ahead of the one being merged (host memory grows by one group per step); device: where the
+    kernels run (default: jax's default device); timers: an execute.Timers collecting busy seconds per stage.
     Raises tree.MergeInputError (names/shapes, all at once, before anything is written), FileExistsError
     (existing output without overwrite), params.ParameterError / ValueError (settings, contract).
     """
@@ -252,12 +219,16 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     limit = parse_size(max_shard_size)
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    if int(prefetch) < 1:
+        raise ValueError(f"prefetch must be at least 1, got {prefetch!r}")
     load_dtype = NP_DTYPES[plan.dtype] if plan.dtype else None
     out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else load_dtype
+    run = functools.partial(_execute, overwrite=overwrite, limit=limit, progress=progress, load_dtype=load_dtype,
+                            prefetch=prefetch, device=device, timers=timers)
 
     if plan.slices is not None:
-        return _merge_slices(plan, out_dir, overwrite=overwrite, limit=limit, progress=progress, seed=seed,
-                             load_dtype=load_dtype, out_dtype=out_dtype)
+        return _merge_slices(plan, out_dir, seed=seed, load_dtype=load_dtype, out_dtype=out_dtype, run=run)
+    method = get_method(plan.method)
     base = _open(plan.base) if plan.base is not None else None
     models = [_open(r) for r in plan.models]
     inputs = ([base] if base is not None else []) + models
@@ -265,54 +236,62 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     ref = inputs[0]
     names = list(ref.tensors)
     num_layers = P.num_layers_of(names)
-    _check_parameters(plan, names, num_layers)
+    resolved = _check_parameters(plan, names, num_layers)
     alignment = _alignment(plan, {inp.name: inp for inp in inputs}, first=plan.models[0].name)
 
+    groups = []
+    for name, params in zip(names, resolved):
+        shape = tuple(ref.shape(name))
+        vocab = alignment is not None and _is_vocab(name, ref)
+        if vocab:
+            shape = (alignment.padded_size, *shape[1:])
+        groups.append(X.TensorGroup(
+            name, shape, X.output_dtype(ref.tensors.dtype(name), load_dtype, out_dtype),
+            functools.partial(_read_models, base, models, name, alignment if vocab else None, load_dtype),
+            params, tensor_key(seed, name) if method.randomized else None, [inp.name for inp in inputs]))
+    config = dict(ref.config)
+    return run(method, groups, out_dir, f"merge {plan.method}",
+               lambda tmp, written: _write_config_and_tokenizer(tmp, plan, ref, config, written, alignment,
+                                                                {inp.name: inp for inp in inputs}))
+
+
+def _read_models(base: Optional[_Input], models: list[_Input], name: str,
+                 alignment: Optional[VOC.VocabularyAlignment], load_dtype) -> tuple:
+    """(base's tensor or None, [each model's tensor]) of a `models:` plan, in their stored dtypes (the load
+    cast happens in the kernel); a vocabulary tensor under `alignment`: every input read, cast to the load
+    dtype and aligned by token into the output vocabulary (as the alignment's row averages need them)."""
+    if alignment is None:
+        return (None if base is None else base.tensors[name]), [m.tensors[name] for m in models]
+    inputs = ([base] if base is not None else []) + models
+    aligned = alignment.align_all({inp.name: _read(inp, name, load_dtype) for inp in inputs}, axis=0, tensor=name)
+    return (None if base is None else aligned[base.name]), [aligned[m.name] for m in models]
+
+
+def _execute(method: MergeMethod, groups: list[X.TensorGroup], out_dir: Path, desc: str, finish: Callable, *,
+             overwrite: bool, limit: int, progress: bool, load_dtype, prefetch: int, device, timers) -> Path:
+    """Runs the groups through execute.merge_to_shards inside `atomic_directory(out_dir)`, then
+    finish(tmp, {float dtype names written}) writes the config and tokenizer files there."""
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(names), unit="tensor", desc=f"merge {plan.method}")
-
-    def read(inp: _Input, name: str) -> np.ndarray:
-        return _read(inp, name, load_dtype)
-
-    dtypes_written = set()
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, limit)
-        try:
-            for name in names:
-                if alignment is not None and _is_vocab(name, ref):
-                    aligned = alignment.align_all({inp.name: read(inp, name) for inp in inputs}, axis=0, tensor=name)
-                    b = {name: aligned[base.name]} if base is not None else None
-                    xs = {m.name: {name: aligned[m.name]} for m in models}
-                    del aligned
-                else:
-                    b = {name: read(base, name)} if base is not None else None
-                    xs = {m.name: {name: read(m, name)} for m in models}
-                y = tree.merge(plan.method, b, xs, parameters=plan.parameters,
-                               model_parameters=list(plan.model_parameters), seed=seed, out_dtype=out_dtype,
-                               num_layers=num_layers)[name]
-                y = np.asarray(y)
-                dtypes_written.add(_dtype_name(y.dtype))
-                writer.add(name, y)
-                del b, xs
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{writer.total / 1e6:.1f} MB written, {len(writer.files)} shard(s) flushed")
-            writer.finish()
-        finally:
-            if bar is not None:
-                bar.close()
-        _write_config_and_tokenizer(tmp, plan, ref, dict(ref.config), dtypes_written, alignment,
-                                    {inp.name: inp for inp in inputs})
+        total = sum(int(np.prod(g.shape, dtype=np.int64)) * np.dtype(g.out_dtype).itemsize for g in groups)
+        bar = X.Progress(len(groups), desc, total_bytes=total)
+    try:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            X.merge_to_shards(method, groups, tmp, limit=limit, load_dtype=load_dtype, prefetch=prefetch,
+                              device=device, timers=timers, progress=None if bar is None else bar.update)
+            finish(tmp, {_dtype_name(g.out_dtype) for g in groups})
+    finally:
+        if bar is not None:
+            bar.close()
+    if timers is not None:
+        LOG.info("%s: busy seconds per stage %s", desc, timers.summary())
     return out_dir
 
 
 def _read(inp: _Input, name: str, load_dtype) -> np.ndarray:
     """Tensor `name` of `inp`, floating ones cast to `load_dtype` when given (mergekit's `dtype`)."""
     x = inp.tensors[name]
-    if load_dtype is not None and (np.issubdtype(x.dtype, np.floating) or x.dtype == ml_dtypes.bfloat16):
+    if load_dtype is not None and X.is_float(x.dtype):
         x = x.astype(load_dtype)
     return x
 
@@ -442,10 +421,10 @@ def _slices_config(plan: MergePlan, inputs: Mapping[str, _Input], donor: str, nu
     return config
 
 
-def _merge_slices(plan: MergePlan, out_dir: Path, *, overwrite: bool, limit: int, progress: bool, seed: int,
-                  load_dtype, out_dtype) -> Path:
+def _merge_slices(plan: MergePlan, out_dir: Path, *, seed: int, load_dtype, out_dtype, run: Callable) -> Path:
     """merge_checkpoints for a `slices:` plan: the tensor plan of slices.plan_tensors (renumbered layers; the
-    tensors outside the layers from the first/last slice), executed one output tensor at a time."""
+    tensors outside the layers from the first/last slice), one TensorGroup per output tensor (tree.merge_task's
+    semantics: out_dtype default the base's stored dtype, else the first input's; integer tensors copied)."""
     method = get_method(plan.method)
     inputs = {name: _open(ref) for name, ref in plan.refs.items()}
     names = {name: list(inp.tensors) for name, inp in inputs.items()}
@@ -468,42 +447,34 @@ def _merge_slices(plan: MergePlan, out_dir: Path, *, overwrite: bool, limit: int
 
     S.check_shapes(tasks, shape)
     resolved = S.resolve_all(method, tasks, source=plan.source)
-    task_alignments = {}  # task index -> the alignment over that task's inputs (checked before writing)
-    for i, task in enumerate(tasks):
-        m, n = task.inputs[0] if task.inputs else task.base
-        if alignment is not None and _is_vocab(n, inputs[m]):
-            task_alignments[i] = _task_alignment(alignment, plan, task)
+    groups = []
+    for task, kwargs in zip(tasks, resolved):
+        m, n = task.base if task.base is not None else task.inputs[0]
+        task_alignment = None
+        if alignment is not None and _is_vocab(n, inputs[m]):  # checked for every task before writing
+            task_alignment = _task_alignment(alignment, plan, task)
+        pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
+        groups.append(X.TensorGroup(
+            task.name, shape(m, n), X.output_dtype(inputs[m].tensors.dtype(n), load_dtype, out_dtype),
+            functools.partial(_read_task, inputs, task, task_alignment, load_dtype), kwargs,
+            tensor_key(seed, task.name) if method.randomized else None, [f"{n} of {m}" for m, n in pairs]))
     config = _slices_config(plan, inputs, donor, num_layers)
+    return run(method, groups, out_dir, f"merge {plan.method} ({num_layers} layers)",
+               lambda tmp, written: _write_config_and_tokenizer(tmp, plan, inputs[donor], config, written,
+                                                                alignment, inputs))
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks), unit="tensor", desc=f"merge {plan.method} ({num_layers} layers)")
-    dtypes_written = set()
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, limit)
-        try:
-            for i, (task, kwargs) in enumerate(zip(tasks, resolved)):
-                read = lambda m, n: _read(inputs[m], n, load_dtype)  # noqa: E731
-                if i in task_alignments:
-                    pairs = list(task.inputs) + ([task.base] if task.base is not None else [])
-                    aligned = task_alignments[i].align_all({m: read(m, n) for m, n in pairs}, axis=0,
-                                                           tensor=task.name)
-                    read = lambda m, n: aligned[m]  # noqa: E731
-                y = tree.merge_task(method, task, read, kwargs, seed=seed, out_dtype=out_dtype)
-                y = np.asarray(y)
-                dtypes_written.add(_dtype_name(y.dtype))
-                writer.add(task.name, y)
-                del y
-                if bar is not None:
-                    bar.update(1)
-            writer.finish()
-        finally:
-            if bar is not None:
-                bar.close()
-        _write_config_and_tokenizer(tmp, plan, inputs[donor], config, dtypes_written, alignment, inputs)
-    return out_dir
+def _read_task(inputs: Mapping[str, _Input], task, alignment: Optional[VOC.VocabularyAlignment], load_dtype) -> tuple:
+    """(base tensor or None, [input tensors]) of one slices.TensorTask, stored dtypes; a vocabulary tensor:
+    read, cast to the load dtype and aligned over the task's inputs (`alignment`: _task_alignment)."""
+    if alignment is None:
+        read = lambda m, n: inputs[m].tensors[n]  # noqa: E731
+    else:
+        pairs = list(task.inputs) + ([task.base] if task.base is not None else [])
+        aligned = alignment.align_all({m: _read(inputs[m], n, load_dtype) for m, n in pairs}, axis=0,
+                                      tensor=task.name)
+        read = lambda m, n: aligned[m]  # noqa: E731
+    return (None if task.base is None else read(*task.base)), [read(m, n) for m, n in task.inputs]
 
 
 def _task_alignment(alignment: VOC.VocabularyAlignment, plan: MergePlan, task) -> VOC.VocabularyAlignment:

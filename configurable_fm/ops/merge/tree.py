@@ -8,6 +8,8 @@ setting, then global, then the method's default; gradients over depth, substring
 xs (N, *S) and the method's kernel runs as `kernel(b_p, xs, key=tensor_key(seed, p), **params)` (key only for
 randomised methods; the kernel folds in the model index, so results do not depend on the visiting order), then
 the float32 result is cast to `out_dtype` (default: the base's dtype, or the first model's without a base).
+That per-tensor step is `execute.merge_tensor`, shared with the streaming merge: one jitted function per
+(method, resolved parameters, dtypes), cached and reused for every tensor with the same setting.
 
 Checks at the boundary, all problems reported at once in one MergeInputError: every input has the same paths and
 shapes; a vocabulary tensor (embeddings, lm_head) whose size differs along one axis is a vocabulary mismatch,
@@ -32,6 +34,8 @@ from flax import nnx
 
 from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.ops.merge import params as P
+from configurable_fm.ops.merge.execute import copy_integer
+from configurable_fm.ops.merge.execute import merge_tensor as _merge_tensor
 from configurable_fm.ops.merge.keys import tensor_key
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
 from configurable_fm.ops.merge.vocab import VocabularyAlignment, vocab_axis_of_path, vocabulary_alignment
@@ -164,28 +168,14 @@ def _check(names, flats, *, vocab_tensors, embed_alignment, has_base):
     return align
 
 
-def _copy_integer(path: str, values: Sequence[Any], names: Sequence[str]):
-    """An integer/bool tensor is copied from the first input, and only when every input has the same one."""
-    ref = np.asarray(values[0])
-    different = [nm for nm, v in zip(names[1:], values[1:]) if not np.array_equal(np.asarray(v), ref)]
-    if different:
-        raise MergeInputError(f"{path} is a {ref.dtype} tensor (copied, never merged) but differs between "
-                              f"{names[0]} and {', '.join(different)}")
-    return values[0]
-
-
 def merge_tensor(method: MergeMethod, path: str, base, inputs: Sequence[Any], kwargs: Mapping[str, Any], *,
                  seed: int, out_dtype):
-    """One output tensor: y = kernel(b, xs (N, *S), key=tensor_key(seed, path) if randomised, **kwargs), the
-    inputs cast to float32 and stacked, y cast to `out_dtype`. kwargs: resolved parameters
-    (params.resolve_for_tensor / resolve_levels). Errors of the kernel are re-raised naming method and tensor."""
-    xs = jnp.stack([jnp.asarray(x, jnp.float32) for x in inputs])
+    """One floating output tensor: y = kernel(b, xs (N, *S), key=tensor_key(seed, path) if randomised, **kwargs),
+    the inputs cast to float32 and stacked, y cast to `out_dtype`; `execute.merge_tensor` (one jitted function
+    per method, parameters and dtypes, cached). kwargs: resolved parameters (params.resolve_for_tensor /
+    resolve_levels). Errors of the kernel are re-raised naming method and tensor."""
     key = tensor_key(seed, path) if method.randomized else None
-    try:
-        y = method.kernel(None if base is None else jnp.asarray(base, jnp.float32), xs, key=key, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise type(e)(f"merge {method.name}: tensor {path}: {e}") from e
-    return jnp.asarray(y).astype(out_dtype)
+    return _merge_tensor(method, base, inputs, kwargs, out_dtype=out_dtype, key=key, name=path)
 
 
 def merge(
@@ -271,7 +261,7 @@ def merge(
     for path, ref_value in ref.items():
         dtype = jnp.asarray(ref_value).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
-            out[path] = _copy_integer(path, [ref_value] + [f[path] for f in all_flats[1:]], all_names)
+            out[path] = copy_integer(path, [ref_value] + [f[path] for f in all_flats[1:]], all_names)
             continue
         b = None if base_flat is None or m.base == "ignored" else base_flat[path]
         inputs = [f[path] for f in flats]
@@ -372,7 +362,7 @@ def merge_task(method: MergeMethod, task, read, kwargs: Mapping[str, Any], *, se
     dtype = jnp.asarray(first).dtype if not isinstance(first, np.ndarray) else first.dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
-        return _copy_integer(task.name, ([b] if b is not None else []) + xs, [f"{n} of {m}" for m, n in pairs])
+        return copy_integer(task.name, ([b] if b is not None else []) + xs, [f"{n} of {m}" for m, n in pairs])
     return merge_tensor(method, task.name, b, xs, kwargs, seed=seed,
                         out_dtype=out_dtype if out_dtype is not None else dtype)
 

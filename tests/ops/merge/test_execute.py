@@ -1,6 +1,7 @@
-"""execute.py: the fused per-tensor kernels give tree.merge's outputs bitwise (every method), PreadStore reads
-what safetensors wrote, planned shards are valid safetensors in stream.ShardWriter's layout, the pipeline
-(read-ahead thread, writer thread) writes every tensor, and errors name the tensor."""
+"""execute.py: the fused jitted per-tensor kernels give the eager (op by op, unjitted) computation bitwise for
+every method, and tree.merge (which calls them) too; the kernel cache (identity, LRU); PreadStore reads what
+safetensors wrote; planned shards are valid safetensors split at the limit; the read-ahead stays within its depth;
+the pipeline (read-ahead thread, writer thread) writes every tensor, and errors name the tensor."""
 import json
 
 import jax
@@ -68,17 +69,31 @@ def _fast(method, base, models, parameters, model_parameters, load_dtype=None, o
     return out
 
 
+def _eager(method, base, inputs, kw, key, out_dtype):
+    """The reference: the kernel dispatched op by op, outside one jit (float32 inputs stacked, result cast), as
+    tree.merge computed it before it called execute.merge_tensor."""
+    xs = jnp.stack([jnp.asarray(x, jnp.float32) for x in inputs])
+    y = method.kernel(None if base is None else jnp.asarray(base, jnp.float32), xs, key=key, **kw)
+    return jnp.asarray(y).astype(out_dtype)
+
+
 @pytest.mark.parametrize("method", sorted(SETTINGS))
-def test_same_as_tree_merge(method):
+def test_same_as_eager_kernel_and_tree_merge(method):
     m = get_method(method)
     base, models = _inputs(_n_models(m))
     parameters, model_parameters = SETTINGS[method]
     b = None if m.base == "ignored" else base
-    want = tree.merge(method, b, models, parameters=parameters, model_parameters=model_parameters, seed=3)
+    names = [f"model_{i}" for i in range(len(models))]
     got = _fast(method, b, models, parameters, model_parameters, seed=3)
+    in_memory = tree.merge(method, b, models, parameters=parameters, model_parameters=model_parameters, seed=3)
     for name in NAMES:
-        assert got[name].dtype == want[name].dtype, name
-        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=f"{method} {name}")
+        kw = P.resolve_for_tensor(m, name, parameters=parameters, model_parameters=model_parameters,
+                                  model_names=names, num_layers=P.num_layers_of(NAMES))
+        want = _eager(m, None if b is None else b[name], [x[name] for x in models], kw,
+                      tensor_key(3, name) if m.randomized else None, np.float32)
+        assert got[name].dtype == want.dtype == in_memory[name].dtype, name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want), err_msg=f"{method} {name}")
+        np.testing.assert_array_equal(np.asarray(in_memory[name]), np.asarray(want), err_msg=f"{method} {name}")
 
 
 def test_every_registered_method_is_covered():
@@ -119,6 +134,7 @@ def test_bf16_inputs_and_load_casts_match_tree(load_dtype, out_dtype):
 
 
 def test_kernel_cache_one_function_per_setting():
+    """Per-model arrays are traced (a new weight reuses the function), scalars baked (a new lambda does not)."""
     cache = X.KernelCache()
     m = get_method("task_arithmetic")
     base, models = _inputs(2)
@@ -126,12 +142,37 @@ def test_kernel_cache_one_function_per_setting():
     for name in NAMES:
         X.merge_tensor(m, base[name], [x[name] for x in models], kw, out_dtype=np.float32, cache=cache)
     assert len(cache) == 1
-    X.merge_tensor(m, base[NAMES[0]], [x[NAMES[0]] for x in models], {**kw, "weight": np.array([0.5, 0.25])},
-                   out_dtype=np.float32, cache=cache)
+    n0 = NAMES[0]
+    y2 = X.merge_tensor(m, base[n0], [x[n0] for x in models], {**kw, "weight": np.array([0.5, 0.25])},
+                        out_dtype=np.float32, cache=cache)
+    assert len(cache) == 1
+    X.merge_tensor(m, base[n0], [x[n0] for x in models], {**kw, "lambda": 0.5}, out_dtype=np.float32, cache=cache)
     assert len(cache) == 2
-    y = X.merge_tensor(m, base[NAMES[0]], [x[NAMES[0]] for x in models], kw, out_dtype=np.float32, cache=cache)
-    want = base[NAMES[0]] + 0.5 * (models[0][NAMES[0]] - base[NAMES[0]]) + 0.5 * (models[1][NAMES[0]] - base[NAMES[0]])
-    np.testing.assert_allclose(np.asarray(y), want, atol=1e-6, rtol=0)
+    y = X.merge_tensor(m, base[n0], [x[n0] for x in models], kw, out_dtype=np.float32, cache=cache)
+    d0, d1 = models[0][n0] - base[n0], models[1][n0] - base[n0]
+    np.testing.assert_allclose(np.asarray(y), base[n0] + 0.5 * d0 + 0.5 * d1, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(y2), base[n0] + 0.5 * d0 + 0.25 * d1, atol=1e-6, rtol=0)
+
+
+def test_kernel_needing_concrete_arrays_gets_them_baked():
+    import dataclasses
+
+    lin = get_method("linear")
+
+    def picky(b, xs, *, key, weight, normalize):  # Python control flow on a per-model parameter
+        if float(weight[0]) == 0.0:
+            raise ValueError("weight[0] must not be 0")
+        return lin.kernel(b, xs, key=key, weight=weight, normalize=normalize)
+
+    m = dataclasses.replace(lin, kernel=picky)
+    cache = X.KernelCache()
+    x = [np.full(3, 2.0, np.float32), np.full(3, 4.0, np.float32)]
+    y = X.merge_tensor(m, None, x, {"weight": np.array([1.0, 3.0]), "normalize": True}, out_dtype=np.float32,
+                       cache=cache)
+    np.testing.assert_allclose(np.asarray(y), np.full(3, 3.5), rtol=1e-6)
+    with pytest.raises(ValueError, match="tensor w: weight.0. must not be 0"):
+        X.merge_tensor(m, None, x, {"weight": np.array([0.0, 3.0]), "normalize": True}, out_dtype=np.float32,
+                       cache=cache, name="w")
 
 
 def test_integer_tensors_copied_or_refused():
@@ -237,7 +278,7 @@ def test_merge_to_shards_pipeline_matches_tree(tmp_path):
     got = X.PreadStore(tmp_path)
     for n in NAMES:
         np.testing.assert_array_equal(got[n].astype(np.float32), np.asarray(want[n]).astype(np.float32), err_msg=n)
-    assert {"read", "dispatch", "write"} <= set(timers.summary())
+    assert {"read", "compute", "write"} <= set(timers.summary())
 
 
 def test_merge_to_shards_read_error_propagates(tmp_path):
@@ -248,3 +289,70 @@ def test_merge_to_shards_read_error_propagates(tmp_path):
     groups = [X.TensorGroup("x", (2,), np.dtype(np.float32), bad, {"weight": np.ones(1), "normalize": True})]
     with pytest.raises(CheckpointError, match="shard-3"):
         X.merge_to_shards(m, groups, tmp_path, limit=10**6)
+
+
+def test_read_ahead_stays_within_its_depth():
+    """The read-ahead thread loads at most `depth` items beyond the ones the caller has taken (and does get
+    that far ahead when the caller is slow)."""
+    import time
+
+    for depth in (1, 3):
+        loaded, ahead = [], []
+        for i in X._read_ahead(range(12), lambda i: loaded.append(i) or i, depth):
+            time.sleep(0.02)  # a slow consumer: an unbounded thread would have loaded everything
+            ahead.append(len(loaded) - (i + 1))
+        assert loaded == list(range(12))
+        assert max(ahead) == depth, (depth, ahead)
+
+
+def test_read_ahead_stops_when_the_caller_leaves_early():
+    loaded = []
+    gen = X._read_ahead(range(1000), lambda i: loaded.append(i) or i, 2)
+    assert next(gen) == 0
+    gen.close()
+    import time
+
+    time.sleep(0.3)
+    assert len(loaded) <= 4
+
+
+def test_kernel_cache_tells_methods_apart_and_drops_the_least_recent():
+    import dataclasses
+
+    lin = get_method("linear")
+    doubled = dataclasses.replace(lin, kernel=lambda b, xs, *, key, **kw: 2 * lin.kernel(b, xs, key=key, **kw))
+    cache = X.KernelCache(maxsize=2)
+    x = [np.ones(3, np.float32), np.ones(3, np.float32)]
+    kw = {"weight": np.array([0.5, 0.5]), "normalize": False}
+    np.testing.assert_array_equal(np.asarray(X.merge_tensor(lin, None, x, kw, out_dtype=np.float32, cache=cache)),
+                                  np.ones(3))
+    np.testing.assert_array_equal(np.asarray(X.merge_tensor(doubled, None, x, kw, out_dtype=np.float32,
+                                                            cache=cache)), 2 * np.ones(3))  # same name, own kernel
+    assert len(cache) == 2
+    cache.get(lin, kw, None, np.float32)  # now the most recent
+    cache.get(lin, {**kw, "normalize": True}, None, np.float32)
+    assert len(cache) == 2 and [m for m, _ in cache._fns.values()] == [lin, lin]  # `doubled` was dropped
+
+
+def test_tree_merge_runs_the_cached_kernels():
+    """tree.merge's per-tensor step is execute.merge_tensor: a new setting adds one cached function, used
+    again for every tensor of the same setting and on a second call."""
+    base, models = _inputs(2, seed=5)
+    before = len(X.DEFAULT_CACHE)
+    a = tree.merge("task_arithmetic", base, models, parameters={"lambda": 0.123456},
+                   model_parameters=[{"weight": 0.3}, {"weight": 0.6}])
+    assert len(X.DEFAULT_CACHE) == before + 1
+    b = tree.merge("task_arithmetic", base, models, parameters={"lambda": 0.123456},
+                   model_parameters=[{"weight": 0.3}, {"weight": 0.6}])
+    assert len(X.DEFAULT_CACHE) == before + 1
+    for n in NAMES:
+        want = base[n] + 0.123456 * (0.3 * (models[0][n] - base[n]) + 0.6 * (models[1][n] - base[n]))
+        np.testing.assert_allclose(np.asarray(a[n]), want, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(np.asarray(a[n]), np.asarray(b[n]))
+
+
+def test_output_dtype_rules():
+    assert X.output_dtype(BF16) == BF16 and X.output_dtype(BF16, np.float32) == np.float32
+    assert X.output_dtype(np.float32, np.float32, BF16) == BF16
+    assert X.output_dtype(np.int64, np.float32, BF16) == np.int64  # integer tensors keep theirs
+    assert X.output_dtype(np.float64) == np.float32  # as jax computes it (x64 off), as tree.merge writes it

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, TensorStore
+from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge import stream, tree
 from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
 from configurable_fm.ops.merge.params import ParameterError
@@ -171,14 +172,17 @@ dtype: float16
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
 
 
-def test_failure_mid_way_leaves_no_output(hf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["kernel", "read"])
+def test_failure_mid_way_leaves_no_output(hf, tmp_path, monkeypatch, where):
+    """A failure in the 5th tensor's kernel (caller's thread) or read (read-ahead thread) propagates, the
+    read-ahead stops, and the partly written planned shards are removed with the temporary directory."""
     plan = load_mergekit_yaml(_write_yaml(tmp_path / "m.yml", f"""
 merge_method: task_arithmetic
 base_model: {hf['base']}
 models: [{{model: {hf['ft_a']}, parameters: {{weight: 1.0}}}}]
 """))
     calls = []
-    real = tree.merge
+    real = X.merge_tensor if where == "kernel" else X.PreadStore.__getitem__
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -186,12 +190,41 @@ models: [{{model: {hf['ft_a']}, parameters: {{weight: 1.0}}}}]
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stream.tree, "merge", failing)
+    monkeypatch.setattr(*((X, "merge_tensor") if where == "kernel" else (X.PreadStore, "__getitem__")), failing)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="disk on fire"):
         stream.merge_checkpoints(plan, out, max_shard_size="1KB", progress=False)
-    assert len(calls) == 5
+    assert len(calls) == 5  # nothing read or merged after the failure
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m.yml"]
+
+
+def test_progress_bar_counts_tensors_and_bytes(hf, tmp_path, monkeypatch):
+    """progress=True: one bar update per output tensor, with the bytes read (base + models, stored dtype) and
+    written; progress=False: no bar."""
+    seen = []
+
+    class Recording(X.Progress):
+        def __init__(self, total, desc, total_bytes=None):
+            super().__init__(total, desc, total_bytes)
+            seen.append(self)
+
+    monkeypatch.setattr(X, "Progress", Recording)
+    plan = load_mergekit_yaml(_write_yaml(tmp_path / "m.yml", f"""
+merge_method: task_arithmetic
+base_model: {hf['base']}
+models: [{{model: {hf['ft_a']}, parameters: {{weight: 1.0}}}}, {{model: {hf['ft_b']}, parameters: {{weight: 0.5}}}}]
+out_dtype: bfloat16
+"""))
+    stream.merge_checkpoints(plan, tmp_path / "quiet", progress=False)
+    assert seen == []
+    stream.merge_checkpoints(plan, tmp_path / "out", progress=True)
+    (bar,) = seen
+    base = _dict(hf["base"])
+    assert bar.bar.n == bar.bar.total == len(base)
+    assert bar.read == 3 * sum(v.nbytes for v in base.values())  # float32 inputs
+    assert bar.written == bar.total_bytes == sum(v.nbytes // 2 for v in base.values())  # bfloat16 output
+    assert bar.written == sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in (tmp_path / "out").glob("*.safetensors"))
 
 
 def test_a_parameter_missing_for_some_tensors_fails_before_reading(hf, tmp_path):
@@ -210,3 +243,59 @@ models:
     assert "missing required parameter 'weight'" in msg and str(hf["ft_b"]) in msg
     assert "model.layers.0.self_attn.q_proj.weight" in msg and "mlp.up_proj" not in msg
     assert not (tmp_path / "out").exists()
+
+
+def _handmade(path, tensors):
+    """An HF-style directory with arbitrary tensors (no tokenizer)."""
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    save_file(tensors, str(path / SINGLE_FILE))
+    return path
+
+
+def test_mixed_dtypes_and_integer_tensors(tmp_path):
+    """bf16 / f16 / f32 / int64 tensors: floating ones as tree.merge on the same inputs (load dtype float32,
+    stored dtypes kept without out_dtype), int64 copied unchanged when identical, refused naming the model
+    otherwise -- before the output exists."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+
+    def make(i, ids):
+        return {"model.layers.0.w": rng.normal(size=(4, 3)).astype(ml_dtypes.bfloat16),
+                "model.layers.1.w": rng.normal(size=(5,)).astype(np.float16),
+                "model.norm.weight": rng.normal(size=(3,)).astype(np.float32), "model.pos_ids": ids}
+
+    ids = np.arange(2**40, 2**40 + 6, dtype=np.int64)  # not representable in int32
+    dirs = {n: _handmade(tmp_path / n, make(i, ids)) for i, n in enumerate(("a", "b"))}
+    text = ("merge_method: linear\nmodels:\n" + "".join(f"  - model: {d}\n    parameters: {{weight: {w}}}\n"
+                                                        for d, w in zip(dirs.values(), (0.7, 0.3))))
+    plan = load_mergekit_yaml(_write_yaml(tmp_path / "m.yml", text))
+    stream.merge_checkpoints(plan, tmp_path / "out", progress=False)
+    want = tree.merge("linear", None, {n: _dict(d) for n, d in dirs.items()},
+                      model_parameters=[{"weight": 0.7}, {"weight": 0.3}])
+    _same(tmp_path / "out", {k: np.asarray(v) for k, v in want.items()}, atol=0)
+    np.testing.assert_array_equal(_dict(tmp_path / "out")["model.pos_ids"], ids)
+    bad = _handmade(tmp_path / "c", {**make(2, ids), "model.pos_ids": ids + 1})
+    plan = load_mergekit_yaml(_write_yaml(tmp_path / "bad.yml", text + f"  - model: {bad}\n"
+                                                                      "    parameters: {weight: 1.0}\n"))
+    with pytest.raises(tree.MergeInputError, match=rf"model.pos_ids is a int64 tensor .* differs between "
+                                                   rf"{dirs['a']} and {bad}"):
+        stream.merge_checkpoints(plan, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_hf_inputs_are_read_without_memory_maps(hf):
+    """HF sources read through execute.PreadStore: every tensor a fresh, writable array that owns its memory
+    (no view of a memory-mapped file), equal to transformers' safetensors reading."""
+    from configurable_fm.ops.merge.sources import open_source
+
+    src = open_source(hf["ft_a"])
+    assert isinstance(src._store, X.PreadStore)
+    want = _dict(hf["ft_a"])
+    for k in src:
+        x = src[k]
+        assert x.flags.owndata and x.flags.writeable and not isinstance(x, np.memmap), k
+        np.testing.assert_array_equal(x, want[k])
