@@ -5,6 +5,7 @@ over a small grid of its hyperparameters, score every task on held-out problems 
         --workdir runs/merge_multitask                                                 # one H200, ~5-8 minutes
     python scripts/run.py --config experiments/merge/multitask.py:runlocal --workdir runs/merge_local   # CPU, minutes
     python scripts/run.py --config experiments/merge/multitask.py:test --workdir runs/merge_test        # CPU, ~40 s
+    ... --config experiments/merge/multitask.py:low_lr --workdir runs/merge_multitask_low_lr     # fine-tunes at lr 3e-5
 The compilation cache lets the fine-tune stages after the first reuse its compiled train step (same shapes).
 
 Stages (WORKDIR/stages/<index>_<name>/, report in WORKDIR/report.md):
@@ -75,7 +76,8 @@ SMALL_GRID = [  # the CPU variants: every method, one or two points
     dict(method="fisher", parameters={}),
     dict(method="regmean", parameters={"alpha": 0.9}),
 ]
-VARIANTS = ("default", "runlocal", "test")
+VARIANTS = ("default", "low_lr", "runlocal", "test")
+LOW_LR = 3e-5  # the low_lr variant: smaller task vectors (default fine-tunes: finetune.py's 1e-4)
 
 
 def grid(specs):
@@ -87,7 +89,7 @@ def grid(specs):
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown multitask variant {arg!r}; known: {list(VARIANTS)}")
-    local = arg != "default"
+    local = arg not in ("default", "low_lr")
     test = arg == "test"
     tasks = LOCAL_TASKS if local else TASKS
     stages = []
@@ -125,6 +127,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             train_examples = 32 if test else 400
         else:
             ft.update(steps=400, log_every=50, checkpoint_every=400)
+            if arg == "low_lr":
+                ft.optimizer.update(lr=LOW_LR)
             ft.checkpoint["async"] = False
         ft.data.update(train_examples=train_examples, eval_examples=8, max_eval_batches=1)
         stages.append(stage(f"finetune_{task}", "train", ft))
