@@ -129,51 +129,6 @@ def _alignment(plan: MergePlan, inputs: Mapping[str, _Input], *, first: str) -> 
                                          pad_to_multiple_of=tk.pad_to_multiple_of)
 
 
-def _restricted(al: VOC.VocabularyAlignment, names: tuple, base: Optional[str], tokens: Optional[Mapping],
-                tensor: str) -> VOC.VocabularyAlignment:
-    """`al` for a tensor made from only the inputs `names` (merge base `base`, or None): the same vocabulary
-    and index maps, the fill rows decided over these inputs (as mergekit, whose row rules see only the tensor's
-    inputs): a token's override (`tokens`) as in `al`, needing its source among them; otherwise exactly one holder:
-    its row; none: zero; `base` holds it: the base's row; else the average over the holders."""
-    if names == al.names and base == al.base:
-        return al
-    index = {n: al.index[n] for n in names}
-    present = np.stack([index[n] >= 0 for n in names])  # (N, V)
-    count = present.sum(0)
-    need = ~present.all(0) | al.force
-    kind = np.full(al.size, VOC.KEEP, dtype=np.int8)
-    model = np.full(al.size, -1, dtype=np.int64)
-    row = np.full(al.size, -1, dtype=np.int64)
-    holder = np.argmax(present, axis=0)
-    one = need & (count == 1)
-    kind[one], model[one] = VOC.ROW, holder[one]
-    row[one] = np.stack([index[n] for n in names])[holder[one], np.flatnonzero(one)]
-    kind[need & (count == 0)] = VOC.ZERO
-    if (need & (count == 0)).any():
-        LOG.warning("%s: %d token(s) are in none of its inputs %s: zero rows", tensor, int((need & (count == 0)).sum()),
-                    list(names))
-    many = need & (count >= 2)
-    kind[many] = VOC.AVERAGE
-    if base is not None and base in names:
-        from_base = many & (index[base] >= 0)
-        kind[from_base], model[from_base], row[from_base] = VOC.ROW, names.index(base), index[base][from_base]
-    for tok in tokens or {}:
-        t = al.vocab[tok]
-        if not need[t]:
-            continue
-        kind[t], model[t], row[t] = al.fill_kind[t], -1, al.fill_row[t]
-        if al.fill_kind[t] == VOC.ROW:
-            src = al.names[al.fill_model[t]]
-            if src not in names:
-                raise VOC.VocabularyError(f"{tensor}: tokens[{tok!r}] needs a vocabulary row from model {src!r}, "
-                                          f"which is not an input of this tensor ({list(names)})")
-            model[t] = names.index(src)
-    for a in (kind, model, row):
-        a.setflags(write=False)
-    return dataclasses.replace(al, names=names, base=base, index=index, fill_kind=kind, fill_model=model,
-                               fill_row=row)
-
-
 def _check_parameters(plan: MergePlan, names: list[str], num_layers: int) -> list[dict[str, Any]]:
     """Every tensor's resolved parameters (params.resolve_for_tensor), all resolved before anything is read, so
     that a setting missing for some tensors (e.g. a weight given only under a filter) fails at once, listing
@@ -483,8 +438,8 @@ def _task_alignment(alignment: VOC.VocabularyAlignment, plan: MergePlan, task) -
     pairs = list(task.inputs) + ([task.base] if task.base is not None else [])
     names = tuple(dict.fromkeys(m for m, _ in pairs))
     rule_base = task.base[0] if task.base is not None else plan.tokenizer.base
-    return _restricted(alignment, names, rule_base if rule_base in names else None, plan.tokenizer.tokens,
-                       task.name)
+    return alignment.restricted(names, rule_base if rule_base in names else None, plan.tokenizer.tokens,
+                                tensor=task.name)
 
 
 def merge_yaml(yaml_path: str | os.PathLike, out_dir: str | os.PathLike, **kwargs: Any) -> Path:

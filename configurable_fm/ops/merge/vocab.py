@@ -289,6 +289,34 @@ class VocabularyAlignment:
     fill_model: np.ndarray
     fill_row: np.ndarray
 
+    def restricted(self, names: Sequence[str], base: Optional[str], tokens: Optional[Mapping] = None, *,
+                   tensor: str = "tensor") -> "VocabularyAlignment":
+        """This alignment for a tensor made from only the inputs `names` (merge base `base`, or None): the same
+        vocabulary and index maps, the fill rows decided over these inputs only (as mergekit, whose row rules
+        see only the tensor's inputs; e.g. the first/last slice's sources): default_fill, then each override of
+        `tokens` as in this alignment, its source model needed among `names`."""
+        names = tuple(names)
+        if names == self.names and base == self.base:
+            return self
+        index = {n: self.index[n] for n in names}
+        kind, model, row = default_fill(names, index, base, self.force, what=tensor)
+        need = ~np.stack([index[n] >= 0 for n in names]).all(0) | self.force
+        for tok in tokens or {}:
+            t = self.vocab[tok]
+            if not need[t]:
+                continue
+            kind[t], model[t], row[t] = self.fill_kind[t], -1, self.fill_row[t]
+            if self.fill_kind[t] == ROW:
+                src = self.names[self.fill_model[t]]
+                if src not in names:
+                    raise VocabularyError(f"{tensor}: tokens[{tok!r}] needs a vocabulary row from model {src!r}, "
+                                          f"which is not an input of this tensor ({list(names)})")
+                model[t] = names.index(src)
+        for a in (kind, model, row):
+            a.setflags(write=False)
+        return dataclasses.replace(self, names=names, base=base, index=index, fill_kind=kind, fill_model=model,
+                                   fill_row=row)
+
     def vocab_axis(self, name: str, shape: Sequence[int], tensor: str = "tensor") -> int:
         """The single axis of `shape` whose length is input `name`'s vocabulary size."""
         n = self.input_sizes[name]
@@ -380,6 +408,36 @@ class VocabularyAlignment:
                                   "is needed")
 
 
+def default_fill(names: Sequence[str], index: Mapping[str, np.ndarray], base: Optional[str],
+                 force: np.ndarray, *, what: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mergekit's rows for the output tokens some input lacks (or that are forced), over the inputs `names`:
+    exactly one holder -> its row (ROW); none -> ZERO (a warning); the base holds it -> the base's row; else
+    AVERAGE over the holders. Tokens every input has (and not forced) stay KEEP.
+    Returns (kind (V,) int8, model (V,) index into names or -1, row (V,) the holder's row or -1)."""
+    present = np.stack([index[n] >= 0 for n in names])  # (N, V)
+    count = present.sum(0)
+    need = ~present.all(0) | force
+    V = present.shape[1]
+    kind = np.full(V, KEEP, dtype=np.int8)
+    model = np.full(V, -1, dtype=np.int64)
+    row = np.full(V, -1, dtype=np.int64)
+    one = need & (count == 1)
+    holder = np.argmax(present, axis=0)
+    kind[one], model[one] = ROW, holder[one]
+    row[one] = np.stack([index[n] for n in names])[holder[one], np.flatnonzero(one)]
+    none = need & (count == 0)
+    kind[none] = ZERO
+    if none.any():
+        LOG.warning("%s%d token(s) are in none of the inputs %s: zero rows", f"{what}: " if what else "",
+                    int(none.sum()), list(names))
+    many = need & (count >= 2)
+    kind[many] = AVERAGE
+    if base is not None and base in names:
+        from_base = many & (index[base] >= 0)
+        kind[from_base], model[from_base], row[from_base] = ROW, list(names).index(base), index[base][from_base]
+    return kind, model, row
+
+
 def vocabulary_alignment(
     source: str,
     tokenizers: Mapping[str, Optional[Tokenizer]],
@@ -426,33 +484,15 @@ def vocabulary_alignment(
         ids[unused] = -1
         ids.setflags(write=False)
         index[n] = ids
-    present = np.stack([index[n] >= 0 for n in names])  # (N, V)
     force = np.zeros(V, dtype=bool)
-    kind = np.full(V, KEEP, dtype=np.int8)
-    model = np.full(V, -1, dtype=np.int64)
-    row = np.full(V, -1, dtype=np.int64)
     for t, cfg in overrides.items():
         force[vocab[t]] = cfg.force
-    for t_id, t in enumerate(toks):
-        cfg = overrides.get(t)
-        if cfg is None and present[:, t_id].all():
-            continue
-        if cfg is not None:
-            if not (cfg.force or not present[:, t_id].all()):
-                continue  # every input has it and nothing is forced: no fill row needed
+    kind, model, row = default_fill(names, index, base, force)
+    present_all = np.stack([index[n] >= 0 for n in names]).all(0)
+    for t, cfg in overrides.items():
+        t_id = vocab[t]
+        if cfg.force or not present_all[t_id]:  # else every input has it and nothing is forced: no fill row
             kind[t_id], model[t_id], row[t_id] = _override_fill(t, cfg, names, index, own_vocab, t_id)
-            continue
-        have = np.flatnonzero(present[:, t_id])
-        if len(have) == 1:
-            kind[t_id], model[t_id], row[t_id] = ROW, have[0], index[names[have[0]]][t_id]
-        elif len(have) == 0:
-            LOG.warning("token %r is in none of the inputs: zero row", t)
-            kind[t_id] = ZERO
-        elif base is not None and index[base][t_id] >= 0:
-            j = names.index(base)
-            kind[t_id], model[t_id], row[t_id] = ROW, j, index[base][t_id]
-        else:
-            kind[t_id] = AVERAGE
     padded = V if not pad_to_multiple_of else math.ceil(V / pad_to_multiple_of) * pad_to_multiple_of
     for a in (force, kind, model, row):
         a.setflags(write=False)
