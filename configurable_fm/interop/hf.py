@@ -145,6 +145,21 @@ def abstract_model(family: Family, cfg, param_dtype=jnp.float32) -> nnx.Module:
     return nnx.eval_shape(lambda: family.build(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype))
 
 
+def check_tensor_match(source, family: str, missing, unexpected, misshaped) -> None:
+    """Raises one CheckpointError listing every missing, unexpected and mis-shaped tensor of `source` (a file or
+    directory) against the `family` config; nothing when all three are empty."""
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{source} does not match the {family} config:"]
+    if missing:
+        lines.append(f"  missing tensors ({len(missing)}): {list(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected tensors ({len(unexpected)}): {list(unexpected)}")
+    if misshaped:
+        lines.append(f"  mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped))
+    raise CheckpointError("\n".join(lines))
+
+
 def state_from_tensors(family: Family, cfg, tensors, *, source: str, param_dtype=jnp.float32) -> nnx.Module:
     """Builds the model from a {HF name: array} mapping, validating names and shapes (one error for all)."""
     model = abstract_model(family, cfg, param_dtype)
@@ -173,15 +188,7 @@ def state_from_tensors(family: Family, cfg, tensors, *, source: str, param_dtype
                             f"has shape {shapes[0]} but {m.path} needs {expected_shapes[m.path]}")
             continue
         values[m.path] = jnp.asarray(value, dtype=param_dtype)
-    if missing or unexpected or problems:
-        lines = [f"{source} does not match the {family.name} config:"]
-        if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected tensors ({len(unexpected)}): {unexpected}")
-        if problems:
-            lines.append(f"  mis-shaped tensors ({len(problems)}): " + "; ".join(problems))
-        raise CheckpointError("\n".join(lines))
+    check_tensor_match(source, family.name, missing, unexpected, problems)
     return with_params(model, values, check_shapes=False)
 
 

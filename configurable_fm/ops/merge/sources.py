@@ -149,16 +149,9 @@ def _expected_hf_shapes(family, cfg) -> dict[str, tuple[int, ...]]:
 
 
 def _report(location: str, family: str, missing, unexpected, misshaped) -> None:
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{location} does not match its {family} config:"]
-    if missing:
-        lines.append(f"  missing tensors ({len(missing)}): {sorted(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected tensors ({len(unexpected)}): {sorted(unexpected)}")
-    if misshaped:
-        lines.append(f"  mis-shaped tensors ({len(misshaped)}): " + "; ".join(misshaped))
-    raise CheckpointError("\n".join(lines))
+    from configurable_fm.interop.hf import check_tensor_match
+
+    check_tensor_match(location, family, sorted(missing), sorted(unexpected), misshaped)
 
 
 # ------------------------------------------------------------------------------------ GGUF files

@@ -337,7 +337,7 @@ def test_gguf_missing_and_misshaped_tensors(tiny, tmp_path):
     with pytest.raises(CheckpointError) as e:
         open_source(tmp_path / "m.gguf")
     msg = str(e.value)
-    assert "m.gguf does not match its llama config" in msg
+    assert "m.gguf does not match the llama config" in msg
     assert "missing tensors (1): ['model.layers.1.mlp.up_proj.weight']" in msg
     assert "model.norm.weight (output_norm.weight) has shape (7,), expected (32,)" in msg
 
@@ -360,7 +360,7 @@ def test_orbax_bad_config(tiny_orbax, tmp_path):
     (bad / orbax_io.MODEL_CONFIG).write_text(json.dumps({**spec, "intermediate_size": 40}))
     with pytest.raises(CheckpointError) as e:
         open_source(bad)
-    assert "bad does not match its llama config" in str(e.value)
+    assert "bad does not match the llama config" in str(e.value)
     assert "layers.1.mlp.down_proj.kernel has shape (48, 32), expected (40, 32)" in str(e.value)
 
 
