@@ -9,12 +9,27 @@ Config keys (a merge config; as a study stage it also has `name` and kind 'merge
     method           : a registered merge method (registry.METHODS), e.g. 'task_arithmetic', 'ties', 'linear'
     base             : a source `load_model` takes (registry name, HF dir, .gguf, orbax model checkpoint, or a
                        stage reference '@<stage>' in a study), or '' for none
-    models           : the other inputs' sources, in mergekit's `models:` order minus the base (N >= 1)
+    models           : the other inputs' sources, in mergekit's `models:` order minus the base (N >= 1); empty
+                       with `slices`
+    slices           : mergekit's `slices:` instead of `models` (frankenmerges, depth up-scaling): a list of
+                       {sources: [{model: <source>, layer_range: [a, b], parameters}], parameters, base_model};
+                       the result is `tree.merge_slices(method, slices, {source: load_model(source)}, base=base)`,
+                       a model with the new layer count (sum of the slices' b - a). `base` (optional) names the
+                       source that is the base of every slice for methods that use one, and the reference whose
+                       tensors outside the layers define the output (default: the first slice's first source).
+                       No `model_parameters` (per-source settings go in the sources' `parameters`) and no
+                       `embed_alignment`.
     parameters       : global settings {name: setting} (params.py: scalars, gradients, {filter, value} lists)
     model_parameters : one {name: setting} dict per model (same length as `models`), or empty
     seed             : PRNG seed of randomised methods (keys are order independent)
     out_dtype        : '' (the base's dtype, else the first model's) or a dtype name ('float32', 'bfloat16')
-    embed_alignment  : '' (a vocabulary mismatch is an error) or 'base' (inputs cut/padded to the base's)
+    embed_alignment  : '' (a vocabulary mismatch is an error), 'base' (inputs cut/padded to the base's), or
+                       tokenizer-aware (vocab.py, mergekit's `tokenizer_source`): 'union' (the base's tokenizer
+                       plus every other input's tokens) or one input's source (its tokenizer); every input's
+                       vocabulary rows are permuted by token into the output vocabulary. The tokenizers come from
+                       the sources (`source_tokenizer`: registry name, .gguf, a directory with tokenizer.json);
+                       the output model has vocab_size = the output vocabulary's size, and
+                       `merge_from_config(cfg, with_tokenizer=True)` also returns the output tokenizer.
     data             : only for the data-dependent methods below: a make_data config (train/data.py: `data.kind`
                        'shards' or 'tasks', seq_len, batch_size, seed, tokenizer, token_ids, ...), e.g.
                        experiments/finetune.py's config; absent for the mergekit-style methods
@@ -45,7 +60,7 @@ import ml_collections
 from configurable_fm.pipeline import StageContext, StageOutput, register_stage, to_plain
 
 MERGE_KEYS = ("method", "base", "models", "parameters", "model_parameters", "seed", "out_dtype", "embed_alignment",
-              "data")
+              "data", "slices")
 STAGE_KEYS = ("name", "kind")
 # Data-dependent methods: {method: {parameter: default}} (None: see the module docstring).
 DATA_METHODS = {
@@ -58,9 +73,11 @@ DATA_METHODS = {
 def merge_config(method: str, models: Sequence[str], base: str = "", *, parameters: Mapping | None = None,
                  model_parameters: Sequence[Mapping] | None = None, seed: int = 0, out_dtype: str = "",
                  embed_alignment: str = "", name: str | None = None,
-                 data: ml_collections.ConfigDict | Mapping | None = None) -> ml_collections.ConfigDict:
+                 data: ml_collections.ConfigDict | Mapping | None = None,
+                 slices: Sequence[Mapping] | None = None) -> ml_collections.ConfigDict:
     """A merge config (module docstring); with `name`, a study stage of kind 'merge'. `data` (a make_data
-    config) is set only when given (the data-dependent methods 'fisher' and 'regmean' need it)."""
+    config) is set only when given (the data-dependent methods 'fisher' and 'regmean' need it); `slices`
+    (mergekit-style slice dicts, with models=()) only when given."""
     c = ml_collections.ConfigDict()
     if name is not None:
         c.name, c.kind = name, "merge"
@@ -74,6 +91,8 @@ def merge_config(method: str, models: Sequence[str], base: str = "", *, paramete
     c.embed_alignment = embed_alignment or ""
     if data is not None:
         c.data = ml_collections.ConfigDict(to_plain(data, "merge config data"))
+    if slices is not None:
+        c.slices = tuple(to_plain(sl, f"merge config slices[{i}]") for i, sl in enumerate(slices))
     return c
 
 
@@ -85,14 +104,18 @@ def _plain_config(cfg) -> dict[str, Any]:
     unknown = sorted(set(d) - set(MERGE_KEYS) - set(STAGE_KEYS))
     if unknown:
         raise ValueError(f"merge config: unknown key(s) {unknown}; valid keys: {sorted(MERGE_KEYS)}")
-    for key in ("method", "models"):
-        if key not in d:
-            raise ValueError(f"merge config: missing required key {key!r}")
+    if "method" not in d:
+        raise ValueError("merge config: missing required key 'method'")
     if not isinstance(d["method"], str) or not d["method"]:
         raise ValueError(f"merge config: `method` must be a method name, got {d['method']!r}")
+    if d.get("slices"):
+        return _slices_config(d)
+    if "models" not in d:
+        raise ValueError("merge config: missing required key 'models' (or `slices`)")
     models = d["models"]
     if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:
-        raise ValueError(f"merge config: `models` must be a non-empty list of model sources, got {models!r}")
+        raise ValueError(f"merge config: `models` must be a non-empty list of model sources (or give `slices`), "
+                         f"got {models!r}")
     for i, m in enumerate(models):
         if not isinstance(m, str) or not m:
             raise ValueError(f"merge config: models[{i}] must be a model source (non-empty string), got {m!r}")
@@ -110,8 +133,9 @@ def _plain_config(cfg) -> dict[str, Any]:
         if p is not None and not isinstance(p, dict):
             raise ValueError(f"merge config: model_parameters[{i}] (for {models[i]!r}) must be a dict, got {p!r}")
     align = d.get("embed_alignment") or None
-    if align not in (None, "base"):
-        raise ValueError(f"merge config: `embed_alignment` must be '' or 'base', got {align!r}")
+    if align not in (None, "base", "union") and align not in [base, *models]:
+        raise ValueError(f"merge config: `embed_alignment` must be '', 'base', 'union' or one of the input "
+                         f"sources {[m for m in [base, *models] if m]}, got {align!r}")
     seed = d.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"merge config: `seed` must be an integer, got {seed!r}")
@@ -123,7 +147,63 @@ def _plain_config(cfg) -> dict[str, Any]:
                          f"not to {d['method']!r}; remove it")
     return dict(method=d["method"], base=base, models=list(models), parameters=params,
                 model_parameters=[p or {} for p in per_model] or None, seed=seed,
-                out_dtype=d.get("out_dtype") or None, embed_alignment=align, data=data)
+                out_dtype=d.get("out_dtype") or None, embed_alignment=align, data=data, slices=None)
+
+
+def _slices_config(d: dict) -> dict[str, Any]:
+    """A checked config with `slices` (module docstring); errors name the key (slices[i].sources[j].model ...)."""
+    where = "merge config"
+    if d["method"] in DATA_METHODS:
+        raise ValueError(f"{where}: `slices` applies to the mergekit methods, not to {d['method']!r}")
+    for key in ("models", "model_parameters", "embed_alignment", "data"):
+        if d.get(key):
+            raise ValueError(f"{where}: `{key}` must be empty with `slices` (the slices' sources are the inputs; "
+                             f"per-source settings go in slices[i].sources[j].parameters), got {d[key]!r}")
+    from configurable_fm.ops.merge import slices as S
+    from configurable_fm.ops.merge.registry import get_method
+
+    try:
+        outs = S.as_slices(d["slices"])
+        found = S.problems(get_method(d["method"]), outs)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if found:
+        raise ValueError(f"{where}: " + "; ".join(msg for _, msg in found))
+    sources = [src.model for sl in outs for src in sl.sources]
+    base = d.get("base") or ""
+    if not isinstance(base, str) or (base and base not in sources):
+        raise ValueError(f"merge config: `base` must be '' or one of the slices' sources {sorted(set(sources))}, "
+                         f"got {base!r}")
+    params = d.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"merge config: `parameters` must be a dict, got {params!r}")
+    seed = d.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"merge config: `seed` must be an integer, got {seed!r}")
+    return dict(method=d["method"], base=base, models=list(dict.fromkeys(sources)), parameters=params,
+                model_parameters=None, seed=seed, out_dtype=d.get("out_dtype") or None, embed_alignment=None,
+                data=None, slices=outs)
+
+
+def source_tokenizer(source: str):
+    """The tokenizers.Tokenizer of a model source: a registry name (data.shards.resolve_tokenizer), a .gguf
+    file, or a directory holding tokenizer.json (an HF directory, or a model checkpoint next to which one was
+    saved); None when the source has none."""
+    from pathlib import Path
+
+    from configurable_fm.data.tokenizers import load_tokenizer, tokenizer_from_gguf
+    from configurable_fm.models import registry
+
+    if source in registry.MODELS:
+        from configurable_fm.data.shards import resolve_tokenizer
+
+        return resolve_tokenizer(source)[0]
+    path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return tokenizer_from_gguf(path)
+    if (path / "tokenizer.json").is_file():
+        return load_tokenizer(path)
+    return None
 
 
 def _data_method_parameters(method, params, per_model, models, base, align, data) -> dict[str, Any]:
@@ -230,10 +310,12 @@ def _is_floating(x) -> bool:
     return bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 
 
-def merge_from_config(cfg, *, log=None):
-    """The merged nnx model of a merge config (module docstring): `tree.merge` over `load_model` of the sources.
+def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
+    """The merged nnx model of a merge config (module docstring): `tree.merge` over `load_model` of the sources
+    (`tree.merge_slices` with `slices`). with_tokenizer: return (model, output tokenizer), the tokenizer being
+    the aligned vocabulary's for a tokenizer-aware `embed_alignment`, else None.
     Raises ValueError naming the key for a bad config (unknown key, wrong type, length mismatch, unknown method
-    or dtype), before loading any model."""
+    or dtype, an input without a tokenizer for 'union' / a model name), before loading any model."""
     import jax.numpy as jnp
 
     from configurable_fm.models.factory import load_model
@@ -255,14 +337,71 @@ def merge_from_config(cfg, *, log=None):
         except TypeError:
             raise ValueError(f"merge config: unknown `out_dtype` {d['out_dtype']!r}") from None
     if method is None:
-        return _data_merge({**d, "out_dtype": out_dtype}, log=log)
+        model = _data_merge({**d, "out_dtype": out_dtype}, log=log)
+        return (model, None) if with_tokenizer else model
+    if d["slices"] is not None:
+        from configurable_fm.ops.merge.tree import merge_slices
+
+        if log is not None:
+            log(f"merging {len(d['slices'])} slice(s) of {len(d['models'])} model(s) with {d['method']}")
+        model = merge_slices(method, d["slices"], {m: load_model(m) for m in d["models"]}, base=d["base"] or None,
+                             parameters=d["parameters"], seed=d["seed"], out_dtype=out_dtype)
+        return (model, None) if with_tokenizer else model
+    align = d["embed_alignment"]
+    if align not in (None, "base"):
+        return _tokenizer_merge(method, d, out_dtype, log, with_tokenizer)
     if log is not None:
         log(f"merging {len(d['models'])} model(s) with {d['method']}" + (f" onto base {d['base']}" if d["base"]
                                                                            else " (no base)"))
     base = load_model(d["base"]) if d["base"] else None
     models = [load_model(m) for m in d["models"]]
-    return merge(method, base, models, parameters=d["parameters"], model_parameters=d["model_parameters"],
-                 seed=d["seed"], out_dtype=out_dtype, embed_alignment=d["embed_alignment"])
+    model = merge(method, base, models, parameters=d["parameters"], model_parameters=d["model_parameters"],
+                  seed=d["seed"], out_dtype=out_dtype, embed_alignment=align)
+    return (model, None) if with_tokenizer else model
+
+
+def _tokenizer_merge(method, d: dict, out_dtype, log, with_tokenizer: bool):
+    """tree.merge with embed_alignment 'union' / an input's source: the inputs named 'base', 'model_0', ...,
+    their tokenizers from `source_tokenizer`, merged as flat dicts; the model is the template's family with
+    vocab_size = the output vocabulary's (padded) size."""
+    import dataclasses
+
+    from configurable_fm.bricks.paths import flat_params, with_params
+    from configurable_fm.models.factory import build_model, load_model
+    from configurable_fm.ops.merge.tree import VOCAB_TENSORS, merge
+    from configurable_fm.ops.merge.vocab import vocab_axis_of_path
+
+    sources = ({"base": d["base"]} if d["base"] else {}) | {f"model_{i}": m for i, m in enumerate(d["models"])}
+    align = d["embed_alignment"]
+    if align != "union":
+        align = next(n for n, s in sources.items() if s == align)
+    tokenizers = {}
+    for name, src in sources.items():
+        tok = source_tokenizer(src)
+        if tok is None:
+            raise ValueError(f"merge config: embed_alignment={d['embed_alignment']!r} needs the tokenizer of every "
+                             f"input, but {name} ({src!r}) has none (a registry name, a .gguf file or a directory "
+                             "with tokenizer.json)")
+        tokenizers[name] = tok
+    if log is not None:
+        log(f"merging {len(d['models'])} model(s) with {d['method']}, vocabularies aligned by token "
+            f"(embed_alignment={d['embed_alignment']!r})")
+    base = load_model(d["base"]) if d["base"] else None
+    models = {f"model_{i}": load_model(m) for i, m in enumerate(d["models"])}
+    per_model = None if d["model_parameters"] is None else dict(zip(models, d["model_parameters"]))
+    flat, tokenizer = merge(method, None if base is None else flat_params(base),
+                            {n: flat_params(m) for n, m in models.items()}, parameters=d["parameters"],
+                            model_parameters=per_model, seed=d["seed"], out_dtype=out_dtype, embed_alignment=align,
+                            tokenizers=tokenizers)
+    template = base if base is not None else next(iter(models.values()))
+    cfg = template.cfg
+    if "vocab_size" not in {f.name for f in dataclasses.fields(cfg)}:
+        raise ValueError(f"merge config: embed_alignment={d['embed_alignment']!r}: {type(cfg).__name__} has no "
+                         "vocab_size field to resize")
+    vocab = next(int(v.shape[vocab_axis_of_path(k, v.ndim)]) for k, v in flat.items() if any(
+        t in k for t in VOCAB_TENSORS))
+    model = with_params(build_model(dataclasses.replace(cfg, vocab_size=vocab)), flat)
+    return (model, tokenizer) if with_tokenizer else model
 
 
 def merge_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput:
@@ -272,8 +411,13 @@ def merge_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
     model = merge_from_config(cfg, log=ctx.log)
     path = ctx.save_model(model)
     n_params = int(sum(int(v.size) for v in flat_params(model).values()))
-    inputs = ([f"base {ctx.label(cfg.base)}"] if cfg.get("base") else []) + [ctx.label(m) for m in cfg.models]
-    summary = (f"Merged {', '.join(inputs)} with `{cfg.method}` (parameters {to_plain(cfg.get('parameters'))}, "
+    if cfg.get("slices"):
+        srcs = dict.fromkeys(s["model"] for sl in to_plain(cfg.slices) for s in sl["sources"])
+        inputs = [ctx.label(m) for m in srcs]
+    else:
+        inputs = ([f"base {ctx.label(cfg.base)}"] if cfg.get("base") else []) + [ctx.label(m) for m in cfg.models]
+    layers = f" in {len(cfg.slices)} slice(s)" if cfg.get("slices") else ""
+    summary = (f"Merged {', '.join(inputs)}{layers} with `{cfg.method}` (parameters {to_plain(cfg.get('parameters'))}, "
                f"per model {to_plain(cfg.get('model_parameters'))}, seed {cfg.get('seed', 0)}).")
     return StageOutput(model=path, metrics={"inputs": len(inputs), "params": n_params}, summary=summary)
 

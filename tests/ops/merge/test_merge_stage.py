@@ -1,5 +1,6 @@
 """Merging from ml-collections configs (ops/merge/stage.py), scripts/merge.py --config, and the 'merge' stage of
 a study: pretrain -> fine-tune A, fine-tune B -> merge -> evaluate."""
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_script_argument_errors(argv, message, capsys, monkeypatch):
     (dict(method="tise"), "unknown merge method 'tise'"),
     (dict(model_parameters=({"weight": 1.0},)), "`model_parameters` has 1 entries but `models` has 2"),
     (dict(out_dtype="float17"), "unknown `out_dtype` 'float17'"),
-    (dict(embed_alignment="first"), "`embed_alignment` must be '' or 'base'"),
+    (dict(embed_alignment="first"), "`embed_alignment` must be '', 'base', 'union' or one of the input sources"),
     (dict(wieght=1.0), r"unknown key\(s\) \['wieght'\]"),
 ])
 def test_bad_configs_are_errors_naming_the_key(change, message):
@@ -155,3 +156,173 @@ def test_study_merges_two_finetunes(tmp_path):
     assert "val_loss" in json.dumps(result["evaluate"].metrics)
     assert "@merge" in json.loads((tmp_path / "study" / "stages" / "04_evaluate" / "eval.json").read_text()
                                   )["models"][1]["label"]
+
+
+# Every registered mergekit method through the config route: (base?, models, parameters, model_parameters).
+W2 = [{"weight": 0.7}, {"weight": 0.4}]
+METHOD_CASES = {
+    "arcee_fusion": (True, ["a"], {}, None),
+    "breadcrumbs": (True, ["a", "b"], {"density": 0.8, "gamma": 0.1}, W2),
+    "breadcrumbs_ties": (True, ["a", "b"], {"density": 0.8, "gamma": 0.1}, W2),
+    "dare_linear": (True, ["a", "b"], {"density": 0.6}, W2),
+    "dare_ties": (True, ["a", "b"], {"density": 0.6}, W2),
+    "della": (True, ["a", "b"], {"density": 0.6, "epsilon": 0.1}, W2),
+    "della_linear": (True, ["a", "b"], {"density": 0.6, "epsilon": 0.1}, W2),
+    "karcher": (False, ["a", "b"], {"max_iter": 5}, None),
+    "linear": (False, ["a", "b"], {}, W2),
+    "model_stock": (True, ["a", "b"], {}, None),
+    "multislerp": (True, ["a", "b"], {}, W2),
+    "nearswap": (True, ["a"], {"t": 0.01}, None),
+    "nuslerp": (True, ["a", "b"], {}, W2),
+    "passthrough": (False, ["a"], {}, [{"scale": 0.5}]),
+    "ram": (True, ["a", "b"], {}, None),
+    "ramplus_tl": (True, ["a", "b"], {}, None),
+    "sce": (True, ["a", "b"], {"select_topk": 0.5}, None),
+    "slerp": (True, ["a"], {"t": [0.0, 0.3, 1.0]}, None),
+    "task_arithmetic": (True, ["a", "b"], {"lambda": 0.9}, W2),
+    "ties": (True, ["a", "b"], {"density": 0.5}, W2),
+}
+
+
+TINY = LlamaConfig(vocab_size=8, hidden_size=4, intermediate_size=4, num_layers=2, num_heads=1, num_kv_heads=1,
+                   head_dim=4, max_position_embeddings=8)  # few distinct shapes: few kernel compilations
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {n: str(save_model(random_llama(TINY, s), root / n)) for n, s in (("base", 0), ("a", 1), ("b", 2))}
+
+
+def test_method_cases_cover_the_registry():
+    from configurable_fm.ops.merge.registry import METHODS, get_method
+
+    get_method("linear")  # registers every method
+    assert set(METHOD_CASES) == set(METHODS)
+
+
+# Kernels with top-k / sorting compile slowly on CPU (4-8 s each here): run with --runslow. ('ties' also runs in
+# test_config_route_equals_tree_merge above.)
+SLOW_METHODS = {"breadcrumbs", "breadcrumbs_ties", "dare_linear", "della", "della_linear", "sce", "ties"}
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_METHODS else m
+                                    for m in sorted(METHOD_CASES)])
+def test_every_method_config_route_equals_tree_merge(tiny_ckpts, method):
+    ckpts = tiny_ckpts
+    with_base, names, parameters, per_model = METHOD_CASES[method]
+    base = ckpts["base"] if with_base else ""
+    cfg = merge_config(method, [ckpts[n] for n in names], base, parameters=parameters, model_parameters=per_model,
+                       seed=5)
+    got = arrays(merge_from_config(cfg))
+    expected = arrays(tree.merge(method, load_model(base) if base else None, [load_model(ckpts[n]) for n in names],
+                                 parameters=parameters, model_parameters=per_model, seed=5))
+    assert_same(got, expected, atol=1e-6)
+    first = arrays(load_model(ckpts[names[0]]))
+    assert not all(np.array_equal(v, first[k]) for k, v in got.items())  # not a copy of the first input
+
+
+# ------------------------------------------------------------------------------------------------ slices
+def test_slices_config_equals_merge_slices_and_stage_writes_new_depth(tmp_path_factory):
+    """SOLAR-style passthrough: layers [0, 2) + [1, 3) of a 3-layer model -> 4 layers, as tree.merge_slices."""
+    from configurable_fm.pipeline import StageContext
+    from configurable_fm.ops.merge.stage import merge_stage
+
+    root = tmp_path_factory.mktemp("slices")
+    src = str(save_model(random_llama(dataclasses.replace(TINY, num_layers=3), 7), root / "m"))
+    slices = [{"sources": [{"model": src, "layer_range": [0, 2]}]},
+              {"sources": [{"model": src, "layer_range": [1, 3]}]}]
+    cfg = merge_config("passthrough", (), slices=slices)
+    got = merge_from_config(cfg)
+    assert got.cfg.num_layers == 4
+    m = load_model(src)
+    expected = tree.merge_slices("passthrough", [{"sources": [{"model": "m", "layer_range": [0, 2]}]},
+                                                 {"sources": [{"model": "m", "layer_range": [1, 3]}]}], {"m": m})
+    assert_same(arrays(got), arrays(expected))
+    a = arrays(m)
+    for k, v in arrays(got).items():  # output layer j is input layer (0, 1, 1, 2)[j]; the rest copied
+        np.testing.assert_array_equal(v, a[k.replace("layers.2.", "layers.1.").replace("layers.3.", "layers.2.")],
+                                      err_msg=k)
+    # the stage writes a model with the new depth
+    stage_cfg = merge_config("passthrough", (), slices=slices, name="up")
+    (root / "stage").mkdir()
+    ctx = StageContext(workdir=root, stage_dir=root / "stage", index=0, name="up", sources={}, log=lambda s: None)
+    out = merge_stage(stage_cfg, ctx)
+    written = load_model(out.model)
+    assert written.cfg.num_layers == 4
+    assert_same(arrays(written), arrays(expected))
+    assert out.metrics["inputs"] == 1 and "2 slice(s)" in out.summary
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(slices=({"sources": ()},)), r"slices\[0\].sources must be a non-empty list"),
+    (dict(slices=({"sources": ({"model": "m", "layer_range": (2, 1)},)},)),
+     r"slices\[0\].sources\[0\].*layer_range"),
+    (dict(slices=({"sources": ({"modle": "m", "layer_range": (0, 1)},)},)),
+     r"slices\[0\].sources\[0\] needs 'model' and 'layer_range'"),
+    (dict(slices=({"sources": ({"model": "m", "layer_range": (0, 1)},), "base": "m"},)),
+     r"slices\[0\]: unknown key\(s\) \['base'\]"),
+    (dict(slices=({"sources": ({"model": "m", "layer_range": (0, 1)},)},), models=("x",)),
+     "`models` must be empty with `slices`"),
+    (dict(slices=({"sources": ({"model": "m", "layer_range": (0, 1)},)},), base="other"),
+     "`base` must be '' or one of the slices' sources"),
+    (dict(slices=({"sources": ({"model": "m", "layer_range": (0, 1)},)},), embed_alignment="base"),
+     "`embed_alignment` must be empty with `slices`"),
+])
+def test_bad_slices_configs_are_errors_naming_the_key(change, message):
+    cfg = merge_config("passthrough", ()).to_dict()
+    cfg.update(change)
+    with pytest.raises(ValueError, match=message):
+        merge_from_config(cfg)
+
+
+# ------------------------------------------------------------------------------------- tokenizer alignment
+def _word_tokenizer(words, path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return tok
+
+
+@pytest.fixture(scope="module")
+def vocab_ckpts(tmp_path_factory):
+    """Tiny models (vocab 8) with word tokenizers: base and a share 4 words at other ids, b has base's vocab."""
+    root = tmp_path_factory.mktemp("vocab")
+    words = {"base": list("abcdefgh"), "a": ["a", "x", "c", "y", "b", "z", "w", "h"], "b": list("abcdefgh")}
+    out = {}
+    for n, s in (("base", 0), ("a", 1), ("b", 2)):
+        out[n] = str(save_model(random_llama(TINY, s), root / n))
+        _word_tokenizer(words[n], root / n)
+    out["no_tok"] = str(save_model(random_llama(TINY, 3), root / "no_tok"))
+    return out
+
+
+@pytest.mark.parametrize("alignment", ["union", "a"])
+def test_tokenizer_alignment_config_equals_tree_merge(vocab_ckpts, alignment):
+    from configurable_fm.data.tokenizers import load_tokenizer
+
+    c = vocab_ckpts
+    align = c["a"] if alignment == "a" else "union"
+    cfg = merge_config("task_arithmetic", [c["a"], c["b"]], c["base"], parameters={"weight": 0.5},
+                       embed_alignment=align)
+    got, tok = merge_from_config(cfg, with_tokenizer=True)
+    expected, expected_tok = tree.merge(
+        "task_arithmetic", arrays(load_model(c["base"])), {"model_0": arrays(load_model(c["a"])),
+                                                            "model_1": arrays(load_model(c["b"]))},
+        parameters={"weight": 0.5}, embed_alignment="union" if alignment == "union" else "model_0",
+        tokenizers={n: load_tokenizer(c[k]) for n, k in (("base", "base"), ("model_0", "a"), ("model_1", "b"))})
+    v = 12 if alignment == "union" else 8  # union: a..h + x, y, z, w
+    assert got.cfg.vocab_size == v and tok.get_vocab() == expected_tok.get_vocab()
+    assert tok.get_vocab_size() == v
+    assert_same(arrays(got), {k: np.asarray(x) for k, x in expected.items()}, atol=1e-6)
+    assert merge_from_config(cfg).cfg.vocab_size == v
+
+
+def test_tokenizer_alignment_needs_every_tokenizer(vocab_ckpts):
+    c = vocab_ckpts
+    cfg = merge_config("task_arithmetic", [c["a"], c["no_tok"]], c["base"], parameters={"weight": 0.5},
+                       embed_alignment="union")
+    with pytest.raises(ValueError, match=r"needs the tokenizer of every input, but model_1 \(.*no_tok'\) has none"):
+        merge_from_config(cfg)
