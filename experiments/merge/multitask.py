@@ -38,7 +38,7 @@ the test swaps in a character tokenizer). CPU: add nothing (the local variants s
 """
 import ml_collections
 
-from configurable_fm.ops.merge.study import available_methods, merge_grid_config
+from configurable_fm.ops.merge.study import merge_grid_config
 from configurable_fm.pipeline import stage
 from experiments import finetune, pretrain
 
@@ -78,12 +78,6 @@ SMALL_GRID = [  # the CPU variants: every method, one or two points
 ]
 VARIANTS = ("default", "low_lr", "runlocal", "test")
 LOW_LR = 3e-5  # the low_lr variant: smaller task vectors (default fine-tunes: finetune.py's 1e-4)
-
-
-def grid(specs):
-    """The specs whose method is available (the data-based ones only when their module exists)."""
-    names = available_methods([s["method"] for s in specs])
-    return [s for s in specs if s["method"] in names]
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -135,7 +129,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     n_val, n_test = (4, 4) if test else (16, 32) if local else (64, 128)
     stages.append(merge_grid_config(
-        base=base, tasks=tasks, models=[f"@finetune_{t}" for t in tasks], methods=grid(SMALL_GRID if local else GRID),
+        base=base, tasks=tasks, models=[f"@finetune_{t}" for t in tasks], methods=SMALL_GRID if local else GRID,
         n_val=n_val, n_test=n_test, val_seed=1, test_seed=0, exclude_n=train_examples, exclude_seed=0,
         batch_size=20 if test else 64 if local else 320, seq_len=SEQ_LEN, data_examples=8 if test else 64,
         data_batch_size=8 if local else 32, fisher_chunk=1 if local else 8))

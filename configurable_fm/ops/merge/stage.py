@@ -186,23 +186,19 @@ def _slices_config(d: dict) -> dict[str, Any]:
 
 
 def source_tokenizer(source: str):
-    """The tokenizers.Tokenizer of a model source: a registry name (data.shards.resolve_tokenizer), a .gguf
-    file, or a directory holding tokenizer.json (an HF directory, or a model checkpoint next to which one was
-    saved); None when the source has none."""
+    """The tokenizers.Tokenizer of a model source (data.shards.resolve_tokenizer): a registry name, a .gguf file,
+    or a directory holding tokenizer.json (an HF directory, or a model checkpoint next to which one was saved);
+    None when the source has none."""
     from pathlib import Path
 
-    from configurable_fm.data.tokenizers import load_tokenizer, tokenizer_from_gguf
+    from configurable_fm.data.shards import resolve_tokenizer
     from configurable_fm.models import registry
 
-    if source in registry.MODELS:
-        from configurable_fm.data.shards import resolve_tokenizer
-
-        return resolve_tokenizer(source)[0]
     path = Path(source)
-    if path.suffix == ".gguf" and path.is_file():
-        return tokenizer_from_gguf(path)
-    if (path / "tokenizer.json").is_file():
-        return load_tokenizer(path)
+    has_one = source in registry.MODELS or (path.suffix == ".gguf" and path.is_file()) \
+        or (path / "tokenizer.json").is_file()
+    if has_one:
+        return resolve_tokenizer(source)[0]
     return None
 
 

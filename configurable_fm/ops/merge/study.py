@@ -26,12 +26,11 @@ Grid spec: `methods` is a list of {method, label, parameters, sweep}: `parameter
 parameters shared by the points, `sweep` maps parameter names to lists of values whose Cartesian product gives
 the points (`grid_points`). Method 'fisher' / 'regmean' are data-based merges (configurable_fm.ops.merge.fisher /
 regmean): they use `data_examples` training-split rows of each fine-tune's own task (see
-`DATA_METHODS`); `available_methods()` tells which are importable.
+`DATA_METHODS`).
 """
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import math
@@ -80,12 +79,6 @@ def merge_grid_config(name: str = "merge_grid", *, base: str, tasks: Sequence[st
     c.fisher_chunk = fisher_chunk
     c.save_best = save_best
     return c
-
-
-def available_methods(names: Sequence[str]) -> list[str]:
-    """`names` minus the data-based methods whose module (configurable_fm.ops.merge.<name>) is not importable."""
-    return [n for n in names if n not in DATA_METHODS
-            or importlib.util.find_spec(f"configurable_fm.ops.merge.{n}") is not None]
 
 
 def _fmt(v) -> str:
@@ -261,10 +254,6 @@ def merge_grid_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> Stage
 
     _check(cfg)
     points = grid_points(cfg.methods)
-    missing = sorted({p["method"] for p in points} - set(available_methods([p["method"] for p in points])))
-    if missing:
-        raise ValueError(f"merge_grid: method(s) {missing} need configurable_fm.ops.merge.<method>, which is not "
-                         "importable; drop them from `methods` (experiments list them only when available)")
     tasks = list(cfg.tasks)
     tok = task_tokenizer(cfg)
     sets = {}

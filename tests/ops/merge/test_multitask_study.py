@@ -68,11 +68,11 @@ def test_study_writes_table_plots_and_every_score(study_run):
     d = workdir / result["merge_grid"].dir
     for f in ("results.csv", "results.json", "table.md", "methods.png", "hparams.png"):
         assert (d / f).stat().st_size > 0, f
-    groups = [s["label"] if s.get("label") else s["method"] for s in multitask.grid(multitask.SMALL_GRID)]
+    groups = [s["label"] if s.get("label") else s["method"] for s in multitask.SMALL_GRID]
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della",
             "model_stock"} <= set(groups)
     rows = list(csv.DictReader(open(d / "results.csv")))
-    points = study.grid_points(multitask.grid(multitask.SMALL_GRID))
+    points = study.grid_points(multitask.SMALL_GRID)
     labels = ["base"] + [f"finetune:{t}" for t in multitask.LOCAL_TASKS] + [p["label"] for p in points]
     # every model x task x set, once
     assert sorted((r["label"], r["task"], r["set"]) for r in rows) == sorted(
@@ -98,7 +98,7 @@ def test_saved_best_merge_is_the_tree_merge_of_the_finetunes(study_run):
     result, workdir = study_run
     src = {r.name: r.model_source(workdir) for r in result.stages}
     best = result["merge_grid"].metrics["best"]
-    point = next(p for p in study.grid_points(multitask.grid(multitask.SMALL_GRID)) if p["label"] == best)
+    point = next(p for p in study.grid_points(multitask.SMALL_GRID) if p["label"] == best)
     fts = [load_model(src[f"finetune_{t}"]) for t in multitask.LOCAL_TASKS]
     base = None if point["method"] == "linear" else load_model(src["pretrain"])
     expected = flat_params(tree.merge(point["method"], base, fts, parameters=point["parameters"], seed=0))
