@@ -47,6 +47,8 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
+from configurable_fm.errors import UserError
+
 MARKER = "stage.json"
 PENDING = "stage.pending.json"
 MODEL_DIR = "model"
@@ -55,7 +57,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 REF_RE = re.compile(r"@([A-Za-z0-9][A-Za-z0-9_.-]*)")
 
 
-class StageConfigChanged(ValueError):
+class StageConfigChanged(UserError, ValueError):
     """A completed (or interrupted) stage's recorded config differs from the study config."""
 
 

@@ -18,102 +18,68 @@ Exactly one of --mergekit_yaml and --config is required.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import re
 import sys
 
+from absl import flags
 
-def load_config(spec: str, overrides: list[str]):
-    """The merge config of `--config=spec` with `--config.KEY=VALUE` overrides applied (ml_collections'
-    config_flags semantics). Raises SystemExit-free ValueError with a readable message on a bad file or key."""
-    from absl import flags
-    from ml_collections import config_dict, config_flags
-
-    from configurable_fm.config_errors import bad_override
-
-    path = spec.split(":")[0]
-    if not os.path.isfile(path):
-        raise ValueError(f"--config={spec}: no such config file {path!r} (relative to {os.getcwd()})")
-    argv = ["merge.py", f"--config={spec}", *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "merge config file", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
-    try:
-        fv(argv)
-    except flags.Error as e:
-        message = str(e)
-        if "Error whilst parsing config file" in message:
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            message = f"--config={spec}: {lines[-1]}"
-        raise ValueError(message) from None
-    except (AttributeError, KeyError) as e:
-        try:
-            message = bad_override(fv["config"].parser.parse(spec), overrides)
-        except Exception:  # noqa: BLE001: fall back to ml_collections' own error
-            message = None
-        raise ValueError(message or f"{type(e).__name__}: {e}") from None
-    if not isinstance(fv.config, config_dict.ConfigDict):
-        raise ValueError(f"--config={spec}: get_config() returned {type(fv.config).__name__}, not a ConfigDict")
-    return fv.config
+from configurable_fm import cli
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mergekit_yaml", help="mergekit YAML file (streamed merge of HF checkpoints)")
-    parser.add_argument("--config", help="merge config file path.py[:variant] (in-memory merge; see stage.py)")
-    parser.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--format", choices=("hf", "orbax"), default=None,
-                        help="--config only: output as an HF directory (default) or an orbax model checkpoint")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest output shard (e.g. 5GB, 500MB, bytes)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="--mergekit_yaml only: seed of the PRNG keys of randomised methods (default 0)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if re.match(r"--?config\.", a)]
-    args = parser.parse_args([a for a in argv if not re.match(r"--?config\.", a)])
+def define(fv):
+    flags.DEFINE_string("mergekit_yaml", None, "mergekit YAML file (streamed merge of HF checkpoints)", flag_values=fv)
+    cli.config_flag(fv, "config", "merge config file path.py[:variant] (in-memory merge; see ops/merge/stage.py)")
+    flags.DEFINE_string("output", None, "output directory (must not exist unless --overwrite)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an existing output directory", flag_values=fv)
+    flags.DEFINE_enum("format", None, ["hf", "orbax"],
+                      "--config only: output as an HF directory (default) or an orbax model checkpoint", flag_values=fv)
+    flags.DEFINE_string("max_shard_size", "5GB", "largest output shard (e.g. 5GB, 500MB, bytes)", flag_values=fv)
+    flags.DEFINE_integer("seed", None, "--mergekit_yaml only: seed of the PRNG keys of randomised methods (default 0)",
+                         flag_values=fv)
+    flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
 
-    if (args.mergekit_yaml is None) == (args.config is None):
-        parser.error("give exactly one of --mergekit_yaml (a mergekit YAML file) and --config (a merge config), "
-                     f"got {'both' if args.config else 'neither'}")
-    if args.mergekit_yaml is not None:
-        if overrides or args.format is not None:
-            parser.error(f"{(overrides or ['--format'])[0].split('=')[0]} applies to --config only, "
-                         "not to --mergekit_yaml")
-        from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
-        from configurable_fm.ops.merge.stream import merge_checkpoints
 
-        plan = load_mergekit_yaml(args.mergekit_yaml)
-        out = merge_checkpoints(plan, args.output, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-                                progress=not args.no_progress, seed=0 if args.seed is None else args.seed)
-        what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
-        print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
-        return 0
+def merge_yaml(fv) -> None:
+    from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
+    from configurable_fm.ops.merge.stream import merge_checkpoints
 
-    if args.seed is not None:
-        parser.error("--seed applies to --mergekit_yaml only; with --config set --config.seed=N")
-    try:
-        config = load_config(args.config, overrides)
-    except ValueError as e:
-        parser.error(str(e))
+    plan = load_mergekit_yaml(fv.mergekit_yaml)
+    out = merge_checkpoints(plan, fv.output, overwrite=fv.overwrite, max_shard_size=fv.max_shard_size,
+                            progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed)
+    what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
+    print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
+
+
+def merge_config(fv) -> None:
     from configurable_fm.ops.merge.stage import merge_from_config
 
-    try:
-        model = merge_from_config(config, log=print)
-    except (ValueError, FileNotFoundError) as e:  # bad settings, mismatched or missing inputs: the message names them
-        parser.error(f"--config={args.config}: {e}")
-    if (args.format or "hf") == "hf":
+    config = fv.config
+    model = merge_from_config(config, log=print)
+    if (fv.format or "hf") == "hf":
         from configurable_fm.interop.hf import to_hf
 
-        out = to_hf(model, args.output, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        out = to_hf(model, fv.output, max_shard_size=fv.max_shard_size, overwrite=fv.overwrite)
     else:
         from configurable_fm.interop.orbax_io import save_model
 
-        out = save_model(model, args.output, overwrite=args.overwrite)
+        out = save_model(model, fv.output, overwrite=fv.overwrite)
     print(f"merged {len(config.models) + bool(config.get('base'))} models with {config.method} into {out} "
-          f"({args.format or 'hf'})")
-    return 0
+          f"({fv.format or 'hf'})")
+
+
+def main(argv=None) -> int:
+    def run(fv):
+        if (fv.mergekit_yaml is None) == (fv.config is None):
+            raise cli.UsageError("give exactly one of --mergekit_yaml (a mergekit YAML file) and --config (a merge "
+                                 f"config), got {'both' if fv.config is not None else 'neither'}")
+        if fv.mergekit_yaml is not None:
+            if fv["format"].present:
+                raise cli.UsageError("--format applies to --config only, not to --mergekit_yaml")
+            return merge_yaml(fv)
+        if fv.seed is not None:
+            raise cli.UsageError("--seed applies to --mergekit_yaml only; with --config set --config.seed=N")
+        return merge_config(fv)
+
+    return cli.run(run, define, argv, prog="merge.py", required=("output",))
 
 
 if __name__ == "__main__":

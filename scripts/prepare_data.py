@@ -8,14 +8,15 @@ it appears only once complete. Named datasets and their options: experiments/dat
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-config_flags.DEFINE_config_file("config", None, "dataset config file (experiments/data.py:NAME)", lock_config=True)
-flags.DEFINE_string("out", None, "output directory (default: config.out_dir)")
-flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
-flags.mark_flags_as_required(["config"])
-FLAGS = flags.FLAGS
+from configurable_fm import cli
+
+
+def define(fv):
+    cli.config_flag(fv, "config", "dataset config file (experiments/data.py:NAME)")
+    flags.DEFINE_string("out", None, "output directory (default: config.out_dir)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace an existing output directory", flag_values=fv)
 
 
 def summary(manifest: dict, out_dir: str, seconds: float) -> str:
@@ -33,18 +34,14 @@ def summary(manifest: dict, out_dir: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
+def main(fv) -> None:
     from configurable_fm.data.shards import build_dataset
 
     t0 = time.time()
-    out = FLAGS.out or FLAGS.config.out_dir or f"data/{FLAGS.config.name}"
-    try:
-        manifest = build_dataset(FLAGS.config, out, overwrite=FLAGS.overwrite, progress=True, log=print)
-    except FileExistsError as e:
-        sys.exit(f"prepare_data: {e}")
+    out = fv.out or fv.config.out_dir or f"data/{fv.config.name}"
+    manifest = build_dataset(fv.config, out, overwrite=fv.overwrite, progress=True, log=print)
     print(summary(manifest, out, time.time() - t0))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(cli.run(main, define, required=("config",)))

@@ -9,25 +9,27 @@ Re-running the same command skips completed stages and resumes an interrupted on
 since it completed is an error unless --rerun_from names it or an earlier stage (that stage and every later one
 are deleted and run again). The report is WORKDIR/report.md.
 """
-from absl import app, flags
-from ml_collections import config_flags
+import sys
 
-config_flags.DEFINE_config_file("config", None, "study config file (path.py:variant)", lock_config=True)
-flags.DEFINE_string("workdir", None, "study directory (created; continued when it holds stages)")
-flags.DEFINE_string("rerun_from", None, "delete and rerun this stage and all stages after it")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+from absl import flags
+
+from configurable_fm import cli
 
 
-def main(argv):
-    del argv
+def define(fv):
+    cli.config_flag(fv, "config", "study config file (path.py:variant)")
+    flags.DEFINE_string("workdir", None, "study directory (created; continued when it holds stages)", flag_values=fv)
+    flags.DEFINE_string("rerun_from", None, "delete and rerun this stage and all stages after it", flag_values=fv)
+
+
+def main(fv) -> None:
     from configurable_fm.pipeline import run
 
-    result = run(FLAGS.config, FLAGS.workdir, rerun_from=FLAGS.rerun_from)
+    result = run(fv.config, fv.workdir, rerun_from=fv.rerun_from)
     for rec in result.stages:
         print(f"{rec.index} {rec.name} ({rec.kind}): {rec.status}, {rec.seconds:.1f}s")
     print(f"report: {result.report}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(cli.run(main, define, required=("config", "workdir")))

@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.errors import UserError
 from configurable_fm.bricks.paths import flat_params, path_str
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """A glob, regex, type or path selected nothing, or a selection cannot be applied as asked."""
 
 

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from configurable_fm.errors import OutputExists, UserError
 from configurable_fm.data import corpora
 from configurable_fm.interop.safetensors_io import atomic_directory
 
@@ -71,7 +72,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A token dataset on disk is missing, corrupt or does not match its manifest; the message names the file."""
 
 
@@ -270,7 +271,7 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
     cfg = resolve_config(config)
     out_dir = Path(out_dir or cfg["out_dir"] or Path("data") / cfg["name"])
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass --overwrite / overwrite=True to replace it)")
+        raise OutputExists(f"{out_dir} already exists (pass --overwrite / overwrite=True to replace it)")
     say = log or (lambda s: None)
 
     tokenizer, tok_info = resolve_tokenizer(cfg["tokenizer"])

@@ -23,6 +23,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from configurable_fm.errors import OutputExists, UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -31,7 +33,7 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
                       "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file or directory is missing, truncated, corrupt or inconsistent."""
 
 
@@ -176,7 +178,7 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True to replace it)")
+        raise OutputExists(f"{out_dir} already exists (pass overwrite=True to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
+from configurable_fm.errors import SourceNotFound
 from configurable_fm.models.attention import RopeScaling
 from configurable_fm.models.bert import Bert, BertConfig
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
@@ -88,6 +89,6 @@ def load_model(source: str | Path, *, dtype=jnp.float32) -> nnx.Module:
 
     if orbax_io.is_model_checkpoint(path):
         return orbax_io.load_model(path, dtype=dtype)
-    raise FileNotFoundError(f"cannot load a model from {text!r}: not a registry name ({sorted(registry.MODELS)}), "
+    raise SourceNotFound(f"cannot load a model from {text!r}: not a registry name ({sorted(registry.MODELS)}), "
                             "a .gguf file, an HF directory (config.json) or an orbax model checkpoint "
                             f"({orbax_io.MODEL_CONFIG} + {orbax_io.PARAMS_DIR}/)")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from configurable_fm.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class PackagedModel:
@@ -37,7 +39,7 @@ MODELS: dict[str, PackagedModel] = {
 }
 
 
-class ModelNotInstalled(ImportError):
+class ModelNotInstalled(UserError, ImportError):
     """The pip package that ships a registered model is not installed."""
 
 

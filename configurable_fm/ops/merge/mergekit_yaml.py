@@ -61,6 +61,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from configurable_fm.errors import SourceNotFound, UserError
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
 
@@ -133,7 +134,7 @@ SOURCE_KEYS = ("model", "layer_range", "parameters")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-class MergekitYamlError(ValueError):
+class MergekitYamlError(UserError, ValueError):
     """An invalid or unsupported mergekit YAML; the message names the file, the key and the line."""
 
 
@@ -610,7 +611,7 @@ def load_mergekit_yaml(path: str | Path) -> MergePlan:
     """Reads and validates a mergekit YAML file (relative model paths: working directory, then the file's)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mergekit YAML {path} does not exist")
+        raise SourceNotFound(f"mergekit YAML {path} does not exist")
     return parse_mergekit_yaml(path.read_text(), source=str(path), yaml_dir=path.parent)
 
 

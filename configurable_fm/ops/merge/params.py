@@ -26,13 +26,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from configurable_fm.errors import UserError
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod
 
 _LAYER = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)(?:\.|$)")
 _COND_KEYS = {"filter", "value"}
 
 
-class ParameterError(ValueError):
+class ParameterError(UserError, ValueError):
     """A parameter setting that cannot be resolved; the message names the parameter and the tensor."""
 
 

@@ -24,6 +24,7 @@ import dataclasses
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+from configurable_fm.errors import UserError
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.registry import MergeMethod
 
@@ -34,7 +35,7 @@ PRE_TENSORS = ("embed_tokens", "embed_in", "wte", "wpe", "word_embeddings", "pos
 _LAYER = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)(?:\.|$)")
 
 
-class SliceError(ValueError):
+class SliceError(UserError, ValueError):
     """Invalid slices; the message names the slice, the source and the model."""
 
 

@@ -57,6 +57,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from configurable_fm.errors import ConfigError
 from configurable_fm.pipeline import StageContext, StageOutput, register_stage, to_plain
 
 MERGE_KEYS = ("method", "base", "models", "parameters", "model_parameters", "seed", "out_dtype", "embed_alignment",
@@ -103,47 +104,47 @@ def _plain_config(cfg) -> dict[str, Any]:
         raise TypeError(f"merge config must be a ConfigDict or mapping, got {type(cfg).__name__}")
     unknown = sorted(set(d) - set(MERGE_KEYS) - set(STAGE_KEYS))
     if unknown:
-        raise ValueError(f"merge config: unknown key(s) {unknown}; valid keys: {sorted(MERGE_KEYS)}")
+        raise ConfigError(f"merge config: unknown key(s) {unknown}; valid keys: {sorted(MERGE_KEYS)}")
     if "method" not in d:
-        raise ValueError("merge config: missing required key 'method'")
+        raise ConfigError("merge config: missing required key 'method'")
     if not isinstance(d["method"], str) or not d["method"]:
-        raise ValueError(f"merge config: `method` must be a method name, got {d['method']!r}")
+        raise ConfigError(f"merge config: `method` must be a method name, got {d['method']!r}")
     if d.get("slices"):
         return _slices_config(d)
     if "models" not in d:
-        raise ValueError("merge config: missing required key 'models' (or `slices`)")
+        raise ConfigError("merge config: missing required key 'models' (or `slices`)")
     models = d["models"]
     if isinstance(models, str) or not isinstance(models, (list, tuple)) or not models:
-        raise ValueError(f"merge config: `models` must be a non-empty list of model sources (or give `slices`), "
+        raise ConfigError(f"merge config: `models` must be a non-empty list of model sources (or give `slices`), "
                          f"got {models!r}")
     for i, m in enumerate(models):
         if not isinstance(m, str) or not m:
-            raise ValueError(f"merge config: models[{i}] must be a model source (non-empty string), got {m!r}")
+            raise ConfigError(f"merge config: models[{i}] must be a model source (non-empty string), got {m!r}")
     base = d.get("base") or ""
     if not isinstance(base, str):
-        raise ValueError(f"merge config: `base` must be a model source or '', got {base!r}")
+        raise ConfigError(f"merge config: `base` must be a model source or '', got {base!r}")
     params = d.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ValueError(f"merge config: `parameters` must be a dict, got {params!r}")
+        raise ConfigError(f"merge config: `parameters` must be a dict, got {params!r}")
     per_model = list(d.get("model_parameters") or ())
     if per_model and len(per_model) != len(models):
-        raise ValueError(f"merge config: `model_parameters` has {len(per_model)} entries but `models` has "
+        raise ConfigError(f"merge config: `model_parameters` has {len(per_model)} entries but `models` has "
                          f"{len(models)} (one dict per model, or none)")
     for i, p in enumerate(per_model):
         if p is not None and not isinstance(p, dict):
-            raise ValueError(f"merge config: model_parameters[{i}] (for {models[i]!r}) must be a dict, got {p!r}")
+            raise ConfigError(f"merge config: model_parameters[{i}] (for {models[i]!r}) must be a dict, got {p!r}")
     align = d.get("embed_alignment") or None
     if align not in (None, "base", "union") and align not in [base, *models]:
-        raise ValueError(f"merge config: `embed_alignment` must be '', 'base', 'union' or one of the input "
+        raise ConfigError(f"merge config: `embed_alignment` must be '', 'base', 'union' or one of the input "
                          f"sources {[m for m in [base, *models] if m]}, got {align!r}")
     seed = d.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"merge config: `seed` must be an integer, got {seed!r}")
+        raise ConfigError(f"merge config: `seed` must be an integer, got {seed!r}")
     data = d.get("data") or None
     if d["method"] in DATA_METHODS:
         params = _data_method_parameters(d["method"], params, per_model, models, base, align, data)
     elif data is not None:
-        raise ValueError(f"merge config: `data` applies to the data-dependent methods {sorted(DATA_METHODS)} only, "
+        raise ConfigError(f"merge config: `data` applies to the data-dependent methods {sorted(DATA_METHODS)} only, "
                          f"not to {d['method']!r}; remove it")
     return dict(method=d["method"], base=base, models=list(models), parameters=params,
                 model_parameters=[p or {} for p in per_model] or None, seed=seed,
@@ -154,10 +155,10 @@ def _slices_config(d: dict) -> dict[str, Any]:
     """A checked config with `slices` (module docstring); errors name the key (slices[i].sources[j].model ...)."""
     where = "merge config"
     if d["method"] in DATA_METHODS:
-        raise ValueError(f"{where}: `slices` applies to the mergekit methods, not to {d['method']!r}")
+        raise ConfigError(f"{where}: `slices` applies to the mergekit methods, not to {d['method']!r}")
     for key in ("models", "model_parameters", "embed_alignment", "data"):
         if d.get(key):
-            raise ValueError(f"{where}: `{key}` must be empty with `slices` (the slices' sources are the inputs; "
+            raise ConfigError(f"{where}: `{key}` must be empty with `slices` (the slices' sources are the inputs; "
                              f"per-source settings go in slices[i].sources[j].parameters), got {d[key]!r}")
     from configurable_fm.ops.merge import slices as S
     from configurable_fm.ops.merge.registry import get_method
@@ -166,20 +167,20 @@ def _slices_config(d: dict) -> dict[str, Any]:
         outs = S.as_slices(d["slices"])
         found = S.problems(get_method(d["method"]), outs)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     if found:
-        raise ValueError(f"{where}: " + "; ".join(msg for _, msg in found))
+        raise ConfigError(f"{where}: " + "; ".join(msg for _, msg in found))
     sources = [src.model for sl in outs for src in sl.sources]
     base = d.get("base") or ""
     if not isinstance(base, str) or (base and base not in sources):
-        raise ValueError(f"merge config: `base` must be '' or one of the slices' sources {sorted(set(sources))}, "
+        raise ConfigError(f"merge config: `base` must be '' or one of the slices' sources {sorted(set(sources))}, "
                          f"got {base!r}")
     params = d.get("parameters") or {}
     if not isinstance(params, dict):
-        raise ValueError(f"merge config: `parameters` must be a dict, got {params!r}")
+        raise ConfigError(f"merge config: `parameters` must be a dict, got {params!r}")
     seed = d.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"merge config: `seed` must be an integer, got {seed!r}")
+        raise ConfigError(f"merge config: `seed` must be an integer, got {seed!r}")
     return dict(method=d["method"], base=base, models=list(dict.fromkeys(sources)), parameters=params,
                 model_parameters=None, seed=seed, out_dtype=d.get("out_dtype") or None, embed_alignment=None,
                 data=None, slices=outs)
@@ -206,22 +207,22 @@ def _data_method_parameters(method, params, per_model, models, base, align, data
     """The parameters of 'fisher'/'regmean' with their defaults, every setting checked (errors name the key)."""
     where = f"merge config ({method})"
     if base:
-        raise ValueError(f"{where}: `base` must be '' ({method} merges the models themselves), got {base!r}")
+        raise ConfigError(f"{where}: `base` must be '' ({method} merges the models themselves), got {base!r}")
     if align is not None:
-        raise ValueError(f"{where}: `embed_alignment` must be '' (vocabularies must match), got {align!r}")
+        raise ConfigError(f"{where}: `embed_alignment` must be '' (vocabularies must match), got {align!r}")
     if not isinstance(data, dict) or not isinstance(data.get("data"), dict) or not data["data"].get("kind"):
-        raise ValueError(f"{where}: needs `data`, a make_data config with data.kind ('shards' or 'tasks'), "
+        raise ConfigError(f"{where}: needs `data`, a make_data config with data.kind ('shards' or 'tasks'), "
                          "seq_len, batch_size, seed, ... (e.g. experiments/finetune.py's config)")
     defaults = DATA_METHODS[method]
     unknown = sorted(set(params) - set(defaults))
     if unknown:
-        raise ValueError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(defaults)}")
+        raise ConfigError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(defaults)}")
     p = {**defaults, **params}
     if p["split"] not in ("train", "eval"):
-        raise ValueError(f"{where}: parameters.split must be 'train' or 'eval', got {p['split']!r}")
+        raise ConfigError(f"{where}: parameters.split must be 'train' or 'eval', got {p['split']!r}")
     mb = p["max_batches"]
     if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 0):
-        raise ValueError(f"{where}: parameters.max_batches must be an integer >= 1 (0 or None: the default), "
+        raise ConfigError(f"{where}: parameters.max_batches must be an integer >= 1 (0 or None: the default), "
                          f"got {mb!r}")
     p["max_batches"] = mb or None
     numbers = {"fisher_floor": (0.0, None), "alpha": (0.0, 1.0)}
@@ -231,21 +232,21 @@ def _data_method_parameters(method, params, per_model, models, base, align, data
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low or (high is not None and v > high) \
                     or (key == "fisher_floor" and v <= 0):
                 span = f"in [{low}, {high}]" if high is not None else "> 0"
-                raise ValueError(f"{where}: parameters.{key} must be a number {span}, got {v!r}")
+                raise ConfigError(f"{where}: parameters.{key} must be a number {span}, got {v!r}")
     if "kind" in p and p["kind"] not in ("empirical", "sampled"):
-        raise ValueError(f"{where}: parameters.kind must be 'empirical' or 'sampled', got {p['kind']!r}")
+        raise ConfigError(f"{where}: parameters.kind must be 'empirical' or 'sampled', got {p['kind']!r}")
     if "normalize" in p and not isinstance(p["normalize"], bool):
-        raise ValueError(f"{where}: parameters.normalize must be true or false, got {p['normalize']!r}")
+        raise ConfigError(f"{where}: parameters.normalize must be true or false, got {p['normalize']!r}")
     if "chunk" in p and (isinstance(p["chunk"], bool) or not isinstance(p["chunk"], int) or p["chunk"] < 1):
-        raise ValueError(f"{where}: parameters.chunk must be an integer >= 1, got {p['chunk']!r}")
+        raise ConfigError(f"{where}: parameters.chunk must be an integer >= 1, got {p['chunk']!r}")
     for i, mp in enumerate(per_model):
         extra = sorted(set(mp or {}) - {"weight"})
         if extra:
-            raise ValueError(f"{where}: model_parameters[{i}] (for {models[i]!r}) has unknown key(s) {extra}; "
+            raise ConfigError(f"{where}: model_parameters[{i}] (for {models[i]!r}) has unknown key(s) {extra}; "
                              "valid: ['weight']")
         wv = (mp or {}).get("weight", 1.0)
         if isinstance(wv, bool) or not isinstance(wv, (int, float)) or wv < 0:
-            raise ValueError(f"{where}: model_parameters[{i}].weight (for {models[i]!r}) must be a number >= 0, "
+            raise ConfigError(f"{where}: model_parameters[{i}].weight (for {models[i]!r}) must be a number >= 0, "
                              f"got {wv!r}")
     return p
 
@@ -325,13 +326,13 @@ def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
         try:
             method = get_method(d["method"])
         except ValueError as e:
-            raise ValueError(f"{e} (or the data-dependent {sorted(DATA_METHODS)})") from None
+            raise ConfigError(f"{e} (or the data-dependent {sorted(DATA_METHODS)})") from None
     out_dtype = None
     if d["out_dtype"] is not None:
         try:
             out_dtype = jnp.dtype(d["out_dtype"])
         except TypeError:
-            raise ValueError(f"merge config: unknown `out_dtype` {d['out_dtype']!r}") from None
+            raise ConfigError(f"merge config: unknown `out_dtype` {d['out_dtype']!r}") from None
     if method is None:
         model = _data_merge({**d, "out_dtype": out_dtype}, log=log)
         return (model, None) if with_tokenizer else model
@@ -375,7 +376,7 @@ def _tokenizer_merge(method, d: dict, out_dtype, log, with_tokenizer: bool):
     for name, src in sources.items():
         tok = source_tokenizer(src)
         if tok is None:
-            raise ValueError(f"merge config: embed_alignment={d['embed_alignment']!r} needs the tokenizer of every "
+            raise ConfigError(f"merge config: embed_alignment={d['embed_alignment']!r} needs the tokenizer of every "
                              f"input, but {name} ({src!r}) has none (a registry name, a .gguf file or a directory "
                              "with tokenizer.json)")
         tokenizers[name] = tok
@@ -392,7 +393,7 @@ def _tokenizer_merge(method, d: dict, out_dtype, log, with_tokenizer: bool):
     template = base if base is not None else next(iter(models.values()))
     cfg = template.cfg
     if "vocab_size" not in {f.name for f in dataclasses.fields(cfg)}:
-        raise ValueError(f"merge config: embed_alignment={d['embed_alignment']!r}: {type(cfg).__name__} has no "
+        raise ConfigError(f"merge config: embed_alignment={d['embed_alignment']!r}: {type(cfg).__name__} has no "
                          "vocab_size field to resize")
     vocab = next(int(v.shape[vocab_axis_of_path(k, v.ndim)]) for k, v in flat.items() if any(
         t in k for t in VOCAB_TENSORS))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.errors import UserError
 from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.execute import copy_integer
@@ -47,7 +48,7 @@ EmbedAlignment = Union[None, str, "VocabularyAlignment"]  # None | 'base' | 'uni
 VOCAB_TENSORS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "tok_embeddings")
 
 
-class MergeInputError(ValueError):
+class MergeInputError(UserError, ValueError):
     """Inputs that cannot be merged; the message lists every problem, naming the tensors and models."""
 
 

@@ -48,13 +48,15 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
+from configurable_fm.errors import UserError
+
 LOG = logging.getLogger(__name__)
 
 # Fill kinds of an output token (VocabularyAlignment.fill_kind).
 KEEP, ROW, ZERO, AVERAGE = 0, 1, 2, 3
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError, ValueError):
     """A tokenizer configuration that cannot be built or applied; the message names the token/model/tensor."""
 
 

@@ -78,8 +78,11 @@ def test_script_config_route_writes_orbax_and_hf(ckpts, tmp_path, capsys):
                       parameters={"density": 0.5, "weight": 1.0})
     assert_same(arrays(load_model(tmp_path / "h")), arrays(ties), atol=1e-7)
     # existing output without --overwrite is refused; with it, replaced
-    with pytest.raises(Exception, match="exist"):
+    with pytest.raises(SystemExit) as exit_info:
         script.main(["--config", cfg_file, "--output", str(tmp_path / "o"), "--format", "orbax", *over])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "Traceback" not in err, err
     assert script.main(["--config", cfg_file, "--output", str(tmp_path / "o"), "--format", "orbax", "--overwrite",
                         *over]) == 0
 
