@@ -16,33 +16,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from configurable_fm.ops.merge.kernel_inputs import F32, as_f32, check_kernel_inputs
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
 
-F32 = jnp.float32
-
-
-def _f32(x):
-    return jnp.asarray(x).astype(F32)
-
-
-def _check_inputs(name: str, base, xs, *, base_use: str, n_min: int, n_max: int | None = None):
-    """Shape checks at trace time (static shapes); messages name the method and the offending input."""
-    if xs.ndim < 1:
-        raise ValueError(f"{name}: xs must be stacked (N, *S), got shape {xs.shape}")
-    n = xs.shape[0]
-    if n < n_min or (n_max is not None and n > n_max):
-        want = f"exactly {n_min}" if n_min == n_max else f"at least {n_min}" if n_max is None else f"{n_min}..{n_max}"
-        raise ValueError(f"{name}: needs {want} non-base input(s), got {n}")
-    if base_use == "required" and base is None:
-        raise ValueError(f"{name}: needs a base tensor")
-    if base is not None and base_use != "ignored" and tuple(base.shape) != tuple(xs.shape[1:]):
-        raise ValueError(f"{name}: base has shape {tuple(base.shape)} but the inputs have {tuple(xs.shape[1:])}")
 
 
 def _per_model(name: str, param: str, value, n: int):
     if value is None:
         raise ValueError(f"{name}: parameter {param!r} is required (one value per model)")
-    v = _f32(value)
+    v = as_f32(value)
     if v.ndim == 0:
         v = jnp.broadcast_to(v, (n,))
     if v.shape != (n,):
@@ -67,8 +49,8 @@ def linear(base, xs, *, key=None, weight, normalize: bool = True):
     in mergekit there is no guard against Σ w_i = 0 with ``normalize`` (the result is then inf/nan).
     ``normalize`` is static.
     """
-    _check_inputs("linear", None, xs, base_use="ignored", n_min=1)
-    xs = _f32(xs)
+    check_kernel_inputs("linear", None, xs, base_use="ignored", n_min=1)
+    xs = as_f32(xs)
     w = _per_model("linear", "weight", weight, xs.shape[0])
     y = w[0] * xs[0]
     for i in range(1, xs.shape[0]):
@@ -89,10 +71,10 @@ def slerp(base, xs, *, key=None, t, dot_threshold: float = 0.9995, eps: float = 
     So t=0 gives the base and t=1 gives x_1; a zero tensor has dot = 0 (θ = π/2), not the linear branch.
     xs (1, *S), t a scalar (may be traced: depth gradients give one t per tensor). Empty tensors: lerp.
     """
-    _check_inputs("slerp", base, xs, base_use="required", n_min=1, n_max=1)
-    t = _f32(t)
-    v0 = _f32(base)
-    v1 = _f32(xs[0])
+    check_kernel_inputs("slerp", base, xs, base_use="required", n_min=1, n_max=1)
+    t = as_f32(t)
+    v0 = as_f32(base)
+    v1 = as_f32(xs[0])
     shape = v0.shape
     a = v0.reshape(-1)
     b = v1.reshape(-1)
@@ -152,14 +134,14 @@ def nuslerp(base, xs, *, key=None, weight, nuslerp_row_wise: bool = False, nusle
       flatten=False, row_wise=True:   each slice along axis 0 (the columns W[:, j]; axes 0 and -1 swapped).
     xs (2, *S), weight (2,); base optional. ``nuslerp_row_wise`` and ``nuslerp_flatten`` are static.
     """
-    _check_inputs("nuslerp", base, xs, base_use="optional", n_min=2, n_max=2)
-    xs = _f32(xs)
+    check_kernel_inputs("nuslerp", base, xs, base_use="optional", n_min=2, n_max=2)
+    xs = as_f32(xs)
     w = _per_model("nuslerp", "weight", weight, 2)
     total = w[0] + w[1]
     t = jnp.where(jnp.abs(total) < 1e-6, 0.5, w[1] / jnp.where(total == 0, 1.0, total))
     v0, v1 = xs[0], xs[1]
     if base is not None:
-        b = _f32(base)
+        b = as_f32(base)
         return b + _nuslerp_vectors(t, v0 - b, v1 - b, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
     return _nuslerp_vectors(t, v0, v1, row_wise=nuslerp_row_wise, flatten=nuslerp_flatten)
 
@@ -186,14 +168,14 @@ def multislerp(base, xs, *, key=None, weight, normalize_weights: bool = True, ep
 
 @functools.partial(jax.jit, static_argnames=("normalize_weights",))
 def _multislerp(base, xs, *, weight, normalize_weights: bool, eps: float):
-    _check_inputs("multislerp", base, xs, base_use="optional", n_min=1)
-    xs = _f32(xs)
+    check_kernel_inputs("multislerp", base, xs, base_use="optional", n_min=1)
+    xs = as_f32(xs)
     n_models = xs.shape[0]
     w = _per_model("multislerp", "weight", weight, n_models)
     if n_models == 1:
         return xs[0], jnp.asarray(False)
     shape = xs.shape[1:]
-    b = None if base is None else _f32(base)
+    b = None if base is None else as_f32(base)
     v = xs - b if b is not None else xs
     flat = v.reshape(n_models, -1)
     if normalize_weights:
@@ -256,14 +238,14 @@ def karcher(base, xs, *, key=None, max_iter: int = 10, tol: float = 1e-5):
     y = (Σ_i α_i ‖x_i‖) · m  (the sum over all inputs). A single input is returned as it is.
     The base is ignored (pass every model in xs). xs (N, *S); max_iter and tol may be traced.
     """
-    _check_inputs("karcher", None, xs, base_use="ignored", n_min=1)
-    xs = _f32(xs)
+    check_kernel_inputs("karcher", None, xs, base_use="ignored", n_min=1)
+    xs = as_f32(xs)
     n_models = xs.shape[0]
     if n_models == 1:
         return xs[0]
     shape = xs.shape[1:]
     flat = xs.reshape(n_models, -1)
-    tol = _f32(tol)
+    tol = as_f32(tol)
     norms = jnp.linalg.norm(flat, axis=-1)
     units = flat / jnp.where(norms == 0, 1.0, norms)[:, None]  # zero tensor → zero unit vector
     valid = norms > tol
@@ -291,9 +273,9 @@ def model_stock(base, xs, *, key=None, filter_wise: bool = False):
     |1 + (N-1) cos| < 1e-6 (0.1.5's guard: keep the base);  y = t · mean_i(x_i) + (1 - t) · b.
     xs (N ≥ 2, *S); ``filter_wise`` is static.
     """
-    _check_inputs("model_stock", base, xs, base_use="required", n_min=2)
-    xs = _f32(xs)
-    w0 = _f32(base)
+    check_kernel_inputs("model_stock", base, xs, base_use="required", n_min=2)
+    xs = as_f32(xs)
+    w0 = as_f32(base)
     n_models = xs.shape[0]
     shape = w0.shape
     if filter_wise:

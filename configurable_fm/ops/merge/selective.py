@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configurable_fm.ops.merge.geometric import _check_inputs, _f32
+from configurable_fm.ops.merge.kernel_inputs import as_f32, check_kernel_inputs
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
 
 F32 = jnp.float32
@@ -32,10 +32,10 @@ def nearswap(base, xs, *, key=None, t):
 
     (entries within t of the base move fully to x; far ones stay near b). xs (1, *S), t scalar (may be traced).
     """
-    _check_inputs("nearswap", base, xs, base_use="required", n_min=1, n_max=1)
-    b = _f32(base)
-    x = _f32(xs[0])
-    w = jnp.clip(_f32(t) / jnp.maximum(jnp.abs(b - x), 1e-6), 0.0, 1.0)
+    check_kernel_inputs("nearswap", base, xs, base_use="required", n_min=1, n_max=1)
+    b = as_f32(base)
+    x = as_f32(xs[0])
+    w = jnp.clip(as_f32(t) / jnp.maximum(jnp.abs(b - x), 1e-6), 0.0, 1.0)
     return w * x + (1 - w) * b
 
 
@@ -70,9 +70,9 @@ def arcee_fusion(base, xs, *, key=None, sample_size: int = ARCEE_FUSION_SAMPLE):
     The threshold is sensitive to rounding: entries with imp within float32 rounding of it may flip.
     xs (1, *S); a 0-d tensor is treated as a 1-element row.
     """
-    _check_inputs("arcee_fusion", base, xs, base_use="required", n_min=1, n_max=1)
-    b = _f32(base)
-    x = _f32(xs[0])
+    check_kernel_inputs("arcee_fusion", base, xs, base_use="required", n_min=1, n_max=1)
+    b = as_f32(base)
+    x = as_f32(xs[0])
     shape = b.shape
     if b.ndim == 0:
         b, x = b.reshape(1), x.reshape(1)
@@ -111,9 +111,9 @@ def ram(base, xs, *, key=None, epsilon: float = 1e-5):
     (entries changed by one model are taken whole, entries changed by several are averaged over those).
     xs (N ≥ 0, *S); with no input the base is returned.
     """
-    _check_inputs("ram", base, xs, base_use="required", n_min=0)
-    b = _f32(base)
-    xs = _f32(xs)
+    check_kernel_inputs("ram", base, xs, base_use="required", n_min=0)
+    b = as_f32(base)
+    xs = as_f32(xs)
     if xs.shape[0] == 0:
         return b
     tv, _, counts = _ram_parts(b, xs, epsilon)
@@ -132,9 +132,9 @@ def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilo
 
     xs (N ≥ 0, *S); r, alpha, epsilon scalars.
     """
-    _check_inputs("ramplus_tl", base, xs, base_use="required", n_min=0)
-    b = _f32(base)
-    xs = _f32(xs)
+    check_kernel_inputs("ramplus_tl", base, xs, base_use="required", n_min=0)
+    b = as_f32(base)
+    xs = as_f32(xs)
     if xs.shape[0] == 0:
         return b
     tv, nonzero, counts = _ram_parts(b, xs, epsilon)
@@ -142,8 +142,8 @@ def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilo
     overlap = counts > 1
     shared_counts = jnp.sum(nonzero & overlap, axis=1).astype(F32)
     unique_counts = jnp.sum(nonzero & unique, axis=1).astype(F32)
-    rho = shared_counts / jnp.maximum(unique_counts, _f32(epsilon))
-    lam = 1 + _f32(r) * jnp.clip(rho, 0.0, alpha)
+    rho = shared_counts / jnp.maximum(unique_counts, as_f32(epsilon))
+    lam = 1 + as_f32(r) * jnp.clip(rho, 0.0, alpha)
     merged = jnp.sum(
         tv * unique.astype(F32) * lam[:, None] + tv * overlap.astype(F32) / jnp.maximum(counts, 1).astype(F32),
         axis=0,
@@ -159,11 +159,11 @@ def passthrough(base, xs, *, key=None, scale=None):
     xs (1, *S); scale None, a scalar or a (1,) array (per-model parameter; a value resolved per tensor, e.g.
     0 for o_proj/down_proj of duplicated layers). The base is ignored.
     """
-    _check_inputs("passthrough", None, xs, base_use="ignored", n_min=1, n_max=1)
-    x = _f32(xs[0])
+    check_kernel_inputs("passthrough", None, xs, base_use="ignored", n_min=1, n_max=1)
+    x = as_f32(xs[0])
     if scale is None:
         return x
-    s = _f32(scale)
+    s = as_f32(scale)
     if s.size != 1:
         raise ValueError(f"passthrough: parameter 'scale' must be one value for the single input, got shape {s.shape}")
     return x * s.reshape(())
