@@ -31,7 +31,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from configurable_fm.bricks.paths import flat_state, with_params
-from configurable_fm.bricks.select import Selection, SelectionError, _index, select
+from configurable_fm.bricks.select import Selection, SelectionError, module_index, select
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, atomic_directory
 
 FORMAT = "configurable_fm.bricks"
@@ -144,7 +144,7 @@ def extract(model: nnx.Module, selection_or_paths: Selection | str | Sequence[st
     """
     root = select(model)
     if isinstance(selection_or_paths, Selection):
-        nodes = _index(model)
+        nodes = module_index(model)
         unknown = [p for p in selection_or_paths.paths if p not in nodes]
         if unknown:
             raise SelectionError(f"extract: the selection has paths that are not in this model: {unknown[:10]}")

@@ -47,7 +47,7 @@ def _children(node) -> list[tuple[Any, Any]]:
     return list(nnx.iter_children(node)) if isinstance(node, nnx.Pytree) else []
 
 
-def _index(model) -> dict[str, tuple[tuple, Any]]:
+def module_index(model) -> dict[str, tuple[tuple, Any]]:
     """{dotted path: (path tuple, node)} for the root ('') and every descendant, parents first, in the
     model's order (the order of `flat_params`: attributes sorted by name, list items by index)."""
     out: dict[str, tuple[tuple, Any]] = {}
@@ -264,13 +264,13 @@ def select(model: nnx.Module) -> Selection:
     """Selects the whole model; refine with `.at(glob)`, `.at_regex(re)`, `.at_instances_of(*types)`, `.where(pred)`."""
     if not isinstance(model, nnx.Pytree):
         raise TypeError(f"select() needs an nnx Module, got {type(model).__name__}")
-    return Selection(model, _index(model), ("",), f"select({type(model).__name__})")
+    return Selection(model, module_index(model), ("",), f"select({type(model).__name__})")
 
 
 def tree_at(model: nnx.Module, path: str, new_node: Any) -> nnx.Module:
     """A new model with the node at the exact dotted `path` replaced by `new_node` (a module, an array for a
     parameter, or an nnx.Variable); the input model is untouched (equinox's `tree_at`, addressed by path)."""
-    nodes = _index(model)
+    nodes = module_index(model)
     if not path or path not in nodes:
         candidates = [p for p in nodes if p]
         close = sorted(difflib.get_close_matches(path, candidates, n=5, cutoff=0.6), key=candidates.index)

@@ -20,7 +20,6 @@ from configurable_fm.ops.merge.kernel_inputs import F32, as_f32, check_kernel_in
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
 
 
-
 def _per_model(name: str, param: str, value, n: int):
     if value is None:
         raise ValueError(f"{name}: parameter {param!r} is required (one value per model)")
