@@ -1,12 +1,25 @@
-"""Runs the quickstart job: `python scripts/quickstart.py [--workdir runs/quickstart]`."""
-import argparse
+"""Runs the quickstart job (configurable_fm/cli/quickstart.py), as `bash scripts/quickstart.sh` does.
 
-from configurable_fm import quickstart
+    python scripts/quickstart.py [--workdir runs/quickstart] [--max_new_tokens 24] [--pretrain_steps 300]
+"""
+import sys
+
+from absl import flags
+
+from configurable_fm import cli
+
+
+def define(fv):
+    flags.DEFINE_string("workdir", "runs/quickstart", "report directory (replaced on every run)", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 24, "tokens generated per prompt", flag_values=fv)
+    flags.DEFINE_integer("pretrain_steps", 300, "steps of the tiny pre-training (0 skips it)", flag_values=fv)
+
+
+def main(fv) -> None:
+    from configurable_fm.cli import quickstart
+
+    quickstart.run(fv.workdir, max_new_tokens=fv.max_new_tokens, pretrain_steps=fv.pretrain_steps)
+
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workdir", default="runs/quickstart")
-    parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--pretrain_steps", type=int, default=300, help="0 skips the tiny pre-training step")
-    args = parser.parse_args()
-    quickstart.run(args.workdir, max_new_tokens=args.max_new_tokens, pretrain_steps=args.pretrain_steps)
+    sys.exit(cli.run(main, define))
