@@ -4,8 +4,11 @@
     tree_at(model, "layers.0.mlp", new_mlp)        # one replacement, by exact path
     bricks = extract(model, "layers.*.mlp", source="tiny")
     save_bricks(bricks, "out/mlps"); insert(other, load_bricks("out/mlps"))
+    tv = deltas.diff(base, finetuned); deltas.apply(base, deltas.low_rank(tv, 8))   # changes to parameters
 """
+from configurable_fm.bricks import deltas
 from configurable_fm.bricks.brickset import Brick, BrickSet, extract, insert, load_bricks, save_bricks
+from configurable_fm.bricks.deltas import Delta, DeltaError, Dense, LowRank, Masked, load_delta, save_delta
 from configurable_fm.bricks.paths import flat_params, flat_state, param_count, path_str, with_params
 from configurable_fm.bricks.select import Selection, SelectionError, select, tree_at
 
@@ -13,4 +16,5 @@ __all__ = [
     "flat_params", "flat_state", "param_count", "path_str", "with_params",
     "Selection", "SelectionError", "select", "tree_at",
     "Brick", "BrickSet", "extract", "insert", "load_bricks", "save_bricks",
+    "deltas", "Delta", "DeltaError", "Dense", "LowRank", "Masked", "load_delta", "save_delta",
 ]

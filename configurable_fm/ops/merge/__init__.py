@@ -47,3 +47,8 @@ from configurable_fm.ops.merge.params import ParameterError, resolve_for_tensor 
 from configurable_fm.ops.merge.tree import MergeInputError, merge  # noqa: E402
 
 __all__ += ["params", "tree", "merge", "MergeInputError", "ParameterError", "resolve_for_tensor"]
+
+# Merging deltas (bricks.deltas) with the task-vector kernels: a delta is a task vector against a zero base.
+from configurable_fm.ops.merge.deltas import TASK_VECTOR_METHODS, merge_deltas  # noqa: E402
+
+__all__ += ["merge_deltas", "TASK_VECTOR_METHODS"]
