@@ -32,7 +32,8 @@ from safetensors.numpy import save_file
 
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.bricks.select import Selection, SelectionError, module_index, select
-from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, atomic_directory
+from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore
 
 FORMAT = "configurable_fm.bricks"
 VERSION = 1

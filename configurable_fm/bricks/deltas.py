@@ -55,7 +55,8 @@ from configurable_fm.bricks.brickset import INDEX_FILE, TENSORS_FILE, Brick, Bri
 from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.bricks.select import SelectionError, glob_to_regex
 from configurable_fm.errors import UserError
-from configurable_fm.interop.safetensors_io import CheckpointError, atomic_directory
+from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.interop.safetensors_io import CheckpointError
 
 FORMAT = "configurable_fm.delta"
 VERSION = 1

@@ -38,7 +38,7 @@ import numpy as np
 
 from configurable_fm.errors import OutputExists, UserError
 from configurable_fm.data import corpora
-from configurable_fm.interop.safetensors_io import atomic_directory
+from configurable_fm.interop.atomic import atomic_directory
 
 FORMAT = "configurable_fm.token_dataset"
 FORMAT_VERSION = 1

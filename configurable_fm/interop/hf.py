@@ -18,7 +18,8 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.paths import flat_params, flat_state, with_params
-from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, atomic_directory, write_sharded
+from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, write_sharded
 
 
 # ------------------------------------------------------------------------------------ tensor mappings

@@ -17,7 +17,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from configurable_fm.bricks.paths import flat_params, flat_state, with_params
-from configurable_fm.interop.safetensors_io import CheckpointError, atomic_directory
+from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.interop.safetensors_io import CheckpointError
 
 MODEL_CONFIG = "model_config.json"
 PARAMS_DIR = "params"

@@ -4,17 +4,12 @@
   them, and reads one tensor at a time (`store[key]` -> numpy array); corrupt or truncated files raise
   `CheckpointError` naming the file.
 * `write_sharded(tensors, out_dir, max_shard_bytes)` writes shards plus an index when more than one.
-* `atomic_directory(out_dir)` yields a temporary sibling directory that is renamed to `out_dir` only when
-  the block completes, so a failed write leaves nothing partial behind.
 Nothing here uses pickle.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -23,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from configurable_fm.errors import OutputExists, UserError
+from configurable_fm.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -157,40 +152,3 @@ def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathLike,
              "weight_map": {k: name for name, s in zip(names, shards) for k in s}}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return names + [INDEX_FILE]
-
-
-def _usual_permissions(directory: Path) -> None:
-    """mkdtemp makes the directory 0700 (and some writers make 0600 files): give the modes the umask allows."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(directory, 0o777 & ~mask)
-    for f in directory.iterdir():
-        if f.is_file():
-            os.chmod(f, 0o666 & ~mask)
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success.
-
-    An existing `out_dir` is refused unless `overwrite`, in which case it is replaced only after the new
-    content is complete. On error the temporary directory is removed and `out_dir` is untouched.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExists(f"{out_dir} already exists (pass overwrite=True to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        _usual_permissions(tmp)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "x")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -55,7 +55,7 @@ def test_extract(model):
 def test_round_trip_reproduces_logits_exactly(model, tmp_path):
     bricks = extract(model, EVERYTHING, source="tiny-llama")
     save_bricks(bricks, tmp_path / "all")
-    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["bricks.json", "bricks.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "all").iterdir()) == [".configurable_fm_output.json", "bricks.json", "bricks.safetensors"]
     loaded = load_bricks(tmp_path / "all")
     assert list(loaded) == list(bricks)
     for name, b in bricks.items():

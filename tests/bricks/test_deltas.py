@@ -313,7 +313,7 @@ def _sample_delta():
 def test_save_load_round_trip_bit_exact(tmp_path):
     d = _sample_delta()
     out = save_delta(d, tmp_path / "tv")
-    assert sorted(p.name for p in out.iterdir()) == ["bricks.json", "bricks.safetensors", "delta.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".configurable_fm_output.json", "bricks.json", "bricks.safetensors", "delta.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["tv"]  # no temporary directory left behind
     back = load_delta(out)
     assert list(back) == list(d) and (back.kind, back.source, dict(back.metadata)) == (

@@ -60,8 +60,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from configurable_fm.errors import OutputExists
-from configurable_fm.interop.safetensors_io import atomic_directory, parse_size
+from configurable_fm.interop.atomic import atomic_directory, check_overwritable
+from configurable_fm.interop.safetensors_io import parse_size
 from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge import slices as S
@@ -170,8 +170,7 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     """
     check_contract(plan)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise OutputExists(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_overwritable(out_dir, overwrite)  # before any work: an existing or foreign output is refused
     limit = parse_size(max_shard_size)
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")

@@ -160,8 +160,13 @@ dtype: float16
     with pytest.raises(FileExistsError, match="already exists"):
         stream.merge_checkpoints(plan, out, progress=False)
     assert (out / "keep.txt").read_text() == "x"
-    stream.merge_checkpoints(plan, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / SINGLE_FILE).exists()
+    with pytest.raises(FileExistsError, match=r"did not write \(keep.txt\)"):  # overwrite never deletes it
+        stream.merge_checkpoints(plan, out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    stream.merge_checkpoints(plan, out, overwrite=True, progress=False)  # an empty directory
+    stream.merge_checkpoints(plan, out, overwrite=True, progress=False)  # a previous output of the library
+    assert (out / SINGLE_FILE).exists()
     a, b = _dict(hf["ft_a"]), _dict(hf["ft_b"])
     got = _dict(out)
     for k in a:  # dtype: float16 rounds the inputs on load; the output keeps that dtype

@@ -1,0 +1,139 @@
+"""Atomic outputs: a directory or JSON file appears complete or not at all, and overwriting never deletes what
+the library did not write.
+
+    with atomic_directory("out/merged", overwrite=True) as tmp:    # write into tmp; renamed to out/merged on success
+        ...
+    write_json_atomic(Path("run/config.json"), config)
+
+Temporary directories are siblings of the output named `.<name>.tmp-<pid>@<host>-<random>`. On error (including
+Ctrl-C) the block's temporary directory is removed; a process killed outright (SIGKILL, a power cut) cannot clean
+up, so every `atomic_directory` first removes the temporaries of *the same output* left by processes of this host
+that are no longer running (`sweep_stale`); temporaries of live processes and of other hosts are left alone.
+
+Overwriting: each output directory gets a small manifest `.configurable_fm_output.json` listing the entries the
+library wrote. `overwrite=True` replaces an existing directory only when it is empty or every entry in it is
+listed in its manifest (a previous output of the library); otherwise it raises `OutputExists` naming the entries
+it would delete, before any work is done. The replacement itself happens only once the new content is complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from configurable_fm.errors import OutputExists
+
+MANIFEST = ".configurable_fm_output.json"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _temp_prefix(name: str, kind: str) -> str:
+    return f".{name}.{kind}-{os.getpid()}@{_host()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def sweep_stale(out_dir: str | os.PathLike) -> list[Path]:
+    """Removes the temporaries of `out_dir` (`.<name>.tmp-...` / `.<name>.old-...`) left by dead processes of this
+    host; returns what was removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:tmp|old)-(\d+)@([A-Za-z0-9_.]+)-[^/]+")
+    removed = []
+    for entry in out_dir.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m and m.group(2) == _host() and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _written_by_us(out_dir: Path) -> list[str]:
+    """The entries of an existing `out_dir` that its manifest does not list (all of them without a manifest)."""
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name != MANIFEST)
+    try:
+        listed = set(json.loads((out_dir / MANIFEST).read_text())["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    return [e for e in entries if e not in listed]
+
+
+def check_overwritable(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Raises OutputExists unless `out_dir` is absent, or `overwrite` and it holds only a previous output."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise OutputExists(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    if not out_dir.is_dir():
+        raise OutputExists(f"{out_dir} exists and is not a directory; not replacing it")
+    foreign = _written_by_us(out_dir)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise OutputExists(f"{out_dir} holds files this library did not write ({shown}); overwrite replaces only a "
+                           "previous output. Move them away or choose another output directory")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success (module docstring).
+
+    An existing `out_dir` is refused unless `overwrite` and it is a previous output (or empty); it is replaced
+    only after the new content is complete. On error the temporary directory is removed and `out_dir` is
+    untouched."""
+    out_dir = Path(out_dir)
+    check_overwritable(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
+    try:
+        yield tmp
+        (tmp / MANIFEST).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
+        usual_permissions(tmp)
+        if out_dir.exists():
+            check_overwritable(out_dir, overwrite)  # nothing foreign appeared while we were writing
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name, "old"), dir=out_dir.parent))
+            os.rename(out_dir, old / "x")
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def usual_permissions(directory: Path) -> None:
+    """mkdtemp makes 0700 directories: give the output the permissions the umask gives ordinary files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~mask)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Writes `obj` as indented JSON (sorted keys; non-JSON values as str) to `path` via a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
