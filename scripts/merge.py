@@ -29,7 +29,8 @@ def define(fv):
     flags.DEFINE_string("mergekit_yaml", None, "mergekit YAML file (streamed merge of HF checkpoints)", flag_values=fv)
     cli.config_flag(fv, "config", "merge config file path.py[:variant] (in-memory merge; see ops/merge/stage.py)")
     flags.DEFINE_string("output", None, "output directory (must not exist unless --overwrite)", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "replace an existing output directory", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a previous output in the output directory (a directory holding files "
+                      "the library did not write is refused, never deleted)", flag_values=fv)
     flags.DEFINE_enum("format", None, ["hf", "orbax"],
                       "--config only: output as an HF directory (default) or an orbax model checkpoint", flag_values=fv)
     flags.DEFINE_string("max_shard_size", "5GB", "largest output shard (e.g. 5GB, 500MB, bytes)", flag_values=fv)

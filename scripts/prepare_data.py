@@ -16,7 +16,8 @@ from configurable_fm import cli
 def define(fv):
     cli.config_flag(fv, "config", "dataset config file (experiments/data.py:NAME)")
     flags.DEFINE_string("out", None, "output directory (default: config.out_dir)", flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "replace an existing output directory", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a previous output in the output directory (a directory holding files "
+                      "the library did not write is refused, never deleted)", flag_values=fv)
 
 
 def summary(manifest: dict, out_dir: str, seconds: float) -> str:
