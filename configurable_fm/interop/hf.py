@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.paths import flat_params, flat_state, with_params
 from configurable_fm.interop.atomic import atomic_directory
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, write_sharded
+from configurable_fm.models.structure import check_consistent, extension_specs, fill, variables_of
 
 
 # ------------------------------------------------------------------------------------ tensor mappings
@@ -164,7 +164,7 @@ def check_tensor_match(source, family: str, missing, unexpected, misshaped) -> N
 def state_from_tensors(family: Family, cfg, tensors, *, source: str, param_dtype=jnp.float32) -> nnx.Module:
     """Builds the model from a {HF name: array} mapping, validating names and shapes (one error for all)."""
     model = abstract_model(family, cfg, param_dtype)
-    expected_shapes = {k: tuple(v.shape) for k, v in flat_state(model).items()}
+    expected_shapes = {k: tuple(v.shape) for k, v in variables_of(model).items()}
     keys = {}
     for key in tensors:
         canonical = key
@@ -190,7 +190,7 @@ def state_from_tensors(family: Family, cfg, tensors, *, source: str, param_dtype
             continue
         values[m.path] = jnp.asarray(value, dtype=param_dtype)
     check_tensor_match(source, family.name, missing, unexpected, problems)
-    return with_params(model, values, check_shapes=False)
+    return fill(model, values)
 
 
 def from_hf(path: str | Path, dtype=jnp.float32) -> nnx.Module:
@@ -205,10 +205,28 @@ def from_hf(path: str | Path, dtype=jnp.float32) -> nnx.Module:
     return state_from_tensors(family, cfg, TensorStore(path), source=str(path), param_dtype=dtype)
 
 
-def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
-    """{HF tensor name: numpy array} for a model (in the model's parameter dtype)."""
+def check_exportable(model: nnx.Module, action: str = "to_hf") -> Family:
+    """The model's Family, after checking that an HF checkpoint can express the model: its tree agrees with
+    model.cfg (models.InconsistentModel otherwise), it has no extension modules and every variable is a tensor of
+    the family's mapping (NotImplementedError naming the paths otherwise)."""
     family = family_for(model)
-    params = flat_params(model)
+    check_consistent(model, action)
+    extensions = extension_specs(model)
+    if extensions:
+        listed = ", ".join(f"{e['path']} ({e['kind']})" for e in extensions[:8])
+        raise NotImplementedError(f"{action}: an HF {family.name} checkpoint cannot express the extension module(s) "
+                                  f"at {listed}{' ...' if len(extensions) > 8 else ''}; merge them into the base "
+                                  "weights first, or keep them with interop.orbax_io.save_model")
+    mapped = {m.path for m in family.tensor_map(model.cfg)}
+    unmapped = [p for p in variables_of(model) if p not in mapped]
+    if unmapped:
+        raise NotImplementedError(f"{action}: the HF {family.name} mapping has no tensor for the variable(s) "
+                                  f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}")
+    return family
+
+
+def _tensors(family: Family, model: nnx.Module) -> dict[str, np.ndarray]:
+    params = {k: v.get_value() for k, v in variables_of(model).items()}
     out = {}
     for m in family.tensor_map(model.cfg):
         for key, value in zip(m.hf_keys, m.to_hf(np.asarray(params[m.path]))):
@@ -216,14 +234,21 @@ def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """{HF tensor name: numpy array} for a model (in the model's parameter dtype); checked by `check_exportable`."""
+    return _tensors(check_exportable(model, "hf_tensors"), model)
+
+
 def to_hf(model: nnx.Module, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
           overwrite: bool = False) -> Path:
     """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that transformers loads.
 
-    The directory appears atomically: it is written under a temporary name and renamed when complete.
+    The directory appears atomically: it is written under a temporary name and renamed when complete. A model whose
+    module tree disagrees with model.cfg (models.InconsistentModel) or that HF cannot express (extension modules:
+    NotImplementedError) is refused before anything is written.
     """
-    family = family_for(model)
-    tensors = hf_tensors(model)
+    family = check_exportable(model, "to_hf")
+    tensors = _tensors(family, model)
     config = family.config_to_hf(model.cfg)
     dtypes = {str(v.dtype) for v in tensors.values()}
     config.setdefault("torch_dtype", dtypes.pop() if len(dtypes) == 1 else "float32")

@@ -6,6 +6,8 @@
 
 Any causal LM with Llama's interface works: `model(ids_BxT, attention_mask=, positions=, cache=)` returns
 (logits (B, T, V), new cache) when given a cache, and `model.init_cache(batch, max_len)` makes an empty one.
+Family models (llama, gpt2) are first checked against their config (`models.structure.check_consistent`), since
+`init_cache` sizes the cache from it.
 
 Batches are left-padded: row b's prompt is `ids[b][mask[b] == 1]`, right-aligned, and its positions are
 `cumsum(mask) - 1` (as transformers computes them), so a padded row generates what its prompt alone would.
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.models.structure import check_consistent, is_family_model
 
 def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool):
     """One token per row (B,) int32 from float logits (B, V); see the module docstring.
@@ -110,10 +113,15 @@ def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=
     all ones). temperature == 0 decodes greedily; temperature > 0 samples (optionally restricted by top_k
     and/or top_p) and needs an explicit `rng` key. eos_token_id (one id or several): a row stops after its
     first eos and is filled with `pad_token_id`. The model is not modified.
+
+    A family model whose module tree disagrees with its config (its cache would be sized from the config) raises
+    models.InconsistentModel; the check runs once per call, before anything is compiled.
     """
     if not callable(getattr(model, "init_cache", None)):
         raise TypeError(f"generate needs a causal LM with init_cache(batch, max_len); "
                         f"{type(model).__name__} has none")
+    if is_family_model(model):
+        check_consistent(model, "generate")
     ids = jnp.asarray(ids_BxT)
     if ids.ndim != 2 or ids.shape[1] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"ids_BxT must be a non-empty (batch, time) integer array, got {ids.dtype} {ids.shape}")

@@ -19,12 +19,15 @@ current convention up to the +1). With a sliding window W < T: S = W, resp. the 
 Training = 3 x forward (the backward pass costs two matmuls per forward matmul); norms, softmax, activations
 and the optimizer update are not counted.
 
-    fpt = flops_per_token(model.cfg, seq_len=2048)                  # training, PaLM convention
+    fpt = flops_per_token(cfg, seq_len=2048)                        # training, PaLM convention
+    fpt = flops_per_token_of_model(model, seq_len=2048)             # the same, after checking model against model.cfg
     util = mfu(tokens_per_s, fpt, jax.device_count(), peak_flops_per_device())   # None on CPU
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+from flax import nnx
 
 from configurable_fm.models.gpt2 import GPT2Config
 from configurable_fm.models.llama import LlamaConfig
@@ -38,13 +41,25 @@ def _keys_per_query(seq_len: int, window: int | None, causal_halving: bool) -> f
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
+def _checked_config(model: nnx.Module):
+    """model.cfg, after checking that the module tree agrees with it (models.InconsistentModel otherwise)."""
+    from configurable_fm.models.structure import check_consistent
+
+    check_consistent(model, "flops_per_token")
+    return model.cfg
+
+
 def flops_breakdown(cfg, seq_len: int, *, causal_halving: bool = False,
                     moe_experts_computed: int | None = None) -> dict[str, float]:
     """Forward FLOPs per token, by part, summed over layers: {'qkvo', 'attention', 'mlp', 'router', 'lm_head'}.
 
+    `cfg`: a llama/gpt2 config, its dict, or a model (checked against its config first: the count is the config's).
+
     `moe_experts_computed` replaces the k active experts of a MoE layer (default `num_experts_per_tok`); pass
     `num_experts` for the FLOPs this repository's dense MoE combine actually executes.
     """
+    if isinstance(cfg, nnx.Module):
+        cfg = _checked_config(cfg)
     if isinstance(cfg, Mapping):
         from configurable_fm.models.factory import config_from_dict
 
@@ -74,13 +89,25 @@ def flops_breakdown(cfg, seq_len: int, *, causal_halving: bool = False,
 
 def flops_per_token(cfg, seq_len: int, *, training: bool = True, causal_halving: bool = False,
                     moe_experts_computed: int | None = None) -> float:
-    """Model FLOPs per token of a llama/gpt2 config (or its dict) at sequence length `seq_len`.
+    """Model FLOPs per token of a llama/gpt2 config (or its dict, or a model) at sequence length `seq_len`.
 
     Sum of `flops_breakdown` (the module docstring gives every term), times 3 when `training`.
     """
+    if isinstance(cfg, nnx.Module):
+        cfg = _checked_config(cfg)
     total = sum(flops_breakdown(cfg, seq_len, causal_halving=causal_halving,
                                 moe_experts_computed=moe_experts_computed).values())
     return 3 * total if training else total
+
+
+def flops_per_token_of_model(model: nnx.Module, seq_len: int, *, training: bool = True,
+                             causal_halving: bool = False, moe_experts_computed: int | None = None) -> float:
+    """`flops_per_token(model.cfg, ...)` after checking that the model's tree agrees with its config
+    (models.InconsistentModel otherwise): a count from a stale config would be silently wrong.
+
+    Extension modules (adapters, masks) are not counted: the count is that of the config-built model."""
+    return flops_per_token(_checked_config(model), seq_len, training=training, causal_halving=causal_halving,
+                           moe_experts_computed=moe_experts_computed)
 
 
 # Dense (no structured sparsity) peak FLOP/s per device, from the vendors' datasheets. NVIDIA lists tensor-core
