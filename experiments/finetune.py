@@ -5,7 +5,9 @@
     python scripts/train.py --config experiments/finetune.py:multi --workdir runs/ft_multi           # 4 tasks at once
     python scripts/train.py --config experiments/finetune.py:sort_mlp,runlocal --workdir runs/ft_local   # CPU, seconds
 Fine-tune another checkpoint: `--config.init_from=<registry name | .gguf file | HF dir | orbax checkpoint>`
-(default 'smollm2-135m-instruct'); choose the trained bricks: `--config.trainable='("layers.*.self_attn.**",)'`.
+(default 'smollm2-135m-instruct'); choose the trained bricks: `--config.trainable='("layers.*.self_attn.**",)'`
+(or variables by type: `'("LoRAParam:**",)'`, see configurable_fm/train/state.py). Other losses (an L2 anchor to the
+start, distillation, ...) are tasks passed to `train(config, workdir, task=...)` (configurable_fm/train/task.py).
 
 Variants: '<task>' (every parameter) and '<task>_mlp' (only `layers.*.mlp` bricks; the rest frozen and kept out of
 the optimizer state) for each task of configurable_fm.data.synthetic.TASKS (sort, reverse, copy, addition,

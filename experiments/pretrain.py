@@ -37,7 +37,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.remat = "none"  # per-layer rematerialisation: none | dots | full (see models/llama.py REMAT_POLICIES)
     c.progress = True
     c.init_from = ""  # a registry name, .gguf file, HF dir or orbax checkpoint to fine-tune instead
-    c.trainable = ("**",)  # globs over parameter paths; the rest is frozen (and has no optimizer state)
+    # What trains (train/state.py): globs over parameter paths, or 'TYPE:GLOB' for variables of a type, e.g.
+    # ('layers.*.mlp.**',), ('LoRAParam:**',); other parameters are frozen (no optimizer state), other variables
+    # carried.
+    c.trainable = ("**",)
 
     c.model = ml_collections.ConfigDict(dict(
         family="llama", vocab_size=49152, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,

@@ -1,20 +1,48 @@
-"""The training loop: pre-training from scratch and (brick-selective) fine-tuning from any checkpoint.
+"""The training loop: pre-training from scratch and (brick-selective, LoRA, constrained, ...) fine-tuning.
 
-    result = train(config, workdir)        # config: see experiments/pretrain.py; workdir: runs/<name>
+    result = train(config, workdir)                        # config: experiments/pretrain.py; workdir: runs/<name>
+    result = train(config, workdir, model=m, task=AnchoredTask(strength=1e-3))   # any nnx model, any task
 
-One step on a global batch of B sequences of L tokens, split into A micro-batches (gradient accumulation):
-    loss = sum_{a,b,t} w_abt * nll_abt / sum w_abt,  nll = -log softmax(model(inputs))[targets]
-(w = loss_mask when the data has one, else 1), so accumulation gives exactly the full-batch gradient;
-then clip the global gradient norm, AdamW with a warmup + cosine / WSD schedule (train/optim.py).
-Parameters are float32 master weights; the forward runs in `compute_dtype` (bfloat16 by default on GPU).
-Only the parameters selected by `config.trainable` (globs over dotted paths; default all) are differentiated and
-held in the optimizer state; the rest are frozen.
+The model: `model=` (any nnx model, e.g. the output of a surgery), else `config.init_from` (a registry name,
+.gguf file, HF dir or orbax checkpoint), else `config.model` built from `config.seed`. The trainer copies it with
+float32 master parameters and modules computing in `config.compute_dtype` (state.compute_in); the caller's model
+is never modified.
 
-Workdir: config.json (resolved), run_info.json (git revision, devices, data manifest), metrics.jsonl,
-tensorboard/, checkpoints/<step>/ (orbax: params, opt_state, data iterator, meta; async, keep last N),
-best/ (the model with the best validation loss, an orbax model checkpoint), loss.png, report.md.
-Re-running the same command resumes from the last complete checkpoint: the data iterator, parameters and
-optimizer state are restored, so the following steps reproduce an uninterrupted run (bitwise on CPU).
+The objective. A step on a global batch of B rows split into A micro-batches (gradient accumulation) minimises
+    J = sum_a w_a L_a / sum_a w_a,       (L_a, m_a) = task.loss(model, micro-batch a, step, rng_a),  w_a = m_a['weight']
+(J = L_1 when A = 1). The default task (task.NextTokenTask) is the token-mean next-token NLL with w_a the number
+of scored tokens,
+    L_a = sum_{b,t} w_bt nll_bt / sum_{b,t} w_bt,   nll = -log softmax(model(inputs))[targets]
+(w_bt = loss_mask, 1 without one), so J = the NLL of the full batch and accumulation is exact. Then the global
+gradient norm is clipped and AdamW with a warmup + cosine / WSD schedule applied (train/optim.py).
+
+The step number s (1 for the first step, as in metrics.jsonl) reaches the task as a traced int32 (one
+compilation for all steps), and its key is rng_a = fold_in(fold_in(key(config.seed), s), a), a = 0..A-1:
+the same on every device and process, and on a resumed run. The task protocol (loss, eval_loss, setup) is in
+train/task.py; the partitions in train/state.py:
+    trainable : the variables selected by `config.trainable` (('**',): every parameter; 'TYPE:GLOB' entries
+                select other variable types, e.g. 'LoRAParam:**'): differentiated, in the optimizer state;
+    frozen    : the other parameters: step constants, no gradients, no optimizer state;
+    other     : the other variables (non-Param): carried through the steps, assigned by the task if it wants.
+
+Evaluation (every `eval_every` steps and at the end): val_loss = sum_b w_b L_b / sum_b w_b over the evaluation
+batches with the task's eval_loss (default: the same NLL), val_ppl = exp(val_loss), val_<m> for other task
+metrics, and the `task_metrics` callables (e.g. exact match of greedy generations).
+
+The parts: `set_up` (validate the config, build and partition the model, shard, optimizer, task, data, jit; writes
+nothing), `Run(setup, workdir)` (restore the last checkpoint, or write config.json and run_info.json), `Run.loop`
+(steps, logging, evaluation, best/, checkpoints), `Run.close` and `Run.result` (wait for writes, plot, TrainResult).
+
+Workdir: config.json (resolved), run_info.json (git revision, devices, partitions, data manifest), metrics.jsonl
+(one line per logged step: loss, tokens, lr, grad_norm, tokens_per_s, mfu, task metrics, val_*), tensorboard/,
+checkpoints/<step>/ (orbax: params = the trainable partition, opt_state, other (when the model has such
+variables), data = the data iterator, meta (step, best val_loss, the partitions' paths); async, keep last N),
+best/ (the model with the best validation loss: an orbax model checkpoint, interop/orbax_io.py), loss.png.
+Re-running the same command (and, with `model=`, the same initial model) resumes from the last complete
+checkpoint: the data iterator, trainable and other variables and the optimizer state are restored, so the
+following steps reproduce an uninterrupted run (bitwise on CPU). A non-finite loss stops the run
+(NonFiniteLoss) and leaves the last good checkpoint. Every enumerated option is checked before anything is
+written (ConfigError).
 """
 from __future__ import annotations
 
@@ -22,7 +50,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -32,25 +59,33 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from configurable_fm import sharding as shd
-from configurable_fm.bricks.paths import flat_params, flat_state, path_str, with_params
-from configurable_fm.bricks.select import glob_to_regex
-from configurable_fm.evaluation import next_token_nll
+from configurable_fm.bricks.paths import flat_params, flat_state, with_params
+from configurable_fm.errors import ConfigError, UserError
+from configurable_fm.models.structure import check_consistent, is_family_model
 from configurable_fm.models.factory import build_model, config_to_dict, load_model
+from configurable_fm.models.llama import REMAT_POLICIES
 from configurable_fm.train import flops as flops_lib
 from configurable_fm.train.distributed import save_model_collective
 from configurable_fm.train.metrics import MetricWriter, ProgressBar, plot_loss_curve, read_metrics
-from configurable_fm.train.optim import make_optimizer
+from configurable_fm.train.optim import SCHEDULES, make_optimizer
+from configurable_fm.train.state import ModelParts, TrainState, compute_in
+from configurable_fm.train.step import make_eval_step, make_step, make_train_step, split_arrays
+from configurable_fm.train.task import NextTokenTask, Task, loss_sums, set_up_task
+
+__all__ = ["train", "TrainResult", "NonFiniteLoss", "ConfigError", "check_config", "set_up", "TrainSetup", "Run",
+           "DTYPES", "with_compute_dtype", "compute_in", "loss_sums", "ModelParts", "TrainState", "make_train_step",
+           "Task", "NextTokenTask", "write_json_atomic"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+TRAINER_METRICS = ("step", "loss", "tokens", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite."""
+class NonFiniteLoss(UserError, RuntimeError):
+    """The training loss became NaN or infinite (the message names the step and the last good checkpoint)."""
 
 
 @dataclasses.dataclass
@@ -62,101 +97,165 @@ class TrainResult:
     model: nnx.Module
 
 
-# ------------------------------------------------------------------------------------------ the model
 def with_compute_dtype(model: nnx.Module, dtype, **options) -> nnx.Module:
-    """The same parameters (as float32 masters) in a model whose layers compute in `dtype` (and module
-    `options`, e.g. remat='dots')."""
+    """The same parameters (as float32 masters) in a model of the same family rebuilt from `model.cfg`, whose
+    layers compute in `dtype` (and module `options`, e.g. remat='dots'). For any model structure (surgery, extra
+    variables) use `state.compute_in`, which the trainer uses."""
     abstract = nnx.eval_shape(lambda: build_model(model.cfg, param_dtype=jnp.float32, dtype=dtype, **options))
     return with_params(abstract, {k: jnp.asarray(v, jnp.float32) for k, v in flat_params(model).items()},
                        check_shapes=False)
 
 
-def select_trainable(paths: list[str], globs) -> list[str]:
-    """The parameter paths matched by any glob (segment-wise, `**` spans segments); each glob must match."""
-    chosen = set()
-    for glob in globs:
-        hits = {p for p in paths if re.fullmatch(glob_to_regex(glob), p)}
-        if not hits:
-            raise ValueError(f"trainable glob {glob!r} matches no parameter; e.g. {paths[:4]}")
-        chosen |= hits
-    return [p for p in paths if p in chosen]
+# ------------------------------------------------------------------------------------------ validation
+def _one_of(key: str, value, valid) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not one of {sorted(valid)}")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """A model as (graphdef, path keys): `merge(flat dicts)` rebuilds it from {dotted path: array} dicts."""
+def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> None:
+    """Checks the enumerated and related options of a train config, naming the key and the valid values; called
+    before anything is written to the workdir."""
+    from configurable_fm.train.data import DATA_KINDS
 
-    graphdef: Any
-    keys: dict[str, tuple]
-
-    @classmethod
-    def of(cls, model):
-        graphdef, state = nnx.split(model)
-        return cls(graphdef, {path_str(p): p for p, _ in nnx.to_flat_state(state)})
-
-    def merge(self, *flats: dict) -> nnx.Module:
-        items = [(self.keys[k], v) for flat in flats for k, v in flat.items()]
-        return nnx.merge(self.graphdef, nnx.from_flat_state(items))
-
-
-# ------------------------------------------------------------------------------------------ the step
-def loss_sums(model, batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token NLL, sum of weights) in float32 for one batch."""
-    nll = next_token_nll(model(batch["inputs"]), batch["targets"])
-    weights = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(nll)
-    if "mask" in batch:  # row mask of padded evaluation batches
-        weights = weights * batch["mask"].astype(jnp.float32)[:, None]
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    _one_of("compute_dtype", cfg.compute_dtype, DTYPES)
+    _one_of("remat", cfg.get("remat", "none"), REMAT_POLICIES)
+    if "schedule" in cfg.optimizer:
+        _one_of("optimizer.schedule", cfg.optimizer.schedule, SCHEDULES)
+    if data is None:
+        _one_of("data.kind", cfg.data.kind, DATA_KINDS)
+    accum = cfg.get("grad_accum_steps", 1)
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+        raise ConfigError(f"grad_accum_steps={accum!r} must be an int >= 1")
+    if cfg.batch_size % (accum * jax.process_count()):
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by grad_accum_steps={accum}"
+                          f" x processes={jax.process_count()}")
+    if model is not None and cfg.get("init_from"):
+        raise ConfigError(f"both a model argument and config.init_from={cfg.init_from!r} are given; "
+                          "set config.init_from='' to train the model passed in")
 
 
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+# ------------------------------------------------------------------------------------------ set-up
+def _replicated(mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, accum_steps: int):
-    """step(params, opt_state, frozen, batch) -> (params, opt_state, metrics); batch rows are split into
-    `accum_steps` micro-batches whose gradient sums are accumulated before the single update."""
-
-    def grads_of(params, frozen, micro):
-        def total(p):
-            return loss_sums(parts.merge(p, frozen), micro)
-
-        (nll, count), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return nll, count, grads
-
-    def step(params, opt_state, frozen, batch):
-        if accum_steps == 1:
-            nll, count, grads = grads_of(params, frozen, batch)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
-
-            def body(carry, mb):
-                nll, count, grads = grads_of(params, frozen, mb)
-                return jax.tree.map(jnp.add, carry, (nll, count, grads)), None
-
-            zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (nll, count, grads), _ = jax.lax.scan(body, zeros, micro)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": nll / count, "grad_norm": global_norm(grads), "tokens": count}
-
-    return step
+def step_array(n: int, mesh) -> jax.Array:
+    """The step counter of a TrainState: an int32 scalar, replicated over `mesh`."""
+    return jax.device_put(np.int32(n), _replicated(mesh))
 
 
-def make_eval_step(parts: ModelParts):
-    def step(params, frozen, batch):
-        return loss_sums(parts.merge(params, frozen), batch)
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything a run needs that does not depend on the workdir: the config, mesh, model partitions, the placed
+    frozen parameters and initial state with their shardings, the optimizer schedule, the task (and its array
+    leaves, placed), the data, task metrics and the (not yet compiled) jitted step functions."""
 
-    return step
+    cfg: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    rules: dict
+    parts: ModelParts
+    initial: str  # where the initial model came from (run_info.json)
+    model_cfg: Any  # the model's config (model.cfg) for FLOPs and run_info; None when it has none
+    frozen: dict
+    state: TrainState  # the initial state (step 0); the first step consumes it (donation)
+    schedule: Callable
+    task: Any
+    task_arrays: list
+    data: Any
+    task_metrics: dict
+    train_step: Callable  # jitted: (state, frozen, task_arrays, batch) -> (state, metrics); state donated
+    eval_step: Callable  # jitted: (state, frozen, task_arrays, batch) -> metrics
+
+    def to_global(self, batch: dict) -> dict:
+        """Local (per-process) rows -> global arrays sharded over the batch mesh axes."""
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            spec = shd.partition_spec(("batch",) + (None,) * (v.ndim - 1),
+                                      (v.shape[0] * jax.process_count(),) + v.shape[1:], self.mesh, self.rules)
+            out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(self.mesh, spec), v)
+        return out
+
+    def model_of(self, state: TrainState) -> nnx.Module:
+        return self.parts.merge(state.trainable, self.frozen, state.other)
+
+
+def initial_model(cfg: ml_collections.ConfigDict, model: nnx.Module | None) -> tuple[nnx.Module, str]:
+    """(the model to start from, as given; where it came from): `model`, else `config.init_from` loaded, else
+    `config.model` built from `config.seed`."""
+    if model is not None:
+        return model, "model argument"
+    if cfg.init_from:
+        return load_model(cfg.init_from), str(cfg.init_from)
+    return build_model(cfg.model.to_dict(), seed=cfg.seed), f"config.model, seed {cfg.seed}"
+
+
+def place_state(model: nnx.Module, parts: ModelParts, tx, mesh, rules) -> tuple[dict, TrainState, TrainState]:
+    """(frozen, initial TrainState, its shardings): the partitions of `model` placed on `mesh` by the sharding
+    rules, and the optimizer state over the trainable ones (replicated where its init leaves a leaf unsharded).
+    The donated partitions (trainable, other) are copies: the model passed in keeps its arrays."""
+    replicated = _replicated(mesh)
+    shardings = {k: v.get_value() for k, v in flat_state(shd.param_shardings(model, mesh, rules), nnx.Variable).items()}
+    place = lambda flat, copy: {k: jax.device_put(v, shardings[k], may_alias=False if copy else None)
+                                for k, v in flat.items()}
+    trainable, frozen, other = parts.split(model)
+    trainable, frozen, other = place(trainable, True), place(frozen, False), place(other, True)
+    opt_state = jax.jit(tx.init)(trainable)
+    opt_shardings = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+        else replicated, opt_state)
+    opt_state = jax.device_put(opt_state, opt_shardings)
+    state = TrainState(step_array(0, mesh), trainable, opt_state, other)
+    return frozen, state, TrainState(replicated, {k: shardings[k] for k in trainable}, opt_shardings,
+                                     {k: shardings[k] for k in other})
+
+
+def place_task(task: Any, mesh) -> tuple[list, Callable[[list], Any]]:
+    """(the task's array leaves on `mesh`: kept when already there, else replicated copies; rebuild(arrays) -> task)."""
+    arrays, rebuild = split_arrays(task)
+    on_mesh = lambda x: isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding) \
+        and x.sharding.mesh == mesh
+    return [x if on_mesh(x) else jax.device_put(x, _replicated(mesh), may_alias=False) for x in arrays], rebuild
+
+
+def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, task: Any = None, data=None,
+           task_metrics: dict[str, Callable] | None = None) -> TrainSetup:
+    """Validates the config, builds the model, its partitions and shardings, the optimizer, the task and the
+    data, and jits the steps; nothing is written (a config error leaves no workdir behind)."""
+    from configurable_fm.train.data import make_data, make_task_metrics
+
+    check_config(cfg, model=model, data=data)
+    mesh = shd.make_mesh(tuple(cfg.mesh.shape), tuple(cfg.mesh.axes))
+    rules = {**shd.DEFAULT_RULES, **dict(cfg.mesh.get("rules", {}) or {})}
+    model, initial = initial_model(cfg, model)
+    model = compute_in(model, DTYPES[cfg.compute_dtype], remat=cfg.get("remat", "none"))
+    if is_family_model(model):  # the tree is the truth: never train (and count FLOPs of) a model its config misdescribes
+        check_consistent(model, "train")
+    parts = ModelParts.of(model, tuple(cfg.trainable))
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps)
+    frozen, state, state_shardings = place_state(model, parts, tx, mesh, rules)
+    task = set_up_task(task if task is not None else NextTokenTask(), model, parts.trainable)
+    task_arrays, rebuild = place_task(task, mesh)
+    model_cfg = getattr(model, "cfg", None)
+    del model
+
+    data = data or make_data(cfg)
+    # config.task_metrics (task names) plus the callables passed in; the task data's tokenizer is reused.
+    task_metrics = {**make_task_metrics(cfg, getattr(data, "tokenizer", None)), **(task_metrics or {})}
+    # The step returns exactly the shardings it is given, so that its first call is its only compilation.
+    step_fn = make_step(parts, tx, task, cfg.get("grad_accum_steps", 1), cfg.seed, rebuild)
+    train_step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings, _replicated(mesh)))
+    eval_step = jax.jit(make_eval_step(parts, task, rebuild))
+    return TrainSetup(cfg, mesh, rules, parts, initial, model_cfg, frozen, state, schedule, task, task_arrays, data,
+                      task_metrics, train_step, eval_step)
 
 
 # ------------------------------------------------------------------------------------------ run info
 def git_revision() -> dict:
     root = Path(__file__).resolve().parents[2]
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                     capture_output=True, text=True).stdout.strip())
         return {"revision": rev, "dirty": dirty}
@@ -170,179 +269,210 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------------ training
-def _to_global(batch: dict, mesh, rules) -> dict:
-    """Local (per-process) rows -> global arrays sharded over the batch mesh axes."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        spec = shd.partition_spec(("batch",) + (None,) * (v.ndim - 1),
-                                  (v.shape[0] * jax.process_count(),) + v.shape[1:], mesh, rules)
-        out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), v)
-    return out
+def run_info(setup: TrainSetup) -> dict:
+    parts = setup.parts
+    return {
+        "git": git_revision(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "model": config_to_dict(setup.model_cfg) if setup.model_cfg is not None else None,
+        "initial_model": setup.initial,
+        "trainable": "all" if not (parts.frozen or parts.other) else list(parts.trainable),
+        "other": list(parts.other), "task": type(setup.task).__name__, "data_manifest": setup.data.manifest}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, data=None,
-          task_metrics: dict[str, Callable] | None = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Runs (or resumes) the training described by `config` in `workdir`.
+# ------------------------------------------------------------------------------------------ the run
+class Run:
+    """One run of a TrainSetup in a workdir. Making it creates the workdir and restores the last checkpoint (or
+    starts fresh and writes config.json and run_info.json); `loop` takes the steps (logging, evaluating,
+    checkpointing); `close` waits for pending writes; `result` plots the loss curve and returns the TrainResult."""
 
-    data: an object with `train_batches(process_index, process_count)` -> the training iterator (with
-    get_state/set_state), `eval_batches(process_index, process_count)` -> this process's rows of the evaluation
-    batches, and `manifest` (dict or None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) -> {metric: value}}
-    evaluated with the validation loss, added to those of `config.task_metrics` (synthetic task names: exact
-    match of greedy generations, logged as '<task>/exact_match'; see train/data.py make_task_metrics).
-    """
-    from configurable_fm.train.data import make_data, make_task_metrics
+    def __init__(self, setup: TrainSetup, workdir: Path, log: Callable[[str], None] = print):
+        cfg = setup.cfg
+        self.setup, self.workdir, self.log = setup, workdir, log
+        self.train_iter = setup.data.train_batches(jax.process_index(), jax.process_count())
+        self.state = setup.state
+        self.start_step, self.best_val = 0, None
+        self.losses: dict[int, float] = {}
+        self.ckpt_dir = (workdir / "checkpoints").absolute()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=cfg.checkpoint.get("async", True),
+            create=True))
+        if self.manager.latest_step() is not None:
+            try:
+                self.restore(self.manager.latest_step())
+            except BaseException:
+                self.manager.close()
+                raise
+        elif jax.process_index() == 0:
+            write_json_atomic(workdir / "config.json", cfg.to_dict())
+            write_json_atomic(workdir / "run_info.json", run_info(setup))
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.flop_count = flops_lib.flops_per_token(setup.model_cfg, cfg.seq_len) if setup.model_cfg else None
+        self.peak = flops_lib.peak_flops_per_device()
+        self.writer = MetricWriter(workdir, resume_step=self.start_step) if jax.process_index() == 0 else None
+        self.bar = ProgressBar(cfg.steps, initial=self.start_step,
+                               disable=None if jax.process_index() == 0 and cfg.get("progress", True) else True)
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = config
-    if cfg.batch_size % (cfg.grad_accum_steps * jax.process_count()):
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by grad_accum_steps={cfg.grad_accum_steps}"
-                         f" x processes={jax.process_count()}")
-    compute_dtype = DTYPES[cfg.compute_dtype]
-    mesh = shd.make_mesh(tuple(cfg.mesh.shape), tuple(cfg.mesh.axes))
-    rules = {**shd.DEFAULT_RULES, **dict(cfg.mesh.get("rules", {}) or {})}
+    # -------------------------------------------------------------------------------- checkpoints
+    def _partitions(self) -> dict:
+        return {"trainable": list(self.setup.parts.trainable), "other": list(self.setup.parts.other)}
 
-    # Model: from scratch (seeded) or from a checkpoint; float32 masters computing in `compute_dtype`.
-    model = load_model(cfg.init_from) if cfg.init_from else build_model(cfg.model.to_dict(), seed=cfg.seed)
-    options = {"remat": cfg.remat} if cfg.get("remat", "none") != "none" else {}  # llama only
-    model = with_compute_dtype(model, compute_dtype, **options)
-    parts = ModelParts.of(model)
-    everything = flat_params(model)
-    trainable_paths = select_trainable(list(everything), cfg.trainable)
-    shardings = {k: v.get_value() for k, v in flat_state(shd.param_shardings(model, mesh, rules)).items()}
-    place = lambda flat: {k: jax.device_put(v, shardings[k]) for k, v in flat.items()}
-    params = place({k: everything[k] for k in trainable_paths})
-    frozen = place({k: v for k, v in everything.items() if k not in params})
-    del everything
+    def restore(self, step: int) -> None:
+        """The state, data iterator and best validation loss of checkpoint `step` (orbax only lists finalised
+        steps); a checkpoint written with other partitions is an error naming the difference."""
+        abstract = lambda tree: jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        saved = meta.get("partitions")
+        if saved is not None and saved != self._partitions():
+            now = self._partitions()
+            diff = {k: {"checkpoint only": sorted(set(saved[k]) - set(now[k]))[:6],
+                        "this run only": sorted(set(now[k]) - set(saved[k]))[:6]} for k in now if saved[k] != now[k]}
+            raise ConfigError(f"checkpoint {self.ckpt_dir / str(step)} holds other partitions than this run's "
+                              f"config.trainable selects: {diff}; resume with the same trainable, or use a new workdir")
+        items = {"params": ocp.args.StandardRestore(abstract(self.state.trainable)),
+                 "opt_state": ocp.args.StandardRestore(abstract(self.state.opt_state)),
+                 "data": ocp.args.JsonRestore()}
+        if self.state.other:
+            items["other"] = ocp.args.StandardRestore(abstract(self.state.other))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        self.state = TrainState(step_array(step, self.setup.mesh), restored.params, restored.opt_state,
+                                restored.other if self.state.other else {})
+        self.train_iter.set_state(restored.data)
+        self.start_step, self.best_val = step, meta.get("best_val_loss")
+        self.log(f"resumed from {self.ckpt_dir / str(step)} (step {step})")
 
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps)
-    # Pin the optimizer state's shardings (replicated where the init left them unset), and below make the step
-    # return exactly the shardings it was given, so its first call is the only compilation.
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.jit(tx.init)(params)
-    opt_shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-        else replicated, opt_state)
-    opt_state = jax.device_put(opt_state, opt_shardings)
-    param_shardings = {k: shardings[k] for k in params}
-    data = data or make_data(cfg)
-    # config.task_metrics (task names) plus the callables passed in; the task data's tokenizer is reused.
-    task_metrics = {**make_task_metrics(cfg, getattr(data, "tokenizer", None)), **(task_metrics or {})}
-    train_iter = data.train_batches(jax.process_index(), jax.process_count())
+    def save(self, step: int, val_loss: float | None) -> None:
+        items = {"params": ocp.args.StandardSave(self.state.trainable),
+                 "opt_state": ocp.args.StandardSave(self.state.opt_state),
+                 "data": ocp.args.JsonSave(self.train_iter.get_state()),
+                 "meta": ocp.args.JsonSave({"step": step, "best_val_loss": self.best_val, "val_loss": val_loss,
+                                            "partitions": self._partitions()})}
+        if self.state.other:
+            items["other"] = ocp.args.StandardSave(self.state.other)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
-    # Resume from the last complete checkpoint, if any (orbax only exposes finalized steps).
-    ckpt_dir = (workdir / "checkpoints").absolute()
-    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=cfg.checkpoint.get("async", True),
-        create=True))
-    start_step, best_val = 0, None
-    if manager.latest_step() is not None:
-        start_step = manager.latest_step()
-        abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-        restored = manager.restore(start_step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract(params)), opt_state=ocp.args.StandardRestore(abstract(opt_state)),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        params, opt_state = restored.params, restored.opt_state
-        train_iter.set_state(restored.data)
-        best_val = restored.meta.get("best_val_loss")
-        log(f"resumed from {ckpt_dir / str(start_step)} (step {start_step})")
-    elif jax.process_index() == 0:
-        write_json_atomic(workdir / "config.json", cfg.to_dict())
-        write_json_atomic(workdir / "run_info.json", {
-            "git": git_revision(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-            "process_count": jax.process_count(), "model": config_to_dict(model.cfg),
-            "trainable": trainable_paths if len(trainable_paths) < len(parts.keys) else "all",
-            "data_manifest": data.manifest})
-
-    train_step = jax.jit(make_train_step(parts, tx, cfg.grad_accum_steps), donate_argnums=(0, 1),
-                         out_shardings=(param_shardings, opt_shardings, replicated))
-    eval_step = jax.jit(make_eval_step(parts))
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    flop_count = flops_lib.flops_per_token(model.cfg, cfg.seq_len)
-    peak = flops_lib.peak_flops_per_device()
-    writer = MetricWriter(workdir, resume_step=start_step) if jax.process_index() == 0 else None
-    bar = ProgressBar(cfg.steps, initial=start_step,
-                      disable=None if jax.process_index() == 0 and cfg.get("progress", True) else True)
-
-    def evaluate(step):
-        nll = count = 0.0
-        for batch in data.eval_batches(jax.process_index(), jax.process_count()):
-            s, c = eval_step(params, frozen, _to_global(batch, mesh, rules))
-            nll, count = nll + float(s), count + float(c)
-        metrics = {"val_loss": nll / max(count, 1.0)}
+    # -------------------------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """val_loss (weighted by the task's weights), val_ppl, val_<metric>, and the task metric callables."""
+        s = self.setup
+        sums: dict[str, float] = {}
+        total = 0.0
+        for batch in s.data.eval_batches(jax.process_index(), jax.process_count()):
+            m = {k: float(v) for k, v in s.eval_step(self.state, s.frozen, s.task_arrays, s.to_global(batch)).items()}
+            w = m.pop("weight")
+            total += w
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + w * v
+        denom = total if total > 0 else 1.0
+        metrics = {"val_loss": sums.pop("loss", 0.0) / denom}
         metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-        if task_metrics:
-            current = parts.merge(params, frozen)
-            for fn in task_metrics.values():
+        metrics.update({f"val_{k}": v / denom for k, v in sums.items()})
+        if s.task_metrics:
+            current = s.model_of(self.state)
+            for fn in s.task_metrics.values():
                 metrics.update(fn(current))
         return metrics
 
-    def save(step, val_loss):
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=ocp.args.JsonSave(train_iter.get_state()),
-            meta=ocp.args.JsonSave({"step": step, "best_val_loss": best_val, "val_loss": val_loss})))
-
-    losses: dict[int, float] = {}
-    pending = None  # (step, metrics) of the last dispatched step, checked one step late (no host sync per step)
-    t_last, step_last = time.perf_counter(), start_step
-
-    def check(entry):
-        step, m = entry
-        loss = float(m["loss"])
+    # -------------------------------------------------------------------------------- the steps
+    def check(self, step: int, metrics: dict) -> float:
+        """The step's loss as a float; a non-finite one stops the run (after pending checkpoint writes)."""
+        loss = float(metrics["loss"])
         if not math.isfinite(loss):
-            manager.wait_until_finished()
+            self.manager.wait_until_finished()
             raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
-                                f"{manager.latest_step()} in {ckpt_dir}")
-        losses[step] = loss
+                                f"{self.manager.latest_step()} in {self.ckpt_dir}")
+        self.losses[step] = loss
         return loss
 
-    try:
-        for step in range(start_step + 1, cfg.steps + 1):
-            batch = _to_global(next(train_iter), mesh, rules)
-            params, opt_state, metrics = train_step(params, opt_state, frozen, batch)
+    def record(self, step: int, loss: float, metrics: dict, elapsed_steps: int, seconds: float) -> dict:
+        cfg = self.setup.cfg
+        tps = elapsed_steps * self.tokens_per_step / max(seconds, 1e-9)
+        record = {"loss": loss, "tokens": step * self.tokens_per_step, "lr": float(self.setup.schedule(step - 1)),
+                  "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
+        if self.flop_count and self.peak:
+            record["mfu"] = flops_lib.mfu(tps, self.flop_count, jax.device_count(), self.peak)
+        extra = {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm", "weight")}
+        clash = sorted(set(extra) & set(TRAINER_METRICS) | {k for k in extra if k.startswith("val_")})
+        if clash:
+            raise ConfigError(f"task {type(self.setup.task).__name__} returns metric(s) {clash}, names the trainer "
+                              f"logs itself ({list(TRAINER_METRICS)}, val_*); rename them")
+        return {**record, **extra}
+
+    def loop(self) -> None:
+        """Steps start_step+1 .. config.steps. Each step's loss is checked one step late (no host sync per step),
+        except on steps that log, evaluate or checkpoint."""
+        s, cfg = self.setup, self.setup.cfg
+        pending = None  # (step, metrics) of the last dispatched step
+        t_last, step_last = time.perf_counter(), self.start_step
+        for step in range(self.start_step + 1, cfg.steps + 1):
+            batch = s.to_global(next(self.train_iter))
+            self.state, metrics = s.train_step(self.state, s.frozen, s.task_arrays, batch)
             if pending is not None:
-                check(pending)
+                self.check(*pending)
             pending = (step, metrics)
             is_log = step % cfg.log_every == 0 or step == cfg.steps
             is_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
             is_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
             if not (is_log or is_eval or is_ckpt):
                 continue
-            loss = check(pending)
+            loss = self.check(*pending)
             pending = None
-            record = {"loss": loss, "tokens": step * tokens_per_step, "lr": float(schedule(step - 1)),
-                      "grad_norm": float(metrics["grad_norm"])}
             now = time.perf_counter()
-            tps = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+            record = self.record(step, loss, metrics, step - step_last, now - t_last)
             t_last, step_last = now, step
-            record["tokens_per_s"] = tps
-            if flop_count and peak:
-                record["mfu"] = flops_lib.mfu(tps, flop_count, jax.device_count(), peak)
             val_loss = None
             if is_eval:
-                ev = evaluate(step)
+                ev = self.evaluate()
                 record.update(ev)
                 val_loss = ev["val_loss"]
-                if best_val is None or val_loss < best_val:
-                    best_val = val_loss
+                if self.best_val is None or val_loss < self.best_val:
+                    self.best_val = val_loss
                     # every process takes part: the arrays may be sharded over all processes' devices
-                    save_model_collective(parts.merge(params, frozen), workdir / "best", overwrite=True)
-            if writer:
-                writer.write(step, **record)
-            bar.update(step, loss=loss, tokens_per_s=tps, mfu=record.get("mfu"))
+                    save_model_collective(s.model_of(self.state), self.workdir / "best", overwrite=True)
+            if self.writer:
+                self.writer.write(step, **record)
+            self.bar.update(step, loss=loss, tokens_per_s=record["tokens_per_s"], mfu=record.get("mfu"))
             if is_ckpt:
-                save(step, val_loss)
+                self.save(step, val_loss)
         if pending is not None:
-            check(pending)
+            self.check(*pending)
+
+    # -------------------------------------------------------------------------------- the end
+    def close(self) -> None:
+        """Waits for pending checkpoint writes; closes the progress bar and the metric writer."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.bar.close()
+            if self.writer:
+                self.writer.close()
+
+    def result(self) -> TrainResult:
+        self.manager.close()
+        if jax.process_index() == 0 and (self.workdir / "metrics.jsonl").exists():
+            plot_loss_curve(read_metrics(self.workdir / "metrics.jsonl"), self.workdir / "loss.png")
+        return TrainResult(self.workdir, self.setup.cfg.steps, self.losses, self.best_val,
+                           self.setup.model_of(self.state))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, model: nnx.Module | None = None,
+          task: Any = None, data=None, task_metrics: dict[str, Callable] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Runs (or resumes) the training described by `config` in `workdir` (module docstring).
+
+    model: the initial model (any nnx module; not modified), instead of config.init_from / config.model (giving it
+    and config.init_from is an error). task: what to minimise (train/task.py; default NextTokenTask()). data: an
+    object with `train_batches(process_index, process_count)` -> the training iterator (with get_state/set_state),
+    `eval_batches(process_index, process_count)` -> this process's rows of the evaluation batches, and `manifest`
+    (dict or None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) ->
+    {metric: value}} evaluated with the validation loss, added to those of `config.task_metrics` (synthetic task
+    names: exact match of greedy generations, logged as '<task>/exact_match'; see train/data.py).
+    """
+    run = Run(set_up(config, model=model, task=task, data=data, task_metrics=task_metrics), Path(workdir), log)
+    try:
+        run.loop()
     finally:
-        manager.wait_until_finished()
-        bar.close()
-        if writer:
-            writer.close()
-    manager.close()
-    if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
-        plot_loss_curve(read_metrics(workdir / "metrics.jsonl"), workdir / "loss.png")
-    return TrainResult(workdir, cfg.steps, losses, best_val, parts.merge(params, frozen))
+        run.close()
+    return run.result()

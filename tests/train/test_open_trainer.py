@@ -1,0 +1,282 @@
+"""The open trainer: a model passed in, custom tasks (step and rng reach them; an L2-anchored task trains),
+variables other than parameters (trained by type, or carried and assigned by the task) that resume bitwise,
+LoRA-style Param subclasses as the only trainable state, one compilation of the step, and config errors raised
+before the workdir exists."""
+import json
+import logging
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configurable_fm.bricks import flat_params, tree_at
+from configurable_fm.models.factory import build_model
+from configurable_fm.train.state import ModelParts, compute_in, variable_values
+from configurable_fm.train.task import AnchoredTask, NextTokenTask
+from configurable_fm.train.trainer import ConfigError, train, with_compute_dtype
+from tests.train.test_train_cli import child_env, run_train, train_command
+from tests.train.test_trainer import tiny_config, tiny_data
+
+try:  # modules that no config builds declare themselves (models/structure.py), so that best/ can be saved
+    from configurable_fm.models.structure import register_extension
+except ImportError:  # an older tree without the structure checks
+    register_extension = None
+
+quiet = lambda s: None
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+class compiles:
+    """Counts the XLA compilations of the trainer's step (`train_step`) inside the `with` block."""
+
+    def __enter__(self):
+        self.count = 0
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                if re.search(r"Compiling (jit\()?train_step\b", record.getMessage()):
+                    outer.count += 1
+
+        self.handler, self.logger = Handler(), logging.getLogger("jax")
+        self.logger.addHandler(self.handler)
+        self.ctx = jax.log_compiles(True)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        self.logger.removeHandler(self.handler)
+
+
+# ------------------------------------------------------------------------------------------ test modules
+class Scale(nnx.Variable):
+    """A per-channel output scale that is not a parameter (selected as trainable by type)."""
+
+
+class Ramp(nnx.Variable):
+    """A mask ramp in [0, 1] that is not a parameter: carried, and set by the task from the step."""
+
+
+class RampedLinear(nnx.Module):
+    """y = lin(x) * (1 + ramp * (scale - 1)): the Linear's output, scaled once the ramp is up."""
+
+    def __init__(self, lin):
+        self.lin = lin
+        self.scale = Scale(jnp.ones((lin.kernel.shape[1],), jnp.float32))
+        self.ramp = Ramp(jnp.zeros((), jnp.float32))
+
+    def __call__(self, x):
+        return self.lin(x) * (1.0 + self.ramp[...] * (self.scale[...] - 1.0))
+
+    def structure_spec(self):
+        return {"kind": "test_ramped_linear", "options": {}}
+
+    def structure_base(self):
+        return self.lin
+
+
+class RampTask(NextTokenTask):
+    """Next-token NLL; first sets every Ramp to min(step / ramp_steps, 1)."""
+
+    ramp_steps = 4
+
+    def loss(self, model, batch, step, rng):
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, RampedLinear):
+                module.ramp[...] = jnp.minimum(step.astype(jnp.float32) / self.ramp_steps, 1.0)
+        return super().loss(model, batch, step, rng)
+
+
+class LoRAParam(nnx.Param):
+    """A low-rank factor: a parameter subclass, selected with 'LoRAParam:**'."""
+
+
+class LoRALinear(nnx.Module):
+    def __init__(self, lin, rank: int = 2):
+        d_in, d_out = lin.kernel.shape
+        self.lin = lin
+        self.a = LoRAParam(0.1 * jax.random.normal(jax.random.key(1), (d_in, rank)))
+        self.b = LoRAParam(jnp.zeros((rank, d_out)))
+
+    def __call__(self, x):
+        return self.lin(x) + x @ self.a[...] @ self.b[...]
+
+    def structure_spec(self):
+        return {"kind": "test_lora_linear", "options": {"rank": self.a.shape[1]}}
+
+    def structure_base(self):
+        return self.lin
+
+
+if register_extension is not None:
+    register_extension("test_ramped_linear", lambda base, options, *, rngs: RampedLinear(base), replace=True)
+    register_extension("test_lora_linear", lambda base, options, *, rngs: LoRALinear(base, **options), replace=True)
+
+
+class ProbeTask(NextTokenTask):
+    """Next-token NLL that reports the step it was given and a uniform draw from its rng."""
+
+    def loss(self, model, batch, step, rng):
+        loss, metrics = super().loss(model, batch, step, rng)
+        return loss, {**metrics, "step_seen": step.astype(jnp.float32), "u": jax.random.uniform(rng)}
+
+
+def ramped_model(cfg):
+    base = build_model(cfg.model.to_dict(), seed=cfg.seed)
+    return tree_at(base, "layers.1.mlp.down_proj", RampedLinear(base.layers[1].mlp.down_proj))
+
+
+def key_of(seed, step, micro):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_task_gets_the_step_and_its_rng_and_the_step_compiles_once(tmp_path):
+    cfg = tiny_config(steps=6, eval_every=3, checkpoint_every=2)
+    with compiles() as c:
+        result = train(cfg, tmp_path / "a1", task=ProbeTask(), data=tiny_data(cfg), log=quiet)
+    assert c.count == 1  # steps with evaluation and checkpoints reuse the one executable
+    recs = records(tmp_path / "a1")
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    for r in recs:
+        assert r["step_seen"] == r["step"]
+        assert r["u"] == float(jax.random.uniform(key_of(cfg.seed, r["step"], 0)))
+        assert "weight" not in r
+    assert "val_loss" in recs[2] and result.losses[6] == recs[-1]["loss"]
+
+    # Two micro-batches: the metrics are averaged with the weights (here equal: 64 tokens each).
+    cfg2 = tiny_config(steps=3, eval_every=0, grad_accum_steps=2)
+    train(cfg2, tmp_path / "a2", task=ProbeTask(), data=tiny_data(cfg2), log=quiet)
+    for r in records(tmp_path / "a2"):
+        u0, u1 = (jax.random.uniform(key_of(cfg2.seed, r["step"], a)) for a in (0, 1))
+        assert r["u"] == pytest.approx(float((u0 + u1) / 2), rel=1e-6)
+
+
+def test_anchored_task_trains_and_stays_closer_to_the_start(tmp_path):
+    cfg = tiny_config(steps=8, eval_every=8)
+    start = flat_params(build_model(cfg.model.to_dict(), seed=cfg.seed))
+    plain = train(cfg, tmp_path / "plain", data=tiny_data(cfg), log=quiet)
+    strength = 0.5
+    anchored = train(cfg, tmp_path / "anchored", task=AnchoredTask(strength=strength), data=tiny_data(cfg),
+                     log=quiet)
+
+    def distance(model):
+        return sum(float(np.sum((np.asarray(v) - np.asarray(start[k])) ** 2)) for k, v in flat_params(model).items())
+
+    assert distance(anchored.model) < 0.5 * distance(plain.model)
+    recs = records(tmp_path / "anchored")
+    assert recs[-1]["nll"] < recs[0]["nll"] - 0.1  # it learns
+    for r in recs:  # the logged objective is NLL + strength * squared distance to the start
+        assert r["loss"] == pytest.approx(r["nll"] + strength * r["sq_distance"], rel=1e-5)
+    assert recs[0]["sq_distance"] == 0.0  # step 1 is taken from the start
+    assert "val_loss" in recs[-1] and "val_nll" not in recs[-1]  # evaluation: the NLL alone
+
+
+def test_non_param_variables_train_by_type_are_carried_and_resume_bitwise(tmp_path):
+    cfg = tiny_config(steps=10, eval_every=5, checkpoint_every=5, trainable=("**", "Scale:**"))
+    model = ramped_model(cfg)
+    before = {k: np.array(v) for k, v in variable_values(model).items()}
+    ref = train(cfg, tmp_path / "ref", model=model, task=RampTask(), data=tiny_data(cfg), log=quiet)
+
+    # The caller's model is untouched (the trainer copies what it donates) ...
+    assert all(np.array_equal(np.asarray(v), before[k]) for k, v in variable_values(model).items())
+    # ... the trained scale moved; the carried ramp holds what the task set at the last step.
+    after = variable_values(ref.model)
+    assert not np.array_equal(np.asarray(after["layers.1.mlp.down_proj.scale"]), before["layers.1.mlp.down_proj.scale"])
+    assert float(after["layers.1.mlp.down_proj.ramp"]) == 1.0
+    assert isinstance(ref.model.layers[1].mlp.down_proj.ramp, Ramp)
+    info = json.loads((tmp_path / "ref" / "run_info.json").read_text())
+    assert info["other"] == ["layers.1.mlp.down_proj.ramp"]
+    assert "layers.1.mlp.down_proj.scale" in info["trainable"] and info["initial_model"] == "model argument"
+    assert (tmp_path / "ref" / "checkpoints" / "10" / "other").is_dir()
+
+    # Crash in step 8, resume from checkpoint 5: the same losses and final variables, bitwise, one compilation.
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", model=model, task=RampTask(), data=tiny_data(cfg, fail_at=8), log=quiet)
+    with compiles() as c:
+        resumed = train(cfg, tmp_path / "run", model=model, task=RampTask(), data=tiny_data(cfg), log=quiet)
+    assert c.count == 1
+    assert min(resumed.losses) == 6
+    assert all(resumed.losses[s] == ref.losses[s] for s in range(6, 11))
+    final = variable_values(resumed.model)
+    assert all(np.array_equal(np.asarray(final[k]), np.asarray(after[k])) for k in after)
+
+    # A resume that selects other partitions is refused, naming the difference.
+    other = cfg.copy_and_resolve_references()
+    other.trainable = ("**",)
+    with pytest.raises(ConfigError, match=r"holds other partitions .*layers.1.mlp.down_proj.scale"):
+        train(other, tmp_path / "run", model=model, task=RampTask(), data=tiny_data(cfg), log=quiet)
+
+
+def test_lora_factors_as_the_only_trainable_state(tmp_path):
+    cfg = tiny_config(steps=4, eval_every=0, trainable=("LoRAParam:**",))
+    base = build_model(cfg.model.to_dict(), seed=cfg.seed)
+    model = tree_at(base, "layers.0.self_attn.q_proj", LoRALinear(base.layers[0].self_attn.q_proj))
+    parts = ModelParts.of(model, cfg.trainable)
+    lora = ["layers.0.self_attn.q_proj.a", "layers.0.self_attn.q_proj.b"]
+    assert list(parts.trainable) == lora and not parts.other
+    assert len(parts.frozen) == len(flat_params(base))
+
+    result = train(cfg, tmp_path / "lora", model=model, data=tiny_data(cfg), log=quiet)
+    old, new = variable_values(model), variable_values(result.model)
+    changed = sorted(k for k in old if not np.array_equal(np.asarray(old[k]), np.asarray(new[k])))
+    assert changed == lora
+    assert json.loads((tmp_path / "lora" / "run_info.json").read_text())["trainable"] == lora
+    assert result.losses[4] < result.losses[1]
+
+    with pytest.raises(ValueError, match=r"trainable entry 'Nope:\*\*': the model has no variable of type Nope; "
+                                         r"its variable types: \['LoRAParam', 'Param'\]"):
+        train(tiny_config(trainable=("Nope:**",)), tmp_path / "bad", model=model, data=tiny_data(cfg), log=quiet)
+    with pytest.raises(ValueError, match=r"trainable glob 'LoRAParam:layers.9.\*\*' matches no LoRAParam variable"):
+        train(tiny_config(trainable=("LoRAParam:layers.9.**",)), tmp_path / "bad", model=model,
+              data=tiny_data(cfg), log=quiet)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_compute_in_equals_a_rebuild_and_keeps_surgery():
+    cfg = tiny_config()
+    model = build_model(cfg.model.to_dict(), seed=0)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        a, b = compute_in(model, dtype)(ids), with_compute_dtype(model, dtype)(ids)
+        assert a.dtype == b.dtype and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    assert model.layers[0].mlp.up_proj.dtype is None  # the input is not modified
+    ramped = compute_in(ramped_model(cfg), jnp.bfloat16, remat="dots")
+    assert isinstance(ramped.layers[1].mlp.down_proj, RampedLinear) and ramped.remat == "dots"
+    assert ramped.layers[1].mlp.down_proj.lin.dtype == jnp.bfloat16
+    assert ramped.layers[1].mlp.down_proj.lin.kernel[...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("compute_dtype", "fp32", "compute_dtype='fp32' is not one of ['bfloat16', 'float16', 'float32']"),
+    ("remat", "some", "remat='some' is not one of ['dots', 'full', 'none']"),
+    ("optimizer.schedule", "linear", "optimizer.schedule='linear' is not one of ['constant', 'cosine', 'wsd']"),
+    ("grad_accum_steps", 3, "batch_size=8 must be divisible by grad_accum_steps=3 x processes=1"),
+])
+def test_bad_options_are_named_before_the_workdir_is_made(tmp_path, key, value, message):
+    cfg = tiny_config(**{key: value})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg, tmp_path / "run", data=tiny_data(tiny_config()), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_and_init_from_together_are_refused(tmp_path):
+    cfg = tiny_config(init_from="smollm2-135m-instruct")
+    with pytest.raises(ConfigError, match="both a model argument and config.init_from='smollm2-135m-instruct'"):
+        train(cfg, tmp_path / "run", model=build_model(cfg.model.to_dict()), data=tiny_data(cfg), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_compute_dtype_on_the_command_line(tmp_path):
+    proc = run_train(train_command(tmp_path / "run", ["--config.compute_dtype=fp32"]), child_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "compute_dtype='fp32' is not one of ['bfloat16', 'float16', 'float32']" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
