@@ -169,3 +169,22 @@ def shard_batch(batch, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     return jax.tree.map(place, batch)
+
+
+def global_batch(batch, mesh: Mesh, rules: Mapping[str, MeshAxes] = DEFAULT_RULES):
+    """This process's rows of a batch -> global arrays whose leading (batch) dimension is sharded over
+    rules['batch'] (('data', 'fsdp') by default, dropping axes that do not divide it), the rest replicated.
+
+    `batch` is an array or a pytree of them, every one with the same number of local rows R; process p's rows
+    become global rows [p*R, (p+1)*R) (jax.make_array_from_process_local_data), so with one process this is
+    `shard_batch`. Scalars are replicated.
+    """
+    def place(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, NamedSharding(mesh, P()))
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        spec = partition_spec(("batch",) + (None,) * (x.ndim - 1), global_shape, mesh, rules)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
+
+    return jax.tree.map(place, batch)

@@ -9,6 +9,10 @@ Parameter paths mirror transformers' BertModel, e.g. `embeddings.word_embeddings
 `encoder.layer.3.attention.self.query.kernel` (embed, heads), `encoder.layer.3.attention.output.dense.kernel`
 (heads, embed), `encoder.layer.3.intermediate.dense.kernel` (embed, mlp), `encoder.layer.3.output.dense.kernel`
 (mlp, embed), `encoder.layer.3.output.LayerNorm.weight`, `pooler.dense.kernel` (embed, None).
+
+Tap points (configurable_fm.analysis): every module's `<path>.input` / `<path>.output` (`encoder.layer.3.output`
+is the hidden state after layer 3), plus `encoder.layer.3.intermediate.hidden` (act(dense(x)), (B, T, F)) and
+`encoder.layer.3.attention.self.heads` (per-head attention outputs before the output dense, (B, T, N, H)).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from flax import nnx
 
 from configurable_fm.models import attention as attn
 from configurable_fm.models.layers import ACTIVATIONS, Embed, LayerNorm, Linear, activation
+from configurable_fm.models.taps import tap, tapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,7 @@ class BertEmbeddings(nnx.Module):
         self.token_type_embeddings = Embed(cfg.type_vocab_size, cfg.hidden_size, axes=(None, "embed"), **kw)
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
 
+    @tapped
     def __call__(self, ids_BxT, token_type_ids_BxT):
         t = ids_BxT.shape[1]
         x = (self.word_embeddings(ids_BxT) + self.position_embeddings(jnp.arange(t))[None]
@@ -75,13 +81,14 @@ class BertSelfAttention(nnx.Module):
         self.value = Linear(d, d, axes=("embed", "heads"), **kw)
         self.cfg = cfg
 
+    @tapped
     def __call__(self, x_BxTxD, mask=None):
         b, t, d = x_BxTxD.shape
         n, h = self.cfg.num_heads, self.cfg.dim_per_head
         q = self.query(x_BxTxD).reshape(b, t, n, h)
         k = self.key(x_BxTxD).reshape(b, t, n, h)
         v = self.value(x_BxTxD).reshape(b, t, n, h)
-        return attn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
+        return tap(self, "heads", attn.dot_product_attention(q, k, v, mask=mask)).reshape(b, t, d)
 
 
 class BertResidualOutput(nnx.Module):
@@ -93,6 +100,7 @@ class BertResidualOutput(nnx.Module):
                             param_dtype=param_dtype, dtype=dtype)
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
 
+    @tapped
     def __call__(self, x, residual_BxTxD):
         return self.LayerNorm(residual_BxTxD + self.dense(x))
 
@@ -103,20 +111,22 @@ class BertAttention(nnx.Module):
         self.self = BertSelfAttention(cfg, **kw)
         self.output = BertResidualOutput(cfg.hidden_size, cfg, axes=("heads", "embed"), **kw)
 
+    @tapped
     def __call__(self, x_BxTxD, mask=None):
         return self.output(self.self(x_BxTxD, mask), x_BxTxD)
 
 
 class BertIntermediate(nnx.Module):
-    """act(dense(x)): D -> intermediate_size."""
+    """act(dense(x)): D -> intermediate_size (the MLP hidden activation, also the tap point `hidden`)."""
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         self.dense = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), use_bias=True,
                             rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.act = cfg.hidden_act
 
+    @tapped
     def __call__(self, x_BxTxD):
-        return activation(self.act)(self.dense(x_BxTxD))
+        return tap(self, "hidden", activation(self.act)(self.dense(x_BxTxD)))
 
 
 class BertLayer(nnx.Module):
@@ -126,6 +136,7 @@ class BertLayer(nnx.Module):
         self.intermediate = BertIntermediate(cfg, **kw)
         self.output = BertResidualOutput(cfg.intermediate_size, cfg, axes=("mlp", "embed"), **kw)
 
+    @tapped
     def __call__(self, x_BxTxD, mask=None):
         x_BxTxD = self.attention(x_BxTxD, mask)
         return self.output(self.intermediate(x_BxTxD), x_BxTxD)
@@ -136,6 +147,7 @@ class BertEncoder(nnx.Module):
         self.layer = nnx.List([BertLayer(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
                                for _ in range(cfg.num_layers)])
 
+    @tapped
     def __call__(self, x_BxTxD, mask=None):
         for layer in self.layer:
             x_BxTxD = layer(x_BxTxD, mask)
@@ -149,6 +161,7 @@ class BertPooler(nnx.Module):
         self.dense = Linear(cfg.hidden_size, cfg.hidden_size, axes=("embed", None), use_bias=True, rngs=rngs,
                             param_dtype=param_dtype, dtype=dtype)
 
+    @tapped
     def __call__(self, x_BxTxD):
         return jnp.tanh(self.dense(x_BxTxD[:, 0]))
 
@@ -167,6 +180,7 @@ class Bert(nnx.Module):
         self.encoder = BertEncoder(cfg, **kw)
         self.pooler = BertPooler(cfg, **kw) if cfg.add_pooling_layer else None
 
+    @tapped
     def __call__(self, ids_BxT, *, attention_mask=None, token_type_ids=None):
         b, t = ids_BxT.shape
         if t > self.cfg.max_position_embeddings:

@@ -11,6 +11,10 @@ Parameter paths mirror transformers' GPT2Model without the `transformer.` prefix
 (vocab, embed), `wpe.embedding` (None, embed), `h.3.attn.c_attn.kernel` (embed, heads),
 `h.3.mlp.c_fc.kernel` (embed, mlp), `h.3.mlp.c_proj.kernel` (mlp, embed), `ln_f.weight`. HF's Conv1D weight
 is already (in, out), so kernels equal the HF tensors without a transpose.
+
+Tap points (configurable_fm.analysis): every module's `<path>.input` / `<path>.output` (`h.3.output` is the
+residual stream after block 3), plus `h.3.mlp.hidden` (act(c_fc(x)), (B, T, F)) and `h.3.attn.heads` (per-head
+attention outputs before c_proj, (B, T, N, H)).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from flax import nnx
 
 from configurable_fm.models import attention as attn
 from configurable_fm.models.layers import ACTIVATIONS, CausalLM, Embed, LayerNorm, Linear, activation
+from configurable_fm.models.taps import tap, tapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +94,7 @@ class GPT2Attention(nnx.Module):
         self.c_proj = Linear(d, d, axes=("heads", "embed"), **kw)
         self.cfg = cfg
 
+    @tapped
     def __call__(self, x_BxTxD, *, mask=None, is_causal=False, cache=None, layer=0):
         cfg = self.cfg
         b, t, d = x_BxTxD.shape
@@ -99,13 +105,13 @@ class GPT2Attention(nnx.Module):
         dtype = q.dtype
         if cfg.reorder_and_upcast_attn:
             q = q.astype(jnp.float32)
-        out = attn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                         scale=cfg.attention_scale(layer)).astype(dtype)
-        return self.c_proj(out.reshape(b, t, d)), cache
+        out_BxTxNxH = tap(self, "heads", attn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                                                     scale=cfg.attention_scale(layer)).astype(dtype))
+        return self.c_proj(out_BxTxNxH.reshape(b, t, d)), cache
 
 
 class GPT2MLP(nnx.Module):
-    """c_proj(act(c_fc(x))): (D -> F -> D), both with bias."""
+    """c_proj(h), h = act(c_fc(x)) (B, T, F) the tap point `hidden`: (D -> F -> D), both with bias."""
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=True)
@@ -113,8 +119,9 @@ class GPT2MLP(nnx.Module):
         self.c_proj = Linear(cfg.intermediate_size, cfg.n_embd, axes=("mlp", "embed"), **kw)
         self.act = cfg.activation_function
 
+    @tapped
     def __call__(self, x_BxTxD):
-        return self.c_proj(activation(self.act)(self.c_fc(x_BxTxD)))
+        return self.c_proj(tap(self, "hidden", activation(self.act)(self.c_fc(x_BxTxD))))
 
 
 class GPT2Block(nnx.Module):
@@ -127,6 +134,7 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, param_dtype=param_dtype)
         self.mlp = GPT2MLP(cfg, **kw)
 
+    @tapped
     def __call__(self, x_BxTxD, *, mask=None, is_causal=False, cache=None, layer=0):
         h, cache = self.attn(self.ln_1(x_BxTxD), mask=mask, is_causal=is_causal, cache=cache, layer=layer)
         x_BxTxD = x_BxTxD + h

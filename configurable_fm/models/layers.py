@@ -6,6 +6,9 @@ onto mesh axes through one rules table; nothing here needs a mesh (eager shardin
 
 Shapes: `x_BxTxD` is batch x time x model width; a kernel is `(in, out)` (Flax convention, the transpose
 of torch's `nn.Linear.weight`).
+
+Every module's `__call__` is `@tapped` (models/taps.py): its input and output are the tap points
+`<path>.input` and `<path>.output` of configurable_fm.analysis (capture and intervention); free otherwise.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from configurable_fm.models.taps import tapped
 
 Axes = tuple[str | None, ...]
 
@@ -38,6 +43,7 @@ class Linear(nnx.Module):
         self.bias = param(jnp.zeros((out_features,), param_dtype), axes[-1:]) if use_bias else None
         self.dtype = dtype
 
+    @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
@@ -55,6 +61,7 @@ class Embed(nnx.Module):
         self.embedding = param(normal(rngs, (num_embeddings, features), param_dtype, std), axes)
         self.dtype = dtype
 
+    @tapped
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...]
         return jnp.take(table, ids, axis=0).astype(self.dtype or table.dtype)
@@ -72,6 +79,7 @@ class RMSNorm(nnx.Module):
         self.weight = param(jnp.ones((features,), param_dtype), ("norm",))
         self.eps = eps
 
+    @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -86,6 +94,7 @@ class LayerNorm(nnx.Module):
         self.bias = param(jnp.zeros((features,), param_dtype), ("norm",))
         self.eps = eps
 
+    @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -100,6 +109,7 @@ class CausalLM(nnx.Module):
     `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache).
     """
 
+    @tapped
     def __call__(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
         h, new_cache = self.hidden_states(ids_BxT, attention_mask=attention_mask, positions=positions, cache=cache)
         logits = self.logits(h)

@@ -5,6 +5,11 @@ RMSNorm -> SwiGLU MLP or sparse MoE -> residual; final RMSNorm; tied (embedding.
 
 Parameter paths mirror transformers' module names without the `model.` prefix, e.g.
 `layers.3.self_attn.q_proj.kernel` (embed, heads) or `layers.3.mlp.down_proj.kernel` (mlp, embed).
+
+Tap points (configurable_fm.analysis): every module's `<path>.input` / `<path>.output` (`layers.3.output` is the
+residual stream after layer 3), plus `layers.3.mlp.hidden` (act(gate) * up, (B, T, F)), `layers.3.self_attn.heads`
+(per-head attention outputs before o_proj, (B, T, N, H)) and, for MoE layers, `layers.3.mlp.router_logits`.
+While a tap context is active the layers run without remat (a nested checkpoint would hide the taps).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from flax import nnx
 from configurable_fm.models import attention as attn
 from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation
 from configurable_fm.models.moe import SparseMoE
+from configurable_fm.models.taps import active as taps_active, tap, tapped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,7 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(cfg.num_heads * h, d, axes=("heads", "embed"), use_bias=cfg.o_proj_bias, **kw)
         self.cfg = cfg
 
+    @tapped
     def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
@@ -76,12 +83,12 @@ class LlamaAttention(nnx.Module):
         q, k = attn.apply_rope(q, positions_BxT, inv_freq), attn.apply_rope(k, positions_BxT, inv_freq)
         if cache is not None:
             cache, k, v = attn.write_cache(cache, layer, k, v)
-        out = attn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
-        return self.o_proj(out.reshape(b, t, -1)), cache
+        out_BxTxNxH = tap(self, "heads", attn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal))
+        return self.o_proj(out_BxTxNxH.reshape(b, t, -1)), cache
 
 
 class LlamaMLP(nnx.Module):
-    """SwiGLU: down(act(gate(x)) * up(x))."""
+    """SwiGLU: down(h), h = act(gate(x)) * up(x) (B, T, F) the tap point `hidden`."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -91,8 +98,10 @@ class LlamaMLP(nnx.Module):
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
         self.act = cfg.hidden_act
 
+    @tapped
     def __call__(self, x_BxTxD):
-        return self.down_proj(activation(self.act)(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+        hidden_BxTxF = tap(self, "hidden", activation(self.act)(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+        return self.down_proj(hidden_BxTxF)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -103,6 +112,7 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = SparseMoE(cfg, **kw) if cfg.num_experts else LlamaMLP(cfg, **kw)
 
+    @tapped
     def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
         h, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask=mask,
                                   is_causal=is_causal, cache=cache, layer=layer)
@@ -157,7 +167,7 @@ class Llama(CausalLM):
         mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache,
                                             sliding_window=cfg.sliding_window)
         for i, layer in enumerate(self.layers):
-            if cache is None and self.remat != "none":
+            if cache is None and self.remat != "none" and not taps_active():
                 x = _remat_layer(layer, x, positions, mask, is_causal, REMAT_POLICIES[self.remat])
             else:
                 x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)

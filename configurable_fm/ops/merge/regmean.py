@@ -10,10 +10,11 @@ Linear, so it has no Gram) the input x (D_in,) seen at each scored token positio
     G = sum_{b, t: m_bt = 1} x_bt x_bt^T        (D_in, D_in), float32 products and sums
 (a Linear called several times in one forward adds up every call). Token mask m: 'attention_mask' (B, L) when
 the batch has one; else with a loss_mask the positions t <= the row's last scored position (task rows: the
-prompt and the answer, not the right padding), else every position; times the row mask 'mask' (B,). The forward
-is `model(inputs)` as in training (causal attention: right padding does not change the real positions).
-Inputs are captured by running, inside the jitted function, a private copy of the model whose Linear modules
-record x before their normal computation; nothing outside the call is modified.
+prompt and the answer, not the right padding), else every position; times the row mask 'mask' (B,)
+(`analysis.token_mask`). The forward is `model(inputs)` as in training (causal attention: right padding does not
+change the real positions). The Grams are the analysis layer's streamed reduction `Gram()` of the tap points
+`<linear path>.input` (`analysis.reduce_over`: one jitted step per batch, the Gram computed where the input is
+produced, float32 products at precision HIGHEST, summed over batches on the device); nothing is modified.
 
 Merge of M models, for each Linear kernel W_i (D_in, D_out) with Gram G_i (and model weights w_i, default 1):
     G_i' = alpha G_i + (1 - alpha) diag(G_i)       (shrinks the off-diagonal entries; alpha = 1: plain RegMean)
@@ -27,7 +28,6 @@ sum_i w_i theta_i / sum_i w_i. Results take the first model's dtypes.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
@@ -35,17 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.analysis.batches import token_mask  # noqa: F401  (re-exported: RegMean's token mask)
+from configurable_fm.analysis.reduce import Gram, reduce_over
 from configurable_fm.bricks.paths import path_str
 from configurable_fm.models.layers import Linear
-from configurable_fm.ops.merge.fisher import (
-    _copy_exact,
-    _float32,
-    _names_and_flats,
-    batch_arrays,
-    limited,
-    model_weights,
-    progress_bar,
-)
+from configurable_fm.ops.merge.fisher import _copy_exact, _float32, _names_and_flats, model_weights
 from configurable_fm.ops.merge.tree import MergeInputError, _check
 
 State = Union[Mapping[str, Any], nnx.Module]
@@ -60,85 +54,25 @@ def _kernel_path(module_path) -> str:
     return f"{path_str(module_path)}.kernel" if module_path else "kernel"
 
 
-def token_mask(batch: Mapping[str, Any], where: str) -> np.ndarray:
-    """(B, L) float32 mask of the positions whose Linear inputs enter the Grams (module docstring)."""
-    inputs, _, w = batch_arrays(batch, where)
-    if "attention_mask" in batch:
-        m = np.asarray(batch["attention_mask"], np.float32)
-        if m.shape != inputs.shape:
-            raise ValueError(f"{where}: attention_mask is {m.shape} but inputs are {inputs.shape}")
-    elif "loss_mask" in batch:
-        lm = np.asarray(batch["loss_mask"]) > 0
-        last = np.where(lm.any(axis=1), lm.shape[1] - 1 - np.argmax(lm[:, ::-1], axis=1), -1)
-        m = (np.arange(lm.shape[1])[None, :] <= last[:, None]).astype(np.float32)
-    else:
-        m = np.ones(inputs.shape, np.float32)
-    if "mask" in batch:
-        m = m * np.asarray(batch["mask"], np.float32)[:, None]
-    return m
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _batch_grams(graphdef, params, rest, inputs, mask):
-    """{kernel path: sum of m x x^T} for one batch, from a private copy of the model with recording Linears."""
-    model = nnx.merge(graphdef, params, rest)
-    if getattr(model, "remat", "none") != "none":  # remat re-traces layers in a nested trace: the copy runs plainly
-        object.__setattr__(model, "remat", "none")
-    sink: dict[str, jax.Array] = {}
-    names = {id(m): _kernel_path(p) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)}
-    recording: dict[type, type] = {}
-
-    def recording_class(cls):
-        if cls not in recording:
-            def __call__(self, x):  # noqa: N807
-                name = names[id(self)]
-                if x.shape[:-1] != mask.shape:
-                    raise ValueError(f"gram_matrices: {name} is called on an input of shape {x.shape}, whose "
-                                     f"leading axes are not the batch's (B, L) = {mask.shape}")
-                xm = (x.astype(jnp.float32) * mask[..., None]).reshape(-1, x.shape[-1])
-                g = jnp.dot(xm.T, x.astype(jnp.float32).reshape(-1, x.shape[-1]),
-                            precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-                sink[name] = sink[name] + g if name in sink else g
-                return cls.__call__(self, x)
-
-            recording[cls] = type(f"Recording{cls.__name__}", (cls,), {"__call__": __call__})
-        return recording[cls]
-
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, Linear):
-            object.__setattr__(m, "__class__", recording_class(type(m)))
-    model(inputs)
-    return sink
-
-
 def gram_matrices(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, max_batches: Optional[int] = None,
                   progress: bool = True) -> tuple[dict[str, jax.Array], int]:
     """({kernel path: G (D_in, D_in) float32}, number of masked-in token positions) (module docstring).
 
     model: an nnx model called as model(ids (B, L)) whose linear maps are `layers.Linear`; not modified.
-    batches: pipeline dicts {'inputs', 'targets', 'loss_mask'?, 'mask'?, 'attention_mask'?}; the first
+    batches: pipeline dicts {'inputs', 'targets'?, 'loss_mask'?, 'mask'?, 'attention_mask'?}; the first
       `max_batches` are used. Parameters are cast to float32 for the forward. Keys follow the order of
-      `linear_kernel_paths(model)` (that of flat_params); a Linear the forward never calls is an error naming it.
+      `linear_kernel_paths(model)` (that of flat_params); a Linear the forward never calls is an error naming
+      its input point (analysis.TapError).
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = _float32(params)
-    expected = linear_kernel_paths(model)
-    if not expected:
+    modules = [p for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+    if not modules:
         raise ValueError(f"gram_matrices: {type(model).__name__} has no layers.Linear module")
-    acc, n_tokens = None, 0
-    it, total = limited(batches, max_batches)
-    for bi, batch in enumerate(progress_bar(it, total=total, desc="gram matrices", enabled=progress)):
-        inputs, _, _ = batch_arrays(batch, f"batch {bi}")
-        m = token_mask(batch, f"batch {bi}")
-        n_tokens += int(m.sum())
-        grams = _batch_grams(graphdef, params, rest, jnp.asarray(inputs), jnp.asarray(m))
-        acc = grams if acc is None else {k: acc[k] + grams[k] for k in acc}
-    if acc is None:
-        raise ValueError("gram_matrices: no batches")
-    never = [p for p in expected if p not in acc]
-    if never:
-        raise ValueError(f"gram_matrices: the forward never called {', '.join(never)}")
-    return {p: acc[p] for p in expected}, n_tokens
+    inputs = {f"{path_str(p)}.input" if p else "input": _kernel_path(p) for p in modules}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model32 = nnx.merge(graphdef, _float32(params), rest)
+    stats = reduce_over(model32, batches, {point: Gram() for point in inputs}, max_batches=max_batches,
+                        progress=progress, desc="gram_matrices")
+    return {kernel: stats[point]["gram"] for point, kernel in inputs.items()}, stats.tokens
 
 
 # ------------------------------------------------------------------------------------------ merge

@@ -118,6 +118,30 @@ def test_gram_of_the_first_q_proj_is_xtx_of_the_normed_embeddings(llama):
         np.testing.assert_array_equal(np.asarray(v), before[k])
 
 
+def test_gram_of_every_down_proj_is_the_hand_computed_hidden_gram(llama):
+    """G = sum_t m_t h_t h_t^T with h = silu(x W_gate) * (x W_up) computed here from each layer's captured MLP
+    input x (analysis.capture), over a task batch (prompt + answer, padding row out) and an attention-masked one."""
+    from configurable_fm.analysis import capture, token_mask
+
+    attention = np.ones((3, 6), np.int32)
+    attention[1, 3:] = 0
+    masked = {"inputs": np.random.RandomState(3).randint(0, 32, (3, 6)).astype(np.int32),
+              "targets": np.zeros((3, 6), np.int32), "attention_mask": attention}
+    data = [task_batch(), masked]
+    grams, n_tokens = gram_matrices(llama, data, progress=False)
+    p = {k: np.asarray(v, np.float64) for k, v in flat_params(llama).items()}
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    assert n_tokens == 4 + 6 + 6 + 3 + 6
+    for i in range(CFG.num_layers):
+        h = []
+        for batch in data:
+            _, v = capture(llama, f"layers.{i}.mlp.input", jnp.asarray(batch["inputs"]))
+            x = np.asarray(v[f"layers.{i}.mlp.input"], np.float64)[token_mask(batch) > 0]
+            h.append(silu(x @ p[f"layers.{i}.mlp.gate_proj.kernel"]) * (x @ p[f"layers.{i}.mlp.up_proj.kernel"]))
+        h = np.concatenate(h)
+        np.testing.assert_allclose(grams[f"layers.{i}.mlp.down_proj.kernel"], h.T @ h, rtol=1e-5, atol=1e-7)
+
+
 def test_regmean_of_a_model_with_itself_and_tied_heads():
     tied = random_llama(LlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": True, "num_layers": 1}), 3)
     other = random_llama(LlamaConfig(**{**CFG.__dict__, "tie_word_embeddings": True, "num_layers": 1}), 4)

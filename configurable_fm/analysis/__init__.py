@@ -1,0 +1,31 @@
+"""Capture and intervention on named tap points, and streamed reductions over them.
+
+    tap_points(model, ids)                                   # {point: ShapeDtypeStruct}, e.g. 'layers.3.mlp.hidden'
+    logits, values = capture(model, ["layers.*.mlp.hidden"], ids)
+    logits = intervene(model, {"layers.0.mlp.hidden": mask([3, 7]), "layers.2.output": add(v)}, ids)
+    stats = reduce_over(model, batches, {"layers.*.mlp.hidden": ["mean", CountAbove(0.0)]})
+
+taps.py names the points of every model family; capture.py, interventions.py and reduce.py hold the rest.
+"""
+from configurable_fm.analysis.batches import limited, progress_bar, token_mask
+from configurable_fm.analysis.capture import capture, intervene
+from configurable_fm.analysis.interventions import Add, Mask, PatchFrom, Replace, add, mask, patch_from, replace
+from configurable_fm.analysis.reduce import (
+    NAMED,
+    CountAbove,
+    Gram,
+    Histogram,
+    Mean,
+    MeanSquare,
+    Reduced,
+    Reduction,
+    Sum,
+    Values,
+    reduce_over,
+)
+from configurable_fm.analysis.taps import Intervention, TapError, tap_points
+
+__all__ = ["tap_points", "capture", "intervene", "reduce_over", "Reduced", "TapError", "Intervention", "replace",
+           "add", "mask", "patch_from", "Replace", "Add", "Mask", "PatchFrom", "Reduction", "Sum", "Mean",
+           "MeanSquare", "Gram", "CountAbove", "Histogram", "Values", "NAMED", "token_mask", "limited",
+           "progress_bar"]
