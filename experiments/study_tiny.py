@@ -20,7 +20,7 @@ width-32 model for 4 steps on rows of two other tasks (reverse, count) instead, 
 """
 import ml_collections
 
-from configurable_fm.pipeline import evaluate_config, stage
+from configurable_fm.stages import evaluate_config, stage
 from experiments import finetune, pretrain
 
 TASK = "parity"  # learnable by the tiny model in a few dozen steps (exact match 0 -> about 0.6)

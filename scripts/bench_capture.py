@@ -60,7 +60,7 @@ def load(random_init: bool, dtype):
     """(model computing in `dtype` with float32 parameters, tokenizer or None)."""
     if random_init:
         return build_model(SMOLLM2_135M, seed=0, param_dtype=jnp.float32, dtype=dtype), None
-    from configurable_fm.models.registry import load_pretrained
+    from configurable_fm.interop.loader import load_pretrained
 
     model, tokenizer = load_pretrained("smollm2-135m-instruct", dtype=jnp.float32)
     if dtype != jnp.float32:

@@ -10,7 +10,7 @@ slice-wise merges; the output config gets the new num_hidden_layers), `tokenizer
 (vocabularies aligned by token; the merged tokenizer is written, config vocab_size updated) and `chat_template`.
 Inputs: HF directories or registry names; output: sharded safetensors + config.json + tokenizer files (the base's,
 or the merged vocabulary's), written under a temporary name and renamed when complete.
---config: a merge config (configurable_fm/ops/merge/stage.py: method, base, models, parameters, model_parameters,
+--config: a merge config (configurable_fm/stages/merge.py: method, base, models, parameters, model_parameters,
 seed, out_dtype, embed_alignment) with ml_collections `--config.KEY=VALUE` overrides (a key that the config does
 not have is refused with the valid keys of its level, as in scripts/train.py); inputs are any sources
 `load_model` takes; output: an HF directory (`to_hf`, default) or an orbax model checkpoint (`save_model`).
@@ -27,7 +27,7 @@ from configurable_fm import cli
 
 def define(fv):
     flags.DEFINE_string("mergekit_yaml", None, "mergekit YAML file (streamed merge of HF checkpoints)", flag_values=fv)
-    cli.config_flag(fv, "config", "merge config file path.py[:variant] (in-memory merge; see ops/merge/stage.py)")
+    cli.config_flag(fv, "config", "merge config file path.py[:variant] (in-memory merge; see stages/merge.py)")
     flags.DEFINE_string("output", None, "output directory (must not exist unless --overwrite)", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a previous output in the output directory (a directory holding files "
                       "the library did not write is refused, never deleted)", flag_values=fv)
@@ -51,7 +51,7 @@ def merge_yaml(fv) -> None:
 
 
 def merge_config(fv) -> None:
-    from configurable_fm.ops.merge.stage import merge_from_config
+    from configurable_fm.stages.merge import merge_from_config
 
     config = fv.config
     model = merge_from_config(config, log=print)

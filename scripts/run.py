@@ -1,4 +1,4 @@
-"""Run (or continue) a study: the ordered stages of an experiment config (configurable_fm/pipeline.py).
+"""Run (or continue) a study: the ordered stages of an experiment config (configurable_fm/stages/study.py).
 
     python scripts/run.py --config experiments/study_tiny.py --workdir runs/study_tiny
     python scripts/run.py --config experiments/study_tiny.py:test --workdir runs/study_test
@@ -23,7 +23,7 @@ def define(fv):
 
 
 def main(fv) -> None:
-    from configurable_fm.pipeline import run
+    from configurable_fm.stages import run
 
     result = run(fv.config, fv.workdir, rerun_from=fv.rerun_from)
     for rec in result.stages:

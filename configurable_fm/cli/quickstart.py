@@ -20,10 +20,10 @@ import numpy as np
 
 from configurable_fm.bricks import flat_params
 from configurable_fm.data.texts import english_passage
-from configurable_fm.evaluation import token_nll
+from configurable_fm.models.scoring import token_nll
 from configurable_fm.models.generation import generate
-from configurable_fm.models.registry import load_pretrained
-from configurable_fm.report import Report
+from configurable_fm.interop.loader import load_pretrained
+from configurable_fm.stages.report import Report
 
 PROMPTS = ("The capital of France is", "A large language model is built from", "def fibonacci(n):")
 

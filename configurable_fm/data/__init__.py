@@ -1,4 +1,3 @@
-"""Data: tokenizers (tokenizer.json and GGUF metadata), corpora builders, input pipelines, synthetic tasks."""
-from configurable_fm.data.tokenizers import gguf_chat_template, gguf_special_tokens, load_tokenizer, tokenizer_from_gguf
-
-__all__ = ["gguf_chat_template", "gguf_special_tokens", "load_tokenizer", "tokenizer_from_gguf"]
+"""Data: corpora builders (corpora.py), token shards (shards.py), input pipelines (pipeline.py), synthetic tasks
+(synthetic/), packaged texts (texts.py). Tokenizer files (tokenizer.json, GGUF metadata) are a format:
+configurable_fm.interop.tokenizers."""

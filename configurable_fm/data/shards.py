@@ -124,7 +124,7 @@ def resolve_tokenizer(spec: str):
     """(tokenizers.Tokenizer, info) for a registered model name (`models.registry.MODELS`, e.g.
     'smollm2-135m-instruct': the tokenizer in its GGUF / HF dir) or a tokenizer.json / directory / .gguf path.
     info = {spec, sha256 of the tokenizer's JSON serialisation, vocab_size (added tokens included)}."""
-    from configurable_fm.data.tokenizers import load_tokenizer, tokenizer_from_gguf
+    from configurable_fm.interop.tokenizers import load_tokenizer, tokenizer_from_gguf
     from configurable_fm.models import registry
 
     if spec in registry.MODELS:

@@ -3,6 +3,7 @@
     model = from_hf("path/to/hf_dir")          # LlamaForCausalLM, Mistral, Qwen2, Mixtral, GPT2LMHeadModel, BertModel
     model = from_gguf("model.gguf")            # llama GGUF files, dequantized
     model, tokenizer = load_pretrained("smollm2-135m-instruct")   # packaged real models (see registry.py)
+    model = load_model(source)                 # any source: registry name, .gguf, HF dir, orbax checkpoint, workdir
     logits = model(ids_BxT)                    # (B, T, V) for causal LMs; last hidden states for encoders
     ids = generate(model, ids_BxT, max_new_tokens=16)
     to_hf(model, "out_dir")                    # config.json + safetensors that transformers loads
@@ -22,7 +23,8 @@ from configurable_fm.models.structure import (Extension, InconsistentModel, chec
 
 # Checkpoint interop imports the model modules, so it is exported lazily (no import cycle).
 _LAZY = {"from_hf": "configurable_fm.interop.hf", "to_hf": "configurable_fm.interop.hf",
-         "from_gguf": "configurable_fm.interop.gguf", "load_pretrained": "configurable_fm.models.registry",
+         "from_gguf": "configurable_fm.interop.gguf", "load_pretrained": "configurable_fm.interop.loader",
+         "load_model": "configurable_fm.interop.loader",
          "model_path": "configurable_fm.models.registry"}
 
 
@@ -33,7 +35,7 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["from_hf", "to_hf", "from_gguf", "load_pretrained", "model_path", "generate", "Llama", "LlamaConfig",
+__all__ = ["from_hf", "to_hf", "from_gguf", "load_pretrained", "load_model", "model_path", "generate", "Llama", "LlamaConfig",
            "GPT2", "GPT2Config", "Bert", "BertConfig", "mean_pool", "sentence_embedding", "KVCache", "RopeScaling",
            "InconsistentModel", "check_consistent", "structure_problems", "config_from_tree", "sync_config", "rebuild",
            "Extension", "register_extension", "extension_specs"]

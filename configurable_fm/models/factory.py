@@ -1,9 +1,8 @@
-"""Model configs as plain data, building models from them, and loading a model from any source.
+"""Model configs as plain data, and building models from them (loading any source: interop/loader.py).
 
     spec = {"family": "llama", "vocab_size": 49152, "hidden_size": 64, ...}     # e.g. an ml-collections config
     cfg = config_from_dict(spec); model = build_model(cfg, seed=0)
     config_to_dict(model.cfg) == spec-with-defaults                            # JSON-serialisable
-    model = load_model("smollm2-135m-instruct" | "x.gguf" | "hf_dir" | "orbax_dir")
 """
 from __future__ import annotations
 
@@ -11,10 +10,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configurable_fm.errors import SourceNotFound
 from configurable_fm.models.attention import RopeScaling
 from configurable_fm.models.bert import Bert, BertConfig
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
@@ -69,26 +68,36 @@ def build_model(cfg, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, **op
     return module_type(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, dtype=dtype, **options)
 
 
-def load_model(source: str | Path, *, dtype=jnp.float32) -> nnx.Module:
-    """Loads a model from a registry name, a .gguf file, an HF directory, or an orbax model checkpoint."""
-    from configurable_fm.models import registry
+# Compute dtypes by name (configs name them: compute_dtype='bfloat16').
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-    text = str(source)
-    if text in registry.MODELS:
-        return registry.load_pretrained(text, dtype=dtype)[0]
-    path = Path(source)
-    if path.suffix == ".gguf" and path.is_file():
-        from configurable_fm.interop.gguf import from_gguf
 
-        return from_gguf(path, dtype=dtype)
-    if (path / "config.json").is_file():
-        from configurable_fm.interop.hf import from_hf
+def with_compute_dtype(model: nnx.Module, dtype, *, remat: str = "none") -> nnx.Module:
+    """A copy of `model` (same structure, same variables; `model` is untouched) whose parameters are float32
+    master weights and whose modules compute in `dtype`: every sub-module with a `dtype` attribute (the compute
+    dtype of the families' layers) gets `dtype`; with remat != 'none', every sub-module with a `remat`
+    attribute (llama) gets that policy, and a model with none is an error. Non-parameter variables keep their
+    dtype; values sown by an earlier call (nnx.Intermediate) are dropped. Unlike a rebuild from `model.cfg`, this
+    keeps any surgery (replaced modules, extension modules, extra variables)."""
+    graphdef, state = nnx.split(model)
 
-        return from_hf(path, dtype=dtype)
-    from configurable_fm.interop import orbax_io
+    def master(var):
+        value = var.get_value()
+        if isinstance(var, nnx.Param) and jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            return var.replace(jnp.asarray(value, jnp.float32))
+        return var
 
-    if orbax_io.is_model_checkpoint(path):
-        return orbax_io.load_model(path, dtype=dtype)
-    raise SourceNotFound(f"cannot load a model from {text!r}: not a registry name ({sorted(registry.MODELS)}), "
-                            "a .gguf file, an HF directory (config.json) or an orbax model checkpoint "
-                            f"({orbax_io.MODEL_CONFIG} + {orbax_io.PARAMS_DIR}/)")
+    copy = nnx.merge(graphdef, jax.tree.map(master, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    nnx.pop(copy, nnx.Intermediate)  # transient, not state to train or carry
+    with_remat = []
+    for _, module in nnx.iter_modules(copy):
+        attrs = vars(module)
+        if "dtype" in attrs:
+            module.dtype = dtype
+        if "remat" in attrs and remat != "none":
+            module.remat = remat
+            with_remat.append(module)
+    if remat != "none" and not with_remat:
+        raise ValueError(f"remat={remat!r}: {type(model).__name__} has no remat option (llama models have one); "
+                         "use remat='none'")
+    return copy

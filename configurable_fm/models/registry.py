@@ -43,10 +43,18 @@ class ModelNotInstalled(UserError, ImportError):
     """The pip package that ships a registered model is not installed."""
 
 
-def _entry(name: str) -> PackagedModel:
-    if name not in MODELS:
+def canonical_name(name: str, *, missing_ok: bool = False) -> str | None:
+    """The registered name matching `name` case-insensitively ('SmolLM2-135M-Instruct' -> 'smollm2-135m-instruct');
+    None when there is none and `missing_ok`, else KeyError listing the known names."""
+    by_lower = {n.lower(): n for n in MODELS}
+    found = by_lower.get(str(name).lower())
+    if found is None and not missing_ok:
         raise KeyError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
-    return MODELS[name]
+    return found
+
+
+def _entry(name: str) -> PackagedModel:
+    return MODELS[canonical_name(name)]
 
 
 def model_path(name: str) -> Path:
@@ -73,20 +81,3 @@ def is_installed(name: str) -> bool:
     except ModelNotInstalled:
         return False
     return True
-
-
-def load_pretrained(name: str, dtype=jnp.float32):
-    """(model, tokenizers.Tokenizer) for a registered model, parameters in `dtype`."""
-    entry, path = _entry(name), model_path(name)
-    if entry.format == "gguf":
-        from configurable_fm.data.tokenizers import tokenizer_from_gguf
-        from configurable_fm.interop.gguf import from_gguf, read_gguf
-
-        reader = read_gguf(path)  # parse the (large) metadata once for both
-        return from_gguf(reader, dtype=dtype), tokenizer_from_gguf(reader)
-    if entry.format == "hf":
-        from configurable_fm.data.tokenizers import load_tokenizer
-        from configurable_fm.interop.hf import from_hf
-
-        return from_hf(path, dtype=dtype), load_tokenizer(path)
-    raise ValueError(f"model {name!r}: unknown format {entry.format!r}")

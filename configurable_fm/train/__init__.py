@@ -14,7 +14,7 @@ _EXPORTS = {
     "train": "trainer", "TrainResult": "trainer", "NonFiniteLoss": "trainer", "ConfigError": "trainer",
     "check_config": "trainer",
     "Task": "task", "NextTokenTask": "task", "AnchoredTask": "task", "loss_sums": "task",
-    "ModelParts": "state", "TrainState": "state", "compute_in": "state",
+    "ModelParts": "state", "TrainState": "state",
 }
 __all__ = sorted(_EXPORTS)
 

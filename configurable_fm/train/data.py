@@ -135,7 +135,7 @@ def _read_tokenizer(key: tuple):
     """(tokenizer, info, special ids from GGUF metadata or {}) for a `_file_key`; cached (GGUF parsing takes
     seconds and a study reads the same tokenizer in several stages)."""
     from configurable_fm.data.shards import resolve_tokenizer, sha256_text
-    from configurable_fm.data.tokenizers import gguf_special_tokens, tokenizer_from_gguf
+    from configurable_fm.interop.tokenizers import gguf_special_tokens, tokenizer_from_gguf
     from configurable_fm.interop.gguf import read_gguf
 
     spec, path = key[0], Path(key[1])

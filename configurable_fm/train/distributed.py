@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jax
 
+from configurable_fm.errors import OutputExists
+
 
 def initialize() -> None:
     kwargs = {}
@@ -48,15 +50,15 @@ def save_model_collective(model, path: str | os.PathLike, *, overwrite: bool = T
     `path` is renamed away first and removed last); a barrier ends the call, so `path` is complete on return in
     every process. In a single process this is exactly `orbax_io.save_model` (a unique temporary name).
     """
-    from configurable_fm.bricks.paths import flat_params
     from configurable_fm.interop import orbax_io
-    from configurable_fm.models.factory import config_to_dict
 
     if jax.process_count() == 1:
         return orbax_io.save_model(model, path, overwrite=overwrite)
+    spec = orbax_io.model_spec(model, "save_model_collective")  # refuses an inconsistent model before any write
+    params, others = orbax_io.model_arrays(model)
     path = Path(path).absolute()
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        raise OutputExists(f"{path} already exists (pass overwrite=True to replace it)")
     tmp, old = path.with_name(f".{path.name}.tmp-collective"), path.with_name(f".{path.name}.old-collective")
     if jax.process_index() == 0:
         for stale in (tmp, old):
@@ -64,9 +66,11 @@ def save_model_collective(model, path: str | os.PathLike, *, overwrite: bool = T
                 shutil.rmtree(stale)
         tmp.mkdir(parents=True)
     barrier(f"save_model_collective:{path}:start")
-    orbax_io.save_params(flat_params(model), tmp / orbax_io.PARAMS_DIR)  # collective, synchronised by orbax
+    orbax_io.save_params(params, tmp / orbax_io.PARAMS_DIR)  # collective, synchronised by orbax
+    if others:
+        orbax_io.save_params(others, tmp / orbax_io.VARIABLES_DIR)
     if jax.process_index() == 0:
-        (tmp / orbax_io.MODEL_CONFIG).write_text(json.dumps(config_to_dict(model.cfg), indent=2) + "\n")
+        (tmp / orbax_io.MODEL_CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
         if path.exists():
             os.rename(path, old)
         os.rename(tmp, path)

@@ -144,35 +144,3 @@ class ModelParts:
                 raise ValueError(f"the task changed the shape of variable {k} from {like[k].shape} to {v.shape}")
             out[k] = v.astype(like[k].dtype)
         return out
-
-
-# ------------------------------------------------------------------------------------------ compute dtype
-def compute_in(model: nnx.Module, dtype, *, remat: str = "none") -> nnx.Module:
-    """A copy of `model` (same structure, same variables; `model` is untouched) whose parameters are float32
-    master weights and whose modules compute in `dtype`: every sub-module with a `dtype` attribute (the compute
-    dtype of the families' layers) gets `dtype`; with remat != 'none', every sub-module with a `remat`
-    attribute (llama) gets that policy, and a model with none is an error. Non-parameter variables keep their
-    dtype; values sown by an earlier call (nnx.Intermediate) are dropped. Unlike a rebuild from `model.cfg`, this
-    keeps any surgery (replaced modules, extension modules, extra variables)."""
-    graphdef, state = nnx.split(model)
-
-    def master(var):
-        value = var.get_value()
-        if isinstance(var, nnx.Param) and jnp.issubdtype(jnp.result_type(value), jnp.floating):
-            return var.replace(jnp.asarray(value, jnp.float32))
-        return var
-
-    copy = nnx.merge(graphdef, jax.tree.map(master, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    nnx.pop(copy, nnx.Intermediate)  # transient, not state to train or carry
-    with_remat = []
-    for _, module in nnx.iter_modules(copy):
-        attrs = vars(module)
-        if "dtype" in attrs:
-            module.dtype = dtype
-        if "remat" in attrs and remat != "none":
-            module.remat = remat
-            with_remat.append(module)
-    if remat != "none" and not with_remat:
-        raise ValueError(f"remat={remat!r}: {type(model).__name__} has no remat option (llama models have one); "
-                         "use remat='none'")
-    return copy

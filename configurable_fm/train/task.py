@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from configurable_fm.bricks.select import glob_to_regex
-from configurable_fm.evaluation import next_token_nll
+from configurable_fm.models.scoring import next_token_nll
 from configurable_fm.train.state import variable_values
 
 Metrics = dict[str, jax.Array]

@@ -5,7 +5,7 @@
 
 The model: `model=` (any nnx model, e.g. the output of a surgery), else `config.init_from` (a registry name,
 .gguf file, HF dir or orbax checkpoint), else `config.model` built from `config.seed`. The trainer copies it with
-float32 master parameters and modules computing in `config.compute_dtype` (state.compute_in); the caller's model
+float32 master parameters and modules computing in `config.compute_dtype` (models.factory.with_compute_dtype); the caller's model
 is never modified.
 
 The objective. A step on a global batch of B rows split into A micro-batches (gradient accumulation) minimises
@@ -33,13 +33,15 @@ The parts: `set_up` (validate the config, build and partition the model, shard, 
 nothing), `Run(setup, workdir)` (restore the last checkpoint, or write config.json and run_info.json), `Run.loop`
 (steps, logging, evaluation, best/, checkpoints), `Run.close` and `Run.result` (wait for writes, plot, TrainResult).
 
-Workdir: config.json (resolved), run_info.json (git revision, devices, partitions, data manifest), metrics.jsonl
+Workdir: config.json (the resolved config in force), resumes.jsonl (one line per resume: step, changed keys),
+run_info.json (git revision, devices, partitions, data manifest), metrics.jsonl
 (one line per logged step: loss, tokens, lr, grad_norm, tokens_per_s, mfu, task metrics, val_*), tensorboard/,
 checkpoints/<step>/ (orbax: params = the trainable partition, opt_state, other (when the model has such
 variables), data = the data iterator, meta (step, best val_loss, the partitions' paths); async, keep last N),
 best/ (the model with the best validation loss: an orbax model checkpoint, interop/orbax_io.py), loss.png.
 Re-running the same command (and, with `model=`, the same initial model) resumes from the last complete
-checkpoint: the data iterator, trainable and other variables and the optimizer state are restored, so the
+checkpoint; a config that differs from config.json is refused unless the changed keys are in `allow_changes`
+(train/resume.py). On resume the data iterator, trainable and other variables and the optimizer state are restored, so the
 following steps reproduce an uninterrupted run (bitwise on CPU). A non-finite loss stops the run
 (NonFiniteLoss) and leaves the last good checkpoint. Every enumerated option is checked before anything is
 written (ConfigError).
@@ -53,7 +55,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,21 +68,23 @@ from configurable_fm import sharding as shd
 from configurable_fm.bricks.paths import flat_params, flat_state, with_params
 from configurable_fm.errors import ConfigError, UserError
 from configurable_fm.models.structure import check_consistent, is_family_model
-from configurable_fm.models.factory import build_model, config_to_dict, load_model
+from configurable_fm.interop.atomic import write_json_atomic
+from configurable_fm.interop.loader import load_model
+from configurable_fm.models.factory import DTYPES, build_model, config_to_dict, with_compute_dtype
 from configurable_fm.models.llama import REMAT_POLICIES
 from configurable_fm.train import flops as flops_lib
 from configurable_fm.train.distributed import save_model_collective
 from configurable_fm.train.metrics import MetricWriter, ProgressBar, plot_loss_curve, read_metrics
 from configurable_fm.train.optim import SCHEDULES, make_optimizer
-from configurable_fm.train.state import ModelParts, TrainState, compute_in
+from configurable_fm.train.resume import check_resume, describe_changes, record_resume
+from configurable_fm.train.state import ModelParts, TrainState
 from configurable_fm.train.step import make_eval_step, make_step, make_train_step, split_arrays
 from configurable_fm.train.task import NextTokenTask, Task, loss_sums, set_up_task
 
 __all__ = ["train", "TrainResult", "NonFiniteLoss", "ConfigError", "check_config", "set_up", "TrainSetup", "Run",
-           "DTYPES", "with_compute_dtype", "compute_in", "loss_sums", "ModelParts", "TrainState", "make_train_step",
-           "Task", "NextTokenTask", "write_json_atomic"]
+           "loss_sums", "ModelParts", "TrainState", "make_train_step",
+           "Task", "NextTokenTask"]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 TRAINER_METRICS = ("step", "loss", "tokens", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_ppl")
 
 
@@ -95,15 +99,6 @@ class TrainResult:
     losses: dict[int, float]
     best_val_loss: float | None
     model: nnx.Module
-
-
-def with_compute_dtype(model: nnx.Module, dtype, **options) -> nnx.Module:
-    """The same parameters (as float32 masters) in a model of the same family rebuilt from `model.cfg`, whose
-    layers compute in `dtype` (and module `options`, e.g. remat='dots'). For any model structure (surgery, extra
-    variables) use `state.compute_in`, which the trainer uses."""
-    abstract = nnx.eval_shape(lambda: build_model(model.cfg, param_dtype=jnp.float32, dtype=dtype, **options))
-    return with_params(abstract, {k: jnp.asarray(v, jnp.float32) for k, v in flat_params(model).items()},
-                       check_shapes=False)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -168,13 +163,7 @@ class TrainSetup:
 
     def to_global(self, batch: dict) -> dict:
         """Local (per-process) rows -> global arrays sharded over the batch mesh axes."""
-        out = {}
-        for k, v in batch.items():
-            v = np.asarray(v)
-            spec = shd.partition_spec(("batch",) + (None,) * (v.ndim - 1),
-                                      (v.shape[0] * jax.process_count(),) + v.shape[1:], self.mesh, self.rules)
-            out[k] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(self.mesh, spec), v)
-        return out
+        return shd.global_batch(dict(batch), self.mesh, self.rules)
 
     def model_of(self, state: TrainState) -> nnx.Module:
         return self.parts.merge(state.trainable, self.frozen, state.other)
@@ -228,7 +217,7 @@ def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, t
     mesh = shd.make_mesh(tuple(cfg.mesh.shape), tuple(cfg.mesh.axes))
     rules = {**shd.DEFAULT_RULES, **dict(cfg.mesh.get("rules", {}) or {})}
     model, initial = initial_model(cfg, model)
-    model = compute_in(model, DTYPES[cfg.compute_dtype], remat=cfg.get("remat", "none"))
+    model = with_compute_dtype(model, DTYPES[cfg.compute_dtype], remat=cfg.get("remat", "none"))
     if is_family_model(model):  # the tree is the truth: never train (and count FLOPs of) a model its config misdescribes
         check_consistent(model, "train")
     parts = ModelParts.of(model, tuple(cfg.trainable))
@@ -263,12 +252,6 @@ def git_revision() -> dict:
         return {"revision": None, "dirty": None}
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def run_info(setup: TrainSetup) -> dict:
     parts = setup.parts
     return {
@@ -286,7 +269,8 @@ class Run:
     starts fresh and writes config.json and run_info.json); `loop` takes the steps (logging, evaluating,
     checkpointing); `close` waits for pending writes; `result` plots the loss curve and returns the TrainResult."""
 
-    def __init__(self, setup: TrainSetup, workdir: Path, log: Callable[[str], None] = print):
+    def __init__(self, setup: TrainSetup, workdir: Path, log: Callable[[str], None] = print,
+                 allow_changes: Sequence[str] = ()):
         cfg = setup.cfg
         self.setup, self.workdir, self.log = setup, workdir, log
         self.train_iter = setup.data.train_batches(jax.process_index(), jax.process_count())
@@ -300,10 +284,15 @@ class Run:
             create=True))
         if self.manager.latest_step() is not None:
             try:
+                changes = check_resume(workdir, cfg.to_dict(), allow_changes)  # before anything is written
                 self.restore(self.manager.latest_step())
             except BaseException:
                 self.manager.close()
                 raise
+            if jax.process_index() == 0:
+                record_resume(workdir, self.start_step, cfg.to_dict(), changes)
+            if changes:
+                log(f"resumed with changed config: {describe_changes(changes)}")
         elif jax.process_index() == 0:
             write_json_atomic(workdir / "config.json", cfg.to_dict())
             write_json_atomic(workdir / "run_info.json", run_info(setup))
@@ -459,7 +448,7 @@ class Run:
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, model: nnx.Module | None = None,
           task: Any = None, data=None, task_metrics: dict[str, Callable] | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, allow_changes: Sequence[str] = ()) -> TrainResult:
     """Runs (or resumes) the training described by `config` in `workdir` (module docstring).
 
     model: the initial model (any nnx module; not modified), instead of config.init_from / config.model (giving it
@@ -468,9 +457,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mode
     `eval_batches(process_index, process_count)` -> this process's rows of the evaluation batches, and `manifest`
     (dict or None); by default built from `config.data` (train/data.py). task_metrics: {name: fn(model) ->
     {metric: value}} evaluated with the validation loss, added to those of `config.task_metrics` (synthetic task
-    names: exact match of greedy generations, logged as '<task>/exact_match'; see train/data.py).
+    names: exact match of greedy generations, logged as '<task>/exact_match'; see train/data.py). allow_changes:
+    config keys (dotted; a key covers those under it) that may differ from the config the workdir's run was started
+    with when it resumes, e.g. ('steps',) to extend a run; any other difference is a ConfigError (train/resume.py).
     """
-    run = Run(set_up(config, model=model, task=task, data=data, task_metrics=task_metrics), Path(workdir), log)
+    run = Run(set_up(config, model=model, task=task, data=data, task_metrics=task_metrics), Path(workdir), log,
+              allow_changes)
     try:
         run.loop()
     finally:

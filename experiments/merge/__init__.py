@@ -1,1 +1,1 @@
-"""Merge configs (configurable_fm/ops/merge/stage.py) for scripts/merge.py --config."""
+"""Merge configs (configurable_fm/stages/merge.py) for scripts/merge.py --config."""

@@ -1,5 +1,5 @@
 """Multi-task merging study: fine-tune one base on several synthetic tasks, merge the fine-tunes with every method
-over a small grid of its hyperparameters, score every task on held-out problems (configurable_fm/ops/merge/study.py).
+over a small grid of its hyperparameters, score every task on held-out problems (configurable_fm/experiments/merge/grid.py).
 
     JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache python scripts/run.py --config experiments/merge/multitask.py \
         --workdir runs/merge_multitask                                                 # one H200, ~5-8 minutes
@@ -38,8 +38,8 @@ the test swaps in a character tokenizer). CPU: add nothing (the local variants s
 """
 import ml_collections
 
-from configurable_fm.ops.merge.study import merge_grid_config
-from configurable_fm.pipeline import stage
+from experiments.merge.grid import merge_grid_config
+from configurable_fm.stages import stage
 from experiments import finetune, pretrain
 
 TASKS = ("sort", "reverse", "addition", "kv_recall", "count")
@@ -136,6 +136,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     c = ml_collections.ConfigDict()
     c.name = f"merge_multitask_{arg}"
-    c.stage_modules = ("configurable_fm.ops.merge.study",)
+    c.stage_modules = ("experiments.merge.grid",)
     c.stages = stages
     return c

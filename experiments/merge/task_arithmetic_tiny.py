@@ -1,4 +1,4 @@
-"""Merge the fine-tunes of the tiny study back onto its pre-trained model (configurable_fm/ops/merge/stage.py).
+"""Merge the fine-tunes of the tiny study back onto its pre-trained model (configurable_fm/stages/merge.py).
 
     python scripts/run.py --config experiments/study_tiny.py --workdir runs/study_tiny        # the checkpoints
     python scripts/merge.py --config experiments/merge/task_arithmetic_tiny.py --output runs/merged_tiny --format hf
@@ -14,7 +14,7 @@ checkpoint (--format orbax).
 """
 import ml_collections
 
-from configurable_fm.ops.merge.stage import merge_config
+from configurable_fm.stages.merge import merge_config
 
 STUDY = "runs/study_tiny/stages"
 VARIANTS = ("task_arithmetic", "ties")

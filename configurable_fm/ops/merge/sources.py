@@ -163,7 +163,7 @@ class GGUFSource(TensorSource):
     """
 
     def __init__(self, path: Path, *, location: str | None = None):
-        from configurable_fm.data.tokenizers import gguf_special_tokens
+        from configurable_fm.interop.tokenizers import gguf_special_tokens
         from configurable_fm.interop import gguf
         from configurable_fm.interop.hf_llama import LLAMA
 
@@ -191,12 +191,12 @@ class GGUFSource(TensorSource):
         return self._tensors[name]
 
     def write_tokenizer(self, out_dir: str | os.PathLike) -> list[str]:
-        """tokenizer.json (the BPE tokenizer rebuilt from the GGUF metadata, `data.tokenizers.tokenizer_from_gguf`)
+        """tokenizer.json (the BPE tokenizer rebuilt from the GGUF metadata, `interop.tokenizers.tokenizer_from_gguf`)
         and tokenizer_config.json (PreTrainedTokenizerFast, the special tokens, the chat template), which
         transformers' AutoTokenizer loads; [] when the file holds no tokenizer."""
         if not self.has_tokenizer:
             return []
-        from configurable_fm.data.tokenizers import gguf_chat_template, gguf_special_tokens, tokenizer_from_gguf
+        from configurable_fm.interop.tokenizers import gguf_chat_template, gguf_special_tokens, tokenizer_from_gguf
         from configurable_fm.interop.gguf import read_gguf
 
         reader = read_gguf(self.path)
@@ -230,15 +230,19 @@ class OrbaxSource(TensorSource):
         from configurable_fm.bricks.paths import flat_state
         from configurable_fm.interop import orbax_io
         from configurable_fm.interop.hf import abstract_model, families
-        from configurable_fm.models.factory import FAMILIES, config_from_dict, family_name
+        from configurable_fm.models.factory import FAMILIES, family_name
 
         self.path = Path(path)
         location = location or str(self.path)
         spec_file = self.path / orbax_io.MODEL_CONFIG
         try:
-            self.cfg = config_from_dict(json.loads(spec_file.read_text()))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            self.cfg, extensions = orbax_io.read_model_spec(self.path)
+        except (ValueError, TypeError) as e:
             raise CheckpointError(f"{spec_file}: not a valid model config ({e})") from None
+        if extensions:
+            added = ", ".join(f"{e.get('path')} ({e.get('kind')})" for e in extensions)
+            raise CheckpointError(f"{location}: the model has modules no config builds ({added}); a streamed merge "
+                                  "reads HF-expressible models only: merge it in memory (ops.merge.merge) instead")
         module_type = FAMILIES[family_name(self.cfg)][1]
         family = next((f for f in families().values() if f.module_type is module_type), None)
         if family is None:

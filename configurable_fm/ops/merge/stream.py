@@ -97,7 +97,7 @@ def _check_inputs(inputs: list[_Input], has_base: bool, aligned: bool = False) -
     """All names and shapes at once (tree's checks on shape-only stand-ins; nothing is read). aligned: the
     vocabulary tensors are aligned by token (their vocabulary sizes may differ)."""
     shapes = [{k: jax.ShapeDtypeStruct(inp.shape(k), np.float32) for k in inp.tensors} for inp in inputs]
-    tree._check([inp.name for inp in inputs], shapes, vocab_tensors=tree.VOCAB_TENSORS,
+    tree.check_inputs([inp.name for inp in inputs], shapes, vocab_tensors=tree.VOCAB_TENSORS,
                 embed_alignment="union" if aligned else None, has_base=has_base)
 
 

@@ -56,7 +56,7 @@ def _is_vocab(path: str, vocab_tensors: Sequence[str]) -> bool:
     return any(s in path for s in vocab_tensors)
 
 
-def _flat(x, what: str) -> dict[str, Any]:
+def as_flat(x, what: str) -> dict[str, Any]:
     if isinstance(x, nnx.Module):
         return flat_params(x)
     if isinstance(x, Mapping):
@@ -135,7 +135,7 @@ def _tokenizer_alignment(embed_alignment, tokenizers, all_names, all_flats, name
     return al
 
 
-def _check(names, flats, *, vocab_tensors, embed_alignment, has_base):
+def check_inputs(names, flats, *, vocab_tensors, embed_alignment, has_base):
     """Validates paths, shapes and vocabularies; returns {path: vocab axis} of the tensors to align."""
     problems = []
     all_paths = list(dict.fromkeys(p for f in flats for p in f))
@@ -246,11 +246,11 @@ def merge(
     P.check_names(m, parameters, model_parameters, names)
 
     template = base if base is not None else models[0]
-    base_flat = None if base is None else _flat(base, "base")
-    flats = [_flat(x, f"model {nm!r}") for x, nm in zip(models, names)]
+    base_flat = None if base is None else as_flat(base, "base")
+    flats = [as_flat(x, f"model {nm!r}") for x, nm in zip(models, names)]
     all_names = (["base"] if base_flat is not None else []) + names
     all_flats = ([base_flat] if base_flat is not None else []) + flats
-    align = _check(all_names, all_flats, vocab_tensors=vocab_tensors, embed_alignment=embed_alignment,
+    align = check_inputs(all_names, all_flats, vocab_tensors=vocab_tensors, embed_alignment=embed_alignment,
                    has_base=base_flat is not None)
     vocab_al = _tokenizer_alignment(embed_alignment, tokenizers, all_names, all_flats, names,
                                     vocab_tensors=vocab_tensors, has_base=base_flat is not None,
@@ -413,7 +413,7 @@ def merge_slices(
         raise TypeError(f"merge_slices: models must be a non-empty {{name: model}} mapping, got {type(models).__name__}")
     outs = S.as_slices(slices)
     P.check_names(m, parameters, None, [])
-    flats = {str(n): _flat(x, f"model {n!r}") for n, x in models.items()}
+    flats = {str(n): as_flat(x, f"model {n!r}") for n, x in models.items()}
     kw = {"pre_tensors": tuple(pre_tensors)} if pre_tensors is not None else {}
     reference = base if base is not None else outs[0].sources[0].model
     tasks, num_layers = S.plan_tensors(m, outs, {n: list(f) for n, f in flats.items()}, base=base,

@@ -563,7 +563,7 @@ def alignment_for_checkpoints(
     share the base's tokenizer (a warning, as mergekit). Names in `tokens` and `source` refer to these names.
     Per tensor: `alignment.align_all({name: tensor}, axis=0)` (HF layout), or `align(name, ...)` per input.
     """
-    from configurable_fm.data.tokenizers import load_tokenizer
+    from configurable_fm.interop.tokenizers import load_tokenizer
 
     if not isinstance(model_dirs, Mapping):
         model_dirs = {Path(d).name: d for d in model_dirs}

@@ -11,10 +11,10 @@ from flax import nnx
 
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.interop.orbax_io import save_model
-from configurable_fm.models.factory import load_model
+from configurable_fm.interop.loader import load_model
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.ops.merge.fisher import diagonal_fisher, fisher_merge
-from configurable_fm.ops.merge.stage import merge_config, merge_from_config
+from configurable_fm.stages.merge import merge_config, merge_from_config
 from configurable_fm.ops.merge.tree import MergeInputError
 from configurable_fm.train.data import make_data
 from experiments import finetune

@@ -7,10 +7,10 @@ import pytest
 
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models.layers import Linear
-from configurable_fm.models.factory import load_model
+from configurable_fm.interop.loader import load_model
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.ops.merge.regmean import gram_matrices, linear_kernel_paths, regmean_merge
-from configurable_fm.ops.merge.stage import merge_config, merge_from_config
+from configurable_fm.stages.merge import merge_config, merge_from_config
 from configurable_fm.ops.merge.tree import MergeInputError
 from configurable_fm.train.data import make_data
 from tests.helpers import random_llama

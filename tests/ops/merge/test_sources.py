@@ -253,7 +253,7 @@ def test_smollm2_tensors_are_the_dequantized_gguf_rows(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_tensors_match_whole_model_conversion(smollm2):
-    from configurable_fm.models.factory import load_model
+    from configurable_fm.interop.loader import load_model
 
     whole = hf.hf_tensors(load_model("smollm2-135m-instruct"))
     src = smollm2["src"]

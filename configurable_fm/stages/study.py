@@ -5,13 +5,22 @@ stage's output checkpointed, so that a whole study reruns from one command.
     result = run(config, "runs/study")                 # the same from Python
 
 A study config holds `stages`: an ordered list of stage configs, each with `name` (unique; letters, digits,
-'_', '-', '.'), `kind` (a key of `STAGES`) and the kind's keys. Other modules add kinds with
-`register_stage(kind, fn)`, fn(config, ctx: StageContext) -> StageOutput; a study lists the modules that register
-its kinds in `stage_modules` (imported first). This module provides:
-    'train'    : pre-training or fine-tuning (train/trainer.py) from a train config (experiments/pretrain.py,
-                 experiments/finetune.py); `init_from` may name an earlier stage's model. Output: the final model.
-    'evaluate' : validation loss / perplexity on `data` and task exact match (`task_metrics`) for each of
-                 `models`, written to eval.json + eval.md (see `evaluate_config`). Output: its last model, as is.
+'_', '-', '.'), `kind` (a key of `STAGES`) and the kind's keys. The built-in kinds ('train', 'evaluate': stages/
+train.py; 'merge': stages/merge.py) are registered when `configurable_fm.stages` is imported; other modules add
+kinds and a study lists them in `stage_modules` (imported first).
+
+A stage kind is a function and the keys it reads:
+
+    @register_stage("grow", keys=("method", "base", "width", "depth", "seed"))
+    def grow_stage(cfg, ctx: StageContext) -> StageOutput:
+        model = ctx.load_model(cfg.base)               # any source, '@stage' references already resolved
+        grown = grow(model, ...)                       # the pure operation (configurable_fm.ops)
+        return StageOutput(model=ctx.save_model(grown), metrics={...}, summary="...")
+
+Before anything runs, every stage's keys are checked against its kind's declared `keys` (plus name, kind and the
+cosmetic `progress`): an unknown key is a ConfigError naming the stage, the key, the closest valid key and all of
+them (a mistyped key would otherwise be ignored). `ctx.save_model` writes the stage's output model as an orbax
+model checkpoint, which refuses a model whose module tree disagrees with its config (models/structure.py).
 
 References. A string '@previous' or '@<stage name>' anywhere in a stage config (e.g. `init_from`, `models`) means
 that earlier stage's output model (an orbax model checkpoint, or the source it passed through) and is replaced by
@@ -28,12 +37,13 @@ so it changes when the stage's config or any model it reads changes. On a rerun 
     different fingerprint                     -> StageConfigChanged naming the changed keys, unless
                                                  --rerun_from=<stage> at or before it: that stage and every later
                                                  one are deleted first and run again.
-WORKDIR/config.json holds the study config; WORKDIR/report.md (configurable_fm.report.Report) lists the stages,
+WORKDIR/config.json holds the study config; WORKDIR/report.md (stages/report.py Report) lists the stages,
 times, key metrics and the loss curves of the train stages (rewritten after every stage that runs).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib
 import json
@@ -47,7 +57,10 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
-from configurable_fm.errors import UserError
+from configurable_fm.errors import ConfigError, SourceNotFound, UserError
+from configurable_fm.interop.atomic import write_json_atomic
+from configurable_fm.stages.report import Report, format_metrics, plt
+from configurable_fm.train.resume import config_changes, describe_changes
 
 MARKER = "stage.json"
 PENDING = "stage.pending.json"
@@ -84,6 +97,12 @@ class StageContext:
         from configurable_fm.interop import orbax_io
 
         return orbax_io.save_model(model, self.model_dir, overwrite=True)
+
+    def load_model(self, source: str):
+        """The model at `source` (any source interop.loader.load_model takes; references are already paths)."""
+        from configurable_fm.interop.loader import load_model
+
+        return load_model(source)
 
     def label(self, source: str) -> str:
         """'@<stage>' for a model that came from a reference, else the source itself."""
@@ -159,11 +178,15 @@ class StudyResult:
 
 StageFn = Callable[[ml_collections.ConfigDict, StageContext], StageOutput]
 STAGES: dict[str, StageFn] = {}
+STAGE_KEYS: dict[str, tuple[str, ...] | None] = {}  # {kind: the keys its stages may have (None: not checked)}
+COMMON_KEYS = ("name", "kind") + COSMETIC_KEYS
 
 
-def register_stage(kind: str, fn: StageFn | None = None, *, replace: bool = False):
+def register_stage(kind: str, fn: StageFn | None = None, *, keys=None, replace: bool = False):
     """Registers fn(config, ctx) -> StageOutput as stage kind `kind`; usable as a decorator
-    (`@register_stage("merge")`). Registering a taken kind again is an error unless replace=True."""
+    (`@register_stage("merge", keys=MERGE_KEYS)`). `keys`: the top-level keys a stage of this kind may have
+    besides name and kind (checked before a study runs); None leaves them unchecked. Registering a taken kind
+    again is an error unless replace=True."""
     if not isinstance(kind, str) or not NAME_RE.fullmatch(kind):
         raise ValueError(f"stage kind must be a name (letters, digits, '_', '-', '.'), got {kind!r}")
 
@@ -174,9 +197,23 @@ def register_stage(kind: str, fn: StageFn | None = None, *, replace: bool = Fals
             raise ValueError(f"stage kind {kind!r} is already registered ({STAGES[kind].__module__}."
                              f"{STAGES[kind].__qualname__}); pass replace=True to replace it")
         STAGES[kind] = f
+        STAGE_KEYS[kind] = None if keys is None else tuple(dict.fromkeys(tuple(keys) + COMMON_KEYS))
         return f
 
     return add if fn is None else add(fn)
+
+
+def check_stage_keys(index: int, name: str, kind: str, config: Mapping) -> None:
+    """ConfigError for a key the stage's kind does not declare (see register_stage)."""
+    valid = STAGE_KEYS.get(kind)
+    if valid is None:
+        return
+    unknown = [k for k in config if k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"stages[{index}] ({name!r}, kind {kind!r}) has unknown key(s) {unknown}{hint}; valid "
+                          f"keys: {', '.join(sorted(valid))}")
 
 
 # ------------------------------------------------------------------------------------------ configs as data
@@ -222,20 +259,6 @@ def _substitute(value, table: Mapping[str, str]):
     return value
 
 
-def _flatten(value, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: value}
-
-
-def _diff(old: dict, new: dict, limit: int = 8) -> str:
-    a, b = _flatten(old), _flatten(new)
-    changes = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
-               if a.get(k, "<absent>") != b.get(k, "<absent>")]
-    more = f"; and {len(changes) - limit} more" if len(changes) > limit else ""
-    return "; ".join(changes[:limit]) + more
-
-
 def fingerprint(kind: str, config: dict, inputs: Mapping[str, Mapping]) -> str:
     """sha256 of the kind, the plain config without COSMETIC_KEYS and the fingerprints of the referenced stages."""
     body = {"kind": kind, "config": {k: v for k, v in config.items() if k not in COSMETIC_KEYS},
@@ -256,7 +279,7 @@ def stage(name: str, kind: str, config: ml_collections.ConfigDict | Mapping | No
 def _parse_stages(config) -> list[tuple[str, str, dict]]:
     stages = config.get("stages") if hasattr(config, "get") else None
     if not stages:
-        raise ValueError("the study config has no `stages` (a list of stage configs with name and kind)")
+        raise ConfigError("the study config has no `stages` (a list of stage configs with name and kind)")
     out, seen = [], {}
     for i, s in enumerate(stages):
         plain = to_plain(s, f"stages[{i}]")
@@ -264,23 +287,18 @@ def _parse_stages(config) -> list[tuple[str, str, dict]]:
             raise TypeError(f"stages[{i}] must be a config (name, kind, ...), got {type(s).__name__}")
         name, kind = plain.get("name"), plain.get("kind")
         if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-            raise ValueError(f"stages[{i}].name must be a name (letters, digits, '_', '-', '.'), got {name!r}")
+            raise ConfigError(f"stages[{i}].name must be a name (letters, digits, '_', '-', '.'), got {name!r}")
         if name == "previous":
-            raise ValueError(f"stages[{i}].name 'previous' is reserved ('@previous' means the stage before)")
+            raise ConfigError(f"stages[{i}].name 'previous' is reserved ('@previous' means the stage before)")
         if name in seen:
-            raise ValueError(f"stages[{i}].name {name!r} is already the name of stages[{seen[name]}]")
+            raise ConfigError(f"stages[{i}].name {name!r} is already the name of stages[{seen[name]}]")
         seen[name] = i
         if kind not in STAGES:
-            raise ValueError(f"stages[{i}] ({name!r}).kind={kind!r} is not a registered stage kind; registered: "
+            raise ConfigError(f"stages[{i}] ({name!r}).kind={kind!r} is not a registered stage kind; registered: "
                              f"{sorted(STAGES)} (a study lists the modules registering more in `stage_modules`)")
+        check_stage_keys(i, name, kind, plain)
         out.append((name, kind, plain))
     return out
-
-
-def _write_json(path: Path, obj) -> None:
-    from configurable_fm.train.trainer import write_json_atomic
-
-    write_json_atomic(path, obj)
 
 
 def _now() -> str:
@@ -309,11 +327,11 @@ def plan(config) -> list[_Plan]:
         inputs, targets = {}, {}
         for ref in _refs(plain):
             if ref == "@previous" and i == 0:
-                raise ValueError(f"stages[0] ({name!r}) refers to '@previous' but it is the first stage")
+                raise ConfigError(f"stages[0] ({name!r}) refers to '@previous' but it is the first stage")
             target = names[i - 1] if ref == "@previous" else ref[1:]
             if target not in names[:i]:
                 where = "a later stage (or itself)" if target in names else "not a stage of this study"
-                raise ValueError(f"stages[{i}] ({name!r}) refers to {ref!r}: {target!r} is {where}; a stage may "
+                raise ConfigError(f"stages[{i}] ({name!r}) refers to {ref!r}: {target!r} is {where}; a stage may "
                                  f"refer to the stages before it: {names[:i]}")
             inputs[ref] = {"stage": target, "fingerprint": plans[names.index(target)].fingerprint}
             targets[ref] = target
@@ -323,7 +341,7 @@ def plan(config) -> list[_Plan]:
 
 
 def _changed(p: _Plan, old: Mapping, stage_dir: Path, what: str) -> StageConfigChanged:
-    diff = _diff(old.get("config", {}), p.config)
+    diff = describe_changes(config_changes(old.get("config", {}), p.config))
     moved = [f"{ref} ({v['stage']})" for ref, v in p.inputs.items()
              if old.get("inputs", {}).get(ref, {}).get("fingerprint") != v["fingerprint"]]
     detail = "; ".join(filter(None, [diff, f"changed inputs: {moved}" if moved else ""])) or "kind changed"
@@ -354,14 +372,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
     plans = plan(config)
     names = [p.name for p in plans]
     if rerun_from is not None and rerun_from not in names:
-        raise ValueError(f"--rerun_from={rerun_from!r} is not a stage of this study; stages: {names}")
+        raise ConfigError(f"--rerun_from={rerun_from!r} is not a stage of this study; stages: {names}")
     first_forced = names.index(rerun_from) if rerun_from is not None else len(plans)
     workdir = Path(workdir)
     for p in plans[:first_forced]:
         _check_unchanged(p, workdir / p.dir)
 
     (workdir / "stages").mkdir(parents=True, exist_ok=True)
-    _write_json(workdir / "config.json", to_plain(config))
+    write_json_atomic(workdir / "config.json", to_plain(config))
     title = f"Study {config.get('name') or workdir.name}"
     stale = sorted(d.name for d in (workdir / "stages").iterdir()
                    if d.is_dir() and f"stages/{d.name}" not in {p.dir for p in plans})
@@ -382,7 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
             rec = StageRecord.from_json(json.loads(marker.read_text()), status="skipped")
             source = rec.model_source(workdir)
             if rec.model_in_workdir and not Path(source).exists():
-                raise FileNotFoundError(f"stage {p.name!r} is complete but its output model {source} is missing; "
+                raise SourceNotFound(f"stage {p.name!r} is complete but its output model {source} is missing; "
                                         f"rerun it with --rerun_from={p.name}")
             log(f"{head} complete, skipped ({marker})")
         else:
@@ -390,14 +408,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
             for ref, target in p.targets.items():
                 source = by_name[target].model_source(workdir)
                 if source is None:
-                    raise ValueError(f"stages[{p.index}] ({p.name!r}) refers to {ref!r} but stage {target!r} has "
+                    raise ConfigError(f"stages[{p.index}] ({p.name!r}) refers to {ref!r} but stage {target!r} has "
                                      "no output model")
                 table[ref], sources[source] = source, f"@{target}"
             resolved = _substitute(p.config, table)
             status = "resumed" if stage_dir.exists() else "ran"
             log(f"{head} {'resuming the interrupted attempt' if stage_dir.exists() else 'running'} in {stage_dir}")
             stage_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(pending, {"name": p.name, "kind": p.kind, "fingerprint": p.fingerprint, "config": p.config,
+            write_json_atomic(pending, {"name": p.name, "kind": p.kind, "fingerprint": p.fingerprint, "config": p.config,
                                   "inputs": p.inputs})
             cfg = ml_collections.ConfigDict(resolved)
             cfg.lock()
@@ -406,9 +424,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
             if not isinstance(out, StageOutput):
                 raise TypeError(f"stage kind {p.kind!r} returned {type(out).__name__}, expected StageOutput")
             rec = _record(p, resolved, out, workdir, started, time.perf_counter() - t0, status)
-            _write_json(marker, rec.to_json())  # the completion marker, written last
+            write_json_atomic(marker, rec.to_json())  # the completion marker, written last
             pending.unlink(missing_ok=True)
-            log(f"{head} done in {rec.seconds:.1f}s: {_format_metrics(rec.metrics)}")
+            log(f"{head} done in {rec.seconds:.1f}s: {format_metrics(rec.metrics)}")
         records.append(rec)
         by_name[p.name] = rec
         if rec.status != "skipped" and p.index + 1 < len(plans):  # a partial report while the study goes on
@@ -435,17 +453,9 @@ def _record(p: _Plan, resolved: dict, out: StageOutput, workdir: Path, started: 
 
 
 # ------------------------------------------------------------------------------------------ report
-def _format_metrics(metrics: Mapping, limit: int = 6) -> str:
-    items = []
-    for k, v in list(metrics.items())[:limit]:
-        items.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return ", ".join(items) + (", ..." if len(metrics) > limit else "")
-
-
 def _loss_figure(workdir: Path, records: list[StageRecord]):
     """Training loss (line) and validation loss (points) of every train stage, one after the other on a shared
     step axis; dashed lines separate the stages. None when no stage has curves."""
-    from configurable_fm.report import plt
     from configurable_fm.train.metrics import read_metrics
 
     curves = [(r, read_metrics(workdir / r.curves)) for r in records if r.curves and (workdir / r.curves).exists()]
@@ -479,10 +489,9 @@ def _loss_figure(workdir: Path, records: list[StageRecord]):
 
 def write_report(workdir: Path, title: str, records: list[StageRecord], pending=()) -> Path:
     """WORKDIR/report.md (+ report.json, loss_curves.png): the stage table, loss curves, stage summaries."""
-    from configurable_fm.report import Report
 
     report = Report(workdir, title=title)
-    rows = [[r.index, r.name, r.kind, r.status, f"{r.seconds:.1f}", _format_metrics(r.metrics, limit=8)]
+    rows = [[r.index, r.name, r.kind, r.status, f"{r.seconds:.1f}", format_metrics(r.metrics, limit=8)]
             for r in records]
     rows += [[len(records) + j, name, "", "pending", "", ""] for j, name in enumerate(pending)]
     report.section("Stages", "Status is what the last invocation did; time is that of the run that completed the "
@@ -498,123 +507,3 @@ def write_report(workdir: Path, title: str, records: list[StageRecord], pending=
     report.record(stages=[{"name": r.name, "kind": r.kind, "status": r.status, "seconds": r.seconds,
                            "model": r.model, "metrics": r.metrics} for r in records], pending=list(pending))
     return report.write()
-
-
-# ------------------------------------------------------------------------------------------ train stage
-def train_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput:
-    """Pre-training or fine-tuning (train/trainer.py) in stage_dir/train, which resumes an interrupted attempt;
-    the final model is the stage's output. Metrics: the last logged loss, best validation loss, and the last
-    value of every evaluation metric (val_loss, val_ppl, '<task>/exact_match')."""
-    from configurable_fm.train.metrics import read_metrics
-    from configurable_fm.train.trainer import train
-
-    result = train(cfg, ctx.stage_dir / "train", log=ctx.log)
-    model = ctx.save_model(result.model)
-    records = read_metrics(ctx.stage_dir / "train")
-    logged = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
-    loss = result.losses.get(result.step, logged[-1] if logged else None)  # the trainer may have had no step left
-    metrics: dict[str, Any] = {"steps": result.step, "loss": loss}
-    if result.best_val_loss is not None:
-        metrics["best_val_loss"] = result.best_val_loss
-    skip = {"step", "loss", "tokens", "lr", "grad_norm", "tokens_per_s", "mfu"}
-    for rec in records:
-        for k, v in rec.items():
-            if k not in skip and isinstance(v, (int, float)):
-                metrics[k] = v
-    init = cfg.get("init_from") or "scratch"
-    run_dir = (ctx.stage_dir / "train").relative_to(ctx.workdir)
-    summary = (f"Trained {result.step} steps (batch {cfg.batch_size} x {cfg.seq_len}, data {cfg.data.kind}) from "
-               f"{ctx.label(init)}; trainable: {list(cfg.trainable)}. Run directory: `{run_dir}` (metrics.jsonl, "
-               "TensorBoard events, checkpoints).")
-    return StageOutput(model=model, metrics=metrics, curves=ctx.stage_dir / "train" / "metrics.jsonl",
-                       summary=summary)
-
-
-# ------------------------------------------------------------------------------------------ evaluate stage
-def evaluate_config(name: str = "evaluate", *, models=("@previous",), data: Mapping | None = None,
-                    task_metrics=(), n: int = 64, seed: int = 0, batch_size: int = 32, seq_len: int = 128,
-                    tokenizer: str = "smollm2-135m-instruct", token_ids: Mapping | None = None,
-                    max_new_tokens: int = 0) -> ml_collections.ConfigDict:
-    """An 'evaluate' stage config. models: sources `load_model` takes or stage references; data: a train-style
-    data config (kind 'shards' or 'tasks', with eval_batch_size, max_eval_batches, ...) for validation loss and
-    perplexity, None for none; task_metrics: synthetic task names scored by exact match of greedy generations
-    on `n` examples of their test split (seed `seed`)."""
-    c = ml_collections.ConfigDict()
-    c.name, c.kind = name, "evaluate"
-    c.models = tuple(models)
-    c.seed = seed
-    c.seq_len = seq_len
-    c.batch_size = batch_size
-    c.compute_dtype = "float32"
-    c.tokenizer = tokenizer
-    c.token_ids = ml_collections.ConfigDict({"eos": -1, "pad": -1, "bos": -1, **dict(token_ids or {})})
-    c.data = ml_collections.ConfigDict(dict(data) if data else {"kind": ""})
-    c.task_metrics = tuple(task_metrics)
-    c.task_eval = ml_collections.ConfigDict(dict(n=n, seed=seed, batch_size=batch_size,
-                                                 max_new_tokens=max_new_tokens, split="test"))
-    return c
-
-
-def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], log=print) -> dict[str, dict]:
-    """{label: {'val_loss', 'val_ppl' (when cfg.data.kind is set), '<task>/exact_match' ...}} for each model
-    source in `models` ({label: source}). Validation loss is the token-weighted mean NLL over every evaluation
-    batch of `make_data(cfg)` (loss_mask and padding-row mask applied, as in training), perplexity exp(loss)."""
-    from flax import nnx
-
-    from configurable_fm.models.factory import load_model
-    from configurable_fm.train.data import make_data, make_task_metrics
-    from configurable_fm.train.trainer import DTYPES, loss_sums, with_compute_dtype
-
-    data = make_data(cfg) if cfg.data.get("kind") else None
-    tasks = make_task_metrics(cfg, getattr(data, "tokenizer", None))
-    if data is None and not tasks:
-        raise ValueError("evaluate stage: nothing to evaluate; set data.kind (validation loss) and/or task_metrics")
-    sums = nnx.jit(loss_sums)
-    out = {}
-    for label, source in models.items():
-        model = load_model(source)
-        if cfg.get("compute_dtype", "float32") != "float32":
-            model = with_compute_dtype(model, DTYPES[cfg.compute_dtype])
-        metrics: dict[str, float] = {}
-        if data is not None:
-            nll = count = 0.0
-            for batch in data.eval_batches():
-                s, c = sums(model, {k: np.asarray(v) for k, v in batch.items()})
-                nll, count = nll + float(s), count + float(c)
-            if count == 0:
-                raise ValueError(f"evaluate stage: the evaluation data of data.kind={cfg.data.kind!r} has no tokens")
-            metrics["val_loss"] = nll / count
-            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-        for fn in tasks.values():
-            metrics.update(fn(model))
-        log(f"  {label}: {_format_metrics(metrics, limit=12)}")
-        out[label] = metrics
-    return out
-
-
-def evaluate_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput:
-    """Evaluates `cfg.models` (see `evaluate_models`); writes eval.json and eval.md (a models x metrics table).
-    Output model: the last of `models` (passed through, not copied)."""
-    from configurable_fm.report import markdown_table
-
-    sources = list(cfg.models)
-    if not sources:
-        raise ValueError(f"evaluate stage {ctx.name!r}: `models` is empty")
-    labels = [ctx.label(s) for s in sources]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"evaluate stage {ctx.name!r}: a model is listed twice in {labels}")
-    results = evaluate_models(cfg, dict(zip(labels, sources)), log=ctx.log)
-    keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k not in ("val_loss", "val_ppl"), k))
-    table = markdown_table(["model"] + keys, [[label] + [results[label].get(k, "") for k in keys]
-                                              for label in labels])
-    _write_json(ctx.stage_dir / "eval.json", {"models": [{"label": label, "source": src, "metrics": results[label]}
-                                                         for label, src in zip(labels, sources)]})
-    tmp = ctx.stage_dir / "eval.md.tmp"
-    tmp.write_text(table + "\n")
-    tmp.replace(ctx.stage_dir / "eval.md")
-    metrics = {f"{label}/{k}" if len(labels) > 1 else k: v for label in labels for k, v in results[label].items()}
-    return StageOutput(model=sources[-1], metrics=metrics, summary=table)
-
-
-register_stage("train", train_stage)
-register_stage("evaluate", evaluate_stage)

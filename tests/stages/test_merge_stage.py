@@ -1,4 +1,4 @@
-"""Merging from ml-collections configs (ops/merge/stage.py), scripts/merge.py --config, and the 'merge' stage of
+"""Merging from ml-collections configs (stages/merge.py), scripts/merge.py --config, and the 'merge' stage of
 a study: pretrain -> fine-tune A, fine-tune B -> merge -> evaluate."""
 import dataclasses
 import importlib.util
@@ -10,16 +10,16 @@ import pytest
 
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.interop.orbax_io import save_model
-from configurable_fm.models.factory import load_model
+from configurable_fm.interop.loader import load_model
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.ops.merge import tree
-from configurable_fm.ops.merge.stage import merge_config, merge_from_config
-from configurable_fm.pipeline import evaluate_config, run, stage
+from configurable_fm.stages.merge import merge_config, merge_from_config
+from configurable_fm.stages import evaluate_config, run, stage
 from experiments import study_tiny
 from tests.helpers import random_llama
 from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
                   max_position_embeddings=32)
 
@@ -143,7 +143,7 @@ def test_study_merges_two_finetunes(tmp_path):
     ev.models = ("@pretrain", "@merge")
     ev.task_metrics = ()  # validation loss only: no generation to compile
     c.stages = [pre, ft_a, ft_b, mg, ev]
-    c.stage_modules = ("configurable_fm.ops.merge.stage",)
+    c.stage_modules = ("configurable_fm.stages.merge",)
     result = run(c, tmp_path / "study", log=lambda s: None)
     paths = {r.name: r.model_source(tmp_path / "study") for r in result.stages}
     assert paths["merge"] == str(tmp_path / "study" / "stages" / "03_merge" / "model")
@@ -228,8 +228,8 @@ def test_every_method_config_route_equals_tree_merge(tiny_ckpts, method):
 # ------------------------------------------------------------------------------------------------ slices
 def test_slices_config_equals_merge_slices_and_stage_writes_new_depth(tmp_path_factory):
     """SOLAR-style passthrough: layers [0, 2) + [1, 3) of a 3-layer model -> 4 layers, as tree.merge_slices."""
-    from configurable_fm.pipeline import StageContext
-    from configurable_fm.ops.merge.stage import merge_stage
+    from configurable_fm.stages import StageContext
+    from configurable_fm.stages.merge import merge_stage
 
     root = tmp_path_factory.mktemp("slices")
     src = str(save_model(random_llama(dataclasses.replace(TINY, num_layers=3), 7), root / "m"))
@@ -304,7 +304,7 @@ def vocab_ckpts(tmp_path_factory):
 
 @pytest.mark.parametrize("alignment", ["union", "a"])
 def test_tokenizer_alignment_config_equals_tree_merge(vocab_ckpts, alignment):
-    from configurable_fm.data.tokenizers import load_tokenizer
+    from configurable_fm.interop.tokenizers import load_tokenizer
 
     c = vocab_ckpts
     align = c["a"] if alignment == "a" else "union"

@@ -47,7 +47,7 @@ batches, default one epoch `batches_per_epoch`), split 'eval' reads `eval_batche
             merged = regmean_merge(models, [gram_matrices(m, batches)[0] for m in models], alpha, weights)
 The result is the first model with the merged parameters (cast to `out_dtype` when set).
 
-Stage kind 'merge' (registered on import; a study lists 'configurable_fm.ops.merge.stage' in `stage_modules`):
+Stage kind 'merge' (registered when configurable_fm.stages is imported):
 runs `merge_from_config` on the resolved stage config and writes the result as the stage's output model
 (stage_dir/model, an orbax model checkpoint). Metrics: number of inputs and of merged parameters.
 """
@@ -58,7 +58,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from configurable_fm.errors import ConfigError
-from configurable_fm.pipeline import StageContext, StageOutput, register_stage, to_plain
+from configurable_fm.stages.study import StageContext, StageOutput, register_stage, to_plain
 
 MERGE_KEYS = ("method", "base", "models", "parameters", "model_parameters", "seed", "out_dtype", "embed_alignment",
               "data", "slices")
@@ -265,7 +265,7 @@ def _data_merge(d: dict, log=None):
     import ml_collections as mlc
 
     from configurable_fm.bricks.paths import with_params
-    from configurable_fm.models.factory import load_model
+    from configurable_fm.interop.loader import load_model
     from configurable_fm.train.data import make_data
 
     method, p = d["method"], d["parameters"]
@@ -315,7 +315,7 @@ def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
     or dtype, an input without a tokenizer for 'union' / a model name), before loading any model."""
     import jax.numpy as jnp
 
-    from configurable_fm.models.factory import load_model
+    from configurable_fm.interop.loader import load_model
     from configurable_fm.ops.merge.registry import get_method
     from configurable_fm.ops.merge.tree import merge
 
@@ -364,7 +364,8 @@ def _tokenizer_merge(method, d: dict, out_dtype, log, with_tokenizer: bool):
     import dataclasses
 
     from configurable_fm.bricks.paths import flat_params, with_params
-    from configurable_fm.models.factory import build_model, load_model
+    from configurable_fm.interop.loader import load_model
+    from configurable_fm.models.factory import build_model
     from configurable_fm.ops.merge.tree import VOCAB_TENSORS, merge
     from configurable_fm.ops.merge.vocab import vocab_axis_of_path
 
@@ -419,4 +420,4 @@ def merge_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
     return StageOutput(model=path, metrics={"inputs": len(inputs), "params": n_params}, summary=summary)
 
 
-register_stage("merge", merge_stage)
+register_stage("merge", merge_stage, keys=MERGE_KEYS)

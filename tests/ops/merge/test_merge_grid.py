@@ -1,4 +1,4 @@
-"""The multi-task merging study (experiments/merge/multitask.py, stage kind 'merge_grid' in ops/merge/study.py):
+"""The multi-task merging study (experiments/merge/multitask.py, stage kind 'merge_grid' in experiments/merge/grid.py):
 the whole pipeline end to end on CPU (tiny pre-trained llama, character tokenizer), its files and numbers, and the
 pieces: grid expansion, validation/test problems, joint scoring, selection on validation."""
 import csv
@@ -12,10 +12,11 @@ import pytest
 
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.data.synthetic import Example, evaluate_examples, get_task, make_task
-from configurable_fm.models.factory import load_model
+from configurable_fm.interop.loader import load_model
 from configurable_fm.models.llama import LlamaConfig
-from configurable_fm.ops.merge import study, tree
-from configurable_fm.pipeline import run
+from configurable_fm.ops.merge import tree
+from experiments.merge import grid as study
+from configurable_fm.stages import run
 from configurable_fm.train.data import load_task_tokenizer
 from experiments.merge import multitask
 from tests.helpers import random_llama
@@ -208,7 +209,7 @@ def test_selection_uses_validation_and_normalizes_by_the_individual_finetunes():
 
 
 def test_stage_config_errors(tmp_path):
-    from configurable_fm.pipeline import StageContext
+    from configurable_fm.stages import StageContext
 
     cfg = study.merge_grid_config(base="b", tasks=["sort", "reverse"], models=["x"], methods=[{"method": "linear"}])
     ctx = StageContext(tmp_path, tmp_path, 0, "g", {})

@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from configurable_fm.pipeline import StageContext, StageOutput, register_stage, to_plain
+from configurable_fm.stages import StageContext, StageOutput, register_stage, to_plain
 
 SETS = ("val", "test")
 DATA_METHODS = ("fisher", "regmean")  # merges that need data (gradients / activations), see data_merge
@@ -246,11 +246,11 @@ def merge_grid_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> Stage
     import jax.numpy as jnp
 
     from configurable_fm.bricks.paths import flat_params, with_params
-    from configurable_fm.models.factory import load_model
+    from configurable_fm.interop.loader import load_model
     from configurable_fm.ops.merge.registry import get_method
     from configurable_fm.ops.merge.tree import merge
     from configurable_fm.train.data import task_tokenizer
-    from configurable_fm.train.trainer import DTYPES, with_compute_dtype
+    from configurable_fm.models.factory import DTYPES, with_compute_dtype
 
     _check(cfg)
     points = grid_points(cfg.methods)
@@ -386,7 +386,7 @@ def summarize(rows: Sequence[Mapping], tasks: Sequence[str], points: Sequence[Ma
 
 
 def _table(results: Mapping, tasks: Sequence[str]) -> str:
-    from configurable_fm.report import markdown_table
+    from configurable_fm.stages.report import markdown_table
 
     pct = lambda x: "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
     header = (["method", "setting (swept values chosen on val)", "norm. test %", "abs. test %", "norm. val %"]
@@ -411,7 +411,7 @@ def _table(results: Mapping, tasks: Sequence[str]) -> str:
 
 
 def _bar_figure(results: Mapping, tasks: Sequence[str]):
-    from configurable_fm.report import plt
+    from configurable_fm.stages.report import plt
 
     chosen = sorted(results["chosen"], key=lambda p: -p["norm_test"] if not math.isnan(p["norm_test"]) else 0)
     groups = [p["group"] for p in chosen]
@@ -441,7 +441,7 @@ def _bar_figure(results: Mapping, tasks: Sequence[str]):
 def _hparam_figure(results: Mapping):
     """One panel per method group with a sweep: mean normalized accuracy (val solid, test dashed) against its
     longest swept parameter, one line per combination of the other swept parameters."""
-    from configurable_fm.report import plt
+    from configurable_fm.stages.report import plt
 
     groups = [g for g in dict.fromkeys(p["group"] for p in results["points"])
               if any(p["swept"] for p in results["points"] if p["group"] == g)]
@@ -478,8 +478,8 @@ def _hparam_figure(results: Mapping):
 def write_outputs(stage_dir: Path, rows: Sequence[Mapping], results: Mapping, tasks: Sequence[str],
                   points: Sequence[Mapping]) -> dict[str, str]:
     """results.csv, results.json, table.md, methods.png, hparams.png in `stage_dir`; returns {'table': markdown}."""
-    from configurable_fm.report import plt
-    from configurable_fm.train.trainer import write_json_atomic
+    from configurable_fm.stages.report import plt
+    from configurable_fm.interop.atomic import write_json_atomic
 
     stage_dir = Path(stage_dir)
     with open(stage_dir / "results.csv.tmp", "w", newline="") as f:

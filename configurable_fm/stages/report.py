@@ -32,6 +32,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_metrics(metrics: Mapping, limit: int = 6) -> str:
+    """'k=v, ...' of the first `limit` metrics (floats to 4 significant digits), for logs and tables."""
+    items = []
+    for k, v in list(metrics.items())[:limit]:
+        items.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(items) + (", ..." if len(metrics) > limit else "")
+
+
 class Report:
     def __init__(self, workdir: str | os.PathLike, title: str):
         self.workdir = Path(workdir)

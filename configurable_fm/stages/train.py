@@ -1,0 +1,145 @@
+"""The built-in stage kinds 'train' and 'evaluate' (registered when configurable_fm.stages is imported).
+
+    'train'    : pre-training or fine-tuning (train/trainer.py) from a train config (experiments/pretrain.py,
+                 experiments/finetune.py); `init_from` may name an earlier stage's model. Output: the final model.
+    'evaluate' : validation loss / perplexity on `data` and task exact match (`task_metrics`) for each of
+                 `models`, written to eval.json + eval.md (see `evaluate_config`). Output: its last model, as is.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import ml_collections
+import numpy as np
+
+from configurable_fm.interop.atomic import write_json_atomic
+from configurable_fm.stages.report import format_metrics, markdown_table
+from configurable_fm.stages.study import StageContext, StageOutput, register_stage
+
+# The top-level keys of a train config (experiments/pretrain.py, experiments/finetune.py) that the trainer and its
+# data read; a train stage with any other key is refused before the study runs.
+TRAIN_KEYS = ("name", "seed", "model", "init_from", "trainable", "steps", "batch_size", "seq_len", "grad_accum_steps",
+              "compute_dtype", "remat", "mesh", "optimizer", "checkpoint", "checkpoint_every", "eval_every",
+              "log_every", "progress", "data", "tokenizer", "token_ids", "task_metrics", "task_eval")
+EVALUATE_KEYS = ("models", "seed", "seq_len", "batch_size", "compute_dtype", "tokenizer", "token_ids", "data",
+                 "task_metrics", "task_eval")
+
+# ------------------------------------------------------------------------------------------ train stage
+def train_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput:
+    """Pre-training or fine-tuning (train/trainer.py) in stage_dir/train, which resumes an interrupted attempt;
+    the final model is the stage's output. Metrics: the last logged loss, best validation loss, and the last
+    value of every evaluation metric (val_loss, val_ppl, '<task>/exact_match')."""
+    from configurable_fm.train.metrics import read_metrics
+    from configurable_fm.train.trainer import train
+
+    result = train(cfg, ctx.stage_dir / "train", log=ctx.log)
+    model = ctx.save_model(result.model)
+    records = read_metrics(ctx.stage_dir / "train")
+    logged = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+    loss = result.losses.get(result.step, logged[-1] if logged else None)  # the trainer may have had no step left
+    metrics: dict[str, Any] = {"steps": result.step, "loss": loss}
+    if result.best_val_loss is not None:
+        metrics["best_val_loss"] = result.best_val_loss
+    skip = {"step", "loss", "tokens", "lr", "grad_norm", "tokens_per_s", "mfu"}
+    for rec in records:
+        for k, v in rec.items():
+            if k not in skip and isinstance(v, (int, float)):
+                metrics[k] = v
+    init = cfg.get("init_from") or "scratch"
+    run_dir = (ctx.stage_dir / "train").relative_to(ctx.workdir)
+    summary = (f"Trained {result.step} steps (batch {cfg.batch_size} x {cfg.seq_len}, data {cfg.data.kind}) from "
+               f"{ctx.label(init)}; trainable: {list(cfg.trainable)}. Run directory: `{run_dir}` (metrics.jsonl, "
+               "TensorBoard events, checkpoints).")
+    return StageOutput(model=model, metrics=metrics, curves=ctx.stage_dir / "train" / "metrics.jsonl",
+                       summary=summary)
+
+
+# ------------------------------------------------------------------------------------------ evaluate stage
+def evaluate_config(name: str = "evaluate", *, models=("@previous",), data: Mapping | None = None,
+                    task_metrics=(), n: int = 64, seed: int = 0, batch_size: int = 32, seq_len: int = 128,
+                    tokenizer: str = "smollm2-135m-instruct", token_ids: Mapping | None = None,
+                    max_new_tokens: int = 0) -> ml_collections.ConfigDict:
+    """An 'evaluate' stage config. models: sources `load_model` takes or stage references; data: a train-style
+    data config (kind 'shards' or 'tasks', with eval_batch_size, max_eval_batches, ...) for validation loss and
+    perplexity, None for none; task_metrics: synthetic task names scored by exact match of greedy generations
+    on `n` examples of their test split (seed `seed`)."""
+    c = ml_collections.ConfigDict()
+    c.name, c.kind = name, "evaluate"
+    c.models = tuple(models)
+    c.seed = seed
+    c.seq_len = seq_len
+    c.batch_size = batch_size
+    c.compute_dtype = "float32"
+    c.tokenizer = tokenizer
+    c.token_ids = ml_collections.ConfigDict({"eos": -1, "pad": -1, "bos": -1, **dict(token_ids or {})})
+    c.data = ml_collections.ConfigDict(dict(data) if data else {"kind": ""})
+    c.task_metrics = tuple(task_metrics)
+    c.task_eval = ml_collections.ConfigDict(dict(n=n, seed=seed, batch_size=batch_size,
+                                                 max_new_tokens=max_new_tokens, split="test"))
+    return c
+
+
+def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], log=print) -> dict[str, dict]:
+    """{label: {'val_loss', 'val_ppl' (when cfg.data.kind is set), '<task>/exact_match' ...}} for each model
+    source in `models` ({label: source}). Validation loss is the token-weighted mean NLL over every evaluation
+    batch of `make_data(cfg)` (loss_mask and padding-row mask applied, as in training), perplexity exp(loss)."""
+    from flax import nnx
+
+    from configurable_fm.interop.loader import load_model
+    from configurable_fm.models.factory import DTYPES, with_compute_dtype
+    from configurable_fm.train.data import make_data, make_task_metrics
+    from configurable_fm.train.task import loss_sums
+
+    data = make_data(cfg) if cfg.data.get("kind") else None
+    tasks = make_task_metrics(cfg, getattr(data, "tokenizer", None))
+    if data is None and not tasks:
+        raise ValueError("evaluate stage: nothing to evaluate; set data.kind (validation loss) and/or task_metrics")
+    sums = nnx.jit(loss_sums)
+    out = {}
+    for label, source in models.items():
+        model = load_model(source)
+        if cfg.get("compute_dtype", "float32") != "float32":
+            model = with_compute_dtype(model, DTYPES[cfg.compute_dtype])
+        metrics: dict[str, float] = {}
+        if data is not None:
+            nll = count = 0.0
+            for batch in data.eval_batches():
+                s, c = sums(model, {k: np.asarray(v) for k, v in batch.items()})
+                nll, count = nll + float(s), count + float(c)
+            if count == 0:
+                raise ValueError(f"evaluate stage: the evaluation data of data.kind={cfg.data.kind!r} has no tokens")
+            metrics["val_loss"] = nll / count
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        for fn in tasks.values():
+            metrics.update(fn(model))
+        log(f"  {label}: {format_metrics(metrics, limit=12)}")
+        out[label] = metrics
+    return out
+
+
+def evaluate_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput:
+    """Evaluates `cfg.models` (see `evaluate_models`); writes eval.json and eval.md (a models x metrics table).
+    Output model: the last of `models` (passed through, not copied)."""
+
+    sources = list(cfg.models)
+    if not sources:
+        raise ValueError(f"evaluate stage {ctx.name!r}: `models` is empty")
+    labels = [ctx.label(s) for s in sources]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"evaluate stage {ctx.name!r}: a model is listed twice in {labels}")
+    results = evaluate_models(cfg, dict(zip(labels, sources)), log=ctx.log)
+    keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k not in ("val_loss", "val_ppl"), k))
+    table = markdown_table(["model"] + keys, [[label] + [results[label].get(k, "") for k in keys]
+                                              for label in labels])
+    write_json_atomic(ctx.stage_dir / "eval.json", {"models": [{"label": label, "source": src, "metrics": results[label]}
+                                                         for label, src in zip(labels, sources)]})
+    tmp = ctx.stage_dir / "eval.md.tmp"
+    tmp.write_text(table + "\n")
+    tmp.replace(ctx.stage_dir / "eval.md")
+    metrics = {f"{label}/{k}" if len(labels) > 1 else k: v for label in labels for k, v in results[label].items()}
+    return StageOutput(model=sources[-1], metrics=metrics, summary=table)
+
+
+register_stage("train", train_stage, keys=TRAIN_KEYS)
+register_stage("evaluate", evaluate_stage, keys=EVALUATE_KEYS)
