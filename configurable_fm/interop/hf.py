@@ -122,8 +122,10 @@ def reject_unknown_config(hf_config: dict, handled: set[str], family: str) -> No
 # ------------------------------------------------------------------------------------ load / save
 def read_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: the path does not exist")
     if not file.exists():
-        raise CheckpointError(f"{path}: no config.json")
+        raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as e:

@@ -106,6 +106,8 @@ def test_corrupt_index_and_missing_config(ckpt, tmp_path):
     (path / "config.json").unlink()
     with pytest.raises(CheckpointError, match="no config.json"):
         from_hf(path)
+    with pytest.raises(CheckpointError, match="nowhere: the path does not exist"):
+        from_hf(tmp_path / "nowhere")
 
 
 def test_to_hf_refuses_existing_output_and_overwrites_only_when_asked(ckpt):
