@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.bricks.select import Selection, SelectionError, module_index, select
 from configurable_fm.interop.atomic import atomic_directory
-from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore
+from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 
 FORMAT = "configurable_fm.bricks"
 VERSION = 1
@@ -260,15 +260,7 @@ def load_bricks(directory: str | os.PathLike) -> BrickSet:
     for f in (index_file, tensors_file):
         if not f.is_file():
             raise CheckpointError(f"{f}: no such file (a brick set directory holds {INDEX_FILE} and {TENSORS_FILE})")
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{index_file}: not valid JSON ({e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise CheckpointError(f"{index_file}: not a brick set index (format should be {FORMAT!r})")
-    if not isinstance(index.get("version"), int) or index["version"] > VERSION:
-        raise CheckpointError(f"{index_file}: version {index.get('version')!r} is not supported (this code reads "
-                              f"up to version {VERSION})")
+    index = read_json_object(index_file, what="brick set index", format=FORMAT, max_version=VERSION)
     entries = _field(index, "bricks", dict, str(index_file))
     store = TensorStore(tensors_file)
     problems, expected = [], {}

@@ -56,7 +56,7 @@ from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.bricks.select import SelectionError, glob_to_regex
 from configurable_fm.errors import UserError
 from configurable_fm.interop.atomic import atomic_directory
-from configurable_fm.interop.safetensors_io import CheckpointError
+from configurable_fm.interop.safetensors_io import CheckpointError, read_json_object
 
 FORMAT = "configurable_fm.delta"
 VERSION = 1
@@ -699,15 +699,7 @@ def load_delta(directory: str | os.PathLike) -> Delta:
         hint = " (this is a brick set without a delta: use load_bricks)" if (directory / INDEX_FILE).is_file() else ""
         raise CheckpointError(f"{header_file}: no such file (a delta directory holds {DELTA_FILE}, {INDEX_FILE} "
                               f"and {TENSORS_FILE}){hint}")
-    try:
-        header = json.loads(header_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{header_file}: not valid JSON ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"{header_file}: not a delta (format should be {FORMAT!r})")
-    if not isinstance(header.get("version"), int) or header["version"] > VERSION:
-        raise CheckpointError(f"{header_file}: version {header.get('version')!r} is not supported (this code reads "
-                              f"up to version {VERSION})")
+    header = read_json_object(header_file, what="delta", format=FORMAT, max_version=VERSION)
     for key, kind in (("kind", str), ("source", str), ("metadata", dict)):
         if not isinstance(header.get(key), kind):
             raise CheckpointError(f"{header_file}: field {key!r} is missing or not a {kind.__name__}")

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from configurable_fm.interop.atomic import atomic_directory
-from configurable_fm.interop.safetensors_io import CheckpointError
+from configurable_fm.interop.safetensors_io import CheckpointError, read_json_object
 
 MODEL_CONFIG = "model_config.json"
 PARAMS_DIR = "params"
@@ -92,12 +92,7 @@ def read_model_spec(path: str | Path):
     from configurable_fm.models.factory import config_from_dict
 
     file = Path(path) / MODEL_CONFIG
-    try:
-        spec = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(spec, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+    spec = read_json_object(file)
     extensions = spec.pop(EXTENSIONS_KEY, [])
     if not isinstance(extensions, list) or not all(isinstance(e, dict) for e in extensions):
         raise CheckpointError(f"{file}: {EXTENSIONS_KEY!r} must be a list of {{path, kind, options}} objects")

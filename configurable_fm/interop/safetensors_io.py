@@ -32,6 +32,24 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint file or directory is missing, truncated, corrupt or inconsistent."""
 
 
+def read_json_object(file: Path, *, what: str = "JSON object", format: str | None = None,
+                     max_version: int | None = None) -> dict:
+    """The JSON object in `file` (which exists); CheckpointError naming the file when it is not valid JSON, not an
+    object, or (with `format`) has another "format" field, or (with `max_version`) a missing or newer "version"."""
+    try:
+        obj = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    if format is not None and obj.get("format") != format:
+        raise CheckpointError(f"{file}: not a {what} (format should be {format!r})")
+    if max_version is not None and (not isinstance(obj.get("version"), int) or obj["version"] > max_version):
+        raise CheckpointError(f"{file}: version {obj.get('version')!r} is not supported (this code reads up to "
+                              f"version {max_version})")
+    return obj
+
+
 class TensorStore(Mapping[str, np.ndarray]):
     """Lazy read-only view {tensor name: numpy array} over one safetensors file or a sharded directory."""
 
