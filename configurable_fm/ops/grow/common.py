@@ -1,0 +1,82 @@
+"""What the growth operators share: the llama check at the boundary, per-tensor PRNG keys, init statistics.
+
+    cfg = llama_config(model, "grow_width")     # ConfigError unless a consistent llama-family model
+    k = tensor_key(key, "layers.3.mlp.up_proj.kernel", "noise")   # depends on (key, path, purpose) only
+"""
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configurable_fm.errors import ConfigError
+from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.models.structure import check_consistent, extension_specs
+
+# The family's initialiser (models.layers.normal): what freshly built kernels are drawn from.
+INIT_STD = 0.02
+
+
+class GrowthError(ConfigError):
+    """A growth target or option that the operator cannot honour; the message says which and why."""
+
+
+def llama_config(model, op: str) -> LlamaConfig:
+    """`model.cfg` when `model` is a llama-family model whose tree agrees with its config; GrowthError naming the
+    problem otherwise (models.InconsistentModel for a tree that disagrees with its config)."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(cfg, LlamaConfig):
+        raise GrowthError(f"{op}: needs a llama-family model (model.cfg a LlamaConfig); got {type(model).__name__} "
+                          f"with cfg {type(cfg).__name__}")
+    check_consistent(model, op)
+    specs = extension_specs(model)
+    if specs:
+        raise GrowthError(f"{op}: the model has extension modules ({', '.join(s['path'] for s in specs)}) whose "
+                          "parameters no growth rule covers; merge or remove them first")
+    return cfg
+
+
+def check_key(key, op: str, why: str):
+    """`key` as a typed PRNG key: a typed key as is, raw uint32[2] key data wrapped, an int used as a seed
+    (jax.random.key(seed)). GrowthError saying what needs it when it is None or something else."""
+    if key is None:
+        raise GrowthError(f"{op}: {why} needs a PRNG key: pass key=jax.random.key(seed)")
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return jax.random.key(int(key))
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and getattr(key, "shape", None) == ():
+        return key
+    if dtype is not None and jnp.issubdtype(dtype, np.uint32) and tuple(key.shape) == (2,):
+        return jax.random.wrap_key_data(jnp.asarray(key))
+    raise GrowthError(f"{op}: key must be a PRNG key (jax.random.key(seed)), raw key data uint32[2] or an int seed; "
+                      f"got {type(key).__name__} {getattr(key, 'shape', '')}")
+
+
+def tensor_key(key, path: str, purpose: str = "") -> jax.Array:
+    """A key for one tensor and purpose: `fold_in(key, crc32(path + '/' + purpose))`; independent of the order in
+    which tensors are visited (DESIGN.md, principle 7)."""
+    return jax.random.fold_in(key, np.uint32(zlib.crc32(f"{path}/{purpose}".encode())))
+
+
+def normal(key, shape, dtype=np.float32) -> np.ndarray:
+    """Standard normal numpy samples of `shape` driven by the jax PRNG `key` (a numpy Generator seeded with the
+    key's data): deterministic in the key, and no XLA compilation per shape."""
+    return _generator(key).standard_normal(tuple(shape)).astype(dtype)
+
+
+def permutation(key, n: int) -> np.ndarray:
+    """A random permutation of range(n) driven by the jax PRNG `key`."""
+    return _generator(key).permutation(n)
+
+
+def _generator(key) -> np.random.Generator:
+    return np.random.default_rng([int(w) for w in np.asarray(jax.random.key_data(key)).ravel()])
+
+
+def check_fraction(value, name: str, op: str, *, low_open: bool = False) -> float:
+    value = float(value)
+    if not (0.0 < value if low_open else 0.0 <= value) or value > 1.0 or np.isnan(value):
+        raise GrowthError(f"{op}: {name}={value} must lie in {'(0' if low_open else '[0'}, 1]")
+    return value
