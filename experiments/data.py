@@ -1,13 +1,20 @@
 """Token datasets (train/validation shards + manifest) built from real text, tokenized with SmolLM2's tokenizer.
 
-    python scripts/prepare_data.py --config experiments/data.py:stdlib            # -> data/stdlib (no download)
-    python scripts/prepare_data.py --config experiments/data.py:stdlib_tiny       # ~1 MB of stdlib, for tests/CI
-    python scripts/prepare_data.py --config experiments/data.py:english           # npm + apt downloads (~40 MB)
-    python scripts/prepare_data.py --config experiments/data.py:code              # installed site-packages
-    python scripts/prepare_data.py --config experiments/data.py:mix               # stdlib + english
-    python scripts/prepare_data.py --config experiments/data.py:files --config.files.root=DIR   # your .txt files
-Options: `--out DIR` (default `data/<name>`), `--overwrite`, and any key, e.g. `--config.validation_fraction=0.02
+    cfm-prepare-data --config experiments/data.py:stdlib            # -> <data root>/stdlib (no download)
+    cfm-prepare-data --config experiments/data.py:stdlib_tiny       # ~1 MB of stdlib, for tests/CI
+    cfm-prepare-data --config experiments/data.py:english           # npm + apt downloads (~40 MB)
+    cfm-prepare-data --config experiments/data.py:code              # installed site-packages
+    cfm-prepare-data --config experiments/data.py:mix               # stdlib + english
+    cfm-prepare-data --config experiments/data.py:files --config.files.root=DIR   # your .txt files
+(`cfm-prepare-data` is `.venv/bin/python scripts/prepare_data.py`.) Options: `--out DIR` (relative to the current
+directory), `--overwrite`, and any key, e.g. `--config.validation_fraction=0.02
 --config.english.parts=sotu,wordnet,gcide,python_docs,kernel_docs --config.sources=stdlib,code`.
+
+Where datasets live: the data root, `$CFM_DATA_DIR`, default ~/.cache/configurable_fm/data, whatever the current
+directory; without --out a dataset is built into <data root>/<name> (`out_dir` '' ; a relative `out_dir` is inside
+the data root, an absolute one or ./DIR is taken as is: train/data.py `dataset_dir`). Training configs find it
+there by name: experiments/pretrain.py's `data.dir='data/stdlib'` means <data root>/stdlib, built on first use
+from `data.prepare='stdlib'` (a line on stderr says so, naming the directory and the sources).
 
 Sources (configurable_fm/data/corpora.py): `stdlib` (this interpreter's standard library .py files), `code`
 (.py files of installed packages), `files`, and the English parts `sotu` (State of the Union addresses, npm
@@ -43,7 +50,7 @@ def get_config(arg: str = "stdlib") -> ml_collections.ConfigDict:
     c.max_tokens_per_shard = 1 << 23  # 8.4M tokens = 16 MiB of uint16 per shard
     c.min_chars = 64  # shorter documents are dropped
     c.encode_batch_chars = 4_000_000
-    c.out_dir = f"data/{arg}"
+    c.out_dir = ""  # "" -> <data root>/<name> ($CFM_DATA_DIR or ~/.cache/configurable_fm/data; module docstring)
     c.cache_dir = ""  # "" -> ~/.cache/configurable_fm/sources
 
     c.stdlib = ml_collections.ConfigDict(dict(

@@ -1,43 +1,12 @@
-"""Train (or resume) a model from an ml-collections config.
+"""Train (or resume) a model from an ml-collections config: the console command `cfm-train`
+(configurable_fm/cli/train.py, which documents the flags).
 
     python scripts/train.py --config experiments/pretrain.py:tiny --workdir runs/tiny [--config.steps=50]
-
-Re-running the same command resumes from the last complete checkpoint in the workdir; a changed config is refused
-(naming the changed keys) unless the keys are listed, e.g. `--config.steps=300 --allow_changes=steps` to extend a
-run (every resume is recorded in WORKDIR/resumes.jsonl, and config.json holds the config in force). For multi-host runs
-set --distributed (jax.distributed.initialize(): coordinator and process ids from the cluster environment,
-or CFM_COORDINATOR / CFM_NUM_PROCESSES / CFM_PROCESS_ID); see README "Multi-host training".
-A `--config.KEY=VALUE` naming no key of the config is refused with the valid keys of that level.
-absl logs at WARNING unless `--verbosity` / `-v` is given (orbax logs every checkpoint step at INFO).
+    cfm-train --config experiments/pretrain.py:tiny --workdir runs/tiny          # the same, once installed
 """
-import os
 import sys
 
-from absl import flags
-
-from configurable_fm import cli
-
-
-def define(fv):
-    cli.config_flag(fv, "config", "experiment config file (path.py:variant)")
-    flags.DEFINE_string("workdir", None, "run directory (created; resumed when it holds checkpoints)", flag_values=fv)
-    flags.DEFINE_list("allow_changes", [], "config keys that may differ from the run being resumed (e.g. steps)",
-                      flag_values=fv)
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-process / multi-host)",
-                      flag_values=fv)
-
-
-def main(fv) -> None:
-    if fv.distributed:
-        from configurable_fm.train.distributed import initialize
-
-        initialize()
-    from configurable_fm.train.trainer import train
-
-    result = train(fv.config, fv.workdir, allow_changes=fv.allow_changes)
-    print(f"done: step {result.step}, last loss {result.losses.get(result.step)}, "
-          f"best val loss {result.best_val_loss}; metrics in {os.path.join(fv.workdir, 'metrics.jsonl')}")
-
+from configurable_fm.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, define, required=("config", "workdir")))
+    sys.exit(main())

@@ -109,10 +109,11 @@ def _parse_error_message(message: str, argv: Sequence[str], names: Sequence[str]
 
 
 def parse(argv: Sequence[str], define: Callable[[flags.FlagValues], None], *, prog: str,
-          required: Sequence[str] = ()) -> flags.FlagValues:
+          required: Sequence[str] = (), doc: str | None = None) -> flags.FlagValues:
     """A fresh FlagValues with the script's flags (`define`) parsed from `argv` (without the program name).
 
-    Raises UsageError with a readable message (module docstring); `--help` prints the flags and exits 0."""
+    Raises UsageError with a readable message (module docstring); `--help` prints `doc` (default: the running
+    script's docstring) and the flags, and exits 0."""
     fv = flags.FlagValues()
     token = _ARGV.set([prog, *argv])
     try:
@@ -123,7 +124,7 @@ def parse(argv: Sequence[str], define: Callable[[flags.FlagValues], None], *, pr
         flags.DEFINE_integer("verbosity", None, "absl log level (default: WARNING; 0: INFO, 1: DEBUG)",
                              short_name="v", flag_values=fv)
     if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv):
-        doc = getattr(sys.modules.get("__main__"), "__doc__", None) or ""
+        doc = doc or getattr(sys.modules.get("__main__"), "__doc__", None) or ""
         print(doc.strip() + "\n\nflags:\n" + fv.get_help())
         raise SystemExit(0)
     names = _config_names(fv)
@@ -180,8 +181,9 @@ def run(main: Callable[[flags.FlagValues], int | None], define: Callable[[flags.
     Usage errors exit with status 2, library UserErrors with status 1, both as one line on stderr."""
     prog = prog or os.path.basename(sys.argv[0] or "configurable_fm")
     argv = list(sys.argv[1:] if argv is None else argv)
+    doc = getattr(sys.modules.get(getattr(main, "__module__", "")), "__doc__", None)  # the command's own module
     try:
-        fv = parse(argv, define, prog=prog, required=required)
+        fv = parse(argv, define, prog=prog, required=required, doc=doc)
     except UsageError as e:
         fail(prog, str(e), 2)
     set_up_logging(fv.verbosity)

@@ -1,11 +1,15 @@
-"""The default end-to-end job run by `bash scripts/quickstart.sh`.
+"""`cfm-quickstart` (scripts/quickstart.py): the default end-to-end job run by `bash scripts/quickstart.sh`.
 
-1. Loads the packaged SmolLM2-135M-Instruct, lists its bricks and parameter counts, generates text and
-   measures perplexity on a fixed English passage.
+    cfm-quickstart [--workdir runs/quickstart] [--max_new_tokens 48] [--pretrain_steps 300]   # 0: no pre-training
+
+1. Loads the packaged SmolLM2-135M-Instruct, lists its bricks and parameter counts, answers a few questions
+   through its chat template (greedy, stopping at its end-of-turn token <|im_end|>) and measures perplexity on
+   a fixed English passage.
 2. Pre-trains the `tiny` llama of experiments/pretrain.py on the Python standard library (token shards built
-   on first use into data/stdlib) for a couple of minutes, and shows its loss curve.
+   on first use into the data root, $CFM_DATA_DIR or ~/.cache/configurable_fm/data/stdlib) for a couple of
+   minutes, and shows its loss curve.
 Everything goes into a report (markdown + PNG plots) in the work directory. Later issues add their steps here
-(merging, growing, editing).
+(merging, growing, editing). `run(workdir, ...)` is the job; `main(argv)` its command line.
 """
 from __future__ import annotations
 
@@ -13,19 +17,33 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Sequence
 
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from absl import flags
 
+from configurable_fm import cli
 from configurable_fm.bricks import flat_params
 from configurable_fm.data.texts import english_passage
 from configurable_fm.models.scoring import token_nll
-from configurable_fm.models.generation import generate
+from configurable_fm.models.generation import generate_text
 from configurable_fm.interop.loader import load_pretrained
+from configurable_fm.interop.tokenizers import load_chat_tokenizer
 from configurable_fm.stages.report import Report
 
+# Questions for instruct models (rendered by the model's chat template); plain prompts for models without one.
+CHAT_PROMPTS = ("What is the capital of France?", "In one sentence, what is a large language model?",
+                "Write a Python function that returns the n-th Fibonacci number.")
 PROMPTS = ("The capital of France is", "A large language model is built from", "def fibonacci(n):")
+
+
+def _inline_code(text: str) -> str:
+    """`text` as inline code in a markdown table cell: newlines as \\n, pipes escaped, and a backtick fence
+    longer than any backtick run inside (answers often hold ``` code fences)."""
+    text = text.replace("\n", "\\n").replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if len(fence) > 1 else f"`{text}`"
 
 
 def brick_groups(model) -> "OrderedDict[str, int]":
@@ -83,7 +101,10 @@ def pretrain_tiny(report: Report, workdir: Path, *, steps: int, log=print) -> No
     cfg.eval_every = max(steps // 3, 1)
     if workdir.exists():  # the quickstart always shows a fresh run
         shutil.rmtree(workdir)
-    log(f"pre-training the tiny llama for {steps} steps on the Python standard library (data: {cfg.data.dir})")
+    from configurable_fm.train.data import dataset_dir
+
+    log(f"pre-training the tiny llama for {steps} steps on the Python standard library "
+        f"(data: {dataset_dir(cfg.data.dir, cfg.data.prepare)})")
     t0 = time.perf_counter()
     result = train(cfg, workdir, log=log)
     seconds = time.perf_counter() - t0
@@ -104,7 +125,7 @@ def pretrain_tiny(report: Report, workdir: Path, *, steps: int, log=print) -> No
 
 
 def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-135m-instruct",
-        max_new_tokens: int = 24, pretrain_steps: int = 300, log=print) -> Path:
+        max_new_tokens: int = 48, pretrain_steps: int = 300, log=print) -> Path:
     report = Report(workdir, title="configurable_fm quickstart")
     t0 = time.perf_counter()
     model, tokenizer = load_pretrained(model_name)
@@ -126,18 +147,23 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
     for k, v in head + layer0:
         log(f"  {k:28s} {v:>12,}")
 
-    report.section("Generation", f"Greedy continuation, {max_new_tokens} new tokens, KV-cache decoding.")
-    rows = []
-    for prompt in PROMPTS:
-        ids = jnp.asarray([tokenizer.encode(prompt).ids])
+    chat = load_chat_tokenizer(model_name, tokenizer=tokenizer)  # special tokens and chat template
+    prompts = CHAT_PROMPTS if chat.chat_template else PROMPTS
+    stop = ", ".join(chat.id_to_token(i) for i in chat.stop_token_ids) or "none"
+    how = ("Each question is rendered by the model's chat template (as transformers' `apply_chat_template` does)"
+           if chat.chat_template else "Plain continuation of each prompt")
+    report.section("Generation", f"{how}; greedy, KV-cache decoding, at most {max_new_tokens} new tokens, "
+                                 f"stopping at the end-of-sequence token ({stop}): `generate_text`.")
+    rows, answers = [], {}
+    for prompt in prompts:
         t0 = time.perf_counter()
-        out = generate(model, ids, max_new_tokens=max_new_tokens)
+        text = generate_text(model, chat, prompt, max_new_tokens=max_new_tokens)
         dt = time.perf_counter() - t0
-        text = tokenizer.decode(np.asarray(out[0, ids.shape[1]:]).tolist())
         log(f"  {prompt!r} -> {text!r} ({dt:.1f}s)")
-        rows.append((f"`{prompt}`", "`" + text.replace("\n", "\\n") + "`", f"{dt:.1f}"))
-    report.table(["prompt", "continuation", "seconds (incl. compile)"], rows)
-    report.record(generations={p: r[1].strip("`") for p, r in zip(PROMPTS, rows)})
+        rows.append((_inline_code(prompt), _inline_code(text), f"{dt:.1f}"))
+        answers[prompt] = text
+    report.table(["prompt", "answer" if chat.chat_template else "continuation", "seconds (incl. compile)"], rows)
+    report.record(generations=answers, chat_template=bool(chat.chat_template))
 
     title, passage = english_passage()
     ids = np.asarray([tokenizer.encode(passage).ids])
@@ -154,3 +180,18 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
     path = report.write()
     log(f"report: {path}")
     return path
+
+
+# ------------------------------------------------------------------------------------------ command line
+def define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", "runs/quickstart", "report directory (replaced on every run)", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 48, "tokens generated per prompt", flag_values=fv)
+    flags.DEFINE_integer("pretrain_steps", 300, "steps of the tiny pre-training (0 skips it)", flag_values=fv)
+
+
+def run_flags(fv: flags.FlagValues) -> None:
+    run(fv.workdir, max_new_tokens=fv.max_new_tokens, pretrain_steps=fv.pretrain_steps)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(run_flags, define, argv, prog="cfm-quickstart")

@@ -1,9 +1,15 @@
 """Hugging Face checkpoints (config.json + safetensors) <-> configurable_fm models.
 
+    model = from_hf("hf_dir")
+    to_hf(model, "out", tokenizer="smollm2-135m-instruct", dtype="bfloat16")  # what transformers loads
+    convert_to_hf("model.gguf", "out")            # any source load_model reads, with its own tokenizer
+
 Each model family registers a `Family`: how to read/write its config.json, how to build the module, and a
 `TensorMapping` per parameter (which HF tensors make it and how). Loading builds an abstract model with
 `nnx.eval_shape`, checks every tensor (missing, unexpected, mis-shaped: all reported in one error), and
 fills the parameters; writing inverts the mapping. Both directions are exact (transposes and stacking only).
+`to_hf` writes a complete directory (config, generation config, tokenizer files, safetensors in a chosen dtype)
+that transformers' Auto classes and pipelines load as they load a model from the Hub.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.errors import ConfigError, UserError
+from configurable_fm.interop.atomic import atomic_directory, check_overwritable
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, write_sharded
 from configurable_fm.models.structure import check_consistent, extension_specs, fill, variables_of
 
@@ -72,6 +79,11 @@ class Family:
 
 _FAMILIES: dict[str, Family] = {}
 
+
+class UnsupportedModel(UserError, NotImplementedError):
+    """A checkpoint or model that uses a feature this library does not implement (the message names it)."""
+
+
 # Attributes of any transformers config that do not change the forward pass.
 GENERIC_IGNORED_CONFIG = frozenset({
     "architectures", "model_type", "dtype", "torch_dtype", "transformers_version", "_name_or_path",
@@ -114,7 +126,7 @@ def family_for(model: nnx.Module) -> Family:
 def reject_unknown_config(hf_config: dict, handled: set[str], family: str) -> None:
     unknown = sorted(set(hf_config) - handled - GENERIC_IGNORED_CONFIG)
     if unknown:
-        raise NotImplementedError(
+        raise UnsupportedModel(
             f"config attribute(s) {unknown} are not implemented by the {family} family "
             f"(values: { {k: hf_config[k] for k in unknown} })")
 
@@ -141,7 +153,7 @@ def family_of_config(config: dict) -> Family:
     for arch in archs:
         if arch in known:
             return known[arch]
-    raise NotImplementedError(f"unsupported architecture {archs or '(none given)'}; supported: {sorted(known)}")
+    raise UnsupportedModel(f"unsupported architecture {archs or '(none given)'}; supported: {sorted(known)}")
 
 
 def abstract_model(family: Family, cfg, param_dtype=jnp.float32) -> nnx.Module:
@@ -210,20 +222,20 @@ def from_hf(path: str | Path, dtype=jnp.float32) -> nnx.Module:
 def check_exportable(model: nnx.Module, action: str = "to_hf") -> Family:
     """The model's Family, after checking that an HF checkpoint can express the model: its tree agrees with
     model.cfg (models.InconsistentModel otherwise), it has no extension modules and every variable is a tensor of
-    the family's mapping (NotImplementedError naming the paths otherwise)."""
+    the family's mapping (UnsupportedModel, a NotImplementedError, naming the paths otherwise)."""
     family = family_for(model)
     check_consistent(model, action)
     extensions = extension_specs(model)
     if extensions:
         listed = ", ".join(f"{e['path']} ({e['kind']})" for e in extensions[:8])
-        raise NotImplementedError(f"{action}: an HF {family.name} checkpoint cannot express the extension module(s) "
-                                  f"at {listed}{' ...' if len(extensions) > 8 else ''}; merge them into the base "
-                                  "weights first, or keep them with interop.orbax_io.save_model")
+        raise UnsupportedModel(f"{action}: an HF {family.name} checkpoint cannot express the extension module(s) "
+                               f"at {listed}{' ...' if len(extensions) > 8 else ''}; merge them into the base "
+                               "weights first, or keep them with interop.orbax_io.save_model")
     mapped = {m.path for m in family.tensor_map(model.cfg)}
     unmapped = [p for p in variables_of(model) if p not in mapped]
     if unmapped:
-        raise NotImplementedError(f"{action}: the HF {family.name} mapping has no tensor for the variable(s) "
-                                  f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}")
+        raise UnsupportedModel(f"{action}: the HF {family.name} mapping has no tensor for the variable(s) "
+                               f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}")
     return family
 
 
@@ -241,20 +253,137 @@ def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     return _tensors(check_exportable(model, "hf_tensors"), model)
 
 
-def to_hf(model: nnx.Module, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
-          overwrite: bool = False) -> Path:
-    """Writes config.json + safetensors (sharded with an index past `max_shard_size`) that transformers loads.
+EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 
-    The directory appears atomically: it is written under a temporary name and renamed when complete. A model whose
-    module tree disagrees with model.cfg (models.InconsistentModel) or that HF cannot express (extension modules:
-    NotImplementedError) is refused before anything is written.
+
+def export_dtype(dtype) -> str | None:
+    """The name ('bfloat16' | 'float16' | 'float32') of an export dtype given as a name or a numpy / jax dtype;
+    None for None. Anything else raises ConfigError."""
+    if dtype is None:
+        return None
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = repr(dtype)
+    if name not in EXPORT_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} cannot be exported; choose one of {list(EXPORT_DTYPES)}")
+    return name
+
+
+def _is_float(dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
+def _special_ids(tokenizer, generation_config: dict | None) -> dict:
+    """{'bos_token_id', 'eos_token_id', 'pad_token_id'}: the tokenizer's (None where unknown), then
+    `generation_config`'s."""
+    ids = tokenizer.generation_config() if tokenizer is not None else {
+        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    ids.update({k: v for k, v in (generation_config or {}).items() if k in ids})
+    return ids
+
+
+def to_hf(model: nnx.Module, out_dir: str | Path, *, tokenizer=None, dtype=None, generation_config: dict | None = None,
+          chat_template: str | None = None, overwrite: bool = False, max_shard_size: int | str = "5GB") -> Path:
+    """Writes a complete Hugging Face model directory that transformers' `AutoModelForCausalLM` (or `AutoModel`
+    for encoders), `AutoTokenizer` and `pipeline(...)` load:
+
+    - config.json: the family's config, `torch_dtype` (and transformers 5's `dtype`) = the written dtype, and
+      bos/eos/pad token ids (null when unknown, so transformers' defaults, e.g. Llama's eos 2, do not apply);
+    - generation_config.json (causal LMs, or when `generation_config` is given): bos/eos/pad ids from the
+      tokenizer's special tokens (a GGUF file's metadata, an HF directory's files), updated by the
+      `generation_config` dict (which may also set e.g. do_sample, temperature, max_new_tokens);
+    - with a `tokenizer`: tokenizer.json, tokenizer_config.json (PreTrainedTokenizerFast, the special tokens, the
+      chat template: `chat_template` or the tokenizer's) and special_tokens_map.json;
+    - safetensors in `dtype` ('bfloat16' | 'float16' | 'float32' or a dtype; default: the parameters' dtype),
+      sharded with an index past `max_shard_size`.
+
+    tokenizer: an `interop.tokenizers.ChatTokenizer`, a `tokenizers.Tokenizer` (no special tokens, no template),
+    or a source `load_chat_tokenizer` reads (registry name, .gguf file, HF directory, tokenizer.json). It must not
+    have more tokens than the model's vocabulary.
+
+    Everything is checked before anything is written: a model whose module tree disagrees with model.cfg
+    (models.InconsistentModel), one HF cannot express (extension modules: UnsupportedModel), a bad dtype
+    (ConfigError), a tokenizer that does not fit the model or a chat template without a tokenizer
+    (TokenizerError), an existing output (OutputExists, unless `overwrite` and it is a previous output). The
+    directory appears atomically: it is written under a temporary name and renamed when complete.
     """
+    from configurable_fm.interop.tokenizers import TokenizerError, load_chat_tokenizer
+
     family = check_exportable(model, "to_hf")
+    dtype = export_dtype(dtype)
+    if generation_config is not None and not isinstance(generation_config, dict):
+        raise ConfigError(f"generation_config must be a dict, got {type(generation_config).__name__}")
+    chat = None if tokenizer is None else load_chat_tokenizer(tokenizer)
+    if chat_template is not None and chat is None:
+        raise TokenizerError("to_hf: chat_template needs a tokenizer (a chat template lives in tokenizer_config.json)")
+    vocab = getattr(model.cfg, "vocab_size", None)
+    if chat is not None and vocab is not None and chat.tokenizer.get_vocab_size(with_added_tokens=True) > vocab:
+        raise TokenizerError(f"to_hf: the tokenizer has {chat.tokenizer.get_vocab_size(with_added_tokens=True)} "
+                             f"tokens but the model's vocabulary has {vocab} rows")
+    check_overwritable(out_dir, overwrite)
     tensors = _tensors(family, model)
+    if dtype is not None:
+        tensors = {k: v.astype(np.dtype(dtype)) if _is_float(v.dtype) else v for k, v in tensors.items()}
     config = family.config_to_hf(model.cfg)
     dtypes = {str(v.dtype) for v in tensors.values()}
-    config.setdefault("torch_dtype", dtypes.pop() if len(dtypes) == 1 else "float32")
+    config["torch_dtype"] = config["dtype"] = dtype or (dtypes.pop() if len(dtypes) == 1 else "float32")
+    causal = callable(getattr(model, "init_cache", None))
+    ids = _special_ids(chat, generation_config)
+    if causal:
+        config.update(ids)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if causal or generation_config is not None:
+            gen = {**ids, **(generation_config or {})}
+            (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+        if chat is not None:
+            chat.save_pretrained(tmp, chat_template=chat_template)
         write_sharded(tensors, tmp, max_shard_bytes=max_shard_size)
     return Path(out_dir)
+
+
+def _stored_dtype(source) -> str | None:
+    """The float dtype an HF directory's config.json names (torch_dtype / dtype), else None."""
+    path = Path(str(source))
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        config = read_config(path)
+    except CheckpointError:
+        return None
+    if "architectures" not in config:  # e.g. a training workdir's config.json
+        return None
+    name = config.get("torch_dtype") or config.get("dtype")
+    return name if name in EXPORT_DTYPES else None
+
+
+def convert_to_hf(source, out_dir: str | Path, *, tokenizer=None, dtype="auto", chat_template: str | None = None,
+                  generation_config: dict | None = None, overwrite: bool = False,
+                  max_shard_size: int | str = "5GB") -> Path:
+    """Writes the model at `source` (anything `interop.loader.load_model` reads: registry name, .gguf file, HF
+    directory, orbax checkpoint, training workdir) as a complete HF directory `out_dir` (`to_hf`).
+
+    tokenizer: None takes the source's own (`interop.tokenizers.find_tokenizer`: a registry model, a GGUF file's
+    metadata, an HF directory's tokenizer.json) and writes none when it has none; False writes none; anything
+    else is a tokenizer source for `to_hf`. dtype: 'auto' keeps an HF directory's stored dtype (its config.json)
+    and writes the loaded parameters' dtype (float32) otherwise; or 'bfloat16' | 'float16' | 'float32'.
+    The output directory and the dtype are checked before the model is loaded; nothing is written on error.
+    """
+    from configurable_fm.interop.loader import load_model
+    from configurable_fm.interop.tokenizers import UnsupportedTokenizer, find_tokenizer, load_chat_tokenizer
+
+    dtype = _stored_dtype(source) if dtype == "auto" else export_dtype(dtype)
+    check_overwritable(out_dir, overwrite)
+    if tokenizer is None:
+        try:
+            tokenizer = find_tokenizer(source)
+        except UnsupportedTokenizer as e:
+            raise UnsupportedTokenizer(f"{e}; convert without a tokenizer (tokenizer=False, --config.tokenizer=none) "
+                                       "or give one (a tokenizer.json, an HF directory)") from None
+    elif tokenizer is not False:
+        tokenizer = load_chat_tokenizer(tokenizer)
+    model = load_model(source)
+    return to_hf(model, out_dir, tokenizer=None if tokenizer is False else tokenizer, dtype=dtype,
+                 generation_config=generation_config, chat_template=chat_template, overwrite=overwrite,
+                 max_shard_size=max_shard_size)

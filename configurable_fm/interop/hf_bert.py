@@ -14,7 +14,7 @@ Writing produces a BertModel directory (torch Linear weights are (out, in): kern
 """
 from __future__ import annotations
 
-from configurable_fm.interop.hf import Family, linear, register_family, reject_unknown_config, same
+from configurable_fm.interop.hf import Family, UnsupportedModel, linear, register_family, reject_unknown_config, same
 from configurable_fm.models.bert import Bert, BertConfig
 
 # HF architecture -> whether transformers builds its BertModel with a pooler.
@@ -36,11 +36,11 @@ def config_from_hf(c: dict) -> BertConfig:
     reject_unknown_config(c, HANDLED, "bert")
     kind = c.get("position_embedding_type", "absolute")
     if kind != "absolute":
-        raise NotImplementedError(f"position_embedding_type={kind!r} is not implemented by the bert family "
-                                  "(only 'absolute')")
+        raise UnsupportedModel(f"position_embedding_type={kind!r} is not implemented by the bert family "
+                               "(only 'absolute')")
     for name in ("is_decoder", "add_cross_attention"):  # generically ignored, but they change BERT's forward
         if c.get(name):
-            raise NotImplementedError(f"{name}=True is not implemented by the bert family (encoder only)")
+            raise UnsupportedModel(f"{name}=True is not implemented by the bert family (encoder only)")
     arch = next((a for a in c.get("architectures") or [] if a in ARCHITECTURES), "BertModel")
     return BertConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],

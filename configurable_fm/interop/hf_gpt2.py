@@ -9,7 +9,7 @@ HF's Conv1D weights are (in, out) like our kernels, so they are copied without a
 """
 from __future__ import annotations
 
-from configurable_fm.interop.hf import Family, linear, register_family, reject_unknown_config, same
+from configurable_fm.interop.hf import Family, UnsupportedModel, linear, register_family, reject_unknown_config, same
 from configurable_fm.interop.safetensors_io import CheckpointError
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
 
@@ -32,8 +32,8 @@ HANDLED = {
 def config_from_hf(c: dict) -> GPT2Config:
     reject_unknown_config(c, HANDLED, "gpt2")
     if c.get("add_cross_attention"):  # generically ignored, but it adds cross-attention blocks to GPT-2
-        raise NotImplementedError("add_cross_attention=True (GPT-2 with cross-attention) is not implemented "
-                                  "by the gpt2 family")
+        raise UnsupportedModel("add_cross_attention=True (GPT-2 with cross-attention) is not implemented "
+                               "by the gpt2 family")
     get = lambda name, default=None: c.get(name, c.get(ALIASES.get(name, name), default))  # noqa: E731
     for name in ("vocab_size", "n_embd", "n_layer", "n_head"):
         if get(name) is None:

@@ -1,7 +1,8 @@
 """HF <-> llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM."""
 from __future__ import annotations
 
-from configurable_fm.interop.hf import Family, linear, register_family, reject_unknown_config, same, stacked_linear
+from configurable_fm.interop.hf import (Family, UnsupportedModel, linear, register_family, reject_unknown_config, same,
+                                       stacked_linear)
 from configurable_fm.models.attention import RopeScaling
 from configurable_fm.models.llama import Llama, LlamaConfig
 
@@ -25,15 +26,15 @@ def config_from_hf(c: dict) -> LlamaConfig:
     theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if c.get("partial_rotary_factor", 1.0) != 1.0:
-        raise NotImplementedError(f"partial_rotary_factor={c['partial_rotary_factor']} is not implemented")
+        raise UnsupportedModel(f"partial_rotary_factor={c['partial_rotary_factor']} is not implemented")
     window = c.get("sliding_window")
     if arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
         window = None
     elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
-        raise NotImplementedError("Qwen2 use_sliding_window=True (per-layer windows) is not implemented")
+        raise UnsupportedModel("Qwen2 use_sliding_window=True (per-layer windows) is not implemented")
     layer_types = set(c.get("layer_types") or [])
     if layer_types - {"full_attention", "sliding_attention"} or ("sliding_attention" in layer_types and window is None):
-        raise NotImplementedError(f"layer_types {sorted(layer_types)} are not implemented")
+        raise UnsupportedModel(f"layer_types {sorted(layer_types)} are not implemented")
     if layer_types == {"full_attention"}:
         window = None
     experts = c.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0
@@ -63,12 +64,12 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     }
     if cfg.architecture == "LlamaForCausalLM":
         if cfg.attention_bias != cfg.o_proj_bias:
-            raise NotImplementedError("LlamaForCausalLM biases q, k, v and o together; this model has "
-                                      f"attention_bias={cfg.attention_bias}, o_proj_bias={cfg.o_proj_bias}")
+            raise UnsupportedModel("LlamaForCausalLM biases q, k, v and o together; this model has "
+                                   f"attention_bias={cfg.attention_bias}, o_proj_bias={cfg.o_proj_bias}")
         c.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
     elif cfg.attention_bias != (cfg.architecture == "Qwen2ForCausalLM") or cfg.o_proj_bias or cfg.mlp_bias:
-        raise NotImplementedError(f"{cfg.architecture} cannot express attention_bias={cfg.attention_bias}, "
-                                  f"mlp_bias={cfg.mlp_bias}; write it as LlamaForCausalLM instead")
+        raise UnsupportedModel(f"{cfg.architecture} cannot express attention_bias={cfg.attention_bias}, "
+                               f"mlp_bias={cfg.mlp_bias}; write it as LlamaForCausalLM instead")
     if cfg.architecture == "MistralForCausalLM":
         c["sliding_window"] = cfg.sliding_window
     if cfg.architecture == "Qwen2ForCausalLM":
@@ -77,10 +78,10 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
         c.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                  sliding_window=cfg.sliding_window)
         if cfg.router != "topk_softmax":
-            raise NotImplementedError("MixtralForCausalLM routes top-k then softmax; this model uses "
-                                      f"router={cfg.router!r}")
+            raise UnsupportedModel("MixtralForCausalLM routes top-k then softmax; this model uses "
+                                   f"router={cfg.router!r}")
     elif cfg.num_experts:
-        raise NotImplementedError(f"{cfg.architecture} has no experts; write MoE models as MixtralForCausalLM")
+        raise UnsupportedModel(f"{cfg.architecture} has no experts; write MoE models as MixtralForCausalLM")
     return c
 
 

@@ -3,6 +3,7 @@
     out_BxL = generate(model, ids_BxT, max_new_tokens=32)                                     # greedy
     out_BxL = generate(model, ids_BxT, max_new_tokens=32, temperature=0.8, top_p=0.95,
                        rng=jax.random.key(0), eos_token_id=2)                                   # nucleus sampling
+    text = generate_text(model, chat_tokenizer, "What is the capital of France?")   # chat template, stops at eos
 
 Any causal LM with Llama's interface works: `model(ids_BxT, attention_mask=, positions=, cache=)` returns
 (logits (B, T, V), new cache) when given a cache, and `model.init_cache(batch, max_len)` makes an empty one.
@@ -174,3 +175,92 @@ def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=
                      jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
                      jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
                      graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy))
+
+
+# ------------------------------------------------------------------------------------ text in, text out
+def _ids_of(encoding) -> list[int]:
+    """Token ids of what a tokenizer's `encode` returned: a `tokenizers.Encoding` (.ids) or a list of ints."""
+    return [int(i) for i in (encoding.ids if hasattr(encoding, "ids") else encoding)]
+
+
+def _is_conversation(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(m, dict) for m in x)
+
+
+def _stop_ids(tokenizer, eos_token_id) -> list[int]:
+    """eos_token_id when given (an int, ints, or () for none), else the tokenizer's: `stop_token_ids`
+    (interop.tokenizers.ChatTokenizer), else `eos_token_id`, else none."""
+    if eos_token_id is not None:
+        return [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
+    stop = getattr(tokenizer, "stop_token_ids", None)
+    if stop is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        stop = () if eos is None else [eos] if isinstance(eos, (int, np.integer)) else eos
+    return [int(e) for e in stop]
+
+
+def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int = 64, chat: bool | None = None,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
+                  skip_special_tokens: bool = True) -> str | list[str]:
+    """Text in, text out: the continuation of `prompt` by `generate`, decoded, stopping at the end of sequence.
+
+        chat = interop.tokenizers.load_chat_tokenizer("smollm2-135m-instruct")
+        generate_text(model, chat, "What is the capital of France?")       # through the chat template
+        generate_text(model, chat, [{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Name a colour."}], max_new_tokens=16)
+        generate_text(model, chat, "The capital of France is", chat=False)  # plain continuation
+
+    prompt: a string, a conversation (a list of {'role': ..., 'content': ...} dicts), or a list of these (a batch,
+    left-padded; returns a list of strings). chat: True renders each prompt with
+    `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` (a string becomes one user message) and
+    encodes it without adding special tokens, as transformers does; False encodes a string prompt as it is
+    (`tokenizer.encode(text)`); None (default): True when the tokenizer has a chat template (instruct models).
+    Generation stops at `eos_token_id` (an id, several ids, or () for never), by default the tokenizer's:
+    `stop_token_ids` of an interop.tokenizers.ChatTokenizer, else its `eos_token_id`. The stop token is not part
+    of the text; `skip_special_tokens` is passed to `tokenizer.decode`. Sampling arguments as in `generate`.
+
+    `tokenizer` needs `encode(text)` (returning a tokenizers.Encoding or a list of ids) and `decode(ids)`; chat
+    prompts need `apply_chat_template` (a plain `tokenizers.Tokenizer` has none: wrap it in a ChatTokenizer).
+    """
+    batch = isinstance(prompt, (list, tuple)) and not _is_conversation(prompt)
+    prompts = list(prompt) if batch else [prompt]
+    if not prompts:
+        raise ValueError("generate_text needs at least one prompt")
+    template = getattr(tokenizer, "chat_template", None)
+    if chat is None:
+        chat = bool(template) or any(_is_conversation(p) for p in prompts)
+    rows = []
+    for p in prompts:
+        if not isinstance(p, str) and not _is_conversation(p):
+            raise ValueError(f"a prompt is a string or a list of {{'role': ..., 'content': ...}} dicts, got {p!r}")
+        if chat:
+            if not callable(getattr(tokenizer, "apply_chat_template", None)) or not template:
+                raise ValueError("chat prompts need a tokenizer with a chat template "
+                                 "(interop.tokenizers.load_chat_tokenizer); pass chat=False for plain text")
+            messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
+            ids = _ids_of(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                                           add_special_tokens=False))
+        elif isinstance(p, str):
+            ids = _ids_of(tokenizer.encode(p))
+        else:
+            raise ValueError("a conversation prompt needs chat=True (or None) and a tokenizer with a chat template")
+        if not ids:
+            raise ValueError(f"prompt {p!r} encodes to no tokens")
+        rows.append(ids)
+    stop = _stop_ids(tokenizer, eos_token_id)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = int(pad) if pad is not None else (stop[0] if stop else 0)
+    width = max(len(r) for r in rows)
+    ids_BxT = np.full((len(rows), width), pad, np.int32)
+    mask_BxT = np.zeros((len(rows), width), np.int32)
+    for b, r in enumerate(rows):
+        ids_BxT[b, width - len(r):], mask_BxT[b, width - len(r):] = r, 1
+    out = np.asarray(generate(model, ids_BxT, max_new_tokens=max_new_tokens, attention_mask=mask_BxT,
+                              temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+                              eos_token_id=stop or None, pad_token_id=pad))[:, width:]
+    texts = []
+    for row in out.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=skip_special_tokens))
+    return texts if batch else texts[0]

@@ -1,8 +1,9 @@
 """What the trainer reads: a token stream (packed windows) or pre-tokenised examples, for training and evaluation.
 
 `make_data(config)` builds it from `config.data`:
-    kind='shards'  : token shards written by scripts/prepare_data.py in `data.dir` (built first from the
-                     experiments/data.py config named `data.prepare` when the directory does not exist yet);
+    kind='shards'  : token shards written by `cfm-prepare-data` (scripts/prepare_data.py) in `data.dir`, built
+                     first from the experiments/data.py config named `data.prepare` when the directory does not
+                     exist yet (a line on stderr names the dataset, its sources and the directory);
     kind='tasks'   : synthetic tasks (configurable_fm/data/synthetic) encoded as prompt+answer rows with loss only
                      on the answers and the eos, for fine-tuning:
                          data.tasks=('sort', 'reverse')   names in synthetic.TASKS
@@ -12,6 +13,14 @@
                      Rows (N_rows = N x #tasks, L = seq_len) come from `synthetic.encode_examples`, tasks in the
                      listed order; training batches from `pipeline.from_examples`, evaluation batches from
                      `pipeline.eval_example_batches`.
+
+Where token datasets live (`dataset_dir`): one place, the data root, `$CFM_DATA_DIR` or by default
+~/.cache/configurable_fm/data, whatever the current directory. `data.dir` (and a dataset config's `out_dir`):
+    ''                          -> <data root>/<data.prepare> (<data root>/<name> for a dataset config);
+    'data/stdlib', 'stdlib'     -> <data root>/stdlib: a relative path is inside the data root (a leading 'data/',
+                                   the shipped configs' form, is dropped);
+    '/abs/dir', '~/d', './d'    -> that directory (./ and ../ relative to the current directory).
+So `cfm-train --config experiments/pretrain.py:tiny` builds and reads the same shards from any directory.
 
 Tokenizer of task rows and task metrics: `config.tokenizer` (a registered model name, default SmolLM2's
 'smollm2-135m-instruct', or a tokenizer.json / directory / .gguf path) with `config.token_ids` = {eos, pad, bos}:
@@ -25,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import sys
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +46,8 @@ import numpy as np
 from configurable_fm.data import pipeline
 
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+DATA_DIR_ENV = "CFM_DATA_DIR"  # the data root (module docstring)
+DEFAULT_DATA_ROOT = "~/.cache/configurable_fm/data"
 TASK_EVAL_DEFAULTS = {"n": 64, "seed": 0, "batch_size": 32, "max_new_tokens": 0, "split": "test"}
 
 
@@ -87,18 +100,62 @@ class ExampleData:
 
 
 # ------------------------------------------------------------------------------------------ shards
-def shard_data(cfg: ml_collections.ConfigDict) -> TokenData:
-    from configurable_fm.data.shards import TokenStream
+def data_root() -> Path:
+    """The directory that holds named token datasets: $CFM_DATA_DIR, else ~/.cache/configurable_fm/data."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_ROOT).expanduser()
 
-    directory = Path(cfg.data.dir)
+
+def dataset_dir(spec: str | os.PathLike | None, name: str | None = None) -> Path:
+    """The directory of a token dataset from a config's `data.dir` / `out_dir` value (module docstring): ''
+    -> data_root()/name; absolute, '~', './' or '../' paths as given; any other relative path inside
+    data_root(), without a leading 'data/' (the shipped configs' 'data/<name>')."""
+    text = os.fspath(spec) if spec is not None else ""
+    if not text:
+        if not name:
+            raise ValueError("no dataset directory and no dataset name to place it in the data root")
+        return data_root() / name
+    if text.startswith(("~", "./", "../")) or text in (".", "..") or os.path.isabs(text):
+        return Path(text).expanduser()
+    parts = Path(text).parts
+    if parts and parts[0] == "data":
+        parts = parts[1:]
+    return data_root().joinpath(*parts) if parts else data_root()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def shard_data(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] | None = None) -> TokenData:
+    """TokenData of the shards in `dataset_dir(data.dir, data.prepare)`, built first from the experiments/data.py
+    config named `data.prepare` when that directory does not exist (announced through `log`, default stderr:
+    dataset, sources, directory)."""
+    from configurable_fm.data.shards import MANIFEST, TokenStream
+
+    say = log or _stderr
+    prepare = cfg.data.get("prepare") or None
+    directory = dataset_dir(cfg.data.get("dir"), prepare)
     if not directory.exists():
-        if not cfg.data.get("prepare"):
-            raise FileNotFoundError(f"data.dir={directory} does not exist and data.prepare names no dataset config "
-                                    "to build it (see experiments/data.py)")
+        if not prepare:
+            from configurable_fm.errors import SourceNotFound
+
+            raise SourceNotFound(f"data.dir={cfg.data.get('dir')!r} is {directory.absolute()}, which does not "
+                                 "exist, and data.prepare names no dataset config to build it "
+                                 "(see experiments/data.py)")
         from configurable_fm.data.shards import build_dataset
+        from configurable_fm.errors import OutputExists
         from experiments import data as data_configs
 
-        build_dataset(data_configs.get_config(cfg.data.prepare), directory)
+        dcfg = data_configs.get_config(prepare)
+        say(f"data: building dataset {prepare!r} (experiments/data.py:{prepare}, sources: "
+            f"{', '.join(dcfg.sources)}) into {directory} (first use; the data root is ${DATA_DIR_ENV}, "
+            f"default {DEFAULT_DATA_ROOT})")
+        try:
+            build_dataset(dcfg, directory, log=lambda m: say(f"data: {m}"))
+        except OutputExists:
+            if not (directory / MANIFEST).is_file():
+                raise
+            say(f"data: {directory} was built meanwhile by another process; using it")
     train, val = TokenStream(directory, "train"), TokenStream(directory, "validation")
     return TokenData(train, val, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.data.eval_batch_size,
                      cfg.data.get("max_eval_batches"), manifest=train.manifest)

@@ -18,8 +18,8 @@ data_configs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(data_configs)
 
 
-def run(*args, cwd=REPO):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def run(*args, cwd=REPO, **extra_env):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **extra_env}
     return subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), *args], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=300)
 
@@ -70,11 +70,25 @@ def test_prepare_data_cli(text_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_without_out_the_dataset_goes_to_the_data_root_from_any_directory(text_dir, tmp_path):
+    """Run from another directory without --out: the dataset lands in $CFM_DATA_DIR/<name> (where training looks
+    it up by name), never in the current directory, and the command says where."""
+    root, tok = text_dir
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run("--config", f"{REPO}/experiments/data.py:files", f"--config.files.root={root}",
+               f"--config.tokenizer={tok}", cwd=elsewhere, CFM_DATA_DIR=str(tmp_path / "data_root"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "data_root" / "files"
+    assert load_manifest(out)["name"] == "files" and os.listdir(elsewhere) == []
+    assert f"building dataset 'files' (sources: files) into {out}" in proc.stdout
+
+
 def test_configs_resolve():
     for name in data_configs.DATASETS:
         c = data_configs.get_config(name)
         cfg = resolve_config(c)  # every key is known to the builder
-        assert cfg["name"] == name and c.out_dir == f"data/{name}"
+        assert cfg["name"] == name and c.out_dir == ""  # the data root's <name> (train/data.py dataset_dir)
         for key in ("sources", "tokenizer", "eos_id", "validation_fraction", "max_tokens_per_shard"):
             assert key in c
     assert data_configs.get_config("mix").sources == ("stdlib", "english")

@@ -3,6 +3,7 @@ left padding; sampling filters (top-k, top-p) and reproducibility; eos handling;
 
 Token sequences are compared exactly (float32 logits of tiny random models; no near-ties at these seeds).
 """
+import dataclasses
 import functools
 import importlib
 
@@ -14,7 +15,7 @@ from flax import nnx
 
 from tests.helpers import random_llama
 from configurable_fm.bricks.paths import flat_state, with_params
-from configurable_fm.models.generation import generate
+from configurable_fm.models.generation import generate, generate_text
 from configurable_fm.models.llama import Llama, LlamaConfig
 
 # The module itself (the package `configurable_fm.models` re-exports the function under the same name).
@@ -230,3 +231,73 @@ def test_bad_inputs_raise_clear_errors(model):
 def test_zero_new_tokens_returns_the_prompt(model):
     ids = np.arange(6).reshape(2, 3)
     np.testing.assert_array_equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+# =========================================================================== generate_text: text in, text out
+def text_setup():
+    """(model with a 100-token vocabulary, ChatTokenizer of single characters with a chat template)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from configurable_fm.interop.tokenizers import ChatTokenizer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3} | {chr(i): i - 28 for i in range(32, 127)}
+    vocab["\n"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    template = "{% for m in messages %}<bos>{{ m.role }}:{{ m.content }}<eos>{% endfor %}" \
+               "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
+    chat = ChatTokenizer(tok, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, template)
+    return random_llama(dataclasses.replace(CFG, vocab_size=100), 4), chat
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    return text_setup()
+
+
+def continuation(model, ids, n=NEW):
+    return np.asarray(generate(model, np.asarray([ids]), max_new_tokens=n))[0, len(ids):].tolist()
+
+
+def test_generate_text_applies_the_chat_template_and_stops_at_eos(text_model):
+    model, chat = text_model
+    ids = chat.encode("<bos>user:Hi<eos><bos>assistant:", add_special_tokens=False).ids
+    free = continuation(model, ids)
+    assert generate_text(model, chat, "Hi", max_new_tokens=NEW) == chat.decode(free)  # chat=None: the template
+    assert generate_text(model, chat, [{"role": "user", "content": "Hi"}], max_new_tokens=NEW) == chat.decode(free)
+    # The tokenizer's stop ids end the text (the stop token excluded); an explicit eos_token_id overrides them.
+    stop = free[-1]  # here first emitted at the last step
+    first = free.index(stop)
+    stopping = dataclasses.replace(chat, eos_token_ids=(stop,))
+    assert generate_text(model, stopping, "Hi", max_new_tokens=NEW) == chat.decode(free[:first])
+    assert generate_text(model, chat, "Hi", max_new_tokens=NEW, eos_token_id=stop) == chat.decode(free[:first])
+    assert generate_text(model, stopping, "Hi", max_new_tokens=NEW, eos_token_id=()) == chat.decode(free)
+
+
+def test_generate_text_plain_and_batched(text_model):
+    model, chat = text_model
+    prompts = ["The cat", "A much longer prompt"]
+    singles = [generate_text(model, chat, p, max_new_tokens=NEW, chat=False) for p in prompts]
+    assert singles[0] == chat.decode(continuation(model, chat.encode("The cat").ids))
+    assert generate_text(model, chat, prompts, max_new_tokens=NEW, chat=False) == singles  # left-padded batch
+    convs = [[{"role": "user", "content": p}] for p in prompts]  # a batch of conversations; strings: user turns
+    assert generate_text(model, chat, convs, max_new_tokens=NEW) == generate_text(model, chat, prompts,
+                                                                                    max_new_tokens=NEW)
+    # A plain tokenizers.Tokenizer: text prompts only, no eos unless given.
+    assert generate_text(model, chat.tokenizer, "The cat", max_new_tokens=NEW) == singles[0]
+
+
+def test_generate_text_errors(text_model):
+    model, chat = text_model
+    with pytest.raises(ValueError, match="chat prompts need a tokenizer with a chat template"):
+        generate_text(model, chat.tokenizer, "Hi", max_new_tokens=2, chat=True)
+    with pytest.raises(ValueError, match="chat prompts need a tokenizer with a chat template"):
+        generate_text(model, chat.tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=2)
+    with pytest.raises(ValueError, match="a conversation prompt needs chat=True"):
+        generate_text(model, chat, [{"role": "user", "content": "Hi"}], max_new_tokens=2, chat=False)
+    with pytest.raises(ValueError, match="a prompt is a string or a list of"):
+        generate_text(model, chat, [3], max_new_tokens=2)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        generate_text(model, chat, [], max_new_tokens=2)

@@ -213,8 +213,11 @@ def test_non_param_variables_train_by_type_are_carried_and_resume_bitwise(tmp_pa
     # A resume that selects other partitions is refused, naming the difference.
     other = cfg.copy_and_resolve_references()
     other.trainable = ("**",)
-    with pytest.raises(ConfigError, match=r"holds other partitions .*layers.1.mlp.down_proj.scale"):
+    with pytest.raises(ConfigError, match=r"another config: trainable: .* allow_changes=\('trainable',\)"):
         train(other, tmp_path / "run", model=model, task=RampTask(), data=tiny_data(cfg), log=quiet)
+    with pytest.raises(ConfigError, match=r"holds other partitions .*layers.1.mlp.down_proj.scale"):
+        train(other, tmp_path / "run", model=model, task=RampTask(), data=tiny_data(cfg), log=quiet,
+              allow_changes=("trainable",))
 
 
 def test_lora_factors_as_the_only_trainable_state(tmp_path):

@@ -4,7 +4,8 @@
     merge_checkpoints(plan, "out/", max_shard_size="2GB")
 
 Steps: open every input (sources.open_source: lazy, nothing read yet); check names and shapes of all inputs at
-once (tree's checks: one MergeInputError listing every missing tensor and mismatch, naming tensor and model);
+once (tree's checks: one short MergeInputError naming how the architectures differ, then the first tensors that
+differ, naming tensor and model);
 resolve every tensor's parameters (one ParameterError listing every tensor that fails); then one
 execute.TensorGroup per output tensor p, in the reference's order (the base, else the first input), run by
 execute.merge_to_shards: a read-ahead thread reads p from each input (`prefetch` groups ahead; HF inputs with
@@ -95,10 +96,14 @@ def _open(ref: ModelRef) -> _Input:
 
 def _check_inputs(inputs: list[_Input], has_base: bool, aligned: bool = False) -> None:
     """All names and shapes at once (tree's checks on shape-only stand-ins; nothing is read). aligned: the
-    vocabulary tensors are aligned by token (their vocabulary sizes may differ)."""
+    vocabulary tensors are aligned by token (their vocabulary sizes may differ). A mismatch is one short error:
+    how the architectures differ (from each input's config.json, else its tensors), the first tensors that
+    differ, and for a vocabulary-only difference the YAML key that aligns vocabularies (`tokenizer_source`)."""
     shapes = [{k: jax.ShapeDtypeStruct(inp.shape(k), np.float32) for k in inp.tensors} for inp in inputs]
     tree.check_inputs([inp.name for inp in inputs], shapes, vocab_tensors=tree.VOCAB_TENSORS,
-                embed_alignment="union" if aligned else None, has_base=has_base)
+                      embed_alignment="union" if aligned else None, has_base=has_base,
+                      configs=[inp.config for inp in inputs],
+                      alignment_hint=tree.YAML_ALIGNMENT_HINT if has_base else tree.YAML_ALIGNMENT_HINT_NO_BASE)
 
 
 def _is_vocab(name: str, inp: _Input) -> bool:

@@ -11,9 +11,11 @@ the float32 result is cast to `out_dtype` (default: the base's dtype, or the fir
 That per-tensor step is `execute.merge_tensor`, shared with the streaming merge: one jitted function per
 (method, resolved parameters, dtypes), cached and reused for every tensor with the same setting.
 
-Checks at the boundary, all problems reported at once in one MergeInputError: every input has the same paths and
-shapes; a vocabulary tensor (embeddings, lm_head) whose size differs along one axis is a vocabulary mismatch,
-refused unless an alignment is asked for: `embed_alignment="base"` truncates or pads each input to the base's
+Checks at the boundary, all problems reported at once in one short MergeInputError (`check_inputs`: first how
+the inputs' architectures differ, e.g. "model_1 has hidden size 64 but base has 576, 2 layers but base has 30",
+then the first tensors that differ): every input has the same paths and shapes; a vocabulary tensor (embeddings,
+lm_head) whose size differs along its vocabulary axis only is a vocabulary mismatch, refused unless an alignment
+is asked for: `embed_alignment="base"` truncates or pads each input to the base's
 vocabulary (pad rows taken from the base); `embed_alignment="union"` or a model's name (with `tokenizers=`), or a
 prebuilt vocab.VocabularyAlignment, is mergekit's `tokenizer_source` / `tokenizer:` (vocab.py): every input's
 vocabulary rows are permuted, by token, into the output vocabulary before the method runs (the vocabulary axis of
@@ -135,17 +137,106 @@ def _tokenizer_alignment(embed_alignment, tokenizers, all_names, all_flats, name
     return al
 
 
-def check_inputs(names, flats, *, vocab_tensors, embed_alignment, has_base):
-    """Validates paths, shapes and vocabularies; returns {path: vocab axis} of the tensors to align."""
-    problems = []
+# How a vocabulary mismatch is resolved, per route (check_inputs' `alignment_hint`).
+PYTHON_ALIGNMENT_HINT = ("pass embed_alignment='base' (in a merge config: --config.embed_alignment=base) to "
+                         "truncate/pad every input to the base vocabulary")
+YAML_ALIGNMENT_HINT = "add `tokenizer_source: base` to the YAML to align every vocabulary to the base's, token by token"
+YAML_ALIGNMENT_HINT_NO_BASE = ("add `tokenizer_source: union` (or a model's name) to the YAML to align the "
+                               "vocabularies token by token")
+MAX_LISTED = 10  # tensors listed in a MergeInputError after the architecture summary
+
+# (label, config keys) of the architecture summary, in the order they are reported.
+_ARCH_FIELDS = (
+    ("hidden size", ("hidden_size", "n_embd", "d_model")),
+    ("layers", ("num_layers", "num_hidden_layers", "n_layer")),
+    ("intermediate size", ("intermediate_size", "n_inner", "ffn_dim")),
+    ("attention heads", ("num_heads", "num_attention_heads", "n_head")),
+    ("key-value heads", ("num_kv_heads", "num_key_value_heads")),
+    ("experts", ("num_experts", "num_local_experts")),
+    ("vocabulary", ("vocab_size",)),
+)
+_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings")
+_UP_PROJECTIONS = ("mlp.up_proj", "mlp.gate_proj", "mlp.c_fc", "intermediate.dense", "mlp.fc1")
+
+
+def architecture(flat: Mapping[str, Any], config: Any = None) -> dict[str, int]:
+    """{label: value} of a model's architecture (labels of _ARCH_FIELDS, plus 'tensors'): from `config` (a model
+    config dataclass or an HF config.json dict) where it has the field, else derived from the tensors: layers =
+    1 + the largest `layers.N` index, hidden size and vocabulary from the token embedding (V, D), intermediate
+    size from the MLP's up projections (when they agree). Fields that neither gives are absent."""
+    out: dict[str, int] = {}
+    if config is not None:
+        get = config.get if isinstance(config, Mapping) else (lambda k: getattr(config, k, None))
+        for label, keys in _ARCH_FIELDS:
+            for k in keys:
+                v = get(k)
+                if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                    out[label] = int(v)
+                    break
+    shapes = {p: _shape(v) for p, v in flat.items()}
+    derived: dict[str, int] = {}
+    layers = P.num_layers_of(shapes)
+    if layers:
+        derived["layers"] = layers
+    emb = next((s for p, s in shapes.items() if len(s) == 2 and any(e in p for e in _EMBEDDINGS)), None)
+    if emb is not None:
+        derived["vocabulary"], derived["hidden size"] = emb
+        ups = {s[0] if s[1] == emb[1] else s[1] for p, s in shapes.items()
+               if len(s) == 2 and any(u in p for u in _UP_PROJECTIONS) and emb[1] in s}
+        if len(ups) == 1:
+            derived["intermediate size"] = ups.pop()
+    for label, _ in _ARCH_FIELDS:
+        if label not in out and label in derived:
+            out[label] = derived[label]
+    out["tensors"] = len(shapes)
+    return out
+
+
+def _describe(label: str, value: int) -> str:
+    if label in ("layers", "attention heads", "key-value heads", "experts", "tensors"):
+        return f"{value} {label[:-1] if value == 1 else label}"
+    return f"{label} {value}"
+
+
+def architecture_differences(names: Sequence[str], archs: Sequence[Mapping[str, int]]) -> str:
+    """One line naming what differs between each input's architecture and the first input's, e.g.
+    "model_1 has hidden size 64 but base has 576, 2 layers but base has 30"; '' when nothing differs. The tensor
+    count is named only when nothing else differs."""
+    ref, ref_arch = names[0], archs[0]
+    parts = []
+    for name, arch in zip(names[1:], archs[1:]):
+        diffs = [(label, arch[label], ref_arch[label]) for label in (*(f for f, _ in _ARCH_FIELDS), "tensors")
+                 if label in arch and label in ref_arch and arch[label] != ref_arch[label]]
+        if len(diffs) > 1:
+            diffs = [d for d in diffs if d[0] != "tensors"]
+        if diffs:
+            parts.append(f"{name} has " + ", ".join(f"{_describe(label, v)} but {ref} has {rv}"
+                                                     for label, v, rv in diffs))
+    return "; ".join(parts)
+
+
+def check_inputs(names, flats, *, vocab_tensors, embed_alignment, has_base, configs=None,
+                 alignment_hint: str = PYTHON_ALIGNMENT_HINT, max_listed: int = MAX_LISTED):
+    """Validates paths, shapes and vocabularies; returns {path: vocab axis} of the tensors to align.
+
+    On a problem raises one MergeInputError, short whatever the models: first a line naming how the inputs'
+    architectures differ (`architecture`, from `configs` (one per input, or None) where given, else from the
+    tensors' shapes and counts), then the number of tensors that differ and the first `max_listed` of them
+    (in the first input's order), then what to do: for a vocabulary-only difference `alignment_hint`, the knob
+    of the caller's route (PYTHON_ALIGNMENT_HINT for tree.merge and merge configs, YAML_ALIGNMENT_HINT for a
+    mergekit YAML); for any other difference, that only models of one architecture merge tensor by tensor."""
+    problems: list[tuple[int, str]] = []  # (position in all_paths, text)
     all_paths = list(dict.fromkeys(p for f in flats for p in f))
-    for p in all_paths:
+    n_missing = n_shapes = n_vocab = 0
+    for i, p in enumerate(all_paths):
         missing = [n for n, f in zip(names, flats) if p not in f]
         if missing:
             have = [n for n, f in zip(names, flats) if p in f]
-            problems.append(f"tensor {p} is missing in {', '.join(missing)} (present in {', '.join(have)})")
+            problems.append((i, f"tensor {p} is missing in {', '.join(missing)} (present in {', '.join(have)})"))
+            n_missing += 1
     align = {}
-    for p in all_paths:
+    vocab_lines = []
+    for i, p in enumerate(all_paths):
         if any(p not in f for f in flats):
             continue
         shapes = [_shape(f[p]) for f in flats]
@@ -153,20 +244,43 @@ def check_inputs(names, flats, *, vocab_tensors, embed_alignment, has_base):
             continue
         described = ", ".join(f"{s} in {n}" for n, s in zip(names, shapes))
         axis = _vocab_axis(shapes)
-        if axis is not None and _is_vocab(p, vocab_tensors):
+        if axis is not None and _is_vocab(p, vocab_tensors) and axis == vocab_axis_of_path(p, len(shapes[0])):
             if embed_alignment is not None and not _is_truncation(embed_alignment):
                 continue  # tokenizer-aware alignment (vocab.py) handles every vocabulary tensor
             if embed_alignment == "base" and has_base:
                 align[p] = axis
                 continue
-            hint = ("embed_alignment='base' needs a base model" if embed_alignment == "base"
-                    else "pass embed_alignment='base' to truncate/pad every input to the base vocabulary")
-            problems.append(f"vocabulary mismatch: {p} is {described} (axis {axis}); {hint}")
+            vocab_lines.append(len(problems))
+            problems.append((i, f"vocabulary mismatch: {p} is {described} (axis {axis})"))
+            n_vocab += 1
         else:
-            problems.append(f"shape mismatch: {p} is {described}")
-    if problems:
-        raise MergeInputError(f"cannot merge {', '.join(names)}:\n  " + "\n  ".join(problems))
-    return align
+            problems.append((i, f"shape mismatch: {p} is {described}"))
+            n_shapes += 1
+    if not problems:
+        return align
+    archs = [architecture(f, None if configs is None else configs[k]) for k, f in enumerate(flats)]
+    summary = architecture_differences(names, archs)
+    vocab_only = n_missing == n_shapes == 0
+    if vocab_only:
+        hint = ("embed_alignment='base' needs a base model" if embed_alignment == "base" else alignment_hint)
+        for k in vocab_lines:  # each vocabulary line says what to do (there are few: embeddings and head)
+            problems[k] = (problems[k][0], f"{problems[k][1]}; {hint}")
+    problems.sort(key=lambda x: x[0])
+    head = f"cannot merge {', '.join(names)}" + (f": {summary}" if summary else "")
+    counts = ", ".join(f"{n} {what}" for n, what in ((n_missing, "missing"), (n_shapes, "of other shapes"),
+                                                      (n_vocab, "of other vocabulary sizes")) if n)
+    lines = [head]
+    if len(problems) > 1 or summary:
+        lines.append(f"{len(problems)} tensor(s) differ ({counts})"
+                     + (f"; the first {max_listed}:" if len(problems) > max_listed else ":"))
+    lines += [f"  {text}" for _, text in problems[:max_listed]]
+    if len(problems) > max_listed:
+        lines.append(f"  ... and {len(problems) - max_listed} more")
+    if not vocab_only:
+        lines.append("only models of one architecture merge tensor by tensor (e.g. fine-tunes of one base model)"
+                     + (f"; a vocabulary difference alone is resolved as follows: {alignment_hint}"
+                        if n_vocab else ""))
+    raise MergeInputError("\n".join(lines))
 
 
 def merge_tensor(method: MergeMethod, path: str, base, inputs: Sequence[Any], kwargs: Mapping[str, Any], *,
@@ -250,8 +364,10 @@ def merge(
     flats = [as_flat(x, f"model {nm!r}") for x, nm in zip(models, names)]
     all_names = (["base"] if base_flat is not None else []) + names
     all_flats = ([base_flat] if base_flat is not None else []) + flats
+    configs = ([getattr(base, "cfg", None)] if base_flat is not None else []) + [getattr(x, "cfg", None)
+                                                                                for x in models]
     align = check_inputs(all_names, all_flats, vocab_tensors=vocab_tensors, embed_alignment=embed_alignment,
-                   has_base=base_flat is not None)
+                         has_base=base_flat is not None, configs=configs)
     vocab_al = _tokenizer_alignment(embed_alignment, tokenizers, all_names, all_flats, names,
                                     vocab_tensors=vocab_tensors, has_base=base_flat is not None,
                                     module_template=isinstance(template, nnx.Module))

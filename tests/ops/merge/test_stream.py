@@ -2,6 +2,7 @@
 sharded output that transformers loads, and the documented errors (mismatch, existing output, failure mid-way)."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,52 @@ models:
     assert "model.layers.0.mlp.up_proj.weight" in msg and str(wide) in msg and "(32, 16)" in msg
     assert "model.layers.2.mlp.down_proj.weight" in msg  # every mismatch in one error
     assert not (tmp_path / "out").exists()
+
+
+def test_models_of_different_sizes_give_a_short_error_naming_the_difference(hf, tmp_path, capsys):
+    """A YAML merging models of different widths and depths through the script: one line naming the difference
+    (from the config.json files), a capped tensor list, no vocabulary hint, exit status 1, nothing written."""
+    small = _llama(tmp_path / "small", 4, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+                   num_attention_heads=1)
+    yml = _write_yaml(tmp_path / "m.yml", f"""
+merge_method: task_arithmetic
+base_model: {hf['base']}
+models:
+  - model: {small}
+    parameters: {{weight: 1.0}}
+""")
+    with pytest.raises(SystemExit) as e:
+        _script().main(["--mergekit_yaml", str(yml), "--output", str(tmp_path / "out"), "--no_progress"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    err = err[err.index("error: cannot merge"):]  # after transformers' progress bars
+    lines = err.strip().splitlines()
+    assert len(lines) < 15, err
+    b = hf["base"]
+    assert lines[0].endswith(f"{small} has hidden size 8 but {b} has 16, 2 layers but {b} has 3, intermediate "
+                             f"size 12 but {b} has 24, 1 attention head but {b} has 2"), err
+    assert "Traceback" not in err
+    assert re.search(r"\.\.\. and \d+ more", err) and "tokenizer_source" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_vocabulary_only_difference_names_the_yaml_key(hf, tmp_path, with_base):
+    big_vocab = _llama(tmp_path / "big_vocab", 5, vocab_size=40)
+    head = f"merge_method: task_arithmetic\nbase_model: {hf['base']}\n" if with_base else "merge_method: linear\n"
+    plan = load_mergekit_yaml(_write_yaml(tmp_path / "m.yml", head + f"""models:
+  - model: {hf['ft_a']}
+    parameters: {{weight: 1.0}}
+  - model: {big_vocab}
+    parameters: {{weight: 1.0}}
+"""))
+    with pytest.raises(tree.MergeInputError) as e:
+        stream.merge_checkpoints(plan, tmp_path / "out", progress=False)
+    lines = str(e.value).splitlines()
+    assert lines[0].endswith(f"{big_vocab} has vocabulary 40 but {hf['base'] if with_base else hf['ft_a']} has 32")
+    key = "`tokenizer_source: base`" if with_base else "`tokenizer_source: union`"
+    assert len(lines) == 4 and all("vocabulary mismatch" in x and key in x for x in lines[2:]), lines
+    assert "embed_alignment" not in str(e.value)
 
 
 def test_existing_output_is_refused_unless_overwrite(hf, tmp_path):

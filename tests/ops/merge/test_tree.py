@@ -1,4 +1,6 @@
 """Tree-level merges on tiny llama models: invariants, depth gradients, filters, reproducible DARE, input checks."""
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,6 +143,47 @@ def test_vocabulary_mismatch_refused_unless_aligned_to_base(flats):
         np.testing.assert_allclose(h[:, :n], ft["lm_head.kernel"][:, :n], atol=1e-6)
     with pytest.raises(tree.MergeInputError, match="embed_alignment='base' needs a base model"):
         tree.merge("linear", None, [flats[0], big], parameters={"weight": 1.0}, embed_alignment="base")
+
+
+def test_models_of_different_sizes_give_a_short_error_naming_the_difference(models):
+    """Different widths and depths: one line saying what differs (from the modules' configs), a capped list of
+    tensors after it, and no vocabulary-alignment hint (the vocabulary is not the problem)."""
+    other = build_model({**SPEC, "hidden_size": 8, "num_layers": 2, "num_heads": 1, "vocab_size": 16}, seed=5)
+    with pytest.raises(tree.MergeInputError) as e:
+        tree.task_arithmetic(models[0], [models[1], other], weights=1.0)
+    msg = str(e.value)
+    lines = msg.splitlines()
+    assert len(lines) < 15, msg
+    assert lines[0] == ("cannot merge base, model_0, model_1: model_1 has hidden size 8 but base has 16, "
+                        "2 layers but base has 3, 1 attention head but base has 2"), msg
+    assert re.fullmatch(r"\d+ tensor\(s\) differ \(\d+ missing, \d+ of other shapes\); the first 10:", lines[1]), msg
+    assert sum(line.startswith("  ") and "... and" not in line for line in lines) == 10
+    assert re.search(r"\.\.\. and \d+ more", msg)
+    assert "embed_alignment" not in msg and "only models of one architecture" in lines[-1]
+
+
+def test_flat_dicts_of_different_depths_derive_the_difference_from_the_tensors(flats):
+    """Without configs: layer count, hidden size and vocabulary come from the tensors' paths and shapes."""
+    shallow = {k: v for k, v in flats[1].items() if not k.startswith("layers.2.")}
+    with pytest.raises(tree.MergeInputError) as e:
+        tree.linear([flats[0], shallow], weights=1.0)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "cannot merge model_0, model_1: model_1 has 2 layers but model_0 has 3", lines
+    assert lines[1].startswith("9 tensor(s) differ (9 missing)") and len(lines) == 2 + 9 + 1
+    big = build_model({**SPEC, "hidden_size": 32, "intermediate_size": 48}, seed=1)
+    with pytest.raises(tree.MergeInputError, match=r"model_1 has hidden size 32 but model_0 has 16, intermediate "
+                                                   r"size 48 but model_0 has 16\n"):
+        tree.linear([flats[0], {k: np.asarray(v) for k, v in flat_params(big).items()}], weights=1.0)
+
+
+def test_vocabulary_only_difference_names_the_knob(flats):
+    big = _vocab(flats[1], 24, 1)
+    with pytest.raises(tree.MergeInputError) as e:
+        tree.merge("task_arithmetic", flats[0], [big], parameters={"weight": 1.0})
+    lines = str(e.value).splitlines()
+    assert lines[0] == "cannot merge base, model_0: model_0 has vocabulary 24 but base has 16"
+    assert len(lines) == 4 and all("--config.embed_alignment=base" in line for line in lines[2:]), lines
+    assert "only models of one architecture" not in str(e.value)
 
 
 def test_integer_tensors_copied_only_if_identical(flats):

@@ -1,0 +1,89 @@
+"""`cfm-merge` (scripts/merge.py): merge models, from a mergekit YAML file (streamed) or from an ml-collections
+merge config (in memory).
+
+    cfm-merge --mergekit_yaml ties.yml --output merged/ [--overwrite] [--max_shard_size 5GB] [--seed 0]
+    cfm-merge --config experiments/merge/task_arithmetic_tiny.py[:variant] --output merged/ \\
+        [--format hf|orbax] [--overwrite] [--config.parameters.weight=0.3 ...]
+
+--mergekit_yaml: the YAML is mergekit 0.1.5's format (ops/merge/mergekit_yaml.py lists the supported keys; any
+other key is an error naming it and its line), with `models:` or `slices:` (frankenmerges, depth up-scaling,
+slice-wise merges; the output config gets the new num_hidden_layers), `tokenizer_source` / `tokenizer`
+(vocabularies aligned by token; the merged tokenizer is written, config vocab_size updated) and `chat_template`.
+Inputs: HF directories, GGUF files, orbax model checkpoints or registry names; output: sharded safetensors +
+config.json + tokenizer files (the base's, or the merged vocabulary's), written under a temporary name and renamed
+when complete.
+--config: a merge config (configurable_fm/stages/merge.py: method, base, models, parameters, model_parameters,
+seed, out_dtype, embed_alignment) with ml_collections `--config.KEY=VALUE` overrides (a key that the config does
+not have is refused with the valid keys of its level, as in cfm-train); inputs are any sources `load_model`
+takes; output: an HF directory (`to_hf`, default) or an orbax model checkpoint (`save_model`).
+Exactly one of --mergekit_yaml and --config is required. Paths (the YAML's, the config's sources, --output) are
+relative to the current directory. Inputs that cannot be merged (different architectures or vocabularies) are
+one short error: what differs, the first tensors that differ, and the knob that aligns vocabularies
+(`tokenizer_source: base` in a YAML, `--config.embed_alignment=base` in a merge config).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import flags
+
+from configurable_fm import cli
+
+
+def define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("mergekit_yaml", None, "mergekit YAML file (streamed merge of HF checkpoints)", flag_values=fv)
+    cli.config_flag(fv, "config", "merge config file path.py[:variant] (in-memory merge; see stages/merge.py)")
+    flags.DEFINE_string("output", None, "output directory (must not exist unless --overwrite)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a previous output in the output directory (a directory holding files "
+                      "the library did not write is refused, never deleted)", flag_values=fv)
+    flags.DEFINE_enum("format", None, ["hf", "orbax"],
+                      "--config only: output as an HF directory (default) or an orbax model checkpoint", flag_values=fv)
+    flags.DEFINE_string("max_shard_size", "5GB", "largest output shard (e.g. 5GB, 500MB, bytes)", flag_values=fv)
+    flags.DEFINE_integer("seed", None, "--mergekit_yaml only: seed of the PRNG keys of randomised methods (default 0)",
+                         flag_values=fv)
+    flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
+
+
+def merge_yaml(fv: flags.FlagValues) -> None:
+    from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
+    from configurable_fm.ops.merge.stream import merge_checkpoints
+
+    plan = load_mergekit_yaml(fv.mergekit_yaml)
+    out = merge_checkpoints(plan, fv.output, overwrite=fv.overwrite, max_shard_size=fv.max_shard_size,
+                            progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed)
+    what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
+    print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
+
+
+def merge_config(fv: flags.FlagValues) -> None:
+    from configurable_fm.stages.merge import merge_from_config
+
+    config = fv.config
+    model = merge_from_config(config, log=print)
+    if (fv.format or "hf") == "hf":
+        from configurable_fm.interop.hf import to_hf
+
+        out = to_hf(model, fv.output, max_shard_size=fv.max_shard_size, overwrite=fv.overwrite)
+    else:
+        from configurable_fm.interop.orbax_io import save_model
+
+        out = save_model(model, fv.output, overwrite=fv.overwrite)
+    print(f"merged {len(config.models) + bool(config.get('base'))} models with {config.method} into {out} "
+          f"({fv.format or 'hf'})")
+
+
+def run(fv: flags.FlagValues) -> None:
+    if (fv.mergekit_yaml is None) == (fv.config is None):
+        raise cli.UsageError("give exactly one of --mergekit_yaml (a mergekit YAML file) and --config (a merge "
+                             f"config), got {'both' if fv.config is not None else 'neither'}")
+    if fv.mergekit_yaml is not None:
+        if fv["format"].present:
+            raise cli.UsageError("--format applies to --config only, not to --mergekit_yaml")
+        return merge_yaml(fv)
+    if fv.seed is not None:
+        raise cli.UsageError("--seed applies to --mergekit_yaml only; with --config set --config.seed=N")
+    return merge_config(fv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(run, define, argv, prog="cfm-merge", required=("output",))
