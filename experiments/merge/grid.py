@@ -509,7 +509,7 @@ def _jsonable(x):
     return x
 
 
-GRID_KEYS = ("base", "tasks", "models", "methods", "n_val", "n_test", "val_seed", "test_seed", "exclude", "batch_size",
+STAGE_CONFIG_KEYS = ("base", "tasks", "models", "methods", "n_val", "n_test", "val_seed", "test_seed", "exclude", "batch_size",
              "max_new_tokens", "compute_dtype", "seed", "tokenizer", "token_ids", "seq_len", "data_examples",
              "data_batch_size", "fisher_chunk", "save_best")
-register_stage("merge_grid", merge_grid_stage, keys=GRID_KEYS)
+register_stage("merge_grid", merge_grid_stage, keys=STAGE_CONFIG_KEYS)
