@@ -36,3 +36,18 @@ def assert_params_equal(model_a, model_b):
     assert list(a) == list(b)
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+def char_tokenizer(specials=("<pad>", "<eos>", "<bos>", "<unk>"), *, special=None):
+    """A `tokenizers.Tokenizer` of single characters: the four `specials` get ids 0-3 (pad, eos, bos, unk roles),
+    printable ASCII 4-98, '\\n' 99. `special`: the names registered as special tokens (default: all four)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {name: i for i, name in enumerate(specials)} | {chr(i): i - 28 for i in range(32, 127)}
+    vocab["\n"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[3]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(specials if special is None else special))
+    return tok
+

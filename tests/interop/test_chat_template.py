@@ -8,13 +8,14 @@ import json
 
 import gguf
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
 
 from configurable_fm.errors import SourceNotFound
 from configurable_fm.interop.tokenizers import (ChatTemplateError, ChatTokenizer, apply_chat_template,
                                                 chat_template_of, find_tokenizer, load_chat_tokenizer,
                                                 special_tokens_of, tokenizer_config, write_tokenizer_files)
 from configurable_fm.models import registry
+from tests.helpers import char_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,13 +52,7 @@ TEMPLATES = {
 
 
 def tokenizer() -> Tokenizer:
-    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, "<unk>": 3} | {chr(i): i - 28 for i in range(32, 127)}
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(["<pad>", "</s>", "<s>", "<unk>"])
-    return tok
+    return char_tokenizer(("<pad>", "</s>", "<s>", "<unk>"))
 
 
 def transformers_tokenizer(chat: ChatTokenizer, path):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors import safe_open
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.errors import ConfigError, OutputExists
@@ -26,7 +25,7 @@ from configurable_fm.models.bert import Bert, BertConfig
 from configurable_fm.models.generation import generate, generate_text
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
 from configurable_fm.models.llama import LlamaConfig
-from tests.helpers import random_llama
+from tests.helpers import char_tokenizer, random_llama
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -38,15 +37,6 @@ MESSAGES = [{"role": "user", "content": "Hi there"}]
 NEW = 16
 
 
-def char_tokenizer() -> Tokenizer:
-    """Single characters: <pad>=0, <eos>=1, <bos>=2, <unk>=3, printable ASCII 4-98, '\\n' 99."""
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<bos>": BOS, "<unk>": UNK} | {chr(i): i - 28 for i in range(32, 127)}
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
-    return tok
 
 
 def chat_tokenizer(template=TEMPLATE) -> ChatTokenizer:

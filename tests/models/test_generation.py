@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import random_llama
+from tests.helpers import char_tokenizer, random_llama
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.models.generation import generate, generate_text
 from configurable_fm.models.llama import Llama, LlamaConfig
@@ -236,16 +236,9 @@ def test_zero_new_tokens_returns_the_prompt(model):
 # =========================================================================== generate_text: text in, text out
 def text_setup():
     """(model with a 100-token vocabulary, ChatTokenizer of single characters with a chat template)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     from configurable_fm.interop.tokenizers import ChatTokenizer
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3} | {chr(i): i - 28 for i in range(32, 127)}
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+    tok = char_tokenizer()
     template = "{% for m in messages %}<bos>{{ m.role }}:{{ m.content }}<eos>{% endfor %}" \
                "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
     chat = ChatTokenizer(tok, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, template)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from configurable_fm.bricks import flat_params
 from configurable_fm.data.synthetic import evaluate_task, get_task
@@ -16,6 +15,7 @@ from configurable_fm.interop.loader import load_model
 from configurable_fm.train.data import ExampleData, load_task_tokenizer, make_data, make_task_metrics
 from configurable_fm.train.trainer import train
 from experiments import finetune
+from tests.helpers import char_tokenizer
 
 PAD, EOS, BOS = 0, 1, 2
 VOCAB = 128  # model vocabulary (>= the tokenizer's 100 ids)
@@ -23,13 +23,7 @@ VOCAB = 128  # model vocabulary (>= the tokenizer's 100 ids)
 
 def write_char_tokenizer(path: Path) -> Path:
     """A tokenizer.json of single characters: <pad>=0, <eos>=1, <bos>=2, <unk>=3, printable ASCII 4-98, '\\n' 99."""
-    vocab = {"<pad>": PAD, "<eos>": EOS, "<bos>": BOS, "<unk>": 3} | {chr(i): i - 28 for i in range(32, 127)}
-    vocab["\n"] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(["<pad>", "<eos>", "<bos>"])
-    tok.save(str(path))
+    char_tokenizer(special=("<pad>", "<eos>", "<bos>")).save(str(path))
     return path
 
 
