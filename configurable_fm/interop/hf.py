@@ -25,7 +25,7 @@ from flax import nnx
 
 from configurable_fm.errors import ConfigError, UserError
 from configurable_fm.interop.atomic import atomic_directory, check_overwritable
-from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, write_sharded
+from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object, write_sharded
 from configurable_fm.models.structure import check_consistent, extension_specs, fill, variables_of
 
 
@@ -138,13 +138,7 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: the path does not exist")
     if not file.exists():
         raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
-    return config
+    return read_json_object(file)
 
 
 def family_of_config(config: dict) -> Family:
