@@ -191,28 +191,14 @@ class GGUFSource(TensorSource):
         return self._tensors[name]
 
     def write_tokenizer(self, out_dir: str | os.PathLike) -> list[str]:
-        """tokenizer.json (the BPE tokenizer rebuilt from the GGUF metadata, `interop.tokenizers.tokenizer_from_gguf`)
-        and tokenizer_config.json (PreTrainedTokenizerFast, the special tokens, the chat template), which
-        transformers' AutoTokenizer loads; [] when the file holds no tokenizer."""
+        """tokenizer.json (the BPE tokenizer rebuilt from the GGUF metadata), tokenizer_config.json
+        (PreTrainedTokenizerFast, the special tokens, the chat template) and special_tokens_map.json, written by
+        `interop.tokenizers.write_tokenizer_files` as every HF export is; [] when the file holds no tokenizer."""
         if not self.has_tokenizer:
             return []
-        from configurable_fm.interop.tokenizers import gguf_chat_template, gguf_special_tokens, tokenizer_from_gguf
-        from configurable_fm.interop.gguf import read_gguf
+        from configurable_fm.interop.tokenizers import load_chat_tokenizer
 
-        reader = read_gguf(self.path)
-        tok = tokenizer_from_gguf(reader)
-        out_dir = Path(out_dir)
-        tok.save(str(out_dir / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.context_length,
-                  "clean_up_tokenization_spaces": False}
-        for name, i in gguf_special_tokens(reader).items():
-            if name in ("bos", "eos", "unk", "pad", "sep", "cls", "mask") and tok.id_to_token(i) is not None:
-                config[f"{name}_token"] = tok.id_to_token(i)
-        template = gguf_chat_template(reader)
-        if template:
-            config["chat_template"] = template
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return ["tokenizer.json", "tokenizer_config.json"]
+        return load_chat_tokenizer(self.path).save_pretrained(out_dir)
 
 
 # ------------------------------------------------------------------------------------ orbax model checkpoints

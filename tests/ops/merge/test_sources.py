@@ -265,7 +265,8 @@ def test_smollm2_tensors_match_whole_model_conversion(smollm2):
 
 def test_smollm2_tokenizer_written_from_gguf_metadata(smollm2, tmp_path):
     assert smollm2["src"].tokenizer_dir is None
-    assert smollm2["src"].write_tokenizer(tmp_path) == ["tokenizer.json", "tokenizer_config.json"]
+    assert smollm2["src"].write_tokenizer(tmp_path) == ["tokenizer.json", "tokenizer_config.json",
+                                                        "special_tokens_map.json"]
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     # SmolLM2's ids: words with their leading space, digits one by one, the control token whole.
     assert tok("The capital of France is Paris. 12345 <|im_end|>").input_ids == [
