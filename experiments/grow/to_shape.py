@@ -1,0 +1,30 @@
+"""Width and depth together, to a full target shape (grow_width, then grow_depth).
+
+    python scripts/grow.py --config experiments/grow/to_shape.py:smollm2_360m --config.input=smollm2-135m \\
+        --config.output=grown/smollm2-135m-to-360m [--config.format=hf|orbax]
+    python scripts/grow.py --config experiments/grow/to_shape.py --config.input=IN --config.output=OUT \\
+        --config.width.hidden_size=96 --config.width.num_heads=6 --config.depth.num_layers=8
+
+Keys: `width` as experiments/grow/width.py (targets, 0 = unchanged; method exact | hypercloning; noise) and
+`depth` as experiments/grow/depth.py (method identity by default, num_layers 0 = unchanged depth: no depth step).
+Variant 'smollm2_360m': SmolLM2-360M's shape (hidden 960, 15 heads, 5 kv heads, FFN 2560, 32 layers), reached
+from SmolLM2-135M (576, 9/3, 1536, 30 layers) by exact width growth and identity depth growth: the grown model
+computes the 135M model's function. Common keys (input, output, format, dtype, overwrite, seed):
+experiments/grow/__init__.py.
+"""
+import ml_collections
+
+from configurable_fm.stages.grow import DEPTH_KEYS, WIDTH_KEYS
+from experiments.grow import common
+
+SHAPES = {"": ({}, {}),
+          "smollm2_360m": (dict(hidden_size=960, num_heads=15, num_kv_heads=5, intermediate_size=2560),
+                           dict(method="identity", num_layers=32))}
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = common(arg, tuple(SHAPES), where="to_shape")
+    width, depth = SHAPES[arg]
+    c.width = ml_collections.ConfigDict({**WIDTH_KEYS, **width})
+    c.depth = ml_collections.ConfigDict({**DEPTH_KEYS, **depth})
+    return c
