@@ -1,4 +1,5 @@
-"""Training metrics: a JSONL + TensorBoard writer that survives resumption, a loss-curve plot, a progress bar.
+"""Training metrics: a JSONL + TensorBoard writer that survives resumption, a loss-curve plot, a progress bar
+(a tqdm bar on a terminal, log lines every ~10 s otherwise).
 
     writer = MetricWriter(workdir, resume_step=restored_step)   # None for a fresh run
     writer.write(step, loss=loss, tokens=tokens, lr=lr)          # one JSON line, flushed; one TB scalar per key
@@ -19,6 +20,7 @@ import numbers
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -249,28 +251,46 @@ def _si(x: float) -> str:
     return f"{x:.3g}"
 
 
-class ProgressBar:
-    """A tqdm bar over training steps with loss, tokens/s and MFU in its postfix.
+def _duration(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
-    `disable=None` (default) turns it off when the output stream is not a terminal or notebook (log files, CI); `True`
-    always, `False` never. `update(step, loss=..., tokens_per_s=..., mfu=...)` moves the bar to `step`;
-    `mfu=None` shows nothing (not available: unknown peak FLOP/s); extra keyword values are shown as given.
+
+class ProgressBar:
+    """Training progress: a tqdm bar on a terminal, log lines elsewhere (log files, CI, pipes).
+
+    `disable=None` (default): a tqdm bar when the output stream (`file`, default stderr) is a terminal or in a
+    notebook; otherwise plain lines `train step 50/300 (17%): loss 6.1234, 1.3k tok/s, elapsed 40s, ETA 3m20s`,
+    written when `every_steps` steps (None: no step rule) or `every_seconds` seconds have passed since the last line
+    and at the last step, so a redirected run is never silent for long (the rate behind the ETA leaves out the time
+    up to the first update: compilation). `True` shows nothing, `False` always a bar. `update(step, loss=...,
+    tokens_per_s=..., mfu=...)` moves to `step`; `mfu=None` shows nothing (unknown peak FLOP/s); extra keyword
+    values are shown as given. `disabled` says whether the tqdm bar is off; `lines` whether log lines are on.
     """
 
     def __init__(self, total_steps: int, initial: int = 0, *, disable: bool | None = None, desc: str = "train",
-                 file=None):
+                 file=None, every_steps: int | None = None, every_seconds: float = 10.0):
         from tqdm.auto import tqdm
 
         file = file if file is not None else sys.stderr
+        self.lines = False
         if disable is None:  # a terminal, or a notebook (tqdm.auto then draws a widget)
             disable = not ((hasattr(file, "isatty") and file.isatty()) or "ipykernel" in sys.modules)
+            self.lines = disable
         self._bar = tqdm(total=total_steps, initial=initial, desc=desc, disable=disable, file=file,
                          dynamic_ncols=True, unit="step")
         self.disabled = bool(disable)
+        self._file, self._desc, self._total = file, desc, total_steps
+        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self._t0 = time.perf_counter()
+        self._first = None  # (time, step) of the first update: the ETA's rate starts there (after compilation)
+        self._last_line = (self._t0, initial)  # (time, step) of the last line written
+        self._step = initial
 
-    def update(self, step: int, *, loss=None, tokens_per_s=None, mfu=None, **extra) -> None:
-        if self.disabled:
-            return
+    @staticmethod
+    def _postfix(loss, tokens_per_s, mfu, extra) -> dict:
         postfix = {}
         if loss is not None:
             postfix["loss"] = f"{float(loss):.4f}"
@@ -279,7 +299,38 @@ class ProgressBar:
         if mfu is not None:
             postfix["mfu"] = f"{100 * float(mfu):.1f}%"
         postfix.update({k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in extra.items()})
-        self._bar.set_postfix(postfix, refresh=False)
+        return postfix
+
+    def _line(self, step: int, postfix: dict, now: float) -> str:
+        parts = [f"loss {postfix.pop('loss')}"] if "loss" in postfix else []
+        if "tok/s" in postfix:
+            parts.append(f"{postfix.pop('tok/s')} tok/s")
+        parts += [f"{k} {v}" for k, v in postfix.items()]
+        parts.append(f"elapsed {_duration(now - self._t0)}")
+        t_first, s_first = self._first
+        if step < self._total and step > s_first and now > t_first:
+            rate = (step - s_first) / (now - t_first)
+            parts.append(f"ETA {_duration((self._total - step) / rate)}")
+        pct = 100 * step / self._total if self._total else 100.0
+        return f"{self._desc} step {step}/{self._total} ({pct:.0f}%): " + ", ".join(parts)
+
+    def update(self, step: int, *, loss=None, tokens_per_s=None, mfu=None, **extra) -> None:
+        self._step = step
+        if self.lines:
+            now = time.perf_counter()
+            if self._first is None:
+                self._first = (now, step)
+            t_last, s_last = self._last_line
+            due = (now - t_last >= self.every_seconds or step >= self._total
+                   or (self.every_steps is not None and step - s_last >= self.every_steps))
+            if due and step != s_last:
+                print(self._line(step, self._postfix(loss, tokens_per_s, mfu, extra), now), file=self._file,
+                      flush=True)
+                self._last_line = (now, step)
+            return
+        if self.disabled:
+            return
+        self._bar.set_postfix(self._postfix(loss, tokens_per_s, mfu, extra), refresh=False)
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:

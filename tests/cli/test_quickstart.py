@@ -1,0 +1,55 @@
+"""The quickstart job end to end with tiny settings (loads the packaged SmolLM2: real_model), and its helpers."""
+import io
+import json
+
+import numpy as np
+import pytest
+
+from configurable_fm.cli import quickstart
+from configurable_fm.train.metrics import ProgressBar
+
+
+def test_smoothed_ends():
+    losses = list(np.linspace(10, 1, 100))
+    first, last, k = quickstart.smoothed_ends(losses)
+    assert k == 10 and first == pytest.approx(np.mean(losses[:10])) and last == pytest.approx(np.mean(losses[-10:]))
+    assert quickstart.smoothed_ends([3.0, 2.0]) == (3.0, 2.0, 1)
+
+
+def test_kind_totals():
+    groups = {"embed_tokens": 100, "layers.0.self_attn": 10, "layers.0.mlp": 20, "layers.0.norms": 1,
+              "layers.1.self_attn": 10, "layers.1.mlp": 20, "layers.1.norms": 1, "norm": 1}
+    assert dict(quickstart.kind_totals(groups)) == {"embeddings": 100, "attention": 20, "MLP": 40, "norms": 3}
+
+
+def test_progress_lines_when_not_a_terminal():
+    out = io.StringIO()
+    bar = ProgressBar(100, file=out, every_seconds=0.0)
+    assert bar.lines and bar.disabled
+    bar.update(10, loss=5.0, tokens_per_s=1500.0)
+    bar.update(50, loss=4.0, tokens_per_s=1500.0)
+    bar.update(100, loss=3.0)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("train step 10/100 (10%): loss 5.0000, 1.5k tok/s, elapsed")
+    assert "ETA" in lines[1] and lines[2].startswith("train step 100/100 (100%): loss 3.0000")
+    assert ProgressBar(100, file=io.StringIO(), disable=True).lines is False
+
+
+@pytest.mark.real_model
+def test_quickstart_runs_and_reports(tmp_path):
+    workdir = tmp_path / "qs"
+    logged = []
+    path = quickstart.run(workdir, max_new_tokens=4, pretrain_steps=3, log=logged.append)
+    md = path.read_text()
+    js = json.loads((workdir / "report.json").read_text())
+    for key in ("total_seconds", "device", "jax", "flax", "git_revision", "generations", "perplexity"):
+        assert key in js
+    assert f"jax {js['jax']}" in md and f"flax {js['flax']}" in md and "Total time" in md
+    assert js["git_revision"] in md
+    assert all(isinstance(g["prompt"], str) and isinstance(g["text"], str) for g in js["generations"])
+    assert len(js["generations"]) == 3
+    assert "Training loss" in md and "mean of the" in md or "first step's loss" in md
+    assert js["pretrain"]["steps"] == 3 and "smoothed_last_loss" in js["pretrain"]
+    assert "Q4_1-dequantised" in md and "not measured here" in md
+    assert (workdir / "bricks.png").exists() and (workdir / "pretrain_loss.png").exists()
