@@ -161,6 +161,14 @@ def parse(argv: Sequence[str], define: Callable[[flags.FlagValues], None], *, pr
     return fv
 
 
+def require_config_keys(config, keys: Sequence[str], see: str) -> None:
+    """UsageError naming every `--config.KEY` of `keys` that the config leaves empty (`see`: where they are
+    documented)."""
+    missing = [f"--config.{k}" for k in keys if not config.get(k)]
+    if missing:
+        raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (see {see})")
+
+
 def set_up_logging(verbosity: int | None) -> None:
     """absl (and orbax, which logs through it) at WARNING unless a verbosity is given."""
     from absl import logging

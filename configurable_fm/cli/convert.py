@@ -37,10 +37,7 @@ def run(fv) -> None:
     from configurable_fm.interop.hf import UnsupportedModel, convert_to_hf
 
     c = fv.config
-    missing = [f"--config.{k}" for k in ("input", "output") if not c.get(k)]
-    if missing:
-        raise cli.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
-                             "(see experiments/convert.py)")
+    cli.require_config_keys(c, ("input", "output"), see="experiments/convert.py")
     tokenizer = {"": None, "none": False}.get(c.tokenizer, c.tokenizer)
     try:
         out = convert_to_hf(c.input, c.output, tokenizer=tokenizer, dtype=c.dtype,

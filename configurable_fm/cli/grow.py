@@ -34,10 +34,7 @@ def run(fv) -> None:
     from configurable_fm.stages.grow import check_config, count_params, describe, grow_from_config
 
     c = fv.config
-    missing = [f"--config.{k}" for k in ("input", "output") if not c.get(k)]
-    if missing:
-        raise cli.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
-                             "(see experiments/grow/__init__.py)")
+    cli.require_config_keys(c, ("input", "output"), see="experiments/grow/__init__.py")
     fmt = c.get("format") or "hf"
     if fmt not in FORMATS:
         raise ConfigError(f"grow config: `format` must be one of {list(FORMATS)}, got {fmt!r}")
