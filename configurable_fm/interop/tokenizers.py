@@ -531,6 +531,14 @@ def find_tokenizer(source) -> ChatTokenizer | None:
 
 
 # ------------------------------------------------------------------------------------ writing HF tokenizer files
+def added_tokens_decoder(tokenizer: Tokenizer) -> dict[str, dict]:
+    """tokenizer_config.json's `added_tokens_decoder`: {str(id): {content, lstrip, normalized, rstrip, single_word,
+    special}} of the tokenizer's added tokens, by id."""
+    return {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(tokenizer.get_added_tokens_decoder().items())}
+
+
 def tokenizer_config(tokenizer: ChatTokenizer, *, chat_template: str | None = None) -> dict:
     """tokenizer_config.json for `tokenizer` as transformers' AutoTokenizer reads it: PreTrainedTokenizerFast
     over tokenizer.json, the named special tokens, the added tokens, the context length, the chat template
@@ -540,11 +548,9 @@ def tokenizer_config(tokenizer: ChatTokenizer, *, chat_template: str | None = No
     config.update({f"{n}_token": t for n, t in tokenizer.special_tokens.items()})
     if tokenizer.model_max_length is not None:
         config["model_max_length"] = int(tokenizer.model_max_length)
-    added = tokenizer.tokenizer.get_added_tokens_decoder()
+    added = added_tokens_decoder(tokenizer.tokenizer)
     if added:
-        config["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                     "single_word": t.single_word, "special": t.special} for i, t in sorted(added.items())}
+        config["added_tokens_decoder"] = added
     template = chat_template if chat_template is not None else tokenizer.chat_template
     if template:
         config["chat_template"] = template

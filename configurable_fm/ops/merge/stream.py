@@ -62,6 +62,7 @@ import ml_dtypes
 import numpy as np
 
 from configurable_fm.interop.atomic import atomic_directory, check_overwritable
+from configurable_fm.interop.tokenizers import added_tokens_decoder
 from configurable_fm.interop.safetensors_io import parse_size
 from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge import params as P
@@ -304,10 +305,7 @@ def _write_config_and_tokenizer(tmp: Path, plan: MergePlan, ref: _Input, config:
     cfg_path = donor / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
     if "added_tokens_decoder" in tok_cfg:  # the donor's ids are stale: the output's added tokens
-        tok_cfg["added_tokens_decoder"] = {
-            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
-                     "single_word": t.single_word, "special": t.special}
-            for i, t in sorted(alignment.tokenizer.get_added_tokens_decoder().items())}
+        tok_cfg["added_tokens_decoder"] = added_tokens_decoder(alignment.tokenizer)
     missing = [f"{k}={v!r}" for k, v in tok_cfg.items()
                if k.endswith("_token") and isinstance(v, str) and v not in alignment.vocab]
     if missing:
