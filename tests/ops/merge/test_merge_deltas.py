@@ -4,19 +4,9 @@ import numpy as np
 import pytest
 
 from configurable_fm.bricks import Delta, Dense, LowRank, deltas, flat_params
-from configurable_fm.models.factory import build_model
 from configurable_fm.ops.merge import TASK_VECTOR_METHODS, MergeInputError, ParameterError, get_method, merge_deltas
 from configurable_fm.ops.merge import tree
-
-SPEC = {"family": "llama", "vocab_size": 16, "hidden_size": 16, "intermediate_size": 16, "num_layers": 3,
-        "num_heads": 2, "num_kv_heads": 1}
-TOKENS = jnp.array([[1, 5, 7, 2]], jnp.int32)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return [build_model(SPEC, seed=s) for s in range(3)]
-
+from tests.ops.merge.test_tree import TOKENS, models  # noqa: F401  (the fixture: the same three random llamas)
 
 @pytest.fixture(scope="module")
 def tvs(models):
