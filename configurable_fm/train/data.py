@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -44,10 +43,10 @@ import ml_collections
 import numpy as np
 
 from configurable_fm.data import pipeline
+# The data root and the dataset directory resolver live at the data layer (data/shards.py), re-exported here.
+from configurable_fm.data.shards import DATA_DIR_ENV, DEFAULT_DATA_ROOT, data_root, dataset_dir  # noqa: F401
 
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
-DATA_DIR_ENV = "CFM_DATA_DIR"  # the data root (module docstring)
-DEFAULT_DATA_ROOT = "~/.cache/configurable_fm/data"
 TASK_EVAL_DEFAULTS = {"n": 64, "seed": 0, "batch_size": 32, "max_new_tokens": 0, "split": "test"}
 
 
@@ -100,28 +99,6 @@ class ExampleData:
 
 
 # ------------------------------------------------------------------------------------------ shards
-def data_root() -> Path:
-    """The directory that holds named token datasets: $CFM_DATA_DIR, else ~/.cache/configurable_fm/data."""
-    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_ROOT).expanduser()
-
-
-def dataset_dir(spec: str | os.PathLike | None, name: str | None = None) -> Path:
-    """The directory of a token dataset from a config's `data.dir` / `out_dir` value (module docstring): ''
-    -> data_root()/name; absolute, '~', './' or '../' paths as given; any other relative path inside
-    data_root(), without a leading 'data/' (the shipped configs' 'data/<name>')."""
-    text = os.fspath(spec) if spec is not None else ""
-    if not text:
-        if not name:
-            raise ValueError("no dataset directory and no dataset name to place it in the data root")
-        return data_root() / name
-    if text.startswith(("~", "./", "../")) or text in (".", "..") or os.path.isabs(text):
-        return Path(text).expanduser()
-    parts = Path(text).parts
-    if parts and parts[0] == "data":
-        parts = parts[1:]
-    return data_root().joinpath(*parts) if parts else data_root()
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -133,7 +133,16 @@ def test_stages_run_in_order_and_chain_checkpoints(study):
         assert m["metrics"]["val_ppl"] == pytest.approx(np.exp(m["metrics"]["val_loss"]))
         assert 0.0 <= m["metrics"]["parity/exact_match"] <= 1.0
     assert ev.model == "stages/01_finetune/model" and ev.model_in_workdir
-    assert (dirs[2] / "eval.md").read_text().startswith("| model | val_loss | val_ppl | parity/exact_match |")
+    assert (dirs[2] / "eval.md").read_text().startswith("| model | val_loss | val_ppl | parity/exact_match |\n")
+    # every accuracy with n, SE, 95% interval, chance and standard errors above chance (table, legend, json)
+    eval_md = (dirs[2] / "eval.md").read_text()
+    assert "| model | task | exact match | 95% CI | SE | chance | vs chance |" in eval_md
+    assert "| @finetune | parity |" in eval_md and "Wilson" in eval_md
+    for m in evaluation:
+        assert m["metrics"]["parity/exact_match_n"] == 8
+        assert m["metrics"]["parity/exact_match_ci95_low"] <= m["metrics"]["parity/exact_match"]
+    chance = json.loads((dirs[2] / "eval.json").read_text())["chance"]["parity"]
+    assert chance["distinct_answers"] <= 2 and chance["chance"] >= 0.5
     report = (workdir / "report.md").read_text()
     assert "| 1 | finetune | train | resumed |" in report and "loss_curves.png" in report
     assert (workdir / "loss_curves.png").is_file()

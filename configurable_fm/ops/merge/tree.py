@@ -21,6 +21,13 @@ prebuilt vocab.VocabularyAlignment, is mergekit's `tokenizer_source` / `tokenize
 vocabulary rows are permuted, by token, into the output vocabulary before the method runs (the vocabulary axis of
 a path is 0, or the last axis for a `*.kernel`). Integer/bool tensors are copied only when identical in every
 input. Inputs are never modified.
+The HF layout. When every input is an nnx model of a family with an HF mapping (interop.hf: llama/Mixtral,
+GPT-2, BERT), each parameter is merged as the streaming executor merges the model's HF checkpoint
+(`merge_in_hf_layout`): split into its HF tensors (a `*.kernel` (in, out) transposed to torch's (out, in); a stacked
+expert kernel (E, in, out) into E tensors (out, in), one merge each), keys tensor_key(seed, HF name) for randomised
+methods, parameters still resolved for our path. Kernels that are not element-wise (top-k trims with ties broken
+by flat index, per-row ranks, L1 rescales, norms) then give the same result, bit for bit, in memory and through
+scripts/merge.py; flat dicts are merged in the layout they hold (HF names: the same; our `*.kernel` paths: theirs).
 The convenience wrappers (`ties`, `task_arithmetic`, `linear`, `slerp`, `dare_ties`, `dare_linear`) are
 `merge` with the method's parameters as keyword arguments. `merge_slices` is mergekit's `slices:` (frankenmerges,
 depth up-scaling, slice-wise merges; ops/merge/slices.py) in memory, returning a model with the new layer count.
@@ -36,6 +43,7 @@ from flax import nnx
 
 from configurable_fm.errors import UserError
 from configurable_fm.bricks.paths import flat_params, with_params
+from configurable_fm.interop import hf as HF
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.execute import copy_integer
 from configurable_fm.ops.merge.execute import merge_tensor as _merge_tensor
@@ -293,6 +301,39 @@ def merge_tensor(method: MergeMethod, path: str, base, inputs: Sequence[Any], kw
     return _merge_tensor(method, base, inputs, kwargs, out_dtype=out_dtype, key=key, name=path)
 
 
+def hf_layout(template) -> dict[str, "HF.TensorMapping"]:
+    """{parameter path: interop.hf.TensorMapping} of an nnx model whose family converts to HF checkpoints (how
+    each parameter is made of HF tensors: a `*.kernel` (in, out) is one torch weight (out, in); a stacked expert
+    kernel (E, in, out) is E weights (out, in)); {} for a flat dict or a model without an HF mapping."""
+    if not isinstance(template, nnx.Module):
+        return {}
+    try:
+        maps = HF.family_for(template).tensor_map(template.cfg)
+    except (TypeError, AttributeError, HF.UnsupportedModel):
+        return {}
+    return {mp.path: mp for mp in maps}
+
+
+def merge_in_hf_layout(method: MergeMethod, path: str, mapping: "HF.TensorMapping", base, inputs: Sequence[Any],
+                       kwargs: Mapping[str, Any], *, seed: int, out_dtype):
+    """One parameter merged as its HF checkpoint tensors are merged by the streaming executor (stream.py): each
+    input is split into the HF tensors of `mapping` (transposed to torch's (out, in), one per expert), every HF
+    tensor h goes through execute.merge_tensor on its own (key tensor_key(seed, h) if randomised; parameters
+    `kwargs`, resolved for `path`), and the results are put back into our layout. Rank-based selections (TIES
+    trim, breadcrumbs, DELLA's per-row ranks), L1 rescales and norms then see exactly the tensors the stream
+    sees, so the two routes agree bit for bit, ties in magnitude included (sparsify.py: ties rank by flat index
+    in the HF layout)."""
+    views_b = None if base is None else mapping.to_hf(np.asarray(base))
+    views = [mapping.to_hf(np.asarray(x)) for x in inputs]
+    ys = []
+    for j, h in enumerate(mapping.hf_keys):
+        key = tensor_key(seed, h) if method.randomized else None
+        y = _merge_tensor(method, None if views_b is None else views_b[j], [v[j] for v in views], kwargs,
+                          out_dtype=out_dtype, key=key, name=f"{path} (HF {h})")
+        ys.append(np.asarray(y))
+    return jnp.asarray(mapping.to_param(ys))
+
+
 def merge(
     method: Union[str, MergeMethod],
     base: Optional[State],
@@ -317,7 +358,8 @@ def merge(
     parameters: global settings {name: setting}; model_parameters: one {name: setting} (or None) per model, as a
       list in `models` order or a {model name: settings} mapping, taking precedence for per-model parameters
       (settings: scalars, gradients, {filter, value} lists; params.py).
-    seed: for randomised methods, key = tensor_key(seed, path) (order independent).
+    seed: for randomised methods, key = tensor_key(seed, path) (order independent); for nnx models with an HF
+      mapping, tensor_key(seed, HF tensor name) per HF tensor (module docstring: the HF layout).
     num_layers: depth for gradients (default: 1 + the largest `layers.N` index in the paths).
     embed_alignment: None, 'base' (truncate/pad to the base's vocabulary), or tokenizer-aware: 'union' / a
       model name (with `tokenizers`: {input name: tokenizers.Tokenizer} with "base" for the base, or a list in
@@ -373,6 +415,7 @@ def merge(
                                     module_template=isinstance(template, nnx.Module))
     ref = all_flats[0]
     depth = P.num_layers_of(ref) if num_layers is None else num_layers
+    layout = hf_layout(template) if all(isinstance(x, nnx.Module) for x in [base, *models] if x is not None) else {}
 
     out: dict[str, Any] = {}
     for path, ref_value in ref.items():
@@ -391,8 +434,11 @@ def merge(
             inputs = [aligned[nm] for nm in names]
         kwargs = P.resolve_for_tensor(m, path, parameters=parameters, model_parameters=model_parameters,
                                       model_names=names, num_layers=depth)
-        out[path] = merge_tensor(m, path, b, inputs, kwargs, seed=seed,
-                                 out_dtype=out_dtype if out_dtype is not None else dtype)
+        odt = out_dtype if out_dtype is not None else dtype
+        if path in layout:
+            out[path] = merge_in_hf_layout(m, path, layout[path], b, inputs, kwargs, seed=seed, out_dtype=odt)
+        else:
+            out[path] = merge_tensor(m, path, b, inputs, kwargs, seed=seed, out_dtype=odt)
     if isinstance(template, nnx.Module):
         out = with_params(template, out)
     if isinstance(embed_alignment, str) and not _is_truncation(embed_alignment):
