@@ -6,6 +6,7 @@
     cfm-prepare-data --config experiments/data.py:code              # installed site-packages
     cfm-prepare-data --config experiments/data.py:mix               # stdlib + english
     cfm-prepare-data --config experiments/data.py:files --config.files.root=DIR   # your .txt files
+    cfm-prepare-data --config experiments/data.py:code8k            # stdlib + GPU-stack packages, own 8k BPE
 (`cfm-prepare-data` is `.venv/bin/python scripts/prepare_data.py`.) Options: `--out DIR` (relative to the current
 directory), `--overwrite`, and any key, e.g. `--config.validation_fraction=0.02
 --config.english.parts=sotu,wordnet,gcide,python_docs,kernel_docs --config.sources=stdlib,code`.
@@ -25,11 +26,15 @@ linux-source-6.1, 139 MB, off by default); `english` = the parts in `english.par
 """
 import ml_collections
 
-DATASETS = ("stdlib", "stdlib_tiny", "english", "code", "mix", "files")
+DATASETS = ("stdlib", "stdlib_tiny", "english", "code", "mix", "files", "code8k")
 
 # Python packages of the `code` dataset: the project's own dependencies (installed with it), pure-Python heavy.
 CODE_PACKAGES = ("numpy", "scipy", "sympy", "networkx", "jax", "flax", "optax", "orbax", "chex", "matplotlib",
                  "transformers", "torch")
+# `code8k` (the grow-vs-scratch study, experiments/grow/grow_vs_scratch.py): the standard library plus the Python
+# source of the packages the GPU machine has (the training stack), tokenized with a byte-level BPE of 8192 tokens
+# trained on the dataset's own training split (data/bpe.py; DIR/tokenizer.json).
+CODE8K_PACKAGES = ("numpy", "jax", "flax", "optax", "orbax", "chex", "transformers", "torch")
 # `stdlib_tiny`: the first 8 files (sorted paths, tests excluded) of these standard-library packages, ~1.1 MB.
 TINY_PACKAGES = ("json", "email", "collections", "asyncio", "logging", "http", "urllib", "unittest")
 
@@ -40,8 +45,9 @@ def get_config(arg: str = "stdlib") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = arg
     c.sources = {"stdlib": ("stdlib",), "stdlib_tiny": ("stdlib",), "english": ("english",), "code": ("code",),
-                 "mix": ("stdlib", "english"), "files": ("files",)}[arg]
-    c.tokenizer = "smollm2-135m-instruct"  # a registered model name, or a tokenizer.json / dir / .gguf path
+                 "mix": ("stdlib", "english"), "files": ("files",), "code8k": ("stdlib", "code")}[arg]
+    # a registered model name, a tokenizer.json / dir / .gguf path, or 'bpe:<n>' (trained on the training split)
+    c.tokenizer = "bpe:8192" if arg == "code8k" else "smollm2-135m-instruct"
     c.eos_id = 0  # appended after every document; SmolLM2: <|endoftext|>
     c.validation_fraction = 0.05 if arg == "stdlib_tiny" else 0.01
     c.min_validation_documents = 1
@@ -58,7 +64,8 @@ def get_config(arg: str = "stdlib") -> ml_collections.ConfigDict:
         exclude_tests=arg == "stdlib_tiny", max_files_per_package=8 if arg == "stdlib_tiny" else 0,
         max_file_bytes=1_000_000))
     c.code = ml_collections.ConfigDict(dict(
-        packages=CODE_PACKAGES, exclude_tests=True, max_files_per_package=0, max_file_bytes=1_000_000))
+        packages=CODE8K_PACKAGES if arg == "code8k" else CODE_PACKAGES, exclude_tests=True,
+        max_files_per_package=0, max_file_bytes=1_000_000))
     c.files = ml_collections.ConfigDict(dict(root="", patterns=("**/*.txt",), max_file_bytes=0))
     c.english = ml_collections.ConfigDict(dict(
         parts=("sotu", "wordnet", "gcide", "python_docs"),  # add "kernel_docs" for the Linux Documentation/

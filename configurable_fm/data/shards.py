@@ -1,13 +1,15 @@
 """Versioned token datasets: documents -> train/validation token shards + manifest, and a memory-mapped reader.
 
-    manifest = build_dataset(get_config("stdlib"), "data/stdlib")   # or: python scripts/prepare_data.py ...
-    train = TokenStream("data/stdlib", "train")                      # the split as one 1-D token sequence
+    manifest = build_dataset(get_config("stdlib"))     # into $CFM_DATA_DIR/stdlib (dataset_dir), or pass a path
+    train = TokenStream(dataset_dir("", "stdlib"), "train")          # the split as one 1-D token sequence
     x = train[1000:1000 + 2049]                                      # np.int32, across shard boundaries
 
 On disk (`DIR`):
 
     DIR/manifest.json                 format, config, sources, tokenizer, eos id, dtype, shards with sha256
     DIR/documents.jsonl               one line per document: source, id, split, start token, tokens, sha256
+    DIR/tokenizer.json                only for `tokenizer = 'bpe:<n>'`: a byte-level BPE trained on the training
+                                      split (data/bpe.py); the manifest's tokenizer.file names it
     DIR/train/shard_00000.npy ...     1-D uint16 (vocab <= 65536) or uint32 arrays, `np.save` format
     DIR/validation/shard_00000.npy ...
 
@@ -30,6 +32,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -38,6 +41,7 @@ import numpy as np
 
 from configurable_fm.errors import OutputExists, UserError
 from configurable_fm.data import corpora
+from configurable_fm.data.bpe import parse_bpe_spec, train_bpe
 from configurable_fm.interop.atomic import atomic_directory
 
 FORMAT = "configurable_fm.token_dataset"
@@ -45,6 +49,9 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.jsonl"
+DATA_DIR_ENV = "CFM_DATA_DIR"  # the data root: where named datasets live (`data_root`)
+DEFAULT_DATA_ROOT = "~/.cache/configurable_fm/data"
+TOKENIZER_FILE = "tokenizer.json"  # written only for a 'bpe:<n>' tokenizer trained on the dataset (data/bpe.py)
 
 # Every key a dataset config may have, with its default (experiments/data.py spells them out).
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -135,6 +142,20 @@ def resolve_tokenizer(spec: str):
     info = {"spec": str(spec), "sha256": sha256_text(tok.to_str()),
             "vocab_size": int(tok.get_vocab_size(with_added_tokens=True))}
     return tok, info
+
+
+def _prepared_tokenizer(tokenizer, tok_info: dict, cfg: dict):
+    """(tokenizer, info, eos_id, token dtype) with truncation and padding off and special-token strings encoded
+    as text (tokenizers >= 0.15); ValueError when eos_id is outside the vocabulary."""
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    if hasattr(tokenizer, "encode_special_tokens"):
+        tokenizer.encode_special_tokens = True
+    eos_id = int(cfg["eos_id"])
+    if not 0 <= eos_id < tok_info["vocab_size"]:
+        raise ValueError(f"dataset config: eos_id {eos_id} is outside the tokenizer's vocabulary "
+                         f"({tok_info['vocab_size']} ids, {cfg['tokenizer']})")
+    return tokenizer, tok_info, eos_id, token_dtype(tok_info["vocab_size"])
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -262,29 +283,58 @@ def write_split(docs: Sequence[corpora.Document], tokenizer, out_dir: str | os.P
     return record, records
 
 
+# ------------------------------------------------------------------------------------------ where datasets live
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def data_root() -> Path:
+    """The directory that holds named token datasets: $CFM_DATA_DIR, else ~/.cache/configurable_fm/data (the
+    same whatever the current directory)."""
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_ROOT).expanduser()
+
+
+def dataset_dir(spec: str | os.PathLike | None, name: str | None = None) -> Path:
+    """The directory of a token dataset from a config's `data.dir` / `out_dir` value: '' -> data_root()/name;
+    absolute, '~', './' or '../' paths as given; any other relative path inside data_root(), without a leading
+    'data/' (the shipped configs' 'data/<name>'). The one resolver: build_dataset, cfm-prepare-data and the
+    trainer (train/data.py) all place and find datasets through it."""
+    text = os.fspath(spec) if spec is not None else ""
+    if not text:
+        if not name:
+            raise ValueError("no dataset directory and no dataset name to place it in the data root")
+        return data_root() / name
+    if text.startswith(("~", "./", "../")) or text in (".", "..") or os.path.isabs(text):
+        return Path(text).expanduser()
+    parts = Path(text).parts
+    if parts and parts[0] == "data":
+        parts = parts[1:]
+    return data_root().joinpath(*parts) if parts else data_root()
+
+
 def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False,
                   progress: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Builds the token dataset described by `config` (see DEFAULT_CONFIG / experiments/data.py) into `out_dir`
-    (default `config.out_dir`, else data/<name>); returns the manifest. An existing `out_dir` is refused unless
+    (a path, relative to the current directory), by default `dataset_dir(config.out_dir, config.name)`: the data
+    root's <name> ($CFM_DATA_DIR, default ~/.cache/configurable_fm/data), where the trainer looks for it; returns
+    the manifest. Without `out_dir` the dataset and the directory are announced first through `log` (default:
+    stderr); callers that pass a directory announce it themselves. An existing output directory is refused unless
     `overwrite` (then replaced only once the new one is complete). `progress`: tqdm bars over documents."""
     t0 = time.time()
     cfg = resolve_config(config)
-    out_dir = Path(out_dir or cfg["out_dir"] or Path("data") / cfg["name"])
+    say = log or (lambda s: None)
+    if out_dir is None or not os.fspath(out_dir):
+        out_dir = dataset_dir(cfg["out_dir"], cfg["name"])
+        if overwrite or not out_dir.exists():
+            (log or _stderr)(f"building dataset {cfg['name']!r} (sources: {', '.join(cfg['sources'])}) into "
+                             f"{out_dir} (the data root is ${DATA_DIR_ENV}, default {DEFAULT_DATA_ROOT})")
+    out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise OutputExists(f"{out_dir} already exists (pass --overwrite / overwrite=True to replace it)")
-    say = log or (lambda s: None)
 
-    tokenizer, tok_info = resolve_tokenizer(cfg["tokenizer"])
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    specials_as_text = hasattr(tokenizer, "encode_special_tokens")  # tokenizers >= 0.15
-    if specials_as_text:
-        tokenizer.encode_special_tokens = True
-    eos_id = int(cfg["eos_id"])
-    if not 0 <= eos_id < tok_info["vocab_size"]:
-        raise ValueError(f"dataset config: eos_id {eos_id} is outside the tokenizer's vocabulary "
-                         f"({tok_info['vocab_size']} ids, {cfg['tokenizer']})")
-    dtype = token_dtype(tok_info["vocab_size"])
+    bpe_vocab = parse_bpe_spec(cfg["tokenizer"])  # 'bpe:<n>': trained on the training split below
+    if bpe_vocab is None:
+        tokenizer, tok_info, eos_id, dtype = _prepared_tokenizer(*resolve_tokenizer(cfg["tokenizer"]), cfg)
 
     t1 = time.time()
     sources = corpora.make_sources(cfg["sources"], {k: cfg[k] for k in ("stdlib", "code", "files", "english")},
@@ -300,6 +350,14 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
     splits = assign_splits(docs, fraction=float(cfg["validation_fraction"]), salt=str(cfg["split_salt"]),
                            min_validation=int(cfg["min_validation_documents"]),
                            shuffle=bool(cfg["shuffle_documents"]))
+    if bpe_vocab is not None:
+        t2 = time.time()
+        tokenizer = train_bpe((d.text for d in splits["train"]), bpe_vocab)
+        tok_info = {"spec": str(cfg["tokenizer"]), "sha256": sha256_text(tokenizer.to_str()),
+                    "vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)), "file": TOKENIZER_FILE}
+        tokenizer, tok_info, eos_id, dtype = _prepared_tokenizer(tokenizer, tok_info, cfg)
+        say(f"trained a byte-level BPE of {tok_info['vocab_size']} tokens on the training split in "
+            f"{time.time() - t2:.1f} s")
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         umask = os.umask(0)
@@ -315,6 +373,8 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
             if bar is not None:
                 bar.close()
             doc_records.extend(recs)
+        if bpe_vocab is not None:
+            tokenizer.save(str(tmp / TOKENIZER_FILE))
         with open(tmp / DOCUMENTS, "w", encoding="utf-8") as f:
             for r in doc_records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -324,7 +384,8 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "code": code_revision(),
             "config": _jsonable(recorded),
-            "tokenizer": {**tok_info, "add_special_tokens": False, "encode_special_tokens_as_text": specials_as_text},
+            "tokenizer": {**tok_info, "add_special_tokens": False,
+                          "encode_special_tokens_as_text": hasattr(tokenizer, "encode_special_tokens")},
             "eos_id": eos_id, "eos_token": tokenizer.id_to_token(eos_id), "vocab_size": tok_info["vocab_size"],
             "dtype": dtype.name,
             "sources": _jsonable(source_stats),

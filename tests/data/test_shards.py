@@ -282,3 +282,55 @@ def test_overwrite_and_config_errors(corpus, tmp_path):
 def test_token_dtype():
     assert token_dtype(49152) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32 and token_dtype(151936) == np.uint32
+
+
+def test_bpe_tokenizer_trained_on_the_training_split(corpus, tmp_path):
+    """tokenizer='bpe:<n>': a byte-level BPE learnt from the training documents only, saved next to the shards,
+    the same bytes on a rebuild, decoding every document exactly."""
+    from configurable_fm.data.bpe import parse_bpe_spec
+    from configurable_fm.interop.tokenizers import load_tokenizer
+
+    a = build_dataset(config(corpus, tokenizer="bpe:600"), tmp_path / "a")
+    b = build_dataset(config(corpus, tokenizer="bpe:600"), tmp_path / "b")
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert files_of(tmp_path / "a" / "train") == files_of(tmp_path / "b" / "train")
+    assert a["tokenizer"]["spec"] == "bpe:600" and a["tokenizer"]["file"] == "tokenizer.json"
+    assert a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"] and a["vocab_size"] <= 600
+    assert a["eos_token"] == "<|endoftext|>"
+    tok = load_tokenizer(str(tmp_path / "a" / "tokenizer.json"))
+    stream = TokenStream(tmp_path / "a", "validation")
+    ids = stream[0:len(stream)]
+    texts = tok.decode(list(ids), skip_special_tokens=False).split("<|endoftext|>")
+    assert all(t in corpus[2].values() or t == "" or "<|endoftext|>" in t for t in texts)
+    # the validation documents never reach the merges: their text alone decides nothing about the vocabulary
+    c = build_dataset(config(corpus, tokenizer="bpe:600", validation_fraction=0.5), tmp_path / "c")
+    assert c["tokenizer"]["sha256"] != a["tokenizer"]["sha256"]
+    assert parse_bpe_spec("smollm2-135m-instruct") is None and parse_bpe_spec("bpe:8192") == 8192
+    with pytest.raises(ValueError, match="at least 512"):
+        parse_bpe_spec("bpe:100")
+
+
+def test_without_out_dir_python_callers_build_into_the_data_root(corpus, built, tmp_path, monkeypatch, capsys):
+    """build_dataset(config) with no out_dir: <$CFM_DATA_DIR>/<name> (dataset_dir, the trainer's resolver), never
+    ./data/<name>; the dataset and the directory are announced on stderr (or through `log`)."""
+    from configurable_fm.data.shards import data_root, dataset_dir
+    from configurable_fm.train import data as train_data
+
+    root = tmp_path / "root"
+    monkeypatch.setenv("CFM_DATA_DIR", str(root))
+    monkeypatch.chdir(tmp_path)
+    assert train_data.dataset_dir is dataset_dir and train_data.data_root is data_root  # one resolver
+    manifest = build_dataset(config(corpus))
+    assert (root / "tiny_files" / "manifest.json").is_file() and not (tmp_path / "data").exists()
+    err = capsys.readouterr().err
+    assert f"building dataset 'tiny_files' (sources: files) into {root / 'tiny_files'}" in err
+    assert "$CFM_DATA_DIR" in err
+    assert files_of(root / "tiny_files" / "train") == files_of(built[0] / "train")
+    assert manifest["name"] == "tiny_files"
+    lines = []  # the config's out_dir, relative: inside the data root (a leading 'data/' dropped)
+    build_dataset(config(corpus, out_dir="data/other"), log=lines.append)
+    assert (root / "other" / "manifest.json").is_file() and lines[0].endswith(
+        f"into {root / 'other'} (the data root is $CFM_DATA_DIR, default ~/.cache/configurable_fm/data)")
+    assert not capsys.readouterr().err
+    with pytest.raises(Exception, match="already exists"):
+        build_dataset(config(corpus))
