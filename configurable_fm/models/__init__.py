@@ -17,6 +17,7 @@ from configurable_fm.models.bert import Bert, BertConfig, mean_pool, sentence_em
 from configurable_fm.models.generation import generate, generate_text
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
 from configurable_fm.models.llama import Llama, LlamaConfig
+from configurable_fm.models.masked import GrowthRamp, MaskedLinear, MaskedRMSNorm  # registers the mask extensions
 from configurable_fm.models.structure import (Extension, InconsistentModel, check_consistent, config_from_tree,
                                               extension_specs, rebuild, register_extension, structure_problems,
                                               sync_config)
@@ -38,4 +39,4 @@ def __getattr__(name):
 __all__ = ["from_hf", "to_hf", "from_gguf", "load_pretrained", "load_model", "model_path", "generate", "generate_text", "Llama", "LlamaConfig",
            "GPT2", "GPT2Config", "Bert", "BertConfig", "mean_pool", "sentence_embedding", "KVCache", "RopeScaling",
            "InconsistentModel", "check_consistent", "structure_problems", "config_from_tree", "sync_config", "rebuild",
-           "Extension", "register_extension", "extension_specs"]
+           "Extension", "register_extension", "extension_specs", "GrowthRamp", "MaskedLinear", "MaskedRMSNorm"]

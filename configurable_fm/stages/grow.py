@@ -209,16 +209,9 @@ def is_exact(steps) -> bool:
 # ------------------------------------------------------------------------------------------ growing
 def apply_steps(model, steps, seed: int, *, log=None):
     """`model` grown by the checked steps (check_config), each with its own key folded from `seed`."""
-    import jax
+    from configurable_fm.ops.grow import grow_steps
 
-    from configurable_fm.ops.grow import grow_depth, grow_width, upcycle
-
-    ops = {"width": grow_width, "depth": grow_depth, "upcycle": upcycle}
-    for i, (op, kw) in enumerate(steps):
-        if log is not None:
-            log(f"grow: {op} {kw}")
-        model = ops[op](model, **kw, key=jax.random.fold_in(jax.random.key(seed), i))
-    return model
+    return grow_steps(model, steps, seed=seed, log=log).model
 
 
 def cast(model, dtype: str | None):

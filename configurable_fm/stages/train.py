@@ -1,9 +1,13 @@
 """The built-in stage kinds 'train' and 'evaluate' (registered when configurable_fm.stages is imported).
 
     'train'    : pre-training or fine-tuning (train/trainer.py) from a train config (experiments/pretrain.py,
-                 experiments/finetune.py); `init_from` may name an earlier stage's model. Output: the final model.
+                 experiments/finetune.py); `init_from` may name an earlier stage's model; an optional `task`
+                 entry picks the task (train/ramp.py: task_from_config, e.g. {'kind': 'mask_ramp', 'start': 0,
+                 'steps': 500} fades in a grow_masked model's new structure). Output: the final model.
     'evaluate' : validation loss / perplexity on `data` and task exact match (`task_metrics`) for each of
-                 `models`, written to eval.json + eval.md (see `evaluate_config`). Output: its last model, as is.
+                 `models`, each exact match with n, its SE, 95% Wilson interval, chance level and standard errors
+                 above chance (report.accuracy_stats), written to eval.json + eval.md (see `evaluate_config`).
+                 Output: its last model, as is.
 """
 from __future__ import annotations
 
@@ -14,14 +18,15 @@ import ml_collections
 import numpy as np
 
 from configurable_fm.interop.atomic import write_json_atomic
-from configurable_fm.stages.report import format_metrics, markdown_table
+from configurable_fm.stages.report import (ACCURACY_HEADER, ACCURACY_LEGEND, accuracy_row, accuracy_stats,
+                                          chance_level, format_metrics, markdown_table)
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage
 
 # The top-level keys of a train config (experiments/pretrain.py, experiments/finetune.py) that the trainer and its
 # data read; a train stage with any other key is refused before the study runs.
 TRAIN_KEYS = ("name", "seed", "model", "init_from", "trainable", "steps", "batch_size", "seq_len", "grad_accum_steps",
               "compute_dtype", "remat", "mesh", "optimizer", "checkpoint", "checkpoint_every", "eval_every",
-              "log_every", "progress", "data", "tokenizer", "token_ids", "task_metrics", "task_eval")
+              "log_every", "progress", "data", "tokenizer", "token_ids", "task_metrics", "task_eval", "task")
 EVALUATE_KEYS = ("models", "seed", "seq_len", "batch_size", "compute_dtype", "tokenizer", "token_ids", "data",
                  "task_metrics", "task_eval")
 
@@ -31,9 +36,11 @@ def train_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
     the final model is the stage's output. Metrics: the last logged loss, best validation loss, and the last
     value of every evaluation metric (val_loss, val_ppl, '<task>/exact_match')."""
     from configurable_fm.train.metrics import read_metrics
+    from configurable_fm.train.ramp import task_from_config
     from configurable_fm.train.trainer import train
 
-    result = train(cfg, ctx.stage_dir / "train", log=ctx.log)
+    task = task_from_config(cfg.get("task"))  # ConfigError before anything is written
+    result = train(cfg, ctx.stage_dir / "train", task=task, log=ctx.log)
     model = ctx.save_model(result.model)
     records = read_metrics(ctx.stage_dir / "train")
     logged = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
@@ -80,15 +87,34 @@ def evaluate_config(name: str = "evaluate", *, models=("@previous",), data: Mapp
     return c
 
 
+STAT_SUFFIXES = ("n", "se", "ci95_low", "ci95_high", "chance", "z_chance")  # '<task>/exact_match_<suffix>'
+
+
+def task_chance(cfg: ml_collections.ConfigDict) -> dict[str, dict]:
+    """{task: report.chance_level of the answers of its evaluation problems} for cfg.task_metrics: the problems
+    the task metrics score (synthetic task `examples(split, n, seed)` with cfg.task_eval over the trainer's
+    defaults), answers compared after the scorer's normalisation."""
+    from configurable_fm.data.synthetic.tasks import get_task, normalize
+    from configurable_fm.train.data import TASK_EVAL_DEFAULTS
+
+    ev = {**TASK_EVAL_DEFAULTS, **dict(cfg.get("task_eval") or {})}
+    return {name: chance_level(normalize(ex.answer) for ex in get_task(name).examples(ev["split"], int(ev["n"]),
+                                                                                    int(ev["seed"])))
+            for name in cfg.get("task_metrics") or ()}
+
+
 def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], log=print) -> dict[str, dict]:
-    """{label: {'val_loss', 'val_ppl' (when cfg.data.kind is set), '<task>/exact_match' ...}} for each model
-    source in `models` ({label: source}). Validation loss is the token-weighted mean NLL over every evaluation
-    batch of `make_data(cfg)` (loss_mask and padding-row mask applied, as in training), perplexity exp(loss)."""
+    """{label: {'val_loss', 'val_ppl' (when cfg.data.kind is set), '<task>/exact_match' ..., then for each task
+    '<task>/exact_match_<s>' for s in STAT_SUFFIXES}} for each model source in `models` ({label: source}).
+    Validation loss is the token-weighted mean NLL over every evaluation batch of `make_data(cfg)` (loss_mask
+    and padding-row mask applied, as in training), perplexity exp(loss). Each exact match p comes with
+    report.accuracy_stats: n problems, SE, 95% Wilson interval, the chance level of `task_chance` and
+    z_chance, the standard errors of guessing by which p exceeds it."""
     from flax import nnx
 
     from configurable_fm.interop.loader import load_model
     from configurable_fm.models.factory import DTYPES, with_compute_dtype
-    from configurable_fm.train.data import make_data, make_task_metrics
+    from configurable_fm.train.data import TASK_EVAL_DEFAULTS, make_data, make_task_metrics
     from configurable_fm.train.task import loss_sums
 
     data = make_data(cfg) if cfg.data.get("kind") else None
@@ -96,6 +122,8 @@ def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], l
     if data is None and not tasks:
         raise ValueError("evaluate stage: nothing to evaluate; set data.kind (validation loss) and/or task_metrics")
     sums = nnx.jit(loss_sums)
+    chance = task_chance(cfg) if tasks else {}
+    n_problems = int({**TASK_EVAL_DEFAULTS, **dict(cfg.get("task_eval") or {})}["n"])
     out = {}
     for label, source in models.items():
         model = load_model(source)
@@ -114,6 +142,12 @@ def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], l
         for fn in tasks.values():
             metrics.update(fn(model))
         log(f"  {label}: {format_metrics(metrics, limit=12)}")
+        for name, c in chance.items():
+            acc = metrics[f"{name}/exact_match"]
+            stats = accuracy_stats(acc, n_problems, c["chance"])
+            metrics.update({f"{name}/exact_match_{k}": stats[k] for k in STAT_SUFFIXES})
+            cells = accuracy_row(acc, stats, c["answer"], c["k"])
+            log(f"    {name} exact match {cells[0]}, 95% CI {cells[1]}, chance {cells[3]}: {cells[4]}")
         out[label] = metrics
     return out
 
@@ -129,15 +163,30 @@ def evaluate_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOu
     if len(set(labels)) != len(labels):
         raise ValueError(f"evaluate stage {ctx.name!r}: a model is listed twice in {labels}")
     results = evaluate_models(cfg, dict(zip(labels, sources)), log=ctx.log)
-    keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k not in ("val_loss", "val_ppl"), k))
+    chance = task_chance(cfg)
+    stat_keys = {f"{t}/exact_match_{s}" for t in chance for s in STAT_SUFFIXES}
+    keys = sorted({k for m in results.values() for k in m if k not in stat_keys},
+                  key=lambda k: (k not in ("val_loss", "val_ppl"), k))
     table = markdown_table(["model"] + keys, [[label] + [results[label].get(k, "") for k in keys]
                                               for label in labels])
-    write_json_atomic(ctx.stage_dir / "eval.json", {"models": [{"label": label, "source": src, "metrics": results[label]}
-                                                         for label, src in zip(labels, sources)]})
+    if chance:
+        rows = [[label, task] + accuracy_row(results[label][f"{task}/exact_match"],
+                                             {s: results[label][f"{task}/exact_match_{s}"] for s in STAT_SUFFIXES},
+                                             c["answer"], c["k"])
+                for label in labels for task, c in chance.items()]
+        table += "\n\n" + markdown_table(["model", "task"] + ACCURACY_HEADER, rows) + "\n\n" + ACCURACY_LEGEND
+    write_json_atomic(ctx.stage_dir / "eval.json", {
+        "models": [{"label": label, "source": src, "metrics": results[label]} for label, src in zip(labels, sources)],
+        "chance": {t: {"chance": c["chance"], "answer": c["answer"], "distinct_answers": c["k"]}
+                   for t, c in chance.items()}})
     tmp = ctx.stage_dir / "eval.md.tmp"
     tmp.write_text(table + "\n")
     tmp.replace(ctx.stage_dir / "eval.md")
-    metrics = {f"{label}/{k}" if len(labels) > 1 else k: v for label in labels for k, v in results[label].items()}
+    # headline metrics first (the study report's key-metrics column shows the first few), then the statistics
+    metrics = {f"{label}/{k}" if len(labels) > 1 else k: v for label in labels for k, v in results[label].items()
+               if k not in stat_keys}
+    metrics.update({f"{label}/{k}" if len(labels) > 1 else k: v for label in labels
+                    for k, v in results[label].items() if k in stat_keys})
     return StageOutput(model=sources[-1], metrics=metrics, summary=table)
 
 

@@ -1,6 +1,7 @@
 """Training: the trainer (trainer.py: set-up, restore, the step loop), what it minimises (task.py: the Task
-protocol, NextTokenTask, AnchoredTask), the model's partitions and train state (state.py), the compiled steps
-(step.py), optimizers and schedules, checkpoints, metric writers (metrics.py) and FLOPs/MFU accounting (flops.py).
+protocol, NextTokenTask, AnchoredTask; ramp.py: MaskRampTask, fading in masked growth), the model's partitions
+and train state (state.py), the compiled steps (step.py), optimizers and schedules, checkpoints, metric writers
+(metrics.py) and FLOPs/MFU accounting (flops.py).
 Input pipelines live in `configurable_fm.data.pipeline`.
 
     from configurable_fm.train import train, AnchoredTask
@@ -15,6 +16,7 @@ _EXPORTS = {
     "check_config": "trainer",
     "Task": "task", "NextTokenTask": "task", "AnchoredTask": "task", "loss_sums": "task",
     "ModelParts": "state", "TrainState": "state",
+    "MaskRampTask": "ramp", "task_from_config": "ramp",
 }
 __all__ = sorted(_EXPORTS)
 

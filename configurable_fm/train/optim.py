@@ -5,6 +5,12 @@ Schedules (step s, peak lr eta, warmup W, total S, floor eta_min = min_lr_ratio 
   wsd:      warmup-stable-decay: linear warmup, constant eta, then linear decay to eta_min over the last
             `decay_fraction` of the steps (Hu et al., MiniCPM, 2024)
   constant: linear warmup then eta
+Re-warming (after growth, train/growth.py; optional keys, absent or 0 = off): with optimizer.rewarm_at = g > 0 the
+schedule is the one above for s < g, and from g the same kind of schedule restarted over the remaining S - g
+steps with warmup optimizer.rewarm_steps = R (0 -> eta right away, MSG's rewind to the peak):
+  lr(s) = sched_{W, S}(s)              for s < g
+  lr(s) = sched_{R, S - g}(s - g)      for s >= g   (linear 0 -> eta over R steps, then the decay to eta_min by S)
+Steps count from the start of the run, so a grown run that keeps its step counter re-warms at its growth step.
 Optimizer: AdamW (decoupled weight decay on matrices only: parameters with ndim >= 2), after clipping the
 global gradient norm to `grad_clip` (0 disables).
 """
@@ -19,7 +25,22 @@ SCHEDULES = ("cosine", "wsd", "constant")
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    peak, warmup = opt.lr, int(opt.warmup_steps)
+    """The schedule of the module docstring (with the re-warm at optimizer.rewarm_at when set)."""
+    at, rewarm = int(opt.get("rewarm_at", 0) or 0), int(opt.get("rewarm_steps", 0) or 0)
+    if at or rewarm:
+        if not 0 < at < total_steps:
+            raise ValueError(f"optimizer.rewarm_at={at} must lie in 1..steps-1={total_steps - 1} "
+                             f"(optimizer.rewarm_steps={rewarm} needs it)")
+        if not 0 <= rewarm < total_steps - at:
+            raise ValueError(f"optimizer.rewarm_steps={rewarm} must lie in 0..{total_steps - at - 1} (the steps "
+                             f"left after optimizer.rewarm_at={at})")
+        return optax.join_schedules([_schedule(opt, int(opt.warmup_steps), total_steps),
+                                     _schedule(opt, rewarm, total_steps - at)], [at])
+    return _schedule(opt, int(opt.warmup_steps), total_steps)
+
+
+def _schedule(opt: ml_collections.ConfigDict, warmup: int, total_steps: int) -> optax.Schedule:
+    peak = opt.lr
     floor = peak * opt.get("min_lr_ratio", 0.1)
     if warmup >= total_steps and total_steps > 0:
         raise ValueError(f"optimizer.warmup_steps={warmup} must be smaller than steps={total_steps}")

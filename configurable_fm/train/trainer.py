@@ -263,6 +263,34 @@ def run_info(setup: TrainSetup) -> dict:
         "other": list(parts.other), "task": type(setup.task).__name__, "data_manifest": setup.data.manifest}
 
 
+# ------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_args(state: TrainState, data_state, meta: dict) -> ocp.args.Composite:
+    """What a training checkpoint holds (module docstring): params (the trainable partition), opt_state, other
+    (when there is any), data (the iterator's state) and meta (step, best_val_loss, val_loss, partitions)."""
+    items = {"params": ocp.args.StandardSave(state.trainable), "opt_state": ocp.args.StandardSave(state.opt_state),
+             "data": ocp.args.JsonSave(data_state), "meta": ocp.args.JsonSave(meta)}
+    if state.other:
+        items["other"] = ocp.args.StandardSave(state.other)
+    return ocp.args.Composite(**items)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, like: TrainState, mesh,
+                       meta: dict | None = None) -> tuple[TrainState, Any, dict]:
+    """(TrainState at `step`, the data iterator's state, meta) of a training checkpoint, restored with the
+    shapes, dtypes and shardings of `like` (a state of the same run's structure)."""
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    if meta is None:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    items = {"params": ocp.args.StandardRestore(abstract(like.trainable)),
+             "opt_state": ocp.args.StandardRestore(abstract(like.opt_state)), "data": ocp.args.JsonRestore()}
+    if like.other:
+        items["other"] = ocp.args.StandardRestore(abstract(like.other))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    state = TrainState(step_array(step, mesh), restored.params, restored.opt_state,
+                       restored.other if like.other else {})
+    return state, restored.data, meta
+
+
 # ------------------------------------------------------------------------------------------ the run
 class Run:
     """One run of a TrainSetup in a workdir. Making it creates the workdir and restores the last checkpoint (or
@@ -310,8 +338,6 @@ class Run:
     def restore(self, step: int) -> None:
         """The state, data iterator and best validation loss of checkpoint `step` (orbax only lists finalised
         steps); a checkpoint written with other partitions is an error naming the difference."""
-        abstract = lambda tree: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         saved = meta.get("partitions")
         if saved is not None and saved != self._partitions():
@@ -320,27 +346,15 @@ class Run:
                         "this run only": sorted(set(now[k]) - set(saved[k]))[:6]} for k in now if saved[k] != now[k]}
             raise ConfigError(f"checkpoint {self.ckpt_dir / str(step)} holds other partitions than this run's "
                               f"config.trainable selects: {diff}; resume with the same trainable, or use a new workdir")
-        items = {"params": ocp.args.StandardRestore(abstract(self.state.trainable)),
-                 "opt_state": ocp.args.StandardRestore(abstract(self.state.opt_state)),
-                 "data": ocp.args.JsonRestore()}
-        if self.state.other:
-            items["other"] = ocp.args.StandardRestore(abstract(self.state.other))
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        self.state = TrainState(step_array(step, self.setup.mesh), restored.params, restored.opt_state,
-                                restored.other if self.state.other else {})
-        self.train_iter.set_state(restored.data)
+        state, data_state, _ = restore_checkpoint(self.manager, step, self.state, self.setup.mesh, meta=meta)
+        self.state = state
+        self.train_iter.set_state(data_state)
         self.start_step, self.best_val = step, meta.get("best_val_loss")
         self.log(f"resumed from {self.ckpt_dir / str(step)} (step {step})")
 
     def save(self, step: int, val_loss: float | None) -> None:
-        items = {"params": ocp.args.StandardSave(self.state.trainable),
-                 "opt_state": ocp.args.StandardSave(self.state.opt_state),
-                 "data": ocp.args.JsonSave(self.train_iter.get_state()),
-                 "meta": ocp.args.JsonSave({"step": step, "best_val_loss": self.best_val, "val_loss": val_loss,
-                                            "partitions": self._partitions()})}
-        if self.state.other:
-            items["other"] = ocp.args.StandardSave(self.state.other)
-        self.manager.save(step, args=ocp.args.Composite(**items))
+        self.manager.save(step, args=checkpoint_args(self.state, self.train_iter.get_state(), {
+            "step": step, "best_val_loss": self.best_val, "val_loss": val_loss, "partitions": self._partitions()}))
 
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -460,7 +474,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mode
     names: exact match of greedy generations, logged as '<task>/exact_match'; see train/data.py). allow_changes:
     config keys (dotted; a key covers those under it) that may differ from the config the workdir's run was started
     with when it resumes, e.g. ('steps',) to extend a run; any other difference is a ConfigError (train/resume.py).
+    Without `task`, `config.task` (when present) names one (train/ramp.py task_from_config: {'kind': 'mask_ramp',
+    'start', 'steps'}), so `cfm-train --config.task.kind=mask_ramp` works as the train stage does.
     """
+    if task is None and config.get("task"):
+        from configurable_fm.train.ramp import task_from_config
+
+        task = task_from_config(config.get("task"))
     run = Run(set_up(config, model=model, task=task, data=data, task_metrics=task_metrics), Path(workdir), log,
               allow_changes)
     try:

@@ -15,6 +15,7 @@ from configurable_fm.interop.hf import from_hf, to_hf
 from configurable_fm.interop.loader import load_model
 from configurable_fm.interop.orbax_io import save_model
 from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.ops.grow import state as grow_state
 from configurable_fm.stages import STAGES, run
 from configurable_fm.stages.grow import grow_from_config
 from experiments import study_tiny
@@ -177,9 +178,10 @@ def test_to_shape_smollm2_360m_is_the_360m_shape():
         to_shape.get_config("smollm2_1b")
 
 
-def test_study_train_grow_train_runs_and_resumes(tmp_path):
+def test_study_train_grow_train_runs_and_resumes(tmp_path, monkeypatch):
     """pretrain (study_tiny:test, character tokenizer) -> grow (exact width + identity depth) -> finetune from the
-    grown model; the grow stage's metrics show exactness, and a rerun skips every stage."""
+    grown model; the grow stage's metrics show exactness, and a rerun skips every stage. Before that, a grow
+    killed mid-way (after its width step) leaves no output, and the rerun skips pretrain and completes it."""
     assert "grow" in STAGES
     tok = write_char_tokenizer(tmp_path / "tokenizer.json")
     c = study_tiny.get_config("test")
@@ -195,7 +197,19 @@ def test_study_train_grow_train_runs_and_resumes(tmp_path):
     g.depth.num_layers = 3
     c.stages = [pre, stage_config(g, "grow"), ft]
     logs = []
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed during grow")
+
+    monkeypatch.setattr(grow_state, "grow_depth", killed)  # the width step has run
+    with pytest.raises(KeyboardInterrupt):
+        run(c, tmp_path / "study", log=logs.append)
+    grow_dir = tmp_path / "study" / "stages" / "01_grow"
+    assert (grow_dir / "stage.pending.json").exists() and sorted(p.name for p in grow_dir.iterdir()) == [
+        "stage.pending.json"]
+    monkeypatch.undo()
     result = run(c, tmp_path / "study", log=logs.append)
+    assert [r.status for r in result.stages] == ["skipped", "resumed", "ran"]
     rec = result["grow"]
     assert rec.metrics["params_after"] > rec.metrics["params_before"]
     assert rec.metrics["max_logit_diff"] <= 1e-4

@@ -66,6 +66,17 @@ def normal(key, shape, dtype=np.float32) -> np.ndarray:
     return _generator(key).standard_normal(tuple(shape)).astype(dtype)
 
 
+def fresh(path: str, shape, dtype, key) -> np.ndarray:
+    """A newly built model's value for the parameter at `path`: unit norm gains (paths ending in `norm.weight`),
+    zero biases, N(0, INIT_STD^2) kernels and embeddings drawn from `key` (numpy, of `dtype`)."""
+    shape = tuple(shape)
+    if path.endswith("norm.weight"):
+        return np.ones(shape, dtype)
+    if path.endswith(".bias"):
+        return np.zeros(shape, dtype)
+    return (INIT_STD * normal(key, shape)).astype(dtype)
+
+
 def permutation(key, n: int) -> np.ndarray:
     """A random permutation of range(n) driven by the jax PRNG `key`."""
     return _generator(key).permutation(n)

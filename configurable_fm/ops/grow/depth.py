@@ -25,6 +25,10 @@ Methods (n source layers; a position p in 0..n means "before source layer p", n 
 - "dus": SOLAR depth up-scaling (Kim et al. 2023): two copies, the first keeps layers [0, n - drop), the second
   [drop, n), concatenated: 2 (n - drop) layers (SOLAR: n = 32, drop = 8 -> 48). NOT function-preserving.
 The llama config has no per-layer fields (no layer_types): every layer is built from the same config.
+
+Moments (optimizer state, `deepen_moments`): the same plan (depth_sources) in gather mode: a copied layer
+(stack, dus) takes its source layer's moments; a new block (identity, llama_pro: the flagged layers) gets 0 in
+every tensor, also where llama_pro copies the parameters (ops/grow/state.py says why).
 """
 from __future__ import annotations
 
@@ -113,6 +117,32 @@ def _fresh(path: str, x, key) -> jax.Array:
     return jnp.asarray((INIT_STD * normal(key, x.shape)).astype(x.dtype))
 
 
+def _by_layer(params) -> tuple[dict[int, dict[str, object]], dict[str, object]]:
+    """({layer index: {path within the layer: value}}, {other path: value})."""
+    layers: dict[int, dict[str, object]] = {}
+    rest = {}
+    for path, x in params.items():
+        m = _LAYER.match(path)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = x
+        else:
+            rest[path] = x
+    return layers, rest
+
+
+def deepen_moments(moments, plan: Sequence[tuple[int | None, bool]]) -> dict[str, np.ndarray]:
+    """Tensors shaped like the parameters (any subset of the paths, e.g. Adam's mu or nu) mapped by the plan of
+    `depth_sources` in gather mode: layer i takes layer plan[i][0]'s tensors, zeros where plan[i][1] (a new block)
+    or plan[i][0] is None; tensors outside the layers are kept."""
+    layers, rest = _by_layer(moments)
+    out = {k: np.asarray(v) for k, v in rest.items()}
+    for i, (src, zeroed) in enumerate(plan):
+        for rel, x in layers.get(0 if src is None else src, {}).items():
+            x = np.asarray(x)
+            out[f"layers.{i}.{rel}"] = np.zeros(x.shape, x.dtype) if zeroed or src is None else x
+    return out
+
+
 def grow_depth(model, *, method: str, num_layers: int | None = None, positions: Sequence[int] | None = None,
                factor: int | None = None, drop: int | None = None, key=None):
     """A deeper copy of a llama-family model (module docstring: methods and what is exact).
@@ -127,15 +157,7 @@ def grow_depth(model, *, method: str, num_layers: int | None = None, positions: 
                          drop=drop)
     if method == "identity":
         key = check_key(key, "grow_depth", "method='identity' (fresh weights for the new blocks)")
-    params = flat_params(model)
-    layers: dict[int, dict[str, jax.Array]] = {}
-    out = {}
-    for path, x in params.items():
-        m = _LAYER.match(path)
-        if m:
-            layers.setdefault(int(m.group(1)), {})[m.group(2)] = x
-        else:
-            out[path] = x
+    layers, out = _by_layer(flat_params(model))
     for i, (src, zeroed) in enumerate(plan):
         for rel, x in layers[0 if src is None else src].items():
             path = f"layers.{i}.{rel}"

@@ -28,6 +28,9 @@ One S per expert for all three matrices, as the paper describes a unit's re-init
 draws a separate set per matrix). The paper's r = 0.5 works best; r = 1 is a full random re-initialisation of the
 experts with the dense statistics. Not function-preserving: the experts differ from the start, which is the point
 (diversity that plain copies only reach after long training).
+
+Moments (optimizer state, `upcycle_moments`): every expert takes the dense MLP's moments (Drop-Upcycling's
+re-initialised units, the same sets S, get 0), the router gets 0 (ops/grow/state.py: the rule).
 """
 from __future__ import annotations
 
@@ -47,6 +50,13 @@ ROUTER_INITS = ("zeros", "normal")
 _MLP = re.compile(r"^(layers\.\d+\.mlp)\.(gate_proj|up_proj|down_proj)\.kernel$")
 
 
+def drop_sets(key, num_experts: int, units: int, fraction: float) -> list[np.ndarray]:
+    """Drop-Upcycling's re-initialised unit sets S_e (floor(fraction F) of the F units) of experts e = 0..E-1;
+    expert e's from fold_in(key, e)."""
+    count = int(fraction * units)
+    return [permutation(jax.random.fold_in(key, e), units)[:count] for e in range(num_experts)]
+
+
 def drop_reinit(gate, up, down, num_experts: int, fraction: float, key) -> list[np.ndarray]:
     """Drop-Upcycling's experts from one dense MLP (module docstring): gate/up (D, F) and down (F, D) ->
     (E, D, F), (E, D, F), (E, F, D) numpy arrays, each expert a copy with floor(fraction F) units re-initialised;
@@ -55,7 +65,7 @@ def drop_reinit(gate, up, down, num_experts: int, fraction: float, key) -> list[
     f = dense[0].shape[1]
     count = int(fraction * f)
     keys = [jax.random.fold_in(key, e) for e in range(num_experts)]
-    chosen = [permutation(k, f)[:count] for k in keys]  # S, per expert
+    chosen = drop_sets(key, num_experts, f, fraction)
     out = []
     for i, (w, unit_axis) in enumerate(zip(dense, (1, 1, 0))):
         units_first = np.moveaxis(w, unit_axis, 0)  # (F, D)
@@ -67,6 +77,37 @@ def drop_reinit(gate, up, down, num_experts: int, fraction: float, key) -> list[
                 draw = normal(jax.random.fold_in(keys[e], i), picked.shape, np.float64)
                 experts[e, s] = (mean + std * draw).astype(w.dtype)
         out.append(np.moveaxis(experts, 1, unit_axis + 1))
+    return out
+
+
+def upcycle_moments(moments, num_experts: int, *, drop_fraction: float = 0.0, key=None) -> dict[str, np.ndarray]:
+    """Tensors shaped like the dense model's parameters (any subset of the paths, e.g. Adam's mu or nu) mapped as
+    `upcycle` maps the parameters, in gather mode: layers.i.mlp.{gate,up,down}_proj.kernel -> layers.i.mlp.experts.
+    {gate,up,down}_proj, one copy per expert (zeros at Drop-Upcycling's re-initialised units when drop_fraction >
+    0: pass upcycle's `key`), plus a zero layers.i.mlp.router.kernel (D, E) for every MLP present; others kept."""
+    out, mlps = {}, {}
+    for path, x in moments.items():
+        m = _MLP.match(path)
+        if m:
+            mlps.setdefault(m.group(1), {})[m.group(2)] = np.asarray(x)
+        else:
+            out[path] = np.asarray(x)
+    if drop_fraction:
+        key = check_key(key, "upcycle_moments", f"drop_fraction={drop_fraction} (the re-initialised units)")
+    for prefix, mlp in mlps.items():
+        sets = None
+        for name, x in mlp.items():
+            y = np.repeat(x[None], num_experts, axis=0)
+            if drop_fraction:
+                unit_axis = 0 if name == "down_proj" else 1
+                sets = sets or drop_sets(tensor_key(key, prefix, "drop_upcycling"), num_experts, x.shape[unit_axis],
+                                         drop_fraction)
+                for e, s in enumerate(sets):
+                    np.moveaxis(y[e], unit_axis, 0)[s] = 0
+            out[f"{prefix}.experts.{name}"] = y
+        name, x = next(iter(mlp.items()))
+        d = x.shape[1] if name == "down_proj" else x.shape[0]  # gate/up (D, F), down (F, D)
+        out[f"{prefix}.router.kernel"] = np.zeros((d, num_experts), x.dtype)
     return out
 
 

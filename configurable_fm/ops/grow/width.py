@@ -67,6 +67,13 @@ Standard deviation noise * std(W) (std of the source tensor), drawn per tensor f
 input rows (the copies read equal inputs) and to the output rows of tiled units and heads (their activations are
 equal), as HyperCloning's +N/-N pairs. Biases get no noise. Exact up to float rounding (<= 1e-5 on the logits in
 the tests).
+
+## Moments (optimizer state), `widen_moments`
+The same index maps in "gather" mode (`gather_axis`): target entry t of an axis takes source entry src[t] with no
+scaling (no 1/div, 1/n, 1/scale, sqrt(D/D') or final gain) and no noise, and 0 where the axis marks t new (new
+units, new kv heads, the pad scheme's new stream entries, in every tensor that has them: the new rows of readers
+too, although their parameters copy rows). Tiling marks nothing new: every copy gets the source's moments. The
+rule and why it is MSG's: ops/grow/state.py.
 """
 from __future__ import annotations
 
@@ -326,6 +333,14 @@ def norm_gain(g, res: Residual, *, final: bool = False) -> np.ndarray:
     return np.take(g, res.src) * np.asarray(res.final_gain if final else 1.0, g.dtype)
 
 
+def gather_axis(x, axis: int, src, new, *, hd: int = 1) -> np.ndarray:
+    """The "gather" mode of the kernels above, for tensors that follow parameters without being them (optimizer
+    moments): along `axis` (split into units of hd entries), target unit t is source unit src[t], unscaled, and 0
+    where new[t]."""
+    y = np.take(_split(np.asarray(x), axis, hd), np.asarray(src), axis=axis)
+    return _merge(y * _along(~np.asarray(new, bool), axis, y.ndim, y.dtype), axis)
+
+
 # What each llama parameter is, axis by axis: (axis, kernel, unit axis). Applied in order.
 _L = r"layers\.\d+\."
 _RULES = [(re.compile(p + r"$"), rule) for p, rule in [
@@ -356,6 +371,28 @@ def _rule(path: str):
                       "parameters only")
 
 
+def new_entries(path: str, shape, plan: WidthPlan, head_dim: int) -> np.ndarray:
+    """Boolean array of `shape` (the grown shape of the llama parameter at `path` under `plan`): True at the
+    entries that belong to new structure, i.e. on an axis of a new FFN unit, query head or kv head (units
+    `new` in the plan's Units, head_dim entries per head) or of a new residual dimension (`plan.residual.new`; only
+    meaningful for the "pad" layout). The entries everything else is built from are False. Used by masked growth
+    (ops/grow/masked.py) to draw fresh weights exactly where the plan adds structure."""
+    shape = tuple(shape)
+    out = np.zeros(shape, bool)
+    units = {"ffn": (plan.ffn, 1), "heads": (plan.heads, head_dim), "kv_heads": (plan.kv_heads, head_dim)}
+    for axis, kind, unit in _rule(path):
+        axis = axis % len(shape)
+        if kind in ("units_in", "units_out"):
+            flags = np.repeat(np.asarray(units[unit][0].new, bool), units[unit][1])
+        else:
+            flags = plan.residual.new
+        if len(flags) != shape[axis]:
+            raise GrowthError(f"new_entries: {path} has {shape[axis]} entries on axis {axis} but the plan has "
+                              f"{len(flags)}")
+        out |= _along(flags, axis, len(shape), bool)
+    return out
+
+
 def _check_plan(cfg: LlamaConfig, plan: WidthPlan) -> None:
     problems = []
     for name, units, size, target in [("ffn", plan.ffn, cfg.intermediate_size, "intermediate_size"),
@@ -372,6 +409,27 @@ def _check_plan(cfg: LlamaConfig, plan: WidthPlan) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the operators
+def widen_moments(moments: Mapping[str, Any], cfg: LlamaConfig, plan: WidthPlan) -> dict[str, np.ndarray]:
+    """Tensors shaped like the parameters of a llama model with config `cfg` (any subset of its paths, e.g. Adam's
+    mu or nu) mapped as their parameters are by `plan`, in gather mode (module docstring: Moments)."""
+    _check_plan(cfg, plan)
+    units = {"ffn": (plan.ffn, 1), "heads": (plan.heads, cfg.dim_per_head),
+             "kv_heads": (plan.kv_heads, cfg.dim_per_head)}
+    res = plan.residual
+    stream_new = res.new if res.scheme == "pad" else np.zeros(res.target, bool)  # tiles are copies, none new
+    out = {}
+    for path, x in moments.items():
+        y = np.asarray(x)
+        for axis, kind, unit in _rule(path):
+            axis = axis % y.ndim
+            if unit is not None:
+                y = gather_axis(y, axis, units[unit][0].src, units[unit][0].new, hd=units[unit][1])
+            else:
+                y = gather_axis(y, axis, res.src, stream_new)
+        out[path] = y.astype(np.asarray(x).dtype)
+    return out
+
+
 def widen_params(params: Mapping[str, Any], cfg: LlamaConfig, plan: WidthPlan, *, key=None,
                  noise: float = 0.0) -> dict[str, np.ndarray]:
     """The flat {path: array} of a llama model with config `cfg`, grown by `plan`, as numpy arrays of the input
