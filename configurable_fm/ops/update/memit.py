@@ -39,19 +39,19 @@ lambda 15,000) and MEMIT's context (keys.py MEMIT_CONTEXT: '{}' and 5 prefixes o
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.deltas import Delta, Dense, LowRank, apply
+from configurable_fm.bricks.deltas import Delta, Dense, LowRank, Term, apply
 from configurable_fm.ops.update.keys import (MEMIT_CONTEXT, Context, context_templates, flatten, template_weights,
                                              values_at_subject)
 from configurable_fm.ops.update.requests import PLACEHOLDER, Request, RequestError
 from configurable_fm.ops.update.rome import solve_psd
-from configurable_fm.ops.update.sites import edit_site
+from configurable_fm.ops.update.sites import EditSite, edit_site
 from configurable_fm.ops.update.stats import StatsError, second_moment_of
 from configurable_fm.ops.update.values import ValueHparams, optimize_values
 
@@ -85,43 +85,67 @@ def memit_update(keys, residuals, second_moment=None, mom2_update_weight: float 
     return LowRank(jnp.asarray(a, jnp.float32), jnp.asarray(r, jnp.float32))
 
 
-def memit(model: nnx.Module, tokenizer, requests: Sequence[Request], *, layers: Sequence[int], stats,
-          hparams: MEMITHparams = MEMITHparams(), key: jax.Array | None = None,
-          bos_id: int | None = None) -> Delta:
-    """The MEMIT edit of `requests` spread over `layers` (module docstring) as a Delta with one term per layer
-    on its MLP output projection. The model is not modified.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Spread:
+    """What memit_spread computed: terms {kernel path: term} in layer order, the keys K_l (E, F) float64 each
+    layer's update used (read on the model as edited by the layers below), the residuals R_l (E, D) float64 it was
+    given, the value optimisation's final mean loss and the number of context templates."""
 
-    stats: {layer: KeyStats or (F, F) array} for every layer (None: C = I). key: PRNG key for sampled context
-    prefixes. tokenizer / bos_id: as in rome. Metadata: method, layers, number of edits, mom2_update_weight, the
-    per-layer residual norms and the mean value loss.
-    """
+    terms: dict
+    keys: dict
+    residuals: dict
+    value_loss: float
+    templates: int
+
+    def residual_norms(self) -> dict[str, float]:
+        return {str(l): float(np.linalg.norm(r, axis=1).mean()) for l, r in self.residuals.items()}
+
+
+def check_distinct(requests: Sequence[Request], what: str) -> list[Request]:
+    """The requests as a list; TypeError when they are not Requests, RequestError when two edit the same text
+    (one key cannot take two values)."""
     requests = list(requests)
     if not requests or not all(isinstance(r, Request) for r in requests):
-        raise TypeError("memit: requests must be a non-empty sequence of Request")
+        raise TypeError(f"{what}: requests must be a non-empty sequence of Request")
     seen: dict[tuple[str, str], int] = {}
     for i, r in enumerate(requests):
         j = seen.setdefault((r.prompt, r.subject), i)
         if j != i:
-            raise RequestError(f"memit: requests {j} and {i} both edit {r.text!r}: one key cannot take two values")
+            raise RequestError(f"{what}: requests {j} and {i} both edit {r.text!r}: one key cannot take two values")
+    return requests
+
+
+def check_layer_stats(stats, layers: Sequence[int], what: str) -> None:
+    """StatsError unless `stats` is None, a mapping with every layer, or (one layer) a single KeyStats/array."""
+    if isinstance(stats, Mapping):
+        missing = [l for l in layers if l not in stats]
+        if missing:
+            raise StatsError(f"{what}: no key statistics for layer(s) {missing}; given for {sorted(stats)}")
+    elif stats is not None and len(layers) > 1:
+        raise StatsError(f"{what}: give the key statistics as {{layer: KeyStats}} for the layers {layers}")
+
+
+def memit_spread(model: nnx.Module, tokenizer, requests: Sequence[Request], *, layers: Sequence[int],
+                 hparams: ValueHparams, solve: Callable[[EditSite, np.ndarray, np.ndarray], Term],
+                 key: jax.Array | None = None, bos_id: int | None = None, what: str = "memit") -> Spread:
+    """MEMIT's targets and spreading (module docstring) with the per-layer solve left open: for the layers in
+    ascending order, `solve(site, K_l (E, F) float64, R_l (E, D) float64)` returns the layer's term, which is
+    applied before the next layer's keys are read. MEMIT, AlphaEdit and the RLS editor differ only in `solve`.
+    hparams: value optimisation settings plus `context` (the context templates). The model is not modified."""
+    requests = check_distinct(requests, what)
     layers = sorted(set(int(l) for l in layers))
     if not layers:
-        raise ValueError("memit: no layers given")
+        raise ValueError(f"{what}: no layers given")
     sites = [edit_site(model, l) for l in layers]
     top = sites[-1]
     groups = context_templates(model, tokenizer, hparams.context, key=key, bos_id=bos_id)
     templates = flatten(groups)
     weights = template_weights(groups)
-    if isinstance(stats, Mapping):
-        missing = [l for l in layers if l not in stats]
-        if missing:
-            raise StatsError(f"memit: no key statistics for layer(s) {missing}; given for {sorted(stats)}")
-    elif stats is not None and len(layers) > 1:
-        raise StatsError(f"memit: give the key statistics as {{layer: KeyStats}} for the layers {layers}")
     z = optimize_values(model, tokenizer, requests, point=top.layer_output, templates=templates, hparams=hparams,
                         bos_id=bos_id)
     targets = z.values.astype(np.float64)
     bare = templates.index(PLACEHOLDER) if PLACEHOLDER in templates else None
-    current, terms, resid_norms = model, {}, {}
+    current, terms, keys, resids = model, {}, {}, {}
     for i, site in enumerate(sites):
         points = [site.key_point, top.layer_output]
         vals = values_at_subject(current, tokenizer, requests, points, templates, bos_id=bos_id)
@@ -132,15 +156,40 @@ def memit(model: nnx.Module, tokenizer, requests: Sequence[Request], *, layers: 
             h = values_at_subject(current, tokenizer, requests, [top.layer_output], bos_id=bos_id)[
                 top.layer_output][:, 0].astype(np.float64)
         resid = (targets - h) / (len(sites) - i)
-        c = second_moment_of(stats, site.layer, k.shape[1])
-        term = memit_update(k, resid, c, hparams.mom2_update_weight)
+        term = solve(site, k, resid)
         terms[site.kernel] = term
-        resid_norms[str(site.layer)] = float(np.linalg.norm(resid, axis=1).mean())
+        keys[site.layer], resids[site.layer] = k, resid
         if i + 1 < len(sites):
             current = apply(current, Delta({site.kernel: term}))
+    return Spread(terms, keys, resids, float(z.losses[-1].mean()), len(templates))
+
+
+def case_ids(requests: Sequence[Request]) -> list:
+    return [r.case_id if r.case_id is None or isinstance(r.case_id, (str, int)) else str(r.case_id)
+            for r in requests]
+
+
+def memit(model: nnx.Module, tokenizer, requests: Sequence[Request], *, layers: Sequence[int], stats,
+          hparams: MEMITHparams = MEMITHparams(), key: jax.Array | None = None,
+          bos_id: int | None = None) -> Delta:
+    """The MEMIT edit of `requests` spread over `layers` (module docstring) as a Delta with one term per layer
+    on its MLP output projection. The model is not modified.
+
+    stats: {layer: KeyStats or (F, F) array} for every layer (None: C = I). key: PRNG key for sampled context
+    prefixes. tokenizer / bos_id: as in rome. Metadata: method, layers, number of edits, mom2_update_weight, the
+    per-layer residual norms and the mean value loss.
+    """
+    layers = sorted(set(int(l) for l in layers))
+    check_layer_stats(stats, layers, "memit")
+
+    def solve(site, k, resid):
+        c = second_moment_of(stats, site.layer, k.shape[1])
+        return memit_update(k, resid, c, hparams.mom2_update_weight)
+
+    out = memit_spread(model, tokenizer, requests, layers=layers, hparams=hparams, solve=solve, key=key,
+                       bos_id=bos_id, what="memit")
+    requests = list(requests)
     metadata = {"method": "memit", "layers": layers, "edits": len(requests),
-                "mom2_update_weight": float(hparams.mom2_update_weight), "residual_norm_mean": resid_norms,
-                "value_loss_final_mean": float(z.losses[-1].mean()), "templates": len(templates),
-                "case_ids": [r.case_id if r.case_id is None or isinstance(r.case_id, (str, int)) else str(r.case_id)
-                             for r in requests]}
-    return Delta(terms, kind="memit", source=f"memit:{len(requests)} edits", metadata=metadata)
+                "mom2_update_weight": float(hparams.mom2_update_weight), "residual_norm_mean": out.residual_norms(),
+                "value_loss_final_mean": out.value_loss, "templates": out.templates, "case_ids": case_ids(requests)}
+    return Delta(out.terms, kind="memit", source=f"memit:{len(requests)} edits", metadata=metadata)
