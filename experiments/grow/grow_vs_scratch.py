@@ -1,23 +1,30 @@
 """Grow vs scratch: pre-train a small model, grow it, continue training, and compare with training the large model
 from scratch on the same data stream and schedule family, counting compute (experiments/grow/compare.py).
 
-    python scripts/run.py --config experiments/grow/grow_vs_scratch.py --workdir runs/grow_vs_scratch    # one H200
+    python scripts/run.py --config experiments/grow/grow_vs_scratch.py --workdir runs/grow_vs_scratch    # H200, 5 min
+    python scripts/run.py --config experiments/grow/grow_vs_scratch.py:wide_short --workdir runs/gvs_wide # H200, 5 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:test --workdir runs/gvs_test      # CPU, ~1 min
-Variants: default (S = 2400 scratch steps), `short` (S = 600: a quick look), `test` (tiny models on synthetic task
-rows, two runs: the CI check of the pipeline). Re-running skips finished stages; a killed stage resumes.
+Results, reading and caveats: experiments/grow/README.md (raw tables and curves in benchmarks/grow_vs_scratch/).
+Re-running skips finished stages; a killed stage resumes.
 
-The large model (every run ends with it): llama 8 x 512, 8 query / 4 kv heads (head_dim 64), SwiGLU FFN 1536,
-tied embeddings, vocabulary 8192: 29.4M parameters (4.2M in the embedding). Data: `code8k` (experiments/data.py:
-the Python standard library and the installed packages' source, byte-level BPE of 8192 trained on the training
-split; validation = 1% of the files, held out as whole files). Batch 64 x 512 tokens, bf16 compute, AdamW
-(b2 0.95, weight decay 0.1, clip 1), peak lr 1e-3.
+Variants (`family(width, kv, part_heads)` builds the shapes; head_dim 64, FFN 3 x width, 8 layers, tied
+embeddings, vocabulary 8192, SwiGLU):
+    default     large 8 x 256, heads 4/2 (8.4M parameters), scratch S = 1200 steps (39M tokens)
+    wide_short  large 8 x 512, heads 8/4 (29.4M parameters), scratch S = 600 steps (20M tokens: the large model is
+                far too big for its tokens, so smaller paths win by default; the control shows it)
+    test        tiny models on synthetic task rows, two runs and a control: the CI check of the pipeline
+Data: `code8k` (experiments/data.py: the Python standard library and the installed packages' source, a byte-level
+BPE of 8192 trained on the training split; validation = 1% of the files, held out as whole files), built on first
+use in the data root. Batch 64 x 512 tokens, bf16 compute, AdamW (b2 0.95, weight decay 0.1, clip 1), peak lr 1e-3.
 
-Runs (small model -> growth -> the large model), each given the same compute budget:
-    gstack_x4     2 x 512                  depth 'stack' factor 4 (G_stack; not function-preserving)
-    width_x2      8 x 256, heads 4/2, FFN 768    exact width growth (zero extension; noise 0.1 in new units' inputs)
-    width_x1_6    8 x 320, heads 5/1, FFN 960    exact width growth to a non-integer factor (320 -> 512)
-    identity_x2   4 x 512                  depth 'identity': a fresh block after each layer, output projections 0
-    width_x2_stack_x2  4 x 256, heads 4/2, FFN 768   exact width x2, then stack x2 (the combination)
+Runs (small model -> growth -> the large model), for the large width W (default 256):
+    gstack_x4          2 x W                    depth 'stack' factor 4 (G_stack; not function-preserving)
+    width_x2           8 x W/2, half the heads  exact width growth (zero extension; noise 0.1 in new units' inputs)
+    width_x<f>         8 x 64 part_heads, MQA   exact width growth by a non-integer factor f (192 -> 256: 1.33)
+    identity_x2        4 x W                    depth 'identity': a fresh block after each layer, outputs zeroed
+    width_x2_stack_x2  4 x W/2                  exact width x2, then stack x2 (the combination)
+and a control, `alone_width_x2_stack_x2`: that run's small model trained alone (cosine) for the grown runs' whole
+budget: growth helps only where it beats its control as well as scratch.
 Budget: the small run gets SMALL_FRACTION = 0.2 of the scratch compute (its steps follow from its FLOPs per token),
 the large run after growth POST_FRACTION = 0.4: the grown run as a whole gets 0.6 of scratch's compute, the goal
 of the issue (<= 0.6 counting the small model's training, <= 0.4 without). If a grown run's validation loss reaches

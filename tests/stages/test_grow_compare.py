@@ -1,0 +1,99 @@
+"""The grow-vs-scratch study's compute accounting (experiments/grow/compare.py) on hand-made curves, the stage on
+fabricated stage directories, and the study config's budgets (experiments/grow/grow_vs_scratch.py). The whole
+pipeline (train -> grow -> train in a study) is tested in tests/stages/test_grow_stage.py."""
+import json
+
+import pytest
+
+from configurable_fm.models.factory import config_from_dict, config_to_dict
+from configurable_fm.stages import StageContext
+from configurable_fm.train.flops import flops_per_token
+from experiments.grow import compare as C
+from experiments.grow import grow_vs_scratch as G
+
+
+def test_first_crossing_interpolates_in_compute():
+    pts = [(10.0, 4.0), (20.0, 3.0), (30.0, 2.0)]
+    assert C.first_crossing(pts, 2.5) == pytest.approx(25.0)  # halfway between 3.0 (20) and 2.0 (30)
+    assert C.first_crossing(pts, 3.0) == pytest.approx(20.0)
+    assert C.first_crossing(pts, 5.0) == 10.0  # below the target at the first point: that point's compute
+    assert C.first_crossing(pts, 1.0) is None
+
+
+class FakeCurve:
+    def __init__(self, name, val, total, params=1, shape="s"):
+        self.name, self.val, self.train, self.total, self.params, self.shape = name, val, val, total, params, shape
+
+    @property
+    def final_val(self):
+        return self.val[-1][1]
+
+
+def test_compare_counts_the_small_run():
+    scratch = FakeCurve("scratch", [(50.0, 3.0), (100.0, 2.0)], 100.0)
+    small = FakeCurve("small", [(10.0, 3.5), (20.0, 3.2)], 20.0)
+    large = FakeCurve("large", [(10.0, 2.5), (30.0, 1.5), (40.0, 1.4)], 40.0)  # crosses 2.0 at 20
+    never = FakeCurve("never", [(40.0, 2.4)], 40.0)
+    alone = FakeCurve("alone", [(30.0, 2.2), (60.0, 1.8)], 60.0)  # crosses 2.0 at 45
+    r = C.compare(scratch, {"a": (small, large), "b": (small, never)}, 0.6, 0.4, {"ctl": alone})
+    a, b = r["runs"]["a"], r["runs"]["b"]
+    assert a["total_fraction"] == pytest.approx(0.4) and a["post_fraction"] == pytest.approx(0.2)
+    assert a["small_fraction"] == pytest.approx(0.2) and a["total_fraction_budget"] == pytest.approx(0.6)
+    assert a["meets_total_goal"] and a["meets_post_goal"]
+    assert b["total_fraction"] is None and not b["meets_total_goal"]
+    assert b["scratch_equivalent_fraction"] == pytest.approx(0.5 + 0.5 * 0.6)  # scratch at 2.4: 50 + 50*0.6
+    assert r["controls"]["ctl"]["total_fraction"] == pytest.approx(0.45)
+    text = C.table(r)
+    assert "not reached" in text and "control: ctl" in text and "goal <= 0.6" in text
+
+
+def fake_stage(root, name, model_cfg, seq_len, rows):
+    d = root / "stages" / name
+    (d / "train").mkdir(parents=True)
+    (d / "model").mkdir()
+    (d / "stage.json").write_text(json.dumps({"name": name, "resolved": {"seq_len": seq_len}}))
+    (d / "model" / "model_config.json").write_text(json.dumps(config_to_dict(model_cfg)))
+    (d / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d / "model")
+
+
+def test_stage_on_fabricated_runs(tmp_path):
+    big = config_from_dict(dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                            num_heads=4, num_kv_heads=2))
+    small = config_from_dict(dict(family="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                              num_heads=2, num_kv_heads=1))
+    fb, fs = flops_per_token(big, 8), flops_per_token(small, 8)
+    scratch = fake_stage(tmp_path, "00_scratch", big, 8, [
+        {"step": 1, "tokens": 100, "loss": 4.0, "val_loss": 3.0}, {"step": 2, "tokens": 200, "loss": 3.0, "val_loss": 2.0}])
+    s = fake_stage(tmp_path, "01_small", small, 8, [{"step": 1, "tokens": 100, "loss": 4.0, "val_loss": 3.5}])
+    g = fake_stage(tmp_path, "03_large", big, 8, [
+        {"step": 1, "tokens": 20, "loss": 3.0, "val_loss": 2.5}, {"step": 2, "tokens": 60, "loss": 2.0, "val_loss": 1.5}])
+    stage_dir = tmp_path / "stages" / "04_compare"
+    stage_dir.mkdir()
+    cfg = C.compare_config(scratch=scratch, runs={"grown": (s, g)}, controls={})
+    out = C.grow_compare_stage(cfg, StageContext(tmp_path, stage_dir, 4, "compare", {}, log=lambda m: None))
+    result = json.loads((stage_dir / "compare.json").read_text())
+    c_s = 200 * fb
+    cross = 20 * fb + (60 - 20) * fb * (2.5 - 2.0) / (2.5 - 1.5)  # interpolated at loss 2.0
+    assert result["runs"]["grown"]["total_fraction"] == pytest.approx((100 * fs + cross) / c_s)
+    assert out.metrics["grown/total_fraction"] == pytest.approx((100 * fs + cross) / c_s)
+    assert (stage_dir / "compare.png").stat().st_size > 0 and "| grown |" in (stage_dir / "compare.md").read_text()
+    assert "stages/04_compare/compare.png" in out.summary
+
+
+@pytest.mark.parametrize("variant", ["default", "wide_short"])
+def test_study_budgets(variant):
+    c = G.get_config(variant)
+    stages = {s.name: s for s in c.stages}
+    scratch = stages["scratch"]
+    fpt = lambda s: flops_per_token(config_from_dict(s.model.to_dict()), s.seq_len)
+    c_s = scratch.steps * fpt(scratch)
+    for name, st in stages.items():
+        if name.startswith("small_"):
+            assert st.steps * fpt(st) / c_s == pytest.approx(G.SMALL_FRACTION, rel=0.01)
+            assert st.optimizer.schedule == "constant"
+        if name.startswith("large_"):
+            assert st.steps / scratch.steps == pytest.approx(G.POST_FRACTION) and st.init_from == "@grow_" + name[6:]
+        if name.startswith("alone_"):
+            assert st.steps * fpt(st) / c_s == pytest.approx(G.SMALL_FRACTION + G.POST_FRACTION, rel=0.01)
+    assert stages["compare"].kind == "grow_compare" and len(stages["compare"].runs) == 5
