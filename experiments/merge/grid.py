@@ -324,6 +324,7 @@ def merge_grid_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> Stage
             best = (key, p["label"], flat)
 
     results = summarize(rows, tasks, points)
+    results["uncertainty"] = uncertainty(sets, tasks)
     files = write_outputs(ctx.stage_dir, rows, results, tasks, points)
     metrics: dict[str, Any] = {"points": len(points), "base/avg_test": results["base"]["avg_test"],
                                "individual/avg_test": results["individual"]["avg_test"]}
@@ -385,6 +386,18 @@ def summarize(rows: Sequence[Mapping], tasks: Sequence[str], points: Sequence[Ma
             "finetunes": {t: entry(f"finetune:{t}") for t in tasks}}
 
 
+def uncertainty(sets: Mapping[tuple[str, str], Sequence], tasks: Sequence[str]) -> dict[str, Any]:
+    """What the test accuracies can resolve: n test problems per task, the largest standard error of one task's
+    accuracy (p = 1/2: 0.5/sqrt(n)) and of the mean over the tasks (0.5/sqrt(n T)), and each task's chance level
+    (stages.report.chance_level: always giving the most common answer of its test problems)."""
+    from configurable_fm.data.synthetic.tasks import normalize
+    from configurable_fm.stages.report import chance_level
+
+    n = min(len(sets[(t, "test")]) for t in tasks)
+    return {"n_test": n, "max_se_task": 0.5 / math.sqrt(n), "max_se_mean": 0.5 / math.sqrt(n * len(tasks)),
+            "chance": {t: chance_level(normalize(ex.answer) for ex in sets[(t, "test")])["chance"] for t in tasks}}
+
+
 def _table(results: Mapping, tasks: Sequence[str]) -> str:
     from configurable_fm.stages.report import markdown_table
 
@@ -406,8 +419,14 @@ def _table(results: Mapping, tasks: Sequence[str]) -> str:
     cross = markdown_table(["fine-tune \\ task (test %)"] + list(tasks),
                            [[f"finetune:{s}"] + [pct(results["finetunes"][s]["test"][t]) for t in tasks]
                             for s in tasks] + [["base"] + [pct(base["test"][t]) for t in tasks]])
-    return (best + "\n\nEvery fine-tune on every task (the diagonal is the individual score used to normalize):\n\n"
-            + cross)
+    u = results.get("uncertainty")
+    legend = "" if u is None else (
+        f"\n\nTest accuracies are exact match on n = {u['n_test']} problems per task: one task's accuracy has a "
+        f"standard error of at most {100 * u['max_se_task']:.1f} points, the mean over the {len(tasks)} tasks at most "
+        f"{100 * u['max_se_mean']:.1f} (normalized scores scale these by 1 / the individual accuracy). Chance (always "
+        "the most common answer): " + ", ".join(f"{t} {pct(u['chance'][t])}%" for t in tasks) + ".")
+    return (best + legend + "\n\nEvery fine-tune on every task (the diagonal is the individual score used to "
+            "normalize):\n\n" + cross)
 
 
 def _bar_figure(results: Mapping, tasks: Sequence[str]):

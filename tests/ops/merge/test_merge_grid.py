@@ -80,6 +80,7 @@ def test_study_writes_table_plots_and_every_score(study_run):
         (lb, t, s) for lb in labels for t in multitask.LOCAL_TASKS for s in ("val", "test"))
     assert all(0.0 <= float(r["exact_match"]) <= 1.0 for r in rows)
     table = (d / "table.md").read_text()
+    assert "problems per task: one task's accuracy has a standard error of at most" in table
     for g in groups:
         assert f"| {g} |" in table, g
     for t in multitask.LOCAL_TASKS:
@@ -205,6 +206,11 @@ def test_selection_uses_validation_and_normalizes_by_the_individual_finetunes():
     assert r["base"]["norm_val"] == pytest.approx(0.0625)  # (0.1/0.8 + 0/0.4) / 2
     table = study._table(r, tasks)
     assert table.index("| ta |") < table.index("| ties |")  # rows by normalized test accuracy
+    assert "standard error" not in table  # no legend without the problems' statistics
+    r["uncertainty"] = {"n_test": 64, "max_se_task": 0.0625, "max_se_mean": 0.5 / math.sqrt(128),
+                        "chance": {"a": 0.5, "b": 0.25}}
+    assert ("n = 64 problems per task: one task's accuracy has a standard error of at most 6.2 points, the mean "
+            "over the 2 tasks at most 4.4") in study._table(r, tasks) and "a 50.0%, b 25.0%" in study._table(r, tasks)
     assert math.isnan(study.mean_or_nan([]))
 
 
