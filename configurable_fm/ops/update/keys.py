@@ -28,7 +28,8 @@ Keys. For request r and template j, the row is template_j with the prompt put in
 k_rj = the input of the site's projection (sites.EditSite.key_point, act(gate)*up for SwiGLU, gelu(c_fc(x))
 for gpt2) at the subject's last token; k*_r = mean over groups g of (mean over j in g of k_rj).
 Rows are right-padded (a causal model's real positions never see the padding, so no attention mask is needed)
-to a multiple of 8 tokens, and run in one jitted capture.
+to a length bucket (`padded_length`: powers of two from 16 to 128, then multiples of 64), so that requests of
+different prompt lengths share one compilation, and run in one jitted capture.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from configurable_fm.models.generation import generate
 from configurable_fm.ops.update.requests import PLACEHOLDER, Request, RequestError, fill
 from configurable_fm.ops.update.sites import EditSite
 
-PAD_MULTIPLE = 8
+MIN_BUCKET, LONG_MULTIPLE = 16, 64  # row-length buckets (padded_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,11 @@ def flatten(groups: Sequence[Sequence[str]]) -> list[str]:
 
 
 def padded_length(n: int) -> int:
-    return max(PAD_MULTIPLE, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE)
+    """`n` tokens rounded up to a bucket: 16, 32, 64, 128, then multiples of 64. Jitted edits compile once per
+    bucket; a causal model's real positions never see the padding, so the results do not depend on it."""
+    if n <= 128:
+        return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // LONG_MULTIPLE) * LONG_MULTIPLE
 
 
 def subject_rows(enc: Encoder, requests: Sequence[Request], templates: Sequence[str]):

@@ -108,7 +108,7 @@ def _rows(enc: Encoder, requests: Sequence[Request], templates: Sequence[str], k
             is_kl.append(True)
             row_req.append(ri)
     b, t_len = len(ids), max(padded_length(max(len(x) for x in ids)), shape[0])
-    s = max(s, shape[1])
+    s = max(1 << (s - 1).bit_length(), 4, shape[1])  # target lengths bucketed too: 4, 8, 16, ...
     ids_a = np.zeros((b, t_len), np.int32)
     pos_a = np.zeros((b, s), np.int32)
     tgt_a = np.zeros((b, s), np.int32)
