@@ -204,10 +204,7 @@ def plot_loss_curve(metrics: Sequence[Mapping[str, Any]] | str | os.PathLike, ou
     `metrics` is a list of records or a metrics.jsonl path / workdir. Records without a key are skipped for it;
     non-finite values are left out. Writes `out_png` (temporary name, then renamed) and returns its path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is untouched
 
     if not isinstance(metrics, Sequence) or isinstance(metrics, (str, bytes)):
         metrics = read_metrics(metrics)

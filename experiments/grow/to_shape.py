@@ -9,7 +9,11 @@ Keys: `width` as experiments/grow/width.py (targets, 0 = unchanged; method exact
 `depth` as experiments/grow/depth.py (method identity by default, num_layers 0 = unchanged depth: no depth step).
 Variant 'smollm2_360m': SmolLM2-360M's shape (hidden 960, 15 heads, 5 kv heads, FFN 2560, 32 layers), reached
 from SmolLM2-135M (576, 9/3, 1536, 30 layers) by exact width growth and identity depth growth: the grown model
-computes the 135M model's function. Common keys (input, output, format, dtype, overwrite, seed):
+computes the 135M model's function. Measured on SmolLM2-135M-Instruct (tests/ops/grow/test_smollm2_growth.py, float32,
+CPU): 134.5M -> 361.8M parameters; max |logit diff| 9.3e-5 on three chat prompts (logits up to 38; all of it from
+the hidden-size step: heads, FFN and depth alone give 0.0), below the source's own float32 error (1.4e-4 against a
+float64 forward); identical greedy answers (20 tokens). Load + grow 21 s, the whole test ~55 s on 2 shared cores.
+Common keys (input, output, format, dtype, overwrite, seed):
 experiments/grow/__init__.py.
 """
 import ml_collections

@@ -4,7 +4,7 @@
     wide = grow_width(model, hidden_size=1152, num_heads=18, method="hypercloning")                    # exact
     deep = grow_depth(model, method="llama_pro", num_layers=40)                                       # exact
     deep = grow_depth(model, method="stack", factor=4)                                                # G_stack
-    moe = upcycle(model, num_experts=8, num_experts_per_tok=2)                                        # exact
+    moe = upcycle(model, num_experts=8, num_experts_per_tok=2, key=jax.random.key(0))                 # exact
     grown = grow_masked(model, hidden_size=960, intermediate_size=2560, num_layers=40, key=key)   # MSG: masks at 0
     plain = unmask(grown_and_trained)                                                             # masks at 1 folded
     g = grow_steps(model, [("width", dict(hidden_size=960))]); g.model; grow_opt_state(state, fresh, g.moments)

@@ -1,12 +1,13 @@
 """Sparse upcycling: a dense llama-family model into a Mixtral-style mixture of experts (models/moe.py SparseMoE).
 
-    moe = upcycle(model, num_experts=8, num_experts_per_tok=2)                       # exact at initialisation
-    moe = upcycle(model, num_experts=8, router_init="normal", drop_fraction=0.5, key=jax.random.key(0))
+    moe = upcycle(model, num_experts=8, num_experts_per_tok=2, key=jax.random.key(0))   # exact at initialisation
+    moe = upcycle(model, num_experts=8, drop_fraction=0.5, key=jax.random.key(0))        # Drop-Upcycling
+    moe = upcycle(model, num_experts=8, router_init="zeros")                             # exact, no key: checks only
 
 Every layer's SwiGLU MLP (gate/up (D, F), down (F, D)) becomes E experts stacked along a leading axis
 (gate/up (E, D, F), down (E, F, D)), each a copy of the MLP (Komatsuzaki et al. 2023), plus a router (D, E)
-(zeros, or N(0, 0.02^2) from `key`). Attention, norms, embeddings and head are kept. The config becomes
-num_experts=E, num_experts_per_tok=k, router=..., architecture="MixtralForCausalLM".
+(N(0, 0.02^2) from `key`, the default, or zeros). Attention, norms, embeddings and head are kept. The config
+becomes num_experts=E, num_experts_per_tok=k, router=..., architecture="MixtralForCausalLM".
 
 Exactness. The layer computes y = sum_j w_j MLP_{e_j}(x) over the k chosen experts. With identical experts,
 y = (sum_j w_j) MLP(x). "topk_softmax" (Mixtral: softmax over the k chosen logits) has sum_j w_j = 1, so the
@@ -17,8 +18,9 @@ probabilities: k/E with a zero router. Not exact; allowed because it is the rule
 Symmetry. With identical experts the router gets no gradient (the output does not depend on it). A zero router
 sends every token to experts 0..k-1 (ties break to the lowest index) with equal weights, so those k experts
 receive identical gradients and stay identical, the others never train, and the router never learns: the
-upcycled model stays the dense one. router_init="normal" (still exact) sends tokens to different experts, whose
-gradients then differ, and Drop-Upcycling starts them different. router_init="zeros" is for checks and analysis.
+upcycled model stays the dense one. router_init="normal" (the default, still exact) sends tokens to different
+experts, whose gradients then differ, and Drop-Upcycling starts them different. router_init="zeros" (a symmetric
+saddle that training does not leave) is for checks and analysis.
 
 Drop-Upcycling (Nakamura et al., ICLR 2025; `drop_fraction` r > 0): in every expert of every layer, a random set S
 of floor(r F) intermediate units, drawn independently per expert, is re-initialised: the gate and up columns and
@@ -112,15 +114,17 @@ def upcycle_moments(moments, num_experts: int, *, drop_fraction: float = 0.0, ke
 
 
 def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: str = "topk_softmax",
-            router_init: str = "zeros", drop_fraction: float = 0.0, key=None):
+            router_init: str = "normal", drop_fraction: float = 0.0, key=None):
     """A Mixtral-style MoE copy of a dense llama-family model (module docstring: the math and what is exact).
 
     num_experts E >= 2 experts per layer, num_experts_per_tok k in 1..E chosen per token; router: "topk_softmax"
-    (exact) or "softmax_topk" (scales the MLP by the top-k probability mass); router_init: "zeros" or "normal"
-    (N(0, 0.02^2), needs key); drop_fraction: Drop-Upcycling's re-initialised fraction (needs key; 0 = plain
-    copies). The dense model must have no MLP biases (SparseMoE's experts have none). Returns a new consistent
-    model (models.rebuild); the input is not modified. to_hf writes it as MixtralForCausalLM, which cannot
-    express q/k/v biases (a Qwen2-style model upcycles and runs, but exports only to orbax)."""
+    (exact) or "softmax_topk" (scales the MLP by the top-k probability mass); router_init: "normal" (default:
+    N(0, 0.02^2) from key, so the experts diverge in training; exact with topk_softmax) or "zeros" (no key; the
+    symmetric saddle: the experts stay identical); drop_fraction: Drop-Upcycling's re-initialised fraction
+    (needs key; 0 = plain copies). The dense model must have no MLP biases (SparseMoE's experts have none).
+    Returns a new consistent model (models.rebuild); the input is not modified. to_hf writes it as
+    MixtralForCausalLM, which cannot express q/k/v biases (a Qwen2-style model upcycles and runs, but exports only
+    to orbax)."""
     cfg = llama_config(model, "upcycle")
     if cfg.num_experts:
         raise GrowthError(f"upcycle: the model is already a mixture of {cfg.num_experts} experts; upcycle takes a "
@@ -139,7 +143,8 @@ def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: st
     if cfg.mlp_bias:
         raise GrowthError("upcycle: the model has MLP biases (mlp_bias=True) but SparseMoE experts have none")
     if router_init == "normal" or drop_fraction:
-        why = "router_init='normal'" if router_init == "normal" else f"drop_fraction={drop_fraction}"
+        why = " and ".join((["router_init='normal'"] if router_init == "normal" else [])
+                           + ([f"drop_fraction={drop_fraction}"] if drop_fraction else []))
         key = check_key(key, "upcycle", why)
     params = flat_params(model)
     out, mlps = {}, {}

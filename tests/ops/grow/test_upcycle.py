@@ -44,6 +44,15 @@ def test_upcycled_model_computes_the_dense_function(dense):
     assert_unchanged(dense, before)
 
 
+def test_the_default_router_is_normal_and_exact(dense):
+    """router_init defaults to 'normal' (a zero router is a symmetric saddle): a nonzero router, still exact."""
+    moe = upcycle(dense, num_experts=4, key=jax.random.key(3))
+    assert 0.01 < np.asarray(flat_params(moe)["layers.0.mlp.router.kernel"]).std() < 0.03
+    ref = reference_logits(flat_params(dense), DENSE, IDS)
+    assert max_diff(reference_logits(flat_params(moe), moe.cfg, IDS), ref) <= 1e-10
+    assert max_diff(logits(moe, IDS), logits(dense, IDS)) <= 1e-5
+
+
 @pytest.mark.parametrize("experts,k", [(2, 1), (3, 3), (8, 3)])
 def test_topk_softmax_is_exact_for_any_k_in_float64(experts, k):
     model = random_model(DENSE, seed=7)
@@ -53,7 +62,7 @@ def test_topk_softmax_is_exact_for_any_k_in_float64(experts, k):
 
 
 def test_softmax_topk_with_a_zero_router_scales_the_mlp_by_k_over_e(dense):
-    moe = upcycle(dense, num_experts=4, num_experts_per_tok=3, router="softmax_topk")
+    moe = upcycle(dense, num_experts=4, num_experts_per_tok=3, router="softmax_topk", router_init="zeros")
     assert moe.cfg.router == "softmax_topk"
     scaled = {k: np.asarray(v, np.float64) * (0.75 if k.endswith("mlp.down_proj.kernel") else 1.0)
               for k, v in flat_params(dense).items()}
@@ -89,9 +98,8 @@ def test_drop_upcycling_reinitialises_a_fraction_of_each_expert(dense):
 def test_a_zero_router_is_a_symmetric_saddle_and_a_normal_router_is_not(dense):
     """Identical experts: the router gets no gradient; a zero router trains experts 0 and 1 identically and no
     other, a random router sends tokens to different experts, whose gradients differ."""
-    zero = grads(upcycle(dense, num_experts=4, num_experts_per_tok=2), IDS)
-    normal = grads(upcycle(dense, num_experts=4, num_experts_per_tok=2, router_init="normal",
-                           key=jax.random.key(0)), IDS)
+    zero = grads(upcycle(dense, num_experts=4, num_experts_per_tok=2, router_init="zeros"), IDS)
+    normal = grads(upcycle(dense, num_experts=4, num_experts_per_tok=2, key=jax.random.key(0)), IDS)  # the default
     for g in (zero, normal):
         assert np.abs(g["layers.0.mlp.router.kernel"]).max() < 1e-7
     up = zero["layers.0.mlp.experts.up_proj"]
@@ -123,7 +131,9 @@ ERRORS = {
                                                        r"\['topk_softmax', 'softmax_topk'\]"),
     "router-init": (dict(num_experts=4, router_init="uniform"), r"router_init='uniform' is unknown"),
     "router-key": (dict(num_experts=4, router_init="normal"), r"router_init='normal' needs a PRNG key"),
-    "drop-key": (dict(num_experts=4, drop_fraction=0.5), r"drop_fraction=0.5 needs a PRNG key"),
+    "drop-key": (dict(num_experts=4, router_init="zeros", drop_fraction=0.5), r": drop_fraction=0.5 needs a PRNG key"),
+    "default-key": (dict(num_experts=4), r"router_init='normal' needs a PRNG key"),  # the default router_init
+    "both-key": (dict(num_experts=4, drop_fraction=0.5), r"router_init='normal' and drop_fraction=0.5 needs a PRNG"),
     "drop-range": (dict(num_experts=4, drop_fraction=1.5), r"drop_fraction=1.5 must lie in \[0, 1\]"),
 }
 
@@ -136,7 +146,7 @@ def test_errors_name_the_problem(dense, name):
 
 
 def test_moe_and_biased_mlps_are_refused(dense):
-    moe = upcycle(dense, num_experts=2)
+    moe = upcycle(dense, num_experts=2, key=jax.random.key(0))
     with pytest.raises(GrowthError, match="already a mixture of 2 experts; upcycle takes a dense model"):
         upcycle(moe, num_experts=4)
     biased = random_model(dataclasses.replace(DENSE, mlp_bias=True), seed=0)
