@@ -4,8 +4,10 @@
     logits, values = capture(model, ["layers.*.mlp.hidden"], ids)
     logits = intervene(model, {"layers.0.mlp.hidden": mask([3, 7]), "layers.2.output": add(v)}, ids)
     stats = reduce_over(model, batches, {"layers.*.mlp.hidden": ["mean", CountAbove(0.0)]})
+    result = trace_fact(model, tok, "The capital of {} is", "France"); plot_trace(result)   # causal tracing
 
-taps.py names the points of every model family; capture.py, interventions.py and reduce.py hold the rest.
+taps.py names the points of every model family; capture.py, interventions.py and reduce.py hold the rest;
+tracing.py is ROME's causal tracing built on them (and the layers it suggests for editing).
 """
 from configurable_fm.analysis.batches import limited, progress_bar, token_mask
 from configurable_fm.analysis.capture import capture, intervene
@@ -24,8 +26,11 @@ from configurable_fm.analysis.reduce import (
     reduce_over,
 )
 from configurable_fm.analysis.taps import Intervention, TapError, tap_points
+from configurable_fm.analysis.tracing import (Trace, causal_trace, plot_trace, subject_embedding_std, suggest_layers,
+                                              trace_fact)
 
 __all__ = ["tap_points", "capture", "intervene", "reduce_over", "Reduced", "TapError", "Intervention", "replace",
            "add", "mask", "patch_from", "Replace", "Add", "Mask", "PatchFrom", "Reduction", "Sum", "Mean",
            "MeanSquare", "Gram", "CountAbove", "Histogram", "Values", "NAMED", "token_mask", "limited",
-           "progress_bar"]
+           "progress_bar", "Trace", "causal_trace", "trace_fact", "suggest_layers", "subject_embedding_std",
+           "plot_trace"]
