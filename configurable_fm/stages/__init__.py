@@ -3,12 +3,13 @@
     from configurable_fm.stages import run, register_stage, StageContext, StageOutput
     result = run(config, "runs/study")          # python scripts/run.py --config ... --workdir ...
 
-Built-in kinds, registered on import: 'train' and 'evaluate' (train.py), 'merge' (merge.py), 'grow' (grow.py).
+Built-in kinds, registered on import: 'train' and 'evaluate' (train.py), 'merge' (merge.py), 'grow' (grow.py),
+'edit' (edit.py).
 A new operation plugs in with one small module: `@register_stage(kind, keys=...)` on fn(cfg, ctx) -> StageOutput that loads its
 inputs with `ctx.load_model`, calls the pure operation from configurable_fm.ops, and returns
 `StageOutput(model=ctx.save_model(result), metrics=..., summary=...)`.
 """
-from configurable_fm.stages import grow, merge, train  # noqa: F401  (register the built-in kinds)
+from configurable_fm.stages import edit, grow, merge, train  # noqa: F401  (register the built-in kinds)
 from configurable_fm.stages.train import evaluate_config, evaluate_models
 from configurable_fm.stages.study import (STAGES, StageConfigChanged, StageContext, StageOutput, StageRecord,
                                           StudyResult, fingerprint, plan, register_stage, run, stage, to_plain,
