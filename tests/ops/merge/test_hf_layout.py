@@ -54,7 +54,8 @@ dtype: float32
 EXTRA = {"ties": "", "breadcrumbs_ties": ", gamma: 0.05", "della": ", epsilon: 0.1"}
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "della"])
+@pytest.mark.parametrize("method", ["ties", pytest.param("breadcrumbs_ties", marks=pytest.mark.slow),
+                                    pytest.param("della", marks=pytest.mark.slow)])  # ties: the case, in CI
 def test_in_memory_merge_equals_the_streamed_merge_bit_for_bit(checkpoints, method, tmp_path):
     base, fts, dirs = checkpoints
     plan = parse_mergekit_yaml(YAML.format(method=method, extra=EXTRA[method], **dirs))
