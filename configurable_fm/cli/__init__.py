@@ -169,6 +169,25 @@ def require_config_keys(config, keys: Sequence[str], see: str) -> None:
         raise UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (see {see})")
 
 
+MODEL_FORMATS = ("hf", "orbax")  # what commands that write a model write (--config.format)
+
+
+def model_output(config, what: str, *, required: Sequence[str], see: str) -> tuple[str, bool]:
+    """(format, overwrite) of a command that writes a model to `config.output`: the `required` keys are set
+    (UsageError), `format` is one of MODEL_FORMATS (ConfigError naming `what`), and the output is new or a previous
+    output of this library when `overwrite` is set (interop.atomic.check_overwritable), all before any work."""
+    from configurable_fm.errors import ConfigError
+    from configurable_fm.interop.atomic import check_overwritable
+
+    require_config_keys(config, required, see=see)
+    fmt = config.get("format") or "hf"
+    if fmt not in MODEL_FORMATS:
+        raise ConfigError(f"{what}: `format` must be one of {list(MODEL_FORMATS)}, got {fmt!r}")
+    overwrite = bool(config.get("overwrite", False))
+    check_overwritable(config.output, overwrite)
+    return fmt, overwrite
+
+
 def set_up_logging(verbosity: int | None) -> None:
     """absl (and orbax, which logs through it) at WARNING unless a verbosity is given."""
     from absl import logging

@@ -3,11 +3,13 @@ from an edit config, evaluate it before and after, and write the edited model, t
 
     cfm-edit --config experiments/edit/rome.py:smollm2 --config.input=smollm2-135m-instruct \\
         --config.requests=experiments/edit/data/smollm2_facts.jsonl --config.output=OUT \\
-        [--config.mode=batch|sequential] [--config.format=hf|orbax] [--config.subset=::24] [--config.overwrite=True]
+        [--config.mode=batch|sequential|independent] [--config.format=hf|orbax] [--config.subset=::24] \
+        [--config.overwrite=True]
     cfm-edit --config experiments/edit/alphaedit.py:smollm2 --config.input=IN --config.requests=FILE.jsonl \\
         --config.output=OUT --config.mode=sequential --config.eval_every=10
 
-OUT/ holds model/ (an HF directory with the source's tokenizer files, or an orbax model checkpoint with
+Mode 'independent' (CounterFact's protocol: each request edits the unedited model and is scored alone) writes
+only metrics.json and report.md. Otherwise OUT/ holds model/ (an HF directory with the source's tokenizer files, or an orbax model checkpoint with
 format='orbax'), delta/ (the total change as a brick set: bricks.deltas.load_delta; apply(source, delta) gives
 the edited model), metrics.json (settings, before/after summaries with standard errors, per-request rows, the
 sequential curve, times) and report.md (a readable before/after table). The configs are experiments/edit/*.py
@@ -25,10 +27,6 @@ from __future__ import annotations
 from typing import Sequence
 
 from configurable_fm import cli
-from configurable_fm.errors import ConfigError
-
-FORMATS = ("hf", "orbax")
-
 
 def define(fv) -> None:
     cli.config_flag(fv, "config", "edit config file: experiments/edit/{rome,memit,alphaedit,rlsedit,ft_l}.py"
@@ -37,21 +35,20 @@ def define(fv) -> None:
 
 def run(fv) -> None:
     from configurable_fm.bricks.deltas import save_delta
-    from configurable_fm.interop.atomic import atomic_directory, check_overwritable
+    from configurable_fm.interop.atomic import atomic_directory
     from configurable_fm.stages.edit import check_config, edit_from_config, load_tokenizer_for, write_outputs
 
     c = fv.config
-    cli.require_config_keys(c, ("input", "requests", "output"), see="experiments/edit/__init__.py")
-    fmt = c.get("format") or "hf"
-    if fmt not in FORMATS:
-        raise ConfigError(f"edit config: `format` must be one of {list(FORMATS)}, got {fmt!r}")
+    fmt, overwrite = cli.model_output(c, "edit config", required=("input", "requests", "output"),
+                                      see="experiments/edit/__init__.py")
     d = check_config(c)
-    overwrite = bool(c.get("overwrite", False))
-    check_overwritable(c.output, overwrite)
     chat = load_tokenizer_for(d)
     result = edit_from_config(c, log=print, tokenizer=chat)
+    independent = d["mode"] == "independent"  # an evaluation protocol: no edited model to write
     with atomic_directory(c.output, overwrite=overwrite) as tmp:
-        if fmt == "hf":
+        if independent:
+            pass
+        elif fmt == "hf":
             from configurable_fm.interop.hf import to_hf
 
             to_hf(result.model, tmp / "model", tokenizer=chat)
@@ -59,14 +56,16 @@ def run(fv) -> None:
             from configurable_fm.interop.orbax_io import save_model
 
             save_model(result.model, tmp / "model")
-        save_delta(result.delta, tmp / "delta")
+        if not independent:
+            save_delta(result.delta, tmp / "delta")
         write_outputs(tmp, result)
     after = result.metrics["after"]["summary"]
     score = lambda k: "–" if after.get(k, {}).get("mean") is None else f"{100 * after[k]['mean']:.0f}"
     print(result.report)
     print(f"edited {d['input']} with {d['method']} at layers {d['layers']} ({len(d['requests'])} requests, "
           f"{d['mode']}): ES {score('efficacy_score')} PS {score('paraphrase_score')} NS "
-          f"{score('neighborhood_score')} -> {c.output} (model/ {fmt}, delta/, metrics.json, report.md)")
+          f"{score('neighborhood_score')} -> {c.output} "
+          f"({'metrics.json, report.md' if independent else f'model/ {fmt}, delta/, metrics.json, report.md'})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

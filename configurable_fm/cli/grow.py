@@ -19,10 +19,6 @@ from __future__ import annotations
 from typing import Sequence
 
 from configurable_fm import cli
-from configurable_fm.errors import ConfigError
-
-FORMATS = ("hf", "orbax")
-
 
 def define(fv) -> None:
     cli.config_flag(fv, "config", "grow config file: experiments/grow/{width,depth,upcycle,to_shape}.py[:variant] "
@@ -30,17 +26,11 @@ def define(fv) -> None:
 
 
 def run(fv) -> None:
-    from configurable_fm.interop.atomic import check_overwritable
     from configurable_fm.stages.grow import check_config, count_params, describe, grow_from_config
 
     c = fv.config
-    cli.require_config_keys(c, ("input", "output"), see="experiments/grow/__init__.py")
-    fmt = c.get("format") or "hf"
-    if fmt not in FORMATS:
-        raise ConfigError(f"grow config: `format` must be one of {list(FORMATS)}, got {fmt!r}")
+    fmt, overwrite = cli.model_output(c, "grow config", required=("input", "output"), see="experiments/grow/__init__.py")
     d = check_config(c)
-    overwrite = bool(c.get("overwrite", False))
-    check_overwritable(c.output, overwrite)
     tokenizer = None
     if fmt == "hf":
         from configurable_fm.interop.tokenizers import find_tokenizer

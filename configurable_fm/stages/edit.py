@@ -24,7 +24,10 @@ Config keys (an edit config; experiments/edit/{rome,memit,alphaedit,rlsedit,ft_l
                  e.g. (('{}', 'gen:5:2', 'gen:10:2'),) = ROME's own.
     mode       : 'batch' (steps of `batch_size` requests, 0 = all in one step; evaluated before and after) or
                  'sequential' (steps of `batch_size` requests, 0 = one; also evaluated every `eval_every` edits on
-                 the requests edited so far). Steps always accumulate: each edits the model the previous ones left.
+                 the requests edited so far): steps accumulate, each edits the model the previous ones left; or
+                 'independent' (CounterFact's protocol: every step of `batch_size` requests, 0 = one, edits the
+                 unedited model and is evaluated on its own requests, then discarded; nothing carries over but
+                 the context templates. No edited model or delta is written: only metrics and report.)
     batch_size : requests per step (0: the mode's default above)
     eval_every : sequential mode: evaluate after every this many edits (0: only before and after)
     seed       : PRNG seed (context prefixes, value optimisation); step keys are fold_in(seed key, step)
@@ -67,12 +70,13 @@ import ml_collections
 import numpy as np
 
 from configurable_fm.errors import ConfigError
-from configurable_fm.stages.study import StageContext, StageOutput, register_stage, to_plain
+from configurable_fm.stages.study import StageContext, StageOutput, register_stage
+from configurable_fm.stages.checks import Checks
 
 METHODS = ("rome", "memit", "alphaedit", "rlsedit", "ft")
 ONE_LAYER = ("rome", "ft")
 NEED_STATS = ("alphaedit", "rlsedit")  # rome / memit accept C = I; ft uses none
-MODES = ("batch", "sequential")
+MODES = ("batch", "sequential", "independent")
 STATS_KEYS = {"corpus": "", "split": "train", "n_tokens": 100_000, "seq_len": 256, "batch_size": 8, "cache_dir": ""}
 EVAL_KEYS = {"metrics": ("probability", "accuracy"), "batch_size": 32, "fluency_tokens": 100}
 EDIT_KEYS = ("input", "tokenizer", "bos_id", "requests", "subset", "method", "layers", "hparams", "mode",
@@ -82,6 +86,8 @@ STAGE_KEYS = ("name", "kind")
 REPORT_ROWS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
                "paraphrase_magnitude", "neighborhood_magnitude", "rewrite_acc", "paraphrase_acc", "neighborhood_acc",
                "locality", "fluency")
+
+CHECK = Checks("edit config")  # one ConfigError per bad key or value (stages/checks.py)
 
 
 def _hparams_class(method: str):
@@ -138,22 +144,7 @@ def edit_config(*, method: str, layers=(), input: str = "", requests: str = "", 
 
 
 # ------------------------------------------------------------------------------------------ checking
-def _int(where: str, v, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ConfigError(f"edit config: `{where}` must be an integer >= {low}, got {v!r}")
-    return int(v)
 
-
-def _str(where: str, v, *, empty: bool = True) -> str:
-    if not isinstance(v, str) or (not empty and not v):
-        raise ConfigError(f"edit config: `{where}` must be a {'' if empty else 'non-empty '}string, got {v!r}")
-    return v
-
-
-def _choice(where: str, v, choices) -> str:
-    if v not in choices:
-        raise ConfigError(f"edit config: `{where}` must be one of {list(choices)}, got {v!r}")
-    return v
 
 
 def parse_subset(spec: str, n: int) -> list[int]:
@@ -254,43 +245,35 @@ def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
     from configurable_fm.ops.update.evaluate import METRIC_GROUPS
     from configurable_fm.ops.update.requests import load_requests
 
-    d = to_plain(cfg, "edit config")
-    if not isinstance(d, dict):
-        raise ConfigError(f"edit config must be a ConfigDict or mapping, got {type(cfg).__name__}")
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise ConfigError(f"edit config: unknown key(s) {unknown}; valid keys: {sorted(EDIT_KEYS)}")
-    source = d.get("input")
-    if not isinstance(source, str) or not source:
-        raise ConfigError(f"edit config: `input` must be a model source (a registry name, HF directory, .gguf, orbax "
-                          f"checkpoint or training workdir), got {source!r}")
-    method = _choice("method", d.get("method"), METHODS)
+    d = CHECK.plain(cfg, allowed=allowed, shown=EDIT_KEYS)
+    source = CHECK.source(d)
+    method = CHECK.choice("method", d.get("method"), METHODS)
     layers = d.get("layers")
     if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [layers]
     if isinstance(layers, (str, bool)) or not isinstance(layers, (list, tuple)) or not layers:
         raise ConfigError(f"edit config: `layers` must be a non-empty list of layer indices, got {layers!r}")
-    layers = [_int(f"layers[{i}]", l, 0) for i, l in enumerate(layers)]
+    layers = [CHECK.int(f"layers[{i}]", l, 0) for i, l in enumerate(layers)]
     if len(set(layers)) != len(layers):
         raise ConfigError(f"edit config: `layers` holds a layer twice: {layers}")
     if method in ONE_LAYER and len(layers) != 1:
         raise ConfigError(f"edit config: method {method!r} edits one layer; `layers` has {len(layers)}: {layers}")
     hparams = _hparams(method, d.get("hparams") or {})
-    mode = _choice("mode", d.get("mode", "batch"), MODES)
-    batch_size = _int("batch_size", d.get("batch_size", 0), 0)
-    eval_every = _int("eval_every", d.get("eval_every", 0), 0)
+    mode = CHECK.choice("mode", d.get("mode", "batch"), MODES)
+    batch_size = CHECK.int("batch_size", d.get("batch_size", 0), 0)
+    eval_every = CHECK.int("eval_every", d.get("eval_every", 0), 0)
     if eval_every and mode != "sequential":
         raise ConfigError("edit config: `eval_every` applies to mode='sequential'; leave it 0 in batch mode")
-    seed = _int("seed", d.get("seed", 0), 0)
+    seed = CHECK.int("seed", d.get("seed", 0), 0)
     bos = d.get("bos_id", -1)
-    bos = _int("bos_id", bos, -1)
-    tokenizer = _str("tokenizer", d.get("tokenizer") or "")
+    bos = CHECK.int("bos_id", bos, -1)
+    tokenizer = CHECK.string("tokenizer", d.get("tokenizer") or "")
     stats = _section(d, "stats", STATS_KEYS)
-    _str("stats.corpus", stats["corpus"])
-    _str("stats.split", stats["split"], empty=False)
-    _str("stats.cache_dir", stats["cache_dir"])
+    CHECK.string("stats.corpus", stats["corpus"])
+    CHECK.string("stats.split", stats["split"], empty=False)
+    CHECK.string("stats.cache_dir", stats["cache_dir"])
     for k in ("n_tokens", "seq_len", "batch_size"):
-        stats[k] = _int(f"stats.{k}", stats[k], 1)
+        stats[k] = CHECK.int(f"stats.{k}", stats[k], 1)
     if method in NEED_STATS and not stats["corpus"]:
         raise ConfigError(f"edit config: method {method!r} needs key statistics: set `stats.corpus` (a token dataset "
                           "name or directory, a .txt file or a directory of .txt files)")
@@ -304,19 +287,19 @@ def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
         raise ConfigError(f"edit config: `eval.metrics` must be a non-empty subset of {list(METRIC_GROUPS)}, got "
                           f"{ev['metrics']!r}")
     ev["metrics"] = tuple(metrics)
-    ev["batch_size"] = _int("eval.batch_size", ev["batch_size"], 1)
-    ev["fluency_tokens"] = _int("eval.fluency_tokens", ev["fluency_tokens"], 1)
-    file = _str("requests", d.get("requests") or "")
+    ev["batch_size"] = CHECK.int("eval.batch_size", ev["batch_size"], 1)
+    ev["fluency_tokens"] = CHECK.int("eval.fluency_tokens", ev["fluency_tokens"], 1)
+    file = CHECK.string("requests", d.get("requests") or "")
     if not file:
         raise ConfigError("edit config: `requests` must name a JSONL file of edit requests")
     everything = load_requests(file)
     if not everything:
         raise ConfigError(f"edit config: `requests` file {file} holds no requests")
-    indices = parse_subset(_str("subset", d.get("subset") or ""), len(everything))
+    indices = parse_subset(CHECK.string("subset", d.get("subset") or ""), len(everything))
     if not indices:
         raise ConfigError(f"edit config: `subset`={d.get('subset')!r} selects none of the {len(everything)} requests")
     if not batch_size:
-        batch_size = len(indices) if mode == "batch" else 1
+        batch_size = len(indices) if mode == "batch" else 1  # sequential, independent: one request a step
     return dict(input=source, tokenizer=tokenizer, bos_id=None if bos < 0 else bos, requests_file=file,
                 requests=[everything[i] for i in indices], indices=indices, total_requests=len(everything),
                 method=method, layers=sorted(layers), hparams=hparams, mode=mode, batch_size=batch_size,
@@ -466,19 +449,25 @@ def edit_from_config(cfg, *, log: Callable[[str], None] | None = None, load=None
                           on_edit=evaluator.on_edit if sequential else None,
                           every=d["eval_every"] if sequential else None)
     n, bs = len(requests), d["batch_size"]
-    for i in range(0, n, bs):
-        session.edit(requests[i:i + bs])
-        if d["mode"] == "sequential" or n > bs:
-            say(f"edit: {d['method']} step {session.steps}: {session.edits}/{n} requests")
-    times["edit"] = time.perf_counter() - t  # sequential: includes the evaluations every eval_every edits
-    t = time.perf_counter()
-    after = evaluator(session.model)
-    times["eval_after"] = time.perf_counter() - t
+    if d["mode"] == "independent":
+        after = independent_edits(session, evaluator, requests, bs, jax.random.key(d["seed"]), say)
+        times["edit"] = time.perf_counter() - t  # includes the evaluation of each step
+    else:
+        for i in range(0, n, bs):
+            session.edit(requests[i:i + bs])
+            if d["mode"] == "sequential" or n > bs:
+                say(f"edit: {d['method']} step {session.steps}: {session.edits}/{n} requests")
+        times["edit"] = time.perf_counter() - t  # sequential: includes the evaluations every eval_every edits
+        t = time.perf_counter()
+        after = evaluator(session.model)
+        times["eval_after"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 
     total = session.total()
+    independent = d["mode"] == "independent"  # every step edited the unedited model; session is unedited
     settings = {"method": d["method"], "layers": d["layers"], "mode": d["mode"], "batch_size": bs,
-                "steps": session.steps, "edits": session.edits, "input": d["input"],
+                "steps": -(-n // bs) if independent else session.steps, "edits": n if independent else session.edits,
+                "input": d["input"],
                 "requests": d["requests_file"], "seed": d["seed"]}
     delta = D.Delta(dict(total), kind=d["method"], source=f"{d['method']}:{d['input']}",
                     metadata={**settings, "hparams": hparams_json(d["hparams"])})
@@ -491,6 +480,28 @@ def edit_from_config(cfg, *, log: Callable[[str], None] | None = None, load=None
                "delta": {"norms": norms, "numbers": int(sum(int(np.size(x)) for x in jax.tree.leaves(delta)))},
                "seconds": {k: round(v, 3) for k, v in times.items()}}
     return EditResult(session.model, delta, metrics, report_markdown(metrics))
+
+
+def independent_edits(session, evaluator, requests, batch_size: int, key, say):
+    """CounterFact's protocol: each step of `batch_size` requests edits the session's unedited state (the pure
+    core: ops.update.edit_step, so no state of another step leaks in) and is scored on its own requests; returns
+    the EditMetrics of all rows. The session itself stays unedited (its context templates are shared)."""
+    import jax
+
+    from configurable_fm.ops.update import edit_step
+    from configurable_fm.ops.update.evaluate import EditMetrics, summarize_rows
+
+    start, rows, n = session.current, [], len(requests)
+    for step, i in enumerate(range(0, n, batch_size)):
+        which = list(range(i, min(i + batch_size, n)))
+        state, _ = edit_step(session.config, start, [requests[j] for j in which], jax.random.fold_in(key, step))
+        rows.extend(evaluator(state.model, which=which).rows)
+        if step % 10 == 9 or which[-1] == n - 1:
+            done = summarize_rows(rows)
+            say(f"edit: independent {which[-1] + 1}/{n}: ES {100 * done['efficacy_score'].mean:.0f} "
+                f"PS {100 * done['paraphrase_score'].mean:.0f} NS {100 * done['neighborhood_score'].mean:.0f}"
+                if "efficacy_score" in done else f"edit: independent {which[-1] + 1}/{n}")
+    return EditMetrics(tuple(rows), summarize_rows(rows))
 
 
 def hparams_json(hp) -> dict:
@@ -580,8 +591,11 @@ def edit_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
     from configurable_fm.bricks.deltas import save_delta
 
     result = edit_from_config(cfg, log=ctx.log, load=ctx.load_model, _allowed=EDIT_KEYS + STAGE_KEYS)
-    path = ctx.save_model(result.model)
-    save_delta(result.delta, ctx.stage_dir / "delta", overwrite=True)
+    if result.metrics["mode"] == "independent":  # an evaluation: the model passes through unchanged
+        path = cfg.input
+    else:
+        path = ctx.save_model(result.model)
+        save_delta(result.delta, ctx.stage_dir / "delta", overwrite=True)
     write_outputs(ctx.stage_dir, result)
     k = key_metrics(result.metrics)
     m = result.metrics

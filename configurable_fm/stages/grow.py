@@ -38,7 +38,8 @@ import ml_collections
 import numpy as np
 
 from configurable_fm.errors import ConfigError
-from configurable_fm.stages.study import StageContext, StageOutput, register_stage, to_plain
+from configurable_fm.stages.study import StageContext, StageOutput, register_stage
+from configurable_fm.stages.checks import Checks
 
 WIDTH_KEYS = {"hidden_size": 0, "num_heads": 0, "num_kv_heads": 0, "intermediate_size": 0, "method": "exact",
               "noise": 0.0}
@@ -55,6 +56,8 @@ DEPTH_METHODS = ("identity", "llama_pro", "stack", "dus")
 ROUTERS = ("topk_softmax", "softmax_topk")
 ROUTER_INITS = ("normal", "zeros")
 PROBE_SHAPE = (2, 16)  # the fixed probe batch of the exactness metric
+
+CHECK = Checks("grow config")  # one ConfigError per bad key or value (stages/checks.py)
 
 
 def grow_config(*, input: str = "", width: dict | None = None, depth: dict | None = None,
@@ -81,42 +84,18 @@ def grow_config(*, input: str = "", width: dict | None = None, depth: dict | Non
 
 
 # ------------------------------------------------------------------------------------------ checking
-def _int(where: str, v, low: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ConfigError(f"grow config: `{where}` must be an integer >= {low}, got {v!r}")
-    return int(v)
 
-
-def _number(where: str, v, low: float, high: float | None = None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= low) or (high is not None and v > high):
-        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"grow config: `{where}` must be a number {span}, got {v!r}")
-    return float(v)
-
-
-def _choice(where: str, v, choices) -> str:
-    if v not in choices:
-        raise ConfigError(f"grow config: `{where}` must be one of {list(choices)}, got {v!r}")
-    return v
 
 
 def check_config(cfg, *, allowed=GROW_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[str, Any]:
     """The grow config as plain checked values: {input, dtype, seed, steps: [(op, kwargs)]}. ConfigError naming
     the key for an unknown key, a missing input, a wrong type or value, or no growth section."""
-    d = to_plain(cfg, "grow config")
-    if not isinstance(d, dict):
-        raise ConfigError(f"grow config must be a ConfigDict or mapping, got {type(cfg).__name__}")
-    unknown = sorted(set(d) - set(allowed))
-    if unknown:
-        raise ConfigError(f"grow config: unknown key(s) {unknown}; valid keys: {sorted(GROW_KEYS)}")
-    source = d.get("input")
-    if not isinstance(source, str) or not source:
-        raise ConfigError(f"grow config: `input` must be a model source (a registry name, HF directory, .gguf, orbax "
-                          f"checkpoint or training workdir), got {source!r}")
+    d = CHECK.plain(cfg, allowed=allowed, shown=GROW_KEYS)
+    source = CHECK.source(d)
     dtype = d.get("dtype") or ""
     if dtype:
-        _choice("dtype", dtype, DTYPES)
-    seed = _int("seed", d.get("seed", 0), 0)
+        CHECK.choice("dtype", dtype, DTYPES)
+    seed = CHECK.int("seed", d.get("seed", 0), 0)
     steps = []
     for section, defaults in SECTIONS.items():
         s = d.get(section)
@@ -139,24 +118,24 @@ def check_config(cfg, *, allowed=GROW_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
 
 
 def _width_kwargs(s: dict) -> dict:
-    kw = {k: (_int(f"width.{k}", s[k], 0) or None) for k in ("hidden_size", "num_heads", "num_kv_heads",
+    kw = {k: (CHECK.int(f"width.{k}", s[k], 0) or None) for k in ("hidden_size", "num_heads", "num_kv_heads",
                                                              "intermediate_size")}
-    kw["method"] = _choice("width.method", s["method"], WIDTH_METHODS)
-    kw["noise"] = _number("width.noise", s["noise"], 0.0)
+    kw["method"] = CHECK.choice("width.method", s["method"], WIDTH_METHODS)
+    kw["noise"] = CHECK.number("width.noise", s["noise"], 0.0)
     return kw if any(kw[k] for k in WIDTH_KEYS if k not in ("method", "noise")) else None
 
 
 def _depth_kwargs(s: dict) -> dict:
-    method = _choice("depth.method", s["method"], DEPTH_METHODS)
-    num_layers = _int("depth.num_layers", s["num_layers"], 0)
+    method = CHECK.choice("depth.method", s["method"], DEPTH_METHODS)
+    num_layers = CHECK.int("depth.num_layers", s["num_layers"], 0)
     positions = s["positions"]
     if positions is None:
         positions = []
     if isinstance(positions, (str, bool)) or not isinstance(positions, (list, tuple)):
         raise ConfigError(f"grow config: `depth.positions` must be a list of insertion points, got {positions!r}")
-    positions = [_int(f"depth.positions[{i}]", p, 0) for i, p in enumerate(positions)]
-    factor = _int("depth.factor", s["factor"], 0)
-    drop = _int("depth.drop", s["drop"], 0)
+    positions = [CHECK.int(f"depth.positions[{i}]", p, 0) for i, p in enumerate(positions)]
+    factor = CHECK.int("depth.factor", s["factor"], 0)
+    drop = CHECK.int("depth.drop", s["drop"], 0)
     if method in ("identity", "llama_pro"):
         for key, unset in (("factor", factor == 0), ("drop", drop == 0)):
             if not unset:
@@ -184,13 +163,13 @@ def _depth_kwargs(s: dict) -> dict:
 
 
 def _upcycle_kwargs(s: dict) -> dict:
-    e = _int("upcycle.num_experts", s["num_experts"], 2)
-    k = _int("upcycle.num_experts_per_tok", s["num_experts_per_tok"], 1)
+    e = CHECK.int("upcycle.num_experts", s["num_experts"], 2)
+    k = CHECK.int("upcycle.num_experts_per_tok", s["num_experts_per_tok"], 1)
     if k > e:
         raise ConfigError(f"grow config: `upcycle.num_experts_per_tok`={k} must be <= upcycle.num_experts={e}")
-    return dict(num_experts=e, num_experts_per_tok=k, router=_choice("upcycle.router", s["router"], ROUTERS),
-                router_init=_choice("upcycle.router_init", s["router_init"], ROUTER_INITS),
-                drop_fraction=_number("upcycle.drop_fraction", s["drop_fraction"], 0.0, 1.0))
+    return dict(num_experts=e, num_experts_per_tok=k, router=CHECK.choice("upcycle.router", s["router"], ROUTERS),
+                router_init=CHECK.choice("upcycle.router_init", s["router_init"], ROUTER_INITS),
+                drop_fraction=CHECK.number("upcycle.drop_fraction", s["drop_fraction"], 0.0, 1.0))
 
 
 _KWARGS = {"width": _width_kwargs, "depth": _depth_kwargs, "upcycle": _upcycle_kwargs}

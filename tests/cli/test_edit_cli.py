@@ -228,3 +228,23 @@ def test_configs_have_every_variant():
             module.get_config("gpt5")
     c = rome.get_config("smollm2")
     assert c.input == "smollm2-135m-instruct" and (ROOT / c.requests).is_file() and c.stats.corpus == "stdlib"
+
+
+def test_independent_mode_scores_each_edit_alone(world, tmp_path, capsys):
+    """mode='independent' (CounterFact's protocol): every request edits the unedited model and is scored alone;
+    only metrics.json and report.md are written. Request i's row equals editing that request by itself."""
+    out = tmp_path / "out"
+    code, io = edit_cli(base_args(world, "rome.py:test", out) + ["--config.mode=independent"], capsys)
+    assert code == 0, io.err
+    assert sorted(p.name for p in out.iterdir()) == [".configurable_fm_output.json", "metrics.json", "report.md"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "independent" and metrics["edits"] == 3 and metrics["steps"] == 3
+    rows = metrics["after"]["rows"]
+    assert [r["case_id"] for r in rows] == [0, 1, 2]
+    for i in (0, 2):
+        alone = base_args(world, "rome.py:test", tmp_path / f"alone{i}") + [f"--config.subset={i}:{i + 1}"]
+        code, io = edit_cli(alone, capsys)
+        assert code == 0, io.err
+        row = json.loads((tmp_path / f"alone{i}" / "metrics.json").read_text())["after"]["rows"][0]
+        for k in ("efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude"):
+            assert rows[i][k] == pytest.approx(row[k], abs=1e-6), (i, k)

@@ -161,10 +161,7 @@ def test_bad_arguments(tok):
 # ------------------------------------------------------------------------------ the tiny trained world model
 @pytest.fixture(scope="module")
 def world():
-    corpus = W.corpus(16)
-    tok = W.word_tokenizer(W.all_texts(corpus))
-    model, _ = W.train(W.random_model(dict(W.LLAMA, num_layers=2), tok.get_vocab_size(), 0), tok,
-                       corpus.training_texts(), steps=200, batch=32)
+    corpus, tok, model = W.trained_world(16)
     requests = [Request.from_edit_request(corpus.edit_request(corpus.fact(corpus.entities[e], r), seed=1),
                                           case_id=f"{e}/{r}") for e in range(6) for r in ("birth_city", "sport")]
     return corpus, tok, model, requests

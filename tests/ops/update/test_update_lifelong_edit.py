@@ -23,10 +23,7 @@ STEPS = dict(context=BARE, batch_size=2, v_num_grad_steps=15)
 
 @pytest.fixture(scope="module")
 def world():
-    corpus = W.corpus(16)
-    tok = W.word_tokenizer(W.all_texts(corpus))
-    model, _ = W.train(W.random_model(dict(W.LLAMA, num_layers=2), tok.get_vocab_size(), 0), tok,
-                       corpus.training_texts(), steps=200, batch=32)
+    corpus, tok, model = W.trained_world(16)
     edited = corpus.entities[:EDITED]
     kept = [t for t in corpus.training_texts() if not any(e in t for e in edited)]
     stats = second_moments(model, W.corpus_batches(tok, kept), [0, 1], corpus="kept facts")

@@ -108,6 +108,17 @@ def train(model, tok, texts, *, steps=300, batch=64, seq_len=16, lr=1e-2, seed=0
     return nnx.merge(graphdef, state), float(loss)
 
 
+@functools.lru_cache(maxsize=None)
+def trained_world(n_entities: int = 16):
+    """(corpus, tokenizer, model): a 2-layer llama trained 200 steps (batch 32) on the facts of corpus(n_entities).
+    Cached per process: the test modules that share it train it once (models are not modified by edits)."""
+    c = corpus(n_entities)
+    tok = word_tokenizer(all_texts(c))
+    model, _ = train(random_model(dict(LLAMA, num_layers=2), tok.get_vocab_size(), 0), tok, c.training_texts(),
+                     steps=200, batch=32)
+    return c, tok, model
+
+
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _probs(state, ids, last, *, graphdef):
     logits = nnx.merge(graphdef, state)(ids)

@@ -1,0 +1,66 @@
+"""Checks of operation configs (grow, edit, ...) before anything is loaded: one ConfigError per bad key or value,
+naming the config, the key and what it must be.
+
+    check = Checks("grow config")
+    d = check.plain(cfg, allowed=GROW_KEYS + SCRIPT_KEYS, shown=GROW_KEYS)    # plain dict; unknown keys refused
+    source = check.source(d)                                                 # `input`: a model source
+    n = check.int("width.hidden_size", d["width"]["hidden_size"], 0)
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from configurable_fm.errors import ConfigError
+from configurable_fm.stages.study import to_plain
+
+
+class Checks:
+    """Value checks whose errors start with `what` (e.g. 'grow config')."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.what}: {message}")
+
+    def plain(self, cfg, *, allowed: Sequence[str], shown: Sequence[str]) -> dict[str, Any]:
+        """`cfg` (a ConfigDict or mapping) as plain values; ConfigError for another type or a key outside
+        `allowed` (the message lists `shown`, the keys a user sets)."""
+        d = to_plain(cfg, self.what)
+        if not isinstance(d, dict):
+            raise ConfigError(f"{self.what} must be a ConfigDict or mapping, got {type(cfg).__name__}")
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise self.error(f"unknown key(s) {unknown}; valid keys: {sorted(shown)}")
+        return d
+
+    def source(self, d: dict, key: str = "input") -> str:
+        """d[key] as a model source: a non-empty string."""
+        source = d.get(key)
+        if not isinstance(source, str) or not source:
+            raise self.error(f"`{key}` must be a model source (a registry name, HF directory, .gguf, orbax "
+                             f"checkpoint or training workdir), got {source!r}")
+        return source
+
+    def int(self, where: str, v, low: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise self.error(f"`{where}` must be an integer >= {low}, got {v!r}")
+        return int(v)
+
+    def number(self, where: str, v, low: float, high: float | None = None) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= low) or (high is not None and v > high):
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise self.error(f"`{where}` must be a number {span}, got {v!r}")
+        return float(v)
+
+    def choice(self, where: str, v, choices) -> Any:
+        if v not in choices:
+            raise self.error(f"`{where}` must be one of {list(choices)}, got {v!r}")
+        return v
+
+    def string(self, where: str, v, *, empty: bool = True) -> str:
+        if not isinstance(v, str) or (not empty and not v):
+            raise self.error(f"`{where}` must be a {'' if empty else 'non-empty '}string, got {v!r}")
+        return v
