@@ -5,11 +5,13 @@ naming the config, the key and what it must be.
     d = check.plain(cfg, allowed=GROW_KEYS + SCRIPT_KEYS, shown=GROW_KEYS)    # plain dict; unknown keys refused
     source = check.source(d)                                                 # `input`: a model source
     n = check.int("width.hidden_size", d["width"]["hidden_size"], 0)
+    c = operation_config("grow", input=IN, name=None, output=OUT, format="hf", overwrite=False)   # a config's head
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import ml_collections
 import numpy as np
 
 from configurable_fm.errors import ConfigError
@@ -64,3 +66,16 @@ class Checks:
         if not isinstance(v, str) or (not empty and not v):
             raise self.error(f"`{where}` must be a {'' if empty else 'non-empty '}string, got {v!r}")
         return v
+
+
+def operation_config(kind: str, *, input: str, name: str | None, output: str | None, format: str,
+                     overwrite: bool) -> ml_collections.ConfigDict:
+    """The head of an operation's config: with `name`, a study stage of `kind` (name, kind); with `output`, a
+    script config (output, format, overwrite); `input` either way. The operation adds its own keys."""
+    c = ml_collections.ConfigDict()
+    if name is not None:
+        c.name, c.kind = name, kind
+    c.input = input
+    if output is not None:
+        c.output, c.format, c.overwrite = output, format, overwrite
+    return c

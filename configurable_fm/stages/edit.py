@@ -71,7 +71,7 @@ import numpy as np
 
 from configurable_fm.errors import ConfigError
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage
-from configurable_fm.stages.checks import Checks
+from configurable_fm.stages.checks import Checks, operation_config
 
 METHODS = ("rome", "memit", "alphaedit", "rlsedit", "ft")
 ONE_LAYER = ("rome", "ft")
@@ -118,12 +118,7 @@ def edit_config(*, method: str, layers=(), input: str = "", requests: str = "", 
                 overwrite: bool = False) -> ml_collections.ConfigDict:
     """An edit config (module docstring) with every key set. With `name`, a study stage of kind 'edit'; with
     `output`, a script config (output, format, overwrite)."""
-    c = ml_collections.ConfigDict()
-    if name is not None:
-        c.name, c.kind = name, "edit"
-    c.input = input
-    if output is not None:
-        c.output, c.format, c.overwrite = output, format, overwrite
+    c = operation_config("edit", input=input, name=name, output=output, format=format, overwrite=overwrite)
     c.tokenizer = tokenizer
     c.bos_id = int(bos_id)
     c.requests = requests

@@ -39,7 +39,7 @@ import numpy as np
 
 from configurable_fm.errors import ConfigError
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage
-from configurable_fm.stages.checks import Checks
+from configurable_fm.stages.checks import Checks, operation_config
 
 WIDTH_KEYS = {"hidden_size": 0, "num_heads": 0, "num_kv_heads": 0, "intermediate_size": 0, "method": "exact",
               "noise": 0.0}
@@ -65,12 +65,7 @@ def grow_config(*, input: str = "", width: dict | None = None, depth: dict | Non
                 output: str | None = None, format: str = "hf", overwrite: bool = False) -> ml_collections.ConfigDict:
     """A grow config (module docstring): each given section filled with its defaults. With `name`, a study stage
     of kind 'grow'; with `output`, a script config (output, format, overwrite)."""
-    c = ml_collections.ConfigDict()
-    if name is not None:
-        c.name, c.kind = name, "grow"
-    c.input = input
-    if output is not None:
-        c.output, c.format, c.overwrite = output, format, overwrite
+    c = operation_config("grow", input=input, name=name, output=output, format=format, overwrite=overwrite)
     c.dtype = dtype
     c.seed = int(seed)
     for section, given in (("width", width), ("depth", depth), ("upcycle", upcycle)):
