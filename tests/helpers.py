@@ -1,5 +1,7 @@
 """Helpers shared by several test modules (import as `from tests.helpers import ...`)."""
+import importlib.util
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -51,3 +53,23 @@ def char_tokenizer(specials=("<pad>", "<eos>", "<bos>", "<unk>"), *, special=Non
     tok.add_special_tokens(list(specials if special is None else special))
     return tok
 
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/<name>.py imported as a module (the shims are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_script(name: str, argv, capsys):
+    """(exit status, captured output) of scripts/<name>.py's main(argv), SystemExit included."""
+    try:
+        code = load_script(name).main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()

@@ -62,6 +62,20 @@ class Checks:
             raise self.error(f"`{where}` must be one of {list(choices)}, got {v!r}")
         return v
 
+    def section(self, d: dict, section: str, defaults: dict) -> dict | None:
+        """d[section] (a sub-config) over its `defaults`; None when absent; ConfigError for a non-mapping or a key
+        outside the defaults."""
+        s = d.get(section)
+        if s is None:
+            return None
+        if not isinstance(s, dict):
+            raise self.error(f"`{section}` must be a config with keys {sorted(defaults)}, got {s!r}")
+        bad = sorted(set(s) - set(defaults))
+        if bad:
+            raise self.error(f"unknown key(s) {[f'{section}.{k}' for k in bad]}; valid keys of {section}: "
+                             f"{sorted(defaults)}")
+        return {**defaults, **s}
+
     def string(self, where: str, v, *, empty: bool = True) -> str:
         if not isinstance(v, str) or (not empty and not v):
             raise self.error(f"`{where}` must be a {'' if empty else 'non-empty '}string, got {v!r}")

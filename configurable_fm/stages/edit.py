@@ -219,19 +219,6 @@ def _hparams(method: str, given) -> Any:
         raise ConfigError(f"edit config: `hparams` are not valid {cls.__name__}: {e}") from None
 
 
-def _section(d: dict, section: str, defaults: dict) -> dict:
-    s = d.get(section)
-    if s is None:
-        return dict(defaults)
-    if not isinstance(s, dict):
-        raise ConfigError(f"edit config: `{section}` must be a config with keys {sorted(defaults)}, got {s!r}")
-    bad = sorted(set(s) - set(defaults))
-    if bad:
-        raise ConfigError(f"edit config: unknown key(s) {[f'{section}.{k}' for k in bad]}; valid keys of {section}: "
-                          f"{sorted(defaults)}")
-    return {**defaults, **s}
-
-
 def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[str, Any]:
     """The edit config as checked plain values (module docstring), with the selected requests read:
     {input, tokenizer, bos_id, requests (list of Request), requests_file, indices, method, layers, hparams (the
@@ -263,7 +250,7 @@ def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
     bos = d.get("bos_id", -1)
     bos = CHECK.int("bos_id", bos, -1)
     tokenizer = CHECK.string("tokenizer", d.get("tokenizer") or "")
-    stats = _section(d, "stats", STATS_KEYS)
+    stats = CHECK.section(d, "stats", STATS_KEYS) or dict(STATS_KEYS)
     CHECK.string("stats.corpus", stats["corpus"])
     CHECK.string("stats.split", stats["split"], empty=False)
     CHECK.string("stats.cache_dir", stats["cache_dir"])
@@ -274,7 +261,7 @@ def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
                           "name or directory, a .txt file or a directory of .txt files)")
     if stats["corpus"] and method != "ft":
         stats_source(stats["corpus"])  # exists?
-    ev = _section(d, "eval", EVAL_KEYS)
+    ev = CHECK.section(d, "eval", EVAL_KEYS) or dict(EVAL_KEYS)
     metrics = ev["metrics"]
     if isinstance(metrics, str):
         metrics = [m for m in metrics.replace(",", " ").split() if m]

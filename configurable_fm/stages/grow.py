@@ -93,16 +93,10 @@ def check_config(cfg, *, allowed=GROW_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
     seed = CHECK.int("seed", d.get("seed", 0), 0)
     steps = []
     for section, defaults in SECTIONS.items():
-        s = d.get(section)
+        s = CHECK.section(d, section, defaults)
         if s is None:
             continue
-        if not isinstance(s, dict):
-            raise ConfigError(f"grow config: `{section}` must be a config with keys {sorted(defaults)}, got {s!r}")
-        bad = sorted(set(s) - set(defaults))
-        if bad:
-            raise ConfigError(f"grow config: unknown key(s) {[f'{section}.{k}' for k in bad]}; valid keys of "
-                              f"{section}: {sorted(defaults)}")
-        kw = _KWARGS[section]({**defaults, **s})
+        kw = _KWARGS[section](s)
         if kw is not None:  # None: the section asks for nothing (every target unset)
             steps.append((section, kw))
     if not steps:

@@ -3,7 +3,6 @@
 source with the delta applied (ours and transformers' logits), sequential mode's curve, the other editors through
 `edit_from_config`, and bad input (a request line without '{}', malformed JSON, a missing key, an unknown key or
 method) as one line naming the line or key, with nothing written."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from configurable_fm.interop.orbax_io import save_model
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.stages.edit import check_config, edit_from_config
 from experiments.edit import alphaedit, ft_l, memit, rlsedit, rome
-from tests.helpers import char_tokenizer, random_llama
+from tests.helpers import char_tokenizer, load_script, random_llama, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig(vocab_size=104, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -55,19 +54,8 @@ def world(tmp_path_factory):
                 corpus=root / "corpus.txt", model=model)
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("edit_script", ROOT / "scripts" / "edit.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def edit_cli(argv, capsys):
-    try:
-        code = _script().main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
+    return run_script("edit", argv, capsys)
 
 
 def logits(model):
@@ -86,7 +74,7 @@ def rome_hf(world, tmp_path_factory):
     """ROME (rome.py:test) on the HF source, written as HF: (exit status, output, out dir)."""
     out = tmp_path_factory.mktemp("rome_out") / "out"
     try:
-        code = _script().main(base_args(world, "rome.py:test", out))
+        code = load_script("edit").main(base_args(world, "rome.py:test", out))
     except SystemExit as e:
         code = e.code
     return code, out

@@ -2,7 +2,6 @@
 llamas saved as HF directories / orbax checkpoints, grown by width, depth and upcycling; the exact methods keep
 the logits (our loader and transformers'), upcycling writes a Mixtral directory, a study train -> grow -> train
 runs and resumes, and bad configs are errors naming the key with nothing written."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,20 +19,13 @@ from configurable_fm.stages import STAGES, run
 from configurable_fm.stages.grow import grow_from_config
 from experiments import study_tiny
 from experiments.grow import depth, stage_config, to_shape, upcycle, width
-from tests.helpers import char_tokenizer, random_llama
+from tests.helpers import char_tokenizer, load_script, random_llama, run_script
 from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig(vocab_size=104, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
                   max_position_embeddings=32)
 IDS = np.random.RandomState(1).randint(0, 104, (2, 12)).astype(np.int32)
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("grow_script", ROOT / "scripts" / "grow.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def logits(model):
@@ -50,12 +42,7 @@ def src(tmp_path_factory):
 
 
 def grow_cli(argv, capsys):
-    """(exit status, captured output) of scripts/grow.py's main(argv)."""
-    try:
-        code = _script().main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr()
+    return run_script("grow", argv, capsys)
 
 
 def torch_logits(out):

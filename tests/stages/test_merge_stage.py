@@ -1,7 +1,6 @@
 """Merging from ml-collections configs (stages/merge.py), scripts/merge.py --config, and the 'merge' stage of
 a study: pretrain -> fine-tune A, fine-tune B -> merge -> evaluate."""
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from configurable_fm.ops.merge import tree
 from configurable_fm.stages.merge import merge_config, merge_from_config
 from configurable_fm.stages import evaluate_config, run, stage
 from experiments import study_tiny
-from tests.helpers import random_llama
+from tests.helpers import load_script, random_llama
 from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,10 +24,7 @@ CFG = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layer
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("merge_script_cfg", ROOT / "scripts" / "merge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("merge")
 
 
 def arrays(model):

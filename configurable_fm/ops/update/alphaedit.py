@@ -60,13 +60,13 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.deltas import Delta, Dense, LowRank
+from configurable_fm.bricks.deltas import Delta
 from configurable_fm.ops.update.keys import MEMIT_CONTEXT, Context
-from configurable_fm.ops.update.memit import case_ids, check_layer_stats, memit_spread
+from configurable_fm.ops.update.memit import (case_ids, check_layer_stats, factored_update, keys_and_residuals,
+                                             memit_spread)
 from configurable_fm.ops.update.requests import Request
 from configurable_fm.ops.update.stats import StatsError, second_moment_of
 from configurable_fm.ops.update.values import ValueHparams
@@ -144,13 +144,9 @@ def alphaedit_update(keys, residuals, projector, history=None, l2: float = 10.0)
     """dW = (P (K^T K + H) + L2 I)^{-1} P K^T R for keys K (E, F), residuals R (E, D), projector P (F, F) and
     history H (F, F) (None: zero), in float64 (module docstring). Returns LowRank(a (F, E), R (E, D)) float32,
     or Dense (F, D) when that is smaller."""
-    k = np.asarray(keys, np.float64)
-    r = np.asarray(residuals, np.float64)
+    k, r = keys_and_residuals(keys, residuals, "alphaedit_update")
     p = np.asarray(projector, np.float64)
-    if k.ndim != 2 or r.ndim != 2 or k.shape[0] != r.shape[0]:
-        raise ValueError(f"alphaedit_update: keys (E, F) and residuals (E, D) expected, got {k.shape} and {r.shape}")
-    e, f = k.shape
-    d = r.shape[1]
+    f = k.shape[1]
     if p.shape != (f, f):
         raise ValueError(f"alphaedit_update: the projector is {p.shape} but the keys have {f} features")
     a_mat = k.T @ k if history is None else k.T @ k + np.asarray(history, np.float64)
@@ -158,9 +154,7 @@ def alphaedit_update(keys, residuals, projector, history=None, l2: float = 10.0)
         a = np.linalg.solve(p @ a_mat + float(l2) * np.eye(f), p @ k.T)  # (F, E)
     except np.linalg.LinAlgError:
         raise StatsError("alphaedit_update: P (K^T K + H) + L2 I is singular (L2 must be > 0)") from None
-    if e * (f + d) >= f * d:
-        return Dense(jnp.asarray(a @ r, jnp.float32))
-    return LowRank(jnp.asarray(a, jnp.float32), jnp.asarray(r, jnp.float32))
+    return factored_update(a, r)
 
 
 def alphaedit_undo(state: AlphaEditState, keys: Mapping[int, np.ndarray], n_requests: int) -> AlphaEditState:

@@ -68,21 +68,33 @@ class MEMITHparams(ValueHparams):
     context: Context = MEMIT_CONTEXT
 
 
-def memit_update(keys, residuals, second_moment=None, mom2_update_weight: float = 15000.0):
-    """dW = (lambda C + K^T K)^{-1} K^T R for keys K (E, F) and residuals R (E, D) (module docstring), in
-    float64; C = I when second_moment is None. Returns LowRank(a (F, E), R (E, D)) float32, or Dense (F, D)
-    when that is smaller."""
+def keys_and_residuals(keys, residuals, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keys K (E, F) and residuals R (E, D) as float64 arrays; ValueError naming `what` for other shapes."""
     k = np.asarray(keys, np.float64)
     r = np.asarray(residuals, np.float64)
     if k.ndim != 2 or r.ndim != 2 or k.shape[0] != r.shape[0]:
-        raise ValueError(f"memit_update: keys (E, F) and residuals (E, D) expected, got {k.shape} and {r.shape}")
-    e, f = k.shape
-    d = r.shape[1]
-    c = np.eye(f) if second_moment is None else np.asarray(second_moment, np.float64)
-    a = solve_psd(float(mom2_update_weight) * c + k.T @ k, k.T, "memit_update")  # (F, E)
+        raise ValueError(f"{what}: keys (E, F) and residuals (E, D) expected, got {k.shape} and {r.shape}")
+    return k, r
+
+
+def factored_update(a: np.ndarray, r: np.ndarray):
+    """The update dW = a R (a (F, E), R (E, D)) as LowRank(a, R) float32, or Dense (F, D) when that is smaller
+    (E (F + D) >= F D)."""
+    (f, e), d = a.shape, r.shape[1]
     if e * (f + d) >= f * d:
         return Dense(jnp.asarray(a @ r, jnp.float32))
     return LowRank(jnp.asarray(a, jnp.float32), jnp.asarray(r, jnp.float32))
+
+
+def memit_update(keys, residuals, second_moment=None, mom2_update_weight: float = 15000.0):
+    """dW = (lambda C + K^T K)^{-1} K^T R for keys K (E, F) and residuals R (E, D) (module docstring), in
+    float64; C = I when second_moment is None. Returns `factored_update` (LowRank(a (F, E), R (E, D)) float32,
+    or Dense (F, D) when that is smaller)."""
+    k, r = keys_and_residuals(keys, residuals, "memit_update")
+    f = k.shape[1]
+    c = np.eye(f) if second_moment is None else np.asarray(second_moment, np.float64)
+    a = solve_psd(float(mom2_update_weight) * c + k.T @ k, k.T, "memit_update")  # (F, E)
+    return factored_update(a, r)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -60,13 +60,13 @@ import dataclasses
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.deltas import Delta, Dense, LowRank
+from configurable_fm.bricks.deltas import Delta
 from configurable_fm.ops.update.keys import MEMIT_CONTEXT, Context
-from configurable_fm.ops.update.memit import case_ids, check_layer_stats, memit_spread
+from configurable_fm.ops.update.memit import (case_ids, check_layer_stats, factored_update, keys_and_residuals,
+                                             memit_spread)
 from configurable_fm.ops.update.requests import Request
 from configurable_fm.ops.update.stats import StatsError, second_moment_of
 from configurable_fm.ops.update.values import ValueHparams
@@ -141,13 +141,9 @@ def rls_update(keys, residuals, inverse, gram=None, *, refresh: bool = False):
     """One recursive least-squares step for keys K (E, F) and residuals R (E, D) (module docstring):
     (term, new inverse, new Gram) with term = H_new^{-1} K^T R as LowRank(a (F, E), R) float32 (Dense when
     smaller). With refresh (needs `gram`) the new inverse is H_new^{-1} computed afresh instead of by Woodbury."""
-    k = np.asarray(keys, np.float64)
-    r = np.asarray(residuals, np.float64)
+    k, r = keys_and_residuals(keys, residuals, "rls_update")
     hinv = np.asarray(inverse, np.float64)
-    if k.ndim != 2 or r.ndim != 2 or k.shape[0] != r.shape[0]:
-        raise ValueError(f"rls_update: keys (E, F) and residuals (E, D) expected, got {k.shape} and {r.shape}")
     e, f = k.shape
-    d = r.shape[1]
     if hinv.shape != (f, f):
         raise ValueError(f"rls_update: the inverse is {hinv.shape} but the keys have {f} features")
     g = hinv @ k.T  # (F, E)
@@ -162,9 +158,7 @@ def rls_update(keys, residuals, inverse, gram=None, *, refresh: bool = False):
     else:
         new_inv = hinv - a @ g.T
         new_inv = 0.5 * (new_inv + new_inv.T)
-    term = Dense(jnp.asarray(a @ r, jnp.float32)) if e * (f + d) >= f * d else LowRank(
-        jnp.asarray(a, jnp.float32), jnp.asarray(r, jnp.float32))
-    return term, new_inv, new_gram
+    return factored_update(a, r), new_inv, new_gram
 
 
 def rls_undo(state: RLSState, keys: Mapping[int, np.ndarray], n_requests: int) -> RLSState:

@@ -16,6 +16,7 @@ from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import stream, tree
 from configurable_fm.ops.merge.mergekit_yaml import MergekitYamlError, load_mergekit_yaml, parse_mergekit_yaml
 from configurable_fm.ops.merge.params import ParameterError
+from tests.helpers import load_script
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 META = json.loads((GOLDEN / "slices.json").read_text())
@@ -101,12 +102,7 @@ def test_solar_output_loads_in_transformers_with_the_new_layer_count(golden, hf_
 
 
 def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("merge_script", GOLDEN.parents[2] / "scripts" / "merge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("merge")
 
 
 def test_layer_types_of_the_config_follow_the_layers(hf_inputs, tmp_path):

@@ -1,6 +1,5 @@
 """Streaming merges of tiny HF llamas through scripts/merge.py: same tensors as the in-memory tree.merge,
 sharded output that transformers loads, and the documented errors (mismatch, existing output, failure mid-way)."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,15 +14,12 @@ from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge import stream, tree
 from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
 from configurable_fm.ops.merge.params import ParameterError
+from tests.helpers import load_script
 
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("merge_script", ROOT / "scripts" / "merge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("merge")
 
 
 def _llama(path, seed, **overrides):

@@ -5,7 +5,6 @@
 Goldens: tests/golden/mergekit_0.1.5/vocab_* (scripts/mergekit_vocab_goldens.py). mergekit's ids for the union's
 non-base plain tokens follow a Rust HashMap's order, so rows are compared by token (tolerance 1e-5).
 """
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from configurable_fm.interop.safetensors_io import TensorStore
 from configurable_fm.ops.merge import stream
 from configurable_fm.ops.merge.mergekit_yaml import CHAT_TEMPLATES, load_mergekit_yaml
 from configurable_fm.ops.merge.vocab import VocabularyError
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[3]
 GOLDEN = ROOT / "tests" / "golden" / "mergekit_0.1.5"
@@ -34,10 +34,7 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("merge_script", ROOT / "scripts" / "merge.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("merge")
 
 
 @pytest.fixture(scope="module")
