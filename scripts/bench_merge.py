@@ -11,7 +11,9 @@ x_i = bf16(b + 1e-3 N(0, 1)) (norm weights: b = 1). Written by our own code (exe
 
 Each merge runs as its own process from the same YAML (`dtype: float32` load/compute dtype and
 `out_dtype: bfloat16` unless --dtype says otherwise):
-  ours:     python scripts/merge.py --mergekit_yaml X.yml --output OUT --overwrite --no_progress
+  ours:     python scripts/merge.py --mergekit_yaml X.yml --output OUT --overwrite --no_progress \
+                --compute_dtype C        (--compute_dtype: mergekit (default: arithmetic in the YAML's dtype, as
+                                          mergekit) or float32; they differ only for --dtype bfloat16)
   mergekit: /tmp/mk/bin/mergekit-yaml X.yml OUT      (its default CPU options)
 with a warm page cache (every input file read once, untimed, before each run; os.sync() after each run so one
 run's write-back does not land in the next), tools alternating in order across repeats.
@@ -290,7 +292,7 @@ def bench_cpu(args, ckpt) -> list[dict]:
                 shutil.rmtree(out, ignore_errors=True)
                 if tool == "ours":
                     cmd = ours_cmd + ["--mergekit_yaml", str(yml), "--output", str(out), "--overwrite",
-                                      "--no_progress"]
+                                      "--no_progress", "--compute_dtype", args.compute_dtype]
                 elif tool == "mergekit":
                     cmd = [MERGEKIT, str(yml), str(out)]
                 else:
@@ -361,6 +363,7 @@ def bench_kernels(args) -> list[dict]:
     from configurable_fm.ops.merge import params as P
     from configurable_fm.ops.merge.execute import KernelCache
     from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
+    from configurable_fm.ops.merge.precision import resolve
     from configurable_fm.ops.merge.registry import get_method
 
     dev = jax.devices()[0]
@@ -377,11 +380,12 @@ def bench_kernels(args) -> list[dict]:
         depth = P.num_layers_of(names)
         load = None if plan.dtype is None else np.dtype(jnp.dtype(plan.dtype))
         out_dtype = np.dtype(jnp.bfloat16) if plan.out_dtype in (None, "bfloat16") else np.dtype(plan.out_dtype)
+        compute = resolve(args.compute_dtype, load, [np.dtype(jnp.bfloat16)])
         calls = []
         for j, name in enumerate(names):
             kw = P.resolve_for_tensor(m, name, parameters=plan.parameters, model_parameters=list(plan.model_parameters),
                                       model_names=plan.model_names, num_layers=depth)
-            fn = cache.get(m, kw, load, out_dtype)
+            fn = cache.get(m, kw, load, out_dtype, compute)
             b = None if plan.base is None else tensors["base"][j]
             calls.append((fn, b, tuple(tensors[x][j] for x in MODELS[1:])))
         jax.block_until_ready([fn(b, xs, None) for fn, b, xs in calls])  # compile
@@ -393,7 +397,8 @@ def bench_kernels(args) -> list[dict]:
         t = min(times)
         n_in = len(MODELS) - 1 + (plan.base is not None)
         moved = sum((n_in * 2 + out_dtype.itemsize) * int(np.prod(s)) for _, s in specs)
-        row = {"kind": "kernel", "method": method, "device": dev.device_kind, "seconds": t, "bytes_moved": moved,
+        row = {"kind": "kernel", "method": method, "compute_dtype": compute or "float32", "device": dev.device_kind,
+               "seconds": t, "bytes_moved": moved,
                "tb_per_s": moved / t / 1e12, "hbm_bound_tb_per_s": None if bound is None else bound / 1e12,
                "fraction_of_bound": None if bound is None else moved / t / bound, "kernels_compiled": len(cache)}
         print(json.dumps(row), flush=True)
@@ -410,6 +415,8 @@ def main():
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "none"), default="float32",
                    help="the YAML's dtype (load/compute dtype; out_dtype bfloat16), or none for neither")
+    p.add_argument("--compute_dtype", choices=("mergekit", "float32"), default="mergekit",
+                   help="our merge arithmetic (scripts/merge.py --compute_dtype)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--kernel_iters", type=int, default=5)
     p.add_argument("--ours_cmd", default="", help="replace 'python scripts/merge.py' (e.g. a patched launcher)")
@@ -429,7 +436,7 @@ def main():
 
     meta = {"size": args.size, "device": args.device, "jax_device": jax.devices()[0].device_kind,
             "cpus": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "dtype": args.dtype,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "dtype": args.dtype, "compute_dtype": args.compute_dtype,
             "params": int(sum(np.prod(s) for _, s in llama_specs(SIZES[args.size])))}
     out = Path(args.out or work / f"results_{args.size}_{args.device}.json")
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -438,8 +445,9 @@ def main():
     for r in rows:
         if r.get("kind") == "kernel":
             frac = "n/a" if r["fraction_of_bound"] is None else f"{100 * r['fraction_of_bound']:.0f}%"
-            print(f"kernel {r['method']}: {r['bytes_moved'] / 1e9:.1f} GB in {r['seconds'] * 1e3:.1f} ms = "
-                  f"{r['tb_per_s']:.2f} TB/s ({frac} of {r['hbm_bound_tb_per_s']} TB/s, {r['device']})")
+            print(f"kernel {r['method']} ({r['compute_dtype']}): {r['bytes_moved'] / 1e9:.1f} GB in "
+                  f"{r['seconds'] * 1e3:.1f} ms = {r['tb_per_s']:.2f} TB/s ({frac} of {r['hbm_bound_tb_per_s']} TB/s, "
+                  f"{r['device']})")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ Run ONLY by hand, in a throwaway virtualenv outside the repository (never a proj
     /tmp/mk/bin/python scripts/mergekit_goldens.py                 # every method in METHOD_CASES
     /tmp/mk/bin/python scripts/mergekit_goldens.py ties della      # only these
     /tmp/mk/bin/python scripts/mergekit_goldens.py slices          # the `slices:` configs (SLICE_CASES)
+    /tmp/mk/bin/python scripts/mergekit_goldens.py --dtype float16  # every method, arithmetic in float16
+    /tmp/mk/bin/python scripts/mergekit_goldens.py --dtype bfloat16 ties arcee_fusion
+    /tmp/mk/bin/python scripts/mergekit_goldens.py yaml_dtypes     # whole float16/bfloat16 YAML merges
 
 For each method it calls `mergekit.merge_methods.api.merge_tensors` on small deterministic tensors (inputs built
 from a numpy generator seeded by the case name) and writes
@@ -30,6 +33,12 @@ tiny random llama checkpoints A and B (transformers, every parameter ~ N(0, 1) f
                                                       inputs' config.json, "cases": {case: {"yaml": text with {A}
                                                       and {B} for the model paths, "num_hidden_layers": n,
                                                       "tensors": [output names]}}}
+
+`--dtype float16|bfloat16` runs the same cases with the inputs cast to that dtype first (as mergekit's loader
+does for a YAML's `dtype:`), so mergekit does its arithmetic in that dtype, and writes
+tests/golden/mergekit_0.1.5/<dtype>/<method>.{safetensors,json}: the same keys, every array stored as float32
+(the inputs' values are exact in float32: they are the float32 inputs rounded to <dtype>), and per case
+"out_dtype", the dtype of the tensor mergekit returned (what it writes without an `out_dtype:`).
 
 Extending: add a function returning a list of `Case` and an entry in METHOD_CASES (one row per method).
 Sizes stay small (each file well under 1 MB). Exact ties in magnitude are built from dyadic numbers (so x − b is
@@ -481,12 +490,15 @@ def _draws(kind: str, density: float) -> bool:
     return kind == "random" or density > 0
 
 
-def run_case(method: str, case: Case) -> dict[str, np.ndarray]:
+def run_case(method: str, case: Case, dtype: str = "float32") -> tuple[dict[str, np.ndarray], str]:
+    """(arrays, the dtype name of mergekit's result) of one case, the inputs cast to `dtype` first."""
     import torch
     from mergekit.merge_methods.api import merge_tensors
 
-    tensors = ([] if case.base is None else [torch.from_numpy(case.base.copy())])
-    tensors += [torch.from_numpy(x.copy()) for x in case.xs]
+    tdt = getattr(torch, dtype)
+    tensors = ([] if case.base is None else [torch.from_numpy(case.base.copy()).to(tdt)])
+    tensors += [torch.from_numpy(x.copy()).to(tdt) for x in case.xs]
+    stored = lambda t: t.to(torch.float32).numpy()  # noqa: E731  (exact: float16/bfloat16 values fit float32)
     calls = []
     original = torch.bernoulli
 
@@ -501,9 +513,9 @@ def run_case(method: str, case: Case) -> dict[str, np.ndarray]:
         y = merge_tensors(tensors, method, parameters=case.params, base_index=None if case.base is None else 0)
     finally:
         torch.bernoulli = original
-    arrays = {"xs": case.xs, "y": y.numpy().astype(np.float32)}
+    arrays = {"xs": stored(torch.from_numpy(case.xs.copy()).to(tdt)), "y": stored(y)}
     if case.base is not None:
-        arrays["base"] = case.base
+        arrays["base"] = stored(tensors[0])
     if method in RANDOMIZED:
         kind, store_probs = RANDOMIZED[method]
         n = case.xs.shape[0]
@@ -515,17 +527,17 @@ def run_case(method: str, case: Case) -> dict[str, np.ndarray]:
         if len(drawing) != len(calls):
             raise RuntimeError(f"{method}/{case.name}: expected {len(drawing)} bernoulli draws, got {len(calls)}")
         for i, (p, m) in zip(drawing, calls):
-            masks[i] = m.reshape(case.xs.shape[1:]).numpy()
-            probs[i] = p.reshape(case.xs.shape[1:]).numpy()
+            masks[i] = stored(m.reshape(case.xs.shape[1:]))
+            probs[i] = stored(p.reshape(case.xs.shape[1:]))
         arrays["masks"] = masks
         if store_probs:
             arrays["probs"] = probs
     elif calls:
         raise RuntimeError(f"{method}/{case.name}: deterministic method drew {len(calls)} random masks")
-    return arrays
+    return arrays, str(y.dtype).removeprefix("torch.")
 
 
-def write_method(method: str, cases: list[Case], out_dir: str) -> str:
+def write_method(method: str, cases: list[Case], out_dir: str, dtype: str = "float32") -> str:
     import mergekit  # noqa: F401
     import torch
     from importlib.metadata import version
@@ -535,16 +547,23 @@ def write_method(method: str, cases: list[Case], out_dir: str) -> str:
     for case in cases:
         if case.name in meta:
             raise ValueError(f"{method}: duplicate case {case.name!r}")
-        for k, v in run_case(method, case).items():
+        arrays, out_dtype = run_case(method, case, dtype)
+        for k, v in arrays.items():
             tensors[f"{case.name}/{k}"] = np.ascontiguousarray(v, np.float32)
         meta[case.name] = {"params": case.params, "shape": list(case.xs.shape[1:]), "n": int(case.xs.shape[0]),
                            "base": case.base is not None, "note": case.note, "torch_seed": case.seed}
+        if dtype != "float32":
+            meta[case.name]["out_dtype"] = out_dtype
+    if dtype != "float32":
+        out_dir = os.path.join(out_dir, dtype)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{method}.safetensors")
     save_file(tensors, path)
     with open(os.path.join(out_dir, f"{method}.json"), "w") as f:
-        json.dump({"mergekit": version("mergekit"), "torch": torch.__version__, "method": method, "cases": meta}, f,
-                  indent=1, sort_keys=True)
+        head = {"mergekit": version("mergekit"), "torch": torch.__version__, "method": method, "cases": meta}
+        if dtype != "float32":
+            head["dtype"] = dtype
+        json.dump(head, f, indent=1, sort_keys=True)
         f.write("\n")
     return path
 
@@ -730,18 +749,167 @@ def write_slices(out_dir: str) -> str:
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Whole YAML merges in a reduced dtype (mergekit's shipped examples, on tiny stand-ins), for the compute-dtype mode
+# ---------------------------------------------------------------------------------------------------------------
+
+# Inputs: A (the tiny llama of seed 0) and two "fine-tunes" B = A + 0.02·N(0, 1), C = A + 0.02·N(0, 1) (seeds 1, 2):
+# task vectors small against the weights, as in a real merge, so rounding x − b in float16 matters.
+YAML_DTYPE_CASES = {
+    # examples/bio-merge.yml: ties, float16, normalize false, int8_mask
+    "bio_merge_f16": """
+models:
+  - model: {B}
+    parameters: {density: 0.5, weight: 0.5}
+  - model: {C}
+    parameters: {density: 0.5, weight: 0.5}
+merge_method: ties
+base_model: {A}
+parameters:
+  normalize: false
+  int8_mask: true
+dtype: float16
+""",
+    # the README's ties example: density/weight gradients and filters, float16
+    "ties_gradients_f16": """
+models:
+  - model: {A}
+  - model: {B}
+    parameters:
+      density: [1, 0.7, 0.1]
+      weight: 1.0
+  - model: {C}
+    parameters:
+      density: 0.5
+      weight: [0, 0.3, 0.7, 1]
+merge_method: ties
+base_model: {A}
+parameters:
+  normalize: true
+  int8_mask: true
+dtype: float16
+""",
+    # examples/arcee_fusion.yml: bfloat16 (mergekit writes float32)
+    "arcee_fusion_bf16": """
+models:
+  - model: {A}
+  - model: {B}
+merge_method: arcee_fusion
+base_model: {A}
+dtype: bfloat16
+""",
+    # task arithmetic with lambda in bfloat16, written as float32
+    "task_arithmetic_bf16_out32": """
+models:
+  - model: {B}
+    parameters: {weight: 0.7}
+  - model: {C}
+    parameters: {weight: 0.6}
+merge_method: task_arithmetic
+base_model: {A}
+parameters: {lambda: 0.9}
+dtype: bfloat16
+out_dtype: float32
+""",
+    # breadcrumbs with ties, float16
+    "breadcrumbs_ties_f16": """
+models:
+  - model: {B}
+    parameters: {density: 0.6, gamma: 0.05, weight: 0.5}
+  - model: {C}
+    parameters: {density: 0.6, gamma: 0.05, weight: 0.5}
+merge_method: breadcrumbs_ties
+base_model: {A}
+dtype: float16
+""",
+}
+
+
+def _tiny_llama_near(path: str, base_path: str, seed: int, scale: float = 0.02) -> None:
+    """A copy of the tiny llama at base_path with every parameter moved by scale·N(0, 1) (torch seed `seed`)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM.from_pretrained(base_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def write_yaml_dtypes(out_dir: str) -> str:
+    """tests/golden/mergekit_0.1.5/yaml_dtypes.{safetensors,json}: "inputs/{A,B,C}/<hf name>" and, per case of
+    YAML_DTYPE_CASES, "<case>/<hf name>" (mergekit's output, as float32 values) with the json recording each output
+    tensor's dtype as mergekit wrote it."""
+    import tempfile
+    from importlib.metadata import version
+
+    import torch
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    tensors, meta = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {n: os.path.join(tmp, n) for n in ("A", "B", "C")}
+        _tiny_llama(paths["A"], 0)
+        _tiny_llama_near(paths["B"], paths["A"], 1)
+        _tiny_llama_near(paths["C"], paths["A"], 2)
+        for name, path in paths.items():
+            for k, v in load_file(os.path.join(path, "model.safetensors")).items():
+                tensors[f"inputs/{name}/{k}"] = v
+        with open(os.path.join(paths["A"], "config.json")) as f:
+            input_config = json.load(f)
+        for case, text in YAML_DTYPE_CASES.items():
+            out = os.path.join(tmp, f"out_{case}")
+            for n, path in paths.items():
+                text_n = text.replace("{" + n + "}", path)
+                text = text_n
+            config = MergeConfiguration.model_validate(yaml.safe_load(text))
+            run_merge(config, out, MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+            dtypes = {}
+            with safe_open(os.path.join(out, "model.safetensors"), framework="pt") as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    dtypes[k] = str(t.dtype).removeprefix("torch.")
+                    tensors[f"{case}/{k}"] = t.to(torch.float32).numpy()
+            meta[case] = {"yaml": YAML_DTYPE_CASES[case], "dtypes": dtypes}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "yaml_dtypes.safetensors")
+    save_file(tensors, path)
+    with open(os.path.join(out_dir, "yaml_dtypes.json"), "w") as f:
+        json.dump({"mergekit": version("mergekit"), "torch": torch.__version__,
+                   "transformers": version("transformers"), "input_config": input_config, "cases": meta}, f,
+                  indent=1, sort_keys=True)
+        f.write("\n")
+    return path
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("methods", nargs="*",
                     help=f"methods to write (default: all of {sorted(METHOD_CASES)} and 'slices')")
     ap.add_argument("--out", default=OUT_DIR)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="cast the inputs to this dtype first (mergekit computes in it); not for 'slices'")
     args = ap.parse_args(argv)
-    unknown = [m for m in args.methods if m not in METHOD_CASES and m != "slices"]
+    unknown = [m for m in args.methods if m not in METHOD_CASES and m not in ("slices", "yaml_dtypes")]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(METHOD_CASES)} and 'slices'")
+        raise SystemExit(f"unknown method(s) {unknown}; known: {sorted(METHOD_CASES)}, 'slices' and 'yaml_dtypes'")
+    if args.methods == ["yaml_dtypes"]:
+        path = write_yaml_dtypes(args.out)
+        print(f"yaml_dtypes: {os.path.getsize(path)} bytes -> {os.path.relpath(path)}")
+        return
     for method in args.methods or list(METHOD_CASES) + ["slices"]:
-        path = write_slices(args.out) if method == "slices" else write_method(method, METHOD_CASES[method](),
-                                                                              args.out)
+        if method == "slices" and args.dtype != "float32":
+            if args.methods:
+                raise SystemExit("'slices' has float32 goldens only")
+            continue
+        path = (write_slices(args.out) if method == "slices"
+                else write_method(method, METHOD_CASES[method](), args.out, args.dtype))
         print(f"{method}: {os.path.getsize(path)} bytes -> {os.path.relpath(path)}")
 
 

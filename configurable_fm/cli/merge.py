@@ -1,7 +1,9 @@
 """`cfm-merge` (scripts/merge.py): merge models, from a mergekit YAML file (streamed) or from an ml-collections
 merge config (in memory).
 
-    cfm-merge --mergekit_yaml ties.yml --output merged/ [--overwrite] [--max_shard_size 5GB] [--seed 0]
+    cfm-merge --mergekit_yaml ties.yml --output merged/ [--overwrite] [--max_shard_size 5GB] [--seed 0] \\
+        [--compute_dtype mergekit|float32|float16|bfloat16]
+    cfm-merge --mergekit_yaml multi.yml --output merged/ [--intermediate_dir merged.stages/]   # mergekit-multi
     cfm-merge --config experiments/merge/task_arithmetic_tiny.py[:variant] --output merged/ \\
         [--format hf|orbax] [--overwrite] [--config.parameters.weight=0.3 ...]
 
@@ -12,6 +14,23 @@ slice-wise merges; the output config gets the new num_hidden_layers), `tokenizer
 Inputs: HF directories, GGUF files, orbax model checkpoints or registry names; output: sharded safetensors +
 config.json + tokenizer files (the base's, or the merged vocabulary's), written under a temporary name and renamed
 when complete.
+--compute_dtype: the merge arithmetic of --mergekit_yaml (ops/merge/precision.py). Default `mergekit`: as mergekit
+0.1.5 computes, in the YAML's `dtype:` (else the inputs' stored dtype), rounding after every operation in float16
+or bfloat16, so a published mergekit YAML gives mergekit's weights; without `out_dtype:`, arcee_fusion and
+ramplus_tl then write float32 as mergekit does. `float32`: every method in float32, rounded once at the end
+(more accurate: it avoids, e.g., mergekit's division by a float16 zero when normalised weights sum to 0; the
+result differs from mergekit's in the last bits of some entries and, for sparsifying methods, in which entries
+are kept). `float16` / `bfloat16`: mergekit's rounding in that dtype whatever the YAML says.
+A YAML of several documents (separated by `---`) is a multi-stage merge, mergekit-multi's format
+(ops/merge/multistage.py): each document a merge, the named ones (`name: first-merge`) intermediates written to
+`--intermediate_dir/<name>` (default: `<output>.stages`, next to the output), the one unnamed document the final
+merge written to --output; later documents use an intermediate by its name as a model (`base_model: first-merge`).
+Stages run in dependency order, one line each (`stage 2/3 'second-merge': ...`); on a rerun an intermediate is
+reused when its document, inputs and files are unchanged (a hash recorded next to it), else merged again.
+Duplicate names, two unnamed documents, cycles and unknown references are errors naming the line, and so is a
+file whose documents are all named (mergekit-multi writes those into the intermediate directory only; here the
+final document must be unnamed). --overwrite applies to --output, checked before the first stage runs.
+--intermediate_dir with a single-document YAML is a usage error.
 --config: a merge config (configurable_fm/stages/merge.py: method, base, models, parameters, model_parameters,
 seed, out_dtype, embed_alignment) with ml_collections `--config.KEY=VALUE` overrides (a key that the config does
 not have is refused with the valid keys of its level, as in cfm-train); inputs are any sources `load_model`
@@ -23,6 +42,7 @@ one short error: what differs, the first tensors that differ, and the knob that 
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from absl import flags
@@ -34,6 +54,8 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("mergekit_yaml", None, "mergekit YAML file (streamed merge of HF checkpoints)", flag_values=fv)
     cli.config_flag(fv, "config", "merge config file path.py[:variant] (in-memory merge; see stages/merge.py)")
     flags.DEFINE_string("output", None, "output directory (must not exist unless --overwrite)", flag_values=fv)
+    flags.DEFINE_string("intermediate_dir", None, "--mergekit_yaml with several documents only: directory of the "
+                        "named stages' outputs (default: <output>.stages)", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a previous output in the output directory (a directory holding files "
                       "the library did not write is refused, never deleted)", flag_values=fv)
     flags.DEFINE_enum("format", None, ["hf", "orbax"],
@@ -42,17 +64,38 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", None, "--mergekit_yaml only: seed of the PRNG keys of randomised methods (default 0)",
                          flag_values=fv)
     flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
+    flags.DEFINE_enum("compute_dtype", "mergekit", ["mergekit", "float32", "float16", "bfloat16"],
+                      "--mergekit_yaml only: merge arithmetic: 'mergekit' (in the YAML's dtype, as mergekit "
+                      "0.1.5), 'float32' (float32, rounded once at the end) or a dtype", flag_values=fv)
 
 
 def merge_yaml(fv: flags.FlagValues) -> None:
+    from configurable_fm.ops.merge import multistage
     from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
     from configurable_fm.ops.merge.stream import merge_checkpoints
 
+    if multistage.is_multi_document(fv.mergekit_yaml):
+        return merge_stages(fv)
+    if fv.intermediate_dir is not None and os.path.isfile(fv.mergekit_yaml):
+        raise cli.UsageError(f"--intermediate_dir applies to a multi-stage YAML (several documents separated by "
+                             f"'---') only; {fv.mergekit_yaml} has one document")
     plan = load_mergekit_yaml(fv.mergekit_yaml)
     out = merge_checkpoints(plan, fv.output, overwrite=fv.overwrite, max_shard_size=fv.max_shard_size,
-                            progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed)
+                            progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed,
+                            compute_dtype=fv.compute_dtype)
     what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
     print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
+
+
+def merge_stages(fv: flags.FlagValues) -> None:
+    from configurable_fm.ops.merge import multistage
+
+    chain = multistage.load_multistage(fv.mergekit_yaml, output=fv.output, intermediate_dir=fv.intermediate_dir)
+    out = multistage.run_multistage(chain, overwrite=fv.overwrite, max_shard_size=fv.max_shard_size,
+                                    progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed, log=print,
+                                    compute_dtype=fv.compute_dtype)
+    print(f"merged {len(chain.stages)} stage(s) of {fv.mergekit_yaml} into {out} (intermediates in "
+          f"{chain.intermediate_dir})")
 
 
 def merge_config(fv: flags.FlagValues) -> None:
@@ -82,6 +125,11 @@ def run(fv: flags.FlagValues) -> None:
         return merge_yaml(fv)
     if fv.seed is not None:
         raise cli.UsageError("--seed applies to --mergekit_yaml only; with --config set --config.seed=N")
+    if fv["compute_dtype"].present:
+        raise cli.UsageError("--compute_dtype applies to --mergekit_yaml only; with --config set "
+                             "--config.compute_dtype=float16|bfloat16")
+    if fv.intermediate_dir is not None:
+        raise cli.UsageError("--intermediate_dir applies to a multi-stage --mergekit_yaml only, not to --config")
     return merge_config(fv)
 
 

@@ -23,6 +23,9 @@ Config keys (a merge config; as a study stage it also has `name` and kind 'merge
     model_parameters : one {name: setting} dict per model (same length as `models`), or empty
     seed             : PRNG seed of randomised methods (keys are order independent)
     out_dtype        : '' (the base's dtype, else the first model's) or a dtype name ('float32', 'bfloat16')
+    compute_dtype    : '' (float32 arithmetic, rounded once to the output dtype), 'float16' | 'bfloat16' (mergekit
+                       0.1.5's arithmetic in that dtype: ops/merge/precision.py) or 'mergekit' (the inputs' dtype
+                       when they share one); mergekit-style methods only
     embed_alignment  : '' (a vocabulary mismatch is an error), 'base' (inputs cut/padded to the base's), or
                        tokenizer-aware (vocab.py, mergekit's `tokenizer_source`): 'union' (the base's tokenizer
                        plus every other input's tokens) or one input's source (its tokenizer); every input's
@@ -61,7 +64,7 @@ from configurable_fm.errors import ConfigError
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage, to_plain
 
 MERGE_KEYS = ("method", "base", "models", "parameters", "model_parameters", "seed", "out_dtype", "embed_alignment",
-              "data", "slices")
+              "data", "slices", "compute_dtype")
 STAGE_KEYS = ("name", "kind")
 # Data-dependent methods: {method: {parameter: default}} (None: see the module docstring).
 DATA_METHODS = {
@@ -75,7 +78,7 @@ def merge_config(method: str, models: Sequence[str], base: str = "", *, paramete
                  model_parameters: Sequence[Mapping] | None = None, seed: int = 0, out_dtype: str = "",
                  embed_alignment: str = "", name: str | None = None,
                  data: ml_collections.ConfigDict | Mapping | None = None,
-                 slices: Sequence[Mapping] | None = None) -> ml_collections.ConfigDict:
+                 slices: Sequence[Mapping] | None = None, compute_dtype: str = "") -> ml_collections.ConfigDict:
     """A merge config (module docstring); with `name`, a study stage of kind 'merge'. `data` (a make_data
     config) is set only when given (the data-dependent methods 'fisher' and 'regmean' need it); `slices`
     (mergekit-style slice dicts, with models=()) only when given."""
@@ -90,6 +93,7 @@ def merge_config(method: str, models: Sequence[str], base: str = "", *, paramete
     c.seed = int(seed)
     c.out_dtype = out_dtype or ""
     c.embed_alignment = embed_alignment or ""
+    c.compute_dtype = compute_dtype or ""
     if data is not None:
         c.data = ml_collections.ConfigDict(to_plain(data, "merge config data"))
     if slices is not None:
@@ -109,8 +113,9 @@ def _plain_config(cfg) -> dict[str, Any]:
         raise ConfigError("merge config: missing required key 'method'")
     if not isinstance(d["method"], str) or not d["method"]:
         raise ConfigError(f"merge config: `method` must be a method name, got {d['method']!r}")
+    compute = _compute_dtype(d)
     if d.get("slices"):
-        return _slices_config(d)
+        return dict(_slices_config(d), compute_dtype=compute)
     if "models" not in d:
         raise ConfigError("merge config: missing required key 'models' (or `slices`)")
     models = d["models"]
@@ -142,13 +147,27 @@ def _plain_config(cfg) -> dict[str, Any]:
         raise ConfigError(f"merge config: `seed` must be an integer, got {seed!r}")
     data = d.get("data") or None
     if d["method"] in DATA_METHODS:
+        if compute is not None:
+            raise ConfigError(f"merge config: `compute_dtype` applies to the mergekit-style methods, not to "
+                             f"{d['method']!r}; remove it")
         params = _data_method_parameters(d["method"], params, per_model, models, base, align, data)
     elif data is not None:
         raise ConfigError(f"merge config: `data` applies to the data-dependent methods {sorted(DATA_METHODS)} only, "
                          f"not to {d['method']!r}; remove it")
     return dict(method=d["method"], base=base, models=list(models), parameters=params,
                 model_parameters=[p or {} for p in per_model] or None, seed=seed,
-                out_dtype=d.get("out_dtype") or None, embed_alignment=align, data=data, slices=None)
+                out_dtype=d.get("out_dtype") or None, embed_alignment=align, data=data, slices=None,
+                compute_dtype=compute)
+
+
+def _compute_dtype(d: dict):
+    """The checked `compute_dtype` setting: None (float32) or 'float16' | 'bfloat16' | 'mergekit'."""
+    from configurable_fm.ops.merge.precision import MODES
+
+    value = d.get("compute_dtype") or None
+    if value is not None and value not in MODES:
+        raise ConfigError(f"merge config: `compute_dtype` must be '' or one of {list(MODES)}, got {value!r}")
+    return None if value == "float32" else value
 
 
 def _slices_config(d: dict) -> dict[str, Any]:
@@ -342,7 +361,8 @@ def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
         if log is not None:
             log(f"merging {len(d['slices'])} slice(s) of {len(d['models'])} model(s) with {d['method']}")
         model = merge_slices(method, d["slices"], {m: load_model(m) for m in d["models"]}, base=d["base"] or None,
-                             parameters=d["parameters"], seed=d["seed"], out_dtype=out_dtype)
+                             parameters=d["parameters"], seed=d["seed"], out_dtype=out_dtype,
+                             compute_dtype=d["compute_dtype"])
         return (model, None) if with_tokenizer else model
     align = d["embed_alignment"]
     if align not in (None, "base"):
@@ -353,7 +373,7 @@ def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
     base = load_model(d["base"]) if d["base"] else None
     models = [load_model(m) for m in d["models"]]
     model = merge(method, base, models, parameters=d["parameters"], model_parameters=d["model_parameters"],
-                  seed=d["seed"], out_dtype=out_dtype, embed_alignment=align)
+                  seed=d["seed"], out_dtype=out_dtype, embed_alignment=align, compute_dtype=d["compute_dtype"])
     return (model, None) if with_tokenizer else model
 
 
@@ -390,7 +410,7 @@ def _tokenizer_merge(method, d: dict, out_dtype, log, with_tokenizer: bool):
     flat, tokenizer = merge(method, None if base is None else flat_params(base),
                             {n: flat_params(m) for n, m in models.items()}, parameters=d["parameters"],
                             model_parameters=per_model, seed=d["seed"], out_dtype=out_dtype, embed_alignment=align,
-                            tokenizers=tokenizers)
+                            tokenizers=tokenizers, compute_dtype=d["compute_dtype"])
     template = base if base is not None else next(iter(models.values()))
     cfg = template.cfg
     if "vocab_size" not in {f.name for f in dataclasses.fields(cfg)}:

@@ -197,10 +197,12 @@ _NEEDS_CONCRETE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayCon
 
 
 class KernelCache:
-    """Jitted `fused(base, xs_tuple, key, arrays) -> y` per (method, parameters, load dtype, output dtype).
+    """Jitted `fused(base, xs_tuple, key, arrays) -> y` per (method, parameters, load dtype, output dtype,
+    compute dtype).
 
     fused: each input cast to `load_dtype` (floating inputs only; mergekit's load dtype) then to float32, the
-    inputs stacked (N, *S), `method.kernel(b, xs, key=key, **params)`, the result cast to the output dtype.
+    inputs stacked (N, *S), `method.kernel(b, xs, key=key, **params)` (plus `compute_dtype=` when it is not
+    None: the kernel rounds as mergekit does in that dtype), the result cast to the output dtype.
     Scalar parameters (and strings, flags) are baked in as constants; the per-model parameter arrays (N,)
     (weights, densities: they change with depth under a gradient) are traced arguments, so one compiled
     function serves every layer. A method whose kernel needs them concrete (tracing raises a concretization
@@ -218,8 +220,9 @@ class KernelCache:
     def __len__(self) -> int:
         return len(self._fns)
 
-    def get(self, method: MergeMethod, params: Mapping[str, Any], load_dtype, out_dtype) -> Callable:
-        """`call(base, xs_tuple, key) -> y` for this setting."""
+    def get(self, method: MergeMethod, params: Mapping[str, Any], load_dtype, out_dtype,
+            compute_dtype: Optional[str] = None) -> Callable:
+        """`call(base, xs_tuple, key) -> y` for this setting (compute_dtype: precision.py; None = float32)."""
         params = dict(params)
         load_dtype = None if load_dtype is None else np.dtype(load_dtype)
         out_dtype = np.dtype(out_dtype)
@@ -232,11 +235,11 @@ class KernelCache:
         static = {k: v for k, v in params.items() if k not in arrays}
         key = (method.name, id(method), _freeze(static), tuple(sorted((k, v.dtype.str, v.shape)
                                                                       for k, v in arrays.items())),
-               None if load_dtype is None else load_dtype.str, out_dtype.str)
+               None if load_dtype is None else load_dtype.str, out_dtype.str, compute_dtype)
         with self._lock:
             entry = self._fns.get(key)
             if entry is None:  # the entry holds the method, so its id cannot be reused while cached
-                entry = self._fns[key] = (method, _fused(method, static, load_dtype, out_dtype))
+                entry = self._fns[key] = (method, _fused(method, static, load_dtype, out_dtype, compute_dtype))
                 while len(self._fns) > self.maxsize:
                     self._fns.popitem(last=False)
             else:
@@ -251,19 +254,23 @@ class KernelCache:
             except _NEEDS_CONCRETE:
                 with self._lock:
                     self._concrete[id(method)] = method
-                return self.get(method, params, load_dtype, out_dtype)(b, xs, k)
+                return self.get(method, params, load_dtype, out_dtype, compute_dtype)(b, xs, k)
 
         return call
 
 
-def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype) -> Callable:
+def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dtype: Optional[str]) -> Callable:
+    if compute_dtype is not None:
+        static = dict(static, compute_dtype=compute_dtype)
+
     def load(x):
         if load_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(load_dtype)
         return x.astype(jnp.float32)
 
     def fused(b, xs, key, arrays):
-        stacked = jnp.stack([load(x) for x in xs])
+        stacked = (jnp.stack([load(x) for x in xs]) if xs  # no inputs (ram with a base alone): (0, *S)
+                   else jnp.zeros((0, *jnp.shape(b)), jnp.float32))
         y = method.kernel(None if b is None else load(b), stacked, key=key, **static, **arrays)
         return jnp.asarray(y).astype(out_dtype)
 
@@ -273,15 +280,30 @@ def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype) -> Callable
 DEFAULT_CACHE = KernelCache()
 
 
-def output_dtype(stored_dtype, load_dtype=None, out_dtype=None) -> np.dtype:
+def output_dtype(stored_dtype, load_dtype=None, out_dtype=None, float32_result: bool = False) -> np.dtype:
     """The dtype stream/tree write for a tensor stored as `stored_dtype`: integer/bool tensors keep theirs;
-    floating ones take out_dtype, else the load dtype, else their own, as jax computes it (float64 is float32
-    unless jax_enable_x64)."""
+    floating ones take out_dtype, else float32 when `float32_result` (a method whose mergekit code returns
+    float32 from reduced-precision arithmetic: `MergeMethod.result_dtype`, with a reduced compute dtype), else
+    the load dtype, else their own, as jax computes it (float64 is float32 unless jax_enable_x64)."""
     stored_dtype = np.dtype(stored_dtype)
     if not is_float(stored_dtype):
         return stored_dtype
-    want = out_dtype if out_dtype is not None else load_dtype if load_dtype is not None else stored_dtype
+    want = (out_dtype if out_dtype is not None else np.float32 if float32_result
+            else load_dtype if load_dtype is not None else stored_dtype)
     return np.dtype(jax.dtypes.canonicalize_dtype(np.dtype(want)))
+
+
+def dtypes_for(method: MergeMethod, stored: Sequence, *, load_dtype=None, out_dtype=None,
+               compute_dtype: Optional[str] = None) -> tuple[np.dtype, Optional[str]]:
+    """(output dtype, compute dtype) of one tensor whose inputs are stored as `stored` (the reference first):
+    the compute dtype by precision.resolve(compute_dtype, load_dtype, stored) (floating tensors only), the
+    output dtype by output_dtype (float32 for a method whose mergekit code returns float32 from reduced
+    arithmetic, when no out_dtype is given)."""
+    from configurable_fm.ops.merge.precision import resolve
+
+    compute = resolve(compute_dtype, load_dtype, stored) if is_float(stored[0]) else None
+    return output_dtype(stored[0], load_dtype, out_dtype,
+                        float32_result=compute is not None and method.result_dtype == "float32"), compute
 
 
 def copy_integer(name: str, values: Sequence[Any], names: Sequence[str]):
@@ -299,7 +321,8 @@ def copy_integer(name: str, values: Sequence[Any], names: Sequence[str]):
 
 def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[str, Any], *, out_dtype,
                  load_dtype=None, key: Optional[jax.Array] = None, name: str = "<tensor>",
-                 input_names: Optional[Sequence[str]] = None, cache: Optional[KernelCache] = None):
+                 input_names: Optional[Sequence[str]] = None, cache: Optional[KernelCache] = None,
+                 compute_dtype: Optional[str] = None):
     """One output tensor: the per-tensor step of tree.merge, tree.merge_task and the streaming executor.
 
     base: the base's tensor (S) or None (no base, or the method ignores it; pass None then); inputs: the other
@@ -307,6 +330,8 @@ def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[st
     params: the kernel's resolved keyword arguments (params.resolve_for_tensor); key: tensor_key(seed, name) for
     randomised methods. Floating tensors: y = kernel(f32(b), stack_i f32(x_i) (N, *S), key, **params) cast to
     `out_dtype`, a jax array (dispatched asynchronously); errors of the kernel name the method and the tensor.
+    compute_dtype: None (float32 arithmetic) or 'float16' | 'bfloat16', passed to the kernel, which then rounds
+    as mergekit does in that dtype (precision.py; precision.resolve picks it per tensor).
     Integer/bool tensors: returned unchanged (`copy_integer`) when identical in every input (base included),
     else MergeInputError; input_names: names of the base (when given) and the inputs, for that message.
     """
@@ -316,10 +341,12 @@ def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[st
         names = list(input_names) if input_names is not None else (
             (["base"] if base is not None else []) + [f"model_{i}" for i in range(len(inputs))])
         return copy_integer(name, values, names)
+    if compute_dtype is not None:  # the inputs are rounded to the compute dtype first, as mergekit loads them
+        load_dtype = np.dtype(jnp.dtype(compute_dtype))
     if load_dtype is not None and all(np.dtype(x.dtype) == np.dtype(load_dtype)
                                       for x in ([base] if base is not None else []) + list(inputs)):
         load_dtype = None  # the cast is a no-op: share the function of uncast inputs
-    fn = (cache if cache is not None else DEFAULT_CACHE).get(method, params, load_dtype, out_dtype)
+    fn = (cache if cache is not None else DEFAULT_CACHE).get(method, params, load_dtype, out_dtype, compute_dtype)
     try:
         return fn(base, tuple(inputs), key)
     except (ValueError, TypeError) as e:
@@ -336,7 +363,7 @@ class TensorGroup:
     """Everything needed for one output tensor; `read()` -> (base array or None, [input arrays]) is called on
     the read-ahead thread (so it should do the file reads, e.g. PreadStore lookups). out_dtype: the planned
     output dtype (output_dtype(...)); input_names: the base's (when read() gives one) and the inputs' names,
-    for messages."""
+    for messages; compute_dtype: None (float32 arithmetic) or 'float16' | 'bfloat16' (precision.resolve)."""
 
     name: str
     shape: tuple
@@ -345,6 +372,7 @@ class TensorGroup:
     params: Mapping[str, Any]
     key: Optional[jax.Array] = None
     input_names: Optional[Sequence[str]] = None
+    compute_dtype: Optional[str] = None
 
 
 class Timers:
@@ -457,7 +485,7 @@ def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dty
     for g, b, xs, nbytes in _read_ahead(groups, load, prefetch):
         t0 = time.perf_counter()
         y = merge_tensor(method, b, xs, g.params, out_dtype=g.out_dtype, load_dtype=load_dtype, key=g.key,
-                         name=g.name, input_names=g.input_names, cache=cache)
+                         name=g.name, input_names=g.input_names, cache=cache, compute_dtype=g.compute_dtype)
         if isinstance(y, jax.Array):
             y = jax.block_until_ready(y)  # the inputs can go now: memory stays at the read-ahead's bound
         del b, xs

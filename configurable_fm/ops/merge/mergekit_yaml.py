@@ -36,7 +36,8 @@ naming the key and the line.
 
 A model reference is a local HF directory (config.json; relative paths are tried from the working directory,
 then from the YAML's directory) or a name of models.registry.MODELS; LoRA (`a+b`) and revision (`a@rev`)
-references are refused.
+references are refused. Multi-document files (mergekit-multi) are multistage.py's: each document goes through
+`parse_mergekit_node`, where a reference equal to a stage's `name` is that stage's output directory.
 
 Model order as mergekit (plan.py normalize_config): the `models:` order; for methods that use the base, the
 entry equal to `base_model` is removed from the inputs and becomes the base (its parameters are unused, as in
@@ -63,6 +64,7 @@ import yaml
 
 from configurable_fm.errors import SourceNotFound, UserError
 from configurable_fm.ops.merge import params as P
+from configurable_fm.ops.merge.chat_templates import CHAT_TEMPLATES
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -73,61 +75,6 @@ NOT_IMPLEMENTED_KEYS = {
 }
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
 
-# mergekit 0.1.5's named chat templates (mergekit/_data/chat_templates), written here from the public formats.
-CHAT_TEMPLATES = {
-    # ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message
-    "chatml": (
-        r"{%- for message in messages %}"
-        r"{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-        r"{%- endfor %}"
-        r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"),
-    # Llama 3: bos, then <|start_header_id|>{role}<|end_header_id|>\n\n{content, trimmed}<|eot_id|> per message
-    "llama3": (
-        r"{{- bos_token }}"
-        r"{%- for message in messages %}"
-        r"{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
-        r" + '<|eot_id|>' }}"
-        r"{%- endfor %}"
-        r"{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"),
-    # Alpaca: an optional system preamble, '### Instruction:' / '### Input:' (role user_context) /
-    # '### Response:' blocks separated by a blank line
-    "alpaca": (
-        r"{%- set ns = namespace(started=false) %}"
-        r"{%- for message in messages %}"
-        r"{%- set head = {'system': '', 'user': '### Instruction:\n', 'user_context': '### Input:\n',"
-        r" 'assistant': '### Response:\n'}.get(message['role']) %}"
-        r"{%- if head is not none %}"
-        r"{{- '\n\n' if ns.started else '' }}{{- head + message['content'] | trim }}"
-        r"{%- set ns.started = true %}"
-        r"{%- endif %}"
-        r"{%- endfor %}"
-        r"{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' %}"
-        r"{{- '\n\n### Response:\n' if ns.started else '### Response:\n' }}{%- endif %}"),
-    # Mistral instruct (v1): bos [INST] {user} [/INST] {assistant}</s> ..., roles alternating after an optional
-    # system message, which is put before the first user message
-    "mistral": (
-        r"{%- if messages and messages[0]['role'] == 'system' %}"
-        r"{%- set system = messages[0]['content'] %}{%- set turns = messages[1:] %}"
-        r"{%- else %}{%- set system = '' %}{%- set turns = messages %}{%- endif %}"
-        r"{{- bos_token }}"
-        r"{%- for message in turns %}"
-        r"{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-        r"{{- raise_exception('mistral chat template: after an optional system message the roles must alternate "
-        r"user/assistant') }}{%- endif %}"
-        r"{%- if message['role'] == 'user' %}"
-        r"{{- '[INST] ' + (system + '\n\n' if loop.first and system else '') + message['content'] + ' [/INST]' }}"
-        r"{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
-        r"{%- endfor %}"),
-    # EXAONE 3: [|{role}|]{content}, user turns end with a newline, others with [|endofturn|]\n; an empty
-    # system turn first when there is none
-    "exaone": (
-        r"{%- for message in messages %}"
-        r"{%- if loop.first and message['role'] != 'system' %}{{- '[|system|][|endofturn|]\n' }}{%- endif %}"
-        r"{{- '[|' + message['role'] + '|]' + message['content'] }}"
-        r"{{- '\n' if message['role'] == 'user' else '[|endofturn|]\n' }}"
-        r"{%- endfor %}"
-        r"{%- if add_generation_prompt %}{{- '[|assistant|]' }}{%- endif %}"),
-}
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "parameters", "base_model")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
@@ -193,8 +140,13 @@ class MergePlan:
 class _Doc:
     """Converts composed YAML nodes to Python values while keeping their lines for error messages."""
 
-    def __init__(self, text: str, source: str):
+    def __init__(self, text: Optional[str], source: str, *, composed: Optional[tuple] = None,
+                 stages: Optional[Mapping[str, Path]] = None):
         self.source = source
+        self.stages = stages  # {stage name: output directory} of a multi-document file (multistage.py), or None
+        if composed is not None:  # (loader, node): one document of a stream composed by the caller
+            self.loader, self.root = composed
+            return
         self.loader = yaml.SafeLoader(text)
         try:
             self.root = self.loader.get_single_node()
@@ -304,6 +256,8 @@ def _model_ref(doc: _Doc, node, yaml_dir: Optional[Path]) -> ModelRef:
     ref = doc.value(node)
     if not isinstance(ref, str) or not ref:
         raise doc.error(node, f"a model reference must be a non-empty string, got {ref!r}")
+    if doc.stages is not None and ref in doc.stages:  # a stage's name wins over a path or registry name (mergekit)
+        return ModelRef(ref, path=Path(doc.stages[ref]), line=doc.line(node))
     if ref in registry.MODELS:
         return ModelRef(ref, registry=ref, line=doc.line(node))
     candidates = [Path(ref).expanduser()]
@@ -319,6 +273,8 @@ def _model_ref(doc: _Doc, node, yaml_dir: Optional[Path]) -> ModelRef:
         hint = " (LoRA references 'model+lora' are not implemented)"
     elif "@" in ref:
         hint = " (revisions 'model@rev' are not implemented)"
+    elif doc.stages is not None:
+        hint = f" nor the name of a stage of this file {sorted(doc.stages)}"
     raise doc.error(node, f"model {ref!r} is neither an HF directory with config.json, a .gguf file, an orbax "
                           f"model checkpoint (model_config.json + params/) nor a registry name "
                           f"{sorted(registry.MODELS)}{hint}")
@@ -327,7 +283,19 @@ def _model_ref(doc: _Doc, node, yaml_dir: Optional[Path]) -> ModelRef:
 def parse_mergekit_yaml(text: str, *, source: str = "<yaml>", yaml_dir: Optional[Path] = None) -> MergePlan:
     """The MergePlan of a mergekit YAML text (module docstring); MergekitYamlError / NotImplementedError name the
     key and its line; params.ParameterError / ValueError for the method's contract."""
-    doc = _Doc(text, source)
+    return _parse(_Doc(text, source), yaml_dir)
+
+
+def parse_mergekit_node(loader: yaml.SafeLoader, node: yaml.Node, *, source: str = "<yaml>",
+                        yaml_dir: Optional[Path] = None, stages: Optional[Mapping[str, Path]] = None) -> MergePlan:
+    """parse_mergekit_yaml of one document already composed by `loader` (one of a multi-document stream: its
+    lines are the stream's). `stages`: {name: output directory} of the file's named merges (mergekit-multi); a
+    model reference equal to a name is that directory (it need not exist yet), before any path or registry name."""
+    return _parse(_Doc(None, source, composed=(loader, node), stages=stages), yaml_dir)
+
+
+def _parse(doc: _Doc, yaml_dir: Optional[Path]) -> MergePlan:
+    source = doc.source
     top = doc.mapping(doc.root, "the top level")
     nodes = {}
     for key, vnode in top:

@@ -11,6 +11,11 @@ A method is a per-tensor kernel
 
 Kernels are pure and jit-able (parameters that change control flow are static); tree-level functions and
 the streaming executor call them tensor by tensor.
+
+Every kernel also takes `compute_dtype` (None: float32 arithmetic; 'float16' | 'bfloat16': mergekit's rounding
+in that dtype, see precision.py); the executor passes it only when it is not None. `result_dtype` says what
+mergekit returns for float16/bfloat16 inputs when the config sets no `out_dtype`: "compute" (the inputs' dtype)
+or "float32" (arcee_fusion and ramplus_tl promote to float32 inside).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ class MergeMethod:
     shared: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     randomized: bool = False
     doc: str = ""
+    result_dtype: Literal["compute", "float32"] = "compute"
 
 
 METHODS: dict[str, MergeMethod] = {}

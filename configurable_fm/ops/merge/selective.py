@@ -4,7 +4,24 @@ Each kernel follows mergekit 0.1.5 (``mergekit/merge_methods/<name>.py``) to flo
 of shared/research/merging.md section 1.3: base ``b`` (shape ``S``), inputs ``xs`` stacked ``(N, *S)``,
 task vectors ``τ_i = x_i - b``, per-model parameters ``(N,)`` float32, shared parameters scalars. Computed and
 returned in float32. The kernels are pure and wrapped in ``jax.jit`` (an eager call compiles once per shape; inside
-another jit they inline); only ``arcee_fusion``'s ``sample_size`` is static.
+another jit they inline); ``compute_dtype`` and ``arcee_fusion``'s ``sample_size`` are static.
+
+``compute_dtype`` None (the default) is the float32 arithmetic above. ``'float16'`` | ``'bfloat16'`` reproduces
+mergekit run in that dtype (precision.py: ``r`` rounds to it after each op torch does in it; inputs are already
+representable in it):
+
+* nearswap: d = r(|b − x|) clamped below by r(1e-6); mergekit's ``t / d`` is torch's ``d.reciprocal() * t``, so
+  w = r(r(1/d) · t); y = r(r(w x) + r(r(1 − w) b)).
+* arcee_fusion: importance, softmaxes, log, KL sum and threshold all in the dtype (every op rounded; the softmax
+  and the KL sum rounded once each), so the mask differs from the float32 one; the result is float32, as mergekit's
+  (it multiplies by a float32 mask): y = b + r(x − b) · mask, computed in float32 (``result_dtype="float32"``).
+  torch's softmax uses its own float32 exp, so about 1 softmax value in 10^4–10^5 rounds the other way; the row's
+  KL then moves by an ulp and an entry whose importance lies that close to the threshold may flip.
+* ram: τ = r(x − b), |τ| > r(ε), shared entries r(τ / c), y = r(b + r(Σ_i ...)).
+* ramplus_tl: τ, the ε test and the shared entries r(τ / c) as in ram; λ_i is float32 (integer counts over a float32
+  clamp), so the unique entries τ λ_i, the sum over models and y = b + Σ are float32 and the result is float32,
+  as mergekit's (``result_dtype="float32"``; without inputs it returns the base).
+* passthrough: y = r(x · scale).
 
 Importing this module registers the methods in ``configurable_fm.ops.merge.registry``.
 """
@@ -17,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configurable_fm.ops.merge.kernel_inputs import as_f32, check_kernel_inputs
+from configurable_fm.ops.merge.precision import Arithmetic
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
 
 F32 = jnp.float32
@@ -24,19 +42,27 @@ ARCEE_FUSION_SAMPLE = 1_000_000  # mergekit's _QUANTILE_SAMPLE_SIZE
 
 
 # --------------------------------------------------------------------------------------------------- nearswap
-@jax.jit
-def nearswap(base, xs, *, key=None, t):
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def nearswap(base, xs, *, key=None, t, compute_dtype=None):
     """NearSwap, mergekit ``nearswap``: take the other model where it is close to the base.
 
         w = clamp(t / max(|b - x|, 1e-6), 0, 1);   y = w x + (1 - w) b
 
     (entries within t of the base move fully to x; far ones stay near b). xs (1, *S), t scalar (may be traced).
+    compute_dtype: module docstring.
     """
     check_kernel_inputs("nearswap", base, xs, base_use="required", n_min=1, n_max=1)
+    a = Arithmetic.of(compute_dtype)
     b = as_f32(base)
     x = as_f32(xs[0])
-    w = jnp.clip(as_f32(t) / jnp.maximum(jnp.abs(b - x), 1e-6), 0.0, 1.0)
-    return w * x + (1 - w) * b
+    t = as_f32(t)
+    d = jnp.maximum(a.r(jnp.abs(b - x)), a.r(1e-6))  # torch's clamp rounds its bound to the tensor's dtype
+    if a.reduced:
+        w = a.r(a.r(1 / d) * t)  # torch's `t / d` for a Python scalar t: d.reciprocal() * t
+    else:
+        w = t / d
+    w = jnp.clip(w, 0.0, 1.0)
+    return a.r(a.r(w * x) + a.r(a.r(1 - w) * b))
 
 
 # ----------------------------------------------------------------------------------------------- arcee_fusion
@@ -46,17 +72,18 @@ def _quantile_indices(n: int) -> np.ndarray:
     return (q * np.float32(n - 1)).astype(np.int64)
 
 
-def arcee_importance(b, x):
+def arcee_importance(b, x, a: Arithmetic = Arithmetic()):
     """imp = |x - b| · KL(softmax(x) ‖ softmax(b)), softmax and KL over the last axis (1e-8 added to both
-    distributions), the per-row KL broadcast over the row. b, x (*S) float32 -> (*S)."""
-    p = jax.nn.softmax(x, axis=-1) + 1e-8
-    q = jax.nn.softmax(b, axis=-1) + 1e-8
-    kl = jnp.sum(p * jnp.log(p / q), axis=-1, keepdims=True)
-    return jnp.abs(x - b) * kl
+    distributions), the per-row KL broadcast over the row. b, x (*S) float32 -> (*S); `a` rounds each torch op."""
+    r = a.r
+    p = r(r(jax.nn.softmax(x, axis=-1)) + 1e-8)
+    q = r(r(jax.nn.softmax(b, axis=-1)) + 1e-8)
+    kl = r(jnp.sum(r(p * r(jnp.log(r(p / q)))), axis=-1, keepdims=True))
+    return r(r(jnp.abs(x - b)) * kl)
 
 
-@functools.partial(jax.jit, static_argnames=("sample_size",))
-def arcee_fusion(base, xs, *, key=None, sample_size: int = ARCEE_FUSION_SAMPLE):
+@functools.partial(jax.jit, static_argnames=("sample_size", "compute_dtype"))
+def arcee_fusion(base, xs, *, key=None, sample_size: int = ARCEE_FUSION_SAMPLE, compute_dtype=None):
     """Arcee Fusion, mergekit ``arcee_fusion``: keep only the most important changes of the other model.
 
         imp = |x - b| · KL(softmax(x) ‖ softmax(b))            (per row over the last axis, see arcee_importance)
@@ -68,15 +95,17 @@ def arcee_fusion(base, xs, *, key=None, sample_size: int = ARCEE_FUSION_SAMPLE):
     explicit ``key`` (jax.random.randint), so the threshold is reproducible from (seed, tensor path) but not
     bit-equal to mergekit's torch draw; for n ≤ sample_size the result is deterministic and ``key`` unused.
     The threshold is sensitive to rounding: entries with imp within float32 rounding of it may flip.
-    xs (1, *S); a 0-d tensor is treated as a 1-element row.
+    xs (1, *S); a 0-d tensor is treated as a 1-element row. compute_dtype: module docstring (the result stays
+    float32 in every mode).
     """
     check_kernel_inputs("arcee_fusion", base, xs, base_use="required", n_min=1, n_max=1)
+    a = Arithmetic.of(compute_dtype)
     b = as_f32(base)
     x = as_f32(xs[0])
     shape = b.shape
     if b.ndim == 0:
         b, x = b.reshape(1), x.reshape(1)
-    imp = arcee_importance(b, x)
+    imp = arcee_importance(b, x, a)
     flat = imp.reshape(-1)
     n = flat.size
     if n > sample_size:
@@ -88,76 +117,78 @@ def arcee_fusion(base, xs, *, key=None, sample_size: int = ARCEE_FUSION_SAMPLE):
         flat = flat[jax.random.randint(key, (sample_size,), 0, n)]
     ordered = jnp.sort(flat)
     q1, median, q3 = (ordered[int(i)] for i in _quantile_indices(flat.size))
-    threshold = median + 1.5 * (q3 - q1)
+    threshold = a.r(median + a.r(1.5 * a.r(q3 - q1)))
     mask = (imp >= threshold).astype(F32)
-    return (b + (x - b) * mask).reshape(shape)
+    return (b + a.r(x - b) * mask).reshape(shape)  # float32: mergekit's mask is a float32 tensor
 
 
 # -------------------------------------------------------------------------------------------- ram, ramplus_tl
-def _ram_parts(b, xs, epsilon):
-    """τ (N, n) with entries |τ| ≤ ε zeroed, the nonzero mask (N, n), contributor counts c (n,)."""
-    tv = (xs - b).reshape(xs.shape[0], -1)
-    nonzero = jnp.abs(tv) > epsilon
+def _ram_parts(b, xs, epsilon, a: Arithmetic):
+    """τ (N, n) with entries |τ| ≤ ε zeroed, the nonzero mask (N, n), contributor counts c (n,), and the shared
+    entries' averaged part τ [c > 1] / c (N, n), rounded by `a` (torch: a half tensor over an integer one)."""
+    tv = a.r(xs - b).reshape(xs.shape[0], -1)
+    nonzero = jnp.abs(tv) > a.r(epsilon)  # torch compares with the scalar rounded to the tensor's dtype
     counts = jnp.sum(nonzero, axis=0)
-    return tv * nonzero, nonzero, counts
+    tv = tv * nonzero
+    shared = a.r(a.div(tv * (counts > 1).astype(F32), jnp.maximum(counts, 1).astype(F32)))
+    return tv, nonzero, counts, shared
 
 
-@jax.jit
-def ram(base, xs, *, key=None, epsilon: float = 1e-5):
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def ram(base, xs, *, key=None, epsilon: float = 1e-5, compute_dtype=None):
     """Reinforced Agent Merging (arXiv 2601.13572), mergekit ``ram``.
 
         nz_i = |τ_i| > ε;  c = Σ_i nz_i;  y = b + Σ_i τ_i nz_i ([c = 1] + [c > 1]/c)
 
     (entries changed by one model are taken whole, entries changed by several are averaged over those).
-    xs (N ≥ 0, *S); with no input the base is returned.
+    xs (N ≥ 0, *S); with no input the base is returned. compute_dtype: module docstring.
     """
     check_kernel_inputs("ram", base, xs, base_use="required", n_min=0)
+    a = Arithmetic.of(compute_dtype)
     b = as_f32(base)
     xs = as_f32(xs)
     if xs.shape[0] == 0:
         return b
-    tv, _, counts = _ram_parts(b, xs, epsilon)
-    unique = (counts == 1).astype(F32)
-    overlap = (counts > 1).astype(F32)
-    merged = jnp.sum(tv * unique + tv * overlap / jnp.maximum(counts, 1).astype(F32), axis=0)
-    return b + merged.reshape(b.shape)
+    tv, _, counts, shared = _ram_parts(b, xs, epsilon, a)
+    merged = a.r(jnp.sum(a.r(tv * (counts == 1).astype(F32) + shared), axis=0))
+    return a.r(b + merged.reshape(b.shape))
 
 
-@jax.jit
-def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5):
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5,
+               compute_dtype=None):
     """RAM+ tensor-local (arXiv 2601.13572), mergekit ``ramplus_tl``: RAM with the unique entries of model i
     scaled by λ_i = 1 + r · clamp(ρ_i, 0, α),  ρ_i = #shared_i / max(#unique_i, ε)  (counted in this tensor):
 
         y = b + Σ_i τ_i nz_i ([c = 1] λ_i + [c > 1]/c)
 
-    xs (N ≥ 0, *S); r, alpha, epsilon scalars.
+    xs (N ≥ 0, *S); r, alpha, epsilon scalars. compute_dtype: module docstring (λ and everything after it stay
+    float32, as in mergekit: the result is float32 in every mode).
     """
     check_kernel_inputs("ramplus_tl", base, xs, base_use="required", n_min=0)
+    a = Arithmetic.of(compute_dtype)
     b = as_f32(base)
     xs = as_f32(xs)
     if xs.shape[0] == 0:
         return b
-    tv, nonzero, counts = _ram_parts(b, xs, epsilon)
+    tv, nonzero, counts, shared = _ram_parts(b, xs, epsilon, a)
     unique = counts == 1
     overlap = counts > 1
     shared_counts = jnp.sum(nonzero & overlap, axis=1).astype(F32)
     unique_counts = jnp.sum(nonzero & unique, axis=1).astype(F32)
     rho = shared_counts / jnp.maximum(unique_counts, as_f32(epsilon))
     lam = 1 + as_f32(r) * jnp.clip(rho, 0.0, alpha)
-    merged = jnp.sum(
-        tv * unique.astype(F32) * lam[:, None] + tv * overlap.astype(F32) / jnp.maximum(counts, 1).astype(F32),
-        axis=0,
-    )
+    merged = jnp.sum(tv * unique.astype(F32) * lam[:, None] + shared, axis=0)
     return b + merged.reshape(b.shape)
 
 
 # ------------------------------------------------------------------------------------------------ passthrough
-@jax.jit
-def passthrough(base, xs, *, key=None, scale=None):
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def passthrough(base, xs, *, key=None, scale=None, compute_dtype=None):
     """Passthrough, mergekit ``passthrough``: y = x, or y = x · scale when a scale is given.
 
     xs (1, *S); scale None, a scalar or a (1,) array (per-model parameter; a value resolved per tensor, e.g.
-    0 for o_proj/down_proj of duplicated layers). The base is ignored.
+    0 for o_proj/down_proj of duplicated layers). The base is ignored. compute_dtype: y = r(x · scale).
     """
     check_kernel_inputs("passthrough", None, xs, base_use="ignored", n_min=1, n_max=1)
     x = as_f32(xs[0])
@@ -166,7 +197,7 @@ def passthrough(base, xs, *, key=None, scale=None):
     s = as_f32(scale)
     if s.size != 1:
         raise ValueError(f"passthrough: parameter 'scale' must be one value for the single input, got shape {s.shape}")
-    return x * s.reshape(())
+    return Arithmetic.of(compute_dtype).r(x * s.reshape(()))
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -177,6 +208,7 @@ register(MergeMethod(
 register(MergeMethod(
     name="arcee_fusion", kernel=arcee_fusion, base="required", min_inputs=1, max_inputs=1,
     randomized=True,  # only tensors over 10^6 elements draw a quantile subsample from the key
+    result_dtype="float32",  # mergekit: base + delta · (a float32 mask)
     doc="keep the other model's changes whose importance |Δ|·KL exceeds median + 1.5 IQR"))
 register(MergeMethod(
     name="ram", kernel=ram, base="required", min_inputs=0,
@@ -185,6 +217,7 @@ register(MergeMethod(
 register(MergeMethod(
     name="ramplus_tl", kernel=ramplus_tl, base="required", min_inputs=0,
     shared={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    result_dtype="float32",  # mergekit: the unique entries are scaled by a float32 λ
     doc="RAM with unique changes rescaled by the tensor-local overlap ratio"))
 register(MergeMethod(
     name="passthrough", kernel=passthrough, base="ignored", min_inputs=1, max_inputs=1,

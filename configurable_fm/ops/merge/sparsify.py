@@ -13,6 +13,9 @@ Common rules: d ≥ 1 returns δ unchanged (no mask, no rescale); d ≤ 0 return
 magnitude and della; for random/outliers it follows from the empty mask, except that mergekit raises for a negative
 DARE density and keeps an odd window for a negative breadcrumbs density: we return zeros).
 
+Reduced precision (precision.py; `arith=` of rescale_masked / sparsify_core): the masks are the same (ranks of the
+rounded values), the l1 rescaling is rounded as mergekit does it in the compute dtype.
+
 Rescaling the kept entries, m = δ ⊙ mask:
 - ``"l1"`` (mergekit's `rescale: true`): m · ‖δ‖₁/‖m‖₁, skipped when either norm < 1e-7;
 - ``"inv_p"`` (the DARE/DELLA papers): m / p with p the keep probability (d; DELLA's per-entry p);
@@ -44,6 +47,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configurable_fm.ops.merge.precision import Arithmetic
+
+FLOAT32 = Arithmetic()
 SparsifyMethod = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 Rescale = Optional[Literal["l1", "inv_p"]]
 SPARSIFY_METHODS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -308,22 +314,28 @@ def della_mask(key: jax.Array, delta: jax.Array, density, epsilon) -> jax.Array:
     return jax.random.bernoulli(key, jnp.clip(p, 0.0, 1.0), p.shape)
 
 
-def rescale_masked(delta: jax.Array, mask: jax.Array, rescale: Rescale, keep_prob=None) -> jax.Array:
-    """m = δ ⊙ mask, rescaled: "l1" -> m·‖δ‖₁/‖m‖₁ (unless a norm < 1e-7); "inv_p" -> m/p; None -> m."""
+def rescale_masked(delta: jax.Array, mask: jax.Array, rescale: Rescale, keep_prob=None,
+                   arith: Arithmetic = FLOAT32) -> jax.Array:
+    """m = δ ⊙ mask, rescaled: "l1" -> m·‖δ‖₁/‖m‖₁ (unless a norm < 1e-7); "inv_p" -> m/p; None -> m.
+
+    arith: mergekit's rounding in a reduced dtype (precision.py): the norms, their ratio and the product are
+    each rounded, and 1e-7 is compared in that dtype (as torch converts a scalar of a comparison)."""
+    r = arith.r
     delta = delta.astype(jnp.float32)
     masked = delta * mask.astype(jnp.float32)
     if rescale is None:
         return masked
     if rescale == "l1":
-        before = jnp.sum(jnp.abs(delta))
-        after = jnp.sum(jnp.abs(masked))
-        skip = (before < L1_EPS) | (after < L1_EPS)
-        return jnp.where(skip, masked, masked * (before / jnp.where(skip, 1.0, after)))
+        before = r(jnp.sum(jnp.abs(delta)))
+        after = r(jnp.sum(jnp.abs(masked)))
+        eps = arith.const(L1_EPS)
+        skip = (before < eps) | (after < eps)
+        return jnp.where(skip, masked, r(masked * r(before / jnp.where(skip, 1.0, after))))
     if rescale == "inv_p":
         if keep_prob is None:
             raise ValueError("rescale='inv_p' needs the keep probability")
         p = jnp.broadcast_to(jnp.asarray(keep_prob, jnp.float32), masked.shape)
-        return jnp.where(p > 0, masked / jnp.where(p > 0, p, 1.0), 0.0)
+        return jnp.where(p > 0, r(masked / jnp.where(p > 0, p, 1.0)), 0.0)
     raise ValueError(f"parameter rescale must be 'l1', 'inv_p' or None, got {rescale!r}")
 
 
@@ -340,10 +352,14 @@ def check_della(density, epsilon, *, what: str = "della_magprune") -> None:
             )
 
 
-@functools.partial(jax.jit, static_argnames=("method", "rescale"))
+@functools.partial(jax.jit, static_argnames=("method", "rescale", "arith"))
 def sparsify_core(delta, density, method: SparsifyMethod, window, *, epsilon=None, rescale: Rescale = None,
-                  key=None, mask=None) -> jax.Array:
-    """One task vector with precomputed rank window (lo, hi) (for magnitude/outliers); vmap-able over models."""
+                  key=None, mask=None, arith: Arithmetic = FLOAT32) -> jax.Array:
+    """One task vector with precomputed rank window (lo, hi) (for magnitude/outliers); vmap-able over models.
+
+    arith: a reduced compute dtype rounds the rescaling as mergekit on the CPU does: in that dtype for
+    magnitude/outliers and for bfloat16 random/della; float16 random/della rescale in float32 (torch.bernoulli
+    has no CPU float16 kernel, so mergekit upcasts) and round once."""
     delta = delta.astype(jnp.float32)
     d = jnp.asarray(density, jnp.float32)
     keep_prob = d
@@ -359,7 +375,10 @@ def sparsify_core(delta, density, method: SparsifyMethod, window, *, epsilon=Non
         m = jax.random.bernoulli(key, jnp.clip(keep_prob, 0.0, 1.0), delta.shape) if mask is None else mask
     else:
         raise ValueError(f"unknown sparsification method {method!r}; known: {SPARSIFY_METHODS}")
-    out = rescale_masked(delta, m.astype(bool), rescale, keep_prob)
+    if method in RANDOM_METHODS and arith.dtype == "float16":
+        out = arith.r(rescale_masked(delta, m.astype(bool), rescale, keep_prob))
+    else:
+        out = rescale_masked(delta, m.astype(bool), rescale, keep_prob, arith)
     return jnp.where(d >= 1, delta, jnp.where(d <= 0, 0.0, out))
 
 

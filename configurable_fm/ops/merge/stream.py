@@ -10,9 +10,10 @@ resolve every tensor's parameters (one ParameterError listing every tensor that 
 execute.TensorGroup per output tensor p, in the reference's order (the base, else the first input), run by
 execute.merge_to_shards: a read-ahead thread reads p from each input (`prefetch` groups ahead; HF inputs with
 positioned reads, no memory map), the cached jitted kernel of (method, parameters, dtypes) casts them to
-`plan.dtype` if given (mergekit's load dtype) and to float32, merges and casts the result to out_dtype (default
-plan.dtype, else the reference's dtype) -- execute.merge_tensor, the same step as `tree.merge` on the single
-tensor {p: ...}: parameters resolved for the HF name p (layer index from `model.layers.N.`, depth over
+`plan.dtype` if given (mergekit's load dtype) and to float32, merges (in float32, or rounding as mergekit does in
+the compute dtype: `compute_dtype`, precision.py) and casts the result to out_dtype (default plan.dtype, else the
+reference's dtype; float32 for arcee_fusion/ramplus_tl in a reduced compute dtype) -- execute.merge_tensor,
+the same step as `tree.merge` on the single tensor {p: ...}: parameters resolved for the HF name p (layer index from `model.layers.N.`, depth over
 num_layers = 1 + the largest layer index), PRNG key tensor_key(seed, p), integer tensors copied when identical
 -- and a writer thread writes each result at its place in output shards planned up front (a new shard when
 the next tensor would push it past `max_shard_size`). A tqdm bar counts tensors and bytes (progress=False: none).
@@ -66,6 +67,7 @@ from configurable_fm.interop.tokenizers import added_tokens_decoder
 from configurable_fm.interop.safetensors_io import parse_size
 from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge import params as P
+from configurable_fm.ops.merge import precision
 from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import tree
 from configurable_fm.ops.merge import vocab as VOC
@@ -165,8 +167,14 @@ def _dtype_name(dtype) -> str:
 
 def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
                       max_shard_size: int | str = "5GB", progress: bool = True, seed: int = 0, prefetch: int = 1,
-                      device: Optional[jax.Device] = None, timers: Optional[X.Timers] = None) -> Path:
+                      device: Optional[jax.Device] = None, timers: Optional[X.Timers] = None,
+                      compute_dtype: Optional[str] = None) -> Path:
     """Runs `plan` (mergekit_yaml.MergePlan) over HF checkpoints, streaming; returns the output directory.
+
+    compute_dtype: the merge arithmetic (precision.py): None or 'float32' (default here: float32, rounded once
+    at the end), 'mergekit' (mergekit 0.1.5's: the plan's `dtype`, else the inputs' stored dtype; what
+    `cfm-merge --mergekit_yaml` uses by default), 'float16' | 'bfloat16'. With a reduced compute dtype and no
+    `out_dtype`, arcee_fusion and ramplus_tl write float32 as mergekit does (MergeMethod.result_dtype).
 
     progress: a tqdm bar (tensors; bytes read and written); prefetch: how many tensor groups the read-ahead
     thread reads ahead of the one being merged (host memory grows by one group per step); device: where the
@@ -182,13 +190,16 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     if int(prefetch) < 1:
         raise ValueError(f"prefetch must be at least 1, got {prefetch!r}")
+    precision.resolve(compute_dtype, None, ())  # a bad value is refused before any work
     load_dtype = NP_DTYPES[plan.dtype] if plan.dtype else None
-    out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else load_dtype
+    out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else None
     run = functools.partial(_execute, overwrite=overwrite, limit=limit, progress=progress, load_dtype=load_dtype,
                             prefetch=prefetch, device=device, timers=timers)
+    dtypes = functools.partial(X.dtypes_for, load_dtype=load_dtype, out_dtype=out_dtype,
+                               compute_dtype=compute_dtype)
 
     if plan.slices is not None:
-        return _merge_slices(plan, out_dir, seed=seed, load_dtype=load_dtype, out_dtype=out_dtype, run=run)
+        return _merge_slices(plan, out_dir, seed=seed, load_dtype=load_dtype, dtypes=dtypes, run=run)
     method = get_method(plan.method)
     base = _open(plan.base) if plan.base is not None else None
     models = [_open(r) for r in plan.models]
@@ -206,10 +217,11 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         vocab = alignment is not None and _is_vocab(name, ref)
         if vocab:
             shape = (alignment.padded_size, *shape[1:])
+        odt, cdt = dtypes(method, [inp.tensors.dtype(name) for inp in inputs])
         groups.append(X.TensorGroup(
-            name, shape, X.output_dtype(ref.tensors.dtype(name), load_dtype, out_dtype),
+            name, shape, odt,
             functools.partial(_read_models, base, models, name, alignment if vocab else None, load_dtype),
-            params, tensor_key(seed, name) if method.randomized else None, [inp.name for inp in inputs]))
+            params, tensor_key(seed, name) if method.randomized else None, [inp.name for inp in inputs], cdt))
     config = dict(ref.config)
     return run(method, groups, out_dir, f"merge {plan.method}",
                lambda tmp, written: _write_config_and_tokenizer(tmp, plan, ref, config, written, alignment,
@@ -379,7 +391,7 @@ def _slices_config(plan: MergePlan, inputs: Mapping[str, _Input], donor: str, nu
     return config
 
 
-def _merge_slices(plan: MergePlan, out_dir: Path, *, seed: int, load_dtype, out_dtype, run: Callable) -> Path:
+def _merge_slices(plan: MergePlan, out_dir: Path, *, seed: int, load_dtype, dtypes: Callable, run: Callable) -> Path:
     """merge_checkpoints for a `slices:` plan: the tensor plan of slices.plan_tensors (renumbered layers; the
     tensors outside the layers from the first/last slice), one TensorGroup per output tensor (tree.merge_task's
     semantics: out_dtype default the base's stored dtype, else the first input's; integer tensors copied)."""
@@ -412,10 +424,11 @@ def _merge_slices(plan: MergePlan, out_dir: Path, *, seed: int, load_dtype, out_
         if alignment is not None and _is_vocab(n, inputs[m]):  # checked for every task before writing
             task_alignment = _task_alignment(alignment, plan, task)
         pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
+        odt, cdt = dtypes(method, [inputs[m].tensors.dtype(n)] + [inputs[a].tensors.dtype(b) for a, b in pairs])
         groups.append(X.TensorGroup(
-            task.name, shape(m, n), X.output_dtype(inputs[m].tensors.dtype(n), load_dtype, out_dtype),
+            task.name, shape(m, n), odt,
             functools.partial(_read_task, inputs, task, task_alignment, load_dtype), kwargs,
-            tensor_key(seed, task.name) if method.randomized else None, [f"{n} of {m}" for m, n in pairs]))
+            tensor_key(seed, task.name) if method.randomized else None, [f"{n} of {m}" for m, n in pairs], cdt))
     config = _slices_config(plan, inputs, donor, num_layers)
     return run(method, groups, out_dir, f"merge {plan.method} ({num_layers} layers)",
                lambda tmp, written: _write_config_and_tokenizer(tmp, plan, inputs[donor], config, written,

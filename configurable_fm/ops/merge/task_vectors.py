@@ -2,7 +2,7 @@
 arithmetic) and SCE, as per-tensor kernels registered in `registry.METHODS`.
 
 Notation (merging.md 1.3): base b (shape S), inputs x_i stacked as xs (N, *S), task vectors δ_i = x_i − b,
-per-model weight w_i and density d_i, all computed in float32.
+per-model weight w_i and density d_i, computed in float32 unless a reduced compute dtype is given (below).
 
 Generalized task arithmetic (mergekit 0.1.5 `GeneralizedTaskArithmeticMerge.merge_group`):
   1. δ_i ← sparsify(δ_i, d_i, γ_i | ε_i, rescale)                      (sparsify.py; skipped without a sparsifier)
@@ -25,6 +25,13 @@ Registered methods and mergekit's defaults (consensus, sparsifier, normalize, re
 with density = 1, λ = 1, γ = 0.01, ε = 0.15. `int8_mask` is accepted and ignored (memory only in mergekit).
 `rescale` takes mergekit's bool (True = "l1") or "l1" | "inv_p" | None.
 
+Reduced precision (`compute_dtype='float16' | 'bfloat16'`, precision.py), as mergekit computes in the YAML's
+dtype: δ_i, the sparsifier's l1 rescaling, w_i (rounded from the parameter), D_i, the election's sum, mixed, div,
+the quotient, the λ product and b + mixed are each rounded to that dtype; DARE/DELLA's rescaling in float16 is done
+in float32 and rounded once (mergekit's CPU path: torch.bernoulli has no float16 kernel there); in float16 the
+|div| < 1e-8 guard compares against 1e-8 rounded to float16, i.e. 0 (so weights summing to 0 divide by 0, as in
+mergekit). Without compute_dtype every step is float32 and only the caller rounds the result.
+
 Randomised kernels (dare_*, della*) draw the mask of input i from `fold_in(key, i)` (see keys.py), or take the
 masks as `masks=` (N, *S) (bool or 0/1), e.g. to reproduce a torch run. A no-input call (N = 0) returns b.
 """
@@ -39,6 +46,7 @@ import numpy as np
 
 from configurable_fm.ops.merge import sparsify as sp
 from configurable_fm.ops.merge.keys import model_keys
+from configurable_fm.ops.merge.precision import Arithmetic
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
 
 Election = Optional[Literal["weighted_sum", "sum", "weighted_count", "count"]]
@@ -93,11 +101,11 @@ def _sum(terms):
     return total
 
 
-def _elect(deltas, weighted, election: str):
-    """Agreement masks M_i (lists over models) with the elected sign."""
+def _elect(deltas, weighted, election: str, arith: Arithmetic = Arithmetic()):
+    """Agreement masks M_i (lists over models) with the elected sign (the statistic rounded as mergekit's sum)."""
     src = weighted if election.startswith("weighted") else deltas
     signs = [jnp.sign(t) for t in src]
-    stat = _sum(src if election.endswith("sum") else signs)
+    stat = arith.r(_sum(src if election.endswith("sum") else signs))
     majority = jnp.where(stat >= 0, 1.0, -1.0)
     return [sg == majority for sg in signs]
 
@@ -119,10 +127,12 @@ def generalized_task_arithmetic(
     key: Optional[jax.Array] = None,
     masks=None,
     method: str = "generalized_task_arithmetic",
+    compute_dtype=None,
 ) -> jax.Array:
     """y = b + λ · combine_i(w_i · sparsify(x_i − b)) (module docstring); base (S), xs (N, *S) -> y (S) float32.
 
-    weight, density, gamma, epsilon: per model (N,) or scalars; masks: optional (N, *S) injected sparsity masks.
+    weight, density, gamma, epsilon: per model (N,) or scalars; masks: optional (N, *S) injected sparsity masks;
+    compute_dtype: None (float32 arithmetic) or 'float16' | 'bfloat16' (mergekit's rounding, module docstring).
     """
     base, xs = _inputs(method, base, xs)
     n_models = xs.shape[0]
@@ -160,35 +170,40 @@ def generalized_task_arithmetic(
             keys = model_keys(key, n_models)
     elif masks is not None:
         raise ValueError(f"{method}: masks= given, but this method has no sparsifier")
+    arith = Arithmetic.of(compute_dtype)
+    if arith.reduced:
+        w = arith.const(w)  # torch.tensor(weights, dtype=deltas.dtype)
     return _gta_core(base, xs, w, d, window, eps, keys, masks, jnp.asarray(lam, jnp.float32),
                      jnp.asarray(normalize, bool), sparsification=sparsification, election=election,
-                     divisor=divisor, rescale=rescale)
+                     divisor=divisor, rescale=rescale, arith=arith)
 
 
-@functools.partial(jax.jit, static_argnames=("sparsification", "election", "divisor", "rescale"))
+@functools.partial(jax.jit, static_argnames=("sparsification", "election", "divisor", "rescale", "arith"))
 def _gta_core(base, xs, w, d, window, eps, keys, masks, lam, normalize, *, sparsification, election, divisor,
-              rescale):
+              rescale, arith):
+    r = arith.r
     n_models = xs.shape[0]
-    deltas = [xs[i] - base for i in range(n_models)]
+    deltas = [r(xs[i] - base) for i in range(n_models)]
     if sparsification is not None:
         deltas = [
             sp.sparsify_core(deltas[i], d[i], sparsification, None if window is None else (window[0][i], window[1][i]),
                              epsilon=None if eps is None else eps[i], rescale=rescale,
-                             key=None if keys is None else keys[i], mask=None if masks is None else masks[i])
+                             key=None if keys is None else keys[i], mask=None if masks is None else masks[i],
+                             arith=arith)
             for i in range(n_models)
         ]
-    weighted = [deltas[i] * w[i] for i in range(n_models)]
+    weighted = [r(deltas[i] * w[i]) for i in range(n_models)]
     if election is not None:
-        agree = [a.astype(jnp.float32) for a in _elect(deltas, weighted, election)]
-        mixed = _sum([weighted[i] * agree[i] for i in range(n_models)])
-        div = _sum([agree[i] * w[i] for i in range(n_models)] if divisor == "weights" else agree)
+        agree = [a.astype(jnp.float32) for a in _elect(deltas, weighted, election, arith)]
+        mixed = r(_sum([weighted[i] * agree[i] for i in range(n_models)]))
+        div = r(_sum([agree[i] * w[i] for i in range(n_models)] if divisor == "weights" else agree))
         div = jnp.where(div == 0, 1.0, div)
     else:
-        mixed = _sum(weighted)
-        div = jnp.sum(w) if divisor == "weights" else jnp.float32(n_models)
-        div = jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
-    mixed = jnp.where(normalize, mixed / div, mixed)
-    return base + mixed * lam
+        mixed = r(_sum(weighted))
+        div = r(jnp.sum(w)) if divisor == "weights" else jnp.float32(n_models)
+        div = jnp.where(jnp.abs(div) < arith.const(1e-8), 1.0, div)
+    mixed = jnp.where(normalize, r(mixed / div), mixed)
+    return r(base + r(mixed * lam))
 
 
 def _pop_lambda(method: str, kw: dict) -> float:
@@ -206,7 +221,7 @@ def _make_kernel(name: str, sparsification, consensus: bool, default_normalize: 
 
     def kernel(base, xs, *, key=None, masks=None, weight=None, density=1.0, normalize=default_normalize,
                rescale=default_rescale, int8_mask=False, election=None, divisor="weights",
-               gamma=0.01, epsilon=0.15, **kw):
+               gamma=0.01, epsilon=0.15, compute_dtype=None, **kw):
         del int8_mask  # mergekit: only the mask dtype (memory); no effect on the result
         lam = _pop_lambda(name, kw)
         if not consensus and election is not None:
@@ -215,7 +230,7 @@ def _make_kernel(name: str, sparsification, consensus: bool, default_normalize: 
             base, xs, weight=weight, density=density, gamma=gamma, epsilon=epsilon, normalize=normalize,
             lam=lam, rescale=rescale, sparsification=sparsification,
             election=(election or "weighted_sum") if consensus else None, divisor=divisor, key=key, masks=masks,
-            method=name)
+            method=name, compute_dtype=compute_dtype)
 
     kernel.__name__ = kernel.__qualname__ = name
     kernel.__doc__ = (
@@ -237,7 +252,7 @@ della_linear = _make_kernel("della_linear", "della_magprune", False, False, "l1"
 della = _make_kernel("della", "della_magprune", True, True, "l1")
 
 
-def sce(base, xs, *, key=None, select_topk: float = 1.0, int8_mask: bool = False) -> jax.Array:
+def sce(base, xs, *, key=None, select_topk: float = 1.0, int8_mask: bool = False, compute_dtype=None) -> jax.Array:
     """SCE (FuseChat, arXiv 2408.07990), as mergekit 0.1.5 `sce.py`; base (S), xs (N, *S) -> y (S) float32.
 
     τ_i = x_i − b. Select: if select_topk < 1, keep (for every model) the k = int(f32(nnz(v))·f32(topk)) entries
@@ -245,35 +260,39 @@ def sce(base, xs, *, key=None, select_topk: float = 1.0, int8_mask: bool = False
     torch.topk's order is unspecified). Elect: M_i = [sign(τ_i) == s], s = sign(Σ_i τ_i) (>= 0 -> +1).
     Weights ω_i = mean(τ_i²)/Σ_j mean(τ_j²) (uniform 1/N if the sum < 1e-6), computed after selection.
     y = b + Σ_i ω_i M_i τ_i / max(Σ_i ω_i M_i, 1e-6). `int8_mask` is ignored (memory only); no per-model weight.
+    compute_dtype 'float16' | 'bfloat16': τ, the variance, the energies mean(τ²), their sum and ratios, the
+    products, sums and the quotient are each rounded to it, as mergekit computes them (the 1e-6 bounds too).
     """
     del key, int8_mask
     base, xs = _inputs("sce", base, xs)
     if xs.shape[0] == 0:
         return base
-    return _sce_core(base, xs, topk=float(select_topk))
+    return _sce_core(base, xs, topk=float(select_topk), arith=Arithmetic.of(compute_dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("topk",))
-def _sce_core(base, xs, *, topk):
+@functools.partial(jax.jit, static_argnames=("topk", "arith"))
+def _sce_core(base, xs, *, topk, arith):
+    r = arith.r
     n_models = xs.shape[0]
-    tv = [xs[i] - base for i in range(n_models)]
+    tv = [r(xs[i] - base) for i in range(n_models)]
     if topk < 1:
         if topk <= 0:
             tv = [jnp.zeros_like(t) for t in tv]
         else:
             mean = _sum(tv) / n_models
-            var = _sum([jnp.square(t - mean) for t in tv]) / n_models  # population variance over models
+            var = r(_sum([jnp.square(t - mean) for t in tv]) / n_models)  # population variance over models
             nnz = jnp.count_nonzero(var)
             k = jnp.trunc(nnz.astype(jnp.float32) * jnp.float32(topk)).astype(jnp.int32)
             sel = sp.rank_window_mask(-jnp.abs(var), 0, k).astype(jnp.float32)
             tv = [t * sel for t in tv]
-    agree = [a.astype(jnp.float32) for a in _elect(tv, tv, "sum")]
-    omega = jnp.stack([jnp.mean(jnp.square(t)) for t in tv])
-    total = jnp.sum(omega)
-    omega = jnp.where(jnp.abs(total) < 1e-6, jnp.full_like(omega, 1.0 / n_models), omega / total)
+    agree = [a.astype(jnp.float32) for a in _elect(tv, tv, "sum", arith)]
+    omega = jnp.stack([r(jnp.mean(r(jnp.square(t)))) for t in tv])
+    total = r(jnp.sum(omega))
+    uniform = r(arith.div(jnp.full_like(omega, 1.0), n_models))
+    omega = jnp.where(jnp.abs(total) < 1e-6, uniform, r(arith.div(omega, total)))
     ew = [omega[i] * agree[i] for i in range(n_models)]
-    merged = _sum([tv[i] * ew[i] for i in range(n_models)])
-    return base + merged / jnp.maximum(_sum(ew), 1e-6)
+    merged = r(_sum([r(tv[i] * ew[i]) for i in range(n_models)]))
+    return r(base + r(merged / jnp.maximum(r(_sum(ew)), arith.const(1e-6))))
 
 
 _GTA_SHARED = {"normalize": None, "rescale": None, "lambda": 1.0, "int8_mask": False}

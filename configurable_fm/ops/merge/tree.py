@@ -46,6 +46,7 @@ from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.interop import hf as HF
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.execute import copy_integer
+from configurable_fm.ops.merge.execute import dtypes_for
 from configurable_fm.ops.merge.execute import merge_tensor as _merge_tensor
 from configurable_fm.ops.merge.keys import tensor_key
 from configurable_fm.ops.merge.registry import MergeMethod, get_method
@@ -292,13 +293,15 @@ def check_inputs(names, flats, *, vocab_tensors, embed_alignment, has_base, conf
 
 
 def merge_tensor(method: MergeMethod, path: str, base, inputs: Sequence[Any], kwargs: Mapping[str, Any], *,
-                 seed: int, out_dtype):
+                 seed: int, out_dtype, compute_dtype: Optional[str] = None):
     """One floating output tensor: y = kernel(b, xs (N, *S), key=tensor_key(seed, path) if randomised, **kwargs),
     the inputs cast to float32 and stacked, y cast to `out_dtype`; `execute.merge_tensor` (one jitted function
     per method, parameters and dtypes, cached). kwargs: resolved parameters (params.resolve_for_tensor /
-    resolve_levels). Errors of the kernel are re-raised naming method and tensor."""
+    resolve_levels). compute_dtype: None (float32) or 'float16' | 'bfloat16' (precision.py). Errors of the kernel
+    are re-raised naming method and tensor."""
     key = tensor_key(seed, path) if method.randomized else None
-    return _merge_tensor(method, base, inputs, kwargs, out_dtype=out_dtype, key=key, name=path)
+    return _merge_tensor(method, base, inputs, kwargs, out_dtype=out_dtype, key=key, name=path,
+                         compute_dtype=compute_dtype)
 
 
 def hf_layout(template) -> dict[str, "HF.TensorMapping"]:
@@ -315,7 +318,7 @@ def hf_layout(template) -> dict[str, "HF.TensorMapping"]:
 
 
 def merge_in_hf_layout(method: MergeMethod, path: str, mapping: "HF.TensorMapping", base, inputs: Sequence[Any],
-                       kwargs: Mapping[str, Any], *, seed: int, out_dtype):
+                       kwargs: Mapping[str, Any], *, seed: int, out_dtype, compute_dtype: Optional[str] = None):
     """One parameter merged as its HF checkpoint tensors are merged by the streaming executor (stream.py): each
     input is split into the HF tensors of `mapping` (transposed to torch's (out, in), one per expert), every HF
     tensor h goes through execute.merge_tensor on its own (key tensor_key(seed, h) if randomised; parameters
@@ -329,7 +332,7 @@ def merge_in_hf_layout(method: MergeMethod, path: str, mapping: "HF.TensorMappin
     for j, h in enumerate(mapping.hf_keys):
         key = tensor_key(seed, h) if method.randomized else None
         y = _merge_tensor(method, None if views_b is None else views_b[j], [v[j] for v in views], kwargs,
-                          out_dtype=out_dtype, key=key, name=f"{path} (HF {h})")
+                          out_dtype=out_dtype, key=key, name=f"{path} (HF {h})", compute_dtype=compute_dtype)
         ys.append(np.asarray(y))
     return jnp.asarray(mapping.to_param(ys))
 
@@ -347,6 +350,7 @@ def merge(
     num_layers: Optional[int] = None,
     vocab_tensors: Sequence[str] = VOCAB_TENSORS,
     tokenizers: Union[Sequence[Any], Mapping[str, Any], None] = None,
+    compute_dtype: Optional[str] = None,
 ) -> Union[State, tuple[State, Any]]:
     """Merges `models` (and `base`) with a registered method, tensor by tensor (module docstring).
 
@@ -365,6 +369,10 @@ def merge(
       model name (with `tokenizers`: {input name: tokenizers.Tokenizer} with "base" for the base, or a list in
       [base] + models order), or a vocab.VocabularyAlignment over the names ["base"] + model names (built by
       vocab.vocabulary_alignment, e.g. with `tokens` overrides and `pad_to_multiple_of`).
+    compute_dtype: the arithmetic (precision.py): None / 'float32' (default: float32, rounded once to out_dtype),
+      'float16' | 'bfloat16' (inputs rounded to it and every operation rounded as mergekit 0.1.5 computes in that
+      dtype), or 'mergekit' (the inputs' dtype when they share one: bf16 models merge in bf16 as mergekit does).
+      A reduced compute dtype without out_dtype gives float32 results for arcee_fusion and ramplus_tl.
     Returns the merged state; for embed_alignment 'union' / a model name: (merged state, output tokenizer).
     Raises MergeInputError (mismatched inputs), params.ParameterError (settings), ValueError (contract).
     """
@@ -434,11 +442,13 @@ def merge(
             inputs = [aligned[nm] for nm in names]
         kwargs = P.resolve_for_tensor(m, path, parameters=parameters, model_parameters=model_parameters,
                                       model_names=names, num_layers=depth)
-        odt = out_dtype if out_dtype is not None else dtype
+        odt, cdt = dtypes_for(m, [dtype] + [jnp.asarray(x).dtype for x in inputs], out_dtype=out_dtype,
+                              compute_dtype=compute_dtype)
         if path in layout:
-            out[path] = merge_in_hf_layout(m, path, layout[path], b, inputs, kwargs, seed=seed, out_dtype=odt)
+            out[path] = merge_in_hf_layout(m, path, layout[path], b, inputs, kwargs, seed=seed, out_dtype=odt,
+                                           compute_dtype=cdt)
         else:
-            out[path] = merge_tensor(m, path, b, inputs, kwargs, seed=seed, out_dtype=odt)
+            out[path] = merge_tensor(m, path, b, inputs, kwargs, seed=seed, out_dtype=odt, compute_dtype=cdt)
     if isinstance(template, nnx.Module):
         out = with_params(template, out)
     if isinstance(embed_alignment, str) and not _is_truncation(embed_alignment):
@@ -515,10 +525,11 @@ def slerp(base: State, other: State, *, t, out_dtype=None) -> State:
 
 
 # ---------------------------------------------------------------------------------------------------- slices
-def merge_task(method: MergeMethod, task, read, kwargs: Mapping[str, Any], *, seed: int = 0, out_dtype=None):
+def merge_task(method: MergeMethod, task, read, kwargs: Mapping[str, Any], *, seed: int = 0, out_dtype=None,
+               compute_dtype: Optional[str] = None):
     """The output tensor of one slices.TensorTask: read(model, tensor name) gives each input; integer tensors
     are copied when identical; floating ones go through `merge_tensor` (out_dtype default: the base's dtype,
-    else the first input's)."""
+    else the first input's; compute_dtype: as in `merge`)."""
     b = read(*task.base) if task.base is not None else None
     xs = [read(m, n) for m, n in task.inputs]
     first = b if b is not None else xs[0]
@@ -526,8 +537,9 @@ def merge_task(method: MergeMethod, task, read, kwargs: Mapping[str, Any], *, se
     if not jnp.issubdtype(dtype, jnp.floating):
         pairs = ([task.base] if task.base is not None else []) + list(task.inputs)
         return copy_integer(task.name, ([b] if b is not None else []) + xs, [f"{n} of {m}" for m, n in pairs])
-    return merge_tensor(method, task.name, b, xs, kwargs, seed=seed,
-                        out_dtype=out_dtype if out_dtype is not None else dtype)
+    odt, cdt = dtypes_for(method, [dtype] + [jnp.asarray(x).dtype for x in xs], out_dtype=out_dtype,
+                          compute_dtype=compute_dtype)
+    return merge_tensor(method, task.name, b, xs, kwargs, seed=seed, out_dtype=odt, compute_dtype=cdt)
 
 
 def _num_layers_field(cfg) -> str:
@@ -550,6 +562,7 @@ def merge_slices(
     seed: int = 0,
     out_dtype=None,
     pre_tensors: Optional[Sequence[str]] = None,
+    compute_dtype: Optional[str] = None,
 ) -> State:
     """mergekit `slices:` in memory: a new stack of layers, each output layer merged from one layer of every
     source of its slice (ops/merge/slices.py has the semantics: renumbering, depth t = k/(L − 1) per slice,
@@ -564,6 +577,7 @@ def merge_slices(
     models: {name: flat {path: array} dict (our `layers.N.` or HF `model.layers.N.` paths) or nnx.Module}.
     base: the name of the base model (a source of every slice, for methods that use it); it is also the
       reference whose config/tensors outside the layers define the output (default: the first source).
+    compute_dtype: the arithmetic, as in `merge`.
     Returns a flat dict, or, for nnx.Module inputs, a new module of the reference's family whose config has the
     new layer count (built with factory.build_model, then every parameter set from the merge).
     Raises slices.SliceError (invalid slices), MergeInputError (missing tensors, shapes), ParameterError.
@@ -582,7 +596,8 @@ def merge_slices(
                                        parameters=parameters, reference=reference, **kw)
     S.check_shapes(tasks, lambda mdl, n: _shape(flats[mdl][n]))
     resolved = S.resolve_all(m, tasks)
-    out = {task.name: merge_task(m, task, lambda mdl, n: flats[mdl][n], kwargs, seed=seed, out_dtype=out_dtype)
+    out = {task.name: merge_task(m, task, lambda mdl, n: flats[mdl][n], kwargs, seed=seed, out_dtype=out_dtype,
+                                 compute_dtype=compute_dtype)
            for task, kwargs in zip(tasks, resolved)}
     template = models[reference]
     if not isinstance(template, nnx.Module):

@@ -1,6 +1,7 @@
 """mergekit's `tokenizer_source` / `tokenizer:` / `chat_template` through the streamed YAML route (scripts/merge.py
 --mergekit_yaml): the vocabulary goldens of mergekit 0.1.5 end to end, the written tokenizer loading in transformers,
-`slices:` plans against hand-written references, and the chat templates rendered by transformers.
+`slices:` plans against hand-written references, and the chat templates rendered by transformers (as
+mergekit's own, tests/golden/mergekit_0.1.5/chat_templates.json).
 
 Goldens: tests/golden/mergekit_0.1.5/vocab_* (scripts/mergekit_vocab_goldens.py). mergekit's ids for the union's
 non-base plain tokens follow a Rust HashMap's order, so rows are compared by token (tolerance 1e-5).
@@ -200,26 +201,22 @@ def _render(out, messages=MSGS, **kw):
     return tok.apply_chat_template(messages, tokenize=False, **kw)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("chatml", "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant"
-               "\nhello<|im_end|>\n<|im_start|>user\nwhat is it<|im_end|>\n<|im_start|>assistant\n"),
-    ("llama3", "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
-               "<|end_header_id|>\n\nhi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
-               "<|start_header_id|>user<|end_header_id|>\n\nwhat is it<|eot_id|><|start_header_id|>assistant"
-               "<|end_header_id|>\n\n"),
-    ("alpaca", "Be brief.\n\n### Instruction:\nhi there\n\n### Response:\nhello\n\n### Instruction:\nwhat is it"
-               "\n\n### Response:\n"),
-    ("mistral", "<s>[INST] Be brief.\n\nhi there [/INST] hello</s>[INST] what is it [/INST]"),
-    ("exaone", "[|system|]Be brief.[|endofturn|]\n[|user|]hi there\n[|assistant|]hello[|endofturn|]\n"
-               "[|user|]what is it\n[|assistant|]"),
-])
-def test_named_chat_templates_render_the_public_formats(name, expected, tmp_path):
+def _mergekit_render(name, messages, add_generation_prompt):
+    """mergekit 0.1.5's render of its template `name` (chat_templates.json; bos <s>, eos </s> as the inputs')."""
+    golden = json.loads((GOLDEN / "chat_templates.json").read_text())
+    return next(c["text"] for c in golden["cases"] if c["template"] == name and c["messages"] == messages
+                and c["add_generation_prompt"] == add_generation_prompt)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3", "alpaca", "mistral", "exaone"])
+def test_named_chat_templates_render_as_mergekit(name, tmp_path):
     root = _with_templates(tmp_path / "in", {"base": ("chat_template.jinja", T1)})  # replaced by the named one
     yml = _yaml(root, "m", dict(TASK, tokenizer_source="union", chat_template=name))
     out = stream.merge_checkpoints(load_mergekit_yaml(yml), tmp_path / "out", progress=False)
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATES[name]
     assert not (out / "chat_template.jinja").exists()
-    assert _render(out, add_generation_prompt=True) == expected
+    for prompt in (True, False):
+        assert _render(out, add_generation_prompt=prompt) == _mergekit_render(name, MSGS, prompt)
 
 
 def test_auto_literal_and_kept_chat_templates(tmp_path):

@@ -1,0 +1,251 @@
+"""Reduced-precision arithmetic (precision.py): every method's kernel with compute_dtype float16/bfloat16 against
+mergekit 0.1.5 run on the same inputs in that dtype (tests/golden/mergekit_0.1.5/<dtype>/, written by
+`scripts/mergekit_goldens.py --dtype ...`), the rounding helper against numpy's casts, and the float32 default
+unchanged."""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from configurable_fm.ops.merge import execute as X
+from configurable_fm.ops.merge.precision import Arithmetic, compute_dtype_name, round_to
+from configurable_fm.ops.merge.registry import get_method
+
+GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+RANDOM = ("dare_linear", "dare_ties", "della", "della_linear")
+PER_MODEL = ("weight", "density", "gamma", "epsilon")
+# Methods whose mergekit code runs transcendental functions (acos, sin, cos, exp, log) in the reduced dtype: XLA's
+# float32 implementations differ from torch's by up to an ulp of float32, so an element whose value lies that
+# close to a rounding boundary of the compute dtype may land one ulp (of the compute dtype) away. Entries:
+# method -> (largest difference in ulps of the compute dtype, largest fraction of elements that may differ).
+TRANSCENDENTAL: dict[str, tuple[int, float]] = {
+    # not a transcendental: torch's float32 vector_norm adds in 8 lanes, XLA in its own order; one norm an ulp
+    # off flips one rounded unit value (n2_2d: 1 of 35 elements, 2 ulps)
+    "karcher": (2, 0.03),
+}
+# Methods that rank task-vector magnitudes (TIES trim, Breadcrumbs). mergekit sorts with torch's unstable CPU sort,
+# which orders equal magnitudes arbitrarily in tensors of more than 16 elements; ours keeps the lower flat index
+# first (sparsify.py). Ties are rare in float32 and common in float16/bfloat16 (few distinct magnitudes), so there
+# an entry may be kept by one and dropped by the other: allowed only at entries whose magnitude is tied.
+MAGNITUDE_RANKING = ("ties", "breadcrumbs", "breadcrumbs_ties")
+STABLE_SORT_MAX = 16
+
+
+def tie_order_only(y, want, base, xs, dt) -> bool:
+    """Whether every entry where y and want differ is one whose rounded |x_i − b| equals another entry's |x_j − b|
+    of the same model (a tie in magnitude) in a tensor longer than torch's stable-sort limit."""
+    bad = np.flatnonzero((y != want).ravel())
+    if bad.size == 0:
+        return True
+    if want.size <= STABLE_SORT_MAX:
+        return False
+    mags = [np.abs(round_to(np.asarray(x - base, np.float32), dt)).ravel() for x in xs]
+    tied = np.zeros(want.size, bool)
+    for m in mags:
+        values, counts = np.unique(np.asarray(m), return_counts=True)
+        tied |= np.isin(np.asarray(m), values[counts > 1])
+    return bool(np.all(tied[bad]))
+
+
+# In CI every method runs in float16; bfloat16 runs for the methods with a code path of its own there (DARE/DELLA
+# rescale in bfloat16 but in float32 for float16 inputs on the CPU) or the most rounding steps; the rest of the
+# bfloat16 cases are marked slow (compilation dominates: one kernel per case and shape).
+BFLOAT16_IN_CI = ("ties", "task_arithmetic", "dare_ties", "della", "arcee_fusion", "nuslerp", "karcher", "sce")
+
+
+def _cases():
+    out = []
+    for dt in DTYPES:
+        for f in sorted((GOLDEN / dt).glob("*.json")):
+            meta = json.loads(f.read_text())
+            slow = dt == "bfloat16" and f.stem not in BFLOAT16_IN_CI
+            out += [pytest.param(dt, f.stem, case, marks=[pytest.mark.slow] if slow else [])
+                    for case in meta["cases"]]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _golden(dt, name):
+    meta = json.loads((GOLDEN / dt / f"{name}.json").read_text())
+    assert meta["mergekit"] == "0.1.5" and meta["dtype"] == dt
+    return meta["cases"], load_file(str(GOLDEN / dt / f"{name}.safetensors"))
+
+
+def ulps(a: np.ndarray, b: np.ndarray, dt: str) -> np.ndarray:
+    """|a − b| in units of the compute dtype's spacing at b (float32 arrays of representable values)."""
+    spacing = np.abs(np.spacing(b.astype(DTYPES[dt]))).astype(np.float32)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))  # mergekit's NaNs (e.g. multislerp's float16 eps) reproduced
+    with np.errstate(invalid="ignore"):
+        return np.where(same, 0.0, np.abs(a - b) / spacing)
+
+
+def merge_case(dt, name, case, compute_dtype):
+    """(y as float32, mergekit's y, mergekit's output dtype name, our output dtype name) of one golden case, run as
+    the streaming merge runs it: the inputs stored in `dt`, execute.dtypes_for picking the output and compute
+    dtypes, execute.merge_tensor with per-model parameters as float32 arrays (traced by the kernel cache)."""
+    cases, t = _golden(dt, name)
+    info = cases[case]
+    method = get_method(name)
+    p = dict(info["params"])
+    for k in PER_MODEL:
+        if k in p and k in method.per_model:
+            p[k] = np.broadcast_to(np.asarray(p[k], np.float32), (info["n"],)).copy()
+    if name in RANDOM:
+        p["masks"] = t[f"{case}/masks"]  # the masks mergekit drew (torch.bernoulli, recorded)
+    stored = np.dtype(DTYPES[dt])
+    base = None if f"{case}/base" not in t else t[f"{case}/base"].astype(stored)
+    xs = [x.astype(stored) for x in t[f"{case}/xs"]]
+    out_dtype, compute = X.dtypes_for(method, [stored] * (len(xs) + (base is not None)),
+                                      compute_dtype=compute_dtype)
+    y = X.merge_tensor(method, base, xs, p, out_dtype=out_dtype, compute_dtype=compute, name=f"{name}/{case}")
+    return np.asarray(y, np.float32), t[f"{case}/y"], info["out_dtype"], str(np.dtype(out_dtype))
+
+
+@pytest.mark.parametrize("dt, name, case", _cases())
+def test_matches_mergekit_in_reduced_precision(dt, name, case):
+    y, want, mergekit_dtype, our_dtype = merge_case(dt, name, case, dt)
+    if _golden(dt, name)[0][case]["n"] > 0:  # a base alone: mergekit returns the base tensor itself, in its dtype
+        assert our_dtype == mergekit_dtype, f"{name}/{case}: mergekit returns {mergekit_dtype}, we write {our_dtype}"
+    if name in MAGNITUDE_RANKING and not np.array_equal(y, want):
+        cases, t = _golden(dt, name)
+        assert tie_order_only(y, want, t[f"{case}/base"], t[f"{case}/xs"], dt), (
+            f"{dt} {name}/{case}: entries differ from mergekit where no magnitudes are tied")
+        return
+    d = ulps(y, want, dt)
+    worst, share = TRANSCENDENTAL.get(name, (0, 0.0))
+    bad = d > 0
+    assert float(np.max(d, initial=0)) <= worst and bad.mean() <= share, (
+        f"{dt} {name}/{case}: {int(bad.sum())}/{bad.size} elements differ from mergekit 0.1.5, up to "
+        f"{float(np.max(d, initial=0)):.3g} ulps of {dt}")
+
+
+def test_float32_arithmetic_differs_where_mergekit_rounds():
+    """The goldens are not vacuous: rounding once at the end (float32 arithmetic) misses mergekit's float16 task
+    arithmetic result (5 of 60 entries), and the reduced mode is what closes the gap."""
+    y32, want, _, _ = merge_case("float16", "task_arithmetic", "normalize_lambda", None)
+    y16, _, _, _ = merge_case("float16", "task_arithmetic", "normalize_lambda", "float16")
+    assert not np.array_equal(y32, want)
+    assert np.array_equal(y16, want)
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+def test_round_to_matches_numpy_casts(dt):
+    r = np.random.default_rng(0)
+    x = (r.standard_normal(200_000) * np.exp(r.uniform(-30, 12, 200_000))).astype(np.float32)
+    x[:8] = [65504, 65519.9, 65520, -65520, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -24 * 2.5, 0.0]
+    with np.errstate(over="ignore"):
+        want = x.astype(DTYPES[dt]).astype(np.float32)
+    got = np.asarray(jax.jit(lambda v: round_to(v, dt))(x))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_arithmetic_and_names():
+    assert compute_dtype_name(None) is None and compute_dtype_name("float32") is None
+    assert compute_dtype_name(np.float16) == "float16" and compute_dtype_name("bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="compute dtype"):
+        compute_dtype_name("int8")
+    a = Arithmetic.of("float16")
+    assert float(a.const(0.1)) == float(np.float16(0.1)) and float(Arithmetic().r(0.1)) == np.float32(0.1)
+
+
+# ------------------------------------------------------------------------------ whole YAML merges (stream, CLI)
+YAML_META = json.loads((GOLDEN / "yaml_dtypes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def yaml_golden():
+    return load_file(str(GOLDEN / "yaml_dtypes.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def yaml_inputs(yaml_golden, tmp_path_factory):
+    """The golden inputs A, B, C as HF directories (config.json + model.safetensors)."""
+    from safetensors.numpy import save_file
+
+    root = tmp_path_factory.mktemp("yaml_dtype_inputs")
+    out = {}
+    for name in ("A", "B", "C"):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(YAML_META["input_config"]))
+        prefix = f"inputs/{name}/"
+        save_file({k[len(prefix):]: v for k, v in yaml_golden.items() if k.startswith(prefix)},
+                  str(d / "model.safetensors"), metadata={"format": "pt"})
+        out[name] = d
+    return out
+
+
+def _yaml_file(case, dirs, tmp_path):
+    text = YAML_META["cases"][case]["yaml"]
+    for name, d in dirs.items():
+        text = text.replace("{" + name + "}", str(d))
+    path = tmp_path / f"{case}.yml"
+    path.write_text(text)
+    return path
+
+
+def _written(out_dir):
+    from configurable_fm.interop.safetensors_io import TensorStore
+
+    store = TensorStore(out_dir)
+    return {k: np.asarray(store[k]) for k in store}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_META["cases"]))
+def test_yaml_merge_in_mergekit_mode_equals_mergekit(case, yaml_golden, yaml_inputs, tmp_path):
+    """mergekit's shipped configs in float16/bfloat16, run whole (streamed): the same weights bit for bit, written
+    in the dtypes mergekit writes (float32 for arcee_fusion without out_dtype)."""
+    from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
+    from configurable_fm.ops.merge.stream import merge_checkpoints
+
+    plan = load_mergekit_yaml(_yaml_file(case, yaml_inputs, tmp_path))
+    got = _written(merge_checkpoints(plan, tmp_path / "out", progress=False, compute_dtype="mergekit"))
+    dtypes = YAML_META["cases"][case]["dtypes"]
+    assert sorted(got) == sorted(dtypes)
+    for k, want_dtype in dtypes.items():
+        assert str(got[k].dtype) == want_dtype, f"{case}: {k} written as {got[k].dtype}, mergekit: {want_dtype}"
+        assert_yaml_tensor(case, k, got[k], yaml_golden)
+
+
+def assert_yaml_tensor(case, k, got, yaml_golden):
+    """Bit for bit, except (for magnitude-ranking methods) at entries whose magnitudes are tied (tie_order_only)."""
+    y, want = got.astype(np.float32), yaml_golden[f"{case}/{k}"]
+    if np.array_equal(y, want):
+        return
+    method = yaml.safe_load(YAML_META["cases"][case]["yaml"])["merge_method"]
+    dt = yaml.safe_load(YAML_META["cases"][case]["yaml"])["dtype"]
+    xs = [yaml_golden[f"inputs/{m}/{k}"] for m in ("B", "C")]
+    base = round_to(yaml_golden[f"inputs/A/{k}"], dt)
+    assert method in MAGNITUDE_RANKING and tie_order_only(y, want, base, [round_to(x, dt) for x in xs], dt), (
+        f"{case}: {k}: {int(np.sum(y != want))} of {want.size} entries differ from mergekit")
+
+
+def test_float32_arithmetic_is_the_explicit_alternative(yaml_golden, yaml_inputs, tmp_path, capsys):
+    """The CLI's default is the mergekit mode; --compute_dtype float32 gives float32 arithmetic rounded once, which
+    differs from mergekit's float16 ties in some entries (and is what the Python API does by default)."""
+    from tests.helpers import run_script
+
+    case = "bio_merge_f16"
+    path = _yaml_file(case, yaml_inputs, tmp_path)
+    code, _ = run_script("merge", ["--mergekit_yaml", str(path), "--output", str(tmp_path / "mk"), "--no_progress"],
+                         capsys)
+    assert code in (0, None)
+    code, _ = run_script("merge", ["--mergekit_yaml", str(path), "--output", str(tmp_path / "f32"), "--no_progress",
+                                   "--compute_dtype", "float32"], capsys)
+    assert code in (0, None)
+    mk, f32 = _written(tmp_path / "mk"), _written(tmp_path / "f32")
+    differ = 0
+    for k in mk:
+        assert_yaml_tensor(case, k, mk[k], yaml_golden)
+        assert f32[k].dtype == np.float16
+        differ += int(np.sum(mk[k] != f32[k]))
+    assert differ > 0
