@@ -811,6 +811,37 @@ parameters: {lambda: 0.9}
 dtype: bfloat16
 out_dtype: float32
 """,
+    # examples/gradient-slerp.yml (on 4-layer stand-ins): slerp over one slice, t gradients by pattern, float16
+    "gradient_slerp_f16": """
+slices:
+  - sources:
+      - model: {A}
+        layer_range: [0, 4]
+      - model: {B}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {A}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+dtype: float16
+""",
+    # examples/orcamini-platy-44layer.yml (on 4-layer stand-ins): a passthrough frankenmerge, float16, 6 layers
+    "frankenmerge_f16": """
+slices:
+  - sources:
+    - model: {A}
+      layer_range: [0, 3]
+  - sources:
+    - model: {C}
+      layer_range: [1, 4]
+merge_method: passthrough
+dtype: float16
+""",
     # breadcrumbs with ties, float16
     "breadcrumbs_ties_f16": """
 models:
@@ -876,7 +907,9 @@ def write_yaml_dtypes(out_dir: str) -> str:
                     t = f.get_tensor(k)
                     dtypes[k] = str(t.dtype).removeprefix("torch.")
                     tensors[f"{case}/{k}"] = t.to(torch.float32).numpy()
-            meta[case] = {"yaml": YAML_DTYPE_CASES[case], "dtypes": dtypes}
+            with open(os.path.join(out, "config.json")) as f:
+                layers = json.load(f)["num_hidden_layers"]
+            meta[case] = {"yaml": YAML_DTYPE_CASES[case], "dtypes": dtypes, "num_hidden_layers": layers}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "yaml_dtypes.safetensors")
     save_file(tensors, path)

@@ -79,9 +79,9 @@ def linear(base, xs, *, key=None, weight, normalize: bool = True, compute_dtype=
     w = _per_model("linear", "weight", weight, xs.shape[0])
     y = w[0] * xs[0]
     for i in range(1, xs.shape[0]):
-        y = y + w[i] * xs[i]
+        y = a.fma(w[i], xs[i], y)  # reduced mode: rounded once, as torch's addcmul_ (a fused multiply-add)
     if normalize:
-        y = y / jnp.sum(w)
+        y = a.div(y, jnp.sum(w))
     return a.r(y)
 
 
@@ -118,7 +118,8 @@ def slerp(base, xs, *, key=None, t, dot_threshold: float = 0.9995, eps: float = 
     sin_theta = jnp.where(lin, 1.0, jnp.sin(theta))  # keep the unselected branch finite
     coef_a = jnp.where(lin, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
     coef_b = jnp.where(lin, t, jnp.sin(t * theta) / sin_theta)
-    return r(coef_a * a + coef_b * b).reshape(shape)
+    arith = Arithmetic.of(compute_dtype)
+    return r(arith.mul(coef_a, a) + arith.mul(coef_b, b)).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------------- nuslerp

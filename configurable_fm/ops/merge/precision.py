@@ -18,7 +18,9 @@ mergekit's rounding instead:
   first; a float32 0-dim tensor is cast to the reduced dtype when it is the left operand of an op with a reduced
   tensor, and enters unrounded as the right one;
 * XLA rewrites a division by a broadcast operand into a multiplication by the reciprocal (two roundings):
-  divisions go through `Arithmetic.div`, which keeps the quotient correctly rounded;
+  divisions go through `Arithmetic.div`, which keeps the quotient correctly rounded; and it contracts a float32
+  x · y + z into a fused multiply-add (or not) on its own terms: `Arithmetic.mul` keeps a product rounded on its own
+  (torch's `a * x + b * y`, slerp), `Arithmetic.fma` rounds x · y + z once (torch's `addcmul_`, linear);
 * where mergekit itself computes in float32 (linear, slerp: they upcast), the kernel ignores the compute dtype.
 
 Rounding is round-to-nearest-even, float16 subnormals kept (`jax.lax.reduce_precision` flushes them, so values
@@ -124,6 +126,24 @@ class Arithmetic:
         shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(y))
         y = jnp.broadcast_to(jnp.asarray(y, jnp.float32), shape)
         return jnp.broadcast_to(x, shape) / jax.lax.optimization_barrier(y)
+
+    def mul(self, x, y):
+        """x · y rounded to float32 on its own, as torch computes a product before adding it (XLA would contract
+        x · y + z into one fused multiply-add, rounding once). In the reduced mode the product sits behind an
+        optimization barrier; float32 arithmetic keeps the plain product (and so its results as before)."""
+        return x * y if self.dtype is None else jax.lax.optimization_barrier(x * y)
+
+    def fma(self, x, y, z):
+        """x · y + z rounded once to float32, as torch's `addcmul_` (a fused multiply-add on the CPU). JAX has no
+        fma and XLA contracts only some of the chain's terms, so in the reduced mode it is computed in float64
+        (exact for a float16/bfloat16 x times a float32 y; the float64 sum rounded to float32). Float32 arithmetic
+        keeps x · y + z as XLA compiles it."""
+        if self.dtype is None:
+            return x * y + z
+        with jax.enable_x64(True):
+            d = jnp.float64
+            return (jnp.asarray(x, jnp.float32).astype(d) * jnp.asarray(y, jnp.float32).astype(d)
+                    + jnp.asarray(z, jnp.float32).astype(d)).astype(jnp.float32)
 
     def const(self, value):
         """A tensor made from Python numbers in the compute dtype (`torch.tensor(v, dtype=...)`): concrete values
