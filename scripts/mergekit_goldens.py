@@ -811,25 +811,7 @@ parameters: {lambda: 0.9}
 dtype: bfloat16
 out_dtype: float32
 """,
-    # examples/gradient-slerp.yml (on 4-layer stand-ins): slerp over one slice, t gradients by pattern, float16
-    "gradient_slerp_f16": """
-slices:
-  - sources:
-      - model: {A}
-        layer_range: [0, 4]
-      - model: {B}
-        layer_range: [0, 4]
-merge_method: slerp
-base_model: {A}
-parameters:
-  t:
-    - filter: self_attn
-      value: [0, 0.5, 0.3, 0.7, 1]
-    - filter: mlp
-      value: [1, 0.5, 0.7, 0.3, 0]
-    - value: 0.5
-dtype: float16
-""",
+    # examples/gradient-slerp.yml (on 4-layer stand-ins): SLICE_CASES' slerp_classic in float16 (added below)
     # examples/orcamini-platy-44layer.yml (on 4-layer stand-ins): a passthrough frankenmerge, float16, 6 layers
     "frankenmerge_f16": """
 slices:
@@ -854,6 +836,9 @@ base_model: {A}
 dtype: float16
 """,
 }
+
+
+YAML_DTYPE_CASES["gradient_slerp_f16"] = SLICE_CASES["slerp_classic"].replace("dtype: float32", "dtype: float16")
 
 
 def _tiny_llama_near(path: str, base_path: str, seed: int, scale: float = 0.02) -> None:

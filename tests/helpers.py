@@ -73,3 +73,20 @@ def run_script(name: str, argv, capsys):
     except SystemExit as e:
         code = e.code
     return code, capsys.readouterr()
+
+
+def golden_hf_inputs(tensors, config: dict, names, root: Path) -> dict:
+    """{name: root/name}: HF directories (config.json + model.safetensors) of the golden inputs stored as
+    "inputs/<name>/<hf tensor name>" in `tensors` (the mergekit goldens' layout), all with `config`."""
+    from safetensors.numpy import save_file
+
+    out = {}
+    for name in names:
+        d = Path(root) / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(config))
+        prefix = f"inputs/{name}/"
+        save_file({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                  str(d / "model.safetensors"), metadata={"format": "pt"})
+        out[name] = d
+    return out

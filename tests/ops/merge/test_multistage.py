@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from configurable_fm.errors import OutputExists
 from configurable_fm.interop.safetensors_io import TensorStore
 from configurable_fm.ops.merge import multistage as M
 from configurable_fm.ops.merge import stream
 from configurable_fm.ops.merge.mergekit_yaml import MergekitYamlError, load_mergekit_yaml
-from tests.helpers import run_script
+from tests.helpers import golden_hf_inputs, run_script
 from tests.ops.merge.test_stream import hf  # noqa: F401  (the fixture: tiny HF llamas base, ft_a, ft_b)
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -245,13 +245,7 @@ def golden():
 def test_chain_equals_mergekit_multi(golden, tmp_path):
     tensors, meta = golden
     text = meta["yaml"]
-    for name in "ABC":
-        d = tmp_path / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(meta["input_config"]))
-        prefix = f"inputs/{name}/"
-        save_file({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                  str(d / "model.safetensors"), metadata={"format": "pt"})
+    for name, d in golden_hf_inputs(tensors, meta["input_config"], "ABC", tmp_path).items():
         text = text.replace("{" + name + "}", str(d))
     yml = _write(tmp_path / "multi.yml", text)
     chain = M.load_multistage(yml, output=tmp_path / "final", intermediate_dir=tmp_path / "inter")

@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge.precision import Arithmetic, compute_dtype_name, round_to
 from configurable_fm.ops.merge.registry import get_method
+from tests.helpers import golden_hf_inputs
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -169,19 +170,8 @@ def yaml_golden():
 @pytest.fixture(scope="module")
 def yaml_inputs(yaml_golden, tmp_path_factory):
     """The golden inputs A, B, C as HF directories (config.json + model.safetensors)."""
-    from safetensors.numpy import save_file
-
-    root = tmp_path_factory.mktemp("yaml_dtype_inputs")
-    out = {}
-    for name in ("A", "B", "C"):
-        d = root / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(YAML_META["input_config"]))
-        prefix = f"inputs/{name}/"
-        save_file({k[len(prefix):]: v for k, v in yaml_golden.items() if k.startswith(prefix)},
-                  str(d / "model.safetensors"), metadata={"format": "pt"})
-        out[name] = d
-    return out
+    return golden_hf_inputs(yaml_golden, YAML_META["input_config"], "ABC",
+                            tmp_path_factory.mktemp("yaml_dtype_inputs"))
 
 
 def _yaml_file(case, dirs, tmp_path):

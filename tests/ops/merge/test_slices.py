@@ -7,7 +7,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.interop.safetensors_io import INDEX_FILE, TensorStore
@@ -16,7 +16,7 @@ from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import stream, tree
 from configurable_fm.ops.merge.mergekit_yaml import MergekitYamlError, load_mergekit_yaml, parse_mergekit_yaml
 from configurable_fm.ops.merge.params import ParameterError
-from tests.helpers import load_script
+from tests.helpers import golden_hf_inputs, load_script
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 META = json.loads((GOLDEN / "slices.json").read_text())
@@ -31,17 +31,7 @@ def golden():
 @pytest.fixture(scope="module")
 def hf_inputs(golden, tmp_path_factory):
     """The golden inputs A and B as HF directories (config.json + model.safetensors)."""
-    root = tmp_path_factory.mktemp("slices_inputs")
-    out = {}
-    for name in ("A", "B"):
-        d = root / name
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(META["input_config"]))
-        prefix = f"inputs/{name}/"
-        save_file({k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}, str(d / "model.safetensors"),
-                  metadata={"format": "pt"})
-        out[name] = d
-    return out
+    return golden_hf_inputs(golden, META["input_config"], "AB", tmp_path_factory.mktemp("slices_inputs"))
 
 
 def _yaml(case, dirs, tmp_path):
