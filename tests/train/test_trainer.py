@@ -166,3 +166,30 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
     assert len(resumes) == 1 and resumes[0]["step"] == 5
     assert resumes[0]["changes"] == {"optimizer.lr": {"before": 0.01, "after": 0.005},
                                      "steps": {"before": 5, "after": 8}}
+
+
+@pytest.mark.parametrize("resume_shape", [(1, 1, 1), (1, 4, 1)])
+def test_checkpoint_written_on_8_devices_resumes_on_fewer(short_run, tmp_path, resume_shape):
+    """A run sharded over 8 devices (FSDP 4 x tensor 2) is checkpointed at step 2 and crashes in step 4; it resumes
+    on one device or on 4 (orbax reshards every array to the new mesh: `restore_checkpoint` restores with the new
+    run's shardings), with `mesh` allowed to change, and continues with the losses of an unsharded run."""
+    assert jax.device_count() == 8
+    cfg = tiny_config(steps=5, eval_every=0, checkpoint_every=2, **{"mesh.shape": (1, 4, 2)})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, data=tiny_data(cfg, fail_at=4), log=lambda s: None)
+    assert (tmp_path / "checkpoints" / "2").exists()
+    fewer = tiny_config(steps=5, eval_every=0, checkpoint_every=2, **{"mesh.shape": resume_shape})
+    with pytest.raises(ValueError, match=r"mesh.shape"):  # a changed mesh is a config change like any other
+        train(fewer, tmp_path, data=tiny_data(fewer), log=lambda s: None)
+    resumed = train(fewer, tmp_path, data=tiny_data(fewer), log=lambda s: None, allow_changes=("mesh",))
+    assert min(resumed.losses) == 3
+    devices = {d for leaf in jax.tree.leaves(nnx_state(resumed.model)) for d in leaf.sharding.device_set}
+    assert len(devices) == int(np.prod(resume_shape))
+    for step in range(3, 6):
+        assert abs(resumed.losses[step] - short_run.losses[step]) <= 1e-5, (resume_shape, step)
+
+
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
