@@ -1,6 +1,8 @@
 """Training throughput and model-FLOPs utilisation (MFU) of the trainer's own train step.
 
     python scripts/bench_train.py --variant 1b --seq_len 2048 --grid "4:none,8:dots,16:full" --steps 10
+    python scripts/bench_train.py --variant 7b --seq_len 4096 --grid "8:full" --mesh 1,8,1     # FSDP over 8 GPUs
+    python scripts/bench_train.py --variant 7b --seq_len 4096 --grid "8:full" --mesh 1,4,2     # FSDP 4 x tensor 2
 
 For each `batch:remat` entry of the grid: build the pretrain variant's llama (bf16 compute, fp32 master weights,
 AdamW), jit the trainer's step (`make_train_step`, donated state) on random tokens, run `--warmup` steps, then
@@ -8,6 +10,12 @@ time `--steps` steps (block_until_ready). Reports tokens/s and MFU = tokens/s x 
 FLOPs/token from configurable_fm.train.flops (training = 3 x forward; attention counted PaLM-style over the
 full T x T score matrix, and also with exact causal halving, the stricter figure). One JSON line per entry is
 printed and appended to --out.
+
+--mesh data,fsdp,tensor (default 1,1,1: one device) shards the step as the trainer does: parameters and optimizer
+state by the logical-axis rules of configurable_fm/sharding.py, the batch over data x fsdp; the grid's batch is
+the global batch (weak scaling: grow it with the device count). Then MFU counts every device of the mesh and
+`peak_memory_gb` is the largest peak allocation over them (device.memory_stats(); None on the CPU). Several GPUs
+of one host run from one process; for one process per GPU start it under jax.distributed (README, multi-host).
 """
 from __future__ import annotations
 
@@ -18,9 +26,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import configurable_fm.models.attention as attn
-from configurable_fm.bricks.paths import flat_params
+import configurable_fm.sharding as shd
+from configurable_fm.bricks.paths import flat_params, flat_state
 from configurable_fm.models.factory import build_model
 from configurable_fm.train import flops
 from configurable_fm.train.optim import make_optimizer
@@ -30,7 +40,8 @@ from experiments.pretrain import get_config
 AUTO_ATTENTION = attn.dot_product_attention
 
 
-def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, warmup: int, attention: str):
+def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, warmup: int, attention: str,
+              mesh_shape: tuple = (1, 1, 1)):
     cfg = get_config(variant)
     model_spec = cfg.model.to_dict()
     model_spec["max_position_embeddings"] = max(seq_len, model_spec["max_position_embeddings"])
@@ -39,14 +50,16 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     attn.dot_product_attention = AUTO_ATTENTION if attention == "auto" else (
         lambda *a, **k: AUTO_ATTENTION(*a, **{**k, "implementation": attention}))
     parts = ModelParts.of(model)
-    params = flat_params(model)
+    mesh = shd.make_mesh(mesh_shape)
+    shardings = flat_state(shd.param_shardings(model, mesh), nnx.Variable)
+    params = {k: jax.device_put(v, shardings[k].get_value()) for k, v in flat_params(model).items()}
     del model
     tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
     opt_state = jax.jit(tx.init)(params)
     step = jax.jit(make_train_step(parts, tx, 1), donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     toks = rng.integers(0, model_spec["vocab_size"], (batch, seq_len + 1), dtype=np.int32)
-    batch_arrays = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:])}
+    batch_arrays = shd.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, mesh)
     t0 = time.perf_counter()
     params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
     jax.block_until_ready(metrics)
@@ -64,6 +77,9 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     mcfg = config_from_dict(model_spec)
     tps = batch * seq_len / dt
     peak = flops.peak_flops_per_device()
+    devices = list(mesh.devices.flat)
+    stats = [d.memory_stats() or {} for d in devices]
+    peak_mem = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0) / 1e9 or None
     full = flops.flops_per_token(mcfg, seq_len)
     causal = flops.flops_per_token(mcfg, seq_len, causal_halving=True)
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
@@ -71,9 +87,10 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         "variant": variant, "params": n_params, "seq_len": seq_len, "batch": batch, "remat": remat,
         "attention": attention, "step_s": dt, "tokens_per_s": tps, "compile_s": compile_s,
         "loss": float(metrics["loss"]), "tflops_per_s": tps * full / 1e12,
-        "mfu": flops.mfu(tps, full, jax.device_count(), peak),
-        "mfu_causal": flops.mfu(tps, causal, jax.device_count(), peak),
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+        "mfu": flops.mfu(tps, full, len(devices), peak),
+        "mfu_causal": flops.mfu(tps, causal, len(devices), peak),
+        "device": jax.devices()[0].device_kind, "devices": len(devices), "mesh": list(mesh_shape),
+        "tokens_per_s_per_device": tps / len(devices), "peak_memory_gb": peak_mem, "jax": jax.__version__,
         "peak_flops": peak,
     }
 
@@ -85,14 +102,17 @@ def main():
     p.add_argument("--grid", default="8:dots", help="comma-separated batch:remat[:attention] entries")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1: the rest)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     for entry in args.grid.split(","):
         fields = entry.split(":")
         batch, remat = int(fields[0]), fields[1]
         attention = fields[2] if len(fields) > 2 else "auto"
         try:
-            row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention)
+            row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention,
+                            mesh_shape)
         except Exception as e:  # e.g. out of memory for one grid point: record it and go on
             row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
                    "error": f"{type(e).__name__}: {str(e)[:300]}"}

@@ -1,0 +1,20 @@
+"""scripts/bench_train.py --mesh: the benchmarked step sharded over 8 fake CPU devices (FSDP 4 x tensor 2)
+computes the one-device step's loss, and the row reports the mesh's devices (MFU counts all of them)."""
+import jax
+import pytest
+
+from tests.helpers import load_script
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_train")
+
+
+def test_sharded_bench_step_matches_one_device(bench):
+    assert jax.device_count() == 8
+    one = bench.bench_one("tiny", 64, 8, "none", 2, 1, "auto", (1, 1, 1))
+    row = bench.bench_one("tiny", 64, 8, "none", 2, 1, "auto", (1, 4, 2))
+    assert row["devices"] == 8 and row["mesh"] == [1, 4, 2]
+    assert row["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert row["tokens_per_s_per_device"] == pytest.approx(row["tokens_per_s"] / 8)
