@@ -56,12 +56,12 @@ from configurable_fm.models.taps import activate
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _masked_f32(x, m_BxT):
+def masked_f32(x, m_BxT):
     """x (B, T, ...) as float32 times the token mask broadcast over its trailing axes."""
     return x.astype(jnp.float32) * m_BxT.reshape(m_BxT.shape + (1,) * (x.ndim - 2))
 
 
-def _on(m_BxT, x):
+def token_mask_like(m_BxT, x):
     """The token mask as a boolean broadcastable against x (B, T, ...)."""
     return (m_BxT > 0).reshape(m_BxT.shape + (1,) * (x.ndim - 2))
 
@@ -87,7 +87,7 @@ class Sum(Reduction):
     name: str = "sum"
 
     def batch(self, x, m):
-        return jnp.sum(_masked_f32(x, m), axis=(0, 1))
+        return jnp.sum(masked_f32(x, m), axis=(0, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Mean(Reduction):
     name: str = "mean"
 
     def batch(self, x, m):
-        return jnp.sum(_masked_f32(x, m), axis=(0, 1))
+        return jnp.sum(masked_f32(x, m), axis=(0, 1))
 
     def finish(self, total, n):
         return _divide(total, n)
@@ -111,7 +111,7 @@ class MeanSquare(Reduction):
 
     def batch(self, x, m):
         x32 = x.astype(jnp.float32)
-        return jnp.sum(_masked_f32(x, m) * x32, axis=(0, 1))
+        return jnp.sum(masked_f32(x, m) * x32, axis=(0, 1))
 
     def finish(self, total, n):
         return _divide(total, n)
@@ -133,9 +133,9 @@ class Gram(Reduction):
         f = x.shape[-1]
         x32 = x.astype(jnp.float32)
         if x.ndim == 3:  # (B, T, F): one (F, F) product, as RegMean has always computed it
-            xm = _masked_f32(x, m).reshape(-1, f)
+            xm = masked_f32(x, m).reshape(-1, f)
             return jnp.dot(xm.T, x32.reshape(-1, f), precision=HIGHEST, preferred_element_type=jnp.float32)
-        xm = _masked_f32(x, m).reshape((-1,) + x.shape[2:])
+        xm = masked_f32(x, m).reshape((-1,) + x.shape[2:])
         return jnp.einsum("n...i,n...j->...ij", xm, x32.reshape((-1,) + x.shape[2:]), precision=HIGHEST,
                           preferred_element_type=jnp.float32)
 
@@ -151,7 +151,7 @@ class CountAbove(Reduction):
     name: str = "count_above"
 
     def batch(self, x, m):
-        return jnp.sum((x > self.threshold) & _on(m, x), axis=(0, 1), dtype=jnp.int32)
+        return jnp.sum((x > self.threshold) & token_mask_like(m, x), axis=(0, 1), dtype=jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ class Histogram(Reduction):
         x32 = x.astype(jnp.float32)
         idx = jnp.searchsorted(edges, x32, side="right") - 1
         idx = jnp.where(x32 == edges[-1], k - 1, idx)  # the last bin is closed
-        keep = (idx >= 0) & (idx < k) & _on(m, x)  # NaN sorts past the end: dropped
+        keep = (idx >= 0) & (idx < k) & token_mask_like(m, x)  # NaN sorts past the end: dropped
         if not self.per_feature:
             return jnp.zeros((k,), jnp.int32).at[jnp.where(keep, idx, k).reshape(-1)].add(1, mode="drop")
         features = int(np.prod(x.shape[2:], dtype=np.int64))
