@@ -11,10 +11,11 @@ from configurable_fm.bricks.brickset import Brick, BrickSet, extract, insert, lo
 from configurable_fm.bricks.deltas import Delta, DeltaError, Dense, LowRank, Masked, load_delta, save_delta
 from configurable_fm.bricks.paths import flat_params, flat_state, param_count, path_str, with_params
 from configurable_fm.bricks.select import Selection, SelectionError, select, tree_at
+from configurable_fm.bricks import adapters  # noqa: E402  (registers the adapter kinds for checkpoint restores)
 
 __all__ = [
     "flat_params", "flat_state", "param_count", "path_str", "with_params",
     "Selection", "SelectionError", "select", "tree_at",
     "Brick", "BrickSet", "extract", "insert", "load_bricks", "save_bricks",
-    "deltas", "Delta", "DeltaError", "Dense", "LowRank", "Masked", "load_delta", "save_delta",
+    "adapters", "deltas", "Delta", "DeltaError", "Dense", "LowRank", "Masked", "load_delta", "save_delta",
 ]

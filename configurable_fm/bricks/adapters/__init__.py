@@ -1,0 +1,31 @@
+"""Adapters as bricks: LoRA (+ rsLoRA), DoRA and (IA)³ on Linear modules, PEFT-compatible both ways.
+
+    from configurable_fm.bricks import adapters
+    m = adapters.attach(base, "lora", "layers.*.self_attn.[qv]_proj", rank=8, alpha=16, seed=0)
+    adapters.adapter_state(m)            # {'layers.0.self_attn.q_proj.lora_a': ..., ...}: the adapter's own leaves
+    merged = adapters.merge(m)           # plain Linears, W + s A B: what to_hf exports (to_hf refuses `m` itself)
+    base = adapters.detach(m)            # the base back, the same arrays
+    delta = adapters.as_delta(m)         # bricks.deltas.Delta (LowRank for LoRA)
+    adapters.save_adapter(m, "out/lora"); m2 = adapters.load_adapter(base, "out/lora")
+    m3 = adapters.from_peft(base, "peft_dir"); adapters.to_peft(m3, "out/peft")
+
+An adapted module replaces a `models.layers.Linear` at the same path, keeps `kernel` / `bias` there and adds its
+parameters as leaves of that module (modules.py has the math and PEFT's conventions). Importing this package
+registers the extension kinds 'lora', 'dora', 'ia3' (models.structure), which orbax checkpoints of adapted models
+and interop.peft need.
+"""
+from configurable_fm.bricks.adapters.core import (DEFAULT_ALPHA, DEFAULT_RANK, FEEDFORWARD, IA3_INITS, KINDS,
+                                                  LORA_INITS, adapted_modules, adapter_state, adapters, as_delta,
+                                                  attach, detach, merge, path_key, unmerge)
+from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
+from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinear, AdapterError, AdapterParam,
+                                                     DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam)
+from configurable_fm.interop.peft import from_peft, read_peft, to_peft
+
+__all__ = [
+    "attach", "merge", "unmerge", "detach", "adapters", "adapted_modules", "adapter_state", "as_delta", "path_key",
+    "adapter_bricks", "attach_bricks", "save_adapter", "load_adapter", "from_peft", "read_peft", "to_peft",
+    "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",
+    "AdapterError", "ADAPTER_TYPES", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
+    "DEFAULT_ALPHA",
+]

@@ -1,0 +1,96 @@
+"""Adapters as bricks: saved and loaded apart from the base model, with bricks' own brick-set files.
+
+    save_adapter(m, "out/lora", source="smollm2-lora-r8")     # bricks.safetensors + bricks.json (atomic)
+    m2 = load_adapter(base, "out/lora")                        # the same adapter attached to `base`
+
+One Brick per adapted module: name = the module path (`layers.0.self_attn.q_proj`), kind = the adapter kind ('lora',
+'dora', 'ia3'), params = its adapter parameters (`lora_a`, `lora_b`, `lora_magnitude`, `ia3_scale`: tensors
+`layers.0.self_attn.q_proj/lora_a`, ...), metadata = {"options": {rank, alpha, rslora} or {feedforward}}. The base
+weights are not in it; whether the adapter was merged is not either (an adapter is loaded unmerged). Loading checks
+every brick against the model (kind, options, module path, a plain Linear there, the tensors and their shapes) and
+reports all problems in one AdapterError.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from configurable_fm.bricks.adapters.core import adapted_modules
+from configurable_fm.bricks.adapters.modules import ADAPTER_TYPES, AdapterError
+from configurable_fm.bricks.brickset import Brick, BrickSet, load_bricks, save_bricks
+from configurable_fm.bricks.select import module_index
+from configurable_fm.interop.peft import ADAPTER_LEAVES, attach_built
+from configurable_fm.models.layers import Linear
+
+
+def adapter_bricks(model, *, source: str = "") -> BrickSet:
+    """The adapters of `model` as a BrickSet (module docstring); AdapterError when it has none."""
+    modules = adapted_modules(model)
+    if not modules:
+        raise AdapterError("adapter_bricks: the model has no adapters")
+    bricks = []
+    for path, m in modules.items():
+        options = {k: v for k, v in m.options().items() if k != "merged"}
+        params = {leaf: getattr(m, leaf).get_value() for leaf in ADAPTER_LEAVES[m.kind]}
+        bricks.append(Brick(path, m.kind, source, params, {"options": options}))
+    return BrickSet(bricks)
+
+
+def attach_bricks(model, bricks: BrickSet | Brick):
+    """A new model with each adapter brick attached at the module its name gives (unmerged); AdapterError listing
+    every brick that does not fit."""
+    if isinstance(bricks, Brick):
+        bricks = BrickSet([bricks])
+    index = module_index(model)
+    problems, specs = [], []
+    for name, brick in bricks.items():
+        label = f"brick {name!r}"
+        if brick.kind not in ADAPTER_TYPES:
+            problems.append(f"{label}: kind {brick.kind!r} is not an adapter kind {sorted(ADAPTER_TYPES)}")
+            continue
+        node = index.get(name, (None, None))[1]
+        if type(node) is not Linear:
+            what = "no module" if node is None else f"a {type(node).__name__}, not a plain Linear"
+            problems.append(f"{label}: the model has {what} at {name}")
+            continue
+        options = brick.metadata.get("options")
+        if not isinstance(options, dict):
+            problems.append(f"{label}: metadata has no 'options' object")
+            continue
+        try:
+            module = ADAPTER_TYPES[brick.kind].from_options(node, {**options, "merged": False})
+        except AdapterError as e:
+            problems.append(f"{label}: {e}")
+            continue
+        want = ADAPTER_LEAVES[brick.kind]
+        missing = [f"{name}/{t}" for t in want if t not in brick.params]
+        extra = [f"{name}/{t}" for t in brick.params if t not in want]
+        if missing or extra:
+            problems.append(f"{label}: a {brick.kind} adapter has tensors {list(want)}"
+                            + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+            continue
+        bad = [f"{name}/{t} is {tuple(brick.params[t].shape)} but the module needs "
+               f"{tuple(getattr(module, t).get_value().shape)}" for t in want
+               if tuple(brick.params[t].shape) != tuple(getattr(module, t).get_value().shape)]
+        if bad:
+            problems.append(f"{label}: " + "; ".join(bad))
+            continue
+        specs.append({"path": name, "kind": brick.kind, "options": module.options(),
+                      "values": {t: jnp.asarray(brick.params[t]) for t in want}})
+    if problems:
+        raise AdapterError(f"attach_bricks: {len(problems)} brick(s) do not fit the model:\n  " + "\n  ".join(problems))
+    return attach_built(model, specs)
+
+
+def save_adapter(model, directory: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:
+    """Writes the adapters of `model` (not its base weights) as a brick set (bricks.save_bricks: atomic, refused
+    over an existing directory unless `overwrite`); returns the directory."""
+    return save_bricks(adapter_bricks(model, source=source), directory, overwrite=overwrite)
+
+
+def load_adapter(model, directory: str | os.PathLike):
+    """`model` with the adapters saved by `save_adapter` attached (bricks.load_bricks checks the files;
+    `attach_bricks` checks them against the model)."""
+    return attach_bricks(model, load_bricks(directory))

@@ -1,0 +1,361 @@
+"""The adapted Linear modules: LoRA (+ rsLoRA), DoRA and (IA)³, as PEFT computes them.
+
+Each replaces a `models.layers.Linear` at the same path and keeps its `kernel` (in, out) and `bias` there, adding its
+own parameters as leaves of the same module (x: (..., in); W = kernel; b = bias or 0):
+
+    LoRALinear  (kind 'lora'):  y = x W + b + s · (x A) B            lora_a A (in, r), lora_b B (r, out)
+                                s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)
+    DoRALinear  (kind 'dora'):  y = f ⊙ (x W + s · (x A) B) + b       + lora_magnitude m (out,)
+                                f = m / ||W + s A B||, the norm per output feature (over the input axis) of the
+                                unmerged weight, a constant for gradients (stop_gradient)
+    IA3Linear   (kind 'ia3'):   y = (x W + b) ⊙ l                     ia3_scale l (out,): output side (k, v, ...)
+                                y = (x ⊙ l) W + b                     ia3_scale l (in,):  feedforward (down proj.)
+
+PEFT's tensors are torch-oriented: lora_A.weight = Aᵀ (r, in), lora_B.weight = Bᵀ (out, r), lora_magnitude_vector
+= m, ia3_l = l as (out, 1) or (1, in) (interop/peft.py converts). Note the output-side IA3 scales the bias too (PEFT
+scales the base layer's output, and merges l into the bias); the DoRA bias is not scaled.
+
+Merged (`merged=True`, what `adapters.merge(model, keep=True)` makes): the kernel (and IA3's bias) hold the merged
+weights and the module computes the plain Linear; the adapter stays, so `adapters.unmerge` can undo it as PEFT does:
+    LoRA  W' = W + ΔW,            ΔW = s A B                    unmerge: W = W' − ΔW
+    DoRA  W' = (m / n) ⊙ (W + ΔW), n = ||W + ΔW|| per output    unmerge: W = W' ⊙ n / m − ΔW (n kept in
+          `lora_weight_norm`, a DoRANorm variable, as PEFT caches it: it cannot be recovered from W')
+    IA3   W' = W ⊙ l (per output; b' = b ⊙ l) or l ⊙ W (per input)   unmerge: divide by l (l = 0 cannot be undone)
+Unmerging is exact up to float rounding (one rounding each way), as in PEFT.
+
+Adapter parameters are `LoRAParam` / `IA3Param` (both `AdapterParam`, an nnx.Param), so the trainer selects them by
+type ('LoRAParam:**', 'AdapterParam:**') and `bricks.flat_params` sees them by path (`...q_proj.lora_a`). They are
+float32 over a lower-precision base (PEFT's autocast_adapter_dtype), the base kernel's dtype otherwise. Each module
+describes itself for models.structure (`structure_spec`: kinds 'lora', 'dora', 'ia3', registered when this module
+is imported), so models with adapters pass `check_consistent` and round-trip through orbax checkpoints, while
+`to_hf` refuses them by name (merge or detach first).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configurable_fm.bricks.deltas import LowRank
+from configurable_fm.errors import UserError
+from configurable_fm.models.layers import Linear
+from configurable_fm.models.structure import register_extension
+from configurable_fm.models.taps import tapped
+
+
+class AdapterError(UserError, ValueError):
+    """An adapter that cannot be attached, merged, saved or loaded as asked; the message names the paths."""
+
+
+class AdapterParam(nnx.Param):
+    """A parameter that an adapter adds to a module (select them all with 'AdapterParam:**')."""
+
+
+class LoRAParam(AdapterParam):
+    """A LoRA factor (lora_a, lora_b) or DoRA's magnitude (lora_magnitude)."""
+
+
+class IA3Param(AdapterParam):
+    """An (IA)³ scaling vector (ia3_scale)."""
+
+
+class DoRANorm(nnx.Variable):
+    """||W + ΔW|| per output feature, kept by a merged DoRA module so that it can be unmerged (not a parameter)."""
+
+
+def adapter_dtype(kernel_dtype):
+    """float32 for a lower-precision kernel (as PEFT keeps adapters), else the kernel's dtype."""
+    return jnp.promote_types(kernel_dtype, jnp.float32)
+
+
+def _axes(var: nnx.Variable) -> tuple | None:
+    axes = var.get_metadata().get("out_sharding")
+    return None if axes is None else tuple(axes)
+
+
+def _make(cls, value, axes) -> nnx.Variable:
+    if axes is None:
+        return cls(value)
+    return cls(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _check_options(kind: str, options: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
+    """Options of `kind` checked against spec {name: (type(s), default)}; AdapterError naming the bad ones."""
+    unknown = sorted(set(options) - set(spec))
+    if unknown:
+        raise AdapterError(f"{kind} adapter: unknown option(s) {unknown}; its options are {sorted(spec)}")
+    out = {}
+    for name, (types, default) in spec.items():
+        value = options.get(name, default)
+        if value is None:
+            raise AdapterError(f"{kind} adapter: option {name!r} is required")
+        if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
+            raise AdapterError(f"{kind} adapter: option {name}={value!r} must be a {getattr(types, '__name__', types)}")
+        out[name] = value
+    return out
+
+
+class AdaptedLinear(Linear):
+    """What the adapted Linear modules share: the base kernel/bias at the same paths, the `merged` flag, the plain
+    Linear computation, and rebuilding (`_replaced`)."""
+
+    kind: str = ""
+    merged: bool = False
+
+    def _init_base(self, base: Linear, merged: bool) -> None:
+        if not isinstance(base, Linear):
+            raise AdapterError(f"a {self.kind} adapter wraps a Linear module, got {type(base).__name__}")
+        self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
+        self.merged = bool(merged)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.kernel.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.kernel.shape[1])
+
+    def options(self) -> dict:
+        raise NotImplementedError
+
+    def structure_spec(self):
+        return {"kind": self.kind, "options": self.options()}
+
+    def _linear(self, x):
+        """(x W + b, x W, x in the compute dtype, the compute dtype): the plain Linear's computation."""
+        kernel = self.kernel[...]
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        xd = x.astype(dtype)
+        xw = jnp.dot(xd, kernel.astype(dtype))
+        y = xw + self.bias[...].astype(dtype) if self.bias is not None else xw
+        return y, xw, xd, dtype
+
+    def _replaced(self, values: Mapping[str, Any], **options) -> "AdaptedLinear":
+        """A new module of this kind with `options` changed and the variables named in `values` ({leaf: array})
+        replaced (same type and metadata); the other variables are this module's own (select clones them)."""
+        new = type(self).from_options(self, {**self.options(), **options})
+        for name, var in vars(new).items():
+            if isinstance(var, nnx.Variable) and name not in values and isinstance(getattr(self, name, None),
+                                                                                   nnx.Variable):
+                setattr(new, name, getattr(self, name))
+        for name, value in values.items():
+            var = getattr(new, name)
+            setattr(new, name, var.replace(jnp.asarray(value, var.get_value().dtype)))
+        return new
+
+    def plain(self, kernel=None, bias=None) -> Linear:
+        """A plain Linear holding this module's kernel and bias Variables (or new values for them), same metadata."""
+        use_bias = self.bias is not None
+        lin = nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0)))
+        lin.kernel = self.kernel if kernel is None else self.kernel.replace(
+            jnp.asarray(kernel, self.kernel.get_value().dtype))
+        if use_bias:
+            lin.bias = self.bias if bias is None else self.bias.replace(jnp.asarray(bias, self.bias.get_value().dtype))
+        lin.dtype = self.dtype
+        return lin
+
+    # Subclasses: merged_values() -> {leaf: array} of the merged module (from an unmerged one);
+    # unmerged_values() -> {leaf: array} of the unmerged module (from a merged one); weight_change() -> {leaf: f32
+    # change of kernel/bias} that merging makes (from an unmerged module).
+
+    def merged_module(self) -> "AdaptedLinear":
+        """This adapter with its change merged into kernel (and bias): computes the plain Linear, can be unmerged."""
+        if self.merged:
+            return self
+        return self._replaced(self.merged_values(), merged=True)
+
+    def unmerged_module(self) -> "AdaptedLinear":
+        """This adapter with the base weights restored (PEFT's unmerge: exact up to rounding)."""
+        if not self.merged:
+            return self
+        return self._replaced(self.unmerged_values(), merged=False)
+
+
+# ------------------------------------------------------------------------------------------ LoRA / DoRA
+class LoRALinear(AdaptedLinear):
+    """y = x W + b + s · (x A) B (module docstring); lora_a A (in, r), lora_b B (r, out), s = alpha / r
+    (alpha / sqrt(r) with rslora)."""
+
+    kind = "lora"
+    OPTIONS = {"rank": (int, None), "alpha": ((int, float), None), "rslora": (bool, False), "merged": (bool, False)}
+
+    def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool = False, merged: bool = False):
+        self._init_base(base, merged)
+        if rank < 1:
+            raise AdapterError(f"{self.kind} adapter: rank must be >= 1, got {rank}")
+        self.rank, self.alpha, self.rslora = int(rank), float(alpha), bool(rslora)
+        dtype = adapter_dtype(self.kernel.get_value().dtype)
+        axes = _axes(self.kernel)
+        self.lora_a = _make(LoRAParam, jnp.zeros((self.in_features, self.rank), dtype),
+                            None if axes is None else (axes[0], None))
+        self.lora_b = _make(LoRAParam, jnp.zeros((self.rank, self.out_features), dtype),
+                            None if axes is None else (None, axes[1]))
+
+    @classmethod
+    def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "LoRALinear":
+        return cls(base, **_check_options(cls.kind, options, cls.OPTIONS))
+
+    def options(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "rslora": self.rslora, "merged": self.merged}
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT's `scaling`)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def low_rank(self) -> LowRank:
+        """ΔW = s A B as a bricks.deltas.LowRank term (kernel-shaped, (in, out))."""
+        return LowRank(self.lora_a[...], self.lora_b[...], self.scale)
+
+    def _lora(self, xd, dtype):
+        """s · (x A) B in the adapter's dtype (PEFT casts x to lora_A's dtype)."""
+        a, b = self.lora_a[...], self.lora_b[...]
+        ld = jnp.result_type(dtype, a.dtype)
+        return jnp.dot(jnp.dot(xd.astype(ld), a.astype(ld)), b.astype(ld)) * self.scale, ld
+
+    @tapped
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y, _, xd, dtype = self._linear(x)
+        if self.merged:
+            return y
+        lora, ld = self._lora(xd, dtype)
+        return (y.astype(ld) + lora).astype(dtype)
+
+    def merged_values(self) -> dict:
+        w = self.kernel[...]
+        return {"kernel": (w.astype(jnp.float32) + self.low_rank().materialize(jnp.float32)).astype(w.dtype)}
+
+    def unmerged_values(self) -> dict:
+        w = self.kernel[...]
+        return {"kernel": (w.astype(jnp.float32) - self.low_rank().materialize(jnp.float32)).astype(w.dtype)}
+
+    def weight_change(self) -> dict:
+        return {"kernel": self.low_rank()}
+
+
+class DoRALinear(LoRALinear):
+    """y = f ⊙ (x W + s (x A) B) + b, f = m / ||W + s A B|| per output feature (module docstring);
+    lora_magnitude m (out,); merged: + lora_weight_norm (out,)."""
+
+    kind = "dora"
+
+    def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool = False, merged: bool = False):
+        super().__init__(base, rank=rank, alpha=alpha, rslora=rslora, merged=merged)
+        axes = _axes(self.kernel)
+        out_axes = None if axes is None else (axes[1],)
+        dtype = adapter_dtype(self.kernel.get_value().dtype)
+        self.lora_magnitude = _make(LoRAParam, jnp.ones((self.out_features,), dtype), out_axes)
+        self.lora_weight_norm = _make(DoRANorm, jnp.ones((self.out_features,), dtype), out_axes) if merged else None
+
+    def weight_norm(self) -> jax.Array:
+        """n = ||W + s A B|| per output feature (over the input axis 0 of our (in, out) kernel; PEFT's dim 1 of the
+        torch (out, in) weight), float32, from the unmerged kernel."""
+        w = self.kernel[...].astype(jnp.float32) + self.low_rank().materialize(jnp.float32)
+        return jnp.linalg.norm(w, axis=0)
+
+    @tapped
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y, xw, xd, dtype = self._linear(x)
+        if self.merged:
+            return y
+        lora, ld = self._lora(xd, dtype)
+        n = jax.lax.stop_gradient(self.weight_norm()).astype(ld)  # PEFT / DoRA §4.3: no gradient through the norm
+        f = self.lora_magnitude[...].astype(ld) / n
+        base = y.astype(ld) - self.bias[...].astype(ld) if self.bias is not None else xw.astype(ld)
+        # PEFT's order of operations: result + ((f - 1) · base_result + f · lora_result · s)
+        return (y.astype(ld) + ((f - 1) * base + f * lora)).astype(dtype)
+
+    def merged_values(self) -> dict:
+        w = self.kernel[...]
+        n = self.weight_norm()
+        f = self.lora_magnitude[...].astype(jnp.float32) / n
+        merged = f[None, :] * (w.astype(jnp.float32) + self.low_rank().materialize(jnp.float32))
+        return {"kernel": merged.astype(w.dtype), "lora_weight_norm": n}
+
+    def unmerged_values(self) -> dict:
+        w = self.kernel[...]
+        f = self.lora_magnitude[...].astype(jnp.float32) / self.lora_weight_norm[...].astype(jnp.float32)
+        base = w.astype(jnp.float32) / f[None, :] - self.low_rank().materialize(jnp.float32)
+        return {"kernel": base.astype(w.dtype)}
+
+    def _replaced(self, values, **options):
+        new = super()._replaced({k: v for k, v in values.items() if k != "lora_weight_norm"}, **options)
+        if new.lora_weight_norm is not None and "lora_weight_norm" in values:
+            norm = new.lora_weight_norm
+            new.lora_weight_norm = norm.replace(jnp.asarray(values["lora_weight_norm"], norm.get_value().dtype))
+        return new
+
+    def weight_change(self) -> dict:
+        w = self.kernel[...]
+        return {"kernel": self.merged_values()["kernel"].astype(jnp.float32) - w.astype(jnp.float32)}
+
+
+# ------------------------------------------------------------------------------------------ (IA)³
+class IA3Linear(AdaptedLinear):
+    """Output side: y = (x W + b) ⊙ l, l (out,); feedforward: y = (x ⊙ l) W + b, l (in,) (module docstring)."""
+
+    kind = "ia3"
+    OPTIONS = {"feedforward": (bool, False), "merged": (bool, False)}
+
+    def __init__(self, base: Linear, *, feedforward: bool = False, merged: bool = False):
+        self._init_base(base, merged)
+        self.feedforward = bool(feedforward)
+        axes = _axes(self.kernel)
+        n = self.in_features if self.feedforward else self.out_features
+        axis = None if axes is None else ((axes[0],) if self.feedforward else (axes[1],))
+        self.ia3_scale = _make(IA3Param, jnp.ones((n,), adapter_dtype(self.kernel.get_value().dtype)), axis)
+
+    @classmethod
+    def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "IA3Linear":
+        return cls(base, **_check_options(cls.kind, options, cls.OPTIONS))
+
+    def options(self) -> dict:
+        return {"feedforward": self.feedforward, "merged": self.merged}
+
+    @tapped
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.merged:
+            return self._linear(x)[0]
+        l = self.ia3_scale[...]
+        if self.feedforward:  # PEFT: base_layer((x * l).to(x.dtype))
+            return self._linear((x.astype(l.dtype) * l).astype(x.dtype))[0]
+        y, _, _, dtype = self._linear(x)  # PEFT: (base_layer(x) * l).to(result dtype)
+        return (y.astype(jnp.result_type(dtype, l.dtype)) * l).astype(dtype)
+
+    def _scaled(self, l):
+        w = self.kernel[...].astype(jnp.float32)
+        if self.feedforward:
+            return l[:, None] * w, None
+        b = None if self.bias is None else self.bias[...].astype(jnp.float32) * l
+        return w * l[None, :], b
+
+    def _values(self, kernel, bias) -> dict:
+        out = {"kernel": kernel.astype(self.kernel.get_value().dtype)}
+        if bias is not None:
+            out["bias"] = bias.astype(self.bias.get_value().dtype)
+        return out
+
+    def merged_values(self) -> dict:
+        return self._values(*self._scaled(self.ia3_scale[...].astype(jnp.float32)))
+
+    def unmerged_values(self) -> dict:
+        l = self.ia3_scale[...].astype(jnp.float32)
+        return self._values(*self._scaled(1.0 / l))
+
+    def weight_change(self) -> dict:
+        kernel, bias = self._scaled(self.ia3_scale[...].astype(jnp.float32))
+        out = {"kernel": kernel - self.kernel[...].astype(jnp.float32)}
+        if bias is not None:
+            out["bias"] = bias - self.bias[...].astype(jnp.float32)
+        return out
+
+
+# The kinds and their parameter leaves are interop.peft.ADAPTER_LEAVES (the format layer reads and writes them).
+ADAPTER_TYPES: dict[str, type[AdaptedLinear]] = {"lora": LoRALinear, "dora": DoRALinear, "ia3": IA3Linear}
+
+for _kind, _cls in ADAPTER_TYPES.items():
+    register_extension(_kind, lambda base, options, *, rngs, _cls=_cls: _cls.from_options(base, options))
