@@ -11,6 +11,7 @@ def bench():
     return load_script("bench_train")
 
 
+@pytest.mark.slow  # ~45 s on 2 cores; the trainer's own sharded == unsharded tests run in CI
 def test_sharded_bench_step_matches_one_device(bench):
     assert jax.device_count() == 8
     one = bench.bench_one("tiny", 64, 8, "none", 2, 1, "auto", (1, 1, 1))

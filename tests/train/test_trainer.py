@@ -168,7 +168,7 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
                                      "steps": {"before": 5, "after": 8}}
 
 
-@pytest.mark.parametrize("resume_shape", [(1, 1, 1), (1, 4, 1)])
+@pytest.mark.parametrize("resume_shape", [pytest.param((1, 1, 1), marks=pytest.mark.slow), (1, 4, 1)])
 def test_checkpoint_written_on_8_devices_resumes_on_fewer(short_run, tmp_path, resume_shape):
     """A run sharded over 8 devices (FSDP 4 x tensor 2) is checkpointed at step 2 and crashes in step 4; it resumes
     on one device or on 4 (orbax reshards every array to the new mesh: `restore_checkpoint` restores with the new
