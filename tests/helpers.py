@@ -90,3 +90,19 @@ def golden_hf_inputs(tensors, config: dict, names, root: Path) -> dict:
                   str(d / "model.safetensors"), metadata={"format": "pt"})
         out[name] = d
     return out
+
+
+def golden_yaml(text: str, dirs: dict, path: Path) -> Path:
+    """A golden's YAML with its {A}, {B}, ... placeholders replaced by the input directories, written to `path`."""
+    for name, d in dirs.items():
+        text = text.replace("{" + name + "}", str(d))
+    Path(path).write_text(text)
+    return Path(path)
+
+
+def read_tensors(out_dir) -> dict:
+    """{name: numpy array} of every tensor of a (sharded) safetensors output directory."""
+    from configurable_fm.interop.safetensors_io import TensorStore
+
+    store = TensorStore(out_dir)
+    return {k: np.asarray(store[k]) for k in store}

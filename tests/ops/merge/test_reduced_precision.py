@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge.precision import Arithmetic, compute_dtype_name, round_to
 from configurable_fm.ops.merge.registry import get_method
-from tests.helpers import golden_hf_inputs
+from tests.helpers import golden_hf_inputs, golden_yaml, read_tensors
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -175,19 +175,10 @@ def yaml_inputs(yaml_golden, tmp_path_factory):
 
 
 def _yaml_file(case, dirs, tmp_path):
-    text = YAML_META["cases"][case]["yaml"]
-    for name, d in dirs.items():
-        text = text.replace("{" + name + "}", str(d))
-    path = tmp_path / f"{case}.yml"
-    path.write_text(text)
-    return path
+    return golden_yaml(YAML_META["cases"][case]["yaml"], dirs, tmp_path / f"{case}.yml")
 
 
-def _written(out_dir):
-    from configurable_fm.interop.safetensors_io import TensorStore
-
-    store = TensorStore(out_dir)
-    return {k: np.asarray(store[k]) for k in store}
+_written = read_tensors
 
 
 @pytest.mark.parametrize("case", sorted(YAML_META["cases"]))

@@ -16,7 +16,7 @@ from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import stream, tree
 from configurable_fm.ops.merge.mergekit_yaml import MergekitYamlError, load_mergekit_yaml, parse_mergekit_yaml
 from configurable_fm.ops.merge.params import ParameterError
-from tests.helpers import golden_hf_inputs, load_script
+from tests.helpers import golden_hf_inputs, golden_yaml, load_script, read_tensors
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 META = json.loads((GOLDEN / "slices.json").read_text())
@@ -35,15 +35,10 @@ def hf_inputs(golden, tmp_path_factory):
 
 
 def _yaml(case, dirs, tmp_path):
-    text = META["cases"][case]["yaml"].replace("{A}", str(dirs["A"])).replace("{B}", str(dirs["B"]))
-    path = tmp_path / f"{case}.yml"
-    path.write_text(text)
-    return path
+    return golden_yaml(META["cases"][case]["yaml"], dirs, tmp_path / f"{case}.yml")
 
 
-def _read(out_dir):
-    store = TensorStore(out_dir)
-    return {k: np.array(store[k]) for k in store}
+_read = read_tensors
 
 
 def _assert_golden(got, golden, case):
