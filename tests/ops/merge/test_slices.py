@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from configurable_fm.bricks.paths import flat_params
-from configurable_fm.interop.safetensors_io import INDEX_FILE, TensorStore
+from configurable_fm.interop.safetensors_io import INDEX_FILE
 from configurable_fm.models.factory import build_model
 from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import stream, tree
