@@ -1,0 +1,182 @@
+"""Decode speed of `models.generation.generate` against transformers' `generate`, in the same run.
+
+    python scripts/bench_generate.py --shape 135m,1b --batch 1,64                     # ours only
+    python scripts/bench_generate.py --shape 135m --batch 1 --profile /tmp/prof        # + a kernel summary
+    python scripts/bench_generate.py --shape 135m,1b --batch 1,64 \\
+        --anchor ../shared/anchors/hf_generate.py --anchor_modes default,static      # + transformers, same run
+
+The workload is the PyTorch anchor's (`../shared/anchors/hf_generate.py`): a llama of the given shape with random
+bf16 weights, a 64-token random prompt, 256 new tokens, greedy, no early stop. Tokens/s counts new tokens x batch
+over the wall time of one whole call (median of --repeats after a warm-up call), as the anchor does.
+
+Besides the whole call, each row reports the decode step alone, `step_ms = (t(N new) - t(1 new)) / (N - 1)`,
+and its memory bound: each step must read every weight once and, per layer, the keys and values of the slots
+attention reads (the whole cache: T + N slots), `bound_ms = bytes / bandwidth`, with the bandwidth of a device-to-device copy measured in the same run
+(`hbm_gb_s`). `x_bound = step_ms / bound_ms` is how far a step is from that bound.
+
+--profile DIR traces one whole call with jax.profiler and prints the device kernels of the decode loop: kernels
+per step, their total time against the step's wall time (the rest is launch gaps), and the top kernels.
+The anchor runs as a subprocess per (mode, shape, batch) after our rows; its printed line is parsed.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configurable_fm.models.factory import build_model
+from configurable_fm.models.generation import Generator
+
+SHAPES = {  # the anchor's shapes: SmolLM2-135M and experiments/pretrain.py:1b
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                 num_kv_heads=3, rope_theta=1e5),
+    "1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+               num_kv_heads=8, rope_theta=1e4),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, rope_theta=1e4),
+}
+
+
+def copy_bandwidth_gb_s(n_bytes: int = 2 << 30) -> float:
+    """Device memory bandwidth of y = x + 1 on an n_bytes bf16 array (reads and writes it once): GB/s."""
+    x = jnp.zeros((n_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t)
+    return 2 * n_bytes / min(times) / 1e9
+
+
+def build(shape: str):
+    spec = dict(SHAPES[shape], family="llama", tie_word_embeddings=True, max_position_embeddings=2048)
+    return build_model(spec, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+
+
+def timed(fn, repeats: int) -> float:
+    np.asarray(fn())  # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.asarray(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
+              steps_per_check: int) -> dict:
+    model = build(shape)
+    cfg = model.cfg
+    gen = Generator(model, steps_per_check=steps_per_check)
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32)
+    t_full = timed(lambda: gen(ids, max_new_tokens=new), repeats)
+    t_one = timed(lambda: gen(ids, max_new_tokens=1), repeats)
+    step_s = (t_full - t_one) / (new - 1)
+    weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(nnx.state(model)))
+    slots = prompt + new
+    kv_bytes = cfg.num_layers * 2 * batch * slots * cfg.num_kv_heads * cfg.dim_per_head * 2
+    bound_s = (weight_bytes + kv_bytes) / (hbm_gb_s * 1e9)
+    return {"shape": shape, "batch": batch, "prompt": prompt, "new_tokens": new,
+            "tokens_per_s": new * batch / t_full, "call_s": t_full, "prefill_plus_one_s": t_one,
+            "step_ms": step_s * 1e3, "bound_ms": bound_s * 1e3, "x_bound": step_s / bound_s,
+            "steps_per_check": steps_per_check, "weight_gb": weight_bytes / 1e9,
+            "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
+            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def profile(shape: str, batch: int, prompt: int, new: int, logdir: str, steps_per_check: int) -> dict:
+    """Traces one generate call; summarises the device kernels per decode step."""
+    model = build(shape)
+    gen = Generator(model, steps_per_check=steps_per_check)
+    ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (batch, prompt), dtype=np.int32)
+    np.asarray(gen(ids, max_new_tokens=new))
+    os.makedirs(logdir, exist_ok=True)
+    t = time.perf_counter()
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        np.asarray(gen(ids, max_new_tokens=new))
+    wall = time.perf_counter() - t
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    if not files:
+        return {"profile": "no perfetto trace written", "logdir": logdir}
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {p for p, n in names.items() if re.search(r"/device:GPU", n)}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+    by_name: dict[str, list] = {}
+    for e in kernels:
+        by_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
+    busy_us = sum(sum(v) for v in by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {"shape": shape, "batch": batch, "new_tokens": new, "wall_ms": wall * 1e3,
+            "device_events": len(kernels), "events_per_step": len(kernels) / new,
+            "device_busy_ms": busy_us / 1e3, "processes": sorted(set(names.values()))[:12],
+            "top": [{"name": n[:120], "count": len(d), "total_ms": sum(d) / 1e3, "mean_us": sum(d) / len(d)}
+                    for n, d in top]}
+
+
+def run_anchor(script: str, mode: str, shape: str, batch: int) -> dict:
+    cmd = [sys.executable, script, shape, str(batch)] + (["static"] if mode == "static" else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if "tokens/s" in ln), "")
+    m = re.search(r"([\d,]+) tokens/s, ([\d.]+) ms/step", line)
+    row = {"anchor": mode, "shape": shape, "batch": batch, "line": line or proc.stderr[-400:]}
+    if m:
+        row.update(tokens_per_s=float(m.group(1).replace(",", "")), step_ms=float(m.group(2)))
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="135m", help="comma-separated: " + ",".join(SHAPES))
+    p.add_argument("--batch", default="1,64")
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps_per_check", default="8", help="comma-separated values to compare (Generator)")
+    p.add_argument("--profile", default="", help="a log directory: trace one call per shape/batch")
+    p.add_argument("--anchor", default="", help="path of the transformers anchor script (hf_generate.py)")
+    p.add_argument("--anchor_modes", default="default,static")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    hbm = copy_bandwidth_gb_s() if jax.default_backend() != "cpu" else copy_bandwidth_gb_s(64 << 20)
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    shapes, batches = args.shape.split(","), [int(b) for b in args.batch.split(",")]
+    for shape in shapes:
+        for batch in batches:
+            for k in [int(k) for k in args.steps_per_check.split(",")]:
+                emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, k))
+                if args.profile:
+                    emit(profile(shape, batch, args.prompt, min(args.new, 32),
+                                 os.path.join(args.profile, f"{shape}_b{batch}_k{k}"), k))
+    if args.anchor:
+        for mode in args.anchor_modes.split(","):
+            for shape in shapes:
+                for batch in batches:
+                    emit(run_anchor(args.anchor, mode, shape, batch))
+
+
+if __name__ == "__main__":
+    main()
