@@ -36,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import configurable_fm.models.attention as attn
 from configurable_fm.models.factory import build_model
 from configurable_fm.models.generation import Generator
 
+ATTENTION = ["auto"]
 SHAPES = {  # the anchor's shapes: SmolLM2-135M and experiments/pretrain.py:1b
     "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                  num_kv_heads=3, rope_theta=1e5),
@@ -77,11 +79,10 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
-              steps_per_check: int) -> dict:
+def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float) -> dict:
     model = build(shape)
     cfg = model.cfg
-    gen = Generator(model, steps_per_check=steps_per_check)
+    gen = Generator(model)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32)
     t_full = timed(lambda: gen(ids, max_new_tokens=new), repeats)
     t_one = timed(lambda: gen(ids, max_new_tokens=1), repeats)
@@ -93,15 +94,15 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
     return {"shape": shape, "batch": batch, "prompt": prompt, "new_tokens": new,
             "tokens_per_s": new * batch / t_full, "call_s": t_full, "prefill_plus_one_s": t_one,
             "step_ms": step_s * 1e3, "bound_ms": bound_s * 1e3, "x_bound": step_s / bound_s,
-            "steps_per_check": steps_per_check, "weight_gb": weight_bytes / 1e9,
+            "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "jax": jax.__version__, "attention": ATTENTION[0], "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def profile(shape: str, batch: int, prompt: int, new: int, logdir: str, steps_per_check: int) -> dict:
+def profile(shape: str, batch: int, prompt: int, new: int, logdir: str) -> dict:
     """Traces one generate call; summarises the device kernels per decode step."""
     model = build(shape)
-    gen = Generator(model, steps_per_check=steps_per_check)
+    gen = Generator(model)
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (batch, prompt), dtype=np.int32)
     np.asarray(gen(ids, max_new_tokens=new))
     os.makedirs(logdir, exist_ok=True)
@@ -149,12 +150,16 @@ def main():
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps_per_check", default="8", help="comma-separated values to compare (Generator)")
     p.add_argument("--profile", default="", help="a log directory: trace one call per shape/batch")
     p.add_argument("--anchor", default="", help="path of the transformers anchor script (hf_generate.py)")
     p.add_argument("--anchor_modes", default="default,static")
+    p.add_argument("--attention", default="auto", help="auto (the model's choice), xla or cudnn")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    ATTENTION[0] = args.attention
+    if args.attention != "auto":
+        auto = attn.dot_product_attention
+        attn.dot_product_attention = lambda *a, **k: auto(*a, **{**k, "implementation": args.attention})
     hbm = copy_bandwidth_gb_s() if jax.default_backend() != "cpu" else copy_bandwidth_gb_s(64 << 20)
 
     def emit(row):
@@ -166,11 +171,10 @@ def main():
     shapes, batches = args.shape.split(","), [int(b) for b in args.batch.split(",")]
     for shape in shapes:
         for batch in batches:
-            for k in [int(k) for k in args.steps_per_check.split(",")]:
-                emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, k))
-                if args.profile:
-                    emit(profile(shape, batch, args.prompt, min(args.new, 32),
-                                 os.path.join(args.profile, f"{shape}_b{batch}_k{k}"), k))
+            emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm))
+            if args.profile:
+                emit(profile(shape, batch, args.prompt, min(args.new, 32),
+                             os.path.join(args.profile, f"{shape}_b{batch}")))
     if args.anchor:
         for mode in args.anchor_modes.split(","):
             for shape in shapes:

@@ -14,12 +14,11 @@ Family models (llama, gpt2) are first checked against their config (`models.stru
 Batches are left-padded: row b's prompt is `ids[b][mask[b] == 1]`, right-aligned, and its positions are
 `cumsum(mask) - 1` (as transformers computes them), so a padded row generates what its prompt alone would.
 
-Program: `nnx.split` the model outside (once per `Generator`); inside one `jax.jit` merge it, prefill the prompt
-into a cache, choose the first new token from the last logits, then a `lax.while_loop` whose body runs
-`steps_per_check` decode steps back to back (unrolled, one token each) until max_new_tokens tokens or every row
-has emitted an eos; after its eos a row emits `pad_token_id`. The cache has T + 1 + steps_per_check x
-ceil((max_new_tokens - 1) / steps_per_check) slots (room for the last chunk's overrun, which is cut off).
-Static (one compilation each): the graphdef, the shapes, max_new_tokens, greedy or sampling, steps_per_check.
+Program (L = T + max_new_tokens): `nnx.split` the model outside (once per `Generator`); inside one `jax.jit`
+merge it, prefill the prompt into a cache of L slots, choose the first new token from the last logits, then a
+`lax.while_loop` feeds one token per step until max_new_tokens tokens or every row has emitted an eos; after its
+eos a row emits `pad_token_id`. Static (one compilation each): the graphdef, the shapes, max_new_tokens, greedy
+or sampling.
 Traced (no recompilation): the weights, temperature, top_k, top_p, up to 8 eos ids, pad_token_id, the key.
 
 Token choice from the logits z (V,) of one row, in float32:
@@ -66,30 +65,26 @@ def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool):
     return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "steps_per_check"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-              max_new_tokens: int, greedy: bool, steps_per_check: int):
+              max_new_tokens: int, greedy: bool):
     model = nnx.merge(graphdef, state)
     b, t = ids_BxT.shape
     choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
-    # Decode steps run in chunks of `steps_per_check` (unrolled); the stop test runs between chunks. The last
-    # chunk may overrun max_new_tokens: the cache and the output have room for it, and the overrun is cut off.
-    chunks = -(-(max_new_tokens - 1) // steps_per_check)
-    total = 1 + chunks * steps_per_check
 
-    cache = model.init_cache(b, t + total)
+    cache = model.init_cache(b, t + max_new_tokens)
     positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
     logits, cache = model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
     tok_B = choose(logits[:, -1], jax.random.fold_in(rng, 0))
-    out_BxN = jnp.full((b, total), pad_id, jnp.int32).at[:, 0].set(tok_B)
+    out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
     carry = (jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, is_eos(tok_B), out_BxN)
 
     def cond(carry):
         step, _, _, _, done_B, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done_B)
 
-    def one_step(carry):
+    def body(carry):
         step, tok_B, pos_B, cache, done_B, out_BxN = carry
         logits, cache = model(tok_B[:, None], positions=pos_B[:, None], cache=cache)
         tok_B = choose(logits[:, -1], jax.random.fold_in(rng, step))
@@ -98,13 +93,8 @@ def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, p
         # A finished row keeps decoding its own (ignored) tokens: rows never interact.
         return step + 1, tok_B, pos_B + 1, cache, done_B | is_eos(emitted_B), out_BxN
 
-    def chunk(carry):
-        for _ in range(steps_per_check):
-            carry = one_step(carry)
-        return carry
-
-    out_BxN = jax.lax.while_loop(cond, chunk, carry)[-1]
-    return jnp.concatenate([ids_BxT, out_BxN[:, :max_new_tokens]], axis=1)
+    out_BxN = jax.lax.while_loop(cond, body, carry)[-1]
+    return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
 
 def _check_left_padded(mask: np.ndarray) -> None:
@@ -117,12 +107,6 @@ def _check_left_padded(mask: np.ndarray) -> None:
         raise ValueError(f"attention_mask rows {rows} have padding inside the prompt: generate needs left padding")
 
 
-def default_steps_per_check() -> int:
-    """8 on an accelerator (where each stop test is a device-to-host round trip that stalls the launch queue),
-    1 on the CPU (no round trip to save; unrolling only lengthens compilation)."""
-    return 1 if jax.default_backend() == "cpu" else 8
-
-
 class Generator:
     """`generate` bound to one model: the model is split once, so repeated calls skip the graph traversal.
 
@@ -131,24 +115,16 @@ class Generator:
 
     The generator holds the weights the model had when it was made (later in-place changes to the model do not
     reach it: make a new one). Calls with the same shapes, max_new_tokens and greedy/sampling reuse one compiled
-    program. `steps_per_check` decode steps run back to back between two stop tests (every row done, or
-    max_new_tokens reached): a larger value saves the device-to-host round trip of the test on most steps (on
-    a GPU each test waits for the step before it) at the cost of up to steps_per_check - 1 wasted steps after
-    the last row stops; outputs do not depend on it. None: `default_steps_per_check()`.
+    program.
     """
 
-    def __init__(self, model: nnx.Module, *, steps_per_check: int | None = None):
+    def __init__(self, model: nnx.Module):
         if not callable(getattr(model, "init_cache", None)):
             raise TypeError(f"generate needs a causal LM with init_cache(batch, max_len); "
                             f"{type(model).__name__} has none")
-        steps_per_check = default_steps_per_check() if steps_per_check is None else steps_per_check
-        if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, (int, np.integer)) \
-                or steps_per_check < 1:
-            raise ValueError(f"steps_per_check must be an int >= 1, got {steps_per_check!r}")
         if is_family_model(model):
             check_consistent(model, "generate")
         self.graphdef, self.state = nnx.split(model)
-        self.steps_per_check = int(steps_per_check)
 
     def __call__(self, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
@@ -203,26 +179,24 @@ class Generator:
         return _generate(self.state, ids, mask, jax.random.key(0) if rng is None else rng,
                          jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
                          jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
-                         graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-                         steps_per_check=min(self.steps_per_check, max(int(max_new_tokens) - 1, 1)))
+                         graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy))
 
 
 def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-             steps_per_check: int | None = None) -> jax.Array:
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> jax.Array:
     """Continues each prompt by `max_new_tokens` tokens; returns ids (B, T + max_new_tokens) int32.
 
     ids_BxT: int prompt ids, left-padded; attention_mask (B, T): 1 for prompt tokens, 0 for padding (default
     all ones). temperature == 0 decodes greedily; temperature > 0 samples (optionally restricted by top_k
     and/or top_p) and needs an explicit `rng` key. eos_token_id (one id or several): a row stops after its
-    first eos and is filled with `pad_token_id`. The model is not modified. `steps_per_check`: see Generator.
+    first eos and is filled with `pad_token_id`. The model is not modified.
 
     A family model whose module tree disagrees with its config (its cache would be sized from the config) raises
     models.InconsistentModel; the check runs once per call, before anything is compiled. Calling it repeatedly on
     one model splits the model each time: `Generator(model)` does that once.
     """
-    return Generator(model, steps_per_check=steps_per_check)(
+    return Generator(model)(
         ids_BxT, max_new_tokens=max_new_tokens, attention_mask=attention_mask, temperature=temperature,
         top_k=top_k, top_p=top_p, rng=rng, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 

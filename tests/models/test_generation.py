@@ -135,20 +135,16 @@ def test_eos_stops_each_row_and_pads(model):
     assert np.all(out[:, 6:] == -1)
 
 
-@pytest.mark.parametrize("steps_per_check", [3, 6])
-def test_outputs_do_not_depend_on_steps_per_check(model, steps_per_check):
-    """Chunked decoding (several steps between stop tests, the last chunk overrunning) changes nothing: greedy,
-    sampled, and with rows stopping at different steps."""
+def test_generator_splits_once_and_keeps_its_weights(model):
+    """Generator(model) equals generate(model, ...); it holds the weights of the model it was made from."""
     ids = np.random.RandomState(3).randint(0, CFG.vocab_size, (2, 5))
-    ref = np.asarray(generate(model, ids, max_new_tokens=NEW, steps_per_check=1))
-    eos = int(ref[0, 5 + 2])
-    gen = gen_mod.Generator(model, steps_per_check=steps_per_check)
-    for kw in (dict(), dict(eos_token_id=eos, pad_token_id=-1), dict(temperature=1.5, rng=jax.random.key(2))):
-        np.testing.assert_array_equal(np.asarray(gen(ids, max_new_tokens=NEW, **kw)),
-                                      np.asarray(generate(model, ids, max_new_tokens=NEW, steps_per_check=1, **kw)),
-                                      err_msg=str(kw))
-    with pytest.raises(ValueError, match="steps_per_check must be an int >= 1"):
-        gen_mod.Generator(model, steps_per_check=0)
+    gen = gen_mod.Generator(model)
+    np.testing.assert_array_equal(gen(ids, max_new_tokens=NEW), generate(model, ids, max_new_tokens=NEW))
+    kw = dict(max_new_tokens=NEW, temperature=1.5, rng=jax.random.key(2))
+    np.testing.assert_array_equal(gen(ids, **kw), generate(model, ids, **kw))
+    graphdef, state = nnx.split(model)
+    other = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.5, state))
+    assert not np.array_equal(gen_mod.Generator(other)(ids, max_new_tokens=NEW), gen(ids, max_new_tokens=NEW))
 
 
 def test_compiled_once_per_structure_and_shape(model):

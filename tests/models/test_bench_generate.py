@@ -1,0 +1,22 @@
+"""scripts/bench_generate.py runs end to end at a tiny shape on the CPU and reports what BENCHMARKS.md quotes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_generate_tiny(tmp_path):
+    out = tmp_path / "gen.jsonl"
+    proc = subprocess.run([sys.executable, "scripts/bench_generate.py", "--shape", "tiny", "--batch", "2",
+                           "--prompt", "8", "--new", "4", "--repeats", "1", "--attention", "xla",
+                           "--profile", str(tmp_path / "prof"), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    bench, prof = rows
+    assert bench["shape"] == "tiny" and bench["batch"] == 2 and bench["attention"] == "xla"
+    assert bench["step_ms"] > 0 and bench["bound_ms"] > 0 and bench["tokens_per_s"] > 0
+    assert abs(bench["x_bound"] - bench["step_ms"] / bench["bound_ms"]) < 1e-9
+    assert "events_per_step" in prof and "top" in prof
