@@ -361,7 +361,7 @@ def bench_kernels(args) -> list[dict]:
     import jax.numpy as jnp
 
     from configurable_fm.ops.merge import params as P
-    from configurable_fm.ops.merge.execute import KernelCache
+    from configurable_fm.ops.merge.execute import KernelCache, merge_stacked
     from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
     from configurable_fm.ops.merge.precision import resolve
     from configurable_fm.ops.merge.registry import get_method
@@ -403,6 +403,37 @@ def bench_kernels(args) -> list[dict]:
                "fraction_of_bound": None if bound is None else moved / t / bound, "kernels_compiled": len(cache)}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        # Batched: the tensors of one shape and one set of scalar parameters (a layer's q/k/v/o/MLP weights over
+        # all layers) stacked once, as a reader would deliver them, and merged by one merge_stacked call each.
+        groups: dict = {}
+        for j, name in enumerate(names):
+            kw = P.resolve_for_tensor(m, name, parameters=plan.parameters,
+                                      model_parameters=list(plan.model_parameters),
+                                      model_names=plan.model_names, num_layers=depth)
+            scalars = {k: v for k, v in kw.items() if not (isinstance(v, np.ndarray) and v.ndim == 1)}
+            groups.setdefault((specs[j][1], repr(sorted(scalars.items()))), []).append((j, name, kw))
+        batches = []
+        for members in groups.values():
+            idx = [j for j, _, _ in members]
+            stack = lambda who: jnp.stack([tensors[who][j] for j in idx])
+            batches.append(([n for _, n, _ in members], [kw for _, _, kw in members],
+                            None if plan.base is None else stack("base"), [stack(x) for x in MODELS[1:]]))
+        jax.block_until_ready([b[2:] for b in batches])
+        bcache = KernelCache()
+        run = lambda: [merge_stacked(m, base, xs, kws, out_dtype=out_dtype, load_dtype=load, names=ns,
+                                     cache=bcache, compute_dtype=compute) for ns, kws, base, xs in batches]
+        jax.block_until_ready(run())  # compile
+        times = []
+        for _ in range(args.kernel_iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times.append(time.perf_counter() - t0)
+        t = min(times)
+        row = dict(row, kind="kernel_batched", seconds=t, tb_per_s=moved / t / 1e12, calls=len(batches),
+                   fraction_of_bound=None if bound is None else moved / t / bound, kernels_compiled=len(bcache))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del batches
     return rows
 
 
@@ -443,9 +474,9 @@ def main():
     print(json.dumps(meta))
     print(table_cpu(rows))
     for r in rows:
-        if r.get("kind") == "kernel":
+        if r.get("kind") in ("kernel", "kernel_batched"):
             frac = "n/a" if r["fraction_of_bound"] is None else f"{100 * r['fraction_of_bound']:.0f}%"
-            print(f"kernel {r['method']} ({r['compute_dtype']}): {r['bytes_moved'] / 1e9:.1f} GB in "
+            print(f"{r['kind']} {r['method']} ({r['compute_dtype']}): {r['bytes_moved'] / 1e9:.1f} GB in "
                   f"{r['seconds'] * 1e3:.1f} ms = {r['tb_per_s']:.2f} TB/s ({frac} of {r['hbm_bound_tb_per_s']} TB/s, "
                   f"{r['device']})")
 

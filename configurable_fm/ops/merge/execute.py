@@ -252,14 +252,49 @@ class KernelCache:
             try:
                 return fn(b, xs, k, arrays)
             except _NEEDS_CONCRETE:
-                with self._lock:
-                    self._concrete[id(method)] = method
+                self.needs_concrete(method)
                 return self.get(method, params, load_dtype, out_dtype, compute_dtype)(b, xs, k)
 
         return call
 
 
-def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dtype: Optional[str]) -> Callable:
+    def needs_concrete(self, method: MergeMethod) -> None:
+        """From now on, `method`'s parameter arrays are baked in as constants (its kernel cannot trace them)."""
+        with self._lock:
+            self._concrete[id(method)] = method
+
+    def get_batched(self, method: MergeMethod, params: Mapping[str, Any], load_dtype, out_dtype,
+                    compute_dtype: Optional[str] = None, *, arrays_axis: bool = False) -> Optional[Callable]:
+        """`call(bs, xss, keys, arrays) -> ys` over L same-shape tensors at once, one vmapped jitted call:
+        bs (L, *S) or None, xss a tuple of N arrays (L, *S), keys (L,) PRNG keys or None, arrays {name: (L, N)}
+        the per-tensor parameter arrays stacked (the tensors' scalar parameters must be equal: `params` gives
+        them, its arrays are ignored). y_l = fused(b_l, xs_l, key_l, arrays_l), as `get` computes it per tensor.
+        None when the method needs its parameter arrays concrete (it cannot be vmapped over them)."""
+        params = dict(params)
+        load_dtype = None if load_dtype is None else np.dtype(load_dtype)
+        out_dtype = np.dtype(out_dtype)
+        arrays = sorted(k for k, v in params.items()
+                        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == 1)
+        with self._lock:
+            if id(method) in self._concrete:
+                return None
+        static = {k: v for k, v in params.items() if k not in arrays}
+        key = ("batched", method.name, id(method), _freeze(static), tuple(arrays),
+               None if load_dtype is None else load_dtype.str, out_dtype.str, compute_dtype)
+        with self._lock:
+            entry = self._fns.get(key)
+            if entry is None:
+                fused = _fused(method, static, load_dtype, out_dtype, compute_dtype, jit=False)
+                entry = self._fns[key] = (method, jax.jit(jax.vmap(fused)))
+                while len(self._fns) > self.maxsize:
+                    self._fns.popitem(last=False)
+            else:
+                self._fns.move_to_end(key)
+        return entry[1]
+
+
+def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dtype: Optional[str],
+           jit: bool = True) -> Callable:
     if compute_dtype is not None:
         static = dict(static, compute_dtype=compute_dtype)
 
@@ -274,7 +309,7 @@ def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dty
         y = method.kernel(None if b is None else load(b), stacked, key=key, **static, **arrays)
         return jnp.asarray(y).astype(out_dtype)
 
-    return jax.jit(fused)
+    return jax.jit(fused) if jit else fused
 
 
 DEFAULT_CACHE = KernelCache()
@@ -355,6 +390,58 @@ def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[st
         except Exception:  # noqa: BLE001: an exception type that takes other arguments: keep the original
             raise e from None
         raise err from e
+
+
+def _is_param_array(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == 1
+
+
+def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[Mapping[str, Any]], *, out_dtype,
+                  load_dtype=None, keys: Optional[jax.Array] = None, names: Optional[Sequence[str]] = None,
+                  cache: Optional[KernelCache] = None, compute_dtype: Optional[str] = None):
+    """L same-shape floating tensors merged in one vmapped call: y (L, *S), y[l] = merge_tensor's result for
+    tensor l (same kernel, same arithmetic).
+
+    base: (L, *S) or None; inputs: N arrays (L, *S) (model i's L tensors, stacked); params: L resolved parameter
+    mappings, equal in every scalar parameter (a ValueError names the tensors that differ), their per-model arrays
+    (N,) stacked to (L, N) and vmapped (a depth gradient batches too); keys: (L,) keys for randomised methods.
+    One dispatch for the L tensors instead of L: on an accelerator the per-call cost of `merge_tensor` (about
+    0.17 ms on an H200) dominates the traffic of a layer's tensor. A method whose kernel needs its parameter
+    arrays concrete runs tensor by tensor (merge_tensor) and the results are stacked.
+    """
+    params = [dict(p) for p in params]
+    n = len(params)
+    names = list(names) if names is not None else [f"<tensor {i}>" for i in range(n)]
+    if n == 0 or len(names) != n:
+        raise ValueError(f"merge_stacked: {n} parameter sets for {len(names)} names")
+    ref = base if base is not None else inputs[0]
+    if ref.shape[0] != n or any(x.shape != ref.shape for x in inputs):
+        raise ValueError(f"merge_stacked: inputs {[tuple(x.shape) for x in inputs]} are not all ({n}, ...) "
+                         f"stacks of one shape")
+    static = {k: v for k, v in params[0].items() if not _is_param_array(v)}
+    for name, p in zip(names[1:], params[1:]):
+        other = {k: v for k, v in p.items() if not _is_param_array(v)}
+        if _freeze(other) != _freeze(static):
+            raise ValueError(f"merge_stacked: {names[0]} and {name} have different scalar parameters "
+                             f"({static} vs {other}): batch only tensors that share them")
+    if compute_dtype is not None:
+        load_dtype = np.dtype(jnp.dtype(compute_dtype))
+    if load_dtype is not None and all(np.dtype(x.dtype) == np.dtype(load_dtype)
+                                      for x in ([base] if base is not None else []) + list(inputs)):
+        load_dtype = None
+    cache = cache if cache is not None else DEFAULT_CACHE
+    fn = cache.get_batched(method, params[0], load_dtype, out_dtype, compute_dtype)
+    if fn is not None:
+        arrays = {k: jnp.asarray(np.stack([p[k] for p in params])) for k, v in params[0].items()
+                  if _is_param_array(v)}
+        try:
+            return fn(base, tuple(inputs), keys, arrays)
+        except _NEEDS_CONCRETE:
+            cache.needs_concrete(method)
+    return jnp.stack([merge_tensor(method, None if base is None else base[i], [x[i] for x in inputs], params[i],
+                                   out_dtype=out_dtype, load_dtype=load_dtype,
+                                   key=None if keys is None else keys[i], name=names[i], cache=cache,
+                                   compute_dtype=compute_dtype) for i in range(n)])
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

@@ -356,3 +356,41 @@ def test_output_dtype_rules():
     assert X.output_dtype(np.float32, np.float32, BF16) == BF16
     assert X.output_dtype(np.int64, np.float32, BF16) == np.int64  # integer tensors keep theirs
     assert X.output_dtype(np.float64) == np.float32  # as jax computes it (x64 off), as tree.merge writes it
+
+
+@pytest.mark.parametrize("method", sorted(set(SETTINGS) - {"slerp"}))
+def test_merge_stacked_equals_tensor_by_tensor(method):
+    """The two same-shape layer tensors merged in one vmapped call give merge_tensor's results (their per-model
+    parameter arrays differ under the depth gradients of SETTINGS)."""
+    m = get_method(method)
+    base, models = _inputs(_n_models(m))
+    parameters, model_parameters = SETTINGS[method]
+    b = None if m.base == "ignored" else base
+    layer_names = NAMES[:2]
+    want = _fast(method, b, models, parameters, model_parameters, seed=3)
+    kws = [P.resolve_for_tensor(m, n, parameters=parameters, model_parameters=model_parameters,
+                                model_names=[f"model_{i}" for i in range(len(models))],
+                                num_layers=P.num_layers_of(NAMES)) for n in layer_names]
+    stack = lambda d: jnp.stack([jnp.asarray(d[n]) for n in layer_names])
+    keys = jnp.stack([tensor_key(3, n) for n in layer_names]) if m.randomized else None
+    got = X.merge_stacked(m, None if b is None else stack(b), [stack(x) for x in models], kws,
+                          out_dtype=np.float32, keys=keys, names=layer_names, cache=X.KernelCache())
+    assert got.shape == (2, *SHAPES[0])
+    for i, n in enumerate(layer_names):
+        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want[n]), rtol=2e-6, atol=1e-6,
+                                   err_msg=f"{method} {n}")
+        if method in ("linear", "task_arithmetic", "ties"):
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want[n]), err_msg=f"{method} {n}")
+
+
+def test_merge_stacked_refuses_different_scalar_parameters_and_bad_stacks():
+    m = get_method("slerp")  # t follows a depth gradient: a scalar that differs between the layers
+    base, models = _inputs(1)
+    kws = [P.resolve_for_tensor(m, n, parameters={"t": [0.2, 0.7]}, model_parameters=[{}],
+                                model_names=["model_0"], num_layers=2) for n in NAMES[:2]]
+    stack = lambda d: jnp.stack([jnp.asarray(d[n]) for n in NAMES[:2]])
+    with pytest.raises(ValueError, match=r"layers.0.mlp.up_proj.weight and .*layers.1.mlp.up_proj.weight have "
+                                         r"different scalar parameters"):
+        X.merge_stacked(m, stack(base), [stack(models[0])], kws, out_dtype=np.float32, names=NAMES[:2])
+    with pytest.raises(ValueError, match="not all"):
+        X.merge_stacked(m, stack(base), [stack(models[0])[:1]], kws, out_dtype=np.float32, names=NAMES[:2])
