@@ -8,6 +8,7 @@
     delta = adapters.as_delta(m)         # bricks.deltas.Delta (LowRank for LoRA)
     adapters.save_adapter(m, "out/lora"); m2 = adapters.load_adapter(base, "out/lora")
     m3 = adapters.from_peft(base, "peft_dir"); adapters.to_peft(m3, "out/peft")
+    mixed = adapters.with_adapter_ids(adapters.mix(base, [m, m3]), [0, 1, -1])   # one adapter per batch row
 
 An adapted module replaces a `models.layers.Linear` at the same path, keeps `kernel` / `bias` there and adds its
 parameters as leaves of that module (modules.py has the math and PEFT's conventions). Importing this package
@@ -20,6 +21,8 @@ from configurable_fm.bricks.adapters.core import (DEFAULT_ALPHA, DEFAULT_RANK, F
 from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
 from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinear, AdapterError, AdapterParam,
                                                      DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam)
+from configurable_fm.bricks.adapters.mixed import (BASE_ID, AdapterIds, AdapterScale, MixedLinear, mix, mixed_modules,
+                                                   unmix, with_adapter_ids)
 from configurable_fm.interop.peft import from_peft, read_peft, to_peft
 
 __all__ = [
@@ -27,5 +30,6 @@ __all__ = [
     "adapter_bricks", "attach_bricks", "save_adapter", "load_adapter", "from_peft", "read_peft", "to_peft",
     "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",
     "AdapterError", "ADAPTER_TYPES", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
-    "DEFAULT_ALPHA",
+    "DEFAULT_ALPHA", "mix", "with_adapter_ids", "unmix", "mixed_modules", "MixedLinear", "AdapterIds",
+    "AdapterScale", "BASE_ID",
 ]

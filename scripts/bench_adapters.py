@@ -1,0 +1,300 @@
+"""Adapter speed: a mixed-adapter batch against one adapter, and LoRA / DoRA fine-tuning steps against full
+fine-tuning (and against PEFT + transformers on a CUDA GPU, in the same run).
+
+    python scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --steps 10 --train_batch 16
+    python scripts/bench_adapters.py --shape 135m --batch 64 --seq 512 --steps 10 --out results/adapters.jsonl
+    python scripts/bench_adapters.py --shape tiny --batch 4 --seq 16 --steps 1 --warmup 1 --train_batch 2  # CPU
+
+A llama of the shape (random weights; 135m: SmolLM2-135M, 1b: experiments/pretrain.py:1b; tiny: CPU tests) with
+LoRA rank --rank (alpha = 2 x rank) on every Linear of attention and MLP (--targets). One JSON line per
+measurement, on stdout and appended to --out:
+
+  bench=forward   (twice: T = --seq, and T = 1, the shape of a decode step): the forward (logits) of one batch of
+                  --batch rows, as jitted `model(ids)`: `base_s` (no adapter), `single_s` (one LoRA adapter
+                  attached: bricks.adapters.attach), `mixed_s` (bricks.adapters.mix of --adapters (default
+                  --batch) LoRA adapters, row b using adapter b mod N), `mixed_one_s` (the same mixed model, every
+                  row adapter 0: the cost of the gathers alone); ratio = mixed_s / single_s (goal <= 1.3).
+                  Serving precision: weights in the compute dtype, adapters float32 (as PEFT keeps them).
+  bench=train     (method full | lora | dora): the trainer's own step (train.trainer.make_train_step, AdamW of
+                  train/optim.py, donated state) on --train_batch x --seq random tokens: float32 master weights,
+                  compute dtype --dtype; full trains every parameter, lora / dora only the adapter leaves
+                  ('LoRAParam:**': only they carry optimizer state). tokens_per_s = train_batch x seq / step time.
+  bench=peft      (method lora | dora): the same step with transformers' LlamaForCausalLM + PEFT (float32 weights,
+                  torch.autocast to the compute dtype, fused torch AdamW over the trainable parameters), run in a
+                  subprocess before JAX takes the GPU; `skipped` with the reason when torch has no CUDA device or
+                  torch / transformers / peft are missing.
+  bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
+                  ours_over_peft_lora / _dora (None when PEFT was skipped).
+
+Times: the first call compiles (compile_s), --warmup calls more, then the mean of --steps calls
+(block_until_ready after the last). The device is whatever JAX has (`device`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+SHAPES = {  # scripts/bench_generate.py's shapes: SmolLM2-135M, experiments/pretrain.py:1b, and a CPU one
+    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                 num_kv_heads=3, rope_theta=1e5),
+    "1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+               num_kv_heads=8, rope_theta=1e4),
+    "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                 num_kv_heads=2, rope_theta=1e4),
+}
+TARGETS = "layers.*.self_attn.[qkvo]_proj,layers.*.mlp.gate_proj,layers.*.mlp.up_proj,layers.*.mlp.down_proj"
+HF_NAMES = {"self_attn.[qkvo]_proj": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # our globs -> PEFT target names
+
+
+def model_spec(shape: str, seq: int) -> dict:
+    return dict(SHAPES[shape], family="llama", tie_word_embeddings=True, max_position_embeddings=max(2048, seq))
+
+
+def peft_targets(targets: list[str]) -> list[str]:
+    """PEFT target_modules (module-name suffixes) for our globs."""
+    out = []
+    for g in targets:
+        tail = g.split("layers.*.", 1)[-1]
+        out += HF_NAMES.get(tail, [tail.rsplit(".", 1)[-1]])
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------------------ PEFT anchor
+def peft_step(args, method: str) -> dict:
+    """LoRA / DoRA training step with transformers + PEFT on CUDA (runs in the subprocess; never imports JAX's
+    device)."""
+    row = {"bench": "peft", "method": method, "shape": args.shape, "train_batch": args.train_batch,
+           "seq": args.seq, "rank": args.rank}
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError as e:
+        return {**row, "skipped": f"cannot import torch / transformers / peft ({e})"}
+    if not torch.cuda.is_available():
+        return {**row, "skipped": f"torch {torch.__version__} sees no CUDA device"}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    s = SHAPES[args.shape]
+    cfg = transformers.LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                                   intermediate_size=s["intermediate_size"], num_hidden_layers=s["num_layers"],
+                                   num_attention_heads=s["num_heads"], num_key_value_heads=s["num_kv_heads"],
+                                   rope_theta=s["rope_theta"], max_position_embeddings=max(2048, args.seq),
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg)  # float32 weights, as our master weights
+    model.config._attn_implementation = "sdpa"
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, use_dora=method == "dora",
+        target_modules=peft_targets(args.targets.split(",")), init_lora_weights=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (args.train_batch, args.seq), device="cuda")
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / args.steps
+    return {**row, "step_s": dt, "tokens_per_s": args.train_batch * args.seq / dt, "first_step_s": compile_s,
+            "loss": float(loss.detach()), "trainable_params": sum(p.numel() for p in params),
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9, "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def run_peft(argv: list[str], method: str) -> dict:
+    """peft_step in a subprocess (so that JAX, started afterwards, finds the GPU memory free)."""
+    row = {"bench": "peft", "method": method}
+    if not (shutil.which("nvidia-smi") or os.path.exists("/dev/nvidiactl")):
+        return {**row, "skipped": "no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidiactl)"}
+    proc = subprocess.run([sys.executable, __file__, *argv, "--anchor", method], capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {**row, "skipped": f"the PEFT subprocess failed (exit {proc.returncode}): {proc.stderr[-600:]}"}
+
+
+# ------------------------------------------------------------------------------------------ ours
+def timed(fn, args_, steps: int, warmup: int) -> tuple[float, float]:
+    """(mean seconds per call over `steps` calls, seconds of the first call (compilation)); fn returns arrays
+    (and, for a train step, the state to feed back: then args_ is updated by `fn`)."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args_))
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        out = fn(*args_)
+    jax.block_until_ready(out if warmup else None)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args_)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps, first
+
+
+def bench_forward(args, seqs: list[int]) -> list[dict]:
+    """One bench=forward row per sequence length in `seqs` (the adapters are built once)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from configurable_fm.bricks import adapters
+    from configurable_fm.bricks.adapters.mixed import mix, with_adapter_ids
+    from configurable_fm.models.factory import build_model
+
+    dtype = jnp.dtype(args.dtype)
+    base = build_model(model_spec(args.shape, max(seqs)), seed=0, param_dtype=dtype, dtype=dtype)
+    targets = args.targets.split(",")
+    n = args.adapters or args.batch
+    t0 = time.perf_counter()
+    singles = [adapters.attach(base, "lora", targets, rank=args.rank, alpha=2 * args.rank, init="random", seed=i)
+               for i in range(n)]
+    mixed = mix(base, singles)
+    build_s = time.perf_counter() - t0
+    models = [("base", base), ("single", singles[0]), ("mixed", with_adapter_ids(mixed, np.arange(args.batch) % n)),
+              ("mixed_one", with_adapter_ids(mixed, np.zeros(args.batch, np.int32)))]
+    jitted = {}  # one program per graphdef: the two mixed models differ only in their ids (state)
+
+    def forward(model):
+        graphdef, state = nnx.split(model)
+        if graphdef not in jitted:
+            jitted[graphdef] = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
+        return jitted[graphdef], state
+
+    rows = []
+    for seq in seqs:
+        tokens = jnp.asarray(np.random.default_rng(seq).integers(0, SHAPES[args.shape]["vocab_size"],
+                                                                 (args.batch, seq)), jnp.int32)
+        times = {}
+        for name, model in models:
+            fn, state = forward(model)
+            times[f"{name}_s"], times[f"{name}_compile_s"] = timed(fn, (state, tokens), args.steps, args.warmup)
+        rows.append({"bench": "forward", "shape": args.shape, "batch": args.batch, "seq": seq, "adapters": n,
+                     "rank": args.rank, "dtype": args.dtype, **times, "ratio": times["mixed_s"] / times["single_s"],
+                     "goal": 1.3, "tokens_per_s_mixed": args.batch * seq / times["mixed_s"],
+                     "build_adapters_s": build_s, "device": jax.devices()[0].device_kind})
+    return rows
+
+
+def bench_train(args, method: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from configurable_fm.bricks import adapters
+    from configurable_fm.models.factory import build_model
+    from configurable_fm.train.optim import make_optimizer
+    from configurable_fm.train.trainer import ModelParts, make_train_step
+    from experiments.pretrain import get_config
+
+    model = build_model(model_spec(args.shape, args.seq), seed=0, param_dtype=jnp.float32,
+                        dtype=jnp.dtype(args.dtype))
+    trainable = ("**",)
+    if method != "full":
+        model = adapters.attach(model, method, args.targets.split(","), rank=args.rank, alpha=2 * args.rank,
+                                init="random", seed=0)
+        trainable = ("LoRAParam:**",)
+    parts = ModelParts.of(model, trainable)
+    params, frozen, other = parts.split(model)
+    assert not other, other
+    del model
+    cfg = get_config("tiny")
+    cfg.steps = 100_000  # the schedule's length (its warmup is 5% of it): the rate does not depend on it
+    tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
+    opt_state = jax.jit(tx.init)(params)
+    step = jax.jit(make_train_step(parts, tx, 1), donate_argnums=(0, 1))
+    toks = np.random.default_rng(0).integers(0, SHAPES[args.shape]["vocab_size"], (args.train_batch, args.seq + 1),
+                                             dtype=np.int32)
+    batch = {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:])}
+    state = [params, opt_state]
+
+    def call():
+        state[0], state[1], metrics = step(state[0], state[1], frozen, batch)
+        return metrics
+
+    dt, first = timed(call, (), args.steps, args.warmup)
+    metrics = call()
+    return {"bench": "train", "method": method, "shape": args.shape, "train_batch": args.train_batch,
+            "seq": args.seq, "rank": None if method == "full" else args.rank, "dtype": args.dtype, "step_s": dt,
+            "tokens_per_s": args.train_batch * args.seq / dt, "compile_s": first, "loss": float(metrics["loss"]),
+            "trainable_params": sum(int(np.prod(v.shape)) for v in state[0].values()),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="135m")
+    p.add_argument("--batch", type=int, default=64, help="rows of the forward batch")
+    p.add_argument("--adapters", type=int, default=0, help="adapters in the mixed batch (default: --batch)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--train_batch", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default=TARGETS, help="comma-separated module globs")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="compute dtype (default: float32 for tiny, bfloat16 otherwise)")
+    p.add_argument("--no_peft", action="store_true", help="skip the PEFT + transformers anchor")
+    p.add_argument("--out", default="")
+    p.add_argument("--anchor", choices=["lora", "dora"], help=argparse.SUPPRESS)  # the PEFT subprocess
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float32" if args.shape == "tiny" else "bfloat16"
+        argv += ["--dtype", args.dtype]
+    if args.anchor:
+        print(json.dumps(peft_step(args, args.anchor)), flush=True)
+        return 0
+
+    def emit(row):
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    no_peft = {"bench": "peft", "skipped": "--no_peft"}
+    peft_rows = {m: {**no_peft, "method": m} if args.no_peft else run_peft(argv, m) for m in ("lora", "dora")}
+    forward = bench_forward(args, [args.seq, 1])
+    for row in forward:
+        emit(row)
+    train = {m: bench_train(args, m) for m in ("full", "lora", "dora")}
+    for row in train.values():
+        emit(row)
+    for row in peft_rows.values():
+        emit(row)
+    rate = {m: r["tokens_per_s"] for m, r in train.items()}
+    peft_rate = {m: r.get("tokens_per_s") for m, r in peft_rows.items()}
+    emit({"bench": "summary", "shape": args.shape, "mixed_over_single": forward[0]["ratio"],
+          "mixed_over_single_decode": forward[1]["ratio"], "mixed_goal": 1.3,
+          "mixed_ok": forward[0]["ratio"] <= 1.3, "lora_over_full": rate["lora"] / rate["full"],
+          "dora_over_lora": rate["dora"] / rate["lora"], "dora_goal": 0.9,
+          "dora_ok": rate["dora"] / rate["lora"] >= 0.9,
+          **{f"ours_over_peft_{m}": rate[m] / peft_rate[m] if peft_rate[m] else None for m in ("lora", "dora")}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

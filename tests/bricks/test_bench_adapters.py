@@ -1,0 +1,73 @@
+"""scripts/bench_adapters.py at its tiny CPU shape: every row it promises, with its keys (subprocess, as it is run);
+the LoRA step trains exactly the adapter leaves; our target globs map to PEFT's module names."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, load_script
+
+FORWARD_KEYS = {"base_s", "single_s", "mixed_s", "mixed_one_s", "ratio", "goal", "adapters", "batch", "seq",
+                "base_compile_s", "single_compile_s", "mixed_compile_s", "tokens_per_s_mixed", "device"}
+TRAIN_KEYS = {"method", "step_s", "tokens_per_s", "compile_s", "loss", "trainable_params", "train_batch", "seq"}
+SUMMARY_KEYS = {"mixed_over_single", "mixed_over_single_decode", "mixed_goal", "mixed_ok", "lora_over_full",
+                "dora_over_lora", "dora_goal", "dora_ok", "ours_over_peft_lora", "ours_over_peft_dora"}
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench_adapters")
+
+
+@pytest.mark.slow  # ~14 s on 2 shared cores: 6 forward and 3 train-step compilations
+def test_tiny_run_prints_every_row(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    argv = ["--shape", "tiny", "--batch", "4", "--seq", "16", "--steps", "1", "--warmup", "0", "--train_batch", "2",
+            "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_adapters.py"), *argv],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    by = {}
+    for r in rows:
+        by.setdefault(r["bench"], []).append(r)
+    assert [r["seq"] for r in by["forward"]] == [16, 1]
+    for r in by["forward"]:
+        assert FORWARD_KEYS <= set(r) and r["adapters"] == 4 and r["dtype"] == "float32"
+        assert r["ratio"] == pytest.approx(r["mixed_s"] / r["single_s"]) and r["mixed_s"] > 0
+    assert [r["method"] for r in by["train"]] == ["full", "lora", "dora"]
+    train = {r["method"]: r for r in by["train"]}
+    for r in train.values():
+        assert TRAIN_KEYS <= set(r) and np.isfinite(r["loss"]) and r["tokens_per_s"] > 0
+    assert train["lora"]["trainable_params"] < train["dora"]["trainable_params"] < train["full"]["trainable_params"]
+    assert [r["method"] for r in by["peft"]] == ["lora", "dora"]
+    for r in by["peft"]:  # a CPU machine: skipped with the reason; a CUDA one: measured
+        assert ("skipped" in r and r["skipped"]) or TRAIN_KEYS - {"compile_s"} <= set(r)
+    (summary,) = by["summary"]
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["mixed_over_single"] == by["forward"][0]["ratio"]
+    assert summary["dora_over_lora"] == pytest.approx(train["dora"]["tokens_per_s"] / train["lora"]["tokens_per_s"])
+
+
+def test_lora_step_trains_exactly_the_adapter_leaves(bench):
+    class Args:
+        shape, seq, train_batch, steps, warmup, rank, dtype = "tiny", 8, 2, 1, 0, 4, "float32"
+        targets = bench.TARGETS
+
+    row = bench.bench_train(Args, "lora")
+    s = bench.SHAPES["tiny"]
+    d, f, kv = s["hidden_size"], s["intermediate_size"], s["hidden_size"] // s["num_heads"] * s["num_kv_heads"]
+    per_layer = 4 * ((d + d) + 2 * (d + kv) + (d + d) + 3 * (d + f))  # rank 4: r (in + out) per module
+    assert row["trainable_params"] == s["num_layers"] * per_layer
+    assert np.isfinite(row["loss"]) and row["tokens_per_s"] > 0 and row["method"] == "lora"
+
+
+def test_peft_target_names(bench):
+    assert bench.peft_targets(bench.TARGETS.split(",")) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]
+    assert bench.peft_targets(["layers.*.mlp.down_proj"]) == ["down_proj"]
