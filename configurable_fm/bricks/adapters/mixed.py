@@ -73,7 +73,8 @@ from flax import nnx
 from configurable_fm.bricks.adapters.core import adapted_modules
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
-                                                     LoRAParam, _axes, _check_options, _make, adapter_dtype)
+                                                     LoRAParam, adapter_dtype, checked_options, make_variable,
+                                                     sharding_axes)
 from configurable_fm.bricks.brickset import Brick, BrickSet
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import module_index, select
@@ -121,24 +122,24 @@ class MixedLinear(Linear):
         self.kinds = tuple(kinds)
         n, d_in, d_out = len(self.kinds), int(self.kernel.shape[0]), int(self.kernel.shape[1])
         dtype = adapter_dtype(self.kernel.get_value().dtype)
-        axes = _axes(self.kernel)
+        axes = sharding_axes(self.kernel)
         ax_in, ax_out = (None, None) if axes is None else axes
         shard = axes is not None
         in_axes, out_axes = ((None, ax_in), (None, ax_out)) if shard else (None, None)
-        self.lora_a = _make(LoRAParam, jnp.zeros((n, d_in, rank), dtype),
+        self.lora_a = make_variable(LoRAParam, jnp.zeros((n, d_in, rank), dtype),
                             (None, ax_in, None) if shard else None) if rank else None
-        self.lora_b = _make(LoRAParam, jnp.zeros((n, rank, d_out), dtype),
+        self.lora_b = make_variable(LoRAParam, jnp.zeros((n, rank, d_out), dtype),
                             (None, None, ax_out) if shard else None) if rank else None
         self.lora_scale = AdapterScale(jnp.zeros((n,), jnp.float32)) if rank else None
-        self.lora_magnitude = _make(LoRAParam, jnp.ones((n, d_out), dtype), out_axes) if dora else None
-        self.lora_weight_norm = _make(DoRANorm, jnp.ones((n, d_out), dtype), out_axes) if dora else None
-        self.ia3_in = _make(IA3Param, jnp.ones((n, d_in), dtype), in_axes) if ia3_in else None
-        self.ia3_out = _make(IA3Param, jnp.ones((n, d_out), dtype), out_axes) if ia3_out else None
+        self.lora_magnitude = make_variable(LoRAParam, jnp.ones((n, d_out), dtype), out_axes) if dora else None
+        self.lora_weight_norm = make_variable(DoRANorm, jnp.ones((n, d_out), dtype), out_axes) if dora else None
+        self.ia3_in = make_variable(IA3Param, jnp.ones((n, d_in), dtype), in_axes) if ia3_in else None
+        self.ia3_out = make_variable(IA3Param, jnp.ones((n, d_out), dtype), out_axes) if ia3_out else None
         self.adapter_ids = AdapterIds(jnp.zeros((batch,), jnp.int32))
 
     @classmethod
     def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "MixedLinear":
-        return cls(base, **_check_options(KIND, options, cls.OPTIONS))
+        return cls(base, **checked_options(KIND, options, cls.OPTIONS))
 
     @property
     def num_adapters(self) -> int:

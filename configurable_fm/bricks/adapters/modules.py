@@ -71,18 +71,20 @@ def adapter_dtype(kernel_dtype):
     return jnp.promote_types(kernel_dtype, jnp.float32)
 
 
-def _axes(var: nnx.Variable) -> tuple | None:
+def sharding_axes(var: nnx.Variable) -> tuple | None:
+    """The logical axis names a variable was created with (its `out_sharding` metadata), or None."""
     axes = var.get_metadata().get("out_sharding")
     return None if axes is None else tuple(axes)
 
 
-def _make(cls, value, axes) -> nnx.Variable:
+def make_variable(cls, value, axes) -> nnx.Variable:
+    """A `cls` variable holding `value`, with logical axis names `axes` (None: unsharded)."""
     if axes is None:
         return cls(value)
     return cls(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
-def _check_options(kind: str, options: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
+def checked_options(kind: str, options: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
     """Options of `kind` checked against spec {name: (type(s), default)}; AdapterError naming the bad ones."""
     unknown = sorted(set(options) - set(spec))
     if unknown:
@@ -189,15 +191,15 @@ class LoRALinear(AdaptedLinear):
             raise AdapterError(f"{self.kind} adapter: rank must be >= 1, got {rank}")
         self.rank, self.alpha, self.rslora = int(rank), float(alpha), bool(rslora)
         dtype = adapter_dtype(self.kernel.get_value().dtype)
-        axes = _axes(self.kernel)
-        self.lora_a = _make(LoRAParam, jnp.zeros((self.in_features, self.rank), dtype),
+        axes = sharding_axes(self.kernel)
+        self.lora_a = make_variable(LoRAParam, jnp.zeros((self.in_features, self.rank), dtype),
                             None if axes is None else (axes[0], None))
-        self.lora_b = _make(LoRAParam, jnp.zeros((self.rank, self.out_features), dtype),
+        self.lora_b = make_variable(LoRAParam, jnp.zeros((self.rank, self.out_features), dtype),
                             None if axes is None else (None, axes[1]))
 
     @classmethod
     def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "LoRALinear":
-        return cls(base, **_check_options(cls.kind, options, cls.OPTIONS))
+        return cls(base, **checked_options(cls.kind, options, cls.OPTIONS))
 
     def options(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "rslora": self.rslora, "merged": self.merged}
@@ -245,11 +247,11 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool = False, merged: bool = False):
         super().__init__(base, rank=rank, alpha=alpha, rslora=rslora, merged=merged)
-        axes = _axes(self.kernel)
+        axes = sharding_axes(self.kernel)
         out_axes = None if axes is None else (axes[1],)
         dtype = adapter_dtype(self.kernel.get_value().dtype)
-        self.lora_magnitude = _make(LoRAParam, jnp.ones((self.out_features,), dtype), out_axes)
-        self.lora_weight_norm = _make(DoRANorm, jnp.ones((self.out_features,), dtype), out_axes) if merged else None
+        self.lora_magnitude = make_variable(LoRAParam, jnp.ones((self.out_features,), dtype), out_axes)
+        self.lora_weight_norm = make_variable(DoRANorm, jnp.ones((self.out_features,), dtype), out_axes) if merged else None
 
     def weight_norm(self) -> jax.Array:
         """n = ||W + s A B|| per output feature (over the input axis 0 of our (in, out) kernel; PEFT's dim 1 of the
@@ -304,14 +306,14 @@ class IA3Linear(AdaptedLinear):
     def __init__(self, base: Linear, *, feedforward: bool = False, merged: bool = False):
         self._init_base(base, merged)
         self.feedforward = bool(feedforward)
-        axes = _axes(self.kernel)
+        axes = sharding_axes(self.kernel)
         n = self.in_features if self.feedforward else self.out_features
         axis = None if axes is None else ((axes[0],) if self.feedforward else (axes[1],))
-        self.ia3_scale = _make(IA3Param, jnp.ones((n,), adapter_dtype(self.kernel.get_value().dtype)), axis)
+        self.ia3_scale = make_variable(IA3Param, jnp.ones((n,), adapter_dtype(self.kernel.get_value().dtype)), axis)
 
     @classmethod
     def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "IA3Linear":
-        return cls(base, **_check_options(cls.kind, options, cls.OPTIONS))
+        return cls(base, **checked_options(cls.kind, options, cls.OPTIONS))
 
     def options(self) -> dict:
         return {"feedforward": self.feedforward, "merged": self.merged}
