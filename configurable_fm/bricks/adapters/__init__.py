@@ -8,6 +8,7 @@
     delta = adapters.as_delta(m)         # bricks.deltas.Delta (LowRank for LoRA)
     adapters.save_adapter(m, "out/lora"); m2 = adapters.load_adapter(base, "out/lora")
     m3 = adapters.from_peft(base, "peft_dir"); adapters.to_peft(m3, "out/peft")
+    c = adapters.combine([m, m3], [0.7, 0.4], "cat")    # PEFT's add_weighted_adapter; combine_exact: Σ w ΔW, SVD
     mixed = adapters.with_adapter_ids(adapters.mix(base, [m, m3]), [0, 1, -1])   # one adapter per batch row
 
 An adapted module replaces a `models.layers.Linear` at the same path, keeps `kernel` / `bias` there and adds its
@@ -18,6 +19,8 @@ and interop.peft need.
 from configurable_fm.bricks.adapters.core import (DEFAULT_ALPHA, DEFAULT_RANK, FEEDFORWARD, IA3_INITS, KINDS,
                                                   LORA_INITS, adapted_modules, adapter_state, adapters, as_delta,
                                                   attach, detach, merge, path_key, unmerge)
+from configurable_fm.bricks.adapters.combine import (COMBINATIONS, CombineReport, check_options, combine,
+                                                     combine_exact, peft_merge)
 from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
 from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinear, AdapterError, AdapterParam,
                                                      DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam)
@@ -31,5 +34,6 @@ __all__ = [
     "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",
     "AdapterError", "ADAPTER_TYPES", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
     "DEFAULT_ALPHA", "mix", "with_adapter_ids", "unmix", "mixed_modules", "MixedLinear", "AdapterIds",
-    "AdapterScale", "BASE_ID",
+    "AdapterScale", "BASE_ID", "combine", "combine_exact", "CombineReport", "peft_merge", "check_options",
+    "COMBINATIONS",
 ]
