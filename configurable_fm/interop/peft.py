@@ -21,8 +21,13 @@ nn.Linear, so the conversion is the same; fan_in_fan_out is written true for gpt
 it from the module type too). Scale: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; rank_pattern and
 alpha_pattern are honoured (PEFT's matching) and written when modules differ.
 
+Prompt learning (PROMPT_TUNING, PREFIX_TUNING, task_type CAUSAL_LM) maps to models.virtual_tokens.VirtualTokens: the
+one tensor `prompt_embeddings` is the prompt (P, D), or the prefix (P, L·2·K·H) = our (P, L, 2, K, H) (layer l's keys
+at row block 2l, values at 2l + 1; K key-value heads: PEFT's num_attention_heads for GQA models). A prefix trained
+with prefix_projection is saved by PEFT as the MLP's output, which is what is read.
+
 What is refused, with an error naming the key or option (nothing is written on failure; outputs appear atomically):
-other peft_types (prompt/prefix tuning, AdaLoRA, ...), options that change the computation in ways not implemented
+other peft_types (AdaLoRA, ...), encoder-decoder or classification prompts, options that change the computation in ways not implemented
 (bias != 'none', lora_bias, modules_to_save, layer_replication, target_parameters, trainable tokens, aLoRA/QA-LoRA/
 Arrow/... variants, PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisations, which change the base weights), unknown
 options with a non-empty value, tensors of modules the model lacks or that are not Linear (embeddings, MoE experts),
@@ -47,6 +52,7 @@ from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.structure import check_consistent, extension_specs, registered_extensions, variables_of
+from configurable_fm.models.virtual_tokens import VirtualTokens
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -66,6 +72,13 @@ _LORA_READ = _COMMON | {
     "layers_pattern", "init_lora_weights", "lora_dropout", "bias", "lora_bias", "megatron_core", "qalora_group_size",
     "loftq_config", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"}
 _IA3_READ = _COMMON | {"feedforward_modules", "init_ia3_weights"}
+# Prompt learning: PEFT's peft_type -> our VirtualTokens kind, and the options read (the saved prompt_embeddings are
+# what the model uses: prefix_projection's MLP output is saved, not the MLP; the init options only shaped training).
+PROMPT_TYPES = {"PROMPT_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+_PROMPT_READ = _COMMON | {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                          "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                          "tokenizer_kwargs", "encoder_hidden_size", "prefix_projection", "init_weights"}
+PROMPT_KEY = "prompt_embeddings"
 # ... and initialisations whose adapter applies to the unchanged base (the others rewrite the base weights).
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
@@ -186,7 +199,7 @@ def _check_options(config: dict, file: Path) -> str:
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "IA3"):
         raise UnsupportedModel(f"{file}: peft_type {peft_type!r} is not supported (supported: 'LORA' with rsLoRA and "
-                               "DoRA, 'IA3')")
+                               "DoRA, 'IA3', and through from_peft 'PROMPT_TUNING' and 'PREFIX_TUNING')")
     read = _LORA_READ if peft_type == "LORA" else _IA3_READ
     problems = [f"{k}={v!r}" for k, v in config.items() if k not in read and not _empty(v)]
     if not _empty(config.get("modules_to_save")):
@@ -231,16 +244,7 @@ def read_peft(model, adapter_dir) -> list[dict]:
     [{"path": our module path, "kind": 'lora' | 'dora' | 'ia3', "options": {...}, "values": {leaf: array}}] in the
     model's module order. Raises CheckpointError / UnsupportedModel naming the file, key or option."""
     adapter_dir = Path(adapter_dir)
-    config_file, weights_file = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
-    if not adapter_dir.is_dir():
-        raise CheckpointError(f"{adapter_dir}: no such directory (a PEFT adapter is a directory with {CONFIG_FILE} "
-                              f"and {WEIGHTS_FILE})")
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: no such file (not a PEFT adapter directory)")
-    if not weights_file.is_file():
-        pickled = " (only adapter_model.bin, a pickle, which is never loaded: re-save it with PEFT's default " \
-                  "safe_serialization=True)" if (adapter_dir / "adapter_model.bin").is_file() else ""
-        raise CheckpointError(f"{weights_file}: no such file{pickled}")
+    config_file, weights_file = _adapter_files(adapter_dir)
     config = read_json_object(config_file, what="PEFT adapter config")
     peft_type = _check_options(config, config_file)
     store = TensorStore(weights_file)
@@ -344,11 +348,86 @@ def _ia3(config, store, name, roles, d_in, d_out) -> dict:
             "options": {"feedforward": ff, "merged": False}}
 
 
+def _adapter_files(adapter_dir) -> tuple[Path, Path]:
+    adapter_dir = Path(adapter_dir)
+    config_file, weights_file = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
+    if not adapter_dir.is_dir():
+        raise CheckpointError(f"{adapter_dir}: no such directory (a PEFT adapter is a directory with {CONFIG_FILE} "
+                              f"and {WEIGHTS_FILE})")
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: no such file (not a PEFT adapter directory)")
+    if not weights_file.is_file():
+        pickled = " (only adapter_model.bin, a pickle, which is never loaded: re-save it with PEFT's default " \
+                  "safe_serialization=True)" if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise CheckpointError(f"{weights_file}: no such file{pickled}")
+    return config_file, weights_file
+
+
+def virtual_token_geometry(model) -> dict[str, int]:
+    """{'hidden': D, 'layers': L, 'kv_heads': K, 'head_dim': H} of a causal decoder (its cache's and hidden
+    states' shapes): what prompt tuning (P, D) and prefix tuning (P, L, 2, K, H) must fit."""
+    if not (callable(getattr(model, "init_cache", None)) and callable(getattr(model, "hidden_states", None))):
+        raise UnsupportedModel(f"prompt and prefix tuning need a causal decoder (llama family, gpt2); "
+                               f"{type(model).__name__} is not one")
+    import jax  # noqa: PLC0415: only here, for the abstract shapes
+
+    probe = jax.eval_shape(lambda: model.init_cache(1, 1))
+    hidden = jax.eval_shape(lambda: model.hidden_states(jnp.zeros((1, 1), jnp.int32)))[0].shape[-1]
+    return {"hidden": int(hidden), "layers": len(probe.k), "kv_heads": int(probe.k[0].shape[2]),
+            "head_dim": int(probe.k[0].shape[3])}
+
+
+def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:
+    """(kind, values) of a PEFT PROMPT_TUNING / PREFIX_TUNING directory, checked against `model`: 'prompt' with
+    values (P, D), or 'prefix' with values (P, L, 2, K, H) (PEFT's (P, L·2·K·H) rows: layer l's keys at 2l, its
+    values at 2l + 1, each K heads of H). CheckpointError / UnsupportedModel naming the option or tensor."""
+    config_file, weights_file = _adapter_files(adapter_dir)
+    config = read_json_object(config_file, what="PEFT adapter config")
+    kind = PROMPT_TYPES.get(config.get("peft_type"))
+    if kind is None:
+        raise UnsupportedModel(f"{config_file}: peft_type {config.get('peft_type')!r} is not prompt learning "
+                               f"({sorted(PROMPT_TYPES)})")
+    problems = [f"{k}={v!r}" for k, v in config.items() if k not in _PROMPT_READ and not _empty(v)]
+    if config.get("task_type") not in ("CAUSAL_LM", None):
+        problems.append(f"task_type={config.get('task_type')!r} (only CAUSAL_LM prompts are supported)")
+    if config.get("num_transformer_submodules", 1) != 1:
+        problems.append(f"num_transformer_submodules={config['num_transformer_submodules']!r} (encoder-decoder "
+                        "prompts are not supported)")
+    if not _empty(config.get("modules_to_save")):
+        problems.append(f"modules_to_save={config['modules_to_save']!r} (full copies of modules)")
+    if problems:
+        raise UnsupportedModel(f"{config_file}: {config['peft_type']} option(s) not supported: {'; '.join(problems)}")
+    p = _number(config, "num_virtual_tokens", config_file, int, 1)
+    g = virtual_token_geometry(model)
+    store = TensorStore(weights_file)
+    keys = list(store)
+    if keys != [PROMPT_KEY]:
+        raise CheckpointError(f"{weights_file}: a {config['peft_type']} adapter holds one tensor {PROMPT_KEY!r}, "
+                              f"found {_few(keys)}")
+    if kind == "prompt":
+        want, shape = (p, g["hidden"]), (p, g["hidden"])
+    else:
+        for key, value in (("num_layers", g["layers"]), ("num_attention_heads", g["kv_heads"]),
+                           ("token_dim", g["kv_heads"] * g["head_dim"])):
+            if config.get(key) is not None and config[key] != value:
+                raise CheckpointError(f"{config_file}: {key}={config[key]!r} but the model has {value} "
+                                      "(layers; key-value heads; key-value heads x head dim)")
+        want = (p, g["layers"] * 2 * g["kv_heads"] * g["head_dim"])
+        shape = (p, g["layers"], 2, g["kv_heads"], g["head_dim"])
+    values = _tensor(store, PROMPT_KEY, want, f"{config['peft_type']} with {p} virtual tokens")
+    return kind, np.asarray(values, np.float32).reshape(shape)
+
+
 def from_peft(model, adapter_dir) -> nnx.Module:
     """A new model: `model` with the PEFT adapter of `adapter_dir` attached (LoRA/rsLoRA as 'lora', DoRA as 'dora',
-    IA3 as 'ia3' modules of bricks.adapters) at the modules it names; `model` is untouched. The model's other
-    modules (and adapters already attached elsewhere) are kept. See the module docstring for the conversion and
-    for what is refused (CheckpointError / UnsupportedModel naming the key or option)."""
+    IA3 as 'ia3' modules of bricks.adapters) at the modules it names, or, for PROMPT_TUNING / PREFIX_TUNING, wrapped
+    in models.virtual_tokens.VirtualTokens; `model` is untouched. The model's other modules (and adapters already
+    attached elsewhere) are kept. See the module docstring for the conversion and for what is refused
+    (CheckpointError / UnsupportedModel naming the key or option)."""
+    config_file, _ = _adapter_files(adapter_dir)
+    if read_json_object(config_file, what="PEFT adapter config").get("peft_type") in PROMPT_TYPES:
+        kind, values = read_virtual_tokens(model, adapter_dir)
+        return VirtualTokens(model, kind, jnp.asarray(values))
     adapters = read_peft(model, adapter_dir)
     builders = registered_extensions()
     missing = sorted({a["kind"] for a in adapters} - set(builders))
@@ -414,7 +493,12 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     (written as rank_pattern / alpha_pattern). A merged adapter (merge(keep=True)) is written as its adapter
     weights, to be applied to the unmerged base. Refused before anything is written (UnsupportedModel naming the
     paths): no adapter, mixed kinds, other extension modules, modules the HF mapping does not name; an existing
-    `out_dir` unless `overwrite` (OutputExists)."""
+    `out_dir` unless `overwrite` (OutputExists).
+
+    A VirtualTokens model (prompt / prefix tuning) on a base without other adapters is written as PEFT's
+    PROMPT_TUNING / PREFIX_TUNING adapter (one tensor `prompt_embeddings`; prefix_projection false)."""
+    if isinstance(model, VirtualTokens):
+        return _write_virtual_tokens(model, out_dir, base_model_name_or_path, overwrite)
     family = family_for(model)
     check_consistent(model, "to_peft")
     specs = extension_specs(model)
@@ -480,6 +564,38 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def _write_virtual_tokens(model: VirtualTokens, out_dir, base_model_name_or_path, overwrite) -> Path:
+    base = model.base
+    family_for(base)
+    check_consistent(base, "to_peft")
+    others = [f"{s['path']} ({s['kind']})" for s in extension_specs(base)]
+    if others:
+        raise UnsupportedModel(f"to_peft: one PEFT adapter has one type, but the base of these virtual tokens has "
+                               f"other adapters or extensions: {_few(others)}")
+    check_overwritable(out_dir, overwrite)
+    g = virtual_token_geometry(base)
+    values = np.asarray(model.values, np.float32)
+    p = model.num_virtual_tokens
+    config: dict[str, Any] = {
+        "base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": "CAUSAL_LM",
+        "inference_mode": True, "num_virtual_tokens": p, "num_transformer_submodules": 1,
+        "num_layers": g["layers"], "modules_to_save": None}
+    if model.kind == "prompt":
+        config.update(peft_type="PROMPT_TUNING", token_dim=g["hidden"], num_attention_heads=None,
+                      prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None,
+                      tokenizer_kwargs=None)
+        tensor = values
+    else:
+        config.update(peft_type="PREFIX_TUNING", token_dim=g["kv_heads"] * g["head_dim"],
+                      num_attention_heads=g["kv_heads"], encoder_hidden_size=g["kv_heads"] * g["head_dim"],
+                      prefix_projection=False, init_weights=None)
+        tensor = values.reshape(p, -1)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({PROMPT_KEY: np.ascontiguousarray(tensor)}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return Path(out_dir)
 
 

@@ -159,16 +159,20 @@ class GPT2(CausalLM):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.n_embd, cfg.vocab_size, axes=("embed", "vocab"), **kw)
 
-    def hidden_states(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
-        """Final-LayerNorm hidden states (B, T, D), and the updated cache (None without one)."""
+    def hidden_states(self, ids_BxT, *, attention_mask=None, positions=None, cache=None, inputs_embeds=None):
+        """Final-LayerNorm hidden states (B, T, D), and the updated cache (None without one).
+
+        inputs_embeds (B, T, D): the token vectors in place of `wte(ids_BxT)` (ids_BxT is then ignored and may be
+        None); the position embeddings are added to them as to token embeddings."""
         cfg = self.cfg
-        b, t = ids_BxT.shape
+        b, t = (ids_BxT if inputs_embeds is None else inputs_embeds).shape[:2]
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions={cfg.n_positions}")
+        tokens = self.wte(ids_BxT) if inputs_embeds is None else inputs_embeds
         offset = cache.index if cache is not None else 0
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
-        x = self.wte(ids_BxT) + self.wpe(positions)
+        x = tokens + self.wpe(positions)
         mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache)
         for i, block in enumerate(self.h):
             x, cache = block(x, mask=mask, is_causal=is_causal, cache=cache, layer=i)

@@ -21,7 +21,7 @@ from flax import nnx
 
 from configurable_fm.models import attention as attn
 from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation
-from configurable_fm.models.moe import SparseMoE
+from configurable_fm.models.moe import ROUTERS, SparseMoE
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
 
@@ -47,15 +47,19 @@ class LlamaConfig:
     # Mixtral-style sparse MoE in place of the MLP (num_experts == 0 means dense).
     num_experts: int = 0
     num_experts_per_tok: int = 2
-    router: str = "topk_softmax"  # or "softmax_topk" (no renormalisation over the chosen experts)
+    router: str = "topk_softmax"  # or softmax_topk, noisy_topk, expert_choice (models/moe.py)
+    router_capacity_factor: float | None = None  # token-choice capacity per row (None: none); expert choice's C
     # Informational: which HF architecture this config came from / is written as.
     architecture: str = "LlamaForCausalLM"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.router not in ("topk_softmax", "softmax_topk"):
-            raise ValueError(f"router must be 'topk_softmax' or 'softmax_topk', got {self.router!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {list(ROUTERS)}, got {self.router!r}")
+        cf = self.router_capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+            raise ValueError(f"router_capacity_factor must be None or a number > 0, got {cf!r}")
 
     @property
     def dim_per_head(self) -> int:
@@ -156,14 +160,17 @@ class Llama(CausalLM):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), **kw)
 
-    def hidden_states(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
-        """Final-norm hidden states (B, T, D), and the updated cache (None without one)."""
+    def hidden_states(self, ids_BxT, *, attention_mask=None, positions=None, cache=None, inputs_embeds=None):
+        """Final-norm hidden states (B, T, D), and the updated cache (None without one).
+
+        inputs_embeds (B, T, D): the input vectors in place of `embed_tokens(ids_BxT)` (ids_BxT is then ignored and
+        may be None), e.g. prompt tuning's virtual tokens."""
         cfg = self.cfg
-        b, t = ids_BxT.shape
+        x = self.embed_tokens(ids_BxT) if inputs_embeds is None else inputs_embeds
+        b, t = x.shape[:2]
         offset = cache.index if cache is not None else 0
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
-        x = self.embed_tokens(ids_BxT)
         mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache,
                                             sliding_window=cfg.sliding_window)
         for i, layer in enumerate(self.layers):

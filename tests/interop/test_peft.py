@@ -216,7 +216,7 @@ Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
 @pytest.mark.parametrize("changes, tensors, error, match", [
-    ({"peft_type": "PREFIX_TUNING"}, None, UnsupportedModel, r"peft_type 'PREFIX_TUNING' is not supported"),
+    ({"peft_type": "ADALORA"}, None, UnsupportedModel, r"peft_type 'ADALORA' is not supported"),
     ({"bias": "all"}, None, UnsupportedModel, r"bias='all'"),
     ({"init_lora_weights": "pissa"}, None, UnsupportedModel, r"init_lora_weights='pissa'.*changes the base"),
     ({"use_foo": 3}, None, UnsupportedModel, r"use_foo=3"),

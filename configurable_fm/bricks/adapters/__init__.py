@@ -1,4 +1,4 @@
-"""Adapters as bricks: LoRA (+ rsLoRA), DoRA and (IA)³ on Linear modules, PEFT-compatible both ways.
+"""Adapters as bricks: LoRA (+ rsLoRA), DoRA, (IA)³ on Linear modules and prompt / prefix tuning, PEFT-compatible both ways.
 
     from configurable_fm.bricks import adapters
     m = adapters.attach(base, "lora", "layers.*.self_attn.[qv]_proj", rank=8, alpha=16, seed=0)
@@ -9,6 +9,7 @@
     adapters.save_adapter(m, "out/lora"); m2 = adapters.load_adapter(base, "out/lora")
     m3 = adapters.from_peft(base, "peft_dir"); adapters.to_peft(m3, "out/peft")
     c = adapters.combine([m, m3], [0.7, 0.4], "cat")    # PEFT's add_weighted_adapter; combine_exact: Σ w ΔW, SVD
+    vt = adapters.attach_virtual_tokens(base, "prompt", 20)   # prompt tuning ('prefix': prefix tuning)
     mixed = adapters.with_adapter_ids(adapters.mix(base, [m, m3]), [0, 1, -1])   # one adapter per batch row
 
 An adapted module replaces a `models.layers.Linear` at the same path, keeps `kernel` / `bias` there and adds its
@@ -24,6 +25,8 @@ from configurable_fm.bricks.adapters.combine import (COMBINATIONS, CombineReport
 from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
 from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinear, AdapterError, AdapterParam,
                                                      DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam)
+from configurable_fm.bricks.adapters.prompts import INITS as VIRTUAL_TOKEN_INITS, attach_virtual_tokens
+from configurable_fm.models.virtual_tokens import VirtualTokenParam, VirtualTokens
 from configurable_fm.bricks.adapters.mixed import (BASE_ID, AdapterIds, AdapterScale, MixedLinear, mix, mixed_modules,
                                                    unmix, with_adapter_ids)
 from configurable_fm.interop.peft import from_peft, read_peft, to_peft
@@ -35,5 +38,5 @@ __all__ = [
     "AdapterError", "ADAPTER_TYPES", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
     "DEFAULT_ALPHA", "mix", "with_adapter_ids", "unmix", "mixed_modules", "MixedLinear", "AdapterIds",
     "AdapterScale", "BASE_ID", "combine", "combine_exact", "CombineReport", "peft_merge", "check_options",
-    "COMBINATIONS",
+    "COMBINATIONS", "attach_virtual_tokens", "VirtualTokens", "VirtualTokenParam", "VIRTUAL_TOKEN_INITS",
 ]

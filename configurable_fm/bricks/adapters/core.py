@@ -34,6 +34,7 @@ from configurable_fm.bricks.select import Selection, SelectionError, glob_to_reg
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.factory import family_name
 from configurable_fm.models.layers import Linear
+from configurable_fm.models.virtual_tokens import VirtualTokenParam, VirtualTokens
 
 KINDS = tuple(ADAPTER_TYPES)
 LORA_INITS = ("kaiming", "gaussian", "random")
@@ -191,8 +192,9 @@ def adapters(model) -> dict[str, dict[str, Any]]:
 
 def adapter_state(model) -> dict[str, jax.Array]:
     """The adapters' own parameters as flat {path: array} (`...q_proj.lora_a`, `.lora_b`, `.lora_magnitude`,
-    `.ia3_scale`), in model order; {} for a model without adapters."""
-    return {k: v.get_value() for k, v in flat_state(model, AdapterParam).items()}
+    `.ia3_scale`; a VirtualTokens model's `prompt` / `prefix`, its base's adapters under `base.`), in model order;
+    {} for a model without adapters."""
+    return {k: v.get_value() for k, v in flat_state(model, (AdapterParam, VirtualTokenParam)).items()}
 
 
 def _selection(model, what: str, merged: bool | None = None) -> Selection:
@@ -241,7 +243,10 @@ def unmerge(model) -> nnx.Module:
 
 def detach(model) -> nnx.Module:
     """The base model: every adapted module replaced by a plain Linear holding its (unmerged) kernel and bias, the
-    same arrays (a merged adapter is un-merged first: the base up to rounding). AdapterError without adapters."""
+    same arrays (a merged adapter is un-merged first: the base up to rounding); virtual tokens (prompt / prefix
+    tuning) removed. AdapterError without adapters."""
+    if isinstance(model, VirtualTokens):
+        return detach(model.base) if adapted_modules(model.base) else model.base
     sel = _selection(model, "detach")
 
     def base(m: AdaptedLinear) -> Linear:

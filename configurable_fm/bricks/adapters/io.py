@@ -8,7 +8,9 @@ One Brick per adapted module: name = the module path (`layers.0.self_attn.q_proj
 `layers.0.self_attn.q_proj/lora_a`, ...), metadata = {"options": {rank, alpha, rslora} or {feedforward}}. The base
 weights are not in it; whether the adapter was merged is not either (an adapter is loaded unmerged). Loading checks
 every brick against the model (kind, options, module path, a plain Linear there, the tensors and their shapes) and
-reports all problems in one AdapterError.
+reports all problems in one AdapterError. Virtual tokens (prompts.py) are one brick named 'prompt' or 'prefix', of
+kind 'prompt_tuning' / 'prefix_tuning', with the tensor `values` ((P, D) or (P, L, 2, K, H)); the base's adapters
+follow as usual, and loading wraps the adapted base last.
 """
 from __future__ import annotations
 
@@ -23,14 +25,21 @@ from configurable_fm.bricks.brickset import Brick, BrickSet, load_bricks, save_b
 from configurable_fm.bricks.select import module_index
 from configurable_fm.interop.peft import ADAPTER_LEAVES, attach_built
 from configurable_fm.models.layers import Linear
+from configurable_fm.models.virtual_tokens import VirtualTokens
+
+VIRTUAL_KINDS = {"prompt_tuning": "prompt", "prefix_tuning": "prefix"}
 
 
 def adapter_bricks(model, *, source: str = "") -> BrickSet:
     """The adapters of `model` as a BrickSet (module docstring); AdapterError when it has none."""
-    modules = adapted_modules(model)
-    if not modules:
-        raise AdapterError("adapter_bricks: the model has no adapters")
     bricks = []
+    if isinstance(model, VirtualTokens):
+        bricks.append(Brick(model.kind, f"{model.kind}_tuning", source, {"values": model.values},
+                            {"num_virtual_tokens": model.num_virtual_tokens}))
+        model = model.base
+    modules = adapted_modules(model)
+    if not modules and not bricks:
+        raise AdapterError("adapter_bricks: the model has no adapters")
     for path, m in modules.items():
         options = {k: v for k, v in m.options().items() if k != "merged"}
         params = {leaf: getattr(m, leaf).get_value() for leaf in ADAPTER_LEAVES[m.kind]}
@@ -44,9 +53,15 @@ def attach_bricks(model, bricks: BrickSet | Brick):
     if isinstance(bricks, Brick):
         bricks = BrickSet([bricks])
     index = module_index(model)
-    problems, specs = [], []
+    problems, specs, virtual = [], [], []
     for name, brick in bricks.items():
         label = f"brick {name!r}"
+        if brick.kind in VIRTUAL_KINDS:
+            if set(brick.params) != {"values"}:
+                problems.append(f"{label}: a {brick.kind} brick has one tensor 'values', found {sorted(brick.params)}")
+            else:
+                virtual.append((label, VIRTUAL_KINDS[brick.kind], brick.params["values"]))
+            continue
         if brick.kind not in ADAPTER_TYPES:
             problems.append(f"{label}: kind {brick.kind!r} is not an adapter kind {sorted(ADAPTER_TYPES)}")
             continue
@@ -79,9 +94,18 @@ def attach_bricks(model, bricks: BrickSet | Brick):
             continue
         specs.append({"path": name, "kind": brick.kind, "options": module.options(),
                       "values": {t: jnp.asarray(brick.params[t]) for t in want}})
+    if len(virtual) > 1:
+        problems.append(f"{[v[0] for v in virtual]}: one model takes one set of virtual tokens")
     if problems:
         raise AdapterError(f"attach_bricks: {len(problems)} brick(s) do not fit the model:\n  " + "\n  ".join(problems))
-    return attach_built(model, specs)
+    adapted = attach_built(model, specs) if specs else model
+    if not virtual:
+        return adapted
+    label, kind, values = virtual[0]
+    try:
+        return VirtualTokens(adapted, kind, jnp.asarray(values))
+    except (ValueError, TypeError) as e:
+        raise AdapterError(f"attach_bricks: {label}: {e}") from None
 
 
 def save_adapter(model, directory: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:

@@ -1,0 +1,116 @@
+"""Virtual tokens before every input: prompt tuning and prefix tuning around a causal LM.
+
+    m = VirtualTokens(base, "prompt", prompt_PxD)           # prompt tuning (Lester et al., 2021)
+    m = VirtualTokens(base, "prefix", prefix_PxLx2xKxH)     # prefix tuning (Li & Liang, 2021)
+    logits_BxTxV = m(ids_BxT)                                # logits of the real tokens only
+    generate(m, ids_BxT, max_new_tokens=16)                  # works as for the base
+
+Both are one mechanism: a KV cache prefilled with P virtual tokens, which the real tokens then read.
+- prompt: P learned input vectors (P, D) run through the base model (positions 0..P-1); their keys and values
+  fill slots 0..P-1 of every layer's cache. Because attention is causal, this equals prepending the vectors to
+  the input embeddings, as PEFT's prompt tuning does (the real tokens at positions P..P+T-1).
+- prefix: P learned keys and values per layer, (P, L, 2, K, H) (index 0 keys, 1 values; K key-value heads, H the
+  head dim), written into slots 0..P-1 as they are (they are not rotated: they play the part of rotated keys, as
+  PEFT's past_key_values do in transformers).
+In both, the real tokens take positions P, P+1, ... (positions given by the caller are shifted by P; left
+padding keeps the `cumsum(mask) - 1` rule, as in transformers with PEFT), and the virtual slots are valid for
+every row. `model(ids)` without a cache builds a prefilled cache of P + T slots and runs the base's cached
+forward; `init_cache(batch, max_len)` gives a prefilled cache of P + max_len slots, so `generate` works
+unchanged. Gradients reach the virtual tokens through the cache.
+
+The base keeps its module tree under `base` (paths `base.layers.0...`); the virtual tokens are the one leaf
+`prompt` or `prefix` (a VirtualTokenParam). Exporters need the plain base: `bricks.adapters.detach(m)`.
+Supported bases: decoders with `hidden_states(..., cache=, inputs_embeds=)` and `init_cache` (llama family, gpt2).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from configurable_fm.models import attention as attn
+from configurable_fm.models.layers import CausalLM
+
+KINDS = ("prompt", "prefix")
+
+
+class VirtualTokenParam(nnx.Param):
+    """The trainable virtual tokens of prompt or prefix tuning (train these alone to tune the prompt)."""
+
+
+class VirtualTokens(CausalLM):
+    """A causal LM `base` preceded by P virtual tokens (module docstring)."""
+
+    def __init__(self, base: nnx.Module, kind: str, values: jax.Array):
+        if kind not in KINDS:
+            raise ValueError(f"virtual tokens: kind must be one of {KINDS}, got {kind!r}")
+        if not (callable(getattr(base, "init_cache", None)) and callable(getattr(base, "hidden_states", None))):
+            raise TypeError(f"virtual tokens need a causal decoder with init_cache and hidden_states; "
+                            f"{type(base).__name__} has none")
+        if isinstance(base, VirtualTokens):
+            raise ValueError("the model has virtual tokens already: detach them first")
+        probe = jax.eval_shape(lambda: base.init_cache(1, 1))
+        layers, (_, _, kv_heads, head_dim) = len(probe.k), probe.k[0].shape
+        width = jax.eval_shape(lambda: base.hidden_states(jnp.zeros((1, 1), jnp.int32)))[0].shape[-1]
+        want = ("P", width) if kind == "prompt" else ("P", layers, 2, kv_heads, head_dim)
+        shape = tuple(values.shape)
+        if len(shape) != len(want) or shape[0] < 1 or shape[1:] != want[1:]:
+            raise ValueError(f"virtual tokens ({kind}): values must have shape {want} for this model, got {shape}")
+        self.base = base
+        self.kind = kind
+        self.num_virtual_tokens = int(shape[0])
+        setattr(self, kind, VirtualTokenParam(jnp.asarray(values)))
+
+    @property
+    def values(self) -> jax.Array:
+        """The virtual tokens: (P, D) for 'prompt', (P, L, 2, K, H) for 'prefix'."""
+        return getattr(self, self.kind)[...]
+
+    def prefilled_cache(self, batch: int, max_len: int) -> attn.KVCache:
+        """The base's cache for P + max_len slots with the virtual tokens in slots 0..P-1 (index P)."""
+        p = self.num_virtual_tokens
+        n_positions = getattr(self.base.cfg, "n_positions", None)  # learned position embeddings end there
+        if n_positions is not None and p + max_len > n_positions:
+            raise ValueError(f"{p} virtual tokens + {max_len} tokens exceed n_positions={n_positions}")
+        cache = self.base.init_cache(batch, p + max_len)
+        if self.kind == "prompt":
+            prompt_BxPxD = jnp.broadcast_to(self.values[None], (batch, *self.values.shape))
+            _, cache = self.base.hidden_states(None, inputs_embeds=prompt_BxPxD.astype(_dtype(self.base)),
+                                               cache=cache)
+            return cache
+        prefix = self.values
+        shape_BxPxKxH = (batch, p, *prefix.shape[-2:])
+        k, v = list(cache.k), list(cache.v)
+        for layer in range(len(k)):
+            k[layer] = k[layer].at[:, :p].set(jnp.broadcast_to(prefix[:, layer, 0], shape_BxPxKxH).astype(k[layer].dtype))
+            v[layer] = v[layer].at[:, :p].set(jnp.broadcast_to(prefix[:, layer, 1], shape_BxPxKxH).astype(v[layer].dtype))
+        return dataclasses.replace(cache, k=k, v=v, valid_BxS=cache.valid_BxS.at[:, :p].set(True),
+                                   index=jnp.asarray(p, jnp.int32))
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> attn.KVCache:
+        return self.prefilled_cache(batch, max_len)
+
+    def hidden_states(self, ids_BxT, *, attention_mask=None, positions=None, cache=None):
+        """The base's hidden states of the real tokens (B, T, D) after the virtual ones; the cache (None without
+        one). `positions` count from the first real token; they are shifted by P here."""
+        given = cache is not None
+        if not given:
+            cache = self.prefilled_cache(ids_BxT.shape[0], ids_BxT.shape[1])
+        if positions is not None:
+            positions = positions + self.num_virtual_tokens
+        h, cache = self.base.hidden_states(ids_BxT, attention_mask=attention_mask, positions=positions, cache=cache)
+        return h, (cache if given else None)
+
+    def logits(self, h_BxTxD):
+        return self.base.logits(h_BxTxD)
+
+
+def _dtype(base):
+    """The dtype of the base's token embeddings (the input vectors' dtype)."""
+    for name in ("embed_tokens", "wte"):
+        module = getattr(base, name, None)
+        if module is not None:
+            return module.embedding.dtype
+    return jnp.float32
