@@ -1,4 +1,5 @@
-"""Adapters as bricks: LoRA (+ rsLoRA), DoRA, (IA)³ on Linear modules and prompt / prefix tuning, PEFT-compatible both ways.
+"""Adapters as bricks: LoRA (+ rsLoRA), DoRA, (IA)³ on Linear modules, and prompt / prefix tuning; PEFT-compatible
+both ways.
 
     from configurable_fm.bricks import adapters
     m = adapters.attach(base, "lora", "layers.*.self_attn.[qv]_proj", rank=8, alpha=16, seed=0)
