@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"cfm-train": ("train", "--workdir"), "cfm-run": ("study", "--rerun_from"),
             "cfm-merge": ("merge", "--mergekit_yaml"), "cfm-prepare-data": ("prepare_data", "--out:"),
             "cfm-quickstart": ("quickstart", "--pretrain_steps"), "cfm-convert": ("convert", "--config"),
-            "cfm-grow": ("grow", "--config"), "cfm-edit": ("edit", "--config")}
+            "cfm-grow": ("grow", "--config"), "cfm-edit": ("edit", "--config"),
+            "cfm-adapters": ("adapters", "--config"), "cfm-moefy": ("moefy", "--config")}
 SHIMS = {"train": "train", "run": "study", "merge": "merge", "prepare_data": "prepare_data",
-         "quickstart": "quickstart", "grow": "grow", "edit": "edit"}
+         "quickstart": "quickstart", "grow": "grow", "edit": "edit", "adapters": "adapters", "moefy": "moefy"}
 
 
 def console_scripts() -> dict[str, str]:
