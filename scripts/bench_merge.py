@@ -450,18 +450,29 @@ def main():
                    help="our merge arithmetic (scripts/merge.py --compute_dtype)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--kernel_iters", type=int, default=5)
+    p.add_argument("--kernels_only", action="store_true",
+                   help="--device gpu: only the kernel-only rows (no checkpoints written, no end-to-end merges)")
     p.add_argument("--ours_cmd", default="", help="replace 'python scripts/merge.py' (e.g. a patched launcher)")
     p.add_argument("--keep_outputs", action="store_true")
     p.add_argument("--out", default="", help="results JSON (default WORKDIR/results_<size>_<device>.json)")
     args = p.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoints(work, args.size)
     load = os.getloadavg()
-    if args.device == "gpu":
-        args.tools = "ours"
-    rows = bench_cpu(args, ckpt)
-    if args.device == "gpu":
+    if args.kernels_only:  # the YAMLs alone (their parameters); the kernels read random tensors, not files
+        ckpt = {m: work / args.size / m for m in MODELS}
+        for m in MODELS:  # a config.json makes each a valid model reference for the YAML parser
+            ckpt[m].mkdir(parents=True, exist_ok=True)
+            (ckpt[m] / "config.json").write_text(json.dumps({"model_type": "llama", **SIZES[args.size]}))
+        for method in args.methods.split(","):
+            write_yaml(work / f"{args.size}_{method}.yml", method, ckpt, args.dtype)
+        rows = []
+    else:
+        ckpt = make_checkpoints(work, args.size)
+        if args.device == "gpu":
+            args.tools = "ours"
+        rows = bench_cpu(args, ckpt)
+    if args.device == "gpu" or args.kernels_only:
         rows += bench_kernels(args)
     import jax
 
