@@ -39,11 +39,10 @@ import subprocess
 import sys
 import time
 
-SHAPES = {  # scripts/bench_generate.py's shapes: SmolLM2-135M, experiments/pretrain.py:1b, and a CPU one
-    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                 num_kv_heads=3, rope_theta=1e5),
-    "1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-               num_kv_heads=8, rope_theta=1e4),
+from experiments.shapes import SHAPES as BENCH_SHAPES
+
+SHAPES = {  # the anchors' shapes (experiments/shapes.py: SmolLM2-135M, experiments/pretrain.py:1b) and a CPU one
+    **BENCH_SHAPES,
     "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
                  num_kv_heads=2, rope_theta=1e4),
 }

@@ -39,13 +39,11 @@ from flax import nnx
 import configurable_fm.models.attention as attn
 from configurable_fm.models.factory import build_model
 from configurable_fm.models.generation import Generator
+from experiments.shapes import SHAPES as BENCH_SHAPES
 
 ATTENTION = ["auto"]
-SHAPES = {  # the anchor's shapes: SmolLM2-135M and experiments/pretrain.py:1b
-    "135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                 num_kv_heads=3, rope_theta=1e5),
-    "1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-               num_kv_heads=8, rope_theta=1e4),
+SHAPES = {  # the anchor's shapes (experiments/shapes.py) and a CPU one
+    **BENCH_SHAPES,
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, rope_theta=1e4),
 }
