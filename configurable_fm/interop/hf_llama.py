@@ -52,6 +52,13 @@ def config_from_hf(c: dict) -> LlamaConfig:
         architecture=arch)
 
 
+def _check_router(cfg: LlamaConfig) -> None:
+    if cfg.num_experts and cfg.router == "noisy_topk":
+        raise UnsupportedModel("MixtralForCausalLM has no noisy top-k gating (router='noisy_topk', with noise "
+                               "weights layers.*.mlp.noise); for inference it equals topk_softmax: export "
+                               "models.structure.rebuild(model, {'router': 'topk_softmax'}), which drops them")
+
+
 def config_to_hf(cfg: LlamaConfig) -> dict:
     c = {
         "architectures": [cfg.architecture], "model_type": MODEL_TYPES[cfg.architecture],
@@ -77,15 +84,20 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     if cfg.architecture == "MixtralForCausalLM":
         c.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
                  sliding_window=cfg.sliding_window)
+        _check_router(cfg)
         if cfg.router != "topk_softmax":
             raise UnsupportedModel("MixtralForCausalLM routes top-k then softmax; this model uses "
                                    f"router={cfg.router!r}")
+        if cfg.router_capacity_factor is not None:
+            raise UnsupportedModel("MixtralForCausalLM has no expert capacity (tokens are never dropped); this model "
+                                   f"has router_capacity_factor={cfg.router_capacity_factor}")
     elif cfg.num_experts:
         raise UnsupportedModel(f"{cfg.architecture} has no experts; write MoE models as MixtralForCausalLM")
     return c
 
 
 def tensor_map(cfg: LlamaConfig) -> list:
+    _check_router(cfg)  # before the missing noise tensors are reported
     maps = [same("embed_tokens.embedding", "model.embed_tokens.weight"), same("norm.weight", "model.norm.weight")]
     if not cfg.tie_word_embeddings:
         maps.append(linear("lm_head.kernel", "lm_head.weight"))

@@ -21,7 +21,7 @@ from flax import nnx
 
 from configurable_fm.models import attention as attn
 from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation
-from configurable_fm.models.moe import SparseMoE
+from configurable_fm.models.moe import ROUTERS, SparseMoE
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
 
@@ -47,15 +47,19 @@ class LlamaConfig:
     # Mixtral-style sparse MoE in place of the MLP (num_experts == 0 means dense).
     num_experts: int = 0
     num_experts_per_tok: int = 2
-    router: str = "topk_softmax"  # or "softmax_topk" (no renormalisation over the chosen experts)
+    router: str = "topk_softmax"  # or softmax_topk, noisy_topk, expert_choice (models/moe.py)
+    router_capacity_factor: float | None = None  # token-choice capacity per row (None: none); expert choice's C
     # Informational: which HF architecture this config came from / is written as.
     architecture: str = "LlamaForCausalLM"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.router not in ("topk_softmax", "softmax_topk"):
-            raise ValueError(f"router must be 'topk_softmax' or 'softmax_topk', got {self.router!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {list(ROUTERS)}, got {self.router!r}")
+        cf = self.router_capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+            raise ValueError(f"router_capacity_factor must be None or a number > 0, got {cf!r}")
 
     @property
     def dim_per_head(self) -> int:

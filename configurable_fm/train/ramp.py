@@ -19,7 +19,8 @@ Evaluation (eval_loss at the number of steps done) uses r of that step too. The 
 setup() refuses a config.trainable that selects them, and a model without any (nothing to ramp).
 
 `task_from_config(spec)` builds the task a train config names: None / {} / kind '' or 'next_token' gives the
-default NextTokenTask; kind 'mask_ramp' a MaskRampTask(start, steps) around it.
+default NextTokenTask; kind 'mask_ramp' a MaskRampTask(start, steps) around it; kind 'moe' a train.moe.MoETask
+(router load-balancing and z-losses, router statistics) with the entry's other keys (MoETask.from_config).
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ import jax.numpy as jnp
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.masked import GrowthRamp
 from configurable_fm.models.structure import variables_of
+from configurable_fm.train.moe import MoETask
 from configurable_fm.train.task import NextTokenTask, Task, eval_loss, set_up_task
 
-TASK_KINDS = ("next_token", "mask_ramp")
+TASK_KINDS = ("next_token", "mask_ramp", "moe")
 MASK_RAMP_KEYS = ("kind", "start", "steps")
 
 
@@ -116,6 +118,8 @@ def task_from_config(spec: Mapping[str, Any] | None) -> Task:
         if extra:
             raise ConfigError(f"task.kind='next_token' takes no settings; got {extra}")
         return NextTokenTask()
+    if kind == "moe":
+        return MoETask.from_config({k: v for k, v in spec.items() if k != "kind"})
     extra = sorted(set(spec) - set(MASK_RAMP_KEYS))
     if extra:
         raise ConfigError(f"task: unknown key(s) {extra} for kind 'mask_ramp'; valid keys: {list(MASK_RAMP_KEYS)}")

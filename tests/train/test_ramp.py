@@ -103,9 +103,12 @@ def test_task_from_config():
     assert isinstance(task_from_config({"kind": ""}), NextTokenTask)
     task = task_from_config({"kind": "mask_ramp", "start": 10, "steps": 100})
     assert isinstance(task, MaskRampTask) and (task.start, task.steps) == (10, 100)
+    moe = task_from_config({"kind": "moe", "aux_loss_coef": 0.02})
+    assert type(moe).__name__ == "MoETask" and moe.aux_loss_coef == 0.02
     assert "task" in TRAIN_KEYS  # the train stage takes a `task` entry
     for spec, message in [
-        ({"kind": "nope"}, r"task.kind='nope' is not one of \['next_token', 'mask_ramp'\]"),
+        ({"kind": "nope"}, r"task.kind='nope' is not one of \['next_token', 'mask_ramp', 'moe'\]"),
+        ({"kind": "moe", "aux": 1}, r"MoETask: unknown key\(s\) \['aux'\]"),
         ({"kind": "mask_ramp", "start": 0}, r"task.kind='mask_ramp' needs task.steps"),
         ({"kind": "mask_ramp", "steps": 5, "rate": 1}, r"unknown key\(s\) \['rate'\] for kind 'mask_ramp'"),
         ({"kind": "mask_ramp", "steps": 0}, r"MaskRampTask: steps=0 must be an int >= 1"),
