@@ -1,0 +1,249 @@
+"""Routing by task embeddings (LoRAuter-style retrieval): each adapter is represented by the centroid of the
+sentence embeddings of a few example inputs; a query goes to the adapters whose centroids it is most similar to.
+
+    encoder = load_text_encoder()                                   # all-MiniLM-L6-v2 (embed.py)
+    router = build_router(encoder, {"code": code_examples, "prose": prose_examples})
+    r = route_texts(router, encoder, queries)                       # Routing: scores, choices, weights
+    logits = run_routed(mix(base, [code_lora, prose_lora]), r, ids_BxT)           # top-1: with_adapter_ids
+    r2 = route_texts(router, encoder, queries, top_k=2, temperature=0.05)
+    logits = run_routed(weighted_mix(base, [code_lora, prose_lora]), r2, ids_BxT)  # top-k: with_adapter_weights
+    cost = routing_cost(router, encoder, queries, model, ids_BxT)   # seconds: embed, select, LM forward
+
+The math, with unit sentence embeddings e (D,) (embed.embed_texts: mean-pooled, L2-normalised):
+    centroid of adapter i    c_i = normalise(mean_{x ∈ examples_i} e(x))     (N, D)
+    scores of a query q      s_i = <e(q), c_i>  (cosine similarity: both unit)  (Q, N)
+    top-1                    choice = argmax_i s_i  (the lower index among equal scores)
+    top-k                    w_i = exp(s_i / T) / Σ_{j ∈ K} exp(s_j / T) over the k best K, 0 elsewhere
+A row routed to weights w runs y = x W + b + Σ_i w_i s_i (x A_i) B_i at every module, i.e. the linear merge of the
+chosen updates Σ_i w_i ΔW_i applied to that row alone (mixture.py); top-1 is a one-hot w, which
+bricks.adapters.with_adapter_ids serves on a mixed model (and which also takes DoRA / IA3 adapters).
+
+Choices: the centroid is renormalised (cosine to the mean direction; the mean of unit vectors is shorter than 1
+when the examples disagree, which would otherwise shrink that adapter's scores); the temperature applies to
+cosines in [−1, 1], so useful values are small (default 0.05). Scores below `threshold` can send a row to the base
+(id −1 / zero weights): `route(..., threshold=0.2)`.
+
+Routing cost (`routing_cost`): wall-clock seconds of embedding the queries, of the selection (scores, top-k) and of
+the LM forward of the same batch, each after one warm-up call (compilation excluded), median of `repeats`, with
+`block_until_ready`; `overhead` = (embed + select) / LM forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from configurable_fm.bricks.adapters import BASE_ID, mixed_modules, with_adapter_ids
+from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.ops.route.common import RouteError
+from configurable_fm.ops.route.embed import TextEncoder, embed_texts
+from configurable_fm.ops.route.mixture import RowWeightedLinear, routed_modules, softmax_top_k, with_adapter_weights
+
+DEFAULT_TEMPERATURE = 0.05
+ROUTER_FORMAT = "configurable_fm.centroid_router"
+ROUTER_FILE, CENTROIDS_FILE = "router.json", "centroids.safetensors"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CentroidRouter:
+    """names (N,) of the adapters, in library order; centroids (N, D) float32 unit rows; counts (N,): the number
+    of examples behind each centroid; encoder: the name of the sentence encoder that made them."""
+
+    names: tuple[str, ...]
+    centroids: np.ndarray
+    counts: tuple[int, ...]
+    encoder: str = ""
+
+    def __post_init__(self):
+        c = np.asarray(self.centroids)
+        if c.ndim != 2 or c.shape[0] != len(self.names) or len(self.counts) != len(self.names) or not self.names:
+            raise RouteError(f"CentroidRouter: {len(self.names)} names, {len(self.counts)} counts and centroids "
+                             f"of shape {c.shape} do not fit (one (D,) row per adapter)")
+        if len(set(self.names)) != len(self.names):
+            raise RouteError(f"CentroidRouter: adapter names repeat: {list(self.names)}")
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """router.json (names, counts, encoder) + centroids.safetensors, written atomically."""
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            save_file({"centroids": np.ascontiguousarray(self.centroids, np.float32)}, str(tmp / CENTROIDS_FILE))
+            (tmp / ROUTER_FILE).write_text(json.dumps({"format": ROUTER_FORMAT, "version": 1,
+                                                       "names": list(self.names), "counts": list(self.counts),
+                                                       "encoder": self.encoder}, indent=1) + "\n")
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CentroidRouter":
+        directory = Path(directory)
+        for f in (ROUTER_FILE, CENTROIDS_FILE):
+            if not (directory / f).is_file():
+                raise RouteError(f"{directory / f}: no such file (a router directory holds {ROUTER_FILE} and "
+                                 f"{CENTROIDS_FILE})")
+        meta = json.loads((directory / ROUTER_FILE).read_text())
+        if not isinstance(meta, dict) or meta.get("format") != ROUTER_FORMAT:
+            raise RouteError(f"{directory / ROUTER_FILE}: not a centroid router (format {ROUTER_FORMAT!r})")
+        centroids = load_file(str(directory / CENTROIDS_FILE)).get("centroids")
+        if centroids is None:
+            raise RouteError(f"{directory / CENTROIDS_FILE}: no tensor 'centroids'")
+        return cls(tuple(meta["names"]), centroids, tuple(int(c) for c in meta["counts"]), meta.get("encoder", ""))
+
+
+def centroid(embeddings_KxD: np.ndarray) -> np.ndarray:
+    """normalise(mean of the rows): the unit mean direction (D,) float32 of K >= 1 embeddings."""
+    m = np.asarray(embeddings_KxD, np.float64).mean(axis=0)
+    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+
+
+def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *, batch_size: int = 32
+                 ) -> CentroidRouter:
+    """A CentroidRouter from {adapter name: example inputs} (module docstring), the names in mapping order; all
+    examples are embedded in one pass. RouteError naming the adapters without examples."""
+    if not isinstance(examples, Mapping) or not examples:
+        raise RouteError("build_router: give {adapter name: [example inputs]} for at least one adapter")
+    empty = [n for n, xs in examples.items() if isinstance(xs, str) or not xs]
+    if empty:
+        raise RouteError(f"build_router: adapters {empty} have no example inputs (give a list of strings)")
+    flat = [x for xs in examples.values() for x in xs]
+    e = embed_texts(encoder, flat, batch_size=batch_size)
+    bounds = np.cumsum([0] + [len(xs) for xs in examples.values()])
+    centroids = np.stack([centroid(e[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    return CentroidRouter(tuple(examples), centroids, tuple(len(xs) for xs in examples.values()), encoder.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """scores (Q, N): cosine of each query to each centroid; choices (Q,): the top-1 adapter id (BASE_ID −1
+    where the best score is below the threshold); top (Q, k): the chosen ids, best first; weights (Q, N): softmax
+    over the top-k scores / T, 0 elsewhere (a zero row where the best score is below the threshold); names:
+    the adapters' names."""
+
+    scores: np.ndarray
+    choices: np.ndarray
+    top: np.ndarray
+    weights: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def chosen_names(self) -> list[str | None]:
+        """The top-1 adapter name of each query (None: the base)."""
+        return [None if i == BASE_ID else self.names[i] for i in self.choices.tolist()]
+
+
+def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 1,
+          temperature: float = DEFAULT_TEMPERATURE, threshold: float | None = None) -> Routing:
+    """Routing of unit query embeddings (Q, D) (module docstring). RouteError for a dimension that is not the
+    centroids', or top_k outside 1..N."""
+    q = np.asarray(query_embeddings, np.float32)
+    n, d = router.centroids.shape
+    if q.ndim != 2 or q.shape[1] != d:
+        raise RouteError(f"route: query embeddings must be (Q, {d}) (the centroids' width), got {q.shape}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+        raise RouteError(f"route: top_k must be an int in 1..{n} (the number of adapters), got {top_k!r}")
+    scores = q @ np.asarray(router.centroids, np.float32).T
+    w, top = softmax_top_k(jnp.asarray(scores), top_k, temperature)
+    weights, top = np.array(w, np.float32), np.array(top, np.int32)
+    choices = top[:, 0].copy()
+    if threshold is not None:
+        low = scores.max(axis=1) < threshold
+        choices[low] = BASE_ID
+        weights[low] = 0.0
+    return Routing(scores, choices, top, weights, router.names)
+
+
+def route_texts(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[str], **options) -> Routing:
+    """route(router, embed_texts(encoder, texts), **options); RouteError when the router was built with another
+    encoder (by name)."""
+    if router.encoder and encoder.name and router.encoder != encoder.name:
+        raise RouteError(f"route_texts: the router's centroids come from {router.encoder!r}, the encoder is "
+                         f"{encoder.name!r}")
+    return route(router, embed_texts(encoder, texts), **options)
+
+
+def run_routed(model: nnx.Module, routing: Routing, ids_BxT, **call_kwargs):
+    """The forward of `model` on ids_BxT with each row routed as `routing` says: a mixed model
+    (bricks.adapters.mix, in router order) takes the top-1 choices (with_adapter_ids), a row-weighted model
+    (weighted_mix) the weights (with_adapter_weights). RouteError when the model is neither, holds another
+    number of adapters, or the batch is not one row per query."""
+    b = int(np.shape(ids_BxT)[0])
+    if b != len(routing.choices):
+        raise RouteError(f"run_routed: {b} rows of ids for {len(routing.choices)} routed queries")
+    n = len(routing.names)
+    mixed = mixed_modules(model)
+    weighted = [m for m in routed_modules(model).values() if isinstance(m, RowWeightedLinear)]
+    if mixed:
+        held = {m.num_adapters for m in mixed.values()}
+        if held != {n}:
+            raise RouteError(f"run_routed: the mixed model holds {sorted(held)} adapters, the routing {n}")
+        return with_adapter_ids(model, routing.choices)(ids_BxT, **call_kwargs)
+    if weighted:
+        held = {m.num_adapters for m in weighted}
+        if held != {n}:
+            raise RouteError(f"run_routed: the weighted model holds {sorted(held)} adapters, the routing {n}")
+        return with_adapter_weights(model, routing.weights)(ids_BxT, **call_kwargs)
+    raise RouteError("run_routed: the model has neither mixed-adapter modules (bricks.adapters.mix) nor "
+                     "row-weighted ones (ops.route.weighted_mix)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingCost:
+    """Median wall-clock seconds per call: embed (the query embeddings), select (scores and top-k), lm (the
+    routed LM forward of the same batch); overhead = (embed + select) / lm."""
+
+    embed: float
+    select: float
+    lm: float
+    batch: int
+
+    @property
+    def overhead(self) -> float:
+        return (self.embed + self.select) / self.lm
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "overhead": self.overhead}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # warm-up: compilation excluded
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times))
+
+
+def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[str], model: nnx.Module, ids_BxT,
+                 *, top_k: int = 1, temperature: float = DEFAULT_TEMPERATURE, repeats: int = 3) -> RoutingCost:
+    """How much routing adds to a forward (module docstring): embedding `texts` (one query per row of ids_BxT),
+    selecting adapters, and the LM forward of `model` (a mixed or row-weighted model, routed as selected, jitted)
+    on ids_BxT. RouteError for repeats < 1 or a batch that does not match the texts."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise RouteError(f"routing_cost: repeats must be an int >= 1, got {repeats!r}")
+    texts = list(texts)
+    ids = jnp.asarray(ids_BxT)
+    if ids.ndim != 2 or ids.shape[0] != len(texts):
+        raise RouteError(f"routing_cost: ids must be (B, T) with one row per text, got {tuple(ids.shape)} for "
+                         f"{len(texts)} texts")
+    embed_s = _median_seconds(lambda: embed_texts(encoder, texts), repeats)
+    q = embed_texts(encoder, texts)
+    select_s = _median_seconds(lambda: route(router, q, top_k=top_k, temperature=temperature).weights, repeats)
+    routing = route(router, q, top_k=top_k, temperature=temperature)
+    if mixed_modules(model):
+        routed = with_adapter_ids(model, routing.choices)
+    elif any(isinstance(m, RowWeightedLinear) for m in routed_modules(model).values()):
+        routed = with_adapter_weights(model, routing.weights)
+    else:
+        routed = model
+    graphdef, state = nnx.split(routed)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    lm_s = _median_seconds(lambda: forward(state, ids), repeats)
+    return RoutingCost(embed=embed_s, select=select_s, lm=lm_s, batch=len(texts))
