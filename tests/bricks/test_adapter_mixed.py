@@ -165,6 +165,7 @@ def test_bfloat16_compute_rows_equal_their_adapter_alone(base, singles, with_row
         np.testing.assert_allclose(out[b], bf16(singles[i], TOKENS[b:b + 1])[0], atol=1e-3, rtol=0)
 
 
+@pytest.mark.slow  # CI time
 def test_sharded_forward_equals_unsharded(with_rows):
     mesh = shd.make_mesh((2, 2, 2))
     apply = jax.jit(lambda graphdef, state, tokens: nnx.merge(graphdef, state)(tokens), static_argnums=0)
@@ -176,6 +177,7 @@ def test_sharded_forward_equals_unsharded(with_rows):
     np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # CI time
 def test_orbax_round_trip_of_a_mixed_model(with_rows, tmp_path):
     from configurable_fm.interop.orbax_io import load_model, save_model
 
@@ -186,6 +188,7 @@ def test_orbax_round_trip_of_a_mixed_model(with_rows, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ generation
+@pytest.mark.slow  # CI time: ~19 s of generate compilations; rows' logits are checked fast above
 def test_generate_gives_each_row_its_adapters_tokens(base, singles, mixed):
     mask = np.ones(TOKENS.shape, np.int32)
     mask[1, :3] = mask[2, :2] = 0  # left padding

@@ -54,6 +54,7 @@ def test_tiny_run_prints_every_row(tmp_path):
     assert summary["dora_over_lora"] == pytest.approx(train["dora"]["tokens_per_s"] / train["lora"]["tokens_per_s"])
 
 
+@pytest.mark.slow  # CI time: ~16 s (one 1-layer train step compiled)
 def test_lora_step_trains_exactly_the_adapter_leaves(bench):
     class Args:
         shape, seq, train_batch, steps, warmup, rank, dtype = "tiny", 8, 2, 1, 0, 4, "float32"

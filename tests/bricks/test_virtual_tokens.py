@@ -103,7 +103,7 @@ def _naive_greedy(model, prompt, n):
     return x
 
 
-@pytest.mark.parametrize("family, kind", [("llama", "prompt"), ("gpt2", "prefix")])
+@pytest.mark.parametrize("family, kind", [("llama", "prompt"), pytest.param("gpt2", "prefix", marks=pytest.mark.slow)])
 def test_generate_through_the_prefilled_cache(bases, family, kind):
     m = adapters.attach_virtual_tokens(bases[family][1], kind, P, seed=3)
     out = np.asarray(generate(m, IDS, max_new_tokens=3))

@@ -358,7 +358,8 @@ def test_output_dtype_rules():
     assert X.output_dtype(np.float64) == np.float32  # as jax computes it (x64 off), as tree.merge writes it
 
 
-@pytest.mark.parametrize("method", sorted(set(SETTINGS) - {"slerp"}))
+@pytest.mark.parametrize("method", [m if m in ("linear", "ties", "dare_ties", "karcher") else
+                                    pytest.param(m, marks=pytest.mark.slow) for m in sorted(set(SETTINGS) - {"slerp"})])
 def test_merge_stacked_equals_tensor_by_tensor(method):
     """The two same-shape layer tensors merged in one vmapped call give merge_tensor's results (their per-model
     parameter arrays differ under the depth gradients of SETTINGS)."""

@@ -93,7 +93,7 @@ def test_prototypes_equal_numpy_svd():
 
 
 # ------------------------------------------------------------------------------------------ PEFT's Arrow
-@pytest.mark.parametrize("gks", [False, True], ids=["arrow", "genknowsub"])
+@pytest.mark.parametrize("gks", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["arrow", "genknowsub"])
 def test_parity_with_peft_arrow(tmp_path, gks):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -155,6 +155,7 @@ def test_top1_with_one_dominant_adapter_equals_it_alone(base, loras):
         np.testing.assert_array_equal(np.asarray(w), np.broadcast_to([0.0, 1.0, 0.0], w.shape))
 
 
+@pytest.mark.slow  # CI time
 def test_all_adapters_at_a_huge_temperature_are_the_uniform_combination(base, loras):
     m = arrow(base, loras, top_k=3, temperature=1e9)
     uniform = adapters.combine(loras, [1 / 3] * 3, "cat")  # Σ_i ΔW_i / 3 exactly

@@ -104,6 +104,7 @@ def test_search_finds_the_fitted_adapter(setup):
     assert not np.array_equal(other_seed.candidates[1:], result.candidates[1:12])
 
 
+@pytest.mark.slow  # CI time; the search test covers the objective
 def test_few_shot_batch_and_target_loss(setup):
     tok = char_tokenizer()
     s = few_shot_batch(tok, ["ab", "c"], ["X", "YZ"], pad_id=0, bos_id=2, eos_id=1)
