@@ -7,7 +7,10 @@
     result = trace_fact(model, tok, "The capital of {} is", "France"); plot_trace(result)   # causal tracing
 
 taps.py names the points of every model family; capture.py, interventions.py and reduce.py hold the rest;
-tracing.py is ROME's causal tracing built on them (and the layers it suggests for editing).
+tracing.py is ROME's causal tracing built on them (and the layers it suggests for editing). Emergent bricks built on
+them: neurons.py (activation statistics, specialisation scores, masking), moefication/ (FFNs split into experts with
+routers; `moefy`) and sparsity/ (TEAL-style training-free activation sparsity; `sparsify_activations`), each
+imported from its own module.
 """
 from configurable_fm.analysis.batches import limited, progress_bar, token_mask
 from configurable_fm.analysis.capture import capture, intervene

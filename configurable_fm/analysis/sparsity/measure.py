@@ -1,0 +1,159 @@
+"""Measuring an activation-sparse model on held-out batches: perplexity and the sparsity each SparseLinear achieves.
+
+    ev = evaluate(sparse, batches)             # one jitted forward per batch
+    ev.perplexity(), ev.sparsity()             # exp(mean NLL); {path: fraction of input entries zeroed}
+    ev.mean_sparsity(weighted=True)            # the fraction of the targeted weights a sparse kernel would skip
+    dense = evaluate(model, batches)           # a model without SparseLinear: perplexity only
+    ev = evaluate(sparse, batches, dense_prefix=256)   # TEAL's protocol: positions < 256 stay dense, scored from 256
+
+Per batch ({'inputs', 'targets' (B, T), 'loss_mask'?, 'attention_mask'?, 'mask'?}, as data.pipeline.eval_batches
+yields them), with m the token mask (analysis/batches.py `token_mask`, times 'loss_mask' when present):
+    nll[b, t]   = -log softmax(logits[b, t])[targets[b, t]]             (models/scoring.next_token_nll, float32)
+    NLL_t      += sum_b m[b, t] nll[b, t],   N_t += sum_b m[b, t]        per position t, summed over batches (float64)
+    kept_l     += sum_{b, t >= P} m[b, t] sum_i kept_l[b, t, i]            for each SparseLinear l (its `kept` tap)
+    entries_l  += in_l sum_{b, t >= P} m[b, t]
+    perplexity(from) = exp(sum_{t >= from} NLL_t / sum_{t >= from} N_t);  sparsity_l = 1 - kept_l / entries_l
+    mean_sparsity(weighted) = sum_l w_l sparsity_l / sum_l w_l,   w_l = in_l out_l (weighted) or 1
+With dense_prefix P > 0 every SparseLinear keeps all entries of the positions t < P (an intervention on the `kept`
+points), the sparsity is counted on t >= P, and perplexity() scores t >= P by default. This is how TEAL's published
+perplexities are measured (its evaluation sparsifies only the last half of each window, emulating a dense prefill
+followed by sparse decoding, and scores positions in that half); P = 0 sparsifies and scores every position.
+
+The forward runs as one jitted step per batch, compiled once per (model structure, batch shape, P): models that
+differ only in their thresholds (every level of a sweep, and the dense model as thresholds -1) share it. Nothing
+but the sums leaves the step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from configurable_fm.analysis.batches import batch_inputs, limited, progress_bar, token_mask
+from configurable_fm.analysis.capture import capture
+from configurable_fm.analysis.interventions import replace
+from configurable_fm.analysis.sparsity.module import SparsityError, linear_shapes, sparse_linears
+from configurable_fm.models.scoring import next_token_nll
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """The sums of `evaluate` (module docstring): nll (T,) and tokens (T,) per position; kept and entries per
+    SparseLinear path; shapes {path: (in, out)}; dense_prefix P; batches."""
+
+    nll: np.ndarray
+    tokens: np.ndarray
+    kept: dict[str, int]
+    entries: dict[str, int]
+    shapes: dict[str, tuple[int, int]]
+    dense_prefix: int
+    batches: int
+
+    def scored_tokens(self, start: Optional[int] = None) -> int:
+        return int(self.tokens[self.dense_prefix if start is None else start:].sum())
+
+    def mean_nll(self, start: Optional[int] = None) -> float:
+        """Mean NLL over the scored positions t >= start (default: dense_prefix)."""
+        s = self.dense_prefix if start is None else start
+        n = self.tokens[s:].sum()
+        if n <= 0:
+            raise SparsityError(f"evaluate: no scored tokens at positions >= {s}")
+        return float(self.nll[s:].sum() / n)
+
+    def perplexity(self, start: Optional[int] = None) -> float:
+        return float(np.exp(self.mean_nll(start)))
+
+    def sparsity(self) -> dict[str, float]:
+        """{path: fraction of the input entries the SparseLinear zeroed}."""
+        return {p: 1.0 - self.kept[p] / self.entries[p] if self.entries[p] else float("nan") for p in self.kept}
+
+    def mean_sparsity(self, weighted: bool = True, paths: Optional[Iterable[str]] = None) -> float:
+        """The mean of sparsity() over `paths` (all), weighted by in * out (the share of weight reads skipped) or
+        not; NaN when there is no SparseLinear."""
+        s = self.sparsity()
+        chosen = list(s) if paths is None else [p for p in paths if p in s]
+        if not chosen:
+            return float("nan")
+        w = np.asarray([self.shapes[p][0] * self.shapes[p][1] if weighted else 1.0 for p in chosen], np.float64)
+        return float(np.sum(w * np.asarray([s[p] for p in chosen])) / w.sum())
+
+
+def _step(graphdef, points: tuple, prefix: int, masked: bool, state, inputs, targets, attention, m_BxT):
+    model = nnx.merge(graphdef, state)
+    call = (lambda mm: mm(inputs, attention_mask=attention)) if masked else (lambda mm: mm(inputs))
+    if points:
+        interventions = {p: replace(True, positions=list(range(prefix))) for p in points} if prefix else None
+        logits, kept = capture(model, list(points), call, interventions=interventions)
+    else:
+        logits, kept = call(model), {}
+    nll_T = jnp.sum(next_token_nll(logits, targets) * m_BxT, axis=0)
+    scored = m_BxT.at[:, :prefix].set(0.0) if prefix else m_BxT
+    counts = {p[:-len(".kept")]: jnp.sum(k & (scored[..., None] > 0), dtype=jnp.int32) for p, k in kept.items()}
+    return nll_T, counts, jnp.sum(scored)
+
+
+_jitted_step = jax.jit(_step, static_argnums=(0, 1, 2, 3))
+
+
+def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int = 0, max_batches: Optional[int] = None,
+             progress: bool = False, log: Optional[Callable[[str], None]] = None,
+             desc: str = "sparsity: evaluate") -> Evaluation:
+    """Perplexity and per-SparseLinear achieved sparsity over `batches` (module docstring); `model` is not modified.
+    Batches need 'inputs' and 'targets' (B, T). SparsityError for a dense_prefix outside [0, T) or no batches."""
+    if isinstance(dense_prefix, bool) or not isinstance(dense_prefix, (int, np.integer)) or dense_prefix < 0:
+        raise SparsityError(f"evaluate: dense_prefix must be an int >= 0, got {dense_prefix!r}")
+    prefix = int(dense_prefix)
+    found = sparse_linears(model)
+    points = tuple(f"{p}.kept" for p in found)
+    shapes = linear_shapes(model, list(found))
+    graphdef, state = nnx.split(model)
+    nll = tokens = None
+    kept = {p: 0 for p in found}
+    entries = {p: 0 for p in found}
+    n = 0
+    it, total = limited(batches, max_batches)
+    for i, batch in enumerate(progress_bar(it, total=total, desc=desc, enabled=progress, log=log)):
+        where = f"{desc}: batch {i}"
+        inputs = batch_inputs(batch, where)
+        if "targets" not in batch:
+            raise KeyError(f"{where} lacks 'targets' (the next tokens to score); it has {sorted(batch)}")
+        targets = np.asarray(batch["targets"], np.int32)
+        if targets.shape != inputs.shape:
+            raise ValueError(f"{where}: targets are {targets.shape} but inputs are {inputs.shape}")
+        if prefix >= inputs.shape[1]:
+            raise SparsityError(f"evaluate: dense_prefix={prefix} leaves no position of the {inputs.shape[1]}-token "
+                                "windows sparse")
+        m = token_mask(batch, where)
+        if "loss_mask" in batch:
+            m = m * (np.asarray(batch["loss_mask"]) > 0)
+        masked = "attention_mask" in batch
+        attention = jnp.asarray(batch["attention_mask"], jnp.int32) if masked else None
+        nll_T, counts, scored = _jitted_step(graphdef, points, prefix, masked, state, jnp.asarray(inputs),
+                                             jnp.asarray(targets), attention, jnp.asarray(m, jnp.float32))
+        nll_T = np.asarray(nll_T, np.float64)
+        m_T = m.sum(axis=0).astype(np.int64)
+        nll = nll_T if nll is None else _add_padded(nll, nll_T)
+        tokens = m_T if tokens is None else _add_padded(tokens, m_T)
+        scored = int(round(float(scored)))
+        for p, c in counts.items():
+            kept[p] += int(c)
+            entries[p] += scored * shapes[p][0]
+        n += 1
+    if n == 0:
+        raise SparsityError(f"{desc}: no batches")
+    return Evaluation(nll=nll, tokens=tokens, kept=kept, entries=entries,
+                      shapes=shapes, dense_prefix=prefix, batches=n)
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a + b for per-position sums of batches of different lengths (the shorter padded with zeros)."""
+    size = max(len(a), len(b))
+    out = np.zeros((size,), np.result_type(a, b))
+    out[:len(a)] += a
+    out[:len(b)] += b
+    return out
+
