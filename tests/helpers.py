@@ -106,3 +106,21 @@ def read_tensors(out_dir) -> dict:
 
     store = TensorStore(out_dir)
     return {k: np.asarray(store[k]) for k in store}
+
+
+def tiny_hf_llama(directory: Path):
+    """A tiny random transformers LlamaForCausalLM (GQA: 4 heads, 2 kv heads, vocab 97, 2 layers), torch seed 0,
+    weights ~ N(0, 0.1) (norms ~ N(1, 0.1)), saved to `directory`, in eval mode; returns it (for PEFT parity tests,
+    which convert it with interop.hf.from_hf)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
+    hf.eval().save_pretrained(directory)
+    return hf

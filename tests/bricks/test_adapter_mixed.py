@@ -24,7 +24,7 @@ from configurable_fm.models import check_consistent, extension_specs
 from configurable_fm.models import generation
 from configurable_fm.models.factory import with_compute_dtype
 from configurable_fm.models.llama import LlamaConfig
-from tests.helpers import assert_params_equal, random_llama
+from tests.helpers import assert_params_equal, random_llama, tiny_hf_llama
 
 TOL = 1e-5
 CFG = LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -229,14 +229,7 @@ def test_parity_with_peft_mixed_batch(tmp_path):
     peft = pytest.importorskip("peft")
     from configurable_fm.interop.hf import from_hf
 
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
-    hf.eval().save_pretrained(tmp_path / "hf")
+    hf = tiny_hf_llama(tmp_path / "hf")
     configs = {"a": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                     init_lora_weights=False),
                "b": peft.LoraConfig(r=2, lora_alpha=6, use_rslora=True, target_modules=["q_proj", "o_proj"],

@@ -28,7 +28,7 @@ from configurable_fm.models import check_consistent
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.ops.route import (ArrowLinear, RouteError, arrow, arrow_modules, lora_mixture, lora_prototypes,
                                        softmax_top_k, unroute)
-from tests.helpers import assert_params_equal, random_llama
+from tests.helpers import assert_params_equal, random_llama, tiny_hf_llama
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_position_embeddings=32)
@@ -100,14 +100,7 @@ def test_parity_with_peft_arrow(tmp_path, gks):
     peft = pytest.importorskip("peft")
     from configurable_fm.interop.hf import from_hf
 
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
-    hf.eval().save_pretrained(tmp_path / "hf")
+    hf = tiny_hf_llama(tmp_path / "hf")
     names = ["t0", "t1", "t2"] + (["g0", "g1"] if gks else [])
     for seed, name in enumerate(names):
         torch.manual_seed(seed + 1)
