@@ -124,6 +124,7 @@ def test_sparsify_replaces_updates_and_keeps_other_extensions(dense):
     assert list(thresholds_of(back)) == ["layers.0.self_attn.k_proj"]
 
 
+@pytest.mark.slow  # CI time
 def test_orbax_round_trip_to_hf_refusal_and_desparsify(dense, cal, tmp_path):
     ids = jnp.asarray(windows(4)[0]["inputs"])
     sparse = sparsify_activations(dense, cal.thresholds(0.5))

@@ -286,6 +286,7 @@ def test_the_suggested_export_of_a_noisy_model_round_trips(noisy, tmp_path):
     close(back(IDS), noisy(IDS), 1e-5)
 
 
+@pytest.mark.slow  # CI time
 def test_orbax_keeps_the_routing_config_and_noise_weights(tmp_path):
     model = build_model(dataclasses.replace(CFG, router="noisy_topk", router_capacity_factor=1.5), seed=4)
     restored = orbax_io.load_model(orbax_io.save_model(model, tmp_path / "orbax"))

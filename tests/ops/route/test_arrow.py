@@ -157,6 +157,7 @@ def test_all_adapters_at_a_huge_temperature_are_the_uniform_combination(base, lo
     np.testing.assert_allclose(np.asarray(m(TOKENS)), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # CI time
 def test_top1_routing_and_output_recomputed_with_numpy(base, loras):
     m = arrow(base, loras, top_k=1, temperature=0.3)
     point = "layers.1.mlp.down_proj"
@@ -175,6 +176,7 @@ def test_top1_routing_and_output_recomputed_with_numpy(base, loras):
     np.testing.assert_allclose(np.asarray(got[f"{point}.output"]).reshape(want.shape), want, atol=1e-5)
 
 
+@pytest.mark.slow  # CI time
 def test_structure_jit_orbax_and_unroute(base, loras, tmp_path):
     from flax import nnx
 

@@ -28,6 +28,7 @@ def setup():
     return base, models, lib
 
 
+@pytest.mark.slow  # CI time
 def test_save_load_round_trip(setup, tmp_path):
     base, models, lib = setup
     loaded = AdapterLibrary.load(lib.save(tmp_path / "lib"))

@@ -185,6 +185,7 @@ def test_routing_cost_reports_positive_seconds(encoder, routed, lm):
 
 
 @pytest.mark.real_model
+@pytest.mark.slow  # CI time
 def test_padding_and_batching_do_not_change_embeddings(encoder):
     texts = PROSE_QUERIES + CODE_QUERIES[:2]
     together = embed_texts(encoder, texts)
