@@ -181,7 +181,8 @@ def _yaml_file(case, dirs, tmp_path):
 _written = read_tensors
 
 
-@pytest.mark.parametrize("case", sorted(YAML_META["cases"]))
+@pytest.mark.parametrize("case", [c if c != "bio_merge_f16" else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(YAML_META["cases"])])  # bio_merge_f16 also runs in the next test
 def test_yaml_merge_in_mergekit_mode_equals_mergekit(case, yaml_golden, yaml_inputs, tmp_path):
     """mergekit's shipped configs in float16/bfloat16, run whole (streamed): the same weights bit for bit, written
     in the dtypes mergekit writes (float32 for arcee_fusion without out_dtype)."""

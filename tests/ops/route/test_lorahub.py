@@ -65,6 +65,7 @@ def setup():
     return base, examples, other, fit
 
 
+@pytest.mark.slow  # CI time (~8 s)
 def test_combination_rule(setup):
     base, examples, other, fit = setup
     w = [0.3, -1.2]

@@ -72,6 +72,7 @@ def test_smollm2_fact_file():
     assert "python scripts/build_edit_facts.py" in readme and f"| {len(reqs)} |" in readme
 
 
+@pytest.mark.slow  # CI time (~11 s); the file was checked in full by scripts/build_edit_facts.py when it was built
 @pytest.mark.real_model
 def test_smollm2_fact_file_is_known():
     """A sample (the first request of each relation) re-checked with the real model: prompt, paraphrases and
