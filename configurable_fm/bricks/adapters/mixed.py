@@ -73,8 +73,8 @@ from flax import nnx
 from configurable_fm.bricks.adapters.core import adapted_modules
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
-                                                     LoRAParam, adapter_dtype, checked_options, make_variable,
-                                                     sharding_axes)
+                                                     LoRAParam, adapter_dtype, checked_options, linear_holding,
+                                                     make_variable, sharding_axes)
 from configurable_fm.bricks.brickset import Brick, BrickSet
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import module_index, select
@@ -159,12 +159,7 @@ class MixedLinear(Linear):
 
     def plain(self) -> Linear:
         """A plain Linear holding this module's kernel and bias Variables (the base module)."""
-        use_bias = self.bias is not None
-        lin = nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0)))
-        lin.kernel, lin.dtype = self.kernel, self.dtype
-        if use_bias:
-            lin.bias = self.bias
-        return lin
+        return linear_holding(self.kernel, self.bias, self.dtype)
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -84,6 +84,16 @@ def make_variable(cls, value, axes) -> nnx.Variable:
     return cls(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def linear_holding(kernel: nnx.Variable, bias: nnx.Variable | None, dtype) -> Linear:
+    """A plain `models.layers.Linear` whose kernel and bias are these Variables (not copies) and whose compute dtype
+    is `dtype`: the base module of an adapter-like wrapper, given back when the wrapper is removed."""
+    lin = nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=bias is not None, rngs=nnx.Rngs(0)))
+    lin.kernel, lin.dtype = kernel, dtype
+    if bias is not None:
+        lin.bias = bias
+    return lin
+
+
 def checked_options(kind: str, options: Mapping[str, Any], spec: Mapping[str, Any]) -> dict:
     """Options of `kind` checked against spec {name: (type(s), default)}; AdapterError naming the bad ones."""
     unknown = sorted(set(options) - set(spec))
@@ -151,14 +161,10 @@ class AdaptedLinear(Linear):
 
     def plain(self, kernel=None, bias=None) -> Linear:
         """A plain Linear holding this module's kernel and bias Variables (or new values for them), same metadata."""
-        use_bias = self.bias is not None
-        lin = nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0)))
-        lin.kernel = self.kernel if kernel is None else self.kernel.replace(
-            jnp.asarray(kernel, self.kernel.get_value().dtype))
-        if use_bias:
-            lin.bias = self.bias if bias is None else self.bias.replace(jnp.asarray(bias, self.bias.get_value().dtype))
-        lin.dtype = self.dtype
-        return lin
+        k = self.kernel if kernel is None else self.kernel.replace(jnp.asarray(kernel, self.kernel.get_value().dtype))
+        b = self.bias if bias is None or self.bias is None else self.bias.replace(
+            jnp.asarray(bias, self.bias.get_value().dtype))
+        return linear_holding(k, b, self.dtype)
 
     # Subclasses: merged_values() -> {leaf: array} of the merged module (from an unmerged one);
     # unmerged_values() -> {leaf: array} of the unmerged module (from a merged one); weight_change() -> {leaf: f32

@@ -40,7 +40,8 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.adapters import AdapterScale, LoRAParam, mix, mixed_modules
-from configurable_fm.bricks.adapters.modules import adapter_dtype, checked_options, make_variable, sharding_axes
+from configurable_fm.bricks.adapters.modules import (adapter_dtype, checked_options, linear_holding, make_variable,
+                                                     sharding_axes)
 from configurable_fm.bricks.select import select
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.layers import Linear
@@ -105,12 +106,7 @@ class StackedLoRALinear(Linear):
 
     def plain(self) -> Linear:
         """A plain Linear holding this module's kernel and bias Variables (the base module)."""
-        use_bias = self.bias is not None
-        lin = nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0)))
-        lin.kernel, lin.dtype = self.kernel, self.dtype
-        if use_bias:
-            lin.bias = self.bias
-        return lin
+        return linear_holding(self.kernel, self.bias, self.dtype)
 
     def base_and_input(self, x: jax.Array):
         """(x W + b in the compute dtype, x in the adapters' dtype, the compute dtype): LoRALinear's dtypes
