@@ -52,7 +52,7 @@ from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.structure import check_consistent, extension_specs, registered_extensions, variables_of
-from configurable_fm.models.virtual_tokens import VirtualTokens
+from configurable_fm.models.virtual_tokens import VirtualTokens, geometry, is_decoder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -364,17 +364,11 @@ def _adapter_files(adapter_dir) -> tuple[Path, Path]:
 
 
 def virtual_token_geometry(model) -> dict[str, int]:
-    """{'hidden': D, 'layers': L, 'kv_heads': K, 'head_dim': H} of a causal decoder (its cache's and hidden
-    states' shapes): what prompt tuning (P, D) and prefix tuning (P, L, 2, K, H) must fit."""
-    if not (callable(getattr(model, "init_cache", None)) and callable(getattr(model, "hidden_states", None))):
+    """models.virtual_tokens.geometry of a causal decoder; UnsupportedModel for any other model."""
+    if not is_decoder(model):
         raise UnsupportedModel(f"prompt and prefix tuning need a causal decoder (llama family, gpt2); "
                                f"{type(model).__name__} is not one")
-    import jax  # noqa: PLC0415: only here, for the abstract shapes
-
-    probe = jax.eval_shape(lambda: model.init_cache(1, 1))
-    hidden = jax.eval_shape(lambda: model.hidden_states(jnp.zeros((1, 1), jnp.int32)))[0].shape[-1]
-    return {"hidden": int(hidden), "layers": len(probe.k), "kv_heads": int(probe.k[0].shape[2]),
-            "head_dim": int(probe.k[0].shape[3])}
+    return geometry(model)
 
 
 def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:

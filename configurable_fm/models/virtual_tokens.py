@@ -40,21 +40,33 @@ class VirtualTokenParam(nnx.Param):
     """The trainable virtual tokens of prompt or prefix tuning (train these alone to tune the prompt)."""
 
 
+def is_decoder(model) -> bool:
+    """True for a model with the cached-decoder interface virtual tokens need (`init_cache`, `hidden_states`)."""
+    return callable(getattr(model, "init_cache", None)) and callable(getattr(model, "hidden_states", None))
+
+
+def geometry(model) -> dict[str, int]:
+    """{'hidden': D, 'layers': L, 'kv_heads': K, 'head_dim': H} of a causal decoder (is_decoder), read from the
+    abstract shapes of its cache and hidden states: what a prompt (P, D) and a prefix (P, L, 2, K, H) must fit."""
+    probe = jax.eval_shape(lambda: model.init_cache(1, 1))
+    hidden = jax.eval_shape(lambda: model.hidden_states(jnp.zeros((1, 1), jnp.int32)))[0].shape[-1]
+    return {"hidden": int(hidden), "layers": len(probe.k), "kv_heads": int(probe.k[0].shape[2]),
+            "head_dim": int(probe.k[0].shape[3])}
+
+
 class VirtualTokens(CausalLM):
     """A causal LM `base` preceded by P virtual tokens (module docstring)."""
 
     def __init__(self, base: nnx.Module, kind: str, values: jax.Array):
         if kind not in KINDS:
             raise ValueError(f"virtual tokens: kind must be one of {KINDS}, got {kind!r}")
-        if not (callable(getattr(base, "init_cache", None)) and callable(getattr(base, "hidden_states", None))):
+        if not is_decoder(base):
             raise TypeError(f"virtual tokens need a causal decoder with init_cache and hidden_states; "
                             f"{type(base).__name__} has none")
         if isinstance(base, VirtualTokens):
             raise ValueError("the model has virtual tokens already: detach them first")
-        probe = jax.eval_shape(lambda: base.init_cache(1, 1))
-        layers, (_, _, kv_heads, head_dim) = len(probe.k), probe.k[0].shape
-        width = jax.eval_shape(lambda: base.hidden_states(jnp.zeros((1, 1), jnp.int32)))[0].shape[-1]
-        want = ("P", width) if kind == "prompt" else ("P", layers, 2, kv_heads, head_dim)
+        g = geometry(base)
+        want = ("P", g["hidden"]) if kind == "prompt" else ("P", g["layers"], 2, g["kv_heads"], g["head_dim"])
         shape = tuple(values.shape)
         if len(shape) != len(want) or shape[0] < 1 or shape[1:] != want[1:]:
             raise ValueError(f"virtual tokens ({kind}): values must have shape {want} for this model, got {shape}")
