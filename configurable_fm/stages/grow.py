@@ -16,6 +16,10 @@ Config keys (a grow config; experiments/grow/{width,depth,upcycle,to_shape}.py):
                positions (() = unset) for identity / llama_pro; factor (0 = unset) for stack; drop for dus
     upcycle  : (optional) upcycle: num_experts, num_experts_per_tok, router 'topk_softmax' | 'softmax_topk',
                router_init 'normal' (default: experts diverge in training) | 'zeros', drop_fraction in [0, 1]
+    masked   : (optional, alone) MSG-style masked growth (ops/grow/masked.py grow_masked): hidden_size, num_heads,
+               num_kv_heads, intermediate_size, num_layers (0 = unchanged), ramp (the masks' initial value, 0 =
+               exactly the source's function); the new structure is fresh random weights behind masks that a
+               'train' stage with task {'kind': 'mask_ramp', 'start': s, 'steps': n} ramps from 0 to 1
 The sections present are applied in the order width -> depth -> upcycle; a section asking for nothing (every
 width target 0; identity / llama_pro without num_layers or positions) is skipped, and a config with nothing to
 grow is an error. The script's config also
@@ -46,8 +50,10 @@ WIDTH_KEYS = {"hidden_size": 0, "num_heads": 0, "num_kv_heads": 0, "intermediate
 DEPTH_KEYS = {"method": "identity", "num_layers": 0, "positions": (), "factor": 0, "drop": 0}
 UPCYCLE_KEYS = {"num_experts": 8, "num_experts_per_tok": 2, "router": "topk_softmax", "router_init": "normal",
                 "drop_fraction": 0.0}
-SECTIONS = {"width": WIDTH_KEYS, "depth": DEPTH_KEYS, "upcycle": UPCYCLE_KEYS}
-GROW_KEYS = ("input", "dtype", "seed", "width", "depth", "upcycle")
+MASKED_KEYS = {"hidden_size": 0, "num_heads": 0, "num_kv_heads": 0, "intermediate_size": 0, "num_layers": 0,
+               "ramp": 0.0}
+SECTIONS = {"width": WIDTH_KEYS, "depth": DEPTH_KEYS, "upcycle": UPCYCLE_KEYS}  # grow_steps' operations, in order
+GROW_KEYS = ("input", "dtype", "seed", "width", "depth", "upcycle", "masked")
 SCRIPT_KEYS = ("output", "format", "overwrite")
 STAGE_KEYS = ("name", "kind")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -61,20 +67,20 @@ CHECK = Checks("grow config")  # one ConfigError per bad key or value (stages/ch
 
 
 def grow_config(*, input: str = "", width: dict | None = None, depth: dict | None = None,
-                upcycle: dict | None = None, seed: int = 0, dtype: str = "", name: str | None = None,
+                upcycle: dict | None = None, masked: dict | None = None, seed: int = 0, dtype: str = "", name: str | None = None,
                 output: str | None = None, format: str = "hf", overwrite: bool = False) -> ml_collections.ConfigDict:
     """A grow config (module docstring): each given section filled with its defaults. With `name`, a study stage
     of kind 'grow'; with `output`, a script config (output, format, overwrite)."""
     c = operation_config("grow", input=input, name=name, output=output, format=format, overwrite=overwrite)
     c.dtype = dtype
     c.seed = int(seed)
-    for section, given in (("width", width), ("depth", depth), ("upcycle", upcycle)):
+    for section, given in (("width", width), ("depth", depth), ("upcycle", upcycle), ("masked", masked)):
         if given is not None:
-            unknown = sorted(set(given) - set(SECTIONS[section]))
+            defaults = MASKED_KEYS if section == "masked" else SECTIONS[section]
+            unknown = sorted(set(given) - set(defaults))
             if unknown:
-                raise ConfigError(f"grow config: {section} has unknown key(s) {unknown}; valid: "
-                                  f"{sorted(SECTIONS[section])}")
-            c[section] = ml_collections.ConfigDict({**SECTIONS[section], **given})
+                raise ConfigError(f"grow config: {section} has unknown key(s) {unknown}; valid: {sorted(defaults)}")
+            c[section] = ml_collections.ConfigDict({**defaults, **given})
     return c
 
 
@@ -99,6 +105,12 @@ def check_config(cfg, *, allowed=GROW_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
         kw = _KWARGS[section](s)
         if kw is not None:  # None: the section asks for nothing (every target unset)
             steps.append((section, kw))
+    masked = CHECK.section(d, "masked", MASKED_KEYS)
+    if masked is not None:
+        if steps:
+            raise ConfigError(f"grow config: `masked` grows alone; remove the {[op for op, _ in steps]} section(s) "
+                              "(masked growth covers width and depth itself)")
+        steps.append(("masked", _masked_kwargs(masked)))
     if not steps:
         raise ConfigError("grow config: nothing to grow; set a target: width.hidden_size / num_heads / num_kv_heads / "
                           "intermediate_size, depth.num_layers / positions (or depth.method stack / dus), or an "
@@ -161,12 +173,22 @@ def _upcycle_kwargs(s: dict) -> dict:
                 drop_fraction=CHECK.number("upcycle.drop_fraction", s["drop_fraction"], 0.0, 1.0))
 
 
+def _masked_kwargs(s: dict) -> dict:
+    kw = {k: (CHECK.int(f"masked.{k}", s[k], 0) or None) for k in MASKED_KEYS if k != "ramp"}
+    if not any(kw.values()):
+        raise ConfigError("grow config: the `masked` section asks for nothing; set a width target or num_layers")
+    kw["ramp"] = CHECK.number("masked.ramp", s["ramp"], 0.0, 1.0)
+    return kw
+
+
 _KWARGS = {"width": _width_kwargs, "depth": _depth_kwargs, "upcycle": _upcycle_kwargs}
 
 
 def is_exact(steps) -> bool:
     """Whether every growth step preserves the function (module docstring)."""
     for op, kw in steps:
+        if op == "masked" and kw["ramp"] > 0:
+            return False
         if op == "depth" and kw["method"] not in ("identity", "llama_pro"):
             return False
         if op == "upcycle" and (kw["router"] != "topk_softmax" or kw["drop_fraction"] > 0):
@@ -176,9 +198,14 @@ def is_exact(steps) -> bool:
 
 # ------------------------------------------------------------------------------------------ growing
 def apply_steps(model, steps, seed: int, *, log=None):
-    """`model` grown by the checked steps (check_config), each with its own key folded from `seed`."""
-    from configurable_fm.ops.grow import grow_steps
+    """`model` grown by the checked steps (check_config), each with its own key folded from `seed`; a masked
+    step (alone) with the key of `seed`."""
+    from configurable_fm.ops.grow import grow_masked, grow_steps
 
+    if steps and steps[0][0] == "masked":
+        if log is not None:
+            log(f"grow: masked {dict(steps[0][1])}")
+        return grow_masked(model, key=seed, **steps[0][1])
     return grow_steps(model, steps, seed=seed, log=log).model
 
 

@@ -35,12 +35,21 @@ def train_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
     """Pre-training or fine-tuning (train/trainer.py) in stage_dir/train, which resumes an interrupted attempt;
     the final model is the stage's output. Metrics: the last logged loss, best validation loss, and the last
     value of every evaluation metric (val_loss, val_ppl, '<task>/exact_match')."""
-    from configurable_fm.train.metrics import read_metrics
     from configurable_fm.train.ramp import task_from_config
     from configurable_fm.train.trainer import train
 
     task = task_from_config(cfg.get("task"))  # ConfigError before anything is written
     result = train(cfg, ctx.stage_dir / "train", task=task, log=ctx.log)
+    return train_output(cfg, ctx, result, origin=f"Trained {result.step} steps from "
+                                                 f"{ctx.label(cfg.get('init_from') or 'scratch')}.")
+
+
+def train_output(cfg: ml_collections.ConfigDict, ctx: StageContext, result, *, origin: str) -> StageOutput:
+    """The StageOutput of a finished training run in stage_dir/train (the 'train' and 'grow_run' stages): the final
+    model saved as the stage's output; metrics: steps, the last logged loss, best validation loss and the last
+    value of every evaluation metric; `origin` opens the summary."""
+    from configurable_fm.train.metrics import read_metrics
+
     model = ctx.save_model(result.model)
     records = read_metrics(ctx.stage_dir / "train")
     logged = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
@@ -53,11 +62,9 @@ def train_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
         for k, v in rec.items():
             if k not in skip and isinstance(v, (int, float)):
                 metrics[k] = v
-    init = cfg.get("init_from") or "scratch"
     run_dir = (ctx.stage_dir / "train").relative_to(ctx.workdir)
-    summary = (f"Trained {result.step} steps (batch {cfg.batch_size} x {cfg.seq_len}, data {cfg.data.kind}) from "
-               f"{ctx.label(init)}; trainable: {list(cfg.trainable)}. Run directory: `{run_dir}` (metrics.jsonl, "
-               "TensorBoard events, checkpoints).")
+    summary = (f"{origin} Batch {cfg.batch_size} x {cfg.seq_len}, data {cfg.data.kind}; trainable: "
+               f"{list(cfg.trainable)}. Run directory: `{run_dir}` (metrics.jsonl, TensorBoard events, checkpoints).")
     return StageOutput(model=model, metrics=metrics, curves=ctx.stage_dir / "train" / "metrics.jsonl",
                        summary=summary)
 
