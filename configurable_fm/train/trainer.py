@@ -25,6 +25,11 @@ train/task.py; the partitions in train/state.py:
     frozen    : the other parameters: step constants, no gradients, no optimizer state;
     other     : the other variables (non-Param): carried through the steps, assigned by the task if it wants.
 
+Adapters (train/adapters.py): `config.adapter` attaches an adapter (LoRA, DoRA, IA3, bottleneck) to the initial
+model, `config.trainable = ('AdapterParam:**',)` trains it alone (only it has optimizer state), `config.frozen_dtype`
+keeps the frozen base in bf16 (or its loaded dtype) instead of float32 masters, and at the end the adapter is
+written to WORKDIR/adapter/ (brick set) and WORKDIR/adapter_peft/ (PEFT) as `config.adapter.save` asks.
+
 Evaluation (every `eval_every` steps and at the end): val_loss = sum_b w_b L_b / sum_b w_b over the evaluation
 batches with the task's eval_loss (default: the same NLL), val_ppl = exp(val_loss), val_<m> for other task
 metrics, and the `task_metrics` callables (e.g. exact match of greedy generations).
@@ -73,6 +78,8 @@ from configurable_fm.interop.loader import load_model
 from configurable_fm.models.factory import DTYPES, build_model, config_to_dict, with_compute_dtype
 from configurable_fm.models.llama import REMAT_POLICIES
 from configurable_fm.train import flops as flops_lib
+from configurable_fm.train.adapters import (attach_configured, check_adapter_config, configured, frozen_in_dtype,
+                                            stored_dtypes, write_adapter)
 from configurable_fm.train.distributed import save_model_collective
 from configurable_fm.train.metrics import MetricWriter, ProgressBar, plot_loss_curve, read_metrics
 from configurable_fm.train.optim import SCHEDULES, make_optimizer
@@ -127,6 +134,7 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
     if model is not None and cfg.get("init_from"):
         raise ConfigError(f"both a model argument and config.init_from={cfg.init_from!r} are given; "
                           "set config.init_from='' to train the model passed in")
+    check_adapter_config(cfg)  # config.adapter and config.frozen_dtype (train/adapters.py)
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -217,10 +225,16 @@ def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, t
     mesh = shd.make_mesh(tuple(cfg.mesh.shape), tuple(cfg.mesh.axes))
     rules = {**shd.DEFAULT_RULES, **dict(cfg.mesh.get("rules", {}) or {})}
     model, initial = initial_model(cfg, model)
+    if configured(cfg):  # config.adapter: attached to the initial model (train/adapters.py)
+        model, initial = attach_configured(model, cfg), f"{initial} + {cfg.adapter.kind} adapter"
+    dtypes = stored_dtypes(model)
     model = with_compute_dtype(model, DTYPES[cfg.compute_dtype], remat=cfg.get("remat", "none"))
     if is_family_model(model):  # the tree is the truth: never train (and count FLOPs of) a model its config misdescribes
         check_consistent(model, "train")
     parts = ModelParts.of(model, tuple(cfg.trainable))
+    if cfg.get("frozen_dtype", ""):  # the frozen parameters in the dtype asked for, not float32 masters
+        trainable, frozen, other = parts.split(model)
+        model = parts.merge(trainable, frozen_in_dtype(frozen, cfg, dtypes), other)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.steps)
     frozen, state, state_shardings = place_state(model, parts, tx, mesh, rules)
     task = set_up_task(task if task is not None else NextTokenTask(), model, parts.trainable)
@@ -487,4 +501,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, mode
         run.loop()
     finally:
         run.close()
-    return run.result()
+    result = run.result()
+    write_adapter(result.model, config, Path(workdir), log)  # config.adapter.save: adapter/, adapter_peft/
+    return result

@@ -1,5 +1,5 @@
-"""Adapters as bricks: LoRA (+ rsLoRA), DoRA, (IA)³ on Linear modules, and prompt / prefix tuning; PEFT-compatible
-both ways.
+"""Adapters as bricks: LoRA (+ rsLoRA), DoRA, (IA)³ on Linear modules, bottleneck (Houlsby / Pfeiffer) adapters after
+sublayer outputs, and prompt / prefix tuning; PEFT-compatible both ways (bottleneck: no PEFT format).
 
     from configurable_fm.bricks import adapters
     m = adapters.attach(base, "lora", "layers.*.self_attn.[qv]_proj", rank=8, alpha=16, seed=0)
@@ -12,15 +12,18 @@ both ways.
     c = adapters.combine([m, m3], [0.7, 0.4], "cat")    # PEFT's add_weighted_adapter; combine_exact: Σ w ΔW, SVD
     vt = adapters.attach_virtual_tokens(base, "prompt", 20)   # prompt tuning ('prefix': prefix tuning)
     mixed = adapters.with_adapter_ids(adapters.mix(base, [m, m3]), [0, 1, -1])   # one adapter per batch row
+    bn = adapters.attach_bottleneck(base, "houlsby", reduction_factor=16)   # bottleneck adapters (not mergeable)
 
 An adapted module replaces a `models.layers.Linear` at the same path, keeps `kernel` / `bias` there and adds its
 parameters as leaves of that module (modules.py has the math and PEFT's conventions). Importing this package
-registers the extension kinds 'lora', 'dora', 'ia3' (models.structure), which orbax checkpoints of adapted models
+registers the extension kinds 'lora', 'dora', 'ia3', 'bottleneck' (models.structure), which orbax checkpoints of adapted models
 and interop.peft need.
 """
 from configurable_fm.bricks.adapters.core import (DEFAULT_ALPHA, DEFAULT_RANK, FEEDFORWARD, IA3_INITS, KINDS,
                                                   LORA_INITS, adapted_modules, adapter_state, adapters, as_delta,
-                                                  attach, detach, merge, path_key, unmerge)
+                                                  attach, check_mergeable, detach, merge, path_key, unmerge)
+from configurable_fm.bricks.adapters.bottleneck import (INITS as BOTTLENECK_INITS, NON_LINEARITIES, BottleneckLinear,
+                                                        BottleneckParam, attach_bottleneck, bottleneck_targets)
 from configurable_fm.bricks.adapters.combine import (COMBINATIONS, CombineReport, check_options, combine,
                                                      combine_exact, peft_merge)
 from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
@@ -39,5 +42,6 @@ __all__ = [
     "AdapterError", "ADAPTER_TYPES", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
     "DEFAULT_ALPHA", "mix", "with_adapter_ids", "unmix", "mixed_modules", "MixedLinear", "AdapterIds",
     "AdapterScale", "BASE_ID", "combine", "combine_exact", "CombineReport", "peft_merge", "check_options",
-    "COMBINATIONS", "attach_virtual_tokens", "VirtualTokens", "VirtualTokenParam", "VIRTUAL_TOKEN_INITS",
+    "COMBINATIONS", "attach_bottleneck", "bottleneck_targets", "BottleneckLinear", "BottleneckParam",
+    "BOTTLENECK_INITS", "NON_LINEARITIES", "check_mergeable", "attach_virtual_tokens", "VirtualTokens", "VirtualTokenParam", "VIRTUAL_TOKEN_INITS",
 ]

@@ -85,7 +85,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.adapters.core import adapted_modules, detach
+from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeable, detach
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError, AdapterParam
 from configurable_fm.bricks.brickset import BrickSet
@@ -277,6 +277,7 @@ def _inputs(inputs, base, what: str, *, one_kind: bool = True
         if merged:
             raise AdapterError(f"{what}: input {i} has merged adapters at {_few(merged, 4)}; unmerge them first "
                                "(bricks.adapters.unmerge)")
+        check_mergeable(found, f"{what}: input {i}")  # bottleneck adapters have no weight change to combine
         modules.append(found)
     ref = list(modules[0])
     for i, found in enumerate(modules[1:], 1):

@@ -49,7 +49,8 @@ def path_key(seed: int, path: str, purpose: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), np.uint32(zlib.crc32(f"{path}/{purpose}".encode())))
 
 
-def _globs(targets, what: str) -> list[str]:
+def target_globs(targets, what: str) -> list[str]:
+    """`targets` (one module path glob or a list of them) as a non-empty list; AdapterError naming `what`."""
     globs = [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, Sequence) else None
     if not globs or not all(isinstance(g, str) and g for g in globs):
         raise AdapterError(f"{what}: give a module path glob or a non-empty list of them, got {targets!r}")
@@ -61,7 +62,7 @@ def _shapes(paths) -> str:
     return ", ".join(shown[:16]) + (f" (+{len(shown) - 16} more)" if len(shown) > 16 else "")
 
 
-def _match(index: dict, globs: list[str], what: str) -> list[str]:
+def match_targets(index: dict, globs: list[str], what: str) -> list[str]:
     """Module paths matching any glob, in model order; AdapterError naming the globs that match nothing."""
     paths = [p for p in index if p]
     regexes = [(g, re.compile(glob_to_regex(g))) for g in globs]
@@ -97,11 +98,14 @@ def attach(model, kind: str, targets: str | Sequence[str], *, rank: int | None =
     Random values come from keys derived from (seed, module path). AdapterError names every target that matches
     nothing or is not a plain Linear (e.g. one that already has an adapter).
     """
+    if kind == "bottleneck":
+        raise AdapterError("attach: bottleneck adapters have their own options and placement: use "
+                           "bricks.adapters.attach_bottleneck(model, targets, ...)")
     if kind not in ADAPTER_TYPES:
         raise AdapterError(f"attach: unknown adapter kind {kind!r}; the kinds are {list(KINDS)}")
-    globs = _globs(targets, "attach(targets=...)")
+    globs = target_globs(targets, "attach(targets=...)")
     index = module_index(model)
-    paths = _match(index, globs, "attach")
+    paths = match_targets(index, globs, "attach")
     problems = []
     for p in paths:
         node = index[p][1]
@@ -123,7 +127,7 @@ def attach(model, kind: str, targets: str | Sequence[str], *, rank: int | None =
         ff_globs = feedforward if feedforward is not None else _default_feedforward(model)
         ff = set()
         if ff_globs:
-            regexes = [re.compile(glob_to_regex(g)) for g in _globs(ff_globs, "attach(feedforward=...)")]
+            regexes = [re.compile(glob_to_regex(g)) for g in target_globs(ff_globs, "attach(feedforward=...)")]
             ff = {p for p in paths if any(r.fullmatch(p) for r in regexes)}
             if feedforward is not None and not ff:
                 raise AdapterError(f"attach: feedforward={feedforward!r} matches none of the targets {paths[:6]}")
@@ -185,8 +189,9 @@ def adapted_modules(model) -> dict[str, AdaptedLinear]:
 
 
 def adapters(model) -> dict[str, dict[str, Any]]:
-    """{module path: {'kind': 'lora' | 'dora' | 'ia3', **options}} of every adapter in `model`; {} for none.
-    Options: rank, alpha, rslora, merged (LoRA/DoRA); feedforward, merged (IA3)."""
+    """{module path: {'kind': 'lora' | 'dora' | 'ia3' | 'bottleneck', **options}} of every adapter in `model`; {}
+    for none. Options: rank, alpha, rslora, merged (LoRA/DoRA); feedforward, merged (IA3); size, non_linearity,
+    scaling, merged (bottleneck, bottleneck.py)."""
     return {p: {"kind": m.kind, **m.options()} for p, m in adapted_modules(model).items()}
 
 
@@ -197,10 +202,19 @@ def adapter_state(model) -> dict[str, jax.Array]:
     return {k: v.get_value() for k, v in flat_state(model, (AdapterParam, VirtualTokenParam)).items()}
 
 
+def check_mergeable(modules: dict, what: str) -> None:
+    """AdapterError naming the adapters among `modules` ({path: adapted module}) whose change to the base is not a
+    weight change (`mergeable = False`: bottleneck adapters, which are nonlinear), when `what` needs one."""
+    bad = [f"{p} ({m.kind})" for p, m in modules.items() if not getattr(m, "mergeable", True)]
+    if bad:
+        raise AdapterError(f"{what}: the adapter(s) at {bad[:8]}{' ...' if len(bad) > 8 else ''} are nonlinear "
+                           "(y + s·(act(y D + c) U + e)) and cannot be merged into the base weights or written as "
+                           "a weight delta; detach them (bricks.adapters.detach) or keep them as bricks")
+
+
 def _selection(model, what: str, merged: bool | None = None) -> Selection:
-    types = tuple(ADAPTER_TYPES.values())
-    try:
-        sel = select(model).at_instances_of(*types)
+    try:  # every adapted Linear kind, including those (bottleneck) outside ADAPTER_TYPES
+        sel = select(model).at_instances_of(AdaptedLinear)
         if merged is not None:
             sel = sel.where(lambda _, m: isinstance(m, AdaptedLinear) and m.merged == merged)
     except SelectionError:
@@ -223,8 +237,9 @@ def merge(model, *, keep: bool = False) -> nnx.Module:
     keep=False: plain Linear modules (what `to_hf` exports; the adapter is gone); keep=True: the adapted modules
     with merged weights, computing the plain Linear, so that `unmerge` restores them (PEFT's merge / unmerge).
     Already merged adapters are kept as they are (keep=True) or become plain Linears. AdapterError without
-    adapters."""
+    adapters, or naming the nonlinear (bottleneck) adapters, which cannot be merged."""
     sel = _selection(model, "merge")
+    check_mergeable(sel.get(), "merge")
     return sel.apply(lambda m: m.merged_module() if keep else _merged_plain(m))
 
 
@@ -262,10 +277,12 @@ def as_delta(model, *, source: str = "") -> Delta:
     {'adapters': {module path: kind}}): LoRA LowRank(A, B, s) at `<module>.kernel` (the scale folded in, not
     materialised); DoRA and IA3 Dense float32 changes (their change is not low rank), IA3's output-side bias
     change at `<module>.bias`. deltas.apply(detach(model), as_delta(model)) equals merge(model) (bit for bit for
-    LoRA; within float32 rounding for DoRA / IA3, whose merge is not an addition). AdapterError without adapters."""
+    LoRA; within float32 rounding for DoRA / IA3, whose merge is not an addition). AdapterError without adapters,
+    or naming the nonlinear (bottleneck) adapters, which have no weight change."""
     modules = adapted_modules(model)
     if not modules:
         raise AdapterError("as_delta: the model has no adapters")
+    check_mergeable(modules, "as_delta")
     terms = {}
     for path, m in modules.items():
         m = m.unmerged_module() if m.merged else m

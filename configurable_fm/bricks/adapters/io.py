@@ -4,8 +4,10 @@
     m2 = load_adapter(base, "out/lora")                        # the same adapter attached to `base`
 
 One Brick per adapted module: name = the module path (`layers.0.self_attn.q_proj`), kind = the adapter kind ('lora',
-'dora', 'ia3'), params = its adapter parameters (`lora_a`, `lora_b`, `lora_magnitude`, `ia3_scale`: tensors
-`layers.0.self_attn.q_proj/lora_a`, ...), metadata = {"options": {rank, alpha, rslora} or {feedforward}}. The base
+'dora', 'ia3', 'bottleneck'), params = its adapter parameters (`lora_a`, `lora_b`, `lora_magnitude`, `ia3_scale`,
+the bottleneck's `adapter_down`, `adapter_down_bias`, `adapter_up`, `adapter_up_bias`: tensors
+`layers.0.self_attn.q_proj/lora_a`, ...), metadata = {"options": {rank, alpha, rslora}, {feedforward} or {size,
+non_linearity, scaling}}. The base
 weights are not in it; whether the adapter was merged is not either (an adapter is loaded unmerged). Loading checks
 every brick against the model (kind, options, module path, a plain Linear there, the tensors and their shapes) and
 reports all problems in one AdapterError. Virtual tokens (prompts.py) are one brick named 'prompt' or 'prefix', of
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from configurable_fm.bricks.adapters.bottleneck import BottleneckLinear
 from configurable_fm.bricks.adapters.core import adapted_modules
 from configurable_fm.bricks.adapters.modules import ADAPTER_TYPES, AdapterError
 from configurable_fm.bricks.brickset import Brick, BrickSet, load_bricks, save_bricks
@@ -28,6 +31,9 @@ from configurable_fm.models.layers import Linear
 from configurable_fm.models.virtual_tokens import VirtualTokens
 
 VIRTUAL_KINDS = {"prompt_tuning": "prompt", "prefix_tuning": "prefix"}
+# The adapted-Linear kinds a brick may hold and their tensors: PEFT's kinds and the bottleneck (no PEFT format).
+BRICK_TYPES = {**ADAPTER_TYPES, BottleneckLinear.kind: BottleneckLinear}
+BRICK_LEAVES = {**ADAPTER_LEAVES, BottleneckLinear.kind: BottleneckLinear.LEAVES}
 
 
 def adapter_bricks(model, *, source: str = "") -> BrickSet:
@@ -42,7 +48,7 @@ def adapter_bricks(model, *, source: str = "") -> BrickSet:
         raise AdapterError("adapter_bricks: the model has no adapters")
     for path, m in modules.items():
         options = {k: v for k, v in m.options().items() if k != "merged"}
-        params = {leaf: getattr(m, leaf).get_value() for leaf in ADAPTER_LEAVES[m.kind]}
+        params = {leaf: getattr(m, leaf).get_value() for leaf in BRICK_LEAVES[m.kind]}
         bricks.append(Brick(path, m.kind, source, params, {"options": options}))
     return BrickSet(bricks)
 
@@ -62,8 +68,8 @@ def attach_bricks(model, bricks: BrickSet | Brick):
             else:
                 virtual.append((label, VIRTUAL_KINDS[brick.kind], brick.params["values"]))
             continue
-        if brick.kind not in ADAPTER_TYPES:
-            problems.append(f"{label}: kind {brick.kind!r} is not an adapter kind {sorted(ADAPTER_TYPES)}")
+        if brick.kind not in BRICK_TYPES:
+            problems.append(f"{label}: kind {brick.kind!r} is not an adapter kind {sorted(BRICK_TYPES)}")
             continue
         node = index.get(name, (None, None))[1]
         if type(node) is not Linear:
@@ -75,11 +81,11 @@ def attach_bricks(model, bricks: BrickSet | Brick):
             problems.append(f"{label}: metadata has no 'options' object")
             continue
         try:
-            module = ADAPTER_TYPES[brick.kind].from_options(node, {**options, "merged": False})
+            module = BRICK_TYPES[brick.kind].from_options(node, {**options, "merged": False})
         except AdapterError as e:
             problems.append(f"{label}: {e}")
             continue
-        want = ADAPTER_LEAVES[brick.kind]
+        want = BRICK_LEAVES[brick.kind]
         missing = [f"{name}/{t}" for t in want if t not in brick.params]
         extra = [f"{name}/{t}" for t in brick.params if t not in want]
         if missing or extra:

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.adapters.core import adapted_modules
+from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeable
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
                                                      LoRAParam, adapter_dtype, checked_options, linear_holding,
@@ -332,6 +332,11 @@ def mix(base, adapted: Sequence, *, ids=None) -> nnx.Module:
         merged = [p for p, m in modules.items() if m.merged]
         if merged:
             problems.append(f"adapter {i} has merged adapters at {_few(merged, 3)} (bricks.adapters.unmerge first)")
+            continue
+        try:  # mix serves LoRA / DoRA / IA3 only (bottleneck adapters are nonlinear)
+            check_mergeable(modules, f"adapter {i}")
+        except AdapterError as e:
+            problems.append(str(e))
             continue
         found = _base_problems(base_vars, model, i)
         if found:
