@@ -524,8 +524,10 @@ def report_markdown(metrics: dict) -> str:
              f"{m['batch_size']} request(s)), seed {m['seed']}",
              "- key statistics: " + (f"{stats['tokens']:,} tokens of {stats['corpus']}" if stats else
                                      "none (FT-L)" if m["method"] == "ft" else "none (C = I)"),
-             f"- delta: {m['delta']['numbers']:,} numbers; Frobenius norms " +
-             ", ".join(f"{k} {v:.3g}" for k, v in m["delta"]["norms"].items()),
+             ("- delta: none (mode independent: each request edited the unedited model alone; only metrics and "
+              "this report are written)" if m["mode"] == "independent" else
+              f"- delta: {m['delta']['numbers']:,} numbers; Frobenius norms " +
+              ", ".join(f"{k} {v:.3g}" for k, v in m["delta"]["norms"].items())),
              "- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in m["seconds"].items()), "",
              "| metric | unedited | edited | n |", "|---|---|---|---|"]
     for name in REPORT_ROWS:

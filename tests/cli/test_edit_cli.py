@@ -227,6 +227,7 @@ def test_independent_mode_scores_each_edit_alone(world, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == [".configurable_fm_output.json", "metrics.json", "report.md"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mode"] == "independent" and metrics["edits"] == 3 and metrics["steps"] == 3
+    assert "- delta: none (mode independent" in (out / "report.md").read_text()
     rows = metrics["after"]["rows"]
     assert [r["case_id"] for r in rows] == [0, 1, 2]
     for i in (0, 2):
