@@ -4,7 +4,8 @@ grow_vs_scratch.py), with its table and loss-versus-FLOPs plot.
     compare_config(scratch="@scratch", runs={"gstack_x4": ("@small_gstack_x4", "@large_gstack_x4"), ...})
 
 Inputs are train stages (their output models; the stage directory next to each holds stage.json and
-train/metrics.jsonl). Compute is counted as the trainer counts it (train/flops.py, 3 x the forward pass, every
+train/metrics.jsonl), or for a grown run's large part a 'grow_run' stage (its records after the growth step,
+tokens counted from there). Compute is counted as the trainer counts it (train/flops.py, 3 x the forward pass, every
 matmul including the LM head and full T x T attention):
 
     C(run, t) = tokens_t x flops_per_token(model config, seq_len)
@@ -75,6 +76,11 @@ class Curve:
         self.shape = (f"{cfg.num_layers} x {cfg.hidden_size}, heads {cfg.num_heads}/{cfg.num_kv_heads}, "
                       f"FFN {cfg.intermediate_size}")
         rows = read_metrics(stage_dir / "train")
+        if record.get("kind") == "grow_run":  # its metrics start with the source run's: keep the grown run's own
+            grown_at = int(record["metrics"]["growth_step"])
+            per_step = int(record["resolved"]["batch_size"]) * seq_len
+            rows = [dict(r, tokens=r["tokens"] - grown_at * per_step) for r in rows
+                    if r.get("step", 0) > grown_at and "tokens" in r]
         self.val = [(r["tokens"] * self.flops_per_token, float(r["val_loss"])) for r in rows
                     if isinstance(r.get("val_loss"), (int, float)) and "tokens" in r]
         self.train = [(r["tokens"] * self.flops_per_token, float(r["loss"])) for r in rows

@@ -24,7 +24,12 @@ Runs (small model -> growth -> the large model), for the large width W (default 
     identity_x2        4 x W                    depth 'identity': a fresh block after each layer, outputs zeroed
     width_x2_stack_x2  4 x W/2                  exact width x2, then stack x2 (the combination)
 and a control, `alone_width_x2_stack_x2`: that run's small model trained alone (cosine) for the grown runs' whole
-budget: growth helps only where it beats its control as well as scratch.
+budget: growth helps only where it beats its control as well as scratch. The control's growth is also run as a
+continued training run (stage kind 'grow_run': `run_<label>_copy` / `run_<label>_reset`): the small run's last
+checkpoint grown with its Adam moments mapped like their parameters (copy) or freshly initialised (reset), its
+step counter and data stream continued (the separate large run restarts the stream), the learning rate re-warmed
+over the same steps as the separate large run and decayed by the same cosine over the same post-growth steps. The
+two differ only in the moments.
 Budget: the small run gets SMALL_FRACTION = 0.2 of the scratch compute (its steps follow from its FLOPs per token),
 the large run after growth POST_FRACTION = 0.4: the grown run as a whole gets 0.6 of scratch's compute, the goal
 of the issue (<= 0.6 counting the small model's training, <= 0.4 without). If a grown run's validation loss reaches
@@ -38,7 +43,8 @@ decay's gain would be lost at the re-warm). Evaluations (8 batches = 262k held-o
 import ml_collections
 
 from configurable_fm.models.factory import config_from_dict
-from configurable_fm.stages import stage
+from configurable_fm.stages import grow_run_config, stage
+from configurable_fm.stages.grow_run import OPTIMIZER_STATES
 from configurable_fm.train.flops import flops_per_token
 from experiments import pretrain
 from experiments.grow.compare import compare_config
@@ -150,6 +156,16 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
             stages.append(stage(f"alone_{label}", "train", train_config(small, steps_for(small, budget),
                                                                          schedule="cosine", test=test)))
             controls[f"{label} small model alone"] = f"@alone_{label}"
+            # the same growth as a continued run (stage 'grow_run'): Adam moments copied or reset
+            small_steps = steps_for(small, SMALL_FRACTION)
+            post = large_cfg.steps
+            for mode in OPTIMIZER_STATES:
+                cont = train_config(large, small_steps + post, schedule="cosine", test=test)
+                cont.eval_every = max(post // EVALS_PER_RUN, 1) if not test else large_cfg.eval_every
+                stages.append(grow_run_config(f"run_{label}_{mode}", source=f"@small_{label}", train=cont,
+                                              width=width_grow, depth=depth_grow, seed=i, optimizer_state=mode,
+                                              rewarm_steps=large_cfg.optimizer.warmup_steps))
+                pairs[f"{label} (run, {mode} moments)"] = (f"@small_{label}", f"@run_{label}_{mode}")
     stages.append(compare_config("compare", scratch="@scratch", runs=pairs, controls=controls,
                                  goal_total=SMALL_FRACTION + POST_FRACTION, goal_post=POST_FRACTION))
 

@@ -47,11 +47,11 @@ def test_compare_counts_the_small_run():
     assert "not reached" in text and "control: ctl" in text and "goal <= 0.6" in text
 
 
-def fake_stage(root, name, model_cfg, seq_len, rows):
+def fake_stage(root, name, model_cfg, seq_len, rows, **record):
     d = root / "stages" / name
     (d / "train").mkdir(parents=True)
     (d / "model").mkdir()
-    (d / "stage.json").write_text(json.dumps({"name": name, "resolved": {"seq_len": seq_len}}))
+    (d / "stage.json").write_text(json.dumps({"name": name, "resolved": {"seq_len": seq_len}, **record}))
     (d / "model" / "model_config.json").write_text(json.dumps(config_to_dict(model_cfg)))
     (d / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(d / "model")
@@ -96,4 +96,25 @@ def test_study_budgets(variant):
             assert st.steps / scratch.steps == pytest.approx(G.POST_FRACTION) and st.init_from == "@grow_" + name[6:]
         if name.startswith("alone_"):
             assert st.steps * fpt(st) / c_s == pytest.approx(G.SMALL_FRACTION + G.POST_FRACTION, rel=0.01)
-    assert stages["compare"].kind == "grow_compare" and len(stages["compare"].runs) == 5
+        if name.startswith("run_"):  # the control's growth as a continued run: copied / reset moments
+            label, mode = name[4:].rsplit("_", 1)
+            assert st.kind == "grow_run" and st.source == f"@small_{label}" and st.optimizer_state == mode
+            assert st.steps == stages[f"small_{label}"].steps + stages[f"large_{label}"].steps
+            assert st.rewarm_steps == stages[f"large_{label}"].optimizer.warmup_steps
+    assert sorted(n for n in stages if n.startswith("run_")) == ["run_width_x2_stack_x2_copy",
+                                                                "run_width_x2_stack_x2_reset"]
+    assert stages["compare"].kind == "grow_compare" and len(stages["compare"].runs) == 7
+
+
+def test_a_grow_run_curve_starts_at_its_growth_step(tmp_path):
+    """A 'grow_run' stage's metrics begin with the source run's records: the curve keeps the steps after the
+    growth step, with tokens (so compute) counted from there."""
+    big = config_from_dict(dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                num_heads=4, num_kv_heads=2))
+    rows = [{"step": s, "tokens": 10 * s, "loss": 5.0 - s / 10, "val_loss": 5.0 - s / 10} for s in (2, 4, 6, 8)]
+    path = fake_stage(tmp_path, "05_run", big, 5, rows, kind="grow_run", metrics={"growth_step": 4},
+                      resolved={"seq_len": 5, "batch_size": 2})
+    curve = C.Curve(path)
+    fb = flops_per_token(big, 5)
+    assert curve.val == [(20 * fb, pytest.approx(4.4)), (40 * fb, pytest.approx(4.2))]
+    assert curve.total == 40 * fb
