@@ -4,6 +4,8 @@ from scratch on the same data stream and schedule family, counting compute (expe
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py --workdir runs/grow_vs_scratch    # H200, 5 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:wide_short --workdir runs/gvs_wide # H200, 5 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:test --workdir runs/gvs_test      # CPU, ~1 min
+    python scripts/run.py --config experiments/grow/grow_vs_scratch.py:default,control --workdir runs/gvs_ctl
+        # ',control': scratch and the control's runs only (separate growth, copied / reset moments, alone)
 Results, reading and caveats: experiments/grow/README.md (raw tables and curves in benchmarks/grow_vs_scratch/).
 Re-running skips finished stages; a killed stage resumes.
 
@@ -130,8 +132,10 @@ def grow_stage_config(name: str, source: str, width: dict | None, depth: dict | 
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(f"unknown grow_vs_scratch variant {arg!r}; known: {sorted(VARIANTS)}")
+    arg, _, option = arg.partition(",")
+    if arg not in VARIANTS or option not in ("", "control"):
+        raise ValueError(f"unknown grow_vs_scratch variant {arg!r}{f' option {option!r}' if option else ''}; "
+                         f"known: {sorted(VARIANTS)}, each optionally with ',control'")
     test = arg == "test"
     width, kv, part_heads, scratch_steps = VARIANTS[arg]
     large, runs = (TEST_LARGE, TEST_RUNS) if test else family(width, kv, part_heads)
@@ -144,6 +148,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     stages = [stage("scratch", "train", probe)]
     pairs, controls = {}, {}
     for i, (label, (small, width_grow, depth_grow)) in enumerate(runs.items()):
+        if option == "control" and label != CONTROL[arg]:  # ',control': only the control's growth (same seed)
+            continue
         stages.append(stage(f"small_{label}", "train", train_config(small, steps_for(small, SMALL_FRACTION),
                                                                      schedule="constant", test=test)))
         stages.append(grow_stage_config(f"grow_{label}", f"@small_{label}", width_grow, depth_grow, seed=i))
@@ -170,7 +176,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                                  goal_total=SMALL_FRACTION + POST_FRACTION, goal_post=POST_FRACTION))
 
     c = ml_collections.ConfigDict()
-    c.name = f"grow_vs_scratch_{arg}"
+    c.name = f"grow_vs_scratch_{arg}" + (f"_{option}" if option else "")
     c.stage_modules = ("experiments.grow.compare",)
     c.stages = stages
     return c

@@ -118,3 +118,14 @@ def test_a_grow_run_curve_starts_at_its_growth_step(tmp_path):
     fb = flops_per_token(big, 5)
     assert curve.val == [(20 * fb, pytest.approx(4.4)), (40 * fb, pytest.approx(4.2))]
     assert curve.total == 40 * fb
+
+
+def test_control_option_keeps_only_the_control_and_its_seed():
+    full = {s.name: s for s in G.get_config("default").stages}
+    part = {s.name: s for s in G.get_config("default,control").stages}
+    label = G.CONTROL["default"]
+    assert sorted(part) == sorted(["scratch", "compare"] + [n for n in full if n.endswith(label) or
+                                                            n.startswith(f"run_{label}_")])
+    assert part[f"grow_{label}"].seed == full[f"grow_{label}"].seed and len(part["compare"].runs) == 3
+    with pytest.raises(ValueError, match="option"):
+        G.get_config("default,all")
