@@ -477,13 +477,15 @@ def _common(values):
     return common, {re.escape(n): v for n, v in values.items() if v != common}
 
 
-def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overwrite: bool = False,
+            lora_dropout: float = 0.0) -> Path:
     """Writes the adapter attached to `model` as a PEFT directory `out_dir` (adapter_config.json +
     adapter_model.safetensors, float32) that `peft.PeftModel.from_pretrained(<the base model in transformers>,
     out_dir)` loads; returns the directory.
 
     One PEFT adapter has one type: all 'lora' modules (peft_type LORA), all 'dora' (LORA, use_dora) or all 'ia3'
-    (IA3; feedforward_modules = the feedforward ones), and one use_rslora; ranks and alphas may differ per module
+    (IA3; feedforward_modules = the feedforward ones), and one use_rslora (LoRA / DoRA: `lora_dropout`, the training
+    setting, recorded in the config; PEFT applies it only in training); ranks and alphas may differ per module
     (written as rank_pattern / alpha_pattern). A merged adapter (merge(keep=True)) is written as its adapter
     weights, to be applied to the unmerged base. Refused before anything is written (UnsupportedModel naming the
     paths): no adapter, mixed kinds, other extension modules, modules the HF mapping does not name; an existing
@@ -546,7 +548,7 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
         alpha, alpha_pattern = _common({names[a["path"]]: _json_number(a["options"]["alpha"]) for a in adapters})
         config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       use_rslora=rslora.pop(), use_dora=kind == "dora", bias="none", lora_bias=False,
-                      lora_dropout=0.0, init_lora_weights=True, layers_to_transform=None, layers_pattern=None)
+                      lora_dropout=float(lora_dropout), init_lora_weights=True, layers_to_transform=None, layers_pattern=None)
         for a in adapters:
             p, name = a["path"], f"{KEY_PREFIX}{names[a['path']]}"
             tensors[f"{name}.lora_A.weight"] = np.asarray(variables[p + ".lora_a"].get_value(), np.float32).T

@@ -10,8 +10,9 @@ The section (all keys always present, so `--config.adapter.KEY=VALUE` overrides 
     targets   module path globs (bricks.adapters.attach); bottleneck: 'houlsby' / 'pfeiffer' or sublayer globs
     init      '' (the kind's default) or an initialisation of that kind (LORA_INITS, IA3_INITS, BOTTLENECK_INITS)
     seed      adapter initialisation seed (keys from (seed, module path): a resumed run re-attaches the same one)
-    lora      rank, alpha, rslora, dropout (lora / dora); dropout must be 0.0: LoRA dropout is not implemented
-              (the adapted modules have no dropout; a nonzero value is a ConfigError rather than silently ignored)
+    lora      rank, alpha, rslora, dropout (lora / dora); dropout p > 0 (PEFT's lora_dropout) drops the LoRA
+              branch's input in every training step (bricks.adapters.lora_dropout, keys from the step's rng; no
+              dropout in evaluation); LoRA only: DoRA with dropout is a ConfigError (not implemented)
     bottleneck  size (0: d // reduction_factor), reduction_factor, non_linearity ('' = the preset's), scaling
     save      what `write_adapter` writes into the workdir at the end: 'brick' -> adapter/ (bricks.adapters
               .save_adapter; load with load_adapter(base, dir)), 'peft' -> adapter_peft/ (to_peft, which
@@ -25,8 +26,9 @@ of training bit-identical (in the dtype chosen here).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -76,9 +78,11 @@ def check_adapter_config(cfg) -> None:
         raise ConfigError(f"adapter.save={save!r}: {bad} are not formats {list(SAVE_FORMATS)}")
     if a.kind == "bottleneck" and "peft" in save:
         raise ConfigError("adapter.save includes 'peft', but PEFT has no bottleneck adapter; use save=('brick',)")
-    if a.kind in ("lora", "dora") and float(a.lora.dropout) != 0.0:
-        raise ConfigError(f"adapter.lora.dropout={a.lora.dropout}: LoRA dropout is not implemented (the adapted "
-                          "modules compute no dropout); set it to 0.0")
+    if a.kind in ("lora", "dora") and not 0.0 <= float(a.lora.dropout) < 1.0:
+        raise ConfigError(f"adapter.lora.dropout={a.lora.dropout} must lie in [0, 1)")
+    if a.kind == "dora" and float(a.lora.dropout) != 0.0:
+        raise ConfigError(f"adapter.lora.dropout={a.lora.dropout}: dropout with DoRA is not implemented (PEFT "
+                          "recomputes the base output on the dropped input); set it to 0.0 or use kind 'lora'")
     targets = (a.targets,) if isinstance(a.targets, str) else tuple(a.targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ConfigError(f"adapter.targets={a.targets!r} must name module path globs")
@@ -105,6 +109,43 @@ def attach_configured(model: nnx.Module, cfg) -> nnx.Module:
         return adapters.attach(model, "ia3", targets, init=init, seed=int(a.seed))
     return adapters.attach(model, a.kind, targets, rank=int(a.lora.rank), alpha=float(a.lora.alpha),
                            rslora=bool(a.lora.rslora), init=init, seed=int(a.seed))
+
+
+DROPOUT_SALT = 0x10AD  # the dropout keys: fold_in(the step's rng, DROPOUT_SALT), apart from the task's own draws
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRADropoutTask:
+    """`inner` (a trainer task, train/task.py) with LoRA dropout at `rate` in its training loss: loss(model, batch,
+    step, rng) runs the inner loss inside bricks.adapters.lora_dropout(fold_in(rng, DROPOUT_SALT), rate);
+    evaluation is the inner task's, without dropout."""
+
+    inner: Any
+    rate: float = dataclasses.field(metadata=dict(static=True))
+
+    def loss(self, model, batch, step, rng):
+        from configurable_fm.bricks.adapters import lora_dropout
+
+        with lora_dropout(jax.random.fold_in(rng, DROPOUT_SALT), self.rate):
+            return self.inner.loss(model, batch, step, rng)
+
+    def eval_loss(self, model, batch, step):
+        from configurable_fm.train.task import eval_loss
+
+        return eval_loss(self.inner, model, batch, step)
+
+    def setup(self, model, trainable):
+        from configurable_fm.train.task import set_up_task
+
+        return dataclasses.replace(self, inner=set_up_task(self.inner, model, trainable))
+
+
+def with_dropout(task, cfg):
+    """`task` wrapped in LoRADropoutTask when config.adapter is a LoRA with dropout > 0; `task` itself otherwise."""
+    a = configured(cfg)
+    rate = float(a.lora.dropout) if a is not None and a.kind == "lora" else 0.0
+    return LoRADropoutTask(task, rate) if rate > 0 else task
 
 
 def stored_dtypes(model: nnx.Module) -> dict[str, jnp.dtype]:
@@ -148,7 +189,8 @@ def write_adapter(model: nnx.Module, cfg, workdir: Path, log: Callable[[str], No
                                              overwrite=True)
     if "peft" in save:
         out["peft"] = adapters.to_peft(model, Path(workdir) / PEFT_DIR,
-                                       base_model_name_or_path=cfg.get("init_from") or None, overwrite=True)
+                                       base_model_name_or_path=cfg.get("init_from") or None, overwrite=True,
+                                       lora_dropout=float(a.lora.dropout) if a.kind == "lora" else 0.0)
     for fmt, path in out.items():
         log(f"adapter ({a.kind}, {fmt}) written to {path}")
     return out

@@ -79,7 +79,7 @@ from configurable_fm.models.factory import DTYPES, build_model, config_to_dict, 
 from configurable_fm.models.llama import REMAT_POLICIES
 from configurable_fm.train import flops as flops_lib
 from configurable_fm.train.adapters import (attach_configured, check_adapter_config, configured, frozen_in_dtype,
-                                            stored_dtypes, write_adapter)
+                                            stored_dtypes, with_dropout, write_adapter)
 from configurable_fm.train.distributed import save_model_collective
 from configurable_fm.train.metrics import MetricWriter, ProgressBar, plot_loss_curve, read_metrics
 from configurable_fm.train.optim import SCHEDULES, make_optimizer
@@ -237,7 +237,7 @@ def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, t
         model = parts.merge(trainable, frozen_in_dtype(frozen, cfg, dtypes), other)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.steps)
     frozen, state, state_shardings = place_state(model, parts, tx, mesh, rules)
-    task = set_up_task(task if task is not None else NextTokenTask(), model, parts.trainable)
+    task = set_up_task(with_dropout(task if task is not None else NextTokenTask(), cfg), model, parts.trainable)
     task_arrays, rebuild = place_task(task, mesh)
     model_cfg = getattr(model, "cfg", None)
     del model

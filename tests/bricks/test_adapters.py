@@ -267,3 +267,41 @@ def test_errors_without_adapters_and_on_adapted_targets(base, models):
     with pytest.raises(adapters.AdapterError, match=r"IA3 scales of \['layers.0.mlp.down_proj'\] have zeros"):
         adapters.unmerge(adapters.merge(zero, keep=True))
     assert adapters.adapter_state(base) == {} and adapters.adapters(base) == {}
+
+
+def test_lora_dropout_drops_the_lora_branch_input_only_inside_the_block(base):
+    """Inside lora_dropout(key, p): y = xW + b + s ((x ⊙ k / (1 - p)) A) B with k ~ Bernoulli(1 - p) drawn from
+    fold_in(key, i) for the block's i-th LoRA call; unbiased (the mean over many keys approaches the output without
+    dropout); rate 0 and outside the block: no dropout; DoRA refuses."""
+    m = adapters.attach(base, "lora", "layers.0.self_attn.q_proj", rank=4, alpha=8, init="random", seed=3)
+    q = m.layers[0].self_attn.q_proj
+    x = jnp.asarray(np.random.RandomState(1).randn(3, 24), jnp.float32)
+    plain = np.asarray(q(x))
+    base_out = np.asarray(x @ q.kernel[...] + (0 if q.bias is None else q.bias[...]))
+    a, b = np.asarray(q.lora_a[...]), np.asarray(q.lora_b[...])
+    with adapters.lora_dropout(jax.random.key(0), 0.0):
+        np.testing.assert_array_equal(np.asarray(q(x)), plain)
+    key = jax.random.key(7)
+    with adapters.lora_dropout(key, 0.25):
+        first, second = np.asarray(q(x)), np.asarray(q(x))
+    for i, out in enumerate((first, second)):
+        k = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, i), 0.75, x.shape))
+        want = base_out + q.scale * ((np.asarray(x) * k / 0.75) @ a) @ b
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(first, second) and not np.allclose(first, plain)
+    np.testing.assert_array_equal(np.asarray(q(x)), plain)  # outside the block again
+
+    def in_block(k):
+        with adapters.lora_dropout(k, 0.5):
+            return q(x)
+
+    samples = jax.vmap(jax.jit(in_block))(jax.random.split(jax.random.key(1), 2000))
+    branch = np.abs(plain - base_out).max()
+    assert np.abs(np.asarray(samples).mean(0) - plain).max() < 0.1 * branch  # unbiased: E[k / (1 - p)] = 1
+    d = adapters.attach(base, "dora", "layers.0.self_attn.q_proj", rank=4, alpha=8, init="random", seed=3)
+    with pytest.raises(adapters.AdapterError, match="DoRA with LoRA dropout"):
+        with adapters.lora_dropout(jax.random.key(0), 0.5):
+            d.layers[0].self_attn.q_proj(x)
+    with pytest.raises(adapters.AdapterError, match=r"\[0, 1\)"):
+        with adapters.lora_dropout(jax.random.key(0), 1.0):
+            pass

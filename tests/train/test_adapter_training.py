@@ -106,6 +106,30 @@ def test_bf16_base_lora_training_lowers_the_loss_and_keeps_the_base(bf16_base, t
     assert_only_adapter_state(tmp_path / "run" / "checkpoints" / "12", {k: v.shape for k, v in state.items()})
 
 
+def test_lora_dropout_in_training_steps_only(tmp_path):
+    """adapter.lora.dropout = 0.5: the training losses differ from a run without dropout after the first update
+    (same data, same initial adapter; the first step's loss is the same: B = 0 makes the LoRA branch zero), while
+    evaluation has no dropout: the trained model's loss on the eval batch equals the trainer's own val_loss. The
+    PEFT output records lora_dropout."""
+    from configurable_fm.train.task import next_token_loss
+
+    base = llama_base(2)
+    runs = {}
+    for rate in (0.0, 0.5):
+        cfg = lora_config(targets=("layers.*.self_attn.[qv]_proj",))
+        cfg.adapter.lora.dropout = rate
+        cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 4, 1, 4, 4
+        runs[rate] = train(cfg, tmp_path / f"run{rate}", model=base, data=stream_data(), log=lambda s: None)
+    plain, dropped = ([r.losses[s] for s in sorted(r.losses)] for r in (runs[0.0], runs[0.5]))
+    assert plain[0] == pytest.approx(dropped[0], abs=1e-6) and plain[2:] != pytest.approx(dropped[2:], abs=1e-4)
+    batch = next(iter(stream_data().eval_batches()))
+    val = float(next_token_loss(runs[0.5].model, {k: jnp.asarray(v) for k, v in batch.items()})[0])
+    logged = [r for r in metric_records(tmp_path / "run0.5") if "val_loss" in r][-1]["val_loss"]
+    assert val == pytest.approx(logged, rel=1e-5)
+    peft_config = json.loads((tmp_path / "run0.5" / "adapter_peft" / "adapter_config.json").read_text())
+    assert peft_config["lora_dropout"] == 0.5  # PEFT's setting for a run continued there
+
+
 @pytest.mark.slow
 def test_bottleneck_variant_trains_and_is_saved_as_a_brick(tmp_path):
     cfg = lora_synthetic.get_config("sort,bottleneck,test")
@@ -129,7 +153,8 @@ def test_bottleneck_variant_trains_and_is_saved_as_a_brick(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     ({"adapter.kind": "prefix"}, r"adapter.kind='prefix' is not one of \['lora', 'dora', 'ia3', 'bottleneck'\]"),
-    ({"adapter.lora.dropout": 0.1}, r"adapter.lora.dropout=0.1: LoRA dropout is not implemented"),
+    ({"adapter.lora.dropout": 1.0}, r"adapter.lora.dropout=1.0 must lie in \[0, 1\)"),
+    ({"adapter.kind": "dora", "adapter.lora.dropout": 0.1}, r"dropout with DoRA is not implemented"),
     ({"adapter.kind": "bottleneck"}, r"adapter.save includes 'peft', but PEFT has no bottleneck adapter"),
     ({"adapter.save": ("brick", "gguf")}, r"\['gguf'\] are not formats \['brick', 'peft'\]"),
     ({"frozen_dtype": "int8"}, r"frozen_dtype='int8' is not one of"),

@@ -28,7 +28,8 @@ from configurable_fm.bricks.adapters.combine import (COMBINATIONS, CombineReport
                                                      combine_exact, peft_merge)
 from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
 from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinear, AdapterError, AdapterParam,
-                                                     DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam)
+                                                     DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam,
+                                                     lora_dropout)
 from configurable_fm.bricks.adapters.prompts import INITS as VIRTUAL_TOKEN_INITS, attach_virtual_tokens
 from configurable_fm.models.virtual_tokens import VirtualTokenParam, VirtualTokens
 from configurable_fm.bricks.adapters.mixed import (BASE_ID, AdapterIds, AdapterScale, MixedLinear, mix, mixed_modules,
@@ -39,7 +40,7 @@ __all__ = [
     "attach", "merge", "unmerge", "detach", "adapters", "adapted_modules", "adapter_state", "as_delta", "path_key",
     "adapter_bricks", "attach_bricks", "save_adapter", "load_adapter", "from_peft", "read_peft", "to_peft",
     "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",
-    "AdapterError", "ADAPTER_TYPES", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
+    "AdapterError", "ADAPTER_TYPES", "lora_dropout", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
     "DEFAULT_ALPHA", "mix", "with_adapter_ids", "unmix", "mixed_modules", "MixedLinear", "AdapterIds",
     "AdapterScale", "BASE_ID", "combine", "combine_exact", "CombineReport", "peft_merge", "check_options",
     "COMBINATIONS", "attach_bottleneck", "bottleneck_targets", "BottleneckLinear", "BottleneckParam",

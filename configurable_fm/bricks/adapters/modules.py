@@ -23,6 +23,13 @@ weights and the module computes the plain Linear; the adapter stays, so `adapter
     IA3   W' = W ⊙ l (per output; b' = b ⊙ l) or l ⊙ W (per input)   unmerge: divide by l (l = 0 cannot be undone)
 Unmerging is exact up to float rounding (one rounding each way), as in PEFT.
 
+LoRA dropout (PEFT's lora_dropout) is a training setting, not part of the adapter: inside `with lora_dropout(key,
+p):` every unmerged LoRA module computes y = x W + b + s · (dropout_p(x) A) B, dropout_p(x) = x ⊙ k / (1 − p) with
+k ~ Bernoulli(1 − p) elementwise (inverted dropout, torch's nn.Dropout), the call i of the trace drawing from
+fold_in(key, i). Outside the context (evaluation, inference, merging) there is no dropout. The trainer enters it
+for every training step when config.adapter.lora.dropout > 0 (train/adapters.py). DoRA refuses it (PEFT then
+recomputes the base output on the dropped input: not implemented here); IA3 has no dropout in PEFT.
+
 Adapter parameters are `LoRAParam` / `IA3Param` (both `AdapterParam`, an nnx.Param), so the trainer selects them by
 type ('LoRAParam:**', 'AdapterParam:**') and `bricks.flat_params` sees them by path (`...q_proj.lora_a`). They are
 float32 over a lower-precision base (PEFT's autocast_adapter_dtype), the base kernel's dtype otherwise. Each module
@@ -32,6 +39,8 @@ is imported), so models with adapters pass `check_consistent` and round-trip thr
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Mapping
 
@@ -48,6 +57,39 @@ from configurable_fm.models.taps import tapped
 
 class AdapterError(UserError, ValueError):
     """An adapter that cannot be attached, merged, saved or loaded as asked; the message names the paths."""
+
+
+_DROPOUT: contextvars.ContextVar = contextvars.ContextVar("lora_dropout", default=None)
+
+
+@contextlib.contextmanager
+def lora_dropout(key: jax.Array, rate: float):
+    """Training-time LoRA dropout inside the block (module docstring): `key` a PRNG key (traced is fine), `rate`
+    the drop probability p in [0, 1); p = 0 is no dropout."""
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise AdapterError(f"lora_dropout: the rate must lie in [0, 1), got {rate}")
+    token = _DROPOUT.set({"key": key, "rate": rate, "calls": 0} if rate > 0 else None)
+    try:
+        yield
+    finally:
+        _DROPOUT.reset(token)
+
+
+def dropout_active() -> bool:
+    """Whether a `lora_dropout` block with a positive rate is active."""
+    return _DROPOUT.get() is not None
+
+
+def _dropped(x: jax.Array) -> jax.Array:
+    """x with inverted dropout when a `lora_dropout` block is active (each call its own key), else x itself."""
+    state = _DROPOUT.get()
+    if state is None:
+        return x
+    key = jax.random.fold_in(state["key"], state["calls"])
+    state["calls"] += 1
+    keep = jax.random.bernoulli(key, 1.0 - state["rate"], x.shape)
+    return jnp.where(keep, x / (1.0 - state["rate"]), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 class AdapterParam(nnx.Param):
@@ -220,10 +262,11 @@ class LoRALinear(AdaptedLinear):
         return LowRank(self.lora_a[...], self.lora_b[...], self.scale)
 
     def _lora(self, xd, dtype):
-        """s · (x A) B in the adapter's dtype (PEFT casts x to lora_A's dtype)."""
+        """s · (x A) B in the adapter's dtype (PEFT casts x to lora_A's dtype); x dropped out inside a
+        `lora_dropout` block."""
         a, b = self.lora_a[...], self.lora_b[...]
         ld = jnp.result_type(dtype, a.dtype)
-        return jnp.dot(jnp.dot(xd.astype(ld), a.astype(ld)), b.astype(ld)) * self.scale, ld
+        return jnp.dot(jnp.dot(_dropped(xd.astype(ld)), a.astype(ld)), b.astype(ld)) * self.scale, ld
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -270,6 +313,9 @@ class DoRALinear(LoRALinear):
         y, xw, xd, dtype = self._linear(x)
         if self.merged:
             return y
+        if dropout_active():
+            raise AdapterError("DoRA with LoRA dropout is not implemented (PEFT recomputes the base output on the "
+                               "dropped input); train DoRA with dropout 0")
         lora, ld = self._lora(xd, dtype)
         n = jax.lax.stop_gradient(self.weight_norm()).astype(ld)  # PEFT / DoRA §4.3: no gradient through the norm
         f = self.lora_magnitude[...].astype(ld) / n
