@@ -4,7 +4,7 @@ MEMIT, AlphaEdit, the RLS lifelong editor (and FT-L), evaluating every K edits.
 
     python -m experiments.edit.lifelong --out runs/lifelong_test --size test                # CPU, ~1 min (CI)
     python -m experiments.edit.lifelong --out runs/lifelong_small --size small              # CPU, README
-    python -m experiments.edit.lifelong --out runs/lifelong --size full --time_limit 540    # GPU: rerun the same
+    python -m experiments.edit.lifelong --out runs/lifelong --size full --time_limit 420    # GPU: rerun the same
         # command while it exits 75 (stopped at the time limit, state saved); 0 = done
     [--editors rome,memit,alphaedit,rls,ft] [--n_edits N] [--eval_every K] [--set alphaedit.batch=10]
 
@@ -582,7 +582,8 @@ class EditorRun:
                          "n_edits": plan.n_edits, "hparams": _hparams_json(plan.hparams), "settings": resolved,
                          "edits": 0, "complete": False, "stopped": None, "seconds": 0.0,
                          "batch": plan.batch,
-                         "curve": [{"edits": 0, "steps": 0, "seconds": 0.0, "scores": baseline, "preserved_change": 0.0}], "delta_norms": []}
+                         "curve": [{"edits": 0, "steps": 0, "seconds": 0.0, "scores": baseline,
+                                    "preserved_change": 0.0}], "delta_norms": []}
         self.state = start
         self._resume()
 
@@ -949,7 +950,7 @@ def run_study(out: str | os.PathLike, *, size: str = "test", editors: Sequence[s
             say(f"{p.name}: only {len(stream)} known requests; editing {len(stream)} instead of {p.n_edits}")
             p.n_edits = len(stream)
     layers = sorted({l for p in plans for l in p.layers})
-    stats = cached_second_moments(model, lambda: _stat_batches(world, sz), layers, corpus=f"testbed-seed{seed}",
+    stats = cached_second_moments(model, lambda: stat_batches(world, sz), layers, corpus=f"testbed-seed{seed}",
                                   n_tokens=sz.stats_tokens, cache_dir=out / "stats", log=say)
     scorer = Scorer(world.tokenizer, stream, unedited, sz.eval_edited, seed, sz.eval_batch)
     bfile = out / "baseline.json"
@@ -1000,7 +1001,7 @@ def _used(method: str, key: str) -> bool:
             "l2_rel": method == "alphaedit"}.get(key, False)
 
 
-def _stat_batches(world: World, size: Size):
+def stat_batches(world: World, size: Size):
     rows = packed_rows(world.tokenizer, world.texts, size.seq_len)
     b = 16
     for i in range(0, len(rows["inputs"]), b):

@@ -4,14 +4,14 @@
 
 Reads a study directory of experiments/edit/lifelong.py (its model, tokenizer, edit stream and world) and writes
 DIR/testbed_check.json and prints:
-  1. causal tracing (analysis.tracing.trace_fact, MLP and attention outputs restored one layer at a time,
-     window 1) of `n_trace` edit requests: the mean indirect effect per layer at the subject's last token and at
-     the prompt's last token, as a fraction of the total effect; and suggest_layers (the MLP at the subject's last
-     token) over them. Facts stored at the subject: a large MLP effect at the subject's last token in early
-     layers (Meng et al. 2022, Fig. 1), not only at the last position.
+  1. causal tracing (analysis.tracing.trace_fact; MLP outputs, attention outputs and the residual stream restored
+     one layer at a time, window 1) of `n_trace` edit requests: the mean indirect effect per layer at the
+     subject's last token and at the prompt's last token, as a fraction of the total effect; and suggest_layers
+     (the MLP at the subject's last token) over them. Facts stored at the subject: a large MLP and residual effect
+     at the subject's last token in early layers (Meng et al. 2022, Fig. 1), not only at the last position.
   2. single edits (each from the unedited model, CounterFact's protocol) of the first `n_edit` requests of the
-     stream: ROME at every layer and MEMIT on the study's window, with the study's settings (lifelong.make_plan):
-     ES / PS / NS (%).
+     stream: ROME at every layer and MEMIT on the study's window and on every pair of adjacent layers, with the
+     study's settings (lifelong.make_plan): ES / PS / NS (%).
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def trace_summary(model, tok, requests, *, bos_id: int = 0, samples: int = 10) -
     rows = {f"{k}_{w}": [] for k in ("mlp", "attn", "residual") for w in ("subject", "last")}
     traces = []
     for r in requests:
-        t = trace_fact(model, tok, r.prompt, r.subject, target=r.target_true, bos_id=bos_id, kinds=("mlp", "attn", "residual"),
-                       samples=samples, window=1, embedding_std=std)
+        t = trace_fact(model, tok, r.prompt, r.subject, target=r.target_true, bos_id=bos_id,
+                       kinds=("mlp", "attn", "residual"), samples=samples, window=1, embedding_std=std)
         if t.total_effect < 0.05:
             continue
         traces.append(t)
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if not args.skip_edits:
         n_layers = len(t["mlp_subject"])
         size = L.choose_layers(size, t)
-        stats = cached_second_moments(model, lambda: L._stat_batches(world, size), range(n_layers),
+        stats = cached_second_moments(model, lambda: L.stat_batches(world, size), range(n_layers),
                                       corpus=f"testbed-seed{seed}", n_tokens=size.stats_tokens, cache_dir=out / "stats")
         plans = [L.make_plan("rome", size, world, 1, {"rome": {"layers": [l]}}) for l in range(n_layers)]
         plans += [L.make_plan("memit", size, world, 1, {})]

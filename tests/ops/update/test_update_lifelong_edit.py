@@ -254,6 +254,7 @@ def gpt2_sessions(gpt2_world):
     return out
 
 
+@pytest.mark.slow  # trains its own tiny gpt2 (~30-40 s on 2 cores)
 def test_gpt2_alphaedit_session(gpt2_world, gpt2_sessions):
     corpus, tok, model, stats, reqs, others = gpt2_world
     session = gpt2_sessions["alphaedit"]
@@ -274,6 +275,7 @@ def test_gpt2_alphaedit_session(gpt2_world, gpt2_sessions):
         np.testing.assert_allclose(np.asarray(again[p]), np.asarray(after[p]), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # trains its own tiny gpt2 (~30-40 s on 2 cores)
 def test_gpt2_rls_session_starts_as_memit(gpt2_world, gpt2_sessions):
     corpus, tok, model, stats, reqs, others = gpt2_world
     session = gpt2_sessions["rlsedit"]
@@ -292,6 +294,7 @@ def test_gpt2_rls_session_starts_as_memit(gpt2_world, gpt2_sessions):
                                    np.asarray(first[p].materialize()), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # trains its own tiny gpt2 (~30-40 s on 2 cores)
 def test_gpt2_ft_l(gpt2_world):
     corpus, tok, model, stats, reqs, others = gpt2_world
     eps = 5e-2
