@@ -10,9 +10,10 @@ MEMIT, AlphaEdit, the RLS lifelong editor (and FT-L), evaluating every K edits.
 
 Each step is cached in --out, so a rerun continues where the last call stopped:
  1. World: ops.update.synthetic_testbed (data.synthetic.FactsCorpus: invented two-word names, 6 relations with
-    closed object sets, 5 training and 3 held-out paraphrase templates per relation, augmented biographies, and
-    `profiles` profile lines per entity -- the name followed directly by all its objects, which makes the model
-    store an entity's facts at the name, as real LMs do; experiments/edit/README.md has the evidence), plus for
+    closed object sets, 5 training and 3 held-out paraphrase templates per relation, augmented biographies,
+    `profiles` profile lines per entity -- the name followed directly by all its objects -- and `first_names`
+    shared first names, so that the entity is known only at its last name: with these the model stores facts at
+    the subject's last token in its early MLPs, as real LMs do; experiments/edit/README.md has the evidence), plus for
     half of the facts that are not edit candidates the same fact in the paraphrase templates (so a paraphrase of
     an edited fact is a phrasing of that fact never seen, in a template learnt on other facts). A byte-level BPE.
  2. Pre-training with train.trainer.train (DIR/pretrain, resumable); the recall of 128 candidates is logged at
