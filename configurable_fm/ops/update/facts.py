@@ -205,19 +205,66 @@ class Testbed:
         return d
 
 
+def profiles(corpus: FactsCorpus, n_per_entity: int, seed: int) -> list[str]:
+    """Profile lines, n_per_entity per entity: the name followed directly by all its objects in a seeded random
+    order, '{subject} {o_1}, {o_2}, ..., {o_R}.' (entity-major order). The token after the subject's last token is
+    any one of its objects, so next-token prediction at that token needs every attribute of the entity there: the
+    model stores facts at the subject (its early MLPs enrich the name with its attributes), as causal tracing
+    finds in real LMs (Meng et al. 2022; Geva et al. 2023), instead of looking them up at the query's last token
+    only. Objects of different relations are distinct strings, so a list needs no relation labels."""
+    rng = _rng(seed, "profiles")
+    out = []
+    for e in corpus.entities:
+        objs = [corpus.facts[e][r.name] for r in corpus.relations]
+        for _ in range(n_per_entity):
+            out.append(f"{e} " + ", ".join(objs[int(i)] for i in rng.permutation(len(objs))) + ".")
+    return out
+
+
+def shared_first_names(corpus: FactsCorpus, n_first: int, seed: int) -> FactsCorpus:
+    """The corpus with every entity renamed '{first} {last}': its own last name and a first name drawn (seeded)
+    from a pool of `n_first` (the first names of the first entities), redrawn on a clash, facts unchanged. With
+    unique invented first names a model identifies the entity at the first name's tokens and looks its facts up
+    there (causal traces: the whole effect at the first name, none at the subject's last token); with a few shared
+    first names the entity is known only at the last name, so the facts are read at the subject's last token, as
+    ROME and MEMIT assume (experiments/edit/README.md)."""
+    pool = list(dict.fromkeys(e.split(" ")[0] for e in corpus.entities))[:n_first]
+    if len(pool) < 1:
+        raise ValueError(f"shared_first_names: need n_first >= 1, got {n_first}")
+    rng = _rng(seed, "first_names")
+    names, seen = {}, set()
+    for e in corpus.entities:
+        last = e.split(" ", 1)[1]
+        for _ in range(100):
+            name = f"{pool[int(rng.integers(len(pool)))]} {last}"
+            if name not in seen:
+                break
+        else:
+            raise ValueError(f"shared_first_names: no free first name for {last!r} among {len(pool)}")
+        seen.add(name)
+        names[e] = name
+    return FactsCorpus(corpus.seed, corpus.relations, tuple(names[e] for e in corpus.entities),
+                       {names[e]: f for e, f in corpus.facts.items()})
+
+
 def synthetic_testbed(seed: int, n_entities: int, n_requests: int, *, relations=None, biographies: int = 2,
-                      n_neighbours: int = 10) -> Testbed:
+                      n_profiles: int = 0, first_names: int = 0, n_neighbours: int = 10) -> Testbed:
     """A FactsCorpus of n_entities (data.synthetic.facts; default relations: all of RELATIONS) with its
-    pre-training texts (every fact in every training template, plus `biographies` augmented documents per entity,
-    shuffled by a generator seeded by seed) and `n_requests` edit requests of distinct (entity, relation) facts
-    drawn by a generator seeded by seed (case ids 0..n-1). Deterministic in its arguments."""
+    pre-training texts (every fact in every training template, plus `biographies` augmented documents and
+    `n_profiles` profile lines (`profiles`) per entity, shuffled by a generator seeded by seed; with
+    `first_names` > 0 the entities share that many first names, `shared_first_names`) and `n_requests`
+    edit requests of distinct (entity, relation) facts drawn by a generator seeded by seed (case ids 0..n-1).
+    Deterministic in its arguments."""
     kw = {} if relations is None else {"relations": relations}
     corpus = FactsCorpus.generate(seed=seed, n_entities=n_entities, **kw)
+    if first_names:
+        corpus = shared_first_names(corpus, first_names, seed)
     facts = corpus.all_facts()
     if not 0 <= n_requests <= len(facts):
         raise ValueError(f"n_requests must be in [0, {len(facts)}] (the corpus has {len(facts)} facts), "
                          f"got {n_requests}")
     texts = corpus.training_texts() + corpus.biographies(n_per_entity=biographies, seed=seed)
+    texts += profiles(corpus, n_profiles, seed) if n_profiles else []
     order = _rng(seed, "texts").permutation(len(texts))
     picks = _rng(seed, "requests").choice(len(facts), size=n_requests, replace=False)
     requests = tuple(Request.from_edit_request(corpus.edit_request(facts[int(i)], seed=seed, n_neighbours=n_neighbours),

@@ -128,3 +128,34 @@ def test_synthetic_testbed(tmp_path):
     with pytest.raises(ValueError, match="n_requests must be in"):
         synthetic_testbed(seed=0, n_entities=2, n_requests=100)
     assert isinstance(bed.requests[0], Request)
+
+
+def test_synthetic_testbed_profiles():
+    """Profile lines: the name followed directly by all of the entity's objects, in a seeded order."""
+    from configurable_fm.ops.update.facts import profiles
+
+    bed = synthetic_testbed(seed=3, n_entities=20, n_requests=5, n_profiles=3)
+    plain = synthetic_testbed(seed=3, n_entities=20, n_requests=5)
+    corpus = bed.corpus
+    lines = profiles(corpus, 3, seed=3)
+    assert len(lines) == 60 and len(bed.texts) == len(plain.texts) + 60
+    assert sorted(bed.texts) == sorted(list(plain.texts) + lines) and bed.requests == plain.requests
+    e = corpus.entities[0]
+    objs = [corpus.facts[e][r.name] for r in corpus.relations]
+    for line in lines[:3]:
+        assert line.startswith(e + " ") and line.endswith(".")
+        assert sorted(line[len(e) + 1:-1].split(", ")) == sorted(objs)  # every object once, no relation words
+    assert len({line for line in lines[:3]}) > 1  # orders vary
+    assert profiles(corpus, 3, seed=3) == lines and profiles(corpus, 3, seed=4) != lines
+
+
+def test_synthetic_testbed_shared_first_names():
+    """Entities renamed '{shared first name} {own last name}', facts and everything else unchanged."""
+    bed = synthetic_testbed(seed=3, n_entities=60, n_requests=5, first_names=4)
+    plain = synthetic_testbed(seed=3, n_entities=60, n_requests=5)
+    new, old = bed.corpus.entities, plain.corpus.entities
+    assert len(set(new)) == 60 and len({e.split(" ")[0] for e in new}) <= 4
+    assert [e.split(" ", 1)[1] for e in new] == [e.split(" ", 1)[1] for e in old]
+    assert [bed.corpus.facts[a] for a in new] == [plain.corpus.facts[b] for b in old]
+    assert len(bed.texts) == len(plain.texts) and bed.requests[0].target_true == plain.requests[0].target_true
+    assert synthetic_testbed(seed=3, n_entities=60, n_requests=5, first_names=4).corpus == bed.corpus

@@ -1,0 +1,115 @@
+"""The lifelong-editing study (experiments/edit/lifelong.py) end to end at its 'test' size: a tiny llama pre-trained
+with the trainer on a synthetic facts world, AlphaEdit and sequential ROME editing the facts it knows one at a time,
+evaluated every few edits; outputs, resuming (slow: ~1-2 min on CPU), and the helpers (fast)."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments.edit import lifelong as L
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lifelong")
+    results = L.run_study(out, size="test", editors=("alphaedit", "memit"), n_edits=8, eval_every=4,
+                          overrides={"memit": {"batch": 3}})
+    return out, results
+
+
+@pytest.mark.slow
+def test_study_outputs(study):
+    out, r = study
+    assert r["complete"]
+    for name in ("results.json", "results.jsonl", "report.md", "lifelong.png", "tokenizer.json", "stream.jsonl",
+                 "knowledge.json", "baseline.json", "trace.json"):
+        assert (out / name).is_file(), name
+    assert (out / "model" / "model_config.json").is_file()
+    assert json.loads((out / "results.json").read_text())["editors"].keys() == {"alphaedit", "memit"}
+    # the model learnt the world before it is edited, and only known facts are edited
+    k = r["knowledge"]
+    assert k["prompt_known"] >= 0.3 and k["stream"] >= 10, k
+    curve = r["pretrain"]["fact_recall_curve"]  # (step, recall of 128 candidates) at each evaluation
+    assert curve[-1][1] >= 0.3 and curve[-1][1] > curve[0][1] + 0.2, curve
+    base = r["editors"]["alphaedit"]["curve"][0]["scores"]
+    assert base["efficacy"]["mean"] <= 0.1 and base["specificity"]["mean"] >= 0.8  # unedited: ES ~ 0, NS ~ 100
+    assert base["unedited_recall"]["mean"] == 1.0  # the unedited sample holds known facts only
+    # memit in steps of 3 requests: evaluated after the steps crossing 4 and 8 (at 6 and 8 edits)
+    assert [p["edits"] for p in r["editors"]["memit"]["curve"]] == [0, 6, 8]
+    assert [p["steps"] for p in r["editors"]["memit"]["curve"]] == [0, 2, 3]
+    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    assert [(l["editor"], l["edits"]) for l in lines] == [("alphaedit", 4), ("alphaedit", 8), ("memit", 6),
+                                                           ("memit", 8)]
+    assert r["trace"]["n"] > 0 and len(r["trace"]["mlp_subject"]) == 3
+    for name, e in r["editors"].items():
+        assert e["edits"] == 8 and e["complete"] and not e["stopped"]
+        assert len(e["delta_norms"]) == {"alphaedit": 8, "memit": 3}[name]
+        changes = [p["preserved_change"] for p in e["curve"]]
+        assert changes[0] == 0.0 and all(0.0 < c < 10 for c in changes[1:]), (name, changes)
+        for point in e["curve"]:
+            for score in L.SCORES:
+                s = point["scores"][score]
+                if s["n"] == 0:  # none of the sampled unedited facts is about a subject edited so far (or all are)
+                    assert score in ("unedited_same_subject", "unedited_other_subject") and s["se"] is s["mean"] is None
+                    continue
+                assert 0.0 <= s["mean"] <= 1.0 and s["n"] > 0, (name, score, s)
+                np.testing.assert_allclose(s["se"], np.sqrt(s["mean"] * (1 - s["mean"]) / s["n"]))
+            assert point["scores"]["unedited_same_subject"]["n"] == 0 or point["edits"] > 0
+            u = point["scores"]
+            assert u["unedited_same_subject"]["n"] + u["unedited_other_subject"]["n"] == u["unedited_recall"]["n"]
+    a = r["editors"]["alphaedit"]
+    assert a["settings"]["L2"] > 0 and all(d > 0 for d in a["settings"]["nullspace_dim"].values())
+    # the edits work (from ES 0 before): after 4 and 8 edits, the edited facts say their new object (at most one
+    # miss in 8), and a held-out paraphrase of most of them too
+    four, eight = a["curve"][1]["scores"], a["curve"][2]["scores"]
+    assert four["efficacy"]["n"] == 4 and four["efficacy"]["mean"] >= 0.75, four
+    assert eight["efficacy"]["n"] == 8 and eight["efficacy"]["mean"] >= 7 / 8, eight
+    assert eight["efficacy_top1"]["mean"] >= 0.75 and eight["generalisation"]["mean"] >= 0.5, eight
+    report = (out / "report.md").read_text()
+    assert "## alphaedit (alphaedit, layers [0, 1], 8 of 8 edits, 1 per step, complete)" in report
+    assert "## memit (memit, layers [0, 1], 8 of 8 edits, 3 per step, complete)" in report
+
+
+@pytest.mark.slow
+def test_study_resumes(study):
+    """A rerun reuses the model, stream and statistics, and continues an editor from its saved state."""
+    out, r = study
+    more = L.run_study(out, size="test", editors=("alphaedit",), n_edits=10, eval_every=4,
+                       overrides={"memit": {"batch": 3}})
+    e = more["editors"]["alphaedit"]
+    assert [p["edits"] for p in e["curve"]] == [0, 4, 8, 10] and e["edits"] == 10
+    assert e["curve"][:3] == r["editors"]["alphaedit"]["curve"]
+    assert more["editors"]["memit"] == r["editors"]["memit"]  # editors of earlier calls stay in the results
+    assert len(e["delta_norms"]) == 10 and e["delta_norms"][:8] == r["editors"]["alphaedit"]["delta_norms"]
+    with pytest.raises(ValueError, match="holds a study of"):
+        L.run_study(out, size="small")
+
+
+def test_helpers():
+    assert L.parse_overrides(["alphaedit.l2_rel=0.05", "rls.layers=1,2", "rome.layers=3",
+                              "memit.context=bare"]) == {
+        "alphaedit": {"l2_rel": 0.05}, "rls": {"layers": [1, 2]}, "rome": {"layers": [3]},
+        "memit": {"context": "bare"}}
+    with pytest.raises(ValueError, match="unknown editor 'grace'"):
+        L.parse_overrides(["grace.layers=1"])
+    with pytest.raises(ValueError, match="EDITOR.FIELD=VALUE"):
+        L.parse_overrides(["l2_rel=0.05"])
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "a": 1, "b": 2, "c": 3}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rows = L.packed_rows(tok, ["a b", "c", "a b c a"], seq_len=5)
+    # [SEP a b SEP c SEP] then [SEP a b c a SEP] (a text is never split across rows)
+    np.testing.assert_array_equal(rows["inputs"], [[0, 1, 2, 0, 3], [0, 1, 2, 3, 1]])
+    np.testing.assert_array_equal(rows["targets"], [[1, 2, 0, 3, 0], [1, 2, 3, 1, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], np.ones((2, 5)))
+    assert L.binomial(0.9, 100) == pytest.approx(0.03)
+    # layers from a causal trace: ROME at the peak of the subject's MLP effect, MEMIT on the best window
+    trace = {"mlp_subject": [0.1, 0.5, 0.4, 0.45, 0.0]}
+    sz = L.choose_layers(L.dataclasses.replace(L.SIZES["test"], rome_layer=None, window=3), trace)
+    assert sz.rome_layer == 1 and sz.window == (1, 2, 3)
+    assert L.choose_layers(L.SIZES["test"], trace) == L.SIZES["test"]  # fixed layers stay
+    with pytest.raises(ValueError, match="ROME: 1"):
+        L.make_plan("rome", L.SIZES["test"], None, 4, {"rome": {"batch": 2}})
+    with pytest.raises(ValueError, match="unknown size"):
+        L.run_study("/nonexistent/never", size="huge")
