@@ -21,6 +21,16 @@ Forward, x (..., D):
 With top_k = R every c_e = 1 and y = sum_i h_i d_i + b^d, the dense FFN (up to the order of the float sums).
 The experts are computed densely and masked (E / k times the FLOPs of a dispatching kernel, as models/moe.py).
 
+Gradient of the routing (what router-only recovery fine-tuning trains on, experiments/analysis/moefy_recover.py):
+the top-k mask has zero derivative in the scores, so the forward uses the straight-through weights
+    c~_e = c_e + (p_e - stop_gradient(p_e)),   p = softmax(s) over the routed experts (0 added for shared ones)
+whose value is exactly c_e (p - p = 0 in floating point), so the function is unchanged, and whose derivative gives
+    dL/ds_j = p_j (g_j - sum_e p_e g_e),       g_e = dL/dc_e = sum_tokens <h_e D_e, dL/dy>
+(every expert's g_e exists: the experts are computed densely): the scores of experts whose output would lower the
+loss more than the p-weighted average rise. Not for the oracle router (no parameters) nor with top_k = R (every
+expert on: the routing is constant). The experts' own gradients are those of the hard mask; the FFN input x (and
+so everything before it, e.g. an attention LoRA) also receives the router's term through s(x).
+
 Routers (scores of the R routed experts; top-k of them is used):
     oracle    s_e = ||h_e||_2, the activation mass of the expert (MoEfication's ground-truth selection, with the
               L2 norm since SwiGLU activations are signed); no parameters; needs the activations, so no speed-up
@@ -258,6 +268,17 @@ class MoefiedMLP(nnx.Module):
         shared = jnp.ones(scores.shape[:-1] + (self.num_shared,), jnp.float32)
         return jnp.concatenate([shared, routed], axis=-1)
 
+    def routing_weights(self, scores):
+        """c~ (..., E) float32: `expert_mask(scores)` in value, with the straight-through derivative in the scores
+        of a trainable router (module docstring)."""
+        mask = self.expert_mask(scores)
+        if self.router_kind == "oracle" or self.top_k >= self.num_routed:
+            return mask
+        p = jax.nn.softmax(scores, axis=-1)
+        st = p - jax.lax.stop_gradient(p)  # exactly 0 in value
+        shared = jnp.zeros(scores.shape[:-1] + (self.num_shared,), jnp.float32)
+        return mask + jnp.concatenate([shared, st], axis=-1)
+
     def oracle_mask(self, hidden):
         """The mask (..., E) the oracle router would choose: shared experts and the top_k routed ones by ||h_e||."""
         return self.expert_mask(expert_mass(hidden[..., self.num_shared:, :]))
@@ -272,7 +293,7 @@ class MoefiedMLP(nnx.Module):
     def __call__(self, x_BxTxD):
         hidden = tap(self, "hidden", self.expert_hidden(x_BxTxD))
         scores = tap(self, "router_logits", self.router_scores(x_BxTxD, hidden))
-        return self.combine(hidden, self.expert_mask(scores))
+        return self.combine(hidden, self.routing_weights(scores))
 
 
 register_extension(KIND, lambda base, options, *, rngs: MoefiedMLP(base, **options))

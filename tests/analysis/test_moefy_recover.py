@@ -1,0 +1,198 @@
+"""Recovery fine-tuning of MoEfied models through the trainer (experiments/analysis/moefy_recover.py).
+
+A tiny random llama MoEfied (4 experts, top 2) and saved as an orbax checkpoint is the `init_from` of the `:test`
+variants: router-only training changes the routers alone (experts and everything else bit-identical), LoRA training
+the adapter alone (the base bit-identical), 'both' the union; the optimizer state holds only the selected leaves;
+the loss on a fixed batch falls; the straight-through routing weights equal the hard mask in value and give the
+router a gradient; 'eval' leaves the model unchanged. LoRA cannot attach to the stacked experts (an error naming
+the target).
+"""
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configurable_fm.analysis import moefication as mf
+from configurable_fm.bricks import adapters
+from configurable_fm.bricks.paths import flat_params, with_params
+from configurable_fm.interop.orbax_io import save_model
+from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.train.data import TokenData
+from configurable_fm.train.task import next_token_loss
+from configurable_fm.train.trainer import train
+from experiments.analysis import moefy_recover
+from tests.helpers import random_llama
+
+CFG = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  max_position_embeddings=64)
+SEQ = 16
+
+
+def stream_data(batch=4) -> TokenData:
+    """A periodic token stream (period 7): every batch is a shift of the same pattern."""
+    tokens = np.tile(np.asarray([3, 9, 4, 17, 4, 25, 11], np.int32), 400)
+    return TokenData(tokens, tokens[:200], SEQ, batch, 0, batch, max_eval_batches=1, manifest={"kind": "periodic"})
+
+
+def fixed_batch():
+    tokens = np.tile(np.asarray([3, 9, 4, 17, 4, 25, 11], np.int32), 20)
+    rows = np.stack([tokens[i:i + SEQ + 1] for i in range(4)])
+    return {"inputs": jnp.asarray(rows[:, :-1]), "targets": jnp.asarray(rows[:, 1:])}
+
+
+@nnx.jit
+def fixed_loss(model):
+    """The token-mean NLL of `model` on `fixed_batch()` (one compilation, not one per operation)."""
+    return next_token_loss(model, fixed_batch())[0]
+
+
+@pytest.fixture(scope="module")
+def moefied(tmp_path_factory):
+    """(the MoEfied tiny model, its orbax checkpoint): 4 experts of 16 neurons, top 2, centroid routers; weights
+    scaled x10 so that the routing matters to the loss."""
+    base = random_llama(CFG, 0)
+    base = with_params(base, {k: (v if "norm" in k else 10 * v) for k, v in flat_params(base).items()})
+    moe = mf.moefy(base, num_experts=4, num_experts_per_tok=2, split="kmeans", router="centroid", key=0)
+    path = save_model(moe, tmp_path_factory.mktemp("moefied") / "ckpt")
+    return moe, path
+
+
+def run(tmp_path, variant, init, steps=8, **updates):
+    cfg = moefy_recover.get_config(variant)
+    cfg.init_from = str(init)
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = steps, steps, steps, steps
+    cfg.optimizer.warmup_steps = 0
+    cfg.update(updates)
+    workdir = Path(tmp_path) / variant.replace(",", "_")
+    return train(cfg, workdir, data=stream_data(), log=lambda s: None), workdir
+
+
+def saved_leaves(item_dir: Path) -> dict[str, tuple]:
+    """{leaf path: shape} of a pytree item of an orbax training checkpoint (its metadata; nothing restored)."""
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(item_dir)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    return {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_state_only(checkpoint: Path, shapes: dict[str, tuple]) -> None:
+    """The checkpoint's trainable params are exactly `shapes`' leaves, and every non-scalar leaf of the optimizer
+    state (Adam's mu and nu) is one of them, of the same shape."""
+    assert saved_leaves(checkpoint / "params") == {f"['{k}']": s for k, s in shapes.items()}
+    per_param = {k: s for k, s in saved_leaves(checkpoint / "opt_state").items() if s != ()}
+    assert len(per_param) == 2 * len(shapes), sorted(per_param)
+    for k, shape in per_param.items():
+        assert shapes[k.rsplit("['", 1)[1][:-2]] == shape, k
+
+
+def split_changed(before: dict, after: dict) -> tuple[list, list]:
+    """(paths whose arrays differ, paths bit-identical) over `before`'s paths."""
+    changed = [k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
+    return changed, [k for k in before if k not in changed]
+
+
+def test_routing_weights_are_the_mask_in_value_with_a_router_gradient(moefied):
+    moe, _ = moefied
+    graphdef, params, rest = nnx.split(moe.layers[0].mlp, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(2), (2, 5, CFG.hidden_size))
+
+    @jax.jit
+    def check(params, x):
+        mlp = nnx.merge(graphdef, params, rest)
+        h = mlp.expert_hidden(x)
+        s = mlp.router_scores(x, h)
+        hard = mlp.combine(h, mlp.expert_mask(s))
+        grads = jax.grad(lambda st: jnp.sum(nnx.merge(graphdef, st, rest)(x) ** 2))(params)
+        # dL/ds_j = p_j (g_j - sum_e p_e g_e), g_e = dL/dc_e (module.py)
+        g = jax.grad(lambda c: jnp.sum(mlp.combine(h, c) ** 2))(mlp.expert_mask(s))[..., mlp.num_shared:]
+        p = jax.nn.softmax(s, axis=-1)
+        expected = p * (g - jnp.sum(p * g, axis=-1, keepdims=True))
+        got = jax.grad(lambda s_: jnp.sum(mlp.combine(h, mlp.routing_weights(s_)) ** 2))(s)
+        return mlp(x), hard, mlp.routing_weights(s), mlp.expert_mask(s), grads["router"]["kernel"], got, expected
+
+    y, hard, weights, mask, kernel_grad, got, expected = check(params, x)
+    np.testing.assert_array_equal(np.asarray(weights), np.asarray(mask))  # the same values
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(hard))  # the forward of the hard mask
+    assert float(jnp.abs(kernel_grad.get_value() if hasattr(kernel_grad, "get_value") else kernel_grad).max()) > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_router_only_recovery(moefied, tmp_path):
+    moe, path = moefied
+    start = flat_params(moe)
+    loss0 = float(fixed_loss(moe))
+    result, workdir = run(tmp_path, "router,test", path, steps=4, eval_every=0)  # no eval: fast
+    changed, same = split_changed(start, flat_params(result.model))
+    routers = [k for k in start if ".mlp.router." in k]
+    assert sorted(changed) == sorted(routers) and routers
+    assert any(".mlp.up_proj" in k for k in same) and "embed_tokens.embedding" in same
+    assert_state_only(workdir / "checkpoints" / "4", {k: tuple(start[k].shape) for k in routers})
+    assert float(fixed_loss(result.model)) < loss0
+
+
+@pytest.mark.slow
+def test_lora_recovery(moefied, tmp_path):
+    moe, path = moefied
+    start = flat_params(moe)
+    loss0 = float(fixed_loss(moe))
+    result, workdir = run(tmp_path, "lora,test", path)
+    lora = adapters.adapter_state(result.model)
+    assert sorted({k.rsplit(".", 1)[0] for k in lora}) == [f"layers.{i}.self_attn.{p}_proj" for i in range(2)
+                                                           for p in "koqv"]
+    base = adapters.detach(result.model)
+    changed, _ = split_changed(start, flat_params(base))
+    assert changed == []  # the MoEfied base, routers included, is bit-identical
+    assert_state_only(workdir / "checkpoints" / "8", {k: tuple(v.shape) for k, v in lora.items()})
+    assert float(fixed_loss(result.model)) < loss0
+    assert (workdir / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_both_trains_routers_and_adapter(moefied, tmp_path):
+    moe, path = moefied
+    start = flat_params(moe)
+    result, workdir = run(tmp_path, "both,test", path, steps=4)
+    lora = adapters.adapter_state(result.model)
+    changed, _ = split_changed(start, flat_params(adapters.detach(result.model)))
+    routers = [k for k in start if ".mlp.router." in k]
+    assert sorted(changed) == sorted(routers)
+    shapes = {**{k: tuple(start[k].shape) for k in routers}, **{k: tuple(v.shape) for k, v in lora.items()}}
+    assert_state_only(workdir / "checkpoints" / "4", shapes)
+
+
+@pytest.mark.slow
+def test_eval_variant_leaves_the_model_unchanged(moefied, tmp_path):
+    moe, path = moefied
+    result, _ = run(tmp_path, "eval,test", path, steps=1)
+    changed, _ = split_changed(flat_params(moe), flat_params(result.model))
+    assert changed == []
+    batch = next(iter(stream_data().eval_batches(0, 1)))
+    loss, m = next_token_loss(moe, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(result.best_val_loss, float(loss), rtol=1e-5)
+
+
+def test_config_variants_and_errors(moefied):
+    assert moefy_recover.get_config("").trainable == ("**.mlp.router.**",)
+    assert moefy_recover.get_config("both,code").data.dir == "data/code"
+    c = moefy_recover.get_config("lora")
+    assert c.adapter.kind == "lora" and c.trainable == ("AdapterParam:**",) and c.init_from
+    with pytest.raises(ValueError, match="unknown: \\['bogus'\\]"):
+        moefy_recover.get_config("router,bogus")
+    with pytest.raises(ValueError, match="one mode"):
+        moefy_recover.get_config("router,lora")
+    moe, _ = moefied
+    # the experts are stacked (E, D, m) parameters, not Linear modules: no LoRA on them
+    with pytest.raises(adapters.AdapterError, match="layers.0.mlp.up_proj is a Param, not a Linear"):
+        adapters.attach(moe, "lora", "layers.*.mlp.up_proj", rank=2)
+
+
+def test_router_only_needs_router_parameters(tmp_path):
+    base = random_llama(CFG, 1)
+    oracle = mf.moefy(base, num_experts=4, num_experts_per_tok=2, split="kmeans", router="oracle", key=0)
+    cfg = moefy_recover.get_config("router,test")
+    with pytest.raises(ValueError, match=r"\*\*\.mlp\.router\.\*\*"):
+        train(cfg, tmp_path / "w", model=oracle, data=stream_data(), log=lambda s: None)
