@@ -3,6 +3,8 @@
     python scripts/bench_train.py --variant 1b --seq_len 2048 --grid "4:none,8:dots,16:full" --steps 10
     python scripts/bench_train.py --variant 7b --seq_len 4096 --grid "8:full" --mesh 1,8,1     # FSDP over 8 GPUs
     python scripts/bench_train.py --variant 7b --seq_len 4096 --grid "8:full" --mesh 1,4,2     # FSDP 4 x tensor 2
+    python scripts/bench_train.py --variant 1b --grid "8:dots" --scan_layers                     # layers as one scan
+    python scripts/bench_train.py --variant 1b --grid "8:dots,8:dots:xla" --compile_only [--scan_layers]
 
 For each `batch:remat` entry of the grid: build the pretrain variant's llama (bf16 compute, fp32 master weights,
 AdamW), jit the trainer's step (`make_train_step`, donated state) on random tokens, run `--warmup` steps, then
@@ -16,6 +18,12 @@ state by the logical-axis rules of configurable_fm/sharding.py, the batch over d
 the global batch (weak scaling: grow it with the device count). Then MFU counts every device of the mesh and
 `peak_memory_gb` is the largest peak allocation over them (device.memory_stats(); None on the CPU). Several GPUs
 of one host run from one process; for one process per GPU start it under jax.distributed (README, multi-host).
+
+--scan_layers runs the decoder layers as one jax.lax.scan (models/llama.py; same parameters and results).
+`compile_s` is the first step's wall time (trace + compile + one step). --compile_only builds nothing: it traces and
+lowers the step on abstract parameters and optimizer state (`lower_s`) and compiles it (`compile_s`, XLA only),
+then reports those two times (and the process CPU times, `*_cpu_s`, steadier on a shared machine) and runs no
+step; it works for any variant on any machine (e.g. the CPU).
 """
 from __future__ import annotations
 
@@ -41,25 +49,43 @@ AUTO_ATTENTION = attn.dot_product_attention
 
 
 def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, warmup: int, attention: str,
-              mesh_shape: tuple = (1, 1, 1)):
+              mesh_shape: tuple = (1, 1, 1), scan_layers: bool = False, compile_only: bool = False):
     cfg = get_config(variant)
     model_spec = cfg.model.to_dict()
     model_spec["max_position_embeddings"] = max(seq_len, model_spec["max_position_embeddings"])
-    model = build_model(model_spec, seed=0, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat=remat)
+    make = lambda: build_model(model_spec, seed=0, param_dtype=jnp.float32, dtype=jnp.bfloat16, remat=remat,
+                               scan_layers=scan_layers)
+    model = nnx.eval_shape(make) if compile_only else make()
     # 'auto' lets the model choose (cuDNN on GPU in bf16); 'xla' / 'cudnn' force one implementation.
     attn.dot_product_attention = AUTO_ATTENTION if attention == "auto" else (
         lambda *a, **k: AUTO_ATTENTION(*a, **{**k, "implementation": attention}))
     parts = ModelParts.of(model)
     mesh = shd.make_mesh(mesh_shape)
     shardings = flat_state(shd.param_shardings(model, mesh), nnx.Variable)
-    params = {k: jax.device_put(v, shardings[k].get_value()) for k, v in flat_params(model).items()}
+    if compile_only:
+        params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k].get_value())
+                  for k, v in flat_params(model).items()}
+    else:
+        params = {k: jax.device_put(v, shardings[k].get_value()) for k, v in flat_params(model).items()}
     del model
     tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.eval_shape(tx.init, params) if compile_only else jax.jit(tx.init)(params)
     step = jax.jit(make_train_step(parts, tx, 1), donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     toks = rng.integers(0, model_spec["vocab_size"], (batch, seq_len + 1), dtype=np.int32)
     batch_arrays = shd.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, mesh)
+    if compile_only:
+        t0, c0 = time.perf_counter(), time.process_time()
+        lowered = step.lower(params, opt_state, {}, batch_arrays)
+        t1, c1 = time.perf_counter(), time.process_time()
+        lowered.compile()
+        t2, c2 = time.perf_counter(), time.process_time()
+        return {"variant": variant, "params": sum(int(np.prod(v.shape)) for v in params.values()),
+                "seq_len": seq_len, "batch": batch, "remat": remat, "attention": attention,
+                "scan_layers": scan_layers, "lower_s": t1 - t0, "compile_s": t2 - t1,
+                "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1,
+                "device": jax.devices()[0].device_kind, "devices": len(list(mesh.devices.flat)),
+                "mesh": list(mesh_shape), "jax": jax.__version__}
     t0 = time.perf_counter()
     params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
     jax.block_until_ready(metrics)
@@ -85,7 +111,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
     return {
         "variant": variant, "params": n_params, "seq_len": seq_len, "batch": batch, "remat": remat,
-        "attention": attention, "step_s": dt, "tokens_per_s": tps, "compile_s": compile_s,
+        "attention": attention, "scan_layers": scan_layers, "step_s": dt, "tokens_per_s": tps, "compile_s": compile_s,
         "loss": float(metrics["loss"]), "tflops_per_s": tps * full / 1e12,
         "mfu": flops.mfu(tps, full, len(devices), peak),
         "mfu_causal": flops.mfu(tps, causal, len(devices), peak),
@@ -104,6 +130,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1: the rest)")
     p.add_argument("--out", default="")
+    p.add_argument("--scan_layers", action="store_true", help="run the decoder layers as one jax.lax.scan")
+    p.add_argument("--compile_only", action="store_true",
+                   help="only trace, lower and compile the step on abstract inputs; report lower_s and compile_s")
     args = p.parse_args()
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     for entry in args.grid.split(","):
@@ -112,10 +141,10 @@ def main():
         attention = fields[2] if len(fields) > 2 else "auto"
         try:
             row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention,
-                            mesh_shape)
+                            mesh_shape, scan_layers=args.scan_layers, compile_only=args.compile_only)
         except Exception as e:  # e.g. out of memory for one grid point: record it and go on
             row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
-                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                   "scan_layers": args.scan_layers, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -61,7 +61,7 @@ def config_from_dict(spec: Mapping[str, Any]):
 def build_model(cfg, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, **options) -> nnx.Module:
     """A freshly initialised model of the config's family (parameters from PRNG key `seed`).
 
-    options: module options that are not architecture (e.g. llama's `remat` policy)."""
+    options: module options that are not architecture (e.g. llama's `remat` policy and `scan_layers`)."""
     if isinstance(cfg, Mapping):
         cfg = config_from_dict(cfg)
     module_type = FAMILIES[family_name(cfg)][1]
@@ -72,11 +72,13 @@ def build_model(cfg, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, **op
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def with_compute_dtype(model: nnx.Module, dtype, *, remat: str = "none") -> nnx.Module:
+def with_compute_dtype(model: nnx.Module, dtype, *, remat: str = "none", scan_layers: bool = False) -> nnx.Module:
     """A copy of `model` (same structure, same variables; `model` is untouched) whose parameters are float32
     master weights and whose modules compute in `dtype`: every sub-module with a `dtype` attribute (the compute
     dtype of the families' layers) gets `dtype`; with remat != 'none', every sub-module with a `remat`
-    attribute (llama) gets that policy, and a model with none is an error. Non-parameter variables keep their
+    attribute (llama) gets that policy, and a model with none is an error; likewise scan_layers=True sets every
+    `scan_layers` attribute (llama: identical layers run as one jax.lax.scan, models/llama.py). remat='none' and
+    scan_layers=False keep the model's own settings. Non-parameter variables keep their
     dtype; values sown by an earlier call (nnx.Intermediate) are dropped. Unlike a rebuild from `model.cfg`, this
     keeps any surgery (replaced modules, extension modules, extra variables)."""
     graphdef, state = nnx.split(model)
@@ -89,7 +91,9 @@ def with_compute_dtype(model: nnx.Module, dtype, *, remat: str = "none") -> nnx.
 
     copy = nnx.merge(graphdef, jax.tree.map(master, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
     nnx.pop(copy, nnx.Intermediate)  # transient, not state to train or carry
-    with_remat = []
+    if not isinstance(scan_layers, bool):
+        raise ValueError(f"scan_layers={scan_layers!r} must be True or False")
+    with_remat, with_scan = [], []
     for _, module in nnx.iter_modules(copy):
         attrs = vars(module)
         if "dtype" in attrs:
@@ -97,7 +101,13 @@ def with_compute_dtype(model: nnx.Module, dtype, *, remat: str = "none") -> nnx.
         if "remat" in attrs and remat != "none":
             module.remat = remat
             with_remat.append(module)
+        if "scan_layers" in attrs and scan_layers:
+            module.scan_layers = True
+            with_scan.append(module)
     if remat != "none" and not with_remat:
         raise ValueError(f"remat={remat!r}: {type(model).__name__} has no remat option (llama models have one); "
                          "use remat='none'")
+    if scan_layers and not with_scan:
+        raise ValueError(f"scan_layers=True: {type(model).__name__} has no scan_layers option (llama models have "
+                         "one); use scan_layers=False")
     return copy

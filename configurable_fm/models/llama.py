@@ -10,6 +10,25 @@ Tap points (configurable_fm.analysis): every module's `<path>.input` / `<path>.o
 residual stream after layer 3), plus `layers.3.mlp.hidden` (act(gate) * up, (B, T, F)), `layers.3.self_attn.heads`
 (per-head attention outputs before o_proj, (B, T, N, H)) and, for MoE layers, `layers.3.mlp.router_logits`.
 While a tap context is active the layers run without remat (a nested checkpoint would hide the taps).
+
+Scanned layers (`scan_layers=True`, a runtime option like `remat`, never part of the config or a checkpoint). The
+module tree stays the truth: `model.layers` is still the list of per-layer modules at `layers.N...`, so checkpoints,
+HF export, bricks, growing, merging and adapters see no difference. At call time, in cache-free forwards (training,
+scoring) with no tap context and no routing-noise context active, every maximal run of two or more consecutive
+layers that `layer_runs` finds identical in structure (one graphdef: module classes, static attributes, extensions;
+one state structure with the same variable types, metadata, shapes and dtypes) is run as one `jax.lax.scan` over
+the layers' stacked states (nnx.split each layer, jnp.stack leaf by leaf; the body merges one layer's slice and
+calls it, under `jax.checkpoint` with the model's remat policy), so XLA compiles one layer body instead of
+num_layers copies. Gradients reach each layer's own variables through the stack (jnp.stack's gradient slices
+them back). The stack is a copy of the run's variables (and its gradient one more) while the step runs. Per-layer
+computation is the same as the loop's (tests/models/test_scan_layers.py says where XLA's fusion makes the last bit
+differ); runs of one layer (e.g. the one layer that carries an adapter or was widened) are called directly, as the
+loop does. The loop is used instead:
+  - with a KV cache (prefill and cached decoding): a scan would stack and unstack the whole cache every step;
+  - while a tap context is active (capture/intervention points name each layer; the scan body is traced once);
+  - inside `routing_noise` (noisy_topk draws from fold_in(key, i) for the i-th call, counted while tracing);
+  - for a run whose layer changes its own variables when called, or whose output dtype or shape differs from its
+    input (found while tracing; that run's scan is discarded and the loop runs it).
 """
 from __future__ import annotations
 
@@ -21,7 +40,7 @@ from flax import nnx
 
 from configurable_fm.models import attention as attn
 from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation
-from configurable_fm.models.moe import ROUTERS, SparseMoE
+from configurable_fm.models.moe import ROUTERS, SparseMoE, noise_active
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
 
@@ -141,19 +160,76 @@ def _remat_layer(layer, x, positions, mask, is_causal, policy):
     return jax.checkpoint(run, policy=policy)(state, x, positions, mask)
 
 
+def _scan_signature(layer):
+    """What must agree for two layers to share one scan body: graphdef, state tree (variable types and metadata),
+    leaf shapes and dtypes."""
+    graphdef, state = nnx.split(layer)
+    leaves, treedef = jax.tree.flatten(state)
+    return graphdef, treedef, tuple((tuple(jnp.shape(v)), jnp.result_type(v)) for v in leaves)
+
+
+def layer_runs(layers) -> list[tuple[int, int]]:
+    """[(start, stop), ...]: `layers` cut into maximal runs of consecutive layers with one graphdef (module classes,
+    static attributes, extensions) and one state structure (variable types, metadata, shapes, dtypes); a
+    scanned forward runs each run of two or more layers as one `jax.lax.scan` (module docstring)."""
+    runs: list[tuple[int, int]] = []
+    start, first = 0, None
+    for i, layer in enumerate(layers):
+        sig = _scan_signature(layer)
+        if first is None or sig != first:
+            if first is not None:
+                runs.append((start, i))
+            start, first = i, sig
+    if first is not None:
+        runs.append((start, len(layers)))
+    return runs
+
+
+def _scan_run(layers, x, positions, mask, is_causal, policy):
+    """x after `layers` (identical in structure) as one jax.lax.scan over their stacked states, or None when the
+    scan cannot reproduce the loop: a layer that changes its variables when called, or whose output differs from
+    its input in dtype or shape (a scan carry cannot)."""
+    graphdef, first = nnx.split(layers[0])
+    out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x, positions, mask=mask, is_causal=is_causal)[0],
+                         first, x)
+    if out.shape != x.shape or out.dtype != x.dtype:
+        return None
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), first, *(nnx.split(l)[1] for l in layers[1:]))
+    mutated = []
+
+    def body(x, state):
+        before = jax.tree.leaves(state)  # merge may reuse state's Variables: read the values before the call
+        layer = nnx.merge(graphdef, state)
+        y = layer(x, positions, mask=mask, is_causal=is_causal)[0]
+        after = jax.tree.leaves(nnx.split(layer)[1])
+        if len(before) != len(after) or any(a is not b for a, b in zip(before, after)):
+            mutated.append(True)
+        return y, None
+
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    y, _ = jax.lax.scan(body, x, stacked)
+    return None if mutated else y
+
+
 class Llama(CausalLM):
     """Causal LM. `model(ids_BxT)` -> logits (B, T, V); with `cache=` -> (logits, new cache).
 
     remat: one of REMAT_POLICIES, applied per decoder layer in cache-free (training) forwards.
+    scan_layers: run runs of identical layers as one jax.lax.scan in cache-free forwards (module docstring); the
+    parameters, their paths and the results are those of the loop.
     """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None,
-                 remat: str = "none"):
+                 remat: str = "none", scan_layers: bool = False):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is unknown; choose one of {sorted(REMAT_POLICIES)}")
+        if not isinstance(scan_layers, bool):
+            raise ValueError(f"scan_layers={scan_layers!r} must be True or False")
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.cfg = cfg
         self.remat = remat
+        self.scan_layers = scan_layers
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -173,11 +249,20 @@ class Llama(CausalLM):
             positions = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
         mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache,
                                             sliding_window=cfg.sliding_window)
-        for i, layer in enumerate(self.layers):
-            if cache is None and self.remat != "none" and not taps_active():
-                x = _remat_layer(layer, x, positions, mask, is_causal, REMAT_POLICIES[self.remat])
-            else:
-                x, cache = layer(x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
+        policy = REMAT_POLICIES[self.remat]
+        scan = cache is None and self.scan_layers and not taps_active() and not noise_active()
+        for start, stop in layer_runs(self.layers) if scan else [(0, len(self.layers))]:
+            scanned = None
+            if scan and stop - start > 1:
+                scanned = _scan_run(self.layers[start:stop], x, positions, mask, is_causal, policy)
+            if scanned is not None:
+                x = scanned
+                continue
+            for i in range(start, stop):  # the loop
+                if cache is None and policy is not None and not taps_active():
+                    x = _remat_layer(self.layers[i], x, positions, mask, is_causal, policy)
+                else:
+                    x, cache = self.layers[i](x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
             cache = attn.advance_cache(cache, attention_mask, t)
         return self.norm(x), cache

@@ -25,7 +25,7 @@ from configurable_fm.stages.study import StageContext, StageOutput, register_sta
 # The top-level keys of a train config (experiments/pretrain.py, experiments/finetune.py) that the trainer and its
 # data read; a train stage with any other key is refused before the study runs.
 TRAIN_KEYS = ("name", "seed", "model", "init_from", "trainable", "steps", "batch_size", "seq_len", "grad_accum_steps",
-              "compute_dtype", "remat", "mesh", "optimizer", "checkpoint", "checkpoint_every", "eval_every",
+              "compute_dtype", "remat", "scan_layers", "mesh", "optimizer", "checkpoint", "checkpoint_every", "eval_every",
               "log_every", "progress", "data", "tokenizer", "token_ids", "task_metrics", "task_eval", "task")
 EVALUATE_KEYS = ("models", "seed", "seq_len", "batch_size", "compute_dtype", "tokenizer", "token_ids", "data",
                  "task_metrics", "task_eval")

@@ -6,7 +6,8 @@
 The model: `model=` (any nnx model, e.g. the output of a surgery), else `config.init_from` (a registry name,
 .gguf file, HF dir or orbax checkpoint), else `config.model` built from `config.seed`. The trainer copies it with
 float32 master parameters and modules computing in `config.compute_dtype` (models.factory.with_compute_dtype); the caller's model
-is never modified.
+is never modified. `config.remat` (none | dots | full) and `config.scan_layers` (bool, default False: llama's identical
+consecutive layers run as one jax.lax.scan, same parameters, paths and results; models/llama.py) are set on that copy.
 
 The objective. A step on a global batch of B rows split into A micro-batches (gradient accumulation) minimises
     J = sum_a w_a L_a / sum_a w_a,       (L_a, m_a) = task.loss(model, micro-batch a, step, rng_a),  w_a = m_a['weight']
@@ -121,6 +122,8 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
 
     _one_of("compute_dtype", cfg.compute_dtype, DTYPES)
     _one_of("remat", cfg.get("remat", "none"), REMAT_POLICIES)
+    if not isinstance(cfg.get("scan_layers", False), bool):
+        raise ConfigError(f"scan_layers={cfg.scan_layers!r} must be True or False")
     if "schedule" in cfg.optimizer:
         _one_of("optimizer.schedule", cfg.optimizer.schedule, SCHEDULES)
     if data is None:
@@ -228,7 +231,8 @@ def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, t
     if configured(cfg):  # config.adapter: attached to the initial model (train/adapters.py)
         model, initial = attach_configured(model, cfg), f"{initial} + {cfg.adapter.kind} adapter"
     dtypes = stored_dtypes(model)
-    model = with_compute_dtype(model, DTYPES[cfg.compute_dtype], remat=cfg.get("remat", "none"))
+    model = with_compute_dtype(model, DTYPES[cfg.compute_dtype], remat=cfg.get("remat", "none"),
+                               scan_layers=cfg.get("scan_layers", False))
     if is_family_model(model):  # the tree is the truth: never train (and count FLOPs of) a model its config misdescribes
         check_consistent(model, "train")
     parts = ModelParts.of(model, tuple(cfg.trainable))
