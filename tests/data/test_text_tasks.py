@@ -1,0 +1,83 @@
+"""Tasks from real text (configurable_fm/data/text_tasks.py): deterministic examples, disjoint splits (by canonical
+problem), few-shot prompts built from train problems only, the registry."""
+import pytest
+
+from configurable_fm.data.corpora import FetchError
+from configurable_fm.data.synthetic import TASKS
+from configurable_fm.data.text_tasks import (SYNTHETIC_VARIANTS, TEXT_TASKS, FewShotTask, few_shot,
+                                             get_library_task, keyword_items)
+
+
+def _wordnet_or_skip():
+    try:
+        TEXT_TASKS["lemma"].pool()
+    except (FetchError, OSError) as e:  # no cached WordNet and no apt: not this machine's corpora
+        pytest.skip(f"WordNet not available: {e}")
+
+
+def test_keyword_task_is_deterministic_and_splits_without_overlap():
+    task = TEXT_TASKS["keyword"]
+    a, b = task.examples("test", 30, seed=0), task.examples("test", 30, seed=0)
+    assert a == b and len({e.prompt for e in a}) == 30
+    assert task.examples("test", 10, seed=0) == a[:10]  # the first k of n are those of any larger n
+    assert task.examples("test", 30, seed=1) != a
+    train = {task.canonical(e.prompt) for e in task.split_items("train")}
+    test = {task.canonical(e.prompt) for e in task.split_items("test")}
+    assert train and test and not train & test
+    assert all(e.answer.strip() in ("if", "for", "return", "while", "with", "raise", "import", "from", "def",
+                                   "class", "elif", "try", "assert", "yield", "del") for e in a)
+    line, kw = keyword_items()[0]
+    assert line.startswith("... ") and kw
+
+
+def test_too_many_examples_is_an_error_naming_the_task():
+    with pytest.raises(ValueError, match="keyword.*fewer than n"):
+        TEXT_TASKS["keyword"].examples("test", 10 ** 7, 0)
+
+
+@pytest.mark.parametrize("name", ["antonym", "pos", "lemma", "plural", "pertainym"])
+def test_wordnet_tasks_split_by_canonical_problem(name):
+    _wordnet_or_skip()
+    task = TEXT_TASKS[name]
+    train, test = task.split_items("train"), task.split_items("test")
+    assert len(test) >= 20 and len(train) > len(test)
+    keys = lambda exs: {task.canonical(e.prompt) for e in exs}
+    assert not keys(train) & keys(test)
+    if task.canonical_by == "answer":  # a word is an answer in one split only
+        assert not {e.answer for e in train} & {e.answer for e in test}
+    assert task.examples("test", 5, 3) == task.examples("test", 5, 3)
+
+
+def test_antonym_pairs_share_a_split():
+    _wordnet_or_skip()
+    task = TEXT_TASKS["antonym"]
+    items = {(e.prompt, e.answer) for e in task.pool()}
+    for prompt, answer in list(items)[:200]:
+        word = prompt.split("'")[1]
+        back = task.template.format(x=answer.strip())
+        if (back, " " + word) in items:
+            assert task.split_of(prompt) == task.split_of(back)
+
+
+def test_few_shot_prompts_use_train_demonstrations_only():
+    fs = few_shot("addition", shots=2)
+    assert isinstance(fs, FewShotTask) and fs.name == "addition"
+    demos = TASKS["addition"].examples("train", 2, fs.demo_seed)
+    prefix = "".join(d.prompt + d.answer + "\n" for d in demos)
+    test = fs.examples("test", 8, 0)
+    assert all(e.prompt.startswith(prefix) for e in test)
+    assert [fs.query(e.prompt) for e in test] == [e.prompt for e in TASKS["addition"].examples("test", 8, 0)]
+    assert all(fs.split_of(e.prompt) == "test" for e in test)
+    train = few_shot("keyword", shots=2).examples("train", 20, 0)
+    demo_prompts = {d.prompt for d in TEXT_TASKS["keyword"].examples("train", 2, 12345)}
+    assert not {few_shot("keyword", 2).query(e.prompt) for e in train} & demo_prompts
+    assert few_shot("copy", shots=0).examples("test", 3, 0) == TASKS["copy"].examples("test", 3, 0)
+
+
+def test_registry():
+    assert get_library_task("copy") is TASKS["copy"]
+    assert get_library_task("keyword") is TEXT_TASKS["keyword"]
+    assert get_library_task("sort_short") is SYNTHETIC_VARIANTS["sort_short"]
+    assert not set(TEXT_TASKS) & set(TASKS) and not set(SYNTHETIC_VARIANTS) & set(TASKS)
+    with pytest.raises(KeyError, match="unknown task 'nope'"):
+        get_library_task("nope")
