@@ -117,24 +117,11 @@ class Size:
 
 
 def _test_relations():
-    """Subject-final relations for the 'test' size (as tests/ops/update/world.py): the object follows the subject's
-    last token, so a model of 3 layers trained for seconds looks facts up there (ROME's premise, true by
-    construction; with the object a few tokens later such a model reads facts at the last position instead and
-    the locate-then-edit methods have little to edit). The other sizes use data.synthetic's RELATIONS."""
-    from configurable_fm.data.synthetic.facts import CITIES, INSTRUMENTS, SPORTS, Relation
+    """Subject-final relations for the 'test' size (data.synthetic.facts.SUBJECT_FINAL_RELATIONS, as
+    tests/ops/update/world.py uses); the other sizes use data.synthetic's RELATIONS."""
+    from configurable_fm.data.synthetic.facts import SUBJECT_FINAL_RELATIONS
 
-    return (
-        Relation("birth_city", CITIES, ("The birthplace of {subject} {object}.", "Birthplace of {subject} {object}.",
-                                        "Records name the hometown of {subject} {object}."),
-                 ("The city of birth of {subject} {object}.",)),
-        Relation("sport", SPORTS, ("The sport of {subject} {object}.", "Sport played by {subject} {object}.",
-                                   "Records name the game of {subject} {object}."),
-                 ("The favourite game of {subject} {object}.",)),
-        Relation("instrument", INSTRUMENTS, ("The instrument of {subject} {object}.",
-                                             "Instrument played by {subject} {object}.",
-                                             "Records name the music of {subject} {object}."),
-                 ("The musical tool of {subject} {object}.",)),
-    )
+    return SUBJECT_FINAL_RELATIONS
 
 
 def _llama(layers, width, heads, kv, ffn):

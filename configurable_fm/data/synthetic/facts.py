@@ -208,6 +208,23 @@ RELATIONS: dict[str, Relation] = {r.name: r for r in (
               "In the orchestra, {subject} plays the {object}.")),
 )}
 
+# Subject-final relations: in every phrasing the object follows the subject's last token directly, so even a model
+# of 2-3 layers trained for seconds looks the fact up at the subject (the premise of ROME-style editors, true by
+# construction). For tiny editing worlds (tests, experiments/edit/lifelong.py's 'test' size); with the object a few
+# tokens later such a model reads facts at the last position instead and locate-then-edit methods have little to edit.
+SUBJECT_FINAL_RELATIONS: tuple[Relation, ...] = (
+    Relation("birth_city", CITIES, ("The birthplace of {subject} {object}.", "Birthplace of {subject} {object}.",
+                                    "Records name the hometown of {subject} {object}."),
+             ("The city of birth of {subject} {object}.",)),
+    Relation("sport", SPORTS, ("The sport of {subject} {object}.", "Sport played by {subject} {object}.",
+                               "Records name the game of {subject} {object}."),
+             ("The favourite game of {subject} {object}.",)),
+    Relation("instrument", INSTRUMENTS, ("The instrument of {subject} {object}.",
+                                         "Instrument played by {subject} {object}.",
+                                         "Records name the music of {subject} {object}."),
+             ("The musical tool of {subject} {object}.",)),
+)
+
 # Syllables of invented names: onset + vowel (+ coda); surnames end in an English-looking ending.
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gr", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "st", "t", "th",
            "tr", "v", "z", "zh")

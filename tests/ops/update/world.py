@@ -12,7 +12,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.data.synthetic import FactsCorpus
-from configurable_fm.data.synthetic.facts import CITIES, SPORTS, Relation
+from configurable_fm.data.synthetic.facts import SUBJECT_FINAL_RELATIONS
 from configurable_fm.models.factory import build_model
 
 PAD, EOS, UNK = 0, 1, 2
@@ -23,17 +23,9 @@ LLAMA = dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=3
 GPT2 = dict(family="gpt2", n_embd=64, n_inner=128, n_layer=3, n_head=4, n_positions=64)
 
 
-# Subject-final queries: the object follows the subject's last token, so the subject's last position is where
-# a model this small must look the fact up (ROME's premise, made true by construction; with the object a few
-# tokens later, a 2-layer model looks facts up at the last position instead and ROME has little to edit).
-RELATIONS = (
-    Relation("birth_city", CITIES, ("The birthplace of {subject} {object}.", "Birthplace of {subject} {object}.",
-                                    "Records name the hometown of {subject} {object}."),
-             ("The city of birth of {subject} {object}.",)),
-    Relation("sport", SPORTS, ("The sport of {subject} {object}.", "Sport played by {subject} {object}.",
-                               "Records name the game of {subject} {object}."),
-             ("The favourite game of {subject} {object}.",)),
-)
+# Subject-final queries (the object follows the subject's last token): the first two relations of
+# data.synthetic.facts.SUBJECT_FINAL_RELATIONS.
+RELATIONS = SUBJECT_FINAL_RELATIONS[:2]
 
 
 def corpus(n_entities=16):
