@@ -188,6 +188,7 @@ def test_a_widened_layer_is_its_own_run(base):
     np.testing.assert_array_equal(jit_logits(scan), jit_logits(loop))
 
 
+@pytest.mark.slow
 def test_moe_layers_scan_and_routing_noise_uses_the_loop():
     model = random_llama(MOE, 0)
     scan = with_options(model, scan_layers=True)
@@ -208,6 +209,7 @@ def test_moe_layers_scan_and_routing_noise_uses_the_loop():
     assert not np.array_equal(with_noise(graphdef_s, state_s), jit_logits(model))  # the noise is drawn
 
 
+@pytest.mark.slow
 def test_taps_and_kv_cache_use_the_loop(base):
     scan = with_options(base, remat="full", scan_layers=True)
     out_s, taps_s = capture(scan, ["layers.*.output", "layers.2.mlp.hidden"], IDS)

@@ -178,6 +178,7 @@ def test_targets_that_do_not_fit_name_the_glob(bf16_base):
         set_up(cfg, model=bf16_base, data=stream_data())
 
 
+@pytest.mark.slow
 def test_cli_runs_the_test_variant_from_the_docstring(tmp_path):
     """`python scripts/train.py --config experiments/adapters/lora_synthetic.py:test --workdir ...` (the docstring's
     command) with a character tokenizer: trains, writes the adapter in both formats, keeps the bf16 base."""
