@@ -62,6 +62,7 @@ def study_run(tmp_path_factory, char_tok):
     return result, workdir
 
 
+@pytest.mark.slow  # the whole grid study (about 40 s in CI); the parts have fast tests below
 def test_study_writes_table_plots_and_every_score(study_run):
     result, workdir = study_run
     names = [r.name for r in result.stages]
@@ -95,6 +96,7 @@ def test_study_writes_table_plots_and_every_score(study_run):
     assert result["merge_grid"].metrics["points"] == len(points)
 
 
+@pytest.mark.slow  # the whole grid study (about 40 s in CI); the parts have fast tests below
 def test_saved_best_merge_is_the_tree_merge_of_the_finetunes(study_run):
     """The stage's output (save_best) equals tree.merge of the chosen point, recomputed from the checkpoints."""
     result, workdir = study_run
