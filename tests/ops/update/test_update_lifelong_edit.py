@@ -23,15 +23,22 @@ EDITED = 10  # entities 0..9, two relations each: 20 edits
 STEPS = dict(context=BARE, batch_size=2, v_num_grad_steps=15)
 
 
+def edit_setup(corpus, tok, model, n_edited):
+    """(corpus, tok, model, stats, requests, other prompts) for editing the first `n_edited` entities: key
+    statistics of layers 0-1 over the facts about the other entities, the requests (two relations each) and the
+    training-template prompts about the other subjects."""
+    edited = corpus.entities[:n_edited]
+    kept = [t for t in corpus.training_texts() if not any(e in t for e in edited)]
+    stats = second_moments(model, W.corpus_batches(tok, kept), [0, 1], corpus="kept facts")
+    reqs = make_requests(corpus, list(range(n_edited)))
+    others = [q.prompt for q in corpus.queries("train_template") if q.subject not in edited]
+    return corpus, tok, model, stats, reqs, others
+
+
 @pytest.fixture(scope="module")
 def world():
     corpus, tok, model = W.trained_world(16)
-    edited = corpus.entities[:EDITED]
-    kept = [t for t in corpus.training_texts() if not any(e in t for e in edited)]
-    stats = second_moments(model, W.corpus_batches(tok, kept), [0, 1], corpus="kept facts")
-    reqs = make_requests(corpus, list(range(EDITED)))
-    others = [q.prompt for q in corpus.queries("train_template") if q.subject not in edited]
-    return corpus, tok, model, stats, reqs, others
+    return edit_setup(corpus, tok, model, EDITED)
 
 
 def outcome(model, edited, tok, reqs, others):
@@ -225,12 +232,7 @@ GPT2_EDITED = 8  # entities 0..7, two relations each: 16 edits in 4 steps of 4
 def gpt2_world(facts, gpt2):  # noqa: F811  (the imported fixtures)
     corpus, tok = facts
     model, _ = gpt2
-    edited = corpus.entities[:GPT2_EDITED]
-    kept = [t for t in corpus.training_texts() if not any(e in t for e in edited)]
-    stats = second_moments(model, W.corpus_batches(tok, kept), [0, 1], corpus="kept facts")
-    reqs = make_requests(corpus, list(range(GPT2_EDITED)))
-    others = [q.prompt for q in corpus.queries("train_template") if q.subject not in edited]
-    return corpus, tok, model, stats, reqs, others
+    return edit_setup(corpus, tok, model, GPT2_EDITED)
 
 
 GPT2_RIDGE = 0.1
