@@ -67,8 +67,9 @@ CHECK = Checks("grow config")  # one ConfigError per bad key or value (stages/ch
 
 
 def grow_config(*, input: str = "", width: dict | None = None, depth: dict | None = None,
-                upcycle: dict | None = None, masked: dict | None = None, seed: int = 0, dtype: str = "", name: str | None = None,
-                output: str | None = None, format: str = "hf", overwrite: bool = False) -> ml_collections.ConfigDict:
+                upcycle: dict | None = None, masked: dict | None = None, seed: int = 0, dtype: str = "",
+                name: str | None = None, output: str | None = None, format: str = "hf",
+                overwrite: bool = False) -> ml_collections.ConfigDict:
     """A grow config (module docstring): each given section filled with its defaults. With `name`, a study stage
     of kind 'grow'; with `output`, a script config (output, format, overwrite)."""
     c = operation_config("grow", input=input, name=name, output=output, format=format, overwrite=overwrite)
