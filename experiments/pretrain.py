@@ -6,7 +6,8 @@
     python scripts/train.py --config experiments/pretrain.py:1b --workdir runs/1b              # one H200 or more
 Override any key: `--config.steps=50 --config.optimizer.lr=1e-3 --config.mesh.shape='(1,8,1)'`.
 Variants: tiny (2 layers, width 64: 3.3M parameters, 3.1M of them the tied embedding), small (8 x 512: 51M),
-125m (12 x 768: 123M), 1b (16 x 2048, GQA 32/8: 1.1B). One tiny step (8 x 128 tokens) takes ~0.5-0.9 s on
+125m (12 x 768: 123M), 1b (16 x 2048, GQA 32/8: 1.1B), 3b (28 x 3072, GQA 24/8, Llama-3.2-3B's shape with this
+vocabulary: 3.0B), 7b (Llama-2-7B's shape). One tiny step (8 x 128 tokens) takes ~0.5-0.9 s on
 a 2-core CPU; the quickstart (cli/quickstart.py) runs tiny for 120 steps instead of 300.
 """
 import ml_collections
@@ -17,6 +18,7 @@ VARIANTS = {
     "small": (512, 8, 8, 4, 1536, 512, 64, 20000, 1e-3, "bfloat16"),
     "125m": (768, 12, 12, 4, 2048, 2048, 64, 50000, 6e-4, "bfloat16"),
     "1b": (2048, 16, 32, 8, 8192, 2048, 32, 100000, 3e-4, "bfloat16"),
+    "3b": (3072, 28, 24, 8, 8192, 2048, 32, 100000, 3e-4, "bfloat16"),  # Llama-3.2-3B's shape (one H200)
     "7b": (4096, 32, 32, 32, 11008, 4096, 64, 100000, 3e-4, "bfloat16"),  # Llama-2-7B's shape (several GPUs)
 }
 
@@ -37,6 +39,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 100 if arg == "tiny" else 1000
     c.compute_dtype = compute
     c.remat = "none"  # per-layer rematerialisation: none | dots | full (see models/llama.py REMAT_POLICIES)
+    # True: the decoder layers run as one jax.lax.scan (same parameters, paths and results; faster compilation of
+    # deep models, models/llama.py)
+    c.scan_layers = False
     c.progress = True
     c.init_from = ""  # a registry name, .gguf file, HF dir or orbax checkpoint to fine-tune instead
     # What trains (train/state.py): globs over parameter paths, or 'TYPE:GLOB' for variables of a type, e.g.
