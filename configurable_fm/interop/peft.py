@@ -21,10 +21,12 @@ nn.Linear, so the conversion is the same; fan_in_fan_out is written true for gpt
 it from the module type too). Scale: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; rank_pattern and
 alpha_pattern are honoured (PEFT's matching) and written when modules differ.
 
-Prompt learning (PROMPT_TUNING, PREFIX_TUNING, task_type CAUSAL_LM) maps to models.virtual_tokens.VirtualTokens: the
-one tensor `prompt_embeddings` is the prompt (P, D), or the prefix (P, L·2·K·H) = our (P, L, 2, K, H) (layer l's keys
-at row block 2l, values at 2l + 1; K key-value heads: PEFT's num_attention_heads for GQA models). A prefix trained
-with prefix_projection is saved by PEFT as the MLP's output, which is what is read.
+Prompt learning (PROMPT_TUNING, PREFIX_TUNING) maps to models.virtual_tokens.VirtualTokens: task_type CAUSAL_LM for a
+causal decoder, FEATURE_EXTRACTION for a Bert (PEFT's PeftModelForFeatureExtraction around BertModel; the task-head
+types SEQ_CLS, TOKEN_CLS, QUESTION_ANS carry a head the encoder lacks and are refused). The one tensor
+`prompt_embeddings` is the prompt (P, D), or the prefix (P, L·2·K·H) = our (P, L, 2, K, H) (layer l's keys at row
+block 2l, values at 2l + 1; K key-value heads: PEFT's num_attention_heads for GQA models, a Bert's heads). A prefix
+trained with prefix_projection is saved by PEFT as the MLP's output, which is what is read.
 
 What is refused, with an error naming the key or option (nothing is written on failure; outputs appear atomically):
 other peft_types (AdaLoRA, ...), encoder-decoder or classification prompts, options that change the computation in ways not implemented
@@ -52,7 +54,8 @@ from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.structure import check_consistent, extension_specs, registered_extensions, variables_of
-from configurable_fm.models.virtual_tokens import VirtualTokens, geometry, is_decoder
+from configurable_fm.models.bert import Bert
+from configurable_fm.models.virtual_tokens import VirtualTokens, geometry, supports, with_virtual_tokens
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -364,11 +367,17 @@ def _adapter_files(adapter_dir) -> tuple[Path, Path]:
 
 
 def virtual_token_geometry(model) -> dict[str, int]:
-    """models.virtual_tokens.geometry of a causal decoder; UnsupportedModel for any other model."""
-    if not is_decoder(model):
-        raise UnsupportedModel(f"prompt and prefix tuning need a causal decoder (llama family, gpt2); "
-                               f"{type(model).__name__} is not one")
+    """models.virtual_tokens.geometry of a causal decoder or a Bert; UnsupportedModel for any other model."""
+    if not supports(model):
+        raise UnsupportedModel(f"prompt and prefix tuning need a causal decoder (llama family, gpt2) or a Bert; "
+                               f"{type(model).__name__} is neither")
     return geometry(model)
+
+
+def prompt_task_type(model) -> str:
+    """PEFT's task_type of a prompt-learning adapter for the base `model`: FEATURE_EXTRACTION for a Bert
+    (PeftModelForFeatureExtraction), CAUSAL_LM for a causal decoder."""
+    return "FEATURE_EXTRACTION" if isinstance(model, Bert) else "CAUSAL_LM"
 
 
 def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:
@@ -377,13 +386,15 @@ def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:
     values at 2l + 1, each K heads of H). CheckpointError / UnsupportedModel naming the option or tensor."""
     config_file, weights_file = _adapter_files(adapter_dir)
     config = read_json_object(config_file, what="PEFT adapter config")
+    g = virtual_token_geometry(model)
     kind = PROMPT_TYPES.get(config.get("peft_type"))
     if kind is None:
         raise UnsupportedModel(f"{config_file}: peft_type {config.get('peft_type')!r} is not prompt learning "
                                f"({sorted(PROMPT_TYPES)})")
     problems = [f"{k}={v!r}" for k, v in config.items() if k not in _PROMPT_READ and not _empty(v)]
-    if config.get("task_type") not in ("CAUSAL_LM", None):
-        problems.append(f"task_type={config.get('task_type')!r} (only CAUSAL_LM prompts are supported)")
+    task = prompt_task_type(model)
+    if config.get("task_type") not in (task, None):
+        problems.append(f"task_type={config.get('task_type')!r} (a {type(model).__name__} takes {task} prompts)")
     if config.get("num_transformer_submodules", 1) != 1:
         problems.append(f"num_transformer_submodules={config['num_transformer_submodules']!r} (encoder-decoder "
                         "prompts are not supported)")
@@ -392,7 +403,6 @@ def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:
     if problems:
         raise UnsupportedModel(f"{config_file}: {config['peft_type']} option(s) not supported: {'; '.join(problems)}")
     p = _number(config, "num_virtual_tokens", config_file, int, 1)
-    g = virtual_token_geometry(model)
     store = TensorStore(weights_file)
     keys = list(store)
     if keys != [PROMPT_KEY]:
@@ -415,13 +425,13 @@ def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:
 def from_peft(model, adapter_dir) -> nnx.Module:
     """A new model: `model` with the PEFT adapter of `adapter_dir` attached (LoRA/rsLoRA as 'lora', DoRA as 'dora',
     IA3 as 'ia3' modules of bricks.adapters) at the modules it names, or, for PROMPT_TUNING / PREFIX_TUNING, wrapped
-    in models.virtual_tokens.VirtualTokens; `model` is untouched. The model's other modules (and adapters already
-    attached elsewhere) are kept. See the module docstring for the conversion and for what is refused
-    (CheckpointError / UnsupportedModel naming the key or option)."""
+    in a models.virtual_tokens.VirtualTokens (with_virtual_tokens); `model` is untouched. The model's other modules
+    (and adapters already attached elsewhere) are kept. See the module docstring for the conversion and for what is
+    refused (CheckpointError / UnsupportedModel naming the key or option)."""
     config_file, _ = _adapter_files(adapter_dir)
     if read_json_object(config_file, what="PEFT adapter config").get("peft_type") in PROMPT_TYPES:
         kind, values = read_virtual_tokens(model, adapter_dir)
-        return VirtualTokens(model, kind, jnp.asarray(values))
+        return with_virtual_tokens(model, kind, jnp.asarray(values))
     adapters = read_peft(model, adapter_dir)
     builders = registered_extensions()
     missing = sorted({a["kind"] for a in adapters} - set(builders))
@@ -492,7 +502,8 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     `out_dir` unless `overwrite` (OutputExists).
 
     A VirtualTokens model (prompt / prefix tuning) on a base without other adapters is written as PEFT's
-    PROMPT_TUNING / PREFIX_TUNING adapter (one tensor `prompt_embeddings`; prefix_projection false)."""
+    PROMPT_TUNING / PREFIX_TUNING adapter (one tensor `prompt_embeddings`; prefix_projection false; task_type
+    CAUSAL_LM for a decoder, FEATURE_EXTRACTION for a Bert)."""
     if isinstance(model, VirtualTokens):
         return _write_virtual_tokens(model, out_dir, base_model_name_or_path, overwrite)
     family = family_for(model)
@@ -576,7 +587,7 @@ def _write_virtual_tokens(model: VirtualTokens, out_dir, base_model_name_or_path
     values = np.asarray(model.values, np.float32)
     p = model.num_virtual_tokens
     config: dict[str, Any] = {
-        "base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": prompt_task_type(base),
         "inference_mode": True, "num_virtual_tokens": p, "num_transformer_submodules": 1,
         "num_layers": g["layers"], "modules_to_save": None}
     if model.kind == "prompt":

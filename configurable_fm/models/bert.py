@@ -5,6 +5,13 @@ x = LN(word[ids] + position[0..T) + token_type[tt]); per layer (post-LayerNorm):
     x = LN(x + dense_out(act(dense_in(x))))   act = exact (erf) GELU by default
 Optional pooler: tanh(dense(x[:, 0])) on the first ([CLS]) token.
 
+Virtual tokens (prompt / prefix tuning, as PEFT runs them on transformers' BertModel; the wrapper that holds them
+as parameters is models.virtual_tokens.BertVirtualTokens):
+    prompt (P, D):        x = LN([prompt; word[ids]] + position[0..P+T) + token_type[[0]*P; tt]); the P vectors
+                          are tokens of the sequence, which is P + T long, and never padding
+    prefix (P, L, 2, N, H): in layer l, k = [prefix[:, l, 0]; k], v = [prefix[:, l, 1]; v] (N heads of H), keys
+                          that every token sees; the tokens take positions P..P+T-1 (transformers' cache_length)
+
 Parameter paths mirror transformers' BertModel, e.g. `embeddings.word_embeddings.embedding` (vocab, embed),
 `encoder.layer.3.attention.self.query.kernel` (embed, heads), `encoder.layer.3.attention.output.dense.kernel`
 (heads, embed), `encoder.layer.3.intermediate.dense.kernel` (embed, mlp), `encoder.layer.3.output.dense.kernel`
@@ -63,10 +70,15 @@ class BertEmbeddings(nnx.Module):
         self.LayerNorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, param_dtype=param_dtype)
 
     @tapped
-    def __call__(self, ids_BxT, token_type_ids_BxT):
-        t = ids_BxT.shape[1]
-        x = (self.word_embeddings(ids_BxT) + self.position_embeddings(jnp.arange(t))[None]
-             + self.token_type_embeddings(token_type_ids_BxT))
+    def __call__(self, ids_BxT, token_type_ids_BxS, *, prompt_PxD=None, position_offset: int = 0):
+        """(B, S, D) with S = T, or S = P + T with `prompt_PxD` placed before the token embeddings (its token
+        types are the first P of `token_type_ids_BxS`). Positions start at `position_offset`."""
+        x = self.word_embeddings(ids_BxT)
+        if prompt_PxD is not None:
+            prompt_BxPxD = jnp.broadcast_to(prompt_PxD.astype(x.dtype), (x.shape[0], *prompt_PxD.shape))
+            x = jnp.concatenate([prompt_BxPxD, x], axis=1)
+        positions = position_offset + jnp.arange(x.shape[1])
+        x = x + self.position_embeddings(positions)[None] + self.token_type_embeddings(token_type_ids_BxS)
         return self.LayerNorm(x)
 
 
@@ -82,12 +94,18 @@ class BertSelfAttention(nnx.Module):
         self.cfg = cfg
 
     @tapped
-    def __call__(self, x_BxTxD, mask=None):
+    def __call__(self, x_BxTxD, mask=None, prefix_Px2xNxH=None):
+        """With `prefix_Px2xNxH`, its keys ([:, 0]) and values ([:, 1]) come before the tokens' own (S = P + T
+        keys; `mask` (B, 1, T, S) or None)."""
         b, t, d = x_BxTxD.shape
         n, h = self.cfg.num_heads, self.cfg.dim_per_head
         q = self.query(x_BxTxD).reshape(b, t, n, h)
         k = self.key(x_BxTxD).reshape(b, t, n, h)
         v = self.value(x_BxTxD).reshape(b, t, n, h)
+        if prefix_Px2xNxH is not None:
+            shape_BxPxNxH = (b, prefix_Px2xNxH.shape[0], n, h)
+            k = jnp.concatenate([jnp.broadcast_to(prefix_Px2xNxH[:, 0].astype(k.dtype), shape_BxPxNxH), k], axis=1)
+            v = jnp.concatenate([jnp.broadcast_to(prefix_Px2xNxH[:, 1].astype(v.dtype), shape_BxPxNxH), v], axis=1)
         return tap(self, "heads", attn.dot_product_attention(q, k, v, mask=mask)).reshape(b, t, d)
 
 
@@ -112,8 +130,8 @@ class BertAttention(nnx.Module):
         self.output = BertResidualOutput(cfg.hidden_size, cfg, axes=("heads", "embed"), **kw)
 
     @tapped
-    def __call__(self, x_BxTxD, mask=None):
-        return self.output(self.self(x_BxTxD, mask), x_BxTxD)
+    def __call__(self, x_BxTxD, mask=None, prefix_Px2xNxH=None):
+        return self.output(self.self(x_BxTxD, mask, prefix_Px2xNxH), x_BxTxD)
 
 
 class BertIntermediate(nnx.Module):
@@ -137,8 +155,8 @@ class BertLayer(nnx.Module):
         self.output = BertResidualOutput(cfg.intermediate_size, cfg, axes=("mlp", "embed"), **kw)
 
     @tapped
-    def __call__(self, x_BxTxD, mask=None):
-        x_BxTxD = self.attention(x_BxTxD, mask)
+    def __call__(self, x_BxTxD, mask=None, prefix_Px2xNxH=None):
+        x_BxTxD = self.attention(x_BxTxD, mask, prefix_Px2xNxH)
         return self.output(self.intermediate(x_BxTxD), x_BxTxD)
 
 
@@ -148,9 +166,9 @@ class BertEncoder(nnx.Module):
                                for _ in range(cfg.num_layers)])
 
     @tapped
-    def __call__(self, x_BxTxD, mask=None):
-        for layer in self.layer:
-            x_BxTxD = layer(x_BxTxD, mask)
+    def __call__(self, x_BxTxD, mask=None, prefix_PxLx2xNxH=None):
+        for i, layer in enumerate(self.layer):
+            x_BxTxD = layer(x_BxTxD, mask, None if prefix_PxLx2xNxH is None else prefix_PxLx2xNxH[:, i])
         return x_BxTxD
 
 
@@ -171,6 +189,8 @@ class Bert(nnx.Module):
 
     `attention_mask` (B, T): 1 for real tokens, 0 for padding (no query attends to a padding key; the
     outputs at padding positions are meaningless). `token_type_ids` (B, T) default to 0.
+    `prompt` (P, D) / `prefix` (P, L, 2, N, H): virtual tokens (module docstring); with a prompt the result is
+    (B, P + T, D), the P virtual positions first (what PEFT's BertModel returns).
     """
 
     def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
@@ -181,18 +201,45 @@ class Bert(nnx.Module):
         self.pooler = BertPooler(cfg, **kw) if cfg.add_pooling_layer else None
 
     @tapped
-    def __call__(self, ids_BxT, *, attention_mask=None, token_type_ids=None):
+    def __call__(self, ids_BxT, *, attention_mask=None, token_type_ids=None, prompt=None, prefix=None):
         b, t = ids_BxT.shape
-        if t > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {t} exceeds max_position_embeddings="
-                             f"{self.cfg.max_position_embeddings}")
+        p = self._virtual_count(prompt, prefix)
+        if t + p > self.cfg.max_position_embeddings:
+            what = f"sequence length {t}" + (f" + {p} virtual tokens" if p else "")
+            raise ValueError(f"{what} exceeds max_position_embeddings={self.cfg.max_position_embeddings}")
         if token_type_ids is None:
             token_type_ids = jnp.zeros((b, t), jnp.int32)
+        if attention_mask is not None and p:  # the virtual tokens are never padding
+            attention_mask = jnp.concatenate([jnp.ones((b, p), attention_mask.dtype), attention_mask], axis=1)
+        if prompt is not None:
+            token_type_ids = jnp.concatenate([jnp.zeros((b, p), token_type_ids.dtype), token_type_ids], axis=1)
+        offset = p if prefix is not None else 0  # transformers: positions after the cached prefix
+        x = self.embeddings(ids_BxT, token_type_ids, prompt_PxD=prompt, position_offset=offset)
         mask = None
         if attention_mask is not None:
-            pos = jnp.arange(t)
-            mask = attn.attention_mask(pos, pos, causal=False, key_valid_BxS=attention_mask)
-        return self.encoder(self.embeddings(ids_BxT, token_type_ids), mask)
+            mask = attn.attention_mask(jnp.arange(x.shape[1]), jnp.arange(attention_mask.shape[1]), causal=False,
+                                       key_valid_BxS=attention_mask)
+        return self.encoder(x, mask, prefix)
+
+    def _virtual_count(self, prompt=None, prefix=None) -> int:
+        """P, the number of virtual tokens of `prompt` (P, D) or `prefix` (P, L, 2, N, H), 0 for neither;
+        ValueError for both, or a shape that does not fit this model."""
+        if prompt is not None and prefix is not None:
+            raise ValueError("give a prompt or a prefix, not both")
+        c = self.cfg
+        for name, x, want in (("prompt", prompt, (c.hidden_size,)),
+                              ("prefix", prefix, (c.num_layers, 2, c.num_heads, c.dim_per_head))):
+            if x is not None:
+                if x.ndim != 1 + len(want) or tuple(x.shape[1:]) != want or x.shape[0] < 1:
+                    raise ValueError(f"{name} must have shape {('P', *want)} for this model, got {tuple(x.shape)}")
+                return int(x.shape[0])
+        return 0
+
+    def token_states(self, ids_BxT, *, attention_mask=None, token_type_ids=None):
+        """(hidden states (B, T, D), which of them are tokens (B, T): `attention_mask`, or ones): the positions a
+        sentence embedding pools over (models.virtual_tokens.BertVirtualTokens adds its virtual positions)."""
+        h = self(ids_BxT, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return h, jnp.ones(ids_BxT.shape, jnp.int32) if attention_mask is None else attention_mask
 
     def pooled(self, ids_BxT, *, attention_mask=None, token_type_ids=None):
         """The pooler output tanh(W h_[CLS] + b): (B, D). Raises if the model has no pooler."""
@@ -209,8 +256,10 @@ def mean_pool(hidden_BxTxD: jax.Array, attention_mask_BxT: jax.Array) -> jax.Arr
 
 def sentence_embedding(model: Bert, ids_BxT: jax.Array, attention_mask_BxT: jax.Array,
                        normalize: bool = False) -> jax.Array:
-    """Mean-pooled last hidden states (B, D); with `normalize`, divided by max(||e||_2, 1e-12) (unit length)."""
-    e = mean_pool(model(ids_BxT, attention_mask=attention_mask_BxT), attention_mask_BxT)
+    """Mean-pooled last hidden states (B, D) over `model.token_states` (the tokens; with prompt tuning also the P
+    virtual positions, as sentence-transformers pools a PEFT prompt-tuned model); with `normalize`, divided by
+    max(||e||_2, 1e-12) (unit length)."""
+    e = mean_pool(*model.token_states(ids_BxT, attention_mask=attention_mask_BxT))
     if normalize:
         e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return e

@@ -28,7 +28,7 @@ from configurable_fm.bricks.brickset import Brick, BrickSet, load_bricks, save_b
 from configurable_fm.bricks.select import module_index
 from configurable_fm.interop.peft import ADAPTER_LEAVES, attach_built
 from configurable_fm.models.layers import Linear
-from configurable_fm.models.virtual_tokens import VirtualTokens
+from configurable_fm.models.virtual_tokens import VirtualTokens, with_virtual_tokens
 
 VIRTUAL_KINDS = {"prompt_tuning": "prompt", "prefix_tuning": "prefix"}
 # The adapted-Linear kinds a brick may hold and their tensors: PEFT's kinds and the bottleneck (no PEFT format).
@@ -109,7 +109,7 @@ def attach_bricks(model, bricks: BrickSet | Brick):
         return adapted
     label, kind, values = virtual[0]
     try:
-        return VirtualTokens(adapted, kind, jnp.asarray(values))
+        return with_virtual_tokens(adapted, kind, jnp.asarray(values))
     except (ValueError, TypeError) as e:
         raise AdapterError(f"attach_bricks: {label}: {e}") from None
 

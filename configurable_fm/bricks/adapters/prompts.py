@@ -2,13 +2,14 @@
 
     m = attach_virtual_tokens(base, "prompt", 20, init="text", init_ids=tok.encode("Classify the review:").ids)
     m = attach_virtual_tokens(base, "prefix", 10, seed=0)
-    m(ids_BxT); generate(m, ids_BxT, max_new_tokens=8)       # the real tokens' logits; generation as usual
+    m(ids_BxT); generate(m, ids_BxT, max_new_tokens=8)       # a decoder: the real tokens' logits; generation
+    m(ids_BxT, attention_mask=mask)                           # a Bert: the real tokens' hidden states
     detach(m)                                                 # the base back (bricks.adapters.detach)
     to_peft(m, "out/prompt"); from_peft(base, "out/prompt")   # PEFT's PROMPT_TUNING / PREFIX_TUNING
 
-The model is models.virtual_tokens.VirtualTokens (its docstring has the math: a KV cache prefilled with the P
-virtual tokens). Initial values, as PEFT's (P virtual tokens, D hidden size; prefix: L layers, K key-value heads,
-H head dim):
+The model is a models.virtual_tokens.VirtualTokens (its docstring has the math: for a causal decoder a KV cache
+prefilled with the P virtual tokens, for a Bert PEFT's prompt / prefix on BertModel). Initial values, as PEFT's
+(P virtual tokens, D hidden size; prefix: L layers, K key-value heads (a Bert's attention heads), H head dim):
     prompt  'random'  N(0, 1) entries, (P, D)                 (PEFT's RANDOM: torch.nn.Embedding's default)
             'vocab'   rows of the token embedding at P token ids drawn uniformly (PEFT's SAMPLE_VOCAB)
             'text'    the embeddings of `init_ids` (a tokenised text), repeated and cut to P (PEFT's TEXT)
@@ -27,25 +28,28 @@ import numpy as np
 from configurable_fm.bricks.adapters.core import path_key
 from configurable_fm.bricks.adapters.modules import AdapterError
 from configurable_fm.interop.peft import virtual_token_geometry
-from configurable_fm.models.virtual_tokens import KINDS, VirtualTokens
+from configurable_fm.models.bert import Bert
+from configurable_fm.models.virtual_tokens import KINDS, VirtualTokens, with_virtual_tokens
 
 INITS = {"prompt": ("random", "vocab", "text"), "prefix": ("random", "zeros")}
 
 
 def _token_embedding(model) -> jax.Array:
+    if isinstance(model, Bert):
+        return model.embeddings.word_embeddings.embedding[...]
     for name in ("embed_tokens", "wte"):
         module = getattr(model, name, None)
         if module is not None:
             return module.embedding[...]
-    raise AdapterError(f"prompt tuning's 'vocab' / 'text' init needs the token embedding (embed_tokens or wte); "
-                       f"{type(model).__name__} has neither")
+    raise AdapterError(f"prompt tuning's 'vocab' / 'text' init needs the token embedding (embed_tokens, wte or a "
+                       f"Bert's embeddings.word_embeddings); {type(model).__name__} has none")
 
 
 def attach_virtual_tokens(model, kind: str, num_virtual_tokens: int, *, init: str = "random",
                           init_ids: Sequence[int] | None = None, seed: int = 0) -> VirtualTokens:
     """`model` preceded by `num_virtual_tokens` learned virtual tokens: kind 'prompt' (prompt tuning) or 'prefix'
-    (prefix tuning); init as in the module docstring. `model` is untouched (its arrays are shared). AdapterError
-    for a bad kind, count, init or init_ids, or a model that is not a causal decoder."""
+    (prefix tuning); init as in the module docstring. `model` (a causal decoder or a Bert) is untouched (its arrays
+    are shared). AdapterError for a bad kind, count, init or init_ids, or a model that is neither."""
     if kind not in KINDS:
         raise AdapterError(f"virtual tokens: kind must be one of {list(KINDS)}, got {kind!r}")
     if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, (int, np.integer)) \
@@ -79,4 +83,4 @@ def attach_virtual_tokens(model, kind: str, num_virtual_tokens: int, *, init: st
                                    f"{ids.max()}")
             ids = np.tile(ids, -(-p // len(ids)))[:p]
         values = jnp.asarray(table)[jnp.asarray(ids)].astype(jnp.float32)
-    return VirtualTokens(model, kind, values)
+    return with_virtual_tokens(model, kind, values)
