@@ -454,6 +454,7 @@ def resolve_hparams(plan: Plan, model, tok, stats, stream) -> tuple[Plan, Any, d
 
     hp, info, state = plan.hparams, {}, None
     f = int(stats[plan.layers[0]].second_moment.shape[0])
+    info["key_spectrum"] = {str(l): key_spectrum(stats[l].second_moment) for l in plan.layers}
     if plan.method in ("memit", "rlsedit") and "mom2_update_weight" not in plan.explicit:
         hp = dataclasses.replace(hp, mom2_update_weight=plan.extra["lambda_rel"] * f)
         info["mom2_update_weight"] = hp.mom2_update_weight
@@ -477,6 +478,16 @@ def resolve_hparams(plan: Plan, model, tok, stats, stream) -> tuple[Plan, Any, d
                     nullspace_energy={str(l): round(energy[l], 4) for l in plan.layers},
                     nullspace_threshold={str(l): thresholds[l] for l in plan.layers})
     return dataclasses.replace(plan, hparams=hp), state, info
+
+
+def key_spectrum(second_moment) -> dict:
+    """How well conditioned the key second moment C (F, F) is: its smallest and largest eigenvalue relative to the
+    mean eigenvalue tr(C) / F, and how many eigenvalues lie below 1e-6 and 1e-3 of that mean (near-dead key
+    directions, where MEMIT's solve (lambda C + K^T K)^-1 has nothing but the edited keys to hold it)."""
+    ev = np.linalg.eigvalsh(np.asarray(second_moment, np.float64))
+    mean = float(ev.mean())
+    return {"min_rel": float(f"{ev[0] / mean:.3g}"), "max_rel": float(f"{ev[-1] / mean:.3g}"),
+            "below_1e-6": int(np.sum(ev < 1e-6 * mean)), "below_1e-3": int(np.sum(ev < 1e-3 * mean))}
 
 
 def binomial(p: float, n: int) -> float:
@@ -657,6 +668,9 @@ class EditorRun:
             self.state = dataclasses.replace(state, deltas=(), records=())  # nothing is rolled back here
             p["edits"] = j
             p["delta_norms"].append(round(norm, 6))
+            meta = getattr(delta, "metadata", None) or {}
+            if "value_loss_final_mean" in meta:  # the target optimisation's final loss (did z reach the target?)
+                p.setdefault("value_losses", []).append(round(float(meta["value_loss_final_mean"]), 6))
             if j // self.every > i // self.every or j == n_total:
                 self._add_seconds(t0)
                 t0 = time.perf_counter()
@@ -716,7 +730,10 @@ class EditorRun:
         say(f"{self.plan.name}: {p['edits']} edits: " + "  ".join(
             f"{SCORES[k][1]} {_pct(scores[k])}" for k in ("efficacy", "generalisation", "specificity",
                                                           "unedited_other_subject", "unedited_same_subject"))
-            + f"  preserved-key change {point['preserved_change']:.2e}  (eval {time.perf_counter() - t:.1f} s)")
+            + f"  preserved-key change {point['preserved_change']:.2e}"
+            + (f"  last delta norm {p['delta_norms'][-1]:.3g}" if p["delta_norms"] else "")
+            + (f"  value loss {p['value_losses'][-1]:.3g}" if p.get("value_losses") else "")
+            + f"  (eval {time.perf_counter() - t:.1f} s)")
 
 
 def _pct(s: dict | None, se: bool = False) -> str:
@@ -952,6 +969,7 @@ def run_study(out: str | os.PathLike, *, size: str = "test", editors: Sequence[s
     for plan in plans:
         plan, initial, resolved = resolve_hparams(plan, model, world.tokenizer, stats, stream)
         resolved = {**{k: v for k, v in plan.extra.items() if _used(plan.method, k)}, **resolved}
+        say(f"{plan.name}: key second moment per layer (eigenvalues relative to their mean): {resolved['key_spectrum']}")
         run = EditorRun(out, plan, model, world.tokenizer, stats, stream, scorer, baseline, seed,
                         eval_every or max(plan.n_edits // 10, 1),
                         save_seconds, resolved, initial)
