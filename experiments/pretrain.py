@@ -4,7 +4,8 @@
     python scripts/train.py --config experiments/pretrain.py:small --workdir runs/small        # ~50M, GPU
     python scripts/train.py --config experiments/pretrain.py:125m --workdir runs/125m          # GPU
     python scripts/train.py --config experiments/pretrain.py:1b --workdir runs/1b              # one H200 or more
-Override any key: `--config.steps=50 --config.optimizer.lr=1e-3 --config.mesh.shape='(1,8,1)'`.
+Override any key: `--config.steps=50 --config.optimizer.lr=1e-3 --config.mesh.shape='(1,8,1)'`; a ReLU-gated llama
+(the MoEfication study's ReLU arm, issue 13): `--config.model.hidden_act=relu`.
 Variants: tiny (2 layers, width 64: 3.3M parameters, 3.1M of them the tied embedding), small (8 x 512: 51M),
 125m (12 x 768: 123M), 1b (16 x 2048, GQA 32/8: 1.1B), 3b (28 x 3072, GQA 24/8, Llama-3.2-3B's shape with this
 vocabulary: 3.0B), 7b (Llama-2-7B's shape). One tiny step (8 x 128 tokens) takes ~0.5-0.9 s on
@@ -52,7 +53,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         family="llama", vocab_size=49152, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
         num_heads=heads, num_kv_heads=kv, tie_word_embeddings=True, max_position_embeddings=max(seq, 2048),
-        rope_theta=10000.0, rms_norm_eps=1e-5))
+        rope_theta=10000.0, rms_norm_eps=1e-5, hidden_act="silu"))  # hidden_act: silu (SwiGLU) | relu | gelu ...
 
     c.optimizer = ml_collections.ConfigDict(dict(
         name="adamw", lr=lr, schedule="cosine", warmup_steps=0, min_lr_ratio=0.1,
