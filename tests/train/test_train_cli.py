@@ -181,7 +181,7 @@ def test_override_below_a_leaf_is_refused(tmp_path):
 def test_bad_variant_names_the_known_ones(tmp_path):
     proc = run_train(train_command(tmp_path / "run", [], variant="tinyy"), child_env(), timeout=120)
     assert proc.returncode != 0
-    assert "unknown pretrain variant 'tinyy'; known: ['125m', '1b', '7b', 'small', 'tiny']" in proc.stderr, \
+    assert "unknown pretrain variant 'tinyy'; known: ['125m', '1b', '3b', '7b', 'small', 'tiny']" in proc.stderr, \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()

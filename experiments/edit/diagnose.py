@@ -1,0 +1,156 @@
+"""Why does an edit not take? MEMIT steps on a study's model, taken apart stage by stage.
+
+    python -m experiments.edit.diagnose --study DIR [--n 32] [--batches 1,16] [--windows 0,1,2;0] \
+        [--lambda_rels 2] [--ridges 0,1e-3]
+
+Reads a study directory of experiments/edit/lifelong.py (model, world, edit stream, cached key statistics) and, for
+every combination of the options, edits the first `n` requests of the stream `batch` at a time, each batch from the
+unedited model (independent steps, nothing carried), with MEMIT on the layers of `window` (lambda = lambda_rel x F,
+the study's value settings). Per combination it prints one line and writes all of them to DIR/diagnose.json:
+
+  value_loss   the target optimisation's final loss (NLL of target_new + KL + decay, with the residual after the top
+               layer L replaced by z): is z a value that makes the model say the new object?
+  s_rel        mean over the edited keys of s = k^T C^-1 k / F per layer (MEMIT's docstring: a corpus-like key has
+               E[s] = F; s << F: the key lies where the corpus keys are strong, so lambda C resists writing it)
+  written      per layer |K_l dW_l| / |R_l|: the share of the layer's residual that the solve writes for the keys it
+               was given (s / (lambda + s) for a lone key)
+  dW           per layer |dW_l|_F, and the share of |dW_l|^2 that lies in C's eigen-directions below 1e-3 of the mean
+               eigenvalue (`dead`): large updates there are invisible on the corpus and unstable on any other key
+  realised     1 - |z - h_L'| / |z - h_L| at the bare prompt after the whole step (h_L' on the edited model): the share
+               of the intended change of the top layer's output that the edit produced where it is read
+  ES PS NS     the scores (%) of the edited requests after their step (experiments/edit/README.md)
+
+`ridge` r > 0 solves with C + r (tr C / F) I instead of C (a relative ridge: lambda then also holds the dead key
+directions); 0 is MEMIT as published. The key spectrum of every layer is printed first (lifelong.key_spectrum).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def layer_report(c: np.ndarray, k: np.ndarray, resid: np.ndarray, dw: np.ndarray) -> dict:
+    """The per-layer numbers of the module docstring for C (F, F), keys K (E, F), residuals R (E, D), update dW
+    (F, D), all float64."""
+    f = c.shape[0]
+    ev, vecs = np.linalg.eigh(c)
+    dead = vecs[:, ev < 1e-3 * ev.mean()]
+    s = np.einsum("ef,ef->e", k, np.linalg.solve(c + 1e-12 * np.eye(f), k.T).T)
+    dw_sq = float(np.sum(dw ** 2))
+    return dict(s_rel=float(np.mean(s) / f), written=float(np.linalg.norm(k @ dw) / max(np.linalg.norm(resid), 1e-30)),
+                dW=float(np.sqrt(dw_sq)), dead=float(np.sum((dead.T @ dw) ** 2) / max(dw_sq, 1e-30)))
+
+
+def run_variant(model, tok, stats, stream, evaluator, plan, *, batch: int, ridge: float) -> dict:
+    """The numbers of one combination, averaged over its batches (module docstring)."""
+    import jax
+
+    from configurable_fm.bricks.deltas import Delta, apply
+    from configurable_fm.ops.update import edit_site, memit_spread, memit_update, values_at_subject
+
+    hp = plan.hparams
+    sites = {l: edit_site(model, l) for l in plan.layers}
+    top = sites[max(plan.layers)]
+    rows, per_layer, realised, losses = [], {l: [] for l in plan.layers}, [], []
+    for start in range(0, len(stream), batch):
+        reqs = stream[start:start + batch]
+        record = {}
+
+        def solve(site, k, resid):
+            c = np.asarray(stats[site.layer].second_moment, np.float64)
+            if ridge:
+                c = c + ridge * np.trace(c) / c.shape[0] * np.eye(c.shape[0])
+            term = memit_update(k, resid, c, hp.mom2_update_weight)
+            record[site.layer] = (c, k, resid, np.asarray(term.materialize(), np.float64))
+            return term
+
+        out = memit_spread(model, tok, reqs, layers=plan.layers, hparams=hp, solve=solve,
+                           key=jax.random.key(start), bos_id=0, what="diagnose")
+        edited = apply(model, Delta(out.terms))
+        for l, (c, k, resid, dw) in record.items():
+            per_layer[l].append(layer_report(np.asarray(stats[l].second_moment, np.float64), k, resid, dw))
+        below = apply(model, Delta({k: v for k, v in out.terms.items() if k != top.kernel}))
+
+        def h(m):  # the top layer's output at the subject's last token of the bare prompt (E, D)
+            return values_at_subject(m, tok, reqs, [top.layer_output], bos_id=0)[top.layer_output][:, 0]
+
+        h0, h1 = h(model).astype(np.float64), h(edited).astype(np.float64)
+        z = h(below).astype(np.float64) + out.residuals[top.layer]  # the top layer's residual is z - h there
+        realised.append(1 - np.linalg.norm(z - h1, axis=1) / np.maximum(np.linalg.norm(z - h0, axis=1), 1e-30))
+        losses.append(out.value_loss)
+        m = evaluator(edited, which=list(range(start, start + len(reqs))))
+        rows.append([m.summary[k].mean for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")])
+    es, ps, ns = (100 * np.mean(rows, axis=0)).round(1).tolist()
+    layers = {str(l): {k: float(np.mean([r[k] for r in v])) for k in v[0]} for l, v in per_layer.items()}
+    return dict(value_loss=float(np.mean(losses)), realised=float(np.mean(np.concatenate(realised))), layers=layers,
+                ES=es, PS=ps, NS=ns, n=len(stream))
+
+
+def describe(name: str, r: dict) -> str:
+    per = "  ".join(f"L{l}: s_rel {v['s_rel']:.3g} written {v['written']:.2f} dW {v['dW']:.3g} dead {v['dead']:.2f}"
+                    for l, v in r["layers"].items())
+    return (f"{name}: value loss {r['value_loss']:.3f}  realised {r['realised']:.2f}  ES {r['ES']} PS {r['PS']} "
+            f"NS {r['NS']} (n={r['n']})\n    {per}")
+
+
+def floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.edit.diagnose", description=__doc__.split("\n")[0])
+    ap.add_argument("--study", required=True)
+    ap.add_argument("--n", type=int, default=32, help="requests (the first of the stream)")
+    ap.add_argument("--batches", default="1,16", help="requests per step, comma-separated")
+    ap.add_argument("--windows", default="", help="layer sets, ';'-separated (default: the study's window)")
+    ap.add_argument("--lambda_rels", default="", help="comma-separated (default: the study's)")
+    ap.add_argument("--ridges", default="0", help="relative ridges, comma-separated (module docstring)")
+    args = ap.parse_args(argv)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "float32")
+    from configurable_fm.interop.orbax_io import load_model
+    from configurable_fm.ops.update import Evaluator, cached_second_moments, load_requests
+    from experiments.edit import lifelong as L
+
+    out = Path(args.study)
+    study = json.loads((out / "study.json").read_text())
+    size, seed = L.SIZES[study["size"]], study["seed"]
+    world = L.build_world(out, size, seed)
+    trace = json.loads((out / "trace.json").read_text()) if (out / "trace.json").exists() else None
+    if trace is not None:
+        size = L.choose_layers(size, trace)
+    model, tok = load_model(out / "model"), world.tokenizer
+    stream = load_requests(out / "stream.jsonl")[:args.n]
+    windows = [tuple(int(l) for l in w.split(",")) for w in args.windows.split(";") if w] or [tuple(size.window)]
+    layers = sorted({l for w in windows for l in w})
+    stats = cached_second_moments(model, lambda: L.stat_batches(world, size), layers, corpus=f"testbed-seed{seed}",
+                                  n_tokens=size.stats_tokens, cache_dir=out / "stats")
+    for l in layers:
+        print(f"key second moment, layer {l}: {L.key_spectrum(stats[l].second_moment)}", flush=True)
+    evaluator = Evaluator(tok, stream, metrics=("probability",), bos_id=0)
+    results = {}
+    lambda_rels = floats(args.lambda_rels) or [size.lambda_rel]
+    for window, batch, lam, ridge in itertools.product(windows, [int(b) for b in floats(args.batches)],
+                                                      lambda_rels, floats(args.ridges)):
+        plan = L.make_plan("memit", size, world, args.n, {"memit": {"layers": list(window), "batch": batch,
+                                                                    "lambda_rel": lam}})
+        plan = L.resolve_hparams(plan, model, tok, stats, stream)[0]
+        name = f"memit layers {list(window)} batch {batch} lambda_rel {lam:g} ridge {ridge:g}"
+        t = time.perf_counter()
+        r = run_variant(model, tok, stats, stream, evaluator, plan, batch=batch, ridge=ridge)
+        r["seconds"] = round(time.perf_counter() - t, 1)
+        results[name] = r
+        print(describe(name, r), flush=True)
+    (out / "diagnose.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
