@@ -26,6 +26,8 @@ Memory, per run:
   peak_anon: the largest sum of RssAnon (private memory, no file pages) over the process tree, sampled from
     /proc every 20 ms: the memory the merge itself needs.
 Throughput: GB/s = (bytes of every input tensor read + bytes written) / wall time.
+Load: each run records the 1-minute load average before and after it (`load_1min`; the table's last column lists
+every run as "seconds @ load before-after"): on a shared machine the times mean little without it.
 Agreement: per tensor max |ours - mergekit| (float32), the number of bitwise-equal tensors and, for bf16 outputs,
 the largest distance in bf16 ulps (ties may differ by one rounding: mergekit's torch kernels vs ours).
 
@@ -298,8 +300,10 @@ def bench_cpu(args, ckpt) -> list[dict]:
                 else:
                     raise SystemExit(f"unknown tool {tool!r} (ours, mergekit)")
                 warm(files)
+                load_before = os.getloadavg()[0]
                 res = run_measured(cmd, work / f"{args.size}_{method}_{tool}_{r}.log",
                                    env=env if tool == "ours" else None)
+                res["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after the run
                 os.sync()
                 if res["rc"] != 0:
                     tail = (work / f"{args.size}_{method}_{tool}_{r}.log").read_text()[-2000:]
@@ -322,8 +326,8 @@ def bench_cpu(args, ckpt) -> list[dict]:
 
 def table_cpu(rows) -> str:
     runs = [r for r in rows if "wall_s" in r]
-    lines = ["| method | tool | time (s) | peak RSS (GB) | peak anon (GB) | speedup | GB/s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | tool | time (s) | peak RSS (GB) | peak anon (GB) | speedup | GB/s | runs: s @ load |",
+             "|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in runs:
         by.setdefault((r["method"], r["tool"]), []).append(r)
@@ -331,9 +335,11 @@ def table_cpu(rows) -> str:
         t = statistics.median(r["wall_s"] for r in rs)
         mk = by.get((method, "mergekit"))
         speed = statistics.median(r["wall_s"] for r in mk) / t if mk else float("nan")
+        each = ", ".join(f"{r['wall_s']:.1f} @ {r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f}" for r in rs
+                         if "load_1min" in r)
         lines.append(f"| {method} | {tool} | {t:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | "
                      f"{max(r['peak_anon_gb'] for r in rs):.2f} | {speed:.2f}x | "
-                     f"{statistics.median(r['gb_per_s'] for r in rs):.2f} |")
+                     f"{statistics.median(r['gb_per_s'] for r in rs):.2f} | {each} |")
     agree = [r for r in rows if r.get("kind") == "agreement"]
     if agree:
         lines += ["", "| method | tensors | bitwise equal | max abs diff | max bf16 ulps | elements differing |",

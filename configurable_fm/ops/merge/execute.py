@@ -17,9 +17,12 @@ One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(c
   compute on an accelerator);
 * the output layout is planned up front from the groups' names, shapes and dtypes (a new shard when the next
   tensor would push the current one past `limit` bytes), so every shard's header is written first and each
-  result is written at its offset by a writer thread as soon as it is ready: no shard is ever held in memory.
+  result is written at its offset by a writer thread as soon as it is ready: no shard is ever held in memory;
+* a tensor whose float32 inputs exceed `CHUNK_BYTES` is merged in blocks (MergeMethod.chunks: elementwise
+  methods, and those whose tensor-global statistic, e.g. the TIES magnitude threshold, is computed block by
+  block first), bit for bit as whole; its float32 temporaries then scale with the block, not the tensor.
 Host memory: about (prefetch + 1) x the inputs of the largest group + (write_queue + 1) x the largest output,
-plus the kernel's float32 temporaries.
+plus the kernel's float32 temporaries (of one block for a blocked tensor).
 """
 from __future__ import annotations
 
@@ -196,6 +199,15 @@ _NEEDS_CONCRETE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayCon
                    jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
 
 
+CHUNK_BYTES = 8 << 20
+"""A tensor whose float32 inputs (every input and the base, as the kernel stacks them) exceed this many bytes is
+merged in blocks of at most this size when its method allows it (MergeMethod.chunks), with the same result bit
+for bit: the kernel's float32 temporaries then scale with the block, not the tensor (a 1.1B llama's 65.5M-entry
+embedding and head with 4 inputs: 1 GB of stacked inputs, several GB of temporaries for ties whole). On the CPU
+the blocks are also faster (no fresh multi-GB buffers to fault in; a block's passes stay in cache): 8 MiB
+measured best for ties there (4-32 MiB within 25%). KernelCache(chunk_bytes=None) merges every tensor whole."""
+
+
 class KernelCache:
     """Jitted `fused(base, xs_tuple, key, arrays) -> y` per (method, parameters, load dtype, output dtype,
     compute dtype).
@@ -209,10 +221,13 @@ class KernelCache:
     error) gets them baked in too, from then on. jit adds its own cache per input shapes/dtypes below that.
     Methods are told apart by identity (two methods of one name, e.g. a test's, never share a function); at
     most `maxsize` functions are kept (least recently used dropped: a long grid does not accumulate code).
+    chunk_bytes: tensors whose float32 inputs exceed it are merged in blocks by the same function (`_run`,
+    `_merge_by_rows`; default CHUNK_BYTES, None: always whole).
     """
 
-    def __init__(self, maxsize: int = 256):
+    def __init__(self, maxsize: int = 256, chunk_bytes: Optional[int] = CHUNK_BYTES):
         self.maxsize = int(maxsize)
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self._fns: "collections.OrderedDict[tuple, tuple[MergeMethod, Callable]]" = collections.OrderedDict()
         self._concrete: dict[int, MergeMethod] = {}  # id -> method (held, so the id stays unique)
         self._lock = threading.Lock()
@@ -239,18 +254,19 @@ class KernelCache:
         with self._lock:
             entry = self._fns.get(key)
             if entry is None:  # the entry holds the method, so its id cannot be reused while cached
-                entry = self._fns[key] = (method, _fused(method, static, load_dtype, out_dtype, compute_dtype))
+                entry = self._fns[key] = (method, _fused(method, static, load_dtype, out_dtype, compute_dtype,
+                                                         chunk_bytes=self.chunk_bytes))
                 while len(self._fns) > self.maxsize:
                     self._fns.popitem(last=False)
             else:
                 self._fns.move_to_end(key)
         fn = entry[1]
         if not traced:
-            return lambda b, xs, k: fn(b, xs, k, {})
+            return lambda b, xs, k: _run(fn, method, static, b, xs, k, {}, self.chunk_bytes, out_dtype)
 
         def call(b, xs, k):
             try:
-                return fn(b, xs, k, arrays)
+                return _run(fn, method, params, b, xs, k, arrays, self.chunk_bytes, out_dtype)
             except _NEEDS_CONCRETE:
                 self.needs_concrete(method)
                 return self.get(method, params, load_dtype, out_dtype, compute_dtype)(b, xs, k)
@@ -284,7 +300,7 @@ class KernelCache:
         with self._lock:
             entry = self._fns.get(key)
             if entry is None:
-                fused = _fused(method, static, load_dtype, out_dtype, compute_dtype, jit=False)
+                fused = _fused(method, static, load_dtype, out_dtype, compute_dtype, jit=False)  # whole tensors
                 entry = self._fns[key] = (method, jax.jit(jax.vmap(fused)))
                 while len(self._fns) > self.maxsize:
                     self._fns.popitem(last=False)
@@ -294,7 +310,7 @@ class KernelCache:
 
 
 def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dtype: Optional[str],
-           jit: bool = True) -> Callable:
+           jit: bool = True, chunk_bytes: Optional[int] = None) -> Callable:
     if compute_dtype is not None:
         static = dict(static, compute_dtype=compute_dtype)
 
@@ -303,13 +319,152 @@ def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dty
             x = x.astype(load_dtype)
         return x.astype(jnp.float32)
 
-    def fused(b, xs, key, arrays):
+    def fused(b, xs, key, arrays, dtypes=None):
+        rows = _chunk_rows(method, {**static, **arrays}, b, xs, chunk_bytes)
+        if rows is not None:
+            return _merge_by_rows(method, {**static, **arrays}, b, xs, key, rows, load, out_dtype, dtypes)
         stacked = (jnp.stack([load(x) for x in xs]) if xs  # no inputs (ram with a base alone): (0, *S)
                    else jnp.zeros((0, *jnp.shape(b)), jnp.float32))
         y = method.kernel(None if b is None else load(b), stacked, key=key, **static, **arrays)
         return jnp.asarray(y).astype(out_dtype)
 
-    return jax.jit(fused) if jit else fused
+    return jax.jit(fused, static_argnames="dtypes") if jit else fused
+
+
+# ------------------------------------------------------------------------------------------------ row blocks
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+    """The blocks of rows (axis 0) a large tensor is merged in, as MergeMethod.chunks' statistic sees them (on
+    the CPU the tensor is flattened first, `_run`: rows are then entries). `fold(fn, init)` runs acc = fn(acc,
+    base block (float32, or None), inputs block (N, rows, ...) float32, first row) over the blocks in order
+    (one compiled loop over the full blocks, then the shorter last one) and returns acc; `sample(entries)`
+    gives (base, inputs) at every k-th row, about `entries` entries per input (every row if fewer), e.g. to
+    estimate a quantile."""
+
+    read: Callable  # (first row, rows) -> (base block or None, stacked inputs block)
+    every: Callable  # (step) -> the same at rows 0, step, 2·step, ...
+    shape: tuple
+    rows: int  # rows per block
+    n_inputs: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def row_size(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    def fold(self, fn: Callable, init):
+        full, tail = divmod(self.shape[0], self.rows)
+        acc = jax.lax.fori_loop(0, full, lambda i, acc: fn(acc, *self.read(i * self.rows, self.rows),
+                                                             i * self.rows), init)
+        if tail:
+            acc = fn(acc, *self.read(full * self.rows, tail), full * self.rows)
+        return acc
+
+    def sample(self, entries: int):
+        return self.every(max(1, self.size // max(int(entries), 1)))  # rows: R / step · row size ≈ entries
+
+
+def _chunk_rows(method: MergeMethod, params: Mapping[str, Any], b, xs, chunk_bytes: Optional[int]) -> Optional[int]:
+    """Rows per block for this tensor, or None to merge it whole: tensors whose float32 inputs fit in
+    chunk_bytes, methods without MergeMethod.chunks (or whose `accepts` refuses these parameters), 0-d and 1-row
+    tensors, calls without inputs. Blocks hold at most chunk_bytes of float32 inputs (at least one row); a number
+    of rows that divides the tensor's is preferred when one lies within half of that (no shorter last block)."""
+    if chunk_bytes is None or method.chunks is None or not xs or (b is None and method.base == "required"):
+        return None  # (a missing base: the whole-tensor kernel says so)
+    shape = tuple(jnp.shape(xs[0]))
+    if not shape or shape[0] < 2:
+        return None
+    per_row = 4 * int(np.prod(shape[1:], dtype=np.int64)) * (len(xs) + (b is not None))
+    if per_row * shape[0] <= chunk_bytes or not method.chunks.accepts(params, shape):
+        return None
+    rows = max(1, min(shape[0] - 1, chunk_bytes // max(per_row, 1)))
+    blocks = -(-shape[0] // rows)  # the fewest blocks; a divisor of the rows within half of `rows` if any
+    return next((shape[0] // k for k in range(blocks, 2 * blocks + 1) if shape[0] % k == 0 and
+                 shape[0] // k >= (rows + 1) // 2), rows)
+
+
+def _uint(dtype) -> np.dtype:
+    return np.dtype(f"uint{8 * np.dtype(dtype).itemsize}")
+
+
+def _bits(x):
+    """x as unsigned integers of its width. XLA:CPU slices and updates those in place, whereas it rewrites a
+    bfloat16 dynamic slice or update into a float32 one of the whole tensor (its float normalization), which
+    then converts every input whole, outside the loop, and the output whole at every block."""
+    return x if x.dtype == _uint(x.dtype) else jax.lax.bitcast_convert_type(x, _uint(x.dtype))
+
+
+def _merge_by_rows(method: MergeMethod, params: dict, b, xs, key, rows: int, load: Callable, out_dtype,
+                   dtypes=None):
+    """The fused kernel over blocks of `rows` rows: the method's statistic (if any) over the whole tensor
+    first (MergeMethod.chunks.statistic on RowBlocks), then each block merged (the kernel called with the
+    statistic's arrays and `chunk_start`, the block's flat offset) and written into the output at its place:
+    compiled loops over the inputs' bits (`_bits`). dtypes: None, or (base's dtype, inputs' dtypes) when b and
+    xs are given as their bits already (`_run`: a free view on the CPU); the result is then the output's bits."""
+    shape = tuple(jnp.shape(xs[0]))
+    row_size = int(np.prod(shape[1:], dtype=np.int64))
+    b_dtype, x_dtypes = dtypes if dtypes is not None else (None if b is None else b.dtype, [x.dtype for x in xs])
+
+    def block(x, dtype, first, n):
+        return load(jax.lax.bitcast_convert_type(jax.lax.dynamic_slice_in_dim(_bits(x), first, n, axis=0), dtype))
+
+    def read(first, n):
+        return ((None if b is None else block(b, b_dtype, first, n)),
+                jnp.stack([block(x, dt, first, n) for x, dt in zip(xs, x_dtypes)]))
+
+    def every(step):
+        def rows_of(x, dtype):
+            return load(jax.lax.bitcast_convert_type(_bits(x)[::step], dtype))
+
+        return ((None if b is None else rows_of(b, b_dtype)),
+                jnp.stack([rows_of(x, dt) for x, dt in zip(xs, x_dtypes)]))
+
+    blocks = RowBlocks(read, every, shape, rows, len(xs))
+    statistic = method.chunks.statistic
+    extra = {} if statistic is None else dict(statistic(blocks, **params))
+
+    def merge(out, bb, xb, first):
+        kw = params if statistic is None else dict(params, **extra, chunk_start=first * row_size)
+        y = jnp.asarray(method.kernel(bb, xb, key=key, **kw)).astype(out_dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, _bits(y), first, axis=0)
+
+    out = blocks.fold(merge, jnp.zeros(shape, _uint(out_dtype)))
+    return out if dtypes is not None else jax.lax.bitcast_convert_type(out, out_dtype)
+
+
+def _host_bits(x):
+    """x's bits, flattened, as a jax array on its CPU device without a copy (a numpy view of the buffer put
+    back; numpy inputs are put on the default device), or None: x is on an accelerator, traced, or 8 bytes wide
+    (jax without x64 would narrow those integers)."""
+    dtype = np.dtype(x.dtype)
+    if dtype.itemsize > 4 or isinstance(x, jax.core.Tracer):
+        return None
+    if isinstance(x, jax.Array):
+        devices = x.devices()
+        if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+            return None
+        return jax.device_put(np.asarray(x).view(_uint(dtype)).reshape(-1), next(iter(devices)))
+    if jax.default_backend() != "cpu":
+        return None
+    return jax.device_put(np.ascontiguousarray(x).view(_uint(dtype)).reshape(-1))
+
+
+def _run(fn: Callable, method: MergeMethod, params: Mapping[str, Any], b, xs, key, arrays, chunk_bytes, out_dtype):
+    """fn(b, xs, key, arrays) (a `_fused` function). A tensor merged in blocks on the CPU gets its inputs as bit
+    views (`_host_bits`), flattened (tensors of one size share a compiled function: MergeMethod.chunks' kernels
+    are elementwise but for their statistic), and its result viewed back: no input or output is copied whole."""
+    if _chunk_rows(method, params, b, xs, chunk_bytes) is None:
+        return fn(b, xs, key, arrays)
+    views = [None if a is None else _host_bits(a) for a in [b, *xs]]
+    if any(v is None for v, a in zip(views, [b, *xs]) if a is not None):
+        return fn(b, xs, key, arrays)
+    dtypes = (None if b is None else np.dtype(b.dtype), tuple(np.dtype(x.dtype) for x in xs))
+    bits = fn(views[0], tuple(views[1:]), key, arrays, dtypes=dtypes)
+    shape = tuple(jnp.shape(xs[0]))
+    return jax.device_put(np.asarray(bits).view(np.dtype(out_dtype)).reshape(shape), next(iter(bits.devices())))
 
 
 DEFAULT_CACHE = KernelCache()
@@ -558,12 +713,16 @@ def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dty
         t0 = time.perf_counter()
         b, xs = g.read()
         t1 = time.perf_counter()
-        arrays = ([b] if b is not None else []) + list(xs)
+        has_base = b is not None
+        arrays = ([b] if has_base else []) + list(xs)
+        del b, xs
         nbytes = sum(int(np.asarray(a).nbytes) if not isinstance(a, jax.Array) else int(a.nbytes) for a in arrays)
         if all(is_float(a.dtype) for a in arrays):
-            put = jax.device_put(arrays, device)
-            jax.block_until_ready(put)
-            b, xs = (put[0], put[1:]) if b is not None else (None, put)
+            for i, a in enumerate(arrays):  # one at a time: each host array is dropped once its copy is made,
+                arrays[i] = jax.device_put(a, device)  # so the group is held about once, not twice
+                del a
+                jax.block_until_ready(arrays[i])
+        b, xs = (arrays[0], arrays[1:]) if has_base else (None, arrays)
         if timers is not None:
             timers.add("read", t1 - t0, nbytes)
             timers.add("to_device", time.perf_counter() - t1, nbytes)

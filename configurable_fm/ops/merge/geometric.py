@@ -28,7 +28,7 @@ import numpy as np
 
 from configurable_fm.ops.merge.kernel_inputs import F32, as_f32, check_kernel_inputs
 from configurable_fm.ops.merge.precision import Arithmetic, compute_dtype_name
-from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
+from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, RowChunks, register
 from configurable_fm.ops.merge.sparsify import as_double
 
 
@@ -410,7 +410,7 @@ def model_stock(base, xs, *, key=None, filter_wise: bool = False, compute_dtype=
 # --------------------------------------------------------------------------------------------------- registry
 register(MergeMethod(
     name="linear", kernel=linear, base="ignored", min_inputs=1,
-    per_model={"weight": REQUIRED}, shared={"normalize": True},
+    per_model={"weight": REQUIRED}, shared={"normalize": True}, chunks=RowChunks(),
     doc="weighted average Σ w_i x_i / Σ w_i (model soup)"))
 register(MergeMethod(
     name="slerp", kernel=slerp, base="required", min_inputs=1, max_inputs=1,

@@ -16,14 +16,44 @@ Every kernel also takes `compute_dtype` (None: float32 arithmetic; 'float16' | '
 in that dtype, see precision.py); the executor passes it only when it is not None. `result_dtype` says what
 mergekit returns for float16/bfloat16 inputs when the config sets no `out_dtype`: "compute" (the inputs' dtype)
 or "float32" (arcee_fusion and ramplus_tl promote to float32 inside).
+
+`chunks` says whether a large tensor may be merged in blocks instead of in one call, with the same result bit
+for bit (execute.py does it above its byte threshold, CHUNK_BYTES, to bound the float32 temporaries): None
+(the default) means never; see `RowChunks`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Optional
 
 BaseUse = Literal["required", "optional", "ignored"]
 REQUIRED = object()  # a parameter default meaning "must be given"
+
+
+def _always(params: Mapping[str, Any], shape: tuple) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class RowChunks:
+    """How a kernel runs over blocks of a tensor, giving the whole-tensor result bit for bit.
+
+    The kernel must be elementwise apart from its statistic: entry i of the result depends on entry i of the
+    inputs (across the models) alone, whatever the shape it is given; the executor merges blocks of rows
+    (axis 0), on the CPU of the flattened tensor (execute.RowBlocks).
+    statistic: None when that is all; otherwise `statistic(blocks, **params) -> {name: array}` computes the
+      tensor-global quantities the kernel needs (e.g. each task vector's magnitude threshold) over the whole
+      tensor, block by block: `blocks.fold(fn, init)` runs `acc = fn(acc, base_block (float32 or None),
+      xs_block (N, rows, ...) float32, first_row)` over the blocks in order, `blocks.sample(entries)` gives
+      every k-th row; `blocks.size`, `blocks.row_size`, `blocks.n_inputs` describe the tensor. The kernel is
+      then called once per block with those arrays and `chunk_start` (the flat index of the block's first
+      entry) added to its parameters.
+    accepts(params, shape) -> bool: False when these parameters (static ones; per-model arrays may be traced)
+      or this shape need the whole tensor at once (e.g. an l1 rescale: a global norm).
+    """
+
+    statistic: Optional[Callable[..., Mapping[str, Any]]] = None
+    accepts: Callable[[Mapping[str, Any], tuple], bool] = _always
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +68,7 @@ class MergeMethod:
     randomized: bool = False
     doc: str = ""
     result_dtype: Literal["compute", "float32"] = "compute"
+    chunks: Optional[RowChunks] = None
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -35,7 +35,7 @@ import numpy as np
 
 from configurable_fm.ops.merge.kernel_inputs import as_f32, check_kernel_inputs
 from configurable_fm.ops.merge.precision import Arithmetic
-from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
+from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, RowChunks, register
 
 F32 = jnp.float32
 ARCEE_FUSION_SAMPLE = 1_000_000  # mergekit's _QUANTILE_SAMPLE_SIZE
@@ -154,17 +154,37 @@ def ram(base, xs, *, key=None, epsilon: float = 1e-5, compute_dtype=None):
     return a.r(b + merged.reshape(b.shape))
 
 
+def _overlap_counts(nonzero, counts) -> jax.Array:
+    """(#shared_i, #unique_i) (2, N) int32: the entries model i changes that other models change too / alone."""
+    return jnp.stack([jnp.sum(nonzero & (counts > 1), axis=1), jnp.sum(nonzero & (counts == 1), axis=1)])
+
+
+def _ramplus_statistic(chunks, *, epsilon: float = 1e-5, compute_dtype=None, **unused):
+    """RowChunks.statistic of ramplus_tl: its tensor-local counts (integers: the same in any order), summed
+    over the row blocks."""
+    a = Arithmetic.of(compute_dtype)
+
+    def count(acc, b, xs, first):
+        _, nonzero, counts, _ = _ram_parts(b, xs, epsilon, a)
+        return acc + _overlap_counts(nonzero, counts)
+
+    return {"overlap_counts": chunks.fold(count, jnp.zeros((2, chunks.n_inputs), jnp.int32))}
+
+
 @functools.partial(jax.jit, static_argnames=("compute_dtype",))
 def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5,
-               compute_dtype=None):
+               compute_dtype=None, overlap_counts=None, chunk_start=0):
     """RAM+ tensor-local (arXiv 2601.13572), mergekit ``ramplus_tl``: RAM with the unique entries of model i
     scaled by λ_i = 1 + r · clamp(ρ_i, 0, α),  ρ_i = #shared_i / max(#unique_i, ε)  (counted in this tensor):
 
         y = b + Σ_i τ_i nz_i ([c = 1] λ_i + [c > 1]/c)
 
     xs (N ≥ 0, *S); r, alpha, epsilon scalars. compute_dtype: module docstring (λ and everything after it stay
-    float32, as in mergekit: the result is float32 in every mode).
+    float32, as in mergekit: the result is float32 in every mode). overlap_counts, chunk_start: base and xs
+    are a block of rows of a larger tensor (execute.py's row blocks) whose counts (#shared_i, #unique_i)
+    (2, N) were taken over the whole tensor (`_ramplus_statistic`).
     """
+    del chunk_start  # the counts are all a block needs
     check_kernel_inputs("ramplus_tl", base, xs, base_use="required", n_min=0)
     a = Arithmetic.of(compute_dtype)
     b = as_f32(base)
@@ -173,9 +193,10 @@ def ramplus_tl(base, xs, *, key=None, r: float = 0.1, alpha: float = 0.2, epsilo
         return b
     tv, nonzero, counts, shared = _ram_parts(b, xs, epsilon, a)
     unique = counts == 1
-    overlap = counts > 1
-    shared_counts = jnp.sum(nonzero & overlap, axis=1).astype(F32)
-    unique_counts = jnp.sum(nonzero & unique, axis=1).astype(F32)
+    if overlap_counts is None:
+        overlap_counts = _overlap_counts(nonzero, counts)
+    shared_counts = overlap_counts[0].astype(F32)
+    unique_counts = overlap_counts[1].astype(F32)
     rho = shared_counts / jnp.maximum(unique_counts, as_f32(epsilon))
     lam = 1 + as_f32(r) * jnp.clip(rho, 0.0, alpha)
     merged = jnp.sum(tv * unique.astype(F32) * lam[:, None] + shared, axis=0)
@@ -203,7 +224,7 @@ def passthrough(base, xs, *, key=None, scale=None, compute_dtype=None):
 # --------------------------------------------------------------------------------------------------- registry
 register(MergeMethod(
     name="nearswap", kernel=nearswap, base="required", min_inputs=1, max_inputs=1,
-    shared={"t": REQUIRED},
+    shared={"t": REQUIRED}, chunks=RowChunks(),
     doc="move to the other model where it is within t of the base"))
 register(MergeMethod(
     name="arcee_fusion", kernel=arcee_fusion, base="required", min_inputs=1, max_inputs=1,
@@ -212,14 +233,15 @@ register(MergeMethod(
     doc="keep the other model's changes whose importance |Δ|·KL exceeds median + 1.5 IQR"))
 register(MergeMethod(
     name="ram", kernel=ram, base="required", min_inputs=0,
-    shared={"epsilon": 1e-5},
+    shared={"epsilon": 1e-5}, chunks=RowChunks(),
     doc="task vectors: unique changes summed, shared changes averaged"))
 register(MergeMethod(
     name="ramplus_tl", kernel=ramplus_tl, base="required", min_inputs=0,
     shared={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
     result_dtype="float32",  # mergekit: the unique entries are scaled by a float32 λ
+    chunks=RowChunks(statistic=_ramplus_statistic),  # the counts over the whole tensor first
     doc="RAM with unique changes rescaled by the tensor-local overlap ratio"))
 register(MergeMethod(
     name="passthrough", kernel=passthrough, base="ignored", min_inputs=1, max_inputs=1,
-    per_model={"scale": None},
+    per_model={"scale": None}, chunks=RowChunks(),
     doc="copy the single input, optionally times a per-tensor scale"))

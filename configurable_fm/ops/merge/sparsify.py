@@ -30,6 +30,10 @@ its own tensor), which is what the streaming merge reads and what tree.merge giv
 unstable CPU sort (`torch.argsort`), which is stable (and so identical to this) for tensors of at most 16 elements,
 but orders ties arbitrarily above that; with distinct magnitudes the results are identical at every size.
 
+Blocks. A tensor merged in blocks (execute.py's row blocks, for memory) resolves each window over the whole tensor
+first (`window_cuts`: the radix histograms summed over the blocks, the tie cut found block by block) and then masks
+every block on its own (`rank_window_mask_at`): the same entries, by the same stable order, as rank_window_mask.
+
 Counts. mergekit computes int(d·n) in Python double precision. Kernels get densities as float32 arrays; when they
 are concrete (not traced by jit), the decimal the user wrote is recovered from the float32 (its shortest repr,
 e.g. 0.58) and the count is computed exactly as mergekit does. When densities are traced (passed as jit
@@ -41,7 +45,7 @@ arguments) the count is trunc(f32(d)·f32(n)) in float32, which can differ by on
 from __future__ import annotations
 
 import functools
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -138,39 +142,72 @@ def _histogram(idx: jax.Array, bins: int) -> jax.Array:
     return total
 
 
+_LOCATE_GROUP = 256  # bins located directly; more are grouped (`_locate_rows`)
+
+
+def _locate_rows(counts: jax.Array, r: jax.Array):
+    """For bin counts (m, B) (int32, >= 0) and ranks r (m,), one row of counts per rank: the bin j_i holding
+    rank r_i, i.e. the largest j in [0, B] with Σ counts[i, :j] <= r_i (B when r_i >= Σ counts[i]; 0 when
+    r_i < 0), and that count before it, Σ counts[i, :j_i].
+
+    Up to 256 bins directly: the inclusive prefix sums by a triangular masked sum (no cumulative sum, no loop:
+    XLA:CPU compiles scans and loops slowly), j = #(prefix sums <= r). More bins in groups of 256: the group
+    holding r (the same, on the groups' sums), then the bin inside it."""
+    rows, n_bins = counts.shape
+    iota = jnp.arange(min(n_bins, _LOCATE_GROUP), dtype=jnp.int32)
+    if n_bins <= _LOCATE_GROUP:
+        inclusive = jnp.sum(jnp.where(iota[None, :, None] >= iota[None, None, :], counts[:, None, :], 0), axis=2,
+                            dtype=jnp.int32)  # (m, B): Σ counts[:, :k + 1]
+        j = jnp.sum(inclusive <= r[:, None], axis=1, dtype=jnp.int32)
+        return j, jnp.sum(jnp.where(iota[None, :] < j[:, None], counts, 0), axis=1, dtype=jnp.int32)
+    size = _LOCATE_GROUP
+    groups = -(-n_bins // size)
+    padded = jnp.pad(counts, ((0, 0), (0, groups * size - n_bins))).reshape(rows, groups, size)
+    g, before = _locate_rows(jnp.sum(padded, axis=2, dtype=jnp.int32), r)
+    inside = jnp.take_along_axis(padded, jnp.minimum(g, groups - 1)[:, None, None], axis=1)[:, 0]  # (m, size)
+    i, more = _locate_rows(inside, r - before)
+    last = g >= groups  # r is past the total
+    return (jnp.where(last, n_bins, jnp.minimum(g * size + i, n_bins)),
+            jnp.where(last, before, before + more))
+
+
 def _locate(counts: jax.Array, r: jax.Array):
-    """For bin counts (B,) (int32, >= 0) and ranks r (m,): the bin j holding rank r, i.e. the largest j in
-    [0, B] with Σ counts[:j] <= r (B when r >= Σ counts), and that count before it, Σ counts[:j].
+    """`_locate_rows` for one row of counts (B,) shared by the ranks r (m,)."""
+    return _locate_rows(jnp.broadcast_to(counts, (r.shape[0], counts.shape[0])), r)
 
-    A bisection on the bits of j with masked sums (no cumulative sum: XLA:CPU compiles scans slowly)."""
-    iota = jnp.arange(counts.shape[0], dtype=jnp.int32)
 
-    def prefix(j):  # Σ counts[:j] for each j (m,)
-        return jnp.sum(jnp.where(iota[None, :] < j[:, None], counts[None, :], 0), axis=1, dtype=jnp.int32)
+_HIGH = 1 << 16  # bins of either radix digit (the high and the low 16 bits of a key)
 
-    def step(i, j):
-        cand = j | (jnp.int32(1) << i)
-        return jnp.where((cand <= counts.shape[0]) & (prefix(cand) <= r), cand, j)
 
-    bits = int(counts.shape[0]).bit_length()
-    j = jax.lax.fori_loop(0, bits, lambda i, j: step(bits - 1 - i, j), jnp.zeros(r.shape, jnp.int32))
-    return j, prefix(j)
+def _radix_high(keys: jax.Array) -> jax.Array:
+    """First radix pass: the histogram (2^16,) int32 of the keys' high 16 bits."""
+    return _histogram((keys >> 16).astype(jnp.int32), _HIGH)
+
+
+def _radix_low(keys: jax.Array, bucket: jax.Array) -> jax.Array:
+    """Second radix pass: the histograms (2, 2^16) int32 of the low 16 bits of the keys whose high 16 bits are
+    bucket[0], bucket[1] (one scatter for both)."""
+    high = (keys >> 16).astype(jnp.int32)
+    low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
+    trash = 2 * _HIGH
+    idx = jnp.where(high == bucket[0], low, jnp.where(high == bucket[1], low + _HIGH, trash))
+    h = _histogram(idx, trash + 1)
+    return jnp.stack([h[:_HIGH], jnp.where(bucket[0] == bucket[1], h[:_HIGH], h[_HIGH:trash])])
+
+
+def _radix_values(low: jax.Array, bucket: jax.Array, below: jax.Array, ranks: jax.Array):
+    """The values t (2,) uint32 of ranks (2,) from their buckets (2,), #(keys < bucket) (2,) and the buckets'
+    low-digit histograms (2, 2^16); and #(keys < t) (2,)."""
+    j, more = _locate_rows(low, ranks - below)
+    return (bucket.astype(jnp.uint32) << 16) | j.astype(jnp.uint32), below + more
 
 
 def _select_radix(keys: jax.Array, ranks: jax.Array):
     """Values t (2,) uint32 of ranks (2,) (0-based, in [0, n)) in ascending `keys`, and #(keys < t) (2,), by a
     two-pass radix select: a 2^16-bin histogram of the high 16 bits gives each rank's bucket; a second one of
     the low 16 bits of the entries in those buckets (one histogram per rank, one pass) the exact value."""
-    high = (keys >> 16).astype(jnp.int32)
-    bucket, below = _locate(_histogram(high, 1 << 16), ranks)
-    low = (keys & jnp.uint32(0xFFFF)).astype(jnp.int32)
-    trash = 2 << 16
-    idx = jnp.where(high == bucket[0], low, jnp.where(high == bucket[1], low + (1 << 16), trash))
-    h = _histogram(idx, trash + 1)
-    h = jnp.stack([h[: 1 << 16], jnp.where(bucket[0] == bucket[1], h[: 1 << 16], h[1 << 16: trash])])
-    found = [_locate(h[j], ranks[j:j + 1] - below[j]) for j in range(2)]
-    t = (bucket.astype(jnp.uint32) << 16) | jnp.concatenate([f[0] for f in found]).astype(jnp.uint32)
-    return t, below + jnp.concatenate([f[1] for f in found])
+    bucket, below = _locate(_radix_high(keys), ranks)
+    return _radix_values(_radix_low(keys, bucket), bucket, below, ranks)
 
 
 def _select_bisect(keys: jax.Array, ranks: jax.Array) -> jax.Array:
@@ -186,21 +223,23 @@ def _select_bisect(keys: jax.Array, ranks: jax.Array) -> jax.Array:
 
 
 def _nth_equal(keys: jax.Array, t: jax.Array, block_counts: jax.Array, s: jax.Array) -> jax.Array:
-    """Flat index of the s-th (0-based) entry equal to t (n if there are at most s): the block from the
-    per-block counts, then the position inside that one block."""
+    """Flat indices (2,) of the s_j-th (0-based) entry equal to t_j (n if there are at most s_j), for the two
+    thresholds t (2,) and their per-block counts (2, blocks): the block from the counts, then the position
+    inside that one block."""
     n = keys.shape[0]
     size = min(_BLOCK, n)
-    b, before = _locate(block_counts, s[None])
-    begin = jnp.minimum(b[0], block_counts.shape[0] - 1) * size
+    b, before = _locate_rows(block_counts, s)
+    begin = jnp.minimum(b, block_counts.shape[1] - 1) * size
     start = jnp.minimum(begin, n - size)  # the last block may be short: read the last `size` entries
-    row = jax.lax.dynamic_slice_in_dim(keys, start, size)
-    pos = start + jnp.arange(size, dtype=jnp.int32)
-    p, _ = _locate(((row == t) & (pos >= begin)).astype(jnp.int32), s - before)
-    return jnp.where(b[0] >= block_counts.shape[0], n, start + p[0])
+    rows = jnp.stack([jax.lax.dynamic_slice_in_dim(keys, start[j], size) for j in range(2)])
+    pos = start[:, None] + jnp.arange(size, dtype=jnp.int32)
+    p, _ = _locate_rows(((rows == t[:, None]) & (pos >= begin[:, None])).astype(jnp.int32), s - before)
+    return jnp.where(b >= block_counts.shape[1], n, start + p)
 
 
-def _tie_cuts(keys: jax.Array, t: jax.Array, s: jax.Array) -> jax.Array:
-    """`_nth_equal` for the two thresholds t (2,) and counts s (2,), with one packed pass for both's block counts."""
+def _tie_cuts(keys: jax.Array, t: jax.Array, s: jax.Array):
+    """`_nth_equal` for the two thresholds t (2,) and counts s (2,), with one packed pass for both's block counts;
+    and the number of entries equal to each threshold (2,)."""
     n = keys.shape[0]
     size = min(_BLOCK, n)
     m = n // size * size
@@ -211,21 +250,27 @@ def _tie_cuts(keys: jax.Array, t: jax.Array, s: jax.Array) -> jax.Array:
     counts = jnp.sum(packed(keys[:m].reshape(-1, size)), axis=1, dtype=jnp.uint32)
     if m < n:
         counts = jnp.concatenate([counts, jnp.sum(packed(keys[m:]), dtype=jnp.uint32)[None]])
-    per = [(counts & jnp.uint32(0xFFFF)).astype(jnp.int32), (counts >> 16).astype(jnp.int32)]
-    return jnp.stack([_nth_equal(keys, t[j], per[j], s[j]) for j in range(2)])
+    per = jnp.stack([(counts & jnp.uint32(0xFFFF)).astype(jnp.int32), (counts >> 16).astype(jnp.int32)])
+    return _nth_equal(keys, t, per, s), jnp.sum(per, axis=1, dtype=jnp.int32)
+
+
+def _window_from_cuts(keys: jax.Array, idx: jax.Array, t: jax.Array, cut: jax.Array, nonempty) -> jax.Array:
+    """The rank window as a mask, from its values t (2,) and tie cuts (2,): an entry equal to t[0] is kept from
+    flat index cut[0] on, one equal to t[1] below cut[1]; idx: the entries' flat indices (keys' shape)."""
+    above_lo = (keys > t[0]) | ((keys == t[0]) & (idx >= cut[0]))
+    below_hi = (keys < t[1]) | ((keys == t[1]) & (idx < cut[1]))
+    return above_lo & below_hi & nonempty
 
 
 def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """rank_window_mask on flat keys for CPUs: radix select, then the tie cut from block counts. A handful of
-    O(n) passes (two scatter histograms, one block reduction, the mask), no cumulative sum over n."""
+    O(n) passes (two scatter histograms, one block reduction, the mask), no cumulative sum over n. (The row
+    blocks of a large tensor take `window_cuts`, the same steps block by block.)"""
     n = keys.shape[0]
     ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
     t, below = _select_radix(keys, ranks)
-    cut = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)  # equal to t_lo: kept from cut[0]; t_hi: below cut[1]
-    idx = jnp.arange(n, dtype=jnp.int32)
-    above_lo = (keys > t[0]) | ((keys == t[0]) & (idx >= cut[0]))
-    below_hi = (keys < t[1]) | ((keys == t[1]) & (idx < cut[1]))
-    return above_lo & below_hi & (lo < hi)
+    cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)  # equal to t_lo: kept from cut[0]; t_hi: below cut[1]
+    return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
 
 
 def _window_scan(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
@@ -264,6 +309,148 @@ def rank_window_mask(v: jax.Array, lo, hi) -> jax.Array:
     hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
     mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=_window_scan)
     return mask.reshape(v.shape)
+
+
+class WindowCuts(NamedTuple):
+    """rank_window_mask's window [lo, hi) over a whole tensor, resolved by `window_cuts` (for one tensor; batched
+    over models in window_cuts' result), and where a block of that tensor starts: the mask of a block is then
+    elementwise (`rank_window_mask_at`). t (2,) uint32: the keys of ranks lo and hi − 1; cut (2,) int32: entries
+    equal to t[0] are kept from this flat index on, those equal to t[1] below it; nonempty: lo < hi; start: the
+    flat index of the block's first entry."""
+
+    t: jax.Array
+    cut: jax.Array
+    nonempty: jax.Array
+    start: jax.Array | int = 0
+
+
+_SLOTS = 6  # radix buckets whose low digits the first pass counts too (around a sample's estimates)
+SAMPLE_ENTRIES = 1 << 18  # entries per key vector in that sample (callers take every k-th row / entry)
+
+
+def _scatter_counts(counts: jax.Array, idx: jax.Array) -> jax.Array:
+    """counts (bins,) int32 plus the histogram of idx (1-D int32 in [0, bins)): one scatter-add into `counts`
+    (in place when it is a loop's carry; no index normalisation, which jnp's .at[] would materialise)."""
+    return jax.lax.scatter_add(counts, idx[:, None], jnp.ones(idx.shape, jnp.int32),
+                               jax.lax.ScatterDimensionNumbers((), (0,), (0,)),
+                               mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+_WINDOW = 64  # sample buckets scored for each rank (`_predicted_buckets`)
+
+
+def _predicted_buckets(sample: jax.Array, ranks: jax.Array, n: int, settled: jax.Array) -> jax.Array:
+    """(M, _SLOTS) int32: the radix buckets (high 16 bits) most likely to hold the ranks (M, 2) of the window
+    sides that are not `settled` (M, 2) (-1: none). sample (M, m): keys of m entries drawn evenly. A rank r
+    sits near rank r·m/n of the sample, give or take σ = √(m·q(1−q)) (q = r/n); a bucket holding the sample's
+    ranks [a, b) scores Φ((b − r·m/n)/σ) − Φ((a − r·m/n)/σ) (its chance of holding r), over the _WINDOW
+    buckets from the sample's rank r·m/n − 4σ (or centred on r·m/n when those do not reach r·m/n + 4σ); the
+    _SLOTS best of both sides are taken. Sparse buckets beside a spike of equal values (bf16 task vectors) are
+    then passed over for the spike, which holds the rank far more often."""
+    m = sample.shape[1]
+    q = ranks.astype(jnp.float32) / jnp.float32(n)
+    centre = q * m
+    sigma = jnp.sqrt(jnp.float32(m) * q * (1 - q)) + 0.5
+    hist = jnp.stack([_histogram((k >> 16).astype(jnp.int32), _HIGH) for k in sample])
+    at = jnp.clip(jnp.floor(jnp.stack([centre - 4 * sigma, centre + 4 * sigma, centre], axis=-1)), 0, m - 1)
+    located, below = jax.vmap(_locate)(hist, at.astype(jnp.int32).reshape(at.shape[0], -1))
+    first, last, est = (v[..., 0] for v in jnp.split(located.reshape(at.shape), 3, axis=-1))  # (M, 2) buckets
+    start = jnp.where(last - first < _WINDOW, first, est - _WINDOW // 2)
+    buckets = start[..., None] + jnp.arange(_WINDOW, dtype=jnp.int32)  # (M, 2, W)
+    inside = (buckets >= 0) & (buckets < _HIGH)
+    counts = jnp.where(inside, jnp.take_along_axis(hist[:, None, :], jnp.clip(buckets, 0, _HIGH - 1), axis=2), 0)
+    offset = jnp.sum(jnp.where(jnp.arange(_HIGH) < start[..., None], hist[:, None, :], 0), axis=2, dtype=jnp.int32)
+    tri = jnp.arange(_WINDOW)[:, None] > jnp.arange(_WINDOW)[None, :]  # [k, i]: i before k
+    lo_rank = (offset[..., None] + jnp.sum(jnp.where(tri, counts[..., None, :], 0), axis=3)).astype(jnp.float32)
+    z = lambda r: jax.scipy.special.ndtr((r - centre[..., None]) / sigma[..., None])  # noqa: E731
+    score = jnp.where(inside, z(lo_rank + counts) - z(lo_rank), -1.0)
+    score = jnp.where(settled[..., None], -1.0, score).reshape(score.shape[0], -1)  # (M, 2W); settled: none
+    buckets = buckets.reshape(score.shape)
+    picks = []
+    for _ in range(_SLOTS):  # the _SLOTS highest scores of both sides (rounds of argmax: no sort to compile)
+        i = jnp.argmax(score, axis=1)
+        picks.append(jnp.where(jnp.take_along_axis(score, i[:, None], axis=1)[:, 0] >= 0,
+                               jnp.take_along_axis(buckets, i[:, None], axis=1)[:, 0], -1))
+        score = jnp.where(jnp.arange(score.shape[1]) == i[:, None], -2.0, score)
+    pred = jnp.stack(picks, axis=1)
+    return jnp.where((pred >= 0) & (pred < _HIGH), pred, -1)
+
+
+def _first_pass_index(keys: jax.Array, pred: jax.Array) -> jax.Array:
+    """Bins of the first pass: an entry in the predicted bucket pred[s] (the first such s) counts in slot s's
+    low-digit histogram, bin (s + 1)·2^16 + its low 16 bits; any other in its high-digit bin."""
+    high = (keys >> 16).astype(jnp.int32)
+    idx = high
+    for slot in reversed(range(pred.shape[0])):
+        idx = jnp.where(high == pred[slot], (slot + 1) * _HIGH + (keys & jnp.uint32(0xFFFF)).astype(jnp.int32), idx)
+    return idx
+
+
+def window_cuts(fold, lo, hi, n: int, sample: Optional[jax.Array] = None) -> WindowCuts:
+    """The windows [lo_j, hi_j) of M key vectors (ascending order-preserving uint32 keys, `_order_keys`) of n
+    entries each, resolved from their blocks, so that a block's mask needs only that block (rank_window_mask_at).
+    lo, hi: (M,) int. fold(fn, init) runs acc = fn(acc, keys (M, m) uint32, start) over the blocks in order
+    (start: the flat index of the block's first entry, int32) and returns acc.
+
+    The radix select of `_select_radix`, its histograms summed over the blocks, in one pass where `sample`
+    (M, m) (keys of entries drawn evenly, e.g. every k-th row) predicts the buckets of the window's ranks: the
+    first pass then counts the high digits of all entries and the low digits of those in the predicted
+    buckets; a second pass (the low digits of the actual buckets) runs only when a prediction missed. A side
+    of the window at 0 or n needs no selection. Then, only where the window boundary splits a run of equal
+    keys, the tie cut of `_tie_cuts`, block by block (one more pass). Returns WindowCuts with t, cut (M, 2)
+    and nonempty (M,); the masks are those of rank_window_mask, bit for bit, whatever the sample."""
+    lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, n)
+    hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
+    n_keys = lo.shape[0]
+    rows = jnp.arange(n_keys)
+    ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)], axis=1)  # (M, 2)
+    settled = jnp.stack([lo <= 0, hi >= n], axis=1) | (lo >= hi)[:, None]  # sides that select nothing
+    pred = (jnp.full((n_keys, _SLOTS), -1, jnp.int32) if sample is None
+            else _predicted_buckets(sample, ranks, n, settled))
+
+    def first_pass(acc, keys, start):  # one histogram per key vector in the carry (a stacked one is copied)
+        return tuple(_scatter_counts(acc[j], _first_pass_index(k, pred[j])) for j, k in enumerate(keys))
+
+    counts = jnp.stack(fold(first_pass, tuple(jnp.zeros(_HIGH * (1 + _SLOTS), jnp.int32) for _ in range(n_keys))))
+    low_pred = counts[:, _HIGH:].reshape(n_keys, _SLOTS, _HIGH)
+    high = counts[:, :_HIGH]
+    for slot in range(_SLOTS):  # the predicted buckets' entries were counted by their low digits
+        high = high.at[rows, jnp.maximum(pred[:, slot], 0)].add(
+            jnp.where(pred[:, slot] >= 0, jnp.sum(low_pred[:, slot], axis=1), 0))
+    bucket, below = jax.vmap(_locate)(high, ranks)  # vmapped over the key vectors: compiled once, not M times
+    match = pred[:, None, :] == bucket[:, :, None]  # (M, 2, _SLOTS); the first match holds the counts
+    low = jnp.take_along_axis(low_pred, jnp.argmax(match, axis=2)[..., None], axis=1)  # (M, 2, 2^16)
+
+    def second_pass():
+        return fold(lambda acc, keys, start: acc + jax.vmap(_radix_low)(keys, bucket),
+                    jnp.zeros((n_keys, 2, _HIGH), jnp.int32))
+
+    low = jax.lax.cond(jnp.all(match.any(axis=2) | settled), lambda: low, second_pass)
+    t, below = jax.vmap(_radix_values)(low, bucket, below, ranks)
+    t = jnp.where(settled, jnp.array([0, 0xFFFFFFFF], jnp.uint32), t)  # every key >= t[0], <= t[1]
+    s = jnp.stack([lo, hi], axis=1) - below  # the cut is at the s-th entry equal to t (0-based)
+    ties = jnp.take_along_axis(low, (t & jnp.uint32(0xFFFF)).astype(jnp.int32)[..., None], axis=2)[..., 0]
+    # s <= 0: every entry equal to t is at or after the cut (cut 0 keeps the same entries); s >= ties: none is
+    # (cut n); else the s-th one is found below, block by block.
+    split = (s > 0) & (s < ties) & ~settled
+    cut = jnp.where(settled, jnp.array([0, n], jnp.int32), jnp.where(s <= 0, 0, n)).astype(jnp.int32)
+
+    def find(acc, keys, start):
+        cut, rest, found = acc
+        pos, count = jax.vmap(_tie_cuts)(keys, t, jnp.maximum(rest, 0))
+        hit = ~found & (pos < keys.shape[1])
+        return jnp.where(hit, start + pos, cut), rest - count, found | hit
+
+    cut = jax.lax.cond(jnp.any(split), lambda: fold(find, (cut, s, ~split))[0], lambda: cut)
+    return WindowCuts(t, cut, lo < hi)
+
+
+def rank_window_mask_at(v: jax.Array, cuts: WindowCuts) -> jax.Array:
+    """rank_window_mask's mask for the block `v` of a tensor whose window `cuts` resolved (one tensor's
+    WindowCuts, `start` the block's flat offset): the entries of the block, bit for bit, of the whole mask."""
+    keys = _order_keys(v.reshape(-1))
+    idx = jnp.asarray(cuts.start, jnp.int32) + jnp.arange(keys.shape[0], dtype=jnp.int32)
+    return _window_from_cuts(keys, idx, cuts.t, cuts.cut, cuts.nonempty).reshape(v.shape)
 
 
 def magnitude_mask(delta: jax.Array, density) -> jax.Array:
@@ -355,7 +542,8 @@ def check_della(density, epsilon, *, what: str = "della_magprune") -> None:
 @functools.partial(jax.jit, static_argnames=("method", "rescale", "arith"))
 def sparsify_core(delta, density, method: SparsifyMethod, window, *, epsilon=None, rescale: Rescale = None,
                   key=None, mask=None, arith: Arithmetic = FLOAT32) -> jax.Array:
-    """One task vector with precomputed rank window (lo, hi) (for magnitude/outliers); vmap-able over models.
+    """One task vector with precomputed rank window (lo, hi) (for magnitude/outliers), or the window resolved
+    over a whole tensor of which `delta` is a block (WindowCuts: window_cuts); vmap-able over models.
 
     arith: a reduced compute dtype rounds the rescaling as mergekit on the CPU does: in that dtype for
     magnitude/outliers and for bfloat16 random/della; float16 random/della rescale in float32 (torch.bernoulli
@@ -363,10 +551,14 @@ def sparsify_core(delta, density, method: SparsifyMethod, window, *, epsilon=Non
     delta = delta.astype(jnp.float32)
     d = jnp.asarray(density, jnp.float32)
     keep_prob = d
-    if method == "magnitude":
-        m = rank_window_mask(-jnp.abs(delta), *window) if mask is None else mask
-    elif method == "magnitude_outliers":
-        m = rank_window_mask(jnp.abs(delta), *window) if mask is None else mask
+    if method in ("magnitude", "magnitude_outliers"):
+        v = -jnp.abs(delta) if method == "magnitude" else jnp.abs(delta)
+        if mask is not None:
+            m = mask
+        elif isinstance(window, WindowCuts):  # a block of a tensor, its window resolved over the whole tensor
+            m = rank_window_mask_at(v, window)
+        else:
+            m = rank_window_mask(v, *window)
     elif method == "random":
         m = _random_mask(key, d, delta.shape) if mask is None else mask
     elif method == "della_magprune":

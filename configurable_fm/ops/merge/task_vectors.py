@@ -34,6 +34,12 @@ mergekit). Without compute_dtype every step is float32 and only the caller round
 
 Randomised kernels (dare_*, della*) draw the mask of input i from `fold_in(key, i)` (see keys.py), or take the
 masks as `masks=` (N, *S) (bool or 0/1), e.g. to reproduce a torch run. A no-input call (N = 0) returns b.
+
+Large tensors (execute.py, registry.RowChunks) are merged in blocks, bit for bit as whole: task_arithmetic is
+elementwise; ties, breadcrumbs and breadcrumbs_ties first resolve each task vector's magnitude window over the
+whole tensor (`_window_statistic`), then sparsify each block against it (`selection=`, `chunk_start=`); with
+rescale="l1" (a whole-tensor norm) and for the random sparsifiers (masks drawn over the whole shape: dare_*,
+della*) tensors stay whole. sce (its top-k of the variance and float means over the tensor) stays whole too.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ import numpy as np
 from configurable_fm.ops.merge import sparsify as sp
 from configurable_fm.ops.merge.keys import model_keys
 from configurable_fm.ops.merge.precision import Arithmetic
-from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, register
+from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod, RowChunks, register
 
 Election = Optional[Literal["weighted_sum", "sum", "weighted_count", "count"]]
 Divisor = Literal["weights", "count"]
@@ -110,6 +116,16 @@ def _elect(deltas, weighted, election: str, arith: Arithmetic = Arithmetic()):
     return [sg == majority for sg in signs]
 
 
+def _windows(method: str, sparsification, density, gamma, n_models: int, size: int):
+    """Rank windows (lo, hi) (N,) of the magnitude sparsifiers over a tensor of `size` entries. The counts are
+    computed here, outside the jitted core, so that concrete densities give mergekit's exact int(d·n)
+    (sparsify.trunc_count); traced ones fall back to float32."""
+    d_src = _keep_source(method, "density", density, n_models)
+    if sparsification == "magnitude_outliers":
+        return sp.window_for(sparsification, d_src, size, _keep_source(method, "gamma", gamma, n_models))
+    return sp.window_for(sparsification, d_src, size)
+
+
 def generalized_task_arithmetic(
     base,
     xs,
@@ -128,11 +144,16 @@ def generalized_task_arithmetic(
     masks=None,
     method: str = "generalized_task_arithmetic",
     compute_dtype=None,
+    selection: Optional[sp.WindowCuts] = None,
+    chunk_start=0,
 ) -> jax.Array:
     """y = b + λ · combine_i(w_i · sparsify(x_i − b)) (module docstring); base (S), xs (N, *S) -> y (S) float32.
 
     weight, density, gamma, epsilon: per model (N,) or scalars; masks: optional (N, *S) injected sparsity masks;
     compute_dtype: None (float32 arithmetic) or 'float16' | 'bfloat16' (mergekit's rounding, module docstring).
+    selection, chunk_start: base and xs are a block of rows of a larger tensor, starting at flat index
+    chunk_start, whose magnitude windows `selection` resolved over the whole tensor (`_window_statistic`: the
+    row-chunked merge of execute.py); the result is that block of the whole tensor's result, bit for bit.
     """
     base, xs = _inputs(method, base, xs)
     n_models = xs.shape[0]
@@ -144,21 +165,21 @@ def generalized_task_arithmetic(
         raise ValueError(f"{method}: parameter divisor must be one of {DIVISORS}, got {divisor!r}")
     if sparsification is not None and sparsification not in sp.SPARSIFY_METHODS:
         raise ValueError(f"{method}: unknown sparsification {sparsification!r}; known: {sp.SPARSIFY_METHODS}")
+    if selection is not None and sparsification not in ("magnitude", "magnitude_outliers"):
+        raise ValueError(f"{method}: selection= is for the magnitude sparsifiers, not {sparsification!r}")
     rescale = sp.normalize_rescale(rescale)
     w = _per_model(method, "weight", weight, n_models)
     d = window = eps = keys = None
     if sparsification is not None:
-        # Counts are computed here, outside the jitted core, so that concrete densities give mergekit's exact
-        # int(d·n) (sparsify.trunc_count); traced ones fall back to float32.
-        d_src = _keep_source(method, "density", density, n_models)
-        d = jnp.asarray(d_src, jnp.float32)
-        if sparsification == "magnitude_outliers":
-            window = sp.window_for(sparsification, d_src, base.size, _keep_source(method, "gamma", gamma, n_models))
-        elif sparsification == "magnitude":
-            window = sp.window_for(sparsification, d_src, base.size)
+        d = jnp.asarray(_keep_source(method, "density", density, n_models), jnp.float32)
+        if selection is not None:
+            window = selection._replace(start=jnp.asarray(chunk_start, jnp.int32))
+        elif sparsification in ("magnitude", "magnitude_outliers"):
+            window = _windows(method, sparsification, density, gamma, n_models, base.size)
         elif sparsification == "della_magprune":
             eps = _per_model(method, "epsilon", epsilon, n_models)
-            sp.check_della(d_src, _keep_source(method, "epsilon", epsilon, n_models), what=method)
+            sp.check_della(_keep_source(method, "density", density, n_models),
+                           _keep_source(method, "epsilon", epsilon, n_models), what=method)
         if masks is not None:
             masks = jnp.asarray(masks)
             if tuple(masks.shape) != tuple(xs.shape):
@@ -178,6 +199,15 @@ def generalized_task_arithmetic(
                      divisor=divisor, rescale=rescale, arith=arith)
 
 
+def _model_window(window, i: int):
+    """Model i's window: (lo_i, hi_i), or its WindowCuts (the block's start shared), or None."""
+    if window is None:
+        return None
+    if isinstance(window, sp.WindowCuts):
+        return sp.WindowCuts(window.t[i], window.cut[i], window.nonempty[i], window.start)
+    return window[0][i], window[1][i]
+
+
 @functools.partial(jax.jit, static_argnames=("sparsification", "election", "divisor", "rescale", "arith"))
 def _gta_core(base, xs, w, d, window, eps, keys, masks, lam, normalize, *, sparsification, election, divisor,
               rescale, arith):
@@ -186,7 +216,7 @@ def _gta_core(base, xs, w, d, window, eps, keys, masks, lam, normalize, *, spars
     deltas = [r(xs[i] - base) for i in range(n_models)]
     if sparsification is not None:
         deltas = [
-            sp.sparsify_core(deltas[i], d[i], sparsification, None if window is None else (window[0][i], window[1][i]),
+            sp.sparsify_core(deltas[i], d[i], sparsification, _model_window(window, i),
                              epsilon=None if eps is None else eps[i], rescale=rescale,
                              key=None if keys is None else keys[i], mask=None if masks is None else masks[i],
                              arith=arith)
@@ -221,7 +251,7 @@ def _make_kernel(name: str, sparsification, consensus: bool, default_normalize: 
 
     def kernel(base, xs, *, key=None, masks=None, weight=None, density=1.0, normalize=default_normalize,
                rescale=default_rescale, int8_mask=False, election=None, divisor="weights",
-               gamma=0.01, epsilon=0.15, compute_dtype=None, **kw):
+               gamma=0.01, epsilon=0.15, compute_dtype=None, selection=None, chunk_start=0, **kw):
         del int8_mask  # mergekit: only the mask dtype (memory); no effect on the result
         lam = _pop_lambda(name, kw)
         if not consensus and election is not None:
@@ -230,7 +260,7 @@ def _make_kernel(name: str, sparsification, consensus: bool, default_normalize: 
             base, xs, weight=weight, density=density, gamma=gamma, epsilon=epsilon, normalize=normalize,
             lam=lam, rescale=rescale, sparsification=sparsification,
             election=(election or "weighted_sum") if consensus else None, divisor=divisor, key=key, masks=masks,
-            method=name, compute_dtype=compute_dtype)
+            method=name, compute_dtype=compute_dtype, selection=selection, chunk_start=chunk_start)
 
     kernel.__name__ = kernel.__qualname__ = name
     kernel.__doc__ = (
@@ -295,6 +325,48 @@ def _sce_core(base, xs, *, topk, arith):
     return r(base + r(merged / jnp.maximum(r(_sum(ew)), arith.const(1e-6))))
 
 
+def _window_statistic(name: str, sparsification):
+    """RowChunks.statistic of a magnitude-sparsified method: every task vector's rank window resolved over the
+    whole tensor from its blocks (sparsify.window_cuts: one radix pass, its buckets predicted from a sample of
+    every k-th row, a second only when that misses; one more where equal magnitudes straddle the cut), the keys
+    computed exactly as _gta_core and sparsify_core compute them, the counts as the whole-tensor kernel does."""
+
+    def statistic(chunks, *, density=1.0, gamma=0.01, compute_dtype=None, **unused):
+        n_models = chunks.n_inputs
+        lo, hi = _windows(name, sparsification, density, gamma, n_models, chunks.size)
+        r = Arithmetic.of(compute_dtype).r
+
+        def keys(b, xs):
+            deltas = [jnp.abs(r(xs[i] - b).astype(jnp.float32)).reshape(-1) for i in range(n_models)]
+            return jnp.stack([sp._order_keys(-a if sparsification == "magnitude" else a) for a in deltas])
+
+        def fold(fn, init):
+            return chunks.fold(lambda acc, b, xs, row: fn(acc, keys(b, xs), row * chunks.row_size), init)
+
+        sample = keys(*chunks.sample(sp.SAMPLE_ENTRIES))
+        return {"selection": sp.window_cuts(fold, lo, hi, chunks.size, sample=sample)}
+
+    return statistic
+
+
+def _row_chunks(name: str, sparsification, default_rescale) -> Optional[RowChunks]:
+    """How a GTA method runs in row blocks: elementwise without a sparsifier; the magnitude sparsifiers with
+    their windows resolved first (not with an l1 rescale: a whole-tensor norm); never the random ones (their
+    masks are drawn over the whole tensor's shape)."""
+    if sparsification is None:
+        return RowChunks()
+    if sparsification not in ("magnitude", "magnitude_outliers"):
+        return None
+
+    def accepts(params, shape):
+        try:
+            return params.get("masks") is None and sp.normalize_rescale(params.get("rescale", default_rescale)) != "l1"
+        except ValueError:  # the kernel reports it
+            return False
+
+    return RowChunks(statistic=_window_statistic(name, sparsification), accepts=accepts)
+
+
 _GTA_SHARED = {"normalize": None, "rescale": None, "lambda": 1.0, "int8_mask": False}
 
 
@@ -308,7 +380,8 @@ def _register_gta(kernel, *, sparsification, consensus, normalize, rescale, rand
     if consensus:
         shared["election"] = "weighted_sum"
     register(MergeMethod(name=kernel.__name__, kernel=kernel, base="required", min_inputs=1, per_model=per_model,
-                         shared=shared, randomized=randomized, doc=doc))
+                         shared=shared, randomized=randomized, doc=doc,
+                         chunks=_row_chunks(kernel.__name__, sparsification, rescale)))
 
 
 _register_gta(task_arithmetic, sparsification=None, consensus=False, normalize=False, rescale=None, randomized=False,
