@@ -60,7 +60,7 @@ import numpy as np
 from configurable_fm.errors import ConfigError, SourceNotFound, UserError
 from configurable_fm.interop.atomic import write_json_atomic
 from configurable_fm.stages.report import Report, format_metrics, plt
-from configurable_fm.train.resume import config_changes, describe_changes
+from configurable_fm.train.resume import config_changes, describe_changes, drop_neutral
 
 MARKER = "stage.json"
 PENDING = "stage.pending.json"
@@ -259,8 +259,11 @@ def _substitute(value, table: Mapping[str, str]):
     return value
 
 
-def fingerprint(kind: str, config: dict, inputs: Mapping[str, Mapping]) -> str:
-    """sha256 of the kind, the plain config without COSMETIC_KEYS and the fingerprints of the referenced stages."""
+def fingerprint(kind: str, config: dict, inputs: Mapping[str, Mapping], *, neutral: bool = True) -> str:
+    """sha256 of the kind, the plain config without COSMETIC_KEYS and the fingerprints of the referenced stages.
+    neutral: the config without the NEUTRAL_ADDITIONS at their neutral value (train.resume), so a stage finished
+    before such a key existed keeps its fingerprint; False: as stages recorded with those keys present did."""
+    config = drop_neutral(config) if neutral else config
     body = {"kind": kind, "config": {k: v for k, v in config.items() if k not in COSMETIC_KEYS},
             "inputs": {ref: dict(v)["fingerprint"] for ref, v in sorted(inputs.items())}}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -356,7 +359,7 @@ def _check_unchanged(p: _Plan, stage_dir: Path) -> None:
     for file, what in ((MARKER, "complete"), (PENDING, "interrupted")):
         if (stage_dir / file).exists():
             old = json.loads((stage_dir / file).read_text())
-            if old.get("fingerprint") != p.fingerprint:
+            if old.get("fingerprint") not in (p.fingerprint, fingerprint(p.kind, p.config, p.inputs, neutral=False)):
                 raise _changed(p, old, stage_dir, what)
             return
 

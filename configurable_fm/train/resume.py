@@ -23,6 +23,11 @@ CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
 COSMETIC_KEYS = ("progress",)  # keys that change no result
 ABSENT = "<absent>"
+NEUTRAL_ADDITIONS = {"scan_layers": False, "model.hidden_act": "silu"}
+"""Keys added to the train config after runs had been recorded, each with the value that does what a config
+without the key did (the trainer's default, llama's activation): an absent key and this value are the same
+config, for resuming (config_changes) and for stages' fingerprints (stages.study), so a framework update that adds a
+key does not invalidate finished work."""
 
 
 def plain(config: Mapping) -> dict:
@@ -37,9 +42,23 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value}
 
 
+def drop_neutral(config: Mapping) -> dict:
+    """The plain config without the NEUTRAL_ADDITIONS that hold their neutral value (nested dicts kept nested)."""
+    out = plain(config)
+    for key, neutral in NEUTRAL_ADDITIONS.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == plain({"v": neutral})["v"]:
+            del node[leaf]
+    return out
+
+
 def config_changes(old: Mapping, new: Mapping, *, ignore: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (old value, new value)} for every leaf that differs (ABSENT on the side that lacks it)."""
-    a, b = flatten(plain(old)), flatten(plain(new))
+    """{dotted key: (old value, new value)} for every leaf that differs (ABSENT on the side that lacks it; a
+    NEUTRAL_ADDITIONS key at its neutral value counts as absent)."""
+    a, b = flatten(drop_neutral(old)), flatten(drop_neutral(new))
     skip = tuple(ignore)
     return {k: (a.get(k, ABSENT), b.get(k, ABSENT)) for k in sorted(set(a) | set(b))
             if a.get(k, ABSENT) != b.get(k, ABSENT) and not _covered(k, skip)}

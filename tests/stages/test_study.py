@@ -202,6 +202,37 @@ def test_changed_upstream_stage_changes_downstream_fingerprints(tok):
     assert [x.fingerprint != y.fingerprint for x, y in zip(a, b)] == [False, True, True]
 
 
+def test_keys_added_at_their_neutral_value_change_no_fingerprint_and_no_resume(study, tok, tmp_path):
+    """train.resume.NEUTRAL_ADDITIONS: a config that sets scan_layers=False / model.hidden_act='silu' is the config
+    that lacked them (stages finished before the keys existed are kept); other values are changes. A stage
+    recorded with the keys present (the fingerprint before they were made neutral) is kept too."""
+    from configurable_fm.train.resume import config_changes
+
+    a = pipeline.plan(study_config(tok))
+    same = study_config(tok)
+    for st in same.stages[:2]:  # the train stages (pretrain, finetune)
+        st.scan_layers = False
+        st.model.hidden_act = "silu"
+    assert [x.fingerprint for x in pipeline.plan(same)] == [x.fingerprint for x in a]
+    assert config_changes({"model": {"width": 4}}, {"model": {"width": 4, "hidden_act": "silu"},
+                                                    "scan_layers": False}) == {}
+    assert config_changes({"steps": 2}, {"steps": 2, "scan_layers": True}) == {"scan_layers": ("<absent>", True)}
+    changed = study_config(tok)
+    changed.stages[1].scan_layers = True
+    assert [x.fingerprint != y.fingerprint for x, y in zip(a, pipeline.plan(changed))] == [False, True, True]
+    source, *_ = study
+    workdir = tmp_path / "copy"
+    shutil.copytree(source, workdir)
+    marker = workdir / "stages" / "00_pretrain" / "stage.json"
+    recorded = json.loads(marker.read_text())
+    p0 = pipeline.plan(same)[0]
+    recorded["fingerprint"] = pipeline.fingerprint(p0.kind, p0.config, p0.inputs, neutral=False)
+    assert recorded["fingerprint"] != p0.fingerprint
+    marker.write_text(json.dumps(recorded))
+    result = run(same, workdir, log=lambda s: None)
+    assert [r.status for r in result.stages] == ["skipped"] * 3
+
+
 def test_interrupted_stage_resumes_and_changed_pending_config_is_refused(study):
     workdir, result, logs, interrupted, refused = study
     assert interrupted["pending"] and not interrupted["marker"]
