@@ -32,6 +32,9 @@ Methods (library of N adapters, LoRA factors A_i, B_i, scale s_i, ΔW_i = s_i A_
                   of that task, A' = Σ w_i A_i, B' = Σ w_i B_i, merged (search cost reported separately)
   embed_routing   ops.route: MiniLM embedding of the query (the prompt without its demonstrations), nearest centroid of
                   `router_examples` train-split queries per library task, top-1 adapter per row (with_adapter_ids)
+  embed_floors    embed_routing, but a row whose best cosine is below its adapter's calibrated floor (mean − 3 std
+                  of the adapter's own examples' leave-one-out cosines, ops.route.retrieval) runs the base: queries
+                  unlike every library task get no adapter. Calibrated on the library's examples alone.
 Merges are computed on the dense ΔW_i and added to the base kernels (bricks.deltas.apply): no SVD truncation.
 
 Inference cost: median wall time of a jitted forward of one (batch_size, seq_len) batch per method, divided by the
@@ -63,7 +66,7 @@ EVAL_KEYS = ("base", "adapters", "library", "held_out", "shots", "demo_seed", "n
              "seq_len", "compute_dtype", "tokenizer", "token_ids", "merge", "arrow", "lorahub", "routing", "cost",
              "methods", "seed", "base_model", "base_seed")
 METHODS = ("base", "oracle", "uniform", "task_arithmetic", "ties", "dare_ties", "cat", "arrow", "lorahub",
-           "embed_routing")
+           "embed_routing", "embed_floors")
 MERGED = ("uniform", "task_arithmetic", "ties", "dare_ties")
 
 
@@ -320,7 +323,8 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
         log("  lorahub: " + " ".join(f"{k}={v['acc']:.2f}" for k, v in results["lorahub"].items()))
 
     routing_info = {}
-    if "embed_routing" in methods:
+    routed = [m for m in ("embed_routing", "embed_floors") if m in methods]
+    if routed:
         rc = cfg.routing
         encoder = route.load_text_encoder()
         examples = {}
@@ -330,18 +334,22 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
             examples[name] = [fs.query(e.prompt) for e in exs]
         router = route.build_router(encoder, examples)
         mixed = ad.mix(base, adapted)
-        t0 = time.perf_counter()
-        for name in tasks:
-            fs, exs = problems[name]
-            r = route.route_texts(router, encoder, [fs.query(e.prompt) for e in exs])
-            choices = np.asarray(r.choices)
-            counts = {library[i]: int((choices == i).sum()) for i in sorted(set(choices.tolist()))}
-            hit, nll = score_rows(rows[name], bs, lambda idx: ad.with_adapter_ids(mixed, choices[idx]))
-            own = float((choices == library.index(name)).mean()) if name in library else None
-            record("embed_routing", name, hit, nll, chosen=counts, routed_to_own=own)
-            routing_info[name] = {"chosen": counts, "routed_to_own": own}
-        seconds["embed_routing"] = time.perf_counter() - t0
-        log("  embed_routing: " + " ".join(f"{k}={v['acc']:.2f}" for k, v in results["embed_routing"].items()))
+        routing_info["floors"] = dict(zip(library, np.round(router.floors, 4).tolist()))
+        for method in routed:
+            t0 = time.perf_counter()
+            threshold = router.floors if method == "embed_floors" else None
+            for name in tasks:
+                fs, exs = problems[name]
+                r = route.route_texts(router, encoder, [fs.query(e.prompt) for e in exs], threshold=threshold)
+                choices = np.asarray(r.choices)
+                counts = {("base" if i < 0 else library[i]): int((choices == i).sum())
+                          for i in sorted(set(choices.tolist()))}
+                hit, nll = score_rows(rows[name], bs, lambda idx: ad.with_adapter_ids(mixed, choices[idx]))
+                own = float((choices == library.index(name)).mean()) if name in library else None
+                record(method, name, hit, nll, chosen=counts, routed_to_own=own)
+                routing_info.setdefault(method, {})[name] = {"chosen": counts, "routed_to_own": own}
+            seconds[method] = time.perf_counter() - t0
+            log(f"  {method}: " + " ".join(f"{k}={v['acc']:.2f}" for k, v in results[method].items()))
         cost_models["embed_routing"] = (mixed, router, encoder)
 
     cost = measure_costs(cfg, cost_models, rows, problems, tasks, log)
@@ -396,7 +404,8 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
 
 
 COST_OF = {"base": "base", "oracle": "oracle", "uniform": "merged", "task_arithmetic": "merged", "ties": "merged",
-           "dare_ties": "merged", "lorahub": "merged", "cat": "cat", "arrow": "arrow", "embed_routing": "embed_routing"}
+           "dare_ties": "merged", "lorahub": "merged", "cat": "cat", "arrow": "arrow", "embed_routing": "embed_routing",
+           "embed_floors": "embed_routing"}  # the same mixed model and router; base rows cost no less in a batch
 
 
 def summarize(results, library, held_out, chance, cost, methods) -> dict:

@@ -23,6 +23,18 @@ when the examples disagree, which would otherwise shrink that adapter's scores);
 cosines in [−1, 1], so useful values are small (default 0.05). Scores below `threshold` can send a row to the base
 (id −1 / zero weights): `route(..., threshold=0.2)`.
 
+Out-of-library queries (calibrated floors). A query unlike every adapter's examples still has a nearest centroid,
+and the nearest adapter can do worse than none (experiments/adapters/README.md: held-out tasks routed to a
+look-alike adapter). build_router therefore calibrates a floor per adapter from its own examples alone:
+
+    l_ij = <e(x_ij), normalise(sum_{j' != j} e(x_ij'))>      leave-one-out cosine of example j to its adapter
+    floor_i = mean_j l_ij − z · std_j l_ij                     (z = floor_z, default 3; sample std, ddof 1)
+
+i.e. a query is "like adapter i's inputs" when its cosine to c_i is within z standard deviations of what adapter
+i's own examples score. `route(router, q, threshold=router.floors)` sends a row whose best score is below its best
+adapter's floor to the base. Adapters with fewer than 3 examples get floor −1 (never rejects: too few examples
+to estimate a spread). No held-out data is involved: the floors come from the library's examples.
+
 Routing cost (`routing_cost`): wall-clock seconds of embedding the queries, of the selection (scores, top-k) and of
 the LM forward of the same batch, each after one warm-up call (compilation excluded), median of `repeats`, with
 `block_until_ready`; `overhead` = (embed + select) / LM forward.
@@ -57,12 +69,14 @@ ROUTER_FILE, CENTROIDS_FILE = "router.json", "centroids.safetensors"
 @dataclasses.dataclass(frozen=True, eq=False)
 class CentroidRouter:
     """names (N,) of the adapters, in library order; centroids (N, D) float32 unit rows; counts (N,): the number
-    of examples behind each centroid; encoder: the name of the sentence encoder that made them."""
+    of examples behind each centroid; encoder: the name of the sentence encoder that made them; floors (N,)
+    float32: the calibrated out-of-library floors (module docstring), or None (a router saved without them)."""
 
     names: tuple[str, ...]
     centroids: np.ndarray
     counts: tuple[int, ...]
     encoder: str = ""
+    floors: np.ndarray | None = None
 
     def __post_init__(self):
         c = np.asarray(self.centroids)
@@ -71,11 +85,18 @@ class CentroidRouter:
                              f"of shape {c.shape} do not fit (one (D,) row per adapter)")
         if len(set(self.names)) != len(self.names):
             raise RouteError(f"CentroidRouter: adapter names repeat: {list(self.names)}")
+        if self.floors is not None and np.shape(self.floors) != (len(self.names),):
+            raise RouteError(f"CentroidRouter: floors of shape {np.shape(self.floors)} for {len(self.names)} "
+                             f"adapters (one per adapter)")
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """router.json (names, counts, encoder) + centroids.safetensors, written atomically."""
+        """router.json (names, counts, encoder) + centroids.safetensors (centroids, floors when set), written
+        atomically."""
+        tensors = {"centroids": np.ascontiguousarray(self.centroids, np.float32)}
+        if self.floors is not None:
+            tensors["floors"] = np.ascontiguousarray(self.floors, np.float32)
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file({"centroids": np.ascontiguousarray(self.centroids, np.float32)}, str(tmp / CENTROIDS_FILE))
+            save_file(tensors, str(tmp / CENTROIDS_FILE))
             (tmp / ROUTER_FILE).write_text(json.dumps({"format": ROUTER_FORMAT, "version": 1,
                                                        "names": list(self.names), "counts": list(self.counts),
                                                        "encoder": self.encoder}, indent=1) + "\n")
@@ -91,10 +112,11 @@ class CentroidRouter:
         meta = json.loads((directory / ROUTER_FILE).read_text())
         if not isinstance(meta, dict) or meta.get("format") != ROUTER_FORMAT:
             raise RouteError(f"{directory / ROUTER_FILE}: not a centroid router (format {ROUTER_FORMAT!r})")
-        centroids = load_file(str(directory / CENTROIDS_FILE)).get("centroids")
-        if centroids is None:
+        tensors = load_file(str(directory / CENTROIDS_FILE))
+        if "centroids" not in tensors:
             raise RouteError(f"{directory / CENTROIDS_FILE}: no tensor 'centroids'")
-        return cls(tuple(meta["names"]), centroids, tuple(int(c) for c in meta["counts"]), meta.get("encoder", ""))
+        return cls(tuple(meta["names"]), tensors["centroids"], tuple(int(c) for c in meta["counts"]),
+                   meta.get("encoder", ""), tensors.get("floors"))
 
 
 def centroid(embeddings_KxD: np.ndarray) -> np.ndarray:
@@ -103,10 +125,23 @@ def centroid(embeddings_KxD: np.ndarray) -> np.ndarray:
     return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
 
 
-def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *, batch_size: int = 32
-                 ) -> CentroidRouter:
-    """A CentroidRouter from {adapter name: example inputs} (module docstring), the names in mapping order; all
-    examples are embedded in one pass. RouteError naming the adapters without examples."""
+def calibrated_floor(embeddings_KxD: np.ndarray, z: float) -> float:
+    """mean − z · std of the leave-one-out cosines of K unit embeddings to the centroid of the others (module
+    docstring); −1 for K < 3."""
+    e = np.asarray(embeddings_KxD, np.float64)
+    k = e.shape[0]
+    if k < 3:
+        return -1.0
+    rest = e.sum(axis=0)[None, :] - e  # (K, D): the sum of the others; its direction is their centroid's
+    loo = np.sum(e * rest, axis=1) / np.maximum(np.linalg.norm(rest, axis=1), 1e-12)
+    return float(loo.mean() - z * loo.std(ddof=1))
+
+
+def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *, batch_size: int = 32,
+                 floor_z: float = 3.0) -> CentroidRouter:
+    """A CentroidRouter from {adapter name: example inputs} (module docstring), the names in mapping order, with
+    floors calibrated at `floor_z` standard deviations; all examples are embedded in one pass. RouteError naming
+    the adapters without examples."""
     if not isinstance(examples, Mapping) or not examples:
         raise RouteError("build_router: give {adapter name: [example inputs]} for at least one adapter")
     empty = [n for n, xs in examples.items() if isinstance(xs, str) or not xs]
@@ -115,8 +150,11 @@ def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *,
     flat = [x for xs in examples.values() for x in xs]
     e = embed_texts(encoder, flat, batch_size=batch_size)
     bounds = np.cumsum([0] + [len(xs) for xs in examples.values()])
-    centroids = np.stack([centroid(e[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
-    return CentroidRouter(tuple(examples), centroids, tuple(len(xs) for xs in examples.values()), encoder.name)
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    centroids = np.stack([centroid(e[a:b]) for a, b in spans])
+    floors = np.array([calibrated_floor(e[a:b], float(floor_z)) for a, b in spans], np.float32)
+    return CentroidRouter(tuple(examples), centroids, tuple(len(xs) for xs in examples.values()), encoder.name,
+                          floors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,9 +177,11 @@ class Routing:
 
 
 def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 1,
-          temperature: float = DEFAULT_TEMPERATURE, threshold: float | None = None) -> Routing:
-    """Routing of unit query embeddings (Q, D) (module docstring). RouteError for a dimension that is not the
-    centroids', or top_k outside 1..N."""
+          temperature: float = DEFAULT_TEMPERATURE, threshold=None) -> Routing:
+    """Routing of unit query embeddings (Q, D) (module docstring). threshold: None, one cosine for every adapter,
+    or (N,) per adapter (e.g. router.floors), which the best score of each query is compared with at its best
+    adapter. RouteError for a dimension that is not the centroids', top_k outside 1..N, or a threshold of
+    another shape."""
     q = np.asarray(query_embeddings, np.float32)
     n, d = router.centroids.shape
     if q.ndim != 2 or q.shape[1] != d:
@@ -153,7 +193,10 @@ def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 
     weights, top = np.array(w, np.float32), np.array(top, np.int32)
     choices = top[:, 0].copy()
     if threshold is not None:
-        low = scores.max(axis=1) < threshold
+        t = np.asarray(threshold, np.float32)
+        if t.shape not in ((), (n,)):
+            raise RouteError(f"route: threshold must be a number or one per adapter ({n},), got shape {t.shape}")
+        low = scores.max(axis=1) < (t if t.ndim == 0 else t[top[:, 0]])
         choices[low] = BASE_ID
         weights[low] = 0.0
     return Routing(scores, choices, top, weights, router.names)

@@ -22,7 +22,7 @@ import pytest
 from configurable_fm.bricks import adapters
 from configurable_fm.models import registry
 from configurable_fm.models.llama import LlamaConfig
-from configurable_fm.ops.route import (CentroidRouter, RouteError, build_router, centroid, embed_texts,
+from configurable_fm.ops.route import (CentroidRouter, RouteError, build_router, calibrated_floor, centroid, embed_texts,
                                        load_text_encoder, route, route_texts, routing_cost, run_routed, tokenize,
                                        weighted_mix)
 from tests.helpers import char_tokenizer, random_llama
@@ -94,11 +94,35 @@ def test_route_by_hand():
         CentroidRouter(("a", "a"), np.eye(2, dtype=np.float32), (1, 1))
 
 
+def test_calibrated_floor_by_hand_and_per_adapter_thresholds():
+    e = unit(np.random.RandomState(1).normal(size=(5, 4)))
+    loo = []
+    for j in range(5):
+        c = centroid(np.delete(e, j, 0))
+        loo.append(float(e[j] @ c))
+    np.testing.assert_allclose(calibrated_floor(e, 3.0), np.mean(loo) - 3 * np.std(loo, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(calibrated_floor(e, 0.0), np.mean(loo), rtol=1e-6)
+    assert calibrated_floor(e[:2], 3.0) == -1.0  # too few examples for a spread: never rejects
+    router = CentroidRouter(("a", "b"), unit(np.array([[1, 0], [0, 1]])), (4, 4), floors=np.array([0.9, 0.5]))
+    # best scores 0.958 (a), 0.981 (b), 0.857 (a), 0.819 (b): only the third is below its adapter's floor
+    q = unit(np.array([[1, 0.3], [0.2, 1], [1, 0.6], [0.7, 1]]))
+    np.testing.assert_array_equal(route(router, q, threshold=router.floors).choices, [0, 1, -1, 1])
+    np.testing.assert_array_equal(route(router, q, threshold=0.9).choices, [0, 1, -1, -1])
+    with pytest.raises(RouteError, match=r"threshold must be a number or one per adapter \(2,\), got shape \(3,\)"):
+        route(router, q, threshold=np.zeros(3))
+    with pytest.raises(RouteError, match=r"floors of shape \(3,\) for 2 adapters"):
+        CentroidRouter(("a", "b"), np.eye(2, dtype=np.float32), (1, 1), floors=np.zeros(3))
+
+
 def test_router_save_load(tmp_path):
-    router = CentroidRouter(("code", "prose"), unit(np.random.RandomState(0).normal(size=(2, 5))), (3, 4), "enc")
+    router = CentroidRouter(("code", "prose"), unit(np.random.RandomState(0).normal(size=(2, 5))), (3, 4), "enc",
+                            np.array([0.25, -1.0], np.float32))
     loaded = CentroidRouter.load(router.save(tmp_path / "router"))
     assert loaded.names == router.names and loaded.counts == router.counts and loaded.encoder == "enc"
     np.testing.assert_array_equal(loaded.centroids, router.centroids)
+    np.testing.assert_array_equal(loaded.floors, router.floors)
+    old = CentroidRouter(router.names, router.centroids, router.counts, "enc")  # saved without floors
+    assert CentroidRouter.load(old.save(tmp_path / "old")).floors is None
     with pytest.raises(RouteError, match=r"no such file \(a router directory holds router\.json"):
         CentroidRouter.load(tmp_path)
 
