@@ -115,19 +115,13 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "float32")
-    from configurable_fm.interop.orbax_io import load_model
-    from configurable_fm.ops.update import Evaluator, cached_second_moments, load_requests
+    from configurable_fm.ops.update import Evaluator, cached_second_moments
     from experiments.edit import lifelong as L
 
     out = Path(args.study)
-    study = json.loads((out / "study.json").read_text())
-    size, seed = L.SIZES[study["size"]], study["seed"]
-    world = L.build_world(out, size, seed)
-    trace = json.loads((out / "trace.json").read_text()) if (out / "trace.json").exists() else None
-    if trace is not None:
-        size = L.choose_layers(size, trace)
-    model, tok = load_model(out / "model"), world.tokenizer
-    stream = load_requests(out / "stream.jsonl")[:args.n]
+    st = L.open_study(out)
+    size, seed, world, model, tok = st.size, st.seed, st.world, st.model, st.world.tokenizer
+    stream = st.stream[:args.n]
     windows = [tuple(int(l) for l in w.split(",")) for w in args.windows.split(";") if w] or [tuple(size.window)]
     layers = sorted({l for w in windows for l in w})
     stats = cached_second_moments(model, lambda: L.stat_batches(world, size), layers, corpus=f"testbed-seed{seed}",

@@ -1007,6 +1007,33 @@ def _used(method: str, key: str) -> bool:
             "l2_rel": method == "alphaedit"}.get(key, False)
 
 
+@dataclasses.dataclass(frozen=True)
+class OpenStudy:
+    """A study directory read back: its Size (layers chosen from DIR/trace.json when it is there, open_study), seed,
+    world, pre-trained model and edit stream."""
+
+    size: Size
+    seed: int
+    world: World
+    model: Any
+    stream: list
+
+
+def open_study(out: Path, *, layers_from_trace: bool = True) -> OpenStudy:
+    """The study in `out` (study.json, tokenizer, model, stream.jsonl) for the tools that examine one
+    (testbed_check, diagnose); layers_from_trace=False leaves the size's open layers open."""
+    from configurable_fm.interop.orbax_io import load_model
+    from configurable_fm.ops.update import load_requests
+
+    out = Path(out)
+    study = json.loads((out / "study.json").read_text())
+    size, seed = SIZES[study["size"]], study["seed"]
+    world = build_world(out, size, seed)
+    if layers_from_trace and (out / "trace.json").is_file():
+        size = choose_layers(size, json.loads((out / "trace.json").read_text()))
+    return OpenStudy(size, seed, world, load_model(out / "model"), load_requests(out / "stream.jsonl"))
+
+
 def stat_batches(world: World, size: Size):
     rows = packed_rows(world.tokenizer, world.texts, size.seq_len)
     b = 16

@@ -83,16 +83,12 @@ def main(argv=None) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "float32")
-    from configurable_fm.interop.orbax_io import load_model
-    from configurable_fm.ops.update import cached_second_moments, load_requests
+    from configurable_fm.ops.update import cached_second_moments
     from experiments.edit import lifelong as L
 
     out = Path(args.study)
-    study = json.loads((out / "study.json").read_text())
-    size, seed = L.SIZES[study["size"]], study["seed"]
-    world = L.build_world(out, size, seed)
-    model, tok = load_model(out / "model"), world.tokenizer
-    stream = load_requests(out / "stream.jsonl")
+    st = L.open_study(out, layers_from_trace=False)  # its own trace chooses them
+    size, seed, world, model, tok, stream = st.size, st.seed, st.world, st.model, st.world.tokenizer, st.stream
     result = {"trace": trace_summary(model, tok, stream[:args.n_trace])}
     t = result["trace"]
     print(f"causal tracing ({t['n']} of {t['of']} facts, total effect {t['total_effect']}), indirect effect / total "

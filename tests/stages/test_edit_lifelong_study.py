@@ -113,3 +113,40 @@ def test_helpers():
         L.make_plan("rome", L.SIZES["test"], None, 4, {"rome": {"batch": 2}})
     with pytest.raises(ValueError, match="unknown size"):
         L.run_study("/nonexistent/never", size="huge")
+
+
+def test_diagnose_layer_report_closed_form():
+    """experiments.edit.diagnose.layer_report: one key k, MEMIT's update writes the share s / (lambda + s) of its
+    residual, s = k^T C^-1 k (Sherman-Morrison); updates along a dead eigen-direction of C count as dead."""
+    from configurable_fm.ops.update import memit_update
+    from experiments.edit.diagnose import layer_report
+
+    rng = np.random.default_rng(0)
+    f, d, lam = 6, 4, 3.0
+    a = rng.normal(size=(f, f))
+    c = a @ a.T / f + 0.1 * np.eye(f)
+    k, r = rng.normal(size=(1, f)), rng.normal(size=(1, d))
+    dw = np.asarray(memit_update(k, r, c, lam).materialize(), np.float64)
+    rep = layer_report(c, k, r, dw)
+    s = float((k @ np.linalg.solve(c, k.T))[0, 0])
+    assert rep["written"] == pytest.approx(s / (lam + s), rel=1e-5)
+    assert rep["s_rel"] == pytest.approx(s / f, rel=1e-6)
+    assert rep["dW"] == pytest.approx(np.linalg.norm(dw), rel=1e-12) and rep["dead"] < 1e-12
+    ev, vecs = np.linalg.eigh(c)
+    c_dead = (vecs * np.r_[1e-9, ev[1:]]) @ vecs.T  # the first direction dead
+    along = np.outer(vecs[:, 0], r[0])  # an update entirely along it
+    assert layer_report(c_dead, k, r, along)["dead"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_diagnose_runs_on_the_study(study):
+    from experiments.edit import diagnose
+
+    out, _ = study
+    assert diagnose.main(["--study", str(out), "--n", "4", "--batches", "4,1", "--ridges", "0,0.01"]) == 0
+    res = json.loads((out / "diagnose.json").read_text())
+    assert len(res) == 4
+    for name, r in res.items():
+        assert np.isfinite(r["value_loss"]) and r["n"] == 4 and 0 <= r["ES"] <= 100
+        for layer in r["layers"].values():
+            assert 0 <= layer["written"] < 1 and layer["dW"] > 0 and 0 <= layer["dead"] <= 1
