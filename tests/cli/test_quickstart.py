@@ -1,6 +1,7 @@
 """The quickstart job end to end with tiny settings (loads the packaged SmolLM2: real_model), and its helpers."""
 import io
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ def test_kind_totals():
     assert dict(quickstart.kind_totals(groups)) == {"embeddings": 100, "attention": 20, "MLP": 40, "norms": 3}
 
 
-def test_progress_lines_when_not_a_terminal():
+def test_progress_lines_when_not_a_terminal(monkeypatch):
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # imported by nbclient once a notebook test ran here
     out = io.StringIO()
     bar = ProgressBar(100, file=out, every_seconds=0.0)
     assert bar.lines and bar.disabled
@@ -38,6 +40,20 @@ def test_progress_lines_when_not_a_terminal():
 
 @pytest.mark.real_model
 def test_quickstart_runs_and_reports(tmp_path, monkeypatch):
+    from experiments import pretrain
+
+    shipped = pretrain.get_config
+
+    def small_pretrain(arg):
+        """The shipped config on one device (the suite's 8 fake CPU devices would shard the 3 steps and their
+        evaluations 8 ways: over a minute) and the ~1 MB stdlib_tiny shards (the whole stdlib's take ~15 s to
+        build on first use), evaluated on 1 batch."""
+        cfg = shipped(arg)
+        cfg.mesh.shape = (1, 1, 1)
+        cfg.data.update(dir="data/stdlib_tiny", prepare="stdlib_tiny", max_eval_batches=1)
+        return cfg
+
+    monkeypatch.setattr(pretrain, "get_config", small_pretrain)
     monkeypatch.setattr(quickstart, "CHAT_PROMPTS", quickstart.CHAT_PROMPTS[:1])  # one question: one compilation
     workdir = tmp_path / "qs"
     logged = []
@@ -52,5 +68,6 @@ def test_quickstart_runs_and_reports(tmp_path, monkeypatch):
     assert [g["prompt"] for g in js["generations"]] == list(quickstart.CHAT_PROMPTS[:1])
     assert "Training loss" in md and "mean of the" in md or "first step's loss" in md
     assert js["pretrain"]["steps"] == 3 and "smoothed_last_loss" in js["pretrain"]
+    assert js["pretrain"]["best_val_loss"] is not None and "1 held-out batches" in md
     assert "Q4_1-dequantised" in md and "not measured here" in md
     assert (workdir / "bricks.png").exists() and (workdir / "pretrain_loss.png").exists()
