@@ -35,20 +35,25 @@ from pathlib import Path
 import numpy as np
 
 
-def layer_report(c: np.ndarray, k: np.ndarray, resid: np.ndarray, dw: np.ndarray) -> dict:
+def dead_directions(c: np.ndarray) -> np.ndarray:
+    """(F, d) orthonormal eigenvectors of C (F, F) whose eigenvalues are below 1e-3 of the mean eigenvalue."""
+    ev, vecs = np.linalg.eigh(np.asarray(c, np.float64))
+    return vecs[:, ev < 1e-3 * ev.mean()]
+
+
+def layer_report(c: np.ndarray, k: np.ndarray, resid: np.ndarray, dw: np.ndarray, dead: np.ndarray) -> dict:
     """The per-layer numbers of the module docstring for C (F, F), keys K (E, F), residuals R (E, D), update dW
-    (F, D), all float64."""
+    (F, D), all float64, and C's dead directions (`dead_directions(C)`: computed once per layer by the caller)."""
     f = c.shape[0]
-    ev, vecs = np.linalg.eigh(c)
-    dead = vecs[:, ev < 1e-3 * ev.mean()]
     s = np.einsum("ef,ef->e", k, np.linalg.solve(c + 1e-12 * np.eye(f), k.T).T)
     dw_sq = float(np.sum(dw ** 2))
     return dict(s_rel=float(np.mean(s) / f), written=float(np.linalg.norm(k @ dw) / max(np.linalg.norm(resid), 1e-30)),
                 dW=float(np.sqrt(dw_sq)), dead=float(np.sum((dead.T @ dw) ** 2) / max(dw_sq, 1e-30)))
 
 
-def run_variant(model, tok, stats, stream, evaluator, plan, *, batch: int, ridge: float) -> dict:
-    """The numbers of one combination, averaged over its batches (module docstring)."""
+def run_variant(model, tok, stats, dead, stream, evaluator, plan, *, batch: int, ridge: float) -> dict:
+    """The numbers of one combination, averaged over its requests (module docstring); dead: {layer: C's dead
+    directions}."""
     import jax
 
     from configurable_fm.bricks.deltas import Delta, apply
@@ -57,7 +62,7 @@ def run_variant(model, tok, stats, stream, evaluator, plan, *, batch: int, ridge
     hp = plan.hparams
     sites = {l: edit_site(model, l) for l in plan.layers}
     top = sites[max(plan.layers)]
-    rows, per_layer, realised, losses = [], {l: [] for l in plan.layers}, [], []
+    rows, sizes, per_layer, realised, losses = [], [], {l: [] for l in plan.layers}, [], []
     for start in range(0, len(stream), batch):
         reqs = stream[start:start + batch]
         record = {}
@@ -67,14 +72,14 @@ def run_variant(model, tok, stats, stream, evaluator, plan, *, batch: int, ridge
             if ridge:
                 c = c + ridge * np.trace(c) / c.shape[0] * np.eye(c.shape[0])
             term = memit_update(k, resid, c, hp.mom2_update_weight)
-            record[site.layer] = (c, k, resid, np.asarray(term.materialize(), np.float64))
+            record[site.layer] = (k, resid, np.asarray(term.materialize(), np.float64))
             return term
 
         out = memit_spread(model, tok, reqs, layers=plan.layers, hparams=hp, solve=solve,
                            key=jax.random.key(start), bos_id=0, what="diagnose")
         edited = apply(model, Delta(out.terms))
-        for l, (c, k, resid, dw) in record.items():
-            per_layer[l].append(layer_report(np.asarray(stats[l].second_moment, np.float64), k, resid, dw))
+        for l, (k, resid, dw) in record.items():
+            per_layer[l].append(layer_report(np.asarray(stats[l].second_moment, np.float64), k, resid, dw, dead[l]))
         below = apply(model, Delta({k: v for k, v in out.terms.items() if k != top.kernel}))
 
         def h(m):  # the top layer's output at the subject's last token of the bare prompt (E, D)
@@ -86,10 +91,12 @@ def run_variant(model, tok, stats, stream, evaluator, plan, *, batch: int, ridge
         losses.append(out.value_loss)
         m = evaluator(edited, which=list(range(start, start + len(reqs))))
         rows.append([m.summary[k].mean for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")])
-    es, ps, ns = (100 * np.mean(rows, axis=0)).round(1).tolist()
-    layers = {str(l): {k: float(np.mean([r[k] for r in v])) for k in v[0]} for l, v in per_layer.items()}
-    return dict(value_loss=float(np.mean(losses)), realised=float(np.mean(np.concatenate(realised))), layers=layers,
-                ES=es, PS=ps, NS=ns, n=len(stream))
+        sizes.append(len(reqs))
+    es, ps, ns = (100 * np.average(rows, axis=0, weights=sizes)).round(1).tolist()
+    layers = {str(l): {k: float(np.average([r[k] for r in v], weights=sizes)) for k in v[0]}
+              for l, v in per_layer.items()}
+    return dict(value_loss=float(np.average(losses, weights=sizes)), realised=float(np.mean(np.concatenate(realised))),
+                layers=layers, ES=es, PS=ps, NS=ns, n=len(stream))
 
 
 def describe(name: str, r: dict) -> str:
@@ -99,46 +106,68 @@ def describe(name: str, r: dict) -> str:
             f"NS {r['NS']} (n={r['n']})\n    {per}")
 
 
-def floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t]
+def numbers(kind):
+    """An argparse type: a comma-separated list of `kind` (e.g. '1,16'), or a usage error naming the bad item."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(t) for t in text.split(",") if t]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind.__name__}") from None
+    return parse
+
+
+def layer_sets(text: str) -> list[tuple[int, ...]]:
+    """An argparse type: ';'-separated comma lists of layers ('0,1,2;0')."""
+    return [tuple(numbers(int)(w)) for w in text.split(";") if w]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.edit.diagnose", description=__doc__.split("\n")[0])
     ap.add_argument("--study", required=True)
     ap.add_argument("--n", type=int, default=32, help="requests (the first of the stream)")
-    ap.add_argument("--batches", default="1,16", help="requests per step, comma-separated")
-    ap.add_argument("--windows", default="", help="layer sets, ';'-separated (default: the study's window)")
-    ap.add_argument("--lambda_rels", default="", help="comma-separated (default: the study's)")
-    ap.add_argument("--ridges", default="0", help="relative ridges, comma-separated (module docstring)")
+    ap.add_argument("--batches", type=numbers(int), default=[1, 16], help="requests per step, comma-separated")
+    ap.add_argument("--windows", type=layer_sets, default=[], help="layer sets, ';'-separated (default: the study's "
+                                                                   "window)")
+    ap.add_argument("--lambda_rels", type=numbers(float), default=[], help="comma-separated (default: the study's)")
+    ap.add_argument("--ridges", type=numbers(float), default=[0.0], help="relative ridges, comma-separated (module "
+                                                                       "docstring)")
     args = ap.parse_args(argv)
+    if args.n < 1 or any(b < 1 for b in args.batches):
+        ap.error("--n and --batches must be at least 1")
     import jax
 
     jax.config.update("jax_default_matmul_precision", "float32")
+    from configurable_fm.errors import UserError
     from configurable_fm.ops.update import Evaluator, cached_second_moments
     from experiments.edit import lifelong as L
 
     out = Path(args.study)
-    st = L.open_study(out)
+    try:
+        st = L.open_study(out)
+    except UserError as e:
+        ap.error(str(e))
     size, seed, world, model, tok = st.size, st.seed, st.world, st.model, st.world.tokenizer
     stream = st.stream[:args.n]
-    windows = [tuple(int(l) for l in w.split(",")) for w in args.windows.split(";") if w] or [tuple(size.window)]
+    windows = args.windows or [tuple(size.window)]
     layers = sorted({l for w in windows for l in w})
+    n_layers = model.cfg.num_layers
+    if any(not 0 <= l < n_layers for l in layers):
+        ap.error(f"--windows {args.windows}: layers must lie in 0..{n_layers - 1} (the model has {n_layers})")
     stats = cached_second_moments(model, lambda: L.stat_batches(world, size), layers, corpus=f"testbed-seed{seed}",
                                   n_tokens=size.stats_tokens, cache_dir=out / "stats")
     for l in layers:
         print(f"key second moment, layer {l}: {L.key_spectrum(stats[l].second_moment)}", flush=True)
+    dead = {l: dead_directions(stats[l].second_moment) for l in layers}
     evaluator = Evaluator(tok, stream, metrics=("probability",), bos_id=0)
     results = {}
-    lambda_rels = floats(args.lambda_rels) or [size.lambda_rel]
-    for window, batch, lam, ridge in itertools.product(windows, [int(b) for b in floats(args.batches)],
-                                                      lambda_rels, floats(args.ridges)):
+    lambda_rels = args.lambda_rels or [size.lambda_rel]
+    for window, batch, lam, ridge in itertools.product(windows, args.batches, lambda_rels, args.ridges):
         plan = L.make_plan("memit", size, world, args.n, {"memit": {"layers": list(window), "batch": batch,
                                                                     "lambda_rel": lam}})
         plan = L.resolve_hparams(plan, model, tok, stats, stream)[0]
         name = f"memit layers {list(window)} batch {batch} lambda_rel {lam:g} ridge {ridge:g}"
         t = time.perf_counter()
-        r = run_variant(model, tok, stats, stream, evaluator, plan, batch=batch, ridge=ridge)
+        r = run_variant(model, tok, stats, dead, stream, evaluator, plan, batch=batch, ridge=ridge)
         r["seconds"] = round(time.perf_counter() - t, 1)
         results[name] = r
         print(describe(name, r), flush=True)

@@ -1025,7 +1025,13 @@ def open_study(out: Path, *, layers_from_trace: bool = True) -> OpenStudy:
     from configurable_fm.interop.orbax_io import load_model
     from configurable_fm.ops.update import load_requests
 
+    from configurable_fm.errors import UserError
+
     out = Path(out)
+    missing = [f for f in ("study.json", "stream.jsonl", "model") if not (out / f).exists()]
+    if missing:
+        raise UserError(f"{out}: not a finished study directory (no {', '.join(missing)}); make one with "
+                        f"python -m experiments.edit.lifelong --out {out}")
     study = json.loads((out / "study.json").read_text())
     size, seed = SIZES[study["size"]], study["seed"]
     world = build_world(out, size, seed)

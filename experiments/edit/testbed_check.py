@@ -87,7 +87,12 @@ def main(argv=None) -> int:
     from experiments.edit import lifelong as L
 
     out = Path(args.study)
-    st = L.open_study(out, layers_from_trace=False)  # its own trace chooses them
+    from configurable_fm.errors import UserError
+
+    try:
+        st = L.open_study(out, layers_from_trace=False)  # its own trace chooses them
+    except UserError as e:
+        ap.error(str(e))
     size, seed, world, model, tok, stream = st.size, st.seed, st.world, st.model, st.world.tokenizer, st.stream
     result = {"trace": trace_summary(model, tok, stream[:args.n_trace])}
     t = result["trace"]

@@ -119,7 +119,7 @@ def test_diagnose_layer_report_closed_form():
     """experiments.edit.diagnose.layer_report: one key k, MEMIT's update writes the share s / (lambda + s) of its
     residual, s = k^T C^-1 k (Sherman-Morrison); updates along a dead eigen-direction of C count as dead."""
     from configurable_fm.ops.update import memit_update
-    from experiments.edit.diagnose import layer_report
+    from experiments.edit.diagnose import dead_directions, layer_report
 
     rng = np.random.default_rng(0)
     f, d, lam = 6, 4, 3.0
@@ -127,7 +127,7 @@ def test_diagnose_layer_report_closed_form():
     c = a @ a.T / f + 0.1 * np.eye(f)
     k, r = rng.normal(size=(1, f)), rng.normal(size=(1, d))
     dw = np.asarray(memit_update(k, r, c, lam).materialize(), np.float64)
-    rep = layer_report(c, k, r, dw)
+    rep = layer_report(c, k, r, dw, dead_directions(c))
     s = float((k @ np.linalg.solve(c, k.T))[0, 0])
     assert rep["written"] == pytest.approx(s / (lam + s), rel=1e-5)
     assert rep["s_rel"] == pytest.approx(s / f, rel=1e-6)
@@ -135,7 +135,7 @@ def test_diagnose_layer_report_closed_form():
     ev, vecs = np.linalg.eigh(c)
     c_dead = (vecs * np.r_[1e-9, ev[1:]]) @ vecs.T  # the first direction dead
     along = np.outer(vecs[:, 0], r[0])  # an update entirely along it
-    assert layer_report(c_dead, k, r, along)["dead"] == pytest.approx(1.0)
+    assert layer_report(c_dead, k, r, along, dead_directions(c_dead))["dead"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow
@@ -150,3 +150,14 @@ def test_diagnose_runs_on_the_study(study):
         assert np.isfinite(r["value_loss"]) and r["n"] == 4 and 0 <= r["ES"] <= 100
         for layer in r["layers"].values():
             assert 0 <= layer["written"] < 1 and layer["dW"] > 0 and 0 <= layer["dead"] <= 1
+
+
+def test_diagnose_bad_input_is_a_usage_error(tmp_path, capsys):
+    from experiments.edit import diagnose
+
+    with pytest.raises(SystemExit):
+        diagnose.main(["--study", str(tmp_path)])
+    assert "not a finished study directory (no study.json, stream.jsonl, model)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diagnose.main(["--study", str(tmp_path), "--batches", "1,x"])
+    assert "'1,x' is not a comma-separated list of int" in capsys.readouterr().err
