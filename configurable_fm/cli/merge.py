@@ -2,7 +2,7 @@
 merge config (in memory).
 
     cfm-merge --mergekit_yaml ties.yml --output merged/ [--overwrite] [--max_shard_size 5GB] [--seed 0] \\
-        [--compute_dtype mergekit|float32|float16|bfloat16]
+        [--compute_dtype mergekit|float32|float16|bfloat16] [--timers]
     cfm-merge --mergekit_yaml multi.yml --output merged/ [--intermediate_dir merged.stages/]   # mergekit-multi
     cfm-merge --config experiments/merge/task_arithmetic_tiny.py[:variant] --output merged/ \\
         [--format hf|orbax] [--overwrite] [--config.parameters.weight=0.3 ...]
@@ -43,6 +43,7 @@ one short error: what differs, the first tensors that differ, and the knob that 
 from __future__ import annotations
 
 import os
+import time
 from typing import Sequence
 
 from absl import flags
@@ -64,6 +65,9 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", None, "--mergekit_yaml only: seed of the PRNG keys of randomised methods (default 0)",
                          flag_values=fv)
     flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=fv)
+    flags.DEFINE_bool("timers", False, "--mergekit_yaml with one document only: print the busy seconds of each stage "
+                      "of the streamed merge (read, to_device, compute, write; they overlap) and the wall time",
+                      flag_values=fv)
     flags.DEFINE_enum("compute_dtype", "mergekit", ["mergekit", "float32", "float16", "bfloat16"],
                       "--mergekit_yaml only: merge arithmetic: 'mergekit' (in the YAML's dtype, as mergekit "
                       "0.1.5), 'float32' (float32, rounded once at the end) or a dtype", flag_values=fv)
@@ -72,19 +76,25 @@ def define(fv: flags.FlagValues) -> None:
 def merge_yaml(fv: flags.FlagValues) -> None:
     from configurable_fm.ops.merge import multistage
     from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
+    from configurable_fm.ops.merge.execute import Timers
     from configurable_fm.ops.merge.stream import merge_checkpoints
 
     if multistage.is_multi_document(fv.mergekit_yaml):
+        if fv.timers:
+            raise cli.UsageError("--timers applies to a single-document --mergekit_yaml only")
         return merge_stages(fv)
     if fv.intermediate_dir is not None and os.path.isfile(fv.mergekit_yaml):
         raise cli.UsageError(f"--intermediate_dir applies to a multi-stage YAML (several documents separated by "
                              f"'---') only; {fv.mergekit_yaml} has one document")
     plan = load_mergekit_yaml(fv.mergekit_yaml)
+    timers, t0 = (Timers() if fv.timers else None), time.perf_counter()
     out = merge_checkpoints(plan, fv.output, overwrite=fv.overwrite, max_shard_size=fv.max_shard_size,
                             progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed,
-                            compute_dtype=fv.compute_dtype)
+                            compute_dtype=fv.compute_dtype, timers=timers)
     what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
     print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
+    if timers is not None:
+        print(f"wall {time.perf_counter() - t0:.2f} s; busy seconds per stage: {timers.summary()}")
 
 
 def merge_stages(fv: flags.FlagValues) -> None:
@@ -130,6 +140,8 @@ def run(fv: flags.FlagValues) -> None:
                              "--config.compute_dtype=float16|bfloat16")
     if fv.intermediate_dir is not None:
         raise cli.UsageError("--intermediate_dir applies to a multi-stage --mergekit_yaml only, not to --config")
+    if fv.timers:
+        raise cli.UsageError("--timers applies to --mergekit_yaml only (the streamed merge), not to --config")
     return merge_config(fv)
 
 

@@ -172,6 +172,26 @@ models:
     assert not (tmp_path / "out").exists()
 
 
+def test_timers_print_each_stage_and_apply_to_the_streamed_merge_only(hf, tmp_path, capsys):
+    yml = _write_yaml(tmp_path / "m.yml", f"""
+merge_method: linear
+models:
+  - model: {hf['ft_a']}
+    parameters: {{weight: 0.5}}
+  - model: {hf['ft_b']}
+    parameters: {{weight: 0.5}}
+""")
+    assert _script().main(["--mergekit_yaml", str(yml), "--output", str(tmp_path / "out"), "--no_progress",
+                           "--timers"]) == 0
+    out = capsys.readouterr().out
+    line = out[out.index("wall "):]
+    assert "busy seconds per stage:" in line and all(f"'{k}'" in line for k in ("read", "compute", "write"))
+    with pytest.raises(SystemExit) as e:
+        _script().main(["--config", "experiments/merge/task_arithmetic_tiny.py", "--output", str(tmp_path / "c"),
+                        "--timers"])
+    assert e.value.code != 0 and "--timers applies to --mergekit_yaml only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("with_base", [True, False])
 def test_vocabulary_only_difference_names_the_yaml_key(hf, tmp_path, with_base):
     big_vocab = _llama(tmp_path / "big_vocab", 5, vocab_size=40)
