@@ -20,6 +20,9 @@ Forward, x (..., D):
     y = sum_e c_e h_e D_e + b^d
 With top_k = R every c_e = 1 and y = sum_i h_i d_i + b^d, the dense FFN (up to the order of the float sums).
 The experts are computed densely and masked (E / k times the FLOPs of a dispatching kernel, as models/moe.py).
+The attribute `dispatch` (a runtime execution choice, not an option: not in the structure spec nor a checkpoint)
+switches this forward: 'masked' (the default, above), 'gather' or 'pallas', which compute only the shared and chosen
+experts for inference (dispatch.py; set by dispatch.with_dispatch; `dispatch_options` the Pallas options).
 
 Gradient of the routing (what router-only recovery fine-tuning trains on, experiments/analysis/moefy_recover.py):
 the top-k mask has zero derivative in the scores, so the forward uses the straight-through weights
@@ -190,6 +193,7 @@ class MoefiedMLP(nnx.Module):
         self.down_bias = param(jnp.zeros((d,), dt), ("embed",)) if lay["out_bias"] else None
         self.neurons = NeuronIndex(jnp.zeros((num_experts, m), jnp.int32))
         self.router = make_router(router, d, num_experts - num_shared, router_hidden, dt)
+        self.dispatch, self.dispatch_options = "masked", None  # runtime choices (dispatch.with_dispatch)
 
     # ---------------------------------------------------------------------------------------- description
     @property
@@ -291,6 +295,9 @@ class MoefiedMLP(nnx.Module):
 
     @tapped
     def __call__(self, x_BxTxD):
+        if self.dispatch != "masked":
+            from configurable_fm.analysis.moefication.dispatch import dispatched  # it imports this module
+            return dispatched(self, x_BxTxD)
         hidden = tap(self, "hidden", self.expert_hidden(x_BxTxD))
         scores = tap(self, "router_logits", self.router_scores(x_BxTxD, hidden))
         return self.combine(hidden, self.routing_weights(scores))

@@ -1,0 +1,349 @@
+"""Dispatching forwards of a MoEfied FFN (module.py): only the shared and the chosen experts are computed, so a
+decode step reads (S + k) / E of the FFN's weights instead of all of them (issue 13's sparse-FFN speed-up).
+
+    fast = with_dispatch(moe, "pallas")            # a new model; `moe` itself keeps its modes
+    out = generate(fast, ids, max_new_tokens=64)   # the tokens of generate(moe, ...)
+
+`MoefiedMLP.dispatch` is a runtime execution choice, like llama's `remat`: it is not one of the module's `options`,
+not in its structure spec and not in a checkpoint (a loaded model computes 'masked'):
+    masked   every expert computed, the unchosen ones masked (module.py): training, taps of every expert, the oracle
+    gather   the chosen experts' weights gathered (jnp.take) and only those computed; plain XLA, any backend. The
+             gather copies the chosen weights before the matmuls read them (about 3x their bytes in memory traffic)
+    pallas   two Pallas kernels (below) that read only the chosen experts' weight blocks from memory: compiled with
+             Triton on a GPU, run with interpret=True on any other backend (slow: for tests)
+Both dispatching modes need scores from x alone: routers 'centroid' and 'mlp' (the router is called with no
+activations); the oracle router scores the experts by their activations, so every expert must be computed.
+They are for inference (decode): there is no straight-through term (module.py), so the routing gets no gradient.
+
+Math, for N tokens x (N, D) (the input (..., D) flattened), E experts of m neurons, the first S shared, top_k = k:
+    s = router(x) (N, R);  c = expert_mask(s) (N, E)     (the masked forward's top-k: the same experts, ties to the
+                                                          lower index, shared experts always on)
+    Q = min(E, S + N k) slots;  idx (Q,) = the experts some token uses, ascending, then expert 0 as padding
+    w (N, Q) = c[:, idx], 0 on padding slots (padding happens only when the N tokens use fewer than Q experts;
+               never for N = 1, where idx = the S shared and the k chosen experts)
+    h_q = act(x G_{idx_q} + b^g_{idx_q}) * (x U_{idx_q} + b^u_{idx_q})   (N, m)      [GPT-2: act(x U + b^u)]
+    y = sum_q w_{:, q} h_q D_{idx_q} + b^d                                 (N, D)
+equal to the masked forward up to the order of float sums. When Q = E (top_k = R, or many tokens: a prefill) no
+expert can be skipped and the masked computation runs (same value). The weights read per call are Q / E of the
+FFN's. Compute dtype as MoefiedMLP.expert_hidden / combine: the module's dtype, else x's.
+
+Taps in the dispatching modes: the module's `input` and `output`, `<path>.router_logits` s (..., R) and
+`<path>.router.{input, output}`; `<path>.hidden` is not emitted (the skipped experts' activations do not exist).
+
+Pallas kernels (`expert_hidden_kernel`, `expert_combine_kernel`): tokens padded to a multiple of the token block
+bn (the smallest power of two >= N, clipped to [16, PallasOptions.tokens]: Triton's dot needs 16 rows); grids
+    hidden:  (slot q, neuron block j of bm, token block t)   h[q, t, j] = act(x_t G_e[:, j]) * (x_t U_e[:, j]),
+             e = idx[q] loaded inside the kernel; the D reduction in a loop over chunks of bd rows, float32 accumulate
+    combine: (slot q, output block o of bo, token block t)   p[q, t, o] = (w_q h_q)_t D_e[:, o], over chunks of bk
+             neurons; y = sum_q p[q] + b^d outside the kernel (float32 partial sums, one per slot: more programs)
+    h = act(gate) * up is computed in float32 and stored in the compute dtype (the masked path rounds gate and up to
+    the compute dtype first: in bfloat16 the two differ by rounding).
+For one token (decode at batch 1) idx comes straight from lax.top_k (token_slots), w = 1.
+The weights stay whole arrays in memory and each program loads the blocks of expert idx[q] by dynamic indexing
+(`ref[e, pl.ds(...), pl.ds(...)]`): the Triton backend has no scalar prefetch for data-dependent block specs.
+Block sizes (PallasOptions): each is the largest power of two <= its bound that divides its dimension (Triton loads need
+power-of-two shapes) and, compiled, at least 16 (Triton's dot); a shape without such a block raises ValueError.
+Defaults: bm <= 32 neurons, bd <= 256 of D, bo <= 32 of D, bk <= 64 neurons, bn <= 64 tokens, 4 warps, 2 stages.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.experimental import pallas as pl
+
+from configurable_fm.analysis.moefication.module import MoefiedMLP
+from configurable_fm.models.layers import activation
+from configurable_fm.models.taps import tap
+
+MODES = ("masked", "gather", "pallas")
+DISPATCHING = ("gather", "pallas")
+DOT_MIN = 16  # Triton's dot: every operand dimension >= 16
+# Activations the Pallas Triton lowering cannot express (jax 0.10-0.11): compiled, such a layer runs gather_ffn.
+NO_TRITON_ACT = {"gelu": "the exact gelu needs erfc, which the Pallas Triton lowering does not implement"}
+
+
+class PallasOptions(NamedTuple):
+    """Upper bounds of the Pallas tile sizes (module docstring), the Triton launch options and whether to interpret
+    the kernels (None: interpreted off GPU; False forces Triton, e.g. to lower for CUDA on a CPU host)."""
+    neurons: int = 32      # bm: expert neurons per program of the hidden kernel
+    width: int = 256       # bd: chunk of D in the hidden kernel's reduction loop
+    out: int = 32          # bo: output columns (of D) per program of the combine kernel
+    inner: int = 64        # bk: chunk of neurons in the combine kernel's reduction loop
+    tokens: int = 64       # bn: most token rows per program
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: Optional[bool] = None
+
+
+# ------------------------------------------------------------------------------------------------ the model switch
+def check_dispatch(layer: MoefiedMLP, mode: str, path: str = "") -> None:
+    """ValueError naming `path` when `layer` cannot run `mode`."""
+    where = f"{path}: " if path else ""
+    if mode not in MODES:
+        raise ValueError(f"{where}dispatch={mode!r} is unknown; choose one of {list(MODES)}")
+    if mode in DISPATCHING and layer.router_kind == "oracle":
+        raise ValueError(f"{where}dispatch={mode!r} needs a router that scores from x alone ('centroid' or 'mlp'); "
+                         "the 'oracle' router scores the experts by their activations, so every expert is computed "
+                         "(use dispatch='masked')")
+
+
+def with_dispatch(model, mode: str, *, pallas: Optional[PallasOptions] = None):
+    """A copy of `model` (nnx.clone: new modules and variables sharing the arrays; `model` is unchanged) whose every
+    MoefiedMLP computes in `mode` ('masked', 'gather' or 'pallas', module docstring), with Pallas tile bounds
+    `pallas` (default PallasOptions()). ValueError naming the layer for a bad mode or an oracle router, and when the
+    model has no MoefiedMLP."""
+    if pallas is not None and not isinstance(pallas, PallasOptions):
+        raise ValueError(f"pallas must be a dispatch.PallasOptions, got {type(pallas).__name__}")
+    layers = [(".".join(str(k) for k in p), m) for p, m in nnx.iter_modules(model) if isinstance(m, MoefiedMLP)]
+    if not layers:
+        raise ValueError(f"with_dispatch: {type(model).__name__} has no MoEfied FFN; MoEfy it first")
+    for path, layer in layers:
+        check_dispatch(layer, mode, path)
+        if mode == "pallas":
+            check_pallas_blocks(layer, pallas or PallasOptions(), path)
+    copy = nnx.clone(model)
+    for _, layer in nnx.iter_modules(copy):
+        if isinstance(layer, MoefiedMLP):
+            layer.dispatch = mode
+            layer.dispatch_options = pallas
+    return copy
+
+
+def check_pallas_blocks(layer: MoefiedMLP, options: PallasOptions, path: str = "") -> None:
+    """ValueError naming `path` when the compiled kernels have no blocks for `layer`'s shapes (module docstring);
+    nothing to check when the kernels will be interpreted."""
+    interpret = jax.default_backend() != "gpu" if options.interpret is None else options.interpret
+    if interpret:
+        return
+    _, d, m = layer.up_proj.get_value().shape
+    try:
+        for dim, bound, name in ((m, options.neurons, "the expert width m"), (d, options.width, "the model width D"),
+                                 (d, options.out, "the model width D"), (m, options.inner, "the expert width m")):
+            _block(dim, bound, name, DOT_MIN)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path else str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def chosen_slots(mask_NxE, slots: int):
+    """(idx (Q,) int32, w (N, Q) float32): the experts any token uses, ascending, padded with expert 0 of weight 0
+    to Q = `slots`; w[n, q] = mask[n, idx[q]] (module docstring)."""
+    used_E = jnp.any(mask_NxE > 0, axis=0)
+    (idx_Q,) = jnp.nonzero(used_E, size=slots, fill_value=0)
+    valid_Q = jnp.arange(slots) < jnp.sum(used_E)
+    return idx_Q.astype(jnp.int32), jnp.take(mask_NxE, idx_Q, axis=1) * valid_Q.astype(jnp.float32)
+
+
+def token_slots(scores_R, num_shared: int, top_k: int):
+    """idx (S + k,) int32 for one token: the shared experts, then the routed ones by lax.top_k (top_k_mask's choice:
+    the same experts), without the union's mask and sort (fewer small kernels per decode step)."""
+    _, top = jax.lax.top_k(scores_R, top_k)
+    return jnp.concatenate([jnp.arange(num_shared, dtype=jnp.int32), num_shared + top.astype(jnp.int32)])
+
+
+def dispatched(layer: MoefiedMLP, x):
+    """y (..., D) of `layer` in its dispatch mode (module docstring); called by MoefiedMLP.__call__."""
+    check_dispatch(layer, layer.dispatch)
+    d = x.shape[-1]
+    scores = tap(layer, "router_logits", layer.router(x, None).astype(jnp.float32))  # centroid / mlp: x alone
+    x_NxD = x.reshape(-1, d)
+    n = x_NxD.shape[0]
+    slots = min(layer.num_experts, layer.num_shared + n * layer.top_k)
+    if slots == layer.num_experts:  # no expert can be skipped: the masked computation (same value)
+        y = layer.combine(layer.expert_hidden(x_NxD), layer.expert_mask(scores).reshape(n, -1))
+    else:
+        if n == 1:  # decode at batch 1
+            idx_Q, w_NxQ = token_slots(scores.reshape(-1), layer.num_shared, layer.top_k), jnp.ones((1, slots))
+        else:
+            idx_Q, w_NxQ = chosen_slots(layer.expert_mask(scores).reshape(n, -1), slots)
+        if layer.dispatch == "gather":
+            y = gather_ffn(layer, x_NxD, idx_Q, w_NxQ)
+        else:
+            y = pallas_ffn(layer, x_NxD, idx_Q, w_NxQ, options=getattr(layer, "dispatch_options", None))
+    return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+
+def _weights(layer: MoefiedMLP):
+    """{name: array or None} of the layer's expert weights, in their parameter dtype (cast after the gather, or
+    inside the kernels, so that only the chosen experts are converted)."""
+    get = lambda v: None if v is None else v[...]  # noqa: E731
+    return dict(gate=get(layer.gate_proj), up=get(layer.up_proj), down=get(layer.down_proj),
+                gate_bias=get(layer.gate_bias), up_bias=get(layer.up_bias), down_bias=get(layer.down_bias))
+
+
+# ------------------------------------------------------------------------------------------------ gather (XLA)
+def gather_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ):
+    """y (N, D) = sum_q w_{:, q} h_q D_{idx_q} + b^d, the chosen experts' weights gathered with jnp.take."""
+    dtype = layer.dtype or x_NxD.dtype
+    xd = x_NxD.astype(dtype)
+    wts = _weights(layer)
+    take = lambda a: None if a is None else jnp.take(a, idx_Q, axis=0).astype(dtype)  # noqa: E731
+
+    def proj(w_QxDxM, b_QxM):
+        y = jnp.einsum("nd,qdm->nqm", xd, w_QxDxM)
+        return y if b_QxM is None else y + b_QxM
+
+    act = activation(layer.act)
+    up = proj(take(wts["up"]), take(wts["up_bias"]))
+    h_NxQxM = act(proj(take(wts["gate"]), take(wts["gate_bias"]))) * up if wts["gate"] is not None else act(up)
+    y = jnp.einsum("nqm,qmd->nd", h_NxQxM * w_NxQ[..., None].astype(dtype), take(wts["down"]))
+    return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ Pallas
+def _block(dim: int, bound: int, name: str, least: int) -> int:
+    """The largest power of two <= bound dividing dim; ValueError when it is below `least`."""
+    b = 1
+    while b * 2 <= bound and dim % (b * 2) == 0:
+        b *= 2
+    if b < least:
+        raise ValueError(f"pallas dispatch: {name} {dim} has no power-of-two block in [{least}, {bound}] dividing "
+                         f"it (Triton needs power-of-two tiles of at least {DOT_MIN} for its dot); use "
+                         "dispatch='gather'")
+    return b
+
+
+def _token_block(n: int, bound: int) -> int:
+    """bn: the smallest power of two >= n, clipped to [DOT_MIN, bound] (bound a power of two >= DOT_MIN)."""
+    b = DOT_MIN
+    while b < n and b < bound:
+        b *= 2
+    return b
+
+
+def _hidden_kernel(idx_ref, x_ref, *refs, act, gated: bool, biased: bool, bm: int, bd: int):
+    """One program: h[q, t-block, j-block] for expert e = idx[q] (module docstring)."""
+    refs = list(refs)
+    h_ref = refs.pop()
+    gate_ref = refs.pop(0) if gated else None
+    up_ref = refs.pop(0)
+    gate_bias_ref = refs.pop(0) if gated and biased else None
+    up_bias_ref = refs.pop(0) if biased else None
+    q, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bn = h_ref.shape[1]
+    e = idx_ref[q]
+    cols = pl.ds(pl.multiple_of(j * bm, bm), bm)
+    toks = pl.ds(pl.multiple_of(t * bn, bn), bn)
+
+    def body(i, acc):
+        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
+        x_bnxbd = x_ref[toks, rows]
+        dot = lambda w_ref: jnp.dot(x_bnxbd, w_ref[e, rows, cols].astype(x_bnxbd.dtype),  # noqa: E731
+                                    preferred_element_type=jnp.float32)
+        up = acc[-1] + dot(up_ref)
+        return (acc[0] + dot(gate_ref), up) if gated else (up,)
+
+    zero = jnp.zeros((bn, bm), jnp.float32)
+    acc = jax.lax.fori_loop(0, x_ref.shape[1] // bd, body, (zero, zero) if gated else (zero,))
+    up = acc[-1] if up_bias_ref is None else acc[-1] + up_bias_ref[e, cols].astype(jnp.float32)[None, :]
+    if gated:
+        gate = acc[0] if gate_bias_ref is None else acc[0] + gate_bias_ref[e, cols].astype(jnp.float32)[None, :]
+        h = act(gate) * up
+    else:
+        h = act(up)
+    h_ref[0] = h.astype(h_ref.dtype)
+
+
+def _combine_kernel(idx_ref, w_ref, h_ref, down_ref, out_ref, *, bk: int):
+    """One program: p[q, t-block, o-block] = (w_q h_q)[t-block] D_{idx[q]}[:, o-block] (module docstring)."""
+    q, o, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bn, bo = out_ref.shape[1], out_ref.shape[2]
+    e = idx_ref[q]
+    cols = pl.ds(pl.multiple_of(o * bo, bo), bo)
+    toks = pl.ds(pl.multiple_of(t * bn, bn), bn)
+    w_bnx1 = w_ref[q, toks].astype(jnp.float32)[:, None]
+
+    def body(i, acc):
+        ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+        h = h_ref[q, toks, ks]
+        h = (h.astype(jnp.float32) * w_bnx1).astype(h.dtype)  # the masked path's h * c, in the compute dtype
+        return acc + jnp.dot(h, down_ref[e, ks, cols].astype(h.dtype), preferred_element_type=jnp.float32)
+
+    out_ref[0] = jax.lax.fori_loop(0, h_ref.shape[2] // bk, body, jnp.zeros((bn, bo), jnp.float32))
+
+
+def _whole(a):
+    """A BlockSpec whose block is the whole array (read by dynamic indexing inside the kernel)."""
+    return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+
+
+def _compiler_params(options: PallasOptions, interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=options.num_warps, num_stages=options.num_stages)
+
+
+def expert_hidden_kernel(idx_Q, x_NxD, gate_ExDxM, up_ExDxM, gate_bias_ExM=None, up_bias_ExM=None, *, act,
+                         options: PallasOptions = PallasOptions(), interpret: bool = False):
+    """h (Q, N', m) in x's dtype: h[q] = act(x G_{idx_q} + b^g) * (x U_{idx_q} + b^u) (gate None: act(x U + b^u));
+    x (N', D) with N' a multiple of the token block (`pallas_ffn` pads it). Reads only experts idx's weights."""
+    q = idx_Q.shape[0]
+    n, d = x_NxD.shape
+    m = up_ExDxM.shape[-1]
+    least = 1 if interpret else DOT_MIN
+    bn = _token_block(n, options.tokens)
+    if n % bn:
+        raise ValueError(f"pallas dispatch: {n} token rows are not a multiple of the token block {bn}: pad them "
+                         "(pallas_ffn does)")
+    bm = _block(m, options.neurons, "the expert width m", least)
+    bd = _block(d, options.width, "the model width D", least)
+    gated, biased = gate_ExDxM is not None, up_bias_ExM is not None
+    ins = [idx_Q, x_NxD] + ([gate_ExDxM] if gated else []) + [up_ExDxM] + \
+        ([gate_bias_ExM] if gated and biased else []) + ([up_bias_ExM] if biased else [])
+    kernel = functools.partial(_hidden_kernel, act=act, gated=gated, biased=biased, bm=bm, bd=bd)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((q, n, m), x_NxD.dtype), grid=(q, m // bm, n // bn),
+        in_specs=[_whole(a) for a in ins], out_specs=pl.BlockSpec((1, bn, bm), lambda qq, j, t: (qq, t, j)),
+        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_expert_hidden")(*ins)
+
+
+def expert_combine_kernel(idx_Q, w_QxN, h_QxNxM, down_ExMxD, *, options: PallasOptions = PallasOptions(),
+                          interpret: bool = False):
+    """p (Q, N', D) float32: p[q] = (w_q h_q) D_{idx_q}, w (Q, N') the tokens' weights of each slot (the sum over q
+    is left to the caller); reads only experts idx's down rows."""
+    q, n, m = h_QxNxM.shape
+    d = down_ExMxD.shape[-1]
+    least = 1 if interpret else DOT_MIN
+    bn = _token_block(n, options.tokens)
+    if n % bn:
+        raise ValueError(f"pallas dispatch: {n} token rows are not a multiple of the token block {bn}: pad them "
+                         "(pallas_ffn does)")
+    bo = _block(d, options.out, "the model width D", least)
+    bk = _block(m, options.inner, "the expert width m", least)
+    return pl.pallas_call(
+        functools.partial(_combine_kernel, bk=bk), out_shape=jax.ShapeDtypeStruct((q, n, d), jnp.float32),
+        grid=(q, d // bo, n // bn), in_specs=[_whole(a) for a in (idx_Q, w_QxN, h_QxNxM, down_ExMxD)],
+        out_specs=pl.BlockSpec((1, bn, bo), lambda qq, o, t: (qq, t, o)),
+        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_expert_combine")(
+        idx_Q, w_QxN, h_QxNxM, down_ExMxD)
+
+
+def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[PallasOptions] = None,
+               interpret: Optional[bool] = None):
+    """y (N, D) = sum_q w_{:, q} h_q D_{idx_q} + b^d with the two Pallas kernels (module docstring); interpret
+    defaults to True off GPU. Compiled, an activation in NO_TRITON_ACT falls back to gather_ffn (with a warning)."""
+    options = options or PallasOptions()
+    interpret = options.interpret if interpret is None else interpret
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    if not interpret and layer.act in NO_TRITON_ACT:
+        warnings.warn(f"pallas dispatch: activation {layer.act!r}: {NO_TRITON_ACT[layer.act]}; this FFN runs the "
+                      "gather path instead")
+        return gather_ffn(layer, x_NxD, idx_Q, w_NxQ)
+    dtype = layer.dtype or x_NxD.dtype
+    wts = _weights(layer)
+    n = x_NxD.shape[0]
+    bn = _token_block(n, options.tokens)
+    padded = -(-n // bn) * bn
+    x = jnp.pad(x_NxD.astype(dtype), ((0, padded - n), (0, 0)))
+    h_QxNxM = expert_hidden_kernel(idx_Q, x, wts["gate"], wts["up"], wts["gate_bias"], wts["up_bias"],
+                                   act=activation(layer.act), options=options, interpret=interpret)
+    w_QxN = jnp.pad(w_NxQ.T.astype(jnp.float32), ((0, 0), (0, padded - n)))
+    p_QxNxD = expert_combine_kernel(idx_Q, w_QxN, h_QxNxM, wts["down"], options=options, interpret=interpret)
+    y = jnp.sum(p_QxNxD, axis=0)[:n].astype(dtype)
+    return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)

@@ -1,0 +1,231 @@
+"""Batch-1 decode speed of a dense llama against its MoEfied copy computing only the chosen experts, in one run
+(issue 13: a measured speed-up of at least 1.3x on a ~1B model with a sparse FFN kernel, the dense model the baseline).
+
+    python scripts/bench_sparse_decode.py                                        # 1b, E = 16, top_k 4 and 8 (GPU)
+    python scripts/bench_sparse_decode.py --shape 1b --top_k 4,8 --masked --out results/sparse_decode.jsonl
+    python scripts/bench_sparse_decode.py --shape 1b --top_k 4 --modes pallas --pallas neurons=16,out=16,num_warps=2
+    python scripts/bench_sparse_decode.py --shape tiny --new_tokens 8 --repeats 1   # CPU smoke run (Pallas interpreted)
+
+The workload is scripts/bench_generate.py's: a llama of --shape ('1b', the default: experiments/pretrain.py's 1b,
+width 2048, 16 layers, 32/8 heads, FFN 8192, vocab 49152, tied embeddings; '135m': SmolLM2-135M's shape; 'small'
+(4 x 256, FFN 1024) and 'tiny' (2 x 64, FFN 256) for CPU smoke runs) with random
+bf16 weights, a 64-token random prompt, --new_tokens new tokens, greedy, timed with `models.generation.Generator`
+(median of --repeats calls after a warm-up). The MoEfied model is `moefy(dense, num_experts=E, num_experts_per_tok=k,
+split='random', router='centroid')` (data-free: the speed does not depend on the quality of the split), run with
+`with_dispatch(moe, mode)` for each mode of --modes ('gather', 'pallas'; --masked adds the masked forward, slower
+than dense: it computes every expert).
+
+Each row (one JSON line; --out FILE appends them; a table at the end):
+    tokens_per_s   new tokens x batch / the wall time of one whole call
+    step_ms        one decode step, (t(N new) - t(1 new)) / (N - 1) (the prompt's prefill cancels)
+    speedup        dense step_ms / this row's step_ms    (speedup_call: the same for tokens_per_s)
+    ffn_read       the fraction of the FFN weights a decode step must read: min(E, S + batch k) / E for the
+                   dispatching modes, 1 for dense and masked
+    bound_speedup  the memory-bound speed-up: dense bytes / this row's bytes per step, bytes = the parameters read
+                   (all but the unread experts; the router included) + the KV cache (prompt + new slots)
+    bound_ms, x_bound   bytes / the copy bandwidth measured in the same run (bench_generate's), step_ms / bound_ms
+    ffn_rel_err    (dispatching rows) max |y - y_masked| / max |y_masked| of layer 0's FFN on a random bf16 token
+    tokens_as_masked   (dispatching rows) the fraction of new tokens equal to the masked model's greedy ones (bf16
+                   rounding differs between the paths, so a near-tie may flip a token and the rest of the text)
+Bad options are one-line usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench_generate import copy_bandwidth_gb_s, timed  # noqa: E402
+from configurable_fm.analysis.moefication import PallasOptions, moefy, with_dispatch  # noqa: E402
+from configurable_fm.bricks.paths import flat_params  # noqa: E402
+from configurable_fm.models.factory import build_model  # noqa: E402
+from configurable_fm.models.generation import Generator  # noqa: E402
+from experiments.shapes import SHAPES as BENCH_SHAPES  # noqa: E402
+
+SHAPES = {  # the anchors' shapes and two small ones for CPU smoke runs
+    **BENCH_SHAPES,
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                 rope_theta=1e4),
+    "small": dict(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4,
+                  num_kv_heads=2, rope_theta=1e4),
+}
+MODES = ("gather", "pallas")
+INT_OPTIONS = [f for f in PallasOptions._fields if f != "interpret"]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors on one line (no usage block, no traceback)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def numbers(text: str) -> list[int]:
+    """An argparse type: a comma-separated list of ints ('4,8')."""
+    try:
+        out = [int(t) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints") from None
+    if not out:
+        raise argparse.ArgumentTypeError("an empty list")
+    return out
+
+
+def modes(text: str) -> list[str]:
+    out = [t for t in text.split(",") if t]
+    bad = [t for t in out if t not in MODES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose among {','.join(MODES)}")
+    return out
+
+
+def pallas_options(text: str) -> PallasOptions:
+    """An argparse type: 'neurons=16,out=16,num_warps=2' -> PallasOptions (the other fields keep their defaults)."""
+    fields = {}
+    for item in (t for t in text.split(",") if t):
+        key, _, value = item.partition("=")
+        if key not in INT_OPTIONS or not value.isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r}: expected name=positive int with a name among "
+                                             f"{','.join(INT_OPTIONS)}")
+        fields[key] = int(value)
+    return PallasOptions(**fields)
+
+
+def build(shape: str):
+    spec = dict(SHAPES[shape], family="llama", tie_word_embeddings=True, max_position_embeddings=2048)
+    return build_model(spec, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+
+
+def nbytes(arrays) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
+
+
+def measure(model, ids, new: int, repeats: int) -> tuple[dict, np.ndarray]:
+    """Whole-call and per-step times of greedy generation of `new` tokens after `ids`, and the new tokens."""
+    gen = Generator(model)
+    last = {}
+
+    def full():
+        last["out"] = gen(ids, max_new_tokens=new)
+        return last["out"]
+
+    t_full = timed(full, repeats)
+    t_one = timed(lambda: gen(ids, max_new_tokens=1), repeats)
+    return ({"tokens_per_s": new * ids.shape[0] / t_full, "call_s": t_full, "prefill_plus_one_s": t_one,
+             "step_ms": (t_full - t_one) / (new - 1) * 1e3}, np.asarray(last["out"])[:, ids.shape[1]:])
+
+
+@nnx.jit
+def _ffn(layer, x):
+    return layer(x)
+
+
+def ffn_error(masked, fast, seed: int = 0) -> float:
+    """max |y_fast - y_masked| / max |y_masked| of layer 0's FFN on one random token (checks the kernels)."""
+    x = jax.random.normal(jax.random.key(seed), (1, 1, masked.cfg.hidden_size), jnp.bfloat16)
+    want = np.asarray(_ffn(masked.layers[0].mlp, x), np.float32)
+    got = np.asarray(_ffn(fast.layers[0].mlp, x), np.float32)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def main(argv=None):
+    p = Parser(prog="python scripts/bench_sparse_decode.py", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--experts", type=int, default=16, help="E: experts per FFN")
+    p.add_argument("--top_k", type=numbers, default=[4, 8], help="routed experts per token, comma-separated")
+    p.add_argument("--modes", type=modes, default=list(MODES), help="dispatching modes, comma-separated")
+    p.add_argument("--masked", action="store_true", help="also the masked forward (every expert computed)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pallas", type=pallas_options, default=PallasOptions(),
+                   help="Pallas tile bounds and Triton options (dispatch.PallasOptions), e.g. neurons=16,num_warps=2")
+    p.add_argument("--seed", type=int, default=0, help="the split's key")
+    p.add_argument("--out", default="", help="append the JSON lines to this file")
+    args = p.parse_args(argv)
+    f = SHAPES[args.shape]["intermediate_size"]
+    if args.experts < 2 or f % args.experts:
+        p.error(f"--experts {args.experts}: must be >= 2 and divide the FFN width {f} of --shape {args.shape}")
+    if any(not 1 <= k <= args.experts for k in args.top_k):
+        p.error(f"--top_k {args.top_k}: each must lie in 1..{args.experts}")
+    if args.new_tokens < 2 or args.prompt < 1 or args.repeats < 1 or args.batch < 1:
+        p.error("--new_tokens must be >= 2 and --prompt, --repeats, --batch >= 1")
+
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    hbm = copy_bandwidth_gb_s() if jax.default_backend() != "cpu" else copy_bandwidth_gb_s(64 << 20)
+    dense = build(args.shape)
+    cfg = dense.cfg
+    ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.prompt), dtype=np.int32)
+    params = flat_params(dense)
+    dense_bytes = nbytes(params.values())
+    ffn_bytes = nbytes(v for k, v in params.items() if ".mlp." in k)
+    kv_bytes = cfg.num_layers * 2 * args.batch * (args.prompt + args.new_tokens) * cfg.num_kv_heads * \
+        cfg.dim_per_head * 2
+    base = {"shape": args.shape, "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
+            "experts": args.experts, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "hbm_gb_s": hbm}
+
+    def row(name, model, top_k=None, ffn_read=1.0, extra_bytes=0, masked_tokens=None, masked=None):
+        step_bytes = dense_bytes - ffn_bytes * (1.0 - ffn_read) + extra_bytes + kv_bytes
+        times, tokens = measure(model, ids, args.new_tokens, args.repeats)
+        r = dict(base, row=name, top_k=top_k, ffn_read=ffn_read, **times)
+        if masked is not None:  # the dispatching forward against the masked one (bf16: rounding differs)
+            r.update(ffn_rel_err=ffn_error(masked, model), tokens_as_masked=float(np.mean(tokens == masked_tokens)))
+        r.update(bound_ms=step_bytes / (hbm * 1e9) * 1e3, bound_speedup=(dense_bytes + kv_bytes) / step_bytes)
+        r["x_bound"] = r["step_ms"] / r["bound_ms"]
+        dense_row = rows[0] if rows else r
+        r.update(speedup=dense_row["step_ms"] / r["step_ms"], speedup_call=r["tokens_per_s"] /
+                 dense_row["tokens_per_s"])
+        emit(r)
+        return tokens
+
+    row("dense", dense)
+    for k in args.top_k:
+        moe = moefy(dense, num_experts=args.experts, num_experts_per_tok=k, split="random", router="centroid",
+                    key=args.seed)
+        router_bytes = nbytes(v for name, v in flat_params(moe).items() if ".router." in name)
+        read = min(args.experts, args.batch * k) / args.experts  # split 'random': no shared experts
+        if args.masked:
+            masked_tokens = row("moefied+masked", moe, k, 1.0, router_bytes)
+        else:
+            masked_tokens = np.asarray(Generator(moe)(ids, max_new_tokens=args.new_tokens))[:, args.prompt:]
+        for mode in args.modes:
+            try:
+                fast = with_dispatch(moe, mode, pallas=args.pallas)
+            except ValueError as e:  # e.g. no Pallas blocks for this shape
+                p.error(str(e))
+            row(f"moefied+{mode}", fast, k, read, router_bytes, masked_tokens, moe)
+        del moe
+
+    print(f"\n{args.shape}, batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, E={args.experts}, "
+          f"{base['device']}, copy bandwidth {hbm:.0f} GB/s")
+    print(f"{'row':<16} {'top_k':>5} {'ffn_read':>8} {'tok/s':>9} {'step_ms':>8} {'speedup':>7} {'bound_x':>7} "
+          f"{'x_bound':>7} {'ffn_err':>8} {'tok=msk':>7}")
+    for r in rows:
+        check = f"{r['ffn_rel_err']:>8.1e} {r['tokens_as_masked']:>7.2f}" if "ffn_rel_err" in r else ""
+        print(f"{r['row']:<16} {r['top_k'] or '-':>5} {r['ffn_read']:>8.3f} {r['tokens_per_s']:>9.1f} "
+              f"{r['step_ms']:>8.3f} {r['speedup']:>7.2f} {r['bound_speedup']:>7.2f} {r['x_bound']:>7.2f} {check}")
+
+
+if __name__ == "__main__":
+    main()

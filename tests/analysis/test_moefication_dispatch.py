@@ -1,0 +1,199 @@
+"""Dispatching MoEfied FFNs (configurable_fm/analysis/moefication/dispatch.py): the gather path and the Pallas kernels
+(interpret=True on CPU) compute the masked forward (float32, 1e-5) for several (E, shared, top_k), with ties in the
+router scores, for one token and several; greedy generation gives the same tokens; with_dispatch leaves its input
+alone and names bad modes and oracle routers; the kernels lower to Triton for CUDA (no GPU needed)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configurable_fm.analysis import capture
+from configurable_fm.analysis.moefication import PallasOptions, moefy, with_dispatch
+from configurable_fm.analysis.moefication.dispatch import (chosen_slots, expert_combine_kernel, expert_hidden_kernel,
+                                                           pallas_ffn, token_slots)
+from configurable_fm.bricks.paths import flat_params
+from configurable_fm.models import extension_specs
+from configurable_fm.models.generation import generate
+from configurable_fm.models.layers import activation
+from tests.analysis.tiny import GPT2, random_model
+
+LLAMA = dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4,
+             num_kv_heads=2, max_position_embeddings=64)
+IDS = np.random.RandomState(0).randint(0, 64, (8, 16)).astype(np.int32)
+CALIBRATION = [{"inputs": IDS[i:i + 4]} for i in range(0, 8, 4)]
+# (E, shared, top_k): m = 128 / E neurons per expert; shared experts come with split 'cmoe'
+CASES = [(4, 0, 1), (8, 0, 3), (8, 2, 2), (16, 1, 4)]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return random_model(LLAMA, 0)
+
+
+@pytest.fixture(scope="module")
+def moes(dense):
+    out = {}
+    for e, s, k in CASES:
+        split = dict(split="cmoe", num_shared=s, calibration=CALIBRATION) if s else dict(split="random")
+        out[e, s, k] = moefy(dense, num_experts=e, num_experts_per_tok=k, router="centroid", key=1, **split)
+    return out
+
+
+def with_tied_router(moe):
+    """A copy whose layer 0 scores every routed expert alike (all ties: the first k win) and whose layer 1 has
+    experts 1, 2 and 3 tied (columns 0..2 of its centroid kernel equal)."""
+    tied = nnx.clone(moe)
+    k0 = tied.layers[0].mlp.router.kernel
+    k0.set_value(jnp.broadcast_to(k0[...][:, :1], k0[...].shape))
+    k1 = tied.layers[1].mlp.router.kernel
+    k1.set_value(k1[...].at[:, 1:3].set(k1[...][:, :1]))
+    return tied
+
+
+@nnx.jit
+def _ffns(model, x):
+    return [layer.mlp(x) for layer in model.layers]
+
+
+def ffn_outputs(moe, mode, x):
+    """Every layer's FFN output on x in `mode` (one compiled program: faster than op by op)."""
+    return [np.asarray(y) for y in _ffns(moe if mode == "masked" else with_dispatch(moe, mode), x)]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_gather_and_pallas_compute_the_masked_ffn(moes, case, tied):
+    moe = with_tied_router(moes[case]) if tied else moes[case]
+    rs = np.random.RandomState(3)
+    e, s, k = case
+    # a decode token; two tokens (S + 2k < E slots: the dispatching path, with padding slots when they share experts;
+    # with S + N k >= E the masked computation runs: the prefill of test_greedy_generation_gives_the_same_tokens)
+    assert s + 2 * k < e
+    for shape in [(1, 1, 32), (2, 1, 32)]:
+        x = jnp.asarray(rs.normal(size=shape), jnp.float32)
+        want = ffn_outputs(moe, "masked", x)
+        for mode in ("gather", "pallas"):
+            for got, ref in zip(ffn_outputs(moe, mode, x), want):
+                assert got.shape == shape
+                np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{case} {mode} {shape}")
+
+
+def test_ties_choose_the_lower_experts(moes):
+    """With every routed score equal the first top_k routed experts (after the shared ones) are the slots."""
+    moe = with_tied_router(moes[8, 2, 2])
+    ffn = moe.layers[0].mlp
+    x = jnp.asarray(np.random.RandomState(4).normal(size=(1, 32)), jnp.float32)
+    idx, w = chosen_slots(ffn.expert_mask(ffn.router(x, None)), 4)
+    np.testing.assert_array_equal(np.asarray(idx), [0, 1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(w), [[1, 1, 1, 1]])
+    np.testing.assert_array_equal(np.asarray(token_slots(ffn.router(x, None)[0], 2, 2)), [0, 1, 2, 3])
+
+
+def test_one_token_slots_are_the_masked_choice(moes):
+    ffn = moes[16, 1, 4].layers[1].mlp
+    x = jnp.asarray(np.random.RandomState(6).normal(size=(1, 32)), jnp.float32)
+    scores = ffn.router(x, None)
+    idx = token_slots(scores[0], 1, 4)
+    want, _ = chosen_slots(ffn.expert_mask(scores), 5)
+    np.testing.assert_array_equal(np.sort(np.asarray(idx)), np.asarray(want))
+
+
+def test_slots_are_the_union_of_the_tokens_choices():
+    mask = jnp.asarray([[1, 0, 0, 1, 0, 0], [1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]], jnp.float32)
+    idx, w = chosen_slots(mask, 5)  # three experts used, two padding slots (expert 0, weight 0)
+    np.testing.assert_array_equal(np.asarray(idx), [0, 1, 3, 0, 0])
+    np.testing.assert_array_equal(np.asarray(w), [[1, 0, 1, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 0, 0]])
+
+
+def test_gpt2_gather_and_pallas_compute_the_masked_ffn():
+    model = random_model(dict(GPT2, n_inner=64), 1)
+    moe = moefy(model, num_experts=4, num_experts_per_tok=2, split="random", router="centroid", key=0)
+    x = jnp.asarray(np.random.RandomState(5).normal(size=(1, 2, 16)), jnp.float32)
+    want = [np.asarray(block.mlp(x)) for block in moe.h]
+    for mode in ("gather", "pallas"):
+        got = [np.asarray(block.mlp(x)) for block in with_dispatch(moe, mode).h]
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=mode)
+
+
+def test_greedy_generation_gives_the_same_tokens(moes):
+    moe = moes[8, 0, 3]
+    prompt = IDS[:1, :6]
+    want = np.asarray(generate(moe, prompt, max_new_tokens=6))
+    np.testing.assert_array_equal(np.asarray(generate(with_dispatch(moe, "gather"), prompt, max_new_tokens=6)), want)
+    np.testing.assert_array_equal(np.asarray(generate(with_dispatch(moe, "pallas"), prompt, max_new_tokens=3)),
+                                  want[:, :9])
+
+
+def test_with_dispatch_leaves_its_input_unchanged(moes):
+    moe = moes[8, 2, 2]
+    before = {k: np.array(v) for k, v in flat_params(moe).items()}
+    fast = with_dispatch(moe, "gather", pallas=PallasOptions(neurons=16))
+    assert [layer.mlp.dispatch for layer in moe.layers] == ["masked", "masked"]
+    assert [layer.mlp.dispatch for layer in fast.layers] == ["gather", "gather"]
+    assert fast.layers[0].mlp.dispatch_options == PallasOptions(neurons=16)
+    assert extension_specs(fast) == extension_specs(moe)  # a runtime choice: not in the structure (checkpoints)
+    after = flat_params(moe)
+    assert all(np.array_equal(before[k], np.asarray(after[k])) for k in before)
+    assert with_dispatch(fast, "masked").layers[1].mlp.dispatch == "masked"
+
+
+def test_dispatching_taps_router_logits(moes):
+    fast = with_dispatch(moes[8, 0, 3], "gather")
+    _, taps = capture(fast, ["layers.*.mlp.router_logits"], jnp.asarray(IDS[:1, :4]))
+    assert sorted(taps) == ["layers.0.mlp.router_logits", "layers.1.mlp.router_logits"]
+    assert np.asarray(taps["layers.0.mlp.router_logits"]).shape == (1, 4, 8)
+
+
+def test_bad_mode_and_oracle_router_raise(dense, moes):
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp: dispatch='sparse' is unknown"):
+        with_dispatch(moes[4, 0, 1], "sparse")
+    oracle = moefy(dense, num_experts=4, num_experts_per_tok=1, split="random", router="oracle", key=0)
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp: dispatch='pallas' needs a router that scores from x alone"):
+        with_dispatch(oracle, "pallas")
+    assert with_dispatch(oracle, "masked").layers[0].mlp.dispatch == "masked"
+    with pytest.raises(ValueError, match="has no MoEfied FFN"):
+        with_dispatch(dense, "gather")
+    with pytest.raises(ValueError, match="pallas must be a dispatch.PallasOptions"):
+        with_dispatch(moes[4, 0, 1], "pallas", pallas=(16, 16))
+
+
+def test_compiled_kernels_need_power_of_two_blocks_of_16(moes):
+    ffn = moes[16, 1, 4].layers[0].mlp  # m = 8 neurons per expert: no block of 16
+    x = jnp.zeros((1, 32), jnp.float32)
+    with pytest.raises(ValueError, match="the expert width m 8 has no power-of-two block in \\[16, 32\\]"):
+        pallas_ffn(ffn, x, jnp.arange(5, dtype=jnp.int32), jnp.ones((1, 5)), interpret=False)
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp: pallas dispatch: the expert width m 8"):
+        with_dispatch(moes[16, 1, 4], "pallas", pallas=PallasOptions(interpret=False))
+
+
+def test_kernels_lower_to_triton_for_cuda():
+    """The 1B shape's kernels (E = 16, D = 2048, m = 512, bf16) lower for CUDA on any host: the Triton lowering
+    accepts the dynamic expert index, the block shapes and the dot (compilation to PTX happens on the GPU)."""
+    e, d, m, q = 16, 2048, 512, 4
+    bf = jnp.bfloat16
+    spec = jax.ShapeDtypeStruct
+
+    def ffn(idx, w, x, gate, up, down):
+        h = expert_hidden_kernel(idx, x, gate, up, act=activation("silu"), interpret=False)
+        return expert_combine_kernel(idx, w, h, down, interpret=False)
+
+    lowered = jax.jit(ffn).trace(spec((q,), jnp.int32), spec((q, 16), jnp.float32), spec((16, d), bf),
+                                 spec((e, d, m), bf), spec((e, d, m), bf), spec((e, m, d), bf)).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
+
+
+def test_a_decode_step_lowers_to_triton_for_cuda(moes):
+    """One cached decode step of a pallas-dispatched model (PallasOptions(interpret=False): Triton even on a CPU
+    host) lowers for CUDA with the two kernels per layer."""
+    fast = with_dispatch(moes[4, 0, 1], "pallas", pallas=PallasOptions(interpret=False))
+    graphdef, state = nnx.split(fast)
+
+    def step(state, tok_Bx1):
+        model = nnx.merge(graphdef, state)
+        return model(tok_Bx1, cache=model.init_cache(1, 8))[0]
+
+    lowered = jax.jit(step).trace(state, jnp.zeros((1, 1), jnp.int32)).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2 * LLAMA["num_layers"]
