@@ -207,10 +207,22 @@ def test_pread_store_reads_what_safetensors_wrote(tmp_path):
         for k, v in tensors.items():
             assert store.shape(k) == v.shape and store.dtype(k) == v.dtype
             got = store[k]
-            assert got.dtype == v.dtype
+            assert got.dtype == v.dtype and (got.size == 0 or got.ctypes.data % X.HOST_ALIGNMENT == 0)
             np.testing.assert_array_equal(got.astype(np.float64), v.astype(np.float64), err_msg=k)
     with pytest.raises(KeyError, match="'zzz'"):
         X.PreadStore(tmp_path / "one.safetensors")["zzz"]
+
+
+@pytest.mark.parametrize("shape,dtype", [((1 << 20,), np.float32), ((1000, 3), BF16), ((0, 4), np.int8), ((), np.int64)])
+def test_aligned_empty_starts_at_64_bytes_and_is_adopted_by_jax(shape, dtype):
+    """A 64-byte-aligned host buffer goes onto jax's CPU device without a copy (what the read-ahead relies on);
+    numpy's own large buffers start 16 bytes past a page and are copied."""
+    a = X.aligned_empty(shape, dtype)
+    assert a.shape == shape and a.dtype == np.dtype(dtype) and a.flags.c_contiguous
+    assert a.size == 0 or a.ctypes.data % 64 == 0
+    if a.size > 1000 and jax.default_backend() == "cpu":
+        a[...] = 1
+        assert jax.device_put(a, jax.devices()[0]).unsafe_buffer_pointer() == a.ctypes.data
 
 
 def test_pread_store_truncated_file(tmp_path):
