@@ -4,6 +4,7 @@ fine-tuning (and against PEFT + transformers on a CUDA GPU, in the same run).
     python scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --steps 10 --train_batch 16
     python scripts/bench_adapters.py --shape 135m --batch 64 --seq 512 --steps 10 --out results/adapters.jsonl
     python scripts/bench_adapters.py --shape tiny --batch 4 --seq 16 --steps 1 --warmup 1 --train_batch 2  # CPU
+    python scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --factor_dtype bfloat16  # --mixed_path gather
 
 A llama of the shape (random weights; 135m: SmolLM2-135M, 1b: experiments/pretrain.py:1b; tiny: CPU tests) with
 LoRA rank --rank (alpha = 2 x rank) on every Linear of attention and MLP (--targets). One JSON line per
@@ -13,8 +14,13 @@ measurement, on stdout and appended to --out:
                   --batch rows, as jitted `model(ids)`: `base_s` (no adapter), `single_s` (one LoRA adapter
                   attached: bricks.adapters.attach), `mixed_s` (bricks.adapters.mix of --adapters (default
                   --batch) LoRA adapters, row b using adapter b mod N), `mixed_one_s` (the same mixed model, every
-                  row adapter 0: the cost of the gathers alone); ratio = mixed_s / single_s (goal <= 1.3).
-                  Serving precision: weights in the compute dtype, adapters float32 (as PEFT keeps them).
+                  row adapter 0: the same program, other ids); ratio = mixed_s / single_s (goal <= 1.3).
+                  Serving precision: weights in the compute dtype, adapters float32 (as PEFT keeps them), or the
+                  mixed model's stacked LoRA factors in --factor_dtype (mix(..., factor_dtype=...)).
+                  `mixed_path`: the LoRA path of the mixed rows (bricks/adapters/mixed.py, "Cost"), by shape unless
+                  --mixed_path forces it: 'all_adapters' when batch x T <= SMALL_BATCH_ROWS (128) and adapters <=
+                  2 x batch (the T = 1 row at --batch 64: the decode step of issue 12; both tiny CPU rows), else
+                  'gather' (the T = --seq row at --batch 64 --seq 512).
   bench=train     (method full | lora | dora): the trainer's own step (train.trainer.make_train_step, AdamW of
                   train/optim.py, donated state) on --train_batch x --seq random tokens: float32 master weights,
                   compute dtype --dtype; full trains every parameter, lora / dora only the adapter leaves
@@ -161,7 +167,8 @@ def bench_forward(args, seqs: list[int]) -> list[dict]:
     from flax import nnx
 
     from configurable_fm.bricks import adapters
-    from configurable_fm.bricks.adapters.mixed import mix, with_adapter_ids
+    from configurable_fm.bricks.adapters.mixed import (mix, uses_small_batch_path, with_adapter_ids,
+                                                       with_small_batch_path)
     from configurable_fm.models.factory import build_model
 
     dtype = jnp.dtype(args.dtype)
@@ -171,7 +178,10 @@ def bench_forward(args, seqs: list[int]) -> list[dict]:
     t0 = time.perf_counter()
     singles = [adapters.attach(base, "lora", targets, rank=args.rank, alpha=2 * args.rank, init="random", seed=i)
                for i in range(n)]
-    mixed = mix(base, singles)
+    mixed = mix(base, singles, factor_dtype=args.factor_dtype)
+    forced = {"auto": None, "all_adapters": True, "gather": False}[args.mixed_path]
+    if forced is not None:
+        mixed = with_small_batch_path(mixed, forced)
     build_s = time.perf_counter() - t0
     models = [("base", base), ("single", singles[0]), ("mixed", with_adapter_ids(mixed, np.arange(args.batch) % n)),
               ("mixed_one", with_adapter_ids(mixed, np.zeros(args.batch, np.int32)))]
@@ -191,8 +201,11 @@ def bench_forward(args, seqs: list[int]) -> list[dict]:
         for name, model in models:
             fn, state = forward(model)
             times[f"{name}_s"], times[f"{name}_compile_s"] = timed(fn, (state, tokens), args.steps, args.warmup)
+        small = uses_small_batch_path(args.batch * seq, args.batch, n) if forced is None else forced
         rows.append({"bench": "forward", "shape": args.shape, "batch": args.batch, "seq": seq, "adapters": n,
-                     "rank": args.rank, "dtype": args.dtype, **times, "ratio": times["mixed_s"] / times["single_s"],
+                     "rank": args.rank, "dtype": args.dtype, "factor_dtype": args.factor_dtype or "float32",
+                     "mixed_path": "all_adapters" if small else "gather", **times,
+                     "ratio": times["mixed_s"] / times["single_s"],
                      "goal": 1.3, "tokens_per_s_mixed": args.batch * seq / times["mixed_s"],
                      "build_adapters_s": build_s, "device": jax.devices()[0].device_kind})
     return rows
@@ -256,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default=TARGETS, help="comma-separated module globs")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="compute dtype (default: float32 for tiny, bfloat16 otherwise)")
+    p.add_argument("--factor_dtype", choices=["bfloat16", "float32"], default=None,
+                   help="dtype of the mixed model's stacked LoRA factors (default: the adapters' own, float32)")
+    p.add_argument("--mixed_path", choices=["auto", "all_adapters", "gather"], default="auto",
+                   help="the mixed rows' LoRA path (default: by shape, bricks.adapters.mixed.uses_small_batch_path)")
     p.add_argument("--no_peft", action="store_true", help="skip the PEFT + transformers anchor")
     p.add_argument("--out", default="")
     p.add_argument("--anchor", choices=["lora", "dora"], help=argparse.SUPPRESS)  # the PEFT subprocess

@@ -11,7 +11,8 @@ import pytest
 from tests.helpers import ROOT, load_script
 
 FORWARD_KEYS = {"base_s", "single_s", "mixed_s", "mixed_one_s", "ratio", "goal", "adapters", "batch", "seq",
-                "base_compile_s", "single_compile_s", "mixed_compile_s", "tokens_per_s_mixed", "device"}
+                "base_compile_s", "single_compile_s", "mixed_compile_s", "tokens_per_s_mixed", "device",
+                "factor_dtype", "mixed_path"}
 TRAIN_KEYS = {"method", "step_s", "tokens_per_s", "compile_s", "loss", "trainable_params", "train_batch", "seq"}
 SUMMARY_KEYS = {"mixed_over_single", "mixed_over_single_decode", "mixed_goal", "mixed_ok", "lora_over_full",
                 "dora_over_lora", "dora_goal", "dora_ok", "ours_over_peft_lora", "ours_over_peft_dora"}
@@ -39,6 +40,7 @@ def test_tiny_run_prints_every_row(tmp_path):
     assert [r["seq"] for r in by["forward"]] == [16, 1]
     for r in by["forward"]:
         assert FORWARD_KEYS <= set(r) and r["adapters"] == 4 and r["dtype"] == "float32"
+        assert r["mixed_path"] == "all_adapters" and r["factor_dtype"] == "float32"  # 4 x 16 and 4 x 1 rows
         assert r["ratio"] == pytest.approx(r["mixed_s"] / r["single_s"]) and r["mixed_s"] > 0
     assert [r["method"] for r in by["train"]] == ["full", "lora", "dora"]
     train = {r["method"]: r for r in by["train"]}

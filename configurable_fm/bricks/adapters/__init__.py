@@ -33,7 +33,8 @@ from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinea
 from configurable_fm.bricks.adapters.prompts import INITS as VIRTUAL_TOKEN_INITS, attach_virtual_tokens
 from configurable_fm.models.virtual_tokens import VirtualTokenParam, VirtualTokens
 from configurable_fm.bricks.adapters.mixed import (BASE_ID, AdapterIds, AdapterScale, MixedLinear, mix, mixed_modules,
-                                                   unmix, with_adapter_ids)
+                                                   unmix, uses_small_batch_path, with_adapter_ids,
+                                                   with_small_batch_path)
 from configurable_fm.interop.peft import from_peft, read_peft, to_peft
 
 __all__ = [
@@ -41,7 +42,8 @@ __all__ = [
     "adapter_bricks", "attach_bricks", "save_adapter", "load_adapter", "from_peft", "read_peft", "to_peft",
     "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",
     "AdapterError", "ADAPTER_TYPES", "lora_dropout", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
-    "DEFAULT_ALPHA", "mix", "with_adapter_ids", "unmix", "mixed_modules", "MixedLinear", "AdapterIds",
+    "DEFAULT_ALPHA", "mix", "with_adapter_ids", "with_small_batch_path", "uses_small_batch_path", "unmix",
+    "mixed_modules", "MixedLinear", "AdapterIds",
     "AdapterScale", "BASE_ID", "combine", "combine_exact", "CombineReport", "peft_merge", "check_options",
     "COMBINATIONS", "attach_bottleneck", "bottleneck_targets", "BottleneckLinear", "BottleneckParam",
     "BOTTLENECK_INITS", "NON_LINEARITIES", "check_mergeable", "attach_virtual_tokens", "VirtualTokens", "VirtualTokenParam", "VIRTUAL_TOKEN_INITS",

@@ -6,6 +6,8 @@
     logits_BxTxV = m(ids_BxT)                      # row b: the logits of adapter ids[b] attached alone
     out_BxL = generate(m, prompts_BxT, max_new_tokens=32)   # KV cache; ids traced: no recompilation per ids
     plain = unmix(mixed)                           # the base back: plain Linears, the same arrays
+    served = mix(base, adapters, factor_dtype=jnp.bfloat16)   # LoRA factors stored in bfloat16 (serving)
+    m = with_small_batch_path(m, False)            # force the gather LoRA path (default: by shape; "Cost" below)
 
 Every Linear targeted by at least one adapter becomes a `MixedLinear` at the same path. It keeps the base `kernel`
 W (in, out) and `bias` b, shared by all rows (one matmul for the whole batch), and stacks the adapters' factors
@@ -46,14 +48,38 @@ shape and dtype). A mixed model without ids (`mix(..., ids=None)`) refuses to ru
 
 Cost per MixedLinear and call, x with M = B·T rows of `in` features (T: the positions per batch row):
     base:   2·M·in·out FLOPs, one matmul shared by every row (the same as the base model);
-    LoRA:   gathers A[ids] (B, in, r) and B[ids] (B, r, out) — B·r·(in + out) values materialised, read from
-            the N·r·(in + out) stored — then two batched matmuls, 2·M·r·(in + out) FLOPs: as one LoRA adapter
-            over the batch, whatever N is (PEFT's masked path instead runs each adapter on its sub-batch, N passes);
+    LoRA:   one of two paths, equal in value to float rounding (the tests: <= 1e-5 on float32 logits, the same
+            greedy tokens), chosen from the static shapes (`uses_small_batch_path`) unless a module's
+            `small_batch_path` is set (True / False; `with_small_batch_path`, a runtime choice, not in the
+            structure spec or checkpoints):
+      gather (large M): gathers A[ids] (B, in, r) and B[ids] (B, r, out) — B·r·(in + out) values materialised
+            (written, then read again), read from the N·r·(in + out) stored — then two batched matmuls,
+            2·M·r·(in + out) FLOPs: as one LoRA adapter over the batch, whatever N is (PEFT's masked path instead
+            runs each adapter on its sub-batch, N passes). At decode (T = 1) the copies are ~3x the bytes of the
+            factors and dominate the step;
+      all adapters (small M): every adapter's down-projection at once, selected per row by a one-hot mask
+            e (B, N), e[b, n] = [ids[b] = n] (all zero for BASE_ID and out-of-range rows):
+              xa_all = x A_flat                         A_flat (in, N·r): A (N, in, r) transposed  (B, ..., N, r)
+              xa     = Σ_n e[b, n] xa_all[b, ..., n, :]                                            (B, ..., r)
+              z      = e[b, n] xa[b, ..., :]            laid out as (B, ..., N·r)
+              Δ      = s[i] · z B_flat                  B_flat (N·r, out): B (N, r, out) reshaped  (B, ..., out)
+            (the selections are `where` masks: one non-zero term per sum, so xa is exactly the row's own x A[i];
+            the zero blocks of z meet the other adapters' B). Each factor is read once and nothing is gathered;
+            the price is 2·M·N·r·(in + out) FLOPs, N·r·(in + out) / (in·out) of the base matmul's (1b llama,
+            N = 64, r = 16: 0.6x-2.5x per projection), hidden only while the step is memory-bound: the extra
+            FLOPs per factor byte are 2·M / bytes-per-value, below an H200's ~100-200 FLOP/byte (TF32 / bf16
+            tensor cores against 4.8 TB/s) for M <= SMALL_BATCH_ROWS = 128. It reads all N adapters' factors
+            (N·r·(in + out), plus a transposing copy of A unless XLA hoists it, e.g. out of generate's loop)
+            where the gather path reads and copies ~3·B·r·(in + out): so it is chosen only when also
+            N <= SMALL_BATCH_ADAPTERS_PER_ROW · B = 2·B (a decode step of 64 rows over 64 adapters: yes; one row
+            over 64 adapters: no). An adapter with non-finite factors would make every row NaN on this path
+            (0 · inf), not only its own rows;
     DoRA:   gathers m[ids], n[ids] (B, out) and adds ~4·M·out elementwise operations (the norm is precomputed);
     IA3:    gathers (B, in) / (B, out) and M·in / M·out multiplications.
-Memory: N·r·(in + out) (+ 2·N·out DoRA, N·in / N·out IA3) stored, against N·in·out to keep N merged copies. When
-many rows share few adapters (B >> N) the gather copies each adapter's factors once per row; a grouped (segment)
-matmul would avoid that copy and is not implemented.
+Memory: N·r·(in + out) (+ 2·N·out DoRA, N·in / N·out IA3) stored, against N·in·out to keep N merged copies;
+`mix(..., factor_dtype=jnp.bfloat16)` halves the LoRA factors' share (vLLM and S-LoRA serve adapters in the model
+dtype). When many rows share few adapters (B >> N) the gather path copies each adapter's factors once per row; a
+grouped (segment) matmul would avoid that copy and is not implemented.
 
 The mixed model is for serving. Its stacked factors are AdapterParams (`adapter_state` lists them), but a DoRA
 norm is a snapshot taken by `mix`, not recomputed if the factors are trained. MixedLinear is a registered
@@ -63,6 +89,7 @@ refuse it by name (`unmix` it, or export each adapter from its own model).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -86,6 +113,18 @@ from configurable_fm.models.taps import tapped
 BASE_ID = -1  # the row id that means "the base model alone"
 KIND = "mixed_adapters"  # the models.structure extension kind of MixedLinear
 _LISTED = 8
+# The all-adapters LoRA path (module docstring) when M = B·T <= SMALL_BATCH_ROWS (its extra FLOPs then hide under
+# the factor reads on an H200) and N <= SMALL_BATCH_ADAPTERS_PER_ROW · B (it then reads no more factor bytes than
+# the gather path copies); else the gather path.
+SMALL_BATCH_ROWS = 128
+SMALL_BATCH_ADAPTERS_PER_ROW = 2
+
+
+def uses_small_batch_path(rows: int, batch: int, adapters: int) -> bool:
+    """Whether a MixedLinear takes the all-adapters LoRA path by default (module docstring, "Cost"): for an input
+    of `rows` = M = B·T rows, `batch` = B batch rows and `adapters` = N stacked adapters, M <= SMALL_BATCH_ROWS and
+    N <= SMALL_BATCH_ADAPTERS_PER_ROW · B. Static: shapes only, never the ids' values."""
+    return rows <= SMALL_BATCH_ROWS and adapters <= SMALL_BATCH_ADAPTERS_PER_ROW * batch
 
 
 class AdapterIds(nnx.Variable):
@@ -101,8 +140,41 @@ def _per_row(v_BxK: jax.Array, ndim: int) -> jax.Array:
     return v_BxK.reshape(v_BxK.shape[:1] + (1,) * (ndim - 2) + v_BxK.shape[1:])
 
 
+def lora_gathered(x, a_NxIxR: jax.Array, b_NxRxO: jax.Array, idx_B: jax.Array) -> jax.Array:
+    """(x A[i]) B[i] per row, i = idx_B[b] in 0..N-1, by gathering each row's factors (the gather path).
+
+    x: (B, ..., in); A: (N, in, r); B: (N, r, out); idx: (B,) int. Gathers A[idx] (B, in, r) and B[idx]
+    (B, r, out), cast to x's dtype, then two batched matmuls: (B, ..., out) in x's dtype."""
+    a_BxIxR = jnp.take(a_NxIxR, idx_B, axis=0).astype(x.dtype)
+    b_BxRxO = jnp.take(b_NxRxO, idx_B, axis=0).astype(x.dtype)
+    xa = jnp.einsum("b...i,bir->b...r", x, a_BxIxR)
+    return jnp.einsum("b...r,bro->b...o", xa, b_BxRxO)
+
+
+def lora_all_adapters(x, a_NxIxR: jax.Array, b_NxRxO: jax.Array, ids_B: jax.Array) -> jax.Array:
+    """(x A[i]) B[i] per row, i = ids_B[b], by running every adapter's down-projection and selecting one-hot (the
+    all-adapters path; module docstring): no per-row copy of the factors. A row whose id is outside 0..N-1
+    (BASE_ID, or out of range) gets 0.
+
+    x: (B, ..., in); A: (N, in, r); B: (N, r, out), cast to x's dtype; ids: (B,) int. Returns (B, ..., out) in
+    x's dtype.
+        xa_all = x A_flat (B, ..., N, r);  xa = Σ_n e[b, n] xa_all[b, ..., n]  (B, ..., r)
+        z = e[b, n] xa[b, ...] (B, ..., N·r);  z B_flat (B, ..., out)
+    with e[b, n] = [ids[b] = n], applied as `where` masks (exact selections)."""
+    n, _, r = a_NxIxR.shape
+    e_BxNx1 = _per_row(ids_B[:, None] == jnp.arange(n, dtype=ids_B.dtype), x.ndim)[..., None]  # (B, 1.., N, 1)
+    xa_all = jnp.einsum("b...i,nir->b...nr", x, a_NxIxR.astype(x.dtype))
+    zero = jnp.zeros((), xa_all.dtype)
+    xa = jnp.where(e_BxNx1, xa_all, zero).sum(axis=-2)
+    z = jnp.where(e_BxNx1, xa[..., None, :], zero).reshape(xa.shape[:-1] + (n * r,))
+    return jnp.dot(z, b_NxRxO.astype(x.dtype).reshape(n * r, b_NxRxO.shape[2]))
+
+
 class MixedLinear(Linear):
-    """A Linear with N stacked adapters, one chosen per batch row by `adapter_ids` (module docstring)."""
+    """A Linear with N stacked adapters, one chosen per batch row by `adapter_ids` (module docstring).
+
+    small_batch_path: the LoRA path, a runtime setting (graph, not state; not in `options`): None (default) by
+    shape (`uses_small_batch_path`), True the all-adapters path, False the gather path (`with_small_batch_path`)."""
 
     OPTIONS = {"kinds": (list, None), "rank": (int, 0), "dora": (bool, False), "ia3_in": (bool, False),
                "ia3_out": (bool, False), "batch": (int, 0)}
@@ -136,6 +208,7 @@ class MixedLinear(Linear):
         self.ia3_in = make_variable(IA3Param, jnp.ones((n, d_in), dtype), in_axes) if ia3_in else None
         self.ia3_out = make_variable(IA3Param, jnp.ones((n, d_out), dtype), out_axes) if ia3_out else None
         self.adapter_ids = AdapterIds(jnp.zeros((batch,), jnp.int32))
+        self.small_batch_path: bool | None = None
 
     @classmethod
     def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "MixedLinear":
@@ -190,13 +263,17 @@ class MixedLinear(Linear):
         y = xw + self.bias[...].astype(dtype) if self.bias is not None else xw
         ld = dtype
         if self.lora_a is not None:  # LoRALinear._lora: s · (x A) B in the adapter's dtype
-            a = self.lora_a[...]
+            a, b = self.lora_a[...], self.lora_b[...]
             ld = jnp.result_type(dtype, a.dtype)
-            a_BxIxR = jnp.take(a, idx_B, axis=0).astype(ld)
-            b_BxRxO = jnp.take(self.lora_b[...], idx_B, axis=0).astype(ld)
+            small = self.small_batch_path
+            if small is None:
+                small = uses_small_batch_path(math.prod(x.shape[:-1]), ids_B.shape[0], n)
+            if small:
+                xab = lora_all_adapters(xd.astype(ld), a, b, ids_B)
+            else:
+                xab = lora_gathered(xd.astype(ld), a, b, idx_B)
             s_B = jnp.where(valid_B, jnp.take(self.lora_scale[...], idx_B), 0).astype(ld)
-            xa = jnp.einsum("b...i,bir->b...r", xd.astype(ld), a_BxIxR)
-            lora = jnp.einsum("b...r,bro->b...o", xa, b_BxRxO) * _per_row(s_B[:, None], nd)
+            lora = xab * _per_row(s_B[:, None], nd)
             if self.lora_magnitude is not None:  # DoRALinear: y + ((f - 1) · base + f · lora)
                 f = _per_row(rows(self.lora_magnitude, 1).astype(ld) / rows(self.lora_weight_norm, 1).astype(ld), nd)
                 base = y.astype(ld) - self.bias[...].astype(ld) if self.bias is not None else xw.astype(ld)
@@ -296,7 +373,18 @@ def _stack_values(lin: Linear, entries: list) -> tuple[dict, dict]:
     return options, values
 
 
-def mix(base, adapted: Sequence, *, ids=None) -> nnx.Module:
+def _checked_factor_dtype(dtype) -> np.dtype:
+    """`dtype` as a numpy dtype; AdapterError unless it is a floating dtype."""
+    try:
+        checked = jnp.dtype(dtype)
+    except TypeError:
+        checked = None
+    if checked is None or not jnp.issubdtype(checked, jnp.floating):
+        raise AdapterError(f"mix: factor_dtype must be a floating dtype (e.g. jnp.bfloat16) or None, got {dtype!r}")
+    return checked
+
+
+def mix(base, adapted: Sequence, *, ids=None, factor_dtype=None) -> nnx.Module:
     """A new model serving the N adapters of `adapted` at once, one per batch row (module docstring).
 
     base: the plain model (no adapters). adapted: N >= 1 items, each a model of `base` with LoRA / rsLoRA / DoRA /
@@ -305,10 +393,20 @@ def mix(base, adapted: Sequence, *, ids=None) -> nnx.Module:
     different modules, with different kinds and ranks. ids: the row ids, as `with_adapter_ids` (None: set them
     later). `base` and the adapted models are untouched; the base arrays are shared, not copied.
 
+    factor_dtype: the dtype of the stacked LoRA / DoRA factors `lora_a`, `lora_b` (None: the adapters' own,
+    float32 for a lower-precision base, as PEFT keeps them; e.g. jnp.bfloat16 to serve them in the model dtype,
+    as vLLM and S-LoRA do: half the bytes, and with a bfloat16 compute dtype the LoRA terms then run in
+    bfloat16). The DoRA norm is computed from the adapters' own factors before the cast; the per-output vectors
+    (DoRA magnitude and norm, IA3 scales: N·out values) keep the adapters' dtype. A serving setting, not part of
+    the structure: `models.factory.with_compute_dtype` (float32 master weights) and a checkpoint restored by
+    `load_model` (parameters in its `dtype`) hold the factors in float32 again, with the same values.
+
     AdapterError naming the module or parameter: a base with adapters; an item without adapters, with merged ones
     or that is not a model or brick set; an adapted model whose other parameters differ from the base's in paths,
-    shapes or values (adapters of another base); a brick set that does not fit the base.
+    shapes or values (adapters of another base); a brick set that does not fit the base; a factor_dtype that is
+    not a floating dtype.
     """
+    factor_dtype = None if factor_dtype is None else _checked_factor_dtype(factor_dtype)
     if isinstance(adapted, (nnx.Module, BrickSet, Brick, str)) or not isinstance(adapted, Sequence) or not adapted:
         raise AdapterError(f"mix: give a non-empty list of adapted models or adapter brick sets, got "
                            f"{type(adapted).__name__}")
@@ -355,6 +453,11 @@ def mix(base, adapted: Sequence, *, ids=None) -> nnx.Module:
         options, values = _stack_values(node, per_path[path])
         specs.append({"path": path, "kind": KIND, "options": options, "values": values})
     mixed = attach_built(base, specs)
+    if factor_dtype is not None:  # after attach_built, which casts values to the modules' own dtype
+        for m in mixed_modules(mixed).values():  # mixed is a new model: set its own leaves
+            if m.lora_a is not None:
+                m.lora_a = m.lora_a.replace(m.lora_a.get_value().astype(factor_dtype))
+                m.lora_b = m.lora_b.replace(m.lora_b.get_value().astype(factor_dtype))
     return mixed if ids is None else with_adapter_ids(mixed, ids)
 
 
@@ -395,6 +498,23 @@ def with_adapter_ids(model, ids) -> nnx.Module:
     for _, m in nnx.iter_modules(new):
         if isinstance(m, MixedLinear):
             m.adapter_ids = m.adapter_ids.replace(ids_B)
+    return new
+
+
+def with_small_batch_path(model, use: bool | None) -> nnx.Module:
+    """A new model whose mixed-adapter modules take the all-adapters LoRA path (use=True), the gather path
+    (False), or choose by shape (None, the default: `uses_small_batch_path`); module docstring, "Cost". Both give
+    the same values to float rounding. A runtime setting: it changes the compiled program (the graph), not the
+    state, the structure spec or checkpoints. The arrays are shared; `model` is untouched. AdapterError when `use`
+    is not True, False or None, or the model has no mixed-adapter modules."""
+    if not (use is None or isinstance(use, bool)):
+        raise AdapterError(f"with_small_batch_path: use must be True, False or None, got {use!r}")
+    if not mixed_modules(model):
+        raise AdapterError("with_small_batch_path: the model has no mixed-adapter modules (bricks.adapters.mix)")
+    new = nnx.clone(model)
+    for _, m in nnx.iter_modules(new):
+        if isinstance(m, MixedLinear):
+            m.small_batch_path = use
     return new
 
 
