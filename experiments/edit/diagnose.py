@@ -1,7 +1,7 @@
 """Why does an edit not take? MEMIT steps on a study's model, taken apart stage by stage.
 
     python -m experiments.edit.diagnose --study DIR [--n 32] [--batches 1,16] [--windows 0,1,2;0] \
-        [--lambda_rels 2] [--ridges 0,1e-3]
+        [--lambda_rels 2] [--ridges 0,1e-3] [--v_steps 25,100] [--stats_tokens 200000]
 
 Reads a study directory of experiments/edit/lifelong.py (model, world, edit stream, cached key statistics) and, for
 every combination of the options, edits the first `n` requests of the stream `batch` at a time, each batch from the
@@ -21,11 +21,14 @@ the study's value settings). Per combination it prints one line and writes all o
   ES PS NS     the scores (%) of the edited requests after their step (experiments/edit/README.md)
 
 `ridge` r > 0 solves with C + r (tr C / F) I instead of C (a relative ridge: lambda then also holds the dead key
-directions); 0 is MEMIT as published. The key spectrum of every layer is printed first (lifelong.key_spectrum).
+directions); 0 is MEMIT as published. `v_steps`: the value optimisation's Adam steps (default: the study size's).
+`stats_tokens`: the tokens of the key statistics (default: the size's; fewer for a quicker CPU look, cached
+separately). The key spectrum of every layer is printed first (lifelong.key_spectrum).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -131,9 +134,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lambda_rels", type=numbers(float), default=[], help="comma-separated (default: the study's)")
     ap.add_argument("--ridges", type=numbers(float), default=[0.0], help="relative ridges, comma-separated (module "
                                                                        "docstring)")
+    ap.add_argument("--v_steps", type=numbers(int), default=[], help="value optimisation steps, comma-separated "
+                                                                     "(default: the study's)")
+    ap.add_argument("--stats_tokens", type=int, default=0, help="tokens of the key statistics (default: the study's)")
     args = ap.parse_args(argv)
-    if args.n < 1 or any(b < 1 for b in args.batches):
-        ap.error("--n and --batches must be at least 1")
+    if args.n < 1 or any(b < 1 for b in args.batches) or any(v < 1 for v in args.v_steps) or args.stats_tokens < 0:
+        ap.error("--n, --batches and --v_steps must be at least 1, --stats_tokens at least 0")
     import jax
 
     jax.config.update("jax_default_matmul_precision", "float32")
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
     except UserError as e:
         ap.error(str(e))
     size, seed, world, model, tok = st.size, st.seed, st.world, st.model, st.world.tokenizer
+    if args.stats_tokens:
+        size = dataclasses.replace(size, stats_tokens=args.stats_tokens)
     stream = st.stream[:args.n]
     windows = args.windows or [tuple(size.window)]
     layers = sorted({l for w in windows for l in w})
@@ -161,11 +169,12 @@ def main(argv=None) -> int:
     evaluator = Evaluator(tok, stream, metrics=("probability",), bos_id=0)
     results = {}
     lambda_rels = args.lambda_rels or [size.lambda_rel]
-    for window, batch, lam, ridge in itertools.product(windows, args.batches, lambda_rels, args.ridges):
-        plan = L.make_plan("memit", size, world, args.n, {"memit": {"layers": list(window), "batch": batch,
-                                                                    "lambda_rel": lam}})
+    for window, batch, lam, ridge, steps in itertools.product(windows, args.batches, lambda_rels, args.ridges,
+                                                              args.v_steps or [size.v_steps]):
+        plan = L.make_plan("memit", dataclasses.replace(size, v_steps=steps), world, args.n,
+                           {"memit": {"layers": list(window), "batch": batch, "lambda_rel": lam}})
         plan = L.resolve_hparams(plan, model, tok, stats, stream)[0]
-        name = f"memit layers {list(window)} batch {batch} lambda_rel {lam:g} ridge {ridge:g}"
+        name = f"memit layers {list(window)} batch {batch} lambda_rel {lam:g} ridge {ridge:g} v_steps {steps}"
         t = time.perf_counter()
         r = run_variant(model, tok, stats, dead, stream, evaluator, plan, batch=batch, ridge=ridge)
         r["seconds"] = round(time.perf_counter() - t, 1)

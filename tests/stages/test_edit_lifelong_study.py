@@ -143,9 +143,10 @@ def test_diagnose_runs_on_the_study(study):
     from experiments.edit import diagnose
 
     out, _ = study
-    assert diagnose.main(["--study", str(out), "--n", "4", "--batches", "4,1", "--ridges", "0,0.01"]) == 0
+    assert diagnose.main(["--study", str(out), "--n", "4", "--batches", "4,1", "--ridges", "0,0.01",
+                          "--v_steps", "2,4", "--stats_tokens", "2000"]) == 0
     res = json.loads((out / "diagnose.json").read_text())
-    assert len(res) == 4
+    assert len(res) == 8 and sum(name.endswith("v_steps 4") for name in res) == 4
     for name, r in res.items():
         assert np.isfinite(r["value_loss"]) and r["n"] == 4 and 0 <= r["ES"] <= 100
         for layer in r["layers"].values():
@@ -161,3 +162,6 @@ def test_diagnose_bad_input_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         diagnose.main(["--study", str(tmp_path), "--batches", "1,x"])
     assert "'1,x' is not a comma-separated list of int" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        diagnose.main(["--study", str(tmp_path), "--v_steps", "0"])
+    assert "--v_steps must be at least 1" in capsys.readouterr().err
