@@ -13,4 +13,5 @@ PYTHON=${PYTHON:-python3}
 # same tiny models and steps in many tests) compile once. Kept in .pytest_cache/ (ignored by git).
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.pytest_cache/jax}"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --durations=25 "$@"
+# worksteal: an idle worker takes queued tests from the busy one (the durations vary from 0.01 to 50 s)
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=25 "$@"

@@ -216,6 +216,16 @@ def _token_block(n: int, bound: int) -> int:
     return b
 
 
+def _padded_token_block(n: int, bound: int) -> int:
+    """bn = _token_block(n, bound) for kernel inputs of n token rows; ValueError unless bn divides n (the kernels
+    take inputs padded to a multiple of it: pallas_ffn pads them)."""
+    bn = _token_block(n, bound)
+    if n % bn:
+        raise ValueError(f"pallas dispatch: {n} token rows are not a multiple of the token block {bn}: pad them "
+                         "(pallas_ffn does)")
+    return bn
+
+
 def _hidden_kernel(idx_ref, x_ref, *refs, act, gated: bool, biased: bool, bm: int, bd: int):
     """One program: h[q, t-block, j-block] for expert e = idx[q] (module docstring)."""
     refs = list(refs)
@@ -287,10 +297,7 @@ def expert_hidden_kernel(idx_Q, x_NxD, gate_ExDxM, up_ExDxM, gate_bias_ExM=None,
     n, d = x_NxD.shape
     m = up_ExDxM.shape[-1]
     least = 1 if interpret else DOT_MIN
-    bn = _token_block(n, options.tokens)
-    if n % bn:
-        raise ValueError(f"pallas dispatch: {n} token rows are not a multiple of the token block {bn}: pad them "
-                         "(pallas_ffn does)")
+    bn = _padded_token_block(n, options.tokens)
     bm = _block(m, options.neurons, "the expert width m", least)
     bd = _block(d, options.width, "the model width D", least)
     gated, biased = gate_ExDxM is not None, up_bias_ExM is not None
@@ -310,10 +317,7 @@ def expert_combine_kernel(idx_Q, w_QxN, h_QxNxM, down_ExMxD, *, options: PallasO
     q, n, m = h_QxNxM.shape
     d = down_ExMxD.shape[-1]
     least = 1 if interpret else DOT_MIN
-    bn = _token_block(n, options.tokens)
-    if n % bn:
-        raise ValueError(f"pallas dispatch: {n} token rows are not a multiple of the token block {bn}: pad them "
-                         "(pallas_ffn does)")
+    bn = _padded_token_block(n, options.tokens)
     bo = _block(d, options.out, "the model width D", least)
     bk = _block(m, options.inner, "the expert width m", least)
     return pl.pallas_call(
