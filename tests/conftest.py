@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("CFM_COMPILATION_CACHE", "off")  # commands run in-process: no cache in ~/.cache
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -255,6 +255,14 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def in_notebook() -> bool:
+    """Whether this code runs in a Jupyter kernel: IPython's current shell is the kernel's (ZMQInteractiveShell).
+    Not merely `ipykernel` imported: a process that ran a notebook in-process (a test worker) imports it too."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 class ProgressBar:
     """Training progress: a tqdm bar on a terminal, log lines elsewhere (log files, CI, pipes).
 
@@ -274,7 +282,7 @@ class ProgressBar:
         file = file if file is not None else sys.stderr
         self.lines = False
         if disable is None:  # a terminal, or a notebook (tqdm.auto then draws a widget)
-            disable = not ((hasattr(file, "isatty") and file.isatty()) or "ipykernel" in sys.modules)
+            disable = not ((hasattr(file, "isatty") and file.isatty()) or in_notebook())
             self.lines = disable
         self._bar = tqdm(total=total_steps, initial=initial, desc=desc, disable=disable, file=file,
                          dynamic_ncols=True, unit="step")

@@ -1,5 +1,6 @@
 """MetricWriter (JSONL + TensorBoard, resume truncation), loss-curve plot, progress bar."""
 import io
+import sys
 import json
 
 import jax.numpy as jnp
@@ -105,3 +106,20 @@ def test_progress_bar():
     text = out.getvalue().split("\r")[-1]  # the final render (on close)
     assert "60/100" in text and "loss=2.5000" in text and "tok/s=12.3k" in text and "mfu=45.0%" in text
     assert "grad_norm=0.1235" in text
+
+
+def test_notebook_detection_needs_a_running_kernel(monkeypatch):
+    """ipykernel imported (as in a worker that ran a notebook in-process) is not a notebook: the bar stays off on a
+    non-terminal stream; a current IPython shell of the kernel's type is one."""
+    import types
+
+    from configurable_fm.train.metrics import in_notebook
+
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    ipython = types.ModuleType("IPython")
+    ipython.get_ipython = lambda: None
+    monkeypatch.setitem(sys.modules, "IPython", ipython)
+    assert not in_notebook() and ProgressBar(10, file=io.StringIO()).disabled
+    ZMQInteractiveShell = type("ZMQInteractiveShell", (), {})
+    ipython.get_ipython = lambda: ZMQInteractiveShell()
+    assert in_notebook()
