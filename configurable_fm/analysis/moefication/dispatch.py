@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import pallas as pl
 
-from configurable_fm.analysis.moefication.module import MoefiedMLP
+from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.taps import tap
 
@@ -178,21 +178,14 @@ def _weights(layer: MoefiedMLP):
 
 # ------------------------------------------------------------------------------------------------ gather (XLA)
 def gather_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ):
-    """y (N, D) = sum_q w_{:, q} h_q D_{idx_q} + b^d, the chosen experts' weights gathered with jnp.take."""
+    """y (N, D) = sum_q w_{:, q} h_q D_{idx_q} + b^d, the chosen experts' weights gathered with jnp.take (then the
+    masked forward's own arithmetic: module.expert_activations / expert_sum on the Q gathered experts)."""
     dtype = layer.dtype or x_NxD.dtype
-    xd = x_NxD.astype(dtype)
     wts = _weights(layer)
     take = lambda a: None if a is None else jnp.take(a, idx_Q, axis=0).astype(dtype)  # noqa: E731
-
-    def proj(w_QxDxM, b_QxM):
-        y = jnp.einsum("nd,qdm->nqm", xd, w_QxDxM)
-        return y if b_QxM is None else y + b_QxM
-
-    act = activation(layer.act)
-    up = proj(take(wts["up"]), take(wts["up_bias"]))
-    h_NxQxM = act(proj(take(wts["gate"]), take(wts["gate_bias"]))) * up if wts["gate"] is not None else act(up)
-    y = jnp.einsum("nqm,qmd->nd", h_NxQxM * w_NxQ[..., None].astype(dtype), take(wts["down"]))
-    return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
+    h_NxQxM = expert_activations(x_NxD, take(wts["up"]), take(wts["up_bias"]), take(wts["gate"]),
+                                 take(wts["gate_bias"]), act=layer.act, dtype=dtype)
+    return expert_sum(h_NxQxM, w_NxQ, take(wts["down"]), wts["down_bias"])
 
 
 # ------------------------------------------------------------------------------------------------ Pallas

@@ -92,6 +92,29 @@ def top_k_mask(scores, k: int):
     return jnp.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.float32), axis=-2)
 
 
+def expert_activations(x, up_ExDxM, up_bias_ExM, gate_ExDxM, gate_bias_ExM, *, act: str, dtype):
+    """h (..., E, m) = act(x G_e + b^g_e) * (x U_e + b^u_e) (gate None: act(x U_e + b^u_e)) in `dtype`, for the
+    experts whose weights are given (all of a MoefiedMLP's, or a gathered subset: dispatch.gather_ffn); biases may
+    be None."""
+    xd = x.astype(dtype)
+
+    def proj(w, b):
+        y = jnp.einsum("...d,edm->...em", xd, w.astype(dtype))
+        return y if b is None else y + b.astype(dtype)
+
+    up = proj(up_ExDxM, up_bias_ExM)
+    fn = activation(act)
+    return fn(proj(gate_ExDxM, gate_bias_ExM)) * up if gate_ExDxM is not None else fn(up)
+
+
+def expert_sum(hidden, weights, down_ExMxD, down_bias_D=None):
+    """y (..., D) = sum_e c_e h_e D_e + b^d in hidden's dtype: hidden (..., E, m), weights c (..., E), down (E, m, D)
+    (all experts, or a gathered subset with its weights)."""
+    dtype = hidden.dtype
+    y = jnp.einsum("...em,emd->...d", hidden * weights[..., None].astype(dtype), down_ExMxD.astype(dtype))
+    return y if down_bias_D is None else y + down_bias_D.astype(dtype)
+
+
 class OracleRouter(nnx.Module):
     """s_e = ||h_e||_2 (module docstring); no parameters."""
 
@@ -251,16 +274,9 @@ class MoefiedMLP(nnx.Module):
     # ---------------------------------------------------------------------------------------- computation
     def expert_hidden(self, x):
         """h (..., E, m): every expert's activations (module docstring), in the compute dtype."""
-        dtype = self.dtype or x.dtype
-        xd = x.astype(dtype)
-
-        def proj(w, b):
-            y = jnp.einsum("...d,edm->...em", xd, w[...].astype(dtype))
-            return y if b is None else y + b[...].astype(dtype)
-
-        up = proj(self.up_proj, self.up_bias)
-        act = activation(self.act)
-        return act(proj(self.gate_proj, self.gate_bias)) * up if self.gate_proj is not None else act(up)
+        get = lambda v: None if v is None else v[...]  # noqa: E731
+        return expert_activations(x, get(self.up_proj), get(self.up_bias), get(self.gate_proj), get(self.gate_bias),
+                                  act=self.act, dtype=self.dtype or x.dtype)
 
     def router_scores(self, x, hidden):
         """s (..., R) float32: the router's scores of the routed experts."""
@@ -289,9 +305,7 @@ class MoefiedMLP(nnx.Module):
 
     def combine(self, hidden, mask):
         """y (..., D) = sum_e c_e h_e D_e + b^d."""
-        dtype = hidden.dtype
-        y = jnp.einsum("...em,emd->...d", hidden * mask[..., None].astype(dtype), self.down_proj[...].astype(dtype))
-        return y if self.down_bias is None else y + self.down_bias[...].astype(dtype)
+        return expert_sum(hidden, mask, self.down_proj[...], None if self.down_bias is None else self.down_bias[...])
 
     @tapped
     def __call__(self, x_BxTxD):

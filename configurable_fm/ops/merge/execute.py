@@ -116,8 +116,9 @@ class PreadStore(Mapping[str, np.ndarray]):
     """Read-only {tensor name: numpy array} over a safetensors file or a sharded HF directory, without mmap.
 
     `store[name]` reads the tensor's bytes with os.preadv into a new array (one copy from the page cache; the
-    GIL is released during the read), 64-byte aligned (`aligned_empty`: put on the CPU device without a copy). Headers are parsed once; a tensor whose offsets do not fit its file raises
-    CheckpointError naming the file and the tensor. `shape(name)` and `dtype(name)` read nothing.
+    GIL is released during the read), 64-byte aligned (`aligned_empty`: put on the CPU device without a copy).
+    Headers are parsed once; a tensor whose offsets do not fit its file raises CheckpointError naming the file and
+    the tensor. `shape(name)` and `dtype(name)` read nothing.
     """
 
     def __init__(self, path: str | os.PathLike):
