@@ -32,7 +32,7 @@ authors' `mom2_adjustment: false` (C = I: u = k*), which EasyEdit's default YAML
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,9 @@ from flax import nnx
 
 from configurable_fm.bricks.deltas import Delta, LowRank
 from configurable_fm.bricks.paths import flat_params
-from configurable_fm.ops.update.keys import ROME_CONTEXT, Context, compute_keys, context_templates, flatten
-from configurable_fm.ops.update.requests import Request
+from configurable_fm.ops.update.keys import (ROME_CONTEXT, Context, context_templates, flatten, template_weights,
+                                             values_at_subject)
+from configurable_fm.ops.update.requests import PLACEHOLDER, Request
 from configurable_fm.ops.update.sites import edit_site
 from configurable_fm.ops.update.stats import KeyStats, StatsError, second_moment_of
 from configurable_fm.ops.update.values import ValueHparams, optimize_values
@@ -107,14 +108,18 @@ def rome(model: nnx.Module, tokenizer, request: Request, *, layer: int,
     against the model (hashing the upstream weights costs a pass over them): `stats.cached_second_moments`
     keys its files by that hash.
     Metadata: method, layer, case_id, subject, prompt, target_new, the norms of k*, v*, the residual and the
-    update, (u/||u||)^T k*, the value losses, and the stats' corpus and token count.
+    update, (u/||u||)^T k*, bare_prompt_share (u^T k_bare / u^T k*: the share of the change written at the bare
+    prompt), the value losses, and the stats' corpus and token count.
     """
     if not isinstance(request, Request):
         raise TypeError(f"rome: request must be a Request, got {type(request).__name__}")
     site = edit_site(model, layer)
     flat = flat_params(model)
     groups = context_templates(model, tokenizer, hparams.context, key=key, bos_id=bos_id)
-    k = compute_keys(model, tokenizer, [request], site, groups, bos_id=bos_id)[0]
+    flat_templates = flatten(groups)
+    k_JxF = values_at_subject(model, tokenizer, [request], [site.key_point], flat_templates,
+                              bos_id=bos_id)[site.key_point][0].astype(np.float64)
+    k = template_weights(groups) @ k_JxF  # k*: compute_keys' average over the groups
     vals = optimize_values(model, tokenizer, [request], point=site.value_point, templates=flatten(groups),
                            hparams=hparams, bos_id=bos_id)
     v = vals.values[0].astype(np.float64)
@@ -131,6 +136,7 @@ def rome(model: nnx.Module, tokenizer, request: Request, *, layer: int,
         "key_norm": float(np.linalg.norm(k)), "value_norm": float(np.linalg.norm(v)),
         "residual_norm": float(np.linalg.norm(resid)),
         "unit_u_dot_key": float(np.asarray(term.a, np.float64)[:, 0] @ k),
+        "bare_prompt_share": _bare_share(term, k, k_JxF, flat_templates),
         "update_norm": float(np.linalg.norm(term.a) * np.linalg.norm(term.b)),
         "value_loss": [float(x) for x in vals.losses[:, 0]], "nll": float(vals.nll[0]), "kl": float(vals.kl[0]),
         "templates": len(flatten(groups)),
@@ -138,6 +144,16 @@ def rome(model: nnx.Module, tokenizer, request: Request, *, layer: int,
                                          if isinstance(info, KeyStats) else "array"),
     }
     return Delta({site.kernel: term}, kind="rome", source=f"rome:{request.subject}", metadata=metadata)
+
+
+def _bare_share(term: LowRank, key: np.ndarray, k_JxF: np.ndarray, templates: Sequence[str]) -> float | None:
+    """u^T k_bare / u^T k*: the share of the intended change r that the update writes at the bare prompt's key
+    (1 when k* is that key; None without a bare '{}' template). A key averaged over contexts can miss the bare
+    prompt, e.g. for a subject at position 0 (experiments/edit/README.md, "Subjects at position 0")."""
+    if PLACEHOLDER not in templates:
+        return None
+    a = np.asarray(term.a, np.float64)[:, 0]
+    return float(a @ k_JxF[list(templates).index(PLACEHOLDER)] / (a @ key))
 
 
 def _jsonable(x):

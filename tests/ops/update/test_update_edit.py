@@ -90,6 +90,7 @@ def test_rome_llama(llama, facts):
     assert isinstance(term, LowRank) and term.rank == 1 and term.shape == (128, 64)
     assert d.metadata["layer"] == 0 and d.metadata["stats"] == {"corpus": "facts", "tokens": stats[0].tokens}
     assert d.metadata["value_loss"][-1] < d.metadata["value_loss"][0]
+    assert d.metadata["bare_prompt_share"] == pytest.approx(1.0, abs=1e-9)  # k* is the bare prompt's key
     edited = [deltas.apply(model, e) for e in edits]
     check_edits(model, tok, corpus, reqs, edited)
     # the constraint on the model: at the subject's last token the edited projection outputs v*
@@ -170,3 +171,23 @@ def test_generated_context_templates(llama, facts):
     np.testing.assert_allclose(chunked[site.key_point][0], parts, rtol=1e-6, atol=1e-7)  # chunks of 2 rows, padded
     k = compute_keys(model, tok, reqs, site, (("{}",), (greedy[0], greedy[1])))[0]
     np.testing.assert_allclose(k, 0.5 * parts[0] + 0.25 * parts[1] + 0.25 * parts[2], rtol=1e-5, atol=1e-6)
+
+
+def test_rome_bare_prompt_share(llama, facts):
+    """With the key averaged over groups, the update writes bare_prompt_share * r at the bare prompt's key (and r
+    at k*): the edited projection's output there moves by exactly that share of the intended change."""
+    model, stats = llama
+    corpus, tok = facts
+    (req,) = requests(corpus, [2], relations=("sport",))
+    context = (("{}",), ("It is known. {}", "Yesterday I read that. {}"))
+    d = rome(model, tok, req, layer=0, stats=stats, hparams=ROMEHparams(context=context, v_num_grad_steps=3))
+    site = edit_site(model, 0)
+    share = d.metadata["bare_prompt_share"]
+    k_star = compute_keys(model, tok, [req], site, context)[0]
+    r = d.metadata["residual_norm"]
+    before = values_at_subject(model, tok, [req], [site.value_point])[site.value_point][0, 0]
+    after = values_at_subject(deltas.apply(model, d), tok, [req], [site.value_point])[site.value_point][0, 0]
+    intended = (np.asarray(d[site.kernel].materialize(), np.float64).T @ k_star)  # = r (the change at k*)
+    assert np.linalg.norm(intended) == pytest.approx(r, rel=1e-4)
+    np.testing.assert_allclose(after - before, share * intended, rtol=1e-3, atol=1e-4 * r)
+    assert 0 < abs(share - 1) and np.isfinite(share)  # the prefixes change the key: not the bare prompt's own
