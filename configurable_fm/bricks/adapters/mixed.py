@@ -100,8 +100,8 @@ from flax import nnx
 from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeable
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
-                                                     LoRAParam, adapter_dtype, checked_options, linear_holding,
-                                                     make_variable, sharding_axes)
+                                                     LoRAParam, adapter_compute_dtype, adapter_dtype, checked_options,
+                                                     linear_holding, make_variable, sharding_axes)
 from configurable_fm.bricks.brickset import Brick, BrickSet
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import module_index, select
@@ -262,9 +262,9 @@ class MixedLinear(Linear):
         xw = jnp.dot(xd, kernel.astype(dtype))
         y = xw + self.bias[...].astype(dtype) if self.bias is not None else xw
         ld = dtype
-        if self.lora_a is not None:  # LoRALinear._lora: s · (x A) B in the adapter's dtype
+        if self.lora_a is not None:  # LoRALinear._lora: s · (x A) B in adapter_compute_dtype
             a, b = self.lora_a[...], self.lora_b[...]
-            ld = jnp.result_type(dtype, a.dtype)
+            ld = adapter_compute_dtype(self.dtype, dtype, a.dtype)
             small = self.small_batch_path
             if small is None:
                 small = uses_small_batch_path(math.prod(x.shape[:-1]), ids_B.shape[0], n)
@@ -275,9 +275,10 @@ class MixedLinear(Linear):
             s_B = jnp.where(valid_B, jnp.take(self.lora_scale[...], idx_B), 0).astype(ld)
             lora = xab * _per_row(s_B[:, None], nd)
             if self.lora_magnitude is not None:  # DoRALinear: y + ((f - 1) · base + f · lora)
-                f = _per_row(rows(self.lora_magnitude, 1).astype(ld) / rows(self.lora_weight_norm, 1).astype(ld), nd)
+                f32 = jnp.float32
+                f = _per_row(rows(self.lora_magnitude, 1).astype(f32) / rows(self.lora_weight_norm, 1).astype(f32), nd)
                 base = y.astype(ld) - self.bias[...].astype(ld) if self.bias is not None else xw.astype(ld)
-                out = y.astype(ld) + ((f - 1) * base + f * lora)
+                out = y.astype(ld) + ((f - 1).astype(ld) * base + f.astype(ld) * lora)
             else:
                 out = y.astype(ld) + lora
         else:

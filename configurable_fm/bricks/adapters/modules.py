@@ -32,10 +32,12 @@ recomputes the base output on the dropped input: not implemented here); IA3 has 
 
 Adapter parameters are `LoRAParam` / `IA3Param` (both `AdapterParam`, an nnx.Param), so the trainer selects them by
 type ('LoRAParam:**', 'AdapterParam:**') and `bricks.flat_params` sees them by path (`...q_proj.lora_a`). They are
-float32 over a lower-precision base (PEFT's autocast_adapter_dtype), the base kernel's dtype otherwise. Each module
-describes itself for models.structure (`structure_spec`: kinds 'lora', 'dora', 'ia3', registered when this module
-is imported), so models with adapters pass `check_consistent` and round-trip through orbax checkpoints, while
-`to_hf` refuses them by name (merge or detach first).
+float32 over a lower-precision base (PEFT's autocast_adapter_dtype), the base kernel's dtype otherwise. The adapter
+path computes in the Linear's compute dtype when one is set, else in the promotion of the base's and the factors'
+dtypes (`adapter_compute_dtype`: PEFT with and without torch.autocast). Each module describes itself for
+models.structure (`structure_spec`: kinds 'lora', 'dora', 'ia3', registered when this module is imported), so models
+with adapters pass `check_consistent` and round-trip through orbax checkpoints, while `to_hf` refuses them by name
+(merge or detach first).
 """
 from __future__ import annotations
 
@@ -111,6 +113,14 @@ class DoRANorm(nnx.Variable):
 def adapter_dtype(kernel_dtype):
     """float32 for a lower-precision kernel (as PEFT keeps adapters), else the kernel's dtype."""
     return jnp.promote_types(kernel_dtype, jnp.float32)
+
+
+def adapter_compute_dtype(module_dtype, dtype, factor_dtype):
+    """The dtype of the adapter path s · (x A) B (and DoRA's combination): the Linear's explicit compute dtype
+    `module_dtype` when it has one (flax's `dtype`, the computation dtype; PEFT under torch.autocast likewise runs
+    the adapter's matmuls in the autocast dtype), else the promotion of the base's dtype and the factors' (PEFT
+    without autocast: x cast to lora_A's dtype, so float32 factors compute in float32)."""
+    return jnp.dtype(module_dtype) if module_dtype is not None else jnp.result_type(dtype, factor_dtype)
 
 
 def sharding_axes(var: nnx.Variable) -> tuple | None:
@@ -265,7 +275,7 @@ class LoRALinear(AdaptedLinear):
         """s · (x A) B in the adapter's dtype (PEFT casts x to lora_A's dtype); x dropped out inside a
         `lora_dropout` block."""
         a, b = self.lora_a[...], self.lora_b[...]
-        ld = jnp.result_type(dtype, a.dtype)
+        ld = adapter_compute_dtype(self.dtype, dtype, a.dtype)
         return jnp.dot(jnp.dot(_dropped(xd.astype(ld)), a.astype(ld)), b.astype(ld)) * self.scale, ld
 
     @tapped
@@ -317,11 +327,11 @@ class DoRALinear(LoRALinear):
             raise AdapterError("DoRA with LoRA dropout is not implemented (PEFT recomputes the base output on the "
                                "dropped input); train DoRA with dropout 0")
         lora, ld = self._lora(xd, dtype)
-        n = jax.lax.stop_gradient(self.weight_norm()).astype(ld)  # PEFT / DoRA §4.3: no gradient through the norm
-        f = self.lora_magnitude[...].astype(ld) / n
+        n = jax.lax.stop_gradient(self.weight_norm())  # PEFT / DoRA §4.3: no gradient through the norm
+        f = self.lora_magnitude[...].astype(jnp.float32) / n  # float32: f - 1 keeps its digits in any ld
         base = y.astype(ld) - self.bias[...].astype(ld) if self.bias is not None else xw.astype(ld)
         # PEFT's order of operations: result + ((f - 1) · base_result + f · lora_result · s)
-        return (y.astype(ld) + ((f - 1) * base + f * lora)).astype(dtype)
+        return (y.astype(ld) + ((f - 1).astype(ld) * base + f.astype(ld) * lora)).astype(dtype)
 
     def merged_values(self) -> dict:
         w = self.kernel[...]
