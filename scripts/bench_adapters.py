@@ -5,6 +5,7 @@ fine-tuning (and against PEFT + transformers on a CUDA GPU, in the same run).
     python scripts/bench_adapters.py --shape 135m --batch 64 --seq 512 --steps 10 --out results/adapters.jsonl
     python scripts/bench_adapters.py --shape tiny --batch 4 --seq 16 --steps 1 --warmup 1 --train_batch 2  # CPU
     python scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --factor_dtype bfloat16  # --mixed_path gather
+    python scripts/bench_adapters.py --shape 1b --benches forward    # only the forward rows (train: only training)
 
 A llama of the shape (random weights; 135m: SmolLM2-135M, 1b: experiments/pretrain.py:1b; tiny: CPU tests) with
 LoRA rank --rank (alpha = 2 x rank) on every Linear of attention and MLP (--targets). One JSON line per

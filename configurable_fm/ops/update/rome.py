@@ -120,7 +120,7 @@ def rome(model: nnx.Module, tokenizer, request: Request, *, layer: int,
     k_JxF = values_at_subject(model, tokenizer, [request], [site.key_point], flat_templates,
                               bos_id=bos_id)[site.key_point][0].astype(np.float64)
     k = template_weights(groups) @ k_JxF  # k*: compute_keys' average over the groups
-    vals = optimize_values(model, tokenizer, [request], point=site.value_point, templates=flatten(groups),
+    vals = optimize_values(model, tokenizer, [request], point=site.value_point, templates=flat_templates,
                            hparams=hparams, bos_id=bos_id)
     v = vals.values[0].astype(np.float64)
     w = flat[site.kernel]
@@ -139,7 +139,7 @@ def rome(model: nnx.Module, tokenizer, request: Request, *, layer: int,
         "bare_prompt_share": _bare_share(term, k, k_JxF, flat_templates),
         "update_norm": float(np.linalg.norm(term.a) * np.linalg.norm(term.b)),
         "value_loss": [float(x) for x in vals.losses[:, 0]], "nll": float(vals.nll[0]), "kl": float(vals.kl[0]),
-        "templates": len(flatten(groups)),
+        "templates": len(flat_templates),
         "stats": None if c is None else ({"corpus": info.corpus, "tokens": info.tokens}
                                          if isinstance(info, KeyStats) else "array"),
     }
