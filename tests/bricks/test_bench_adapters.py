@@ -76,12 +76,16 @@ def test_peft_target_names(bench):
     assert bench.peft_targets(["layers.*.mlp.down_proj"]) == ["down_proj"]
 
 
+@pytest.mark.slow  # CI time: ~14 s (8 forward compilations)
 def test_benches_selects_the_rows(bench, capsys):
     argv = ["--shape", "tiny", "--batch", "2", "--seq", "4", "--steps", "1", "--warmup", "0", "--benches", "forward"]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["bench"] for r in rows] == ["forward", "forward", "summary"]
     assert "mixed_over_single" in rows[-1] and "dora_over_lora" not in rows[-1]
+
+
+def test_benches_refuses_an_unknown_bench(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shape", "tiny", "--benches", "forward,decode"])
     assert "--benches: a comma-separated subset of forward,train, got 'forward,decode'" in capsys.readouterr().err
