@@ -220,8 +220,8 @@ def compilation_cache_dir(environ=os.environ) -> str | None:
 def set_up_compilation_cache(environ=os.environ) -> str | None:
     """jax's persistent compilation cache in `compilation_cache_dir()` (every program, however quick to compile: a
     merge compiles one small program per tensor shape, 0.5-1 s of a 1B linear merge's ~8 s (BENCHMARKS.md); at
-    most 2 GiB, least recently used entries dropped). A second run of the same command, or another command compiling the same programs, skips
-    those compilations. Returns the directory, or None when the cache is off or the directory cannot be made
+    most 2 GiB, least recently used entries dropped). A second run of the same command, or another command
+    compiling the same programs, skips those compilations. Returns the directory, or None when the cache is off or the directory cannot be made
     (then every program compiles, as without a cache)."""
     path = compilation_cache_dir(environ)
     if path is None:

@@ -1,7 +1,7 @@
 """MetricWriter (JSONL + TensorBoard, resume truncation), loss-curve plot, progress bar."""
 import io
-import sys
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np

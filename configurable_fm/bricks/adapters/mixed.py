@@ -101,7 +101,7 @@ from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeabl
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
                                                      LoRAParam, adapter_compute_dtype, adapter_dtype, checked_options,
-                                                     linear_holding, make_variable, sharding_axes)
+                                                     dora_output, linear_holding, make_variable, sharding_axes)
 from configurable_fm.bricks.brickset import Brick, BrickSet
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import module_index, select
@@ -277,8 +277,7 @@ class MixedLinear(Linear):
             if self.lora_magnitude is not None:  # DoRALinear: y + ((f - 1) · base + f · lora)
                 f32 = jnp.float32
                 f = _per_row(rows(self.lora_magnitude, 1).astype(f32) / rows(self.lora_weight_norm, 1).astype(f32), nd)
-                base = y.astype(ld) - self.bias[...].astype(ld) if self.bias is not None else xw.astype(ld)
-                out = y.astype(ld) + ((f - 1).astype(ld) * base + f.astype(ld) * lora)
+                out = dora_output(y, xw, None if self.bias is None else self.bias[...], lora, f, ld)
             else:
                 out = y.astype(ld) + lora
         else:

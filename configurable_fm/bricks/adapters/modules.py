@@ -123,6 +123,14 @@ def adapter_compute_dtype(module_dtype, dtype, factor_dtype):
     return jnp.dtype(module_dtype) if module_dtype is not None else jnp.result_type(dtype, factor_dtype)
 
 
+def dora_output(y, xw, bias, lora, f, ld):
+    """DoRA's y + ((f - 1) · base + f · lora) in `ld` (PEFT's order of operations: result + ((f - 1) · base_result
+    + f · lora_result · s)), base = x W = y - b; f = m / ||W + sAB|| (..., out) in float32 until f - 1 is formed,
+    so f - 1 keeps its digits in any ld. y, xw: the Linear's output with and without its bias (None: no bias)."""
+    base = y.astype(ld) - bias.astype(ld) if bias is not None else xw.astype(ld)
+    return y.astype(ld) + ((f - 1).astype(ld) * base + f.astype(ld) * lora)
+
+
 def sharding_axes(var: nnx.Variable) -> tuple | None:
     """The logical axis names a variable was created with (its `out_sharding` metadata), or None."""
     axes = var.get_metadata().get("out_sharding")
@@ -328,10 +336,8 @@ class DoRALinear(LoRALinear):
                                "dropped input); train DoRA with dropout 0")
         lora, ld = self._lora(xd, dtype)
         n = jax.lax.stop_gradient(self.weight_norm())  # PEFT / DoRA §4.3: no gradient through the norm
-        f = self.lora_magnitude[...].astype(jnp.float32) / n  # float32: f - 1 keeps its digits in any ld
-        base = y.astype(ld) - self.bias[...].astype(ld) if self.bias is not None else xw.astype(ld)
-        # PEFT's order of operations: result + ((f - 1) · base_result + f · lora_result · s)
-        return (y.astype(ld) + ((f - 1).astype(ld) * base + f.astype(ld) * lora)).astype(dtype)
+        f = self.lora_magnitude[...].astype(jnp.float32) / n
+        return dora_output(y, xw, None if self.bias is None else self.bias[...], lora, f, ld).astype(dtype)
 
     def merged_values(self) -> dict:
         w = self.kernel[...]
