@@ -189,6 +189,23 @@ class LowRank:
         gram_b = jnp.matmul(b, jnp.swapaxes(b, -1, -2), precision=HIGHEST)  # (..., r, r)
         return jnp.maximum(self.scale ** 2 * jnp.sum(gram_a * gram_b), 0.0)
 
+    def column_norms(self, base) -> jax.Array:
+        """||base + scale · a b|| over the input axis per output column, float32 (..., D_out), for a base of this
+        change's shape (..., D_in, D_out), without forming the D_in × D_out sum (DoRA's weight norm):
+            n_o² = ||w_o||² + 2 s Σ_r (aᵀ w)_ro b_ro + s² Σ_rr' b_ro (aᵀ a)_rr' b_r'o.
+        Reads the base once for ||w_o||² and once for aᵀ w (O(D_in D_out r) flops, as forming a b, but no D_in × D_out
+        float32 temporary is written and read back). Float32 throughout; the sum of squares is clamped at 0 before
+        the root, so a column the change cancels almost exactly loses relative precision (never the case for DoRA,
+        where the change is small next to w)."""
+        w = jnp.asarray(base)
+        a, b = jnp.asarray(self.a, jnp.float32), jnp.asarray(self.b, jnp.float32)
+        w_sq = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)  # (..., D_out)
+        a_w = jnp.matmul(jnp.swapaxes(a, -1, -2), w.astype(jnp.float32), precision=HIGHEST)  # (..., r, D_out)
+        gram_a = jnp.matmul(jnp.swapaxes(a, -1, -2), a, precision=HIGHEST)  # (..., r, r)
+        cross = jnp.sum(a_w * b, axis=-2)
+        change_sq = jnp.sum(b * jnp.matmul(gram_a, b, precision=HIGHEST), axis=-2)
+        return jnp.sqrt(jnp.maximum(w_sq + 2 * self.scale * cross + self.scale ** 2 * change_sq, 0.0))
+
     def tensors(self) -> dict[str, Any]:
         return {"a": self.a, "b": self.b}
 

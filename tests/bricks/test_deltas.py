@@ -249,6 +249,21 @@ def test_norms_equal_dense_norms_without_materialising_low_rank():
         np.testing.assert_allclose(float(got[k]), np.linalg.norm(np.asarray(v)), rtol=1e-5, err_msg=k)
 
 
+def test_column_norms_of_base_plus_low_rank_equal_the_formed_sum():
+    """DoRA's ||W + s A B|| per output column from the identity, against the sum formed in float64; a stack of
+    experts; a bfloat16 base (its float32 values are what both sides read)."""
+    rs = np.random.RandomState(3)
+    for shape, rank, scale in (((7, 5), 3, -0.7), ((2, 6, 4), 2, 2.5)):
+        a = rs.normal(size=(*shape[:-1], rank)).astype(np.float32)
+        b = rs.normal(size=(*shape[:-2], rank, shape[-1])).astype(np.float32)
+        for w in (rs.normal(size=shape).astype(np.float32), jnp.asarray(rs.normal(size=shape), jnp.bfloat16)):
+            got = LowRank(a, b, scale).column_norms(w)
+            w64 = np.asarray(jnp.asarray(w, jnp.float32), np.float64)
+            want = np.linalg.norm(w64 + scale * np.matmul(a.astype(np.float64), b.astype(np.float64)), axis=-2)
+            assert got.dtype == jnp.float32 and got.shape == want.shape
+            np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6)
+
+
 def test_low_rank_svd_is_exact_for_a_rank_2_matrix():
     rs = np.random.RandomState(3)
     m = (rs.normal(size=(6, 2)) @ rs.normal(size=(2, 5))).astype(np.float32)  # rank 2

@@ -322,9 +322,9 @@ class DoRALinear(LoRALinear):
 
     def weight_norm(self) -> jax.Array:
         """n = ||W + s A B|| per output feature (over the input axis 0 of our (in, out) kernel; PEFT's dim 1 of the
-        torch (out, in) weight), float32, from the unmerged kernel."""
-        w = self.kernel[...].astype(jnp.float32) + self.low_rank().materialize(jnp.float32)
-        return jnp.linalg.norm(w, axis=0)
+        torch (out, in) weight), float32, from the unmerged kernel, without forming W + s A B
+        (`LowRank.column_norms`: a pass over W instead of writing and reading an (in, out) float32 temporary)."""
+        return self.low_rank().column_norms(self.kernel[...])
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
