@@ -168,6 +168,12 @@ def template_weights(groups: Sequence[Sequence[str]]) -> np.ndarray:
     return np.concatenate([np.full(len(g), 1.0 / (len(groups) * len(g))) for g in groups])
 
 
+def group_average(values_xJxF, groups: Sequence[Sequence[str]]) -> np.ndarray:
+    """(..., F) float64: values at the flattened templates (..., J, F) averaged with `template_weights`, each group
+    weighing 1 / (number of groups) and each template 1 / (its group's size) of that (ROME's k*, MEMIT's keys)."""
+    return np.einsum("...jf,j->...f", np.asarray(values_xJxF, np.float64), template_weights(groups))
+
+
 def flatten(groups: Sequence[Sequence[str]]) -> list[str]:
     return [t for g in groups for t in g]
 
@@ -241,4 +247,4 @@ def compute_keys(model: nnx.Module, tokenizer, requests: Sequence[Request], site
     groups = [tuple(check_template(t) for t in g) for g in templates]
     flat = flatten(groups)
     k_RxJxF = values_at_subject(model, tokenizer, requests, [site.key_point], flat, bos_id=bos_id)[site.key_point]
-    return np.einsum("rjf,j->rf", k_RxJxF.astype(np.float64), template_weights(groups))
+    return group_average(k_RxJxF, groups)

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.deltas import Delta, Dense, LowRank, Term, apply
-from configurable_fm.ops.update.keys import (MEMIT_CONTEXT, Context, context_templates, flatten, template_weights,
+from configurable_fm.ops.update.keys import (MEMIT_CONTEXT, Context, context_templates, flatten, group_average,
                                              values_at_subject)
 from configurable_fm.ops.update.requests import PLACEHOLDER, Request, RequestError
 from configurable_fm.ops.update.rome import solve_psd
@@ -152,7 +152,6 @@ def memit_spread(model: nnx.Module, tokenizer, requests: Sequence[Request], *, l
     top = sites[-1]
     groups = context_templates(model, tokenizer, hparams.context, key=key, bos_id=bos_id)
     templates = flatten(groups)
-    weights = template_weights(groups)
     z = optimize_values(model, tokenizer, requests, point=top.layer_output, templates=templates, hparams=hparams,
                         bos_id=bos_id)
     targets = z.values.astype(np.float64)
@@ -161,7 +160,7 @@ def memit_spread(model: nnx.Module, tokenizer, requests: Sequence[Request], *, l
     for i, site in enumerate(sites):
         points = [site.key_point, top.layer_output]
         vals = values_at_subject(current, tokenizer, requests, points, templates, bos_id=bos_id)
-        k = np.einsum("rjf,j->rf", vals[site.key_point].astype(np.float64), weights)
+        k = group_average(vals[site.key_point], groups)
         if bare is not None:
             h = vals[top.layer_output][:, bare].astype(np.float64)
         else:

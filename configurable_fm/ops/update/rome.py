@@ -41,7 +41,7 @@ from flax import nnx
 
 from configurable_fm.bricks.deltas import Delta, LowRank
 from configurable_fm.bricks.paths import flat_params
-from configurable_fm.ops.update.keys import (ROME_CONTEXT, Context, context_templates, flatten, template_weights,
+from configurable_fm.ops.update.keys import (ROME_CONTEXT, Context, context_templates, flatten, group_average,
                                              values_at_subject)
 from configurable_fm.ops.update.requests import PLACEHOLDER, Request
 from configurable_fm.ops.update.sites import edit_site
@@ -119,7 +119,7 @@ def rome(model: nnx.Module, tokenizer, request: Request, *, layer: int,
     flat_templates = flatten(groups)
     k_JxF = values_at_subject(model, tokenizer, [request], [site.key_point], flat_templates,
                               bos_id=bos_id)[site.key_point][0].astype(np.float64)
-    k = template_weights(groups) @ k_JxF  # k*: compute_keys' average over the groups
+    k = group_average(k_JxF, groups)  # k*: compute_keys' average over the groups
     vals = optimize_values(model, tokenizer, [request], point=site.value_point, templates=flat_templates,
                            hparams=hparams, bos_id=bos_id)
     v = vals.values[0].astype(np.float64)
