@@ -19,6 +19,7 @@ the pairs (2j, 2j+1) of a head where transformers rotates (j, j + H/2): within e
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -52,11 +53,21 @@ class _BoundedReader(gguf.GGUFReader):
     """GGUFReader whose every read is bounds-checked (the stock reader silently returns short arrays)."""
 
     def _get(self, offset, dtype, count=1, override_order=None):
-        count = int(count)
-        end = int(offset) + np.dtype(dtype).itemsize * count
-        if offset < 0 or count < 0 or end > len(self.data):
-            raise EOFError(f"needs bytes [{int(offset)}, {end}) but the file has {len(self.data)} bytes")
-        return super()._get(offset, dtype, count, override_order)
+        """The stock `_get` (a view of `count` items at `offset`, in the file's byte order) on a plain ndarray view
+        of the memory map: slicing np.memmap runs Python code per slice, and the metadata of a model with a 49k
+        vocabulary is ~250k slices (SmolLM2's GGUF parsed in 6 s instead of ~1 s). Still lazily mapped."""
+        count, offset, dtype = int(count), int(offset), np.dtype(dtype)
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        end = offset + dtype.itemsize * count
+        if offset < 0 or count < 0 or end > len(plain):
+            raise EOFError(f"needs bytes [{offset}, {end}) but the file has {len(plain)} bytes")
+        arr = plain[offset:end].view(dtype)
+        order = self.byte_order if override_order is None else override_order
+        if order == "I" or (order == "<" and sys.byteorder == "little"):
+            return arr
+        return arr.view(arr.dtype.newbyteorder(order))
 
     def _build_tensors(self, start_offs, fields):
         # One tensor at a time, so that a read past the end names the tensor.
