@@ -416,8 +416,11 @@ def edit_from_config(cfg, *, log: Callable[[str], None] | None = None, load=None
 
     requests = d["requests"]
     ev = d["eval"]
+    # batch / sequential: one model carries every edit, so a neighbourhood prompt naming another edited subject is
+    # meant to change; NS-u leaves those prompts out (ops/update/evaluate.py). Independent edits share nothing.
+    edited = () if d["mode"] == "independent" else tuple(r.subject for r in requests)
     common = dict(metrics=ev["metrics"], batch_size=ev["batch_size"], bos_id=d["bos_id"],
-                  fluency_tokens=ev["fluency_tokens"])
+                  fluency_tokens=ev["fluency_tokens"], edited_subjects=edited)
     t = time.perf_counter()
     say(f"edit: evaluating the unedited model on {len(requests)} requests")
     before = Evaluator(tok, requests, **common)(model)

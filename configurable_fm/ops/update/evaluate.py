@@ -22,6 +22,11 @@ Per case (a request), over its prompts:
     neighborhood_score NS = mean over neighbourhood prompts n of [P(t_n | n) > P(new | n)]   (t_n: its target,
                        CounterFact's target_true), neighborhood_magnitude NM = mean of P(t_n | n) - P(new | n)
     score = harmonic mean of the summary means of ES, PS, NS (ROME's S), over the cases that have all three.
+    neighborhood_unedited_score / _magnitude  NS-u, NM-u: NS and NM over the neighbourhood prompts that name none of
+                       `edited_subjects` (whole words) but the case's own: when one run edits several facts (batch,
+                       sequential) and a neighbour's subject is one of them, its true target is meant to lose, so
+                       NS counts an intended change as a failure; NS-u leaves those prompts out (NaN for a case
+                       with no other prompt). Only with `edited_subjects`.
 Requests without target_true get NaN for ES/EM/PS/PM (nothing to compare with; the case is left out of those means).
 
 EasyEdit token accuracies (`evaluate_utils.test_prediction_acc`): a_j = argmax_v p(v | x, y_<j), teacher-forced.
@@ -77,7 +82,9 @@ METRIC_GROUPS = ("probability", "accuracy", "fluency")
 PROBABILITY = ("efficacy_score", "efficacy_magnitude", "paraphrase_score", "paraphrase_magnitude",
                "neighborhood_score", "neighborhood_magnitude",
                "efficacy_score_first", "efficacy_magnitude_first", "paraphrase_score_first",
-               "paraphrase_magnitude_first", "neighborhood_score_first", "neighborhood_magnitude_first")
+               "paraphrase_magnitude_first", "neighborhood_score_first", "neighborhood_magnitude_first",
+               "neighborhood_unedited_score", "neighborhood_unedited_magnitude", "neighborhood_unedited_score_first",
+               "neighborhood_unedited_magnitude_first")
 ACCURACY = ("rewrite_acc", "paraphrase_acc", "neighborhood_acc", "locality",
             "rewrite_gen_acc", "paraphrase_gen_acc", "neighborhood_gen_acc")
 FLUENCY = ("fluency",)
@@ -86,8 +93,9 @@ SHORT = {"efficacy_score": "ES", "paraphrase_score": "PS", "neighborhood_score":
          "efficacy_score_first": "ES@1", "paraphrase_score_first": "PS@1", "neighborhood_score_first": "NS@1",
          "rewrite_acc": "Rel", "paraphrase_acc": "Gen", "locality": "Loc", "neighborhood_acc": "N-acc",
          "rewrite_gen_acc": "Rel-EM", "paraphrase_gen_acc": "Gen-EM", "neighborhood_gen_acc": "N-EM",
-         "fluency": "Flu"}
-TABLE_COLUMNS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
+         "neighborhood_unedited_score": "NS-u", "neighborhood_unedited_magnitude": "NM-u", "fluency": "Flu"}
+TABLE_COLUMNS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "neighborhood_unedited_score", "score",
+                 "efficacy_magnitude",
                  "paraphrase_magnitude", "neighborhood_magnitude", "rewrite_acc", "paraphrase_acc", "locality",
                  "rewrite_gen_acc", "paraphrase_gen_acc", "fluency")
 LENGTH_MULTIPLE = 8
@@ -229,7 +237,7 @@ class Evaluator:
     def __init__(self, tokenizer, requests: Sequence[Request], *, metrics: Sequence[str] = ("probability", "accuracy"),
                  reference=None, batch_size: int = 32, bos_id: int | None = None,
                  generation_prompts: Sequence[Sequence[str]] | None = None, fluency_tokens: int = 100,
-                 top_k: int | None = 5):
+                 top_k: int | None = 5, edited_subjects: Sequence[str] = ()):
         unknown = sorted(set(metrics) - set(METRIC_GROUPS))
         if unknown or not metrics:
             raise EvaluationError(f"metrics must be a non-empty subset of {METRIC_GROUPS}, got {list(metrics)}")
@@ -249,6 +257,8 @@ class Evaluator:
         self.generation_prompts = (tuple((r.text,) + r.paraphrases for r in requests) if generation_prompts is None
                                    else tuple(tuple(g) for g in generation_prompts))
         self._items: dict[Item, int] = {}
+        self.edited_subjects = tuple(edited_subjects)
+        self._subject_patterns = {s: re.compile(rf"(?<!\w){re.escape(s)}(?!\w)") for s in set(self.edited_subjects)}
         self.layout = [self._layout(r) for r in self.requests]
         self._reference = reference
         self._reference_predictions: Mapping[Item, tuple[int, ...]] | None = (
@@ -267,10 +277,15 @@ class Evaluator:
     def _layout(self, r: Request) -> dict[str, list[tuple[Item, Item | None]]]:
         """kind -> [(item of the scored target, item of the compared target or None)] for one request."""
         pair = lambda prompt, a, b: (self._item(prompt, a), None if b is None else self._item(prompt, b))
-        return {"rewrite": [pair(r.text, r.target_new, r.target_true)],
-                "paraphrase": [pair(p, r.target_new, r.target_true) for p in r.paraphrases],
-                "neighborhood": [pair(p, t, r.target_new) for p, t in zip(r.neighborhood_prompts,
-                                                                          r.neighborhood_targets)]}
+        out = {"rewrite": [pair(r.text, r.target_new, r.target_true)],
+               "paraphrase": [pair(p, r.target_new, r.target_true) for p in r.paraphrases],
+               "neighborhood": [pair(p, t, r.target_new) for p, t in zip(r.neighborhood_prompts,
+                                                                         r.neighborhood_targets)]}
+        if self._subject_patterns:
+            edited = [s for s in self._subject_patterns if s != r.subject]
+            keep = [not any(self._subject_patterns[s].search(p) for s in edited) for p in r.neighborhood_prompts]
+            out["neighborhood_unedited"] = [pr for pr, k in zip(out["neighborhood"], keep) if k]
+        return out
 
     def _score(self, model, which: Sequence[int]) -> dict[Item, tuple[np.ndarray, np.ndarray]]:
         needed: dict[Item, None] = {}
@@ -327,7 +342,10 @@ class Evaluator:
     @staticmethod
     def _probability(lay, scores) -> dict[str, float]:
         out = {}
-        for kind, name in (("rewrite", "efficacy"), ("paraphrase", "paraphrase"), ("neighborhood", "neighborhood")):
+        kinds = [("rewrite", "efficacy"), ("paraphrase", "paraphrase"), ("neighborhood", "neighborhood")]
+        if "neighborhood_unedited" in lay:
+            kinds.append(("neighborhood_unedited", "neighborhood_unedited"))
+        for kind, name in kinds:
             whole, first = [], []
             for a, b in lay[kind]:
                 if b is None:
@@ -393,16 +411,20 @@ def fluency_texts(model: nnx.Module, enc: Encoder, prompts: Sequence[Sequence[st
 def evaluate_requests(model: nnx.Module, tokenizer, requests: Sequence[Request], *, reference=None,
                       metrics: Sequence[str] = ("probability", "accuracy"), batch_size: int = 32,
                       bos_id: int | None = None, generation_prompts: Sequence[Sequence[str]] | None = None,
-                      fluency_tokens: int = 100, top_k: int | None = 5, key=None) -> EditMetrics:
+                      fluency_tokens: int = 100, top_k: int | None = 5, key=None,
+                      edited_subjects: Sequence[str] = ()) -> EditMetrics:
     """Metrics of `model` on edit requests (module docstring).
 
     reference: the unedited model (or the EditMetrics of evaluating it on these requests with 'accuracy'), for
     EasyEdit's locality. metrics: groups of METRIC_GROUPS ('probability', 'accuracy': one forward pass over every
     distinct (prompt, target); 'fluency': generation). bos_id: prepended to every prompt when given.
     generation_prompts: per request, the prompts for fluency (default: the rewrite prompt and the paraphrases).
-    key: top-k sampling of fluency generations (greedy without)."""
+    key: top-k sampling of fluency generations (greedy without). edited_subjects: the subjects that the edit run
+    being scored changes (batch or sequential editing of several requests): neighbourhood prompts naming one of
+    them (other than the case's own) are left out of the additional NS-u / NM-u (module docstring)."""
     ev = Evaluator(tokenizer, requests, metrics=metrics, reference=reference, batch_size=batch_size, bos_id=bos_id,
-                   generation_prompts=generation_prompts, fluency_tokens=fluency_tokens, top_k=top_k)
+                   generation_prompts=generation_prompts, fluency_tokens=fluency_tokens, top_k=top_k,
+                   edited_subjects=edited_subjects)
     return ev(model, key=key)
 
 

@@ -122,6 +122,26 @@ def test_hand_computed_metrics(tok):
     assert m.to_json()["summary"]["paraphrase_score"] == {"mean": .5, "stderr": None, "n": 1}
 
 
+def test_neighbourhood_score_without_the_neighbours_the_run_edits(tok):
+    """NS-u leaves out the neighbourhood prompts that name another edited subject (whole word): 'B was' (y .6 >
+    x .2: 1) and 'B is' (z .2 < x .5: 0) name B; ' x' -> z (.875 > P(x | x) = 0: 1) names none."""
+    r = Request("{} is", "A", " x", " y", neighborhood_prompts=("B was", "B is", " x"),
+                neighborhood_targets=(" y", " z", " z"), case_id="d")
+    model = bigram(tok, EDITED)
+    plain = evaluate_requests(model, tok, [r]).rows[0]
+    assert plain["neighborhood_score"] == pytest.approx(2 / 3) and "neighborhood_unedited_score" not in plain
+    both = evaluate_requests(model, tok, [r], edited_subjects=("A", "B")).rows[0]
+    assert both["neighborhood_score"] == pytest.approx(2 / 3)
+    assert both["neighborhood_unedited_score"] == 1 and both["neighborhood_unedited_magnitude"] == pytest.approx(.875)
+    own = evaluate_requests(model, tok, [r], edited_subjects=("A", "BB")).rows[0]  # only its own subject; no 'BB'
+    assert own["neighborhood_unedited_score"] == pytest.approx(2 / 3)
+    only_b = Request("{} was", "B", " y", " x", neighborhood_prompts=("B is",), neighborhood_targets=(" z",))
+    m = evaluate_requests(model, tok, [r, only_b], edited_subjects=("A", "B"))
+    assert m.rows[1]["neighborhood_unedited_score"] == pytest.approx(0.0)  # its own subject B is kept
+    assert m.summary["neighborhood_unedited_score"].n == 2
+    assert summarize(m).startswith("| | ES | PS | NS | NS-u |")
+
+
 def test_ngram_entropy():
     # bigrams (a,b),(b,a),(a,b): H2 = H(2/3, 1/3); trigrams (a,b,a),(b,a,b): H3 = 1 bit
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
