@@ -13,33 +13,45 @@ measurement: the measurement is NS over the unedited neighbours' prompts alone, 
 report.
 """
 import json
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-FACTS = Path(__file__).resolve().parents[2] / "experiments/edit/data/smollm2_facts.jsonl"
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from configurable_fm.ops.update import load_requests  # noqa: E402
+from configurable_fm.ops.update.evaluate import names_edited_subject  # noqa: E402
+
+FACTS = ROOT / "experiments/edit/data/smollm2_facts.jsonl"
 
 
 def overlap_and_ns(metrics: dict, facts: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(overlap, NS) per edited case of one run's metrics.json."""
+    """(overlap, NS) per edited case of one run's metrics.json (the evaluator's test for NS-u)."""
     rows = metrics["after"]["rows"]
     cases = [facts[r["case_id"]] for r in rows]
-    subjects = {c["subject"] for c in cases}
-    patterns = {s: re.compile(rf"(?<!\w){re.escape(s)}(?!\w)") for s in subjects}
-    overlap = [np.mean([any(patterns[s].search(p) for s in subjects if s != c["subject"])
-                        for p in c["neighborhood_prompts"]]) for c in cases]
+    subjects = {c.subject for c in cases}
+    overlap = [np.mean(names_edited_subject(c, subjects)) for c in cases]
     return np.asarray(overlap), np.asarray([r["neighborhood_score"] for r in rows])
 
 
-def main(paths: list[str]) -> None:
-    facts = {r["case_id"]: r for r in map(json.loads, FACTS.read_text().splitlines())}
+def main(paths: list[str]) -> int:
+    if not paths:
+        print("usage: memit_ns_overlap.py METRICS.json [...] (metrics.json of scripts/edit.py runs in batch mode)",
+              file=sys.stderr)
+        return 2
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        print(f"memit_ns_overlap.py: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    facts = {r.case_id: r for r in load_requests(FACTS)}
     print("run | layers | lambda | NS | overlap (mean) | fit NS at overlap 0 / 1 | NS of cases with overlap <= 1/3 "
           "(n) | >= 2/3 (n)")
     for path in paths:
         m = json.loads(Path(path).read_text())
-        if m.get("mode") != "batch":
+        if m.get("mode") != "batch":  # independent edits change one fact per model: no edited neighbours
+            print(f"{Path(path).name}: mode {m.get('mode')!r}, not a batch run: skipped", file=sys.stderr)
             continue
         overlap, ns = overlap_and_ns(m, facts)
         a, b = np.linalg.lstsq(np.stack([np.ones_like(overlap), overlap], 1), ns, rcond=None)[0]
@@ -47,7 +59,8 @@ def main(paths: list[str]) -> None:
         print(f"{Path(path).name} | {m['layers'][0]}-{m['layers'][-1]} | {m['hparams']['mom2_update_weight']:g} | "
               f"{100 * ns.mean():.1f} | {overlap.mean():.2f} | {100 * a:.1f} / {100 * (a + b):.1f} | "
               f"{100 * low.mean():.1f} ({len(low)}) | {100 * high.mean():.1f} ({len(high)})")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

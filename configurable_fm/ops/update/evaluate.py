@@ -221,6 +221,18 @@ def summarize_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
     return summary
 
 
+@functools.lru_cache(maxsize=None)
+def _subject_pattern(subject: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(subject)}(?!\w)")
+
+
+def names_edited_subject(request: Request, edited_subjects: Iterable[str]) -> list[bool]:
+    """Per neighbourhood prompt of `request`: whether it names (as a whole word) one of `edited_subjects` other than
+    the request's own subject, i.e. a neighbour that the same edit run changes (left out of NS-u)."""
+    others = [s for s in set(edited_subjects) if s != request.subject]
+    return [any(_subject_pattern(s).search(p) for s in others) for p in request.neighborhood_prompts]
+
+
 def _cmp(nll_a: float, nll_b: float) -> tuple[float, float]:
     """([P(a) > P(b)], P(a) - P(b)) with P = exp(-nll)."""
     return float(nll_a < nll_b), math.exp(-nll_a) - math.exp(-nll_b)
@@ -257,8 +269,7 @@ class Evaluator:
         self.generation_prompts = (tuple((r.text,) + r.paraphrases for r in requests) if generation_prompts is None
                                    else tuple(tuple(g) for g in generation_prompts))
         self._items: dict[Item, int] = {}
-        self.edited_subjects = tuple(edited_subjects)
-        self._subject_patterns = {s: re.compile(rf"(?<!\w){re.escape(s)}(?!\w)") for s in set(self.edited_subjects)}
+        self.edited_subjects = frozenset(edited_subjects)
         self.layout = [self._layout(r) for r in self.requests]
         self._reference = reference
         self._reference_predictions: Mapping[Item, tuple[int, ...]] | None = (
@@ -281,10 +292,9 @@ class Evaluator:
                "paraphrase": [pair(p, r.target_new, r.target_true) for p in r.paraphrases],
                "neighborhood": [pair(p, t, r.target_new) for p, t in zip(r.neighborhood_prompts,
                                                                          r.neighborhood_targets)]}
-        if self._subject_patterns:
-            edited = [s for s in self._subject_patterns if s != r.subject]
-            keep = [not any(self._subject_patterns[s].search(p) for s in edited) for p in r.neighborhood_prompts]
-            out["neighborhood_unedited"] = [pr for pr, k in zip(out["neighborhood"], keep) if k]
+        if self.edited_subjects:
+            edited = names_edited_subject(r, self.edited_subjects)
+            out["neighborhood_unedited"] = [pr for pr, e in zip(out["neighborhood"], edited) if not e]
         return out
 
     def _score(self, model, which: Sequence[int]) -> dict[Item, tuple[np.ndarray, np.ndarray]]:
