@@ -197,10 +197,10 @@ class LowRank:
         float32 temporary is written and read back). Float32 throughout; the sum of squares is clamped at 0 before
         the root, so a column the change cancels almost exactly loses relative precision (never the case for DoRA,
         where the change is small next to w)."""
-        w = jnp.asarray(base)
+        w = jnp.asarray(base).astype(jnp.float32)
         a, b = jnp.asarray(self.a, jnp.float32), jnp.asarray(self.b, jnp.float32)
-        w_sq = jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)  # (..., D_out)
-        a_w = jnp.matmul(jnp.swapaxes(a, -1, -2), w.astype(jnp.float32), precision=HIGHEST)  # (..., r, D_out)
+        w_sq = jnp.sum(jnp.square(w), axis=-2)  # (..., D_out)
+        a_w = jnp.matmul(jnp.swapaxes(a, -1, -2), w, precision=HIGHEST)  # (..., r, D_out)
         gram_a = jnp.matmul(jnp.swapaxes(a, -1, -2), a, precision=HIGHEST)  # (..., r, r)
         cross = jnp.sum(a_w * b, axis=-2)
         change_sq = jnp.sum(b * jnp.matmul(gram_a, b, precision=HIGHEST), axis=-2)
