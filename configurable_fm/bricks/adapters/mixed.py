@@ -29,7 +29,7 @@ zero factors (s = 0) and unit vectors there, so its rows see the base there. Wit
 
     x'   = x ⊙ l_in[i]                                  (IA3, feedforward modules)
     y    = x' W + b                                     (the base, one matmul for all rows)
-    Δ    = s[i] · (x' A[i]) B[i]                        (LoRA / DoRA)
+    Δ    = s[i] · (x' A[i]) B[i]                        (LoRA; DoRA: (x' A[i]) (B[i] ⊙ f s[i]) = f ⊙ Δ)
     f    = m[i] / n[i]                                  (DoRA; 1 for the other adapters)
     out  = (y + (f − 1) ⊙ (y − b) + f ⊙ Δ) ⊙ l_out[i]   (IA3 output side)
 
@@ -265,6 +265,14 @@ class MixedLinear(Linear):
         if self.lora_a is not None:  # LoRALinear._lora: s · (x A) B in adapter_compute_dtype
             a, b = self.lora_a[...], self.lora_b[...]
             ld = adapter_compute_dtype(self.dtype, dtype, a.dtype)
+            s_N = self.lora_scale[...]
+            if self.lora_magnitude is not None:  # DoRALinear's fold: B_n ⊙ f_n s_n for the DoRA adapters
+                f32 = jnp.float32
+                f_NxO = self.lora_magnitude[...].astype(f32) / self.lora_weight_norm[...].astype(f32)
+                dora_N = jnp.asarray([k == "dora" for k in self.kinds])
+                b = jnp.where(dora_N[:, None, None], b.astype(f32) * (f_NxO * s_N[:, None])[:, None, :],
+                              b.astype(f32))
+                s_N = jnp.where(dora_N, 1.0, s_N)  # their s is in B already
             small = self.small_batch_path
             if small is None:
                 small = uses_small_batch_path(math.prod(x.shape[:-1]), ids_B.shape[0], n)
@@ -272,10 +280,9 @@ class MixedLinear(Linear):
                 xab = lora_all_adapters(xd.astype(ld), a, b, ids_B)
             else:
                 xab = lora_gathered(xd.astype(ld), a, b, idx_B)
-            s_B = jnp.where(valid_B, jnp.take(self.lora_scale[...], idx_B), 0).astype(ld)
+            s_B = jnp.where(valid_B, jnp.take(s_N, idx_B), 0).astype(ld)
             lora = xab * _per_row(s_B[:, None], nd)
-            if self.lora_magnitude is not None:  # DoRALinear: y + ((f - 1) · base + f · lora)
-                f32 = jnp.float32
+            if self.lora_magnitude is not None:  # DoRALinear: y + ((f - 1) · base + f ⊙ lora), f in lora already
                 f = _per_row(rows(self.lora_magnitude, 1).astype(f32) / rows(self.lora_weight_norm, 1).astype(f32), nd)
                 out = dora_output(y, xw, None if self.bias is None else self.bias[...], lora, f, ld)
             else:

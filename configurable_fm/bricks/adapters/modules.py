@@ -123,12 +123,13 @@ def adapter_compute_dtype(module_dtype, dtype, factor_dtype):
     return jnp.dtype(module_dtype) if module_dtype is not None else jnp.result_type(dtype, factor_dtype)
 
 
-def dora_output(y, xw, bias, lora, f, ld):
-    """DoRA's y + ((f - 1) · base + f · lora) in `ld` (PEFT's order of operations: result + ((f - 1) · base_result
+def dora_output(y, xw, bias, f_lora, f, ld):
+    """DoRA's y + ((f - 1) · base + f ⊙ lora) in `ld` (PEFT's order of operations: result + ((f - 1) · base_result
     + f · lora_result · s)), base = x W = y - b; f = m / ||W + sAB|| (..., out) in float32 until f - 1 is formed,
-    so f - 1 keeps its digits in any ld. y, xw: the Linear's output with and without its bias (None: no bias)."""
+    so f - 1 keeps its digits in any ld. y, xw: the Linear's output with and without its bias (None: no bias);
+    f_lora: f ⊙ s (x A) B, the adapter's term already scaled by f (DoRALinear folds f into B's columns)."""
     base = y.astype(ld) - bias.astype(ld) if bias is not None else xw.astype(ld)
-    return y.astype(ld) + ((f - 1).astype(ld) * base + f.astype(ld) * lora)
+    return y.astype(ld) + ((f - 1).astype(ld) * base + f_lora)
 
 
 def sharding_axes(var: nnx.Variable) -> tuple | None:
@@ -279,12 +280,16 @@ class LoRALinear(AdaptedLinear):
         """ΔW = s A B as a bricks.deltas.LowRank term (kernel-shaped, (in, out))."""
         return LowRank(self.lora_a[...], self.lora_b[...], self.scale)
 
-    def _lora(self, xd, dtype):
+    def _lora(self, xd, dtype, out_scale=None):
         """s · (x A) B in the adapter's dtype (PEFT casts x to lora_A's dtype); x dropped out inside a
-        `lora_dropout` block."""
+        `lora_dropout` block. With `out_scale` (out,) float32: (x A) (B ⊙ out_scale), the scale folded into B's
+        columns (an (r, out) product instead of a pass over the (..., out) activations and their gradients)."""
         a, b = self.lora_a[...], self.lora_b[...]
         ld = adapter_compute_dtype(self.dtype, dtype, a.dtype)
-        return jnp.dot(jnp.dot(_dropped(xd.astype(ld)), a.astype(ld)), b.astype(ld)) * self.scale, ld
+        xa = jnp.dot(_dropped(xd.astype(ld)), a.astype(ld))
+        if out_scale is None:
+            return jnp.dot(xa, b.astype(ld)) * self.scale, ld
+        return jnp.dot(xa, (b.astype(jnp.float32) * out_scale).astype(ld)), ld
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -308,7 +313,8 @@ class LoRALinear(AdaptedLinear):
 
 class DoRALinear(LoRALinear):
     """y = f ⊙ (x W + s (x A) B) + b, f = m / ||W + s A B|| per output feature (module docstring);
-    lora_magnitude m (out,); merged: + lora_weight_norm (out,)."""
+    lora_magnitude m (out,); merged: + lora_weight_norm (out,). Computed as y + (f - 1) ⊙ x W + (x A)(B ⊙ f s):
+    f folded into B's columns, so the (..., out) activations see one combination pass (PEFT: two products)."""
 
     kind = "dora"
 
@@ -334,10 +340,10 @@ class DoRALinear(LoRALinear):
         if dropout_active():
             raise AdapterError("DoRA with LoRA dropout is not implemented (PEFT recomputes the base output on the "
                                "dropped input); train DoRA with dropout 0")
-        lora, ld = self._lora(xd, dtype)
         n = jax.lax.stop_gradient(self.weight_norm())  # PEFT / DoRA §4.3: no gradient through the norm
         f = self.lora_magnitude[...].astype(jnp.float32) / n
-        return dora_output(y, xw, None if self.bias is None else self.bias[...], lora, f, ld).astype(dtype)
+        f_lora, ld = self._lora(xd, dtype, out_scale=f * self.scale)  # f ⊙ s (x A) B = (x A) (B ⊙ f s)
+        return dora_output(y, xw, None if self.bias is None else self.bias[...], f_lora, f, ld).astype(dtype)
 
     def merged_values(self) -> dict:
         w = self.kernel[...]
