@@ -7,6 +7,9 @@ MEMIT, AlphaEdit, the RLS lifelong editor (and FT-L), evaluating every K edits.
     python -m experiments.edit.lifelong --out runs/lifelong --size full --time_limit 420    # GPU: rerun the same
         # command while it exits 75 (stopped at the time limit, state saved); 0 = done
     [--editors rome,memit,alphaedit,rls,ft] [--n_edits N] [--eval_every K] [--set alphaedit.batch=10]
+    --editors memit@lam1,memit@lam0.25 --set memit@lam1.lambda_rel=1 --set memit@lam0.25.lambda_rel=0.25
+        # variants: EDITOR@LABEL is EDITOR with its own --set overrides (on top of EDITOR's), its own results
+        # and state (DIR/editors/EDITOR@LABEL): one call sweeps a setting on one pre-trained model
 
 Each step is cached in --out, so a rerun continues where the last call stopped:
  1. World: ops.update.synthetic_testbed (data.synthetic.FactsCorpus: invented two-word names, 6 relations with
@@ -400,17 +403,32 @@ def _parse_value(text: str):
         return text
 
 
+def editor_kind(name: str) -> str:
+    """The editor of a study editor name: 'memit' -> 'memit', a variant 'memit@lam1' -> 'memit'."""
+    return name.split("@", 1)[0]
+
+
+def check_editor_names(names: Sequence[str], what: str) -> None:
+    """ValueError naming the names that are not an editor of EDITORS or a variant EDITOR@LABEL of one, or that
+    are given twice."""
+    bad = [n for n in names if editor_kind(n) not in EDITORS or n.endswith("@") or "/" in n]
+    if bad:
+        raise ValueError(f"{what}: unknown editor(s) {bad}; known: {sorted(EDITORS)}, or a variant EDITOR@LABEL")
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise ValueError(f"{what}: {twice} given twice")
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """['alphaedit.l2_rel=0.05', 'rls.layers=1,2,3'] ->
-    {'alphaedit': {'l2_rel': 0.05}, 'rls': {'layers': [1, 2, 3]}}."""
+    """['alphaedit.l2_rel=0.05', 'rls.layers=1,2,3', 'memit@lam1.lambda_rel=1'] ->
+    {'alphaedit': {'l2_rel': 0.05}, 'rls': {'layers': [1, 2, 3]}, 'memit@lam1': {'lambda_rel': 1.0}}."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"--set {item!r}: expected EDITOR.FIELD=VALUE (e.g. alphaedit.l2_rel=0.05)")
         key, value = item.split("=", 1)
         editor, field = key.split(".", 1)
-        if editor not in EDITORS:
-            raise ValueError(f"--set {item!r}: unknown editor {editor!r}; known: {sorted(EDITORS)}")
+        check_editor_names([editor], f"--set {item!r}")
         v = _parse_value(value)
         if field == "layers" and not isinstance(v, list):
             v = [v]
@@ -421,11 +439,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 def make_plan(name: str, size: Size, world: World, n_edits: int | None, overrides: dict) -> Plan:
     from configurable_fm.ops.update import EDITORS as METHODS
 
-    method = EDITORS[name]
-    o = dict(overrides.get(name, {}))
+    kind = editor_kind(name)
+    method = EDITORS[kind]
+    o = {**overrides.get(kind, {}), **overrides.get(name, {})}  # a variant's own settings win
     layers = tuple(int(l) for l in o.pop("layers", (size.rome_layer,) if method in ("rome", "ft") else size.window))
-    n = int(o.pop("n_edits", n_edits if n_edits is not None else size.n_edits[name]))
-    batch = int(o.pop("batch", size.batch_edits.get(name, 1)))
+    n = int(o.pop("n_edits", n_edits if n_edits is not None else size.n_edits[kind]))
+    batch = int(o.pop("batch", size.batch_edits.get(kind, 1)))
     if batch < 1 or (method == "rome" and batch != 1):
         raise ValueError(f"{name}: batch must be >= 1 (ROME: 1, it edits one request at a time), got {batch}")
     extra = {k: float(o.pop(k, getattr(size, k))) for k in ("lambda_rel", "null_rel", "l2_rel")}
@@ -905,9 +924,9 @@ def run_study(out: str | os.PathLike, *, size: str = "test", editors: Sequence[s
     deadline = None if not time_limit else t_start + float(time_limit)
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; known: {sorted(SIZES)}")
-    unknown = [e for e in editors if e not in EDITORS]
-    if unknown or not editors:
-        raise ValueError(f"unknown editor(s) {unknown}; known: {sorted(EDITORS)}")
+    if not editors:
+        raise ValueError(f"no editor given; known: {sorted(EDITORS)}, or a variant EDITOR@LABEL")
+    check_editor_names(editors, "--editors")
     sz = SIZES[size] if not pretrain_steps else dataclasses.replace(SIZES[size], steps=int(pretrain_steps))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1070,7 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="the study directory (created; reruns resume in it)")
     ap.add_argument("--size", default="test", choices=sorted(SIZES))
     ap.add_argument("--editors", default=",".join(DEFAULT_EDITORS),
-                    help=f"comma-separated, of {sorted(EDITORS)} (default: %(default)s)")
+                    help=f"comma-separated, of {sorted(EDITORS)} or variants EDITOR@LABEL (default: %(default)s)")
     ap.add_argument("--n_edits", type=int, default=None, help="edits per editor (default: the size's)")
     ap.add_argument("--eval_every", type=int, default=None,
                     help="evaluate every K edits (default: the size's; 0: a tenth of each editor's edits)")
@@ -1082,16 +1101,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="pre-training steps (default: the size's); more on an unfinished DIR/pretrain extends it")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="EDITOR.FIELD=VALUE")
     args = ap.parse_args(argv)
+    editors = [e.strip() for e in args.editors.split(",") if e.strip()]
+    try:  # bad names and settings: a one-line error, before anything is built
+        overrides = parse_overrides(args.overrides)
+        check_editor_names(editors, "--editors")
+        probe = dataclasses.replace(SIZES[args.size], rome_layer=0, window=(0,))  # layers come later, from a trace
+        for name in editors:  # unknown fields, bad batch: the checks make_plan makes again once the world is built
+            make_plan(name, probe, argparse.Namespace(prefixes=()), args.n_edits, overrides)
+    except ValueError as e:
+        ap.error(str(e))
     import jax
 
     jax.config.update("jax_default_matmul_precision", "float32")  # keys and values for the editors' float64 solves
     # compilations persist across the calls of a resumed study (a new process per call)
     jax.config.update("jax_compilation_cache_dir", str(Path(args.out).resolve() / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    editors = [e.strip() for e in args.editors.split(",") if e.strip()]
     results = run_study(args.out, size=args.size, editors=editors, n_edits=args.n_edits, eval_every=args.eval_every,
                         seed=args.seed, time_limit=args.time_limit, save_seconds=args.save_seconds,
-                        overrides=parse_overrides(args.overrides), pretrain_steps=args.pretrain_steps)
+                        overrides=overrides, pretrain_steps=args.pretrain_steps)
     return 0 if results["complete"] else EXIT_INCOMPLETE
 
 
