@@ -1105,6 +1105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # bad names and settings: a one-line error, before anything is built
         overrides = parse_overrides(args.overrides)
         check_editor_names(editors, "--editors")
+        unused = sorted(set(overrides) - set(editors) - {editor_kind(e) for e in editors})
+        if unused:
+            raise ValueError(f"--set names {unused}, not among --editors {editors}")
         probe = dataclasses.replace(SIZES[args.size], rome_layer=0, window=(0,))  # layers come later, from a trace
         for name in editors:  # unknown fields, bad batch: the checks make_plan makes again once the world is built
             make_plan(name, probe, argparse.Namespace(prefixes=()), args.n_edits, overrides)
