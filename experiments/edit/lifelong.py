@@ -427,7 +427,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"--set {item!r}: expected EDITOR.FIELD=VALUE (e.g. alphaedit.l2_rel=0.05)")
         key, value = item.split("=", 1)
-        editor, field = key.split(".", 1)
+        editor, field = key.rsplit(".", 1)  # a variant's label may hold dots (memit@lam0.25.lambda_rel)
         check_editor_names([editor], f"--set {item!r}")
         v = _parse_value(value)
         if field == "layers" and not isinstance(v, list):

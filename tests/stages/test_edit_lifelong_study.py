@@ -97,6 +97,7 @@ def test_helpers():
     # a variant EDITOR@LABEL: the editor's overrides, then its own on top; its own name in results and state
     o = L.parse_overrides(["memit.lambda_rel=0.5", "memit.batch=3", "memit@wide.layers=0,1", "memit@wide.batch=2"])
     assert o == {"memit": {"lambda_rel": 0.5, "batch": 3}, "memit@wide": {"layers": [0, 1], "batch": 2}}
+    assert L.parse_overrides(["rls@lam0.25.lambda_rel=0.25"]) == {"rls@lam0.25": {"lambda_rel": 0.25}}
     plain, wide = (L.make_plan(n, L.SIZES["test"], None, 4, o) for n in ("memit", "memit@wide"))
     assert (plain.name, plain.method, plain.layers, plain.batch) == ("memit", "memit", (0, 1), 3)
     assert (wide.name, wide.method, wide.layers, wide.batch) == ("memit@wide", "memit", (0, 1), 2)
