@@ -268,7 +268,7 @@ class MixedLinear(Linear):
             s_N = self.lora_scale[...]
             if self.lora_magnitude is not None:  # DoRALinear's fold: B_n ⊙ f_n s_n for the DoRA adapters
                 f32 = jnp.float32
-                f_NxO = self.lora_magnitude[...].astype(f32) / self.lora_weight_norm[...].astype(f32)
+                f_NxO = self.lora_magnitude[...].astype(f32) / self.lora_weight_norm[...].astype(f32)  # f = m / n
                 dora_N = jnp.asarray([k == "dora" for k in self.kinds])
                 b = jnp.where(dora_N[:, None, None], b.astype(f32) * (f_NxO * s_N[:, None])[:, None, :],
                               b.astype(f32))
@@ -283,7 +283,7 @@ class MixedLinear(Linear):
             s_B = jnp.where(valid_B, jnp.take(s_N, idx_B), 0).astype(ld)
             lora = xab * _per_row(s_B[:, None], nd)
             if self.lora_magnitude is not None:  # DoRALinear: y + ((f - 1) · base + f ⊙ lora), f in lora already
-                f = _per_row(rows(self.lora_magnitude, 1).astype(f32) / rows(self.lora_weight_norm, 1).astype(f32), nd)
+                f = _per_row(jnp.where(valid_B[:, None], jnp.take(f_NxO, idx_B, axis=0), 1.0), nd)  # BASE_ID: 1
                 out = dora_output(y, xw, None if self.bias is None else self.bias[...], lora, f, ld)
             else:
                 out = y.astype(ld) + lora
