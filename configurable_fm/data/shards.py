@@ -319,7 +319,8 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
     root's <name> ($CFM_DATA_DIR, default ~/.cache/configurable_fm/data), where the trainer looks for it; returns
     the manifest. Without `out_dir` the dataset and the directory are announced first through `log` (default:
     stderr); callers that pass a directory announce it themselves. An existing output directory is refused unless
-    `overwrite` (then replaced only once the new one is complete). `progress`: tqdm bars over documents."""
+    `overwrite` (then replaced only once the new one is complete). `progress`: tqdm bars over documents (on a
+    terminal only)."""
     t0 = time.time()
     cfg = resolve_config(config)
     say = log or (lambda s: None)
@@ -399,11 +400,18 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
 
 
 def _bar(enabled: bool, **kw):
+    """A tqdm bar over documents, or None. tqdm's disable=None turns the bar off when stderr is not a terminal
+    (log files, CI, pipes: analysis/batches.py's convention), where the `say` lines of each phase (documents read,
+    dataset written, per-split counts) are the progress."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(**kw)
+    bar = tqdm(disable=None, **kw)
+    if bar.disable:
+        bar.close()
+        return None
+    return bar
 
 
 def _jsonable(x):

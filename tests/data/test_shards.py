@@ -334,3 +334,13 @@ def test_without_out_dir_python_callers_build_into_the_data_root(corpus, built, 
     assert not capsys.readouterr().err
     with pytest.raises(Exception, match="already exists"):
         build_dataset(config(corpus))
+
+
+def test_progress_off_a_terminal_is_log_lines_not_bars(corpus, tmp_path, capsys):
+    """progress=True draws tqdm bars only on a terminal; redirected (here: pytest's captured
+    stderr), a build writes its phase lines and no carriage-return bar updates."""
+    lines = []
+    build_dataset(config(corpus), tmp_path / "ds", progress=True, log=lines.append)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "doc/s" not in err
+    assert any("documents" in line and "read in" in line for line in lines)
