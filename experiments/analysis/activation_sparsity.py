@@ -3,6 +3,7 @@ thresholds on one text source, then measure the sparsity achieved and the perple
 and Python code.
 
     python experiments/analysis/activation_sparsity.py                                   # SmolLM2-135M, CPU ~9 min
+    python experiments/analysis/activation_sparsity.py --config.allocated.levels="(0.5,)"  # + allocation: ~28 min
     python experiments/analysis/activation_sparsity.py --config.calibration.domain=code  # calibrate on code instead
     python experiments/analysis/activation_sparsity.py --config=experiments/analysis/activation_sparsity.py:test
 
@@ -18,7 +19,13 @@ Keys:
     sparsities   the uniform levels p: every targeted Linear (q/k/v/o, gate/up/down of every layer) gets t_p
     ffn_only     levels applied to the down_proj inputs only (the FFN neurons: 1 - p of them active per token)
     teal_protocol  levels also measured as TEAL's evaluation does: the first half of each window dense (prefill), the
-                 second half sparse and scored (analysis/sparsity/measure.py dense_prefix)
+                 second half sparse and scored (analysis/sparsity/measure.py dense_prefix); for the uniform rows and
+                 for the down_proj-only rows (ffn_only, allocated) at those levels
+    allocated    down_proj-only levels (empty: none) whose per-layer sparsities are allocated by measured sensitivity
+                 (analysis/sparsity/allocation.py): each down_proj sparsified alone at each level of `grid` on the first
+                 n_tokens calibration tokens (len(grid) x layers forwards), then the least summed loss increase at a
+                 mean sparsity >= the level; off by default (20 minutes on a 2-core CPU at 2,048 tokens, and no better
+                 than uniform there: results/sparsity/README.md)
     greedy       levels (empty: none) allocated by TEAL's block-wise greedy search (analysis/sparsity/greedy.py) on
                  the first n_tokens calibration tokens with the given step; costs (steps to the top level) x 7
                  forwards over those tokens: about 7 * 7 * level / step forwards, off by default on a CPU
@@ -58,6 +65,8 @@ def get_config(arg: str = ""):
     config.ffn_only = (0.5,)
     config.teal_protocol = (0.5,)
     config.greedy = ml_collections.ConfigDict(dict(levels=(), n_tokens=1024, step=0.05))
+    config.allocated = ml_collections.ConfigDict(dict(levels=(), grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+                                                      n_tokens=2048))
     config.bins = ml_collections.ConfigDict(dict(lo=-24, hi=16, per_octave=64))
     config.seed = 0
     config.results_dir = "results/sparsity"
@@ -70,6 +79,9 @@ def get_config(arg: str = ""):
         config.greedy.levels = (0.5,)
         config.greedy.n_tokens = 128
         config.greedy.step = 0.1
+        config.allocated.levels = (0.5,)
+        config.allocated.grid = (0.25, 0.5, 0.75)
+        config.allocated.n_tokens = 256
         config.results_dir = "results/sparsity/test"
     elif arg:
         raise ValueError(f"experiments/analysis/activation_sparsity.py: unknown variant {arg!r}; known: 'test' (or "
@@ -126,8 +138,8 @@ def run(config) -> dict:
     """Calibrate, sweep the levels, write results.json and results.md; returns the results."""
     import jax.numpy as jnp
 
-    from configurable_fm.analysis.sparsity import (LogBins, calibrate, evaluate, greedy_allocation,
-                                                   sparsify_activations)
+    from configurable_fm.analysis.sparsity import (LogBins, allocate_levels, calibrate, evaluate, greedy_allocation,
+                                                   sensitivity, sparsify_activations)
     from configurable_fm.interop.loader import load_pretrained
 
     start = time.perf_counter()
@@ -166,9 +178,24 @@ def run(config) -> dict:
     dense_t = {p: -1.0 for p in paths}
     configs = [("dense", 0.0, dense_t, 0)]
     configs += [("uniform", p, cal.thresholds(p), 0) for p in config.sparsities]
-    configs += [("ffn_only", p, {**dense_t, **cal.thresholds({q: p for q in down})}, 0) for p in config.ffn_only]
+    ffn_only = {p: {**dense_t, **cal.thresholds({q: p for q in down})} for p in config.ffn_only}
+    configs += [("ffn_only", p, t, 0) for p, t in ffn_only.items()]
+    allocations, sensitivities, ffn_allocated = {}, None, {}
+    if config.allocated.levels:
+        a_tokens = cal_tokens[:config.allocated.n_tokens + 1]
+        sens = sensitivity(model, cal, batches_of(a_tokens, config.seq_len, config.batch_size), paths=down,
+                           levels=tuple(config.allocated.grid), log=say)
+        allocations = {p: allocate_levels(sens.increase, p) for p in config.allocated.levels}
+        sensitivities = {"tokens": sens.tokens, "dense_nll": sens.dense_nll, "increase": sens.increase}
+        for p, alloc in allocations.items():
+            say(f"allocated {p}: " + ", ".join(f"{q.split('.')[1]}: {v:.2f}" for q, v in alloc.items()))
+        ffn_allocated = {p: {**dense_t, **cal.thresholds(a)} for p, a in allocations.items()}
+        configs += [("ffn_allocated", p, t, 0) for p, t in ffn_allocated.items()]
     prefix = config.seq_len // 2
     configs += [("uniform", p, cal.thresholds(p), prefix) for p in config.teal_protocol]
+    configs += [(kind, p, rows_t[p], prefix) for kind, rows_t in (("ffn_only", ffn_only),
+                                                                  ("ffn_allocated", ffn_allocated))
+                for p in config.teal_protocol if p in rows_t]
     if config.greedy.levels:
         g_tokens = cal_tokens[:config.greedy.n_tokens + 1]
         alloc = greedy_allocation(model, cal, batches_of(g_tokens, config.seq_len, config.batch_size),
@@ -209,13 +236,15 @@ def run(config) -> dict:
         ref = next(r for r in rows if r["kind"] == "dense" and r["domain"] == row["domain"]
                    and r["dense_prefix"] == row["dense_prefix"])
         row["perplexity_change"] = row["perplexity"] / ref["perplexity"] - 1.0
-    order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3}
+    order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3, "ffn_allocated": 4}
     domain_order = list(config.evaluation.domains)
     rows.sort(key=lambda r: (r["dense_prefix"], order[r["kind"]], r["target"], domain_order.index(r["domain"])))
     seconds = time.perf_counter() - start
     results = {"config": config.to_dict(), "git": git_revision(), "python": platform.python_version(),
                "calibration_tokens": cal.tokens, "evaluation_tokens": {d: dense_ev[d].scored_tokens(0) for d in data},
                "manifest": manifest, "thresholds": {str(p): cal.thresholds(p) for p in config.sparsities},
+               "allocations": {str(p): a for p, a in allocations.items()},
+               "sensitivity": sensitivities,
                "rows": rows, "seconds": seconds}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
     (out_dir / "results.md").write_text(table(results) + "\n")
@@ -268,7 +297,8 @@ def table(results: dict) -> str:
             spars = (f"{r['sparsity_weighted']:.3f} / {r['sparsity_down_proj']:.3f} / "
                      f"{r['sparsity_min']:.2f}-{r['sparsity_max']:.2f}")
         label = {"dense": "dense", "uniform": "uniform, all 7 projections", "ffn_only": "down_proj inputs only",
-                 "greedy": "greedy per block, all 7"}
+                 "greedy": "greedy per block, all 7",
+                 "ffn_allocated": "down_proj inputs only, levels per layer by sensitivity"}
         lines.append(f"| {label[r['kind']]} | {r['target']:.2f} | {where} | {r['domain']} | {r['perplexity']:.3f} | "
                      f"{100 * r['perplexity_change']:+.1f}% | {spars} |")
     uniform = [r for r in results["rows"] if r["kind"] in ("uniform", "greedy") and not r["dense_prefix"]]

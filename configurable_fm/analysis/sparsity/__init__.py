@@ -8,13 +8,15 @@
 
 Modules: module.py (the SparseLinear extension of kind 'activation_sparsity', sparsify_activations, desparsify,
 target paths); calibration.py (streamed |x| histograms with log-spaced bins, quantile thresholds); measure.py
-(perplexity and achieved sparsity in one pass); greedy.py (TEAL's block-wise greedy allocation). Importing this
+(perplexity and achieved sparsity in one pass); greedy.py (TEAL's block-wise greedy allocation); allocation.py
+(levels shared among blocks by measured sensitivity: an exact knapsack over each Linear's loss increase). Importing this
 package registers the extension kind, so orbax checkpoints of sparsified models load after
 `import configurable_fm.analysis.sparsity`.
 """
 from configurable_fm.analysis.sparsity.calibration import (AbsHistogram, Calibration, LogBins, calibrate,
                                                            check_sparsity, fraction_from_counts, shared_inputs,
                                                            threshold_from_counts)
+from configurable_fm.analysis.sparsity.allocation import Sensitivity, allocate_levels, sensitivity
 from configurable_fm.analysis.sparsity.greedy import blocks_of, greedy_allocation
 from configurable_fm.analysis.sparsity.measure import Evaluation, evaluate
 from configurable_fm.analysis.sparsity.module import (DEFAULT_TARGETS, KIND, SparseLinear, SparsityError,
@@ -22,6 +24,7 @@ from configurable_fm.analysis.sparsity.module import (DEFAULT_TARGETS, KIND, Spa
                                                       sparsify_activations, thresholds_of)
 
 __all__ = ["calibrate", "Calibration", "LogBins", "AbsHistogram", "threshold_from_counts", "fraction_from_counts",
-           "check_sparsity", "shared_inputs", "greedy_allocation", "blocks_of", "evaluate", "Evaluation",
+           "check_sparsity", "shared_inputs", "greedy_allocation", "blocks_of", "sensitivity", "Sensitivity",
+           "allocate_levels", "evaluate", "Evaluation",
            "sparsify_activations", "desparsify", "thresholds_of", "sparse_linears", "resolve_targets", "SparseLinear",
            "SparsityThreshold", "SparsityError", "KIND", "DEFAULT_TARGETS"]
