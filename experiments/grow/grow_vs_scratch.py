@@ -3,6 +3,7 @@ from scratch on the same data stream and schedule family, counting compute (expe
 
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py --workdir runs/grow_vs_scratch    # H200, 5 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:wide_short --workdir runs/gvs_wide # H200, 5 min
+    python scripts/run.py --config experiments/grow/grow_vs_scratch.py:long --workdir runs/gvs_long       # H200, ~10 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:test --workdir runs/gvs_test      # CPU, ~1 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:default,control --workdir runs/gvs_ctl
         # ',control': scratch and the control's runs only (separate growth, copied / reset moments, alone)
@@ -14,6 +15,10 @@ embeddings, vocabulary 8192, SwiGLU):
     default     large 8 x 256, heads 4/2 (8.4M parameters), scratch S = 1200 steps (39M tokens)
     wide_short  large 8 x 512, heads 8/4 (29.4M parameters), scratch S = 600 steps (20M tokens: the large model is
                 far too big for its tokens, so smaller paths win by default; the control shows it)
+    long        default's shapes, scratch S = 4000 steps (131M tokens, 15.6 tokens per parameter, ~4 epochs of code8k's
+                33.4M training tokens): where the baseline is neither under-trained nor the grown runs' head start
+                large next to the whole run; not run yet: ~8-10 minutes on one H200 estimated from default's 5 (a
+                killed call resumes on rerun)
     test        tiny models on synthetic task rows, two runs and a control: the CI check of the pipeline
 Data: `code8k` (experiments/data.py: the Python standard library and the installed packages' source, a byte-level
 BPE of 8192 trained on the training split; validation = 1% of the files, held out as whole files), built on first
@@ -81,14 +86,16 @@ def family(width: int, kv: int, part_heads: int) -> tuple[dict, dict]:
 
 
 # variant: (large width, its kv heads, heads of the non-integer run's small model, scratch steps S)
-VARIANTS = {"default": (256, 2, 3, 1200), "wide_short": (512, 4, 5, 600), "test": (None, None, None, 8)}
+VARIANTS = {"default": (256, 2, 3, 1200), "wide_short": (512, 4, 5, 600), "long": (256, 2, 3, 4000),
+            "test": (None, None, None, 8)}
 TEST_LARGE = dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
 TEST_RUNS = {
     "gstack_x2": (dict(TEST_LARGE, num_layers=1), None, dict(method="stack", factor=2)),
     "width_x2": (dict(TEST_LARGE, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32),
                  dict(hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64, noise=0.1), None),
 }
-CONTROL = {"default": "width_x2_stack_x2", "wide_short": "width_x2_stack_x2", "test": "width_x2"}  # its small model, ungrown
+CONTROL = {"default": "width_x2_stack_x2", "wide_short": "width_x2_stack_x2", "long": "width_x2_stack_x2",
+           "test": "width_x2"}  # its small model, ungrown
 
 
 def train_config(shape: dict, steps: int, *, schedule: str, test: bool) -> ml_collections.ConfigDict:

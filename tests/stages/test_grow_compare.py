@@ -81,7 +81,7 @@ def test_stage_on_fabricated_runs(tmp_path):
     assert "stages/04_compare/compare.png" in out.summary
 
 
-@pytest.mark.parametrize("variant", ["default", "wide_short"])
+@pytest.mark.parametrize("variant", ["default", "wide_short", "long"])
 def test_study_budgets(variant):
     c = G.get_config(variant)
     stages = {s.name: s for s in c.stages}
