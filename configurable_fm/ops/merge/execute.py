@@ -17,7 +17,8 @@ One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(c
   compute on an accelerator);
 * the output layout is planned up front from the groups' names, shapes and dtypes (a new shard when the next
   tensor would push the current one past `limit` bytes), so every shard's header is written first and each
-  result is written at its offset by a writer thread as soon as it is ready: no shard is ever held in memory;
+  result is written at its offset by a writer thread as soon as it is ready: no shard is ever held in memory
+  (large shards with O_DIRECT through a small staging buffer: host_io.ShardFile);
 * a tensor whose float32 inputs exceed `CHUNK_BYTES` is merged in blocks (MergeMethod.chunks: elementwise
   methods, and those whose tensor-global statistic, e.g. the TIES magnitude threshold, is computed block by
   block first), bit for bit as whole; its float32 temporaries then scale with the block, not the tensor.
@@ -42,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
+from configurable_fm.ops.merge.host_io import HOST_ALIGNMENT, ShardFile, aligned_empty  # noqa: F401 (re-exported)
 from configurable_fm.ops.merge.registry import MergeMethod
 
 SAFETENSORS_DTYPES = {
@@ -52,8 +54,7 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_CHUNK = 1 << 30  # bytes per preadv/pwrite call (Linux moves at most ~2 GiB per call)
-HOST_ALIGNMENT = 64  # bytes: jax's CPU client adopts a host buffer aligned so without copying it (device_put)
+_CHUNK = 1 << 30  # bytes per preadv call (Linux moves at most ~2 GiB per call)
 
 
 def is_float(dtype) -> bool:
@@ -96,20 +97,6 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
         if n <= 0:
             raise CheckpointError(f"{what}: unexpected end of file after {done} of {len(view)} bytes")
         done += n
-
-
-def aligned_empty(shape: Sequence[int], dtype, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
-    """np.empty(shape, dtype) whose data starts at a multiple of `alignment` bytes. numpy's large allocations start
-    16 bytes past a page boundary, and jax.device_put copies such a buffer onto the CPU device; an aligned one it
-    adopts as it is (no copy: ~1.3 s of a 1B-parameter linear merge, issue 14). An empty array has no data to
-    align."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes == 0:
-        return np.empty(shape, dtype)
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
 
 
 class PreadStore(Mapping[str, np.ndarray]):
@@ -805,7 +792,8 @@ class PlannedShardWriter:
     """Writes planned shards (plan_shards): headers first, then each tensor at its offset from a writer thread.
 
     add(name, y, read_bytes) queues y (numpy or a dispatched jax array; at most `queue_size` waiting); the writer
-    thread waits for it, moves it to the host, checks shape and dtype against the plan, pwrites it and calls
+    thread waits for it, moves it to the host, checks shape and dtype against the plan, writes it at its offset
+    (host_io.ShardFile; `direct`: O_DIRECT past the page cache, by default for shards of at least 64 MiB) and calls
     `on_written(name, read_bytes, bytes written)` when given (e.g. Progress.update). finish() waits
     for every write, checks that every planned tensor was written once, writes the index (several shards) and
     returns the file names. Errors from the writer thread are raised by the next add() or by finish().
@@ -813,19 +801,16 @@ class PlannedShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, specs: Sequence[tuple[str, tuple, Any]], limit: int, *,
                  queue_size: int = 2, timers: Optional[Timers] = None,
-                 on_written: Optional[Callable[[str, int, int], None]] = None):
+                 on_written: Optional[Callable[[str, int, int], None]] = None, direct: Optional[bool] = None):
         self.out_dir = Path(out_dir)
         self.specs = {name: (tuple(shape), np.dtype(dtype)) for name, shape, dtype in specs}
         if len(self.specs) != len(specs):
             raise ValueError("PlannedShardWriter: duplicate tensor names in the plan")
         self.shards = plan_shards(specs, limit)
         self.where = {name: (i, off) for i, s in enumerate(self.shards) for name, off in s.offsets.items()}
-        self.fds = []
-        for s in self.shards:
-            fd = os.open(self.out_dir / s.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, s.size)
-            os.pwrite(fd, s.header, 0)
-            self.fds.append(fd)
+        self.files = [ShardFile(self.out_dir / s.file, s.size, direct=direct) for s in self.shards]
+        for s, f in zip(self.shards, self.files):
+            f.write_at(0, s.header)
         self.written: set[str] = set()
         self.timers = timers
         self.on_written = on_written
@@ -850,10 +835,7 @@ class PlannedShardWriter:
                 if arr.shape != shape or arr.dtype != dtype:
                     raise ValueError(f"tensor {name}: result is {arr.shape} {arr.dtype}, planned {shape} {dtype}")
                 shard, offset = self.where[name]
-                data = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(self.fds[shard], data[done:done + _CHUNK], offset + done)
+                self.files[shard].write_at(offset, np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
                 if self.timers is not None:
                     self.timers.add("compute_wait", t1 - t0)
                     self.timers.add("write", time.perf_counter() - t1, arr.nbytes)
@@ -877,9 +859,8 @@ class PlannedShardWriter:
         if self.thread.is_alive():
             self.q.put(None)
             self.thread.join()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds = []
+        for f in self.files:
+            f.close()
 
     def finish(self) -> list[str]:
         self.close()
