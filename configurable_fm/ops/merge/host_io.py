@@ -7,8 +7,8 @@ host buffer without copying it; O_DIRECT needs the device's block alignment).
 merge writes every shard front to back: header, then each tensor at its planned offset) go through an aligned
 staging buffer and are written with O_DIRECT in whole blocks, bypassing the page cache; the last partial block is
 padded with zeros and the file truncated to its size. A write out of order, a file system that refuses O_DIRECT
-(EINVAL) or `direct=False` falls back to ordinary buffered `pwrite` for the rest of the file (the blocks already
-written directly are never touched by a buffered write, so the two never overlap).
+(EINVAL) or `direct=False` falls back to ordinary buffered `pwrite` for the rest of the file (no direct write
+follows a buffered one, so a whole block written directly never overwrites bytes written through the cache).
 
 Why: a buffered write of a new file makes the kernel allocate a page-cache page per 4 KiB and write it back later.
 On the 2-core VMs measured here, memory the guest has handed back to its host costs up to ~2.5 s/GB to touch
