@@ -26,6 +26,10 @@ Memory, per run:
   peak_anon: the largest sum of RssAnon (private memory, no file pages) over the process tree, sampled from
     /proc every 20 ms: the memory the merge itself needs.
 Throughput: GB/s = (bytes of every input tensor read + bytes written) / wall time.
+Read bound (issue 14: an end-to-end merge is bound by reading its inputs): after each method's runs, the inputs
+are read once more into one reused buffer, from the page cache (the state the runs start in) and with O_DIRECT
+from the device (`--read_bandwidth both|cache|none`); "of read bound" = input bytes / wall time / the page-cache
+read bandwidth (the wall time includes the process's start-up).
 Load: each run records the 1-minute load average before and after it (`load_1min`; the table's last column lists
 every run as "seconds @ load before-after"): on a shared machine the times mean little without it.
 Agreement: per tensor max |ours - mergekit| (float32), the number of bitwise-equal tensors and, for bf16 outputs,
@@ -166,6 +170,41 @@ def warm(files) -> None:
         with open(f, "rb", buffering=0) as fh:
             while fh.readinto(buf):
                 pass
+
+
+def read_bandwidth(files, direct: bool) -> dict:
+    """The machine's file read bandwidth over `files`, the bound of an end-to-end merge that reads them: every
+    byte read with os.preadv into one reused 64 MiB aligned buffer, from the page cache (after `warm`, best of two
+    passes) and, with `direct`, from the device (O_DIRECT: the page cache bypassed; one pass). GB/s."""
+    from configurable_fm.ops.merge.host_io import DIRECT_BLOCK, aligned_empty
+
+    buf = aligned_empty((64 << 20,), np.uint8, DIRECT_BLOCK)
+    view = memoryview(buf)
+    total = checkpoint_bytes(files)
+
+    def one_pass(flags: int) -> float:
+        t0 = time.perf_counter()
+        for f in files:
+            fd = os.open(f, os.O_RDONLY | flags)
+            try:
+                pos = 0
+                while True:
+                    n = os.preadv(fd, [view], pos)
+                    if n <= 0:
+                        break
+                    pos += n
+            finally:
+                os.close(fd)
+        return total / (time.perf_counter() - t0) / 1e9
+
+    warm(files)
+    out = {"kind": "read_bandwidth", "bytes": total, "page_cache_gb_s": max(one_pass(0), one_pass(0))}
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            out["direct_gb_s"] = one_pass(os.O_DIRECT)
+        except OSError as e:  # a file system without O_DIRECT
+            out["direct_error"] = str(e)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- measurement
@@ -313,6 +352,11 @@ def bench_cpu(args, ckpt) -> list[dict]:
                            output_bytes=out_bytes, gb_per_s=(in_bytes + out_bytes) / res["wall_s"] / 1e9)
                 print(json.dumps(res), flush=True)
                 rows.append(res)
+        if args.read_bandwidth != "none":
+            bw = read_bandwidth(files, direct=args.read_bandwidth == "both")
+            bw.update(method=method)
+            print(json.dumps(bw), flush=True)
+            rows.append(bw)
         if {"ours", "mergekit"} <= set(outs):
             agree = compare(outs["ours"], outs["mergekit"])
             agree.update(method=method, kind="agreement")
@@ -326,8 +370,9 @@ def bench_cpu(args, ckpt) -> list[dict]:
 
 def table_cpu(rows) -> str:
     runs = [r for r in rows if "wall_s" in r]
-    lines = ["| method | tool | time (s) | peak RSS (GB) | peak anon (GB) | speedup | GB/s | runs: s @ load |",
-             "|---|---|---|---|---|---|---|---|"]
+    cache_bw = {r["method"]: r["page_cache_gb_s"] for r in rows if r.get("kind") == "read_bandwidth"}
+    lines = ["| method | tool | time (s) | peak RSS (GB) | peak anon (GB) | speedup | GB/s | of read bound | "
+             "runs: s @ load |", "|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in runs:
         by.setdefault((r["method"], r["tool"]), []).append(r)
@@ -337,9 +382,11 @@ def table_cpu(rows) -> str:
         speed = statistics.median(r["wall_s"] for r in mk) / t if mk else float("nan")
         each = ", ".join(f"{r['wall_s']:.1f} @ {r['load_1min'][0]:.1f}-{r['load_1min'][1]:.1f}" for r in rs
                          if "load_1min" in r)
+        bound = (f"{100 * rs[0]['input_bytes'] / t / 1e9 / cache_bw[method]:.0f}% of {cache_bw[method]:.1f} GB/s"
+                 if method in cache_bw else "")
         lines.append(f"| {method} | {tool} | {t:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | "
                      f"{max(r['peak_anon_gb'] for r in rs):.2f} | {speed:.2f}x | "
-                     f"{statistics.median(r['gb_per_s'] for r in rs):.2f} | {each} |")
+                     f"{statistics.median(r['gb_per_s'] for r in rs):.2f} | {bound} | {each} |")
     agree = [r for r in rows if r.get("kind") == "agreement"]
     if agree:
         lines += ["", "| method | tensors | bitwise equal | max abs diff | max bf16 ulps | elements differing |",
@@ -460,6 +507,9 @@ def main():
                    help="--device gpu: only the kernel-only rows (no checkpoints written, no end-to-end merges)")
     p.add_argument("--ours_cmd", default="", help="replace 'python scripts/merge.py' (e.g. a patched launcher)")
     p.add_argument("--keep_outputs", action="store_true")
+    p.add_argument("--read_bandwidth", choices=("cache", "both", "none"), default="both",
+                   help="measure the inputs' read bandwidth after each method's runs: from the page cache, "
+                        "and (both) from the device with O_DIRECT")
     p.add_argument("--out", default="", help="results JSON (default WORKDIR/results_<size>_<device>.json)")
     args = p.parse_args()
     work = Path(args.workdir)
