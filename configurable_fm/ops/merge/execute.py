@@ -43,7 +43,8 @@ import ml_dtypes
 import numpy as np
 
 from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
-from configurable_fm.ops.merge.host_io import HOST_ALIGNMENT, ShardFile, aligned_empty  # noqa: F401 (re-exported)
+from configurable_fm.ops.merge.host_io import (HOST_ALIGNMENT, IO_CHUNK, ShardFile,  # noqa: F401 (re-exported)
+                                               aligned_empty)
 from configurable_fm.ops.merge.registry import MergeMethod
 
 SAFETENSORS_DTYPES = {
@@ -54,7 +55,6 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-_CHUNK = 1 << 30  # bytes per preadv call (Linux moves at most ~2 GiB per call)
 
 
 def is_float(dtype) -> bool:
@@ -93,7 +93,7 @@ def _pread_into(fd: int, buf: np.ndarray, offset: int, what: str) -> None:
     view = memoryview(buf.reshape(-1).view(np.uint8))
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:done + _CHUNK]], offset + done)
+        n = os.preadv(fd, [view[done:done + IO_CHUNK]], offset + done)
         if n <= 0:
             raise CheckpointError(f"{what}: unexpected end of file after {done} of {len(view)} bytes")
         done += n

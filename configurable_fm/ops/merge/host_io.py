@@ -27,7 +27,7 @@ HOST_ALIGNMENT = 64  # bytes: jax's CPU client adopts a host buffer aligned so w
 DIRECT_BLOCK = 4096  # bytes: O_DIRECT alignment of buffer address, file offset and length (any logical block <= it)
 STAGE_BYTES = 32 << 20  # bytes of the staging buffer of a directly written file (allocated while it is written)
 DIRECT_MIN_BYTES = 64 << 20  # files smaller than this are written buffered by default (direct=None)
-_CHUNK = 1 << 30  # bytes per pwrite call (Linux moves at most ~2 GiB per call)
+IO_CHUNK = 1 << 30  # bytes per preadv/pwrite call (Linux moves at most ~2 GiB per call)
 
 
 def aligned_empty(shape: Sequence[int], dtype, alignment: int = HOST_ALIGNMENT) -> np.ndarray:
@@ -47,7 +47,7 @@ def aligned_empty(shape: Sequence[int], dtype, alignment: int = HOST_ALIGNMENT) 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:done + _CHUNK], offset + done)
+        done += os.pwrite(fd, data[done:done + IO_CHUNK], offset + done)
 
 
 class ShardFile:
@@ -91,62 +91,53 @@ class ShardFile:
                 self.stage[self.fill:self.fill + n] = data[done:done + n]
                 self.fill += n
                 done += n
-                if self.fill == self.stage.size:
-                    self._flush_blocks()
-            if self.direct and self.written + self.fill >= self.size:
-                self._finish_direct()  # the whole file is streamed: its tail goes out now and the stage is freed
-            return
+                if self.fill == self.stage.size and not self._flush_blocks():
+                    self._fall_back(direct_refused=True)
+                    offset, data = offset + done, data[done:]  # the rest of this write goes buffered
+                    break
+            else:
+                if self.written + self.fill >= self.size:
+                    self._finish_direct()  # the whole file is streamed: its tail goes out now, the stage is freed
+                return
         self._fall_back()
         _pwrite_all(self.fd, memoryview(data), offset)
 
-    def _flush_blocks(self, pad: bool = False) -> None:
-        """Writes the staged whole blocks (with `pad`: all staged bytes, zero-padded to a block) directly and
-        moves the remaining partial block to the front; a refusal (EINVAL) falls back to buffered writes."""
+    def _flush_blocks(self, pad: bool = False) -> bool:
+        """Writes the staged whole blocks (with `pad`: all staged bytes, zero-padded to a block) directly and moves
+        the remaining partial block to the front. False, with nothing written or moved, when the file system
+        refuses the direct write (EINVAL: e.g. a device whose logical block exceeds DIRECT_BLOCK)."""
         n = self.fill if pad else self.fill // DIRECT_BLOCK * DIRECT_BLOCK
-        if pad:
-            end = -(-n // DIRECT_BLOCK) * DIRECT_BLOCK
-            self.stage[n:end] = 0
-            n_write = end
-        else:
-            n_write = n
-        if n_write == 0:
-            return
-        try:
-            _pwrite_all(self.direct_fd, memoryview(self.stage[:n_write]), self.written)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._fall_back()  # e.g. a device whose logical block exceeds DIRECT_BLOCK
-            return
+        n_write = -(-n // DIRECT_BLOCK) * DIRECT_BLOCK
+        self.stage[n:n_write] = 0  # the padding (empty unless `pad`)
+        if n_write:
+            try:
+                _pwrite_all(self.direct_fd, memoryview(self.stage[:n_write]), self.written)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                return False
         self.direct_bytes += n
-        rest = self.fill - n
-        self.stage[:rest] = self.stage[n:self.fill]
-        self.fill, self.written = rest, self.written + n_write
+        self.stage[:self.fill - n] = self.stage[n:self.fill]
+        self.fill, self.written = self.fill - n, self.written + n_write
+        return True
 
     def _finish_direct(self) -> None:
         """Writes the staged bytes (the last block zero-padded) and closes the direct descriptor."""
-        if self.fill:
-            self._flush_blocks(pad=True)
+        if self.fill and not self._flush_blocks(pad=True):
+            self._fall_back(direct_refused=True)
         if self.direct:
             os.close(self.direct_fd)
             self.direct_fd, self.stage = None, None
 
-    def _fall_back(self) -> None:
-        """From here on buffered writes: whole staged blocks still go directly, the partial rest buffered."""
+    def _fall_back(self, direct_refused: bool = False) -> None:
+        """From here on buffered writes: staged whole blocks still go directly (unless the file system has just
+        refused a direct write), the partial rest through the cache."""
         if not self.direct:
             return
+        if not direct_refused and self.fill >= DIRECT_BLOCK:
+            self._flush_blocks()  # a refusal leaves the blocks staged: they go buffered below
         fd, self.direct_fd = self.direct_fd, None
         try:
-            if self.fill >= DIRECT_BLOCK:
-                n = self.fill // DIRECT_BLOCK * DIRECT_BLOCK
-                try:
-                    _pwrite_all(fd, memoryview(self.stage[:n]), self.written)
-                    self.direct_bytes += n
-                    self.stage[:self.fill - n] = self.stage[n:self.fill]
-                    self.fill, self.written = self.fill - n, self.written + n
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
             if self.fill:
                 _pwrite_all(self.fd, memoryview(self.stage[:self.fill]), self.written)
         finally:

@@ -2,6 +2,7 @@
 truncate) equal the bytes of a plain file, for sizes that are not multiples of the block, a staging buffer smaller
 than one write, out-of-order writes (the buffered fallback) and through PlannedShardWriter into a safetensors file
 that safetensors reads back."""
+import errno
 import os
 
 import ml_dtypes
@@ -73,3 +74,31 @@ def test_planned_shards_written_directly_load_back(tmp_path):
     assert set(got) == set(tensors)
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype and np.array_equal(got[k].view(np.uint8), v.view(np.uint8)), k
+
+
+@pytest.mark.parametrize("refuse_after", [0, 1, 3])
+def test_a_refused_direct_write_falls_back_mid_stream(tmp_path, monkeypatch, refuse_after):
+    """The file system refuses O_DIRECT (EINVAL) after `refuse_after` direct writes, inside a write larger than the
+    stage: what was staged and the rest of that write go through the cache, and the file is still exact."""
+    rng = np.random.default_rng(4)
+    pieces = _pieces(rng, [1000, 5 * H.DIRECT_BLOCK + 17, 300, 9 * H.DIRECT_BLOCK + 3])
+    want = np.concatenate(pieces).tobytes()
+    real, calls = H._pwrite_all, []
+
+    def pwrite(fd, data, offset):
+        if f.direct_fd is not None and fd == f.direct_fd:
+            calls.append(offset)
+            if len(calls) > refuse_after:
+                raise OSError(errno.EINVAL, "refused")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(H, "_pwrite_all", pwrite)
+    f = H.ShardFile(tmp_path / "x", len(want), direct=True, stage_bytes=2 * H.DIRECT_BLOCK)
+    if not f.direct:
+        pytest.skip("O_DIRECT is not available on the test's temporary directory")
+    offsets = np.concatenate([[0], np.cumsum([p.size for p in pieces])[:-1]]).astype(int)
+    for o, p in zip(offsets, pieces):
+        f.write_at(int(o), p)
+    f.close()
+    assert (tmp_path / "x").read_bytes() == want
+    assert f.direct_bytes == refuse_after * 2 * H.DIRECT_BLOCK and not f.direct
