@@ -163,45 +163,40 @@ def input_files(ckpt: dict[str, Path], method: str) -> list[Path]:
     return [f for m in models for f in sorted(ckpt[m].glob("*.safetensors"))]
 
 
+def read_files(files, flags: int = 0) -> float:
+    """Reads every byte of `files` with os.preadv into one reused 64 MiB aligned buffer (`flags` for os.open, e.g.
+    os.O_DIRECT); returns the seconds taken."""
+    from configurable_fm.ops.merge.host_io import DIRECT_BLOCK, aligned_empty
+
+    view = memoryview(aligned_empty((64 << 20,), np.uint8, DIRECT_BLOCK))
+    t0 = time.perf_counter()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY | flags)
+        try:
+            pos = 0
+            while (n := os.preadv(fd, [view], pos)) > 0:
+                pos += n
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0
+
+
 def warm(files) -> None:
     """One untimed read of every file into the page cache."""
-    buf = bytearray(1 << 24)
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
+    read_files(files)
 
 
 def read_bandwidth(files, direct: bool) -> dict:
-    """The machine's file read bandwidth over `files`, the bound of an end-to-end merge that reads them: every
-    byte read with os.preadv into one reused 64 MiB aligned buffer, from the page cache (after `warm`, best of two
-    passes) and, with `direct`, from the device (O_DIRECT: the page cache bypassed; one pass). GB/s."""
-    from configurable_fm.ops.merge.host_io import DIRECT_BLOCK, aligned_empty
-
-    buf = aligned_empty((64 << 20,), np.uint8, DIRECT_BLOCK)
-    view = memoryview(buf)
+    """The machine's file read bandwidth over `files`, the bound of an end-to-end merge that reads them (read_files):
+    from the page cache (after `warm`, best of two passes) and, with `direct`, from the device (O_DIRECT: the page
+    cache bypassed; one pass). GB/s."""
     total = checkpoint_bytes(files)
-
-    def one_pass(flags: int) -> float:
-        t0 = time.perf_counter()
-        for f in files:
-            fd = os.open(f, os.O_RDONLY | flags)
-            try:
-                pos = 0
-                while True:
-                    n = os.preadv(fd, [view], pos)
-                    if n <= 0:
-                        break
-                    pos += n
-            finally:
-                os.close(fd)
-        return total / (time.perf_counter() - t0) / 1e9
-
     warm(files)
-    out = {"kind": "read_bandwidth", "bytes": total, "page_cache_gb_s": max(one_pass(0), one_pass(0))}
+    out = {"kind": "read_bandwidth", "bytes": total,
+           "page_cache_gb_s": total / min(read_files(files), read_files(files)) / 1e9}
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            out["direct_gb_s"] = one_pass(os.O_DIRECT)
+            out["direct_gb_s"] = total / read_files(files, os.O_DIRECT) / 1e9
         except OSError as e:  # a file system without O_DIRECT
             out["direct_error"] = str(e)
     return out

@@ -81,9 +81,7 @@ def integer_weights(weights: Mapping[str, float]) -> dict[str, int]:
     if smallest <= 0:
         raise SparsityError(f"allocate_levels: weights must be positive, got {smallest}")
     if all(float(w) == int(w) for w in weights.values()):
-        g = 0
-        for w in weights.values():
-            g = math.gcd(g, int(w))
+        g = math.gcd(*(int(w) for w in weights.values()))
         return {path: int(w) // g for path, w in weights.items()}
     out = {}
     for path, w in weights.items():
@@ -154,7 +152,4 @@ def _grid_step(levels: Sequence[float]) -> float:
     micro = [round(p * 1_000_000) for p in levels if p > 0]
     if not micro:
         raise SparsityError("allocate_levels: no positive level")
-    g = 0
-    for m in micro:
-        g = math.gcd(g, m)
-    return g / 1_000_000
+    return math.gcd(*micro) / 1_000_000
