@@ -3,7 +3,7 @@ from scratch on the same data stream and schedule family, counting compute (expe
 
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py --workdir runs/grow_vs_scratch    # H200, 5 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:wide_short --workdir runs/gvs_wide # H200, 5 min
-    python scripts/run.py --config experiments/grow/grow_vs_scratch.py:long --workdir runs/gvs_long       # H200, ~10 min
+    python scripts/run.py --config experiments/grow/grow_vs_scratch.py:long --workdir runs/gvs_long       # H200, 9 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:test --workdir runs/gvs_test      # CPU, ~1 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:default,control --workdir runs/gvs_ctl
         # ',control': scratch and the control's runs only (separate growth, copied / reset moments, alone)
@@ -17,8 +17,7 @@ embeddings, vocabulary 8192, SwiGLU):
                 far too big for its tokens, so smaller paths win by default; the control shows it)
     long        default's shapes, scratch S = 4000 steps (131M tokens, 15.6 tokens per parameter, ~4 epochs of code8k's
                 33.4M training tokens): where the baseline is neither under-trained nor the grown runs' head start
-                large next to the whole run; not run yet: ~8-10 minutes on one H200 estimated from default's 5 (a
-                killed call resumes on rerun)
+                large next to the whole run; 8 min 47 s on one H200 (2026-12-03; a killed call resumes on rerun)
     test        tiny models on synthetic task rows, two runs and a control: the CI check of the pipeline
 Data: `code8k` (experiments/data.py: the Python standard library and the installed packages' source, a byte-level
 BPE of 8192 trained on the training split; validation = 1% of the files, held out as whole files), built on first
