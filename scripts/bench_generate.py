@@ -21,8 +21,6 @@ The anchor runs as a subprocess per (mode, shape, batch) after our rows; its pri
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import json
 import os
 import re
@@ -39,6 +37,7 @@ from flax import nnx
 import configurable_fm.models.attention as attn
 from configurable_fm.models.factory import build_model
 from configurable_fm.models.generation import Generator
+from configurable_fm.profiling import trace_kernels
 from experiments.shapes import SHAPES as BENCH_SHAPES
 
 ATTENTION = ["auto"]
@@ -98,36 +97,13 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
 
 
 def profile(shape: str, batch: int, prompt: int, new: int, logdir: str) -> dict:
-    """Traces one generate call; summarises the device kernels per decode step."""
+    """Traces one generate call; summarises the device kernels per decode step (configurable_fm.profiling)."""
     model = build(shape)
     gen = Generator(model)
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (batch, prompt), dtype=np.int32)
     np.asarray(gen(ids, max_new_tokens=new))
-    os.makedirs(logdir, exist_ok=True)
-    t = time.perf_counter()
-    with jax.profiler.trace(logdir, create_perfetto_trace=True):
-        np.asarray(gen(ids, max_new_tokens=new))
-    wall = time.perf_counter() - t
-    files = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
-    if not files:
-        return {"profile": "no perfetto trace written", "logdir": logdir}
-    with gzip.open(files[-1]) as f:
-        events = json.load(f)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu_pids = {p for p, n in names.items() if re.search(r"/device:GPU", n)}
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
-    by_name: dict[str, list] = {}
-    for e in kernels:
-        by_name.setdefault(e["name"], []).append(float(e.get("dur", 0)))
-    busy_us = sum(sum(v) for v in by_name.values())
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
-    return {"shape": shape, "batch": batch, "new_tokens": new, "wall_ms": wall * 1e3,
-            "device_events": len(kernels), "events_per_step": len(kernels) / new,
-            "device_busy_ms": busy_us / 1e3, "processes": sorted(set(names.values()))[:12],
-            "top": [{"name": n[:120], "count": len(d), "total_ms": sum(d) / 1e3, "mean_us": sum(d) / len(d)}
-                    for n, d in top]}
+    summary = trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=new)), logdir, steps=new)
+    return {"shape": shape, "batch": batch, "new_tokens": new, **summary}
 
 
 def run_anchor(script: str, mode: str, shape: str, batch: int) -> dict:

@@ -5,6 +5,7 @@
     python scripts/bench_train.py --variant 7b --seq_len 4096 --grid "8:full" --mesh 1,4,2     # FSDP 4 x tensor 2
     python scripts/bench_train.py --variant 1b --grid "8:dots" --scan_layers                     # layers as one scan
     python scripts/bench_train.py --variant 1b --grid "8:dots,8:dots:xla" --compile_only [--scan_layers]
+    python scripts/bench_train.py --variant 1b --grid "8:none" --profile /tmp/prof   # + where the step's time goes
 
 For each `batch:remat` entry of the grid: build the pretrain variant's llama (bf16 compute, fp32 master weights,
 AdamW), jit the trainer's step (`make_train_step`, donated state) on random tokens, run `--warmup` steps, then
@@ -23,12 +24,15 @@ of one host run from one process; for one process per GPU start it under jax.dis
 `compile_s` is the first step's wall time (trace + compile + one step). --compile_only builds nothing: it traces and
 lowers the step on abstract parameters and optimizer state (`lower_s`) and compiles it (`compile_s`, XLA only),
 then reports those two times (and the process CPU times, `*_cpu_s`, steadier on a shared machine) and runs no
-step; it works for any variant on any machine (e.g. the CPU).
+step; it works for any variant on any machine (e.g. the CPU). --profile DIR traces 3 more steps per entry with
+jax.profiler and adds `profile` to its row: device kernels per step, device time by category (matmul, attention,
+fusions, copies) and the top kernels (configurable_fm.profiling).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -40,16 +44,19 @@ import configurable_fm.models.attention as attn
 import configurable_fm.sharding as shd
 from configurable_fm.bricks.paths import flat_params, flat_state
 from configurable_fm.models.factory import build_model
+from configurable_fm.profiling import trace_kernels
 from configurable_fm.train import flops
 from configurable_fm.train.optim import make_optimizer
 from configurable_fm.train.trainer import ModelParts, make_train_step
 from experiments.pretrain import get_config
 
 AUTO_ATTENTION = attn.dot_product_attention
+PROFILE_STEPS = 3  # steps traced per entry with --profile
 
 
 def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, warmup: int, attention: str,
-              mesh_shape: tuple = (1, 1, 1), scan_layers: bool = False, compile_only: bool = False):
+              mesh_shape: tuple = (1, 1, 1), scan_layers: bool = False, compile_only: bool = False,
+              profile: str = ""):
     cfg = get_config(variant)
     model_spec = cfg.model.to_dict()
     model_spec["max_position_embeddings"] = max(seq_len, model_spec["max_position_embeddings"])
@@ -98,6 +105,16 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
     jax.block_until_ready((params, metrics))
     dt = (time.perf_counter() - t0) / steps
+    trace = None
+    if profile:
+        def traced_steps():
+            nonlocal params, opt_state, metrics
+            for _ in range(PROFILE_STEPS):
+                params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
+            jax.block_until_ready((params, metrics))
+
+        trace = trace_kernels(traced_steps, os.path.join(profile, f"{variant}_b{batch}_{remat}_{attention}"),
+                              steps=PROFILE_STEPS)
     from configurable_fm.models.factory import config_from_dict
 
     mcfg = config_from_dict(model_spec)
@@ -117,7 +134,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         "mfu_causal": flops.mfu(tps, causal, len(devices), peak),
         "device": jax.devices()[0].device_kind, "devices": len(devices), "mesh": list(mesh_shape),
         "tokens_per_s_per_device": tps / len(devices), "peak_memory_gb": peak_mem, "jax": jax.__version__,
-        "peak_flops": peak,
+        "peak_flops": peak, **({"profile": trace} if trace is not None else {}),
     }
 
 
@@ -131,6 +148,8 @@ def main():
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1: the rest)")
     p.add_argument("--out", default="")
     p.add_argument("--scan_layers", action="store_true", help="run the decoder layers as one jax.lax.scan")
+    p.add_argument("--profile", default="", help="a log directory: trace 3 more steps per entry and add a summary "
+                   "of the device kernels (configurable_fm.profiling: top kernels, time by category)")
     p.add_argument("--compile_only", action="store_true",
                    help="only trace, lower and compile the step on abstract inputs; report lower_s and compile_s")
     args = p.parse_args()
@@ -141,7 +160,8 @@ def main():
         attention = fields[2] if len(fields) > 2 else "auto"
         try:
             row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention,
-                            mesh_shape, scan_layers=args.scan_layers, compile_only=args.compile_only)
+                            mesh_shape, scan_layers=args.scan_layers, compile_only=args.compile_only,
+                            profile=args.profile)
         except Exception as e:  # e.g. out of memory for one grid point: record it and go on
             row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
                    "scan_layers": args.scan_layers, "error": f"{type(e).__name__}: {str(e)[:300]}"}

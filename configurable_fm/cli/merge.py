@@ -2,7 +2,7 @@
 merge config (in memory).
 
     cfm-merge --mergekit_yaml ties.yml --output merged/ [--overwrite] [--max_shard_size 5GB] [--seed 0] \\
-        [--compute_dtype mergekit|float32|float16|bfloat16] [--timers]
+        [--compute_dtype mergekit|float32|float16|bfloat16] [--timers] [--read_workers N]
     cfm-merge --mergekit_yaml multi.yml --output merged/ [--intermediate_dir merged.stages/]   # mergekit-multi
     cfm-merge --config experiments/merge/task_arithmetic_tiny.py[:variant] --output merged/ \\
         [--format hf|orbax] [--overwrite] [--config.parameters.weight=0.3 ...]
@@ -68,6 +68,8 @@ def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("timers", False, "--mergekit_yaml with one document only: print the busy seconds of each stage "
                       "of the streamed merge (read, to_device, compute, write; they overlap) and the wall time",
                       flag_values=fv)
+    flags.DEFINE_integer("read_workers", None, "--mergekit_yaml only: tensors read (and copied to the device) at "
+                         "once; default 1 on the CPU, 4 on an accelerator", lower_bound=1, flag_values=fv)
     flags.DEFINE_enum("compute_dtype", "mergekit", ["mergekit", "float32", "float16", "bfloat16"],
                       "--mergekit_yaml only: merge arithmetic: 'mergekit' (in the YAML's dtype, as mergekit "
                       "0.1.5), 'float32' (float32, rounded once at the end) or a dtype", flag_values=fv)
@@ -90,7 +92,7 @@ def merge_yaml(fv: flags.FlagValues) -> None:
     timers, t0 = (Timers() if fv.timers else None), time.perf_counter()
     out = merge_checkpoints(plan, fv.output, overwrite=fv.overwrite, max_shard_size=fv.max_shard_size,
                             progress=not fv.no_progress, seed=0 if fv.seed is None else fv.seed,
-                            compute_dtype=fv.compute_dtype, timers=timers)
+                            compute_dtype=fv.compute_dtype, timers=timers, read_workers=fv.read_workers)
     what = f" in {len(plan.slices)} slice(s)" if plan.slices is not None else ""
     print(f"merged {len(plan.models) + (plan.base is not None)} models{what} with {plan.method} into {out}")
     if timers is not None:

@@ -12,14 +12,14 @@ One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(c
   gradient of a shared scalar, e.g. slerp's t, compiles once per distinct value), and a kernel that needs its
   arrays concrete gets them baked in as well;
 * inputs are read by `PreadStore` (os.preadv of each tensor's bytes into a fresh buffer: no memory map, so file
-  pages never count in the process's RSS, and the read releases the GIL) on a read-ahead thread, at most
-  `prefetch` groups ahead of the one being merged, and moved to the device there (host -> device overlaps
-  compute on an accelerator);
+  pages never count in the process's RSS, and the read releases the GIL) on a read-ahead thread (a pool of
+  `READ_WORKERS_ACCELERATOR` on an accelerator), at most `prefetch` groups ahead of the one being merged, and
+  moved to the device there (host -> device overlaps compute on an accelerator);
 * the output layout is planned up front from the groups' names, shapes and dtypes (a new shard when the next
   tensor would push the current one past `limit` bytes), so every shard's header is written first and each
   result is written at its offset by a writer thread as soon as it is ready: no shard is ever held in memory
   (large shards with O_DIRECT through a small staging buffer: host_io.ShardFile);
-* a tensor whose float32 inputs exceed `CHUNK_BYTES` is merged in blocks (MergeMethod.chunks: elementwise
+* on the CPU, a tensor whose float32 inputs exceed `CHUNK_BYTES` is merged in blocks (MergeMethod.chunks: elementwise
   methods, and those whose tensor-global statistic, e.g. the TIES magnitude threshold, is computed block by
   block first), bit for bit as whole; its float32 temporaries then scale with the block, not the tensor.
 Host memory: about (prefetch + 1) x the inputs of the largest group + (write_queue + 1) x the largest output,
@@ -208,7 +208,8 @@ merged in blocks of at most this size when its method allows it (MergeMethod.chu
 for bit: the kernel's float32 temporaries then scale with the block, not the tensor (a 1.1B llama's 65.5M-entry
 embedding and head with 4 inputs: 1 GB of stacked inputs, several GB of temporaries for ties whole). On the CPU
 the blocks are also faster (no fresh multi-GB buffers to fault in; a block's passes stay in cache): 8 MiB
-measured best for ties there (4-32 MiB within 25%). KernelCache(chunk_bytes=None) merges every tensor whole."""
+measured best for ties there (4-32 MiB within 25%). KernelCache(chunk_bytes=None) merges every tensor whole, as
+`_run` does on an accelerator."""
 
 
 class KernelCache:
@@ -322,8 +323,8 @@ def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dty
             x = x.astype(load_dtype)
         return x.astype(jnp.float32)
 
-    def fused(b, xs, key, arrays, dtypes=None):
-        rows = _chunk_rows(method, {**static, **arrays}, b, xs, chunk_bytes)
+    def fused(b, xs, key, arrays, dtypes=None, whole=False):
+        rows = None if whole else _chunk_rows(method, {**static, **arrays}, b, xs, chunk_bytes)
         if rows is not None:
             return _merge_by_rows(method, {**static, **arrays}, b, xs, key, rows, load, out_dtype, dtypes)
         stacked = (jnp.stack([load(x) for x in xs]) if xs  # no inputs (ram with a base alone): (0, *S)
@@ -331,7 +332,7 @@ def _fused(method: MergeMethod, static: dict, load_dtype, out_dtype, compute_dty
         y = method.kernel(None if b is None else load(b), stacked, key=key, **static, **arrays)
         return jnp.asarray(y).astype(out_dtype)
 
-    return jax.jit(fused, static_argnames="dtypes") if jit else fused
+    return jax.jit(fused, static_argnames=("dtypes", "whole")) if jit else fused
 
 
 # ------------------------------------------------------------------------------------------------ row blocks
@@ -455,12 +456,26 @@ def _host_bits(x):
     return jax.device_put(np.ascontiguousarray(x).view(_uint(dtype)).reshape(-1))
 
 
+def _on_accelerator(x) -> bool:
+    """x is a concrete array that a kernel would run on an accelerator: a jax array on a non-CPU device, or a
+    host array while jax's default backend is not the CPU."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    if isinstance(x, jax.Array):
+        return any(d.platform != "cpu" for d in x.devices())
+    return jax.default_backend() != "cpu"
+
+
 def _run(fn: Callable, method: MergeMethod, params: Mapping[str, Any], b, xs, key, arrays, chunk_bytes, out_dtype):
     """fn(b, xs, key, arrays) (a `_fused` function). A tensor merged in blocks on the CPU gets its inputs as bit
     views (`_host_bits`), flattened (tensors of one size share a compiled function: MergeMethod.chunks' kernels
-    are elementwise but for their statistic), and its result viewed back: no input or output is copied whole."""
+    are elementwise but for their statistic), and its result viewed back: no input or output is copied whole.
+    On an accelerator tensors are merged whole: its memory holds them, and blocks there are a loop of small
+    kernels (on an H200 that made the per-tensor kernels of a 1.1B model 3-4x slower: BENCHMARKS.md)."""
     if _chunk_rows(method, params, b, xs, chunk_bytes) is None:
         return fn(b, xs, key, arrays)
+    if _on_accelerator(xs[0]):
+        return fn(b, xs, key, arrays, whole=True)
     views = [None if a is None else _host_bits(a) for a in [b, *xs]]
     if any(v is None for v, a in zip(views, [b, *xs]) if a is not None):
         return fn(b, xs, key, arrays)
@@ -665,10 +680,14 @@ class Progress:
 _DONE = object()
 
 
-def _read_ahead(items: Iterable, load: Callable[[Any], Any], depth: int) -> Iterator:
-    """Yields load(item) for every item, in order; a daemon thread runs `load` at most `depth` items ahead of
-    the one the caller holds (a slot is freed when the caller takes the next item); its exceptions are
-    re-raised here. Leaving the loop early stops the thread at its next item."""
+def _read_ahead(items: Iterable, load: Callable[[Any], Any], depth: int, workers: int = 1) -> Iterator:
+    """Yields load(item) for every item, in order; `load` runs at most `depth` items ahead of the one the caller
+    holds (a slot is freed when the caller takes the next item), on one daemon thread, or on a pool of `workers`
+    threads (several items loaded at once: reads and host -> device copies of different items overlap);
+    exceptions are re-raised here, in order. Leaving the loop early stops the loading at its next item."""
+    if int(workers) > 1:
+        yield from _read_ahead_pool(items, load, max(int(depth), int(workers)), int(workers))
+        return
     q: queue.Queue = queue.Queue()
     slots = threading.Semaphore(max(1, int(depth)))
     stop = threading.Event()
@@ -701,16 +720,47 @@ def _read_ahead(items: Iterable, load: Callable[[Any], Any], depth: int) -> Iter
         stop.set()
 
 
+def _read_ahead_pool(items: Iterable, load: Callable[[Any], Any], depth: int, workers: int) -> Iterator:
+    """_read_ahead with `workers` threads: up to `depth` loads submitted ahead, their results yielded in order."""
+    import concurrent.futures as cf
+
+    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="merge-read-ahead")
+    pending: collections.deque = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) > depth:  # `depth` loads submitted beyond the one the caller is given
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+READ_WORKERS_ACCELERATOR = 4
+"""Groups read at once when the kernels run on an accelerator (merge_groups' default there; 1 on the CPU, where
+the 2-core machine's memory goal allows one group ahead): each worker reads its group's inputs and copies them
+to the device, so file reads and host -> device copies of different groups overlap."""
+
+
 def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dtype=None, prefetch: int = 1,
                  device: Optional[jax.Device] = None, timers: Optional[Timers] = None,
-                 cache: Optional[KernelCache] = None) -> Iterator[tuple[str, Any, int]]:
+                 cache: Optional[KernelCache] = None, read_workers: Optional[int] = None
+                 ) -> Iterator[tuple[str, Any, int]]:
     """Yields (name, y, bytes read) for every group, in order; y is computed (a jax array, or the input itself
     for a copied integer tensor) and its inputs released before it is yielded.
 
-    A read-ahead thread runs `group.read()` up to `prefetch` groups ahead and puts floating inputs on `device`
-    (default: jax's default device); the caller's thread runs the cached fused kernel (merge_tensor).
+    `read_workers` threads (default: 1 on the CPU, READ_WORKERS_ACCELERATOR on an accelerator) run
+    `group.read()` up to max(prefetch, read_workers) groups ahead and put floating inputs on `device` (default:
+    jax's default device); the caller's thread runs the cached fused kernel (merge_tensor).
     """
     device = device or jax.devices()[0]
+    if read_workers is None:
+        read_workers = 1 if device.platform == "cpu" else READ_WORKERS_ACCELERATOR
+    if int(read_workers) < 1:
+        raise ValueError(f"read_workers must be at least 1, got {read_workers!r}")
 
     def load(g: TensorGroup):
         t0 = time.perf_counter()
@@ -731,7 +781,7 @@ def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dty
             timers.add("to_device", time.perf_counter() - t1, nbytes)
         return g, b, list(xs), nbytes
 
-    for g, b, xs, nbytes in _read_ahead(groups, load, prefetch):
+    for g, b, xs, nbytes in _read_ahead(groups, load, prefetch, read_workers):
         t0 = time.perf_counter()
         y = merge_tensor(method, b, xs, g.params, out_dtype=g.out_dtype, load_dtype=load_dtype, key=g.key,
                          name=g.name, input_names=g.input_names, cache=cache, compute_dtype=g.compute_dtype)
@@ -882,15 +932,18 @@ class PlannedShardWriter:
 def merge_to_shards(method: MergeMethod, groups: Sequence[TensorGroup], out_dir: str | os.PathLike, *, limit: int,
                     load_dtype=None, prefetch: int = 1, write_queue: int = 2, device: Optional[jax.Device] = None,
                     timers: Optional[Timers] = None, cache: Optional[KernelCache] = None,
-                    progress: Optional[Callable[[str, int, int], None]] = None) -> list[str]:
+                    progress: Optional[Callable[[str, int, int], None]] = None,
+                    read_workers: Optional[int] = None) -> list[str]:
     """Merges every group and writes the results as planned safetensors shards in `out_dir` (an existing,
     preferably temporary directory: on error the partial files stay there); returns the file names written.
-    progress(name, bytes read, bytes written) is called from the writer thread after each tensor."""
+    progress(name, bytes read, bytes written) is called from the writer thread after each tensor;
+    read_workers: merge_groups'."""
     writer = PlannedShardWriter(out_dir, [(g.name, g.shape, g.out_dtype) for g in groups], limit,
                                 queue_size=write_queue, timers=timers, on_written=progress)
     try:
         for name, y, nbytes in merge_groups(method, groups, load_dtype=load_dtype, prefetch=prefetch,
-                                            device=device, timers=timers, cache=cache):
+                                            device=device, timers=timers, cache=cache,
+                                            read_workers=read_workers):
             writer.add(name, y, nbytes)
     except BaseException:
         writer.close()

@@ -168,7 +168,7 @@ def _dtype_name(dtype) -> str:
 def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite: bool = False,
                       max_shard_size: int | str = "5GB", progress: bool = True, seed: int = 0, prefetch: int = 1,
                       device: Optional[jax.Device] = None, timers: Optional[X.Timers] = None,
-                      compute_dtype: Optional[str] = None) -> Path:
+                      compute_dtype: Optional[str] = None, read_workers: Optional[int] = None) -> Path:
     """Runs `plan` (mergekit_yaml.MergePlan) over HF checkpoints, streaming; returns the output directory.
 
     compute_dtype: the merge arithmetic (precision.py): None or 'float32' (default here: float32, rounded once
@@ -178,7 +178,9 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
 
     progress: a tqdm bar (tensors; bytes read and written); prefetch: how many tensor groups the read-ahead
     thread reads ahead of the one being merged (host memory grows by one group per step); device: where the
-    kernels run (default: jax's default device); timers: an execute.Timers collecting busy seconds per stage.
+    kernels run (default: jax's default device); timers: an execute.Timers collecting busy seconds per stage;
+    read_workers: groups read (and copied to the device) at once (default: 1 on the CPU,
+    execute.READ_WORKERS_ACCELERATOR on an accelerator).
     Raises tree.MergeInputError (names/shapes, all at once, before anything is written), FileExistsError
     (existing output without overwrite), params.ParameterError / ValueError (settings, contract).
     """
@@ -190,11 +192,13 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
     if int(prefetch) < 1:
         raise ValueError(f"prefetch must be at least 1, got {prefetch!r}")
+    if read_workers is not None and int(read_workers) < 1:
+        raise ValueError(f"read_workers must be at least 1, got {read_workers!r}")
     precision.resolve(compute_dtype, None, ())  # a bad value is refused before any work
     load_dtype = NP_DTYPES[plan.dtype] if plan.dtype else None
     out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else None
     run = functools.partial(_execute, overwrite=overwrite, limit=limit, progress=progress, load_dtype=load_dtype,
-                            prefetch=prefetch, device=device, timers=timers)
+                            prefetch=prefetch, device=device, timers=timers, read_workers=read_workers)
     dtypes = functools.partial(X.dtypes_for, load_dtype=load_dtype, out_dtype=out_dtype,
                                compute_dtype=compute_dtype)
 
@@ -241,7 +245,8 @@ def _read_models(base: Optional[_Input], models: list[_Input], name: str,
 
 
 def _execute(method: MergeMethod, groups: list[X.TensorGroup], out_dir: Path, desc: str, finish: Callable, *,
-             overwrite: bool, limit: int, progress: bool, load_dtype, prefetch: int, device, timers) -> Path:
+             overwrite: bool, limit: int, progress: bool, load_dtype, prefetch: int, device, timers,
+             read_workers: Optional[int]) -> Path:
     """Runs the groups through execute.merge_to_shards inside `atomic_directory(out_dir)`, then
     finish(tmp, {float dtype names written}) writes the config and tokenizer files there."""
     bar = None
@@ -251,7 +256,8 @@ def _execute(method: MergeMethod, groups: list[X.TensorGroup], out_dir: Path, de
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             X.merge_to_shards(method, groups, tmp, limit=limit, load_dtype=load_dtype, prefetch=prefetch,
-                              device=device, timers=timers, progress=None if bar is None else bar.update)
+                              device=device, timers=timers, progress=None if bar is None else bar.update,
+                              read_workers=read_workers)
             finish(tmp, {_dtype_name(g.out_dtype) for g in groups})
     finally:
         if bar is not None:

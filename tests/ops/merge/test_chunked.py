@@ -253,3 +253,28 @@ def test_window_cuts_match_stable_argsort(sample_kind):
         got = np.asarray(masks(jnp.asarray(v), jnp.full(3, lo, jnp.int32), jnp.full(3, hi, jnp.int32)))
         for j in range(3):
             np.testing.assert_array_equal(got[j], _stable_window(v[j], lo, hi), err_msg=f"row {j} [{lo}, {hi})")
+
+
+def test_tensors_on_an_accelerator_are_merged_whole(monkeypatch):
+    """Inputs on an accelerator (here: _on_accelerator patched to say so) skip the row blocks: the same result,
+    and no block loop is traced."""
+    base, xs = _inputs("ties", (37, 23), "bf16", seed=5)
+    params = CASES["ties"][0]
+    want = _merge(WHOLE, "ties", base, xs, params, out_dtype=BF16)
+    traced = []
+    by_rows = X._merge_by_rows
+    monkeypatch.setattr(X, "_merge_by_rows", lambda *a, **k: traced.append(1) or by_rows(*a, **k))
+    monkeypatch.setattr(X, "_on_accelerator", lambda x: True)
+    got = _merge(X.KernelCache(chunk_bytes=3000), "ties", base, xs, params, out_dtype=BF16)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert traced == []
+    monkeypatch.setattr(X, "_on_accelerator", lambda x: False)  # the CPU path of the same cache: blocks
+    got = _merge(X.KernelCache(chunk_bytes=3000), "ties", base, xs, params, out_dtype=BF16)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert traced
+
+
+def test_on_accelerator_reads_the_arrays_device():
+    assert not X._on_accelerator(jnp.ones(3))  # this machine's arrays live on the CPU
+    assert X._on_accelerator(np.ones(3)) == (jax.default_backend() != "cpu")
+    jax.jit(lambda x: X._on_accelerator(x) and x)(jnp.ones(2))  # a tracer is not concrete: False, no error

@@ -303,29 +303,75 @@ def test_merge_to_shards_read_error_propagates(tmp_path):
         X.merge_to_shards(m, groups, tmp_path, limit=10**6)
 
 
-def test_read_ahead_stays_within_its_depth():
-    """The read-ahead thread loads at most `depth` items beyond the ones the caller has taken (and does get
-    that far ahead when the caller is slow)."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_read_ahead_stays_within_its_depth(workers):
+    """The read-ahead loads at most max(depth, workers) items beyond the ones the caller has taken (and does
+    get that far ahead when the caller is slow); with a pool of workers the items still come in order."""
+    import random
+    import threading
     import time
 
+    lock = threading.Lock()
     for depth in (1, 3):
-        loaded, ahead = [], []
-        for i in X._read_ahead(range(12), lambda i: loaded.append(i) or i, depth):
-            time.sleep(0.02)  # a slow consumer: an unbounded thread would have loaded everything
-            ahead.append(len(loaded) - (i + 1))
-        assert loaded == list(range(12))
-        assert max(ahead) == depth, (depth, ahead)
+        loaded, ahead, got = [], [], []
+
+        def load(i):
+            time.sleep(random.random() * 0.005)  # workers finish out of order
+            with lock:
+                loaded.append(i)
+            return i
+
+        for i in X._read_ahead(range(12), load, depth, workers):
+            got.append(i)
+            time.sleep(0.03)  # a slow consumer: an unbounded read-ahead would have loaded everything
+            with lock:
+                ahead.append(len(loaded) - (i + 1))
+        assert got == list(range(12)) and sorted(loaded) == list(range(12))
+        assert max(ahead) == max(depth, workers), (depth, ahead)
 
 
-def test_read_ahead_stops_when_the_caller_leaves_early():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_read_ahead_stops_when_the_caller_leaves_early(workers):
     loaded = []
-    gen = X._read_ahead(range(1000), lambda i: loaded.append(i) or i, 2)
+    gen = X._read_ahead(range(1000), lambda i: loaded.append(i) or i, 2, workers)
     assert next(gen) == 0
     gen.close()
     import time
 
     time.sleep(0.3)
-    assert len(loaded) <= 4
+    assert len(loaded) <= 6
+
+
+def test_read_ahead_pool_raises_in_order():
+    """An error in one worker's load is raised when the caller reaches that item, after the items before it."""
+    def load(i):
+        if i == 4:
+            raise CheckpointError("cannot read tensor 4")
+        return i
+
+    got = []
+    with pytest.raises(CheckpointError, match="tensor 4"):
+        for i in X._read_ahead(range(10), load, 3, 3):
+            got.append(i)
+    assert got == [0, 1, 2, 3]
+
+
+def test_merge_to_shards_with_read_workers_equals_one_reader(tmp_path):
+    """Several read workers give the same shards, byte for byte; a worker count below 1 is refused."""
+    base, models = _inputs(3, BF16, seed=3)
+    m = get_method("linear")
+    groups = [X.TensorGroup(n, base[n].shape, np.dtype(BF16), lambda n=n: (None, [x[n] for x in models]),
+                            {"weight": np.array([0.2, 0.3, 0.5], np.float32), "normalize": True})
+              for n in NAMES]
+    outs = []
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        out.mkdir()
+        files = X.merge_to_shards(m, groups, out, limit=10**6, read_workers=workers)
+        outs.append((out / files[0]).read_bytes())
+    assert outs[0] == outs[1]
+    with pytest.raises(ValueError, match="read_workers must be at least 1"):
+        list(X.merge_groups(m, groups, read_workers=0))
 
 
 def test_kernel_cache_tells_methods_apart_and_drops_the_least_recent():
