@@ -23,7 +23,7 @@ Rescaling the kept entries, m = δ ⊙ mask:
 
 Ties in magnitude. Ranks are taken in a *stable* order: among equal |δ| the lower flattened index ranks first
 (descending order for ``magnitude``: it is kept first; ascending for the others), on the CPU (radix) and the GPU
-(16-way bisection) paths alike. The flat index is that of the tensor the kernel is given, so the canonical order of a
+(bisection) paths alike. The flat index is that of the tensor the kernel is given, so the canonical order of a
 model's parameter is fixed by the caller: the HF/torch layout (a Linear weight (out, in) row-major, each expert
 its own tensor), which is what the streaming merge reads and what tree.merge gives the kernels for nnx models
 (tree.merge_in_hf_layout); the in-memory and streamed merges therefore keep the same entries. mergekit uses torch's
@@ -45,7 +45,7 @@ arguments) the count is trunc(f32(d)·f32(n)) in float32, which can differ by on
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -210,28 +210,16 @@ def _select_radix(keys: jax.Array, ranks: jax.Array):
     return _radix_values(_radix_low(keys, bucket), bucket, below, ranks)
 
 
-_PASS_BITS = 4  # bits of the value settled per pass of `_select_multiway` (2^4-way bisection: 8 passes)
+def _select_bisect(keys: jax.Array, ranks: jax.Array) -> jax.Array:
+    """The values (2,) uint32 of ranks (2,) in ascending `keys`, by a 32-step bisection on the value (the
+    largest p with #(keys < p) <= rank, built bit by bit from the top): 32 fused count reductions, no scatter."""
 
+    def step(i, prefix):
+        cand = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        counts = jnp.stack([jnp.sum(keys < cand[j], dtype=jnp.int32) for j in range(2)])
+        return jnp.where(counts <= ranks, cand, prefix)
 
-def _select_multiway(keys: jax.Array, ranks: jax.Array):
-    """Values t (2,) uint32 of ranks (2,) (0-based, in [0, n)) in ascending `keys`, and #(keys < t) (2,), by a
-    2^b-way bisection on the value (b = _PASS_BITS): t is the largest p with #(keys < p) <= rank, built b bits
-    a pass from the top; each of the 32 / b passes counts the keys below the 2^b - 1 candidates of each rank in
-    one fused reduction (no scatter: on a GPU, histograms contend on a few bins), 4x fewer passes over the keys
-    than a bit-by-bit bisection."""
-    m = (1 << _PASS_BITS) - 1
-    digits = jnp.arange(1, m + 1, dtype=jnp.uint32)
-
-    def step(i, carry):
-        prefix, below = carry
-        shift = (32 - (i + 1) * _PASS_BITS).astype(jnp.uint32)
-        cands = prefix[:, None] | (digits[None, :] << shift)  # (2, m), increasing along m
-        counts = jnp.sum(keys[:, None, None] < cands[None], axis=0, dtype=jnp.int32)  # (2, m), nondecreasing
-        j = jnp.sum(counts <= ranks[:, None], axis=1, dtype=jnp.int32)  # the largest digit kept (0: none)
-        chosen = jnp.take_along_axis(counts, jnp.maximum(j - 1, 0)[:, None], axis=1)[:, 0]
-        return prefix | (j.astype(jnp.uint32) << shift), jnp.where(j > 0, chosen, below)
-
-    return jax.lax.fori_loop(0, 32 // _PASS_BITS, step, (jnp.zeros((2,), jnp.uint32), jnp.zeros((2,), jnp.int32)))
+    return jax.lax.fori_loop(0, 32, step, jnp.zeros((2,), jnp.uint32))
 
 
 def _nth_equal(keys: jax.Array, t: jax.Array, block_counts: jax.Array, s: jax.Array) -> jax.Array:
@@ -274,22 +262,32 @@ def _window_from_cuts(keys: jax.Array, idx: jax.Array, t: jax.Array, cut: jax.Ar
     return above_lo & below_hi & nonempty
 
 
-def _window_by(select: Callable) -> Callable:
-    """rank_window_mask on flat keys with the selection `select(keys, ranks) -> (t, #(keys < t))`: the values of
-    ranks lo and hi − 1, then the tie cut from block counts (`_tie_cuts`): a handful of O(n) passes, no
-    cumulative sum over n. (The row blocks of a large tensor take `window_cuts`, the same steps block by block.)"""
-
-    def window(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-        n = keys.shape[0]
-        t, below = select(keys, jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)]))
-        cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)  # equal to t_lo: kept from cut[0]; t_hi: below
-        return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
-
-    return window
+def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """rank_window_mask on flat keys for CPUs: radix select, then the tie cut from block counts. A handful of
+    O(n) passes (two scatter histograms, one block reduction, the mask), no cumulative sum over n. (The row
+    blocks of a large tensor take `window_cuts`, the same steps block by block.)"""
+    n = keys.shape[0]
+    ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
+    t, below = _select_radix(keys, ranks)
+    cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)  # equal to t_lo: kept from cut[0]; t_hi: below cut[1]
+    return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
 
 
-_window_radix = _window_by(_select_radix)  # CPU
-_window_multiway = _window_by(_select_multiway)  # GPU and other accelerators
+def _window_scan(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """rank_window_mask on flat keys for GPUs (where scatter histograms contend on a few bins and scans are
+    cheap): bisection select, then the rank of each tied entry by a cumulative count."""
+    n = keys.shape[0]
+    t = _select_bisect(keys, jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)]))
+
+    def rank_of_ties(tv):  # rank of each entry equal to tv (garbage elsewhere)
+        eq = keys == tv
+        return jnp.sum(keys < tv, dtype=jnp.int32) + jnp.cumsum(eq, dtype=jnp.int32) - 1, eq
+
+    r_lo, eq_lo = rank_of_ties(t[0])
+    r_hi, eq_hi = rank_of_ties(t[1])
+    above_lo = (keys > t[0]) | (eq_lo & (r_lo >= lo))
+    below_hi = (keys < t[1]) | (eq_hi & (r_hi < hi))
+    return above_lo & below_hi & (lo < hi)
 
 
 @jax.jit
@@ -298,10 +296,10 @@ def rank_window_mask(v: jax.Array, lo, hi) -> jax.Array:
 
     Stable: equal values rank by flattened index. No sort, O(n): with t_lo, t_hi the values of rank lo and
     hi − 1 (selection on order-preserving uint32 keys), an entry has r >= lo iff v > t_lo, or v == t_lo and
-    #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. The selection depends on the
-    platform, chosen at lowering time, with identical results: on CPU a radix select (two 2^16-bin histograms
-    give t and #(v < t)), elsewhere a 16-way bisection (8 fused count passes, no scatter); the tied entry at the
-    cut is then found from per-block counts, then inside one block. lo, hi: int scalars, may be traced.
+    #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. Two implementations with
+    identical results, chosen by the platform at lowering time: on CPU `_window_radix` (two 2^16-bin
+    histograms give t and #(v < t); the tied entry at the cut is found from per-block counts, then inside one
+    block), elsewhere `_window_scan` (32-step bisection, cumulative counts). lo, hi: int scalars, may be traced.
     """
     keys = _order_keys(v.reshape(-1))
     n = keys.shape[0]
@@ -309,7 +307,7 @@ def rank_window_mask(v: jax.Array, lo, hi) -> jax.Array:
         return jnp.zeros(v.shape, bool)
     lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, n)
     hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
-    mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=_window_multiway)
+    mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=_window_scan)
     return mask.reshape(v.shape)
 
 

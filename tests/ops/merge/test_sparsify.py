@@ -245,7 +245,7 @@ def test_window_kernels_match_stable_argsort(shape):
     rng = np.random.default_rng(sum(shape))
     n = int(np.prod(shape))
     cpu = jax.jit(lambda k, lo, hi: sp._window_radix(k, lo, hi))  # the CPU kernel (what rank_window_mask runs here)
-    gpu = jax.jit(lambda k, lo, hi: sp._window_multiway(k, lo, hi))  # the GPU kernel, run on CPU
+    scan = jax.jit(lambda k, lo, hi: sp._window_scan(k, lo, hi))  # the GPU kernel, run on CPU
     for trial in range(12):
         v = tied_values(rng, shape, ("bf16", "int")[trial % 2])
         lo, hi = sorted(rng.integers(0, n + 1, size=2).tolist())
@@ -257,7 +257,7 @@ def test_window_kernels_match_stable_argsort(shape):
         msg = f"shape {shape}, trial {trial}, window [{lo}, {hi})"
         np.testing.assert_array_equal(arr(sp.rank_window_mask(jnp.asarray(v), lo, hi)), expected, err_msg=msg)
         np.testing.assert_array_equal(arr(cpu(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
-        np.testing.assert_array_equal(arr(gpu(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
+        np.testing.assert_array_equal(arr(scan(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
 
 
 def test_selects_match_sorted_keys():
@@ -266,21 +266,13 @@ def test_selects_match_sorted_keys():
         v = tied_values(rng, (9100,), kind)
         keys = sp._order_keys(jnp.asarray(v))
         ks = np.sort(arr(keys))
-        for select in (jax.jit(sp._select_radix), jax.jit(sp._select_multiway)):  # CPU, GPU
-            for r in ([0, 9099], [17, 17], [4500, 8000], [9099, 0]):
-                r = np.asarray(r, np.int32)
-                t, below = select(keys, jnp.asarray(r))
-                np.testing.assert_array_equal(arr(t), ks[r])
-                np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
-    # raw keys at the ends of the uint32 range (0, 2^32 - 1: every digit of the last candidate set)
-    keys = rng.integers(0, 2**32, size=5000, dtype=np.uint64).astype(np.uint32)
-    keys[:40], keys[40:90] = 0, 2**32 - 1
-    ks = np.sort(keys)
-    for r in ([0, 4999], [39, 40], [4950, 4949], [2500, 17]):
-        r = np.asarray(r, np.int32)
-        t, below = jax.jit(sp._select_multiway)(jnp.asarray(keys), jnp.asarray(r))
-        np.testing.assert_array_equal(arr(t), ks[r])
-        np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
+        radix, bisect = jax.jit(sp._select_radix), jax.jit(sp._select_bisect)
+        for r in ([0, 9099], [17, 17], [4500, 8000], [9099, 0]):
+            r = np.asarray(r, np.int32)
+            t, below = radix(keys, jnp.asarray(r))
+            np.testing.assert_array_equal(arr(t), ks[r])
+            np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
+            np.testing.assert_array_equal(arr(bisect(keys, jnp.asarray(r))), ks[r])
 
 
 @pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9])
