@@ -20,4 +20,7 @@ def test_bench_generate_tiny(tmp_path):
     # At this size the step time is a difference of two noisy timings (it can come out negative): not checked.
     assert bench["bound_ms"] > 0 and bench["tokens_per_s"] > 0 and bench["call_s"] > 0
     assert abs(bench["x_bound"] - bench["step_ms"] / bench["bound_ms"]) < 1e-9
-    assert "events_per_step" in prof and "top" in prof
+    if prof.get("profile", "").startswith("no device kernels"):  # the CPU: the trace holds no GPU process
+        assert prof["wall_ms"] > 0 and prof["new_tokens"] == 4
+    else:
+        assert prof["events_per_step"] > 0 and prof["top"] and prof["categories"]
