@@ -754,7 +754,8 @@ def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dty
 
     `read_workers` threads (default: 1 on the CPU, READ_WORKERS_ACCELERATOR on an accelerator) run
     `group.read()` up to max(prefetch, read_workers) groups ahead and put floating inputs on `device` (default:
-    jax's default device); the caller's thread runs the cached fused kernel (merge_tensor).
+    jax's default device); the caller's thread runs the cached fused kernel (merge_tensor) and, on an
+    accelerator, starts each result's copy to the host (the writer thread waits for it).
     """
     device = device or jax.devices()[0]
     if read_workers is None:
@@ -786,6 +787,8 @@ def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dty
         y = merge_tensor(method, b, xs, g.params, out_dtype=g.out_dtype, load_dtype=load_dtype, key=g.key,
                          name=g.name, input_names=g.input_names, cache=cache, compute_dtype=g.compute_dtype)
         if isinstance(y, jax.Array):
+            if device.platform != "cpu":
+                y.copy_to_host_async()  # the device -> host copy starts now, overlapping the next group's merge
             y = jax.block_until_ready(y)  # the inputs can go now: memory stays at the read-ahead's bound
         del b, xs
         if timers is not None:
