@@ -8,11 +8,12 @@ once (tree's checks: one short MergeInputError naming how the architectures diff
 differ, naming tensor and model);
 resolve every tensor's parameters (one ParameterError listing every tensor that fails); then one
 execute.TensorGroup per output tensor p, in the reference's order (the base, else the first input), run by
-execute.merge_to_shards: a read-ahead thread (a pool of `read_workers` on an accelerator) reads p from each
-input (`prefetch` groups ahead; HF inputs with positioned reads, no memory map), the cached jitted kernel of
-(method, parameters, dtypes) casts them to `plan.dtype` if given (mergekit's load dtype) and to float32, merges (in float32, or rounding as mergekit does in
-the compute dtype: `compute_dtype`, precision.py) and casts the result to out_dtype (default plan.dtype, else the
-reference's dtype; float32 for arcee_fusion/ramplus_tl in a reduced compute dtype) -- execute.merge_tensor,
+execute.merge_to_shards: a read-ahead thread (a pool of `read_workers` on an accelerator) reads p from each input
+(`prefetch` groups ahead; HF inputs with positioned reads, no memory map), the cached jitted kernel of (method,
+parameters, dtypes) casts them to `plan.dtype` if given (mergekit's load dtype) and to float32, merges (in float32,
+or rounding as mergekit does in the compute dtype: `compute_dtype`, precision.py) and casts the result to out_dtype
+(default plan.dtype, else the reference's dtype; float32 for arcee_fusion/ramplus_tl in a reduced compute dtype) --
+execute.merge_tensor,
 the same step as `tree.merge` on the single tensor {p: ...}: parameters resolved for the HF name p (layer index from `model.layers.N.`, depth over
 num_layers = 1 + the largest layer index), PRNG key tensor_key(seed, p), integer tensors copied when identical
 -- and a writer thread writes each result at its place in output shards planned up front (a new shard when
