@@ -471,7 +471,7 @@ def _run(fn: Callable, method: MergeMethod, params: Mapping[str, Any], b, xs, ke
     views (`_host_bits`), flattened (tensors of one size share a compiled function: MergeMethod.chunks' kernels
     are elementwise but for their statistic), and its result viewed back: no input or output is copied whole.
     On an accelerator tensors are merged whole: its memory holds them, and blocks there are a loop of small
-    kernels (on an H200 that made the per-tensor kernels of a 1.1B model 3-4x slower: BENCHMARKS.md)."""
+    kernels (on an H200 the per-tensor kernels of a 1.1B model were 3-4x slower with them: BENCHMARKS.md)."""
     if _chunk_rows(method, params, b, xs, chunk_bytes) is None:
         return fn(b, xs, key, arrays)
     if _on_accelerator(xs[0]):
