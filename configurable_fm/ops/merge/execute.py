@@ -28,6 +28,7 @@ plus the kernel's float32 temporaries (of one block for a blocked tensor).
 from __future__ import annotations
 
 import collections
+import concurrent.futures as cf
 import dataclasses
 import json
 import os
@@ -677,58 +678,28 @@ class Progress:
         self.bar.close()
 
 
-_DONE = object()
-
-
 def _read_ahead(items: Iterable, load: Callable[[Any], Any], depth: int, workers: int = 1) -> Iterator:
-    """Yields load(item) for every item, in order; `load` runs at most `depth` items ahead of the one the caller
-    holds (a slot is freed when the caller takes the next item), on one daemon thread, or on a pool of `workers`
-    threads (several items loaded at once: reads and host -> device copies of different items overlap);
-    exceptions are re-raised here, in order. Leaving the loop early stops the loading at its next item."""
-    if int(workers) > 1:
-        yield from _read_ahead_pool(items, load, max(int(depth), int(workers)), int(workers))
-        return
-    q: queue.Queue = queue.Queue()
-    slots = threading.Semaphore(max(1, int(depth)))
-    stop = threading.Event()
-
-    def run():
-        try:
-            for item in items:
-                while not slots.acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
-                q.put((True, load(item)))
-            q.put((True, _DONE))
-        except BaseException as e:  # noqa: BLE001: handed to the consumer
-            q.put((False, e))
-
-    thread = threading.Thread(target=run, name="merge-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, value = q.get()
-            if not ok:
-                raise value
-            if value is _DONE:
-                return
-            slots.release()
-            yield value
-    finally:
-        stop.set()
-
-
-def _read_ahead_pool(items: Iterable, load: Callable[[Any], Any], depth: int, workers: int) -> Iterator:
-    """_read_ahead with `workers` threads: up to `depth` loads submitted ahead, their results yielded in order."""
-    import concurrent.futures as cf
-
-    pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="merge-read-ahead")
+    """Yields load(item) for every item, in order; `load` runs on a pool of `workers` threads (several at once:
+    reads and host -> device copies of different items overlap) at most max(depth, workers) items ahead of the one
+    the caller holds; exceptions are re-raised here, in order, and no load starts after one has failed (the items
+    after it are never reached). Leaving the loop early cancels the loads not yet started (those running finish)."""
+    depth = max(int(depth), int(workers), 1)
+    pool = cf.ThreadPoolExecutor(int(workers), thread_name_prefix="merge-read-ahead")
     pending: collections.deque = collections.deque()
+    failed = threading.Event()
+
+    def guarded(item):  # loads start in item order, so a skipped one comes after the failure the caller sees
+        if failed.is_set():
+            raise RuntimeError("read-ahead skipped after an earlier load failed")
+        try:
+            return load(item)
+        except BaseException:
+            failed.set()
+            raise
+
     try:
         for item in items:
-            pending.append(pool.submit(load, item))
+            pending.append(pool.submit(guarded, item))
             if len(pending) > depth:  # `depth` loads submitted beyond the one the caller is given
                 yield pending.popleft().result()
         while pending:

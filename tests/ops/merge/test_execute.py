@@ -342,18 +342,28 @@ def test_read_ahead_stops_when_the_caller_leaves_early(workers):
     assert len(loaded) <= 6
 
 
-def test_read_ahead_pool_raises_in_order():
-    """An error in one worker's load is raised when the caller reaches that item, after the items before it."""
+@pytest.mark.parametrize("workers", [1, 3])
+def test_read_ahead_raises_in_order(workers):
+    """An error in one load is raised when the caller reaches that item, after the items before it; no load
+    starts after it failed (at most the workers - 1 loads already running beside it get past item 4)."""
+    import time
+
+    started = []
+
     def load(i):
+        started.append(i)
         if i == 4:
             raise CheckpointError("cannot read tensor 4")
+        time.sleep(0.02)
         return i
 
     got = []
     with pytest.raises(CheckpointError, match="tensor 4"):
-        for i in X._read_ahead(range(10), load, 3, 3):
+        for i in X._read_ahead(range(10), load, 3, workers):
             got.append(i)
     assert got == [0, 1, 2, 3]
+    time.sleep(0.2)  # the pool's running loads end
+    assert max(started) <= 4 + workers - 1, started
 
 
 def test_merge_to_shards_with_read_workers_equals_one_reader(tmp_path):
