@@ -29,7 +29,9 @@ Throughput: GB/s = (bytes of every input tensor read + bytes written) / wall tim
 Read bound (issue 14: an end-to-end merge is bound by reading its inputs): after each method's runs, the inputs
 are read once more into one reused buffer, from the page cache (the state the runs start in) and with O_DIRECT
 from the device (`--read_bandwidth both|cache|none`); "of read bound" = input bytes / wall time / the page-cache
-read bandwidth (the wall time includes the process's start-up).
+read bandwidth (the wall time includes the process's start-up). With --device gpu the page cache is also read
+from as many threads as the merge's read workers (execute.READ_WORKERS_ACCELERATOR), the bound of a merge that
+reads with all of them; the table gives both fractions.
 Load: each run records the 1-minute load average before and after it (`load_1min`; the table's last column lists
 every run as "seconds @ load before-after"): on a shared machine the times mean little without it.
 Agreement: per tensor max |ours - mergekit| (float32), the number of bitwise-equal tensors and, for bf16 outputs,
@@ -51,6 +53,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -181,19 +184,50 @@ def read_files(files, flags: int = 0) -> float:
     return time.perf_counter() - t0
 
 
+def read_files_parallel(files, threads: int, chunk: int = 64 << 20) -> float:
+    """Reads every byte of `files` from `threads` threads at once, each taking the next 64 MiB chunk of the
+    next file into its own reused aligned buffer (as the merge's read workers read different tensors at once);
+    returns the seconds taken."""
+    import concurrent.futures as cf
+
+    from configurable_fm.ops.merge.host_io import DIRECT_BLOCK, aligned_empty
+
+    jobs = [(f, pos) for f in files for pos in range(0, os.path.getsize(f), chunk)]
+    local = threading.local()
+
+    def read(job):
+        if not hasattr(local, "view"):
+            local.view = memoryview(aligned_empty((chunk,), np.uint8, DIRECT_BLOCK))
+        fd = os.open(job[0], os.O_RDONLY)
+        try:
+            os.preadv(fd, [local.view], job[1])
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, jobs))
+    return time.perf_counter() - t0
+
+
 def warm(files) -> None:
     """One untimed read of every file into the page cache."""
     read_files(files)
 
 
-def read_bandwidth(files, direct: bool) -> dict:
+def read_bandwidth(files, direct: bool, threads: int = 1) -> dict:
     """The machine's file read bandwidth over `files`, the bound of an end-to-end merge that reads them (read_files):
-    from the page cache (after `warm`, best of two passes) and, with `direct`, from the device (O_DIRECT: the page
-    cache bypassed; one pass). GB/s."""
+    from the page cache (after `warm`, best of two passes; with `threads` > 1 also read from that many threads at
+    once, `read_files_parallel`) and, with `direct`, from the device (O_DIRECT: the page cache bypassed; one pass).
+    GB/s."""
     total = checkpoint_bytes(files)
     warm(files)
     out = {"kind": "read_bandwidth", "bytes": total,
            "page_cache_gb_s": total / min(read_files(files), read_files(files)) / 1e9}
+    if threads > 1:
+        out["read_threads"] = threads
+        out["page_cache_parallel_gb_s"] = total / min(read_files_parallel(files, threads),
+                                                      read_files_parallel(files, threads)) / 1e9
     if direct and hasattr(os, "O_DIRECT"):
         try:
             out["direct_gb_s"] = total / read_files(files, os.O_DIRECT) / 1e9
@@ -348,7 +382,10 @@ def bench_cpu(args, ckpt) -> list[dict]:
                 print(json.dumps(res), flush=True)
                 rows.append(res)
         if args.read_bandwidth != "none":
-            bw = read_bandwidth(files, direct=args.read_bandwidth == "both")
+            from configurable_fm.ops.merge.execute import READ_WORKERS_ACCELERATOR
+
+            bw = read_bandwidth(files, direct=args.read_bandwidth == "both",
+                                threads=READ_WORKERS_ACCELERATOR if args.device == "gpu" else 1)
             bw.update(method=method)
             print(json.dumps(bw), flush=True)
             rows.append(bw)
@@ -366,6 +403,8 @@ def bench_cpu(args, ckpt) -> list[dict]:
 def table_cpu(rows) -> str:
     runs = [r for r in rows if "wall_s" in r]
     cache_bw = {r["method"]: r["page_cache_gb_s"] for r in rows if r.get("kind") == "read_bandwidth"}
+    parallel_bw = {r["method"]: (r["read_threads"], r["page_cache_parallel_gb_s"]) for r in rows
+                   if r.get("kind") == "read_bandwidth" and "page_cache_parallel_gb_s" in r}
     lines = ["| method | tool | time (s) | peak RSS (GB) | peak anon (GB) | speedup | GB/s | of read bound | "
              "runs: s @ load |", "|---|---|---|---|---|---|---|---|---|"]
     by = {}
@@ -379,6 +418,9 @@ def table_cpu(rows) -> str:
                          if "load_1min" in r)
         bound = (f"{100 * rs[0]['input_bytes'] / t / 1e9 / cache_bw[method]:.0f}% of {cache_bw[method]:.1f} GB/s"
                  if method in cache_bw else "")
+        if method in parallel_bw:
+            threads, bw = parallel_bw[method]
+            bound += f" ({100 * rs[0]['input_bytes'] / t / 1e9 / bw:.0f}% of {bw:.1f} GB/s, {threads} threads)"
         lines.append(f"| {method} | {tool} | {t:.1f} | {max(r['peak_rss_gb'] for r in rs):.2f} | "
                      f"{max(r['peak_anon_gb'] for r in rs):.2f} | {speed:.2f}x | "
                      f"{statistics.median(r['gb_per_s'] for r in rs):.2f} | {bound} | {each} |")

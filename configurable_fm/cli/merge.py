@@ -127,7 +127,19 @@ def merge_config(fv: flags.FlagValues) -> None:
           f"({fv.format or 'hf'})")
 
 
+DEVICE_PREALLOCATION = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+def no_device_preallocation() -> None:
+    """Turns off jax's preallocation of 75% of GPU memory for this process, unless the user set it: a merge holds
+    a few tensors on the device at a time, and on an H200 the preallocation made the first host -> device copy take
+    2.1 s (3.7 ms without; about a third of a 1.1B merge's time, BENCHMARKS.md). jaxlib reads the variable when
+    it creates the GPU client, i.e. at the first device use, which comes after this."""
+    os.environ.setdefault(DEVICE_PREALLOCATION, "false")
+
+
 def run(fv: flags.FlagValues) -> None:
+    no_device_preallocation()
     if (fv.mergekit_yaml is None) == (fv.config is None):
         raise cli.UsageError("give exactly one of --mergekit_yaml (a mergekit YAML file) and --config (a merge "
                              f"config), got {'both' if fv.config is not None else 'neither'}")

@@ -28,6 +28,7 @@ plus the kernel's float32 temporaries (of one block for a blocked tensor).
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures as cf
 import dataclasses
 import json
@@ -47,6 +48,7 @@ from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, Chec
 from configurable_fm.ops.merge.host_io import (HOST_ALIGNMENT, IO_CHUNK, ShardFile,  # noqa: F401 (re-exported)
                                                aligned_empty)
 from configurable_fm.ops.merge.registry import MergeMethod
+from configurable_fm.ops.merge.staging import StagingPool, host_empty
 
 SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
@@ -104,7 +106,8 @@ class PreadStore(Mapping[str, np.ndarray]):
     """Read-only {tensor name: numpy array} over a safetensors file or a sharded HF directory, without mmap.
 
     `store[name]` reads the tensor's bytes with os.preadv into a new array (one copy from the page cache; the
-    GIL is released during the read), 64-byte aligned (`aligned_empty`: put on the CPU device without a copy).
+    GIL is released during the read), 64-byte aligned (`aligned_empty`: put on the CPU device without a copy),
+    or into the staging arena active on the calling thread (`staging.host_empty`: merge_groups on a GPU).
     Headers are parsed once; a tensor whose offsets do not fit its file raises CheckpointError naming the file and
     the tensor. `shape(name)` and `dtype(name)` read nothing.
     """
@@ -154,7 +157,7 @@ class PreadStore(Mapping[str, np.ndarray]):
             file, offset, dtype, shape = self._entries[name]
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in the checkpoint") from None
-        out = aligned_empty(shape, dtype)
+        out = host_empty(shape, dtype)
         _pread_into(self._fd(file), out, offset, f"{file}: tensor {name!r}")
         return out
 
@@ -718,8 +721,8 @@ to the device, so file reads and host -> device copies of different groups overl
 
 def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dtype=None, prefetch: int = 1,
                  device: Optional[jax.Device] = None, timers: Optional[Timers] = None,
-                 cache: Optional[KernelCache] = None, read_workers: Optional[int] = None
-                 ) -> Iterator[tuple[str, Any, int]]:
+                 cache: Optional[KernelCache] = None, read_workers: Optional[int] = None,
+                 staging: Optional[bool] = None) -> Iterator[tuple[str, Any, int]]:
     """Yields (name, y, bytes read) for every group, in order; y is computed (a jax array, or the input itself
     for a copied integer tensor) and its inputs released before it is yielded.
 
@@ -727,33 +730,60 @@ def merge_groups(method: MergeMethod, groups: Iterable[TensorGroup], *, load_dty
     `group.read()` up to max(prefetch, read_workers) groups ahead and put floating inputs on `device` (default:
     jax's default device); the caller's thread runs the cached fused kernel (merge_tensor) and, on an
     accelerator, starts each result's copy to the host (the writer thread waits for it).
+    `staging` (default: on for an accelerator, off on the CPU): each worker reads its group into its own reused
+    host buffer, page-locked on a CUDA device, and copies it to the device from there (staging.py).
     """
     device = device or jax.devices()[0]
     if read_workers is None:
         read_workers = 1 if device.platform == "cpu" else READ_WORKERS_ACCELERATOR
     if int(read_workers) < 1:
         raise ValueError(f"read_workers must be at least 1, got {read_workers!r}")
+    pool = StagingPool(device) if (device.platform != "cpu" if staging is None else staging) else None
 
     def load(g: TensorGroup):
-        t0 = time.perf_counter()
-        b, xs = g.read()
-        t1 = time.perf_counter()
-        has_base = b is not None
-        arrays = ([b] if has_base else []) + list(xs)
-        del b, xs
-        nbytes = sum(int(np.asarray(a).nbytes) if not isinstance(a, jax.Array) else int(a.nbytes) for a in arrays)
-        if all(is_float(a.dtype) for a in arrays):
-            for i, a in enumerate(arrays):  # one at a time: each host array is dropped once its copy is made,
-                arrays[i] = jax.device_put(a, device)  # so the group is held about once, not twice
-                del a
-                jax.block_until_ready(arrays[i])
-        b, xs = (arrays[0], arrays[1:]) if has_base else (None, arrays)
-        if timers is not None:
-            timers.add("read", t1 - t0, nbytes)
-            timers.add("to_device", time.perf_counter() - t1, nbytes)
-        return g, b, list(xs), nbytes
+        with pool.arena() if pool is not None else contextlib.nullcontext():
+            return _load_group(g, device, timers, staged=pool is not None)
 
-    for g, b, xs, nbytes in _read_ahead(groups, load, prefetch, read_workers):
+    try:
+        yield from _merge_loaded(method, _read_ahead(groups, load, prefetch, read_workers), device, timers, cache,
+                                 load_dtype)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _load_group(g: TensorGroup, device, timers: Optional[Timers], staged: bool):
+    """(g, base, inputs, bytes read): `g.read()`, floating inputs put on `device`, one at a time (each host array is
+    dropped once its copy is made, so the group is held about once, not twice). `staged`: the host arrays may be
+    views of the thread's staging arena, which the thread's next group overwrites: device copies complete before
+    this returns, and arrays that could share the arena's memory are copied out of it first (host arrays kept as
+    they are; every array on the CPU, whose client adopts aligned host memory and ignores may_alias=False)."""
+    t0 = time.perf_counter()
+    b, xs = g.read()
+    t1 = time.perf_counter()
+    has_base = b is not None
+    arrays = ([b] if has_base else []) + list(xs)
+    del b, xs
+    nbytes = sum(int(np.asarray(a).nbytes) if not isinstance(a, jax.Array) else int(a.nbytes) for a in arrays)
+    if all(is_float(a.dtype) for a in arrays):
+        for i, a in enumerate(arrays):
+            if staged and device.platform == "cpu" and not isinstance(a, jax.Array):
+                a = np.array(a, copy=True)
+            arrays[i] = jax.device_put(a, device)
+            del a
+            jax.block_until_ready(arrays[i])
+    elif staged:
+        arrays = [a if isinstance(a, jax.Array) else np.array(a, copy=True) for a in arrays]
+    b, xs = (arrays[0], arrays[1:]) if has_base else (None, arrays)
+    if timers is not None:
+        timers.add("read", t1 - t0, nbytes)
+        timers.add("to_device", time.perf_counter() - t1, nbytes)
+    return g, b, list(xs), nbytes
+
+
+def _merge_loaded(method: MergeMethod, loaded: Iterable, device, timers: Optional[Timers],
+                  cache: Optional[KernelCache], load_dtype) -> Iterator[tuple[str, Any, int]]:
+    for g, b, xs, nbytes in loaded:
         t0 = time.perf_counter()
         y = merge_tensor(method, b, xs, g.params, out_dtype=g.out_dtype, load_dtype=load_dtype, key=g.key,
                          name=g.name, input_names=g.input_names, cache=cache, compute_dtype=g.compute_dtype)
@@ -907,17 +937,17 @@ def merge_to_shards(method: MergeMethod, groups: Sequence[TensorGroup], out_dir:
                     load_dtype=None, prefetch: int = 1, write_queue: int = 2, device: Optional[jax.Device] = None,
                     timers: Optional[Timers] = None, cache: Optional[KernelCache] = None,
                     progress: Optional[Callable[[str, int, int], None]] = None,
-                    read_workers: Optional[int] = None) -> list[str]:
+                    read_workers: Optional[int] = None, staging: Optional[bool] = None) -> list[str]:
     """Merges every group and writes the results as planned safetensors shards in `out_dir` (an existing,
     preferably temporary directory: on error the partial files stay there); returns the file names written.
     progress(name, bytes read, bytes written) is called from the writer thread after each tensor;
-    read_workers: merge_groups'."""
+    read_workers, staging: merge_groups'."""
     writer = PlannedShardWriter(out_dir, [(g.name, g.shape, g.out_dtype) for g in groups], limit,
                                 queue_size=write_queue, timers=timers, on_written=progress)
     try:
         for name, y, nbytes in merge_groups(method, groups, load_dtype=load_dtype, prefetch=prefetch,
                                             device=device, timers=timers, cache=cache,
-                                            read_workers=read_workers):
+                                            read_workers=read_workers, staging=staging):
             writer.add(name, y, nbytes)
     except BaseException:
         writer.close()

@@ -1,6 +1,7 @@
 """Streaming merges of tiny HF llamas through scripts/merge.py: same tensors as the in-memory tree.merge,
 sharded output that transformers loads, and the documented errors (mismatch, existing output, failure mid-way)."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -190,6 +191,21 @@ models:
         _script().main(["--config", "experiments/merge/task_arithmetic_tiny.py", "--output", str(tmp_path / "c"),
                         "--timers"])
     assert e.value.code != 0 and "--timers applies to --mergekit_yaml only" in capsys.readouterr().err
+
+
+def test_merge_command_turns_device_preallocation_off_unless_set(monkeypatch, tmp_path, capsys):
+    """cfm-merge sets XLA_PYTHON_CLIENT_PREALLOCATE=false before any device use (cli/merge.py); a user's value
+    is kept."""
+    from configurable_fm.cli import merge as cli_merge
+
+    monkeypatch.delenv(cli_merge.DEVICE_PREALLOCATION, raising=False)
+    with pytest.raises(SystemExit):  # a usage error still comes after the setting
+        _script().main(["--output", str(tmp_path / "o")])
+    assert os.environ[cli_merge.DEVICE_PREALLOCATION] == "false"
+    monkeypatch.setenv(cli_merge.DEVICE_PREALLOCATION, "true")
+    cli_merge.no_device_preallocation()
+    assert os.environ[cli_merge.DEVICE_PREALLOCATION] == "true"
+    capsys.readouterr()
 
 
 @pytest.mark.parametrize("with_base", [True, False])
