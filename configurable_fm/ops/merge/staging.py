@@ -1,9 +1,11 @@
 """Page-locked host staging for the streaming merge's host -> device copies.
 
-Measured on one H200 (2026-12-04, BENCHMARKS.md, "GPU merge: host staging"): `jax.device_put` of a pageable
-numpy array moves 4.6-4.7 GB/s per thread, the same array registered with the CUDA driver (cuMemHostRegister)
-27-43 GB/s (24-128 MiB arrays): the copy becomes one DMA. Reading a tensor from the page cache into memory
-already touched is also faster than into fresh pages (5.4-6.9 against 3.3-5.3 GB/s, one thread).
+Measured on one H200 (2026-12-04, BENCHMARKS.md, "GPU end to end: page-locked staging"; scripts/bench_transfer.py
+measures the same): `jax.device_put` of a pageable numpy array moves 4.6-4.7 GB/s per thread, the same array
+registered with the CUDA driver (cuMemHostRegister) 27-43 GB/s (24-128 MiB arrays): the copy becomes one DMA.
+Reading a tensor from the page cache into memory already touched is also faster than into fresh pages (5.4-6.9
+against 3.3-5.3 GB/s, one thread). In a whole merge the reads and copies got ~25% faster; end to end the gain is
+within the run-to-run spread, because the kernels' stage and the writer are the bound there now.
 
 So every read worker of `execute.merge_groups` owns one `StagingArena`: one page-aligned host buffer, registered
 with the driver once where that is possible, that a tensor group's reads land in and are copied from:
