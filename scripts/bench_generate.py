@@ -8,6 +8,8 @@
 The workload is the PyTorch anchor's (`../shared/anchors/hf_generate.py`): a llama of the given shape with random
 bf16 weights, a 64-token random prompt, 256 new tokens, greedy, no early stop. Tokens/s counts new tokens x batch
 over the wall time of one whole call (median of --repeats after a warm-up call), as the anchor does.
+--sampling greedy,sample adds rows that sample (temperature 0.8, top-k 50, top-p 0.95: the per-step cost of
+the logits warpers, issue 14's "sampling costs nothing measurable").
 
 Besides the whole call, each row reports the decode step alone, `step_ms = (t(N new) - t(1 new)) / (N - 1)`,
 and its memory bound: each step must read every weight once and, per layer, the keys and values of the slots
@@ -76,13 +78,21 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float) -> dict:
+SAMPLING = {  # --sampling modes: generate() keyword arguments (sample: transformers' usual sampling settings)
+    "greedy": {},
+    "sample": dict(temperature=0.8, top_k=50, top_p=0.95, rng=jax.random.key(0)),
+}
+
+
+def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
+              sampling: str = "greedy") -> dict:
     model = build(shape)
     cfg = model.cfg
     gen = Generator(model)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32)
-    t_full = timed(lambda: gen(ids, max_new_tokens=new), repeats)
-    t_one = timed(lambda: gen(ids, max_new_tokens=1), repeats)
+    kw = SAMPLING[sampling]
+    t_full = timed(lambda: gen(ids, max_new_tokens=new, **kw), repeats)
+    t_one = timed(lambda: gen(ids, max_new_tokens=1, **kw), repeats)
     step_s = (t_full - t_one) / (new - 1)
     weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(nnx.state(model)))
     slots = prompt + new
@@ -93,7 +103,8 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "step_ms": step_s * 1e3, "bound_ms": bound_s * 1e3, "x_bound": step_s / bound_s,
             "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "attention": ATTENTION[0], "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def profile(shape: str, batch: int, prompt: int, new: int, logdir: str) -> dict:
@@ -128,8 +139,13 @@ def main():
     p.add_argument("--anchor", default="", help="path of the transformers anchor script (hf_generate.py)")
     p.add_argument("--anchor_modes", default="default,static")
     p.add_argument("--attention", default="auto", help="auto (the model's choice), xla or cudnn")
+    p.add_argument("--sampling", default="greedy", help="comma-separated: " + ",".join(SAMPLING) +
+                   " (sample: temperature 0.8, top_k 50, top_p 0.95)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    unknown = sorted(set(args.sampling.split(",")) - set(SAMPLING))
+    if unknown:
+        p.error(f"--sampling: unknown mode(s) {unknown}; choose from {sorted(SAMPLING)}")
     ATTENTION[0] = args.attention
     if args.attention != "auto":
         auto = attn.dot_product_attention
@@ -145,7 +161,8 @@ def main():
     shapes, batches = args.shape.split(","), [int(b) for b in args.batch.split(",")]
     for shape in shapes:
         for batch in batches:
-            emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm))
+            for sampling in args.sampling.split(","):
+                emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling))
             if args.profile:
                 emit(profile(shape, batch, args.prompt, min(args.new, 32),
                              os.path.join(args.profile, f"{shape}_b{batch}")))
