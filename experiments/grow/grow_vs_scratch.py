@@ -7,6 +7,9 @@ from scratch on the same data stream and schedule family, counting compute (expe
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:test --workdir runs/gvs_test      # CPU, ~1 min
     python scripts/run.py --config experiments/grow/grow_vs_scratch.py:default,control --workdir runs/gvs_ctl
         # ',control': scratch and the control's runs only (separate growth, copied / reset moments, alone)
+    python scripts/run.py --config experiments/grow/grow_vs_scratch.py:long,msg --workdir runs/gvs_long
+        # ',msg': scratch and the masked (MSG) run only, its seed as in the whole study (stage directories are
+        # numbered by position: in the whole study's workdir scratch is reused and the masked run's stages rerun)
 Results, reading and caveats: experiments/grow/README.md (raw tables and curves in benchmarks/grow_vs_scratch/).
 Re-running skips finished stages; a killed stage resumes.
 
@@ -29,6 +32,11 @@ Runs (small model -> growth -> the large model), for the large width W (default 
     width_x<f>         8 x 64 part_heads, MQA   exact width growth by a non-integer factor f (192 -> 256: 1.33)
     identity_x2        4 x W                    depth 'identity': a fresh block after each layer, outputs zeroed
     width_x2_stack_x2  4 x W/2                  exact width x2, then stack x2 (the combination)
+    masked_x2_x2       4 x W/2                  MSG (stages/grow.py `masked`): the large shape at once, new heads,
+                                                FFN units, width and layers behind masks at 0 (the small model's
+                                                function), faded in linearly over MASK_RAMP_FRACTION = 0.25 of the
+                                                post-growth steps (train task 'mask_ramp'); MSG grows in stages
+                                                during one run, here in one step, as the other operators are
 and a control, `alone_width_x2_stack_x2`: that run's small model trained alone (cosine) for the grown runs' whole
 budget: growth helps only where it beats its control as well as scratch. The control's growth is also run as a
 continued training run (stage kind 'grow_run': `run_<label>_copy` / `run_<label>_reset`): the small run's last
@@ -50,6 +58,7 @@ import ml_collections
 
 from configurable_fm.models.factory import config_from_dict
 from configurable_fm.stages import grow_run_config, stage
+from configurable_fm.stages.grow import grow_config
 from configurable_fm.stages.grow_run import OPTIMIZER_STATES
 from configurable_fm.train.flops import flops_per_token
 from experiments import pretrain
@@ -60,12 +69,13 @@ from experiments.grow.to_shape import get_config as to_shape_config
 from experiments.grow.width import get_config as width_config
 
 SMALL_FRACTION, POST_FRACTION = 0.2, 0.4
+MASK_RAMP_FRACTION = 0.25  # of the post-growth steps: the masked run's new structure fades in over them
 EVALS_PER_RUN = 20
 
 
 def family(width: int, kv: int, part_heads: int) -> tuple[dict, dict]:
     """The large shape (8 layers, `width`, head_dim 64, FFN 3 x width) and the runs that reach it:
-    {label: (small shape, width section or None, depth section or None)}."""
+    {label: (small shape, width section or None, depth section or None, masked section or None)}."""
     heads = width // 64
     large = dict(num_layers=8, hidden_size=width, num_heads=heads, num_kv_heads=kv, intermediate_size=3 * width)
     to_large = dict(hidden_size=width, num_heads=heads, num_kv_heads=kv, intermediate_size=3 * width, noise=0.1)
@@ -74,12 +84,15 @@ def family(width: int, kv: int, part_heads: int) -> tuple[dict, dict]:
     # ceil(part_heads / (heads / kv)) kv heads: exact growth keeps each group's query heads together)
     part = dict(hidden_size=64 * part_heads, num_heads=part_heads, num_kv_heads=1,
                 intermediate_size=3 * 64 * part_heads)
+    masked = dict(hidden_size=width, num_heads=heads, num_kv_heads=kv, intermediate_size=3 * width, num_layers=8,
+                  ramp=0.0)
     runs = {
-        "gstack_x4": (dict(large, num_layers=2), None, dict(method="stack", factor=4)),
-        "width_x2": (dict(large, **half), to_large, None),
-        f"width_x{width / part['hidden_size']:.3g}".replace(".", "_"): (dict(large, **part), to_large, None),
-        "identity_x2": (dict(large, num_layers=4), None, dict(method="identity", num_layers=8)),
-        "width_x2_stack_x2": (dict(large, num_layers=4, **half), to_large, dict(method="stack", factor=2)),
+        "gstack_x4": (dict(large, num_layers=2), None, dict(method="stack", factor=4), None),
+        "width_x2": (dict(large, **half), to_large, None, None),
+        f"width_x{width / part['hidden_size']:.3g}".replace(".", "_"): (dict(large, **part), to_large, None, None),
+        "identity_x2": (dict(large, num_layers=4), None, dict(method="identity", num_layers=8), None),
+        "width_x2_stack_x2": (dict(large, num_layers=4, **half), to_large, dict(method="stack", factor=2), None),
+        "masked_x2_x2": (dict(large, num_layers=4, **half), None, None, masked),
     }
     return large, runs
 
@@ -89,9 +102,12 @@ VARIANTS = {"default": (256, 2, 3, 1200), "wide_short": (512, 4, 5, 600), "long"
             "test": (None, None, None, 8)}
 TEST_LARGE = dict(num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64)
 TEST_RUNS = {
-    "gstack_x2": (dict(TEST_LARGE, num_layers=1), None, dict(method="stack", factor=2)),
+    "gstack_x2": (dict(TEST_LARGE, num_layers=1), None, dict(method="stack", factor=2), None),
     "width_x2": (dict(TEST_LARGE, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32),
-                 dict(hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64, noise=0.1), None),
+                 dict(hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64, noise=0.1), None, None),
+    "masked_x2_x2": (dict(TEST_LARGE, num_layers=1, hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=32),
+                     None, None, dict(hidden_size=32, num_heads=4, num_kv_heads=2, intermediate_size=64, num_layers=2,
+                                      ramp=0.0)),
 }
 CONTROL = {"default": "width_x2_stack_x2", "wide_short": "width_x2_stack_x2", "long": "width_x2_stack_x2",
            "test": "width_x2"}  # its small model, ungrown
@@ -122,8 +138,11 @@ def train_flops(shape: dict, seq_len: int, vocab_size: int) -> float:
     return flops_per_token(cfg, seq_len)
 
 
-def grow_stage_config(name: str, source: str, width: dict | None, depth: dict | None, seed: int):
-    if width and depth:
+def grow_stage_config(name: str, source: str, width: dict | None, depth: dict | None, seed: int,
+                      masked: dict | None = None):
+    if masked:
+        g = grow_config(input="", masked=masked, seed=seed)
+    elif width and depth:
         g = to_shape_config()
         g.width.update(width)
         g.depth.update(depth)
@@ -137,11 +156,17 @@ def grow_stage_config(name: str, source: str, width: dict | None, depth: dict | 
     return stage_config(g, name, input=source)
 
 
+def mask_ramp_steps(post_steps: int) -> int:
+    """Steps over which a masked run's new structure fades in after growth: MASK_RAMP_FRACTION of its post-growth
+    steps (at least 1)."""
+    return max(round(MASK_RAMP_FRACTION * post_steps), 1)
+
+
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     arg, _, option = arg.partition(",")
-    if arg not in VARIANTS or option not in ("", "control"):
+    if arg not in VARIANTS or option not in ("", "control", "msg"):
         raise ValueError(f"unknown grow_vs_scratch variant {arg!r}{f' option {option!r}' if option else ''}; "
-                         f"known: {sorted(VARIANTS)}, each optionally with ',control'")
+                         f"known: {sorted(VARIANTS)}, each optionally with ',control' or ',msg'")
     test = arg == "test"
     width, kv, part_heads, scratch_steps = VARIANTS[arg]
     large, runs = (TEST_LARGE, TEST_RUNS) if test else family(width, kv, part_heads)
@@ -153,14 +178,19 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
     stages = [stage("scratch", "train", probe)]
     pairs, controls = {}, {}
-    for i, (label, (small, width_grow, depth_grow)) in enumerate(runs.items()):
+    for i, (label, (small, width_grow, depth_grow, masked)) in enumerate(runs.items()):
         if option == "control" and label != CONTROL[arg]:  # ',control': only the control's growth (same seed)
+            continue
+        if option == "msg" and not masked:  # ',msg': only the masked run (same seed as in the whole study)
             continue
         stages.append(stage(f"small_{label}", "train", train_config(small, steps_for(small, SMALL_FRACTION),
                                                                      schedule="constant", test=test)))
-        stages.append(grow_stage_config(f"grow_{label}", f"@small_{label}", width_grow, depth_grow, seed=i))
+        stages.append(grow_stage_config(f"grow_{label}", f"@small_{label}", width_grow, depth_grow, seed=i,
+                                        masked=masked))
         large_cfg = train_config(large, max(round(POST_FRACTION * scratch_steps), 2), schedule="cosine", test=test)
         large_cfg.init_from = f"@grow_{label}"
+        if masked:  # MSG: the new structure starts masked (the small model's function) and fades in
+            large_cfg.task = dict(kind="mask_ramp", start=0, steps=mask_ramp_steps(large_cfg.steps))
         stages.append(stage(f"large_{label}", "train", large_cfg))
         pairs[label] = (f"@small_{label}", f"@large_{label}")
         if CONTROL[arg] == label:  # the same small model trained alone for the grown run's whole budget

@@ -103,7 +103,14 @@ def test_study_budgets(variant):
             assert st.rewarm_steps == stages[f"large_{label}"].optimizer.warmup_steps
     assert sorted(n for n in stages if n.startswith("run_")) == ["run_width_x2_stack_x2_copy",
                                                                 "run_width_x2_stack_x2_reset"]
-    assert stages["compare"].kind == "grow_compare" and len(stages["compare"].runs) == 7
+    assert stages["compare"].kind == "grow_compare" and len(stages["compare"].runs) == 8
+    # MSG: one grow step to the large shape behind masks at 0, faded in over a quarter of the post-growth steps
+    masked, large = stages["grow_masked_x2_x2"].masked, stages["large_masked_x2_x2"]
+    assert {k: masked[k] for k in ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_layers")} \
+        == {k: large.model[k] for k in ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_layers")}
+    assert masked.ramp == 0.0 and "width" not in stages["grow_masked_x2_x2"]
+    assert large.task.to_dict() == {"kind": "mask_ramp", "start": 0, "steps": round(G.MASK_RAMP_FRACTION * large.steps)}
+    assert "task" not in stages["large_width_x2"]
 
 
 def test_a_grow_run_curve_starts_at_its_growth_step(tmp_path):
@@ -127,5 +134,8 @@ def test_control_option_keeps_only_the_control_and_its_seed():
     assert sorted(part) == sorted(["scratch", "compare"] + [n for n in full if n.endswith(label) or
                                                             n.startswith(f"run_{label}_")])
     assert part[f"grow_{label}"].seed == full[f"grow_{label}"].seed and len(part["compare"].runs) == 3
+    msg = {s.name: s for s in G.get_config("default,msg").stages}
+    assert sorted(msg) == sorted(["scratch", "compare"] + [n for n in full if n.endswith("masked_x2_x2")])
+    assert msg["grow_masked_x2_x2"].seed == full["grow_masked_x2_x2"].seed and len(msg["compare"].runs) == 1
     with pytest.raises(ValueError, match="option"):
         G.get_config("default,all")
