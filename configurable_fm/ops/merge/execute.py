@@ -461,10 +461,11 @@ def _host_bits(x):
 
 
 def _on_accelerator(x) -> bool:
-    """x is a concrete array that a kernel would run on an accelerator: a jax array on a non-CPU device, or a
-    host array while jax's default backend is not the CPU."""
+    """x is an array that a kernel would run on an accelerator: a jax array on a non-CPU device, or a host array
+    or a tracer (an enclosing jit, e.g. tree.merge jitted by the caller) while jax's default backend is not the
+    CPU."""
     if isinstance(x, jax.core.Tracer):
-        return False
+        return jax.default_backend() != "cpu"
     if isinstance(x, jax.Array):
         return any(d.platform != "cpu" for d in x.devices())
     return jax.default_backend() != "cpu"

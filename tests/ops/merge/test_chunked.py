@@ -168,8 +168,8 @@ def test_missed_bucket_prediction_takes_the_second_pass(monkeypatch):
 
 
 def test_in_jit_path_equals_whole_tensor():
-    """Under an outer jit the inputs are traced (no bit views on the host): the row blocks slice the inputs'
-    bits inside the compiled function, as on an accelerator."""
+    """Under an outer jit on the CPU the inputs are traced (no bit views on the host): the row blocks slice the
+    inputs' bits inside the compiled function."""
     base, xs = _inputs("ties", (37, 23), "bf16", seed=4)
     params = CASES["ties"][0]
     m = get_method("ties")
@@ -274,7 +274,27 @@ def test_tensors_on_an_accelerator_are_merged_whole(monkeypatch):
     assert traced
 
 
-def test_on_accelerator_reads_the_arrays_device():
+def test_on_accelerator_reads_the_arrays_device(monkeypatch):
     assert not X._on_accelerator(jnp.ones(3))  # this machine's arrays live on the CPU
     assert X._on_accelerator(np.ones(3)) == (jax.default_backend() != "cpu")
-    jax.jit(lambda x: X._on_accelerator(x) and x)(jnp.ones(2))  # a tracer is not concrete: False, no error
+    seen = []
+    jax.jit(lambda x: seen.append(X._on_accelerator(x)) or x)(jnp.ones(2))  # a tracer: the default backend's
+    assert seen == [jax.default_backend() != "cpu"]
+
+
+def test_under_jit_on_an_accelerator_backend_tensors_are_merged_whole(monkeypatch):
+    """A merge traced by an outer jit while the default backend is an accelerator (here: patched to say 'gpu')
+    takes whole tensors, as concrete device arrays do: the same bits, no block loop traced."""
+    base, xs = _inputs("ties", (37, 23), "bf16", seed=6)
+    params, m = CASES["ties"][0], get_method("ties")
+    want = _merge(WHOLE, "ties", base, xs, params, out_dtype=BF16)
+    traced = []
+    by_rows = X._merge_by_rows
+    monkeypatch.setattr(X, "_merge_by_rows", lambda *a, **k: traced.append(1) or by_rows(*a, **k))
+    cache = X.KernelCache(chunk_bytes=3000)
+    f = jax.jit(lambda b, xs: X.merge_tensor(m, b, xs, params, out_dtype=BF16, cache=cache))
+    with monkeypatch.context() as patch:
+        patch.setattr(X.jax, "default_backend", lambda: "gpu")
+        got = np.asarray(f(jnp.asarray(base), [jnp.asarray(x) for x in xs]))
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert traced == []
