@@ -192,15 +192,18 @@ def read_files_parallel(files, threads: int, chunk: int = 64 << 20) -> float:
 
     from configurable_fm.ops.merge.host_io import DIRECT_BLOCK, aligned_empty
 
-    jobs = [(f, pos) for f in files for pos in range(0, os.path.getsize(f), chunk)]
+    jobs = [(f, pos, min(pos + chunk, os.path.getsize(f))) for f in files
+            for pos in range(0, os.path.getsize(f), chunk)]
     local = threading.local()
 
     def read(job):
         if not hasattr(local, "view"):
             local.view = memoryview(aligned_empty((chunk,), np.uint8, DIRECT_BLOCK))
-        fd = os.open(job[0], os.O_RDONLY)
+        file, pos, end = job
+        fd = os.open(file, os.O_RDONLY)
         try:
-            os.preadv(fd, [local.view], job[1])
+            while pos < end and (n := os.preadv(fd, [local.view[:end - pos]], pos)) > 0:
+                pos += n
         finally:
             os.close(fd)
 

@@ -31,6 +31,8 @@ Duplicate names, two unnamed documents, cycles and unknown references are errors
 file whose documents are all named (mergekit-multi writes those into the intermediate directory only; here the
 final document must be unnamed). --overwrite applies to --output, checked before the first stage runs.
 --intermediate_dir with a single-document YAML is a usage error.
+On a GPU the command sets XLA_PYTHON_CLIENT_PREALLOCATE=false for its process unless it is set already (jax's
+preallocation of most of the GPU's memory cost ~2 s of every merge; `no_device_preallocation`).
 --config: a merge config (configurable_fm/stages/merge.py: method, base, models, parameters, model_parameters,
 seed, out_dtype, embed_alignment) with ml_collections `--config.KEY=VALUE` overrides (a key that the config does
 not have is refused with the valid keys of its level, as in cfm-train); inputs are any sources `load_model`
@@ -131,10 +133,11 @@ DEVICE_PREALLOCATION = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
 def no_device_preallocation() -> None:
-    """Turns off jax's preallocation of 75% of GPU memory for this process, unless the user set it: a merge holds
-    a few tensors on the device at a time, and on an H200 the preallocation made the first host -> device copy take
-    2.1 s (3.7 ms without; about a third of a 1.1B merge's time, BENCHMARKS.md). jaxlib reads the variable when
-    it creates the GPU client, i.e. at the first device use, which comes after this."""
+    """Turns off jax's preallocation of 75% of GPU memory for this process, unless the user set it: the streamed
+    merge holds a few tensors on the device at a time (the in-memory one its models, allocated as they load), and
+    on an H200 the preallocation made the first host -> device copy take 2.1 s (3.7 ms without; about a third of a
+    1.1B merge's time, BENCHMARKS.md). jaxlib reads the variable when it creates the GPU client, i.e. at the first
+    device use, which comes after this."""
     os.environ.setdefault(DEVICE_PREALLOCATION, "false")
 
 
