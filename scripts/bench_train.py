@@ -6,6 +6,7 @@
     python scripts/bench_train.py --variant 1b --grid "8:dots" --scan_layers                     # layers as one scan
     python scripts/bench_train.py --variant 1b --grid "8:dots,8:dots:xla" --compile_only [--scan_layers]
     python scripts/bench_train.py --variant 1b --grid "8:none" --profile /tmp/prof   # + where the step's time goes
+    python scripts/bench_train.py --variant 1b --grid "32:none" --accum 4            # 4 micro-batches of 8 per step
 
 For each `batch:remat` entry of the grid: build the pretrain variant's llama (bf16 compute, fp32 master weights,
 AdamW), jit the trainer's step (`make_train_step`, donated state) on random tokens, run `--warmup` steps, then
@@ -19,6 +20,9 @@ state by the logical-axis rules of configurable_fm/sharding.py, the batch over d
 the global batch (weak scaling: grow it with the device count). Then MFU counts every device of the mesh and
 `peak_memory_gb` is the largest peak allocation over them (device.memory_stats(); None on the CPU). Several GPUs
 of one host run from one process; for one process per GPU start it under jax.distributed (README, multi-host).
+
+--accum A splits each step's batch into A micro-batches (the trainer's gradient accumulation: one optimizer update
+per A forward/backward passes, which amortises the update's fixed cost; the grid's batch is the whole step's).
 
 --scan_layers runs the decoder layers as one jax.lax.scan (models/llama.py; same parameters and results).
 `compile_s` is the first step's wall time (trace + compile + one step). --compile_only builds nothing: it traces and
@@ -56,7 +60,9 @@ PROFILE_STEPS = 3  # steps traced per entry with --profile
 
 def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, warmup: int, attention: str,
               mesh_shape: tuple = (1, 1, 1), scan_layers: bool = False, compile_only: bool = False,
-              profile: str = ""):
+              profile: str = "", accum: int = 1):
+    if accum < 1 or batch % accum:
+        raise ValueError(f"--accum {accum}: the batch ({batch}) must split into that many equal micro-batches")
     cfg = get_config(variant)
     model_spec = cfg.model.to_dict()
     model_spec["max_position_embeddings"] = max(seq_len, model_spec["max_position_embeddings"])
@@ -77,7 +83,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     del model
     tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
     opt_state = jax.eval_shape(tx.init, params) if compile_only else jax.jit(tx.init)(params)
-    step = jax.jit(make_train_step(parts, tx, 1), donate_argnums=(0, 1))
+    step = jax.jit(make_train_step(parts, tx, accum), donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     toks = rng.integers(0, model_spec["vocab_size"], (batch, seq_len + 1), dtype=np.int32)
     batch_arrays = shd.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, mesh)
@@ -89,7 +95,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         t2, c2 = time.perf_counter(), time.process_time()
         return {"variant": variant, "params": sum(int(np.prod(v.shape)) for v in params.values()),
                 "seq_len": seq_len, "batch": batch, "remat": remat, "attention": attention,
-                "scan_layers": scan_layers, "lower_s": t1 - t0, "compile_s": t2 - t1,
+                "scan_layers": scan_layers, "accum": accum, "lower_s": t1 - t0, "compile_s": t2 - t1,
                 "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1,
                 "device": jax.devices()[0].device_kind, "devices": len(list(mesh.devices.flat)),
                 "mesh": list(mesh_shape), "jax": jax.__version__}
@@ -128,7 +134,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
     return {
         "variant": variant, "params": n_params, "seq_len": seq_len, "batch": batch, "remat": remat,
-        "attention": attention, "scan_layers": scan_layers, "step_s": dt, "tokens_per_s": tps, "compile_s": compile_s,
+        "attention": attention, "scan_layers": scan_layers, "accum": accum, "step_s": dt, "tokens_per_s": tps, "compile_s": compile_s,
         "loss": float(metrics["loss"]), "tflops_per_s": tps * full / 1e12,
         "mfu": flops.mfu(tps, full, len(devices), peak),
         "mfu_causal": flops.mfu(tps, causal, len(devices), peak),
@@ -148,6 +154,7 @@ def main():
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1: the rest)")
     p.add_argument("--out", default="")
     p.add_argument("--scan_layers", action="store_true", help="run the decoder layers as one jax.lax.scan")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--profile", default="", help="a log directory: trace 3 more steps per entry and add a summary "
                    "of the device kernels (configurable_fm.profiling: top kernels, time by category)")
     p.add_argument("--compile_only", action="store_true",
@@ -161,10 +168,11 @@ def main():
         try:
             row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention,
                             mesh_shape, scan_layers=args.scan_layers, compile_only=args.compile_only,
-                            profile=args.profile)
+                            profile=args.profile, accum=args.accum)
         except Exception as e:  # e.g. out of memory for one grid point: record it and go on
             row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
-                   "scan_layers": args.scan_layers, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                   "scan_layers": args.scan_layers, "accum": args.accum,
+                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:
