@@ -42,7 +42,7 @@ import numpy as np
 from configurable_fm.errors import OutputExists, UserError
 from configurable_fm.data import corpora
 from configurable_fm.data.bpe import parse_bpe_spec, train_bpe
-from configurable_fm.interop.atomic import atomic_directory
+from configurable_fm.interop.atomic import atomic_directory, write_text_atomic
 
 FORMAT = "configurable_fm.token_dataset"
 FORMAT_VERSION = 1
@@ -427,9 +427,7 @@ def _jsonable(x):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------

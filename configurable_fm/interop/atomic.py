@@ -4,6 +4,9 @@ the library did not write.
     with atomic_directory("out/merged", overwrite=True) as tmp:    # write into tmp; renamed to out/merged on success
         ...
     write_json_atomic(Path("run/config.json"), config)
+    write_text_atomic(Path("run/report.md"), text)
+    with atomic_file(Path("run/loss.png")) as tmp:                  # any writer: tmp is renamed over the output
+        fig.savefig(tmp, format="png")
 
 Temporary directories are siblings of the output named `.<name>.tmp-<pid>@<host>-<random>`. On error (including
 Ctrl-C) the block's temporary directory is removed; a process killed outright (SIGKILL, a power cut) cannot clean
@@ -131,9 +134,28 @@ def usual_permissions(directory: Path) -> None:
             os.chmod(f, 0o666 & ~mask)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes `obj` as indented JSON (sorted keys; non-JSON values as str) to `path` via a temporary file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling of `path` (`.<name>.tmp-<pid>`) for the block to write; when the block ends
+    normally it is renamed over `path` (atomic on one file system), and on any error it is removed, so `path` is
+    either its old self or complete. Writers that add a suffix to the name they are given (np.savez) must be
+    handed an open file instead."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` via a temporary file (atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Writes `obj` as indented JSON (sorted keys; non-JSON values as str) to `path` via a temporary file."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")

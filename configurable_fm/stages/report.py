@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt  # the backend is left to matplotlib (Agg when headless; inline in notebooks)
 
+from configurable_fm.interop.atomic import write_text_atomic
+
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(x):
@@ -133,11 +135,6 @@ class Report:
     def write(self) -> Path:
         md = f"# {self.title}\n\n" + "\n".join(self.parts)
         out = self.workdir / "report.md"
-        tmp = out.with_suffix(".md.tmp")
-        tmp.write_text(md)
-        os.replace(tmp, out)
-        js = self.workdir / "report.json"
-        tmp = js.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.summary, indent=2, default=str) + "\n")
-        os.replace(tmp, js)
+        write_text_atomic(out, md)
+        write_text_atomic(self.workdir / "report.json", json.dumps(self.summary, indent=2, default=str) + "\n")
         return out

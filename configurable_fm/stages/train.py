@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from configurable_fm.interop.atomic import write_json_atomic
+from configurable_fm.interop.atomic import write_json_atomic, write_text_atomic
 from configurable_fm.stages.report import (ACCURACY_HEADER, ACCURACY_LEGEND, accuracy_row, accuracy_stats,
                                           chance_level, format_metrics, markdown_table)
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage
@@ -186,9 +186,7 @@ def evaluate_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOu
         "models": [{"label": label, "source": src, "metrics": results[label]} for label, src in zip(labels, sources)],
         "chance": {t: {"chance": c["chance"], "answer": c["answer"], "distinct_answers": c["k"]}
                    for t, c in chance.items()}})
-    tmp = ctx.stage_dir / "eval.md.tmp"
-    tmp.write_text(table + "\n")
-    tmp.replace(ctx.stage_dir / "eval.md")
+    write_text_atomic(ctx.stage_dir / "eval.md", table + "\n")
     # headline metrics first (the study report's key-metrics column shows the first few), then the statistics
     metrics = {f"{label}/{k}" if len(labels) > 1 else k: v for label in labels for k, v in results[label].items()
                if k not in stat_keys}

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from configurable_fm.interop.atomic import atomic_file, write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _WRITER_IDS = itertools.count()
@@ -106,10 +108,7 @@ class MetricWriter:
         keep = records if resume_step is None else [r for r in records if r["step"] <= resume_step]
         if len(keep) == len(records) and complete == self.path.stat().st_size:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, step: int, **scalars: Any) -> dict:
         """Logs one record {"step": step, **scalars}; returns it (with plain Python values).
@@ -234,9 +233,8 @@ def plot_loss_curve(metrics: Sequence[Mapping[str, Any]] | str | os.PathLike, ou
     ax.legend()
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_png)
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, format="png")
     return out_png
 
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
+from configurable_fm.interop.atomic import atomic_file, write_text_atomic
 from configurable_fm.stages.report import markdown_table
 from configurable_fm.train.metrics import read_metrics
 
@@ -85,9 +85,8 @@ def plot(runs: dict, refs: dict, out_png: Path) -> Path:
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
-    tmp = out_png.with_name(out_png.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out_png)
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, format="png")
     return out_png
 
 
@@ -109,9 +108,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = report_table(runs, refs)
-    tmp = out / "recovery.md.tmp"
-    tmp.write_text(table + "\n")
-    os.replace(tmp, out / "recovery.md")
+    write_text_atomic(out / "recovery.md", table + "\n")
     plot(runs, refs, out / "recovery.png")
     print(table)
     print(f"wrote {out / 'recovery.md'} and {out / 'recovery.png'}")

@@ -68,6 +68,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from configurable_fm.interop.atomic import atomic_file, write_text_atomic
+
 EXIT_INCOMPLETE = 75  # EX_TEMPFAIL: the time limit stopped the run; its state is saved, rerun to continue
 SEP = "<|endoftext|>"  # id 0 of the BPE: separates packed texts, and is the BOS of every edit / evaluation prompt
 EDITORS = {"rome": "rome", "memit": "memit", "alphaedit": "alphaedit", "rls": "rlsedit", "ft": "ft"}
@@ -172,9 +174,7 @@ class TimeUp(Exception):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=_jsonable) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=False, default=_jsonable) + "\n")
 
 
 def _jsonable(x):
@@ -228,9 +228,8 @@ def build_world(out: Path, size: Size, seed: int) -> World:
         tok = Tokenizer.from_file(str(tok_file))
     else:
         tok = train_bpe(texts, size.vocab)
-        tmp = out / f".tokenizer.json.tmp-{os.getpid()}"
-        tok.save(str(tmp))
-        os.replace(tmp, tok_file)
+        with atomic_file(tok_file) as tmp:
+            tok.save(str(tmp))
     if tok.token_to_id(SEP) != 0:
         raise ValueError(f"{tok_file}: {SEP!r} must be id 0")
     return World(bed, texts, tok, prefixes, frozenset(r.text for r in bed.requests), unedited)
@@ -643,9 +642,8 @@ class EditorRun:
         arrays = {f"kernel/{k}": np.asarray(params[k]) for k in self.kernels}
         st_arrays, scalars = _state_arrays(self.state.method_state)
         arrays.update(st_arrays)
-        tmp = self.dir / f".state.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.dir / "state.npz")
+        with atomic_file(self.dir / "state.npz") as tmp, open(tmp, "wb") as f:  # a file: savez adds no suffix
+            np.savez(f, **arrays)
         self.progress["state_scalars"] = scalars
         _write_json(self.dir / "progress.json", self.progress)
         self._saved_at = time.monotonic()

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from configurable_fm.errors import OutputExists
-from configurable_fm.interop.atomic import MANIFEST, _temp_prefix, atomic_directory, sweep_stale, write_json_atomic
+from configurable_fm.interop.atomic import (MANIFEST, _temp_prefix, atomic_directory, atomic_file, sweep_stale,
+                                           write_json_atomic, write_text_atomic)
 
 
 def dead_pid() -> int:
@@ -81,3 +82,18 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(tmp_path / "c.json", {"b": 1, "a": tmp_path})
     assert json.loads((tmp_path / "c.json").read_text()) == {"a": str(tmp_path), "b": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_error(tmp_path):
+    out = tmp_path / "report.md"
+    write_text_atomic(out, "old ü\n")
+    with pytest.raises(RuntimeError):
+        with atomic_file(out) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("writer failed")
+    assert out.read_text(encoding="utf-8") == "old ü\n"  # untouched, and the temporary is gone
+    with atomic_file(out) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".report.md.tmp-") and not tmp.exists()
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]

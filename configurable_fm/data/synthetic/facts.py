@@ -36,6 +36,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from configurable_fm.data.synthetic.tasks import Example, stable_int
+from configurable_fm.interop.atomic import atomic_file
 
 FORMAT = "configurable_fm.facts_corpus"
 VERSION = 1
@@ -535,16 +536,10 @@ class FactsCorpus:
         """Writes the corpus as JSON (to a temporary file in the same directory, then renamed)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.to_json(), f, ensure_ascii=False, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, ensure_ascii=False, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         return path
 
     @classmethod

@@ -41,6 +41,7 @@ from safetensors.numpy import save_file
 from configurable_fm.analysis.batches import token_mask
 from configurable_fm.analysis.reduce import Gram, reduce_over
 from configurable_fm.errors import UserError
+from configurable_fm.interop.atomic import atomic_file
 from configurable_fm.interop.safetensors_io import CheckpointError
 from configurable_fm.ops.update.sites import EditSite, edit_site, upstream_fingerprint
 
@@ -163,14 +164,9 @@ def save_stats(stats: KeyStats, path: str | os.PathLike) -> Path:
     """Writes one KeyStats as safetensors ('second_moment' float32 + JSON metadata), via a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     meta = {"format": FORMAT, "version": str(VERSION), "stats": json.dumps(stats.metadata())}
-    try:
+    with atomic_file(path) as tmp:
         save_file({"second_moment": np.ascontiguousarray(stats.second_moment, np.float32)}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
