@@ -18,8 +18,9 @@ Program (L = T + max_new_tokens): `nnx.split` the model outside (once per `Gener
 merge it, prefill the prompt into a cache of L slots, choose the first new token from the last logits, then a
 `lax.while_loop` feeds one token per step until max_new_tokens tokens or every row has emitted an eos; after its
 eos a row emits `pad_token_id`. Static (one compilation each): the graphdef, the shapes, max_new_tokens, greedy
-or sampling.
-Traced (no recompilation): the weights, temperature, top_k, top_p, up to 8 eos ids, pad_token_id, the key.
+or sampling, and how many logits sampling ranks (below).
+Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
+pad_token_id, the key.
 
 Token choice from the logits z (V,) of one row, in float32:
     greedy (temperature == 0):  argmax z
@@ -30,6 +31,12 @@ Token choice from the logits z (V,) of one row, in float32:
                v ~ softmax(z), with key fold_in(rng, step)
 This is the order of transformers' logits warpers (temperature, top-k, top-p). Tokens tied with the last kept
 logit are kept too.
+
+Only as many logits are ranked as the filters need (`candidates`, static): none without top_k and top_p;
+the C = max(64, 2^ceil(log2 k)) largest (`lax.top_k`, C < V) with top_k = k, since top-p then acts on the k
+kept tokens only; the whole sorted row for top_p alone. The kept set is the same as with a full sort (top-p's
+normaliser sums every logit >= the k-th over the whole row, ties ranked past C included), so the same key draws
+the same token. Programs: greedy, unfiltered sampling, one per C bucket, top_p alone.
 """
 from __future__ import annotations
 
@@ -43,34 +50,54 @@ from flax import nnx
 
 from configurable_fm.models.structure import check_consistent, is_family_model
 
-def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool):
+MIN_CANDIDATES = 64  # the smallest top_k bucket: top_k <= 64 shares one program
+RANK_ALL = np.iinfo(np.int32).max  # `candidates` for top_p alone: sort the whole row
+
+
+def sampling_candidates(top_k: int | None, top_p: float | None) -> int:
+    """How many of the largest logits sampling must rank (static; 0: none, RANK_ALL: all): see the module
+    docstring. top_k <= 64 -> 64, else the next power of two; the model's V caps it at trace time."""
+    if top_k is not None:
+        return max(MIN_CANDIDATES, 1 << (int(top_k) - 1).bit_length())
+    return 0 if top_p is None or top_p >= 1 else RANK_ALL
+
+
+def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, candidates: int = RANK_ALL):
     """One token per row (B,) int32 from float logits (B, V); see the module docstring.
 
     temperature, top_k (1..V; V keeps all) and top_p ((0, 1]; 1 keeps all) are traced scalars, so every
-    sampling configuration shares one compiled program.
+    sampling configuration with the same `candidates` (sampling_candidates; top_k <= candidates) shares one
+    compiled program.
     """
     z = logits_BxV.astype(jnp.float32)
     if greedy:
         return jnp.argmax(z, axis=-1).astype(jnp.int32)
     z = z / temperature
-    sorted_BxV = -jnp.sort(-z, axis=-1)
-    kth_Bx1 = jax.lax.dynamic_slice_in_dim(sorted_BxV, top_k - 1, 1, axis=-1)
-    in_top_k = sorted_BxV >= kth_Bx1
-    probs = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)  # renormalised over the top k
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    # The most probable token always stays (the mass above it is 0).
-    keep = in_top_k & ((mass_above < top_p) | (top_p >= 1))
-    threshold_Bx1 = jnp.min(jnp.where(keep, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    z = jnp.where(z < threshold_Bx1, -jnp.inf, z)
+    if candidates > 0:
+        c = min(candidates, z.shape[-1])
+        ranked_BxC = -jnp.sort(-z, axis=-1) if c == z.shape[-1] else jax.lax.top_k(z, c)[0]
+        kth_Bx1 = jax.lax.dynamic_slice_in_dim(ranked_BxC, jnp.minimum(top_k, c) - 1, 1, axis=-1)
+        in_top_k = ranked_BxC >= kth_Bx1
+        # Renormalised over the top k: every logit >= the k-th, ties ranked past C included (so the kept set is
+        # the full sort's exactly).
+        max_Bx1 = ranked_BxC[:, :1]
+        norm_Bx1 = jnp.sum(jnp.where(z >= kth_Bx1, jnp.exp(z - max_Bx1), 0.0), axis=-1, keepdims=True)
+        probs = jnp.where(in_top_k, jnp.exp(ranked_BxC - max_Bx1), 0.0) / norm_Bx1
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        # The most probable token always stays (the mass above it is 0).
+        keep = in_top_k & ((mass_above < top_p) | (top_p >= 1))
+        threshold_Bx1 = jnp.min(jnp.where(keep, ranked_BxC, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z < threshold_Bx1, -jnp.inf, z)
     return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates"))
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-              max_new_tokens: int, greedy: bool):
+              max_new_tokens: int, greedy: bool, candidates: int):
     model = nnx.merge(graphdef, state)
     b, t = ids_BxT.shape
-    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                               candidates=candidates)
     is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
 
     cache = model.init_cache(b, t + max_new_tokens)
@@ -175,11 +202,13 @@ class Generator:
         # eos ids padded with -1 (never a token) to a multiple of 8: one compilation for 0..8 eos ids.
         eos_E = np.full(max(8, -(-len(eos) // 8) * 8), -1, np.int32)
         eos_E[:len(eos)] = eos
+        candidates = 0 if greedy else sampling_candidates(top_k, top_p)
         top_k = min(np.iinfo(np.int32).max if top_k is None else int(top_k), np.iinfo(np.int32).max)  # V at most
         return _generate(self.state, ids, mask, jax.random.key(0) if rng is None else rng,
                          jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
                          jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
-                         graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy))
+                         graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+                         candidates=candidates)
 
 
 def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,

@@ -159,8 +159,29 @@ def test_compiled_once_per_structure_and_shape(model):
     kw = dict(max_new_tokens=NEW, temperature=0.7, rng=jax.random.key(0))
     generate(model, ids, **kw)
     size = gen_mod._generate._cache_size()
-    generate(model, ids, top_k=3, top_p=0.5, **kw)  # sampling options are traced: same program
-    assert gen_mod._generate._cache_size() == size
+    generate(model, ids, top_k=65, top_p=0.5, **kw)  # top_k 65..128 ranks 128 candidates: one more program
+    assert gen_mod._generate._cache_size() == size + 1
+    generate(model, ids, top_k=100, top_p=0.9, **kw)  # top_k and top_p are traced within the bucket
+    generate(model, ids, top_k=128, **kw)
+    assert gen_mod._generate._cache_size() == size + 1
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (50, 0.9), (64, 0.3), (100, 0.95), (None, 0.8),
+                                         (None, 1.0), (3000, 0.99)])
+def test_ranking_only_the_candidates_draws_the_full_sorts_tokens(top_k, top_p):
+    """The static candidate count (top_k's bucket, or none) keeps the same set as ranking the whole row, so the
+    same key draws the same token, ties with the k-th logit included (quantised logits make many ties)."""
+    rng = np.random.RandomState(top_k or 0)
+    logits = rng.randn(32, 1000).astype(np.float32) * 3
+    logits[:16] = np.round(logits[:16] * 2) / 2  # rows with many ties
+    key = jax.random.key(11)
+    full = _choose(jnp.asarray(logits), key, jnp.float32(0.9), jnp.int32(top_k or 10**6), jnp.float32(top_p))
+    c = gen_mod.sampling_candidates(top_k, top_p)
+    assert c == (0 if (top_k, top_p) == (None, 1.0) else gen_mod.RANK_ALL if top_k is None
+                 else 64 if top_k <= 64 else 128 if top_k == 100 else 4096)
+    ours = jax.jit(functools.partial(gen_mod._choose, greedy=False, candidates=c))(
+        jnp.asarray(logits), key, jnp.float32(0.9), jnp.int32(top_k or 10**6), jnp.float32(top_p))
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(full))
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
