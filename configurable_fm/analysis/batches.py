@@ -2,14 +2,15 @@
 
 Batches are dicts as configurable_fm/data/pipeline.py and configurable_fm/train/data.py yield them:
 {'inputs': int (B, L), 'targets': int (B, L), 'loss_mask'?: (B, L), 'mask'?: (B,) row mask of padded evaluation
-batches, 'attention_mask'?: (B, L)}. Analysis needs only 'inputs'.
+batches, 'attention_mask'?: (B, L), 'token_mask'?: (B, L)}. Analysis needs only 'inputs'.
 
 Token mask m (B, L), the positions whose values enter a reduction (`token_mask`):
     'attention_mask' when the batch has one (1 = real token);
     else, with a 'loss_mask', the positions t <= the row's last scored position (task rows: the prompt and the
     answer, not the right padding; a row with no scored position has none);
     else every position;
-then times the row mask 'mask' (B,) when present.
+then times the row mask 'mask' (B,) and the position mask 'token_mask' (B, L) when present ('token_mask' picks
+positions, e.g. each entity mention's last token, without changing what the forward sees).
 """
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ def token_mask(batch: Mapping[str, Any], where: str = "batch") -> np.ndarray:
         if rows.shape != inputs.shape[:1]:
             raise ValueError(f"{where}: mask is {rows.shape} but the batch has {inputs.shape[0]} rows")
         m = m * rows[:, None]
+    if "token_mask" in batch:
+        picked = np.asarray(batch["token_mask"], np.float32)
+        if picked.shape != inputs.shape:
+            raise ValueError(f"{where}: token_mask is {picked.shape} but inputs are {inputs.shape}")
+        m = m * picked
     return m
 
 

@@ -45,13 +45,16 @@ Each step is cached in --out, so a rerun continues where the last call stopped:
  6. DIR/results.json (all curves and settings), DIR/report.md (mean ± binomial SE at each point; issue 10's
     targets), DIR/lifelong.png (scores vs edits per editor).
 
-Settings (SIZES; `--set EDITOR.FIELD=VALUE` overrides layers, n_edits, batch, lambda_rel, null_rel, l2_rel or any
-hparams field): rome = classic sequential ROME at one layer; memit = sequential MEMIT (stateless); alphaedit =
-AlphaEdit, null space = eigen-directions of C below null_rel x tr(C) / F, L2 = l2_rel x the median ||P k||^2 of 32
-keys of the stream (the authors' absolute 2e-2 and L2 are tied to GPT-2 XL's key scale); rls = the RLS editor
-with lambda = lambda_rel x F (memit shares it); ft = FT-L at the ROME layer. Value optimisation: MEMIT's GPT-J
-settings with `v_steps` steps and clamps `clamp` (MEMIT family) / `rome_clamp` (ROME); context '{}' plus 4
-corpus sentences about facts that are not candidates.
+Settings (SIZES; `--set EDITOR.FIELD=VALUE` overrides layers, n_edits, batch, lambda_rel, null_rel, l2_rel,
+subject_mix or any hparams field): rome = classic sequential ROME at one layer; memit = sequential MEMIT
+(stateless); alphaedit = AlphaEdit, null space = eigen-directions of C below null_rel x tr(C) / F, L2 = l2_rel x
+the median ||P k||^2 of 32 keys of the stream (the authors' absolute 2e-2 and L2 are tied to GPT-2 XL's key
+scale); rls = the RLS editor with lambda = lambda_rel x F (memit shares it); ft = FT-L at the ROME layer.
+subject_mix a (any editor but ft; default 0): the editor's key statistics are (1 - a) C + a C_subj, C_subj the
+second moment of the keys at the last token of every entity-name mention in the same text (the positions where
+this testbed's facts are read, as entity mentions would be in a real corpus); the preserved-key change is always
+measured on C. Value optimisation: MEMIT's GPT-J settings with `v_steps` steps and clamps `clamp` (MEMIT family) /
+`rome_clamp` (ROME); context '{}' plus 4 corpus sentences about facts that are not candidates.
 Chance: ES / PS / NS compare two objects (50 %); top-1 recall 1 / 12-16; the unedited model ES ~ 0, NS ~ 100.
 """
 from __future__ import annotations
@@ -109,6 +112,7 @@ class Size:
     eval_unedited: int
     v_steps: int
     lambda_rel: float = 0.5
+    subject_mix: float = 0.0  # the editors' C: (1 - a) C_corpus + a C_subjects (stat_batches(subjects=True))
     null_rel: float = 0.1
     l2_rel: float = 0.1
     context: str = "corpus"  # 'corpus': '{}' + 4 corpus sentences as prefixes; 'bare': '{}' only
@@ -388,7 +392,7 @@ class Plan:
     layers: tuple[int, ...]
     hparams: Any
     n_edits: int
-    extra: dict  # lambda_rel / null_rel / l2_rel
+    extra: dict  # lambda_rel / null_rel / l2_rel / subject_mix
     explicit: tuple[str, ...] = ()  # hparams fields set by --set (resolve_hparams keeps them)
     batch: int = 1  # requests per sequential step
 
@@ -446,7 +450,9 @@ def make_plan(name: str, size: Size, world: World, n_edits: int | None, override
     batch = int(o.pop("batch", size.batch_edits.get(kind, 1)))
     if batch < 1 or (method == "rome" and batch != 1):
         raise ValueError(f"{name}: batch must be >= 1 (ROME: 1, it edits one request at a time), got {batch}")
-    extra = {k: float(o.pop(k, getattr(size, k))) for k in ("lambda_rel", "null_rel", "l2_rel")}
+    extra = {k: float(o.pop(k, getattr(size, k))) for k in ("lambda_rel", "null_rel", "l2_rel", "subject_mix")}
+    if not 0 <= extra["subject_mix"] <= 1:
+        raise ValueError(f"{name}: subject_mix must be in [0, 1], got {extra['subject_mix']}")
     cls = METHODS[method].hparams
     fields = {f.name for f in dataclasses.fields(cls)}
     hp: dict[str, Any] = {}
@@ -463,7 +469,7 @@ def make_plan(name: str, size: Size, world: World, n_edits: int | None, override
     unknown = sorted(set(o) - fields)
     if unknown:
         raise ValueError(f"--set {name}.{unknown[0]}: not a field of {cls.__name__} nor one of layers, n_edits, "
-                         f"batch, lambda_rel, null_rel, l2_rel")
+                         f"batch, lambda_rel, null_rel, l2_rel, subject_mix")
     hp.update({k: tuple(v) if isinstance(v, list) else v for k, v in o.items()})
     return Plan(name, method, layers, cls(**hp), n, extra, tuple(sorted(o)), batch)
 
@@ -584,7 +590,7 @@ class EditorRun:
     """One editor's sequential session with saving and resuming (module docstring, step 5)."""
 
     def __init__(self, out: Path, plan: Plan, model, tok, stats, stream, scorer: Scorer, baseline: dict,
-                 seed: int, eval_every: int, save_seconds: float, resolved: dict, initial_state):
+                 seed: int, eval_every: int, save_seconds: float, resolved: dict, initial_state, edit_stats=None):
         from configurable_fm.ops.update import SessionState, edit_site, init_session, session_config
 
         self.dir = out / "editors" / plan.name
@@ -592,9 +598,9 @@ class EditorRun:
         self.plan, self.base, self.tok, self.stream, self.scorer = plan, model, tok, stream, scorer
         self.seed, self.every, self.save_seconds = seed, eval_every, save_seconds
         self.kernels = [edit_site(model, l).kernel for l in plan.layers]
-        self.stats = stats
-        self.config = session_config(model, tok, plan.method, layers=plan.layers, stats=stats, hparams=plan.hparams,
-                                     bos_id=0)
+        self.stats = stats  # the corpus keys' C: what preserved_change measures
+        self.config = session_config(model, tok, plan.method, layers=plan.layers,
+                                     stats=stats if edit_stats is None else edit_stats, hparams=plan.hparams, bos_id=0)
         # AlphaEdit's state is built by resolve_hparams (per-layer null spaces), not by the editor's own init
         start = init_session(model, self.config) if initial_state is None else SessionState(model, initial_state)
         self.initial_state = start.method_state
@@ -977,6 +983,11 @@ def run_study(out: str | os.PathLike, *, size: str = "test", editors: Sequence[s
     layers = sorted({l for p in plans for l in p.layers})
     stats = cached_second_moments(model, lambda: stat_batches(world, sz), layers, corpus=f"testbed-seed{seed}",
                                   n_tokens=sz.stats_tokens, cache_dir=out / "stats", log=say)
+    subject_stats = None
+    if any(p.extra["subject_mix"] > 0 for p in plans):
+        subject_stats = cached_second_moments(model, lambda: stat_batches(world, sz, subjects=True), layers,
+                                              corpus=f"testbed-seed{seed}-subjects", n_tokens=sz.stats_tokens,
+                                              cache_dir=out / "stats", log=say)
     scorer = Scorer(world.tokenizer, stream, unedited, sz.eval_edited, seed, sz.eval_batch)
     bfile = out / "baseline.json"
     if bfile.is_file():
@@ -987,12 +998,13 @@ def run_study(out: str | os.PathLike, *, size: str = "test", editors: Sequence[s
     say("unedited model: " + "  ".join(f"{SCORES[k][1]} {_pct(v, True)}" for k, v in baseline.items()))
     complete = True
     for plan in plans:
-        plan, initial, resolved = resolve_hparams(plan, model, world.tokenizer, stats, stream)
+        edit_stats = mixed_stats(stats, subject_stats, plan.extra["subject_mix"])
+        plan, initial, resolved = resolve_hparams(plan, model, world.tokenizer, edit_stats, stream)
         resolved = {**{k: v for k, v in plan.extra.items() if _used(plan.method, k)}, **resolved}
         say(f"{plan.name}: key second moment per layer (eigenvalues relative to their mean): {resolved['key_spectrum']}")
         run = EditorRun(out, plan, model, world.tokenizer, stats, stream, scorer, baseline, seed,
                         eval_every or max(plan.n_edits // 10, 1),
-                        save_seconds, resolved, initial)
+                        save_seconds, resolved, initial, edit_stats=edit_stats)
         done = run.run(deadline)
         results["editors"][plan.name] = run.progress
         write_outputs(out, {**results, "complete": False})
@@ -1024,7 +1036,7 @@ def choose_layers(size: Size, trace: dict) -> Size:
 
 def _used(method: str, key: str) -> bool:
     return {"lambda_rel": method in ("memit", "rlsedit"), "null_rel": method == "alphaedit",
-            "l2_rel": method == "alphaedit"}.get(key, False)
+            "l2_rel": method == "alphaedit", "subject_mix": method != "ft"}.get(key, False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1060,11 +1072,50 @@ def open_study(out: Path, *, layers_from_trace: bool = True) -> OpenStudy:
     return OpenStudy(size, seed, world, load_model(out / "model"), load_requests(out / "stream.jsonl"))
 
 
-def stat_batches(world: World, size: Size):
+def stat_batches(world: World, size: Size, *, subjects: bool = False):
+    """The pre-training text packed as for training, 16 rows per batch; with subjects=True each batch carries a
+    'token_mask' of the last token of every entity-name mention (subject_end_mask), so statistics are taken there
+    only."""
     rows = packed_rows(world.tokenizer, world.texts, size.seq_len)
+    if subjects:
+        rows["token_mask"] = subject_end_mask(world.tokenizer, rows["inputs"], world.bed.corpus.entities)
     b = 16
     for i in range(0, len(rows["inputs"]), b):
-        yield {"inputs": rows["inputs"][i:i + b], "loss_mask": rows["loss_mask"][i:i + b]}
+        yield {k: v[i:i + b] for k, v in rows.items() if k != "targets"}
+
+
+def subject_end_mask(tok, inputs_NxL: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """(N, L) float32: 1 at the last token of each mention of a name in the packed rows, matched as the name's
+    token ids after a space and at the start of a text (byte-level BPE tokenises words independently, so these are
+    the ids a mention has in context). Mentions cut by a row boundary are missed."""
+    by_last: dict[int, set[tuple[int, ...]]] = {}
+    for name in names:
+        for text in (" " + name, name):
+            ids = tuple(tok.encode(text, add_special_tokens=False).ids)
+            by_last.setdefault(ids[-1], set()).add(ids)
+    mask = np.zeros(inputs_NxL.shape, np.float32)
+    for r, row in enumerate(inputs_NxL.tolist()):
+        for t, tid in enumerate(row):
+            for ids in by_last.get(tid, ()):
+                if t + 1 >= len(ids) and tuple(row[t + 1 - len(ids):t + 1]) == ids:
+                    mask[r, t] = 1.0
+                    break
+    return mask
+
+
+def mixed_stats(stats: dict, subject_stats: dict | None, mix: float) -> dict:
+    """{layer: KeyStats} with C = (1 - mix) C_corpus + mix C_subjects (mix 0: `stats` itself)."""
+    if not mix:
+        return stats
+    from configurable_fm.ops.update.stats import KeyStats
+
+    out = {}
+    for l, c in stats.items():
+        cs = subject_stats[l]
+        m = (1 - mix) * np.asarray(c.second_moment, np.float64) + mix * np.asarray(cs.second_moment, np.float64)
+        out[l] = KeyStats(m.astype(np.float32), c.tokens, l, c.point, f"{c.corpus}+{mix:g}*{cs.corpus}", c.n_tokens,
+                          c.fingerprint)
+    return out
 
 
 def _pretrain_summary(out: Path, size: Size) -> dict:

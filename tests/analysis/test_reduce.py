@@ -50,6 +50,13 @@ def test_token_mask_rules():
         token_mask({**b2, "attention_mask": np.ones((3, 5))}, "batch 3")
     with pytest.raises(KeyError, match="batch 0 lacks 'inputs'"):
         token_mask({"targets": b2["targets"]}, "batch 0")
+    # 'token_mask' picks positions on top of the other rules (the forward does not see it)
+    picked = np.zeros((B, L))
+    picked[:, 2] = 1
+    np.testing.assert_array_equal(token_mask({**b0, "token_mask": picked}), [[0, 0, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                                                                            [0] * 6])
+    with pytest.raises(ValueError, match=r"batch 2: token_mask is \(3, 5\) but inputs are \(3, 6\)"):
+        token_mask({**b2, "token_mask": np.ones((3, 5))}, "batch 2")
 
 
 def test_reductions_equal_numpy_over_masked_batches(llama):

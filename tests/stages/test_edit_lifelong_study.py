@@ -125,6 +125,27 @@ def test_helpers():
         L.make_plan("rome", L.SIZES["test"], None, 4, {"rome": {"batch": 2}})
     with pytest.raises(ValueError, match="unknown size"):
         L.run_study("/nonexistent/never", size="huge")
+    with pytest.raises(ValueError, match=r"subject_mix must be in \[0, 1\]"):
+        L.make_plan("rls", L.SIZES["test"], None, 4, {"rls": {"subject_mix": 1.5}})
+
+
+def test_subject_end_mask_and_mixed_stats():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from configurable_fm.ops.update.stats import KeyStats
+
+    vocab = {"<|endoftext|>": 0, "Ann": 1, "Lee": 2, "Bo": 3, "is": 4, "x": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rows = np.array([[0, 1, 2, 4, 5, 0, 3, 2], [2, 4, 1, 0, 1, 2, 0, 0]])
+    # 'Ann Lee' ends at (0, 2) and (1, 5); 'Bo Lee' at (0, 7); a lone 'Lee' (1, 0) or 'Ann' (1, 2) is no mention
+    m = L.subject_end_mask(tok, rows, ["Ann Lee", "Bo Lee"])
+    assert sorted(zip(*np.nonzero(m))) == [(0, 2), (0, 7), (1, 5)]
+    a = {0: KeyStats(np.eye(2, dtype=np.float32), 10, 0, "p", "corpus")}
+    b = {0: KeyStats(np.diag([3.0, 5.0]).astype(np.float32), 4, 0, "p", "corpus-subjects")}
+    assert L.mixed_stats(a, b, 0.0) is a
+    mixed = L.mixed_stats(a, b, 0.25)[0]
+    np.testing.assert_allclose(mixed.second_moment, np.diag([1.5, 2.0]))
+    assert (mixed.layer, mixed.point, mixed.corpus) == (0, "p", "corpus+0.25*corpus-subjects")
 
 
 def test_diagnose_layer_report_closed_form():
