@@ -76,11 +76,14 @@ def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, candida
     if candidates > 0:
         c = min(candidates, z.shape[-1])
         ranked_BxC = -jnp.sort(-z, axis=-1) if c == z.shape[-1] else jax.lax.top_k(z, c)[0]
-        kth_Bx1 = jax.lax.dynamic_slice_in_dim(ranked_BxC, jnp.minimum(top_k, c) - 1, 1, axis=-1)
+        # The k-th largest as a masked min, not a dynamic slice: XLA:CPU folds a slice of top_k's result into its
+        # sort, and then sorts the whole row again (8.5 ms instead of 0.1 at V = 49,152).
+        rank_C = jnp.arange(c)
+        kth_Bx1 = jnp.min(jnp.where(rank_C < top_k, ranked_BxC, jnp.inf), axis=-1, keepdims=True)
         in_top_k = ranked_BxC >= kth_Bx1
         # Renormalised over the top k: every logit >= the k-th, ties ranked past C included (so the kept set is
         # the full sort's exactly).
-        max_Bx1 = ranked_BxC[:, :1]
+        max_Bx1 = jnp.max(ranked_BxC, axis=-1, keepdims=True)
         norm_Bx1 = jnp.sum(jnp.where(z >= kth_Bx1, jnp.exp(z - max_Bx1), 0.0), axis=-1, keepdims=True)
         probs = jnp.where(in_top_k, jnp.exp(ranked_BxC - max_Bx1), 0.0) / norm_Bx1
         mass_above = jnp.cumsum(probs, axis=-1) - probs

@@ -1,0 +1,79 @@
+"""Per-step cost of choosing the next token (`models.generation._choose`) at a real vocabulary size, alone.
+
+    python scripts/bench_sampling.py                          # V = 49,152 (SmolLM2), batch 1 and 64
+    python scripts/bench_sampling.py --vocab 128256 --batch 1,8 --out rows.jsonl
+
+Rows (median and min of --rounds interleaved rounds of --calls jitted calls, ms per call): greedy (argmax); the
+sampling settings of transformers' defaults and common chat use, each with the candidates `generate` ranks for it
+(`sampling_candidates`: none, top_k's bucket, the whole row) and with the whole row sorted (`candidates` = RANK_ALL:
+what every sampling setting cost before candidates were ranked, the same kept set and the same draw, which the
+script checks). The decode step around it is bench_generate.py's (`--sampling greedy,sample`).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from configurable_fm.models.generation import RANK_ALL, _choose, sampling_candidates  # noqa: E402
+
+SETTINGS = {"temperature 0.8": (None, None), "top_k 50, top_p 0.95": (50, 0.95), "top_p 0.95": (None, 0.95)}
+
+
+def bench(vocab: int, batch: int, rounds: int, calls: int) -> list[dict]:
+    z = jnp.asarray(np.random.RandomState(0).randn(batch, vocab).astype(np.float32) * 3)
+    key = jax.random.key(0)
+    cases = {"greedy": (functools.partial(_choose, greedy=True), (1.0, 1, 1.0), 0)}
+    for name, (k, p) in SETTINGS.items():
+        traced = (0.8, vocab if k is None else k, 1.0 if p is None else p)
+        cases[name] = (functools.partial(_choose, greedy=False, candidates=sampling_candidates(k, p)), traced,
+                       sampling_candidates(k, p))
+        cases[name + ", whole row sorted"] = (functools.partial(_choose, greedy=False, candidates=RANK_ALL), traced,
+                                              RANK_ALL)
+    fns = {n: jax.jit(f) for n, (f, _, _) in cases.items()}
+    args = {n: (z, key, jnp.float32(t), jnp.int32(k), jnp.float32(p)) for n, (_, (t, k, p), _) in cases.items()}
+    out = {n: np.asarray(fns[n](*args[n])) for n in cases}
+    for name in SETTINGS:
+        if not np.array_equal(out[name], out[name + ", whole row sorted"]):
+            raise AssertionError(f"{name}: ranking candidates drew other tokens than the whole sort")
+    times: dict[str, list[float]] = {n: [] for n in cases}
+    for _ in range(rounds):
+        for n in cases:
+            t = time.perf_counter()
+            for _ in range(calls):
+                r = fns[n](*args[n])
+            r.block_until_ready()
+            times[n].append((time.perf_counter() - t) / calls * 1e3)
+    return [{"vocab": vocab, "batch": batch, "case": n, "candidates": cases[n][2],
+             "ms_median": round(float(np.median(times[n])), 4), "ms_min": round(min(times[n]), 4),
+             "device": jax.devices()[0].device_kind} for n in cases]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--batch", default="1,64")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    rows = []
+    for b in (int(x) for x in a.batch.split(",") if x):
+        for row in bench(a.vocab, b, a.rounds, a.calls):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if a.out:
+        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
