@@ -1,4 +1,4 @@
-"""Per-step cost of choosing the next token (`models.generation._choose`) at a real vocabulary size, alone.
+"""Per-step cost of choosing the next token (`models.generation.choose_tokens`) at a real vocabulary size, alone.
 
     python scripts/bench_sampling.py                          # V = 49,152 (SmolLM2), batch 1 and 64
     python scripts/bench_sampling.py --vocab 128256 --batch 1,8 --out rows.jsonl
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configurable_fm.models.generation import RANK_ALL, _choose, sampling_candidates  # noqa: E402
+from configurable_fm.models.generation import RANK_ALL, choose_tokens, sampling_candidates  # noqa: E402
 
 SETTINGS = {"temperature 0.8": (None, None), "top_k 50, top_p 0.95": (50, 0.95), "top_p 0.95": (None, 0.95)}
 
@@ -31,12 +31,12 @@ SETTINGS = {"temperature 0.8": (None, None), "top_k 50, top_p 0.95": (50, 0.95),
 def bench(vocab: int, batch: int, rounds: int, calls: int) -> list[dict]:
     z = jnp.asarray(np.random.RandomState(0).randn(batch, vocab).astype(np.float32) * 3)
     key = jax.random.key(0)
-    cases = {"greedy": (functools.partial(_choose, greedy=True), (1.0, 1, 1.0), 0)}
+    cases = {"greedy": (functools.partial(choose_tokens, greedy=True), (1.0, 1, 1.0), 0)}
     for name, (k, p) in SETTINGS.items():
         traced = (0.8, vocab if k is None else k, 1.0 if p is None else p)
-        cases[name] = (functools.partial(_choose, greedy=False, candidates=sampling_candidates(k, p)), traced,
+        cases[name] = (functools.partial(choose_tokens, greedy=False, candidates=sampling_candidates(k, p)), traced,
                        sampling_candidates(k, p))
-        cases[name + ", whole row sorted"] = (functools.partial(_choose, greedy=False, candidates=RANK_ALL), traced,
+        cases[name + ", whole row sorted"] = (functools.partial(choose_tokens, greedy=False, candidates=RANK_ALL), traced,
                                               RANK_ALL)
     fns = {n: jax.jit(f) for n, (f, _, _) in cases.items()}
     args = {n: (z, key, jnp.float32(t), jnp.int32(k), jnp.float32(p)) for n, (_, (t, k, p), _) in cases.items()}
@@ -57,16 +57,37 @@ def bench(vocab: int, batch: int, rounds: int, calls: int) -> list[dict]:
              "device": jax.devices()[0].device_kind} for n in cases]
 
 
+def positive_ints(text: str) -> list[int]:
+    """'1,64' -> [1, 64]; argparse's usage error for anything but positive ints."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--vocab", type=int, default=49152)
-    ap.add_argument("--batch", default="1,64")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--vocab", type=positive_int, default=49152)
+    ap.add_argument("--batch", type=positive_ints, default=[1, 64], help="comma-separated batch sizes")
+    ap.add_argument("--rounds", type=positive_int, default=7)
+    ap.add_argument("--calls", type=positive_int, default=20)
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     rows = []
-    for b in (int(x) for x in a.batch.split(",") if x):
+    for b in a.batch:
         for row in bench(a.vocab, b, a.rounds, a.calls):
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -62,7 +62,7 @@ def sampling_candidates(top_k: int | None, top_p: float | None) -> int:
     return 0 if top_p is None or top_p >= 1 else RANK_ALL
 
 
-def _choose(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, candidates: int = RANK_ALL):
+def choose_tokens(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, candidates: int = RANK_ALL):
     """One token per row (B,) int32 from float logits (B, V); see the module docstring.
 
     temperature, top_k (1..V; V keeps all) and top_p ((0, 1]; 1 keeps all) are traced scalars, so every
@@ -99,7 +99,7 @@ def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, p
               max_new_tokens: int, greedy: bool, candidates: int):
     model = nnx.merge(graphdef, state)
     b, t = ids_BxT.shape
-    choose = functools.partial(_choose, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+    choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                candidates=candidates)
     is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
 

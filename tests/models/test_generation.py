@@ -97,7 +97,7 @@ def _samples(logits, n=4000, temperature=1.0, top_k=10**6, top_p=1.0):
                               jnp.float32(top_p)))
 
 
-_choose = jax.jit(functools.partial(gen_mod._choose, greedy=False))
+_choose = jax.jit(functools.partial(gen_mod.choose_tokens, greedy=False))
 
 
 def test_top_k_and_top_p_filters_on_known_distribution():
@@ -179,7 +179,7 @@ def test_ranking_only_the_candidates_draws_the_full_sorts_tokens(top_k, top_p):
     c = gen_mod.sampling_candidates(top_k, top_p)
     assert c == (0 if (top_k, top_p) == (None, 1.0) else gen_mod.RANK_ALL if top_k is None
                  else 64 if top_k <= 64 else 128 if top_k == 100 else 4096)
-    ours = jax.jit(functools.partial(gen_mod._choose, greedy=False, candidates=c))(
+    ours = jax.jit(functools.partial(gen_mod.choose_tokens, greedy=False, candidates=c))(
         jnp.asarray(logits), key, jnp.float32(0.9), jnp.int32(top_k or 10**6), jnp.float32(top_p))
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(full))
 
