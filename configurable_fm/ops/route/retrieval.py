@@ -42,6 +42,7 @@ the LM forward of the same batch, each after one warm-up call (compilation exclu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -176,6 +177,13 @@ class Routing:
         return [None if i == BASE_ID else self.names[i] for i in self.choices.tolist()]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _select(scores_QxN, k: int, temperature: float):
+    """softmax_top_k as one compiled call: run op by op (top_k, softmax, one_hot, einsum) it took 2.7 ms per batch
+    of 50 queries on an H200 (experiments/adapters/README.md, the GPU run), all dispatch."""
+    return softmax_top_k(scores_QxN, k, temperature)
+
+
 def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 1,
           temperature: float = DEFAULT_TEMPERATURE, threshold=None) -> Routing:
     """Routing of unit query embeddings (Q, D) (module docstring). threshold: None, one cosine for every adapter,
@@ -189,7 +197,7 @@ def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
         raise RouteError(f"route: top_k must be an int in 1..{n} (the number of adapters), got {top_k!r}")
     scores = q @ np.asarray(router.centroids, np.float32).T
-    w, top = softmax_top_k(jnp.asarray(scores), top_k, temperature)
+    w, top = _select(scores, top_k, temperature)
     weights, top = np.array(w, np.float32), np.array(top, np.int32)
     choices = top[:, 0].copy()
     if threshold is not None:
