@@ -6,6 +6,7 @@ fine-tuning (and against PEFT + transformers on a CUDA GPU, in the same run).
     python scripts/bench_adapters.py --shape tiny --batch 4 --seq 16 --steps 1 --warmup 1 --train_batch 2  # CPU
     python scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --factor_dtype bfloat16  # --mixed_path gather
     python scripts/bench_adapters.py --shape 1b --benches forward    # only the forward rows (train: only training)
+    python scripts/bench_adapters.py --shape 135m --benches routing --batch 50 --seq 192 --rank 8   # the library study
 
 A llama of the shape (random weights; 135m: SmolLM2-135M, 1b: experiments/pretrain.py:1b; tiny: CPU tests) with
 LoRA rank --rank (alpha = 2 x rank) on every Linear of attention and MLP (--targets). One JSON line per
@@ -30,6 +31,16 @@ measurement, on stdout and appended to --out:
                   torch.autocast to the compute dtype, fused torch AdamW over the trainable parameters), run in a
                   subprocess before JAX takes the GPU; `skipped` with the reason when torch has no CUDA device or
                   torch / transformers / peft are missing.
+  bench=routing   what embedding routing adds to a forward (issue 12's "<= 5% extra inference cost"), in the
+                  adapter-library study's setting: --library LoRA adapters of rank --rank mixed
+                  (bricks.adapters.mix), a MiniLM router over them (ops.route.retrieval.build_router, 8 example
+                  queries per adapter), a batch of --batch short queries and their rows of --seq tokens.
+                  `base_s`: the base's forward; `routed_lm_s`, `embed_s`, `select_s`: ops.route.routing_cost (the
+                  routed mixed model's forward, embedding the queries, choosing adapters); `cost_ratio` =
+                  (routed_lm + embed + select) / base, `overhead` = (embed + select) / routed_lm. Every model is
+                  split before timing. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
+                  'random:TOKENIZER_JSON', a randomly initialised BERT of its shape with that tokenizer (the
+                  same cost; routing choices meaningless).
   bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
                   ours_over_peft_lora / _dora (None when PEFT was skipped).
 
@@ -212,6 +223,68 @@ def bench_forward(args, seqs: list[int]) -> list[dict]:
     return rows
 
 
+MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)
+QUERY_WORDS = ("antonym", "plural", "copy", "sort", "add", "recall", "keyword", "noun", "verb", "base", "form",
+               "of", "the", "complete", "sentence", "python", "missing", "start", "count", "reverse")
+
+
+def text_encoder(spec: str):
+    """The encoder of --encoder: a registry name, or 'random:TOKENIZER_JSON' (a random BERT of MiniLM's shape)."""
+    from flax import nnx
+    from tokenizers import Tokenizer
+
+    from configurable_fm.models.bert import Bert, BertConfig
+    from configurable_fm.ops.route import embed
+
+    if not spec.startswith("random:"):
+        return embed.load_text_encoder(spec)
+    tok = Tokenizer.from_file(spec.partition(":")[2])
+    model = Bert(BertConfig(**MINILM_SHAPE, add_pooling_layer=False), rngs=nnx.Rngs(0))
+    return embed.TextEncoder(model, tok, max_length=256, pad_id=0, name="random-minilm-shape")
+
+
+def queries(n: int, seed: int) -> list[str]:
+    """n short queries of 4-12 words (the library study's queries are one line of a few words)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(QUERY_WORDS, int(rng.integers(4, 13)))) + ":" for _ in range(n)]
+
+
+def bench_routing(args) -> dict:
+    """The bench=routing row (module docstring)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from configurable_fm.bricks import adapters
+    from configurable_fm.bricks.adapters.mixed import mix
+    from configurable_fm.models.factory import build_model
+    from configurable_fm.ops import route
+
+    dtype = jnp.dtype(args.dtype)
+    base = build_model(model_spec(args.shape, args.seq), seed=0, param_dtype=dtype, dtype=dtype)
+    n = args.library
+    library = [adapters.attach(base, "lora", args.targets.split(","), rank=args.rank, alpha=2 * args.rank,
+                               init="random", seed=i) for i in range(n)]
+    mixed = mix(base, library, factor_dtype=args.factor_dtype)
+    encoder = text_encoder(args.encoder)
+    router = route.build_router(encoder, {f"task{i}": queries(8, 100 + i) for i in range(n)})
+    texts = queries(args.batch, 0)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq)),
+                      jnp.int32)
+    graphdef, state = nnx.split(base)
+    forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
+    base_s, _ = timed(forward, (state, ids), args.steps, args.warmup)
+    rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=max(args.steps, 1))
+    total = rc.lm + rc.embed + rc.select
+    return {"bench": "routing", "shape": args.shape, "batch": args.batch, "seq": args.seq, "library": n,
+            "rank": args.rank, "dtype": args.dtype, "encoder": encoder.name, "base_s": base_s,
+            "routed_lm_s": rc.lm, "embed_s": rc.embed, "select_s": rc.select, "cost_ratio": total / base_s,
+            "overhead": rc.overhead, "goal": 1.05, "device": jax.devices()[0].device_kind}
+
+
 def bench_train(args, method: str) -> dict:
     import jax
     import jax.numpy as jnp
@@ -274,9 +347,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of the mixed model's stacked LoRA factors (default: the adapters' own, float32)")
     p.add_argument("--mixed_path", choices=["auto", "all_adapters", "gather"], default="auto",
                    help="the mixed rows' LoRA path (default: by shape, bricks.adapters.mixed.uses_small_batch_path)")
+    p.add_argument("--library", type=int, default=10, help="adapters behind the router (bench=routing)")
+    p.add_argument("--encoder", default="all-minilm-l6-v2",
+                   help="bench=routing's sentence encoder: a registry name or random:TOKENIZER_JSON")
     p.add_argument("--no_peft", action="store_true", help="skip the PEFT + transformers anchor")
     p.add_argument("--benches", default="forward,train",
-                   help="comma-separated: forward (mixed batches), train (full / LoRA / DoRA steps and PEFT)")
+                   help="comma-separated: forward (mixed batches), train (full / LoRA / DoRA steps and PEFT), "
+                        "routing (what embedding routing adds)")
     p.add_argument("--out", default="")
     p.add_argument("--anchor", choices=["lora", "dora"], help=argparse.SUPPRESS)  # the PEFT subprocess
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -295,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(row) + "\n")
 
     benches = set(args.benches.split(","))
-    if not benches or not benches <= {"forward", "train"}:
-        p.error(f"--benches: a comma-separated subset of forward,train, got {args.benches!r}")
+    if not benches or not benches <= {"forward", "train", "routing"}:
+        p.error(f"--benches: a comma-separated subset of forward,train,routing, got {args.benches!r}")
     summary = {"bench": "summary", "shape": args.shape}
     if "train" in benches:  # the PEFT anchor's subprocess runs before JAX takes the GPU
         no_peft = {"bench": "peft", "skipped": "--no_peft"}
@@ -319,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                        dora_goal=0.9, dora_ok=rate["dora"] / rate["lora"] >= 0.9,
                        **{f"ours_over_peft_{m}": rate[m] / peft_rate[m] if peft_rate[m] else None
                           for m in ("lora", "dora")})
+    if "routing" in benches:
+        row = bench_routing(args)
+        emit(row)
+        summary.update(routing_cost_ratio=row["cost_ratio"], routing_goal=1.05, routing_ok=row["cost_ratio"] <= 1.05)
     emit(summary)
     return 0
 

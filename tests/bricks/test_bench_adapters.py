@@ -88,4 +88,27 @@ def test_benches_selects_the_rows(bench, capsys):
 def test_benches_refuses_an_unknown_bench(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shape", "tiny", "--benches", "forward,decode"])
-    assert "--benches: a comma-separated subset of forward,train, got 'forward,decode'" in capsys.readouterr().err
+    assert "--benches: a comma-separated subset of forward,train,routing, got 'forward,decode'" in \
+        capsys.readouterr().err
+
+
+def test_routing_row(bench, capsys):
+    """bench=routing with a random BERT of MiniLM's shape (its real tokenizer): the row's parts and ratios."""
+    from configurable_fm.models import registry
+
+    try:
+        tokenizer = registry.model_path("all-minilm-l6-v2") / "tokenizer.json"
+    except registry.ModelNotInstalled as e:
+        pytest.skip(str(e))
+    argv = ["--shape", "tiny", "--batch", "3", "--seq", "4", "--rank", "2", "--library", "2", "--steps", "1",
+            "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}"]
+    assert bench.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["bench"] for r in rows] == ["routing", "summary"]
+    r = rows[0]
+    assert (r["library"], r["batch"], r["encoder"]) == (2, 3, "random-minilm-shape")
+    parts = r["routed_lm_s"] + r["embed_s"] + r["select_s"]
+    assert min(r["base_s"], r["routed_lm_s"], r["embed_s"], r["select_s"]) > 0
+    assert r["cost_ratio"] == pytest.approx(parts / r["base_s"])
+    assert r["overhead"] == pytest.approx((r["embed_s"] + r["select_s"]) / r["routed_lm_s"])
+    assert rows[1]["routing_cost_ratio"] == r["cost_ratio"] and rows[1]["routing_ok"] == (r["cost_ratio"] <= 1.05)
