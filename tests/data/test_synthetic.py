@@ -20,13 +20,12 @@ from flax import nnx
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from tests.helpers import random_llama
-from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.data import synthetic
 from configurable_fm.data.synthetic import evaluate as ev
 from configurable_fm.data.synthetic import (RELATIONS, TASKS, Example, Fact, FactsCorpus, Relation, encode_examples,
                                             evaluate_examples, evaluate_task, exact_match, make_task, normalize,
                                             task_metric)
-from configurable_fm.models.llama import Llama, LlamaConfig
+from configurable_fm.models.llama import LlamaConfig
 
 PAD, EOS, BOS = 0, 1, 2
 
@@ -70,6 +69,10 @@ def solve(prompt: str) -> str:
         return " " + str(m[1].count("1") & 1)
     if m := re.fullmatch(r"count ([a-z]): ([a-z]+) =", prompt):
         return " " + str(m[2].count(m[1]))
+    if m := re.fullmatch(r"uppercase: ([a-z]+) =", prompt):
+        return " " + m[1].upper()
+    if m := re.fullmatch(r"increment: (\d+) =", prompt):
+        return f" {int(m[1]) + 1}"
     raise AssertionError(f"unparsed prompt {prompt!r}")
 
 
@@ -525,3 +528,14 @@ def test_json_round_trip_and_validated_load(corpus, tmp_path):
 def test_package_exports():
     assert set(synthetic.__all__) <= set(dir(synthetic))
     assert string.ascii_lowercase == TASKS["reverse"].alphabet
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("uppercase", dict(alphabet="aBc"), "must be lower-case letters"),
+    ("uppercase", dict(min_len=0), "must be an int >= 1"),
+    ("increment", dict(max_value=0), "must be an int >= 1"),
+    ("increment", dict(max_value=True), "must be an int >= 1"),
+])
+def test_uppercase_and_increment_refuse_bad_settings(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        make_task(name, **params)

@@ -369,9 +369,50 @@ class Count(Task):
         return Example(f"count {c}: {s} =", f" {s.count(c)}")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Uppercase(Task):
+    """'uppercase: s =' -> ' S' (s in capitals); |s| uniform in [min_len, max_len], letters uniform over
+    `alphabet` (lower case)."""
+
+    name: str = "uppercase"
+    min_len: int = 3
+    max_len: int = 8
+    alphabet: str = string.ascii_lowercase
+    description: ClassVar[str] = "write a string in capitals"
+
+    def validate(self):
+        _check_range(self, "min_len", "max_len", 1)
+        _check_alphabet(self)
+        if not self.alphabet.islower():
+            raise self._error("alphabet", "must be lower-case letters")
+
+    def sample(self, rng):
+        s = _letters(rng, self.alphabet, int(rng.integers(self.min_len, self.max_len + 1)))
+        return Example(f"uppercase: {s} =", f" {s.upper()}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Increment(Task):
+    """'increment: a =' -> ' a + 1'; a uniform in [0, max_value]."""
+
+    name: str = "increment"
+    max_value: int = 999
+    description: ClassVar[str] = "add one to a number"
+
+    def validate(self):
+        if isinstance(self.max_value, bool) or not isinstance(self.max_value, (int, np.integer)) or \
+                self.max_value < 1:
+            raise self._error("max_value", "must be an int >= 1")
+
+    def sample(self, rng):
+        a = int(rng.integers(0, self.max_value + 1))
+        return Example(f"increment: {a} =", f" {a + 1}")
+
+
 TASK_TYPES: dict[str, Callable[..., Task]] = {
     "modular_arithmetic": ModularArithmetic, "addition": Addition, "sort": Sort, "reverse": Reverse,
-    "copy": Copy, "kv_recall": KeyValueRecall, "parity": Parity, "count": Count}
+    "copy": Copy, "kv_recall": KeyValueRecall, "parity": Parity, "count": Count, "uppercase": Uppercase,
+    "increment": Increment}
 
 TASKS: dict[str, Task] = {name: make() for name, make in TASK_TYPES.items()}
 
