@@ -371,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    if args.library < 1:
+        p.error(f"--library: at least 1 adapter, got {args.library}")
+    if args.encoder.startswith("random:") and not os.path.isfile(args.encoder.partition(":")[2]):
+        p.error(f"--encoder: no tokenizer file {args.encoder.partition(':')[2]!r} (give random:TOKENIZER_JSON)")
     benches = set(args.benches.split(","))
     if not benches or not benches <= {"forward", "train", "routing"}:
         p.error(f"--benches: a comma-separated subset of forward,train,routing, got {args.benches!r}")

@@ -36,8 +36,8 @@ def bench(vocab: int, batch: int, rounds: int, calls: int) -> list[dict]:
         traced = (0.8, vocab if k is None else k, 1.0 if p is None else p)
         cases[name] = (functools.partial(choose_tokens, greedy=False, candidates=sampling_candidates(k, p)), traced,
                        sampling_candidates(k, p))
-        cases[name + ", whole row sorted"] = (functools.partial(choose_tokens, greedy=False, candidates=RANK_ALL), traced,
-                                              RANK_ALL)
+        whole_row = functools.partial(choose_tokens, greedy=False, candidates=RANK_ALL)
+        cases[name + ", whole row sorted"] = (whole_row, traced, RANK_ALL)
     fns = {n: jax.jit(f) for n, (f, _, _) in cases.items()}
     args = {n: (z, key, jnp.float32(t), jnp.int32(k), jnp.float32(p)) for n, (_, (t, k, p), _) in cases.items()}
     out = {n: np.asarray(fns[n](*args[n])) for n in cases}

@@ -37,9 +37,9 @@ Methods (library of N adapters, LoRA factors A_i, B_i, scale s_i, ΔW_i = s_i A_
                   unlike every library task get no adapter. Calibrated on the library's examples alone.
 Merges are computed on the dense ΔW_i and added to the base kernels (bricks.deltas.apply): no SVD truncation.
 
-Inference cost: median wall time of a jitted forward of one (batch_size, seq_len) batch per method (the model split once,
-before timing), divided by the base's (merged methods are plain models; routing adds the embedding and selection,
-ops.route.routing_cost).
+Inference cost: median wall time of a jitted forward of one (batch_size, seq_len) batch per method (the model split
+once, before timing), divided by the base's (merged methods are plain models; routing adds the embedding and
+selection, ops.route.routing_cost).
 """
 from __future__ import annotations
 

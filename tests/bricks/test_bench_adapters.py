@@ -112,3 +112,13 @@ def test_routing_row(bench, capsys):
     assert r["cost_ratio"] == pytest.approx(parts / r["base_s"])
     assert r["overhead"] == pytest.approx((r["embed_s"] + r["select_s"]) / r["routed_lm_s"])
     assert rows[1]["routing_cost_ratio"] == r["cost_ratio"] and rows[1]["routing_ok"] == (r["cost_ratio"] <= 1.05)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--library", "0"], "--library: at least 1 adapter, got 0"),
+    (["--encoder", "random:/no/such/tokenizer.json"], "--encoder: no tokenizer file '/no/such/tokenizer.json'"),
+])
+def test_routing_refuses_bad_arguments(bench, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bench.main(["--shape", "tiny", "--benches", "routing", *argv])
+    assert message in capsys.readouterr().err
