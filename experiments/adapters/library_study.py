@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -189,16 +188,6 @@ def score_rows(rows: Mapping, batch_size: int, model_for_rows) -> tuple[np.ndarr
         hits.append(np.asarray(h)[:len(idx)])
         nlls.append(np.asarray(l)[:len(idx)])
     return np.concatenate(hits), np.concatenate(nlls)
-
-
-def median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(statistics.median(times))
 
 
 def mean_se(accs: Sequence[float], ns: Sequence[int]) -> tuple[float, float]:
@@ -399,7 +388,7 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
             out[key] = {"seconds": rc.lm + rc.embed + rc.select, "lm": rc.lm, "embed": rc.embed,
                         "select": rc.select}
             continue
-        s = median_seconds(forward_call(model, ids), int(cc.repeats))
+        s = route.median_seconds(forward_call(model, ids), int(cc.repeats))
         out[key] = {"seconds": s}
     b = out["base"]["seconds"]
     for v in out.values():

@@ -262,8 +262,10 @@ class RoutingCost:
         return {**dataclasses.asdict(self), "overhead": self.overhead}
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # warm-up: compilation excluded
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall-clock seconds of `repeats` calls of fn() (each until its result is ready), after one warm-up
+    call (compilation excluded)."""
+    jax.block_until_ready(fn())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -284,9 +286,9 @@ def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[s
     if ids.ndim != 2 or ids.shape[0] != len(texts):
         raise RouteError(f"routing_cost: ids must be (B, T) with one row per text, got {tuple(ids.shape)} for "
                          f"{len(texts)} texts")
-    embed_s = _median_seconds(lambda: embed_texts(encoder, texts), repeats)
+    embed_s = median_seconds(lambda: embed_texts(encoder, texts), repeats)
     q = embed_texts(encoder, texts)
-    select_s = _median_seconds(lambda: route(router, q, top_k=top_k, temperature=temperature).weights, repeats)
+    select_s = median_seconds(lambda: route(router, q, top_k=top_k, temperature=temperature).weights, repeats)
     routing = route(router, q, top_k=top_k, temperature=temperature)
     if mixed_modules(model):
         routed = with_adapter_ids(model, routing.choices)
@@ -296,5 +298,5 @@ def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[s
         routed = model
     graphdef, state = nnx.split(routed)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    lm_s = _median_seconds(lambda: forward(state, ids), repeats)
+    lm_s = median_seconds(lambda: forward(state, ids), repeats)
     return RoutingCost(embed=embed_s, select=select_s, lm=lm_s, batch=len(texts))
