@@ -255,41 +255,49 @@ class Sort(Task):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Reverse(Task):
-    """'reverse: s =' -> ' s reversed'; |s| uniform in [min_len, max_len], letters uniform over `alphabet`."""
+class StringTask(Task):
+    """'<keyword>: s =' -> ' transform(s)'; |s| uniform in [min_len, max_len], letters uniform over `alphabet`
+    (the string tasks differ only in `keyword` and `transform`)."""
 
-    name: str = "reverse"
     min_len: int = 3
     max_len: int = 8
     alphabet: str = string.ascii_lowercase
-    description: ClassVar[str] = "reverse a string"
+    keyword: ClassVar[str] = ""
 
     def validate(self):
         _check_range(self, "min_len", "max_len", 1)
         _check_alphabet(self)
 
+    def transform(self, s: str) -> str:
+        raise NotImplementedError(type(self).__name__)
+
     def sample(self, rng):
         s = _letters(rng, self.alphabet, int(rng.integers(self.min_len, self.max_len + 1)))
-        return Example(f"reverse: {s} =", f" {s[::-1]}")
+        return Example(f"{self.keyword}: {s} =", f" {self.transform(s)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Copy(Task):
-    """'copy: s =' -> ' s'; |s| uniform in [min_len, max_len], letters uniform over `alphabet`."""
+class Reverse(StringTask):
+    """'reverse: s =' -> ' s reversed'."""
+
+    name: str = "reverse"
+    keyword: ClassVar[str] = "reverse"
+    description: ClassVar[str] = "reverse a string"
+
+    def transform(self, s):
+        return s[::-1]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Copy(StringTask):
+    """'copy: s =' -> ' s'."""
 
     name: str = "copy"
-    min_len: int = 3
-    max_len: int = 8
-    alphabet: str = string.ascii_lowercase
+    keyword: ClassVar[str] = "copy"
     description: ClassVar[str] = "copy a string"
 
-    def validate(self):
-        _check_range(self, "min_len", "max_len", 1)
-        _check_alphabet(self)
-
-    def sample(self, rng):
-        s = _letters(rng, self.alphabet, int(rng.integers(self.min_len, self.max_len + 1)))
-        return Example(f"copy: {s} =", f" {s}")
+    def transform(self, s):
+        return s
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -370,25 +378,20 @@ class Count(Task):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Uppercase(Task):
-    """'uppercase: s =' -> ' S' (s in capitals); |s| uniform in [min_len, max_len], letters uniform over
-    `alphabet` (lower case)."""
+class Uppercase(StringTask):
+    """'uppercase: s =' -> ' S' (s in capitals); `alphabet` must be lower case."""
 
     name: str = "uppercase"
-    min_len: int = 3
-    max_len: int = 8
-    alphabet: str = string.ascii_lowercase
+    keyword: ClassVar[str] = "uppercase"
     description: ClassVar[str] = "write a string in capitals"
 
     def validate(self):
-        _check_range(self, "min_len", "max_len", 1)
-        _check_alphabet(self)
+        super().validate()
         if not self.alphabet.islower():
             raise self._error("alphabet", "must be lower-case letters")
 
-    def sample(self, rng):
-        s = _letters(rng, self.alphabet, int(rng.integers(self.min_len, self.max_len + 1)))
-        return Example(f"uppercase: {s} =", f" {s.upper()}")
+    def transform(self, s):
+        return s.upper()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
