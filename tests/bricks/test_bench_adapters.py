@@ -92,14 +92,17 @@ def test_benches_refuses_an_unknown_bench(bench, capsys):
         capsys.readouterr().err
 
 
-def test_routing_row(bench, capsys):
-    """bench=routing with a random BERT of MiniLM's shape (its real tokenizer): the row's parts and ratios."""
+def test_routing_row(bench, capsys, monkeypatch):
+    """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast): the
+    row's parts and ratios."""
     from configurable_fm.models import registry
 
     try:
         tokenizer = registry.model_path("all-minilm-l6-v2") / "tokenizer.json"
     except registry.ModelNotInstalled as e:
         pytest.skip(str(e))
+    monkeypatch.setattr(bench, "MINILM_SHAPE", dict(bench.MINILM_SHAPE, hidden_size=32, num_layers=1, num_heads=2,
+                                                    intermediate_size=64))
     argv = ["--shape", "tiny", "--batch", "3", "--seq", "4", "--rank", "2", "--library", "2", "--steps", "1",
             "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}"]
     assert bench.main(argv) == 0
