@@ -37,8 +37,9 @@ measurement, on stdout and appended to --out:
                   queries per adapter), a batch of --batch short queries and their rows of --seq tokens.
                   `base_s`: the base's forward; `routed_lm_s`, `embed_s`, `select_s`: ops.route.routing_cost (the
                   routed mixed model's forward, embedding the queries, choosing adapters); `cost_ratio` =
-                  (routed_lm + embed + select) / base, `overhead` = (embed + select) / routed_lm. Every model is
-                  split before timing. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
+                  (routed_lm + embed + select) / base, `overhead` = (embed + select) / routed_lm. Every part is the
+                  median of max(--steps, 1) calls after one warm-up (ops.route.median_seconds), every model split
+                  before timing. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
                   'random:TOKENIZER_JSON', a randomly initialised BERT of its shape with that tokenizer (the
                   same cost; routing choices meaningless).
   bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
@@ -223,6 +224,7 @@ def bench_forward(args, seqs: list[int]) -> list[dict]:
     return rows
 
 
+ROUTING_GOAL = 1.05  # issue 12: routing adds <= 5% to the inference cost
 MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536)
 QUERY_WORDS = ("antonym", "plural", "copy", "sort", "add", "recall", "keyword", "noun", "verb", "base", "form",
                "of", "the", "complete", "sentence", "python", "missing", "start", "count", "reverse")
@@ -274,15 +276,16 @@ def bench_routing(args) -> dict:
     texts = queries(args.batch, 0)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq)),
                       jnp.int32)
+    repeats = max(args.steps, 1)
     graphdef, state = nnx.split(base)
     forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
-    base_s, _ = timed(forward, (state, ids), args.steps, args.warmup)
-    rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=max(args.steps, 1))
+    base_s = route.median_seconds(lambda: forward(state, ids), repeats)  # timed as routing_cost times its parts
+    rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     return {"bench": "routing", "shape": args.shape, "batch": args.batch, "seq": args.seq, "library": n,
             "rank": args.rank, "dtype": args.dtype, "encoder": encoder.name, "base_s": base_s,
             "routed_lm_s": rc.lm, "embed_s": rc.embed, "select_s": rc.select, "cost_ratio": total / base_s,
-            "overhead": rc.overhead, "goal": 1.05, "device": jax.devices()[0].device_kind}
+            "overhead": rc.overhead, "goal": ROUTING_GOAL, "device": jax.devices()[0].device_kind}
 
 
 def bench_train(args, method: str) -> dict:
@@ -403,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     if "routing" in benches:
         row = bench_routing(args)
         emit(row)
-        summary.update(routing_cost_ratio=row["cost_ratio"], routing_goal=1.05, routing_ok=row["cost_ratio"] <= 1.05)
+        summary.update(routing_cost_ratio=row["cost_ratio"], routing_goal=ROUTING_GOAL,
+                       routing_ok=row["cost_ratio"] <= ROUTING_GOAL)
     emit(summary)
     return 0
 

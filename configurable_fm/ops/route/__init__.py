@@ -43,7 +43,5 @@ __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALine
            "target_loss",
            "TextEncoder", "embed_texts", "load_text_encoder", "tokenize",
            "CentroidRouter", "Routing", "RoutingCost", "build_router", "calibrated_floor", "centroid", "median_seconds",
-           "route",
-           "route_texts",
-           "routing_cost", "run_routed",
+           "route", "route_texts", "routing_cost", "run_routed",
            "AdapterLibrary"]
