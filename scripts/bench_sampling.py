@@ -7,7 +7,9 @@ Rows (median and min of --rounds interleaved rounds of --calls jitted calls, ms 
 sampling settings of transformers' defaults and common chat use, each with the candidates `generate` ranks for it
 (`sampling_candidates`: none, top_k's bucket, the whole row) and with the whole row sorted (`candidates` = RANK_ALL:
 what every sampling setting cost before candidates were ranked, the same kept set and the same draw, which the
-script checks). The decode step around it is bench_generate.py's (`--sampling greedy,sample`).
+script checks). The top-k setting also runs with each first-stage width of --chunks (`top_values`: top-k within
+chunks of the row, then over their winners; 0 = one `lax.top_k` over the row), checked the same way. The decode
+step around it is bench_generate.py's (`--sampling greedy,sample`).
 """
 from __future__ import annotations
 
@@ -23,27 +25,33 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configurable_fm.models.generation import RANK_ALL, choose_tokens, sampling_candidates  # noqa: E402
+from configurable_fm.models.generation import (  # noqa: E402
+    RANK_ALL, choose_tokens, default_chunk, sampling_candidates)
 
 SETTINGS = {"temperature 0.8": (None, None), "top_k 50, top_p 0.95": (50, 0.95), "top_p 0.95": (None, 0.95)}
+CHUNKED = "top_k 50, top_p 0.95"  # the setting that also runs with each --chunks width
 
 
-def bench(vocab: int, batch: int, rounds: int, calls: int) -> list[dict]:
+def bench(vocab: int, batch: int, rounds: int, calls: int, chunks: list[int] = ()) -> list[dict]:
     z = jnp.asarray(np.random.RandomState(0).randn(batch, vocab).astype(np.float32) * 3)
-    key = jax.random.key(0)
-    cases = {"greedy": (functools.partial(choose_tokens, greedy=True), (1.0, 1, 1.0), 0)}
+    key, chunk0 = jax.random.key(0), default_chunk()
+    # name -> (function, traced (temperature, top_k, top_p), candidates, first-stage chunk, the case it must equal)
+    cases = {"greedy": (functools.partial(choose_tokens, greedy=True), (1.0, 1, 1.0), 0, chunk0, None)}
     for name, (k, p) in SETTINGS.items():
-        traced = (0.8, vocab if k is None else k, 1.0 if p is None else p)
-        cases[name] = (functools.partial(choose_tokens, greedy=False, candidates=sampling_candidates(k, p)), traced,
-                       sampling_candidates(k, p))
-        whole_row = functools.partial(choose_tokens, greedy=False, candidates=RANK_ALL)
-        cases[name + ", whole row sorted"] = (whole_row, traced, RANK_ALL)
-    fns = {n: jax.jit(f) for n, (f, _, _) in cases.items()}
-    args = {n: (z, key, jnp.float32(t), jnp.int32(k), jnp.float32(p)) for n, (_, (t, k, p), _) in cases.items()}
+        traced, c = (0.8, vocab if k is None else k, 1.0 if p is None else p), sampling_candidates(k, p)
+        whole = name + ", whole row sorted"
+        cases[name] = (functools.partial(choose_tokens, greedy=False, candidates=c), traced, c, chunk0, whole)
+        cases[whole] = (functools.partial(choose_tokens, greedy=False, candidates=RANK_ALL), traced, RANK_ALL,
+                        chunk0, None)
+        for chunk in chunks if name == CHUNKED else ():
+            cases[f"{name}, chunk {chunk}"] = (functools.partial(choose_tokens, greedy=False, candidates=c,
+                                                                 chunk=chunk), traced, c, chunk, whole)
+    fns = {n: jax.jit(case[0]) for n, case in cases.items()}
+    args = {n: (z, key, jnp.float32(t), jnp.int32(k), jnp.float32(p)) for n, (_, (t, k, p), *_) in cases.items()}
     out = {n: np.asarray(fns[n](*args[n])) for n in cases}
-    for name in SETTINGS:
-        if not np.array_equal(out[name], out[name + ", whole row sorted"]):
-            raise AssertionError(f"{name}: ranking candidates drew other tokens than the whole sort")
+    for n, case in cases.items():
+        if case[4] is not None and not np.array_equal(out[n], out[case[4]]):
+            raise AssertionError(f"{n}: ranking candidates drew other tokens than the whole sort")
     times: dict[str, list[float]] = {n: [] for n in cases}
     for _ in range(rounds):
         for n in cases:
@@ -52,20 +60,28 @@ def bench(vocab: int, batch: int, rounds: int, calls: int) -> list[dict]:
                 r = fns[n](*args[n])
             r.block_until_ready()
             times[n].append((time.perf_counter() - t) / calls * 1e3)
-    return [{"vocab": vocab, "batch": batch, "case": n, "candidates": cases[n][2],
+    return [{"vocab": vocab, "batch": batch, "case": n, "candidates": cases[n][2], "chunk": cases[n][3],
              "ms_median": round(float(np.median(times[n])), 4), "ms_min": round(min(times[n]), 4),
              "device": jax.devices()[0].device_kind} for n in cases]
 
 
-def positive_ints(text: str) -> list[int]:
-    """'1,64' -> [1, 64]; argparse's usage error for anything but positive ints."""
+def int_list(text: str, least: int) -> list[int]:
+    """'1,64' -> [1, 64]; argparse's usage error for anything but ints >= least."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints separated by commas, got {text!r}")
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"expected ints >= {least} separated by commas, got {text!r}")
     return values
+
+
+def positive_ints(text: str) -> list[int]:
+    return int_list(text, 1)
+
+
+def non_negative_ints(text: str) -> list[int]:
+    return int_list(text, 0)
 
 
 def positive_int(text: str) -> int:
@@ -84,11 +100,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=positive_ints, default=[1, 64], help="comma-separated batch sizes")
     ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--calls", type=positive_int, default=20)
+    ap.add_argument("--chunks", type=non_negative_ints, default=[],
+                    help="first-stage widths for the top-k setting also timed, e.g. 0,1024,4096 (default: none beyond "
+                         "the backend's own, models.generation.default_chunk)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     rows = []
     for b in a.batch:
-        for row in bench(a.vocab, b, a.rounds, a.calls):
+        for row in bench(a.vocab, b, a.rounds, a.calls, a.chunks):
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:

@@ -22,6 +22,9 @@ Every text task draws from a finite pool of (prompt, answer) items read once fro
                                                                  canonical: the singular
   funcname  top-level functions of pure-Python standard-library modules with a docstring: "python function
             that does: Return the number of ...\\nname:" -> " count"   canonical: the name
+  nominal   WordNet's derivational pointers from a verb to its nominalisation (not '-er', '-or', '-ing'), both
+            common in the State of the Union corpus: "noun of the verb 'reduce':" -> " reduction"
+                                                                 canonical: the noun
   cloze     the last word of a State of the Union sentence (8-30 words, the last word alphabetic):
             "complete the sentence: We must protect our" -> " children."     canonical: the prompt
 
@@ -206,6 +209,30 @@ def pertainym_items(min_count: int = 3) -> list[tuple[str, str]]:
     return out
 
 
+def nominal_items(min_count: int = 3) -> list[tuple[str, str]]:
+    """(verb, its nominalisation) from WordNet's derivational pointers ('+', verb word to noun word): the noun
+    shares the verb's first 3 letters and is not an agent ('-er', '-or') or a gerund ('-ing'), both single words
+    seen >= min_count times in the State of the Union corpus; where a verb has several, the commonest noun there."""
+    syn = wordnet()["synsets"]
+    counts = sotu_word_counts()
+    nouns: dict[str, set] = {}
+    for (pos, _), (_, words, ptrs, _) in sorted(syn.items()):
+        if pos != "v":
+            continue
+        for sym, off, tpos, st in ptrs:
+            if sym != "+" or tpos != "n" or st == "0000":
+                continue
+            src, dst = int(st[:2], 16), int(st[2:], 16)
+            target = syn.get((tpos, off))
+            if target is None or not 0 < src <= len(words) or not 0 < dst <= len(target[1]):
+                continue
+            v, n = words[src - 1], target[1][dst - 1]
+            if (_single(v) and _single(n) and v != n and n.startswith(v[:3]) and not n.endswith(("er", "or", "ing"))
+                    and min(counts.get(v, 0), counts.get(n, 0)) >= min_count):
+                nouns.setdefault(v, set()).add(n)
+    return [(v, max(sorted(ns), key=lambda n: counts[n])) for v, ns in nouns.items()]
+
+
 KEYWORDS = ("if", "for", "return", "while", "with", "raise", "import", "from", "def", "class", "elif", "try",
             "assert", "yield", "del")
 
@@ -344,7 +371,7 @@ class TextTask(Task):
 POOLS: dict[str, Callable[[], list[tuple[str, str]]]] = {
     "antonym": antonym_items, "pos": pos_items, "define": define_items, "lemma": lemma_items,
     "plural": plural_items, "funcname": funcname_items, "cloze": cloze_items, "pertainym": pertainym_items,
-    "keyword": keyword_items}
+    "keyword": keyword_items, "nominal": nominal_items}
 _ITEM_OF: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
 
 
@@ -371,6 +398,7 @@ TEXT_TASKS: dict[str, TextTask] = {
     "pertainym": TextTask(name="pertainym", source="pertainym", template="noun of the adjective '{x}':",
                           canonical_by="answer"),
     "keyword": TextTask(name="keyword", source="keyword", template="python keyword missing at the start of '{x}':"),
+    "nominal": TextTask(name="nominal", source="nominal", template="noun of the verb '{x}':", canonical_by="answer"),
 }
 # Easier settings of synthetic tasks (the instruct base scores 0 on the default sort and reverse with few shots).
 SYNTHETIC_VARIANTS: dict[str, Task] = {
@@ -380,7 +408,8 @@ SYNTHETIC_VARIANTS: dict[str, Task] = {
 TEXT_SOURCES = {"antonym": "WordNet 3.0", "pos": "WordNet 3.0", "define": "WordNet 3.0 + State of the Union",
                 "lemma": "WordNet 3.0 verb.exc", "plural": "WordNet 3.0 noun.exc",
                 "funcname": "Python standard library", "cloze": "State of the Union",
-                "pertainym": "WordNet 3.0 + State of the Union", "keyword": "Python standard library"}
+                "pertainym": "WordNet 3.0 + State of the Union", "keyword": "Python standard library",
+                "nominal": "WordNet 3.0 + State of the Union"}
 
 
 # ------------------------------------------------------------------------------------------------ few-shot

@@ -35,7 +35,7 @@ def test_too_many_examples_is_an_error_naming_the_task():
         TEXT_TASKS["keyword"].examples("test", 10 ** 7, 0)
 
 
-@pytest.mark.parametrize("name", ["antonym", "pos", "lemma", "plural", "pertainym"])
+@pytest.mark.parametrize("name", ["antonym", "pos", "lemma", "plural", "pertainym", "nominal"])
 def test_wordnet_tasks_split_by_canonical_problem(name):
     _wordnet_or_skip()
     task = TEXT_TASKS[name]
@@ -46,6 +46,14 @@ def test_wordnet_tasks_split_by_canonical_problem(name):
     if task.canonical_by == "answer":  # a word is an answer in one split only
         assert not {e.answer for e in train} & {e.answer for e in test}
     assert task.examples("test", 5, 3) == task.examples("test", 5, 3)
+
+
+def test_nominal_items_are_nominalisations_of_their_verb():
+    _wordnet_or_skip()
+    items = {e.prompt.split("'")[1]: e.answer for e in TEXT_TASKS["nominal"].pool()}  # verb -> " noun"
+    assert len(items) >= 500
+    assert items["reduce"] == " reduction" and items["develop"] == " development"
+    assert all(n.strip()[:3] == v[:3] and not n.endswith(("er", "or", "ing")) for v, n in items.items())
 
 
 def test_antonym_pairs_share_a_split():
