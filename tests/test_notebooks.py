@@ -2,7 +2,6 @@
 interpreter). The suite sets CFM_NOTEBOOK_SMALL=1: notebooks then train smaller models where the real one is too
 slow for the test budget, and say so in their text."""
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -16,7 +16,7 @@ from flax import nnx
 from tests.helpers import char_tokenizer, random_llama
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.models.generation import generate, generate_text
-from configurable_fm.models.llama import Llama, LlamaConfig
+from configurable_fm.models.llama import LlamaConfig
 
 # The module itself (the package `configurable_fm.models` re-exports the function under the same name).
 gen_mod = importlib.import_module("configurable_fm.models.generation")
