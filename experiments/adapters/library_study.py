@@ -64,7 +64,7 @@ from configurable_fm.stages.train import TRAIN_KEYS
 ADAPTER_KEYS = TRAIN_KEYS + ("adapter", "frozen_dtype", "library_task")
 EVAL_KEYS = ("base", "adapters", "library", "held_out", "shots", "demo_seed", "n_test", "task_seed", "batch_size",
              "seq_len", "compute_dtype", "tokenizer", "token_ids", "merge", "arrow", "lorahub", "routing", "cost",
-             "methods", "seed", "base_model", "base_seed")
+             "methods", "seed", "base_model", "base_seed", "length_step")
 METHODS = ("base", "oracle", "uniform", "task_arithmetic", "ties", "dare_ties", "cat", "arrow", "lorahub",
            "embed_routing", "embed_floors")
 MERGED = ("uniform", "task_arithmetic", "ties", "dare_ties")
@@ -109,7 +109,8 @@ def adapter_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOut
                                 int(t.demo_seed))
     _, val_ex = task_problems(t.name, "test", int(t.eval_examples), int(t.task_seed) + 1, int(t.shots),
                               int(t.demo_seed))
-    seq_len = bucket(tok.tokenizer, train_ex + val_ex, int(cfg.seq_len), bos=tok.bos_id is not None, step=32)
+    seq_len = bucket(tok.tokenizer, train_ex + val_ex, int(cfg.seq_len), bos=tok.bos_id is not None,
+                     step=int(t.get("length_step", 32)))
     rows = {split: encode_examples(tok.tokenizer, ex, seq_len, eos_id=nl, pad_id=tok.pad_id,
                                    bos_id=tok.bos_id) for split, ex in (("train", train_ex), ("val", val_ex))}
     cfg = ml_collections.ConfigDict(cfg.to_dict())
@@ -232,12 +233,14 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
     n_lib = len(adapted)
     tasks = library + held_out
     bs, T = int(cfg.batch_size), int(cfg.seq_len)
+    length_step = int(cfg.get("length_step", 32))
 
     problems, rows, chance = {}, {}, {}
     for name in tasks:
         fs, exs = task_problems(name, "test", int(cfg.n_test), int(cfg.task_seed), int(cfg.shots), int(cfg.demo_seed))
         problems[name] = (fs, exs)
-        L = bucket(tok.tokenizer, exs, T, bos=tok.bos_id is not None, step=32) + 1  # + 1: the row holds s_0 .. s_{m-1}
+        # + 1: the row holds s_0 .. s_{m-1}; length_step >= seq_len gives every task one shape (one compilation)
+        L = bucket(tok.tokenizer, exs, T, bos=tok.bos_id is not None, step=length_step) + 1
         rows[name] = encode_rows(tok.tokenizer, exs, min(L, T), terminator=nl, pad_id=tok.pad_id, bos_id=tok.bos_id)
         chance[name] = chance_level(e.answer.strip() for e in exs)
 
@@ -310,7 +313,7 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
             fs, shots = task_problems(name, "train", int(lh.examples), int(cfg.task_seed) + 7, int(cfg.shots),
                                       int(cfg.demo_seed))
             batch = route.few_shot_batch(tok.tokenizer, [e.prompt for e in shots], [e.answer + "\n" for e in shots],
-                                         pad_id=tok.pad_id)
+                                         pad_id=tok.pad_id, pad_to=length_step)
             hub = route.lorahub(base, adapted, batch, budget=int(lh.budget), seed=int(cfg.seed))
             weights[name] = [float(w) for w in hub.weights]
             model = ad.merge(hub.model)

@@ -40,6 +40,7 @@ recompilation): cost = budget forwards of the few-shot batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -80,13 +81,17 @@ class FewShot:
 
 
 def few_shot_batch(tokenizer, inputs: Sequence[str], outputs: Sequence[str], *, pad_id: int = 0,
-                   bos_id: int | None = None, eos_id: int | None = None) -> FewShot:
+                   bos_id: int | None = None, eos_id: int | None = None, pad_to: int = 1) -> FewShot:
     """A FewShot batch from example inputs and outputs (a `tokenizers.Tokenizer`): row b = [bos] input_b
-    output_b [eos], right-padded with pad_id; targets mark the output tokens (and eos). Tokenised without
-    special tokens (the ids are given). RouteError for unequal lengths, no examples or an empty output."""
+    output_b [eos], right-padded with pad_id to the longest row rounded up to a multiple of `pad_to` (batches of
+    other examples then share a shape, and `lorahub` one compiled loss); targets mark the output tokens (and eos).
+    Tokenised without special tokens (the ids are given). RouteError for unequal lengths, no examples, an empty
+    output or a pad_to < 1."""
     if isinstance(inputs, str) or isinstance(outputs, str) or len(inputs) != len(outputs) or not inputs:
         raise RouteError(f"few_shot_batch: give equal, non-empty lists of inputs and outputs, got "
                          f"{len(inputs)} and {len(outputs)}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise RouteError(f"few_shot_batch: pad_to must be an int >= 1, got {pad_to!r}")
     rows, marks = [], []
     for i, (x, y) in enumerate(zip(inputs, outputs)):
         prompt = ([] if bos_id is None else [bos_id]) + tokenizer.encode(x, add_special_tokens=False).ids
@@ -95,7 +100,7 @@ def few_shot_batch(tokenizer, inputs: Sequence[str], outputs: Sequence[str], *, 
             raise RouteError(f"few_shot_batch: output {i} ({y!r}) has no tokens")
         rows.append(prompt + answer)
         marks.append([0] * len(prompt) + [1] * len(answer))
-    t = max(map(len, rows))
+    t = -(-max(map(len, rows)) // pad_to) * pad_to
     ids = np.full((len(rows), t), pad_id, np.int32)
     attention = np.zeros((len(rows), t), np.int32)
     targets = np.zeros((len(rows), t), np.int32)
@@ -168,9 +173,21 @@ class LoraHubResult:
         return np.minimum.accumulate(self.trace)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _combined_loss(w, graphdef, lora_state, rest, stacks, batch):
+    """CE of `batch` with the LoRA factors of `lora_state` replaced by LoraHub's combination of `stacks` under w.
+    Module-level and keyed by the graphdef: searches over the same model and batch shape share one compilation."""
+    factors = combined_factors(stacks, w)
+    items = []
+    for path, var in nnx.to_flat_state(lora_state):
+        module, leaf = path_str(path).rsplit(".", 1)
+        items.append((path, var.replace(factors[module][leaf])))
+    return target_loss(nnx.merge(graphdef, nnx.from_flat_state(items), rest), *batch)
+
+
 def lorahub_objective(base: nnx.Module, adapters: Sequence, examples: FewShot, *, l1: float = DEFAULT_L1):
     """(J, CE): two functions of w (N,) -> float, J(w) = CE(w) + l1 · mean|w| (module docstring), each evaluation one
-    jitted forward of `examples` with the combined adapter (compiled once)."""
+    jitted forward of `examples` with the combined adapter (compiled once per model structure and batch shape)."""
     stacks, options = _checked(base, adapters, "lorahub")
     if not isinstance(examples, FewShot):
         raise RouteError(f"lorahub: examples must be a FewShot batch (few_shot_batch), got {type(examples).__name__}")
@@ -178,19 +195,11 @@ def lorahub_objective(base: nnx.Module, adapters: Sequence, examples: FewShot, *
     template = attach_built(base, [{"path": p, "kind": "lora", "options": options[p],
                                     "values": {k: v[0] for k, v in stacks[p].items()}} for p in stacks])
     graphdef, lora_state, rest = nnx.split(template, LoRAParam, ...)
-    flat = list(nnx.to_flat_state(lora_state))
-    keys = [path_str(p).rsplit(".", 1) for p, _ in flat]  # (module path, leaf)
     batch = tuple(jnp.asarray(a, jnp.int32) for a in (examples.ids, examples.attention, examples.targets))
 
-    @jax.jit
-    def loss(w, rest, stacks, batch):
-        factors = combined_factors(stacks, w)
-        items = [(p, var.replace(factors[module][leaf])) for (p, var), (module, leaf) in zip(flat, keys)]
-        model = nnx.merge(graphdef, nnx.from_flat_state(items), rest)
-        return target_loss(model, *batch)
-
     def ce(w) -> float:
-        return float(loss(jnp.asarray(_weights(w, n, "lorahub"), jnp.float32), rest, stacks, batch))
+        w = jnp.asarray(_weights(w, n, "lorahub"), jnp.float32)
+        return float(_combined_loss(w, graphdef, lora_state, rest, stacks, batch))
 
     def objective(w) -> float:
         return ce(w) + float(l1) * float(np.mean(np.abs(np.asarray(w, np.float64))))

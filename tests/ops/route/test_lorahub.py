@@ -8,6 +8,7 @@
   trained adapter alone 0.88); two runs with one seed give the same trace bit for bit, another seed another trace.
 * few_shot_batch's layout, target_loss by hand, and the errors.
 """
+import importlib
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,7 +99,9 @@ def test_search_finds_the_fitted_adapter(setup):
     assert result.trace[0] == pytest.approx(base_loss, abs=1e-6)  # w = 0 first: the base
     assert result.objective == result.trace.min() == result.best_trace[-1]
     assert result.loss == pytest.approx(float(target_loss(result.model, *batch(examples))), abs=1e-5)
+    compiled = importlib.import_module("configurable_fm.ops.route.lorahub")._combined_loss._cache_size()
     again = lorahub(base, [other, fit], examples, budget=40, seed=0)
+    assert importlib.import_module("configurable_fm.ops.route.lorahub")._combined_loss._cache_size() == compiled
     np.testing.assert_array_equal(again.trace, result.trace)
     np.testing.assert_array_equal(again.weights, result.weights)
     other_seed = lorahub(base, [other, fit], examples, budget=12, seed=1)
@@ -145,3 +148,8 @@ def test_errors(setup):
         FewShot(examples.ids, examples.attention, np.zeros_like(examples.ids))
     with pytest.raises(RouteError, match=r"give equal, non-empty lists of inputs and outputs, got 2 and 1"):
         few_shot_batch(char_tokenizer(), ["a", "b"], ["c"])
+    with pytest.raises(RouteError, match=r"pad_to must be an int >= 1, got 0"):
+        few_shot_batch(char_tokenizer(), ["a"], ["c"], pad_to=0)
+    padded = few_shot_batch(char_tokenizer(), ["ab", "c"], ["X", "YZ"], pad_to=4)  # rows of 3 tokens -> 4
+    assert padded.ids.shape == (2, 4) and padded.attention.sum() == 6
+    assert few_shot_batch(char_tokenizer(), ["abc", "c"], ["XY", "Y"], pad_to=4).ids.shape == (2, 8)
