@@ -18,9 +18,12 @@ Keys:
     max_doc_tokens          at most this many tokens of each document (more documents, more variety)
     sparsities   the uniform levels p: every targeted Linear (q/k/v/o, gate/up/down of every layer) gets t_p
     ffn_only     levels applied to the down_proj inputs only (the FFN neurons: 1 - p of them active per token)
+    ffn_weighted levels applied to the down_proj inputs only with the weighted score |h_i| * ||W_down,i|| (the size
+                 of neuron i's whole contribution, WINA-style; analysis/sparsity/module.py), calibrated per layer on
+                 the same tokens
     teal_protocol  levels also measured as TEAL's evaluation does: the first half of each window dense (prefill), the
                  second half sparse and scored (analysis/sparsity/measure.py dense_prefix); for the uniform rows and
-                 for the down_proj-only rows (ffn_only, allocated) at those levels
+                 for the down_proj-only rows (ffn_only, ffn_weighted, allocated) at those levels
     allocated    down_proj-only levels (empty: none) whose per-layer sparsities are allocated by measured sensitivity
                  (analysis/sparsity/allocation.py): each down_proj sparsified alone at each level of `grid` on the first
                  n_tokens calibration tokens (len(grid) x layers forwards), then the least summed loss increase at a
@@ -63,6 +66,7 @@ def get_config(arg: str = ""):
     config.max_doc_tokens = 1024
     config.sparsities = (0.25, 0.4, 0.5, 0.6)
     config.ffn_only = (0.5,)
+    config.ffn_weighted = (0.5,)
     config.teal_protocol = (0.5,)
     config.greedy = ml_collections.ConfigDict(dict(levels=(), n_tokens=1024, step=0.05))
     config.allocated = ml_collections.ConfigDict(dict(levels=(), grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
@@ -180,6 +184,12 @@ def run(config) -> dict:
     configs += [("uniform", p, cal.thresholds(p), 0) for p in config.sparsities]
     ffn_only = {p: {**dense_t, **cal.thresholds({q: p for q in down})} for p in config.ffn_only}
     configs += [("ffn_only", p, t, 0) for p, t in ffn_only.items()]
+    ffn_weighted = {}
+    if config.ffn_weighted:
+        wcal = calibrate(model, cal_batches, down, bins=bins, score="weighted")
+        say(f"calibrated the weighted scores of {len(down)} down_proj")
+        ffn_weighted = {p: {**dense_t, **wcal.thresholds(p)} for p in config.ffn_weighted}
+        configs += [("ffn_weighted", p, t, 0) for p, t in ffn_weighted.items()]
     allocations, sensitivities, ffn_allocated = {}, None, {}
     if config.allocated.levels:
         a_tokens = cal_tokens[:config.allocated.n_tokens + 1]
@@ -194,6 +204,7 @@ def run(config) -> dict:
     prefix = config.seq_len // 2
     configs += [("uniform", p, cal.thresholds(p), prefix) for p in config.teal_protocol]
     configs += [(kind, p, rows_t[p], prefix) for kind, rows_t in (("ffn_only", ffn_only),
+                                                                  ("ffn_weighted", ffn_weighted),
                                                                   ("ffn_allocated", ffn_allocated))
                 for p in config.teal_protocol if p in rows_t]
     if config.greedy.levels:
@@ -207,6 +218,8 @@ def run(config) -> dict:
     dense_ev = {}
     for kind, p, thresholds, dense_prefix in configs:
         sparse = sparsify_activations(model, thresholds)
+        if kind == "ffn_weighted":  # the down_proj thresholds are on the weighted scale
+            sparse = sparsify_activations(sparse, {q: thresholds[q] for q in down}, score="weighted")
         targeted = [q for q in paths if thresholds[q] >= 0]
         predicted = cal.fraction_below({q: thresholds[q] for q in targeted})
         for d in config.evaluation.domains:
@@ -236,7 +249,7 @@ def run(config) -> dict:
         ref = next(r for r in rows if r["kind"] == "dense" and r["domain"] == row["domain"]
                    and r["dense_prefix"] == row["dense_prefix"])
         row["perplexity_change"] = row["perplexity"] / ref["perplexity"] - 1.0
-    order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3, "ffn_allocated": 4}
+    order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3, "ffn_weighted": 4, "ffn_allocated": 5}
     domain_order = list(config.evaluation.domains)
     rows.sort(key=lambda r: (r["dense_prefix"], order[r["kind"]], r["target"], domain_order.index(r["domain"])))
     seconds = time.perf_counter() - start
@@ -298,7 +311,8 @@ def table(results: dict) -> str:
                      f"{r['sparsity_min']:.2f}-{r['sparsity_max']:.2f}")
         label = {"dense": "dense", "uniform": "uniform, all 7 projections", "ffn_only": "down_proj inputs only",
                  "greedy": "greedy per block, all 7",
-                 "ffn_allocated": "down_proj inputs only, levels per layer by sensitivity"}
+                 "ffn_allocated": "down_proj inputs only, levels per layer by sensitivity",
+                 "ffn_weighted": "down_proj inputs only, weighted score abs(h_i) x norm(W_i)"}
         lines.append(f"| {label[r['kind']]} | {r['target']:.2f} | {where} | {r['domain']} | {r['perplexity']:.3f} | "
                      f"{100 * r['perplexity_change']:+.1f}% | {spars} |")
     uniform = [r for r in results["rows"] if r["kind"] in ("uniform", "greedy") and not r["dense_prefix"]]

@@ -20,6 +20,7 @@ from configurable_fm.analysis.sparsity import (KIND, AbsHistogram, LogBins, Spar
                                                calibrate, desparsify, evaluate, fraction_from_counts,
                                                greedy_allocation, resolve_targets, sparse_linears,
                                                sparsify_activations, threshold_from_counts, thresholds_of)
+from configurable_fm.analysis.sparsity.module import module_paths
 from configurable_fm.interop import orbax_io
 from configurable_fm.interop.hf import UnsupportedModel, to_hf
 from configurable_fm.models.layers import Linear
@@ -103,6 +104,42 @@ def test_sparse_linear_masks_by_hand():
     xb = jnp.asarray(x, jnp.bfloat16)
     expected = np.asarray(lin(jnp.where(jnp.asarray(keep, bool), xb, 0)), np.float32)
     np.testing.assert_array_equal(np.asarray(sl(xb), np.float32), expected)
+
+
+def test_weighted_score_masks_by_hand_and_round_trips_its_option(dense):
+    """score='weighted': kept = |x_i| * ||W_i|| > t (W_i the row x_i multiplies); the option is in the structure."""
+    lin = Linear(4, 3, axes=("embed", "mlp"), use_bias=False, rngs=nnx.Rngs(0))
+    w = np.asarray([[0.1, 0.0, 0.0], [3.0, 4.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]], np.float32)  # norms .1 5 2 1
+    lin.kernel.set_value(jnp.asarray(w))
+    sl = SparseLinear(lin, threshold=1.0, score="weighted")
+    x = np.asarray([[5.0, 0.1, 0.6, 1.0]], np.float32)  # scores 0.5, 0.5, 1.2, 1.0 (= t: zeroed)
+    keep = np.asarray([[0, 0, 1, 0]], np.float32)
+    np.testing.assert_allclose(np.asarray(sl(jnp.asarray(x))), (x * keep) @ w, rtol=1e-6)
+    _, values = capture(sl, ["score", "kept"], lambda m: m(jnp.asarray(x)))
+    np.testing.assert_allclose(np.asarray(values["score"]), [[0.5, 0.5, 1.2, 1.0]], rtol=1e-6)
+    assert sl.structure_spec() == {"kind": KIND, "options": {"score": "weighted"}}
+    path = "layers.1.mlp.down_proj"
+    weighted = sparsify_activations(dense, {path: 0.2}, score="weighted")
+    assert [s["options"] for s in extension_specs(weighted)] == [{"score": "weighted"}]
+    assert sparse_linears(sparsify_activations(weighted, {path: 0.2}))[path].score == "magnitude"
+    with pytest.raises(SparsityError, match=r"score must be one of \['magnitude', 'weighted'\], got 'wina'"):
+        sparsify_activations(dense, {path: 0.2}, score="wina")
+
+
+def test_weighted_calibration_zeroes_the_target_fraction_of_each_linear(dense, batches, dense_inputs):
+    """Weighted scores are histogrammed per Linear (q/k/v share an input, not a scale): the thresholds zero the
+    fraction p of |x_i| * ||W_i|| of each Linear's calibration inputs."""
+    paths = ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj", "layers.1.mlp.down_proj"]
+    wcal = calibrate(dense, batches, paths, score="weighted")
+    assert wcal.score == "weighted" and wcal.shared == {p: p for p in paths}
+    modules = module_paths(dense)
+    norms = {p: np.linalg.norm(np.asarray(modules[p].kernel.get_value()), axis=1) for p in paths}
+    t = wcal.thresholds(0.5)
+    for p in paths:
+        assert abs(float(np.mean(dense_inputs[p] * norms[p] <= t[p])) - 0.5) <= 0.005, p
+    assert t[paths[0]] != t[paths[1]]  # one input, two scales
+    ev = evaluate(sparsify_activations(dense, {paths[2]: t[paths[2]]}, score="weighted"), batches)
+    assert abs(ev.sparsity()[paths[2]] - 0.5) <= 0.02
 
 
 def test_sparsify_replaces_updates_and_keeps_other_extensions(dense):
@@ -293,7 +330,7 @@ def test_greedy_allocation_reaches_each_level_and_its_first_step_is_the_least_er
      r"levels must lie in \(0, max_sparsity=0\.4\]"),
     (lambda m, c: greedy_allocation(m, c, windows(0, 1), step=0.0), r"step must be a number in \(0, 1\)"),
     (lambda m, c: LogBins(lo=3, hi=1), r"need -126 < lo < hi < 128"),
-    (lambda m, c: SparseLinear.from_options(m.layers[0].mlp.down_proj, {"threshold": 1}), r"takes no options"),
+    (lambda m, c: SparseLinear.from_options(m.layers[0].mlp.down_proj, {"threshold": 1}), r"takes only the option .score."),
 ])
 def test_errors_name_their_argument(dense, cal, case, pattern):
     with pytest.raises(SparsityError, match=pattern):

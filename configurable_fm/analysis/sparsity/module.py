@@ -8,7 +8,11 @@ A SparseLinear replaces the `models.layers.Linear` at its path, keeps its `kerne
 paths, and adds one non-trainable variable, `threshold` (a float32 scalar, a SparsityThreshold: not an nnx.Param,
 so trainers leave it alone and orbax stores it under variables/). For x (..., in):
 
-    kept = not (|x| <= t)                       (elementwise; NaN entries are kept, so they stay visible)
+    a_i  = |x_i|                                score 'magnitude' (TEAL's, the default)
+    a_i  = |x_i| * ||W_i||_2                    score 'weighted': W_i the weight row (out,) that x_i multiplies, so
+                                                a_i is the size of x_i's whole contribution to y (WINA, Chen et al.
+                                                2025); the threshold is then on that scale
+    kept = not (a <= t)                         (elementwise; NaN entries are kept, so they stay visible)
     y    = (x * kept) W + b                     in the Linear's compute dtype, as Linear computes y = x W + b
 
 A threshold t < 0 keeps every entry, and t = 0 zeroes only entries that are already zero: both compute the dense
@@ -17,7 +21,7 @@ kernel would not read; here the product stays dense (there is no sparse kernel i
 measures accuracy, not speed.
 
 Tap points (configurable_fm.analysis), for a SparseLinear at `<path>`: `<path>.input` (x, before the mask),
-`<path>.kept` (the boolean mask (..., in); an intervention on it changes what the module keeps, e.g.
+`<path>.score` (a, float32: what calibration histograms for the 'weighted' score), `<path>.kept` (the boolean mask (..., in); an intervention on it changes what the module keeps, e.g.
 `replace(True, positions=range(P))` leaves the first P tokens dense), `<path>.output`.
 
 The module is an extension of kind 'activation_sparsity' (models/structure.py), registered when this package is
@@ -47,6 +51,7 @@ from configurable_fm.models.structure import (abstract_model, build_options, che
 from configurable_fm.models.taps import tap, tapped
 
 KIND = "activation_sparsity"
+SCORES = ("magnitude", "weighted")  # a_i = |x_i|, or |x_i| * ||W_i|| (module docstring)
 
 # TEAL's targets: the input of every projection of every block (LM head and embeddings excluded).
 DEFAULT_TARGETS = {
@@ -72,26 +77,34 @@ def dense_linear(x, kernel, bias, dtype):
     return y if bias is None else y + bias.astype(dtype)
 
 
+def check_score(score, op: str = "sparsity") -> str:
+    if score not in SCORES:
+        raise SparsityError(f"{op}: score must be one of {list(SCORES)}, got {score!r}")
+    return score
+
+
 class SparseLinear(Linear):
-    """y = (x * [|x| > t]) W + b (module docstring); built around the Linear it replaces."""
+    """y = (x * [a > t]) W + b, a = |x| or |x| * ||W_i|| (module docstring); built around the Linear it replaces."""
 
     kind = KIND
 
-    def __init__(self, base: Linear, threshold: float = 0.0):
+    def __init__(self, base: Linear, threshold: float = 0.0, score: str = "magnitude"):
         if type(base) is not Linear:
             raise SparsityError(f"activation sparsity wraps a plain models.layers.Linear, got {type(base).__name__}")
         self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
         self.threshold = SparsityThreshold(jnp.asarray(threshold, jnp.float32))
+        self.score = check_score(score)
 
     @classmethod
     def from_options(cls, base, options: Mapping[str, Any]) -> "SparseLinear":
-        if options:
-            raise SparsityError(f"the {KIND!r} extension takes no options (its threshold is a variable), got "
-                                f"{dict(options)}")
-        return cls(base)
+        unknown = sorted(set(options) - {"score"})
+        if unknown:
+            raise SparsityError(f"the {KIND!r} extension takes only the option 'score' (its threshold is a variable), "
+                                f"got {dict(options)}")
+        return cls(base, score=check_score(options.get("score", "magnitude"), f"the {KIND!r} extension"))
 
     def structure_spec(self):
-        return {"kind": KIND, "options": {}}
+        return {"kind": KIND, "options": {} if self.score == "magnitude" else {"score": self.score}}
 
     @property
     def in_features(self) -> int:
@@ -104,7 +117,11 @@ class SparseLinear(Linear):
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
         t = self.threshold[...]
-        kept = tap(self, "kept", jnp.logical_not(jnp.abs(x).astype(jnp.float32) <= t))
+        a = jnp.abs(x).astype(jnp.float32)
+        if self.score == "weighted":
+            a = a * jnp.sqrt(jnp.sum(jnp.square(self.kernel[...].astype(jnp.float32)), axis=1))
+        a = tap(self, "score", a)
+        kept = tap(self, "kept", jnp.logical_not(a <= t))
         x = jnp.where(kept, x, jnp.zeros((), x.dtype))
         return dense_linear(x, self.kernel[...], None if self.bias is None else self.bias[...], self.dtype)
 
@@ -206,12 +223,14 @@ def check_threshold(path: str, t, op: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the transform
-def sparsify_activations(model, thresholds: Mapping[str, float]):
-    """A new model in which the Linear at each path of `thresholds` is a SparseLinear with threshold t (module
-    docstring); `model` is not modified. A path that is already a SparseLinear gets the new threshold. Other
+def sparsify_activations(model, thresholds: Mapping[str, float], *, score: str = "magnitude"):
+    """A new model in which the Linear at each path of `thresholds` is a SparseLinear with threshold t and `score`
+    (module docstring: 'magnitude' or 'weighted'; thresholds calibrated for that score, `Calibration.score`);
+    `model` is not modified. A path that is already a SparseLinear gets the new threshold and score. Other
     extension modules of the model are kept. SparsityError names an unknown path (with close matches), a module
-    that is not a plain Linear, or a threshold that is not a real number."""
+    that is not a plain Linear, a threshold that is not a real number, or an unknown score."""
     op = "sparsify_activations"
+    check_score(score, op)
     if not isinstance(thresholds, Mapping) or not thresholds:
         raise SparsityError(f"{op}: thresholds are a non-empty mapping {{Linear path: t}}, got {thresholds!r}")
     check_consistent(model, op)
@@ -224,8 +243,9 @@ def sparsify_activations(model, thresholds: Mapping[str, float]):
         if path not in linears:
             raise _no_linear(path, modules, sorted(linears), op)
         values_t[path] = check_threshold(path, t, op)
-    existing = sparse_linears(model)
-    specs = extension_specs(model) + [{"path": p, "kind": KIND, "options": {}} for p in values_t if p not in existing]
+    options = {} if score == "magnitude" else {"score": score}
+    specs = [s for s in extension_specs(model) if not (s["kind"] == KIND and s["path"] in values_t)]
+    specs += [{"path": p, "kind": KIND, "options": options} for p in values_t]
     abstract = abstract_model(model.cfg, specs, **build_options(model))
     values = {k: v.get_value() for k, v in variables_of(model).items()}
     values.update({f"{p}.threshold": jnp.asarray(t, jnp.float32) for p, t in values_t.items()})
