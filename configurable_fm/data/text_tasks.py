@@ -135,24 +135,33 @@ def _single(word: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ item pools
-def antonym_items(min_count: int = 3) -> list[tuple[str, str]]:
-    """(word, antonym) from the lexical '!' pointers, each ordered pair once, single lower-case words each seen
-    >= min_count times in the State of the Union corpus."""
+def lexical_pairs(symbol: str, source_pos: str | None = None, target_pos: str | None = None):
+    """(word, word) of every lexical pointer `symbol` of WordNet (source/target field != '0000': word to word), in
+    synset order, from synsets of part of speech `source_pos` to `target_pos` (None: any; satellite adjectives 's'
+    are read in the adjective file 'a')."""
     syn = wordnet()["synsets"]
-    counts = sotu_word_counts()
-    seen, out = set(), []
     for (pos, _), (_, words, ptrs, _) in sorted(syn.items()):
+        if source_pos is not None and pos != source_pos:
+            continue
         for sym, off, tpos, st in ptrs:
-            if sym != "!" or st == "0000":
+            if sym != symbol or st == "0000" or (target_pos is not None and tpos != target_pos):
                 continue
             src, dst = int(st[:2], 16), int(st[2:], 16)
             target = syn.get(("a" if tpos == "s" else tpos, off))
             if target is None or not 0 < src <= len(words) or not 0 < dst <= len(target[1]):
                 continue
-            a, b = words[src - 1], target[1][dst - 1]
-            if _single(a) and _single(b) and (a, b) not in seen and min(counts.get(a, 0), counts.get(b, 0)) >= min_count:
-                seen.add((a, b))
-                out.append((a, b))
+            yield words[src - 1], target[1][dst - 1]
+
+
+def antonym_items(min_count: int = 3) -> list[tuple[str, str]]:
+    """(word, antonym) from the lexical '!' pointers, each ordered pair once, single lower-case words each seen
+    >= min_count times in the State of the Union corpus."""
+    counts = sotu_word_counts()
+    seen, out = set(), []
+    for a, b in lexical_pairs("!"):
+        if _single(a) and _single(b) and (a, b) not in seen and min(counts.get(a, 0), counts.get(b, 0)) >= min_count:
+            seen.add((a, b))
+            out.append((a, b))
     return out
 
 
@@ -189,23 +198,12 @@ def define_items(min_count: int = 20) -> list[tuple[str, str]]:
 def pertainym_items(min_count: int = 3) -> list[tuple[str, str]]:
     """(adjective, the noun it pertains to) from WordNet's lexical pertainym pointers ('\\' in data.adj), single
     words both seen >= min_count times in the State of the Union corpus, the adjective once."""
-    syn = wordnet()["synsets"]
     counts = sotu_word_counts()
     seen, out = set(), []
-    for (pos, _), (_, words, ptrs, _) in sorted(syn.items()):
-        if pos != "a":
-            continue
-        for sym, off, tpos, st in ptrs:
-            if sym != "\\" or st == "0000" or tpos != "n":
-                continue
-            src, dst = int(st[:2], 16), int(st[2:], 16)
-            target = syn.get((tpos, off))
-            if target is None or not 0 < src <= len(words) or not 0 < dst <= len(target[1]):
-                continue
-            a, b = words[src - 1], target[1][dst - 1]
-            if _single(a) and _single(b) and a not in seen and min(counts.get(a, 0), counts.get(b, 0)) >= min_count:
-                seen.add(a)
-                out.append((a, b))
+    for a, b in lexical_pairs("\\", "a", "n"):
+        if _single(a) and _single(b) and a not in seen and min(counts.get(a, 0), counts.get(b, 0)) >= min_count:
+            seen.add(a)
+            out.append((a, b))
     return out
 
 
@@ -213,23 +211,12 @@ def nominal_items(min_count: int = 3) -> list[tuple[str, str]]:
     """(verb, its nominalisation) from WordNet's derivational pointers ('+', verb word to noun word): the noun
     shares the verb's first 3 letters and is not an agent ('-er', '-or') or a gerund ('-ing'), both single words
     seen >= min_count times in the State of the Union corpus; where a verb has several, the commonest noun there."""
-    syn = wordnet()["synsets"]
     counts = sotu_word_counts()
     nouns: dict[str, set] = {}
-    for (pos, _), (_, words, ptrs, _) in sorted(syn.items()):
-        if pos != "v":
-            continue
-        for sym, off, tpos, st in ptrs:
-            if sym != "+" or tpos != "n" or st == "0000":
-                continue
-            src, dst = int(st[:2], 16), int(st[2:], 16)
-            target = syn.get((tpos, off))
-            if target is None or not 0 < src <= len(words) or not 0 < dst <= len(target[1]):
-                continue
-            v, n = words[src - 1], target[1][dst - 1]
-            if (_single(v) and _single(n) and v != n and n.startswith(v[:3]) and not n.endswith(("er", "or", "ing"))
-                    and min(counts.get(v, 0), counts.get(n, 0)) >= min_count):
-                nouns.setdefault(v, set()).add(n)
+    for v, n in lexical_pairs("+", "v", "n"):
+        if (_single(v) and _single(n) and v != n and n.startswith(v[:3]) and not n.endswith(("er", "or", "ing"))
+                and min(counts.get(v, 0), counts.get(n, 0)) >= min_count):
+            nouns.setdefault(v, set()).add(n)
     return [(v, max(sorted(ns), key=lambda n: counts[n])) for v, ns in nouns.items()]
 
 
