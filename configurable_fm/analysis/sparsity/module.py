@@ -21,8 +21,9 @@ kernel would not read; here the product stays dense (there is no sparse kernel i
 measures accuracy, not speed.
 
 Tap points (configurable_fm.analysis), for a SparseLinear at `<path>`: `<path>.input` (x, before the mask),
-`<path>.score` (a, float32: what calibration histograms for the 'weighted' score), `<path>.kept` (the boolean mask (..., in); an intervention on it changes what the module keeps, e.g.
-`replace(True, positions=range(P))` leaves the first P tokens dense), `<path>.output`.
+`<path>.score` (a, float32: what calibration histograms for the 'weighted' score), `<path>.kept` (the boolean
+mask (..., in); an intervention on it changes what the module keeps, e.g. `replace(True, positions=range(P))`
+leaves the first P tokens dense), `<path>.output`.
 
 The module is an extension of kind 'activation_sparsity' (models/structure.py), registered when this package is
 imported: the model's config is unchanged, `check_consistent` passes, orbax checkpoints round-trip (load them after
