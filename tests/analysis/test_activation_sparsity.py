@@ -330,7 +330,8 @@ def test_greedy_allocation_reaches_each_level_and_its_first_step_is_the_least_er
      r"levels must lie in \(0, max_sparsity=0\.4\]"),
     (lambda m, c: greedy_allocation(m, c, windows(0, 1), step=0.0), r"step must be a number in \(0, 1\)"),
     (lambda m, c: LogBins(lo=3, hi=1), r"need -126 < lo < hi < 128"),
-    (lambda m, c: SparseLinear.from_options(m.layers[0].mlp.down_proj, {"threshold": 1}), r"takes only the option .score."),
+    (lambda m, c: SparseLinear.from_options(m.layers[0].mlp.down_proj, {"threshold": 1}),
+     r"takes only the option .score."),
 ])
 def test_errors_name_their_argument(dense, cal, case, pattern):
     with pytest.raises(SparsityError, match=pattern):
@@ -365,3 +366,5 @@ def test_the_study_runs_on_smollm2(tmp_path):
     assert abs(rows[("uniform", "english")]["sparsity_weighted"] - 0.5) < 0.1
     assert rows[("uniform", "english")]["perplexity"] > rows[("dense", "english")]["perplexity"]
     assert re.search(r"\| dense \| 0\.00 \| all \| code \|", (tmp_path / "results.md").read_text())
+    weighted = rows[("ffn_weighted", "english")]  # the down_proj-only rows, scored |h_i| * ||W_i||
+    assert abs(weighted["sparsity_down_proj"] - 0.5) < 0.1 and weighted["sparsity_weighted"] < 0.2
