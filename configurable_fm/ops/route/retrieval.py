@@ -138,7 +138,7 @@ def calibrated_floor(embeddings_KxD: np.ndarray, z: float) -> float:
     return float(loo.mean() - z * loo.std(ddof=1))
 
 
-def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *, batch_size: int = 32,
+def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *, batch_size: int = 64,
                  floor_z: float = 3.0) -> CentroidRouter:
     """A CentroidRouter from {adapter name: example inputs} (module docstring), the names in mapping order, with
     floors calibrated at `floor_z` standard deviations; all examples are embedded in one pass. RouteError naming
