@@ -10,14 +10,14 @@ train step of the same shapes.) Results: WORKDIR/stages/<ii>_evaluate/results.md
 WORKDIR/report.md.
 
 Tasks (configurable_fm/data/text_tasks.py; every prompt carries 2 train-split demonstrations, answers end with a
-newline; kept where a 1-shot check of the base was above zero, see the README for the 2-shot scores):
+newline; chosen where a check of the base was above zero: 1 shot before the first run, 2 shots since; README "Tasks"):
   library   pos, pertainym, lemma, nominal (WordNet 3.0; State of the Union word counts keep common words),
             keyword (standard-library code lines), cloze (State of the Union sentences), addition, kv_recall,
             sort_short (2-4 numbers up to 20), copy (data/synthetic)
   held out  plural (WordNet noun.exc: near 'lemma'), uppercase (near 'copy'), increment (near 'addition'): tasks
             the base does above chance (2 shots: 0.19, 0.23, 0.91), so a wrong adapter can visibly hurt
 (the first full run, 2026-12-04, had antonym, which the base scores 0 on, where nominal is, and the held-out
-set was plural, reverse_short, count, near chance for every method; README, "Results: the first full run")
+set was plural, reverse_short, count, near chance for every method; README, "Results: the full run with task set 1")
 Stages: adapter_<task> (kind 'library_adapter', one per library task: LoRA rank 8, alpha 16 on every attention
 and MLP projection of the frozen base, trained through the trainer with `config.adapter`), then evaluate (kind
 'library_eval': base, per-task oracle, uniform / task-arithmetic / TIES / DARE-TIES merges, PEFT 'cat', Arrow,
@@ -30,7 +30,7 @@ Variants:
   cpu      the reduced run for the shared 2-core CPU: 10 steps of 8 rows per adapter (80 problems), lr 3e-3,
            float32, 16 test problems per task, LoraHub 4 examples x 4 evaluations, 8 router examples per task
   routing  the default run with the evaluation limited to base, oracle, uniform and the two embedding-routing rows
-           (ROUTING_METHODS): the same adapter stages, and an evaluation short enough to fit one 10-minute call
+           (ROUTING_METHODS): the same adapter stages and a shorter evaluation
   test     CI (seconds): a tiny random llama (2 layers, width 32, SmolLM2's tokenizer; the adapter stages build it
            from config.model and seed, the evaluation stage the same), library copy + keyword, held out
            reverse_short, 2 steps per adapter, 4 problems per task
