@@ -258,7 +258,6 @@ def bench_routing(args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from configurable_fm.bricks import adapters
     from configurable_fm.bricks.adapters.mixed import mix
@@ -277,9 +276,7 @@ def bench_routing(args) -> dict:
     ids = jnp.asarray(np.random.default_rng(1).integers(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq)),
                       jnp.int32)
     repeats = max(args.steps, 1)
-    graphdef, state = nnx.split(base)
-    forward = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
-    base_s = route.median_seconds(lambda: forward(state, ids), repeats)  # timed as routing_cost times its parts
+    base_s = route.median_seconds(route.forward_call(base, ids), repeats)  # as routing_cost times its forward
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     return {"bench": "routing", "shape": args.shape, "batch": args.batch, "seq": args.seq, "library": n,

@@ -38,8 +38,8 @@ Methods (library of N adapters, LoRA factors A_i, B_i, scale s_i, ΔW_i = s_i A_
 Merges are computed on the dense ΔW_i and added to the base kernels (bricks.deltas.apply): no SVD truncation.
 
 Inference cost: median wall time of a jitted forward of one (batch_size, seq_len) batch per method (the model split
-once, before timing), divided by the base's (merged methods are plain models; routing adds the embedding and
-selection, ops.route.routing_cost).
+once, before timing: ops.route.forward_call), divided by the base's (merged methods are plain models; routing adds
+the embedding and selection, ops.route.routing_cost).
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from configurable_fm.data.synthetic import encode_examples, encode_text
 from configurable_fm.data.text_tasks import few_shot, source_of
@@ -159,21 +158,11 @@ def _row_scores(logits_BxTxV, ids_BxT, mask_BxT):
     return hit, nll
 
 
-_FORWARD = jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state)(x), static_argnums=0)
-
-
-def forward_call(model, ids_BxT):
-    """A zero-argument call of model(ids) through one jitted function per model structure (the graphdef is
-    static), the model split once: nnx.split of SmolLM2-135M costs ~8 ms of Python, as much as its bf16 forward of
-    a 50 x 192 batch on an H200, so a timing that split inside the timed call measured the split."""
-    g, s = nnx.split(model)
-    ids = jnp.asarray(ids_BxT)
-    return lambda: _FORWARD(g, s, ids)
-
-
 def forward(model, ids_BxT):
-    """model(ids) through one jitted function per model structure."""
-    return forward_call(model, ids_BxT)()
+    """model(ids) through one jitted function per model structure (ops.route.forward_call)."""
+    from configurable_fm.ops import route
+
+    return route.forward_call(model, ids_BxT)()
 
 
 def score_rows(rows: Mapping, batch_size: int, model_for_rows) -> tuple[np.ndarray, np.ndarray]:
@@ -391,7 +380,7 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
             out[key] = {"seconds": rc.lm + rc.embed + rc.select, "lm": rc.lm, "embed": rc.embed,
                         "select": rc.select}
             continue
-        s = route.median_seconds(forward_call(model, ids), int(cc.repeats))
+        s = route.median_seconds(route.forward_call(model, ids), int(cc.repeats))
         out[key] = {"seconds": s}
     b = out["base"]["seconds"]
     for v in out.values():

@@ -31,8 +31,8 @@ from configurable_fm.ops.route.lorahub import (FewShot, LoraHubResult, few_shot_
                                                lorahub_objective, target_loss)
 from configurable_fm.ops.route.embed import TextEncoder, embed_texts, load_text_encoder, tokenize
 from configurable_fm.ops.route.retrieval import (CentroidRouter, Routing, RoutingCost, build_router, calibrated_floor,
-                                                 centroid, median_seconds, route, route_texts, routing_cost,
-                                                 run_routed)
+                                                 centroid, forward_call, median_seconds, route, route_texts,
+                                                 routing_cost, run_routed)
 from configurable_fm.ops.route.library import AdapterLibrary
 
 __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALinear", "lora_mixture",
@@ -42,6 +42,6 @@ __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALine
            "FewShot", "LoraHubResult", "few_shot_batch", "lorahub", "lorahub_combine", "lorahub_objective",
            "target_loss",
            "TextEncoder", "embed_texts", "load_text_encoder", "tokenize",
-           "CentroidRouter", "Routing", "RoutingCost", "build_router", "calibrated_floor", "centroid", "median_seconds",
-           "route", "route_texts", "routing_cost", "run_routed",
+           "CentroidRouter", "Routing", "RoutingCost", "build_router", "calibrated_floor", "centroid", "forward_call",
+           "median_seconds", "route", "route_texts", "routing_cost", "run_routed",
            "AdapterLibrary"]
