@@ -142,10 +142,16 @@ def run(config) -> dict:
     """Calibrate, sweep the levels, write results.json and results.md; returns the results."""
     import jax.numpy as jnp
 
-    from configurable_fm.analysis.sparsity import (LogBins, allocate_levels, calibrate, evaluate, greedy_allocation,
-                                                   sensitivity, sparsify_activations)
+    from configurable_fm.analysis.sparsity import (LogBins, allocate_levels, calibrate, check_sparsity, evaluate,
+                                                   greedy_allocation, sensitivity, sparsify_activations)
     from configurable_fm.interop.loader import load_pretrained
 
+    levels = {"sparsities": config.sparsities, "ffn_only": config.ffn_only, "ffn_weighted": config.ffn_weighted,
+              "teal_protocol": config.teal_protocol, "allocated.levels": config.allocated.levels,
+              "greedy.levels": config.greedy.levels}
+    for key, values in levels.items():  # checked before the model loads
+        for p in values:
+            check_sparsity(p, f"config.{key}")
     start = time.perf_counter()
     say = lambda line: print(f"[{time.perf_counter() - start:6.0f} s] {line}", flush=True)  # noqa: E731
     out_dir = Path(config.results_dir)
@@ -334,7 +340,13 @@ def main(argv=None):
     flag = config_flags.DEFINE_config_file("config", f"{__file__}", "the study config (get_config in this file)")
 
     def entry(_):
-        run(flag.value)
+        from configurable_fm.cli import fail
+        from configurable_fm.errors import UserError
+
+        try:
+            run(flag.value)
+        except UserError as e:
+            fail(Path(__file__).name, str(e), 1)
 
     app.run(entry, argv=argv if argv is not None else sys.argv)
 
