@@ -86,3 +86,11 @@ def test_test_variant_end_to_end(tmp_path):
     adapters = [result[f"adapter_{t}"].model for t in library.TEST_LIBRARY]
     assert all((tmp_path / "w" / a / "bricks.json").exists() for a in adapters)
     print(f"test variant: {seconds:.1f} s")
+
+
+def test_base_check_refuses_an_unknown_task_before_loading_the_model(capsys):
+    from experiments.adapters import base_check
+
+    with pytest.raises(SystemExit) as e:
+        base_check.main(["antnym"])
+    assert e.value.code == 2 and "unknown task 'antnym'" in capsys.readouterr().err
