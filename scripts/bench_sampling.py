@@ -7,8 +7,8 @@ Rows (median and min of --rounds interleaved rounds of --calls jitted calls, ms 
 sampling settings of transformers' defaults and common chat use, each with the candidates `generate` ranks for it
 (`sampling_candidates`: none, top_k's bucket, the whole row) and with the whole row sorted (`candidates` = RANK_ALL:
 what every sampling setting cost before candidates were ranked, the same kept set and the same draw, which the
-script checks). The top-k setting also runs with each first-stage width of --chunks (`top_values`: top-k within
-chunks of the row, then over their winners; 0 = one `lax.top_k` over the row), checked the same way. The decode
+script checks). The top-k setting also runs with each group size of --groups (`top_values`: the groups of largest
+max gathered, then their top k; 0 = one `lax.top_k` over the row), checked the same way. The decode
 step around it is bench_generate.py's (`--sampling greedy,sample`).
 """
 from __future__ import annotations
@@ -26,26 +26,26 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from configurable_fm.models.generation import (  # noqa: E402
-    RANK_ALL, choose_tokens, default_chunk, sampling_candidates)
+    RANK_ALL, choose_tokens, default_group, sampling_candidates)
 
 SETTINGS = {"temperature 0.8": (None, None), "top_k 50, top_p 0.95": (50, 0.95), "top_p 0.95": (None, 0.95)}
-CHUNKED = "top_k 50, top_p 0.95"  # the setting that also runs with each --chunks width
+GROUPED = "top_k 50, top_p 0.95"  # the setting that also runs with each --groups size
 
 
-def bench(vocab: int, batch: int, rounds: int, calls: int, chunks: list[int] = ()) -> list[dict]:
+def bench(vocab: int, batch: int, rounds: int, calls: int, groups: list[int] = ()) -> list[dict]:
     z = jnp.asarray(np.random.RandomState(0).randn(batch, vocab).astype(np.float32) * 3)
-    key, chunk0 = jax.random.key(0), default_chunk()
-    # name -> (function, traced (temperature, top_k, top_p), candidates, first-stage chunk, the case it must equal)
-    cases = {"greedy": (functools.partial(choose_tokens, greedy=True), (1.0, 1, 1.0), 0, chunk0, None)}
+    key, group0 = jax.random.key(0), default_group()
+    # name -> (function, traced (temperature, top_k, top_p), candidates, group, the case it must equal)
+    cases = {"greedy": (functools.partial(choose_tokens, greedy=True), (1.0, 1, 1.0), 0, group0, None)}
     for name, (k, p) in SETTINGS.items():
         traced, c = (0.8, vocab if k is None else k, 1.0 if p is None else p), sampling_candidates(k, p)
         whole = name + ", whole row sorted"
-        cases[name] = (functools.partial(choose_tokens, greedy=False, candidates=c), traced, c, chunk0, whole)
+        cases[name] = (functools.partial(choose_tokens, greedy=False, candidates=c), traced, c, group0, whole)
         cases[whole] = (functools.partial(choose_tokens, greedy=False, candidates=RANK_ALL), traced, RANK_ALL,
-                        chunk0, None)
-        for chunk in chunks if name == CHUNKED else ():
-            cases[f"{name}, chunk {chunk}"] = (functools.partial(choose_tokens, greedy=False, candidates=c,
-                                                                 chunk=chunk), traced, c, chunk, whole)
+                        group0, None)
+        for group in groups if name == GROUPED else ():
+            cases[f"{name}, group {group}"] = (functools.partial(choose_tokens, greedy=False, candidates=c,
+                                                                 group=group), traced, c, group, whole)
     fns = {n: jax.jit(case[0]) for n, case in cases.items()}
     args = {n: (z, key, jnp.float32(t), jnp.int32(k), jnp.float32(p)) for n, (_, (t, k, p), *_) in cases.items()}
     out = {n: np.asarray(fns[n](*args[n])) for n in cases}
@@ -60,7 +60,7 @@ def bench(vocab: int, batch: int, rounds: int, calls: int, chunks: list[int] = (
                 r = fns[n](*args[n])
             r.block_until_ready()
             times[n].append((time.perf_counter() - t) / calls * 1e3)
-    return [{"vocab": vocab, "batch": batch, "case": n, "candidates": cases[n][2], "chunk": cases[n][3],
+    return [{"vocab": vocab, "batch": batch, "case": n, "candidates": cases[n][2], "group": cases[n][3],
              "ms_median": round(float(np.median(times[n])), 4), "ms_min": round(min(times[n]), 4),
              "device": jax.devices()[0].device_kind} for n in cases]
 
@@ -100,14 +100,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=positive_ints, default=[1, 64], help="comma-separated batch sizes")
     ap.add_argument("--rounds", type=positive_int, default=7)
     ap.add_argument("--calls", type=positive_int, default=20)
-    ap.add_argument("--chunks", type=non_negative_ints, default=[],
-                    help="first-stage widths for the top-k setting also timed, e.g. 0,1024,4096 (default: none beyond "
-                         "the backend's own, models.generation.default_chunk)")
+    ap.add_argument("--groups", type=non_negative_ints, default=[],
+                    help="group sizes for the top-k setting also timed, e.g. 0,16,64 (0: one lax.top_k; default: none "
+                         "beyond the backend's own, models.generation.default_group)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     rows = []
     for b in a.batch:
-        for row in bench(a.vocab, b, a.rounds, a.calls, a.chunks):
+        for row in bench(a.vocab, b, a.rounds, a.calls, a.groups):
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:

@@ -33,8 +33,8 @@ This is the order of transformers' logits warpers (temperature, top-k, top-p). T
 logit are kept too.
 
 Only as many logits are ranked as the filters need (`candidates`, static): none without top_k and top_p;
-the C = max(64, 2^ceil(log2 k)) largest (`top_values`: top_k within chunks of the row, then over the
-chunks' winners; C < V) with top_k = k, since top-p then acts on the k
+the C = max(64, 2^ceil(log2 k)) largest (`top_values`: through the maxima of groups of 16 logits on GPUs;
+C < V) with top_k = k, since top-p then acts on the k
 kept tokens only; the whole sorted row for top_p alone. The kept set is the same as with a full sort (top-p's
 normaliser sums every logit >= the k-th over the whole row, ties ranked past C included), so the same key draws
 the same token. Programs: greedy, unfiltered sampling, one per C bucket, top_p alone.
@@ -53,32 +53,38 @@ from configurable_fm.models.structure import check_consistent, is_family_model
 
 MIN_CANDIDATES = 64  # the smallest top_k bucket: top_k <= 64 shares one program
 RANK_ALL = np.iinfo(np.int32).max  # `candidates` for top_p alone: sort the whole row
-TOP_K_CHUNK = 1024  # top_values' first stage on GPUs: the row in chunks of this many logits (bench_sampling.py)
+TOP_K_GROUP = 16  # top_values' group size on GPUs (bench_sampling.py --groups: 8-128 within noise of each other)
 
 
-def default_chunk() -> int:
-    """top_values' first-stage width on the default backend: TOP_K_CHUNK on GPUs, 0 (one stage) elsewhere, where
-    XLA:CPU's top_k is a partial sort that two stages only slow down (bench_sampling.py, BENCHMARKS)."""
-    return TOP_K_CHUNK if jax.default_backend() == "gpu" else 0
+def default_group() -> int:
+    """top_values' group size on the default backend: TOP_K_GROUP on GPUs, 0 (one lax.top_k) elsewhere, where
+    XLA:CPU's top_k is a partial sort that the group maxima do not speed up (bench_sampling.py, BENCHMARKS)."""
+    return TOP_K_GROUP if jax.default_backend() == "gpu" else 0
 
 
-def top_values(z_BxV, c: int, chunk: int | None = None):
-    """The c largest values of each row, descending: (..., V) -> (..., c); exactly `lax.top_k(z, c)[0]`.
+def top_values(z_BxV, c: int, group: int | None = None):
+    """The c largest values of each row, descending, through the row's group maxima: (..., V) -> (..., c);
+    exactly `lax.top_k(z, c)[0]`.
 
-    Two stages when the row spans more than two chunks and c < chunk: the c largest of each chunk of `chunk`
-    logits (the last one padded with -inf), then the c largest of those n*c, n = ceil(V / chunk). Every value of
-    the row's top c is among its chunk's top c, so the result is the same; many short selections run in parallel
-    where one long one would not (a GPU runs one row's top_k in one block). chunk None: `default_chunk()`.
+    The row in n = ceil(V / group) groups of `group` logits (the last padded with -inf); M = each group's max
+    (..., n); the c groups of largest M gathered (..., c * group); their top c. Exact: the c largest M are c
+    values of the row, so the row's c-th largest value v_c >= the c-th largest M, and every value >= v_c lies in a
+    group whose max is >= v_c, one of the c gathered (a group tied with the c-th M and left out holds nothing
+    above the c values already gathered). One reduction and two short top_k (over n and over c * group) instead
+    of one over V, which a GPU runs in one block per row. One `lax.top_k` unless group > 0, n > c and
+    c * group < V. group None: `default_group()`.
     """
     v = z_BxV.shape[-1]
-    chunk = default_chunk() if chunk is None else chunk
-    if chunk <= 0 or c >= chunk or v <= 2 * chunk:
+    group = default_group() if group is None else group
+    n = -(-v // group) if group > 0 else 0
+    if n <= c or c * group >= v:
         return jax.lax.top_k(z_BxV, c)[0]
-    n = -(-v // chunk)
     lead = z_BxV.shape[:-1]
-    padded = jnp.pad(z_BxV, [(0, 0)] * len(lead) + [(0, n * chunk - v)], constant_values=-jnp.inf)
-    firsts = jax.lax.top_k(padded.reshape(*lead, n, chunk), c)[0]
-    return jax.lax.top_k(firsts.reshape(*lead, n * c), c)[0]
+    padded = jnp.pad(z_BxV, [(0, 0)] * len(lead) + [(0, n * group - v)], constant_values=-jnp.inf)
+    groups = padded.reshape(*lead, n, group)
+    chosen = jax.lax.top_k(jnp.max(groups, axis=-1), c)[1]
+    gathered = jnp.take_along_axis(groups, chosen[..., None], axis=-2)
+    return jax.lax.top_k(gathered.reshape(*lead, c * group), c)[0]
 
 
 def sampling_candidates(top_k: int | None, top_p: float | None) -> int:
@@ -90,12 +96,12 @@ def sampling_candidates(top_k: int | None, top_p: float | None) -> int:
 
 
 def choose_tokens(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, candidates: int = RANK_ALL,
-                  chunk: int | None = None):
+                  group: int | None = None):
     """One token per row (B,) int32 from float logits (B, V); see the module docstring.
 
     temperature, top_k (1..V; V keeps all) and top_p ((0, 1]; 1 keeps all) are traced scalars, so every
     sampling configuration with the same `candidates` (sampling_candidates; top_k <= candidates) shares one
-    compiled program. `chunk` (static) is top_values' first-stage width (None: the backend's default).
+    compiled program. `group` (static) is top_values' group size (None: the backend's default; 0: one top_k).
     """
     z = logits_BxV.astype(jnp.float32)
     if greedy:
@@ -103,7 +109,7 @@ def choose_tokens(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, c
     z = z / temperature
     if candidates > 0:
         c = min(candidates, z.shape[-1])
-        ranked_BxC = -jnp.sort(-z, axis=-1) if c == z.shape[-1] else top_values(z, c, chunk)
+        ranked_BxC = -jnp.sort(-z, axis=-1) if c == z.shape[-1] else top_values(z, c, group)
         # The k-th largest as a masked min, not a dynamic slice: XLA:CPU folds a slice of top_k's result into its
         # sort, and then sorts the whole row again (8.5 ms instead of 0.1 at V = 49,152).
         rank_C = jnp.arange(c)

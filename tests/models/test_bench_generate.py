@@ -28,18 +28,18 @@ def test_bench_generate_tiny(tmp_path):
 
 
 def test_bench_sampling_small_vocab(tmp_path):
-    """scripts/bench_sampling.py: every setting, and the top-k one at each --chunks width, against its whole-row
-    sort (same draws, checked by the script)."""
+    """scripts/bench_sampling.py: every setting, and the top-k one at each --groups size (0: one top_k),
+    against its whole-row sort (same draws, checked by the script)."""
     out = tmp_path / "s.jsonl"
     proc = subprocess.run([sys.executable, "scripts/bench_sampling.py", "--vocab", "300", "--batch", "1,3",
-                           "--rounds", "1", "--calls", "1", "--chunks", "0,128", "--out", str(out)],
+                           "--rounds", "1", "--calls", "1", "--groups", "0,4", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["batch"] for r in rows] == [1] * 9 + [3] * 9
     by_case = {r["case"]: r for r in rows if r["batch"] == 1}
-    assert by_case["top_k 50, top_p 0.95, chunk 128"]["chunk"] == 128  # two stages (V 300 > 2 chunks)
-    assert by_case["top_k 50, top_p 0.95"]["chunk"] == 0  # the CPU's default: one lax.top_k
+    assert by_case["top_k 50, top_p 0.95"]["group"] == 0  # the CPU's default: one lax.top_k
+    assert by_case["top_k 50, top_p 0.95, group 4"]["group"] == 4  # 75 groups > 64: through the maxima
     assert by_case["greedy"]["candidates"] == 0 and by_case["temperature 0.8"]["candidates"] == 0
     assert by_case["top_k 50, top_p 0.95"]["candidates"] == 64
     assert by_case["top_p 0.95, whole row sorted"]["candidates"] == by_case["top_p 0.95"]["candidates"]

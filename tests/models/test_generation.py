@@ -179,22 +179,25 @@ def test_ranking_only_the_candidates_draws_the_full_sorts_tokens(top_k, top_p):
     c = gen_mod.sampling_candidates(top_k, top_p)
     assert c == (0 if (top_k, top_p) == (None, 1.0) else gen_mod.RANK_ALL if top_k is None
                  else 64 if top_k <= 64 else 128 if top_k == 100 else 4096)
-    for chunk in (0, 128):  # one lax.top_k; two stages (top_values) over chunks of 128 logits
-        ours = jax.jit(functools.partial(gen_mod.choose_tokens, greedy=False, candidates=c, chunk=chunk))(
+    for group in (0, 8):  # one lax.top_k; through the maxima of groups of 8 logits (top_values)
+        ours = jax.jit(functools.partial(gen_mod.choose_tokens, greedy=False, candidates=c, group=group))(
             jnp.asarray(logits), key, jnp.float32(0.9), jnp.int32(top_k or 10**6), jnp.float32(top_p))
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(full))
 
 
-@pytest.mark.parametrize("v,c,chunk", [(1000, 64, 128), (1024, 64, 256), (1001, 5, 100), (300, 64, 128),
-                                       (5000, 64, 0), (777, 16, 16)])
-def test_top_values_equals_one_top_k(v, c, chunk):
-    """Two-stage selection (chunks' top c, then the top c of those) gives lax.top_k's values exactly: ties,
-    -inf logits, a last chunk padded with -inf, and the one-stage fallbacks (c >= chunk, V <= 2 chunks, chunk 0)."""
+@pytest.mark.parametrize("v,c,group", [(1000, 64, 8), (1001, 5, 7), (777, 16, 16), (300, 64, 2), (50, 5, 3),
+                                       (5000, 64, 0)])
+def test_top_values_equals_one_top_k(v, c, group):
+    """Ranking through group maxima (the c groups of largest max, then their top c) gives lax.top_k's values
+    exactly: ties across groups at the c-th max, -inf rows and halves, a last group padded with -inf, and the
+    one-stage fallbacks (n <= c groups, c * group >= V, group 0)."""
     rng = np.random.RandomState(v + c)
     z = np.round(rng.randn(3, 2, v) * 4) / 4  # many ties
     z[0, 0, : v // 2] = -np.inf
+    z[1, 1] = -np.inf
     z = jnp.asarray(z.astype(np.float32))
-    np.testing.assert_array_equal(np.asarray(gen_mod.top_values(z, c, chunk)), np.asarray(jax.lax.top_k(z, c)[0]))
+    np.testing.assert_array_equal(np.asarray(gen_mod.top_values(z, c, group)),
+                                  np.asarray(jax.lax.top_k(z, c)[0]))
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
