@@ -78,9 +78,16 @@ def test_every_registered_method_is_classified():
 
 
 CASE_IDS = [(method, i) for method in sorted(CASES) for i in range(len(CASES[method]))]
+SLOW = pytest.mark.slow  # compilation-bound variants (the ties kernel, ~8-16 s each on 2 cores) that repeat a path
+# a faster case in CI already takes: run with --runslow
 
 
-@pytest.mark.parametrize("method,i", CASE_IDS, ids=[f"{m}-{i}" for m, i in CASE_IDS])
+def _case(*values, slow=False):
+    return pytest.param(*values, marks=[SLOW] if slow else [])
+
+
+@pytest.mark.parametrize("method,i", [_case(m, i, slow=(m, i) == ("ties", 2)) for m, i in CASE_IDS],
+                         ids=[f"{m}-{i}" for m, i in CASE_IDS])
 def test_row_blocks_equal_whole_tensor(method, i):
     """bf16 inputs (many equal task-vector magnitudes) merged in blocks of 8 rows equal the whole tensor."""
     params = CASES[method][i]
@@ -92,7 +99,7 @@ def test_row_blocks_equal_whole_tensor(method, i):
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"{method} {params}")
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "linear", "ramplus_tl", "ram"])
+@pytest.mark.parametrize("method", ["ties", _case("breadcrumbs_ties", slow=True), "linear", "ramplus_tl", "ram"])
 def test_single_rows_and_a_short_last_block(method):
     """Blocks of one row, and blocks of 8 rows of a 37-row tensor (a last block of 5), on small integers (runs
     of equal magnitudes far longer than a block)."""
@@ -104,7 +111,7 @@ def test_single_rows_and_a_short_last_block(method):
         np.testing.assert_array_equal(_merge(cache, method, base, xs, params, out_dtype=np.float32), want)
 
 
-@pytest.mark.parametrize("method", ["ties", "linear"])
+@pytest.mark.parametrize("method", [_case("ties", slow=True), "linear"])
 def test_three_dimensional_tensor(method):
     base, xs = _inputs(method, (9, 4, 5), "float32")
     params = CASES[method][0]
@@ -112,9 +119,13 @@ def test_three_dimensional_tensor(method):
     np.testing.assert_array_equal(_merge(BLOCKS, method, base, xs, params, out_dtype=np.float32), want)
 
 
-@pytest.mark.parametrize("kw", [{"compute_dtype": "bfloat16"}, {"compute_dtype": "float16"},
-                                {"load_dtype": np.float32}], ids=["bfloat16", "float16", "load_float32"])
-@pytest.mark.parametrize("method", ["ties", "linear", "ramplus_tl"])
+PRECISIONS = {"bfloat16": {"compute_dtype": "bfloat16"}, "float16": {"compute_dtype": "float16"},
+              "load_float32": {"load_dtype": np.float32}}
+
+
+@pytest.mark.parametrize("method,kw", [_case(m, kw, slow=(m, name) == ("ties", "float16"))
+                                       for m in ("ties", "linear", "ramplus_tl") for name, kw in PRECISIONS.items()],
+                         ids=[f"{m}-{name}" for m in ("ties", "linear", "ramplus_tl") for name in PRECISIONS])
 def test_row_blocks_in_reduced_precision_and_load_dtype(method, kw):
     """compute_dtype (mergekit's rounding in bfloat16 / float16) and a float32 load of bf16 inputs."""
     base, xs = _inputs(method, (40, 23), "bf16", seed=3)
@@ -124,7 +135,7 @@ def test_row_blocks_in_reduced_precision_and_load_dtype(method, kw):
     np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"{method} {kw}")
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+@pytest.mark.parametrize("method", ["ties", _case("breadcrumbs", slow=True)])
 def test_ties_at_the_cut_across_blocks(method):
     """Task vectors of small integers: every window edge falls inside a run of equal magnitudes spanning many
     blocks, so the kept tied entries are those of lowest flat index, found block by block."""
@@ -220,7 +231,7 @@ def _stable_window(v, lo, hi):
     return (ranks >= lo) & (ranks < hi)
 
 
-@pytest.mark.parametrize("sample_kind", ["none", "all", "unrelated", "every_7th"])
+@pytest.mark.parametrize("sample_kind", ["none", _case("all", slow=True), "unrelated", _case("every_7th", slow=True)])
 def test_window_cuts_match_stable_argsort(sample_kind):
     """Blocks of 50 entries (a short last one), windows at 0 and n, empty and tied ones: the masks of
     rank_window_mask_at per block equal the stable-order reference whatever the sample predicts."""
