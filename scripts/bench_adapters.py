@@ -35,13 +35,15 @@ measurement, on stdout and appended to --out:
                   adapter-library study's setting: --library LoRA adapters of rank --rank mixed
                   (bricks.adapters.mix), a MiniLM router over them (ops.route.retrieval.build_router, 8 example
                   queries per adapter), a batch of --batch short queries and their rows of --seq tokens.
-                  `base_s`: the base's forward; `routed_lm_s`, `embed_s`, `select_s`: ops.route.routing_cost (the
+                  `base_s`: the base's forward; `single_lora_s`: the forward with one adapter attached (unmerged);
+                  `routed_lm_s`, `embed_s`, `select_s`: ops.route.routing_cost (the
                   routed mixed model's forward, embedding the queries, choosing adapters); `cost_ratio` =
                   (routed_lm + embed + select) / base, `overhead` = (embed + select) / routed_lm. Every part is the
                   median of max(--steps, 1) calls after one warm-up (ops.route.median_seconds), every model split
                   before timing. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
                   'random:TOKENIZER_JSON', a randomly initialised BERT of its shape with that tokenizer (the
-                  same cost; routing choices meaningless).
+                  same cost; routing choices meaningless). --mixed_path and --factor_dtype apply as in
+                  bench=forward.
   bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
                   ours_over_peft_lora / _dora (None when PEFT was skipped).
 
@@ -260,7 +262,7 @@ def bench_routing(args) -> dict:
     import numpy as np
 
     from configurable_fm.bricks import adapters
-    from configurable_fm.bricks.adapters.mixed import mix
+    from configurable_fm.bricks.adapters.mixed import mix, with_small_batch_path
     from configurable_fm.models.factory import build_model
     from configurable_fm.ops import route
 
@@ -270,6 +272,9 @@ def bench_routing(args) -> dict:
     library = [adapters.attach(base, "lora", args.targets.split(","), rank=args.rank, alpha=2 * args.rank,
                                init="random", seed=i) for i in range(n)]
     mixed = mix(base, library, factor_dtype=args.factor_dtype)
+    forced = {"auto": None, "all_adapters": True, "gather": False}[args.mixed_path]
+    if forced is not None:
+        mixed = with_small_batch_path(mixed, forced)
     encoder = text_encoder(args.encoder)
     router = route.build_router(encoder, {f"task{i}": queries(8, 100 + i) for i in range(n)})
     texts = queries(args.batch, 0)
@@ -277,10 +282,12 @@ def bench_routing(args) -> dict:
                       jnp.int32)
     repeats = max(args.steps, 1)
     base_s = route.median_seconds(route.forward_call(base, ids), repeats)  # as routing_cost times its forward
+    single_s = route.median_seconds(route.forward_call(library[0], ids), repeats)  # one unmerged LoRA
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     return {"bench": "routing", "shape": args.shape, "batch": args.batch, "seq": args.seq, "library": n,
             "rank": args.rank, "dtype": args.dtype, "encoder": encoder.name, "base_s": base_s,
+            "mixed_path": args.mixed_path, "factor_dtype": args.factor_dtype or "float32", "single_lora_s": single_s,
             "routed_lm_s": rc.lm, "embed_s": rc.embed, "select_s": rc.select, "cost_ratio": total / base_s,
             "overhead": rc.overhead, "goal": ROUTING_GOAL, "device": jax.devices()[0].device_kind}
 

@@ -104,14 +104,15 @@ def test_routing_row(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "MINILM_SHAPE", dict(bench.MINILM_SHAPE, hidden_size=32, num_layers=1, num_heads=2,
                                                     intermediate_size=64))
     argv = ["--shape", "tiny", "--batch", "3", "--seq", "4", "--rank", "2", "--library", "2", "--steps", "1",
-            "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}"]
+            "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}", "--mixed_path", "gather"]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["bench"] for r in rows] == ["routing", "summary"]
     r = rows[0]
     assert (r["library"], r["batch"], r["encoder"]) == (2, 3, "random-minilm-shape")
     parts = r["routed_lm_s"] + r["embed_s"] + r["select_s"]
-    assert min(r["base_s"], r["routed_lm_s"], r["embed_s"], r["select_s"]) > 0
+    assert min(r["base_s"], r["single_lora_s"], r["routed_lm_s"], r["embed_s"], r["select_s"]) > 0
+    assert (r["mixed_path"], r["factor_dtype"]) == ("gather", "float32")
     assert r["cost_ratio"] == pytest.approx(parts / r["base_s"])
     assert r["overhead"] == pytest.approx((r["embed_s"] + r["select_s"]) / r["routed_lm_s"])
     assert rows[1]["routing_cost_ratio"] == r["cost_ratio"] and rows[1]["routing_ok"] == (r["cost_ratio"] <= 1.05)
