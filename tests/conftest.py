@@ -27,14 +27,7 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
 
-# The longest tests (20-65 s each on 2 cores) start first: one started last leaves the other worker idle for as long
-# as it runs. A stable sort: every module's own order is kept.
-LONG_FIRST = ("tests/test_notebooks.py", "tests/train/test_multiprocess.py", "tests/cli/test_quickstart.py",
-              "tests/train/test_resume_kill.py", "tests/interop/test_export_hf.py")
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))
     run_slow = config.getoption("--runslow") or os.environ.get("CFM_RUN_SLOW") == "1"
     has_gpu = any(d.platform == "gpu" for d in jax.devices()) if "cpu" not in os.environ["JAX_PLATFORMS"] else False
     for item in items:
