@@ -174,17 +174,27 @@ def timed(fn, args_, steps: int, warmup: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, first
 
 
+MIXED_PATHS = {"auto": None, "all_adapters": True, "gather": False}  # --mixed_path -> with_small_batch_path's value
+
+
+def with_mixed_path(mixed, mixed_path: str):
+    """The mixed model with its LoRA path forced as --mixed_path says ('auto': by shape, unchanged)."""
+    from configurable_fm.bricks.adapters.mixed import with_small_batch_path
+
+    forced = MIXED_PATHS[mixed_path]
+    return mixed if forced is None else with_small_batch_path(mixed, forced)
+
+
 def bench_forward(args, seqs: list[int]) -> list[dict]:
     """One bench=forward row per sequence length in `seqs` (the adapters are built once)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from configurable_fm.bricks import adapters
-    from configurable_fm.bricks.adapters.mixed import (mix, uses_small_batch_path, with_adapter_ids,
-                                                       with_small_batch_path)
+    from configurable_fm.bricks.adapters.mixed import mix, uses_small_batch_path, with_adapter_ids
     from configurable_fm.models.factory import build_model
+    from configurable_fm.ops import route
 
     dtype = jnp.dtype(args.dtype)
     base = build_model(model_spec(args.shape, max(seqs)), seed=0, param_dtype=dtype, dtype=dtype)
@@ -193,29 +203,19 @@ def bench_forward(args, seqs: list[int]) -> list[dict]:
     t0 = time.perf_counter()
     singles = [adapters.attach(base, "lora", targets, rank=args.rank, alpha=2 * args.rank, init="random", seed=i)
                for i in range(n)]
-    mixed = mix(base, singles, factor_dtype=args.factor_dtype)
-    forced = {"auto": None, "all_adapters": True, "gather": False}[args.mixed_path]
-    if forced is not None:
-        mixed = with_small_batch_path(mixed, forced)
+    mixed = with_mixed_path(mix(base, singles, factor_dtype=args.factor_dtype), args.mixed_path)
+    forced = MIXED_PATHS[args.mixed_path]
     build_s = time.perf_counter() - t0
     models = [("base", base), ("single", singles[0]), ("mixed", with_adapter_ids(mixed, np.arange(args.batch) % n)),
               ("mixed_one", with_adapter_ids(mixed, np.zeros(args.batch, np.int32)))]
-    jitted = {}  # one program per graphdef: the two mixed models differ only in their ids (state)
-
-    def forward(model):
-        graphdef, state = nnx.split(model)
-        if graphdef not in jitted:
-            jitted[graphdef] = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
-        return jitted[graphdef], state
-
     rows = []
     for seq in seqs:
         tokens = jnp.asarray(np.random.default_rng(seq).integers(0, SHAPES[args.shape]["vocab_size"],
                                                                  (args.batch, seq)), jnp.int32)
         times = {}
-        for name, model in models:
-            fn, state = forward(model)
-            times[f"{name}_s"], times[f"{name}_compile_s"] = timed(fn, (state, tokens), args.steps, args.warmup)
+        for name, model in models:  # one program per structure: the two mixed models differ only in their ids
+            call = route.forward_call(model, tokens)
+            times[f"{name}_s"], times[f"{name}_compile_s"] = timed(call, (), args.steps, args.warmup)
         small = uses_small_batch_path(args.batch * seq, args.batch, n) if forced is None else forced
         rows.append({"bench": "forward", "shape": args.shape, "batch": args.batch, "seq": seq, "adapters": n,
                      "rank": args.rank, "dtype": args.dtype, "factor_dtype": args.factor_dtype or "float32",
@@ -262,7 +262,7 @@ def bench_routing(args) -> dict:
     import numpy as np
 
     from configurable_fm.bricks import adapters
-    from configurable_fm.bricks.adapters.mixed import mix, with_small_batch_path
+    from configurable_fm.bricks.adapters.mixed import mix
     from configurable_fm.models.factory import build_model
     from configurable_fm.ops import route
 
@@ -271,10 +271,7 @@ def bench_routing(args) -> dict:
     n = args.library
     library = [adapters.attach(base, "lora", args.targets.split(","), rank=args.rank, alpha=2 * args.rank,
                                init="random", seed=i) for i in range(n)]
-    mixed = mix(base, library, factor_dtype=args.factor_dtype)
-    forced = {"auto": None, "all_adapters": True, "gather": False}[args.mixed_path]
-    if forced is not None:
-        mixed = with_small_batch_path(mixed, forced)
+    mixed = with_mixed_path(mix(base, library, factor_dtype=args.factor_dtype), args.mixed_path)
     encoder = text_encoder(args.encoder)
     router = route.build_router(encoder, {f"task{i}": queries(8, 100 + i) for i in range(n)})
     texts = queries(args.batch, 0)
@@ -352,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute dtype (default: float32 for tiny, bfloat16 otherwise)")
     p.add_argument("--factor_dtype", choices=["bfloat16", "float32"], default=None,
                    help="dtype of the mixed model's stacked LoRA factors (default: the adapters' own, float32)")
-    p.add_argument("--mixed_path", choices=["auto", "all_adapters", "gather"], default="auto",
+    p.add_argument("--mixed_path", choices=list(MIXED_PATHS), default="auto",
                    help="the mixed rows' LoRA path (default: by shape, bricks.adapters.mixed.uses_small_batch_path)")
     p.add_argument("--library", type=int, default=10, help="adapters behind the router (bench=routing)")
     p.add_argument("--encoder", default="all-minilm-l6-v2",
