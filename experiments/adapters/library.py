@@ -21,7 +21,8 @@ set was plural, reverse_short, count, near chance for every method; README, "Res
 Stages: adapter_<task> (kind 'library_adapter', one per library task: LoRA rank 8, alpha 16 on every attention
 and MLP projection of the frozen base, trained through the trainer with `config.adapter`), then evaluate (kind
 'library_eval': base, per-task oracle, uniform / task-arithmetic / TIES / DARE-TIES merges, PEFT 'cat', Arrow,
-LoraHub, MiniLM embedding routing; exact match with SE, chance level, cost relative to the base).
+LoraHub, MiniLM embedding routing: top-1, with calibrated floors falling back to the base or to the uniform merge,
+and soft top-3 (temperature 0.05); exact match with SE, chance level, cost relative to the base).
 
 Variants:
   default  GPU (one H200): 300 steps of 32 rows per adapter (4000 training problems, fewer where a split is
@@ -29,8 +30,8 @@ Variants:
            nominal 125: their whole test splits), LoraHub 20 examples x 40 evaluations, 32 router examples per task
   cpu      the reduced run for the shared 2-core CPU: 10 steps of 8 rows per adapter (80 problems), lr 3e-3,
            float32, 16 test problems per task, LoraHub 4 examples x 4 evaluations, 8 router examples per task
-  routing  the default run with the evaluation limited to base, oracle, uniform and the two embedding-routing rows
-           (ROUTING_METHODS): the same adapter stages and a shorter evaluation
+  routing  the default run with the evaluation limited to base, oracle, uniform and the four embedding-routing
+           rows (ROUTING_METHODS): the same adapter stages and a shorter evaluation
   test     CI (seconds): a tiny random llama (2 layers, width 32, SmolLM2's tokenizer; the adapter stages build it
            from config.model and seed, the evaluation stage the same), library copy + keyword, held out
            reverse_short, 2 steps per adapter, 4 problems per task
@@ -51,7 +52,7 @@ HELD_OUT = ("plural", "uppercase", "increment")
 TEST_LIBRARY, TEST_HELD_OUT = ("copy", "keyword"), ("reverse_short",)
 BASE = "smollm2-135m-instruct"
 VARIANTS = ("default", "cpu", "test", "routing")
-ROUTING_METHODS = ("base", "oracle", "uniform", "embed_routing", "embed_floors")
+ROUTING_METHODS = ("base", "oracle", "uniform", "embed_routing", "embed_floors", "embed_uniform", "embed_soft")
 # Rows are padded to a multiple of this (bucket()): on the GPU every task to seq_len (one shape, so one compilation
 # per model structure: the evaluation of the first full run spent most of its 430 s compiling per task length),
 # on the CPU, where the padding costs compute, to the task's own length rounded up to 32.
@@ -108,7 +109,7 @@ def eval_stage(variant: str, library, held_out, base: str, methods=()) -> ml_col
                                              dare_lambda=1.0))
     c.arrow = ml_collections.ConfigDict(dict(top_k=3, temperature=1.0))
     c.lorahub = ml_collections.ConfigDict(dict(examples=20 if gpu else 4, budget=40 if gpu else (3 if test else 4)))
-    c.routing = ml_collections.ConfigDict(dict(examples=32 if gpu else (4 if test else 8)))
+    c.routing = ml_collections.ConfigDict(dict(examples=32 if gpu else (4 if test else 8), top_k=3, temperature=0.05))
     c.cost = ml_collections.ConfigDict(dict(repeats=5 if gpu else 2))
     c.methods = tuple(methods)  # () = every method
     if test:  # the tiny random llama of finetune's runlocal variant, as the adapter stages' trainer builds it

@@ -35,6 +35,11 @@ Methods (library of N adapters, LoRA factors A_i, B_i, scale s_i, ΔW_i = s_i A_
   embed_floors    embed_routing, but a row whose best cosine is below its adapter's calibrated floor (mean − 3 std
                   of the adapter's own examples' leave-one-out cosines, ops.route.retrieval) runs the base: queries
                   unlike every library task get no adapter. Calibrated on the library's examples alone.
+  embed_uniform   embed_floors, but a row below its floor runs the uniform merge instead of the base
+                  (route(..., fallback='uniform'): weights 1/N on ops.route.weighted_mix, the uniform merge for that
+                  row alone; the rows above keep their top-1 adapter as one-hot weights)
+  embed_soft      the `routing.top_k` nearest adapters mixed per row, w_i = softmax(s_i / routing.temperature) over
+                  them (ops.route.softmax_top_k; Σ w_i ΔW_i for that row), rows below their floor the uniform merge
 Merges are computed on the dense ΔW_i and added to the base kernels (bricks.deltas.apply): no SVD truncation.
 
 Inference cost: median wall time of a jitted forward of one (batch_size, seq_len) batch per method (the model split
@@ -43,6 +48,7 @@ the embedding and selection, ops.route.routing_cost).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -65,7 +71,14 @@ EVAL_KEYS = ("base", "adapters", "library", "held_out", "shots", "demo_seed", "n
              "seq_len", "compute_dtype", "tokenizer", "token_ids", "merge", "arrow", "lorahub", "routing", "cost",
              "methods", "seed", "base_model", "base_seed", "length_step")
 METHODS = ("base", "oracle", "uniform", "task_arithmetic", "ties", "dare_ties", "cat", "arrow", "lorahub",
-           "embed_routing", "embed_floors")
+           "embed_routing", "embed_floors", "embed_uniform", "embed_soft")
+# embedding-routing methods: route() options (None: the router's calibrated floors) and the model they run on
+# ('mixed': one adapter id per row, bricks.adapters.mix; 'weighted': weights per row, ops.route.weighted_mix)
+ROUTED = {"embed_routing": ("mixed", dict(threshold=None)),
+          "embed_floors": ("mixed", dict(threshold="floors")),
+          "embed_uniform": ("weighted", dict(threshold="floors", fallback="uniform")),
+          "embed_soft": ("weighted", dict(threshold="floors", fallback="uniform", top_k="top_k",
+                                          temperature="temperature"))}
 MERGED = ("uniform", "task_arithmetic", "ties", "dare_ties")
 
 
@@ -313,7 +326,7 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
         log("  lorahub: " + " ".join(f"{k}={v['acc']:.2f}" for k, v in results["lorahub"].items()))
 
     routing_info = {}
-    routed = [m for m in ("embed_routing", "embed_floors") if m in methods]
+    routed = [m for m in ROUTED if m in methods]
     if routed:
         rc = cfg.routing
         encoder = route.load_text_encoder()
@@ -323,24 +336,27 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
                                     int(cfg.demo_seed))
             examples[name] = [fs.query(e.prompt) for e in exs]
         router = route.build_router(encoder, examples)
-        mixed = ad.mix(base, adapted)
+        models = {kind: (ad.mix if kind == "mixed" else route.weighted_mix)(base, adapted)
+                  for kind in sorted({ROUTED[m][0] for m in routed})}
         routing_info["floors"] = dict(zip(library, np.round(router.floors, 4).tolist()))
+        names = {-2: "uniform merge", -1: "base", **dict(enumerate(library))}
         for method in routed:
+            kind, options = routing_options(method, router, rc)
+            model = models[kind]
             t0 = time.perf_counter()
-            threshold = router.floors if method == "embed_floors" else None
             for name in tasks:
                 fs, exs = problems[name]
-                r = route.route_texts(router, encoder, [fs.query(e.prompt) for e in exs], threshold=threshold)
+                r = route.route_texts(router, encoder, [fs.query(e.prompt) for e in exs], **options)
                 choices = np.asarray(r.choices)
-                counts = {("base" if i < 0 else library[i]): int((choices == i).sum())
-                          for i in sorted(set(choices.tolist()))}
-                hit, nll = score_rows(rows[name], bs, lambda idx: ad.with_adapter_ids(mixed, choices[idx]))
+                counts = {names[i]: int((choices == i).sum()) for i in sorted(set(choices.tolist()))}
+                hit, nll = score_rows(rows[name], bs, lambda idx: route.routed_model(
+                    model, dataclasses.replace(r, choices=r.choices[idx], weights=r.weights[idx])))
                 own = float((choices == library.index(name)).mean()) if name in library else None
                 record(method, name, hit, nll, chosen=counts, routed_to_own=own)
                 routing_info.setdefault(method, {})[name] = {"chosen": counts, "routed_to_own": own}
             seconds[method] = time.perf_counter() - t0
             log(f"  {method}: " + " ".join(f"{k}={v['acc']:.2f}" for k, v in results[method].items()))
-        cost_models["embed_routing"] = (mixed, router, encoder)
+            cost_models.setdefault(COST_OF[method], (model, router, encoder, options))
 
     cost = measure_costs(cfg, cost_models, rows, problems, tasks, log)
     summary = summarize(results, library, held_out, chance, cost, methods)
@@ -372,11 +388,11 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
     if "base" not in cost_models:
         return out
     for key, model in cost_models.items():
-        if key == "embed_routing":
-            mixed, router, encoder = model
+        if isinstance(model, tuple):  # a routed model: (model, router, encoder, route options)
+            routed, router, encoder, options = model
             fs, exs = problems[name]
             texts = [fs.query(exs[i].prompt) for i in idx]
-            rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=int(cc.repeats))
+            rc = route.routing_cost(router, encoder, texts, routed, ids, repeats=int(cc.repeats), **options)
             out[key] = {"seconds": rc.lm + rc.embed + rc.select, "lm": rc.lm, "embed": rc.embed,
                         "select": rc.select}
             continue
@@ -392,9 +408,27 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
     return out
 
 
+# embed_floors: the same mixed model and router as embed_routing (base rows cost no less in a batch); the
+# weighted methods run every adapter on every row (ops.route.mixture), whatever the weights
 COST_OF = {"base": "base", "oracle": "oracle", "uniform": "merged", "task_arithmetic": "merged", "ties": "merged",
            "dare_ties": "merged", "lorahub": "merged", "cat": "cat", "arrow": "arrow", "embed_routing": "embed_routing",
-           "embed_floors": "embed_routing"}  # the same mixed model and router; base rows cost no less in a batch
+           "embed_floors": "embed_routing", "embed_uniform": "embed_weighted", "embed_soft": "embed_weighted"}
+
+
+def routing_options(method: str, router, rc) -> tuple[str, dict]:
+    """(model kind, route() options) of an embedding-routing method (ROUTED), with the floors and the config's
+    top_k / temperature filled in."""
+    kind, options = ROUTED[method]
+    filled = {}
+    for key, value in options.items():
+        if value == "floors":
+            value = router.floors
+        elif key == "top_k":
+            value = min(int(rc.get("top_k", 3)), len(router.names))
+        elif key == "temperature":
+            value = float(rc.get("temperature", 0.05))
+        filled[key] = value
+    return kind, filled
 
 
 def summarize(results, library, held_out, chance, cost, methods) -> dict:

@@ -17,7 +17,8 @@ arrow.py      Arrow (+ GenKnowSub): prototypes (top singular vectors), per-token
 search.py     cma_es: a seeded CMA-ES in numpy with box bounds and an evaluation budget
 lorahub.py    LoraHub: A' = Σ w A, B' = Σ w B; few-shot cross-entropy + L1; the search
 embed.py      sentence embeddings as sentence-transformers computes them (BERT, mean pooling, L2 normalise)
-retrieval.py  centroid routing (top-1 / softmax top-k), running the routed batch, the routing cost
+retrieval.py  centroid routing (top-1 / softmax top-k, floors, base or uniform fallback), the routed batch,
+              the routing cost
 library.py    AdapterLibrary: names, adapter brick sets, example inputs; save / load a directory
 """
 from configurable_fm.ops.route.common import RouteError
@@ -32,7 +33,7 @@ from configurable_fm.ops.route.lorahub import (FewShot, LoraHubResult, few_shot_
 from configurable_fm.ops.route.embed import TextEncoder, embed_texts, load_text_encoder, tokenize
 from configurable_fm.ops.route.retrieval import (CentroidRouter, Routing, RoutingCost, build_router, calibrated_floor,
                                                  centroid, forward_call, median_seconds, route, route_texts,
-                                                 routing_cost, run_routed)
+                                                 routed_model, routing_cost, run_routed)
 from configurable_fm.ops.route.library import AdapterLibrary
 
 __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALinear", "lora_mixture",
@@ -43,5 +44,5 @@ __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALine
            "target_loss",
            "TextEncoder", "embed_texts", "load_text_encoder", "tokenize",
            "CentroidRouter", "Routing", "RoutingCost", "build_router", "calibrated_floor", "centroid", "forward_call",
-           "median_seconds", "route", "route_texts", "routing_cost", "run_routed",
+           "median_seconds", "route", "route_texts", "routed_model", "routing_cost", "run_routed",
            "AdapterLibrary"]

@@ -35,6 +35,12 @@ i's own examples score. `route(router, q, threshold=router.floors)` sends a row 
 adapter's floor to the base. Adapters with fewer than 3 examples get floor −1 (never rejects: too few examples
 to estimate a spread). No held-out data is involved: the floors come from the library's examples.
 
+What a rejected row runs (`fallback`): 'base' (id BASE_ID −1, zero weights: the model alone) or 'uniform' (id
+UNIFORM_ID −2, weights 1/N on every adapter: y = x W + (1/N) Σ_i s_i (x A_i) B_i = x (W + (1/N) Σ_i ΔW_i), the
+uniform merge applied to that row alone, which only a row-weighted model (weighted_mix) serves). The uniform merge
+is the library's answer for a query no adapter fits (experiments/adapters/README.md: on held-out tasks it scores
+above the base and above routing to a look-alike adapter).
+
 Routing cost (`routing_cost`): wall-clock seconds of embedding the queries, of the selection (scores, top-k) and of
 the LM forward of the same batch, each after one warm-up call (compilation excluded), median of `repeats`, with
 `block_until_ready`; `overhead` = (embed + select) / LM forward.
@@ -63,6 +69,8 @@ from configurable_fm.ops.route.embed import TextEncoder, embed_texts
 from configurable_fm.ops.route.mixture import RowWeightedLinear, routed_modules, softmax_top_k, with_adapter_weights
 
 DEFAULT_TEMPERATURE = 0.05
+UNIFORM_ID = -2  # the row id of a query that fell back to the uniform merge (route(..., fallback='uniform'))
+FALLBACKS = ("base", "uniform")
 ROUTER_FORMAT = "configurable_fm.centroid_router"
 ROUTER_FILE, CENTROIDS_FILE = "router.json", "centroids.safetensors"
 
@@ -160,10 +168,10 @@ def build_router(encoder: TextEncoder, examples: Mapping[str, Sequence[str]], *,
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """scores (Q, N): cosine of each query to each centroid; choices (Q,): the top-1 adapter id (BASE_ID −1
-    where the best score is below the threshold); top (Q, k): the chosen ids, best first; weights (Q, N): softmax
-    over the top-k scores / T, 0 elsewhere (a zero row where the best score is below the threshold); names:
-    the adapters' names."""
+    """scores (Q, N): cosine of each query to each centroid; choices (Q,): the top-1 adapter id (where the best
+    score is below the threshold: BASE_ID −1, or UNIFORM_ID −2 with fallback 'uniform'); top (Q, k): the chosen
+    ids, best first; weights (Q, N): softmax over the top-k scores / T, 0 elsewhere (below the threshold: a zero
+    row, or 1/N everywhere with fallback 'uniform'); names: the adapters' names."""
 
     scores: np.ndarray
     choices: np.ndarray
@@ -173,8 +181,14 @@ class Routing:
 
     @property
     def chosen_names(self) -> list[str | None]:
-        """The top-1 adapter name of each query (None: the base)."""
-        return [None if i == BASE_ID else self.names[i] for i in self.choices.tolist()]
+        """The top-1 adapter name of each query (None: the base; 'uniform merge': the uniform fallback)."""
+        return [None if i == BASE_ID else "uniform merge" if i == UNIFORM_ID else self.names[i]
+                for i in self.choices.tolist()]
+
+    @property
+    def fallen_back(self) -> np.ndarray:
+        """(Q,) bool: the queries below the threshold (sent to the base or the uniform merge)."""
+        return self.choices < 0
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -185,11 +199,14 @@ def _select(scores_QxN, k: int, temperature: float):
 
 
 def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 1,
-          temperature: float = DEFAULT_TEMPERATURE, threshold=None) -> Routing:
+          temperature: float = DEFAULT_TEMPERATURE, threshold=None, fallback: str = "base") -> Routing:
     """Routing of unit query embeddings (Q, D) (module docstring). threshold: None, one cosine for every adapter,
     or (N,) per adapter (e.g. router.floors), which the best score of each query is compared with at its best
-    adapter. RouteError for a dimension that is not the centroids', top_k outside 1..N, or a threshold of
-    another shape."""
+    adapter; fallback: what a query below it runs, 'base' or 'uniform' (module docstring). RouteError for a
+    dimension that is not the centroids', top_k outside 1..N, a threshold of another shape or an unknown
+    fallback."""
+    if fallback not in FALLBACKS:
+        raise RouteError(f"route: fallback must be one of {list(FALLBACKS)}, got {fallback!r}")
     q = np.asarray(query_embeddings, np.float32)
     n, d = router.centroids.shape
     if q.ndim != 2 or q.shape[1] != d:
@@ -205,8 +222,8 @@ def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 
         if t.shape not in ((), (n,)):
             raise RouteError(f"route: threshold must be a number or one per adapter ({n},), got shape {t.shape}")
         low = scores.max(axis=1) < (t if t.ndim == 0 else t[top[:, 0]])
-        choices[low] = BASE_ID
-        weights[low] = 0.0
+        choices[low] = UNIFORM_ID if fallback == "uniform" else BASE_ID
+        weights[low] = 1.0 / n if fallback == "uniform" else 0.0
     return Routing(scores, choices, top, weights, router.names)
 
 
@@ -219,14 +236,11 @@ def route_texts(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[st
     return route(router, embed_texts(encoder, texts), **options)
 
 
-def run_routed(model: nnx.Module, routing: Routing, ids_BxT, **call_kwargs):
-    """The forward of `model` on ids_BxT with each row routed as `routing` says: a mixed model
-    (bricks.adapters.mix, in router order) takes the top-1 choices (with_adapter_ids), a row-weighted model
-    (weighted_mix) the weights (with_adapter_weights). RouteError when the model is neither, holds another
-    number of adapters, or the batch is not one row per query."""
-    b = int(np.shape(ids_BxT)[0])
-    if b != len(routing.choices):
-        raise RouteError(f"run_routed: {b} rows of ids for {len(routing.choices)} routed queries")
+def routed_model(model: nnx.Module, routing: Routing) -> nnx.Module:
+    """`model` with each batch row routed as `routing` says: a mixed model (bricks.adapters.mix, in router order)
+    takes the top-1 choices (with_adapter_ids), a row-weighted model (weighted_mix) the weights
+    (with_adapter_weights). RouteError when the model is neither, holds another number of adapters, or is a mixed
+    model and rows fell back to the uniform merge (one adapter id per row cannot express it)."""
     n = len(routing.names)
     mixed = mixed_modules(model)
     weighted = [m for m in routed_modules(model).values() if isinstance(m, RowWeightedLinear)]
@@ -234,14 +248,27 @@ def run_routed(model: nnx.Module, routing: Routing, ids_BxT, **call_kwargs):
         held = {m.num_adapters for m in mixed.values()}
         if held != {n}:
             raise RouteError(f"run_routed: the mixed model holds {sorted(held)} adapters, the routing {n}")
-        return with_adapter_ids(model, routing.choices)(ids_BxT, **call_kwargs)
+        uniform = np.flatnonzero(np.asarray(routing.choices) == UNIFORM_ID)
+        if uniform.size:
+            raise RouteError(f"run_routed: rows {uniform[:8].tolist()} fell back to the uniform merge, which a mixed "
+                             "model (one adapter id per row) cannot run: route them on ops.route.weighted_mix")
+        return with_adapter_ids(model, routing.choices)
     if weighted:
         held = {m.num_adapters for m in weighted}
         if held != {n}:
             raise RouteError(f"run_routed: the weighted model holds {sorted(held)} adapters, the routing {n}")
-        return with_adapter_weights(model, routing.weights)(ids_BxT, **call_kwargs)
+        return with_adapter_weights(model, routing.weights)
     raise RouteError("run_routed: the model has neither mixed-adapter modules (bricks.adapters.mix) nor "
                      "row-weighted ones (ops.route.weighted_mix)")
+
+
+def run_routed(model: nnx.Module, routing: Routing, ids_BxT, **call_kwargs):
+    """routed_model(model, routing)(ids_BxT): the forward with each row routed as `routing` says; RouteError
+    (routed_model's, and when the batch is not one row per query)."""
+    b = int(np.shape(ids_BxT)[0])
+    if b != len(routing.choices):
+        raise RouteError(f"run_routed: {b} rows of ids for {len(routing.choices)} routed queries")
+    return routed_model(model, routing)(ids_BxT, **call_kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,10 +314,12 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[str], model: nnx.Module, ids_BxT,
-                 *, top_k: int = 1, temperature: float = DEFAULT_TEMPERATURE, repeats: int = 3) -> RoutingCost:
+                 *, repeats: int = 3, **options) -> RoutingCost:
     """How much routing adds to a forward (module docstring): embedding `texts` (one query per row of ids_BxT),
-    selecting adapters, and the LM forward of `model` (a mixed or row-weighted model, routed as selected, jitted)
-    on ids_BxT. RouteError for repeats < 1 or a batch that does not match the texts."""
+    selecting adapters (route(router, ., **options): top_k, temperature, threshold, fallback), and the LM forward
+    of `model` (a mixed or row-weighted model, routed as selected (routed_model), jitted; any other model
+    runs as it is) on ids_BxT. RouteError for repeats < 1
+    or a batch that does not match the texts."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise RouteError(f"routing_cost: repeats must be an int >= 1, got {repeats!r}")
     texts = list(texts)
@@ -300,13 +329,9 @@ def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[s
                          f"{len(texts)} texts")
     embed_s = median_seconds(lambda: embed_texts(encoder, texts), repeats)
     q = embed_texts(encoder, texts)
-    select_s = median_seconds(lambda: route(router, q, top_k=top_k, temperature=temperature).weights, repeats)
-    routing = route(router, q, top_k=top_k, temperature=temperature)
-    if mixed_modules(model):
-        routed = with_adapter_ids(model, routing.choices)
-    elif any(isinstance(m, RowWeightedLinear) for m in routed_modules(model).values()):
-        routed = with_adapter_weights(model, routing.weights)
-    else:
-        routed = model
+    select_s = median_seconds(lambda: route(router, q, **options).weights, repeats)
+    routing = route(router, q, **options)
+    serves = mixed_modules(model) or any(isinstance(m, RowWeightedLinear) for m in routed_modules(model).values())
+    routed = routed_model(model, routing) if serves else model
     lm_s = median_seconds(forward_call(routed, ids), repeats)
     return RoutingCost(embed=embed_s, select=select_s, lm=lm_s, batch=len(texts))

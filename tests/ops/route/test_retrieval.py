@@ -85,6 +85,14 @@ def test_route_by_hand():
     np.testing.assert_array_equal(low.weights[3], 0)
     np.testing.assert_array_equal(low.weights[:3], np.eye(3))
     assert low.chosen_names[3] is None
+    np.testing.assert_array_equal(low.fallen_back, [False, False, False, True])
+    uni = route(router, q, threshold=0.2, fallback="uniform")  # the same row gets 1/N of every adapter instead
+    np.testing.assert_array_equal(uni.choices, [0, 1, 2, -2])
+    np.testing.assert_allclose(uni.weights[3], [1 / 3] * 3, rtol=1e-7)
+    np.testing.assert_array_equal(uni.weights[:3], np.eye(3))
+    assert uni.chosen_names[3] == "uniform merge"
+    with pytest.raises(RouteError, match=r"fallback must be one of \['base', 'uniform'\], got 'merge'"):
+        route(router, q, threshold=0.2, fallback="merge")
     np.testing.assert_allclose(centroid(unit(np.array([[1, 0], [0, 1]]))), unit([1, 1]), rtol=1e-6)
     with pytest.raises(RouteError, match=r"query embeddings must be \(Q, 3\) \(the centroids' width\), got \(4, 2\)"):
         route(router, q[:, :2])
@@ -178,7 +186,7 @@ def test_code_and_prose_queries_route_to_their_adapter(encoder, routed):
 
 
 @pytest.mark.real_model
-def test_the_routed_batch_runs_the_chosen_adapters(routed, lm):
+def test_the_routed_batch_runs_the_chosen_adapters(routed, lm, encoder):
     _, queries, r = routed
     base, loras, ids = lm
     top1 = np.asarray(run_routed(adapters.mix(base, loras), r, ids))
@@ -191,6 +199,17 @@ def test_the_routed_batch_runs_the_chosen_adapters(routed, lm):
     for b in (0, len(queries) - 1):
         want = np.asarray(adapters.combine(loras, r.weights[b].tolist(), "cat")(ids))[b]
         np.testing.assert_allclose(top2[b], want, atol=1e-5, rtol=0)
+    # the prose rows below a threshold they cannot reach fall back to the uniform merge: (ΔW_1 + ΔW_2) / 2
+    router = routed[0]
+    uni = route_texts(router, encoder, queries, threshold=np.array([-1.0, 1.5], np.float32),
+                      fallback="uniform")
+    assert (uni.choices == np.where(r.choices == 1, -2, 0)).all()
+    got = np.asarray(run_routed(weighted, uni, ids))
+    uniform = np.asarray(adapters.combine(loras, [0.5, 0.5], "cat")(ids))
+    for b, i in enumerate(uni.choices):
+        np.testing.assert_allclose(got[b], (uniform if i < 0 else alone[i])[b], atol=1e-5, rtol=0)
+    with pytest.raises(RouteError, match=r"rows \[4, 5, 6\] fell back to the uniform merge, which a mixed model"):
+        run_routed(adapters.mix(base, loras), uni, ids)
     with pytest.raises(RouteError, match=r"run_routed: 3 rows of ids for 7 routed queries"):
         run_routed(weighted, r, ids[:3])
     with pytest.raises(RouteError, match=r"neither mixed-adapter modules"):
