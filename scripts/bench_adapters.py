@@ -7,6 +7,7 @@ fine-tuning (and against PEFT + transformers on a CUDA GPU, in the same run).
     python scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --factor_dtype bfloat16  # --mixed_path gather
     python scripts/bench_adapters.py --shape 1b --benches forward    # only the forward rows (train: only training)
     python scripts/bench_adapters.py --shape 135m --benches routing --batch 50 --seq 192 --rank 8   # the library study
+    python scripts/bench_adapters.py --shape 1b --benches routing --batch 64 --seq 512 --rank 8 --profile /tmp/prof
 
 A llama of the shape (random weights; 135m: SmolLM2-135M, 1b: experiments/pretrain.py:1b; tiny: CPU tests) with
 LoRA rank --rank (alpha = 2 x rank) on every Linear of attention and MLP (--targets). One JSON line per
@@ -43,7 +44,10 @@ measurement, on stdout and appended to --out:
                   before timing. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
                   'random:TOKENIZER_JSON', a randomly initialised BERT of its shape with that tokenizer (the
                   same cost; routing choices meaningless). --mixed_path and --factor_dtype apply as in
-                  bench=forward.
+                  bench=forward. With --profile DIR, `profile` holds a device-kernel summary
+                  (configurable_fm.profiling.trace_kernels: categories, top kernels, per forward) of 3 forwards
+                  each of the base and of the one-adapter model (traces in DIR/base, DIR/single_lora): where the
+                  unmerged adapter's extra time goes.
   bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
                   ours_over_peft_lora / _dora (None when PEFT was skipped).
 
@@ -282,11 +286,21 @@ def bench_routing(args) -> dict:
     single_s = route.median_seconds(route.forward_call(library[0], ids), repeats)  # one unmerged LoRA
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
+    profiles = {}
+    if args.profile:
+        from configurable_fm.profiling import trace_kernels
+
+        for name, model in (("base", base), ("single_lora", library[0])):
+            call = route.forward_call(model, ids)
+            jax.block_until_ready(call())  # compiled before the trace
+            profiles[name] = trace_kernels(lambda: [jax.block_until_ready(call()) for _ in range(3)],
+                                           os.path.join(args.profile, name), steps=3, top=15)
     return {"bench": "routing", "shape": args.shape, "batch": args.batch, "seq": args.seq, "library": n,
             "rank": args.rank, "dtype": args.dtype, "encoder": encoder.name, "base_s": base_s,
             "mixed_path": args.mixed_path, "factor_dtype": args.factor_dtype or "float32", "single_lora_s": single_s,
             "routed_lm_s": rc.lm, "embed_s": rc.embed, "select_s": rc.select, "cost_ratio": total / base_s,
-            "overhead": rc.overhead, "goal": ROUTING_GOAL, "device": jax.devices()[0].device_kind}
+            "overhead": rc.overhead, "goal": ROUTING_GOAL, "device": jax.devices()[0].device_kind,
+            **({"profile": profiles} if profiles else {})}
 
 
 def bench_train(args, method: str) -> dict:
@@ -358,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benches", default="forward,train",
                    help="comma-separated: forward (mixed batches), train (full / LoRA / DoRA steps and PEFT), "
                         "routing (what embedding routing adds)")
+    p.add_argument("--profile", default="", help="bench=routing: trace the base and one-adapter forwards here")
     p.add_argument("--out", default="")
     p.add_argument("--anchor", choices=["lora", "dora"], help=argparse.SUPPRESS)  # the PEFT subprocess
     argv = sys.argv[1:] if argv is None else list(argv)

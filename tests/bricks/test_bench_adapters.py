@@ -92,9 +92,9 @@ def test_benches_refuses_an_unknown_bench(bench, capsys):
         capsys.readouterr().err
 
 
-def test_routing_row(bench, capsys, monkeypatch):
+def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast): the
-    row's parts and ratios."""
+    row's parts and ratios; --profile's two traces (on the CPU they hold no device kernels, which the row says)."""
     from configurable_fm.models import registry
 
     try:
@@ -104,7 +104,8 @@ def test_routing_row(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "MINILM_SHAPE", dict(bench.MINILM_SHAPE, hidden_size=32, num_layers=1, num_heads=2,
                                                     intermediate_size=64))
     argv = ["--shape", "tiny", "--batch", "3", "--seq", "4", "--rank", "2", "--library", "2", "--steps", "1",
-            "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}", "--mixed_path", "gather"]
+            "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}", "--mixed_path", "gather",
+            "--profile", str(tmp_path / "prof")]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["bench"] for r in rows] == ["routing", "summary"]
@@ -116,6 +117,9 @@ def test_routing_row(bench, capsys, monkeypatch):
     assert r["cost_ratio"] == pytest.approx(parts / r["base_s"])
     assert r["overhead"] == pytest.approx((r["embed_s"] + r["select_s"]) / r["routed_lm_s"])
     assert rows[1]["routing_cost_ratio"] == r["cost_ratio"] and rows[1]["routing_ok"] == (r["cost_ratio"] <= 1.05)
+    assert sorted(r["profile"]) == ["base", "single_lora"]
+    for name, prof in r["profile"].items():
+        assert prof["wall_ms"] > 0 and prof["logdir"] == str(tmp_path / "prof" / name)
 
 
 @pytest.mark.parametrize("argv, message", [
