@@ -289,16 +289,30 @@ class RoutingCost:
         return {**dataclasses.asdict(self), "overhead": self.overhead}
 
 
-_FORWARD = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)
+_FORWARDS: dict = {}  # (graphdef, treedef) -> jitted forward of the state's leaves (one per model structure)
+
+
+def _forward_of(graphdef, treedef):
+    """The jitted model(ids) of one model structure, taking the state as its flat list of arrays."""
+    key = (graphdef, treedef)
+    if key not in _FORWARDS:
+        _FORWARDS[key] = jax.jit(lambda leaves, ids: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(ids))
+    return _FORWARDS[key]
 
 
 def forward_call(model: nnx.Module, ids_BxT):
-    """A zero-argument call of model(ids) through one jitted function per model structure (the graphdef is
-    static), the model split once, here: nnx.split of SmolLM2-135M costs ~8 ms of Python, as much as its bf16
-    forward of a 50 x 192 batch on an H200, so a timing that splits inside the timed call measures the split."""
+    """A zero-argument call of model(ids): the model split and its state flattened once, here, and one jitted
+    function per model structure (graphdef and state tree) that takes the state's arrays as a plain list. What a
+    call then costs on the host is the dispatch of that list: jitting with the graphdef as a static argument
+    instead hashes and compares the graphdef on every call and flattens the nnx.State (Python pytree nodes), which
+    took 9 ms per call for a 1B llama and 22 ms with a LoRA on every projection on the H200 machine's host
+    (benchmarks/routing_h200_2026-12-04_profile/: the device idled that long between blocking calls), as much as
+    a 135M forward. nnx.split of SmolLM2-135M also costs ~8 ms, so a timing must not split inside the timed call."""
     graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    fn = _forward_of(graphdef, treedef)
     ids = jnp.asarray(ids_BxT)
-    return lambda: _FORWARD(graphdef, state, ids)
+    return lambda: fn(leaves, ids)
 
 
 def median_seconds(fn, repeats: int) -> float:
