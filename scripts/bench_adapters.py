@@ -40,8 +40,12 @@ measurement, on stdout and appended to --out:
                   `routed_lm_s`, `embed_s`, `select_s`: ops.route.routing_cost (the
                   routed mixed model's forward, embedding the queries, choosing adapters); `cost_ratio` =
                   (routed_lm + embed + select) / base, `overhead` = (embed + select) / routed_lm. Every part is the
-                  median of max(--steps, 1) calls after one warm-up (ops.route.median_seconds), every model split
-                  before timing. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
+                  median of max(--steps, 1) calls after one warm-up (ops.route.median_seconds), each blocked on
+                  before the next starts (a latency: the host's launch work, which grows with the number of
+                  argument arrays, adds to the device's), every model split before timing. `*_pipelined_s`: the
+                  same forwards as the mean of --steps calls issued back to back (one block at the end: the
+                  host's work overlaps the device's, a throughput); `pipelined_cost_ratio` = (routed_lm_pipelined
+                  + embed + select) / base_pipelined. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
                   'random:TOKENIZER_JSON', a randomly initialised BERT of its shape with that tokenizer (the
                   same cost; routing choices meaningless). --mixed_path and --factor_dtype apply as in
                   bench=forward. With --profile DIR, `profile` holds a device-kernel summary
@@ -286,6 +290,10 @@ def bench_routing(args) -> dict:
     single_s = route.median_seconds(route.forward_call(library[0], ids), repeats)  # one unmerged LoRA
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
+    # back to back (one block at the end): the host's launch work overlaps the device's, as in a serving loop
+    routed = route.routed_model(mixed, route.route_texts(router, encoder, texts))
+    pipelined = {name: timed(route.forward_call(m, ids), (), repeats, 1)[0]
+                 for name, m in (("base", base), ("single_lora", library[0]), ("routed_lm", routed))}
     profiles = {}
     if args.profile:
         from configurable_fm.profiling import trace_kernels
@@ -300,6 +308,8 @@ def bench_routing(args) -> dict:
             "mixed_path": args.mixed_path, "factor_dtype": args.factor_dtype or "float32", "single_lora_s": single_s,
             "routed_lm_s": rc.lm, "embed_s": rc.embed, "select_s": rc.select, "cost_ratio": total / base_s,
             "overhead": rc.overhead, "goal": ROUTING_GOAL, "device": jax.devices()[0].device_kind,
+            **{f"{k}_pipelined_s": v for k, v in pipelined.items()},
+            "pipelined_cost_ratio": (pipelined["routed_lm"] + rc.embed + rc.select) / pipelined["base"],
             **({"profile": profiles} if profiles else {})}
 
 

@@ -117,6 +117,9 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     assert r["cost_ratio"] == pytest.approx(parts / r["base_s"])
     assert r["overhead"] == pytest.approx((r["embed_s"] + r["select_s"]) / r["routed_lm_s"])
     assert rows[1]["routing_cost_ratio"] == r["cost_ratio"] and rows[1]["routing_ok"] == (r["cost_ratio"] <= 1.05)
+    assert min(r["base_pipelined_s"], r["single_lora_pipelined_s"], r["routed_lm_pipelined_s"]) > 0
+    assert r["pipelined_cost_ratio"] == pytest.approx((r["routed_lm_pipelined_s"] + r["embed_s"] + r["select_s"])
+                                                      / r["base_pipelined_s"])
     assert sorted(r["profile"]) == ["base", "single_lora"]
     for name, prof in r["profile"].items():
         assert prof["wall_ms"] > 0 and prof["logdir"] == str(tmp_path / "prof" / name)

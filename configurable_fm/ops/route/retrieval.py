@@ -302,12 +302,11 @@ def _forward_of(graphdef, treedef):
 
 def forward_call(model: nnx.Module, ids_BxT):
     """A zero-argument call of model(ids): the model split and its state flattened once, here, and one jitted
-    function per model structure (graphdef and state tree) that takes the state's arrays as a plain list. What a
-    call then costs on the host is the dispatch of that list: jitting with the graphdef as a static argument
-    instead hashes and compares the graphdef on every call and flattens the nnx.State (Python pytree nodes), which
-    took 9 ms per call for a 1B llama and 22 ms with a LoRA on every projection on the H200 machine's host
-    (benchmarks/routing_h200_2026-12-04_profile/: the device idled that long between blocking calls), as much as
-    a 135M forward. nnx.split of SmolLM2-135M also costs ~8 ms, so a timing must not split inside the timed call."""
+    function per model structure (graphdef and state tree) that takes the state's arrays as a plain list, so a
+    call does not hash and compare the graphdef (a static argument) or flatten the nnx.State again (on the 2-core
+    CPU, SmolLM2-135M's shape in float32, one token: 34.7 -> 31.5 ms per call, with a LoRA on every projection
+    39.8 -> 33.3 ms; on the H200 the medians of the 1B routing bench did not move). nnx.split of SmolLM2-135M
+    costs ~8 ms: never split inside a timed call."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     fn = _forward_of(graphdef, treedef)
