@@ -5,10 +5,7 @@ import os
 def _xla_flags(flags: str) -> str:
     """XLA_FLAGS with 8 host devices added unless the caller set a count (a user's XLA_FLAGS used to replace it).
 
-    Not set here: `--xla_backend_optimization_level=0` (LLVM -O0 for the CPU backend) cut the summed test time by
-    ~20 % (tests are compilation-bound), but one of three full runs with it segfaulted in jax's persistent-cache
-    write of a compiled executable (compilation_cache.put_executable_and_time), which no run without it has done;
-    not understood yet, so not the default."""
+    Compilation flags for the suite (LLVM -O0, no persistent cache) are set by scripts/test.sh, which says why."""
     key = "--xla_force_host_platform_device_count"
     return flags.strip() if key in flags else f"{flags.strip()} {key}=8".strip()
 
