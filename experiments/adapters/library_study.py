@@ -72,8 +72,9 @@ EVAL_KEYS = ("base", "adapters", "library", "held_out", "shots", "demo_seed", "n
              "methods", "seed", "base_model", "base_seed", "length_step")
 METHODS = ("base", "oracle", "uniform", "task_arithmetic", "ties", "dare_ties", "cat", "arrow", "lorahub",
            "embed_routing", "embed_floors", "embed_uniform", "embed_soft")
-# embedding-routing methods: route() options (None: the router's calibrated floors) and the model they run on
-# ('mixed': one adapter id per row, bricks.adapters.mix; 'weighted': weights per row, ops.route.weighted_mix)
+# embedding-routing methods: the model they run on ('mixed': one adapter id per row, bricks.adapters.mix;
+# 'weighted': weights per row, ops.route.weighted_mix) and their route() options ('floors': the router's calibrated
+# floors; 'top_k' / 'temperature': the config's routing.top_k / routing.temperature; routing_options fills them in)
 ROUTED = {"embed_routing": ("mixed", dict(threshold=None)),
           "embed_floors": ("mixed", dict(threshold="floors")),
           "embed_uniform": ("weighted", dict(threshold="floors", fallback="uniform")),
@@ -339,7 +340,7 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
         models = {kind: (ad.mix if kind == "mixed" else route.weighted_mix)(base, adapted)
                   for kind in sorted({ROUTED[m][0] for m in routed})}
         routing_info["floors"] = dict(zip(library, np.round(router.floors, 4).tolist()))
-        names = {-2: "uniform merge", -1: "base", **dict(enumerate(library))}
+        names = {route.UNIFORM_ID: "uniform merge", ad.BASE_ID: "base", **dict(enumerate(library))}
         for method in routed:
             kind, options = routing_options(method, router, rc)
             model = models[kind]

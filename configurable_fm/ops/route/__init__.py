@@ -31,9 +31,9 @@ from configurable_fm.ops.route.search import SearchResult, cma_es
 from configurable_fm.ops.route.lorahub import (FewShot, LoraHubResult, few_shot_batch, lorahub, lorahub_combine,
                                                lorahub_objective, target_loss)
 from configurable_fm.ops.route.embed import TextEncoder, embed_texts, load_text_encoder, tokenize
-from configurable_fm.ops.route.retrieval import (CentroidRouter, Routing, RoutingCost, build_router, calibrated_floor,
-                                                 centroid, forward_call, median_seconds, route, route_texts,
-                                                 routed_model, routing_cost, run_routed)
+from configurable_fm.ops.route.retrieval import (UNIFORM_ID, CentroidRouter, Routing, RoutingCost, build_router,
+                                                 calibrated_floor, centroid, forward_call, median_seconds, route,
+                                                 route_texts, routed_model, routing_cost, run_routed)
 from configurable_fm.ops.route.library import AdapterLibrary
 
 __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALinear", "lora_mixture",
@@ -43,6 +43,6 @@ __all__ = ["RouteError", "AdapterWeights", "RowWeightedLinear", "StackedLoRALine
            "FewShot", "LoraHubResult", "few_shot_batch", "lorahub", "lorahub_combine", "lorahub_objective",
            "target_loss",
            "TextEncoder", "embed_texts", "load_text_encoder", "tokenize",
-           "CentroidRouter", "Routing", "RoutingCost", "build_router", "calibrated_floor", "centroid", "forward_call",
-           "median_seconds", "route", "route_texts", "routed_model", "routing_cost", "run_routed",
+           "UNIFORM_ID", "CentroidRouter", "Routing", "RoutingCost", "build_router", "calibrated_floor", "centroid",
+           "forward_call", "median_seconds", "route", "route_texts", "routed_model", "routing_cost", "run_routed",
            "AdapterLibrary"]

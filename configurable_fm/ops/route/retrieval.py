@@ -330,9 +330,8 @@ def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[s
                  *, repeats: int = 3, **options) -> RoutingCost:
     """How much routing adds to a forward (module docstring): embedding `texts` (one query per row of ids_BxT),
     selecting adapters (route(router, ., **options): top_k, temperature, threshold, fallback), and the LM forward
-    of `model` (a mixed or row-weighted model, routed as selected (routed_model), jitted; any other model
-    runs as it is) on ids_BxT. RouteError for repeats < 1
-    or a batch that does not match the texts."""
+    of `model` on ids_BxT (a mixed or row-weighted model routed as selected by routed_model, any other model as
+    it is; jitted). RouteError for repeats < 1 or a batch that does not match the texts."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise RouteError(f"routing_cost: repeats must be an int >= 1, got {repeats!r}")
     texts = list(texts)
