@@ -40,6 +40,9 @@ Methods (library of N adapters, LoRA factors A_i, B_i, scale s_i, ΔW_i = s_i A_
                   row alone; the rows above keep their top-1 adapter as one-hot weights)
   embed_soft      the `routing.top_k` nearest adapters mixed per row, w_i = softmax(s_i / routing.temperature) over
                   them (ops.route.softmax_top_k; Σ w_i ΔW_i for that row), rows below their floor the uniform merge
+(results.json `routing`: per method and task the top-1 choices (`chosen`; 'uniform merge' / 'base' for the rows
+below their floor), the share routed to the task's own adapter, and for the weighted methods each adapter's mean
+weight over the task's rows (`mean_weights`).)
 Merges are computed on the dense ΔW_i and added to the base kernels (bricks.deltas.apply): no SVD truncation.
 
 Inference cost: median wall time of a jitted forward of one (batch_size, seq_len) batch per method (the model split
@@ -353,8 +356,11 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
                 hit, nll = score_rows(rows[name], bs, lambda idx: route.routed_model(
                     model, dataclasses.replace(r, choices=r.choices[idx], weights=r.weights[idx])))
                 own = float((choices == library.index(name)).mean()) if name in library else None
-                record(method, name, hit, nll, chosen=counts, routed_to_own=own)
-                routing_info.setdefault(method, {})[name] = {"chosen": counts, "routed_to_own": own}
+                info = {"chosen": counts, "routed_to_own": own}
+                if kind == "weighted":  # what the rows ran: each adapter's mean weight over the task's rows
+                    info["mean_weights"] = dict(zip(library, np.round(r.weights.mean(axis=0), 4).tolist()))
+                record(method, name, hit, nll, **info)
+                routing_info.setdefault(method, {})[name] = info
             seconds[method] = time.perf_counter() - t0
             log(f"  {method}: " + " ".join(f"{k}={v['acc']:.2f}" for k, v in results[method].items()))
             cost_models.setdefault(COST_OF[method], (model, router, encoder, options))

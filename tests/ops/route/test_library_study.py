@@ -80,6 +80,8 @@ def test_test_variant_end_to_end(tmp_path):
             assert 0 <= r["acc"] <= 1 and r["n"] == 4 and r["se"] >= 0
     assert out["cost"]["base"]["ratio"] == 1.0 and out["cost"]["embed_routing"]["embed"] > 0
     assert out["cost"]["embed_weighted"]["lm"] > 0  # embed_uniform and embed_soft: the row-weighted model
+    for t in tasks:  # the weighted rows: mean weights over the library, summing to 1 (no row runs the base)
+        assert sum(out["routing"]["embed_soft"][t]["mean_weights"].values()) == pytest.approx(1, abs=1e-3)
     for m in study.METHODS:
         assert "cost_ratio" in out["summary"][m] and "pct_of_oracle" in out["summary"][m]
     assert (tmp_path / "w" / rec.dir / "library.png").stat().st_size > 1000
