@@ -1,6 +1,7 @@
 """Every notebook in notebooks/ runs top to bottom on CPU without a cell error (nbclient, a fresh kernel of this
 interpreter). The suite sets CFM_NOTEBOOK_SMALL=1: notebooks then train smaller models where the real one is too
-slow for the test budget, and say so in their text."""
+slow for the test budget, and say so in their text; and CFM_NOTEBOOK_WORKDIR, where they write their outputs
+(else a new temporary directory of their own, left for the reader)."""
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     except registry.ModelNotInstalled as e:
         pytest.skip(str(e))
     monkeypatch.setenv("CFM_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("CFM_NOTEBOOK_WORKDIR", str(tmp_path))  # the notebooks' outputs, removed with tmp_path
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(path, as_version=4)
