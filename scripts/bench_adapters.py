@@ -286,21 +286,21 @@ def bench_routing(args) -> dict:
     ids = jnp.asarray(np.random.default_rng(1).integers(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq)),
                       jnp.int32)
     repeats = max(args.steps, 1)
-    base_s = route.median_seconds(route.forward_call(base, ids), repeats)  # as routing_cost times its forward
-    single_s = route.median_seconds(route.forward_call(library[0], ids), repeats)  # one unmerged LoRA
+    routed = route.routed_model(mixed, route.route_texts(router, encoder, texts))
+    calls = {name: route.forward_call(m, ids)  # each model split once, its calls reused by every timing below
+             for name, m in (("base", base), ("single_lora", library[0]), ("routed_lm", routed))}
+    base_s = route.median_seconds(calls["base"], repeats)  # as routing_cost times its forward
+    single_s = route.median_seconds(calls["single_lora"], repeats)  # one unmerged LoRA
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     # back to back (one block at the end): the host's launch work overlaps the device's, as in a serving loop
-    routed = route.routed_model(mixed, route.route_texts(router, encoder, texts))
-    pipelined = {name: timed(route.forward_call(m, ids), (), repeats, 1)[0]
-                 for name, m in (("base", base), ("single_lora", library[0]), ("routed_lm", routed))}
+    pipelined = {name: timed(call, (), repeats, 1)[0] for name, call in calls.items()}
     profiles = {}
     if args.profile:
         from configurable_fm.profiling import trace_kernels
 
-        for name, model in (("base", base), ("single_lora", library[0])):
-            call = route.forward_call(model, ids)
-            jax.block_until_ready(call())  # compiled before the trace
+        for name in ("base", "single_lora"):  # compiled above, before the trace
+            call = calls[name]
             profiles[name] = trace_kernels(lambda: [jax.block_until_ready(call()) for _ in range(3)],
                                            os.path.join(args.profile, name), steps=3, top=15)
     return {"bench": "routing", "shape": args.shape, "batch": args.batch, "seq": args.seq, "library": n,

@@ -55,6 +55,7 @@ import dataclasses
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -343,7 +344,6 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
         models = {kind: (ad.mix if kind == "mixed" else route.weighted_mix)(base, adapted)
                   for kind in sorted({ROUTED[m][0] for m in routed})}
         routing_info["floors"] = dict(zip(library, np.round(router.floors, 4).tolist()))
-        names = {route.UNIFORM_ID: "uniform merge", ad.BASE_ID: "base", **dict(enumerate(library))}
         for method in routed:
             kind, options = routing_options(method, router, rc)
             model = models[kind]
@@ -352,7 +352,7 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
                 fs, exs = problems[name]
                 r = route.route_texts(router, encoder, [fs.query(e.prompt) for e in exs], **options)
                 choices = np.asarray(r.choices)
-                counts = {names[i]: int((choices == i).sum()) for i in sorted(set(choices.tolist()))}
+                counts = dict(Counter("base" if c is None else c for c in r.chosen_names))
                 hit, nll = score_rows(rows[name], bs, lambda idx: route.routed_model(
                     model, dataclasses.replace(r, choices=r.choices[idx], weights=r.weights[idx])))
                 own = float((choices == library.index(name)).mean()) if name in library else None

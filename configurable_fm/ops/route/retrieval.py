@@ -236,14 +236,18 @@ def route_texts(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[st
     return route(router, embed_texts(encoder, texts), **options)
 
 
+def _routable_modules(model) -> tuple[dict, list]:
+    """(mixed-adapter modules {path: MixedLinear}, row-weighted modules [RowWeightedLinear]) of `model`."""
+    return mixed_modules(model), [m for m in routed_modules(model).values() if isinstance(m, RowWeightedLinear)]
+
+
 def routed_model(model: nnx.Module, routing: Routing) -> nnx.Module:
     """`model` with each batch row routed as `routing` says: a mixed model (bricks.adapters.mix, in router order)
     takes the top-1 choices (with_adapter_ids), a row-weighted model (weighted_mix) the weights
     (with_adapter_weights). RouteError when the model is neither, holds another number of adapters, or is a mixed
     model and rows fell back to the uniform merge (one adapter id per row cannot express it)."""
     n = len(routing.names)
-    mixed = mixed_modules(model)
-    weighted = [m for m in routed_modules(model).values() if isinstance(m, RowWeightedLinear)]
+    mixed, weighted = _routable_modules(model)
     if mixed:
         held = {m.num_adapters for m in mixed.values()}
         if held != {n}:
@@ -343,7 +347,6 @@ def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[s
     q = embed_texts(encoder, texts)
     select_s = median_seconds(lambda: route(router, q, **options).weights, repeats)
     routing = route(router, q, **options)
-    serves = mixed_modules(model) or any(isinstance(m, RowWeightedLinear) for m in routed_modules(model).values())
-    routed = routed_model(model, routing) if serves else model
+    routed = routed_model(model, routing) if any(_routable_modules(model)) else model
     lm_s = median_seconds(forward_call(routed, ids), repeats)
     return RoutingCost(embed=embed_s, select=select_s, lm=lm_s, batch=len(texts))
