@@ -308,9 +308,9 @@ def forward_call(model: nnx.Module, ids_BxT):
     """A zero-argument call of model(ids): the model split and its state flattened once, here, and one jitted
     function per model structure (graphdef and state tree) that takes the state's arrays as a plain list, so a
     call does not hash and compare the graphdef (a static argument) or flatten the nnx.State again (on the 2-core
-    CPU, SmolLM2-135M's shape in float32, one token: 34.7 -> 31.5 ms per call, with a LoRA on every projection
-    39.8 -> 33.3 ms; on the H200 the medians of the 1B routing bench did not move). nnx.split of SmolLM2-135M
-    costs ~8 ms: never split inside a timed call."""
+    CPU, SmolLM2-135M's shape in float32, one token: 37.0 -> 33.5 ms per call, with a LoRA on every projection
+    42.1 -> 38.7 ms, benchmarks/lora_cost_h200_2026-12-04/forward_call_cpu.py; on the H200 the medians of the 1B
+    routing bench did not move). nnx.split of SmolLM2-135M costs ~8 ms: never split inside a timed call."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
     fn = _forward_of(graphdef, treedef)
