@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.models import attention as attn
-from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation
+from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation, fused_linears
 from configurable_fm.models.moe import ROUTERS, SparseMoE, noise_active
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
@@ -99,9 +99,12 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
-        q = self.q_proj(x_BxTxD).reshape(b, t, cfg.num_heads, cfg.dim_per_head)
-        k = self.k_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
-        v = self.v_proj(x_BxTxD).reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        # Decoding (a cache) runs the three projections as one matmul (fused_linears); training keeps them apart.
+        q, k, v = fused_linears(projections, x_BxTxD) if cache is not None else [p(x_BxTxD) for p in projections]
+        q = q.reshape(b, t, cfg.num_heads, cfg.dim_per_head)
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
         inv_freq = attn.rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
         q, k = attn.apply_rope(q, positions_BxT, inv_freq), attn.apply_rope(k, positions_BxT, inv_freq)
         if cache is not None:
@@ -111,7 +114,10 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    """SwiGLU: down(h), h = act(gate(x)) * up(x) (B, T, F) the tap point `hidden`."""
+    """SwiGLU: down(h), h = act(gate(x)) * up(x) (B, T, F) the tap point `hidden`.
+
+    fused=True computes gate(x) and up(x) as one matmul (fused_linears; the decoder layer asks for it when
+    decoding with a cache)."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -122,8 +128,10 @@ class LlamaMLP(nnx.Module):
         self.act = cfg.hidden_act
 
     @tapped
-    def __call__(self, x_BxTxD):
-        hidden_BxTxF = tap(self, "hidden", activation(self.act)(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+    def __call__(self, x_BxTxD, *, fused: bool = False):
+        projections = (self.gate_proj, self.up_proj)
+        gate, up = fused_linears(projections, x_BxTxD) if fused else [p(x_BxTxD) for p in projections]
+        hidden_BxTxF = tap(self, "hidden", activation(self.act)(gate) * up)
         return self.down_proj(hidden_BxTxF)
 
 
@@ -140,7 +148,9 @@ class LlamaDecoderLayer(nnx.Module):
         h, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask=mask,
                                   is_causal=is_causal, cache=cache, layer=layer)
         x_BxTxD = x_BxTxD + h
-        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
+        mlp_in = self.post_attention_layernorm(x_BxTxD)
+        out = self.mlp(mlp_in, fused=True) if cache is not None and type(self.mlp) is LlamaMLP else self.mlp(mlp_in)
+        return x_BxTxD + out, cache
 
 
 # Rematerialisation policies for training: what each decoder layer keeps for the backward pass.

@@ -30,8 +30,9 @@ Variants:
            nominal 125: their whole test splits), LoraHub 20 examples x 40 evaluations, 32 router examples per task
   cpu      the reduced run for the shared 2-core CPU: 10 steps of 8 rows per adapter (80 problems), lr 3e-3,
            float32, 16 test problems per task, LoraHub 4 examples x 4 evaluations, 8 router examples per task
-  routing  the default run with the evaluation limited to base, oracle, uniform and the four embedding-routing
-           rows (ROUTING_METHODS): the same adapter stages and a shorter evaluation
+  routing  the default run with the evaluation limited to base, oracle, best_single (each adapter alone on each
+           task: the top-1 routing bound), uniform and the four embedding-routing rows (ROUTING_METHODS): the
+           same adapter stages and a shorter evaluation
   test     CI (seconds): a tiny random llama (2 layers, width 32, SmolLM2's tokenizer; the adapter stages build it
            from config.model and seed, the evaluation stage the same), library copy + keyword, held out
            reverse_short, 2 steps per adapter, 4 problems per task
@@ -52,7 +53,8 @@ HELD_OUT = ("plural", "uppercase", "increment")
 TEST_LIBRARY, TEST_HELD_OUT = ("copy", "keyword"), ("reverse_short",)
 BASE = "smollm2-135m-instruct"
 VARIANTS = ("default", "cpu", "test", "routing")
-ROUTING_METHODS = ("base", "oracle", "uniform", "embed_routing", "embed_floors", "embed_uniform", "embed_soft")
+ROUTING_METHODS = ("base", "oracle", "best_single", "uniform", "embed_routing", "embed_floors", "embed_uniform",
+                   "embed_soft")
 # Rows are padded to a multiple of this (bucket()): on the GPU every task to seq_len (one shape, so one compilation
 # per model structure: the evaluation of the first full run spent most of its 430 s compiling per task length),
 # on the CPU, where the padding costs compute, to the task's own length rounded up to 32.

@@ -21,6 +21,8 @@ answering the commonest answer).
 Methods (library of N adapters, LoRA factors A_i, B_i, scale s_i, ΔW_i = s_i A_i B_i per module):
   base            the model alone
   oracle          the task's own adapter (in-library tasks only; held-out tasks have none)
+  best_single     every library adapter alone on every task; per task the best of them, chosen on the test problems
+                  themselves: an upper bound for any top-1 routing (results `singles`: each adapter's accuracy)
   uniform         W + (1/N) Σ_i ΔW_i                                   (averaging; merged: the base's cost)
   task_arithmetic W + λ Σ_i ΔW_i                                       (ops.merge.merge_deltas 'task_arithmetic')
   ties            W + λ · disjoint-mean of the top-`density` entries of each ΔW_i agreeing with the elected sign
@@ -74,8 +76,8 @@ ADAPTER_KEYS = TRAIN_KEYS + ("adapter", "frozen_dtype", "library_task")
 EVAL_KEYS = ("base", "adapters", "library", "held_out", "shots", "demo_seed", "n_test", "task_seed", "batch_size",
              "seq_len", "compute_dtype", "tokenizer", "token_ids", "merge", "arrow", "lorahub", "routing", "cost",
              "methods", "seed", "base_model", "base_seed", "length_step")
-METHODS = ("base", "oracle", "uniform", "task_arithmetic", "ties", "dare_ties", "cat", "arrow", "lorahub",
-           "embed_routing", "embed_floors", "embed_uniform", "embed_soft")
+METHODS = ("base", "oracle", "best_single", "uniform", "task_arithmetic", "ties", "dare_ties", "cat", "arrow",
+           "lorahub", "embed_routing", "embed_floors", "embed_uniform", "embed_soft")
 # embedding-routing methods: the model they run on ('mixed': one adapter id per row, bricks.adapters.mix;
 # 'weighted': weights per row, ops.route.weighted_mix) and their route() options ('floors': the router's calibrated
 # floors; 'top_k' / 'temperature': the config's routing.top_k / routing.temperature; routing_options fills them in)
@@ -276,6 +278,18 @@ def eval_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
         for i, name in enumerate(library):
             run_plain("oracle", adapted[i], [name])
         cost_models["oracle"] = adapted[0]
+    if "best_single" in methods:
+        t0 = time.perf_counter()
+        for name in tasks:
+            scored = [score_rows(rows[name], bs, lambda idx: m) for m in adapted]
+            accs = [float(hit.mean()) for hit, _ in scored]
+            best = int(np.argmax(accs))
+            record("best_single", name, *scored[best], adapter=library[best],
+                   singles=dict(zip(library, np.round(accs, 4).tolist())))
+        seconds["best_single"] = time.perf_counter() - t0
+        log("  best_single: " + " ".join(f"{k}={v['acc']:.2f} ({v['adapter']})"
+                                         for k, v in results["best_single"].items()))
+        cost_models.setdefault("oracle", adapted[0])
 
     deltas = [ad.as_delta(m) for m in adapted] if any(m in methods for m in MERGED) else []
     mc = cfg.merge
@@ -417,8 +431,9 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
 
 # embed_floors: the same mixed model and router as embed_routing (base rows cost no less in a batch); the
 # weighted methods run every adapter on every row (ops.route.mixture), whatever the weights
-COST_OF = {"base": "base", "oracle": "oracle", "uniform": "merged", "task_arithmetic": "merged", "ties": "merged",
-           "dare_ties": "merged", "lorahub": "merged", "cat": "cat", "arrow": "arrow", "embed_routing": "embed_routing",
+COST_OF = {"base": "base", "oracle": "oracle", "best_single": "oracle", "uniform": "merged",
+           "task_arithmetic": "merged", "ties": "merged", "dare_ties": "merged", "lorahub": "merged", "cat": "cat",
+           "arrow": "arrow", "embed_routing": "embed_routing",
            "embed_floors": "embed_routing", "embed_uniform": "embed_weighted", "embed_soft": "embed_weighted"}
 
 
@@ -484,6 +499,9 @@ def markdown(out: Mapping, methods: Sequence[str]) -> str:
     per.append("| chance | " + " | ".join(_f(out["chance"][t]["chance"]) for t in tasks) + " |")
     for m in methods:
         per.append(f"| {m} | " + " | ".join(_f(res.get(m, {}).get(t, {}).get("acc")) for t in tasks) + " |")
+    if "best_single" in res:  # which adapter alone did best on each task
+        per.append("| best_single's adapter | " + " | ".join(res["best_single"].get(t, {}).get("adapter", "")
+                                                              for t in tasks) + " |")
     return "\n".join(lines + per)
 
 

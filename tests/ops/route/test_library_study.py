@@ -82,6 +82,12 @@ def test_test_variant_end_to_end(tmp_path):
     assert out["cost"]["embed_weighted"]["lm"] > 0  # embed_uniform and embed_soft: the row-weighted model
     for t in tasks:  # the weighted rows: mean weights over the library, summing to 1 (no row runs the base)
         assert sum(out["routing"]["embed_soft"][t]["mean_weights"].values()) == pytest.approx(1, abs=1e-3)
+    for t in tasks:  # best_single: the best adapter alone, never below the task's own adapter
+        r = out["results"]["best_single"][t]
+        assert set(r["singles"]) == set(library.TEST_LIBRARY) and r["singles"][r["adapter"]] == pytest.approx(r["acc"])
+        assert r["acc"] == pytest.approx(max(r["singles"].values()))
+        if t in library.TEST_LIBRARY:
+            assert r["acc"] >= out["results"]["oracle"][t]["acc"]
     for m in study.METHODS:
         assert "cost_ratio" in out["summary"][m] and "pct_of_oracle" in out["summary"][m]
     assert (tmp_path / "w" / rec.dir / "library.png").stat().st_size > 1000
