@@ -1,6 +1,8 @@
 """fused_linears: several Linears of one input as one matmul (the decode path's q/k/v and gate/up), equal to the
 calls one by one; adapters, mixed dtypes and tap contexts take the one-by-one path.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,29 +51,32 @@ def test_mixed_dtypes_fall_back_to_one_call_each():
     assert str(jax.make_jaxpr(lambda x: fused_linears(linears, x))(x)).count("dot_general") == 3
 
 
-def _decode_step(model, ids_BxT):
-    """Prefill ids[:, :-1] into a cache, then one cached step on the last token: that step's logits (B, V)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_and_full(graphdef, state, ids_BxT):
+    """(logits of one cached step on the last token after prefilling ids[:, :-1], the cache-free forward's last
+    logits): both (B, V)."""
+    model = nnx.merge(graphdef, state)
     b, t = ids_BxT.shape
     cache = model.init_cache(b, 16)
     _, cache = model(ids_BxT[:, :-1], cache=cache)
     logits, _ = model(ids_BxT[:, -1:], cache=cache)
-    return logits[:, -1]
+    return logits[:, -1], model(ids_BxT)[:, -1]
 
 
 def test_cached_decoding_equals_the_cache_free_forward_with_biases_and_adapters():
     model = random_llama(CFG, 0)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 6)))
-    np.testing.assert_allclose(np.asarray(_decode_step(model, ids)), np.asarray(model(ids)[:, -1]),
-                               rtol=1e-5, atol=1e-5)
+    step, plain = _decode_and_full(*nnx.split(model), ids)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(plain), rtol=1e-5, atol=1e-5)
     # A LoRA on q_proj and up_proj (nonzero B): those projections are not plain Linears, so each layer runs its
     # projections one by one, and the adapter's contribution is kept.
     lora = adapters.attach(model, "lora", ["layers.*.self_attn.q_proj", "layers.*.mlp.up_proj"], rank=4, seed=0)
     for i, (_, module) in enumerate(nnx.iter_modules(lora)):
         if isinstance(module, adapters.LoRALinear):
             module.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), module.lora_b.shape)
-    full = np.asarray(lora(ids)[:, -1])
-    assert not np.allclose(full, np.asarray(model(ids)[:, -1]), atol=1e-3)
-    np.testing.assert_allclose(np.asarray(_decode_step(lora, ids)), full, rtol=1e-5, atol=1e-5)
+    step, full = _decode_and_full(*nnx.split(lora), ids)
+    assert not np.allclose(np.asarray(full), np.asarray(plain), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
 def test_tap_points_of_each_projection_are_still_seen_while_decoding():
