@@ -19,9 +19,10 @@ merge it, prefill the prompt into a cache of L slots, choose the first new token
 `lax.while_loop` feeds one token per step until max_new_tokens tokens or every row has emitted an eos; after its
 eos a row emits `pad_token_id`. Static (one compilation each): the graphdef, the shapes, max_new_tokens, greedy
 or sampling, and how many logits sampling ranks (below).
-With a cache, llama layers run q/k/v and gate/up as one matmul each (`models.layers.fused_linears`, plain
-Linears only: an adapter keeps its own call), and XLA hoists the concatenated kernels out of the loop: one more copy
-of those kernels (52% of the weights at the SmolLM2-135M shape, 59% at the 1B shape) lives while the program runs.
+A model whose weights sit on one device is traced inside `models.layers.fuse_projections()`: llama layers run
+q/k/v and gate/up as one matmul each (`fused_linears`; plain Linears only, an adapter keeps its own call), and XLA
+hoists the concatenated kernels out of the loop, so one more copy of them (52% of the weights at the SmolLM2-135M
+shape, 59% at the 1B shape) lives while the program runs. Weights split over devices keep the projections apart.
 Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
 pad_token_id, the key.
 
@@ -52,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.models.layers import fuse_projections
 from configurable_fm.models.structure import check_consistent, is_family_model
 
 MIN_CANDIDATES = 64  # the smallest top_k bucket: top_k <= 64 shares one program
@@ -131,10 +133,30 @@ def choose_tokens(logits_BxV, key, temperature, top_k, top_p, *, greedy: bool, c
     return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates"))
+def on_one_device(state) -> bool:
+    """Whether every jax array of `state` lives on one common device (host values count as none; traced values,
+    whose placement is unknown, make it False)."""
+    devices = set()
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.core.Tracer):
+            return False
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None:
+            devices |= set(sharding.device_set)
+    return len(devices) <= 1
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates", "fuse"))
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-              max_new_tokens: int, greedy: bool, candidates: int):
-    model = nnx.merge(graphdef, state)
+              max_new_tokens: int, greedy: bool, candidates: int, fuse: bool):
+    with fuse_projections(fuse):
+        return _decode(nnx.merge(graphdef, state), ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id,
+                       max_new_tokens, greedy, candidates)
+
+
+def _decode(model, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, max_new_tokens, greedy,
+            candidates):
+    """The body of `_generate` (traced): prefill, first token, the decode loop; (B, T + max_new_tokens)."""
     b, t = ids_BxT.shape
     choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                                candidates=candidates)
@@ -192,6 +214,7 @@ class Generator:
         if is_family_model(model):
             check_consistent(model, "generate")
         self.graphdef, self.state = nnx.split(model)
+        self.fuse = on_one_device(self.state)  # fused projections in the decode loop (module docstring)
 
     def __call__(self, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
@@ -248,7 +271,7 @@ class Generator:
                          jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
                          jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
                          graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-                         candidates=candidates)
+                         candidates=candidates, fuse=self.fuse)
 
 
 def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,

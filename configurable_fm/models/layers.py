@@ -12,7 +12,9 @@ Every module's `__call__` is `@tapped` (models/taps.py): its input and output ar
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,27 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+_FUSE_PROJECTIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("configurable_fm_fuse_projections",
+                                                                         default=False)
+
+
+@contextlib.contextmanager
+def fuse_projections(enabled: bool = True) -> Iterator[None]:
+    """Forwards traced inside the block run the projections that share an input (llama's q/k/v, gate/up) as one
+    matmul each (`project`, `fused_linears`). `models.generation` enters it for models on one device; a model
+    whose kernels are split over devices keeps them apart (the fused output would be resharded at every step)."""
+    token = _FUSE_PROJECTIONS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _FUSE_PROJECTIONS.reset(token)
+
+
+def project(linears: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array]:
+    """[m(x) for m in linears]: one call each, or `fused_linears` inside a `fuse_projections()` block."""
+    return fused_linears(linears, x) if _FUSE_PROJECTIONS.get() else [m(x) for m in linears]
 
 
 def fused_linears(linears: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array]:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.models import attention as attn
-from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation, fused_linears
+from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation, project
 from configurable_fm.models.moe import ROUTERS, SparseMoE, noise_active
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
@@ -99,9 +99,7 @@ class LlamaAttention(nnx.Module):
     def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
         cfg = self.cfg
         b, t, _ = x_BxTxD.shape
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        # Decoding (a cache) runs the three projections as one matmul (fused_linears); training keeps them apart.
-        q, k, v = fused_linears(projections, x_BxTxD) if cache is not None else [p(x_BxTxD) for p in projections]
+        q, k, v = project((self.q_proj, self.k_proj, self.v_proj), x_BxTxD)  # one matmul in fuse_projections()
         q = q.reshape(b, t, cfg.num_heads, cfg.dim_per_head)
         k = k.reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
         v = v.reshape(b, t, cfg.num_kv_heads, cfg.dim_per_head)
@@ -114,10 +112,7 @@ class LlamaAttention(nnx.Module):
 
 
 class LlamaMLP(nnx.Module):
-    """SwiGLU: down(h), h = act(gate(x)) * up(x) (B, T, F) the tap point `hidden`.
-
-    fused=True computes gate(x) and up(x) as one matmul (fused_linears; the decoder layer asks for it when
-    decoding with a cache)."""
+    """SwiGLU: down(h), h = act(gate(x)) * up(x) (B, T, F) the tap point `hidden`."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=None):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -128,9 +123,8 @@ class LlamaMLP(nnx.Module):
         self.act = cfg.hidden_act
 
     @tapped
-    def __call__(self, x_BxTxD, *, fused: bool = False):
-        projections = (self.gate_proj, self.up_proj)
-        gate, up = fused_linears(projections, x_BxTxD) if fused else [p(x_BxTxD) for p in projections]
+    def __call__(self, x_BxTxD):
+        gate, up = project((self.gate_proj, self.up_proj), x_BxTxD)  # one matmul in fuse_projections()
         hidden_BxTxF = tap(self, "hidden", activation(self.act)(gate) * up)
         return self.down_proj(hidden_BxTxF)
 
@@ -148,9 +142,7 @@ class LlamaDecoderLayer(nnx.Module):
         h, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask=mask,
                                   is_causal=is_causal, cache=cache, layer=layer)
         x_BxTxD = x_BxTxD + h
-        mlp_in = self.post_attention_layernorm(x_BxTxD)
-        out = self.mlp(mlp_in, fused=True) if cache is not None and type(self.mlp) is LlamaMLP else self.mlp(mlp_in)
-        return x_BxTxD + out, cache
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
 
 
 # Rematerialisation policies for training: what each decoder layer keeps for the backward pass.

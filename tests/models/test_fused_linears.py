@@ -1,5 +1,6 @@
 """fused_linears: several Linears of one input as one matmul (the decode path's q/k/v and gate/up), equal to the
-calls one by one; adapters, mixed dtypes and tap contexts take the one-by-one path.
+calls one by one; adapters, mixed dtypes and tap contexts take the one-by-one path; `project` fuses only inside
+fuse_projections(), which generation enters for models on one device.
 """
 import functools
 
@@ -12,7 +13,8 @@ from flax import nnx
 from configurable_fm.analysis import capture
 from configurable_fm.bricks import adapters
 from configurable_fm.models.attention import KVCache
-from configurable_fm.models.layers import Linear, fused_linears
+from configurable_fm.models.generation import on_one_device
+from configurable_fm.models.layers import Linear, fuse_projections, fused_linears, project
 from configurable_fm.models.llama import LlamaConfig
 from tests.helpers import random_llama
 
@@ -43,6 +45,25 @@ def test_one_matmul_equals_the_calls_one_by_one(use_bias):
     assert str(jax.make_jaxpr(lambda x: fused_linears(linears, x))(x)).count("dot_general") == 1
 
 
+def test_project_fuses_only_inside_fuse_projections():
+    linears = _linears(False)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+    count = lambda: str(jax.make_jaxpr(lambda x: project(linears, x))(x)).count("dot_general")
+    assert count() == 3
+    with fuse_projections():
+        assert count() == 1
+        with fuse_projections(False):
+            assert count() == 3
+    assert count() == 3
+
+
+def test_on_one_device():
+    x = jnp.ones(3)
+    assert on_one_device({"a": x, "b": np.ones(2), "c": 1.0})
+    assert not on_one_device({"a": x, "b": jax.device_put(x, jax.devices()[-1])}) or len(jax.devices()) == 1
+    assert not jax.jit(lambda x: jnp.asarray(on_one_device({"a": x})))(x)
+
+
 def test_mixed_dtypes_fall_back_to_one_call_each():
     linears = _linears(False, dtypes=(None, jnp.bfloat16, None))
     x = jax.random.normal(jax.random.key(1), (2, 3, 16))
@@ -58,12 +79,13 @@ def _decode_and_full(graphdef, state, ids_BxT):
     model = nnx.merge(graphdef, state)
     b, t = ids_BxT.shape
     cache = model.init_cache(b, 16)
-    _, cache = model(ids_BxT[:, :-1], cache=cache)
-    logits, _ = model(ids_BxT[:, -1:], cache=cache)
+    with fuse_projections():
+        _, cache = model(ids_BxT[:, :-1], cache=cache)
+        logits, _ = model(ids_BxT[:, -1:], cache=cache)
     return logits[:, -1], model(ids_BxT)[:, -1]
 
 
-def test_cached_decoding_equals_the_cache_free_forward_with_biases_and_adapters():
+def test_fused_cached_decoding_equals_the_cache_free_forward_with_biases_and_adapters():
     model = random_llama(CFG, 0)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 6)))
     step, plain = _decode_and_full(*nnx.split(model), ids)
@@ -83,8 +105,9 @@ def test_tap_points_of_each_projection_are_still_seen_while_decoding():
     model = random_llama(CFG, 0)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, CFG.vocab_size, (1, 4)))
     cache = KVCache.empty(CFG.num_layers, 1, 8, CFG.num_kv_heads, CFG.dim_per_head)
-    _, seen = capture(model, ["layers.*.self_attn.k_proj.output", "layers.*.mlp.gate_proj.output"],
-                      lambda m: m(ids, cache=cache)[0])
+    with fuse_projections():
+        _, seen = capture(model, ["layers.*.self_attn.k_proj.output", "layers.*.mlp.gate_proj.output"],
+                          lambda m: m(ids, cache=cache)[0])
     assert sorted(seen) == ["layers.0.mlp.gate_proj.output", "layers.0.self_attn.k_proj.output",
                             "layers.1.mlp.gate_proj.output", "layers.1.self_attn.k_proj.output"]
     assert seen["layers.0.self_attn.k_proj.output"].shape == (1, 4, CFG.num_kv_heads * CFG.dim_per_head)
