@@ -55,7 +55,6 @@ written (ConfigError).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import subprocess
@@ -64,14 +63,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from configurable_fm import sharding as shd
-from configurable_fm.bricks.paths import flat_params, flat_state, with_params
+from configurable_fm.bricks.paths import flat_state
 from configurable_fm.errors import ConfigError, UserError
 from configurable_fm.models.structure import check_consistent, is_family_model
 from configurable_fm.interop.atomic import write_json_atomic
@@ -408,7 +406,6 @@ class Run:
         return loss
 
     def record(self, step: int, loss: float, metrics: dict, elapsed_steps: int, seconds: float) -> dict:
-        cfg = self.setup.cfg
         tps = elapsed_steps * self.tokens_per_step / max(seconds, 1e-9)
         record = {"loss": loss, "tokens": step * self.tokens_per_step, "lr": float(self.setup.schedule(step - 1)),
                   "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}

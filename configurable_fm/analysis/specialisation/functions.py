@@ -48,7 +48,7 @@ import struct
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 

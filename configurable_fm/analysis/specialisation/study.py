@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ from configurable_fm.analysis.interventions import mask
 from configurable_fm.analysis.neurons import (FFN_HIDDEN, mask_low_activation, partition_overlap,
                                               specialisation_scores, top_mask)
 from configurable_fm.analysis.specialisation.functions import FunctionData, Instance
-from configurable_fm.analysis.taps import Matcher, TapError, tap_points
+from configurable_fm.analysis.taps import Matcher, tap_points
 from configurable_fm.models.scoring import next_token_nll
 
 SYSTEM_FREE = "User: {prompt}\nAssistant:"

@@ -31,7 +31,6 @@ missing, unexpected and mis-shaped tensors are reported together in one `Checkpo
 from __future__ import annotations
 
 import abc
-import json
 import os
 import shutil
 from pathlib import Path

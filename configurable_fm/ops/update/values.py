@@ -86,7 +86,7 @@ def _rows(enc: Encoder, requests: Sequence[Request], templates: Sequence[str], k
     Returns numpy arrays: ids (B, T), lookup (B,) subject-last index, pos (B, S) positions whose logits are read,
     tgt (B, S) the target token at each, tmask (B, S) 1 on target tokens of rewriting rows, is_kl (B,),
     row_req (B,) the request of each row; and rows per request. T and S are at least `shape`."""
-    ids, lookup, pos, tgt, tmask, is_kl, row_req = [], [], [], [], [], [], []
+    ids, lookup, pos, tgt, is_kl, row_req = [], [], [], [], [], []
     s = 1
     for ri, r in enumerate(requests):
         target = enc.target(r.target_new)
