@@ -21,8 +21,9 @@ eos a row emits `pad_token_id`. Static (one compilation each): the graphdef, the
 or sampling, and how many logits sampling ranks (below).
 A model whose weights sit on one device is traced inside `models.layers.fuse_projections()`: llama layers run
 q/k/v and gate/up as one matmul each (`fused_linears`; plain Linears only, an adapter keeps its own call), and XLA
-hoists the concatenated kernels out of the loop, so one more copy of them (52% of the weights at the SmolLM2-135M
-shape, 59% at the 1B shape) lives while the program runs. Weights split over devices keep the projections apart.
+hoists the concatenated kernels out of the loop (seen in the CPU program), so one more copy of them (52% of the
+weights at the SmolLM2-135M shape, 59% at the 1B shape) lives while the program runs. Weights split over devices
+keep the projections apart.
 Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
 pad_token_id, the key.
 
