@@ -7,6 +7,7 @@
     python scripts/bench_train.py --variant 1b --grid "8:dots,8:dots:xla" --compile_only [--scan_layers]
     python scripts/bench_train.py --variant 1b --grid "8:none" --profile /tmp/prof   # + where the step's time goes
     python scripts/bench_train.py --variant 1b --grid "32:none" --accum 4            # 4 micro-batches of 8 per step
+    python scripts/bench_train.py --variant 1b --grid "8:none" --fuse_projections 0,1  # q/k/v, gate/up fused or not
 
 For each `batch:remat` entry of the grid: build the pretrain variant's llama (bf16 compute, fp32 master weights,
 AdamW), jit the trainer's step (`make_train_step`, donated state) on random tokens, run `--warmup` steps, then
@@ -25,6 +26,9 @@ of one host run from one process; for one process per GPU start it under jax.dis
 per A forward/backward passes, which amortises the update's fixed cost; the grid's batch is the whole step's).
 
 --scan_layers runs the decoder layers as one jax.lax.scan (models/llama.py; same parameters and results).
+--fuse_projections 0,1 runs every entry without and with `models.layers.fuse_projections()` around the step (llama's
+q/k/v and gate/up as one matmul each, as MaxText's fused_qkv / fused_mlp; the trainer does not fuse them today): an
+A/B of larger GEMMs against the concatenation and split they cost.
 `compile_s` is the first step's wall time (trace + compile + one step). --compile_only builds nothing: it traces and
 lowers the step on abstract parameters and optimizer state (`lower_s`) and compiles it (`compile_s`, XLA only),
 then reports those two times (and the process CPU times, `*_cpu_s`, steadier on a shared machine) and runs no
@@ -48,6 +52,7 @@ import configurable_fm.models.attention as attn
 import configurable_fm.sharding as shd
 from configurable_fm.bricks.paths import flat_params, flat_state
 from configurable_fm.models.factory import build_model
+from configurable_fm.models.layers import fuse_projections
 from configurable_fm.profiling import trace_kernels
 from configurable_fm.train import flops
 from configurable_fm.train.optim import make_optimizer
@@ -60,7 +65,7 @@ PROFILE_STEPS = 3  # steps traced per entry with --profile
 
 def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, warmup: int, attention: str,
               mesh_shape: tuple = (1, 1, 1), scan_layers: bool = False, compile_only: bool = False,
-              profile: str = "", accum: int = 1):
+              profile: str = "", accum: int = 1, fuse: bool = False):
     if accum < 1 or batch % accum:
         raise ValueError(f"--accum {accum}: the batch ({batch}) must split into that many equal micro-batches")
     cfg = get_config(variant)
@@ -83,7 +88,13 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     del model
     tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
     opt_state = jax.eval_shape(tx.init, params) if compile_only else jax.jit(tx.init)(params)
-    step = jax.jit(make_train_step(parts, tx, accum), donate_argnums=(0, 1))
+    train_step = make_train_step(parts, tx, accum)
+
+    def fused_step(*args):  # the context is read while the step is traced: it is part of this jit's program
+        with fuse_projections(fuse):
+            return train_step(*args)
+
+    step = jax.jit(fused_step, donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     toks = rng.integers(0, model_spec["vocab_size"], (batch, seq_len + 1), dtype=np.int32)
     batch_arrays = shd.global_batch({"inputs": toks[:, :-1], "targets": toks[:, 1:]}, mesh)
@@ -95,7 +106,8 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         t2, c2 = time.perf_counter(), time.process_time()
         return {"variant": variant, "params": sum(int(np.prod(v.shape)) for v in params.values()),
                 "seq_len": seq_len, "batch": batch, "remat": remat, "attention": attention,
-                "scan_layers": scan_layers, "accum": accum, "lower_s": t1 - t0, "compile_s": t2 - t1,
+                "scan_layers": scan_layers, "accum": accum, "fuse_projections": fuse, "lower_s": t1 - t0,
+                "compile_s": t2 - t1,
                 "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1,
                 "device": jax.devices()[0].device_kind, "devices": len(list(mesh.devices.flat)),
                 "mesh": list(mesh_shape), "jax": jax.__version__}
@@ -119,7 +131,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
                 params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
             jax.block_until_ready((params, metrics))
 
-        trace = trace_kernels(traced_steps, os.path.join(profile, f"{variant}_b{batch}_{remat}_{attention}"),
+        trace = trace_kernels(traced_steps, os.path.join(profile, f"{variant}_b{batch}_{remat}_{attention}" + "_fused" * fuse),
                               steps=PROFILE_STEPS)
     from configurable_fm.models.factory import config_from_dict
 
@@ -134,7 +146,8 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     n_params = sum(int(np.prod(v.shape)) for v in params.values())
     return {
         "variant": variant, "params": n_params, "seq_len": seq_len, "batch": batch, "remat": remat,
-        "attention": attention, "scan_layers": scan_layers, "accum": accum, "step_s": dt, "tokens_per_s": tps, "compile_s": compile_s,
+        "attention": attention, "scan_layers": scan_layers, "accum": accum, "fuse_projections": fuse, "step_s": dt,
+        "tokens_per_s": tps, "compile_s": compile_s,
         "loss": float(metrics["loss"]), "tflops_per_s": tps * full / 1e12,
         "mfu": flops.mfu(tps, full, len(devices), peak),
         "mfu_causal": flops.mfu(tps, causal, len(devices), peak),
@@ -159,24 +172,30 @@ def main():
                    "of the device kernels (configurable_fm.profiling: top kernels, time by category)")
     p.add_argument("--compile_only", action="store_true",
                    help="only trace, lower and compile the step on abstract inputs; report lower_s and compile_s")
+    p.add_argument("--fuse_projections", default="0",
+                   help="comma-separated 0/1: run each entry without (0) and/or with (1) fused q/k/v and gate/up")
     args = p.parse_args()
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
+    fuses = args.fuse_projections.split(",")
+    if not fuses or any(f not in ("0", "1") for f in fuses):
+        p.error(f"--fuse_projections takes 0, 1 or 0,1; got {args.fuse_projections!r}")
     for entry in args.grid.split(","):
         fields = entry.split(":")
         batch, remat = int(fields[0]), fields[1]
         attention = fields[2] if len(fields) > 2 else "auto"
-        try:
-            row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention,
-                            mesh_shape, scan_layers=args.scan_layers, compile_only=args.compile_only,
-                            profile=args.profile, accum=args.accum)
-        except Exception as e:  # e.g. out of memory for one grid point: record it and go on
-            row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
-                   "scan_layers": args.scan_layers, "accum": args.accum,
-                   "error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        for fuse in (f == "1" for f in fuses):
+            try:
+                row = bench_one(args.variant, args.seq_len, batch, remat, args.steps, args.warmup, attention,
+                                mesh_shape, scan_layers=args.scan_layers, compile_only=args.compile_only,
+                                profile=args.profile, accum=args.accum, fuse=fuse)
+            except Exception as e:  # e.g. out of memory for one grid point: record it and go on
+                row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
+                       "scan_layers": args.scan_layers, "accum": args.accum, "fuse_projections": fuse,
+                       "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

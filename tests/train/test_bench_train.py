@@ -21,12 +21,16 @@ def test_sharded_bench_step_matches_one_device(bench):
     assert row["tokens_per_s_per_device"] == pytest.approx(row["tokens_per_s"] / 8)
 
 
-def test_accumulated_step_matches_one_pass(bench):
+def test_accumulated_and_fused_steps_match_one_pass(bench):
     """--accum 2: the step's 8 rows as 2 micro-batches of 4 give the one-pass loss (the trainer's exact
-    accumulation); a batch that does not split is refused."""
+    accumulation); --fuse_projections 1 (q/k/v and gate/up as one matmul each) gives it too; a batch that does not
+    split is refused."""
     one = bench.bench_one("tiny", 32, 8, "none", 1, 1, "auto")
     two = bench.bench_one("tiny", 32, 8, "none", 1, 1, "auto", accum=2)
     assert two["accum"] == 2 and two["batch"] == 8 and two["tokens_per_s"] > 0
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    fused = bench.bench_one("tiny", 32, 8, "none", 1, 1, "auto", fuse=True)
+    assert fused["fuse_projections"] and not one["fuse_projections"]
+    assert fused["loss"] == pytest.approx(one["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="micro-batches"):
         bench.bench_one("tiny", 32, 6, "none", 1, 1, "auto", accum=4)
