@@ -13,9 +13,11 @@ does. Requests: the first --rome_edits facts of experiments/edit/data/smollm2_fa
 What is timed (wall clock, results fetched to the host):
   stats   ops.update.second_moments of the key site of every layer in --memit_layers (one pass) over
           --stats_tokens uniform random token ids in batches of --batch x --seq_len: seconds, tokens/s, and the
-          forward-FLOP bound (flops.flops_per_token(cfg, L, training=False) x tokens / the device's dense fp32 /
-          tf32 peak where known; the pass stops after the last edited layer in principle, but XLA runs what the
-          taps need, so the full forward is the bound quoted);
+          forward FLOPs per second: of the full forward (flops.flops_per_token(cfg, L, training=False), as
+          quoted before 2026-12-04) and of the prefix the pass computes (`prefix_*`: layers 0..the last edited
+          one, no head; the step discards the forward's output, so XLA drops the layers after the last tap:
+          tests/analysis/test_reduce.py checks it in the compiled CPU program), against the device's dense fp32 /
+          tf32 peak where known;
   rome    ops.update.rome at --layer, one request at a time, with the context templates generated once
           (keys.context_templates; the authors cache them too): the first edit (compilation included) and the
           median / mean of the following ones ("after compilation");
@@ -27,6 +29,7 @@ One JSON object is printed and written to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -86,9 +89,13 @@ def main(argv=None) -> int:
                            layers, n_tokens=args.stats_tokens, corpus="random")
     dt = time.perf_counter() - t0
     fwd = flops.flops_per_token(model.cfg, args.seq_len, training=False)
+    prefix_parts = flops.flops_breakdown(dataclasses.replace(model.cfg, num_layers=max(layers) + 1), args.seq_len)
+    prefix = sum(v for k, v in prefix_parts.items() if k != "lm_head")
     peak = flops.peak_flops_per_device(dtype="float32")
-    out["stats"] = {"tokens": stats[layers[0]].tokens, "seconds": dt, "tokens_per_s": stats[layers[0]].tokens / dt,
-                    "forward_flops_per_token": fwd, "model_tflops_per_s": fwd * stats[layers[0]].tokens / dt / 1e12,
+    n = stats[layers[0]].tokens
+    out["stats"] = {"tokens": n, "seconds": dt, "tokens_per_s": n / dt,
+                    "forward_flops_per_token": fwd, "model_tflops_per_s": fwd * n / dt / 1e12,
+                    "prefix_flops_per_token": prefix, "prefix_tflops_per_s": prefix * n / dt / 1e12,
                     "peak_tflops_fp32": None if peak is None else peak / 1e12}
     print(json.dumps({"stats": out["stats"]}), flush=True)
 

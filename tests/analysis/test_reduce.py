@@ -141,3 +141,23 @@ def test_reduce_errors_name_the_point(llama):
                     progress=False)
     with pytest.raises(ValueError, match="Histogram: need finite lo < hi"):
         Histogram(1.0, -1.0, 4)
+
+
+def test_the_step_computes_the_forward_only_up_to_the_last_reduced_point(llama):
+    """The reduction step discards the forward's output, so XLA drops every layer after the last reduced point
+    (the edit statistics of layer 0 cost one layer, not the model): the compiled step for a point in layer 0 has
+    fewer matmuls than the one for the same point in the last layer."""
+    from configurable_fm.analysis import reduce as reduce_module
+
+    graphdef, state = nnx.split(llama)
+    ids, mask = jnp.zeros((B, L), jnp.int32), jnp.ones((B, L), jnp.float32)
+
+    def dots(layer):
+        point = f"layers.{layer}.mlp.down_proj.input"
+        plan = reduce_module._Plan((point,), ((reduce_module._as_reduction("gram", point),),),
+                                   reduce_module.model_inputs, jax.tree.structure([]), ())
+        compiled = reduce_module._step.lower(graphdef, plan, state, {"inputs": ids}, mask, [], None).compile()
+        return compiled.as_text().count(" dot(")
+
+    first, last = dots(0), dots(LLAMA["num_layers"] - 1)
+    assert 0 < first < last / 2, (first, last)
