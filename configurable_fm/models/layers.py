@@ -64,7 +64,9 @@ _FUSE_PROJECTIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("config
 def fuse_projections(enabled: bool = True) -> Iterator[None]:
     """Forwards traced inside the block run the projections that share an input (llama's q/k/v, gate/up) as one
     matmul each (`project`, `fused_linears`). `models.generation` enters it for models on one device; a model
-    whose kernels are split over devices keeps them apart (the fused output would be resharded at every step)."""
+    whose kernels are split over devices keeps them apart (the fused output would be resharded at every step).
+    The flag is read while tracing and is not part of jax.jit's cache key: enter it inside the jitted function
+    (a function traced once outside the block keeps its unfused program, and the other way round)."""
     token = _FUSE_PROJECTIONS.set(bool(enabled))
     try:
         yield
