@@ -107,8 +107,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         return {"variant": variant, "params": sum(int(np.prod(v.shape)) for v in params.values()),
                 "seq_len": seq_len, "batch": batch, "remat": remat, "attention": attention,
                 "scan_layers": scan_layers, "accum": accum, "fuse_projections": fuse, "lower_s": t1 - t0,
-                "compile_s": t2 - t1,
-                "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1,
+                "compile_s": t2 - t1, "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1,
                 "device": jax.devices()[0].device_kind, "devices": len(list(mesh.devices.flat)),
                 "mesh": list(mesh_shape), "jax": jax.__version__}
     t0 = time.perf_counter()
@@ -131,8 +130,8 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
                 params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
             jax.block_until_ready((params, metrics))
 
-        trace = trace_kernels(traced_steps, os.path.join(profile, f"{variant}_b{batch}_{remat}_{attention}" + "_fused" * fuse),
-                              steps=PROFILE_STEPS)
+        name = f"{variant}_b{batch}_{remat}_{attention}" + "_fused" * fuse
+        trace = trace_kernels(traced_steps, os.path.join(profile, name), steps=PROFILE_STEPS)
     from configurable_fm.models.factory import config_from_dict
 
     mcfg = config_from_dict(model_spec)

@@ -433,8 +433,8 @@ def measure_costs(cfg, cost_models, rows, problems, tasks, log) -> dict:
 # weighted methods run every adapter on every row (ops.route.mixture), whatever the weights
 COST_OF = {"base": "base", "oracle": "oracle", "best_single": "oracle", "uniform": "merged",
            "task_arithmetic": "merged", "ties": "merged", "dare_ties": "merged", "lorahub": "merged", "cat": "cat",
-           "arrow": "arrow", "embed_routing": "embed_routing",
-           "embed_floors": "embed_routing", "embed_uniform": "embed_weighted", "embed_soft": "embed_weighted"}
+           "arrow": "arrow", "embed_routing": "embed_routing", "embed_floors": "embed_routing",
+           "embed_uniform": "embed_weighted", "embed_soft": "embed_weighted"}
 
 
 def routing_options(method: str, router, rc) -> tuple[str, dict]:

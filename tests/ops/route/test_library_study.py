@@ -84,8 +84,9 @@ def test_test_variant_end_to_end(tmp_path):
         assert sum(out["routing"]["embed_soft"][t]["mean_weights"].values()) == pytest.approx(1, abs=1e-3)
     for t in tasks:  # best_single: the best adapter alone, never below the task's own adapter
         r = out["results"]["best_single"][t]
-        assert set(r["singles"]) == set(library.TEST_LIBRARY) and r["singles"][r["adapter"]] == pytest.approx(r["acc"])
-        assert r["acc"] == pytest.approx(max(r["singles"].values()))
+        assert set(r["singles"]) == set(library.TEST_LIBRARY)  # accuracies rounded to 4 digits there
+        assert r["singles"][r["adapter"]] == pytest.approx(r["acc"], abs=1e-4)
+        assert r["acc"] == pytest.approx(max(r["singles"].values()), abs=1e-4)
         if t in library.TEST_LIBRARY:
             assert r["acc"] >= out["results"]["oracle"][t]["acc"]
     for m in study.METHODS:
