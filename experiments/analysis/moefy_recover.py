@@ -37,6 +37,11 @@ Variants: MODE[,DATA][,test]
             MoefiedMLP's experts are stacked (E, D, m) parameters, not Linears: the FFN experts take no LoRA, so
             the adapter compensates in attention (the only dense projections left besides the tied embedding).
     both    routers and the LoRA adapter together.
+    experts routers and the FFN weights themselves (the stacked experts gate/up/down_proj: full fine-tuning of the
+            FFN at lr 1e-4, not tuned): how much of the gap FFN-side adaptation closes, which LoRA cannot reach
+            (above). Not the issue's "router/LoRA recovery"; a diagnostic for whether expert LoRA is worth building.
+    ffn     the FFN weights alone (layers.*.mlp.*_proj: a dense model's kernels or a MoEfied model's experts), lr
+            1e-4: `ffn` on the dense model is the control of `experts` (the same parameters trained the same way).
     eval    one step at learning rate 0 (the model is unchanged; the final evaluation is the 'before' value):
             trainable=('norm.**',) only to keep the optimizer state tiny.
     DATA    english (default; experiments/data.py:english, built on first use), code, stdlib or mix: token
@@ -105,11 +110,13 @@ import configurable_fm.analysis.moefication  # noqa: F401  registers 'moefied_ml
 from configurable_fm.train.adapters import adapter_config
 from experiments import pretrain
 
-MODES = ("router", "lora", "both", "eval")
+MODES = ("router", "lora", "both", "experts", "ffn", "eval")
 DATASETS = ("english", "code", "stdlib", "mix")
 ROUTERS = ("**.mlp.router.**",)  # every MoefiedMLP's router parameters (llama layers.<i>.mlp, GPT-2 h.<i>.mlp)
 ADAPTER = ("AdapterParam:**",)
 LORA_TARGETS = ("layers.*.self_attn.[qkvo]_proj",)
+FFN = ("layers.*.mlp.*_proj.**",)  # llama: a MoefiedMLP's stacked gate/up/down_proj, or a dense MLP's kernels
+FFN_LR = 1e-4  # full fine-tuning of the FFN weights (experts, ffn); LoRA and routers train at 1e-3
 DEFAULT_INIT = "moefied/smollm2-cmoe-16x4"
 
 
@@ -131,12 +138,14 @@ def get_config(arg: str = "router") -> ml_collections.ConfigDict:
     c = pretrain.get_config("tiny")  # the trainer's keys; `model` unused (init_from is set)
     c.name = f"moefy_recover_{arg.replace(',', '_')}"
     c.init_from = "" if test else DEFAULT_INIT
-    c.trainable = {"router": ROUTERS, "lora": ADAPTER, "both": ROUTERS + ADAPTER, "eval": ("norm.**",)}[mode]
+    c.trainable = {"router": ROUTERS, "lora": ADAPTER, "both": ROUTERS + ADAPTER, "experts": ROUTERS + FFN,
+                   "ffn": FFN, "eval": ("norm.**",)}[mode]
     c.adapter = adapter_config("lora" if mode in ("lora", "both") else "", targets=LORA_TARGETS,
                                rank=4 if test else 16, alpha=8.0 if test else 32.0, save=("brick",))
     c.data = ml_collections.ConfigDict(dict(kind="shards", dir=f"data/{data}", prepare=data, eval_batch_size=16,
                                             max_eval_batches=8))
-    c.optimizer.update(lr=1e-3, weight_decay=0.0, min_lr_ratio=0.1, schedule="cosine")
+    c.optimizer.update(lr=FFN_LR if mode in ("experts", "ffn") else 1e-3, weight_decay=0.0, min_lr_ratio=0.1,
+                       schedule="cosine")
     c.seq_len, c.batch_size, c.compute_dtype = 512, 32, "bfloat16"
     c.steps = 1000
     c.log_every, c.eval_every, c.checkpoint_every = 25, 250, 500

@@ -175,6 +175,25 @@ def test_eval_variant_leaves_the_model_unchanged(moefied, tmp_path):
     np.testing.assert_allclose(result.best_val_loss, float(loss), rtol=1e-5)
 
 
+def test_experts_and_ffn_train_the_ffn_weights(moefied, tmp_path):
+    """'experts': the routers and the stacked expert weights train, nothing else; 'ffn' on the dense model (the
+    control): its MLP kernels only."""
+    moe, path = moefied
+    start = flat_params(moe)
+    result, _ = run(tmp_path, "experts,test", path, steps=2, eval_every=0)
+    changed, _ = split_changed(start, flat_params(result.model))
+    want = [k for k in start if ".mlp.router." in k or k.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")]
+    assert sorted(changed) == sorted(want) and any(k.endswith("mlp.up_proj") for k in want)
+    dense = random_llama(CFG, 2)
+    before = flat_params(dense)
+    cfg = moefy_recover.get_config("ffn,test")
+    cfg.steps, cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 2, 2, 0, 2
+    out = train(cfg, tmp_path / "ffn", model=dense, data=stream_data(), log=lambda s: None)
+    changed, _ = split_changed(before, flat_params(out.model))
+    assert sorted(changed) == sorted(k for k in before if ".mlp." in k and k.endswith("_proj.kernel"))
+    assert moefy_recover.get_config("experts").optimizer.lr == moefy_recover.get_config("ffn").optimizer.lr == 1e-4
+
+
 def test_config_variants_and_errors(moefied):
     assert moefy_recover.get_config("").trainable == ("**.mlp.router.**",)
     assert moefy_recover.get_config("both,code").data.dir == "data/code"
