@@ -45,9 +45,14 @@ measurement, on stdout and appended to --out:
                   argument arrays, adds to the device's), every model split before timing. `*_pipelined_s`: the
                   same forwards as the mean of --steps calls issued back to back (one block at the end: the
                   host's work overlaps the device's, a throughput); `pipelined_cost_ratio` = (routed_lm_pipelined
-                  + embed + select) / base_pipelined. The encoder is --encoder: the packaged all-MiniLM-L6-v2, or
-                  'random:TOKENIZER_JSON', a randomly initialised BERT of its shape with that tokenizer (the
-                  same cost; routing choices meaningless). --mixed_path and --factor_dtype apply as in
+                  + embed + select) / base_pipelined. `*_interleaved_s`: the three forwards timed in alternation,
+                  max(--steps, 3) rounds of 3 back-to-back calls each, the order rotated every round, the median
+                  per model; `interleaved_single_ratio` and `interleaved_routed_ratio` are the medians over rounds
+                  of each round's own ratio to the base, so a drift of the device's speed during the run (the
+                  profile saw one base forward take 113 ms and the next 120 ms) cancels; `interleaved_cost_ratio`
+                  = interleaved_routed_ratio + (embed + select) / base_interleaved. The encoder is --encoder:
+                  the packaged all-MiniLM-L6-v2, or 'random:TOKENIZER_JSON', a randomly initialised BERT of its
+                  shape with that tokenizer (the same cost; routing choices meaningless). --mixed_path and --factor_dtype apply as in
                   bench=forward. With --profile DIR, `profile` holds a device-kernel summary
                   (configurable_fm.profiling.trace_kernels: categories, top kernels, per forward) of 3 forwards
                   each of the base and of the one-adapter model (traces in DIR/base, DIR/single_lora): where the
@@ -182,6 +187,24 @@ def timed(fn, args_, steps: int, warmup: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, first
 
 
+def interleaved_seconds(calls: dict, rounds: int, per_round: int = 3) -> dict[str, list[float]]:
+    """{name: seconds per call in each round}: every round times `per_round` back-to-back calls of each zero-argument
+    call (one block at the end), the names in an order rotated by one each round, so that slow drifts of the
+    device (clocks, temperature) reach every model alike. The calls must be compiled already."""
+    import jax
+
+    names = list(calls)
+    out = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                result = calls[name]()
+            jax.block_until_ready(result)
+            out[name].append((time.perf_counter() - t0) / per_round)
+    return out
+
+
 MIXED_PATHS = {"auto": None, "all_adapters": True, "gather": False}  # --mixed_path -> with_small_batch_path's value
 
 
@@ -295,6 +318,10 @@ def bench_routing(args) -> dict:
     total = rc.lm + rc.embed + rc.select
     # back to back (one block at the end): the host's launch work overlaps the device's, as in a serving loop
     pipelined = {name: timed(call, (), repeats, 1)[0] for name, call in calls.items()}
+    interleaved = interleaved_seconds(calls, max(repeats, 3), per_round=3)
+    base_rounds = interleaved["base"]
+    ratio = {name: float(np.median([t / b for t, b in zip(interleaved[name], base_rounds)]))
+             for name in ("single_lora", "routed_lm")}
     profiles = {}
     if args.profile:
         from configurable_fm.profiling import trace_kernels
@@ -310,6 +337,9 @@ def bench_routing(args) -> dict:
             "overhead": rc.overhead, "goal": ROUTING_GOAL, "device": jax.devices()[0].device_kind,
             **{f"{k}_pipelined_s": v for k, v in pipelined.items()},
             "pipelined_cost_ratio": (pipelined["routed_lm"] + rc.embed + rc.select) / pipelined["base"],
+            **{f"{k}_interleaved_s": float(np.median(v)) for k, v in interleaved.items()},
+            "interleaved_single_ratio": ratio["single_lora"], "interleaved_routed_ratio": ratio["routed_lm"],
+            "interleaved_cost_ratio": ratio["routed_lm"] + (rc.embed + rc.select) / float(np.median(base_rounds)),
             **({"profile": profiles} if profiles else {})}
 
 

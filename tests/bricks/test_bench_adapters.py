@@ -92,6 +92,16 @@ def test_benches_refuses_an_unknown_bench(bench, capsys):
         capsys.readouterr().err
 
 
+def test_interleaved_rounds_rotate_the_order(bench):
+    """Each round calls every model `per_round` times, starting one model later than the round before."""
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or np.zeros(1)) for name in ("a", "b", "c")}
+    out = bench.interleaved_seconds(calls, rounds=4, per_round=2)
+    assert {k: len(v) for k, v in out.items()} == {"a": 4, "b": 4, "c": 4}
+    firsts = [order[i] for i in range(0, len(order), 6)]
+    assert firsts == ["a", "b", "c", "a"] and order[:6] == ["a", "a", "b", "b", "c", "c"]
+
+
 def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast): the
     row's parts and ratios; --profile's two traces (on the CPU they hold no device kernels, which the row says)."""
@@ -120,6 +130,10 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     assert min(r["base_pipelined_s"], r["single_lora_pipelined_s"], r["routed_lm_pipelined_s"]) > 0
     assert r["pipelined_cost_ratio"] == pytest.approx((r["routed_lm_pipelined_s"] + r["embed_s"] + r["select_s"])
                                                       / r["base_pipelined_s"])
+    assert min(r["base_interleaved_s"], r["single_lora_interleaved_s"], r["routed_lm_interleaved_s"]) > 0
+    assert min(r["interleaved_single_ratio"], r["interleaved_routed_ratio"]) > 0
+    assert r["interleaved_cost_ratio"] == pytest.approx(
+        r["interleaved_routed_ratio"] + (r["embed_s"] + r["select_s"]) / r["base_interleaved_s"])
     assert sorted(r["profile"]) == ["base", "single_lora"]
     for name, prof in r["profile"].items():
         assert prof["wall_ms"] > 0 and prof["logdir"] == str(tmp_path / "prof" / name)
