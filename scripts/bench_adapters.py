@@ -52,8 +52,8 @@ measurement, on stdout and appended to --out:
                   profile saw one base forward take 113 ms and the next 120 ms) cancels; `interleaved_cost_ratio`
                   = interleaved_routed_ratio + (embed + select) / base_interleaved. The encoder is --encoder:
                   the packaged all-MiniLM-L6-v2, or 'random:TOKENIZER_JSON', a randomly initialised BERT of its
-                  shape with that tokenizer (the same cost; routing choices meaningless). --mixed_path and --factor_dtype apply as in
-                  bench=forward. With --profile DIR, `profile` holds a device-kernel summary
+                  shape with that tokenizer (the same cost; routing choices meaningless). --mixed_path and
+                  --factor_dtype apply as in bench=forward. With --profile DIR, `profile` holds a device-kernel summary
                   (configurable_fm.profiling.trace_kernels: categories, top kernels, per forward) of 3 forwards
                   each of the base and of the one-adapter model (traces in DIR/base, DIR/single_lora): where the
                   unmerged adapter's extra time goes.
