@@ -150,41 +150,35 @@ def on_one_device(state) -> bool:
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates", "fuse"))
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
               max_new_tokens: int, greedy: bool, candidates: int, fuse: bool):
-    with fuse_projections(fuse):
-        return _decode(nnx.merge(graphdef, state), ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id,
-                       max_new_tokens, greedy, candidates)
+    with fuse_projections(fuse):  # read while tracing: the whole program, loop body included
+        model = nnx.merge(graphdef, state)
+        b, t = ids_BxT.shape
+        choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                   candidates=candidates)
+        is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
 
+        cache = model.init_cache(b, t + max_new_tokens)
+        positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
+        logits, cache = model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
+        tok_B = choose(logits[:, -1], jax.random.fold_in(rng, 0))
+        out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
+        carry = (jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, is_eos(tok_B), out_BxN)
 
-def _decode(model, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, max_new_tokens, greedy,
-            candidates):
-    """The body of `_generate` (traced): prefill, first token, the decode loop; (B, T + max_new_tokens)."""
-    b, t = ids_BxT.shape
-    choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                               candidates=candidates)
-    is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
+        def cond(carry):
+            step, _, _, _, done_B, _ = carry
+            return (step < max_new_tokens) & ~jnp.all(done_B)
 
-    cache = model.init_cache(b, t + max_new_tokens)
-    positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
-    logits, cache = model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
-    tok_B = choose(logits[:, -1], jax.random.fold_in(rng, 0))
-    out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
-    carry = (jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, is_eos(tok_B), out_BxN)
+        def body(carry):
+            step, tok_B, pos_B, cache, done_B, out_BxN = carry
+            logits, cache = model(tok_B[:, None], positions=pos_B[:, None], cache=cache)
+            tok_B = choose(logits[:, -1], jax.random.fold_in(rng, step))
+            emitted_B = jnp.where(done_B, pad_id, tok_B)
+            out_BxN = jax.lax.dynamic_update_slice(out_BxN, emitted_B[:, None], (0, step))
+            # A finished row keeps decoding its own (ignored) tokens: rows never interact.
+            return step + 1, tok_B, pos_B + 1, cache, done_B | is_eos(emitted_B), out_BxN
 
-    def cond(carry):
-        step, _, _, _, done_B, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(carry):
-        step, tok_B, pos_B, cache, done_B, out_BxN = carry
-        logits, cache = model(tok_B[:, None], positions=pos_B[:, None], cache=cache)
-        tok_B = choose(logits[:, -1], jax.random.fold_in(rng, step))
-        emitted_B = jnp.where(done_B, pad_id, tok_B)
-        out_BxN = jax.lax.dynamic_update_slice(out_BxN, emitted_B[:, None], (0, step))
-        # A finished row keeps decoding its own (ignored) tokens: rows never interact.
-        return step + 1, tok_B, pos_B + 1, cache, done_B | is_eos(emitted_B), out_BxN
-
-    out_BxN = jax.lax.while_loop(cond, body, carry)[-1]
-    return jnp.concatenate([ids_BxT, out_BxN], axis=1)
+        out_BxN = jax.lax.while_loop(cond, body, carry)[-1]
+        return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
 
 def _check_left_padded(mask: np.ndarray) -> None:

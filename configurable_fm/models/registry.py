@@ -13,7 +13,6 @@ import dataclasses
 import importlib.util
 from pathlib import Path
 
-
 from configurable_fm.errors import UserError
 
 
