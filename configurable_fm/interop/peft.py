@@ -53,6 +53,7 @@ from configurable_fm.interop.atomic import atomic_directory, check_overwritable
 from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 from configurable_fm.models.layers import Linear
+from configurable_fm.models.moe import EXPERT_LORA_KIND
 from configurable_fm.models.structure import check_consistent, extension_specs, registered_extensions, variables_of
 from configurable_fm.models.bert import Bert
 from configurable_fm.models.virtual_tokens import VirtualTokens, geometry, supports, with_virtual_tokens
@@ -510,6 +511,11 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     check_consistent(model, "to_peft")
     specs = extension_specs(model)
     adapters = [s for s in specs if s["kind"] in ADAPTER_LEAVES]
+    experts = [s["path"] for s in specs if s["kind"] == EXPERT_LORA_KIND]
+    if experts:
+        raise UnsupportedModel(f"to_peft: LoRA on stacked expert weights ({_few(experts)}) has no PEFT writer here "
+                               "(PEFT's target_parameters on transformers' fused Mixtral experts is another "
+                               "parametrisation); keep it as a brick set (bricks.adapters.save_adapter)")
     others = [f"{s['path']} ({s['kind']})" for s in specs if s["kind"] not in ADAPTER_LEAVES]
     if others:
         raise UnsupportedModel(f"to_peft: the model has extension modules that are not adapters: {_few(others)}; "

@@ -32,7 +32,9 @@ better than generation can be), and a cached decode (T = 1) gives every expert t
 Ties: jax.lax.top_k keeps the lower index first: token-choice ties go to the lower expert index, expert-choice ties
 to the earlier position.
 
-Experts are stacked along a leading `experts` axis: gate_proj/up_proj (E, D, F), down_proj (E, F, D).
+Experts are stacked along a leading `experts` axis: gate_proj/up_proj (E, D, F), down_proj (E, F, D). The forward
+reads them through `expert_weight`, which adds the change of a LoRA attached to a stacked weight
+(bricks.adapters.experts: the child `experts.<name>_lora`).
 The combine is computed densely over all experts with zero weight for the unchosen ones: exact, simple,
 and E/k times the FLOPs of a dispatching implementation.
 
@@ -174,7 +176,29 @@ def noise_active() -> bool:
 
 
 # ------------------------------------------------------------------------------------------ modules
+# A LoRA on a stacked expert weight `<name>` is the owner's child `<name>_lora`, an extension module of this kind
+# (bricks.adapters.experts).
+EXPERT_LORA_SUFFIX, EXPERT_LORA_KIND = "_lora", "expert_lora"
+
+
+def expert_weight(owner: nnx.Module, name: str) -> jax.Array | None:
+    """The stacked expert weight `name` of `owner` as its forward uses it: the parameter's value, plus the change of
+    an unmerged LoRA attached to it (`owner.<name>_lora.weight_delta()`, W + s·A B in float32); None when the owner
+    has no such weight (a MoEfied GPT-2 FFN's gate)."""
+    var = getattr(owner, name)
+    if var is None:
+        return None
+    w = var[...]
+    adapter = getattr(owner, name + EXPERT_LORA_SUFFIX, None)
+    change = None if adapter is None else adapter.weight_delta()
+    return w if change is None else w.astype(jnp.promote_types(w.dtype, change.dtype)) + change
+
+
 class Experts(nnx.Module):
+    """E experts' stacked SwiGLU weights; a LoRA can adapt each (bricks.adapters.experts, `expert_weight`)."""
+
+    EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
     def __init__(self, num_experts: int, d: int, f: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.gate_proj = param(normal(rngs, (num_experts, d, f), param_dtype), ("experts", "embed", "mlp"))
         self.up_proj = param(normal(rngs, (num_experts, d, f), param_dtype), ("experts", "embed", "mlp"))
@@ -211,8 +235,9 @@ class SparseMoE(nnx.Module):
         combine_BxTxE = routing(router_logits_BxTxE, self.k, self.rule, self.capacity_factor).combine_BxTxE
         dtype = self.dtype or x_BxTxD.dtype
         x = x_BxTxD.astype(dtype)
-        gate = jnp.einsum("btd,edf->btef", x, self.experts.gate_proj[...].astype(dtype))
-        up = jnp.einsum("btd,edf->btef", x, self.experts.up_proj[...].astype(dtype))
+        weight = lambda name: expert_weight(self.experts, name).astype(dtype)  # noqa: E731
+        gate = jnp.einsum("btd,edf->btef", x, weight("gate_proj"))
+        up = jnp.einsum("btd,edf->btef", x, weight("up_proj"))
         hidden_BxTxExF = tap(self, "hidden", activation(self.act)(gate) * up)
-        out_BxTxExD = jnp.einsum("btef,efd->bted", hidden_BxTxExF, self.experts.down_proj[...].astype(dtype))
+        out_BxTxExD = jnp.einsum("btef,efd->bted", hidden_BxTxExF, weight("down_proj"))
         return jnp.einsum("bted,bte->btd", out_BxTxExD, combine_BxTxE.astype(dtype))

@@ -8,6 +8,11 @@ then selects its parameters, and the trained adapter is written at the end as a 
 The section (all keys always present, so `--config.adapter.KEY=VALUE` overrides work; `kind` '' = no adapter):
     kind      'lora' | 'dora' | 'ia3' | 'bottleneck'
     targets   module path globs (bricks.adapters.attach); bottleneck: 'houlsby' / 'pfeiffer' or sublayer globs
+    target_parameters  stacked expert weight globs (PEFT's name; kind 'lora' only): a LoRA per expert with the
+              same rank / alpha / rslora / init / seed (bricks.adapters.attach_experts), e.g.
+              ('layers.*.mlp.*_proj',) on a MoEfied model; () for none. `targets` may then be () too. No PEFT
+              writer and no dropout for them: save=('brick',) and dropout 0. lora.expert_rank: their rank per
+              expert (0: lora.rank; an expert LoRA of rank r holds E times the factors of a Linear's).
     init      '' (the kind's default) or an initialisation of that kind (LORA_INITS, IA3_INITS, BOTTLENECK_INITS)
     seed      adapter initialisation seed (keys from (seed, module path): a resumed run re-attaches the same one)
     lora      rank, alpha, rslora, dropout (lora / dora); dropout p > 0 (PEFT's lora_dropout) drops the LoRA
@@ -46,11 +51,12 @@ BRICK_DIR, PEFT_DIR = "adapter", "adapter_peft"
 def adapter_config(kind: str = "lora", *, targets=("layers.*.self_attn.[qv]_proj",), init: str = "", seed: int = 0,
                    rank: int = 8, alpha: float = 8.0, rslora: bool = False, dropout: float = 0.0,
                    size: int = 0, reduction_factor: float = 16.0, non_linearity: str = "", scaling: float = 1.0,
-                   save=("brick", "peft")) -> ml_collections.ConfigDict:
+                   save=("brick", "peft"), target_parameters=(), expert_rank: int = 0) -> ml_collections.ConfigDict:
     """The `config.adapter` section (module docstring) with these values."""
+    as_tuple = lambda v: (v,) if isinstance(v, str) else tuple(v)  # noqa: E731
     return ml_collections.ConfigDict(dict(
-        kind=kind, targets=tuple(targets) if not isinstance(targets, str) else (targets,), init=init, seed=seed,
-        lora=dict(rank=rank, alpha=float(alpha), rslora=rslora, dropout=float(dropout)),
+        kind=kind, targets=as_tuple(targets), target_parameters=as_tuple(target_parameters), init=init, seed=seed,
+        lora=dict(rank=rank, alpha=float(alpha), rslora=rslora, dropout=float(dropout), expert_rank=expert_rank),
         bottleneck=dict(size=size, reduction_factor=float(reduction_factor), non_linearity=non_linearity,
                         scaling=float(scaling)),
         save=tuple(save)))
@@ -84,8 +90,26 @@ def check_adapter_config(cfg) -> None:
         raise ConfigError(f"adapter.lora.dropout={a.lora.dropout}: dropout with DoRA is not implemented (PEFT "
                           "recomputes the base output on the dropped input); set it to 0.0 or use kind 'lora'")
     targets = (a.targets,) if isinstance(a.targets, str) else tuple(a.targets)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"adapter.targets={a.targets!r} must name module path globs")
+    params = expert_targets(a)
+    if not all(isinstance(t, str) and t for t in targets + params) or not (targets or params):
+        raise ConfigError(f"adapter.targets={a.targets!r} must name module path globs"
+                          + (" (or adapter.target_parameters stacked expert weights)" if a.kind == "lora" else ""))
+    if params:
+        if a.kind != "lora":
+            raise ConfigError(f"adapter.target_parameters={params!r}: a LoRA on stacked expert weights is kind "
+                              f"'lora', not {a.kind!r}")
+        if "peft" in save:
+            raise ConfigError("adapter.target_parameters: LoRA on stacked expert weights has no PEFT writer; use "
+                              "adapter.save=('brick',)")
+        if float(a.lora.dropout) != 0.0:
+            raise ConfigError(f"adapter.lora.dropout={a.lora.dropout}: no dropout with target_parameters (as PEFT: "
+                              "the input of a materialised weight change cannot be dropped); set it to 0.0")
+
+
+def expert_targets(section) -> tuple[str, ...]:
+    """The section's `target_parameters` globs as a tuple (() when absent: configs written before the key)."""
+    value = section.get("target_parameters", ())
+    return (value,) if isinstance(value, str) else tuple(value or ())
 
 
 def attach_configured(model: nnx.Module, cfg) -> nnx.Module:
@@ -107,8 +131,14 @@ def attach_configured(model: nnx.Module, cfg) -> nnx.Module:
             non_linearity=b.non_linearity or None, scaling=float(b.scaling), init=init or "kaiming", seed=int(a.seed))
     if a.kind == "ia3":
         return adapters.attach(model, "ia3", targets, init=init, seed=int(a.seed))
-    return adapters.attach(model, a.kind, targets, rank=int(a.lora.rank), alpha=float(a.lora.alpha),
-                           rslora=bool(a.lora.rslora), init=init, seed=int(a.seed))
+    lora = dict(rank=int(a.lora.rank), alpha=float(a.lora.alpha), rslora=bool(a.lora.rslora), init=init,
+                seed=int(a.seed))
+    adapted = adapters.attach(model, a.kind, targets, **lora) if targets else model
+    params = expert_targets(a)
+    if not params:
+        return adapted
+    rank = int(a.lora.get("expert_rank", 0)) or lora["rank"]
+    return adapters.attach_experts(adapted, list(params), **{**lora, "rank": rank})
 
 
 DROPOUT_SALT = 0x10AD  # the dropout keys: fold_in(the step's rng, DROPOUT_SALT), apart from the task's own draws

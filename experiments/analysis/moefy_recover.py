@@ -33,13 +33,19 @@ Variants: MODE[,DATA][,test]
                 dL/ds_j = p_j (g_j - sum_e p_e g_e),   g_e = dL/dc_e = sum_tokens <h_e D_e, dL/dy>
             (analysis/moefication/module.py). Needs a router with parameters (not 'oracle').
     lora    LoRA (rank 16, alpha 32) on the attention projections layers.*.self_attn.[qkvo]_proj, trained alone
-            (trainable=('AdapterParam:**',)). LoRA attaches to Linear modules only (bricks/adapters), and a
-            MoefiedMLP's experts are stacked (E, D, m) parameters, not Linears: the FFN experts take no LoRA, so
-            the adapter compensates in attention (the only dense projections left besides the tied embedding).
+            (trainable=('AdapterParam:**',)): the adapter compensates in attention. A MoefiedMLP's experts are
+            stacked (E, D, m) parameters, not Linears; their LoRA is attach_experts' (lora_experts below).
     both    routers and the LoRA adapter together.
+    lora_experts  routers, the attention LoRA and a LoRA on every expert of the MoEfied FFNs (the stacked gate/up/
+            down_proj, bricks.adapters.attach_experts: one rank-4 change per expert, the section's alpha 32, so
+            s = alpha / r = 8 there (2 for the rank-16 attention LoRA); at 16 experts of 96
+            neurons that is 129k parameters per layer, the attention LoRA's 61k, the router's 8k): the "router /
+            LoRA recovery" with the FFN adapted too.
+    lora_mlp  the control of lora_experts on the dense model (--config.init_from=smollm2-135m-instruct): the
+            attention LoRA and a rank-16 LoRA on the dense MLP's gate/up/down_proj (101k parameters per layer).
     experts routers and the FFN weights themselves (the stacked experts gate/up/down_proj: full fine-tuning of the
-            FFN at lr 1e-4, not tuned): how much of the gap FFN-side adaptation closes, which LoRA cannot reach
-            (above). Not the issue's "router/LoRA recovery"; a diagnostic for whether expert LoRA is worth building.
+            FFN at lr 1e-4, not tuned): how much of the gap FFN-side adaptation closes at most, against which
+            lora_experts' low-rank share of it can be read. Not the issue's "router/LoRA recovery"; a diagnostic.
     ffn     the FFN weights alone (layers.*.mlp.*_proj: a dense model's kernels or a MoEfied model's experts), lr
             1e-4: `ffn` on the dense model is the control of `experts` (the same parameters trained the same way).
     eval    one step at learning rate 0 (the model is unchanged; the final evaluation is the 'before' value):
@@ -110,11 +116,13 @@ import configurable_fm.analysis.moefication  # noqa: F401  registers 'moefied_ml
 from configurable_fm.train.adapters import adapter_config
 from experiments import pretrain
 
-MODES = ("router", "lora", "both", "experts", "ffn", "eval")
+MODES = ("router", "lora", "both", "lora_experts", "lora_mlp", "experts", "ffn", "eval")
 DATASETS = ("english", "code", "stdlib", "mix")
 ROUTERS = ("**.mlp.router.**",)  # every MoefiedMLP's router parameters (llama layers.<i>.mlp, GPT-2 h.<i>.mlp)
 ADAPTER = ("AdapterParam:**",)
 LORA_TARGETS = ("layers.*.self_attn.[qkvo]_proj",)
+EXPERT_TARGETS = ("layers.*.mlp.*_proj",)  # a MoefiedMLP's stacked gate/up/down_proj (lora_experts)
+MLP_TARGETS = ("layers.*.mlp.[gud]*_proj",)  # a dense MLP's Linears (lora_mlp)
 FFN = ("layers.*.mlp.*_proj.**",)  # llama: a MoefiedMLP's stacked gate/up/down_proj, or a dense MLP's kernels
 FFN_LR = 1e-4  # full fine-tuning of the FFN weights (experts, ffn); LoRA and routers train at 1e-3
 DEFAULT_INIT = "moefied/smollm2-cmoe-16x4"
@@ -138,9 +146,13 @@ def get_config(arg: str = "router") -> ml_collections.ConfigDict:
     c = pretrain.get_config("tiny")  # the trainer's keys; `model` unused (init_from is set)
     c.name = f"moefy_recover_{arg.replace(',', '_')}"
     c.init_from = "" if test else DEFAULT_INIT
-    c.trainable = {"router": ROUTERS, "lora": ADAPTER, "both": ROUTERS + ADAPTER, "experts": ROUTERS + FFN,
-                   "ffn": FFN, "eval": ("norm.**",)}[mode]
-    c.adapter = adapter_config("lora" if mode in ("lora", "both") else "", targets=LORA_TARGETS,
+    c.trainable = {"router": ROUTERS, "lora": ADAPTER, "both": ROUTERS + ADAPTER, "lora_experts": ROUTERS + ADAPTER,
+                   "lora_mlp": ADAPTER, "experts": ROUTERS + FFN, "ffn": FFN, "eval": ("norm.**",)}[mode]
+    lora_modes = ("lora", "both", "lora_experts", "lora_mlp")
+    c.adapter = adapter_config("lora" if mode in lora_modes else "",
+                               targets=LORA_TARGETS + (MLP_TARGETS if mode == "lora_mlp" else ()),
+                               target_parameters=EXPERT_TARGETS if mode == "lora_experts" else (),
+                               expert_rank=4 if mode == "lora_experts" else 0,
                                rank=4 if test else 16, alpha=8.0 if test else 32.0, save=("brick",))
     c.data = ml_collections.ConfigDict(dict(kind="shards", dir=f"data/{data}", prepare=data, eval_batch_size=16,
                                             max_eval_batches=8))

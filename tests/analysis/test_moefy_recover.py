@@ -204,9 +204,29 @@ def test_config_variants_and_errors(moefied):
     with pytest.raises(ValueError, match="one mode"):
         moefy_recover.get_config("router,lora")
     moe, _ = moefied
-    # the experts are stacked (E, D, m) parameters, not Linear modules: no LoRA on them
-    with pytest.raises(adapters.AdapterError, match="layers.0.mlp.up_proj is a Param, not a Linear"):
+    # the experts are stacked (E, D, m) parameters, not Linear modules: attach refuses, attach_experts serves them
+    with pytest.raises(adapters.AdapterError, match="layers.0.mlp.up_proj is a Param, not a Linear \\(a stacked"):
         adapters.attach(moe, "lora", "layers.*.mlp.up_proj", rank=2)
+    c = moefy_recover.get_config("lora_experts")
+    assert c.adapter.target_parameters == ("layers.*.mlp.*_proj",) and c.adapter.lora.expert_rank == 4
+    assert moefy_recover.get_config("lora_mlp").adapter.targets[-1] == "layers.*.mlp.[gud]*_proj"
+
+
+def test_lora_experts_trains_routers_and_both_adapters(moefied, tmp_path):
+    """'lora_experts': the routers, the attention LoRA and the expert LoRA train; the MoEfied base, detached, is
+    bit-identical apart from the routers; the brick set holds both kinds."""
+    moe, path = moefied
+    start = flat_params(moe)
+    result, workdir = run(tmp_path, "lora_experts,test", path, steps=2, eval_every=0)
+    kinds = {v["kind"] for v in adapters.adapters(result.model).values()}
+    assert kinds == {"lora", "expert_lora"}
+    assert adapters.adapters(result.model)["layers.1.mlp.down_proj"]["rank"] == 4
+    changed, _ = split_changed(start, flat_params(adapters.detach(result.model)))
+    assert sorted(changed) == sorted(k for k in start if ".mlp.router." in k)
+    state = adapters.adapter_state(result.model)
+    assert any(float(np.abs(np.asarray(v)).max()) > 0 for k, v in state.items() if "up_proj_lora.lora_b" in k)
+    loaded = adapters.load_adapter(moe, workdir / "adapter")
+    assert sorted(adapters.adapters(loaded)) == sorted(adapters.adapters(result.model))
 
 
 def test_router_only_needs_router_parameters(tmp_path):

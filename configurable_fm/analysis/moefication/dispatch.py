@@ -58,6 +58,7 @@ from jax.experimental import pallas as pl
 
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
+from configurable_fm.models.moe import expert_weight
 from configurable_fm.models.taps import tap
 
 MODES = ("masked", "gather", "pallas")
@@ -170,9 +171,11 @@ def dispatched(layer: MoefiedMLP, x):
 
 def _weights(layer: MoefiedMLP):
     """{name: array or None} of the layer's expert weights, in their parameter dtype (cast after the gather, or
-    inside the kernels, so that only the chosen experts are converted)."""
+    inside the kernels, so that only the chosen experts are converted); an unmerged expert LoRA's change is added
+    first (float32, every expert: merge it for inference speed)."""
     get = lambda v: None if v is None else v[...]  # noqa: E731
-    return dict(gate=get(layer.gate_proj), up=get(layer.up_proj), down=get(layer.down_proj),
+    weight = lambda name: expert_weight(layer, name)  # noqa: E731  (with an unmerged expert LoRA's change)
+    return dict(gate=weight("gate_proj"), up=weight("up_proj"), down=weight("down_proj"),
                 gate_bias=get(layer.gate_bias), up_bias=get(layer.up_bias), down_bias=get(layer.down_bias))
 
 

@@ -61,6 +61,7 @@ from flax import nnx
 from configurable_fm.models.gpt2 import GPT2MLP
 from configurable_fm.models.layers import activation, param
 from configurable_fm.models.llama import LlamaMLP
+from configurable_fm.models.moe import expert_weight
 from configurable_fm.models.structure import fill, register_extension
 from configurable_fm.models.taps import tap, tapped
 
@@ -190,7 +191,10 @@ def dense_layout(base) -> dict:
 class MoefiedMLP(nnx.Module):
     """A dense FFN regrouped into experts (module docstring). Built from the dense module it replaces and the
     options {'num_experts', 'num_shared', 'top_k', 'router', 'router_hidden', 'split'}; the variables are zero
-    placeholders until `moefy` (or a checkpoint) fills them."""
+    placeholders until `moefy` (or a checkpoint) fills them. The stacked weights can take a LoRA each
+    (bricks.adapters.experts; the forward reads them through models.moe.expert_weight)."""
+
+    EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, base, *, num_experts: int, top_k: int, router: str, num_shared: int = 0,
                  router_hidden: int = 0, split: str = ""):
@@ -250,7 +254,8 @@ class MoefiedMLP(nnx.Module):
         return self._dense_abstract()
 
     def dense(self) -> nnx.Module:
-        """The dense FFN module with this module's neurons put back in their dense order (exact: a permutation)."""
+        """The dense FFN module with this module's neurons put back in their dense order (exact: a permutation; an
+        unmerged expert LoRA's change is merged into the weights, rounded once to their dtype)."""
         abstract = self._dense_abstract()
         names = dense_layout(abstract)["names"]
         order = np.argsort(np.asarray(self.neurons.get_value()).reshape(-1), kind="stable")
@@ -259,11 +264,14 @@ class MoefiedMLP(nnx.Module):
             w = np.asarray(w)
             return np.moveaxis(w, 0, 1).reshape(w.shape[1], -1)[:, order]
 
-        values = {f"{names['up']}.kernel": columns(self.up_proj.get_value()),
-                  f"{names['down']}.kernel": np.asarray(self.down_proj.get_value()).reshape(
-                      -1, self.down_proj.get_value().shape[-1])[order]}
+        def weight(name):  # with an unmerged expert LoRA's change, in the parameter's dtype
+            return np.asarray(expert_weight(self, name)).astype(getattr(self, name).get_value().dtype)
+
+        down = weight("down_proj")
+        values = {f"{names['up']}.kernel": columns(weight("up_proj")),
+                  f"{names['down']}.kernel": down.reshape(-1, down.shape[-1])[order]}
         if self.gate_proj is not None:
-            values[f"{names['gate']}.kernel"] = columns(self.gate_proj.get_value())
+            values[f"{names['gate']}.kernel"] = columns(weight("gate_proj"))
         for name, var in (("gate", self.gate_bias), ("up", self.up_bias)):
             if var is not None:
                 values[f"{names[name]}.bias"] = np.asarray(var.get_value()).reshape(-1)[order]
@@ -275,8 +283,9 @@ class MoefiedMLP(nnx.Module):
     def expert_hidden(self, x):
         """h (..., E, m): every expert's activations (module docstring), in the compute dtype."""
         get = lambda v: None if v is None else v[...]  # noqa: E731
-        return expert_activations(x, get(self.up_proj), get(self.up_bias), get(self.gate_proj), get(self.gate_bias),
-                                  act=self.act, dtype=self.dtype or x.dtype)
+        return expert_activations(x, expert_weight(self, "up_proj"), get(self.up_bias),
+                                  expert_weight(self, "gate_proj"), get(self.gate_bias), act=self.act,
+                                  dtype=self.dtype or x.dtype)
 
     def router_scores(self, x, hidden):
         """s (..., R) float32: the router's scores of the routed experts."""
@@ -305,7 +314,8 @@ class MoefiedMLP(nnx.Module):
 
     def combine(self, hidden, mask):
         """y (..., D) = sum_e c_e h_e D_e + b^d."""
-        return expert_sum(hidden, mask, self.down_proj[...], None if self.down_bias is None else self.down_bias[...])
+        return expert_sum(hidden, mask, expert_weight(self, "down_proj"),
+                          None if self.down_bias is None else self.down_bias[...])
 
     @tapped
     def __call__(self, x_BxTxD):

@@ -266,6 +266,11 @@ def demoefy(model):
     exact), the other variables kept; the input is not modified."""
     layers = moefied_layers(model)
     other = [s for s in extension_specs(model) if s["kind"] != KIND]
+    inside = [s["path"] for s in other if any(s["path"].startswith(p + ".") for p, _ in layers)]
+    if inside:
+        raise MoefyError(f"demoefy: the MoEfied FFNs hold extension modules ({', '.join(inside[:4])}"
+                         f"{' ...' if len(inside) > 4 else ''}) that a dense FFN has no place for; merge them into "
+                         "the experts first (bricks.adapters.merge)")
     abstract = abstract_model(model.cfg, other, **build_options(model))
     values = {k: v.get_value() for k, v in variables_of(model).items()
               if not any(k.startswith(p + ".") for p, _ in layers)}

@@ -13,15 +13,19 @@ sublayer outputs, and prompt / prefix tuning; PEFT-compatible both ways (bottlen
     vt = adapters.attach_virtual_tokens(base, "prompt", 20)   # prompt tuning ('prefix': prefix tuning)
     mixed = adapters.with_adapter_ids(adapters.mix(base, [m, m3]), [0, 1, -1])   # one adapter per batch row
     bn = adapters.attach_bottleneck(base, "houlsby", reduction_factor=16)   # bottleneck adapters (not mergeable)
+    moe = adapters.attach_experts(moe_base, "layers.*.mlp.experts.*_proj", rank=8)   # a LoRA per expert (stacked
+                                         # expert weights: PEFT's target_parameters; experts.py)
 
 An adapted module replaces a `models.layers.Linear` at the same path, keeps `kernel` / `bias` there and adds its
 parameters as leaves of that module (modules.py has the math and PEFT's conventions). Importing this package
-registers the extension kinds 'lora', 'dora', 'ia3', 'bottleneck' (models.structure), which orbax checkpoints of adapted models
-and interop.peft need.
+registers the extension kinds 'lora', 'dora', 'ia3', 'bottleneck' and 'expert_lora' (models.structure), which orbax
+checkpoints of adapted models and interop.peft need.
 """
 from configurable_fm.bricks.adapters.core import (DEFAULT_ALPHA, DEFAULT_RANK, FEEDFORWARD, IA3_INITS, KINDS,
                                                   LORA_INITS, adapted_modules, adapter_state, adapters, as_delta,
-                                                  attach, check_mergeable, detach, merge, path_key, unmerge)
+                                                  attach, attach_experts, check_mergeable, detach, merge, path_key,
+                                                  unmerge)
+from configurable_fm.bricks.adapters.experts import ExpertLoRA, expert_loras
 from configurable_fm.bricks.adapters.bottleneck import (INITS as BOTTLENECK_INITS, NON_LINEARITIES, BottleneckLinear,
                                                         BottleneckParam, attach_bottleneck, bottleneck_targets)
 from configurable_fm.bricks.adapters.combine import (COMBINATIONS, CombineReport, check_options, combine,
@@ -38,6 +42,7 @@ from configurable_fm.bricks.adapters.mixed import (BASE_ID, AdapterIds, AdapterS
 from configurable_fm.interop.peft import from_peft, read_peft, to_peft
 
 __all__ = [
+    "attach_experts", "ExpertLoRA", "expert_loras",
     "attach", "merge", "unmerge", "detach", "adapters", "adapted_modules", "adapter_state", "as_delta", "path_key",
     "adapter_bricks", "attach_bricks", "save_adapter", "load_adapter", "from_peft", "read_peft", "to_peft",
     "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",

@@ -86,6 +86,7 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeable, detach
+from configurable_fm.bricks.adapters.experts import refuse_expert_loras
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError, AdapterParam
 from configurable_fm.bricks.brickset import BrickSet
@@ -269,6 +270,7 @@ def _inputs(inputs, base, what: str, *, one_kind: bool = True
     models = [_as_model(x, base, i, what) for i, x in enumerate(inputs)]
     modules = []
     for i, m in enumerate(models):
+        refuse_expert_loras(m, f"{what}: input {i}")
         found = adapted_modules(m)
         if not found:
             raise AdapterError(f"{what}: input {i} has no adapters (attach them with bricks.adapters.attach or "

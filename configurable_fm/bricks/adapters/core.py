@@ -9,6 +9,9 @@
     base = detach(m)       # the base model back: the same arrays
     delta = as_delta(m)    # bricks.deltas.Delta: LowRank for LoRA, Dense for DoRA / IA3;
                            # deltas.apply(detach(m), delta) == merge(m)
+    moe = attach_experts(moe_model, "layers.*.mlp.experts.*_proj", rank=8)   # LoRA per expert on stacked
+                           # weights (PEFT's target_parameters; experts.py); merge / unmerge / detach /
+                           # as_delta / adapters / adapter_state serve them too
 
 Inputs are never modified. A target is a module path glob (or a list of them) of `models.layers.Linear` modules; a
 glob that matches nothing, or matches something that is not a plain Linear (another module, an adapted one), is an
@@ -27,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.bricks.adapters.experts import (ExpertLoRA, expert_loras, expert_weight_names, merged_weight,
+                                                    replace_expert_loras)
 from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError, AdapterParam, ADAPTER_TYPES
 from configurable_fm.bricks.deltas import Delta
 from configurable_fm.bricks.paths import flat_state
@@ -34,6 +39,7 @@ from configurable_fm.bricks.select import Selection, SelectionError, glob_to_reg
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.factory import family_name
 from configurable_fm.models.layers import Linear
+from configurable_fm.models.moe import EXPERT_LORA_SUFFIX
 from configurable_fm.models.virtual_tokens import VirtualTokenParam, VirtualTokens
 
 KINDS = tuple(ADAPTER_TYPES)
@@ -112,7 +118,10 @@ def attach(model, kind: str, targets: str | Sequence[str], *, rank: int | None =
         if isinstance(node, AdaptedLinear):
             problems.append(f"{p} already has a {node.kind} adapter (detach or merge it first)")
         elif type(node) is not Linear:
-            problems.append(f"{p} is a {type(node).__name__}, not a Linear")
+            owner_path, _, name = p.rpartition(".")
+            stacked = name in expert_weight_names(index.get(owner_path, (None, None))[1])
+            problems.append(f"{p} is a {type(node).__name__}, not a Linear"
+                            + (" (a stacked expert weight: bricks.adapters.attach_experts)" if stacked else ""))
     if problems:
         raise AdapterError(f"attach: {len(problems)} target(s) cannot take an adapter: " + "; ".join(problems[:8])
                            + (" ..." if len(problems) > 8 else "") + " (narrow the globs, e.g. 'layers.*.self_attn."
@@ -155,22 +164,29 @@ def _lora_values(lin: Linear, kind: str, options: dict, init: str, seed: int, pa
     w = lin.kernel.get_value()
     d_in, d_out, r = int(w.shape[0]), int(w.shape[1]), options["rank"]
     dtype = jnp.promote_types(w.dtype, jnp.float32)
-    if init == "gaussian":
-        a = jax.random.normal(path_key(seed, path, "lora_a"), (d_in, r), jnp.float32) / r
-    else:  # torch's kaiming_uniform_(a=sqrt(5)) on lora_A.weight (r, in): bound 1 / sqrt(fan_in = in)
-        bound = 1.0 / math.sqrt(d_in)
-        a = jax.random.uniform(path_key(seed, path, "lora_a"), (d_in, r), jnp.float32, -bound, bound)
-    if init == "random":  # nn.Linear's default init of lora_B.weight (out, r): bound 1 / sqrt(r)
-        bound = 1.0 / math.sqrt(r)
-        b = jax.random.uniform(path_key(seed, path, "lora_b"), (r, d_out), jnp.float32, -bound, bound)
-    else:
-        b = jnp.zeros((r, d_out), jnp.float32)
+    a, b = lora_factors((d_in, r), (r, d_out), init, seed, path, b_fan_in=r)
     values = {"lora_a": a.astype(dtype), "lora_b": b.astype(dtype)}
     if kind == "dora":
         module = ADAPTER_TYPES[kind].from_options(lin, options)
         module.lora_a, module.lora_b = module.lora_a.replace(values["lora_a"]), module.lora_b.replace(values["lora_b"])
         values["lora_magnitude"] = module.weight_norm().astype(dtype)
     return values
+
+
+def lora_factors(a_shape, b_shape, init: str, seed: int, path: str, *, b_fan_in: int):
+    """(A, B) float32 of a fresh LoRA, A (..., D_in, r), B (..., r, D_out), keys from (seed, path):
+    A ~ U(±1/sqrt(D_in)) (torch's kaiming_uniform_(a=sqrt(5)) on lora_A.weight, fan_in D_in) or N(0, 1/r²)
+    ('gaussian'); B = 0, or ~ U(±1/sqrt(b_fan_in)) ('random': nn.Linear's default init of lora_B.weight)."""
+    r, d_in = int(a_shape[-1]), int(a_shape[-2])
+    if init == "gaussian":
+        a = jax.random.normal(path_key(seed, path, "lora_a"), tuple(a_shape), jnp.float32) / r
+    else:
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(path_key(seed, path, "lora_a"), tuple(a_shape), jnp.float32, -bound, bound)
+    if init != "random":
+        return a, jnp.zeros(tuple(b_shape), jnp.float32)
+    bound = 1.0 / math.sqrt(b_fan_in)
+    return a, jax.random.uniform(path_key(seed, path, "lora_b"), tuple(b_shape), jnp.float32, -bound, bound)
 
 
 def _ia3_values(lin: Linear, feedforward: bool, init: str, seed: int, path: str) -> dict:
@@ -182,6 +198,102 @@ def _ia3_values(lin: Linear, feedforward: bool, init: str, seed: int, path: str)
     return {"ia3_scale": jnp.ones((n,), dtype)}
 
 
+# ------------------------------------------------------------------------------------------ expert weights
+def attach_experts(model, targets: str | Sequence[str], *, rank: int | None = None, alpha: float | None = None,
+                   rslora: bool | None = None, init: str | None = None, seed: int = 0) -> nnx.Module:
+    """A new model with a LoRA on every stacked expert weight matching `targets` (parameter path globs, PEFT's
+    `target_parameters`: `layers.*.mlp.experts.*_proj` of a MoE model, `layers.*.mlp.*_proj` of a MoEfied one):
+    one rank-r change per expert, W_e + s A_e B_e (experts.py). rank / alpha / rslora / init / seed as `attach`'s
+    LoRA ('kaiming': A_e ~ U(±1/sqrt(D_in)), B = 0; 'gaussian': A_e ~ N(0, 1/r²); 'random': B ~ U(±1/sqrt(r E)) as
+    PEFT's nn.Linear(r E, D_out) default), keys from (seed, parameter path). AdapterError naming every glob that
+    matches no stacked expert weight and every match that is not one or already has a LoRA."""
+    globs = target_globs(targets, "attach_experts(targets=...)")
+    index = module_index(model)
+    candidates = [f"{p}.{n}" if p else n for p, (_, node) in index.items() for n in expert_weight_names(node)]
+    regexes = [(g, re.compile(glob_to_regex(g))) for g in globs]
+    unmatched = [g for g, r in regexes if not any(r.fullmatch(c) for c in candidates)]
+    if unmatched:
+        raise AdapterError(f"attach_experts: {unmatched} match no stacked expert weight; the model's are "
+                           + (_shapes(candidates) if candidates else "none (no MoE or MoEfied FFN)"))
+    paths = [c for c in candidates if any(r.fullmatch(c) for _, r in regexes)]
+    taken = [p for p in paths if p in expert_loras(model)]
+    if taken:
+        raise AdapterError(f"attach_experts: {taken[:8]} already have a LoRA (detach or merge it first)")
+    rank = DEFAULT_RANK if rank is None else rank
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
+    init = "kaiming" if init is None else init
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise AdapterError(f"attach_experts: rank must be an int >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
+        raise AdapterError(f"attach_experts: alpha must be a number, got {alpha!r}")
+    if init not in LORA_INITS:
+        raise AdapterError(f"attach_experts: init={init!r} is not a LoRA initialisation {list(LORA_INITS)}")
+    options = {"rank": int(rank), "alpha": float(alpha), "rslora": bool(rslora)}
+    specs = []
+    for path in paths:
+        shape = expert_weight_shape(index, path)
+        if len(shape) != 3:
+            raise AdapterError(f"attach_experts: {path} is {shape}, not a stacked (E, D_in, D_out) weight")
+        specs.append({"path": path, "options": options,
+                      "values": _expert_lora_values(shape, int(rank), init, seed, path)})
+    return attach_experts_built(model, specs)
+
+
+def expert_weight_shape(index: dict, path: str) -> tuple[int, ...]:
+    """The shape of the stacked expert weight at `path` (module_index of the model); () when there is none."""
+    owner_path, _, name = path.rpartition(".")
+    owner = index.get(owner_path, (None, None))[1]
+    if owner is None or name not in expert_weight_names(owner):
+        return ()
+    return tuple(int(n) for n in getattr(owner, name).get_value().shape)
+
+
+def attach_experts_built(model, specs) -> nnx.Module:
+    """A clone of `model` with an unmerged ExpertLoRA on each stacked weight of [{"path", "options": {rank, alpha,
+    rslora}, "values": {lora_a, lora_b}}] (shapes checked by the caller)."""
+    new = nnx.clone(model)
+    index = module_index(new)
+    for spec in specs:
+        owner_path, _, name = spec["path"].rpartition(".")
+        owner = index[owner_path][1]
+        var = getattr(owner, name)
+        axes = var.get_metadata().get("out_sharding")
+        adapter = ExpertLoRA(shape=list(var.get_value().shape), **spec["options"],
+                             axes=None if axes is None else list(axes))
+        for leaf, value in spec["values"].items():
+            setattr(adapter, leaf, getattr(adapter, leaf).replace(jnp.asarray(value, jnp.float32)))
+        setattr(owner, name + EXPERT_LORA_SUFFIX, adapter)
+    return new
+
+
+def _expert_lora_values(shape, r: int, init: str, seed: int, path: str) -> dict:
+    e, d_in, d_out = shape  # PEFT: lora_B = nn.Linear(r E, D_out), so its default bound is 1 / sqrt(r E)
+    a, b = lora_factors((e, d_in, r), (e, r, d_out), init, seed, path, b_fan_in=r * e)
+    return {"lora_a": a, "lora_b": b}
+
+
+def _merge_experts(model, *, keep: bool) -> nnx.Module:
+    def change(owner, name, adapter):
+        if not adapter.merged:
+            setattr(owner, name, getattr(owner, name).replace(merged_weight(owner, name, adapter)))
+        if keep:
+            setattr(owner, name + EXPERT_LORA_SUFFIX, adapter.with_merged(True))
+        else:
+            delattr(owner, name + EXPERT_LORA_SUFFIX)
+    return replace_expert_loras(model, change)
+
+
+def _unmerge_experts(model, *, drop: bool) -> nnx.Module:
+    def change(owner, name, adapter):
+        if adapter.merged:
+            setattr(owner, name, getattr(owner, name).replace(merged_weight(owner, name, adapter, -1.0)))
+        if drop:
+            delattr(owner, name + EXPERT_LORA_SUFFIX)
+        elif adapter.merged:
+            setattr(owner, name + EXPERT_LORA_SUFFIX, adapter.with_merged(False))
+    return replace_expert_loras(model, change)
+
+
 # ------------------------------------------------------------------------------------------ reading
 def adapted_modules(model) -> dict[str, AdaptedLinear]:
     """{module path: adapted module} of every adapter in `model`, in model order (views: do not modify)."""
@@ -191,8 +303,12 @@ def adapted_modules(model) -> dict[str, AdaptedLinear]:
 def adapters(model) -> dict[str, dict[str, Any]]:
     """{module path: {'kind': 'lora' | 'dora' | 'ia3' | 'bottleneck', **options}} of every adapter in `model`; {}
     for none. Options: rank, alpha, rslora, merged (LoRA/DoRA); feedforward, merged (IA3); size, non_linearity,
-    scaling, merged (bottleneck, bottleneck.py)."""
-    return {p: {"kind": m.kind, **m.options()} for p, m in adapted_modules(model).items()}
+    scaling, merged (bottleneck, bottleneck.py). A LoRA on a stacked expert weight is listed under the weight's
+    path ('layers.0.mlp.experts.gate_proj': kind 'expert_lora', rank, alpha, rslora, merged)."""
+    out = {p: {"kind": m.kind, **m.options()} for p, m in adapted_modules(model).items()}
+    for p, a in expert_loras(model).items():
+        out[p] = {"kind": a.kind, **{k: v for k, v in a.options().items() if k not in ("shape", "axes")}}
+    return out
 
 
 def adapter_state(model) -> dict[str, jax.Array]:
@@ -238,6 +354,10 @@ def merge(model, *, keep: bool = False) -> nnx.Module:
     with merged weights, computing the plain Linear, so that `unmerge` restores them (PEFT's merge / unmerge).
     Already merged adapters are kept as they are (keep=True) or become plain Linears. AdapterError without
     adapters, or naming the nonlinear (bottleneck) adapters, which cannot be merged."""
+    if expert_loras(model):  # LoRA on stacked expert weights (experts.py), with or without adapted Linears
+        model = _merge_experts(model, keep=keep)
+        if not adapted_modules(model):
+            return model
     sel = _selection(model, "merge")
     check_mergeable(sel.get(), "merge")
     return sel.apply(lambda m: m.merged_module() if keep else _merged_plain(m))
@@ -247,6 +367,10 @@ def unmerge(model) -> nnx.Module:
     """A new model with every merged adapter (merge(keep=True)) un-merged as PEFT does: W = W' − ΔW (LoRA),
     W' ⊙ n / m − ΔW (DoRA, with the norm n kept at merge time), W' / l (IA3): the base weights up to float
     rounding. AdapterError when no adapter is merged, or an IA3 scale is 0 (the merge cannot be undone there)."""
+    if any(a.merged for a in expert_loras(model).values()):
+        model = _unmerge_experts(model, drop=False)
+        if not any(m.merged for m in adapted_modules(model).values()):
+            return model
     sel = _selection(model, "unmerge", merged=True)
     zero = [p for p, m in sel.get().items()
             if isinstance(m, ADAPTER_TYPES["ia3"]) and bool(jnp.any(m.ia3_scale[...] == 0))]
@@ -261,7 +385,11 @@ def detach(model) -> nnx.Module:
     same arrays (a merged adapter is un-merged first: the base up to rounding); virtual tokens (prompt / prefix
     tuning) removed. AdapterError without adapters."""
     if isinstance(model, VirtualTokens):
-        return detach(model.base) if adapted_modules(model.base) else model.base
+        return detach(model.base) if adapted_modules(model.base) or expert_loras(model.base) else model.base
+    if expert_loras(model):
+        model = _unmerge_experts(model, drop=True)
+        if not adapted_modules(model):
+            return model
     sel = _selection(model, "detach")
 
     def base(m: AdaptedLinear) -> Linear:
@@ -275,12 +403,13 @@ def detach(model) -> nnx.Module:
 def as_delta(model, *, source: str = "") -> Delta:
     """The change the adapters make to the base weights as a bricks.deltas.Delta (kind 'adapter', metadata
     {'adapters': {module path: kind}}): LoRA LowRank(A, B, s) at `<module>.kernel` (the scale folded in, not
-    materialised); DoRA and IA3 Dense float32 changes (their change is not low rank), IA3's output-side bias
-    change at `<module>.bias`. deltas.apply(detach(model), as_delta(model)) equals merge(model) (bit for bit for
-    LoRA; within float32 rounding for DoRA / IA3, whose merge is not an addition). AdapterError without adapters,
+    materialised; an expert LoRA's stacked LowRank at the weight's own path, experts.py); DoRA and IA3 Dense
+    float32 changes (their change is not low rank), IA3's output-side bias change at `<module>.bias`.
+    deltas.apply(detach(model), as_delta(model)) equals merge(model) (bit for bit for LoRA; within float32
+    rounding for DoRA / IA3, whose merge is not an addition). AdapterError without adapters,
     or naming the nonlinear (bottleneck) adapters, which have no weight change."""
-    modules = adapted_modules(model)
-    if not modules:
+    modules, experts = adapted_modules(model), expert_loras(model)
+    if not modules and not experts:
         raise AdapterError("as_delta: the model has no adapters")
     check_mergeable(modules, "as_delta")
     terms = {}
@@ -288,5 +417,7 @@ def as_delta(model, *, source: str = "") -> Delta:
         m = m.unmerged_module() if m.merged else m
         for leaf, change in m.weight_change().items():
             terms[f"{path}.{leaf}"] = change
-    return Delta(terms, kind="adapter", source=source,
-                 metadata={"adapters": {p: m.kind for p, m in modules.items()}})
+    for path, adapter in experts.items():  # the stacked weight's change, LowRank with the expert axis leading
+        terms[path] = adapter.low_rank()
+    kinds = {**{p: m.kind for p, m in modules.items()}, **{p: a.kind for p, a in experts.items()}}
+    return Delta(terms, kind="adapter", source=source, metadata={"adapters": kinds})

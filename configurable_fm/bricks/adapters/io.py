@@ -7,7 +7,8 @@ One Brick per adapted module: name = the module path (`layers.0.self_attn.q_proj
 'dora', 'ia3', 'bottleneck'), params = its adapter parameters (`lora_a`, `lora_b`, `lora_magnitude`, `ia3_scale`,
 the bottleneck's `adapter_down`, `adapter_down_bias`, `adapter_up`, `adapter_up_bias`: tensors
 `layers.0.self_attn.q_proj/lora_a`, ...), metadata = {"options": {rank, alpha, rslora}, {feedforward} or {size,
-non_linearity, scaling}}. The base
+non_linearity, scaling}}. A LoRA on a stacked expert weight (experts.py) is one brick named by the weight's path
+(`layers.0.mlp.experts.gate_proj`), kind 'expert_lora', tensors lora_a (E, D_in, r) and lora_b (E, r, D_out). The base
 weights are not in it; whether the adapter was merged is not either (an adapter is loaded unmerged). Loading checks
 every brick against the model (kind, options, module path, a plain Linear there, the tensors and their shapes) and
 reports all problems in one AdapterError. Virtual tokens (prompts.py) are one brick named 'prompt' or 'prefix', of
@@ -22,7 +23,8 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from configurable_fm.bricks.adapters.bottleneck import BottleneckLinear
-from configurable_fm.bricks.adapters.core import adapted_modules
+from configurable_fm.bricks.adapters.core import adapted_modules, attach_experts_built, expert_weight_shape
+from configurable_fm.bricks.adapters.experts import ExpertLoRA, expert_loras
 from configurable_fm.bricks.adapters.modules import ADAPTER_TYPES, AdapterError
 from configurable_fm.bricks.brickset import Brick, BrickSet, load_bricks, save_bricks
 from configurable_fm.bricks.select import module_index
@@ -34,6 +36,7 @@ VIRTUAL_KINDS = {"prompt_tuning": "prompt", "prefix_tuning": "prefix"}
 # The adapted-Linear kinds a brick may hold and their tensors: PEFT's kinds and the bottleneck (no PEFT format).
 BRICK_TYPES = {**ADAPTER_TYPES, BottleneckLinear.kind: BottleneckLinear}
 BRICK_LEAVES = {**ADAPTER_LEAVES, BottleneckLinear.kind: BottleneckLinear.LEAVES}
+EXPERT_LEAVES = ("lora_a", "lora_b")  # an 'expert_lora' brick, named by the stacked weight it adapts (experts.py)
 
 
 def adapter_bricks(model, *, source: str = "") -> BrickSet:
@@ -44,12 +47,17 @@ def adapter_bricks(model, *, source: str = "") -> BrickSet:
                             {"num_virtual_tokens": model.num_virtual_tokens}))
         model = model.base
     modules = adapted_modules(model)
-    if not modules and not bricks:
+    experts = expert_loras(model)
+    if not modules and not bricks and not experts:
         raise AdapterError("adapter_bricks: the model has no adapters")
     for path, m in modules.items():
         options = {k: v for k, v in m.options().items() if k != "merged"}
         params = {leaf: getattr(m, leaf).get_value() for leaf in BRICK_LEAVES[m.kind]}
         bricks.append(Brick(path, m.kind, source, params, {"options": options}))
+    for path, a in experts.items():  # merged or not, the factors are what is saved (loaded unmerged)
+        options = {"rank": a.rank, "alpha": a.alpha, "rslora": a.rslora}
+        bricks.append(Brick(path, a.kind, source, {leaf: getattr(a, leaf).get_value() for leaf in EXPERT_LEAVES},
+                            {"options": options}))
     return BrickSet(bricks)
 
 
@@ -59,9 +67,14 @@ def attach_bricks(model, bricks: BrickSet | Brick):
     if isinstance(bricks, Brick):
         bricks = BrickSet([bricks])
     index = module_index(model)
-    problems, specs, virtual = [], [], []
+    problems, specs, virtual, expert_specs = [], [], [], []
     for name, brick in bricks.items():
         label = f"brick {name!r}"
+        if brick.kind == ExpertLoRA.kind:
+            problem, spec = _expert_brick(index, name, brick)
+            problems += [f"{label}: {problem}"] if problem else []
+            expert_specs += [spec] if spec else []
+            continue
         if brick.kind in VIRTUAL_KINDS:
             if set(brick.params) != {"values"}:
                 problems.append(f"{label}: a {brick.kind} brick has one tensor 'values', found {sorted(brick.params)}")
@@ -105,6 +118,7 @@ def attach_bricks(model, bricks: BrickSet | Brick):
     if problems:
         raise AdapterError(f"attach_bricks: {len(problems)} brick(s) do not fit the model:\n  " + "\n  ".join(problems))
     adapted = attach_built(model, specs) if specs else model
+    adapted = attach_experts_built(adapted, expert_specs) if expert_specs else adapted
     if not virtual:
         return adapted
     label, kind, values = virtual[0]
@@ -112,6 +126,30 @@ def attach_bricks(model, bricks: BrickSet | Brick):
         return with_virtual_tokens(adapted, kind, jnp.asarray(values))
     except (ValueError, TypeError) as e:
         raise AdapterError(f"attach_bricks: {label}: {e}") from None
+
+
+def _expert_brick(index: dict, name: str, brick: Brick) -> tuple[str | None, dict | None]:
+    """(problem, None) or (None, spec for attach_experts_built) for an 'expert_lora' brick named by the stacked
+    expert weight it adapts."""
+    shape = expert_weight_shape(index, name)
+    if len(shape) != 3:
+        return f"the model has no stacked expert weight at {name}", None
+    options = brick.metadata.get("options")
+    if not isinstance(options, dict):
+        return "metadata has no 'options' object", None
+    try:
+        module = ExpertLoRA.from_options({**options, "shape": list(shape), "merged": False})
+    except AdapterError as e:
+        return str(e), None
+    if set(brick.params) != set(EXPERT_LEAVES):
+        return f"an expert_lora brick has tensors {list(EXPERT_LEAVES)}, found {sorted(brick.params)}", None
+    bad = [f"{name}/{t} is {tuple(brick.params[t].shape)} but the weight {shape} needs "
+           f"{tuple(getattr(module, t).get_value().shape)}" for t in EXPERT_LEAVES
+           if tuple(brick.params[t].shape) != tuple(getattr(module, t).get_value().shape)]
+    if bad:
+        return "; ".join(bad), None
+    opts = {"rank": module.rank, "alpha": module.alpha, "rslora": module.rslora}
+    return None, {"path": name, "options": opts, "values": {t: brick.params[t] for t in EXPERT_LEAVES}}
 
 
 def save_adapter(model, directory: str | os.PathLike, *, source: str = "", overwrite: bool = False) -> Path:

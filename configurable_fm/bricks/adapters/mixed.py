@@ -98,6 +98,7 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeable
+from configurable_fm.bricks.adapters.experts import expert_loras
 from configurable_fm.bricks.adapters.io import attach_bricks
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
                                                      LoRAParam, adapter_compute_dtype, adapter_dtype, checked_options,
@@ -417,7 +418,7 @@ def mix(base, adapted: Sequence, *, ids=None, factor_dtype=None) -> nnx.Module:
     if isinstance(adapted, (nnx.Module, BrickSet, Brick, str)) or not isinstance(adapted, Sequence) or not adapted:
         raise AdapterError(f"mix: give a non-empty list of adapted models or adapter brick sets, got "
                            f"{type(adapted).__name__}")
-    present = list(adapted_modules(base)) + list(mixed_modules(base))
+    present = list(adapted_modules(base)) + list(mixed_modules(base)) + list(expert_loras(base))
     if present:
         raise AdapterError(f"mix: the base has adapters at {_few(present)}; give the plain base "
                            "(bricks.adapters.detach / unmix)")
@@ -429,6 +430,10 @@ def mix(base, adapted: Sequence, *, ids=None, factor_dtype=None) -> nnx.Module:
         if mixed_modules(model):
             problems.append(f"adapter {i} is a mixed model ({_few(mixed_modules(model), 2)}); mix its adapters' "
                             "own models")
+            continue
+        if expert_loras(model):
+            problems.append(f"adapter {i} has LoRA on stacked expert weights ({_few(expert_loras(model), 2)}), "
+                            "which mixed batches do not serve")
             continue
         modules = adapted_modules(model)
         if not modules:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from flax import nnx
 
-from configurable_fm.bricks.adapters import AdapterError, LoRALinear, adapted_modules, attach_bricks
+from configurable_fm.bricks.adapters import AdapterError, LoRALinear, adapted_modules, attach_bricks, expert_loras
 from configurable_fm.bricks.brickset import Brick, BrickSet
 from configurable_fm.errors import UserError
 
@@ -66,6 +66,7 @@ def lora_modules(models: Sequence[nnx.Module], what: str, *, same_rank: bool = F
         if not modules:
             problems.append(f"adapter {i} has no adapters attached")
         other = [f"{p} ({m.kind})" for p, m in modules.items() if type(m) is not LoRALinear]
+        other += [f"{p} (expert_lora)" for p in expert_loras(model)]
         if other:
             problems.append(f"adapter {i} has non-LoRA adapters at {few(other, 3)} (routing mixes LoRA updates "
                             "s·A·B only)")
