@@ -21,6 +21,10 @@ nn.Linear, so the conversion is the same; fan_in_fan_out is written true for gpt
 it from the module type too). Scale: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; rank_pattern and
 alpha_pattern are honoured (PEFT's matching) and written when modules differ.
 
+LoRA on a Mixtral model's stacked expert weights (bricks.adapters.attach_experts) <-> PEFT's target_parameters on
+transformers' experts (`model.layers.<i>.mlp.experts.gate_up_proj` / `down_proj`): peft_experts.py has the layout
+(gate and up share PEFT's A; ours is exact at rank r_gate + r_up) and the nesting of the key names.
+
 Prompt learning (PROMPT_TUNING, PREFIX_TUNING) maps to models.virtual_tokens.VirtualTokens: task_type CAUSAL_LM for a
 causal decoder, FEATURE_EXTRACTION for a Bert (PEFT's PeftModelForFeatureExtraction around BertModel; the task-head
 types SEQ_CLS, TOKEN_CLS, QUESTION_ANS carry a head the encoder lacks and are refused). The one tensor
@@ -30,9 +34,10 @@ trained with prefix_projection is saved by PEFT as the MLP's output, which is wh
 
 What is refused, with an error naming the key or option (nothing is written on failure; outputs appear atomically):
 other peft_types (AdaLoRA, ...), encoder-decoder or classification prompts, options that change the computation in ways not implemented
-(bias != 'none', lora_bias, modules_to_save, layer_replication, target_parameters, trainable tokens, aLoRA/QA-LoRA/
-Arrow/... variants, PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisations, which change the base weights), unknown
-options with a non-empty value, tensors of modules the model lacks or that are not Linear (embeddings, MoE experts),
+(bias != 'none', lora_bias, modules_to_save, layer_replication, target_parameters other than a Mixtral model's
+experts, trainable tokens, aLoRA/QA-LoRA/Arrow/... variants, PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisations, which
+change the base weights), unknown options with a non-empty value, tensors of modules the model lacks or that are not
+Linear (embeddings),
 modules that target_modules does not select (PEFT would ignore their weights), shapes that do not fit, ranks that
 disagree with r / rank_pattern, a missing, corrupt or pickle-only (.bin) weights file.
 """
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -51,6 +57,8 @@ from safetensors.numpy import save_file
 
 from configurable_fm.interop.atomic import atomic_directory, check_overwritable
 from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
+from configurable_fm.interop.peft_experts import (attach_expert_adapters, check_mixtral, expert_adapters, expert_key,
+                                                  read_expert_adapters, write_expert_tensors)
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.moe import EXPERT_LORA_KIND
@@ -74,7 +82,7 @@ _COMMON = {"peft_type", "base_model_name_or_path", "revision", "task_type", "inf
 _LORA_READ = _COMMON | {
     "r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform",
     "layers_pattern", "init_lora_weights", "lora_dropout", "bias", "lora_bias", "megatron_core", "qalora_group_size",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying"}
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying", "target_parameters"}
 _IA3_READ = _COMMON | {"feedforward_modules", "init_ia3_weights"}
 # Prompt learning: PEFT's peft_type -> our VirtualTokens kind, and the options read (the saved prompt_embeddings are
 # what the model uses: prefix_projection's MLP output is saved, not the MLP; the init options only shaped training).
@@ -257,9 +265,13 @@ def read_peft(model, adapter_dir) -> list[dict]:
     path_of = _path_of(family, modules)
     found: dict[str, dict[str, str]] = {}  # our path -> {role: key}
     names: dict[str, str] = {}  # our path -> PEFT module name
+    expert_keys: dict[tuple[int, int], dict[str, str]] = {}  # (layer, nesting depth) -> {role: key} (peft_experts)
     problems = []
     for key in store:
         split = _split_key(key, peft_type)
+        if split is not None and peft_type == "LORA" and expert_key(split[0]) is not None:
+            expert_keys.setdefault(expert_key(split[0]), {})[split[1]] = key
+            continue
         if split is None:
             hint = (" (LoRA on an embedding is not supported)" if "lora_embedding_" in key else
                     " (modules_to_save copies are not supported)" if "modules_to_save" in key else "")
@@ -278,7 +290,7 @@ def read_peft(model, adapter_dir) -> list[dict]:
         names[path] = name
     if problems:
         raise CheckpointError(f"{weights_file} does not fit the model {_listing(problems)}")
-    if not found:
+    if not found and not expert_keys:
         raise CheckpointError(f"{weights_file}: holds no adapter tensors")
     adapters = []
     for path in modules:
@@ -302,7 +314,28 @@ def read_peft(model, adapter_dir) -> list[dict]:
             problems.append(str(e))
     if problems:
         raise CheckpointError(f"{adapter_dir}: the adapter does not fit the model {_listing(problems)}")
+    if expert_keys:
+        adapters += _experts(model, config, store, expert_keys, config_file)
     return adapters
+
+
+def _experts(model, config, store, keys, file) -> list[dict]:
+    """The expert LoRAs of a LORA adapter's target_parameters tensors (peft_experts), with the file's r / lora_alpha /
+    use_rslora (rank_pattern / alpha_pattern entries for the experts modules are refused)."""
+    if config.get("use_dora"):
+        raise UnsupportedModel(f"{file}: use_dora with target_parameters (PEFT refuses it too)")
+    names = [f"model.layers.{layer}.mlp.experts" for layer, _ in keys]
+    patterned = [n for n in names for pattern in ("rank_pattern", "alpha_pattern")
+                 if _pattern_value(config.get(pattern) or {}, n, None) is not None]
+    if patterned:
+        raise UnsupportedModel(f"{file}: rank_pattern / alpha_pattern entries for the experts modules "
+                               f"({_few(sorted(set(patterned)), 3)}) are not read; one r and lora_alpha for them")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise CheckpointError(f"{file}: use_rslora={rslora!r} is not a bool")
+    options = {"rank": _number(config, "r", file, int, 1), "alpha": float(_number(config, "lora_alpha", file)),
+               "rslora": rslora}
+    return read_expert_adapters(model, config, store, keys, options, file)
 
 
 def _tensor(store, key, shape, what) -> np.ndarray:
@@ -434,12 +467,16 @@ def from_peft(model, adapter_dir) -> nnx.Module:
         kind, values = read_virtual_tokens(model, adapter_dir)
         return with_virtual_tokens(model, kind, jnp.asarray(values))
     adapters = read_peft(model, adapter_dir)
+    experts = [a for a in adapters if a["kind"] == EXPERT_LORA_KIND]
+    adapters = [a for a in adapters if a["kind"] != EXPERT_LORA_KIND]
     builders = registered_extensions()
-    missing = sorted({a["kind"] for a in adapters} - set(builders))
+    missing = sorted({a["kind"] for a in adapters + experts} - set(builders))
     if missing:
         raise UnsupportedModel(f"from_peft: adapter kind(s) {missing} are not registered; import "
-                               "configurable_fm.bricks.adapters first (it registers 'lora', 'dora' and 'ia3')")
-    return attach_built(model, adapters, builders)
+                               "configurable_fm.bricks.adapters first (it registers 'lora', 'dora', 'ia3' and "
+                               "'expert_lora')")
+    adapted = attach_built(model, adapters, builders)
+    return attach_expert_adapters(adapted, experts) if experts else adapted
 
 
 def attach_built(model, adapters, builders=None) -> nnx.Module:
@@ -497,10 +534,13 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     One PEFT adapter has one type: all 'lora' modules (peft_type LORA), all 'dora' (LORA, use_dora) or all 'ia3'
     (IA3; feedforward_modules = the feedforward ones), and one use_rslora (LoRA / DoRA: `lora_dropout`, the training
     setting, recorded in the config; PEFT applies it only in training); ranks and alphas may differ per module
-    (written as rank_pattern / alpha_pattern). A merged adapter (merge(keep=True)) is written as its adapter
-    weights, to be applied to the unmerged base. Refused before anything is written (UnsupportedModel naming the
-    paths): no adapter, mixed kinds, other extension modules, modules the HF mapping does not name; an existing
-    `out_dir` unless `overwrite` (OutputExists).
+    (written as rank_pattern / alpha_pattern). LoRA on a Mixtral model's stacked expert weights (attach_experts) is
+    written as PEFT's target_parameters of transformers' experts (peft_experts: one rank R for them, their scales
+    folded into lora_B, so the file's r / lora_alpha are R / R and the Linear modules' own go to the patterns).
+    A merged adapter (merge(keep=True)) is written as its adapter weights, to be applied to the unmerged base.
+    Refused before anything is written (UnsupportedModel naming the paths): no adapter, mixed kinds, other
+    extension modules, modules the HF mapping does not name, expert LoRAs of a model that is not a Mixtral; an
+    existing `out_dir` unless `overwrite` (OutputExists).
 
     A VirtualTokens model (prompt / prefix tuning) on a base without other adapters is written as PEFT's
     PROMPT_TUNING / PREFIX_TUNING adapter (one tensor `prompt_embeddings`; prefix_projection false; task_type
@@ -511,18 +551,17 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     check_consistent(model, "to_peft")
     specs = extension_specs(model)
     adapters = [s for s in specs if s["kind"] in ADAPTER_LEAVES]
-    experts = [s["path"] for s in specs if s["kind"] == EXPERT_LORA_KIND]
-    if experts:
-        raise UnsupportedModel(f"to_peft: LoRA on stacked expert weights ({_few(experts)}) has no PEFT writer here "
-                               "(PEFT's target_parameters on transformers' fused Mixtral experts is another "
-                               "parametrisation); keep it as a brick set (bricks.adapters.save_adapter)")
-    others = [f"{s['path']} ({s['kind']})" for s in specs if s["kind"] not in ADAPTER_LEAVES]
+    others = [f"{s['path']} ({s['kind']})" for s in specs
+              if s["kind"] not in ADAPTER_LEAVES and s["kind"] != EXPERT_LORA_KIND]
     if others:
         raise UnsupportedModel(f"to_peft: the model has extension modules that are not adapters: {_few(others)}; "
                                "a PEFT adapter applies to a plain transformers base")
-    if not adapters:
+    experts = expert_adapters(model)  # LoRA on stacked expert weights: PEFT's target_parameters (peft_experts)
+    if experts:
+        check_mixtral(model, experts, "to_peft")
+    if not adapters and not experts:
         raise UnsupportedModel("to_peft: the model has no adapter attached (bricks.adapters.attach / from_peft)")
-    kinds = sorted({a["kind"] for a in adapters})
+    kinds = sorted({a["kind"] for a in adapters} | ({"lora"} if experts else set()))
     if len(kinds) > 1:
         by_kind = {k: [a["path"] for a in adapters if a["kind"] == k] for k in kinds}
         raise UnsupportedModel(f"to_peft: one PEFT adapter has one type, but this model mixes {kinds}: "
@@ -541,7 +580,7 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     config: dict[str, Any] = {
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
         "task_type": "CAUSAL_LM" if callable(getattr(model, "init_cache", None)) else None,
-        "inference_mode": True, "target_modules": targets, "exclude_modules": None,
+        "inference_mode": True, "target_modules": targets or None, "exclude_modules": None,
         "fan_in_fan_out": family.name == "gpt2", "modules_to_save": None}
     if kind == "ia3":
         ff = {names[a["path"]] for a in adapters if a["options"]["feedforward"]}
@@ -561,10 +600,20 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
             with_rs = [a["path"] for a in adapters if a["options"]["rslora"]]
             raise UnsupportedModel("to_peft: PEFT's use_rslora is one flag, but these adapters mix rsLoRA and LoRA "
                                    f"scaling: rslora at {_few(with_rs, 3)}")
-        r, rank_pattern = _common({names[a["path"]]: a["options"]["rank"] for a in adapters})
-        alpha, alpha_pattern = _common({names[a["path"]]: _json_number(a["options"]["alpha"]) for a in adapters})
+        use_rslora = rslora.pop() if rslora else False
+        ranks = {names[a["path"]]: a["options"]["rank"] for a in adapters}
+        alphas = {names[a["path"]]: _json_number(a["options"]["alpha"]) for a in adapters}
+        if experts:  # the experts' tensors carry their scales: the file's r and lora_alpha are theirs (scale 1)
+            expert_tensors, config["target_parameters"], r = write_expert_tensors(model, experts, KEY_PREFIX)
+            tensors.update(expert_tensors)
+            alpha = _json_number(math.sqrt(r) if use_rslora else r)
+            rank_pattern = {re.escape(n): v for n, v in ranks.items() if v != r}
+            alpha_pattern = {re.escape(n): v for n, v in alphas.items() if v != alpha}
+        else:
+            r, rank_pattern = _common(ranks)
+            alpha, alpha_pattern = _common(alphas)
         config.update(peft_type="LORA", r=r, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                      use_rslora=rslora.pop(), use_dora=kind == "dora", bias="none", lora_bias=False,
+                      use_rslora=use_rslora, use_dora=kind == "dora", bias="none", lora_bias=False,
                       lora_dropout=float(lora_dropout), init_lora_weights=True, layers_to_transform=None, layers_pattern=None)
         for a in adapters:
             p, name = a["path"], f"{KEY_PREFIX}{names[a['path']]}"

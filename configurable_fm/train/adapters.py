@@ -10,9 +10,10 @@ The section (all keys always present, so `--config.adapter.KEY=VALUE` overrides 
     targets   module path globs (bricks.adapters.attach); bottleneck: 'houlsby' / 'pfeiffer' or sublayer globs
     target_parameters  stacked expert weight globs (PEFT's name; kind 'lora' only): a LoRA per expert with the
               same rank / alpha / rslora / init / seed (bricks.adapters.attach_experts), e.g.
-              ('layers.*.mlp.*_proj',) on a MoEfied model; () for none. `targets` may then be () too. No PEFT
-              writer and no dropout for them: save=('brick',) and dropout 0. lora.expert_rank: their rank per
-              expert (0: lora.rank; an expert LoRA of rank r holds E times the factors of a Linear's).
+              ('layers.*.mlp.*_proj',) on a MoEfied model; () for none. `targets` may then be () too. No dropout
+              for them (dropout 0, as PEFT); save 'peft' only for a Mixtral model (PEFT's target_parameters:
+              checked when the adapter is attached). lora.expert_rank: their rank per expert (0: lora.rank; an
+              expert LoRA of rank r holds E times the factors of a Linear's).
     init      '' (the kind's default) or an initialisation of that kind (LORA_INITS, IA3_INITS, BOTTLENECK_INITS)
     seed      adapter initialisation seed (keys from (seed, module path): a resumed run re-attaches the same one)
     lora      rank, alpha, rslora, dropout (lora / dora); dropout p > 0 (PEFT's lora_dropout) drops the LoRA
@@ -41,6 +42,8 @@ import ml_collections
 from flax import nnx
 
 from configurable_fm.errors import ConfigError
+from configurable_fm.interop.hf import UnsupportedModel
+from configurable_fm.interop.peft_experts import check_mixtral
 
 ADAPTER_KINDS = ("lora", "dora", "ia3", "bottleneck")
 SAVE_FORMATS = ("brick", "peft")
@@ -98,9 +101,6 @@ def check_adapter_config(cfg) -> None:
         if a.kind != "lora":
             raise ConfigError(f"adapter.target_parameters={params!r}: a LoRA on stacked expert weights is kind "
                               f"'lora', not {a.kind!r}")
-        if "peft" in save:
-            raise ConfigError("adapter.target_parameters: LoRA on stacked expert weights has no PEFT writer; use "
-                              "adapter.save=('brick',)")
         if float(a.lora.dropout) != 0.0:
             raise ConfigError(f"adapter.lora.dropout={a.lora.dropout}: no dropout with target_parameters (as PEFT: "
                               "the input of a materialised weight change cannot be dropped); set it to 0.0")
@@ -138,7 +138,14 @@ def attach_configured(model: nnx.Module, cfg) -> nnx.Module:
     if not params:
         return adapted
     rank = int(a.lora.get("expert_rank", 0)) or lora["rank"]
-    return adapters.attach_experts(adapted, list(params), **{**lora, "rank": rank})
+    adapted = adapters.attach_experts(adapted, list(params), **{**lora, "rank": rank})
+    save = (a.save,) if isinstance(a.save, str) else tuple(a.save)
+    if "peft" in save:  # PEFT's form exists for a Mixtral model's experts only: say so now, not after training
+        try:
+            check_mixtral(adapted, adapters.expert_loras(adapted), "adapter.save 'peft'")
+        except UnsupportedModel as e:
+            raise ConfigError(f"{e}; or set adapter.save=('brick',)") from None
+    return adapted
 
 
 DROPOUT_SALT = 0x10AD  # the dropout keys: fold_in(the step's rng, DROPOUT_SALT), apart from the task's own draws

@@ -3,7 +3,8 @@
 The adapted forward equals the base model whose expert weights are set by hand to W_e + s A_e B_e (numpy, float64
 product); a fresh (kaiming) adapter is the identity; merge / unmerge / detach / as_delta round trips; the brick set,
 orbax and structure round trips; the gather dispatch of a MoEfied FFN sees the change; refusals name the paths
-(to_hf, to_peft, mix, combine, demoefy, attach on a stacked weight, unmatched globs, a second LoRA)."""
+(to_hf, to_peft of a MoEfied model, mix, combine, demoefy, attach on a stacked weight, unmatched globs, a second
+LoRA). PEFT parity for Mixtral experts: tests/interop/test_peft_experts.py."""
 import dataclasses
 
 import jax
@@ -117,8 +118,6 @@ def test_bricks_orbax_and_with_linear_lora(moe, adapted, tmp_path):
 def test_refusals_name_the_paths(moe, adapted, tmp_path):
     with pytest.raises(UnsupportedModel, match="gate_proj_lora \\(expert_lora\\)"):
         to_hf(adapted, tmp_path / "hf")
-    with pytest.raises(UnsupportedModel, match="LoRA on stacked expert weights"):
-        adapters.to_peft(adapted, tmp_path / "peft")
     with pytest.raises(adapters.AdapterError, match="stacked expert weights"):
         adapters.mix(moe, [adapted])
     with pytest.raises(adapters.AdapterError, match="input 0: LoRA on stacked expert weights"):
@@ -134,7 +133,7 @@ def test_refusals_name_the_paths(moe, adapted, tmp_path):
         adapters.attach_experts(random_llama(DENSE, 0), "layers.*.mlp.*")
 
 
-def test_moefied_ffn_takes_expert_lora():
+def test_moefied_ffn_takes_expert_lora(tmp_path):
     base = random_llama(DENSE, 3)
     moe = mf.moefy(base, num_experts=4, num_experts_per_tok=2, split="kmeans", router="centroid", key=0)
     adapted = adapters.attach_experts(moe, "layers.*.mlp.*_proj", rank=2, init="random")
@@ -146,6 +145,9 @@ def test_moefied_ffn_takes_expert_lora():
     close(with_dispatch(adapted, "gather")(IDS), y)  # the gather path reads the adapted weights
     with pytest.raises(mf.MoefyError, match="merge them into the experts first"):
         mf.demoefy(adapted)
+    with pytest.raises(UnsupportedModel, match="not adapters: layers.0.mlp \\(moefied_mlp\\)"):  # no PEFT form
+        adapters.to_peft(adapted, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
     dense = mf.demoefy(adapters.merge(adapted))  # merged: the dense FFN of the adapted experts
     all_on = mf.moefy(base, num_experts=4, num_experts_per_tok=4, split="kmeans", router="centroid", key=0)
     adapted_all = adapters.attach_experts(all_on, "layers.*.mlp.*_proj", rank=2, init="random")
@@ -162,3 +164,22 @@ def test_training_reaches_the_factors_only(moe, adapted):
     grads = jax.grad(loss)(lora)
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(grads)}
     assert len(flat) == 12 and all(float(jnp.abs(v).max()) > 0 for v in flat.values())
+
+
+def test_trainer_section_attaches_them_and_checks_the_peft_form(moe):
+    """config.adapter.target_parameters (train/adapters.py): expert_rank applies; save 'peft' is refused when the
+    attached model has no PEFT form (a MoEfied one), before any training."""
+    import ml_collections
+
+    from configurable_fm.errors import ConfigError
+    from configurable_fm.train.adapters import adapter_config, attach_configured
+
+    cfg = ml_collections.ConfigDict({"adapter": adapter_config("lora", targets=(), target_parameters=(TARGETS,),
+                                                               rank=4, expert_rank=2, save=("brick", "peft"))})
+    listed = adapters.adapters(attach_configured(moe, cfg))  # a Mixtral model: PEFT's target_parameters
+    assert {v["rank"] for v in listed.values()} == {2} and len(listed) == 6
+    moefied = mf.moefy(random_llama(DENSE, 3), num_experts=4, num_experts_per_tok=2, split="kmeans",
+                       router="centroid", key=0)
+    cfg.adapter.target_parameters = ("layers.*.mlp.*_proj",)
+    with pytest.raises(ConfigError, match="Mixtral experts only.*adapter.save=\\('brick',\\)"):
+        attach_configured(moefied, cfg)

@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.adapters.experts import (ExpertLoRA, expert_loras, expert_weight_names, merged_weight,
+from configurable_fm.bricks.adapters.experts import (expert_loras, expert_weight_names, merged_weight,
                                                     replace_expert_loras)
 from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError, AdapterParam, ADAPTER_TYPES
 from configurable_fm.bricks.deltas import Delta
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import Selection, SelectionError, glob_to_regex, module_index, select
 from configurable_fm.interop.peft import attach_built
+from configurable_fm.interop.peft_experts import attach_expert_adapters
 from configurable_fm.models.factory import family_name
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.moe import EXPERT_LORA_SUFFIX
@@ -251,19 +252,7 @@ def expert_weight_shape(index: dict, path: str) -> tuple[int, ...]:
 def attach_experts_built(model, specs) -> nnx.Module:
     """A clone of `model` with an unmerged ExpertLoRA on each stacked weight of [{"path", "options": {rank, alpha,
     rslora}, "values": {lora_a, lora_b}}] (shapes checked by the caller)."""
-    new = nnx.clone(model)
-    index = module_index(new)
-    for spec in specs:
-        owner_path, _, name = spec["path"].rpartition(".")
-        owner = index[owner_path][1]
-        var = getattr(owner, name)
-        axes = var.get_metadata().get("out_sharding")
-        adapter = ExpertLoRA(shape=list(var.get_value().shape), **spec["options"],
-                             axes=None if axes is None else list(axes))
-        for leaf, value in spec["values"].items():
-            setattr(adapter, leaf, getattr(adapter, leaf).replace(jnp.asarray(value, jnp.float32)))
-        setattr(owner, name + EXPERT_LORA_SUFFIX, adapter)
-    return new
+    return attach_expert_adapters(model, specs)
 
 
 def _expert_lora_values(shape, r: int, init: str, seed: int, path: str) -> dict:

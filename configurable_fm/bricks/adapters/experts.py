@@ -22,9 +22,10 @@ The adapter parameters are `LoRAParam`s, so 'AdapterParam:**' trains them and `a
 module describes itself (`structure_spec`, kind 'expert_lora', registered here), so check_consistent and orbax
 checkpoints accept it; `to_hf` refuses it by name (merge or detach first).
 
-Not supported (each an AdapterError naming the paths): DoRA / IA3 on expert weights, PEFT's file format for
-`target_parameters` (transformers' Mixtral experts are a fused (E, 2F, D) gate_up_proj, whose LoRA shares A between
-gate and up: a different parametrisation), mixed-adapter batches and adapter combinations.
+PEFT: `to_peft` / `from_peft` map a Mixtral model's expert LoRAs onto PEFT's `target_parameters` of transformers'
+fused experts (interop/peft_experts.py: gate and up share PEFT's A, which ours represents exactly at rank
+r_gate + r_up). Not supported (each an error naming the paths): DoRA / IA3 on expert weights, PEFT's form for other
+MoE layouts (a MoEfied model), mixed-adapter batches and adapter combinations.
 """
 from __future__ import annotations
 
