@@ -34,7 +34,9 @@ lowers the step on abstract parameters and optimizer state (`lower_s`) and compi
 then reports those two times (and the process CPU times, `*_cpu_s`, steadier on a shared machine) and runs no
 step; it works for any variant on any machine (e.g. the CPU). --profile DIR traces 3 more steps per entry with
 jax.profiler and adds `profile` to its row: device kernels per step, device time by category (matmul, attention,
-fusions, copies) and the top kernels (configurable_fm.profiling).
+fusions, copies) and the top kernels (configurable_fm.profiling). Every row records the XLA_FLAGS it ran under
+(`xla_flags`), e.g. the GPU autotuner's share of the compile time:
+    XLA_FLAGS=--xla_gpu_autotune_level=0 python scripts/bench_train.py --grid 8:dots --scan_layers --compile_only
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
                 "scan_layers": scan_layers, "accum": accum, "fuse_projections": fuse, "lower_s": t1 - t0,
                 "compile_s": t2 - t1, "lower_cpu_s": c1 - c0, "compile_cpu_s": c2 - c1,
                 "device": jax.devices()[0].device_kind, "devices": len(list(mesh.devices.flat)),
-                "mesh": list(mesh_shape), "jax": jax.__version__}
+                "mesh": list(mesh_shape), "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     t0 = time.perf_counter()
     params, opt_state, metrics = step(params, opt_state, {}, batch_arrays)
     jax.block_until_ready(metrics)
@@ -152,7 +154,8 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         "mfu_causal": flops.mfu(tps, causal, len(devices), peak),
         "device": jax.devices()[0].device_kind, "devices": len(devices), "mesh": list(mesh_shape),
         "tokens_per_s_per_device": tps / len(devices), "peak_memory_gb": peak_mem, "jax": jax.__version__,
-        "peak_flops": peak, **({"profile": trace} if trace is not None else {}),
+        "peak_flops": peak, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **({"profile": trace} if trace is not None else {}),
     }
 
 

@@ -166,6 +166,8 @@ SIZES = {
                  lambda_rel=0.05, null_rel=1.0, l2_rel=1.0),
 }
 SIZES["small_unique_names"] = dataclasses.replace(SIZES["small"], first_names=0)  # control worlds (README)
+# the small world with a 4x wider FFN (F = 2,048): does a wider key space keep subjects apart (crosstalk.py)?
+SIZES["small_wide"] = dataclasses.replace(SIZES["small"], model=_llama(4, 128, 4, 2, 2048))
 SIZES["small_noprofiles"] = dataclasses.replace(SIZES["small"], profiles=0)
 
 

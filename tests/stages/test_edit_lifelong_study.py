@@ -171,6 +171,44 @@ def test_diagnose_layer_report_closed_form():
     assert layer_report(c_dead, k, r, along, dead_directions(c_dead))["dead"] == pytest.approx(1.0)
 
 
+def test_crosstalk_is_what_a_memit_step_writes_on_another_key():
+    """experiments.edit.crosstalk: chi(s, j) = <k_j, k_s>_{C^-1} / <k_s, k_s>_{C^-1} is the ratio of what a
+    one-key MEMIT step for s writes at k_j to what it writes at k_s, for any lambda; invariant under a change of key
+    basis (k -> A k, C -> A C A^T); orthogonal whitened keys have none."""
+    from configurable_fm.ops.update import memit_update
+    from experiments.edit.crosstalk import crosstalk
+
+    rng = np.random.default_rng(1)
+    f, d = 5, 3
+    a = rng.normal(size=(f, f))
+    c = a @ a.T / f + 0.2 * np.eye(f)
+    keys, r = rng.normal(size=(3, f)), rng.normal(size=(1, d))
+    w = keys @ np.linalg.inv(np.linalg.cholesky(c)).T
+    chi = (w @ w.T) / np.diag(w @ w.T)[None, :]
+    for lam in (0.5, 4.0):
+        dw = np.asarray(memit_update(keys[1:2], r, c, lam).materialize(), np.float64)  # an edit of subject 1
+        wrote = keys @ dw  # (3, D): what each key's output gets
+        np.testing.assert_allclose(wrote[2] / wrote[1], np.full(d, chi[2, 1]), rtol=1e-5)
+    rep = crosstalk(keys, c)
+    off = chi[~np.eye(3, dtype=bool)]
+    assert rep["rms_chi"] == pytest.approx(np.sqrt(np.mean(off ** 2)), rel=1e-9)
+    t = rng.normal(size=(f, f))
+    assert crosstalk(keys @ t.T, t @ c @ t.T)["rms_chi"] == pytest.approx(rep["rms_chi"], rel=1e-6)
+    assert crosstalk(np.eye(f)[:3], np.eye(f))["rms_chi"] == 0.0
+
+
+def test_crosstalk_runs_on_the_study(study):
+    from experiments.edit import crosstalk
+
+    out, _ = study
+    assert crosstalk.main(["--study", str(out), "--edits", "10,100"]) == 0
+    res = json.loads((out / "crosstalk.json").read_text())
+    assert set(res) == {"0", "1"}  # the test size's window
+    for r in res.values():
+        assert r["subjects"] > 1 and 0 < r["F_eff"] <= r["F"] and r["rms_chi"] > 0
+        assert r["accumulated"]["100"] == pytest.approx(np.sqrt(10) * r["accumulated"]["10"])
+
+
 @pytest.mark.slow
 def test_diagnose_runs_on_the_study(study):
     from experiments.edit import diagnose

@@ -1,5 +1,7 @@
 """scripts/bench_train.py --mesh: the benchmarked step sharded over 8 fake CPU devices (FSDP 4 x tensor 2)
 computes the one-device step's loss, and the row reports the mesh's devices (MFU counts all of them)."""
+import os
+
 import jax
 import pytest
 
@@ -32,5 +34,6 @@ def test_accumulated_and_fused_steps_match_one_pass(bench):
     fused = bench.bench_one("tiny", 32, 8, "none", 1, 1, "auto", fuse=True)
     assert fused["fuse_projections"] and not one["fuse_projections"]
     assert fused["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert one["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # the flags each row ran under
     with pytest.raises(ValueError, match="micro-batches"):
         bench.bench_one("tiny", 32, 6, "none", 1, 1, "auto", accum=4)
