@@ -254,7 +254,8 @@ def _split_key(key: str, peft_type: str) -> tuple[str, str] | None:
 def read_peft(model, adapter_dir) -> list[dict]:
     """The adapter of the PEFT directory `adapter_dir`, checked against `model` (module docstring), as
     [{"path": our module path, "kind": 'lora' | 'dora' | 'ia3', "options": {...}, "values": {leaf: array}}] in the
-    model's module order. Raises CheckpointError / UnsupportedModel naming the file, key or option."""
+    model's module order, then a Mixtral model's expert LoRAs (kind 'expert_lora', path = the stacked weight's,
+    peft_experts.read_expert_adapters). Raises CheckpointError / UnsupportedModel naming the file, key or option."""
     adapter_dir = Path(adapter_dir)
     config_file, weights_file = _adapter_files(adapter_dir)
     config = read_json_object(config_file, what="PEFT adapter config")
