@@ -68,6 +68,19 @@ def test_study_outputs(study):
     report = (out / "report.md").read_text()
     assert "## alphaedit (alphaedit, layers [0, 1], 8 of 8 edits, 1 per step, complete)" in report
     assert "## memit (memit, layers [0, 1], 8 of 8 edits, 3 per step, complete)" in report
+    check_crosstalk_runs(out)  # here, not in a test of its own: xdist would build the study again on another worker
+
+
+def check_crosstalk_runs(out):
+    """experiments.edit.crosstalk on a finished study: one row per layer of its window, sqrt(N) scaling."""
+    from experiments.edit import crosstalk
+
+    assert crosstalk.main(["--study", str(out), "--edits", "10,100"]) == 0
+    res = json.loads((out / "crosstalk.json").read_text())
+    assert set(res) == {"0", "1"}  # the test size's window
+    for r in res.values():
+        assert r["subjects"] > 1 and 0 < r["F_eff"] <= r["F"] and r["rms_chi"] > 0
+        assert r["accumulated"]["100"] == pytest.approx(np.sqrt(10) * r["accumulated"]["10"])
 
 
 @pytest.mark.slow
@@ -195,18 +208,6 @@ def test_crosstalk_is_what_a_memit_step_writes_on_another_key():
     t = rng.normal(size=(f, f))
     assert crosstalk(keys @ t.T, t @ c @ t.T)["rms_chi"] == pytest.approx(rep["rms_chi"], rel=1e-6)
     assert crosstalk(np.eye(f)[:3], np.eye(f))["rms_chi"] == 0.0
-
-
-def test_crosstalk_runs_on_the_study(study):
-    from experiments.edit import crosstalk
-
-    out, _ = study
-    assert crosstalk.main(["--study", str(out), "--edits", "10,100"]) == 0
-    res = json.loads((out / "crosstalk.json").read_text())
-    assert set(res) == {"0", "1"}  # the test size's window
-    for r in res.values():
-        assert r["subjects"] > 1 and 0 < r["F_eff"] <= r["F"] and r["rms_chi"] > 0
-        assert r["accumulated"]["100"] == pytest.approx(np.sqrt(10) * r["accumulated"]["10"])
 
 
 @pytest.mark.slow
