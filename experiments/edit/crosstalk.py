@@ -58,14 +58,21 @@ def main(argv=None) -> int:
     from configurable_fm.ops.update import cached_second_moments, edit_site, values_at_subject
     from experiments.edit import lifelong as L
 
+    try:
+        edits = [int(n) for n in args.edits.split(",") if n]
+        layers = [int(x) for x in args.layers.split(",") if x]
+    except ValueError:
+        ap.error(f"--edits {args.edits!r} / --layers {args.layers!r}: give comma-separated integers")
     out = Path(args.study)
     try:
         st = L.open_study(out)
-        edits = [int(n) for n in args.edits.split(",") if n]
-    except (UserError, ValueError) as e:
+    except UserError as e:
         ap.error(str(e))
     size, model, tok = st.size, st.model, st.world.tokenizer
-    layers = [int(x) for x in args.layers.split(",") if x] or list(size.window)
+    layers = layers or list(size.window)
+    if any(not 0 <= l < model.cfg.num_layers for l in layers):
+        ap.error(f"--layers {args.layers}: layers must lie in 0..{model.cfg.num_layers - 1} (the model has "
+                 f"{model.cfg.num_layers})")
     stats = cached_second_moments(model, lambda: L.stat_batches(st.world, size), layers,
                                   corpus=f"testbed-seed{st.seed}", n_tokens=size.stats_tokens, cache_dir=out / "stats")
     first = {}

@@ -9,6 +9,17 @@ import pytest
 from experiments.edit import lifelong as L
 
 
+def test_crosstalk_bad_input_is_a_usage_error(tmp_path, capsys):
+    from experiments.edit import crosstalk
+
+    with pytest.raises(SystemExit):
+        crosstalk.main(["--study", str(tmp_path), "--edits", "10,x"])
+    assert "give comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        crosstalk.main(["--study", str(tmp_path)])
+    assert "not a finished study directory" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("lifelong")
@@ -75,6 +86,8 @@ def check_crosstalk_runs(out):
     """experiments.edit.crosstalk on a finished study: one row per layer of its window, sqrt(N) scaling."""
     from experiments.edit import crosstalk
 
+    with pytest.raises(SystemExit):  # the test model has 3 layers
+        crosstalk.main(["--study", str(out), "--layers", "3"])
     assert crosstalk.main(["--study", str(out), "--edits", "10,100"]) == 0
     res = json.loads((out / "crosstalk.json").read_text())
     assert set(res) == {"0", "1"}  # the test size's window
