@@ -23,8 +23,8 @@ b (E, r, F), change_e = scale · a_e @ b_e (a batched matmul).
 Terms and Deltas are JAX pytrees: the arrays are the leaves; LowRank.scale and a Delta's paths, kind, source and
 metadata are static (part of the tree structure), so a Delta passes through `jax.jit` / `jax.vmap` and a jitted
 function recompiles for another scale or set of paths, not for other values. Every operation is pure (inputs are
-never modified): `diff`, `apply`, `rollback`, `materialize`, `scale`, `negate`, `add` (also `+`, `-`, `s * d`),
-`restrict`, `norms`, `low_rank`, `save_delta` / `load_delta`. Products of factors use
+never modified): `diff`, `apply` (`shifted` for one array), `rollback`, `materialize`, `scale`, `negate`, `add`
+(also `+`, `-`, `s * d`), `restrict`, `norms`, `low_rank`, `save_delta` / `load_delta`. Products of factors use
 `jax.lax.Precision.HIGHEST`, so they are float32-exact on accelerators too.
 
 On disk a delta is a brick set (bricks/brickset.py) plus one file, written together atomically:
@@ -493,6 +493,13 @@ def _fit_problems(flat: Mapping[str, Any], delta: Delta) -> list[str]:
     return problems
 
 
+def shifted(w, term: Term, scale: float | jax.Array = 1.0) -> jax.Array:
+    """cast_{dtype(w)}(f32(w) + scale · change): one weight moved by one term, the addition in float32 (what
+    `apply` does per path; adapters merge and unmerge with it)."""
+    w = jnp.asarray(w)
+    return (w.astype(jnp.float32) + scale * term.materialize(jnp.float32)).astype(w.dtype)
+
+
 def apply(model_or_flat, delta: Delta, scale: float | jax.Array = 1.0):
     """The model with w_p ← cast_{dtype(w_p)}(f32(w_p) + scale · change_p) for every path p of `delta`.
 
@@ -507,10 +514,7 @@ def apply(model_or_flat, delta: Delta, scale: float | jax.Array = 1.0):
     if problems:
         raise DeltaError(f"apply: the delta does not fit the model ({len(problems)} problem(s)):\n  "
                          + "\n  ".join(problems))
-    new = {}
-    for p, term in delta.items():
-        w = jnp.asarray(flat[p])
-        new[p] = (w.astype(jnp.float32) + scale * term.materialize(jnp.float32)).astype(w.dtype)
+    new = {p: shifted(flat[p], term, scale) for p, term in delta.items()}
     if isinstance(model_or_flat, nnx.Module):
         return with_params(model_or_flat, new)
     return {**flat, **new}

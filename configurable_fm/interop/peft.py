@@ -62,7 +62,8 @@ from configurable_fm.interop.peft_experts import (attach_expert_adapters, check_
 from configurable_fm.interop.safetensors_io import CheckpointError, TensorStore, read_json_object
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.moe import EXPERT_LORA_KIND
-from configurable_fm.models.structure import check_consistent, extension_specs, registered_extensions, variables_of
+from configurable_fm.models.structure import (check_consistent, extension_specs, node_at, registered_extensions,
+                                              variables_of)
 from configurable_fm.models.bert import Bert
 from configurable_fm.models.virtual_tokens import VirtualTokens, geometry, supports, with_virtual_tokens
 
@@ -270,8 +271,9 @@ def read_peft(model, adapter_dir) -> list[dict]:
     problems = []
     for key in store:
         split = _split_key(key, peft_type)
-        if split is not None and peft_type == "LORA" and expert_key(split[0]) is not None:
-            expert_keys.setdefault(expert_key(split[0]), {})[split[1]] = key
+        experts_at = expert_key(split[0]) if split is not None and peft_type == "LORA" else None
+        if experts_at is not None:
+            expert_keys.setdefault(experts_at, {})[split[1]] = key
             continue
         if split is None:
             hint = (" (LoRA on an embedding is not supported)" if "lora_embedding_" in key else
@@ -336,7 +338,8 @@ def _experts(model, config, store, keys, file) -> list[dict]:
         raise CheckpointError(f"{file}: use_rslora={rslora!r} is not a bool")
     options = {"rank": _number(config, "r", file, int, 1), "alpha": float(_number(config, "lora_alpha", file)),
                "rslora": rslora}
-    return read_expert_adapters(model, config, store, keys, options, file)
+    return read_expert_adapters(model, config, keys, options, file,
+                                lambda key, shape, what: _tensor(store, key, shape, what))
 
 
 def _tensor(store, key, shape, what) -> np.ndarray:
@@ -488,9 +491,7 @@ def attach_built(model, adapters, builders=None) -> nnx.Module:
     new = nnx.clone(model)
     for adapter in adapters:
         parent_path, _, key = adapter["path"].rpartition(".")
-        parent = new
-        for seg in parent_path.split(".") if parent_path else ():
-            parent = parent[int(seg)] if isinstance(parent, cabc.Sequence) else getattr(parent, seg)
+        parent = node_at(new, parent_path)
         seq = isinstance(parent, cabc.Sequence)
         base = parent[int(key)] if seq else getattr(parent, key)
         module = builders[adapter["kind"]](base, dict(adapter["options"]), rngs=nnx.Rngs(0))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flax import nnx
@@ -33,7 +33,7 @@ from flax import nnx
 from configurable_fm.interop.hf import UnsupportedModel
 from configurable_fm.interop.safetensors_io import CheckpointError
 from configurable_fm.models.moe import EXPERT_LORA_KIND, EXPERT_LORA_SUFFIX
-from configurable_fm.models.structure import extension_specs, registered_extensions, variables_of
+from configurable_fm.models.structure import extension_specs, node_at, registered_extensions, variables_of
 
 # transformers' MixtralExperts parameters in registration order, and our stacked weights each holds.
 HF_PARAMS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -91,9 +91,7 @@ def write_expert_tensors(model, experts: Mapping[str, Mapping[str, Any]], key_pr
             b_parts.append((j, b))
         blocks[(layer, hp)] = (a_parts, b_parts)
     rank = max([sum(a.shape[1] for a in parts[0]) for parts in blocks.values()] + [1])
-    weights = {n: variables_of(model)[f"layers.0.mlp.experts.{n}"].get_value().shape for n in
-               ("gate_proj", "down_proj")}
-    d, f = int(weights["gate_proj"][1]), int(weights["gate_proj"][2])
+    d, f = model.cfg.hidden_size, model.cfg.intermediate_size  # the experts: gate / up (E, D, F), down (E, F, D)
     tensors = {}
     for (layer, hp), (a_parts, b_parts) in blocks.items():
         d_in, d_out = (d, 2 * f) if hp == "gate_up_proj" else (f, d)
@@ -119,11 +117,13 @@ def expert_key(name: str) -> tuple[int, int] | None:
     return None if m is None else (int(m.group(1)), m.group(2).count(".base_layer"))
 
 
-def read_expert_adapters(model, config: Mapping[str, Any], store, keys: Mapping[tuple[int, int], dict[str, str]],
-                         options: Mapping[str, Any], file) -> list[dict]:
+def read_expert_adapters(model, config: Mapping[str, Any], keys: Mapping[tuple[int, int], dict[str, str]],
+                         options: Mapping[str, Any], file, tensor: Callable[[str, tuple, str], np.ndarray]
+                         ) -> list[dict]:
     """[{"path": our stacked weight path, "kind": 'expert_lora', "options": `options` {rank, alpha, rslora} (the
     file's), "values": {lora_a, lora_b}}] from the PEFT tensors `keys` {(layer, depth): {role: key}} (module
-    docstring); CheckpointError naming the key."""
+    docstring), each read by tensor(key, shape, what) (float32; CheckpointError for a shape or dtype that does not
+    fit); CheckpointError naming the key."""
     rank = int(options["rank"])
     check_mixtral(model, {}, "from_peft")
     targets = config.get("target_parameters") or []
@@ -144,8 +144,9 @@ def read_expert_adapters(model, config: Mapping[str, Any], store, keys: Mapping[
         missing = [r for r in ("lora_A", "lora_B") if r not in roles]
         if missing:
             raise CheckpointError(f"{file}: layer {layer}'s {hp} has no {missing[0]} tensor")
-        a = _array(store, roles["lora_A"], (rank * e, d_in)).reshape(e, rank, d_in)
-        b = _array(store, roles["lora_B"], (d_out, rank * e)).reshape(d_out, rank, e)
+        what = f"layer {layer}'s {hp} (r={rank}, {e} experts)"
+        a = tensor(roles["lora_A"], (rank * e, d_in), what).reshape(e, rank, d_in)
+        b = tensor(roles["lora_B"], (d_out, rank * e), what).reshape(d_out, rank, e)
         b_e = np.transpose(b, (2, 0, 1))  # (E, D_out, r)
         lora_a = np.swapaxes(a, 1, 2)  # (E, D_in, r)
         parts = [(HF_PARAMS[hp][j], b_e[:, j * f:(j + 1) * f]) for j in range(2)] if hp == "gate_up_proj" else \
@@ -158,13 +159,6 @@ def read_expert_adapters(model, config: Mapping[str, Any], store, keys: Mapping[
 
 def _first(keys) -> str:
     return next(iter(next(iter(keys.values())).values()), "?")
-
-
-def _array(store, key: str, shape) -> np.ndarray:
-    got = tuple(store.shape(key))
-    if got != tuple(shape):
-        raise CheckpointError(f"{key} is {got} but the Mixtral expert parameter needs {tuple(shape)}")
-    return np.asarray(store[key], np.float32)
 
 
 def attach_expert_adapters(model: nnx.Module, adapters: list[dict]) -> nnx.Module:
@@ -185,8 +179,5 @@ def attach_expert_adapters(model: nnx.Module, adapters: list[dict]) -> nnx.Modul
                               "axes": None if axes is None else list(axes)}, rngs=nnx.Rngs(0))
         for leaf, value in spec["values"].items():
             setattr(module, leaf, getattr(module, leaf).replace(np.asarray(value, np.float32)))
-        owner = model
-        for seg in owner_path.split("."):
-            owner = owner[int(seg)] if seg.isdigit() else getattr(owner, seg)
-        setattr(owner, name + EXPERT_LORA_SUFFIX, module)
+        setattr(node_at(model, owner_path), name + EXPERT_LORA_SUFFIX, module)
     return model

@@ -162,7 +162,7 @@ def attach_extensions(model: nnx.Module, specs) -> nnx.Module:
         if not isinstance(path, str) or not path:
             raise InconsistentModel(f"extension {kind!r} has no valid path ({path!r}); the root cannot be one")
         parent_path, _, key = path.rpartition(".")
-        parent = _resolve(model, parent_path)
+        parent = node_at(model, parent_path)
         if parent is None:
             raise InconsistentModel(f"extension {kind!r} at {path}: {parent_path} is not in the model its config "
                                     "builds")
@@ -219,7 +219,8 @@ def _child(parent, key):
     return getattr(parent, key, None)
 
 
-def _resolve(model, path: str):
+def node_at(model, path: str):
+    """The module or Variable at dotted `path` ('' the root; list items by index), None when there is none."""
     node = model
     for seg in path.split(".") if path else ():
         node = _child(node, int(seg) if isinstance(node, cabc.Sequence) and seg.isdigit() else seg)

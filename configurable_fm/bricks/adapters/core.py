@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.bricks.adapters.experts import (expert_loras, expert_weight_names, merged_weight,
-                                                    replace_expert_loras)
+from configurable_fm.bricks.adapters.experts import expert_loras, expert_weight_names, replace_expert_loras
 from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError, AdapterParam, ADAPTER_TYPES
-from configurable_fm.bricks.deltas import Delta
+from configurable_fm.bricks.deltas import Delta, shifted
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import Selection, SelectionError, glob_to_regex, module_index, select
 from configurable_fm.interop.peft import attach_built
@@ -237,7 +236,7 @@ def attach_experts(model, targets: str | Sequence[str], *, rank: int | None = No
             raise AdapterError(f"attach_experts: {path} is {shape}, not a stacked (E, D_in, D_out) weight")
         specs.append({"path": path, "options": options,
                       "values": _expert_lora_values(shape, int(rank), init, seed, path)})
-    return attach_experts_built(model, specs)
+    return attach_expert_adapters(model, specs)
 
 
 def expert_weight_shape(index: dict, path: str) -> tuple[int, ...]:
@@ -249,12 +248,6 @@ def expert_weight_shape(index: dict, path: str) -> tuple[int, ...]:
     return tuple(int(n) for n in getattr(owner, name).get_value().shape)
 
 
-def attach_experts_built(model, specs) -> nnx.Module:
-    """A clone of `model` with an unmerged ExpertLoRA on each stacked weight of [{"path", "options": {rank, alpha,
-    rslora}, "values": {lora_a, lora_b}}] (shapes checked by the caller)."""
-    return attach_expert_adapters(model, specs)
-
-
 def _expert_lora_values(shape, r: int, init: str, seed: int, path: str) -> dict:
     e, d_in, d_out = shape  # PEFT: lora_B = nn.Linear(r E, D_out), so its default bound is 1 / sqrt(r E)
     a, b = lora_factors((e, d_in, r), (e, r, d_out), init, seed, path, b_fan_in=r * e)
@@ -264,7 +257,8 @@ def _expert_lora_values(shape, r: int, init: str, seed: int, path: str) -> dict:
 def _merge_experts(model, *, keep: bool) -> nnx.Module:
     def change(owner, name, adapter):
         if not adapter.merged:
-            setattr(owner, name, getattr(owner, name).replace(merged_weight(owner, name, adapter)))
+            var = getattr(owner, name)
+            setattr(owner, name, var.replace(shifted(var[...], adapter.low_rank())))
         if keep:
             setattr(owner, name + EXPERT_LORA_SUFFIX, adapter.with_merged(True))
         else:
@@ -275,7 +269,8 @@ def _merge_experts(model, *, keep: bool) -> nnx.Module:
 def _unmerge_experts(model, *, drop: bool) -> nnx.Module:
     def change(owner, name, adapter):
         if adapter.merged:
-            setattr(owner, name, getattr(owner, name).replace(merged_weight(owner, name, adapter, -1.0)))
+            var = getattr(owner, name)
+            setattr(owner, name, var.replace(shifted(var[...], adapter.low_rank(), -1.0)))
         if drop:
             delattr(owner, name + EXPERT_LORA_SUFFIX)
         elif adapter.merged:

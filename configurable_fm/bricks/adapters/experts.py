@@ -29,6 +29,7 @@ MoE layouts (a MoEfied model), mixed-adapter batches and adapter combinations.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ class ExpertLoRA(nnx.Module):
     @property
     def scale(self) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     def low_rank(self) -> LowRank:
         """The change s · A B as a stacked bricks.deltas.LowRank, W-shaped (E, D_in, D_out)."""
@@ -144,8 +145,3 @@ def replace_expert_loras(model, change) -> nnx.Module:
         change(index[owner_path][1], name, adapter)
     return new
 
-
-def merged_weight(owner, name: str, adapter: ExpertLoRA, sign: float = 1.0):
-    """W ± s A B in W's dtype (the addition in float32)."""
-    w = getattr(owner, name)[...]
-    return (w.astype(jnp.float32) + sign * adapter.low_rank().materialize(jnp.float32)).astype(w.dtype)

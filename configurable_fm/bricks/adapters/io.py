@@ -23,12 +23,13 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from configurable_fm.bricks.adapters.bottleneck import BottleneckLinear
-from configurable_fm.bricks.adapters.core import adapted_modules, attach_experts_built, expert_weight_shape
+from configurable_fm.bricks.adapters.core import adapted_modules, expert_weight_shape
 from configurable_fm.bricks.adapters.experts import ExpertLoRA, expert_loras
 from configurable_fm.bricks.adapters.modules import ADAPTER_TYPES, AdapterError
 from configurable_fm.bricks.brickset import Brick, BrickSet, load_bricks, save_bricks
 from configurable_fm.bricks.select import module_index
 from configurable_fm.interop.peft import ADAPTER_LEAVES, attach_built
+from configurable_fm.interop.peft_experts import attach_expert_adapters
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.virtual_tokens import VirtualTokens, with_virtual_tokens
 
@@ -118,7 +119,7 @@ def attach_bricks(model, bricks: BrickSet | Brick):
     if problems:
         raise AdapterError(f"attach_bricks: {len(problems)} brick(s) do not fit the model:\n  " + "\n  ".join(problems))
     adapted = attach_built(model, specs) if specs else model
-    adapted = attach_experts_built(adapted, expert_specs) if expert_specs else adapted
+    adapted = attach_expert_adapters(adapted, expert_specs) if expert_specs else adapted
     if not virtual:
         return adapted
     label, kind, values = virtual[0]
@@ -129,7 +130,7 @@ def attach_bricks(model, bricks: BrickSet | Brick):
 
 
 def _expert_brick(index: dict, name: str, brick: Brick) -> tuple[str | None, dict | None]:
-    """(problem, None) or (None, spec for attach_experts_built) for an 'expert_lora' brick named by the stacked
+    """(problem, None) or (None, spec for attach_expert_adapters) for an 'expert_lora' brick named by the stacked
     expert weight it adapts."""
     shape = expert_weight_shape(index, name)
     if len(shape) != 3:

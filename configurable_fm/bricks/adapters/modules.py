@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configurable_fm.bricks.deltas import LowRank
+from configurable_fm.bricks.deltas import LowRank, shifted
 from configurable_fm.errors import UserError
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.structure import register_extension
@@ -300,12 +300,10 @@ class LoRALinear(AdaptedLinear):
         return (y.astype(ld) + lora).astype(dtype)
 
     def merged_values(self) -> dict:
-        w = self.kernel[...]
-        return {"kernel": (w.astype(jnp.float32) + self.low_rank().materialize(jnp.float32)).astype(w.dtype)}
+        return {"kernel": shifted(self.kernel[...], self.low_rank())}
 
     def unmerged_values(self) -> dict:
-        w = self.kernel[...]
-        return {"kernel": (w.astype(jnp.float32) - self.low_rank().materialize(jnp.float32)).astype(w.dtype)}
+        return {"kernel": shifted(self.kernel[...], self.low_rank(), -1.0)}
 
     def weight_change(self) -> dict:
         return {"kernel": self.low_rank()}
