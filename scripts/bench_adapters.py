@@ -56,7 +56,10 @@ measurement, on stdout and appended to --out:
                   --factor_dtype apply as in bench=forward. With --profile DIR, `profile` holds a device-kernel summary
                   (configurable_fm.profiling.trace_kernels: categories, top kernels, per forward) of 3 forwards
                   each of the base and of the one-adapter model (traces in DIR/base, DIR/single_lora): where the
-                  unmerged adapter's extra time goes.
+                  unmerged adapter's extra time goes. --lora_matmul MODES adds, per mode, the one-adapter forward
+                  with its LoRA evaluated that way (bricks.adapters.with_lora_matmul: 'joint' is [x | s x A] @
+                  [W ; B], one product per projection): `single_lora_<mode>_s` and, timed in the same rotated
+                  rounds, `interleaved_single_lora_<mode>_ratio`.
   bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
                   ours_over_peft_lora / _dora (None when PEFT was skipped).
 
@@ -310,10 +313,14 @@ def bench_routing(args) -> dict:
                       jnp.int32)
     repeats = max(args.steps, 1)
     routed = route.routed_model(mixed, route.route_texts(router, encoder, texts))
+    models = [("base", base), ("single_lora", library[0]), ("routed_lm", routed)]
+    models += [(f"single_lora_{mode}", adapters.with_lora_matmul(library[0], mode)) for mode in args.lora_matmul]
     calls = {name: route.forward_call(m, ids)  # each model split once, its calls reused by every timing below
-             for name, m in (("base", base), ("single_lora", library[0]), ("routed_lm", routed))}
+             for name, m in models}
     base_s = route.median_seconds(calls["base"], repeats)  # as routing_cost times its forward
     single_s = route.median_seconds(calls["single_lora"], repeats)  # one unmerged LoRA
+    matmul_s = {f"single_lora_{mode}_s": route.median_seconds(calls[f"single_lora_{mode}"], repeats)
+                for mode in args.lora_matmul}
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     # back to back (one block at the end): the host's launch work overlaps the device's, as in a serving loop
@@ -321,7 +328,7 @@ def bench_routing(args) -> dict:
     interleaved = interleaved_seconds(calls, max(repeats, 3), per_round=3)
     base_rounds = interleaved["base"]
     ratio = {name: float(np.median([t / b for t, b in zip(interleaved[name], base_rounds)]))
-             for name in ("single_lora", "routed_lm")}
+             for name in calls if name != "base"}
     profiles = {}
     if args.profile:
         from configurable_fm.profiling import trace_kernels
@@ -340,6 +347,7 @@ def bench_routing(args) -> dict:
             **{f"{k}_interleaved_s": float(np.median(v)) for k, v in interleaved.items()},
             "interleaved_single_ratio": ratio["single_lora"], "interleaved_routed_ratio": ratio["routed_lm"],
             "interleaved_cost_ratio": ratio["routed_lm"] + (rc.embed + rc.select) / float(np.median(base_rounds)),
+            **matmul_s, **{f"interleaved_{name}_ratio": ratio[name] for name in calls if name.startswith("single_lora_")},
             **({"profile": profiles} if profiles else {})}
 
 
@@ -412,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benches", default="forward,train",
                    help="comma-separated: forward (mixed batches), train (full / LoRA / DoRA steps and PEFT), "
                         "routing (what embedding routing adds)")
+    p.add_argument("--lora_matmul", type=lambda v: [m for m in v.split(",") if m], default=[],
+                   help="bench=routing: also time the one-adapter forward with its LoRA evaluated this way "
+                        "(comma-separated 'separate', 'joint': bricks.adapters.with_lora_matmul)")
     p.add_argument("--profile", default="", help="bench=routing: trace the base and one-adapter forwards here")
     p.add_argument("--out", default="")
     p.add_argument("--anchor", choices=["lora", "dora"], help=argparse.SUPPRESS)  # the PEFT subprocess

@@ -305,3 +305,34 @@ def test_lora_dropout_drops_the_lora_branch_input_only_inside_the_block(base):
     with pytest.raises(adapters.AdapterError, match=r"\[0, 1\)"):
         with adapters.lora_dropout(jax.random.key(0), 1.0):
             pass
+
+
+def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, models):
+    """with_lora_matmul(m, 'joint'): y = [x | s x A] @ [W ; B] + b equals x W + b + s (x A) B in float32 (logits
+    and the gradients of the LoRA factors, through the attention and the MLP; with biases on a gpt2); the input
+    model is untouched; DoRA modules and merged LoRAs are not affected; bad input is refused."""
+    model = models["rslora"]
+    joint = adapters.with_lora_matmul(model, "joint")
+    assert {m.matmul for _, m in nnx.iter_modules(joint) if isinstance(m, adapters.LoRALinear)} == {"joint"}
+    assert {m.matmul for _, m in nnx.iter_modules(model) if isinstance(m, adapters.LoRALinear)} == {"separate"}
+    assert nnx.graphdef(joint) != nnx.graphdef(model)  # a jit cache keyed by the graph compiles each once
+
+    def loss(m):
+        return jnp.sum(jnp.tanh(m(IDS)))
+
+    np.testing.assert_allclose(logits(joint), logits(model), rtol=TOL, atol=TOL)
+    sep, jnt = flat_params(nnx.grad(loss)(model)), flat_params(nnx.grad(loss)(joint))
+    lora_keys = [k for k in sep if k.endswith(("lora_a", "lora_b"))]
+    assert lora_keys
+    for k in lora_keys:
+        np.testing.assert_allclose(np.asarray(jnt[k]), np.asarray(sep[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+    gpt = GPT2(GPT2Config(vocab_size=61, n_positions=16, n_embd=24, n_layer=1, n_head=4), rngs=nnx.Rngs(0))
+    gpt = deltas.apply(gpt, deltas.Delta({k: 0.1 * jax.random.normal(jax.random.key(1), v.shape)
+                                          for k, v in flat_params(gpt).items() if k.endswith("bias")}))
+    g = adapters.attach(gpt, "lora", "h.*.attn.c_attn", rank=3, alpha=6, init="random", seed=1)
+    np.testing.assert_allclose(logits(adapters.with_lora_matmul(g, "joint")), logits(adapters.merge(g)),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(adapters.AdapterError, match="mode must be one of"):
+        adapters.with_lora_matmul(model, "fused")
+    with pytest.raises(adapters.AdapterError, match="no LoRA modules"):
+        adapters.with_lora_matmul(models["dora"], "joint")

@@ -104,7 +104,8 @@ def test_interleaved_rounds_rotate_the_order(bench):
 
 def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast): the
-    row's parts and ratios; --profile's two traces (on the CPU they hold no device kernels, which the row says)."""
+    row's parts and ratios; --profile's two traces (on the CPU they hold no device kernels, which the row says);
+    --lora_matmul's extra one-adapter forward."""
     from configurable_fm.models import registry
 
     try:
@@ -115,7 +116,7 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
                                                     intermediate_size=64))
     argv = ["--shape", "tiny", "--batch", "3", "--seq", "4", "--rank", "2", "--library", "2", "--steps", "1",
             "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}", "--mixed_path", "gather",
-            "--profile", str(tmp_path / "prof")]
+            "--profile", str(tmp_path / "prof"), "--lora_matmul", "joint"]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [r["bench"] for r in rows] == ["routing", "summary"]
@@ -134,6 +135,7 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     assert min(r["interleaved_single_ratio"], r["interleaved_routed_ratio"]) > 0
     assert r["interleaved_cost_ratio"] == pytest.approx(
         r["interleaved_routed_ratio"] + (r["embed_s"] + r["select_s"]) / r["base_interleaved_s"])
+    assert r["single_lora_joint_s"] > 0 and r["interleaved_single_lora_joint_ratio"] > 0  # --lora_matmul joint
     assert sorted(r["profile"]) == ["base", "single_lora"]
     for name, prof in r["profile"].items():
         assert prof["wall_ms"] > 0 and prof["logdir"] == str(tmp_path / "prof" / name)

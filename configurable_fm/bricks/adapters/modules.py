@@ -30,6 +30,13 @@ fold_in(key, i). Outside the context (evaluation, inference, merging) there is n
 for every training step when config.adapter.lora.dropout > 0 (train/adapters.py). DoRA refuses it (PEFT then
 recomputes the base output on the dropped input: not implemented here); IA3 has no dropout in PEFT.
 
+The LoRA term has two evaluations with the same value (`LoRALinear.matmul`, set by `with_lora_matmul`):
+    'separate' (default)  y = x W + b + s · (x A) B: two more products and a sum over the (..., out) outputs
+    'joint'               y = [x | s · x A] @ [W ; B] + b: the adapter inside the base product's contraction
+                          (K = in + r), so the (..., out) outputs are written once; costs a copy of x and of W
+                          (the concatenations) per call, and B in the compute dtype. Unmerged LoRA only (DoRA,
+                          (IA)³ and dropout keep 'separate').
+
 Adapter parameters are `LoRAParam` / `IA3Param` (both `AdapterParam`, an nnx.Param), so the trainer selects them by
 type ('LoRAParam:**', 'AdapterParam:**') and `bricks.flat_params` sees them by path (`...q_proj.lora_a`). They are
 float32 over a lower-precision base (PEFT's autocast_adapter_dtype), the base kernel's dtype otherwise. The adapter
@@ -76,6 +83,9 @@ def lora_dropout(key: jax.Array, rate: float):
         yield
     finally:
         _DROPOUT.reset(token)
+
+
+LORA_MATMULS = ("separate", "joint")
 
 
 def dropout_active() -> bool:
@@ -251,6 +261,7 @@ class LoRALinear(AdaptedLinear):
 
     kind = "lora"
     OPTIONS = {"rank": (int, None), "alpha": ((int, float), None), "rslora": (bool, False), "merged": (bool, False)}
+    matmul = "separate"  # how the unmerged term is evaluated (LORA_MATMULS; with_lora_matmul): the graph, not the state
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool = False, merged: bool = False):
         self._init_base(base, merged)
@@ -293,11 +304,26 @@ class LoRALinear(AdaptedLinear):
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
+        if not self.merged and self.matmul == "joint" and not dropout_active():
+            return self._joint(x)
         y, _, xd, dtype = self._linear(x)
         if self.merged:
             return y
         lora, ld = self._lora(xd, dtype)
         return (y.astype(ld) + lora).astype(dtype)
+
+    def _joint(self, x: jax.Array) -> jax.Array:
+        """y = [x | s · x A] @ [W ; B] + b, one product of contraction in + r (matmul 'joint'): x A in the
+        adapter's compute dtype, then both blocks in the Linear's compute dtype."""
+        kernel = self.kernel[...]
+        dtype = self.dtype or jnp.result_type(x, kernel)
+        xd = x.astype(dtype)
+        a = self.lora_a[...]
+        ld = adapter_compute_dtype(self.dtype, dtype, a.dtype)
+        xa = (jnp.dot(xd.astype(ld), a.astype(ld)) * self.scale).astype(dtype)
+        w = jnp.concatenate([kernel.astype(dtype), self.lora_b[...].astype(dtype)], axis=0)
+        y = jnp.dot(jnp.concatenate([xd, xa], axis=-1), w)
+        return y + self.bias[...].astype(dtype) if self.bias is not None else y
 
     def merged_values(self) -> dict:
         return {"kernel": shifted(self.kernel[...], self.low_rank())}
@@ -307,6 +333,23 @@ class LoRALinear(AdaptedLinear):
 
     def weight_change(self) -> dict:
         return {"kernel": self.low_rank()}
+
+
+def with_lora_matmul(model: nnx.Module, mode: str) -> nnx.Module:
+    """A new model whose LoRALinear modules evaluate their unmerged term as `mode` (LORA_MATMULS, module docstring):
+    'separate' x W + s (x A) B or 'joint' [x | s x A] @ [W ; B]; the same values to float rounding. A runtime
+    setting: it changes the compiled program, not the state, the structure spec or checkpoints (merge, unmerge and
+    the other operations that rebuild a module return it as 'separate'). The arrays are shared; `model` is untouched.
+    AdapterError for another mode or a model without LoRA modules (DoRA's are not affected)."""
+    if mode not in LORA_MATMULS:
+        raise AdapterError(f"with_lora_matmul: mode must be one of {LORA_MATMULS}, got {mode!r}")
+    new = nnx.clone(model)
+    loras = [m for _, m in nnx.iter_modules(new) if type(m) is LoRALinear]
+    if not loras:
+        raise AdapterError("with_lora_matmul: the model has no LoRA modules (bricks.adapters.attach)")
+    for m in loras:
+        m.matmul = mode
+    return new
 
 
 class DoRALinear(LoRALinear):
