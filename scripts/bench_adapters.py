@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                         "routing (what embedding routing adds)")
     p.add_argument("--lora_matmul", type=lambda v: [m for m in v.split(",") if m], default=[],
                    help="bench=routing: also time the one-adapter forward with its LoRA evaluated this way "
-                        "(comma-separated 'separate', 'joint': bricks.adapters.with_lora_matmul)")
+                        "(comma-separated 'separate', 'joint', 'auto': bricks.adapters.with_lora_matmul)")
     p.add_argument("--profile", default="", help="bench=routing: trace the base and one-adapter forwards here")
     p.add_argument("--out", default="")
     p.add_argument("--anchor", choices=["lora", "dora"], help=argparse.SUPPRESS)  # the PEFT subprocess

@@ -308,7 +308,7 @@ def test_lora_dropout_drops_the_lora_branch_input_only_inside_the_block(base):
 
 
 def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, models):
-    """with_lora_matmul(m, 'joint'): y = [x | s x A] @ [W ; B] + b equals x W + b + s (x A) B in float32 (logits
+    """with_lora_matmul(m, 'joint'): y = [x | s x A | 0] @ [W ; B ; 0] + b equals x W + b + s (x A) B in float32 (logits
     and the gradients of the LoRA factors, through the attention and the MLP; with biases on a gpt2); the input
     model is untouched; DoRA modules and merged LoRAs are not affected; bad input is refused."""
     model = models["rslora"]
@@ -321,6 +321,8 @@ def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, mode
         return jnp.sum(jnp.tanh(m(IDS)))
 
     np.testing.assert_allclose(logits(joint), logits(model), rtol=TOL, atol=TOL)
+    auto = adapters.with_lora_matmul(model, "auto")  # joint on q (24 -> 24), separate on v (24 -> 12) and down
+    np.testing.assert_allclose(logits(auto), logits(model), rtol=TOL, atol=TOL)
     sep, jnt = flat_params(nnx.grad(loss)(model)), flat_params(nnx.grad(loss)(joint))
     lora_keys = [k for k in sep if k.endswith(("lora_a", "lora_b"))]
     assert lora_keys

@@ -33,7 +33,7 @@ from configurable_fm.bricks.adapters.combine import (COMBINATIONS, CombineReport
 from configurable_fm.bricks.adapters.io import adapter_bricks, attach_bricks, load_adapter, save_adapter
 from configurable_fm.bricks.adapters.modules import (ADAPTER_TYPES, AdaptedLinear, AdapterError, AdapterParam,
                                                      DoRALinear, DoRANorm, IA3Linear, IA3Param, LoRALinear, LoRAParam,
-                                                     LORA_MATMULS, lora_dropout, with_lora_matmul)
+                                                     JOINT_PAD, LORA_MATMULS, lora_dropout, with_lora_matmul)
 from configurable_fm.bricks.adapters.prompts import INITS as VIRTUAL_TOKEN_INITS, attach_virtual_tokens
 from configurable_fm.models.virtual_tokens import VirtualTokenParam, VirtualTokens
 from configurable_fm.bricks.adapters.mixed import (BASE_ID, AdapterIds, AdapterScale, MixedLinear, mix, mixed_modules,
@@ -46,7 +46,7 @@ __all__ = [
     "attach", "merge", "unmerge", "detach", "adapters", "adapted_modules", "adapter_state", "as_delta", "path_key",
     "adapter_bricks", "attach_bricks", "save_adapter", "load_adapter", "from_peft", "read_peft", "to_peft",
     "AdaptedLinear", "LoRALinear", "DoRALinear", "IA3Linear", "AdapterParam", "LoRAParam", "IA3Param", "DoRANorm",
-    "AdapterError", "ADAPTER_TYPES", "lora_dropout", "with_lora_matmul", "LORA_MATMULS", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
+    "AdapterError", "ADAPTER_TYPES", "lora_dropout", "with_lora_matmul", "LORA_MATMULS", "JOINT_PAD", "KINDS", "LORA_INITS", "IA3_INITS", "FEEDFORWARD", "DEFAULT_RANK",
     "DEFAULT_ALPHA", "mix", "with_adapter_ids", "with_small_batch_path", "uses_small_batch_path", "unmix",
     "mixed_modules", "MixedLinear", "AdapterIds",
     "AdapterScale", "BASE_ID", "combine", "combine_exact", "CombineReport", "peft_merge", "check_options",

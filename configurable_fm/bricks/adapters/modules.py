@@ -32,10 +32,16 @@ recomputes the base output on the dropped input: not implemented here); IA3 has 
 
 The LoRA term has two evaluations with the same value (`LoRALinear.matmul`, set by `with_lora_matmul`):
     'separate' (default)  y = x W + b + s · (x A) B: two more products and a sum over the (..., out) outputs
-    'joint'               y = [x | s · x A] @ [W ; B] + b: the adapter inside the base product's contraction
-                          (K = in + r), so the (..., out) outputs are written once; costs a copy of x and of W
-                          (the concatenations) per call, and B in the compute dtype. Unmerged LoRA only (DoRA,
-                          (IA)³ and dropout keep 'separate').
+    'joint'               y = [x | s · x A | 0] @ [W ; B ; 0] + b: the adapter inside the base product's
+                          contraction (K = in + r, zero-padded to a multiple of JOINT_PAD = 64 for whole GEMM
+                          tiles), so the (..., out) outputs are written once; costs a copy of x and of W (the
+                          concatenations) per call, and B in the compute dtype
+    'auto'                'joint' where out >= in (q/o and gate/up of a llama), 'separate' elsewhere (k/v, down)
+Unmerged LoRA only (DoRA, (IA)³ and dropout keep 'separate'). Measured on one H200 (BENCHMARKS.md, "Routing cost"):
+at 1B x 64 x 512 tokens 'joint' on every projection (then unpadded) made the one-adapter forward slower (1.171x
+the base against 1.123x); one projection alone, rank padded to 64, was faster for 2048 -> 8192 (1.83 against
+2.18 ms, the base 1.71) and 2048 -> 2048 (0.72 / 0.78 / 0.55) and slower for 8192 -> 2048 and 2048 -> 512: hence
+'auto', not measured in the whole model yet.
 
 Adapter parameters are `LoRAParam` / `IA3Param` (both `AdapterParam`, an nnx.Param), so the trainer selects them by
 type ('LoRAParam:**', 'AdapterParam:**') and `bricks.flat_params` sees them by path (`...q_proj.lora_a`). They are
@@ -85,7 +91,8 @@ def lora_dropout(key: jax.Array, rate: float):
         _DROPOUT.reset(token)
 
 
-LORA_MATMULS = ("separate", "joint")
+LORA_MATMULS = ("separate", "joint", "auto")
+JOINT_PAD = 64  # 'joint' pads the contraction's LoRA block to a multiple of this (whole GEMM tiles on a GPU)
 
 
 def dropout_active() -> bool:
@@ -304,7 +311,8 @@ class LoRALinear(AdaptedLinear):
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
-        if not self.merged and self.matmul == "joint" and not dropout_active():
+        joint = self.matmul == "joint" or (self.matmul == "auto" and self.out_features >= self.in_features)
+        if joint and not self.merged and not dropout_active():
             return self._joint(x)
         y, _, xd, dtype = self._linear(x)
         if self.merged:
@@ -313,15 +321,17 @@ class LoRALinear(AdaptedLinear):
         return (y.astype(ld) + lora).astype(dtype)
 
     def _joint(self, x: jax.Array) -> jax.Array:
-        """y = [x | s · x A] @ [W ; B] + b, one product of contraction in + r (matmul 'joint'): x A in the
-        adapter's compute dtype, then both blocks in the Linear's compute dtype."""
+        """y = [x | s · x A | 0] @ [W ; B ; 0] + b, one product of contraction in + r padded to a multiple of
+        JOINT_PAD (matmul 'joint'): x A in the adapter's compute dtype, then both blocks in the Linear's."""
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         xd = x.astype(dtype)
-        a = self.lora_a[...]
+        a, b = self.lora_a[...], self.lora_b[...]
+        pad = -self.rank % JOINT_PAD
         ld = adapter_compute_dtype(self.dtype, dtype, a.dtype)
-        xa = (jnp.dot(xd.astype(ld), a.astype(ld)) * self.scale).astype(dtype)
-        w = jnp.concatenate([kernel.astype(dtype), self.lora_b[...].astype(dtype)], axis=0)
+        a = jnp.pad(a.astype(ld), ((0, 0), (0, pad)))
+        xa = (jnp.dot(xd.astype(ld), a) * self.scale).astype(dtype)
+        w = jnp.concatenate([kernel.astype(dtype), jnp.pad(b.astype(dtype), ((0, pad), (0, 0)))], axis=0)
         y = jnp.dot(jnp.concatenate([xd, xa], axis=-1), w)
         return y + self.bias[...].astype(dtype) if self.bias is not None else y
 
@@ -337,7 +347,8 @@ class LoRALinear(AdaptedLinear):
 
 def with_lora_matmul(model: nnx.Module, mode: str) -> nnx.Module:
     """A new model whose LoRALinear modules evaluate their unmerged term as `mode` (LORA_MATMULS, module docstring):
-    'separate' x W + s (x A) B or 'joint' [x | s x A] @ [W ; B]; the same values to float rounding. A runtime
+    'separate' x W + s (x A) B, 'joint' [x | s x A] @ [W ; B] or 'auto' (joint where out >= in); the same values to
+    float rounding. A runtime
     setting: it changes the compiled program, not the state, the structure spec or checkpoints (merge, unmerge and
     the other operations that rebuild a module return it as 'separate'). The arrays are shared; `model` is untouched.
     AdapterError for another mode or a model without LoRA modules (DoRA's are not affected)."""

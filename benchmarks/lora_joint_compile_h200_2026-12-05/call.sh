@@ -11,7 +11,7 @@ XLA_FLAGS=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc timeout 70 python3 $B
 for f in "--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"; do
   XLA_FLAGS="$f" timeout 70 python3 $B --grid 8:none --steps 10 --warmup 2 --out $OUT/flags.jsonl > /dev/null 2>&1; el "loop[$f]" $?
 done
-timeout 100 python3 benchmarks/lora_kconcat_h200_2026-12-05/lora_kconcat.py 512 > $OUT/kconcat.jsonl 2> $OUT/kconcat.err; el kconcat $?
+timeout 100 python3 benchmarks/lora_joint_compile_h200_2026-12-05/lora_kconcat.py 512 > $OUT/kconcat.jsonl 2> $OUT/kconcat.err; el kconcat $?
 python3 -c "
 import json
 for l in open('$OUT/routing_joint.jsonl'): r=json.loads(l); print({k: round(v,4) for k, v in r.items() if 'ratio' in k or k.endswith('interleaved_s')})

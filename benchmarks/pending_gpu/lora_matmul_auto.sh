@@ -1,0 +1,18 @@
+# The routing bench with the LoRA term evaluated 'joint' and 'auto' (bricks.adapters.with_lora_matmul) beside the
+# separate sum, in rotated rounds; then the 1B training step with XLA's default GEMMs against cuBLAS alone without
+# autotuning, loop and scanned, two rounds in alternation, and the transformers + torch.compile anchor in the same call.
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD
+t0=$(date +%s); el() { echo "== $1 rc=$2 $(( $(date +%s)-t0 ))s"; }
+timeout 170 python3 scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --benches routing --rank 8 --mixed_path gather --encoder random:$PWD/.gpu/tok/tokenizer.json --lora_matmul joint,auto --out $OUT/routing_matmul.jsonl > /dev/null 2> $OUT/routing_matmul.err; el routing $?
+CUBLAS="--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
+for r in 1 2; do for f in "" "$CUBLAS"; do for s in "" "--scan_layers"; do
+  XLA_FLAGS="$f" timeout 70 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none $s --steps 10 --warmup 2 --out $OUT/gemm_ab.jsonl > /dev/null 2>&1; el "r$r[$f]$s" $?
+done; done; done
+timeout 150 python3 .gpu/anchors/torch_train.py 8 compile 2>&1 | tail -1 | tee $OUT/anchor.log; el anchor $?
+python3 -c "
+import json
+for l in open('$OUT/routing_matmul.jsonl'): r=json.loads(l); print({k: round(v,4) for k, v in r.items() if 'interleaved' in k})
+for l in open('$OUT/gemm_ab.jsonl'): r=json.loads(l); print(r['scan_layers'], r['xla_flags'][-20:], round(r['step_s'],4), round(r['mfu'],4), round(r['compile_s'],2))
+"
