@@ -208,6 +208,17 @@ def interleaved_seconds(calls: dict, rounds: int, per_round: int = 3) -> dict[st
     return out
 
 
+def lora_matmul_modes(value: str) -> list[str]:
+    """--lora_matmul: comma-separated modes of bricks.adapters.with_lora_matmul."""
+    from configurable_fm.bricks.adapters import LORA_MATMULS
+
+    modes = [m for m in value.split(",") if m]
+    bad = [m for m in modes if m not in LORA_MATMULS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from {list(LORA_MATMULS)}")
+    return modes
+
+
 MIXED_PATHS = {"auto": None, "all_adapters": True, "gather": False}  # --mixed_path -> with_small_batch_path's value
 
 
@@ -347,7 +358,8 @@ def bench_routing(args) -> dict:
             **{f"{k}_interleaved_s": float(np.median(v)) for k, v in interleaved.items()},
             "interleaved_single_ratio": ratio["single_lora"], "interleaved_routed_ratio": ratio["routed_lm"],
             "interleaved_cost_ratio": ratio["routed_lm"] + (rc.embed + rc.select) / float(np.median(base_rounds)),
-            **matmul_s, **{f"interleaved_{name}_ratio": ratio[name] for name in calls if name.startswith("single_lora_")},
+            **matmul_s,
+            **{f"interleaved_{name}_ratio": ratio[name] for name in calls if name.startswith("single_lora_")},
             **({"profile": profiles} if profiles else {})}
 
 
@@ -420,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benches", default="forward,train",
                    help="comma-separated: forward (mixed batches), train (full / LoRA / DoRA steps and PEFT), "
                         "routing (what embedding routing adds)")
-    p.add_argument("--lora_matmul", type=lambda v: [m for m in v.split(",") if m], default=[],
+    p.add_argument("--lora_matmul", type=lora_matmul_modes, default=[],
                    help="bench=routing: also time the one-adapter forward with its LoRA evaluated this way "
                         "(comma-separated 'separate', 'joint', 'auto': bricks.adapters.with_lora_matmul)")
     p.add_argument("--profile", default="", help="bench=routing: trace the base and one-adapter forwards here")

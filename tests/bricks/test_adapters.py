@@ -308,9 +308,9 @@ def test_lora_dropout_drops_the_lora_branch_input_only_inside_the_block(base):
 
 
 def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, models):
-    """with_lora_matmul(m, 'joint'): y = [x | s x A | 0] @ [W ; B ; 0] + b equals x W + b + s (x A) B in float32 (logits
-    and the gradients of the LoRA factors, through the attention and the MLP; with biases on a gpt2); the input
-    model is untouched; DoRA modules and merged LoRAs are not affected; bad input is refused."""
+    """with_lora_matmul(m, 'joint'): y = [x | s x A | 0] @ [W ; B ; 0] + b equals x W + b + s (x A) B in float32
+    (logits and the gradients of the LoRA factors, through the attention and the MLP; with biases on a gpt2); 'auto'
+    likewise; the input model is untouched; merged LoRAs compute the plain Linear; bad input is refused."""
     model = models["rslora"]
     joint = adapters.with_lora_matmul(model, "joint")
     assert {m.matmul for _, m in nnx.iter_modules(joint) if isinstance(m, adapters.LoRALinear)} == {"joint"}
@@ -334,6 +334,8 @@ def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, mode
     g = adapters.attach(gpt, "lora", "h.*.attn.c_attn", rank=3, alpha=6, init="random", seed=1)
     np.testing.assert_allclose(logits(adapters.with_lora_matmul(g, "joint")), logits(adapters.merge(g)),
                                rtol=1e-4, atol=1e-5)
+    merged = adapters.merge(model, keep=True)
+    np.testing.assert_array_equal(logits(adapters.with_lora_matmul(merged, "joint")), logits(merged))
     with pytest.raises(adapters.AdapterError, match="mode must be one of"):
         adapters.with_lora_matmul(model, "fused")
     with pytest.raises(adapters.AdapterError, match="no LoRA modules"):

@@ -144,6 +144,7 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--library", "0"], "--library: at least 1 adapter, got 0"),
     (["--encoder", "random:/no/such/tokenizer.json"], "--encoder: no tokenizer file '/no/such/tokenizer.json'"),
+    (["--lora_matmul", "joint,fused"], "unknown mode(s) ['fused']"),
 ])
 def test_routing_refuses_bad_arguments(bench, capsys, argv, message):
     with pytest.raises(SystemExit):

@@ -348,10 +348,10 @@ class LoRALinear(AdaptedLinear):
 def with_lora_matmul(model: nnx.Module, mode: str) -> nnx.Module:
     """A new model whose LoRALinear modules evaluate their unmerged term as `mode` (LORA_MATMULS, module docstring):
     'separate' x W + s (x A) B, 'joint' [x | s x A] @ [W ; B] or 'auto' (joint where out >= in); the same values to
-    float rounding. A runtime
-    setting: it changes the compiled program, not the state, the structure spec or checkpoints (merge, unmerge and
-    the other operations that rebuild a module return it as 'separate'). The arrays are shared; `model` is untouched.
-    AdapterError for another mode or a model without LoRA modules (DoRA's are not affected)."""
+    float rounding. A runtime setting: it changes the compiled program, not the state, the structure spec or
+    checkpoints (merge, unmerge and the other operations that rebuild a module return it as 'separate'). The arrays
+    are shared; `model` is untouched. AdapterError for another mode or a model without LoRA modules (DoRA's are not
+    affected)."""
     if mode not in LORA_MATMULS:
         raise AdapterError(f"with_lora_matmul: mode must be one of {LORA_MATMULS}, got {mode!r}")
     new = nnx.clone(model)
