@@ -56,10 +56,10 @@ measurement, on stdout and appended to --out:
                   --factor_dtype apply as in bench=forward. With --profile DIR, `profile` holds a device-kernel summary
                   (configurable_fm.profiling.trace_kernels: categories, top kernels, per forward) of 3 forwards
                   each of the base and of the one-adapter model (traces in DIR/base, DIR/single_lora): where the
-                  unmerged adapter's extra time goes. --lora_matmul MODES adds, per mode, the one-adapter forward
-                  with its LoRA evaluated that way (bricks.adapters.with_lora_matmul: 'joint' is [x | s x A] @
-                  [W ; B], one product per projection): `single_lora_<mode>_s` and, timed in the same rotated
-                  rounds, `interleaved_single_lora_<mode>_ratio`.
+                  unmerged adapter's extra time goes. --lora_matmul MODES adds, per mode, the one-adapter and the
+                  routed forwards with their LoRA terms evaluated that way (bricks.adapters.with_lora_matmul:
+                  'joint' is [x | s x A] @ [W ; B], one product per projection): `single_lora_<mode>_s`,
+                  `routed_lm_<mode>_s` and, timed in the same rotated rounds, `interleaved_<name>_ratio`.
   bench=summary   the ratios: mixed_over_single (goal <= 1.3), lora_over_full, dora_over_lora (goal >= 0.9),
                   ours_over_peft_lora / _dora (None when PEFT was skipped).
 
@@ -325,13 +325,15 @@ def bench_routing(args) -> dict:
     repeats = max(args.steps, 1)
     routed = route.routed_model(mixed, route.route_texts(router, encoder, texts))
     models = [("base", base), ("single_lora", library[0]), ("routed_lm", routed)]
-    models += [(f"single_lora_{mode}", adapters.with_lora_matmul(library[0], mode)) for mode in args.lora_matmul]
+    for mode in args.lora_matmul:  # the same forwards with the LoRA term evaluated another way
+        models += [(f"single_lora_{mode}", adapters.with_lora_matmul(library[0], mode)),
+                   (f"routed_lm_{mode}", adapters.with_lora_matmul(routed, mode))]
     calls = {name: route.forward_call(m, ids)  # each model split once, its calls reused by every timing below
              for name, m in models}
     base_s = route.median_seconds(calls["base"], repeats)  # as routing_cost times its forward
     single_s = route.median_seconds(calls["single_lora"], repeats)  # one unmerged LoRA
-    matmul_s = {f"single_lora_{mode}_s": route.median_seconds(calls[f"single_lora_{mode}"], repeats)
-                for mode in args.lora_matmul}
+    matmul_s = {f"{name}_s": route.median_seconds(calls[name], repeats)
+                for name in calls if name.startswith(("single_lora_", "routed_lm_"))}
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     # back to back (one block at the end): the host's launch work overlaps the device's, as in a serving loop
@@ -359,7 +361,8 @@ def bench_routing(args) -> dict:
             "interleaved_single_ratio": ratio["single_lora"], "interleaved_routed_ratio": ratio["routed_lm"],
             "interleaved_cost_ratio": ratio["routed_lm"] + (rc.embed + rc.select) / float(np.median(base_rounds)),
             **matmul_s,
-            **{f"interleaved_{name}_ratio": ratio[name] for name in calls if name.startswith("single_lora_")},
+            **{f"interleaved_{name}_ratio": ratio[name] for name in calls
+               if name.startswith(("single_lora_", "routed_lm_"))},
             **({"profile": profiles} if profiles else {})}
 
 

@@ -311,3 +311,18 @@ def test_id_errors(base, mixed):
         mx.MixedLinear(adapted(base, 0).layers[0].self_attn.q_proj, kinds=["lora"], rank=4)
     with pytest.raises(adapters.AdapterError, match=r"kinds must be a non-empty list"):
         mx.MixedLinear(base.layers[0].self_attn.q_proj, kinds=["prefix"])
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_joint_lora_matmul_rows_equal_the_separate_path(with_rows, small):
+    """with_lora_matmul on a mixed model: 'joint' ([x | z] @ [W ; B_flat ; 0], z = e s (x A[i]) per row) and 'auto'
+    give the separate path's logits on every row (BASE_ID included), on the gather and the all-adapters
+    down-projection; modules holding a DoRA adapter keep the separate path (here q, v, o, up; joint: gate, and
+    down with its IA3 input scale)."""
+    model = mx.with_small_batch_path(with_rows, small)
+    want = np.asarray(model(TOKENS))
+    for mode in ("joint", "auto"):
+        got = np.asarray(adapters.with_lora_matmul(model, mode)(TOKENS))
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL, err_msg=mode)
+    joint = adapters.with_lora_matmul(model, "joint")
+    assert {p: m.matmul for p, m in mx.mixed_modules(joint).items()}["layers.0.mlp.gate_proj"] == "joint"

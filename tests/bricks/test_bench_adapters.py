@@ -135,7 +135,8 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     assert min(r["interleaved_single_ratio"], r["interleaved_routed_ratio"]) > 0
     assert r["interleaved_cost_ratio"] == pytest.approx(
         r["interleaved_routed_ratio"] + (r["embed_s"] + r["select_s"]) / r["base_interleaved_s"])
-    assert r["single_lora_joint_s"] > 0 and r["interleaved_single_lora_joint_ratio"] > 0  # --lora_matmul joint
+    for name in ("single_lora_joint", "routed_lm_joint"):  # --lora_matmul joint
+        assert r[f"{name}_s"] > 0 and r[f"interleaved_{name}_ratio"] > 0
     assert sorted(r["profile"]) == ["base", "single_lora"]
     for name, prof in r["profile"].items():
         assert prof["wall_ms"] > 0 and prof["logdir"] == str(tmp_path / "prof" / name)

@@ -8,6 +8,7 @@
     plain = unmix(mixed)                           # the base back: plain Linears, the same arrays
     served = mix(base, adapters, factor_dtype=jnp.bfloat16)   # LoRA factors stored in bfloat16 (serving)
     m = with_small_batch_path(m, False)            # force the gather LoRA path (default: by shape; "Cost" below)
+    m = with_lora_matmul(m, "auto")               # LoRA terms inside the base products where out >= in (joint_rows)
 
 Every Linear targeted by at least one adapter becomes a `MixedLinear` at the same path. It keeps the base `kernel`
 W (in, out) and `bias` b, shared by all rows (one matmul for the whole batch), and stacks the adapters' factors
@@ -100,9 +101,10 @@ from flax import nnx
 from configurable_fm.bricks.adapters.core import adapted_modules, check_mergeable
 from configurable_fm.bricks.adapters.experts import expert_loras
 from configurable_fm.bricks.adapters.io import attach_bricks
-from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, DoRANorm, IA3Param,
-                                                     LoRAParam, adapter_compute_dtype, adapter_dtype, checked_options,
-                                                     dora_output, linear_holding, make_variable, sharding_axes)
+from configurable_fm.bricks.adapters.modules import (JOINT_PAD, AdaptedLinear, AdapterError, AdapterParam, DoRANorm,
+                                                     IA3Param, LoRAParam, adapter_compute_dtype, adapter_dtype,
+                                                     checked_options, dora_output, joint_matmul, linear_holding,
+                                                     make_variable, sharding_axes)
 from configurable_fm.bricks.brickset import Brick, BrickSet
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import module_index, select
@@ -152,6 +154,34 @@ def lora_gathered(x, a_NxIxR: jax.Array, b_NxRxO: jax.Array, idx_B: jax.Array) -
     return jnp.einsum("b...r,bro->b...o", xa, b_BxRxO)
 
 
+def joint_rows(xd, kernel, a_NxIxR, b_NxRxO, s_B, ids_B, small: bool, ld) -> jax.Array:
+    """x W + s[i] (x A[i]) B[i] per row as one product (the 'joint' LoRA matmul, modules.py):
+
+        z = e[b, n] s[i] (x A[i])  laid out as (B, ..., N·r), zero-padded to a multiple of JOINT_PAD
+        y = [x | z] @ [W ; B_flat ; 0]                                  (B, ..., out) in x's dtype
+
+    x A[i] by the gather or the all-adapters down-projection (`small`), in `ld`; e[b, n] = [ids[b] = n] (all zero
+    for BASE_ID and out-of-range rows: the base there). xd: (B, ..., in) in the compute dtype; kernel W (in, out);
+    A (N, in, r); B (N, r, out); s_B (B,) the row's scale (0 for BASE_ID rows)."""
+    n, _, r = a_NxIxR.shape
+    dtype = xd.dtype
+    x = xd.astype(ld)
+    e_BxNx1 = _per_row(ids_B[:, None] == jnp.arange(n, dtype=ids_B.dtype), x.ndim)[..., None]  # (B, 1.., N, 1)
+    if small:
+        xa_all = jnp.einsum("b...i,nir->b...nr", x, a_NxIxR.astype(ld))
+        xa = jnp.where(e_BxNx1, xa_all, jnp.zeros((), ld)).sum(axis=-2)
+    else:
+        a_BxIxR = jnp.take(a_NxIxR, jnp.clip(ids_B, 0, n - 1), axis=0).astype(ld)
+        xa = jnp.einsum("b...i,bir->b...r", x, a_BxIxR)
+    xa = xa * _per_row(s_B[:, None].astype(ld), x.ndim)
+    z = jnp.where(e_BxNx1, xa[..., None, :], jnp.zeros((), ld)).reshape(xa.shape[:-1] + (n * r,))
+    pad = -(n * r) % JOINT_PAD
+    z = jnp.pad(z.astype(dtype), [(0, 0)] * (z.ndim - 1) + [(0, pad)])
+    w = jnp.concatenate([kernel.astype(dtype), b_NxRxO.astype(dtype).reshape(n * r, b_NxRxO.shape[2]),
+                         jnp.zeros((pad, kernel.shape[1]), dtype)], axis=0)
+    return jnp.dot(jnp.concatenate([xd, z], axis=-1), w)
+
+
 def lora_all_adapters(x, a_NxIxR: jax.Array, b_NxRxO: jax.Array, ids_B: jax.Array) -> jax.Array:
     """(x A[i]) B[i] per row, i = ids_B[b], by running every adapter's down-projection and selecting one-hot (the
     all-adapters path; module docstring): no per-row copy of the factors. A row whose id is outside 0..N-1
@@ -175,10 +205,14 @@ class MixedLinear(Linear):
     """A Linear with N stacked adapters, one chosen per batch row by `adapter_ids` (module docstring).
 
     small_batch_path: the LoRA path, a runtime setting (graph, not state; not in `options`): None (default) by
-    shape (`uses_small_batch_path`), True the all-adapters path, False the gather path (`with_small_batch_path`)."""
+    shape (`uses_small_batch_path`), True the all-adapters path, False the gather path (`with_small_batch_path`).
+    matmul: how the LoRA term meets the base product, as LoRALinear's ('separate', 'joint', 'auto';
+    `with_lora_matmul`); 'joint' here is `joint_rows` (K = in + N·r), and only where no adapter is DoRA."""
 
     OPTIONS = {"kinds": (list, None), "rank": (int, 0), "dora": (bool, False), "ia3_in": (bool, False),
                "ia3_out": (bool, False), "batch": (int, 0)}
+    matmul = "separate"  # LORA_MATMULS (modules.py), set by with_lora_matmul: the graph, not the state
+    JOINT_CAPABLE = True
 
     def __init__(self, base: Linear, *, kinds: Sequence[str | None], rank: int = 0, dora: bool = False,
                  ia3_in: bool = False, ia3_out: bool = False, batch: int = 0):
@@ -260,6 +294,29 @@ class MixedLinear(Linear):
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
         xd = x.astype(dtype)
+        ld = dtype
+        small = self.small_batch_path
+        if small is None:
+            small = uses_small_batch_path(math.prod(x.shape[:-1]), ids_B.shape[0], n)
+        if self.lora_a is not None and self.lora_magnitude is None and joint_matmul(self):
+            a = self.lora_a[...]
+            s_B = jnp.where(valid_B, jnp.take(self.lora_scale[...], idx_B), 0)
+            out = joint_rows(xd, kernel, a, self.lora_b[...], s_B, ids_B, small,
+                             adapter_compute_dtype(self.dtype, dtype, a.dtype))
+            out = out + self.bias[...].astype(dtype) if self.bias is not None else out
+        else:
+            out, ld = self._separate(xd, kernel, dtype, ids_B, idx_B, valid_B, small)
+        if self.ia3_out is not None:  # IA3Linear (output side): (base_layer(x) * l).to(result dtype)
+            l_BxO = rows(self.ia3_out, 1)
+            ld = jnp.result_type(ld, l_BxO.dtype)
+            out = out.astype(ld) * _per_row(l_BxO, nd)
+        bad_B = (ids_B < BASE_ID) | (ids_B >= n)  # only possible for ids traced past with_adapter_ids' check
+        out = out + _per_row(jnp.where(bad_B, jnp.nan, 0.0).astype(out.dtype)[:, None], nd)
+        return out.astype(dtype)
+
+    def _separate(self, xd, kernel, dtype, ids_B, idx_B, valid_B, small):
+        """(x W + b + the LoRA / DoRA terms, their dtype) with the LoRA term as its own products (module docstring)."""
+        nd = xd.ndim
         xw = jnp.dot(xd, kernel.astype(dtype))
         y = xw + self.bias[...].astype(dtype) if self.bias is not None else xw
         ld = dtype
@@ -274,9 +331,6 @@ class MixedLinear(Linear):
                 b = jnp.where(dora_N[:, None, None], b.astype(f32) * (f_NxO * s_N[:, None])[:, None, :],
                               b.astype(f32))
                 s_N = jnp.where(dora_N, 1.0, s_N)  # their s is in B already
-            small = self.small_batch_path
-            if small is None:
-                small = uses_small_batch_path(math.prod(x.shape[:-1]), ids_B.shape[0], n)
             if small:
                 xab = lora_all_adapters(xd.astype(ld), a, b, ids_B)
             else:
@@ -290,13 +344,7 @@ class MixedLinear(Linear):
                 out = y.astype(ld) + lora
         else:
             out = y
-        if self.ia3_out is not None:  # IA3Linear (output side): (base_layer(x) * l).to(result dtype)
-            l_BxO = rows(self.ia3_out, 1)
-            ld = jnp.result_type(ld, l_BxO.dtype)
-            out = out.astype(ld) * _per_row(l_BxO, nd)
-        bad_B = (ids_B < BASE_ID) | (ids_B >= n)  # only possible for ids traced past with_adapter_ids' check
-        out = out + _per_row(jnp.where(bad_B, jnp.nan, 0.0).astype(out.dtype)[:, None], nd)
-        return out.astype(dtype)
+        return out, ld
 
 
 register_extension(KIND, lambda base, options, *, rngs: MixedLinear.from_options(base, options))

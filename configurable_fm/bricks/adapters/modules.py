@@ -269,6 +269,7 @@ class LoRALinear(AdaptedLinear):
     kind = "lora"
     OPTIONS = {"rank": (int, None), "alpha": ((int, float), None), "rslora": (bool, False), "merged": (bool, False)}
     matmul = "separate"  # how the unmerged term is evaluated (LORA_MATMULS; with_lora_matmul): the graph, not the state
+    JOINT_CAPABLE = True  # with_lora_matmul sets `matmul` on modules that declare this (MixedLinear too; not DoRA)
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool = False, merged: bool = False):
         self._init_base(base, merged)
@@ -311,8 +312,7 @@ class LoRALinear(AdaptedLinear):
 
     @tapped
     def __call__(self, x: jax.Array) -> jax.Array:
-        joint = self.matmul == "joint" or (self.matmul == "auto" and self.out_features >= self.in_features)
-        if joint and not self.merged and not dropout_active():
+        if joint_matmul(self) and not self.merged and not dropout_active():
             return self._joint(x)
         y, _, xd, dtype = self._linear(x)
         if self.merged:
@@ -345,19 +345,27 @@ class LoRALinear(AdaptedLinear):
         return {"kernel": self.low_rank()}
 
 
+def joint_matmul(module) -> bool:
+    """Whether a LoRA-carrying module (LoRALinear, MixedLinear) evaluates its term jointly with the base product:
+    its `matmul` is 'joint', or 'auto' and its kernel (in, out) has out >= in."""
+    in_features, out_features = module.kernel.shape
+    return module.matmul == "joint" or (module.matmul == "auto" and out_features >= in_features)
+
+
 def with_lora_matmul(model: nnx.Module, mode: str) -> nnx.Module:
     """A new model whose LoRALinear modules evaluate their unmerged term as `mode` (LORA_MATMULS, module docstring):
     'separate' x W + s (x A) B, 'joint' [x | s x A] @ [W ; B] or 'auto' (joint where out >= in); the same values to
     float rounding. A runtime setting: it changes the compiled program, not the state, the structure spec or
     checkpoints (merge, unmerge and the other operations that rebuild a module return it as 'separate'). The arrays
-    are shared; `model` is untouched. AdapterError for another mode or a model without LoRA modules (DoRA's are not
+    are shared; `model` is untouched. Mixed-adapter modules (mixed.py) take the setting too (their 'joint' stacks
+    every adapter's B under W). AdapterError for another mode or a model without LoRA modules (DoRA's are not
     affected)."""
     if mode not in LORA_MATMULS:
         raise AdapterError(f"with_lora_matmul: mode must be one of {LORA_MATMULS}, got {mode!r}")
     new = nnx.clone(model)
-    loras = [m for _, m in nnx.iter_modules(new) if type(m) is LoRALinear]
+    loras = [m for _, m in nnx.iter_modules(new) if getattr(m, "JOINT_CAPABLE", False)]
     if not loras:
-        raise AdapterError("with_lora_matmul: the model has no LoRA modules (bricks.adapters.attach)")
+        raise AdapterError("with_lora_matmul: the model has no LoRA modules (bricks.adapters.attach or mix)")
     for m in loras:
         m.matmul = mode
     return new
@@ -369,6 +377,7 @@ class DoRALinear(LoRALinear):
     f folded into B's columns, so the (..., out) activations see one combination pass (PEFT: two products)."""
 
     kind = "dora"
+    JOINT_CAPABLE = False
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rslora: bool = False, merged: bool = False):
         super().__init__(base, rank=rank, alpha=alpha, rslora=rslora, merged=merged)
