@@ -8,6 +8,7 @@
     python scripts/bench_train.py --variant 1b --grid "8:none" --profile /tmp/prof   # + where the step's time goes
     python scripts/bench_train.py --variant 1b --grid "32:none" --accum 4            # 4 micro-batches of 8 per step
     python scripts/bench_train.py --variant 1b --grid "8:none" --fuse_projections 0,1  # q/k/v, gate/up fused or not
+    python scripts/bench_train.py --variant 1b --grid "8:none" --anchor ../shared/anchors/torch_train.py  # + torch
 
 For each `batch:remat` entry of the grid: build the pretrain variant's llama (bf16 compute, fp32 master weights,
 AdamW), jit the trainer's step (`make_train_step`, donated state) on random tokens, run `--warmup` steps, then
@@ -29,6 +30,10 @@ per A forward/backward passes, which amortises the update's fixed cost; the grid
 --fuse_projections 0,1 runs every entry without and with `models.layers.fuse_projections()` around the step (llama's
 q/k/v and gate/up as one matmul each, as MaxText's fused_qkv / fused_mlp; the trainer does not fuse them today): an
 A/B of larger GEMMs against the concatenation and split they cost.
+--anchor SCRIPT runs the PyTorch anchor (../shared/anchors/torch_train.py: transformers + torch.compile, its own
+TinyLlama-shaped model, batch --anchor_batch) as a subprocess after our rows, in the same run, and adds a row
+{"anchor", "tokens_per_s", "mfu", "line"} parsed from its printed line, and `mfu_over_anchor` (our best MFU over
+the anchor's; the models differ, so MFU is the comparable figure) in a final {"summary": ...} row.
 `compile_s` is the first step's wall time (trace + compile + one step). --compile_only builds nothing: it traces and
 lowers the step on abstract parameters and optimizer state (`lower_s`) and compiles it (`compile_s`, XLA only),
 then reports those two times (and the process CPU times, `*_cpu_s`, steadier on a shared machine) and runs no
@@ -43,6 +48,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 
 import jax
@@ -159,7 +167,24 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
     }
 
 
-def main():
+ANCHOR_LINE = re.compile(r"([\d,]+) tokens/s, MFU ([\d.]+)%")
+
+
+def run_anchor(script: str, batch: int, compile_: bool) -> dict:
+    """The anchor's row: `python SCRIPT BATCH [compile]` as a subprocess; its 'N tokens/s, MFU M%' line parsed
+    (tokens_per_s, mfu as a fraction); `line` holds that line, or the end of its stderr when it printed none."""
+    cmd = [sys.executable, script, str(batch)] + (["compile"] if compile_ else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ANCHOR_LINE.search(ln)), "")
+    row = {"anchor": os.path.basename(script), "batch": batch, "compile": compile_, "returncode": proc.returncode,
+           "line": line or proc.stderr[-400:]}
+    m = ANCHOR_LINE.search(line)
+    if m:
+        row.update(tokens_per_s=float(m.group(1).replace(",", "")), mfu=float(m.group(2)) / 100)
+    return row
+
+
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="1b")
     p.add_argument("--seq_len", type=int, default=2048)
@@ -176,11 +201,18 @@ def main():
                    help="only trace, lower and compile the step on abstract inputs; report lower_s and compile_s")
     p.add_argument("--fuse_projections", default="0",
                    help="comma-separated 0/1: run each entry without (0) and/or with (1) fused q/k/v and gate/up")
-    args = p.parse_args()
+    p.add_argument("--anchor", default="", help="the PyTorch anchor script (../shared/anchors/torch_train.py), "
+                   "run after our rows in the same run")
+    p.add_argument("--anchor_batch", type=int, default=8)
+    p.add_argument("--anchor_compile", type=int, default=1, help="1: the anchor with torch.compile, 0: eager")
+    args = p.parse_args(argv)
+    if args.anchor and not os.path.isfile(args.anchor):
+        p.error(f"--anchor: no file {args.anchor!r}")
     mesh_shape = tuple(int(x) for x in args.mesh.split(","))
     fuses = args.fuse_projections.split(",")
     if not fuses or any(f not in ("0", "1") for f in fuses):
         p.error(f"--fuse_projections takes 0, 1 or 0,1; got {args.fuse_projections!r}")
+    mfus = []
     for entry in args.grid.split(","):
         fields = entry.split(":")
         batch, remat = int(fields[0]), fields[1]
@@ -194,10 +226,23 @@ def main():
                 row = {"variant": args.variant, "batch": batch, "remat": remat, "attention": attention,
                        "scan_layers": args.scan_layers, "accum": args.accum, "fuse_projections": fuse,
                        "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+            emit(row, args.out)
+            mfus.append(row.get("mfu"))
+    if args.anchor:
+        anchor = run_anchor(args.anchor, args.anchor_batch, bool(args.anchor_compile))
+        emit(anchor, args.out)
+        ours = max((m for m in mfus if m is not None), default=None)
+        ratio = ours / anchor["mfu"] if ours is not None and anchor.get("mfu") else None
+        emit({"summary": "bench_train", "best_mfu": ours, "anchor_mfu": anchor.get("mfu"), "mfu_over_anchor": ratio},
+             args.out)
+
+
+def emit(row: dict, out: str) -> None:
+    """Prints the row as one JSON line and appends it to `out` (when given)."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

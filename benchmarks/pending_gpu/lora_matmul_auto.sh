@@ -10,9 +10,9 @@ CUBLAS="--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
 for r in 1 2; do for f in "" "$CUBLAS"; do for s in "" "--scan_layers"; do
   XLA_FLAGS="$f" timeout 70 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none $s --steps 10 --warmup 2 --out $OUT/gemm_ab.jsonl > /dev/null 2>&1; el "r$r[$f]$s" $?
 done; done; done
-timeout 150 python3 .gpu/anchors/torch_train.py 8 compile 2>&1 | tail -1 | tee $OUT/anchor.log; el anchor $?
+timeout 200 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none --steps 10 --warmup 2 --anchor .gpu/anchors/torch_train.py --out $OUT/gemm_ab.jsonl 2>&1 | grep '"anchor"\|"summary"' | cut -c1-300; el anchor $?
 python3 -c "
 import json
 for l in open('$OUT/routing_matmul.jsonl'): r=json.loads(l); print({k: round(v,4) for k, v in r.items() if 'interleaved' in k})
-for l in open('$OUT/gemm_ab.jsonl'): r=json.loads(l); print(r['scan_layers'], r['xla_flags'][-20:], round(r['step_s'],4), round(r['mfu'],4), round(r['compile_s'],2))
+for l in open('$OUT/gemm_ab.jsonl'): r=json.loads(l); print(r) if 'step_s' not in r else print(r['scan_layers'], r['xla_flags'][-20:], round(r['step_s'],4), round(r['mfu'],4), round(r['compile_s'],2))
 "

@@ -37,3 +37,31 @@ def test_accumulated_and_fused_steps_match_one_pass(bench):
     assert one["xla_flags"] == os.environ.get("XLA_FLAGS", "")  # the flags each row ran under
     with pytest.raises(ValueError, match="micro-batches"):
         bench.bench_one("tiny", 32, 6, "none", 1, 1, "auto", accum=4)
+
+
+def test_anchor_runs_after_our_rows_and_its_line_is_parsed(bench, tmp_path, capsys):
+    """--anchor SCRIPT: the anchor runs as `python SCRIPT BATCH compile` after our rows; its 'N tokens/s, MFU M%'
+    line becomes a row, and a summary row holds our best MFU over the anchor's (None on the CPU, which has no peak);
+    an anchor that prints no such line leaves its stderr in the row; a missing script is a usage error."""
+    import json
+
+    fake = tmp_path / "anchor.py"
+    fake.write_text("import sys\nprint('args', sys.argv[1:])\n"
+                    "print('torch 9 compile=True params 1.1B batch 8x2048: 60,555 tokens/s, MFU 44.8%, peak 32 GiB')\n")
+    out = tmp_path / "rows.jsonl"
+    bench.main(["--variant", "tiny", "--seq_len", "32", "--grid", "8:none", "--steps", "1", "--warmup", "1",
+                "--anchor", str(fake), "--anchor_batch", "8", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [("anchor" in r, "summary" in r) for r in rows] == [(False, False), (True, False), (False, True)]
+    anchor, summary = rows[1], rows[2]
+    assert anchor["tokens_per_s"] == 60555 and anchor["mfu"] == pytest.approx(0.448) and anchor["compile"]
+    assert summary["anchor_mfu"] == pytest.approx(0.448) and summary["best_mfu"] is None  # no peak FLOP/s on a CPU
+    assert summary["mfu_over_anchor"] is None
+    broken = tmp_path / "broken.py"
+    broken.write_text("import sys\nsys.exit('CUDA is not available')\n")
+    row = bench.run_anchor(str(broken), 4, False)
+    assert row["returncode"] == 1 and "CUDA is not available" in row["line"] and "mfu" not in row
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        bench.main(["--variant", "tiny", "--anchor", str(tmp_path / "missing.py")])
+    assert "--anchor: no file" in capsys.readouterr().err
