@@ -332,8 +332,8 @@ def bench_routing(args) -> dict:
              for name, m in models}
     base_s = route.median_seconds(calls["base"], repeats)  # as routing_cost times its forward
     single_s = route.median_seconds(calls["single_lora"], repeats)  # one unmerged LoRA
-    matmul_s = {f"{name}_s": route.median_seconds(calls[name], repeats)
-                for name in calls if name.startswith(("single_lora_", "routed_lm_"))}
+    variants = [name for name, _ in models[3:]]  # the --lora_matmul forwards
+    matmul_s = {f"{name}_s": route.median_seconds(calls[name], repeats) for name in variants}
     rc = route.routing_cost(router, encoder, texts, mixed, ids, repeats=repeats)
     total = rc.lm + rc.embed + rc.select
     # back to back (one block at the end): the host's launch work overlaps the device's, as in a serving loop
@@ -361,8 +361,7 @@ def bench_routing(args) -> dict:
             "interleaved_single_ratio": ratio["single_lora"], "interleaved_routed_ratio": ratio["routed_lm"],
             "interleaved_cost_ratio": ratio["routed_lm"] + (rc.embed + rc.select) / float(np.median(base_rounds)),
             **matmul_s,
-            **{f"interleaved_{name}_ratio": ratio[name] for name in calls
-               if name.startswith(("single_lora_", "routed_lm_"))},
+            **{f"interleaved_{name}_ratio": ratio[name] for name in variants},
             **({"profile": profiles} if profiles else {})}
 
 

@@ -143,15 +143,38 @@ def _per_row(v_BxK: jax.Array, ndim: int) -> jax.Array:
     return v_BxK.reshape(v_BxK.shape[:1] + (1,) * (ndim - 2) + v_BxK.shape[1:])
 
 
+def _one_hot_rows(ids_B: jax.Array, n: int, ndim: int) -> jax.Array:
+    """e[b, n] = [ids[b] = n] as (B, 1, ..., 1, N, 1) booleans against (B, ..., N, r) (all False for ids outside
+    0..N-1: BASE_ID and out-of-range rows)."""
+    return _per_row(ids_B[:, None] == jnp.arange(n, dtype=ids_B.dtype), ndim)[..., None]
+
+
+def _down_gathered(x, a_NxIxR: jax.Array, idx_B: jax.Array) -> jax.Array:
+    """x A[i] per row (B, ..., r), i = idx_B[b] in 0..N-1, by gathering each row's A[i] (B, in, r) in x's dtype."""
+    return jnp.einsum("b...i,bir->b...r", x, jnp.take(a_NxIxR, idx_B, axis=0).astype(x.dtype))
+
+
+def _down_all(x, a_NxIxR: jax.Array, e_BxNx1: jax.Array) -> jax.Array:
+    """x A[i] per row (B, ..., r) from every adapter's down-projection x A_flat (B, ..., N, r), selected one-hot by
+    e (0 where a row has no adapter): Σ_n e[b, n] xa_all[b, ..., n] as a `where` mask (an exact selection)."""
+    xa_all = jnp.einsum("b...i,nir->b...nr", x, a_NxIxR.astype(x.dtype))
+    return jnp.where(e_BxNx1, xa_all, jnp.zeros((), xa_all.dtype)).sum(axis=-2)
+
+
+def _in_slots(xa: jax.Array, e_BxNx1: jax.Array) -> jax.Array:
+    """z = e[b, n] xa[b, ...] laid out as (B, ..., N·r): each row's (B, ..., r) in its adapter's slot, zeros in the
+    others (so z B_flat, B_flat (N·r, out), meets only the row's own B[i])."""
+    n, r = e_BxNx1.shape[-2], xa.shape[-1]
+    return jnp.where(e_BxNx1, xa[..., None, :], jnp.zeros((), xa.dtype)).reshape(xa.shape[:-1] + (n * r,))
+
+
 def lora_gathered(x, a_NxIxR: jax.Array, b_NxRxO: jax.Array, idx_B: jax.Array) -> jax.Array:
     """(x A[i]) B[i] per row, i = idx_B[b] in 0..N-1, by gathering each row's factors (the gather path).
 
     x: (B, ..., in); A: (N, in, r); B: (N, r, out); idx: (B,) int. Gathers A[idx] (B, in, r) and B[idx]
     (B, r, out), cast to x's dtype, then two batched matmuls: (B, ..., out) in x's dtype."""
-    a_BxIxR = jnp.take(a_NxIxR, idx_B, axis=0).astype(x.dtype)
     b_BxRxO = jnp.take(b_NxRxO, idx_B, axis=0).astype(x.dtype)
-    xa = jnp.einsum("b...i,bir->b...r", x, a_BxIxR)
-    return jnp.einsum("b...r,bro->b...o", xa, b_BxRxO)
+    return jnp.einsum("b...r,bro->b...o", _down_gathered(x, a_NxIxR, idx_B), b_BxRxO)
 
 
 def joint_rows(xd, kernel, a_NxIxR, b_NxRxO, s_B, ids_B, small: bool, ld) -> jax.Array:
@@ -166,15 +189,9 @@ def joint_rows(xd, kernel, a_NxIxR, b_NxRxO, s_B, ids_B, small: bool, ld) -> jax
     n, _, r = a_NxIxR.shape
     dtype = xd.dtype
     x = xd.astype(ld)
-    e_BxNx1 = _per_row(ids_B[:, None] == jnp.arange(n, dtype=ids_B.dtype), x.ndim)[..., None]  # (B, 1.., N, 1)
-    if small:
-        xa_all = jnp.einsum("b...i,nir->b...nr", x, a_NxIxR.astype(ld))
-        xa = jnp.where(e_BxNx1, xa_all, jnp.zeros((), ld)).sum(axis=-2)
-    else:
-        a_BxIxR = jnp.take(a_NxIxR, jnp.clip(ids_B, 0, n - 1), axis=0).astype(ld)
-        xa = jnp.einsum("b...i,bir->b...r", x, a_BxIxR)
-    xa = xa * _per_row(s_B[:, None].astype(ld), x.ndim)
-    z = jnp.where(e_BxNx1, xa[..., None, :], jnp.zeros((), ld)).reshape(xa.shape[:-1] + (n * r,))
+    e_BxNx1 = _one_hot_rows(ids_B, n, x.ndim)
+    xa = _down_all(x, a_NxIxR, e_BxNx1) if small else _down_gathered(x, a_NxIxR, jnp.clip(ids_B, 0, n - 1))
+    z = _in_slots(xa * _per_row(s_B[:, None].astype(ld), x.ndim), e_BxNx1)
     pad = -(n * r) % JOINT_PAD
     z = jnp.pad(z.astype(dtype), [(0, 0)] * (z.ndim - 1) + [(0, pad)])
     w = jnp.concatenate([kernel.astype(dtype), b_NxRxO.astype(dtype).reshape(n * r, b_NxRxO.shape[2]),
@@ -193,11 +210,8 @@ def lora_all_adapters(x, a_NxIxR: jax.Array, b_NxRxO: jax.Array, ids_B: jax.Arra
         z = e[b, n] xa[b, ...] (B, ..., N·r);  z B_flat (B, ..., out)
     with e[b, n] = [ids[b] = n], applied as `where` masks (exact selections)."""
     n, _, r = a_NxIxR.shape
-    e_BxNx1 = _per_row(ids_B[:, None] == jnp.arange(n, dtype=ids_B.dtype), x.ndim)[..., None]  # (B, 1.., N, 1)
-    xa_all = jnp.einsum("b...i,nir->b...nr", x, a_NxIxR.astype(x.dtype))
-    zero = jnp.zeros((), xa_all.dtype)
-    xa = jnp.where(e_BxNx1, xa_all, zero).sum(axis=-2)
-    z = jnp.where(e_BxNx1, xa[..., None, :], zero).reshape(xa.shape[:-1] + (n * r,))
+    e_BxNx1 = _one_hot_rows(ids_B, n, x.ndim)
+    z = _in_slots(_down_all(x, a_NxIxR, e_BxNx1), e_BxNx1)
     return jnp.dot(z, b_NxRxO.astype(x.dtype).reshape(n * r, b_NxRxO.shape[2]))
 
 
