@@ -25,6 +25,8 @@ def producer(din):
     return lambda g, u: rms(g)
 
 k = jax.random.split(jax.random.key(0), 6)
+if len(sys.argv) > 2 or (len(sys.argv) == 2 and not sys.argv[1].isdigit()):
+    sys.exit("usage: lora_kconcat.py [SEQ] (tokens per row, default 512)")
 seq = int(sys.argv[1]) if len(sys.argv) > 1 else 512
 s = 2.0
 rows = []

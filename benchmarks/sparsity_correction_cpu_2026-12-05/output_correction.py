@@ -13,6 +13,8 @@ from configurable_fm.interop.loader import load_pretrained
 
 t0 = time.time()
 say = lambda s: print(f"[{time.time()-t0:5.0f}s] {s}", flush=True)
+if len(sys.argv) != 3 or not all(a.isdigit() and int(a) > 0 for a in sys.argv[1:]):
+    sys.exit("usage: output_correction.py CAL_TOKENS EVAL_TOKENS (two positive integers, e.g. 4096 8192)")
 model, tok = load_pretrained("smollm2-135m-instruct", dtype=jnp.float32)
 split = S.pools(S.domain_documents("english"), 0)
 NCAL, NEV = int(sys.argv[1]), int(sys.argv[2])
