@@ -50,7 +50,9 @@ perplexity on 4096 tokens of the validation split, dense 10.0; no fine-tuning):
                   kmeans / mlp               0.43      0.83       99
                   cmoe (2 shared + 6) / mlp  0.34      0.82       27
 SwiGLU FFNs are far from ReLU-sparse: without fine-tuning, regrouping into experts costs much at 25-50% of the
-neurons; the activation-based splits (coactivation, cmoe) lose least. moefy took 2 s (random), 20-35 s (kmeans),
+neurons; the activation-based splits (coactivation, cmoe) lose least. Even an oracle router leaves cmoe at 16 experts 17x above the dense
+perplexity at 25% active, while keeping the same 25% neuron by neuron (TEAL thresholds, experiments/analysis/
+sparsify.py:quarter) costs +32%: results/moefication/README.md, "Why 16 experts lose so much". moefy took 2 s (random), 20-35 s (kmeans),
 about 130 s (cmoe + mlp router) and 325 s (coactivation: spectral partition and swaps, 30 layers).
 """
 from configurable_fm.cli.moefy import moefy_config

@@ -1,6 +1,6 @@
-"""Recovery fine-tuning of a MoEfied model (issue 13): the model with top-k experts per FFN learns, by next-token
-loss through scripts/train.py, to compensate for the neurons it no longer uses; only its routers, a LoRA adapter,
-or both train, everything else stays bit-identical.
+"""Recovery fine-tuning of a MoEfied or activation-sparse model (issue 13): the model with top-k experts per FFN (or
+with TEAL thresholds on its FFN neurons) learns, by next-token loss through scripts/train.py, to compensate for the
+neurons it no longer uses; only its routers, a LoRA adapter, or both train, everything else stays bit-identical.
 
     # 1. MoEfy (analysis/moefication; experiments/analysis/moefy.py): 16 experts, 2 shared + top 2 of the 14
     #    routed per token = 4 of 16 = 25% of the FFN neurons active; cmoe split, mlp routers (the best of
@@ -43,6 +43,13 @@ Variants: MODE[,DATA][,test]
             LoRA recovery" with the FFN adapted too.
     lora_mlp  the control of lora_experts on the dense model (--config.init_from=smollm2-135m-instruct): the
             attention LoRA and a rank-16 LoRA on the dense MLP's gate/up/down_proj (101k parameters per layer).
+    lora_sparse  for an activation-sparse model (scripts/sparsify.py, e.g. experiments/analysis/sparsify.py:quarter:
+            25% of the FFN neurons active by TEAL thresholds on the down_proj inputs): the attention LoRA and a
+            rank-16 LoRA on gate_proj and up_proj, not on down_proj (a LoRA there would read every neuron of its
+            dense input, the thresholds only gate the base path); the thresholds are variables, not parameters, so
+            they stay fixed. Its control is the same mode on the dense model. Training moves the activations, so
+            the level drifts: re-calibrate the recovered model's thresholds with scripts/sparsify.py (its input may
+            be the run's best/, adapters kept) and evaluate that with the `eval` mode.
     experts routers and the FFN weights themselves (the stacked experts gate/up/down_proj: full fine-tuning of the
             FFN at lr 1e-4, not tuned): how much of the gap FFN-side adaptation closes at most, against which
             lora_experts' low-rank share of it can be read. Not the issue's "router/LoRA recovery"; a diagnostic.
@@ -113,16 +120,18 @@ Wall times include start-up and compilation on a CPU shared with other jobs (loa
 import ml_collections
 
 import configurable_fm.analysis.moefication  # noqa: F401  registers 'moefied_mlp': init_from loads MoEfied checkpoints
+import configurable_fm.analysis.sparsity  # noqa: F401  registers 'activation_sparsity': activation-sparse ones too
 from configurable_fm.train.adapters import adapter_config
 from experiments import pretrain
 
-MODES = ("router", "lora", "both", "lora_experts", "lora_mlp", "experts", "ffn", "eval")
+MODES = ("router", "lora", "both", "lora_experts", "lora_mlp", "lora_sparse", "experts", "ffn", "eval")
 DATASETS = ("english", "code", "stdlib", "mix")
 ROUTERS = ("**.mlp.router.**",)  # every MoefiedMLP's router parameters (llama layers.<i>.mlp, GPT-2 h.<i>.mlp)
 ADAPTER = ("AdapterParam:**",)
 LORA_TARGETS = ("layers.*.self_attn.[qkvo]_proj",)
 EXPERT_TARGETS = ("layers.*.mlp.*_proj",)  # a MoefiedMLP's stacked gate/up/down_proj (lora_experts)
 MLP_TARGETS = ("layers.*.mlp.[gud]*_proj",)  # a dense MLP's Linears (lora_mlp)
+MLP_INPUT_TARGETS = ("layers.*.mlp.[gu]*_proj",)  # gate_proj and up_proj (lora_sparse: down_proj's input is sparse)
 FFN = ("layers.*.mlp.*_proj.**",)  # llama: a MoefiedMLP's stacked gate/up/down_proj, or a dense MLP's kernels
 FFN_LR = 1e-4  # full fine-tuning of the FFN weights (experts, ffn); LoRA and routers train at 1e-3
 DEFAULT_INIT = "moefied/smollm2-cmoe-16x4"
@@ -147,10 +156,11 @@ def get_config(arg: str = "router") -> ml_collections.ConfigDict:
     c.name = f"moefy_recover_{arg.replace(',', '_')}"
     c.init_from = "" if test else DEFAULT_INIT
     c.trainable = {"router": ROUTERS, "lora": ADAPTER, "both": ROUTERS + ADAPTER, "lora_experts": ROUTERS + ADAPTER,
-                   "lora_mlp": ADAPTER, "experts": ROUTERS + FFN, "ffn": FFN, "eval": ("norm.**",)}[mode]
-    lora_modes = ("lora", "both", "lora_experts", "lora_mlp")
-    c.adapter = adapter_config("lora" if mode in lora_modes else "",
-                               targets=LORA_TARGETS + (MLP_TARGETS if mode == "lora_mlp" else ()),
+                   "lora_mlp": ADAPTER, "lora_sparse": ADAPTER, "experts": ROUTERS + FFN, "ffn": FFN,
+                   "eval": ("norm.**",)}[mode]
+    lora_modes = ("lora", "both", "lora_experts", "lora_mlp", "lora_sparse")
+    mlp_targets = {"lora_mlp": MLP_TARGETS, "lora_sparse": MLP_INPUT_TARGETS}.get(mode, ())
+    c.adapter = adapter_config("lora" if mode in lora_modes else "", targets=LORA_TARGETS + mlp_targets,
                                target_parameters=EXPERT_TARGETS if mode == "lora_experts" else (),
                                expert_rank=4 if mode == "lora_experts" else 0,
                                rank=4 if test else 16, alpha=8.0 if test else 32.0, save=("brick",))

@@ -235,3 +235,27 @@ def test_router_only_needs_router_parameters(tmp_path):
     cfg = moefy_recover.get_config("router,test")
     with pytest.raises(ValueError, match=r"\*\*\.mlp\.router\.\*\*"):
         train(cfg, tmp_path / "w", model=oracle, data=stream_data(), log=lambda s: None)
+
+
+def test_lora_sparse_trains_the_attention_and_ffn_input_adapters_of_a_sparse_model(tmp_path):
+    """'lora_sparse' from an activation-sparse checkpoint (down_proj zeroing 75% of its inputs): LoRA on q/k/v/o and
+    gate/up, none on down_proj; the base (kernels and thresholds) is bit-identical; the loss falls."""
+    from configurable_fm.analysis import sparsity as sp
+
+    base = random_llama(CFG, 4)
+    base = with_params(base, {k: (v if "norm" in k else 10 * v) for k, v in flat_params(base).items()})
+    down = [f"layers.{i}.mlp.down_proj" for i in range(CFG.num_layers)]
+    cal = sp.calibrate(base, [{"inputs": fixed_batch()["inputs"]}], down)
+    sparse = sp.sparsify_activations(base, cal.thresholds(0.75))
+    path = save_model(sparse, tmp_path / "sparse")
+    loss0 = float(fixed_loss(sparse))
+    result, workdir = run(tmp_path, "lora_sparse,test", path, steps=4, eval_every=0)
+    targets = sorted({k.rsplit(".", 1)[0] for k in adapters.adapter_state(result.model)})
+    assert targets == sorted(f"layers.{i}.{p}" for i in range(2) for p in
+                             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                              "mlp.gate_proj", "mlp.up_proj"))
+    detached = adapters.detach(result.model)
+    changed, _ = split_changed(flat_params(sparse), flat_params(detached))
+    assert changed == []
+    assert sp.thresholds_of(detached) == sp.thresholds_of(sparse)
+    assert float(fixed_loss(result.model)) < loss0

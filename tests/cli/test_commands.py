@@ -16,10 +16,10 @@ COMMANDS = {"cfm-train": ("train", "--workdir"), "cfm-run": ("study", "--rerun_f
             "cfm-quickstart": ("quickstart", "--pretrain_steps"), "cfm-convert": ("convert", "--config"),
             "cfm-grow": ("grow", "--config"), "cfm-edit": ("edit", "--config"),
             "cfm-adapters": ("adapters", "--config"), "cfm-moefy": ("moefy", "--config"),
-            "cfm-analyze-neurons": ("analyze_neurons", "--config")}
+            "cfm-sparsify": ("sparsify", "--config"), "cfm-analyze-neurons": ("analyze_neurons", "--config")}
 SHIMS = {"train": "train", "run": "study", "merge": "merge", "prepare_data": "prepare_data",
          "quickstart": "quickstart", "grow": "grow", "edit": "edit", "adapters": "adapters", "moefy": "moefy",
-         "analyze_neurons": "analyze_neurons"}
+         "sparsify": "sparsify", "analyze_neurons": "analyze_neurons"}
 
 
 def console_scripts() -> dict[str, str]:

@@ -60,6 +60,9 @@ DEFAULT_TARGETS = {
               "layers.*.self_attn.o_proj", "layers.*.mlp.gate_proj", "layers.*.mlp.up_proj", "layers.*.mlp.down_proj"),
     "gpt2": ("h.*.attn.c_attn", "h.*.attn.c_proj", "h.*.mlp.c_fc", "h.*.mlp.c_proj"),
 }
+# The FFN neurons: the input of each block's FFN output projection is h = act(gate x) * (up x) (llama) or act(x W_fc)
+# (gpt2), one entry per neuron, so zeroing a fraction p of it leaves 1 - p of the FFN neurons active per token.
+FFN_TARGETS = {"llama": ("layers.*.mlp.down_proj",), "gpt2": ("h.*.mlp.c_proj",)}
 
 
 class SparsityError(ConfigError):
