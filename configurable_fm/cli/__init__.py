@@ -175,6 +175,26 @@ def require_config_keys(config, keys: Sequence[str], see: str) -> None:
 MODEL_FORMATS = ("hf", "orbax")  # what commands that write a model write (--config.format)
 
 
+def sectioned_config(what: str, keys: dict, sections: dict[str, dict], overrides: dict):
+    """A ConfigDict of `keys` ({key: default}) and `sections` ({name: {key: default}}) with `overrides`
+    ({key: value}; a section as a dict of some of its keys, merged into its defaults); an unknown key or section key
+    is a ConfigError naming `what` and the known keys."""
+    from configurable_fm.errors import ConfigError
+
+    values = {**keys, **{name: dict(defaults) for name, defaults in sections.items()}}
+    for key, value in overrides.items():
+        if key not in values:
+            raise ConfigError(f"{what}: unknown key {key!r}; keys: {sorted(values)}")
+        if key in sections:
+            unknown = sorted(set(value) - set(values[key]))
+            if unknown:
+                raise ConfigError(f"{what}: unknown key(s) {unknown} in {key}; keys: {sorted(values[key])}")
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    return config_dict.ConfigDict(values)
+
+
 def model_output(config, what: str, *, required: Sequence[str], see: str) -> tuple[str, bool]:
     """(format, overwrite) of a command that writes a model to `config.output`: the `required` keys are set
     (UsageError), `format` is one of MODEL_FORMATS (ConfigError naming `what`), and the output is new or a previous

@@ -41,19 +41,7 @@ SEE = "experiments/analysis/specialisation.py"
 def specialisation_config(**overrides) -> ml_collections.ConfigDict:
     """A config: KEYS, `data` (DATA_KEYS) and `study` (STUDY_KEYS) with `overrides` ({key: value}; the two sections
     as dicts of their keys); unknown keys are a ConfigError."""
-    values = {**KEYS, "data": dict(DATA_KEYS), "study": dict(STUDY_KEYS)}
-    for key, value in overrides.items():
-        if key not in values:
-            raise ConfigError(f"specialisation config: unknown key {key!r}; keys: {sorted(values)}")
-        if isinstance(values[key], dict):
-            unknown = sorted(set(value) - set(values[key]))
-            if unknown:
-                raise ConfigError(f"specialisation config: unknown key(s) {unknown} in {key}; keys: "
-                                  f"{sorted(values[key])}")
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return ml_collections.ConfigDict(values)
+    return cli.sectioned_config("specialisation config", KEYS, {"data": DATA_KEYS, "study": STUDY_KEYS}, overrides)
 
 
 def check_config(c, workdir: str) -> dict:

@@ -40,18 +40,8 @@ DATA_HINT = "set --config.calibration.corpus (a token dataset, a .txt file or a 
 def moefy_config(**overrides) -> ml_collections.ConfigDict:
     """A moefy config: KEYS, `calibration` (CALIBRATION_KEYS) and `router_training` (ROUTER_TRAINING_KEYS) with
     `overrides` ({key: value}; the two sections as dicts of their keys); unknown keys are a ConfigError."""
-    values = {**KEYS, "calibration": dict(CALIBRATION_KEYS), "router_training": dict(ROUTER_TRAINING_KEYS)}
-    for key, value in overrides.items():
-        if key not in values:
-            raise ConfigError(f"moefy config: unknown key {key!r}; keys: {sorted(values)}")
-        if isinstance(values[key], dict):
-            unknown = sorted(set(value) - set(values[key]))
-            if unknown:
-                raise ConfigError(f"moefy config: unknown key(s) {unknown} in {key}; keys: {sorted(values[key])}")
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return ml_collections.ConfigDict(values)
+    return cli.sectioned_config("moefy config", KEYS,
+                                {"calibration": CALIBRATION_KEYS, "router_training": ROUTER_TRAINING_KEYS}, overrides)
 
 
 def _int(c, key: str, value, low: int) -> int:

@@ -42,18 +42,8 @@ SEE = "experiments/analysis/sparsify.py"
 def sparsify_config(**overrides) -> ml_collections.ConfigDict:
     """A sparsify config: KEYS, `calibration` (CALIBRATION_KEYS) and `evaluation` (EVALUATION_KEYS) with
     `overrides` ({key: value}; the sections as dicts of their keys); unknown keys are a ConfigError."""
-    values = {**KEYS, "calibration": dict(CALIBRATION_KEYS), "evaluation": dict(EVALUATION_KEYS)}
-    for key, value in overrides.items():
-        if key not in values:
-            raise ConfigError(f"sparsify config: unknown key {key!r}; keys: {sorted(values)}")
-        if isinstance(values[key], dict):
-            unknown = sorted(set(value) - set(values[key]))
-            if unknown:
-                raise ConfigError(f"sparsify config: unknown key(s) {unknown} in {key}; keys: {sorted(values[key])}")
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return ml_collections.ConfigDict(values)
+    return cli.sectioned_config("sparsify config", KEYS,
+                                {"calibration": CALIBRATION_KEYS, "evaluation": EVALUATION_KEYS}, overrides)
 
 
 def _positive_int(key: str, value) -> int:
