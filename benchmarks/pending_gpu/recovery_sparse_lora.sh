@@ -2,6 +2,7 @@
 # moefy_recover.py:lora_sparse (attention + gate/up LoRA) against the same LoRA on the dense model, 3000 steps each
 # in parallel; then the recovered model's thresholds re-calibrated to 75% and evaluated on the same batches.
 # The GGUF: /tmp/smol.gguf from recovery_expert_lora.sh on the same warm machine, else /tmp/ga.xz + .gpu/gb.
+# STEPS (default 3000) and EXTRA (more trainer flags) make a CPU dry run of the commands possible.
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD CFM_DATA_DIR=/tmp/cfmdata
@@ -10,8 +11,9 @@ sha256sum /tmp/smol.gguf | cut -c1-16
 t0=$(date +%s); el() { echo "== $1 rc=$2 $(( $(date +%s)-t0 ))s"; }
 [ -d /tmp/cfmdata/code ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; }
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,code --config.calibration.tokenizer=/tmp/smol.gguf --config.evaluation.n_tokens=65536 --config.overwrite=True"
-R="scripts/train.py --config.steps=3000 --config.eval_every=500 --config.checkpoint_every=3000 --config.progress=False"
-E="scripts/train.py --config experiments/analysis/moefy_recover.py:eval,code --config.progress=False"
+STEPS=${STEPS:-3000}
+R="scripts/train.py --config.steps=$STEPS --config.eval_every=500 --config.checkpoint_every=$STEPS --config.progress=False $EXTRA"
+E="scripts/train.py --config experiments/analysis/moefy_recover.py:eval,code --config.progress=False $EXTRA"
 (timeout $(( 560 - ($(date +%s)-t0) )) python3 $R --config experiments/analysis/moefy_recover.py:lora_sparse,code --workdir /tmp/rec/dl --config.init_from=/tmp/smol.gguf > $OUT/dl.log 2>&1; el dense_lora $?) &
 timeout 120 python3 $S --config.input=/tmp/smol.gguf --config.output=/tmp/sparse/ffn25 > $OUT/sparsify.log 2>&1; el sparsify $?; cat $OUT/sparsify.log | cut -c1-400
 timeout $(( 540 - ($(date +%s)-t0) )) python3 $R --config experiments/analysis/moefy_recover.py:lora_sparse,code --workdir /tmp/rec/sl --config.init_from=/tmp/sparse/ffn25 > $OUT/sl.log 2>&1; el sparse_lora $?
