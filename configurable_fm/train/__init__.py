@@ -1,7 +1,8 @@
 """Training: the trainer (trainer.py: set-up, restore, the step loop), what it minimises (task.py: the Task
 protocol, NextTokenTask, AnchoredTask; ramp.py: MaskRampTask, fading in masked growth; moe.py: MoETask, router
-losses and statistics), the model's partitions and train state (state.py), the compiled steps (step.py),
-optimizers and schedules, checkpoints, metric writers (metrics.py) and FLOPs/MFU accounting (flops.py).
+losses and statistics; distill.py: DistillTask, distillation from a frozen teacher), the model's partitions and
+train state (state.py), the compiled steps (step.py), optimizers and schedules, checkpoints, metric writers
+(metrics.py) and FLOPs/MFU accounting (flops.py).
 Input pipelines live in `configurable_fm.data.pipeline`.
 
     from configurable_fm.train import train, AnchoredTask
@@ -18,6 +19,7 @@ _EXPORTS = {
     "ModelParts": "state", "TrainState": "state",
     "MaskRampTask": "ramp", "task_from_config": "ramp",
     "MoETask": "moe",
+    "DistillTask": "distill",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,7 +20,8 @@ setup() refuses a config.trainable that selects them, and a model without any (n
 
 `task_from_config(spec)` builds the task a train config names: None / {} / kind '' or 'next_token' gives the
 default NextTokenTask; kind 'mask_ramp' a MaskRampTask(start, steps) around it; kind 'moe' a train.moe.MoETask
-(router load-balancing and z-losses, router statistics) with the entry's other keys (MoETask.from_config).
+(router load-balancing and z-losses, router statistics) with the entry's other keys (MoETask.from_config); kind
+'distill' a train.distill.DistillTask (teacher, alpha, temperature: distillation from a frozen teacher).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from configurable_fm.models.structure import variables_of
 from configurable_fm.train.moe import MoETask
 from configurable_fm.train.task import NextTokenTask, Task, eval_loss, set_up_task
 
-TASK_KINDS = ("next_token", "mask_ramp", "moe")
+TASK_KINDS = ("next_token", "mask_ramp", "moe", "distill")
 MASK_RAMP_KEYS = ("kind", "start", "steps")
 
 
@@ -120,6 +121,10 @@ def task_from_config(spec: Mapping[str, Any] | None) -> Task:
         return NextTokenTask()
     if kind == "moe":
         return MoETask.from_config({k: v for k, v in spec.items() if k != "kind"})
+    if kind == "distill":
+        from configurable_fm.train.distill import DistillTask
+
+        return DistillTask.from_config(spec)
     extra = sorted(set(spec) - set(MASK_RAMP_KEYS))
     if extra:
         raise ConfigError(f"task: unknown key(s) {extra} for kind 'mask_ramp'; valid keys: {list(MASK_RAMP_KEYS)}")

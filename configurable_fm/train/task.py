@@ -39,7 +39,8 @@ compiled step as arguments (placed once, replicated over the mesh unless already
 constants; any other object is captured as it is.
 
 Tasks here: `NextTokenTask` (the default: token-mean next-token NLL) and `AnchoredTask` (NLL plus an L2 pull
-towards the initial trainable parameters, for constrained fine-tuning).
+towards the initial trainable parameters, for constrained fine-tuning); elsewhere in train/: MaskRampTask (ramp.py),
+MoETask (moe.py), DistillTask (distill.py: knowledge distillation from a frozen teacher).
 """
 from __future__ import annotations
 
@@ -57,13 +58,19 @@ from configurable_fm.train.state import variable_values
 Metrics = dict[str, jax.Array]
 
 
-def loss_sums(model, batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token NLL, sum of weights) in float32 for one batch: weights are `loss_mask` (1 when the
-    batch has none) times the row mask `mask` of padded evaluation batches."""
-    nll = next_token_nll(model(batch["inputs"]), batch["targets"])
-    weights = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(nll)
+def token_weights(batch, like) -> jax.Array:
+    """How much each position's loss counts, float32 like `like` (B, T): `loss_mask` (1 when the batch has none)
+    times the row mask `mask` of padded evaluation batches."""
+    weights = batch["loss_mask"].astype(jnp.float32) if "loss_mask" in batch else jnp.ones_like(like, jnp.float32)
     if "mask" in batch:  # row mask of padded evaluation batches
         weights = weights * batch["mask"].astype(jnp.float32)[:, None]
+    return weights
+
+
+def loss_sums(model, batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token NLL, sum of weights) in float32 for one batch (`token_weights`)."""
+    nll = next_token_nll(model(batch["inputs"]), batch["targets"])
+    weights = token_weights(batch, nll)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 

@@ -59,12 +59,17 @@ Variants: MODE[,DATA][,test]
             trainable=('norm.**',) only to keep the optimizer state tiny.
     DATA    english (default; experiments/data.py:english, built on first use), code, stdlib or mix: token
             shards by name (data.dir 'data/<name>'), tokenized with SmolLM2's tokenizer.
+    kd      distil from the dense model (train/distill.py DistillTask: task {'kind': 'distill', 'teacher':
+            'smollm2-135m-instruct', 'alpha': 1, 'temperature': 1}; --config.task.teacher=SOURCE for another one)
+            instead of the next-token loss: the recovery then learns the dense model's function, not the data's
+            domain, and its val_ppl can be read against the untrained dense model directly (the validation loss
+            stays the plain NLL).
     test    a tiny CPU run (8 steps of 4 x 16 tokens, float32, mesh (1,1,1), LoRA rank 4); set init_from.
 
 Objective: the trainer's default next-token loss (train/task.py NextTokenTask),
     J = sum_{b,t} nll_bt / (B T),   nll = -log softmax(model(inputs))[targets],
-with AdamW (no weight decay), 5% warmup then cosine to 10%. No distillation term (a KD task against the dense
-logits would cost one dense forward per step; the dense model is demoefy(initial model), exact, if added later).
+with AdamW (no weight decay), 5% warmup then cosine to 10%; with 'kd', the distillation loss from the dense model
+instead (tau^2 KL(dense || model) per scored token, one more forward of the dense model per step).
 
 Reading the result: WORKDIR/metrics.jsonl has val_loss and val_ppl = exp(val_loss) every `eval_every` steps and
 at the last step, on the first `data.max_eval_batches` batches of the validation split (the same batches for every
@@ -135,23 +140,25 @@ MLP_INPUT_TARGETS = ("layers.*.mlp.[gu]*_proj",)  # gate_proj and up_proj (lora_
 FFN = ("layers.*.mlp.*_proj.**",)  # llama: a MoefiedMLP's stacked gate/up/down_proj, or a dense MLP's kernels
 FFN_LR = 1e-4  # full fine-tuning of the FFN weights (experts, ffn); LoRA and routers train at 1e-3
 DEFAULT_INIT = "moefied/smollm2-cmoe-16x4"
+DENSE = "smollm2-135m-instruct"  # the teacher of the 'kd' option (set task.teacher for another dense model)
 
 
-def parse(arg: str) -> tuple[str, str, bool]:
-    """'router,code,test' -> ('router', 'code', True); '' -> ('router', 'english', False)."""
+def parse(arg: str) -> tuple[str, str, bool, bool]:
+    """'router,code,test' -> ('router', 'code', True, False); '' -> ('router', 'english', False, False); 'kd' among
+    the parts -> distillation on (the last value)."""
     parts = [p for p in arg.split(",") if p]
-    test = "test" in parts
+    test, kd = "test" in parts, "kd" in parts
     modes = [p for p in parts if p in MODES]
     data = [p for p in parts if p in DATASETS]
-    unknown = [p for p in parts if p not in MODES and p not in DATASETS and p != "test"]
+    unknown = [p for p in parts if p not in MODES and p not in DATASETS and p not in ("test", "kd")]
     if unknown or len(modes) > 1 or len(data) > 1:
         raise ValueError(f"moefy_recover config {arg!r}: give at most one mode {list(MODES)}, one dataset "
-                         f"{list(DATASETS)} and optionally 'test' (unknown: {unknown})")
-    return (modes[0] if modes else "router"), (data[0] if data else "english"), test
+                         f"{list(DATASETS)} and optionally 'kd' and 'test' (unknown: {unknown})")
+    return (modes[0] if modes else "router"), (data[0] if data else "english"), test, kd
 
 
 def get_config(arg: str = "router") -> ml_collections.ConfigDict:
-    mode, data, test = parse(arg)
+    mode, data, test, kd = parse(arg)
     c = pretrain.get_config("tiny")  # the trainer's keys; `model` unused (init_from is set)
     c.name = f"moefy_recover_{arg.replace(',', '_')}"
     c.init_from = "" if test else DEFAULT_INIT
@@ -180,6 +187,8 @@ def get_config(arg: str = "router") -> ml_collections.ConfigDict:
         c.mesh.shape = (1, 1, 1)
         c.checkpoint["async"] = False
         c.progress = False
+    if kd:  # distil from the dense model instead of the next-token loss alone (train/distill.py)
+        c.task = ml_collections.ConfigDict(dict(kind="distill", teacher=DENSE, alpha=1.0, temperature=1.0))
     if mode == "eval":
         c.steps, c.log_every, c.eval_every, c.checkpoint_every = 1, 1, 1, 1
         c.optimizer.update(lr=0.0)

@@ -259,3 +259,12 @@ def test_lora_sparse_trains_the_attention_and_ffn_input_adapters_of_a_sparse_mod
     assert changed == []
     assert sp.thresholds_of(detached) == sp.thresholds_of(sparse)
     assert float(fixed_loss(result.model)) < loss0
+
+
+def test_kd_option_distils_from_the_dense_model():
+    c = moefy_recover.get_config("lora_sparse,code,kd")
+    assert c.task.to_dict() == {"kind": "distill", "teacher": "smollm2-135m-instruct", "alpha": 1.0,
+                                "temperature": 1.0}
+    assert "task" not in moefy_recover.get_config("lora_sparse,code")
+    with pytest.raises(ValueError, match="optionally 'kd' and 'test'"):
+        moefy_recover.get_config("lora,distil")
