@@ -99,10 +99,11 @@ def test_config_entry_and_errors(models):
     _, path, student = models
     task = task_from_config({"kind": "distill", "teacher": str(path), "alpha": 0.5, "temperature": 2.0})
     assert isinstance(task, DistillTask) and (task.alpha, task.temperature) == (0.5, 2.0)
-    for spec, message in [({"kind": "distill"}, "task.kind='distill' needs task.teacher"),
-                          ({"kind": "distill", "teacher": "x", "tau": 2}, r"unknown key\(s\) \['tau'\]"),
-                          ({"kind": "distill", "teacher": "x", "alpha": 1.5}, r"alpha=1.5 must be a number in \[0, 1\]"),
-                          ({"kind": "distill", "teacher": "x", "temperature": 0}, "temperature=0 must be a number > 0")]:
+    cases = [({"kind": "distill"}, "task.kind='distill' needs task.teacher"),
+             ({"kind": "distill", "teacher": "x", "tau": 2}, r"unknown key\(s\) \['tau'\]"),
+             ({"kind": "distill", "teacher": "x", "alpha": 1.5}, r"alpha=1.5 must be a number in \[0, 1\]"),
+             ({"kind": "distill", "teacher": "x", "temperature": 0}, "temperature=0 must be a number > 0")]
+    for spec, message in cases:
         with pytest.raises(ConfigError, match=message):
             task_from_config(spec)
     other = random_llama(LlamaConfig(**{**CFG.__dict__, "vocab_size": 40}), 0)
