@@ -134,20 +134,22 @@ def run(fv) -> None:
     model = load_model(d["input"])
     paths = target_paths(model, d["targets"])
 
-    def batches(corpus, split, n_tokens):
+    def batches(corpus, split, n_tokens, what):
         return corpus_batches(corpus, tokenizer, split=split, seq_len=cal["seq_len"], batch_size=cal["batch_size"],
-                              n_tokens=n_tokens)
+                              n_tokens=n_tokens, what=what)
 
-    calibration = sp.calibrate(model, batches(cal["corpus"], cal["split"], cal["n_tokens"]), paths, score=d["score"])
+    calibration_batches = batches(cal["corpus"], cal["split"], cal["n_tokens"], "calibration corpus")
+    corpus = ev["corpus"] or cal["corpus"]
+    held_out = (batches(corpus, ev["split"], ev["n_tokens"], "evaluation corpus") if ev["split"]
+                else None)  # its errors before anything is written
+    calibration = sp.calibrate(model, calibration_batches, paths, score=d["score"])
     out = sp.sparsify_activations(model, calibration.thresholds(d["sparsity"]), score=d["score"])
     written = save_model(out, d["output"], overwrite=d["overwrite"])
     print(f"sparsified {d['input']}: {len(paths)} Linears ({paths[0]} ...) zero {d['sparsity']:.0%} of their input "
           f"entries on the calibration tokens ({calibration.tokens} of {cal['corpus']!r}"
           f"{'' if is_text(cal['corpus']) else ' ' + cal['split']}, score "
           f"{d['score']!r}) -> {written} (orbax)")
-    if ev["split"]:
-        corpus = ev["corpus"] or cal["corpus"]
-        held_out = batches(corpus, ev["split"], ev["n_tokens"])
+    if held_out is not None:
         prior = sp.sparse_linears(model)
         dense = sp.desparsify(model, [p for p in paths if p in prior]) if any(p in prior for p in paths) else model
         before, after = sp.evaluate(dense, held_out), sp.evaluate(out, held_out)

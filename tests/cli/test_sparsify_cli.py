@@ -133,6 +133,8 @@ ERRORS = {
     "no-corpus": (["--config.calibration.corpus="], 1, "sparsify config: set `calibration.corpus`"),
     "text-held-out": (["--config.evaluation.corpus="], 1, "is text, which has no held-out split: set "
                                                           "`evaluation.corpus`"),
+    "held-out-corpus": (["--config.evaluation.corpus=/no/such/text"], 1, "evaluation corpus '/no/such/text' is not a "
+                                                                         "token dataset"),
     "tokens": (["--config.evaluation.n_tokens=0"], 1, "sparsify config: `evaluation.n_tokens` must be a positive int"),
     "key": (["--config.sparsty=0.5"], 2, "--config.sparsty: config has no key 'sparsty' (did you mean 'sparsity'?)"),
 }

@@ -158,12 +158,12 @@ def router_data(model, calibration, groups: Mapping[str, Any], *, max_tokens: in
 
 # ------------------------------------------------------------------------------------------------ text corpora
 def corpus_batches(corpus: str, tokenizer, *, split: str = "train", seq_len: int = 256, batch_size: int = 8,
-                   n_tokens: int = 65536) -> list[dict[str, np.ndarray]]:
+                   n_tokens: int = 65536, what: str = "calibration corpus") -> list[dict[str, np.ndarray]]:
     """Calibration batches of about n_tokens tokens (consecutive windows of seq_len, data.pipeline.eval_batches)
     from `corpus`: a token dataset (a name in the data root or a directory of cfm-prepare-data shards; its `split`,
     checked to be tokenized with `tokenizer`), a .txt file, or a directory of .txt files (tokenized here, files in
     sorted order, until n_tokens). tokenizer: a tokenizers.Tokenizer or a ChatTokenizer. MoefyError naming the
-    corpus otherwise."""
+    corpus (as `what` calls it) otherwise."""
     from configurable_fm.data import pipeline
     from configurable_fm.data.shards import MANIFEST, TokenStream, dataset_dir, sha256_text
 
@@ -173,10 +173,10 @@ def corpus_batches(corpus: str, tokenizer, *, split: str = "train", seq_len: int
     if path.is_file() or (path.is_dir() and not (path / MANIFEST).is_file()):
         files = [path] if path.is_file() else sorted(path.glob("*.txt"))
         if not files:
-            raise MoefyError(f"calibration corpus {corpus!r} is a directory with neither a token dataset manifest "
+            raise MoefyError(f"{what} {corpus!r} is a directory with neither a token dataset manifest "
                               f"({MANIFEST}) nor .txt files")
         if tok is None:
-            raise MoefyError(f"calibration corpus {corpus!r} is text: it needs a tokenizer")
+            raise MoefyError(f"{what} {corpus!r} is text: it needs a tokenizer")
         ids: list[int] = []
         for f in files:
             ids += tok.encode(f.read_text(encoding="utf-8"), add_special_tokens=False).ids
@@ -186,19 +186,19 @@ def corpus_batches(corpus: str, tokenizer, *, split: str = "train", seq_len: int
     else:
         directory = dataset_dir(corpus)
         if not (directory / MANIFEST).is_file():
-            raise MoefyError(f"calibration corpus {corpus!r} is not a token dataset ({directory} has no {MANIFEST}; "
+            raise MoefyError(f"{what} {corpus!r} is not a token dataset ({directory} has no {MANIFEST}; "
                               "build one with cfm-prepare-data --config experiments/data.py:NAME), a .txt file or a "
                               "directory of .txt files")
         try:
             stream = TokenStream(directory, split)
         except KeyError as e:
-            raise MoefyError(f"calibration corpus {corpus!r}: {e.args[0]}") from None
+            raise MoefyError(f"{what} {corpus!r}: {e.args[0]}") from None
         want_sha = stream.manifest.get("tokenizer", {}).get("sha256")
         if want_sha and tok is not None and hasattr(tok, "to_str") and sha256_text(tok.to_str()) != want_sha:
-            raise MoefyError(f"calibration corpus {directory} was tokenized with "
+            raise MoefyError(f"{what} {directory} was tokenized with "
                               f"{stream.manifest['tokenizer'].get('spec')!r}, not with the model's tokenizer")
         tokens = np.asarray(stream[:min(want, len(stream))], np.int32)
     if len(tokens) < seq_len + 1:
-        raise MoefyError(f"calibration corpus {corpus!r} gives {len(tokens)} tokens, fewer than one window of "
+        raise MoefyError(f"{what} {corpus!r} gives {len(tokens)} tokens, fewer than one window of "
                           f"seq_len={seq_len} (+1)")
     return list(pipeline.eval_batches(tokens, seq_len, batch_size))
