@@ -26,7 +26,7 @@ experiments/analysis/moefy.py:mlp); importing this config registers the module k
 it needs. A recovery workdir's best/ is a MoEfied orbax checkpoint again (with the LoRA adapter attached for
 'lora'/'both'; the adapter alone is also written to WORKDIR/adapter/ as a brick set).
 
-Variants: MODE[,DATA][,test]
+Variants: MODE[,DATA][,kd][,test]
     router  trainable=('**.mlp.router.**',): the routers' parameters (centroid: kernel; mlp: w1, b1, w2, b2) only.
             The top-k mask has no derivative; the MoefiedMLP forward carries a straight-through term
             c~_e = c_e + p_e - stop_gradient(p_e), p = softmax(scores), equal to the mask in value, so that
@@ -144,8 +144,8 @@ DENSE = "smollm2-135m-instruct"  # the teacher of the 'kd' option (set task.teac
 
 
 def parse(arg: str) -> tuple[str, str, bool, bool]:
-    """'router,code,test' -> ('router', 'code', True, False); '' -> ('router', 'english', False, False); 'kd' among
-    the parts -> distillation on (the last value)."""
+    """(mode, data, test, kd): 'router,code,test' -> ('router', 'code', True, False); '' -> ('router', 'english',
+    False, False); 'lora_sparse,code,kd' -> ('lora_sparse', 'code', False, True)."""
     parts = [p for p in arg.split(",") if p]
     test, kd = "test" in parts, "kd" in parts
     modes = [p for p in parts if p in MODES]
