@@ -1,10 +1,8 @@
 # The routing bench with the LoRA term evaluated 'joint' and 'auto' (bricks.adapters.with_lora_matmul) beside the
 # separate sum, in rotated rounds; then the 1B training step with XLA's default GEMMs against cuBLAS alone without
 # autotuning, loop and scanned, two rounds in alternation, and the transformers + torch.compile anchor in the same call.
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD
-t0=$(date +%s); el() { echo "== $1 rc=$2 $(( $(date +%s)-t0 ))s"; }
+source benchmarks/pending_gpu/env.sh
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 timeout 170 python3 scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --benches routing --rank 8 --mixed_path gather --encoder random:$PWD/.gpu/tok/tokenizer.json --lora_matmul joint,auto --out $OUT/routing_matmul.jsonl > /dev/null 2> $OUT/routing_matmul.err; el routing $?
 CUBLAS="--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
 for r in 1 2; do for f in "" "$CUBLAS"; do for s in "" "--scan_layers"; do

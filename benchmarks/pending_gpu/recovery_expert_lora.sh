@@ -1,11 +1,7 @@
 # GGUF from /tmp/ga.xz (c3) + .gpu/gb; code data; the lora_mlp control (dense, background) while MoEfying
 # 16x(2 shared + top 2 of 14); then lora_experts; 3000 steps each; three processes share the GPU (0.3 of its memory each)
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD CFM_DATA_DIR=/tmp/cfmdata
-[ -f /tmp/smol.gguf ] || { xz -dc /tmp/ga.xz > /tmp/smol.gguf && xz -dc .gpu/gb/part.xz >> /tmp/smol.gguf; }
-sha256sum /tmp/smol.gguf | cut -c1-16
-t0=$(date +%s); el() { echo "== $1 rc=$2 $(( $(date +%s)-t0 ))s"; }
+source benchmarks/pending_gpu/env.sh
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; tail -2 $OUT/prep.log | cut -c1-300
 R="scripts/train.py --config.steps=3000 --config.eval_every=500 --config.checkpoint_every=3000 --config.progress=False"
 (timeout $(( 570 - ($(date +%s)-t0) )) python3 $R --config experiments/analysis/moefy_recover.py:lora_mlp,code --workdir /tmp/rec/lm --config.init_from=/tmp/smol.gguf > $OUT/lm.log 2>&1; el lora_mlp $?) &

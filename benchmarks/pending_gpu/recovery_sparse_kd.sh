@@ -1,10 +1,7 @@
 # After recovery_sparse_lora.sh on the same warm machine (reuses /tmp/smol.gguf, the code data and /tmp/sparse/ffn25):
 # the same 25%-active model recovered by distillation from the dense model (moefy_recover.py:lora_sparse,code,kd),
 # 3000 steps, re-calibrated to 75%, evaluated on the trainer's validation batches (read against the dense model).
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD CFM_DATA_DIR=/tmp/cfmdata
-t0=$(date +%s); el() { echo "== $1 rc=$2 $(( $(date +%s)-t0 ))s"; }
+source benchmarks/pending_gpu/env.sh
 STEPS=${STEPS:-3000}
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,code --config.calibration.tokenizer=/tmp/smol.gguf --config.evaluation.n_tokens=65536 --config.overwrite=True"
 [ -d /tmp/sparse/ffn25 ] || { timeout 120 python3 $S --config.input=/tmp/smol.gguf --config.output=/tmp/sparse/ffn25 > $OUT/sparsify.log 2>&1; el sparsify $?; }

@@ -3,12 +3,8 @@
 # in parallel; then the recovered model's thresholds re-calibrated to 75% and evaluated on the same batches.
 # The GGUF: /tmp/smol.gguf from recovery_expert_lora.sh on the same warm machine, else /tmp/ga.xz + .gpu/gb.
 # STEPS (default 3000) and EXTRA (more trainer flags) make a CPU dry run of the commands possible.
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD CFM_DATA_DIR=/tmp/cfmdata
-[ -f /tmp/smol.gguf ] || { xz -dc /tmp/ga.xz > /tmp/smol.gguf && xz -dc .gpu/gb/part.xz >> /tmp/smol.gguf; }
-sha256sum /tmp/smol.gguf | cut -c1-16
-t0=$(date +%s); el() { echo "== $1 rc=$2 $(( $(date +%s)-t0 ))s"; }
+source benchmarks/pending_gpu/env.sh
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 [ -d /tmp/cfmdata/code ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; }
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,code --config.calibration.tokenizer=/tmp/smol.gguf --config.evaluation.n_tokens=65536 --config.overwrite=True"
 STEPS=${STEPS:-3000}
