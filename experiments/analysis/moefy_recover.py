@@ -15,6 +15,18 @@ neurons it no longer uses; only its routers, a LoRA adapter, or both train, ever
     python scripts/train.py --config experiments/analysis/moefy_recover.py:router --workdir runs/recover/router
     python scripts/train.py --config experiments/analysis/moefy_recover.py:lora --workdir runs/recover/lora
     python scripts/train.py --config experiments/analysis/moefy_recover.py:both --workdir runs/recover/both
+    # or activation sparsity instead of experts (results/moefication/README.md: 50x closer to dense before
+    #    training): 25% of the FFN neurons by TEAL thresholds, recovered by distillation from the dense model,
+    #    re-calibrated to 75% (training moves the activations), evaluated
+    python scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,english \
+        --config.input=smollm2-135m-instruct --config.output=sparse/smollm2-ffn25
+    python scripts/train.py --config experiments/analysis/moefy_recover.py:lora_sparse,kd --workdir runs/recover/kd \
+        --config.init_from=sparse/smollm2-ffn25
+    python scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,english \
+        --config.input=runs/recover/kd/best --config.calibration.tokenizer=smollm2-135m-instruct \
+        --config.output=sparse/smollm2-ffn25-kd
+    python scripts/train.py --config experiments/analysis/moefy_recover.py:eval --workdir runs/recover/kd_after \
+        --config.init_from=sparse/smollm2-ffn25-kd
     # a tiny model (seconds, CPU): TINY = any small llama with SmolLM2's vocabulary as an orbax checkpoint (e.g.
     # the best/ of a experiments/pretrain.py:tiny run), MoEfied (4 experts, top 2, kmeans + centroid: no data)
     python scripts/moefy.py --config experiments/analysis/moefy.py:test --config.input=TINY --config.output=/tmp/m
