@@ -1,0 +1,29 @@
+"""The recovered 25%-active models against the dense SmolLM2-135M-Instruct on more held-out tokens than the
+trainer's 8,192: the whole stdlib validation split (windows of 512) and 16,384 tokens of held-out English (the
+activation-sparsity study's evaluation pool), one pass each, achieved down_proj sparsity included.
+    python benchmarks/sparse_recover_cpu_2026-12-05/heldout_eval.py NAME=CHECKPOINT ..."""
+import sys
+import jax.numpy as jnp
+sys.path.insert(0, ".")
+import experiments.analysis.activation_sparsity as S
+from configurable_fm.analysis import sparsity as sp
+from configurable_fm.analysis.moefication import corpus_batches
+from configurable_fm.interop.loader import load_model, load_pretrained
+
+if len(sys.argv) < 2 or not all("=" in a for a in sys.argv[1:]):
+    sys.exit("usage: heldout_eval.py NAME=CHECKPOINT ... (orbax checkpoints of the recovered models)")
+dense, tok = load_pretrained("smollm2-135m-instruct", dtype=jnp.float32)
+code = corpus_batches("stdlib", tok, split="validation", seq_len=512, batch_size=4, n_tokens=10 ** 6)
+english_tokens, _ = S.token_stream(S.pools(S.domain_documents("english"), 0)["evaluation"], tok, 16384, 1024)
+english = S.batches_of(english_tokens, 512, 4)
+models = [("dense", dense)] + [(a.split("=", 1)[0], load_model(a.split("=", 1)[1])) for a in sys.argv[1:]]
+base = {}
+for name, model in models:
+    for domain, batches in (("code", code), ("english", english)):
+        ev = sp.evaluate(model, batches)
+        ppl = ev.perplexity()
+        base.setdefault(domain, ppl)
+        s = ev.sparsity()
+        level = f"{sum(s.values()) / len(s):.4f}" if s else "-"
+        print(f"{name:>16} {domain:>8} {ev.scored_tokens():>7} tokens  ppl {ppl:8.4f}  {ppl / base[domain] - 1:+7.2%}"
+              f"  down_proj sparsity {level}", flush=True)
