@@ -107,7 +107,7 @@ def test_task_from_config():
     assert type(moe).__name__ == "MoETask" and moe.aux_loss_coef == 0.02
     assert "task" in TRAIN_KEYS  # the train stage takes a `task` entry
     for spec, message in [
-        ({"kind": "nope"}, r"task.kind='nope' is not one of \['next_token', 'mask_ramp', 'moe'\]"),
+        ({"kind": "nope"}, r"task.kind='nope' is not one of \['next_token', 'mask_ramp', 'moe', 'distill'\]"),
         ({"kind": "moe", "aux": 1}, r"MoETask: unknown key\(s\) \['aux'\]"),
         ({"kind": "mask_ramp", "start": 0}, r"task.kind='mask_ramp' needs task.steps"),
         ({"kind": "mask_ramp", "steps": 5, "rate": 1}, r"unknown key\(s\) \['rate'\] for kind 'mask_ramp'"),
