@@ -57,6 +57,7 @@ def check_config(c) -> dict:
     ('ffn', 'all' or a tuple of paths / globs), sparsity, score, calibration {...}, evaluation {...}}; ConfigError
     naming the key."""
     from configurable_fm.analysis.sparsity import SCORES, check_sparsity
+    from configurable_fm.data.shards import is_text_corpus
 
     if c.get("format") != "orbax":
         raise ConfigError(f"sparsify config: `format` must be 'orbax' (an HF checkpoint cannot express the "
@@ -73,7 +74,7 @@ def check_config(c) -> dict:
     if not cal["corpus"]:
         raise ConfigError("sparsify config: set `calibration.corpus` (a token dataset, a .txt file or a directory of "
                           ".txt files): the thresholds are quantiles of the activations on it")
-    if ev["split"] and not ev["corpus"] and is_text(cal["corpus"]):
+    if ev["split"] and not ev["corpus"] and is_text_corpus(cal["corpus"]):
         raise ConfigError(f"sparsify config: the calibration corpus {cal['corpus']!r} is text, which has no held-out "
                           "split: set `evaluation.corpus` (other text, or a token dataset) or `evaluation.split=''` "
                           "(no evaluation)")
@@ -92,16 +93,6 @@ def check_config(c) -> dict:
                 score=c.score, calibration=cal, evaluation=ev)
 
 
-def is_text(corpus: str) -> bool:
-    """Whether a corpus names text (a file, or a directory without a token-dataset manifest), not token shards."""
-    from pathlib import Path
-
-    from configurable_fm.data.shards import MANIFEST
-
-    path = Path(corpus).expanduser()
-    return path.is_file() or (path.is_dir() and not (path / MANIFEST).is_file())
-
-
 def define(fv) -> None:
     cli.config_flag(fv, "config", "sparsify config file: experiments/analysis/sparsify.py[:variant] (set "
                                   "--config.input and --config.output)")
@@ -112,7 +103,11 @@ def target_paths(model, targets) -> list[str]:
     from configurable_fm.analysis import sparsity as sp
 
     if targets == "ffn":
-        return sp.resolve_targets(model, sp.FFN_TARGETS.get(sp.family_of(model)), op="sparsify config: targets")
+        family = sp.family_of(model)
+        if family not in sp.FFN_TARGETS:
+            raise ConfigError(f"sparsify config: targets='ffn' knows the FFN of {sorted(sp.FFN_TARGETS)} models, not "
+                              f"of a {family} model: name its Linear paths or globs")
+        return sp.resolve_targets(model, sp.FFN_TARGETS[family], op="sparsify config: targets")
     return sp.resolve_targets(model, None if targets == "all" else targets, op="sparsify config: targets")
 
 
@@ -121,6 +116,7 @@ def run(fv) -> None:
     from configurable_fm.analysis.moefication import corpus_batches
     from configurable_fm.interop.loader import load_model
     from configurable_fm.interop.orbax_io import save_model
+    from configurable_fm.data.shards import is_text_corpus
     from configurable_fm.interop.tokenizers import find_tokenizer, load_chat_tokenizer
 
     c = fv.config
@@ -147,16 +143,16 @@ def run(fv) -> None:
     written = save_model(out, d["output"], overwrite=d["overwrite"])
     print(f"sparsified {d['input']}: {len(paths)} Linears ({paths[0]} ...) zero {d['sparsity']:.0%} of their input "
           f"entries on the calibration tokens ({calibration.tokens} of {cal['corpus']!r}"
-          f"{'' if is_text(cal['corpus']) else ' ' + cal['split']}, score "
+          f"{'' if is_text_corpus(cal['corpus']) else ' ' + cal['split']}, score "
           f"{d['score']!r}) -> {written} (orbax)")
     if held_out is not None:
-        prior = sp.sparse_linears(model)
-        dense = sp.desparsify(model, [p for p in paths if p in prior]) if any(p in prior for p in paths) else model
+        already = [p for p in paths if p in sp.sparse_linears(model)]  # a sparse input: compare with them dense
+        dense = sp.desparsify(model, already) if already else model
         before, after = sp.evaluate(dense, held_out), sp.evaluate(out, held_out)
         achieved = after.sparsity()
         values = [achieved[p] for p in paths]
         print(f"held out ({after.scored_tokens()} tokens of {corpus!r}"
-              f"{'' if is_text(corpus) else ' ' + ev['split']}): perplexity "
+              f"{'' if is_text_corpus(corpus) else ' ' + ev['split']}): perplexity "
               f"{before.perplexity():.4f} with the targets dense -> {after.perplexity():.4f} "
               f"({after.perplexity() / before.perplexity() - 1:+.2%}); achieved sparsity mean "
               f"{sum(values) / len(values):.4f}, range {min(values):.4f}-{max(values):.4f}")

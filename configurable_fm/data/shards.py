@@ -294,6 +294,13 @@ def data_root() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_ROOT).expanduser()
 
 
+def is_text_corpus(spec: str | os.PathLike) -> bool:
+    """Whether a corpus spec names text (a file, or a directory without a token-dataset manifest: its .txt files)
+    rather than a token dataset (a directory with MANIFEST, or a name resolved by `dataset_dir`)."""
+    path = Path(spec).expanduser()
+    return path.is_file() or (path.is_dir() and not (path / MANIFEST).is_file())
+
+
 def dataset_dir(spec: str | os.PathLike | None, name: str | None = None) -> Path:
     """The directory of a token dataset from a config's `data.dir` / `out_dir` value: '' -> data_root()/name;
     absolute, '~', './' or '../' paths as given; any other relative path inside data_root(), without a leading

@@ -292,13 +292,11 @@ def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
 def stats_source(spec: str) -> tuple[str, Path]:
     """('dataset', dir) for token shards (a directory with a manifest, or a name in the data root), ('text', path)
     for a .txt file or a directory of .txt files; ConfigError naming `stats.corpus` otherwise."""
-    from configurable_fm.data.shards import MANIFEST, dataset_dir
+    from configurable_fm.data.shards import MANIFEST, dataset_dir, is_text_corpus
 
     path = Path(spec).expanduser()
-    if path.is_file():
-        return "text", path
-    if path.is_dir() and not (path / MANIFEST).is_file():
-        if not any(path.glob("*.txt")):
+    if is_text_corpus(path):
+        if path.is_dir() and not any(path.glob("*.txt")):
             raise ConfigError(f"edit config: `stats.corpus`={spec!r} is a directory with neither a token dataset "
                               f"manifest ({MANIFEST}) nor .txt files")
         return "text", path

@@ -12,6 +12,7 @@ from configurable_fm.analysis import sparsity as sp
 from configurable_fm.analysis.moefication import corpus_batches
 from configurable_fm.bricks.adapters import adapted_modules, attach
 from configurable_fm.cli.sparsify import check_config, target_paths
+from configurable_fm.errors import ConfigError
 from configurable_fm.interop.hf import to_hf
 from configurable_fm.interop.loader import load_model
 from configurable_fm.interop.orbax_io import load_model as load_orbax
@@ -19,7 +20,7 @@ from configurable_fm.interop.orbax_io import save_model
 from configurable_fm.models import check_consistent
 from configurable_fm.models.llama import LlamaConfig
 from experiments.analysis import sparsify as sparsify_experiment
-from tests.analysis.tiny import GPT2, random_model
+from tests.analysis.tiny import BERT, GPT2, random_model
 from tests.helpers import char_tokenizer, random_llama, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,6 +109,9 @@ def test_target_sets():
     assert target_paths(llama, "ffn") == DOWN
     assert target_paths(gpt2, "ffn") == ["h.0.mlp.c_proj", "h.1.mlp.c_proj"]
     assert len(target_paths(llama, "all")) == 14
+    with pytest.raises(ConfigError, match=r"targets='ffn' knows the FFN of \['gpt2', 'llama'\] models, not of a "
+                                          "BertConfig model"):
+        target_paths(random_model(BERT, 0), "ffn")
     assert sorted(target_paths(llama, ("layers.1.mlp.*_proj",))) == ["layers.1.mlp.down_proj",
                                                                      "layers.1.mlp.gate_proj", "layers.1.mlp.up_proj"]
 

@@ -165,12 +165,12 @@ def corpus_batches(corpus: str, tokenizer, *, split: str = "train", seq_len: int
     sorted order, until n_tokens). tokenizer: a tokenizers.Tokenizer or a ChatTokenizer. MoefyError naming the
     corpus (as `what` calls it) otherwise."""
     from configurable_fm.data import pipeline
-    from configurable_fm.data.shards import MANIFEST, TokenStream, dataset_dir, sha256_text
+    from configurable_fm.data.shards import MANIFEST, TokenStream, dataset_dir, is_text_corpus, sha256_text
 
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     path = Path(corpus).expanduser()
     want = n_tokens + 1
-    if path.is_file() or (path.is_dir() and not (path / MANIFEST).is_file()):
+    if is_text_corpus(path):
         files = [path] if path.is_file() else sorted(path.glob("*.txt"))
         if not files:
             raise MoefyError(f"{what} {corpus!r} is a directory with neither a token dataset manifest "
