@@ -10,3 +10,5 @@ wait; cut -c1-400 $OUT/resparsify_*.log
 for m in /tmp/smol.gguf:dense /tmp/sparse/ffn25:before /tmp/sparse/recal_sl:after_sl /tmp/sparse/recal_sk:after_sk; do (timeout 150 python3 $E --workdir /tmp/rec/${m#*:} --config.init_from=${m%:*} > $OUT/${m#*:}.log 2>&1; el ${m#*:} $?) & done
 wait
 for f in dense before after_sl after_sk; do echo $f; grep -o '"val_ppl": [0-9.]*' /tmp/rec/$f/metrics.jsonl | tail -1; tail -1 $OUT/$f.log | cut -c1-300; done
+# the trained adapters (brick sets, ~15 MB each) come back for a CPU evaluation on more domains (English too)
+for r in sl sk; do tar czf $OUT/adapter_$r.tgz -C /tmp/rec/$r adapter; done; ls -la $OUT
