@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections.abc as cabc
 import dataclasses
+import importlib
 import inspect
 import json
 import re
@@ -80,6 +81,17 @@ class Extension(Protocol):
 
 ExtensionBuild = Callable[..., nnx.Module]  # build(base: nnx.Module | None, options: dict, *, rngs) -> nnx.Module
 _EXTENSIONS: dict[str, ExtensionBuild] = {}
+# The package's own extension kinds and the module whose import registers each: a checkpoint that one operation
+# wrote (an activation-sparse model, a MoEfied one, adapters, routers) loads in every other command and notebook
+# without that operation imported first. A kind outside this table must be registered by its user.
+PACKAGE_EXTENSIONS: dict[str, str] = {
+    **dict.fromkeys(("lora", "dora", "ia3", "expert_lora", "mixed_adapters", "bottleneck"),
+                    "configurable_fm.bricks.adapters"),
+    "masked_linear": "configurable_fm.models.masked", "masked_rms_norm": "configurable_fm.models.masked",
+    "activation_sparsity": "configurable_fm.analysis.sparsity",
+    "moefied_mlp": "configurable_fm.analysis.moefication",
+    "arrow": "configurable_fm.ops.route", "weighted_adapters": "configurable_fm.ops.route",
+}
 
 
 def register_extension(kind: str, build: ExtensionBuild | None = None, *, replace: bool = False):
@@ -105,6 +117,14 @@ def register_extension(kind: str, build: ExtensionBuild | None = None, *, replac
 def registered_extensions() -> dict[str, ExtensionBuild]:
     """{kind: build} of every registered extension kind."""
     return dict(_EXTENSIONS)
+
+
+def extension_build(kind: str) -> ExtensionBuild | None:
+    """The build function of `kind`; a kind of this package (PACKAGE_EXTENSIONS) is registered on first use by
+    importing its module. None for a kind nobody registered."""
+    if kind not in _EXTENSIONS and kind in PACKAGE_EXTENSIONS:
+        importlib.import_module(PACKAGE_EXTENSIONS[kind])
+    return _EXTENSIONS.get(kind)
 
 
 def _extension_specs(nodes: dict[str, Any]) -> tuple[list[dict], list[str]]:
@@ -155,7 +175,7 @@ def attach_extensions(model: nnx.Module, specs) -> nnx.Module:
     For builders only (inside `nnx.eval_shape`, on a model nothing else holds); use `abstract_model` otherwise."""
     for spec in specs:
         path, kind = spec.get("path"), spec.get("kind")
-        build = _EXTENSIONS.get(kind)
+        build = extension_build(kind) if isinstance(kind, str) else None
         if build is None:
             raise InconsistentModel(f"the extension at {path} has kind {kind!r}, which is not registered; import "
                                     f"the module that registers it (registered: {sorted(_EXTENSIONS)})")

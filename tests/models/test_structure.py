@@ -387,3 +387,36 @@ def test_consistent_models_still_generate_and_count(model):
     out = generate(model, IDS, max_new_tokens=2)
     assert out.shape == (2, 8)
     assert flops_per_token_of_model(model, 16) == flops_per_token(CFG, 16) == flops_per_token(model, 16)
+
+
+def test_the_package_extension_kinds_load_in_a_fresh_interpreter(model, tmp_path):
+    """A checkpoint with this package's extensions (an activation-sparse Linear, LoRA) loads in an interpreter that
+    imported neither operation: PACKAGE_EXTENSIONS names the module that registers each kind."""
+    import subprocess
+    import sys
+
+    from configurable_fm.analysis.sparsity import SparseLinear
+    from configurable_fm.bricks.adapters import attach
+    from configurable_fm.models.structure import PACKAGE_EXTENSIONS
+
+    ext = tree_at(model, "layers.0.mlp.down_proj", SparseLinear(model.layers[0].mlp.down_proj, threshold=0.05))
+    ext = attach(ext, "lora", "layers.*.self_attn.q_proj", rank=2, init="random", seed=1)
+    path = orbax_io.save_model(ext, tmp_path / "ckpt")
+    script = ("import sys, numpy as np; from configurable_fm.interop import orbax_io; "
+              "from configurable_fm.models.structure import registered_extensions; "
+              "before = sorted(registered_extensions()); m = orbax_io.load_model(sys.argv[1]); "
+              "print(before, type(m.layers[0].mlp.down_proj).__name__, type(m.layers[1].self_attn.q_proj).__name__); "
+              "np.save(sys.argv[2], np.asarray(m(np.asarray(sys.argv[3].split(','), dtype=np.int32)[None])))")
+    ids = ",".join(str(i) for i in np.asarray(IDS[0]))
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "y.npy"), ids], text=True,
+                         capture_output=True, check=True).stdout
+    assert "activation_sparsity" not in out.split("]")[0] and "lora" not in out.split("]")[0]
+    assert out.split("]")[1].split() == ["SparseLinear", "LoRALinear"]
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(ext(IDS[:1])), rtol=1e-6, atol=1e-6)
+
+    listing = ("import importlib, json; from configurable_fm.models.structure import PACKAGE_EXTENSIONS, "
+               "registered_extensions; [importlib.import_module(m) for m in set(PACKAGE_EXTENSIONS.values())]; "
+               "print(json.dumps(sorted(registered_extensions())))")
+    registered = json.loads(subprocess.run([sys.executable, "-c", listing], text=True, capture_output=True,
+                                           check=True).stdout)
+    assert registered == sorted(PACKAGE_EXTENSIONS)  # every kind the modules register is in the table, and back
