@@ -1,11 +1,12 @@
 # The routing bench with the LoRA term evaluated 'joint' and 'auto' (bricks.adapters.with_lora_matmul) beside the
 # separate sum, in rotated rounds; then the 1B training step with XLA's default GEMMs against cuBLAS alone without
-# autotuning, loop and scanned, two rounds in alternation, and the transformers + torch.compile anchor in the same call.
+# autotuning, loop and scanned, ROUNDS (default 2) rounds in alternation, and the transformers + torch.compile anchor
+# in the same call.
 source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 timeout 170 python3 scripts/bench_adapters.py --shape 1b --batch 64 --seq 512 --benches routing --rank 8 --mixed_path gather --encoder random:$PWD/.gpu/tok/tokenizer.json --lora_matmul joint,auto --out $OUT/routing_matmul.jsonl > /dev/null 2> $OUT/routing_matmul.err; el routing $?
 CUBLAS="--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=0"
-for r in 1 2; do for f in "" "$CUBLAS"; do for s in "" "--scan_layers"; do
+for r in $(seq ${ROUNDS:-2}); do for f in "" "$CUBLAS"; do for s in "" "--scan_layers"; do
   XLA_FLAGS="$f" timeout 70 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none $s --steps 10 --warmup 2 --out $OUT/gemm_ab.jsonl > /dev/null 2>&1; el "r$r[$f]$s" $?
 done; done; done
 timeout 200 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none --steps 10 --warmup 2 --anchor .gpu/anchors/torch_train.py --out $OUT/gemm_ab.jsonl 2>&1 | grep '"anchor"\|"summary"' | cut -c1-300; el anchor $?
