@@ -8,7 +8,9 @@ and Python code.
     python experiments/analysis/activation_sparsity.py --config=experiments/analysis/activation_sparsity.py:test
 
 Results: `results_dir`/results.json (config, data manifest, per-level numbers, per-Linear sparsity) and
-`results_dir`/results.md (the table); results/sparsity/README.md reads them.
+`results_dir`/results.md (the table); results/sparsity/README.md reads them. Each perplexity change comes with its
+standard error over the evaluation windows, paired with the dense model on the same windows
+(analysis.sparsity.perplexity_change).
 
 Keys:
     model        a source interop.loader.load_pretrained takes (a packaged model with its tokenizer)
@@ -143,7 +145,8 @@ def run(config) -> dict:
     import jax.numpy as jnp
 
     from configurable_fm.analysis.sparsity import (LogBins, allocate_levels, calibrate, check_sparsity, evaluate,
-                                                   greedy_allocation, sensitivity, sparsify_activations)
+                                                   greedy_allocation, perplexity_change, sensitivity,
+                                                   sparsify_activations)
     from configurable_fm.interop.loader import load_pretrained
 
     levels = {"sparsities": config.sparsities, "ffn_only": config.ffn_only, "ffn_weighted": config.ffn_weighted,
@@ -243,6 +246,7 @@ def run(config) -> dict:
                    "by_projection": by_projection(s, targeted),
                    "calibration_fraction": float(np.mean(list(predicted.values()))) if targeted else 0.0,
                    "per_linear": {q: s[q] for q in targeted}}
+            row["_ev"] = ev
             rows.append(row)
             say(f"{kind:8s} p={p:.2f} prefix={dense_prefix:3d} {d:7s} ppl {row['perplexity']:.3f} sparsity "
                 f"{row['sparsity_weighted']:.3f} (down_proj {row['sparsity_down_proj']:.3f})")
@@ -251,10 +255,13 @@ def run(config) -> dict:
         rows.append({"kind": "dense", "target": 0.0, "domain": d, "dense_prefix": prefix,
                          "perplexity": ev.perplexity(prefix), "scored_tokens": ev.scored_tokens(prefix),
                          "sparsity_weighted": 0.0, "sparsity_down_proj": 0.0})
-    for row in rows:
-        ref = next(r for r in rows if r["kind"] == "dense" and r["domain"] == row["domain"]
-                   and r["dense_prefix"] == row["dense_prefix"])
-        row["perplexity_change"] = row["perplexity"] / ref["perplexity"] - 1.0
+    for row in rows:  # the change against the dense model on the same windows and positions, with its paired SE
+        ev = row.pop("_ev", None)
+        if ev is None:  # the dense reference rows of TEAL's protocol
+            row["perplexity_change"], row["perplexity_change_se"] = 0.0, 0.0
+            continue
+        change, se = perplexity_change(ev, dense_ev[row["domain"]], start=row["dense_prefix"])
+        row["perplexity_change"], row["perplexity_change_se"] = change, se
     order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3, "ffn_weighted": 4, "ffn_allocated": 5}
     domain_order = list(config.evaluation.domains)
     rows.sort(key=lambda r: (r["dense_prefix"], order[r["kind"]], r["target"], domain_order.index(r["domain"])))
@@ -305,7 +312,7 @@ def table(results: dict) -> str:
     lines = [f"Calibration: {results['calibration_tokens']} tokens of {c['calibration']['domain']}; evaluation: "
              + ", ".join(f"{n} tokens of {d}" for d, n in results["evaluation_tokens"].items())
              + f"; windows of {c['seq_len']} tokens.", "",
-             "| allocation | target p | scored positions | domain | perplexity | change | achieved sparsity "
+             "| allocation | target p | scored positions | domain | perplexity | change ± SE | achieved sparsity "
              "(weighted / down_proj / min-max over Linears) |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -320,7 +327,8 @@ def table(results: dict) -> str:
                  "ffn_allocated": "down_proj inputs only, levels per layer by sensitivity",
                  "ffn_weighted": "down_proj inputs only, weighted score abs(h_i) x norm(W_i)"}
         lines.append(f"| {label[r['kind']]} | {r['target']:.2f} | {where} | {r['domain']} | {r['perplexity']:.3f} | "
-                     f"{100 * r['perplexity_change']:+.1f}% | {spars} |")
+                     f"{100 * r['perplexity_change']:+.1f}% ± {100 * r.get('perplexity_change_se', 0.0):.1f} | "
+                     f"{spars} |")
     uniform = [r for r in results["rows"] if r["kind"] in ("uniform", "greedy") and not r["dense_prefix"]]
     if uniform:
         names = list(uniform[0]["by_projection"])

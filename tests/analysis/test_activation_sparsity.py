@@ -17,7 +17,7 @@ from flax import nnx
 
 from configurable_fm.analysis import capture, intervene, replace
 from configurable_fm.analysis.sparsity import (KIND, AbsHistogram, LogBins, SparseLinear, SparsityError, blocks_of,
-                                               calibrate, desparsify, evaluate, fraction_from_counts,
+                                               calibrate, desparsify, evaluate, perplexity_change, fraction_from_counts,
                                                greedy_allocation, resolve_targets, sparse_linears,
                                                sparsify_activations, threshold_from_counts, thresholds_of)
 from configurable_fm.analysis.sparsity.module import module_paths
@@ -270,6 +270,32 @@ def test_dense_prefix_keeps_the_first_positions_dense(dense, batches, cal):
                        jnp.asarray(batches[0]["inputs"]))
     np.testing.assert_allclose(np.asarray(logits)[:, :prefix], np.asarray(dense(jnp.asarray(batches[0]["inputs"])))[
         :, :prefix], rtol=1e-5, atol=1e-6)
+
+
+def test_perplexity_change_and_its_standard_error_by_hand(dense, batches, cal):
+    """The paired change against the two models' per-window NLL computed directly, with the ratio estimator's SE
+    written out; a reference over other windows is refused."""
+    sparse = sparsify_activations(dense, cal.thresholds(0.5))
+    ev, ref = evaluate(sparse, batches, dense_prefix=3), evaluate(dense, batches)
+    assert ev.window_nll.shape == ev.window_tokens.shape == (8, T)
+    a = np.concatenate([np.asarray(next_token_nll(intervene(sparse, {"**.kept": replace(True, positions=[0, 1, 2])},
+                                                            jnp.asarray(b["inputs"])), jnp.asarray(b["targets"])))
+                        for b in batches])[:, 3:].sum(axis=1)
+    b_ = np.concatenate([np.asarray(next_token_nll(dense(jnp.asarray(b["inputs"])), jnp.asarray(b["targets"])))
+                         for b in batches])[:, 3:].sum(axis=1)
+    n = np.full(8, T - 3.0)
+    d = (a - b_).sum() / n.sum()
+    se = np.sqrt(8 / 7 * np.sum((a - b_ - d * n) ** 2)) / n.sum()
+    change, change_se = perplexity_change(ev, ref)  # start defaults to ev's dense_prefix, 3
+    assert change == pytest.approx(ev.perplexity() / ref.perplexity(3) - 1, rel=1e-9)
+    assert change == pytest.approx(np.expm1(d), rel=1e-4) and change_se == pytest.approx(np.exp(d) * se, rel=1e-3)
+    assert change != 0 and change_se > 0
+    assert perplexity_change(ref, ref) == (0.0, 0.0)
+    with pytest.raises(SparsityError, match="scored different windows"):
+        perplexity_change(ev, evaluate(dense, batches[:1]))
+    with pytest.raises(SparsityError, match="needs at least 2"):
+        perplexity_change(evaluate(dense, [{k: v[:1] for k, v in batches[0].items()}]),
+                          evaluate(dense, [{k: v[:1] for k, v in batches[0].items()}]))
 
 
 # ------------------------------------------------------------------------------------------------ greedy

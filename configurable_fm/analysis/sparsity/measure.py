@@ -5,6 +5,7 @@
     ev.mean_sparsity(weighted=True)            # the fraction of the targeted weights a sparse kernel would skip
     dense = evaluate(model, batches)           # a model without SparseLinear: perplexity only
     ev = evaluate(sparse, batches, dense_prefix=256)   # TEAL's protocol: positions < 256 stay dense, scored from 256
+    change, se = perplexity_change(ev, dense_ev)       # ppl(ev) / ppl(dense_ev) - 1 on the same batches, its SE
 
 Per batch ({'inputs', 'targets' (B, T), 'loss_mask'?, 'attention_mask'?, 'mask'?}, as data.pipeline.eval_batches
 yields them), with m the token mask (analysis/batches.py `token_mask`, times 'loss_mask' when present):
@@ -13,6 +14,9 @@ yields them), with m the token mask (analysis/batches.py `token_mask`, times 'lo
     kept_l     += sum_{b, t >= P} m[b, t] sum_i kept_l[b, t, i]            for each SparseLinear l (its `kept` tap)
     entries_l  += in_l sum_{b, t >= P} m[b, t]
     perplexity(from) = exp(sum_{t >= from} NLL_t / sum_{t >= from} N_t);  sparsity_l = 1 - kept_l / entries_l
+The per-window sums are kept too (window_nll, window_tokens: (W, T), one row per sequence of every batch), so two
+evaluations of the same batches can be compared window by window: perplexity_change (below) gives the change with
+its standard error.
     mean_sparsity(weighted) = sum_l w_l sparsity_l / sum_l w_l,   w_l = in_l out_l (weighted) or 1
 With dense_prefix P > 0 every SparseLinear keeps all entries of the positions t < P (an intervention on the `kept`
 points), the sparsity is counted on t >= P, and perplexity() scores t >= P by default. This is how TEAL's published
@@ -42,11 +46,14 @@ from configurable_fm.models.scoring import next_token_nll
 
 @dataclasses.dataclass
 class Evaluation:
-    """The sums of `evaluate` (module docstring): nll (T,) and tokens (T,) per position; kept and entries per
-    SparseLinear path; shapes {path: (in, out)}; dense_prefix P; batches."""
+    """The sums of `evaluate` (module docstring): nll (T,) and tokens (T,) per position; window_nll and
+    window_tokens (W, T) per sequence and position (W sequences over all batches, rows of shorter batches padded
+    with zeros); kept and entries per SparseLinear path; shapes {path: (in, out)}; dense_prefix P; batches."""
 
     nll: np.ndarray
     tokens: np.ndarray
+    window_nll: np.ndarray
+    window_tokens: np.ndarray
     kept: dict[str, int]
     entries: dict[str, int]
     shapes: dict[str, tuple[int, int]]
@@ -90,10 +97,10 @@ def _step(graphdef, points: tuple, prefix: int, masked: bool, state, inputs, tar
         logits, kept = capture(model, list(points), call, interventions=interventions)
     else:
         logits, kept = call(model), {}
-    nll_T = jnp.sum(next_token_nll(logits, targets) * m_BxT, axis=0)
+    nll_BxT = next_token_nll(logits, targets) * m_BxT
     scored = m_BxT.at[:, :prefix].set(0.0) if prefix else m_BxT
     counts = {p[:-len(".kept")]: jnp.sum(k & (scored[..., None] > 0), dtype=jnp.int32) for p, k in kept.items()}
-    return nll_T, counts, jnp.sum(scored)
+    return nll_BxT, counts, jnp.sum(scored)
 
 
 _jitted_step = jax.jit(_step, static_argnums=(0, 1, 2, 3))
@@ -111,7 +118,7 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
     points = tuple(f"{p}.kept" for p in found)
     shapes = linear_shapes(model, list(found))
     graphdef, state = nnx.split(model)
-    nll = tokens = None
+    window_nll, window_tokens = [], []
     kept = {p: 0 for p in found}
     entries = {p: 0 for p in found}
     n = 0
@@ -132,12 +139,10 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
             m = m * (np.asarray(batch["loss_mask"]) > 0)
         masked = "attention_mask" in batch
         attention = jnp.asarray(batch["attention_mask"], jnp.int32) if masked else None
-        nll_T, counts, scored = _jitted_step(graphdef, points, prefix, masked, state, jnp.asarray(inputs),
-                                             jnp.asarray(targets), attention, jnp.asarray(m, jnp.float32))
-        nll_T = np.asarray(nll_T, np.float64)
-        m_T = m.sum(axis=0).astype(np.int64)
-        nll = nll_T if nll is None else _add_padded(nll, nll_T)
-        tokens = m_T if tokens is None else _add_padded(tokens, m_T)
+        nll_BxT, counts, scored = _jitted_step(graphdef, points, prefix, masked, state, jnp.asarray(inputs),
+                                               jnp.asarray(targets), attention, jnp.asarray(m, jnp.float32))
+        window_nll.append(np.asarray(nll_BxT, np.float64))
+        window_tokens.append(np.asarray(m, np.int64))
         scored = int(round(float(scored)))
         for p, c in counts.items():
             kept[p] += int(c)
@@ -145,15 +150,40 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
         n += 1
     if n == 0:
         raise SparsityError(f"{desc}: no batches")
-    return Evaluation(nll=nll, tokens=tokens, kept=kept, entries=entries,
-                      shapes=shapes, dense_prefix=prefix, batches=n)
+    window_nll, window_tokens = _stack_padded(window_nll), _stack_padded(window_tokens)
+    return Evaluation(nll=window_nll.sum(axis=0), tokens=window_tokens.sum(axis=0), window_nll=window_nll,
+                      window_tokens=window_tokens, kept=kept, entries=entries, shapes=shapes, dense_prefix=prefix,
+                      batches=n)
 
 
-def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a + b for per-position sums of batches of different lengths (the shorter padded with zeros)."""
-    size = max(len(a), len(b))
-    out = np.zeros((size,), np.result_type(a, b))
-    out[:len(a)] += a
-    out[:len(b)] += b
-    return out
+def perplexity_change(ev: Evaluation, reference: Evaluation, start: Optional[int] = None) -> tuple[float, float]:
+    """(ppl(ev) / ppl(reference) - 1, its standard error), both scored on positions t >= start (default: ev's
+    dense_prefix), from two evaluations of the same batches. With a_w, b_w the two NLL sums of window w over those
+    positions and n_w its scored tokens, the mean NLL difference and its ratio-estimator (delta-method) SE are
+        D = sum_w (a_w - b_w) / sum_w n_w,
+        SE(D) = sqrt(W / (W - 1) * sum_w (a_w - b_w - D n_w)^2) / sum_w n_w,
+    and the change exp(D) - 1 has SE exp(D) SE(D). Windows are treated as independent; windows cut from one
+    document are not quite, so the SE is a lower bound of the uncertainty. SparsityError when the two did not see
+    the same windows (shape or scored tokens differ) or there are fewer than 2 windows."""
+    s = ev.dense_prefix if start is None else int(start)
+    if ev.window_tokens.shape != reference.window_tokens.shape or not np.array_equal(
+            ev.window_tokens[:, s:], reference.window_tokens[:, s:]):
+        raise SparsityError("perplexity_change: the two evaluations scored different windows "
+                            f"({ev.window_tokens.shape} vs {reference.window_tokens.shape} sequences x positions)")
+    n_w = ev.window_tokens[:, s:].sum(axis=1).astype(np.float64)
+    diff_w = ev.window_nll[:, s:].sum(axis=1) - reference.window_nll[:, s:].sum(axis=1)
+    keep = n_w > 0
+    n_w, diff_w = n_w[keep], diff_w[keep]
+    w = len(n_w)
+    if w < 2:
+        raise SparsityError(f"perplexity_change: {w} scored window(s); a standard error needs at least 2")
+    d = diff_w.sum() / n_w.sum()
+    se = np.sqrt(w / (w - 1) * np.sum((diff_w - d * n_w) ** 2)) / n_w.sum()
+    return float(np.expm1(d)), float(np.exp(d) * se)
+
+
+def _stack_padded(rows: list[np.ndarray]) -> np.ndarray:
+    """The (B_i, T_i) arrays of the batches as one (sum B_i, max T_i) array, shorter rows padded with zeros."""
+    width = max(r.shape[1] for r in rows)
+    return np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]))) for r in rows])
 
