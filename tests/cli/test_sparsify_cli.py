@@ -77,6 +77,8 @@ def test_output_is_the_model_calibrated_in_process(world, tmp_path, capsys):
     line = next(x for x in io.out.splitlines() if x.startswith("held out"))
     assert f"held out (64 tokens of '{world['held_out']}'): perplexity " in line
     assert f"-> {ev.perplexity():.4f}" in line
+    change, se = sp.perplexity_change(ev, sp.evaluate(model, held))  # 64 tokens = 4 windows of 16
+    assert f"({change:+.2%} ± {se:.2%} SE over 4 windows)" in line
     assert f"achieved sparsity mean {np.mean(list(ev.sparsity().values())):.4f}" in line
 
 
