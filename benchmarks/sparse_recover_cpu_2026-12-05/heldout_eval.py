@@ -1,6 +1,7 @@
 """The recovered 25%-active models against the dense SmolLM2-135M-Instruct on more held-out tokens than the
 trainer's 8,192: the whole stdlib validation split (windows of 512) and 16,384 tokens of held-out English (the
-activation-sparsity study's evaluation pool), one pass each, achieved down_proj sparsity included.
+activation-sparsity study's evaluation pool), one pass each, achieved down_proj sparsity included; each change
+against the dense model with its paired standard error over the 512-token windows (analysis.sparsity.perplexity_change).
     python benchmarks/sparse_recover_cpu_2026-12-05/heldout_eval.py NAME=CHECKPOINT ..."""
 import sys
 import jax.numpy as jnp
@@ -21,9 +22,9 @@ base = {}
 for name, model in models:
     for domain, batches in (("code", code), ("english", english)):
         ev = sp.evaluate(model, batches)
-        ppl = ev.perplexity()
-        base.setdefault(domain, ppl)
+        base.setdefault(domain, ev)
+        change, se = sp.perplexity_change(ev, base[domain])  # paired with the dense model, window by window
         s = ev.sparsity()
         level = f"{sum(s.values()) / len(s):.4f}" if s else "-"
-        print(f"{name:>16} {domain:>8} {ev.scored_tokens():>7} tokens  ppl {ppl:8.4f}  {ppl / base[domain] - 1:+7.2%}"
-              f"  down_proj sparsity {level}", flush=True)
+        print(f"{name:>16} {domain:>8} {ev.scored_tokens():>7} tokens  ppl {ev.perplexity():8.4f}  {change:+7.2%}"
+              f" ± {se:.2%}  down_proj sparsity {level}", flush=True)
