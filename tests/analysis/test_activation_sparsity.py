@@ -17,8 +17,8 @@ from flax import nnx
 
 from configurable_fm.analysis import capture, intervene, replace
 from configurable_fm.analysis.sparsity import (KIND, AbsHistogram, LogBins, SparseLinear, SparsityError, blocks_of,
-                                               calibrate, desparsify, evaluate, perplexity_change, fraction_from_counts,
-                                               greedy_allocation, resolve_targets, sparse_linears,
+                                               calibrate, desparsify, evaluate, fraction_from_counts,
+                                               greedy_allocation, perplexity_change, resolve_targets, sparse_linears,
                                                sparsify_activations, threshold_from_counts, thresholds_of)
 from configurable_fm.analysis.sparsity.module import module_paths
 from configurable_fm.interop import orbax_io

@@ -14,10 +14,10 @@ yields them), with m the token mask (analysis/batches.py `token_mask`, times 'lo
     kept_l     += sum_{b, t >= P} m[b, t] sum_i kept_l[b, t, i]            for each SparseLinear l (its `kept` tap)
     entries_l  += in_l sum_{b, t >= P} m[b, t]
     perplexity(from) = exp(sum_{t >= from} NLL_t / sum_{t >= from} N_t);  sparsity_l = 1 - kept_l / entries_l
+    mean_sparsity(weighted) = sum_l w_l sparsity_l / sum_l w_l,   w_l = in_l out_l (weighted) or 1
 The per-window sums are kept too (window_nll, window_tokens: (W, T), one row per sequence of every batch), so two
 evaluations of the same batches can be compared window by window: perplexity_change (below) gives the change with
 its standard error.
-    mean_sparsity(weighted) = sum_l w_l sparsity_l / sum_l w_l,   w_l = in_l out_l (weighted) or 1
 With dense_prefix P > 0 every SparseLinear keeps all entries of the positions t < P (an intervention on the `kept`
 points), the sparsity is counted on t >= P, and perplexity() scores t >= P by default. This is how TEAL's published
 perplexities are measured (its evaluation sparsifies only the last half of each window, emulating a dense prefill
