@@ -5,10 +5,11 @@ source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.22  # four processes at once
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,code --config.calibration.tokenizer=/tmp/smol.gguf --config.evaluation.n_tokens=65536 --config.overwrite=True"
 E="scripts/train.py --config experiments/analysis/moefy_recover.py:eval,code --config.progress=False $EXTRA"
-for r in sl sk; do (timeout 150 python3 $S --config.input=/tmp/rec/$r/best --config.output=/tmp/sparse/recal_$r > $OUT/resparsify_$r.log 2>&1; el resparsify_$r $?) & done
+RUNS=${RUNS:-sl sk}  # the recovery runs to evaluate (recovery_sparse_train.sh's sl and sk)
+for r in $RUNS; do (timeout 150 python3 $S --config.input=/tmp/rec/$r/best --config.output=/tmp/sparse/recal_$r > $OUT/resparsify_$r.log 2>&1; el resparsify_$r $?) & done
 wait; cut -c1-400 $OUT/resparsify_*.log
-for m in /tmp/smol.gguf:dense /tmp/sparse/ffn25:before /tmp/sparse/recal_sl:after_sl /tmp/sparse/recal_sk:after_sk; do (timeout 150 python3 $E --workdir /tmp/rec/${m#*:} --config.init_from=${m%:*} > $OUT/${m#*:}.log 2>&1; el ${m#*:} $?) & done
+for m in /tmp/smol.gguf:dense /tmp/sparse/ffn25:before $(for r in $RUNS; do echo /tmp/sparse/recal_$r:after_$r; done); do (timeout 150 python3 $E --workdir /tmp/rec/${m#*:} --config.init_from=${m%:*} > $OUT/${m#*:}.log 2>&1; el ${m#*:} $?) & done
 wait
-for f in dense before after_sl after_sk; do echo $f; grep -o '"val_ppl": [0-9.]*' /tmp/rec/$f/metrics.jsonl | tail -1; tail -1 $OUT/$f.log | cut -c1-300; done
+for f in dense before $(for r in $RUNS; do echo after_$r; done); do echo $f; grep -o '"val_ppl": [0-9.]*' /tmp/rec/$f/metrics.jsonl | tail -1; tail -1 $OUT/$f.log | cut -c1-300; done
 # the trained adapters (brick sets, ~15 MB each) come back for a CPU evaluation on more domains (English too)
-for r in sl sk; do tar czf $OUT/adapter_$r.tgz -C /tmp/rec/$r adapter; done; ls -la $OUT
+for r in $RUNS; do tar czf $OUT/adapter_$r.tgz -C /tmp/rec/$r adapter; done; ls -la $OUT

@@ -151,9 +151,9 @@ def run(fv) -> None:
         before, after = sp.evaluate(dense, held_out), sp.evaluate(out, held_out)
         achieved = after.sparsity()
         values = [achieved[p] for p in paths]
-        change = (f"{after.perplexity() / before.perplexity() - 1:+.2%}" if after.window_nll.shape[0] < 2 else
-                  "{:+.2%} ± {:.2%} SE over {} windows".format(*sp.perplexity_change(after, before),
-                                                                 after.window_nll.shape[0]))
+        windows = after.scored_windows()
+        change = (f"{after.perplexity() / before.perplexity() - 1:+.2%}" if windows < 2 else
+                  "{:+.2%} ± {:.2%} SE over {} windows".format(*sp.perplexity_change(after, before), windows))
         print(f"held out ({after.scored_tokens()} tokens of {corpus!r}"
               f"{'' if is_text_corpus(corpus) else ' ' + ev['split']}): perplexity "
               f"{before.perplexity():.4f} with the targets dense -> {after.perplexity():.4f} "

@@ -293,9 +293,11 @@ def test_perplexity_change_and_its_standard_error_by_hand(dense, batches, cal):
     assert perplexity_change(ref, ref) == (0.0, 0.0)
     with pytest.raises(SparsityError, match="scored different windows"):
         perplexity_change(ev, evaluate(dense, batches[:1]))
-    with pytest.raises(SparsityError, match="needs at least 2"):
-        perplexity_change(evaluate(dense, [{k: v[:1] for k, v in batches[0].items()}]),
-                          evaluate(dense, [{k: v[:1] for k, v in batches[0].items()}]))
+    one = [{**batches[0], "mask": np.array([1, 0, 0, 0], np.int32)}]  # a short last batch: rows 1-3 padding
+    lone = evaluate(dense, one)
+    assert lone.window_nll.shape[0] == 4 and lone.scored_windows() == 1 and ev.scored_windows() == 8
+    with pytest.raises(SparsityError, match="1 scored window"):
+        perplexity_change(lone, lone)
 
 
 # ------------------------------------------------------------------------------------------------ greedy

@@ -63,6 +63,12 @@ class Evaluation:
     def scored_tokens(self, start: Optional[int] = None) -> int:
         return int(self.tokens[self.dense_prefix if start is None else start:].sum())
 
+    def scored_windows(self, start: Optional[int] = None) -> int:
+        """How many sequences have a scored token at positions t >= start (default: dense_prefix); padding rows
+        of a short last batch have none."""
+        s = self.dense_prefix if start is None else start
+        return int(np.count_nonzero(self.window_tokens[:, s:].sum(axis=1)))
+
     def mean_nll(self, start: Optional[int] = None) -> float:
         """Mean NLL over the scored positions t >= start (default: dense_prefix)."""
         s = self.dense_prefix if start is None else start
@@ -170,13 +176,12 @@ def perplexity_change(ev: Evaluation, reference: Evaluation, start: Optional[int
             ev.window_tokens[:, s:], reference.window_tokens[:, s:]):
         raise SparsityError("perplexity_change: the two evaluations scored different windows "
                             f"({ev.window_tokens.shape} vs {reference.window_tokens.shape} sequences x positions)")
-    n_w = ev.window_tokens[:, s:].sum(axis=1).astype(np.float64)
-    diff_w = ev.window_nll[:, s:].sum(axis=1) - reference.window_nll[:, s:].sum(axis=1)
-    keep = n_w > 0
-    n_w, diff_w = n_w[keep], diff_w[keep]
-    w = len(n_w)
+    w = ev.scored_windows(s)
     if w < 2:
         raise SparsityError(f"perplexity_change: {w} scored window(s); a standard error needs at least 2")
+    n_w = ev.window_tokens[:, s:].sum(axis=1).astype(np.float64)
+    diff_w = ev.window_nll[:, s:].sum(axis=1) - reference.window_nll[:, s:].sum(axis=1)
+    n_w, diff_w = n_w[n_w > 0], diff_w[n_w > 0]
     d = diff_w.sum() / n_w.sum()
     se = np.sqrt(w / (w - 1) * np.sum((diff_w - d * n_w) ** 2)) / n_w.sum()
     return float(np.expm1(d)), float(np.exp(d) * se)
