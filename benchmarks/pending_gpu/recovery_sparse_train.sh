@@ -5,8 +5,8 @@
 #   sk  lora_sparse,code,kd  (distilled from the dense model)
 # The GGUF: /tmp/smol.gguf from a call before on the same warm machine, else /tmp/ga.xz (left by the call before)
 # + .gpu/gb (carried). recovery_sparse_eval.sh re-calibrates and evaluates on the same warm machine.
-# RUNS (default 'dl sl sk') picks the runs. LIMIT (default 575) is the seconds the runs may take, counted from the start. EXTRA (more trainer flags) makes a CPU
-# dry run possible (STEPS=2 EXTRA='--config.batch_size=2 ...').
+# RUNS (default 'dl sl sk') picks the runs; LIMIT (default 575) is the seconds they may take, counted from the
+# start. EXTRA (more trainer flags) makes a CPU dry run possible (STEPS=2 EXTRA='--config.batch_size=2 ...').
 source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 [ -d /tmp/cfmdata/code ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; tail -2 $OUT/prep.log | cut -c1-300; }

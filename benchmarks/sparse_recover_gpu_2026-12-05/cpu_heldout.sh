@@ -6,7 +6,8 @@
 #   bash benchmarks/sparse_recover_gpu_2026-12-05/cpu_heldout.sh DIR_WITH_THE_TGZ_FILES
 set -e
 cd "$(dirname "$0")/../.."
-IN=$1 R=/tmp/sgx
+IN=${1:?usage: cpu_heldout.sh DIR (the folder holding adapter_sl.tgz and/or adapter_sk.tgz)} R=/tmp/sgx
+ls $IN/adapter_s[lk].tgz > /dev/null 2>&1 || { echo "cpu_heldout.sh: no adapter_sl.tgz or adapter_sk.tgz in $IN" >&2; exit 1; }
 mkdir -p $R
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter --config.calibration.tokenizer=smollm2-135m-instruct --config.overwrite=True"
 [ -d $R/ffn25 ] || .venv/bin/python $S --config.input=smollm2-135m-instruct --config.output=$R/ffn25 | cut -c1-300

@@ -115,8 +115,8 @@ def run(fv) -> None:
     from configurable_fm.analysis import sparsity as sp
     from configurable_fm.analysis.moefication import corpus_batches
     from configurable_fm.interop.loader import load_model
-    from configurable_fm.interop.orbax_io import save_model
     from configurable_fm.data.shards import is_text_corpus
+    from configurable_fm.interop.orbax_io import save_model
     from configurable_fm.interop.tokenizers import find_tokenizer, load_chat_tokenizer
 
     c = fv.config

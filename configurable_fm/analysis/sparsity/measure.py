@@ -46,12 +46,11 @@ from configurable_fm.models.scoring import next_token_nll
 
 @dataclasses.dataclass
 class Evaluation:
-    """The sums of `evaluate` (module docstring): nll (T,) and tokens (T,) per position; window_nll and
-    window_tokens (W, T) per sequence and position (W sequences over all batches, rows of shorter batches padded
-    with zeros); kept and entries per SparseLinear path; shapes {path: (in, out)}; dense_prefix P; batches."""
+    """The sums of `evaluate` (module docstring): window_nll and window_tokens (W, T) per sequence and position
+    (W sequences over all batches, rows of shorter batches padded with zeros), whose column sums are nll (T,) and
+    tokens (T,) per position; kept and entries per SparseLinear path; shapes {path: (in, out)}; dense_prefix P;
+    batches."""
 
-    nll: np.ndarray
-    tokens: np.ndarray
     window_nll: np.ndarray
     window_tokens: np.ndarray
     kept: dict[str, int]
@@ -59,6 +58,16 @@ class Evaluation:
     shapes: dict[str, tuple[int, int]]
     dense_prefix: int
     batches: int
+
+    @property
+    def nll(self) -> np.ndarray:
+        """NLL_t: the masked NLL summed over sequences, per position (T,)."""
+        return self.window_nll.sum(axis=0)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """N_t: the scored tokens per position (T,)."""
+        return self.window_tokens.sum(axis=0)
 
     def scored_tokens(self, start: Optional[int] = None) -> int:
         return int(self.tokens[self.dense_prefix if start is None else start:].sum())
@@ -157,9 +166,8 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
     if n == 0:
         raise SparsityError(f"{desc}: no batches")
     window_nll, window_tokens = _stack_padded(window_nll), _stack_padded(window_tokens)
-    return Evaluation(nll=window_nll.sum(axis=0), tokens=window_tokens.sum(axis=0), window_nll=window_nll,
-                      window_tokens=window_tokens, kept=kept, entries=entries, shapes=shapes, dense_prefix=prefix,
-                      batches=n)
+    return Evaluation(window_nll=window_nll, window_tokens=window_tokens, kept=kept, entries=entries, shapes=shapes,
+                      dense_prefix=prefix, batches=n)
 
 
 def perplexity_change(ev: Evaluation, reference: Evaluation, start: Optional[int] = None) -> tuple[float, float]:
