@@ -5,7 +5,7 @@ source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.22  # four processes at once
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,code --config.calibration.tokenizer=/tmp/smol.gguf --config.evaluation.n_tokens=65536 --config.overwrite=True"
 E="scripts/train.py --config experiments/analysis/moefy_recover.py:eval,code --config.progress=False $EXTRA"
-RUNS=${RUNS:-sl sk}  # the recovery runs to evaluate (recovery_sparse_train.sh's sl and sk)
+RUNS=${RUNS:-sk st}  # the recovery runs to evaluate (recovery_sparse_train.sh's sl, sk or st; at most two)
 for r in $RUNS; do (timeout 150 python3 $S --config.input=/tmp/rec/$r/best --config.output=/tmp/sparse/recal_$r > $OUT/resparsify_$r.log 2>&1; el resparsify_$r $?) & done
 wait; cut -c1-400 $OUT/resparsify_*.log
 for m in /tmp/smol.gguf:dense /tmp/sparse/ffn25:before $(for r in $RUNS; do echo /tmp/sparse/recal_$r:after_$r; done); do (timeout 150 python3 $E --workdir /tmp/rec/${m#*:} --config.init_from=${m%:*} > $OUT/${m#*:}.log 2>&1; el ${m#*:} $?) & done

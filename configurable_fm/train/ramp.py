@@ -21,7 +21,10 @@ setup() refuses a config.trainable that selects them, and a model without any (n
 `task_from_config(spec)` builds the task a train config names: None / {} / kind '' or 'next_token' gives the
 default NextTokenTask; kind 'mask_ramp' a MaskRampTask(start, steps) around it; kind 'moe' a train.moe.MoETask
 (router load-balancing and z-losses, router statistics) with the entry's other keys (MoETask.from_config); kind
-'distill' a train.distill.DistillTask (teacher, alpha, temperature: distillation from a frozen teacher).
+'distill' a train.distill.DistillTask (teacher, alpha, temperature: distillation from a frozen teacher). Any kind
+but 'moe' also takes `track_sparsity` (a level in (0, 1)) and optionally `track_rate`: the task is then wrapped in a
+train.sparsity_tracking.SparsityTrackingTask, which keeps the thresholds of an activation-sparse model at that level
+while it trains.
 """
 from __future__ import annotations
 
@@ -111,6 +114,15 @@ class MaskRampTask(Task):
 def task_from_config(spec: Mapping[str, Any] | None) -> Task:
     """The task a train config's `task` entry names (module docstring); ConfigError naming a bad kind or key."""
     spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec or {})
+    if "track_sparsity" in spec or "track_rate" in spec:
+        from configurable_fm.train.sparsity_tracking import SparsityTrackingTask
+
+        level, rate = spec.pop("track_sparsity", None), spec.pop("track_rate", 1.0)
+        if level is None:
+            raise ConfigError("task.track_rate needs task.track_sparsity (the level to keep the thresholds at)")
+        if spec.get("kind") == "moe":
+            raise ConfigError("task.track_sparsity cannot be combined with kind 'moe' (both capture the forward)")
+        return SparsityTrackingTask(inner=task_from_config(spec), level=level, rate=rate)
     kind = spec.get("kind") or "next_token"
     if kind not in TASK_KINDS:
         raise ConfigError(f"task.kind={kind!r} is not one of {list(TASK_KINDS)}")

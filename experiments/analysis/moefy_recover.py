@@ -38,7 +38,7 @@ experiments/analysis/moefy.py:mlp); importing this config registers the module k
 it needs. A recovery workdir's best/ is a MoEfied orbax checkpoint again (with the LoRA adapter attached for
 'lora'/'both'; the adapter alone is also written to WORKDIR/adapter/ as a brick set).
 
-Variants: MODE[,DATA][,kd][,test]
+Variants: MODE[,DATA][,kd][,track][,test]
     router  trainable=('**.mlp.router.**',): the routers' parameters (centroid: kernel; mlp: w1, b1, w2, b2) only.
             The top-k mask has no derivative; the MoefiedMLP forward carries a straight-through term
             c~_e = c_e + p_e - stop_gradient(p_e), p = softmax(scores), equal to the mask in value, so that
@@ -76,6 +76,11 @@ Variants: MODE[,DATA][,kd][,test]
             instead of the next-token loss: the recovery then learns the dense model's function, not the data's
             domain, and its val_ppl can be read against the untrained dense model directly (the validation loss
             stays the plain NLL).
+    track   (lora_sparse) keep the thresholds at TRACK_LEVEL = 0.75, the level of experiments/analysis/sparsify.py:
+            quarter, while training (train/sparsity_tracking.py: after each micro-batch a Newton step on each log
+            threshold towards the level, with the slope measured on that batch; task.track_sparsity=LEVEL for
+            another level): the recovery trains at the level it is used at, instead of drifting and being
+            re-calibrated afterwards. Logs `sparsity` (the mean achieved fraction) and val_sparsity.
     test    a tiny CPU run (8 steps of 4 x 16 tokens, float32, mesh (1,1,1), LoRA rank 4); set init_from.
 
 Objective: the trainer's default next-token loss (train/task.py NextTokenTask),
@@ -153,24 +158,30 @@ FFN = ("layers.*.mlp.*_proj.**",)  # llama: a MoefiedMLP's stacked gate/up/down_
 FFN_LR = 1e-4  # full fine-tuning of the FFN weights (experts, ffn); LoRA and routers train at 1e-3
 DEFAULT_INIT = "moefied/smollm2-cmoe-16x4"
 DENSE = "smollm2-135m-instruct"  # the teacher of the 'kd' option (set task.teacher for another dense model)
+TRACK_LEVEL = 0.75  # the 'track' option's level: experiments/analysis/sparsify.py:quarter (25% of the neurons active)
+OPTIONS = ("test", "kd", "track")
 
 
-def parse(arg: str) -> tuple[str, str, bool, bool]:
-    """(mode, data, test, kd): 'router,code,test' -> ('router', 'code', True, False); '' -> ('router', 'english',
-    False, False); 'lora_sparse,code,kd' -> ('lora_sparse', 'code', False, True)."""
+def parse(arg: str) -> tuple[str, str, set[str]]:
+    """(mode, data, options): 'router,code,test' -> ('router', 'code', {'test'}); '' -> ('router', 'english',
+    set()); 'lora_sparse,code,kd,track' -> ('lora_sparse', 'code', {'kd', 'track'})."""
     parts = [p for p in arg.split(",") if p]
-    test, kd = "test" in parts, "kd" in parts
     modes = [p for p in parts if p in MODES]
     data = [p for p in parts if p in DATASETS]
-    unknown = [p for p in parts if p not in MODES and p not in DATASETS and p not in ("test", "kd")]
+    unknown = [p for p in parts if p not in MODES and p not in DATASETS and p not in OPTIONS]
     if unknown or len(modes) > 1 or len(data) > 1:
         raise ValueError(f"moefy_recover config {arg!r}: give at most one mode {list(MODES)}, one dataset "
-                         f"{list(DATASETS)} and optionally 'kd' and 'test' (unknown: {unknown})")
-    return (modes[0] if modes else "router"), (data[0] if data else "english"), test, kd
+                         f"{list(DATASETS)} and optionally {' / '.join(OPTIONS)} (unknown: {unknown})")
+    mode = modes[0] if modes else "router"
+    if "track" in parts and mode != "lora_sparse":
+        raise ValueError(f"moefy_recover config {arg!r}: 'track' keeps activation-sparsity thresholds at a level; "
+                         "it goes with the mode lora_sparse")
+    return mode, (data[0] if data else "english"), set(parts) & set(OPTIONS)
 
 
 def get_config(arg: str = "router") -> ml_collections.ConfigDict:
-    mode, data, test, kd = parse(arg)
+    mode, data, options = parse(arg)
+    test, kd = "test" in options, "kd" in options
     c = pretrain.get_config("tiny")  # the trainer's keys; `model` unused (init_from is set)
     c.name = f"moefy_recover_{arg.replace(',', '_')}"
     c.init_from = "" if test else DEFAULT_INIT
@@ -201,6 +212,9 @@ def get_config(arg: str = "router") -> ml_collections.ConfigDict:
         c.progress = False
     if kd:  # distil from the dense model instead of the next-token loss alone (train/distill.py)
         c.task = ml_collections.ConfigDict(dict(kind="distill", teacher=DENSE, alpha=1.0, temperature=1.0))
+    if "track" in options:  # keep the thresholds at the level while training (train/sparsity_tracking.py)
+        c.task = c.get("task") or ml_collections.ConfigDict()
+        c.task.track_sparsity = TRACK_LEVEL
     if mode == "eval":
         c.steps, c.log_every, c.eval_every, c.checkpoint_every = 1, 1, 1, 1
         c.optimizer.update(lr=0.0)

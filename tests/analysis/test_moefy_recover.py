@@ -266,5 +266,21 @@ def test_kd_option_distils_from_the_dense_model():
     assert c.task.to_dict() == {"kind": "distill", "teacher": "smollm2-135m-instruct", "alpha": 1.0,
                                 "temperature": 1.0}
     assert "task" not in moefy_recover.get_config("lora_sparse,code")
-    with pytest.raises(ValueError, match="optionally 'kd' and 'test'"):
+    with pytest.raises(ValueError, match="optionally test / kd / track"):
         moefy_recover.get_config("lora,distil")
+
+
+def test_track_option_keeps_the_thresholds_at_the_quarter_level():
+    from configurable_fm.train.distill import DistillTask
+    from configurable_fm.train.ramp import task_from_config
+    from configurable_fm.train.sparsity_tracking import SparsityTrackingTask
+    from configurable_fm.train.task import NextTokenTask
+
+    c = moefy_recover.get_config("lora_sparse,code,kd,track")
+    assert c.task.track_sparsity == 0.75 and c.task.kind == "distill"
+    task = task_from_config(c.task)
+    assert isinstance(task, SparsityTrackingTask) and isinstance(task.inner, DistillTask) and task.level == 0.75
+    task = task_from_config(moefy_recover.get_config("lora_sparse,track").task)
+    assert isinstance(task, SparsityTrackingTask) and isinstance(task.inner, NextTokenTask)
+    with pytest.raises(ValueError, match="goes with the mode lora_sparse"):
+        moefy_recover.get_config("lora,track")
