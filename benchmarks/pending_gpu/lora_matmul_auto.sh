@@ -10,7 +10,7 @@ for r in $(seq ${ROUNDS:-2}); do for f in "" "$CUBLAS"; do for s in "" "--scan_l
   XLA_FLAGS="$f" timeout 70 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none $s --steps 10 --warmup 2 --out $OUT/gemm_ab.jsonl > /dev/null 2>&1; el "r$r[$f]$s" $?
 done; done; done
 # the anchor runs after our rows while this process holds its JAX memory pool: 0.92 of an 80 GB card left torch too
-# little (CUDA out of memory on the H100, 2026-12-05); the 1B step's peak is 39.9 GB, the anchor's about 32 GB
+# little (CUDA out of memory on the H100, 2026-12-05); the 1B step's peak is 37.2 GiB, the anchor's 32.1 GiB (H200 run)
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.55 timeout 200 python3 scripts/bench_train.py --variant 1b --seq_len 2048 --grid 8:none --steps 10 --warmup 2 --anchor .gpu/anchors/torch_train.py --out $OUT/gemm_ab.jsonl 2>&1 | grep '"anchor"\|"summary"' | cut -c1-300; el anchor $?
 python3 -c "
 import json
