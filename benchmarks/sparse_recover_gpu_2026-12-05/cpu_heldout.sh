@@ -1,8 +1,9 @@
 # The adapters that recovery_sparse_train.sh trained on the GPU (brought back by recovery_sparse_eval.sh as
-# adapter_sl.tgz / adapter_sk.tgz / adapter_st.tgz), evaluated here on the CPU on more held-out text than the GPU call had: the whole
-# stdlib validation split and 16,384 tokens of English (heldout_eval.py of the CPU study). Each adapter is merged
-# into the 25%-active model (its LoRA sits on attention and gate/up_proj, whose inputs are dense: merging is exact),
-# the thresholds re-calibrated to 75% on the stdlib, then evaluated beside the dense model and the 25%-active one.
+# adapter_sl.tgz / adapter_sk.tgz / adapter_st.tgz), evaluated here on the CPU on more held-out text than the GPU
+# call had: the whole stdlib validation split and 16,384 tokens of English (heldout_eval.py of the CPU study). Each
+# adapter is merged into the 25%-active model (its LoRA sits on attention and gate/up_proj, whose inputs are dense:
+# merging is exact), the thresholds re-calibrated to 75% on the stdlib, then evaluated beside the dense model and the
+# 25%-active one.
 #   bash benchmarks/sparse_recover_gpu_2026-12-05/cpu_heldout.sh DIR_WITH_THE_TGZ_FILES
 set -e
 cd "$(dirname "$0")/../.."

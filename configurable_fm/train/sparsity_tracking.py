@@ -59,21 +59,16 @@ METRICS = ("sparsity", "sparsity_spread")
 SLOPE_STEP, MIN_SLOPE, MAX_STEP = 0.1, 0.05, 1.0  # d, g_min and max_step of the update (module docstring)
 
 
-def zeroed_fraction(kept, row_mask=None) -> jax.Array:
-    """The float32 fraction of False entries of `kept` (B, T, ..., F) over the rows whose `row_mask` (B,) is 1
-    (every row when None); no gradient."""
-    dropped = jax.lax.stop_gradient(jnp.logical_not(kept)).astype(jnp.float32)
-    if row_mask is None:
-        return jnp.mean(dropped)
-    w = jnp.asarray(row_mask, jnp.float32).reshape((-1,) + (1,) * (dropped.ndim - 1))
-    per_row = dropped.size // dropped.shape[0]
-    return jnp.sum(dropped * w) / jnp.maximum(jnp.sum(w) * per_row, 1.0)
-
-
 def fraction_below(scores, t, row_mask=None) -> jax.Array:
     """The float32 fraction of entries of `scores` (B, T, ..., F) that are <= t (what a threshold t zeroes; NaN
-    scores are kept, as SparseLinear keeps them) over the rows whose `row_mask` (B,) is 1 (all when None)."""
-    return zeroed_fraction(jnp.logical_not(scores <= t), row_mask)
+    scores are kept, as SparseLinear keeps them) over the rows whose `row_mask` (B,) is 1 (all when None); no
+    gradient."""
+    zeroed = jax.lax.stop_gradient(scores <= t).astype(jnp.float32)
+    if row_mask is None:
+        return jnp.mean(zeroed)
+    w = jnp.asarray(row_mask, jnp.float32).reshape((-1,) + (1,) * (zeroed.ndim - 1))
+    per_row = zeroed.size // zeroed.shape[0]
+    return jnp.sum(zeroed * w) / jnp.maximum(jnp.sum(w) * per_row, 1.0)
 
 
 def tracked_threshold(t, scores, level: float, rate: float, row_mask=None) -> tuple[jax.Array, jax.Array]:
@@ -119,23 +114,23 @@ class SparsityTrackingTask(Task):
         if isinstance(self.paths, str) or not self.paths or not all(isinstance(p, str) and p for p in self.paths):
             raise ConfigError(f"SparsityTrackingTask: paths are a non-empty tuple of globs, got {self.paths!r}")
 
-    def tracked(self, model) -> list[str]:
-        """The paths of the SparseLinears of `model` that `paths` selects (tree order); ConfigError when none."""
-        found = list(sparse_linears(model))
+    def tracked(self, model) -> dict:
+        """{path: SparseLinear} of the modules of `model` that `paths` selects (tree order); ConfigError when none."""
+        found = sparse_linears(model)
         if not found:
             raise ConfigError("SparsityTrackingTask: the model has no activation-sparsity modules (SparseLinear) "
                               "whose thresholds could be tracked; sparsify it first (scripts/sparsify.py)")
         rx = [re.compile(glob_to_regex(p)) for p in self.paths]
-        chosen = [p for p in found if any(r.fullmatch(p) for r in rx)]
+        chosen = {p: m for p, m in found.items() if any(r.fullmatch(p) for r in rx)}
         if not chosen:
+            names = list(found)
             raise ConfigError(f"SparsityTrackingTask: paths {list(self.paths)} select none of the model's "
-                              f"SparseLinears ({found[:4]}{' ...' if len(found) > 4 else ''})")
+                              f"SparseLinears ({names[:4]}{' ...' if len(names) > 4 else ''})")
         return chosen
 
     def setup(self, model, trainable: Sequence[str]) -> "SparsityTrackingTask":
         chosen = self.tracked(model)
-        modules = sparse_linears(model)
-        bad = [p for p in chosen if not float(modules[p].threshold.get_value()) > 0]
+        bad = [p for p, m in chosen.items() if not float(m.threshold.get_value()) > 0]
         if bad:
             raise ConfigError(f"SparsityTrackingTask: the thresholds of {bad[:4]}{' ...' if len(bad) > 4 else ''} "
                               "are <= 0 and cannot be scaled towards a level; calibrate them first")
@@ -146,31 +141,28 @@ class SparsityTrackingTask(Task):
         return dataclasses.replace(self, inner=set_up_task(self.inner, model, trainable))
 
     def _run(self, model, call):
-        """(inner loss, inner metrics, {path: scores}) of `call(model)`, every tracked `.score` point captured."""
+        """(inner loss, inner metrics, {path: (its threshold variable, its scores)}) of `call(model)`, every
+        tracked `.score` point captured."""
         chosen = self.tracked(model)
         (loss, metrics), scores = capture(model, [f"{p}.score" for p in chosen], call)
         clash = sorted(set(METRICS) & set(metrics))
         if clash:
             raise ConfigError(f"SparsityTrackingTask: the inner task returns metric(s) {clash}, names this task logs")
-        return loss, metrics, {p: scores[f"{p}.score"] for p in chosen}
+        return loss, metrics, {p: (m.threshold, scores[f"{p}.score"]) for p, m in chosen.items()}
 
     def _with_metrics(self, metrics, zeroed) -> dict:
         z = jnp.stack(list(zeroed.values()))
         return {**metrics, "sparsity": jnp.mean(z), "sparsity_spread": jnp.max(jnp.abs(z - self.level))}
 
     def loss(self, model, batch, step, rng):
-        loss, metrics, scores = self._run(model, lambda m: self.inner.loss(m, batch, step, rng))
-        modules = sparse_linears(model)
+        loss, metrics, tracked = self._run(model, lambda m: self.inner.loss(m, batch, step, rng))
         zeroed = {}
-        for path, a in scores.items():
-            var = modules[path].threshold
+        for path, (var, a) in tracked.items():
             new, zeroed[path] = tracked_threshold(var.get_value(), a, self.level, self.rate)
             var.set_value(new)
         return loss, self._with_metrics(metrics, zeroed)
 
     def eval_loss(self, model, batch, step):
-        loss, metrics, scores = self._run(model, lambda m: eval_loss(self.inner, m, batch, step))
-        modules = sparse_linears(model)
-        zeroed = {p: fraction_below(jax.lax.stop_gradient(a), modules[p].threshold.get_value(), batch.get("mask"))
-                  for p, a in scores.items()}
+        loss, metrics, tracked = self._run(model, lambda m: eval_loss(self.inner, m, batch, step))
+        zeroed = {p: fraction_below(a, var.get_value(), batch.get("mask")) for p, (var, a) in tracked.items()}
         return loss, self._with_metrics(metrics, zeroed)

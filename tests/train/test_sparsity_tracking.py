@@ -15,8 +15,7 @@ from configurable_fm.models.factory import build_model
 from configurable_fm.train.distill import DistillTask
 from configurable_fm.train.moe import MoETask
 from configurable_fm.train.ramp import task_from_config
-from configurable_fm.train.sparsity_tracking import (SparsityTrackingTask, fraction_below, tracked_threshold,
-                                                     zeroed_fraction)
+from configurable_fm.train.sparsity_tracking import SparsityTrackingTask, fraction_below, tracked_threshold
 from configurable_fm.train.task import NextTokenTask
 from configurable_fm.train.trainer import train
 from tests.train.test_trainer import tiny_config, tiny_data
@@ -25,11 +24,11 @@ quiet = lambda s: None
 DOWN = ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
 
 
-def test_zeroed_fraction_and_the_rule():
-    kept = jnp.asarray([[[True, False, False, True]], [[False, False, False, False]]])  # (B=2, T=1, F=4)
-    assert float(zeroed_fraction(kept)) == pytest.approx(6 / 8)
-    assert float(zeroed_fraction(kept, jnp.asarray([1, 0]))) == pytest.approx(2 / 4)  # the padded row left out
-    assert float(zeroed_fraction(kept, jnp.asarray([0, 1]))) == pytest.approx(1.0)
+def test_fraction_below_and_the_rule():
+    scores = jnp.asarray([[[0.9, 0.1, 0.2, 0.8]], [[0.0, 0.3, 0.1, 0.2]]])  # (B=2, T=1, F=4); t = 0.5 zeroes 6
+    assert float(fraction_below(scores, 0.5)) == pytest.approx(6 / 8)
+    assert float(fraction_below(scores, 0.5, jnp.asarray([1, 0]))) == pytest.approx(2 / 4)  # the padded row left out
+    assert float(fraction_below(scores, 0.5, jnp.asarray([0, 1]))) == pytest.approx(1.0)
     a = jnp.arange(1, 101, dtype=jnp.float32).reshape(1, 1, 100) / 100  # 0.01 .. 1.00
     assert float(fraction_below(a, 0.2)) == pytest.approx(0.2)
     # z = 0.2; slope: 0.2 e^0.1 = 0.221 keeps 22 at or below it, 0.2 e^-0.1 = 0.181 keeps 18: (0.22 - 0.18) / 0.2

@@ -189,7 +189,8 @@ def perplexity_change(ev: Evaluation, reference: Evaluation, start: Optional[int
         raise SparsityError(f"perplexity_change: {w} scored window(s); a standard error needs at least 2")
     n_w = ev.window_tokens[:, s:].sum(axis=1).astype(np.float64)
     diff_w = ev.window_nll[:, s:].sum(axis=1) - reference.window_nll[:, s:].sum(axis=1)
-    n_w, diff_w = n_w[n_w > 0], diff_w[n_w > 0]
+    keep = n_w > 0  # padding rows of a short last batch score nothing
+    n_w, diff_w = n_w[keep], diff_w[keep]
     d = diff_w.sum() / n_w.sum()
     se = np.sqrt(w / (w - 1) * np.sum((diff_w - d * n_w) ** 2)) / n_w.sum()
     return float(np.expm1(d)), float(np.exp(d) * se)
