@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-mkdir -p .gpu/whl .gpu/tok .gpu/anchors .gpu/ga .gpu/gb
+mkdir -p .gpu/whl .gpu/tok .gpu/anchors .gpu/ga .gpu/gb .gpu/sotu
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 for pkg in ml_collections==1.1.0 tensorboardX==2.6.5 gguf==0.19.0; do  # the device machine lacks these (Python 3.12)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -18,4 +18,14 @@ half=$(( $(stat -c %s "$gguf") / 2 ))
 head -c "$half" "$gguf" | xz -T2 -6 > .gpu/ga/part.xz
 tail -c +$(( half + 1 )) "$gguf" | xz -T2 -6 > .gpu/gb/part.xz
 sha256sum "$gguf" | cut -c1-16
+# the State of the Union speeches of the activation-sparsity study's calibration pool (the other half, its
+# evaluation pool, is the held-out English of the recovery evaluations), one .txt per speech, for recovery on code +
+# English (recovery_sparse_train.sh MIX); 1.4 MB
+rm -rf /tmp/sotu_cal && mkdir -p /tmp/sotu_cal
+.venv/bin/python -c "
+import sys; sys.path.insert(0, '.')
+import experiments.analysis.activation_sparsity as S
+for d in S.pools(S.domain_documents('english'), 0)['calibration']:
+    open(f'/tmp/sotu_cal/{d.id}.txt', 'w').write(d.text)"
+tar cJf .gpu/sotu/sotu_cal.tar.xz -C /tmp sotu_cal
 du -sh .gpu/*
