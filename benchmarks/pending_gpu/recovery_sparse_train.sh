@@ -6,7 +6,7 @@
 #   st  lora_sparse,code,kd,track  (distilled, the thresholds kept at 75% while training: train/sparsity_tracking.py)
 # The GGUF: /tmp/smol.gguf from a call before on the same warm machine, else /tmp/ga.xz (left by the call before)
 # + .gpu/gb (carried). recovery_sparse_eval.sh re-calibrates and evaluates on the same warm machine.
-# MIX='NAME:K ...' adds distillation runs (as sk) on code + English: the first K files of each code package and the
+# MIX='NAME:K[:SEED] ...' adds distillation runs (as sk) on code + English: the first K files of each code package and the
 # State of the Union speeches of the activation-sparsity study's calibration pool (/tmp/sotu_cal, unpacked from
 # .gpu/sotu/sotu_cal.tar.xz by a call before; the held-out English evaluation reads the other half), built as
 # /tmp/cfmdata/codesotu_K; their adapters come back as adapter_NAME.tgz (cpu_heldout.sh evaluates them here).
@@ -28,11 +28,12 @@ timeout 120 python3 $S --config.input=/tmp/smol.gguf --config.output=/tmp/sparse
 train sl lora_sparse,code /tmp/sparse/ffn25
 train sk lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf
 train st lora_sparse,code,kd,track /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf
-for m in $MIX; do
-  k=${m#*:} d=/tmp/cfmdata/codesotu_${m#*:}
+for m in $MIX; do  # NAME:K or NAME:K:SEED (the trainer's data order and the adapter's initialisation)
+  IFS=: read -r n k seed <<< "$m"; d=/tmp/cfmdata/codesotu_$k
   [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=/tmp/sotu_cal --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" --out $d > $OUT/prep_$k.log 2>&1; el prep_$k $?; tail -4 $OUT/prep_$k.log | cut -c1-300; }
-  train ${m%:*} lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf --config.data.dir=$d
+  train $n lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf --config.data.dir=$d \
+    --config.seed=${seed:-0} --config.adapter.seed=${seed:-0}
 done
 wait
-for m in $MIX; do tar czf $OUT/adapter_${m%:*}.tgz -C /tmp/rec/${m%:*} adapter; done
+for m in $MIX; do tar czf $OUT/adapter_${m%%:*}.tgz -C /tmp/rec/${m%%:*} adapter; done
 for f in $RUNS; do cp /tmp/rec/$f/metrics.jsonl $OUT/$f.jsonl 2>/dev/null; echo $f; grep -E "val_ppl" $OUT/$f.jsonl | grep -o '"step": [0-9]*\|"val_ppl": [0-9.]*' | paste -sd' '; grep -o '"tokens_per_s": [0-9.]*' $OUT/$f.jsonl | tail -1; tail -1 $OUT/$f.log | cut -c1-300; done
