@@ -1,5 +1,6 @@
 # GGUF from /tmp/ga.xz (c3) + .gpu/gb; code data; the lora_mlp control (dense, background) while MoEfying
-# 16x(2 shared + top 2 of 14); then lora_experts; 3000 steps each; three processes share the GPU (0.3 of its memory each)
+# 16x(2 shared + top 2 of 14); then lora_experts; 3000 steps each; three processes share the GPU (0.3 of its memory
+# each); LIMIT (default 570) is the seconds the training may take, counted from the start
 source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 [ -d /tmp/cfmdata/code ] || timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; tail -2 $OUT/prep.log | cut -c1-300

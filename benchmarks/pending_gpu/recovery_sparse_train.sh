@@ -6,12 +6,13 @@
 #   st  lora_sparse,code,kd,track  (distilled, the thresholds kept at 75% while training: train/sparsity_tracking.py)
 # The GGUF: /tmp/smol.gguf from a call before on the same warm machine, else /tmp/ga.xz (left by the call before)
 # + .gpu/gb (carried). recovery_sparse_eval.sh re-calibrates and evaluates on the same warm machine.
-# MIX='NAME:K[:SEED] ...' adds distillation runs (as sk) on code + English: the first K files of each code package and the
-# State of the Union speeches of the activation-sparsity study's calibration pool (/tmp/sotu_cal, unpacked from
-# .gpu/sotu/sotu_cal.tar.xz by a call before; the held-out English evaluation reads the other half), built as
+# MIX='NAME:K[:SEED] ...' adds distillation runs (as sk) on code + English: the first K files of each code package
+# and the State of the Union speeches of the activation-sparsity study's calibration pool (/tmp/sotu_cal, unpacked
+# from .gpu/sotu/sotu_cal.tar.xz by a call before; the held-out English evaluation reads the other half), built as
 # /tmp/cfmdata/codesotu_K; their adapters come back as adapter_NAME.tgz (cpu_heldout.sh evaluates them here).
-# RUNS (default 'dl sk st'; at most three, MIX names included) picks the runs; LIMIT (default 575) is the seconds they may take, counted from the
-# start. EXTRA (more trainer flags) makes a CPU dry run possible (STEPS=2 EXTRA='--config.batch_size=2 ...').
+# RUNS (default 'dl sk st'; at most three, MIX names included) picks the runs; LIMIT (default 575) is the seconds
+# they may take, counted from the start. EXTRA (more trainer flags) makes a CPU dry run possible (STEPS=2
+# EXTRA='--config.batch_size=2 ...').
 source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
 [ -d /tmp/cfmdata/code ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; tail -2 $OUT/prep.log | cut -c1-300; }
