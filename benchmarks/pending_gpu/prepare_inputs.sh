@@ -28,4 +28,15 @@ import experiments.analysis.activation_sparsity as S
 for d in S.pools(S.domain_documents('english'), 0)['calibration']:
     open(f'/tmp/sotu_cal/{d.id}.txt', 'w').write(d.text)"
 tar cJf .gpu/sotu/sotu_cal.tar.xz -C /tmp sotu_cal
+# and the calibration half of the CPython documentation (other_english.py of sparse_recover_gpu_mix_2026-12-05
+# evaluates on the other half), 1.1 MB
+rm -rf /tmp/docs_cal && mkdir -p /tmp/docs_cal
+.venv/bin/python -c "
+import sys; sys.path.insert(0, '.')
+import experiments.analysis.activation_sparsity as S
+from configurable_fm.data.corpora import collect_documents, make_sources
+docs, _ = collect_documents(make_sources(['python_docs']), min_chars=256)
+for i, d in enumerate(S.pools(docs, 0)['calibration']):
+    open(f'/tmp/docs_cal/{i:04d}.txt', 'w').write(d.text)"
+tar cJf .gpu/sotu/docs_cal.tar.xz -C /tmp docs_cal
 du -sh .gpu/*

@@ -6,10 +6,11 @@
 #   st  lora_sparse,code,kd,track  (distilled, the thresholds kept at 75% while training: train/sparsity_tracking.py)
 # The GGUF: /tmp/smol.gguf from a call before on the same warm machine, else /tmp/ga.xz (left by the call before)
 # + .gpu/gb (carried). recovery_sparse_eval.sh re-calibrates and evaluates on the same warm machine.
-# MIX='NAME:K[:SEED] ...' adds distillation runs (as sk) on code + English: the first K files of each code package
-# and the State of the Union speeches of the activation-sparsity study's calibration pool (/tmp/sotu_cal, unpacked
-# from .gpu/sotu/sotu_cal.tar.xz by a call before; the held-out English evaluation reads the other half), built as
-# /tmp/cfmdata/codesotu_K; their adapters come back as adapter_NAME.tgz (cpu_heldout.sh evaluates them here).
+# MIX='NAME:K[:SEED[:TEXTS]] ...' adds distillation runs (as sk) on code + English: the first K files of each code
+# package and the .txt files of the folders TEXTS ('+'-separated under /tmp, default sotu_cal: the State of the
+# Union speeches of the activation-sparsity study's calibration pool; docs_cal: the same half of the CPython docs;
+# both unpacked from .gpu/sotu/*.tar.xz by a call before; the held-out evaluations read the other halves), built as
+# /tmp/cfmdata/codeK_TEXTS; their adapters come back as adapter_NAME.tgz (cpu_heldout.sh evaluates them here).
 # RUNS (default 'dl sk st'; at most three, MIX names included) picks the runs; LIMIT (default 575) is the seconds
 # they may take, counted from the start. EXTRA (more trainer flags) makes a CPU dry run possible (STEPS=2
 # EXTRA='--config.batch_size=2 ...').
@@ -29,9 +30,10 @@ timeout 120 python3 $S --config.input=/tmp/smol.gguf --config.output=/tmp/sparse
 train sl lora_sparse,code /tmp/sparse/ffn25
 train sk lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf
 train st lora_sparse,code,kd,track /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf
-for m in $MIX; do  # NAME:K or NAME:K:SEED (the trainer's data order and the adapter's initialisation)
-  IFS=: read -r n k seed <<< "$m"; d=/tmp/cfmdata/codesotu_$k
-  [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=/tmp/sotu_cal --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" --out $d > $OUT/prep_$k.log 2>&1; el prep_$k $?; tail -4 $OUT/prep_$k.log | cut -c1-300; }
+for m in $MIX; do  # NAME:K[:SEED[:TEXTS]]: SEED the trainer's data order and the adapter's initialisation
+  IFS=: read -r n k seed texts <<< "$m"; texts=${texts:-sotu_cal}; e=/tmp/eng_${texts//+/_}; d=/tmp/cfmdata/code${k}_${texts//+/_}
+  [ -d $e ] || { mkdir -p $e.part && for t in ${texts//+/ }; do cp -r /tmp/$t $e.part/; done && mv $e.part $e; }
+  [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=$e --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" --out $d > $OUT/prep_$k.log 2>&1; el prep_$k $?; tail -4 $OUT/prep_$k.log | cut -c1-300; }
   train $n lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf --config.data.dir=$d \
     --config.seed=${seed:-0} --config.adapter.seed=${seed:-0}
 done
