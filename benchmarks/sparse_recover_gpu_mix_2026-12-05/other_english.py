@@ -28,5 +28,5 @@ for name, model in [("dense", dense)] + [(a.split("=", 1)[0], load_model(a.split
     change, se = sp.perplexity_change(ev, reference)
     s = ev.sparsity()
     level = f"{sum(s.values()) / len(s):.4f}" if s else "-"
-    print(f"{name:>8} python_docs {ev.scored_tokens():>6} tokens  ppl {ev.perplexity():8.4f}  {change:+7.2%} ± {se:.2%}"
-          f"  down_proj sparsity {level}", flush=True)
+    print(f"{name:>8} python_docs {ev.scored_tokens():>6} tokens  ppl {ev.perplexity():8.4f}  "
+          f"{change:+7.2%} ± {se:.2%}  down_proj sparsity {level}", flush=True)
