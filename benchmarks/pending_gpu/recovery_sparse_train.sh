@@ -33,7 +33,7 @@ train st lora_sparse,code,kd,track /tmp/sparse/ffn25 --config.task.teacher=/tmp/
 for m in $MIX; do  # NAME:K[:SEED[:TEXTS]]: SEED the trainer's data order and the adapter's initialisation
   IFS=: read -r n k seed texts <<< "$m"; texts=${texts:-sotu_cal}; e=/tmp/eng_${texts//+/_}; d=/tmp/cfmdata/code${k}_${texts//+/_}
   [ -d $e ] || { mkdir -p $e.part && for t in ${texts//+/ }; do cp -r /tmp/$t $e.part/; done && mv $e.part $e; }
-  [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=$e --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" --out $d > $OUT/prep_$k.log 2>&1; el prep_$k $?; tail -4 $OUT/prep_$k.log | cut -c1-300; }
+  [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=$e --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" --out $d > $OUT/prep_$n.log 2>&1; el prep_$n $?; tail -4 $OUT/prep_$n.log | cut -c1-300; }
   train $n lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf --config.data.dir=$d \
     --config.seed=${seed:-0} --config.adapter.seed=${seed:-0}
 done
