@@ -8,7 +8,8 @@ t_l is the p-quantile of |silu(g)| over the calibration tokens of layer l (all p
 on each gate_proj output: g -> g where |silu(g)| > t_l, else -80 (silu(-80) ~ -1e-33, so h_i = 0 up to float32).
 TEAL's rule at the same p is the package's own (analysis.sparsity: calibrate + sparsify_activations on the down_proj
 inputs). Held-out windows of the activation-sparsity study's pools (calibration on one half of the documents,
-evaluation on the other), every position sparse; each change with the paired SE over 512-token windows.
+evaluation on the other), every position sparse; each change with the paired SE over 512-token windows
+(analysis.sparsity.perplexity_change).
     python benchmarks/cats_probe_cpu_2026-12-05/gate_threshold.py CAL_TOKENS EVAL_TOKENS   # e.g. 4096 8192"""
 import sys
 import time
@@ -20,8 +21,10 @@ import numpy as np
 sys.path.insert(0, ".")  # run from the repository root
 import experiments.analysis.activation_sparsity as S  # noqa: E402
 from configurable_fm.analysis.capture import capture, intervene  # noqa: E402
-from configurable_fm.analysis.sparsity import calibrate, sparsify_activations  # noqa: E402
+from configurable_fm.analysis.sparsity import (Evaluation, calibrate, evaluate, perplexity_change,  # noqa: E402
+                                               sparsify_activations)
 from configurable_fm.interop.loader import load_pretrained  # noqa: E402
+from configurable_fm.models.scoring import next_token_nll  # noqa: E402
 
 t0 = time.time()
 
@@ -39,22 +42,14 @@ gates = [f"layers.{i}.mlp.gate_proj.output" for i in range(L)]
 down = [f"layers.{i}.mlp.down_proj" for i in range(L)]
 
 
-def window_nll(m, batches, fns=None):
-    """(windows,) mean next-token NLL of each 512-token window."""
-    out = []
-    for b in batches:
-        ids = jnp.asarray(b["inputs"])
-        logits = intervene(m, fns, ids) if fns else m(ids)
-        lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        t = jnp.asarray(b["targets"])
-        out.append(np.asarray(-jnp.take_along_axis(lp, t[..., None], -1)[..., 0]).mean(-1))
-    return np.concatenate(out)
-
-
-def change(nll, ref):
-    d = nll - ref
-    return float(np.exp(nll.mean()) / np.exp(ref.mean()) - 1), float(np.exp(nll.mean() - ref.mean()) * d.std(ddof=1)
-                                                                       / np.sqrt(len(d)))
+def evaluate_intervened(m, batches, fns) -> Evaluation:
+    """analysis.sparsity.evaluate's per-token NLL sums for a forward with interventions (which evaluate does not
+    take), so that perplexity_change pairs it with evaluate's dense reference (every window full, no sparse Linear)."""
+    nll = [np.asarray(next_token_nll(intervene(m, fns, jnp.asarray(b["inputs"])), jnp.asarray(b["targets"])),
+                      np.float64) for b in batches]
+    nll = np.concatenate(nll)
+    return Evaluation(window_nll=nll, window_tokens=np.ones(nll.shape, np.int64), kept={}, entries={}, shapes={},
+                      dense_prefix=0, batches=len(batches))
 
 
 for domain in ("english", "code"):
@@ -69,14 +64,14 @@ for domain in ("english", "code"):
     acts = {g: np.concatenate(v) for g, v in acts.items()}
     teal_cal = calibrate(model, cal_b, down)
     say(f"{domain}: calibrated on {NCAL} tokens")
-    ref = window_nll(model, ev_b)
-    say(f"{domain} dense ppl {np.exp(ref.mean()):.4f} ({ref.size} windows)")
+    ref = evaluate(model, ev_b)
+    say(f"{domain} dense ppl {ref.perplexity():.4f} ({ref.scored_windows()} windows)")
     for p in (0.5, 0.75):
         teal = sparsify_activations(model, teal_cal.thresholds({d: p for d in down}))
-        c, se = change(window_nll(teal, ev_b), ref)
+        c, se = perplexity_change(evaluate(teal, ev_b), ref)
         say(f"{domain} p={p:.2f} TEAL (|h| at down_proj input)  {c:+.2%} ± {se:.2%}")
         th = {g: float(np.quantile(acts[g], p)) for g in gates}
         fns = {g: (lambda t: (lambda v: jnp.where(jnp.abs(jax.nn.silu(v)) > t, v, jnp.asarray(-80.0, v.dtype))))(th[g])
                for g in gates}
-        c, se = change(window_nll(model, ev_b, fns), ref)
+        c, se = perplexity_change(evaluate_intervened(model, ev_b, fns), ref)
         say(f"{domain} p={p:.2f} CATS (|silu(gate)|)            {c:+.2%} ± {se:.2%}")
