@@ -4,6 +4,8 @@
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD CFM_DATA_DIR=/tmp/cfmdata
+# the site-packages the code datasets are built from (experiments/data.py:code, --config.code.packages)
+CODE_PACKAGES="('numpy','jax','flax','optax','orbax','chex','transformers','torch')"
 if [ ! -f /tmp/smol.gguf ] && [ -f /tmp/ga.xz ] && [ -f .gpu/gb/part.xz ]; then
   xz -dc /tmp/ga.xz > /tmp/smol.gguf.part && xz -dc .gpu/gb/part.xz >> /tmp/smol.gguf.part && mv /tmp/smol.gguf.part /tmp/smol.gguf
 fi

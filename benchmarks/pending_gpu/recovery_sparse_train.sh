@@ -16,7 +16,7 @@
 # EXTRA='--config.batch_size=2 ...').
 source benchmarks/pending_gpu/env.sh
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.3
-[ -d /tmp/cfmdata/code ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" > $OUT/prep.log 2>&1; el prep $?; tail -2 $OUT/prep.log | cut -c1-300; }
+[ -d /tmp/cfmdata/code ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.tokenizer=/tmp/smol.gguf --config.code.packages="$CODE_PACKAGES" > $OUT/prep.log 2>&1; el prep $?; tail -2 $OUT/prep.log | cut -c1-300; }
 STEPS=${STEPS:-2000}
 T="--config.steps=$STEPS --config.eval_every=500 --config.checkpoint_every=$STEPS --config.progress=False $EXTRA"
 S="scripts/sparsify.py --config experiments/analysis/sparsify.py:quarter,code --config.calibration.tokenizer=/tmp/smol.gguf --config.evaluation.n_tokens=65536 --config.overwrite=True"
@@ -33,7 +33,7 @@ train st lora_sparse,code,kd,track /tmp/sparse/ffn25 --config.task.teacher=/tmp/
 for m in $MIX; do  # NAME:K[:SEED[:TEXTS]]: SEED the trainer's data order and the adapter's initialisation
   IFS=: read -r n k seed texts <<< "$m"; texts=${texts:-sotu_cal}; e=/tmp/eng_${texts//+/_}; d=/tmp/cfmdata/code${k}_${texts//+/_}
   [ -d $e ] || { mkdir -p $e.part && for t in ${texts//+/ }; do cp -r /tmp/$t $e.part/; done && mv $e.part $e; }
-  [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=$e --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="('numpy','jax','flax','optax','orbax','chex','transformers','torch')" --out $d > $OUT/prep_$n.log 2>&1; el prep_$n $?; tail -4 $OUT/prep_$n.log | cut -c1-300; }
+  [ -d $d ] || { timeout 120 python3 scripts/prepare_data.py --config experiments/data.py:code --config.sources="('code','files')" --config.files.root=$e --config.code.max_files_per_package=$k --config.tokenizer=/tmp/smol.gguf --config.code.packages="$CODE_PACKAGES" --out $d > $OUT/prep_$n.log 2>&1; el prep_$n $?; tail -4 $OUT/prep_$n.log | cut -c1-300; }
   train $n lora_sparse,code,kd /tmp/sparse/ffn25 --config.task.teacher=/tmp/smol.gguf --config.data.dir=$d \
     --config.seed=${seed:-0} --config.adapter.seed=${seed:-0}
 done
