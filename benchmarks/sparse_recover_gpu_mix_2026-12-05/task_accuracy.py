@@ -18,6 +18,7 @@ import experiments.analysis.activation_sparsity as S  # noqa: E402
 from configurable_fm.analysis.sparsity import calibrate, sparsify_activations  # noqa: E402
 from configurable_fm.data.synthetic.evaluate import evaluate_task  # noqa: E402
 from configurable_fm.data.text_tasks import few_shot, get_library_task  # noqa: E402
+from configurable_fm.errors import UserError  # noqa: E402
 from configurable_fm.interop.loader import load_model, load_pretrained  # noqa: E402
 
 TASKS = ("pos", "lemma", "pertainym", "keyword", "cloze", "plural", "addition", "kv_recall", "copy", "increment")
@@ -42,9 +43,13 @@ def teal50():
 tasks = {t: few_shot(get_library_task(t), shots=2) for t in TASKS}
 ns = np.array([min(args.n, SMALL.get(t, args.n)) for t in TASKS])
 scores = {}
+try:  # every checkpoint loaded before the first evaluation: a wrong path fails at once, in one line
+    models = [("dense", dense)] + [(name, teal50() if src == "teal50" else load_model(src))
+                                   for name, src in (m.split("=", 1) for m in args.models)]
+except UserError as e:
+    sys.exit(f"task_accuracy.py: {e}")
 print(f"{'model':>8} " + " ".join(f"{t[:9]:>9}" for t in TASKS) + "      mean ± SE   vs dense ± SE", flush=True)
-for name, src in [("dense", None)] + [tuple(m.split("=", 1)) for m in args.models]:
-    model = dense if src is None else teal50() if src == "teal50" else load_model(src)
+for name, model in models:
     per = {}
     for t, task in tasks.items():
         r = evaluate_task(model, tok, task, n=int(ns[TASKS.index(t)]), seed=0, max_new_tokens=12, n_show=0,
