@@ -4,6 +4,7 @@
     python scripts/bench_sparse_decode.py                                        # 1b, E = 16, top_k 4 and 8 (GPU)
     python scripts/bench_sparse_decode.py --shape 1b --top_k 4,8 --masked --out results/sparse_decode.jsonl
     python scripts/bench_sparse_decode.py --shape 1b --top_k 4 --modes pallas --pallas neurons=16,out=16,num_warps=2
+    python scripts/bench_sparse_decode.py --top_k 2,4 --modes pallas --pallas "decode=0;matvec=1;matvec=0" --profile P
     python scripts/bench_sparse_decode.py --shape tiny --new_tokens 8 --repeats 1   # CPU smoke run (Pallas interpreted)
 
 The workload is scripts/bench_generate.py's: a llama of --shape ('1b', the default: experiments/pretrain.py's 1b,
@@ -13,7 +14,10 @@ bf16 weights, a 64-token random prompt, --new_tokens new tokens, greedy, timed w
 (median of --repeats calls after a warm-up). The MoEfied model is `moefy(dense, num_experts=E, num_experts_per_tok=k,
 split='random', router='centroid')` (data-free: the speed does not depend on the quality of the split), run with
 `with_dispatch(moe, mode)` for each mode of --modes ('gather', 'pallas'; --masked adds the masked forward, slower
-than dense: it computes every expert).
+than dense: it computes every expert). --pallas takes one or more ';'-separated sets of dispatch.PallasOptions
+fields ('decode=0' the general kernels for one token, 'matvec=0' the one-token kernels with Triton dots, tile
+bounds such as 'neurons=16'); with several sets each is a row 'moefied+pallas[SET]'. --profile DIR traces one call
+of min(32, --new_tokens) tokens per row (configurable_fm.profiling) and adds the device kernels per decode step.
 
 Each row (one JSON line; --out FILE appends them; a table at the end):
     tokens_per_s   new tokens x batch / the wall time of one whole call
@@ -27,12 +31,14 @@ Each row (one JSON line; --out FILE appends them; a table at the end):
     ffn_rel_err    (dispatching rows) max |y - y_masked| / max |y_masked| of layer 0's FFN on a random bf16 token
     tokens_as_masked   (dispatching rows) the fraction of new tokens equal to the masked model's greedy ones (bf16
                    rounding differs between the paths, so a near-tie may flip a token and the rest of the text)
+    profile        (--profile) events_per_step, busy_ms_per_step, wall_ms_per_step, categories and the top kernels
 Bad options are one-line usage errors.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +56,7 @@ from configurable_fm.analysis.moefication import PallasOptions, moefy, with_disp
 from configurable_fm.bricks.paths import flat_params  # noqa: E402
 from configurable_fm.models.factory import build_model  # noqa: E402
 from configurable_fm.models.generation import Generator  # noqa: E402
+from configurable_fm.profiling import trace_kernels  # noqa: E402
 from experiments.shapes import SHAPES as BENCH_SHAPES  # noqa: E402
 
 SHAPES = {  # the anchors' shapes and two small ones for CPU smoke runs
@@ -89,16 +96,24 @@ def modes(text: str) -> list[str]:
     return out
 
 
-def pallas_options(text: str) -> PallasOptions:
-    """An argparse type: 'neurons=16,out=16,num_warps=2' -> PallasOptions (the other fields keep their defaults)."""
-    fields = {}
-    for item in (t for t in text.split(",") if t):
-        key, _, value = item.partition("=")
-        if key not in INT_OPTIONS or not value.isdigit() or int(value) < 1:
-            raise argparse.ArgumentTypeError(f"{item!r}: expected name=positive int with a name among "
-                                             f"{','.join(INT_OPTIONS)}")
-        fields[key] = int(value)
-    return PallasOptions(**fields)
+BINARY_OPTIONS = ("decode", "matvec")  # 0 or 1; the other fields are positive
+
+
+def pallas_options(text: str) -> list[tuple[str, PallasOptions]]:
+    """An argparse type: 'neurons=16,out=16;decode=0' -> [(set text, PallasOptions)] (';' separates sets; the
+    fields a set does not name keep their defaults)."""
+    sets = []
+    for part in text.split(";"):
+        fields = {}
+        for item in (t for t in part.split(",") if t):
+            key, _, value = item.partition("=")
+            low = 0 if key in BINARY_OPTIONS else 1
+            if key not in INT_OPTIONS or not value.isdigit() or int(value) < low:
+                raise argparse.ArgumentTypeError(f"{item!r}: expected name=int (0/1 for {','.join(BINARY_OPTIONS)}, "
+                                                 f"else positive) with a name among {','.join(INT_OPTIONS)}")
+            fields[key] = int(value)
+        sets.append((part, PallasOptions(**fields)))
+    return sets
 
 
 def build(shape: str):
@@ -110,8 +125,9 @@ def nbytes(arrays) -> int:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
 
 
-def measure(model, ids, new: int, repeats: int) -> tuple[dict, np.ndarray]:
-    """Whole-call and per-step times of greedy generation of `new` tokens after `ids`, and the new tokens."""
+def measure(model, ids, new: int, repeats: int, profile_dir: str = "") -> tuple[dict, np.ndarray]:
+    """Whole-call and per-step times of greedy generation of `new` tokens after `ids`, and the new tokens; with
+    `profile_dir`, the device kernels per step of one traced call of min(32, new) tokens."""
     gen = Generator(model)
     last = {}
 
@@ -121,8 +137,16 @@ def measure(model, ids, new: int, repeats: int) -> tuple[dict, np.ndarray]:
 
     t_full = timed(full, repeats)
     t_one = timed(lambda: gen(ids, max_new_tokens=1), repeats)
-    return ({"tokens_per_s": new * ids.shape[0] / t_full, "call_s": t_full, "prefill_plus_one_s": t_one,
-             "step_ms": (t_full - t_one) / (new - 1) * 1e3}, np.asarray(last["out"])[:, ids.shape[1]:])
+    times = {"tokens_per_s": new * ids.shape[0] / t_full, "call_s": t_full, "prefill_plus_one_s": t_one,
+             "step_ms": (t_full - t_one) / (new - 1) * 1e3}
+    if profile_dir:
+        traced = min(32, new)
+        np.asarray(gen(ids, max_new_tokens=traced))  # compiled before the trace
+        summary = trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=traced)), profile_dir, steps=traced,
+                                top=12)
+        times["profile"] = {k: summary[k] for k in ("events_per_step", "busy_ms_per_step", "wall_ms_per_step",
+                                                     "categories", "top", "profile") if k in summary}
+    return times, np.asarray(last["out"])[:, ids.shape[1]:]
 
 
 @nnx.jit
@@ -150,8 +174,9 @@ def main(argv=None):
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--pallas", type=pallas_options, default=PallasOptions(),
-                   help="Pallas tile bounds and Triton options (dispatch.PallasOptions), e.g. neurons=16,num_warps=2")
+    p.add_argument("--pallas", type=pallas_options, default=[("", PallasOptions())],
+                   help="';'-separated sets of Pallas options (dispatch.PallasOptions), e.g. 'decode=0;neurons=16'")
+    p.add_argument("--profile", default="", help="a log directory: trace one call per row (kernels per step)")
     p.add_argument("--seed", type=int, default=0, help="the split's key")
     p.add_argument("--out", default="", help="append the JSON lines to this file")
     args = p.parse_args(argv)
@@ -187,7 +212,9 @@ def main(argv=None):
 
     def row(name, model, top_k=None, ffn_read=1.0, extra_bytes=0, masked_tokens=None, masked=None):
         step_bytes = dense_bytes - ffn_bytes * (1.0 - ffn_read) + extra_bytes + kv_bytes
-        times, tokens = measure(model, ids, args.new_tokens, args.repeats)
+        logdir = os.path.join(args.profile, f"{len(rows):02d}_{name}".replace("[", "_").replace("]", "").replace(
+            "=", "").replace(",", "_").replace(";", "_")) if args.profile else ""
+        times, tokens = measure(model, ids, args.new_tokens, args.repeats, logdir)
         r = dict(base, row=name, top_k=top_k, ffn_read=ffn_read, **times)
         if masked is not None:  # the dispatching forward against the masked one (bf16: rounding differs)
             r.update(ffn_rel_err=ffn_error(masked, model), tokens_as_masked=float(np.mean(tokens == masked_tokens)))
@@ -210,21 +237,31 @@ def main(argv=None):
         else:
             masked_tokens = np.asarray(Generator(moe)(ids, max_new_tokens=args.new_tokens))[:, args.prompt:]
         for mode in args.modes:
-            try:
-                fast = with_dispatch(moe, mode, pallas=args.pallas)
-            except ValueError as e:  # e.g. no Pallas blocks for this shape
-                p.error(str(e))
-            row(f"moefied+{mode}", fast, k, read, router_bytes, masked_tokens, moe)
+            variants = args.pallas if mode == "pallas" else [("", None)]
+            for text, options in variants:
+                try:
+                    fast = with_dispatch(moe, mode, pallas=options)
+                except ValueError as e:  # e.g. no Pallas blocks for this shape
+                    p.error(str(e))
+                name = f"moefied+{mode}" + (f"[{text}]" if mode == "pallas" and len(variants) > 1 else "")
+                row(name, fast, k, read, router_bytes, masked_tokens, moe)
         del moe
 
     print(f"\n{args.shape}, batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, E={args.experts}, "
           f"{base['device']}, copy bandwidth {hbm:.0f} GB/s")
-    print(f"{'row':<16} {'top_k':>5} {'ffn_read':>8} {'tok/s':>9} {'step_ms':>8} {'speedup':>7} {'bound_x':>7} "
-          f"{'x_bound':>7} {'ffn_err':>8} {'tok=msk':>7}")
+    print(f"{'row':<32} {'top_k':>5} {'ffn_read':>8} {'tok/s':>9} {'step_ms':>8} {'speedup':>7} {'bound_x':>7} "
+          f"{'x_bound':>7} {'ffn_err':>8} {'tok=msk':>7} {'kernels':>7} {'busy_ms':>7}")
     for r in rows:
-        check = f"{r['ffn_rel_err']:>8.1e} {r['tokens_as_masked']:>7.2f}" if "ffn_rel_err" in r else ""
-        print(f"{r['row']:<16} {r['top_k'] or '-':>5} {r['ffn_read']:>8.3f} {r['tokens_per_s']:>9.1f} "
-              f"{r['step_ms']:>8.3f} {r['speedup']:>7.2f} {r['bound_speedup']:>7.2f} {r['x_bound']:>7.2f} {check}")
+        check = f"{r['ffn_rel_err']:>8.1e} {r['tokens_as_masked']:>7.2f}" if "ffn_rel_err" in r else f"{'':>16}"
+        prof = r.get("profile", {})
+        kernels = f"{prof['events_per_step']:>7.0f} {prof['busy_ms_per_step']:>7.3f}" if "events_per_step" in prof \
+            else ""
+        print(f"{r['row']:<32} {r['top_k'] or '-':>5} {r['ffn_read']:>8.3f} {r['tokens_per_s']:>9.1f} "
+              f"{r['step_ms']:>8.3f} {r['speedup']:>7.2f} {r['bound_speedup']:>7.2f} {r['x_bound']:>7.2f} {check} "
+              f"{kernels}")
+    for r in rows:
+        for k in r.get("profile", {}).get("top", [])[:8]:
+            print(f"  {r['row']:<30} {k['count']:>5} x {k['mean_us']:7.2f} us  {k['name'][:90]}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,24 @@ The weights stay whole arrays in memory and each program loads the blocks of exp
 Block sizes (PallasOptions): each is the largest power of two <= its bound that divides its dimension (Triton loads need
 power-of-two shapes) and, compiled, at least 16 (Triton's dot); a shape without such a block raises ValueError.
 Defaults: bm <= 32 neurons, bd <= 256 of D, bo <= 32 of D, bk <= 64 neurons, bn <= 64 tokens, 4 warps, 2 stages.
+
+One token (decode at batch 1; PallasOptions.decode, on by default): two kernels per FFN and nothing else, where the
+general path runs the router, top-k, the slot list, the two kernels padded to 16 token rows, the sum over slots and
+a cast (each a kernel launch of a few microseconds; a 1B decode step has 16 FFNs):
+    hidden (`decode_hidden_kernel`), grid (slot q, neuron block j of bm): e = idx_q, then
+        h_q[j-block] = act(x G_e[:, j-block] + b^g) * (x U_e[:, j-block] + b^u), the D reduction over chunks of bd;
+        it also writes idx (Q,). With the centroid router (R routed experts a power of two, no tap context
+        active) every program finds idx itself: s_r = sum_d x_d C_{d r} in float32 (the router's <x / ||x||, c_r>
+        times ||x|| > 0: the same ranking, up to rounding), then the k largest by k rounds of (max, the lowest index
+        holding it, set to -inf): lax.top_k's choice and order, ties to the lower index; idx_q = q for the S
+        shared slots, S + the (q - S)-th chosen one after them. Otherwise idx comes from the router and
+        token_slots (XLA) as in the general path, so taps and interventions on router_logits still apply.
+    combine (`decode_combine_kernel`), grid (output block o of bo): y[o-block] = sum_q h_q D_{idx_q}[:, o-block],
+        the slots and chunks of bk neurons summed in float32 inside the program, stored in the compute dtype
+        (+ b^d outside).
+    Each row-vector product v w (v (n,), w (n, c)) is, by PallasOptions.matvec, the float32 products summed over n
+    (1, the default: no padding, any power-of-two tile) or a Triton dot of v repeated on 16 rows (0: tiles >= 16;
+    the rows are equal, so their max is the product exactly). Same tile bounds as above (bm, bd, bo, bk).
 """
 from __future__ import annotations
 
@@ -59,7 +77,7 @@ from jax.experimental import pallas as pl
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.moe import expert_weight
-from configurable_fm.models.taps import tap
+from configurable_fm.models.taps import active as taps_active, tap
 
 MODES = ("masked", "gather", "pallas")
 DISPATCHING = ("gather", "pallas")
@@ -78,6 +96,8 @@ class PallasOptions(NamedTuple):
     tokens: int = 64       # bn: most token rows per program
     num_warps: int = 4
     num_stages: int = 2
+    decode: int = 1        # one token (decode at batch 1): 1 runs the one-token kernels (below), 0 the general ones
+    matvec: int = 1        # one-token kernels: 1 float32 products summed, 0 Triton dots on the row repeated 16 times
     interpret: Optional[bool] = None
 
 
@@ -147,14 +167,27 @@ def token_slots(scores_R, num_shared: int, top_k: int):
     return jnp.concatenate([jnp.arange(num_shared, dtype=jnp.int32), num_shared + top.astype(jnp.int32)])
 
 
+def routes_in_kernel(layer: MoefiedMLP) -> bool:
+    """Whether the one-token hidden kernel can find the slots itself (module docstring): the centroid router, a
+    power-of-two number of routed experts (Triton tiles), no tap context active (router_logits is then not
+    computed, so it could be neither read nor replaced)."""
+    r = layer.num_routed
+    return layer.router_kind == "centroid" and r & (r - 1) == 0 and not taps_active()
+
+
 def dispatched(layer: MoefiedMLP, x):
     """y (..., D) of `layer` in its dispatch mode (module docstring); called by MoefiedMLP.__call__."""
     check_dispatch(layer, layer.dispatch)
     d = x.shape[-1]
-    scores = tap(layer, "router_logits", layer.router(x, None).astype(jnp.float32))  # centroid / mlp: x alone
     x_NxD = x.reshape(-1, d)
     n = x_NxD.shape[0]
     slots = min(layer.num_experts, layer.num_shared + n * layer.top_k)
+    options = getattr(layer, "dispatch_options", None) or PallasOptions()
+    one_token = layer.dispatch == "pallas" and n == 1 and slots < layer.num_experts and options.decode
+    if one_token and routes_in_kernel(layer):  # router, top-k and experts in the two one-token kernels
+        y = decode_ffn(layer, x_NxD, None, options=options)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
+    scores = tap(layer, "router_logits", layer.router(x, None).astype(jnp.float32))  # centroid / mlp: x alone
     if slots == layer.num_experts:  # no expert can be skipped: the masked computation (same value)
         y = layer.combine(layer.expert_hidden(x_NxD), layer.expert_mask(scores).reshape(n, -1))
     else:
@@ -164,8 +197,10 @@ def dispatched(layer: MoefiedMLP, x):
             idx_Q, w_NxQ = chosen_slots(layer.expert_mask(scores).reshape(n, -1), slots)
         if layer.dispatch == "gather":
             y = gather_ffn(layer, x_NxD, idx_Q, w_NxQ)
+        elif one_token:
+            y = decode_ffn(layer, x_NxD, idx_Q, options=options)
         else:
-            y = pallas_ffn(layer, x_NxD, idx_Q, w_NxQ, options=getattr(layer, "dispatch_options", None))
+            y = pallas_ffn(layer, x_NxD, idx_Q, w_NxQ, options=options)
     return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
@@ -324,16 +359,25 @@ def expert_combine_kernel(idx_Q, w_QxN, h_QxNxM, down_ExMxD, *, options: PallasO
         idx_Q, w_QxN, h_QxNxM, down_ExMxD)
 
 
-def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[PallasOptions] = None,
-               interpret: Optional[bool] = None):
-    """y (N, D) = sum_q w_{:, q} h_q D_{idx_q} + b^d with the two Pallas kernels (module docstring); interpret
-    defaults to True off GPU. Compiled, an activation in NO_TRITON_ACT falls back to gather_ffn (with a warning)."""
-    options = options or PallasOptions()
+def _interpret(layer: MoefiedMLP, options: PallasOptions, interpret: Optional[bool]) -> Optional[bool]:
+    """Whether the kernels run interpreted (options, else True off GPU); None when, compiled, the activation has no
+    Triton lowering (NO_TRITON_ACT: the caller falls back to gather_ffn, with a warning)."""
     interpret = options.interpret if interpret is None else interpret
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     if not interpret and layer.act in NO_TRITON_ACT:
         warnings.warn(f"pallas dispatch: activation {layer.act!r}: {NO_TRITON_ACT[layer.act]}; this FFN runs the "
                       "gather path instead")
+        return None
+    return interpret
+
+
+def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[PallasOptions] = None,
+               interpret: Optional[bool] = None):
+    """y (N, D) = sum_q w_{:, q} h_q D_{idx_q} + b^d with the two Pallas kernels (module docstring); interpret
+    defaults to True off GPU. Compiled, an activation in NO_TRITON_ACT falls back to gather_ffn (with a warning)."""
+    options = options or PallasOptions()
+    interpret = _interpret(layer, options, interpret)
+    if interpret is None:
         return gather_ffn(layer, x_NxD, idx_Q, w_NxQ)
     dtype = layer.dtype or x_NxD.dtype
     wts = _weights(layer)
@@ -346,4 +390,150 @@ def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[Pall
     w_QxN = jnp.pad(w_NxQ.T.astype(jnp.float32), ((0, 0), (0, padded - n)))
     p_QxNxD = expert_combine_kernel(idx_Q, w_QxN, h_QxNxM, wts["down"], options=options, interpret=interpret)
     y = jnp.sum(p_QxNxD, axis=0)[:n].astype(dtype)
+    return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ one token
+def _rowvec(v_N, w_NxC, matvec: bool):
+    """v (n,) @ w (n, c) -> (c,) float32 (module docstring, 'One token'): the float32 products summed over n, or a
+    Triton dot of v repeated on DOT_MIN rows (all equal, so their max is the product exactly)."""
+    if matvec:
+        return jnp.sum(v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32), axis=0)
+    rows = jnp.broadcast_to(v_N[None, :], (DOT_MIN, v_N.shape[0]))
+    return jnp.max(jnp.dot(rows, w_NxC.astype(v_N.dtype), preferred_element_type=jnp.float32), axis=0)
+
+
+def _kernel_slot(x_ref, centroids_ref, q, *, shared: int, top_k: int, bd: int):
+    """idx_q for one token, found in the kernel from the centroid router's kernel (D, R) (module docstring)."""
+    d, r = centroids_ref.shape
+
+    def body(i, s_R):
+        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
+        return s_R + _rowvec(x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)], True)
+
+    s_R = jax.lax.fori_loop(0, d // bd, body, jnp.zeros((r,), jnp.float32))
+    iota_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
+    e = jnp.int32(0)
+    for rank in range(top_k):
+        best = jnp.max(s_R)
+        i = jnp.minimum(jnp.min(jnp.where(s_R == best, iota_R, r)), r - 1)  # the lowest index holding the max
+        e = jnp.where(q == shared + rank, shared + i, e)
+        s_R = jnp.where(iota_R == i, -jnp.inf, s_R)
+    return jnp.where(q < shared, q, e).astype(jnp.int32)
+
+
+def _decode_hidden_kernel(x_ref, route_ref, *refs, act, gated: bool, biased: bool, routed: bool, shared: int,
+                          top_k: int, bm: int, bd: int, matvec: bool):
+    """One program: h_q[j-block] for one token, e = idx_q from route_ref (the centroids when `routed`, else idx)."""
+    refs = list(refs)
+    idx_out_ref, h_ref = refs.pop(), refs.pop()
+    gate_ref = refs.pop(0) if gated else None
+    up_ref = refs.pop(0)
+    gate_bias_ref = refs.pop(0) if gated and biased else None
+    up_bias_ref = refs.pop(0) if biased else None
+    q, j = pl.program_id(0), pl.program_id(1)
+    e = _kernel_slot(x_ref, route_ref, q, shared=shared, top_k=top_k, bd=bd) if routed else route_ref[q]
+    cols = pl.ds(pl.multiple_of(j * bm, bm), bm)
+
+    def body(i, acc):
+        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
+        x_bd = x_ref[0, rows]
+        up = acc[-1] + _rowvec(x_bd, up_ref[e, rows, cols], matvec)
+        return (acc[0] + _rowvec(x_bd, gate_ref[e, rows, cols], matvec), up) if gated else (up,)
+
+    zero = jnp.zeros((bm,), jnp.float32)
+    acc = jax.lax.fori_loop(0, x_ref.shape[1] // bd, body, (zero, zero) if gated else (zero,))
+    up = acc[-1] if up_bias_ref is None else acc[-1] + up_bias_ref[e, cols].astype(jnp.float32)
+    if gated:
+        gate = acc[0] if gate_bias_ref is None else acc[0] + gate_bias_ref[e, cols].astype(jnp.float32)
+        h = act(gate) * up
+    else:
+        h = act(up)
+    h_ref[...] = h.astype(h_ref.dtype)
+    idx_out_ref[...] = jnp.full((1,), e, jnp.int32)
+
+
+def _decode_combine_kernel(idx_ref, h_ref, down_ref, y_ref, *, bk: int, matvec: bool):
+    """One program: y[o-block] = sum_q h_q D_{idx_q}[:, o-block] for one token (h flat (Q m,))."""
+    o = pl.program_id(0)
+    bo = y_ref.shape[0]
+    m = down_ref.shape[1]
+    cols = pl.ds(pl.multiple_of(o * bo, bo), bo)
+    acc = jnp.zeros((bo,), jnp.float32)
+    for q in range(idx_ref.shape[0]):
+        e = idx_ref[q]
+
+        def body(i, acc, q=q, e=e):
+            ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
+            hs = pl.ds(pl.multiple_of(q * m + i * bk, bk), bk)
+            return acc + _rowvec(h_ref[hs], down_ref[e, ks, cols], matvec)
+
+        acc = jax.lax.fori_loop(0, m // bk, body, acc)
+    y_ref[...] = acc.astype(y_ref.dtype)
+
+
+def decode_hidden_kernel(x_1xD, route, gate_ExDxM, up_ExDxM, gate_bias_ExM=None, up_bias_ExM=None, *, act,
+                         slots: int, shared: int = 0, top_k: int = 0, options: PallasOptions = PallasOptions(),
+                         interpret: bool = False):
+    """(h (Q m,) in x's dtype, idx (Q,) int32) for one token x (1, D), Q = `slots` (module docstring, 'One token').
+    `route` is idx (Q,) int32, or the centroid router's kernel (D, R), R a power of two, when the kernel finds
+    the slots itself (then `shared` S and `top_k` k, Q = S + k)."""
+    routed = route.dtype != jnp.int32
+    if routed and slots != shared + top_k:
+        raise ValueError(f"decode_hidden_kernel: {slots} slots for {shared} shared + top {top_k} experts")
+    d = x_1xD.shape[1]
+    m = up_ExDxM.shape[-1]
+    least = 1 if interpret or options.matvec else DOT_MIN
+    bm = _block(m, options.neurons, "the expert width m", least)
+    bd = _block(d, options.width, "the model width D", least)
+    gated, biased = gate_ExDxM is not None, up_bias_ExM is not None
+    ins = [x_1xD, route] + ([gate_ExDxM] if gated else []) + [up_ExDxM] + \
+        ([gate_bias_ExM] if gated and biased else []) + ([up_bias_ExM] if biased else [])
+    kernel = functools.partial(_decode_hidden_kernel, act=act, gated=gated, biased=biased, routed=routed,
+                               shared=shared, top_k=top_k, bm=bm, bd=bd, matvec=bool(options.matvec))
+    per = m // bm
+    return pl.pallas_call(
+        kernel, out_shape=(jax.ShapeDtypeStruct((slots * m,), x_1xD.dtype), jax.ShapeDtypeStruct((slots,), jnp.int32)),
+        grid=(slots, per), in_specs=[_whole(a) for a in ins],
+        out_specs=(pl.BlockSpec((bm,), lambda q, j: (q * per + j,)), pl.BlockSpec((1,), lambda q, j: (q,))),
+        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_hidden")(*ins)
+
+
+def decode_combine_kernel(idx_Q, h_QM, down_ExMxD, *, options: PallasOptions = PallasOptions(),
+                          interpret: bool = False):
+    """y (D,) in h's dtype = sum_q h_q D_{idx_q} for one token (module docstring, 'One token'); h flat (Q m,)."""
+    d = down_ExMxD.shape[-1]
+    m = down_ExMxD.shape[1]
+    least = 1 if interpret or options.matvec else DOT_MIN
+    bo = _block(d, options.out, "the model width D", least)
+    bk = _block(m, options.inner, "the expert width m", least)
+    return pl.pallas_call(
+        functools.partial(_decode_combine_kernel, bk=bk, matvec=bool(options.matvec)),
+        out_shape=jax.ShapeDtypeStruct((d,), h_QM.dtype), grid=(d // bo,),
+        in_specs=[_whole(a) for a in (idx_Q, h_QM, down_ExMxD)], out_specs=pl.BlockSpec((bo,), lambda o: (o,)),
+        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_combine")(
+        idx_Q, h_QM, down_ExMxD)
+
+
+def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q=None, *, options: Optional[PallasOptions] = None,
+               interpret: Optional[bool] = None):
+    """y (1, D) = sum_q h_q D_{idx_q} + b^d for one token with the two one-token kernels (module docstring); idx
+    None: the hidden kernel routes (routes_in_kernel must hold). Interpretation and the NO_TRITON_ACT fallback as
+    pallas_ffn."""
+    options = options or PallasOptions()
+    slots = layer.num_shared + layer.top_k
+    interpret = _interpret(layer, options, interpret)
+    if interpret is None:
+        if idx_Q is None:
+            idx_Q = token_slots(layer.router(x_1xD, None).astype(jnp.float32).reshape(-1), layer.num_shared,
+                                layer.top_k)
+        return gather_ffn(layer, x_1xD, idx_Q, jnp.ones((1, slots)))
+    dtype = layer.dtype or x_1xD.dtype
+    wts = _weights(layer)
+    route = layer.router.kernel[...] if idx_Q is None else idx_Q
+    h_QM, idx_Q = decode_hidden_kernel(x_1xD.astype(dtype), route, wts["gate"], wts["up"], wts["gate_bias"],
+                                       wts["up_bias"], act=activation(layer.act), slots=slots,
+                                       shared=layer.num_shared, top_k=layer.top_k, options=options,
+                                       interpret=interpret)
+    y = decode_combine_kernel(idx_Q, h_QM, wts["down"], options=options, interpret=interpret)[None, :]
     return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
