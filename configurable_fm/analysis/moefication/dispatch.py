@@ -59,9 +59,10 @@ a cast (each a kernel launch of a few microseconds; a 1B decode step has 16 FFNs
     combine (`decode_combine_kernel`), grid (output block o of bo): y[o-block] = sum_q h_q D_{idx_q}[:, o-block],
         the slots and chunks of bk neurons summed in float32 inside the program, stored in the compute dtype
         (+ b^d outside).
-    Each row-vector product v w (v (n,), w (n, c)) is, by PallasOptions.matvec, the float32 products summed over n
-    (1, the default: no padding, any power-of-two tile) or a Triton dot of v repeated on 16 rows (0: tiles >= 16;
-    the rows are equal, so their max is the product exactly). Same tile bounds as above (bm, bd, bo, bk).
+    Each row-vector product v w (v (n,), w (n, c)), summed over the loop's chunks, is by PallasOptions.matvec
+    float32 products accumulated in an (n, c) tile and summed over n once after the loop (1, the default: no
+    padding, any power-of-two tile) or Triton dots of v repeated on 16 rows (0: tiles >= 16; the rows are equal, so
+    their max is the product exactly). Same tile bounds as above (bm, bd, bo, bk).
 """
 from __future__ import annotations
 
@@ -394,24 +395,37 @@ def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[Pall
 
 
 # ------------------------------------------------------------------------------------------------ one token
-def _rowvec(v_N, w_NxC, matvec: bool):
-    """v (n,) @ w (n, c) -> (c,) float32 (module docstring, 'One token'): the float32 products summed over n, or a
-    Triton dot of v repeated on DOT_MIN rows (all equal, so their max is the product exactly)."""
-    if matvec:
-        return jnp.sum(v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32), axis=0)
-    rows = jnp.broadcast_to(v_N[None, :], (DOT_MIN, v_N.shape[0]))
-    return jnp.max(jnp.dot(rows, w_NxC.astype(v_N.dtype), preferred_element_type=jnp.float32), axis=0)
+class _RowVec(NamedTuple):
+    """v w for row vectors v (n,) and tiles w (n, c), summed over a loop of chunks (module docstring, 'One token'):
+    with `matvec`, a float32 (n, c) accumulator of the products (reduced over n once, at the end: no reduction in
+    the loop); otherwise a Triton dot of v repeated on DOT_MIN rows into a (DOT_MIN, c) accumulator whose rows are
+    equal (their max is the product, exactly)."""
+    matvec: bool
+
+    def zero(self, n: int, c: int):
+        return jnp.zeros((n if self.matvec else DOT_MIN, c), jnp.float32)
+
+    def add(self, acc, v_N, w_NxC):
+        if self.matvec:
+            return acc + v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32)
+        rows = jnp.broadcast_to(v_N[None, :], (DOT_MIN, v_N.shape[0]))
+        return acc + jnp.dot(rows, w_NxC.astype(v_N.dtype), preferred_element_type=jnp.float32)
+
+    def value(self, acc):
+        """(c,) float32."""
+        return jnp.sum(acc, axis=0) if self.matvec else jnp.max(acc, axis=0)
 
 
 def _kernel_slot(x_ref, centroids_ref, q, *, shared: int, top_k: int, bd: int):
     """idx_q for one token, found in the kernel from the centroid router's kernel (D, R) (module docstring)."""
     d, r = centroids_ref.shape
+    mv = _RowVec(True)
 
-    def body(i, s_R):
+    def body(i, acc):
         rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
-        return s_R + _rowvec(x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)], True)
+        return mv.add(acc, x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)])
 
-    s_R = jax.lax.fori_loop(0, d // bd, body, jnp.zeros((r,), jnp.float32))
+    s_R = mv.value(jax.lax.fori_loop(0, d // bd, body, mv.zero(bd, r)))
     iota_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
     e = jnp.int32(0)
     for rank in range(top_k):
@@ -434,18 +448,21 @@ def _decode_hidden_kernel(x_ref, route_ref, *refs, act, gated: bool, biased: boo
     q, j = pl.program_id(0), pl.program_id(1)
     e = _kernel_slot(x_ref, route_ref, q, shared=shared, top_k=top_k, bd=bd) if routed else route_ref[q]
     cols = pl.ds(pl.multiple_of(j * bm, bm), bm)
+    mv = _RowVec(matvec)
 
     def body(i, acc):
         rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
         x_bd = x_ref[0, rows]
-        up = acc[-1] + _rowvec(x_bd, up_ref[e, rows, cols], matvec)
-        return (acc[0] + _rowvec(x_bd, gate_ref[e, rows, cols], matvec), up) if gated else (up,)
+        up = mv.add(acc[-1], x_bd, up_ref[e, rows, cols])
+        return (mv.add(acc[0], x_bd, gate_ref[e, rows, cols]), up) if gated else (up,)
 
-    zero = jnp.zeros((bm,), jnp.float32)
+    zero = mv.zero(bd, bm)
     acc = jax.lax.fori_loop(0, x_ref.shape[1] // bd, body, (zero, zero) if gated else (zero,))
-    up = acc[-1] if up_bias_ref is None else acc[-1] + up_bias_ref[e, cols].astype(jnp.float32)
+    up = mv.value(acc[-1])
+    up = up if up_bias_ref is None else up + up_bias_ref[e, cols].astype(jnp.float32)
     if gated:
-        gate = acc[0] if gate_bias_ref is None else acc[0] + gate_bias_ref[e, cols].astype(jnp.float32)
+        gate = mv.value(acc[0])
+        gate = gate if gate_bias_ref is None else gate + gate_bias_ref[e, cols].astype(jnp.float32)
         h = act(gate) * up
     else:
         h = act(up)
@@ -459,17 +476,18 @@ def _decode_combine_kernel(idx_ref, h_ref, down_ref, y_ref, *, bk: int, matvec: 
     bo = y_ref.shape[0]
     m = down_ref.shape[1]
     cols = pl.ds(pl.multiple_of(o * bo, bo), bo)
-    acc = jnp.zeros((bo,), jnp.float32)
+    mv = _RowVec(matvec)
+    acc = mv.zero(bk, bo)
     for q in range(idx_ref.shape[0]):
         e = idx_ref[q]
 
         def body(i, acc, q=q, e=e):
             ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
             hs = pl.ds(pl.multiple_of(q * m + i * bk, bk), bk)
-            return acc + _rowvec(h_ref[hs], down_ref[e, ks, cols], matvec)
+            return mv.add(acc, h_ref[hs], down_ref[e, ks, cols])
 
         acc = jax.lax.fori_loop(0, m // bk, body, acc)
-    y_ref[...] = acc.astype(y_ref.dtype)
+    y_ref[...] = mv.value(acc).astype(y_ref.dtype)
 
 
 def decode_hidden_kernel(x_1xD, route, gate_ExDxM, up_ExDxM, gate_bias_ExM=None, up_bias_ExM=None, *, act,
