@@ -10,9 +10,9 @@ from flax import nnx
 
 from configurable_fm.analysis import capture
 from configurable_fm.analysis.moefication import PallasOptions, moefy, with_dispatch
-from configurable_fm.analysis.moefication.dispatch import (chosen_slots, decode_combine_kernel, decode_hidden_kernel,
+from configurable_fm.analysis.moefication.dispatch import (chosen_slots, decode_out_kernel, decode_partials_kernel,
                                                            expert_combine_kernel, expert_hidden_kernel, pallas_ffn,
-                                                           routes_in_kernel, token_slots)
+                                                           token_slots)
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models import extension_specs
 from configurable_fm.models.generation import generate
@@ -80,12 +80,12 @@ def test_gather_and_pallas_compute_the_masked_ffn(moes, case, tied):  # CI: shar
                 np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{case} {mode} {shape}")
 
 
-@pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0), PallasOptions(decode=0)],
-                         ids=["one_token_products", "one_token_dots", "general"])
+@pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0), PallasOptions(decode=0),
+                                     PallasOptions(neurons=4, width=8, inner=2, out=4)],
+                         ids=["one_token_products", "one_token_dots", "general", "one_token_small_tiles"])
 def test_one_token_kernels_compute_the_masked_ffn(moes, options):
-    """Decode at batch 1: the one-token kernels (products or dots; the slots found in the kernel for 8 routed
-    experts, by the router and token_slots for 6) and the general kernels equal the masked forward, ties included."""
-    assert routes_in_kernel(moes[8, 0, 3].layers[0].mlp) and not routes_in_kernel(moes[8, 2, 2].layers[0].mlp)
+    """Decode at batch 1: the one-token kernels (products or dots, one tile per program) and the general kernels
+    equal the masked forward, ties and shared experts included."""
     x = jnp.asarray(np.random.RandomState(7).normal(size=(1, 1, 32)), jnp.float32)
     for case in [(8, 0, 3), (8, 2, 2)]:
         for moe in (moes[case], with_tied_router(moes[case])):
@@ -95,18 +95,17 @@ def test_one_token_kernels_compute_the_masked_ffn(moes, options):
                 np.testing.assert_allclose(np.asarray(g), r, atol=1e-5, rtol=0, err_msg=f"{case} {options}")
 
 
-def test_the_one_token_hidden_kernel_finds_the_router_slots(moes):
-    """The slots the hidden kernel finds from the centroids are token_slots' (shared first, then lax.top_k's order),
-    and a tap context makes the layer route through the router (router_logits tapped)."""
-    ffn = moes[8, 0, 3].layers[1].mlp
+def test_one_token_partials_sum_to_the_projections(moes):
+    """decode_partials_kernel's chunks of D sum to x G_e and x U_e of the slots' experts (float32, 1e-5)."""
+    ffn = moes[8, 0, 3].layers[0].mlp
     x = jnp.asarray(np.random.RandomState(8).normal(size=(1, 32)), jnp.float32)
-    want = token_slots(ffn.router(x, None)[0], 0, 3)
-    _, idx = decode_hidden_kernel(x, ffn.router.kernel[...], ffn.gate_proj[...], ffn.up_proj[...],
-                                  act=activation("silu"), slots=3, shared=0, top_k=3, interpret=True)
-    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want))
-    fast = with_dispatch(moes[8, 0, 3], "pallas")
-    _, taps = capture(fast, ["layers.*.mlp.router_logits"], jnp.asarray(IDS[:1, :1]))
-    assert sorted(taps) == ["layers.0.mlp.router_logits", "layers.1.mlp.router_logits"]
+    idx = jnp.asarray([5, 0, 2], jnp.int32)
+    gate, up = decode_partials_kernel(idx, x, ffn.gate_proj[...], ffn.up_proj[...],
+                                      options=PallasOptions(width=8), interpret=True)
+    assert gate.shape == up.shape == (3, 4, 16)
+    for part, w in ((gate, ffn.gate_proj[...]), (up, ffn.up_proj[...])):
+        want = np.einsum("d,qdm->qm", np.asarray(x[0]), np.asarray(w)[np.asarray(idx)])
+        np.testing.assert_allclose(np.asarray(part).sum(axis=1), want, atol=1e-5, rtol=0)
 
 
 def test_ties_choose_the_lower_experts(moes):
@@ -139,12 +138,13 @@ def test_slots_are_the_union_of_the_tokens_choices():
 def test_gpt2_gather_and_pallas_compute_the_masked_ffn():
     model = random_model(dict(GPT2, n_inner=64), 1)
     moe = moefy(model, num_experts=4, num_experts_per_tok=2, split="random", router="centroid", key=0)
-    x = jnp.asarray(np.random.RandomState(5).normal(size=(1, 2, 16)), jnp.float32)
-    want = [np.asarray(block.mlp(x)) for block in moe.h]
-    for mode in ("gather", "pallas"):
-        got = [np.asarray(block.mlp(x)) for block in with_dispatch(moe, mode).h]
-        for g, r in zip(got, want):
-            np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=mode)
+    for shape in [(1, 2, 16), (1, 1, 16)]:  # two tokens; one (the one-token kernels, with biases, not gated)
+        x = jnp.asarray(np.random.RandomState(5).normal(size=shape), jnp.float32)
+        want = [np.asarray(block.mlp(x)) for block in moe.h]
+        for mode in ("gather", "pallas"):
+            got = [np.asarray(block.mlp(x)) for block in with_dispatch(moe, mode).h]
+            for g, r in zip(got, want):
+                np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=f"{mode} {shape}")
 
 
 def test_greedy_generation_gives_the_same_tokens(moes):
@@ -217,19 +217,18 @@ def test_kernels_lower_to_triton_for_cuda():
 
 @pytest.mark.parametrize("matvec", [1, 0])
 def test_one_token_kernels_lower_to_triton_for_cuda(matvec):
-    """The 1B shape's one-token kernels (E = 16 routed, top 4, D = 2048, m = 512, bf16), the hidden one finding the
-    slots from the centroids, lower for CUDA with products and with dots."""
+    """The 1B shape's one-token kernels (E = 16, top 4, D = 2048, m = 512, bf16) lower for CUDA, with products and
+    with dots."""
     e, d, m, k = 16, 2048, 512, 4
     bf = jnp.bfloat16
     spec = jax.ShapeDtypeStruct
     options = PallasOptions(matvec=matvec, interpret=False)
 
-    def ffn(x, centroids, gate, up, down):
-        h, idx = decode_hidden_kernel(x, centroids, gate, up, act=activation("silu"), slots=k, top_k=k,
-                                      options=options)
-        return decode_combine_kernel(idx, h, down, options=options)
+    def ffn(idx, x, gate, up, down):
+        gate_part, up_part = decode_partials_kernel(idx, x, gate, up, options=options)
+        return decode_out_kernel(idx, gate_part, up_part, down, act=activation("silu"), dtype=bf, options=options)
 
-    lowered = jax.jit(ffn).trace(spec((1, d), bf), spec((d, e), bf), spec((e, d, m), bf), spec((e, d, m), bf),
+    lowered = jax.jit(ffn).trace(spec((k,), jnp.int32), spec((1, d), bf), spec((e, d, m), bf), spec((e, d, m), bf),
                                  spec((e, m, d), bf)).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
 
@@ -245,6 +244,4 @@ def test_a_decode_step_lowers_to_triton_for_cuda(moes):
         return model(tok_Bx1, cache=model.init_cache(1, 8))[0]
 
     lowered = jax.jit(step).trace(state, jnp.zeros((1, 1), jnp.int32)).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 2 * LLAMA["num_layers"]
-    assert "top_k" not in text.lower()  # the routing is inside the kernels (centroid router, 4 routed experts)
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2 * LLAMA["num_layers"]

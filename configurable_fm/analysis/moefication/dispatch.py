@@ -45,24 +45,20 @@ Block sizes (PallasOptions): each is the largest power of two <= its bound that 
 power-of-two shapes) and, compiled, at least 16 (Triton's dot); a shape without such a block raises ValueError.
 Defaults: bm <= 32 neurons, bd <= 256 of D, bo <= 32 of D, bk <= 64 neurons, bn <= 64 tokens, 4 warps, 2 stages.
 
-One token (decode at batch 1; PallasOptions.decode, on by default): two kernels per FFN and nothing else, where the
-general path runs the router, top-k, the slot list, the two kernels padded to 16 token rows, the sum over slots and
-a cast (each a kernel launch of a few microseconds; a 1B decode step has 16 FFNs):
-    hidden (`decode_hidden_kernel`), grid (slot q, neuron block j of bm): e = idx_q, then
-        h_q[j-block] = act(x G_e[:, j-block] + b^g) * (x U_e[:, j-block] + b^u), the D reduction over chunks of bd;
-        it also writes idx (Q,). With the centroid router (R routed experts a power of two, no tap context
-        active) every program finds idx itself: s_r = sum_d x_d C_{d r} in float32 (the router's <x / ||x||, c_r>
-        times ||x|| > 0: the same ranking, up to rounding), then the k largest by k rounds of (max, the lowest index
-        holding it, set to -inf): lax.top_k's choice and order, ties to the lower index; idx_q = q for the S
-        shared slots, S + the (q - S)-th chosen one after them. Otherwise idx comes from the router and
-        token_slots (XLA) as in the general path, so taps and interventions on router_logits still apply.
-    combine (`decode_combine_kernel`), grid (output block o of bo): y[o-block] = sum_q h_q D_{idx_q}[:, o-block],
-        the slots and chunks of bk neurons summed in float32 inside the program, stored in the compute dtype
-        (+ b^d outside).
-    Each row-vector product v w (v (n,), w (n, c)), summed over the loop's chunks, is by PallasOptions.matvec
-    float32 products accumulated in an (n, c) tile and summed over n once after the loop (1, the default: no
-    padding, any power-of-two tile) or Triton dots of v repeated on 16 rows (0: tiles >= 16; the rows are equal, so
-    their max is the product exactly). Same tile bounds as above (bm, bd, bo, bk).
+One token (decode at batch 1; PallasOptions.decode, on by default): the general kernels loop over chunks of D (or
+of neurons) inside each program, one dependent memory load after another, and pad the token to 16 rows; measured
+on an H100 they read the chosen experts at 35-45% of the copy bandwidth. The one-token kernels loop nowhere: every
+program reads one tile, so there are many programs with independent loads in flight (split-K):
+    partials (`decode_partials_kernel`), grid (slot q, neuron block j of bm, D chunk s of bd):
+        P^g[q, s, j-block] = x[s-chunk] G_e[s-chunk, j-block],  P^u likewise with U_e   (float32; e = idx_q)
+    out (`decode_out_kernel`), grid (slot q, neuron block k of bk, output block o of bo):
+        h_q[k-block] = act(sum_s P^g[q, s, k-block] + b^g) * (sum_s P^u[q, s, k-block] + b^u), rounded to the
+        compute dtype;  p[q, k, o-block] = h_q[k-block] D_e[k-block, o-block]   (float32)
+    y = sum_{q, k} p[q, k] + b^d (XLA), in the compute dtype.
+idx comes from the router and token_slots as in the general path (taps and interventions on router_logits apply).
+Each product v w (v (n,), w (n, c)) is, by PallasOptions.matvec, the float32 products summed over n (1, the
+default: no padding, any power-of-two tile) or a Triton dot of v repeated on 16 rows (0: tiles >= 16; the rows
+are equal, so their max is the product exactly). Tiles: bm (neurons), bd (width), bk (inner), bo (out) as above.
 """
 from __future__ import annotations
 
@@ -78,7 +74,7 @@ from jax.experimental import pallas as pl
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.moe import expert_weight
-from configurable_fm.models.taps import active as taps_active, tap
+from configurable_fm.models.taps import tap
 
 MODES = ("masked", "gather", "pallas")
 DISPATCHING = ("gather", "pallas")
@@ -168,14 +164,6 @@ def token_slots(scores_R, num_shared: int, top_k: int):
     return jnp.concatenate([jnp.arange(num_shared, dtype=jnp.int32), num_shared + top.astype(jnp.int32)])
 
 
-def routes_in_kernel(layer: MoefiedMLP) -> bool:
-    """Whether the one-token hidden kernel can find the slots itself (module docstring): the centroid router, a
-    power-of-two number of routed experts (Triton tiles), no tap context active (router_logits is then not
-    computed, so it could be neither read nor replaced)."""
-    r = layer.num_routed
-    return layer.router_kind == "centroid" and r & (r - 1) == 0 and not taps_active()
-
-
 def dispatched(layer: MoefiedMLP, x):
     """y (..., D) of `layer` in its dispatch mode (module docstring); called by MoefiedMLP.__call__."""
     check_dispatch(layer, layer.dispatch)
@@ -184,10 +172,6 @@ def dispatched(layer: MoefiedMLP, x):
     n = x_NxD.shape[0]
     slots = min(layer.num_experts, layer.num_shared + n * layer.top_k)
     options = getattr(layer, "dispatch_options", None) or PallasOptions()
-    one_token = layer.dispatch == "pallas" and n == 1 and slots < layer.num_experts and options.decode
-    if one_token and routes_in_kernel(layer):  # router, top-k and experts in the two one-token kernels
-        y = decode_ffn(layer, x_NxD, None, options=options)
-        return y.reshape(x.shape[:-1] + (y.shape[-1],))
     scores = tap(layer, "router_logits", layer.router(x, None).astype(jnp.float32))  # centroid / mlp: x alone
     if slots == layer.num_experts:  # no expert can be skipped: the masked computation (same value)
         y = layer.combine(layer.expert_hidden(x_NxD), layer.expert_mask(scores).reshape(n, -1))
@@ -198,7 +182,7 @@ def dispatched(layer: MoefiedMLP, x):
             idx_Q, w_NxQ = chosen_slots(layer.expert_mask(scores).reshape(n, -1), slots)
         if layer.dispatch == "gather":
             y = gather_ffn(layer, x_NxD, idx_Q, w_NxQ)
-        elif one_token:
+        elif n == 1 and options.decode:
             y = decode_ffn(layer, x_NxD, idx_Q, options=options)
         else:
             y = pallas_ffn(layer, x_NxD, idx_Q, w_NxQ, options=options)
@@ -394,164 +378,115 @@ def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[Pall
     return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
 
 
+
 # ------------------------------------------------------------------------------------------------ one token
-class _RowVec(NamedTuple):
-    """v w for row vectors v (n,) and tiles w (n, c), summed over a loop of chunks (module docstring, 'One token'):
-    with `matvec`, a float32 (n, c) accumulator of the products (reduced over n once, at the end: no reduction in
-    the loop); otherwise a Triton dot of v repeated on DOT_MIN rows into a (DOT_MIN, c) accumulator whose rows are
-    equal (their max is the product, exactly)."""
-    matvec: bool
-
-    def zero(self, n: int, c: int):
-        return jnp.zeros((n if self.matvec else DOT_MIN, c), jnp.float32)
-
-    def add(self, acc, v_N, w_NxC):
-        if self.matvec:
-            return acc + v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32)
-        rows = jnp.broadcast_to(v_N[None, :], (DOT_MIN, v_N.shape[0]))
-        return acc + jnp.dot(rows, w_NxC.astype(v_N.dtype), preferred_element_type=jnp.float32)
-
-    def value(self, acc):
-        """(c,) float32."""
-        return jnp.sum(acc, axis=0) if self.matvec else jnp.max(acc, axis=0)
+def _rowvec(v_N, w_NxC, matvec: bool):
+    """v (n,) @ w (n, c) -> (c,) float32 (module docstring, 'One token'): the float32 products summed over n, or a
+    Triton dot of v repeated on DOT_MIN rows (all equal, so their max is the product exactly)."""
+    if matvec:
+        return jnp.sum(v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32), axis=0)
+    rows = jnp.broadcast_to(v_N[None, :], (DOT_MIN, v_N.shape[0]))
+    return jnp.max(jnp.dot(rows, w_NxC.astype(v_N.dtype), preferred_element_type=jnp.float32), axis=0)
 
 
-def _kernel_slot(x_ref, centroids_ref, q, *, shared: int, top_k: int, bd: int):
-    """idx_q for one token, found in the kernel from the centroid router's kernel (D, R) (module docstring)."""
-    d, r = centroids_ref.shape
-    mv = _RowVec(True)
-
-    def body(i, acc):
-        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
-        return mv.add(acc, x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)])
-
-    s_R = mv.value(jax.lax.fori_loop(0, d // bd, body, mv.zero(bd, r)))
-    iota_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
-    e = jnp.int32(0)
-    for rank in range(top_k):
-        best = jnp.max(s_R)
-        i = jnp.minimum(jnp.min(jnp.where(s_R == best, iota_R, r)), r - 1)  # the lowest index holding the max
-        e = jnp.where(q == shared + rank, shared + i, e)
-        s_R = jnp.where(iota_R == i, -jnp.inf, s_R)
-    return jnp.where(q < shared, q, e).astype(jnp.int32)
-
-
-def _decode_hidden_kernel(x_ref, route_ref, *refs, act, gated: bool, biased: bool, routed: bool, shared: int,
-                          top_k: int, bm: int, bd: int, matvec: bool):
-    """One program: h_q[j-block] for one token, e = idx_q from route_ref (the centroids when `routed`, else idx)."""
+def _decode_partial_kernel(idx_ref, x_ref, *refs, gated: bool, bm: int, bd: int, matvec: bool):
+    """One program (q, j, s): the s-th chunk's partial sums x[s-chunk] G_e[s-chunk, j-block] (and U_e), e = idx_q."""
     refs = list(refs)
-    idx_out_ref, h_ref = refs.pop(), refs.pop()
+    up_out = refs.pop()
+    gate_out = refs.pop() if gated else None
     gate_ref = refs.pop(0) if gated else None
     up_ref = refs.pop(0)
+    q, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = idx_ref[q]
+    cols = pl.ds(pl.multiple_of(j * bm, bm), bm)
+    rows = pl.ds(pl.multiple_of(s * bd, bd), bd)
+    x_bd = x_ref[0, rows]
+    up_out[0, 0] = _rowvec(x_bd, up_ref[e, rows, cols], matvec)
+    if gated:
+        gate_out[0, 0] = _rowvec(x_bd, gate_ref[e, rows, cols], matvec)
+
+
+def _decode_out_kernel(idx_ref, *refs, act, gated: bool, biased: bool, bk: int, matvec: bool, dtype):
+    """One program (q, k, o): h_q[k-block] from the partial sums, then its part h_q[k-block] D_e[k-block, o-block]."""
+    refs = list(refs)
+    out_ref, down_ref = refs.pop(), refs.pop()
+    gate_part = refs.pop(0) if gated else None
+    up_part = refs.pop(0)
     gate_bias_ref = refs.pop(0) if gated and biased else None
     up_bias_ref = refs.pop(0) if biased else None
-    q, j = pl.program_id(0), pl.program_id(1)
-    e = _kernel_slot(x_ref, route_ref, q, shared=shared, top_k=top_k, bd=bd) if routed else route_ref[q]
-    cols = pl.ds(pl.multiple_of(j * bm, bm), bm)
-    mv = _RowVec(matvec)
+    q, k, o = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bo = out_ref.shape[2]
+    e = idx_ref[q]
+    ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
+    chunks = up_part.shape[1]
 
-    def body(i, acc):
-        rows = pl.ds(pl.multiple_of(i * bd, bd), bd)
-        x_bd = x_ref[0, rows]
-        up = mv.add(acc[-1], x_bd, up_ref[e, rows, cols])
-        return (mv.add(acc[0], x_bd, gate_ref[e, rows, cols]), up) if gated else (up,)
+    def total(part_ref, bias_ref):  # sum over the D chunks (one load when their count is a power of two)
+        if chunks & (chunks - 1) == 0:
+            t = jnp.sum(part_ref[q, pl.ds(0, chunks), ks], axis=0)
+        else:
+            t = jax.lax.fori_loop(0, chunks, lambda i, a: a + part_ref[q, i, ks], jnp.zeros((bk,), jnp.float32))
+        return t if bias_ref is None else t + bias_ref[e, ks].astype(jnp.float32)
 
-    zero = mv.zero(bd, bm)
-    acc = jax.lax.fori_loop(0, x_ref.shape[1] // bd, body, (zero, zero) if gated else (zero,))
-    up = mv.value(acc[-1])
-    up = up if up_bias_ref is None else up + up_bias_ref[e, cols].astype(jnp.float32)
-    if gated:
-        gate = mv.value(acc[0])
-        gate = gate if gate_bias_ref is None else gate + gate_bias_ref[e, cols].astype(jnp.float32)
-        h = act(gate) * up
-    else:
-        h = act(up)
-    h_ref[...] = h.astype(h_ref.dtype)
-    idx_out_ref[...] = jnp.full((1,), e, jnp.int32)
+    up = total(up_part, up_bias_ref)
+    h = act(total(gate_part, gate_bias_ref)) * up if gated else act(up)
+    out_ref[0, 0] = _rowvec(h.astype(dtype), down_ref[e, ks, pl.ds(pl.multiple_of(o * bo, bo), bo)], matvec)
 
 
-def _decode_combine_kernel(idx_ref, h_ref, down_ref, y_ref, *, bk: int, matvec: bool):
-    """One program: y[o-block] = sum_q h_q D_{idx_q}[:, o-block] for one token (h flat (Q m,))."""
-    o = pl.program_id(0)
-    bo = y_ref.shape[0]
-    m = down_ref.shape[1]
-    cols = pl.ds(pl.multiple_of(o * bo, bo), bo)
-    mv = _RowVec(matvec)
-    acc = mv.zero(bk, bo)
-    for q in range(idx_ref.shape[0]):
-        e = idx_ref[q]
-
-        def body(i, acc, q=q, e=e):
-            ks = pl.ds(pl.multiple_of(i * bk, bk), bk)
-            hs = pl.ds(pl.multiple_of(q * m + i * bk, bk), bk)
-            return mv.add(acc, h_ref[hs], down_ref[e, ks, cols])
-
-        acc = jax.lax.fori_loop(0, m // bk, body, acc)
-    y_ref[...] = mv.value(acc).astype(y_ref.dtype)
-
-
-def decode_hidden_kernel(x_1xD, route, gate_ExDxM, up_ExDxM, gate_bias_ExM=None, up_bias_ExM=None, *, act,
-                         slots: int, shared: int = 0, top_k: int = 0, options: PallasOptions = PallasOptions(),
-                         interpret: bool = False):
-    """(h (Q m,) in x's dtype, idx (Q,) int32) for one token x (1, D), Q = `slots` (module docstring, 'One token').
-    `route` is idx (Q,) int32, or the centroid router's kernel (D, R), R a power of two, when the kernel finds
-    the slots itself (then `shared` S and `top_k` k, Q = S + k)."""
-    routed = route.dtype != jnp.int32
-    if routed and slots != shared + top_k:
-        raise ValueError(f"decode_hidden_kernel: {slots} slots for {shared} shared + top {top_k} experts")
+def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, options: PallasOptions = PallasOptions(),
+                           interpret: bool = False):
+    """The partial sums (gate (Q, D / bd, m) or None, up (Q, D / bd, m)) float32 of one token x (1, D) against the
+    slots' gate and up columns, one D chunk of bd rows per program (module docstring, 'One token')."""
+    q = idx_Q.shape[0]
     d = x_1xD.shape[1]
     m = up_ExDxM.shape[-1]
     least = 1 if interpret or options.matvec else DOT_MIN
     bm = _block(m, options.neurons, "the expert width m", least)
     bd = _block(d, options.width, "the model width D", least)
-    gated, biased = gate_ExDxM is not None, up_bias_ExM is not None
-    ins = [x_1xD, route] + ([gate_ExDxM] if gated else []) + [up_ExDxM] + \
-        ([gate_bias_ExM] if gated and biased else []) + ([up_bias_ExM] if biased else [])
-    kernel = functools.partial(_decode_hidden_kernel, act=act, gated=gated, biased=biased, routed=routed,
-                               shared=shared, top_k=top_k, bm=bm, bd=bd, matvec=bool(options.matvec))
-    per = m // bm
-    return pl.pallas_call(
-        kernel, out_shape=(jax.ShapeDtypeStruct((slots * m,), x_1xD.dtype), jax.ShapeDtypeStruct((slots,), jnp.int32)),
-        grid=(slots, per), in_specs=[_whole(a) for a in ins],
-        out_specs=(pl.BlockSpec((bm,), lambda q, j: (q * per + j,)), pl.BlockSpec((1,), lambda q, j: (q,))),
-        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_hidden")(*ins)
+    gated = gate_ExDxM is not None
+    ins = [idx_Q, x_1xD] + ([gate_ExDxM] if gated else []) + [up_ExDxM]
+    part = jax.ShapeDtypeStruct((q, d // bd, m), jnp.float32)
+    spec = pl.BlockSpec((1, 1, bm), lambda qq, j, s: (qq, s, j))
+    outs = pl.pallas_call(
+        functools.partial(_decode_partial_kernel, gated=gated, bm=bm, bd=bd, matvec=bool(options.matvec)),
+        out_shape=(part, part) if gated else (part,), grid=(q, m // bm, d // bd), in_specs=[_whole(a) for a in ins],
+        out_specs=(spec, spec) if gated else (spec,), interpret=interpret,
+        compiler_params=_compiler_params(options, interpret), name="moe_decode_partials")(*ins)
+    return (outs[0], outs[1]) if gated else (None, outs[0])
 
 
-def decode_combine_kernel(idx_Q, h_QM, down_ExMxD, *, options: PallasOptions = PallasOptions(),
-                          interpret: bool = False):
-    """y (D,) in h's dtype = sum_q h_q D_{idx_q} for one token (module docstring, 'One token'); h flat (Q m,)."""
+def decode_out_kernel(idx_Q, gate_part, up_part, down_ExMxD, gate_bias_ExM=None, up_bias_ExM=None, *, act, dtype,
+                      options: PallasOptions = PallasOptions(), interpret: bool = False):
+    """p (Q, m / bk, D) float32: p[q, k] = h_q[k-block] D_{idx_q}[k-block, :], h_q = act(sum of the gate partials +
+    b^g) * (sum of the up partials + b^u) rounded to `dtype` (module docstring, 'One token'); the caller sums p."""
+    q, _, m = up_part.shape
     d = down_ExMxD.shape[-1]
-    m = down_ExMxD.shape[1]
     least = 1 if interpret or options.matvec else DOT_MIN
-    bo = _block(d, options.out, "the model width D", least)
     bk = _block(m, options.inner, "the expert width m", least)
+    bo = _block(d, options.out, "the model width D", least)
+    gated, biased = gate_part is not None, up_bias_ExM is not None
+    ins = [idx_Q] + ([gate_part] if gated else []) + [up_part] + \
+        ([gate_bias_ExM] if gated and biased else []) + ([up_bias_ExM] if biased else []) + [down_ExMxD]
+    kernel = functools.partial(_decode_out_kernel, act=act, gated=gated, biased=biased, bk=bk,
+                               matvec=bool(options.matvec), dtype=dtype)
     return pl.pallas_call(
-        functools.partial(_decode_combine_kernel, bk=bk, matvec=bool(options.matvec)),
-        out_shape=jax.ShapeDtypeStruct((d,), h_QM.dtype), grid=(d // bo,),
-        in_specs=[_whole(a) for a in (idx_Q, h_QM, down_ExMxD)], out_specs=pl.BlockSpec((bo,), lambda o: (o,)),
-        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_combine")(
-        idx_Q, h_QM, down_ExMxD)
+        kernel, out_shape=jax.ShapeDtypeStruct((q, m // bk, d), jnp.float32), grid=(q, m // bk, d // bo),
+        in_specs=[_whole(a) for a in ins], out_specs=pl.BlockSpec((1, 1, bo), lambda qq, k, o: (qq, k, o)),
+        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_out")(*ins)
 
 
-def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q=None, *, options: Optional[PallasOptions] = None,
+def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q, *, options: Optional[PallasOptions] = None,
                interpret: Optional[bool] = None):
-    """y (1, D) = sum_q h_q D_{idx_q} + b^d for one token with the two one-token kernels (module docstring); idx
-    None: the hidden kernel routes (routes_in_kernel must hold). Interpretation and the NO_TRITON_ACT fallback as
-    pallas_ffn."""
+    """y (1, D) = sum_q h_q D_{idx_q} + b^d for one token with the two one-token kernels (module docstring);
+    interpretation and the NO_TRITON_ACT fallback as pallas_ffn."""
     options = options or PallasOptions()
-    slots = layer.num_shared + layer.top_k
     interpret = _interpret(layer, options, interpret)
     if interpret is None:
-        if idx_Q is None:
-            idx_Q = token_slots(layer.router(x_1xD, None).astype(jnp.float32).reshape(-1), layer.num_shared,
-                                layer.top_k)
-        return gather_ffn(layer, x_1xD, idx_Q, jnp.ones((1, slots)))
+        return gather_ffn(layer, x_1xD, idx_Q, jnp.ones((1, idx_Q.shape[0])))
     dtype = layer.dtype or x_1xD.dtype
     wts = _weights(layer)
-    route = layer.router.kernel[...] if idx_Q is None else idx_Q
-    h_QM, idx_Q = decode_hidden_kernel(x_1xD.astype(dtype), route, wts["gate"], wts["up"], wts["gate_bias"],
-                                       wts["up_bias"], act=activation(layer.act), slots=slots,
-                                       shared=layer.num_shared, top_k=layer.top_k, options=options,
-                                       interpret=interpret)
-    y = decode_combine_kernel(idx_Q, h_QM, wts["down"], options=options, interpret=interpret)[None, :]
+    gate_part, up_part = decode_partials_kernel(idx_Q, x_1xD.astype(dtype), wts["gate"], wts["up"], options=options,
+                                                interpret=interpret)
+    p = decode_out_kernel(idx_Q, gate_part, up_part, wts["down"], wts["gate_bias"], wts["up_bias"],
+                          act=activation(layer.act), dtype=dtype, options=options, interpret=interpret)
+    y = jnp.sum(p, axis=(0, 1))[None, :].astype(dtype)
     return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
