@@ -4,7 +4,8 @@
     python scripts/bench_sparse_decode.py                                        # 1b, E = 16, top_k 4 and 8 (GPU)
     python scripts/bench_sparse_decode.py --shape 1b --top_k 4,8 --masked --out results/sparse_decode.jsonl
     python scripts/bench_sparse_decode.py --shape 1b --top_k 4 --modes pallas --pallas neurons=16,out=16,num_warps=2
-    python scripts/bench_sparse_decode.py --top_k 2,4 --modes pallas --pallas "decode=0;matvec=1;matvec=0" --profile P
+    python scripts/bench_sparse_decode.py --top_k 4,2 --modes pallas --pallas "decode=0;matvec=1;token_width=256" \
+        --profile /tmp/prof     # the general kernels against the one-token ones, two tile sets, kernels per step
     python scripts/bench_sparse_decode.py --shape tiny --new_tokens 8 --repeats 1   # CPU smoke run (Pallas interpreted)
 
 The workload is scripts/bench_generate.py's: a llama of --shape ('1b', the default: experiments/pretrain.py's 1b,
@@ -16,7 +17,8 @@ split='random', router='centroid')` (data-free: the speed does not depend on the
 `with_dispatch(moe, mode)` for each mode of --modes ('gather', 'pallas'; --masked adds the masked forward, slower
 than dense: it computes every expert). --pallas takes one or more ';'-separated sets of dispatch.PallasOptions
 fields ('decode=0' the general kernels for one token, 'matvec=0' the one-token kernels with Triton dots, tile
-bounds such as 'neurons=16'); with several sets each is a row 'moefied+pallas[SET]'. --profile DIR traces one call
+bounds such as 'neurons=16' (general kernels) or 'token_neurons=32' (one-token kernels)); with several sets each
+is a row 'moefied+pallas[SET]'. --profile DIR traces one call
 of min(32, --new_tokens) tokens per row (configurable_fm.profiling) and adds the device kernels per decode step.
 
 Each row (one JSON line; --out FILE appends them; a table at the end):
@@ -107,8 +109,8 @@ def pallas_options(text: str) -> list[tuple[str, PallasOptions]]:
         fields = {}
         for item in (t for t in part.split(",") if t):
             key, _, value = item.partition("=")
-            low = 0 if key in BINARY_OPTIONS else 1
-            if key not in INT_OPTIONS or not value.isdigit() or int(value) < low:
+            ok = value in ("0", "1") if key in BINARY_OPTIONS else value.isdigit() and int(value) >= 1
+            if key not in INT_OPTIONS or not ok:
                 raise argparse.ArgumentTypeError(f"{item!r}: expected name=int (0/1 for {','.join(BINARY_OPTIONS)}, "
                                                  f"else positive) with a name among {','.join(INT_OPTIONS)}")
             fields[key] = int(value)

@@ -81,7 +81,7 @@ def test_gather_and_pallas_compute_the_masked_ffn(moes, case, tied):  # CI: shar
 
 
 @pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0), PallasOptions(decode=0),
-                                     PallasOptions(neurons=4, width=8, inner=2, out=4)],
+                                     PallasOptions(token_neurons=4, token_width=8, token_inner=2, token_out=4)],
                          ids=["one_token_products", "one_token_dots", "general", "one_token_small_tiles"])
 def test_one_token_kernels_compute_the_masked_ffn(moes, options):
     """Decode at batch 1: the one-token kernels (products or dots, one tile per program) and the general kernels
@@ -101,7 +101,7 @@ def test_one_token_partials_sum_to_the_projections(moes):
     x = jnp.asarray(np.random.RandomState(8).normal(size=(1, 32)), jnp.float32)
     idx = jnp.asarray([5, 0, 2], jnp.int32)
     gate, up = decode_partials_kernel(idx, x, ffn.gate_proj[...], ffn.up_proj[...],
-                                      options=PallasOptions(width=8), interpret=True)
+                                      options=PallasOptions(token_width=8), interpret=True)
     assert gate.shape == up.shape == (3, 4, 16)
     for part, w in ((gate, ffn.gate_proj[...]), (up, ffn.up_proj[...])):
         want = np.einsum("d,qdm->qm", np.asarray(x[0]), np.asarray(w)[np.asarray(idx)])

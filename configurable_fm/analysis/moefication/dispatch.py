@@ -58,7 +58,10 @@ program reads one tile, so there are many programs with independent loads in fli
 idx comes from the router and token_slots as in the general path (taps and interventions on router_logits apply).
 Each product v w (v (n,), w (n, c)) is, by PallasOptions.matvec, the float32 products summed over n (1, the
 default: no padding, any power-of-two tile) or a Triton dot of v repeated on 16 rows (0: tiles >= 16; the rows
-are equal, so their max is the product exactly). Tiles: bm (neurons), bd (width), bk (inner), bo (out) as above.
+are equal, so their max is the product exactly). Tiles (PallasOptions.token_*, each the largest power of two <= its
+bound dividing its dimension): bm <= 64 neurons, bd <= 128 of D, bk <= 128 neurons, bo <= 64 of D, the best of six
+sets measured on an H100 (1B shape, top 4 of 16: partials 7.9 us, out 6.5 us per FFN, against 15.2 + 9.6 us for
+the general kernels; BENCHMARKS.md "Sparse FFN decode").
 """
 from __future__ import annotations
 
@@ -95,6 +98,10 @@ class PallasOptions(NamedTuple):
     num_stages: int = 2
     decode: int = 1        # one token (decode at batch 1): 1 runs the one-token kernels (below), 0 the general ones
     matvec: int = 1        # one-token kernels: 1 float32 products summed, 0 Triton dots on the row repeated 16 times
+    token_neurons: int = 64   # one-token tiles (the best of six measured on an H100, 1B shape, BENCHMARKS.md):
+    token_width: int = 128    # partials (neurons x width of G_e, U_e) and out (inner neurons x out columns of D_e)
+    token_inner: int = 128
+    token_out: int = 64
     interpret: Optional[bool] = None
 
 
@@ -440,8 +447,8 @@ def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, options: Palla
     d = x_1xD.shape[1]
     m = up_ExDxM.shape[-1]
     least = 1 if interpret or options.matvec else DOT_MIN
-    bm = _block(m, options.neurons, "the expert width m", least)
-    bd = _block(d, options.width, "the model width D", least)
+    bm = _block(m, options.token_neurons, "the expert width m", least)
+    bd = _block(d, options.token_width, "the model width D", least)
     gated = gate_ExDxM is not None
     ins = [idx_Q, x_1xD] + ([gate_ExDxM] if gated else []) + [up_ExDxM]
     part = jax.ShapeDtypeStruct((q, d // bd, m), jnp.float32)
@@ -461,8 +468,8 @@ def decode_out_kernel(idx_Q, gate_part, up_part, down_ExMxD, gate_bias_ExM=None,
     q, _, m = up_part.shape
     d = down_ExMxD.shape[-1]
     least = 1 if interpret or options.matvec else DOT_MIN
-    bk = _block(m, options.inner, "the expert width m", least)
-    bo = _block(d, options.out, "the model width D", least)
+    bk = _block(m, options.token_inner, "the expert width m", least)
+    bo = _block(d, options.token_out, "the model width D", least)
     gated, biased = gate_part is not None, up_bias_ExM is not None
     ins = [idx_Q] + ([gate_part] if gated else []) + [up_part] + \
         ([gate_bias_ExM] if gated and biased else []) + ([up_bias_ExM] if biased else []) + [down_ExMxD]
