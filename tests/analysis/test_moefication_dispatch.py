@@ -12,7 +12,7 @@ from configurable_fm.analysis import capture
 from configurable_fm.analysis.moefication import PallasOptions, moefy, with_dispatch
 from configurable_fm.analysis.moefication.dispatch import (chosen_slots, decode_out_kernel, decode_partials_kernel,
                                                            expert_combine_kernel, expert_hidden_kernel, pallas_ffn,
-                                                           token_slots)
+                                                           route_kernel, routes_in_kernel, token_slots)
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models import extension_specs
 from configurable_fm.models.generation import generate
@@ -81,11 +81,14 @@ def test_gather_and_pallas_compute_the_masked_ffn(moes, case, tied):  # CI: shar
 
 
 @pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0), PallasOptions(decode=0),
-                                     PallasOptions(token_neurons=4, token_width=8, token_inner=2, token_out=4)],
-                         ids=["one_token_products", "one_token_dots", "general", "one_token_small_tiles"])
+                                     PallasOptions(token_neurons=4, token_width=8, token_inner=2, token_out=4,
+                                                   token_route=8, route=0)],
+                         ids=["one_token_products", "one_token_dots", "general", "one_token_small_tiles_xla_route"])
 def test_one_token_kernels_compute_the_masked_ffn(moes, options):
-    """Decode at batch 1: the one-token kernels (products or dots, one tile per program) and the general kernels
-    equal the masked forward, ties and shared experts included."""
+    """Decode at batch 1: the one-token kernels (products or dots, one tile per program; the slots from route_kernel
+    for 8 routed experts, from the router for 6) and the general kernels equal the masked forward, ties and shared
+    experts included."""
+    assert routes_in_kernel(moes[8, 0, 3].layers[0].mlp) and not routes_in_kernel(moes[8, 2, 2].layers[0].mlp)
     x = jnp.asarray(np.random.RandomState(7).normal(size=(1, 1, 32)), jnp.float32)
     for case in [(8, 0, 3), (8, 2, 2)]:
         for moe in (moes[case], with_tied_router(moes[case])):
@@ -106,6 +109,29 @@ def test_one_token_partials_sum_to_the_projections(moes):
     for part, w in ((gate, ffn.gate_proj[...]), (up, ffn.up_proj[...])):
         want = np.einsum("d,qdm->qm", np.asarray(x[0]), np.asarray(w)[np.asarray(idx)])
         np.testing.assert_allclose(np.asarray(part).sum(axis=1), want, atol=1e-5, rtol=0)
+
+
+def test_route_kernel_finds_the_router_slots(moes):
+    """route_kernel's slots are token_slots' (lax.top_k's choice and order, ties to the lower index), padded to a
+    power of two; inside a tap context the layer routes through the router (router_logits tapped)."""
+    for moe in (moes[8, 0, 3], with_tied_router(moes[8, 0, 3])):
+        for layer in moe.layers:
+            ffn = layer.mlp
+            for seed in range(3):
+                x = jnp.asarray(np.random.RandomState(seed).normal(size=(1, 32)), jnp.float32)
+                want = np.asarray(token_slots(ffn.router(x, None)[0], 0, 3))
+                got = np.asarray(route_kernel(x, ffn.router.kernel[...], shared=0, top_k=3,
+                                              options=PallasOptions(token_route=8), interpret=True))
+                np.testing.assert_array_equal(got, np.append(want, 0))
+    ffn = moes[4, 0, 1].layers[0].mlp
+    x = jnp.asarray(np.random.RandomState(9).normal(size=(1, 32)), jnp.float32)
+    got = route_kernel(x, ffn.router.kernel[...], shared=2, top_k=2, interpret=True)  # S shared first, P = 4
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(token_slots(ffn.router(x, None)[0], 2, 2)))
+    with pytest.raises(ValueError, match="6 routed experts is not a power of two"):
+        route_kernel(x, jnp.zeros((32, 6)), shared=0, top_k=2, interpret=True)
+    fast = with_dispatch(moes[8, 0, 3], "pallas")
+    _, taps = capture(fast, ["layers.*.mlp.router_logits"], jnp.asarray(IDS[:1, :1]))
+    assert sorted(taps) == ["layers.0.mlp.router_logits", "layers.1.mlp.router_logits"]
 
 
 def test_ties_choose_the_lower_experts(moes):
@@ -224,18 +250,19 @@ def test_one_token_kernels_lower_to_triton_for_cuda(matvec):
     spec = jax.ShapeDtypeStruct
     options = PallasOptions(matvec=matvec, interpret=False)
 
-    def ffn(idx, x, gate, up, down):
+    def ffn(centroids, x, gate, up, down):
+        idx = route_kernel(x, centroids, shared=0, top_k=k, options=options)
         gate_part, up_part = decode_partials_kernel(idx, x, gate, up, options=options)
         return decode_out_kernel(idx, gate_part, up_part, down, act=activation("silu"), dtype=bf, options=options)
 
-    lowered = jax.jit(ffn).trace(spec((k,), jnp.int32), spec((1, d), bf), spec((e, d, m), bf), spec((e, d, m), bf),
+    lowered = jax.jit(ffn).trace(spec((d, e), bf), spec((1, d), bf), spec((e, d, m), bf), spec((e, d, m), bf),
                                  spec((e, m, d), bf)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
 
 
 def test_a_decode_step_lowers_to_triton_for_cuda(moes):
     """One cached decode step of a pallas-dispatched model (PallasOptions(interpret=False): Triton even on a CPU
-    host) lowers for CUDA with the two kernels per layer."""
+    host) lowers for CUDA with the three one-token kernels per layer."""
     fast = with_dispatch(moes[4, 0, 1], "pallas", pallas=PallasOptions(interpret=False))
     graphdef, state = nnx.split(fast)
 
@@ -244,4 +271,6 @@ def test_a_decode_step_lowers_to_triton_for_cuda(moes):
         return model(tok_Bx1, cache=model.init_cache(1, 8))[0]
 
     lowered = jax.jit(step).trace(state, jnp.zeros((1, 1), jnp.int32)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2 * LLAMA["num_layers"]
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3 * LLAMA["num_layers"]  # route, partials, out
+    assert "top_k" not in text.lower()  # the routing is route_kernel's (centroid router, 4 routed experts)

@@ -55,7 +55,13 @@ program reads one tile, so there are many programs with independent loads in fli
         h_q[k-block] = act(sum_s P^g[q, s, k-block] + b^g) * (sum_s P^u[q, s, k-block] + b^u), rounded to the
         compute dtype;  p[q, k, o-block] = h_q[k-block] D_e[k-block, o-block]   (float32)
     y = sum_{q, k} p[q, k] + b^d (XLA), in the compute dtype.
-idx comes from the router and token_slots as in the general path (taps and interventions on router_logits apply).
+    route (`route_kernel`, one program; PallasOptions.route, on by default), for the centroid router with R routed
+        experts a power of two and no tap context active: s_r = sum_d x_d C_{d r} in float32 (the router's
+        <x / ||x||, c_r> times ||x|| > 0: the same ranking, up to rounding), then the k largest by k rounds of
+        (max, the lowest index holding it, set to -inf): lax.top_k's choice and order, ties to the lower index;
+        idx = (0 .. S-1, S + the chosen). It replaces the router's, top-k's and the slot list's XLA kernels.
+        Otherwise idx comes from the router and token_slots as in the general path (so taps and interventions on
+        router_logits apply).
 Each product v w (v (n,), w (n, c)) is, by PallasOptions.matvec, the float32 products summed over n (1, the
 default: no padding, any power-of-two tile) or a Triton dot of v repeated on 16 rows (0: tiles >= 16; the rows
 are equal, so their max is the product exactly). Tiles (PallasOptions.token_*, each the largest power of two <= its
@@ -77,7 +83,7 @@ from jax.experimental import pallas as pl
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.moe import expert_weight
-from configurable_fm.models.taps import tap
+from configurable_fm.models.taps import active as taps_active, tap
 
 MODES = ("masked", "gather", "pallas")
 DISPATCHING = ("gather", "pallas")
@@ -102,6 +108,8 @@ class PallasOptions(NamedTuple):
     token_width: int = 128    # partials (neurons x width of G_e, U_e) and out (inner neurons x out columns of D_e)
     token_inner: int = 128
     token_out: int = 64
+    token_route: int = 512    # route_kernel: chunk of D per load (its loads are independent: one program)
+    route: int = 1            # one token, centroid router: 1 routes in route_kernel, 0 with XLA (router, top-k)
     interpret: Optional[bool] = None
 
 
@@ -171,6 +179,14 @@ def token_slots(scores_R, num_shared: int, top_k: int):
     return jnp.concatenate([jnp.arange(num_shared, dtype=jnp.int32), num_shared + top.astype(jnp.int32)])
 
 
+def routes_in_kernel(layer: MoefiedMLP) -> bool:
+    """Whether one token's slots can come from `route_kernel` (module docstring, 'One token'): the centroid router,
+    a power-of-two number of routed experts (a Triton tile) and no tap context active (router_logits is then not
+    computed, so it could be neither read nor replaced)."""
+    r = layer.num_routed
+    return layer.router_kind == "centroid" and r & (r - 1) == 0 and not taps_active()
+
+
 def dispatched(layer: MoefiedMLP, x):
     """y (..., D) of `layer` in its dispatch mode (module docstring); called by MoefiedMLP.__call__."""
     check_dispatch(layer, layer.dispatch)
@@ -179,6 +195,10 @@ def dispatched(layer: MoefiedMLP, x):
     n = x_NxD.shape[0]
     slots = min(layer.num_experts, layer.num_shared + n * layer.top_k)
     options = getattr(layer, "dispatch_options", None) or PallasOptions()
+    if layer.dispatch == "pallas" and n == 1 and options.decode and options.route and slots < layer.num_experts \
+            and routes_in_kernel(layer):  # one token, the centroid router: routing in a Pallas kernel too
+        y = decode_ffn(layer, x_NxD, None, options=options)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
     scores = tap(layer, "router_logits", layer.router(x, None).astype(jnp.float32))  # centroid / mlp: x alone
     if slots == layer.num_experts:  # no expert can be skipped: the masked computation (same value)
         y = layer.combine(layer.expert_hidden(x_NxD), layer.expert_mask(scores).reshape(n, -1))
@@ -439,11 +459,12 @@ def _decode_out_kernel(idx_ref, *refs, act, gated: bool, biased: bool, bk: int, 
     out_ref[0, 0] = _rowvec(h.astype(dtype), down_ref[e, ks, pl.ds(pl.multiple_of(o * bo, bo), bo)], matvec)
 
 
-def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, options: PallasOptions = PallasOptions(),
-                           interpret: bool = False):
+def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, slots: Optional[int] = None,
+                           options: PallasOptions = PallasOptions(), interpret: bool = False):
     """The partial sums (gate (Q, D / bd, m) or None, up (Q, D / bd, m)) float32 of one token x (1, D) against the
-    slots' gate and up columns, one D chunk of bd rows per program (module docstring, 'One token')."""
-    q = idx_Q.shape[0]
+    slots' gate and up columns, one D chunk of bd rows per program (module docstring, 'One token'); Q = `slots`
+    (default idx's length: route_kernel's idx is padded)."""
+    q = idx_Q.shape[0] if slots is None else slots
     d = x_1xD.shape[1]
     m = up_ExDxM.shape[-1]
     least = 1 if interpret or options.matvec else DOT_MIN
@@ -481,18 +502,65 @@ def decode_out_kernel(idx_Q, gate_part, up_part, down_ExMxD, gate_bias_ExM=None,
         interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_out")(*ins)
 
 
-def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q, *, options: Optional[PallasOptions] = None,
+def _route_kernel(x_ref, centroids_ref, idx_ref, *, shared: int, top_k: int, bd: int):
+    """The one program of route_kernel: scores over static chunks of D (independent loads), then k rounds of (max,
+    the lowest index holding it, set to -inf)."""
+    d, r = centroids_ref.shape
+    s_R = jnp.zeros((r,), jnp.float32)
+    for i in range(d // bd):
+        rows = pl.ds(i * bd, bd)
+        s_R = s_R + _rowvec(x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)], True)
+    iota_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
+    slot_P = jax.lax.broadcasted_iota(jnp.int32, idx_ref.shape, 0)
+    idx_P = jnp.where(slot_P < shared, slot_P, 0)
+    for rank in range(top_k):
+        best = jnp.max(s_R)
+        i = jnp.minimum(jnp.min(jnp.where(s_R == best, iota_R, r)), r - 1)
+        idx_P = jnp.where(slot_P == shared + rank, shared + i, idx_P)
+        s_R = jnp.where(iota_R == i, -jnp.inf, s_R)
+    idx_ref[...] = idx_P
+
+
+def route_kernel(x_1xD, centroids_DxR, *, shared: int, top_k: int, options: PallasOptions = PallasOptions(),
+                 interpret: bool = False):
+    """idx (P,) int32 for one token from the centroid router's kernel (D, R), R a power of two: the S shared slots,
+    then the top k routed experts in lax.top_k's order (module docstring, 'One token'); P = the smallest power of two
+    >= S + k (a Triton tile), the slots after S + k hold 0 and are never read."""
+    d, r = centroids_DxR.shape
+    if r & (r - 1):
+        raise ValueError(f"route_kernel: {r} routed experts is not a power of two (a Triton tile)")
+    padded = 1
+    while padded < shared + top_k:
+        padded *= 2
+    bd = _block(d, options.token_route, "the model width D", 1)
+    return pl.pallas_call(
+        functools.partial(_route_kernel, shared=shared, top_k=top_k, bd=bd),
+        out_shape=jax.ShapeDtypeStruct((padded,), jnp.int32), grid=(1,),
+        in_specs=[_whole(x_1xD), _whole(centroids_DxR)], out_specs=pl.BlockSpec((padded,), lambda i: (0,)),
+        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_route")(
+        x_1xD, centroids_DxR)
+
+
+def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q=None, *, options: Optional[PallasOptions] = None,
                interpret: Optional[bool] = None):
-    """y (1, D) = sum_q h_q D_{idx_q} + b^d for one token with the two one-token kernels (module docstring);
-    interpretation and the NO_TRITON_ACT fallback as pallas_ffn."""
+    """y (1, D) = sum_q h_q D_{idx_q} + b^d for one token with the one-token kernels (module docstring); idx None:
+    route_kernel finds the slots (routes_in_kernel must hold). Interpretation and the NO_TRITON_ACT fallback as
+    pallas_ffn."""
     options = options or PallasOptions()
     interpret = _interpret(layer, options, interpret)
+    slots = layer.num_shared + layer.top_k
     if interpret is None:
-        return gather_ffn(layer, x_1xD, idx_Q, jnp.ones((1, idx_Q.shape[0])))
+        if idx_Q is None:
+            idx_Q = token_slots(layer.router(x_1xD, None).astype(jnp.float32).reshape(-1), layer.num_shared,
+                                layer.top_k)
+        return gather_ffn(layer, x_1xD, idx_Q, jnp.ones((1, slots)))
     dtype = layer.dtype or x_1xD.dtype
     wts = _weights(layer)
-    gate_part, up_part = decode_partials_kernel(idx_Q, x_1xD.astype(dtype), wts["gate"], wts["up"], options=options,
-                                                interpret=interpret)
+    if idx_Q is None:
+        idx_Q = route_kernel(x_1xD.astype(dtype), layer.router.kernel[...], shared=layer.num_shared,
+                             top_k=layer.top_k, options=options, interpret=interpret)
+    gate_part, up_part = decode_partials_kernel(idx_Q, x_1xD.astype(dtype), wts["gate"], wts["up"], slots=slots,
+                                                options=options, interpret=interpret)
     p = decode_out_kernel(idx_Q, gate_part, up_part, wts["down"], wts["gate_bias"], wts["up_bias"],
                           act=activation(layer.act), dtype=dtype, options=options, interpret=interpret)
     y = jnp.sum(p, axis=(0, 1))[None, :].astype(dtype)
