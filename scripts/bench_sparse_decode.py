@@ -98,7 +98,7 @@ def modes(text: str) -> list[str]:
     return out
 
 
-BINARY_OPTIONS = ("decode", "matvec")  # 0 or 1; the other fields are positive
+BINARY_OPTIONS = ("decode", "matvec", "route")  # 0 or 1; the other fields are positive
 
 
 def pallas_options(text: str) -> list[tuple[str, PallasOptions]]:
