@@ -109,6 +109,7 @@ class PallasOptions(NamedTuple):
     token_inner: int = 128
     token_out: int = 64
     token_route: int = 512    # route_kernel: chunk of D per load (its loads are independent: one program)
+    route_warps: int = 4      # route_kernel's Triton warps (its one program reads the whole centroid kernel)
     route: int = 1            # one token, centroid router: 1 routes in route_kernel, 0 with XLA (router, top-k)
     interpret: Optional[bool] = None
 
@@ -537,7 +538,8 @@ def route_kernel(x_1xD, centroids_DxR, *, shared: int, top_k: int, options: Pall
         functools.partial(_route_kernel, shared=shared, top_k=top_k, bd=bd),
         out_shape=jax.ShapeDtypeStruct((padded,), jnp.int32), grid=(1,),
         in_specs=[_whole(x_1xD), _whole(centroids_DxR)], out_specs=pl.BlockSpec((padded,), lambda i: (0,)),
-        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_route")(
+        interpret=interpret, compiler_params=_compiler_params(options._replace(num_warps=options.route_warps),
+                                                               interpret), name="moe_decode_route")(
         x_1xD, centroids_DxR)
 
 
