@@ -406,7 +406,6 @@ def pallas_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ, *, options: Optional[Pall
     return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
 
 
-
 # ------------------------------------------------------------------------------------------------ one token
 def _rowvec(v_N, w_NxC, matvec: bool):
     """v (n,) @ w (n, c) -> (c,) float32 (module docstring, 'One token'): the float32 products summed over n, or a
@@ -559,7 +558,7 @@ def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q=None, *, options: Optional[Pallas
     dtype = layer.dtype or x_1xD.dtype
     wts = _weights(layer)
     if idx_Q is None:
-        idx_Q = route_kernel(x_1xD.astype(dtype), layer.router.kernel[...], shared=layer.num_shared,
+        idx_Q = route_kernel(x_1xD, layer.router.kernel[...], shared=layer.num_shared,  # x as the router sees it
                              top_k=layer.top_k, options=options, interpret=interpret)
     gate_part, up_part = decode_partials_kernel(idx_Q, x_1xD.astype(dtype), wts["gate"], wts["up"], slots=slots,
                                                 options=options, interpret=interpret)
