@@ -270,14 +270,20 @@ def _padded_token_block(n: int, bound: int) -> int:
     return bn
 
 
+def _expert_refs(refs, gated: bool, biased: bool):
+    """(gate, up, gate bias, up bias) from a kernel's refs in the order the wrappers pass them (absent ones None)."""
+    refs = list(refs)
+    gate = refs.pop(0) if gated else None
+    up = refs.pop(0)
+    gate_bias = refs.pop(0) if gated and biased else None
+    up_bias = refs.pop(0) if biased else None
+    return gate, up, gate_bias, up_bias
+
+
 def _hidden_kernel(idx_ref, x_ref, *refs, act, gated: bool, biased: bool, bm: int, bd: int):
     """One program: h[q, t-block, j-block] for expert e = idx[q] (module docstring)."""
-    refs = list(refs)
-    h_ref = refs.pop()
-    gate_ref = refs.pop(0) if gated else None
-    up_ref = refs.pop(0)
-    gate_bias_ref = refs.pop(0) if gated and biased else None
-    up_bias_ref = refs.pop(0) if biased else None
+    h_ref = refs[-1]
+    gate_ref, up_ref, gate_bias_ref, up_bias_ref = _expert_refs(refs[:-1], gated, biased)
     q, j, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bn = h_ref.shape[1]
     e = idx_ref[q]
@@ -418,11 +424,9 @@ def _rowvec(v_N, w_NxC, matvec: bool):
 
 def _decode_partial_kernel(idx_ref, x_ref, *refs, gated: bool, bm: int, bd: int, matvec: bool):
     """One program (q, j, s): the s-th chunk's partial sums x[s-chunk] G_e[s-chunk, j-block] (and U_e), e = idx_q."""
-    refs = list(refs)
-    up_out = refs.pop()
-    gate_out = refs.pop() if gated else None
-    gate_ref = refs.pop(0) if gated else None
-    up_ref = refs.pop(0)
+    n = 2 if gated else 1
+    gate_ref, up_ref, _, _ = _expert_refs(refs[:n], gated, False)
+    gate_out, up_out, _, _ = _expert_refs(refs[n:], gated, False)
     q, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = idx_ref[q]
     cols = pl.ds(pl.multiple_of(j * bm, bm), bm)
@@ -435,12 +439,8 @@ def _decode_partial_kernel(idx_ref, x_ref, *refs, gated: bool, bm: int, bd: int,
 
 def _decode_out_kernel(idx_ref, *refs, act, gated: bool, biased: bool, bk: int, matvec: bool, dtype):
     """One program (q, k, o): h_q[k-block] from the partial sums, then its part h_q[k-block] D_e[k-block, o-block]."""
-    refs = list(refs)
-    out_ref, down_ref = refs.pop(), refs.pop()
-    gate_part = refs.pop(0) if gated else None
-    up_part = refs.pop(0)
-    gate_bias_ref = refs.pop(0) if gated and biased else None
-    up_bias_ref = refs.pop(0) if biased else None
+    down_ref, out_ref = refs[-2:]
+    gate_part, up_part, gate_bias_ref, up_bias_ref = _expert_refs(refs[:-2], gated, biased)
     q, k, o = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bo = out_ref.shape[2]
     e = idx_ref[q]
