@@ -18,8 +18,8 @@ split='random', router='centroid')` (data-free: the speed does not depend on the
 than dense: it computes every expert). --pallas takes one or more ';'-separated sets of dispatch.PallasOptions
 fields ('decode=0' the general kernels for one token, 'matvec=0' the one-token kernels with Triton dots, tile
 bounds such as 'neurons=16' (general kernels) or 'token_neurons=32' (one-token kernels)); with several sets each
-is a row 'moefied+pallas[SET]'. --profile DIR traces one call
-of min(32, --new_tokens) tokens per row (configurable_fm.profiling) and adds the device kernels per decode step.
+is a row 'moefied+pallas[SET]'. --profile DIR traces one call of min(32, --new_tokens) tokens per row
+(configurable_fm.profiling) and adds the device kernels per decode step.
 
 Each row (one JSON line; --out FILE appends them; a table at the end):
     tokens_per_s   new tokens x batch / the wall time of one whole call
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -214,8 +215,7 @@ def main(argv=None):
 
     def row(name, model, top_k=None, ffn_read=1.0, extra_bytes=0, masked_tokens=None, masked=None):
         step_bytes = dense_bytes - ffn_bytes * (1.0 - ffn_read) + extra_bytes + kv_bytes
-        logdir = os.path.join(args.profile, f"{len(rows):02d}_{name}".replace("[", "_").replace("]", "").replace(
-            "=", "").replace(",", "_").replace(";", "_")) if args.profile else ""
+        logdir = os.path.join(args.profile, re.sub(r"[^\w+-]", "_", f"{len(rows):02d}_{name}")) if args.profile else ""
         times, tokens = measure(model, ids, args.new_tokens, args.repeats, logdir)
         r = dict(base, row=name, top_k=top_k, ffn_read=ffn_read, **times)
         if masked is not None:  # the dispatching forward against the masked one (bf16: rounding differs)
