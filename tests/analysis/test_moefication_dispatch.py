@@ -222,6 +222,10 @@ def test_compiled_kernels_need_power_of_two_blocks_of_16(moes):
         pallas_ffn(ffn, x, jnp.arange(5, dtype=jnp.int32), jnp.ones((1, 5)), interpret=False)
     with pytest.raises(ValueError, match=r"layers\.0\.mlp: pallas dispatch: the expert width m 8"):
         with_dispatch(moes[16, 1, 4], "pallas", pallas=PallasOptions(interpret=False))
+    dots = PallasOptions(interpret=False, matvec=0, token_width=8)  # m = 16 fits; a width tile of 8 does not
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp: pallas dispatch: the model width D 32 has no"):
+        with_dispatch(moes[8, 0, 3], "pallas", pallas=dots)
+    with_dispatch(moes[8, 0, 3], "pallas", pallas=dots._replace(matvec=1))  # products take any tile
 
 
 def test_kernels_lower_to_triton_for_cuda():

@@ -155,9 +155,13 @@ def check_pallas_blocks(layer: MoefiedMLP, options: PallasOptions, path: str = "
     if interpret:
         return
     _, d, m = layer.up_proj.get_value().shape
+    blocks = [(m, options.neurons, "the expert width m"), (d, options.width, "the model width D"),
+              (d, options.out, "the model width D"), (m, options.inner, "the expert width m")]
+    if options.decode and not options.matvec:  # the one-token kernels' Triton dots need tiles of 16 too
+        blocks += [(m, options.token_neurons, "the expert width m"), (d, options.token_width, "the model width D"),
+                   (m, options.token_inner, "the expert width m"), (d, options.token_out, "the model width D")]
     try:
-        for dim, bound, name in ((m, options.neurons, "the expert width m"), (d, options.width, "the model width D"),
-                                 (d, options.out, "the model width D"), (m, options.inner, "the expert width m")):
+        for dim, bound, name in blocks:
             _block(dim, bound, name, DOT_MIN)
     except ValueError as e:
         raise ValueError(f"{path}: {e}" if path else str(e)) from None
