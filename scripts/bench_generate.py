@@ -10,6 +10,9 @@ bf16 weights, a 64-token random prompt, 256 new tokens, greedy, no early stop. T
 over the wall time of one whole call (median of --repeats after a warm-up call), as the anchor does.
 --sampling greedy,sample adds rows that sample (temperature 0.8, top-k 50, top-p 0.95: the per-step cost of
 the logits warpers, issue 14's "sampling costs nothing measurable").
+--one_token 0,1 runs each shape and batch without and with `Generator(model, one_token=True)`
+(models/one_token.py: split-K Pallas kernels, on a GPU, for the one-row products that XLA would run as reduction
+kernels), in that order, in one run.
 
 Besides the whole call, each row reports the decode step alone, `step_ms = (t(N new) - t(1 new)) / (N - 1)`,
 and its memory bound: each step must read every weight once and, per layer, the keys and values of the slots
@@ -85,10 +88,10 @@ SAMPLING = {  # --sampling modes: generate() keyword arguments (sample: transfor
 
 
 def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
-              sampling: str = "greedy") -> dict:
+              sampling: str = "greedy", one_token: bool = False) -> dict:
     model = build(shape)
     cfg = model.cfg
-    gen = Generator(model)
+    gen = Generator(model, one_token=one_token)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32)
     kw = SAMPLING[sampling]
     t_full = timed(lambda: gen(ids, max_new_tokens=new, **kw), repeats)
@@ -103,18 +106,18 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "step_ms": step_s * 1e3, "bound_ms": bound_s * 1e3, "x_bound": step_s / bound_s,
             "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling,
+            "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling, "one_token": one_token,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def profile(shape: str, batch: int, prompt: int, new: int, logdir: str) -> dict:
+def profile(shape: str, batch: int, prompt: int, new: int, logdir: str, one_token: bool = False) -> dict:
     """Traces one generate call; summarises the device kernels per decode step (configurable_fm.profiling)."""
     model = build(shape)
-    gen = Generator(model)
+    gen = Generator(model, one_token=one_token)
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (batch, prompt), dtype=np.int32)
     np.asarray(gen(ids, max_new_tokens=new))
     summary = trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=new)), logdir, steps=new)
-    return {"shape": shape, "batch": batch, "new_tokens": new, **summary}
+    return {"shape": shape, "batch": batch, "new_tokens": new, "one_token": one_token, **summary}
 
 
 def run_anchor(script: str, mode: str, shape: str, batch: int) -> dict:
@@ -141,8 +144,13 @@ def main():
     p.add_argument("--attention", default="auto", help="auto (the model's choice), xla or cudnn")
     p.add_argument("--sampling", default="greedy", help="comma-separated: " + ",".join(SAMPLING) +
                    " (sample: temperature 0.8, top_k 50, top_p 0.95)")
+    p.add_argument("--one_token", default="0", help="comma-separated 0/1: Generator(one_token=...), models/"
+                   "one_token.py's kernels for one-row products (1,0: both, the A/B in one run)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    one_token = args.one_token.split(",")
+    if not one_token or set(one_token) - {"0", "1"}:
+        p.error(f"--one_token: expected a comma-separated list of 0 and 1, got {args.one_token!r}")
     unknown = sorted(set(args.sampling.split(",")) - set(SAMPLING))
     if unknown:
         p.error(f"--sampling: unknown mode(s) {unknown}; choose from {sorted(SAMPLING)}")
@@ -161,11 +169,12 @@ def main():
     shapes, batches = args.shape.split(","), [int(b) for b in args.batch.split(",")]
     for shape in shapes:
         for batch in batches:
-            for sampling in args.sampling.split(","):
-                emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling))
-            if args.profile:
-                emit(profile(shape, batch, args.prompt, min(args.new, 32),
-                             os.path.join(args.profile, f"{shape}_b{batch}")))
+            for kernels in (flag == "1" for flag in one_token):
+                for sampling in args.sampling.split(","):
+                    emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling, kernels))
+                if args.profile:
+                    emit(profile(shape, batch, args.prompt, min(args.new, 32),
+                                 os.path.join(args.profile, f"{shape}_b{batch}_t{int(kernels)}"), kernels))
     if args.anchor:
         for mode in args.anchor_modes.split(","):
             for shape in shapes:

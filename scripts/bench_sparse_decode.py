@@ -211,7 +211,7 @@ def main(argv=None):
         cfg.dim_per_head * 2
     base = {"shape": args.shape, "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
             "experts": args.experts, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "hbm_gb_s": hbm}
+            "hbm_gb_s": hbm, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     def row(name, model, top_k=None, ffn_read=1.0, extra_bytes=0, masked_tokens=None, masked=None):
         step_bytes = dense_bytes - ffn_bytes * (1.0 - ffn_read) + extra_bytes + kv_bytes

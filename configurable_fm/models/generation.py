@@ -23,7 +23,9 @@ A model whose weights sit on one device is traced inside `models.layers.fuse_pro
 q/k/v and gate/up as one matmul each (`fused_linears`; plain Linears only, an adapter keeps its own call), and XLA
 hoists the concatenated kernels out of the loop (seen in the CPU program), so one more copy of them (52% of the
 weights at the SmolLM2-135M shape, 59% at the 1B shape) lives while the program runs. Weights split over devices
-keep the projections apart.
+keep the projections apart. `Generator(model, one_token=True)` also traces inside `models.one_token.
+one_token_matmuls()`: on a GPU, one-row products with mid-sized kernels (batch-1 decode's q/k/v and o projections
+at the 1B shape) run as split-K Pallas kernels instead of XLA's reduction kernels (not yet measured).
 Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
 pad_token_id, the key.
 
@@ -55,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.models.layers import fuse_projections
+from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
 from configurable_fm.models.structure import check_consistent, is_family_model
 
 MIN_CANDIDATES = 64  # the smallest top_k bucket: top_k <= 64 shares one program
@@ -147,10 +150,14 @@ def on_one_device(state) -> bool:
     return len(devices) <= 1
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates", "fuse"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates", "fuse",
+                                             "one_token"))
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-              max_new_tokens: int, greedy: bool, candidates: int, fuse: bool):
-    with fuse_projections(fuse):  # read while tracing: the whole program, loop body included
+              max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
+              one_token: bool | OneTokenMatmuls = False):
+    options = one_token if isinstance(one_token, OneTokenMatmuls) else None
+    # both read while tracing: the whole program, loop body included
+    with fuse_projections(fuse), one_token_matmuls(bool(one_token), options):
         model = nnx.merge(graphdef, state)
         b, t = ids_BxT.shape
         choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
@@ -202,7 +209,7 @@ class Generator:
     program.
     """
 
-    def __init__(self, model: nnx.Module):
+    def __init__(self, model: nnx.Module, *, one_token: bool | OneTokenMatmuls = False):
         if not callable(getattr(model, "init_cache", None)):
             raise TypeError(f"generate needs a causal LM with init_cache(batch, max_len); "
                             f"{type(model).__name__} has none")
@@ -210,6 +217,8 @@ class Generator:
             check_consistent(model, "generate")
         self.graphdef, self.state = nnx.split(model)
         self.fuse = on_one_device(self.state)  # fused projections in the decode loop (module docstring)
+        # models.one_token's kernels for one-row products (module docstring); OneTokenMatmuls: with these bounds
+        self.one_token = one_token if isinstance(one_token, OneTokenMatmuls) else bool(one_token)
 
     def __call__(self, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
@@ -266,7 +275,7 @@ class Generator:
                          jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
                          jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
                          graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-                         candidates=candidates, fuse=self.fuse)
+                         candidates=candidates, fuse=self.fuse, one_token=self.one_token)
 
 
 def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,

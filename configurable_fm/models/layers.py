@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.models.one_token import matmul
 from configurable_fm.models.taps import active as taps_active, tapped
 
 Axes = tuple[str | None, ...]
@@ -50,7 +51,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         dtype = self.dtype or jnp.result_type(x, kernel)
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        y = matmul(x.astype(dtype), kernel.astype(dtype))  # jnp.dot, or a one-token kernel (models/one_token.py)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -98,7 +99,7 @@ def fused_linears(linears: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array
         return [m(x) for m in linears]
     (dtype,) = dtypes
     kernel = jnp.concatenate([m.kernel[...].astype(dtype) for m in linears], axis=1)
-    y = jnp.dot(x.astype(dtype), kernel)
+    y = matmul(x.astype(dtype), kernel)
     if linears[0].bias is not None:
         y = y + jnp.concatenate([m.bias[...].astype(dtype) for m in linears])
     splits = np.cumsum([m.kernel.shape[1] for m in linears])[:-1]

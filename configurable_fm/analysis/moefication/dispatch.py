@@ -83,6 +83,7 @@ from jax.experimental import pallas as pl
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.moe import expert_weight
+from configurable_fm.models.one_token import power_of_two_tile, rowvec
 from configurable_fm.models.taps import active as taps_active, tap
 
 MODES = ("masked", "gather", "pallas")
@@ -246,9 +247,7 @@ def gather_ffn(layer: MoefiedMLP, x_NxD, idx_Q, w_NxQ):
 # ------------------------------------------------------------------------------------------------ Pallas
 def _block(dim: int, bound: int, name: str, least: int) -> int:
     """The largest power of two <= bound dividing dim; ValueError when it is below `least`."""
-    b = 1
-    while b * 2 <= bound and dim % (b * 2) == 0:
-        b *= 2
+    b = power_of_two_tile(dim, bound)
     if b < least:
         raise ValueError(f"pallas dispatch: {name} {dim} has no power-of-two block in [{least}, {bound}] dividing "
                          f"it (Triton needs power-of-two tiles of at least {DOT_MIN} for its dot); use "
@@ -421,7 +420,7 @@ def _rowvec(v_N, w_NxC, matvec: bool):
     """v (n,) @ w (n, c) -> (c,) float32 (module docstring, 'One token'): the float32 products summed over n, or a
     Triton dot of v repeated on DOT_MIN rows (all equal, so their max is the product exactly)."""
     if matvec:
-        return jnp.sum(v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32), axis=0)
+        return rowvec(v_N, w_NxC)
     rows = jnp.broadcast_to(v_N[None, :], (DOT_MIN, v_N.shape[0]))
     return jnp.max(jnp.dot(rows, w_NxC.astype(v_N.dtype), preferred_element_type=jnp.float32), axis=0)
 

@@ -1,0 +1,111 @@
+"""One-token matrix-vector products as Pallas kernels, for batch-1 decode on a GPU.
+
+XLA's GPU simplifier rewrites a dot whose two operands hold fewer than 10M elements in all into multiply + reduce
+(xla/service/gpu/gpu_algebraic_simplifier.cc, `IsMatrixMultiplicationTooSmallForRewriting`; no flag turns it off
+in jax 0.11's XLA). For one token that makes a (D, N) projection one reduction kernel, which on an H100 read the 1B
+shape's fused q/k/v (2048 x 3072) and o_proj (2048 x 2048) weights at ~0.8 and ~1.2 TB/s, where the FFN's larger
+GEMMs reach ~2.5 TB/s (BENCHMARKS.md, "One-token kernels"). Here the product is split over D (split-K), one tile
+per program, so that many independent loads are in flight (the MoEfied FFN's one-token kernels do the same,
+analysis/moefication/dispatch.py):
+    P[s, n-block] = x[s-chunk] W[s-chunk, n-block]     float32, grid (N / bn, D / bd)
+    y = sum_s P[s]                                      (XLA), in the compute dtype
+`rowvec` is the products of one tile: float32 products summed over the chunk (exact products of bf16 inputs).
+
+`one_token_matmuls()` (a context read while tracing, like layers.fuse_projections) makes `matmul`, which
+`layers.Linear` and `layers.fused_linears` call, take this path for x with one row when
+min_elements <= D N < max_elements (below the upper bound XLA reduces; above the lower one the weights are large
+enough for bandwidth to matter) and the kernel can be compiled (a GPU) or is interpreted on request.
+`models.generation.Generator(model, one_token=True)` enters it for its decode loop. Not yet measured on a GPU
+(benchmarks/pending_gpu/one_token_matmul.sh).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from typing import Iterator, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+XLA_REDUCE_BELOW = 10_000_000  # XLA's strength-reduction bound: sum of both operands' elements (module docstring)
+
+
+class OneTokenMatmuls(NamedTuple):
+    """When `matmul` takes the kernel: min_elements <= D N < max_elements; tiles bn (out), bd (width); interpret
+    None: compiled on a GPU, elsewhere not taken; True: interpreted anywhere (tests)."""
+    min_elements: int = 1 << 21
+    max_elements: int = XLA_REDUCE_BELOW
+    out: int = 64
+    width: int = 128
+    num_warps: int = 4
+    interpret: Optional[bool] = None
+
+
+_ONE_TOKEN: contextvars.ContextVar[Optional[OneTokenMatmuls]] = contextvars.ContextVar("configurable_fm_one_token",
+                                                                                       default=None)
+
+
+@contextlib.contextmanager
+def one_token_matmuls(enabled: bool = True, options: Optional[OneTokenMatmuls] = None) -> Iterator[None]:
+    """Forwards traced inside the block run one-row products of in-range kernels with `one_token_matmul` (module
+    docstring). Read while tracing, not part of jax.jit's cache key: enter it inside the jitted function."""
+    token = _ONE_TOKEN.set((options or OneTokenMatmuls()) if enabled else None)
+    try:
+        yield
+    finally:
+        _ONE_TOKEN.reset(token)
+
+
+def rowvec(v_N, w_NxC):
+    """v (n,) @ w (n, c) -> (c,) float32: the float32 products summed over n (one tile of a one-token kernel)."""
+    return jnp.sum(v_N.astype(jnp.float32)[:, None] * w_NxC.astype(jnp.float32), axis=0)
+
+
+def power_of_two_tile(dim: int, bound: int) -> int:
+    """The largest power of two <= bound dividing dim (Triton tiles are powers of two); 1 at least."""
+    b = 1
+    while b * 2 <= bound and dim % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _partials_kernel(x_ref, w_ref, out_ref, *, bn: int, bd: int):
+    from jax.experimental import pallas as pl
+    n, s = pl.program_id(0), pl.program_id(1)
+    rows = pl.ds(pl.multiple_of(s * bd, bd), bd)
+    out_ref[0] = rowvec(x_ref[0, rows], w_ref[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)])
+
+
+def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):
+    """y (1, N) = x W in x's dtype (module docstring); x (1, D) and W (D, N) in the compute dtype."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    d, n = w_DxN.shape
+    bn, bd = power_of_two_tile(n, options.out), power_of_two_tile(d, options.width)
+    parts = pl.pallas_call(
+        functools.partial(_partials_kernel, bn=bn, bd=bd),
+        out_shape=jax.ShapeDtypeStruct((d // bd, n), jnp.float32), grid=(n // bn, d // bd),
+        in_specs=[pl.BlockSpec(x_1xD.shape, lambda *_: (0, 0)), pl.BlockSpec(w_DxN.shape, lambda *_: (0, 0))],
+        out_specs=pl.BlockSpec((1, bn), lambda j, s: (s, j)), interpret=interpret, name="one_token_matmul",
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
+        x_1xD, w_DxN)
+    return jnp.sum(parts, axis=0, keepdims=True).astype(x_1xD.dtype)
+
+
+def matmul(x, kernel):
+    """x @ kernel (x (..., D), kernel (D, N), one dtype): `one_token_matmul` inside `one_token_matmuls()` when x has
+    one row and the kernel is in range (module docstring), else jnp.dot."""
+    options = _ONE_TOKEN.get()
+    if options is None or x.size != x.shape[-1] or kernel.ndim != 2:
+        return jnp.dot(x, kernel)
+    d, n = kernel.shape
+    if not options.min_elements <= d * n < options.max_elements:
+        return jnp.dot(x, kernel)
+    interpret = options.interpret
+    if interpret is None:
+        if jax.default_backend() != "gpu":
+            return jnp.dot(x, kernel)
+        interpret = False
+    y = one_token_matmul(x.reshape(1, d), kernel, options=options, interpret=interpret)
+    return y.reshape(x.shape[:-1] + (n,))
