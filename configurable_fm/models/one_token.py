@@ -1,8 +1,8 @@
 """One-token matrix-vector products as Pallas kernels, for batch-1 decode on a GPU.
 
 XLA's GPU simplifier rewrites a dot whose two operands hold fewer than 10M elements in all into multiply + reduce
-(xla/service/gpu/gpu_algebraic_simplifier.cc, `IsMatrixMultiplicationTooSmallForRewriting`; no flag turns it off
-in jax 0.11's XLA). For one token that makes a (D, N) projection one reduction kernel, which on an H100 read the 1B
+(xla/service/gpu/gpu_algebraic_simplifier.cc, `IsMatrixMultiplicationTooSmallForRewriting`; the flag that once
+turned it off, xla_gpu_enable_dot_strength_reduction, is gone: jaxlib 0.10.2 rejects it). For one token that makes a (D, N) projection one reduction kernel, which on an H100 read the 1B
 shape's fused q/k/v (2048 x 3072) and o_proj (2048 x 2048) weights at ~0.8 and ~1.2 TB/s, where the FFN's larger
 GEMMs reach ~2.5 TB/s (BENCHMARKS.md, "One-token kernels"). Here the product is split over D (split-K), one tile
 per program, so that many independent loads are in flight (the MoEfied FFN's one-token kernels do the same,
