@@ -19,7 +19,9 @@ than dense: it computes every expert). --pallas takes one or more ';'-separated 
 fields ('decode=0' the general kernels for one token, 'matvec=0' the one-token kernels with Triton dots, tile
 bounds such as 'neurons=16' (general kernels) or 'token_neurons=32' (one-token kernels)); with several sets each
 is a row 'moefied+pallas[SET]'. --profile DIR traces one call of min(32, --new_tokens) tokens per row
-(configurable_fm.profiling) and adds the device kernels per decode step.
+(configurable_fm.profiling) and adds the device kernels per decode step. --one_token 1 runs every row (the
+dense one too) with `Generator(model, one_token=True)` (models/one_token.py: the attention projections' one-row
+products as split-K kernels).
 
 Each row (one JSON line; --out FILE appends them; a table at the end):
     tokens_per_s   new tokens x batch / the wall time of one whole call
@@ -128,10 +130,12 @@ def nbytes(arrays) -> int:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
 
 
-def measure(model, ids, new: int, repeats: int, profile_dir: str = "") -> tuple[dict, np.ndarray]:
+def measure(model, ids, new: int, repeats: int, profile_dir: str = "", one_token: bool = False
+            ) -> tuple[dict, np.ndarray]:
     """Whole-call and per-step times of greedy generation of `new` tokens after `ids`, and the new tokens; with
-    `profile_dir`, the device kernels per step of one traced call of min(32, new) tokens."""
-    gen = Generator(model)
+    `profile_dir`, the device kernels per step of one traced call of min(32, new) tokens; `one_token`: the
+    Generator's option (models/one_token.py)."""
+    gen = Generator(model, one_token=one_token)
     last = {}
 
     def full():
@@ -180,6 +184,8 @@ def main(argv=None):
     p.add_argument("--pallas", type=pallas_options, default=[("", PallasOptions())],
                    help="';'-separated sets of Pallas options (dispatch.PallasOptions), e.g. 'decode=0;neurons=16'")
     p.add_argument("--profile", default="", help="a log directory: trace one call per row (kernels per step)")
+    p.add_argument("--one_token", type=int, choices=(0, 1), default=0,
+                   help="1: every row's Generator(one_token=True) (models/one_token.py), the dense row included")
     p.add_argument("--seed", type=int, default=0, help="the split's key")
     p.add_argument("--out", default="", help="append the JSON lines to this file")
     args = p.parse_args(argv)
@@ -211,12 +217,12 @@ def main(argv=None):
         cfg.dim_per_head * 2
     base = {"shape": args.shape, "batch": args.batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
             "experts": args.experts, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-            "hbm_gb_s": hbm, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "hbm_gb_s": hbm, "xla_flags": os.environ.get("XLA_FLAGS", ""), "one_token": bool(args.one_token)}
 
     def row(name, model, top_k=None, ffn_read=1.0, extra_bytes=0, masked_tokens=None, masked=None):
         step_bytes = dense_bytes - ffn_bytes * (1.0 - ffn_read) + extra_bytes + kv_bytes
         logdir = os.path.join(args.profile, re.sub(r"[^\w+-]", "_", f"{len(rows):02d}_{name}")) if args.profile else ""
-        times, tokens = measure(model, ids, args.new_tokens, args.repeats, logdir)
+        times, tokens = measure(model, ids, args.new_tokens, args.repeats, logdir, bool(args.one_token))
         r = dict(base, row=name, top_k=top_k, ffn_read=ffn_read, **times)
         if masked is not None:  # the dispatching forward against the masked one (bf16: rounding differs)
             r.update(ffn_rel_err=ffn_error(masked, model), tokens_as_masked=float(np.mean(tokens == masked_tokens)))
