@@ -201,8 +201,8 @@ def dispatched(layer: MoefiedMLP, x):
     n = x_NxD.shape[0]
     slots = min(layer.num_experts, layer.num_shared + n * layer.top_k)
     options = getattr(layer, "dispatch_options", None) or PallasOptions()
-    if layer.dispatch == "pallas" and n == 1 and options.decode and options.route and slots < layer.num_experts \
-            and routes_in_kernel(layer):  # one token, the centroid router: routing in a Pallas kernel too
+    one_token = layer.dispatch == "pallas" and n == 1 and slots < layer.num_experts and options.decode
+    if one_token and options.route and routes_in_kernel(layer):  # the centroid router: routing in a kernel too
         y = decode_ffn(layer, x_NxD, None, options=options)
         return y.reshape(x.shape[:-1] + (y.shape[-1],))
     scores = tap(layer, "router_logits", layer.router(x, None).astype(jnp.float32))  # centroid / mlp: x alone
@@ -215,7 +215,7 @@ def dispatched(layer: MoefiedMLP, x):
             idx_Q, w_NxQ = chosen_slots(layer.expert_mask(scores).reshape(n, -1), slots)
         if layer.dispatch == "gather":
             y = gather_ffn(layer, x_NxD, idx_Q, w_NxQ)
-        elif n == 1 and options.decode:
+        elif one_token:
             y = decode_ffn(layer, x_NxD, idx_Q, options=options)
         else:
             y = pallas_ffn(layer, x_NxD, idx_Q, w_NxQ, options=options)
@@ -512,7 +512,7 @@ def _route_kernel(x_ref, centroids_ref, idx_ref, *, shared: int, top_k: int, bd:
     s_R = jnp.zeros((r,), jnp.float32)
     for i in range(d // bd):
         rows = pl.ds(i * bd, bd)
-        s_R = s_R + _rowvec(x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)], True)
+        s_R = s_R + rowvec(x_ref[0, rows], centroids_ref[rows, pl.ds(0, r)])
     iota_R = jax.lax.broadcasted_iota(jnp.int32, (r,), 0)
     slot_P = jax.lax.broadcasted_iota(jnp.int32, idx_ref.shape, 0)
     idx_P = jnp.where(slot_P < shared, slot_P, 0)
