@@ -110,13 +110,19 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def traced_call(gen: Generator, ids, new: int, logdir: str, top: int = 25) -> dict:
+    """The device kernels per decode step of one `gen(ids, max_new_tokens=new)` call traced into logdir
+    (configurable_fm.profiling.trace_kernels), compiled before the trace."""
+    np.asarray(gen(ids, max_new_tokens=new))
+    return trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=new)), logdir, steps=new, top=top)
+
+
 def profile(shape: str, batch: int, prompt: int, new: int, logdir: str, one_token: bool = False) -> dict:
     """Traces one generate call; summarises the device kernels per decode step (configurable_fm.profiling)."""
     model = build(shape)
     gen = Generator(model, one_token=one_token)
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (batch, prompt), dtype=np.int32)
-    np.asarray(gen(ids, max_new_tokens=new))
-    summary = trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=new)), logdir, steps=new)
+    summary = traced_call(gen, ids, new, logdir)
     return {"shape": shape, "batch": batch, "new_tokens": new, "one_token": one_token, **summary}
 
 

@@ -56,12 +56,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_generate import copy_bandwidth_gb_s, timed  # noqa: E402
+from bench_generate import copy_bandwidth_gb_s, timed, traced_call  # noqa: E402
 from configurable_fm.analysis.moefication import PallasOptions, moefy, with_dispatch  # noqa: E402
 from configurable_fm.bricks.paths import flat_params  # noqa: E402
 from configurable_fm.models.factory import build_model  # noqa: E402
 from configurable_fm.models.generation import Generator  # noqa: E402
-from configurable_fm.profiling import trace_kernels  # noqa: E402
 from experiments.shapes import SHAPES as BENCH_SHAPES  # noqa: E402
 
 SHAPES = {  # the anchors' shapes and two small ones for CPU smoke runs
@@ -147,10 +146,7 @@ def measure(model, ids, new: int, repeats: int, profile_dir: str = "", one_token
     times = {"tokens_per_s": new * ids.shape[0] / t_full, "call_s": t_full, "prefill_plus_one_s": t_one,
              "step_ms": (t_full - t_one) / (new - 1) * 1e3}
     if profile_dir:
-        traced = min(32, new)
-        np.asarray(gen(ids, max_new_tokens=traced))  # compiled before the trace
-        summary = trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=traced)), profile_dir, steps=traced,
-                                top=12)
+        summary = traced_call(gen, ids, min(32, new), profile_dir, top=12)
         times["profile"] = {k: summary[k] for k in ("events_per_step", "busy_ms_per_step", "wall_ms_per_step",
                                                      "categories", "top", "profile") if k in summary}
     return times, np.asarray(last["out"])[:, ids.shape[1]:]
