@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 XLA_REDUCE_BELOW = 10_000_000  # XLA's strength-reduction bound: sum of both operands' elements (module docstring)
 
@@ -70,42 +72,58 @@ def power_of_two_tile(dim: int, bound: int) -> int:
     return b
 
 
-def _partials_kernel(x_ref, w_ref, out_ref, *, bn: int, bd: int):
+def _partials_kernel(x_ref, *refs, bn: int, bd: int, starts: tuple[int, ...]):
+    """Program (n, s): out[s, n-block] = x[s-chunk] W[s-chunk, n-block] of the concatenation [W_1 | W_2 | ...]:
+    column block n lies in W_i for starts[i] <= n < starts[i + 1] (one branch taken per program)."""
     from jax.experimental import pallas as pl
+    *w_refs, out_ref = refs
     n, s = pl.program_id(0), pl.program_id(1)
     rows = pl.ds(pl.multiple_of(s * bd, bd), bd)
-    out_ref[0] = rowvec(x_ref[0, rows], w_ref[rows, pl.ds(pl.multiple_of(n * bn, bn), bn)])
+    for w_ref, lo, hi in zip(w_refs, starts, starts[1:]):
+        def block(w_ref=w_ref, lo=lo):
+            out_ref[0] = rowvec(x_ref[0, rows], w_ref[rows, pl.ds(pl.multiple_of((n - lo) * bn, bn), bn)])
+        if len(w_refs) == 1:
+            block()
+        else:
+            pl.when((n >= lo) & (n < hi))(block)
 
 
 def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):
-    """y (1, N) = x W in x's dtype (module docstring); x (1, D) and W (D, N) in the compute dtype."""
+    """y (1, N) = x W in x's dtype (module docstring); x (1, D) and W (D, N) in the compute dtype. W may be a
+    sequence [W_1, W_2, ...] of (D, N_i) kernels: y = x [W_1 | W_2 | ...] (N = sum N_i), the concatenation never
+    written (one kernel reads each W_i where it lies)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
-    d, n = w_DxN.shape
-    bn, bd = power_of_two_tile(n, options.out), power_of_two_tile(d, options.width)
+    ws = list(w_DxN) if isinstance(w_DxN, (list, tuple)) else [w_DxN]
+    d = ws[0].shape[0]
+    widths = [w.shape[1] for w in ws]
+    bn, bd = power_of_two_tile(math.gcd(*widths), options.out), power_of_two_tile(d, options.width)
+    starts = tuple(int(c) for c in np.cumsum([0] + [w // bn for w in widths]))
+    n = sum(widths)
     parts = pl.pallas_call(
-        functools.partial(_partials_kernel, bn=bn, bd=bd),
+        functools.partial(_partials_kernel, bn=bn, bd=bd, starts=starts),
         out_shape=jax.ShapeDtypeStruct((d // bd, n), jnp.float32), grid=(n // bn, d // bd),
-        in_specs=[pl.BlockSpec(x_1xD.shape, lambda *_: (0, 0)), pl.BlockSpec(w_DxN.shape, lambda *_: (0, 0))],
+        in_specs=[pl.BlockSpec(x_1xD.shape, lambda *_: (0, 0))] + [pl.BlockSpec(w.shape, lambda *_: (0, 0))
+                                                                    for w in ws],
         out_specs=pl.BlockSpec((1, bn), lambda j, s: (s, j)), interpret=interpret, name="one_token_matmul",
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
-        x_1xD, w_DxN)
+        x_1xD, *ws)
     return jnp.sum(parts, axis=0, keepdims=True).astype(x_1xD.dtype)
 
 
 def matmul(x, kernel):
-    """x @ kernel (x (..., D), kernel (D, N), one dtype): `one_token_matmul` inside `one_token_matmuls()` when x has
-    one row and the kernel is in range (module docstring), else jnp.dot."""
+    """x @ kernel (x (..., D), kernel (D, N) or a sequence of (D, N_i) kernels standing for their concatenation
+    along columns, one dtype): `one_token_matmul` inside `one_token_matmuls()` when x has one row and the kernel is
+    in range (module docstring), else jnp.dot (of the concatenation)."""
+    kernels = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]
     options = _ONE_TOKEN.get()
-    if options is None or x.size != x.shape[-1] or kernel.ndim != 2:
-        return jnp.dot(x, kernel)
-    d, n = kernel.shape
-    if not options.min_elements <= d * n < options.max_elements:
-        return jnp.dot(x, kernel)
-    interpret = options.interpret
-    if interpret is None:
-        if jax.default_backend() != "gpu":
-            return jnp.dot(x, kernel)
-        interpret = False
-    y = one_token_matmul(x.reshape(1, d), kernel, options=options, interpret=interpret)
+    d, n = kernels[0].shape[0], sum(k.shape[-1] for k in kernels)
+    take = (options is not None and x.size == x.shape[-1] and all(k.ndim == 2 for k in kernels)
+            and options.min_elements <= d * n < options.max_elements)
+    interpret = options.interpret if take else None
+    if take and interpret is None:
+        take, interpret = jax.default_backend() == "gpu", False
+    if not take:
+        return jnp.dot(x, kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1))
+    y = one_token_matmul(x.reshape(1, d), kernels, options=options, interpret=interpret)
     return y.reshape(x.shape[:-1] + (n,))

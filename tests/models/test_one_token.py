@@ -61,3 +61,17 @@ def test_generator_with_one_token_kernels_gives_the_same_tokens():
     # in the decode loop: q/k/v (fused), o, gate/up (fused) and down of each layer, and the LM head (64 x 32, in
     # range here); the prefill has 5 rows (jnp.dot)
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4 * cfg.num_layers + 1
+
+
+def test_one_token_matmul_of_several_kernels_equals_the_product_of_their_concatenation():
+    rs = np.random.RandomState(7)
+    x = jnp.asarray(rs.normal(size=(1, 64)), jnp.float32)
+    ws = [jnp.asarray(rs.normal(size=(64, n)), jnp.float32) for n in (96, 32, 32)]  # q/k/v-like: GQA widths
+    want = np.asarray(x) @ np.concatenate([np.asarray(w) for w in ws], axis=1)
+    for options in (ANY, ANY._replace(out=8, width=16)):
+        got = one_token_matmul(x, ws, options=options, interpret=True)
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    with one_token_matmuls(options=ANY):
+        jaxpr = str(jax.make_jaxpr(matmul)(x, ws))
+    assert "pallas_call" in jaxpr and "concatenate" not in jaxpr  # the kernels read in place, never copied
+    np.testing.assert_allclose(np.asarray(matmul(x, ws)), want, atol=1e-4, rtol=1e-5)  # outside: jnp.dot
