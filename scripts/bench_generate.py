@@ -10,9 +10,10 @@ bf16 weights, a 64-token random prompt, 256 new tokens, greedy, no early stop. T
 over the wall time of one whole call (median of --repeats after a warm-up call), as the anchor does.
 --sampling greedy,sample adds rows that sample (temperature 0.8, top-k 50, top-p 0.95: the per-step cost of
 the logits warpers, issue 14's "sampling costs nothing measurable").
---one_token 0,1 runs each shape and batch without and with `Generator(model, one_token=True)`
+--one_token 0,1 runs each shape and batch without and with `Generator(model, one_token=True)` (the default, 1)
 (models/one_token.py: split-K Pallas kernels, on a GPU, for the one-row products that XLA would run as reduction
-kernels), in that order, in one run.
+kernels), in that order, in one run; an item FIELD=VALUE[/FIELD=VALUE] runs it with those `OneTokenMatmuls`
+fields (e.g. `min_elements=262144/out=32`).
 
 Besides the whole call, each row reports the decode step alone, `step_ms = (t(N new) - t(1 new)) / (N - 1)`,
 and its memory bound: each step must read every weight once and, per layer, the keys and values of the slots
@@ -42,6 +43,7 @@ from flax import nnx
 import configurable_fm.models.attention as attn
 from configurable_fm.models.factory import build_model
 from configurable_fm.models.generation import Generator
+from configurable_fm.models.one_token import OneTokenMatmuls
 from configurable_fm.profiling import trace_kernels
 from experiments.shapes import SHAPES as BENCH_SHAPES
 
@@ -88,7 +90,7 @@ SAMPLING = {  # --sampling modes: generate() keyword arguments (sample: transfor
 
 
 def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
-              sampling: str = "greedy", one_token: bool = False) -> dict:
+              sampling: str = "greedy", one_token: bool | OneTokenMatmuls = False) -> dict:
     model = build(shape)
     cfg = model.cfg
     gen = Generator(model, one_token=one_token)
@@ -106,8 +108,8 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "step_ms": step_s * 1e3, "bound_ms": bound_s * 1e3, "x_bound": step_s / bound_s,
             "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
-            "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling, "one_token": one_token,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling,
+            "one_token": option_record(one_token), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def traced_call(gen: Generator, ids, new: int, logdir: str, top: int = 25) -> dict:
@@ -117,13 +119,35 @@ def traced_call(gen: Generator, ids, new: int, logdir: str, top: int = 25) -> di
     return trace_kernels(lambda: np.asarray(gen(ids, max_new_tokens=new)), logdir, steps=new, top=top)
 
 
-def profile(shape: str, batch: int, prompt: int, new: int, logdir: str, one_token: bool = False) -> dict:
+def profile(shape: str, batch: int, prompt: int, new: int, logdir: str,
+            one_token: bool | OneTokenMatmuls = False) -> dict:
     """Traces one generate call; summarises the device kernels per decode step (configurable_fm.profiling)."""
     model = build(shape)
     gen = Generator(model, one_token=one_token)
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (batch, prompt), dtype=np.int32)
     summary = traced_call(gen, ids, new, logdir)
-    return {"shape": shape, "batch": batch, "new_tokens": new, "one_token": one_token, **summary}
+    return {"shape": shape, "batch": batch, "new_tokens": new, "one_token": option_record(one_token), **summary}
+
+
+def one_token_option(item: str) -> bool | OneTokenMatmuls:
+    """'0' -> False, '1' -> True, 'FIELD=VALUE[/FIELD=VALUE]' -> OneTokenMatmuls with those (integer) fields."""
+    if item in ("0", "1"):
+        return item == "1"
+    fields = {}
+    for part in item.split("/"):
+        key, _, value = part.partition("=")
+        if key not in OneTokenMatmuls._fields or key == "interpret" or not value.isdigit():
+            raise ValueError(f"{part!r}: expected 0, 1 or FIELD=INTEGER with FIELD one of "
+                             f"{[f for f in OneTokenMatmuls._fields if f != 'interpret']}")
+        fields[key] = int(value)
+    return OneTokenMatmuls(**fields)
+
+
+def option_record(one_token: bool | OneTokenMatmuls):
+    """A row's one_token value: the bool, or the options' non-default fields."""
+    if isinstance(one_token, OneTokenMatmuls):
+        return {k: v for k, v in one_token._asdict().items() if v != OneTokenMatmuls._field_defaults[k]}
+    return one_token
 
 
 def run_anchor(script: str, mode: str, shape: str, batch: int) -> dict:
@@ -150,13 +174,15 @@ def main():
     p.add_argument("--attention", default="auto", help="auto (the model's choice), xla or cudnn")
     p.add_argument("--sampling", default="greedy", help="comma-separated: " + ",".join(SAMPLING) +
                    " (sample: temperature 0.8, top_k 50, top_p 0.95)")
-    p.add_argument("--one_token", default="0", help="comma-separated 0/1: Generator(one_token=...), models/"
-                   "one_token.py's kernels for one-row products (1,0: both, the A/B in one run)")
+    p.add_argument("--one_token", default="1", help="comma-separated 0/1: Generator(one_token=...), models/"
+                   "one_token.py's kernels for one-row products (1,0: both, the A/B in one run); or "
+                   "FIELD=VALUE[/FIELD=VALUE]: OneTokenMatmuls fields")
     p.add_argument("--out", default="")
     args = p.parse_args()
-    one_token = args.one_token.split(",")
-    if not one_token or set(one_token) - {"0", "1"}:
-        p.error(f"--one_token: expected a comma-separated list of 0 and 1, got {args.one_token!r}")
+    try:
+        one_token = [one_token_option(item) for item in args.one_token.split(",")]
+    except ValueError as e:
+        p.error(f"--one_token: {e}")
     unknown = sorted(set(args.sampling.split(",")) - set(SAMPLING))
     if unknown:
         p.error(f"--sampling: unknown mode(s) {unknown}; choose from {sorted(SAMPLING)}")
@@ -175,12 +201,12 @@ def main():
     shapes, batches = args.shape.split(","), [int(b) for b in args.batch.split(",")]
     for shape in shapes:
         for batch in batches:
-            for kernels in (flag == "1" for flag in one_token):
+            for i, kernels in enumerate(one_token):
                 for sampling in args.sampling.split(","):
                     emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling, kernels))
                 if args.profile:
                     emit(profile(shape, batch, args.prompt, min(args.new, 32),
-                                 os.path.join(args.profile, f"{shape}_b{batch}_t{int(kernels)}"), kernels))
+                                 os.path.join(args.profile, f"{shape}_b{batch}_t{i}"), kernels))
     if args.anchor:
         for mode in args.anchor_modes.split(","):
             for shape in shapes:

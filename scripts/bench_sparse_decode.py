@@ -19,9 +19,9 @@ than dense: it computes every expert). --pallas takes one or more ';'-separated 
 fields ('decode=0' the general kernels for one token, 'matvec=0' the one-token kernels with Triton dots, tile
 bounds such as 'neurons=16' (general kernels) or 'token_neurons=32' (one-token kernels)); with several sets each
 is a row 'moefied+pallas[SET]'. --profile DIR traces one call of min(32, --new_tokens) tokens per row
-(configurable_fm.profiling) and adds the device kernels per decode step. --one_token 1 runs every row (the
-dense one too) with `Generator(model, one_token=True)` (models/one_token.py: the attention projections' one-row
-products as split-K kernels).
+(configurable_fm.profiling) and adds the device kernels per decode step. --one_token 1 (the default)
+runs every row (the dense one too) with `Generator(model, one_token=True)` (models/one_token.py: the attention
+projections' one-row products as split-K kernels), 0 without.
 
 Each row (one JSON line; --out FILE appends them; a table at the end):
     tokens_per_s   new tokens x batch / the wall time of one whole call
@@ -180,7 +180,7 @@ def main(argv=None):
     p.add_argument("--pallas", type=pallas_options, default=[("", PallasOptions())],
                    help="';'-separated sets of Pallas options (dispatch.PallasOptions), e.g. 'decode=0;neurons=16'")
     p.add_argument("--profile", default="", help="a log directory: trace one call per row (kernels per step)")
-    p.add_argument("--one_token", type=int, choices=(0, 1), default=0,
+    p.add_argument("--one_token", type=int, choices=(0, 1), default=1,
                    help="1: every row's Generator(one_token=True) (models/one_token.py), the dense row included")
     p.add_argument("--seed", type=int, default=0, help="the split's key")
     p.add_argument("--out", default="", help="append the JSON lines to this file")

@@ -23,9 +23,11 @@ A model whose weights sit on one device is traced inside `models.layers.fuse_pro
 q/k/v and gate/up as one matmul each (`fused_linears`; plain Linears only, an adapter keeps its own call), and XLA
 hoists the concatenated kernels out of the loop (seen in the CPU program), so one more copy of them (52% of the
 weights at the SmolLM2-135M shape, 59% at the 1B shape) lives while the program runs. Weights split over devices
-keep the projections apart. `Generator(model, one_token=True)` also traces inside `models.one_token.
-one_token_matmuls()`: on a GPU, one-row products with mid-sized kernels (batch-1 decode's q/k/v and o projections
-at the 1B shape) run as split-K Pallas kernels instead of XLA's reduction kernels (not yet measured).
+keep the projections apart. Such a model is also traced inside `models.one_token.one_token_matmuls()` (unless
+`Generator(model, one_token=False)`): on a GPU, one-row products with mid-sized kernels (batch-1 decode's q/k/v
+and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's reduction kernels: the 1B
+shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms (BENCHMARKS.md,
+"One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
 Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
 pad_token_id, the key.
 
@@ -209,7 +211,7 @@ class Generator:
     program.
     """
 
-    def __init__(self, model: nnx.Module, *, one_token: bool | OneTokenMatmuls = False):
+    def __init__(self, model: nnx.Module, *, one_token: bool | OneTokenMatmuls | None = None):
         if not callable(getattr(model, "init_cache", None)):
             raise TypeError(f"generate needs a causal LM with init_cache(batch, max_len); "
                             f"{type(model).__name__} has none")
@@ -217,8 +219,10 @@ class Generator:
             check_consistent(model, "generate")
         self.graphdef, self.state = nnx.split(model)
         self.fuse = on_one_device(self.state)  # fused projections in the decode loop (module docstring)
-        # models.one_token's kernels for one-row products (module docstring); OneTokenMatmuls: with these bounds
-        self.one_token = one_token if isinstance(one_token, OneTokenMatmuls) else bool(one_token)
+        # models.one_token's kernels for one-row products (module docstring); OneTokenMatmuls: with these bounds;
+        # None: on where the projections are fused (weights on one device)
+        self.one_token = one_token if isinstance(one_token, OneTokenMatmuls) else bool(
+            self.fuse if one_token is None else one_token)
 
     def __call__(self, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,

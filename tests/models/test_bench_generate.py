@@ -44,3 +44,22 @@ def test_bench_sampling_small_vocab(tmp_path):
     assert by_case["top_k 50, top_p 0.95"]["candidates"] == 64
     assert by_case["top_p 0.95, whole row sorted"]["candidates"] == by_case["top_p 0.95"]["candidates"]
     assert all(r["ms_median"] > 0 for r in rows)
+
+
+def test_one_token_items():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "scripts" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from configurable_fm.models.one_token import OneTokenMatmuls
+    assert bench.one_token_option("0") is False and bench.one_token_option("1") is True
+    options = bench.one_token_option("min_elements=262144/out=32")
+    assert options == OneTokenMatmuls(min_elements=262144, out=32)
+    assert bench.option_record(options) == {"min_elements": 262144, "out": 32} and bench.option_record(True) is True
+    for bad in ("2", "size=3", "out=x", "interpret=1"):
+        try:
+            bench.one_token_option(bad)
+        except ValueError as e:
+            assert "FIELD=INTEGER" in str(e)
+        else:
+            raise AssertionError(bad)
