@@ -46,6 +46,8 @@ class OneTokenMatmuls(NamedTuple):
     width: int = 128
     num_warps: int = 4
     interpret: Optional[bool] = None
+    whole_below: int = 0  # D N < whole_below: `whole_column_matmul` (no partials, no XLA sum); 0: never
+    whole_out: int = 16  # its column tile
 
 
 _ONE_TOKEN: contextvars.ContextVar[Optional[OneTokenMatmuls]] = contextvars.ContextVar("configurable_fm_one_token",
@@ -92,18 +94,69 @@ def _partials_kernel(x_ref, *refs, bn: int, bd: int, starts: tuple[int, ...]):
             pl.when((n >= lo) & (n < hi))(block)
 
 
+def power_of_two_chunks(dim: int, bound: int) -> list[tuple[int, int]]:
+    """[(start, size), ...] covering range(dim) with power-of-two sizes <= bound, largest first (Triton loads
+    power-of-two tiles): 576, 128 -> 4 x 128 + 64."""
+    chunks, start = [], 0
+    while start < dim:
+        size = 1 << min(bound.bit_length() - 1, (dim - start).bit_length() - 1)
+        chunks.append((start, size))
+        start += size
+    return chunks
+
+
+def _whole_kernel(x_ref, *refs, bn: int, chunks: tuple[tuple[int, int], ...], starts: tuple[int, ...]):
+    """Program n: out[n-block] = sum over the chunks of x[chunk] W[chunk, n-block], rounded to out's dtype."""
+    from jax.experimental import pallas as pl
+    *w_refs, out_ref = refs
+    n = pl.program_id(0)
+    for w_ref, lo, hi in zip(w_refs, starts, starts[1:]):
+        def block(w_ref=w_ref, lo=lo):
+            cols = pl.ds(pl.multiple_of((n - lo) * bn, bn), bn)
+            acc = sum(rowvec(x_ref[0, pl.ds(c0, c)], w_ref[pl.ds(c0, c), cols]) for c0, c in chunks)
+            out_ref[0] = acc.astype(out_ref.dtype)
+        if len(w_refs) == 1:
+            block()
+        else:
+            pl.when((n >= lo) & (n < hi))(block)
+
+
+def _column_blocks(ws, bound: int) -> tuple[list, int, tuple[int, ...], int]:
+    """The kernels as a list, the column tile bn (a power of two dividing every width), the first block of each
+    kernel (and the total), the total width N."""
+    ws = list(ws) if isinstance(ws, (list, tuple)) else [ws]
+    widths = [w.shape[1] for w in ws]
+    bn = power_of_two_tile(math.gcd(*widths), bound)
+    return ws, bn, tuple(int(c) for c in np.cumsum([0] + [w // bn for w in widths])), sum(widths)
+
+
+def whole_column_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):
+    """y (1, N) = x W like `one_token_matmul`, one program per column block reading the whole of D (power-of-two
+    chunks of at most options.width rows, all loads independent) and writing y in x's dtype: no float32 partials
+    and no XLA sum after it, for small D N where those cost more than the split's parallel loads save."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    ws, bn, starts, n = _column_blocks(w_DxN, options.whole_out)
+    d = ws[0].shape[0]
+    return pl.pallas_call(
+        functools.partial(_whole_kernel, bn=bn, chunks=tuple(power_of_two_chunks(d, options.width)), starts=starts),
+        out_shape=jax.ShapeDtypeStruct((1, n), x_1xD.dtype), grid=(n // bn,),
+        in_specs=[pl.BlockSpec(x_1xD.shape, lambda *_: (0, 0))] + [pl.BlockSpec(w.shape, lambda *_: (0, 0))
+                                                                    for w in ws],
+        out_specs=pl.BlockSpec((1, bn), lambda j: (0, j)), interpret=interpret, name="whole_column_matmul",
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
+        x_1xD, *ws)
+
+
 def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):
     """y (1, N) = x W in x's dtype (module docstring); x (1, D) and W (D, N) in the compute dtype. W may be a
     sequence [W_1, W_2, ...] of (D, N_i) kernels: y = x [W_1 | W_2 | ...] (N = sum N_i), the concatenation never
     written (one kernel reads each W_i where it lies)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
-    ws = list(w_DxN) if isinstance(w_DxN, (list, tuple)) else [w_DxN]
+    ws, bn, starts, n = _column_blocks(w_DxN, options.out)
     d = ws[0].shape[0]
-    widths = [w.shape[1] for w in ws]
-    bn, bd = power_of_two_tile(math.gcd(*widths), options.out), power_of_two_tile(d, options.width)
-    starts = tuple(int(c) for c in np.cumsum([0] + [w // bn for w in widths]))
-    n = sum(widths)
+    bd = power_of_two_tile(d, options.width)
     parts = pl.pallas_call(
         functools.partial(_partials_kernel, bn=bn, bd=bd, starts=starts),
         out_shape=jax.ShapeDtypeStruct((d // bd, n), jnp.float32), grid=(n // bn, d // bd),
@@ -129,5 +182,6 @@ def matmul(x, kernel):
         take, interpret = jax.default_backend() == "gpu", False
     if not take:
         return jnp.dot(x, kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1))
-    y = one_token_matmul(x.reshape(1, d), kernels, options=options, interpret=interpret)
+    product = whole_column_matmul if d * n < options.whole_below else one_token_matmul
+    y = product(x.reshape(1, d), kernels, options=options, interpret=interpret)
     return y.reshape(x.shape[:-1] + (n,))

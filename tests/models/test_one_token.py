@@ -75,3 +75,27 @@ def test_one_token_matmul_of_several_kernels_equals_the_product_of_their_concate
         jaxpr = str(jax.make_jaxpr(matmul)(x, ws))
     assert "pallas_call" in jaxpr and "concatenate" not in jaxpr  # the kernels read in place, never copied
     np.testing.assert_allclose(np.asarray(matmul(x, ws)), want, atol=1e-4, rtol=1e-5)  # outside: jnp.dot
+
+
+@pytest.mark.parametrize("d,widths", [(64, (96,)), (72, (48, 16, 16)), (40, (24,))])
+def test_whole_column_matmul_equals_the_product(d, widths):
+    """Whole columns (D in power-of-two chunks: 72 = 64 + 8, 40 = 32 + 8), several kernels or one."""
+    from configurable_fm.models.one_token import power_of_two_chunks, whole_column_matmul
+    assert power_of_two_chunks(576, 128) == [(0, 128), (128, 128), (256, 128), (384, 128), (512, 64)]
+    assert power_of_two_chunks(40, 16) == [(0, 16), (16, 16), (32, 8)]
+    rs = np.random.RandomState(d)
+    x = jnp.asarray(rs.normal(size=(1, d)), jnp.float32)
+    ws = [jnp.asarray(rs.normal(size=(d, n)), jnp.float32) for n in widths]
+    want = np.asarray(x) @ np.concatenate([np.asarray(w) for w in ws], axis=1)
+    options = ANY._replace(width=64, whole_out=8, whole_below=1 << 30)
+    got = whole_column_matmul(x, ws if len(ws) > 1 else ws[0], options=options, interpret=True)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    with one_token_matmuls(options=options):
+        outer = [e.primitive.name for e in jax.make_jaxpr(matmul)(x, ws).jaxpr.eqns]
+        np.testing.assert_allclose(np.asarray(matmul(x, ws)), want, atol=1e-5, rtol=1e-5)
+    assert "pallas_call" in outer and "reduce_sum" not in outer  # no partials summed after the kernel
+    compiled = options._replace(interpret=False)  # Triton, lowered for CUDA on this host
+    lowered = jax.jit(lambda x, ws: whole_column_matmul(x, ws, options=compiled)).trace(
+        x.astype(jnp.bfloat16), [w.astype(jnp.bfloat16) for w in ws]).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
