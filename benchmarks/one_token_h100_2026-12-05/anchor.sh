@@ -3,10 +3,4 @@
 source benchmarks/pending_gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 480 python3 scripts/bench_generate.py --shape 135m,1b --batch 1,64 --repeats 3 --one_token 0,1 --anchor .gpu/anchors/hf_generate.py --anchor_modes static --out $OUT/anchor.jsonl > $OUT/anchor.log 2>&1; el anchor $?
-python3 - $OUT/anchor.jsonl <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(r.get("anchor", "ours"), r["shape"], r["batch"], r.get("one_token", ""), "step_ms %.3f" % r.get("step_ms", -1),
-          "tokens/s %.0f" % r.get("tokens_per_s", -1), r.get("line", "")[:80] if "anchor" in r else "")
-PY
+python3 benchmarks/one_token_h100_2026-12-05/summary.py $OUT/anchor.jsonl

@@ -6,7 +6,4 @@ timeout 120 python3 scripts/bench_sparse_decode.py --shape 1b --top_k 4 --new_to
 grep -v '^{' $OUT/sparse.log | tail -3 | cut -c1-200
 W=whole_below=2097152
 timeout 110 python3 scripts/bench_generate.py --repeats 3 --batch 1 --shape 135m --one_token 1,$W,$W/whole_out=32 --out $OUT/whole_135m.jsonl > $OUT/whole_135m.log 2>&1; el whole_135m $?
-python3 -c "
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line); print(r['shape'], r['one_token'], 'step_ms %.3f' % r['step_ms'])" $OUT/whole_135m.jsonl
+python3 benchmarks/one_token_h100_2026-12-05/summary.py $OUT/whole_135m.jsonl

@@ -7,15 +7,4 @@ B="python3 scripts/bench_generate.py --repeats 3"
 timeout 200 $B --shape 135m --batch 1 --one_token 0,1,min_elements=262144,min_elements=262144/out=32,min_elements=262144/width=64 --profile /tmp/gp --out $OUT/small.jsonl > $OUT/small.log 2>&1; el small $?
 timeout 200 $B --shape 1b --batch 1 --one_token 1,out=32,out=128,width=256,width=64,num_warps=8 --out $OUT/tiles.jsonl > $OUT/tiles.log 2>&1; el tiles $?
 timeout 150 $B --shape 135m,1b --batch 64 --one_token 0,1 --out $OUT/b64.jsonl > $OUT/b64.log 2>&1; el b64 $?
-python3 - $OUT/small.jsonl $OUT/tiles.jsonl $OUT/b64.jsonl <<'PY'
-import json, sys
-for path in sys.argv[1:]:
-    for line in open(path):
-        r = json.loads(line)
-        if "step_ms" in r:
-            print(r["shape"], r["batch"], "one_token", r["one_token"], "step_ms %.3f" % r["step_ms"])
-        elif "events_per_step" in r:
-            print("  ", "kernels/step", r["events_per_step"], "busy_ms/step %.3f" % r["busy_ms_per_step"])
-            for k in r["top"][:6]:
-                print("     %5d x %7.2f us  %s" % (k["count"], k["mean_us"], k["name"][:60]))
-PY
+python3 benchmarks/one_token_h100_2026-12-05/summary.py $OUT/small.jsonl $OUT/tiles.jsonl $OUT/b64.jsonl

@@ -6,15 +6,4 @@ B="python3 scripts/bench_generate.py --repeats 3 --batch 1"
 W=whole_below=2097152
 timeout 220 $B --shape 135m --one_token 1,$W,$W/whole_out=32,$W/whole_out=8,$W/num_warps=2 --profile /tmp/gw --out $OUT/whole_135m.jsonl > $OUT/whole_135m.log 2>&1; el whole_135m $?
 timeout 150 $B --shape 1b --one_token 1,whole_below=10000000,whole_below=10000000/whole_out=32 --out $OUT/whole_1b.jsonl > $OUT/whole_1b.log 2>&1; el whole_1b $?
-python3 - $OUT/whole_135m.jsonl $OUT/whole_1b.jsonl <<'PY'
-import json, sys
-for path in sys.argv[1:]:
-    for line in open(path):
-        r = json.loads(line)
-        if "step_ms" in r:
-            print(r["shape"], r["batch"], "one_token", r["one_token"], "step_ms %.3f" % r["step_ms"])
-        elif "events_per_step" in r:
-            print("  ", "kernels/step", r["events_per_step"], "busy_ms/step %.3f" % r["busy_ms_per_step"])
-            for k in r["top"][:7]:
-                print("     %5d x %7.2f us  %s" % (k["count"], k["mean_us"], k["name"][:60]))
-PY
+python3 benchmarks/one_token_h100_2026-12-05/summary.py $OUT/whole_135m.jsonl $OUT/whole_1b.jsonl
