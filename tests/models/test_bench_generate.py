@@ -53,9 +53,9 @@ def test_one_token_items():
     spec.loader.exec_module(bench)
     from configurable_fm.models.one_token import OneTokenMatmuls
     assert bench.one_token_option("0") is False and bench.one_token_option("1") is True
-    options = bench.one_token_option("min_elements=262144/out=32")
-    assert options == OneTokenMatmuls(min_elements=262144, out=32)
-    assert bench.option_record(options) == {"min_elements": 262144, "out": 32} and bench.option_record(True) is True
+    options = bench.one_token_option("min_elements=4096/out=32")
+    assert options == OneTokenMatmuls(min_elements=4096, out=32)
+    assert bench.option_record(options) == {"min_elements": 4096, "out": 32} and bench.option_record(True) is True
     for bad in ("2", "size=3", "out=x", "interpret=1"):
         try:
             bench.one_token_option(bad)

@@ -99,3 +99,33 @@ def test_whole_column_matmul_equals_the_product(d, widths):
     lowered = jax.jit(lambda x, ws: whole_column_matmul(x, ws, options=compiled)).trace(
         x.astype(jnp.bfloat16), [w.astype(jnp.bfloat16) for w in ws]).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+def test_gated_kernel_equals_the_mlp_hidden_layer_and_lowers_for_cuda():
+    """layers.gated_product inside one_token_matmuls() with whole_below over 2 D F: one gated_matmul kernel,
+    act(x W_g) * (x W_u); the decode step of a Generator with it gives the same tokens, and lowers to Triton."""
+    from configurable_fm.models.layers import activation, gated_product
+    cfg = LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                      max_position_embeddings=64)
+    model = random_llama(cfg, 3)
+    mlp = model.layers[0].mlp
+    x = jnp.asarray(np.random.RandomState(0).normal(size=(1, 1, 40)), jnp.float32)
+    want = activation("silu")(x @ mlp.gate_proj.kernel[...]) * (x @ mlp.up_proj.kernel[...])
+    options = ANY._replace(width=32, whole_out=16, whole_below=1 << 30)  # D = 40 = 32 + 8
+    with one_token_matmuls(options=options):
+        outer = [e.primitive.name for e in jax.make_jaxpr(
+            lambda x: gated_product(mlp.gate_proj, mlp.up_proj, "silu", x))(x).jaxpr.eqns]
+        got = gated_product(mlp.gate_proj, mlp.up_proj, "silu", x)
+    assert outer.count("pallas_call") == 1 and "logistic" not in outer  # act inside the kernel
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+    ids = np.random.RandomState(1).randint(0, 64, (1, 5)).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(Generator(model, one_token=options)(ids, max_new_tokens=6)),
+                                  np.asarray(Generator(model, one_token=False)(ids, max_new_tokens=6)))
+    gen = Generator(model, one_token=options._replace(interpret=False))
+    args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
+            jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
+    text = _generate.trace(*args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0,
+                           fuse=gen.fuse, one_token=gen.one_token).lower(lowering_platforms=("cuda",)).as_text()
+    # per layer q/k/v, o, the gated kernel and down (whole columns), and the LM head
+    assert text.count("__gpu$xla.gpu.triton") == 4 * cfg.num_layers + 1
