@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.models.one_token import gated as one_token_gated
 from configurable_fm.models.one_token import matmul
 from configurable_fm.models.taps import active as taps_active, tapped
 
@@ -81,36 +80,12 @@ def project(linears: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array]:
     return fused_linears(linears, x) if _FUSE_PROJECTIONS.get() else [m(x) for m in linears]
 
 
-def plain_dtype(linears: Sequence[nnx.Module], x: jax.Array):
-    """The one compute dtype of `linears` on x when they can run as one product: each a plain `Linear` (its exact
-    type: adapters and other subclasses compute more than x @ K + b), one dtype, all with a bias or none, no tap
-    context active (each Linear's input and output are tap points); else None."""
-    if not all(type(m) is Linear for m in linears) or taps_active():
-        return None
-    dtypes = {m.dtype or jnp.result_type(x, m.kernel[...]) for m in linears}
-    if len(dtypes) != 1 or len({m.bias is None for m in linears}) != 1:
-        return None
-    return dtypes.pop()
-
-
-def gated_product(gate: nnx.Module, up: nnx.Module, act: str, x: jax.Array) -> jax.Array:
-    """act(gate(x)) * up(x) (SwiGLU's hidden layer): one `models.one_token.gated_matmul` kernel where
-    `one_token.gated` takes it (plain Linears without bias, inside `one_token_matmuls()`), else `project` and
-    the activation."""
-    dtype = plain_dtype((gate, up), x)
-    if dtype is not None and gate.bias is None:
-        h = one_token_gated(x.astype(dtype), gate.kernel[...].astype(dtype), up.kernel[...].astype(dtype),
-                            activation(act))
-        if h is not None:
-            return h
-    g, u = project((gate, up), x)
-    return activation(act)(g) * u
-
-
 def fused_linears(linears: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array]:
     """[m(x) for m in linears] as one matmul: x @ [K_1 | K_2 | ...] (+ [b_1 | b_2 | ...]), split back by columns.
 
-    Taken where `plain_dtype` finds one compute dtype; otherwise each module is called in turn. The same products column by column: one
+    Taken when every module is a plain `Linear` (its exact type: adapters and other subclasses compute more than
+    x @ K + b), all share one compute dtype and bias presence, and no tap context is active (each Linear's input
+    and output are tap points); otherwise each module is called in turn. The same products column by column: one
     kernel where a batch-1 decode step on an H200 runs 2.3-3.8 us reduction kernels per projection (BENCHMARKS,
     the decode profile). The concatenation is `matmul`'s: XLA fuses it into the product's reduction or hoists it
     out of a decode loop as loop-invariant (checked in the compiled CPU program of `generate`), and the one-token
@@ -118,9 +93,13 @@ def fused_linears(linears: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array
     on an H100: not hoisted there once the product was a custom call).
     Shapes: x (..., D_in); kernel i (D_in, D_i); out i (..., D_i).
     """
-    dtype = plain_dtype(linears, x)
-    if dtype is None or len(linears) < 2:
+    plain = all(type(m) is Linear for m in linears) and not taps_active()
+    if plain:
+        dtypes = {m.dtype or jnp.result_type(x, m.kernel[...]) for m in linears}
+        plain = len(dtypes) == 1 and len({m.bias is None for m in linears}) == 1
+    if not plain or len(linears) < 2:
         return [m(x) for m in linears]
+    (dtype,) = dtypes
     y = matmul(x.astype(dtype), [m.kernel[...].astype(dtype) for m in linears])  # x @ [K_1 | K_2 | ...]
     if linears[0].bias is not None:
         y = y + jnp.concatenate([m.bias[...].astype(dtype) for m in linears])

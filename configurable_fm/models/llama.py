@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.models import attention as attn
-from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, gated_product, project
+from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation, project
 from configurable_fm.models.moe import ROUTERS, SparseMoE, noise_active
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
@@ -124,8 +124,8 @@ class LlamaMLP(nnx.Module):
 
     @tapped
     def __call__(self, x_BxTxD):
-        # one matmul in fuse_projections(), one kernel for one token in one_token_matmuls() (layers.gated_product)
-        hidden_BxTxF = tap(self, "hidden", gated_product(self.gate_proj, self.up_proj, self.act, x_BxTxD))
+        gate, up = project((self.gate_proj, self.up_proj), x_BxTxD)  # one matmul in fuse_projections()
+        hidden_BxTxF = tap(self, "hidden", activation(self.act)(gate) * up)
         return self.down_proj(hidden_BxTxF)
 
 
