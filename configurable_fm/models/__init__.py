@@ -14,7 +14,7 @@ go through `rebuild(model, {"intermediate_size": 256}, params=...)`.
 """
 from configurable_fm.models.attention import KVCache, RopeScaling
 from configurable_fm.models.bert import Bert, BertConfig, mean_pool, sentence_embedding
-from configurable_fm.models.generation import Generator, generate, generate_text
+from configurable_fm.models.generation import Generator, generate, generate_text, stream_text
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
 from configurable_fm.models.llama import Llama, LlamaConfig
 from configurable_fm.models.masked import GrowthRamp, MaskedLinear, MaskedRMSNorm  # registers the mask extensions
@@ -36,7 +36,7 @@ def __getattr__(name):
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["from_hf", "to_hf", "from_gguf", "load_pretrained", "load_model", "model_path", "generate", "Generator", "generate_text", "Llama", "LlamaConfig",
+__all__ = ["from_hf", "to_hf", "from_gguf", "load_pretrained", "load_model", "model_path", "generate", "Generator", "generate_text", "stream_text", "Llama", "LlamaConfig",
            "GPT2", "GPT2Config", "Bert", "BertConfig", "mean_pool", "sentence_embedding", "KVCache", "RopeScaling",
            "InconsistentModel", "check_consistent", "structure_problems", "config_from_tree", "sync_config", "rebuild",
            "Extension", "register_extension", "extension_specs", "GrowthRamp", "MaskedLinear", "MaskedRMSNorm"]

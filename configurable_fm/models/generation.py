@@ -28,6 +28,9 @@ keep the projections apart. Such a model is also traced inside `models.one_token
 and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's reduction kernels: the 1B
 shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms (BENCHMARKS.md,
 "One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
+Streaming (`Generator.stream`, `stream_text`): the same pieces as two programs, the prefill with the first token
+and the decode loop up to a traced step (the carry donated from chunk to chunk); the host reads the new tokens
+between chunks, so a chunk of 16 steps costs one round trip per 16 tokens.
 Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
 pad_token_id, the key.
 
@@ -51,7 +54,7 @@ the same token. Programs: greedy, unfiltered sampling, one per C bucket, top_p a
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -152,42 +155,88 @@ def on_one_device(state) -> bool:
     return len(devices) <= 1
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "candidates", "fuse",
-                                             "one_token"))
-def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-              max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
-              one_token: bool | OneTokenMatmuls = False):
-    options = one_token if isinstance(one_token, OneTokenMatmuls) else None
-    # both read while tracing: the whole program, loop body included
-    with fuse_projections(fuse), one_token_matmuls(bool(one_token), options):
-        model = nnx.merge(graphdef, state)
+class _Decoding:
+    """The traced pieces of a generate program, shared by the one-program call and the streamed chunks. Built inside
+    the jitted function (and inside its fuse_projections / one_token_matmuls context): the model merged from its
+    state, the token choice with its traced sampling arguments.
+    carry = (step, last token (B,), next position (B,), cache, done (B,), new tokens so far (B, max_new_tokens))."""
+
+    def __init__(self, state, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef, greedy: bool,
+                 candidates: int):
+        self.model = nnx.merge(graphdef, state)
+        self.rng, self.eos_E, self.pad_id = rng, eos_E, pad_id
+        self.choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                        greedy=greedy, candidates=candidates)
+
+    def is_eos(self, tok_B):
+        return jnp.any(tok_B[:, None] == self.eos_E[None, :], axis=-1)
+
+    def start(self, ids_BxT, mask_BxT, max_new_tokens: int):
+        """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token."""
         b, t = ids_BxT.shape
-        choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                   candidates=candidates)
-        is_eos = lambda tok_B: jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
-
-        cache = model.init_cache(b, t + max_new_tokens)
+        cache = self.model.init_cache(b, t + max_new_tokens)
         positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
-        logits, cache = model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
-        tok_B = choose(logits[:, -1], jax.random.fold_in(rng, 0))
-        out_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok_B)
-        carry = (jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, is_eos(tok_B), out_BxN)
+        logits, cache = self.model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
+        tok_B = self.choose(logits[:, -1], jax.random.fold_in(self.rng, 0))
+        out_BxN = jnp.full((b, max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
+        return jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, self.is_eos(tok_B), out_BxN
 
+    def decode(self, carry, stop):
+        """One token per step while step < stop and some row has not emitted an eos."""
         def cond(carry):
             step, _, _, _, done_B, _ = carry
-            return (step < max_new_tokens) & ~jnp.all(done_B)
+            return (step < stop) & ~jnp.all(done_B)
 
         def body(carry):
             step, tok_B, pos_B, cache, done_B, out_BxN = carry
-            logits, cache = model(tok_B[:, None], positions=pos_B[:, None], cache=cache)
-            tok_B = choose(logits[:, -1], jax.random.fold_in(rng, step))
-            emitted_B = jnp.where(done_B, pad_id, tok_B)
+            logits, cache = self.model(tok_B[:, None], positions=pos_B[:, None], cache=cache)
+            tok_B = self.choose(logits[:, -1], jax.random.fold_in(self.rng, step))
+            emitted_B = jnp.where(done_B, self.pad_id, tok_B)
             out_BxN = jax.lax.dynamic_update_slice(out_BxN, emitted_B[:, None], (0, step))
             # A finished row keeps decoding its own (ignored) tokens: rows never interact.
-            return step + 1, tok_B, pos_B + 1, cache, done_B | is_eos(emitted_B), out_BxN
+            return step + 1, tok_B, pos_B + 1, cache, done_B | self.is_eos(emitted_B), out_BxN
 
-        out_BxN = jax.lax.while_loop(cond, body, carry)[-1]
+        return jax.lax.while_loop(cond, body, carry)
+
+
+def _one_token_options(one_token):
+    return one_token if isinstance(one_token, OneTokenMatmuls) else None
+
+
+_STATIC = ("graphdef", "max_new_tokens", "greedy", "candidates", "fuse", "one_token")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
+              max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
+              one_token: bool | OneTokenMatmuls = False):
+    # both read while tracing: the whole program, loop body included
+    with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
+        run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
+                        candidates=candidates)
+        out_BxN = run.decode(run.start(ids_BxT, mask_BxT, max_new_tokens), max_new_tokens)[-1]
         return jnp.concatenate([ids_BxT, out_BxN], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _stream_start(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
+                  max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
+                  one_token: bool | OneTokenMatmuls = False):
+    with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
+        run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
+                        candidates=candidates)
+        return run.start(ids_BxT, mask_BxT, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
+def _stream_more(state, carry, stop, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
+                 max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
+                 one_token: bool | OneTokenMatmuls = False):
+    """The decode loop from `carry` up to step `stop` (traced: one program for every chunk)."""
+    with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
+        run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
+                        candidates=candidates)
+        return run.decode(carry, jnp.minimum(stop, max_new_tokens))
 
 
 def _check_left_padded(mask: np.ndarray) -> None:
@@ -227,6 +276,41 @@ class Generator:
     def __call__(self, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0) -> jax.Array:
+        ids, args, static = self._arguments(ids_BxT, max_new_tokens, attention_mask, temperature, top_k, top_p, rng,
+                                            eos_token_id, pad_token_id)
+        if static is None:
+            return ids
+        return _generate(self.state, ids, *args, **static)
+
+    def stream(self, ids_BxT, *, max_new_tokens: int, chunk: int = 16, attention_mask=None,
+               temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+               rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
+               pad_token_id: int = 0) -> Iterator[np.ndarray]:
+        """The new tokens of `__call__` as they are made: yields int32 arrays (B, n), the first holding the first
+        new token (the prefill's), each next one up to `chunk` more, in order; their concatenation is the same as
+        `__call__(...)[:, T:]` for the same arguments (same key: the same draws), except that the stream ends as
+        soon as every row has emitted an eos (the rest would be pad_token_id). Two programs, compiled once per
+        shape: the prefill and the decode loop up to a traced step; between chunks the host reads the tokens."""
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+        ids, args, static = self._arguments(ids_BxT, max_new_tokens, attention_mask, temperature, top_k, top_p, rng,
+                                            eos_token_id, pad_token_id)
+        if static is None:
+            return
+        carry = _stream_start(self.state, ids, *args, **static)
+        done, emitted = 0, 1
+        while True:
+            yield np.array(np.asarray(carry[-1])[:, done:emitted])  # a copy: the carry is donated to the next chunk
+            if emitted >= max_new_tokens or bool(np.all(np.asarray(carry[4]))):
+                return
+            done = emitted
+            carry = _stream_more(self.state, carry, jnp.int32(emitted + chunk), *args[1:], **static)
+            emitted = int(carry[0])
+
+    def _arguments(self, ids_BxT, max_new_tokens, attention_mask, temperature, top_k, top_p, rng, eos_token_id,
+                   pad_token_id):
+        """Checked arguments of a call: (ids int32, the traced arguments after ids, the static ones), static None
+        when max_new_tokens is 0."""
         ids = jnp.asarray(ids_BxT)
         if ids.ndim != 2 or ids.shape[1] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"ids_BxT must be a non-empty (batch, time) integer array, got {ids.dtype} {ids.shape}")
@@ -269,17 +353,18 @@ class Generator:
             raise ValueError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}")
         ids = ids.astype(jnp.int32)
         if max_new_tokens == 0:
-            return ids
+            return ids, (), None
         # eos ids padded with -1 (never a token) to a multiple of 8: one compilation for 0..8 eos ids.
         eos_E = np.full(max(8, -(-len(eos) // 8) * 8), -1, np.int32)
         eos_E[:len(eos)] = eos
         candidates = 0 if greedy else sampling_candidates(top_k, top_p)
         top_k = min(np.iinfo(np.int32).max if top_k is None else int(top_k), np.iinfo(np.int32).max)  # V at most
-        return _generate(self.state, ids, mask, jax.random.key(0) if rng is None else rng,
-                         jnp.float32(1.0 if greedy else temperature), jnp.int32(top_k),
-                         jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E), jnp.int32(pad_token_id),
-                         graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-                         candidates=candidates, fuse=self.fuse, one_token=self.one_token)
+        args = (mask, jax.random.key(0) if rng is None else rng, jnp.float32(1.0 if greedy else temperature),
+                jnp.int32(top_k), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E),
+                jnp.int32(pad_token_id))
+        static = dict(graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+                      candidates=candidates, fuse=self.fuse, one_token=self.one_token)
+        return ids, args, static
 
 
 def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
@@ -348,9 +433,57 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int =
     prompts need `apply_chat_template` (a plain `tokenizers.Tokenizer` has none: wrap it in a ChatTokenizer).
     """
     batch = isinstance(prompt, (list, tuple)) and not _is_conversation(prompt)
-    prompts = list(prompt) if batch else [prompt]
+    ids_BxT, mask_BxT, stop, pad = _encoded_prompts(tokenizer, list(prompt) if batch else [prompt], chat,
+                                                    eos_token_id, "generate_text")
+    width = ids_BxT.shape[1]
+    out = np.asarray(generate(model, ids_BxT, max_new_tokens=max_new_tokens, attention_mask=mask_BxT,
+                              temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+                              eos_token_id=stop or None, pad_token_id=pad))[:, width:]
+    texts = []
+    for row in out.tolist():
+        end = next((i for i, t in enumerate(row) if t in stop), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=skip_special_tokens))
+    return texts if batch else texts[0]
+
+
+def stream_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int = 64, chunk: int = 8,
+                chat: bool | None = None, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, rng: jax.Array | None = None,
+                eos_token_id: int | Sequence[int] | None = None, skip_special_tokens: bool = True) -> Iterator[str]:
+    """`generate_text` for one prompt, as it is made: yields pieces of text (after every `chunk` new tokens,
+    `Generator.stream`) whose concatenation is generate_text's result for the same arguments.
+
+        for piece in stream_text(model, chat, "Tell me a story.", max_new_tokens=256):
+            print(piece, end="", flush=True)
+
+    Each piece is the decoded text so far less what was already yielded; a trailing U+FFFD (the first bytes of a
+    character whose last byte has not been generated yet) is held back until the next chunk completes it."""
+    if isinstance(prompt, (list, tuple)) and not _is_conversation(prompt):
+        raise ValueError("stream_text takes one prompt (a string or a conversation); for a batch use generate_text")
+    ids_BxT, mask_BxT, stop, pad = _encoded_prompts(tokenizer, [prompt], chat, eos_token_id, "stream_text")
+    tokens, shown = [], ""
+    pieces = Generator(model).stream(ids_BxT, max_new_tokens=max_new_tokens, chunk=chunk, attention_mask=mask_BxT,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+                                     eos_token_id=stop or None, pad_token_id=pad)
+    for new_1xN in pieces:
+        row = new_1xN[0].tolist()
+        end = next((i for i, t in enumerate(row) if t in stop), None)
+        tokens += row[:end]
+        text = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+        if end is None and len(tokens) < max_new_tokens:
+            text = text.rstrip("\ufffd")
+        if text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+        if end is not None:
+            return
+
+
+def _encoded_prompts(tokenizer, prompts: list, chat: bool | None, eos_token_id, caller: str):
+    """Prompts encoded (through the chat template when chat) and left-padded: (ids (B, T) int32, mask (B, T), stop
+    ids, pad id); see generate_text."""
     if not prompts:
-        raise ValueError("generate_text needs at least one prompt")
+        raise ValueError(f"{caller} needs at least one prompt")
     template = getattr(tokenizer, "chat_template", None)
     if chat is None:
         chat = bool(template) or any(_is_conversation(p) for p in prompts)
@@ -380,11 +513,4 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int =
     mask_BxT = np.zeros((len(rows), width), np.int32)
     for b, r in enumerate(rows):
         ids_BxT[b, width - len(r):], mask_BxT[b, width - len(r):] = r, 1
-    out = np.asarray(generate(model, ids_BxT, max_new_tokens=max_new_tokens, attention_mask=mask_BxT,
-                              temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
-                              eos_token_id=stop or None, pad_token_id=pad))[:, width:]
-    texts = []
-    for row in out.tolist():
-        end = next((i for i, t in enumerate(row) if t in stop), len(row))
-        texts.append(tokenizer.decode(row[:end], skip_special_tokens=skip_special_tokens))
-    return texts if batch else texts[0]
+    return ids_BxT, mask_BxT, stop, pad

@@ -343,3 +343,35 @@ def test_generate_text_errors(text_model):
         generate_text(model, chat, [3], max_new_tokens=2)
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_text(model, chat, [], max_new_tokens=2)
+
+
+# ======================================================================= streaming: tokens and text as made
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_stream_yields_the_calls_tokens_in_chunks(model, chunk):
+    ids = np.random.RandomState(3).randint(0, CFG.vocab_size, (2, 5))
+    gen = gen_mod.Generator(model)
+    for kw in (dict(), dict(temperature=1.3, top_k=20, rng=jax.random.key(4))):  # greedy; sampling, same draws
+        want = np.asarray(gen(ids, max_new_tokens=NEW, **kw))[:, 5:]
+        pieces = list(gen.stream(ids, max_new_tokens=NEW, chunk=chunk, **kw))
+        assert [p.shape[1] for p in pieces] == [1] + [min(chunk, NEW - 1 - i) for i in range(0, NEW - 1, chunk)]
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=1), want)
+    # every row at its eos: the stream ends there (the call's rest is padding)
+    firsts = [int(t) for t in np.asarray(gen(ids, max_new_tokens=1))[:, 5]]  # greedy's first tokens
+    pieces = list(gen.stream(ids, max_new_tokens=NEW, chunk=chunk, eos_token_id=firsts, pad_token_id=-1))
+    assert len(pieces) == 1 and pieces[0].tolist() == [[t] for t in firsts]
+    assert list(gen.stream(ids, max_new_tokens=0)) == []
+    with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        next(gen.stream(ids, max_new_tokens=NEW, chunk=0))
+
+
+def test_stream_text_joins_to_generate_text(text_model):
+    model, chat = text_model
+    free = generate_text(model, chat, "Hi", max_new_tokens=NEW)
+    pieces = list(gen_mod.stream_text(model, chat, "Hi", max_new_tokens=NEW, chunk=2))
+    assert "".join(pieces) == free and len(pieces) > 1
+    ids = chat.encode("<bos>user:Hi<eos><bos>assistant:", add_special_tokens=False).ids
+    stop = continuation(model, ids)[2]
+    stopped = generate_text(model, chat, "Hi", max_new_tokens=NEW, eos_token_id=stop)
+    assert "".join(gen_mod.stream_text(model, chat, "Hi", max_new_tokens=NEW, eos_token_id=stop, chunk=3)) == stopped
+    with pytest.raises(ValueError, match="stream_text takes one prompt"):
+        next(gen_mod.stream_text(model, chat, ["a", "b"], max_new_tokens=2))
