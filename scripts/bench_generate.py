@@ -9,7 +9,8 @@ The workload is the PyTorch anchor's (`../shared/anchors/hf_generate.py`): a lla
 bf16 weights, a 64-token random prompt, 256 new tokens, greedy, no early stop. Tokens/s counts new tokens x batch
 over the wall time of one whole call (median of --repeats after a warm-up call), as the anchor does.
 --sampling greedy,sample adds rows that sample (temperature 0.8, top-k 50, top-p 0.95: the per-step cost of
-the logits warpers, issue 14's "sampling costs nothing measurable").
+the logits warpers, issue 14's "sampling costs nothing measurable"). --stream 0,16 adds rows that time
+`Generator.stream` with chunks of 16 tokens (the host reading each chunk as it is made) beside the one-program call.
 --one_token 0,1 runs each shape and batch without and with `Generator(model, one_token=True)` (the default, 1)
 (models/one_token.py: split-K Pallas kernels, on a GPU, for the one-row products that XLA would run as reduction
 kernels), in that order, in one run; an item FIELD=VALUE[/FIELD=VALUE] runs it with those `OneTokenMatmuls`
@@ -90,14 +91,18 @@ SAMPLING = {  # --sampling modes: generate() keyword arguments (sample: transfor
 
 
 def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
-              sampling: str = "greedy", one_token: bool | OneTokenMatmuls = False) -> dict:
+              sampling: str = "greedy", one_token: bool | OneTokenMatmuls = False, stream: int = 0) -> dict:
     model = build(shape)
     cfg = model.cfg
     gen = Generator(model, one_token=one_token)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32)
     kw = SAMPLING[sampling]
-    t_full = timed(lambda: gen(ids, max_new_tokens=new, **kw), repeats)
-    t_one = timed(lambda: gen(ids, max_new_tokens=1, **kw), repeats)
+    if stream:  # Generator.stream: every chunk of `stream` tokens read by the host as it is made
+        call = lambda n: np.concatenate(list(gen.stream(ids, max_new_tokens=n, chunk=stream, **kw)), axis=1)
+    else:
+        call = lambda n: gen(ids, max_new_tokens=n, **kw)
+    t_full = timed(lambda: call(new), repeats)
+    t_one = timed(lambda: call(1), repeats)
     step_s = (t_full - t_one) / (new - 1)
     weight_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in jax.tree.leaves(nnx.state(model)))
     slots = prompt + new
@@ -109,7 +114,7 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling,
-            "one_token": option_record(one_token), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "one_token": option_record(one_token), "stream": stream, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def traced_call(gen: Generator, ids, new: int, logdir: str, top: int = 25) -> dict:
@@ -177,12 +182,20 @@ def main():
     p.add_argument("--one_token", default="1", help="comma-separated 0/1: Generator(one_token=...), models/"
                    "one_token.py's kernels for one-row products (1,0: both, the A/B in one run); or "
                    "FIELD=VALUE[/FIELD=VALUE]: OneTokenMatmuls fields")
+    p.add_argument("--stream", default="0", help="comma-separated chunk sizes: rows timing Generator.stream with "
+                   "that chunk (0: the one-program call)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     try:
         one_token = [one_token_option(item) for item in args.one_token.split(",")]
     except ValueError as e:
         p.error(f"--one_token: {e}")
+    try:
+        streams = [int(c) for c in args.stream.split(",")]
+    except ValueError:
+        streams = [-1]
+    if any(c < 0 for c in streams):
+        p.error(f"--stream: expected comma-separated chunk sizes >= 0, got {args.stream!r}")
     unknown = sorted(set(args.sampling.split(",")) - set(SAMPLING))
     if unknown:
         p.error(f"--sampling: unknown mode(s) {unknown}; choose from {sorted(SAMPLING)}")
@@ -203,7 +216,9 @@ def main():
         for batch in batches:
             for i, kernels in enumerate(one_token):
                 for sampling in args.sampling.split(","):
-                    emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling, kernels))
+                    for stream in streams:
+                        emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling, kernels,
+                                       stream))
                 if args.profile:
                     emit(profile(shape, batch, args.prompt, min(args.new, 32),
                                  os.path.join(args.profile, f"{shape}_b{batch}_t{i}"), kernels))

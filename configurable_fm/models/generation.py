@@ -28,9 +28,9 @@ keep the projections apart. Such a model is also traced inside `models.one_token
 and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's reduction kernels: the 1B
 shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms (BENCHMARKS.md,
 "One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
-Streaming (`Generator.stream`, `stream_text`): the same pieces as two programs, the prefill with the first token
-and the decode loop up to a traced step (the carry donated from chunk to chunk); the host reads the new tokens
-between chunks, so a chunk of 16 steps costs one round trip per 16 tokens.
+Streaming (`Generator.stream`, `stream_text`): the same program with an ordered io_callback that hands the new
+tokens to the host every `chunk` steps while the device goes on (no round trip per chunk: a program per chunk
+re-ran the fused projections' concatenation each time, 260 ms per chunk at 135M on the 2-core CPU).
 Traced (no recompilation): the weights, temperature, top_k (within its bucket, below), top_p, up to 8 eos ids,
 pad_token_id, the key.
 
@@ -54,12 +54,15 @@ the same token. Programs: greedy, unfiltered sampling, one per C bucket, top_p a
 from __future__ import annotations
 
 import functools
+import itertools
+import queue
 from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from configurable_fm.models.layers import fuse_projections
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
@@ -181,8 +184,9 @@ class _Decoding:
         out_BxN = jnp.full((b, max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         return jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, self.is_eos(tok_B), out_BxN
 
-    def decode(self, carry, stop):
-        """One token per step while step < stop and some row has not emitted an eos."""
+    def decode(self, carry, stop, after_step=None):
+        """One token per step while step < stop and some row has not emitted an eos; after_step(carry) -> carry
+        runs at the end of each step (the streamed program's hand-over)."""
         def cond(carry):
             step, _, _, _, done_B, _ = carry
             return (step < stop) & ~jnp.all(done_B)
@@ -194,7 +198,8 @@ class _Decoding:
             emitted_B = jnp.where(done_B, self.pad_id, tok_B)
             out_BxN = jax.lax.dynamic_update_slice(out_BxN, emitted_B[:, None], (0, step))
             # A finished row keeps decoding its own (ignored) tokens: rows never interact.
-            return step + 1, tok_B, pos_B + 1, cache, done_B | self.is_eos(emitted_B), out_BxN
+            carry = step + 1, tok_B, pos_B + 1, cache, done_B | self.is_eos(emitted_B), out_BxN
+            return carry if after_step is None else after_step(carry)
 
         return jax.lax.while_loop(cond, body, carry)
 
@@ -218,25 +223,41 @@ def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, p
         return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
 
+_STREAMS: dict[int, queue.Queue] = {}  # Generator.stream's open streams by id: what `_emit` feeds
+_STREAM_IDS = itertools.count()
+
+
+def _emit(stream_id, step, out_BxN, done_B) -> None:
+    """Host side of a streamed program's callback: the new tokens so far (the first `step` columns of out)."""
+    stream = _STREAMS.get(int(stream_id))
+    if stream is not None:  # a stream abandoned by its reader is gone: the program finishes unheard
+        stream.put((int(step), np.array(out_BxN), bool(np.all(done_B))))
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _stream_start(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-                  max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
-                  one_token: bool | OneTokenMatmuls = False):
+def _generate_streamed(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, stream_id, chunk, *,
+                       graphdef, max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
+                       one_token: bool | OneTokenMatmuls = False):
+    """`_generate` that also hands the new tokens to the host (`_emit`, an ordered io_callback) after the first
+    token and whenever the step count reaches a multiple of `chunk` (traced), the end, or every row's eos."""
     with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
         run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
                         candidates=candidates)
-        return run.start(ids_BxT, mask_BxT, max_new_tokens)
 
+        def emit(carry):
+            step, _, _, _, done_B, out_BxN = carry
+            io_callback(_emit, None, stream_id, step, out_BxN, done_B, ordered=True)
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("carry",))
-def _stream_more(state, carry, stop, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
-                 max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
-                 one_token: bool | OneTokenMatmuls = False):
-    """The decode loop from `carry` up to step `stop` (traced: one program for every chunk)."""
-    with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
-        run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
-                        candidates=candidates)
-        return run.decode(carry, jnp.minimum(stop, max_new_tokens))
+        def emit_when_due(carry):
+            step, done_B = carry[0], carry[4]
+            due = (step % chunk == 0) | (step >= max_new_tokens) | jnp.all(done_B)
+            jax.lax.cond(due, emit, lambda carry: None, carry)
+            return carry
+
+        carry = run.start(ids_BxT, mask_BxT, max_new_tokens)
+        emit(carry)
+        out_BxN = run.decode(carry, max_new_tokens, after_step=emit_when_due)[-1]
+        return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
 
 def _check_left_padded(mask: np.ndarray) -> None:
@@ -287,25 +308,37 @@ class Generator:
                rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
                pad_token_id: int = 0) -> Iterator[np.ndarray]:
         """The new tokens of `__call__` as they are made: yields int32 arrays (B, n), the first holding the first
-        new token (the prefill's), each next one up to `chunk` more, in order; their concatenation is the same as
-        `__call__(...)[:, T:]` for the same arguments (same key: the same draws), except that the stream ends as
-        soon as every row has emitted an eos (the rest would be pad_token_id). Two programs, compiled once per
-        shape: the prefill and the decode loop up to a traced step; between chunks the host reads the tokens."""
+        new token (the prefill's), the next ones ending at multiples of `chunk` new tokens, in order; their
+        concatenation is `__call__(...)[:, T:]` for the same arguments (same key: the same draws), except that the
+        stream ends as soon as every row has emitted an eos (the rest would be pad_token_id). One program, as
+        `__call__`'s, with `chunk` traced: the device runs ahead while the host hands the tokens over (an ordered
+        io_callback every `chunk` steps). A reader that stops early leaves the program to finish unheard."""
         if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
         ids, args, static = self._arguments(ids_BxT, max_new_tokens, attention_mask, temperature, top_k, top_p, rng,
                                             eos_token_id, pad_token_id)
         if static is None:
             return
-        carry = _stream_start(self.state, ids, *args, **static)
-        done, emitted = 0, 1
-        while True:
-            yield np.array(np.asarray(carry[-1])[:, done:emitted])  # a copy: the carry is donated to the next chunk
-            if emitted >= max_new_tokens or bool(np.all(np.asarray(carry[4]))):
-                return
-            done = emitted
-            carry = _stream_more(self.state, carry, jnp.int32(emitted + chunk), *args[1:], **static)
-            emitted = int(carry[0])
+        stream_id = next(_STREAM_IDS)
+        _STREAMS[stream_id] = handed = queue.Queue()
+        try:
+            result = _generate_streamed(self.state, ids, *args, jnp.int32(stream_id), jnp.int32(chunk), **static)
+            shown = 0
+            while True:
+                try:
+                    step, out_BxN, all_done = handed.get(timeout=0.05)
+                except queue.Empty:
+                    if result.is_ready() and handed.empty():
+                        result.block_until_ready()  # raises the program's error, if it failed
+                        return
+                    continue
+                if step > shown:
+                    yield out_BxN[:, shown:step]
+                    shown = step
+                if all_done or shown >= max_new_tokens:
+                    return
+        finally:
+            del _STREAMS[stream_id]
 
     def _arguments(self, ids_BxT, max_new_tokens, attention_mask, temperature, top_k, top_p, rng, eos_token_id,
                    pad_token_id):

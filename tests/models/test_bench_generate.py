@@ -11,13 +11,14 @@ def test_bench_generate_tiny(tmp_path):
     out = tmp_path / "gen.jsonl"
     proc = subprocess.run([sys.executable, "scripts/bench_generate.py", "--shape", "tiny", "--batch", "2",
                            "--prompt", "8", "--new", "4", "--repeats", "1", "--attention", "xla",
-                           "--profile", str(tmp_path / "prof"), "--sampling", "greedy,sample", "--out", str(out)],
+                           "--profile", str(tmp_path / "prof"), "--sampling", "greedy,sample", "--stream", "0,2", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    bench, sampled, prof = rows
+    bench, streamed, sampled, _, prof = rows
     assert bench["shape"] == "tiny" and bench["batch"] == 2 and bench["attention"] == "xla"
     assert bench["sampling"] == "greedy" and sampled["sampling"] == "sample" and sampled["tokens_per_s"] > 0
+    assert bench["stream"] == 0 and streamed["stream"] == 2 and streamed["tokens_per_s"] > 0
     # At this size the step time is a difference of two noisy timings (it can come out negative): not checked.
     assert bench["bound_ms"] > 0 and bench["tokens_per_s"] > 0 and bench["call_s"] > 0
     assert abs(bench["x_bound"] - bench["step_ms"] / bench["bound_ms"]) < 1e-9

@@ -353,13 +353,18 @@ def test_stream_yields_the_calls_tokens_in_chunks(model, chunk):
     for kw in (dict(), dict(temperature=1.3, top_k=20, rng=jax.random.key(4))):  # greedy; sampling, same draws
         want = np.asarray(gen(ids, max_new_tokens=NEW, **kw))[:, 5:]
         pieces = list(gen.stream(ids, max_new_tokens=NEW, chunk=chunk, **kw))
-        assert [p.shape[1] for p in pieces] == [1] + [min(chunk, NEW - 1 - i) for i in range(0, NEW - 1, chunk)]
+        ends = sorted({1, NEW} | set(range(chunk, NEW, chunk)))  # pieces end at 1, multiples of chunk, NEW
+        assert [p.shape[1] for p in pieces] == np.diff([0] + ends).tolist()
         np.testing.assert_array_equal(np.concatenate(pieces, axis=1), want)
     # every row at its eos: the stream ends there (the call's rest is padding)
     firsts = [int(t) for t in np.asarray(gen(ids, max_new_tokens=1))[:, 5]]  # greedy's first tokens
     pieces = list(gen.stream(ids, max_new_tokens=NEW, chunk=chunk, eos_token_id=firsts, pad_token_id=-1))
     assert len(pieces) == 1 and pieces[0].tolist() == [[t] for t in firsts]
     assert list(gen.stream(ids, max_new_tokens=0)) == []
+    it = gen.stream(ids, max_new_tokens=NEW, chunk=chunk)  # a reader that stops early: the stream is dropped
+    assert next(it).shape == (2, 1)
+    it.close()
+    assert not gen_mod._STREAMS
     with pytest.raises(ValueError, match="chunk must be an int >= 1"):
         next(gen.stream(ids, max_new_tokens=NEW, chunk=0))
 
