@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = {"cfm-train": ("train", "--workdir"), "cfm-run": ("study", "--rerun_from"),
             "cfm-merge": ("merge", "--mergekit_yaml"), "cfm-prepare-data": ("prepare_data", "--out:"),
             "cfm-quickstart": ("quickstart", "--pretrain_steps"), "cfm-convert": ("convert", "--config"),
+            "cfm-generate": ("generate", "--config"),
             "cfm-grow": ("grow", "--config"), "cfm-edit": ("edit", "--config"),
             "cfm-adapters": ("adapters", "--config"), "cfm-moefy": ("moefy", "--config"),
             "cfm-sparsify": ("sparsify", "--config"), "cfm-analyze-neurons": ("analyze_neurons", "--config")}
 SHIMS = {"train": "train", "run": "study", "merge": "merge", "prepare_data": "prepare_data",
          "quickstart": "quickstart", "grow": "grow", "edit": "edit", "adapters": "adapters", "moefy": "moefy",
-         "sparsify": "sparsify", "analyze_neurons": "analyze_neurons"}
+         "sparsify": "sparsify", "analyze_neurons": "analyze_neurons",
+         "generate": "generate"}
 
 
 def console_scripts() -> dict[str, str]:

@@ -1,0 +1,95 @@
+"""`cfm-generate` (configurable_fm/cli/generate.py, config experiments/generate.py): the streamed text equals
+`generate_text`'s for a prompt on the command line, for each line of stdin, and through the chat template; bad
+input is one line on stderr with status 1."""
+import dataclasses
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+from configurable_fm.cli.generate import main
+from configurable_fm.interop.hf import to_hf
+from configurable_fm.interop.tokenizers import ChatTokenizer
+from configurable_fm.models.generation import generate_text
+from configurable_fm.models.llama import LlamaConfig
+from tests.helpers import char_tokenizer, random_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = str(ROOT / "experiments" / "generate.py")
+TEMPLATE = "{% for m in messages %}<bos>{{ m.role }}:{{ m.content }}<eos>{% endfor %}" \
+           "{% if add_generation_prompt %}<bos>assistant:{% endif %}"
+CFG = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                  max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(HF directory with tokenizer files and chat template, the model, its ChatTokenizer)."""
+    chat = ChatTokenizer(char_tokenizer(), {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, TEMPLATE)
+    model = random_llama(CFG, 4)
+    out = to_hf(model, tmp_path_factory.mktemp("gen") / "hf", tokenizer=chat)
+    return out, model, chat
+
+
+def generate(*args):
+    return main(["--config", CONFIG, *args])
+
+
+def fails(*args) -> None:
+    with pytest.raises(SystemExit) as e:
+        generate(*args)
+    assert e.value.code == 1
+
+
+def test_a_prompt_streams_generate_texts_answer(exported, capsys):
+    out, model, chat = exported
+    assert generate(f"--config.input={out}", "--config.prompt=Hi", "--config.max_new_tokens=9",
+                    "--config.chunk=2") == 0
+    want = generate_text(model, chat, "Hi", max_new_tokens=9)
+    assert capsys.readouterr().out == want + "\n"
+    assert generate(f"--config.input={out}", "--config.prompt=The cat", "--config.chat=false",
+                    "--config.max_new_tokens=6") == 0
+    assert capsys.readouterr().out == generate_text(model, chat, "The cat", max_new_tokens=6, chat=False) + "\n"
+    assert generate(f"--config.input={out}", "--config.prompt=Hi", "--config.system=Be brief.",
+                    "--config.max_new_tokens=5", "--config.temperature=0.9", "--config.top_k=20",
+                    "--config.seed=3") == 0
+    import jax
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    want = generate_text(model, chat, conversation, max_new_tokens=5, temperature=0.9, top_k=20,
+                         rng=jax.random.key(3))
+    assert capsys.readouterr().out == want + "\n"
+
+
+def test_stdin_lines_are_prompts_of_their_own(exported, capsys, monkeypatch):
+    out, model, chat = exported
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n\nName a colour.\n"))
+    assert generate(f"--config.input={out}", "--config.max_new_tokens=5") == 0
+    want = [generate_text(model, chat, p, max_new_tokens=5) for p in ("Hi", "Name a colour.")]
+    assert capsys.readouterr().out == "".join(w + "\n" for w in want)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.temperature=-1"], "config.temperature=-1.0 must be >= 0"),
+    (["--config.top_k=5"], "set config.temperature > 0"),
+    (["--config.chat=maybe"], "config.chat='maybe'"),
+    (["--config.dtype=int8"], "config.dtype='int8'"),
+])
+def test_bad_values_are_one_line(exported, capsys, args, message):
+    out = exported[0]
+    fails(f"--config.input={out}", "--config.prompt=Hi", *args)
+    err = capsys.readouterr().err
+    assert err.startswith("cfm-generate: error: ") and message in err and "Traceback" not in err
+
+
+def test_a_source_without_tokenizer_is_named(exported, capsys, tmp_path):
+    from configurable_fm.interop import orbax_io
+    out, model, _ = exported
+    orbax_io.save_model(model, tmp_path / "ckpt")
+    fails(f"--config.input={tmp_path / 'ckpt'}", "--config.prompt=Hi")
+    assert "comes without a tokenizer; give one with --config.tokenizer=" in capsys.readouterr().err
+    assert generate(f"--config.input={tmp_path / 'ckpt'}", f"--config.tokenizer={out}", "--config.prompt=Hi",
+                    "--config.max_new_tokens=3") == 0
+    assert capsys.readouterr().out.endswith("\n")
+    fails("--config.input=/nonexistent/model", "--config.prompt=Hi")
+    assert "cannot load a model from" in capsys.readouterr().err
