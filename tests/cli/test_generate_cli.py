@@ -1,7 +1,6 @@
 """`cfm-generate` (configurable_fm/cli/generate.py, config experiments/generate.py): the streamed text equals
 `generate_text`'s for a prompt on the command line, for each line of stdin, and through the chat template; bad
 input is one line on stderr with status 1."""
-import dataclasses
 import io
 import sys
 from pathlib import Path
