@@ -199,3 +199,5 @@ def test_generate_on_a_sharded_model_equals_unsharded(models):
     out = generate(sharded, sh.shard_batch(IDS, mesh), max_new_tokens=4)
     assert out.sharding.mesh.shape == mesh.shape
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    pieces = list(Generator(sharded).stream(sh.shard_batch(IDS, mesh), max_new_tokens=4, chunk=2))  # 8 devices
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), np.asarray(ref)[:, IDS.shape[1]:])

@@ -25,9 +25,9 @@ hoists the concatenated kernels out of the loop (seen in the CPU program), so on
 weights at the SmolLM2-135M shape, 59% at the 1B shape) lives while the program runs. Weights split over devices
 keep the projections apart. Such a model is also traced inside `models.one_token.one_token_matmuls()` (unless
 `Generator(model, one_token=False)`): on a GPU, one-row products with mid-sized kernels (batch-1 decode's q/k/v
-and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's reduction kernels: the 1B
-shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms (BENCHMARKS.md,
-"One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
+and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's
+reduction kernels: the 1B shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms
+(BENCHMARKS.md, "One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
 Streaming (`Generator.stream`, `stream_text`): the same program with an ordered io_callback that hands the new
 tokens to the host every `chunk` steps while the device goes on (no round trip per chunk: a program per chunk
 re-ran the fused projections' concatenation each time, 260 ms per chunk at 135M on the 2-core CPU).
@@ -53,6 +53,7 @@ the same token. Programs: greedy, unfiltered sampling, one per C bucket, top_p a
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import queue
@@ -159,9 +160,9 @@ def on_one_device(state) -> bool:
 
 
 class _Decoding:
-    """The traced pieces of a generate program, shared by the one-program call and the streamed chunks. Built inside
-    the jitted function (and inside its fuse_projections / one_token_matmuls context): the model merged from its
-    state, the token choice with its traced sampling arguments.
+    """The traced pieces of a generate program, shared by the call's and the stream's programs (`_decoding` builds
+    it inside the jitted function): the model merged from its state, the token choice with its traced sampling
+    arguments.
     carry = (step, last token (B,), next position (B,), cache, done (B,), new tokens so far (B, max_new_tokens))."""
 
     def __init__(self, state, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef, greedy: bool,
@@ -204,8 +205,15 @@ class _Decoding:
         return jax.lax.while_loop(cond, body, carry)
 
 
-def _one_token_options(one_token):
-    return one_token if isinstance(one_token, OneTokenMatmuls) else None
+@contextlib.contextmanager
+def _decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef, greedy: bool, candidates: int,
+              fuse: bool, one_token: bool | OneTokenMatmuls) -> Iterator[_Decoding]:
+    """A `_Decoding` traced inside fuse_projections(fuse) and one_token_matmuls(...): both are read while tracing,
+    so the whole program, loop body included, is traced inside them."""
+    options = one_token if isinstance(one_token, OneTokenMatmuls) else None
+    with fuse_projections(fuse), one_token_matmuls(bool(one_token), options):
+        yield _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
+                        candidates=candidates)
 
 
 _STATIC = ("graphdef", "max_new_tokens", "greedy", "candidates", "fuse", "one_token")
@@ -215,10 +223,8 @@ _STATIC = ("graphdef", "max_new_tokens", "greedy", "candidates", "fuse", "one_to
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
               max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
               one_token: bool | OneTokenMatmuls = False):
-    # both read while tracing: the whole program, loop body included
-    with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
-        run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
-                        candidates=candidates)
+    with _decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
+                   candidates=candidates, fuse=fuse, one_token=one_token) as run:
         out_BxN = run.decode(run.start(ids_BxT, mask_BxT, max_new_tokens), max_new_tokens)[-1]
         return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
@@ -240,10 +246,8 @@ def _generate_streamed(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p,
                        one_token: bool | OneTokenMatmuls = False):
     """`_generate` that also hands the new tokens to the host (`_emit`, an ordered io_callback) after the first
     token and whenever the step count reaches a multiple of `chunk` (traced), the end, or every row's eos."""
-    with fuse_projections(fuse), one_token_matmuls(bool(one_token), _one_token_options(one_token)):
-        run = _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
-                        candidates=candidates)
-
+    with _decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
+                   candidates=candidates, fuse=fuse, one_token=one_token) as run:
         def emit(carry):
             step, _, _, _, done_B, out_BxN = carry
             io_callback(_emit, None, stream_id, step, out_BxN, done_B, ordered=True)
