@@ -18,25 +18,21 @@ half=$(( $(stat -c %s "$gguf") / 2 ))
 head -c "$half" "$gguf" | xz -T2 -6 > .gpu/ga/part.xz
 tail -c +$(( half + 1 )) "$gguf" | xz -T2 -6 > .gpu/gb/part.xz
 sha256sum "$gguf" | cut -c1-16
-# the State of the Union speeches of the activation-sparsity study's calibration pool (the other half, its
-# evaluation pool, is the held-out English of the recovery evaluations), one .txt per speech, for recovery on code +
-# English (recovery_sparse_train.sh MIX); 1.4 MB
-rm -rf /tmp/sotu_cal && mkdir -p /tmp/sotu_cal
-.venv/bin/python -c "
-import sys; sys.path.insert(0, '.')
-import experiments.analysis.activation_sparsity as S
-for d in S.pools(S.domain_documents('english'), 0)['calibration']:
-    open(f'/tmp/sotu_cal/{d.id}.txt', 'w').write(d.text)"
-tar cJf .gpu/sotu/sotu_cal.tar.xz -C /tmp sotu_cal
-# and the calibration half of the CPython documentation (other_english.py of sparse_recover_gpu_mix_2026-12-05
-# evaluates on the other half), 1.1 MB
-rm -rf /tmp/docs_cal && mkdir -p /tmp/docs_cal
+# The calibration halves (seed 0 pools) of two English sources, one .txt per document, for recovery on code +
+# English (recovery_sparse_train.sh MIX): the State of the Union speeches of the activation-sparsity study (its
+# evaluation pool is the held-out English of the recovery evaluations), 1.4 MB, named by speech; and the CPython
+# documentation (other_english.py of sparse_recover_gpu_mix_2026-12-05 evaluates on the other half), 1.1 MB,
+# numbered.
+rm -rf /tmp/sotu_cal /tmp/docs_cal && mkdir -p /tmp/sotu_cal /tmp/docs_cal
 .venv/bin/python -c "
 import sys; sys.path.insert(0, '.')
 import experiments.analysis.activation_sparsity as S
 from configurable_fm.data.corpora import collect_documents, make_sources
 docs, _ = collect_documents(make_sources(['python_docs']), min_chars=256)
-for i, d in enumerate(S.pools(docs, 0)['calibration']):
-    open(f'/tmp/docs_cal/{i:04d}.txt', 'w').write(d.text)"
+for out, pool, name in (('sotu_cal', S.domain_documents('english'), lambda i, d: d.id),
+                        ('docs_cal', docs, lambda i, d: f'{i:04d}')):
+    for i, d in enumerate(S.pools(pool, 0)['calibration']):
+        open(f'/tmp/{out}/{name(i, d)}.txt', 'w').write(d.text)"
+tar cJf .gpu/sotu/sotu_cal.tar.xz -C /tmp sotu_cal
 tar cJf .gpu/sotu/docs_cal.tar.xz -C /tmp docs_cal
 du -sh .gpu/*
