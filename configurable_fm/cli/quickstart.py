@@ -277,6 +277,8 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
         rows.append((_inline_code(prompt), _inline_code(text), f"{dt:.1f}"))
         generations.append({"prompt": prompt, "text": text, "seconds": round(dt, 2)})
     report.table(["prompt", "answer" if chat.chat_template else "continuation", "seconds (incl. compile)"], rows)
+    report.text(f"Your own prompts, the answer streamed as it is made: `cfm-generate --config experiments/generate.py "
+                f"--config.input={model_name} --config.prompt=\"...\"` (without a prompt: a chat on the terminal).")
     report.record(generations=generations, chat_template=bool(chat.chat_template))
 
     title, passage = english_passage()
