@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+MIN_TILE = 16  # `matmul` leaves to XLA the shapes whose tiles would be smaller (e.g. D = 1000: chunks of 8 rows)
 XLA_REDUCE_BELOW = 10_000_000  # XLA's strength-reduction bound: sum of both operands' elements (module docstring)
 
 
@@ -79,6 +80,12 @@ def power_of_two_tile(dim: int, bound: int) -> int:
     return b
 
 
+def tiles(d: int, widths, options: OneTokenMatmuls) -> tuple[int, int]:
+    """(bn, bd): the column tile (a power of two <= options.out dividing every width) and the row chunk (<= width,
+    dividing d) of `one_token_matmul`."""
+    return power_of_two_tile(math.gcd(*widths), options.out), power_of_two_tile(d, options.width)
+
+
 def _partials_kernel(x_ref, *refs, bn: int, bd: int, starts: tuple[int, ...]):
     """Program (n, s): out[s, n-block] = x[s-chunk] W[s-chunk, n-block] of the concatenation [W_1 | W_2 | ...]:
     column block n lies in W_i for starts[i] <= n < starts[i + 1] (one branch taken per program)."""
@@ -104,7 +111,7 @@ def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls
     ws = list(w_DxN) if isinstance(w_DxN, (list, tuple)) else [w_DxN]
     d = ws[0].shape[0]
     widths = [w.shape[1] for w in ws]
-    bn, bd = power_of_two_tile(math.gcd(*widths), options.out), power_of_two_tile(d, options.width)
+    bn, bd = tiles(d, widths, options)
     starts = tuple(int(c) for c in np.cumsum([0] + [w // bn for w in widths]))
     n = sum(widths)
     parts = pl.pallas_call(
@@ -120,13 +127,14 @@ def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls
 
 def matmul(x, kernel):
     """x @ kernel (x (..., D), kernel (D, N) or a sequence of (D, N_i) kernels standing for their concatenation
-    along columns, one dtype): `one_token_matmul` inside `one_token_matmuls()` when x has one row and the kernel is
-    in range (module docstring), else jnp.dot (of the concatenation)."""
+    along columns, one dtype): `one_token_matmul` inside `one_token_matmuls()` when x has one row, the kernel is in
+    range (module docstring) and its tiles hold MIN_TILE at least, else jnp.dot (of the concatenation)."""
     kernels = list(kernel) if isinstance(kernel, (list, tuple)) else [kernel]
     options = _ONE_TOKEN.get()
     d, n = kernels[0].shape[0], sum(k.shape[-1] for k in kernels)
     take = (options is not None and x.size == x.shape[-1] and all(k.ndim == 2 for k in kernels)
-            and options.min_elements <= d * n < options.max_elements)
+            and options.min_elements <= d * n < options.max_elements
+            and min(tiles(d, [k.shape[-1] for k in kernels], options)) >= MIN_TILE)
     interpret = options.interpret if take else None
     if take and interpret is None:
         take, interpret = jax.default_backend() == "gpu", False

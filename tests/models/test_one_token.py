@@ -40,6 +40,8 @@ def test_matmul_takes_the_kernel_only_in_context_for_one_row_in_range():
     assert not uses_kernel(one, w, options=ANY._replace(min_elements=32 * 16 + 1))  # below the range
     assert not uses_kernel(one, w, options=ANY._replace(max_elements=32 * 16))  # XLA makes it a GEMM: above
     assert not uses_kernel(one, w)  # defaults: compiled on a GPU only (here the CPU)
+    assert not uses_kernel(jnp.zeros((1, 40)), jnp.zeros((40, 16)), options=ANY)  # 40 rows: chunks of 8 < MIN_TILE
+    assert not uses_kernel(one, [jnp.zeros((32, 24)), jnp.zeros((32, 8))], options=ANY)  # columns: tiles of 8
     with one_token_matmuls(options=ANY):
         y = matmul(jnp.ones((1, 1, 32)), jnp.ones((32, 16)))
     assert y.shape == (1, 1, 16) and float(y[0, 0, 0]) == 32.0
