@@ -11,6 +11,8 @@ over the wall time of one whole call (median of --repeats after a warm-up call),
 --sampling greedy,sample adds rows that sample (temperature 0.8, top-k 50, top-p 0.95: the per-step cost of
 the logits warpers, issue 14's "sampling costs nothing measurable"). --stream 0,16 adds rows that time
 `Generator.stream` with chunks of 16 tokens (the host reading each chunk as it is made) beside the one-program call.
+--cache_window 0,128 times `Generator(cache_window=...)`: 0 reads the whole cache every step, 128 runs the decode loop
+over the cache windows T + 128, T + 256, ... (each step reads the slots below its window's end).
 --one_token 0,1 runs each shape and batch without and with `Generator(model, one_token=True)` (the default, 1)
 (models/one_token.py: split-K Pallas kernels, on a GPU, for the one-row products that XLA would run as reduction
 kernels), in that order, in one run; an item FIELD=VALUE[/FIELD=VALUE] runs it with those `OneTokenMatmuls`
@@ -91,10 +93,11 @@ SAMPLING = {  # --sampling modes: generate() keyword arguments (sample: transfor
 
 
 def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_gb_s: float,
-              sampling: str = "greedy", one_token: bool | OneTokenMatmuls = False, stream: int = 0) -> dict:
+              sampling: str = "greedy", one_token: bool | OneTokenMatmuls = False, stream: int = 0,
+              cache_window: int = 512) -> dict:
     model = build(shape)
     cfg = model.cfg
-    gen = Generator(model, one_token=one_token)
+    gen = Generator(model, one_token=one_token, cache_window=cache_window)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32)
     kw = SAMPLING[sampling]
     if stream:  # Generator.stream: every chunk of `stream` tokens read by the host as it is made
@@ -114,7 +117,7 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling,
-            "one_token": option_record(one_token), "stream": stream, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "one_token": option_record(one_token), "stream": stream, "cache_window": cache_window, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def traced_call(gen: Generator, ids, new: int, logdir: str, top: int = 25) -> dict:
@@ -184,6 +187,8 @@ def main():
                    "FIELD=VALUE[/FIELD=VALUE]: OneTokenMatmuls fields")
     p.add_argument("--stream", default="0", help="comma-separated chunk sizes: rows timing Generator.stream with "
                    "that chunk (0: the one-program call)")
+    p.add_argument("--cache_window", default="512", help="comma-separated Generator(cache_window=...) values: the "
+                   "decode loop's first cache window in new tokens, doubling (0: every step reads the whole cache)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     try:
@@ -196,6 +201,12 @@ def main():
         streams = [-1]
     if any(c < 0 for c in streams):
         p.error(f"--stream: expected comma-separated chunk sizes >= 0, got {args.stream!r}")
+    try:
+        windows = [int(w) for w in args.cache_window.split(",")]
+    except ValueError:
+        windows = [-1]
+    if any(w < 0 for w in windows):
+        p.error(f"--cache_window: expected comma-separated ints >= 0, got {args.cache_window!r}")
     unknown = sorted(set(args.sampling.split(",")) - set(SAMPLING))
     if unknown:
         p.error(f"--sampling: unknown mode(s) {unknown}; choose from {sorted(SAMPLING)}")
@@ -217,8 +228,9 @@ def main():
             for i, kernels in enumerate(one_token):
                 for sampling in args.sampling.split(","):
                     for stream in streams:
-                        emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling, kernels,
-                                       stream))
+                        for window in windows:
+                            emit(bench_one(shape, batch, args.prompt, args.new, args.repeats, hbm, sampling, kernels,
+                                           stream, window))
                 if args.profile:
                     emit(profile(shape, batch, args.prompt, min(args.new, 32),
                                  os.path.join(args.profile, f"{shape}_b{batch}_t{i}"), kernels))

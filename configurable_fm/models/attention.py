@@ -108,6 +108,21 @@ class KVCache:
         return self.valid_BxS.shape[1]
 
 
+def cache_prefix(cache: KVCache, length: int) -> KVCache:
+    """The cache's first `length` slots (static) as a cache of its own: attention over it equals attention over the
+    whole cache while every filled slot lies below `length` (the rest are invalid, masked out)."""
+    return dataclasses.replace(cache, k=[k[:, :length] for k in cache.k], v=[v[:, :length] for v in cache.v],
+                               valid_BxS=cache.valid_BxS[:, :length])
+
+
+def put_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
+    """`cache` with its first slots replaced by `prefix` (a `cache_prefix` of it, written since) and its index."""
+    put = lambda whole, part: jax.lax.dynamic_update_slice(whole, part, (0,) * whole.ndim)
+    return dataclasses.replace(cache, k=[put(w, p) for w, p in zip(cache.k, prefix.k)],
+                               v=[put(w, p) for w, p in zip(cache.v, prefix.v)],
+                               valid_BxS=put(cache.valid_BxS, prefix.valid_BxS), index=prefix.index)
+
+
 def write_cache(cache: KVCache, layer: int, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array):
     """Returns (cache with layer's new keys/values at cache.index, all keys, all values)."""
     start = (0, cache.index, 0, 0)

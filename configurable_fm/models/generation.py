@@ -28,6 +28,12 @@ keep the projections apart. Such a model is also traced inside `models.one_token
 and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's
 reduction kernels: the 1B shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms
 (BENCHMARKS.md, "One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
+Cache windows (`Generator(model, cache_window=w)`, default 512): a step's attention need not read the slots not
+yet written, so the decode loop runs as one loop per window of the cache, over its first T + w, T + 2w, T + 4w,
+... slots and finally all of it (`attention.cache_prefix` / `put_prefix`); each step attends over its window only.
+Up to w new tokens this is the single loop of before; past it the average step reads about a third less of the
+cache than the whole (at most twice the filled part), for one more compiled loop body per doubling. The masked
+slots contribute exact zeros, so the tokens are the same (a test compares them). 0 turns it off.
 Streaming (`Generator.stream`, `stream_text`): the same program with an ordered io_callback that hands the new
 tokens to the host every `chunk` steps while the device goes on (no round trip per chunk: a program per chunk
 re-ran the fused projections' concatenation each time, 260 ms per chunk at 135M on the 2-core CPU).
@@ -65,6 +71,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+import configurable_fm.models.attention as attn
 from configurable_fm.models.layers import fuse_projections
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
 from configurable_fm.models.structure import check_consistent, is_family_model
@@ -166,8 +173,9 @@ class _Decoding:
     carry = (step, last token (B,), next position (B,), cache, done (B,), new tokens so far (B, max_new_tokens))."""
 
     def __init__(self, state, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef, greedy: bool,
-                 candidates: int):
+                 candidates: int, window: int = 0):
         self.model = nnx.merge(graphdef, state)
+        self.window = window  # the decode loop's first cache window, in new tokens (module docstring); 0: none
         self.rng, self.eos_E, self.pad_id = rng, eos_E, pad_id
         self.choose = functools.partial(choose_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                         greedy=greedy, candidates=candidates)
@@ -178,6 +186,7 @@ class _Decoding:
     def start(self, ids_BxT, mask_BxT, max_new_tokens: int):
         """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token."""
         b, t = ids_BxT.shape
+        self.prompt_slots = t
         cache = self.model.init_cache(b, t + max_new_tokens)
         positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
         logits, cache = self.model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
@@ -185,9 +194,32 @@ class _Decoding:
         out_BxN = jnp.full((b, max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         return jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, self.is_eos(tok_B), out_BxN
 
+    def windows(self, max_len: int) -> list[int]:
+        """The decode loop's cache windows, in slots: T + w, T + 2w, T + 4w, ... below max_len, then max_len."""
+        if not self.window:
+            return [max_len]
+        ends, size = [], self.window
+        while self.prompt_slots + size < max_len:
+            ends.append(self.prompt_slots + size)
+            size *= 2
+        return ends + [max_len]
+
     def decode(self, carry, stop, after_step=None):
         """One token per step while step < stop and some row has not emitted an eos; after_step(carry) -> carry
-        runs at the end of each step (the streamed program's hand-over)."""
+        runs at the end of each step (the streamed program's hand-over). With a window, one loop per cache window
+        (`windows`): the steps whose slots lie below a window's end attend over that window only."""
+        cache = carry[3]
+        for end in self.windows(cache.max_len):
+            # step s writes slot T + s - 1 (the prefill wrote T slots and the first token is step 0's)
+            window_stop = jnp.minimum(stop, end - self.prompt_slots + 1) if end < cache.max_len else stop
+            step, tok_B, pos_B, _, done_B, out_BxN = carry
+            carry = (step, tok_B, pos_B, attn.cache_prefix(cache, end), done_B, out_BxN)
+            carry = self._loop(carry, window_stop, after_step)
+            cache = attn.put_prefix(cache, carry[3]) if end < cache.max_len else carry[3]
+            carry = carry[:3] + (cache,) + carry[4:]
+        return carry
+
+    def _loop(self, carry, stop, after_step):
         def cond(carry):
             step, _, _, _, done_B, _ = carry
             return (step < stop) & ~jnp.all(done_B)
@@ -207,24 +239,24 @@ class _Decoding:
 
 @contextlib.contextmanager
 def _decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef, greedy: bool, candidates: int,
-              fuse: bool, one_token: bool | OneTokenMatmuls) -> Iterator[_Decoding]:
+              fuse: bool, one_token: bool | OneTokenMatmuls, window: int) -> Iterator[_Decoding]:
     """A `_Decoding` traced inside fuse_projections(fuse) and one_token_matmuls(...): both are read while tracing,
     so the whole program, loop body included, is traced inside them."""
     options = one_token if isinstance(one_token, OneTokenMatmuls) else None
     with fuse_projections(fuse), one_token_matmuls(bool(one_token), options):
         yield _Decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
-                        candidates=candidates)
+                        candidates=candidates, window=window)
 
 
-_STATIC = ("graphdef", "max_new_tokens", "greedy", "candidates", "fuse", "one_token")
+_STATIC = ("graphdef", "max_new_tokens", "greedy", "candidates", "fuse", "one_token", "window")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, *, graphdef,
               max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
-              one_token: bool | OneTokenMatmuls = False):
+              one_token: bool | OneTokenMatmuls = False, window: int = 0):
     with _decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
-                   candidates=candidates, fuse=fuse, one_token=one_token) as run:
+                   candidates=candidates, fuse=fuse, one_token=one_token, window=window) as run:
         out_BxN = run.decode(run.start(ids_BxT, mask_BxT, max_new_tokens), max_new_tokens)[-1]
         return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
@@ -243,11 +275,11 @@ def _emit(stream_id, step, out_BxN, done_B) -> None:
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_streamed(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p, eos_E, pad_id, stream_id, chunk, *,
                        graphdef, max_new_tokens: int, greedy: bool, candidates: int, fuse: bool,
-                       one_token: bool | OneTokenMatmuls = False):
+                       one_token: bool | OneTokenMatmuls = False, window: int = 0):
     """`_generate` that also hands the new tokens to the host (`_emit`, an ordered io_callback) after the first
     token and whenever the step count reaches a multiple of `chunk` (traced), the end, or every row's eos."""
     with _decoding(state, rng, temperature, top_k, top_p, eos_E, pad_id, graphdef=graphdef, greedy=greedy,
-                   candidates=candidates, fuse=fuse, one_token=one_token) as run:
+                   candidates=candidates, fuse=fuse, one_token=one_token, window=window) as run:
         def emit(carry):
             step, _, _, _, done_B, out_BxN = carry
             io_callback(_emit, None, stream_id, step, out_BxN, done_B, ordered=True)
@@ -285,7 +317,8 @@ class Generator:
     program.
     """
 
-    def __init__(self, model: nnx.Module, *, one_token: bool | OneTokenMatmuls | None = None):
+    def __init__(self, model: nnx.Module, *, one_token: bool | OneTokenMatmuls | None = None,
+                 cache_window: int = 512):
         if not callable(getattr(model, "init_cache", None)):
             raise TypeError(f"generate needs a causal LM with init_cache(batch, max_len); "
                             f"{type(model).__name__} has none")
@@ -297,6 +330,9 @@ class Generator:
         # None: on where the projections are fused (weights on one device)
         self.one_token = one_token if isinstance(one_token, OneTokenMatmuls) else bool(
             self.fuse if one_token is None else one_token)
+        if isinstance(cache_window, bool) or not isinstance(cache_window, (int, np.integer)) or cache_window < 0:
+            raise ValueError(f"cache_window must be an int >= 0 (0: attend over the whole cache), got {cache_window!r}")
+        self.window = int(cache_window)  # the decode loop's first cache window, in new tokens (module docstring)
 
     def __call__(self, ids_BxT, *, max_new_tokens: int, attention_mask=None, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
@@ -400,7 +436,7 @@ class Generator:
                 jnp.int32(top_k), jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(eos_E),
                 jnp.int32(pad_token_id))
         static = dict(graphdef=self.graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-                      candidates=candidates, fuse=self.fuse, one_token=self.one_token)
+                      candidates=candidates, fuse=self.fuse, one_token=self.one_token, window=self.window)
         return ids, args, static
 
 

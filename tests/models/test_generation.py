@@ -380,3 +380,27 @@ def test_stream_text_joins_to_generate_text(text_model):
     assert "".join(gen_mod.stream_text(model, chat, "Hi", max_new_tokens=NEW, eos_token_id=stop, chunk=3)) == stopped
     with pytest.raises(ValueError, match="stream_text takes one prompt"):
         next(gen_mod.stream_text(model, chat, ["a", "b"], max_new_tokens=2))
+
+
+# ======================================================= cache windows: the decode loop reads the filled part
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_cache_windows_give_the_whole_caches_tokens(model, window):
+    """Generator(cache_window=w): loops over the windows T + w, T + 2w, ... of the cache (each step attends over
+    the slots below its window's end) give the tokens of one loop over the whole cache: greedy, sampling, left
+    padding and eos, streamed too."""
+    ids = np.random.RandomState(3).randint(0, CFG.vocab_size, (2, 5))
+    mask = np.ones((2, 5), np.int32)
+    mask[1, :2] = 0
+    whole, windowed = gen_mod.Generator(model, cache_window=0), gen_mod.Generator(model, cache_window=window)
+    ref = np.asarray(whole(ids, max_new_tokens=NEW))
+    for kw in (dict(), dict(attention_mask=mask), dict(temperature=1.2, rng=jax.random.key(1)),
+               dict(eos_token_id=int(ref[0, 7]), pad_token_id=-1)):
+        want = np.asarray(whole(ids, max_new_tokens=NEW, **kw))
+        np.testing.assert_array_equal(np.asarray(windowed(ids, max_new_tokens=NEW, **kw)), want)
+        streamed = np.concatenate(list(windowed.stream(ids, max_new_tokens=NEW, chunk=3, **kw)), axis=1)
+        np.testing.assert_array_equal(streamed, want[:, 5:5 + streamed.shape[1]])
+    run = gen_mod._Decoding.__new__(gen_mod._Decoding)
+    run.window, run.prompt_slots = window, 5
+    assert run.windows(5 + NEW) == [5 + w for w in (window, 2 * window, 4 * window) if w < NEW] + [5 + NEW]
+    with pytest.raises(ValueError, match="cache_window must be an int >= 0"):
+        gen_mod.Generator(model, cache_window=-1)
