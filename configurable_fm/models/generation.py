@@ -186,8 +186,9 @@ class _Decoding:
     def start(self, ids_BxT, mask_BxT, max_new_tokens: int):
         """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token."""
         b, t = ids_BxT.shape
-        self.prompt_slots = t
         cache = self.model.init_cache(b, t + max_new_tokens)
+        # slots written before the decode loop: the prompt's, after any a model puts first (virtual tokens)
+        self.prompt_slots = cache.max_len - max_new_tokens
         positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
         logits, cache = self.model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
         tok_B = self.choose(logits[:, -1], jax.random.fold_in(self.rng, 0))
@@ -195,7 +196,8 @@ class _Decoding:
         return jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, self.is_eos(tok_B), out_BxN
 
     def windows(self, max_len: int) -> list[int]:
-        """The decode loop's cache windows, in slots: T + w, T + 2w, T + 4w, ... below max_len, then max_len."""
+        """The decode loop's cache windows, in slots: T + w, T + 2w, T + 4w, ... below max_len, then max_len (T:
+        the slots written before the loop, `prompt_slots`)."""
         if not self.window:
             return [max_len]
         ends, size = [], self.window

@@ -399,6 +399,11 @@ def test_cache_windows_give_the_whole_caches_tokens(model, window):
         np.testing.assert_array_equal(np.asarray(windowed(ids, max_new_tokens=NEW, **kw)), want)
         streamed = np.concatenate(list(windowed.stream(ids, max_new_tokens=NEW, chunk=3, **kw)), axis=1)
         np.testing.assert_array_equal(streamed, want[:, 5:5 + streamed.shape[1]])
+    # a model that puts virtual tokens before the prompt (prompt tuning: 3 more slots ahead of the prompt's)
+    from configurable_fm.bricks import adapters
+    tuned = adapters.attach_virtual_tokens(model, "prompt", 3, seed=1)
+    np.testing.assert_array_equal(np.asarray(gen_mod.Generator(tuned, cache_window=window)(ids, max_new_tokens=NEW)),
+                                  np.asarray(gen_mod.Generator(tuned, cache_window=0)(ids, max_new_tokens=NEW)))
     run = gen_mod._Decoding.__new__(gen_mod._Decoding)
     run.window, run.prompt_slots = window, 5
     assert run.windows(5 + NEW) == [5 + w for w in (window, 2 * window, 4 * window) if w < NEW] + [5 + NEW]
