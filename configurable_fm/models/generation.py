@@ -32,8 +32,9 @@ Cache windows (`Generator(model, cache_window=w)`, default 512): a step's attent
 yet written, so the decode loop runs as one loop per window of the cache, over its first T + w, T + 2w, T + 4w,
 ... slots and finally all of it (`attention.cache_prefix` / `put_prefix`); each step attends over its window only.
 Up to w new tokens this is the single loop of before; past it the average step reads about a third less of the
-cache than the whole (at most twice the filled part), for one more compiled loop body per doubling. The masked
-slots contribute exact zeros, so the tokens are the same (a test compares them). 0 turns it off.
+cache than the whole (at most twice the filled part), for one more compiled loop body per doubling (135M, 2048
+new tokens, CPU: compiled in 8.7 s against 3.8 s for one loop). The masked slots contribute exact zeros, so the
+tokens are the same (a test compares them). 0 turns it off.
 Streaming (`Generator.stream`, `stream_text`): the same program with an ordered io_callback that hands the new
 tokens to the host every `chunk` steps while the device goes on (no round trip per chunk: a program per chunk
 re-ran the fused projections' concatenation each time, 260 ms per chunk at 135M on the 2-core CPU).
