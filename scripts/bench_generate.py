@@ -169,6 +169,17 @@ def run_anchor(script: str, mode: str, shape: str, batch: int) -> dict:
     return row
 
 
+def counts(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """A flag's comma-separated ints >= 0, or a usage error naming it."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = [-1]
+    if any(v < 0 for v in values):
+        p.error(f"{flag}: expected comma-separated ints >= 0, got {text!r}")
+    return values
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="135m", help="comma-separated: " + ",".join(SHAPES))
@@ -195,18 +206,8 @@ def main():
         one_token = [one_token_option(item) for item in args.one_token.split(",")]
     except ValueError as e:
         p.error(f"--one_token: {e}")
-    try:
-        streams = [int(c) for c in args.stream.split(",")]
-    except ValueError:
-        streams = [-1]
-    if any(c < 0 for c in streams):
-        p.error(f"--stream: expected comma-separated chunk sizes >= 0, got {args.stream!r}")
-    try:
-        windows = [int(w) for w in args.cache_window.split(",")]
-    except ValueError:
-        windows = [-1]
-    if any(w < 0 for w in windows):
-        p.error(f"--cache_window: expected comma-separated ints >= 0, got {args.cache_window!r}")
+    streams = counts(p, "--stream", args.stream)
+    windows = counts(p, "--cache_window", args.cache_window)
     unknown = sorted(set(args.sampling.split(",")) - set(SAMPLING))
     if unknown:
         p.error(f"--sampling: unknown mode(s) {unknown}; choose from {sorted(SAMPLING)}")
