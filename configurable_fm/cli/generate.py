@@ -85,6 +85,9 @@ def run(fv) -> None:
     tokenizer = _tokenizer(c)
     print(f"loaded {c.input} in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
     templated = chat is not False and bool(getattr(tokenizer, "chat_template", None))
+    if chat and not templated:
+        raise ConfigError(f"config.chat=true but the tokenizer of {c.tokenizer or c.input} has no chat template; "
+                          "use --config.chat=auto or false for plain continuation")
     system = [{"role": "system", "content": c.system}] if c.system and templated else []
 
     def turn(text, history):

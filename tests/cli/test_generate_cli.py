@@ -90,5 +90,10 @@ def test_a_source_without_tokenizer_is_named(exported, capsys, tmp_path):
     assert generate(f"--config.input={tmp_path / 'ckpt'}", f"--config.tokenizer={out}", "--config.prompt=Hi",
                     "--config.max_new_tokens=3") == 0
     assert capsys.readouterr().out.endswith("\n")
+    (tmp_path / "bare").mkdir()
+    char_tokenizer().save(str(tmp_path / "bare" / "tokenizer.json"))  # no chat template: chat=true is refused
+    fails(f"--config.input={tmp_path / 'ckpt'}", f"--config.tokenizer={tmp_path / 'bare' / 'tokenizer.json'}",
+          "--config.chat=true", "--config.prompt=Hi")
+    assert "has no chat template; use --config.chat=auto or false" in capsys.readouterr().err
     fails("--config.input=/nonexistent/model", "--config.prompt=Hi")
     assert "cannot load a model from" in capsys.readouterr().err
