@@ -188,8 +188,9 @@ class _Decoding:
         """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token."""
         b, t = ids_BxT.shape
         cache = self.model.init_cache(b, t + max_new_tokens)
-        # slots written before the decode loop: the prompt's, after any a model puts first (virtual tokens)
-        self.prompt_slots = cache.max_len - max_new_tokens
+        # slots written before the decode loop: the prompt's, after any a model puts first (virtual tokens); a
+        # model whose cache is not a KVCache decodes in one loop
+        self.prompt_slots = cache.max_len - max_new_tokens if isinstance(cache, attn.KVCache) else None
         positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
         logits, cache = self.model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
         tok_B = self.choose(logits[:, -1], jax.random.fold_in(self.rng, 0))
@@ -199,7 +200,7 @@ class _Decoding:
     def windows(self, max_len: int) -> list[int]:
         """The decode loop's cache windows, in slots: T + w, T + 2w, T + 4w, ... below max_len, then max_len (T:
         the slots written before the loop, `prompt_slots`)."""
-        if not self.window:
+        if not self.window or self.prompt_slots is None:
             return [max_len]
         ends, size = [], self.window
         while self.prompt_slots + size < max_len:
@@ -212,15 +213,14 @@ class _Decoding:
         runs at the end of each step (the streamed program's hand-over). With a window, one loop per cache window
         (`windows`): the steps whose slots lie below a window's end attend over that window only."""
         cache = carry[3]
-        for end in self.windows(cache.max_len):
+        windows = self.windows(cache.max_len) if isinstance(cache, attn.KVCache) else []
+        for end in windows[:-1]:  # the last window is the whole cache: the final loop's
             # step s writes slot T + s - 1 (the prefill wrote T slots and the first token is step 0's)
-            window_stop = jnp.minimum(stop, end - self.prompt_slots + 1) if end < cache.max_len else stop
-            step, tok_B, pos_B, _, done_B, out_BxN = carry
-            carry = (step, tok_B, pos_B, attn.cache_prefix(cache, end), done_B, out_BxN)
-            carry = self._loop(carry, window_stop, after_step)
-            cache = attn.put_prefix(cache, carry[3]) if end < cache.max_len else carry[3]
+            carry = carry[:3] + (attn.cache_prefix(cache, end),) + carry[4:]
+            carry = self._loop(carry, jnp.minimum(stop, end - self.prompt_slots + 1), after_step)
+            cache = attn.put_prefix(cache, carry[3])
             carry = carry[:3] + (cache,) + carry[4:]
-        return carry
+        return self._loop(carry, stop, after_step)
 
     def _loop(self, carry, stop, after_step):
         def cond(carry):
