@@ -117,7 +117,8 @@ def bench_one(shape: str, batch: int, prompt: int, new: int, repeats: int, hbm_g
             "weight_gb": weight_bytes / 1e9,
             "kv_gb": kv_bytes / 1e9, "hbm_gb_s": hbm_gb_s, "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "attention": ATTENTION[0], "sampling": sampling,
-            "one_token": option_record(one_token), "stream": stream, "cache_window": cache_window, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "one_token": option_record(one_token), "stream": stream, "cache_window": cache_window,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def traced_call(gen: Generator, ids, new: int, logdir: str, top: int = 25) -> dict:

@@ -91,8 +91,10 @@ def run(fv) -> None:
     system = [{"role": "system", "content": c.system}] if c.system and templated else []
 
     def turn(text, history):
+        """One prompt answered: plain text, or a user turn appended to `history` with the answer after it."""
         if not templated:
-            return answer(model, tokenizer, text, chat, kwargs)
+            answer(model, tokenizer, text, chat, kwargs)
+            return
         history.append({"role": "user", "content": text})
         history.append({"role": "assistant", "content": answer(model, tokenizer, list(history), True, kwargs)})
 

@@ -188,36 +188,37 @@ class _Decoding:
         """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token."""
         b, t = ids_BxT.shape
         cache = self.model.init_cache(b, t + max_new_tokens)
-        # slots written before the decode loop: the prompt's, after any a model puts first (virtual tokens); a
-        # model whose cache is not a KVCache decodes in one loop
-        self.prompt_slots = cache.max_len - max_new_tokens if isinstance(cache, attn.KVCache) else None
         positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
         logits, cache = self.model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
         tok_B = self.choose(logits[:, -1], jax.random.fold_in(self.rng, 0))
         out_BxN = jnp.full((b, max_new_tokens), self.pad_id, jnp.int32).at[:, 0].set(tok_B)
         return jnp.int32(1), tok_B, positions_BxT[:, -1] + 1, cache, self.is_eos(tok_B), out_BxN
 
-    def windows(self, max_len: int) -> list[int]:
-        """The decode loop's cache windows, in slots: T + w, T + 2w, T + 4w, ... below max_len, then max_len (T:
-        the slots written before the loop, `prompt_slots`)."""
-        if not self.window or self.prompt_slots is None:
+    def windows(self, prompt_slots: int, max_len: int) -> list[int]:
+        """The decode loop's cache windows, in slots: T + w, T + 2w, T + 4w, ... below max_len, then max_len (T =
+        prompt_slots: the slots written before the loop)."""
+        if not self.window:
             return [max_len]
         ends, size = [], self.window
-        while self.prompt_slots + size < max_len:
-            ends.append(self.prompt_slots + size)
+        while prompt_slots + size < max_len:
+            ends.append(prompt_slots + size)
             size *= 2
         return ends + [max_len]
 
     def decode(self, carry, stop, after_step=None):
         """One token per step while step < stop and some row has not emitted an eos; after_step(carry) -> carry
         runs at the end of each step (the streamed program's hand-over). With a window, one loop per cache window
-        (`windows`): the steps whose slots lie below a window's end attend over that window only."""
-        cache = carry[3]
-        windows = self.windows(cache.max_len) if isinstance(cache, attn.KVCache) else []
-        for end in windows[:-1]:  # the last window is the whole cache: the final loop's
+        (`windows`): the steps whose slots lie below a window's end attend over that window only. A model whose
+        cache is not a KVCache decodes in one loop."""
+        cache, out_BxN = carry[3], carry[5]
+        if not isinstance(cache, attn.KVCache):
+            return self._loop(carry, stop, after_step)
+        # slots written before the loop: the prompt's, after any a model puts first (virtual tokens)
+        prompt_slots = cache.max_len - out_BxN.shape[1]
+        for end in self.windows(prompt_slots, cache.max_len)[:-1]:  # the last is the whole cache: the final loop's
             # step s writes slot T + s - 1 (the prefill wrote T slots and the first token is step 0's)
             carry = carry[:3] + (attn.cache_prefix(cache, end),) + carry[4:]
-            carry = self._loop(carry, jnp.minimum(stop, end - self.prompt_slots + 1), after_step)
+            carry = self._loop(carry, jnp.minimum(stop, end - prompt_slots + 1), after_step)
             cache = attn.put_prefix(cache, carry[3])
             carry = carry[:3] + (cache,) + carry[4:]
         return self._loop(carry, stop, after_step)

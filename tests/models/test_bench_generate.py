@@ -11,7 +11,8 @@ def test_bench_generate_tiny(tmp_path):
     out = tmp_path / "gen.jsonl"
     proc = subprocess.run([sys.executable, "scripts/bench_generate.py", "--shape", "tiny", "--batch", "2",
                            "--prompt", "8", "--new", "4", "--repeats", "1", "--attention", "xla",
-                           "--profile", str(tmp_path / "prof"), "--sampling", "greedy,sample", "--stream", "0,2", "--out", str(out)],
+                           "--profile", str(tmp_path / "prof"), "--sampling", "greedy,sample", "--stream", "0,2",
+                           "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]

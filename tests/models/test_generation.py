@@ -404,8 +404,7 @@ def test_cache_windows_give_the_whole_caches_tokens(model, window=2):
     np.testing.assert_array_equal(np.asarray(gen_mod.Generator(tuned, cache_window=window)(ids, max_new_tokens=NEW)),
                                   np.asarray(gen_mod.Generator(tuned, cache_window=0)(ids, max_new_tokens=NEW)))
     run = gen_mod._Decoding.__new__(gen_mod._Decoding)
-    run.prompt_slots = 5
     for run.window, ends in ((window, [7, 9, 12]), (1, [6, 7, 9, 12]), (5, [10, 12]), (7, [12]), (0, [12])):
-        assert run.windows(5 + NEW) == ends
+        assert run.windows(5, 5 + NEW) == ends
     with pytest.raises(ValueError, match="cache_window must be an int >= 0"):
         gen_mod.Generator(model, cache_window=-1)

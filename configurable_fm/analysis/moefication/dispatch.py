@@ -532,9 +532,7 @@ def route_kernel(x_1xD, centroids_DxR, *, shared: int, top_k: int, options: Pall
     d, r = centroids_DxR.shape
     if r & (r - 1):
         raise ValueError(f"route_kernel: {r} routed experts is not a power of two (a Triton tile)")
-    padded = 1
-    while padded < shared + top_k:
-        padded *= 2
+    padded = 1 << (shared + top_k - 1).bit_length()
     bd = _block(d, options.token_route, "the model width D", 1)
     return pl.pallas_call(
         functools.partial(_route_kernel, shared=shared, top_k=top_k, bd=bd),
