@@ -39,8 +39,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.models import attention as attn
+from configurable_fm.models import one_token_layer
 from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation, project
 from configurable_fm.models.moe import ROUTERS, SparseMoE, noise_active
+from configurable_fm.models.one_token import layer_options
 from configurable_fm.models.taps import active as taps_active, tap, tapped
 
 
@@ -139,10 +141,54 @@ class LlamaDecoderLayer(nnx.Module):
 
     @tapped
     def __call__(self, x_BxTxD, positions_BxT, *, mask=None, is_causal=False, cache=None, layer=0):
+        fused = one_token_decoder_layer(self, x_BxTxD, positions_BxT, mask, cache, layer)
+        if fused is not None:
+            return fused
         h, cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, mask=mask,
                                   is_causal=is_causal, cache=cache, layer=layer)
         x_BxTxD = x_BxTxD + h
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), cache
+
+
+def one_token_decoder_layer(layer: LlamaDecoderLayer, x_BxTxD, positions_BxT, mask, cache, index: int):
+    """(x after the layer, cache) computed by models/one_token_layer.py's kernels, or None where they do not apply:
+    outside one_token_matmuls() with options.layers (or on a CPU without interpret), more than one token, no
+    KVCache or mask, a tap context, a layer that is not plain (exact types: an adapter, an MoE or a masked module
+    computes something else), mixed compute dtypes or biases, or shapes the kernels do not take (`fits`)."""
+    found = layer_options()
+    if (found is None or cache is None or mask is None or not isinstance(cache, attn.KVCache)
+            or x_BxTxD.shape[:2] != (1, 1) or taps_active()):
+        return None
+    options, interpret = found
+    sa, mlp = layer.self_attn, layer.mlp
+    if not (type(sa) is LlamaAttention and type(mlp) is LlamaMLP and type(layer.input_layernorm) is RMSNorm
+            and type(layer.post_attention_layernorm) is RMSNorm):
+        return None
+    projections = dict(q=sa.q_proj, k=sa.k_proj, v=sa.v_proj, o=sa.o_proj, gate=mlp.gate_proj, up=mlp.up_proj,
+                       down=mlp.down_proj)
+    if any(type(m) is not Linear for m in projections.values()):
+        return None
+    dtypes = {m.dtype or jnp.result_type(x_BxTxD, m.kernel[...]) for m in projections.values()}
+    biased = lambda *names: {projections[n].bias is not None for n in names}
+    cfg = sa.cfg
+    if (len(dtypes) != 1 or len(biased("q", "k", "v")) != 1 or len(biased("gate", "up")) != 1
+            or not one_token_layer.fits(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head,
+                                        cfg.intermediate_size, mlp.act, options)):
+        return None
+    w = dict(ln_1=layer.input_layernorm.weight[...], ln_2=layer.post_attention_layernorm.weight[...])
+    for name, m in projections.items():
+        w[name] = m.kernel[...]
+        if m.bias is not None:
+            w[name + "_bias"] = m.bias[...]
+    x, k, v = one_token_layer.decoder_layer(
+        x_BxTxD, positions_BxT[0, 0], cache.index, mask.reshape(-1), cache.k[index], cache.v[index], w,
+        heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.dim_per_head, act=mlp.act,
+        eps_1=layer.input_layernorm.eps, eps_2=layer.post_attention_layernorm.eps,
+        inv_freq=attn.rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling),
+        dtype=dtypes.pop(), options=options, interpret=interpret)
+    ks, vs = list(cache.k), list(cache.v)
+    ks[index], vs[index] = k, v
+    return x, dataclasses.replace(cache, k=ks, v=vs)
 
 
 # Rematerialisation policies for training: what each decoder layer keeps for the backward pass.

@@ -49,6 +49,9 @@ class OneTokenMatmuls(NamedTuple):
     out: int = 64
     width: int = 128
     num_warps: int = 4
+    layers: bool = False  # llama decoder layers as models/one_token_layer.py's seven kernels (norms, RoPE, the
+    # cache write, attention and SwiGLU in the products' prologues)
+    keys: int = 64  # cache slots per block of that attention kernel (rounded down to a power of two)
     interpret: Optional[bool] = None
 
 
@@ -65,6 +68,18 @@ def one_token_matmuls(enabled: bool = True, options: Optional[OneTokenMatmuls] =
         yield
     finally:
         _ONE_TOKEN.reset(token)
+
+
+def layer_options() -> tuple[OneTokenMatmuls, bool] | None:
+    """(options, interpret) when the forward being traced should run whole decoder layers as one-token kernels
+    (options.layers inside one_token_matmuls(); interpret as in `matmul`: None compiles them on a GPU only), else
+    None."""
+    options = _ONE_TOKEN.get()
+    if options is None or not options.layers:
+        return None
+    if options.interpret is None:
+        return (options, False) if jax.default_backend() == "gpu" else None
+    return options, bool(options.interpret)
 
 
 def rowvec(v_N, w_NxC):
@@ -86,26 +101,45 @@ def tiles(d: int, widths, options: OneTokenMatmuls) -> tuple[int, int]:
     return power_of_two_tile(math.gcd(*widths), options.out), power_of_two_tile(d, options.width)
 
 
-def _partials_kernel(x_ref, *refs, bn: int, bd: int, starts: tuple[int, ...]):
-    """Program (n, s): out[s, n-block] = x[s-chunk] W[s-chunk, n-block] of the concatenation [W_1 | W_2 | ...]:
-    column block n lies in W_i for starts[i] <= n < starts[i + 1] (one branch taken per program)."""
+def _partials_kernel(*refs, load, n_inputs: int, bn: int, bd: int, starts: tuple[int, ...]):
+    """Program (n, s): out[s, n-block] = v[s-chunk] W[s-chunk, n-block] of the concatenation [W_1 | W_2 | ...],
+    v[s-chunk] = load(input refs, s * bd, bd); column block n lies in W_i for starts[i] <= n < starts[i + 1] (one
+    branch taken per program)."""
     from jax.experimental import pallas as pl
-    *w_refs, out_ref = refs
+    in_refs, w_refs, out_ref = refs[:n_inputs], refs[n_inputs:-1], refs[-1]
     n, s = pl.program_id(0), pl.program_id(1)
-    rows = pl.ds(pl.multiple_of(s * bd, bd), bd)
+    start = pl.multiple_of(s * bd, bd)
+    v = load(in_refs, start, bd)
+    rows = pl.ds(start, bd)
     for w_ref, lo, hi in zip(w_refs, starts, starts[1:]):
         def block(w_ref=w_ref, lo=lo):
-            out_ref[0] = rowvec(x_ref[0, rows], w_ref[rows, pl.ds(pl.multiple_of((n - lo) * bn, bn), bn)])
+            out_ref[0] = rowvec(v, w_ref[rows, pl.ds(pl.multiple_of((n - lo) * bn, bn), bn)])
         if len(w_refs) == 1:
             block()
         else:
             pl.when((n >= lo) & (n < hi))(block)
 
 
-def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):
-    """y (1, N) = x W in x's dtype (module docstring); x (1, D) and W (D, N) in the compute dtype. W may be a
-    sequence [W_1, W_2, ...] of (D, N_i) kernels: y = x [W_1 | W_2 | ...] (N = sum N_i), the concatenation never
-    written (one kernel reads each W_i where it lies)."""
+def load_row(in_refs, start, size):
+    """The default `partials` input: chunk [start, start + size) of the one row x (1, D)."""
+    from jax.experimental import pallas as pl
+    return in_refs[0][0, pl.ds(start, size)]
+
+
+def whole(a):
+    """A BlockSpec that hands every program the whole array."""
+    from jax.experimental import pallas as pl
+    return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+
+
+def partials(inputs, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False,
+             load=load_row, name: str = "one_token_matmul"):
+    """P (D / bd, N) float32, P[s, n-block] = v[s-chunk] W[s-chunk, n-block], so that v W = sum_s P[s] (module
+    docstring). v is the (D,) vector that load(input refs, start, size) reads chunk by chunk inside the kernel from
+    `inputs` (each handed whole to every program; by default x (1, D) itself: `load_row`), so an input's own
+    computation (a norm, SwiGLU's act(gate) * up over the partials of the kernel before) runs in the product's
+    prologue instead of a kernel of its own (models/one_token_layer.py). W: a (D, N) kernel or a sequence of
+    (D, N_i) kernels read in place, as in `one_token_matmul`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
     ws = list(w_DxN) if isinstance(w_DxN, (list, tuple)) else [w_DxN]
@@ -114,14 +148,20 @@ def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls
     bn, bd = tiles(d, widths, options)
     starts = tuple(int(c) for c in np.cumsum([0] + [w // bn for w in widths]))
     n = sum(widths)
-    parts = pl.pallas_call(
-        functools.partial(_partials_kernel, bn=bn, bd=bd, starts=starts),
+    return pl.pallas_call(
+        functools.partial(_partials_kernel, load=load, n_inputs=len(inputs), bn=bn, bd=bd, starts=starts),
         out_shape=jax.ShapeDtypeStruct((d // bd, n), jnp.float32), grid=(n // bn, d // bd),
-        in_specs=[pl.BlockSpec(x_1xD.shape, lambda *_: (0, 0))] + [pl.BlockSpec(w.shape, lambda *_: (0, 0))
-                                                                    for w in ws],
-        out_specs=pl.BlockSpec((1, bn), lambda j, s: (s, j)), interpret=interpret, name="one_token_matmul",
+        in_specs=[whole(a) for a in inputs] + [whole(w) for w in ws],
+        out_specs=pl.BlockSpec((1, bn), lambda j, s: (s, j)), interpret=interpret, name=name,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
-        x_1xD, *ws)
+        *inputs, *ws)
+
+
+def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):
+    """y (1, N) = x W in x's dtype (module docstring); x (1, D) and W (D, N) in the compute dtype. W may be a
+    sequence [W_1, W_2, ...] of (D, N_i) kernels: y = x [W_1 | W_2 | ...] (N = sum N_i), the concatenation never
+    written (one kernel reads each W_i where it lies)."""
+    parts = partials([x_1xD], w_DxN, options=options, interpret=interpret)
     return jnp.sum(parts, axis=0, keepdims=True).astype(x_1xD.dtype)
 
 

@@ -1,0 +1,238 @@
+"""One llama decoder layer of a batch-1 decode step as four split-K Pallas kernels, one attention kernel and two
+XLA sums, for a GPU.
+
+Why: at batch 1 the decode step is bound by how many kernels it launches, not by the bytes it reads. The 135M
+shape's step ran 14 kernels per layer at ~2.2 us each on an H100 (norms, the projections' products and the sums
+of their partials, RoPE, the two cache writes, cuDNN's attention, SwiGLU, casts; BENCHMARKS.md "Generation"),
+about 0.87 ms per step for ~8 MB of weights. Here each kernel does the elementwise work of its neighbours in its
+prologue, so a layer is seven launches:
+
+    P1 = partials(v = RMSNorm_1(x),                  [W_q | W_k | W_v])    norm in the prologue
+    a  = attention(P1, cache, mask, position)                               q/k/v = sum_s P1[s] (+ b), RoPE,
+                                                                            k/v written to the cache slot
+    P2 = partials(v = a,                              W_o)
+    x' = x + (sum_s P2[s] (+ b_o))                                          XLA
+    P3 = partials(v = RMSNorm_2(x'),                 [W_gate | W_up])      norm in the prologue
+    P4 = partials(v = act(sum_s P3[s, :F]) * sum_s P3[s, F:],  W_down)     SwiGLU in the prologue
+    y  = x' + (sum_s P4[s] (+ b_down))                                      XLA
+
+`partials` is models.one_token's split-K product (P[s, n-block] = v[s-chunk] W[s-chunk, n-block], float32, so
+v W = sum_s P[s]): the split is what keeps enough loads in flight (one program per column block over the whole of
+D was 1.6x slower, one_token's docstring). Shapes: x (1, 1, D); P1 (D / bd, (N + 2K) H); a (1, N H); P3 (D / bd,
+2F); P4 (F / bd, D); the cache per layer (1, S, K, H) (N query heads, K key/value heads, H head dim, S slots).
+
+The attention kernel (one program per query head n, its key/value head n // (N / K)): q, k and v of the new token
+are the column sums of P1 over the head's columns, cast to the compute dtype (+ bias), q and k rotated in float32
+in transformers' rotate-half layout and cast back (attention.apply_rope); the new k and v are cast to the cache's
+dtype and written to slot `index` by the first query head of each group (the other heads of the group use the
+values in registers, so no program reads a slot another writes); then softmax(q k^T / sqrt(H) + mask) v over the
+slots 0..index, the cache read in blocks of `keys` slots with an online softmax (float32 running maximum, sum and
+weighted values), the mask the layer's own (models.attention.decoder_mask: valid slots, causality, a sliding
+window). Every operation is the module's up to the order of float32 sums (and bf16 rounding of the softmax weights,
+which XLA's and cuDNN's attention round to the compute dtype before the product with v and this kernel does not):
+tests/models/test_one_token_layer.py compares logits, caches and greedy tokens with the module's forward.
+
+Taken (models/llama.py, `LlamaDecoderLayer`) inside `one_token_matmuls(options)` with `options.layers` set, for a
+plain layer (exact module types: Linear projections, RMSNorm, LlamaMLP; no tap context), one token, a KVCache,
+one compute dtype, half a head a power of two and tiles of MIN_TILE at least (`fits`); on a GPU, or interpreted
+when options.interpret is True.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, partials, power_of_two_tile, tiles, whole
+
+NEG = -1e30  # the running maximum before any slot: finite, so exp(m - m_new) is never exp(nan)
+ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
+               "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+               "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True)}  # those with a Triton lowering
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: str,
+         options: OneTokenMatmuls) -> bool:
+    """Whether the layer's shapes suit the kernels: half a head a power of two, every product's tiles >= MIN_TILE
+    (one_token.tiles), an activation the kernel can run."""
+    products = [(hidden, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]), (heads * head_dim, [hidden]),
+                (hidden, [ffn, ffn]), (ffn, [hidden])]
+    return (act in ACTIVATIONS and head_dim % 2 == 0 and is_power_of_two(head_dim // 2)
+            and all(min(tiles(d, widths, options)) >= MIN_TILE for d, widths in products))
+
+
+def rms_norm_load(eps: float, chunk: int, dtype):
+    """A `partials` load: chunk [start, start + size) of RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w in float32,
+    cast to x's dtype (layers.RMSNorm) and then to the compute dtype (layers.Linear); inputs x (1, D), w (D,). Each
+    program sums x^2 over the whole row itself (D / chunk loads of `chunk`)."""
+    from jax.experimental import pallas as pl
+
+    def load(in_refs, start, size):
+        x_ref, w_ref = in_refs
+        d = x_ref.shape[1]
+        sum_sq = jnp.float32(0)
+        for c in range(d // chunk):
+            xc = x_ref[0, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+            sum_sq = sum_sq + jnp.sum(xc * xc)
+        y = x_ref[0, pl.ds(start, size)].astype(jnp.float32) * jax.lax.rsqrt(sum_sq / d + eps)
+        return (y * w_ref[pl.ds(start, size)].astype(jnp.float32)).astype(x_ref.dtype).astype(dtype)
+    return load
+
+
+def swiglu_load(act: str, ffn: int, dtype, bias: bool):
+    """A `partials` load: chunk of h = act(gate) * up, gate = sum_s P[s, :F] (+ b_gate) and up = sum_s P[s, F:]
+    (+ b_up) each cast to the compute dtype (layers.fused_linears), act and product in float32, h cast to the compute
+    dtype; inputs P (S, 2F) float32 [, b_gate (F,), b_up (F,)]."""
+    from jax.experimental import pallas as pl
+    fn = ACTIVATIONS[act]
+
+    def load(in_refs, start, size):
+        p_ref = in_refs[0]
+
+        def column(offset, b):
+            y = p_ref[0, pl.ds(offset + start, size)]
+            for s in range(1, p_ref.shape[0]):
+                y = y + p_ref[s, pl.ds(offset + start, size)]
+            y = y.astype(dtype)
+            if bias:
+                y = y + in_refs[b][pl.ds(start, size)].astype(dtype)
+            return y.astype(jnp.float32)
+        return (fn(column(0, 1)) * column(ffn, 2)).astype(dtype)
+    return load
+
+
+def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *refs, heads: int, kv_heads: int,
+                      head_dim: int, keys: int, dtype, bias: bool):
+    """Program n (a query head): module docstring. slots = [RoPE position, cache slot of the new token]."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    bias_ref = refs[0] if bias else None
+    out_ref, k_out_ref, v_out_ref = refs[-3:]
+    n = pl.program_id(0)
+    group = heads // kv_heads
+    kv = n // group
+    half = head_dim // 2
+    cache_dtype = k_out_ref.dtype
+    max_len = mask_ref.shape[0]
+    position, index = slots_ref[0], slots_ref[1]
+
+    def column(start):  # columns [start, start + half) of sum_s P1[s] in the compute dtype (+ bias), as float32
+        y = p_ref[0, pl.ds(start, half)]
+        for s in range(1, p_ref.shape[0]):
+            y = y + p_ref[s, pl.ds(start, half)]
+        y = y.astype(dtype)
+        if bias:
+            y = y + bias_ref[pl.ds(start, half)].astype(dtype)
+        return y.astype(jnp.float32)
+
+    angles = position.astype(jnp.float32) * inv_freq_ref[...]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    def rotated(start):  # attention.apply_rope of one head: x * cos + rotate_half(x) * sin, cast back
+        x1, x2 = column(start), column(start + half)
+        return [(y.astype(dtype)).astype(jnp.float32) for y in (x1 * cos - x2 * sin, x2 * cos + x1 * sin)]
+
+    q = rotated(n * head_dim)
+    k_new = rotated((heads + kv) * head_dim)
+    v_new = [column((heads + kv_heads + kv) * head_dim + i * half) for i in range(2)]
+
+    @pl.when(n % group == 0)
+    def _write():
+        for i in range(2):
+            k_out_ref[0, index, kv, pl.ds(i * half, half)] = k_new[i].astype(dtype).astype(cache_dtype)
+            v_out_ref[0, index, kv, pl.ds(i * half, half)] = v_new[i].astype(dtype).astype(cache_dtype)
+
+    # what attention reads back from the cache: the compute dtype's values through the cache's dtype
+    k_new = [y.astype(dtype).astype(cache_dtype).astype(dtype).astype(jnp.float32) for y in k_new]
+    v_new = [y.astype(dtype).astype(cache_dtype).astype(dtype).astype(jnp.float32) for y in v_new]
+    scale = 1.0 / math.sqrt(head_dim)
+    ok = mask_ref[index] != 0
+    m = jnp.where(ok, (jnp.sum(q[0] * k_new[0]) + jnp.sum(q[1] * k_new[1])) * scale, NEG)
+    total = jnp.where(ok, jnp.float32(1), jnp.float32(0))
+    acc = [jnp.where(ok, v, jnp.zeros_like(v)) for v in v_new]
+
+    def block(j, carry):
+        m, total, acc = carry
+        slots = j * keys + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
+        inside = slots < max_len
+        rows = pl.ds(j * keys, keys)
+        seen = pltriton.load(mask_ref.at[rows], mask=inside, other=0)
+        use = inside & (seen != 0) & (slots != index)
+
+        def read(ref, i):
+            return pltriton.load(ref.at[jnp.int32(0), rows, kv, pl.ds(i * half, half)], mask=inside[:, None],
+                                 other=0).astype(dtype).astype(jnp.float32)
+        k_blk = [read(k_ref, i) for i in range(2)]
+        scores = (jnp.sum(k_blk[0] * q[0][None, :], axis=1) + jnp.sum(k_blk[1] * q[1][None, :], axis=1)) * scale
+        scores = jnp.where(use, scores, NEG)
+        m_new = jnp.maximum(m, jnp.max(scores))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(use, jnp.exp(scores - m_new), 0.0)
+        v_blk = [read(v_ref, i) for i in range(2)]
+        acc = [a * alpha + jnp.sum(p[:, None] * v, axis=0) for a, v in zip(acc, v_blk)]
+        return m_new, total * alpha + jnp.sum(p), acc
+
+    m, total, acc = jax.lax.fori_loop(0, index // keys + 1, block, (m, total, acc))
+    for i in range(2):
+        out_ref[0, pl.ds(n * head_dim + i * half, half)] = (acc[i] / total).astype(out_ref.dtype)
+
+
+def attention(p1, bias, inv_freq, position, index, mask_S, k_cache, v_cache, *, heads: int, kv_heads: int,
+              head_dim: int, dtype, options: OneTokenMatmuls, interpret: bool):
+    """(a (1, N H) in the compute dtype, k cache, v cache) for the new token (module docstring): p1 (S1, (N + 2K) H)
+    the q/k/v partials, bias ((N + 2K) H,) or None, inv_freq (H / 2,) float32, position and index int32 scalars,
+    mask_S (S,) int32 (1: the new token may attend to the slot), caches (1, S, K, H), written in place."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    slots = jnp.stack([position, index]).astype(jnp.int32)
+    inputs = [p1, inv_freq.astype(jnp.float32), slots, mask_S.astype(jnp.int32), k_cache, v_cache]
+    inputs += [bias] if bias is not None else []
+    out_shape = [jax.ShapeDtypeStruct((1, heads * head_dim), dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                 jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+    kernel = functools.partial(_attention_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                               keys=1 << (options.keys.bit_length() - 1), dtype=dtype, bias=bias is not None)
+    return pl.pallas_call(
+        kernel, grid=(heads,), in_specs=[whole(a) for a in inputs],
+        out_shape=out_shape, out_specs=[whole(o) for o in out_shape],
+        input_output_aliases={4: 1, 5: 2}, interpret=interpret, name="one_token_attention",
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
+        *inputs)
+
+
+def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *, heads: int, kv_heads: int,
+                  head_dim: int, act: str, eps_1: float, eps_2: float, inv_freq, dtype, options: OneTokenMatmuls,
+                  interpret: bool):
+    """(x after the layer (1, 1, D), k cache, v cache): the module docstring's seven kernels. w: the layer's arrays,
+    keys ln_1, ln_2 (D,), q, k, v, o, gate, up, down (kernels (in, out)) and optional q_bias, k_bias, v_bias,
+    o_bias, gate_bias, up_bias, down_bias; dtype the projections' compute dtype."""
+    d = x_1x1xD.shape[-1]
+    x = x_1x1xD.reshape(1, d)
+    cast = lambda *names: [w[n].astype(dtype) for n in names]
+    chunk = power_of_two_tile(d, options.width)
+    p1 = partials([x, w["ln_1"]], cast("q", "k", "v"), options=options, interpret=interpret,
+                  load=rms_norm_load(eps_1, chunk, dtype), name="one_token_norm_qkv")
+    qkv_bias = jnp.concatenate(cast("q_bias", "k_bias", "v_bias")) if "q_bias" in w else None
+    a, k_cache, v_cache = attention(p1, qkv_bias, inv_freq, position, index, mask_S, k_cache, v_cache, heads=heads,
+                                    kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, options=options,
+                                    interpret=interpret)
+
+    def total(p, name):  # sum_s P[s] in the compute dtype (+ bias): layers.Linear's output
+        y = jnp.sum(p, axis=0, keepdims=True).astype(dtype)
+        return y + w[name].astype(dtype) if name in w else y
+
+    x = x + total(partials([a], cast("o"), options=options, interpret=interpret, name="one_token_o"), "o_bias")
+    p3 = partials([x, w["ln_2"]], cast("gate", "up"), options=options, interpret=interpret,
+                  load=rms_norm_load(eps_2, chunk, dtype), name="one_token_norm_gate_up")
+    ffn = w["gate"].shape[1]
+    swiglu_inputs = [p3] + (cast("gate_bias", "up_bias") if "gate_bias" in w else [])
+    p4 = partials(swiglu_inputs, cast("down"), options=options, interpret=interpret,
+                  load=swiglu_load(act, ffn, dtype, "gate_bias" in w), name="one_token_swiglu_down")
+    x = x + total(p4, "down_bias")
+    return x.reshape(1, 1, d), k_cache, v_cache
