@@ -35,8 +35,8 @@ def step(model, mask_BxT, options=None):
         return model(tok, positions=pos, cache=cache)
 
 
-@pytest.mark.parametrize("extra,padding", [({}, 0), (dict(attention_bias=True, o_proj_bias=True, mlp_bias=True), 2),
-                                           (dict(sliding_window=3, num_kv_heads=1), 1)])
+@pytest.mark.parametrize("extra,padding", [({}, 0), (dict(attention_bias=True, o_proj_bias=True, mlp_bias=True,
+                                                                sliding_window=3, num_kv_heads=1), 2)])
 def test_the_layer_kernels_give_the_modules_step(extra, padding):
     model = random_llama(LlamaConfig(**{**BASE, **extra}), 0)
     mask = jnp.asarray([[0] * padding + [1] * (5 - padding)], jnp.int32)

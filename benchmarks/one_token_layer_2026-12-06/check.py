@@ -1,0 +1,38 @@
+"""On the GPU: the one-token decoder layers (models/one_token_layer.py, `OneTokenMatmuls(layers=True)`) against the
+modules' decode step, for the bench's shapes with random bf16 weights (scripts/bench_generate.py's `build`): the
+largest |logit difference| of one step after a 64-token prefill relative to the largest |logit|, and the greedy
+tokens of 64 new ones (how many of them agree, from the start). bf16 rounding makes exact agreement unlikely far
+into a generation; the first step's logits are the check.
+    python3 benchmarks/one_token_layer_2026-12-06/check.py [135m,1b]"""
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configurable_fm.models.factory import build_model
+from configurable_fm.models.generation import Generator
+from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
+from experiments.shapes import SHAPES
+
+for shape in (sys.argv[1] if len(sys.argv) > 1 else "135m,1b").split(","):
+    spec = dict(SHAPES[shape], family="llama", tie_word_embeddings=True, max_position_embeddings=2048)
+    model = build_model(spec, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, spec["vocab_size"], (1, 64)), jnp.int32)
+    logits, cache = model(ids, cache=model.init_cache(1, 80))
+    tok = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
+    pos = jnp.full((1, 1), 64, jnp.int32)
+
+    def step(layers):
+        def run(tok, cache):
+            with one_token_matmuls(enabled=layers, options=OneTokenMatmuls(layers=True)):
+                return model(tok, positions=pos, cache=cache)[0]
+        return np.asarray(jax.jit(run)(tok, cache), np.float32)
+    want, got = step(False), step(True)
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    a = np.asarray(Generator(model, one_token=False)(np.asarray(ids), max_new_tokens=64))[0, 64:]
+    layers = Generator(model, one_token=OneTokenMatmuls(layers=True))
+    b = np.asarray(layers(np.asarray(ids), max_new_tokens=64))[0, 64:]
+    same = int(np.argmin(a == b)) if (a != b).any() else len(a)
+    print(f"{shape}: step logits max |diff| / max |logit| = {rel:.2e}; greedy tokens equal for the first {same} of "
+          f"{len(a)} ({int((a == b).sum())} in all)", flush=True)
