@@ -3,6 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -124,3 +125,15 @@ def tiny_hf_llama(directory: Path):
             p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.1)
     hf.eval().save_pretrained(directory)
     return hf
+
+
+def cuda_lowering(jitted, *args, **static) -> str:
+    """The StableHLO text of `jitted(*args, **static)` lowered for CUDA on this GPU-less host: traced on abstract
+    copies of the arguments inside an abstract mesh of one H100, since jax 0.12 (Python 3.12's wheels) lowers a
+    Pallas Triton kernel only for a GPU it knows (jax 0.10 lowers it for any)."""
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype") else jnp.result_type(a))
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=gpu)
+    with jax.sharding.use_abstract_mesh(mesh):
+        traced = jitted.trace(*jax.tree.map(spec, args), **static)
+        return traced.lower(lowering_platforms=("cuda",)).as_text()

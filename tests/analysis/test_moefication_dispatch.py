@@ -18,6 +18,7 @@ from configurable_fm.models import extension_specs
 from configurable_fm.models.generation import generate
 from configurable_fm.models.layers import activation
 from tests.analysis.tiny import GPT2, random_model
+from tests.helpers import cuda_lowering
 
 LLAMA = dict(family="llama", vocab_size=64, hidden_size=32, intermediate_size=128, num_layers=2, num_heads=4,
              num_kv_heads=2, max_position_embeddings=64)
@@ -239,10 +240,9 @@ def test_kernels_lower_to_triton_for_cuda():
         h = expert_hidden_kernel(idx, x, gate, up, act=activation("silu"), interpret=False)
         return expert_combine_kernel(idx, w, h, down, interpret=False)
 
-    lowered = jax.jit(ffn).trace(spec((q,), jnp.int32), spec((q, 16), jnp.float32), spec((16, d), bf),
-                                 spec((e, d, m), bf), spec((e, d, m), bf), spec((e, m, d), bf)).lower(
-        lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 2
+    text = cuda_lowering(jax.jit(ffn), spec((q,), jnp.int32), spec((q, 16), jnp.float32), spec((16, d), bf),
+                         spec((e, d, m), bf), spec((e, d, m), bf), spec((e, m, d), bf))
+    assert text.count("__gpu$xla.gpu.triton") == 2
 
 
 @pytest.mark.parametrize("matvec", [1, 0])
@@ -259,9 +259,9 @@ def test_one_token_kernels_lower_to_triton_for_cuda(matvec):
         gate_part, up_part = decode_partials_kernel(idx, x, gate, up, options=options)
         return decode_out_kernel(idx, gate_part, up_part, down, act=activation("silu"), dtype=bf, options=options)
 
-    lowered = jax.jit(ffn).trace(spec((d, e), bf), spec((1, d), bf), spec((e, d, m), bf), spec((e, d, m), bf),
-                                 spec((e, m, d), bf)).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+    text = cuda_lowering(jax.jit(ffn), spec((d, e), bf), spec((1, d), bf), spec((e, d, m), bf), spec((e, d, m), bf),
+                         spec((e, m, d), bf))
+    assert text.count("__gpu$xla.gpu.triton") == 3
 
 
 def test_a_decode_step_lowers_to_triton_for_cuda(moes):
@@ -274,7 +274,6 @@ def test_a_decode_step_lowers_to_triton_for_cuda(moes):
         model = nnx.merge(graphdef, state)
         return model(tok_Bx1, cache=model.init_cache(1, 8))[0]
 
-    lowered = jax.jit(step).trace(state, jnp.zeros((1, 1), jnp.int32)).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
+    text = cuda_lowering(jax.jit(step), state, jnp.zeros((1, 1), jnp.int32))
     assert text.count("__gpu$xla.gpu.triton") == 3 * LLAMA["num_layers"]  # route, partials, out
     assert "top_k" not in text.lower()  # the routing is route_kernel's (centroid router, 4 routed experts)

@@ -9,7 +9,7 @@ import pytest
 from configurable_fm.models.generation import Generator, _generate
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.one_token import OneTokenMatmuls, matmul, one_token_matmul, one_token_matmuls
-from tests.helpers import random_llama
+from tests.helpers import cuda_lowering, random_llama
 
 ANY = OneTokenMatmuls(min_elements=0, interpret=True)  # every one-row product, interpreted
 
@@ -58,11 +58,11 @@ def test_generator_with_one_token_kernels_gives_the_same_tokens():
     gen = Generator(model, one_token=ANY._replace(interpret=False))  # Triton, lowered for CUDA on this host
     args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
             jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
-    lowered = _generate.trace(*args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0,
-                              fuse=gen.fuse, one_token=gen.one_token).lower(lowering_platforms=("cuda",))
+    text = cuda_lowering(_generate, *args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0,
+                         fuse=gen.fuse, one_token=gen.one_token)
     # in the decode loop: q/k/v (fused), o, gate/up (fused) and down of each layer, and the LM head (64 x 32, in
     # range here); the prefill has 5 rows (jnp.dot)
-    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 4 * cfg.num_layers + 1
+    assert text.count("__gpu$xla.gpu.triton") == 4 * cfg.num_layers + 1
 
 
 def test_one_token_matmul_of_several_kernels_equals_the_product_of_their_concatenation():

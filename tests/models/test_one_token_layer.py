@@ -15,7 +15,7 @@ from configurable_fm.models import one_token_layer
 from configurable_fm.models.generation import Generator, _generate
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
-from tests.helpers import random_llama
+from tests.helpers import cuda_lowering, random_llama
 
 LAYERS = OneTokenMatmuls(layers=True, interpret=True, out=16, width=16, keys=4)  # several splits and cache blocks
 BASE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -74,8 +74,8 @@ def test_generator_gives_the_same_tokens_and_the_kernels_lower_for_cuda(model):
     gen = Generator(model, one_token=LAYERS._replace(interpret=False))  # Triton, lowered for CUDA on this host
     args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
             jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
-    text = _generate.trace(*args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0, fuse=gen.fuse,
-                           one_token=gen.one_token, window=0).lower(lowering_platforms=("cuda",)).as_text()
+    text = cuda_lowering(_generate, *args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0,
+                         fuse=gen.fuse, one_token=gen.one_token, window=0)
     # norm + q/k/v, attention, o, norm + gate/up, SwiGLU + down per layer of the decode loop (the 64 x 64 LM head is
     # below min_elements; the prefill has 5 rows)
     assert text.count("__gpu$xla.gpu.triton") == 5 * BASE["num_layers"]
