@@ -51,7 +51,8 @@ class OneTokenMatmuls(NamedTuple):
     num_warps: int = 4
     layers: bool = False  # llama decoder layers as models/one_token_layer.py's seven kernels (norms, RoPE, the
     # cache write, attention and SwiGLU in the products' prologues)
-    keys: int = 64  # cache slots per block of that attention kernel (rounded down to a power of two)
+    keys: int = 128  # cache slots per block of that attention kernel (a power of two at most; 64: 0.821 against
+    # 0.789 ms per step at 135M on an H100, BENCHMARKS.md)
     interpret: Optional[bool] = None
 
 

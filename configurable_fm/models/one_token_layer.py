@@ -45,7 +45,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, partials, power_of_two_tile, tiles, whole
+from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, partials, tiles, whole
 
 NEG = -1e30  # the running maximum before any slot: finite, so exp(m - m_new) is never exp(nan)
 ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
@@ -58,28 +58,57 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def cover(n: int) -> list[tuple[int, int]]:
+    """[(start, keep_from)]: blocks of c = the largest power of two <= n starting at `start` that cover 0..n-1, at
+    most two (the second ends at n, so no load leaves the array); a block's rows below keep_from are counted by
+    the block before it and are masked out."""
+    c = 1 << (n.bit_length() - 1)
+    return [(0, 0)] if c == n else [(0, 0), (n - c, c)]
+
+
+def sum_rows(ref, cols, n: int):
+    """sum_{s < n} ref[s, cols] in float32, in at most two (c, width) loads (`cover`)."""
+    from jax.experimental import pallas as pl
+    c = 1 << (n.bit_length() - 1)
+    total = None
+    for start, keep in cover(n):
+        block = ref[pl.ds(start, c), cols].astype(jnp.float32)
+        if keep:
+            rows = start + jax.lax.broadcasted_iota(jnp.int32, block.shape, 0)
+            block = jnp.where(rows >= keep, block, 0.0)
+        part = jnp.sum(block, axis=0)
+        total = part if total is None else total + part
+    return total
+
+
 def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: str,
          options: OneTokenMatmuls) -> bool:
-    """Whether the layer's shapes suit the kernels: half a head a power of two, every product's tiles >= MIN_TILE
-    (one_token.tiles), an activation the kernel can run."""
+    """Whether the layer's shapes suit the kernels: half a head a power of two, an activation the kernel can run,
+    every product's tiles >= MIN_TILE (one_token.tiles) and its kernel below options.max_elements (XLA's bound
+    for reducing a one-row dot; above it XLA's GEMM reads the weights faster than the split-K kernel with its
+    prologue: the 1B shape's gate/up 41 us against 24 us on an H100, BENCHMARKS.md)."""
     products = [(hidden, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]), (heads * head_dim, [hidden]),
                 (hidden, [ffn, ffn]), (ffn, [hidden])]
     return (act in ACTIVATIONS and head_dim % 2 == 0 and is_power_of_two(head_dim // 2)
-            and all(min(tiles(d, widths, options)) >= MIN_TILE for d, widths in products))
+            and all(min(tiles(d, widths, options)) >= MIN_TILE and d * sum(widths) < options.max_elements
+                    for d, widths in products))
 
 
-def rms_norm_load(eps: float, chunk: int, dtype):
+def rms_norm_load(eps: float, dtype):
     """A `partials` load: chunk [start, start + size) of RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w in float32,
     cast to x's dtype (layers.RMSNorm) and then to the compute dtype (layers.Linear); inputs x (1, D), w (D,). Each
-    program sums x^2 over the whole row itself (D / chunk loads of `chunk`)."""
+    program sums x^2 over the whole row itself, in at most two loads (`cover`)."""
     from jax.experimental import pallas as pl
 
     def load(in_refs, start, size):
         x_ref, w_ref = in_refs
         d = x_ref.shape[1]
+        c = 1 << (d.bit_length() - 1)
         sum_sq = jnp.float32(0)
-        for c in range(d // chunk):
-            xc = x_ref[0, pl.ds(c * chunk, chunk)].astype(jnp.float32)
+        for begin, keep in cover(d):
+            xc = x_ref[0, pl.ds(begin, c)].astype(jnp.float32)
+            if keep:
+                xc = jnp.where(begin + jax.lax.broadcasted_iota(jnp.int32, (c,), 0) >= keep, xc, 0.0)
             sum_sq = sum_sq + jnp.sum(xc * xc)
         y = x_ref[0, pl.ds(start, size)].astype(jnp.float32) * jax.lax.rsqrt(sum_sq / d + eps)
         return (y * w_ref[pl.ds(start, size)].astype(jnp.float32)).astype(x_ref.dtype).astype(dtype)
@@ -97,10 +126,7 @@ def swiglu_load(act: str, ffn: int, dtype, bias: bool):
         p_ref = in_refs[0]
 
         def column(offset, b):
-            y = p_ref[0, pl.ds(offset + start, size)]
-            for s in range(1, p_ref.shape[0]):
-                y = y + p_ref[s, pl.ds(offset + start, size)]
-            y = y.astype(dtype)
+            y = sum_rows(p_ref, pl.ds(offset + start, size), p_ref.shape[0]).astype(dtype)
             if bias:
                 y = y + in_refs[b][pl.ds(start, size)].astype(dtype)
             return y.astype(jnp.float32)
@@ -112,7 +138,6 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
                       head_dim: int, keys: int, dtype, bias: bool):
     """Program n (a query head): module docstring. slots = [RoPE position, cache slot of the new token]."""
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pltriton
     bias_ref = refs[0] if bias else None
     out_ref, k_out_ref, v_out_ref = refs[-3:]
     n = pl.program_id(0)
@@ -124,10 +149,7 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
     position, index = slots_ref[0], slots_ref[1]
 
     def column(start):  # columns [start, start + half) of sum_s P1[s] in the compute dtype (+ bias), as float32
-        y = p_ref[0, pl.ds(start, half)]
-        for s in range(1, p_ref.shape[0]):
-            y = y + p_ref[s, pl.ds(start, half)]
-        y = y.astype(dtype)
+        y = sum_rows(p_ref, pl.ds(start, half), p_ref.shape[0]).astype(dtype)
         if bias:
             y = y + bias_ref[pl.ds(start, half)].astype(dtype)
         return y.astype(jnp.float32)
@@ -158,17 +180,16 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
     total = jnp.where(ok, jnp.float32(1), jnp.float32(0))
     acc = [jnp.where(ok, v, jnp.zeros_like(v)) for v in v_new]
 
-    def block(j, carry):
+    def block(j, carry):  # slots [j keys, (j + 1) keys), read as the block ending at max_len if it would pass it
         m, total, acc = carry
-        slots = j * keys + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
-        inside = slots < max_len
-        rows = pl.ds(j * keys, keys)
-        seen = pltriton.load(mask_ref.at[rows], mask=inside, other=0)
-        use = inside & (seen != 0) & (slots != index)
+        first = j * keys
+        start = jnp.minimum(first, max_len - keys)
+        slots = start + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
+        rows = pl.ds(start, keys)
+        use = (slots >= first) & (mask_ref[rows] != 0) & (slots != index)
 
         def read(ref, i):
-            return pltriton.load(ref.at[jnp.int32(0), rows, kv, pl.ds(i * half, half)], mask=inside[:, None],
-                                 other=0).astype(dtype).astype(jnp.float32)
+            return ref[0, rows, kv, pl.ds(i * half, half)].astype(dtype).astype(jnp.float32)
         k_blk = [read(k_ref, i) for i in range(2)]
         scores = (jnp.sum(k_blk[0] * q[0][None, :], axis=1) + jnp.sum(k_blk[1] * q[1][None, :], axis=1)) * scale
         scores = jnp.where(use, scores, NEG)
@@ -197,7 +218,8 @@ def attention(p1, bias, inv_freq, position, index, mask_S, k_cache, v_cache, *, 
     out_shape = [jax.ShapeDtypeStruct((1, heads * head_dim), dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     kernel = functools.partial(_attention_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                               keys=1 << (options.keys.bit_length() - 1), dtype=dtype, bias=bias is not None)
+                               keys=1 << (min(options.keys, mask_S.shape[0]).bit_length() - 1), dtype=dtype,
+                               bias=bias is not None)
     return pl.pallas_call(
         kernel, grid=(heads,), in_specs=[whole(a) for a in inputs],
         out_shape=out_shape, out_specs=[whole(o) for o in out_shape],
@@ -215,9 +237,8 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
     d = x_1x1xD.shape[-1]
     x = x_1x1xD.reshape(1, d)
     cast = lambda *names: [w[n].astype(dtype) for n in names]
-    chunk = power_of_two_tile(d, options.width)
     p1 = partials([x, w["ln_1"]], cast("q", "k", "v"), options=options, interpret=interpret,
-                  load=rms_norm_load(eps_1, chunk, dtype), name="one_token_norm_qkv")
+                  load=rms_norm_load(eps_1, dtype), name="one_token_norm_qkv")
     qkv_bias = jnp.concatenate(cast("q_bias", "k_bias", "v_bias")) if "q_bias" in w else None
     a, k_cache, v_cache = attention(p1, qkv_bias, inv_freq, position, index, mask_S, k_cache, v_cache, heads=heads,
                                     kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, options=options,
@@ -229,7 +250,7 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
 
     x = x + total(partials([a], cast("o"), options=options, interpret=interpret, name="one_token_o"), "o_bias")
     p3 = partials([x, w["ln_2"]], cast("gate", "up"), options=options, interpret=interpret,
-                  load=rms_norm_load(eps_2, chunk, dtype), name="one_token_norm_gate_up")
+                  load=rms_norm_load(eps_2, dtype), name="one_token_norm_gate_up")
     ffn = w["gate"].shape[1]
     swiglu_inputs = [p3] + (cast("gate_bias", "up_bias") if "gate_bias" in w else [])
     p4 = partials(swiglu_inputs, cast("down"), options=options, interpret=interpret,

@@ -17,16 +17,18 @@ from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
 from tests.helpers import cuda_lowering, random_llama
 
-LAYERS = OneTokenMatmuls(layers=True, interpret=True, out=16, width=16, keys=4)  # several splits and cache blocks
-BASE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+# 3 splits of D = 48 (the partial sums' and the norm's second, overlapping block), 6 of F, cache blocks of 4 slots
+LAYERS = OneTokenMatmuls(layers=True, interpret=True, out=16, width=16, keys=4)
+BASE = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=32, max_position_embeddings=64)
 
 
 def step(model, mask_BxT, options=None):
-    """Logits and cache of one decode step after a prefill of a 5-slot prompt (mask: its padding) into 11 slots."""
+    """Logits and cache of one decode step after a prefill of a 5-slot prompt (mask: its padding) into 7 slots (the
+    second block of 4 cache slots read as slots 3-6)."""
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 64, (1, 5)), jnp.int32)
     positions = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
-    logits, cache = model(ids, attention_mask=mask_BxT, positions=positions, cache=model.init_cache(1, 11))
+    logits, cache = model(ids, attention_mask=mask_BxT, positions=positions, cache=model.init_cache(1, 7))
     tok = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
     pos = positions[:, -1:] + 1
     if options is None:
@@ -106,7 +108,8 @@ def test_taken_only_where_the_module_is_plain(model):
 
 def test_fits_names_the_shapes_the_kernels_take():
     assert one_token_layer.fits(576, 9, 3, 64, 1536, "silu", OneTokenMatmuls())  # SmolLM2-135M
-    assert one_token_layer.fits(2048, 32, 8, 64, 8192, "silu", OneTokenMatmuls())  # the 1B shape
+    assert not one_token_layer.fits(2048, 32, 8, 64, 8192, "silu", OneTokenMatmuls())  # 1B: gate/up above 10M
+    assert one_token_layer.fits(2048, 32, 8, 64, 8192, "silu", OneTokenMatmuls(max_elements=1 << 26))
     assert not one_token_layer.fits(576, 9, 3, 48, 1536, "silu", OneTokenMatmuls())  # half a head: 24
     assert not one_token_layer.fits(576, 9, 3, 64, 1536, "gelu", OneTokenMatmuls())  # erf: no Triton lowering here
     assert not one_token_layer.fits(72, 1, 1, 72, 96, "silu", OneTokenMatmuls())  # 72 rows: chunks of 8
