@@ -3,19 +3,20 @@ modules' decode step, for the bench's shapes with random bf16 weights (scripts/b
 largest |logit difference| of one step after a 64-token prefill relative to the largest |logit|, and the greedy
 tokens of 64 new ones (how many of them agree, from the start). bf16 rounding makes exact agreement unlikely far
 into a generation; the first step's logits are the check.
-    python3 benchmarks/one_token_layer_2026-12-06/check.py [135m,1b]"""
+    python3 benchmarks/one_token_layer_2026-12-06/check.py [135m]"""
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from configurable_fm.models.factory import build_model
 from configurable_fm.models.generation import Generator
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
 from experiments.shapes import SHAPES
 
-for shape in (sys.argv[1] if len(sys.argv) > 1 else "135m,1b").split(","):
+for shape in (sys.argv[1] if len(sys.argv) > 1 else "135m").split(","):
     spec = dict(SHAPES[shape], family="llama", tie_word_embeddings=True, max_position_embeddings=2048)
     model = build_model(spec, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, spec["vocab_size"], (1, 64)), jnp.int32)
@@ -23,11 +24,13 @@ for shape in (sys.argv[1] if len(sys.argv) > 1 else "135m,1b").split(","):
     tok = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
     pos = jnp.full((1, 1), 64, jnp.int32)
 
+    graphdef, state = nnx.split(model)
+
     def step(layers):
-        def run(tok, cache):
+        def run(state, tok, cache):  # the weights as arguments, not constants of the program
             with one_token_matmuls(enabled=layers, options=OneTokenMatmuls(layers=True)):
-                return model(tok, positions=pos, cache=cache)[0]
-        return np.asarray(jax.jit(run)(tok, cache), np.float32)
+                return nnx.merge(graphdef, state)(tok, positions=pos, cache=cache)[0]
+        return np.asarray(jax.jit(run)(state, tok, cache), np.float32)
     want, got = step(False), step(True)
     rel = np.abs(got - want).max() / np.abs(want).max()
     a = np.asarray(Generator(model, one_token=False)(np.asarray(ids), max_new_tokens=64))[0, 64:]
