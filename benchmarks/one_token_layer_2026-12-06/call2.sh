@@ -1,11 +1,9 @@
-# Second call (carry .gpu/whl, .gpu/anchors): the layers after the first call's changes. The check at 135M, batch-1
-# decode at 135M with the one-token products alone and with the layers (cache blocks of 128 and 256 slots), each
-# profiled, then the layers against transformers + static cache + torch.compile in the same process.
+# Second call (carry .gpu/whl, .gpu/anchors): the layers after the first call's changes. The check at 135M, then
+# batch-1 decode at 135M with the one-token products alone (the shipped default) and with the layers, each
+# profiled, and transformers + static cache + torch.compile after them in the same process.
 source benchmarks/pending_gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 D=benchmarks/one_token_layer_2026-12-06
-timeout 80 python3 $D/check.py 135m > $OUT/check.log 2>&1; el check $?; grep "greedy" $OUT/check.log
-timeout 110 python3 scripts/bench_generate.py --shape 135m --batch 1 --repeats 3 --one_token 1,layers=1,layers=1/keys=256 --profile /tmp/pl --out $OUT/layers.jsonl > $OUT/layers.log 2>&1; el layers $?
+timeout 70 python3 $D/check.py 135m > $OUT/check.log 2>&1; el check $?; grep "greedy" $OUT/check.log
+timeout 200 python3 scripts/bench_generate.py --shape 135m --batch 1 --repeats 3 --one_token 1,layers=1 --profile /tmp/pl --anchor .gpu/anchors/hf_generate.py --anchor_modes static --out $OUT/layers.jsonl > $OUT/layers.log 2>&1; el layers $?
 python3 benchmarks/one_token_h100_2026-12-05/summary.py $OUT/layers.jsonl; grep -i "error" $OUT/layers.log | tail -3 | cut -c1-300
-timeout 130 python3 scripts/bench_generate.py --shape 135m --batch 1 --repeats 3 --one_token layers=1 --anchor .gpu/anchors/hf_generate.py --anchor_modes static --out $OUT/anchor.jsonl > $OUT/anchor.log 2>&1; el anchor $?
-python3 benchmarks/one_token_h100_2026-12-05/summary.py $OUT/anchor.jsonl
