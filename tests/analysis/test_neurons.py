@@ -99,8 +99,10 @@ def test_streamed_equals_one_big_batch_and_unpadded_rows(llama, llama_stats):
     pb = padded_batches()
     big = {k: np.concatenate([b[k] for b in pb]) for k in pb[0]}
     one = activation_stats(llama, [big], threshold=THRESHOLD, coactivation=True)
-    for name in ("mean_abs", "mean", "mean_square"):
-        np.testing.assert_allclose(getattr(one, name), getattr(llama_stats, name), rtol=1e-5, atol=1e-9)
+    for name in ("mean_abs", "mean", "mean_square"):  # float32 sums in another order: the signed mean cancels, so
+        # its error is relative to the mean magnitude (jax 0.12: 1.5e-5 of a 3.5e-4 mean among |h| ~ 2e-2)
+        np.testing.assert_allclose(getattr(one, name), getattr(llama_stats, name), rtol=1e-5,
+                                   atol=1e-6 * llama_stats.mean_abs.max())
     for name in ("active", "histogram", "coactivation"):
         np.testing.assert_array_equal(getattr(one, name), getattr(llama_stats, name))
     assert one.tokens == llama_stats.tokens and one.points == llama_stats.points
