@@ -16,12 +16,12 @@ over the cache windows T + 128, T + 256, ... (each step reads the slots below it
 --one_token 0,1 runs each shape and batch without and with `Generator(model, one_token=True)` (the default, 1)
 (models/one_token.py: split-K Pallas kernels, on a GPU, for the one-row products that XLA would run as reduction
 kernels), in that order, in one run; an item FIELD=VALUE[/FIELD=VALUE] runs it with those `OneTokenMatmuls`
-fields (e.g. `min_elements=262144/out=32`).
+fields (e.g. `min_elements=262144/out=32`; `layers=0`: the products alone, without models/one_token_layer.py).
 
 Besides the whole call, each row reports the decode step alone, `step_ms = (t(N new) - t(1 new)) / (N - 1)`,
 and its memory bound: each step must read every weight once and, per layer, the keys and values of the slots
-attention reads (the whole cache: T + N slots), `bound_ms = bytes / bandwidth`, with the bandwidth of a device-to-device copy measured in the same run
-(`hbm_gb_s`). `x_bound = step_ms / bound_ms` is how far a step is from that bound.
+attention reads (the whole cache: T + N slots), `bound_ms = bytes / bandwidth`, with the bandwidth of a
+device-to-device copy measured in the same run (`hbm_gb_s`). `x_bound = step_ms / bound_ms` is how far a step is from that bound.
 
 --profile DIR traces one whole call with jax.profiler and prints the device kernels of the decode loop: kernels
 per step, their total time against the step's wall time (the rest is launch gaps), and the top kernels.

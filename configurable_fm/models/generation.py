@@ -28,9 +28,10 @@ keep the projections apart. Such a model is also traced inside `models.one_token
 and o projections at the 1B shape, every projection at 135M) run as split-K Pallas kernels instead of XLA's
 reduction kernels: the 1B shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms
 (BENCHMARKS.md, "One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
-`Generator(model, one_token=OneTokenMatmuls(layers=True))` also runs each plain llama decoder layer of a batch-1
-step as seven kernels instead of ~14 (models/one_token_layer.py: norms, RoPE, the cache write, attention and SwiGLU
-in the products' prologues); off by default until measured on a GPU.
+With them (`OneTokenMatmuls.layers`, on by default) each plain llama decoder layer of a batch-1 step whose
+kernels are below XLA's 10M-element bound runs as seven kernels instead of ~14 (models/one_token_layer.py: norms,
+RoPE, the cache write, attention and SwiGLU in the products' prologues): the 135M shape's step 0.866 -> 0.794 ms
+on an H200 (BENCHMARKS.md, "One-token decoder layers"); `OneTokenMatmuls(layers=False)` keeps the products alone.
 Cache windows (`Generator(model, cache_window=w)`, default 512): a step's attention need not read the slots not
 yet written, so the decode loop runs as one loop per window of the cache, over its first T + w, T + 2w, T + 4w,
 ... slots and finally all of it (`attention.cache_prefix` / `put_prefix`); each step attends over its window only.
