@@ -39,8 +39,8 @@ split-K gate/up product with its norm prologue took 41 us against XLA's GEMM's 2
 Taken (models/llama.py, `LlamaDecoderLayer`) inside `one_token_matmuls(options)` with `options.layers` set (the
 default; models.generation.Generator enters it for a model on one device), for a
 plain layer (exact module types: Linear projections, RMSNorm, LlamaMLP; no tap context), one token, a KVCache,
-one compute dtype, half a head a power of two and tiles of MIN_TILE at least (`fits`); on a GPU, or interpreted
-when options.interpret is True.
+one compute dtype, half a head a power of two, tiles of MIN_TILE at least and every kernel below
+options.max_elements (`fits`); on a GPU, or interpreted when options.interpret is True.
 """
 from __future__ import annotations
 
@@ -50,13 +50,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from configurable_fm.models.layers import activation
 from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, partials, tiles, whole
 
 NEG = -1e30  # the running maximum before any slot: finite, so exp(m - m_new) is never exp(nan)
-ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "relu": jax.nn.relu,
-               "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-               "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-               "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True)}  # those with a Triton lowering
+# layers.ACTIVATIONS that lower to Triton here (exact gelu's erf does not)
+TRITON_ACTIVATIONS = ("silu", "swish", "relu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 def is_power_of_two(n: int) -> bool:
@@ -94,7 +93,7 @@ def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: s
     prologue: the 1B shape's gate/up 41 us against 24 us on an H100, BENCHMARKS.md)."""
     products = [(hidden, [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]), (heads * head_dim, [hidden]),
                 (hidden, [ffn, ffn]), (ffn, [hidden])]
-    return (act in ACTIVATIONS and head_dim % 2 == 0 and is_power_of_two(head_dim // 2)
+    return (act in TRITON_ACTIVATIONS and head_dim % 2 == 0 and is_power_of_two(head_dim // 2)
             and all(min(tiles(d, widths, options)) >= MIN_TILE and d * sum(widths) < options.max_elements
                     for d, widths in products))
 
@@ -125,7 +124,7 @@ def swiglu_load(act: str, ffn: int, dtype, bias: bool):
     (+ b_up) each cast to the compute dtype (layers.fused_linears), act and product in float32, h cast to the compute
     dtype; inputs P (S, 2F) float32 [, b_gate (F,), b_up (F,)]."""
     from jax.experimental import pallas as pl
-    fn = ACTIVATIONS[act]
+    fn = activation(act)
 
     def load(in_refs, start, size):
         p_ref = in_refs[0]
