@@ -62,27 +62,28 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def cover(n: int) -> list[tuple[int, int]]:
-    """[(start, keep_from)]: blocks of c = the largest power of two <= n starting at `start` that cover 0..n-1, at
-    most two (the second ends at n, so no load leaves the array); a block's rows below keep_from are counted by
-    the block before it and are masked out."""
-    c = 1 << (n.bit_length() - 1)
-    return [(0, 0)] if c == n else [(0, 0), (n - c, c)]
+def largest_power_of_two(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
+
+
+def covering_blocks(load, n: int):
+    """[block, ...]: load(start, c) for the blocks of c = largest_power_of_two(n) rows that cover rows 0..n-1, at
+    most two (the second ends at n, so no load leaves the array), as float32 with the second block's rows that the
+    first holds already set to 0."""
+    c = largest_power_of_two(n)
+    blocks = [load(0, c).astype(jnp.float32)]
+    if c < n:  # the block [n - c, n): its rows below c are the first block's
+        tail = load(n - c, c).astype(jnp.float32)
+        rows = n - c + jax.lax.broadcasted_iota(jnp.int32, tail.shape, 0)
+        blocks.append(jnp.where(rows >= c, tail, 0.0))
+    return blocks
 
 
 def sum_rows(ref, cols, n: int):
-    """sum_{s < n} ref[s, cols] in float32, in at most two (c, width) loads (`cover`)."""
+    """sum_{s < n} ref[s, cols] in float32, in at most two (c, width) loads (`covering_blocks`)."""
     from jax.experimental import pallas as pl
-    c = 1 << (n.bit_length() - 1)
-    total = None
-    for start, keep in cover(n):
-        block = ref[pl.ds(start, c), cols].astype(jnp.float32)
-        if keep:
-            rows = start + jax.lax.broadcasted_iota(jnp.int32, block.shape, 0)
-            block = jnp.where(rows >= keep, block, 0.0)
-        part = jnp.sum(block, axis=0)
-        total = part if total is None else total + part
-    return total
+    return sum(jnp.sum(b, axis=0) for b in covering_blocks(lambda start, c: ref[pl.ds(start, c), cols], n))
 
 
 def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: str,
@@ -101,19 +102,13 @@ def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: s
 def rms_norm_load(eps: float, dtype):
     """A `partials` load: chunk [start, start + size) of RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w in float32,
     cast to x's dtype (layers.RMSNorm) and then to the compute dtype (layers.Linear); inputs x (1, D), w (D,). Each
-    program sums x^2 over the whole row itself, in at most two loads (`cover`)."""
+    program sums x^2 over the whole row itself, in at most two loads (`covering_blocks`)."""
     from jax.experimental import pallas as pl
 
     def load(in_refs, start, size):
         x_ref, w_ref = in_refs
         d = x_ref.shape[1]
-        c = 1 << (d.bit_length() - 1)
-        sum_sq = jnp.float32(0)
-        for begin, keep in cover(d):
-            xc = x_ref[0, pl.ds(begin, c)].astype(jnp.float32)
-            if keep:
-                xc = jnp.where(begin + jax.lax.broadcasted_iota(jnp.int32, (c,), 0) >= keep, xc, 0.0)
-            sum_sq = sum_sq + jnp.sum(xc * xc)
+        sum_sq = sum(jnp.sum(b * b) for b in covering_blocks(lambda start, c: x_ref[0, pl.ds(start, c)], d))
         y = x_ref[0, pl.ds(start, size)].astype(jnp.float32) * jax.lax.rsqrt(sum_sq / d + eps)
         return (y * w_ref[pl.ds(start, size)].astype(jnp.float32)).astype(x_ref.dtype).astype(dtype)
     return load
@@ -222,7 +217,7 @@ def attention(p1, bias, inv_freq, position, index, mask_S, k_cache, v_cache, *, 
     out_shape = [jax.ShapeDtypeStruct((1, heads * head_dim), dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
     kernel = functools.partial(_attention_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                               keys=1 << (min(options.keys, mask_S.shape[0]).bit_length() - 1), dtype=dtype,
+                               keys=largest_power_of_two(min(options.keys, mask_S.shape[0])), dtype=dtype,
                                bias=bias is not None)
     return pl.pallas_call(
         kernel, grid=(heads,), in_specs=[whole(a) for a in inputs],

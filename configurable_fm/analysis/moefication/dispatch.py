@@ -83,7 +83,7 @@ from jax.experimental import pallas as pl
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.moe import expert_weight
-from configurable_fm.models.one_token import power_of_two_tile, rowvec
+from configurable_fm.models.one_token import power_of_two_tile, rowvec, whole
 from configurable_fm.models.taps import active as taps_active, tap
 
 MODES = ("masked", "gather", "pallas")
@@ -330,11 +330,6 @@ def _combine_kernel(idx_ref, w_ref, h_ref, down_ref, out_ref, *, bk: int):
     out_ref[0] = jax.lax.fori_loop(0, h_ref.shape[2] // bk, body, jnp.zeros((bn, bo), jnp.float32))
 
 
-def _whole(a):
-    """A BlockSpec whose block is the whole array (read by dynamic indexing inside the kernel)."""
-    return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
-
-
 def _compiler_params(options: PallasOptions, interpret: bool):
     if interpret:
         return None
@@ -359,7 +354,7 @@ def expert_hidden_kernel(idx_Q, x_NxD, gate_ExDxM, up_ExDxM, gate_bias_ExM=None,
     kernel = functools.partial(_hidden_kernel, act=act, gated=gated, biased=biased, bm=bm, bd=bd)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((q, n, m), x_NxD.dtype), grid=(q, m // bm, n // bn),
-        in_specs=[_whole(a) for a in ins], out_specs=pl.BlockSpec((1, bn, bm), lambda qq, j, t: (qq, t, j)),
+        in_specs=[whole(a) for a in ins], out_specs=pl.BlockSpec((1, bn, bm), lambda qq, j, t: (qq, t, j)),
         interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_expert_hidden")(*ins)
 
 
@@ -375,7 +370,7 @@ def expert_combine_kernel(idx_Q, w_QxN, h_QxNxM, down_ExMxD, *, options: PallasO
     bk = _block(m, options.inner, "the expert width m", least)
     return pl.pallas_call(
         functools.partial(_combine_kernel, bk=bk), out_shape=jax.ShapeDtypeStruct((q, n, d), jnp.float32),
-        grid=(q, d // bo, n // bn), in_specs=[_whole(a) for a in (idx_Q, w_QxN, h_QxNxM, down_ExMxD)],
+        grid=(q, d // bo, n // bn), in_specs=[whole(a) for a in (idx_Q, w_QxN, h_QxNxM, down_ExMxD)],
         out_specs=pl.BlockSpec((1, bn, bo), lambda qq, o, t: (qq, t, o)),
         interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_expert_combine")(
         idx_Q, w_QxN, h_QxNxM, down_ExMxD)
@@ -479,7 +474,7 @@ def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, slots: Optiona
     spec = pl.BlockSpec((1, 1, bm), lambda qq, j, s: (qq, s, j))
     outs = pl.pallas_call(
         functools.partial(_decode_partial_kernel, gated=gated, bm=bm, bd=bd, matvec=bool(options.matvec)),
-        out_shape=(part, part) if gated else (part,), grid=(q, m // bm, d // bd), in_specs=[_whole(a) for a in ins],
+        out_shape=(part, part) if gated else (part,), grid=(q, m // bm, d // bd), in_specs=[whole(a) for a in ins],
         out_specs=(spec, spec) if gated else (spec,), interpret=interpret,
         compiler_params=_compiler_params(options, interpret), name="moe_decode_partials")(*ins)
     return (outs[0], outs[1]) if gated else (None, outs[0])
@@ -501,7 +496,7 @@ def decode_out_kernel(idx_Q, gate_part, up_part, down_ExMxD, gate_bias_ExM=None,
                                matvec=bool(options.matvec), dtype=dtype)
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((q, m // bk, d), jnp.float32), grid=(q, m // bk, d // bo),
-        in_specs=[_whole(a) for a in ins], out_specs=pl.BlockSpec((1, 1, bo), lambda qq, k, o: (qq, k, o)),
+        in_specs=[whole(a) for a in ins], out_specs=pl.BlockSpec((1, 1, bo), lambda qq, k, o: (qq, k, o)),
         interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_out")(*ins)
 
 
@@ -537,7 +532,7 @@ def route_kernel(x_1xD, centroids_DxR, *, shared: int, top_k: int, options: Pall
     return pl.pallas_call(
         functools.partial(_route_kernel, shared=shared, top_k=top_k, bd=bd),
         out_shape=jax.ShapeDtypeStruct((padded,), jnp.int32), grid=(1,),
-        in_specs=[_whole(x_1xD), _whole(centroids_DxR)], out_specs=pl.BlockSpec((padded,), lambda i: (0,)),
+        in_specs=[whole(x_1xD), whole(centroids_DxR)], out_specs=pl.BlockSpec((padded,), lambda i: (0,)),
         interpret=interpret, compiler_params=_compiler_params(options._replace(num_warps=options.route_warps),
                                                                interpret), name="moe_decode_route")(
         x_1xD, centroids_DxR)
