@@ -5,21 +5,26 @@ tokens of 64 new ones (how many of them agree, from the start). bf16 rounding ma
 into a generation; the first step's logits are the check.
     python3 benchmarks/one_token_layer_2026-12-06/check.py [135m]"""
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.models.factory import build_model
 from configurable_fm.models.generation import Generator
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
-from experiments.shapes import SHAPES
 
-for shape in (sys.argv[1] if len(sys.argv) > 1 else "135m").split(","):
-    spec = dict(SHAPES[shape], family="llama", tie_word_embeddings=True, max_position_embeddings=2048)
-    model = build_model(spec, seed=0, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
-    ids = jnp.asarray(np.random.RandomState(0).randint(0, spec["vocab_size"], (1, 64)), jnp.int32)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from bench_generate import SHAPES, build  # noqa: E402  (the bench's models, so the check runs what the bench times)
+
+shapes = (sys.argv[1] if len(sys.argv) > 1 else "135m").split(",")
+unknown = [s for s in shapes if s not in SHAPES]
+if unknown:
+    sys.exit(f"check.py: unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
+for shape in shapes:
+    model = build(shape)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, model.cfg.vocab_size, (1, 64)), jnp.int32)
     logits, cache = model(ids, cache=model.init_cache(1, 80))
     tok = jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)
     pos = jnp.full((1, 1), 64, jnp.int32)
