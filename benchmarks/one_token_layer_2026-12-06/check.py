@@ -3,7 +3,9 @@ modules' decode step, for the bench's shapes with random bf16 weights (scripts/b
 largest |logit difference| of one step after a 64-token prefill relative to the largest |logit|, and the greedy
 tokens of 64 new ones (how many of them agree, from the start). bf16 rounding makes exact agreement unlikely far
 into a generation; the first step's logits are the check.
-    python3 benchmarks/one_token_layer_2026-12-06/check.py [135m]"""
+    python3 benchmarks/one_token_layer_2026-12-06/check.py [135m [OPTIONS]]
+OPTIONS: bench_generate's --one_token form, FIELD=INTEGER[/FIELD=INTEGER] (e.g. o_in_attention=1/residual_in_norm=1);
+the layers are on whatever it says."""
 import sys
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from configurable_fm.models.generation import Generator
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from bench_generate import SHAPES, build  # noqa: E402  (the bench's models, so the check runs what the bench times)
+from bench_generate import SHAPES, build, one_token_option  # noqa: E402  (the bench's models, so the check runs what the bench times)
 
 shapes = (sys.argv[1] if len(sys.argv) > 1 else "135m").split(",")
+options = one_token_option(sys.argv[2]) if len(sys.argv) > 2 else True
+options = (options if isinstance(options, OneTokenMatmuls) else OneTokenMatmuls())._replace(layers=True)
 unknown = [s for s in shapes if s not in SHAPES]
 if unknown:
     sys.exit(f"check.py: unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
@@ -33,14 +37,14 @@ for shape in shapes:
 
     def step(layers):
         def run(state, tok, cache):  # the weights as arguments, not constants of the program
-            with one_token_matmuls(enabled=layers, options=OneTokenMatmuls(layers=True)):
+            with one_token_matmuls(enabled=layers, options=options):
                 return nnx.merge(graphdef, state)(tok, positions=pos, cache=cache)[0]
         return np.asarray(jax.jit(run)(state, tok, cache), np.float32)
     want, got = step(False), step(True)
     rel = np.abs(got - want).max() / np.abs(want).max()
     a = np.asarray(Generator(model, one_token=False)(np.asarray(ids), max_new_tokens=64))[0, 64:]
-    layers = Generator(model, one_token=OneTokenMatmuls(layers=True))
+    layers = Generator(model, one_token=options)
     b = np.asarray(layers(np.asarray(ids), max_new_tokens=64))[0, 64:]
     same = int(np.argmin(a == b)) if (a != b).any() else len(a)
-    print(f"{shape}: step logits max |diff| / max |logit| = {rel:.2e}; greedy tokens equal for the first {same} of "
-          f"{len(a)} ({int((a == b).sum())} in all)", flush=True)
+    print(f"{shape} {sys.argv[2:]}: step logits max |diff| / max |logit| = {rel:.2e}; greedy tokens equal for the "
+          f"first {same} of {len(a)} ({int((a == b).sum())} in all)", flush=True)

@@ -27,14 +27,21 @@ in transformers' rotate-half layout and cast back (attention.apply_rope); the ne
 dtype and written to slot `index` by the first query head of each group (the other heads of the group use the
 values in registers, so no program reads a slot another writes); then softmax(q k^T / sqrt(H) + mask) v over the
 slots 0..index, the cache read in blocks of `keys` slots with an online softmax (float32 running maximum, sum and
-weighted values), the mask the layer's own (models.attention.decoder_mask: valid slots, causality, a sliding
+weighted values; whole blocks at multiples of `keys`, then the block ending at the cache's end for the slots past
+them), the mask the layer's own (models.attention.decoder_mask: valid slots, causality, a sliding
 window). Every operation is the module's up to the order of float32 sums (and bf16 rounding of the softmax weights,
 which XLA's and cuDNN's attention round to the compute dtype before the product with v and this kernel does not):
 tests/models/test_one_token_layer.py compares logits, caches and greedy tokens with the module's forward.
 
 Measured (BENCHMARKS.md, "One-token decoder layers"): the 135M shape's batch-1 step 0.866 -> 0.794 ms on an H200
 (408 -> 233 kernels per step; the attention kernel, 9.5 us per layer, is now the largest); at the 1B shape the
-split-K gate/up product with its norm prologue took 41 us against XLA's GEMM's 24 us, hence `fits`' bound.
+split-K gate/up product with its norm prologue took 41 us against XLA's GEMM's 24 us, hence `fits`' bound. Then
+the cache read in whole blocks at multiples of `keys` (aligned loads; before, the last block was shifted back so
+that no block start was a known multiple) and one static tail block, and partial rows and the norm's row in one
+masked load each (`load_rows`; before, two overlapping power-of-two blocks): 0.757 -> 0.692 ms per step on an H100
+in one call. Folding o_proj into this kernel (split over the heads: 9 programs read W_o, 8.4 -> 22.5 us) or the
+first residual sum into the gate/up prologue (3.9 -> 5.3 us there for a 1.2 us sum saved) was slower or equal,
+and is not kept (BENCHMARKS.md).
 
 Taken (models/llama.py, `LlamaDecoderLayer`) inside `one_token_matmuls(options)` with `options.layers` set (the
 default; models.generation.Generator enters it for a model on one device), for a
@@ -67,23 +74,27 @@ def largest_power_of_two(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
-def covering_blocks(load, n: int):
-    """[block, ...]: load(start, c) for the blocks of c = largest_power_of_two(n) rows that cover rows 0..n-1, at
-    most two (the second ends at n, so no load leaves the array), as float32 with the second block's rows that the
-    first holds already set to 0."""
-    c = largest_power_of_two(n)
-    blocks = [load(0, c).astype(jnp.float32)]
-    if c < n:  # the block [n - c, n): its rows below c are the first block's
-        tail = load(n - c, c).astype(jnp.float32)
-        rows = n - c + jax.lax.broadcasted_iota(jnp.int32, tail.shape, 0)
-        blocks.append(jnp.where(rows >= c, tail, 0.0))
-    return blocks
+def padded(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+def load_rows(ref, n: int, cols=None, lead: tuple = ()):
+    """ref[*lead, 0:n] (a vector) or ref[*lead, 0:n, cols] as float32 padded with zeros to padded(n) rows: one load
+    from row 0 with the rows past n masked (not read; a slice from 0 stays in place in interpret mode too)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    rows = padded(n)
+    index = lead + ((pl.ds(0, rows),) if cols is None else (pl.ds(0, rows), cols))
+    if rows == n:
+        return ref[index].astype(jnp.float32)
+    inside = jax.lax.broadcasted_iota(jnp.int32, (rows,) if cols is None else (rows, 1), 0) < n
+    return pltriton.load(ref.at[index], mask=inside, other=0).astype(jnp.float32)
 
 
 def sum_rows(ref, cols, n: int):
-    """sum_{s < n} ref[s, cols] in float32, in at most two (c, width) loads (`covering_blocks`)."""
-    from jax.experimental import pallas as pl
-    return sum(jnp.sum(b, axis=0) for b in covering_blocks(lambda start, c: ref[pl.ds(start, c), cols], n))
+    """sum_{s < n} ref[s, cols] in float32, in one load (`load_rows`)."""
+    return jnp.sum(load_rows(ref, n, cols), axis=0)
 
 
 def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: str,
@@ -102,13 +113,14 @@ def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: s
 def rms_norm_load(eps: float, dtype):
     """A `partials` load: chunk [start, start + size) of RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w in float32,
     cast to x's dtype (layers.RMSNorm) and then to the compute dtype (layers.Linear); inputs x (1, D), w (D,). Each
-    program sums x^2 over the whole row itself, in at most two loads (`covering_blocks`)."""
+    program sums x^2 over the whole row itself, in one load (`load_rows`)."""
     from jax.experimental import pallas as pl
 
     def load(in_refs, start, size):
         x_ref, w_ref = in_refs
         d = x_ref.shape[1]
-        sum_sq = sum(jnp.sum(b * b) for b in covering_blocks(lambda start, c: x_ref[0, pl.ds(start, c)], d))
+        row = load_rows(x_ref, d, lead=(jnp.int32(0),))  # one load of the whole row
+        sum_sq = jnp.sum(row * row)
         y = x_ref[0, pl.ds(start, size)].astype(jnp.float32) * jax.lax.rsqrt(sum_sq / d + eps)
         return (y * w_ref[pl.ds(start, size)].astype(jnp.float32)).astype(x_ref.dtype).astype(dtype)
     return load
@@ -179,10 +191,8 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
     total = jnp.where(ok, jnp.float32(1), jnp.float32(0))
     acc = [jnp.where(ok, v, jnp.zeros_like(v)) for v in v_new]
 
-    def block(j, carry):  # slots [j keys, (j + 1) keys), read as the block ending at max_len if it would pass it
+    def block(start, first, carry):  # the new slots first.. of the block of `keys` slots at start
         m, total, acc = carry
-        first = j * keys
-        start = jnp.minimum(first, max_len - keys)
         slots = start + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
         rows = pl.ds(start, keys)
         use = (slots >= first) & (mask_ref[rows] != 0) & (slots != index)
@@ -199,7 +209,16 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
         acc = [a * alpha + jnp.sum(p[:, None] * v, axis=0) for a, v in zip(acc, v_blk)]
         return m_new, total * alpha + jnp.sum(p), acc
 
-    m, total, acc = jax.lax.fori_loop(0, index // keys + 1, block, (m, total, acc))
+    # whole blocks at multiples of `keys` (aligned loads) up to the one holding the new slot, then, when the cache
+    # does not divide into blocks and the new slot lies past the last whole one, the block that ends at max_len
+    # (a static start) for the slots after the whole blocks
+    whole_blocks = max_len // keys
+    aligned = lambda j, carry: block(pl.multiple_of(j * keys, keys), j * keys, carry)
+    carry = jax.lax.fori_loop(0, jnp.minimum(index // keys + 1, whole_blocks), aligned, (m, total, acc))
+    if max_len % keys:
+        tail = functools.partial(block, max_len - keys, whole_blocks * keys)
+        carry = jax.lax.cond(index >= whole_blocks * keys, tail, lambda c: c, carry)
+    m, total, acc = carry
     for i in range(2):
         out_ref[0, pl.ds(n * head_dim + i * half, half)] = (acc[i] / total).astype(out_ref.dtype)
 

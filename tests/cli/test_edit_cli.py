@@ -134,6 +134,11 @@ def test_other_editors_through_edit_from_config(world, module):
     c = module.get_config("test")
     c.update(input=str(world["orbax"]), tokenizer=str(world["tok"]), requests=str(world["requests"]), subset="2")
     c.stats.update(corpus=str(world["corpus"]), cache_dir=str(world["root"] / "stats"))
+    if "v_num_grad_steps" in c.hparams:
+        # the test variant's 4 value steps leave RLS's lift to chance on this random model: with the packages of
+        # 2026-12-06 its efficacy magnitude fell (6.77e-5 -> 2.46e-5, as MEMIT's, which one RLS step equals); with
+        # 20 steps it rises to 1.59e-4
+        c.hparams.v_num_grad_steps = 20
     result = edit_from_config(c)
     m = result.metrics
     assert m["n_requests"] == 2 and m["after"]["summary"]["efficacy_score"]["n"] == 2
@@ -143,7 +148,7 @@ def test_other_editors_through_edit_from_config(world, module):
     if module is not alphaedit:
         # AlphaEdit on this random model: the keys are tiny next to its L2 term (the update's norm is ~1e-2) and C
         # has no direction above the null-space threshold (P = I), so the edit barely moves the probabilities,
-        # in either direction (measured: efficacy magnitude 6.768e-5 -> 6.763e-5); its math is tested in
+        # in either direction (measured with 4 value steps: 6.768e-5 -> 6.763e-5); its math is tested in
         # tests/ops/update. The other two lift the target.
         assert (m["after"]["summary"]["efficacy_magnitude"]["mean"]
                 > m["before"]["summary"]["efficacy_magnitude"]["mean"])
