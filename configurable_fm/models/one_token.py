@@ -53,6 +53,8 @@ class OneTokenMatmuls(NamedTuple):
     # the cache write, attention and SwiGLU in the products' prologues): 135M batch 1 0.866 -> 0.794 ms on an H200
     keys: int = 128  # cache slots per block of that attention kernel (a power of two at most; 64: 0.821 against
     # 0.789 ms per step at 135M on an H100, BENCHMARKS.md)
+    split_cache: bool = False  # that attention kernel with one program per head and cache block (flash-decoding),
+    # the o_proj kernel's prologue combining the blocks; not yet measured on a GPU
     interpret: Optional[bool] = None
 
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from configurable_fm.models.layers import activation
-from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, partials, tiles, whole
+from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, load_row, partials, tiles, whole
 
 NEG = -1e30  # the running maximum before any slot: finite, so exp(m - m_new) is never exp(nan)
 # layers.ACTIVATIONS that lower to Triton here (exact gelu's erf does not)
@@ -145,19 +145,41 @@ def swiglu_load(act: str, ffn: int, dtype, bias: bool):
     return load
 
 
+def split_combine_load(dtype):
+    """A `partials` load: chunk of the attention output a = sum_j w_j acc_j / sum_j w_j l_j, w_j = exp(m_j - max m),
+    from the split attention's (acc, m, l) of each cache block, (3, J, N H) float32 (`attention`); cast to the
+    compute dtype. A block past the new slot has m = NEG, l = 0, acc = 0: weight 0."""
+    from jax.experimental import pallas as pl
+
+    def load(in_refs, start, size):
+        s_ref = in_refs[0]
+        blocks = s_ref.shape[1]
+        cols = pl.ds(start, size)
+        acc, m, total = (load_rows(s_ref, blocks, cols, lead=(jnp.int32(k),)) for k in range(3))
+        m = jnp.where(jax.lax.broadcasted_iota(jnp.int32, m.shape, 0) < blocks, m, NEG)  # padded rows: weight 0
+        w = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))
+        return (jnp.sum(w * acc, axis=0) / jnp.sum(w * total, axis=0)).astype(dtype)
+    return load
+
+
 def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *refs, heads: int, kv_heads: int,
-                      head_dim: int, keys: int, dtype, bias: bool):
-    """Program n (a query head): module docstring. slots = [RoPE position, cache slot of the new token]."""
+                      head_dim: int, keys: int, dtype, bias: bool, split: bool):
+    """Program n (a query head): module docstring. slots = [RoPE position, cache slot of the new token]. With
+    `split`, program (n, j) attends over cache block j only (the new token in block 0's program) and writes its
+    unnormalised acc, its running maximum m and sum l (`split_combine_load` combines them)."""
     from jax.experimental import pallas as pl
     bias_ref = refs[0] if bias else None
     out_ref, k_out_ref, v_out_ref = refs[-3:]
     n = pl.program_id(0)
+    j = pl.program_id(1) if split else 0
     group = heads // kv_heads
     kv = n // group
     half = head_dim // 2
     cache_dtype = k_out_ref.dtype
     max_len = mask_ref.shape[0]
+    whole_blocks = max_len // keys
     position, index = slots_ref[0], slots_ref[1]
+    scale = 1.0 / math.sqrt(head_dim)
 
     def column(start):  # columns [start, start + half) of sum_s P1[s] in the compute dtype (+ bias), as float32
         y = sum_rows(p_ref, pl.ds(start, half), p_ref.shape[0]).astype(dtype)
@@ -165,33 +187,32 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
             y = y + bias_ref[pl.ds(start, half)].astype(dtype)
         return y.astype(jnp.float32)
 
-    angles = position.astype(jnp.float32) * inv_freq_ref[...]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-
     def rotated(start):  # attention.apply_rope of one head: x * cos + rotate_half(x) * sin, cast back
+        angles = position.astype(jnp.float32) * inv_freq_ref[...]
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
         x1, x2 = column(start), column(start + half)
         return [(y.astype(dtype)).astype(jnp.float32) for y in (x1 * cos - x2 * sin, x2 * cos + x1 * sin)]
 
-    q = rotated(n * head_dim)
-    k_new = rotated((heads + kv) * head_dim)
-    v_new = [column((heads + kv_heads + kv) * head_dim + i * half) for i in range(2)]
+    def new_token():  # q, and the carry (m, l, acc) of the new token's own slot (empty outside block 0)
+        q = rotated(n * head_dim)
+        k_new = rotated((heads + kv) * head_dim)
+        v_new = [column((heads + kv_heads + kv) * head_dim + i * half) for i in range(2)]
 
-    @pl.when(n % group == 0)
-    def _write():
-        for i in range(2):
-            k_out_ref[0, index, kv, pl.ds(i * half, half)] = k_new[i].astype(dtype).astype(cache_dtype)
-            v_out_ref[0, index, kv, pl.ds(i * half, half)] = v_new[i].astype(dtype).astype(cache_dtype)
+        @pl.when((n % group == 0) & (j == 0))
+        def _write():
+            for i in range(2):
+                k_out_ref[0, index, kv, pl.ds(i * half, half)] = k_new[i].astype(dtype).astype(cache_dtype)
+                v_out_ref[0, index, kv, pl.ds(i * half, half)] = v_new[i].astype(dtype).astype(cache_dtype)
 
-    # what attention reads back from the cache: the compute dtype's values through the cache's dtype
-    k_new = [y.astype(dtype).astype(cache_dtype).astype(dtype).astype(jnp.float32) for y in k_new]
-    v_new = [y.astype(dtype).astype(cache_dtype).astype(dtype).astype(jnp.float32) for y in v_new]
-    scale = 1.0 / math.sqrt(head_dim)
-    ok = mask_ref[index] != 0
-    m = jnp.where(ok, (jnp.sum(q[0] * k_new[0]) + jnp.sum(q[1] * k_new[1])) * scale, NEG)
-    total = jnp.where(ok, jnp.float32(1), jnp.float32(0))
-    acc = [jnp.where(ok, v, jnp.zeros_like(v)) for v in v_new]
+        # what attention reads back from the cache: the compute dtype's values through the cache's dtype
+        k_new = [y.astype(dtype).astype(cache_dtype).astype(dtype).astype(jnp.float32) for y in k_new]
+        v_new = [y.astype(dtype).astype(cache_dtype).astype(dtype).astype(jnp.float32) for y in v_new]
+        ok = (mask_ref[index] != 0) & (j == 0)
+        m = jnp.where(ok, (jnp.sum(q[0] * k_new[0]) + jnp.sum(q[1] * k_new[1])) * scale, NEG)
+        total = jnp.where(ok, jnp.float32(1), jnp.float32(0))
+        return q, (m, total, [jnp.where(ok, v, jnp.zeros_like(v)) for v in v_new])
 
-    def block(start, first, carry):  # the new slots first.. of the block of `keys` slots at start
+    def block(q, start, first, carry):  # the new slots first.. of the block of `keys` slots at start
         m, total, acc = carry
         slots = start + jax.lax.broadcasted_iota(jnp.int32, (keys,), 0)
         rows = pl.ds(start, keys)
@@ -209,37 +230,69 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
         acc = [a * alpha + jnp.sum(p[:, None] * v, axis=0) for a, v in zip(acc, v_blk)]
         return m_new, total * alpha + jnp.sum(p), acc
 
-    # whole blocks at multiples of `keys` (aligned loads) up to the one holding the new slot, then, when the cache
-    # does not divide into blocks and the new slot lies past the last whole one, the block that ends at max_len
-    # (a static start) for the slots after the whole blocks
-    whole_blocks = max_len // keys
-    aligned = lambda j, carry: block(pl.multiple_of(j * keys, keys), j * keys, carry)
-    carry = jax.lax.fori_loop(0, jnp.minimum(index // keys + 1, whole_blocks), aligned, (m, total, acc))
-    if max_len % keys:
-        tail = functools.partial(block, max_len - keys, whole_blocks * keys)
-        carry = jax.lax.cond(index >= whole_blocks * keys, tail, lambda c: c, carry)
-    m, total, acc = carry
-    for i in range(2):
-        out_ref[0, pl.ds(n * head_dim + i * half, half)] = (acc[i] / total).astype(out_ref.dtype)
+    # whole blocks at multiples of `keys` (aligned loads), then, when the cache does not divide into blocks, the
+    # block that ends at max_len (a static start) for the slots after the whole blocks
+    def aligned(q, i, carry):
+        return block(q, pl.multiple_of(i * keys, keys), i * keys, carry)
+
+    def tail(q, carry):
+        return block(q, max_len - keys, whole_blocks * keys, carry)
+
+    cols = [pl.ds(n * head_dim + i * half, half) for i in range(2)]
+    if not split:  # every block up to the one holding the new slot, in one program
+        q, carry = new_token()
+        carry = jax.lax.fori_loop(0, jnp.minimum(index // keys + 1, whole_blocks), functools.partial(aligned, q),
+                                  carry)
+        if max_len % keys:
+            carry = jax.lax.cond(index >= whole_blocks * keys, functools.partial(tail, q), lambda c: c, carry)
+        m, total, acc = carry
+        for i in range(2):
+            out_ref[0, cols[i]] = (acc[i] / total).astype(out_ref.dtype)
+        return
+
+    def finish(m, total, acc):  # this block's acc (unnormalised), m and l for split_combine_load
+        for i in range(2):
+            out_ref[0, j, cols[i]] = acc[i]
+            out_ref[1, j, cols[i]] = jnp.full((half,), m, jnp.float32)
+            out_ref[2, j, cols[i]] = jnp.full((half,), total, jnp.float32)
+
+    @pl.when(j * keys > index)  # a block past the new slot: nothing to attend to
+    def _empty():
+        finish(jnp.float32(NEG), jnp.float32(0), [jnp.zeros((half,), jnp.float32)] * 2)
+
+    @pl.when(j * keys <= index)
+    def _attend():
+        q, carry = new_token()
+        if max_len % keys:
+            carry = jax.lax.cond(j < whole_blocks, functools.partial(aligned, q, j), functools.partial(tail, q), carry)
+        else:
+            carry = aligned(q, j, carry)
+        finish(*carry)
 
 
 def attention(p1, bias, inv_freq, position, index, mask_S, k_cache, v_cache, *, heads: int, kv_heads: int,
               head_dim: int, dtype, options: OneTokenMatmuls, interpret: bool):
-    """(a (1, N H) in the compute dtype, k cache, v cache) for the new token (module docstring): p1 (S1, (N + 2K) H)
-    the q/k/v partials, bias ((N + 2K) H,) or None, inv_freq (H / 2,) float32, position and index int32 scalars,
-    mask_S (S,) int32 (1: the new token may attend to the slot), caches (1, S, K, H), written in place."""
+    """(a, k cache, v cache) for the new token (module docstring): p1 (S1, (N + 2K) H) the q/k/v partials, bias
+    ((N + 2K) H,) or None, inv_freq (H / 2,) float32, position and index int32 scalars, mask_S (S,) int32 (1: the
+    new token may attend to the slot), caches (1, S, K, H), written in place. a: (1, N H) in the compute dtype; with
+    options.split_cache, (3, J, N H) float32: each cache block's unnormalised acc, running maximum m and sum l
+    (broadcast over the head's columns), J = ceil(S / keys), for `split_combine_load`."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
     slots = jnp.stack([position, index]).astype(jnp.int32)
     inputs = [p1, inv_freq.astype(jnp.float32), slots, mask_S.astype(jnp.int32), k_cache, v_cache]
     inputs += [bias] if bias is not None else []
-    out_shape = [jax.ShapeDtypeStruct((1, heads * head_dim), dtype), jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+    keys = largest_power_of_two(min(options.keys, mask_S.shape[0]))
+    blocks = -(-mask_S.shape[0] // keys)
+    split = bool(options.split_cache)
+    first = (jax.ShapeDtypeStruct((3, blocks, heads * head_dim), jnp.float32) if split
+             else jax.ShapeDtypeStruct((1, heads * head_dim), dtype))
+    out_shape = [first, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
-    kernel = functools.partial(_attention_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                               keys=largest_power_of_two(min(options.keys, mask_S.shape[0])), dtype=dtype,
-                               bias=bias is not None)
+    kernel = functools.partial(_attention_kernel, heads=heads, kv_heads=kv_heads, head_dim=head_dim, keys=keys,
+                               dtype=dtype, bias=bias is not None, split=split)
     return pl.pallas_call(
-        kernel, grid=(heads,), in_specs=[whole(a) for a in inputs],
+        kernel, grid=(heads, blocks) if split else (heads,), in_specs=[whole(a) for a in inputs],
         out_shape=out_shape, out_specs=[whole(o) for o in out_shape],
         input_output_aliases={4: 1, 5: 2}, interpret=interpret, name="one_token_attention",
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
@@ -266,7 +319,9 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
         y = jnp.sum(p, axis=0, keepdims=True).astype(dtype)
         return y + w[name].astype(dtype) if name in w else y
 
-    x = x + total(partials([a], cast("o"), options=options, interpret=interpret, name="one_token_o"), "o_bias")
+    a_load = split_combine_load(dtype) if options.split_cache else load_row
+    x = x + total(partials([a], cast("o"), options=options, interpret=interpret, load=a_load, name="one_token_o"),
+                  "o_bias")
     p3 = partials([x, w["ln_2"]], cast("gate", "up"), options=options, interpret=interpret,
                   load=rms_norm_load(eps_2, dtype), name="one_token_norm_gate_up")
     ffn = w["gate"].shape[1]

@@ -19,6 +19,7 @@ from tests.helpers import cuda_lowering, random_llama
 
 # 3 splits of D = 48 (the partial sums' and the norm's second, overlapping block), 6 of F, cache blocks of 4 slots
 LAYERS = OneTokenMatmuls(layers=True, interpret=True, out=16, width=16, keys=4)
+SPLIT = LAYERS._replace(split_cache=True)  # one attention program per head and cache block
 BASE = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=32, max_position_embeddings=64)
 
@@ -43,26 +44,30 @@ def step(model, mask_BxT, options=None):
     return run(state)
 
 
-@pytest.mark.parametrize("extra,padding", [({}, 0), (dict(attention_bias=True, o_proj_bias=True, mlp_bias=True,
-                                                                sliding_window=3, num_kv_heads=1), 2)])
-def test_the_layer_kernels_give_the_modules_step(extra, padding):
+BIASED = dict(attention_bias=True, o_proj_bias=True, mlp_bias=True, sliding_window=3, num_kv_heads=1)
+
+
+@pytest.mark.parametrize("extra,padding,options", [({}, 0, LAYERS), (BIASED, 2, LAYERS), ({}, 0, SPLIT),
+                                                   (BIASED, 2, SPLIT)])
+def test_the_layer_kernels_give_the_modules_step(extra, padding, options):
     model = random_llama(LlamaConfig(**{**BASE, **extra}), 0)
     mask = jnp.asarray([[0] * padding + [1] * (5 - padding)], jnp.int32)
     want_logits, want_cache = step(model, mask)
-    logits, cache = step(model, mask, LAYERS)
+    logits, cache = step(model, mask, options)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=1e-5)
     for got, want in zip(cache.k + cache.v, want_cache.k + want_cache.v):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-5)
     assert int(cache.index) == int(want_cache.index) == 6
 
 
-def test_bfloat16_step_within_its_rounding():
+@pytest.mark.parametrize("options", [LAYERS, SPLIT])
+def test_bfloat16_step_within_its_rounding(options):
     model = random_llama(LlamaConfig(**BASE), 0)
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
     mask = jnp.ones((1, 5), jnp.int32)
     want, _ = step(model, mask)
-    got, _ = step(model, mask, LAYERS)
+    got, _ = step(model, mask, options)
     assert got.dtype == jnp.bfloat16
     want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
@@ -79,14 +84,18 @@ def test_generator_gives_the_same_tokens_and_the_kernels_lower_for_cuda(model):
     got = Generator(model, one_token=LAYERS, cache_window=2)(ids, max_new_tokens=7)  # windows of 7, 9 and 12 slots
     np.testing.assert_array_equal(np.asarray(got), want)
 
-    gen = Generator(model, one_token=LAYERS._replace(interpret=False))  # Triton, lowered for CUDA on this host
-    args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
-            jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
-    text = cuda_lowering(_generate, *args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0,
-                         fuse=gen.fuse, one_token=gen.one_token, window=0)
-    # norm + q/k/v, attention, o, norm + gate/up, SwiGLU + down per layer of the decode loop (the 64 x 64 LM head is
-    # below min_elements; the prefill has 5 rows)
-    assert text.count("__gpu$xla.gpu.triton") == 5 * BASE["num_layers"]
+    got = Generator(model, one_token=SPLIT, cache_window=2)(ids, max_new_tokens=7)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+    # Triton, lowered for CUDA on this host: norm + q/k/v, attention, o, norm + gate/up, SwiGLU + down per layer of
+    # the decode loop (the 64 x 64 LM head is below min_elements; the prefill has 5 rows)
+    for options in (LAYERS, SPLIT):
+        gen = Generator(model, one_token=options._replace(interpret=False))
+        args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
+                jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
+        text = cuda_lowering(_generate, *args, graphdef=gen.graphdef, max_new_tokens=3, greedy=True, candidates=0,
+                             fuse=gen.fuse, one_token=gen.one_token, window=0)
+        assert text.count("__gpu$xla.gpu.triton") == 5 * BASE["num_layers"]
 
 
 def uses_layer_kernels(model, ids, **context):
