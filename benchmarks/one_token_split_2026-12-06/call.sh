@@ -2,6 +2,8 @@
 # (aligned cache blocks: 0.692 ms per step on an H100) against OneTokenMatmuls.split_cache (one attention program per
 # head and cache block of `keys` slots, the o_proj kernel's prologue combining the blocks), with blocks of 128 and 64
 # slots, in one process, profiled; the check of the split layers against the modules; the anchor. ~5 min warm.
+# It ran in a shorter form (BENCHMARKS.md "Fourth call"). split_cache is now the default: on later trees `1` is the
+# split and `split_cache=0` the looped kernel.
 source benchmarks/pending_gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 B="python3 scripts/bench_generate.py --shape 135m --batch 1 --repeats 3 --profile /tmp/pl"

@@ -51,10 +51,12 @@ class OneTokenMatmuls(NamedTuple):
     num_warps: int = 4
     layers: bool = True  # plain llama decoder layers as models/one_token_layer.py's seven kernels (norms, RoPE,
     # the cache write, attention and SwiGLU in the products' prologues): 135M batch 1 0.866 -> 0.794 ms on an H200
-    keys: int = 128  # cache slots per block of that attention kernel (a power of two at most; 64: 0.821 against
-    # 0.789 ms per step at 135M on an H100, BENCHMARKS.md)
-    split_cache: bool = False  # that attention kernel with one program per head and cache block (flash-decoding),
-    # the o_proj kernel's prologue combining the blocks; not yet measured on a GPU
+    keys: int = 64  # cache slots per block of that attention kernel (a power of two at most); with split_cache 64
+    # against 128: 0.652 against 0.670 ms per step at 135M on an H200 (one process; without the split, 128 was the
+    # better: 0.789 against 0.821 ms on an H100), BENCHMARKS.md
+    split_cache: bool = True  # that attention kernel with one program per head and cache block (flash-decoding),
+    # the o_proj kernel's prologue combining the blocks: 135M batch 1 on an H200, 256 new tokens 0.672 -> 0.652 ms
+    # per step, 1,024 new tokens 0.910 -> 0.660 ms
     interpret: Optional[bool] = None
 
 

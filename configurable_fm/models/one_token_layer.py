@@ -8,9 +8,10 @@ about 0.87 ms per step for ~8 MB of weights. Here each kernel does the elementwi
 prologue, so a layer is seven launches:
 
     P1 = partials(v = RMSNorm_1(x),                  [W_q | W_k | W_v])    norm in the prologue
-    a  = attention(P1, cache, mask, position)                               q/k/v = sum_s P1[s] (+ b), RoPE,
-                                                                            k/v written to the cache slot
-    P2 = partials(v = a,                              W_o)
+    A  = attention(P1, cache, mask, position)                               q/k/v = sum_s P1[s] (+ b), RoPE,
+                                                                            k/v written to the cache slot; per
+                                                                            cache block: acc, max, sum
+    P2 = partials(v = a = combine(A),                 W_o)                  the blocks combined in the prologue
     x' = x + (sum_s P2[s] (+ b_o))                                          XLA
     P3 = partials(v = RMSNorm_2(x'),                 [W_gate | W_up])      norm in the prologue
     P4 = partials(v = act(sum_s P3[s, :F]) * sum_s P3[s, F:],  W_down)     SwiGLU in the prologue
@@ -18,20 +19,25 @@ prologue, so a layer is seven launches:
 
 `partials` is models.one_token's split-K product (P[s, n-block] = v[s-chunk] W[s-chunk, n-block], float32, so
 v W = sum_s P[s]): the split is what keeps enough loads in flight (one program per column block over the whole of
-D was 1.6x slower, one_token's docstring). Shapes: x (1, 1, D); P1 (D / bd, (N + 2K) H); a (1, N H); P3 (D / bd,
-2F); P4 (F / bd, D); the cache per layer (1, S, K, H) (N query heads, K key/value heads, H head dim, S slots).
+D was 1.6x slower, one_token's docstring). Shapes: x (1, 1, D); P1 (D / bd, (N + 2K) H); A (3, J, N H); a (N H,);
+P3 (D / bd, 2F); P4 (F / bd, D); the cache per layer (1, S, K, H) (N query heads, K key/value heads, H head dim, S
+slots, J = ceil(S / keys) cache blocks).
 
-The attention kernel (one program per query head n, its key/value head n // (N / K)): q, k and v of the new token
-are the column sums of P1 over the head's columns, cast to the compute dtype (+ bias), q and k rotated in float32
-in transformers' rotate-half layout and cast back (attention.apply_rope); the new k and v are cast to the cache's
-dtype and written to slot `index` by the first query head of each group (the other heads of the group use the
-values in registers, so no program reads a slot another writes); then softmax(q k^T / sqrt(H) + mask) v over the
-slots 0..index, the cache read in blocks of `keys` slots with an online softmax (float32 running maximum, sum and
-weighted values; whole blocks at multiples of `keys`, then the block ending at the cache's end for the slots past
-them), the mask the layer's own (models.attention.decoder_mask: valid slots, causality, a sliding
-window). Every operation is the module's up to the order of float32 sums (and bf16 rounding of the softmax weights,
-which XLA's and cuDNN's attention round to the compute dtype before the product with v and this kernel does not):
-tests/models/test_one_token_layer.py compares logits, caches and greedy tokens with the module's forward.
+The attention kernel (one program per query head n and cache block j of `keys` slots, flash-decoding style; its
+key/value head n // (N / K)): q, k and v of the new token are the column sums of P1 over the head's columns, cast
+to the compute dtype (+ bias), q and k rotated in float32 in transformers' rotate-half layout and cast back
+(attention.apply_rope); the new k and v are cast to the cache's dtype and written to slot `index` by the block-0
+program of the first query head of each group (every program uses the values in registers, so no program reads a
+slot another writes); then the block's part of softmax(q k^T / sqrt(H) + mask) v over the slots 0..index (block
+0 also holds the new slot): its float32 running maximum m, sum l and unnormalised weighted values acc, and the o
+kernel's prologue combines the blocks, a = sum_j e^(m_j - M) acc_j / sum_j e^(m_j - M) l_j with M = max_j m_j (a
+block past the new slot has m = -1e30, l = 0). Blocks are whole at multiples of `keys`, then one that ends at the
+cache's end for the slots past them; the mask is the layer's own (models.attention.decoder_mask: valid slots,
+causality, a sliding window). With `split_cache=False`, one program per head loops over the blocks with an online
+softmax and writes a itself. Every operation is the module's up to the order of float32 sums (and bf16 rounding
+of the softmax weights, which XLA's and cuDNN's attention round to the compute dtype before the product with v and
+these kernels do not): tests/models/test_one_token_layer.py compares logits, caches and greedy tokens with the
+module's forward.
 
 Measured (BENCHMARKS.md, "One-token decoder layers"): the 135M shape's batch-1 step 0.866 -> 0.794 ms on an H200
 (408 -> 233 kernels per step; the attention kernel, 9.5 us per layer, is now the largest); at the 1B shape the
@@ -41,7 +47,9 @@ that no block start was a known multiple) and one static tail block, and partial
 masked load each (`load_rows`; before, two overlapping power-of-two blocks): 0.757 -> 0.692 ms per step on an H100
 in one call. Folding o_proj into this kernel (split over the heads: 9 programs read W_o, 8.4 -> 22.5 us) or the
 first residual sum into the gate/up prologue (3.9 -> 5.3 us there for a 1.2 us sum saved) was slower or equal,
-and is not kept (BENCHMARKS.md).
+and is not kept (BENCHMARKS.md). Splitting the attention over the cache blocks (the kernel above; before, one
+program per head looped over them): 0.672 -> 0.652 ms per step with 256 new tokens and 0.910 -> 0.660 ms with
+1,024, on an H200 (attention 8.6 -> 6.5 us per layer at 256).
 
 Taken (models/llama.py, `LlamaDecoderLayer`) inside `one_token_matmuls(options)` with `options.layers` set (the
 default; models.generation.Generator enters it for a model on one device), for a

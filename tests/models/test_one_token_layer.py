@@ -19,7 +19,7 @@ from tests.helpers import cuda_lowering, random_llama
 
 # 3 splits of D = 48 (the partial sums' and the norm's second, overlapping block), 6 of F, cache blocks of 4 slots
 LAYERS = OneTokenMatmuls(layers=True, interpret=True, out=16, width=16, keys=4)
-SPLIT = LAYERS._replace(split_cache=True)  # one attention program per head and cache block
+LOOP = LAYERS._replace(split_cache=False)  # one attention program per head, looping over the cache blocks
 BASE = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=32, max_position_embeddings=64)
 
@@ -47,7 +47,7 @@ def step(model, mask_BxT, options=None):
 BIASED = dict(attention_bias=True, o_proj_bias=True, mlp_bias=True, sliding_window=3, num_kv_heads=1)
 
 
-@pytest.mark.parametrize("extra,padding,options", [({}, 0, LAYERS), (BIASED, 2, LAYERS), (BIASED, 2, SPLIT)])
+@pytest.mark.parametrize("extra,padding,options", [({}, 0, LAYERS), (BIASED, 2, LAYERS), (BIASED, 2, LOOP)])
 def test_the_layer_kernels_give_the_modules_step(extra, padding, options):
     model = random_llama(LlamaConfig(**{**BASE, **extra}), 0)
     mask = jnp.asarray([[0] * padding + [1] * (5 - padding)], jnp.int32)
@@ -85,7 +85,7 @@ def test_generator_gives_the_same_tokens_and_the_kernels_lower_for_cuda(model):
 
     # Triton, lowered for CUDA on this host: norm + q/k/v, attention, o, norm + gate/up, SwiGLU + down per layer of
     # the decode loop (the 64 x 64 LM head is below min_elements; the prefill has 5 rows)
-    for options in (LAYERS, SPLIT):
+    for options in (LAYERS, LOOP):
         gen = Generator(model, one_token=options._replace(interpret=False))
         args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
                 jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
