@@ -120,12 +120,17 @@ def test_ia3_feedforward_defaults_to_the_down_projections(base, models):
     assert not adapters.adapters(none)["layers.0.mlp.down_proj"]["feedforward"]
 
 
-def test_gpt2_adapters_with_biases():
+@pytest.fixture(scope="module")
+def gpt2():
+    """A tiny GPT-2 (Conv1D-style biased projections) with non-zero biases; built once for the tests below."""
     cfg = GPT2Config(vocab_size=61, n_positions=16, n_embd=24, n_layer=2, n_head=4)
     model = GPT2(cfg, rngs=nnx.Rngs(0))
-    model = deltas.apply(model, deltas.Delta({k: 0.1 * jax.random.normal(jax.random.key(1), v.shape)
-                                              for k, v in flat_params(model).items() if k.endswith("bias")}))
-    ia3 = adapters.attach(model, "ia3", ["h.*.attn.c_attn", "h.*.mlp.c_proj"], init="random")
+    return deltas.apply(model, deltas.Delta({k: 0.1 * jax.random.normal(jax.random.key(1), v.shape)
+                                             for k, v in flat_params(model).items() if k.endswith("bias")}))
+
+
+def test_gpt2_adapters_with_biases(gpt2):
+    ia3 = adapters.attach(gpt2, "ia3", ["h.*.attn.c_attn", "h.*.mlp.c_proj"], init="random")
     assert adapters.adapters(ia3)["h.1.mlp.c_proj"]["feedforward"]
     np.testing.assert_allclose(logits(adapters.merge(ia3)), logits(ia3), atol=TOL)
     delta = adapters.as_delta(ia3)
@@ -307,7 +312,7 @@ def test_lora_dropout_drops_the_lora_branch_input_only_inside_the_block(base):
             pass
 
 
-def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, models):
+def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, models, gpt2):
     """with_lora_matmul(m, 'joint'): y = [x | s x A | 0] @ [W ; B ; 0] + b equals x W + b + s (x A) B in float32
     (logits and the gradients of the LoRA factors, through the attention and the MLP; with biases on a gpt2); 'auto'
     likewise; the input model is untouched; merged LoRAs compute the plain Linear; bad input is refused."""
@@ -323,15 +328,13 @@ def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, mode
     np.testing.assert_allclose(logits(joint), logits(model), rtol=TOL, atol=TOL)
     auto = adapters.with_lora_matmul(model, "auto")  # joint on q (24 -> 24), separate on v (24 -> 12) and down
     np.testing.assert_allclose(logits(auto), logits(model), rtol=TOL, atol=TOL)
-    sep, jnt = flat_params(nnx.grad(loss)(model)), flat_params(nnx.grad(loss)(joint))
+    grad = nnx.jit(nnx.grad(loss))  # one compilation per model, not an op-by-op backward (the same gradients)
+    sep, jnt = flat_params(grad(model)), flat_params(grad(joint))
     lora_keys = [k for k in sep if k.endswith(("lora_a", "lora_b"))]
     assert lora_keys
     for k in lora_keys:
         np.testing.assert_allclose(np.asarray(jnt[k]), np.asarray(sep[k]), rtol=1e-4, atol=1e-6, err_msg=k)
-    gpt = GPT2(GPT2Config(vocab_size=61, n_positions=16, n_embd=24, n_layer=1, n_head=4), rngs=nnx.Rngs(0))
-    gpt = deltas.apply(gpt, deltas.Delta({k: 0.1 * jax.random.normal(jax.random.key(1), v.shape)
-                                          for k, v in flat_params(gpt).items() if k.endswith("bias")}))
-    g = adapters.attach(gpt, "lora", "h.*.attn.c_attn", rank=3, alpha=6, init="random", seed=1)
+    g = adapters.attach(gpt2, "lora", "h.*.attn.c_attn", rank=3, alpha=6, init="random", seed=1)
     np.testing.assert_allclose(logits(adapters.with_lora_matmul(g, "joint")), logits(adapters.merge(g)),
                                rtol=1e-4, atol=1e-5)
     merged = adapters.merge(model, keep=True)

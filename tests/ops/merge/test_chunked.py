@@ -162,7 +162,7 @@ def test_missed_bucket_prediction_takes_the_second_pass(monkeypatch):
     """A sample of every 8th entry whose magnitudes are unlike the others' predicts the wrong radix buckets; the
     second pass then finds the right ones: the same result as the whole tensor."""
     rng = np.random.default_rng(9)
-    shape = (64, 16)
+    shape = (37, 23)  # the whole-tensor kernel of test_single_rows_and_a_short_last_block[ties] (compiled once)
     base = np.zeros(shape, np.float32)
     xs = [(rng.standard_normal(shape) * 1e-3).astype(np.float32) for _ in range(3)]
     for x in xs:
@@ -172,7 +172,7 @@ def test_missed_bucket_prediction_takes_the_second_pass(monkeypatch):
     calls = []
     low = sp._radix_low
     monkeypatch.setattr(sp, "_radix_low", lambda k, b: (jax.debug.callback(lambda: calls.append(1)), low(k, b))[1])
-    monkeypatch.setattr(sp, "SAMPLE_ENTRIES", 64 * 16 // 8)  # every 8th entry
+    monkeypatch.setattr(sp, "SAMPLE_ENTRIES", 37 * 23 // 8)  # every 8th entry (851 // 106 = 8)
     got = _merge(X.KernelCache(chunk_bytes=1000), "ties", base, xs, params, out_dtype=np.float32)
     np.testing.assert_array_equal(got, want)
     assert calls, "the prediction should have missed"
