@@ -2,6 +2,8 @@
 (interpret=True on CPU) compute the masked forward (float32, 1e-5) for several (E, shared, top_k), with ties in the
 router scores, for one token and several; greedy generation gives the same tokens; with_dispatch leaves its input
 alone and names bad modes and oracle routers; the kernels lower to Triton for CUDA (no GPU needed)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +58,36 @@ def with_tied_router(moe):
 @nnx.jit
 def _ffns(model, x):
     return [layer.mlp(x) for layer in model.layers]
+
+
+@nnx.jit
+def _gpt2_ffns(model, x):
+    return [block.mlp(x) for block in model.h]
+
+
+@nnx.jit
+def _slots_both_ways(ffn, x):
+    """(token_slots of the router's scores, route_kernel's slots) for one token, top 3 of 8 routed experts (one
+    compiled program for every layer and seed instead of op-by-op dispatch and a retrace per call)."""
+    want = token_slots(ffn.router(x, None)[0], 0, 3)
+    got = route_kernel(x, ffn.router.kernel[...], shared=0, top_k=3, options=PallasOptions(token_route=8),
+                       interpret=True)
+    return want, got
+
+
+@functools.partial(nnx.jit, static_argnames=("shared", "top_k"))
+def _slots(ffn, x, shared, top_k):
+    """(chosen_slots of the router's mask with S + k slots, token_slots of the scores) for one token x (1, D), as one
+    compiled program (not op by op)."""
+    scores = ffn.router(x, None)
+    idx, w = chosen_slots(ffn.expert_mask(scores), shared + top_k)
+    return idx, w, token_slots(scores[0], shared, top_k)
+
+
+@nnx.jit
+def _router_logits(model, ids):
+    """capture of every layer's router_logits (under jit: one program; taps work under jit, see analysis/taps.py)."""
+    return capture(model, ["layers.*.mlp.router_logits"], ids)[1]
 
 
 def ffn_outputs(moe, mode, x):
@@ -120,9 +152,7 @@ def test_route_kernel_finds_the_router_slots(moes):
             ffn = layer.mlp
             for seed in range(3):
                 x = jnp.asarray(np.random.RandomState(seed).normal(size=(1, 32)), jnp.float32)
-                want = np.asarray(token_slots(ffn.router(x, None)[0], 0, 3))
-                got = np.asarray(route_kernel(x, ffn.router.kernel[...], shared=0, top_k=3,
-                                              options=PallasOptions(token_route=8), interpret=True))
+                want, got = (np.asarray(a) for a in _slots_both_ways(ffn, x))
                 np.testing.assert_array_equal(got, np.append(want, 0))
     ffn = moes[4, 0, 1].layers[0].mlp
     x = jnp.asarray(np.random.RandomState(9).normal(size=(1, 32)), jnp.float32)
@@ -131,7 +161,7 @@ def test_route_kernel_finds_the_router_slots(moes):
     with pytest.raises(ValueError, match="6 routed experts is not a power of two"):
         route_kernel(x, jnp.zeros((32, 6)), shared=0, top_k=2, interpret=True)
     fast = with_dispatch(moes[8, 0, 3], "pallas")
-    _, taps = capture(fast, ["layers.*.mlp.router_logits"], jnp.asarray(IDS[:1, :1]))
+    taps = _router_logits(fast, jnp.asarray(IDS[:1, :1]))
     assert sorted(taps) == ["layers.0.mlp.router_logits", "layers.1.mlp.router_logits"]
 
 
@@ -140,24 +170,23 @@ def test_ties_choose_the_lower_experts(moes):
     moe = with_tied_router(moes[8, 2, 2])
     ffn = moe.layers[0].mlp
     x = jnp.asarray(np.random.RandomState(4).normal(size=(1, 32)), jnp.float32)
-    idx, w = chosen_slots(ffn.expert_mask(ffn.router(x, None)), 4)
+    idx, w, slots = _slots(ffn, x, shared=2, top_k=2)  # chosen_slots(mask, 4), token_slots(scores, 2, 2)
     np.testing.assert_array_equal(np.asarray(idx), [0, 1, 2, 3])
     np.testing.assert_array_equal(np.asarray(w), [[1, 1, 1, 1]])
-    np.testing.assert_array_equal(np.asarray(token_slots(ffn.router(x, None)[0], 2, 2)), [0, 1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(slots), [0, 1, 2, 3])
 
 
 def test_one_token_slots_are_the_masked_choice(moes):
     ffn = moes[16, 1, 4].layers[1].mlp
     x = jnp.asarray(np.random.RandomState(6).normal(size=(1, 32)), jnp.float32)
-    scores = ffn.router(x, None)
-    idx = token_slots(scores[0], 1, 4)
-    want, _ = chosen_slots(ffn.expert_mask(scores), 5)
+    want, _, idx = _slots(ffn, x, shared=1, top_k=4)  # chosen_slots(mask, 5), token_slots(scores, 1, 4)
     np.testing.assert_array_equal(np.sort(np.asarray(idx)), np.asarray(want))
 
 
 def test_slots_are_the_union_of_the_tokens_choices():
     mask = jnp.asarray([[1, 0, 0, 1, 0, 0], [1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 0, 0]], jnp.float32)
-    idx, w = chosen_slots(mask, 5)  # three experts used, two padding slots (expert 0, weight 0)
+    # three experts used, two padding slots (expert 0, weight 0); jitted: one program, not op by op
+    idx, w = jax.jit(chosen_slots, static_argnums=1)(mask, 5)
     np.testing.assert_array_equal(np.asarray(idx), [0, 1, 3, 0, 0])
     np.testing.assert_array_equal(np.asarray(w), [[1, 0, 1, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 0, 0]])
 
@@ -167,9 +196,9 @@ def test_gpt2_gather_and_pallas_compute_the_masked_ffn():
     moe = moefy(model, num_experts=4, num_experts_per_tok=2, split="random", router="centroid", key=0)
     for shape in [(1, 2, 16), (1, 1, 16)]:  # two tokens; one (the one-token kernels, with biases, not gated)
         x = jnp.asarray(np.random.RandomState(5).normal(size=shape), jnp.float32)
-        want = [np.asarray(block.mlp(x)) for block in moe.h]
+        want = [np.asarray(y) for y in _gpt2_ffns(moe, x)]
         for mode in ("gather", "pallas"):
-            got = [np.asarray(block.mlp(x)) for block in with_dispatch(moe, mode).h]
+            got = [np.asarray(y) for y in _gpt2_ffns(with_dispatch(moe, mode), x)]
             for g, r in zip(got, want):
                 np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=f"{mode} {shape}")
 
@@ -198,7 +227,7 @@ def test_with_dispatch_leaves_its_input_unchanged(moes):
 
 def test_dispatching_taps_router_logits(moes):
     fast = with_dispatch(moes[8, 0, 3], "gather")
-    _, taps = capture(fast, ["layers.*.mlp.router_logits"], jnp.asarray(IDS[:1, :4]))
+    taps = _router_logits(fast, jnp.asarray(IDS[:1, :4]))
     assert sorted(taps) == ["layers.0.mlp.router_logits", "layers.1.mlp.router_logits"]
     assert np.asarray(taps["layers.0.mlp.router_logits"]).shape == (1, 4, 8)
 
