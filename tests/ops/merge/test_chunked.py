@@ -142,7 +142,7 @@ def test_ties_at_the_cut_across_blocks(method):
     rng = np.random.default_rng(5)
     shape = (64, 8)
     base = np.zeros(shape, np.float32)
-    xs = [rng.choice([-1.0, 1.0], size=shape) * rng.integers(0, 3, size=shape).astype(np.float32) for _ in range(3)]
+    xs = [(rng.choice([-1.0, 1.0], size=shape) * rng.integers(0, 3, size=shape)).astype(np.float32) for _ in range(3)]
     xs[2][:] = 2.0  # one input whose magnitudes are all equal
     for d in ([0.5, 0.3, 0.25], [0.001, 0.999, 0.5], [0.12, 0.61, 0.9]):
         params = {"weight": W3, "density": np.array(d, np.float32)}
