@@ -153,6 +153,20 @@ def swiglu_load(act: str, ffn: int, dtype, bias: bool):
     return load
 
 
+MAX_BLOCKS = 32  # cache blocks of the split attention at most (its o prologue holds 3 x blocks x bd floats)
+
+
+def cache_blocks(slots: int, keys: int, split: bool) -> tuple[int, int]:
+    """(keys, blocks): the attention kernel's block of cache slots, the largest power of two <= min(keys, slots),
+    doubled for the split kernel until the cache has at most MAX_BLOCKS blocks (a long cache: blocks of 64 slots
+    would make 128 at 8,192 slots, each program of the o kernel combining all of them); blocks = ceil(slots /
+    keys)."""
+    keys = largest_power_of_two(min(keys, slots))
+    while split and -(-slots // keys) > MAX_BLOCKS and keys * 2 <= slots:
+        keys *= 2
+    return keys, -(-slots // keys)
+
+
 def split_combine_load(dtype):
     """A `partials` load: chunk of the attention output a = sum_j w_j acc_j / sum_j w_j l_j, w_j = exp(m_j - max m),
     from the split attention's (acc, m, l) of each cache block, (3, J, N H) float32 (`attention`); cast to the
@@ -290,9 +304,8 @@ def attention(p1, bias, inv_freq, position, index, mask_S, k_cache, v_cache, *, 
     slots = jnp.stack([position, index]).astype(jnp.int32)
     inputs = [p1, inv_freq.astype(jnp.float32), slots, mask_S.astype(jnp.int32), k_cache, v_cache]
     inputs += [bias] if bias is not None else []
-    keys = largest_power_of_two(min(options.keys, mask_S.shape[0]))
-    blocks = -(-mask_S.shape[0] // keys)
     split = bool(options.split_cache)
+    keys, blocks = cache_blocks(mask_S.shape[0], options.keys, split)
     first = (jax.ShapeDtypeStruct((3, blocks, heads * head_dim), jnp.float32) if split
              else jax.ShapeDtypeStruct((1, heads * head_dim), dtype))
     out_shape = [first, jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),

@@ -124,3 +124,11 @@ def test_fits_names_the_shapes_the_kernels_take():
     assert not one_token_layer.fits(576, 9, 3, 48, 1536, "silu", OneTokenMatmuls())  # half a head: 24
     assert not one_token_layer.fits(576, 9, 3, 64, 1536, "gelu", OneTokenMatmuls())  # erf: no Triton lowering here
     assert not one_token_layer.fits(72, 1, 1, 72, 96, "silu", OneTokenMatmuls())  # 72 rows: chunks of 8
+
+
+def test_cache_blocks_of_the_split_attention_stay_few():
+    assert one_token_layer.cache_blocks(320, 64, True) == (64, 5)  # 64 + 256 slots: the measured setting
+    assert one_token_layer.cache_blocks(7, 4, True) == (4, 2)
+    assert one_token_layer.cache_blocks(8192, 64, True) == (256, 32)  # at most MAX_BLOCKS
+    assert one_token_layer.cache_blocks(8192, 64, False) == (64, 128)  # the looped kernel: any number
+    assert one_token_layer.cache_blocks(3, 64, True) == (2, 2)
