@@ -4,8 +4,8 @@ largest |logit difference| of one step after a 64-token prefill relative to the 
 tokens of 64 new ones (how many of them agree, from the start). bf16 rounding makes exact agreement unlikely far
 into a generation; the first step's logits are the check.
     python3 benchmarks/one_token_layer_2026-12-06/check.py [135m [OPTIONS]]
-OPTIONS: bench_generate's --one_token form, FIELD=INTEGER[/FIELD=INTEGER] (e.g. o_in_attention=1/residual_in_norm=1);
-the layers are on whatever it says."""
+OPTIONS: bench_generate's --one_token form, FIELD=INTEGER[/FIELD=INTEGER] (e.g. split_cache=0 or
+keys=128); the layers are on whatever it says."""
 import sys
 from pathlib import Path
 
@@ -18,10 +18,14 @@ from configurable_fm.models.generation import Generator
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from bench_generate import SHAPES, build, one_token_option  # noqa: E402  (the bench's models, so the check runs what the bench times)
+# the bench's models, so the check runs what the bench times
+from bench_generate import SHAPES, build, one_token_option  # noqa: E402
 
 shapes = (sys.argv[1] if len(sys.argv) > 1 else "135m").split(",")
-options = one_token_option(sys.argv[2]) if len(sys.argv) > 2 else True
+try:
+    options = one_token_option(sys.argv[2]) if len(sys.argv) > 2 else True
+except ValueError as e:
+    sys.exit(f"check.py: {e}")
 options = (options if isinstance(options, OneTokenMatmuls) else OneTokenMatmuls())._replace(layers=True)
 unknown = [s for s in shapes if s not in SHAPES]
 if unknown:

@@ -209,15 +209,15 @@ def _attention_kernel(p_ref, inv_freq_ref, slots_ref, mask_ref, k_ref, v_ref, *r
             y = y + bias_ref[pl.ds(start, half)].astype(dtype)
         return y.astype(jnp.float32)
 
-    def rotated(start):  # attention.apply_rope of one head: x * cos + rotate_half(x) * sin, cast back
-        angles = position.astype(jnp.float32) * inv_freq_ref[...]
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+    def rotated(start, cos, sin):  # attention.apply_rope of one head: x * cos + rotate_half(x) * sin, cast back
         x1, x2 = column(start), column(start + half)
         return [(y.astype(dtype)).astype(jnp.float32) for y in (x1 * cos - x2 * sin, x2 * cos + x1 * sin)]
 
     def new_token():  # q, and the carry (m, l, acc) of the new token's own slot (empty outside block 0)
-        q = rotated(n * head_dim)
-        k_new = rotated((heads + kv) * head_dim)
+        angles = position.astype(jnp.float32) * inv_freq_ref[...]
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        q = rotated(n * head_dim, cos, sin)
+        k_new = rotated((heads + kv) * head_dim, cos, sin)
         v_new = [column((heads + kv_heads + kv) * head_dim + i * half) for i in range(2)]
 
         @pl.when((n % group == 0) & (j == 0))
