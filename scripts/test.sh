@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 # 131.6 s before, 106.9 s at -O0 with the cache, 114.3 s at -O0 without it, run back to back. The whole suite from
 # fresh clones, in two back-to-back pairs (this machine's speed drifts by 10-20% over an hour): 967 s before, 906 s
 # after; 1,173 s before (36.5 min of CPU), 996 s after (30.7 min). Tests only; the package never sets these.
-# (Training subprocesses of the tests set their own flags and cache: tests/train/test_train_cli.child_env.)
+# (Training subprocesses get the same flags from tests/train/test_train_cli.child_env.)
 export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 # worksteal: an idle worker takes queued tests from the busy one (the durations vary from 0.01 to 50 s)
 exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=25 "$@"

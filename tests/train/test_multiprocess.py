@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from tests.train.test_train_cli import (
-    ROOT, build_tiny_dataset, checked, child_env, compile_cache, losses_by_step, run_train, tiny_overrides,
+    ROOT, build_tiny_dataset, checked, child_env, losses_by_step, run_train, tiny_overrides,
     train_command)
 
-STEPS = 30  # the runs of the other modules: the 1-process executables are shared through the cache
+STEPS = 30
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ def runs(tmp_path_factory):
     """(one-process workdir, two-process workdir, env, overrides) after both runs finished."""
     base = tmp_path_factory.mktemp("multiprocess")
     data = build_tiny_dataset(base / "dataset")
-    env = child_env(compile_cache(tmp_path_factory))
+    env = child_env()
     one, two = base / "one", base / "two"
     checked(run_train(train_command(one, tiny_overrides(data, steps=STEPS)), env))
     for proc in run_two_processes(train_command(two, tiny_overrides(data, steps=STEPS, **{"mesh.shape": "(1,-1,1)"})),

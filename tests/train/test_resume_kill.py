@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.train.test_train_cli import (
-    ROOT, build_tiny_dataset, checked, child_env, compile_cache, losses_by_step, run_train, tiny_overrides,
+    ROOT, build_tiny_dataset, checked, child_env, losses_by_step, run_train, tiny_overrides,
     train_command)
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step into STEP.orbax-checkpoint-tmp, then renames it STEP
@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
     """(command maker, env, reference losses) with the reference = one uninterrupted run."""
     base = tmp_path_factory.mktemp("resume_kill")
     data = build_tiny_dataset(base / "dataset")
-    env = child_env(compile_cache(tmp_path_factory))
+    env = child_env()
     command = lambda workdir: train_command(workdir, tiny_overrides(data, steps=STEPS))
     checked(run_train(command(base / "reference"), env))
     reference = losses_by_step(base / "reference")

@@ -21,7 +21,7 @@ from configurable_fm.train.data import load_task_tokenizer
 from experiments.merge import multitask
 from tests.helpers import random_llama
 from tests.train.test_finetune import EOS, PAD, VOCAB, use_char_tokenizer, write_char_tokenizer
-from tests.train.test_train_cli import ROOT, child_env, compile_cache
+from tests.train.test_train_cli import ROOT, child_env
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def study_run(tmp_path_factory, char_tok):
     workdir = tmp_path_factory.mktemp("study") / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), "--config",
                            "experiments/merge/multitask.py:test", "--workdir", str(workdir), *flags],
-                          cwd=ROOT, env=child_env(compile_cache(tmp_path_factory)), capture_output=True, text=True,
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = run(c, workdir, log=lambda s: None)
