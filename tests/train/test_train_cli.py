@@ -58,18 +58,19 @@ def tiny_overrides(data_dir: Path, **extra) -> list[str]:
 
 
 # the suite's compilation flags (scripts/test.sh): LLVM at -O0 without its expensive passes. No persistent
-# compilation cache: with -O0 jax crashed writing executables to one (scripts/test.sh), and without the cache and at
-# -O0 the training subprocesses of test_multiprocess, test_resume_kill, test_open_trainer, test_adapter_training,
-# test_train_cli and test_merge_grid took 106 s of CPU against 131 s at XLA's default level with the cache (2-core
-# machine, 2026-12-06, both runs back to back)
+# compilation cache (CFM_COMPILATION_CACHE=off: nothing written under ~/.cache): with -O0 jax crashed writing
+# executables to one (scripts/test.sh). The training subprocesses of test_multiprocess, test_resume_kill,
+# test_open_trainer, test_adapter_training, test_train_cli and test_merge_grid: see
+# benchmarks/suite_time_2026-12-06/README.md
 CHILD_XLA_FLAGS = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
 
 
 def child_env(**extra: str) -> dict:
-    """The environment of a training subprocess: CPU, one host device, the suite's compilation flags."""
+    """The environment of a training subprocess: CPU, one host device, the suite's compilation flags, no
+    persistent compilation cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CFM_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {CHILD_XLA_FLAGS}",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+               CFM_COMPILATION_CACHE="off", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 
