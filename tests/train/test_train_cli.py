@@ -57,19 +57,18 @@ def tiny_overrides(data_dir: Path, **extra) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-# the suite's compilation flags (scripts/test.sh): LLVM at -O0 without its expensive passes. No persistent
-# compilation cache (CFM_COMPILATION_CACHE=off: nothing written under ~/.cache): with -O0 jax crashed writing
-# executables to one (scripts/test.sh). The training subprocesses of test_multiprocess, test_resume_kill,
-# test_open_trainer, test_adapter_training, test_train_cli and test_merge_grid: see
-# benchmarks/suite_time_2026-12-06/README.md
-CHILD_XLA_FLAGS = "--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def child_env(**extra: str) -> dict:
-    """The environment of a training subprocess: CPU, one host device, the suite's compilation flags, no
-    persistent compilation cache."""
+    """The environment of a training subprocess: CPU, one host device, the suite's own XLA_FLAGS otherwise (the
+    compilation flags scripts/test.sh sets: LLVM at -O0 without its expensive passes), no persistent compilation
+    cache (CFM_COMPILATION_CACHE=off: nothing written under ~/.cache; with -O0 jax crashed writing executables to
+    one, scripts/test.sh). What that costs the modules that run scripts/train.py:
+    benchmarks/suite_time_2026-12-06/README.md."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "CFM_"))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {CHILD_XLA_FLAGS}",
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([f"{DEVICE_COUNT_FLAG}=1", *flags]),
                CFM_COMPILATION_CACHE="off", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
