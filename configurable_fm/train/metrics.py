@@ -33,6 +33,27 @@ TENSORBOARD_DIR = "tensorboard"
 _WRITER_IDS = itertools.count()
 
 
+def import_tensorboardx():
+    """The tensorboardX package, imported without torch when torch is not loaded yet. tensorboardX imports torch
+    whenever it is installed, only to accept torch tensors in its summaries (writer.py, x2num.py: `try: import
+    torch`); this writer gives it Python floats. That import was 1.2-2.1 s of every training process's start
+    on the 2-core machine (2026-12-06, cProfile of scripts/train.py), and the suite starts dozens of them. torch
+    is hidden only for the time of the import (`sys.modules['torch'] = None` makes `import torch` raise
+    ImportError) and is importable afterwards as usual; a process that already imported torch, or tensorboardX,
+    gets the modules it has."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return tensorboardX
+
+
 def _to_json_value(key: str, value: Any):
     """A Python int/float/bool/str from a Python, numpy or jax scalar (0-d or size-1 arrays)."""
     if isinstance(value, (bool, str)) or value is None:
@@ -95,8 +116,7 @@ class MetricWriter:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = import_tensorboardx().SummaryWriter
             # tensorboardX names files events.out.tfevents.<seconds>.<host><suffix>: a unique suffix keeps a writer
             # opened in the same second (a quick restart) from truncating the previous file.
             self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), flush_secs=30,
@@ -171,6 +191,7 @@ def read_tensorboard_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[
     Files are read in the order of their first event's wall time; a SessionLog START at step S (a resumed
     writer's purge) discards the points with step >= S read before it, as TensorBoard does.
     """
+    import_tensorboardx()
     from tensorboardX.proto import event_pb2
 
     files = []

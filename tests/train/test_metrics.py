@@ -1,7 +1,9 @@
 """MetricWriter (JSONL + TensorBoard, resume truncation), loss-curve plot, progress bar."""
 import io
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 
 from configurable_fm.train.metrics import (MetricWriter, ProgressBar, plot_loss_curve, read_metrics,
                                            read_tensorboard_scalars)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -123,3 +127,17 @@ def test_notebook_detection_needs_a_running_kernel(monkeypatch):
     ZMQInteractiveShell = type("ZMQInteractiveShell", (), {})
     ipython.get_ipython = lambda: ZMQInteractiveShell()
     assert in_notebook()
+
+
+def test_the_writer_starts_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (1-2 s of every training process's start); the writer's
+    import hides it, and torch stays importable afterwards. A fresh interpreter: this one may have torch loaded."""
+    pytest.importorskip("torch")
+    code = ("import sys; from configurable_fm.train.metrics import MetricWriter, read_tensorboard_scalars\n"
+            f"w = MetricWriter({str(tmp_path)!r}); w.write(1, loss=2.5); w.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            f"assert read_tensorboard_scalars({str(tmp_path / 'tensorboard')!r}) == {{'loss': [(1, 2.5)]}}\n"
+            "import torch, tensorboardX.writer\n"
+            "print(torch.ones(2).sum().item())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr[-2000:]
