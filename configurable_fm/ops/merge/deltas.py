@@ -26,11 +26,8 @@ import jax.numpy as jnp
 
 from configurable_fm.bricks.deltas import Delta, Dense
 from configurable_fm.ops.merge import params as P
-from configurable_fm.ops.merge.registry import MergeMethod, get_method
+from configurable_fm.ops.merge.registry import TASK_VECTOR_METHODS, MergeMethod, get_method
 from configurable_fm.ops.merge.tree import MergeInputError, merge_tensor
-
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-                       "della_linear", "della", "sce")
 
 
 def _json_or_repr(value: Any):

@@ -47,7 +47,7 @@ import numpy as np
 from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
 from configurable_fm.ops.merge.host_io import (HOST_ALIGNMENT, IO_CHUNK, ShardFile,  # noqa: F401 (re-exported)
                                                aligned_empty)
-from configurable_fm.ops.merge.registry import MergeMethod
+from configurable_fm.ops.merge.registry import TASK_VECTOR_METHODS, MergeMethod
 from configurable_fm.ops.merge.staging import StagingPool, host_empty
 
 SAFETENSORS_DTYPES = {
@@ -532,6 +532,20 @@ def copy_integer(name: str, values: Sequence[Any], names: Sequence[str]):
     return values[0]
 
 
+def unchanged_from_base(method: MergeMethod, base, inputs: Sequence) -> bool:
+    """True when `method` is a task-vector method (registry.TASK_VECTOR_METHODS: y = b + f(x_i - b), f(0) = 0) and
+    every input equals the base: the same array object, or host (numpy) arrays equal entry for entry with the
+    base's shape and dtype. Device arrays that are distinct objects are not compared (that would cost a device
+    computation and a transfer); the streaming executor's inputs are host arrays."""
+    if base is None or method.name not in TASK_VECTOR_METHODS or not inputs:
+        return False
+    if all(x is base for x in inputs):
+        return True
+    return isinstance(base, np.ndarray) and all(
+        isinstance(x, np.ndarray) and x.shape == base.shape and x.dtype == base.dtype and np.array_equal(x, base)
+        for x in inputs)
+
+
 def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[str, Any], *, out_dtype,
                  load_dtype=None, key: Optional[jax.Array] = None, name: str = "<tensor>",
                  input_names: Optional[Sequence[str]] = None, cache: Optional[KernelCache] = None,
@@ -547,6 +561,9 @@ def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[st
     as mergekit does in that dtype (precision.py; precision.resolve picks it per tensor).
     Integer/bool tensors: returned unchanged (`copy_integer`) when identical in every input (base included),
     else MergeInputError; input_names: names of the base (when given) and the inputs, for that message.
+    A task-vector method whose inputs all equal the base (`unchanged_from_base`), in float32 arithmetic without a
+    load cast and with one entry per input in every per-model parameter array (else the kernel runs and names the
+    error), returns f32(b) + 0 cast to `out_dtype` without calling the kernel: the kernel's result, bit for bit.
     """
     ref = base if base is not None else inputs[0]
     if not is_float(ref.dtype):
@@ -559,6 +576,13 @@ def merge_tensor(method: MergeMethod, base, inputs: Sequence, params: Mapping[st
     if load_dtype is not None and all(np.dtype(x.dtype) == np.dtype(load_dtype)
                                       for x in ([base] if base is not None else []) + list(inputs)):
         load_dtype = None  # the cast is a no-op: share the function of uncast inputs
+    if (compute_dtype is None and load_dtype is None and unchanged_from_base(method, base, inputs)
+            and all(len(v) == len(inputs) for v in params.values() if _is_param_array(v))):
+        # every task vector is zero: the kernel's y = f32(b) + 0, bit for bit (-0.0 in b becomes +0.0 there too)
+        # without running it (a tensor the fine-tunes never touched, e.g. a frozen embedding)
+        y = np.asarray(base, np.float32) + np.float32(0) if isinstance(base, np.ndarray) else \
+            jnp.asarray(base, jnp.float32) + jnp.float32(0)
+        return jnp.asarray(y).astype(out_dtype)
     fn = (cache if cache is not None else DEFAULT_CACHE).get(method, params, load_dtype, out_dtype, compute_dtype)
     try:
         return fn(base, tuple(inputs), key)

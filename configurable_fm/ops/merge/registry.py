@@ -73,6 +73,12 @@ class MergeMethod:
 
 METHODS: dict[str, MergeMethod] = {}
 
+# The task-vector methods: y = b + f(x_1 - b, ..., x_N - b) with f(0, ..., 0) = 0 (their kernels see only the
+# differences), so they merge deltas as well as models (deltas.merge_deltas) and give the base, y = b + 0, where
+# every input equals it (execute.merge_tensor then skips the kernel).
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+                       "della_linear", "della", "sce")
+
 
 def register(method: MergeMethod) -> MergeMethod:
     if method.name in METHODS:

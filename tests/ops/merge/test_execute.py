@@ -96,6 +96,40 @@ def test_same_as_eager_kernel_and_tree_merge(method):
         np.testing.assert_array_equal(np.asarray(in_memory[name]), np.asarray(want), err_msg=f"{method} {name}")
 
 
+@pytest.mark.parametrize("method", ["ties", "della", "sce"])
+def test_inputs_equal_to_the_base_give_the_kernels_bits_without_it(method):
+    """A task-vector method whose inputs all equal the base (host arrays equal entry for entry, or the base's own
+    array) returns f32(b) + 0 without calling the kernel: the eager kernel's result bit for bit, -0.0 -> +0.0
+    included, cast to the output dtype; a distinct device array, a load cast, a NaN or an input that differs runs
+    it."""
+    m = get_method(method)
+    parameters, model_parameters = SETTINGS[method]
+    names = ["model_0", "model_1"]
+    base = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    base[0, :2] = [-0.0, 0.0]
+    kw = P.resolve_for_tensor(m, NAMES[0], parameters=parameters, model_parameters=model_parameters,
+                              model_names=names, num_layers=2)
+    key = tensor_key(0, NAMES[0]) if m.randomized else None
+    for out_dtype in (np.float32, BF16):
+        want = np.asarray(_eager(m, base, [base, base], kw, key, out_dtype))
+        for inputs in ([base.copy(), base.copy()], [base, base]):
+            cache = X.KernelCache()
+            got = X.merge_tensor(m, base, inputs, kw, out_dtype=out_dtype, key=key, cache=cache)
+            assert len(cache) == 0 and got.dtype == want.dtype
+            np.testing.assert_array_equal(np.asarray(got).view(np.uint8), want.view(np.uint8))
+    assert X.unchanged_from_base(m, jnp.asarray(base), [jnp.asarray(base)] * 2) is False  # not compared on device
+    assert X.unchanged_from_base(get_method("linear"), base, [base, base]) is False  # not a task-vector method
+    changed = base.copy()
+    changed[5, 4] += 1
+    assert X.unchanged_from_base(m, base, [base, changed]) is False
+    with_nan = base.copy()
+    with_nan[1, 1] = np.nan
+    assert X.unchanged_from_base(m, with_nan, [with_nan.copy(), with_nan.copy()]) is False  # NaN != NaN: kernel
+    cache = X.KernelCache()
+    X.merge_tensor(m, base, [base, base.copy()], kw, out_dtype=np.float32, key=key, cache=cache, load_dtype=BF16)
+    assert len(cache) == 1  # a load cast rounds the inputs first: the kernel runs
+
+
 def test_every_registered_method_is_covered():
     get_method("linear")  # imports every method module
     uncovered = sorted(set(METHODS) - set(SETTINGS))
