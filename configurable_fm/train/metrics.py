@@ -39,8 +39,8 @@ def import_tensorboardx():
     torch`); this writer gives it Python floats. That import was 1.2-2.1 s of every training process's start
     on the 2-core machine (2026-12-06, cProfile of scripts/train.py), and the suite starts dozens of them. torch
     is hidden only for the time of the import (`sys.modules['torch'] = None` makes `import torch` raise
-    ImportError) and is importable afterwards as usual; a process that already imported torch, or tensorboardX,
-    gets the modules it has."""
+    ImportError; another thread importing torch in that instant would get the error too) and is importable
+    afterwards as usual; a process that already imported torch, or tensorboardX, gets the modules it has."""
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         import tensorboardX
 

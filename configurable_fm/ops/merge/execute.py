@@ -536,7 +536,8 @@ def unchanged_from_base(method: MergeMethod, base, inputs: Sequence) -> bool:
     """True when `method` is a task-vector method (registry.TASK_VECTOR_METHODS: y = b + f(x_i - b), f(0) = 0) and
     every input equals the base: the same array object, or host (numpy) arrays equal entry for entry with the
     base's shape and dtype. Device arrays that are distinct objects are not compared (that would cost a device
-    computation and a transfer); the streaming executor's inputs are host arrays."""
+    computation and a transfer): the streaming executor's inputs are host arrays on the CPU and device arrays on
+    an accelerator, where every tensor goes through its kernel."""
     if base is None or method.name not in TASK_VECTOR_METHODS or not inputs:
         return False
     if all(x is base for x in inputs):
