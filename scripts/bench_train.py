@@ -66,7 +66,7 @@ from configurable_fm.models.layers import fuse_projections
 from configurable_fm.profiling import trace_kernels
 from configurable_fm.train import flops
 from configurable_fm.train.optim import make_optimizer
-from configurable_fm.train.trainer import ModelParts, make_train_step
+from configurable_fm.train.trainer import ModelParts, make_train_step, on_mesh
 from experiments.pretrain import get_config
 
 AUTO_ATTENTION = attn.dot_product_attention
@@ -97,7 +97,7 @@ def bench_one(variant: str, seq_len: int, batch: int, remat: str, steps: int, wa
         params = {k: jax.device_put(v, shardings[k].get_value()) for k, v in flat_params(model).items()}
     del model
     tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
-    opt_state = jax.eval_shape(tx.init, params) if compile_only else jax.jit(tx.init)(params)
+    opt_state = jax.eval_shape(tx.init, params) if compile_only else on_mesh(jax.jit(tx.init)(params), mesh)[0]
     train_step = make_train_step(parts, tx, accum)
 
     def fused_step(*args):  # the context is read while the step is traced: it is part of this jit's program

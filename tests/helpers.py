@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (import as `from tests.helpers import ...`)."""
 import importlib.util
 import json
+import logging
+import re
 from pathlib import Path
 
 import jax
@@ -137,3 +139,29 @@ def cuda_lowering(jitted, *args, **static) -> str:
     with jax.sharding.use_abstract_mesh(mesh):
         traced = jitted.trace(*jax.tree.map(spec, args), **static)
         return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+class compiles:
+    """Counts the XLA compilations of the jitted function named `name` inside the `with` block (jax's compile log)."""
+
+    def __init__(self, name: str = "train_step"):
+        self.pattern = re.compile(rf"Compiling (jit\()?{re.escape(name)}\b")
+
+    def __enter__(self):
+        self.count = 0
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                if outer.pattern.search(record.getMessage()):
+                    outer.count += 1
+
+        self.handler, self.logger = Handler(), logging.getLogger("jax")
+        self.logger.addHandler(self.handler)
+        self.ctx = jax.log_compiles(True)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        self.logger.removeHandler(self.handler)

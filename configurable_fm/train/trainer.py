@@ -198,14 +198,22 @@ def place_state(model: nnx.Module, parts: ModelParts, tx, mesh, rules) -> tuple[
                                 for k, v in flat.items()}
     trainable, frozen, other = parts.split(model)
     trainable, frozen, other = place(trainable, True), place(frozen, False), place(other, True)
-    opt_state = jax.jit(tx.init)(trainable)
-    opt_shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-        else replicated, opt_state)
-    opt_state = jax.device_put(opt_state, opt_shardings)
+    opt_state, opt_shardings = on_mesh(jax.jit(tx.init)(trainable), mesh)
     state = TrainState(step_array(0, mesh), trainable, opt_state, other)
     return frozen, state, TrainState(replicated, {k: shardings[k] for k in trainable}, opt_shardings,
                                      {k: shardings[k] for k in other})
+
+
+def on_mesh(tree, mesh) -> tuple[Any, Any]:
+    """(`tree` with every array leaf on `mesh`, its shardings): a leaf already sharded over `mesh` (a NamedSharding
+    of it) is kept, any other is put there replicated. An optimizer's init under jax.jit leaves its scalars (Adam's
+    count) without the mesh, while a step over the mesh returns them on it: a jitted step fed the init's state
+    would see new input types at its second call and compile again (`make_train_step`'s callers: the trainer,
+    scripts/bench_train.py)."""
+    shardings = jax.tree.map(
+        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+        else _replicated(mesh), tree)
+    return jax.device_put(tree, shardings), shardings
 
 
 def place_task(task: Any, mesh) -> tuple[list, Callable[[list], Any]]:

@@ -3,7 +3,6 @@ variables other than parameters (trained by type, or carried and assigned by the
 LoRA-style Param subclasses as the only trainable state, one compilation of the step, and config errors raised
 before the workdir exists."""
 import json
-import logging
 import re
 
 import jax
@@ -20,6 +19,7 @@ from configurable_fm.train.state import ModelParts, variable_values
 from configurable_fm.train.task import AnchoredTask, NextTokenTask
 from configurable_fm.train.trainer import ConfigError, train
 from tests.train.test_train_cli import child_env, run_train, train_command
+from tests.helpers import compiles
 from tests.train.test_trainer import tiny_config, tiny_data
 
 try:  # modules that no config builds declare themselves (models/structure.py), so that best/ can be saved
@@ -32,29 +32,6 @@ quiet = lambda s: None
 
 def records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-class compiles:
-    """Counts the XLA compilations of the trainer's step (`train_step`) inside the `with` block."""
-
-    def __enter__(self):
-        self.count = 0
-        outer = self
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                if re.search(r"Compiling (jit\()?train_step\b", record.getMessage()):
-                    outer.count += 1
-
-        self.handler, self.logger = Handler(), logging.getLogger("jax")
-        self.logger.addHandler(self.handler)
-        self.ctx = jax.log_compiles(True)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        self.logger.removeHandler(self.handler)
 
 
 # ------------------------------------------------------------------------------------------ test modules
