@@ -87,13 +87,16 @@ def padded(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def load_rows(ref, n: int, cols=None, lead: tuple = ()):
+def load_rows(ref, n: int, cols=None, lead: tuple = (), zero=0):
     """ref[*lead, 0:n] (a vector) or ref[*lead, 0:n, cols] as float32 padded with zeros to padded(n) rows: one load
-    from row 0 with the rows past n masked (not read; a slice from 0 stays in place in interpret mode too)."""
+    from row 0 with the rows past n masked (not read; a slice from 0 stays in place in interpret mode too).
+    zero: the slice's start, a traced zero inside a kernel (a program id times 0): a padded slice runs past the
+    ref, which a masked Triton load allows but jax >= 0.12 refuses when the start and size are both static."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
     rows = padded(n)
-    index = lead + ((pl.ds(0, rows),) if cols is None else (pl.ds(0, rows), cols))
+    first = pl.ds(0 if rows == n else zero, rows)
+    index = lead + ((first,) if cols is None else (first, cols))
     if rows == n:
         return ref[index].astype(jnp.float32)
     inside = jax.lax.broadcasted_iota(jnp.int32, (rows,) if cols is None else (rows, 1), 0) < n
@@ -101,8 +104,9 @@ def load_rows(ref, n: int, cols=None, lead: tuple = ()):
 
 
 def sum_rows(ref, cols, n: int):
-    """sum_{s < n} ref[s, cols] in float32, in one load (`load_rows`)."""
-    return jnp.sum(load_rows(ref, n, cols), axis=0)
+    """sum_{s < n} ref[s, cols] in float32, in one load (`load_rows`); cols: a pl.ds whose start is traced (its
+    start times 0 is the load's traced zero)."""
+    return jnp.sum(load_rows(ref, n, cols, zero=cols.start * 0), axis=0)
 
 
 def fits(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, act: str,
@@ -127,7 +131,7 @@ def rms_norm_load(eps: float, dtype):
     def load(in_refs, start, size):
         x_ref, w_ref = in_refs
         d = x_ref.shape[1]
-        row = load_rows(x_ref, d, lead=(jnp.int32(0),))  # one load of the whole row
+        row = load_rows(x_ref, d, lead=(jnp.int32(0),), zero=start * 0)  # one load of the whole row
         sum_sq = jnp.sum(row * row)
         y = x_ref[0, pl.ds(start, size)].astype(jnp.float32) * jax.lax.rsqrt(sum_sq / d + eps)
         return (y * w_ref[pl.ds(start, size)].astype(jnp.float32)).astype(x_ref.dtype).astype(dtype)
@@ -177,7 +181,7 @@ def split_combine_load(dtype):
         s_ref = in_refs[0]
         blocks = s_ref.shape[1]
         cols = pl.ds(start, size)
-        acc, m, total = (load_rows(s_ref, blocks, cols, lead=(jnp.int32(k),)) for k in range(3))
+        acc, m, total = (load_rows(s_ref, blocks, cols, lead=(jnp.int32(k),), zero=start * 0) for k in range(3))
         m = jnp.where(jax.lax.broadcasted_iota(jnp.int32, m.shape, 0) < blocks, m, NEG)  # padded rows: weight 0
         w = jnp.exp(m - jnp.max(m, axis=0, keepdims=True))
         return (jnp.sum(w * acc, axis=0) / jnp.sum(w * total, axis=0)).astype(dtype)
