@@ -210,18 +210,20 @@ def on_mesh(tree, mesh) -> tuple[Any, Any]:
     count) without the mesh, while a step over the mesh returns them on it: a jitted step fed the init's state
     would see new input types at its second call and compile again (`make_train_step`'s callers: the trainer,
     scripts/bench_train.py)."""
-    shardings = jax.tree.map(
-        lambda x: x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
-        else _replicated(mesh), tree)
+    shardings = jax.tree.map(lambda x: x.sharding if is_on_mesh(x, mesh) else _replicated(mesh), tree)
     return jax.device_put(tree, shardings), shardings
+
+
+def is_on_mesh(x, mesh) -> bool:
+    """Whether `x` is a jax array sharded over `mesh` (a NamedSharding of it)."""
+    return isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
 
 
 def place_task(task: Any, mesh) -> tuple[list, Callable[[list], Any]]:
     """(the task's array leaves on `mesh`: kept when already there, else replicated copies; rebuild(arrays) -> task)."""
     arrays, rebuild = split_arrays(task)
-    on_mesh = lambda x: isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding) \
-        and x.sharding.mesh == mesh
-    return [x if on_mesh(x) else jax.device_put(x, _replicated(mesh), may_alias=False) for x in arrays], rebuild
+    return [x if is_on_mesh(x, mesh) else jax.device_put(x, _replicated(mesh), may_alias=False) for x in arrays], \
+        rebuild
 
 
 def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, task: Any = None, data=None,

@@ -18,8 +18,8 @@ from configurable_fm.models.structure import rebuild
 from configurable_fm.train.state import ModelParts, variable_values
 from configurable_fm.train.task import AnchoredTask, NextTokenTask
 from configurable_fm.train.trainer import ConfigError, train
-from tests.train.test_train_cli import child_env, run_train, train_command
 from tests.helpers import compiles
+from tests.train.test_train_cli import child_env, run_train, train_command
 from tests.train.test_trainer import tiny_config, tiny_data
 
 try:  # modules that no config builds declare themselves (models/structure.py), so that best/ can be saved
