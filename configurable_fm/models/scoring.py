@@ -1,4 +1,4 @@
-"""Language-model evaluation: per-token negative log-likelihood and perplexity.
+"""Language-model evaluation: compiled logits, per-token negative log-likelihood and perplexity.
 
 nll[b, t] = -log softmax(logits[b, t])[ids[b, t + 1]]  (float32), for t < T - 1.
 perplexity = exp(mean of nll over the scored tokens).
@@ -16,6 +16,17 @@ def next_token_nll(logits_BxTxV, targets_BxT) -> jax.Array:
     logits = logits_BxTxV.astype(jnp.float32)
     target = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - target
+
+
+@nnx.jit
+def _logits(model, ids_BxT):
+    return model(ids_BxT)
+
+
+def logits(model, ids_BxT) -> np.ndarray:
+    """(B, T, V) float32 logits of `model(ids)` as one compiled program per model structure (an eager forward
+    compiles each of its operations on first use: seconds for a tiny model on the CPU)."""
+    return np.asarray(_logits(model, jnp.asarray(ids_BxT, jnp.int32)), np.float32)
 
 
 @nnx.jit

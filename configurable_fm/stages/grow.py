@@ -236,13 +236,11 @@ def probe_ids(model) -> np.ndarray:
 
 
 def max_logit_diff(a, b, ids=None) -> float:
-    """max |a(ids) - b(ids)| over the probe batch, both in float32."""
-    import jax.numpy as jnp
+    """max |a(ids) - b(ids)| over the probe batch, both in float32 (each model's forward compiled)."""
+    from configurable_fm.models.scoring import logits
 
     ids = probe_ids(a) if ids is None else ids
-    la = np.asarray(a(jnp.asarray(ids)), np.float32)
-    lb = np.asarray(b(jnp.asarray(ids)), np.float32)
-    return float(np.max(np.abs(la - lb)))
+    return float(np.max(np.abs(logits(a, ids) - logits(b, ids))))
 
 
 def grow_from_config(cfg, *, log=None, with_metrics: bool = False, load=None, _allowed=None):

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configurable_fm.bricks.deltas import apply, load_delta, norms
 from configurable_fm.errors import ConfigError
@@ -58,8 +59,11 @@ def edit_cli(argv, capsys):
     return run_script("edit", argv, capsys)
 
 
+_forward = nnx.jit(lambda m, ids: m(ids))  # compiled once per model structure: not an eager forward per call
+
+
 def logits(model):
-    return np.asarray(model(jnp.asarray(IDS)), np.float32)
+    return np.asarray(_forward(model, jnp.asarray(IDS)), np.float32)
 
 
 def base_args(world, config, out, source="hf"):

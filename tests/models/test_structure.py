@@ -402,21 +402,20 @@ def test_the_package_extension_kinds_load_in_a_fresh_interpreter(model, tmp_path
     ext = tree_at(model, "layers.0.mlp.down_proj", SparseLinear(model.layers[0].mlp.down_proj, threshold=0.05))
     ext = attach(ext, "lora", "layers.*.self_attn.q_proj", rank=2, init="random", seed=1)
     path = orbax_io.save_model(ext, tmp_path / "ckpt")
-    script = ("import sys, numpy as np; from configurable_fm.interop import orbax_io; "
-              "from configurable_fm.models.structure import registered_extensions; "
+    # one interpreter for both checks: the load first, then (the same process) every module PACKAGE_EXTENSIONS names
+    script = ("import importlib, json, sys, numpy as np; from configurable_fm.interop import orbax_io; "
+              "from configurable_fm.models.structure import PACKAGE_EXTENSIONS, registered_extensions; "
               "before = sorted(registered_extensions()); m = orbax_io.load_model(sys.argv[1]); "
               "print(before, type(m.layers[0].mlp.down_proj).__name__, type(m.layers[1].self_attn.q_proj).__name__); "
-              "np.save(sys.argv[2], np.asarray(m(np.asarray(sys.argv[3].split(','), dtype=np.int32)[None])))")
+              "np.save(sys.argv[2], np.asarray(m(np.asarray(sys.argv[3].split(','), dtype=np.int32)[None]))); "
+              "[importlib.import_module(mod) for mod in set(PACKAGE_EXTENSIONS.values())]; "
+              "print(json.dumps(sorted(registered_extensions())))")
     ids = ",".join(str(i) for i in np.asarray(IDS[0]))
-    out = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "y.npy"), ids], text=True,
-                         capture_output=True, check=True).stdout
+    out, listing = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "y.npy"), ids], text=True,
+                                  capture_output=True, check=True).stdout.splitlines()
     assert "activation_sparsity" not in out.split("]")[0] and "lora" not in out.split("]")[0]
     assert out.split("]")[1].split() == ["SparseLinear", "LoRALinear"]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(ext(IDS[:1])), rtol=1e-6, atol=1e-6)
 
-    listing = ("import importlib, json; from configurable_fm.models.structure import PACKAGE_EXTENSIONS, "
-               "registered_extensions; [importlib.import_module(m) for m in set(PACKAGE_EXTENSIONS.values())]; "
-               "print(json.dumps(sorted(registered_extensions())))")
-    registered = json.loads(subprocess.run([sys.executable, "-c", listing], text=True, capture_output=True,
-                                           check=True).stdout)
+    registered = json.loads(listing)  # after importing every module the table names
     assert registered == sorted(PACKAGE_EXTENSIONS)  # every kind the modules register is in the table, and back

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from configurable_fm.errors import ConfigError
 from configurable_fm.train import growth as growth_mod
@@ -34,7 +35,7 @@ def small(tmp_path_factory):
     batches = tiny_data(cfg).train_batches(0, 1)
     for _ in range(7):
         batch = next(batches)
-    total, weight = loss_sums(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    total, weight = nnx.jit(loss_sums)(model, {k: jnp.asarray(v) for k, v in batch.items()})  # compiled: ~1 s less
     return root, float(total / weight)
 
 

@@ -124,10 +124,11 @@ def test_aux_loss_equals_a_tiny_hf_mixtrals(tmp_path):
     hf.save_pretrained(tmp_path)
     model = from_hf(tmp_path)
     task = MoETask(aux_loss_coef=0.0, z_loss_coef=0.0)
-    _, m = task.loss(model, BATCH, 1, jax.random.key(0))
+    # compiled, as in the trainer (and the capture below): two compilations instead of ~4 s of eager MoE ops
+    _, m = nnx.jit(lambda model: task.loss(model, BATCH, 1, jax.random.key(0)))(model)
     assert abs(float(m["aux_loss"]) - float(out.aux_loss)) <= 1e-5
     hf_logits = [x.numpy() for x in out.router_logits]
-    _, v = capture(model, "layers.*.mlp.router_logits", IDS)
+    _, v = nnx.jit(lambda model: capture(model, "layers.*.mlp.router_logits", IDS))(model)
     assert max(np.abs(np.asarray(v[f"layers.{i}.mlp.router_logits"]).reshape(-1, 4) - hf_logits[i]).max()
                for i in range(2)) <= 1e-5
     assert abs(float(load_balancing_loss([jnp.asarray(x) for x in hf_logits], 2)) - theirs(hf_logits, 2)) <= 1e-6

@@ -8,7 +8,9 @@
   trained adapter alone 0.88); two runs with one seed give the same trace bit for bit, another seed another trace.
 * few_shot_batch's layout, target_loss by hand, and the errors.
 """
+import functools
 import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,19 +88,30 @@ def test_combination_rule(setup):
     assert ce(w) == pytest.approx(float(target_loss(m, *batch(examples))), abs=1e-5)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_target_loss(graphdef, state, ids, attention, targets):
+    return target_loss(nnx.merge(graphdef, state), ids, attention, targets)
+
+
+def jitted_target_loss(model, examples: FewShot) -> float:
+    """target_loss(model, *batch(examples)) as one jitted program (eagerly, each of its ops compiles on its own);
+    the LoRA models share one graphdef, hence one program."""
+    return float(_jitted_target_loss(*nnx.split(model), *batch(examples)))
+
+
 def test_search_finds_the_fitted_adapter(setup):
     base, examples, other, fit = setup
     result = lorahub(base, [other, fit], examples, budget=40, seed=0)
-    base_loss = float(target_loss(base, *batch(examples)))
-    uniform = float(target_loss(lorahub_combine(base, [other, fit], [0.5, 0.5]), *batch(examples)))
+    base_loss = jitted_target_loss(base, examples)
+    uniform = jitted_target_loss(lorahub_combine(base, [other, fit], [0.5, 0.5]), examples)
     print(f"base {base_loss:.3f}, uniform {uniform:.3f}, LoraHub {result.loss:.3f} at {result.weights}, trained "
-          f"alone {float(target_loss(fit, *batch(examples))):.3f}")
+          f"alone {jitted_target_loss(fit, examples):.3f}")
     assert abs(result.weights[1]) > 3 * abs(result.weights[0])
     assert result.loss < uniform < base_loss
     assert result.trace.shape == (40,) and result.candidates.shape == (40, 2)
     assert result.trace[0] == pytest.approx(base_loss, abs=1e-6)  # w = 0 first: the base
     assert result.objective == result.trace.min() == result.best_trace[-1]
-    assert result.loss == pytest.approx(float(target_loss(result.model, *batch(examples))), abs=1e-5)
+    assert result.loss == pytest.approx(jitted_target_loss(result.model, examples), abs=1e-5)
     compiled = importlib.import_module("configurable_fm.ops.route.lorahub")._combined_loss._cache_size()
     again = lorahub(base, [other, fit], examples, budget=40, seed=0)
     assert importlib.import_module("configurable_fm.ops.route.lorahub")._combined_loss._cache_size() == compiled

@@ -23,10 +23,13 @@ def facts():
     return corpus, W.word_tokenizer(W.all_texts(corpus))
 
 
-def trained(spec, facts):
+def trained(spec, facts, model=None):
+    """The model trained 200 steps (batch 32) on the facts (`model`: one trained so already), checked to know them,
+    and its key statistics of layers 0-1."""
     corpus, tok = facts
-    model, loss = W.train(W.random_model(spec, tok.get_vocab_size(), 0), tok, corpus.training_texts(), steps=200,
-                          batch=32)
+    if model is None:
+        model, loss = W.train(W.random_model(spec, tok.get_vocab_size(), 0), tok, corpus.training_texts(),
+                              steps=200, batch=32)
     queries = corpus.queries("train_template")
     p = W.next_token_probs(model, tok, [q.prompt for q in queries])
     recall = np.mean([p[i].argmax() == W.token_id(tok, q.target) for i, q in enumerate(queries)])
@@ -37,7 +40,9 @@ def trained(spec, facts):
 
 @pytest.fixture(scope="module")
 def llama(facts):
-    return trained(dict(W.LLAMA, num_layers=2), facts)
+    # W.trained_world(16) is this very training (the same spec, seed, corpus, tokenizer, steps and batch), cached per
+    # process: the modules that use it (test_evaluate, test_update_lifelong_edit) share one training
+    return trained(dict(W.LLAMA, num_layers=2), facts, W.trained_world(16)[2])
 
 
 @pytest.fixture(scope="module")
