@@ -11,11 +11,46 @@ import numpy as np
 from flax import nnx
 
 
-def next_token_nll(logits_BxTxV, targets_BxT) -> jax.Array:
-    """-log softmax(logits)[target] per position, in float32: logsumexp(logits) - logits[target]."""
+def _nll_and_lse(logits_BxTxV, targets_BxT) -> tuple[jax.Array, jax.Array]:
     logits = logits_BxTxV.astype(jnp.float32)
-    target = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return lse - jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0], lse
+
+
+def _nll_autodiff(logits_BxTxV, targets_BxT) -> jax.Array:
+    return _nll_and_lse(logits_BxTxV, targets_BxT)[0]
+
+
+@jax.custom_vjp
+def _nll_one_pass_grad(logits_BxTxV, targets_BxT) -> jax.Array:
+    return _nll_and_lse(logits_BxTxV, targets_BxT)[0]
+
+
+def _one_pass_fwd(logits_BxTxV, targets_BxT):
+    nll, lse = _nll_and_lse(logits_BxTxV, targets_BxT)
+    return nll, (logits_BxTxV, lse, targets_BxT)
+
+
+def _one_pass_bwd(residuals, g_BxT):
+    logits, lse, targets = residuals
+    softmax = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+    return ((softmax - onehot) * g_BxT[..., None]).astype(logits.dtype), None
+
+
+_nll_one_pass_grad.defvjp(_one_pass_fwd, _one_pass_bwd)
+
+
+def next_token_nll(logits_BxTxV, targets_BxT) -> jax.Array:
+    """-log softmax(logits)[target] per position, in float32: logsumexp(logits) - logits[target].
+
+    The gradient is d logits = g (softmax(logits) - onehot(target)) on every platform; how it is computed is chosen
+    where the program is lowered (`jax.lax.platform_dependent`). On accelerators, a custom VJP forms it in one
+    elementwise pass from the saved float32 logsumexp, in the logits' dtype; plain autodiff would write a float32
+    (..., V) gradient, scatter -g at the targets and then cast it (the 1B step at 8 x 2048 on an H100: 219.6-220.3 ->
+    218.8-218.9 ms, benchmarks/ce_vjp_2026-12-06). On the CPU, where that pass's second exp over (..., V) costs more
+    than the memory it saves (a tiny model's step with a 49152 vocabulary: +29%), autodiff's gradient is kept."""
+    return jax.lax.platform_dependent(logits_BxTxV, targets_BxT, cpu=_nll_autodiff, default=_nll_one_pass_grad)
 
 
 @nnx.jit
