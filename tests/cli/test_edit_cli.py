@@ -6,16 +6,15 @@ method) as one line naming the line or key, with nothing written."""
 import json
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from configurable_fm.bricks.deltas import apply, load_delta, norms
 from configurable_fm.errors import ConfigError
 from configurable_fm.interop.hf import from_hf, to_hf
 from configurable_fm.interop.loader import load_model
 from configurable_fm.interop.orbax_io import save_model
+from configurable_fm.models import scoring
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.stages.edit import check_config, edit_from_config
 from experiments.edit import alphaedit, ft_l, memit, rlsedit, rome
@@ -59,11 +58,8 @@ def edit_cli(argv, capsys):
     return run_script("edit", argv, capsys)
 
 
-_forward = nnx.jit(lambda m, ids: m(ids))  # compiled once per model structure: not an eager forward per call
-
-
 def logits(model):
-    return np.asarray(_forward(model, jnp.asarray(IDS)), np.float32)
+    return scoring.logits(model, IDS)  # compiled once per model structure: not an eager forward per call
 
 
 def base_args(world, config, out, source="hf"):

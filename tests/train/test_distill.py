@@ -11,6 +11,7 @@ from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.errors import ConfigError
 from configurable_fm.interop.orbax_io import save_model
 from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.models.scoring import logits
 from configurable_fm.train.data import TokenData
 from configurable_fm.train.distill import DistillTask, distill_kl
 from configurable_fm.train.ramp import task_from_config
@@ -68,8 +69,7 @@ def test_loss_mixes_nll_and_kl_over_the_scored_tokens(models):
     teacher, path, student = models
     b = batch()
     w = np.asarray(b["loss_mask"], np.float64)
-    forward = nnx.jit(lambda m, x: m(x))  # the student and teacher have one structure: one compilation
-    s_logits, t_logits = forward(student, b["inputs"]), forward(teacher, b["inputs"])
+    s_logits, t_logits = logits(student, b["inputs"]), logits(teacher, b["inputs"])  # one structure: one program
     log_p = log_softmax(np.asarray(s_logits, np.float64))
     nll = float((-np.take_along_axis(log_p, np.asarray(b["targets"])[..., None], -1)[..., 0] * w).sum() / w.sum())
     kd = float((np.asarray(distill_kl(s_logits, t_logits, 2.0)) * w).sum() / w.sum())
