@@ -23,8 +23,8 @@ Rescaling the kept entries, m = δ ⊙ mask:
 
 Ties in magnitude. Ranks are taken in a *stable* order: among equal |δ| the lower flattened index ranks first
 (descending order for ``magnitude``: it is kept first; ascending for the others), on the CPU (radix) and the GPU
-(bisection) paths alike. The flat index is that of the tensor the kernel is given, so the canonical order of a
-model's parameter is fixed by the caller: the HF/torch layout (a Linear weight (out, in) row-major, each expert
+(sampled bracket) paths alike. The flat index is that of the tensor the kernel is given, so the canonical order
+of a model's parameter is fixed by the caller: the HF/torch layout (a Linear weight (out, in) row-major, each expert
 its own tensor), which is what the streaming merge reads and what tree.merge gives the kernels for nnx models
 (tree.merge_in_hf_layout); the in-memory and streamed merges therefore keep the same entries. mergekit uses torch's
 unstable CPU sort (`torch.argsort`), which is stable (and so identical to this) for tensors of at most 16 elements,
@@ -210,18 +210,6 @@ def _select_radix(keys: jax.Array, ranks: jax.Array):
     return _radix_values(_radix_low(keys, bucket), bucket, below, ranks)
 
 
-def _select_bisect(keys: jax.Array, ranks: jax.Array) -> jax.Array:
-    """The values (2,) uint32 of ranks (2,) in ascending `keys`, by a 32-step bisection on the value (the
-    largest p with #(keys < p) <= rank, built bit by bit from the top): 32 fused count reductions, no scatter."""
-
-    def step(i, prefix):
-        cand = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        counts = jnp.stack([jnp.sum(keys < cand[j], dtype=jnp.int32) for j in range(2)])
-        return jnp.where(counts <= ranks, cand, prefix)
-
-    return jax.lax.fori_loop(0, 32, step, jnp.zeros((2,), jnp.uint32))
-
-
 def _nth_equal(keys: jax.Array, t: jax.Array, block_counts: jax.Array, s: jax.Array) -> jax.Array:
     """Flat indices (2,) of the s_j-th (0-based) entry equal to t_j (n if there are at most s_j), for the two
     thresholds t (2,) and their per-block counts (2, blocks): the block from the counts, then the position
@@ -273,41 +261,119 @@ def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
 
 
-def _window_scan(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """rank_window_mask on flat keys for GPUs (where scatter histograms contend on a few bins and scans are
-    cheap): bisection select, then the rank of each tied entry by a cumulative count."""
+_SAMPLE = 1 << 16  # keys drawn (uniformly, with replacement) to bracket a rank before counting (`_sample_bracket`)
+_BRACKET_SIGMAS = 6.0  # half-width of the bracket in standard deviations of the sample's rank
+_REFINE_BITS = 16  # a refinement histogram has 2^16 bins (`_select_refine`)
+_MAX_KEY = 0xFFFFFFFF
+
+
+def _sample_bracket(keys: jax.Array, ranks: jax.Array):
+    """Key ranges [a, b] (m,) uint32 each likely to hold the value of rank r (m,) in ascending `keys` (n,).
+
+    From the sorted keys of s = 2^16 entries drawn uniformly with replacement (fixed positions, a function of n):
+    the value of rank r sits at the sample's rank c = r·s/n, give or take σ = √(s·q(1−q)) (q = r/n; the count
+    of sample keys below it is Binomial(s, q)), so [sample[c − 6σ], sample[c + 6σ]] holds it unless a
+    6-sigma event happened (or the tail is cut: a side past the sample's ends is the whole key range's end).
+    For n <= s every key is the sample (sorted: the bracket is the value itself)."""
     n = keys.shape[0]
-    t = _select_bisect(keys, jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)]))
+    if n <= _SAMPLE:
+        ordered = jnp.sort(keys)
+        t = ordered[jnp.clip(ranks, 0, n - 1)]
+        return t, t
+    pos = np.random.default_rng(n).integers(0, n, _SAMPLE).astype(np.int32)
+    sample = jnp.sort(keys[pos])
+    q = ranks.astype(jnp.float32) / jnp.float32(n)
+    centre = q * _SAMPLE
+    sigma = jnp.sqrt(_SAMPLE * q * (1 - q)) + 1.0
+    ia = jnp.floor(centre - _BRACKET_SIGMAS * sigma).astype(jnp.int32)
+    ib = jnp.ceil(centre + _BRACKET_SIGMAS * sigma).astype(jnp.int32)
+    a = jnp.where(ia < 0, jnp.uint32(0), sample[jnp.clip(ia, 0, _SAMPLE - 1)])
+    b = jnp.where(ib > _SAMPLE - 1, jnp.uint32(_MAX_KEY), sample[jnp.clip(ib, 0, _SAMPLE - 1)])
+    return a, b
 
-    def rank_of_ties(tv):  # rank of each entry equal to tv (garbage elsewhere)
-        eq = keys == tv
-        return jnp.sum(keys < tv, dtype=jnp.int32) + jnp.cumsum(eq, dtype=jnp.int32) - 1, eq
 
-    r_lo, eq_lo = rank_of_ties(t[0])
-    r_hi, eq_hi = rank_of_ties(t[1])
-    above_lo = (keys > t[0]) | (eq_lo & (r_lo >= lo))
-    below_hi = (keys < t[1]) | (eq_hi & (r_hi < hi))
-    return above_lo & below_hi & (lo < hi)
+def _select_refine(keys: jax.Array, ranks: jax.Array, done: jax.Array):
+    """The values t (m,) uint32 of ranks (m,) (0-based, in [0, n)) in ascending `keys`, and #(keys < t) (m,),
+    by narrowing a key range [lo, hi] known to hold the rank; rows where `done` (m,) are skipped (garbage).
+
+    The range starts at `_sample_bracket`'s, checked by one fused count (#(keys < a) <= r < #(keys <= b)), or
+    at the whole key range where the check fails. Each round is one pass: a 2^16-bin histogram of the keys
+    inside the range (bins of 2^shift keys, shift = max(0, bit length of hi − lo − 16); keys outside are
+    dropped, not counted, so the round costs a read of the keys and a few atomics), then the bin holding the
+    rank is the new range. A range narrower than 2^16 keys ends in one round, any other (the whole range too)
+    in two. No sort over n, no cumulative sum; the histograms' atomics touch only the bracket's entries (the
+    GPU's scatter contends when most entries fall into a few bins, as the high digits of magnitudes do)."""
+    a, b = _sample_bracket(keys, ranks)
+    below_a = jnp.stack([jnp.sum(keys < a[j], dtype=jnp.int32) for j in range(ranks.shape[0])])
+    upto_b = jnp.stack([jnp.sum(keys <= b[j], dtype=jnp.int32) for j in range(ranks.shape[0])])
+    hit = (below_a <= ranks) & (ranks < upto_b)
+    lo = jnp.where(hit, a, jnp.uint32(0))
+    hi = jnp.where(done, lo, jnp.where(hit, b, jnp.uint32(_MAX_KEY)))
+    below = jnp.where(hit, below_a, 0)
+    bins = 1 << _REFINE_BITS
+
+    def narrowing(state):
+        lo, hi, _ = state
+        return jnp.any(hi > lo)
+
+    def round_(state):
+        lo, hi, below = state
+        width = hi - lo
+        shift = jnp.maximum(32 - jax.lax.clz(width).astype(jnp.int32) - _REFINE_BITS, 0).astype(jnp.uint32)
+        hists = []
+        for j in range(ranks.shape[0]):
+            inside = (keys >= lo[j]) & (keys <= hi[j]) & (hi[j] > lo[j])
+            idx = jnp.where(inside, ((keys - lo[j]) >> shift[j]).astype(jnp.int32), bins)  # bins: dropped
+            hists.append(_scatter_counts(jnp.zeros(bins, jnp.int32), idx, drop=True))
+        j, before = _locate_rows(jnp.stack(hists), ranks - below)
+        new_lo = lo + (j.astype(jnp.uint32) << shift)
+        step = (jnp.uint32(1) << shift) - 1
+        new_hi = jnp.where(hi - new_lo < step, hi, new_lo + step)
+        moving = hi > lo
+        return (jnp.where(moving, new_lo, lo), jnp.where(moving, new_hi, hi), jnp.where(moving, below + before, below))
+
+    lo, _, below = jax.lax.while_loop(narrowing, round_, (lo, hi, below))
+    return lo, below
 
 
-@jax.jit
-def rank_window_mask(v: jax.Array, lo, hi) -> jax.Array:
+def _window_refine(keys: jax.Array, lo: jax.Array, hi: jax.Array, lo_is_zero: bool = False) -> jax.Array:
+    """rank_window_mask on flat keys for GPUs: `_select_refine` for each side of the window that needs a
+    selection (the low side not when lo is 0 by construction), then the tie cut from block counts
+    (`_tie_cuts`, one pass). A handful of O(n) passes: the sample, one count, one or two histogram rounds, the
+    block counts, the mask."""
+    n = keys.shape[0]
+    ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
+    settled = jnp.stack([lo <= 0, hi >= n]) | (lo >= hi)  # sides that select nothing
+    sides = (1,) if lo_is_zero else (0, 1)
+    t_sel, below_sel = _select_refine(keys, ranks[jnp.asarray(sides)], settled[jnp.asarray(sides)])
+    t = jnp.array([0, _MAX_KEY], jnp.uint32).at[jnp.asarray(sides)].set(t_sel)
+    below = jnp.zeros(2, jnp.int32).at[jnp.asarray(sides)].set(below_sel)
+    t = jnp.where(settled, jnp.array([0, _MAX_KEY], jnp.uint32), t)
+    cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)
+    cut = jnp.where(settled, jnp.array([0, n], jnp.int32), cut)
+    return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
+
+
+@functools.partial(jax.jit, static_argnames=("lo_is_zero",))
+def rank_window_mask(v: jax.Array, lo, hi, *, lo_is_zero: bool = False) -> jax.Array:
     """Mask (shape of v) of the entries whose rank r in the stable ascending order of v.ravel() has lo <= r < hi.
 
     Stable: equal values rank by flattened index. No sort, O(n): with t_lo, t_hi the values of rank lo and
     hi − 1 (selection on order-preserving uint32 keys), an entry has r >= lo iff v > t_lo, or v == t_lo and
-    #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. Two implementations with
-    identical results, chosen by the platform at lowering time: on CPU `_window_radix` (two 2^16-bin
-    histograms give t and #(v < t); the tied entry at the cut is found from per-block counts, then inside one
-    block), elsewhere `_window_scan` (32-step bisection, cumulative counts). lo, hi: int scalars, may be traced.
-    """
+    #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. The tied entry at a cut is
+    found from per-block counts, then inside one block. Two selections with identical results, chosen by the
+    platform at lowering time: on CPU `_window_radix` (two 2^16-bin histograms of all keys give t and
+    #(v < t)), elsewhere `_window_refine` (a sampled bracket, then histograms of the bracket's keys alone).
+    lo, hi: int scalars, may be traced; lo_is_zero (static): the caller's lo is always 0 (a top-k window), so
+    the GPU selection skips that side."""
     keys = _order_keys(v.reshape(-1))
     n = keys.shape[0]
     if n == 0:
         return jnp.zeros(v.shape, bool)
     lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, n)
     hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
-    mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=_window_scan)
+    gpu = functools.partial(_window_refine, lo_is_zero=lo_is_zero)
+    mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=gpu)
     return mask.reshape(v.shape)
 
 
@@ -328,12 +394,13 @@ _SLOTS = 6  # radix buckets whose low digits the first pass counts too (around a
 SAMPLE_ENTRIES = 1 << 18  # entries per key vector in that sample (callers take every k-th row / entry)
 
 
-def _scatter_counts(counts: jax.Array, idx: jax.Array) -> jax.Array:
+def _scatter_counts(counts: jax.Array, idx: jax.Array, drop: bool = False) -> jax.Array:
     """counts (bins,) int32 plus the histogram of idx (1-D int32 in [0, bins)): one scatter-add into `counts`
-    (in place when it is a loop's carry; no index normalisation, which jnp's .at[] would materialise)."""
+    (in place when it is a loop's carry; no index normalisation, which jnp's .at[] would materialise). drop:
+    indices outside [0, bins) are skipped instead (no atomic for them)."""
+    mode = jax.lax.GatherScatterMode.FILL_OR_DROP if drop else jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
     return jax.lax.scatter_add(counts, idx[:, None], jnp.ones(idx.shape, jnp.int32),
-                               jax.lax.ScatterDimensionNumbers((), (0,), (0,)),
-                               mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+                               jax.lax.ScatterDimensionNumbers((), (0,), (0,)), mode=mode)
 
 
 _WINDOW = 64  # sample buckets scored for each rank (`_predicted_buckets`)
@@ -456,7 +523,7 @@ def rank_window_mask_at(v: jax.Array, cuts: WindowCuts) -> jax.Array:
 def magnitude_mask(delta: jax.Array, density) -> jax.Array:
     """Bool mask of the k = max(1, int(d·n)) largest |δ| (ties: lower flat index first). d scalar."""
     lo, hi = magnitude_window(density, delta.size)
-    return rank_window_mask(-jnp.abs(delta.astype(jnp.float32)), lo, hi)
+    return rank_window_mask(-jnp.abs(delta.astype(jnp.float32)), lo, hi, lo_is_zero=True)
 
 
 def magnitude_outliers_mask(delta: jax.Array, density, gamma) -> jax.Array:
@@ -558,7 +625,7 @@ def sparsify_core(delta, density, method: SparsifyMethod, window, *, epsilon=Non
         elif isinstance(window, WindowCuts):  # a block of a tensor, its window resolved over the whole tensor
             m = rank_window_mask_at(v, window)
         else:
-            m = rank_window_mask(v, *window)
+            m = rank_window_mask(v, *window, lo_is_zero=method == "magnitude")
     elif method == "random":
         m = _random_mask(key, d, delta.shape) if mask is None else mask
     elif method == "della_magprune":

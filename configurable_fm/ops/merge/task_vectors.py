@@ -313,7 +313,7 @@ def _sce_core(base, xs, *, topk, arith):
             var = r(_sum([jnp.square(t - mean) for t in tv]) / n_models)  # population variance over models
             nnz = jnp.count_nonzero(var)
             k = jnp.trunc(nnz.astype(jnp.float32) * jnp.float32(topk)).astype(jnp.int32)
-            sel = sp.rank_window_mask(-jnp.abs(var), 0, k).astype(jnp.float32)
+            sel = sp.rank_window_mask(-jnp.abs(var), 0, k, lo_is_zero=True).astype(jnp.float32)
             tv = [t * sel for t in tv]
     agree = [a.astype(jnp.float32) for a in _elect(tv, tv, "sum", arith)]
     omega = jnp.stack([r(jnp.mean(r(jnp.square(t)))) for t in tv])

@@ -1,5 +1,6 @@
 """Sparsifiers of task vectors: hand-computed masks (ties, density 0 and 1), rescaling, DELLA probabilities
 against mergekit 0.1.5's recorded ones, counts as mergekit computes them, jit."""
+import functools
 import json
 import pathlib
 
@@ -245,7 +246,7 @@ def test_window_kernels_match_stable_argsort(shape):
     rng = np.random.default_rng(sum(shape))
     n = int(np.prod(shape))
     cpu = jax.jit(lambda k, lo, hi: sp._window_radix(k, lo, hi))  # the CPU kernel (what rank_window_mask runs here)
-    scan = jax.jit(lambda k, lo, hi: sp._window_scan(k, lo, hi))  # the GPU kernel, run on CPU
+    gpu = jax.jit(lambda k, lo, hi: sp._window_refine(k, lo, hi))  # the GPU kernel, run on CPU
     for trial in range(12):
         v = tied_values(rng, shape, ("bf16", "int")[trial % 2])
         lo, hi = sorted(rng.integers(0, n + 1, size=2).tolist())
@@ -257,8 +258,31 @@ def test_window_kernels_match_stable_argsort(shape):
         msg = f"shape {shape}, trial {trial}, window [{lo}, {hi})"
         np.testing.assert_array_equal(arr(sp.rank_window_mask(jnp.asarray(v), lo, hi)), expected, err_msg=msg)
         np.testing.assert_array_equal(arr(cpu(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
-        np.testing.assert_array_equal(arr(scan(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
+        np.testing.assert_array_equal(arr(gpu(keys, lo_, hi_)).reshape(shape), expected, err_msg=msg)
 
+
+
+# n > 2^16: the GPU kernel's bracket comes from a sample. Three rows (float32 normals: wide brackets, two
+# histogram rounds; bf16 ties; small integers), vmapped (a batched while loop), a window per row; sigmas -1 puts
+# every bracket off its rank, so each selection starts from the whole key range.
+@pytest.mark.parametrize("sigmas", [6.0, -1.0])
+def test_gpu_window_from_sampled_brackets_matches_stable_argsort(monkeypatch, sigmas):
+    monkeypatch.setattr(sp, "_BRACKET_SIGMAS", sigmas)
+    rng = np.random.default_rng(5)
+    n = 70_000
+    vs = np.stack([rng.standard_normal(n).astype(np.float32), tied_values(rng, (n,), "bf16"),
+                   tied_values(rng, (n,), "int")])
+    keys = jax.vmap(sp._order_keys)(jnp.asarray(vs))
+    for lo_is_zero in (False, True):
+        kernel = jax.jit(jax.vmap(functools.partial(sp._window_refine, lo_is_zero=lo_is_zero)))
+        windows = ([(0, 7_000), (0, n), (0, 1)] if lo_is_zero else
+                   [(12_345, 60_001), (n - 1, n), (40_000, 40_000)])
+        for shift in range(3):  # each row gets each window
+            lo, hi = (np.asarray([windows[(i + shift) % 3][j] for i in range(3)], np.int32) for j in (0, 1))
+            got = arr(kernel(keys, jnp.asarray(lo), jnp.asarray(hi)))
+            for i in range(3):
+                np.testing.assert_array_equal(got[i], stable_window_ref(vs[i], lo[i], hi[i]),
+                                              err_msg=f"row {i}, window [{lo[i]}, {hi[i]}), lo_is_zero {lo_is_zero}")
 
 def test_selects_match_sorted_keys():
     rng = np.random.default_rng(7)
@@ -266,13 +290,15 @@ def test_selects_match_sorted_keys():
         v = tied_values(rng, (9100,), kind)
         keys = sp._order_keys(jnp.asarray(v))
         ks = np.sort(arr(keys))
-        radix, bisect = jax.jit(sp._select_radix), jax.jit(sp._select_bisect)
+        radix, refine = jax.jit(sp._select_radix), jax.jit(sp._select_refine)
         for r in ([0, 9099], [17, 17], [4500, 8000], [9099, 0]):
             r = np.asarray(r, np.int32)
             t, below = radix(keys, jnp.asarray(r))
             np.testing.assert_array_equal(arr(t), ks[r])
             np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
-            np.testing.assert_array_equal(arr(bisect(keys, jnp.asarray(r))), ks[r])
+            t, below = refine(keys, jnp.asarray(r), jnp.zeros(2, bool))
+            np.testing.assert_array_equal(arr(t), ks[r])
+            np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
 
 
 @pytest.mark.parametrize("density", [0.001, 0.1, 0.37, 0.5, 0.9])
