@@ -203,17 +203,20 @@ def environment() -> dict:
             "python": platform.python_version(), "git_revision": git_revision()}
 
 
-def weight_types(model_name: str) -> dict[str, int]:
-    """{GGML tensor type: count} of a packaged GGUF model's file ({} for other formats or on any error)."""
+def weight_types(source) -> dict[str, int]:
+    """{GGML tensor type: count} of a packaged model's GGUF file, given the model's name or the file's open
+    reader (`load_pretrained(..., with_source=True)`); {} for other formats or on any error."""
     try:
         from configurable_fm.interop.gguf import read_gguf
         from configurable_fm.models import registry
 
-        name = registry.canonical_name(model_name)
-        if registry.MODELS[name].format != "gguf":
-            return {}
+        if isinstance(source, (str, Path)):
+            name = registry.canonical_name(str(source), missing_ok=True)
+            if name is None or registry.MODELS[name].format != "gguf":
+                return {}
+            source = read_gguf(registry.model_path(name))
         types: dict[str, int] = {}
-        for t in read_gguf(registry.model_path(name)).tensors:
+        for t in source.tensors:
             types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         return dict(sorted(types.items(), key=lambda kv: -kv[1]))
     except Exception:  # only used to describe the weights
@@ -227,9 +230,9 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
     env = environment()
     log(f"device: {env['device']}; jax {env['jax']}, flax {env['flax']}; git {env['git_revision']}")
     t0 = time.perf_counter()
-    model, tokenizer = load_pretrained(model_name)
+    model, tokenizer, source = load_pretrained(model_name, with_source=True)
     load_s = time.perf_counter() - t0
-    types = weight_types(model_name)
+    types = weight_types(source)
     groups = brick_groups(model)
     total = sum(groups.values())
     log(f"loaded {model_name} in {load_s:.1f}s: {total:,} parameters in {len(groups)} bricks")
@@ -261,7 +264,7 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
     for k, v in head + layer0:
         log(f"  {k:28s} {v:>12,}")
 
-    chat = load_chat_tokenizer(model_name, tokenizer=tokenizer)  # special tokens and chat template
+    chat = load_chat_tokenizer(source, tokenizer=tokenizer)  # special tokens and chat template
     prompts = CHAT_PROMPTS if chat.chat_template else PROMPTS
     stop = ", ".join(chat.id_to_token(i) for i in chat.stop_token_ids) or "none"
     how = ("Each question is rendered by the model's chat template (as transformers' `apply_chat_template` does)"

@@ -23,8 +23,12 @@ from configurable_fm.errors import SourceNotFound
 from configurable_fm.models import registry
 
 
-def load_pretrained(name: str, dtype=jnp.float32):
-    """(model, tokenizers.Tokenizer) for a packaged model (`registry.MODELS`, any case), parameters in `dtype`."""
+def load_pretrained(name: str, dtype=jnp.float32, *, with_source: bool = False):
+    """(model, tokenizers.Tokenizer) for a packaged model (`registry.MODELS`, any case), parameters in `dtype`.
+
+    with_source: (model, tokenizer, source), source the parsed file (a GGUF's open reader, whose metadata takes
+    ~1 s to parse for SmolLM2's vocabulary) or the HF directory, for `load_chat_tokenizer(source, tokenizer=...)`
+    and the file's metadata without parsing it again."""
     name = registry.canonical_name(name)
     entry, path = registry.MODELS[name], registry.model_path(name)
     if entry.format == "gguf":
@@ -32,13 +36,15 @@ def load_pretrained(name: str, dtype=jnp.float32):
         from configurable_fm.interop.tokenizers import tokenizer_from_gguf
 
         reader = read_gguf(path)  # parse the (large) metadata once for both
-        return from_gguf(reader, dtype=dtype), tokenizer_from_gguf(reader)
-    if entry.format == "hf":
+        loaded = from_gguf(reader, dtype=dtype), tokenizer_from_gguf(reader), reader
+    elif entry.format == "hf":
         from configurable_fm.interop.hf import from_hf
         from configurable_fm.interop.tokenizers import load_tokenizer
 
-        return from_hf(path, dtype=dtype), load_tokenizer(path)
-    raise ValueError(f"model {name!r}: unknown format {entry.format!r}")
+        loaded = from_hf(path, dtype=dtype), load_tokenizer(path), path
+    else:
+        raise ValueError(f"model {name!r}: unknown format {entry.format!r}")
+    return loaded if with_source else loaded[:2]
 
 
 def _looks_like_hub_id(text: str) -> bool:

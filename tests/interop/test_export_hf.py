@@ -225,8 +225,8 @@ def test_smollm2_export_generates_like_transformers(tmp_path):
     from configurable_fm.interop.loader import load_pretrained
 
     start = time.perf_counter()
-    model, tok = load_pretrained(name)
-    chat = load_chat_tokenizer(name, tokenizer=tok)  # the GGUF's special tokens and chat template
+    model, tok, reader = load_pretrained(name, with_source=True)  # the GGUF's metadata (~1 s) parsed once
+    chat = load_chat_tokenizer(reader, tokenizer=tok)  # the GGUF's special tokens and chat template
     out = to_hf(model, tmp_path / "smol", tokenizer=chat)
     print(f"\nload + to_hf: {time.perf_counter() - start:.1f} s")
     assert json.loads((out / "generation_config.json").read_text()) == {
