@@ -24,6 +24,7 @@ from configurable_fm.models import check_consistent, extension_specs
 from configurable_fm.models import generation
 from configurable_fm.models.factory import with_compute_dtype
 from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.models.scoring import logits
 from tests.helpers import assert_params_equal, random_llama, tiny_hf_llama
 
 TOL = 1e-5
@@ -163,8 +164,8 @@ def test_ids_are_traced_under_jit(alone_logits, mixed):
 def test_bfloat16_compute_rows_equal_their_adapter_alone(base, singles, with_rows):
     """Serving precision (bf16 compute, float32 adapters): the same operations per row, so the same logits (measured
     bit for bit; allowed: one bf16 rounding of logits ~0.1)."""
-    def bf16(model, tokens):
-        return np.asarray(with_compute_dtype(model, jnp.bfloat16)(tokens).astype(jnp.float32))
+    def bf16(model, tokens):  # one compiled forward per model (eager bf16 ops would compile one by one: ~1 s more)
+        return logits(with_compute_dtype(model, jnp.bfloat16), tokens)
 
     out = bf16(with_rows, TOKENS)
     assert with_rows.layers[0].self_attn.v_proj.lora_a.get_value().dtype == jnp.float32
@@ -255,7 +256,7 @@ def test_parity_with_peft_mixed_batch(tmp_path):
     ours_base = from_hf(tmp_path / "hf")
     mixed = mx.mix(ours_base, [adapters.from_peft(ours_base, tmp_path / n) for n in configs],
                    ids=[{"a": 0, "b": 1, "__base__": -1}[n] for n in names])
-    got = np.asarray(mixed(jnp.asarray(tokens)))
+    got = logits(mixed, tokens)  # one compiled forward: this model's shapes are its own (eager: ~130 compilations)
     assert np.abs(want[0] - want[2]).max() > 1e-2 and np.abs(want[1] - want[2]).max() > 1e-2
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 

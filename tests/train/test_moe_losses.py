@@ -89,22 +89,23 @@ def test_router_statistics_by_hand():
     # k = 1, E = 2, one row of T = 4, cf = 1 (C = 2): tokens 0, 1, 2 choose expert 0, token 3 expert 1; token 2 drops
     logits = jnp.asarray([[[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [0.0, 0.0]]])
     logits = logits.at[0, 3].set(jnp.asarray([0.0, 1.0]))
-    s = router_statistics(logits, 1, "topk_softmax", 1.0)
+    stats = jax.jit(router_statistics, static_argnums=(1, 2, 3))  # a compilation per call, not per operation
+    s = stats(logits, 1, "topk_softmax", 1.0)
     np.testing.assert_allclose(s["load"], [0.5, 0.25])  # processed: t0, t1 by e0; t3 by e1
     assert float(s["dropped"]) == 0.25
     h = lambda z: -sum(p * math.log(p) for p in (1 / (1 + math.exp(-z)), 1 / (1 + math.exp(z))))
     assert abs(float(s["entropy"]) - np.mean([h(1), h(2), h(3), h(1)])) <= 1e-6
-    s = router_statistics(logits, 1, "topk_softmax", None)
+    s = stats(logits, 1, "topk_softmax", None)
     np.testing.assert_allclose(s["load"], [0.75, 0.25])
     assert "dropped" not in s
-    masked = router_statistics(logits, 1, "topk_softmax", 1.0, np.array([[1, 1, 1, 0]]))  # routing of all 4
+    masked = stats(logits, 1, "topk_softmax", 1.0, np.array([[1, 1, 1, 0]]))  # routing of all 4
     np.testing.assert_allclose(masked["load"], [2 / 3, 0])
     assert abs(float(masked["dropped"]) - 1 / 3) <= 1e-6
     # expert choice: C = ceil(1 * 4 * 1 / 2) = 2, e0 takes t2, t1; e1 takes t3, t0 (its top two 1 - s0): nothing dropped
-    s = router_statistics(logits, 1, "expert_choice", None)
+    s = stats(logits, 1, "expert_choice", None)
     np.testing.assert_allclose(s["load"], [0.5, 0.5])
     assert float(s["dropped"]) == 0.0
-    s = router_statistics(jnp.zeros((1, 4, 2)), 1, "expert_choice", 0.5)  # C = 1, ties: both take t0
+    s = stats(jnp.zeros((1, 4, 2)), 1, "expert_choice", 0.5)  # C = 1, ties: both take t0
     np.testing.assert_allclose(s["load"], [0.25, 0.25])
     assert float(s["dropped"]) == 0.75
 
@@ -142,19 +143,23 @@ def moe():
 
 def test_the_objective_adds_the_weighted_router_losses(moe):
     task = MoETask(aux_loss_coef=0.5, z_loss_coef=0.25).setup(moe, [])
-    loss, m = task.loss(moe, BATCH, 1, jax.random.key(3))
+
+    # compiled, as in the trainer: one program for the three objectives (eager MoE ops: ~150 compilations, ~4 s)
+    @nnx.jit
+    def objectives(model, key):
+        return task.loss(model, BATCH, 1, key), task.eval_loss(model, BATCH, 1), next_token_loss(model, BATCH)
+
+    (loss, m), (ev, me), (nll, _) = objectives(moe, jax.random.key(3))
     assert abs(float(loss) - (float(m["base_loss"]) + 0.5 * float(m["aux_loss"]) + 0.25 * float(m["z_loss"]))) <= 1e-6
     assert float(m["weight"]) == IDS.size  # the inner task's metrics pass through
     assert set(m) >= {"aux_loss", "z_loss", "router_entropy", "dropped_fraction", "router/layers.1.mlp/entropy",
                       "router/layers.0.mlp/dropped"} | {f"router/layers.0.mlp/load_{e}" for e in range(4)}
     # the metrics are those of the logits the (noisy) forward used
-    again, m2 = task.loss(moe, BATCH, 1, jax.random.key(3))
+    (again, m2), _, _ = objectives(moe, jax.random.key(3))
     assert float(again) == float(loss)
     with pytest.raises(AssertionError):  # another key, other noise
-        assert float(task.loss(moe, BATCH, 1, jax.random.key(4))[0]) == float(loss)
-    # evaluation: no noise; val_loss = the inner loss; the router losses as metrics
-    ev, me = task.eval_loss(moe, BATCH, 1)
-    nll, _ = next_token_loss(moe, BATCH)
+        assert float(objectives(moe, jax.random.key(4))[0][0]) == float(loss)
+    # evaluation (ev, me): no noise; val_loss = the inner loss (nll); the router losses as metrics
     assert float(ev) == float(me["base_loss"]) == pytest.approx(float(nll), abs=1e-6)
     assert float(ev) != float(m["base_loss"])
     assert 0 < float(me["dropped_fraction"]) < 1 and abs(sum(float(me[f"router/layers.0.mlp/load_{e}"])
@@ -186,7 +191,8 @@ def test_task_errors(moe):
     ec = build_model(dataclasses.replace(CFG, router="expert_choice"), seed=0)
     with pytest.raises(ConfigError, match=r"layers.0.mlp uses expert-choice routing, .* set aux_loss_coef=0"):
         MoETask().setup(ec, [])
-    _, m = MoETask(aux_loss_coef=0.0).setup(ec, []).loss(ec, BATCH, 1, jax.random.key(0))
+    ec_task = MoETask(aux_loss_coef=0.0).setup(ec, [])
+    _, m = nnx.jit(lambda model: ec_task.loss(model, BATCH, 1, jax.random.key(0)))(ec)  # one compilation
     assert float(m["aux_loss"]) == 0 and "dropped_fraction" in m
     with pytest.raises(ConfigError, match=r"aux_loss_coef=-1 must be a number >= 0"):
         MoETask(aux_loss_coef=-1)
@@ -197,7 +203,7 @@ def test_task_errors(moe):
     task = MoETask.from_config({"aux_loss_coef": 0.02, "per_layer": False})
     assert (task.aux_loss_coef, task.z_loss_coef, task.per_layer, type(task.inner)) == (0.02, 1e-3, False,
                                                                                       NextTokenTask)
-    _, m = task.loss(moe, BATCH, 1, jax.random.key(0))
+    _, m = nnx.eval_shape(lambda model: task.loss(model, BATCH, 1, jax.random.key(0)), moe)  # the names only
     assert not any(k.startswith("router/") for k in m)
 
     class Clashing(NextTokenTask):
@@ -205,8 +211,8 @@ def test_task_errors(moe):
             loss, metrics = super().loss(model, batch, step, rng)
             return loss, {**metrics, "z_loss": loss}
 
-    with pytest.raises(ConfigError, match=r"inner task returns metric\(s\) \['z_loss'\]"):
-        MoETask(inner=Clashing()).loss(moe, BATCH, 1, jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"inner task returns metric\(s\) \['z_loss'\]"):  # raised while traced
+        nnx.eval_shape(lambda model: MoETask(inner=Clashing()).loss(model, BATCH, 1, jax.random.key(0)), moe)
     assert list(moe_layers(moe)) == ["layers.0.mlp", "layers.1.mlp"]
 
 

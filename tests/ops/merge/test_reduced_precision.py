@@ -41,6 +41,14 @@ MAGNITUDE_RANKING = ("ties", "breadcrumbs", "breadcrumbs_ties")
 STABLE_SORT_MAX = 16
 
 
+_round_to = jax.jit(round_to, static_argnums=1)  # one compilation per shape (eager: one per operation and shape)
+
+
+def rounded(x, dt) -> np.ndarray:
+    """round_to(x, dt) of x as float32, jitted (the form test_round_to_matches_numpy_casts checks), as numpy."""
+    return np.asarray(_round_to(np.asarray(x, np.float32), dt))
+
+
 def tie_order_only(y, want, base, xs, dt) -> bool:
     """Whether every entry where y and want differ is one whose rounded |x_i − b| equals another entry's |x_j − b|
     of the same model (a tie in magnitude) in a tensor longer than torch's stable-sort limit."""
@@ -49,7 +57,7 @@ def tie_order_only(y, want, base, xs, dt) -> bool:
         return True
     if want.size <= STABLE_SORT_MAX:
         return False
-    mags = [np.abs(round_to(np.asarray(x - base, np.float32), dt)).ravel() for x in xs]
+    mags = [np.abs(rounded(x - base, dt)).ravel() for x in xs]
     tied = np.zeros(want.size, bool)
     for m in mags:
         values, counts = np.unique(np.asarray(m), return_counts=True)
@@ -210,8 +218,8 @@ def assert_yaml_tensor(case, k, got, yaml_golden):
     method = yaml.safe_load(YAML_META["cases"][case]["yaml"])["merge_method"]
     dt = yaml.safe_load(YAML_META["cases"][case]["yaml"])["dtype"]
     xs = [yaml_golden[f"inputs/{m}/{k}"] for m in ("B", "C") if f"inputs/{m}/{k}" in yaml_golden]
-    base = round_to(yaml_golden[f"inputs/A/{k}"], dt)
-    assert method in MAGNITUDE_RANKING and tie_order_only(y, want, base, [round_to(x, dt) for x in xs], dt), (
+    base = rounded(yaml_golden[f"inputs/A/{k}"], dt)
+    assert method in MAGNITUDE_RANKING and tie_order_only(y, want, base, [rounded(x, dt) for x in xs], dt), (
         f"{case}: {k}: {int(np.sum(y != want))} of {want.size} entries differ from mergekit")
 
 
