@@ -1,7 +1,8 @@
-# Where the batched ties kernel's time goes (call.sh found the new selection only 8% faster: the selection is not
-# the bound): profile_ties.py on one MLP group of the 1.1B benchmark (22 x 5632 x 2048), with the optimized HLO of
-# the merge kernels dumped (gzipped) to map the trace's fusions. Carry .gpu/whl. From the repository root:
-#   bash benchmarks/ties_select_2026-12-06/call2.sh     (timeout_s 300; ~1.5 min)
+# Call 3: profile_ties.py (the ties group, task_arithmetic for contrast, the selection alone with 15, 31 and 63
+# thresholds per pass) with the merge kernels' optimized HLO dumped, then bench_merge's kernel-only ties rows and
+# the masks on the GPU. Call 2 ran the profile alone, in an earlier form (one selection row, the scatter rounds).
+# One MLP group of the 1.1B benchmark (22 x 5632 x 2048). Carry .gpu/whl. From the repository root:
+#   bash benchmarks/ties_select_2026-12-06/call3.sh     (timeout_s 420; ~3 min)
 source benchmarks/pending_gpu/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE --xla_dump_hlo_module_re=.*(fused|lambda).*" \
@@ -15,7 +16,7 @@ for r in map(json.loads, open(os.environ["OUT"] + "/profile_ties.jsonl")):
     for k in (r.get("top") or [])[:12]:
         print("   ", k)
 PY
-ls /tmp/hlo | grep -c . ; tar czf $OUT/hlo.tgz -C /tmp hlo --exclude='*before_optimizations*' 2>/dev/null; ls -la $OUT/hlo.tgz
+cat /tmp/hlo/*jit_fused*gpu_after_optimizations.txt | gzip > $OUT/merge_kernels_after_optimizations.txt.gz
 # the kernel-only rows of bench_merge (ties, every tensor of the 1.1B model) and the masks on the GPU
 timeout 150 python3 scripts/bench_merge.py --workdir /tmp/bm --size 1b --device gpu --kernels_only --methods ties \
   --kernel_iters 5 --out /tmp/bench_ties.json > /tmp/bench_ties.log 2>&1; el bench_ties $?
