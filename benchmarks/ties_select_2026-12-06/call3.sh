@@ -17,8 +17,8 @@ for r in map(json.loads, open(os.environ["OUT"] + "/profile_ties.jsonl")):
         print("   ", k)
 PY
 cat /tmp/hlo/*jit_fused*gpu_after_optimizations.txt | gzip > $OUT/merge_kernels_after_optimizations.txt.gz
-# the kernel-only rows of bench_merge (ties, every tensor of the 1.1B model) and the masks on the GPU
+# the masks on the GPU, then the kernel-only rows of bench_merge (ties, every tensor of the 1.1B model)
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/merge/test_sparsify.py 2>&1 | tail -2; el test_sparsify $?
 timeout 150 python3 scripts/bench_merge.py --workdir /tmp/bm --size 1b --device gpu --kernels_only --methods ties \
   --kernel_iters 5 --out /tmp/bench_ties.json > /tmp/bench_ties.log 2>&1; el bench_ties $?
 grep -h '"kind"' /tmp/bench_ties.log | tee $OUT/bench_ties.jsonl | cut -c1-250
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/ops/merge/test_sparsify.py 2>&1 | tail -2; el test_sparsify $?

@@ -187,8 +187,13 @@ class PreadStore(Mapping[str, np.ndarray]):
 
 
 # ------------------------------------------------------------------------------------------------- kernels
+_PLAIN = (bool, int, float, str, type(None))
+
+
 def _freeze(value: Any):
     """A hashable, exact stand-in for a resolved parameter value (numpy arrays by dtype, shape and values)."""
+    if type(value) in _PLAIN:  # the common case first: the checks below cost ~10 us a value (abstract classes)
+        return (type(value).__name__, value)
     if isinstance(value, jax.Array):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
@@ -627,9 +632,10 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
         raise ValueError(f"merge_stacked: inputs {[tuple(x.shape) for x in inputs]} are not all ({n}, ...) "
                          f"stacks of one shape")
     static = {k: v for k, v in params[0].items() if not _is_param_array(v)}
+    frozen = _freeze(static)
     for name, p in zip(names[1:], params[1:]):
         other = {k: v for k, v in p.items() if not _is_param_array(v)}
-        if _freeze(other) != _freeze(static):
+        if _freeze(other) != frozen:
             raise ValueError(f"merge_stacked: {names[0]} and {name} have different scalar parameters "
                              f"({static} vs {other}): batch only tensors that share them")
     if compute_dtype is not None:
