@@ -250,6 +250,18 @@ def _window_from_cuts(keys: jax.Array, idx: jax.Array, t: jax.Array, cut: jax.Ar
     return above_lo & below_hi & nonempty
 
 
+def _window_sorted(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """rank_window_mask on flat keys of at most `_SAMPLE` entries, on any platform: the values of the window's
+    ranks from the sorted keys and #(keys < t) by a binary search, then the tie cut from block counts. One small
+    sort, where the radix select's 2^16-bin histograms cost more than the tensor (norms, biases, test tensors)."""
+    n = keys.shape[0]
+    ordered = jnp.sort(keys)
+    t = ordered[jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])]
+    below = jnp.searchsorted(ordered, t, side="left").astype(jnp.int32)
+    cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)
+    return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
+
+
 def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """rank_window_mask on flat keys for CPUs: radix select, then the tie cut from block counts. A handful of
     O(n) passes (two scatter histograms, one block reduction, the mask), no cumulative sum over n. (The row
@@ -367,12 +379,13 @@ def _window_refine(keys: jax.Array, lo: jax.Array, hi: jax.Array, lo_is_zero: bo
 def rank_window_mask(v: jax.Array, lo, hi, *, lo_is_zero: bool = False) -> jax.Array:
     """Mask (shape of v) of the entries whose rank r in the stable ascending order of v.ravel() has lo <= r < hi.
 
-    Stable: equal values rank by flattened index. No sort, O(n): with t_lo, t_hi the values of rank lo and
-    hi − 1 (selection on order-preserving uint32 keys), an entry has r >= lo iff v > t_lo, or v == t_lo and
-    #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. The tied entry at a cut is
-    found from per-block counts, then inside one block. Two selections with identical results, chosen by the
-    platform at lowering time: on CPU `_window_radix` (two 2^16-bin histograms of all keys give t and
-    #(v < t)), elsewhere `_window_refine` (a sampled bracket, then counts below 31 thresholds per pass).
+    Stable: equal values rank by flattened index. No sort over large tensors, O(n): with t_lo, t_hi the values
+    of rank lo and hi − 1 (selection on order-preserving uint32 keys), an entry has r >= lo iff v > t_lo, or
+    v == t_lo and #(v < t_lo) + #(entries == t_lo before it) >= lo; symmetrically r < hi at t_hi. The tied entry
+    at a cut is found from per-block counts, then inside one block. Three selections with identical results:
+    up to 2^16 entries `_window_sorted` (a sort of the keys); above, chosen by the platform at lowering time, on
+    CPU `_window_radix` (two 2^16-bin histograms of all keys give t and #(v < t)), elsewhere `_window_refine` (a
+    sampled bracket, then counts below 31 thresholds per pass).
     lo, hi: int scalars, may be traced; lo_is_zero (static): the caller's lo is always 0 (a top-k window), so
     the GPU selection skips that side."""
     keys = _order_keys(v.reshape(-1))
@@ -382,7 +395,10 @@ def rank_window_mask(v: jax.Array, lo, hi, *, lo_is_zero: bool = False) -> jax.A
     lo = jnp.clip(jnp.asarray(lo, jnp.int32), 0, n)
     hi = jnp.clip(jnp.asarray(hi, jnp.int32), 0, n)
     gpu = functools.partial(_window_refine, lo_is_zero=lo_is_zero)
-    mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=gpu)
+    if n <= _SAMPLE:
+        mask = _window_sorted(keys, lo, hi)
+    else:
+        mask = jax.lax.platform_dependent(keys, lo, hi, cpu=_window_radix, default=gpu)
     return mask.reshape(v.shape)
 
 
