@@ -39,7 +39,11 @@ def timed(fn, iters=5):
     return best
 
 
-for method in ("ties", "task_arithmetic"):
+import os  # noqa: E402
+
+for method in os.environ.get("METHODS", "ties,task_arithmetic").split(","):
+    if not method:
+        continue
     m = get_method(method)
     per_model = [{"weight": w, **({"density": 0.5} if method == "ties" else {})} for w in bm.WEIGHTS]
     kws = [P.resolve_for_tensor(m, n, parameters={"normalize": True} if method == "ties" else {},
@@ -56,7 +60,7 @@ for method in ("ties", "task_arithmetic"):
     print(json.dumps(row), flush=True)
 
 delta = (tensors["ft_a"].astype(jnp.float32) - tensors["base"].astype(jnp.float32))
-for splits in (15, 31, 63):  # thresholds per narrowing pass (sparsify._SPLITS; the package uses 31)
+for splits in map(int, os.environ.get("SPLITS", "15,31,63").split(",")):  # thresholds per narrowing pass
     sp._SPLITS = splits
     select = jax.jit(jax.vmap(lambda d: sp.magnitude_mask(d, np.float32(0.5))))
     t = timed(lambda: select(delta))
