@@ -1,7 +1,8 @@
 """Host cost of one execute.merge_stacked call (22 stacked 8 x 8 tensors, the base and three fine-tunes; the
 device work is negligible): python benchmarks/ties_select_2026-12-06/merge_stacked_overhead.py (2-core CPU,
 2026-12-06 16:10: task_arithmetic 0.844 -> 0.399 ms per call with the _freeze fast path and one freeze of the
-shared parameters; ties 42.7 / 45.6 ms, its CPU radix histograms)."""
+shared parameters; ties 42.7 / 45.6 ms, its CPU radix histograms, then 0.567 ms with the sorted selection of
+small tensors)."""
 import sys, time, numpy as np, jax, jax.numpy as jnp
 sys.path.insert(0, "scripts")
 import bench_merge as bm

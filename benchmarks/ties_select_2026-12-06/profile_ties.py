@@ -62,6 +62,7 @@ for method in os.environ.get("METHODS", "ties,task_arithmetic").split(","):
 delta = (tensors["ft_a"].astype(jnp.float32) - tensors["base"].astype(jnp.float32))
 for splits in map(int, os.environ.get("SPLITS", "15,31,63").split(",")):  # thresholds per narrowing pass
     sp._SPLITS = splits
+    jax.clear_caches()  # rank_window_mask's own jit cache would keep the first setting's program
     select = jax.jit(jax.vmap(lambda d: sp.magnitude_mask(d, np.float32(0.5))))
     t = timed(lambda: select(delta))
     prof = profiling.trace_kernels(lambda: jax.block_until_ready(select(delta)), f"{out}/trace_select{splits}", top=12)

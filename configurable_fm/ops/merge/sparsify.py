@@ -275,7 +275,7 @@ def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 _SAMPLE = 1 << 16  # keys drawn (uniformly, with replacement) to bracket a rank before counting (`_sample_bracket`)
 _BRACKET_SIGMAS = 6.0  # half-width of the bracket in standard deviations of the sample's rank
-_SPLITS = 31  # thresholds counted per rank in one pass of `_select_refine` (the range narrows 32-fold)
+_SPLITS = 1  # thresholds counted per rank in one pass of `_select_refine`: 1 is a bisection (measured best, below)
 _MAX_KEY = np.uint32(0xFFFFFFFF)
 
 
@@ -319,12 +319,14 @@ def _select_refine(keys: jax.Array, ranks: jax.Array, done: jax.Array):
     `done` (m,) are skipped (garbage).
 
     The range starts at `_sample_bracket`'s, checked by one pass (#(keys < a), #(keys <= b)), or at the whole key
-    range where the check fails. Each round is one pass counting the keys below K = 31 thresholds spread evenly
-    over (lo, hi] (`_counts_below`); the rank lies between the last threshold whose count is <= r and the next,
-    which is the new range: a 32-fold narrowing per pass, exact when the range is narrower than 32 keys. A
-    sampled bracket of 2^20 keys takes four rounds, the whole range seven. Only fused count reductions: on a
-    GPU each reads the keys once at the memory's bandwidth, where a scatter histogram of the same keys ran ~15
-    times slower (an H100, 2026-12-06) and a bisection takes 32 passes."""
+    range where the check fails. Each round is one pass counting the keys below K thresholds spread evenly over
+    (lo, hi] (`_counts_below`; K = `_SPLITS`); the rank lies between the last threshold whose count is <= r and
+    the next, which is the new range: a (K + 1)-fold narrowing per pass, exact once the range is narrower than
+    K + 1 keys. Only fused count reductions, no scatter, no cumulative sum. K = 1, a bisection of the bracket, is
+    the fastest measured (an H100, 2026-12-06, 22 x 11.5M keys: one count 0.32 ms a pass, the memory's bandwidth;
+    15 or 31 counts in one variadic reduction 2.15 ms; a 2^16-bin scatter histogram of the bracket's keys 5.4
+    ms): a bracket of 2^20-2^22 keys takes 20-22 passes, 9.6 ms for the whole selection against 13.4 ms with
+    K = 15 (benchmarks/ties_select_2026-12-06/README.md); the whole range 32."""
     m = ranks.shape[0]
     a, b = _sample_bracket(keys, ranks)
     counts = _counts_below(keys, jnp.concatenate([a, b + 1]))  # b + 1 wraps to 0 at the largest key: n below
@@ -360,8 +362,8 @@ def _select_refine(keys: jax.Array, ranks: jax.Array, done: jax.Array):
 def _window_refine(keys: jax.Array, lo: jax.Array, hi: jax.Array, lo_is_zero: bool = False) -> jax.Array:
     """rank_window_mask on flat keys for GPUs: `_select_refine` for each side of the window that needs a
     selection (the low side not when lo is 0 by construction), then the tie cut from block counts
-    (`_tie_cuts`, one pass). A handful of O(n) passes, all fused reductions: the sample, the bracket's check, a
-    few narrowing rounds, the block counts, the mask."""
+    (`_tie_cuts`, one pass). O(n) passes, all fused reductions: the sample, the bracket's check, the narrowing
+    rounds (a bisection of the bracket), the block counts, the mask."""
     n = keys.shape[0]
     ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
     settled = jnp.stack([lo <= 0, hi >= n]) | (lo >= hi)  # sides that select nothing
@@ -385,7 +387,7 @@ def rank_window_mask(v: jax.Array, lo, hi, *, lo_is_zero: bool = False) -> jax.A
     at a cut is found from per-block counts, then inside one block. Three selections with identical results:
     up to 2^16 entries `_window_sorted` (a sort of the keys); above, chosen by the platform at lowering time, on
     CPU `_window_radix` (two 2^16-bin histograms of all keys give t and #(v < t)), elsewhere `_window_refine` (a
-    sampled bracket, then counts below 31 thresholds per pass).
+    sampled bracket, then bisected by count reductions).
     lo, hi: int scalars, may be traced; lo_is_zero (static): the caller's lo is always 0 (a top-k window), so
     the GPU selection skips that side."""
     keys = _order_keys(v.reshape(-1))
