@@ -22,13 +22,14 @@ Rescaling the kept entries, m = δ ⊙ mask:
 - ``None``: m.
 
 Ties in magnitude. Ranks are taken in a *stable* order: among equal |δ| the lower flattened index ranks first
-(descending order for ``magnitude``: it is kept first; ascending for the others), on the CPU (radix) and the GPU
-(sampled bracket) paths alike. The flat index is that of the tensor the kernel is given, so the canonical order
-of a model's parameter is fixed by the caller: the HF/torch layout (a Linear weight (out, in) row-major, each expert
-its own tensor), which is what the streaming merge reads and what tree.merge gives the kernels for nnx models
-(tree.merge_in_hf_layout); the in-memory and streamed merges therefore keep the same entries. mergekit uses torch's
-unstable CPU sort (`torch.argsort`), which is stable (and so identical to this) for tensors of at most 16 elements,
-but orders ties arbitrarily above that; with distinct magnitudes the results are identical at every size.
+(descending order for ``magnitude``: it is kept first; ascending for the others), on the CPU (radix), GPU
+(sampled bracket) and small-tensor (sorted) paths alike. The flat index is that of the tensor the kernel is given,
+so the canonical order of a model's parameter is fixed by the caller: the HF/torch layout (a Linear weight
+(out, in) row-major, each expert its own tensor), which is what the streaming merge reads and what tree.merge gives
+the kernels for nnx models (tree.merge_in_hf_layout); the in-memory and streamed merges therefore keep the same
+entries. mergekit uses torch's unstable CPU sort (`torch.argsort`), which is stable (and so identical to this) for
+tensors of at most 16 elements, but orders ties arbitrarily above that; with distinct magnitudes the results are
+identical at every size.
 
 Blocks. A tensor merged in blocks (execute.py's row blocks, for memory) resolves each window over the whole tensor
 first (`window_cuts`: the radix histograms summed over the blocks, the tie cut found block by block) and then masks
