@@ -267,12 +267,15 @@ def routed_model(model: nnx.Module, routing: Routing) -> nnx.Module:
 
 
 def run_routed(model: nnx.Module, routing: Routing, ids_BxT, **call_kwargs):
-    """routed_model(model, routing)(ids_BxT): the forward with each row routed as `routing` says; RouteError
-    (routed_model's, and when the batch is not one row per query)."""
+    """routed_model(model, routing)(ids_BxT): the forward with each row routed as `routing` says, compiled once
+    per model structure (`forward_call`; the routing's ids or weights are arrays of the state, so a new routing
+    reuses the program; with `call_kwargs` the call runs as given, eagerly); RouteError (routed_model's, and when
+    the batch is not one row per query)."""
     b = int(np.shape(ids_BxT)[0])
     if b != len(routing.choices):
         raise RouteError(f"run_routed: {b} rows of ids for {len(routing.choices)} routed queries")
-    return routed_model(model, routing)(ids_BxT, **call_kwargs)
+    routed = routed_model(model, routing)
+    return routed(ids_BxT, **call_kwargs) if call_kwargs else forward_call(routed, ids_BxT)()
 
 
 @dataclasses.dataclass(frozen=True)
