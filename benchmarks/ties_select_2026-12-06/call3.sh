@@ -1,8 +1,8 @@
-# Call 3: profile_ties.py (the ties group, task_arithmetic for contrast, the selection alone with 15, 31 and 63
-# thresholds per pass) with the merge kernels' optimized HLO dumped, then bench_merge's kernel-only ties rows and
-# the masks on the GPU. Call 2 ran the profile alone, in an earlier form (one selection row, the scatter rounds).
-# One MLP group of the 1.1B benchmark (22 x 5632 x 2048). Carry .gpu/whl. From the repository root:
-#   bash benchmarks/ties_select_2026-12-06/call3.sh     (timeout_s 420; ~3 min)
+# Call 3: profile_ties.py (the ties group, task_arithmetic for contrast, the selection alone: it ran with 15, 31
+# and 63 thresholds per pass, now 1, 3 and 15) with the merge kernels' optimized HLO dumped, then the masks on the
+# GPU and bench_merge's kernel-only ties rows. Call 2 ran the profile alone, in an earlier form (one selection row,
+# the scatter rounds). One MLP group of the 1.1B benchmark (22 x 5632 x 2048). Carry .gpu/whl. From the repository
+# root:  bash benchmarks/ties_select_2026-12-06/call3.sh     (timeout_s 420; ~3 min)
 source benchmarks/pending_gpu/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $OUT/gpu.txt
 XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=NONE --xla_dump_hlo_module_re=.*(fused|lambda).*" \

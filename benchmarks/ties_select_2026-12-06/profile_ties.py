@@ -2,7 +2,7 @@
 base and three fine-tunes in bf16, float32 arithmetic, bf16 out, density 0.5, normalize) merged by
 execute.merge_stacked, timed, then traced (configurable_fm.profiling: the top device kernels). Also the same
 group with task_arithmetic (no selection) for contrast, and the selection alone (sparsify.magnitude_mask
-vmapped) with 15, 31 and 63 thresholds per pass.
+vmapped) with 1, 3 and 15 thresholds per pass (SPLITS; the package uses 1).
     python3 benchmarks/ties_select_2026-12-06/profile_ties.py OUTDIR [L ROWS COLS]
 """
 import json
@@ -60,7 +60,7 @@ for method in os.environ.get("METHODS", "ties,task_arithmetic").split(","):
     print(json.dumps(row), flush=True)
 
 delta = (tensors["ft_a"].astype(jnp.float32) - tensors["base"].astype(jnp.float32))
-for splits in map(int, os.environ.get("SPLITS", "15,31,63").split(",")):  # thresholds per narrowing pass
+for splits in map(int, os.environ.get("SPLITS", "1,3,15").split(",")):  # thresholds per narrowing pass
     sp._SPLITS = splits
     jax.clear_caches()  # rank_window_mask's own jit cache would keep the first setting's program
     select = jax.jit(jax.vmap(lambda d: sp.magnitude_mask(d, np.float32(0.5))))
