@@ -287,12 +287,8 @@ def _sample_bracket(keys: jax.Array, ranks: jax.Array):
     the value of rank r sits at the sample's rank c = r·s/n, give or take σ = √(s·q(1−q)) (q = r/n; the count
     of sample keys below it is Binomial(s, q)), so [sample[c − 6σ], sample[c + 6σ]] holds it unless a
     6-sigma event happened (or the tail is cut: a side past the sample's ends is the whole key range's end).
-    For n <= s every key is the sample (sorted: the bracket is the value itself)."""
+    (rank_window_mask sorts tensors of at most s entries instead: `_window_sorted`.)"""
     n = keys.shape[0]
-    if n <= _SAMPLE:
-        ordered = jnp.sort(keys)
-        t = ordered[jnp.clip(ranks, 0, n - 1)]
-        return t, t
     pos = np.random.default_rng(n).integers(0, n, _SAMPLE).astype(np.int32)
     sample = jnp.sort(keys[pos])
     q = ranks.astype(jnp.float32) / jnp.float32(n)
