@@ -21,6 +21,8 @@ from configurable_fm.ops.merge import sparsify as sp  # noqa: E402
 from configurable_fm.ops.merge.execute import KernelCache, merge_stacked  # noqa: E402
 from configurable_fm.ops.merge.registry import get_method  # noqa: E402
 
+if len(sys.argv) not in (2, 5) or not all(a.isdigit() for a in sys.argv[2:]):
+    sys.exit("usage: profile_ties.py OUTDIR [L ROWS COLS]  (L ROWS COLS: positive integers)")
 out = sys.argv[1]
 L, rows, cols = (int(a) for a in sys.argv[2:5]) if len(sys.argv) > 4 else (22, 5632, 2048)
 names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(L)]
