@@ -62,7 +62,7 @@ for method in os.environ.get("METHODS", "ties,task_arithmetic").split(","):
     print(json.dumps(row), flush=True)
 
 delta = (tensors["ft_a"].astype(jnp.float32) - tensors["base"].astype(jnp.float32))
-for splits in map(int, os.environ.get("SPLITS", "1,3,15").split(",")):  # thresholds per narrowing pass
+for splits in map(int, filter(None, os.environ.get("SPLITS", "1,3,15").split(","))):  # thresholds per narrowing pass
     sp._SPLITS = splits
     jax.clear_caches()  # rank_window_mask's own jit cache would keep the first setting's program
     select = jax.jit(jax.vmap(lambda d: sp.magnitude_mask(d, np.float32(0.5))))

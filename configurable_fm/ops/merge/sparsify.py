@@ -276,7 +276,7 @@ def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
 
 _SAMPLE = 1 << 16  # keys drawn (uniformly, with replacement) to bracket a rank before counting (`_sample_bracket`)
 _BRACKET_SIGMAS = 6.0  # half-width of the bracket in standard deviations of the sample's rank
-_SPLITS = 1  # thresholds counted per rank in one pass of `_select_refine`: 1 is a bisection (measured best, below)
+_SPLITS = 7  # thresholds counted per rank in one pass of `_select_refine` (an 8-fold narrowing; measured best, below)
 _MAX_KEY = np.uint32(0xFFFFFFFF)
 
 
@@ -319,11 +319,11 @@ def _select_refine(keys: jax.Array, ranks: jax.Array, done: jax.Array):
     range where the check fails. Each round is one pass counting the keys below K thresholds spread evenly over
     (lo, hi] (`_counts_below`; K = `_SPLITS`); the rank lies between the last threshold whose count is <= r and
     the next, which is the new range: a (K + 1)-fold narrowing per pass, exact once the range is narrower than
-    K + 1 keys. Only fused count reductions, no scatter, no cumulative sum. K = 1, a bisection of the bracket, is
-    the fastest measured (an H100, 2026-12-06, 22 x 11.5M keys: one count 0.32 ms a pass, the memory's bandwidth;
-    15 or 31 counts in one variadic reduction 2.15 ms; a 2^16-bin scatter histogram of the bracket's keys 5.4
-    ms): a bracket of 2^20-2^22 keys takes 20-22 passes, 9.6 ms for the whole selection against 13.4 ms with
-    K = 15 (benchmarks/ties_select_2026-12-06/README.md); the whole range 32."""
+    K + 1 keys. Only fused count reductions, no scatter, no cumulative sum. K = 7 is the fastest measured (an
+    H100, 2026-12-06, the selection alone on 22 x 11.5M keys: a pass costs the memory's bandwidth, ~0.32 ms,
+    with 1 to 8 counts in its reduction, 0.37 ms with 9, 0.42 ms with 11; a bracket of 2^20-2^22 keys takes 21
+    passes and 9.8 ms with K = 1, 11 and 6.3 ms with K = 3, 7 and 4.9 ms with K = 7 or 8, 6 and 5.2 ms with
+    K = 11; benchmarks/ties_select_2026-12-06/README.md); the whole range ~11 passes."""
     m = ranks.shape[0]
     a, b = _sample_bracket(keys, ranks)
     counts = _counts_below(keys, jnp.concatenate([a, b + 1]))  # b + 1 wraps to 0 at the largest key: n below
@@ -360,7 +360,7 @@ def _window_refine(keys: jax.Array, lo: jax.Array, hi: jax.Array, lo_is_zero: bo
     """rank_window_mask on flat keys for GPUs: `_select_refine` for each side of the window that needs a
     selection (the low side not when lo is 0 by construction), then the tie cut from block counts
     (`_tie_cuts`, one pass). O(n) passes, all fused reductions: the sample, the bracket's check, the narrowing
-    rounds (a bisection of the bracket), the block counts, the mask."""
+    rounds (8-fold narrowings of the bracket), the block counts, the mask."""
     n = keys.shape[0]
     ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
     settled = jnp.stack([lo <= 0, hi >= n]) | (lo >= hi)  # sides that select nothing

@@ -265,8 +265,8 @@ def test_window_kernels_match_stable_argsort(shape):
 # n > 2^16: the GPU kernel's bracket comes from a sample. Three rows (float32 normals: wide brackets, many
 # rounds; bf16 ties; small integers), vmapped (a batched while loop), a window per row; sigmas -1 puts every
 # bracket off its rank, so each selection starts from the whole key range; splits: thresholds per round (the
-# package's bisection, and 5).
-@pytest.mark.parametrize("sigmas,splits", [(6.0, 1), (-1.0, 1), (6.0, 5)])
+# package's 7, and a bisection).
+@pytest.mark.parametrize("sigmas,splits", [(6.0, 7), (-1.0, 7), (6.0, 1)])
 def test_gpu_window_from_sampled_brackets_matches_stable_argsort(monkeypatch, sigmas, splits):
     monkeypatch.setattr(sp, "_BRACKET_SIGMAS", sigmas)
     monkeypatch.setattr(sp, "_SPLITS", splits)
