@@ -137,10 +137,10 @@ def test_loss_and_gradients_equal_the_loop(base, remat):
     loss_loop, g_loop = loss_and_grads(with_options(base, remat=remat))
     loss_scan, g_scan = loss_and_grads(with_options(base, remat=remat, scan_layers=True))
     assert list(g_scan) == list(g_loop) and "layers.3.mlp.down_proj.kernel" in g_scan  # per-layer paths
-    if remat != "none":  # both programs checkpoint each layer: the same computation, bit for bit
+    if remat != "none":  # both programs checkpoint each layer: the same computation; the loss bit for bit (the
+        # gradients were too under XLA:CPU's default emitters; the suite's classic emitters contract multiply-adds
+        # differently in the scan body and the loop: within the tolerance below)
         assert float(loss_scan) == float(loss_loop)
-        for k in g_loop:
-            np.testing.assert_array_equal(g_scan[k], g_loop[k], err_msg=k)
     np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-6)
     for k in g_loop:
         assert np.any(np.asarray(g_loop[k]) != 0), k
