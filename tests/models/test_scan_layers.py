@@ -1,16 +1,16 @@
 """Scanned layers (llama `scan_layers=True`): the loop's numerics with the layers run as one jax.lax.scan.
 
-CPU, float32 unless said. Forward logits under jit: bit-identical to the loop's (every remat policy). Eager
-forwards: float32 rounding (|diff| ~3e-8; the scan body is compiled, the eager loop runs op by op, and a jitted
-layer already differs from an eager one by as much). Loss and per-layer gradients under jit: bit-identical with
-remat full/dots; with remat none within 4e-7 of each tensor's max (the loop's program fuses across layer
-boundaries), checked with rtol 1e-6 (under the suite's XLA:CPU classic emitters, scripts/test.sh, the remat
-gradients too: they contract multiply-adds differently in the scan body; the loss stays bit-identical). bf16 compute: bit-identical logits, loss and gradients once XLA's excess
-precision is off (by default XLA keeps fused bf16 chains in float32, so rounding follows fusion boundaries; the
-difference is no larger than the loop's own jit vs eager one). A LoRA adapter: float32 rounding (XLA rewrites its
-branch differently in a loop body). Fallbacks: layers that differ (an adapter on one layer, a widened layer) cut
-the stack into runs; taps, routing noise, KV caches and layers that change their own variables use the loop. The
-option is a runtime option: in no model_config.json / config.json, and the trainer's curve is the loop's.
+CPU, float32 unless said. Forward logits under jit: bit-identical to the loop's (every remat policy). Eager forwards:
+float32 rounding (|diff| ~3e-8; the scan body is compiled, the eager loop runs op by op, and a jitted layer already
+differs from an eager one by as much). Loss and per-layer gradients under jit: bit-identical with remat full/dots; with
+remat none within 4e-7 of each tensor's max (the loop's program fuses across layer boundaries), checked with rtol 1e-6
+(under the suite's XLA:CPU classic emitters, scripts/test.sh, the remat gradients too: they contract multiply-adds
+differently in the scan body; the loss stays bit-identical). bf16 compute: bit-identical logits, loss and gradients once
+XLA's excess precision is off (by default XLA keeps fused bf16 chains in float32, so rounding follows fusion boundaries;
+the difference is no larger than the loop's own jit vs eager one). A LoRA adapter: float32 rounding (XLA rewrites its
+branch differently in a loop body). Fallbacks: layers that differ (an adapter on one layer, a widened layer) cut the
+stack into runs; taps, routing noise, KV caches and layers that change their own variables use the loop. The option is a
+runtime option: in no model_config.json / config.json, and the trainer's curve is the loop's.
 """
 import json
 
@@ -291,7 +291,7 @@ def test_trainer_scan_layers_gives_the_loops_run(tmp_path):
     assert list(a) == list(b)
     for k in a:  # bit for bit under XLA:CPU's default emitters; the suite's classic ones (scripts/test.sh) contract
         # multiply-adds differently in the scan body and the loop: the gradients' last bits differ, and Adam's
-        # m / sqrt(v) turns that into up to ~1e-4 of a step (lr 1e-3) where a gradient is near 0
+        # m / sqrt(v) turns that into a small part of a step where a gradient is near 0 (1.1e-7 at lr 1e-2)
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=k)
     # the orbax checkpoint and the HF export of the scanned run are the loop run's
     save_model(scan.model, tmp_path / "ck_scan")

@@ -1,8 +1,8 @@
-"""execute.py: the fused jitted per-tensor kernels give the eager (op by op, unjitted) computation for every
-method to float32 rounding (bitwise under XLA:CPU's default emitters; the suite's classic emitters may contract a
-multiply-add, scripts/test.sh), and tree.merge (which calls them) the kernels' bits; the kernel cache (identity, LRU); PreadStore reads what
-safetensors wrote; planned shards are valid safetensors split at the limit; the read-ahead stays within its depth;
-the pipeline (read-ahead thread, writer thread) writes every tensor, and errors name the tensor."""
+"""execute.py: the fused jitted per-tensor kernels give the eager (op by op, unjitted) computation for every method to
+float32 rounding (bitwise under XLA:CPU's default emitters; the suite's classic emitters may contract a multiply-add,
+scripts/test.sh), and tree.merge (which calls them) the kernels' bits; the kernel cache (identity, LRU); PreadStore
+reads what safetensors wrote; planned shards are valid safetensors split at the limit; the read-ahead stays within its
+depth; the pipeline (read-ahead thread, writer thread) writes every tensor, and errors name the tensor."""
 import json
 
 import jax
