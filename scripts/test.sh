@@ -22,6 +22,11 @@ PYTHON=${PYTHON:-python3}
 # --xla_cpu_use_thunk_runtime=false or --xla_cpu_parallel_codegen_split_count=1: 133-134 s).
 # (Training subprocesses get the same flags from tests/train/test_train_cli.child_env.)
 export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_llvm_disable_expensive_passes=true --xla_backend_optimization_level=0"
-XLA_FLAGS+=" --xla_cpu_use_fusion_emitters=false"
+# Only where this jaxlib's XLA knows the flag (XLA aborts on unknown flags; jax 0.12.1, which pip serves for Python
+# 3.12 here, no longer has it): a 1 s probe.
+CLASSIC="--xla_cpu_use_fusion_emitters=false"
+if XLA_FLAGS="$XLA_FLAGS $CLASSIC" .venv/bin/python -c "import jax; jax.devices('cpu')" 2>/dev/null; then
+  XLA_FLAGS+=" $CLASSIC"
+fi
 # worksteal: an idle worker takes queued tests from the busy one (the durations vary from 0.01 to 50 s)
 exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal --durations=25 "$@"
