@@ -1,16 +1,15 @@
 """Scanned layers (llama `scan_layers=True`): the loop's numerics with the layers run as one jax.lax.scan.
 
-CPU, float32 unless said. Forward logits under jit: bit-identical to the loop's (every remat policy). Eager forwards:
-float32 rounding (|diff| ~3e-8; the scan body is compiled, the eager loop runs op by op, and a jitted layer already
-differs from an eager one by as much). Loss and per-layer gradients under jit: bit-identical with remat full/dots; with
-remat none within 4e-7 of each tensor's max (the loop's program fuses across layer boundaries), checked with rtol 1e-6
-(under the suite's XLA:CPU classic emitters, scripts/test.sh, the remat gradients too: they contract multiply-adds
-differently in the scan body; the loss stays bit-identical). bf16 compute: bit-identical logits, loss and gradients once
-XLA's excess precision is off (by default XLA keeps fused bf16 chains in float32, so rounding follows fusion boundaries;
-the difference is no larger than the loop's own jit vs eager one). A LoRA adapter: float32 rounding (XLA rewrites its
-branch differently in a loop body). Fallbacks: layers that differ (an adapter on one layer, a widened layer) cut the
-stack into runs; taps, routing noise, KV caches and layers that change their own variables use the loop. The option is a
-runtime option: in no model_config.json / config.json, and the trainer's curve is the loop's.
+CPU, float32 unless said. Forward logits under jit: bit-identical to the loop's (every remat policy). Eager
+forwards: float32 rounding (|diff| ~3e-8; the scan body is compiled, the eager loop runs op by op, and a jitted
+layer already differs from an eager one by as much). Loss and per-layer gradients under jit: bit-identical with
+remat full/dots; with remat none within 4e-7 of each tensor's max (the loop's program fuses across layer
+boundaries), checked with rtol 1e-6. bf16 compute: bit-identical logits, loss and gradients once XLA's excess
+precision is off (by default XLA keeps fused bf16 chains in float32, so rounding follows fusion boundaries; the
+difference is no larger than the loop's own jit vs eager one). A LoRA adapter: float32 rounding (XLA rewrites its
+branch differently in a loop body). Fallbacks: layers that differ (an adapter on one layer, a widened layer) cut
+the stack into runs; taps, routing noise, KV caches and layers that change their own variables use the loop. The
+option is a runtime option: in no model_config.json / config.json, and the trainer's curve is the loop's.
 """
 import json
 
@@ -20,7 +19,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from safetensors import safe_open
 
 from configurable_fm.analysis import capture
 from configurable_fm.bricks import adapters
@@ -139,10 +137,10 @@ def test_loss_and_gradients_equal_the_loop(base, remat):
     loss_loop, g_loop = loss_and_grads(with_options(base, remat=remat))
     loss_scan, g_scan = loss_and_grads(with_options(base, remat=remat, scan_layers=True))
     assert list(g_scan) == list(g_loop) and "layers.3.mlp.down_proj.kernel" in g_scan  # per-layer paths
-    if remat != "none":  # both programs checkpoint each layer: the same computation; the loss bit for bit (the
-        # gradients were too under XLA:CPU's default emitters; the suite's classic emitters contract multiply-adds
-        # differently in the scan body and the loop: within the tolerance below)
+    if remat != "none":  # both programs checkpoint each layer: the same computation, bit for bit
         assert float(loss_scan) == float(loss_loop)
+        for k in g_loop:
+            np.testing.assert_array_equal(g_scan[k], g_loop[k], err_msg=k)
     np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-6)
     for k in g_loop:
         assert np.any(np.asarray(g_loop[k]) != 0), k
@@ -289,28 +287,21 @@ def test_trainer_scan_layers_gives_the_loops_run(tmp_path):
     assert scan.best_val_loss == loop.best_val_loss
     a, b = flat_params(scan.model), flat_params(loop.model)
     assert list(a) == list(b)
-    for k in a:  # bit for bit under XLA:CPU's default emitters; the suite's classic ones (scripts/test.sh) contract
-        # multiply-adds differently in the scan body and the loop: the gradients' last bits differ, and Adam's
-        # m / sqrt(v) turns that into a small part of a step where a gradient is near 0 (1.1e-7 at lr 1e-2)
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # the orbax checkpoint and the HF export of the scanned run are the loop run's
     save_model(scan.model, tmp_path / "ck_scan")
     save_model(loop.model, tmp_path / "ck_loop")
     assert (tmp_path / "ck_scan" / "model_config.json").read_text() == \
         (tmp_path / "ck_loop" / "model_config.json").read_text()
     ra, rb = flat_params(load_model(tmp_path / "ck_scan")), flat_params(load_model(tmp_path / "ck_loop"))
-    assert list(ra) == list(rb) == list(a)
-    for k in ra:  # each checkpoint restores its run's parameters bit for bit (the runs agree as checked above)
-        np.testing.assert_array_equal(ra[k], a[k], err_msg=k)
-        np.testing.assert_array_equal(rb[k], b[k], err_msg=k)
+    assert list(ra) == list(rb)
+    for k in ra:
+        np.testing.assert_array_equal(ra[k], rb[k], err_msg=k)
     to_hf(scan.model, tmp_path / "hf_scan")
     to_hf(loop.model, tmp_path / "hf_loop")
-    assert (tmp_path / "hf_scan" / "config.json").read_bytes() == (tmp_path / "hf_loop" / "config.json").read_bytes()
-    with safe_open(tmp_path / "hf_scan" / "model.safetensors", "np") as fs, \
-            safe_open(tmp_path / "hf_loop" / "model.safetensors", "np") as fl:
-        assert list(fs.keys()) == list(fl.keys()) and len(fs.keys()) == len(a)
-        for name in fs.keys():  # the same tensors, to the runs' agreement above
-            np.testing.assert_allclose(fs.get_tensor(name), fl.get_tensor(name), rtol=1e-6, atol=1e-6, err_msg=name)
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "hf_scan" / name).read_bytes() == (tmp_path / "hf_loop" / name).read_bytes(), name
     # sharded (FSDP x tensor over 8 fake devices): the stacked layers follow the per-layer shardings
     cfg = tiny_config(steps=3, eval_every=0, remat="full", **{"mesh.shape": (2, 2, 2)})
     cfg.model.num_layers = 3

@@ -57,8 +57,8 @@ def test_smollm2_135m_grown_to_the_360m_shape_keeps_its_logits_and_answers():
     diff = max(float(np.abs(after[b, :len(r)] - before[b, :len(r)]).max()) for b, r in enumerate(rows))
     print(f"\nSmolLM2-135M -> 360M shape: max |logit diff| {diff:.2e} (logits up to {np.abs(before).max():.1f})")
     # All of it from the hidden-size step (norm statistics over 960 entries, gains scaled by sqrt(576/960)): float32
-    # rounding, whose size depends on how XLA compiles the forward: 9.3e-5 at -O0 (the suite's flags until
-    # 2026-12-06), 1.25e-4 with the classic emitters added (scripts/test.sh now), 1.40e-4 with XLA:CPU's defaults;
+    # rounding, whose size depends on how XLA compiles the forward: 9.3e-5 at -O0 (the suite's flags), 1.25e-4 with
+    # XLA:CPU's classic emitters (--xla_cpu_use_fusion_emitters=false) added, 1.40e-4 with XLA:CPU's defaults;
     # the source's own float32 error against a float64 forward is 1.4e-4. The 1e-4 sits inside that spread,
     # so the bound is 2e-4 (a wrong growth moves logits by O(1)); the greedy answers below must match exactly.
     assert diff <= 2e-4
