@@ -12,8 +12,8 @@ from SmolLM2-135M (576, 9/3, 1536, 30 layers) by exact width growth and identity
 computes the 135M model's function. Measured on SmolLM2-135M-Instruct (tests/ops/grow/test_smollm2_growth.py, float32,
 CPU): 134.5M -> 361.8M parameters; max |logit diff| 9.3e-5 on three chat prompts (logits up to 38; all of it from
 the hidden-size step: heads, FFN and depth alone give 0.0), float32 rounding of the same size as the source's own
-float32 error (1.4e-4 against a float64 forward), and compiler-dependent: 9.3e-5 under the test suite's XLA flags
-(-O0), 1.25e-4 with XLA:CPU's classic emitters and 1.40e-4 with its defaults (2026-12-06); identical greedy answers
+float32 error (1.4e-4 against a float64 forward), and compiler-dependent: 1.40e-4 on 2026-12-06 with the test
+suite's XLA flags (-O0) and with XLA:CPU's defaults, 1.25e-4 with its classic emitters; identical greedy answers
 (20 tokens). Load + grow 21 s, the whole test ~55 s on 2 shared cores.
 Common keys (input, output, format, dtype, overwrite, seed):
 experiments/grow/__init__.py.
