@@ -2,10 +2,12 @@
 base and three fine-tunes in bf16, float32 arithmetic, bf16 out, density 0.5, normalize) merged by
 execute.merge_stacked, timed, then traced (configurable_fm.profiling: the top device kernels). Also the same
 group with task_arithmetic (no selection) for contrast, and the selection alone (sparsify.magnitude_mask
-vmapped) with 1, 3 and 15 thresholds per pass (SPLITS; the package uses 1).
+vmapped) with 1, 3 and 15 thresholds per pass (SPLITS, comma-separated; METHODS likewise, empty for none;
+the package uses 7).
     python3 benchmarks/ties_select_2026-12-06/profile_ties.py OUTDIR [L ROWS COLS]
 """
 import json
+import os
 import sys
 import time
 
@@ -40,8 +42,6 @@ def timed(fn, iters=5):
         best = min(best, time.perf_counter() - t0)
     return best
 
-
-import os  # noqa: E402
 
 for method in os.environ.get("METHODS", "ties,task_arithmetic").split(","):
     if not method:

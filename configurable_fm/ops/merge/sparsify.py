@@ -251,27 +251,29 @@ def _window_from_cuts(keys: jax.Array, idx: jax.Array, t: jax.Array, cut: jax.Ar
     return above_lo & below_hi & nonempty
 
 
-def _window_sorted(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """rank_window_mask on flat keys of at most `_SAMPLE` entries, on any platform: the values of the window's
-    ranks from the sorted keys and #(keys < t) by a binary search, then the tie cut from block counts. One small
-    sort, where the radix select's 2^16-bin histograms cost more than the tensor (norms, biases, test tensors)."""
-    n = keys.shape[0]
+def _select_sorted(keys: jax.Array, ranks: jax.Array):
+    """`_select_radix`'s values t and #(keys < t) from one sort of the keys and a binary search: cheaper for
+    tensors of at most `_SAMPLE` entries (norms, biases, test tensors), where the radix select's 2^16-bin
+    histograms cost more than the tensor."""
     ordered = jnp.sort(keys)
-    t = ordered[jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])]
-    below = jnp.searchsorted(ordered, t, side="left").astype(jnp.int32)
-    cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)
-    return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
+    t = ordered[ranks]
+    return t, jnp.searchsorted(ordered, t, side="left").astype(jnp.int32)
 
 
-def _window_radix(keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-    """rank_window_mask on flat keys for CPUs: radix select, then the tie cut from block counts. A handful of
-    O(n) passes (two scatter histograms, one block reduction, the mask), no cumulative sum over n. (The row
-    blocks of a large tensor take `window_cuts`, the same steps block by block.)"""
+def _window_selected(select, keys: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """rank_window_mask on flat keys with the values of ranks lo and hi − 1 from `select` (`_select_sorted` or
+    `_select_radix`), then the tie cut from block counts. A handful of O(n) passes (the selection's, one block
+    reduction, the mask), no cumulative sum over n. (The row blocks of a large tensor take `window_cuts`, the same
+    steps block by block.)"""
     n = keys.shape[0]
     ranks = jnp.stack([jnp.minimum(lo, n - 1), jnp.clip(hi - 1, 0, n - 1)])
-    t, below = _select_radix(keys, ranks)
+    t, below = select(keys, ranks)
     cut, _ = _tie_cuts(keys, t, jnp.stack([lo, hi]) - below)  # equal to t_lo: kept from cut[0]; t_hi: below cut[1]
     return _window_from_cuts(keys, jnp.arange(n, dtype=jnp.int32), t, cut, lo < hi)
+
+
+_window_sorted = functools.partial(_window_selected, _select_sorted)  # any platform, up to _SAMPLE entries
+_window_radix = functools.partial(_window_selected, _select_radix)  # CPUs: radix select
 
 
 _SAMPLE = 1 << 16  # keys drawn (uniformly, with replacement) to bracket a rank before counting (`_sample_bracket`)
@@ -384,7 +386,7 @@ def rank_window_mask(v: jax.Array, lo, hi, *, lo_is_zero: bool = False) -> jax.A
     at a cut is found from per-block counts, then inside one block. Three selections with identical results:
     up to 2^16 entries `_window_sorted` (a sort of the keys); above, chosen by the platform at lowering time, on
     CPU `_window_radix` (two 2^16-bin histograms of all keys give t and #(v < t)), elsewhere `_window_refine` (a
-    sampled bracket, then bisected by count reductions).
+    sampled bracket, then narrowed 8-fold a pass by count reductions).
     lo, hi: int scalars, may be traced; lo_is_zero (static): the caller's lo is always 0 (a top-k window), so
     the GPU selection skips that side."""
     keys = _order_keys(v.reshape(-1))

@@ -295,9 +295,10 @@ def test_selects_match_sorted_keys():
         radix, refine = jax.jit(sp._select_radix), jax.jit(sp._select_refine)
         for r in ([0, 9099], [17, 17], [4500, 8000], [9099, 0]):
             r = np.asarray(r, np.int32)
-            t, below = radix(keys, jnp.asarray(r))
-            np.testing.assert_array_equal(arr(t), ks[r])
-            np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
+            for select in (radix, jax.jit(sp._select_sorted)):
+                t, below = select(keys, jnp.asarray(r))
+                np.testing.assert_array_equal(arr(t), ks[r])
+                np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
             t, below = refine(keys, jnp.asarray(r), jnp.zeros(2, bool))
             np.testing.assert_array_equal(arr(t), ks[r])
             np.testing.assert_array_equal(arr(below), np.searchsorted(ks, ks[r], side="left"))
