@@ -192,8 +192,10 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def _freeze(value: Any):
     """A hashable, exact stand-in for a resolved parameter value (numpy arrays by dtype, shape and values)."""
-    if type(value) in _PLAIN:  # the common case first: the checks below cost ~10 us a value (abstract classes)
+    if type(value) in _PLAIN:  # the common cases first: the checks below cost ~10 us a value (abstract classes)
         return (type(value).__name__, value)
+    if type(value) is dict:
+        return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
     if isinstance(value, jax.Array):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
@@ -646,7 +648,7 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
     cache = cache if cache is not None else DEFAULT_CACHE
     fn = cache.get_batched(method, params[0], load_dtype, out_dtype, compute_dtype)
     if fn is not None:
-        arrays = {k: jnp.asarray(np.stack([p[k] for p in params])) for k, v in params[0].items()
+        arrays = {k: np.stack([p[k] for p in params]) for k, v in params[0].items()
                   if _is_param_array(v)}
         try:
             return fn(base, tuple(inputs), keys, arrays)
