@@ -1,5 +1,5 @@
 """analysis/sparsity/allocation.py: the knapsack allocation against brute force over every assignment, its errors,
-and the sensitivity of a tiny llama against evaluate() run by hand."""
+and the sensitivity of a tiny llama against evaluate() run by hand (NLL) and a float64 KL by hand (KL)."""
 import itertools
 
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 
 from configurable_fm.analysis.sparsity import SparsityError, calibrate, evaluate, sparsify_activations
 from configurable_fm.analysis.sparsity.allocation import allocate_levels, sensitivity
+from configurable_fm.analysis.sparsity.measure import mean_kl, next_token_logits
 from tests.analysis.tiny import LLAMA, random_model
 
 LEVELS = (0.2, 0.4, 0.6, 0.8)
@@ -82,3 +83,42 @@ def test_sensitivity_is_each_linear_alone_against_the_dense_model():
     assert set(sens.increase) == set(downs) and all(set(v) == {0.25, 0.75} for v in sens.increase.values())
     with pytest.raises(SparsityError, match="not calibrated"):
         sensitivity(model, cal, batches, paths=["layers.9.mlp.down_proj"], levels=(0.5,))
+
+
+def _kl_by_hand(p_logits, q_logits, mask):
+    """mean over mask of sum_v softmax(p) (log softmax(p) - log softmax(q)), in float64 numpy."""
+    def log_softmax(z):
+        z = np.asarray(z, np.float64)
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    return float((kl * mask).sum() / mask.sum())
+
+
+def test_kl_sensitivity_is_the_mean_kl_of_each_linear_alone():
+    model = random_model(LLAMA, 1)
+    rs = np.random.RandomState(1)
+    ids = rs.randint(0, 32, (4, 17)).astype(np.int32)
+    loss_mask = (rs.rand(4, 16) > 0.3).astype(np.float32)
+    batches = [{"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask}]
+    cal = calibrate(model, batches)
+    downs = [p for p in cal.paths if p.endswith("down_proj")]
+    sens = sensitivity(model, cal, batches, paths=downs, levels=(0.25, 0.75), metric="kl")
+    assert sens.metric == "kl"
+    dense = {p: -1.0 for p in cal.paths}
+    path = downs[0]
+    sparse = sparsify_activations(model, {**dense, **cal.thresholds({path: 0.75})})
+    expected = _kl_by_hand(model(ids[:, :-1]), sparse(ids[:, :-1]), loss_mask)
+    assert expected > 0
+    assert sens.increase[path][0.75] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    reference = next_token_logits(model, batches)
+    assert mean_kl(sparse, batches, reference) == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert mean_kl(model, batches, reference) == pytest.approx(0.0, abs=1e-6)
+    assert all(v[0.75] >= v[0.25] >= 0 for v in sens.increase.values())  # more zeroed, further from dense
+    with pytest.raises(SparsityError, match="metric"):
+        sensitivity(model, cal, batches, paths=downs, levels=(0.5,), metric="loss")
+    with pytest.raises(SparsityError, match="same batches"):
+        mean_kl(model, batches + batches, reference)
+    with pytest.raises(SparsityError, match="reference logits are"):
+        mean_kl(model, [{"inputs": ids[:2, :-1], "targets": ids[:2, 1:]}], reference)

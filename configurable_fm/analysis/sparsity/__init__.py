@@ -18,7 +18,8 @@ from configurable_fm.analysis.sparsity.calibration import (AbsHistogram, Calibra
                                                            threshold_from_counts)
 from configurable_fm.analysis.sparsity.allocation import Sensitivity, allocate_levels, sensitivity
 from configurable_fm.analysis.sparsity.greedy import blocks_of, greedy_allocation
-from configurable_fm.analysis.sparsity.measure import Evaluation, evaluate, perplexity_change
+from configurable_fm.analysis.sparsity.measure import (Evaluation, evaluate, mean_kl, next_token_logits,
+                                                      perplexity_change)
 from configurable_fm.analysis.sparsity.module import (DEFAULT_TARGETS, FFN_TARGETS, KIND, SCORES, SparseLinear,
                                                       SparsityError, SparsityThreshold, desparsify, family_of,
                                                       resolve_targets, sparse_linears, sparsify_activations,
@@ -26,6 +27,6 @@ from configurable_fm.analysis.sparsity.module import (DEFAULT_TARGETS, FFN_TARGE
 
 __all__ = ["calibrate", "Calibration", "LogBins", "AbsHistogram", "threshold_from_counts", "fraction_from_counts",
            "check_sparsity", "shared_inputs", "greedy_allocation", "blocks_of", "sensitivity", "Sensitivity",
-           "allocate_levels", "evaluate", "perplexity_change", "Evaluation",
+           "allocate_levels", "evaluate", "perplexity_change", "Evaluation", "mean_kl", "next_token_logits",
            "sparsify_activations", "desparsify", "thresholds_of", "sparse_linears", "resolve_targets", "SparseLinear",
            "SparsityThreshold", "SparsityError", "KIND", "DEFAULT_TARGETS", "FFN_TARGETS", "SCORES", "family_of"]

@@ -1,4 +1,5 @@
-"""Measuring an activation-sparse model on held-out batches: perplexity and the sparsity each SparseLinear achieves.
+"""Measuring an activation-sparse model on held-out batches: perplexity and the sparsity each SparseLinear achieves;
+the mean KL divergence from a reference model's next-token distributions.
 
     ev = evaluate(sparse, batches)             # one jitted forward per batch
     ev.perplexity(), ev.sparsity()             # exp(mean NLL); {path: fraction of input entries zeroed}
@@ -6,6 +7,8 @@
     dense = evaluate(model, batches)           # a model without SparseLinear: perplexity only
     ev = evaluate(sparse, batches, dense_prefix=256)   # TEAL's protocol: positions < 256 stay dense, scored from 256
     change, se = perplexity_change(ev, dense_ev)       # ppl(ev) / ppl(dense_ev) - 1 on the same batches, its SE
+    ref = next_token_logits(model, batches)            # (B, T, V) per batch, held
+    mean_kl(sparse, batches, ref)                      # mean KL(model || sparse) per scored token
 
 Per batch ({'inputs', 'targets' (B, T), 'loss_mask'?, 'attention_mask'?, 'mask'?}, as data.pipeline.eval_batches
 yields them), with m the token mask (analysis/batches.py `token_mask`, times 'loss_mask' when present):
@@ -30,7 +33,7 @@ but the sums leaves the step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ from configurable_fm.analysis.capture import capture
 from configurable_fm.analysis.interventions import replace
 from configurable_fm.analysis.sparsity.module import SparsityError, linear_shapes, sparse_linears
 from configurable_fm.models.scoring import next_token_nll
+from configurable_fm.train.distill import distill_kl
 
 
 @dataclasses.dataclass
@@ -139,21 +143,11 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
     n = 0
     it, total = limited(batches, max_batches)
     for i, batch in enumerate(progress_bar(it, total=total, desc=desc, enabled=progress, log=log)):
-        where = f"{desc}: batch {i}"
-        inputs = batch_inputs(batch, where)
-        if "targets" not in batch:
-            raise KeyError(f"{where} lacks 'targets' (the next tokens to score); it has {sorted(batch)}")
-        targets = np.asarray(batch["targets"], np.int32)
-        if targets.shape != inputs.shape:
-            raise ValueError(f"{where}: targets are {targets.shape} but inputs are {inputs.shape}")
+        inputs, targets, m, attention = _scored_batch(batch, f"{desc}: batch {i}")
         if prefix >= inputs.shape[1]:
             raise SparsityError(f"evaluate: dense_prefix={prefix} leaves no position of the {inputs.shape[1]}-token "
                                 "windows sparse")
-        m = token_mask(batch, where)
-        if "loss_mask" in batch:
-            m = m * (np.asarray(batch["loss_mask"]) > 0)
-        masked = "attention_mask" in batch
-        attention = jnp.asarray(batch["attention_mask"], jnp.int32) if masked else None
+        masked = attention is not None
         nll_BxT, counts, scored = _jitted_step(graphdef, points, prefix, masked, state, jnp.asarray(inputs),
                                                jnp.asarray(targets), attention, jnp.asarray(m, jnp.float32))
         window_nll.append(np.asarray(nll_BxT, np.float64))
@@ -168,6 +162,70 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
     window_nll, window_tokens = _stack_padded(window_nll), _stack_padded(window_tokens)
     return Evaluation(window_nll=window_nll, window_tokens=window_tokens, kept=kept, entries=entries, shapes=shapes,
                       dense_prefix=prefix, batches=n)
+
+
+def _scored_batch(batch: Mapping[str, Any], where: str):
+    """(inputs, targets (B, T) int32, m (B, T) the scored-token mask, attention (B, T) int32 or None) of a batch."""
+    inputs = batch_inputs(batch, where)
+    if "targets" not in batch:
+        raise KeyError(f"{where} lacks 'targets' (the next tokens to score); it has {sorted(batch)}")
+    targets = np.asarray(batch["targets"], np.int32)
+    if targets.shape != inputs.shape:
+        raise ValueError(f"{where}: targets are {targets.shape} but inputs are {inputs.shape}")
+    m = token_mask(batch, where)
+    if "loss_mask" in batch:
+        m = m * (np.asarray(batch["loss_mask"]) > 0)
+    attention = jnp.asarray(batch["attention_mask"], jnp.int32) if "attention_mask" in batch else None
+    return inputs, targets, m, attention
+
+
+def _logits_step(graphdef, masked: bool, state, inputs, attention):
+    model = nnx.merge(graphdef, state)
+    return model(inputs, attention_mask=attention) if masked else model(inputs)
+
+
+def _kl_step(graphdef, masked: bool, state, inputs, attention, reference_BxTxV, m_BxT):
+    return jnp.sum(distill_kl(_logits_step(graphdef, masked, state, inputs, attention), reference_BxTxV, 1.0) * m_BxT)
+
+
+_jitted_logits = jax.jit(_logits_step, static_argnums=(0, 1))
+_jitted_kl = jax.jit(_kl_step, static_argnums=(0, 1))
+
+
+def next_token_logits(model, batches: Sequence[Mapping[str, Any]]) -> list[jax.Array]:
+    """The model's logits (B, T, V) for each batch (the reference of mean_kl); `model` is not modified."""
+    graphdef, state = nnx.split(model)
+    out = []
+    for i, batch in enumerate(batches):
+        inputs, _, _, attention = _scored_batch(batch, f"next_token_logits: batch {i}")
+        out.append(_jitted_logits(graphdef, attention is not None, state, jnp.asarray(inputs), attention))
+    return out
+
+
+def mean_kl(model, batches: Sequence[Mapping[str, Any]], reference: Sequence[jax.Array]) -> float:
+    """The mean over scored tokens of KL(softmax(r_bt) || softmax(z_bt)), z the model's logits and r the reference
+    logits of the same batches (next_token_logits of the model compared with), float32 per token, summed in float64:
+        mean_kl = sum_b,t m_bt KL_bt / sum_b,t m_bt,   m the scored-token mask (as evaluate's).
+    For a reference that predicts the data well, this is the expected rise of the next-token NLL when its
+    predictions are replaced by the model's (E_{y ~ r} [log r(y) - log q(y)]), measured without the sampling noise
+    of the observed targets: the low-variance measure of a perturbation's cost. SparsityError for no batches or a
+    reference of another length or shape."""
+    graphdef, state = nnx.split(model)
+    batches = list(batches)
+    if not batches or len(reference) != len(batches):
+        raise SparsityError(f"mean_kl: {len(batches)} batches and {len(reference)} reference logits; they must be "
+                            "the same batches (at least one)")
+    total, tokens = 0.0, 0.0
+    for i, (batch, ref) in enumerate(zip(batches, reference)):
+        inputs, _, m, attention = _scored_batch(batch, f"mean_kl: batch {i}")
+        if ref.shape[:2] != inputs.shape:
+            raise SparsityError(f"mean_kl: batch {i} is {inputs.shape} but its reference logits are {ref.shape}")
+        total += float(_jitted_kl(graphdef, attention is not None, state, jnp.asarray(inputs), attention, ref,
+                                  jnp.asarray(m, jnp.float32)))
+        tokens += float(m.sum())
+    if tokens <= 0:
+        raise SparsityError("mean_kl: no scored tokens")
+    return total / tokens
 
 
 def perplexity_change(ev: Evaluation, reference: Evaluation, start: Optional[int] = None) -> tuple[float, float]:
