@@ -2,6 +2,8 @@
 
 nll[b, t] = -log softmax(logits[b, t])[ids[b, t + 1]]  (float32), for t < T - 1.
 perplexity = exp(mean of nll over the scored tokens).
+kl[b, t] = KL(softmax(reference[b, t]) || softmax(logits[b, t]))  (float32): how far a model's next-token
+distributions are from a reference's (distillation, the cost of a perturbation).
 """
 from __future__ import annotations
 
@@ -49,6 +51,14 @@ def next_token_nll(logits_BxTxV, targets_BxT) -> jax.Array:
     218.8-218.9 ms, benchmarks/ce_vjp_2026-12-06). On the CPU, where that pass's second exp over (..., V) costs more
     than the memory it saves (a tiny model's step with a 49152 vocabulary: +29%), autodiff's gradient is kept."""
     return jax.lax.platform_dependent(logits_BxTxV, targets_BxT, cpu=_nll_autodiff, default=_nll_one_pass_grad)
+
+
+def next_token_kl(logits_BxTxV, reference_BxTxV) -> jax.Array:
+    """KL(softmax(r) || softmax(z)) = sum_v softmax(r)_v (log softmax(r)_v - log softmax(z)_v) per position (B, T),
+    float32, for logits z and reference logits r of the same shape."""
+    log_p = jax.nn.log_softmax(reference_BxTxV.astype(jnp.float32), axis=-1)
+    log_q = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 @nnx.jit

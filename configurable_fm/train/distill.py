@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.errors import ConfigError
-from configurable_fm.models.scoring import next_token_nll
+from configurable_fm.models.scoring import next_token_kl, next_token_nll
 from configurable_fm.train.task import Task, next_token_loss, token_weights
 
 DISTILL_KEYS = ("kind", "teacher", "alpha", "temperature")
@@ -60,9 +60,7 @@ def distill_kl(student_BxTxV, teacher_BxTxV, temperature: float) -> jax.Array:
     """tau^2 KL(softmax(t / tau) || softmax(s / tau)) per position (B, T), float32 (module docstring)."""
     s = student_BxTxV.astype(jnp.float32) / temperature
     t = teacher_BxTxV.astype(jnp.float32) / temperature
-    log_q = jax.nn.log_softmax(t, axis=-1)
-    log_p = jax.nn.log_softmax(s, axis=-1)
-    return temperature ** 2 * jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1)
+    return temperature ** 2 * next_token_kl(s, t)
 
 
 @jax.tree_util.register_dataclass

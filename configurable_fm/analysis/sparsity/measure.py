@@ -44,8 +44,7 @@ from configurable_fm.analysis.batches import batch_inputs, limited, progress_bar
 from configurable_fm.analysis.capture import capture
 from configurable_fm.analysis.interventions import replace
 from configurable_fm.analysis.sparsity.module import SparsityError, linear_shapes, sparse_linears
-from configurable_fm.models.scoring import next_token_nll
-from configurable_fm.train.distill import distill_kl
+from configurable_fm.models.scoring import next_token_kl, next_token_nll
 
 
 @dataclasses.dataclass
@@ -185,7 +184,7 @@ def _logits_step(graphdef, masked: bool, state, inputs, attention):
 
 
 def _kl_step(graphdef, masked: bool, state, inputs, attention, reference_BxTxV, m_BxT):
-    return jnp.sum(distill_kl(_logits_step(graphdef, masked, state, inputs, attention), reference_BxTxV, 1.0) * m_BxT)
+    return jnp.sum(next_token_kl(_logits_step(graphdef, masked, state, inputs, attention), reference_BxTxV) * m_BxT)
 
 
 _jitted_logits = jax.jit(_logits_step, static_argnums=(0, 1))
