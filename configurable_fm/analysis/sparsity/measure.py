@@ -107,9 +107,14 @@ class Evaluation:
         return float(np.sum(w * np.asarray([s[p] for p in chosen])) / w.sum())
 
 
-def _step(graphdef, points: tuple, prefix: int, masked: bool, state, inputs, targets, attention, m_BxT):
+def _forward(model, inputs, attention):
+    """The model's logits; attention None (a static pytree under jit) calls it without a mask."""
+    return model(inputs) if attention is None else model(inputs, attention_mask=attention)
+
+
+def _step(graphdef, points: tuple, prefix: int, state, inputs, targets, attention, m_BxT):
     model = nnx.merge(graphdef, state)
-    call = (lambda mm: mm(inputs, attention_mask=attention)) if masked else (lambda mm: mm(inputs))
+    call = lambda mm: _forward(mm, inputs, attention)  # noqa: E731
     if points:
         interventions = {p: replace(True, positions=list(range(prefix))) for p in points} if prefix else None
         logits, kept = capture(model, list(points), call, interventions=interventions)
@@ -121,7 +126,7 @@ def _step(graphdef, points: tuple, prefix: int, masked: bool, state, inputs, tar
     return nll_BxT, counts, jnp.sum(scored)
 
 
-_jitted_step = jax.jit(_step, static_argnums=(0, 1, 2, 3))
+_jitted_step = jax.jit(_step, static_argnums=(0, 1, 2))
 
 
 def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int = 0, max_batches: Optional[int] = None,
@@ -146,8 +151,7 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
         if prefix >= inputs.shape[1]:
             raise SparsityError(f"evaluate: dense_prefix={prefix} leaves no position of the {inputs.shape[1]}-token "
                                 "windows sparse")
-        masked = attention is not None
-        nll_BxT, counts, scored = _jitted_step(graphdef, points, prefix, masked, state, jnp.asarray(inputs),
+        nll_BxT, counts, scored = _jitted_step(graphdef, points, prefix, state, jnp.asarray(inputs),
                                                jnp.asarray(targets), attention, jnp.asarray(m, jnp.float32))
         window_nll.append(np.asarray(nll_BxT, np.float64))
         window_tokens.append(np.asarray(m, np.int64))
@@ -178,17 +182,16 @@ def _scored_batch(batch: Mapping[str, Any], where: str):
     return inputs, targets, m, attention
 
 
-def _logits_step(graphdef, masked: bool, state, inputs, attention):
-    model = nnx.merge(graphdef, state)
-    return model(inputs, attention_mask=attention) if masked else model(inputs)
+def _logits_step(graphdef, state, inputs, attention):
+    return _forward(nnx.merge(graphdef, state), inputs, attention)
 
 
-def _kl_step(graphdef, masked: bool, state, inputs, attention, reference_BxTxV, m_BxT):
-    return jnp.sum(next_token_kl(_logits_step(graphdef, masked, state, inputs, attention), reference_BxTxV) * m_BxT)
+def _kl_step(graphdef, state, inputs, attention, reference_BxTxV, m_BxT):
+    return jnp.sum(next_token_kl(_logits_step(graphdef, state, inputs, attention), reference_BxTxV) * m_BxT)
 
 
-_jitted_logits = jax.jit(_logits_step, static_argnums=(0, 1))
-_jitted_kl = jax.jit(_kl_step, static_argnums=(0, 1))
+_jitted_logits = jax.jit(_logits_step, static_argnums=(0,))
+_jitted_kl = jax.jit(_kl_step, static_argnums=(0,))
 
 
 def next_token_logits(model, batches: Sequence[Mapping[str, Any]]) -> list[jax.Array]:
@@ -197,7 +200,7 @@ def next_token_logits(model, batches: Sequence[Mapping[str, Any]]) -> list[jax.A
     out = []
     for i, batch in enumerate(batches):
         inputs, _, _, attention = _scored_batch(batch, f"next_token_logits: batch {i}")
-        out.append(_jitted_logits(graphdef, attention is not None, state, jnp.asarray(inputs), attention))
+        out.append(_jitted_logits(graphdef, state, jnp.asarray(inputs), attention))
     return out
 
 
@@ -219,7 +222,7 @@ def mean_kl(model, batches: Sequence[Mapping[str, Any]], reference: Sequence[jax
         inputs, _, m, attention = _scored_batch(batch, f"mean_kl: batch {i}")
         if ref.shape[:2] != inputs.shape:
             raise SparsityError(f"mean_kl: batch {i} is {inputs.shape} but its reference logits are {ref.shape}")
-        total += float(_jitted_kl(graphdef, attention is not None, state, jnp.asarray(inputs), attention, ref,
+        total += float(_jitted_kl(graphdef, state, jnp.asarray(inputs), attention, ref,
                                   jnp.asarray(m, jnp.float32)))
         tokens += float(m.sum())
     if tokens <= 0:

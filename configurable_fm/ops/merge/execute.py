@@ -195,7 +195,7 @@ def _freeze(value: Any):
     if type(value) in _PLAIN:  # the common cases first: the checks below cost ~10 us a value (abstract classes)
         return (type(value).__name__, value)
     if type(value) is dict:
-        return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+        return _freeze_map(value)
     if isinstance(value, jax.Array):
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
@@ -203,10 +203,14 @@ def _freeze(value: Any):
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_freeze(v) for v in value))
     if isinstance(value, Mapping):
-        return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
+        return _freeze_map(value)
     if isinstance(value, np.generic):
         return ("np", value.dtype.str, value.item())
     return (type(value).__name__, value)
+
+
+def _freeze_map(value: Mapping):
+    return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
 
 
 _NEEDS_CONCRETE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
