@@ -4,21 +4,17 @@ at a mean of 50% (allocation.allocate_levels), then measured as paired.py measur
 code thresholds from 16,384 tokens, every position sparse, against uniform 50% on the same windows.
     python benchmarks/sparsity_kl_allocation_2026-12-06/fine_grid.py [RESULTS_JSON]    (~9 min on the 2-core CPU)
 """
-import json
+import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, ".")
-from configurable_fm.analysis.sparsity import (LogBins, allocate_levels, calibrate, evaluate,  # noqa: E402
-                                               perplexity_change, sparsify_activations)
-from configurable_fm.interop.loader import load_pretrained  # noqa: E402
-from experiments.analysis.activation_sparsity import (batches_of, domain_documents, get_config, pools,  # noqa: E402
-                                                      token_stream)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import code_setup, evaluate_levels, study_results  # noqa: E402
+from configurable_fm.analysis.sparsity import (allocate_levels, evaluate, perplexity_change,  # noqa: E402
+                                               sparsify_activations)
 
-path = sys.argv[1] if len(sys.argv) > 1 else "results/sparsity/eval65k_kl_allocated_code_calibrated_2026-12-06.json"
-measured = json.load(open(path))["sensitivity"]["increase"]
+measured = study_results(sys.argv)["sensitivity"]["increase"]
 grid = np.round(np.arange(0.30, 0.801, 0.05), 2)
 fine = {}
 for layer, curve in measured.items():
@@ -29,17 +25,9 @@ alloc = allocate_levels(fine, 0.5)
 print("predicted summed KL: uniform", round(sum(v[0.5] for v in fine.values()), 5), "allocated",
       round(sum(fine[q][alloc[q]] for q in alloc), 5))
 print("levels:", ", ".join(f"{q.split('.')[1]}: {p:.2f}" for q, p in alloc.items()), flush=True)
-cfg = get_config()
-model, tok = load_pretrained(cfg.model, dtype=jnp.float32)
-split = pools(domain_documents("code"), cfg.seed)
-cal_tokens, _ = token_stream(split["calibration"], tok, 16384, cfg.max_doc_tokens)
-ev_tokens, _ = token_stream(split["evaluation"], tok, 65536, cfg.max_doc_tokens)
-cal = calibrate(model, batches_of(cal_tokens, 512, 4), bins=LogBins(**cfg.bins.to_dict()))
-down = [p for p in cal.paths if p.endswith("down_proj")]
-dense_t = {p: -1.0 for p in cal.paths}
-data = batches_of(ev_tokens, 512, 4)
-uniform = evaluate(sparsify_activations(model, {**dense_t, **cal.thresholds({q: 0.5 for q in down})}), data)
-allocated = evaluate(sparsify_activations(model, {**dense_t, **cal.thresholds(alloc)}), data)
+model, cal, down, dense_t, data = code_setup(65536)
+uniform = evaluate_levels(model, cal, dense_t, data, {q: 0.5 for q in down})
+allocated = evaluate_levels(model, cal, dense_t, data, alloc)
 dense = evaluate(sparsify_activations(model, dense_t), data)
 change, se = perplexity_change(allocated, uniform)
 print("fine-grid allocated vs uniform (paired):", f"{100 * change:.3f} ± {100 * se:.3f}")

@@ -3,27 +3,18 @@ sparsity? SmolLM2-135M-Instruct, thresholds from 16,384 tokens of stdlib code, N
 P = 0, 1, 2, 4; every position scored, paired with the dense model on the same windows.
     python benchmarks/sparsity_kl_allocation_2026-12-06/sink_prefix.py 16384    (~4.5 min on the 2-core CPU)
 """
+import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, ".")
-from configurable_fm.analysis.sparsity import (LogBins, calibrate, evaluate, perplexity_change,  # noqa: E402
-                                               sparsify_activations)
-from configurable_fm.interop.loader import load_pretrained  # noqa: E402
-from experiments.analysis.activation_sparsity import (batches_of, domain_documents, get_config, pools,  # noqa: E402
-                                                      token_stream)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import code_setup  # noqa: E402
+from configurable_fm.analysis.sparsity import evaluate, perplexity_change, sparsify_activations  # noqa: E402
 
-cfg = get_config()
-model, tok = load_pretrained(cfg.model, dtype=jnp.float32)
-split = pools(domain_documents("code"), cfg.seed)
-cal_tokens, _ = token_stream(split["calibration"], tok, 16384, cfg.max_doc_tokens)
-ev_tokens, _ = token_stream(split["evaluation"], tok, int(sys.argv[1]), cfg.max_doc_tokens)
-cal = calibrate(model, batches_of(cal_tokens, 512, 4), bins=LogBins(**cfg.bins.to_dict()))
-down = [p for p in cal.paths if p.endswith("down_proj")]
-dense_t = {p: -1.0 for p in cal.paths}
-data = batches_of(ev_tokens, 512, 4)
+if len(sys.argv) != 2 or not sys.argv[1].isdigit() or int(sys.argv[1]) < 1024:
+    sys.exit("usage: sink_prefix.py N  (N held-out code tokens, an integer >= 1024)")
+model, cal, down, dense_t, data = code_setup(int(sys.argv[1]))
 dense = evaluate(sparsify_activations(model, dense_t), data)
 sparse = sparsify_activations(model, {**dense_t, **cal.thresholds({q: 0.5 for q in down})})
 for prefix in (0, 1, 2, 4):
