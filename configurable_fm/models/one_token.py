@@ -57,6 +57,10 @@ class OneTokenMatmuls(NamedTuple):
     split_cache: bool = True  # that attention kernel with one program per head and cache block (flash-decoding),
     # the o_proj kernel's prologue combining the blocks: 135M batch 1 on an H200, 256 new tokens 0.672 -> 0.652 ms
     # per step, 1,024 new tokens 0.910 -> 0.660 ms
+    residual_atomic: bool = True  # the layers' residual stream in float32, the o and down products added into it
+    # by atomic adds (`accumulate`) instead of two XLA sums per layer: 135M batch 1 on an H100, 0.658 -> 0.637 ms
+    # per step (A B A B in one process, BENCHMARKS.md). The order of those float32 additions varies between runs,
+    # so a GPU decode is not bit-reproducible with it; False is (the sums in the compute dtype, as the modules)
     interpret: Optional[bool] = None
 
 
@@ -160,6 +164,44 @@ def partials(inputs, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), int
         out_specs=pl.BlockSpec((1, bn), lambda j, s: (s, j)), interpret=interpret, name=name,
         compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
         *inputs, *ws)
+
+
+def _accumulate_kernel(*refs, load, n_inputs: int, bn: int, bd: int, biased: bool):
+    """Program (n, s): into[0, n-block] += v[s-chunk] W[s-chunk, n-block] (+ b[n-block] in the s = 0 program), an
+    atomic float32 add (refs: inputs, W, [b,] into (aliased to the output), out)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    in_refs, w_ref, out_ref = refs[:n_inputs], refs[n_inputs], refs[-1]
+    n, s = pl.program_id(0), pl.program_id(1)
+    start = pl.multiple_of(s * bd, bd)
+    cols = pl.ds(pl.multiple_of(n * bn, bn), bn)
+    y = rowvec(load(in_refs, start, bd), w_ref[pl.ds(start, bd), cols])
+    if biased:
+        y = y + jnp.where(s == 0, refs[n_inputs + 1][cols].astype(jnp.float32), 0.0)
+    pltriton.atomic_add(out_ref, (pl.ds(0, 1), cols), y[None, :])
+
+
+def accumulate(inputs, w_DxN, into_1xN, bias_N=None, *, options: OneTokenMatmuls = OneTokenMatmuls(),
+               interpret: bool = False, load=load_row, name: str = "one_token_accumulate"):
+    """into + v W (+ b): (1, N) float32, `into` (1, N) float32 updated in place (aliased to the output): the split-K
+    products of `partials`, each program adding its tile's v[s-chunk] W[s-chunk, n-block] into the output by an
+    atomic float32 add instead of writing a partial row that an XLA sum reduces (models/one_token_layer.py's
+    residual stream, OneTokenMatmuls.residual_atomic). v as in `partials` (`load` over `inputs`); W one (D, N)
+    kernel; the bias is added once, by the programs of the first chunk. The order of the float32 additions is the
+    order in which the programs finish: equal to v W + into up to that order (not bit-reproducible on a GPU)."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as pltriton
+    d, n = w_DxN.shape
+    bn, bd = tiles(d, [n], options)
+    extra = [] if bias_N is None else [bias_N]
+    ins = list(inputs) + [w_DxN] + extra + [into_1xN]
+    return pl.pallas_call(
+        functools.partial(_accumulate_kernel, load=load, n_inputs=len(inputs), bn=bn, bd=bd, biased=bias_N is not None),
+        out_shape=jax.ShapeDtypeStruct((1, n), jnp.float32), grid=(n // bn, d // bd),
+        in_specs=[whole(a) for a in ins], out_specs=whole(into_1xN), input_output_aliases={len(ins) - 1: 0},
+        interpret=interpret, name=name,
+        compiler_params=None if interpret else pltriton.CompilerParams(num_warps=options.num_warps, num_stages=1))(
+        *ins)
 
 
 def one_token_matmul(x_1xD, w_DxN, *, options: OneTokenMatmuls = OneTokenMatmuls(), interpret: bool = False):

@@ -1,5 +1,5 @@
-"""One llama decoder layer of a batch-1 decode step as four split-K Pallas kernels, one attention kernel and two
-XLA sums, for a GPU.
+"""One llama decoder layer of a batch-1 decode step as four split-K Pallas kernels and one attention kernel (and two
+XLA sums with OneTokenMatmuls(residual_atomic=False)), for a GPU.
 
 Why: at batch 1 the decode step is bound by how many kernels it launches, not by the bytes it reads. The 135M
 shape's step ran 14 kernels per layer at ~2.2 us each on an H100 (norms, the projections' products and the sums
@@ -16,6 +16,14 @@ prologue, so a layer is seven launches:
     P3 = partials(v = RMSNorm_2(x'),                 [W_gate | W_up])      norm in the prologue
     P4 = partials(v = act(sum_s P3[s, :F]) * sum_s P3[s, F:],  W_down)     SwiGLU in the prologue
     y  = x' + (sum_s P4[s] (+ b_down))                                      XLA
+
+With OneTokenMatmuls.residual_atomic (the default) the two sums are gone: x is a float32 (1, D) buffer that the o
+and down kernels update in place, each program adding its tile's product by an atomic float32 add
+(one_token.accumulate), so a layer is five launches and its output stays float32 (LlamaModel.hidden_states casts
+the stream back after the last layer). The modules round each residual sum to the compute dtype; this stream does
+not (closer to float32 arithmetic), and the atomic additions' order varies between runs. Measured (H100, one
+process, A B A B): 135M batch 1 0.656 / 0.660 -> 0.638 / 0.635 ms per step, 233 -> 176 kernels; the o and down
+kernels 0.5-0.6 us slower each for the two 1.2-1.3 us sums they replace.
 
 `partials` is models.one_token's split-K product (P[s, n-block] = v[s-chunk] W[s-chunk, n-block], float32, so
 v W = sum_s P[s]): the split is what keeps enough loads in flight (one program per column block over the whole of
@@ -66,7 +74,8 @@ import jax
 import jax.numpy as jnp
 
 from configurable_fm.models.layers import activation
-from configurable_fm.models.one_token import MIN_TILE, OneTokenMatmuls, load_row, partials, tiles, whole
+from configurable_fm.models.one_token import (MIN_TILE, OneTokenMatmuls, accumulate, load_row, partials, tiles,
+                                              whole)
 
 NEG = -1e30  # the running maximum before any slot: finite, so exp(m - m_new) is never exp(nan)
 # layers.ACTIVATIONS that lower to Triton here (exact gelu's erf does not)
@@ -329,7 +338,10 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
                   interpret: bool):
     """(x after the layer (1, 1, D), k cache, v cache): the module docstring's seven kernels. w: the layer's arrays,
     keys ln_1, ln_2 (D,), q, k, v, o, gate, up, down (kernels (in, out)) and optional q_bias, k_bias, v_bias,
-    o_bias, gate_bias, up_bias, down_bias; dtype the projections' compute dtype."""
+    o_bias, gate_bias, up_bias, down_bias; dtype the projections' compute dtype. With options.residual_atomic the
+    two residual sums are gone: the o and down kernels add their products into x in float32 by atomic adds
+    (one_token.accumulate), five kernels per layer, and x comes back float32 (the model casts the stream back to its
+    own dtype after the last layer, LlamaModel.hidden_states)."""
     d = x_1x1xD.shape[-1]
     x = x_1x1xD.reshape(1, d)
     cast = lambda *names: [w[n].astype(dtype) for n in names]
@@ -344,14 +356,19 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
         y = jnp.sum(p, axis=0, keepdims=True).astype(dtype)
         return y + w[name].astype(dtype) if name in w else y
 
+    def residual(x, inputs, name, load, kernel_name):  # x + (v W_name (+ b)): an XLA sum, or atomic adds into x
+        if options.residual_atomic:
+            bias = w[name + "_bias"].astype(dtype) if name + "_bias" in w else None
+            return accumulate(inputs, w[name].astype(dtype), x.astype(jnp.float32), bias, options=options,
+                              interpret=interpret, load=load, name=kernel_name)
+        return x + total(partials(inputs, cast(name), options=options, interpret=interpret, load=load,
+                                  name=kernel_name), name + "_bias")
+
     a_load = split_combine_load(dtype) if options.split_cache else load_row
-    x = x + total(partials([a], cast("o"), options=options, interpret=interpret, load=a_load, name="one_token_o"),
-                  "o_bias")
+    x = residual(x, [a], "o", a_load, "one_token_o")
     p3 = partials([x, w["ln_2"]], cast("gate", "up"), options=options, interpret=interpret,
                   load=rms_norm_load(eps_2, dtype), name="one_token_norm_gate_up")
     ffn = w["gate"].shape[1]
     swiglu_inputs = [p3] + (cast("gate_bias", "up_bias") if "gate_bias" in w else [])
-    p4 = partials(swiglu_inputs, cast("down"), options=options, interpret=interpret,
-                  load=swiglu_load(act, ffn, dtype, "gate_bias" in w), name="one_token_swiglu_down")
-    x = x + total(p4, "down_bias")
+    x = residual(x, swiglu_inputs, "down", swiglu_load(act, ffn, dtype, "gate_bias" in w), "one_token_swiglu_down")
     return x.reshape(1, 1, d), k_cache, v_cache

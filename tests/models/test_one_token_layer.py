@@ -20,6 +20,7 @@ from tests.helpers import cuda_lowering, random_llama
 # 3 splits of D = 48 (the partial sums' and the norm's second, overlapping block), 6 of F, cache blocks of 4 slots
 LAYERS = OneTokenMatmuls(layers=True, interpret=True, out=16, width=16, keys=4)
 LOOP = LAYERS._replace(split_cache=False)  # one attention program per head, looping over the cache blocks
+SUMS = LAYERS._replace(residual_atomic=False)  # the residual sums in XLA (the default adds o and down atomically)
 BASE = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=32, max_position_embeddings=64)
 
@@ -47,7 +48,8 @@ def step(model, mask_BxT, options=None):
 BIASED = dict(attention_bias=True, o_proj_bias=True, mlp_bias=True, sliding_window=3, num_kv_heads=1)
 
 
-@pytest.mark.parametrize("extra,padding,options", [({}, 0, LAYERS), (BIASED, 2, LAYERS), (BIASED, 2, LOOP)])
+@pytest.mark.parametrize("extra,padding,options", [({}, 0, LAYERS), (BIASED, 2, LAYERS), (BIASED, 2, LOOP),
+                                                     (BIASED, 2, SUMS)])
 def test_the_layer_kernels_give_the_modules_step(extra, padding, options):
     model = random_llama(LlamaConfig(**{**BASE, **extra}), 0)
     mask = jnp.asarray([[0] * padding + [1] * (5 - padding)], jnp.int32)
@@ -59,7 +61,8 @@ def test_the_layer_kernels_give_the_modules_step(extra, padding, options):
     assert int(cache.index) == int(want_cache.index) == 6
 
 
-def test_bfloat16_step_within_its_rounding(options=LAYERS):
+@pytest.mark.parametrize("options", [LAYERS, SUMS])
+def test_bfloat16_step_within_its_rounding(options):
     model = random_llama(LlamaConfig(**BASE), 0)
     graphdef, state = nnx.split(model)
     model = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
@@ -81,11 +84,12 @@ def test_generator_gives_the_same_tokens_and_the_kernels_lower_for_cuda(model):
     want = np.asarray(Generator(model, one_token=False, cache_window=0)(ids, max_new_tokens=7))
     got = Generator(model, one_token=LAYERS, cache_window=2)(ids, max_new_tokens=7)  # windows of 7, 9 and 12 slots
     np.testing.assert_array_equal(np.asarray(got), want)
-
+    got = Generator(model, one_token=SUMS, cache_window=2)(ids, max_new_tokens=7)
+    np.testing.assert_array_equal(np.asarray(got), want)
 
     # Triton, lowered for CUDA on this host: norm + q/k/v, attention, o, norm + gate/up, SwiGLU + down per layer of
     # the decode loop (the 64 x 64 LM head is below min_elements; the prefill has 5 rows)
-    for options in (LAYERS, LOOP):
+    for options in (LAYERS, LOOP, SUMS):
         gen = Generator(model, one_token=options._replace(interpret=False))
         args = (gen.state, jnp.asarray(ids), jnp.ones((1, 5), jnp.int32), jax.random.key(0), jnp.float32(1),
                 jnp.int32(1), jnp.float32(1), jnp.full((8,), -1, jnp.int32), jnp.int32(0))
