@@ -115,8 +115,10 @@ def test_gather_and_pallas_compute_the_masked_ffn(moes, case, tied):  # CI: shar
 
 @pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0), PallasOptions(decode=0),
                                      PallasOptions(token_neurons=4, token_width=8, token_inner=2, token_out=4,
-                                                   token_route=8, route=0)],
-                         ids=["one_token_products", "one_token_dots", "general", "one_token_small_tiles_xla_route"])
+                                                   token_route=8, route=0),
+                                     PallasOptions(token_inner=8, token_out=8, atomic=1)],
+                         ids=["one_token_products", "one_token_dots", "general", "one_token_small_tiles_xla_route",
+                              "one_token_atomic_out"])
 def test_one_token_kernels_compute_the_masked_ffn(moes, options):
     """Decode at batch 1: the one-token kernels (products or dots, one tile per program; the slots from route_kernel
     for 8 routed experts, from the router for 6) and the general kernels equal the masked forward, ties and shared
@@ -274,14 +276,14 @@ def test_kernels_lower_to_triton_for_cuda():
     assert text.count("__gpu$xla.gpu.triton") == 2
 
 
-@pytest.mark.parametrize("matvec", [1, 0])
-def test_one_token_kernels_lower_to_triton_for_cuda(matvec):
+@pytest.mark.parametrize("matvec,atomic", [(1, 0), (0, 0), (1, 1)])
+def test_one_token_kernels_lower_to_triton_for_cuda(matvec, atomic):
     """The 1B shape's one-token kernels (E = 16, top 4, D = 2048, m = 512, bf16) lower for CUDA, with products and
-    with dots."""
+    with dots, and with the out kernel's atomic adds."""
     e, d, m, k = 16, 2048, 512, 4
     bf = jnp.bfloat16
     spec = jax.ShapeDtypeStruct
-    options = PallasOptions(matvec=matvec, interpret=False)
+    options = PallasOptions(matvec=matvec, atomic=atomic, interpret=False)
 
     def ffn(centroids, x, gate, up, down):
         idx = route_kernel(x, centroids, shared=0, top_k=k, options=options)

@@ -112,6 +112,8 @@ class PallasOptions(NamedTuple):
     token_route: int = 512    # route_kernel: chunk of D per load (its loads are independent: one program)
     route_warps: int = 4      # route_kernel's Triton warps (its one program reads the whole centroid kernel)
     route: int = 1            # one token, centroid router: 1 routes in route_kernel, 0 with XLA (router, top-k)
+    atomic: int = 0           # one token: 1 the out kernel adds its products into y (1, D) float32 by atomic adds
+    # (no XLA sum of the (Q, m / bk, D) partials after it; the order of the additions varies between runs)
     interpret: Optional[bool] = None
 
 
@@ -435,12 +437,15 @@ def _decode_partial_kernel(idx_ref, x_ref, *refs, gated: bool, bm: int, bd: int,
         gate_out[0, 0] = _rowvec(x_bd, gate_ref[e, rows, cols], matvec)
 
 
-def _decode_out_kernel(idx_ref, *refs, act, gated: bool, biased: bool, bk: int, matvec: bool, dtype):
-    """One program (q, k, o): h_q[k-block] from the partial sums, then its part h_q[k-block] D_e[k-block, o-block]."""
+def _decode_out_kernel(idx_ref, *refs, act, gated: bool, biased: bool, bk: int, bo: int, matvec: bool, dtype,
+                       atomic: bool):
+    """One program (q, k, o): h_q[k-block] from the partial sums, then its part h_q[k-block] D_e[k-block, o-block],
+    written as p[q, k, o-block] or (atomic) added into y[0, o-block]."""
+    if atomic:
+        refs = refs[:-2] + refs[-1:]  # the zeros aliased to y: not read
     down_ref, out_ref = refs[-2:]
     gate_part, up_part, gate_bias_ref, up_bias_ref = _expert_refs(refs[:-2], gated, biased)
     q, k, o = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bo = out_ref.shape[2]
     e = idx_ref[q]
     ks = pl.ds(pl.multiple_of(k * bk, bk), bk)
     chunks = up_part.shape[1]
@@ -454,7 +459,13 @@ def _decode_out_kernel(idx_ref, *refs, act, gated: bool, biased: bool, bk: int, 
 
     up = total(up_part, up_bias_ref)
     h = act(total(gate_part, gate_bias_ref)) * up if gated else act(up)
-    out_ref[0, 0] = _rowvec(h.astype(dtype), down_ref[e, ks, pl.ds(pl.multiple_of(o * bo, bo), bo)], matvec)
+    cols = pl.ds(pl.multiple_of(o * bo, bo), bo)
+    y = _rowvec(h.astype(dtype), down_ref[e, ks, cols], matvec)
+    if atomic:  # out_ref: y (1, D), zeros aliased in
+        from jax.experimental.pallas import triton as pltriton
+        pltriton.atomic_add(out_ref, (pl.ds(0, 1), cols), y[None, :])
+    else:
+        out_ref[0, 0] = y
 
 
 def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, slots: Optional[int] = None,
@@ -483,7 +494,9 @@ def decode_partials_kernel(idx_Q, x_1xD, gate_ExDxM, up_ExDxM, *, slots: Optiona
 def decode_out_kernel(idx_Q, gate_part, up_part, down_ExMxD, gate_bias_ExM=None, up_bias_ExM=None, *, act, dtype,
                       options: PallasOptions = PallasOptions(), interpret: bool = False):
     """p (Q, m / bk, D) float32: p[q, k] = h_q[k-block] D_{idx_q}[k-block, :], h_q = act(sum of the gate partials +
-    b^g) * (sum of the up partials + b^u) rounded to `dtype` (module docstring, 'One token'); the caller sums p."""
+    b^g) * (sum of the up partials + b^u) rounded to `dtype` (module docstring, 'One token'); the caller sums p.
+    With options.atomic, y = sum_{q, k} p[q, k] (1, D) float32 itself, each program adding its part into y by an
+    atomic float32 add (the additions' order varies between runs on a GPU)."""
     q, _, m = up_part.shape
     d = down_ExMxD.shape[-1]
     least = 1 if interpret or options.matvec else DOT_MIN
@@ -492,12 +505,18 @@ def decode_out_kernel(idx_Q, gate_part, up_part, down_ExMxD, gate_bias_ExM=None,
     gated, biased = gate_part is not None, up_bias_ExM is not None
     ins = [idx_Q] + ([gate_part] if gated else []) + [up_part] + \
         ([gate_bias_ExM] if gated and biased else []) + ([up_bias_ExM] if biased else []) + [down_ExMxD]
-    kernel = functools.partial(_decode_out_kernel, act=act, gated=gated, biased=biased, bk=bk,
-                               matvec=bool(options.matvec), dtype=dtype)
+    kernel = functools.partial(_decode_out_kernel, act=act, gated=gated, biased=biased, bk=bk, bo=bo,
+                               matvec=bool(options.matvec), dtype=dtype, atomic=bool(options.atomic))
+    if options.atomic:
+        ins.append(jnp.zeros((1, d), jnp.float32))
+        out_shape, out_spec, aliases = jax.ShapeDtypeStruct((1, d), jnp.float32), whole(ins[-1]), {len(ins) - 1: 0}
+    else:
+        out_shape = jax.ShapeDtypeStruct((q, m // bk, d), jnp.float32)
+        out_spec, aliases = pl.BlockSpec((1, 1, bo), lambda qq, k, o: (qq, k, o)), {}
     return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((q, m // bk, d), jnp.float32), grid=(q, m // bk, d // bo),
-        in_specs=[whole(a) for a in ins], out_specs=pl.BlockSpec((1, 1, bo), lambda qq, k, o: (qq, k, o)),
-        interpret=interpret, compiler_params=_compiler_params(options, interpret), name="moe_decode_out")(*ins)
+        kernel, out_shape=out_shape, grid=(q, m // bk, d // bo), in_specs=[whole(a) for a in ins], out_specs=out_spec,
+        input_output_aliases=aliases, interpret=interpret, compiler_params=_compiler_params(options, interpret),
+        name="moe_decode_out")(*ins)
 
 
 def _route_kernel(x_ref, centroids_ref, idx_ref, *, shared: int, top_k: int, bd: int):
@@ -560,5 +579,5 @@ def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q=None, *, options: Optional[Pallas
                                                 options=options, interpret=interpret)
     p = decode_out_kernel(idx_Q, gate_part, up_part, wts["down"], wts["gate_bias"], wts["up_bias"],
                           act=activation(layer.act), dtype=dtype, options=options, interpret=interpret)
-    y = jnp.sum(p, axis=(0, 1))[None, :].astype(dtype)
+    y = (p if options.atomic else jnp.sum(p, axis=(0, 1))[None, :]).astype(dtype)
     return y if wts["down_bias"] is None else y + wts["down_bias"].astype(dtype)
