@@ -14,3 +14,4 @@ timeout 70 python3 benchmarks/one_token_layer_2026-12-06/check.py 135m residual_
 timeout 150 python3 benchmarks/merge_host_2026-12-06/batched_host.py $OUT/merge_host > $OUT/merge_host.log 2>&1; el merge_host $?; grep -v Warning $OUT/merge_host.log | tail -12 | cut -c1-200
 METHODS=ties ITERS=5 timeout 90 python3 benchmarks/merge_host_2026-12-06/batched_host.py $OUT/merge_host_ties > $OUT/merge_host_ties.log 2>&1; el ties $?; grep -v Warning $OUT/merge_host_ties.log | tail -6 | cut -c1-200
 timeout ${LIMIT_K:-150} python3 scripts/bench_merge.py --workdir /tmp/bm --size 1b --device gpu --kernels_only --methods linear,task_arithmetic --kernel_iters 10 --out $OUT/kernels_only.json > $OUT/kernels_only.log 2>&1; el kernels_only $?; grep kernel_batched $OUT/kernels_only.log | cut -c1-250
+timeout 60 python3 benchmarks/one_token_atomic_2026-12-06/step_hlo.py $OUT 135m 2>&1 | tail -2; el step_hlo $?
