@@ -29,10 +29,12 @@ and o projections at the 1B shape, every projection at 135M) run as split-K Pall
 reduction kernels: the 1B shape's batch-1 step 1.415 -> 1.123 ms on an H100, the 135M shape's 1.008 -> 0.867 ms
 (BENCHMARKS.md, "One-token kernels"). Elsewhere, and for batches of several rows, it changes nothing.
 With them (`OneTokenMatmuls.layers`, on by default) each plain llama decoder layer of a batch-1 step whose
-kernels are below XLA's 10M-element bound runs as seven kernels instead of ~14 (models/one_token_layer.py: norms,
-RoPE, the cache write, attention and SwiGLU in the products' prologues; the attention split over cache blocks): the
-135M shape's step 0.866 -> 0.794 ms on an H200, since then 0.652 ms (0.660 ms with 1,024 new tokens) (BENCHMARKS.md,
-"One-token decoder layers"); `OneTokenMatmuls(layers=False)` keeps the products alone.
+kernels are below XLA's 10M-element bound runs as five kernels instead of ~14 (models/one_token_layer.py: norms,
+RoPE, the cache write, attention and SwiGLU in the products' prologues; the attention split over cache blocks; the
+residual sums as atomic adds into a float32 stream): the 135M shape's step 0.866 -> 0.794 ms on an H200, since then
+0.652 ms (0.660 ms with 1,024 new tokens), and 0.658 -> 0.637 ms on an H100 with the atomic residual (BENCHMARKS.md,
+"One-token decoder layers"); `OneTokenMatmuls(layers=False)` keeps the products alone, `residual_atomic=False` the
+bit-reproducible residual sums.
 Cache windows (`Generator(model, cache_window=w)`, default 512): a step's attention need not read the slots not
 yet written, so the decode loop runs as one loop per window of the cache, over its first T + w, T + 2w, T + 4w,
 ... slots and finally all of it (`attention.cache_prefix` / `put_prefix`); each step attends over its window only.

@@ -49,7 +49,7 @@ class OneTokenMatmuls(NamedTuple):
     out: int = 64
     width: int = 128
     num_warps: int = 4
-    layers: bool = True  # plain llama decoder layers as models/one_token_layer.py's seven kernels (norms, RoPE,
+    layers: bool = True  # plain llama decoder layers as models/one_token_layer.py's five kernels (norms, RoPE,
     # the cache write, attention and SwiGLU in the products' prologues): 135M batch 1 0.866 -> 0.794 ms on an H200
     keys: int = 64  # cache slots per block of that attention kernel (a power of two at most); with split_cache 64
     # against 128: 0.652 against 0.670 ms per step at 135M on an H200 (one process; without the split, 128 was the

@@ -5,7 +5,7 @@ Why: at batch 1 the decode step is bound by how many kernels it launches, not by
 shape's step ran 14 kernels per layer at ~2.2 us each on an H100 (norms, the projections' products and the sums
 of their partials, RoPE, the two cache writes, cuDNN's attention, SwiGLU, casts; BENCHMARKS.md "Generation"),
 about 0.87 ms per step for ~8 MB of weights. Here each kernel does the elementwise work of its neighbours in its
-prologue, so a layer is seven launches:
+prologue, so a layer is seven launches (five with the atomic residual below):
 
     P1 = partials(v = RMSNorm_1(x),                  [W_q | W_k | W_v])    norm in the prologue
     A  = attention(P1, cache, mask, position)                               q/k/v = sum_s P1[s] (+ b), RoPE,
@@ -336,7 +336,7 @@ def attention(p1, bias, inv_freq, position, index, mask_S, k_cache, v_cache, *, 
 def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *, heads: int, kv_heads: int,
                   head_dim: int, act: str, eps_1: float, eps_2: float, inv_freq, dtype, options: OneTokenMatmuls,
                   interpret: bool):
-    """(x after the layer (1, 1, D), k cache, v cache): the module docstring's seven kernels. w: the layer's arrays,
+    """(x after the layer (1, 1, D), k cache, v cache): the module docstring's kernels. w: the layer's arrays,
     keys ln_1, ln_2 (D,), q, k, v, o, gate, up, down (kernels (in, out)) and optional q_bias, k_bias, v_bias,
     o_bias, gate_bias, up_bias, down_bias; dtype the projections' compute dtype. With options.residual_atomic the
     two residual sums are gone: the o and down kernels add their products into x in float32 by atomic adds
