@@ -1,6 +1,7 @@
 """models/one_token.py: the split-K one-token product equals x @ W (float32, interpreted, tiles that do not divide
 evenly into powers of two included); `matmul` takes it only inside one_token_matmuls(), for one row and an in-range
-kernel; a Generator with it gives the same greedy tokens and its decode step lowers to Triton for CUDA."""
+kernel; a Generator with it gives the same greedy tokens and its decode step lowers to Triton for CUDA; `accumulate`
+adds v W + b into its float32 output in place."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 
 from configurable_fm.models.generation import Generator, _generate
 from configurable_fm.models.llama import LlamaConfig
-from configurable_fm.models.one_token import OneTokenMatmuls, matmul, one_token_matmul, one_token_matmuls
+from configurable_fm.models.one_token import (OneTokenMatmuls, accumulate, matmul, one_token_matmul,
+                                              one_token_matmuls)
 from tests.helpers import cuda_lowering, random_llama
 
 ANY = OneTokenMatmuls(min_elements=0, interpret=True, layers=False)  # every one-row product, interpreted
@@ -22,6 +24,21 @@ def test_one_token_matmul_equals_the_product(d, n, options):
     got = one_token_matmul(x, w, options=options, interpret=True)
     assert got.shape == (1, n) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ np.asarray(w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_accumulate_adds_the_product_into_its_input(biased):
+    """into + x W (+ b), the bias added once over 4 x 3 programs (tiles 16 x 8), float32, as one jitted program
+    (the input buffer is donated to the output inside it)."""
+    rs = np.random.RandomState(3)
+    x, into = (jnp.asarray(rs.normal(size=(1, n)), jnp.float32) for n in (32, 48))
+    w = jnp.asarray(rs.normal(size=(32, 48)), jnp.float32)
+    b = jnp.asarray(rs.normal(size=(48,)), jnp.float32) if biased else None
+    got = jax.jit(lambda x, w, into, b: accumulate([x], w, into, b, options=ANY._replace(out=16, width=8),
+                                                   interpret=True))(x, w, into, b)
+    want = np.asarray(into) + np.asarray(x) @ np.asarray(w) + (0 if b is None else np.asarray(b))
+    assert got.shape == (1, 48) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
 
 
 def uses_kernel(x, w, **context) -> bool:
