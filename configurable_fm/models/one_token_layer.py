@@ -19,7 +19,7 @@ prologue, so a layer is seven launches (five with the atomic residual below):
 
 With OneTokenMatmuls.residual_atomic (the default) the two sums are gone: x is a float32 (1, D) buffer that the o
 and down kernels update in place, each program adding its tile's product by an atomic float32 add
-(one_token.accumulate), so a layer is five launches and its output stays float32 (LlamaModel.hidden_states casts
+(one_token.accumulate), so a layer is five launches and its output stays float32 (Llama.hidden_states casts
 the stream back after the last layer). The modules round each residual sum to the compute dtype; this stream does
 not (closer to float32 arithmetic), and the atomic additions' order varies between runs. Measured (H100, one
 process, A B A B): 135M batch 1 0.656 / 0.660 -> 0.638 / 0.635 ms per step, 233 -> 176 kernels; the o and down
@@ -341,7 +341,7 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
     o_bias, gate_bias, up_bias, down_bias; dtype the projections' compute dtype. With options.residual_atomic the
     two residual sums are gone: the o and down kernels add their products into x in float32 by atomic adds
     (one_token.accumulate), five kernels per layer, and x comes back float32 (the model casts the stream back to its
-    own dtype after the last layer, LlamaModel.hidden_states)."""
+    own dtype after the last layer, Llama.hidden_states)."""
     d = x_1x1xD.shape[-1]
     x = x_1x1xD.reshape(1, d)
     cast = lambda *names: [w[n].astype(dtype) for n in names]
