@@ -291,7 +291,7 @@ class Llama(CausalLM):
         may be None), e.g. prompt tuning's virtual tokens."""
         cfg = self.cfg
         x = self.embed_tokens(ids_BxT) if inputs_embeds is None else inputs_embeds
-        stream_dtype = x.dtype  # one-token layers may carry the residual stream in float32 (residual_atomic)
+        stream_dtype = x.dtype
         b, t = x.shape[:2]
         offset = cache.index if cache is not None else 0
         if positions is None:
@@ -314,7 +314,9 @@ class Llama(CausalLM):
                     x, cache = self.layers[i](x, positions, mask=mask, is_causal=is_causal, cache=cache, layer=i)
         if cache is not None:
             cache = attn.advance_cache(cache, attention_mask, t)
-        return self.norm(x.astype(stream_dtype)), cache
+        if cache is not None and layer_options() is not None:  # one-token layers carry the residual stream in
+            x = x.astype(stream_dtype)  # float32 (OneTokenMatmuls.residual_atomic): back to the embeddings' dtype
+        return self.norm(x), cache
 
     def logits(self, h_BxTxD):
         return self.embed_tokens.attend(h_BxTxD) if self.lm_head is None else self.lm_head(h_BxTxD)
