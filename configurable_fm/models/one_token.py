@@ -30,6 +30,7 @@ import contextlib
 import contextvars
 import functools
 import math
+import os
 from typing import Iterator, NamedTuple, Optional
 
 import jax
@@ -60,7 +61,8 @@ class OneTokenMatmuls(NamedTuple):
     residual_atomic: bool = True  # the layers' residual stream in float32, the o and down products added into it
     # by atomic adds (`accumulate`) instead of two XLA sums per layer: 135M batch 1 on an H100, 0.658 -> 0.637 ms
     # per step (A B A B in one process, BENCHMARKS.md). The order of those float32 additions varies between runs,
-    # so a GPU decode is not bit-reproducible with it; False is (the sums in the compute dtype, as the modules)
+    # so a GPU decode is not bit-reproducible with it; False is (the sums in the compute dtype, as the modules), and
+    # so is the decode when XLA is asked for deterministic ops (`deterministic_ops`)
     interpret: Optional[bool] = None
 
 
@@ -89,6 +91,16 @@ def layer_options() -> tuple[OneTokenMatmuls, bool] | None:
     if options.interpret is None:
         return (options, False) if jax.default_backend() == "gpu" else None
     return options, bool(options.interpret)
+
+
+DETERMINISM_FLAGS = ("--xla_gpu_deterministic_ops=true", "--xla_gpu_exclude_nondeterministic_ops=true")
+
+
+def deterministic_ops() -> bool:
+    """Whether XLA_FLAGS asks XLA for deterministic GPU ops (DETERMINISM_FLAGS): then the one-token kernels keep
+    their bit-reproducible forms (OneTokenMatmuls.residual_atomic is ignored)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    return any(f in flags for f in DETERMINISM_FLAGS)
 
 
 def rowvec(v_N, w_NxC):

@@ -21,7 +21,8 @@ With OneTokenMatmuls.residual_atomic (the default) the two sums are gone: x is a
 and down kernels update in place, each program adding its tile's product by an atomic float32 add
 (one_token.accumulate), so a layer is five launches and its output stays float32 (Llama.hidden_states casts
 the stream back after the last layer). The modules round each residual sum to the compute dtype; this stream does
-not (closer to float32 arithmetic), and the atomic additions' order varies between runs. Measured (H100, one
+not (closer to float32 arithmetic), and the atomic additions' order varies between runs (with XLA asked for
+deterministic ops, one_token.deterministic_ops, the sums are kept). Measured (H100, one
 process, A B A B): 135M batch 1 0.656 / 0.660 -> 0.638 / 0.635 ms per step, 233 -> 176 kernels; the o and down
 kernels 0.5-0.6 us slower each for the two 1.2-1.3 us sums they replace.
 
@@ -74,8 +75,8 @@ import jax
 import jax.numpy as jnp
 
 from configurable_fm.models.layers import activation
-from configurable_fm.models.one_token import (MIN_TILE, OneTokenMatmuls, accumulate, load_row, partials, tiles,
-                                              whole)
+from configurable_fm.models.one_token import (MIN_TILE, OneTokenMatmuls, accumulate, deterministic_ops, load_row,
+                                              partials, tiles, whole)
 
 NEG = -1e30  # the running maximum before any slot: finite, so exp(m - m_new) is never exp(nan)
 # layers.ACTIVATIONS that lower to Triton here (exact gelu's erf does not)
@@ -357,7 +358,7 @@ def decoder_layer(x_1x1xD, position, index, mask_S, k_cache, v_cache, w: dict, *
         return y + w[name].astype(dtype) if name in w else y
 
     def residual(x, inputs, name, load, kernel_name):  # x + (v W_name (+ b)): an XLA sum, or atomic adds into x
-        if options.residual_atomic:
+        if options.residual_atomic and not deterministic_ops():
             bias = w[name + "_bias"].astype(dtype) if name + "_bias" in w else None
             return accumulate(inputs, w[name].astype(dtype), x.astype(jnp.float32), bias, options=options,
                               interpret=interpret, load=load, name=kernel_name)

@@ -96,13 +96,25 @@ def test_generator_gives_the_same_tokens_and_the_kernels_lower_for_cuda(model):
         assert text.count("__gpu$xla.gpu.triton") == 5 * BASE["num_layers"]
 
 
-def uses_layer_kernels(model, ids, **context):
+def layer_jaxpr(model, ids, **context) -> str:
     def f(state, ids):
         m = nnx.merge(graphdef, state)
         with one_token_matmuls(**context):
             return m(ids, cache=m.init_cache(ids.shape[0], 8))[0]
     graphdef, state = nnx.split(model)
-    return "one_token_attention" in str(jax.make_jaxpr(f)(state, ids))
+    return str(jax.make_jaxpr(f)(state, ids))
+
+
+def uses_layer_kernels(model, ids, **context):
+    return "one_token_attention" in layer_jaxpr(model, ids, **context)
+
+
+def test_the_residual_is_added_atomically_unless_xla_is_asked_for_determinism(model, monkeypatch):
+    one = jnp.zeros((1, 1), jnp.int32)
+    atomic = lambda options: "atomic_rmw" in layer_jaxpr(model, one, options=options)
+    assert atomic(LAYERS) and not atomic(SUMS)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_gpu_deterministic_ops=true")
+    assert not atomic(LAYERS)
 
 
 def test_taken_only_where_the_module_is_plain(model):
