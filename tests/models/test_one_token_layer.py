@@ -2,7 +2,8 @@
 gives the module's logits and cache (float32 to 1e-5: GQA, q/k/v/o/MLP biases, a padded prompt, a sliding window,
 cache blocks that do not divide the cache; bfloat16 to its rounding), the same greedy tokens through a Generator
 with cache windows, is not taken where the module computes something else (an adapter, a tap context, two rows),
-and lowers to five Triton kernels per layer for CUDA."""
+and lowers to five Triton kernels per layer for CUDA; the residual is added atomically by default (both paths
+checked), by XLA sums with residual_atomic=False or when XLA_FLAGS asks for deterministic ops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
