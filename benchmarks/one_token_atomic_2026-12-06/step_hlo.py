@@ -8,13 +8,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from bench_generate import build  # noqa: E402
+from bench_generate import SHAPES, build  # noqa: E402
 
 from configurable_fm.models.generation import Generator, _generate  # noqa: E402
 
 if len(sys.argv) not in (2, 3):
     sys.exit("usage: step_hlo.py OUT [SHAPE]")
 out, shape = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) == 3 else "135m"
+if shape not in SHAPES:
+    sys.exit(f"step_hlo.py: unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
 model = build(shape)
 gen = Generator(model)
 ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, (1, 64), dtype=np.int32)
