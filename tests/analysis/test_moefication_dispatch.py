@@ -1,7 +1,8 @@
 """Dispatching MoEfied FFNs (configurable_fm/analysis/moefication/dispatch.py): the gather path and the Pallas kernels
 (interpret=True on CPU) compute the masked forward (float32, 1e-5) for several (E, shared, top_k), with ties in the
 router scores, for one token and several; greedy generation gives the same tokens; with_dispatch leaves its input
-alone and names bad modes and oracle routers; the kernels lower to Triton for CUDA (no GPU needed)."""
+alone and names bad modes and oracle routers; the kernels lower to Triton for CUDA (no GPU needed); the out kernel's
+atomic adds give way to XLA's determinism flags."""
 import functools
 
 import jax
@@ -131,6 +132,17 @@ def test_one_token_kernels_compute_the_masked_ffn(moes, options):
             got = _ffns(with_dispatch(moe, "pallas", pallas=options), x)
             for g, r in zip(got, want):
                 np.testing.assert_allclose(np.asarray(g), r, atol=1e-5, rtol=0, err_msg=f"{case} {options}")
+
+
+def test_atomic_out_gives_way_to_xla_determinism_flags(moes, monkeypatch):
+    """PallasOptions(atomic=1) adds the out kernel's products atomically, unless XLA_FLAGS asks for deterministic
+    ops (then the partials and their XLA sum, as the one-token layers do)."""
+    fast = with_dispatch(moes[8, 0, 3], "pallas", pallas=PallasOptions(atomic=1))
+    x = jnp.zeros((1, 1, 32), jnp.float32)
+    atomic = lambda: "atomic_rmw" in str(jax.make_jaxpr(lambda x: fast.layers[0].mlp(x))(x))
+    assert atomic()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=true")
+    assert not atomic()
 
 
 def test_one_token_partials_sum_to_the_projections(moes):

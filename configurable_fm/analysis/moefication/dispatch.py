@@ -83,7 +83,7 @@ from jax.experimental import pallas as pl
 from configurable_fm.analysis.moefication.module import MoefiedMLP, expert_activations, expert_sum
 from configurable_fm.models.layers import activation
 from configurable_fm.models.moe import expert_weight
-from configurable_fm.models.one_token import power_of_two_tile, rowvec, whole
+from configurable_fm.models.one_token import deterministic_ops, power_of_two_tile, rowvec, whole
 from configurable_fm.models.taps import active as taps_active, tap
 
 MODES = ("masked", "gather", "pallas")
@@ -113,7 +113,8 @@ class PallasOptions(NamedTuple):
     route_warps: int = 4      # route_kernel's Triton warps (its one program reads the whole centroid kernel)
     route: int = 1            # one token, centroid router: 1 routes in route_kernel, 0 with XLA (router, top-k)
     atomic: int = 0           # one token: 1 the out kernel adds its products into y (1, D) float32 by atomic adds
-    # (no XLA sum of the (Q, m / bk, D) partials after it; the order of the additions varies between runs)
+    # (no XLA sum of the (Q, m / bk, D) partials after it; the order of the additions varies between runs; ignored
+    # when XLA_FLAGS asks for deterministic ops, models.one_token.deterministic_ops, as the one-token layers do)
     interpret: Optional[bool] = None
 
 
@@ -563,6 +564,8 @@ def decode_ffn(layer: MoefiedMLP, x_1xD, idx_Q=None, *, options: Optional[Pallas
     route_kernel finds the slots (routes_in_kernel must hold). Interpretation and the NO_TRITON_ACT fallback as
     pallas_ffn."""
     options = options or PallasOptions()
+    if options.atomic and deterministic_ops():
+        options = options._replace(atomic=0)
     interpret = _interpret(layer, options, interpret)
     slots = layer.num_shared + layer.top_k
     if interpret is None:
