@@ -9,12 +9,12 @@ Keys: `width` as experiments/grow/width.py (targets, 0 = unchanged; method exact
 `depth` as experiments/grow/depth.py (method identity by default, num_layers 0 = unchanged depth: no depth step).
 Variant 'smollm2_360m': SmolLM2-360M's shape (hidden 960, 15 heads, 5 kv heads, FFN 2560, 32 layers), reached
 from SmolLM2-135M (576, 9/3, 1536, 30 layers) by exact width growth and identity depth growth: the grown model
-computes the 135M model's function. Measured on SmolLM2-135M-Instruct (tests/ops/grow/test_smollm2_growth.py, float32,
-CPU): 134.5M -> 361.8M parameters; max |logit diff| 9.3e-5 on three chat prompts (logits up to 38; all of it from
-the hidden-size step: heads, FFN and depth alone give 0.0), float32 rounding of the same size as the source's own
-float32 error (1.4e-4 against a float64 forward), and compiler-dependent: 1.40e-4 on 2026-12-06 with the test
-suite's XLA flags (-O0) and with XLA:CPU's defaults, 1.25e-4 with its classic emitters; identical greedy answers
-(20 tokens). Load + grow 21 s, the whole test ~55 s on 2 shared cores.
+computes the 135M model's function. Measured on SmolLM2-135M-Instruct (tests/ops/grow/test_smollm2_growth.py, CPU,
+three chat prompts, logits up to 38.5): 134.5M -> 361.8M parameters; max |logit diff| 5.3e-6 computed in float64
+(the stored float32 parameters through a float64 forward; what is left is the float32 rounding of the scaled norm
+gains), 1.40e-4 in float32 (2026-12-07; 9.3e-5 to 1.40e-4 with other XLA flags), the size of the source's own
+float32 error against the float64 forward (1.3e-4): all of it from the hidden-size step (heads, FFN and depth alone
+give 0.0); identical greedy answers (20 tokens). Load + grow 22 s, the whole test ~65 s on 2 cores.
 Common keys (input, output, format, dtype, overwrite, seed):
 experiments/grow/__init__.py.
 """

