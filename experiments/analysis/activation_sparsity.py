@@ -23,9 +23,15 @@ Keys:
     ffn_weighted levels applied to the down_proj inputs only with the weighted score |h_i| * ||W_down,i|| (the size
                  of neuron i's whole contribution, WINA-style; analysis/sparsity/module.py), calibrated per layer on
                  the same tokens
+    ffn_fisher   levels applied to the down_proj inputs only with the Fisher-scaled score |h_i| s_i, s_i =
+                 sqrt(E[(dL/dh_i)^2]) over the calibration tokens (analysis/sparsity/fisher.py: the second-order
+                 estimate of what dropping h_i costs), calibrated per layer on the same tokens; with `allocated`
+                 levels, also rows of this score at the allocated per-layer levels
+    fisher_sampled  the Fisher of tokens sampled from the model (True) or of the text's next tokens (False, the
+                 empirical Fisher)
     teal_protocol  levels also measured as TEAL's evaluation does: the first half of each window dense (prefill), the
                  second half sparse and scored (analysis/sparsity/measure.py dense_prefix); for the uniform rows and
-                 for the down_proj-only rows (ffn_only, ffn_weighted, allocated) at those levels
+                 for the down_proj-only rows (ffn_only, ffn_weighted, ffn_fisher, allocated) at those levels
     allocated    down_proj-only levels (empty: none) whose per-layer sparsities are allocated by measured sensitivity
                  (analysis/sparsity/allocation.py): each down_proj sparsified alone at each level of `grid` on the first
                  n_tokens calibration tokens (len(grid) x layers forwards), its cost measured by `metric` ('kl': the
@@ -71,6 +77,8 @@ def get_config(arg: str = ""):
     config.sparsities = (0.25, 0.4, 0.5, 0.6)
     config.ffn_only = (0.5,)
     config.ffn_weighted = (0.5,)
+    config.ffn_fisher = (0.5,)
+    config.fisher_sampled = False
     config.teal_protocol = (0.5,)
     config.greedy = ml_collections.ConfigDict(dict(levels=(), n_tokens=1024, step=0.05))
     config.allocated = ml_collections.ConfigDict(dict(levels=(), grid=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
@@ -147,13 +155,13 @@ def run(config) -> dict:
     import jax.numpy as jnp
 
     from configurable_fm.analysis.sparsity import (LogBins, allocate_levels, calibrate, check_sparsity, evaluate,
-                                                   greedy_allocation, perplexity_change, sensitivity,
+                                                   fisher_scales, greedy_allocation, perplexity_change, sensitivity,
                                                    sparsify_activations)
     from configurable_fm.interop.loader import load_pretrained
 
     levels = {"sparsities": config.sparsities, "ffn_only": config.ffn_only, "ffn_weighted": config.ffn_weighted,
-              "teal_protocol": config.teal_protocol, "allocated.levels": config.allocated.levels,
-              "greedy.levels": config.greedy.levels}
+              "ffn_fisher": config.ffn_fisher, "teal_protocol": config.teal_protocol,
+              "allocated.levels": config.allocated.levels, "greedy.levels": config.greedy.levels}
     for key, values in levels.items():  # checked before the model loads
         for p in values:
             check_sparsity(p, f"config.{key}")
@@ -195,13 +203,22 @@ def run(config) -> dict:
     configs += [("uniform", p, cal.thresholds(p), 0) for p in config.sparsities]
     ffn_only = {p: {**dense_t, **cal.thresholds({q: p for q in down})} for p in config.ffn_only}
     configs += [("ffn_only", p, t, 0) for p, t in ffn_only.items()]
-    ffn_weighted = {}
+    ffn_weighted, wcal = {}, None
     if config.ffn_weighted:
         wcal = calibrate(model, cal_batches, down, bins=bins, score="weighted")
         say(f"calibrated the weighted scores of {len(down)} down_proj")
         ffn_weighted = {p: {**dense_t, **wcal.thresholds(p)} for p in config.ffn_weighted}
         configs += [("ffn_weighted", p, t, 0) for p, t in ffn_weighted.items()]
-    allocations, sensitivities, ffn_allocated = {}, None, {}
+    ffn_fisher, fcal = {}, None
+    if config.ffn_fisher:
+        fisher = fisher_scales(model, cal_batches, down, sampled=bool(config.fisher_sampled), seed=config.seed)
+        fcal = calibrate(model, cal_batches, down, bins=bins, score="scaled", scales=fisher)
+        say(f"calibrated the Fisher-scaled scores of {len(down)} down_proj"
+            f"{' (sampled targets)' if config.fisher_sampled else ''}")
+        ffn_fisher = {p: {**dense_t, **fcal.thresholds(p)} for p in config.ffn_fisher}
+        configs += [("ffn_fisher", p, t, 0) for p, t in ffn_fisher.items()]
+    row_calibration = {"ffn_weighted": wcal, "ffn_fisher": fcal, "ffn_fisher_allocated": fcal}
+    allocations, sensitivities, ffn_allocated, fisher_allocated = {}, None, {}, {}
     if config.allocated.levels:
         a_tokens = cal_tokens[:config.allocated.n_tokens + 1]
         sens = sensitivity(model, cal, batches_of(a_tokens, config.seq_len, config.batch_size), paths=down,
@@ -213,11 +230,16 @@ def run(config) -> dict:
             say(f"allocated {p}: " + ", ".join(f"{q.split('.')[1]}: {v:.2f}" for q, v in alloc.items()))
         ffn_allocated = {p: {**dense_t, **cal.thresholds(a)} for p, a in allocations.items()}
         configs += [("ffn_allocated", p, t, 0) for p, t in ffn_allocated.items()]
+        if fcal is not None:
+            fisher_allocated = {p: {**dense_t, **fcal.thresholds(a)} for p, a in allocations.items()}
+            configs += [("ffn_fisher_allocated", p, t, 0) for p, t in fisher_allocated.items()]
     prefix = config.seq_len // 2
     configs += [("uniform", p, cal.thresholds(p), prefix) for p in config.teal_protocol]
     configs += [(kind, p, rows_t[p], prefix) for kind, rows_t in (("ffn_only", ffn_only),
                                                                   ("ffn_weighted", ffn_weighted),
-                                                                  ("ffn_allocated", ffn_allocated))
+                                                                  ("ffn_fisher", ffn_fisher),
+                                                                  ("ffn_allocated", ffn_allocated),
+                                                                  ("ffn_fisher_allocated", fisher_allocated))
                 for p in config.teal_protocol if p in rows_t]
     if config.greedy.levels:
         g_tokens = cal_tokens[:config.greedy.n_tokens + 1]
@@ -230,10 +252,12 @@ def run(config) -> dict:
     dense_ev = {}
     for kind, p, thresholds, dense_prefix in configs:
         sparse = sparsify_activations(model, thresholds)
-        if kind == "ffn_weighted":  # the down_proj thresholds are on the weighted scale
-            sparse = sparsify_activations(sparse, {q: thresholds[q] for q in down}, score="weighted")
+        scored_by = row_calibration.get(kind) or cal  # the calibration whose scale the thresholds are on
+        if scored_by is not cal:  # the down_proj thresholds are on the weighted or Fisher-scaled score
+            sparse = sparsify_activations(sparse, {q: thresholds[q] for q in down}, score=scored_by.score,
+                                          scales=scored_by.scales)
         targeted = [q for q in paths if thresholds[q] >= 0]
-        predicted = cal.fraction_below({q: thresholds[q] for q in targeted})
+        predicted = scored_by.fraction_below({q: thresholds[q] for q in targeted})
         for d in config.evaluation.domains:
             ev = evaluate(sparse, data[d], dense_prefix=dense_prefix)
             if kind == "dense":
@@ -265,7 +289,8 @@ def run(config) -> dict:
             continue
         change, se = perplexity_change(ev, dense_ev[row["domain"]], start=row["dense_prefix"])
         row["perplexity_change"], row["perplexity_change_se"] = change, se
-    order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3, "ffn_weighted": 4, "ffn_allocated": 5}
+    order = {"dense": 0, "uniform": 1, "greedy": 2, "ffn_only": 3, "ffn_weighted": 4, "ffn_fisher": 5,
+             "ffn_allocated": 6, "ffn_fisher_allocated": 7}
     domain_order = list(config.evaluation.domains)
     rows.sort(key=lambda r: (r["dense_prefix"], order[r["kind"]], r["target"], domain_order.index(r["domain"])))
     seconds = time.perf_counter() - start
@@ -328,7 +353,9 @@ def table(results: dict) -> str:
         label = {"dense": "dense", "uniform": "uniform, all 7 projections", "ffn_only": "down_proj inputs only",
                  "greedy": "greedy per block, all 7",
                  "ffn_allocated": "down_proj inputs only, levels per layer by sensitivity",
-                 "ffn_weighted": "down_proj inputs only, weighted score abs(h_i) x norm(W_i)"}
+                 "ffn_weighted": "down_proj inputs only, weighted score abs(h_i) x norm(W_i)",
+                 "ffn_fisher": "down_proj inputs only, Fisher-scaled score abs(h_i) x s_i",
+                 "ffn_fisher_allocated": "down_proj inputs only, Fisher-scaled score, levels per layer by sensitivity"}
         lines.append(f"| {label[r['kind']]} | {r['target']:.2f} | {where} | {r['domain']} | {r['perplexity']:.3f} | "
                      f"{100 * r['perplexity_change']:+.1f}% ± {100 * r.get('perplexity_change_se', 0.0):.1f} | "
                      f"{spars} |")

@@ -122,7 +122,8 @@ def test_weighted_score_masks_by_hand_and_round_trips_its_option(dense):
     weighted = sparsify_activations(dense, {path: 0.2}, score="weighted")
     assert [s["options"] for s in extension_specs(weighted)] == [{"score": "weighted"}]
     assert sparse_linears(sparsify_activations(weighted, {path: 0.2}))[path].score == "magnitude"
-    with pytest.raises(SparsityError, match=r"score must be one of \['magnitude', 'weighted'\], got 'wina'"):
+    with pytest.raises(SparsityError, match=r"score must be one of \['magnitude', 'weighted', 'scaled'\], "
+                                            r"got 'wina'"):
         sparsify_activations(dense, {path: 0.2}, score="wina")
 
 
@@ -396,3 +397,6 @@ def test_the_study_runs_on_smollm2(tmp_path):
     assert re.search(r"\| dense \| 0\.00 \| all \| code \|", (tmp_path / "results.md").read_text())
     weighted = rows[("ffn_weighted", "english")]  # the down_proj-only rows, scored |h_i| * ||W_i||
     assert abs(weighted["sparsity_down_proj"] - 0.5) < 0.1 and weighted["sparsity_weighted"] < 0.2
+    for kind in ("ffn_fisher", "ffn_fisher_allocated"):  # scored |h_i| s_i (uniform, then the allocated levels)
+        row = rows[(kind, "english")]
+        assert abs(row["sparsity_down_proj"] - 0.5) < 0.1 and abs(row["calibration_fraction"] - 0.5) < 0.05, kind

@@ -27,10 +27,11 @@ Inputs that several Linears read (llama's q/k/v_proj read one normed x, gate/up_
 the forward once (`shared_inputs`: the same traced array reaches their `.input` points) and histogrammed once; the
 Linears that share it get the same thresholds for the same sparsity.
 
-With score='weighted' (module.py: a_i = |x_i| * ||W_i||) each Linear's scores are histogrammed apart (the weight
-rows differ even where the input is shared), at the `.score` point of a copy of the model whose targets are
-SparseLinears with threshold -inf (every entry kept: the dense model's outputs), and the thresholds are on that
-scale (`Calibration.score` says which; pass it to sparsify_activations).
+With score='weighted' (module.py: a_i = |x_i| * ||W_i||) or 'scaled' (a_i = |x_i| * s_i, `scales` {path: s}, e.g.
+fisher.fisher_scales) each Linear's scores are histogrammed apart (the weight rows, or scales, differ even where the
+input is shared), at the `.score` point of a copy of the model whose targets are SparseLinears with threshold -inf
+(every entry kept: the dense model's outputs), and the thresholds are on that scale (`Calibration.score` and
+`Calibration.scales` say which; pass them to sparsify_activations).
 
 The distribution is measured on the model given (a dense one, as TEAL does): in a model sparsified everywhere, the
 inputs of later layers shift a little, so the fraction achieved there drifts from p (`measure.evaluate` reports it).
@@ -49,8 +50,8 @@ from flax import nnx
 
 from configurable_fm.analysis.batches import batch_inputs
 from configurable_fm.analysis.reduce import Reduction, reduce_over, token_mask_like
-from configurable_fm.analysis.sparsity.module import (SparsityError, check_score, linear_shapes, resolve_targets,
-                                                      sparsify_activations)
+from configurable_fm.analysis.sparsity.module import (SparsityError, check_scales, check_score, linear_shapes,
+                                                      resolve_targets, sparsify_activations)
 from configurable_fm.models.taps import TapContext, activate
 
 
@@ -157,7 +158,8 @@ class Calibration:
 
     counts {path: (n + 2,) int64} (Linears sharing an input share one array); bins; tokens = masked-in tokens
     counted; shared {path: the path whose `.input` point was histogrammed}; shapes {path: (in, out)}; score: what
-    was histogrammed ('magnitude': |x|, 'weighted': |x| * ||W_i||, each path apart)."""
+    was histogrammed ('magnitude': |x|, 'weighted': |x| * ||W_i||, 'scaled': |x| * s, each path apart); scales
+    {path: s (in,) float32} for 'scaled', else None."""
 
     counts: dict[str, np.ndarray]
     bins: LogBins
@@ -165,6 +167,7 @@ class Calibration:
     shared: dict[str, str]
     shapes: dict[str, tuple[int, int]]
     score: str = "magnitude"
+    scales: Optional[dict[str, np.ndarray]] = None
 
     @property
     def paths(self) -> list[str]:
@@ -243,21 +246,28 @@ def peek(batches: Iterable[Mapping[str, Any]], what: str) -> tuple[Mapping[str, 
 
 def calibrate(model, batches: Iterable[Mapping[str, Any]], targets: Optional[Sequence[str]] = None, *,
               bins: LogBins = LogBins(), max_batches: Optional[int] = None, progress: bool = False,
-              log: Optional[Callable[[str], None]] = None, score: str = "magnitude") -> Calibration:
-    """The histograms of the scores a (|x|, or |x| * ||W_i|| with score='weighted') at the inputs of the Linears
-    `targets` names (sparsity.resolve_targets: paths or globs; None = the family's defaults) over `batches`
-    (pipeline dicts: {'inputs': (B, T) ids, 'attention_mask'?, 'loss_mask'?, 'mask'?}; analysis/batches.py
-    `token_mask` says which tokens count; with an attention_mask the forward passes it), streamed with reduce_over
-    (module docstring). `model` is not modified."""
+              log: Optional[Callable[[str], None]] = None, score: str = "magnitude",
+              scales: Optional[Mapping[str, Any]] = None) -> Calibration:
+    """The histograms of the scores a (|x|; |x| * ||W_i|| with score='weighted'; |x| * s with score='scaled' and
+    `scales` {path: s (in,)} for every target) at the inputs of the Linears `targets` names
+    (sparsity.resolve_targets: paths or globs; None = the family's defaults) over `batches` (pipeline dicts:
+    {'inputs': (B, T) ids, 'attention_mask'?, 'loss_mask'?, 'mask'?}; analysis/batches.py `token_mask` says which
+    tokens count; with an attention_mask the forward passes it), streamed with reduce_over (module docstring).
+    `model` is not modified."""
     check_score(score, "calibrate")
     paths = resolve_targets(model, targets, op="calibrate")
+    if score == "scaled":
+        scales = check_scales(scales, paths, linear_shapes(model, paths), "calibrate")
+    elif scales is not None:
+        raise SparsityError(f"calibrate: scales are for score 'scaled', not {score!r}")
     first, stream = peek(batches, "calibrate")
     if score == "magnitude":
         shared = shared_inputs(model, paths, batch_inputs(first, "calibrate: batch 0").shape)
         point, probed = "input", model
     else:  # every path its own scale: histogram each SparseLinear's `.score`, every entry kept (t = -inf)
         shared = {p: p for p in paths}
-        point, probed = "score", sparsify_activations(model, {p: -math.inf for p in paths}, score=score)
+        point, probed = "score", sparsify_activations(model, {p: -math.inf for p in paths}, score=score,
+                                                      scales=scales)
     sources = list(dict.fromkeys(shared.values()))
     reduction = AbsHistogram(bins)
     if "attention_mask" in first:
@@ -269,4 +279,4 @@ def calibrate(model, batches: Iterable[Mapping[str, Any]], targets: Optional[Seq
                       desc="sparsity: calibration")
     hist = {s: np.asarray(got[f"{s}.{point}"][reduction.name], np.int64) for s in sources}
     return Calibration(counts={p: hist[shared[p]] for p in paths}, bins=bins, tokens=int(got.tokens), shared=shared,
-                       shapes=linear_shapes(model, paths), score=score)
+                       shapes=linear_shapes(model, paths), score=score, scales=scales)

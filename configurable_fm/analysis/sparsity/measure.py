@@ -107,14 +107,14 @@ class Evaluation:
         return float(np.sum(w * np.asarray([s[p] for p in chosen])) / w.sum())
 
 
-def _forward(model, inputs, attention):
+def model_logits(model, inputs, attention):
     """The model's logits; attention None (a static pytree under jit) calls it without a mask."""
     return model(inputs) if attention is None else model(inputs, attention_mask=attention)
 
 
 def _step(graphdef, points: tuple, prefix: int, state, inputs, targets, attention, m_BxT):
     model = nnx.merge(graphdef, state)
-    call = lambda mm: _forward(mm, inputs, attention)  # noqa: E731
+    call = lambda mm: model_logits(mm, inputs, attention)  # noqa: E731
     if points:
         interventions = {p: replace(True, positions=list(range(prefix))) for p in points} if prefix else None
         logits, kept = capture(model, list(points), call, interventions=interventions)
@@ -147,7 +147,7 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
     n = 0
     it, total = limited(batches, max_batches)
     for i, batch in enumerate(progress_bar(it, total=total, desc=desc, enabled=progress, log=log)):
-        inputs, targets, m, attention = _scored_batch(batch, f"{desc}: batch {i}")
+        inputs, targets, m, attention = scored_batch(batch, f"{desc}: batch {i}")
         if prefix >= inputs.shape[1]:
             raise SparsityError(f"evaluate: dense_prefix={prefix} leaves no position of the {inputs.shape[1]}-token "
                                 "windows sparse")
@@ -167,7 +167,7 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
                       dense_prefix=prefix, batches=n)
 
 
-def _scored_batch(batch: Mapping[str, Any], where: str):
+def scored_batch(batch: Mapping[str, Any], where: str):
     """(inputs, targets (B, T) int32, m (B, T) the scored-token mask, attention (B, T) int32 or None) of a batch."""
     inputs = batch_inputs(batch, where)
     if "targets" not in batch:
@@ -183,7 +183,7 @@ def _scored_batch(batch: Mapping[str, Any], where: str):
 
 
 def _logits_step(graphdef, state, inputs, attention):
-    return _forward(nnx.merge(graphdef, state), inputs, attention)
+    return model_logits(nnx.merge(graphdef, state), inputs, attention)
 
 
 def _kl_step(graphdef, state, inputs, attention, reference_BxTxV, m_BxT):
@@ -199,7 +199,7 @@ def next_token_logits(model, batches: Sequence[Mapping[str, Any]]) -> list[jax.A
     graphdef, state = nnx.split(model)
     out = []
     for i, batch in enumerate(batches):
-        inputs, _, _, attention = _scored_batch(batch, f"next_token_logits: batch {i}")
+        inputs, _, _, attention = scored_batch(batch, f"next_token_logits: batch {i}")
         out.append(_jitted_logits(graphdef, state, jnp.asarray(inputs), attention))
     return out
 
@@ -219,7 +219,7 @@ def mean_kl(model, batches: Sequence[Mapping[str, Any]], reference: Sequence[jax
                             "the same batches (at least one)")
     total, tokens = 0.0, 0.0
     for i, (batch, ref) in enumerate(zip(batches, reference)):
-        inputs, _, m, attention = _scored_batch(batch, f"mean_kl: batch {i}")
+        inputs, _, m, attention = scored_batch(batch, f"mean_kl: batch {i}")
         if ref.shape[:2] != inputs.shape:
             raise SparsityError(f"mean_kl: batch {i} is {inputs.shape} but its reference logits are {ref.shape}")
         total += float(_jitted_kl(graphdef, state, jnp.asarray(inputs), attention, ref,

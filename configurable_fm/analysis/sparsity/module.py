@@ -6,12 +6,17 @@
 
 A SparseLinear replaces the `models.layers.Linear` at its path, keeps its `kernel` (in, out) and `bias` at the same
 paths, and adds one non-trainable variable, `threshold` (a float32 scalar, a SparsityThreshold: not an nnx.Param,
-so trainers leave it alone and orbax stores it under variables/). For x (..., in):
+so trainers leave it alone and orbax stores it under variables/), and with score 'scaled' a second, `scale` (in,)
+float32 (a SparsityScale). For x (..., in):
 
     a_i  = |x_i|                                score 'magnitude' (TEAL's, the default)
     a_i  = |x_i| * ||W_i||_2                    score 'weighted': W_i the weight row (out,) that x_i multiplies, so
                                                 a_i is the size of x_i's whole contribution to y (WINA, Chen et al.
                                                 2025); the threshold is then on that scale
+    a_i  = |x_i| * s_i                          score 'scaled': s (in,) a per-input scale held by the module (the
+                                                variable `scale`), e.g. fisher.fisher_scales' sqrt(E[(dL/dx_i)^2]),
+                                                which makes a_i^2 the second-order estimate of the loss change of
+                                                dropping x_i (the threshold is on that scale)
     kept = not (a <= t)                         (elementwise; NaN entries are kept, so they stay visible)
     y    = (x * kept) W + b                     in the Linear's compute dtype, as Linear computes y = x W + b
 
@@ -21,9 +26,9 @@ kernel would not read; here the product stays dense (there is no sparse kernel i
 measures accuracy, not speed.
 
 Tap points (configurable_fm.analysis), for a SparseLinear at `<path>`: `<path>.input` (x, before the mask),
-`<path>.score` (a, float32: what calibration histograms for the 'weighted' score), `<path>.kept` (the boolean
-mask (..., in); an intervention on it changes what the module keeps, e.g. `replace(True, positions=range(P))`
-leaves the first P tokens dense), `<path>.output`.
+`<path>.score` (a, float32: what calibration histograms for the 'weighted' and 'scaled' scores), `<path>.kept` (the
+boolean mask (..., in); an intervention on it changes what the module keeps, e.g. `replace(True,
+positions=range(P))` leaves the first P tokens dense), `<path>.output`.
 
 The module is an extension of kind 'activation_sparsity' (models/structure.py), registered when this package is
 imported: the model's config is unchanged, `check_consistent` passes, orbax checkpoints round-trip (load them after
@@ -52,7 +57,7 @@ from configurable_fm.models.structure import (abstract_model, build_options, che
 from configurable_fm.models.taps import tap, tapped
 
 KIND = "activation_sparsity"
-SCORES = ("magnitude", "weighted")  # a_i = |x_i|, or |x_i| * ||W_i|| (module docstring)
+SCORES = ("magnitude", "weighted", "scaled")  # a_i = |x_i|, |x_i| * ||W_i|| or |x_i| * s_i (module docstring)
 
 # TEAL's targets: the input of every projection of every block (LM head and embeddings excluded).
 DEFAULT_TARGETS = {
@@ -74,6 +79,10 @@ class SparsityThreshold(nnx.Variable):
     """The magnitude threshold t of a SparseLinear, a float32 scalar: not a parameter (no gradient, not trained)."""
 
 
+class SparsityScale(nnx.Variable):
+    """The per-input scale s (in,) float32 of a SparseLinear with score 'scaled': not a parameter (not trained)."""
+
+
 def dense_linear(x, kernel, bias, dtype):
     """y = x W (+ b) as models.layers.Linear computes it (compute dtype `dtype`, or the promoted type)."""
     dtype = dtype or jnp.result_type(x, kernel)
@@ -88,16 +97,22 @@ def check_score(score, op: str = "sparsity") -> str:
 
 
 class SparseLinear(Linear):
-    """y = (x * [a > t]) W + b, a = |x| or |x| * ||W_i|| (module docstring); built around the Linear it replaces."""
+    """y = (x * [a > t]) W + b, a = |x|, |x| * ||W_i|| or |x| * s (module docstring); built around the Linear it
+    replaces. With score 'scaled', `scale` is s (in,) (ones when not given)."""
 
     kind = KIND
 
-    def __init__(self, base: Linear, threshold: float = 0.0, score: str = "magnitude"):
+    def __init__(self, base: Linear, threshold: float = 0.0, score: str = "magnitude", scale=None):
         if type(base) is not Linear:
             raise SparsityError(f"activation sparsity wraps a plain models.layers.Linear, got {type(base).__name__}")
         self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
         self.threshold = SparsityThreshold(jnp.asarray(threshold, jnp.float32))
         self.score = check_score(score)
+        if score != "scaled" and scale is not None:
+            raise SparsityError(f"activation sparsity: a scale is for score 'scaled', not {score!r}")
+        n = int(base.kernel.get_value().shape[0])
+        self.scale = SparsityScale(jnp.ones((n,), jnp.float32) if scale is None else
+                                   jnp.asarray(scale, jnp.float32)) if score == "scaled" else None
 
     @classmethod
     def from_options(cls, base, options: Mapping[str, Any]) -> "SparseLinear":
@@ -124,6 +139,8 @@ class SparseLinear(Linear):
         a = jnp.abs(x).astype(jnp.float32)
         if self.score == "weighted":
             a = a * jnp.sqrt(jnp.sum(jnp.square(self.kernel[...].astype(jnp.float32)), axis=1))
+        elif self.score == "scaled":
+            a = a * self.scale[...]
         a = tap(self, "score", a)
         kept = tap(self, "kept", jnp.logical_not(a <= t))
         x = jnp.where(kept, x, jnp.zeros((), x.dtype))
@@ -216,6 +233,31 @@ def thresholds_of(model) -> dict[str, float]:
     return {p: float(m.threshold.get_value()) for p, m in sparse_linears(model).items()}
 
 
+def scales_of(model) -> dict[str, np.ndarray]:
+    """{path: s (in,)} of every SparseLinear of `model` with score 'scaled'."""
+    return {p: np.asarray(m.scale.get_value()) for p, m in sparse_linears(model).items() if m.scale is not None}
+
+
+def check_scales(scales, paths: Sequence[str], shapes: Mapping[str, tuple[int, int]], op: str) -> dict[str, np.ndarray]:
+    """{path: s as float32 (in,)} for each of `paths` (other entries of `scales` are not used): SparsityError naming
+    a path without a scale, a shape that is not the Linear's (in,), or an entry that is negative or not finite."""
+    if not isinstance(scales, Mapping):
+        raise SparsityError(f"{op}: score 'scaled' needs scales {{Linear path: s (in,)}}, got {scales!r}")
+    missing = [p for p in paths if p not in scales]
+    if missing:
+        raise SparsityError(f"{op}: no scale for {missing[:4]} (score 'scaled' needs one per sparsified Linear)")
+    out = {}
+    for p in paths:
+        s = np.asarray(scales[p], np.float32)
+        if s.shape != (shapes[p][0],):
+            raise SparsityError(f"{op}: the scale for {p} has shape {s.shape}; its Linear takes {shapes[p][0]} "
+                                f"inputs, so ({shapes[p][0]},)")
+        if not np.all(np.isfinite(s)) or np.any(s < 0):
+            raise SparsityError(f"{op}: the scale for {p} has negative or non-finite entries")
+        out[p] = s
+    return out
+
+
 def check_threshold(path: str, t, op: str) -> float:
     """t as a float; SparsityError when it is not a real number or is NaN / +inf."""
     if isinstance(t, bool) or not isinstance(t, (int, float, np.number, np.ndarray, jax.Array)) or np.ndim(t) != 0:
@@ -227,14 +269,19 @@ def check_threshold(path: str, t, op: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the transform
-def sparsify_activations(model, thresholds: Mapping[str, float], *, score: str = "magnitude"):
+def sparsify_activations(model, thresholds: Mapping[str, float], *, score: str = "magnitude",
+                         scales: Optional[Mapping[str, Any]] = None):
     """A new model in which the Linear at each path of `thresholds` is a SparseLinear with threshold t and `score`
-    (module docstring: 'magnitude' or 'weighted'; thresholds calibrated for that score, `Calibration.score`);
-    `model` is not modified. A path that is already a SparseLinear gets the new threshold and score. Other
-    extension modules of the model are kept. SparsityError names an unknown path (with close matches), a module
-    that is not a plain Linear, a threshold that is not a real number, or an unknown score."""
+    (module docstring: 'magnitude', 'weighted' or 'scaled'; thresholds calibrated for that score,
+    `Calibration.score`); with 'scaled', `scales` {path: s (in,)} for every path of `thresholds` (e.g.
+    fisher_scales; `Calibration.scales`). `model` is not modified. A path that is already a SparseLinear gets the
+    new threshold, score and scale. Other extension modules of the model are kept. SparsityError names an unknown
+    path (with close matches), a module that is not a plain Linear, a threshold that is not a real number, an
+    unknown score, or scales that are missing, given for another score, or of the wrong shape."""
     op = "sparsify_activations"
     check_score(score, op)
+    if scales is not None and score != "scaled":
+        raise SparsityError(f"{op}: scales are for score 'scaled', not {score!r}")
     if not isinstance(thresholds, Mapping) or not thresholds:
         raise SparsityError(f"{op}: thresholds are a non-empty mapping {{Linear path: t}}, got {thresholds!r}")
     check_consistent(model, op)
@@ -247,12 +294,17 @@ def sparsify_activations(model, thresholds: Mapping[str, float], *, score: str =
         if path not in linears:
             raise _no_linear(path, modules, sorted(linears), op)
         values_t[path] = check_threshold(path, t, op)
+    if score == "scaled":
+        scales = check_scales(scales, list(values_t), linear_shapes(model, list(values_t)), op)
     options = {} if score == "magnitude" else {"score": score}
     specs = [s for s in extension_specs(model) if not (s["kind"] == KIND and s["path"] in values_t)]
     specs += [{"path": p, "kind": KIND, "options": options} for p in values_t]
     abstract = abstract_model(model.cfg, specs, **build_options(model))
-    values = {k: v.get_value() for k, v in variables_of(model).items()}
+    values = {k: v.get_value() for k, v in variables_of(model).items()  # a re-sparsified path's old scale goes
+              if not (k.endswith(".scale") and k[:-len(".scale")] in values_t)}
     values.update({f"{p}.threshold": jnp.asarray(t, jnp.float32) for p, t in values_t.items()})
+    if score == "scaled":
+        values.update({f"{p}.scale": jnp.asarray(s) for p, s in scales.items()})
     return fill(abstract, values)
 
 
@@ -271,7 +323,7 @@ def desparsify(model, paths: Optional[Iterable[str]] = None):
     drop = set(chosen)
     specs = [s for s in extension_specs(model) if not (s["kind"] == KIND and s["path"] in drop)]
     abstract = abstract_model(model.cfg, specs, **build_options(model))
-    gone = {f"{p}.threshold" for p in drop}
+    gone = {f"{p}.{name}" for p in drop for name in ("threshold", "scale")}
     values = {k: v.get_value() for k, v in variables_of(model).items() if k not in gone}
     return fill(abstract, values)
 
