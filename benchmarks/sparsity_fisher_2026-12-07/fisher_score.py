@@ -33,7 +33,8 @@ from configurable_fm.analysis import capture, intervene  # noqa: E402
 from configurable_fm.analysis.sparsity import Evaluation, perplexity_change  # noqa: E402
 from configurable_fm.interop.loader import load_pretrained  # noqa: E402
 from configurable_fm.models.scoring import next_token_nll  # noqa: E402
-from experiments.analysis.activation_sparsity import batches_of, domain_documents, get_config, pools, token_stream  # noqa: E402,E501
+from experiments.analysis.activation_sparsity import (batches_of, domain_documents, get_config, pools,  # noqa: E402
+                                                      token_stream)
 
 N_EVAL = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 LEVEL = 0.5
