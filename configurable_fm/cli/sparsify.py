@@ -3,13 +3,15 @@ configurable_fm/analysis/sparsity) calibrated on a corpus, measure it on held-ou
 model checkpoint.
 
     python scripts/sparsify.py --config experiments/analysis/sparsify.py --config.input=IN --config.output=OUT \\
-        [--config.targets=ffn|all|GLOB,GLOB] [--config.sparsity=0.5] [--config.score=magnitude|weighted] \\
+        [--config.targets=ffn|all|GLOB,GLOB] [--config.sparsity=0.5] [--config.score=magnitude|weighted|fisher] \\
         [--config.calibration.corpus=stdlib] [--config.evaluation.split=validation]
 
 The keys are documented in experiments/analysis/sparsify.py (`sparsify_config` below holds their defaults). For
 each targeted Linear l, t_l is the `sparsity` quantile of its input's score on the calibration tokens
-(`calibrate(...).thresholds(p)`: |x| or |x| ||W_i||), and the output model zeroes the entries at or below t_l
-(`sparsify_activations`). The input may already be sparse (a recovery run's checkpoint: its thresholds are then
+(`calibrate(...).thresholds(p)`: |x|, |x| ||W_i|| or, with score 'fisher', |x_i| s_i where
+s_i = sqrt(E[(dL/dx_i)^2]) over the same tokens, `fisher_scales`, measured with the targets dense), and the output
+model zeroes the entries at or below t_l (`sparsify_activations`; with 'fisher' it keeps s as each module's
+`scale`). The input may already be sparse (a recovery run's checkpoint: its thresholds are then
 re-calibrated on the model as it is, which is how the level is restored after training moved the activations) and
 may carry other extensions (LoRA adapters stay attached, unmerged). With an evaluation split, the perplexity of the
 input with its targets dense and of the output, and the sparsity the output achieves there (mean over the targets
@@ -35,6 +37,7 @@ CALIBRATION_KEYS = {"corpus": "", "tokenizer": "", "split": "train", "n_tokens":
 EVALUATION_KEYS = {"corpus": "", "split": "validation", "n_tokens": 16384}
 KEYS = {"input": "", "output": "", "format": "orbax", "overwrite": False, "targets": "ffn", "sparsity": 0.5,
         "score": "magnitude"}
+SCORES = ("magnitude", "weighted", "fisher")  # 'fisher': analysis.sparsity score 'scaled' with fisher_scales
 TARGET_SETS = ("ffn", "all")  # the FFN down-projection inputs (the neurons), or TEAL's seven projections
 SEE = "experiments/analysis/sparsify.py"
 
@@ -56,7 +59,7 @@ def check_config(c) -> dict:
     """The resolved settings of a sparsify config, checked without the model: {input, output, overwrite, targets
     ('ffn', 'all' or a tuple of paths / globs), sparsity, score, calibration {...}, evaluation {...}}; ConfigError
     naming the key."""
-    from configurable_fm.analysis.sparsity import SCORES, check_sparsity
+    from configurable_fm.analysis.sparsity import check_sparsity
     from configurable_fm.data.shards import is_text_corpus
 
     if c.get("format") != "orbax":
@@ -138,16 +141,22 @@ def run(fv) -> None:
     corpus = ev["corpus"] or cal["corpus"]
     held_out = (batches(corpus, ev["split"], ev["n_tokens"], "evaluation corpus") if ev["split"]
                 else None)  # its errors before anything is written
-    calibration = sp.calibrate(model, calibration_batches, paths, score=d["score"])
-    out = sp.sparsify_activations(model, calibration.thresholds(d["sparsity"]), score=d["score"])
+    already = [p for p in paths if p in sp.sparse_linears(model)]  # a sparse input: its targets' dense form
+    dense = sp.desparsify(model, already) if already else model
+    if d["score"] == "fisher":  # gradients through the dense targets (a mask would zero those of dropped entries)
+        scales = sp.fisher_scales(dense, calibration_batches, paths)
+        calibration = sp.calibrate(model, calibration_batches, paths, score="scaled", scales=scales)
+    else:
+        calibration = sp.calibrate(model, calibration_batches, paths, score=d["score"])
+    out = sp.sparsify_activations(model, calibration.thresholds(d["sparsity"]), score=calibration.score,
+                                  scales=calibration.scales)
     written = save_model(out, d["output"], overwrite=d["overwrite"])
     print(f"sparsified {d['input']}: {len(paths)} Linears ({paths[0]} ...) zero {d['sparsity']:.0%} of their input "
           f"entries on the calibration tokens ({calibration.tokens} of {cal['corpus']!r}"
           f"{'' if is_text_corpus(cal['corpus']) else ' ' + cal['split']}, score "
           f"{d['score']!r}) -> {written} (orbax)")
     if held_out is not None:
-        already = [p for p in paths if p in sp.sparse_linears(model)]  # a sparse input: compare with them dense
-        dense = sp.desparsify(model, already) if already else model
+        # a sparse input is compared with its targets dense (`dense` above)
         before, after = sp.evaluate(dense, held_out), sp.evaluate(out, held_out)
         achieved = after.sparsity()
         values = [achieved[p] for p in paths]

@@ -1,6 +1,6 @@
-"""scripts/sparsify.py (cfm-sparsify) end to end on a tiny random llama with a character tokenizer: the orbax output is
-the model `sparsify_activations(model, calibrate(...).thresholds(p))` makes in-process, a sparse input (a recovery
-run's model) is re-calibrated on itself with its adapters kept, the held-out line reports perplexity and the
+"""scripts/sparsify.py (cfm-sparsify) end to end on a tiny random llama with a character tokenizer: the orbax output
+is the model `sparsify_activations(model, calibrate(...).thresholds(p))` makes in-process (with score 'fisher', its
+Fisher scales too), a sparse input (a recovery run's model) is re-calibrated on itself with its adapters kept, the held-out line reports perplexity and the
 achieved sparsity; bad input is one line naming the key or value, with nothing written."""
 from pathlib import Path
 
@@ -106,6 +106,22 @@ def test_a_sparse_input_is_recalibrated_on_itself_and_keeps_its_adapters(world, 
     assert f"perplexity {sp.evaluate(dense, held).perplexity():.4f} with the targets dense" in io.out
 
 
+def test_fisher_score_writes_the_scales_it_calibrated_with(world, tmp_path, capsys):
+    """score 'fisher': the output keeps s = fisher_scales on the calibration tokens as each module's scale, and its
+    thresholds are the quantiles of |x_i| s_i, as made in-process."""
+    code, io = sparsify_cli(world, tmp_path / "out", "--config.score=fisher", capsys=capsys)
+    assert code == 0, io.err
+    assert "score 'fisher')" in io.out
+    got = load_orbax(tmp_path / "out")
+    model = load_model(world["hf"])
+    scales = sp.fisher_scales(model, calibration_batches(world), DOWN)
+    cal = sp.calibrate(model, calibration_batches(world), DOWN, score="scaled", scales=scales)
+    assert sp.thresholds_of(got) == pytest.approx(cal.thresholds(0.5), rel=1e-6)
+    for path in DOWN:
+        np.testing.assert_allclose(sp.scales_of(got)[path], scales[path], rtol=1e-6)
+    assert [m.score for m in sp.sparse_linears(got).values()] == ["scaled", "scaled"]
+
+
 def test_target_sets():
     llama, gpt2 = random_llama(CFG, 0), random_model(GPT2, 0)
     assert target_paths(llama, "ffn") == DOWN
@@ -130,8 +146,8 @@ def test_the_experiment_variants_are_valid_configs():
 
 ERRORS = {
     "sparsity": (["--config.sparsity=1.0"], 1, "sparsity for the sparsify config must be a number in [0, 1)"),
-    "score": (["--config.score=wina"], 1, "sparsify config: `score` must be one of ['magnitude', 'weighted'], got "
-                                          "'wina'"),
+    "score": (["--config.score=wina"], 1, "sparsify config: `score` must be one of ['magnitude', 'weighted', "
+                                          "'fisher'], got 'wina'"),
     "format": (["--config.format=hf"], 1, "sparsify config: `format` must be 'orbax' (an HF checkpoint cannot "
                                           "express the thresholds), got 'hf'"),
     "target": (["--config.targets=layers.*.mlp.gate"], 1, "layers.*.mlp.gate"),
