@@ -1,7 +1,8 @@
 """scripts/sparsify.py (cfm-sparsify) end to end on a tiny random llama with a character tokenizer: the orbax output
 is the model `sparsify_activations(model, calibrate(...).thresholds(p))` makes in-process (with score 'fisher', its
-Fisher scales too), a sparse input (a recovery run's model) is re-calibrated on itself with its adapters kept, the held-out line reports perplexity and the
-achieved sparsity; bad input is one line naming the key or value, with nothing written."""
+Fisher scales too), a sparse input (a recovery run's model) is re-calibrated on itself with its adapters kept, the
+held-out line reports perplexity and the achieved sparsity; bad input is one line naming the key or value, with
+nothing written."""
 from pathlib import Path
 
 import jax.numpy as jnp
