@@ -36,6 +36,8 @@ from configurable_fm.models.scoring import next_token_nll  # noqa: E402
 from experiments.analysis.activation_sparsity import (batches_of, domain_documents, get_config, pools,  # noqa: E402
                                                       token_stream)
 
+if len(sys.argv) > 2 or (len(sys.argv) == 2 and not (sys.argv[1].isdigit() and int(sys.argv[1]) >= 512)):
+    sys.exit(f"usage: fisher_score.py [N_EVAL (an integer >= 512)]; got {sys.argv[1:]}")
 N_EVAL = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
 LEVEL = 0.5
 SAMPLED = os.environ.get("SAMPLED") == "1"

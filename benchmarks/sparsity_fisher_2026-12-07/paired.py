@@ -27,8 +27,16 @@ from configurable_fm.interop.loader import load_pretrained  # noqa: E402
 from experiments.analysis.activation_sparsity import (batches_of, domain_documents, get_config, pools,  # noqa: E402
                                                       token_stream)
 
-n_eval = int(sys.argv[1]) if len(sys.argv) > 1 else 65536
+ROW_NAMES = ("fisher", "fisher_pooled", "fisher_sampled", "fisher_sampled_pooled", "magnitude_kl_allocated",
+             "fisher_kl_allocated")
+n_eval = sys.argv[1] if len(sys.argv) > 1 else "65536"
 domains = sys.argv[2].split(",") if len(sys.argv) > 2 else ["code"]
+rows = os.environ.get("ROWS", "").split(",") if os.environ.get("ROWS") else None
+if len(sys.argv) > 3 or not n_eval.isdigit() or int(n_eval) < 512 or not set(domains) <= {"code", "english"} or (
+        rows is not None and not set(rows) <= set(ROW_NAMES)):
+    sys.exit(f"usage: paired.py [N_EVAL (an integer >= 512)] [DOMAINS (code,english)], ROWS a subset of "
+             f"{','.join(ROW_NAMES)}; got {sys.argv[1:]}, ROWS={os.environ.get('ROWS', '')!r}")
+n_eval = int(n_eval)
 start = time.perf_counter()
 say = lambda line: print(f"[{time.perf_counter() - start:5.0f} s] {line}", flush=True)  # noqa: E731
 cfg = get_config()
@@ -41,7 +49,6 @@ bins = LogBins(**cfg.bins.to_dict())
 mcal = calibrate(model, cal_batches, down, bins=bins)
 scales = fisher_scales(model, cal_batches, down, seed=cfg.seed)
 fcal = calibrate(model, cal_batches, down, bins=bins, score="scaled", scales=scales)
-rows = os.environ.get("ROWS", "").split(",") if os.environ.get("ROWS") else None
 if rows is None or any("sampled" in r for r in rows):
     sampled = fisher_scales(model, cal_batches, down, seed=cfg.seed, sampled=True)
     scal = calibrate(model, cal_batches, down, bins=bins, score="scaled", scales=sampled)
