@@ -104,8 +104,8 @@ def test_interleaved_rounds_rotate_the_order(bench):
 
 def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast): the
-    row's parts and ratios; --profile's two traces (on the CPU they hold no device kernels, which the row says);
-    --lora_matmul's extra one-adapter forward."""
+    row's parts and ratios, the folded routing's; --profile's two traces (on the CPU they hold no device kernels,
+    which the row says); --lora_matmul's extra one-adapter forward."""
     from configurable_fm.models import registry
 
     try:
@@ -135,6 +135,8 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
     assert min(r["interleaved_single_ratio"], r["interleaved_routed_ratio"]) > 0
     assert r["interleaved_cost_ratio"] == pytest.approx(
         r["interleaved_routed_ratio"] + (r["embed_s"] + r["select_s"]) / r["base_interleaved_s"])
+    assert min(r["folded_lm_s"], r["fold_s"]) > 0 and 1 <= r["folded_groups"] <= 2  # 3 rows, 2 adapters
+    assert r["folded_cost_ratio"] == pytest.approx((r["folded_lm_s"] + r["embed_s"] + r["select_s"]) / r["base_s"])
     for name in ("single_lora_joint", "routed_lm_joint"):  # --lora_matmul joint
         assert r[f"{name}_s"] > 0 and r[f"interleaved_{name}_ratio"] > 0
     assert sorted(r["profile"]) == ["base", "single_lora"]

@@ -66,7 +66,8 @@ from configurable_fm.bricks.adapters import BASE_ID, mixed_modules, with_adapter
 from configurable_fm.interop.atomic import atomic_directory
 from configurable_fm.ops.route.common import RouteError
 from configurable_fm.ops.route.embed import TextEncoder, embed_texts
-from configurable_fm.ops.route.mixture import RowWeightedLinear, routed_modules, softmax_top_k, with_adapter_weights
+from configurable_fm.ops.route.mixture import (FoldedModels, RowWeightedLinear, routed_modules, softmax_top_k,
+                                               with_adapter_weights)
 
 DEFAULT_TEMPERATURE = 0.05
 UNIFORM_ID = -2  # the row id of a query that fell back to the uniform merge (route(..., fallback='uniform'))
@@ -276,6 +277,29 @@ def run_routed(model: nnx.Module, routing: Routing, ids_BxT, **call_kwargs):
         raise RouteError(f"run_routed: {b} rows of ids for {len(routing.choices)} routed queries")
     routed = routed_model(model, routing)
     return routed(ids_BxT, **call_kwargs) if call_kwargs else forward_call(routed, ids_BxT)()
+
+
+def run_folded(model: nnx.Module, routing: Routing, ids_BxT, *, folds: FoldedModels | None = None) -> jax.Array:
+    """The logits (B, T, V) of run_routed(model, routing, ids_BxT) for a row-weighted model (weighted_mix), with
+    the routing folded into the weights (mixture.folded): the rows grouped by their weight vector (routing.weights:
+    a top-1 row is one-hot, a row sent to the base zero, one sent to the uniform merge 1/N), each group run through
+    its folded model (the base's structure: no adapter term per token; forward_call, one compilation per group
+    size), the logits put back in row order. Equal to run_routed up to float32 rounding (W' = W + Σ w_i ΔW_i
+    rounded once against x W + Σ w_i s_i (x A_i) B_i). What a routed batch costs this way: one base forward per
+    distinct routing over its rows, plus one fold per routing not yet in `folds` (FoldedModels(model), kept
+    across calls). RouteError for a model without row-weighted modules, `folds` of another model, or a batch that
+    is not one row per query."""
+    b = int(np.shape(ids_BxT)[0])
+    if b != len(routing.choices):
+        raise RouteError(f"run_folded: {b} rows of ids for {len(routing.choices)} routed queries")
+    folds = FoldedModels(model) if folds is None else folds
+    if folds.model is not model:
+        raise RouteError("run_folded: `folds` holds the folded models of another model")
+    groups, inverse = np.unique(np.asarray(routing.weights, np.float32), axis=0, return_inverse=True)
+    ids = np.asarray(ids_BxT)
+    rows = [np.flatnonzero(inverse.reshape(-1) == g) for g in range(len(groups))]
+    parts = [forward_call(folds(w), ids[r])() for w, r in zip(groups, rows)]
+    return jnp.concatenate(parts)[np.argsort(np.concatenate(rows), kind="stable")]
 
 
 @dataclasses.dataclass(frozen=True)
