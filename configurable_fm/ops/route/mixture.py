@@ -43,6 +43,7 @@ from configurable_fm.bricks.adapters import AdapterScale, LoRAParam, mix, mixed_
 from configurable_fm.bricks.adapters.modules import (adapter_dtype, checked_options, linear_holding, make_variable,
                                                      sharding_axes)
 from configurable_fm.bricks.deltas import Delta, LowRank, apply
+from configurable_fm.bricks.paths import with_params
 from configurable_fm.bricks.select import select
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.layers import Linear
@@ -231,54 +232,65 @@ def unroute(model: nnx.Module) -> nnx.Module:
     return select(model).at_instances_of(StackedLoRALinear).apply(lambda m: m.plain())
 
 
+@jax.jit
+def _folded_kernels(kernels: dict, factors: dict, w_N: jax.Array) -> dict:
+    """{'<module>.kernel': W + Σ_i w_i s_i A_i B_i} for every module of `factors` ({path: (A (N, in, r), B (N, r,
+    out), s (N,))}): one bricks.deltas.LowRank per module, a = [w_i s_i A_i]_i (in, N·r), b = [B_i]_i (N·r, out),
+    applied by bricks.deltas.apply. One compiled program per model structure; the weights are traced, so a new
+    routing reuses it (an adapter of weight 0 adds exact zeros)."""
+    terms = {}
+    for path, (a_NxIxR, b_NxRxO, s_N) in factors.items():
+        a = a_NxIxR.astype(jnp.float32) * (w_N * s_N)[:, None, None]
+        a_Ix_NR = jnp.transpose(a, (1, 0, 2)).reshape(a.shape[1], -1)  # adapter-major columns
+        terms[path] = LowRank(a_Ix_NR, b_NxRxO.astype(jnp.float32).reshape(-1, b_NxRxO.shape[2]))
+    return apply(kernels, Delta(terms, kind="routed_fold"))
+
+
+class FoldedModels:
+    """The folded models (`folded`) of one row-weighted model (weighted_mix), each routing folded once and kept:
+    folds(w) returns the same model object for equal weights (compared as float32 bytes). The plain base
+    (`unroute`, ~2 s of Python at SmolLM2-135M's shape on the 2-core CPU) and the stacked factors are taken once,
+    here; a fold is then one compiled program (`_folded_kernels`) and a functional update of the kernels.
+    RouteError for a model without row-weighted modules."""
+
+    def __init__(self, model: nnx.Module):
+        modules = {p: m for p, m in routed_modules(model).items() if isinstance(m, RowWeightedLinear)}
+        if not modules:
+            raise RouteError("folded: the model has no row-weighted adapter modules (ops.route.weighted_mix)")
+        self.model = model
+        self.num_adapters = next(iter(modules.values())).num_adapters
+        self._base = unroute(model)
+        self._kernels = {f"{p}.kernel": m.kernel[...] for p, m in modules.items()}
+        self._factors = {f"{p}.kernel": (m.lora_a[...], m.lora_b[...], m.lora_scale[...]) for p, m in modules.items()}
+        self._models: dict[bytes, nnx.Module] = {}
+
+    def __call__(self, weights_N) -> nnx.Module:
+        """folded(self.model, weights_N), made on first use (RouteError: folded's)."""
+        w = np.asarray(weights_N, np.float64)
+        if w.shape != (self.num_adapters,) or not np.isfinite(w).all():
+            raise RouteError(f"folded: weights must be {self.num_adapters} finite numbers (one per adapter), got "
+                             f"{w.tolist() if w.size <= 16 else w.shape}")
+        key = w.astype(np.float32).tobytes()
+        if key not in self._models:
+            new = _folded_kernels(self._kernels, self._factors, jnp.asarray(w, jnp.float32)) if w.any() else {}
+            self._models[key] = with_params(self._base, new) if new else self._base
+        return self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
 def folded(model: nnx.Module, weights_N) -> nnx.Module:
     """The plain model that computes what a row routed to `weights_N` (N,) computes, folded into the weights: every
     row-weighted module (weighted_mix) becomes a Linear with kernel W' = W + Σ_i w_i s_i A_i B_i, so that
     x W' + b = x W + b + Σ_i w_i s_i (x A_i) B_i (the mixture's output, up to float32 rounding) at the base's
     structure and per-token cost: no adapter term is evaluated per token. The change is one bricks.deltas.LowRank
-    per module, a = [w_i s_i A_i]_i (in, k·r) and b = [B_i]_i (k·r, out) over the k adapters with w_i != 0,
-    applied by bricks.deltas.apply (the product at float32 HIGHEST precision, added in float32, cast to the
-    kernel's dtype). weights: finite reals (one-hot: that adapter merged, as bricks.adapters.merge; 1/N each: the
+    per module (the N adapters' factors side by side, A_i scaled by w_i s_i) applied by bricks.deltas.apply (the
+    product at float32 HIGHEST precision, added in float32, cast to the kernel's dtype), all modules in one
+    compiled program. weights: finite reals (one-hot: that adapter merged, as bricks.adapters.merge; 1/N each: the
     uniform merge; all zero: the base, its own arrays). `model` is untouched. RouteError for a model without
-    row-weighted modules, weights of another length or non-finite ones."""
-    modules = {p: m for p, m in routed_modules(model).items() if isinstance(m, RowWeightedLinear)}
-    if not modules:
-        raise RouteError("folded: the model has no row-weighted adapter modules (ops.route.weighted_mix)")
-    n = next(iter(modules.values())).num_adapters
-    w = np.asarray(weights_N, np.float64)
-    if w.shape != (n,) or not np.isfinite(w).all():
-        raise RouteError(f"folded: weights must be {n} finite numbers (one per adapter), got "
-                         f"{w.tolist() if w.size <= 16 else w.shape}")
-    base = unroute(model)
-    used = np.flatnonzero(w)
-    if not used.size:
-        return base
-    terms = {}
-    for path, m in modules.items():
-        gain = jnp.asarray(w[used], jnp.float32) * m.lora_scale[...][used]  # (k,)
-        a_kxIxR = m.lora_a[...][used].astype(jnp.float32) * gain[:, None, None]
-        b_kxRxO = m.lora_b[...][used].astype(jnp.float32)
-        a = jnp.transpose(a_kxIxR, (1, 0, 2)).reshape(a_kxIxR.shape[1], -1)  # (in, k·r), adapter-major columns
-        terms[f"{path}.kernel"] = LowRank(a, b_kxRxO.reshape(-1, b_kxRxO.shape[2]))  # (k·r, out)
-    return apply(base, Delta(terms, kind="routed_fold", metadata={"weights": w.tolist()}))
-
-
-class FoldedModels:
-    """folded(model, w) for the weight vectors a row-weighted `model` is routed to, each folded once and kept:
-    folds(w) returns the same model object for equal weights (compared as float32 bytes)."""
-
-    def __init__(self, model: nnx.Module):
-        self.model = model
-        self._models: dict[bytes, nnx.Module] = {}
-
-    def __call__(self, weights_N) -> nnx.Module:
-        key = np.asarray(weights_N, np.float32).tobytes()
-        if key not in self._models:
-            self._models[key] = folded(self.model, weights_N)
-        return self._models[key]
-
-    def __len__(self) -> int:
-        return len(self._models)
+    row-weighted modules, weights of another length or non-finite ones. Many routings of one model: FoldedModels."""
+    return FoldedModels(model)(weights_N)
 
 
 def softmax_top_k(scores: jax.Array, k: int, temperature: float) -> tuple[jax.Array, jax.Array]:
