@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from configurable_fm.bricks.deltas import apply, load_delta, norms
 from configurable_fm.errors import ConfigError
@@ -16,6 +17,7 @@ from configurable_fm.interop.loader import load_model
 from configurable_fm.interop.orbax_io import save_model
 from configurable_fm.models import scoring
 from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.ops.update import evaluate_requests, load_requests
 from configurable_fm.stages.edit import check_config, edit_from_config
 from experiments.edit import alphaedit, ft_l, memit, rlsedit, rome
 from tests.helpers import char_tokenizer, load_script, random_llama, run_script
@@ -62,6 +64,19 @@ def logits(model):
     return scoring.logits(model, IDS)  # compiled once per model structure: not an eager forward per call
 
 
+def assert_metrics_describe(world, edited, requests, before, after):
+    """The reported efficacy magnitudes are the source's and the edited model's (ops.update.evaluate_requests on
+    each). Not whether the edit lifts the target: this random model's next-token distributions are near uniform
+    (NLL of a target ~4.65 = log 104), so an edit moves the magnitudes by ~1e-5 in either direction, with the
+    direction changing between jax 0.10.2 and 0.12.1 and with the number of value steps (2026-12-07); the editors'
+    lift is tested on the trained worlds of tests/ops/update."""
+    tok = Tokenizer.from_file(str(world["tok"]))
+    for model, reported in ((world["model"], before), (edited, after)):
+        got = evaluate_requests(model, tok, requests, batch_size=8).summary["efficacy_magnitude"].mean
+        assert got == pytest.approx(reported["efficacy_magnitude"]["mean"], abs=1e-7, rel=0)
+    assert after["efficacy_magnitude"]["mean"] != before["efficacy_magnitude"]["mean"]
+
+
 def base_args(world, config, out, source="hf"):
     args = ["--config", f"{ROOT}/experiments/edit/{config}", f"--config.input={world[source]}",
             f"--config.requests={world['requests']}", f"--config.output={out}",
@@ -91,7 +106,7 @@ def test_script_writes_model_delta_metrics_report(world, rome_hf):
     assert metrics["stats"]["tokens"] == 400 and metrics["stats"]["corpus"] == "corpus.txt/seq16"
     before, after = metrics["before"]["summary"], metrics["after"]["summary"]
     assert before["efficacy_score"]["n"] == 3 and len(metrics["after"]["rows"]) == 3
-    assert after["efficacy_magnitude"]["mean"] > before["efficacy_magnitude"]["mean"]
+    assert_metrics_describe(world, from_hf(out / "model"), load_requests(world["requests"]), before, after)
     report = (out / "report.md").read_text()
     assert "| metric | unedited | edited | n |" in report and "efficacy_score (ES)" in report and " ± " in report
     delta = load_delta(out / "delta")
@@ -134,24 +149,14 @@ def test_other_editors_through_edit_from_config(world, module):
     c = module.get_config("test")
     c.update(input=str(world["orbax"]), tokenizer=str(world["tok"]), requests=str(world["requests"]), subset="2")
     c.stats.update(corpus=str(world["corpus"]), cache_dir=str(world["root"] / "stats"))
-    if "v_num_grad_steps" in c.hparams:
-        # the test variant's 4 value steps leave RLS's lift to chance on this random model: with the packages of
-        # 2026-12-06 its efficacy magnitude fell (6.77e-5 -> 2.46e-5, as MEMIT's, which one RLS step equals); with
-        # 20 steps it rises to 1.59e-4
-        c.hparams.v_num_grad_steps = 20
     result = edit_from_config(c)
     m = result.metrics
     assert m["n_requests"] == 2 and m["after"]["summary"]["efficacy_score"]["n"] == 2
     assert {k.split(".")[1] for k in result.delta} == {str(l) for l in c.layers}
     np.testing.assert_allclose(logits(result.model), logits(apply(world["model"], result.delta)), atol=1e-5)
     assert all(0 < n < np.inf for n in norms(result.delta).values())
-    if module is not alphaedit:
-        # AlphaEdit on this random model: the keys are tiny next to its L2 term (the update's norm is ~1e-2) and C
-        # has no direction above the null-space threshold (P = I), so the edit barely moves the probabilities,
-        # in either direction (measured with 4 value steps: 6.768e-5 -> 6.763e-5); its math is tested in
-        # tests/ops/update. The other two lift the target.
-        assert (m["after"]["summary"]["efficacy_magnitude"]["mean"]
-                > m["before"]["summary"]["efficacy_magnitude"]["mean"])
+    assert_metrics_describe(world, result.model, load_requests(world["requests"])[:2], m["before"]["summary"],
+                            m["after"]["summary"])
 
 
 GOOD = json.dumps(request(*FACTS[0], 0))
