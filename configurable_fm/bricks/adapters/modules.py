@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from typing import Any, Mapping
 
@@ -162,10 +163,17 @@ def make_variable(cls, value, axes) -> nnx.Variable:
     return cls(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+@functools.cache
+def _abstract_linear(use_bias: bool) -> Linear:
+    """An abstract 1 x 1 Linear (shapes only), traced once per `use_bias`: linear_holding clones it."""
+    return nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=use_bias, rngs=nnx.Rngs(0)))
+
+
 def linear_holding(kernel: nnx.Variable, bias: nnx.Variable | None, dtype) -> Linear:
     """A plain `models.layers.Linear` whose kernel and bias are these Variables (not copies) and whose compute dtype
-    is `dtype`: the base module of an adapter-like wrapper, given back when the wrapper is removed."""
-    lin = nnx.eval_shape(lambda: Linear(1, 1, axes=(None, None), use_bias=bias is not None, rngs=nnx.Rngs(0)))
+    is `dtype`: the base module of an adapter-like wrapper, given back when the wrapper is removed. (A clone of a
+    cached abstract Linear: tracing a new one cost ~7 ms, 1.5 s for SmolLM2-135M's 210 projections.)"""
+    lin = nnx.clone(_abstract_linear(bias is not None))
     lin.kernel, lin.dtype = kernel, dtype
     if bias is not None:
         lin.bias = bias
