@@ -332,7 +332,8 @@ def bench_routing(args) -> dict:
     ids = jnp.asarray(np.random.default_rng(1).integers(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq)),
                       jnp.int32)
     repeats = max(args.steps, 1)
-    routed = route.routed_model(mixed, route.route_texts(router, encoder, texts))
+    routing = route.route_texts(router, encoder, texts)  # the batch's routing, for the mixed and folded forwards
+    routed = route.routed_model(mixed, routing)
     models = [("base", base), ("single_lora", library[0]), ("routed_lm", routed)]
     for mode in args.lora_matmul:  # the same forwards with the LoRA term evaluated another way
         models += [(f"single_lora_{mode}", adapters.with_lora_matmul(library[0], mode)),
@@ -348,7 +349,6 @@ def bench_routing(args) -> dict:
     # the same routing folded into the weights (ops.route.run_folded): rows grouped by routing, each group on its
     # folded model (the base's structure), every fold made once and kept (`folds`); fold_s: a new routing folded
     weighted = route.weighted_mix(base, library)
-    routing = route.route_texts(router, encoder, texts)
     folds = route.FoldedModels(weighted)
     folded_s = route.median_seconds(lambda: route.run_folded(weighted, routing, ids, folds=folds), repeats)
     groups = len(folds)  # the batch's distinct routings

@@ -176,6 +176,11 @@ def routed_modules(model) -> dict[str, StackedLoRALinear]:
             if isinstance(m, StackedLoRALinear) and path}
 
 
+def row_weighted_modules(model) -> dict[str, RowWeightedLinear]:
+    """{module path: RowWeightedLinear} of `model` (weighted_mix's modules), in model order."""
+    return {p: m for p, m in routed_modules(model).items() if isinstance(m, RowWeightedLinear)}
+
+
 def weighted_mix(base: nnx.Module, adapters: Sequence, *, weights=None) -> nnx.Module:
     """A new model with the N LoRA adapters stacked at every module they adapt (RowWeightedLinear; module
     docstring); `weights` (B, N): the rows' weights, as with_adapter_weights (None: set them later).
@@ -194,7 +199,7 @@ def with_adapter_weights(model: nnx.Module, weights) -> nnx.Module:
     """A new model whose row-weighted modules use weights[b] (N,) for batch row b (weights (B, N), any real
     numbers: a convex combination, one-hot rows, negative weights for subtraction). Concrete weights are checked
     (shape, finite: RouteError naming the rows); traced ones only for shape. The arrays are shared, not copied."""
-    modules = {p: m for p, m in routed_modules(model).items() if isinstance(m, RowWeightedLinear)}
+    modules = row_weighted_modules(model)
     if not modules:
         raise RouteError("with_adapter_weights: the model has no row-weighted adapter modules (ops.route."
                          "weighted_mix)")
@@ -255,7 +260,7 @@ class FoldedModels:
     repeat, are better served unmerged: run_routed). RouteError for a model without row-weighted modules."""
 
     def __init__(self, model: nnx.Module):
-        modules = {p: m for p, m in routed_modules(model).items() if isinstance(m, RowWeightedLinear)}
+        modules = row_weighted_modules(model)
         if not modules:
             raise RouteError("folded: the model has no row-weighted adapter modules (ops.route.weighted_mix)")
         self.model = model
@@ -272,9 +277,10 @@ class FoldedModels:
             raise RouteError(f"folded: weights must be {self.num_adapters} finite numbers (one per adapter), got "
                              f"{w.tolist() if w.size <= 16 else w.shape}")
         key = w.astype(np.float32).tobytes()
-        if key not in self._models:
-            new = _folded_kernels(self._kernels, self._factors, jnp.asarray(w, jnp.float32)) if w.any() else {}
-            self._models[key] = with_params(self._base, new) if new else self._base
+        if key not in self._models:  # all-zero weights: the base itself
+            self._models[key] = (with_params(self._base, _folded_kernels(self._kernels, self._factors,
+                                                                         jnp.asarray(w, jnp.float32)))
+                                 if w.any() else self._base)
         return self._models[key]
 
     def __len__(self) -> int:

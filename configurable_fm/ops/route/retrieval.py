@@ -66,7 +66,7 @@ from configurable_fm.bricks.adapters import BASE_ID, mixed_modules, with_adapter
 from configurable_fm.interop.atomic import atomic_directory
 from configurable_fm.ops.route.common import RouteError
 from configurable_fm.ops.route.embed import TextEncoder, embed_texts
-from configurable_fm.ops.route.mixture import (FoldedModels, RowWeightedLinear, routed_modules, softmax_top_k,
+from configurable_fm.ops.route.mixture import (FoldedModels, row_weighted_modules, softmax_top_k,
                                                with_adapter_weights)
 
 DEFAULT_TEMPERATURE = 0.05
@@ -239,7 +239,7 @@ def route_texts(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[st
 
 def _routable_modules(model) -> tuple[dict, list]:
     """(mixed-adapter modules {path: MixedLinear}, row-weighted modules [RowWeightedLinear]) of `model`."""
-    return mixed_modules(model), [m for m in routed_modules(model).values() if isinstance(m, RowWeightedLinear)]
+    return mixed_modules(model), list(row_weighted_modules(model).values())
 
 
 def routed_model(model: nnx.Module, routing: Routing) -> nnx.Module:
