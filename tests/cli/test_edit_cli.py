@@ -68,8 +68,9 @@ def assert_metrics_describe(world, edited, requests, before, after):
     """The reported efficacy magnitudes are the source's and the edited model's (ops.update.evaluate_requests on
     each). Not whether the edit lifts the target: this random model's next-token distributions are near uniform
     (NLL of a target ~4.65 = log 104), so an edit moves the magnitudes by ~1e-5 in either direction, with the
-    direction changing between jax 0.10.2 and 0.12.1 and with the number of value steps (2026-12-07); the editors'
-    lift is tested on the trained worlds of tests/ops/update."""
+    direction changing between jax 0.10.2 and 0.12.1 and with the number of value steps (2026-12-07,
+    benchmarks/edit_cli_lift_2026-12-07/lift_sweep.py); the editors' lift is tested on the trained worlds of
+    tests/ops/update."""
     tok = Tokenizer.from_file(str(world["tok"]))
     for model, reported in ((world["model"], before), (edited, after)):
         got = evaluate_requests(model, tok, requests, batch_size=8).summary["efficacy_magnitude"].mean

@@ -172,7 +172,8 @@ def _abstract_linear(use_bias: bool) -> Linear:
 def linear_holding(kernel: nnx.Variable, bias: nnx.Variable | None, dtype) -> Linear:
     """A plain `models.layers.Linear` whose kernel and bias are these Variables (not copies) and whose compute dtype
     is `dtype`: the base module of an adapter-like wrapper, given back when the wrapper is removed. (A clone of a
-    cached abstract Linear: tracing a new one cost ~7 ms, 1.5 s for SmolLM2-135M's 210 projections.)"""
+    cached abstract Linear: tracing a new one per module made ops.route.unroute of SmolLM2-135M's 210 projections
+    take 1.15-1.23 s, against 0.30 s now; benchmarks/unroute_time_2026-12-07/unroute_time.py.)"""
     lin = nnx.clone(_abstract_linear(bias is not None))
     lin.kernel, lin.dtype = kernel, dtype
     if bias is not None:

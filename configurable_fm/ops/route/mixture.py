@@ -254,10 +254,11 @@ def _folded_kernels(kernels: dict, factors: dict, w_N: jax.Array) -> dict:
 class FoldedModels:
     """The folded models (`folded`) of one row-weighted model (weighted_mix), each routing folded once and kept:
     folds(w) returns the same model object for equal weights (compared as float32 bytes). The plain base
-    (`unroute`: 0.3 s of Python at SmolLM2-135M's shape on the 2-core CPU) and the stacked factors are taken once,
-    here; a fold is then one compiled program (`_folded_kernels`) and a functional update of the kernels. Each
-    fold holds its own copy of the adapted kernels for the object's lifetime (soft routings, whose weights rarely
-    repeat, are better served unmerged: run_routed). RouteError for a model without row-weighted modules."""
+    (`unroute`: 0.3 s of Python at SmolLM2-135M's shape on the 2-core CPU, benchmarks/unroute_time_2026-12-07)
+    and the stacked factors are taken once, here; a fold is then one compiled program (`_folded_kernels`) and a
+    functional update of the kernels. Each fold holds its own copy of the adapted kernels for the object's
+    lifetime (soft routings, whose weights rarely repeat, are better served unmerged: run_routed). RouteError for
+    a model without row-weighted modules."""
 
     def __init__(self, model: nnx.Module):
         modules = row_weighted_modules(model)
