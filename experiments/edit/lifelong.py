@@ -169,6 +169,9 @@ SIZES["small_unique_names"] = dataclasses.replace(SIZES["small"], first_names=0)
 # the small world with a 4x wider FFN (F = 2,048): does a wider key space keep subjects apart (crosstalk.py)?
 SIZES["small_wide"] = dataclasses.replace(SIZES["small"], model=_llama(4, 128, 4, 2, 2048))
 SIZES["small_noprofiles"] = dataclasses.replace(SIZES["small"], profiles=0)
+# the full world with a 4x wider FFN (F = 6,144; 86M parameters): the subjects' keys spread over more directions
+# than the 1,000 edits (README, "Cross-talk between subjects": sequential targets need F_eff >> N)
+SIZES["full_wide"] = dataclasses.replace(SIZES["full"], model=_llama(8, 512, 8, 4, 6144))
 
 
 def say(msg: str) -> None:
