@@ -5,9 +5,10 @@ test_peft.py's helpers), and by hand.
 Parity (float32): every deterministic combination (cat, linear, svd, ties, ties_svd, magnitude_prune,
 magnitude_prune_svd, and the dare ones at density 1) gives PEFT's combined lora_A / lora_B at every module (factor
 by factor: <= 1e-6, measured bit-identical but for linear's last bit, 6e-8; svd: up to the sign of each singular
-pair, measured <= 6.4e-6 relative, products <= 2.3e-6 relative) and PEFT's logits (max |diff| <= 1e-5; measured
-<= 2e-6, and 8.1e-6 for GPT-2's svd combinations). rsLoRA inputs: PEFT's factors, and PEFT's logits once its
-combined adapter has scale 1 (upstream's fix, huggingface/peft#3449). IA3: PEFT's IA3 add_weighted_adapter
+pair, measured <= 6.4e-6 relative, products <= 2.3e-6 relative) and PEFT's logits (max |diff| <= 1e-5, 3e-5 for
+the SVD combinations; measured <= 2e-6, and up to 1.01e-5 for GPT-2's svd combinations). rsLoRA inputs: PEFT's
+factors, and PEFT's logits once its combined adapter has scale 1 (upstream's fix, huggingface/peft#3449). IA3:
+PEFT's IA3 add_weighted_adapter
 (measured 6e-7). DARE at density 0.5 cannot draw torch's masks: the entries of the result are checked to be the 4
 possible subset sums, with frequencies close to 1/4, as PEFT's are. The exact path: at full rank the merged weights
 are W + Σ w_i ΔW_i (<= 1e-6) with a truncation error ~2e-7; at rank 2 the reported error is the SVD tail's; any
@@ -35,6 +36,11 @@ from configurable_fm.ops.merge import merge_deltas  # noqa: E402
 from tests.interop.test_peft import bases, hf_logits, ours  # noqa: E402,F401  (bases: the module fixture)
 
 TOL = 1e-5
+# An SVD combination's factors come from two float32 SVDs (torch's LAPACK, jax's), which agree to ~6e-6 relative
+# (assert_same_factors); on GPT-2's logits that gives up to 1.01e-5 with XLA's default flags and 8.9e-6 with the
+# suite's (magnitude_prune_svd; gpt2-svd 5.8-6.6e-6, every llama case <= 1.8e-6), so the SVD combinations' logits
+# are held to 3e-5 and every other combination to TOL (measured <= 1.8e-6).
+TOL_SVD = 3e-5
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"])
 GPT2 = dict(target_modules=["c_attn", "attn.c_proj", "c_fc"], fan_in_fan_out=True)
 # family -> {adapter name: LoraConfig keywords}; 'c' has another rank and rsLoRA, 'd' other targets.
@@ -148,7 +154,7 @@ def test_combine_matches_peft(case, bases, pairs):
     assert_same_factors(peft_factors(pm, case), our_factors(mine), combination.endswith("svd"))
     want = hf_logits(pm)
     assert np.abs(want - hf_logits(hf)).max() > 100 * TOL  # the combined adapter matters
-    assert np.abs(ours(mine) - want).max() <= TOL
+    assert np.abs(ours(mine) - want).max() <= (TOL_SVD if combination.endswith("svd") else TOL)
     if combination == "cat":  # merged into the base: PEFT's model too
         assert np.abs(ours(adapters.merge(mine)) - want).max() <= TOL
 
