@@ -8,11 +8,11 @@ by factor: <= 1e-6, measured bit-identical but for linear's last bit, 6e-8; svd:
 pair, measured <= 6.4e-6 relative, products <= 2.3e-6 relative) and PEFT's logits (max |diff| <= 1e-5, 3e-5 for
 the SVD combinations; measured <= 2e-6, and up to 1.01e-5 for GPT-2's svd combinations). rsLoRA inputs: PEFT's
 factors, and PEFT's logits once its combined adapter has scale 1 (upstream's fix, huggingface/peft#3449). IA3:
-PEFT's IA3 add_weighted_adapter
-(measured 6e-7). DARE at density 0.5 cannot draw torch's masks: the entries of the result are checked to be the 4
-possible subset sums, with frequencies close to 1/4, as PEFT's are. The exact path: at full rank the merged weights
-are W + Σ w_i ΔW_i (<= 1e-6) with a truncation error ~2e-7; at rank 2 the reported error is the SVD tail's; any
-mix of LoRA, DoRA and IA3; an ops.merge method through merge_deltas. Every error message is checked.
+PEFT's IA3 add_weighted_adapter (measured 6e-7). DARE at density 0.5 cannot draw torch's masks: the entries of the
+result are checked to be the 4 possible subset sums, with frequencies close to 1/4, as PEFT's are. The exact path:
+at full rank the merged weights are W + Σ w_i ΔW_i (<= 1e-6) with a truncation error ~2e-7; at rank 2 the reported
+error is the SVD tail's; any mix of LoRA, DoRA and IA3; an ops.merge method through merge_deltas. Every error
+message is checked.
 """
 import contextlib
 import copy
