@@ -427,7 +427,8 @@ ERRORS = {
     "fraction": (dict(active_fraction=0.0), r"moefy: active_fraction must lie in \(0, 1\], got 0.0"),
     "key": (dict(key=None), r"moefy: needs a PRNG key \(the splits and the MLP router draw from it\): pass "
                             r"key=jax.random.key\(seed\) or an int seed"),
-    "key-type": (dict(key="seven"), r"moefy: key must be a PRNG key, raw key data uint32\[2\] or an int seed; got str"),
+    "key-type": (dict(key="seven"), r"moefy: key must be a PRNG key \(jax.random.key\(seed\)\), raw key data "
+                                    r"uint32\[2\] or an int seed; got str"),
     "training": (dict(router_training=RouterTraining(steps=0)), r"moefy: router_training: steps must be a positive "
                                                                 r"int, got 0"),
     "no-batches": (dict(split="cmoe", calibration=[]), r"moefy: the calibration data holds no batches"),

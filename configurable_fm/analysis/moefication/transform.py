@@ -33,10 +33,8 @@ computation.
 """
 from __future__ import annotations
 
-import zlib
 from typing import Any, Callable, Optional
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -52,6 +50,7 @@ from configurable_fm.models.gpt2 import GPT2Config
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import (abstract_model, build_options, check_consistent, extension_specs, fill,
                                               variables_of)
+from configurable_fm.prng import as_key, numpy_generator, path_key
 
 
 def _int(value) -> bool:
@@ -80,25 +79,16 @@ def ffn_layers(model, op: str = "moefy") -> list[tuple[str, Any]]:
     return [(f"{prefix}.{i}.mlp", block.mlp) for i, block in enumerate(blocks)]
 
 
-def as_key(key, op: str = "moefy"):
-    """A typed PRNG key from a key, raw uint32[2] key data or an int seed; MoefyError when None or anything else."""
-    if key is None:
-        raise MoefyError(f"{op}: needs a PRNG key (the splits and the MLP router draw from it): pass "
-                         "key=jax.random.key(seed) or an int seed")
-    if _int(key):
-        return jax.random.key(int(key))
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and getattr(key, "shape", None) == ():
-        return key
-    if dtype is not None and jnp.issubdtype(dtype, np.uint32) and tuple(key.shape) == (2,):
-        return jax.random.wrap_key_data(jnp.asarray(key))
-    raise MoefyError(f"{op}: key must be a PRNG key, raw key data uint32[2] or an int seed; got {type(key).__name__}")
+def check_key(key, op: str = "moefy"):
+    """A typed PRNG key from a key, raw uint32[2] key data or an int seed (prng.as_key); MoefyError when None or
+    anything else."""
+    return as_key(key, MoefyError, op, "needs a PRNG key (the splits and the MLP router draw from it): pass "
+                  "key=jax.random.key(seed) or an int seed")
 
 
 def generator(key, path: str, purpose: str) -> np.random.Generator:
-    """A numpy Generator for one FFN and purpose, from fold_in(key, crc32(path + '/' + purpose))."""
-    sub = jax.random.fold_in(key, np.uint32(zlib.crc32(f"{path}/{purpose}".encode())))
-    return np.random.default_rng([int(w) for w in np.asarray(jax.random.key_data(sub)).ravel()])
+    """A numpy Generator for one FFN and purpose, from prng.path_key(key, path, purpose)."""
+    return numpy_generator(path_key(key, path, purpose))
 
 
 def check_options(neurons: Optional[int], *, num_experts, num_experts_per_tok, split, router, num_shared,
@@ -205,7 +195,7 @@ def moefy(model, *, num_experts: int, num_experts_per_tok: int, split: str = "km
         training = (router_training or RouterTraining()).check("moefy: router_training")
     except ValueError as e:
         raise MoefyError(str(e)) from None
-    key = as_key(key)
+    key = check_key(key)
     say = log or (lambda _: None)
     source = batch_source(calibration, "moefy") if calibration is not None else None
 

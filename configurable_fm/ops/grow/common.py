@@ -5,15 +5,13 @@
 """
 from __future__ import annotations
 
-import zlib
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import check_consistent, extension_specs
+from configurable_fm.prng import as_key, numpy_generator, path_key
 
 # The family's initialiser (models.layers.normal): what freshly built kernels are drawn from.
 INIT_STD = 0.02
@@ -39,31 +37,21 @@ def llama_config(model, op: str) -> LlamaConfig:
 
 
 def check_key(key, op: str, why: str):
-    """`key` as a typed PRNG key: a typed key as is, raw uint32[2] key data wrapped, an int used as a seed
-    (jax.random.key(seed)). GrowthError saying what needs it when it is None or something else."""
-    if key is None:
-        raise GrowthError(f"{op}: {why} needs a PRNG key: pass key=jax.random.key(seed)")
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-        return jax.random.key(int(key))
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and getattr(key, "shape", None) == ():
-        return key
-    if dtype is not None and jnp.issubdtype(dtype, np.uint32) and tuple(key.shape) == (2,):
-        return jax.random.wrap_key_data(jnp.asarray(key))
-    raise GrowthError(f"{op}: key must be a PRNG key (jax.random.key(seed)), raw key data uint32[2] or an int seed; "
-                      f"got {type(key).__name__} {getattr(key, 'shape', '')}")
+    """`key` as a typed PRNG key (prng.as_key: a typed key, raw uint32[2] key data or an int seed); GrowthError saying
+    what needs it (`why`) when it is None or something else."""
+    return as_key(key, GrowthError, op, f"{why} needs a PRNG key: pass key=jax.random.key(seed)")
 
 
 def tensor_key(key, path: str, purpose: str = "") -> jax.Array:
-    """A key for one tensor and purpose: `fold_in(key, crc32(path + '/' + purpose))`; independent of the order in
-    which tensors are visited (DESIGN.md, principle 7)."""
-    return jax.random.fold_in(key, np.uint32(zlib.crc32(f"{path}/{purpose}".encode())))
+    """A key for one tensor and purpose: prng.path_key, `fold_in(key, crc32(path + '/' + purpose))`; independent of
+    the order in which tensors are visited (DESIGN.md, principle 7)."""
+    return path_key(key, path, purpose)
 
 
 def normal(key, shape, dtype=np.float32) -> np.ndarray:
     """Standard normal numpy samples of `shape` driven by the jax PRNG `key` (a numpy Generator seeded with the
     key's data): deterministic in the key, and no XLA compilation per shape."""
-    return _generator(key).standard_normal(tuple(shape)).astype(dtype)
+    return numpy_generator(key).standard_normal(tuple(shape)).astype(dtype)
 
 
 def fresh(path: str, shape, dtype, key) -> np.ndarray:
@@ -79,11 +67,7 @@ def fresh(path: str, shape, dtype, key) -> np.ndarray:
 
 def permutation(key, n: int) -> np.ndarray:
     """A random permutation of range(n) driven by the jax PRNG `key`."""
-    return _generator(key).permutation(n)
-
-
-def _generator(key) -> np.random.Generator:
-    return np.random.default_rng([int(w) for w in np.asarray(jax.random.key_data(key)).ravel()])
+    return numpy_generator(key).permutation(n)
 
 
 def check_fraction(value, name: str, op: str, *, low_open: bool = False) -> float:
