@@ -9,7 +9,7 @@ python3 -m experiments.edit.lifelong --out $D --size full_wide --editors ${EDITO
   --set rls.layers=0 --set alphaedit.layers=0 --n_edits ${N:-1000} --time_limit ${TL:-400} > $OUT/lifelong.log 2>&1
 rc=$?; echo "lifelong rc=$rc"
 grep -v Warning $OUT/lifelong.log | tail -25 | cut -c1-220
-[ -d $D/model ] && timeout 60 python3 -m experiments.edit.crosstalk --study $D --layers 0,1,2 --edits 100,1000,10000 \
+[ -d $D/model ] && timeout ${XT:-240} python3 -m experiments.edit.crosstalk --study $D --layers 0,1,2 --edits 100,1000,10000 \
   > $OUT/crosstalk.txt 2>&1; tail -8 $OUT/crosstalk.txt | cut -c1-200
 for f in results.json report.md lifelong.png trace.json stream.jsonl; do [ -f $D/$f ] && cp $D/$f $OUT/; done
 exit 0
