@@ -1,12 +1,13 @@
 # Issue 10's sequential editing on a wider testbed (size `full_wide`: the `full` world, FFN 6,144 instead of
 # 1,536), one GPU, any card. Run it again on the same warm machine while it ends with rc=75 (stopped at the time
 # limit, state kept in /tmp/lw); each call brings back the log, results, report, plot, trace and cross-talk.
-# EDITORS / N / TL override the editors, the edits per editor and the time limit.
+# EDITORS / N / TL override the editors, the edits per editor and the time limit; EXTRA adds arguments (e.g.
+# EDITORS=alphaedit@l2 EXTRA="--set alphaedit@l2.l2_rel=0.05": AlphaEdit fitting the edited keys more closely).
 source benchmarks/pending_gpu/env.sh
 D=/tmp/lw
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt
 python3 -m experiments.edit.lifelong --out $D --size full_wide --editors ${EDITORS:-rls,alphaedit} \
-  --set rls.layers=0 --set alphaedit.layers=0 --n_edits ${N:-1000} --time_limit ${TL:-400} > $OUT/lifelong.log 2>&1
+  --set rls.layers=0 --set alphaedit.layers=0 --n_edits ${N:-1000} --time_limit ${TL:-400} $EXTRA > $OUT/lifelong.log 2>&1
 rc=$?; echo "lifelong rc=$rc"
 grep -v Warning $OUT/lifelong.log | tail -25 | cut -c1-220
 [ -d $D/model ] && timeout ${XT:-240} python3 -m experiments.edit.crosstalk --study $D --layers 0,1,2 --edits 100,1000,10000 \
