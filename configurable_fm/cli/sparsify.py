@@ -141,8 +141,9 @@ def run(fv) -> None:
     corpus = ev["corpus"] or cal["corpus"]
     held_out = (batches(corpus, ev["split"], ev["n_tokens"], "evaluation corpus") if ev["split"]
                 else None)  # its errors before anything is written
-    already = [p for p in paths if p in sp.sparse_linears(model)]  # a sparse input: its targets' dense form
-    dense = sp.desparsify(model, already) if already else model
+    already = [p for p in paths if p in sp.sparse_linears(model)]  # a sparse input: its targets' dense form, built
+    needs_dense = d["score"] == "fisher" or held_out is not None  # only where the Fisher score or the check reads it
+    dense = sp.desparsify(model, already) if already and needs_dense else model
     if d["score"] == "fisher":  # gradients through the dense targets (a mask would zero those of dropped entries)
         scales = sp.fisher_scales(dense, calibration_batches, paths)
         calibration = sp.calibrate(model, calibration_batches, paths, score="scaled", scales=scales)
