@@ -27,8 +27,11 @@ grown model that the map does not produce (e.g. one trainable only after growth)
 Why no scaling. Where the operator scales a copy (W' = c W, e.g. hypercloning's 1/n and 1/sqrt(n)), the gradient
 of the copy at the grown point is a multiple of the source's, g' = c' g, on every batch; the moments of those
 gradients would be (c' m, c'^2 v), and Adam's direction m / (sqrt(v) + eps) is invariant under that up to eps. So
-copying is the gradient-consistent rule for Adam-type optimizers (not for SGD momentum). What stays open (the
-research notes: no paper evaluates it):
+copying is the gradient-consistent rule for Adam-type optimizers (not for SGD momentum). That argument covers
+scaled copies whose gradient follows the source's (hypercloning's tiles, stacked layers); it does not cover two
+copies this rule also makes: a kv head that width "exact" duplicates gets the gradient of its own query heads only
+(a share of the source's), and an upcycled expert that of the tokens routed to it. There copying is MSG's
+heuristic, not an invariance. What stays open (the research notes: no paper evaluates it):
 - the update's size relative to a scaled-down parameter (lr |W'| / |W| ratios: a learning-rate question, muP-like);
 - new entries whose gradient at the grown point is not zero: the output weights of new units and heads (their
   activations copy live ones), the new stream columns of writers, every weight of llama_pro's copied blocks. Zero

@@ -122,9 +122,11 @@ def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: st
     N(0, 0.02^2) from key, so the experts diverge in training; exact with topk_softmax) or "zeros" (no key; the
     symmetric saddle: the experts stay identical); drop_fraction: Drop-Upcycling's re-initialised fraction
     (needs key; 0 = plain copies). The dense model must have no MLP biases (SparseMoE's experts have none).
-    Returns a new consistent model (models.rebuild); the input is not modified. to_hf writes it as
-    MixtralForCausalLM, which cannot express q/k/v biases (a Qwen2-style model upcycles and runs, but exports only
-    to orbax)."""
+    Returns a new consistent model (models.rebuild) without expert capacity (router_capacity_factor None, whatever
+    the dense config holds: a capacity drops tokens, and the upcycled model would not be exact; set one afterwards
+    with models.rebuild(moe, {"router_capacity_factor": cf}) to train with it); the input is not modified. to_hf
+    writes it as MixtralForCausalLM, which cannot express q/k/v biases (a Qwen2-style model upcycles and runs, but
+    exports only to orbax)."""
     cfg = llama_config(model, "upcycle")
     if cfg.num_experts:
         raise GrowthError(f"upcycle: the model is already a mixture of {cfg.num_experts} experts; upcycle takes a "
@@ -167,6 +169,8 @@ def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: st
         out[f"{prefix}.router.kernel"] = jnp.asarray(
             np.zeros(shape, dtype) if router_init == "zeros" else
             (INIT_STD * normal(tensor_key(key, prefix, "router"), shape)).astype(dtype))
+    # no expert capacity: a capacity drops the assignments over it (uneven under a random router), so the MoE would
+    # not compute the dense function; a dense config's router_capacity_factor (inert there) is not carried over
     changes = {"num_experts": int(num_experts), "num_experts_per_tok": int(num_experts_per_tok), "router": router,
-               "architecture": "MixtralForCausalLM"}
+               "architecture": "MixtralForCausalLM", "router_capacity_factor": None}
     return rebuild(model, changes, params=out)

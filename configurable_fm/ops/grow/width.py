@@ -273,45 +273,45 @@ def _centred(z, src: np.ndarray, live: np.ndarray, axis: int):
     return np.moveaxis(centred, 0, axis)
 
 
-def units_in(x, axis: int, units: Units, *, hd: int = 1, key=None, noise: float = 0.0) -> np.ndarray:
+def units_in(x, axis: int, units: Units, *, hd: int = 1, key=None, noise_std: float = 0.0) -> np.ndarray:
     """Input-side weights of a unit axis (gate/up columns, q/k/v columns of heads of hd entries): target unit t
-    copies source unit src[t]; new units get N(0, (noise std(x))^2) added."""
+    copies source unit src[t]; new units get N(0, noise_std^2) added."""
     x = np.asarray(x)
     y = np.take(_split(x, axis, hd), np.asarray(units.src), axis=axis)
     new = np.asarray(units.new)
-    if noise and key is not None and new.any():
-        y = y + _along(new, axis, y.ndim, y.dtype) * (noise * x.std()) * normal(key, y.shape, y.dtype)
+    if noise_std and key is not None and new.any():
+        y = y + _along(new, axis, y.ndim, y.dtype) * noise_std * normal(key, y.shape, y.dtype)
     return _merge(y, axis)
 
 
-def units_out(x, axis: int, units: Units, *, hd: int = 1, key=None, noise: float = 0.0) -> np.ndarray:
+def units_out(x, axis: int, units: Units, *, hd: int = 1, key=None, noise_std: float = 0.0) -> np.ndarray:
     """Output-side weights of a unit axis (down_proj rows, o_proj rows of heads): W[src[t]] / div[t], zero for new
-    units; with noise, zero-sum N(0, (noise std(x) / div)^2) across the copies of each source unit."""
+    units; with noise, zero-sum N(0, (noise_std / div)^2) across the copies of each source unit."""
     x = np.asarray(x)
     new, div = np.asarray(units.new), np.asarray(units.div)
     y = np.take(_split(x, axis, hd), np.asarray(units.src), axis=axis)
     y = y * _along(np.where(new, 0.0, 1.0 / div), axis, y.ndim, y.dtype)
     live = ~new & (div > 1)
-    if noise and key is not None and live.any():
-        z = normal(key, y.shape, y.dtype) * (noise * x.std()) * _along(1.0 / div, axis, y.ndim, y.dtype)
+    if noise_std and key is not None and live.any():
+        z = normal(key, y.shape, y.dtype) * noise_std * _along(1.0 / div, axis, y.ndim, y.dtype)
         y = y + _centred(z, np.asarray(units.src), live, axis)
     return _merge(y, axis)
 
 
-def reads_stream(x, axis: int, res: Residual, *, key=None, noise: float = 0.0) -> np.ndarray:
+def reads_stream(x, axis: int, res: Residual, *, key=None, noise_std: float = 0.0) -> np.ndarray:
     """Rows of a layer reading the (normed) residual stream on `axis`. pad: rows kept, new rows copy row j mod D
-    (+ noise); tile: tile(W, n) / n (+ zero-sum noise across the n copies)."""
+    (+ N(0, noise_std^2)); tile: tile(W, n) / n (+ zero-sum N(0, (noise_std / n)^2) across the n copies)."""
     x = np.asarray(x)
     src = res.src
     y = np.take(x, src, axis=axis)
     if res.scheme == "pad":
-        if noise and key is not None and res.new.any():
-            y = y + _along(res.new, axis, y.ndim, y.dtype) * (noise * x.std()) * normal(key, y.shape, y.dtype)
+        if noise_std and key is not None and res.new.any():
+            y = y + _along(res.new, axis, y.ndim, y.dtype) * noise_std * normal(key, y.shape, y.dtype)
         return y
     n = res.target // res.size
     y = y / n
-    if noise and key is not None and n > 1:
-        z = normal(key, y.shape, y.dtype) * (noise * x.std() / n)
+    if noise_std and key is not None and n > 1:
+        z = normal(key, y.shape, y.dtype) * (noise_std / n)
         y = y + _centred(z, src, np.ones(res.target, bool), axis)
     return y
 
@@ -446,16 +446,17 @@ def widen_params(params: Mapping[str, Any], cfg: LlamaConfig, plan: WidthPlan, *
     for path, x in params.items():
         x = np.asarray(x)
         y = x.astype(np.float64 if x.dtype == np.float64 else np.float32)
-        amount = 0.0 if path.endswith(".bias") else noise
+        # noise * std of the source tensor, for every axis the tensor grows on (not of the partly grown one)
+        noise_std = 0.0 if path.endswith(".bias") or not noise else noise * float(y.std())
         for axis, kind, unit in _rule(path):
             axis = axis % y.ndim
-            k = tensor_key(key, path, f"{kind}{axis}") if amount else None
+            k = tensor_key(key, path, f"{kind}{axis}") if noise_std else None
             if kind == "units_in":
-                y = units_in(y, axis, units[unit][0], hd=units[unit][1], key=k, noise=amount)
+                y = units_in(y, axis, units[unit][0], hd=units[unit][1], key=k, noise_std=noise_std)
             elif kind == "units_out":
-                y = units_out(y, axis, units[unit][0], hd=units[unit][1], key=k, noise=amount)
+                y = units_out(y, axis, units[unit][0], hd=units[unit][1], key=k, noise_std=noise_std)
             elif kind == "reads":
-                y = reads_stream(y, axis, plan.residual, key=k, noise=amount)
+                y = reads_stream(y, axis, plan.residual, key=k, noise_std=noise_std)
             elif kind == "writes":
                 y = writes_stream(y, axis, plan.residual)
             else:

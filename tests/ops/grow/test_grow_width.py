@@ -241,6 +241,23 @@ ERRORS = {
 }
 
 
+def test_noise_is_relative_to_the_source_tensor():
+    """Every noise a tensor gets has std noise * std(the source tensor), also where it grows on two axes (q_proj:
+    new heads' columns first, then the new stream rows; the rows' noise once used the std of the partly grown
+    tensor, 2x too large here)."""
+    cfg = LlamaConfig(vocab_size=37, hidden_size=24, num_heads=3, num_kv_heads=1, intermediate_size=40, num_layers=1)
+    params = random_params(cfg, 1)
+    plan = plan_width(cfg, hidden_size=400, num_heads=12, num_kv_heads=1, method="exact")
+    noisy, plain = widen_params(params, cfg, plan, key=jax.random.key(0), noise=2.0), widen_params(params, cfg, plan)
+    for path in ("layers.0.self_attn.q_proj.kernel", "layers.0.mlp.up_proj.kernel"):
+        width = params[path].shape[1]
+        added = (noisy[path] - plain[path])
+        want = 2.0 * params[path].std()
+        assert abs(added[24:, :width].std() / want - 1) < 0.05, path  # new stream rows, old units' columns
+        if path.endswith("q_proj.kernel"):  # 9 new heads (the FFN keeps its 40 units)
+            assert abs(added[:24, width:].std() / want - 1) < 0.1, path  # old rows, new heads' columns
+
+
 @pytest.mark.parametrize("name", sorted(ERRORS))
 def test_errors_name_the_problem(name):
     model = random_model(cfg(24, 6, 2, 40, head_dim=4), seed=0)

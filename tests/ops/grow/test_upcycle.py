@@ -44,6 +44,16 @@ def test_upcycled_model_computes_the_dense_function(dense):
     assert_unchanged(dense, before)
 
 
+def test_a_dense_capacity_factor_is_not_carried_over():
+    """A dense config may hold router_capacity_factor (inert there); with it the MoE would drop the assignments over
+    each expert's capacity (uneven under a normal router) and not be exact, so upcycle leaves it out."""
+    cfg = dataclasses.replace(DENSE, router_capacity_factor=1.0)
+    dense = random_model(cfg, seed=6)
+    moe = upcycle(dense, num_experts=4, key=jax.random.key(0))
+    assert moe.cfg.router_capacity_factor is None
+    assert max_diff(logits(moe, IDS), logits(dense, IDS)) <= 1e-5
+
+
 def test_the_default_router_is_normal_and_exact(dense):
     """router_init defaults to 'normal' (a zero router is a symmetric saddle): a nonzero router, still exact."""
     moe = upcycle(dense, num_experts=4, key=jax.random.key(3))
