@@ -210,14 +210,16 @@ class EditMetrics:
 
 
 def summarize_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
-    """Stat of every metric column of the rows, plus 'score' (harmonic mean of ES, PS, NS means) when present."""
+    """Stat of every metric column of the rows, plus 'score': the harmonic mean of the ES, PS and NS means over the
+    cases that have all three (when any has)."""
     names = [k for k in (PROBABILITY + ACCURACY + FLUENCY) if any(k in r for r in rows)]
     summary = {k: stat(float(r.get(k, math.nan)) for r in rows) for k in names}
-    parts = [summary.get(k) for k in ("efficacy_score", "paraphrase_score", "neighborhood_score")]
-    if all(p is not None and p.n for p in parts):
-        means = [p.mean for p in parts]
+    parts = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+    full = [r for r in rows if all(not math.isnan(float(r.get(k, math.nan))) for k in parts)]
+    if full:  # the three means over the same cases: those that have all three
+        means = [sum(float(r[k]) for r in full) / len(full) for k in parts]
         s = 0.0 if min(means) <= 0 else len(means) / sum(1 / m for m in means)
-        summary["score"] = Stat(s, math.nan, min(p.n for p in parts))
+        summary["score"] = Stat(s, math.nan, len(full))
     return summary
 
 
@@ -318,14 +320,23 @@ class Evaluator:
 
     def __call__(self, model: nnx.Module, *, which: Iterable[int] | None = None, key=None,
                  metrics: Sequence[str] | None = None, reference: Any = None) -> EditMetrics:
-        """Metrics of `model` on the requests (or those at indices `which`); `key` samples fluency generations."""
+        """Metrics of `model` on the requests (or those at indices `which`); `key` samples fluency generations.
+        reference: what the locality metrics compare with: None (the constructor's reference), another evaluation's
+        EditMetrics, a model (its predictions computed here), or False (none)."""
         which = list(range(len(self.requests)) if which is None else which)
         groups = self.metrics if metrics is None else tuple(metrics)
         scores = self._score(model, which) if {"probability", "accuracy"} & set(groups) else {}
         ref = None
         if "accuracy" in groups and reference is not False:
-            ref = (reference.predictions if isinstance(reference, EditMetrics)
-                   else self.reference_predictions(which))
+            if isinstance(reference, EditMetrics):
+                ref = reference.predictions
+            elif isinstance(reference, nnx.Module):
+                ref = self(reference, which=which, metrics=("accuracy",), reference=False).predictions
+            elif reference is None:
+                ref = self.reference_predictions(which)
+            else:
+                raise TypeError(f"Evaluator: reference must be None, False, EditMetrics or a model, got "
+                                f"{type(reference).__name__}")
         fluency = self._fluency(model, which, key) if "fluency" in groups else {}
         rows, predictions = [], {}
         for i in which:

@@ -16,7 +16,7 @@ from configurable_fm.bricks import deltas
 from configurable_fm.models.generation import generate
 from configurable_fm.ops.update import (EditMetrics, EvaluationError, Evaluator, ROMEHparams, Request,
                                         evaluate_requests, ngram_entropy, rome, second_moments, summarize)
-from configurable_fm.ops.update.evaluate import score_items, stat
+from configurable_fm.ops.update.evaluate import score_items, stat, summarize_rows
 from tests.ops.update import world as W
 
 WORDS = "A B is was x y z ."
@@ -108,6 +108,9 @@ def test_hand_computed_metrics(tok):
     ref = evaluate_requests(bigram(tok, REFERENCE), tok, reqs(), metrics=("accuracy",))
     again = evaluate_requests(bigram(tok, EDITED), tok, reqs(), reference=ref)
     assert again.rows[0]["locality"] == pytest.approx(.5)
+    # ... and so does the reference model given at call time to an Evaluator built without one
+    assert Evaluator(tok, reqs())(bigram(tok, EDITED), reference=bigram(tok, REFERENCE)).rows[0]["locality"] == \
+        pytest.approx(.5)
     ev = Evaluator(tok, reqs(), reference=ref)
     sub = ev(bigram(tok, EDITED), which=[2, 0])
     assert [r["case_id"] for r in sub.rows] == ["c", "a"]
@@ -120,6 +123,17 @@ def test_hand_computed_metrics(tok):
     assert "| edited | 100.0 ± 0.0 | 50.0 | 50.0 | 60.0 |" in table
     assert "| unedited | – |" in table  # accuracy only: no probability metrics
     assert m.to_json()["summary"]["paraphrase_score"] == {"mean": .5, "stderr": None, "n": 1}
+
+
+def test_the_score_is_over_the_cases_that_have_all_three():
+    """S, the harmonic mean of ES, PS and NS, takes the three means over the same cases: a case without target_true
+    (ES and PS NaN) counts in NS's own mean but not in S."""
+    full = {"efficacy_score": 1.0, "paraphrase_score": 1.0, "neighborhood_score": 1.0}
+    ns_only = {"efficacy_score": math.nan, "paraphrase_score": math.nan, "neighborhood_score": 0.0}
+    s = summarize_rows([full] + [ns_only] * 3)
+    assert s["neighborhood_score"].mean == .25 and s["neighborhood_score"].n == 4
+    assert s["score"].mean == 1.0 and s["score"].n == 1
+    assert "score" not in summarize_rows([ns_only])
 
 
 def test_neighbourhood_score_without_the_neighbours_the_run_edits(tok):
@@ -175,6 +189,8 @@ def test_bad_arguments(tok):
     ref = evaluate_requests(bigram(tok, REFERENCE), tok, reqs()[1:], metrics=("accuracy",))
     with pytest.raises(EvaluationError, match="reference has no prediction"):
         evaluate_requests(bigram(tok, EDITED), tok, reqs(), reference=ref)
+    with pytest.raises(TypeError, match="reference must be None, False, EditMetrics or a model, got str"):
+        Evaluator(tok, reqs())(bigram(tok, EDITED), reference="unedited")
     assert stat([math.nan]).n == 0 and math.isnan(stat([]).mean) and math.isnan(stat([1.0]).stderr)
 
 
