@@ -154,9 +154,12 @@ def _safe_name(text: str) -> str:
 
 
 def cache_file(cache_dir: str | os.PathLike, site: EditSite, corpus: str, n_tokens: Optional[int],
-               fingerprint: str) -> Path:
-    """The cache file of one site's statistics: <dir>/<point>-<corpus>-<n_tokens>-<fingerprint[:16]>.safetensors."""
+               fingerprint: str, max_batches: Optional[int] = None) -> Path:
+    """The cache file of one site's statistics: <dir>/<point>-<corpus>-<n_tokens>[-b<max_batches>]-
+    <fingerprint[:16]>.safetensors (a run cut by max_batches has its own file: it may hold fewer tokens)."""
     n = "all" if n_tokens is None else str(int(n_tokens))
+    if max_batches is not None:
+        n += f"-b{int(max_batches)}"
     return Path(cache_dir) / f"{site.key_point}-{_safe_name(corpus)}-{n}-{fingerprint[:16]}.safetensors"
 
 
@@ -195,14 +198,14 @@ def load_stats(path: str | os.PathLike) -> KeyStats:
 def cached_second_moments(model: nnx.Module, batches: Iterable[Mapping[str, Any]] | Callable[[], Iterable],
                           layers: Sequence[int], *, corpus: str, n_tokens: Optional[int], cache_dir: str | os.PathLike,
                           log: Optional[Callable[[str], None]] = None, **kwargs) -> dict[int, KeyStats]:
-    """second_moments, read from `cache_dir` when a file for (layer, corpus, n_tokens, upstream fingerprint)
-    exists and written there otherwise (module docstring). `batches` may be a function returning the
+    """second_moments, read from `cache_dir` when a file for (layer, corpus, n_tokens, max_batches, upstream
+    fingerprint) exists and written there otherwise (module docstring). `batches` may be a function returning the
     iterable, so that nothing is read when every layer is cached. Other keywords go to second_moments."""
     layers = _layers(layers)
     sites = {l: edit_site(model, l) for l in layers}
     digests: dict[str, bytes] = {}
-    files = {l: cache_file(cache_dir, s, corpus, n_tokens, upstream_fingerprint(model, s, digests=digests))
-             for l, s in sites.items()}
+    files = {l: cache_file(cache_dir, s, corpus, n_tokens, upstream_fingerprint(model, s, digests=digests),
+                           kwargs.get("max_batches")) for l, s in sites.items()}
     out = {l: load_stats(f) for l, f in files.items() if f.is_file()}
     todo = [l for l in layers if l not in out]
     if todo:

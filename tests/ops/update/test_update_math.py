@@ -180,6 +180,11 @@ def test_stats_cache_is_reused_and_invalidated_by_upstream_changes(tmp_path):
     changed = with_params(model, {"h.0.mlp.c_proj.kernel": flat["h.0.mlp.c_proj.kernel"] * 2})
     cached_second_moments(changed, source, [0, 1], corpus="rand/1", n_tokens=20, cache_dir=tmp_path)
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 3
+    # a run cut by max_batches (fewer tokens than asked) has its own file: neither reuses the other's
+    cut = cached_second_moments(model, source, [0], corpus="rand/1", n_tokens=20, cache_dir=tmp_path, max_batches=1)
+    assert len(calls) == 3 and cut[0].tokens < first[0].tokens
+    assert cached_second_moments(model, source, [0], corpus="rand/1", n_tokens=20, cache_dir=tmp_path)[0].tokens == \
+        first[0].tokens and len(calls) == 3
     # a corrupt file is named
     bad = tmp_path / files[0]
     bad.write_bytes(b"not safetensors")
