@@ -302,7 +302,7 @@ def test_perplexity_change_and_its_standard_error_by_hand(dense, batches, cal):
 
 
 # ------------------------------------------------------------------------------------------------ greedy
-def test_greedy_allocation_reaches_each_level_and_its_first_step_is_the_least_error(dense, batches, cal):
+def test_greedy_allocation_reaches_each_level(dense, batches, cal):
     levels = (0.3, 0.5)
     alloc = greedy_allocation(dense, cal, batches[:1], levels=levels, step=0.1)
     groups = blocks_of(cal.paths)
@@ -313,9 +313,25 @@ def test_greedy_allocation_reaches_each_level_and_its_first_step_is_the_least_er
             w = np.asarray([np.prod(cal.shapes[p]) for p in paths], np.float64)
             s = float(np.dot(w, [alloc[lv][p] for p in paths]) / w.sum())
             assert lv - 1e-9 <= s <= lv + 0.1 / len(paths) + 1e-9  # one step raises it by step / units
-    # The first step of each block, by brute force: sparsify each Linear alone by its step, run the block on the
-    # dense input, and compare the output error; the greedy must have picked the least one.
-    first = greedy_allocation(dense, cal, batches[:1], levels=(0.1 / 7,), step=0.1)[0.1 / 7]
+
+
+@pytest.mark.parametrize("score", ["magnitude", "weighted", "scaled"])
+def test_greedy_allocations_first_step_is_the_least_error(dense, batches, cal, score):
+    """The first step of each block, by brute force: sparsify each Linear alone by its step, run the block on the
+    dense input, and compare the output error; the greedy must have picked the least one. The thresholds of a
+    'weighted' or 'scaled' calibration are on its scores' scale: the candidates are built with that score. 'scaled'
+    multiplies the magnitude's choice in each block by 1000 (the same entries dropped, so the same errors), which
+    the greedy once applied to |x|: that Linear then zeroed its whole input and was never chosen."""
+    step = 0.1 / 7
+    if score == "weighted":
+        cal = calibrate(dense, batches, score=score)
+    elif score == "scaled":
+        chosen = {p for p, v in greedy_allocation(dense, cal, batches[:1], levels=(step,), step=0.1)[step].items()
+                  if v > 0}
+        scales = {p: np.full(cal.shapes[p][0], 1000.0 if p in chosen else 1.0, np.float32) for p in cal.paths}
+        cal = calibrate(dense, batches, score=score, scales=scales)
+    groups = blocks_of(cal.paths)
+    first = greedy_allocation(dense, cal, batches[:1], levels=(step,), step=0.1)[step]
     ids = jnp.asarray(batches[0]["inputs"])
     _, ref = capture(dense, [f"{b}.{k}" for b in groups for k in ("input", "output")], ids)
     for block, paths in groups.items():
@@ -323,7 +339,7 @@ def test_greedy_allocation_reaches_each_level_and_its_first_step_is_the_least_er
         errors = {}
         for p, wp in zip(paths, w):
             d = 0.1 * w.mean() / wp
-            model = sparsify_activations(dense, {p: cal.thresholds({p: d})[p]})
+            model = sparsify_activations(dense, {p: cal.thresholds({p: d})[p]}, score=cal.score, scales=cal.scales)
             _, out = capture(model, f"{block}.output", ids,
                              interventions={f"{block}.input": replace(ref[f"{block}.input"])})
             errors[p] = float(np.sum((np.asarray(out[f"{block}.output"]) - np.asarray(ref[f"{block}.output"])) ** 2))

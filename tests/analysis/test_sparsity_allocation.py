@@ -85,6 +85,23 @@ def test_sensitivity_is_each_linear_alone_against_the_dense_model():
         sensitivity(model, cal, batches, paths=["layers.9.mlp.down_proj"], levels=(0.5,))
 
 
+def test_sensitivity_uses_the_calibrations_score():
+    """A 'weighted' calibration's thresholds are on |x| ||W_i||: each configuration is built with that score (it
+    once applied them to |x|, about half the sparsity asked)."""
+    model = random_model(LLAMA, 0)
+    ids = np.random.RandomState(0).randint(0, 32, (4, 17)).astype(np.int32)
+    batches = [{"inputs": ids[:, :-1], "targets": ids[:, 1:]}]
+    cal = calibrate(model, batches, score="weighted")
+    path = [p for p in cal.paths if p.endswith("down_proj")][-1]
+    sens = sensitivity(model, cal, batches, paths=[path], levels=(0.5,))
+    dense = {p: -1.0 for p in cal.paths}
+    base = evaluate(sparsify_activations(model, dense, score="weighted"), batches).mean_nll()
+    alone = evaluate(sparsify_activations(model, {**dense, **cal.thresholds({path: 0.5})}, score="weighted"),
+                     batches)
+    assert sens.increase[path][0.5] == pytest.approx(alone.mean_nll() - base, abs=1e-9)
+    assert alone.sparsity()[path] == pytest.approx(0.5, abs=0.05)
+
+
 def _kl_by_hand(p_logits, q_logits, mask):
     """mean over mask of sum_v softmax(p) (log softmax(p) - log softmax(q)), in float64 numpy."""
     def log_softmax(z):

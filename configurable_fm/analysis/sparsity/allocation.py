@@ -67,7 +67,8 @@ def sensitivity(model, calibration: Calibration, batches: Iterable[Mapping[str, 
         raise SparsityError(f"sensitivity: paths {unknown[:4] or '(none)'} not calibrated; calibrated paths are "
                             f"e.g. {calibration.paths[:4]}")
     dense = {p: -1.0 for p in calibration.paths}
-    dense_model = sparsify_activations(model, dense)
+    as_scored = dict(score=calibration.score, scales=calibration.scales)  # thresholds are on the calibration's scale
+    dense_model = sparsify_activations(model, dense, **as_scored)
     base = evaluate(dense_model, batches)
     dense_nll = base.mean_nll()
     reference = next_token_logits(dense_model, batches) if metric == "kl" else None
@@ -75,7 +76,7 @@ def sensitivity(model, calibration: Calibration, batches: Iterable[Mapping[str, 
     for i, path in enumerate(paths):
         increase[path] = {}
         for p in levels:
-            sparse = sparsify_activations(model, {**dense, **calibration.thresholds({path: p})})
+            sparse = sparsify_activations(model, {**dense, **calibration.thresholds({path: p})}, **as_scored)
             if metric == "kl":
                 increase[path][p] = mean_kl(sparse, batches, reference)
             else:

@@ -111,7 +111,8 @@ def greedy_allocation(model, calibration: Calibration, batches: Iterable[Mapping
         mean_w = np.mean([weight[p] for p in ps])
         delta.update({p: step * mean_w / weight[p] for p in ps})
 
-    sparse = sparsify_activations(model, {p: -1.0 for p in calibration.paths})
+    sparse = sparsify_activations(model, {p: -1.0 for p in calibration.paths}, score=calibration.score,
+                                  scales=calibration.scales)  # the thresholds are on the calibration's scale
     graphdef, state = nnx.split(sparse)
     data = []
     for i, batch in enumerate(batches):
