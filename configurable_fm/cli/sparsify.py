@@ -12,7 +12,9 @@ each targeted Linear l, t_l is the `sparsity` quantile of its input's score on t
 s_i = sqrt(E[(dL/dx_i)^2]) over the same tokens, `fisher_scales`, measured with the targets dense), and the output
 model zeroes the entries at or below t_l (`sparsify_activations`; with 'fisher' it keeps s as each module's
 `scale`). The input may already be sparse (a recovery run's checkpoint: its thresholds are then
-re-calibrated on the model as it is, which is how the level is restored after training moved the activations) and
+re-calibrated, which is how the level is restored after training moved the activations; with score 'magnitude' on
+the model as it is, the targets upstream still zeroing their inputs, with 'weighted' and 'fisher' on the model with
+every target dense, as `calibrate` histograms those scores) and
 may carry other extensions (LoRA adapters stay attached, unmerged). With an evaluation split, the perplexity of the
 input with its targets dense and of the output, and the sparsity the output achieves there (mean over the targets
 and the range), are printed.

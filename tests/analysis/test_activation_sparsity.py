@@ -347,6 +347,19 @@ def test_greedy_allocations_first_step_is_the_least_error(dense, batches, cal, s
         assert chosen == [min(errors, key=errors.get)], (block, errors, first)
 
 
+def test_greedy_allocation_reads_the_attention_mask(dense, batches, cal):
+    """Left-padded rows with their attention_mask give the allocation of the same rows unpadded (RoPE is relative, so
+    the shifted positions change nothing; without the mask the real tokens would attend to the pads)."""
+    pad = 5
+    ids = np.asarray(batches[0]["inputs"])
+    padded = {"inputs": np.concatenate([np.zeros((ids.shape[0], pad), ids.dtype), ids], 1),
+              "attention_mask": np.concatenate([np.zeros((ids.shape[0], pad), np.int32),
+                                                np.ones(ids.shape, np.int32)], 1)}
+    levels = (0.2, 0.4, 0.6)
+    want = greedy_allocation(dense, cal, [{"inputs": ids}], levels=levels, step=0.1)
+    assert greedy_allocation(dense, cal, [padded], levels=levels, step=0.1) == want
+
+
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("case, pattern", [
     (lambda m, c: sparsify_activations(m, {"layers.1.mlp.down_prj": 0.1}),

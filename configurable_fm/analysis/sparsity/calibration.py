@@ -253,7 +253,9 @@ def calibrate(model, batches: Iterable[Mapping[str, Any]], targets: Optional[Seq
     (sparsity.resolve_targets: paths or globs; None = the family's defaults) over `batches` (pipeline dicts:
     {'inputs': (B, T) ids, 'attention_mask'?, 'loss_mask'?, 'mask'?}; analysis/batches.py `token_mask` says which
     tokens count; with an attention_mask the forward passes it), streamed with reduce_over (module docstring).
-    `model` is not modified."""
+    Targets that are already SparseLinears: 'magnitude' histograms the model as it is (a sparse target upstream
+    still zeroes its input), 'weighted' and 'scaled' a copy with every target dense (threshold -inf) while its
+    scores are read. `model` is not modified."""
     check_score(score, "calibrate")
     paths = resolve_targets(model, targets, op="calibrate")
     if score == "scaled":

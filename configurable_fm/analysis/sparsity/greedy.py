@@ -62,18 +62,23 @@ def _set_thresholds(model, thresholds: Mapping[str, Any]):
         modules[p].threshold.set_value(t)
 
 
-def _capture_step(graphdef, blocks: tuple, state, inputs):
+def _forward(inputs, attention):
+    """What capture runs: the ids, or model(ids, attention_mask=...) for a batch with an attention mask."""
+    return inputs if attention is None else (lambda m: m(inputs, attention_mask=attention))
+
+
+def _capture_step(graphdef, blocks: tuple, state, inputs, attention):
     model = nnx.merge(graphdef, state)
     points = [f"{b}.{k}" for b in blocks for k in ("input", "output")]
-    _, values = capture(model, points, inputs)
+    _, values = capture(model, points, _forward(inputs, attention))
     return values
 
 
-def _error_step(graphdef, blocks: tuple, state, thresholds, inputs, dense, m_BxT):
+def _error_step(graphdef, blocks: tuple, state, thresholds, inputs, attention, dense, m_BxT):
     model = nnx.merge(graphdef, state)
     _set_thresholds(model, thresholds)
     patch = {f"{b}.input": replace(dense[f"{b}.input"]) for b in blocks}
-    _, values = capture(model, [f"{b}.output" for b in blocks], inputs, interventions=patch)
+    _, values = capture(model, [f"{b}.output" for b in blocks], _forward(inputs, attention), interventions=patch)
     out = []
     for b in blocks:
         d = values[f"{b}.output"].astype(jnp.float32) - dense[f"{b}.output"].astype(jnp.float32)
@@ -117,13 +122,14 @@ def greedy_allocation(model, calibration: Calibration, batches: Iterable[Mapping
     data = []
     for i, batch in enumerate(batches):
         inputs = jnp.asarray(batch_inputs(batch, f"greedy_allocation: batch {i}"))
-        dense = _capture_jit(graphdef, names, state, inputs)
-        data.append((inputs, dense, jnp.asarray(token_mask(batch, f"greedy_allocation: batch {i}"))))
+        mask = jnp.asarray(token_mask(batch, f"greedy_allocation: batch {i}"))  # checks attention_mask's shape too
+        attention = jnp.asarray(batch["attention_mask"], jnp.int32) if "attention_mask" in batch else None
+        data.append((inputs, attention, _capture_jit(graphdef, names, state, inputs, attention), mask))
 
     def block_errors(alloc: Mapping[str, float]) -> np.ndarray:
         th = calibration.thresholds(dict(alloc))
         t = {p: jnp.asarray(th[p] if alloc[p] > 0 else -1.0, jnp.float32) for p in th}  # -1: the dense Linear
-        return sum(np.asarray(_error_jit(graphdef, names, state, t, x, d, m), np.float64) for x, d, m in data)
+        return sum(np.asarray(_error_jit(graphdef, names, state, t, x, a, d, m), np.float64) for x, a, d, m in data)
 
     alloc = {p: 0.0 for p in calibration.paths}
     found: dict[float, dict[str, float]] = {lv: {} for lv in levels}
