@@ -32,6 +32,7 @@ y = x W + b + delta with w[b] broadcast over the row's tokens.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -305,8 +306,8 @@ def softmax_top_k(scores: jax.Array, k: int, temperature: float) -> tuple[jax.Ar
     """(weights (..., N), indices (..., k)): w_i = exp(c_i / T) / Σ_{j ∈ K} exp(c_j / T) for the k largest scores
     K (jax.lax.top_k: among equal scores the lower index first), 0 elsewhere; T = `temperature` > 0."""
     n = scores.shape[-1]
-    if not 1 <= k <= n or not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                               and temperature > 0):
+    if not 1 <= k <= n or not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
+                               and math.isfinite(temperature) and temperature > 0):  # numpy scalars too
         raise RouteError(f"softmax_top_k: need 1 <= k <= {n} and a finite temperature > 0, got k={k}, "
                          f"temperature={temperature!r}")
     top, idx = jax.lax.top_k(scores, k)

@@ -47,6 +47,7 @@ the LM forward of the same batch, each after one warm-up call (compilation exclu
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -212,10 +213,10 @@ def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 
     n, d = router.centroids.shape
     if q.ndim != 2 or q.shape[1] != d:
         raise RouteError(f"route: query embeddings must be (Q, {d}) (the centroids' width), got {q.shape}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
         raise RouteError(f"route: top_k must be an int in 1..{n} (the number of adapters), got {top_k!r}")
     scores = q @ np.asarray(router.centroids, np.float32).T
-    w, top = _select(scores, top_k, temperature)
+    w, top = _select(scores, int(top_k), temperature)
     weights, top = np.array(w, np.float32), np.array(top, np.int32)
     choices = top[:, 0].copy()
     if threshold is not None:
@@ -320,14 +321,21 @@ class RoutingCost:
         return {**dataclasses.asdict(self), "overhead": self.overhead}
 
 
-_FORWARDS: dict = {}  # (graphdef, treedef) -> jitted forward of the state's leaves (one per model structure)
+# (graphdef, treedef) -> jitted forward of the state's leaves (one per model structure), the least recently used
+# dropped beyond FORWARDS_KEPT (with its compiled programs), so a long session over many structures stays bounded
+_FORWARDS: collections.OrderedDict = collections.OrderedDict()
+FORWARDS_KEPT = 32
 
 
 def _forward_of(graphdef, treedef):
     """The jitted model(ids) of one model structure, taking the state as its flat list of arrays."""
     key = (graphdef, treedef)
-    if key not in _FORWARDS:
+    if key in _FORWARDS:
+        _FORWARDS.move_to_end(key)
+    else:
         _FORWARDS[key] = jax.jit(lambda leaves, ids: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(ids))
+        while len(_FORWARDS) > FORWARDS_KEPT:
+            _FORWARDS.popitem(last=False)
     return _FORWARDS[key]
 
 

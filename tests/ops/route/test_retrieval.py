@@ -80,6 +80,10 @@ def test_route_by_hand():
     np.testing.assert_allclose(r.weights[0], [e[0] / e.sum(), 0, e[1] / e.sum()], rtol=1e-5)
     np.testing.assert_array_equal(r.top[0], [0, 2])
     assert r.chosen_names == ["a", "b", "c", "c"]
+    numpy_args = route(router, q, top_k=np.int64(2), temperature=np.float32(0.5))  # numpy scalars as options
+    np.testing.assert_array_equal(numpy_args.weights, r.weights)
+    with pytest.raises(RouteError, match="finite temperature > 0"):
+        route(router, q, temperature=True)
     low = route(router, q, threshold=0.2)  # the last query is below 0.2 everywhere: the base
     np.testing.assert_array_equal(low.choices, [0, 1, 2, -1])
     np.testing.assert_array_equal(low.weights[3], 0)
