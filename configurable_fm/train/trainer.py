@@ -48,7 +48,7 @@ best/ (the model with the best validation loss: an orbax model checkpoint, inter
 Re-running the same command (and, with `model=`, the same initial model) resumes from the last complete
 checkpoint; a config that differs from config.json is refused unless the changed keys are in `allow_changes`
 (train/resume.py). On resume the data iterator, trainable and other variables and the optimizer state are restored, so the
-following steps reproduce an uninterrupted run (bitwise on CPU). A non-finite loss stops the run
+following steps reproduce an uninterrupted run (bitwise on CPU). A non-finite loss or gradient norm stops the run
 (NonFiniteLoss) and leaves the last good checkpoint. Every enumerated option is checked before anything is
 written (ConfigError).
 """
@@ -95,7 +95,8 @@ TRAINER_METRICS = ("step", "loss", "tokens", "lr", "grad_norm", "tokens_per_s", 
 
 
 class NonFiniteLoss(UserError, RuntimeError):
-    """The training loss became NaN or infinite (the message names the step and the last good checkpoint)."""
+    """The training loss or its gradient norm became NaN or infinite (the message names the step and the last good
+    checkpoint)."""
 
 
 @dataclasses.dataclass
@@ -406,11 +407,14 @@ class Run:
 
     # -------------------------------------------------------------------------------- the steps
     def check(self, step: int, metrics: dict) -> float:
-        """The step's loss as a float; a non-finite one stops the run (after pending checkpoint writes)."""
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
+        """The step's loss as a float; a non-finite loss or gradient norm stops the run (after pending checkpoint
+        writes). The gradient too: a finite loss with a non-finite gradient (e.g. a bf16 overflow in the backward
+        pass; clipping cannot mend a NaN norm) leaves non-finite parameters, which must not be checkpointed."""
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.manager.wait_until_finished()
-            raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. The last good checkpoint is "
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm} (loss {loss})"
+            raise NonFiniteLoss(f"{what} at step {step}; stopping. The last good checkpoint is "
                                 f"{self.manager.latest_step()} in {self.ckpt_dir}")
         self.losses[step] = loss
         return loss

@@ -3,11 +3,13 @@ non-finite stop, and sharded == unsharded losses on 8 fake CPU devices."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configurable_fm.bricks import flat_params
 from configurable_fm.train.data import TokenData
+from configurable_fm.train.task import Task, next_token_loss
 from configurable_fm.train.trainer import NonFiniteLoss, train
 from experiments.pretrain import get_config
 
@@ -135,6 +137,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train(cfg, tmp_path, data=tiny_data(cfg), log=lambda s: None)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records)
+
+
+class NaNGradientAtStep3(Task):
+    """next_token_loss's value at every step, with a NaN gradient at step 3 (0 * d sqrt(s)/ds at s = 0)."""
+
+    def loss(self, model, batch, step, rng):
+        loss, aux = next_token_loss(model, batch)
+        at3 = (step == 3).astype(jnp.float32)
+        return loss + 0.0 * jnp.sqrt(1.0 - at3 + 0.0 * jnp.sum(model(batch["inputs"][:1, :2]))), aux
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_not_checkpointed(tmp_path):
+    """Step 3's loss is finite but its gradient NaN, so its update makes the parameters NaN: the run stops at step 3,
+    before its checkpoint (the first, so none is left; it once saved step 3's NaN parameters and named them the
+    last good checkpoint)."""
+    cfg = tiny_config(steps=6, eval_every=0, checkpoint_every=3)
+    with pytest.raises(NonFiniteLoss, match=r"gradient norm is nan \(loss [0-9.]+\) at step 3; stopping. The last good "
+                                            r"checkpoint is None"):
+        train(cfg, tmp_path, data=tiny_data(cfg), task=NaNGradientAtStep3(), log=lambda s: None)
+    assert not (tmp_path / "checkpoints" / "3").exists()
 
 
 # (1, 8, 1) is slow (18 s on 2 cores): (2, 2, 2) shards the same axis with the other two
