@@ -78,11 +78,13 @@ def _nll(model, ids_BxT, mask_BxT):
 
 
 def token_nll(model, ids_BxT, attention_mask_BxT=None) -> np.ndarray:
-    """(B, T-1) negative log-likelihood of each next token; positions whose target is padding are NaN."""
+    """(B, T-1) negative log-likelihood of each next token; NaN where the target or the token predicting it is
+    padding (a left-padded row's last pad would otherwise 'predict' its first real token from nothing)."""
     ids = jnp.asarray(ids_BxT, jnp.int32)
     mask = jnp.ones_like(ids) if attention_mask_BxT is None else jnp.asarray(attention_mask_BxT, jnp.int32)
     nll = np.asarray(_nll(model, ids, mask))
-    return np.where(np.asarray(mask[:, 1:]).astype(bool), nll, np.nan)
+    real = np.asarray(mask).astype(bool)
+    return np.where(real[:, :-1] & real[:, 1:], nll, np.nan)
 
 
 def perplexity(model, ids_BxT, attention_mask_BxT=None) -> float:

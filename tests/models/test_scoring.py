@@ -64,3 +64,18 @@ def test_the_gradient_lowered_for_cuda_has_no_scatter_and_for_the_cpu_autodiffs(
     scatters = lambda text: len(re.findall(r"stablehlo\.scatter", text))
     assert scatters(cuda_lowering(grad, x)) == 0
     assert scatters(grad.lower(x).as_text()) > 0
+
+
+def test_token_nll_of_a_left_padded_row_is_the_unpadded_rows():
+    """A left-padded row scores the tokens the unpadded row scores: the last pad's 'prediction' of the first real
+    token (made from no real token) is NaN like the pads' own, so the perplexity is the unpadded one."""
+    model = random_llama(CFG, 0)
+    ids = np.random.RandomState(1).randint(1, CFG.vocab_size, (1, 6)).astype(np.int32)
+    pad = 3
+    padded = np.concatenate([np.zeros((1, pad), np.int32), ids], 1)
+    mask = np.concatenate([np.zeros((1, pad), np.int32), np.ones_like(ids)], 1)
+    want = scoring.token_nll(model, ids)
+    got = scoring.token_nll(model, padded, mask)
+    assert np.isnan(got[0, :pad]).all()
+    np.testing.assert_allclose(got[0, pad:], want[0], rtol=1e-5)
+    assert abs(scoring.perplexity(model, padded, mask) / scoring.perplexity(model, ids) - 1) < 1e-5
