@@ -19,16 +19,30 @@ HANDLED = {
 }
 
 
+# transformers' (5.x) defaults for keys a config.json may leave out, per architecture: what its model then runs with
+HF_DEFAULTS = {
+    "LlamaForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=2048, sliding_window=None),
+    "MistralForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=131072,
+                               sliding_window=4096),
+    "Qwen2ForCausalLM": dict(rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=32768, sliding_window=None),
+    "MixtralForCausalLM": dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072,
+                               sliding_window=None),
+}
+
+
 def config_from_hf(c: dict) -> LlamaConfig:
     arch = next(a for a in c.get("architectures", []) if a in MODEL_TYPES)
     reject_unknown_config(c, HANDLED, "llama")
+    default = HF_DEFAULTS[arch]
     rope = dict(c.get("rope_parameters") or {})
-    theta = c.get("rope_theta", rope.pop("rope_theta", 10000.0))
+    theta = c.get("rope_theta", rope.pop("rope_theta", default["rope_theta"]))
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if c.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModel(f"partial_rotary_factor={c['partial_rotary_factor']} is not implemented")
-    window = c.get("sliding_window")
-    if arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
+    window = c.get("sliding_window", default["sliding_window"])
+    if arch == "LlamaForCausalLM":  # transformers' Llama reads no window (the key may be there, unused)
+        window = None
+    elif arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
         window = None
     elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
         raise UnsupportedModel("Qwen2 use_sliding_window=True (per-layer windows) is not implemented")
@@ -43,11 +57,13 @@ def config_from_hf(c: dict) -> LlamaConfig:
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
-        rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rms_norm_eps=c.get("rms_norm_eps", default["rms_norm_eps"]), rope_theta=float(theta),
         rope_scaling=RopeScaling.from_hf(scaling),
-        attention_bias=attention_bias, o_proj_bias=attention_bias and arch == "LlamaForCausalLM", mlp_bias=c.get("mlp_bias", False),
+        attention_bias=attention_bias, o_proj_bias=attention_bias and arch == "LlamaForCausalLM",
+        mlp_bias=c.get("mlp_bias", False),
         tie_word_embeddings=c.get("tie_word_embeddings", False),
-        max_position_embeddings=c.get("max_position_embeddings", 2048), hidden_act=c.get("hidden_act", "silu"),
+        max_position_embeddings=c.get("max_position_embeddings", default["max_position_embeddings"]),
+        hidden_act=c.get("hidden_act", "silu"),
         sliding_window=window, num_experts=experts, num_experts_per_tok=c.get("num_experts_per_tok", 2),
         architecture=arch)
 
@@ -77,6 +93,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     elif cfg.attention_bias != (cfg.architecture == "Qwen2ForCausalLM") or cfg.o_proj_bias or cfg.mlp_bias:
         raise UnsupportedModel(f"{cfg.architecture} cannot express attention_bias={cfg.attention_bias}, "
                                f"mlp_bias={cfg.mlp_bias}; write it as LlamaForCausalLM instead")
+    if cfg.sliding_window is not None and cfg.architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        raise UnsupportedModel(f"{cfg.architecture} as transformers runs it has no sliding window; this model has "
+                               f"sliding_window={cfg.sliding_window}: write it as MistralForCausalLM instead")
     if cfg.architecture == "MistralForCausalLM":
         c["sliding_window"] = cfg.sliding_window
     if cfg.architecture == "Qwen2ForCausalLM":

@@ -105,3 +105,36 @@ def test_softmax_then_topk_router_differs_from_mixtral_rule():
     e = np.exp([2.0, 1.0, 0.0, -1.0])
     np.testing.assert_allclose(np.asarray(w1)[0, 0], e[:2] / e[:2].sum(), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(w2)[0, 0], e[:2] / e.sum(), rtol=1e-6)
+
+
+def test_config_keys_left_out_take_transformers_defaults_per_architecture(tmp_path):
+    """A config.json without rms_norm_eps / rope_theta / sliding_window runs with transformers' defaults for its
+    architecture (Mixtral: 1e-5 and 1e6, not Llama's 1e-6 and 1e4); Llama reads no sliding window (transformers'
+    LlamaModel ignores the key), and a llama-family model with a window is not written as Llama or Qwen2."""
+    from configurable_fm.interop.hf import UnsupportedModel
+    from configurable_fm.models.llama import LlamaConfig
+    from configurable_fm.models.factory import build_model
+
+    hf = make_hf("Mixtral", CASES["mixtral-top2"][1])
+    hf.save_pretrained(tmp_path / "mixtral")
+    path = tmp_path / "mixtral" / "config.json"
+    c = json.loads(path.read_text())
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters"):
+        c.pop(key, None)
+    path.write_text(json.dumps(c))
+    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    ours = from_hf(tmp_path / "mixtral")
+    assert (ours.cfg.rms_norm_eps, ours.cfg.rope_theta) == (1e-5, 1e6)
+    ids = np.random.RandomState(4).randint(0, BASE["vocab_size"], (1, 11))
+    assert np.abs(np.asarray(ours(jnp.asarray(ids))) - hf_logits(reloaded, ids)).max() <= TOL
+
+    llama = make_hf("Llama", dict(CASES["llama-gqa-tied"][1], sliding_window=3))
+    llama.save_pretrained(tmp_path / "llama")
+    ours = from_hf(tmp_path / "llama")
+    assert ours.cfg.sliding_window is None
+    assert np.abs(np.asarray(ours(jnp.asarray(ids))) - hf_logits(llama, ids)).max() <= TOL
+    windowed = build_model(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=1,
+                                       num_heads=4, num_kv_heads=2, sliding_window=3), seed=0)
+    with pytest.raises(UnsupportedModel, match="LlamaForCausalLM as transformers runs it has no sliding window"):
+        to_hf(windowed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
