@@ -3,7 +3,8 @@
 Schedules (step s, peak lr eta, warmup W, total S, floor eta_min = min_lr_ratio * eta):
   cosine:   linear warmup 0 -> eta over W steps, then eta_min + (eta - eta_min) * (1 + cos(pi * t)) / 2, t = (s-W)/(S-W)
   wsd:      warmup-stable-decay: linear warmup, constant eta, then linear decay to eta_min over the last
-            `decay_fraction` of the steps (Hu et al., MiniCPM, 2024)
+            `decay_fraction` of the steps, or over all the steps after the warmup if fewer (Hu et al., MiniCPM,
+            2024)
   constant: linear warmup then eta
 Re-warming (after growth, train/growth.py; optional keys, absent or 0 = off): with optimizer.rewarm_at = g > 0 the
 schedule is the one above for s < g, and from g the same kind of schedule restarted over the remaining S - g
@@ -48,8 +49,9 @@ def _schedule(opt: ml_collections.ConfigDict, warmup: int, total_steps: int) -> 
     if opt.schedule == "cosine":
         rest = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=floor / peak if peak else 0.0)
     elif opt.schedule == "wsd":
-        decay = max(int(round(opt.get("decay_fraction", 0.2) * total_steps)), 1)
-        stable = max(total_steps - warmup - decay, 0)
+        # the decay ends at S: shortened to the steps after the warmup when those are fewer
+        decay = max(min(int(round(opt.get("decay_fraction", 0.2) * total_steps)), total_steps - warmup), 1)
+        stable = total_steps - warmup - decay
         rest = optax.join_schedules([optax.constant_schedule(peak), optax.linear_schedule(peak, floor, decay)],
                                     [stable])
     elif opt.schedule == "constant":

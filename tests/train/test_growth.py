@@ -110,6 +110,19 @@ def test_killed_grow_leaves_nothing_then_reset_completes(small, monkeypatch):
     assert mu[:32, :64].any() and not mu[32:].any() and not mu[:, 64:].any()
 
 
+def test_wsd_schedule_by_hand_and_its_decay_ends_at_the_last_step():
+    """wsd: warmup to the peak, constant, then linear to the floor over the last decay_fraction of the steps; where
+    warmup and decay overlap (W + decay_fraction S > S) the decay takes the steps after the warmup, so the floor is
+    still reached at S (it once ended at 0.595 x peak for W 90, fraction 0.2, S 100)."""
+    opt = ml_collections.ConfigDict(dict(lr=1.0, schedule="wsd", warmup_steps=10, min_lr_ratio=0.1,
+                                         decay_fraction=0.2))
+    sched = learning_rate_schedule(opt, 100)
+    assert [float(sched(s)) for s in (0, 5, 10, 50, 80, 90, 100)] == pytest.approx([0, .5, 1, 1, 1, .55, .1])
+    opt.warmup_steps = 90
+    late = learning_rate_schedule(opt, 100)
+    assert [float(late(s)) for s in (90, 95, 100)] == pytest.approx([1.0, .55, .1])
+
+
 def test_rewarm_schedule():
     opt = ml_collections.ConfigDict(dict(lr=1.0, schedule="cosine", warmup_steps=2, min_lr_ratio=0.1))
     base = learning_rate_schedule(opt, 20)
