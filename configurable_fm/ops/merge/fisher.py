@@ -19,9 +19,12 @@ the batch; memory ~ (chunk + 2) x the parameters), with the parameters cast to f
 jit-compiled once per (model structure, batch shape, kind, chunk); a tqdm bar counts the batches.
 
 Fisher merge of M models (elementwise, per tensor):
-    theta* = sum_i w_i F~_i theta_i / sum_i w_i F~_i,   F~_i = max(F'_i, fisher_floor),
-    F'_i = F_i / sum_{all tensors p, entries} F_i[p]   if normalize (each model's Fisher sums to 1), else F_i.
-The floor keeps entries where every Fisher is 0 defined (they become the w-weighted average of the thetas).
+    theta* = sum_i w_i F~_i theta_i / sum_i w_i F~_i,   F~_i = c_i max(F_i, fisher_floor),
+    c_i = 1 / sum_{all tensors p, entries} F_i[p]   if normalize (each model's Fisher sums to 1), else 1.
+The floor keeps entries where every Fisher is 0 defined (they become the w-weighted average of the thetas). It
+applies to the raw Fisher, as in Matena & Raffel's code (mmatena/model_merging), not to the normalised one, whose
+entries average 1 / (number of entries): ~1e-8 for a 100M-parameter model, so a floor of 1e-6 there would floor
+nearly every entry and return the weighted average. (Their code normalises by the L2 norm; here the sum.)
 """
 from __future__ import annotations
 
@@ -149,8 +152,8 @@ def fisher_merge(models: Union[Sequence[State], Mapping[str, State]],
 
     models: M flat {path: array} dicts or nnx modules (a list, or {name: model}); fishers: one {path: F} per
       model with every floating tensor's path and shape (extra paths are errors too).
-    weights: (M,) >= 0 (default all 1; only their ratios matter). fisher_floor: F~ = max(F', floor) (> 0).
-    normalize: F' = F / (sum of all of that model's Fisher entries) before the floor.
+    weights: (M,) >= 0 (default all 1; only their ratios matter). fisher_floor: max(F, floor) (> 0), on the raw F.
+    normalize: F~ = max(F, floor) / (sum of all of that model's Fisher entries).
     Returns a flat dict in the first model's order and dtypes (computed in float32); integer tensors are copied
     when identical in every model. Raises MergeInputError naming the tensor and model for mismatches.
     """
@@ -202,7 +205,7 @@ def fisher_merge(models: Union[Sequence[State], Mapping[str, State]],
 
 @jax.jit
 def _fisher_kernel(xs, fs, scale, w, floor):
-    """sum_i w_i F~_i x_i / sum_i w_i F~_i with F~_i = max(scale_i F_i, floor); xs, fs (N, *S), scale, w (N,)."""
+    """sum_i w_i F~_i x_i / sum_i w_i F~_i with F~_i = scale_i max(F_i, floor); xs, fs (N, *S), scale, w (N,)."""
     expand = lambda a: a.reshape(a.shape + (1,) * (xs.ndim - 1))  # noqa: E731
-    f = jnp.maximum(fs * expand(scale), floor) * expand(w)
+    f = jnp.maximum(fs, floor) * expand(scale * w)
     return jnp.sum(f * xs, axis=0) / jnp.sum(f, axis=0)

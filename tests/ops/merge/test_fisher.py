@@ -152,15 +152,22 @@ def test_fisher_merge_by_hand_floor_and_normalize():
     fa, fb = {"t": jnp.array([1.0, 0.0, 2.0])}, {"t": jnp.array([3.0, 0.0, 2.0])}
     # (1*0 + 3*4) / 4 = 3; both 0 -> floored, equal: (2 + 6) / 2 = 4; (2*1 + 2*3) / 4 = 2
     np.testing.assert_allclose(fisher_merge([a, b], [fa, fb])["t"], [3.0, 4.0, 2.0], rtol=1e-6)
-    # normalize: Fa / 3 = [1/3, 0, 2/3], Fb / 5 = [3/5, 0, 2/5]
-    fa_n, fb_n = np.array([1 / 3, 1e-6, 2 / 3]), np.array([3 / 5, 1e-6, 2 / 5])
+    # normalize: the floored Fa / 3 = [1/3, 1e-6/3, 2/3], Fb / 5 = [3/5, 1e-6/5, 2/5] (the floor on the raw F)
+    fa_n, fb_n = np.array([1 / 3, 1e-6 / 3, 2 / 3]), np.array([3 / 5, 1e-6 / 5, 2 / 5])
     expected = (fa_n * [0, 2, 1] + fb_n * [4, 6, 3]) / (fa_n + fb_n)
     np.testing.assert_allclose(fisher_merge([a, b], [fa, fb], normalize=True)["t"], expected, rtol=1e-6)
-    # normalize makes a model's Fisher scale irrelevant
-    np.testing.assert_allclose(fisher_merge([a, b], [{"t": 7 * fa["t"]}, fb], normalize=True)["t"], expected,
-                               rtol=1e-6)
+    # normalize makes a model's Fisher scale irrelevant wherever no entry is floored (the floor is on the raw F)
+    np.testing.assert_allclose(fisher_merge([a, b], [{"t": 7 * fa["t"]}, fb], normalize=True)["t"][::2],
+                               expected[::2], rtol=1e-6)
     # a weight 0 model does not count
     np.testing.assert_allclose(fisher_merge([a, b], [fa, fb], weights=[0.0, 1.0])["t"], b["t"], rtol=1e-6)
+    # the floor is on the raw Fisher: with 1,000 entries a normalised entry is ~1e-3, under a floor of 1e-2, yet
+    # each half still takes the model whose Fisher is 1 there (normalising first floored every entry: the average)
+    half = np.arange(1000) < 500
+    x, y = {"t": jnp.zeros(1000)}, {"t": jnp.ones(1000)}
+    fx, fy = {"t": jnp.asarray(half, jnp.float32)}, {"t": jnp.asarray(~half, jnp.float32)}
+    got = np.asarray(fisher_merge([x, y], [fx, fy], normalize=True, fisher_floor=1e-2)["t"])
+    np.testing.assert_allclose(got, np.where(half, 1e-2 / 1.01, 1 / 1.01), rtol=1e-5)
 
 
 def test_fisher_merge_errors_name_tensor_and_model():
