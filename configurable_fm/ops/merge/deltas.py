@@ -7,8 +7,11 @@
 Every method of the task-vector family (task_vectors.py) computes y = b + F(x_1 − b, ..., x_N − b). With b = 0 and
 x_i = d_i, the change of delta i materialized in float32, the kernel returns F(d_1, ..., d_N): the merged task
 vector, a Dense term per path. Because `deltas.diff` computes d_i = f32(x_i) − f32(b) exactly as the kernels do,
-`apply(base, merge_deltas(m, [diff(base, x_i)], ...))` reproduces `tree.merge(m, base, [x_i], ...)` (same
-sparsification masks, same sign election; randomised methods draw the same masks from `tensor_key(seed, path)`).
+`apply(base, merge_deltas(m, [diff(base, x_i)], ...))` reproduces `tree.merge(m, base, [x_i], ...)` of flat
+{path: array} states (same sparsification masks, same sign election; randomised methods draw the same masks from
+`tensor_key(seed, path)`). tree.merge of nnx modules merges in HF layout instead (torch's (out, in) kernels under
+HF tensor names, as mergekit does), so there the randomised methods' masks (DARE, DELLA) and DELLA's per-row ranks
+differ from these (0.22 at most on a tiny llama; the deterministic methods, e.g. ties, agree).
 
 The per-tensor step and the parameters are tree.merge's own: `params.check_names` / `params.resolve_for_tensor`
 (mergekit settings: scalars, depth gradients, {filter, value} entries) and `tree.merge_tensor` (the cached jitted
