@@ -18,6 +18,10 @@ class OutputExists(UserError, FileExistsError):
     """An output path already exists and overwriting was not asked for."""
 
 
+class OutputNotWritable(UserError, OSError):
+    """An output path that cannot be created (a parent that is a file, a read-only location)."""
+
+
 class SourceNotFound(UserError, FileNotFoundError):
     """A model, data or config source that does not exist or cannot be read as what it claims to be."""
 

@@ -143,6 +143,9 @@ def no_device_preallocation() -> None:
 
 def run(fv: flags.FlagValues) -> None:
     no_device_preallocation()
+    from configurable_fm.interop.safetensors_io import parse_size
+
+    parse_size(fv.max_shard_size)  # a bad size is named before any work (ConfigError)
     if (fv.mergekit_yaml is None) == (fv.config is None):
         raise cli.UsageError("give exactly one of --mergekit_yaml (a mergekit YAML file) and --config (a merge "
                              f"config), got {'both' if fv.config is not None else 'neither'}")

@@ -42,6 +42,8 @@ import tokenize
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from configurable_fm.errors import ConfigError, SourceNotFound
+
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -203,13 +205,13 @@ def _read_utf8(path: Path, max_bytes: int, skipped: collections.Counter) -> str 
 def _python_tree_source(name: str, root: Path, *, packages: Sequence[str], exclude_tests: bool,
                         max_files_per_package: int, max_file_bytes: int, info: dict) -> Source:
     if not root.is_dir():
-        raise FileNotFoundError(f"source {name!r}: {root} is not a directory")
+        raise SourceNotFound(f"source {name!r}: {root} is not a directory")
     files = [f for f in _python_files(root) if not (exclude_tests and _is_test_path(f))]
     if packages:
         available = {_top_level(f) for f in files}
         missing = [p for p in packages if p not in available]
         if missing:
-            raise ValueError(f"source {name!r}: package(s) {missing} not found under {root} "
+            raise ConfigError(f"source {name!r}: package(s) {missing} not found under {root} "
                              f"(found e.g. {sorted(available)[:12]})")
         wanted = set(packages)
         files = [f for f in files if _top_level(f) in wanted]
@@ -275,10 +277,10 @@ def files_source(root: str | os.PathLike | None, *, patterns: Sequence[str] = ("
     """UTF-8 text files under `root` matching any of the glob `patterns` (sorted relative paths as ids);
     undecodable files are skipped and counted."""
     if not root:
-        raise ValueError(f"source {name!r}: no root directory given (set files.root)")
+        raise ConfigError(f"source {name!r}: no root directory given (set files.root)")
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"source {name!r}: {root} is not a directory")
+        raise SourceNotFound(f"source {name!r}: {root} is not a directory")
     files = sorted({p.relative_to(root).as_posix() for pat in patterns for p in root.glob(pat) if p.is_file()})
 
     def documents(skipped):
@@ -842,7 +844,7 @@ def source_names(names: Sequence[str] | str) -> list[str]:
     out = [n.strip() for entry in names for n in str(entry).split(",") if n.strip()]
     unknown = [n for n in out if n not in SOURCE_NAMES]
     if unknown:
-        raise ValueError(f"unknown source(s) {unknown}; known sources: {list(SOURCE_NAMES)}")
+        raise ConfigError(f"unknown source(s) {unknown}; known sources: {list(SOURCE_NAMES)}")
     return out
 
 
@@ -870,7 +872,7 @@ def make_sources(names: Sequence[str] | str, options: Mapping | None = None,
             expanded.append(n)
     dups = sorted({n for n in expanded if expanded.count(n) > 1})
     if dups:
-        raise ValueError(f"source(s) {dups} listed more than once (after expanding 'english')")
+        raise ConfigError(f"source(s) {dups} listed more than once (after expanding 'english')")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     refresh = bool(eng.get("refresh", False))
 

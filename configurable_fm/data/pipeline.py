@@ -34,6 +34,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from configurable_fm.errors import ConfigError
+
 STATE_VERSION = 1
 
 
@@ -74,9 +76,9 @@ class _EpochBatches:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self._rows = _check_sharding(batch_size, process_index, process_count)
         if num_items < 1:
-            raise ValueError(f"{self.kind}: the data holds no complete item")
+            raise ConfigError(f"{self.kind}: the data holds no complete item")
         if drop_remainder and num_items < batch_size:
-            raise ValueError(f"{self.kind}: only {num_items} items, fewer than one global batch of {batch_size} "
+            raise ConfigError(f"{self.kind}: only {num_items} items, fewer than one global batch of {batch_size} "
                              "(use a smaller batch or drop_remainder=False)")
         self.num_items = int(num_items)
         self.global_batch_size = int(batch_size)
@@ -183,7 +185,7 @@ class PackedBatches(_EpochBatches):
         self.tokens, self.seq_len, self.num_tokens = tokens, int(seq_len), len(tokens)
         self.num_windows = max(0, (self.num_tokens - 1) // self.seq_len)
         if self.num_windows < 1:
-            raise ValueError(f"a stream of {self.num_tokens} tokens holds no window of seq_len+1={seq_len + 1}")
+            raise ConfigError(f"a stream of {self.num_tokens} tokens holds no window of seq_len+1={seq_len + 1}")
         super().__init__(self.num_windows, batch_size=global_batch_size, seed=seed, process_index=process_index,
                          process_count=process_count, shuffle=shuffle, drop_remainder=drop_remainder)
         self._fingerprint = _crc([_window(tokens, 0, self.seq_len), _window(tokens, self.num_windows - 1, self.seq_len)])

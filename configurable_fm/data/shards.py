@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from configurable_fm.errors import OutputExists, UserError
+from configurable_fm.errors import ConfigError, OutputExists, UserError
 from configurable_fm.data import corpora
 from configurable_fm.data.bpe import parse_bpe_spec, train_bpe
 from configurable_fm.interop.atomic import atomic_directory, write_text_atomic
@@ -115,11 +115,11 @@ def resolve_config(config: Mapping) -> dict:
     cfg = merge(DEFAULT_CONFIG, config, "")
     corpora.source_names(cfg["sources"])  # unknown names are an error here, before any work
     if not cfg["sources"]:
-        raise ValueError("dataset config: `sources` is empty")
+        raise ConfigError("dataset config: `sources` is empty")
     if not 0.0 <= float(cfg["validation_fraction"]) < 1.0:
-        raise ValueError(f"dataset config: validation_fraction must be in [0, 1), got {cfg['validation_fraction']}")
+        raise ConfigError(f"dataset config: validation_fraction must be in [0, 1), got {cfg['validation_fraction']}")
     if int(cfg["max_tokens_per_shard"]) < 1:
-        raise ValueError(f"dataset config: max_tokens_per_shard must be >= 1, got {cfg['max_tokens_per_shard']}")
+        raise ConfigError(f"dataset config: max_tokens_per_shard must be >= 1, got {cfg['max_tokens_per_shard']}")
     return cfg
 
 
@@ -153,7 +153,7 @@ def _prepared_tokenizer(tokenizer, tok_info: dict, cfg: dict):
         tokenizer.encode_special_tokens = True
     eos_id = int(cfg["eos_id"])
     if not 0 <= eos_id < tok_info["vocab_size"]:
-        raise ValueError(f"dataset config: eos_id {eos_id} is outside the tokenizer's vocabulary "
+        raise ConfigError(f"dataset config: eos_id {eos_id} is outside the tokenizer's vocabulary "
                          f"({tok_info['vocab_size']} ids, {cfg['tokenizer']})")
     return tokenizer, tok_info, eos_id, token_dtype(tok_info["vocab_size"])
 
@@ -175,9 +175,11 @@ def assign_splits(docs: Sequence[corpora.Document], *, fraction: float, salt: st
     keys = [corpora.dedup_key(d.text) for d in docs]
     scores = [split_score(k, salt) for k in keys]
     val = {i for i, u in enumerate(scores) if u < fraction}
+    order = sorted(range(len(docs)), key=lambda i: (scores[i], keys[i]))
     if fraction > 0 and len(val) < min(min_validation, max(len(docs) - 1, 0)):
-        order = sorted(range(len(docs)), key=lambda i: (scores[i], keys[i]))
         val = set(order[:min(min_validation, len(docs) - 1)])
+    if docs and len(val) == len(docs):  # at least one document stays in train (the highest u)
+        val.discard(order[-1])
     out = {"train": [i for i in range(len(docs)) if i not in val], "validation": sorted(val)}
     if shuffle:
         for s in out:
@@ -353,7 +355,7 @@ def build_dataset(config: Mapping, out_dir: str | os.PathLike | None = None, *, 
     if bar is not None:
         bar.close()
     if not docs:
-        raise ValueError(f"dataset {cfg['name']!r}: the sources {list(cfg['sources'])} yielded no document")
+        raise ConfigError(f"dataset {cfg['name']!r}: the sources {list(cfg['sources'])} yielded no document")
     say(f"{len(docs)} documents, {sum(len(d.text) for d in docs) / 1e6:.1f} M chars read in {time.time() - t1:.1f} s")
     splits = assign_splits(docs, fraction=float(cfg["validation_fraction"]), salt=str(cfg["split_salt"]),
                            min_validation=int(cfg["min_validation_documents"]),

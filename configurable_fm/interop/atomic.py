@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from configurable_fm.errors import OutputExists
+from configurable_fm.errors import OutputExists, OutputNotWritable
 
 MANIFEST = ".configurable_fm_output.json"
 
@@ -104,9 +104,12 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
     untouched."""
     out_dir = Path(out_dir)
     check_overwritable(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
+    except OSError as e:  # a parent that is a file, a read-only location, ...
+        raise OutputNotWritable(f"cannot write {out_dir}: {e.strerror or e} ({e.filename or out_dir.parent})") from None
     try:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")

@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from configurable_fm.errors import UserError
+from configurable_fm.errors import ConfigError, UserError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -134,11 +134,16 @@ def parse_size(size: int | str) -> int:
     """'5GB' / '500MB' / '100KB' / int bytes -> bytes (decimal units, as transformers uses)."""
     if isinstance(size, int):
         return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    s = str(size).strip().upper()
+    units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
+    try:
+        for unit, mult in units:
+            if s.endswith(unit):
+                return int(float(s[: -len(unit)]) * mult)
+        return int(s)
+    except ValueError:
+        raise ConfigError(f"shard size {size!r} is not a size: give bytes or a number with GB / MB / KB / GiB / MiB / "
+                          "KiB / B, e.g. '5GB'") from None
 
 
 def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathLike, *,

@@ -134,6 +134,13 @@ def shard_data(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] | N
                 raise
             say(f"data: {directory} was built meanwhile by another process; using it")
     train, val = TokenStream(directory, "train"), TokenStream(directory, "validation")
+    vocab, model_vocab = train.manifest.get("vocab_size"), cfg.get("model", {}).get("vocab_size")
+    if vocab and model_vocab and int(vocab) > int(model_vocab):
+        from configurable_fm.errors import ConfigError
+
+        raise ConfigError(f"data.dir {directory}: its tokenizer has {vocab} ids (manifest vocab_size) but "
+                          f"model.vocab_size={model_vocab}: ids past the embedding would make the loss NaN; set "
+                          f"model.vocab_size >= {vocab}")
     return TokenData(train, val, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.data.eval_batch_size,
                      cfg.data.get("max_eval_batches"), manifest=train.manifest)
 

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from configurable_fm.data import corpora
+from configurable_fm.errors import ConfigError
 from configurable_fm.data.shards import (DatasetError, ManifestError, TokenStream, assign_splits, build_dataset,
                                          load_manifest, resolve_config, split_score, token_dtype, validate_manifest)
 
@@ -140,6 +141,10 @@ def test_assign_splits_fraction_and_minimum():
     three = assign_splits(docs[:3], fraction=0.01, salt="x", min_validation=2)
     assert len(three["validation"]) == 2 and len(three["train"]) == 1
     assert assign_splits(docs[:3], fraction=0.0, salt="x")["validation"] == []
+    # ... and at least one stays in train whatever the fraction
+    for n in (1, 2, 5):
+        most = assign_splits(docs[:n], fraction=0.99, salt="x")
+        assert len(most["train"]) == 1 and len(most["validation"]) == n - 1
 
 
 def test_stream_concatenation_and_slicing(corpus, built):
@@ -267,14 +272,14 @@ def test_overwrite_and_config_errors(corpus, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary directories left behind
     with pytest.raises(KeyError, match=r"unknown dataset config key\(s\) \['files.rooot'\]"):
         resolve_config(config(corpus, files={"rooot": "x"}))
-    with pytest.raises(ValueError, match="eos_id 400 is outside"):
+    with pytest.raises(ConfigError, match="eos_id 400 is outside"):  # a UserError: a one-line CLI message
         build_dataset(config(corpus, eos_id=400), tmp_path / "eos")
     resolved = resolve_config(config(corpus, sources=["files"], english={"parts": "sotu, wordnet"}))
     assert resolved["sources"] == ("files",) and resolved["english"]["parts"] == ("sotu", "wordnet")
     assert resolved["min_chars"] == 10 and resolved["shuffle_documents"] is True  # given / default
-    with pytest.raises(ValueError, match=r"unknown source\(s\) \['wiki'\]"):
+    with pytest.raises(ConfigError, match=r"unknown source\(s\) \['wiki'\]"):
         resolve_config(config(corpus, sources="files,wiki"))
-    with pytest.raises(ValueError, match="validation_fraction must be in"):
+    with pytest.raises(ConfigError, match="validation_fraction must be in"):
         resolve_config(config(corpus, validation_fraction=1.0))
     assert not (tmp_path / "eos").exists()
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configurable_fm.errors import OutputExists
+from configurable_fm.errors import OutputExists, OutputNotWritable
 from configurable_fm.interop.atomic import (MANIFEST, _temp_prefix, atomic_directory, atomic_file, sweep_stale,
                                            write_json_atomic, write_text_atomic)
 
@@ -97,3 +97,21 @@ def test_atomic_file_replaces_on_success_and_keeps_the_old_file_on_error(tmp_pat
         tmp.write_bytes(b"new")
     assert out.read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_an_output_under_a_file_is_named_and_nothing_is_written(tmp_path):
+    afile = tmp_path / "model.yml"
+    afile.write_text("x")
+    with pytest.raises(OutputNotWritable, match=r"cannot write .*model\.yml/out: .*model\.yml"):
+        with atomic_directory(afile / "out"):
+            raise AssertionError("not reached")
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["model.yml"]
+
+
+def test_a_bad_shard_size_is_a_config_error():
+    from configurable_fm.errors import ConfigError
+    from configurable_fm.interop.safetensors_io import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2 KiB") == 2048 and parse_size(7) == 7
+    with pytest.raises(ConfigError, match=r"shard size '5XB' is not a size"):
+        parse_size("5XB")
