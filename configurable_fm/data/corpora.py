@@ -212,7 +212,7 @@ def _python_tree_source(name: str, root: Path, *, packages: Sequence[str], exclu
         missing = [p for p in packages if p not in available]
         if missing:
             raise ConfigError(f"source {name!r}: package(s) {missing} not found under {root} "
-                             f"(found e.g. {sorted(available)[:12]})")
+                              f"(found e.g. {sorted(available)[:12]})")
         wanted = set(packages)
         files = [f for f in files if _top_level(f) in wanted]
     if max_files_per_package:

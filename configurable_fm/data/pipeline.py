@@ -79,7 +79,7 @@ class _EpochBatches:
             raise ConfigError(f"{self.kind}: the data holds no complete item")
         if drop_remainder and num_items < batch_size:
             raise ConfigError(f"{self.kind}: only {num_items} items, fewer than one global batch of {batch_size} "
-                             "(use a smaller batch or drop_remainder=False)")
+                              "(use a smaller batch or drop_remainder=False)")
         self.num_items = int(num_items)
         self.global_batch_size = int(batch_size)
         self.seed = int(seed)

@@ -154,7 +154,7 @@ def _prepared_tokenizer(tokenizer, tok_info: dict, cfg: dict):
     eos_id = int(cfg["eos_id"])
     if not 0 <= eos_id < tok_info["vocab_size"]:
         raise ConfigError(f"dataset config: eos_id {eos_id} is outside the tokenizer's vocabulary "
-                         f"({tok_info['vocab_size']} ids, {cfg['tokenizer']})")
+                          f"({tok_info['vocab_size']} ids, {cfg['tokenizer']})")
     return tokenizer, tok_info, eos_id, token_dtype(tok_info["vocab_size"])
 
 

@@ -109,7 +109,8 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> 
         sweep_stale(out_dir)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name, "tmp"), dir=out_dir.parent))
     except OSError as e:  # a parent that is a file, a read-only location, ...
-        raise OutputNotWritable(f"cannot write {out_dir}: {e.strerror or e} ({e.filename or out_dir.parent})") from None
+        raise OutputNotWritable(f"cannot write {out_dir}: {e.strerror or e} ({e.filename or out_dir.parent})") \
+            from None
     try:
         yield tmp
         (tmp / MANIFEST).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
