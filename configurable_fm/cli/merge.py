@@ -113,9 +113,11 @@ def merge_stages(fv: flags.FlagValues) -> None:
 
 
 def merge_config(fv: flags.FlagValues) -> None:
+    from configurable_fm.interop.atomic import check_overwritable
     from configurable_fm.stages.merge import merge_from_config
 
     config = fv.config
+    check_overwritable(fv.output, fv.overwrite)  # before the merge, not only when writing its result
     model = merge_from_config(config, log=print)
     if (fv.format or "hf") == "hf":
         from configurable_fm.interop.hf import to_hf

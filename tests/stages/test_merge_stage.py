@@ -73,12 +73,14 @@ def test_script_config_route_writes_orbax_and_hf(ckpts, tmp_path, capsys):
     ties = tree.merge("ties", load_model(ckpts["base"]), [load_model(ckpts["a"]), load_model(ckpts["b"])],
                       parameters={"density": 0.5, "weight": 1.0})
     assert_same(arrays(load_model(tmp_path / "h")), arrays(ties), atol=1e-7)
-    # existing output without --overwrite is refused; with it, replaced
+    # existing output without --overwrite is refused (before merging); with it, replaced
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--config", cfg_file, "--output", str(tmp_path / "o"), "--format", "orbax", *over])
     assert exit_info.value.code == 1
-    err = capsys.readouterr().err
-    assert "already exists" in err and "Traceback" not in err, err
+    captured = capsys.readouterr()
+    assert "already exists" in captured.err and "Traceback" not in captured.err, captured.err
+    assert "merging" not in captured.out  # refused before the merge ran
     assert script.main(["--config", cfg_file, "--output", str(tmp_path / "o"), "--format", "orbax", "--overwrite",
                         *over]) == 0
 
