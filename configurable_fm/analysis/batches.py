@@ -34,6 +34,13 @@ def batch_inputs(batch: Mapping[str, Any], where: str) -> np.ndarray:
     return inputs.astype(np.int32)
 
 
+def masked_forward(model, batch):
+    """reduce_over's forward for batches with an attention_mask: model(inputs, attention_mask=attention_mask), with
+    batch_keys ('inputs', 'attention_mask'). One module-level function, so repeated reductions reuse their compiled
+    step."""
+    return model(batch["inputs"], attention_mask=batch["attention_mask"])
+
+
 def token_mask(batch: Mapping[str, Any], where: str = "batch") -> np.ndarray:
     """(B, L) float32 mask of the token positions that enter reductions (module docstring)."""
     inputs = batch_inputs(batch, where)

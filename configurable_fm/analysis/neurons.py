@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.analysis.batches import token_mask
+from configurable_fm.analysis.batches import masked_forward, token_mask
 from configurable_fm.analysis.capture import capture
 from configurable_fm.analysis.interventions import Mask, mask
 from configurable_fm.analysis.reduce import (HIGHEST, Mean, MeanSquare, Reduction, masked_f32, reduce_over,
@@ -210,13 +210,8 @@ def _forward_for(batches: Iterable, what: str):
         raise ValueError(f"{what}: no batches") from None
     stream = itertools.chain([first], (_as_batch(b) for b in it))
     if "attention_mask" in first:
-        return stream, _masked_forward, ("inputs", "attention_mask")
+        return stream, masked_forward, ("inputs", "attention_mask")
     return stream, None, ("inputs",)
-
-
-def _masked_forward(model, batch):
-    """reduce_over's forward for batches with an attention_mask (module-level: repeated runs reuse the step)."""
-    return model(batch["inputs"], attention_mask=batch["attention_mask"])
 
 
 def _stack(values: Sequence[np.ndarray], points: Sequence[str], what: str, dtype) -> np.ndarray:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configurable_fm.analysis.batches import token_mask
+from configurable_fm.analysis.batches import masked_forward, token_mask
 from configurable_fm.analysis.reduce import HIGHEST, Reduction, Values, reduce_over, token_mask_like
 from configurable_fm.analysis.moefication.errors import MoefyError
 
@@ -88,14 +88,9 @@ def batch_source(calibration, what: str) -> Callable[[], Iterator[Mapping[str, A
     return lambda: iter(items)
 
 
-def _masked_forward(model, batch):
-    """reduce_over's forward for batches with an attention_mask."""
-    return model(batch["inputs"], attention_mask=batch["attention_mask"])
-
-
 def _forward_of(first: Mapping[str, Any]):
     if "attention_mask" in first:
-        return _masked_forward, ("inputs", "attention_mask")
+        return masked_forward, ("inputs", "attention_mask")
     return None, ("inputs",)
 
 

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from configurable_fm.analysis.batches import batch_inputs
+from configurable_fm.analysis.batches import batch_inputs, masked_forward
 from configurable_fm.analysis.reduce import Reduction, reduce_over, token_mask_like
 from configurable_fm.analysis.sparsity.module import (SparsityError, check_scales, check_score, linear_shapes,
                                                       resolve_targets, sparsify_activations)
@@ -230,10 +230,6 @@ def shared_inputs(model, paths: Sequence[str], ids_shape: tuple[int, int]) -> di
     return {p: found[p] for p in paths}
 
 
-def _masked_forward(model, batch):
-    return model(batch["inputs"], attention_mask=batch["attention_mask"])
-
-
 def peek(batches: Iterable[Mapping[str, Any]], what: str) -> tuple[Mapping[str, Any], Iterable]:
     """(the first batch, an iterable of all of them); SparsityError when there is none."""
     it = iter(batches)
@@ -273,7 +269,7 @@ def calibrate(model, batches: Iterable[Mapping[str, Any]], targets: Optional[Seq
     sources = list(dict.fromkeys(shared.values()))
     reduction = AbsHistogram(bins)
     if "attention_mask" in first:
-        forward, keys = _masked_forward, ("inputs", "attention_mask")
+        forward, keys = masked_forward, ("inputs", "attention_mask")
     else:
         forward, keys = None, ("inputs",)
     got = reduce_over(probed, stream, {f"{s}.{point}": reduction for s in sources}, forward=forward,

@@ -1,17 +1,16 @@
-"""What the growth operators share: the llama check at the boundary, per-tensor PRNG keys, init statistics.
+"""What the growth operators share: the llama check at the boundary, the PRNG key check, init statistics.
 
     cfg = llama_config(model, "grow_width")     # ConfigError unless a consistent llama-family model
-    k = tensor_key(key, "layers.3.mlp.up_proj.kernel", "noise")   # depends on (key, path, purpose) only
+    k = prng.path_key(key, "layers.3.mlp.up_proj.kernel", "noise")   # depends on (key, path, purpose) only
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import check_consistent, extension_specs
-from configurable_fm.prng import as_key, numpy_generator, path_key
+from configurable_fm.prng import as_key, numpy_generator
 
 # The family's initialiser (models.layers.normal): what freshly built kernels are drawn from.
 INIT_STD = 0.02
@@ -40,12 +39,6 @@ def check_key(key, op: str, why: str):
     """`key` as a typed PRNG key (prng.as_key: a typed key, raw uint32[2] key data or an int seed); GrowthError saying
     what needs it (`why`) when it is None or something else."""
     return as_key(key, GrowthError, op, f"{why} needs a PRNG key: pass key=jax.random.key(seed)")
-
-
-def tensor_key(key, path: str, purpose: str = "") -> jax.Array:
-    """A key for one tensor and purpose: prng.path_key, `fold_in(key, crc32(path + '/' + purpose))`; independent of
-    the order in which tensors are visited (DESIGN.md, principle 7)."""
-    return path_key(key, path, purpose)
 
 
 def normal(key, shape, dtype=np.float32) -> np.ndarray:

@@ -41,7 +41,8 @@ import numpy as np
 
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models.structure import rebuild
-from configurable_fm.ops.grow.common import INIT_STD, GrowthError, check_key, llama_config, normal, tensor_key
+from configurable_fm.ops.grow.common import INIT_STD, GrowthError, check_key, llama_config, normal
+from configurable_fm.prng import path_key
 
 METHODS = ("identity", "llama_pro", "stack", "dus")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -164,7 +165,7 @@ def grow_depth(model, *, method: str, num_layers: int | None = None, positions: 
             if zeroed and _OUTPUTS.match(rel):
                 value = jnp.zeros(x.shape, x.dtype)
             elif src is None:
-                value = _fresh(path, x, tensor_key(key, path, "identity"))
+                value = _fresh(path, x, path_key(key, path, "identity"))
             else:
                 value = x
             out[path] = value

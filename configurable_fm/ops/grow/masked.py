@@ -40,7 +40,7 @@ Exactness: at r = 0 the grown model computes the source's logits up to float rou
 <= 1e-5 in float32 in the tests) whatever the new weights; gradients reach the new structure once r > 0 (at r = 0
 the masked inputs and outputs are 0, as in MSG). The new model has the target config with rms_norm_eps unchanged;
 the masks are extension modules (models.structure), so check_consistent, orbax save/load and the trainer accept
-the model (HF export does not: unmask first). Random draws depend only on (key, target path) (common.tensor_key).
+the model (HF export does not: unmask first). Random draws depend only on (key, target path) (prng.path_key).
 MoE models are refused (their experts' down projections are not Linears to mask); a model that already has
 extension modules (e.g. masks of an earlier growth) must be unmasked first.
 
@@ -60,9 +60,10 @@ from flax import nnx
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models.masked import MASK_KINDS, GrowthRamp, ranges_of
 from configurable_fm.models.structure import abstract_model, build_options, extension_specs, fill, variables_of
-from configurable_fm.ops.grow.common import GrowthError, check_key, fresh, llama_config, tensor_key
+from configurable_fm.ops.grow.common import GrowthError, check_key, fresh, llama_config
 from configurable_fm.ops.grow.depth import depth_sources
 from configurable_fm.ops.grow.width import new_entries, plan_width, widen_params
+from configurable_fm.prng import path_key
 
 OP = "grow_masked"
 
@@ -136,7 +137,7 @@ def grow_masked(model, *, hidden_size: int | None = None, num_heads: int | None 
                                                                         plan.residual.src))
         new = new_entries(path, x.shape, plan, hd)
         if new.any():
-            x = np.where(new, fresh(final, x.shape, x.dtype, tensor_key(key, final, "masked")), x)
+            x = np.where(new, fresh(final, x.shape, x.dtype, path_key(key, final, "masked")), x)
         values[final] = jnp.asarray(x)
         if path.startswith("layers.0."):
             template[path.split(".", 2)[2]] = x
@@ -146,7 +147,7 @@ def grow_masked(model, *, hidden_size: int | None = None, num_heads: int | None 
         if i is None:
             for rel, x in template.items():
                 final = f"layers.{j}.{rel}"
-                values[final] = jnp.asarray(fresh(final, x.shape, x.dtype, tensor_key(key, final, "masked")))
+                values[final] = jnp.asarray(fresh(final, x.shape, x.dtype, path_key(key, final, "masked")))
 
     # The masks.
     specs = []

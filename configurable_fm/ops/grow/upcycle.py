@@ -45,7 +45,8 @@ import numpy as np
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models.structure import rebuild
 from configurable_fm.ops.grow.common import (INIT_STD, GrowthError, check_fraction, check_key, llama_config, normal,
-                                             permutation, tensor_key)
+                                             permutation)
+from configurable_fm.prng import path_key
 
 ROUTERS = ("topk_softmax", "softmax_topk")
 ROUTER_INITS = ("zeros", "normal")
@@ -102,7 +103,7 @@ def upcycle_moments(moments, num_experts: int, *, drop_fraction: float = 0.0, ke
             y = np.repeat(x[None], num_experts, axis=0)
             if drop_fraction:
                 unit_axis = 0 if name == "down_proj" else 1
-                sets = sets or drop_sets(tensor_key(key, prefix, "drop_upcycling"), num_experts, x.shape[unit_axis],
+                sets = sets or drop_sets(path_key(key, prefix, "drop_upcycling"), num_experts, x.shape[unit_axis],
                                          drop_fraction)
                 for e, s in enumerate(sets):
                     np.moveaxis(y[e], unit_axis, 0)[s] = 0
@@ -160,7 +161,7 @@ def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: st
         gate, up, down = mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"]
         if drop_fraction:
             gate, up, down = drop_reinit(gate, up, down, num_experts, drop_fraction,
-                                         tensor_key(key, prefix, "drop_upcycling"))
+                                         path_key(key, prefix, "drop_upcycling"))
         else:
             gate, up, down = (jnp.broadcast_to(w, (num_experts,) + w.shape) for w in (gate, up, down))
         out[f"{prefix}.experts.gate_proj"], out[f"{prefix}.experts.up_proj"] = jnp.asarray(gate), jnp.asarray(up)
@@ -168,7 +169,7 @@ def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: st
         shape, dtype = (cfg.hidden_size, num_experts), gate.dtype
         out[f"{prefix}.router.kernel"] = jnp.asarray(
             np.zeros(shape, dtype) if router_init == "zeros" else
-            (INIT_STD * normal(tensor_key(key, prefix, "router"), shape)).astype(dtype))
+            (INIT_STD * normal(path_key(key, prefix, "router"), shape)).astype(dtype))
     # no expert capacity: a capacity drops the assignments over it (uneven under a random router), so the MoE would
     # not compute the dense function; a dense config's router_capacity_factor (inert there) is not carried over
     changes = {"num_experts": int(num_experts), "num_experts_per_tok": int(num_experts_per_tok), "router": router,

@@ -61,7 +61,7 @@ of kv head i // r.
 
 ## Noise (symmetry breaking, exact by construction; needs `key`)
 Standard deviation noise * std(W) (std of the source tensor), drawn per tensor from a key that depends only on
-(key, path) (common.tensor_key):
+(key, path) (prng.path_key):
 "exact": added to the input weights of new units / new heads / new kv heads and to the new input rows of readers
 (all of which the function ignores); "hypercloning": zero-sum across copies (N_c - mean_c N_c) added to readers'
 input rows (the copies read equal inputs) and to the output rows of tiled units and heads (their activations are
@@ -88,7 +88,8 @@ import numpy as np
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import rebuild
-from configurable_fm.ops.grow.common import GrowthError, check_key, llama_config, normal, tensor_key
+from configurable_fm.ops.grow.common import GrowthError, check_key, llama_config, normal
+from configurable_fm.prng import path_key
 
 METHODS = ("exact", "hypercloning")
 
@@ -450,7 +451,7 @@ def widen_params(params: Mapping[str, Any], cfg: LlamaConfig, plan: WidthPlan, *
         noise_std = 0.0 if path.endswith(".bias") or not noise else noise * float(y.std())
         for axis, kind, unit in _rule(path):
             axis = axis % y.ndim
-            k = tensor_key(key, path, f"{kind}{axis}") if noise_std else None
+            k = path_key(key, path, f"{kind}{axis}") if noise_std else None
             if kind == "units_in":
                 y = units_in(y, axis, units[unit][0], hd=units[unit][1], key=k, noise_std=noise_std)
             elif kind == "units_out":

@@ -10,8 +10,8 @@ import pytest
 from configurable_fm.bricks.paths import flat_params
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.ops.grow import GrowthError, depth_sources, drop_sets, grow_opt_state, grow_steps
-from configurable_fm.ops.grow.common import tensor_key
 from configurable_fm.train.optim import make_optimizer
+from configurable_fm.prng import path_key
 from tests.ops.grow.grow_helpers import grads, random_model
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -113,7 +113,7 @@ def test_upcycle_experts_copy_the_mlp_router_zero(trained, drop):
             pre = f"layers.{i}.mlp"
             assert np.asarray(n[f"{pre}.router.kernel"]).shape == (32, 4)
             assert not np.asarray(n[f"{pre}.router.kernel"]).any()
-            sets = drop_sets(tensor_key(key, pre, "drop_upcycling"), 4, 64, drop)
+            sets = drop_sets(path_key(key, pre, "drop_upcycling"), 4, 64, drop)
             for name, axis in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 0)):
                 x = np.asarray(o[f"{pre}.{name}.kernel"])
                 y = np.asarray(n[f"{pre}.experts.{name}"])
