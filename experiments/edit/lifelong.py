@@ -46,10 +46,11 @@ Each step is cached in --out, so a rerun continues where the last call stopped:
     targets), DIR/lifelong.png (scores vs edits per editor).
 
 Settings (SIZES; `--set EDITOR.FIELD=VALUE` overrides layers, n_edits, batch, lambda_rel, null_rel, l2_rel,
-subject_mix or any hparams field): rome = classic sequential ROME at one layer; memit = sequential MEMIT
-(stateless); alphaedit = AlphaEdit, null space = eigen-directions of C below null_rel x tr(C) / F, L2 = l2_rel x
-the median ||P k||^2 of 32 keys of the stream (the authors' absolute 2e-2 and L2 are tied to GPT-2 XL's key
-scale); rls = the RLS editor with lambda = lambda_rel x F (memit shares it); ft = FT-L at the ROME layer.
+subject_mix, null_energy or any hparams field): rome = classic sequential ROME at one layer; memit = sequential
+MEMIT (stateless); alphaedit = AlphaEdit, null space = eigen-directions of C below null_rel x tr(C) / F (or, with
+null_energy e > 0, the smallest ones holding a share e of tr(C): on SmolLM2 the authors' absolute threshold
+leaves 15-27 %), L2 = l2_rel x the median ||P k||^2 of 32 keys of the stream (the authors' absolute 2e-2 and L2
+are tied to GPT-2 XL's key scale); rls = the RLS editor with lambda = lambda_rel x F (memit shares it); ft = FT-L at the ROME layer.
 subject_mix a (any editor but ft; default 0): the editor's key statistics are (1 - a) C + a C_subj, C_subj the
 second moment of the keys at the last token of every entity-name mention in the same text (the positions where
 this testbed's facts are read, as entity mentions would be in a real corpus); the preserved-key change is always
@@ -114,6 +115,7 @@ class Size:
     lambda_rel: float = 0.5
     subject_mix: float = 0.0  # the editors' C: (1 - a) C_corpus + a C_subjects (stat_batches(subjects=True))
     null_rel: float = 0.1
+    null_energy: float = 0.0  # > 0: AlphaEdit's null space holds this share of tr(C) (replaces null_rel)
     l2_rel: float = 0.1
     context: str = "corpus"  # 'corpus': '{}' + 4 corpus sentences as prefixes; 'bare': '{}' only
     clamp: float | None = None  # clamp_norm_factor of memit / alphaedit / rls (None: their default, 0.75)
@@ -397,7 +399,7 @@ class Plan:
     layers: tuple[int, ...]
     hparams: Any
     n_edits: int
-    extra: dict  # lambda_rel / null_rel / l2_rel / subject_mix
+    extra: dict  # lambda_rel / null_rel / null_energy / l2_rel / subject_mix
     explicit: tuple[str, ...] = ()  # hparams fields set by --set (resolve_hparams keeps them)
     batch: int = 1  # requests per sequential step
 
@@ -455,7 +457,8 @@ def make_plan(name: str, size: Size, world: World, n_edits: int | None, override
     batch = int(o.pop("batch", size.batch_edits.get(kind, 1)))
     if batch < 1 or (method == "rome" and batch != 1):
         raise ValueError(f"{name}: batch must be >= 1 (ROME: 1, it edits one request at a time), got {batch}")
-    extra = {k: float(o.pop(k, getattr(size, k))) for k in ("lambda_rel", "null_rel", "l2_rel", "subject_mix")}
+    extra = {k: float(o.pop(k, getattr(size, k))) for k in ("lambda_rel", "null_rel", "null_energy", "l2_rel",
+                                                                  "subject_mix")}
     if not 0 <= extra["subject_mix"] <= 1:
         raise ValueError(f"{name}: subject_mix must be in [0, 1], got {extra['subject_mix']}")
     cls = METHODS[method].hparams
@@ -474,7 +477,7 @@ def make_plan(name: str, size: Size, world: World, n_edits: int | None, override
     unknown = sorted(set(o) - fields)
     if unknown:
         raise ValueError(f"--set {name}.{unknown[0]}: not a field of {cls.__name__} nor one of layers, n_edits, "
-                         f"batch, lambda_rel, null_rel, l2_rel, subject_mix")
+                         f"batch, lambda_rel, null_rel, null_energy, l2_rel, subject_mix")
     hp.update({k: tuple(v) if isinstance(v, list) else v for k, v in o.items()})
     return Plan(name, method, layers, cls(**hp), n, extra, tuple(sorted(o)), batch)
 
@@ -482,7 +485,8 @@ def make_plan(name: str, size: Size, world: World, n_edits: int | None, override
 def resolve_hparams(plan: Plan, model, tok, stats, stream) -> tuple[Plan, Any, dict]:
     """The plan with the scale-dependent settings filled in (lambda for memit / rls; the null space and L2 of
     AlphaEdit) and the initial method state (None: the editor's own init); plus what was chosen, for the report."""
-    from configurable_fm.ops.update import AlphaEditState, compute_keys, edit_site, null_space_projector
+    from configurable_fm.ops.update import (AlphaEditState, compute_keys, edit_site, null_space_projector,
+                                            nullspace_threshold_for_energy)
 
     hp, info, state = plan.hparams, {}, None
     f = int(stats[plan.layers[0]].second_moment.shape[0])
@@ -494,7 +498,10 @@ def resolve_hparams(plan: Plan, model, tok, stats, stream) -> tuple[Plan, Any, d
         projectors, histories, dims, energy, thresholds = {}, {}, {}, {}, {}
         for l in plan.layers:
             c = np.asarray(stats[l].second_moment, np.float64)
-            thr = plan.extra["null_rel"] * float(np.trace(c)) / c.shape[0]
+            if plan.extra["null_energy"] > 0:
+                thr = nullspace_threshold_for_energy(c, plan.extra["null_energy"])
+            else:
+                thr = plan.extra["null_rel"] * float(np.trace(c)) / c.shape[0]
             p = null_space_projector(c, thr, what=f"alphaedit (layer {l})")
             projectors[l], histories[l] = p, np.zeros_like(c)
             dims[l], energy[l], thresholds[l] = int(round(np.trace(p))), float(np.trace(p @ c) / np.trace(c)), thr
@@ -1041,7 +1048,7 @@ def choose_layers(size: Size, trace: dict) -> Size:
 
 def _used(method: str, key: str) -> bool:
     return {"lambda_rel": method in ("memit", "rlsedit"), "null_rel": method == "alphaedit",
-            "l2_rel": method == "alphaedit", "subject_mix": method != "ft"}.get(key, False)
+            "null_energy": method == "alphaedit", "l2_rel": method == "alphaedit", "subject_mix": method != "ft"}.get(key, False)
 
 
 @dataclasses.dataclass(frozen=True)

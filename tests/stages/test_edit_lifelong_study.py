@@ -153,6 +153,10 @@ def test_helpers():
         L.run_study("/nonexistent/never", size="huge")
     with pytest.raises(ValueError, match=r"subject_mix must be in \[0, 1\]"):
         L.make_plan("rls", L.SIZES["test"], None, 4, {"rls": {"subject_mix": 1.5}})
+    # AlphaEdit's null space by energy share: a setting of the plan, off (0) unless given
+    e = L.make_plan("alphaedit@e20", L.SIZES["test"], None, 4, {"alphaedit@e20": {"null_energy": 0.2}})
+    assert e.extra["null_energy"] == 0.2 and L.make_plan("alphaedit", L.SIZES["test"], None, 4, {}).extra[
+        "null_energy"] == 0.0
 
 
 def test_subject_end_mask_and_mixed_stats():

@@ -27,7 +27,8 @@ Sequential editing:
 from configurable_fm.ops.update.keys import (MEMIT_CONTEXT, ROME_CONTEXT, Encoder, Generated, compute_keys,
                                              context_templates, generate_prefixes, values_at_subject)
 from configurable_fm.ops.update.alphaedit import (AlphaEditHparams, AlphaEditState, alphaedit, alphaedit_init,
-                                                  alphaedit_undo, alphaedit_update, null_space_projector)
+                                                  alphaedit_undo, alphaedit_update, null_space_projector,
+                                                  nullspace_threshold_for_energy)
 from configurable_fm.ops.update.finetune import FTHparams, ft
 from configurable_fm.ops.update.memit import MEMITHparams, Spread, memit, memit_spread, memit_update
 from configurable_fm.ops.update.requests import Request, RequestError, dump_requests, load_requests, parse_lines, parse_request
@@ -48,7 +49,7 @@ __all__ = ["Request", "RequestError", "load_requests", "parse_request", "parse_l
            "ValueHparams", "Values", "optimize_values",
            "ROMEHparams", "rome", "rome_update", "MEMITHparams", "memit", "memit_update", "memit_spread", "Spread",
            "AlphaEditHparams", "AlphaEditState", "alphaedit", "alphaedit_init", "alphaedit_update", "alphaedit_undo",
-           "null_space_projector",
+           "null_space_projector", "nullspace_threshold_for_energy",
            "RLSEditHparams", "RLSState", "rlsedit", "rls_init", "rls_update", "rls_undo",
            "FTHparams", "ft",
            "EDITORS", "Editor", "EditSession", "SessionConfig", "SessionState", "editor", "session_config",

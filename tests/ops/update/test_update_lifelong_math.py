@@ -6,7 +6,8 @@ import pytest
 
 from configurable_fm.bricks.deltas import Dense, LowRank
 from configurable_fm.ops.update import (AlphaEditState, StatsError, alphaedit_init, alphaedit_undo, alphaedit_update,
-                                        memit_update, null_space_projector, rls_init, rls_undo, rls_update)
+                                        memit_update, null_space_projector,
+                                        nullspace_threshold_for_energy, rls_init, rls_undo, rls_update)
 from configurable_fm.ops.update.rlsedit import RLSState
 
 rs = np.random.RandomState(0)
@@ -34,6 +35,21 @@ def test_projector_matches_the_authors_rule():
     np.testing.assert_allclose(big.T @ p, 0, atol=1e-4)  # the preserved subspace is projected away
     with pytest.raises(StatsError, match="no eigenvalue .* below nullspace_threshold=1e-09"):
         null_space_projector(c, 1e-9)
+
+
+def test_threshold_for_an_energy_share():
+    # eigenvalues 1..10 (trace 55) in a random basis: the 4 smallest hold 10 <= 0.2 x 55 = 11, the 5 smallest 15
+    basis = np.linalg.qr(rs.normal(size=(10, 10)))[0]
+    c = basis @ np.diag(np.arange(1.0, 11.0)) @ basis.T
+    thr = nullspace_threshold_for_energy(c, 0.2)
+    assert thr == pytest.approx(4.5)
+    p = null_space_projector(c, thr)
+    assert round(np.trace(p)) == 4 and np.trace(p @ c) == pytest.approx(10.0)
+    assert round(np.trace(null_space_projector(c, nullspace_threshold_for_energy(c, 15.5 / 55)))) == 5
+    with pytest.raises(StatsError, match="smallest eigenvalue .* holds 0.0182 of its trace, more than share=0.01"):
+        nullspace_threshold_for_energy(c, 0.01)
+    with pytest.raises(ValueError, match="share must be in"):
+        nullspace_threshold_for_energy(c, 1.0)
 
 
 def test_alphaedit_closed_form_preserves_keys_and_writes_the_edit():
