@@ -195,10 +195,12 @@ def sectioned_config(what: str, keys: dict, sections: dict[str, dict], overrides
     return config_dict.ConfigDict(values)
 
 
-def model_output(config, what: str, *, required: Sequence[str], see: str) -> tuple[str, bool]:
+def model_output(config, what: str, *, required: Sequence[str], see: str,
+                 inputs: Sequence[str] = ("input",)) -> tuple[str, bool]:
     """(format, overwrite) of a command that writes a model to `config.output`: the `required` keys are set
     (UsageError), `format` is one of MODEL_FORMATS (ConfigError naming `what`), and the output is new or a previous
-    output of this library when `overwrite` is set (interop.atomic.check_overwritable), all before any work."""
+    output of this library when `overwrite` is set, and neither is nor holds the path of an `inputs` key
+    (interop.atomic.check_overwritable), all before any work."""
     from configurable_fm.errors import ConfigError
     from configurable_fm.interop.atomic import check_overwritable
 
@@ -207,7 +209,7 @@ def model_output(config, what: str, *, required: Sequence[str], see: str) -> tup
     if fmt not in MODEL_FORMATS:
         raise ConfigError(f"{what}: `format` must be one of {list(MODEL_FORMATS)}, got {fmt!r}")
     overwrite = bool(config.get("overwrite", False))
-    check_overwritable(config.output, overwrite)
+    check_overwritable(config.output, overwrite, inputs=[config.get(k) for k in inputs])
     return fmt, overwrite
 
 

@@ -151,7 +151,7 @@ def check_config(c) -> Settings:
     overwrite = bool(c.get("overwrite", False))
     for out in (output, adapter_output):
         if out:
-            check_overwritable(out, overwrite)
+            check_overwritable(out, overwrite, inputs=[c.base, *dirs])
     return Settings(base=c.base, adapters=tuple(dirs), weights=weights, combination=combination, method=method,
                     density=density, majority_sign_method=c.majority_sign_method, svd_rank=svd_rank,
                     svd_clamp=svd_clamp, seed=int(c.seed), output=output, format=fmt, adapter_output=adapter_output,

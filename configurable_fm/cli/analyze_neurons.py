@@ -74,7 +74,7 @@ def check_config(c, workdir: str) -> dict:
         options = StudyOptions(**study).check("specialisation config: study")
     except StudyError as e:
         raise ConfigError(str(e)) from None
-    check_overwritable(workdir, bool(c.overwrite))
+    check_overwritable(workdir, bool(c.overwrite), inputs=[c.input, c.tokenizer])
     return dict(input=c.input, tokenizer=c.tokenizer, workdir=workdir, overwrite=bool(c.overwrite),
                 save_scores=bool(c.save_scores), figures=bool(c.figures), data={**data, "functions": functions},
                 options=options)

@@ -117,7 +117,8 @@ def merge_config(fv: flags.FlagValues) -> None:
     from configurable_fm.stages.merge import merge_from_config
 
     config = fv.config
-    check_overwritable(fv.output, fv.overwrite)  # before the merge, not only when writing its result
+    sources = [str(m) for m in config.models] + [str(config.get("base") or "")]
+    check_overwritable(fv.output, fv.overwrite, inputs=sources)  # before the merge, not only when writing it
     model = merge_from_config(config, log=print)
     if (fv.format or "hf") == "hf":
         from configurable_fm.interop.hf import to_hf

@@ -28,7 +28,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from configurable_fm.errors import OutputExists, OutputNotWritable
 
@@ -79,11 +79,18 @@ def _written_by_us(out_dir: Path) -> list[str]:
     return [e for e in entries if e not in listed]
 
 
-def check_overwritable(out_dir: str | os.PathLike, overwrite: bool) -> None:
-    """Raises OutputExists unless `out_dir` is absent, or `overwrite` and it holds only a previous output."""
+def check_overwritable(out_dir: str | os.PathLike, overwrite: bool, *, inputs: Iterable = ()) -> None:
+    """Raises OutputExists unless `out_dir` is absent, or `overwrite` and it holds only a previous output; and
+    always when it is one of `inputs` (the paths the command reads; entries that are no existing path, such as
+    registry names or None, are skipped) or a directory holding one: an input is never replaced."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
         return
+    inside = input_inside(out_dir, inputs)
+    if inside is not None:
+        where = "is" if Path(inside).resolve() == out_dir.resolve() else "holds"
+        raise OutputExists(f"the output {out_dir} {where} the input {inside}: writing it would replace an input; "
+                           "choose another output directory")
     if not overwrite:
         raise OutputExists(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
     if not out_dir.is_dir():
@@ -95,15 +102,27 @@ def check_overwritable(out_dir: str | os.PathLike, overwrite: bool) -> None:
                            "previous output. Move them away or choose another output directory")
 
 
+def input_inside(out_dir: str | os.PathLike, inputs: Iterable) -> str | None:
+    """The first of `inputs` (paths; other entries skipped) that is `out_dir` or lies inside it, else None."""
+    out = Path(out_dir).resolve()
+    for x in inputs:
+        if not isinstance(x, (str, os.PathLike)) or not str(x) or not Path(x).exists():
+            continue
+        p = Path(x).resolve()
+        if p == out or out in p.parents:
+            return str(x)
+    return None
+
+
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success (module docstring).
 
     An existing `out_dir` is refused unless `overwrite` and it is a previous output (or empty); it is replaced
     only after the new content is complete. On error the temporary directory is removed and `out_dir` is
-    untouched."""
+    untouched. `inputs`: paths the caller reads, never replaced (check_overwritable)."""
     out_dir = Path(out_dir)
-    check_overwritable(out_dir, overwrite)
+    check_overwritable(out_dir, overwrite, inputs=inputs)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(out_dir)

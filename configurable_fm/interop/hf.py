@@ -368,7 +368,7 @@ def convert_to_hf(source, out_dir: str | Path, *, tokenizer=None, dtype="auto", 
     from configurable_fm.interop.tokenizers import UnsupportedTokenizer, find_tokenizer, load_chat_tokenizer
 
     dtype = _stored_dtype(source) if dtype == "auto" else export_dtype(dtype)
-    check_overwritable(out_dir, overwrite)
+    check_overwritable(out_dir, overwrite, inputs=[source])
     if tokenizer is None:
         try:
             tokenizer = find_tokenizer(source)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from configurable_fm.errors import OutputExists, OutputNotWritable
-from configurable_fm.interop.atomic import (MANIFEST, _temp_prefix, atomic_directory, atomic_file, sweep_stale,
-                                           write_json_atomic, write_text_atomic)
+from configurable_fm.interop.atomic import (MANIFEST, _temp_prefix, atomic_directory, atomic_file, check_overwritable,
+                                           sweep_stale, write_json_atomic, write_text_atomic)
 
 
 def dead_pid() -> int:
@@ -62,6 +62,20 @@ def test_overwrite_replaces_a_previous_output_only(tmp_path):
             (tmp / "x").write_text("x")
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # refused before any temporary was made
+
+
+def test_an_input_is_never_replaced(tmp_path):
+    out = tmp_path / "o"
+    with atomic_directory(out) as tmp:  # a previous output of the library, now read as an input
+        (tmp / "model.safetensors").write_text("old")
+    for inputs in ([out], [str(out / "model.safetensors")], ["smollm2", None, "", tmp_path / "nowhere", str(out)],
+                   [tmp_path / "o" / ".." / "o"]):
+        with pytest.raises(OutputExists, match=r"the output .*o (is|holds) the input .*would replace an input"):
+            with atomic_directory(out, overwrite=True, inputs=inputs):
+                pass
+    assert (out / "model.safetensors").read_text() == "old"
+    check_overwritable(out, True, inputs=["smollm2", tmp_path / "elsewhere", object()])  # not inputs inside it
+    check_overwritable(tmp_path / "new", False, inputs=[tmp_path])  # an output inside an input directory: new
 
 
 def test_overwrite_refuses_a_directory_without_manifest(tmp_path):

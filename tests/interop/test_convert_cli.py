@@ -149,6 +149,9 @@ def test_overwrite_replaces_a_previous_output(sources, tmp_path, capsys):
     assert not (out / "tokenizer.json").exists()  # untouched
     assert convert(f"--config.input={sources['hf']}", f"--config.output={out}", "--config.overwrite=True") == 0
     assert (out / "tokenizer.json").exists()
+    with pytest.raises(SystemExit) as exit_:  # its own input: refused even with overwrite
+        convert(f"--config.input={out}", f"--config.output={out}", "--config.overwrite=True")
+    assert exit_.value.code == 1 and "would replace an input" in capsys.readouterr().err
 
 
 def bad_inputs(root: Path) -> dict:

@@ -406,7 +406,8 @@ def run_multistage(chain: MultiStagePlan, *, overwrite: bool = False, max_shard_
 
     say = log or (lambda _: None)
     if chain.output is not None:
-        check_overwritable(chain.output, overwrite)  # before any work, as a single merge
+        check_overwritable(chain.output, overwrite,  # before any work, as a single merge
+                           inputs=[r.path for s in chain.stages for r in _all_refs(s.plan)])
     if chain.intermediate_dir.exists() and not chain.intermediate_dir.is_dir():
         raise OutputExists(f"the intermediate directory {chain.intermediate_dir} exists and is not a directory")
     keys: dict[str, str] = {}

@@ -187,7 +187,8 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     """
     check_contract(plan)
     out_dir = Path(out_dir)
-    check_overwritable(out_dir, overwrite)  # before any work: an existing or foreign output is refused
+    # before any work: an existing or foreign output is refused, and so is one of the inputs
+    check_overwritable(out_dir, overwrite, inputs=[r.path for r in plan.refs.values()])
     limit = parse_size(max_shard_size)
     if limit <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")

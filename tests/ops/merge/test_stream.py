@@ -254,6 +254,15 @@ dtype: float16
         np.testing.assert_allclose(got[k].astype(np.float32), hand.astype(np.float16).astype(np.float32),
                                    rtol=1e-3, atol=1e-6, err_msg=k)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    # an input is never the output, even a previous output of the library with overwrite
+    again = load_mergekit_yaml(_write_yaml(tmp_path / "m2.yml", f"""
+merge_method: linear
+models: [{{model: {out}, parameters: {{weight: 1.0}}}}, {{model: {hf['ft_b']}, parameters: {{weight: 1.0}}}}]
+"""))
+    before = (out / SINGLE_FILE).read_bytes()
+    with pytest.raises(FileExistsError, match="would replace an input"):
+        stream.merge_checkpoints(again, out, overwrite=True, progress=False)
+    assert (out / SINGLE_FILE).read_bytes() == before
 
 
 @pytest.mark.parametrize("where", ["kernel", "read"])
