@@ -166,6 +166,29 @@ def peak_flops_per_device(device: Any = None, dtype: str = "bfloat16") -> float 
     return None
 
 
+def matmul_peak_dtype(compute_dtype: str, device: Any = None) -> str | None:
+    """The row of the peak table that matmuls in `compute_dtype` run at, under jax_default_matmul_precision:
+    bfloat16 / float16 themselves; float32 at the default precision (or 'tensorfloat32' / 'high') on an NVIDIA
+    GPU 'tf32' (XLA runs float32 dots on TF32 tensor cores from Ampere on), on a TPU at the default (or
+    'bfloat16') 'bfloat16' (one bf16 pass); 'highest' / 'float32' 'float32'. None for any other combination
+    (MFU unknown rather than guessed). `device`: as peak_flops_per_device."""
+    import jax
+
+    dtype = _DTYPE_ALIASES.get(str(compute_dtype), str(compute_dtype))
+    if dtype != "float32":
+        return dtype
+    precision = str(jax.config.jax_default_matmul_precision or "default").lower()
+    if precision in ("highest", "float32"):
+        return "float32"
+    device = jax.devices()[0] if device is None else device
+    kind = (device if isinstance(device, str) else getattr(device, "device_kind", "")).lower()
+    if "tpu" in kind:
+        return "bfloat16" if precision in ("default", "bfloat16", "fastest") else None
+    if "nvidia" in kind or any(chip in kind for chip in ("h100", "h200", "a100")):
+        return "tf32" if precision in ("default", "tensorfloat32", "high") else None
+    return None
+
+
 def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:
     """Model-FLOPs utilisation tokens_per_s * flops_per_token / (n_devices * peak); None when `peak` is None."""
     if peak is None:

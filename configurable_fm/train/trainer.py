@@ -353,7 +353,8 @@ class Run:
             write_json_atomic(workdir / "run_info.json", run_info(setup))
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.flop_count = flops_lib.flops_per_token(setup.model_cfg, cfg.seq_len) if setup.model_cfg else None
-        self.peak = flops_lib.peak_flops_per_device()
+        peak_dtype = flops_lib.matmul_peak_dtype(cfg.compute_dtype)  # float32: TF32 on a GPU, not the bf16 peak
+        self.peak = flops_lib.peak_flops_per_device(dtype=peak_dtype) if peak_dtype else None
         self.writer = MetricWriter(workdir, resume_step=self.start_step) if jax.process_index() == 0 else None
         self.bar = ProgressBar(cfg.steps, initial=self.start_step,
                                disable=None if jax.process_index() == 0 and cfg.get("progress", True) else True)

@@ -10,7 +10,8 @@ from configurable_fm.models.bert import BertConfig
 from configurable_fm.models.factory import build_model, config_to_dict
 from configurable_fm.models.gpt2 import GPT2Config
 from configurable_fm.models.llama import LlamaConfig
-from configurable_fm.train.flops import flops_breakdown, flops_per_token, mfu, peak_flops_per_device
+from configurable_fm.train.flops import (flops_breakdown, flops_per_token, matmul_peak_dtype, mfu,
+                                         peak_flops_per_device)
 
 TINY = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -124,6 +125,15 @@ def test_peaks_and_mfu():
     assert peak_flops_per_device("TPU v4", "float8") is None  # unlisted dtype: unknown, not guessed
     assert peak_flops_per_device("Some Future Chip") is None
     assert peak_flops_per_device() is None and peak_flops_per_device(jax.devices("cpu")[0]) is None
+    # the peak that matches the compute dtype: float32 dots run on TF32 (GPU) or one bf16 pass (TPU) by default
+    assert matmul_peak_dtype("bfloat16", "NVIDIA H200") == "bfloat16" and matmul_peak_dtype("fp16") == "float16"
+    with jax.default_matmul_precision("default"):  # (the suite runs at 'highest', conftest.py)
+        assert matmul_peak_dtype("float32", "NVIDIA H200") == "tf32"
+        assert matmul_peak_dtype("float32", "TPU v4") == "bfloat16" and matmul_peak_dtype("float32", "cpu") is None
+    with jax.default_matmul_precision("highest"):
+        assert matmul_peak_dtype("float32", "NVIDIA H200") == "float32"
+    with jax.default_matmul_precision("high"):
+        assert matmul_peak_dtype("float32", "TPU v5 lite") is None  # bf16_3x: no datasheet row
     assert mfu(1e4, 6e9, 8, None) is None
     assert mfu(20_000, 7.5e9 * 6, 1, 989e12) == pytest.approx(20_000 * 45e9 / 989e12)
     with pytest.raises(ValueError, match="n_devices"):
