@@ -46,11 +46,9 @@ def config_from_hf(c: dict) -> LlamaConfig:
         window = None
     elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
         raise UnsupportedModel("Qwen2 use_sliding_window=True (per-layer windows) is not implemented")
-    layer_types = set(c.get("layer_types") or [])
-    if layer_types - {"full_attention", "sliding_attention"} or ("sliding_attention" in layer_types and window is None):
-        raise UnsupportedModel(f"layer_types {sorted(layer_types)} are not implemented")
-    if layer_types == {"full_attention"}:
-        window = None
+    # layer_types changes nothing here, as in transformers 5.x: Llama, Mistral and Mixtral read no layer_types
+    # (Mistral warns, then applies sliding_window to every layer), and Qwen2 windows a layer only with
+    # use_sliding_window (refused above)
     experts = c.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0
     attention_bias = c.get("attention_bias", arch == "Qwen2ForCausalLM")
     return LlamaConfig(

@@ -133,6 +133,15 @@ def test_config_keys_left_out_take_transformers_defaults_per_architecture(tmp_pa
     ours = from_hf(tmp_path / "llama")
     assert ours.cfg.sliding_window is None
     assert np.abs(np.asarray(ours(jnp.asarray(ids))) - hf_logits(llama, ids)).max() <= TOL
+    # Mistral with layer_types: transformers ignores them (and warns), its window applies to every layer
+    mistral = make_hf("Mistral", CASES["mistral-window"][1])
+    mistral.save_pretrained(tmp_path / "mistral")
+    path = tmp_path / "mistral" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "layer_types": ["full_attention"] * 2}))
+    reloaded = transformers.MistralForCausalLM.from_pretrained(tmp_path / "mistral").eval()
+    ours = from_hf(tmp_path / "mistral")
+    assert ours.cfg.sliding_window == 4
+    assert np.abs(np.asarray(ours(jnp.asarray(ids))) - hf_logits(reloaded, ids)).max() <= TOL
     windowed = build_model(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=1,
                                        num_heads=4, num_kv_heads=2, sliding_window=3), seed=0)
     with pytest.raises(UnsupportedModel, match="LlamaForCausalLM as transformers runs it has no sliding window"):
