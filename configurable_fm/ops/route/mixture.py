@@ -278,7 +278,7 @@ class FoldedModels:
         if w.shape != (self.num_adapters,) or not np.isfinite(w).all():
             raise RouteError(f"folded: weights must be {self.num_adapters} finite numbers (one per adapter), got "
                              f"{w.tolist() if w.size <= 16 else w.shape}")
-        key = w.astype(np.float32).tobytes()
+        key = (w.astype(np.float32) + np.float32(0)).tobytes()  # + 0: -0.0 and 0.0 are one routing
         if key not in self._models:  # all-zero weights: the base itself
             self._models[key] = (with_params(self._base, _folded_kernels(self._kernels, self._factors,
                                                                          jnp.asarray(w, jnp.float32)))

@@ -73,6 +73,7 @@ def test_run_folded_equals_run_routed_and_folds_each_routing_once(setup):
     first = folds(WEIGHTS[0])
     again = run_folded(m, routing_of(WEIGHTS[::-1].copy()), TOKENS[::-1], folds=folds)
     assert len(folds) == 4 and folds(WEIGHTS[0]) is first
+    assert folds(np.where(WEIGHTS[0] == 0, -0.0, WEIGHTS[0])) is first  # -0.0 is 0.0: the same fold
     np.testing.assert_array_equal(np.asarray(again), np.asarray(got)[::-1])
     for path, value in flat_params(m).items():  # the routed model is untouched
         np.testing.assert_array_equal(np.asarray(value), before[path], err_msg=path)
