@@ -95,6 +95,22 @@ def test_reductions_equal_numpy_over_masked_batches(llama):
     np.testing.assert_allclose(host["mean"], h.mean(0), rtol=1e-5, atol=1e-7)
 
 
+def test_float64_totals_gather_device_runs_of_batches(llama, monkeypatch):
+    """accumulate='float64': runs of HOST_FLUSH_BATCHES batches summed on the device, then on the host; the same
+    totals whether each batch, two, or all three (the remainder flushed at the end) make a run."""
+    import configurable_fm.analysis.reduce as R
+
+    h = masked_values(llama, "layers.1.mlp.hidden")
+    for flush in (1, 2, 3, 16):
+        monkeypatch.setattr(R, "HOST_FLUSH_BATCHES", flush)
+        got = reduce_over(llama, batches(), {"layers.1.mlp.hidden": ["gram", CountAbove(0.05)]},
+                          accumulate="float64", progress=False)
+        r = got["layers.1.mlp.hidden"]
+        assert got.batches == 3 and r["gram"].dtype == np.float64 and r["count_above"].dtype == np.int64
+        np.testing.assert_allclose(r["gram"], h.T @ h, rtol=1e-5, atol=1e-6, err_msg=str(flush))
+        np.testing.assert_array_equal(r["count_above"], (h > 0.05).sum(0))
+
+
 def test_interventions_apply_during_reductions(llama):
     zeroed = np.array([0, 3, 7])
     got = reduce_over(llama, batches()[2:], {"layers.1.mlp.hidden": "mean", "layers.2.input": "mean"},
