@@ -38,8 +38,9 @@ other peft_types (AdaLoRA, ...), encoder-decoder or classification prompts, opti
 experts, trainable tokens, aLoRA/QA-LoRA/Arrow/... variants, PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisations, which
 change the base weights), unknown options with a non-empty value, tensors of modules the model lacks or that are not
 Linear (embeddings),
-modules that target_modules does not select (PEFT would ignore their weights), shapes that do not fit, ranks that
-disagree with r / rank_pattern, a missing, corrupt or pickle-only (.bin) weights file.
+modules that target_modules does not select (PEFT would ignore their weights) or selects without tensors in the
+file (PEFT would initialise them afresh), shapes that do not fit, ranks that disagree with r / rank_pattern,
+option values of the wrong JSON type, a missing, corrupt or pickle-only (.bin) weights file.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from configurable_fm.errors import ConfigError
 from configurable_fm.interop.atomic import atomic_directory, check_overwritable
 from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
 from configurable_fm.interop.peft_experts import (attach_expert_adapters, check_mixtral, expert_adapters, expert_key,
@@ -228,7 +230,43 @@ def _check_options(config: dict, file: Path) -> str:
                             "path_initial_model_for_weight_conversion=...))")
     if problems:
         raise UnsupportedModel(f"{file}: {peft_type} option(s) not supported: {'; '.join(problems)}")
+    _check_values(config, file, peft_type)
     return peft_type
+
+
+def _strings(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ints(v) -> bool:
+    return _int(v) or (isinstance(v, list) and all(_int(t) for t in v))
+
+
+# The option values the matching and scaling read, with their JSON types (None: the option is absent or null).
+_VALUE_TYPES = {
+    "target_modules": (_strings, "a string or a list of strings"),
+    "exclude_modules": (_strings, "a string or a list of strings"),
+    "layers_pattern": (_strings, "a string or a list of strings"),
+    "layers_to_transform": (_ints, "an int or a list of ints"),
+    "rank_pattern": (lambda v: isinstance(v, dict), "an object {pattern: r}"),
+    "alpha_pattern": (lambda v: isinstance(v, dict), "an object {pattern: lora_alpha}"),
+    "use_dora": (lambda v: isinstance(v, bool), "a bool"),
+    "use_rslora": (lambda v: isinstance(v, bool), "a bool"),
+    "feedforward_modules": (_strings, "a string or a list of strings"),
+}
+
+
+def _check_values(config: Mapping[str, Any], file: Path, peft_type: str) -> None:
+    """CheckpointError naming the first option of `config` whose value has the wrong JSON type (_VALUE_TYPES;
+    LoRA's options for LORA, feedforward_modules for IA3), before the matching reads it."""
+    read = _LORA_READ if peft_type == "LORA" else _IA3_READ
+    for key, (ok, want) in _VALUE_TYPES.items():
+        if key in read and config.get(key) is not None and not ok(config[key]):
+            raise CheckpointError(f"{file}: {key}={config[key]!r} is not a valid value ({want})")
 
 
 def _number(config, key, file, kind=(int, float), minimum=None):
@@ -315,11 +353,30 @@ def read_peft(model, adapter_dir) -> list[dict]:
                                              _ia3(config, store, name, roles, d_in, d_out))})
         except CheckpointError as e:
             problems.append(str(e))
+    problems += _untensored(config, family, modules, found)
     if problems:
         raise CheckpointError(f"{adapter_dir}: the adapter does not fit the model {_listing(problems)}")
     if expert_keys:
         adapters += _experts(model, config, store, expert_keys, config_file)
     return adapters
+
+
+def _untensored(config, family: Family, modules: Mapping[str, tuple[str, Any]], found) -> list[str]:
+    """The Linear modules that the config's target_modules select (under every form of their name: with and
+    without the family's key prefixes, so whichever class the adapter was saved from) but that have no tensors in
+    the file: PEFT gives them a freshly initialised adapter (random with init_lora_weights / init_ia3_weights
+    false), which the file cannot reproduce. None / 'all-linear' targets are not resolved here (no check)."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return []
+    prefixes = [p for p in (*family.key_prefixes, _HF_CLASS_PREFIX.get(family.name, ("",))[0]) if p]
+    out = []
+    for path, (name, _) in modules.items():
+        forms = [name] + [name[len(p):] for p in prefixes if name.startswith(p)]
+        if path not in found and all(_targeted(config, n) for n in forms):
+            out.append(f"{name}: selected by {CONFIG_FILE}'s target_modules {targets!r}, but the file has no "
+                       "tensors for it (PEFT would give it a freshly initialised adapter)")
+    return out
 
 
 def _experts(model, config, store, keys, file) -> list[dict]:
@@ -542,13 +599,17 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     A merged adapter (merge(keep=True)) is written as its adapter weights, to be applied to the unmerged base.
     Refused before anything is written (UnsupportedModel naming the paths): no adapter, mixed kinds, other
     extension modules, modules the HF mapping does not name, expert LoRAs of a model that is not a Mixtral; an
-    existing `out_dir` unless `overwrite` (OutputExists).
+    existing `out_dir` unless `overwrite` (OutputExists); a lora_dropout outside [0, 1) (ConfigError).
 
     A VirtualTokens model (prompt / prefix tuning) on a base without other adapters is written as PEFT's
     PROMPT_TUNING / PREFIX_TUNING adapter (one tensor `prompt_embeddings`; prefix_projection false; task_type
     CAUSAL_LM for a decoder, FEATURE_EXTRACTION for a Bert)."""
     if isinstance(model, VirtualTokens):
         return _write_virtual_tokens(model, out_dir, base_model_name_or_path, overwrite)
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float, np.integer, np.floating)) or \
+            not 0.0 <= float(lora_dropout) < 1.0:  # NaN fails too (PEFT's nn.Dropout refuses p > 1 on loading)
+        raise ConfigError(f"to_peft: lora_dropout must be a number in [0, 1) (the training rate recorded for PEFT), "
+                          f"got {lora_dropout!r}")
     family = family_for(model)
     check_consistent(model, "to_peft")
     specs = extension_specs(model)

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from configurable_fm.bricks import adapters  # noqa: E402
-from configurable_fm.errors import OutputExists  # noqa: E402
+from configurable_fm.errors import ConfigError, OutputExists  # noqa: E402
 from configurable_fm.interop.hf import UnsupportedModel, from_hf, to_hf  # noqa: E402
 from configurable_fm.interop.peft import from_peft, read_peft, to_peft  # noqa: E402
 from configurable_fm.interop.safetensors_io import CheckpointError  # noqa: E402
@@ -237,6 +237,31 @@ def test_bad_adapters_are_refused(bases, saved, tmp_path, changes, tensors, erro
         from_peft(bases["llama"][1], bad)
 
 
+@pytest.mark.parametrize("changes", [
+    {"rank_pattern": ["q_proj"]}, {"alpha_pattern": 3}, {"target_modules": 5}, {"target_modules": ["q_proj", 5]},
+    {"exclude_modules": 3}, {"layers_to_transform": "0"}, {"layers_to_transform": [0], "layers_pattern": 3},
+    {"use_dora": "false"}, {"use_rslora": "yes"},
+])
+def test_malformed_config_values_are_named(bases, saved, tmp_path, changes):
+    """A corrupt adapter_config.json value is a CheckpointError naming the key (not a TypeError from deep inside
+    the matching, nor a non-empty string taken as true)."""
+    bad = _copy(saved["llama-lora"][1], tmp_path, changes)
+    key = list(changes)[-1]
+    with pytest.raises(CheckpointError, match=rf"adapter_config.json: {key}=.* is not a valid value"):
+        from_peft(bases["llama"][1], bad)
+
+
+def test_a_targeted_module_without_tensors_is_refused(bases, saved, tmp_path):
+    """PEFT gives a module that target_modules selects but the file lacks a freshly initialised adapter (random with
+    init_lora_weights=false, as here: its logits then differ from an adapter left out by ~0.1); refused by name."""
+    prefix = "base_model.model.model.layers.1.self_attn.q_proj"
+    bad = _copy(saved["llama-lora"][1], tmp_path, None, {f"{prefix}.lora_A.weight": None,
+                                                         f"{prefix}.lora_B.weight": None})
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.q_proj: selected by adapter_config.json's "
+                                              r"target_modules .* but the file has no tensors for it"):
+        from_peft(bases["llama"][1], bad)
+
+
 def test_bad_files_are_refused(bases, saved, tmp_path):
     base = bases["llama"][1]
     with pytest.raises(CheckpointError, match="no such directory"):
@@ -276,6 +301,16 @@ def test_to_peft_refusals_write_nothing(bases, tmp_path):
     with pytest.raises(OutputExists):
         to_peft(ok, tmp_path / "b")
     to_peft(ok, tmp_path / "b", overwrite=True)
+
+
+@pytest.mark.parametrize("rate", [2.0, 1.0, -0.5, float("nan"), "x", True])
+def test_to_peft_refuses_a_bad_lora_dropout(bases, tmp_path, rate):
+    """lora_dropout is written for PEFT's nn.Dropout, which refuses p > 1 when it loads the adapter (and NaN is
+    not JSON): a rate outside [0, 1) is refused by name before anything is written."""
+    ok = adapters.attach(bases["llama"][1], "lora", "layers.0.self_attn.q_proj")
+    with pytest.raises(ConfigError, match=r"to_peft: lora_dropout must be a number in \[0, 1\)"):
+        to_peft(ok, tmp_path / "a", lora_dropout=rate)
+    assert not (tmp_path / "a").exists()
 
 
 def test_to_hf_refuses_an_adapted_model(bases, tmp_path):
