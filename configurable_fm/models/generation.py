@@ -15,7 +15,8 @@ Batches are left-padded: row b's prompt is `ids[b][mask[b] == 1]`, right-aligned
 `cumsum(mask) - 1` (as transformers computes them), so a padded row generates what its prompt alone would.
 
 Program (L = T + max_new_tokens): `nnx.split` the model outside (once per `Generator`); inside one `jax.jit`
-merge it, prefill the prompt into a cache of L slots, choose the first new token from the last logits, then a
+merge it, prefill the prompt into a cache of L slots (padding slots' ids read as 0, masked whatever they held),
+choose the first new token from the last logits, then a
 `lax.while_loop` feeds one token per step until max_new_tokens tokens or every row has emitted an eos; after its
 eos a row emits `pad_token_id`. Static (one compilation each): the graphdef, the shapes, max_new_tokens, greedy
 or sampling, and how many logits sampling ranks (below).
@@ -192,9 +193,12 @@ class _Decoding:
         return jnp.any(tok_B[:, None] == self.eos_E[None, :], axis=-1)
 
     def start(self, ids_BxT, mask_BxT, max_new_tokens: int):
-        """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token."""
+        """Prefill the prompt into a cache of T + max_new_tokens slots and choose the first new token. Padding
+        slots are read as id 0: masked out, but an id past the embedding table would read NaN there, and 0 weights
+        times NaN values would poison the row."""
         b, t = ids_BxT.shape
         cache = self.model.init_cache(b, t + max_new_tokens)
+        ids_BxT = jnp.where(mask_BxT != 0, ids_BxT, 0)
         positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)  # padding slots get position 0
         logits, cache = self.model(ids_BxT, attention_mask=mask_BxT, positions=positions_BxT, cache=cache)
         tok_B = self.choose(logits[:, -1], jax.random.fold_in(self.rng, 0))
@@ -307,6 +311,14 @@ def _generate_streamed(state, ids_BxT, mask_BxT, rng, temperature, top_k, top_p,
         return jnp.concatenate([ids_BxT, out_BxN], axis=1)
 
 
+def _concrete(x) -> np.ndarray | None:
+    """x as a numpy array, None when it is traced (its values unknown)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
 def _check_left_padded(mask: np.ndarray) -> None:
     if np.any(mask[:, -1] == 0):
         rows = np.flatnonzero(mask[:, -1] == 0).tolist()
@@ -335,6 +347,8 @@ class Generator:
                             f"{type(model).__name__} has none")
         if is_family_model(model):
             check_consistent(model, "generate")
+        # the prompt ids' bound (a family model's config; None: unchecked)
+        self.vocab_size = int(model.cfg.vocab_size) if is_family_model(model) else None
         self.graphdef, self.state = nnx.split(model)
         self.fuse = on_one_device(self.state)  # fused projections in the decode loop (module docstring)
         # models.one_token's kernels for one-row products (module docstring); OneTokenMatmuls: with these bounds;
@@ -401,6 +415,7 @@ class Generator:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        concrete_mask = None
         if attention_mask is None:
             mask = jnp.ones(ids.shape, jnp.int32)
         else:
@@ -408,12 +423,16 @@ class Generator:
             if mask.shape != ids.shape:
                 raise ValueError(f"attention_mask has shape {mask.shape} but ids_BxT has shape {ids.shape}")
             mask = mask.astype(jnp.int32)
-            try:
-                concrete = np.asarray(mask)
-            except jax.errors.TracerArrayConversionError:  # called under a trace: the caller vouches for it
-                concrete = None
-            if concrete is not None:
-                _check_left_padded(concrete)
+            concrete_mask = _concrete(mask)  # None under a trace: the caller vouches for it
+            if concrete_mask is not None:
+                _check_left_padded(concrete_mask)
+        concrete_ids = _concrete(ids) if self.vocab_size is not None else None
+        if concrete_ids is not None:
+            real = np.ones(ids.shape, bool) if concrete_mask is None else concrete_mask != 0
+            bad = np.unique(concrete_ids[real & ((concrete_ids < 0) | (concrete_ids >= self.vocab_size))])
+            if bad.size:
+                raise ValueError(f"ids_BxT holds token ids outside the vocabulary [0, {self.vocab_size}): "
+                                 f"{bad[:8].tolist()}")
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         greedy = temperature == 0
@@ -435,6 +454,10 @@ class Generator:
             [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
         if not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos):
             raise ValueError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}")
+        int32 = np.iinfo(np.int32)
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) \
+                or not int32.min <= pad_token_id <= int32.max:
+            raise ValueError(f"pad_token_id must be an int (int32), got {pad_token_id!r}")
         ids = ids.astype(jnp.int32)
         if max_new_tokens == 0:
             return ids, (), None
@@ -457,8 +480,9 @@ def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=
     """Continues each prompt by `max_new_tokens` tokens; returns ids (B, T + max_new_tokens) int32.
 
     ids_BxT: int prompt ids, left-padded; attention_mask (B, T): 1 for prompt tokens, 0 for padding (default
-    all ones). temperature == 0 decodes greedily; temperature > 0 samples (optionally restricted by top_k
-    and/or top_p) and needs an explicit `rng` key. eos_token_id (one id or several): a row stops after its
+    all ones); padding slots may hold any id, prompt ids outside [0, vocab_size) of a family model raise.
+    temperature == 0 decodes greedily; temperature > 0 samples (optionally restricted by top_k and/or top_p) and
+    needs an explicit `rng` key. eos_token_id (one id or several): a row stops after its
     first eos and is filled with `pad_token_id`. The model is not modified.
 
     A family model whose module tree disagrees with its config (its cache would be sized from the config) raises

@@ -408,3 +408,32 @@ def test_cache_windows_give_the_whole_caches_tokens(model, window=2):
         assert run.windows(5, 5 + NEW) == ends
     with pytest.raises(ValueError, match="cache_window must be an int >= 0"):
         gen_mod.Generator(model, cache_window=-1)
+
+
+# ============================================================ ids outside the vocabulary; the cache's last slot
+def test_padding_ids_outside_the_vocabulary_are_ignored(model):
+    """Padding slots are masked whatever they hold: ids past the embedding table (a tokenizer's pad id beyond the
+    model's vocabulary) give the tokens of in-range padding (an out-of-range lookup reads NaN, and masked attention
+    weights of 0 times NaN values would poison the row)."""
+    ids = np.random.RandomState(7).randint(0, CFG.vocab_size, (2, 5))
+    mask = np.ones((2, 5), np.int32)
+    mask[1, :2] = 0
+    want = np.asarray(generate(model, ids, attention_mask=mask, max_new_tokens=NEW))
+    for junk in (CFG.vocab_size, -1000):
+        padded = ids.copy()
+        padded[1, :2] = junk
+        out = np.asarray(generate(model, padded, attention_mask=mask, max_new_tokens=NEW))
+        np.testing.assert_array_equal(out[:, 5:], want[:, 5:], err_msg=f"padding id {junk}")
+
+
+def test_prompt_ids_outside_the_vocabulary_raise(model):
+    ids = np.zeros((2, 4), np.int32)
+    for bad in (CFG.vocab_size, -1):
+        ids[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"ids_BxT holds token ids outside the vocabulary \[0, 64\): \[{bad}\]"):
+            generate(model, ids, max_new_tokens=2)
+
+
+def test_pad_token_id_must_be_an_int(model):
+    with pytest.raises(ValueError, match="pad_token_id must be an int"):
+        generate(model, np.zeros((2, 4), np.int32), max_new_tokens=2, eos_token_id=1, pad_token_id=None)
