@@ -222,7 +222,8 @@ def load_requests(path: str | os.PathLike) -> list[Request]:
             except RequestError as e:
                 raise RequestError(f"{path}: record {i}: {e}") from None
         return out
-    return parse_lines(text.splitlines(), str(path))
+    # records end at '\n' only: str.splitlines also splits at U+2028, U+0085, ..., which JSON strings may hold raw
+    return parse_lines(text.split("\n"), str(path))
 
 
 def dump_requests(requests: Sequence[Request], path: str | os.PathLike) -> Path:

@@ -4,7 +4,7 @@
     res.values       # (R, D) float32 v* = v_init + delta: ROME's v (point = the projection's output) or MEMIT's z
                      # (point = the residual stream after the last edited layer)
 
-For request r with prompt rows x_j + p (the context templates, flattened; the first should be '{}', the bare
+For request r with prompt rows x_j + p (the context templates, flattened; one should be '{}', the bare
 prompt) and KL rows p'_i ('{} is a' by default), a vector delta_r (D,) is added to the value at `point` at the
 subject's last token of every row of r (analysis.intervene with an add at those positions; differentiable), and
 
@@ -16,7 +16,8 @@ is minimised with Adam (optax.adam(v_lr), delta_0 = 0) for at most v_num_grad_st
 iteration computes L_r and stops request r when L_r < loss_stop or at the last iteration (so at most
 steps - 1 updates, as the authors' loop), else takes an Adam step and projects
 ||delta|| <= clamp_norm_factor * ||v_init|| (ROME's clamp_norm_factor). v_init is the value at the point at the
-subject's last token of the request's first row (the bare prompt). P_0 is the unedited model. This is
+subject's last token of the request's row of the bare prompt '{}' (the authors list it first; without a '{}'
+template, the request's first row). P_0 is the unedited model. This is
 `rome/compute_v.py` and `memit/compute_z.py` (the loss read from the final logits: v_loss_layer = last layer;
 the weight decay is the code's ||delta|| / ||v_init||^2, not the paper's squared norm).
 
@@ -42,7 +43,7 @@ from flax import nnx
 from configurable_fm.analysis.capture import capture, intervene
 from configurable_fm.analysis.interventions import add
 from configurable_fm.ops.update.keys import Encoder, check_template, padded_length
-from configurable_fm.ops.update.requests import Request, fill
+from configurable_fm.ops.update.requests import PLACEHOLDER, Request, fill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,12 +197,13 @@ def optimize_values(model: nnx.Module, tokenizer, requests: Sequence[Request], *
                     bos_id: int | None = None) -> Values:
     """v* = v_init + delta for each request (module docstring). point: the tap point the delta is added to
     (ROME: the site's value_point; MEMIT: the residual stream after the last edited layer). templates: the
-    flattened context templates (the first should be '{}'). The model is not modified."""
+    flattened context templates (one should be '{}': v_init is read there). The model is not modified."""
     if not requests:
         raise ValueError("optimize_values: no requests")
     templates = [check_template(t) for t in templates]
     if not templates:
         raise ValueError("optimize_values: no templates")
+    bare = templates.index(PLACEHOLDER) if PLACEHOLDER in templates else 0  # v_init's template
     enc = Encoder(tokenizer, bos_id)
     graphdef, state = nnx.split(model)
     hp = {k: jnp.float32(getattr(hparams, k)) for k in
@@ -216,7 +218,7 @@ def optimize_values(model: nnx.Module, tokenizer, requests: Sequence[Request], *
         real = len(part)
         part += [part[0]] * (chunk - real)  # pad the last chunk: one compilation
         ids, lookup, pos, tgt, tmask, is_kl, row_req, per = _rows(enc, part, templates, hparams.kl_prompts, shape)
-        first_row = np.arange(chunk, dtype=np.int32) * per
+        first_row = np.arange(chunk, dtype=np.int32) * per + bare  # each request's row of v_init
         v_init, delta, losses, nlls, kls = _optimize(
             state, *(jnp.asarray(a) for a in (ids, lookup, pos, tgt, tmask, is_kl, row_req, first_row)), hp,
             graphdef=graphdef, point=point, steps=int(hparams.v_num_grad_steps), n_req=chunk)

@@ -13,9 +13,9 @@ from configurable_fm.bricks import deltas
 from configurable_fm.bricks.deltas import Delta, Dense, LowRank
 from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.interop.safetensors_io import CheckpointError
-from configurable_fm.ops.update import (Encoder, Request, SiteError, StatsError, ValueHparams, cached_second_moments,
-                                        edit_site, load_stats, memit_update, optimize_values, rome_update,
-                                        second_moments, upstream_fingerprint)
+from configurable_fm.ops.update import (Encoder, MEMITHparams, Request, SiteError, StatsError, ValueHparams,
+                                        cached_second_moments, edit_site, load_stats, memit_spread, memit_update,
+                                        optimize_values, rome_update, second_moments, upstream_fingerprint)
 from configurable_fm.ops.update.stats import second_moment_of
 from tests.analysis.tiny import GPT2, LLAMA, random_model
 
@@ -245,3 +245,22 @@ def test_batched_value_optimisation_does_not_mix_requests():
                             hparams=dataclasses.replace(hp, clamp_norm_factor=0.1))
     ratio = np.linalg.norm(tight.delta, axis=1) / np.linalg.norm(tight.init, axis=1)
     assert np.all(ratio <= 0.1 + 1e-5) and np.all(ratio > 0.09)
+
+
+def test_value_init_is_read_at_the_bare_prompt_wherever_it_is_listed():
+    """v_init (ROME's v, MEMIT's z before the delta) is the value at the bare prompt '{}' (the authors' first
+    template), also when a context lists the bare prompt after a prefixed one: with no optimisation step (delta = 0)
+    z = h_L and MEMIT's residuals, hence its update, are zero whatever the order of the context."""
+    model = random_model(dict(LLAMA, vocab_size=100), 1)
+    tok = char_tokenizer()
+    reqs = [Request("The pet of {} is", "Bob", " cat"), Request("{} likes", "Cy", " tea")]
+    point = "layers.1.output"
+    first = optimize_values(model, tok, reqs, point=point, templates=["{}", "Hi. {}"],
+                            hparams=ValueHparams(v_num_grad_steps=1))
+    later = optimize_values(model, tok, reqs, point=point, templates=["Hi. {}", "{}"],
+                            hparams=ValueHparams(v_num_grad_steps=1))
+    np.testing.assert_allclose(later.init, first.init, rtol=1e-5, atol=1e-6)
+    hp = MEMITHparams(context=(("Hi. {}",), ("{}",)), v_num_grad_steps=1)
+    spread = memit_spread(model, tok, reqs, layers=[0, 1], hparams=hp, solve=lambda s, k, r: memit_update(k, r))
+    for layer, resid in spread.residuals.items():
+        np.testing.assert_allclose(resid, 0.0, atol=1e-5, err_msg=f"layer {layer}")

@@ -91,3 +91,16 @@ def test_missing_file_and_bad_array_record(tmp_path):
     array.write_text(json.dumps([FLAT, dict(FLAT, prompt="no placeholder")]))
     with pytest.raises(RequestError, match=r"cf\.json: record 1: prompt 'no placeholder'"):
         load_requests(array)
+
+
+def test_line_separators_inside_strings_do_not_split_records(tmp_path):
+    """JSONL records are separated by '\\n' only: U+2028, U+0085 (which json.dumps(ensure_ascii=False) writes raw)
+    and the like inside a string neither split a record nor shift the line numbers of errors."""
+    reqs = [Request("{} plays the sport of", "LeBron\u2028James", " foot\x85ball", " basketball"),
+            Request("{} lives in", "A\u2029B", " Paris\x1c")]
+    assert load_requests(dump_requests(reqs, tmp_path / "out.jsonl")) == reqs
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(dict(FLAT, subject="Le\u2028Bron", paraphrase_prompts=[]), ensure_ascii=False) + "\n"
+                    + json.dumps(dict(FLAT, target_new=" ")) + "\n", encoding="utf-8")
+    with pytest.raises(RequestError, match=r"r\.jsonl:2: target_new"):
+        load_requests(path)
