@@ -202,16 +202,17 @@ def llama_config_from_gguf(reader, *, source: str = "") -> LlamaConfig:
     if rot != head_dim:
         raise NotImplementedError(f"{source}: partial rotary embeddings (rope.dimension_count={rot}, "
                                   f"head dim {head_dim}) are not implemented")
+    # As llama.cpp reads them: the type defaults to "linear" when the key is absent; the factor is
+    # rope.scaling.factor, else the older rope.scale_linear, and 0 (or absent) means unscaled; "none" never scales.
     scaling = None
-    kind = get("rope.scaling.type", "none")
-    factor = float(get("rope.scaling.factor", get("rope.scale_linear", 1.0)))
-    if kind == "none" and factor != 1.0 and reader.get_field(f"{arch}.rope.scale_linear") is not None:
-        kind = "linear"
-    if kind == "linear":
+    explicit = get("rope.scaling.type", None)
+    kind = "linear" if explicit is None else explicit
+    factor = float(get("rope.scaling.factor", get("rope.scale_linear", 0.0)))
+    if kind not in ("none", "linear"):
+        raise NotImplementedError(f"{source}: rope scaling type {kind!r} ({arch}.rope.scaling.type) is not "
+                                  f"implemented (supported: 'none', 'linear')")
+    if kind == "linear" and factor != 0.0 and (explicit is not None or factor != 1.0):
         scaling = RopeScaling(rope_type="linear", factor=factor)
-    elif kind != "none":
-        raise NotImplementedError(f"{source}: rope scaling type {kind!r} is not implemented (supported: "
-                                  f"'none', 'linear')")
     vocab = int(emb.shape[1]) if len(emb.shape) == 2 else -1
     declared = get("vocab_size", vocab)
     if vocab < 0 or int(declared) != vocab:

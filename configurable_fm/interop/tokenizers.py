@@ -31,7 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from configurable_fm.errors import SourceNotFound, UserError
 from configurable_fm.interop.gguf import metadata, read_gguf, source_name
@@ -59,12 +59,21 @@ class ChatTemplateError(UserError, ValueError):
     """A chat template that does not compile, or that refuses the messages (its `raise_exception`)."""
 
 
+# llama.cpp's regexes for tokenizer.ggml.pre == "default" (also used when the key is absent), applied in turn:
+# each splits every piece of the previous one, keeping the matches and the text between them.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
+
+
 def _pre_tokenizer(pre: str):
-    """Pre-tokenizer for a `tokenizer.ggml.pre` value."""
+    """Pre-tokenizer for a `tokenizer.ggml.pre` value (llama.cpp's names; 'gpt2' is taken as 'gpt-2')."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # digits one by one, then GPT-2's regex split and byte-level mapping
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre not in ("gpt2", "default"):
+    if pre == "default":
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r), "isolated") for r in _DEFAULT_SPLITS]
+                                       + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre not in ("gpt-2", "gpt2"):
         warnings.warn(f"GGUF tokenizer.ggml.pre={pre!r} has no dedicated pre-tokenizer here; using GPT-2's "
                       f"regex split, which may split some text differently", stacklevel=3)
     return byte_level

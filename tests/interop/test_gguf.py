@@ -4,6 +4,7 @@ tokenizers rebuilt from GGUF metadata, and the errors on bad files.
 Everything is written here with `gguf.GGUFWriter` into tmp_path (no downloads).
 """
 import struct
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -431,7 +432,8 @@ def write_vocab(path, *, model="gpt2", pre="smollm", add_bos=False):
     tokens = specials + byte_tokens + ["Ġt", "he", "Ġthe", "Ġthen", "12", "ca", "cat"]
     w = gguf.GGUFWriter(path, "llama")
     w.add_tokenizer_model(model)
-    w.add_tokenizer_pre(pre)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
     w.add_token_merges(merges)
@@ -482,3 +484,46 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"bad\.json: cannot read tokenizer"):
         load_tokenizer(tmp_path / "bad.json")
+
+
+def test_rope_scaling_keys_read_as_llama_cpp(tmp_path):
+    """llama.cpp (llm_load_hparams / llama_context): rope.scaling.type defaults to 'linear' when absent; the factor
+    is rope.scaling.factor, else the older rope.scale_linear, and 0 means unscaled; type 'none' never scales."""
+    plain = make_hf(CASES["gqa-untied"])
+    scaled = make_hf({**CASES["gqa-untied"], "rope_scaling": dict(rope_type="linear", factor=2.0)})
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), scaled.state_dict().values()))
+    ref = {"plain": torch_logits(plain, IDS), "scaled": torch_logits(scaled, IDS)}
+    assert np.abs(ref["plain"] - ref["scaled"]).max() > 1e-3  # the scaling is visible in the logits
+    f32, string = gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING
+    cases = {
+        "factor-without-type": ({"llama.rope.scaling.factor": (2.0, f32)}, "scaled"),
+        "scale-linear-without-type": ({"llama.rope.scale_linear": (2.0, f32)}, "scaled"),
+        "none-with-factor": ({"llama.rope.scaling.type": ("none", string),
+                              "llama.rope.scaling.factor": (2.0, f32)}, "plain"),
+        "none-with-scale-linear": ({"llama.rope.scaling.type": ("none", string),
+                                    "llama.rope.scale_linear": (2.0, f32)}, "plain"),
+        "linear-factor-0": ({"llama.rope.scaling.type": ("linear", string),
+                             "llama.rope.scaling.factor": (0.0, f32)}, "plain"),
+    }
+    for name, (meta, want) in cases.items():
+        export_gguf(plain, tmp_path / f"{name}.gguf", meta=meta)
+        got = np.asarray(from_gguf(tmp_path / f"{name}.gguf")(jnp.asarray(IDS)))
+        assert np.abs(got - ref[want]).max() <= 1e-4, f"{name}: logits differ from the {want} HF model"
+
+
+def test_tokenizer_pre_types_as_llama_cpp(tmp_path):
+    """llama.cpp's pre-tokenizer names: 'gpt-2' is GPT-2's regex; 'default' (also when tokenizer.ggml.pre is
+    absent) applies its default regexes in turn, [\\p{P}$+<=>^~|]+, GPT-2's, \\p{N}+, [0-9][0-9][0-9], each
+    splitting the pieces of the previous one (matches and the text between them both kept)."""
+    text = "ab 12345 ,c it's"
+    write_vocab(tmp_path / "g2.gguf", pre="gpt-2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = tokenizer_from_gguf(tmp_path / "g2.gguf")
+    assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)] == ["ab", "Ġ12345", "Ġ,", "c", "Ġit", "'s"]
+    default = ["ab", "Ġ", "123", "45", "Ġ", ",", "c", "Ġit", "'", "s"]
+    for pre in ("default", None):
+        write_vocab(tmp_path / "d.gguf", pre=pre)
+        tok = tokenizer_from_gguf(tmp_path / "d.gguf")
+        assert [p for p, _ in tok.pre_tokenizer.pre_tokenize_str(text)] == default, pre
+        assert tok.decode(tok.encode(text).ids) == text
