@@ -196,7 +196,9 @@ class LowRank:
         Reads the base once for ||w_o||² and once for aᵀ w (O(D_in D_out r) flops, as forming a b, but no D_in × D_out
         float32 temporary is written and read back). Float32 throughout; the sum of squares is clamped at 0 before
         the root, so a column the change cancels almost exactly loses relative precision (never the case for DoRA,
-        where the change is small next to w)."""
+        where the change is small next to w). A base of another shape is a DeltaError (never a broadcast)."""
+        if tuple(np.shape(base)) != self.shape:
+            raise DeltaError(f"column_norms: the base is {tuple(np.shape(base))} but the change is {self.shape}")
         w = jnp.asarray(base).astype(jnp.float32)
         a, b = jnp.asarray(self.a, jnp.float32), jnp.asarray(self.b, jnp.float32)
         w_sq = jnp.sum(jnp.square(w), axis=-2)  # (..., D_out)
@@ -495,8 +497,11 @@ def _fit_problems(flat: Mapping[str, Any], delta: Delta) -> list[str]:
 
 def shifted(w, term: Term, scale: float | jax.Array = 1.0) -> jax.Array:
     """cast_{dtype(w)}(f32(w) + scale · change): one weight moved by one term, the addition in float32 (what
-    `apply` does per path; adapters merge and unmerge with it)."""
+    `apply` does per path; adapters merge and unmerge with it). w and the change have the same shape S; another
+    shape is a DeltaError (never a broadcast)."""
     w = jnp.asarray(w)
+    if tuple(w.shape) != tuple(term.shape):
+        raise DeltaError(f"shifted: the weight is {tuple(w.shape)} but the change is {tuple(term.shape)}")
     return (w.astype(jnp.float32) + scale * term.materialize(jnp.float32)).astype(w.dtype)
 
 

@@ -35,7 +35,9 @@ def param_count(model_or_state) -> int:
 def with_params(model: nnx.Module, new: Mapping[str, jax.Array], *, check_shapes: bool = True) -> nnx.Module:
     """A new model equal to `model` except for the parameters named in `new` (a functional update).
 
-    Raises KeyError naming the unknown paths, and ValueError listing shape mismatches.
+    The new model holds new Variables (the unchanged ones hold the input's immutable arrays), so writing into it in
+    place (an optimizer step, `var[...] = x`) never reaches `model`. Raises KeyError naming the unknown paths, and
+    ValueError listing shape mismatches.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     flat = nnx.to_flat_state(params)
@@ -53,4 +55,4 @@ def with_params(model: nnx.Module, new: Mapping[str, jax.Array], *, check_shapes
         items[by_path[key]] = (p, var.replace(value))
     if problems:
         raise ValueError("shape mismatch: " + "; ".join(problems))
-    return nnx.merge(graphdef, nnx.from_flat_state(items), rest)
+    return nnx.merge(graphdef, nnx.from_flat_state(items), rest, copy=True)  # no Variable shared with `model`

@@ -100,7 +100,9 @@ def glob_to_regex(glob: str) -> str:
                 body = seg[j + 1:end]
                 neg = body.startswith("!")
                 body = (body[1:] if neg else body).replace("\\", "\\\\").replace("^", "\\^").replace("]", "\\]")
-                out.append(f"[^.{body}]" if neg else f"[{body}]")
+                if neg and body.startswith("-"):  # after '^.' a leading '-' would make the range '.'..x
+                    body = "\\" + body
+                out.append(f"[^.{body}]" if neg else rf"(?!\.)[{body}]")  # a range may span '.': never a dot
                 j = end
             else:
                 out.append(re.escape(c))

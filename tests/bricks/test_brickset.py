@@ -114,6 +114,17 @@ def test_insert_at_and_dtype(model):
                                   np.asarray(model.layers[0].mlp.up_proj.kernel[...].astype(jnp.bfloat16), np.float32))
 
 
+def test_insert_returns_a_model_that_shares_no_variable_with_the_input():
+    """An in-place write into the inserted model (e.g. a training step) leaves the input model as it was."""
+    m = Llama(CFG, rngs=nnx.Rngs(0))
+    before = {k: np.array(v) for k, v in flat_params(m).items()}
+    out = insert(m, extract(m, "layers.0.mlp", source="s"), at={"layers.0.mlp": "layers.1.mlp"})
+    out.norm.weight[...] = jnp.zeros(CFG.hidden_size)
+    out.layers[0].mlp.up_proj.kernel[...] = jnp.zeros_like(out.layers[0].mlp.up_proj.kernel[...])
+    for k, v in before.items():
+        np.testing.assert_array_equal(flat_params(m)[k], v, err_msg=k)
+
+
 def test_insert_reports_every_mismatch(model):
     wide = Llama(dataclasses.replace(CFG, intermediate_size=32), rngs=nnx.Rngs(2))
     with pytest.raises(ValueError) as e:

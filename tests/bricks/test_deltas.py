@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from configurable_fm.bricks import (Delta, DeltaError, Dense, LowRank, Masked, SelectionError, deltas, flat_params,
-                                    load_bricks, load_delta, save_delta)
+                                    flat_state, load_bricks, load_delta, save_delta, with_params)
 from configurable_fm.interop.safetensors_io import CheckpointError
 from configurable_fm.models.factory import build_model
 
@@ -145,6 +145,21 @@ def test_apply_to_a_model_leaves_the_input_unchanged(models):
     np.testing.assert_allclose(moved(TOKENS), other(TOKENS), atol=1e-5)
 
 
+def test_apply_returns_a_model_that_shares_no_variable_with_the_input():
+    """Writing into the result in place (an optimizer step, `var[...] = x`) must not reach the input model: the
+    arrays may be shared (immutable), the nnx Variables may not (bricks.paths.with_params, as select's clone)."""
+    base = build_model(SPEC, seed=0)
+    before = {k: np.array(v) for k, v in flat_params(base).items()}
+    d = Delta({UP0: jnp.ones((8, 12))})
+    for new in (deltas.apply(base, d), deltas.rollback(base, d), with_params(base, {"norm.weight": jnp.ones(8)})):
+        old_vars, new_vars = flat_state(base), flat_state(new)
+        assert not [k for k in old_vars if new_vars[k] is old_vars[k]]
+        new.embed_tokens.embedding[...] = jnp.zeros_like(new.embed_tokens.embedding[...])
+        new.layers[0].mlp.up_proj.kernel[...] = jnp.zeros((8, 12))
+        for k, v in before.items():
+            np.testing.assert_array_equal(flat_params(base)[k], v, err_msg=k)
+
+
 def test_rollback_is_exact_up_to_float_rounding(models):
     rs = np.random.RandomState(0)
     w = {"w": jnp.asarray(rs.normal(size=(64, 64)), jnp.float32)}
@@ -262,6 +277,21 @@ def test_column_norms_of_base_plus_low_rank_equal_the_formed_sum():
             want = np.linalg.norm(w64 + scale * np.matmul(a.astype(np.float64), b.astype(np.float64)), axis=-2)
             assert got.dtype == jnp.float32 and got.shape == want.shape
             np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6)
+
+
+def test_shifted_and_column_norms_refuse_a_weight_of_another_shape():
+    """A weight whose shape is not the change's is an error, not a broadcast: (4, 5) moved by a stack of three
+    (4, 5) changes came back (3, 4, 5), and a (4, 1) weight by a (4, 5) change came back (4, 5)."""
+    stack = LowRank(jnp.ones((3, 4, 2)), jnp.ones((3, 2, 5)))
+    with pytest.raises(DeltaError, match=r"weight is \(4, 5\) but the change is \(3, 4, 5\)"):
+        deltas.shifted(jnp.zeros((4, 5)), stack)
+    with pytest.raises(DeltaError, match=r"weight is \(4, 1\) but the change is \(4, 5\)"):
+        deltas.shifted(jnp.zeros((4, 1)), Dense(jnp.ones((4, 5))))
+    with pytest.raises(DeltaError, match=r"base is \(4, 5\) but the change is \(3, 4, 5\)"):
+        stack.column_norms(jnp.zeros((4, 5)))
+    with pytest.raises(DeltaError, match=r"base is \(4, 1\) but the change is \(4, 5\)"):
+        LowRank(jnp.ones((4, 2)), jnp.ones((2, 5))).column_norms(jnp.zeros((4, 1)))
+    assert deltas.shifted(jnp.zeros((3, 4, 5), jnp.bfloat16), stack).dtype == jnp.bfloat16
 
 
 def test_low_rank_svd_is_exact_for_a_rank_2_matrix():

@@ -1,5 +1,6 @@
 """Selectors and functional replacement on tiny Llama / MoE models (hand-checked path sets)."""
 import dataclasses
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +58,20 @@ def test_glob_translation():
     assert glob_to_regex("layers.1?.q") == r"layers\.1[^.]\.q"
     assert glob_to_regex("**.kernel") == r"(?:[^.]+\.)*kernel"
     assert glob_to_regex("a.[!0-2]") == r"a\.[^.0-2]"
+
+
+def test_character_class_never_matches_the_dot(model):
+    """A class whose range spans '.' (' -~' is every printable character) stays inside one segment, like `*`, and a
+    negated class means what fnmatch means by it."""
+    assert re.fullmatch(glob_to_regex("layers[ -~]0"), "layers.0") is None
+    assert re.fullmatch(glob_to_regex("a.[+-0]"), "a..") is None
+    assert re.fullmatch(glob_to_regex("a.[+-0]"), "a.0") is not None
+    assert select(model).at("layers.[ -~].mlp").paths == ("layers.0.mlp", "layers.1.mlp", "layers.2.mlp")
+    with pytest.raises(SelectionError):
+        select(model).at("layers[ -~]0")
+    # '[!-a]' is neither '-' nor 'a' (fnmatch), not the range '.'..'a' that the inserted '.' made of it
+    assert re.fullmatch(glob_to_regex("[!-a]"), "5") is not None and re.fullmatch(glob_to_regex("[!-a]"), "-") is None
+    assert select(model).at("layers.[!-a].mlp").paths == ("layers.0.mlp", "layers.1.mlp", "layers.2.mlp")
 
 
 def test_model_order_and_two_digit_indices():
