@@ -6,8 +6,10 @@
 source benchmarks/pending_gpu/env.sh
 D=/tmp/lw
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt
-python3 -m experiments.edit.lifelong --out $D --size full_wide --editors ${EDITORS:-rls,alphaedit} \
-  --set rls.layers=0 --set alphaedit.layers=0 --n_edits ${N:-1000} --time_limit ${TL:-400} $EXTRA > $OUT/lifelong.log 2>&1
+E=${EDITORS:-rls,alphaedit}
+LAYERS=$(echo $E | tr ',' '\n' | sed 's/@.*//' | sort -u | sed 's/$/.layers=0/; s/^/--set /' | tr '\n' ' ')  # layer 0 each
+python3 -m experiments.edit.lifelong --out $D --size full_wide --editors $E $LAYERS \
+  --n_edits ${N:-1000} --time_limit ${TL:-400} $EXTRA > $OUT/lifelong.log 2>&1
 rc=$?; echo "lifelong rc=$rc"
 grep -v Warning $OUT/lifelong.log | tail -25 | cut -c1-220
 [ -d $D/model ] && timeout ${XT:-240} python3 -m experiments.edit.crosstalk --study $D --layers 0,1,2 --edits 100,1000,10000 \
