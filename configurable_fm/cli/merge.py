@@ -117,7 +117,8 @@ def merge_config(fv: flags.FlagValues) -> None:
     from configurable_fm.stages.merge import merge_from_config
 
     config = fv.config
-    sources = [str(m) for m in config.models] + [str(config.get("base") or "")]
+    sources = [str(m) for m in config.get("models") or ()] + [str(config.get("base") or "")] + [
+        str(src.get("model", "")) for piece in config.get("slices") or () for src in piece.get("sources", ())]
     check_overwritable(fv.output, fv.overwrite, inputs=sources)  # before the merge, not only when writing it
     model = merge_from_config(config, log=print)
     if (fv.format or "hf") == "hf":

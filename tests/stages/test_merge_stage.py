@@ -83,6 +83,11 @@ def test_script_config_route_writes_orbax_and_hf(ckpts, tmp_path, capsys):
     assert "merging" not in captured.out  # refused before the merge ran
     assert script.main(["--config", cfg_file, "--output", str(tmp_path / "o"), "--format", "orbax", "--overwrite",
                         *over]) == 0
+    # ... but never when the output is one of the inputs (here the previous output, merged again)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--config", cfg_file, "--output", str(tmp_path / "o"), "--format", "orbax", "--overwrite",
+                     f"--config.base={ckpts['base']}", f"--config.models=('{tmp_path / 'o'}', '{ckpts['b']}')"])
+    assert exit_info.value.code == 1 and "would replace an input" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
