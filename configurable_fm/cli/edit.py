@@ -39,8 +39,8 @@ def run(fv) -> None:
     from configurable_fm.stages.edit import check_config, edit_from_config, load_tokenizer_for, write_outputs
 
     c = fv.config
-    fmt, overwrite = cli.model_output(c, "edit config", required=("input", "requests", "output"), inputs=("input", "requests"),
-                                      see="experiments/edit/__init__.py")
+    fmt, overwrite = cli.model_output(c, "edit config", required=("input", "requests", "output"),
+                                      see="experiments/edit/__init__.py", inputs=("input", "requests"))
     d = check_config(c)
     chat = load_tokenizer_for(d)
     result = edit_from_config(c, log=print, tokenizer=chat)
