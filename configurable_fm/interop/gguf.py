@@ -218,6 +218,10 @@ def llama_config_from_gguf(reader, *, source: str = "") -> LlamaConfig:
     if vocab < 0 or int(declared) != vocab:
         raise CheckpointError(f"{source}: token_embd.weight has dims {emb.shape.tolist()} but the vocabulary "
                               f"size is {declared}")
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens.data) != vocab:  # llama.cpp refuses such a file too
+        raise CheckpointError(f"{source}: tokenizer.ggml.tokens holds {len(tokens.data)} tokens but token_embd.weight "
+                              f"has {vocab} rows")
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
         num_layers=int(get("block_count")), num_heads=n_head, num_kv_heads=n_kv, head_dim=head_dim,

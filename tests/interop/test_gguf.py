@@ -411,6 +411,19 @@ def test_unsupported_features(tiny_hf, tmp_path):
         from_gguf(tmp_path / "c.gguf")
 
 
+def test_a_token_list_that_does_not_fit_the_embedding_is_refused(tiny_hf, tmp_path):
+    rows = tiny_hf.config.vocab_size
+    for n in (rows - 1, rows + 1):
+        export_gguf(tiny_hf, tmp_path / f"v{n}.gguf",
+                    meta={"tokenizer.ggml.tokens": ([f"t{i}" for i in range(n)], gguf.GGUFValueType.ARRAY)})
+        with pytest.raises(CheckpointError, match=rf"tokenizer\.ggml\.tokens holds {n} tokens but token_embd\.weight "
+                                                  rf"has {rows} rows"):
+            from_gguf(tmp_path / f"v{n}.gguf")
+    export_gguf(tiny_hf, tmp_path / "ok.gguf",
+                meta={"tokenizer.ggml.tokens": ([f"t{i}" for i in range(rows)], gguf.GGUFValueType.ARRAY)})
+    assert from_gguf(tmp_path / "ok.gguf").cfg.vocab_size == rows
+
+
 # =========================================================================== tokenizer from GGUF metadata
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table used by byte-level BPE."""
