@@ -115,14 +115,14 @@ def input_inside(out_dir: str | os.PathLike, inputs: Iterable) -> str | None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable = ()) -> Iterator[Path]:
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success (module docstring).
 
     An existing `out_dir` is refused unless `overwrite` and it is a previous output (or empty); it is replaced
     only after the new content is complete. On error the temporary directory is removed and `out_dir` is
-    untouched. `inputs`: paths the caller reads, never replaced (check_overwritable)."""
+    untouched."""
     out_dir = Path(out_dir)
-    check_overwritable(out_dir, overwrite, inputs=inputs)
+    check_overwritable(out_dir, overwrite)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(out_dir)

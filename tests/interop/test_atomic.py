@@ -71,8 +71,7 @@ def test_an_input_is_never_replaced(tmp_path):
     for inputs in ([out], [str(out / "model.safetensors")], ["smollm2", None, "", tmp_path / "nowhere", str(out)],
                    [tmp_path / "o" / ".." / "o"]):
         with pytest.raises(OutputExists, match=r"the output .*o (is|holds) the input .*would replace an input"):
-            with atomic_directory(out, overwrite=True, inputs=inputs):
-                pass
+            check_overwritable(out, True, inputs=inputs)
     assert (out / "model.safetensors").read_text() == "old"
     check_overwritable(out, True, inputs=["smollm2", tmp_path / "elsewhere", object()])  # not inputs inside it
     check_overwritable(tmp_path / "new", False, inputs=[tmp_path])  # an output inside an input directory: new
