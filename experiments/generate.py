@@ -17,7 +17,9 @@ an empty line or end of input ends it).
 system: a system message put before each conversation ('' none; chat only).
 chat: 'auto' renders prompts through the tokenizer's chat template when it has one; 'true' / 'false' force it.
 max_new_tokens, temperature (0: greedy), top_k (0: no filter), top_p (1.0: no filter), seed (the sampling key).
-stop at the tokenizer's end of sequence / end of turn token, as `models.generate_text`.
+Generation stops at the tokenizer's end of sequence / end of turn token, as `models.generate_text`.
+stop: stop strings (the answer ends before the first of them, which is not printed), a tuple of strings:
+`--config.stop="('\\n\\n', '###')"` (Python literal: escapes allowed), or one string: `--config.stop=###`.
 chunk: new tokens between two hand-overs to the terminal (`models.stream_text`).
 dtype: the parameters' dtype (float32 | bfloat16).
 """
@@ -38,6 +40,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.top_k = 0
     c.top_p = 1.0
     c.seed = 0
+    c.stop = ()  # stop strings
     c.chunk = 8
     c.dtype = "float32"
     return c

@@ -519,7 +519,7 @@ def _stop_ids(tokenizer, eos_token_id) -> list[int]:
 def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int = 64, chat: bool | None = None,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
-                  skip_special_tokens: bool = True) -> str | list[str]:
+                  stop: str | Sequence[str] = (), skip_special_tokens: bool = True) -> str | list[str]:
     """Text in, text out: the continuation of `prompt` by `generate`, decoded, stopping at the end of sequence.
 
         chat = interop.tokenizers.load_chat_tokenizer("smollm2-135m-instruct")
@@ -536,11 +536,16 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int =
     Generation stops at `eos_token_id` (an id, several ids, or () for never), by default the tokenizer's:
     `stop_token_ids` of an interop.tokenizers.ChatTokenizer, else its `eos_token_id`. The stop token is not part
     of the text; `skip_special_tokens` is passed to `tokenizer.decode`. Sampling arguments as in `generate`.
+    `stop` (a string or several): the text ends just before the first occurrence of any of them in the decoded
+    continuation, the stop string itself excluded (as vLLM's and OpenAI's `stop`; transformers' `stop_strings`
+    keep it in the returned ids). The device program still runs to eos or max_new_tokens; stream_text stops
+    reading at the stop string.
 
     `tokenizer` needs `encode(text)` (returning a tokenizers.Encoding or a list of ids) and `decode(ids)`; chat
     prompts need `apply_chat_template` (a plain `tokenizers.Tokenizer` has none: wrap it in a ChatTokenizer).
     """
     batch = isinstance(prompt, (list, tuple)) and not _is_conversation(prompt)
+    stop_strings = _stop_strings(stop)
     ids_BxT, mask_BxT, stop, pad = _encoded_prompts(tokenizer, list(prompt) if batch else [prompt], chat,
                                                     eos_token_id, "generate_text")
     width = ids_BxT.shape[1]
@@ -550,14 +555,35 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int =
     texts = []
     for row in out.tolist():
         end = next((i for i, t in enumerate(row) if t in stop), len(row))
-        texts.append(tokenizer.decode(row[:end], skip_special_tokens=skip_special_tokens))
+        text = tokenizer.decode(row[:end], skip_special_tokens=skip_special_tokens)
+        texts.append(text[:_first_stop(text, stop_strings)])
     return texts if batch else texts[0]
+
+
+def _stop_strings(stop) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings (one string: one stop string)."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else (None,)
+    if not all(isinstance(t, str) and t for t in stops):
+        raise ValueError(f"stop must be a non-empty string or a sequence of them, got {stop!r}")
+    return stops
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Where the earliest occurrence of any stop string begins in `text`; len(text) if none occurs."""
+    return min((i for i in (text.find(t) for t in stops) if i >= 0), default=len(text))
+
+
+def _undecided_tail(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string without completing it: text that more
+    tokens may turn into a stop string, so a stream holds it back."""
+    return max((n for t in stops for n in range(1, len(t)) if text.endswith(t[:n])), default=0)
 
 
 def stream_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int = 64, chunk: int = 8,
                 chat: bool | None = None, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, rng: jax.Array | None = None,
-                eos_token_id: int | Sequence[int] | None = None, skip_special_tokens: bool = True) -> Iterator[str]:
+                eos_token_id: int | Sequence[int] | None = None, stop: str | Sequence[str] = (),
+                skip_special_tokens: bool = True) -> Iterator[str]:
     """`generate_text` for one prompt, as it is made: yields pieces of text (after every `chunk` new tokens,
     `Generator.stream`) whose concatenation is generate_text's result for the same arguments.
 
@@ -565,26 +591,35 @@ def stream_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int = 6
             print(piece, end="", flush=True)
 
     Each piece is the decoded text so far less what was already yielded; a trailing U+FFFD (the first bytes of a
-    character whose last byte has not been generated yet) is held back until the next chunk completes it."""
+    character whose last byte has not been generated yet) is held back until the next chunk completes it, and so
+    is an end that begins a stop string; at a stop string the stream ends (the string excluded)."""
     if isinstance(prompt, (list, tuple)) and not _is_conversation(prompt):
         raise ValueError("stream_text takes one prompt (a string or a conversation); for a batch use generate_text")
+    stop_strings = _stop_strings(stop)
     ids_BxT, mask_BxT, stop, pad = _encoded_prompts(tokenizer, [prompt], chat, eos_token_id, "stream_text")
     tokens, shown = [], ""
     pieces = Generator(model).stream(ids_BxT, max_new_tokens=max_new_tokens, chunk=chunk, attention_mask=mask_BxT,
                                      temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
                                      eos_token_id=stop or None, pad_token_id=pad)
-    for new_1xN in pieces:
-        row = new_1xN[0].tolist()
-        end = next((i for i, t in enumerate(row) if t in stop), None)
-        tokens += row[:end]
-        text = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
-        if end is None and len(tokens) < max_new_tokens:
-            text = text.rstrip("\ufffd")
-        if text.startswith(shown) and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-        if end is not None:
-            return
+    try:
+        for new_1xN in pieces:
+            row = new_1xN[0].tolist()
+            end = next((i for i, t in enumerate(row) if t in stop), None)
+            tokens += row[:end]
+            text = tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+            cut = _first_stop(text, stop_strings)
+            last = end is not None or cut < len(text) or len(tokens) >= max_new_tokens
+            text = text[:cut]
+            if not last:
+                text = text.rstrip("\ufffd")
+                text = text[:len(text) - _undecided_tail(text, stop_strings)]
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+            if last:
+                return
+    finally:
+        pieces.close()  # a stop string ends the reading early: the stream is dropped
 
 
 def _encoded_prompts(tokenizer, prompts: list, chat: bool | None, eos_token_id, caller: str):

@@ -60,6 +60,20 @@ def test_a_prompt_streams_generate_texts_answer(exported, capsys):
     assert capsys.readouterr().out == want + "\n"
 
 
+def test_stop_strings_end_the_answer(exported, capsys):
+    out, model, chat = exported
+    free = generate_text(model, chat, "Hi", max_new_tokens=9)
+    stop = free[-2:]
+    want = generate_text(model, chat, "Hi", max_new_tokens=9, stop=stop)
+    assert want == free[:free.find(stop)] and want != free
+    assert generate(f"--config.input={out}", "--config.prompt=Hi", "--config.max_new_tokens=9",
+                    f"--config.stop={stop}") == 0  # one string
+    assert capsys.readouterr().out == want + "\n"
+    assert generate(f"--config.input={out}", "--config.prompt=Hi", "--config.max_new_tokens=9",
+                    f"--config.stop=({stop!r}, '\\u2603')") == 0  # a tuple literal
+    assert capsys.readouterr().out == want + "\n"
+
+
 def test_stdin_lines_are_prompts_of_their_own(exported, capsys, monkeypatch):
     out, model, chat = exported
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n\nName a colour.\n"))
@@ -73,6 +87,7 @@ def test_stdin_lines_are_prompts_of_their_own(exported, capsys, monkeypatch):
     (["--config.top_k=5"], "set config.temperature > 0"),
     (["--config.chat=maybe"], "config.chat='maybe'"),
     (["--config.dtype=int8"], "config.dtype='int8'"),
+    (["--config.stop=('a', '')"], "config.stop=('a', ''): expected non-empty strings"),
 ])
 def test_bad_values_are_one_line(exported, capsys, args, message):
     out = exported[0]

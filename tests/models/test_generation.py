@@ -382,6 +382,33 @@ def test_stream_text_joins_to_generate_text(text_model):
         next(gen_mod.stream_text(model, chat, ["a", "b"], max_new_tokens=2))
 
 
+def test_stop_strings_end_the_text_before_them(text_model):
+    model, chat = text_model
+    free = generate_text(model, chat, "Hi", max_new_tokens=NEW)
+    stop = free[-2:]  # with this model '@Y@Y@Y&': the text ends before 'Y&'
+    want = free[:free.find(stop)]
+    assert want and want != free, free
+    assert generate_text(model, chat, "Hi", max_new_tokens=NEW, stop=stop) == want
+    other = free[1:3]  # found before `stop`: the earliest occurrence of any of them wins
+    assert generate_text(model, chat, "Hi", max_new_tokens=NEW, stop=[stop, other]) == free[:free.find(other)]
+    assert generate_text(model, chat, "Hi", max_new_tokens=NEW, stop="\u2603") == free  # never occurs
+    batch = generate_text(model, chat, ["Hi", "Hi"], max_new_tokens=NEW, stop=(stop,))
+    assert batch == [want, want]
+    for chunk in (1, 2, 5):
+        pieces = list(gen_mod.stream_text(model, chat, "Hi", max_new_tokens=NEW, chunk=chunk, stop=stop))
+        assert "".join(pieces) == want, chunk
+        # An end that begins a stop string is held back until it is known not to complete it, then released.
+        tail = free[-1] + "\u2603"
+        pieces = list(gen_mod.stream_text(model, chat, "Hi", max_new_tokens=NEW, chunk=chunk, stop=tail))
+        assert "".join(pieces) == free, chunk
+    assert not gen_mod._STREAMS  # the stream that a stop string left early is dropped
+    for bad in ("", [""], 3, ["a", None]):
+        with pytest.raises(ValueError, match="stop must be a non-empty string"):
+            generate_text(model, chat, "Hi", max_new_tokens=2, stop=bad)
+        with pytest.raises(ValueError, match="stop must be a non-empty string"):
+            next(gen_mod.stream_text(model, chat, "Hi", max_new_tokens=2, stop=bad))
+
+
 # ======================================================= cache windows: the decode loop reads the filled part
 def test_cache_windows_give_the_whole_caches_tokens(model, window=2):
     """Generator(cache_window=w): loops over the windows T + w, T + 2w, ... of the cache (each step attends over
