@@ -427,7 +427,8 @@ def test_a_token_list_that_does_not_fit_the_embedding_is_refused(tiny_hf, tmp_pa
 # =========================================================================== tokenizer from GGUF metadata
 def bytes_to_unicode():
     """GPT-2's byte -> printable character table used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -13,7 +13,7 @@ from configurable_fm.interop.loader import load_model
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.ops.merge import tree
 from configurable_fm.stages.merge import merge_config, merge_from_config
-from configurable_fm.stages import evaluate_config, run, stage
+from configurable_fm.stages import run, stage
 from experiments import study_tiny
 from tests.helpers import load_script, random_llama
 from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
