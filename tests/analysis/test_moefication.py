@@ -394,6 +394,15 @@ def test_mixtral_export_refuses_what_it_cannot_express(dense, case):
         to_mixtral(moe, router_scale=scale)
 
 
+def test_mixtral_export_refuses_a_router_scale_that_is_not_a_finite_number(dense):
+    """router_scale=inf passed the `> 0` check and exported a gate of inf / NaN logits (NaN model outputs); a string
+    raised float()'s ValueError."""
+    moe = moefy(dense, num_experts=4, num_experts_per_tok=2, split="random", router="centroid", key=0)
+    for scale in (float("inf"), float("nan"), "x", -1.0):
+        with pytest.raises(MoefyError, match=r"a router scale > 0 .*\(a finite number; got router_scale="):
+            to_mixtral(moe, router_scale=scale)
+
+
 def test_mixtral_export_refuses_gpt2_and_dense_models(dense):
     gpt2 = moefy(random_model(dict(GPT2, n_inner=32), 1), num_experts=4, num_experts_per_tok=4, split="random",
                  router="oracle", key=0)

@@ -34,6 +34,7 @@ orbax_io.save_model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax.numpy as jnp
@@ -42,6 +43,14 @@ import numpy as np
 from configurable_fm.analysis.moefication.transform import MoefyError, moefied_layers
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import abstract_model, build_options, extension_specs, fill, variables_of
+
+
+def _positive(value) -> bool:
+    """Whether `value` is a finite real number > 0 (an infinite router scale makes every logit inf or NaN)."""
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def mixtral_plan(*, num_experts: int, num_shared: int, top_k: int, router: str,
@@ -57,10 +66,10 @@ def mixtral_plan(*, num_experts: int, num_shared: int, top_k: int, router: str,
                "mlp router is nonlinear), which is all a Mixtral gate is")
     elif num_shared:
         why = f"its {num_shared} shared expert(s) are always active, which Mixtral's routing cannot express"
-    elif router_scale is None or not float(router_scale) > 0:
+    elif not _positive(router_scale):
         why = ("Mixtral weights the chosen experts by a softmax of their logits while MoEfication gives each weight "
                "1; with the centroid router, a router scale > 0 (router_scale=, --config.mixtral_router_scale) "
-               "exports the documented approximation")
+               f"exports the documented approximation (a finite number; got router_scale={router_scale!r})")
     if why:
         raise MoefyError(f"{op}: with num_experts_per_tok={top_k} of {routed} routed experts the model is not "
                          f"expressible as MixtralForCausalLM: {why}. Export it with all routed experts active, or "

@@ -103,6 +103,8 @@ def tokenize(encoder: TextEncoder, texts: Sequence[str], *, pad_to: int = 16) ->
     right-padded with the pad id to the next multiple of `pad_to` (at most max_length)."""
     if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
         raise RouteError(f"tokenize: give a non-empty list of strings, got {texts!r:.80}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+        raise RouteError(f"tokenize: pad_to must be an int >= 1, got {pad_to!r}")
     encodings = encoder.wordpiece.encode_batch(list(texts))
     longest = max(len(e.ids) for e in encodings)
     t = min(-(-longest // pad_to) * pad_to, encoder.max_length)

@@ -53,6 +53,9 @@ class AdapterLibrary:
         n = len(self.names)
         meta = self.metadata or tuple({} for _ in range(n))
         object.__setattr__(self, "metadata", tuple(dict(m) for m in meta))
+        single = [x for x, ex in zip(self.names, self.examples) if isinstance(ex, str)]
+        if single:  # tuple(str) would make each character an example
+            raise RouteError(f"AdapterLibrary: the examples of {single} are one string; give a list of strings")
         object.__setattr__(self, "examples", tuple(tuple(e) for e in self.examples))
         if not n or len(self.adapters) != n or len(self.examples) != n or len(self.metadata) != n:
             raise RouteError(f"AdapterLibrary: {n} names, {len(self.adapters)} adapters, {len(self.examples)} "
@@ -87,7 +90,7 @@ class AdapterLibrary:
                              f"the adapters are {list(models)}")
         names = tuple(models)
         return cls(names, tuple(adapter_bricks(models[x], source=source) for x in names),
-                   tuple(tuple(examples.get(x, ())) for x in names), tuple(metadata.get(x, {}) for x in names),
+                   tuple(examples.get(x, ()) for x in names), tuple(metadata.get(x, {}) for x in names),
                    source)
 
     def __len__(self) -> int:

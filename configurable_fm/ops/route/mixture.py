@@ -213,6 +213,9 @@ def with_adapter_weights(model: nnx.Module, weights) -> nnx.Module:
         concrete = np.asarray(weights, np.float32)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         concrete = None
+    except (TypeError, ValueError):  # ragged rows, strings
+        raise RouteError(f"with_adapter_weights: weights must be a (B, {n}) array of numbers, got "
+                         f"{weights!r:.80}") from None
     arr = concrete if concrete is not None else weights
     shape = tuple(getattr(arr, "shape", ()))
     if len(shape) != 2 or shape[0] == 0 or shape[1] != n:
@@ -274,7 +277,11 @@ class FoldedModels:
 
     def __call__(self, weights_N) -> nnx.Module:
         """folded(self.model, weights_N), made on first use (RouteError: folded's)."""
-        w = np.asarray(weights_N, np.float64)
+        try:
+            w = np.asarray(weights_N, np.float64)
+        except (TypeError, ValueError):  # ragged, strings
+            raise RouteError(f"folded: weights must be {self.num_adapters} finite numbers (one per adapter), got "
+                             f"{weights_N!r:.80}") from None
         if w.shape != (self.num_adapters,) or not np.isfinite(w).all():
             raise RouteError(f"folded: weights must be {self.num_adapters} finite numbers (one per adapter), got "
                              f"{w.tolist() if w.size <= 16 else w.shape}")

@@ -90,7 +90,10 @@ class CentroidRouter:
     floors: np.ndarray | None = None
 
     def __post_init__(self):
-        c = np.asarray(self.centroids)
+        c = np.asarray(self.centroids, np.float32)  # lists too: route reads the array's shape
+        object.__setattr__(self, "centroids", c)
+        if self.floors is not None:
+            object.__setattr__(self, "floors", np.asarray(self.floors, np.float32))
         if c.ndim != 2 or c.shape[0] != len(self.names) or len(self.counts) != len(self.names) or not self.names:
             raise RouteError(f"CentroidRouter: {len(self.names)} names, {len(self.counts)} counts and centroids "
                              f"of shape {c.shape} do not fit (one (D,) row per adapter)")

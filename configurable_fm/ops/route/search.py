@@ -83,6 +83,8 @@ def cma_es(f: Callable[[np.ndarray], float], x0, *, sigma0: float, budget: int, 
     n = int(x0.size)
     if n < 1:
         raise RouteError("cma_es: x0 must have at least one coordinate")
+    if not np.isfinite(x0).all():
+        raise RouteError(f"cma_es: x0 must be finite, got {x0.tolist()}")
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise RouteError(f"cma_es: budget must be an int >= 1 (evaluations of f), got {budget!r}")
     if not (isinstance(sigma0, (int, float)) and math.isfinite(sigma0) and sigma0 > 0):

@@ -91,3 +91,11 @@ def test_errors_name_the_problem(setup):
         run_folded(m, routing_of(WEIGHTS), TOKENS, folds=FoldedModels(weighted_mix(base, loras)))
     with pytest.raises(RouteError, match="5 rows of ids for 4 routed queries"):
         run_folded(m, routing_of(WEIGHTS[:4]), TOKENS)
+
+
+def test_weights_that_are_not_numbers_are_named(setup):
+    """A string or ragged weights raised numpy's own ValueError."""
+    _, _, m = setup
+    for bad in ("abc", [1.0, [0.0, 1.0], 0.0]):
+        with pytest.raises(RouteError, match=r"folded: weights must be 3 finite numbers \(one per adapter\), got "):
+            folded(m, bad)

@@ -84,3 +84,12 @@ def test_errors(setup, tmp_path):
     (tmp_path / "bad" / "library.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(RouteError, match=r"not an adapter library"):
         AdapterLibrary.load(tmp_path / "bad")
+
+
+def test_examples_given_as_one_string_are_refused(setup):
+    """A string is a sequence of characters: taken as is, each character became an example."""
+    _, models, lib = setup
+    with pytest.raises(RouteError, match=r"the examples of \['code'\] are one string; give a list of strings"):
+        AdapterLibrary.from_models(models, examples={"code": "def f(x):"})
+    with pytest.raises(RouteError, match=r"the examples of \['a'\] are one string"):
+        AdapterLibrary(("a",), lib.adapters[:1], ("x = 1",))

@@ -94,3 +94,11 @@ def test_errors(setup):
     dora = adapters.attach(base, "dora", TARGETS, rank=2)
     with pytest.raises(RouteError, match=r"adapter 1 has non-LoRA adapters at .*\(dora\)"):
         weighted_mix(base, [loras[0], dora])
+
+
+def test_weights_that_are_not_an_array_of_numbers_are_named(setup):
+    """Ragged rows or strings raised numpy's own ValueError ('inhomogeneous shape', 'could not convert string')."""
+    _, _, m = setup
+    for bad in ([[1, 0, 0], [1, 0]], [["a", "b", "c"]]):
+        with pytest.raises(RouteError, match=r"with_adapter_weights: weights must be a \(B, 3\) array of numbers"):
+            with_adapter_weights(m, bad)

@@ -18,13 +18,15 @@ import textwrap
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configurable_fm.bricks import adapters
 from configurable_fm.models import registry
+from configurable_fm.models.bert import Bert, BertConfig
 from configurable_fm.models.llama import LlamaConfig
-from configurable_fm.ops.route import (CentroidRouter, RouteError, build_router, calibrated_floor, centroid, embed_texts,
-                                       load_text_encoder, route, route_texts, routing_cost, run_routed, tokenize,
-                                       weighted_mix)
+from configurable_fm.ops.route import (CentroidRouter, RouteError, TextEncoder, build_router, calibrated_floor,
+                                       centroid, embed_texts, load_text_encoder, route, route_texts, routing_cost,
+                                       run_routed, tokenize, weighted_mix)
 from tests.helpers import char_tokenizer, random_llama
 
 CODE = [
@@ -137,6 +139,28 @@ def test_router_save_load(tmp_path):
     assert CentroidRouter.load(old.save(tmp_path / "old")).floors is None
     with pytest.raises(RouteError, match=r"no such file \(a router directory holds router\.json"):
         CentroidRouter.load(tmp_path)
+
+
+def test_router_of_list_centroids_routes():
+    """Centroids given as nested lists are stored as a float32 array (route read `.shape` of the list)."""
+    router = CentroidRouter(("a", "b"), [[1.0, 0.0], [0.0, 1.0]], (1, 1), floors=[0.5, -1.0])
+    assert isinstance(router.centroids, np.ndarray) and router.centroids.dtype == np.float32
+    r = route(router, unit([[0.2, 1.0], [1.0, 0.1]]), threshold=router.floors)
+    np.testing.assert_array_equal(r.choices, [1, 0])
+
+
+def test_tokenize_refuses_a_pad_to_below_one():
+    """pad_to 0 divided by zero, a negative one made a 0-wide batch (a numpy broadcast error)."""
+    cfg = BertConfig(vocab_size=101, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                     max_position_embeddings=16)
+    bert = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))  # tokenize reads no weights
+    encoder = TextEncoder(bert, char_tokenizer(), max_length=16)
+    assert tokenize(encoder, ["abc"], pad_to=4)[0].shape == (1, 4)
+    for pad_to in (0, -4, 2.5):
+        with pytest.raises(RouteError, match=r"tokenize: pad_to must be an int >= 1, got "):
+            tokenize(encoder, ["abc"], pad_to=pad_to)
+    with pytest.raises(RouteError, match=r"tokenize: pad_to must be an int >= 1, got 0"):
+        embed_texts(encoder, ["abc"], pad_to=0)
 
 
 # ------------------------------------------------------------------------------------------ with MiniLM

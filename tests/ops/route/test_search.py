@@ -62,3 +62,11 @@ def test_errors():
         cma_es(quadratic, np.zeros(3), sigma0=0.5, budget=5, popsize=1)
     with pytest.raises(RouteError, match=r"lower must be a number or one per coordinate \(3\)"):
         cma_es(quadratic, np.zeros(3), sigma0=0.5, budget=5, lower=[0, 1])
+
+
+def test_a_non_finite_start_is_refused():
+    """x0 = NaN or inf passed the box check (NaN compares false; inf lies in an unbounded box) and every point
+    evaluated was non-finite: the result was x0 itself."""
+    for x0 in ([np.nan, 0.0], [np.inf, 0.0]):
+        with pytest.raises(RouteError, match=r"cma_es: x0 must be finite, got \[(nan|inf), 0\.0\]"):
+            cma_es(quadratic, np.array(x0), sigma0=0.5, budget=5)
