@@ -36,6 +36,7 @@ batch (its exactness, in float32).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -124,6 +125,8 @@ def _width_kwargs(s: dict) -> dict:
                                                              "intermediate_size")}
     kw["method"] = CHECK.choice("width.method", s["method"], WIDTH_METHODS)
     kw["noise"] = CHECK.number("width.noise", s["noise"], 0.0)
+    if not math.isfinite(kw["noise"]):
+        raise CHECK.error(f"`width.noise` must be a finite number >= 0, got {kw['noise']!r}")
     return kw if any(kw[k] for k in WIDTH_KEYS if k not in ("method", "noise")) else None
 
 

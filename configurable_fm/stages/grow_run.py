@@ -77,6 +77,10 @@ def check_growth(cfg) -> dict:
         raise CHECK.error(f"`growth` must be a config with `seed` and growth sections {sorted(SECTIONS)}, "
                           f"got {growth!r}")
     grow = dict(growth.to_dict() if isinstance(growth, ml_collections.ConfigDict) else growth)
+    valid = ("seed", "masked") + tuple(SECTIONS)  # masked: refused below with its own message
+    unknown = sorted(set(grow) - set(valid))
+    if unknown:  # a grow config's other keys (input, dtype, output, ...) would be ignored here
+        raise CHECK.error(f"`growth` has unknown key(s) {unknown}; valid keys: {sorted(valid)}")
     try:
         d = check_config(dict(grow, input="(the source run)"))
     except ConfigError as e:

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from configurable_fm.errors import ConfigError
+
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -30,10 +32,10 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> 
     at, rewarm = int(opt.get("rewarm_at", 0) or 0), int(opt.get("rewarm_steps", 0) or 0)
     if at or rewarm:
         if not 0 < at < total_steps:
-            raise ValueError(f"optimizer.rewarm_at={at} must lie in 1..steps-1={total_steps - 1} "
+            raise ConfigError(f"optimizer.rewarm_at={at} must lie in 1..steps-1={total_steps - 1} "
                              f"(optimizer.rewarm_steps={rewarm} needs it)")
         if not 0 <= rewarm < total_steps - at:
-            raise ValueError(f"optimizer.rewarm_steps={rewarm} must lie in 0..{total_steps - at - 1} (the steps "
+            raise ConfigError(f"optimizer.rewarm_steps={rewarm} must lie in 0..{total_steps - at - 1} (the steps "
                              f"left after optimizer.rewarm_at={at})")
         return optax.join_schedules([_schedule(opt, int(opt.warmup_steps), total_steps),
                                      _schedule(opt, rewarm, total_steps - at)], [at])
@@ -44,7 +46,7 @@ def _schedule(opt: ml_collections.ConfigDict, warmup: int, total_steps: int) -> 
     peak = opt.lr
     floor = peak * opt.get("min_lr_ratio", 0.1)
     if warmup >= total_steps and total_steps > 0:
-        raise ValueError(f"optimizer.warmup_steps={warmup} must be smaller than steps={total_steps}")
+        raise ConfigError(f"optimizer.warmup_steps={warmup} must be smaller than steps={total_steps}")
     warm = optax.linear_schedule(0.0, peak, max(warmup, 1))
     if opt.schedule == "cosine":
         rest = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=floor / peak if peak else 0.0)
@@ -57,7 +59,7 @@ def _schedule(opt: ml_collections.ConfigDict, warmup: int, total_steps: int) -> 
     elif opt.schedule == "constant":
         rest = optax.constant_schedule(peak)
     else:
-        raise ValueError(f"optimizer.schedule={opt.schedule!r} is unknown; choose one of {SCHEDULES}")
+        raise ConfigError(f"optimizer.schedule={opt.schedule!r} is unknown; choose one of {SCHEDULES}")
     return optax.join_schedules([warm, rest], [warmup]) if warmup else rest
 
 
@@ -68,7 +70,7 @@ def decay_mask(params):
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     if opt.name != "adamw":
-        raise ValueError(f"optimizer.name={opt.name!r} is unknown; supported: ['adamw']")
+        raise ConfigError(f"optimizer.name={opt.name!r} is unknown; supported: ['adamw']")
     schedule = learning_rate_schedule(opt, total_steps)
     parts = [optax.clip_by_global_norm(opt.grad_clip)] if opt.grad_clip else []
     parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,

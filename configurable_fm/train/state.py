@@ -34,6 +34,7 @@ from flax import nnx
 
 from configurable_fm.bricks.paths import path_str
 from configurable_fm.bricks.select import glob_to_regex
+from configurable_fm.errors import ConfigError
 
 
 class TrainState(NamedTuple):
@@ -59,11 +60,11 @@ def type_names(var_type: type) -> set[str]:
 def parse_selector(entry: str) -> tuple[str, str]:
     """'layers.*.mlp.**' -> ('Param', 'layers.*.mlp.**'); 'LoRAParam:**' -> ('LoRAParam', '**')."""
     if not isinstance(entry, str) or not entry:
-        raise ValueError(f"trainable entry {entry!r} is not a glob or 'TYPE:GLOB' string")
+        raise ConfigError(f"trainable entry {entry!r} is not a glob or 'TYPE:GLOB' string")
     if ":" in entry:
         kind, glob = entry.split(":", 1)
         if not kind.isidentifier() or not glob:
-            raise ValueError(f"trainable entry {entry!r}: expected 'TYPE:GLOB', e.g. 'LoRAParam:**'")
+            raise ConfigError(f"trainable entry {entry!r}: expected 'TYPE:GLOB', e.g. 'LoRAParam:**'")
         return kind, glob
     return "Param", entry
 
@@ -79,12 +80,12 @@ def select_variables(types: dict[str, type], selectors: Sequence[str]) -> list[s
         of_kind = [p for p, t in types.items() if kind in type_names(t)]
         if not of_kind:
             present = sorted({t.__name__ for t in types.values()})
-            raise ValueError(f"trainable entry {entry!r}: the model has no variable of type {kind}; "
+            raise ConfigError(f"trainable entry {entry!r}: the model has no variable of type {kind}; "
                              f"its variable types: {present}")
         hits = {p for p in of_kind if re.fullmatch(glob_to_regex(glob), p)}
         if not hits:
             what = "parameter" if ":" not in entry else f"{kind} variable"
-            raise ValueError(f"trainable glob {entry!r} matches no {what}; e.g. {of_kind[:4]}")
+            raise ConfigError(f"trainable glob {entry!r} matches no {what}; e.g. {of_kind[:4]}")
         chosen |= hits
     return [p for p in types if p in chosen]
 
@@ -112,7 +113,7 @@ class ModelParts:
         values = {path_str(p): v.get_value() for p, v in flat}
         not_float = [p for p in chosen if not jnp.issubdtype(jnp.result_type(values[p]), jnp.floating)]
         if not_float:
-            raise ValueError(f"trainable variables must be floating point; not: "
+            raise ConfigError(f"trainable variables must be floating point; not: "
                              f"{[(p, str(jnp.result_type(values[p]))) for p in not_float[:6]]}")
         picked = set(chosen)
         frozen = tuple(p for p in keys if p not in picked and issubclass(types[p], nnx.Param))

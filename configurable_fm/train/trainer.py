@@ -75,7 +75,8 @@ from configurable_fm.models.structure import check_consistent, is_family_model
 from configurable_fm.interop.atomic import write_json_atomic
 from configurable_fm.interop.loader import load_model
 from configurable_fm.models.factory import DTYPES, build_model, config_to_dict, with_compute_dtype
-from configurable_fm.models.llama import REMAT_POLICIES
+from configurable_fm.models.gpt2 import GPT2Config
+from configurable_fm.models.llama import REMAT_POLICIES, LlamaConfig
 from configurable_fm.train import flops as flops_lib
 from configurable_fm.train.adapters import (attach_configured, check_adapter_config, configured, frozen_in_dtype,
                                             stored_dtypes, with_dropout, write_adapter)
@@ -127,6 +128,17 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
         _one_of("optimizer.schedule", cfg.optimizer.schedule, SCHEDULES)
     if data is None:
         _one_of("data.kind", cfg.data.kind, DATA_KINDS)
+    # 0 would divide by zero in the loop (log_every, checkpoint_every), plot an empty run (steps), shift the
+    # schedule (a negative warmup) or turn clipping into gradient ascent (a negative grad_clip)
+    for key, low in (("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0),
+                     ("optimizer.warmup_steps", 0)):
+        section, _, leaf = key.rpartition(".")
+        value = (cfg[section] if section else cfg).get(leaf, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{key}={value!r} must be an int >= {low}")
+    clip = cfg.optimizer.get("grad_clip", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+        raise ConfigError(f"optimizer.grad_clip={clip!r} must be a number >= 0 (0 disables clipping)")
     accum = cfg.get("grad_accum_steps", 1)
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ConfigError(f"grad_accum_steps={accum!r} must be an int >= 1")
@@ -160,7 +172,7 @@ class TrainSetup:
     rules: dict
     parts: ModelParts
     initial: str  # where the initial model came from (run_info.json)
-    model_cfg: Any  # the model's config (model.cfg) for FLOPs and run_info; None when it has none
+    model_cfg: Any  # the model's family config (model.cfg) for FLOPs and run_info; None when it has none
     frozen: dict
     state: TrainState  # the initial state (step 0); the first step consumes it (donation)
     schedule: Callable
@@ -252,10 +264,15 @@ def set_up(cfg: ml_collections.ConfigDict, *, model: nnx.Module | None = None, t
     frozen, state, state_shardings = place_state(model, parts, tx, mesh, rules)
     task = set_up_task(with_dropout(task if task is not None else NextTokenTask(), cfg), model, parts.trainable)
     task_arrays, rebuild = place_task(task, mesh)
-    model_cfg = getattr(model, "cfg", None)
+    model_cfg = model.cfg if is_family_model(model) else None  # any other `cfg` attribute is not a model config
     del model
 
     data = data or make_data(cfg)
+    # no evaluation batch would log val_loss 0 (a sum over nothing) and keep that model as best/
+    if cfg.eval_every and next(iter(data.eval_batches(jax.process_index(), jax.process_count())), None) is None:
+        raise ConfigError(f"eval_every={cfg.eval_every} but the evaluation data has no batch (data.max_eval_batches"
+                          f"={cfg.data.get('max_eval_batches')!r}, or fewer held-out tokens than one window of "
+                          f"seq_len + 1 = {cfg.seq_len + 1}); set eval_every=0 to train without evaluation")
     # config.task_metrics (task names) plus the callables passed in; the task data's tokenizer is reused.
     task_metrics = {**make_task_metrics(cfg, getattr(data, "tokenizer", None)), **(task_metrics or {})}
     # The step returns exactly the shardings it is given, so that its first call is its only compilation.
@@ -352,7 +369,9 @@ class Run:
             write_json_atomic(workdir / "config.json", cfg.to_dict())
             write_json_atomic(workdir / "run_info.json", run_info(setup))
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
-        self.flop_count = flops_lib.flops_per_token(setup.model_cfg, cfg.seq_len) if setup.model_cfg else None
+        # FLOPs are counted for llama and gpt2 configs; for any other model MFU is unknown, not an error
+        self.flop_count = (flops_lib.flops_per_token(setup.model_cfg, cfg.seq_len)
+                           if isinstance(setup.model_cfg, (LlamaConfig, GPT2Config)) else None)
         peak_dtype = flops_lib.matmul_peak_dtype(cfg.compute_dtype)  # float32: TF32 on a GPU, not the bf16 peak
         self.peak = flops_lib.peak_flops_per_device(dtype=peak_dtype) if peak_dtype else None
         self.writer = MetricWriter(workdir, resume_step=self.start_step) if jax.process_index() == 0 else None
@@ -425,7 +444,8 @@ class Run:
         record = {"loss": loss, "tokens": step * self.tokens_per_step, "lr": float(self.setup.schedule(step - 1)),
                   "grad_norm": float(metrics["grad_norm"]), "tokens_per_s": tps}
         if self.flop_count and self.peak:
-            record["mfu"] = flops_lib.mfu(tps, self.flop_count, jax.device_count(), self.peak)
+            # the devices of the mesh, which may be fewer than jax.device_count()
+            record["mfu"] = flops_lib.mfu(tps, self.flop_count, self.setup.mesh.devices.size, self.peak)
         extra = {k: float(v) for k, v in metrics.items() if k not in ("loss", "grad_norm", "weight")}
         clash = sorted(set(extra) & set(TRAINER_METRICS) | {k for k in extra if k.startswith("val_")})
         if clash:

@@ -119,6 +119,18 @@ def test_grow_run_config_errors_name_the_key(tmp_path, change, key):
         grow_run_module.check_growth(cfg)
 
 
+@pytest.mark.parametrize("key, value", [("dtype", "bfloat16"), ("input", "@other"), ("output", "out"),
+                                        ("format", "orbax")])
+def test_grow_run_refuses_grow_config_keys_that_it_would_ignore(tmp_path, key, value):
+    """`growth` holds the growth sections and `seed` only; a grow config's other keys (dtype, input, output, ...)
+    were once accepted there and silently ignored."""
+    pre = pretrain_stage(tmp_path)
+    cfg = continued(pre, pre.steps + 2, width=WIDE)
+    cfg.growth[key] = value
+    with pytest.raises(ConfigError, match=rf"`growth` has unknown key\(s\) \['{key}'\]"):
+        grow_run_module.check_growth(cfg)
+
+
 def test_grow_run_refuses_masked_growth_and_a_source_without_a_run(tmp_path):
     pre = pretrain_stage(tmp_path)
     cfg = continued(pre, pre.steps + 2)

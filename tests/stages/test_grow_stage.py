@@ -139,6 +139,7 @@ def _cfg(module, arg="", **sections):
     (_cfg(width, width=dict(hidden_size=32, typo=1)), "width.typo"),
     (_cfg(width, width=dict(hidden_size=-1)), "width.hidden_size"),
     (_cfg(width, width=dict(hidden_size=32, noise=-0.5)), "width.noise"),
+    (_cfg(width, width=dict(hidden_size=32, noise=float("inf"))), "width.noise"),  # once loaded, then NaN weights
     (_cfg(width, width=dict(hidden_size=32), seed=1.5), "seed"),
     (_cfg(depth, depth=dict(method="grow")), "depth.method"),
     (_cfg(depth, depth=dict(num_layers=4, factor=2)), "depth.factor"),

@@ -242,6 +242,17 @@ def test_with_compute_dtype_equals_a_rebuild_and_keeps_surgery():
     ("remat", "some", "remat='some' is not one of ['dots', 'full', 'none']"),
     ("optimizer.schedule", "linear", "optimizer.schedule='linear' is not one of ['constant', 'cosine', 'wsd']"),
     ("grad_accum_steps", 3, "batch_size=8 must be divisible by grad_accum_steps=3 x processes=1"),
+    # these once divided by zero in the loop, plotted an empty run, or were taken silently, after writing the workdir
+    ("log_every", 0, "log_every=0 must be an int >= 1"),
+    ("checkpoint_every", 0, "checkpoint_every=0 must be an int >= 1"),
+    ("steps", 0, "steps=0 must be an int >= 1"),
+    ("eval_every", -1, "eval_every=-1 must be an int >= 0"),
+    ("optimizer.warmup_steps", -3, "optimizer.warmup_steps=-3 must be an int >= 0"),
+    ("optimizer.grad_clip", -1.0, "optimizer.grad_clip=-1.0 must be a number >= 0"),
+    # these were plain ValueErrors (a traceback from cfm-train), not ConfigErrors
+    ("optimizer.warmup_steps", 20, "optimizer.warmup_steps=20 must be smaller than steps=20"),
+    ("optimizer.name", "sgd", "optimizer.name='sgd' is unknown"),
+    ("trainable", ("layers.9.**",), "trainable glob 'layers.9.**' matches no parameter"),
 ])
 def test_bad_options_are_named_before_the_workdir_is_made(tmp_path, key, value, message):
     cfg = tiny_config(**{key: value})
@@ -263,3 +274,41 @@ def test_bad_compute_dtype_on_the_command_line(tmp_path):
     assert "compute_dtype='fp32' is not one of ['bfloat16', 'float16', 'float32']" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+class MeanSquareTask(NextTokenTask):
+    """The mean square of the model's output (any model mapping ids to an array: no vocabulary needed)."""
+
+    def loss(self, model, batch, step, rng):
+        out = model(batch["inputs"])
+        return jnp.mean(jnp.square(out.astype(jnp.float32))), {}
+
+    def eval_loss(self, model, batch, step):
+        return self.loss(model, batch, step, None)
+
+
+class Toy(nnx.Module):
+    """Any model: an embedding and a Linear, with a `cfg` attribute that is not a model family's config."""
+
+    def __init__(self):
+        self.cfg = {"width": 8}
+        self.embed = nnx.Embed(64, 8, rngs=nnx.Rngs(0))
+        self.out = nnx.Linear(8, 8, rngs=nnx.Rngs(1))
+
+    def __call__(self, ids):
+        return self.out(self.embed(ids))
+
+
+@pytest.mark.parametrize("kind", ["bert", "toy"])
+def test_models_without_a_flop_count_train(tmp_path, kind):
+    """A BERT (a family without a FLOP count) or a model whose `cfg` is no model config trains, with MFU unknown;
+    both once raised a TypeError after the workdir was written (flops_per_token, run_info's config_to_dict)."""
+    from configurable_fm.models.bert import Bert, BertConfig
+
+    model = Bert(BertConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+                 rngs=nnx.Rngs(0)) if kind == "bert" else Toy()
+    cfg = tiny_config(steps=3, eval_every=0)
+    result = train(cfg, tmp_path, model=model, task=MeanSquareTask(), data=tiny_data(cfg), log=quiet)
+    assert sorted(result.losses) == [1, 2, 3] and "mfu" not in records(tmp_path)[-1]
+    model_info = json.loads((tmp_path / "run_info.json").read_text())["model"]
+    assert (model_info["family"] == "bert") if kind == "bert" else model_info is None

@@ -216,3 +216,32 @@ def nnx_state(model):
     from flax import nnx
 
     return nnx.state(model, nnx.Param)
+
+
+def test_mfu_divides_by_the_devices_of_the_mesh(tmp_path, monkeypatch):
+    """A run on a mesh of 1 of the 8 devices: MFU = tokens/s x FLOPs per token / (1 x peak), not / 8 (it once
+    divided by jax.device_count()). The peak is faked: the CPU has none."""
+    from configurable_fm.models.factory import build_model
+    from configurable_fm.train import flops
+
+    assert jax.device_count() == 8
+    monkeypatch.setattr(flops, "matmul_peak_dtype", lambda dtype, device=None: "bfloat16")
+    monkeypatch.setattr(flops, "peak_flops_per_device", lambda device=None, dtype="bfloat16": 1e9)
+    cfg = tiny_config(steps=3, eval_every=0)
+    train(cfg, tmp_path, data=tiny_data(cfg), log=lambda s: None)
+    fpt = flops.flops_per_token(build_model(cfg.model.to_dict()).cfg, cfg.seq_len)
+    for r in [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e9, rel=1e-9), r
+
+
+def test_evaluation_without_any_batch_is_refused(tmp_path):
+    """A validation stream shorter than one window (or max_eval_batches=0) gives no evaluation batch: the run once
+    logged val_loss 0.0 (val_ppl 1.0) and saved that model as best/; now a ConfigError before the workdir exists."""
+    from configurable_fm.errors import ConfigError
+
+    cfg = tiny_config(steps=3, eval_every=2)
+    short = TokenData(token_stream(4096, 0), token_stream(cfg.seq_len, 1), cfg.seq_len, cfg.batch_size, cfg.seed,
+                      eval_batch_size=cfg.batch_size)
+    with pytest.raises(ConfigError, match=r"eval_every=2 but the evaluation data has no batch"):
+        train(cfg, tmp_path / "run", data=short, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

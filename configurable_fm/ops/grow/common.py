@@ -64,6 +64,8 @@ def permutation(key, n: int) -> np.ndarray:
 
 
 def check_fraction(value, name: str, op: str, *, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise GrowthError(f"{op}: {name} must be a number in {'(0' if low_open else '[0'}, 1], got {value!r}")
     value = float(value)
     if not (0.0 < value if low_open else 0.0 <= value) or value > 1.0 or np.isnan(value):
         raise GrowthError(f"{op}: {name}={value} must lie in {'(0' if low_open else '[0'}, 1]")

@@ -75,6 +75,8 @@ def _renamed(e: GrowthError, source: str) -> GrowthError:
 
 
 def _ramp_value(ramp) -> float:
+    if isinstance(ramp, bool) or not isinstance(ramp, (int, float, np.integer, np.floating)):
+        raise GrowthError(f"{OP}: ramp={ramp!r} must be a number in [0, 1]")
     r = float(ramp)
     if not 0.0 <= r <= 1.0:
         raise GrowthError(f"{OP}: ramp={ramp!r} must lie in [0, 1]")

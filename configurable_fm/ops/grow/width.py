@@ -27,11 +27,11 @@ exactly, at every norm (input, post-attention and final). eps has to move with t
 square root, and keeping it would change every norm by the factor sqrt((mean + eps) / (mean + eps D'/D)), a relative
 error of about eps (D'/D - 1) / (2 mean(x^2)) (~1e-7 for eps = 1e-6, rms ~ 1; larger where activations are small),
 where this scheme is exact to rounding (1e-12 in float64 in the tests). Readers of the stream
-(q/k/v, gate/up, the router, an untied lm_head) get arbitrary new input rows since they multiply zeros; we copy
-existing rows (row D + j copies row j mod D) so that the new dimensions, once training wakes them up, are read
-like trained ones, and gradients reach them from step 0 (a zero row would leave the new dimensions without any
-gradient: a saddle). A tied head is the embedding table, whose new columns are zero (it writes the stream): also
-exact. Works for any D' >= D.
+(q/k/v, gate/up, the router and noisy_topk's noise weights, an untied lm_head) get arbitrary new input rows since
+they multiply zeros; we copy existing rows (row D + j copies row j mod D) so that the new dimensions, once
+training wakes them up, are read like trained ones, and gradients reach them from step 0 (a zero row would leave
+the new dimensions without any gradient: a saddle). A tied head is the embedding table, whose new columns are zero
+(it writes the stream): also exact. Works for any D' >= D.
 
 ## The residual stream, method "hypercloning": tiling (Samragh et al. 2024), D' = n D
 The target stream is x' = tile(x, n) / s. mean(x'^2) = mean(x^2) / s^2, so with eps' = eps / s^2 and g' = tile(g),
@@ -356,7 +356,7 @@ _RULES = [(re.compile(p + r"$"), rule) for p, rule in [
     (_L + r"mlp\.(gate_proj|up_proj)\.(kernel|bias)", [(-1, "units_in", "ffn"), (0, "reads", None)]),
     (_L + r"mlp\.down_proj\.kernel", [(0, "units_out", "ffn"), (1, "writes", None)]),
     (_L + r"mlp\.down_proj\.bias", [(0, "writes", None)]),
-    (_L + r"mlp\.router\.kernel", [(0, "reads", None)]),
+    (_L + r"mlp\.(router|noise)\.kernel", [(0, "reads", None)]),  # noise: noisy_topk's noise weights (D, E)
     (_L + r"mlp\.experts\.(gate_proj|up_proj)", [(2, "units_in", "ffn"), (1, "reads", None)]),
     (_L + r"mlp\.experts\.down_proj", [(1, "units_out", "ffn"), (2, "writes", None)]),
 ]]
@@ -436,9 +436,10 @@ def widen_params(params: Mapping[str, Any], cfg: LlamaConfig, plan: WidthPlan, *
     """The flat {path: array} of a llama model with config `cfg`, grown by `plan`, as numpy arrays of the input
     dtypes (computed in float64 for float64 input, float32 otherwise). The per-tensor part of `widen`."""
     _check_plan(cfg, plan)
+    if (isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating))
+            or not math.isfinite(noise) or noise < 0):
+        raise GrowthError(f"grow_width: noise={noise!r} must be a finite number >= 0")
     noise = float(noise)
-    if noise < 0 or math.isnan(noise):
-        raise GrowthError(f"grow_width: noise={noise} must be >= 0")
     if noise:
         key = check_key(key, "grow_width", f"noise={noise}")
     units = {"ffn": (plan.ffn, 1), "heads": (plan.heads, cfg.dim_per_head),

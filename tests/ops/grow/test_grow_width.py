@@ -2,6 +2,7 @@
 models (max |logit diff| <= 1e-5), consistent models that save and reload (HF, orbax, transformers), new units that
 receive gradients, and errors that name the problem."""
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -15,10 +16,11 @@ from configurable_fm.interop.hf import from_hf, to_hf
 from configurable_fm.models import RopeScaling, check_consistent
 from configurable_fm.models.factory import build_model
 from configurable_fm.models.llama import LlamaConfig
+from configurable_fm.models.moe import routing_noise
 from configurable_fm.ops.grow import GrowthError, Units, grow_width, plan_width, widen
 from configurable_fm.ops.grow.width import widen_params
-from tests.ops.grow.grow_helpers import (assert_unchanged, grads, logits, max_diff, random_model, random_params,
-                                         reference_logits, snapshot)
+from tests.ops.grow.grow_helpers import (FAST_COMPILE, assert_unchanged, grads, logits, max_diff, random_model,
+                                         random_params, reference_logits, snapshot)
 
 IDS = np.random.RandomState(0).randint(0, 37, (2, 9))
 LLAMA3 = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -158,6 +160,28 @@ def test_grown_models_keep_their_logits_and_are_consistent(name):
     assert_unchanged(model, before)
 
 
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+def _noisy_logits(graphdef, state, ids, key):
+    with routing_noise(key):
+        return nnx.merge(graphdef, state)(ids)
+
+
+def test_a_noisy_topk_moe_grows_with_its_noise_weights():
+    """router='noisy_topk' has noise weights layers.*.mlp.noise.kernel (D, E) that read the stream like the router;
+    width growth once refused them ("no width rule"). Grown, the noisy routing (same draws) is the source's."""
+    src_cfg = dataclasses.replace(cfg(32, 4, 2, 24, **dict(MOE, router="noisy_topk")), num_layers=1)
+    model = random_model(src_cfg, seed=4)
+    key = jax.random.key(1)
+    ref = np.asarray(_noisy_logits(*nnx.split(model), IDS, key))
+    other = np.asarray(_noisy_logits(*nnx.split(model), IDS, jax.random.key(2)))
+    assert max_diff(ref, other) > 1e-3  # the noise changes the routing: the check can tell
+    for tgt, method in ((target(40, 6, 3, 40), "exact"), (target(64, 8, 4, 48), "hypercloning")):
+        grown = grow_width(model, **tgt, method=method, key=jax.random.key(5), noise=0.3)
+        check_consistent(grown, "test")
+        assert flat_params(grown)["layers.0.mlp.noise.kernel"].shape == (tgt["hidden_size"], 4)
+        assert max_diff(np.asarray(_noisy_logits(*nnx.split(grown), IDS, key)), ref) <= 1e-4
+
+
 def test_smollm2_shapes_grow_as_the_real_pair():
     """SmolLM2-135M (576, 9/3 heads, FFN 1536) -> SmolLM2-360M (960, 15/5, 2560): planned without building."""
     small = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -238,6 +262,11 @@ ERRORS = {
                r"method='net2net' is unknown; choose one of \['exact', 'hypercloning'\]"),
     "noise-without-key": (dict(hidden_size=48, noise=0.1), "exact", r"noise=0.1 needs a PRNG key"),
     "not-an-int": (dict(intermediate_size=64.0), "exact", r"intermediate_size must be an int, got 64.0"),
+    # an infinite noise once passed the check and made every grown tensor inf/NaN (0 * inf on the kept entries)
+    "noise-infinite": (dict(hidden_size=48, noise=float("inf"), key=0), "exact",
+                       r"noise=inf must be a finite number >= 0"),
+    "noise-not-a-number": (dict(hidden_size=48, noise="0.1", key=0), "exact",
+                           r"noise='0.1' must be a finite number >= 0"),
 }
 
 

@@ -163,6 +163,9 @@ def test_errors_name_the_problem(sources, grown):
         (dict(), r"grow_masked: nothing to grow"),
         (dict(hidden_size=32), r"grow_masked: the targets equal the model's sizes"),
         (dict(intermediate_size=64, ramp=1.5), r"grow_masked: ramp=1.5 must lie in \[0, 1\]"),
+        # once float(True) = 1.0 (every new structure fully on, not the source's function) / a bare ValueError
+        (dict(intermediate_size=64, ramp=True), r"grow_masked: ramp=True must be a number in \[0, 1\]"),
+        (dict(intermediate_size=64, ramp="0"), r"grow_masked: ramp='0' must be a number in \[0, 1\]"),
     ]
     for targets, message in cases:
         with pytest.raises(GrowthError, match=message):

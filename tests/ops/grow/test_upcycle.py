@@ -145,6 +145,11 @@ ERRORS = {
     "default-key": (dict(num_experts=4), r"router_init='normal' needs a PRNG key"),  # the default router_init
     "both-key": (dict(num_experts=4, drop_fraction=0.5), r"router_init='normal' and drop_fraction=0.5 needs a PRNG"),
     "drop-range": (dict(num_experts=4, drop_fraction=1.5), r"drop_fraction=1.5 must lie in \[0, 1\]"),
+    # once float(True) = 1.0 (every unit re-initialised) and a ValueError from float('half')
+    "drop-bool": (dict(num_experts=4, drop_fraction=True, key=0), r"drop_fraction must be a number in \[0, 1\], "
+                                                                  r"got True"),
+    "drop-string": (dict(num_experts=4, drop_fraction="half", key=0), r"drop_fraction must be a number in \[0, 1\], "
+                                                                      r"got 'half'"),
 }
 
 
