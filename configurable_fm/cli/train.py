@@ -6,7 +6,8 @@
 
 Re-running the same command resumes from the last complete checkpoint in the workdir; a changed config is refused
 (naming the changed keys) unless the keys are listed, e.g. `--config.steps=300 --allow_changes=steps` to extend a
-run (every resume is recorded in WORKDIR/resumes.jsonl, and config.json holds the config in force). For multi-host
+run (experiments/pretrain.py's warmup is 5% of steps, so there `--allow_changes=steps,optimizer.warmup_steps`;
+every resume is recorded in WORKDIR/resumes.jsonl, and config.json holds the config in force). For multi-host
 runs set --distributed (jax.distributed.initialize(): coordinator and process ids from the cluster environment,
 or CFM_COORDINATOR / CFM_NUM_PROCESSES / CFM_PROCESS_ID); see README "Multi-host training".
 Token shards named by the config (`data.dir`, `data.prepare`) live in the data root ($CFM_DATA_DIR, default
