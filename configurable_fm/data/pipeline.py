@@ -224,6 +224,8 @@ def eval_batches(tokens, seq_len: int, batch_size: int, max_batches: int | None 
     [p*B/P, (p+1)*B/P) of every batch, as in `PackedBatches`.
     """
     rows = _check_sharding(batch_size, process_index, process_count)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     num_windows = max(0, (len(tokens) - 1) // seq_len)
     num_batches = math.ceil(num_windows / batch_size)
     if max_batches is not None:
@@ -248,9 +250,10 @@ def _check_examples(examples: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {k: np.asarray(v) for k, v in sorted(examples.items())}
     if "loss_mask" not in out:
         out["loss_mask"] = np.ones(out["targets"].shape, np.float32)
-    n, shape = len(out["inputs"]), out["inputs"].shape
+    shape = out["inputs"].shape
     if out["inputs"].ndim != 2:
         raise ValueError(f"examples['inputs'] must be (N, L), got shape {shape}")
+    n = len(out["inputs"])
     for k, v in out.items():
         if v.ndim == 0 or len(v) != n:
             raise ValueError(f"examples[{k!r}] has shape {v.shape}, but inputs have N={n} rows")

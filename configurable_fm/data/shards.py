@@ -105,6 +105,8 @@ def resolve_config(config: Mapping) -> dict:
         for k, d in defaults.items():
             v = given.get(k, d)
             if isinstance(d, dict):
+                if v is not None and not isinstance(v, Mapping) and not hasattr(v, "to_dict"):
+                    raise ConfigError(f"dataset config: {where}{k} must be a mapping of options, got {v!r}")
                 v = merge(d, v.to_dict() if hasattr(v, "to_dict") else dict(v or {}), f"{where}{k}.")
             elif isinstance(d, tuple):  # lists of names; entries may be comma-separated ('optax,chex')
                 v = tuple(x.strip() for e in (v if isinstance(v, (list, tuple)) else (v,))
@@ -116,10 +118,15 @@ def resolve_config(config: Mapping) -> dict:
     corpora.source_names(cfg["sources"])  # unknown names are an error here, before any work
     if not cfg["sources"]:
         raise ConfigError("dataset config: `sources` is empty")
-    if not 0.0 <= float(cfg["validation_fraction"]) < 1.0:
-        raise ConfigError(f"dataset config: validation_fraction must be in [0, 1), got {cfg['validation_fraction']}")
-    if int(cfg["max_tokens_per_shard"]) < 1:
-        raise ConfigError(f"dataset config: max_tokens_per_shard must be >= 1, got {cfg['max_tokens_per_shard']}")
+    fraction = cfg["validation_fraction"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(fraction) < 1.0:
+        raise ConfigError(f"dataset config: validation_fraction must be in [0, 1), got {fraction!r}")
+    for key, low in (("eos_id", 0), ("min_validation_documents", 0), ("max_tokens_per_shard", 1),
+                     ("min_chars", 0), ("encode_batch_chars", 0)):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ConfigError(f"dataset config: {key} must be an int >= {low}, got {v!r}")
     return cfg
 
 

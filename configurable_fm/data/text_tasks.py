@@ -332,7 +332,11 @@ class TextTask(Task):
     def canonical(self, prompt: str) -> str:
         if self.canonical_by == "prompt":
             return prompt
-        x, y = _ITEM_OF[(self.source, self.template)][prompt]
+        self.pool()  # builds the prompt -> item table on first use
+        item = _ITEM_OF[(self.source, self.template)].get(prompt)
+        if item is None:
+            raise KeyError(f"task {self.name!r}: {prompt!r} is not a prompt of its pool (source {self.source!r})")
+        x, y = item
         return y if self.canonical_by == "answer" else "|".join(sorted((x, y)))
 
     def split_items(self, split: str) -> list[Example]:
@@ -437,9 +441,19 @@ class FewShotTask(Task):
             else self.inner.examples(split, n, seed)
         demos = {d.prompt for d in self.inner.examples("train", self.shots, self.demo_seed)} if self.shots else set()
         if split == "train" and demos:  # a demonstration is never its own query
-            extra = self.inner.examples(split, n + self.shots, seed) if isinstance(self.inner, TextTask) else \
-                self.inner.examples(split, n + 4 * self.shots, seed, unique=unique)
-            exs = [e for e in extra if e.prompt not in demos][:n]
+            if isinstance(self.inner, TextTask):  # distinct items: at most `shots` of them are demonstrations
+                exs = [e for e in self.inner.examples(split, n + self.shots, seed) if e.prompt not in demos][:n]
+            else:  # drawn with replacement: draw more (a prefix-stable stream) until n are not demonstrations
+                m, limit = n + 4 * self.shots, n + 4 * self.shots + 1000 + 200 * n
+                while True:
+                    extra = self.inner.examples(split, m, seed, unique=unique)
+                    exs = [e for e in extra if e.prompt not in demos][:n]
+                    if len(exs) == n:
+                        break
+                    if m >= limit:
+                        raise ValueError(f"task {self.name!r}: found only {len(exs)} of {n} train problems that "
+                                         f"are not one of its {self.shots} demonstrations in {m} draws")
+                    m = min(2 * m, limit)
         return [Example(self.prefix + e.prompt, e.answer) for e in exs]
 
     def score(self, prediction, answer):

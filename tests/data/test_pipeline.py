@@ -186,6 +186,13 @@ def test_bad_inputs():
         next(PackedBatches(np.arange(40, dtype=np.float32), seq_len=L, global_batch_size=1, seed=0))
 
 
+def test_bad_eval_seq_len_and_unbatched_examples_are_clear_errors():
+    with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):  # was ZeroDivisionError
+        list(eval_batches(stream(4), 0, 2))
+    with pytest.raises(ValueError, match=r"examples\['inputs'\] must be \(N, L\), got shape \(\)"):  # was len() of
+        from_examples({"inputs": np.int32(3), "targets": np.int32(3)}, batch_size=1, seed=0)  # an unsized object
+
+
 @pytest.mark.parametrize("batch_size,process_count", [(4, 1), (5, 1), (4, 2), (13, 1)])
 def test_eval_batches_count_every_target_once(batch_size, process_count):
     tokens = stream(13, extra=5)  # 13 windows; 5 trailing tokens do not fill a window

@@ -284,6 +284,20 @@ def test_overwrite_and_config_errors(corpus, tmp_path):
     assert not (tmp_path / "eos").exists()
 
 
+@pytest.mark.parametrize("over, message", [
+    ({"eos_id": 1.5}, r"eos_id must be an int >= 0, got 1.5"),  # was read as id 1
+    ({"eos_id": True}, r"eos_id must be an int >= 0, got True"),
+    ({"min_validation_documents": -3}, r"min_validation_documents must be an int >= 0, got -3"),
+    ({"max_tokens_per_shard": "many"}, r"max_tokens_per_shard must be an int >= 1, got 'many'"),
+    ({"encode_batch_chars": "lots"}, r"encode_batch_chars must be an int >= 0, got 'lots'"),
+    ({"validation_fraction": "abc"}, r"validation_fraction must be in \[0, 1\), got 'abc'"),
+    ({"files": 5}, r"files must be a mapping of options, got 5"),
+])
+def test_bad_numbers_in_a_dataset_config_are_errors_naming_the_key(corpus, over, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(config(corpus, **over))
+
+
 def test_token_dtype():
     assert token_dtype(49152) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32 and token_dtype(151936) == np.uint32

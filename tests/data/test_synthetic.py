@@ -22,6 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from tests.helpers import random_llama
 from configurable_fm.data import synthetic
 from configurable_fm.data.synthetic import evaluate as ev
+from configurable_fm.data.synthetic.facts import SUBJECT_FINAL_RELATIONS
 from configurable_fm.data.synthetic import (RELATIONS, TASKS, Example, Fact, FactsCorpus, Relation, encode_examples,
                                             evaluate_examples, evaluate_task, exact_match, make_task, normalize,
                                             task_metric)
@@ -487,6 +488,19 @@ def test_relation_checks():
         FactsCorpus.generate(0, 3, relations=[good, leak2])
     with pytest.raises(KeyError, match="unknown relation 'nope'"):
         FactsCorpus.generate(0, 3, relations=["nope"])
+
+
+def test_relation_check_refuses_one_template_shared_by_two_relations():
+    """The same training template in two relations gives one prompt two continuations (' x' and ' p')."""
+    a = Relation("a", ("x", "y"), ("{subject} has {object}.", "{subject} owns {object}.", "{subject} keeps {object}."),
+                 ("{subject} holds {object}.",))
+    b = Relation("b", ("p", "q"), ("{subject} has {object}.", "{subject} got {object}.", "{subject} won {object}."),
+                 ("{subject} lost {object}.",))
+    with pytest.raises(ValueError, match=r"relation 'a' template '\{subject\} has \{object\}.' is a prefix of the "
+                                         r"prompt of relation 'b'"):
+        FactsCorpus.generate(0, 3, relations=[a, b])
+    FactsCorpus.generate(0, 3, relations=list(RELATIONS))  # the shipped relations still pass
+    FactsCorpus.generate(0, 3, relations=SUBJECT_FINAL_RELATIONS)
 
 
 def test_json_round_trip_and_validated_load(corpus, tmp_path):

@@ -3,8 +3,8 @@ problem), few-shot prompts built from train problems only, the registry."""
 import pytest
 
 from configurable_fm.data.corpora import FetchError
-from configurable_fm.data.synthetic import TASKS
-from configurable_fm.data.text_tasks import (SYNTHETIC_VARIANTS, TEXT_TASKS, FewShotTask, few_shot,
+from configurable_fm.data.synthetic import TASKS, make_task, split_unit
+from configurable_fm.data.text_tasks import (POOLS, SYNTHETIC_VARIANTS, TEXT_TASKS, FewShotTask, TextTask, few_shot,
                                              get_library_task, keyword_items)
 
 
@@ -80,6 +80,28 @@ def test_few_shot_prompts_use_train_demonstrations_only():
     demo_prompts = {d.prompt for d in TEXT_TASKS["keyword"].examples("train", 2, 12345)}
     assert not {few_shot("keyword", 2).query(e.prompt) for e in train} & demo_prompts
     assert few_shot("copy", shots=0).examples("test", 3, 0) == TASKS["copy"].examples("test", 3, 0)
+
+
+def test_few_shot_train_examples_are_n_even_when_demonstrations_are_drawn_often():
+    """A small synthetic problem space (parity of 2 bits: 4 problems, 2 of them the demonstrations): `n` train
+    queries, none a demonstration, the first k of n those of any larger n."""
+    fs = few_shot(make_task("parity", name="parity2", min_len=2, max_len=2), shots=2)
+    demos = {d.prompt for d in fs.inner.examples("train", 2, fs.demo_seed)}
+    exs = fs.examples("train", 40, 0)
+    assert len(exs) == 40 and not {fs.query(e.prompt) for e in exs} & demos
+    assert fs.examples("train", 10, 0) == exs[:10]
+
+
+def test_split_of_a_text_task_works_before_its_pool_is_read(monkeypatch):
+    """canonical / split_of of a task split by answer read the item table that pool() fills: they must fill it
+    themselves (a fresh process may ask split_of first), and name the task for a prompt outside the pool."""
+    monkeypatch.setattr("configurable_fm.data.text_tasks._ITEM_OF", {})  # nothing read yet, as in a fresh process
+    monkeypatch.setitem(POOLS, "plural", lambda: [("child", "children"), ("mouse", "mice"), ("ox", "oxen")])
+    task = TextTask(name="plural_tiny", source="plural", template="plural of '{x}':", canonical_by="answer")
+    assert task.canonical("plural of 'mouse':") == "mice"
+    assert task.split_of("plural of 'ox':") == ("test" if split_unit("oxen") < task.test_fraction else "train")
+    with pytest.raises(KeyError, match="plural_tiny.*not a prompt of its pool"):
+        task.split_of("plural of 'goose':")
 
 
 def test_registry():

@@ -270,9 +270,9 @@ def check_relations(relations: Sequence[Relation]) -> None:
         raise ValueError(f"relations must be a non-empty set of distinct names, got {names}")
     marker = "\x00"
     prompts = [(r.name, t, r.prompt(t, marker)) for r in relations for t in r.templates + r.paraphrases]
-    for ri, ti, pi in prompts:
-        for rj, tj, pj in prompts:
-            if ti != tj and pj.startswith(pi):
+    for i, (ri, ti, pi) in enumerate(prompts):
+        for j, (rj, tj, pj) in enumerate(prompts):  # by position: two relations may share a template string
+            if i != j and pj.startswith(pi):
                 raise ValueError(f"query prompt of relation {ri!r} template {ti!r} is a prefix of the prompt of "
                                  f"relation {rj!r} template {tj!r}: that prompt would have two continuations")
     texts = [(r.name, t, r.text(t, marker, "\x01")) for r in relations for t in r.templates]
