@@ -56,6 +56,9 @@ def token_selection(positions, shape: tuple[int, ...], point: str) -> jax.Array 
     if len(shape) < 2:
         raise TapError(f"positions= needs a value with leading (B, T) axes; {point} is {tuple(shape)}")
     b, t = shape[:2]
+    if getattr(positions, "ndim", 0) > 1 and jnp.issubdtype(positions.dtype, jnp.integer):
+        raise TapError(f"integer positions for {point} are a 1-D list of token indices (the same in every row), got "
+                       f"shape {tuple(positions.shape)}; choose per row with a boolean (B, T) mask")
     idx = _concrete_ints(positions)
     if idx is not None:
         bad = idx[(idx < -t) | (idx >= t)]
@@ -67,6 +70,9 @@ def token_selection(positions, shape: tuple[int, ...], point: str) -> jax.Array 
     else:
         pos = jnp.asarray(positions)
         if jnp.issubdtype(pos.dtype, jnp.integer):  # a traced 1-D integer array: those t in every row
+            if pos.ndim > 1:
+                raise TapError(f"integer positions for {point} are a 1-D list of token indices (the same in every "
+                               f"row), got shape {tuple(pos.shape)}; choose per row with a boolean (B, T) mask")
             sel = jnp.any(jnp.arange(t)[None, :] == (pos.reshape(-1) % t)[:, None], axis=0)[None, :]
         elif pos.dtype == jnp.bool_:
             try:

@@ -131,6 +131,9 @@ def log_edges(bins: int | Sequence[float] = 48, bin_range: tuple[float, float] =
             raise ValueError(f"activation_stats: need bins >= 1 and 0 < lo < hi, got bins={bins}, "
                              f"bin_range={bin_range}")
         return np.logspace(np.log10(lo), np.log10(hi), int(bins) + 1)
+    if isinstance(bins, bool) or np.ndim(bins) != 1:
+        raise ValueError(f"activation_stats: bins is a number of bins (an int) or a 1-D sequence of edges, got "
+                         f"{bins!r}")
     edges = np.asarray(bins, np.float64).reshape(-1)
     if edges.size < 1 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0) or edges[0] < 0:
         raise ValueError(f"activation_stats: edges must be finite, non-negative and increasing, got {bins!r}")
@@ -334,6 +337,9 @@ def per_example_activations(model: nnx.Module, examples: Iterable, *, points: st
       row one example, its tokens those of token_mask; a row mask 'mask' of 0 drops the row). One jitted capture
       per batch shape returns only the (B, L, F) means.
     """
+    for name, value in (("batch_size", batch_size), ("pad_to", pad_to)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"per_example_activations: {name} must be an int >= 1, got {value!r}")
     pats = patterns_of(points, "per_example_activations")
     matcher = Matcher(pats)
     names = tuple(p for p in tap_points(model, jax.ShapeDtypeStruct((1, 2), jnp.int32)) if matcher(p))
@@ -522,9 +528,14 @@ class MaskLowActivation(Intervention):
         score = jnp.abs(x.astype(jnp.float32))
         if self.scale is not None:
             scale = jnp.asarray(self.scale, jnp.float32)
-            if scale.shape[-1:] != (f,):
+            per_token = tuple(x.shape[2:]) if x.ndim >= 2 else tuple(x.shape)
+            try:
+                fits = jnp.broadcast_shapes(per_token, scale.shape) == per_token
+            except ValueError:
+                fits = False
+            if scale.shape[-1:] != (f,) or not fits:
                 raise TapError(f"mask_low_activation: scale {tuple(scale.shape)} does not fit the {f} neurons of "
-                               f"{point} {tuple(x.shape)}")
+                               f"{point} {tuple(x.shape)} (it must broadcast into each token's {per_token})")
             score = score * scale
         _, low = jax.lax.top_k(-score, k)  # k smallest, lower index first among ties
         drop = jnp.zeros(score.shape, bool)
@@ -572,6 +583,9 @@ def mask_neurons(model: nnx.Module, neurons: Mapping[Any, Any], *,
             if a.shape != (f,):
                 raise TapError(f"mask_neurons: a boolean mask for {point} must be ({f},), got {a.shape}")
             a = np.flatnonzero(a)
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise TapError(f"mask_neurons: the neurons of {point} must be integer indices or a boolean mask, got "
+                           f"{a.dtype} {a.reshape(-1)[:8].tolist()}")
         a = a.reshape(-1).astype(np.int64)
         bad = a[(a < 0) | (a >= f)]
         if bad.size:

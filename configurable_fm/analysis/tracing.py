@@ -250,7 +250,12 @@ def causal_trace(model: nnx.Module, ids: Sequence[int], subject: tuple[int, int]
     """
     t0 = time.perf_counter()
     layout, num_layers = layout_of(model)
-    ids_T = np.asarray(ids, np.int32).reshape(-1)
+    given = np.asarray(ids)
+    if (given.ndim not in (1, 2) or given.ndim == 2 and given.shape[0] != 1 or given.size == 0
+            or not np.issubdtype(given.dtype, np.integer)):
+        raise ValueError(f"ids must be the token ids of one prompt, integers (T,) or (1, T), got {given.dtype} "
+                         f"{given.shape}")
+    ids_T = given.astype(np.int32).reshape(-1)
     t = len(ids_T)
     s0, s1 = (int(subject[0]), int(subject[1]))
     if not 0 <= s0 < s1 <= t:
@@ -259,8 +264,14 @@ def causal_trace(model: nnx.Module, ids: Sequence[int], subject: tuple[int, int]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds or len(set(kinds)) != len(kinds):
         raise ValueError(f"kinds must be distinct names among {list(KINDS)}, got {list(kinds)}")
-    if samples < 1 or window < 1 or rows_per_call < 1:
-        raise ValueError(f"samples, window and rows_per_call must be >= 1 (got {samples}, {window}, {rows_per_call})")
+    counts = (samples, window, rows_per_call)
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in counts):
+        raise ValueError(f"samples, window and rows_per_call must be ints >= 1 (got {samples!r}, {window!r}, "
+                         f"{rows_per_call!r})")
+    for name, value in (("noise", noise), ("embedding_std", embedding_std)):
+        if value is not None and not (isinstance(value, (int, float, np.number)) and np.isfinite(value)
+                                      and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     graphdef, state = nnx.split(model)
     points = tuple(layout.point(k, l) for k in kinds for l in range(num_layers))
     ids_1xT = jnp.asarray(ids_T[None])

@@ -10,8 +10,9 @@ from flax import nnx
 
 from configurable_fm.analysis import TapError, capture, intervene, mask, replace
 from configurable_fm.analysis.neurons import (
-    ExampleActivations, NeuronStats, Specialisation, activation_stats, average_precision, mask_low_activation,
-    mask_neurons, partition_overlap, per_example_activations, specialisation_scores, top_mask, top_neurons)
+    ExampleActivations, NeuronStats, Specialisation, activation_stats, average_precision, log_edges,
+    mask_low_activation, mask_neurons, partition_overlap, per_example_activations, specialisation_scores, top_mask,
+    top_neurons)
 from tests.analysis.tiny import GPT2, LLAMA, random_model
 
 B, T = 3, 8
@@ -277,6 +278,40 @@ def test_mask_neurons(llama):
         mask_neurons(llama, {3: [0]})
     with pytest.raises(TapError, match="neither a layer index nor a tap point"):
         mask_neurons(llama, {"layers.0.mlp": [0]})
+
+
+def test_mask_neurons_refuses_fractional_indices(llama):
+    # float indices were cast to int: {0: [0.5, 2.7]} zeroed neurons 0 and 2 without a word
+    with pytest.raises(TapError, match="layers.0.mlp.hidden must be integer indices or a boolean mask"):
+        mask_neurons(llama, {0: [0.5, 2.7]})
+    assert mask_neurons(llama, {0: []})["layers.0.mlp.hidden"].neurons.tolist() == []  # an empty list: no neuron
+
+
+def test_mask_low_activation_scale_must_fit_each_token():
+    # a (T, F) scale broadcast over the time axis: each token ranked by another scale row, no error
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 3, 4), jnp.float32)
+    with pytest.raises(TapError, match=r"scale \(3, 4\) does not fit the 4 neurons of p \(2, 3, 4\)"):
+        mask_low_activation(0.5, scale=np.ones((3, 4))).apply(x, "p")
+    ones = mask_low_activation(0.5, scale=np.ones(4)).apply(x, "p")
+    np.testing.assert_array_equal(ones, mask_low_activation(0.5).apply(x, "p"))
+    moe = jnp.ones((1, 2, 3, 4))  # (B, T, E, F) with an (E, F) scale still fits
+    assert mask_low_activation(0.5, scale=np.ones((3, 4))).apply(moe, "p").shape == moe.shape
+
+
+def test_scalar_bins_that_are_not_ints_are_refused():
+    # bins=48.0 became the single edge 48 (a two-bin histogram)
+    for bins in (48.0, True, np.float64(3)):
+        with pytest.raises(ValueError, match="bins is a number of bins"):
+            log_edges(bins)
+    assert log_edges([0.1, 1.0]).tolist() == [0.1, 1.0] and len(log_edges(np.int64(3))) == 4
+
+
+def test_bad_batching_of_examples_names_the_argument(llama):
+    # batch_size=0 / pad_to=0 raised IndexError / ZeroDivisionError from inside the batching
+    for kwargs, name in (({"batch_size": 0}, "batch_size"), ({"pad_to": 0}, "pad_to"),
+                         ({"batch_size": 2.5}, "batch_size")):
+        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+            per_example_activations(llama, [np.arange(1, 4)], **kwargs)
 
 
 def test_survey_pipeline_on_tiny_llama(llama):

@@ -245,3 +245,17 @@ def test_errors_name_the_point(llama, ids):
         intervene(llama, {"layers.0.output": add(jnp.ones(16))}, lambda m: capture(m, "layers.0.output", ids))
     with pytest.raises(TypeError, match="token ids"):
         capture(llama, "output", "not ids")
+
+
+def test_two_dimensional_integer_positions_are_refused():
+    # an (B, 1) integer array (one position per row) was flattened into positions {1, 2} of every row
+    x = jnp.zeros((2, 4, 3))
+    per_row = np.array([[1], [2]])
+    for positions in (per_row, [[1], [2]]):
+        with pytest.raises(TapError, match=r"1-D list of token indices .* got shape \(2, 1\)"):
+            replace(1.0, positions=positions).apply(x, "p")
+    with pytest.raises(TapError, match="1-D list of token indices"):
+        jax.jit(lambda p: replace(1.0, positions=p).apply(x, "p"))(jnp.asarray(per_row))
+    rows = np.arange(4)[None, :] == per_row  # the per-row choice, as a boolean mask
+    np.testing.assert_array_equal(replace(1.0, positions=rows).apply(x, "p")[..., 0], rows.astype(np.float32))
+    np.testing.assert_array_equal(replace(1.0, positions=np.array([1, 2])).apply(x, "p")[0, :, 0], [0, 1, 1, 0])

@@ -178,6 +178,22 @@ def test_bad_input(family):
         causal_trace(random_model(BERT, 0), IDS, SUBJECT)
 
 
+def test_bad_ids_counts_and_noise_are_refused(family):
+    # ids (2, T) were flattened into one 2T-token prompt, float ids truncated, a NaN noise gave NaN probabilities,
+    # samples=2.5 failed inside jax.random
+    _, model = family
+    two_rows = np.asarray([IDS, IDS])
+    for ids in (two_rows, np.asarray(IDS, np.float32) + 0.5, [], [[IDS]]):
+        with pytest.raises(ValueError, match=r"token ids of one prompt, integers \(T,\) or \(1, T\)"):
+            causal_trace(model, ids, SUBJECT)
+    for kwargs in ({"noise": float("nan")}, {"embedding_std": float("inf")}, {"noise": -1.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a finite number >= 0"):
+            causal_trace(model, IDS, SUBJECT, **kwargs)
+    for kwargs in ({"samples": 2.5}, {"window": True}, {"rows_per_call": 0}):
+        with pytest.raises(ValueError, match="must be ints >= 1"):
+            causal_trace(model, IDS, SUBJECT, **kwargs)
+
+
 def test_plot_trace(traced):
     import matplotlib
     matplotlib.use("Agg")

@@ -187,7 +187,8 @@ def _logits_step(graphdef, state, inputs, attention):
 
 
 def _kl_step(graphdef, state, inputs, attention, reference_BxTxV, m_BxT):
-    return jnp.sum(next_token_kl(_logits_step(graphdef, state, inputs, attention), reference_BxTxV) * m_BxT)
+    """(B, T) float32 KL per token times the scored-token mask (summed in float64 on the host)."""
+    return next_token_kl(_logits_step(graphdef, state, inputs, attention), reference_BxTxV) * m_BxT
 
 
 _jitted_logits = jax.jit(_logits_step, static_argnums=(0,))
@@ -222,8 +223,8 @@ def mean_kl(model, batches: Sequence[Mapping[str, Any]], reference: Sequence[jax
         inputs, _, m, attention = scored_batch(batch, f"mean_kl: batch {i}")
         if ref.shape[:2] != inputs.shape:
             raise SparsityError(f"mean_kl: batch {i} is {inputs.shape} but its reference logits are {ref.shape}")
-        total += float(_jitted_kl(graphdef, state, jnp.asarray(inputs), attention, ref,
-                                  jnp.asarray(m, jnp.float32)))
+        total += float(np.sum(np.asarray(_jitted_kl(graphdef, state, jnp.asarray(inputs), attention, ref,
+                                                    jnp.asarray(m, jnp.float32)), np.float64)))
         tokens += float(m.sum())
     if tokens <= 0:
         raise SparsityError("mean_kl: no scored tokens")
