@@ -268,6 +268,18 @@ def _is_float(dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
 
 
+def _cast(key: str, value: np.ndarray, dtype: str) -> np.ndarray:
+    """`value` in the export dtype; ConfigError when finite values would become inf (float16's range ends at
+    65504), rather than writing them so."""
+    with np.errstate(over="ignore"):
+        out = value.astype(np.dtype(dtype))
+    if np.isinf(out).sum() > np.isinf(value).sum():
+        big = float(np.abs(value[np.isfinite(value)].astype(np.float32)).max())
+        raise ConfigError(f"{dtype} cannot hold {key} (max |value| {big:.4g} > {float(np.finfo(out.dtype).max):g}); "
+                          "export it as bfloat16 or float32")
+    return out
+
+
 def _special_ids(tokenizer, generation_config: dict | None) -> dict:
     """{'bos_token_id', 'eos_token_id', 'pad_token_id'}: the tokenizer's (None where unknown), then
     `generation_config`'s."""
@@ -297,10 +309,11 @@ def to_hf(model: nnx.Module, out_dir: str | Path, *, tokenizer=None, dtype=None,
     have more tokens than the model's vocabulary.
 
     Everything is checked before anything is written: a model whose module tree disagrees with model.cfg
-    (models.InconsistentModel), one HF cannot express (extension modules: UnsupportedModel), a bad dtype
-    (ConfigError), a tokenizer that does not fit the model or a chat template without a tokenizer
-    (TokenizerError), an existing output (OutputExists, unless `overwrite` and it is a previous output). The
-    directory appears atomically: it is written under a temporary name and renamed when complete.
+    (models.InconsistentModel), one HF cannot express (extension modules: UnsupportedModel), a bad dtype or one
+    that cannot hold the weights (float16 past 65504: ConfigError), a tokenizer that does not fit the model or a
+    chat template without a tokenizer (TokenizerError), an existing output (OutputExists, unless `overwrite` and it
+    is a previous output). The directory appears atomically: it is written under a temporary name and renamed when
+    complete.
     """
     from configurable_fm.interop.tokenizers import TokenizerError, load_chat_tokenizer
 
@@ -318,7 +331,7 @@ def to_hf(model: nnx.Module, out_dir: str | Path, *, tokenizer=None, dtype=None,
     check_overwritable(out_dir, overwrite)
     tensors = _tensors(family, model)
     if dtype is not None:
-        tensors = {k: v.astype(np.dtype(dtype)) if _is_float(v.dtype) else v for k, v in tensors.items()}
+        tensors = {k: _cast(k, v, dtype) if _is_float(v.dtype) else v for k, v in tensors.items()}
     config = family.config_to_hf(model.cfg)
     dtypes = {str(v.dtype) for v in tensors.values()}
     config["torch_dtype"] = config["dtype"] = dtype or (dtypes.pop() if len(dtypes) == 1 else "float32")

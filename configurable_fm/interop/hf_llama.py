@@ -34,9 +34,15 @@ def config_from_hf(c: dict) -> LlamaConfig:
     arch = next(a for a in c.get("architectures", []) if a in MODEL_TYPES)
     reject_unknown_config(c, HANDLED, "llama")
     default = HF_DEFAULTS[arch]
-    rope = dict(c.get("rope_parameters") or {})
-    theta = c.get("rope_theta", rope.pop("rope_theta", default["rope_theta"]))
-    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    max_positions = c.get("max_position_embeddings", default["max_position_embeddings"])
+    # As transformers 5.x reads RoPE: rope_scaling, when given, takes the place of rope_parameters; a rope_theta
+    # inside that dict wins over the top-level one; llama3 defaults original_max_position_embeddings to
+    # max_position_embeddings
+    rope = dict(c.get("rope_scaling") or c.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", c.get("rope_theta", default["rope_theta"]))
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        rope.setdefault("original_max_position_embeddings", max_positions)
+    scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
     if c.get("partial_rotary_factor", 1.0) != 1.0:
         raise UnsupportedModel(f"partial_rotary_factor={c['partial_rotary_factor']} is not implemented")
     window = c.get("sliding_window", default["sliding_window"])
@@ -49,18 +55,20 @@ def config_from_hf(c: dict) -> LlamaConfig:
     # layer_types changes nothing here, as in transformers 5.x: Llama, Mistral and Mixtral read no layer_types
     # (Mistral warns, then applies sliding_window to every layer), and Qwen2 windows a layer only with
     # use_sliding_window (refused above)
-    experts = c.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0
-    attention_bias = c.get("attention_bias", arch == "Qwen2ForCausalLM")
+    experts = c.get("num_local_experts", 8) if arch == "MixtralForCausalLM" else 0  # transformers' default: 8
+    # Only Llama reads attention_bias / mlp_bias; Qwen2 always biases q, k, v, Mistral and Mixtral never do
+    llama = arch == "LlamaForCausalLM"
+    attention_bias = c.get("attention_bias", False) if llama else arch == "Qwen2ForCausalLM"
     return LlamaConfig(
         vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
         num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
         num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], head_dim=c.get("head_dim"),
         rms_norm_eps=c.get("rms_norm_eps", default["rms_norm_eps"]), rope_theta=float(theta),
         rope_scaling=RopeScaling.from_hf(scaling),
-        attention_bias=attention_bias, o_proj_bias=attention_bias and arch == "LlamaForCausalLM",
-        mlp_bias=c.get("mlp_bias", False),
+        attention_bias=attention_bias, o_proj_bias=attention_bias and llama,
+        mlp_bias=c.get("mlp_bias", False) if llama else False,
         tie_word_embeddings=c.get("tie_word_embeddings", False),
-        max_position_embeddings=c.get("max_position_embeddings", default["max_position_embeddings"]),
+        max_position_embeddings=max_positions,
         hidden_act=c.get("hidden_act", "silu"),
         sliding_window=window, num_experts=experts, num_experts_per_tok=c.get("num_experts_per_tok", 2),
         architecture=arch)

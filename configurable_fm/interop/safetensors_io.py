@@ -57,15 +57,15 @@ class TensorStore(Mapping[str, np.ndarray]):
         path = Path(path)
         if path.is_dir():
             index = path / INDEX_FILE
-            if index.exists():
+            if (path / SINGLE_FILE).exists():  # before an index, as transformers' from_pretrained looks
+                files = None
+                path = path / SINGLE_FILE
+            elif index.exists():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
                 files = {k: path / f for k, f in weight_map.items()}
-            elif (path / SINGLE_FILE).exists():
-                files = None
-                path = path / SINGLE_FILE
             else:
                 found = sorted(p.name for p in path.glob("*.safetensors"))
                 raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}"

@@ -198,7 +198,8 @@ class ChatTokenizer:
 
     special_tokens: {'bos': '<|im_start|>', 'eos': '<|im_end|>', 'unk': ..., 'pad': ...} (names of
     SPECIAL_TOKEN_NAMES; every token must be in the vocabulary). eos_token_ids: the ids that end generation when
-    the source names several (generation_config.json's list, GGUF's eot); empty: the eos token's id.
+    the source names them (generation_config.json's eos_token_id; GGUF's eos and eot when they differ); empty:
+    the eos token's id.
     extra_config: the other keys of an HF source's tokenizer_config.json (clean_up_tokenization_spaces,
     padding_side, do_lower_case, ...), written back by `tokenizer_config` (not those that would make transformers
     encode differently from `tokenizer`: tokenizer_class, add_bos_token, add_eos_token, auto_map).
@@ -475,10 +476,12 @@ def _gguf_info(reader) -> dict:
 def _hf_info(directory: Path) -> dict:
     tok_cfg, special_map, gen_cfg = _hf_files(directory)
     eos = gen_cfg.get("eos_token_id")
+    if isinstance(eos, int) and not isinstance(eos, bool):  # one id: what generate stops at, whatever eos_token is
+        eos = [eos]
     max_len = tok_cfg.get("model_max_length")
     return dict(special_tokens=_hf_special_tokens(tok_cfg, special_map),
                 chat_template=_hf_chat_template(directory, tok_cfg),
-                eos_token_ids=tuple(eos) if isinstance(eos, list) and len(eos) > 1 else (),
+                eos_token_ids=tuple(eos) if isinstance(eos, list) else (),
                 model_max_length=max_len if isinstance(max_len, int) and max_len < 10 ** 12 else None,
                 extra_config=tok_cfg)
 

@@ -89,6 +89,20 @@ def test_template_errors():
         ChatTokenizer(tokenizer()).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_a_single_generation_config_eos_id_is_kept(tmp_path):
+    """generation_config.json's eos_token_id is what transformers' generate stops at, also when it is one id that
+    is not the tokenizer's eos token (or the tokenizer names no eos token): it is the stop id, and to_hf writes it."""
+    d = tmp_path / "hf"
+    d.mkdir()
+    tokenizer().save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": 3}))
+    chat = load_chat_tokenizer(d)
+    assert (chat.eos_token_id, chat.stop_token_ids, chat.generation_config()["eos_token_id"]) == (1, (3,), 3)
+    (d / "tokenizer_config.json").unlink()
+    assert load_chat_tokenizer(d).generation_config()["eos_token_id"] == 3
+
+
 def test_hf_directory_files(tmp_path):
     d = tmp_path / "hf"
     d.mkdir()

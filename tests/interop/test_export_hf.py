@@ -244,3 +244,17 @@ def test_smollm2_export_generates_like_transformers(tmp_path):
     assert theirs == ours[:end]
     text = generate_text(model, chat, messages, max_new_tokens=16)
     assert text == hf_tok.decode(theirs, skip_special_tokens=True) and "Paris" in text
+
+
+def test_float16_export_refuses_values_it_would_turn_into_inf(tmp_path):
+    """float16 tops out at 65504: a larger weight would be written as inf (bfloat16 keeps float32's range)."""
+    model = random_llama(dataclasses.replace(CFG, num_layers=1), 0)
+    params = {k: np.asarray(v) for k, v in flat_state(model).items()}
+    norm = params["norm.weight"].copy()
+    norm[3] = 1e5
+    model = with_params(model, {**params, "norm.weight": jnp.asarray(norm)})
+    with pytest.raises(ConfigError, match=r"float16 cannot hold model\.norm\.weight .*1e\+05.*65504"):
+        to_hf(model, tmp_path / "f16", dtype="float16")
+    assert list(tmp_path.iterdir()) == []
+    out = to_hf(model, tmp_path / "bf16", dtype="bfloat16")
+    assert float(np.asarray(flat_state(from_hf(out))["norm.weight"])[3]) == float(jnp.bfloat16(1e5))

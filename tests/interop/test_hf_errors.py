@@ -136,3 +136,73 @@ def test_inputs_are_not_modified(ckpt):
     from_hf(path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------ config.json read as transformers reads it
+def _hf_dir(tmp_path, kind, edit, **kw):
+    """A tiny random transformers `kind` model saved to tmp_path / kind, config.json edited by `edit` (a function
+    of the dict), reloaded by transformers: (directory, transformers model)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{kind}Config")(
+        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3, **kw)
+    path = tmp_path / kind
+    getattr(transformers, f"{kind}ForCausalLM")(cfg).save_pretrained(path)
+    c = json.loads((path / "config.json").read_text())
+    edit(c)
+    (path / "config.json").write_text(json.dumps(c))
+    return path, getattr(transformers, f"{kind}ForCausalLM").from_pretrained(path).eval()
+
+
+def _max_logit_diff(path, hf):
+    import torch
+
+    ids = np.random.RandomState(1).randint(0, 61, (1, 48))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    return float(np.abs(np.asarray(from_hf(path)(jnp.asarray(ids))) - theirs).max())
+
+
+def _rope(**rope_scaling):
+    def edit(c):
+        c.pop("rope_parameters", None)
+        c.update(rope_theta=500000.0, rope_scaling=rope_scaling)
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    # llama3 without original_max_position_embeddings: transformers takes max_position_embeddings (64), not 8192
+    _rope(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+    # a rope_theta inside rope_scaling / rope_parameters wins over the top-level one
+    _rope(rope_type="linear", factor=2.0, rope_theta=100.0),
+    lambda c: c.update(rope_theta=500000.0, rope_parameters={"rope_type": "default", "rope_theta": 100.0}),
+    # rope_scaling replaces rope_parameters (and its rope_theta) altogether
+    lambda c: c.update(rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+                       rope_scaling={"rope_type": "linear", "factor": 2.0}),
+], ids=["llama3-default-original-max", "theta-in-rope-scaling", "theta-in-rope-parameters", "scaling-over-parameters"])
+def test_rope_config_read_as_transformers_reads_it(tmp_path, edit):
+    path, hf = _hf_dir(tmp_path, "Llama", edit)
+    assert _max_logit_diff(path, hf) <= 1e-4
+
+
+@pytest.mark.parametrize("kind, edit", [
+    ("Qwen2", lambda c: c.update(attention_bias=False)),  # Qwen2 always biases q, k, v (transformers ignores the key)
+    ("Mistral", lambda c: c.update(attention_bias=True, mlp_bias=True)),  # Mistral never has biases
+    ("Mixtral", lambda c: c.pop("num_local_experts")),  # transformers' default: 8 experts
+], ids=["qwen2-attention-bias-false", "mistral-bias-keys", "mixtral-default-experts"])
+def test_keys_transformers_ignores_or_defaults_per_architecture(tmp_path, kind, edit):
+    kw = dict(num_local_experts=8) if kind == "Mixtral" else {}
+    path, hf = _hf_dir(tmp_path, kind, edit, **kw)
+    assert _max_logit_diff(path, hf) <= 1e-4
+
+
+def test_single_file_is_read_before_an_index_as_transformers_does(tmp_path):
+    """A directory holding both model.safetensors and an index (e.g. stale shards left next to a newer single file):
+    transformers' from_pretrained loads model.safetensors, so must we."""
+    write_sharded({"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}, tmp_path, max_shard_bytes=16)
+    write_sharded({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}, tmp_path)
+    store = TensorStore(tmp_path)
+    np.testing.assert_array_equal(store["a"], np.ones(4, np.float32))
+    assert sorted(store) == ["a", "b"]
