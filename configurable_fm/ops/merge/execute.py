@@ -213,6 +213,11 @@ def _freeze_map(value: Mapping):
     return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
 
 
+def needs_baking(method: MergeMethod, params: Mapping[str, Any], xs: Sequence) -> bool:
+    """Whether `method.bake` asks for these parameters as constants on tensors of xs[0]'s size."""
+    return method.bake is not None and bool(xs) and method.bake(params, int(np.prod(np.shape(xs[0]), dtype=np.int64)))
+
+
 _NEEDS_CONCRETE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
                    jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
 
@@ -255,15 +260,17 @@ class KernelCache:
         return len(self._fns)
 
     def get(self, method: MergeMethod, params: Mapping[str, Any], load_dtype, out_dtype,
-            compute_dtype: Optional[str] = None) -> Callable:
-        """`call(base, xs_tuple, key) -> y` for this setting (compute_dtype: precision.py; None = float32)."""
+            compute_dtype: Optional[str] = None, *, bake: bool = False) -> Callable:
+        """`call(base, xs_tuple, key) -> y` for this setting (compute_dtype: precision.py; None = float32).
+        bake: the parameter arrays are constants of the function (also chosen per call where `method.bake` says
+        a tensor needs it)."""
         params = dict(params)
         load_dtype = None if load_dtype is None else np.dtype(load_dtype)
         out_dtype = np.dtype(out_dtype)
         arrays = {k: v for k, v in params.items()
                   if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == 1}
         with self._lock:
-            traced = bool(arrays) and id(method) not in self._concrete
+            traced = bool(arrays) and not bake and id(method) not in self._concrete
         if not traced:
             arrays = {}
         static = {k: v for k, v in params.items() if k not in arrays}
@@ -284,6 +291,8 @@ class KernelCache:
             return lambda b, xs, k: _run(fn, method, static, b, xs, k, {}, self.chunk_bytes, out_dtype)
 
         def call(b, xs, k):
+            if needs_baking(method, params, xs):
+                return self.get(method, params, load_dtype, out_dtype, compute_dtype, bake=True)(b, xs, k)
             try:
                 return _run(fn, method, params, b, xs, k, arrays, self.chunk_bytes, out_dtype)
             except _NEEDS_CONCRETE:
@@ -650,7 +659,8 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
                                       for x in ([base] if base is not None else []) + list(inputs)):
         load_dtype = None
     cache = cache if cache is not None else DEFAULT_CACHE
-    fn = cache.get_batched(method, params[0], load_dtype, out_dtype, compute_dtype)
+    bake = any(needs_baking(method, p, [x[0] for x in inputs]) for p in params)
+    fn = None if bake else cache.get_batched(method, params[0], load_dtype, out_dtype, compute_dtype)
     if fn is not None:
         arrays = {k: np.stack([p[k] for p in params]) for k, v in params[0].items()
                   if _is_param_array(v)}

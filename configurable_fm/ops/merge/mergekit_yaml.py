@@ -152,6 +152,9 @@ class _Doc:
             self.root = self.loader.get_single_node()
         except yaml.YAMLError as e:
             raise MergekitYamlError(f"{source}: not a valid single YAML document ({e})") from None
+        if self.root is None:  # an empty file, or only comments
+            raise MergekitYamlError(f"{source}: the YAML document is empty; 'merge_method' and 'models' (or "
+                                    "'slices') are required")
 
     def line(self, node) -> int:
         return node.start_mark.line + 1
@@ -189,11 +192,26 @@ def _number(v: Any) -> Any:
     return float(v) if isinstance(v, str) and _FLOAT.match(v.strip()) else v
 
 
-def _setting(doc: _Doc, node, where: str, numeric: bool = False) -> Any:
+_TRUE = ("1", "on", "t", "true", "y", "yes")
+_FALSE = ("0", "off", "f", "false", "n", "no")
+
+
+def _setting(doc: _Doc, node, where: str, numeric: bool = False, boolean: bool = False) -> Any:
     """A parameter setting checked for form: scalar | [scalars] | {filter?, value} | [{filter?, value}...].
-    With `numeric`, number-like strings ('1e-3') become floats (as mergekit's type validation)."""
+    With `numeric`, number-like strings ('1e-3') become floats (as mergekit's type validation); with `boolean`
+    (a flag such as `normalize`), values become bools as pydantic reads them ('false', 'no', 0 -> False; 'true',
+    'yes', 1 -> True) and anything else is an error (a string such as 'false' was truthy)."""
     scalar = (bool, int, float, str)
     conv = _number if numeric else (lambda v: v)
+    if boolean:
+        def conv(v):
+            if isinstance(v, bool):
+                return v
+            if isinstance(v, (int, float)) and v in (0, 1):
+                return bool(v)
+            if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+                return v.strip().lower() in _TRUE
+            raise doc.error(node, f"{where}: must be a boolean (true or false), got {v!r}")
 
     def cond(n):
         entries = dict(doc.mapping(n, where))
@@ -246,7 +264,8 @@ def _parameters(doc: _Doc, node, where: str, valid: set[str], method: MergeMetho
             raise doc.error(vnode, f"unsupported key {key!r} in {where} for merge_method {method.name!r}{hint}")
         name = "lambda" if key == "lambda_" else key
         numeric = name in method.per_model or not isinstance(method.shared.get(name), str)
-        out[key] = _setting(doc, vnode, f"{where}.{key}", numeric)
+        boolean = name not in method.per_model and isinstance(method.shared.get(name), bool)
+        out[key] = _setting(doc, vnode, f"{where}.{key}", numeric, boolean)
     return out
 
 

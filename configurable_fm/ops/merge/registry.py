@@ -69,6 +69,10 @@ class MergeMethod:
     doc: str = ""
     result_dtype: Literal["compute", "float32"] = "compute"
     chunks: Optional[RowChunks] = None
+    # bake(params, size) -> True when these resolved parameters, on a tensor of `size` entries, must reach the
+    # kernel as constants rather than traced float32 arrays (execute.KernelCache): where a traced count would
+    # differ from mergekit's int(d·n) in double precision, or a check on the values would be skipped
+    bake: Optional[Callable[[Mapping[str, Any], int], bool]] = None
 
 
 METHODS: dict[str, MergeMethod] = {}

@@ -200,3 +200,24 @@ parameters: {{lambda: 2E0, election: sum}}
 """, dirs)
     assert plan.model_parameters[0] == {"weight": 0.1, "density": [{"filter": "x", "value": 0.5}]}
     assert plan.parameters == {"lambda": 2.0, "election": "sum"}
+
+
+@pytest.mark.parametrize("text", ["", "# a comment only\n", "\n\n"])
+def test_an_empty_yaml_is_a_clear_error(text):
+    with pytest.raises(MergekitYamlError, match="empty"):
+        parse_mergekit_yaml(text, source="t.yml")
+
+
+def test_boolean_flags_are_read_as_mergekit_reads_them(dirs):
+    """A quoted 'false' was kept as a (truthy) string, so `normalize: "false"` normalised; pydantic reads it as
+    False, and refuses a value that is no boolean."""
+    plan = _parse("merge_method: linear\nmodels: [{{model: {a}}}]\nparameters:\n  weight: 1.0\n"
+                  "  normalize: 'false'\n", dirs)
+    assert plan.parameters["normalize"] is False
+    plan = _parse("merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\nparameters:\n  weight: 1.0\n"
+                  "  normalize: [{{filter: mlp, value: 'No'}}, {{value: 1}}]\n", dirs)
+    assert plan.parameters["normalize"] == [{"filter": "mlp", "value": False}, {"value": True}]
+    with pytest.raises(MergekitYamlError) as e:
+        _parse("merge_method: ties\nbase_model: {base}\nmodels: [{{model: {a}}}]\nparameters:\n  weight: 1.0\n"
+               "  normalize: maybe\n", dirs)
+    assert "line 6" in str(e.value) and "parameters.normalize" in str(e.value) and "boolean" in str(e.value)

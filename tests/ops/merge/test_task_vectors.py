@@ -361,3 +361,32 @@ def test_registry_defaults_follow_mergekit():
 def test_errors_name_the_parameter(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("method, extra", [("ties", {}), ("breadcrumbs", {"gamma": 0.0})])
+def test_tree_merge_keeps_mergekits_count_with_traced_densities(method, extra):
+    """The kernel cache traces per-model densities; a traced count trunc(f32(0.58)·f32(50)) is 29 where mergekit
+    keeps int(0.58·50) = 28 entries, so such densities reach the kernel as constants (also in a batched merge)."""
+    from configurable_fm.ops.merge import tree
+    from configurable_fm.ops.merge.execute import KernelCache, merge_stacked
+    from configurable_fm.ops.merge.registry import get_method
+
+    base = np.zeros(50, np.float32)
+    x = (np.random.default_rng(0).permutation(50) + 1).astype(np.float32)
+    params = {"weight": 1.0, "density": 0.58, **extra}
+    out = tree.merge(method, {"w": base}, [{"w": x}], parameters=params)
+    assert int(np.count_nonzero(np.asarray(out["w"]))) == int(0.58 * 50) == 28
+    resolved = {"weight": np.ones(1), "density": np.full(1, 0.58), **{k: np.full(1, v) for k, v in extra.items()}}
+    ys = merge_stacked(get_method(method), np.stack([base, base]), [np.stack([x, x])], [resolved, resolved],
+                       out_dtype=np.float32, cache=KernelCache())
+    assert [int(np.count_nonzero(np.asarray(y))) for y in ys] == [28, 28]
+
+
+def test_tree_merge_refuses_della_density_plus_minus_epsilon_outside_0_1():
+    """mergekit raises for density ± epsilon outside (0, 1); the kernel's check was skipped for traced values."""
+    from configurable_fm.ops.merge import tree
+
+    b = {"w": np.zeros((4, 4), np.float32)}
+    with pytest.raises(ValueError, match="density ± epsilon"):
+        tree.merge("della", b, [{"w": np.ones((4, 4), np.float32)}],
+                   parameters={"weight": 1.0, "density": 0.5, "epsilon": 0.6})
