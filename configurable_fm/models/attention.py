@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,15 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
     SUPPORTED = ("default", "linear", "llama3")
+
+    def __post_init__(self):
+        # Another rope_type (yarn, dynamic, longrope, ...) would silently get llama3's frequencies.
+        if self.rope_type not in self.SUPPORTED:
+            raise NotImplementedError(f"rope_scaling type {self.rope_type!r} is not implemented; "
+                                      f"supported: {list(self.SUPPORTED)}")
+        f = self.factor
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (f > 0 and math.isfinite(f)):
+            raise ValueError(f"rope_scaling factor must be a finite number > 0, got {f!r}")
 
     @classmethod
     def from_hf(cls, d: dict | None) -> "RopeScaling | None":
@@ -56,7 +66,7 @@ class RopeScaling:
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
     """inv_freq[i] = theta^(-2i/H), i < H/2, then scaled (linear: / factor; llama3: by wavelength band)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
+    if scaling is None or scaling.rope_type == "default":
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
@@ -168,7 +178,19 @@ def decoder_mask(t: int, *, attention_mask_BxT=None, cache: KVCache | None = Non
     `advance_cache` after all of them) and may see every earlier valid slot. Without a cache and without
     padding or an active sliding window, no mask is built and `is_causal` lets the kernel use its fast path.
     """
+    if attention_mask_BxT is not None and (jnp.ndim(attention_mask_BxT) != 2 or attention_mask_BxT.shape[1] != t):
+        raise ValueError(f"attention_mask must have shape (batch, {t}), one entry per input token, got "
+                         f"{tuple(jnp.shape(attention_mask_BxT))}")
     if cache is not None:
+        # dynamic_update_slice clamps a write past the end onto the last slots (wrong logits, no error): refused
+        # where the index is known (an eager forward; under jit it is traced and the caller sizes the cache).
+        try:
+            index = int(cache.index)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+            index = 0
+        if index + t > cache.max_len:
+            raise ValueError(f"the KV cache has {cache.max_len} slots; {index} are written and {t} new tokens do "
+                             "not fit (make it larger: init_cache(batch, max_len))")
         valid_BxS = advance_cache(cache, attention_mask_BxT, t).valid_BxS
         return attention_mask(cache.index + jnp.arange(t), jnp.arange(cache.max_len), causal=True,
                               key_valid_BxS=valid_BxS, sliding_window=sliding_window), False

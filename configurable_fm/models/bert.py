@@ -48,6 +48,8 @@ class BertConfig:
     add_pooling_layer: bool = True  # transformers' BertModel(add_pooling_layer=...)
 
     def __post_init__(self):
+        if not self.num_heads >= 1:
+            raise ValueError(f"num_heads must be >= 1, got {self.num_heads!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         if self.hidden_act not in ACTIVATIONS:
@@ -202,7 +204,12 @@ class Bert(nnx.Module):
 
     @tapped
     def __call__(self, ids_BxT, *, attention_mask=None, token_type_ids=None, prompt=None, prefix=None):
+        if jnp.ndim(ids_BxT) != 2:
+            raise ValueError(f"ids must have shape (batch, length), got {tuple(jnp.shape(ids_BxT))}")
         b, t = ids_BxT.shape
+        for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if x is not None and tuple(jnp.shape(x)) != (b, t):
+                raise ValueError(f"{name} must have the shape of the ids {(b, t)}, got {tuple(jnp.shape(x))}")
         p = self._virtual_count(prompt, prefix)
         if t + p > self.cfg.max_position_embeddings:
             what = f"sequence length {t}" + (f" + {p} virtual tokens" if p else "")

@@ -44,6 +44,8 @@ class GPT2Config:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        if not self.n_head >= 1:
+            raise ValueError(f"n_head must be >= 1, got {self.n_head!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.activation_function not in ACTIVATIONS:
@@ -165,7 +167,11 @@ class GPT2(CausalLM):
         inputs_embeds (B, T, D): the token vectors in place of `wte(ids_BxT)` (ids_BxT is then ignored and may be
         None); the position embeddings are added to them as to token embeddings."""
         cfg = self.cfg
-        b, t = (ids_BxT if inputs_embeds is None else inputs_embeds).shape[:2]
+        given = ids_BxT if inputs_embeds is None else inputs_embeds
+        if jnp.ndim(given) != (2 if inputs_embeds is None else 3):
+            raise ValueError(f"ids must have shape (batch, length) (inputs_embeds (batch, length, hidden)), got "
+                             f"{tuple(jnp.shape(given))}")
+        b, t = given.shape[:2]
         if t > cfg.n_positions:
             raise ValueError(f"sequence length {t} exceeds n_positions={cfg.n_positions}")
         tokens = self.wte(ids_BxT) if inputs_embeds is None else inputs_embeds

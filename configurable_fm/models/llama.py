@@ -74,10 +74,19 @@ class LlamaConfig:
     architecture: str = "LlamaForCausalLM"
 
     def __post_init__(self):
+        for name in ("num_heads", "num_kv_heads"):
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {list(ROUTERS)}, got {self.router!r}")
+        e, k = self.num_experts, self.num_experts_per_tok
+        if e < 0:
+            raise ValueError(f"num_experts must be >= 0 (0: a dense MLP), got {e!r}")
+        if e and not (k >= 1 and (k <= e or self.router == "expert_choice")):
+            raise ValueError(f"num_experts_per_tok={k!r} must be in 1..num_experts={e} (router {self.router!r} "
+                             "picks that many of the experts per token)")
         cf = self.router_capacity_factor
         if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
             raise ValueError(f"router_capacity_factor must be None or a number > 0, got {cf!r}")
@@ -291,6 +300,9 @@ class Llama(CausalLM):
         may be None), e.g. prompt tuning's virtual tokens."""
         cfg = self.cfg
         x = self.embed_tokens(ids_BxT) if inputs_embeds is None else inputs_embeds
+        if x.ndim != 3:
+            raise ValueError(f"ids must have shape (batch, length) (inputs_embeds (batch, length, hidden)), got "
+                             f"{tuple(jnp.shape(ids_BxT if inputs_embeds is None else inputs_embeds))}")
         stream_dtype = x.dtype
         b, t = x.shape[:2]
         offset = cache.index if cache is not None else 0

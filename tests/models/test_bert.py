@@ -185,3 +185,19 @@ def test_bad_shapes_and_lengths_are_refused():
     model = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))  # the check comes before any parameter is read
     with pytest.raises(ValueError, match="max_position_embeddings=6"):
         model(jnp.zeros((1, 7), jnp.int32))
+
+
+def test_zero_heads_and_mismatched_input_shapes_are_refused():
+    """num_heads=0 was a ZeroDivisionError; 1-D ids, or a mask / token types of another shape than the ids, ended
+    in jax unpacking or broadcasting errors."""
+    with pytest.raises(ValueError, match="num_heads must be >= 1, got 0"):
+        BertConfig(hidden_size=32, num_heads=0)
+    cfg = BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16,
+                     max_position_embeddings=6)
+    model = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))  # the checks come before any parameter is read
+    ids = jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"ids must have shape \(batch, length\), got \(5,\)"):
+        model(ids[0])
+    for name in ("attention_mask", "token_type_ids"):
+        with pytest.raises(ValueError, match=rf"{name} must have the shape of the ids \(2, 5\), got \(2, 4\)"):
+            model(ids, **{name: jnp.ones((2, 4), jnp.int32)})

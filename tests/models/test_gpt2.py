@@ -201,3 +201,14 @@ def test_shape_mismatch_and_lengths_are_refused(tmp_path, tiny):
         model(jnp.zeros((1, 9), jnp.int32))
     with pytest.raises(ValueError, match="n_head=3"):
         GPT2Config(n_embd=8, n_head=3)
+
+
+def test_zero_heads_and_mismatched_input_shapes_are_refused():
+    """n_head=0 was a ZeroDivisionError; 1-D ids and a mask of another length ended in jax broadcasting errors."""
+    with pytest.raises(ValueError, match="n_head must be >= 1, got 0"):
+        GPT2Config(n_embd=8, n_head=0)
+    model = GPT2(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"ids must have shape \(batch, length\).*got \(5,\)"):
+        model(jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, 5\).*got \(2, 4\)"):
+        model(jnp.zeros((2, 5), jnp.int32), attention_mask=jnp.ones((2, 4), jnp.int32))

@@ -7,6 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -147,3 +148,67 @@ def test_config_keys_left_out_take_transformers_defaults_per_architecture(tmp_pa
     with pytest.raises(UnsupportedModel, match="LlamaForCausalLM as transformers runs it has no sliding window"):
         to_hf(windowed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_rope_scaling_types_it_cannot_compute_are_refused_not_run_as_llama3():
+    """RopeScaling('yarn' / 'dynamic' / 'longrope', ...) built directly or by config_from_dict used to be accepted
+    and then given llama3's frequencies; 'default' scales nothing; a factor must be a finite number > 0."""
+    from configurable_fm.models.attention import RopeScaling, rope_inverse_frequencies
+    from configurable_fm.models.factory import config_from_dict
+
+    spec = dict(family="llama", vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                num_kv_heads=1)
+    for kind in ("yarn", "dynamic", "longrope"):
+        with pytest.raises(NotImplementedError, match=f"rope_scaling type '{kind}' is not implemented"):
+            config_from_dict(dict(spec, rope_scaling=dict(rope_type=kind, factor=4.0)))
+    plain = rope_inverse_frequencies(8, 1e4)
+    np.testing.assert_array_equal(rope_inverse_frequencies(8, 1e4, RopeScaling("default")), plain)
+    for factor in (0.0, -2.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="rope_scaling factor must be a finite number > 0"):
+            RopeScaling("linear", factor=factor)
+
+
+def test_config_refuses_zero_heads_and_a_top_k_beyond_the_experts():
+    """num_heads / num_kv_heads of 0 were a ZeroDivisionError; num_experts_per_tok > num_experts (or < 1) was
+    accepted and failed inside jax.lax.top_k at the first forward (k = 0 ran with every routing weight 0)."""
+    from configurable_fm.models.llama import LlamaConfig
+
+    kw = dict(vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=1)
+    for name in ("num_heads", "num_kv_heads"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 1, got 0"):
+            LlamaConfig(**dict(kw, **{name: 0}))
+    for k in (0, 3):
+        with pytest.raises(ValueError, match=rf"num_experts_per_tok={k} must be in 1\.\.num_experts=2"):
+            LlamaConfig(**kw, num_experts=2, num_experts_per_tok=k)
+    with pytest.raises(ValueError, match="num_experts must be >= 0"):
+        LlamaConfig(**kw, num_experts=-1)
+    LlamaConfig(**kw, num_experts=2, num_experts_per_tok=3, router="expert_choice")  # k only sets the capacity
+    LlamaConfig(**kw, num_experts=0, num_experts_per_tok=2)  # dense: k unused
+
+
+def test_input_shapes_that_do_not_match_are_refused_with_their_names():
+    """1-D ids and an attention_mask of another length used to end in jax reshape / broadcasting tracebacks."""
+    from configurable_fm.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=1)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"ids must have shape \(batch, length\).*got \(5,\)"):
+        model(jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, 5\).*got \(2, 4\)"):
+        model(jnp.zeros((2, 5), jnp.int32), attention_mask=jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, 5\).*got \(5,\)"):
+        model(jnp.zeros((2, 5), jnp.int32), attention_mask=jnp.ones((5,), jnp.int32))
+
+
+def test_a_cached_forward_past_the_caches_end_is_refused():
+    """Writing past the cache's last slot was clamped by dynamic_update_slice onto the last slots: wrong logits and
+    an index beyond max_len, no error (eager; under jit the index is traced and generation sizes the cache)."""
+    import dataclasses
+
+    from configurable_fm.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=11, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=1)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    cache = dataclasses.replace(model.init_cache(1, 4), index=jnp.asarray(3, jnp.int32))  # 3 slots written
+    with pytest.raises(ValueError, match="the KV cache has 4 slots; 3 are written and 2 new tokens do not fit"):
+        model(jnp.zeros((1, 2), jnp.int32), cache=cache)
