@@ -127,6 +127,8 @@ def check_config(c) -> Settings:
         if density is not None and method in ("task_arithmetic", "linear"):
             raise ConfigError(f"adapters config: `density` does not apply to {combination!r} (it takes no "
                               "sparsification)")
+        if density is not None and not math.isfinite(density):
+            raise ConfigError(f"adapters config: `density` must be a finite number, got {density!r}")
         combination = EXACT
     else:  # the options must fit the combination, also for one adapter (combined linearly, or merged as it is)
         density, svd_clamp = check_options(combination, density=density, majority_sign_method=c.majority_sign_method,

@@ -32,7 +32,7 @@ def _checked(c) -> dict:
         raise ConfigError(f"config.dtype={c.dtype!r}: expected one of {list(DTYPES)}")
     if c.max_new_tokens < 1 or c.chunk < 1:
         raise ConfigError(f"config.max_new_tokens={c.max_new_tokens} and config.chunk={c.chunk} must be >= 1")
-    if c.temperature < 0 or c.top_k < 0 or not 0 < c.top_p <= 1:
+    if not c.temperature >= 0 or c.top_k < 0 or not 0 < c.top_p <= 1:  # `not >=`: NaN too
         raise ConfigError(f"config.temperature={c.temperature} must be >= 0, config.top_k={c.top_k} >= 0 (0: no "
                           f"filter) and config.top_p={c.top_p} in (0, 1]")
     if c.temperature == 0 and (c.top_k or c.top_p < 1):

@@ -72,7 +72,7 @@ def check_config(c) -> dict:
                             active_fraction=c.active_fraction, has_calibration=bool(cal["corpus"]),
                             op="moefy config", data_hint=DATA_HINT)
     scale = c.mixtral_router_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
         raise ConfigError(f"moefy config: `mixtral_router_scale` must be a number >= 0, got {scale!r}")
     fmt = c.get("format") or "hf"
     if fmt == "hf":

@@ -314,8 +314,9 @@ def run(workdir: str | Path = "runs/quickstart", *, model_name: str = "smollm2-1
 # ------------------------------------------------------------------------------------------ command line
 def define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", "runs/quickstart", "report directory (replaced on every run)", flag_values=fv)
-    flags.DEFINE_integer("max_new_tokens", 48, "tokens generated per prompt", flag_values=fv)
-    flags.DEFINE_integer("pretrain_steps", 120, "steps of the tiny pre-training (0 skips it)", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 48, "tokens generated per prompt", lower_bound=0, flag_values=fv)
+    flags.DEFINE_integer("pretrain_steps", 120, "steps of the tiny pre-training (0 skips it)", lower_bound=0,
+                         flag_values=fv)
 
 
 def run_flags(fv: flags.FlagValues) -> None:

@@ -318,7 +318,8 @@ def dataset_dir(spec: str | os.PathLike | None, name: str | None = None) -> Path
     text = os.fspath(spec) if spec is not None else ""
     if not text:
         if not name:
-            raise ValueError("no dataset directory and no dataset name to place it in the data root")
+            raise ConfigError("no dataset directory (`out_dir`, or --out) and no dataset `name` to place it in the "
+                              "data root")
         return data_root() / name
     if text.startswith(("~", "./", "../")) or text in (".", "..") or os.path.isabs(text):
         return Path(text).expanduser()

@@ -114,6 +114,18 @@ def input_inside(out_dir: str | os.PathLike, inputs: Iterable) -> str | None:
     return None
 
 
+def make_directory(directory: str | os.PathLike, what: str = "directory") -> Path:
+    """`directory` made with its parents (kept when it exists); OutputNotWritable naming it when it or a parent
+    is a file, or the location is read-only (a run's workdir, a report's directory)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputNotWritable(f"cannot make the {what} {directory}: {e.strerror or e} ({e.filename or directory})"
+                                ) from None
+    return directory
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a fresh temporary directory next to `out_dir`; renames it to `out_dir` on success (module docstring).

@@ -131,19 +131,22 @@ class TensorStore(Mapping[str, np.ndarray]):
 
 
 def parse_size(size: int | str) -> int:
-    """'5GB' / '500MB' / '100KB' / int bytes -> bytes (decimal units, as transformers uses)."""
-    if isinstance(size, int):
-        return size
+    """'5GB' / '500MB' / '100KB' / int bytes -> bytes (decimal units, as transformers uses); ConfigError unless a
+    positive size."""
     s = str(size).strip().upper()
     units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
     try:
-        for unit, mult in units:
-            if s.endswith(unit):
-                return int(float(s[: -len(unit)]) * mult)
-        return int(s)
-    except ValueError:
-        raise ConfigError(f"shard size {size!r} is not a size: give bytes or a number with GB / MB / KB / GiB / MiB / "
-                          "KiB / B, e.g. '5GB'") from None
+        if isinstance(size, int) and not isinstance(size, bool):
+            n = size
+        else:
+            unit, mult = next(((u, m) for u, m in units if s.endswith(u)), ("", 1))
+            n = int(float(s[: len(s) - len(unit)]) * mult) if unit else int(s)
+    except (ValueError, OverflowError):  # not a number, or inf / nan
+        n = None
+    if n is None or n < 1:
+        raise ConfigError(f"shard size {size!r} is not a size: give a positive number of bytes or of GB / MB / KB / "
+                          "GiB / MiB / KiB / B, e.g. '5GB'")
+    return n
 
 
 def write_sharded(tensors: Mapping[str, np.ndarray], out_dir: str | os.PathLike, *,

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt  # the backend is left to matplotlib (Agg when headless; inline in notebooks)
 
-from configurable_fm.interop.atomic import write_text_atomic
+from configurable_fm.interop.atomic import make_directory, write_text_atomic
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -103,8 +103,7 @@ ACCURACY_HEADER = ["exact match", "95% CI", "SE", "chance", "vs chance"]
 
 class Report:
     def __init__(self, workdir: str | os.PathLike, title: str):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = make_directory(workdir, "report directory")
         self.title = title
         self.parts: list[str] = []
         self.summary: dict[str, Any] = {}

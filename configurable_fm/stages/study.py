@@ -58,7 +58,7 @@ import ml_collections
 import numpy as np
 
 from configurable_fm.errors import ConfigError, SourceNotFound, UserError
-from configurable_fm.interop.atomic import write_json_atomic
+from configurable_fm.interop.atomic import make_directory, write_json_atomic
 from configurable_fm.stages.report import Report, format_metrics, plt
 from configurable_fm.train.resume import config_changes, describe_changes, drop_neutral
 
@@ -381,7 +381,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
     for p in plans[:first_forced]:
         _check_unchanged(p, workdir / p.dir)
 
-    (workdir / "stages").mkdir(parents=True, exist_ok=True)
+    make_directory(workdir, "study directory")
+    (workdir / "stages").mkdir(exist_ok=True)
     write_json_atomic(workdir / "config.json", to_plain(config))
     title = f"Study {config.get('name') or workdir.name}"
     stale = sorted(d.name for d in (workdir / "stages").iterdir()

@@ -72,7 +72,7 @@ from configurable_fm import sharding as shd
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.errors import ConfigError, UserError
 from configurable_fm.models.structure import check_consistent, is_family_model
-from configurable_fm.interop.atomic import write_json_atomic
+from configurable_fm.interop.atomic import make_directory, write_json_atomic
 from configurable_fm.interop.loader import load_model
 from configurable_fm.models.factory import DTYPES, build_model, config_to_dict, with_compute_dtype
 from configurable_fm.models.gpt2 import GPT2Config
@@ -131,7 +131,7 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
     # 0 would divide by zero in the loop (log_every, checkpoint_every), plot an empty run (steps), shift the
     # schedule (a negative warmup) or turn clipping into gradient ascent (a negative grad_clip)
     for key, low in (("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0),
-                     ("optimizer.warmup_steps", 0)):
+                     ("optimizer.warmup_steps", 0), ("batch_size", 1), ("seed", 0)):
         section, _, leaf = key.rpartition(".")
         value = (cfg[section] if section else cfg).get(leaf, low)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -350,7 +350,7 @@ class Run:
         self.start_step, self.best_val = 0, None
         self.losses: dict[int, float] = {}
         self.ckpt_dir = (workdir / "checkpoints").absolute()
-        workdir.mkdir(parents=True, exist_ok=True)
+        make_directory(workdir, "workdir")
         self.manager = ocp.CheckpointManager(self.ckpt_dir, options=ocp.CheckpointManagerOptions(
             max_to_keep=cfg.checkpoint.keep, enable_async_checkpointing=cfg.checkpoint.get("async", True),
             create=True))

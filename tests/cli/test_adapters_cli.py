@@ -151,6 +151,8 @@ def _corrupt(world, tmp_path):
     ("dare density", ["--config.combination=dare_linear", "--config.density=0.0"],
      "density must be a number in (0.0, 1.0], got 0.0", 1),
     ("exact method", ["--config.combination=exact:magic"], "unknown merge method 'magic'", 1),
+    ("exact density", ["--config.combination=exact:ties", "--config.density=nan"],  # was accepted
+     "`density` must be a finite number, got nan", 1),
     ("format", ["--config.format=gguf"], "`format` must be one of ['hf', 'orbax']", 1),
     ("no output", ["--config.output=", "--config.adapter_output="],
      "set `output` (the merged model) and/or `adapter_output`", 1),

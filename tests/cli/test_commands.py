@@ -55,6 +55,9 @@ def test_help_lists_the_flags(name, capsys):
     ("cfm-merge", ["--mergekit_yaml", "m.yml"], "cfm-merge: error: --output is required"),
     ("cfm-prepare-data", [], "cfm-prepare-data: error: --config is required"),
     ("cfm-quickstart", ["--max_new_tokens", "x"], "cfm-quickstart: error:"),
+    # were ValueError tracebacks after loading the model and writing bricks.png
+    ("cfm-quickstart", ["--max_new_tokens=-1"], "cfm-quickstart: error: flag --max_new_tokens=-1: -1 is not"),
+    ("cfm-quickstart", ["--pretrain_steps=-5"], "cfm-quickstart: error: flag --pretrain_steps=-5: -5 is not"),
 ])
 def test_usage_errors_name_the_command(name, argv, message, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
@@ -95,3 +98,19 @@ def test_installed_commands_run_from_another_directory(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no such config file 'experiments/pretrain.py' (relative to " \
         f"{tmp_path})" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("cfm-run", ["--config", f"{ROOT}/experiments/study_tiny.py:test"]),
+    ("cfm-quickstart", ["--pretrain_steps=0"]),
+])
+def test_a_workdir_that_is_a_file_is_one_line(name, argv, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")  # were FileExistsError / NotADirectoryError tracebacks
+    mod = importlib.import_module(f"configurable_fm.cli.{COMMANDS[name][0]}")
+    for workdir in (tmp_path / "file", tmp_path / "file" / "w"):
+        with pytest.raises(SystemExit) as e:
+            mod.main([*argv, f"--workdir={workdir}"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(f"{name}: error: cannot make the ") and f"{workdir}: " in err, err
+        assert len(err.splitlines()) == 1
+    assert os.listdir(tmp_path) == ["file"] and (tmp_path / "file").read_text() == "x"

@@ -180,6 +180,7 @@ GOOD = json.dumps(request(*FACTS[0], 0))
     ([GOOD], ["--config.layers=(7,)"], "edit config: `layers`: ", 1),
     ([GOOD], ["--config.hparams.v_lrr=0.1"], "hparams has no key 'v_lrr' (did you mean 'v_lr'?)", 2),
     ([GOOD], ["--config.mdoe=batch"], "config has no key 'mdoe' (did you mean 'mode'?)", 2),
+    ([GOOD], ["--config.hparams.v_lr=nan"], "v_lr must be a finite number >= 0, got nan", 1),  # wrote NaN weights
 ])
 def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, capsys, lines, overrides, message, status):
     reqs = tmp_path / "in" / "requests.jsonl"
@@ -193,6 +194,16 @@ def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, capsys, lines
     assert io.err.startswith("cfm-edit: error:") and message in io.err and "Traceback" not in io.err
     assert len(io.err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_a_directory_as_requests_file_is_one_line(world, tmp_path, capsys):
+    (tmp_path / "reqs").mkdir()  # was an IsADirectoryError traceback
+    args = base_args(world, "rome.py:test", tmp_path / "out")
+    args[3] = f"--config.requests={tmp_path / 'reqs'}"
+    code, io = edit_cli(args, capsys)
+    assert code == 1 and io.err.startswith("cfm-edit: error:") and "Traceback" not in io.err, io.err
+    assert f"{tmp_path / 'reqs'}: cannot read the requests file (Is a directory)" in io.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reqs"]
 
 
 def test_existing_output_is_refused_before_editing(world, tmp_path, capsys):

@@ -84,6 +84,7 @@ def test_stdin_lines_are_prompts_of_their_own(exported, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.temperature=-1"], "config.temperature=-1.0 must be >= 0"),
+    (["--config.temperature=nan"], "config.temperature=nan must be >= 0"),  # was a ValueError traceback
     (["--config.top_k=5"], "set config.temperature > 0"),
     (["--config.chat=maybe"], "config.chat='maybe'"),
     (["--config.dtype=int8"], "config.dtype='int8'"),

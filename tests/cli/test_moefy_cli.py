@@ -117,6 +117,8 @@ ERRORS = {
                 "--config.calibration.corpus=x.txt"], 1, "its router='mlp' is not a linear map of the FFN input"),
     "format": (["--config.format=gguf"], 1, "moefy config: `format` must be one of ['hf', 'orbax'], got 'gguf'"),
     "scale": (["--config.mixtral_router_scale=-1.0"], 1, "moefy config: `mixtral_router_scale` must be a number >= 0"),
+    "scale-nan": (["--config.format=hf", "--config.num_experts_per_tok=4", "--config.mixtral_router_scale=nan"], 1,
+                  "moefy config: `mixtral_router_scale` must be a number >= 0"),  # was accepted
     "training": (["--config.router_training.steps=0"], 1,
                  "moefy config: router_training: steps must be a positive int, got 0"),
     "shared": (["--config.num_shared=1"], 1, "moefy config: num_shared=1: shared experts belong to split='cmoe' only"),

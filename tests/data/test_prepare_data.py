@@ -86,6 +86,15 @@ def test_without_out_the_dataset_goes_to_the_data_root_from_any_directory(text_d
     assert f"building dataset 'files' (sources: files) into {out}" in proc.stdout
 
 
+def test_no_name_and_no_out_is_one_line(tmp_path):
+    proc = run("--config", f"{REPO}/experiments/data.py:files", "--config.name=", cwd=tmp_path,
+               CFM_DATA_DIR=str(tmp_path / "data_root"))  # was a ValueError traceback
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == ("cfm-prepare-data: error: no dataset directory (`out_dir`, or --out) and no dataset `name` "
+                           "to place it in the data root\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_configs_resolve():
     for name in data_configs.DATASETS:
         c = data_configs.get_config(name)

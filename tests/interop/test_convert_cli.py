@@ -169,6 +169,11 @@ def bad_inputs(root: Path) -> dict:
                                 r"the tokenizer has 262 tokens but the model's vocabulary has 64 rows"),
         "chat template": (["--config.input=HF", "--config.chat_template=nofile.jinja"], 1,
                           r"config.chat_template='nofile.jinja': no such file, and not a Jinja template"),
+        # were accepted (one file per tensor) / an OverflowError traceback
+        "negative shard size": (["--config.input=HF", "--config.max_shard_size=-5"], 1,
+                                r"shard size '-5' is not a size: give a positive number"),
+        "infinite shard size": (["--config.input=HF", "--config.max_shard_size=infGB"], 1,
+                                r"shard size 'infGB' is not a size"),
     }
 
 

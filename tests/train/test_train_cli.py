@@ -188,3 +188,23 @@ def test_missing_config_file_is_named(tmp_path):
                       str(tmp_path / "run"), "--config.steps=3"], child_env(), timeout=120)
     assert proc.returncode != 0
     assert "--config=experiments/nope.py:tiny: no such config file 'experiments/nope.py'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("workdir, flags, message", [
+    ("{file}", [], "cannot make the workdir {file}: File exists"),  # were FileExistsError / NotADirectoryError /
+    ("{file}/run", [], "cannot make the workdir {file}/run: Not a directory"),  # ValueError tracebacks
+    ("{run}", ["--config.seed=-1"], "seed=-1 must be an int >= 0"),
+    ("{run}", ["--config.batch_size=0"], "batch_size=0 must be an int >= 1"),
+])
+def test_bad_workdir_or_numbers_are_one_line(tmp_path, capsys, workdir, flags, message):
+    from configurable_fm.cli.train import main
+
+    (tmp_path / "file").write_text("x")
+    names = {"file": tmp_path / "file", "run": tmp_path / "run"}
+    with pytest.raises(SystemExit) as e:
+        main(["--config", f"{ROOT}/experiments/finetune.py:sort_mlp,runlocal", "--workdir", workdir.format(**names),
+              "--config.compute_dtype=float32", "--config.mesh.shape=(1,1,1)", "--config.steps=2", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith(f"cfm-train: error: {message.format(**names)}"), err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and (tmp_path / "file").read_text() == "x"

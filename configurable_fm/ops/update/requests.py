@@ -210,6 +210,8 @@ def load_requests(path: str | os.PathLike) -> list[Request]:
         raise RequestError(f"{path}: no such requests file") from None
     except UnicodeDecodeError as e:
         raise RequestError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise RequestError(f"{path}: cannot read the requests file ({e.strerror or e})") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -63,6 +63,10 @@ class ValueHparams:
         object.__setattr__(self, "kl_prompts", tuple(self.kl_prompts))
         if self.v_num_grad_steps < 1 or self.batch_size < 1:
             raise ValueError(f"v_num_grad_steps and batch_size must be >= 1, got {self}")
+        for name in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "loss_stop"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not 0 <= v < np.inf:  # NaN too
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         for p in self.kl_prompts:
             check_template(p)
 
