@@ -115,14 +115,14 @@ class PreadStore(Mapping[str, np.ndarray]):
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         if path.is_dir():
-            if (path / INDEX_FILE).exists():
+            if (path / SINGLE_FILE).exists():  # before an index, as transformers (and TensorStore) look
+                files, weight_map = [path / SINGLE_FILE], None
+            elif (path / INDEX_FILE).exists():
                 try:
                     weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
                 files = sorted({path / f for f in weight_map.values()})
-            elif (path / SINGLE_FILE).exists():
-                files, weight_map = [path / SINGLE_FILE], None
             else:
                 raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
         elif path.exists():

@@ -202,6 +202,9 @@ def resolve_levels(method: MergeMethod, path: str, *, t: float,
     kwargs: dict[str, Any] = {}
     for pname, default in method.shared.items():
         kwargs[pname] = resolve(pname, shared_levels, path, t, default=default)
+        v = kwargs[pname]
+        if _is_number(v) and not isinstance(v, bool) and not np.isfinite(float(v)):  # NaN or inf: NaN tensors
+            raise ParameterError(f"{method.name}: parameter {pname!r} for tensor {path!r} must be finite, got {v!r}")
     for pname, default in method.per_model.items():
         values = [resolve(pname, levels, p, t, default=default, model=m)
                   for m, levels, p in zip(model_names, model_levels, paths)]
@@ -214,4 +217,8 @@ def resolve_levels(method: MergeMethod, path: str, *, t: float,
                 + ", ".join(f"{v!r} for model {m!r}" for m, v in bad)
             )
         kwargs[pname] = np.asarray([float(v) for v in values], np.float64)
+        bad = [(m, float(v)) for m, v in zip(model_names, kwargs[pname]) if not np.isfinite(v)]
+        if bad:  # a NaN or infinite weight would write NaN tensors
+            raise ParameterError(f"{method.name}: parameter {pname!r} for tensor {path!r} must be finite, got "
+                                 + ", ".join(f"{v!r} for model {m!r}" for m, v in bad))
     return kwargs

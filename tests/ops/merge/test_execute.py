@@ -247,6 +247,17 @@ def test_pread_store_reads_what_safetensors_wrote(tmp_path):
         X.PreadStore(tmp_path / "one.safetensors")["zzz"]
 
 
+def test_pread_store_reads_model_safetensors_before_an_index(tmp_path):
+    """As transformers' from_pretrained and interop's TensorStore: a directory holding both (stale shards next to
+    a newer single file) is read from model.safetensors."""
+    write_sharded({"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}, tmp_path, max_shard_bytes=16)
+    write_sharded({"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}, tmp_path)
+    assert (tmp_path / INDEX_FILE).exists() and (tmp_path / SINGLE_FILE).exists()
+    store = X.PreadStore(tmp_path)
+    np.testing.assert_array_equal(store["a"], np.ones(4, np.float32))
+    assert sorted(store) == ["a", "b"]
+
+
 @pytest.mark.parametrize("shape,dtype", [((1 << 20,), np.float32), ((1000, 3), BF16), ((0, 4), np.int8), ((), np.int64)])
 def test_aligned_empty_starts_at_64_bytes_and_is_adopted_by_jax(shape, dtype):
     """A 64-byte-aligned host buffer goes onto jax's CPU device without a copy (what the read-ahead relies on);

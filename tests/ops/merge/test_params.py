@@ -67,6 +67,21 @@ def test_resolve_for_tensor_per_model_and_shared():
     assert "scale" not in kw
 
 
+def test_non_finite_values_are_refused_naming_parameter_model_and_tensor():
+    """A NaN or infinite weight / lambda was accepted and wrote NaN tensors (mergekit's YAML `.nan`, a config's
+    --config.parameters.weight=nan)."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(P.ParameterError, match=r"ties: parameter 'weight' for tensor 'layers.0.w' must be "
+                                                   r"finite, got (nan|inf) for model 'b'"):
+            P.resolve_for_tensor(get_method("ties"), "layers.0.w", parameters={"density": 0.5},
+                                 model_parameters=[{"weight": 1.0}, {"weight": bad}], model_names=["a", "b"],
+                                 num_layers=1)
+        with pytest.raises(P.ParameterError, match=r"ties: parameter 'lambda' for tensor 'layers.0.w' must be "
+                                                   r"finite"):
+            P.resolve_for_tensor(get_method("ties"), "layers.0.w", parameters={"density": 0.5, "lambda": bad},
+                                 model_parameters=[{"weight": 1.0}], model_names=["a"], num_layers=1)
+
+
 def test_missing_required_parameter_names_parameter_model_and_tensor():
     with pytest.raises(P.ParameterError, match=r"missing required parameter 'weight' of model 'ft_b' for tensor "
                                                r"'layers.1.mlp.up_proj.kernel'"):
