@@ -424,7 +424,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
             cfg = ml_collections.ConfigDict(resolved)
             cfg.lock()
             started, t0 = _now(), time.perf_counter()
-            out = STAGES[p.kind](cfg, StageContext(workdir, stage_dir, p.index, p.name, sources, log))
+            try:
+                out = STAGES[p.kind](cfg, StageContext(workdir, stage_dir, p.index, p.name, sources, log))
+            except Exception:
+                # refused before writing anything (e.g. a config check): no attempt to resume, so no pending
+                # marker that would refuse the corrected config as 'interrupted with a different config'
+                if status == "ran" and [f.name for f in stage_dir.iterdir()] == [PENDING]:
+                    shutil.rmtree(stage_dir)
+                raise
             if not isinstance(out, StageOutput):
                 raise TypeError(f"stage kind {p.kind!r} returned {type(out).__name__}, expected StageOutput")
             rec = _record(p, resolved, out, workdir, started, time.perf_counter() - t0, status)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from configurable_fm.errors import ConfigError
 from configurable_fm.interop.atomic import write_json_atomic, write_text_atomic
 from configurable_fm.stages.report import (ACCURACY_HEADER, ACCURACY_LEGEND, accuracy_row, accuracy_stats,
                                           chance_level, format_metrics, markdown_table)
@@ -127,7 +128,7 @@ def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], l
     data = make_data(cfg) if cfg.data.get("kind") else None
     tasks = make_task_metrics(cfg, getattr(data, "tokenizer", None))
     if data is None and not tasks:
-        raise ValueError("evaluate stage: nothing to evaluate; set data.kind (validation loss) and/or task_metrics")
+        raise ConfigError("evaluate stage: nothing to evaluate; set data.kind (validation loss) and/or task_metrics")
     sums = nnx.jit(loss_sums)
     chance = task_chance(cfg) if tasks else {}
     n_problems = int({**TASK_EVAL_DEFAULTS, **dict(cfg.get("task_eval") or {})}["n"])
@@ -165,10 +166,10 @@ def evaluate_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOu
 
     sources = list(cfg.models)
     if not sources:
-        raise ValueError(f"evaluate stage {ctx.name!r}: `models` is empty")
+        raise ConfigError(f"evaluate stage {ctx.name!r}: `models` is empty")
     labels = [ctx.label(s) for s in sources]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"evaluate stage {ctx.name!r}: a model is listed twice in {labels}")
+        raise ConfigError(f"evaluate stage {ctx.name!r}: a model is listed twice in {labels}")
     results = evaluate_models(cfg, dict(zip(labels, sources)), log=ctx.log)
     chance = task_chance(cfg)
     stat_keys = {f"{t}/exact_match_{s}" for t in chance for s in STAT_SUFFIXES}

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from configurable_fm.errors import ConfigError
 from configurable_fm.stages import StageContext, StageOutput, register_stage, to_plain
 from configurable_fm.stages.report import markdown_table
 
@@ -233,13 +234,12 @@ def grow_compare_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> Sta
     plain = to_plain(cfg.to_dict())
     runs_cfg = plain["runs"]
     if not runs_cfg:
-        raise ValueError(f"stage {ctx.name!r}: `runs` is empty")
-    scratch = Curve(plain["scratch"])
-    runs = {}
-    for label, refs in runs_cfg.items():
+        raise ConfigError(f"stage {ctx.name!r}: `runs` is empty")
+    for label, refs in runs_cfg.items():  # checked before any stage's files are read
         if not isinstance(refs, (list, tuple)) or len(refs) != 2:
-            raise ValueError(f"stage {ctx.name!r}: runs.{label} must be [small stage, large stage], got {refs!r}")
-        runs[label] = (Curve(refs[0]), Curve(refs[1]))
+            raise ConfigError(f"stage {ctx.name!r}: runs.{label} must be [small stage, large stage], got {refs!r}")
+    scratch = Curve(plain["scratch"])
+    runs = {label: (Curve(refs[0]), Curve(refs[1])) for label, refs in runs_cfg.items()}
     controls = {label: Curve(ref) for label, ref in (plain.get("controls") or {}).items()}
     result = compare(scratch, runs, float(plain["goal_total"]), float(plain["goal_post"]), controls)
     text = table(result)

@@ -139,3 +139,17 @@ def test_control_option_keeps_only_the_control_and_its_seed():
     assert msg["grow_masked_x2_x2"].seed == full["grow_masked_x2_x2"].seed and len(msg["compare"].runs) == 1
     with pytest.raises(ValueError, match="option"):
         G.get_config("default,all")
+
+
+def test_bad_runs_are_config_errors(tmp_path):
+    """(a UserError is one line from cfm-run; a plain ValueError was a traceback)"""
+    import ml_collections
+
+    from configurable_fm.errors import ConfigError
+    from configurable_fm.stages import run
+    from experiments.grow.compare import compare_config
+
+    for runs, message in (({}, "`runs` is empty"), ({"a": ["x"]}, r"runs.a must be \[small stage, large stage\]")):
+        c = ml_collections.ConfigDict({"stages": [compare_config(scratch="x", runs=runs)]})
+        with pytest.raises(ConfigError, match=message):
+            run(c, tmp_path, log=lambda s: None)

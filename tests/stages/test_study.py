@@ -326,3 +326,29 @@ def test_experiment_configs_use_only_declared_train_keys():
     for config in [pretrain.get_config(v) for v in ("tiny", "small", "125m", "1b")] + \
                   [finetune.get_config(v) for v in ("sort", "sort_mlp,runlocal", "multi")]:
         assert set(config.keys()) <= set(TRAIN_KEYS), sorted(set(config.keys()) - set(TRAIN_KEYS))
+
+
+def test_a_stage_refused_by_its_config_check_leaves_nothing_that_refuses_the_corrected_rerun(tok, tmp_path,
+                                                                                              monkeypatch):
+    bad = study_config(tok)
+    bad.stages[0].steps = -1
+    with pytest.raises(ValueError, match=r"steps=-1 must be an int >= 1"):
+        run(bad, tmp_path, log=quiet([]))
+    assert not (tmp_path / "stages" / "00_pretrain").exists()  # no pending marker of an attempt that wrote nothing
+    # the corrected study runs (its stages faked: only the runner's bookkeeping is under test)
+    monkeypatch.setattr(pipeline, "STAGES", {**pipeline.STAGES, "train": lambda cfg, ctx: StageOutput(model="m"),
+                                             "evaluate": lambda cfg, ctx: StageOutput()})
+    result = run(study_config(tok), tmp_path, log=quiet([]))
+    assert [r.status for r in result.stages] == ["ran", "ran", "ran"]
+
+
+def test_evaluate_stage_config_errors_are_user_errors(tmp_path):
+    """(a UserError is one line from cfm-run; a plain ValueError was a traceback)"""
+    from configurable_fm.errors import ConfigError
+
+    for models, data, message in (([], {"kind": ""}, "`models` is empty"),
+                                  (["x", "x"], {"kind": ""}, r"a model is listed twice in \['x', 'x'\]"),
+                                  (["x"], {"kind": ""}, "nothing to evaluate; set data.kind")):
+        c = ml_collections.ConfigDict({"stages": [pipeline.stage("e", "evaluate", {"models": models, "data": data})]})
+        with pytest.raises(ConfigError, match=message):
+            run(c, tmp_path, log=quiet([]))
