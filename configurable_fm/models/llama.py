@@ -27,11 +27,15 @@ loop does. The loop is used instead:
   - with a KV cache (prefill and cached decoding): a scan would stack and unstack the whole cache every step;
   - while a tap context is active (capture/intervention points name each layer; the scan body is traced once);
   - inside `routing_noise` (noisy_topk draws from fold_in(key, i) for the i-th call, counted while tracing);
+  - inside `loop_layers()` (bricks.adapters.lora_dropout enters it: its draws are counted while tracing too, so
+    a scan would give every layer of a run the same dropout masks);
   - for a run whose layer changes its own variables when called, or whose output dtype or shape differs from its
     input (found while tracing; that run's scan is discarded and the loop runs it).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 
 import jax
@@ -225,6 +229,20 @@ def _scan_signature(layer):
     return graphdef, treedef, tuple((tuple(jnp.shape(v)), jnp.result_type(v)) for v in leaves)
 
 
+_LOOP: contextvars.ContextVar[int] = contextvars.ContextVar("llama_loop_layers", default=0)
+
+
+@contextlib.contextmanager
+def loop_layers():
+    """Inside the block, cache-free forwards run the layer loop even with scan_layers (module docstring): for code
+    that draws from fold_in(key, i) for its i-th call, counted while tracing (a scan body is traced once)."""
+    token = _LOOP.set(_LOOP.get() + 1)
+    try:
+        yield
+    finally:
+        _LOOP.reset(token)
+
+
 def layer_runs(layers) -> list[tuple[int, int]]:
     """[(start, stop), ...]: `layers` cut into maximal runs of consecutive layers with one graphdef (module classes,
     static attributes, extensions) and one state structure (variable types, metadata, shapes, dtypes); a
@@ -311,7 +329,7 @@ class Llama(CausalLM):
         mask, is_causal = attn.decoder_mask(t, attention_mask_BxT=attention_mask, cache=cache,
                                             sliding_window=cfg.sliding_window)
         policy = REMAT_POLICIES[self.remat]
-        scan = cache is None and self.scan_layers and not taps_active() and not noise_active()
+        scan = cache is None and self.scan_layers and not taps_active() and not noise_active() and not _LOOP.get()
         for start, stop in layer_runs(self.layers) if scan else [(0, len(self.layers))]:
             scanned = None
             if scan and stop - start > 1:

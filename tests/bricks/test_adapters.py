@@ -6,6 +6,8 @@ Invariants: a fresh adapter (B = 0, IA3 scales 1) leaves the logits bit-identica
 arrays; unmerge: within 1e-6); deltas.apply(detach(m), as_delta(m)) is merge(m) (bit for bit for LoRA); saved
 adapters load back bit for bit. Every documented error is triggered and its message checked.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from flax import nnx
 from configurable_fm.bricks import adapters, deltas, flat_params, load_bricks
 from configurable_fm.bricks.deltas import LowRank
 from configurable_fm.models import check_consistent, extension_specs
+from configurable_fm.models.factory import with_compute_dtype
 from configurable_fm.models.gpt2 import GPT2, GPT2Config
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.llama import LlamaConfig
@@ -253,10 +256,23 @@ def test_load_refuses_what_does_not_fit(models, tmp_path):
     (("ia3", "layers.0.mlp.up_proj"), {"feedforward": "layers.0.mlp.down_proj"}, r"matches none of the targets"),
     (("prefix", "layers.0.mlp.up_proj"), {}, r"unknown adapter kind 'prefix'"),
     (("lora", []), {}, r"give a module path glob"),
+    (("lora", "layers.0.mlp.up_proj"), {"alpha": float("nan")}, r"alpha must be a finite number, got nan"),
+    (("dora", "layers.0.mlp.up_proj"), {"alpha": float("inf")}, r"alpha must be a finite number, got inf"),
 ])
 def test_attach_errors(base, args, kw, match):
     with pytest.raises(adapters.AdapterError, match=match):
         adapters.attach(base, *args, **kw)
+
+
+def test_load_refuses_a_non_finite_alpha_naming_the_brick(base, models):
+    """A brick whose metadata holds alpha NaN is refused naming the module, not loaded
+    as an adapter whose every output is NaN."""
+    bricks = adapters.adapter_bricks(models["lora"])
+    name = "layers.0.self_attn.q_proj"
+    brick = bricks[name]
+    bad = dataclasses.replace(brick, metadata={"options": {**brick.metadata["options"], "alpha": float("nan")}})
+    with pytest.raises(adapters.AdapterError, match=rf"brick '{name}': lora adapter: alpha must be a finite number"):
+        adapters.attach_bricks(base, bad)
 
 
 def test_errors_without_adapters_and_on_adapted_targets(base, models):
@@ -310,6 +326,19 @@ def test_lora_dropout_drops_the_lora_branch_input_only_inside_the_block(base):
     with pytest.raises(adapters.AdapterError, match=r"\[0, 1\)"):
         with adapters.lora_dropout(jax.random.key(0), 1.0):
             pass
+
+
+def test_lora_dropout_with_scan_layers_draws_per_layer_as_the_loop(base):
+    """scan_layers gives the loop's results (models/llama.py), under lora_dropout too: each layer's LoRA call draws
+    its own mask (a scan body traced once gave every layer of the run the same masks, and other logits)."""
+    m = adapters.attach(base, "lora", ATTN, rank=4, alpha=8, init="random", seed=3)
+    scanned = with_compute_dtype(m, None, scan_layers=True)
+
+    def run(model):
+        with adapters.lora_dropout(jax.random.key(5), 0.5):
+            return np.asarray(model(IDS))
+
+    np.testing.assert_allclose(run(scanned), run(m), rtol=TOL, atol=TOL)
 
 
 def test_joint_lora_matmul_equals_the_separate_sum_with_its_gradients(base, models, gpt2):

@@ -149,8 +149,9 @@ def attach(model, kind: str, targets: str | Sequence[str], *, rank: int | None =
         alpha = DEFAULT_ALPHA if alpha is None else alpha
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
             raise AdapterError(f"attach: rank must be an int >= 1, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-            raise AdapterError(f"attach: alpha must be a number, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(alpha)):
+            raise AdapterError(f"attach: alpha must be a finite number, got {alpha!r}")
         init = "kaiming" if init is None else init
         if init not in LORA_INITS:
             raise AdapterError(f"attach: init={init!r} is not a {kind} initialisation {list(LORA_INITS)}")
@@ -224,8 +225,9 @@ def attach_experts(model, targets: str | Sequence[str], *, rank: int | None = No
     init = "kaiming" if init is None else init
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise AdapterError(f"attach_experts: rank must be an int >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
-        raise AdapterError(f"attach_experts: alpha must be a number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(alpha)):
+        raise AdapterError(f"attach_experts: alpha must be a finite number, got {alpha!r}")
     if init not in LORA_INITS:
         raise AdapterError(f"attach_experts: init={init!r} is not a LoRA initialisation {list(LORA_INITS)}")
     options = {"rank": int(rank), "alpha": float(alpha), "rslora": bool(rslora)}

@@ -58,6 +58,8 @@ class ExpertLoRA(nnx.Module):
             raise AdapterError(f"expert_lora: a stacked expert weight is (E, D_in, D_out), got shape {shape!r}")
         if rank < 1:
             raise AdapterError(f"expert_lora: rank must be >= 1, got {rank}")
+        if not math.isfinite(float(alpha)):
+            raise AdapterError(f"expert_lora: alpha must be a finite number, got {alpha!r}")
         e, d_in, d_out = (int(n) for n in shape)
         self.rank, self.alpha, self.rslora, self.merged = int(rank), float(alpha), bool(rslora), bool(merged)
         self.axes = None if axes is None else [None if a is None else str(a) for a in axes]

@@ -67,6 +67,7 @@ from flax import nnx
 from configurable_fm.bricks.deltas import LowRank, shifted
 from configurable_fm.errors import UserError
 from configurable_fm.models.layers import Linear
+from configurable_fm.models.llama import loop_layers
 from configurable_fm.models.structure import register_extension
 from configurable_fm.models.taps import tapped
 
@@ -81,13 +82,15 @@ _DROPOUT: contextvars.ContextVar = contextvars.ContextVar("lora_dropout", defaul
 @contextlib.contextmanager
 def lora_dropout(key: jax.Array, rate: float):
     """Training-time LoRA dropout inside the block (module docstring): `key` a PRNG key (traced is fine), `rate`
-    the drop probability p in [0, 1); p = 0 is no dropout."""
+    the drop probability p in [0, 1); p = 0 is no dropout. With p > 0 a llama with scan_layers runs its layer loop
+    (models.llama.loop_layers): a scanned body would draw the same masks for every layer."""
     rate = float(rate)
     if not 0.0 <= rate < 1.0:
         raise AdapterError(f"lora_dropout: the rate must lie in [0, 1), got {rate}")
     token = _DROPOUT.set({"key": key, "rate": rate, "calls": 0} if rate > 0 else None)
-    try:
-        yield
+    try:  # the layer loop, not a scan (scan_layers): the calls are counted while tracing, once per scan body
+        with loop_layers() if rate > 0 else contextlib.nullcontext():
+            yield
     finally:
         _DROPOUT.reset(token)
 
@@ -284,6 +287,8 @@ class LoRALinear(AdaptedLinear):
         self._init_base(base, merged)
         if rank < 1:
             raise AdapterError(f"{self.kind} adapter: rank must be >= 1, got {rank}")
+        if not math.isfinite(float(alpha)):
+            raise AdapterError(f"{self.kind} adapter: alpha must be a finite number, got {alpha!r}")
         self.rank, self.alpha, self.rslora = int(rank), float(alpha), bool(rslora)
         dtype = adapter_dtype(self.kernel.get_value().dtype)
         axes = sharding_axes(self.kernel)
