@@ -28,6 +28,9 @@ NEUTRAL_ADDITIONS = {"scan_layers": False, "model.hidden_act": "silu"}
 without the key did (the trainer's default, llama's activation): an absent key and this value are the same
 config, for resuming (config_changes) and for stages' fingerprints (stages.study), so a framework update that adds a
 key does not invalidate finished work."""
+NEUTRAL_ONLY_IF = {"model.hidden_act": ("family", "llama")}
+"""A NEUTRAL_ADDITIONS key is neutral only where its sibling holds this value (absent counts as it): 'silu' is
+llama's default activation, not gpt2's or bert's, so there it is a change."""
 
 
 def plain(config: Mapping) -> dict:
@@ -50,7 +53,9 @@ def drop_neutral(config: Mapping) -> dict:
         node = out
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and leaf in node and node[leaf] == plain({"v": neutral})["v"]:
+        sibling, wanted = NEUTRAL_ONLY_IF.get(key, (None, None))
+        if (isinstance(node, dict) and leaf in node and node[leaf] == plain({"v": neutral})["v"]
+                and (sibling is None or node.get(sibling, wanted) == wanted)):
             del node[leaf]
     return out
 

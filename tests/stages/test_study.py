@@ -217,6 +217,9 @@ def test_keys_added_at_their_neutral_value_change_no_fingerprint_and_no_resume(s
     assert config_changes({"model": {"width": 4}}, {"model": {"width": 4, "hidden_act": "silu"},
                                                     "scan_layers": False}) == {}
     assert config_changes({"steps": 2}, {"steps": 2, "scan_layers": True}) == {"scan_layers": ("<absent>", True)}
+    for family in ("bert", "gpt2"):  # 'silu' is llama's default only: for these it is a change
+        assert config_changes({"model": {"family": family}}, {"model": {"family": family, "hidden_act": "silu"}}) \
+            == {"model.hidden_act": ("<absent>", "silu")}
     changed = study_config(tok)
     changed.stages[1].scan_layers = True
     assert [x.fingerprint != y.fingerprint for x, y in zip(a, pipeline.plan(changed))] == [False, True, True]
