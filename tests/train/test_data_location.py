@@ -31,7 +31,7 @@ def test_dataset_dir_rules(monkeypatch, tmp_path):
     assert dataset_dir(str(tmp_path / "abs")) == tmp_path / "abs"  # absolute, ~ and ./ paths as given
     assert dataset_dir("./here") == Path("./here") and dataset_dir("../up") == Path("../up")
     assert dataset_dir("~/d") == Path.home() / "d"
-    with pytest.raises(ValueError, match="no dataset name"):
+    with pytest.raises(ValueError, match="no dataset `name`"):
         dataset_dir("")
 
 
