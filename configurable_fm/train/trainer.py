@@ -131,7 +131,7 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
     # 0 would divide by zero in the loop (log_every, checkpoint_every), plot an empty run (steps), shift the
     # schedule (a negative warmup) or turn clipping into gradient ascent (a negative grad_clip)
     for key, low in (("steps", 1), ("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0),
-                     ("optimizer.warmup_steps", 0), ("batch_size", 1), ("seed", 0)):
+                     ("optimizer.warmup_steps", 0), ("batch_size", 1), ("seed", 0), ("grad_accum_steps", 1)):
         section, _, leaf = key.rpartition(".")
         value = (cfg[section] if section else cfg).get(leaf, low)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -140,8 +140,6 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
         raise ConfigError(f"optimizer.grad_clip={clip!r} must be a number >= 0 (0 disables clipping)")
     accum = cfg.get("grad_accum_steps", 1)
-    if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-        raise ConfigError(f"grad_accum_steps={accum!r} must be an int >= 1")
     if cfg.batch_size % (accum * jax.process_count()):
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by grad_accum_steps={accum}"
                           f" x processes={jax.process_count()}")
