@@ -50,6 +50,19 @@ def read_json_object(file: Path, *, what: str = "JSON object", format: str | Non
     return obj
 
 
+def read_index(index: Path) -> dict[str, str]:
+    """The weight_map {tensor name: shard file name} of a sharded checkpoint's `model.safetensors.index.json`;
+    CheckpointError naming the file when it is not JSON, has no "weight_map" object, or maps a name to anything
+    but a plain file name in the same directory."""
+    weight_map = read_json_object(index, what="safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (no \"weight_map\" object)")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file or Path(file).name != file:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {file!r} is not a shard file name")
+    return weight_map
+
+
 class TensorStore(Mapping[str, np.ndarray]):
     """Lazy read-only view {tensor name: numpy array} over one safetensors file or a sharded directory."""
 
@@ -61,11 +74,7 @@ class TensorStore(Mapping[str, np.ndarray]):
                 files = None
                 path = path / SINGLE_FILE
             elif index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-                files = {k: path / f for k, f in weight_map.items()}
+                files = {k: path / f for k, f in read_index(index).items()}
             else:
                 found = sorted(p.name for p in path.glob("*.safetensors"))
                 raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}"

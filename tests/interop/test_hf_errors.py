@@ -100,7 +100,7 @@ def test_index_naming_missing_shard(tmp_path):
 def test_corrupt_index_and_missing_config(ckpt, tmp_path):
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+    with pytest.raises(CheckpointError, match="index.json: not valid JSON"):
         TensorStore(tmp_path / "idx")
     path, _ = ckpt
     (path / "config.json").unlink()
@@ -108,6 +108,19 @@ def test_corrupt_index_and_missing_config(ckpt, tmp_path):
         from_hf(path)
     with pytest.raises(CheckpointError, match="nowhere: the path does not exist"):
         from_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("index, message", [
+    ('{"metadata": {}}', 'no "weight_map" object'),
+    ('{"weight_map": ["a"]}', 'no "weight_map" object'),
+    ('{"weight_map": {"a": 3}}', "weight_map\\['a'\\] = 3 is not a shard file name"),
+    ('{"weight_map": {"a": "../x.safetensors"}}', "is not a shard file name")])
+@pytest.mark.parametrize("store", ["TensorStore", "PreadStore"])
+def test_malformed_index_names_the_file(tmp_path, index, message, store):
+    from configurable_fm.ops.merge.execute import PreadStore
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=f"index.json: .*{message}"):
+        {"TensorStore": TensorStore, "PreadStore": PreadStore}[store](tmp_path)
 
 
 def test_to_hf_refuses_existing_output_and_overwrites_only_when_asked(ckpt):

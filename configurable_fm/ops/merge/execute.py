@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError
+from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError, read_index
 from configurable_fm.ops.merge.host_io import (HOST_ALIGNMENT, IO_CHUNK, ShardFile,  # noqa: F401 (re-exported)
                                                aligned_empty)
 from configurable_fm.ops.merge.registry import TASK_VECTOR_METHODS, MergeMethod
@@ -118,10 +118,7 @@ class PreadStore(Mapping[str, np.ndarray]):
             if (path / SINGLE_FILE).exists():  # before an index, as transformers (and TensorStore) look
                 files, weight_map = [path / SINGLE_FILE], None
             elif (path / INDEX_FILE).exists():
-                try:
-                    weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
+                weight_map = read_index(path / INDEX_FILE)
                 files = sorted({path / f for f in weight_map.values()})
             else:
                 raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
