@@ -37,6 +37,21 @@ class RopeScaling:
             raise ValueError(f"rope_scaling factor must be a finite number > 0, got {f!r}")
 
     @classmethod
+    def from_dict(cls, d) -> "RopeScaling":
+        """The inverse of dataclasses.asdict (config files); transformers' older key "type" is read as rope_type.
+        A missing rope_type or an unknown key is a ValueError naming it."""
+        d = dict(d)
+        if "type" in d and "rope_type" not in d:
+            d["rope_type"] = d.pop("type")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown rope_scaling key(s) {unknown}; valid keys: {sorted(valid)}")
+        if "rope_type" not in d:
+            raise ValueError(f"rope_scaling {d} has no rope_type; supported: {list(cls.SUPPORTED)}")
+        return cls(**d)
+
+    @classmethod
     def from_hf(cls, d: dict | None) -> "RopeScaling | None":
         if not d:
             return None

@@ -53,7 +53,7 @@ def config_from_dict(spec: Mapping[str, Any]):
     if unknown:
         raise ValueError(f"unknown {family} config key(s) {unknown}; valid keys: {sorted(valid)}")
     if isinstance(spec.get("rope_scaling"), Mapping):
-        spec["rope_scaling"] = RopeScaling(**spec["rope_scaling"])
+        spec["rope_scaling"] = RopeScaling.from_dict(spec["rope_scaling"])
     return config_type(**spec)
 
 

@@ -26,6 +26,15 @@ def test_config_round_trip_through_json():
     assert config_from_dict(d) == cfg
 
 
+def test_rope_scaling_dicts_in_a_config():
+    linear = config_from_dict({**SPEC, "rope_scaling": {"type": "linear", "factor": 2.0}})  # transformers' old key
+    assert linear.rope_scaling == RopeScaling("linear", factor=2.0)
+    with pytest.raises(ValueError, match=r"unknown rope_scaling key\(s\) \['beta_fast'\]"):
+        config_from_dict({**SPEC, "rope_scaling": {"rope_type": "linear", "beta_fast": 32}})
+    with pytest.raises(ValueError, match="has no rope_type"):
+        config_from_dict({**SPEC, "rope_scaling": {"factor": 2.0}})
+
+
 def test_unknown_key_and_family_are_named():
     with pytest.raises(ValueError, match=r"unknown llama config key\(s\) \['hidden'\]; valid keys:.*hidden_size"):
         config_from_dict({**SPEC, "hidden": 3})
