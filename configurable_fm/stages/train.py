@@ -144,7 +144,7 @@ def evaluate_models(cfg: ml_collections.ConfigDict, models: Mapping[str, str], l
                 s, c = sums(model, {k: np.asarray(v) for k, v in batch.items()})
                 nll, count = nll + float(s), count + float(c)
             if count == 0:
-                raise ValueError(f"evaluate stage: the evaluation data of data.kind={cfg.data.kind!r} has no tokens")
+                raise ConfigError(f"evaluate stage: the evaluation data of data.kind={cfg.data.kind!r} has no tokens")
             metrics["val_loss"] = nll / count
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
         for fn in tasks.values():

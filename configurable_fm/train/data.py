@@ -45,6 +45,7 @@ import numpy as np
 from configurable_fm.data import pipeline
 # The data root and the dataset directory resolver live at the data layer (data/shards.py), re-exported here.
 from configurable_fm.data.shards import DATA_DIR_ENV, DEFAULT_DATA_ROOT, data_root, dataset_dir  # noqa: F401
+from configurable_fm.errors import ConfigError
 
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 TASK_EVAL_DEFAULTS = {"n": 64, "seed": 0, "batch_size": 32, "max_new_tokens": 0, "split": "test"}
@@ -136,8 +137,6 @@ def shard_data(cfg: ml_collections.ConfigDict, *, log: Callable[[str], None] | N
     train, val = TokenStream(directory, "train"), TokenStream(directory, "validation")
     vocab, model_vocab = train.manifest.get("vocab_size"), cfg.get("model", {}).get("vocab_size")
     if vocab and model_vocab and int(vocab) > int(model_vocab):
-        from configurable_fm.errors import ConfigError
-
         raise ConfigError(f"data.dir {directory}: its tokenizer has {vocab} ids (manifest vocab_size) but "
                           f"model.vocab_size={model_vocab}: ids past the embedding would make the loss NaN; set "
                           f"model.vocab_size >= {vocab}")
@@ -198,14 +197,14 @@ def load_task_tokenizer(spec: str = DEFAULT_TOKENIZER, *, eos: int = -1, pad: in
     vocab = info["vocab_size"]
     if eos < 0:
         if "eos" not in specials:
-            raise ValueError(f"{where}.eos is -1 (take it from the tokenizer) but tokenizer {spec!r} names no eos "
+            raise ConfigError(f"{where}.eos is -1 (take it from the tokenizer) but tokenizer {spec!r} names no eos "
                              f"id in GGUF metadata; set {where}.eos")
         eos = specials["eos"]
     if pad < 0:
         pad = specials.get("pad", eos)
     for key, value in (("eos", eos), ("pad", pad), ("bos", bos)):
         if value >= vocab:
-            raise ValueError(f"{where}.{key}={value} is outside the vocabulary of tokenizer {spec!r} ({vocab} ids)")
+            raise ConfigError(f"{where}.{key}={value} is outside the vocabulary of tokenizer {spec!r} ({vocab} ids)")
     return TaskTokenizer(tok, info, int(eos), int(pad), None if bos < 0 else int(bos))
 
 
@@ -214,7 +213,7 @@ def task_tokenizer(cfg: ml_collections.ConfigDict) -> TaskTokenizer:
     ids = dict(cfg.get("token_ids") or {})
     unknown = sorted(set(ids) - {"eos", "pad", "bos"})
     if unknown:
-        raise ValueError(f"token_ids has unknown key(s) {unknown}; valid: ['bos', 'eos', 'pad']")
+        raise ConfigError(f"token_ids has unknown key(s) {unknown}; valid: ['bos', 'eos', 'pad']")
     return load_task_tokenizer(cfg.get("tokenizer") or DEFAULT_TOKENIZER,
                                **{k: int(v) for k, v in ids.items() if v is not None})
 
@@ -226,16 +225,16 @@ def _task_names(value, key: str) -> tuple[str, ...]:
     names = (value,) if isinstance(value, str) else tuple(value or ())
     unknown = [n for n in names if n not in TASKS]
     if unknown:
-        raise ValueError(f"{key} names unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+        raise ConfigError(f"{key} names unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"{key} lists a task twice: {list(names)}")
+        raise ConfigError(f"{key} lists a task twice: {list(names)}")
     return names
 
 
 def _count(d, key: str, low: int) -> int:
     value = d.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"data.{key} must be an int >= {low}, got {value!r}")
+        raise ConfigError(f"data.{key} must be an int >= {low}, got {value!r}")
     return int(value)
 
 
@@ -250,7 +249,7 @@ def encode_task_rows(tok: TaskTokenizer, names, split: str, n: int, seed: int, s
             parts.append(encode_examples(tok.tokenizer, get_task(name).examples(split, n, seed), seq_len,
                                          eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id))
         except ValueError as e:
-            raise ValueError(f"data.tasks: task {name!r} ({split} split): {e}") from None
+            raise ConfigError(f"data.tasks: task {name!r} ({split} split): {e}") from None
     return {k: np.concatenate([p[k] for p in parts]) for k in ("inputs", "targets", "loss_mask")}
 
 
@@ -266,7 +265,7 @@ def task_data(cfg: ml_collections.ConfigDict) -> ExampleData:
     d = cfg.data
     names = _task_names(d.get("tasks"), "data.tasks")
     if not names:
-        raise ValueError("data.kind='tasks' needs data.tasks, e.g. ('sort',)")
+        raise ConfigError("data.kind='tasks' needs data.tasks, e.g. ('sort',)")
     n_train, n_eval = _count(d, "train_examples", 0), _count(d, "eval_examples", 1)
     seed = _count(d, "task_seed", 0)
     tok = task_tokenizer(cfg)
@@ -295,7 +294,7 @@ def make_task_metrics(cfg: ml_collections.ConfigDict, tokenizer: TaskTokenizer |
     ev = dict(cfg.get("task_eval") or {})
     unknown = sorted(set(ev) - set(TASK_EVAL_DEFAULTS))
     if unknown:
-        raise ValueError(f"task_eval has unknown key(s) {unknown}; valid: {sorted(TASK_EVAL_DEFAULTS)}")
+        raise ConfigError(f"task_eval has unknown key(s) {unknown}; valid: {sorted(TASK_EVAL_DEFAULTS)}")
     ev = {**TASK_EVAL_DEFAULTS, **ev}
     tok = tokenizer if isinstance(tokenizer, TaskTokenizer) else task_tokenizer(cfg)
     kw = {"n": int(ev["n"]), "seed": int(ev["seed"]), "batch_size": int(ev["batch_size"]), "split": ev["split"],
@@ -311,5 +310,5 @@ DATA_KINDS: dict[str, Callable] = {"shards": shard_data, "tasks": task_data}
 def make_data(cfg: ml_collections.ConfigDict):
     kind = cfg.data.kind
     if kind not in DATA_KINDS:
-        raise ValueError(f"data.kind={kind!r} is unknown; supported: {sorted(DATA_KINDS)}")
+        raise ConfigError(f"data.kind={kind!r} is unknown; supported: {sorted(DATA_KINDS)}")
     return DATA_KINDS[kind](cfg)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from configurable_fm.errors import ConfigError
 from configurable_fm.bricks import flat_params
 from configurable_fm.data.synthetic import evaluate_task, get_task
 from configurable_fm.interop import orbax_io
@@ -123,8 +124,8 @@ def test_bad_task_configs_name_the_key(char_tok):
         make_task_metrics(bad)
     bad = cfg.copy_and_resolve_references()
     bad.data.kind = "csv"
-    with pytest.raises(ValueError, match=r"data.kind='csv' is unknown; supported: \['shards', 'tasks'\]"):
-        make_data(bad)
+    with pytest.raises(ConfigError, match=r"data.kind='csv' is unknown; supported: \['shards', 'tasks'\]"):
+        make_data(bad)  # a ConfigError: the scripts print it without a traceback
     nothing = cfg.copy_and_resolve_references()
     nothing.task_metrics = ()
     nothing.tokenizer = "/nonexistent/tokenizer.json"  # not loaded when there is nothing to evaluate
