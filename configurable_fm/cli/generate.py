@@ -37,10 +37,14 @@ def _checked(c) -> dict:
                           f"filter) and config.top_p={c.top_p} in (0, 1]")
     if c.temperature == 0 and (c.top_k or c.top_p < 1):
         raise ConfigError("config.top_k / config.top_p filter sampling: set config.temperature > 0 as well")
-    stop = (c.stop,) if isinstance(c.stop, str) else tuple(c.stop)
-    if not all(isinstance(t, str) and t for t in stop):
-        raise ConfigError(f"config.stop={c.stop!r}: expected non-empty strings, e.g. --config.stop=\"('\\n\\n',)\"")
     import jax
+
+    from configurable_fm.models.generation import as_stop_strings
+    try:
+        stop = as_stop_strings(c.stop)
+    except ValueError:
+        raise ConfigError(f"config.stop={c.stop!r}: expected non-empty strings, e.g. "
+                          f"--config.stop=\"('\\n\\n',)\"") from None
 
     return dict(max_new_tokens=c.max_new_tokens, chunk=c.chunk, temperature=c.temperature,
                 top_k=c.top_k or None, top_p=None if c.top_p == 1 else c.top_p,

@@ -545,7 +545,7 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int =
     prompts need `apply_chat_template` (a plain `tokenizers.Tokenizer` has none: wrap it in a ChatTokenizer).
     """
     batch = isinstance(prompt, (list, tuple)) and not _is_conversation(prompt)
-    stop_strings = _stop_strings(stop)
+    stop_strings = as_stop_strings(stop)
     ids_BxT, mask_BxT, stop, pad = _encoded_prompts(tokenizer, list(prompt) if batch else [prompt], chat,
                                                     eos_token_id, "generate_text")
     width = ids_BxT.shape[1]
@@ -560,7 +560,7 @@ def generate_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int =
     return texts if batch else texts[0]
 
 
-def _stop_strings(stop) -> tuple[str, ...]:
+def as_stop_strings(stop) -> tuple[str, ...]:
     """`stop` as a tuple of non-empty strings (one string: one stop string)."""
     stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else (None,)
     if not all(isinstance(t, str) and t for t in stops):
@@ -595,7 +595,7 @@ def stream_text(model: nnx.Module, tokenizer, prompt, *, max_new_tokens: int = 6
     is an end that begins a stop string; at a stop string the stream ends (the string excluded)."""
     if isinstance(prompt, (list, tuple)) and not _is_conversation(prompt):
         raise ValueError("stream_text takes one prompt (a string or a conversation); for a batch use generate_text")
-    stop_strings = _stop_strings(stop)
+    stop_strings = as_stop_strings(stop)
     ids_BxT, mask_BxT, stop, pad = _encoded_prompts(tokenizer, [prompt], chat, eos_token_id, "stream_text")
     tokens, shown = [], ""
     pieces = Generator(model).stream(ids_BxT, max_new_tokens=max_new_tokens, chunk=chunk, attention_mask=mask_BxT,
