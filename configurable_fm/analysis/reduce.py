@@ -59,14 +59,15 @@ from configurable_fm.models.taps import activate
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def masked_f32(x, m_BxT):
-    """x (B, T, ...) as float32 times the token mask broadcast over its trailing axes."""
-    return x.astype(jnp.float32) * m_BxT.reshape(m_BxT.shape + (1,) * (x.ndim - 2))
-
-
 def token_mask_like(m_BxT, x):
     """The token mask as a boolean broadcastable against x (B, T, ...)."""
     return (m_BxT > 0).reshape(m_BxT.shape + (1,) * (x.ndim - 2))
+
+
+def masked_f32(x, m_BxT):
+    """x (B, T, ...) as float32 where the token mask is 1, 0 where it is 0 (selected, not multiplied: a NaN or inf
+    at a masked-out position, e.g. a padded row, does not reach the sums)."""
+    return jnp.where(token_mask_like(m_BxT, x), x.astype(jnp.float32), 0.0)
 
 
 class Reduction:
@@ -113,8 +114,8 @@ class MeanSquare(Reduction):
     name: str = "mean_square"
 
     def batch(self, x, m):
-        x32 = x.astype(jnp.float32)
-        return jnp.sum(masked_f32(x, m) * x32, axis=(0, 1))
+        xm = masked_f32(x, m)
+        return jnp.sum(xm * xm, axis=(0, 1))
 
     def finish(self, total, n):
         return _divide(total, n)
@@ -134,13 +135,11 @@ class Gram(Reduction):
 
     def batch(self, x, m):
         f = x.shape[-1]
-        x32 = x.astype(jnp.float32)
         if x.ndim == 3:  # (B, T, F): one (F, F) product, as RegMean has always computed it
             xm = masked_f32(x, m).reshape(-1, f)
-            return jnp.dot(xm.T, x32.reshape(-1, f), precision=HIGHEST, preferred_element_type=jnp.float32)
+            return jnp.dot(xm.T, xm, precision=HIGHEST, preferred_element_type=jnp.float32)
         xm = masked_f32(x, m).reshape((-1,) + x.shape[2:])
-        return jnp.einsum("n...i,n...j->...ij", xm, x32.reshape((-1,) + x.shape[2:]), precision=HIGHEST,
-                          preferred_element_type=jnp.float32)
+        return jnp.einsum("n...i,n...j->...ij", xm, xm, precision=HIGHEST, preferred_element_type=jnp.float32)
 
     def finish(self, total, n):
         return _divide(total, n) if self.normalize else total

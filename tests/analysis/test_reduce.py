@@ -9,7 +9,7 @@ from flax import nnx
 
 from configurable_fm import sharding as shd
 from configurable_fm.analysis import (
-    CountAbove, Gram, Histogram, Mean, TapError, add, capture, mask, progress_bar, reduce_over, token_mask)
+    CountAbove, Gram, Histogram, Mean, MeanSquare, Sum, TapError, add, capture, mask, progress_bar, reduce_over, token_mask)
 from tests.analysis.tiny import BERT, LLAMA, random_model
 
 B, L = 3, 6
@@ -93,6 +93,18 @@ def test_reductions_equal_numpy_over_masked_batches(llama):
     np.testing.assert_allclose(host["gram"], h.T @ h, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(host["count_above"], r["count_above"])
     np.testing.assert_allclose(host["mean"], h.mean(0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 2, 4)])
+def test_non_finite_values_at_masked_out_tokens_do_not_reach_the_sums(shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    m = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+    x[0, 2], x[1, 1] = np.nan, np.inf  # e.g. padded rows
+    kept = x[m > 0]  # (N, ...)
+    for r, want in [(Sum(), kept.sum(0)), (Mean(), kept.sum(0)), (MeanSquare(), (kept * kept).sum(0)),
+                    (Gram(), np.einsum("n...i,n...j->...ij", kept, kept))]:
+        np.testing.assert_allclose(np.asarray(r.batch(jnp.asarray(x), jnp.asarray(m))), want, rtol=1e-6,
+                                   atol=1e-6, err_msg=type(r).__name__)
 
 
 def test_float64_totals_gather_device_runs_of_batches(llama, monkeypatch):
