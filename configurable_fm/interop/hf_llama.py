@@ -48,13 +48,10 @@ def config_from_hf(c: dict) -> LlamaConfig:
     window = c.get("sliding_window", default["sliding_window"])
     if arch == "LlamaForCausalLM":  # transformers' Llama reads no window (the key may be there, unused)
         window = None
-    elif arch == "Qwen2ForCausalLM" and not c.get("use_sliding_window", False):
-        window = None
-    elif arch == "Qwen2ForCausalLM" and c.get("use_sliding_window"):
-        raise UnsupportedModel("Qwen2 use_sliding_window=True (per-layer windows) is not implemented")
-    # layer_types changes nothing here, as in transformers 5.x: Llama, Mistral and Mixtral read no layer_types
-    # (Mistral warns, then applies sliding_window to every layer), and Qwen2 windows a layer only with
-    # use_sliding_window (refused above)
+    elif arch == "Qwen2ForCausalLM":
+        window = _qwen2_window(c, window)
+    # layer_types changes nothing for Llama, Mistral and Mixtral, as in transformers 5.x: they read no layer_types
+    # (Mistral warns, then applies sliding_window to every layer); Qwen2 reads them (_qwen2_window)
     experts = c.get("num_local_experts", 8) if arch == "MixtralForCausalLM" else 0  # transformers' default: 8
     # Only Llama reads attention_bias / mlp_bias; Qwen2 always biases q, k, v, Mistral and Mixtral never do
     llama = arch == "LlamaForCausalLM"
@@ -72,6 +69,25 @@ def config_from_hf(c: dict) -> LlamaConfig:
         hidden_act=c.get("hidden_act", "silu"),
         sliding_window=window, num_experts=experts, num_experts_per_tok=c.get("num_experts_per_tok", 2),
         architecture=arch)
+
+
+def _qwen2_window(c: dict, window: int | None) -> int | None:
+    """The sliding window of a Qwen2 config as transformers 5.x applies it: only with use_sliding_window, and
+    only to the layers whose layer_types entry is "sliding_attention" (by default those from max_window_layers
+    on, 28 when the key is left out). None when no layer is windowed, the window when every layer is;
+    UnsupportedModel when only some are (one window per model here)."""
+    if not c.get("use_sliding_window", False) or window is None:
+        return None
+    n = c["num_hidden_layers"]
+    types = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention"
+                                     for i in range(n)]
+    windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not windowed:
+        return None
+    if len(windowed) == n:
+        return window
+    raise UnsupportedModel(f"Qwen2 use_sliding_window=True windows layers {windowed} of {n} (layer_types / "
+                           f"max_window_layers): per-layer windows are not implemented")
 
 
 def _check_router(cfg: LlamaConfig) -> None:

@@ -150,6 +150,28 @@ def test_config_keys_left_out_take_transformers_defaults_per_architecture(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("max_window_layers, window", [(2, None), (0, 3)])
+def test_qwen2_sliding_window_as_transformers_applies_it(tmp_path, max_window_layers, window):
+    """Qwen2 windows the layers from max_window_layers on, and only with use_sliding_window: none of the two
+    (max_window_layers 2) is a plain model, all of them (0) one window; some of them is refused (one window per
+    model here)."""
+    from configurable_fm.interop.hf import UnsupportedModel
+
+    kw = dict(CASES["qwen2-bias"][1], use_sliding_window=True, sliding_window=3, max_window_layers=max_window_layers)
+    hf = make_hf("Qwen2", kw)
+    hf.save_pretrained(tmp_path / "q")
+    ours = from_hf(tmp_path / "q")
+    assert ours.cfg.sliding_window == window
+    ids = np.random.RandomState(5).randint(0, BASE["vocab_size"], (1, 9))
+    assert np.abs(np.asarray(ours(jnp.asarray(ids))) - hf_logits(hf, ids)).max() <= TOL
+    if window is not None:
+        path = tmp_path / "q" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()),
+                                    "layer_types": ["full_attention", "sliding_attention"]}))
+        with pytest.raises(UnsupportedModel, match=r"windows layers \[1\] of 2.*per-layer windows"):
+            from_hf(tmp_path / "q")
+
+
 def test_rope_scaling_types_it_cannot_compute_are_refused_not_run_as_llama3():
     """RopeScaling('yarn' / 'dynamic' / 'longrope', ...) built directly or by config_from_dict used to be accepted
     and then given llama3's frequencies; 'default' scales nothing; a factor must be a finite number > 0."""
