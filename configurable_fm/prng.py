@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configurable_fm.checks import is_int
+
 
 def as_key(key, error: Callable[[str], Exception], op: str, missing: str) -> jax.Array:
     """`key` as a typed PRNG key: a typed scalar key as is, raw uint32[2] key data wrapped, an int used as a seed
@@ -24,7 +26,7 @@ def as_key(key, error: Callable[[str], Exception], op: str, missing: str) -> jax
     and how to pass it) and error(...) naming what was given for anything else (a bool is not a seed)."""
     if key is None:
         raise error(f"{op}: {missing}")
-    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    if is_int(key):
         return jax.random.key(int(key))
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key) and getattr(key, "shape", None) == ():

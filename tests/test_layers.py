@@ -2,7 +2,7 @@
 functions): a module imports only from its own layer or the layers before it, and never a private name
 (`_x`) of another module. The order is README's "Architecture" section:
 
-    errors, sharding, profiling, prng < models < interop < bricks < data < analysis < ops < train < stages < cli
+    errors, checks, sharding, profiling, prng < models < interop < bricks < data < analysis < ops < train < stages < cli
 
 A package `__init__` may re-export its own package's public API; `experiments/` and `scripts/` sit above
 everything and are not checked here."""
@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "configurable_fm"
-ORDER = [("errors", "sharding", "profiling", "prng"), ("models",), ("interop",), ("bricks",), ("data",), ("analysis",),
-         ("ops",), ("train",), ("stages",), ("cli",)]
+ORDER = [("errors", "checks", "sharding", "profiling", "prng"), ("models",), ("interop",), ("bricks",), ("data",),
+         ("analysis",), ("ops",), ("train",), ("stages",), ("cli",)]
 RANK = {name: i for i, names in enumerate(ORDER) for name in names}
 
 

@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
+from configurable_fm.checks import is_int
+
 
 def batch_inputs(batch: Mapping[str, Any], where: str) -> np.ndarray:
     """The batch's 'inputs' as int32 (B, L); KeyError/ValueError naming `where` otherwise."""
@@ -72,7 +74,7 @@ def token_mask(batch: Mapping[str, Any], where: str = "batch") -> np.ndarray:
 def limited(batches: Iterable, max_batches: Optional[int]) -> tuple[Iterable, Optional[int]]:
     """The first `max_batches` batches (all when None), and their number when known (for a progress bar)."""
     if max_batches is not None:
-        if isinstance(max_batches, bool) or not isinstance(max_batches, (int, np.integer)) or max_batches < 1:
+        if not is_int(max_batches) or max_batches < 1:
             raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
         try:
             total = min(len(batches), int(max_batches))  # type: ignore[arg-type]

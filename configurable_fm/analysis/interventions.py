@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configurable_fm.analysis.taps import Intervention, TapError
+from configurable_fm.checks import is_int
 
 
 def _concrete_ints(x) -> np.ndarray | None:
@@ -38,7 +39,7 @@ def _concrete_ints(x) -> np.ndarray | None:
     if isinstance(x, (int, np.integer)):
         return np.asarray([x], np.int64)
     if isinstance(x, (list, tuple)):
-        if all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in x):
+        if all(is_int(i) for i in x):
             return np.asarray(x, np.int64)
         return None
     if isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.integer):

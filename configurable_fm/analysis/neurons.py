@@ -62,6 +62,7 @@ from configurable_fm.analysis.interventions import Mask, mask
 from configurable_fm.analysis.reduce import (HIGHEST, Mean, MeanSquare, Reduction, masked_f32, reduce_over,
                                              token_mask_like)
 from configurable_fm.analysis.taps import Intervention, Matcher, TapError, patterns_of, tap_points
+from configurable_fm.checks import is_int
 
 FFN_HIDDEN = "**.mlp.hidden"
 
@@ -125,7 +126,7 @@ class CoActivation(Reduction):
 # ------------------------------------------------------------------------------------------------ statistics
 def log_edges(bins: int | Sequence[float] = 48, bin_range: tuple[float, float] = (1e-6, 1e2)) -> np.ndarray:
     """Histogram edges of |a|: `bins` log-spaced bins over bin_range (bins + 1 edges), or the given edges."""
-    if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
+    if is_int(bins):
         lo, hi = bin_range
         if bins < 1 or not (0 < lo < hi and np.isfinite(hi)):
             raise ValueError(f"activation_stats: need bins >= 1 and 0 < lo < hi, got bins={bins}, "
@@ -338,7 +339,7 @@ def per_example_activations(model: nnx.Module, examples: Iterable, *, points: st
       per batch shape returns only the (B, L, F) means.
     """
     for name, value in (("batch_size", batch_size), ("pad_to", pad_to)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"per_example_activations: {name} must be an int >= 1, got {value!r}")
     pats = patterns_of(points, "per_example_activations")
     matcher = Matcher(pats)
@@ -414,7 +415,7 @@ class Specialisation:
     points: tuple
 
     def index(self, function) -> int:
-        if isinstance(function, (int, np.integer)) and not isinstance(function, bool):
+        if is_int(function):
             if not -len(self.functions) <= function < len(self.functions):
                 raise IndexError(f"function {function} is outside the {len(self.functions)} functions")
             return int(function) % len(self.functions)
@@ -568,7 +569,7 @@ def mask_neurons(model: nnx.Module, neurons: Mapping[Any, Any], *,
     hidden = [p for p in found if matcher(p)]
     chosen: dict[str, np.ndarray] = {}
     for layer, idx in neurons.items():
-        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+        if is_int(layer):
             if not -len(hidden) <= layer < len(hidden):
                 raise TapError(f"mask_neurons: layer {layer} is outside the {len(hidden)} points matching {points!r}")
             point = hidden[int(layer)]

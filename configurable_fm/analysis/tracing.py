@@ -63,6 +63,7 @@ from flax import nnx
 
 from configurable_fm.analysis.capture import capture, intervene
 from configurable_fm.analysis.interventions import add, replace
+from configurable_fm.checks import is_int
 from configurable_fm.data.synthetic.evaluate import encode_text
 
 KINDS = ("residual", "mlp", "attn")
@@ -265,7 +266,7 @@ def causal_trace(model: nnx.Module, ids: Sequence[int], subject: tuple[int, int]
     if bad or not kinds or len(set(kinds)) != len(kinds):
         raise ValueError(f"kinds must be distinct names among {list(KINDS)}, got {list(kinds)}")
     counts = (samples, window, rows_per_call)
-    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in counts):
+    if any(not is_int(n) or n < 1 for n in counts):
         raise ValueError(f"samples, window and rows_per_call must be ints >= 1 (got {samples!r}, {window!r}, "
                          f"{rows_per_call!r})")
     for name, value in (("noise", noise), ("embedding_std", embedding_std)):

@@ -54,6 +54,7 @@ from flax import nnx
 from configurable_fm.bricks.brickset import INDEX_FILE, TENSORS_FILE, Brick, BrickSet, load_bricks, save_bricks
 from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.bricks.select import SelectionError, glob_to_regex
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import UserError
 from configurable_fm.interop.atomic import atomic_directory
 from configurable_fm.interop.safetensors_io import CheckpointError, read_json_object
@@ -81,10 +82,6 @@ def _dtype(x) -> np.dtype:
 
 def _floating(x) -> bool:
     return bool(jnp.issubdtype(_dtype(x), jnp.floating))
-
-
-def _is_number(s) -> bool:
-    return isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, (bool, np.bool_))
 
 
 def _desc(x) -> str:
@@ -144,7 +141,7 @@ class LowRank:
     scale: float = 1.0
 
     def __post_init__(self):
-        if not _is_number(self.scale):
+        if not is_real(self.scale):
             raise TypeError(f"LowRank: scale must be a Python number (static), got {type(self.scale).__name__}; "
                             "use term.scaled(s) to scale by an array")
         object.__setattr__(self, "scale", float(self.scale))
@@ -177,7 +174,7 @@ class LowRank:
 
     def scaled(self, s) -> "LowRank":
         """s · change: a new static scale for a Python number s (exact), else LowRank(s · a, b, scale)."""
-        if _is_number(s):
+        if is_real(s):
             return LowRank(self.a, self.b, self.scale * float(s))
         return LowRank(jnp.asarray(self.a) * s, self.b, self.scale)
 
@@ -628,7 +625,7 @@ def low_rank(delta: Delta, rank: int) -> Delta:
     for the factored paths. Eager (the SVD and the reported errors need concrete arrays): not for jax.jit.
     """
     _check_delta(delta, "low_rank")
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"low_rank: rank must be an int >= 1, got {rank!r}")
     terms, errors = {}, {}
     for p, t in delta.items():
@@ -669,7 +666,7 @@ def _term_from_brick(brick: Brick) -> Term:
     tensors = {t: jnp.asarray(params[t]) for t in want}
     if brick.kind == "low_rank":
         scale_ = info.get("scale")
-        if not _is_number(scale_):
+        if not is_real(scale_):
             raise DeltaError(f"brick {name!r}: a low_rank term needs a numeric 'scale' in its metadata, got {scale_!r}")
         term = LowRank(tensors["a"], tensors["b"], scale_)
         if info.get("rank") != term.rank:

@@ -27,6 +27,7 @@ import ml_collections
 from absl import flags
 
 from configurable_fm import cli
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError
 
 DATA_KEYS = {"n_score": 100, "n_eval": 24, "seed": 0, "facts": "", "functions": (
@@ -59,7 +60,7 @@ def check_config(c, workdir: str) -> dict:
     data = c.data.to_dict()
     for key in ("n_score", "n_eval"):
         v = data[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_int(v) or v < 1:
             raise ConfigError(f"specialisation config: `data.{key}` must be an int >= 1, got {v!r}")
     functions = tuple(data["functions"])
     unknown = [f for f in functions if f not in FUNCTIONS]

@@ -25,6 +25,7 @@ from typing import Sequence
 import ml_collections
 
 from configurable_fm import cli
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import ConfigError
 
 CALIBRATION_KEYS = {"corpus": "", "tokenizer": "", "split": "train", "n_tokens": 16384, "seq_len": 256,
@@ -45,7 +46,7 @@ def moefy_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def _int(c, key: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise ConfigError(f"moefy config: `{key}` must be an int >= {low}, got {value!r}")
     return value
 
@@ -72,7 +73,7 @@ def check_config(c) -> dict:
                             active_fraction=c.active_fraction, has_calibration=bool(cal["corpus"]),
                             op="moefy config", data_hint=DATA_HINT)
     scale = c.mixtral_router_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale < float("inf"):
+    if not is_real(scale) or not 0 <= scale < float("inf"):
         raise ConfigError(f"moefy config: `mixtral_router_scale` must be a number >= 0, got {scale!r}")
     fmt = c.get("format") or "hf"
     if fmt == "hf":

@@ -32,6 +32,7 @@ from typing import Sequence
 import ml_collections
 
 from configurable_fm import cli
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError
 
 CALIBRATION_KEYS = {"corpus": "", "tokenizer": "", "split": "train", "n_tokens": 16384, "seq_len": 512,
@@ -51,12 +52,6 @@ def sparsify_config(**overrides) -> ml_collections.ConfigDict:
                                 {"calibration": CALIBRATION_KEYS, "evaluation": EVALUATION_KEYS}, overrides)
 
 
-def _positive_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"sparsify config: `{key}` must be a positive int, got {value!r}")
-    return value
-
-
 def check_config(c) -> dict:
     """The resolved settings of a sparsify config, checked without the model: {input, output, overwrite, targets
     ('ffn', 'all' or a tuple of paths / globs), sparsity, score, calibration {...}, evaluation {...}}; ConfigError
@@ -73,9 +68,10 @@ def check_config(c) -> dict:
         for key in keys:
             if not isinstance(d[key], str):
                 raise ConfigError(f"sparsify config: `{section}.{key}` must be a string, got {d[key]!r}")
-    for key in ("n_tokens", "seq_len", "batch_size"):
-        _positive_int(f"calibration.{key}", cal[key])
-    _positive_int("evaluation.n_tokens", ev["n_tokens"])
+    counts = [(f"calibration.{key}", cal[key]) for key in ("n_tokens", "seq_len", "batch_size")]
+    for key, value in counts + [("evaluation.n_tokens", ev["n_tokens"])]:
+        if not is_int(value) or value < 1:
+            raise ConfigError(f"sparsify config: `{key}` must be a positive int, got {value!r}")
     if not cal["corpus"]:
         raise ConfigError("sparsify config: set `calibration.corpus` (a token dataset, a .txt file or a directory of "
                           ".txt files): the thresholds are quantiles of the activations on it")

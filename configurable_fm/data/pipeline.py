@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError
 
 STATE_VERSION = 1
@@ -159,7 +160,7 @@ class _EpochBatches:
                                  f"{mine!r} in this pipeline")
         epoch, index = state.get("epoch"), state.get("index")
         for name, v in (("epoch", epoch), ("index", index)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ValueError(f"pipeline state {name}={v!r} is not a non-negative integer")
         limit = self.num_items - (self.global_batch_size if self.drop_remainder else 1)
         if index > limit:
@@ -224,7 +225,7 @@ def eval_batches(tokens, seq_len: int, batch_size: int, max_batches: int | None 
     [p*B/P, (p+1)*B/P) of every batch, as in `PackedBatches`.
     """
     rows = _check_sharding(batch_size, process_index, process_count)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
     num_windows = max(0, (len(tokens) - 1) // seq_len)
     num_batches = math.ceil(num_windows / batch_size)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import ConfigError, OutputExists, UserError
 from configurable_fm.data import corpora
 from configurable_fm.data.bpe import parse_bpe_spec, train_bpe
@@ -119,13 +120,12 @@ def resolve_config(config: Mapping) -> dict:
     if not cfg["sources"]:
         raise ConfigError("dataset config: `sources` is empty")
     fraction = cfg["validation_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
-            or not 0.0 <= float(fraction) < 1.0:
+    if not is_real(fraction) or not 0.0 <= float(fraction) < 1.0:
         raise ConfigError(f"dataset config: validation_fraction must be in [0, 1), got {fraction!r}")
     for key, low in (("eos_id", 0), ("min_validation_documents", 0), ("max_tokens_per_shard", 1),
                      ("min_chars", 0), ("encode_batch_chars", 0)):
         v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        if not is_int(v) or v < low:
             raise ConfigError(f"dataset config: {key} must be an int >= {low}, got {v!r}")
     return cfg
 
@@ -463,15 +463,15 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict:
         if not cond:
             raise ManifestError(f"{where}: {key} {msg}")
 
-    def is_int(v, lo=0):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    def int_at_least(v, lo=0):
+        return is_int(v) and v >= lo
 
     need(isinstance(m, dict), "(top level)", f"must be a JSON object, got {type(m).__name__}")
     for key in ("format", "format_version", "name", "config", "tokenizer", "eos_id", "vocab_size", "dtype",
                 "sources", "splits"):
         need(key in m, key, "is missing")
     need(m["format"] == FORMAT, "format", f"must be {FORMAT!r}, got {m['format']!r}")
-    need(is_int(m["format_version"], 1), "format_version", f"must be a positive int, got {m['format_version']!r}")
+    need(int_at_least(m["format_version"], 1), "format_version", f"must be a positive int, got {m['format_version']!r}")
     need(m["format_version"] <= FORMAT_VERSION, "format_version",
          f"is {m['format_version']}, newer than this code reads ({FORMAT_VERSION}); update configurable_fm")
     need(isinstance(m["name"], str), "name", "must be a string")
@@ -481,8 +481,8 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict:
     need(isinstance(tok, dict), "tokenizer", "must be an object")
     need(isinstance(tok.get("sha256"), str) and _SHA.fullmatch(tok["sha256"]), "tokenizer.sha256",
          "must be a 64-digit hex sha256")
-    need(is_int(m["vocab_size"], 1), "vocab_size", f"must be a positive int, got {m['vocab_size']!r}")
-    need(is_int(m["eos_id"]) and m["eos_id"] < m["vocab_size"], "eos_id",
+    need(int_at_least(m["vocab_size"], 1), "vocab_size", f"must be a positive int, got {m['vocab_size']!r}")
+    need(int_at_least(m["eos_id"]) and m["eos_id"] < m["vocab_size"], "eos_id",
          f"must be an int in [0, vocab_size={m['vocab_size']}), got {m['eos_id']!r}")
     need(m["dtype"] in ("uint16", "uint32"), "dtype", f"must be 'uint16' or 'uint32', got {m['dtype']!r}")
     need(np.iinfo(m["dtype"]).max >= m["vocab_size"] - 1, "dtype", f"{m['dtype']} cannot hold {m['vocab_size']} ids")
@@ -493,7 +493,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict:
         s = splits[split]
         need(isinstance(s, dict), f"splits.{split}", "must be an object")
         for key in ("documents", "tokens"):
-            need(is_int(s.get(key)), f"splits.{split}.{key}", f"must be a non-negative int, got {s.get(key)!r}")
+            need(int_at_least(s.get(key)), f"splits.{split}.{key}", f"must be a non-negative int, got {s.get(key)!r}")
         need(isinstance(s.get("shards"), list), f"splits.{split}.shards", "must be a list")
         total = 0
         for i, sh in enumerate(s["shards"]):
@@ -502,7 +502,7 @@ def validate_manifest(m: Any, where: str = MANIFEST) -> dict:
             need(isinstance(sh.get("file"), str) and _SHARD_NAME.fullmatch(sh["file"])
                  and sh["file"].startswith(split + "/"), f"{k}.file",
                  f"must be '{split}/shard_NNNNN.npy', got {sh.get('file')!r}")
-            need(is_int(sh.get("tokens"), 1), f"{k}.tokens", f"must be a positive int, got {sh.get('tokens')!r}")
+            need(int_at_least(sh.get("tokens"), 1), f"{k}.tokens", f"must be a positive int, got {sh.get('tokens')!r}")
             need(isinstance(sh.get("sha256"), str) and _SHA.fullmatch(sh["sha256"]), f"{k}.sha256",
                  "must be a 64-digit hex sha256")
             total += sh["tokens"]

@@ -49,8 +49,7 @@ import re
 from pathlib import Path
 from typing import Callable, ClassVar
 
-import numpy as np
-
+from configurable_fm.checks import is_int
 from configurable_fm.data.synthetic.tasks import SPLITS, TASKS, Example, Task, get_task, make_task
 
 WORD = re.compile(r"[a-z]+")
@@ -350,7 +349,7 @@ class TextTask(Task):
         """The first n of a permutation (seeded by (seed, task, split)) of the split's items (module docstring)."""
         if split not in SPLITS:
             raise ValueError(f"task {self.name!r}: split must be one of {SPLITS}, got {split!r}")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        if not is_int(n) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         items = self.split_items(split)
         if n > len(items):
@@ -414,7 +413,7 @@ class FewShotTask(Task):
     description: ClassVar[str] = "few-shot prompting of a task"
 
     def validate(self):
-        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 0:
+        if not is_int(self.shots) or self.shots < 0:
             raise self._error("shots", "must be an int >= 0")
 
     @functools.cached_property

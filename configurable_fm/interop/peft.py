@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.interop.atomic import atomic_directory, check_overwritable
 from configurable_fm.interop.hf import Family, UnsupportedModel, family_for
@@ -238,12 +239,8 @@ def _strings(v) -> bool:
     return isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
 
 
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _ints(v) -> bool:
-    return _int(v) or (isinstance(v, list) and all(_int(t) for t in v))
+    return is_int(v) or (isinstance(v, list) and all(is_int(t) for t in v))
 
 
 # The option values the matching and scaling read, with their JSON types (None: the option is absent or null).
@@ -269,9 +266,9 @@ def _check_values(config: Mapping[str, Any], file: Path, peft_type: str) -> None
             raise CheckpointError(f"{file}: {key}={config[key]!r} is not a valid value ({want})")
 
 
-def _number(config, key, file, kind=(int, float), minimum=None):
+def _number(config, key, file, ok=is_real, minimum=None):
     value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, kind) or (minimum is not None and value < minimum):
+    if not ok(value) or (minimum is not None and value < minimum):
         raise CheckpointError(f"{file}: {key}={value!r} is not a valid value")
     return value
 
@@ -393,7 +390,7 @@ def _experts(model, config, store, keys, file) -> list[dict]:
     rslora = config.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise CheckpointError(f"{file}: use_rslora={rslora!r} is not a bool")
-    options = {"rank": _number(config, "r", file, int, 1), "alpha": float(_number(config, "lora_alpha", file)),
+    options = {"rank": _number(config, "r", file, is_int, 1), "alpha": float(_number(config, "lora_alpha", file)),
                "rslora": rslora}
     return read_expert_adapters(model, config, keys, options, file,
                                 lambda key, shape, what: _tensor(store, key, shape, what))
@@ -417,10 +414,9 @@ def _lora(config, store, name, roles, d_in, d_out, file) -> dict:
                               f"{'lora_magnitude_vector' if missing == ['magnitude'] else missing[0] + '.weight'})")
     if "magnitude" in roles and not dora:
         raise CheckpointError(f"{roles['magnitude']}: a DoRA magnitude, but {CONFIG_FILE} has use_dora=false")
-    r = _pattern_value(config.get("rank_pattern") or {}, name, _number(config, "r", file, int, 1))
+    r = _pattern_value(config.get("rank_pattern") or {}, name, _number(config, "r", file, is_int, 1))
     alpha = _pattern_value(config.get("alpha_pattern") or {}, name, _number(config, "lora_alpha", file))
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1 or isinstance(alpha, bool) or \
-            not isinstance(alpha, (int, float)):
+    if not is_int(r) or r < 1 or not is_real(alpha):
         raise CheckpointError(f"{file}: rank_pattern / alpha_pattern give r={r!r}, lora_alpha={alpha!r} for {name}")
     a = _tensor(store, roles["lora_A"], (r, d_in), f"{name} (r={r} from {CONFIG_FILE}, {d_in} inputs)")
     b = _tensor(store, roles["lora_B"], (d_out, r), f"{name} ({d_out} outputs, r={r})")
@@ -497,7 +493,7 @@ def read_virtual_tokens(model, adapter_dir) -> tuple[str, np.ndarray]:
         problems.append(f"modules_to_save={config['modules_to_save']!r} (full copies of modules)")
     if problems:
         raise UnsupportedModel(f"{config_file}: {config['peft_type']} option(s) not supported: {'; '.join(problems)}")
-    p = _number(config, "num_virtual_tokens", config_file, int, 1)
+    p = _number(config, "num_virtual_tokens", config_file, is_int, 1)
     store = TensorStore(weights_file)
     keys = list(store)
     if keys != [PROMPT_KEY]:
@@ -606,8 +602,8 @@ def to_peft(model, out_dir, *, base_model_name_or_path: str | None = None, overw
     CAUSAL_LM for a decoder, FEATURE_EXTRACTION for a Bert)."""
     if isinstance(model, VirtualTokens):
         return _write_virtual_tokens(model, out_dir, base_model_name_or_path, overwrite)
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float, np.integer, np.floating)) or \
-            not 0.0 <= float(lora_dropout) < 1.0:  # NaN fails too (PEFT's nn.Dropout refuses p > 1 on loading)
+    # NaN fails too (PEFT's nn.Dropout refuses p > 1 on loading)
+    if not is_real(lora_dropout) or not 0.0 <= float(lora_dropout) < 1.0:
         raise ConfigError(f"to_peft: lora_dropout must be a number in [0, 1) (the training rate recorded for PEFT), "
                           f"got {lora_dropout!r}")
     family = family_for(model)

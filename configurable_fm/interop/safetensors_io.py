@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError, UserError
 
 SINGLE_FILE = "model.safetensors"
@@ -145,8 +146,8 @@ def parse_size(size: int | str) -> int:
     s = str(size).strip().upper()
     units = (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1))
     try:
-        if isinstance(size, int) and not isinstance(size, bool):
-            n = size
+        if is_int(size):
+            n = int(size)
         else:
             unit, mult = next(((u, m) for u, m in units if s.endswith(u)), ("", 1))
             n = int(float(s[: len(s) - len(unit)]) * mult) if unit else int(s)

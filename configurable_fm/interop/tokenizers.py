@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import SourceNotFound, UserError
 from configurable_fm.interop.gguf import metadata, read_gguf, source_name
 from configurable_fm.interop.safetensors_io import CheckpointError
@@ -476,7 +477,7 @@ def _gguf_info(reader) -> dict:
 def _hf_info(directory: Path) -> dict:
     tok_cfg, special_map, gen_cfg = _hf_files(directory)
     eos = gen_cfg.get("eos_token_id")
-    if isinstance(eos, int) and not isinstance(eos, bool):  # one id: what generate stops at, whatever eos_token is
+    if is_int(eos):  # one id: what generate stops at, whatever eos_token is
         eos = [eos]
     max_len = tok_cfg.get("model_max_length")
     return dict(special_tokens=_hf_special_tokens(tok_cfg, special_map),

@@ -8,10 +8,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
+
+from configurable_fm.checks import is_finite_real
 
 
 # --------------------------------------------------------------------------------------------- rope
@@ -33,7 +34,7 @@ class RopeScaling:
             raise NotImplementedError(f"rope_scaling type {self.rope_type!r} is not implemented; "
                                       f"supported: {list(self.SUPPORTED)}")
         f = self.factor
-        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not (f > 0 and math.isfinite(f)):
+        if not is_finite_real(f) or not f > 0:
             raise ValueError(f"rope_scaling factor must be a finite number > 0, got {f!r}")
 
     @classmethod

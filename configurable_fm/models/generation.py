@@ -80,6 +80,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
+from configurable_fm.checks import is_int
 import configurable_fm.models.attention as attn
 from configurable_fm.models.layers import fuse_projections
 from configurable_fm.models.one_token import OneTokenMatmuls, one_token_matmuls
@@ -355,7 +356,7 @@ class Generator:
         # None: on where the projections are fused (weights on one device)
         self.one_token = one_token if isinstance(one_token, OneTokenMatmuls) else bool(
             self.fuse if one_token is None else one_token)
-        if isinstance(cache_window, bool) or not isinstance(cache_window, (int, np.integer)) or cache_window < 0:
+        if not is_int(cache_window) or cache_window < 0:
             raise ValueError(f"cache_window must be an int >= 0 (0: attend over the whole cache), got {cache_window!r}")
         self.window = int(cache_window)  # the decode loop's first cache window, in new tokens (module docstring)
 
@@ -378,7 +379,7 @@ class Generator:
         stream ends as soon as every row has emitted an eos (the rest would be pad_token_id). One program, as
         `__call__`'s, with `chunk` traced: the device runs ahead while the host hands the tokens over (an ordered
         io_callback every `chunk` steps). A reader that stops early leaves the program to finish unheard."""
-        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        if not is_int(chunk) or chunk < 1:
             raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
         ids, args, static = self._arguments(ids_BxT, max_new_tokens, attention_mask, temperature, top_k, top_p, rng,
                                             eos_token_id, pad_token_id)
@@ -412,8 +413,7 @@ class Generator:
         ids = jnp.asarray(ids_BxT)
         if ids.ndim != 2 or ids.shape[1] == 0 or not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"ids_BxT must be a non-empty (batch, time) integer array, got {ids.dtype} {ids.shape}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-                or max_new_tokens < 0:
+        if not is_int(max_new_tokens) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         concrete_mask = None
         if attention_mask is None:
@@ -436,7 +436,7 @@ class Generator:
         if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         greedy = temperature == 0
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
         if top_p is not None and not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
@@ -452,11 +452,10 @@ class Generator:
                 raise ValueError(f"rng must be one jax.random key (jax.random.key(seed)), got {rng!r}")
         eos = [] if eos_token_id is None else (
             [eos_token_id] if isinstance(eos_token_id, (int, np.integer)) else list(eos_token_id))
-        if not all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in eos):
+        if not all(is_int(e) for e in eos):
             raise ValueError(f"eos_token_id must be an int, a sequence of ints or None, got {eos_token_id!r}")
         int32 = np.iinfo(np.int32)
-        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) \
-                or not int32.min <= pad_token_id <= int32.max:
+        if not is_int(pad_token_id) or not int32.min <= pad_token_id <= int32.max:
             raise ValueError(f"pad_token_id must be an int (int32), got {pad_token_id!r}")
         ids = ids.astype(jnp.int32)
         if max_new_tokens == 0:

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configurable_fm.checks import is_real
 from configurable_fm.models import attention as attn
 from configurable_fm.models import one_token_layer
 from configurable_fm.models.layers import CausalLM, Embed, Linear, RMSNorm, activation, project
@@ -92,7 +93,7 @@ class LlamaConfig:
             raise ValueError(f"num_experts_per_tok={k!r} must be in 1..num_experts={e} (router {self.router!r} "
                              "picks that many of the experts per token)")
         cf = self.router_capacity_factor
-        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+        if cf is not None and (not is_real(cf) or not cf > 0):
             raise ValueError(f"router_capacity_factor must be None or a number > 0, got {cf!r}")
 
     @property

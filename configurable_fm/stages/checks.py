@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import ml_collections
-import numpy as np
 
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.stages.study import to_plain
 
@@ -47,12 +47,12 @@ class Checks:
         return source
 
     def int(self, where: str, v, low: int) -> int:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        if not is_int(v) or v < low:
             raise self.error(f"`{where}` must be an integer >= {low}, got {v!r}")
         return int(v)
 
     def number(self, where: str, v, low: float, high: float | None = None) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= low) or (high is not None and v > high):
+        if not is_real(v) or not (v >= low) or (high is not None and v > high):
             span = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise self.error(f"`{where}` must be a number {span}, got {v!r}")
         return float(v)

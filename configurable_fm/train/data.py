@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 import ml_collections
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.data import pipeline
 # The data root and the dataset directory resolver live at the data layer (data/shards.py), re-exported here.
 from configurable_fm.data.shards import DATA_DIR_ENV, DEFAULT_DATA_ROOT, data_root, dataset_dir  # noqa: F401
@@ -233,7 +234,7 @@ def _task_names(value, key: str) -> tuple[str, ...]:
 
 def _count(d, key: str, low: int) -> int:
     value = d.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    if not is_int(value) or value < low:
         raise ConfigError(f"data.{key} must be an int >= {low}, got {value!r}")
     return int(value)
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configurable_fm.checks import is_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.scoring import next_token_kl, next_token_nll
 from configurable_fm.train.task import Task, next_token_loss, token_weights
@@ -80,11 +81,11 @@ class DistillTask(Task):
             raise ConfigError(f"DistillTask: teacher must name a model source (a registry name, HF directory, GGUF or "
                               f"orbax checkpoint), got {self.teacher!r}")
         alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        if not is_real(alpha) or not 0.0 <= alpha <= 1.0:
             raise ConfigError(f"DistillTask: alpha={alpha!r} must be a number in [0, 1] (the weight of the "
                               "distillation term; 1 - alpha weighs the next-token loss)")
         tau = self.temperature
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0:
+        if not is_real(tau) or not tau > 0:
             raise ConfigError(f"DistillTask: temperature={tau!r} must be a number > 0")
 
     def setup(self, model, trainable: Sequence[str]) -> "DistillTask":

@@ -47,6 +47,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from configurable_fm import sharding as shd
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError
 from configurable_fm.interop.atomic import atomic_directory, write_json_atomic
 from configurable_fm.interop.orbax_io import save_model
@@ -80,10 +81,9 @@ def _request(src: Path, steps, seed: int, optimizer: str, rewarm_steps: int | No
 def _check_args(steps, seed, optimizer, rewarm_steps) -> list[tuple[str, dict]]:
     if optimizer not in OPTIMIZER_MODES:
         raise ConfigError(f"grow_run: optimizer={optimizer!r} must be one of {list(OPTIMIZER_MODES)}")
-    if rewarm_steps is not None and (isinstance(rewarm_steps, bool) or not isinstance(rewarm_steps, int)
-                                     or rewarm_steps < 0):
+    if rewarm_steps is not None and (not is_int(rewarm_steps) or rewarm_steps < 0):
         raise ConfigError(f"grow_run: rewarm_steps={rewarm_steps!r} must be None (keep the schedule) or an int >= 0")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ConfigError(f"grow_run: seed={seed!r} must be an int >= 0")
     out = []
     for i, step in enumerate(steps or ()):

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from configurable_fm.checks import is_real
 from configurable_fm.interop.atomic import atomic_file, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -144,7 +145,7 @@ class MetricWriter:
         self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k != "step" and is_real(v):
                     self._tb.add_scalar(k, v, global_step=record["step"])
             self._tb.flush()
         return record

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configurable_fm.analysis.capture import capture
+from configurable_fm.checks import is_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.moe import SparseMoE, routing, routing_noise
 from configurable_fm.train.task import NextTokenTask, Task, eval_loss, set_up_task
@@ -149,7 +150,7 @@ def moe_layers(model) -> dict[str, SparseMoE]:
 
 
 def _number(name: str, value, low: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+    if not is_real(value) or not value >= low:
         raise ConfigError(f"MoETask: {name}={value!r} must be a number >= {low}")
     return float(value)
 

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.masked import GrowthRamp
 from configurable_fm.models.structure import variables_of
@@ -63,7 +64,7 @@ def assign_ramps(model, value) -> int:
 
 
 def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not is_int(value) or value < low:
         raise ConfigError(f"MaskRampTask: {name}={value!r} must be an int >= {low}")
     return value
 

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from configurable_fm.analysis.capture import capture
 from configurable_fm.analysis.sparsity import sparse_linears
 from configurable_fm.bricks.select import glob_to_regex
+from configurable_fm.checks import is_finite_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.train.moe import MoETask
 from configurable_fm.train.task import NextTokenTask, Task, eval_loss, set_up_task
@@ -84,7 +85,7 @@ def tracked_threshold(t, scores, level: float, rate: float, row_mask=None) -> tu
 
 
 def _number(name: str, value, low: float, high: float | None = None) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > low
+    ok = is_finite_real(value) and value > low
     if ok and high is not None:
         ok = value < high
     if not ok:

@@ -70,6 +70,7 @@ from flax import nnx
 
 from configurable_fm import sharding as shd
 from configurable_fm.bricks.paths import flat_state
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import ConfigError, UserError
 from configurable_fm.models.structure import check_consistent, is_family_model
 from configurable_fm.interop.atomic import make_directory, write_json_atomic
@@ -134,10 +135,10 @@ def check_config(cfg: ml_collections.ConfigDict, *, model=None, data=None) -> No
                      ("optimizer.warmup_steps", 0), ("batch_size", 1), ("seed", 0), ("grad_accum_steps", 1)):
         section, _, leaf = key.rpartition(".")
         value = (cfg[section] if section else cfg).get(leaf, low)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ConfigError(f"{key}={value!r} must be an int >= {low}")
     clip = cfg.optimizer.get("grad_clip", 0.0)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+    if not is_real(clip) or not clip >= 0:
         raise ConfigError(f"optimizer.grad_clip={clip!r} must be a number >= 0 (0 disables clipping)")
     accum = cfg.get("grad_accum_steps", 1)
     if cfg.batch_size % (accum * jax.process_count()):

@@ -33,6 +33,7 @@ import numpy as np
 
 from configurable_fm.analysis.moefication.module import top_k_mask, unit_rows
 from configurable_fm.analysis.moefication.splits import normalized_rows
+from configurable_fm.checks import is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +50,9 @@ class RouterTraining:
     def check(self, what: str = "router_training") -> "RouterTraining":
         for name in ("steps", "batch_size", "max_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{what}: {name} must be a positive int, got {value!r}")
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, (int, np.integer)) or self.hidden < 0:
+        if not is_int(self.hidden) or self.hidden < 0:
             raise ValueError(f"{what}: hidden must be an int >= 0 (0: one unit per routed expert), got "
                              f"{self.hidden!r}")
         if not (float(self.learning_rate) > 0 and np.isfinite(float(self.learning_rate))):

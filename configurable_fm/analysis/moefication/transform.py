@@ -46,15 +46,12 @@ from configurable_fm.analysis.moefication.module import KIND, ROUTERS, MoefiedML
 from configurable_fm.analysis.moefication.routers import RouterTraining, centroid_kernel, train_mlp_router
 from configurable_fm.analysis.moefication.splits import (NEEDS_DATA, SPLITS, Split, cmoe_split, coactivation_split,
                                                          kmeans_split, random_split)
+from configurable_fm.checks import is_int
 from configurable_fm.models.gpt2 import GPT2Config
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import (abstract_model, build_options, check_consistent, extension_specs, fill,
                                               variables_of)
 from configurable_fm.prng import as_key, numpy_generator, path_key
-
-
-def _int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def ffn_layers(model, op: str = "moefy") -> list[tuple[str, Any]]:
@@ -101,21 +98,21 @@ def check_options(neurons: Optional[int], *, num_experts, num_experts_per_tok, s
         raise MoefyError(f"{op}: split={split!r} is unknown; choose one of {list(SPLITS)}")
     if router not in ROUTERS:
         raise MoefyError(f"{op}: router={router!r} is unknown; choose one of {list(ROUTERS)}")
-    if not _int(num_experts) or num_experts < 2:
+    if not is_int(num_experts) or num_experts < 2:
         raise MoefyError(f"{op}: num_experts must be an int >= 2, got {num_experts!r}")
     if neurons is not None and neurons % num_experts:
         raise MoefyError(f"{op}: the FFN has {neurons} neurons, which num_experts={num_experts} does not divide into "
                          "equal experts")
     if num_shared is None:
         num_shared = 1 if split == "cmoe" else 0
-    if not _int(num_shared):
+    if not is_int(num_shared):
         raise MoefyError(f"{op}: num_shared must be an int, got {num_shared!r}")
     if split == "cmoe" and not 1 <= num_shared < num_experts:
         raise MoefyError(f"{op}: split='cmoe' needs num_shared in 1..{num_experts - 1}, got {num_shared}")
     if split != "cmoe" and num_shared:
         raise MoefyError(f"{op}: num_shared={num_shared}: shared experts belong to split='cmoe' only")
     routed = num_experts - num_shared
-    if not _int(num_experts_per_tok) or not 1 <= num_experts_per_tok <= routed:
+    if not is_int(num_experts_per_tok) or not 1 <= num_experts_per_tok <= routed:
         raise MoefyError(f"{op}: num_experts_per_tok must be an int in 1..{routed} (the routed experts), got "
                          f"{num_experts_per_tok!r}")
     if not (isinstance(active_fraction, (int, float, np.floating)) and 0.0 < float(active_fraction) <= 1.0):

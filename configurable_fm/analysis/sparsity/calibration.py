@@ -52,6 +52,7 @@ from configurable_fm.analysis.batches import batch_inputs, masked_forward
 from configurable_fm.analysis.reduce import Reduction, reduce_over, token_mask_like
 from configurable_fm.analysis.sparsity.module import (SparsityError, check_scales, check_score, linear_shapes,
                                                       resolve_targets, sparsify_activations)
+from configurable_fm.checks import is_int
 from configurable_fm.models.taps import TapContext, activate
 
 
@@ -67,7 +68,7 @@ class LogBins:
     def __post_init__(self):
         for name in ("lo", "hi", "per_octave"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_int(value):
                 raise SparsityError(f"LogBins: {name} must be an int, got {value!r}")
         if not (self.lo < self.hi and self.per_octave >= 1 and -126 < self.lo and self.hi < 128):
             raise SparsityError(f"LogBins: need -126 < lo < hi < 128 and per_octave >= 1, got lo={self.lo}, "

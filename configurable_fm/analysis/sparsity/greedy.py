@@ -40,6 +40,7 @@ from configurable_fm.analysis.capture import capture
 from configurable_fm.analysis.interventions import replace
 from configurable_fm.analysis.sparsity.calibration import Calibration, check_sparsity
 from configurable_fm.analysis.sparsity.module import SparsityError, module_paths, sparsify_activations
+from configurable_fm.checks import is_real
 
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
@@ -101,7 +102,7 @@ def greedy_allocation(model, calibration: Calibration, batches: Iterable[Mapping
     max_sparsity = check_sparsity(max_sparsity, "greedy_allocation max_sparsity")
     if not levels or levels[0] <= 0 or levels[-1] > max_sparsity:
         raise SparsityError(f"greedy_allocation: levels must lie in (0, max_sparsity={max_sparsity}], got {levels}")
-    if not isinstance(step, (int, float)) or isinstance(step, bool) or not 0 < step < 1:
+    if not is_real(step) or not 0 < step < 1:
         raise SparsityError(f"greedy_allocation: step must be a number in (0, 1), got {step!r}")
     batches = list(batches)
     if not batches:

@@ -44,6 +44,7 @@ from configurable_fm.analysis.batches import batch_inputs, limited, progress_bar
 from configurable_fm.analysis.capture import capture
 from configurable_fm.analysis.interventions import replace
 from configurable_fm.analysis.sparsity.module import SparsityError, linear_shapes, sparse_linears
+from configurable_fm.checks import is_int
 from configurable_fm.models.scoring import next_token_kl, next_token_nll
 
 
@@ -134,7 +135,7 @@ def evaluate(model, batches: Iterable[Mapping[str, Any]], *, dense_prefix: int =
              desc: str = "sparsity: evaluate") -> Evaluation:
     """Perplexity and per-SparseLinear achieved sparsity over `batches` (module docstring); `model` is not modified.
     Batches need 'inputs' and 'targets' (B, T). SparsityError for a dense_prefix outside [0, T) or no batches."""
-    if isinstance(dense_prefix, bool) or not isinstance(dense_prefix, (int, np.integer)) or dense_prefix < 0:
+    if not is_int(dense_prefix) or dense_prefix < 0:
         raise SparsityError(f"evaluate: dense_prefix must be an int >= 0, got {dense_prefix!r}")
     prefix = int(dense_prefix)
     found = sparse_linears(model)

@@ -52,6 +52,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.data.synthetic.tasks import stable_int
 
 FUNCTIONS = ("coding", "math", "linguistic", "knowledge", "translation", "ethics", "writing")
@@ -519,7 +520,7 @@ def build_functions(n_score: int, n_eval: int, *, seed: int = 0, functions: Sequ
     instances per function with no group in both. coding_modules: the standard-library modules the coding
     instances come from (fewer: faster). FunctionDataError naming a function that has too few."""
     for name, v in (("n_score", n_score), ("n_eval", n_eval)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not is_int(v) or v < 1:
             raise FunctionDataError(f"build_functions: {name} must be an int >= 1, got {v!r}")
     unknown = [f for f in functions if f not in FUNCTIONS]
     if unknown or len(set(functions)) < 2 or len(set(functions)) != len(functions):

@@ -48,6 +48,7 @@ from configurable_fm.analysis.neurons import (FFN_HIDDEN, mask_low_activation, p
                                               specialisation_scores, top_mask)
 from configurable_fm.analysis.specialisation.functions import FunctionData, Instance
 from configurable_fm.analysis.taps import Matcher, tap_points
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.models.scoring import next_token_nll
 
 SYSTEM_FREE = "User: {prompt}\nAssistant:"
@@ -81,7 +82,7 @@ class StudyOptions:
     def check(self, what: str = "specialisation study") -> "StudyOptions":
         def need_int(name, low):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            if not is_int(v) or v < low:
                 raise StudyError(f"{what}: `{name}` must be an int >= {low}, got {v!r}")
 
         for name, low in (("max_len", 8), ("min_response", 1), ("batch_size", 1), ("pad_to", 1), ("n_mask", 0),
@@ -92,7 +93,7 @@ class StudyOptions:
         if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction < 0.5):
             raise StudyError(f"{what}: `fraction` must be in (0, 0.5), got {self.fraction!r}")
         levels = tuple(self.mask_levels)
-        if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1 for p in levels):
+        if any(not is_real(p) or not 0 < p < 1 for p in levels):
             raise StudyError(f"{what}: `mask_levels` must be fractions in (0, 1), got {levels!r}")
         return self
 

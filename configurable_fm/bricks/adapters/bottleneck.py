@@ -52,13 +52,13 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.adapters.core import match_targets, path_key, target_globs
 from configurable_fm.bricks.adapters.modules import (AdaptedLinear, AdapterError, AdapterParam, adapter_dtype,
                                                      checked_options, make_variable, sharding_axes)
 from configurable_fm.bricks.select import module_index
+from configurable_fm.checks import is_finite_real, is_int, is_real
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.bert import BertAttention, BertResidualOutput
 from configurable_fm.models.factory import family_name
@@ -249,15 +249,14 @@ def attach_bottleneck(model, targets: str | Sequence[str] = "houlsby", *, reduct
     if size is not None and reduction_factor is not None:
         raise AdapterError("attach_bottleneck: give size (the bottleneck width r) or reduction_factor (r = d // "
                            "factor), not both")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1):
+    if size is not None and (not is_int(size) or size < 1):
         raise AdapterError(f"attach_bottleneck: size must be an int >= 1, got {size!r}")
     factor = DEFAULT_REDUCTION_FACTOR if reduction_factor is None else reduction_factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float, np.integer, np.floating)) or \
-            not math.isfinite(float(factor)) or factor < 1:
+    if not is_finite_real(factor) or factor < 1:
         raise AdapterError(f"attach_bottleneck: reduction_factor must be a number >= 1, got {reduction_factor!r}")
     if init not in INITS:
         raise AdapterError(f"attach_bottleneck: init={init!r} is not a bottleneck initialisation {list(INITS)}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.integer, np.floating)):
+    if not is_real(scaling):
         raise AdapterError(f"attach_bottleneck: scaling must be a number, got {scaling!r}")
     default_act = _preset(model, targets)[1] if isinstance(targets, str) and targets in PRESETS else "relu"
     act = default_act if non_linearity is None else non_linearity

@@ -92,6 +92,7 @@ from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError,
 from configurable_fm.bricks.brickset import BrickSet
 from configurable_fm.bricks.deltas import Delta, Dense, low_rank
 from configurable_fm.bricks.paths import flat_state
+from configurable_fm.checks import is_finite_real, is_int, is_real
 from configurable_fm.interop.peft import attach_built
 
 COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
@@ -216,8 +217,7 @@ def _weights(weights, n: int, what: str) -> list[float]:
         ws = list(weights)
     except TypeError:
         raise AdapterError(f"{what}: weights must be a list of numbers, got {weights!r}") from None
-    bad = [w for w in ws if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, float, np.integer,
-                                                                                      np.floating))]
+    bad = [w for w in ws if not is_real(w)]
     if bad:
         raise AdapterError(f"{what}: weights must be numbers, got {bad[:4]}")
     if len(ws) != n:
@@ -314,8 +314,7 @@ def _lora_spec(path: str, a, b) -> dict:
 
 
 def _number(value, name: str, what: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) or \
-            not math.isfinite(float(value)) or value < lo or value > hi or (lo_open and value == lo):
+    if not is_finite_real(value) or value < lo or value > hi or (lo_open and value == lo):
         where = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         raise AdapterError(f"{what}: {name} must be a number in {where}, got {value!r}")
     return float(value)
@@ -350,8 +349,7 @@ def check_options(combination: str, *, density=None, majority_sign_method: str =
     for name, value in (("svd_rank", svd_rank), ("svd_clamp", svd_clamp)):
         if value is not None and combination not in SVD_COMBINATIONS:
             raise AdapterError(f"{what}: {name} applies to {list(SVD_COMBINATIONS)}, not to {combination!r}")
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, (int, np.integer))
-                                 or svd_rank < 1):
+    if svd_rank is not None and (not is_int(svd_rank) or svd_rank < 1):
         raise AdapterError(f"{what}: svd_rank must be an int >= 1, got {svd_rank!r}")
     if svd_clamp is not None:
         svd_clamp = _number(svd_clamp, "svd_clamp", what, 0.0, 1.0)
@@ -520,7 +518,7 @@ def combine_exact(inputs: Sequence[Any], weights: Sequence[float] | None = None,
     what = f"combine_exact(method={method!r})"
     if not isinstance(method, str) or not method:
         raise AdapterError(f"combine_exact: method must be a merge method name, got {method!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1):
+    if rank is not None and (not is_int(rank) or rank < 1):
         raise AdapterError(f"{what}: rank must be an int >= 1 (or None: the sum of the input ranks), got {rank!r}")
     if merge is None and method not in EXACT_NATIVE:
         raise AdapterError(f"{what}: only {list(EXACT_NATIVE)} are built in; for {method!r} pass merge="

@@ -35,6 +35,7 @@ from configurable_fm.bricks.adapters.modules import AdaptedLinear, AdapterError,
 from configurable_fm.bricks.deltas import Delta, shifted
 from configurable_fm.bricks.paths import flat_state
 from configurable_fm.bricks.select import Selection, SelectionError, glob_to_regex, module_index, select
+from configurable_fm.checks import is_finite_real, is_int
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.interop.peft_experts import attach_expert_adapters
 from configurable_fm.models.factory import family_name
@@ -147,10 +148,9 @@ def attach(model, kind: str, targets: str | Sequence[str], *, rank: int | None =
             raise AdapterError("attach: feedforward is an ia3 option")
         rank = DEFAULT_RANK if rank is None else rank
         alpha = DEFAULT_ALPHA if alpha is None else alpha
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        if not is_int(rank) or rank < 1:
             raise AdapterError(f"attach: rank must be an int >= 1, got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(float(alpha)):
+        if not is_finite_real(alpha):
             raise AdapterError(f"attach: alpha must be a finite number, got {alpha!r}")
         init = "kaiming" if init is None else init
         if init not in LORA_INITS:
@@ -223,10 +223,9 @@ def attach_experts(model, targets: str | Sequence[str], *, rank: int | None = No
     rank = DEFAULT_RANK if rank is None else rank
     alpha = DEFAULT_ALPHA if alpha is None else alpha
     init = "kaiming" if init is None else init
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise AdapterError(f"attach_experts: rank must be an int >= 1, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(alpha)):
+    if not is_finite_real(alpha):
         raise AdapterError(f"attach_experts: alpha must be a finite number, got {alpha!r}")
     if init not in LORA_INITS:
         raise AdapterError(f"attach_experts: init={init!r} is not a LoRA initialisation {list(LORA_INITS)}")

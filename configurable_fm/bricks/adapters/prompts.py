@@ -27,6 +27,7 @@ import numpy as np
 
 from configurable_fm.bricks.adapters.core import path_key
 from configurable_fm.bricks.adapters.modules import AdapterError
+from configurable_fm.checks import is_int
 from configurable_fm.interop.peft import virtual_token_geometry
 from configurable_fm.models.bert import Bert
 from configurable_fm.models.virtual_tokens import KINDS, VirtualTokens, with_virtual_tokens
@@ -52,8 +53,7 @@ def attach_virtual_tokens(model, kind: str, num_virtual_tokens: int, *, init: st
     are shared). AdapterError for a bad kind, count, init or init_ids, or a model that is neither."""
     if kind not in KINDS:
         raise AdapterError(f"virtual tokens: kind must be one of {list(KINDS)}, got {kind!r}")
-    if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, (int, np.integer)) \
-            or num_virtual_tokens < 1:
+    if not is_int(num_virtual_tokens) or num_virtual_tokens < 1:
         raise AdapterError(f"virtual tokens: num_virtual_tokens must be an int >= 1, got {num_virtual_tokens!r}")
     if init not in INITS[kind]:
         raise AdapterError(f"{kind} tuning: init must be one of {list(INITS[kind])}, got {init!r}")

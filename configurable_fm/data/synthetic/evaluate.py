@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.data.synthetic.tasks import Example, Task, exact_match, get_task
 from configurable_fm.models.generation import generate
 
@@ -58,7 +59,7 @@ def _pairs(examples: Iterable) -> list[Example]:
 def _check_id(name: str, value, optional: bool = False) -> None:
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a token id (int >= 0){' or None' * optional}, got {value!r}")
 
 
@@ -70,7 +71,7 @@ def encode_examples(tokenizer, examples: Iterable, seq_len: int, *, eos_id: int,
     _check_id("eos_id", eos_id)
     _check_id("pad_id", pad_id)
     _check_id("bos_id", bos_id, optional=True)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
     pairs = _pairs(examples)
     inputs = np.full((len(pairs), seq_len), pad_id, np.int32)
@@ -118,7 +119,7 @@ def evaluate_examples(model, tokenizer, examples: Iterable, *, batch_size: int =
     _check_id("eos_id", eos_id, optional=True)
     _check_id("pad_id", pad_id)
     _check_id("bos_id", bos_id, optional=True)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     pairs = _pairs(examples)
     if not pairs:

@@ -35,6 +35,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.data.synthetic.tasks import Example, stable_int
 from configurable_fm.interop.atomic import atomic_file
 
@@ -310,7 +311,7 @@ class FactsCorpus:
         object.__setattr__(self, "relations", _relations_from(self.relations))
         object.__setattr__(self, "entities", tuple(self.entities))
         object.__setattr__(self, "facts", {e: dict(f) for e, f in dict(self.facts).items()})
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         check_relations(self.relations)
         if len(set(self.entities)) != len(self.entities):
@@ -342,9 +343,9 @@ class FactsCorpus:
     def generate(cls, seed: int, n_entities: int,
                  relations: Iterable[str | Relation] = tuple(RELATIONS)) -> "FactsCorpus":
         """n_entities invented entities, each with one uniformly drawn object per relation (module docstring)."""
-        if isinstance(n_entities, bool) or not isinstance(n_entities, (int, np.integer)) or n_entities < 1:
+        if not is_int(n_entities) or n_entities < 1:
             raise ValueError(f"n_entities must be an int >= 1, got {n_entities!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not is_int(seed) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         rels = _relations_from(relations)
         names = entity_names(int(seed), int(n_entities))

@@ -39,6 +39,8 @@ from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 
+from configurable_fm.checks import is_int
+
 SPLITS = ("train", "test")
 
 
@@ -74,13 +76,13 @@ def exact_match(prediction: str, answer: str) -> float:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return int(seed)
 
 
 def _check_count(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    if not is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
@@ -165,7 +167,7 @@ def _check_alphabet(task: Task, field: str = "alphabet") -> None:
 def _check_range(task: Task, low: str, high: str, minimum: int) -> None:
     for field in (low, high):
         value = getattr(task, field)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise task._error(field, f"must be an int >= {minimum}")
     if getattr(task, low) > getattr(task, high):
         raise task._error(low, f"must be <= {high}={getattr(task, high)!r}")
@@ -403,8 +405,7 @@ class Increment(Task):
     description: ClassVar[str] = "add one to a number"
 
     def validate(self):
-        if isinstance(self.max_value, bool) or not isinstance(self.max_value, (int, np.integer)) or \
-                self.max_value < 1:
+        if not is_int(self.max_value) or self.max_value < 1:
             raise self._error("max_value", "must be an int >= 1")
 
     def sample(self, rng):

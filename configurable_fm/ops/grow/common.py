@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from configurable_fm.checks import is_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import check_consistent, extension_specs
@@ -64,7 +65,7 @@ def permutation(key, n: int) -> np.ndarray:
 
 
 def check_fraction(value, name: str, op: str, *, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not is_real(value):
         raise GrowthError(f"{op}: {name} must be a number in {'(0' if low_open else '[0'}, 1], got {value!r}")
     value = float(value)
     if not (0.0 < value if low_open else 0.0 <= value) or value > 1.0 or np.isnan(value):

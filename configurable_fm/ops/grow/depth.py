@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configurable_fm.bricks.paths import flat_params
+from configurable_fm.checks import is_int
 from configurable_fm.models.structure import rebuild
 from configurable_fm.ops.grow.common import INIT_STD, GrowthError, check_key, llama_config, normal
 from configurable_fm.prng import path_key
@@ -51,7 +52,7 @@ _OUTPUTS = re.compile(r"^(self_attn\.o_proj\.(kernel|bias)|mlp\.down_proj\.(kern
 
 
 def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+    if not is_int(value) or value < low:
         raise GrowthError(f"grow_depth: {name} must be an int >= {low}, got {value!r}")
     return int(value)
 
@@ -66,7 +67,7 @@ def _insertions(n: int, num_layers, positions) -> list[int]:
         return [(k + 1) * n // p for k in range(p)]
     if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence) or not positions:
         raise GrowthError(f"grow_depth: positions must be a non-empty list of ints in 0..{n}, got {positions!r}")
-    bad = [q for q in positions if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 0 <= q <= n]
+    bad = [q for q in positions if not is_int(q) or not 0 <= q <= n]
     if bad:
         raise GrowthError(f"grow_depth: positions {bad} are not insertion points 0..{n} (p = before source layer p; "
                           f"{n} = at the end)")

@@ -58,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.paths import flat_params
+from configurable_fm.checks import is_real
 from configurable_fm.models.masked import MASK_KINDS, GrowthRamp, ranges_of
 from configurable_fm.models.structure import abstract_model, build_options, extension_specs, fill, variables_of
 from configurable_fm.ops.grow.common import GrowthError, check_key, fresh, llama_config
@@ -75,7 +76,7 @@ def _renamed(e: GrowthError, source: str) -> GrowthError:
 
 
 def _ramp_value(ramp) -> float:
-    if isinstance(ramp, bool) or not isinstance(ramp, (int, float, np.integer, np.floating)):
+    if not is_real(ramp):
         raise GrowthError(f"{OP}: ramp={ramp!r} must be a number in [0, 1]")
     r = float(ramp)
     if not 0.0 <= r <= 1.0:

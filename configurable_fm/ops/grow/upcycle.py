@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configurable_fm.bricks.paths import flat_params
+from configurable_fm.checks import is_int
 from configurable_fm.models.structure import rebuild
 from configurable_fm.ops.grow.common import (INIT_STD, GrowthError, check_fraction, check_key, llama_config, normal,
                                              permutation)
@@ -132,10 +133,9 @@ def upcycle(model, *, num_experts: int, num_experts_per_tok: int = 2, router: st
     if cfg.num_experts:
         raise GrowthError(f"upcycle: the model is already a mixture of {cfg.num_experts} experts; upcycle takes a "
                           "dense model")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, np.integer)) or num_experts < 2:
+    if not is_int(num_experts) or num_experts < 2:
         raise GrowthError(f"upcycle: num_experts must be an int >= 2, got {num_experts!r}")
-    if (isinstance(num_experts_per_tok, bool) or not isinstance(num_experts_per_tok, (int, np.integer))
-            or not 1 <= num_experts_per_tok <= num_experts):
+    if not is_int(num_experts_per_tok) or not 1 <= num_experts_per_tok <= num_experts:
         raise GrowthError(f"upcycle: num_experts_per_tok must be an int in 1..{num_experts}, "
                           f"got {num_experts_per_tok!r}")
     if router not in ROUTERS:

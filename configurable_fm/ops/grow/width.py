@@ -86,6 +86,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configurable_fm.bricks.paths import flat_params
+from configurable_fm.checks import is_finite_real, is_int
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import rebuild
 from configurable_fm.ops.grow.common import GrowthError, check_key, llama_config, normal
@@ -158,7 +159,7 @@ class WidthPlan:
 def _target(name: str, value, current: int) -> int:
     if value is None:
         return current
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise GrowthError(f"grow_width: {name} must be an int, got {value!r}")
     if value < current:
         raise GrowthError(f"grow_width: {name}={value} is smaller than the model's {current}; width growth only "
@@ -436,8 +437,7 @@ def widen_params(params: Mapping[str, Any], cfg: LlamaConfig, plan: WidthPlan, *
     """The flat {path: array} of a llama model with config `cfg`, grown by `plan`, as numpy arrays of the input
     dtypes (computed in float64 for float64 input, float32 otherwise). The per-tensor part of `widen`."""
     _check_plan(cfg, plan)
-    if (isinstance(noise, bool) or not isinstance(noise, (int, float, np.integer, np.floating))
-            or not math.isfinite(noise) or noise < 0):
+    if not is_finite_real(noise) or noise < 0:
         raise GrowthError(f"grow_width: noise={noise!r} must be a finite number >= 0")
     noise = float(noise)
     if noise:

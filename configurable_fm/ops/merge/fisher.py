@@ -38,6 +38,7 @@ from flax import nnx
 
 from configurable_fm.analysis.batches import limited, progress_bar
 from configurable_fm.bricks.paths import flat_params
+from configurable_fm.checks import is_int
 from configurable_fm.models.scoring import next_token_nll
 from configurable_fm.ops.merge.inputs import copy_exact, float32_tree, model_weights, names_and_flats
 from configurable_fm.ops.merge.tree import MergeInputError, check_inputs
@@ -113,7 +114,7 @@ def diagonal_fisher(model: nnx.Module, batches: Iterable[Mapping[str, Any]], *, 
         raise ValueError(f"diagonal_fisher: kind must be 'empirical' or 'sampled', got {kind!r}")
     if kind == "sampled" and key is None:
         raise ValueError("diagonal_fisher: kind='sampled' draws y ~ p_theta and needs a PRNG key (key=...)")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"diagonal_fisher: chunk must be a positive integer, got {chunk!r}")
     base_key = key if key is not None else jax.random.key(0)  # unused by 'empirical'
 

@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configurable_fm.checks import is_int
+
 
 def _path_words(seed: int, path: str) -> np.ndarray:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if not is_int(seed):
         raise TypeError(f"tensor_key: seed must be an int, got {type(seed).__name__} {seed!r}")
     if not isinstance(path, str):
         raise TypeError(f"tensor_key: path must be a str, got {type(path).__name__} {path!r}")
@@ -37,7 +39,7 @@ def tensor_key(seed: int, path: str, model_index: int | None = None) -> jax.Arra
     key = jax.random.wrap_key_data(jnp.asarray(_path_words(seed, path)), impl="threefry2x32")
     if model_index is None:
         return key
-    if isinstance(model_index, bool) or not isinstance(model_index, (int, np.integer)) or model_index < 0:
+    if not is_int(model_index) or model_index < 0:
         raise ValueError(f"tensor_key: model_index must be an int >= 0, got {model_index!r} (tensor {path!r})")
     return jax.random.fold_in(key, int(model_index))
 

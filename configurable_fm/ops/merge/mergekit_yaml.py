@@ -62,6 +62,7 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import SourceNotFound, UserError
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.chat_templates import CHAT_TEMPLATES
@@ -457,7 +458,7 @@ def _tokenizer_plan(doc: _Doc, nodes: Mapping[str, Any], refs: Mapping[str, Mode
     src = source(fields["source"], doc.value(fields["source"]), "tokenizer.source") if "source" in fields \
         else "union"
     pad = doc.value(fields["pad_to_multiple_of"]) if "pad_to_multiple_of" in fields else None
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+    if pad is not None and (not is_int(pad) or pad < 1):
         raise doc.error(fields["pad_to_multiple_of"], f"tokenizer.pad_to_multiple_of must be a positive integer, "
                                                       f"got {pad!r}")
     tokens = None
@@ -549,7 +550,7 @@ def _slices_plan(doc: _Doc, snode, method: MergeMethod, base: Optional[ModelRef]
             refs.setdefault(ref.name, ref)
             lr = doc.value(sf["layer_range"])
             if not (isinstance(lr, list) and len(lr) == 2
-                    and all(isinstance(v, int) and not isinstance(v, bool) for v in lr)):
+                    and all(is_int(v) for v in lr)):
                 raise doc.error(sf["layer_range"], f"{w}.layer_range must be two integers [start, end), got {lr!r}")
             mp = _parameters(doc, sf["parameters"], f"{w}.parameters", valid_model, method) \
                 if "parameters" in sf else None

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from configurable_fm.checks import is_real
 from configurable_fm.errors import UserError
 from configurable_fm.ops.merge.registry import REQUIRED, MergeMethod
 
@@ -61,10 +62,6 @@ def depth_t(path: str, num_layers: int) -> float:
     return i / (num_layers - 1)
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-
 def _is_scalar(x) -> bool:
     return isinstance(x, (int, float, bool, str, np.integer, np.floating, np.bool_))
 
@@ -86,7 +83,7 @@ def evaluate(setting: Any, path: str, t: float = 0.0, *, name: str = "parameter"
         if not items:
             return None
         if all(_is_scalar(e) for e in items):
-            if not all(_is_number(e) for e in items):
+            if not all(is_real(e) for e in items):
                 return items[int(t * (len(items) - 1))]
             scaled = t * (len(items) - 1)
             i0 = int(scaled)
@@ -203,14 +200,14 @@ def resolve_levels(method: MergeMethod, path: str, *, t: float,
     for pname, default in method.shared.items():
         kwargs[pname] = resolve(pname, shared_levels, path, t, default=default)
         v = kwargs[pname]
-        if _is_number(v) and not isinstance(v, bool) and not np.isfinite(float(v)):  # NaN or inf: NaN tensors
+        if is_real(v) and not np.isfinite(float(v)):  # NaN or inf: NaN tensors
             raise ParameterError(f"{method.name}: parameter {pname!r} for tensor {path!r} must be finite, got {v!r}")
     for pname, default in method.per_model.items():
         values = [resolve(pname, levels, p, t, default=default, model=m)
                   for m, levels, p in zip(model_names, model_levels, paths)]
         if all(v is None for v in values):
             continue
-        bad = [(m, v) for m, v in zip(model_names, values) if not _is_number(v) and not isinstance(v, bool)]
+        bad = [(m, v) for m, v in zip(model_names, values) if not is_real(v) and not isinstance(v, bool)]
         if bad:
             raise ParameterError(
                 f"{method.name}: parameter {pname!r} for tensor {path!r} must be a number for every model, got "

@@ -38,6 +38,7 @@ from flax import nnx
 from configurable_fm.analysis.batches import token_mask  # noqa: F401  (re-exported: RegMean's token mask)
 from configurable_fm.analysis.reduce import Gram, reduce_over
 from configurable_fm.bricks.paths import path_str
+from configurable_fm.checks import is_real
 from configurable_fm.models.layers import Linear
 from configurable_fm.ops.merge.inputs import copy_exact, float32_tree, model_weights, names_and_flats
 from configurable_fm.ops.merge.tree import MergeInputError, check_inputs
@@ -114,7 +115,7 @@ def regmean_merge(models: Union[Sequence[State], Mapping[str, State]], grams: Se
     n = len(flats)
     if len(grams) != n:
         raise ValueError(f"regmean_merge: {len(grams)} Gram dicts for {n} models {names}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not 0.0 <= alpha <= 1.0:
+    if not is_real(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"regmean_merge: alpha must be a number in [0, 1], got {alpha!r}")
     w = model_weights(weights, n, "regmean_merge")
     check_inputs(names, flats, vocab_tensors=(), embed_alignment=None, has_base=False)

@@ -24,6 +24,7 @@ import dataclasses
 import re
 from typing import Any, Mapping, Optional, Sequence
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import UserError
 from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge.registry import MergeMethod
@@ -137,7 +138,7 @@ def as_slices(slices: Sequence[Any]) -> tuple[OutputSlice, ...]:
 
 def _layer_range(value, where: str) -> tuple[int, int]:
     ok = (isinstance(value, (list, tuple)) and len(value) == 2
-          and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+          and all(is_int(v) for v in value))
     if not ok:
         raise SliceError(f"{where}.layer_range must be two integers [start, end), got {value!r}")
     return int(value[0]), int(value[1])

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import UserError
 from configurable_fm.bricks.paths import flat_params, with_params
 from configurable_fm.interop import hf as HF
@@ -179,7 +180,7 @@ def architecture(flat: Mapping[str, Any], config: Any = None) -> dict[str, int]:
         for label, keys in _ARCH_FIELDS:
             for k in keys:
                 v = get(k)
-                if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+                if is_int(v):
                     out[label] = int(v)
                     break
     shapes = {p: _shape(v) for p, v in flat.items()}
@@ -459,7 +460,7 @@ def merge(
 # ------------------------------------------------------------------------------------------ convenience wrappers
 def _per_model_settings(method: str, name: str, values, n: int) -> list[Optional[dict]]:
     """`weights=` etc.: one setting per model (a list of length N) or one scalar for all."""
-    if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
+    if is_real(values):
         return [{name: float(values)} for _ in range(n)]
     values = list(values)
     if len(values) != n:

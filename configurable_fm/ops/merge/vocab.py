@@ -48,6 +48,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import UserError
 
 LOG = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def parse_token_overrides(tokens: Optional[Mapping[str, Any]]) -> dict[str, Toke
                 if (src.get("token") is None) == (src.get("token_id") is None):
                     raise VocabularyError(f"{where}.source: kind model_token needs exactly one of token, token_id")
                 tid = src.get("token_id")
-                if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
+                if tid is not None and not is_int(tid):
                     raise VocabularyError(f"{where}.source.token_id must be an integer, got {tid!r}")
                 out[tok] = TokenOverride("model_token", model=src["model"], token=src.get("token"),
                                          token_id=tid, force=force)
@@ -245,8 +246,7 @@ def build_vocabulary(
 
 
 def _check_pad(pad_to_multiple_of) -> None:
-    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool)
-                                           or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+    if pad_to_multiple_of is not None and (not is_int(pad_to_multiple_of) or pad_to_multiple_of < 1):
         raise VocabularyError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
 
 

@@ -52,7 +52,6 @@ models.generation.generate (routing per generated token) and round-trips through
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -61,6 +60,7 @@ from flax import nnx
 
 from configurable_fm.bricks.adapters import mix, mixed_modules
 from configurable_fm.bricks.adapters.modules import checked_options, make_variable, sharding_axes
+from configurable_fm.checks import is_finite_real, is_int
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.structure import register_extension
@@ -141,10 +141,9 @@ register_extension(ARROW_KIND, lambda base, options, *, rngs: ArrowLinear.from_o
 
 def check_arrow_options(top_k, temperature, n: int, what: str) -> None:
     """RouteError unless 1 <= top_k <= n (an int) and temperature is a finite number > 0."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+    if not is_int(top_k) or not 1 <= top_k <= n:
         raise RouteError(f"{what}: top_k must be an int in 1..{n} (the number of task adapters), got {top_k!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not math.isfinite(temperature) or temperature <= 0:
+    if not is_finite_real(temperature) or temperature <= 0:
         raise RouteError(f"{what}: temperature must be a finite number > 0, got {temperature!r}")
 
 

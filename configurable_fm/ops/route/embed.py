@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
 
+from configurable_fm.checks import is_int
 from configurable_fm.interop.loader import load_pretrained
 from configurable_fm.models import registry
 from configurable_fm.models.bert import Bert, sentence_embedding
@@ -103,7 +104,7 @@ def tokenize(encoder: TextEncoder, texts: Sequence[str], *, pad_to: int = 16) ->
     right-padded with the pad id to the next multiple of `pad_to` (at most max_length)."""
     if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
         raise RouteError(f"tokenize: give a non-empty list of strings, got {texts!r:.80}")
-    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+    if not is_int(pad_to) or pad_to < 1:
         raise RouteError(f"tokenize: pad_to must be an int >= 1, got {pad_to!r}")
     encodings = encoder.wordpiece.encode_batch(list(texts))
     longest = max(len(e.ids) for e in encodings)
@@ -120,7 +121,7 @@ def embed_texts(encoder: TextEncoder, texts: Sequence[str], *, batch_size: int =
     """Unit-length sentence embeddings (len(texts), D) float32 of `texts` (module docstring), `batch_size` at a
     time (with several batches the last is filled up with one-token dummy rows, so that every batch has one
     shape; their embeddings are dropped)."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise RouteError(f"embed_texts: batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts) or not len(texts):
         raise RouteError(f"embed_texts: give a non-empty list of strings, got {texts!r:.80}")

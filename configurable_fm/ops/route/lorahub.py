@@ -50,6 +50,7 @@ from flax import nnx
 
 from configurable_fm.bricks.adapters import LoRAParam
 from configurable_fm.bricks.paths import path_str
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.scoring import next_token_nll
 from configurable_fm.ops.route.common import RouteError, adapted_models, lora_modules
@@ -90,7 +91,7 @@ def few_shot_batch(tokenizer, inputs: Sequence[str], outputs: Sequence[str], *, 
     if isinstance(inputs, str) or isinstance(outputs, str) or len(inputs) != len(outputs) or not inputs:
         raise RouteError(f"few_shot_batch: give equal, non-empty lists of inputs and outputs, got "
                          f"{len(inputs)} and {len(outputs)}")
-    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 1:
+    if not is_int(pad_to) or pad_to < 1:
         raise RouteError(f"few_shot_batch: pad_to must be an int >= 1, got {pad_to!r}")
     rows, marks = [], []
     for i, (x, y) in enumerate(zip(inputs, outputs)):
@@ -215,7 +216,7 @@ def lorahub(base: nnx.Module, adapters: Sequence, examples: FewShot, *, budget: 
     the combined model. adapters: N LoRA adapters of `base` (models or brick sets; same modules, ranks and
     scales); examples: a FewShot batch. Deterministic for a seed. RouteError for unfit adapters or examples, a
     budget < 1, bounds that do not contain init, a negative l1."""
-    if not (isinstance(l1, (int, float)) and not isinstance(l1, bool) and l1 >= 0):
+    if not (is_real(l1) and l1 >= 0):
         raise RouteError(f"lorahub: l1 must be a number >= 0, got {l1!r}")
     objective, ce = lorahub_objective(base, adapters, examples, l1=l1)
     n = len(adapters)

@@ -31,8 +31,6 @@ y = x W + b + delta with w[b] broadcast over the row's tokens.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,6 +44,7 @@ from configurable_fm.bricks.adapters.modules import (adapter_dtype, checked_opti
 from configurable_fm.bricks.deltas import Delta, LowRank, apply
 from configurable_fm.bricks.paths import with_params
 from configurable_fm.bricks.select import select
+from configurable_fm.checks import is_finite_real
 from configurable_fm.interop.peft import attach_built
 from configurable_fm.models.layers import Linear
 from configurable_fm.models.structure import register_extension
@@ -313,8 +312,7 @@ def softmax_top_k(scores: jax.Array, k: int, temperature: float) -> tuple[jax.Ar
     """(weights (..., N), indices (..., k)): w_i = exp(c_i / T) / Σ_{j ∈ K} exp(c_j / T) for the k largest scores
     K (jax.lax.top_k: among equal scores the lower index first), 0 elsewhere; T = `temperature` > 0."""
     n = scores.shape[-1]
-    if not 1 <= k <= n or not (isinstance(temperature, numbers.Real) and not isinstance(temperature, bool)
-                               and math.isfinite(temperature) and temperature > 0):  # numpy scalars too
+    if not 1 <= k <= n or not (is_finite_real(temperature) and temperature > 0):  # numpy scalars too
         raise RouteError(f"softmax_top_k: need 1 <= k <= {n} and a finite temperature > 0, got k={k}, "
                          f"temperature={temperature!r}")
     top, idx = jax.lax.top_k(scores, k)

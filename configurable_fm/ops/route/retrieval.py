@@ -64,6 +64,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from configurable_fm.bricks.adapters import BASE_ID, mixed_modules, with_adapter_ids
+from configurable_fm.checks import is_int
 from configurable_fm.interop.atomic import atomic_directory
 from configurable_fm.ops.route.common import RouteError
 from configurable_fm.ops.route.embed import TextEncoder, embed_texts
@@ -216,7 +217,7 @@ def route(router: CentroidRouter, query_embeddings: np.ndarray, *, top_k: int = 
     n, d = router.centroids.shape
     if q.ndim != 2 or q.shape[1] != d:
         raise RouteError(f"route: query embeddings must be (Q, {d}) (the centroids' width), got {q.shape}")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= n:
+    if not is_int(top_k) or not 1 <= top_k <= n:
         raise RouteError(f"route: top_k must be an int in 1..{n} (the number of adapters), got {top_k!r}")
     scores = q @ np.asarray(router.centroids, np.float32).T
     w, top = _select(scores, int(top_k), temperature)
@@ -374,7 +375,7 @@ def routing_cost(router: CentroidRouter, encoder: TextEncoder, texts: Sequence[s
     selecting adapters (route(router, ., **options): top_k, temperature, threshold, fallback), and the LM forward
     of `model` on ids_BxT (a mixed or row-weighted model routed as selected by routed_model, any other model as
     it is; jitted). RouteError for repeats < 1 or a batch that does not match the texts."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise RouteError(f"routing_cost: repeats must be an int >= 1, got {repeats!r}")
     texts = list(texts)
     ids = jnp.asarray(ids_BxT)

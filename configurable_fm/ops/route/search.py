@@ -33,6 +33,7 @@ from typing import Callable
 
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.ops.route.common import RouteError
 
 
@@ -85,7 +86,7 @@ def cma_es(f: Callable[[np.ndarray], float], x0, *, sigma0: float, budget: int, 
         raise RouteError("cma_es: x0 must have at least one coordinate")
     if not np.isfinite(x0).all():
         raise RouteError(f"cma_es: x0 must be finite, got {x0.tolist()}")
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+    if not is_int(budget) or budget < 1:
         raise RouteError(f"cma_es: budget must be an int >= 1 (evaluations of f), got {budget!r}")
     if not (isinstance(sigma0, (int, float)) and math.isfinite(sigma0) and sigma0 > 0):
         raise RouteError(f"cma_es: sigma0 must be a finite number > 0, got {sigma0!r}")
@@ -93,7 +94,7 @@ def cma_es(f: Callable[[np.ndarray], float], x0, *, sigma0: float, budget: int, 
     if (lo > hi).any() or (x0 < lo).any() or (x0 > hi).any():
         raise RouteError(f"cma_es: x0 {x0.tolist()} must lie in [lower, upper] = [{lo.tolist()}, {hi.tolist()}]")
     lam = 4 + int(3 * math.log(n)) if popsize is None else popsize
-    if isinstance(lam, bool) or not isinstance(lam, (int, np.integer)) or lam < 2:
+    if not is_int(lam) or lam < 2:
         raise RouteError(f"cma_es: popsize must be an int >= 2, got {popsize!r}")
     mu = lam // 2
     w = math.log(mu + 0.5) - np.log(np.arange(1, mu + 1))

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import UserError
 from configurable_fm.models.generation import generate
 from configurable_fm.models.scoring import next_token_nll
@@ -255,7 +256,7 @@ class Evaluator:
         unknown = sorted(set(metrics) - set(METRIC_GROUPS))
         if unknown or not metrics:
             raise EvaluationError(f"metrics must be a non-empty subset of {METRIC_GROUPS}, got {list(metrics)}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise EvaluationError(f"batch_size must be an int >= 1, got {batch_size!r}")
         for i, r in enumerate(requests):
             if not isinstance(r, Request):

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from configurable_fm.bricks.paths import flat_params
+from configurable_fm.checks import is_int
 from configurable_fm.errors import UserError
 
 # (layer container, the edited projection inside a layer, top-level modules after the stack)
@@ -104,7 +105,7 @@ def edit_site(model_or_flat, layer: int) -> EditSite:
     family = family_of(flat)
     container, projection, _ = FAMILIES[family]
     n = num_layers(flat, container)
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n:
+    if not is_int(layer) or not 0 <= layer < n:
         raise SiteError(f"layer {layer!r} is not a layer of this {family} model (0..{n - 1})")
     site = EditSite(family, int(layer), container, projection, n)
     if site.kernel not in flat:

@@ -40,6 +40,7 @@ from safetensors.numpy import save_file
 
 from configurable_fm.analysis.batches import token_mask
 from configurable_fm.analysis.reduce import Gram, reduce_over
+from configurable_fm.checks import is_int
 from configurable_fm.errors import UserError
 from configurable_fm.interop.atomic import atomic_file
 from configurable_fm.interop.safetensors_io import CheckpointError
@@ -125,8 +126,7 @@ def second_moments(model: nnx.Module, batches: Iterable[Mapping[str, Any]], laye
     accumulate / progress / mesh / rules / log / max_batches: passed to analysis.reduce_over.
     """
     layers = _layers(layers)
-    if n_tokens is not None and (isinstance(n_tokens, bool) or not isinstance(n_tokens, (int, np.integer))
-                                 or n_tokens < 1):
+    if n_tokens is not None and (not is_int(n_tokens) or n_tokens < 1):
         raise ValueError(f"second_moments: n_tokens must be a positive int or None, got {n_tokens!r}")
     sites = {l: edit_site(model, l) for l in layers}
     reduced = reduce_over(model, _limited_by_tokens(batches, n_tokens),
