@@ -69,6 +69,7 @@ from typing import Any, Callable, NamedTuple
 import ml_collections
 import numpy as np
 
+from configurable_fm.checks import is_int
 from configurable_fm.errors import ConfigError
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage
 from configurable_fm.stages.checks import Checks, operation_config
@@ -231,7 +232,7 @@ def check_config(cfg, *, allowed=EDIT_KEYS + SCRIPT_KEYS + STAGE_KEYS) -> dict[s
     source = CHECK.source(d)
     method = CHECK.choice("method", d.get("method"), METHODS)
     layers = d.get("layers")
-    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+    if is_int(layers):
         layers = [layers]
     if isinstance(layers, (str, bool)) or not isinstance(layers, (list, tuple)) or not layers:
         raise ConfigError(f"edit config: `layers` must be a non-empty list of layer indices, got {layers!r}")
@@ -593,4 +594,5 @@ def edit_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
     return StageOutput(model=path, metrics=k, summary=summary)
 
 
-register_stage("edit", edit_stage, keys=EDIT_KEYS)
+register_stage("edit", edit_stage, keys=EDIT_KEYS,
+               check=lambda cfg: check_config(cfg, allowed=EDIT_KEYS + STAGE_KEYS))

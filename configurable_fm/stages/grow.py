@@ -286,4 +286,5 @@ def grow_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput
     return StageOutput(model=path, metrics=metrics, summary=summary)
 
 
-register_stage("grow", grow_stage, keys=GROW_KEYS)
+register_stage("grow", grow_stage, keys=GROW_KEYS,
+               check=lambda cfg: check_config(cfg, allowed=GROW_KEYS + STAGE_KEYS))

@@ -117,4 +117,11 @@ def grow_run_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOu
     return out
 
 
-register_stage("grow_run", grow_run_stage, keys=GROW_RUN_KEYS)
+def _check_grow_run(cfg) -> None:
+    from configurable_fm.train.ramp import task_from_config
+
+    check_growth(cfg)
+    task_from_config(cfg.get("task"))
+
+
+register_stage("grow_run", grow_run_stage, keys=GROW_RUN_KEYS, check=_check_grow_run)

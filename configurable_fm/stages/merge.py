@@ -60,6 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from configurable_fm.checks import is_int, is_real
 from configurable_fm.errors import ConfigError
 from configurable_fm.stages.study import StageContext, StageOutput, register_stage, to_plain
 
@@ -143,7 +144,7 @@ def _plain_config(cfg) -> dict[str, Any]:
         raise ConfigError(f"merge config: `embed_alignment` must be '', 'base', 'union' or one of the input "
                          f"sources {[m for m in [base, *models] if m]}, got {align!r}")
     seed = d.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ConfigError(f"merge config: `seed` must be an integer, got {seed!r}")
     data = d.get("data") or None
     if d["method"] in DATA_METHODS:
@@ -198,7 +199,7 @@ def _slices_config(d: dict) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ConfigError(f"merge config: `parameters` must be a dict, got {params!r}")
     seed = d.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise ConfigError(f"merge config: `seed` must be an integer, got {seed!r}")
     return dict(method=d["method"], base=base, models=list(dict.fromkeys(sources)), parameters=params,
                 model_parameters=None, seed=seed, out_dtype=d.get("out_dtype") or None, embed_alignment=None,
@@ -240,7 +241,7 @@ def _data_method_parameters(method, params, per_model, models, base, align, data
     if p["split"] not in ("train", "eval"):
         raise ConfigError(f"{where}: parameters.split must be 'train' or 'eval', got {p['split']!r}")
     mb = p["max_batches"]
-    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 0):
+    if mb is not None and (not is_int(mb) or mb < 0):
         raise ConfigError(f"{where}: parameters.max_batches must be an integer >= 1 (0 or None: the default), "
                          f"got {mb!r}")
     p["max_batches"] = mb or None
@@ -248,7 +249,7 @@ def _data_method_parameters(method, params, per_model, models, base, align, data
     for key, (low, high) in numbers.items():
         if key in p:
             v = p[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low or (high is not None and v > high) \
+            if not is_real(v) or v < low or (high is not None and v > high) \
                     or (key == "fisher_floor" and v <= 0):
                 span = f"in [{low}, {high}]" if high is not None else "> 0"
                 raise ConfigError(f"{where}: parameters.{key} must be a number {span}, got {v!r}")
@@ -256,7 +257,7 @@ def _data_method_parameters(method, params, per_model, models, base, align, data
         raise ConfigError(f"{where}: parameters.kind must be 'empirical' or 'sampled', got {p['kind']!r}")
     if "normalize" in p and not isinstance(p["normalize"], bool):
         raise ConfigError(f"{where}: parameters.normalize must be true or false, got {p['normalize']!r}")
-    if "chunk" in p and (isinstance(p["chunk"], bool) or not isinstance(p["chunk"], int) or p["chunk"] < 1):
+    if "chunk" in p and (not is_int(p["chunk"]) or p["chunk"] < 1):
         raise ConfigError(f"{where}: parameters.chunk must be an integer >= 1, got {p['chunk']!r}")
     for i, mp in enumerate(per_model):
         extra = sorted(set(mp or {}) - {"weight"})
@@ -264,7 +265,7 @@ def _data_method_parameters(method, params, per_model, models, base, align, data
             raise ConfigError(f"{where}: model_parameters[{i}] (for {models[i]!r}) has unknown key(s) {extra}; "
                              "valid: ['weight']")
         wv = (mp or {}).get("weight", 1.0)
-        if isinstance(wv, bool) or not isinstance(wv, (int, float)) or wv < 0:
+        if not is_real(wv) or wv < 0:
             raise ConfigError(f"{where}: model_parameters[{i}].weight (for {models[i]!r}) must be a number >= 0, "
                              f"got {wv!r}")
     return p
@@ -326,17 +327,12 @@ def _is_floating(x) -> bool:
     return bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 
 
-def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
-    """The merged nnx model of a merge config (module docstring): `tree.merge` over `load_model` of the sources
-    (`tree.merge_slices` with `slices`). with_tokenizer: return (model, output tokenizer), the tokenizer being
-    the aligned vocabulary's for a tokenizer-aware `embed_alignment`, else None.
-    Raises ValueError naming the key for a bad config (unknown key, wrong type, length mismatch, unknown method
-    or dtype, an input without a tokenizer for 'union' / a model name), before loading any model."""
+def check_config(cfg) -> tuple[dict[str, Any], Any, Any]:
+    """(the merge config as checked plain values, its MergeMethod or None for a data-dependent method, out_dtype
+    as a jnp dtype or None); ConfigError naming the key, before any model is loaded."""
     import jax.numpy as jnp
 
-    from configurable_fm.interop.loader import load_model
     from configurable_fm.ops.merge.registry import get_method
-    from configurable_fm.ops.merge.tree import merge
 
     d = _plain_config(cfg)
     if d["method"] in DATA_METHODS:
@@ -352,6 +348,19 @@ def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
             out_dtype = jnp.dtype(d["out_dtype"])
         except TypeError:
             raise ConfigError(f"merge config: unknown `out_dtype` {d['out_dtype']!r}") from None
+    return d, method, out_dtype
+
+
+def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
+    """The merged nnx model of a merge config (module docstring): `tree.merge` over `load_model` of the sources
+    (`tree.merge_slices` with `slices`). with_tokenizer: return (model, output tokenizer), the tokenizer being
+    the aligned vocabulary's for a tokenizer-aware `embed_alignment`, else None.
+    Raises ValueError naming the key for a bad config (unknown key, wrong type, length mismatch, unknown method
+    or dtype, an input without a tokenizer for 'union' / a model name), before loading any model."""
+    from configurable_fm.interop.loader import load_model
+    from configurable_fm.ops.merge.tree import merge
+
+    d, method, out_dtype = check_config(cfg)
     if method is None:
         model = _data_merge({**d, "out_dtype": out_dtype}, log=log)
         return (model, None) if with_tokenizer else model
@@ -440,4 +449,4 @@ def merge_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
     return StageOutput(model=path, metrics={"inputs": len(inputs), "params": n_params}, summary=summary)
 
 
-register_stage("merge", merge_stage, keys=MERGE_KEYS)
+register_stage("merge", merge_stage, keys=MERGE_KEYS, check=check_config)

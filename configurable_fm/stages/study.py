@@ -179,14 +179,17 @@ class StudyResult:
 StageFn = Callable[[ml_collections.ConfigDict, StageContext], StageOutput]
 STAGES: dict[str, StageFn] = {}
 STAGE_KEYS: dict[str, tuple[str, ...] | None] = {}  # {kind: the keys its stages may have (None: not checked)}
+STAGE_CHECKS: dict[str, Callable[[ml_collections.ConfigDict], object] | None] = {}  # {kind: its config check}
 COMMON_KEYS = ("name", "kind") + COSMETIC_KEYS
 
 
-def register_stage(kind: str, fn: StageFn | None = None, *, keys=None, replace: bool = False):
+def register_stage(kind: str, fn: StageFn | None = None, *, keys=None, check=None, replace: bool = False):
     """Registers fn(config, ctx) -> StageOutput as stage kind `kind`; usable as a decorator
     (`@register_stage("merge", keys=MERGE_KEYS)`). `keys`: the top-level keys a stage of this kind may have
-    besides name and kind (checked before a study runs); None leaves them unchecked. Registering a taken kind
-    again is an error unless replace=True."""
+    besides name and kind (checked before a study runs); None leaves them unchecked. `check`: fn(config) that
+    raises a UserError for a bad config without loading or writing anything; a study runs it on every stage that
+    has still to run before the first of them runs (stage references are still '@name' strings then, so it must
+    treat model sources as opaque strings). Registering a taken kind again is an error unless replace=True."""
     if not isinstance(kind, str) or not NAME_RE.fullmatch(kind):
         raise ValueError(f"stage kind must be a name (letters, digits, '_', '-', '.'), got {kind!r}")
 
@@ -198,6 +201,7 @@ def register_stage(kind: str, fn: StageFn | None = None, *, keys=None, replace: 
                              f"{STAGES[kind].__qualname__}); pass replace=True to replace it")
         STAGES[kind] = f
         STAGE_KEYS[kind] = None if keys is None else tuple(dict.fromkeys(tuple(keys) + COMMON_KEYS))
+        STAGE_CHECKS[kind] = check
         return f
 
     return add if fn is None else add(fn)
@@ -380,6 +384,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
     workdir = Path(workdir)
     for p in plans[:first_forced]:
         _check_unchanged(p, workdir / p.dir)
+    for p in plans:  # a bad config of a later stage is found now, not after the stages before it have run
+        if p.index >= first_forced or not (workdir / p.dir / MARKER).exists():
+            _check_stage_config(p)
 
     make_directory(workdir, "study directory")
     (workdir / "stages").mkdir(exist_ok=True)
@@ -443,6 +450,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, rerun_from: s
         if rec.status != "skipped" and p.index + 1 < len(plans):  # a partial report while the study goes on
             write_report(workdir, title, records, pending=names[p.index + 1:])
     return StudyResult(workdir, records, write_report(workdir, title, records))
+
+
+def _check_stage_config(p: _Plan) -> None:
+    """The stage kind's registered `check` on the stage's config (references unresolved); its UserError becomes
+    a ConfigError naming the stage."""
+    check = STAGE_CHECKS.get(p.kind)
+    if check is None:
+        return
+    cfg = ml_collections.ConfigDict(p.config)
+    cfg.lock()
+    try:
+        check(cfg)
+    except UserError as e:
+        raise ConfigError(f"stages[{p.index}] ({p.name!r}, kind {p.kind!r}): {e}") from None
 
 
 def _record(p: _Plan, resolved: dict, out: StageOutput, workdir: Path, started: str, seconds: float,

@@ -196,5 +196,13 @@ def evaluate_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOu
     return StageOutput(model=sources[-1], metrics=metrics, summary=table)
 
 
-register_stage("train", train_stage, keys=TRAIN_KEYS)
+def _check_train(cfg) -> None:
+    from configurable_fm.train.ramp import task_from_config
+    from configurable_fm.train.trainer import check_config
+
+    check_config(cfg)
+    task_from_config(cfg.get("task"))
+
+
+register_stage("train", train_stage, keys=TRAIN_KEYS, check=_check_train)
 register_stage("evaluate", evaluate_stage, keys=EVALUATE_KEYS)

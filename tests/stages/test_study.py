@@ -345,6 +345,19 @@ def test_a_stage_refused_by_its_config_check_leaves_nothing_that_refuses_the_cor
     assert [r.status for r in result.stages] == ["ran", "ran", "ran"]
 
 
+@pytest.mark.parametrize("kind, cfg, message", [
+    ("merge", {"method": "tiez", "models": ["@pretrain", "@finetune"]}, "tiez"),
+    ("grow", {"input": "@previous", "width": {"hidden_size": "wide"}}, r"`width.hidden_size` must be an integer")])
+def test_a_later_stage_bad_config_is_found_before_the_first_stage_runs(tok, tmp_path, kind, cfg, message):
+    from configurable_fm.errors import ConfigError
+
+    c = study_config(tok)
+    c.stages = list(c.stages) + [pipeline.stage("later", kind, cfg)]
+    with pytest.raises(ConfigError, match=rf"stages\[3\] \('later', kind '{kind}'\): .*{message}"):
+        run(c, tmp_path / "study", log=quiet([]))
+    assert not (tmp_path / "study").exists()
+
+
 def test_evaluate_stage_config_errors_are_user_errors(tmp_path):
     """(a UserError is one line from cfm-run; a plain ValueError was a traceback)"""
     from configurable_fm.errors import ConfigError
