@@ -348,6 +348,12 @@ def check_config(cfg) -> tuple[dict[str, Any], Any, Any]:
             out_dtype = jnp.dtype(d["out_dtype"])
         except TypeError:
             raise ConfigError(f"merge config: unknown `out_dtype` {d['out_dtype']!r}") from None
+    if method is not None and method.base != "ignored" and d["base"] and d["base"] in d["models"]:
+        # mergekit (and our YAML path): a `models` entry equal to the base is the base, not one more input
+        keep = [i for i, m in enumerate(d["models"]) if m != d["base"]]
+        d["models"] = [d["models"][i] for i in keep]
+        if d["model_parameters"] is not None:
+            d["model_parameters"] = [d["model_parameters"][i] for i in keep]
     return d, method, out_dtype
 
 

@@ -228,6 +228,17 @@ def test_every_method_config_route_equals_tree_merge(tiny_ckpts, method):
     assert not all(np.array_equal(v, first[k]) for k, v in got.items())  # not a copy of the first input
 
 
+def test_a_models_entry_equal_to_the_base_is_the_base_as_in_mergekit(tiny_ckpts):
+    """(the YAML path's rule, mergekit's normalize_config: for a method that uses the base the entry is dropped;
+    kept, it was one more input with a zero task vector: model_stock's angle and dare's per-model draws change)"""
+    ckpts = tiny_ckpts
+    for method, parameters in (("model_stock", {}), ("dare_linear", {"density": 0.6, "weight": 0.5})):
+        plain = merge_config(method, [ckpts["a"], ckpts["b"]], ckpts["base"], parameters=parameters, seed=3)
+        listed = merge_config(method, [ckpts["base"], ckpts["a"], ckpts["b"]], ckpts["base"], parameters=parameters,
+                              seed=3)
+        assert_same(arrays(merge_from_config(listed)), arrays(merge_from_config(plain)), atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ slices
 def test_slices_config_equals_merge_slices_and_stage_writes_new_depth(tmp_path_factory):
     """SOLAR-style passthrough: layers [0, 2) + [1, 3) of a 3-layer model -> 4 layers, as tree.merge_slices."""
