@@ -199,6 +199,9 @@ def merge_checkpoints(plan: MergePlan, out_dir: str | os.PathLike, *, overwrite:
     precision.resolve(compute_dtype, None, ())  # a bad value is refused before any work
     load_dtype = NP_DTYPES[plan.dtype] if plan.dtype else None
     out_dtype = NP_DTYPES[plan.out_dtype] if plan.out_dtype else None
+    if "float64" in (plan.dtype, plan.out_dtype):  # mergekit computes in float64 there; we cannot
+        LOG.warning("%s: float64 is computed and written as float32 here (jax without x64); mergekit computes "
+                    "and writes float64, so the tensors differ by float32 rounding", plan.source)
     run = functools.partial(_execute, overwrite=overwrite, limit=limit, progress=progress, load_dtype=load_dtype,
                             prefetch=prefetch, device=device, timers=timers, read_workers=read_workers)
     dtypes = functools.partial(X.dtypes_for, load_dtype=load_dtype, out_dtype=out_dtype,

@@ -227,6 +227,21 @@ def test_vocabulary_only_difference_names_the_yaml_key(hf, tmp_path, with_base):
     assert "embed_alignment" not in str(e.value)
 
 
+def test_float64_says_it_is_computed_in_float32(hf, tmp_path, caplog):
+    plan = load_mergekit_yaml(_write_yaml(tmp_path / "m.yml", f"""
+merge_method: linear
+models: [{{model: {hf['ft_a']}, parameters: {{weight: 1.0}}}}, {{model: {hf['ft_b']}, parameters: {{weight: 1.0}}}}]
+dtype: float64
+"""))
+    with caplog.at_level("WARNING", logger=stream.LOG.name):
+        stream.merge_checkpoints(plan, tmp_path / "out", progress=False)
+    assert "float64 is computed and written as float32 here" in caplog.text
+    got, a, b = _dict(tmp_path / "out"), _dict(hf["ft_a"]), _dict(hf["ft_b"])
+    for k in a:  # as the warning says (execute.output_dtype: jax's canonical dtype)
+        assert got[k].dtype == np.float32, k
+        np.testing.assert_allclose(got[k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
 def test_existing_output_is_refused_unless_overwrite(hf, tmp_path):
     plan = load_mergekit_yaml(_write_yaml(tmp_path / "m.yml", f"""
 merge_method: linear
