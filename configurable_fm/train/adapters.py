@@ -18,7 +18,7 @@ The section (all keys always present, so `--config.adapter.KEY=VALUE` overrides 
     seed      adapter initialisation seed (keys from (seed, module path): a resumed run re-attaches the same one)
     lora      rank, alpha, rslora, dropout (lora / dora); dropout p > 0 (PEFT's lora_dropout) drops the LoRA
               branch's input in every training step (bricks.adapters.lora_dropout, keys from the step's rng; no
-              dropout in evaluation); LoRA only: DoRA with dropout is a ConfigError (not implemented)
+              dropout in evaluation); LoRA only: DoRA, IA3 or bottleneck with dropout is a ConfigError
     bottleneck  size (0: d // reduction_factor), reduction_factor, non_linearity ('' = the preset's), scaling
     save      what `write_adapter` writes into the workdir at the end: 'brick' -> adapter/ (bricks.adapters
               .save_adapter; load with load_adapter(base, dir)), 'peft' -> adapter_peft/ (to_peft, which
@@ -92,6 +92,9 @@ def check_adapter_config(cfg) -> None:
     if a.kind == "dora" and float(a.lora.dropout) != 0.0:
         raise ConfigError(f"adapter.lora.dropout={a.lora.dropout}: dropout with DoRA is not implemented (PEFT "
                           "recomputes the base output on the dropped input); set it to 0.0 or use kind 'lora'")
+    if a.kind in ("ia3", "bottleneck") and float(a.lora.dropout) != 0.0:
+        raise ConfigError(f"adapter.lora.dropout={a.lora.dropout} drops a LoRA branch's input; kind {a.kind!r} has "
+                          "no dropout here: set it to 0.0")
     targets = (a.targets,) if isinstance(a.targets, str) else tuple(a.targets)
     params = expert_targets(a)
     if not all(isinstance(t, str) and t for t in targets + params) or not (targets or params):

@@ -159,6 +159,7 @@ def test_bottleneck_variant_trains_and_is_saved_as_a_brick(tmp_path):
     ({"adapter.kind": "prefix"}, r"adapter.kind='prefix' is not one of \['lora', 'dora', 'ia3', 'bottleneck'\]"),
     ({"adapter.lora.dropout": 1.0}, r"adapter.lora.dropout=1.0 must lie in \[0, 1\)"),
     ({"adapter.kind": "dora", "adapter.lora.dropout": 0.1}, r"dropout with DoRA is not implemented"),
+    ({"adapter.kind": "ia3", "adapter.lora.dropout": 0.1}, r"kind 'ia3' has no dropout here"),
     ({"adapter.kind": "bottleneck"}, r"adapter.save includes 'peft', but PEFT has no bottleneck adapter"),
     ({"adapter.save": ("brick", "gguf")}, r"\['gguf'\] are not formats \['brick', 'peft'\]"),
     ({"frozen_dtype": "int8"}, r"frozen_dtype='int8' is not one of"),
