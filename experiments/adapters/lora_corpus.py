@@ -16,7 +16,8 @@ Houlsby adapters, written as a brick set only).
 
 The adapter (`config.adapter`, configurable_fm/train/adapters.py): LoRA rank 16, alpha 32 on every attention and
 MLP projection, `trainable=('AdapterParam:**',)` (the base has no gradients and no optimizer state),
-`frozen_dtype='bfloat16'`; LoRA dropout is not implemented (`adapter.lora.dropout` must stay 0.0). Outputs:
+`frozen_dtype='bfloat16'`; `--config.adapter.lora.dropout=0.05` drops the LoRA branches' inputs in training
+(PEFT's lora_dropout; kind lora only). Outputs:
 WORKDIR/adapter/ (bricks.adapters.load_adapter(base, dir)) and WORKDIR/adapter_peft/ (PeftModel.from_pretrained on
 the transformers base; base_model_name_or_path = config.init_from).
 """

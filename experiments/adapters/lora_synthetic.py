@@ -21,8 +21,8 @@ has none) and ',test'. Everything else is experiments/finetune.py's (data, task 
 
 The adapter (`config.adapter`, configurable_fm/train/adapters.py): LoRA rank 16, alpha 32 (scale 2; rsLoRA off:
 `--config.adapter.lora.rslora=True`) on every attention and MLP projection (`adapter.targets`), trained with
-`trainable=('AdapterParam:**',)`. `adapter.lora.dropout` must stay 0.0: LoRA dropout is not implemented (a
-nonzero value is a ConfigError). The frozen base: `frozen_dtype='bfloat16'` (no float32 master copy; adapters are
+`trainable=('AdapterParam:**',)`. `--config.adapter.lora.dropout=0.05` drops the LoRA branches' inputs in
+training steps (PEFT's lora_dropout; kind lora only: DoRA, IA3 and bottleneck refuse it). The frozen base: `frozen_dtype='bfloat16'` (no float32 master copy; adapters are
 float32); set `--config.frozen_dtype=` for float32 masters.
 """
 import ml_collections
