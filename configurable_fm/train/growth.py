@@ -53,6 +53,7 @@ from configurable_fm.interop.atomic import atomic_directory, write_json_atomic
 from configurable_fm.interop.orbax_io import save_model
 from configurable_fm.models.factory import DTYPES, config_to_dict, with_compute_dtype
 from configurable_fm.ops.grow import OPS, OPTIMIZER_MODES, grow_opt_state, grow_steps
+from configurable_fm.train.adapters import configured
 from configurable_fm.train.optim import make_optimizer
 from configurable_fm.train.resume import CONFIG_FILE, config_changes, describe_changes, plain
 from configurable_fm.train.state import ModelParts, TrainState
@@ -165,6 +166,12 @@ def grow_run(src: str | os.PathLike, dst: str | os.PathLike, config: ml_collecti
         if not (src / CONFIG_FILE).is_file():
             raise ConfigError(f"grow_run: {src} is not a training workdir (no {CONFIG_FILE})")
         src_config = ml_collections.ConfigDict(json.loads((src / CONFIG_FILE).read_text()))
+    adapter = configured(src_config)
+    if adapter is not None or src_config.get("frozen_dtype", ""):  # the restored state would not be the run's
+        what = (f"trains a {adapter.kind} adapter (adapter.kind)" if adapter is not None
+                else f"stores its frozen parameters as frozen_dtype={src_config.frozen_dtype!r}")
+        raise ConfigError(f"grow_run: the source run {src} {what}; growing such a run is not implemented (grow "
+                          "its model with a 'grow' stage or cfm-grow, then train the grown model)")
     manager = ocp.CheckpointManager((src / "checkpoints").absolute(),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     try:

@@ -137,3 +137,19 @@ def test_rewarm_schedule():
         opt.rewarm_at, opt.rewarm_steps = at, steps
         with pytest.raises(ValueError, match=match):
             learning_rate_schedule(opt, 20)
+
+
+def test_a_run_with_an_adapter_or_a_frozen_dtype_is_refused(small):
+    """(its checkpoint holds adapter leaves, or its frozen parameters were cast: the source model rebuilt from
+    the config alone would not be the run's; refused before anything is read or written)"""
+    from configurable_fm.train.adapters import adapter_config
+
+    root, _ = small
+    src = ml_collections.ConfigDict(json.loads((root / "small" / "config.json").read_text()))
+    with_adapter, frozen = src.copy_and_resolve_references(), src.copy_and_resolve_references()
+    with_adapter.adapter = adapter_config("lora")
+    frozen.frozen_dtype = "bfloat16"
+    for config, what in ((with_adapter, "trains a lora adapter"), (frozen, "frozen_dtype='bfloat16'")):
+        with pytest.raises(ConfigError, match=f"grow_run: the source run .* {what}.*not implemented"):
+            grow_run(root / "small", root / "refused", big_config(), WIDE, src_config=config, log=quiet)
+        assert not (root / "refused").exists()
