@@ -321,3 +321,24 @@ def test_to_hf_refuses_an_adapted_model(bases, tmp_path):
     assert not (tmp_path / "hf").exists()
     to_hf(adapters.merge(model), tmp_path / "hf")  # merged: plain Linears again
     np.testing.assert_allclose(ours(from_hf(tmp_path / "hf")), ours(model), atol=1e-6)
+
+
+def test_ia3_default_feedforward_modules_are_peft_s_for_bert(tmp_path):
+    """PEFT's default feedforward_modules for bert, ['output.dense'], match by suffix: the attention output
+    projection is scaled on its input side too. attach(..., 'ia3') without `feedforward` picks the same ones."""
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=32)
+    hf = transformers.BertModel(cfg).eval()
+    hf.save_pretrained(tmp_path / "bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.IA3Config(target_modules=["key", "value", "output.dense"]))
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+              if isinstance(m, peft.tuners.ia3.IA3Layer) and m.is_feedforward}
+    model = adapters.attach(from_hf(tmp_path / "bert"), "ia3", ["encoder.layer.*.attention.self.key",
+                                                                "encoder.layer.*.attention.self.value",
+                                                                "encoder.layer.*.output.dense",
+                                                                "encoder.layer.*.attention.output.dense"])
+    mine = {p for p, spec in adapters.adapters(model).items() if spec["feedforward"]}
+    assert theirs == {"encoder.layer.0.attention.output.dense", "encoder.layer.0.output.dense"}
+    assert mine == theirs

@@ -47,7 +47,10 @@ KINDS = tuple(ADAPTER_TYPES)
 LORA_INITS = ("kaiming", "gaussian", "random")
 IA3_INITS = ("ones", "random")
 # The family's FFN down projections: IA3's default feedforward modules (PEFT's feedforward_modules defaults).
-FEEDFORWARD = {"llama": "layers.*.mlp.down_proj", "gpt2": "h.*.mlp.c_proj", "bert": "encoder.layer.*.output.dense"}
+# IA3's default feedforward modules (scaled on the input side), as PEFT's TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_
+# MODULES_MAPPING selects them: its bert entry 'output.dense' is a suffix that also matches attention.output.dense.
+FEEDFORWARD = {"llama": "layers.*.mlp.down_proj", "gpt2": "h.*.mlp.c_proj",
+               "bert": ("encoder.layer.*.output.dense", "encoder.layer.*.attention.output.dense")}
 DEFAULT_RANK, DEFAULT_ALPHA = 8, 8.0  # PEFT's LoraConfig defaults (r=8, lora_alpha=8)
 
 
@@ -82,7 +85,7 @@ def match_targets(index: dict, globs: list[str], what: str) -> list[str]:
     return [p for p in paths if any(r.fullmatch(p) for _, r in regexes)]
 
 
-def _default_feedforward(model) -> str | None:
+def _default_feedforward(model) -> str | tuple[str, ...] | None:
     try:
         return FEEDFORWARD.get(family_name(model.cfg))
     except (TypeError, AttributeError):
@@ -100,7 +103,8 @@ def attach(model, kind: str, targets: str | Sequence[str], *, rank: int | None =
     kaiming and B ~ U(±1/sqrt(r)), so the adapter changes the function). DoRA's magnitude starts at
     ||W + s A B|| per output feature (= ||W|| when B = 0), so a fresh DoRA adapter is the identity up to rounding.
     IA3: one scale per output, or per input for the `feedforward` modules (globs among the targets; default: the
-    family's FFN down projections FEEDFORWARD that are targets); init 'ones' (the identity) or 'random' (N(0, 1),
+    family's FEEDFORWARD modules that are targets: its FFN down projections, and for bert also the attention
+    output projections, as PEFT's default); init 'ones' (the identity) or 'random' (N(0, 1),
     PEFT's init_ia3_weights=False). rank / alpha / rslora are LoRA options and an error with IA3.
     Random values come from keys derived from (seed, module path). AdapterError names every target that matches
     nothing or is not a plain Linear (e.g. one that already has an adapter).
