@@ -367,6 +367,8 @@ def merge_from_config(cfg, *, log=None, with_tokenizer: bool = False):
     from configurable_fm.ops.merge.tree import merge
 
     d, method, out_dtype = check_config(cfg)
+    if d["out_dtype"] == "float64" and log is not None:
+        log("note: out_dtype float64 is computed and stored as float32 here (jax without x64)")
     if method is None:
         model = _data_merge({**d, "out_dtype": out_dtype}, log=log)
         return (model, None) if with_tokenizer else model

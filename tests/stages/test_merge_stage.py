@@ -239,6 +239,15 @@ def test_a_models_entry_equal_to_the_base_is_the_base_as_in_mergekit(tiny_ckpts)
         assert_same(arrays(merge_from_config(listed)), arrays(merge_from_config(plain)), atol=0)
 
 
+def test_out_dtype_float64_says_it_is_float32_here(tiny_ckpts):
+    logs = []
+    cfg = merge_config("linear", [tiny_ckpts["a"], tiny_ckpts["b"]], "", parameters={"weight": 1.0},
+                       out_dtype="float64")
+    got = arrays(merge_from_config(cfg, log=logs.append))
+    assert any("out_dtype float64 is computed and stored as float32 here" in line for line in logs)
+    assert {v.dtype for v in got.values()} == {np.dtype(np.float32)}
+
+
 # ------------------------------------------------------------------------------------------------ slices
 def test_slices_config_equals_merge_slices_and_stage_writes_new_depth(tmp_path_factory):
     """SOLAR-style passthrough: layers [0, 2) + [1, 3) of a 3-layer model -> 4 layers, as tree.merge_slices."""
