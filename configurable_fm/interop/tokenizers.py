@@ -66,6 +66,12 @@ _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 _DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
 
 
+# The BPE pre-tokenizers for which llama.cpp adds BOS when the GGUF has no tokenizer.ggml.add_bos_token
+# (llama-vocab.cpp, load: add_bos = true in their branches; the key, when present, wins).
+BOS_BY_DEFAULT = ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken",
+                  "chameleon")
+
+
 def _pre_tokenizer(pre: str):
     """Pre-tokenizer for a `tokenizer.ggml.pre` value (llama.cpp's names; 'gpt2' is taken as 'gpt-2')."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -103,7 +109,8 @@ def tokenizer_from_gguf(path) -> Tokenizer:
 
     Control tokens (type 3) become special added tokens (never split, skipped by decode(skip_special_tokens));
     user-defined tokens (type 4) become plain added tokens. When `tokenizer.ggml.add_bos_token` (or
-    add_eos_token) is true, a post-processor adds the BOS (EOS) id to every encoding. The special ids are
+    add_eos_token) is true, a post-processor adds the BOS (EOS) id to every encoding; without the key, BOS is
+    added where llama.cpp adds it by default (the pre-tokenizers BOS_BY_DEFAULT, when bos_token_id is set). The special ids are
     available from `gguf_special_tokens(path)`. `path`: a GGUF file or an open reader.
     """
     reader = read_gguf(path)
@@ -135,7 +142,8 @@ def tokenizer_from_gguf(path) -> Tokenizer:
             raise CheckpointError(f"{source}: malformed BPE merge {m!r} (expected 'left right')")
         pairs.append((parts[0], parts[1]))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(get("pre", "default"))
+    pre = get("pre", "default")
+    tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     special = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
@@ -143,7 +151,10 @@ def tokenizer_from_gguf(path) -> Tokenizer:
         tok.add_special_tokens(special)
     if user:
         tok.add_tokens(user)
-    add_bos, add_eos = bool(get("add_bos_token", False)), bool(get("add_eos_token", False))
+    add_bos, add_eos = get("add_bos_token", None), bool(get("add_eos_token", False))
+    if add_bos is None:  # llama.cpp's default for the pre-tokenizer (llama-vocab.cpp), when a BOS id is named
+        add_bos = pre in BOS_BY_DEFAULT and get("bos_token_id", None) is not None
+    add_bos = bool(add_bos)
     if add_bos or add_eos:
         ids = {name: get(key, None) for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"))}
         for name, wanted in (("bos", add_bos), ("eos", add_eos)):

@@ -454,7 +454,8 @@ def write_vocab(path, *, model="gpt2", pre="smollm", add_bos=False):
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    w.add_add_bos_token(add_bos)
+    if add_bos is not None:  # None: no tokenizer.ggml.add_bos_token key
+        w.add_add_bos_token(add_bos)
     w.add_chat_template("{{ messages }}")
     write(w, path)
     return tokens
@@ -488,6 +489,12 @@ def test_tokenizer_errors(tmp_path):
     write_vocab(tmp_path / "l3.gguf", pre="llama-bpe")
     with pytest.warns(UserWarning, match="tokenizer.ggml.pre='llama-bpe' has no dedicated pre-tokenizer"):
         tokenizer_from_gguf(tmp_path / "l3.gguf")
+    # without tokenizer.ggml.add_bos_token, BOS where llama.cpp adds it by default (llama-bpe), not elsewhere
+    for pre, bos in (("llama-bpe", True), ("gpt2", False)):
+        write_vocab(tmp_path / f"{pre}.gguf", pre=pre, add_bos=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert (tokenizer_from_gguf(tmp_path / f"{pre}.gguf").encode("cat").ids[0] == 1) is bos, pre
     w = gguf.GGUFWriter(tmp_path / "none.gguf", "llama")
     write(w, tmp_path / "none.gguf")
     with pytest.raises(CheckpointError, match="no tokenizer in the GGUF metadata"):
