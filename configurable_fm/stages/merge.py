@@ -450,7 +450,8 @@ def merge_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutpu
         srcs = dict.fromkeys(s["model"] for sl in to_plain(cfg.slices) for s in sl["sources"])
         inputs = [ctx.label(m) for m in srcs]
     else:
-        inputs = ([f"base {ctx.label(cfg.base)}"] if cfg.get("base") else []) + [ctx.label(m) for m in cfg.models]
+        models = check_config(cfg)[0]["models"]  # a `models` entry equal to the base is the base (check_config)
+        inputs = ([f"base {ctx.label(cfg.base)}"] if cfg.get("base") else []) + [ctx.label(m) for m in models]
     layers = f" in {len(cfg.slices)} slice(s)" if cfg.get("slices") else ""
     summary = (f"Merged {', '.join(inputs)}{layers} with `{cfg.method}` (parameters {to_plain(cfg.get('parameters'))}, "
                f"per model {to_plain(cfg.get('model_parameters'))}, seed {cfg.get('seed', 0)}).")

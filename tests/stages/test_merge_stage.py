@@ -237,6 +237,12 @@ def test_a_models_entry_equal_to_the_base_is_the_base_as_in_mergekit(tiny_ckpts)
         listed = merge_config(method, [ckpts["base"], ckpts["a"], ckpts["b"]], ckpts["base"], parameters=parameters,
                               seed=3)
         assert_same(arrays(merge_from_config(listed)), arrays(merge_from_config(plain)), atol=0)
+    from configurable_fm.stages import StageContext
+    from configurable_fm.stages.merge import merge_stage
+
+    workdir = Path(ckpts["a"]).parent / "stage_base_listed"
+    out = merge_stage(listed, StageContext(workdir, workdir / "stage", 0, "m", {}, lambda s: None))
+    assert out.metrics["inputs"] == 3 and out.summary.count(ckpts["base"]) == 1  # the base once, then a and b
 
 
 def test_out_dtype_float64_says_it_is_float32_here(tiny_ckpts):
