@@ -25,6 +25,7 @@ Output: the grown run's final model; metrics as a train stage's plus growth_step
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -94,15 +95,21 @@ def check_growth(cfg) -> dict:
                 rewarm_steps=None if rewarm < 0 else rewarm)
 
 
+def check_stage(cfg) -> tuple[dict, Any]:
+    """(check_growth(cfg), the task of `cfg.task`): the stage's config checked without reading its source run
+    (the study runs it on every stage before the first runs)."""
+    from configurable_fm.train.ramp import task_from_config
+
+    return check_growth(cfg), task_from_config(cfg.get("task"))
+
+
 def grow_run_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOutput:
     """Grows the source stage's run into stage_dir/train (once: a rerun finds it complete) and trains it to
     `steps`; an interrupted attempt resumes from the grown run's checkpoints."""
     from configurable_fm.train.growth import grow_run
-    from configurable_fm.train.ramp import task_from_config
     from configurable_fm.train.trainer import train
 
-    g = check_growth(cfg)
-    task = task_from_config(cfg.get("task"))
+    g, task = check_stage(cfg)
     src = source_workdir(cfg.source)
     train_cfg = ml_collections.ConfigDict({k: v for k, v in cfg.to_dict().items() if k in TRAIN_KEYS})
     run = grow_run(src, ctx.stage_dir / "train", train_cfg, g["steps"], seed=g["seed"],
@@ -117,11 +124,4 @@ def grow_run_stage(cfg: ml_collections.ConfigDict, ctx: StageContext) -> StageOu
     return out
 
 
-def _check_grow_run(cfg) -> None:
-    from configurable_fm.train.ramp import task_from_config
-
-    check_growth(cfg)
-    task_from_config(cfg.get("task"))
-
-
-register_stage("grow_run", grow_run_stage, keys=GROW_RUN_KEYS, check=_check_grow_run)
+register_stage("grow_run", grow_run_stage, keys=GROW_RUN_KEYS, check=check_stage)

@@ -117,7 +117,7 @@ class ArrowLinear(StackedLoRALinear):
     @classmethod
     def from_options(cls, base: Linear, options: Mapping[str, Any]) -> "ArrowLinear":
         options = dict(options)
-        if isinstance(options.get("temperature"), int) and not isinstance(options.get("temperature"), bool):
+        if is_int(options.get("temperature")):
             options["temperature"] = float(options["temperature"])
         return cls(base, **checked_options(ARROW_KIND, options, cls.OPTIONS))
 
