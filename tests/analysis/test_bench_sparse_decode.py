@@ -1,23 +1,17 @@
 """scripts/bench_sparse_decode.py runs end to end at a tiny shape on the CPU (the Pallas kernels interpreted): one row
-per option set, the dispatching rows checked against the masked forward, and bad options are one-line errors."""
+per option set, the dispatching rows checked against the masked forward, and bad options are one-line errors. Its
+main(argv) runs in the test's process (the command line's path without a second interpreter's imports)."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_script
 
 
-def bench(*args, timeout=300):
-    return subprocess.run([sys.executable, "scripts/bench_sparse_decode.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_bench_sparse_decode_tiny(tmp_path):
+def test_bench_sparse_decode_tiny(tmp_path, capsys):
     out = tmp_path / "sd.jsonl"
-    proc = bench("--shape", "tiny", "--new_tokens", "3", "--repeats", "1", "--top_k", "1", "--modes", "pallas",
-                 "--pallas", "decode=0;matvec=1,token_width=16", "--profile", str(tmp_path / "prof"), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _ = run_script("bench_sparse_decode", [
+        "--shape", "tiny", "--new_tokens", "3", "--repeats", "1", "--top_k", "1", "--modes", "pallas",
+        "--pallas", "decode=0;matvec=1,token_width=16", "--profile", str(tmp_path / "prof"), "--out", str(out)], capsys)
+    assert code is None
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in rows] == ["dense", "moefied+pallas[decode=0]", "moefied+pallas[matvec=1,token_width=16]"]
     for r in rows[1:]:  # bf16 weights: the paths differ by rounding only
@@ -25,7 +19,7 @@ def test_bench_sparse_decode_tiny(tmp_path):
     assert all("profile" in r for r in rows)  # on the CPU: 'no device kernels ...'; on a GPU the kernel summary
 
 
-def test_bench_sparse_decode_bad_option():
-    proc = bench("--pallas", "matvec=1;decode=2")
+def test_bench_sparse_decode_bad_option(capsys):
+    code, captured = run_script("bench_sparse_decode", ["--pallas", "matvec=1;decode=2"], capsys)
     message = "'decode=2': expected name=int (0/1 for decode,matvec,route"
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert code == 2 and message in captured.err and "Traceback" not in captured.err, captured.err

@@ -114,7 +114,10 @@ def test_gather_and_pallas_compute_the_masked_ffn(moes, case, tied):  # CI: shar
                 np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0, err_msg=f"{case} {mode} {shape}")
 
 
-@pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0), PallasOptions(decode=0),
+@pytest.mark.parametrize("options", [PallasOptions(), PallasOptions(matvec=0),
+                                     # the general kernels: slow (CI time); they run on two tokens (shared
+                                     # experts, ties) in test_gather_and_pallas_compute_the_masked_ffn
+                                     pytest.param(PallasOptions(decode=0), marks=pytest.mark.slow),
                                      PallasOptions(token_neurons=4, token_width=8, token_inner=2, token_out=4,
                                                    token_route=8, route=0),
                                      PallasOptions(token_inner=8, token_out=8, atomic=1)],

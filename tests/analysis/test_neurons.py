@@ -108,7 +108,7 @@ def test_streamed_equals_one_big_batch_and_unpadded_rows(llama, llama_stats):
         np.testing.assert_array_equal(getattr(one, name), getattr(llama_stats, name))
     assert one.tokens == llama_stats.tokens and one.points == llama_stats.points
     # the rows of a padded batch, each on its own without padding or attention mask (plain id arrays)
-    padded = activation_stats(llama, pb[:1], threshold=THRESHOLD)
+    padded = activation_stats(llama, pb[:1], threshold=THRESHOLD, coactivation=True)  # llama_stats' program
     alone = activation_stats(llama, [pb[0]["inputs"][r:r + 1, :n] for r, n in enumerate([8, 5, 2])],
                              threshold=THRESHOLD)
     assert alone.tokens == padded.tokens == 15 and alone.coactivation is None
@@ -230,7 +230,8 @@ def test_specialisation_top_neurons_and_overlap():
         specialisation_scores(acts, np.ones((n - 1,)))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])  # gpt2: CI time (~2 s);
+# the intervention does not depend on the family; GPT-2's hidden points: test_gpt2_default_points_and_explicit_edges
 def test_mask_low_activation(family, llama, gpt2):
     model = llama if family == "llama" else gpt2
     ids = jnp.asarray(padded_batches()[2]["inputs"])
@@ -314,6 +315,8 @@ def test_bad_batching_of_examples_names_the_argument(llama):
             per_example_activations(llama, [np.arange(1, 4)], **kwargs)
 
 
+@pytest.mark.slow  # CI time (~5 s); an end-to-end repeat of test_per_example_activations,
+# test_specialisation_top_neurons_and_overlap and test_mask_neurons
 def test_survey_pipeline_on_tiny_llama(llama):
     rs = np.random.RandomState(5)
     examples = [rs.randint(1, 16, 6) for _ in range(6)] + [rs.randint(16, 32, 6) for _ in range(6)]

@@ -81,7 +81,8 @@ def summed_loss_of_addition(model, path, ids, targets, m):
     return loss
 
 
-@pytest.mark.parametrize("path", [DOWN, Q])
+@pytest.mark.parametrize("path", [pytest.param(DOWN, marks=pytest.mark.slow), Q])  # DOWN: slow (CI time ~2 s),
+# the same computation as q_proj's, whose input the other attention projections share
 def test_fisher_scales_equal_central_differences(dense, path):
     """s_i^2 = sum_t (dL/dx_t,i)^2 / T with each derivative by central differences of the float32 loss (eps 3e-2:
     the differences' float32 rounding, ~1e-4 on derivatives of ~0.01, is what the 1% tolerance allows for; a

@@ -103,9 +103,10 @@ def test_interleaved_rounds_rotate_the_order(bench):
 
 
 def test_routing_row(bench, capsys, monkeypatch, tmp_path):
-    """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast): the
-    row's parts and ratios, the folded routing's; --profile's two traces (on the CPU they hold no device kernels,
-    which the row says); --lora_matmul's extra one-adapter forward."""
+    """bench=routing with a random BERT (MiniLM's tokenizer, a narrow 1-layer shape to keep the test fast) and
+    adapters on one module (--targets: fewer programs to compile, the same row): the row's parts and ratios, the
+    folded routing's; --profile's two traces (on the CPU they hold no device kernels, which the row says);
+    --lora_matmul's extra one-adapter forward."""
     from configurable_fm.models import registry
 
     try:
@@ -116,6 +117,7 @@ def test_routing_row(bench, capsys, monkeypatch, tmp_path):
                                                     intermediate_size=64))
     argv = ["--shape", "tiny", "--batch", "3", "--seq", "4", "--rank", "2", "--library", "2", "--steps", "1",
             "--warmup", "0", "--benches", "routing", "--encoder", f"random:{tokenizer}", "--mixed_path", "gather",
+            "--targets", "layers.*.self_attn.q_proj",
             "--profile", str(tmp_path / "prof"), "--lora_matmul", "joint"]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

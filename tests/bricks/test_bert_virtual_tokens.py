@@ -289,6 +289,7 @@ def test_errors(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the real all-MiniLM-L6-v2
+@pytest.mark.slow  # CI time (~3 s); the same paths as test_from_peft_and_to_peft_match_peft_feature_extraction at scale
 @pytest.mark.real_model
 def test_minilm_prompt_and_prefix_match_peft():
     """The packaged all-MiniLM-L6-v2 (6 layers, width 384, 12 heads) under PEFT's prompt and prefix."""

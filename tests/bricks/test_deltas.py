@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 from configurable_fm.bricks import (Delta, DeltaError, Dense, LowRank, Masked, SelectionError, deltas, flat_params,
                                     flat_state, load_bricks, load_delta, save_delta, with_params)
 from configurable_fm.interop.safetensors_io import CheckpointError
-from configurable_fm.models.factory import build_model
+from tests.analysis.tiny import random_model
 
 SPEC = {"family": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 12, "num_layers": 2,
         "num_heads": 2, "num_kv_heads": 1}
@@ -24,7 +24,8 @@ AB = np.array([[1, 2, 0, 1], [2, 5, 3, 0], [0, -1, -3, 2]], np.float32)  # A @ B
 
 @pytest.fixture(scope="module")
 def models():
-    return [build_model(SPEC, seed=s) for s in range(2)]
+    """Two tiny llamas of SPEC with numpy-drawn weights (no per-shape compilation of the random initialisers)."""
+    return [random_model(SPEC, s) for s in range(2)]
 
 
 def _np(x):
@@ -147,7 +148,7 @@ def test_apply_to_a_model_leaves_the_input_unchanged(models):
 def test_apply_returns_a_model_that_shares_no_variable_with_the_input():
     """Writing into the result in place (an optimizer step, `var[...] = x`) must not reach the input model: the
     arrays may be shared (immutable), the nnx Variables may not (bricks.paths.with_params, as select's clone)."""
-    base = build_model(SPEC, seed=0)
+    base = random_model(SPEC, 0)
     before = {k: np.array(v) for k, v in flat_params(base).items()}
     d = Delta({UP0: jnp.ones((8, 12))})
     for new in (deltas.apply(base, d), deltas.rollback(base, d), with_params(base, {"norm.weight": jnp.ones(8)})):

@@ -20,11 +20,12 @@ from configurable_fm.bricks import adapters
 from configurable_fm.bricks.adapters import mixed as mx
 from configurable_fm.models import check_consistent, extension_specs, generation
 from configurable_fm.models.factory import with_compute_dtype
+from tests.bricks import test_adapter_mixed
 from tests.bricks.test_adapter_mixed import CASES, CFG, ROW_IDS, TOKENS, adapted
-from tests.bricks.test_adapter_mixed import base, mixed, singles  # noqa: F401 (its module-scoped fixtures)
 from tests.helpers import random_llama
 
 REL = 1e-5
+base, singles, mixed = test_adapter_mixed.base, test_adapter_mixed.singles, test_adapter_mixed.mixed  # its fixtures
 
 
 def logits(model, ids, use, tokens=TOKENS):
@@ -55,6 +56,9 @@ def per_row_reference(x, a, b, ids):
     return out
 
 
+_all_adapters, _gathered = jax.jit(mx.lora_all_adapters), jax.jit(mx.lora_gathered)  # a program each, not op by op
+
+
 @pytest.mark.parametrize("lead", [(), (5,), (2, 3)])  # (B, in), (B, T, in), (B, T1, T2, in)
 def test_kernels_equal_a_per_row_loop(lead):
     rng = np.random.RandomState(0)
@@ -62,15 +66,14 @@ def test_kernels_equal_a_per_row_loop(lead):
     x = rng.randn(len(ids), *lead, 6).astype(np.float32)
     a, b = rng.randn(4, 6, 3).astype(np.float32), rng.randn(4, 3, 5).astype(np.float32)
     want = per_row_reference(x, a, b, ids)
-    got = np.asarray(mx.lora_all_adapters(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids)))
+    got = np.asarray(_all_adapters(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids)))
     assert got.shape == want.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[[1, 5]], 0)
-    gathered = np.asarray(mx.lora_gathered(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b),
-                                           jnp.asarray(np.clip(ids, 0, 3))))
+    gathered = np.asarray(_gathered(jnp.asarray(x), jnp.asarray(a), jnp.asarray(b), jnp.asarray(np.clip(ids, 0, 3))))
     valid = [0, 2, 3, 4]
     np.testing.assert_allclose(gathered[valid], want[valid], rtol=1e-5, atol=1e-5)
-    bf = mx.lora_all_adapters(jnp.asarray(x, jnp.bfloat16), jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids))
+    bf = _all_adapters(jnp.asarray(x, jnp.bfloat16), jnp.asarray(a), jnp.asarray(b), jnp.asarray(ids))
     assert bf.dtype == jnp.bfloat16  # factors cast to x's dtype
 
 
@@ -150,11 +153,11 @@ def test_out_of_range_traced_ids_are_nan_on_both_paths(mixed):
             mx.with_adapter_ids(nnx.merge(graphdef, st), ids), use)(t))(state, jnp.asarray([0, 5, -2, 1, 2, 3, 4, -1]),
                                                                         TOKENS))
 
+    bad = {use: run(use) for use in (True, False)}  # one compilation per path
     for use in (True, False):
-        bad = run(use)
-        assert np.isnan(bad[1]).all() and np.isnan(bad[2]).all(), use
-        assert np.isfinite(bad[[0, 3, 4, 5, 6, 7]]).all(), use
-    np.testing.assert_allclose(run(True)[[0, 3, 7]], run(False)[[0, 3, 7]], atol=1e-5, rtol=0)
+        assert np.isnan(bad[use][1]).all() and np.isnan(bad[use][2]).all(), use
+        assert np.isfinite(bad[use][[0, 3, 4, 5, 6, 7]]).all(), use
+    np.testing.assert_allclose(bad[True][[0, 3, 7]], bad[False][[0, 3, 7]], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow  # CI time: two generate compilations (~10 s)

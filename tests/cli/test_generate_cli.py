@@ -41,15 +41,18 @@ def fails(*args) -> None:
     assert e.value.code == 1
 
 
+# Prompts of 20 tokens ('Hi' through the template, or 20 characters plain) and 9 new tokens where the case allows:
+# one compiled program each for generate_text and the stream (greedy), shared by the tests below.
 def test_a_prompt_streams_generate_texts_answer(exported, capsys):
     out, model, chat = exported
     assert generate(f"--config.input={out}", "--config.prompt=Hi", "--config.max_new_tokens=9",
                     "--config.chunk=2") == 0
     want = generate_text(model, chat, "Hi", max_new_tokens=9)
     assert capsys.readouterr().out == want + "\n"
-    assert generate(f"--config.input={out}", "--config.prompt=The cat", "--config.chat=false",
-                    "--config.max_new_tokens=6") == 0
-    assert capsys.readouterr().out == generate_text(model, chat, "The cat", max_new_tokens=6, chat=False) + "\n"
+    assert generate(f"--config.input={out}", "--config.prompt=The cat sat on a mat", "--config.chat=false",
+                    "--config.max_new_tokens=9") == 0
+    want = generate_text(model, chat, "The cat sat on a mat", max_new_tokens=9, chat=False)
+    assert capsys.readouterr().out == want + "\n"
     assert generate(f"--config.input={out}", "--config.prompt=Hi", "--config.system=Be brief.",
                     "--config.max_new_tokens=5", "--config.temperature=0.9", "--config.top_k=20",
                     "--config.seed=3") == 0
@@ -76,9 +79,10 @@ def test_stop_strings_end_the_answer(exported, capsys):
 
 def test_stdin_lines_are_prompts_of_their_own(exported, capsys, monkeypatch):
     out, model, chat = exported
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n\nName a colour.\n"))
-    assert generate(f"--config.input={out}", "--config.max_new_tokens=5") == 0
-    want = [generate_text(model, chat, p, max_new_tokens=5) for p in ("Hi", "Name a colour.")]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n\nYo\n"))
+    assert generate(f"--config.input={out}", "--config.max_new_tokens=9") == 0
+    want = [generate_text(model, chat, p, max_new_tokens=9) for p in ("Hi", "Yo")]
+    assert want[0] != want[1]
     assert capsys.readouterr().out == "".join(w + "\n" for w in want)
 
 

@@ -4,7 +4,6 @@ metrics, the HF output is a MixtralForCausalLM (with the source's tokenizer) tha
 reproduces the dense source's logits; bad input is one line naming the key or value, with nothing written."""
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,7 +12,7 @@ from configurable_fm.interop.hf import to_hf
 from configurable_fm.interop.loader import load_model
 from configurable_fm.interop.orbax_io import load_model as load_orbax
 from configurable_fm.interop.orbax_io import save_model
-from configurable_fm.models import check_consistent
+from configurable_fm.models import check_consistent, scoring
 from configurable_fm.models.llama import LlamaConfig
 from experiments.analysis import moefy as moefy_experiment
 from tests.analysis.tiny import GPT2, random_model
@@ -45,7 +44,7 @@ def moefy_cli(world, out, *args, source="hf", capsys):
 
 
 def logits(model):
-    return np.asarray(model(jnp.asarray(IDS)), np.float32)
+    return scoring.logits(model, IDS)  # one compiled program per model structure: not an eager forward
 
 
 def test_orbax_output_is_the_moefied_model(world, tmp_path, capsys):

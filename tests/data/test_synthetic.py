@@ -352,7 +352,7 @@ def test_memorised_examples_are_recalled_exactly(tok):
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, value
 
-    for _ in range(200):
+    for _ in range(100):  # the loss is below 0.02 from about step 75 on
         params, opt, value = step(params, opt)
     assert float(value) < 0.02
     trained = nnx.merge(graphdef, params)

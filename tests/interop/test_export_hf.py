@@ -1,7 +1,7 @@
 """to_hf writes a complete HF directory: transformers' AutoModelForCausalLM, AutoTokenizer and
 pipeline("text-generation") load it and generate, greedily, exactly what `generate` / `generate_text` do (eos
 included); dtypes; generation config; errors before anything is written. The real SmolLM2-135M-Instruct round
-trip (GGUF tokenizer and chat template, a chat-templated prompt, 16 new tokens) is marked real_model.
+trip (GGUF tokenizer and chat template, a chat-templated prompt, 16 new tokens) is marked real_model and slow.
 
 Tiny models are random (tests.helpers.random_llama) with a character tokenizer built here; the head row of the
 eos token is made a copy of another token's row, scaled by 1.01, so that greedy decoding does emit eos.
@@ -218,6 +218,9 @@ def test_convert_hf_directory_keeps_its_dtype_and_tokenizer(exported, tmp_path):
 
 # =========================================================================== the real SmolLM2-135M-Instruct
 @pytest.mark.real_model
+@pytest.mark.slow  # CI time (~20 s); covered by test_convert_cli.py::test_gguf_to_hf_with_its_tokenizer (GGUF -> HF
+# with its tokenizer and template, greedy tokens as transformers'), test_transformers_loads_it_and_generates_the_same
+# and test_chat_template.py::test_smollm2_template_renders_like_transformers (SmolLM2's tokens and template)
 def test_smollm2_export_generates_like_transformers(tmp_path):
     name = "smollm2-135m-instruct"
     if not registry.is_installed(name):

@@ -1,7 +1,8 @@
-"""The 'edit' stage kind (stages/edit.py) in a tiny study: pretrain (study_tiny:test with a character tokenizer) ->
-edit (rome.py:test from '@pretrain'); the stage writes its model, delta, metrics.json and report.md, its metrics
-reach the study report, the edited model is the pretrained one plus the delta, and a rerun skips every stage.
-A stage with the script's keys (output, format) is refused before anything runs."""
+"""The 'edit' stage kind (stages/edit.py) in a tiny study: pretrain (study_tiny:test with a character tokenizer;
+run once per process: conftest.py) -> edit (rome.py:test from '@pretrain'); the stage writes its model, delta,
+metrics.json and report.md, its metrics reach the study report, the edited model is the pretrained one plus the
+delta, and a rerun skips every stage. A stage with the script's keys (output, format) is refused before anything
+runs."""
 import json
 
 import jax.numpy as jnp
@@ -15,7 +16,6 @@ from configurable_fm.models.scoring import logits
 from configurable_fm.stages import STAGES, run, stage
 from experiments import study_tiny
 from experiments.edit import rome, stage_config
-from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
 
 FACTS = [("France", " Paris", " Rome"), ("Spain", " Madrid", " Oslo")]
 
@@ -33,30 +33,28 @@ def edit_stage_config(tmp_path, tok):
     return e
 
 
-def test_study_train_edit_runs_and_reruns_skip(tmp_path):
+def test_study_train_edit_runs_and_reruns_skip(pretrained_study, tmp_path):
     assert "edit" in STAGES
-    tok = write_char_tokenizer(tmp_path / "tokenizer.json")
+    tok, pre, workdir = pretrained_study  # its pretrain stage is complete (conftest.py)
     c = study_tiny.get_config("test")
-    pre = use_char_tokenizer(c.stages[0], tok)
-    pre.eval_every = 0
     c.stages = [pre, stage_config(edit_stage_config(tmp_path, tok), "edit")]
     logs = []
-    result = run(c, tmp_path / "study", log=logs.append)
-    assert [r.status for r in result.stages] == ["ran", "ran"]
+    result = run(c, workdir, log=logs.append)
+    assert [r.status for r in result.stages] == ["skipped", "ran"]
     rec = result["edit"]
-    stage_dir = tmp_path / "study" / rec.dir
+    stage_dir = workdir / rec.dir
     assert {"model", "delta", "metrics.json", "report.md", "stage.json"} <= {p.name for p in stage_dir.iterdir()}
     assert rec.metrics["n_requests"] == 2 and "efficacy_score_after" in rec.metrics
     metrics = json.loads((stage_dir / "metrics.json").read_text())
-    assert metrics["method"] == "rome" and metrics["input"] == str(tmp_path / "study" / "stages/00_pretrain/model")
-    pretrained = load_model(result["pretrain"].model_source(tmp_path / "study"))
-    edited = load_model(rec.model_source(tmp_path / "study"))
+    assert metrics["method"] == "rome" and metrics["input"] == str(workdir / "stages/00_pretrain/model")
+    pretrained = load_model(result["pretrain"].model_source(workdir))
+    edited = load_model(rec.model_source(workdir))
     ids = jnp.asarray(np.arange(24, dtype=np.int32).reshape(2, 12) + 4)
     delta = load_delta(stage_dir / "delta")
     # one compiled forward for both models, not two eager ones (~2 s)
     np.testing.assert_allclose(logits(edited, ids), logits(apply(pretrained, delta), ids), atol=1e-5)
-    assert "Edited @pretrain with rome at layers [1]" in (tmp_path / "study" / "report.md").read_text()
-    again = run(c, tmp_path / "study", log=logs.append)
+    assert "Edited @pretrain with rome at layers [1]" in (workdir / "report.md").read_text()
+    again = run(c, workdir, log=logs.append)
     assert [r.status for r in again.stages] == ["skipped", "skipped"]
 
 

@@ -34,33 +34,28 @@ def continued(pre, steps: int, **kw):
     return grow_run_config("grown", source="@pretrain", train=train, **kw)
 
 
-def test_grow_run_stage_continues_the_run_and_resumes_after_a_kill(tmp_path, monkeypatch):
-    pre = pretrain_stage(tmp_path)
+def test_grow_run_stage_continues_the_run_and_resumes_after_a_kill(pretrained_study, monkeypatch):
+    _, pre, workdir = pretrained_study  # its pretrain stage is complete (conftest.py)
     c = study_tiny.get_config("test")
     c.stages = [pre, continued(pre, pre.steps + 4, width=WIDE, depth=dict(num_layers=3), optimizer_state="copy",
                                rewarm_steps=2)]
 
     from configurable_fm.train import trainer
 
-    real_train, calls = trainer.train, []
+    def killed(*a, **k):  # the grown run is killed before its first step
+        raise KeyboardInterrupt("killed after the growth")
 
-    def killed_second(*a, **k):  # the pretrain stage trains; the grown run is killed before its first step
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed after the growth")
-        return real_train(*a, **k)
-
-    monkeypatch.setattr(trainer, "train", killed_second)
+    monkeypatch.setattr(trainer, "train", killed)
     with pytest.raises(KeyboardInterrupt):
-        run(c, tmp_path / "study", log=lambda s: None)
-    stage_dir = tmp_path / "study" / "stages" / "01_grown"
+        run(c, workdir, log=lambda s: None)
+    stage_dir = workdir / "stages" / "01_grown"
     assert (stage_dir / "train" / "growth.json").exists()  # the growth was written; training never started
     monkeypatch.undo()
-    result = run(c, tmp_path / "study", log=lambda s: None)
+    result = run(c, workdir, log=lambda s: None)
     assert [r.status for r in result.stages] == ["skipped", "resumed"]
     rec = result["grown"]
     assert rec.metrics["growth_step"] == pre.steps and rec.metrics["steps"] == pre.steps + 4
-    model = load_model(rec.model_source(tmp_path / "study"))
+    model = load_model(rec.model_source(workdir))
     assert (model.cfg.hidden_size, model.cfg.num_layers) == (48, 3)
     assert rec.metrics["params_after"] == count_params(model)
     steps = [json.loads(line)["step"] for line in (stage_dir / "train" / "metrics.jsonl").read_text().splitlines()
@@ -68,8 +63,8 @@ def test_grow_run_stage_continues_the_run_and_resumes_after_a_kill(tmp_path, mon
     assert steps[0] <= pre.steps < steps[-1] == pre.steps + 4  # the source's records, then the grown run's
     growth = json.loads((stage_dir / "train" / "growth.json").read_text())
     assert growth["request"]["optimizer"] == "copy" and growth["request"]["rewarm_steps"] == 2
-    assert "Grew the run of @pretrain at step 4" in (tmp_path / "study" / "report.md").read_text()
-    assert [r.status for r in run(c, tmp_path / "study", log=lambda s: None).stages] == ["skipped"] * 2
+    assert "Grew the run of @pretrain at step 4" in (workdir / "report.md").read_text()
+    assert [r.status for r in run(c, workdir, log=lambda s: None).stages] == ["skipped"] * 2
 
 
 def test_masked_section_grows_exactly():
@@ -88,21 +83,21 @@ def test_masked_section_grows_exactly():
 
 
 @pytest.mark.slow
-def test_masked_growth_stage_then_the_mask_ramp(tmp_path):
+def test_masked_growth_stage_then_the_mask_ramp(pretrained_study):
     """pretrain -> grow (masked: new structure at ramp 0, exactly the source) -> train with the mask_ramp task."""
-    pre = pretrain_stage(tmp_path)
+    tok, pre, workdir = pretrained_study
     g = width.get_config()
     del g["width"]
     g.input, g.masked = "@pretrain", dict(MASKED_KEYS, hidden_size=48, num_heads=3)
     c = study_tiny.get_config("test")
-    ramp = use_char_tokenizer(c.stages[1], tmp_path / "tokenizer.json")
+    ramp = use_char_tokenizer(c.stages[1], tok)
     ramp.name, ramp.init_from, ramp.eval_every = "ramp", "@grow", 0
     ramp.task = dict(kind="mask_ramp", start=0, steps=2)
     c.stages = [pre, stage_config(g, "grow"), ramp]
-    result = run(c, tmp_path / "study", log=lambda s: None)
+    result = run(c, workdir, log=lambda s: None)
     assert result["grow"].metrics["max_logit_diff"] <= 1e-5  # ramp 0: exactly the source's function
     assert result["ramp"].metrics["steps"] == ramp.steps
-    assert load_model(result["ramp"].model_source(tmp_path / "study")).cfg.hidden_size == 48
+    assert load_model(result["ramp"].model_source(workdir)).cfg.hidden_size == 48
 
 
 @pytest.mark.parametrize("change, key", [

@@ -19,8 +19,8 @@ from configurable_fm.stages import STAGES, run
 from configurable_fm.stages.grow import grow_from_config
 from experiments import study_tiny
 from experiments.grow import depth, stage_config, to_shape, upcycle, width
-from tests.helpers import char_tokenizer, load_script, random_llama, run_script
-from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
+from tests.helpers import char_tokenizer, random_llama, run_script
+from tests.train.test_finetune import use_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig(vocab_size=104, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -56,8 +56,10 @@ def torch_logits(out):
 @pytest.mark.parametrize("config, overrides, arch", [
     ("width.py", ["--config.width.hidden_size=24", "--config.width.num_heads=3", "--config.width.intermediate_size=40",
                   "--config.width.noise=0.1"], "LlamaForCausalLM"),
-    ("width.py", ["--config.width.hidden_size=32", "--config.width.num_heads=4", "--config.width.num_kv_heads=2",
-                  "--config.width.method=hypercloning"], "LlamaForCausalLM"),
+    pytest.param("width.py", ["--config.width.hidden_size=32", "--config.width.num_heads=4",
+                              "--config.width.num_kv_heads=2", "--config.width.method=hypercloning"],
+                 "LlamaForCausalLM",  # CI time (~2.6 s): the same command and format as the case above; hypercloning
+                 marks=pytest.mark.slow),  # is exact in tests/ops/grow/test_grow_width (float64 and float32 cases)
     ("depth.py", ["--config.depth.num_layers=4"], "LlamaForCausalLM"),
     ("to_shape.py", ["--config.width.hidden_size=24", "--config.width.num_heads=3", "--config.depth.num_layers=3"],
      "LlamaForCausalLM"),
@@ -166,17 +168,15 @@ def test_to_shape_smollm2_360m_is_the_360m_shape():
         to_shape.get_config("smollm2_1b")
 
 
-def test_study_train_grow_train_runs_and_resumes(tmp_path, monkeypatch):
-    """pretrain (study_tiny:test, character tokenizer) -> grow (exact width + identity depth) -> finetune from the
-    grown model; the grow stage's metrics show exactness, and a rerun skips every stage. Before that, a grow
-    killed mid-way (after its width step) leaves no output, and the rerun skips pretrain and completes it."""
+def test_study_train_grow_train_runs_and_resumes(pretrained_study, monkeypatch):
+    """pretrain (study_tiny:test, character tokenizer; complete: conftest.py) -> grow (exact width + identity
+    depth) -> finetune from the grown model; the grow stage's metrics show exactness, and a rerun skips every
+    stage. Before that, a grow killed mid-way (after its width step) leaves no output, and the rerun skips
+    pretrain and completes it."""
     assert "grow" in STAGES
-    tok = write_char_tokenizer(tmp_path / "tokenizer.json")
+    tok, pre, workdir = pretrained_study
     c = study_tiny.get_config("test")
-    pre, ft, _ = c.stages
-    for s in (pre, ft):
-        use_char_tokenizer(s, tok)
-    pre.eval_every = 0
+    ft = use_char_tokenizer(c.stages[1], tok)
     ft.eval_every = 0
     ft.init_from = "@grow"
     g = to_shape.get_config()
@@ -191,22 +191,22 @@ def test_study_train_grow_train_runs_and_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(grow_state, "grow_depth", killed)  # the width step has run
     with pytest.raises(KeyboardInterrupt):
-        run(c, tmp_path / "study", log=logs.append)
-    grow_dir = tmp_path / "study" / "stages" / "01_grow"
+        run(c, workdir, log=logs.append)
+    grow_dir = workdir / "stages" / "01_grow"
     assert (grow_dir / "stage.pending.json").exists() and sorted(p.name for p in grow_dir.iterdir()) == [
         "stage.pending.json"]
     monkeypatch.undo()
-    result = run(c, tmp_path / "study", log=logs.append)
+    result = run(c, workdir, log=logs.append)
     assert [r.status for r in result.stages] == ["skipped", "resumed", "ran"]
     rec = result["grow"]
     assert rec.metrics["params_after"] > rec.metrics["params_before"]
     assert rec.metrics["max_logit_diff"] <= 1e-4
-    grown = load_model(rec.model_source(tmp_path / "study"))
+    grown = load_model(rec.model_source(workdir))
     assert (grown.cfg.hidden_size, grown.cfg.num_heads, grown.cfg.num_layers) == (48, 3, 3)
-    tuned = load_model(result["finetune"].model_source(tmp_path / "study"))
+    tuned = load_model(result["finetune"].model_source(workdir))
     assert tuned.cfg.hidden_size == 48 and result["finetune"].metrics["steps"] == ft.steps
-    assert "Grew @pretrain" in (tmp_path / "study" / "report.md").read_text()
-    again = run(c, tmp_path / "study", log=logs.append)
+    assert "Grew @pretrain" in (workdir / "report.md").read_text()
+    again = run(c, workdir, log=logs.append)
     assert [r.status for r in again.stages] == ["skipped"] * 3
 
 

@@ -126,6 +126,7 @@ def test_bad_configs_are_errors_naming_the_key(change, message):
         merge_from_config(cfg)
 
 
+@pytest.mark.slow  # CI time (~10 s); merge_stage: 2 tests below (slices, models entry); '@' chaining: test_study
 def test_study_merges_two_finetunes(tmp_path):
     """pretrain -> finetune_a, finetune_b (study_tiny:test settings, character tokenizer) -> merge -> evaluate:
     the merge stage's model is the hand merge of the two fine-tunes onto the pre-trained model."""
@@ -207,12 +208,15 @@ def test_method_cases_cover_the_registry():
     assert set(METHOD_CASES) == set(METHODS)
 
 
-# Kernels with top-k / sorting compile slowly on CPU (4-8 s each here): run with --runslow. ('ties' also runs in
-# test_config_route_equals_tree_merge above.)
-SLOW_METHODS = {"breadcrumbs", "breadcrumbs_ties", "dare_linear", "della", "della_linear", "sce", "ties"}
+# The config route is the same for every method (merge_from_config checks the keys and calls tree.merge with
+# them); each method's own tree.merge is tested in tests/ops/merge. CI runs one method per shape of config: a
+# base, two models and per-model weights (task_arithmetic), no base (linear), one model with a per-model
+# parameter (passthrough), one model with a list parameter (slerp). The others with --runslow: CI time (~14 s;
+# kernels with top-k / sorting compile in 4-8 s each on CPU; 'ties' also runs in test_config_route_equals_tree_merge).
+CI_METHODS = {"linear", "passthrough", "slerp", "task_arithmetic"}
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_METHODS else m
+@pytest.mark.parametrize("method", [m if m in CI_METHODS else pytest.param(m, marks=pytest.mark.slow)
                                     for m in sorted(METHOD_CASES)])
 def test_every_method_config_route_equals_tree_merge(tiny_ckpts, method):
     ckpts = tiny_ckpts

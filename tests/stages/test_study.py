@@ -18,7 +18,7 @@ from configurable_fm.interop.loader import load_model
 from configurable_fm.stages import StageConfigChanged, StageOutput, register_stage, run
 from experiments import study_tiny
 
-from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
+from tests.train.test_finetune import use_char_tokenizer
 
 MLP = ("layers.*.mlp.**",)
 
@@ -43,8 +43,8 @@ def arrays(model):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return write_char_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+def tok(pretrained):
+    return pretrained[0]  # the tokenizer of the pre-trained study (conftest.py)
 
 
 def crash_at_batch(make_data, n: int):
@@ -75,18 +75,18 @@ def crash_at_batch(make_data, n: int):
 
 
 @pytest.fixture(scope="module")
-def study(tok, tmp_path_factory):
-    """The study, killed in the fine-tuning's 4th step (after its checkpoint of step 2), then run again."""
+def study(pretrained, tok, tmp_path_factory):
+    """The study, in a copy of the pre-trained one (conftest.py: its pretrain stage is complete, the same config),
+    killed in the fine-tuning's 4th step (after its checkpoint of step 2), then run again."""
     from configurable_fm.train import data as data_lib
 
     workdir = tmp_path_factory.mktemp("study")
+    shutil.copytree(pretrained[1], workdir, dirs_exist_ok=True)
     stage_dir = workdir / "stages" / "01_finetune"
-    calls = {"n": 0}
     make_data = data_lib.make_data
 
-    def make(cfg):  # the pre-training builds its data first; the fine-tuning's is the second
-        calls["n"] += 1
-        return (crash_at_batch(make_data, 4) if calls["n"] == 2 else make_data)(cfg)
+    def make(cfg):  # only the fine-tuning builds its data: the pre-training is skipped
+        return crash_at_batch(make_data, 4)(cfg)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(data_lib, "make_data", make)

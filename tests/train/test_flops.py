@@ -78,7 +78,9 @@ def _xla_flops_per_token(cfg, batch, seq_len, *, training):
         return jnp.mean(jax.nn.logsumexp(forward(state, ids), axis=-1))
 
     fn = jax.grad(loss) if training else forward
-    cost = jax.jit(fn).lower(state, jnp.zeros((batch, seq_len), jnp.int32)).compile().cost_analysis()
+    # XLA's cost analysis of the lowered program: not compiled (~1-5 s each at -O0); the compiled program's count
+    # differs by < 0.5% (2026-12-07: forward the same to 0.15%, training +1.1% here against +1.6% compiled)
+    cost = jax.jit(fn).lower(state, jnp.zeros((batch, seq_len), jnp.int32)).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cost["flops"] / (batch * seq_len)
 
@@ -94,7 +96,7 @@ COST_CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(COST_CONFIGS))
 def test_forward_matches_xla_cost_analysis(name):
-    """XLA counts every op, so it is a little above the matmul count: within +3% (measured +1.0..+2.2%).
+    """XLA counts every op, so it is a little above the matmul count: within +3% (measured +1.0..+2.0%).
 
     The XLA attention computes the full T x T scores (no causal halving), and this repository's MoE combines all
     experts densely, so those are the settings compared.
@@ -108,7 +110,7 @@ def test_forward_matches_xla_cost_analysis(name):
 def test_training_is_three_forwards_per_xla():
     cfg = COST_CONFIGS["llama_gqa"]
     xla = _xla_flops_per_token(cfg, 2, 64, training=True)
-    assert 1.0 <= xla / flops_per_token(cfg, 64) <= 1.05  # measured +1.6%
+    assert 1.0 <= xla / flops_per_token(cfg, 64) <= 1.05  # measured +1.1%
 
 
 def test_peaks_and_mfu():

@@ -3,7 +3,8 @@ each, gloo collectives, a global mesh over both) gives the losses of a 1-process
 process 0 writes metrics and config; checkpoints and `best/` are saved by both processes, `best/` loads in one
 process, and rerunning the finished command restores its last checkpoint in both. 15 steps (checkpoints at 5, 10 and
 15, the first deleted under keep=2; evaluations at 10 and 15): a step of the 2-process run waits on gloo
-collectives (~0.3 s against ~0.015 s on one process), so each step more costs the test.
+collectives (~0.3 s against ~0.015 s on one process), so each step more costs the test. The 1-process run is
+conftest.py's tiny_run (test_train_cli checks it as the docstring's command).
 """
 from __future__ import annotations
 
@@ -16,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.train.test_train_cli import (
-    ROOT, build_tiny_dataset, checked, child_env, losses_by_step, run_train, tiny_overrides,
-    train_command)
+from tests.train.test_train_cli import ROOT, checked, child_env, losses_by_step, tiny_overrides, train_command
 
 STEPS = 15
 
@@ -59,13 +58,11 @@ def run_two_processes(command: list[str], env: dict, logs: Path,
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """(one-process workdir, two-process workdir, env, overrides) after both runs finished."""
+def runs(tmp_path_factory, tiny_chars, tiny_run):
+    """(one-process workdir, two-process workdir, env, dataset) after both runs finished."""
     base = tmp_path_factory.mktemp("multiprocess")
-    data = build_tiny_dataset(base / "dataset")
-    env = child_env()
-    one, two = base / "one", base / "two"
-    checked(run_train(train_command(one, tiny_overrides(data, steps=STEPS)), env))
+    data, env = tiny_chars, child_env()
+    one, two = tiny_run[0], base / "two"
     for proc in run_two_processes(train_command(two, tiny_overrides(data, steps=STEPS, **{"mesh.shape": "(1,-1,1)"})),
                                   env, base / "logs"):
         checked(proc)

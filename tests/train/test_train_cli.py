@@ -2,14 +2,13 @@
 naming the key and the valid keys, a bad variant fails naming the known ones.
 
 The helpers here (a tiny character-level token dataset, the child environment, running the CLI) are shared with
-test_resume_kill.py and test_multiprocess.py.
+test_resume_kill.py and test_multiprocess.py; the docstring's command is run once for the three (conftest.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shlex
 import string
 import subprocess
 import sys
@@ -101,16 +100,6 @@ def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return build_tiny_dataset(tmp_path_factory.mktemp("tiny_chars"))
-
-
-@pytest.fixture(scope="module")
-def env() -> dict:
-    return child_env()
-
-
 # --------------------------------------------------------------------------------------------------- the tests
 def docstring_commands(path: Path) -> list[str]:
     """The `python scripts/train.py ...` lines of a config file's module docstring (comments removed)."""
@@ -121,22 +110,17 @@ def docstring_commands(path: Path) -> list[str]:
             if line.strip().startswith("python scripts/train.py")]
 
 
-def test_docstring_command_runs(dataset, env, tmp_path):
-    """The tiny command of experiments/pretrain.py's docstring, made seconds long by overrides, trains and writes
-    its workdir."""
-    (command,) = [c for c in docstring_commands(PRETRAIN) if ":tiny " in c + " "]
-    args = shlex.split(command)
-    assert args[:2] == ["python", "scripts/train.py"] and "--workdir" in args, command
-    args[0] = sys.executable
-    args[args.index("--workdir") + 1] = str(tmp_path / "run")
-    proc = checked(run_train(args + tiny_overrides(dataset), env))  # 30 steps, as the other modules' runs
-    assert re.search(r"done: step 30, last loss \d+\.\d+", proc.stdout), proc.stdout
-    steps = [r["step"] for r in metric_records(tmp_path / "run")]
-    assert steps == list(range(1, 31))
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["steps"] == 30 and config["model"]["vocab_size"] == VOCAB and config["data"]["dir"] == str(dataset)
-    for name in ("run_info.json", "loss.png", "best/model_config.json", "checkpoints/30", "tensorboard"):
-        assert (tmp_path / "run" / name).exists(), name
+def test_docstring_command_runs(tiny_run, tiny_chars):
+    """The tiny command of experiments/pretrain.py's docstring, made seconds long by overrides (15 steps), trains
+    and writes its workdir (conftest.py's tiny_run, also the reference of test_resume_kill and test_multiprocess)."""
+    run, proc = tiny_run
+    assert re.search(r"done: step 15, last loss \d+\.\d+", proc.stdout), proc.stdout
+    steps = [r["step"] for r in metric_records(run)]
+    assert steps == list(range(1, 16))
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 15 and config["model"]["vocab_size"] == VOCAB and config["data"]["dir"] == str(tiny_chars)
+    for name in ("run_info.json", "loss.png", "best/model_config.json", "checkpoints/15", "tensorboard"):
+        assert (run / name).exists(), name
     assert "Finished saving checkpoint" not in proc.stdout + proc.stderr  # orbax's INFO logs stay quiet
 
 

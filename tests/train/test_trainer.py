@@ -1,6 +1,7 @@
 """The trainer on a tiny llama and a structured token stream: learning, resume, accumulation, frozen bricks,
 non-finite stop, and sharded == unsharded losses on 8 fake CPU devices."""
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,8 @@ def reference_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """5 steps without evaluation: the baseline for accumulation and sharding (same schedule length)."""
+    """5 steps without evaluation: the baseline for accumulation and sharding (same schedule length), and the run
+    that test_resume_with_a_changed_config_is_refused_unless_allowed resumes (a copy of its workdir)."""
     cfg = tiny_config(steps=5, eval_every=0)
     return train(cfg, tmp_path_factory.mktemp("short"), data=tiny_data(cfg), log=lambda s: None)
 
@@ -98,6 +100,8 @@ def test_learns_and_writes_its_workdir(reference_run):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [15, 20]
 
 
+@pytest.mark.slow  # CI time (~8 s); covered by test_non_param_variables_..._resume_bitwise in test_open_trainer.py
+# (the same crash in a step, resumed in process, losses bitwise) and test_resume_kill.py (each step logged once)
 def test_resume_after_crash_reproduces_losses_bitwise(reference_run, tmp_path):
     cfg, _, ref = reference_run
     with pytest.raises(KeyboardInterrupt):
@@ -118,6 +122,8 @@ def test_gradient_accumulation_matches_full_batch(short_run, tmp_path):
         assert acc.losses[step] == pytest.approx(short_run.losses[step], rel=1e-5, abs=1e-6), step
 
 
+@pytest.mark.slow  # CI time (~2 s); covered by test_mlp_finetune_changes_only_mlp_bricks_... in test_finetune.py (a
+# trainable glob: exactly its kernels change) and test_bad_options_... in test_open_trainer.py (the glob's error)
 def test_only_selected_bricks_train(tmp_path):
     cfg = tiny_config(steps=3, eval_every=0, trainable=("layers.1.mlp.**",))
     from configurable_fm.models.factory import build_model
@@ -159,8 +165,10 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_not_checkpointed(tmp_path):
     assert not (tmp_path / "checkpoints" / "3").exists()
 
 
-# (1, 8, 1) is slow (18 s on 2 cores): (2, 2, 2) shards the same axis with the other two
-@pytest.mark.parametrize("shape", [pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2), (8, 1, 1)])
+# (1, 8, 1) and (2, 2, 2) are slow (18 and 9 s on 2 cores): in CI (8, 1, 1) shards the batch, and the run of
+# test_checkpoint_written_on_8_devices_resumes_on_fewer FSDP 4 x tensor 2 (its losses against short_run's)
+@pytest.mark.parametrize("shape", [pytest.param((1, 8, 1), marks=pytest.mark.slow),
+                                   pytest.param((2, 2, 2), marks=pytest.mark.slow), (8, 1, 1)])
 def test_sharded_losses_match_unsharded(short_run, tmp_path, shape):
     assert jax.device_count() == 8
     cfg = tiny_config(steps=5, eval_every=0, **{"mesh.shape": shape})
@@ -169,9 +177,8 @@ def test_sharded_losses_match_unsharded(short_run, tmp_path, shape):
         assert abs(sharded.losses[step] - short_run.losses[step]) <= 1e-5, (shape, step)
 
 
-def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
-    cfg = tiny_config(steps=5, eval_every=0)
-    train(cfg, tmp_path, data=tiny_data(cfg), log=lambda s: None)
+def test_resume_with_a_changed_config_is_refused_unless_allowed(short_run, tmp_path):
+    shutil.copytree(short_run.workdir, tmp_path, dirs_exist_ok=True)  # finished at 5: cfg = tiny_config(steps=5, ...)
     longer = tiny_config(steps=8, eval_every=0)
     longer.optimizer.lr = 5e-3
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -193,14 +200,19 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed(tmp_path):
 
 @pytest.mark.parametrize("resume_shape", [pytest.param((1, 1, 1), marks=pytest.mark.slow), (1, 4, 1)])
 def test_checkpoint_written_on_8_devices_resumes_on_fewer(short_run, tmp_path, resume_shape):
-    """A run sharded over 8 devices (FSDP 4 x tensor 2) is checkpointed at step 2 and crashes in step 4; it resumes
-    on one device or on 4 (orbax reshards every array to the new mesh: `restore_checkpoint` restores with the new
-    run's shardings), with `mesh` allowed to change, and continues with the losses of an unsharded run."""
+    """A run sharded over 8 devices (FSDP 4 x tensor 2) logs the losses of an unsharded run, is checkpointed at
+    step 2 and crashes in step 4; it resumes on one device or on 4 (orbax reshards every array to the new mesh:
+    `restore_checkpoint` restores with the new run's shardings), with `mesh` allowed to change, and continues with
+    the losses of an unsharded run."""
     assert jax.device_count() == 8
     cfg = tiny_config(steps=5, eval_every=0, checkpoint_every=2, **{"mesh.shape": (1, 4, 2)})
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path, data=tiny_data(cfg, fail_at=4), log=lambda s: None)
     assert (tmp_path / "checkpoints" / "2").exists()
+    sharded = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sharded] == [1, 2, 3]  # logged before the crash
+    for r in sharded:
+        assert abs(r["loss"] - short_run.losses[r["step"]]) <= 1e-5, r
     fewer = tiny_config(steps=5, eval_every=0, checkpoint_every=2, **{"mesh.shape": resume_shape})
     with pytest.raises(ValueError, match=r"mesh.shape"):  # a changed mesh is a config change like any other
         train(fewer, tmp_path, data=tiny_data(fewer), log=lambda s: None)

@@ -70,6 +70,20 @@ def tie_order_only(y, want, base, xs, dt) -> bool:
 # bfloat16 but in float32 for float16 inputs on the CPU; arcee_fusion's bfloat16 threshold) or many rounding steps,
 # on the same cases. The rest is marked slow (compilation dominates: one kernel per case and shape).
 BFLOAT16_IN_CI = ("ties", "dare_ties", "arcee_fusion", "nuslerp")
+# Of those, cases that take another CI case's path with other shapes or values are slow too (CI time, ~0.5 s
+# each): ties' 3-model neg_weights (per_model), model_stock's 2-model and 1-D filter-wise ones (four_models, n3_3d,
+# rows_singular_and_zero), multislerp's three models without a base (base_three_3d, nobase_two_3d), slerp's
+# 3-D random and t = 1 (random_2d_t0.5, random_1d_t0.0), the breadcrumbs' 64-entry default gamma (basic, ties16),
+# nuslerp's 3-D rows and columns (the 2-D ones), arcee_fusion's second 2-D shape (16x8), ram's 2 of 1, 2, 3
+# models, nearswap's 3-D t = 0.01 (2-D t = 0.05).
+REPEATS = {"ties": {"neg_weights"}, "model_stock": {"n2_1d_filter_wise", "n2_3d", "n3_1d_filter_wise"},
+           "multislerp": {"nobase_three_3d"}, "slerp": {"random_3d_t0.3", "random_1d_t1.0"},
+           "breadcrumbs": {"norm64_default_gamma"}, "breadcrumbs_ties": {"norm64_default_gamma"},
+           "nuslerp": {"base_3d_flat0_row0", "nobase_3d_flat0_row1"}, "arcee_fusion": {"6x32_scale0.5"},
+           "ram": {"n2_1d"}, "ramplus_tl": {"n2_1d"}, "nearswap": {"3d_t0.01"}}
+# In bfloat16 also those whose float16 case checks the same steps: nuslerp's 1-D rows and t = 0 (its rows, columns
+# and flattened vectors stay), ties' 2x8 tie order, arcee_fusion's 3-D rows (the 1- and 2-D ones stay).
+BFLOAT16_REPEATS = {"nuslerp": {"base_1d_flat0_row0", "t0"}, "ties": {"ties2x8"}, "arcee_fusion": {"2x4x16_scale0.5"}}
 
 
 def _cases():
@@ -77,8 +91,10 @@ def _cases():
     for dt in DTYPES:
         for f in sorted((GOLDEN / dt).glob("*.json")):
             meta = json.loads(f.read_text())
+            bf16 = dt == "bfloat16"
+            repeats = REPEATS.get(f.stem, set()) | (BFLOAT16_REPEATS.get(f.stem, set()) if bf16 else set())
             for i, case in enumerate(meta["cases"]):
-                slow = (dt == "bfloat16" and f.stem not in BFLOAT16_IN_CI) or i % 3 != 0
+                slow = (bf16 and f.stem not in BFLOAT16_IN_CI) or i % 3 != 0 or case in repeats
                 out.append(pytest.param(dt, f.stem, case, marks=[pytest.mark.slow] if slow else []))
     return out
 
@@ -190,8 +206,14 @@ def _yaml_file(case, dirs, tmp_path):
 _written = read_tensors
 
 
-@pytest.mark.parametrize("case", [c if c != "bio_merge_f16" else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in sorted(YAML_META["cases"])])  # bio_merge_f16 also runs in the next test
+# Slow (CI time, ~5 s each): bio_merge_f16 runs in the next test; gradient_slerp_f16 is test_slices' slerp_classic
+# (streamed in CI) in float16, slerp's float16 kernel checked by test_matches_mergekit_in_reduced_precision;
+# breadcrumbs_ties_f16 streams as ties_gradients_f16 does, its float16 kernel checked there too.
+YAML_SLOW = {"bio_merge_f16", "gradient_slerp_f16", "breadcrumbs_ties_f16"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in YAML_SLOW else c
+                                  for c in sorted(YAML_META["cases"])])
 def test_yaml_merge_in_mergekit_mode_equals_mergekit(case, yaml_golden, yaml_inputs, tmp_path):
     """mergekit's shipped configs in float16/bfloat16, run whole (streamed): the same weights bit for bit, written
     in the dtypes mergekit writes (float32 for arcee_fusion without out_dtype)."""

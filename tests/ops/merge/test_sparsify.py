@@ -209,6 +209,8 @@ def test_errors():
         sp.sparsify(jnp.ones(3), 0.5, "random", mask=np.ones(2, bool))
 
 
+@pytest.mark.slow  # CI time (~3 s); covered by test_traced_windows_match_reference (traced densities) and
+# test_task_vectors' test_jit_with_traced_parameters_matches_eager (della's and DARE's sparsifiers under jit)
 def test_jit_with_traced_density():
     delta = jnp.asarray(np.random.default_rng(3).standard_normal((6, 7)).astype(np.float32))
     for method in ("magnitude", "magnitude_outliers"):
@@ -240,8 +242,9 @@ def tied_values(rng, shape, kind):
     return x
 
 
-# 300 and 4096: one block; (70, 130) = 9100: two full 4096-blocks and a short last one
-@pytest.mark.parametrize("shape", [(300,), (4096,), (70, 130)])
+# 300 and 4096: one block; (70, 130) = 9100: two full 4096-blocks and a short last one. 4096 is slow (CI time,
+# ~3 s): covered by the full blocks of (70, 130) and the single block of 300
+@pytest.mark.parametrize("shape", [(300,), pytest.param((4096,), marks=pytest.mark.slow), (70, 130)])
 def test_window_kernels_match_stable_argsort(shape):
     rng = np.random.default_rng(sum(shape))
     n = int(np.prod(shape))
@@ -265,8 +268,8 @@ def test_window_kernels_match_stable_argsort(shape):
 # n > 2^16: the GPU kernel's bracket comes from a sample. Three rows (float32 normals: wide brackets, many
 # rounds; bf16 ties; small integers), vmapped (a batched while loop), a window per row; sigmas -1 puts every
 # bracket off its rank, so each selection starts from the whole key range; splits: thresholds per round (the
-# package's 7, and a bisection).
-@pytest.mark.parametrize("sigmas,splits", [(6.0, 7), (-1.0, 7), (6.0, 1)])
+# package's 7, and a bisection: slow, CI time ~3 s, the narrowing loop of (6.0, 7) with other constants).
+@pytest.mark.parametrize("sigmas,splits", [(6.0, 7), (-1.0, 7), pytest.param(6.0, 1, marks=pytest.mark.slow)])
 def test_gpu_window_from_sampled_brackets_matches_stable_argsort(monkeypatch, sigmas, splits):
     monkeypatch.setattr(sp, "_BRACKET_SIGMAS", sigmas)
     monkeypatch.setattr(sp, "_SPLITS", splits)
