@@ -1,19 +1,16 @@
 """linear, slerp, nuslerp, multislerp, karcher, model_stock: hand-computed values, invariants, mergekit goldens, jit."""
 import functools
-import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from configurable_fm.ops.merge import geometric as g
 from configurable_fm.ops.merge.registry import METHODS, REQUIRED
+from tests.ops.merge.goldens import golden_cases, kernel_and_golden
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 OURS = ["linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock"]
 f32 = functools.partial(np.asarray, dtype=np.float32)
 
@@ -270,11 +267,6 @@ def test_registered_contracts():
 
 
 # ------------------------------------------------------------------------------------------------------ goldens
-@functools.lru_cache(maxsize=None)
-def golden(method):
-    return json.loads((GOLDEN / f"{method}.json").read_text()), load_file(str(GOLDEN / f"{method}.safetensors"))
-
-
 # Cases whose setting runs in CI on another shape: slow (CI time, the eager kernels compile per shape). linear
 # (elementwise), slerp, multislerp, karcher and model_stock without filter_wise flatten the tensor; nuslerp's rows
 # and columns (flatten off) keep their 1-, 2- and 3-D cases with a base, its flattened ones one shape each;
@@ -292,27 +284,10 @@ SHAPE_REPEATS = {
 }
 
 
-def _golden_cases():
-    out = []
-    for method in OURS:
-        cases = json.loads((GOLDEN / f"{method}.json").read_text())["cases"]
-        assert len(cases) >= 10 and SHAPE_REPEATS.get(method, set()) <= set(cases), method
-        out += [pytest.param(method, case, marks=[pytest.mark.slow] if case in SHAPE_REPEATS.get(method, ()) else [])
-                for case in cases]
-    return out
-
-
-@pytest.mark.parametrize("method, case", _golden_cases())
+@pytest.mark.parametrize("method, case", golden_cases(OURS, SHAPE_REPEATS, 10))
 def test_golden_mergekit(method, case):
     """Each case of the method vs mergekit 0.1.5 (scripts/mergekit_goldens.py), max |diff| <= 1e-5 in float32."""
-    meta, arrays = golden(method)
-    m = METHODS[method]
-    info = meta["cases"][case]
-    params = {k: (f32(v) if k in m.per_model and v is not None else v) for k, v in info["params"].items()}
-    base = arrays[f"{case}/base"] if info["base"] else None
-    assert base is None or m.base != "ignored", case
-    y = np.asarray(m.kernel(base, arrays[f"{case}/xs"], key=None, **params))
-    want = arrays[f"{case}/y"]
+    y, want = kernel_and_golden(method, case)
     assert y.shape == want.shape and y.dtype == np.float32, case
     assert np.max(np.abs(y - want), initial=0.0) <= 1e-5, (case, np.max(np.abs(y - want)))
 

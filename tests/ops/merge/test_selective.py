@@ -1,18 +1,15 @@
 """nearswap, arcee_fusion, ram, ramplus_tl, passthrough: hand-computed values, invariants, mergekit goldens, jit."""
 import functools
-import json
-import pathlib
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from configurable_fm.ops.merge import selective as s
 from configurable_fm.ops.merge.keys import tensor_key
 from configurable_fm.ops.merge.registry import METHODS, REQUIRED
+from tests.ops.merge.goldens import golden_cases, kernel_and_golden
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 OURS = ["nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough"]
 f32 = functools.partial(np.asarray, dtype=np.float32)
 
@@ -171,11 +168,6 @@ def test_registered_contracts():
 
 
 # ------------------------------------------------------------------------------------------------------ goldens
-@functools.lru_cache(maxsize=None)
-def golden(method):
-    return json.loads((GOLDEN / f"{method}.json").read_text()), load_file(str(GOLDEN / f"{method}.safetensors"))
-
-
 # Cases whose setting runs in CI on another shape: slow (CI time, the eager kernels compile per shape). nearswap
 # and passthrough are elementwise, ram and ramplus_tl flatten the task vectors (their 2-D cases stay);
 # arcee_fusion's importance is per row: its 1-, 2- (16x8) and 3-D shapes stay.
@@ -188,27 +180,11 @@ SHAPE_REPEATS = {
 }
 
 
-def _golden_cases():
-    out = []
-    for method in OURS:
-        cases = json.loads((GOLDEN / f"{method}.json").read_text())["cases"]
-        assert len(cases) >= 5 and SHAPE_REPEATS.get(method, set()) <= set(cases), method
-        out += [pytest.param(method, case, marks=[pytest.mark.slow] if case in SHAPE_REPEATS.get(method, ()) else [])
-                for case in cases]
-    return out
-
-
-@pytest.mark.parametrize("method, case", _golden_cases())
+@pytest.mark.parametrize("method, case", golden_cases(OURS, SHAPE_REPEATS, 5))
 def test_golden_mergekit(method, case):
     """Each case of the method vs mergekit 0.1.5, max |diff| <= 1e-5. The arcee_fusion inputs were drawn so that
     no importance score lies within a relative 1e-3 of the threshold (see scripts/mergekit_goldens.py)."""
-    meta, arrays = golden(method)
-    m = METHODS[method]
-    info = meta["cases"][case]
-    params = {k: (f32(v) if k in m.per_model and v is not None else v) for k, v in info["params"].items()}
-    base = arrays[f"{case}/base"] if info["base"] else None
-    y = np.asarray(m.kernel(base, arrays[f"{case}/xs"], key=None, **params))
-    want = arrays[f"{case}/y"]
+    y, want = kernel_and_golden(method, case)
     assert y.shape == want.shape and y.dtype == np.float32, case
     assert np.max(np.abs(y - want), initial=0.0) <= 1e-5, (case, np.max(np.abs(y - want)))
 
