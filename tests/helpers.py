@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from configurable_fm.bricks.paths import flat_state, with_params
@@ -59,6 +60,15 @@ def char_tokenizer(specials=("<pad>", "<eos>", "<bos>", "<unk>"), *, special=Non
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def marked_slow(cases, slow):
+    """parametrize values: `cases` in order, those in `slow` marked slow (skipped unless --runslow). A tuple case
+    holds the values of several argnames, as in pytest.mark.parametrize."""
+    def slow_param(c):
+        return pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=pytest.mark.slow)
+
+    return [slow_param(c) if c in slow else c for c in cases]
 
 
 def load_script(name: str):

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configurable_fm import sharding as sh
 from configurable_fm.bricks.paths import flat_state, with_params
 from configurable_fm.models.llama import Llama, LlamaConfig
+from tests.helpers import marked_slow
 
 TOL = 1e-5
 MESHES = [(2, 2, 2), (1, 8, 1), (1, 1, 8), (8, 1, 1)]
@@ -88,8 +89,7 @@ def _reference(name):
 SLOW_CASES = {("llama-moe", (1, 8, 1)), ("llama-moe", (8, 1, 1)), ("gpt2", (1, 1, 8)), ("bert", (1, 1, 8))}
 
 
-@pytest.mark.parametrize("name, shape", [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW_CASES else c
-                                         for c in CASES], ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in CASES])
+@pytest.mark.parametrize("name, shape", marked_slow(CASES, SLOW_CASES), ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in CASES])
 def test_sharded_forward_equals_unsharded(models, name, shape):
     mesh = sh.make_mesh(shape)
     sharded = sh.shard_model(models[name], mesh)

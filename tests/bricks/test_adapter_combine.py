@@ -33,6 +33,7 @@ from configurable_fm.bricks.adapters.modules import AdapterError  # noqa: E402
 from configurable_fm.bricks.paths import flat_params  # noqa: E402
 from configurable_fm.interop.peft import from_peft, linear_modules, to_peft  # noqa: E402
 from configurable_fm.ops.merge import merge_deltas  # noqa: E402
+from tests.helpers import marked_slow  # noqa: E402
 from tests.interop import test_peft  # noqa: E402
 from tests.interop.test_peft import hf_logits, ours  # noqa: E402
 
@@ -151,7 +152,7 @@ CASES = {  # id -> (family, adapter names, combination, options)
 SLOW_CASES = ("llama-ties-frequency", "llama-cat-ranks-4-2", "llama-svd-ranks-4-2", "llama-magnitude_prune_svd")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c for c in CASES])
+@pytest.mark.parametrize("case", marked_slow(CASES, SLOW_CASES))
 def test_combine_matches_peft(case, bases, pairs):
     family, names, combination, options = CASES[case]
     hf, base = bases[family]

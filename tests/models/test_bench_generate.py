@@ -3,16 +3,9 @@ import json
 import sys
 from pathlib import Path
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def script(name: str):
-    """scripts/<name>.py as a module (its main runs here: no interpreter to start and import jax in)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_bench_generate_tiny(tmp_path, monkeypatch, capsys):
@@ -23,7 +16,7 @@ def test_bench_generate_tiny(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_generate.py", "--shape", "tiny", "--batch", "2", "--prompt", "8", "--new",
                                       "4", "--repeats", "1", "--attention", "xla", "--profile", str(tmp_path / "prof"),
                                       "--sampling", "sample", "--stream", "0,2", "--out", str(out)])
-    script("bench_generate").main()
+    load_script("bench_generate").main()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert capsys.readouterr().out.splitlines() == [json.dumps(row) for row in rows]
     bench, streamed, prof = rows
@@ -43,7 +36,7 @@ def test_bench_sampling_small_vocab(tmp_path):
     """scripts/bench_sampling.py: every setting, and the top-k one at each --groups size (0: one top_k),
     against its whole-row sort (same draws, checked by the script)."""
     out = tmp_path / "s.jsonl"
-    assert script("bench_sampling").main(["--vocab", "300", "--batch", "3", "--rounds", "1", "--calls", "1",
+    assert load_script("bench_sampling").main(["--vocab", "300", "--batch", "3", "--rounds", "1", "--calls", "1",
                                           "--groups", "0,4", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["batch"] for r in rows] == [3] * 9
@@ -57,7 +50,7 @@ def test_bench_sampling_small_vocab(tmp_path):
 
 
 def test_one_token_items():
-    bench = script("bench_generate")
+    bench = load_script("bench_generate")
     from configurable_fm.models.one_token import OneTokenMatmuls
     assert bench.one_token_option("0") is False and bench.one_token_option("1") is True
     options = bench.one_token_option("min_elements=4096/out=32")

@@ -15,7 +15,7 @@ from configurable_fm.ops.merge import tree
 from configurable_fm.stages.merge import merge_config, merge_from_config
 from configurable_fm.stages import run, stage
 from experiments import study_tiny
-from tests.helpers import load_script, random_llama
+from tests.helpers import load_script, marked_slow, random_llama
 from tests.train.test_finetune import use_char_tokenizer, write_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -216,8 +216,7 @@ def test_method_cases_cover_the_registry():
 CI_METHODS = {"linear", "passthrough", "slerp", "task_arithmetic"}
 
 
-@pytest.mark.parametrize("method", [m if m in CI_METHODS else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sorted(METHOD_CASES)])
+@pytest.mark.parametrize("method", marked_slow(sorted(METHOD_CASES), set(METHOD_CASES) - CI_METHODS))
 def test_every_method_config_route_equals_tree_merge(tiny_ckpts, method):
     ckpts = tiny_ckpts
     with_base, names, parameters, per_model = METHOD_CASES[method]

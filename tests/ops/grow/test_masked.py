@@ -14,6 +14,7 @@ from configurable_fm.models.layers import Linear, RMSNorm
 from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import variables_of
 from configurable_fm.ops.grow import GrowthError, grow_masked, mask_ramps, unmask, with_ramp
+from tests.helpers import marked_slow
 from tests.ops.grow.grow_helpers import assert_unchanged, grads, logits, max_diff, random_model, snapshot
 
 IDS = np.random.RandomState(0).randint(0, 37, (2, 9))
@@ -68,11 +69,7 @@ def grown(sources):
 COVERED = {"hidden-tied"}
 
 
-def ci_cases(names):
-    return [pytest.param(n, marks=pytest.mark.slow) if n in COVERED else n for n in names]
-
-
-@pytest.mark.parametrize("name", ci_cases(sorted(CASES)))
+@pytest.mark.parametrize("name", marked_slow(sorted(CASES), COVERED))
 def test_ramp_zero_is_the_source_function_with_fresh_new_weights(name, grown, reference):
     source, model, before = grown[name]
     source_name, targets = CASES[name]
@@ -119,8 +116,8 @@ def test_masks_sit_where_the_structure_is_new(grown):
     assert kinds == {"masked_linear", "masked_rms_norm"} and len(extension_specs(model)) == 3 * 4 + 1
 
 
-@pytest.mark.parametrize("name", ci_cases(["ffn", "heads-in-old-groups", "hidden-tied", "depth-positions",
-                                             "everything"]))
+@pytest.mark.parametrize("name", marked_slow(["ffn", "heads-in-old-groups", "hidden-tied", "depth-positions",
+                                                 "everything"], COVERED))
 def test_unmask_at_ramp_one_is_a_plain_model_with_the_same_logits(name, grown):
     _, model, _ = grown[name]
     on = with_ramp(model, 1.0)

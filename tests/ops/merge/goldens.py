@@ -5,10 +5,10 @@ import json
 import pathlib
 
 import numpy as np
-import pytest
 from safetensors.numpy import load_file
 
 from configurable_fm.ops.merge.registry import METHODS
+from tests.helpers import marked_slow
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 
@@ -27,7 +27,7 @@ def golden_cases(methods, slow_cases, min_cases):
         cases = golden(method)[0]["cases"]
         slow = slow_cases.get(method, set())
         assert len(cases) >= min_cases and slow <= set(cases), (method, sorted(slow - set(cases)))
-        out += [pytest.param(method, case, marks=[pytest.mark.slow] if case in slow else []) for case in cases]
+        out += marked_slow([(method, case) for case in cases], {(method, case) for case in slow})
     return out
 
 

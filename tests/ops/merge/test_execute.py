@@ -18,6 +18,7 @@ from configurable_fm.ops.merge import params as P
 from configurable_fm.ops.merge import tree
 from configurable_fm.ops.merge.keys import tensor_key
 from configurable_fm.ops.merge.registry import METHODS, get_method
+from tests.helpers import marked_slow
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 NAMES = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
@@ -79,8 +80,7 @@ def _eager(method, base, inputs, kw, key, out_dtype):
 
 
 # dare_linear is slow (CI time, ~1.5 s): dare_ties' random masks and rescale, then task_arithmetic's weighted sum
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m == "dare_linear" else m
-                                    for m in sorted(SETTINGS)])
+@pytest.mark.parametrize("method", marked_slow(sorted(SETTINGS), {"dare_linear"}))
 def test_same_as_eager_kernel_and_tree_merge(method):
     m = get_method(method)
     base, models = _inputs(_n_models(m))

@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from configurable_fm.ops.merge import execute as X
 from configurable_fm.ops.merge.precision import Arithmetic, compute_dtype_name, round_to
 from configurable_fm.ops.merge.registry import get_method
-from tests.helpers import golden_hf_inputs, golden_yaml, read_tensors
+from tests.helpers import golden_hf_inputs, golden_yaml, marked_slow, read_tensors
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -212,8 +212,7 @@ _written = read_tensors
 YAML_SLOW = {"bio_merge_f16", "gradient_slerp_f16", "breadcrumbs_ties_f16"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in YAML_SLOW else c
-                                  for c in sorted(YAML_META["cases"])])
+@pytest.mark.parametrize("case", marked_slow(sorted(YAML_META["cases"]), YAML_SLOW))
 def test_yaml_merge_in_mergekit_mode_equals_mergekit(case, yaml_golden, yaml_inputs, tmp_path):
     """mergekit's shipped configs in float16/bfloat16, run whole (streamed): the same weights bit for bit, written
     in the dtypes mergekit writes (float32 for arcee_fusion without out_dtype)."""

@@ -16,7 +16,7 @@ from configurable_fm.ops.merge import slices as S
 from configurable_fm.ops.merge import stream, tree
 from configurable_fm.ops.merge.mergekit_yaml import MergekitYamlError, load_mergekit_yaml, parse_mergekit_yaml
 from configurable_fm.ops.merge.params import ParameterError
-from tests.helpers import golden_hf_inputs, golden_yaml, load_script, read_tensors
+from tests.helpers import golden_hf_inputs, golden_yaml, load_script, marked_slow, read_tensors
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 META = json.loads((GOLDEN / "slices.json").read_text())
@@ -49,13 +49,11 @@ def _assert_golden(got, golden, case):
         assert diff <= ATOL, f"{case}: {k} differs from mergekit by {diff}"
 
 
-def _cases(slow):
-    """Every golden case, `slow` marked slow: the slerp cases compile a kernel per t and shape (~2-4 s in CI each);
-    one of them runs streamed, the other in memory (the slices' plan, S.plan_tensors, is the same on both routes)."""
-    return [pytest.param(c, marks=pytest.mark.slow) if c == slow else c for c in sorted(META["cases"])]
+# Slow: the slerp cases compile a kernel per t and shape (~2-4 s in CI each); one of them runs streamed, the other
+# in memory (the slices' plan, S.plan_tensors, is the same on both routes).
 
 
-@pytest.mark.parametrize("case", _cases(slow="slerp_two_slices"))  # in memory below
+@pytest.mark.parametrize("case", marked_slow(sorted(META["cases"]), {"slerp_two_slices"}))  # in memory below
 def test_streamed_slices_equal_mergekit(case, golden, hf_inputs, tmp_path):
     plan = load_mergekit_yaml(_yaml(case, hf_inputs, tmp_path))
     assert plan.slices is not None
@@ -66,7 +64,7 @@ def test_streamed_slices_equal_mergekit(case, golden, hf_inputs, tmp_path):
     assert (out / INDEX_FILE).exists()  # several shards of <= 4 KB
 
 
-@pytest.mark.parametrize("case", _cases(slow="slerp_classic"))  # streamed above
+@pytest.mark.parametrize("case", marked_slow(sorted(META["cases"]), {"slerp_classic"}))  # streamed above
 def test_in_memory_merge_slices_on_hf_names_equals_mergekit(case, golden, hf_inputs, tmp_path):
     plan = load_mergekit_yaml(_yaml(case, hf_inputs, tmp_path))
     flats = {name: {k[len(f"inputs/{key}/"):]: v for k, v in golden.items() if k.startswith(f"inputs/{key}/")}

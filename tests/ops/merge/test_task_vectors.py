@@ -1,14 +1,11 @@
 """Task-vector merges (task arithmetic, TIES, DARE, Breadcrumbs, DELLA, SCE): hand-computed expectations on
 2 models x 5 entries, invariants, goldens from mergekit 0.1.5 (scripts/mergekit_goldens.py), jit, errors."""
 import functools
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from configurable_fm.ops.merge import (
     METHODS,
@@ -25,8 +22,8 @@ from configurable_fm.ops.merge import (
     tensor_key,
     ties,
 )
+from tests.ops.merge.goldens import golden, golden_cases
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[2] / "golden" / "mergekit_0.1.5"
 NAMES = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
          "della_linear", "sce"]
 RANDOM = {"dare_linear", "dare_ties", "della", "della_linear"}
@@ -244,21 +241,10 @@ REPEATS = {"ties": {"neg_weights", "norm64", "ties2x8"}, "breadcrumbs": {"norm64
            "dare_ties": {"norm64"}}
 
 
-def _golden_cases():
-    out = []
-    for name in NAMES:
-        cases = json.loads((GOLDEN / f"{name}.json").read_text())["cases"]
-        assert REPEATS.get(name, set()) <= set(cases), name
-        out += [pytest.param(name, case, marks=[pytest.mark.slow] if case in REPEATS.get(name, ()) else [])
-                for case in cases]
-    return out
-
-
-@functools.lru_cache(maxsize=None)
 def _golden(name):
-    meta = json.loads((GOLDEN / f"{name}.json").read_text())
+    meta, arrays = golden(name)
     assert meta["mergekit"] == "0.1.5"
-    return meta["cases"], load_file(str(GOLDEN / f"{name}.safetensors"))
+    return meta["cases"], arrays
 
 
 def _kernel_params(info):
@@ -270,7 +256,7 @@ def _kernel_params(info):
     return p
 
 
-@pytest.mark.parametrize("name, case", _golden_cases())
+@pytest.mark.parametrize("name, case", golden_cases(NAMES, REPEATS, 1))
 def test_matches_mergekit(name, case):
     cases, t = _golden(name)
     p = _kernel_params(cases[case])
