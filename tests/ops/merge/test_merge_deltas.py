@@ -4,16 +4,12 @@ import numpy as np
 import pytest
 
 from configurable_fm.bricks import Delta, Dense, LowRank, deltas, flat_params
-from configurable_fm.models.factory import build_model
 from configurable_fm.ops.merge import TASK_VECTOR_METHODS, MergeInputError, ParameterError, get_method, merge_deltas
 from configurable_fm.ops.merge import tree
-from tests.ops.merge.test_tree import SPEC, TOKENS
+from tests.ops.merge import test_tree
+from tests.ops.merge.test_tree import TOKENS
 
-
-@pytest.fixture(scope="module")
-def models():
-    """test_tree's three random llamas (its fixture's code: an imported fixture trips pyflakes)."""
-    return [build_model(SPEC, seed=s) for s in range(3)]
+models = test_tree.models  # its fixture: the same three random llamas
 
 
 @pytest.fixture(scope="module")
