@@ -142,17 +142,26 @@ def make_checkpoints(root: Path, size: str) -> dict[str, Path]:
     return out
 
 
+SLERP_T = "[0.0, 0.5, 0.3, 0.7, 1.0]"  # the depth gradient of mergekit's README slerp example (one t per layer)
+
+
+def merged_models(method: str) -> tuple[str, ...]:
+    """The non-base models a method merges: slerp interpolates the base towards one fine-tune, the others take all."""
+    return MODELS[1:2] if method == "slerp" else MODELS[1:]
+
+
 def write_yaml(path: Path, method: str, ckpt: dict[str, Path], dtype: str) -> Path:
     lines = [f"merge_method: {method}"]
     if method != "linear":
         lines.append(f"base_model: {ckpt['base']}")
     lines.append("models:")
-    for model, w in zip(MODELS[1:], WEIGHTS):
-        lines.append(f"  - model: {ckpt[model]}")
-        lines.append("    parameters:")
-        lines.append(f"      weight: {w}")
-        if method == "ties":
-            lines.append("      density: 0.5")
+    if method == "slerp":  # mergekit lists the base among the models; t follows a depth gradient
+        lines += [f"  - model: {ckpt['base']}", f"  - model: {ckpt[MODELS[1]]}", "parameters:", f"  t: {SLERP_T}"]
+    else:
+        for model, w in zip(MODELS[1:], WEIGHTS):
+            lines += [f"  - model: {ckpt[model]}", "    parameters:", f"      weight: {w}"]
+            if method == "ties":
+                lines.append("      density: 0.5")
     if method == "ties":
         lines += ["parameters:", "  normalize: true"]
     if dtype != "none":
@@ -162,7 +171,7 @@ def write_yaml(path: Path, method: str, ckpt: dict[str, Path], dtype: str) -> Pa
 
 
 def input_files(ckpt: dict[str, Path], method: str) -> list[Path]:
-    models = MODELS[1:] if method == "linear" else MODELS
+    models = merged_models(method) if method == "linear" else (MODELS[0], *merged_models(method))  # + base
     return [f for m in models for f in sorted(ckpt[m].glob("*.safetensors"))]
 
 
@@ -454,7 +463,7 @@ def bench_kernels(args) -> list[dict]:
     import jax.numpy as jnp
 
     from configurable_fm.ops.merge import params as P
-    from configurable_fm.ops.merge.execute import KernelCache, merge_stacked
+    from configurable_fm.ops.merge.execute import KernelCache, merge_stacked, traced_parameters
     from configurable_fm.ops.merge.mergekit_yaml import load_mergekit_yaml
     from configurable_fm.ops.merge.precision import resolve
     from configurable_fm.ops.merge.registry import get_method
@@ -469,6 +478,7 @@ def bench_kernels(args) -> list[dict]:
     for method in args.methods.split(","):
         plan = load_mergekit_yaml(Path(args.workdir) / f"{args.size}_{method}.yml")
         m = get_method(method)
+        merged = merged_models(method)
         cache = KernelCache()
         depth = P.num_layers_of(names)
         load = None if plan.dtype is None else np.dtype(jnp.dtype(plan.dtype))
@@ -480,7 +490,7 @@ def bench_kernels(args) -> list[dict]:
                                       model_names=plan.model_names, num_layers=depth)
             fn = cache.get(m, kw, load, out_dtype, compute)
             b = None if plan.base is None else tensors["base"][j]
-            calls.append((fn, b, tuple(tensors[x][j] for x in MODELS[1:])))
+            calls.append((fn, b, tuple(tensors[x][j] for x in merged)))
         jax.block_until_ready([fn(b, xs, None) for fn, b, xs in calls])  # compile
         times = []
         for _ in range(args.kernel_iters):
@@ -488,7 +498,7 @@ def bench_kernels(args) -> list[dict]:
             jax.block_until_ready([fn(b, xs, None) for fn, b, xs in calls])
             times.append(time.perf_counter() - t0)
         t = min(times)
-        n_in = len(MODELS) - 1 + (plan.base is not None)
+        n_in = len(merged) + (plan.base is not None)
         moved = sum((n_in * 2 + out_dtype.itemsize) * int(np.prod(s)) for _, s in specs)
         row = {"kind": "kernel", "method": method, "compute_dtype": compute or "float32", "device": dev.device_kind,
                "seconds": t, "bytes_moved": moved,
@@ -496,21 +506,22 @@ def bench_kernels(args) -> list[dict]:
                "fraction_of_bound": None if bound is None else moved / t / bound, "kernels_compiled": len(cache)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-        # Batched: the tensors of one shape and one set of scalar parameters (a layer's q/k/v/o/MLP weights over
-        # all layers) stacked once, as a reader would deliver them, and merged by one merge_stacked call each.
+        # Batched: the tensors of one shape and one set of baked parameters (a layer's q/k/v/o/MLP weights over
+        # all layers; traced ones, e.g. slerp's t, may differ) stacked once, as a reader would deliver them, and
+        # merged by one merge_stacked call each.
         groups: dict = {}
         for j, name in enumerate(names):
             kw = P.resolve_for_tensor(m, name, parameters=plan.parameters,
                                       model_parameters=list(plan.model_parameters),
                                       model_names=plan.model_names, num_layers=depth)
-            scalars = {k: v for k, v in kw.items() if not (isinstance(v, np.ndarray) and v.ndim == 1)}
+            scalars = {k: v for k, v in kw.items() if k not in traced_parameters(m, kw)}
             groups.setdefault((specs[j][1], repr(sorted(scalars.items()))), []).append((j, name, kw))
         batches = []
         for members in groups.values():
             idx = [j for j, _, _ in members]
             stack = lambda who: jnp.stack([tensors[who][j] for j in idx])
             batches.append(([n for _, n, _ in members], [kw for _, _, kw in members],
-                            None if plan.base is None else stack("base"), [stack(x) for x in MODELS[1:]]))
+                            None if plan.base is None else stack("base"), [stack(x) for x in merged]))
         jax.block_until_ready([b[2:] for b in batches])
         bcache = KernelCache()
         run = lambda: [merge_stacked(m, base, xs, kws, out_dtype=out_dtype, load_dtype=load, names=ns,

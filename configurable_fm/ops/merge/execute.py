@@ -7,10 +7,11 @@ One output tensor y = cast_out(kernel(cast_f32(cast_load(b)), stack_i cast_f32(c
 `merge_tensor` is the only implementation of this per-tensor step: tree.merge / tree.merge_task call it too.
 * the whole function (load casts, stack, kernel, output cast) is one `jax.jit` per (method, scalar parameters,
   load dtype, output dtype), compiled once per input shape/dtype and reused for every tensor with the same setting
-  (`KernelCache`, least recently used functions dropped beyond `maxsize`); per-model parameter arrays are traced
-  arguments (a depth gradient of weights or densities compiles once), scalar ones baked in as constants (a
-  gradient of a shared scalar, e.g. slerp's t, compiles once per distinct value), and a kernel that needs its
-  arrays concrete gets them baked in as well;
+  (`KernelCache`, least recently used functions dropped beyond `maxsize`); per-model parameter arrays and the
+  scalars a method declares traceable (slerp's and nearswap's t, the task-vector methods' lambda) are traced
+  arguments (`traced_parameters`: a depth gradient of them compiles once), other scalars baked in as constants
+  (a gradient of one compiles once per distinct value), and a kernel that needs its arrays concrete gets them
+  baked in as well;
 * inputs are read by `PreadStore` (os.preadv of each tensor's bytes into a fresh buffer: no memory map, so file
   pages never count in the process's RSS, and the read releases the GIL) on a read-ahead thread (a pool of
   `READ_WORKERS_ACCELERATOR` on an accelerator), at most `prefetch` groups ahead of the one being merged, and
@@ -210,6 +211,19 @@ def _freeze_map(value: Mapping):
     return ("map", tuple(sorted((k, _freeze(v)) for k, v in value.items())))
 
 
+def traced_parameters(method: MergeMethod, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The resolved parameters a compiled kernel takes as traced arguments rather than constants: the per-model
+    float arrays (N,) (weights, densities) and the method's `traced_scalars` given as real numbers, as float32
+    0-d arrays (the kernels convert them to float32 first, so the result is bit for bit the constant's). One
+    compiled function then serves every value: a depth gradient compiles once per shape, not once per layer."""
+    arrays = {k: v for k, v in params.items() if _is_param_array(v)}
+    for name in method.traced_scalars:
+        v = params.get(name)
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+            arrays[name] = np.asarray(v, np.float32)
+    return arrays
+
+
 def needs_baking(method: MergeMethod, params: Mapping[str, Any], xs: Sequence) -> bool:
     """Whether `method.bake` asks for these parameters as constants on tensors of xs[0]'s size."""
     return method.bake is not None and bool(xs) and method.bake(params, int(np.prod(np.shape(xs[0]), dtype=np.int64)))
@@ -237,8 +251,8 @@ class KernelCache:
     inputs stacked (N, *S), `method.kernel(b, xs, key=key, **params)` (plus `compute_dtype=` when it is not
     None: the kernel rounds as mergekit does in that dtype), the result cast to the output dtype.
     Scalar parameters (and strings, flags) are baked in as constants; the per-model parameter arrays (N,)
-    (weights, densities: they change with depth under a gradient) are traced arguments, so one compiled
-    function serves every layer. A method whose kernel needs them concrete (tracing raises a concretization
+    (weights, densities: they change with depth under a gradient) and the method's `traced_scalars` are traced
+    arguments (`traced_parameters`), so one compiled function serves every layer. A method whose kernel needs them concrete (tracing raises a concretization
     error) gets them baked in too, from then on. jit adds its own cache per input shapes/dtypes below that.
     Methods are told apart by identity (two methods of one name, e.g. a test's, never share a function); at
     most `maxsize` functions are kept (least recently used dropped: a long grid does not accumulate code).
@@ -264,8 +278,7 @@ class KernelCache:
         params = dict(params)
         load_dtype = None if load_dtype is None else np.dtype(load_dtype)
         out_dtype = np.dtype(out_dtype)
-        arrays = {k: v for k, v in params.items()
-                  if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == 1}
+        arrays = traced_parameters(method, params)
         with self._lock:
             traced = bool(arrays) and not bake and id(method) not in self._concrete
         if not traced:
@@ -308,14 +321,13 @@ class KernelCache:
                     compute_dtype: Optional[str] = None, *, arrays_axis: bool = False) -> Optional[Callable]:
         """`call(bs, xss, keys, arrays) -> ys` over L same-shape tensors at once, one vmapped jitted call:
         bs (L, *S) or None, xss a tuple of N arrays (L, *S), keys (L,) PRNG keys or None, arrays {name: (L, N)}
-        the per-tensor parameter arrays stacked (the tensors' scalar parameters must be equal: `params` gives
-        them, its arrays are ignored). y_l = fused(b_l, xs_l, key_l, arrays_l), as `get` computes it per tensor.
+        the per-tensor traced parameters stacked (`traced_parameters`: (L, N) per-model arrays, (L,) traced
+        scalars; the tensors' other parameters must be equal: `params` gives them, its traced ones are ignored). y_l = fused(b_l, xs_l, key_l, arrays_l), as `get` computes it per tensor.
         None when the method needs its parameter arrays concrete (it cannot be vmapped over them)."""
         params = dict(params)
         load_dtype = None if load_dtype is None else np.dtype(load_dtype)
         out_dtype = np.dtype(out_dtype)
-        arrays = sorted(k for k, v in params.items()
-                        if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.ndim == 1)
+        arrays = sorted(traced_parameters(method, params))
         with self._lock:
             if id(method) in self._concrete:
                 return None
@@ -628,8 +640,9 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
     tensor l (same kernel, same arithmetic).
 
     base: (L, *S) or None; inputs: N arrays (L, *S) (model i's L tensors, stacked); params: L resolved parameter
-    mappings, equal in every scalar parameter (a ValueError names the tensors that differ), their per-model arrays
-    (N,) stacked to (L, N) and vmapped (a depth gradient batches too); keys: (L,) keys for randomised methods.
+    mappings, equal in every parameter but the traced ones (a ValueError names the tensors that differ), those
+    (`traced_parameters`: per-model arrays (N,), traced scalars) stacked to (L, N) / (L,) and vmapped (a depth
+    gradient batches too); keys: (L,) keys for randomised methods.
     One dispatch for the L tensors instead of L: on an accelerator the per-call cost of `merge_tensor` (about
     0.17 ms on an H200) dominates the traffic of a layer's tensor. A method whose kernel needs its parameter
     arrays concrete runs tensor by tensor (merge_tensor) and the results are stacked.
@@ -643,10 +656,11 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
     if ref.shape[0] != n or any(x.shape != ref.shape for x in inputs):
         raise ValueError(f"merge_stacked: inputs {[tuple(x.shape) for x in inputs]} are not all ({n}, ...) "
                          f"stacks of one shape")
-    static = {k: v for k, v in params[0].items() if not _is_param_array(v)}
+    untraced = lambda p: {k: v for k, v in p.items() if k not in traced_parameters(method, p)}  # noqa: E731
+    static = untraced(params[0])
     frozen = _freeze(static)
     for name, p in zip(names[1:], params[1:]):
-        other = {k: v for k, v in p.items() if not _is_param_array(v)}
+        other = untraced(p)
         if _freeze(other) != frozen:
             raise ValueError(f"merge_stacked: {names[0]} and {name} have different scalar parameters "
                              f"({static} vs {other}): batch only tensors that share them")
@@ -659,8 +673,8 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
     bake = any(needs_baking(method, p, [x[0] for x in inputs]) for p in params)
     fn = None if bake else cache.get_batched(method, params[0], load_dtype, out_dtype, compute_dtype)
     if fn is not None:
-        arrays = {k: np.stack([p[k] for p in params]) for k, v in params[0].items()
-                  if _is_param_array(v)}
+        traced = [traced_parameters(method, p) for p in params]
+        arrays = {k: np.stack([t[k] for t in traced]) for k in traced[0]}
         try:
             return fn(base, tuple(inputs), keys, arrays)
         except _NEEDS_CONCRETE:

@@ -414,7 +414,7 @@ register(MergeMethod(
     doc="weighted average Σ w_i x_i / Σ w_i (model soup)"))
 register(MergeMethod(
     name="slerp", kernel=slerp, base="required", min_inputs=1, max_inputs=1,
-    shared={"t": REQUIRED},
+    shared={"t": REQUIRED}, traced_scalars=("t",),
     doc="spherical interpolation from the base (t=0) to the other model (t=1)"))
 register(MergeMethod(
     name="nuslerp", kernel=nuslerp, base="optional", min_inputs=2, max_inputs=2,

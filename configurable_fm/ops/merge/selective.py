@@ -224,7 +224,7 @@ def passthrough(base, xs, *, key=None, scale=None, compute_dtype=None):
 # --------------------------------------------------------------------------------------------------- registry
 register(MergeMethod(
     name="nearswap", kernel=nearswap, base="required", min_inputs=1, max_inputs=1,
-    shared={"t": REQUIRED}, chunks=RowChunks(),
+    shared={"t": REQUIRED}, traced_scalars=("t",), chunks=RowChunks(),
     doc="move to the other model where it is within t of the base"))
 register(MergeMethod(
     name="arcee_fusion", kernel=arcee_fusion, base="required", min_inputs=1, max_inputs=1,

@@ -410,7 +410,8 @@ def _register_gta(kernel, *, sparsification, consensus, normalize, rescale, rand
             "della_magprune": _della_invalid}.get(sparsification)
     register(MergeMethod(name=kernel.__name__, kernel=kernel, base="required", min_inputs=1, per_model=per_model,
                          shared=shared, randomized=randomized, doc=doc,
-                         chunks=_row_chunks(kernel.__name__, sparsification, rescale), bake=bake))
+                         chunks=_row_chunks(kernel.__name__, sparsification, rescale), bake=bake,
+                         traced_scalars=("lambda",)))
 
 
 _register_gta(task_arithmetic, sparsification=None, consensus=False, normalize=False, rescale=None, randomized=False,

@@ -179,7 +179,8 @@ def test_bf16_inputs_and_load_casts_match_tree(load_dtype, out_dtype):
 
 
 def test_kernel_cache_one_function_per_setting():
-    """Per-model arrays are traced (a new weight reuses the function), scalars baked (a new lambda does not)."""
+    """Per-model arrays and traced scalars are arguments (a new weight or lambda reuses the function), other
+    parameters baked (a new normalize does not)."""
     cache = X.KernelCache()
     m = get_method("task_arithmetic")
     base, models = _inputs(2)
@@ -191,12 +192,16 @@ def test_kernel_cache_one_function_per_setting():
     y2 = X.merge_tensor(m, base[n0], [x[n0] for x in models], {**kw, "weight": np.array([0.5, 0.25])},
                         out_dtype=np.float32, cache=cache)
     assert len(cache) == 1
-    X.merge_tensor(m, base[n0], [x[n0] for x in models], {**kw, "lambda": 0.5}, out_dtype=np.float32, cache=cache)
+    y3 = X.merge_tensor(m, base[n0], [x[n0] for x in models], {**kw, "lambda": 0.5}, out_dtype=np.float32,
+                        cache=cache)
+    assert len(cache) == 1
+    X.merge_tensor(m, base[n0], [x[n0] for x in models], {**kw, "normalize": True}, out_dtype=np.float32, cache=cache)
     assert len(cache) == 2
     y = X.merge_tensor(m, base[n0], [x[n0] for x in models], kw, out_dtype=np.float32, cache=cache)
     d0, d1 = models[0][n0] - base[n0], models[1][n0] - base[n0]
     np.testing.assert_allclose(np.asarray(y), base[n0] + 0.5 * d0 + 0.5 * d1, atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(y2), base[n0] + 0.5 * d0 + 0.25 * d1, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(y3), base[n0] + 0.5 * (0.5 * d0 + 0.5 * d1), atol=1e-6, rtol=0)
 
 
 def test_kernel_needing_concrete_arrays_gets_them_baked():
@@ -458,15 +463,36 @@ def test_kernel_cache_tells_methods_apart_and_drops_the_least_recent():
     assert len(cache) == 2 and [m for m, _ in cache._fns.values()] == [lin, lin]  # `doubled` was dropped
 
 
+@pytest.mark.parametrize("method, name, values", [("slerp", "t", [0.0, 0.3, 0.7, 1.0]),
+                                                  ("nearswap", "t", [1e-3, 0.02, 0.5]),
+                                                  ("ties", "lambda", [0.5, 1.0, 1.7])])
+def test_traced_scalars_compile_once_and_equal_the_baked_kernel(method, name, values):
+    """A depth gradient of a method's traced scalar (slerp's t, the task-vector methods' lambda) runs one cached
+    function for every value, bit for bit the kernel with the value baked in as a constant (the old path)."""
+    m = get_method(method)
+    assert name in m.traced_scalars
+    base, models = _inputs(1, seed=7)
+    x = [models[0][NAMES[0]]]
+    per_model = [{"weight": 0.8, "density": 0.5}] if method == "ties" else [{}]
+    cache, baked = X.KernelCache(), X.KernelCache()
+    for v in values:
+        kw = P.resolve_for_tensor(m, NAMES[0], parameters={name: v}, model_parameters=per_model,
+                                  model_names=["model_0"], num_layers=2)
+        got = np.asarray(X.merge_tensor(m, base[NAMES[0]], x, kw, out_dtype=np.float32, cache=cache))
+        want = np.asarray(baked.get(m, kw, None, np.float32, bake=True)(base[NAMES[0]], tuple(x), None))
+        np.testing.assert_array_equal(got, want, err_msg=f"{method} {name}={v}")
+    assert len(cache) == 1 and len(baked) == len(values)
+
+
 def test_tree_merge_runs_the_cached_kernels():
     """tree.merge's per-tensor step is execute.merge_tensor: a new setting adds one cached function, used
     again for every tensor of the same setting and on a second call."""
     base, models = _inputs(2, seed=5)
     before = len(X.DEFAULT_CACHE)
-    a = tree.merge("task_arithmetic", base, models, parameters={"lambda": 0.123456},
-                   model_parameters=[{"weight": 0.3}, {"weight": 0.6}])
+    a = tree.merge("task_arithmetic", base, models, parameters={"lambda": 0.123456, "int8_mask": True},
+                   model_parameters=[{"weight": 0.3}, {"weight": 0.6}])  # int8_mask: baked, a setting of its own
     assert len(X.DEFAULT_CACHE) == before + 1
-    b = tree.merge("task_arithmetic", base, models, parameters={"lambda": 0.123456},
+    b = tree.merge("task_arithmetic", base, models, parameters={"lambda": 0.123456, "int8_mask": True},
                    model_parameters=[{"weight": 0.3}, {"weight": 0.6}])
     assert len(X.DEFAULT_CACHE) == before + 1
     for n in NAMES:
@@ -482,11 +508,11 @@ def test_output_dtype_rules():
     assert X.output_dtype(np.float64) == np.float32  # as jax computes it (x64 off), as tree.merge writes it
 
 
-@pytest.mark.parametrize("method", [m if m in ("linear", "ties", "dare_ties", "karcher") else
-                                    pytest.param(m, marks=pytest.mark.slow) for m in sorted(set(SETTINGS) - {"slerp"})])
+@pytest.mark.parametrize("method", [m if m in ("linear", "ties", "dare_ties", "karcher", "slerp") else
+                                    pytest.param(m, marks=pytest.mark.slow) for m in sorted(SETTINGS)])
 def test_merge_stacked_equals_tensor_by_tensor(method):
     """The two same-shape layer tensors merged in one vmapped call give merge_tensor's results (their per-model
-    parameter arrays differ under the depth gradients of SETTINGS)."""
+    parameter arrays, and slerp's traced t, differ under the depth gradients of SETTINGS)."""
     m = get_method(method)
     base, models = _inputs(_n_models(m))
     parameters, model_parameters = SETTINGS[method]
@@ -509,9 +535,9 @@ def test_merge_stacked_equals_tensor_by_tensor(method):
 
 
 def test_merge_stacked_refuses_different_scalar_parameters_and_bad_stacks():
-    m = get_method("slerp")  # t follows a depth gradient: a scalar that differs between the layers
+    m = get_method("ram")  # epsilon follows a depth gradient: a baked scalar that differs between the layers
     base, models = _inputs(1)
-    kws = [P.resolve_for_tensor(m, n, parameters={"t": [0.2, 0.7]}, model_parameters=[{}],
+    kws = [P.resolve_for_tensor(m, n, parameters={"epsilon": [1e-5, 1e-3]}, model_parameters=[{}],
                                 model_names=["model_0"], num_layers=2) for n in NAMES[:2]]
     stack = lambda d: jnp.stack([jnp.asarray(d[n]) for n in NAMES[:2]])
     with pytest.raises(ValueError, match=r"layers.0.mlp.up_proj.weight and .*layers.1.mlp.up_proj.weight have "
