@@ -288,8 +288,10 @@ def run_folded(model: nnx.Module, routing: Routing, ids_BxT, *, folds: FoldedMod
     """The logits (B, T, V) of run_routed(model, routing, ids_BxT) for a row-weighted model (weighted_mix), with
     the routing folded into the weights (mixture.folded): the rows grouped by their weight vector (routing.weights:
     a top-1 row is one-hot, a row sent to the base zero, one sent to the uniform merge 1/N), each group run through
-    its folded model (the base's structure: no adapter term per token; forward_call, one compilation per group
-    size), the logits put back in row order. Equal to run_routed up to float32 rounding (W' = W + Σ w_i ΔW_i
+    its folded model (the base's structure: no adapter term per token; forward_call), the logits put back in row
+    order. A group of n rows runs padded to `padded_rows(n, B)` rows (copies of its first row, their logits
+    dropped), so a stream of batches compiles at most 4 + B/8 programs per sequence length, not one per distinct
+    group size; a batch that shares one routing (the case folding serves) runs unpadded. Equal to run_routed up to float32 rounding (W' = W + Σ w_i ΔW_i
     rounded once against x W + Σ w_i s_i (x A_i) B_i). What a routed batch costs this way: one base forward per
     distinct routing over its rows, plus one fold per routing not yet in `folds` (FoldedModels(model), kept
     across calls). RouteError for a model without row-weighted modules, `folds` of another model, or a batch that
@@ -303,8 +305,16 @@ def run_folded(model: nnx.Module, routing: Routing, ids_BxT, *, folds: FoldedMod
     groups, inverse = np.unique(np.asarray(routing.weights, np.float32), axis=0, return_inverse=True)
     ids = np.asarray(ids_BxT)
     rows = [np.flatnonzero(inverse.reshape(-1) == g) for g in range(len(groups))]
-    parts = [forward_call(folds(w), ids[r])() for w, r in zip(groups, rows)]
+    padded = [np.concatenate([r, np.full(padded_rows(len(r), b) - len(r), r[0])]) for r in rows]
+    parts = [forward_call(folds(w), ids[p])()[:len(r)] for w, r, p in zip(groups, rows, padded)]
     return jnp.concatenate(parts)[np.argsort(np.concatenate(rows), kind="stable")]
+
+
+def padded_rows(n: int, batch: int) -> int:
+    """The rows a group of n (1 <= n <= batch) runs as in run_folded, vLLM's batch buckets: 1, 2, 4, 8, then the
+    next multiple of 8, at most the batch (at most 1.8x the rows, 1.33x from 16 rows on)."""
+    n = int(n)
+    return min(1 << (n - 1).bit_length() if n <= 8 else -(-n // 8) * 8, int(batch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +347,10 @@ def _forward_of(graphdef, treedef):
     if key in _FORWARDS:
         _FORWARDS.move_to_end(key)
     else:
-        _FORWARDS[key] = jax.jit(lambda leaves, ids: nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(ids))
+        def model_forward(leaves, ids):
+            return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(ids)
+
+        _FORWARDS[key] = jax.jit(model_forward)
         while len(_FORWARDS) > FORWARDS_KEPT:
             _FORWARDS.popitem(last=False)
     return _FORWARDS[key]

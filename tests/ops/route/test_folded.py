@@ -16,6 +16,7 @@ from configurable_fm.models.llama import LlamaConfig
 from configurable_fm.models.structure import extension_specs
 from configurable_fm.ops.route import (FoldedModels, RouteError, Routing, folded, routed_modules, run_folded,
                                        run_routed, weighted_mix)
+from configurable_fm.ops.route.retrieval import padded_rows
 from tests.helpers import random_llama
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -99,3 +100,32 @@ def test_weights_that_are_not_numbers_are_named(setup):
     for bad in ("abc", [1.0, [0.0, 1.0], 0.0]):
         with pytest.raises(RouteError, match=r"folded: weights must be 3 finite numbers \(one per adapter\), got "):
             folded(m, bad)
+
+
+def test_run_folded_pads_each_group_to_a_power_of_two(setup):
+    """Groups of 3, 1, 1 / 2, 2, 1 / 4, 1 rows run as 4, 1, 1 / 2, 2, 1 / 4, 1 rows (padded_rows): three forward
+    programs for the three batches, where one per distinct group size would be four; the logits are run_routed's."""
+    base, loras, m = setup
+    a, b, c = WEIGHTS[0], WEIGHTS[2], WEIGHTS[3]
+    batches = [np.stack(rows) for rows in ([a, a, a, b, c], [a, b, a, b, c], [a, a, b, a, a])]
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 61, (5, 7)))  # a length no other test compiles
+    want = [np.asarray(run_routed(m, routing_of(w), tokens)) for w in batches]
+    folds = FoldedModels(m)
+    for w in (a, b, c):
+        folds(w)  # the folds compiled and made before counting
+    compiled = []
+
+    def listener(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        got = [np.asarray(run_folded(m, routing_of(w), tokens, folds=folds)) for w in batches]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    assert compiled.count("jit(model_forward)") == 3  # 4 and 1 rows (first batch), 2 (second), none (third)
+    assert [padded_rows(n, 5) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 4, 5]
+    assert [padded_rows(n, 64) for n in (5, 8, 9, 16, 17, 60, 64)] == [8, 8, 16, 16, 24, 64, 64]
