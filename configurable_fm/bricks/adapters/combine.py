@@ -372,8 +372,10 @@ def combine(inputs: Sequence[Any], weights: Sequence[float] | None = None, combi
       (negative allowed; None for one input: 1). combination: one of COMBINATIONS (default 'svd', as PEFT).
     density: the kept fraction for the ties / dare / magnitude_prune combinations, in [0, 1] ((0, 1] for dare,
       whose 1/d rescale PEFT divides by zero at 0); 1 keeps all. majority_sign_method: 'total' | 'frequency'
-      (the ties combinations). svd_rank: the rank k of the svd combinations (default the largest input rank;
-      <= min(in, out) of every module); svd_clamp: the quantile in [0, 1] for clamping their factors. key: a jax
+      (the ties combinations). svd_rank: the rank k of the svd combinations (default the largest rank of any
+      input module, which is PEFT 0.22's max(r, *rank_pattern.values()) over the inputs' configs unless a
+      rank_pattern lowers every module below its config's r: that r is not kept here, so pass svd_rank=r to
+      match PEFT there; <= min(in, out) of every module); svd_clamp: the quantile in [0, 1] for clamping their factors. key: a jax
       PRNG key, required by the dare combinations (density < 1).
     Shapes: a' (in, k), b' (k, out) per module, k = Σ r_i (cat), r (factor-wise), svd_rank (svd).
     AdapterError (nothing built) for: an unknown combination; options that the combination does not use, or bad
