@@ -45,7 +45,7 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _SPECIAL_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
                  "pad": "padding_token_id", "sep": "seperator_token_id", "cls": "cls_token_id",
-                 "mask": "mask_token_id", "eot": "eot_token_id"}
+                 "mask": "mask_token_id", "eot": "eot_token_id", "eom": "eom_token_id"}
 
 
 class TokenizerError(UserError, ValueError):
@@ -210,7 +210,7 @@ class ChatTokenizer:
 
     special_tokens: {'bos': '<|im_start|>', 'eos': '<|im_end|>', 'unk': ..., 'pad': ...} (names of
     SPECIAL_TOKEN_NAMES; every token must be in the vocabulary). eos_token_ids: the ids that end generation when
-    the source names them (generation_config.json's eos_token_id; GGUF's eos and eot when they differ); empty:
+    the source names them (generation_config.json's eos_token_id; GGUF's eos, eot and eom when they differ); empty:
     the eos token's id.
     extra_config: the other keys of an HF source's tokenizer_config.json (clean_up_tokenization_spaces,
     padding_side, do_lower_case, ...), written back by `tokenizer_config` (not those that would make transformers
@@ -477,7 +477,7 @@ def _gguf_info(reader) -> dict:
     ids = gguf_special_tokens(reader)
     tokens = metadata(reader, "tokenizer.ggml.tokens", [], source=source)
     names = {n: tokens[i] for n, i in ids.items() if n in SPECIAL_TOKEN_NAMES and 0 <= i < len(tokens)}
-    stop = [ids[n] for n in ("eos", "eot") if n in ids]
+    stop = [ids[n] for n in ("eos", "eot", "eom") if n in ids]  # llama.cpp's end-of-generation ids (Llama 3.1's eom)
     arch = metadata(reader, "general.architecture", None, source=source)
     context = metadata(reader, f"{arch}.context_length", None, source=source) if arch else None
     return dict(special_tokens=names, chat_template=gguf_chat_template(reader) or None,

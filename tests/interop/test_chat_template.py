@@ -138,7 +138,7 @@ def test_hf_directory_files(tmp_path):
         special_tokens_of(tmp_path / "nowhere")
 
 
-def write_gguf_vocab(path, *, eot=None):
+def write_gguf_vocab(path, *, eot=None, eom=None):
     """A GGUF file holding only a byte-level BPE vocabulary, special ids and a chat template."""
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|eot|>"]
     tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet(), key=ord) + ["Ġt"]
@@ -155,6 +155,8 @@ def write_gguf_vocab(path, *, eot=None):
     w.add_pad_token_id(2)
     if eot is not None:
         w.add_eot_token_id(eot)
+    if eom is not None:
+        w.add_eom_token_id(eom)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")
     w.write_header_to_file(path)
     w.write_kv_data_to_file()
@@ -171,6 +173,8 @@ def test_gguf_metadata(tmp_path):
     assert chat.stop_token_ids == (2, 3) and chat.model_max_length == 4096  # eos and eot end generation
     assert chat.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>hi<|im_end|>"
     assert load_chat_tokenizer(write_gguf_vocab(tmp_path / "w.gguf")).stop_token_ids == (2,)
+    # Llama 3.1's end of message (tokenizer.ggml.eom_token_id) ends generation too, as in llama.cpp
+    assert load_chat_tokenizer(write_gguf_vocab(tmp_path / "m.gguf", eot=3, eom=0)).stop_token_ids == (2, 3, 0)
 
 
 @pytest.mark.real_model
