@@ -72,6 +72,7 @@ import contextlib
 import functools
 import itertools
 import queue
+import warnings
 from typing import Iterator, Sequence
 
 import jax
@@ -350,6 +351,10 @@ class Generator:
             check_consistent(model, "generate")
         # the prompt ids' bound (a family model's config; None: unchecked)
         self.vocab_size = int(model.cfg.vocab_size) if is_family_model(model) else None
+        # a rotary model's trained context (positions past it extrapolate: warned, as transformers does; a model
+        # with learned positions refuses them itself)
+        self.context = (int(model.cfg.max_position_embeddings) if is_family_model(model)
+                        and getattr(model.cfg, "rope_theta", None) is not None else None)
         self.graphdef, self.state = nnx.split(model)
         self.fuse = on_one_device(self.state)  # fused projections in the decode loop (module docstring)
         # models.one_token's kernels for one-row products (module docstring); OneTokenMatmuls: with these bounds;
@@ -460,6 +465,10 @@ class Generator:
         ids = ids.astype(jnp.int32)
         if max_new_tokens == 0:
             return ids, (), None
+        if self.context is not None and ids.shape[1] + max_new_tokens > self.context:
+            warnings.warn(f"generate: {ids.shape[1]} prompt + {max_new_tokens} new tokens run past the model's "
+                          f"max_position_embeddings={self.context}; positions beyond it were not trained and the "
+                          "output may degrade", UserWarning, stacklevel=3)
         # eos ids padded with -1 (never a token) to a multiple of 8: one compilation for 0..8 eos ids.
         eos_E = np.full(max(8, -(-len(eos) // 8) * 8), -1, np.int32)
         eos_E[:len(eos)] = eos
@@ -482,7 +491,8 @@ def generate(model: nnx.Module, ids_BxT, *, max_new_tokens: int, attention_mask=
     all ones); padding slots may hold any id, prompt ids outside [0, vocab_size) of a family model raise.
     temperature == 0 decodes greedily; temperature > 0 samples (optionally restricted by top_k and/or top_p) and
     needs an explicit `rng` key. eos_token_id (one id or several): a row stops after its
-    first eos and is filled with `pad_token_id`. The model is not modified.
+    first eos and is filled with `pad_token_id`. The model is not modified. A rotary model asked to run past
+    its max_position_embeddings warns (UserWarning, as transformers does); GPT-2's learned positions refuse it.
 
     A family model whose module tree disagrees with its config (its cache would be sized from the config) raises
     models.InconsistentModel; the check runs once per call, before anything is compiled. Calling it repeatedly on

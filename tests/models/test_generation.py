@@ -289,6 +289,19 @@ def test_zero_new_tokens_returns_the_prompt(model):
     np.testing.assert_array_equal(generate(model, ids, max_new_tokens=0), ids)
 
 
+def test_generating_past_the_trained_context_warns(model):
+    """A rotary model generating past max_position_embeddings (64) warns, as transformers does; up to it, silence.
+    Traced with eval_shape: the checks run, nothing compiles."""
+    import warnings
+
+    ids = np.zeros((2, 5), np.int32)
+    with pytest.warns(UserWarning, match="5 prompt \\+ 60 new tokens run past the model's max_position_embeddings=64"):
+        jax.eval_shape(lambda: generate(model, ids, max_new_tokens=60))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.eval_shape(lambda: generate(model, ids, max_new_tokens=59))
+
+
 # =========================================================================== generate_text: text in, text out
 def text_setup():
     """(model with a 100-token vocabulary, ChatTokenizer of single characters with a chat template)."""
