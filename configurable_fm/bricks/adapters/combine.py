@@ -375,8 +375,8 @@ def combine(inputs: Sequence[Any], weights: Sequence[float] | None = None, combi
       (the ties combinations). svd_rank: the rank k of the svd combinations (default the largest rank of any
       input module, which is PEFT 0.22's max(r, *rank_pattern.values()) over the inputs' configs unless a
       rank_pattern lowers every module below its config's r: that r is not kept here, so pass svd_rank=r to
-      match PEFT there; <= min(in, out) of every module); svd_clamp: the quantile in [0, 1] for clamping their factors. key: a jax
-      PRNG key, required by the dare combinations (density < 1).
+      match PEFT there; <= min(in, out) of every module); svd_clamp: the quantile in [0, 1] for clamping their
+      factors. key: a jax PRNG key, required by the dare combinations (density < 1).
     Shapes: a' (in, k), b' (k, out) per module, k = Σ r_i (cat), r (factor-wise), svd_rank (svd).
     AdapterError (nothing built) for: an unknown combination; options that the combination does not use, or bad
     values of them; a weights count that is not the number of inputs; inputs that adapt different modules,

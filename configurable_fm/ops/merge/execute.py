@@ -252,8 +252,9 @@ class KernelCache:
     None: the kernel rounds as mergekit does in that dtype), the result cast to the output dtype.
     Scalar parameters (and strings, flags) are baked in as constants; the per-model parameter arrays (N,)
     (weights, densities: they change with depth under a gradient) and the method's `traced_scalars` are traced
-    arguments (`traced_parameters`), so one compiled function serves every layer. A method whose kernel needs them concrete (tracing raises a concretization
-    error) gets them baked in too, from then on. jit adds its own cache per input shapes/dtypes below that.
+    arguments (`traced_parameters`), so one compiled function serves every layer. A method whose kernel needs
+    them concrete (tracing raises a concretization error) gets them baked in too, from then on. jit adds its
+    own cache per input shapes/dtypes below that.
     Methods are told apart by identity (two methods of one name, e.g. a test's, never share a function); at
     most `maxsize` functions are kept (least recently used dropped: a long grid does not accumulate code).
     chunk_bytes: tensors whose float32 inputs exceed it are merged in blocks by the same function (`_run`,
@@ -322,7 +323,8 @@ class KernelCache:
         """`call(bs, xss, keys, arrays) -> ys` over L same-shape tensors at once, one vmapped jitted call:
         bs (L, *S) or None, xss a tuple of N arrays (L, *S), keys (L,) PRNG keys or None, arrays {name: (L, N)}
         the per-tensor traced parameters stacked (`traced_parameters`: (L, N) per-model arrays, (L,) traced
-        scalars; the tensors' other parameters must be equal: `params` gives them, its traced ones are ignored). y_l = fused(b_l, xs_l, key_l, arrays_l), as `get` computes it per tensor.
+        scalars; the tensors' other parameters must be equal: `params` gives them, its traced ones are ignored).
+        y_l = fused(b_l, xs_l, key_l, arrays_l), as `get` computes it per tensor.
         None when the method needs its parameter arrays concrete (it cannot be vmapped over them)."""
         params = dict(params)
         load_dtype = None if load_dtype is None else np.dtype(load_dtype)

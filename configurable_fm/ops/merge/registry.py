@@ -73,9 +73,9 @@ class MergeMethod:
     # kernel as constants rather than traced float32 arrays (execute.KernelCache): where a traced count would
     # differ from mergekit's int(d·n) in double precision, or a check on the values would be skipped
     bake: Optional[Callable[[Mapping[str, Any], int], bool]] = None
-    # shared real-valued parameters the kernel takes as traced float32 scalars (it converts them with as_f32 before
-    # any arithmetic and branches on them only inside jnp.where), so one compiled function serves every value: a
-    # depth gradient (slerp's t over the layers) compiles once per tensor shape, not once per layer
+    # shared real-valued parameters the kernel takes as traced float32 scalars (it converts them to float32 before
+    # any arithmetic and never branches on them in Python), so one compiled function serves every value: a depth
+    # gradient (slerp's t over the layers) compiles once per tensor shape, not once per layer
     traced_scalars: tuple[str, ...] = ()
 
 
