@@ -294,8 +294,8 @@ def run_folded(model: nnx.Module, routing: Routing, ids_BxT, *, folds: FoldedMod
     group size; a batch that shares one routing (the case folding serves) runs unpadded. Equal to run_routed up
     to float32 rounding (W' = W + Σ w_i ΔW_i rounded once against x W + Σ w_i s_i (x A_i) B_i). What a routed
     batch costs this way: one base forward per distinct routing over its rows, plus one fold per routing not yet
-    in `folds` (FoldedModels(model), kept across calls). RouteError for a model without row-weighted modules, `folds` of another model, or a batch that
-    is not one row per query."""
+    in `folds` (FoldedModels(model), kept across calls). RouteError for a model without row-weighted modules,
+    `folds` of another model, or a batch that is not one row per query."""
     b = int(np.shape(ids_BxT)[0])
     if b != len(routing.choices):
         raise RouteError(f"run_folded: {b} rows of ids for {len(routing.choices)} routed queries")
