@@ -13,7 +13,8 @@ Loss (all requests in one batch), minimised over dW (F, D) added to the kernel W
 Adam (optax.adam(lr), the authors' torch Adam with weight_decay 0) from dW = 0; each iteration computes the loss,
 stops when it is below `loss_stop` (authors: 1e-2), else takes a step and clamps dW to [-eps, eps] entry-wise
 (eps = norm_constraint: W' in [W - eps, W + eps], the authors' `torch.clamp` after every step; None is the
-unconstrained FT). The loop is one jitted lax.scan over num_steps. Returns Dense(dW) float32.
+unconstrained FT). The loop is one jitted lax.scan over num_steps (eps traced: one compilation serves every norm
+constraint). Returns Dense(dW) float32.
 
 Deviations: only the projection's kernel is tuned (the authors' module-name match also tunes its bias where there
 is one, gpt2's c_proj); all requests form one batch (the authors chunk them by batch_size, one optimiser step per
@@ -87,8 +88,10 @@ def ft_rows(enc: Encoder, requests: Sequence[Request], objective: str):
     return ids, pos, tgt, mask
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "path", "steps", "eps"))
-def _finetune(state, ids, pos, tgt, mask, lr, loss_stop, *, graphdef, path: str, steps: int, eps: float | None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "path", "steps", "clamp"))
+def _finetune(state, ids, pos, tgt, mask, lr, loss_stop, eps, *, graphdef, path: str, steps: int, clamp: bool):
+    """eps: the clamp radius, a float32 scalar (traced: a sweep over norm constraints compiles once), used when
+    `clamp` (False: the unconstrained FT)."""
     model = nnx.merge(graphdef, state)
     w0 = flat_params(model)[path]
     opt = optax.adam(lr)
@@ -106,7 +109,7 @@ def _finetune(state, ids, pos, tgt, mask, lr, loss_stop, *, graphdef, path: str,
         done = done | (loss < loss_stop)
         updates, new_opt = opt.update(g, opt_state, dw)
         new_dw = optax.apply_updates(dw, updates)
-        if eps is not None:
+        if clamp:
             new_dw = jnp.clip(new_dw, -eps, eps)
         dw = jnp.where(done, dw, new_dw)
         opt_state = jax.tree.map(lambda a, b: jnp.where(done, a, b), opt_state, new_opt)
@@ -130,8 +133,9 @@ def ft(model: nnx.Module, tokenizer, requests: Sequence[Request], *, layer: int,
     graphdef, state = nnx.split(model)
     eps = None if hparams.norm_constraint is None else float(hparams.norm_constraint)
     dw, losses, final = _finetune(state, *(jnp.asarray(a) for a in (ids, pos, tgt, mask)), jnp.float32(hparams.lr),
-                                  jnp.float32(hparams.loss_stop), graphdef=graphdef, path=site.kernel,
-                                  steps=int(hparams.num_steps), eps=eps)
+                                  jnp.float32(hparams.loss_stop), jnp.float32(0.0 if eps is None else eps),
+                                  graphdef=graphdef, path=site.kernel, steps=int(hparams.num_steps),
+                                  clamp=eps is not None)
     metadata = {"method": "ft", "layer": site.layer, "path": site.kernel, "edits": len(requests),
                 "num_steps": int(hparams.num_steps), "lr": float(hparams.lr), "norm_constraint": eps,
                 "objective": hparams.objective, "loss": [float(x) for x in np.asarray(losses)],

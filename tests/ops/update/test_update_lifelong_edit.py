@@ -5,6 +5,7 @@ the statistics' null space as they do with a large corpus. The same checks on wo
 biased c_proj): AlphaEdit and RLS sessions (16 edits in 4 steps) and FT-L."""
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -175,6 +176,20 @@ def test_ft_l_single_layer_clamped(world):
     term = d["layers.0.mlp.down_proj.kernel"]
     assert isinstance(term, Dense) and float(np.abs(np.asarray(term.value)).max()) <= eps + 1e-7
     assert d.metadata["loss"][-1] < d.metadata["loss"][0]
+    compiled = []  # another norm constraint reuses the compiled loop (eps is traced), and clamps at its own radius
+
+    def listener(event, seconds, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        tight = ft(model, tok, reqs[:2], layer=0, hparams=FTHparams(norm_constraint=eps / 4, lr=1e-2, num_steps=25))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert "jit(_finetune)" not in compiled, compiled
+    change = np.abs(np.asarray(tight["layers.0.mlp.down_proj.kernel"].value))
+    assert change.max() <= eps / 4 + 1e-7 and np.isclose(change.max(), eps / 4)
     p0, p1, top, kl, kept = outcome(model, deltas.apply(model, d), tok, reqs[:2], others)
     assert np.all(p1 > 0.5) and np.all(p0 < 0.01) and top.all(), (p0, p1)
     # the objectives' rows: 'target' feeds prompt + target[:-1] and scores the target tokens from the prompt's
