@@ -49,8 +49,9 @@ def _assert_golden(got, golden, case):
         assert diff <= ATOL, f"{case}: {k} differs from mergekit by {diff}"
 
 
-# Slow: the slerp cases compile a kernel per t and shape (~2-4 s in CI each); one of them runs streamed, the other
-# in memory (the slices' plan, S.plan_tensors, is the same on both routes).
+# Slow: each slerp case on its second route (they were ~2-4 s each in CI while every t compiled its own kernel;
+# since a6caedd t is traced); one runs streamed, the other in memory (the slices' plan, S.plan_tensors, is the same
+# on both routes).
 
 
 @pytest.mark.parametrize("case", marked_slow(sorted(META["cases"]), {"slerp_two_slices"}))  # in memory below
