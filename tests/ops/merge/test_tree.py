@@ -86,7 +86,7 @@ def test_filters_and_per_model_over_global(flats):
 
 
 def test_slerp_gradient_endpoints(flats):
-    q = [f"layers.{i}.self_attn.q_proj.kernel" for i in range(3)]  # the depth; one shape: a kernel per t (0, .5, 1)
+    q = [f"layers.{i}.self_attn.q_proj.kernel" for i in range(3)]  # the depth; one shape: one kernel for t 0, .5, 1
     base, other = ({k: f[k] for k in q} for f in flats[:2])
     out = tree.slerp(base, other, t=[0.0, 1.0])
     np.testing.assert_allclose(out["layers.0.self_attn.q_proj.kernel"], flats[0]["layers.0.self_attn.q_proj.kernel"],
