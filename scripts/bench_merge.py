@@ -514,7 +514,8 @@ def bench_kernels(args) -> list[dict]:
             kw = P.resolve_for_tensor(m, name, parameters=plan.parameters,
                                       model_parameters=list(plan.model_parameters),
                                       model_names=plan.model_names, num_layers=depth)
-            scalars = {k: v for k, v in kw.items() if k not in traced_parameters(m, kw)}
+            traced = traced_parameters(m, kw)
+            scalars = {k: v for k, v in kw.items() if k not in traced}
             groups.setdefault((specs[j][1], repr(sorted(scalars.items()))), []).append((j, name, kw))
         batches = []
         for members in groups.values():

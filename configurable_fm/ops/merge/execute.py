@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from configurable_fm.checks import is_real
 from configurable_fm.interop.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointError, read_index
 from configurable_fm.ops.merge.host_io import (HOST_ALIGNMENT, IO_CHUNK, ShardFile,  # noqa: F401 (re-exported)
                                                aligned_empty)
@@ -218,9 +219,8 @@ def traced_parameters(method: MergeMethod, params: Mapping[str, Any]) -> dict[st
     compiled function then serves every value: a depth gradient compiles once per shape, not once per layer."""
     arrays = {k: v for k, v in params.items() if _is_param_array(v)}
     for name in method.traced_scalars:
-        v = params.get(name)
-        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
-            arrays[name] = np.asarray(v, np.float32)
+        if is_real(params.get(name)):
+            arrays[name] = np.asarray(params[name], np.float32)
     return arrays
 
 
@@ -658,11 +658,11 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
     if ref.shape[0] != n or any(x.shape != ref.shape for x in inputs):
         raise ValueError(f"merge_stacked: inputs {[tuple(x.shape) for x in inputs]} are not all ({n}, ...) "
                          f"stacks of one shape")
-    untraced = lambda p: {k: v for k, v in p.items() if k not in traced_parameters(method, p)}  # noqa: E731
-    static = untraced(params[0])
+    traced = [traced_parameters(method, p) for p in params]
+    untraced = [{k: v for k, v in p.items() if k not in t} for p, t in zip(params, traced)]
+    static = untraced[0]
     frozen = _freeze(static)
-    for name, p in zip(names[1:], params[1:]):
-        other = untraced(p)
+    for name, other in zip(names[1:], untraced[1:]):
         if _freeze(other) != frozen:
             raise ValueError(f"merge_stacked: {names[0]} and {name} have different scalar parameters "
                              f"({static} vs {other}): batch only tensors that share them")
@@ -675,7 +675,6 @@ def merge_stacked(method: MergeMethod, base, inputs: Sequence, params: Sequence[
     bake = any(needs_baking(method, p, [x[0] for x in inputs]) for p in params)
     fn = None if bake else cache.get_batched(method, params[0], load_dtype, out_dtype, compute_dtype)
     if fn is not None:
-        traced = [traced_parameters(method, p) for p in params]
         arrays = {k: np.stack([t[k] for t in traced]) for k in traced[0]}
         try:
             return fn(base, tuple(inputs), keys, arrays)
